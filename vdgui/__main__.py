@@ -1,0 +1,3 @@
+from vdgui.gui.app import main
+
+raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""The VD engine's public API. The GUI, jobs and CLI import from here only.
+
+No Qt anywhere below this package.
+"""
+from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
+                      OpenFlags, Operation, ProbeInput, parse_variant, variant_words)
+from .config import ConfigKey, KeyFlag, ValueType, parse_config
+from .disk import Disk, Extent, open_image
+from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
+                     FileExists, ImageInUse, ImageNotFound, InvalidArgument, NetworkError,
+                     NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage, TimeoutError,
+                     UnknownFormat, UnsafePath, VDError, VDIOError)
+from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
+from .image import Alloc, CheckReport, Image, ParentHint, Problem
+from .progress import Progress, ProgressCallback
+from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
+                       probe, probe_scores, register_backend)
+from .sizes import format_size, parse_size
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,201 @@
+"""Backend declarations, modelled on VirtualBox's VDBACKEND / VD_CAP_* tables.
+
+A Backend is one format plugin: it declares its name, capabilities, file extensions, config keys
+and the operations it implements, scores a probe, and opens/creates :class:`~vdgui.vd.image.Image`
+objects. The GUI and CLI decide everything from these declarations, never from format names.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from .config import ConfigKey
+from .errors import InvalidArgument, NotSupported
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .geometry import Geometry
+    from .image import Image
+    from .progress import ProgressCallback
+
+
+class Cap(enum.IntFlag):
+    """VD_CAP_* bits, same numbering as VirtualBox."""
+    NONE = 0
+    UUID = 1 << 0
+    CREATE_FIXED = 1 << 1
+    CREATE_DYNAMIC = 1 << 2
+    CREATE_SPLIT_2G = 1 << 3
+    DIFF = 1 << 4
+    ASYNC = 1 << 5
+    FILE = 1 << 6
+    CONFIG = 1 << 7
+    TCPNET = 1 << 8
+    VFS = 1 << 9
+    DISCARD = 1 << 10
+    PREFERRED = 1 << 11
+
+
+class ImageFlags(enum.IntFlag):
+    """VD_IMAGE_FLAGS_* / VD_VMDK_IMAGE_FLAGS_* / VD_VDI_IMAGE_FLAGS_*: the image variant."""
+    NONE = 0
+    SPLIT_2G = 0x1            # VMDK: split into 2 GB extents
+    RAWDISK = 0x2             # VMDK: raw host disk
+    STREAM_OPTIMIZED = 0x4    # VMDK: streamOptimized
+    ESX = 0x8                 # VMDK: ESX (vmfs)
+    ZERO_EXPAND = 0x100       # VDI: zero-expand
+    FIXED = 0x10000
+    DIFF = 0x20000
+
+
+VARIANT_WORDS = {
+    "dynamic": ImageFlags.NONE,
+    "standard": ImageFlags.NONE,
+    "fixed": ImageFlags.FIXED,
+    "split2g": ImageFlags.SPLIT_2G,
+    "stream": ImageFlags.STREAM_OPTIMIZED,
+    "esx": ImageFlags.ESX,
+}
+
+
+def parse_variant(text: str | None) -> ImageFlags:
+    """'fixed,split2g' -> ImageFlags; raises InvalidArgument on an unknown word."""
+    flags = ImageFlags.NONE
+    for word in (text or "").replace(" ", "").lower().split(","):
+        if not word:
+            continue
+        if word not in VARIANT_WORDS:
+            raise InvalidArgument(f"unknown variant '{word}' (known: {', '.join(VARIANT_WORDS)})")
+        flags |= VARIANT_WORDS[word]
+    return flags
+
+
+def variant_words(flags: ImageFlags) -> str:
+    """ImageFlags -> 'fixed,split2g' (the inverse of parse_variant; 'dynamic' when none)."""
+    words = [w for w, f in VARIANT_WORDS.items() if f and flags & f and w != "standard"]
+    if flags & ImageFlags.DIFF:
+        words.append("diff")
+    if not words or words == ["diff"]:
+        words.insert(0, "dynamic")
+    return ",".join(words)
+
+
+class OpenFlags(enum.IntFlag):
+    """VD_OPEN_FLAGS_* equivalents."""
+    NORMAL = 0
+    READ_ONLY = 1 << 0
+    INFO = 1 << 1                      # metadata only: no parent check, nothing written
+    HONOR_ZEROES = 1 << 2              # allocate blocks for all-zero writes too
+    SKIP_CONSISTENCY_CHECKS = 1 << 3   # read-only opens only
+    ALLOW_UNSAFE_PATHS = 1 << 4        # absolute / '..' / device names stored in images allowed
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self & (OpenFlags.READ_ONLY | OpenFlags.INFO))
+
+
+class DeviceType(enum.Enum):
+    HARD_DISK = "hdd"
+    OPTICAL = "optical"
+    FLOPPY = "floppy"
+
+
+class Operation(enum.Enum):
+    """Operations a backend implements through hooks on its Image class."""
+    WRITE = "write"
+    CREATE = "create"
+    COMPACT = "compact"      # Image.compact(progress, parent_read)
+    RESIZE = "resize"        # Image.resize(new_size, progress)
+    CHECK = "check"          # Image.check(repair, dry_run, progress) -> CheckReport
+    REPAIR = "repair"        # check(repair=True) can fix problems
+    RELINK = "relink"        # Image.set_parent(parent_image | None), used by merge
+    DISCARD = "discard"      # Image.discard(offset, length)
+
+
+@dataclass(frozen=True)
+class FileExtension:
+    ext: str
+    device: DeviceType = DeviceType.HARD_DISK
+
+
+@dataclass(frozen=True)
+class ProbeInput:
+    """What probing sees of a file: its name, size, first and last 64 KiB."""
+    path: str
+    size: int
+    head: bytes
+    tail: bytes
+
+    @property
+    def ext(self) -> str:
+        return os.path.splitext(self.path)[1].lstrip(".").lower()
+
+
+@dataclass
+class CreateParams:
+    """Everything a backend needs to create an image (base or differencing)."""
+    location: str
+    size: int
+    flags: ImageFlags = ImageFlags.NONE
+    uuid: uuidlib.UUID | None = None
+    comment: str | None = None
+    pchs: "Geometry | None" = None
+    lchs: "Geometry | None" = None
+    config: dict | None = None
+    parent: "Image | None" = None   # set for a differencing image
+    progress: "ProgressCallback | None" = None
+    allow_unsafe_paths: bool = False
+
+
+class Backend:
+    """Base class of all format backends. Subclasses set the class attributes and implement
+    ``probe``, ``open`` and (when creatable) ``create``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()          # e.g. qemu's name ('vpc' for VHD)
+    caps: ClassVar[Cap] = Cap.NONE
+    extensions: ClassVar[tuple[FileExtension, ...]] = ()
+    config_keys: ClassVar[tuple[ConfigKey, ...]] = ()
+    operations: ClassVar[frozenset[Operation]] = frozenset()
+    create_flags: ClassVar[ImageFlags] = ImageFlags.NONE  # variant bits create() accepts
+    max_size: ClassVar[int | None] = None            # largest virtual size create() accepts
+    size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
+
+    # -- declarations -----------------------------------------------------------------------
+    def can(self, op: Operation) -> bool:
+        return op in self.operations
+
+    @property
+    def writable(self) -> bool:
+        return Operation.WRITE in self.operations
+
+    @property
+    def creatable(self) -> bool:
+        return Operation.CREATE in self.operations
+
+    def device_type_for(self, path: str) -> DeviceType:
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        for fe in self.extensions:
+            if fe.ext == ext:
+                return fe.device
+        return self.extensions[0].device if self.extensions else DeviceType.HARD_DISK
+
+    def default_extension(self) -> str:
+        return self.extensions[0].ext if self.extensions else ""
+
+    # -- behaviour --------------------------------------------------------------------------
+    def probe(self, src: ProbeInput) -> int:
+        """Score 0..100: how sure this backend is that ``src`` is its format."""
+        return 0
+
+    def open(self, location: str, flags, config: dict | None = None) -> "Image":
+        raise NotSupported(f"{self.name}: opening images is not supported")
+
+    def create(self, params: CreateParams) -> "Image":
+        raise NotSupported(f"creating images is not supported for {self.name}")
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name}>"

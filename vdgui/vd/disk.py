@@ -1,0 +1,391 @@
+"""Disk: the container — an ordered chain of opened images (0 = base), read and written as one
+device. Modelled on VirtualBox's VD API (VDOpen, VDCreateBase, VDCreateDiff, VDRead, VDWrite,
+VDFlush, VDDiscardRanges, VDGet*/VDSet*)."""
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from dataclasses import dataclass
+
+from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
+from .chain import MAX_CHAIN_DEPTH, find_parent
+from .errors import (InvalidArgument, NotSupported, ParentMismatch, ParentNotFound,
+                     ReadOnlyImage, VDError)
+from .geometry import Geometry
+from .image import Alloc, Image
+from .registry import get_backend, probe
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One run of the allocation map: which chain member (index, or None) holds it."""
+    start: int
+    length: int
+    level: int | None       # chain index of the image holding the run; None: nobody
+    status: Alloc           # DATA, ZERO (explicit zeroes) or UNALLOCATED (reads zeroes)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def _merge(runs: list, key) -> list:
+    out: list = []
+    for r in runs:
+        if out and key(out[-1]) == key(r) and out[-1][0] + out[-1][1] == r[0]:
+            last = out[-1]
+            out[-1] = (last[0], last[1] + r[1]) + tuple(last[2:])
+        else:
+            out.append(r)
+    return out
+
+
+class Disk:
+    """A chain of images. Use as a context manager to close everything."""
+
+    def __init__(self) -> None:
+        self.images: list[Image] = []
+        self._flags: list[OpenFlags] = []
+
+    # -- chain management ----------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def top(self) -> Image:
+        if not self.images:
+            raise InvalidArgument("no image opened in this disk")
+        return self.images[-1]
+
+    @property
+    def size(self) -> int:
+        return self.top.size
+
+    @property
+    def sector_size(self) -> int:
+        return max((i.sector_size for i in self.images), default=512)
+
+    def open(self, location: str, format: str | Backend | None = None,
+             flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None) -> Image:
+        """Open ``location`` as the new top of the chain (VDOpen)."""
+        if flags & OpenFlags.SKIP_CONSISTENCY_CHECKS and not flags.read_only:
+            raise InvalidArgument("skip-consistency-checks is only allowed for read-only opens")
+        backend = format if isinstance(format, Backend) else get_backend(format) if format else probe(location)
+        img = backend.open(location, flags, config)
+        try:
+            img.honor_zeroes = bool(flags & OpenFlags.HONOR_ZEROES)
+            if not flags & OpenFlags.INFO:
+                if self.images:
+                    below = self.images[-1]
+                    if not img.is_diff:
+                        raise ParentMismatch(f"{location}: is not a differencing image and cannot be "
+                                             f"opened above {below.location}")
+                    img.check_parent_link(below)
+                elif img.is_diff:
+                    raise ParentNotFound(f"{location}: differencing image opened without its parent "
+                                         "(open the chain from its base, or use open_chain)")
+        except BaseException:
+            img.close()
+            raise
+        self.images.append(img)
+        self._flags.append(flags)
+        return img
+
+    @classmethod
+    def open_chain(cls, location: str, format: str | None = None,
+                   flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None, *,
+                   parent_flags: OpenFlags | None = None, library=None) -> "Disk":
+        """Open ``location`` and every parent it names, base first. Parents open read-only
+        unless ``parent_flags`` says otherwise."""
+        allow_unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
+        if parent_flags is None:
+            parent_flags = OpenFlags.READ_ONLY | (flags & (OpenFlags.ALLOW_UNSAFE_PATHS |
+                                                            OpenFlags.SKIP_CONSISTENCY_CHECKS))
+        # walk up with INFO opens to find the paths, then open for real base-first
+        probe_flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (flags & OpenFlags.ALLOW_UNSAFE_PATHS)
+        backend = get_backend(format) if format else probe(location)
+        entries: list[tuple[str, Backend]] = [(location, backend)]
+        seen = {os.path.realpath(location)}
+        while True:
+            path, be = entries[-1]
+            img = be.open(path, probe_flags, config if len(entries) == 1 else None)
+            try:
+                if not img.is_diff:
+                    break
+                ppath, pfmt = find_parent(img, allow_unsafe=allow_unsafe, library=library)
+            finally:
+                img.close()
+            real = os.path.realpath(ppath)
+            if real in seen:
+                raise ParentMismatch(f"{path}: parent link loops back to {ppath}")
+            if len(entries) >= MAX_CHAIN_DEPTH:
+                raise InvalidArgument(f"{location}: chain deeper than {MAX_CHAIN_DEPTH} images")
+            seen.add(real)
+            entries.append((ppath, get_backend(pfmt) if pfmt else probe(ppath)))
+        disk = cls()
+        try:
+            for i, (path, be) in enumerate(reversed(entries)):
+                top = i == len(entries) - 1
+                disk.open(path, be, flags if top else parent_flags, config if top else None)
+        except BaseException:
+            disk.close()
+            raise
+        return disk
+
+    def close_top(self) -> None:
+        img = self.images.pop()
+        self._flags.pop()
+        img.close()
+
+    def close(self) -> None:
+        while self.images:
+            self.close_top()
+
+    def image(self, index: int = -1) -> Image:
+        try:
+            return self.images[index]
+        except IndexError:
+            raise InvalidArgument(f"no image number {index} in a chain of {len(self.images)}") from None
+
+    # -- creation ------------------------------------------------------------------------
+    def create_base(self, location: str, size: int, format: str | Backend = "VDI", *,
+                    flags: ImageFlags = ImageFlags.NONE, comment: str | None = None,
+                    uuid: uuidlib.UUID | None = None, pchs: Geometry | None = None,
+                    lchs: Geometry | None = None, config: dict | None = None,
+                    progress=None, allow_unsafe_paths: bool = False) -> Image:
+        """VDCreateBase: create a new base image and open it (read-write) as the only image."""
+        if self.images:
+            raise InvalidArgument("create_base needs an empty disk")
+        backend = format if isinstance(format, Backend) else get_backend(format)
+        if not backend.can(Operation.CREATE):
+            raise NotSupported(f"creating images is not supported for {backend.name}")
+        _check_create(backend, size, flags)
+        img = backend.create(CreateParams(location=location, size=size, flags=flags, uuid=uuid,
+                                          comment=comment, pchs=pchs, lchs=lchs, config=config,
+                                          progress=progress, allow_unsafe_paths=allow_unsafe_paths))
+        img.honor_zeroes = False
+        self.images.append(img)
+        self._flags.append(OpenFlags.NORMAL)
+        return img
+
+    def create_diff(self, location: str, format: str | Backend | None = None, *,
+                    flags: ImageFlags = ImageFlags.NONE, comment: str | None = None,
+                    uuid: uuidlib.UUID | None = None, config: dict | None = None,
+                    allow_unsafe_paths: bool = False) -> Image:
+        """VDCreateDiff: create a child of the current top and open it as the new top."""
+        parent = self.top
+        backend = format if isinstance(format, Backend) else get_backend(format) if format else parent.backend
+        from .backend import Cap
+        if not backend.caps & Cap.DIFF or not backend.can(Operation.CREATE):
+            raise NotSupported(f"differencing images are not supported for {backend.name}")
+        img = backend.create(CreateParams(location=location, size=parent.size,
+                                          flags=flags | ImageFlags.DIFF, uuid=uuid, comment=comment,
+                                          pchs=parent.pchs, lchs=parent.lchs, config=config,
+                                          parent=parent, allow_unsafe_paths=allow_unsafe_paths))
+        img.honor_zeroes = False
+        self.images.append(img)
+        self._flags.append(OpenFlags.NORMAL)
+        return img
+
+    # -- I/O -----------------------------------------------------------------------------
+    def _read_level(self, level: int, offset: int, length: int, buf: memoryview) -> None:
+        """Fill ``buf`` (pre-zeroed, len == length) with the content seen at chain ``level``."""
+        while level >= 0:
+            img = self.images[level]
+            if offset >= img.size:
+                return
+            avail = min(length, img.size - offset)
+            runs = img.block_status(offset, avail)
+            if len(runs) == 1 and runs[0][2] == Alloc.UNALLOCATED:
+                level -= 1          # common case: nothing here, look one lower without recursion
+                length = avail
+                buf = buf[:avail]
+                continue
+            for start, ln, st in runs:
+                pos = start - offset
+                if st == Alloc.DATA:
+                    buf[pos:pos + ln] = img.read(start, ln)
+                elif st == Alloc.UNALLOCATED:
+                    self._read_level(level - 1, start, ln, buf[pos:pos + ln])
+            return
+
+    def _read_below(self, level: int, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self._read_level(level - 1, offset, length, memoryview(buf))
+        return bytes(buf)
+
+    def read(self, offset: int, length: int, top: int | None = None) -> bytes:
+        """VDRead: ``length`` bytes at ``offset`` as seen through the chain (up to image ``top``)."""
+        level = len(self.images) - 1 if top is None else top
+        if level < 0 or level >= len(self.images):
+            raise InvalidArgument(f"no image number {level} in the chain")
+        size = self.images[level].size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
+                                  f"(size {size})")
+        if length == 0:
+            return b""
+        ss = self.sector_size
+        a_start = offset - offset % ss
+        a_end = min(-(-(offset + length) // ss) * ss, size)
+        buf = bytearray(a_end - a_start)
+        self._read_level(level, a_start, a_end - a_start, memoryview(buf))
+        if a_start == offset and a_end == offset + length:
+            return bytes(buf)
+        return bytes(buf[offset - a_start:offset - a_start + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        """VDWrite: write through to the top image (copy-on-write handled by the backend)."""
+        img = self.top
+        if img.read_only:
+            raise ReadOnlyImage(f"{img.location}: image is opened read-only")
+        length = len(data)
+        if offset < 0 or offset + length > img.size:
+            raise InvalidArgument(f"write of {length} bytes at {offset} is outside the disk "
+                                  f"(size {img.size})")
+        if length == 0:
+            return
+        ss = self.sector_size
+        a_start = offset - offset % ss
+        a_end = min(-(-(offset + length) // ss) * ss, img.size)
+        if a_start != offset or a_end != offset + length:
+            buf = bytearray(self.read(a_start, a_end - a_start))
+            buf[offset - a_start:offset - a_start + length] = data
+            data = bytes(buf)
+            offset = a_start
+        level = len(self.images) - 1
+        img.write(offset, data, lambda o, n: self._read_below(level, o, n))
+
+    def flush(self) -> None:
+        for img in self.images:
+            if not img.read_only:
+                img.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        """VDDiscardRanges: the range reads as zeroes afterwards; space is freed where possible."""
+        img = self.top
+        if not img.backend.can(Operation.DISCARD):
+            raise NotSupported(f"{img.location}: discard is not supported for {img.format}")
+        img._require_writable()
+        ss = self.sector_size
+        if offset % ss or length % ss or offset < 0 or offset + length > img.size:
+            raise InvalidArgument(f"discard range {offset}+{length} must be {ss}-byte aligned "
+                                  f"and inside the disk")
+        img.discard(offset, length)
+
+    # -- allocation query ----------------------------------------------------------------
+    def allocation(self, offset: int = 0, length: int | None = None, *, top: int | None = None,
+                   bottom: int = 0) -> list[Extent]:
+        """Which chain member holds each range (between ``bottom`` and ``top``, inclusive).
+        Runs below ``bottom`` are reported as UNALLOCATED with level None."""
+        level = len(self.images) - 1 if top is None else top
+        size = self.images[level].size
+        if length is None:
+            length = size - offset
+        raw: list = []
+        self._alloc_level_bounded(level, bottom, offset, length, raw)
+        merged = _merge(raw, key=lambda r: (r[2], r[3]))
+        return [Extent(s, n, lv, st) for s, n, lv, st in merged]
+
+    def _alloc_level_bounded(self, level, bottom, offset, length, out):
+        if level < bottom:
+            out.append((offset, length, None, Alloc.UNALLOCATED))
+            return
+        img = self.images[level]
+        if offset >= img.size:
+            out.append((offset, length, None, Alloc.UNALLOCATED))
+            return
+        avail = min(length, img.size - offset)
+        for start, ln, st in img.block_status(offset, avail):
+            if st == Alloc.UNALLOCATED:
+                self._alloc_level_bounded(level - 1, bottom, start, ln, out)
+            else:
+                out.append((start, ln, level, st))
+        if avail < length:
+            out.append((offset + avail, length - avail, None, Alloc.UNALLOCATED))
+
+    # -- metadata (VDGet*/VDSet*) --------------------------------------------------------
+    def info(self, index: int = -1) -> dict:
+        """Metadata of one chain member as plain data (used by the CLI and the GUI)."""
+        from .backend import variant_words
+        img = self.image(index)
+        d = {
+            "location": img.location,
+            "format": img.format,
+            "variant": variant_words(img.flags),
+            "image_flags": int(img.flags),
+            "virtual_size": img.size,
+            "file_size": img.file_size,
+            "uuid": str(img.uuid) if img.uuid else None,
+            "modification_uuid": str(img.modification_uuid) if img.modification_uuid else None,
+            "parent_uuid": str(img.parent_uuid) if img.parent_uuid else None,
+            "parent_modification_uuid": (str(img.parent_modification_uuid)
+                                         if img.parent_modification_uuid else None),
+            "comment": img.comment,
+            "pchs": list(img.pchs) if img.pchs else None,
+            "lchs": list(img.lchs) if img.lchs else None,
+            "block_size": img.block_size,
+            "device_type": img.device_type.value,
+            "files": img.files(),
+            "read_only": img.read_only,
+        }
+        if img.parent_hint is not None:
+            d["parent_locations"] = list(img.parent_hint.locations)
+            d["parent_format"] = img.parent_hint.format
+        extra = img.info()
+        if extra:
+            d["details"] = extra
+        return d
+
+    def set_uuid(self, index: int, value: uuidlib.UUID | None = None) -> None:
+        self.image(index).set_uuid(value or uuidlib.uuid4())
+
+    def set_modification_uuid(self, index: int, value: uuidlib.UUID | None = None) -> None:
+        self.image(index).set_modification_uuid(value or uuidlib.uuid4())
+
+    def set_parent_uuid(self, index: int, value: uuidlib.UUID) -> None:
+        self.image(index).set_parent_uuid(value)
+
+    def set_parent_modification_uuid(self, index: int, value: uuidlib.UUID) -> None:
+        self.image(index).set_parent_modification_uuid(value)
+
+    def set_comment(self, index: int, value: str) -> None:
+        self.image(index).set_comment(value)
+
+    def set_pchs(self, index: int, value: Geometry) -> None:
+        self.image(index).set_pchs(value)
+
+    def set_lchs(self, index: int, value: Geometry) -> None:
+        self.image(index).set_lchs(value)
+
+
+def _check_create(backend: Backend, size: int, flags: ImageFlags) -> None:
+    if size <= 0:
+        raise InvalidArgument(f"image size must be positive, found {size}")
+    if size % backend.size_granularity:
+        raise InvalidArgument(f"{backend.name} image size must be a multiple of "
+                              f"{backend.size_granularity} bytes, found {size}")
+    if backend.max_size is not None and size > backend.max_size:
+        raise InvalidArgument(f"{backend.name} images can be at most {backend.max_size} bytes, "
+                              f"asked for {size}")
+    unsupported = (flags & ~ImageFlags.DIFF) & ~backend.create_flags
+    if unsupported:
+        from .backend import variant_words
+        raise NotSupported(f"{backend.name} cannot create the variant '{variant_words(ImageFlags(unsupported))}'")
+
+
+def open_image(location: str, format: str | None = None, flags: OpenFlags = OpenFlags.NORMAL,
+               config: dict | None = None) -> Disk:
+    """Open one image alone (no parents; diffs need INFO). Convenience for tools."""
+    d = Disk()
+    d.open(location, format, flags, config)
+    return d
+
+
+__all__ = ["Disk", "Extent", "open_image", "VDError"]

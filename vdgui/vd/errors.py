@@ -1,0 +1,118 @@
+"""The engine's errors: one hierarchy, each class with a stable code.
+
+Messages name the file, the field or offset, and expected vs found, e.g.
+``basic.vdi: header field 'cbBlock' at offset 0x178: expected a power of two, found 3000``.
+Only the CLI's main() and the job boundary catch these.
+"""
+from __future__ import annotations
+
+
+class VDError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code = "VD_ERROR"
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None,
+                 offset: int | None = None, expected: object = None, found: object = None):
+        self.path = path
+        self.field = field
+        self.offset = offset
+        self.expected = expected
+        self.found = found
+        parts = []
+        if path:
+            parts.append(f"{path}: ")
+        if field:
+            parts.append(f"field '{field}'")
+            if offset is not None:
+                parts.append(f" at offset {offset:#x}")
+            parts.append(": ")
+        elif offset is not None:
+            parts.append(f"at offset {offset:#x}: ")
+        parts.append(message)
+        if expected is not None or found is not None:
+            parts.append(f" (expected {expected}, found {found})")
+        self.message = "".join(parts)
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ImageNotFound(VDError):
+    code = "IMAGE_NOT_FOUND"
+
+
+class CorruptImage(VDError):
+    code = "CORRUPT"
+
+
+class UnknownFormat(VDError):
+    code = "UNKNOWN_FORMAT"
+
+
+class AmbiguousFormat(VDError):
+    code = "AMBIGUOUS_FORMAT"
+
+
+class NotSupported(VDError):
+    """The backend or this image cannot do what was asked."""
+    code = "NOT_SUPPORTED"
+
+
+class InvalidArgument(VDError):
+    code = "INVALID_ARGUMENT"
+
+
+class ImageInUse(VDError):
+    code = "IN_USE"
+
+
+class ReadOnlyImage(VDError):
+    code = "READ_ONLY"
+
+
+class ParentMismatch(VDError):
+    """A differencing image does not link to the image below it."""
+    code = "PARENT_MISMATCH"
+
+
+class ParentNotFound(VDError):
+    code = "PARENT_NOT_FOUND"
+
+
+class UnsafePath(VDError):
+    """A name stored in an image points outside its folder or at a device."""
+    code = "UNSAFE_PATH"
+
+
+class ConfigError(VDError):
+    """Missing mandatory key, unknown key or a value of the wrong type."""
+    code = "CONFIG"
+
+
+class Cancelled(VDError):
+    code = "CANCELLED"
+
+    def __init__(self, message: str = "operation cancelled", **kw):
+        super().__init__(message, **kw)
+
+
+class VDIOError(VDError):
+    code = "IO"
+
+
+class NetworkError(VDError):
+    code = "NETWORK"
+
+
+class AuthenticationError(VDError):
+    code = "AUTH"
+
+
+class TimeoutError(VDError):  # noqa: A001 - deliberately scoped to vdgui.vd
+    code = "TIMEOUT"
+
+
+class FileExists(VDError):
+    code = "FILE_EXISTS"

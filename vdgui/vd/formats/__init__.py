@@ -1,0 +1,11 @@
+"""The explicit table of built-in backends, in VirtualBox's registration order.
+
+Add a backend by importing its module here and listing its BACKEND in BACKENDS.
+"""
+from __future__ import annotations
+
+from . import raw
+
+BACKENDS = (
+    raw.BACKEND,
+)

@@ -1,0 +1,174 @@
+"""RAW backend: a plain file holding the disk's bytes (hard disk, optical .iso/.cdr, floppy).
+
+Modelled on VirtualBox's RAW backend (RAW.cpp): fixed images only, created sparse here unless the
+``fixed`` variant asks for preallocation. Holes in the file (SEEK_HOLE) are reported as
+unallocated so copies stay sparse. ISO images report their volume label (ISO 9660 primary
+volume descriptor at sector 16).
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
+                       OpenFlags, Operation, ProbeInput)
+from ..errors import InvalidArgument, NotSupported
+from ..fileio import ImageFile
+from ..geometry import vbox_pchs
+from ..image import Alloc, Image
+
+ISO_SECTOR = 2048
+_PVD_OFFSET = 16 * ISO_SECTOR
+
+
+def _iso_label(f: ImageFile) -> str | None:
+    pvd = f.pread(_PVD_OFFSET, 2048)
+    if len(pvd) < 72 or pvd[0] != 1 or pvd[1:6] != b"CD001":
+        return None
+    return pvd[40:72].decode("ascii", "replace").rstrip(" \x00") or ""
+
+
+class RawImage(Image):
+    def __init__(self, backend, location, f: ImageFile, read_only: bool):
+        super().__init__(backend, location, read_only)
+        self.f = f
+        self.size = f.size()
+        self.block_size = 512
+        self.flags = ImageFlags.FIXED
+        self.pchs = vbox_pchs(self.size)
+
+    def info(self) -> dict:
+        d: dict = {}
+        label = _iso_label(self.f)
+        if label is not None:
+            d["iso_volume_label"] = label
+        return d
+
+    def block_status(self, offset, length):
+        if self.f.is_device:
+            return [(offset, length, Alloc.DATA)]
+        end = offset + length
+        runs = []
+        pos = offset
+        fd = self.f.fd
+        try:
+            while pos < end:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:   # only a hole up to EOF
+                        data = end
+                    else:
+                        raise
+                data = min(data, end)
+                if data > pos:
+                    runs.append((pos, data - pos, Alloc.UNALLOCATED))
+                if data >= end:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                runs.append((data, hole - data, Alloc.DATA))
+                pos = hole
+        except OSError:
+            return [(offset, length, Alloc.DATA)]
+        # align runs to sectors: a partly-written sector counts as data
+        out = []
+        for s, n, st in runs:
+            if st == Alloc.UNALLOCATED:
+                a = -(-s // 512) * 512
+                b = (s + n) // 512 * 512 if s + n < end else s + n
+                if b <= a:
+                    st = Alloc.DATA
+            if out and out[-1][2] == st:
+                out[-1] = (out[-1][0], out[-1][1] + n, st)
+            else:
+                out.append((s, n, st))
+        return out
+
+    def read(self, offset, length):
+        data = self.f.pread(offset, length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def write(self, offset, data, fill):
+        self._require_writable()
+        self.f.pwrite(offset, data)
+
+    def flush(self):
+        self.f.sync()
+
+    def close(self):
+        self.f.close()
+
+    def resize(self, new_size, progress=None):
+        self._require_writable()
+        if self.f.is_device:
+            raise NotSupported(f"{self.location}: a device cannot be resized")
+        if new_size < self.size:
+            tail = self.block_status(new_size, self.size - new_size)
+            if any(st == Alloc.DATA and any(self.read(s, n)) for s, n, st in tail):
+                raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: "
+                                      "the part beyond the new end holds data")
+        self.f.truncate(new_size)
+        self.size = new_size
+        self.pchs = vbox_pchs(new_size)
+        if progress:
+            progress(1, 1)
+
+
+class RawBackend(Backend):
+    name = "RAW"
+    description = "Raw disk image"
+    aliases = ("raw", "img", "iso")
+    caps = Cap.CREATE_FIXED | Cap.FILE | Cap.ASYNC | Cap.VFS
+    extensions = (
+        FileExtension("iso", DeviceType.OPTICAL), FileExtension("cdr", DeviceType.OPTICAL),
+        FileExtension("img", DeviceType.FLOPPY), FileExtension("ima", DeviceType.FLOPPY),
+        FileExtension("dsk", DeviceType.FLOPPY), FileExtension("flp", DeviceType.FLOPPY),
+        FileExtension("vfd", DeviceType.FLOPPY),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE})
+    create_flags = ImageFlags.FIXED
+    size_granularity = 512
+
+    def device_type_for(self, path):
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        for fe in self.extensions:
+            if fe.ext == ext:
+                return fe.device
+        return DeviceType.HARD_DISK   # .raw, .bin, no extension...
+
+    def probe(self, src: ProbeInput) -> int:
+        # anything is a raw image; an ISO 9660 signature or a known extension raises the score
+        if len(src.head) >= _PVD_OFFSET + 6 and src.head[_PVD_OFFSET + 1:_PVD_OFFSET + 6] == b"CD001":
+            return 30
+        if src.ext in {fe.ext for fe in self.extensions} or src.ext in ("raw", "bin"):
+            return 10
+        return 1
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        ro = flags.read_only
+        f = ImageFile(location, writable=not ro)
+        return RawImage(self, location, f, ro)
+
+    def create(self, p: CreateParams):
+        if p.parent is not None:
+            raise NotSupported("RAW images cannot be differencing images")
+        f = ImageFile.create_temp(p.location)
+        try:
+            f.truncate(p.size)
+            if p.flags & ImageFlags.FIXED:
+                try:
+                    os.posix_fallocate(f.fd, 0, p.size)
+                except OSError:
+                    pass   # file systems without fallocate: the sparse file reads the same
+            if p.progress:
+                p.progress(p.size, p.size)
+            f.commit()
+        except BaseException:
+            f.abandon()
+            raise
+        return RawImage(self, p.location, f, False)
+
+
+BACKEND = RawBackend()

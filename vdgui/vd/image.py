@@ -1,0 +1,207 @@
+"""Image: one opened image of one backend (one chain member).
+
+Contract every backend implements (offsets and lengths are multiples of ``sector_size`` and lie
+inside ``[0, size)``; the Disk guarantees that):
+
+* ``block_status(offset, length)`` -> list of ``(start, length, Alloc)`` covering exactly the range,
+  adjacent runs of the same status merged. DATA: this image holds the bytes. ZERO: this image says
+  "reads as zeroes" (hides the parent). UNALLOCATED: not here, look at the parent (zeroes for a base).
+* ``read(offset, length)`` -> bytes of this image's own view (UNALLOCATED/ZERO parts read as zero).
+* ``write(offset, data, fill)`` writes into this image. When it must allocate a block larger than
+  the write, it asks ``fill(offset, length)`` for the content below it (parent chain, or zeroes)
+  to complete the block (copy-on-write).
+* metadata attributes below; ``set_*`` raise NotSupported unless the format can store the field.
+* operation hooks (``compact``, ``resize``, ``check``, ``set_parent``, ``discard``) exist when the
+  backend declares the matching :class:`~vdgui.vd.backend.Operation`.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from .backend import Backend, DeviceType, ImageFlags
+from .errors import NotSupported, ParentMismatch, ReadOnlyImage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .geometry import Geometry
+    from .progress import ProgressCallback
+
+FillFn = Callable[[int, int], bytes]
+
+
+class Alloc(enum.IntEnum):
+    UNALLOCATED = 0
+    DATA = 1
+    ZERO = 2
+
+
+@dataclass
+class ParentHint:
+    """How a differencing image names its parent, as stored in the image."""
+    locations: list[str] = field(default_factory=list)   # as stored, most specific first
+    uuid: uuidlib.UUID | None = None
+    format: str | None = None                             # backend name if recorded
+    link_id: str | None = None                            # e.g. VMDK parentCID
+
+
+@dataclass
+class Problem:
+    """One finding of a consistency check."""
+    severity: str          # "corrupt" or "leak"
+    what: str              # human readable, names the structure and the location
+    offset: int | None = None
+    repaired: bool = False
+
+    def as_dict(self) -> dict:
+        return {"severity": self.severity, "what": self.what, "offset": self.offset,
+                "repaired": self.repaired}
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    repaired: bool = False
+
+    @property
+    def corrupt(self) -> bool:
+        return any(p.severity == "corrupt" and not p.repaired for p in self.problems)
+
+    @property
+    def leaks(self) -> bool:
+        return any(p.severity == "leak" and not p.repaired for p in self.problems)
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.corrupt else 3 if self.leaks else 0
+
+
+class Image:
+    """Base class; backends subclass it. Attributes are filled by the backend on open."""
+
+    backend: Backend
+    sector_size: int = 512
+
+    def __init__(self, backend: Backend, location: str, read_only: bool):
+        self.backend = backend
+        self.location = location
+        self.read_only = read_only
+        self.size: int = 0                      # virtual size in bytes
+        self.block_size: int = 512              # allocation granularity in bytes
+        self.flags: ImageFlags = ImageFlags.NONE
+        self.uuid: uuidlib.UUID | None = None
+        self.modification_uuid: uuidlib.UUID | None = None
+        self.parent_uuid: uuidlib.UUID | None = None
+        self.parent_modification_uuid: uuidlib.UUID | None = None
+        self.comment: str | None = None
+        self.pchs: "Geometry | None" = None
+        self.lchs: "Geometry | None" = None
+        self.parent_hint: ParentHint | None = None  # None for a base image
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def format(self) -> str:
+        return self.backend.name
+
+    @property
+    def is_diff(self) -> bool:
+        return self.parent_hint is not None
+
+    @property
+    def device_type(self) -> DeviceType:
+        return self.backend.device_type_for(self.location)
+
+    def files(self) -> list[str]:
+        """Every file that makes this image (descriptor and extents, data files...)."""
+        return [self.location]
+
+    @property
+    def file_size(self) -> int:
+        total = 0
+        for f in self.files():
+            try:
+                total += os.stat(f).st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    def info(self) -> dict:
+        """Format-specific facts for `info` (subformat, cluster size, regions...)."""
+        return {}
+
+    def check_parent_link(self, parent: "Image") -> None:
+        """Raise ParentMismatch if ``parent`` is not this image's parent (default: UUIDs)."""
+        if self.parent_uuid is not None and parent.uuid is not None and self.parent_uuid != parent.uuid:
+            raise ParentMismatch(
+                f"{self.location}: differencing image does not belong to {parent.location}",
+                field="parent UUID", expected=parent.uuid, found=self.parent_uuid)
+
+    # -- data ----------------------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
+        raise ReadOnlyImage(f"{self.location}: {self.format} images cannot be written")
+
+    def discard(self, offset: int, length: int) -> None:
+        raise NotSupported(f"{self.location}: discard is not supported for {self.format}")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyImage(f"{self.location}: image is opened read-only")
+
+    # -- metadata setters (vd.h VDSetUuid etc.) -------------------------------------------
+    def _no_field(self, what: str):
+        raise NotSupported(f"{self.location}: the {self.format} format cannot store {what}")
+
+    def set_uuid(self, value: uuidlib.UUID) -> None:
+        self._no_field("an image UUID")
+
+    def set_modification_uuid(self, value: uuidlib.UUID) -> None:
+        self._no_field("a modification UUID")
+
+    def set_parent_uuid(self, value: uuidlib.UUID) -> None:
+        self._no_field("a parent UUID")
+
+    def set_parent_modification_uuid(self, value: uuidlib.UUID) -> None:
+        self._no_field("a parent modification UUID")
+
+    def set_comment(self, value: str) -> None:
+        self._no_field("a comment")
+
+    def set_pchs(self, value: "Geometry") -> None:
+        self._no_field("a physical geometry")
+
+    def set_lchs(self, value: "Geometry") -> None:
+        self._no_field("a logical geometry")
+
+    # -- operation hooks (declared through Backend.operations) ------------------------------
+    def set_parent(self, parent: "Image | None") -> None:
+        """Rewrite every link field so that ``parent`` is this image's parent (None: make base)."""
+        self._no_field("a new parent link")
+
+    def resize(self, new_size: int, progress: "ProgressCallback | None" = None) -> None:
+        raise NotSupported(f"{self.location}: resize is not supported for {self.format}")
+
+    def compact(self, progress: "ProgressCallback | None" = None,
+                parent_read: FillFn | None = None) -> None:
+        """Drop zero blocks (and blocks equal to ``parent_read``'s content when given), close holes."""
+        raise NotSupported(f"{self.location}: compact is not supported for {self.format}")
+
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: "ProgressCallback | None" = None) -> CheckReport:
+        raise NotSupported(f"{self.location}: check is not supported for {self.format}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.location!r} size={self.size}>"

@@ -1,0 +1,97 @@
+"""The backend table: lookup by name/alias/extension and scored probing.
+
+The built-in table is the explicit list in :mod:`vdgui.vd.formats`; outside backends come only
+through :func:`register_backend` (an explicit call) or the ``vdgui.backends`` entry-point group
+loaded by :func:`load_entry_point_backends`.
+"""
+from __future__ import annotations
+
+import os
+
+from .backend import Backend, ProbeInput
+from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDIOError
+
+PROBE_WINDOW = 64 * 1024
+STRONG = 80   # two backends at or above this for one file: refuse to guess
+
+_extra: list[Backend] = []
+
+
+def backends() -> tuple[Backend, ...]:
+    from .formats import BACKENDS
+    return tuple(BACKENDS) + tuple(_extra)
+
+
+def register_backend(backend: Backend) -> None:
+    if any(b.name.lower() == backend.name.lower() for b in backends()):
+        raise ValueError(f"a backend named {backend.name} is already registered")
+    _extra.append(backend)
+
+
+def load_entry_point_backends(group: str = "vdgui.backends") -> list[str]:
+    from importlib.metadata import entry_points
+    loaded = []
+    for ep in entry_points(group=group):
+        obj = ep.load()
+        register_backend(obj() if isinstance(obj, type) else obj)
+        loaded.append(ep.name)
+    return loaded
+
+
+def get_backend(name: str) -> Backend:
+    """Find a backend by VirtualBox name or alias (qemu's names too), case-insensitive."""
+    key = name.strip().lower()
+    for b in backends():
+        if b.name.lower() == key or key in (a.lower() for a in b.aliases):
+            return b
+    known = ", ".join(b.name for b in backends())
+    raise UnknownFormat(f"unknown format '{name}' (known: {known})")
+
+
+def backends_for_extension(ext: str) -> list[Backend]:
+    ext = ext.lstrip(".").lower()
+    return [b for b in backends() if any(fe.ext == ext for fe in b.extensions)]
+
+
+def probe_input(path: str) -> ProbeInput:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(0)
+            head = f.read(PROBE_WINDOW)
+            f.seek(max(0, size - PROBE_WINDOW))
+            tail = f.read(PROBE_WINDOW)
+    except FileNotFoundError:
+        raise ImageNotFound(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageNotFound(f"{path}: is a directory, not an image file") from None
+    except OSError as exc:
+        raise VDIOError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return ProbeInput(path=path, size=size, head=head, tail=tail)
+
+
+def probe_scores(path: str) -> list[tuple[int, Backend]]:
+    src = probe_input(path)
+    scores = []
+    for b in backends():
+        try:
+            s = b.probe(src)
+        except Exception:  # a probe must never take the whole lookup down
+            s = 0
+        if s > 0:
+            scores.append((s, b))
+    scores.sort(key=lambda t: -t[0])
+    return scores
+
+
+def probe(path: str) -> Backend:
+    """The backend that claims ``path`` most strongly. Two strong claims are an error."""
+    scores = probe_scores(path)
+    if not scores:
+        raise UnknownFormat(f"{path}: not a disk image of any known format")
+    strong = [b for s, b in scores if s >= STRONG]
+    if len(strong) > 1 and scores[0][0] == scores[1][0]:
+        names = ", ".join(b.name for b in strong)
+        raise AmbiguousFormat(f"{path}: claimed by several formats ({names}); name the format with -f")
+    return scores[0][1]
