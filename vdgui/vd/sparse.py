@@ -1,0 +1,50 @@
+"""Helpers shared by block-mapped (sparse) formats: zero detection, block iteration, run merging."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from .image import Alloc
+
+_ZERO = bytes(4 << 20)
+
+
+def is_zero(buf) -> bool:
+    """True when every byte of ``buf`` is zero (memcmp speed, no per-byte Python loop)."""
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZERO))
+        if mv[pos:pos + step] != _ZERO[:step]:
+            return False
+        pos += step
+    return True
+
+
+def zeroes(n: int) -> bytes:
+    return _ZERO[:n] if n <= len(_ZERO) else bytes(n)
+
+
+def split_blocks(offset: int, length: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (block_index, offset_in_block, absolute_offset, count) pieces of a range."""
+    end = offset + length
+    pos = offset
+    while pos < end:
+        idx, inner = divmod(pos, block_size)
+        n = min(block_size - inner, end - pos)
+        yield idx, inner, pos, n
+        pos += n
+
+
+def block_runs(offset: int, length: int, block_size: int,
+               status_of: Callable[[int], Alloc]) -> list[tuple[int, int, Alloc]]:
+    """Build merged (start, length, Alloc) runs for a range from a per-block status function."""
+    runs: list[tuple[int, int, Alloc]] = []
+    for idx, _inner, pos, n in split_blocks(offset, length, block_size):
+        st = status_of(idx)
+        if runs and runs[-1][2] == st:
+            s, ln, _ = runs[-1]
+            runs[-1] = (s, ln + n, st)
+        else:
+            runs.append((pos, n, st))
+    return runs
