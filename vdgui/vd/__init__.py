@@ -12,6 +12,7 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      UnknownFormat, UnsafePath, VDError, VDIOError)
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem
+from .library import ImageRecord, Library, data_dir, read_virtualbox_registry
 from .progress import Progress, ProgressCallback
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)

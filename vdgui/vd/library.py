@@ -1,0 +1,405 @@
+"""The media library: the images a user knows about, their parent links, persisted in SQLite.
+
+Engine side (no Qt). The GUI keeps its list of images here; :func:`vdgui.vd.chain.find_parent`
+consults it (``find_by_uuid``) when an image's own parent link fails. The database lives under
+platformdirs' user data dir, or under ``$VDGUI_DATA_DIR`` when that is set (tests, portable use).
+
+:meth:`Library.scan` reads one image's metadata (never its data) into an :class:`ImageRecord`;
+an image that cannot be read still yields a record, with ``error`` saying why, so callers can
+show it as inaccessible. :meth:`Library.import_virtualbox` reads the ``<MediaRegistry>`` of a
+``VirtualBox.xml`` or ``.vbox`` file.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import traceback
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from .backend import DeviceType, OpenFlags
+from .chain import find_parent
+from .errors import ImageNotFound, InvalidArgument, VDError
+from .registry import backends_for_extension
+
+ENV_DATA_DIR = "VDGUI_DATA_DIR"
+SCHEMA_VERSION = 1
+
+
+def data_dir() -> str:
+    """Where vdgui keeps its library and settings (created on demand)."""
+    d = os.environ.get(ENV_DATA_DIR)
+    if not d:
+        import platformdirs
+        d = platformdirs.user_data_dir("vdgui", appauthor=False)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@dataclass
+class ImageRecord:
+    """What the library knows about one image file, read from its header."""
+    path: str
+    format: str | None = None
+    device_type: str = DeviceType.HARD_DISK.value
+    virtual_size: int | None = None
+    file_size: int | None = None
+    variant: str = ""
+    image_flags: int = 0
+    uuid: str | None = None
+    parent_uuid: str | None = None
+    modification_uuid: str | None = None
+    parent_modification_uuid: str | None = None
+    parent_path: str | None = None          # resolved parent file, None for a base image
+    is_diff: bool = False
+    comment: str | None = None
+    files: list[str] = field(default_factory=list)
+    pchs: list | None = None
+    lchs: list | None = None
+    block_size: int | None = None
+    details: dict = field(default_factory=dict)
+    error: str | None = None                # why the image is inaccessible, or None
+    error_code: str | None = None
+    bug: str | None = None                  # traceback when a backend failed unexpectedly
+    scanned_at: float = 0.0
+
+    @property
+    def accessible(self) -> bool:
+        return self.error is None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _device_for_extension(path: str) -> str:
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    for b in backends_for_extension(ext):
+        return b.device_type_for(path).value
+    return DeviceType.HARD_DISK.value
+
+
+def _norm(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+class Library:
+    """The persistent list of known images. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: str | None = None):
+        if path is None:
+            path = os.path.join(data_dir(), "library.sqlite3")
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS images (
+                path TEXT PRIMARY KEY, format TEXT, uuid TEXT, parent_uuid TEXT,
+                parent_path TEXT, device TEXT, added REAL, source TEXT);
+            CREATE INDEX IF NOT EXISTS images_uuid ON images(uuid);
+            CREATE TABLE IF NOT EXISTS properties (path TEXT, key TEXT, value TEXT,
+                PRIMARY KEY (path, key));
+            CREATE TABLE IF NOT EXISTS recent (path TEXT PRIMARY KEY, used REAL);
+        """)
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the list -------------------------------------------------------------------------
+    def paths(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT path FROM images ORDER BY added, path")]
+
+    def __contains__(self, path: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM images WHERE path=?", (_norm(path),)).fetchone() is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def entry(self, path: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT path, format, uuid, parent_uuid, parent_path, device, "
+                                   "source FROM images WHERE path=?", (_norm(path),)).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("path", "format", "uuid", "parent_uuid", "parent_path", "device",
+                         "source"), row))
+
+    def add(self, path: str, *, format: str | None = None, uuid: str | None = None,
+            parent_uuid: str | None = None, device: str | None = None,
+            source: str = "user") -> str:
+        """Remember ``path`` (absolute). Known facts are kept when not given again."""
+        path = _norm(path)
+        with self._lock:
+            old = self.entry(path)
+            if old is None:
+                self._db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?)",
+                                 (path, format, uuid, parent_uuid, None,
+                                  device or _device_for_extension(path), time.time(), source))
+            else:
+                self._db.execute("UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
+                                 "parent_uuid=coalesce(?,parent_uuid), device=coalesce(?,device) "
+                                 "WHERE path=?", (format, uuid, parent_uuid, device, path))
+        return path
+
+    def remember(self, rec: ImageRecord) -> None:
+        """Store what a scan learnt (uuid, parent link) so later parent searches can use it."""
+        with self._lock:
+            if rec.path not in self:
+                self.add(rec.path)
+            self._db.execute("UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
+                             "parent_uuid=?, parent_path=?, device=? WHERE path=?",
+                             (rec.format, rec.uuid, rec.parent_uuid, rec.parent_path,
+                              rec.device_type, rec.path))
+
+    def remove(self, path: str) -> None:
+        path = _norm(path)
+        with self._lock:
+            self._db.execute("DELETE FROM images WHERE path=?", (path,))
+            self._db.execute("DELETE FROM properties WHERE path=?", (path,))
+
+    def rename(self, old: str, new: str) -> None:
+        """An image moved: keep its entry (and properties) under the new path."""
+        old, new = _norm(old), _norm(new)
+        with self._lock:
+            self._db.execute("DELETE FROM images WHERE path=?", (new,))
+            self._db.execute("UPDATE images SET path=? WHERE path=?", (new, old))
+            self._db.execute("UPDATE images SET parent_path=? WHERE parent_path=?", (new, old))
+            self._db.execute("UPDATE OR REPLACE properties SET path=? WHERE path=?", (new, old))
+            self._db.execute("UPDATE OR REPLACE recent SET path=? WHERE path=?", (new, old))
+
+    def find_by_uuid(self, uuid) -> str | None:
+        """The path of a known image with this UUID (used by chain.find_parent)."""
+        text = str(uuid)
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM images WHERE uuid=?", (text,)).fetchall()
+        for (p,) in rows:
+            if os.path.isfile(p):
+                return p
+        return rows[0][0] if rows else None
+
+    def children_of(self, path: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT path FROM images WHERE parent_path=?",
+                                                   (_norm(path),))]
+
+    # -- backend properties (config keys that are kept, i.e. not CREATEONLY) --------------
+    def properties(self, path: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM properties WHERE path=?",
+                                         (_norm(path),)).fetchall())
+
+    def set_properties(self, path: str, values: dict) -> None:
+        path = _norm(path)
+        with self._lock:
+            self._db.execute("DELETE FROM properties WHERE path=?", (path,))
+            self._db.executemany("INSERT INTO properties VALUES (?,?,?)",
+                                 [(path, k, v if isinstance(v, str) else
+                                   v.decode("latin-1") if isinstance(v, bytes) else str(v))
+                                  for k, v in values.items() if v not in (None, "")])
+
+    # -- recent files ---------------------------------------------------------------------
+    def touch_recent(self, path: str, keep: int = 10) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO recent VALUES (?,?)", (_norm(path), time.time()))
+            self._db.execute("DELETE FROM recent WHERE path NOT IN (SELECT path FROM recent "
+                             "ORDER BY used DESC LIMIT ?)", (keep,))
+
+    def recent(self, limit: int = 10) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT path FROM recent ORDER BY used DESC "
+                                                   "LIMIT ?", (limit,))]
+
+    def clear_recent(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM recent")
+
+    # -- reading images -------------------------------------------------------------------
+    def scan(self, path: str, format: str | None = None) -> ImageRecord:
+        """Read one image's metadata. Never raises for a bad image: ``error`` says why."""
+        from .disk import Disk
+        path = _norm(path)
+        entry = self.entry(path)
+        rec = ImageRecord(path=path, device_type=entry["device"] if entry and entry["device"]
+                          else _device_for_extension(path), scanned_at=time.time())
+        if entry:
+            rec.format = entry["format"]
+            rec.uuid = entry["uuid"]
+            rec.parent_uuid = entry["parent_uuid"]
+        rec.files = [path]
+        if not os.path.lexists(path):
+            rec.error, rec.error_code = f"{path}: file not found", ImageNotFound.code
+            return rec
+        if not os.path.exists(path):
+            rec.error, rec.error_code = f"{path}: broken link (points to {os.readlink(path)})", \
+                ImageNotFound.code
+            return rec
+        disk = Disk()
+        try:
+            img = disk.open(path, format or None, OpenFlags.INFO | OpenFlags.READ_ONLY)
+            info = disk.info(0)
+            rec.format = info["format"]
+            rec.device_type = info["device_type"]
+            rec.virtual_size = info["virtual_size"]
+            rec.file_size = info["file_size"]
+            rec.variant = info["variant"]
+            rec.image_flags = info["image_flags"]
+            rec.uuid = info["uuid"]
+            rec.parent_uuid = info["parent_uuid"]
+            rec.modification_uuid = info["modification_uuid"]
+            rec.parent_modification_uuid = info["parent_modification_uuid"]
+            rec.comment = info["comment"]
+            rec.files = list(info["files"])
+            rec.pchs = info["pchs"]
+            rec.lchs = info["lchs"]
+            rec.block_size = info["block_size"]
+            rec.details = dict(info.get("details") or {})
+            rec.is_diff = img.is_diff
+            if img.is_diff:
+                try:
+                    ppath, _fmt = find_parent(img, library=self)
+                    rec.parent_path = _norm(ppath)
+                except VDError as exc:
+                    rec.error, rec.error_code = exc.message, exc.code
+        except VDError as exc:
+            rec.error, rec.error_code = exc.message, exc.code
+        except Exception as exc:  # a backend bug: keep the image listed, say so, keep the trace
+            rec.error = f"{path}: internal error while reading the image: {exc!r}"
+            rec.error_code = "BUG"
+            rec.bug = traceback.format_exc()
+        finally:
+            disk.close()
+        try:
+            if rec.file_size is None:
+                rec.file_size = os.stat(path).st_blocks * 512
+        except OSError:
+            pass
+        return rec
+
+    def add_with_parents(self, path: str, format: str | None = None,
+                         source: str = "user") -> list[ImageRecord]:
+        """Add ``path`` and every parent its chain names; returns the scanned records (top first)."""
+        out: list[ImageRecord] = []
+        seen: set[str] = set()
+        cur: str | None = _norm(path)
+        fmt = format
+        while cur and cur not in seen and len(out) < 256:
+            seen.add(cur)
+            self.add(cur, source=source)
+            rec = self.scan(cur, fmt)
+            self.remember(rec)
+            out.append(rec)
+            cur, fmt = rec.parent_path, None
+        return out
+
+    def scan_all(self, progress=None) -> list[ImageRecord]:
+        """Re-read every known image (and keep what was learnt). ``progress(done, total)``."""
+        paths = self.paths()
+        out = []
+        for i, p in enumerate(paths):
+            if progress is not None and progress(i, len(paths)) is False:
+                from .errors import Cancelled
+                raise Cancelled()
+            rec = self.scan(p)
+            self.remember(rec)
+            out.append(rec)
+            if rec.parent_path and rec.parent_path not in self:
+                for r in self.add_with_parents(rec.parent_path, source="parent"):
+                    if r.path not in paths:
+                        out.append(r)
+                        paths.append(r.path)
+        if progress is not None:
+            progress(len(paths), len(paths))
+        return out
+
+    # -- VirtualBox media registry ----------------------------------------------------------
+    def import_virtualbox(self, xml_path: str) -> list[str]:
+        """Add the images of a VirtualBox.xml / .vbox media registry; returns their paths."""
+        found = read_virtualbox_registry(xml_path)
+        out = []
+        for m in found:
+            out.append(self.add(m["path"], format=m["format"], uuid=m["uuid"],
+                                parent_uuid=m["parent_uuid"], device=m["device"],
+                                source="virtualbox"))
+        return out
+
+
+_VBOX_KINDS = {"HardDisks": DeviceType.HARD_DISK, "DVDImages": DeviceType.OPTICAL,
+               "FloppyImages": DeviceType.FLOPPY}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _vbox_uuid(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return str(uuidlib.UUID(text.strip().strip("{}")))
+    except ValueError:
+        return None
+
+
+def read_virtualbox_registry(xml_path: str) -> list[dict]:
+    """Parse the ``<MediaRegistry>`` of a VirtualBox settings file.
+
+    Returns dicts with path (absolute; relative locations are taken from the XML's folder),
+    format, uuid, parent_uuid and device ('hdd', 'optical', 'floppy'), parents before children.
+    Non-file media (e.g. iSCSI, whose location is not a path) are skipped.
+    """
+    try:
+        tree = ET.parse(xml_path)
+    except FileNotFoundError:
+        raise ImageNotFound(f"{xml_path}: file not found") from None
+    except OSError as exc:
+        raise ImageNotFound(f"{xml_path}: cannot read: {exc.strerror or exc}") from None
+    except ET.ParseError as exc:
+        raise InvalidArgument(f"{xml_path}: not a VirtualBox settings file: {exc}") from None
+    base = os.path.dirname(os.path.abspath(xml_path))
+    out: list[dict] = []
+
+    def walk(elem, device: DeviceType, parent_uuid: str | None):
+        for child in elem:
+            if _local(child.tag) not in ("HardDisk", "Image"):
+                continue
+            loc = child.get("location") or ""
+            fmt = child.get("format")
+            uid = _vbox_uuid(child.get("uuid"))
+            if loc and (fmt or "").lower() != "iscsi" and "://" not in loc:
+                loc = loc.replace("\\", "/") if os.sep == "/" and ":" not in loc[:2] else loc
+                path = os.path.normpath(os.path.join(base, os.path.expanduser(loc)))
+                out.append({"path": path, "format": fmt, "uuid": uid,
+                            "parent_uuid": parent_uuid, "device": device.value})
+            walk(child, device, uid)
+
+    root = tree.getroot()
+    for reg in root.iter():
+        if _local(reg.tag) != "MediaRegistry":
+            continue
+        for kind in reg:
+            device = _VBOX_KINDS.get(_local(kind.tag))
+            if device is not None:
+                walk(kind, device, None)
+    if _local(root.tag) != "VirtualBox":
+        raise InvalidArgument(f"{xml_path}: not a VirtualBox settings file (root element "
+                              f"<{_local(root.tag)}>)")
+    return out
+
+
+__all__ = ["Library", "ImageRecord", "data_dir", "read_virtualbox_registry", "ENV_DATA_DIR"]
