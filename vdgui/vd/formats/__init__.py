@@ -4,8 +4,9 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import raw
+from . import dmg, raw
 
 BACKENDS = (
+    dmg.BACKEND,
     raw.BACKEND,
 )
