@@ -11,7 +11,7 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage, TimeoutError,
                      UnknownFormat, UnsafePath, VDError, VDIOError)
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
-from .image import Alloc, CheckReport, Image, ParentHint, Problem
+from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .library import ImageRecord, Library, data_dir, read_virtualbox_registry
 from .progress import Progress, ProgressCallback
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,

@@ -338,6 +338,7 @@ class Disk:
         if img.parent_hint is not None:
             d["parent_locations"] = list(img.parent_hint.locations)
             d["parent_format"] = img.parent_hint.format
+        d["regions"] = [r.as_dict() for r in img.regions()]
         extra = img.info()
         if extra:
             d["details"] = extra

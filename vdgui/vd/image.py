@@ -47,6 +47,26 @@ class ParentHint:
     link_id: str | None = None                            # e.g. VMDK parentCID
 
 
+@dataclass(frozen=True)
+class Region:
+    """One region of a disk (VirtualBox's VDREGIONDESC): a CD track, or the whole disk."""
+    start: int              # byte offset in the disk
+    length: int             # bytes
+    block_size: int         # bytes per block (512 disk, 2048 data CD, 2352 raw/audio CD)
+    data_form: str          # RAW, MODE1_2048, MODE1_2352, MODE2_2336, MODE2_2352, CDDA
+    metadata_form: str = "NONE"
+    number: int = 1         # track number
+
+    @property
+    def blocks(self) -> int:
+        return self.length // self.block_size if self.block_size else 0
+
+    def as_dict(self) -> dict:
+        return {"number": self.number, "start": self.start, "length": self.length,
+                "block_size": self.block_size, "blocks": self.blocks,
+                "data_form": self.data_form, "metadata_form": self.metadata_form}
+
+
 @dataclass
 class Problem:
     """One finding of a consistency check."""
@@ -130,6 +150,13 @@ class Image:
     def info(self) -> dict:
         """Format-specific facts for `info` (subformat, cluster size, regions...)."""
         return {}
+
+    def regions(self) -> list[Region]:
+        """VDQueryRegions: the disk's regions. Default: one region covering the whole disk."""
+        from .backend import DeviceType
+        if self.device_type is DeviceType.OPTICAL:
+            return [Region(0, self.size, 2048, "MODE1_2048")]
+        return [Region(0, self.size, self.sector_size, "RAW")]
 
     def check_parent_link(self, parent: "Image") -> None:
         """Raise ParentMismatch if ``parent`` is not this image's parent (default: UUIDs)."""
