@@ -4,9 +4,10 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import dmg, raw
+from . import cue, dmg, raw
 
 BACKENDS = (
     dmg.BACKEND,
+    cue.BACKEND,
     raw.BACKEND,
 )
