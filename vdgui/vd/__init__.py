@@ -14,6 +14,7 @@ from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .library import ImageRecord, Library, data_dir, read_virtualbox_registry
 from .progress import Progress, ProgressCallback
+from .ops.copy import chain_target_names, copy_image, move_image
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)
 from .sizes import format_size, parse_size

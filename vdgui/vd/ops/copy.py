@@ -1,0 +1,583 @@
+"""Copy / convert / move images (modelled on vd.h's VDCopyEx and the VirtualBox media mover).
+
+``copy_image`` reads any readable chain (or the chain up to one member) and writes it into a new
+image of any creatable backend and variant:
+
+* **sparse**: only ranges the source chain holds as DATA are read; within them, all-zero pieces
+  of the target's block size (at least 4 KiB) are not written, so unallocated and zero source
+  blocks stay holes in the target. Work goes in windows of at most 4 MiB: memory stays small.
+* **sizes**: ``new_size`` grows the target; shrinking is allowed only when everything beyond the
+  new end reads as zeroes (otherwise a clear refusal). Sizes are rounded up to the target
+  backend's granularity.
+* **UUIDs**: new ones by default; ``keep_uuid`` copies each image's UUID.
+* **chains**: ``as_chain=True`` copies chain members 0..top as a chain: the base, then one
+  differencing image per source diff holding only that diff's own blocks (VDCopyEx's "same
+  content up to image N" shortcut). Target names (documented contract):
+  ``DST`` for the base and ``<stem>-snap<N>.<ext>`` beside it for diff N (N = 1.. the chain index).
+* **safety**: every file is created inside a private temporary folder beside the target
+  (``.<name>.vdgui-tmp-<pid>-<random>``), with the final base names so that names stored inside
+  the images (extents, parent links) are right; when the copy is complete the files are moved
+  into place without replacing anything (unless ``overwrite``). A cancelled or failed copy leaves
+  no file behind, and the source is only ever opened read-only.
+* **non-file backends** (caps without FILE, e.g. iSCSI): the location comes from the config;
+  the path may be "-". Such a target must already exist and be large enough: it is written in
+  place (zero ranges written as zeroes), nothing is created or renamed.
+
+``move_image`` renames every file of an image when source and target share a file system
+(extents keep their base names, so a descriptor referring to them by relative name stays valid),
+else copies the files (sparse-aware) then deletes the source. A differencing image moved to
+another folder has its parent link rewritten when the backend can (Operation.RELINK); if it
+cannot and the moved image no longer finds its parent, the move is undone and refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+
+from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
+from ..config import parse_config
+from ..disk import Disk
+from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
+                      VDIOError)
+from ..image import Alloc
+from ..progress import Progress, ProgressCallback
+from ..registry import get_backend, probe
+
+WINDOW = 4 << 20            # bytes read/written per step
+MIN_GRAIN = 4096            # zero detection granularity (at least)
+ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
+_ZEROS = bytes(WINDOW)
+
+__all__ = ["copy_image", "move_image", "chain_target_names"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+def _zero(mv) -> bool:
+    """All-zero test for a buffer of at most WINDOW bytes (memcmp speed)."""
+    return _ZEROS.startswith(mv)
+
+
+def _backend(fmt: str | Backend | None) -> Backend | None:
+    if fmt is None or isinstance(fmt, Backend):
+        return fmt
+    return get_backend(fmt)
+
+
+def chain_target_names(dst_path: str, count: int) -> list[str]:
+    """Target names for an ``as_chain`` copy of ``count`` images: DST, then <stem>-snapN.<ext>."""
+    stem, ext = os.path.splitext(dst_path)
+    return [dst_path] + [f"{stem}-snap{i}{ext}" for i in range(1, count)]
+
+
+def _round_up(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+def _extents(src: Disk, top: int, bottom: int, length: int):
+    """The allocation map of ``src`` over [0, length), queried slice by slice."""
+    pos = 0
+    while pos < length:
+        n = min(ALLOC_SLICE, length - pos)
+        yield from src.allocation(pos, n, top=top, bottom=bottom)
+        pos += n
+
+
+def _tail_is_zero(src: Disk, top: int, start: int, end: int) -> int | None:
+    """First offset in [start, end) that does not read as zero, or None."""
+    for ext in src.allocation(start, end - start, top=top):
+        if ext.status != Alloc.DATA:
+            continue
+        pos = ext.start
+        while pos < ext.end:
+            n = min(WINDOW, ext.end - pos)
+            data = src.read(pos, n, top=top)
+            if not _zero(data):
+                mv = memoryview(data)
+                i = next(k for k in range(0, n, 512) if not _zero(mv[k:k + 512]))
+                j = next(k for k in range(i, min(i + 512, n)) if data[k])
+                return pos + j
+            pos += n
+    return None
+
+
+class _Writer:
+    """Writes windows into the target's top image, skipping all-zero grains when allowed."""
+
+    def __init__(self, tdisk: Disk, grain: int, fresh: bool):
+        self.t = tdisk
+        self.g = grain
+        self.fresh = fresh
+        self.zero_grain = bytes(grain)
+
+    def write(self, off: int, data: bytes, below_zero=None) -> None:
+        """Write ``data`` at ``off`` (``off`` need not be grain-aligned). Zero grains are skipped
+        on a fresh target when ``below_zero(o, n)`` (default: always) says the image below reads
+        zero there too."""
+        n = len(data)
+        if not self.fresh:
+            self.t.write(off, data)
+            return
+        mv = memoryview(data)
+        if n <= WINDOW and _zero(mv):
+            if below_zero is None:
+                return
+        elif below_zero is None and n <= self.g:
+            self.t.write(off, data)
+            return
+        elif below_zero is None and self.g <= MIN_GRAIN and data.find(self.zero_grain) < 0:
+            self.t.write(off, data)       # no zero grain can hide in there: one write
+            return
+        g = self.g
+        run_start = None
+        pos = 0
+        while pos < n:
+            step = min(g - (off + pos) % g, n - pos)
+            keep = not _zero(mv[pos:pos + step]) or (
+                below_zero is not None and not below_zero(off + pos, step))
+            if keep:
+                if run_start is None:
+                    run_start = pos
+            elif run_start is not None:
+                self.t.write(off + run_start, data[run_start:pos])
+                run_start = None
+            pos += step
+        if run_start is not None:
+            self.t.write(off + run_start, data if run_start == 0 else data[run_start:])
+
+    def zero_fill(self, off: int, length: int) -> None:
+        """Make [off, off+length) read as zeroes on a target that was not freshly created."""
+        img = self.t.top
+        ss = self.t.sector_size
+        if (img.backend.can(Operation.DISCARD) and off % ss == 0 and length % ss == 0):
+            try:
+                self.t.discard(off, length)
+                return
+            except NotSupported:
+                pass
+        end = off + length
+        while off < end:
+            n = min(WINDOW, end - off)
+            self.t.write(off, _ZEROS[:n] if n < WINDOW else _ZEROS)
+            off += n
+
+
+def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, base: int) -> None:
+    """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
+    g = w.g
+    chunk = max(g, WINDOW // g * g)
+    covered = 0
+    for ext in _extents(src, top, 0, length):
+        if ext.status == Alloc.DATA:
+            start = max(ext.start - ext.start % g, covered)
+            end = min(_round_up(ext.end, g), length)
+            while start < end:
+                wend = min(start + chunk, end)
+                w.write(start, src.read(start, wend - start, top=top))
+                start = covered = wend
+                prog.set(base + covered)
+        elif not w.fresh and ext.end > covered:
+            s = max(ext.start, covered)
+            pos = s
+            while pos < ext.end:
+                n = min(chunk, ext.end - pos)
+                w.zero_fill(pos, n)
+                pos += n
+                prog.set(base + pos)
+            covered = ext.end
+        prog.set(base + max(covered, ext.end))
+
+
+def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, base: int) -> None:
+    """Copy only the ranges chain member ``level`` holds itself (DATA or explicit ZERO) into the
+    target's top image (a differencing image whose parent already has the content below)."""
+    t = w.t
+    below = len(t.images) - 2
+
+    def below_zero(o: int, n: int) -> bool:
+        return _zero(t.read(o, n, top=below))
+
+    chunk = max(w.g, WINDOW // w.g * w.g)
+    for ext in _extents(src, level, level, length):
+        if ext.level == level:
+            pos = ext.start
+            while pos < ext.end:
+                wend = min(pos - pos % chunk + chunk, ext.end)
+                n = wend - pos
+                data = (src.read(pos, n, top=level) if ext.status == Alloc.DATA
+                        else (_ZEROS[:n] if n < WINDOW else _ZEROS))
+                w.write(pos, data, below_zero)
+                pos = wend
+                prog.set(base + pos)
+        prog.set(base + ext.end)
+
+
+def _real(p: str) -> str:
+    return os.path.realpath(os.path.abspath(p))
+
+
+def _link_into_place(pairs: list[tuple[str, str]], overwrite: bool) -> None:
+    """Move temp files to their final names; without ``overwrite`` never replace a file (hard
+    link then unlink, or an existence check where links are unsupported). All or nothing."""
+    done: list[str] = []
+    try:
+        for tmp, final in pairs:
+            if overwrite:
+                continue
+            try:
+                os.link(tmp, final)
+                done.append(final)
+            except FileExistsError:
+                raise FileExists(f"{final}: file already exists") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
+                                     errno.ENOSYS):
+                    raise VDIOError(f"{final}: cannot create: {exc.strerror or exc}") from None
+                if os.path.lexists(final):
+                    raise FileExists(f"{final}: file already exists") from None
+    except BaseException:
+        for f in done:
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+        raise
+    for tmp, final in pairs:
+        if final in done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise VDIOError(f"{final}: cannot rename into place: {exc.strerror or exc}") from None
+
+
+def _make_tempdir(dst_path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(dst_path))
+    if not os.path.isdir(folder):
+        raise ImageNotFound(f"{folder}: target folder does not exist")
+    name = f".{os.path.basename(dst_path)}.vdgui-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    path = os.path.join(folder, name)
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as exc:
+        raise VDIOError(f"{folder}: cannot create a temporary folder: {exc.strerror or exc}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
+               src_format: str | Backend | None = None, variant: ImageFlags = ImageFlags.NONE,
+               new_size: int | None = None, keep_uuid: bool = False, as_chain: bool = False,
+               src_config: dict | None = None, dst_config: dict | None = None,
+               progress: ProgressCallback | None = None, overwrite: bool = False,
+               src_top: int | None = None, allow_unsafe_paths: bool = False) -> list[str]:
+    """Copy (convert) the chain ending at ``src_path`` into a new image (VDCopyEx).
+
+    Returns the locations of the images created, base first (one for a flattening copy). See the
+    module docstring for sparseness, sizes, UUIDs, chain copies, target naming and safety."""
+    dst_backend = _backend(dst_format)
+    variant = ImageFlags(variant)
+    file_target = bool(dst_backend.caps & Cap.FILE)
+    if file_target and not dst_backend.can(Operation.CREATE):
+        raise NotSupported(f"creating images is not supported for {dst_backend.name}")
+    if not dst_backend.can(Operation.WRITE):
+        raise NotSupported(f"writing images is not supported for {dst_backend.name}")
+    parse_config(dst_backend.config_keys, dst_config, creating=file_target, owner=dst_backend.name)
+    if new_size is not None and new_size <= 0:
+        raise InvalidArgument(f"image size must be positive, found {new_size}")
+
+    flags = OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)
+    src_be = _backend(src_format)
+    with Disk.open_chain(src_path, src_be.name if src_be else None, flags, src_config) as src:
+        top = len(src) - 1 if src_top is None else src_top
+        if top < 0:
+            top += len(src)
+        if not 0 <= top < len(src):
+            raise InvalidArgument(f"{src_path}: no image number {src_top} in a chain of {len(src)}")
+        src_size = src.image(top).size
+        size = src_size if new_size is None else new_size
+        size = _round_up(size, dst_backend.size_granularity)
+        if size < src_size:
+            bad = _tail_is_zero(src, top, size, src_size)
+            if bad is not None:
+                raise InvalidArgument(f"{src_path}: cannot shrink to {size} bytes: the source holds "
+                                      f"data beyond the new end (first at offset {bad})")
+        copy_len = min(size, src_size)
+        levels = top + 1 if as_chain else 1
+        if levels > 1 and not (dst_backend.caps & Cap.DIFF):
+            raise NotSupported(f"{dst_backend.name} images cannot be differencing images; copy "
+                               "without the chain option to flatten the chain into one image")
+        prog = Progress(progress, copy_len * levels)
+        prog.start()
+        if not file_target:
+            if levels > 1:
+                raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a device")
+            _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
+                            keep_uuid)
+            return [dst_path]
+        return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, size, copy_len,
+                              prog, keep_uuid, levels, overwrite, allow_unsafe_paths)
+
+
+def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, keep_uuid):
+    with Disk() as t:
+        t.open(dst_path, backend, OpenFlags.NORMAL, config)
+        if t.size < size:
+            raise InvalidArgument(f"{dst_path}: the target holds {t.size} bytes, too small for "
+                                  f"{size} bytes")
+        w = _Writer(t, max(t.top.block_size, MIN_GRAIN), fresh=False)
+        w.g = min(w.g, WINDOW)
+        _copy_flat(src, top, w, copy_len, prog, 0)
+        if keep_uuid and src.image(top).uuid:
+            with contextlib.suppress(NotSupported):
+                t.top.set_uuid(src.image(top).uuid)
+        t.flush()
+        prog.finish()
+
+
+def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len, prog, keep_uuid,
+                   levels, overwrite, allow_unsafe):
+    finals = chain_target_names(dst_path, levels)
+    src_files = {_real(f) for img in src.images for f in img.files()}
+    for f in finals:
+        if _real(f) in src_files:
+            raise InvalidArgument(f"{f}: the target is a file of the source chain")
+        if os.path.lexists(f) and not overwrite:
+            raise FileExists(f"{f}: file already exists")
+    tmpdir = _make_tempdir(dst_path)
+    try:
+        t = Disk()
+        try:
+            created: list[str] = []
+            for lv in range(levels):
+                img_src = src.image(lv if levels > 1 else top)
+                loc = os.path.join(tmpdir, os.path.basename(finals[lv]))
+                uid = img_src.uuid if keep_uuid else None
+                if lv == 0:
+                    lchs = img_src.lchs if size == src.image(top).size else None
+                    t.create_base(loc, size, backend, flags=variant, uuid=uid,
+                                  lchs=lchs if lchs and not lchs.is_zero else None,
+                                  config=config, allow_unsafe_paths=allow_unsafe,
+                                  progress=lambda d, n: prog.check())
+                else:
+                    t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
+                                  config=config, allow_unsafe_paths=allow_unsafe)
+                created.append(loc)
+                grain = min(max(t.top.block_size, MIN_GRAIN), WINDOW)
+                w = _Writer(t, grain, fresh=True)
+                if lv == 0:
+                    _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0)
+                else:
+                    _copy_own(src, lv, w, copy_len, prog, lv * copy_len)
+                if img_src.comment:
+                    with contextlib.suppress(NotSupported):
+                        t.top.set_comment(img_src.comment)
+                t.top.flush()
+            prog.finish()
+            tops = [img.location for img in t.images]
+        finally:
+            t.close()
+        # publish: every file the backend made, under the same relative name
+        pairs = []
+        for root, _dirs, files in os.walk(tmpdir):
+            for name in files:
+                p = os.path.join(root, name)
+                rel = os.path.relpath(p, tmpdir)
+                pairs.append((p, os.path.join(os.path.dirname(os.path.abspath(dst_path)), rel)))
+        for _tmp, final in pairs:
+            d = os.path.dirname(final)
+            if not os.path.isdir(d):
+                os.makedirs(d, exist_ok=True)
+        _link_into_place(pairs, overwrite)
+        results = [os.path.join(os.path.dirname(os.path.abspath(dst_path)),
+                                os.path.relpath(p, tmpdir)) for p in tops]
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    if levels > 1:
+        _fix_parent_links(results, backend, tmpdir, allow_unsafe)
+    # report the names as the caller spelled them
+    return [finals[i] if _real(finals[i]) == _real(r) else r for i, r in enumerate(results)]
+
+
+def _fix_parent_links(locations: list[str], backend: Backend, tmpdir: str, allow_unsafe: bool):
+    """Diffs created in the temporary folder may record absolute parent paths into it: rewrite
+    those links (when the backend can) now that the files have their final names."""
+    if not backend.can(Operation.RELINK):
+        return
+    for i in range(1, len(locations)):
+        img = backend.open(locations[i], OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+        try:
+            stale = any(tmpdir in (loc or "") for loc in (img.parent_hint.locations
+                                                          if img.parent_hint else []))
+        finally:
+            img.close()
+        if not stale:
+            continue
+        parent = backend.open(locations[i - 1], OpenFlags.READ_ONLY, None)
+        try:
+            child = backend.open(locations[i], OpenFlags.NORMAL, None)
+            try:
+                child.set_parent(parent)
+                child.flush()
+            finally:
+                child.close()
+        finally:
+            parent.close()
+
+
+# ---------------------------------------------------------------------------------------------
+def _same_fs(a: str, b_folder: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b_folder).st_dev
+    except OSError:
+        return False
+
+
+def _copy_file_sparse(src: str, dst: str, prog: Progress, base: int) -> None:
+    """Copy one file keeping holes (SEEK_DATA/SEEK_HOLE; all-zero windows are not written)."""
+    fi = os.open(src, os.O_RDONLY)
+    try:
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            size = os.fstat(fi).st_size
+            pos = 0
+            while pos < size:
+                try:
+                    pos = os.lseek(fi, pos, os.SEEK_DATA)
+                    hole = os.lseek(fi, pos, os.SEEK_HOLE)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break
+                    hole = size
+                while pos < hole:
+                    buf = os.pread(fi, min(WINDOW, hole - pos), pos)
+                    if not buf:
+                        hole = pos
+                        break
+                    if not _zero(buf):
+                        mv = memoryview(buf)
+                        off = pos
+                        while mv:
+                            k = os.pwrite(fo, mv, off)
+                            mv = mv[k:]
+                            off += k
+                    pos += len(buf)
+                    prog.set(base + pos)
+            os.ftruncate(fo, size)
+            os.fsync(fo)
+        finally:
+            os.close(fo)
+    except OSError as exc:
+        raise VDIOError(f"{src}: copy failed: {exc.strerror or exc}") from None
+    finally:
+        os.close(fi)
+
+
+def _image_files(path: str, fmt, allow_unsafe: bool):
+    be = _backend(fmt) or probe(path)
+    flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe
+                                                    else 0)
+    img = be.open(path, flags, None)
+    try:
+        return be, list(img.files()), img.is_diff
+    finally:
+        img.close()
+
+
+def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | None = None,
+               format: str | Backend | None = None, allow_unsafe_paths: bool = False) -> list[str]:
+    """Move an image (every file of it) to ``dst_path``. Returns the new locations of its files
+    (the image itself first). Never replaces an existing file."""
+    be, files, is_diff = _image_files(src_path, format, allow_unsafe_paths)
+    if not be.caps & Cap.FILE:
+        raise NotSupported(f"{be.name} images are not files and cannot be moved")
+    src_dir = os.path.dirname(os.path.abspath(src_path))
+    dst_abs = os.path.abspath(dst_path)
+    dst_dir = os.path.dirname(dst_abs)
+    if not os.path.isdir(dst_dir):
+        raise ImageNotFound(f"{dst_dir}: target folder does not exist")
+    if _real(src_path) == _real(dst_path):
+        raise InvalidArgument(f"{dst_path}: source and target are the same file")
+    # the image's own file takes the new name; other files keep their names relative to it
+    plan = [(os.path.abspath(src_path), dst_abs)]
+    for f in files:
+        fa = os.path.abspath(f)
+        if fa == plan[0][0]:
+            continue
+        rel = os.path.relpath(fa, src_dir)
+        if rel.startswith(".."):
+            raise NotSupported(f"{f}: a file of this image lies outside its folder; move it by hand")
+        plan.append((fa, os.path.join(dst_dir, rel)))
+    for _s, d in plan:
+        if os.path.lexists(d):
+            raise FileExists(f"{d}: file already exists")
+    parent_path = None
+    if is_diff and src_dir != dst_dir:
+        with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY | (
+                OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)) as d:
+            parent_path = d.image(-2).location
+    total = sum(os.stat(s).st_size for s, _d in plan)
+    prog = Progress(progress, total)
+    prog.start()
+    if all(_same_fs(s, dst_dir) for s, _d in plan):
+        for _s, d in plan:
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+        _link_into_place([(s, d) for s, d in plan], overwrite=False)   # unlinks the sources
+        moved = True
+    else:
+        tmpdir = _make_tempdir(dst_path)
+        try:
+            staged = []
+            base = 0
+            for s, d in plan:
+                tmp = os.path.join(tmpdir, os.path.relpath(d, dst_dir))
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                _copy_file_sparse(s, tmp, prog, base)
+                base += os.stat(s).st_size
+                staged.append((tmp, d))
+            _link_into_place(staged, overwrite=False)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        moved = False
+    try:
+        if parent_path is not None:
+            _relink_after_move(dst_abs, parent_path, be, allow_unsafe_paths)
+    except BaseException:
+        # undo: the image must stay usable where it was
+        if moved:
+            _link_into_place([(d, s) for s, d in plan], overwrite=False)
+        else:
+            for _s, d in plan:
+                with contextlib.suppress(OSError):
+                    os.unlink(d)
+        raise
+    if not moved:
+        for s, _d in plan:
+            os.unlink(s)
+    prog.finish()
+    return [d for _s, d in plan]
+
+
+def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe: bool) -> None:
+    flags = OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0)
+    if be.can(Operation.RELINK):
+        parent_disk = Disk.open_chain(parent_path, None, flags)
+        try:
+            child = be.open(new_loc, OpenFlags.NORMAL | (flags & OpenFlags.ALLOW_UNSAFE_PATHS), None)
+            try:
+                child.set_parent(parent_disk.top)
+                child.flush()
+            finally:
+                child.close()
+        finally:
+            parent_disk.close()
+    try:
+        Disk.open_chain(new_loc, be.name, flags).close()
+    except ParentNotFound:
+        raise NotSupported(f"{new_loc}: {be.name} cannot rewrite its parent link, and the moved "
+                           "image would no longer find its parent; move it within its folder "
+                           "or move the whole chain") from None
+
