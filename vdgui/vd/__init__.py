@@ -15,6 +15,10 @@ from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .library import ImageRecord, Library, data_dir, read_virtualbox_registry
 from .progress import Progress, ProgressCallback
 from .ops.copy import chain_target_names, copy_image, move_image
+from .ops.compact import compact
+from .ops.merge import merge, merge_disk
+from .ops.repair import check
+from .ops.resize import resize
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)
 from .sizes import format_size, parse_size

@@ -1,0 +1,269 @@
+"""Compact an image (vd.h VDCompact): drop blocks that read as zeroes (or, for a differencing
+image, that read the same as the parent), close the holes, shrink the file.
+
+Safety: the COMPACT hook moves blocks around inside the file. So that a crash, a kill or a cancel
+can never leave a damaged image, a single-file image is compacted in a copy beside it
+(``.<name>.vdgui-tmp-<pid>``, sparse, with copy_file_range), the copy is checked to read exactly
+as the original, flushed, and then renamed over the original in one atomic step. Until the rename
+the original is untouched (and locked against writers); after it, the compacted image is complete.
+Images made of several files are compacted in place by the hook (the backend orders its writes
+data -> tables -> header). docs/operations.md has the step-by-step reasoning.
+
+:func:`rewrite_in_copy` is the shared machinery (also used by resize and repair).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from typing import Callable
+
+from ..backend import Backend, OpenFlags, Operation
+from ..disk import Disk
+from ..errors import CorruptImage, NotSupported
+from ..fileio import ImageFile, temp_name
+from ..image import Alloc, Image
+from ..progress import Progress, ProgressCallback
+from ..registry import get_backend, probe
+
+COPY_CHUNK = 8 << 20
+VERIFY_CHUNK = 4 << 20
+
+
+def _backend(path: str, format: str | None) -> Backend:
+    return get_backend(format) if format else probe(path)
+
+
+def require_op(backend: Backend, op: Operation, path: str, what: str) -> None:
+    if not backend.can(op):
+        raise NotSupported(f"{path}: {what} is not supported for {backend.name} images")
+
+
+# -- copies --------------------------------------------------------------------------------------
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) ranges of the file that hold data (SEEK_DATA/SEEK_HOLE; all of it if unknown)."""
+    out = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            if hole > data:
+                out.append((data, hole))
+            pos = hole
+    except OSError:
+        return [(0, size)] if size else []
+    return out
+
+
+def _copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int], None]) -> None:
+    pos = start
+    while pos < end:
+        n = min(COPY_CHUNK, end - pos)
+        try:
+            done = os.copy_file_range(src, dst, n, pos, pos)
+        except (OSError, AttributeError):
+            done = 0
+        if done <= 0:
+            buf = os.pread(src, n, pos)
+            if not buf:
+                return
+            mv = memoryview(buf)
+            off = pos
+            while mv:
+                w = os.pwrite(dst, mv, off)
+                mv = mv[w:]
+                off += w
+            done = len(buf)
+        pos += done
+        advance(done)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> None:
+    """Delete our own leftovers for ``path`` (``.<name>.vdgui-tmp-<pid>`` of dead processes)."""
+    d, b = os.path.split(os.path.abspath(path))
+    prefix = f".{b}.vdgui-tmp-"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(prefix) and n[len(prefix):].isdigit():
+            pid = int(n[len(prefix):])
+            if pid != os.getpid() and not _pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d, n))
+
+
+def fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def view_read(img: Image, below: Callable[[int, int], bytes] | None, offset: int, length: int) -> bytes:
+    """What ``img`` reads at ``offset`` over ``below`` (the parent's content, None: zeroes)."""
+    if offset >= img.size:
+        return bytes(length)
+    avail = min(length, img.size - offset)
+    buf = bytearray(length)
+    for s, n, st in img.block_status(offset, avail):
+        if st == Alloc.DATA:
+            buf[s - offset:s - offset + n] = img.read(s, n)
+        elif st == Alloc.UNALLOCATED and below is not None:
+            buf[s - offset:s - offset + n] = below(s, n)
+    return bytes(buf)
+
+
+def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | None,
+                    work: Callable[[Image, ProgressCallback], bool],
+                    verify: Callable[[Image, Callable[[int], None]], None] | None = None,
+                    verify_bytes: int = 0,
+                    open_flags: tuple[OpenFlags, ...] = (OpenFlags.NORMAL,)):
+    """Run ``work(image, progress)`` on a copy of the single-file image ``path`` and, when it
+    returns True, atomically replace ``path`` with the copy. ``verify(image, advance)`` may raise
+    to refuse the replacement. Progress: copy, work, verify, each weighted by bytes."""
+    real = os.path.realpath(path)
+    remove_stale_temps(real)
+    lock = ImageFile(real, writable=True)          # no writer may change the original meanwhile
+    tmp = temp_name(real)
+    img: Image | None = None
+    try:
+        size = lock.size()
+        ranges = _data_ranges(lock.fd, size)
+        copy_bytes = sum(e - s for s, e in ranges)
+        work_span = max(copy_bytes, 1)
+        prog = Progress(progress, copy_bytes + work_span + verify_bytes)
+        prog.start()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        out = ImageFile(tmp, create=True)
+        try:
+            for s, e in ranges:
+                _copy_range(lock.fd, out.fd, s, e, prog.advance)
+            out.truncate(size)
+            with contextlib.suppress(OSError):
+                shutil.copymode(real, tmp)
+        finally:
+            out.close()
+
+        def sub(done, total):
+            frac = done / total if total else 1.0
+            prog.set(copy_bytes + int(work_span * min(max(frac, 0.0), 1.0)))
+
+        for i, fl in enumerate(open_flags):
+            try:
+                img = backend.open(tmp, fl, None)
+                break
+            except CorruptImage:
+                if i == len(open_flags) - 1:
+                    raise
+        changed = work(img, sub)
+        prog.set(copy_bytes + work_span)
+        if not changed:
+            img.close()
+            img = None
+            os.unlink(tmp)
+            prog.finish()
+            return False
+        img.flush()
+        if verify is not None:
+            verify(img, prog.advance)
+        img.close()
+        img = None
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        prog.check()                                 # last moment to cancel
+        os.replace(tmp, real)                        # the commit point
+        fsync_dir(real)
+        prog.finish()
+        return True
+    except BaseException:
+        if img is not None:
+            with contextlib.suppress(Exception):
+                img.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        lock.close()
+
+
+# -- compact ------------------------------------------------------------------------------------
+def compact(path: str, *, format: str | None = None, drop_parent_duplicates: bool = False,
+            progress: ProgressCallback | None = None) -> None:
+    """Compact ``path`` with its backend's COMPACT hook.
+
+    A base image drops its all-zero blocks. A differencing image is always compared with its
+    parent's content (a zero block over non-zero parent data is data and is kept); blocks reading
+    the same as the parent are dropped, which keeps the content. ``drop_parent_duplicates`` is
+    accepted for API symmetry: for a differencing image the parent comparison is the only
+    content-preserving rule, so it is always applied.
+    """
+    backend = _backend(path, format)
+    require_op(backend, Operation.COMPACT, path, "compact")
+    with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as chain:
+        top = len(chain.images) - 1
+        orig = chain.images[top]
+        below = (lambda o, n: chain._read_below(top, o, n)) if top > 0 else None
+        del drop_parent_duplicates
+
+        def work(img: Image, cb) -> bool:
+            img.compact(cb, below)
+            return True
+
+        def verify(img: Image, advance) -> None:
+            if img.size != orig.size:
+                raise CorruptImage(f"{path}: compact changed the virtual size; original kept",
+                                   expected=orig.size, found=img.size)
+            pos = 0
+            while pos < orig.size:
+                n = min(VERIFY_CHUNK, orig.size - pos)
+                if view_read(img, below, pos, n) != chain.read(pos, n):
+                    raise CorruptImage(f"{path}: the compacted copy reads differently at offset "
+                                       f"{pos:#x}; the original is kept unchanged")
+                pos += n
+                advance(n)
+
+        if orig.files() != [orig.location]:
+            _compact_in_place(path, backend, progress, below, chain)
+            return
+        rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=orig.size)
+
+
+def _compact_in_place(path, backend, progress, below, chain: Disk) -> None:
+    """Images of several files: run the hook on the image itself (backend write ordering)."""
+    img = backend.open(path, OpenFlags.NORMAL, None)
+    try:
+        prog = Progress(progress, max(img.size, 1))
+        prog.start()
+        img.compact(lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))), below)
+        img.flush()
+        prog.finish()
+    finally:
+        img.close()
+
+
+__all__ = ["compact", "rewrite_in_copy", "view_read", "remove_stale_temps"]

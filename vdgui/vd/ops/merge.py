@@ -1,0 +1,305 @@
+"""Merge images of one chain (vd.h VDMerge), with an order that never breaks the chain.
+
+Forward merge (``source`` is a descendant of ``target``): the blocks that the images from
+``source`` down to ``target + 1`` hold are written into ``target``; the children of ``source``
+are relinked to ``target``; the merged-away images are deleted.
+
+Backward merge (``source`` is an ancestor of ``target``): the blocks that the images from
+``source`` up to ``target - 1`` hold and ``target`` does not are copied into ``target``; then
+``target`` is relinked to the parent of ``source`` (or made a base image); the merged-away images
+are deleted.
+
+Why an interruption at any point leaves a chain that opens and reads the same content is written
+down step by step in docs/operations.md. In short: data first (flushed), one link rewrite (the
+commit point), deletions last, deletions from the top down.
+
+The operation never names a format; it uses the WRITE and RELINK declarations and hooks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from ..backend import Backend, OpenFlags, Operation
+from ..chain import _candidate_dirs, find_parent
+from ..disk import Disk
+from ..errors import (InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage, VDError)
+from ..image import Alloc, Image
+from ..progress import Progress, ProgressCallback
+from ..registry import backends, get_backend, probe
+from ..sparse import is_zero, zeroes
+
+CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+# -- discovering children that are not part of the opened chain ------------------------------
+def _links_to(child: Image, parent: Image) -> bool:
+    """Does ``child`` (a differencing image) name ``parent`` as its parent?"""
+    if child.parent_uuid is not None and parent.uuid is not None:
+        return child.parent_uuid == parent.uuid
+    try:
+        path, _fmt = find_parent(child)
+    except VDError:
+        return False
+    return _real(path) == _real(parent.location)
+
+
+def find_children(image: Image, exclude: set[str] | None = None) -> list[tuple[str, Backend]]:
+    """Differencing images in ``image``'s folder (and Snapshots/) whose parent is ``image``.
+    ``exclude`` holds real paths not to report (e.g. the chain being worked on)."""
+    exclude = exclude or set()
+    own = {_real(f) for f in image.files()}
+    exts = {fe.ext for b in backends() for fe in b.extensions}
+    found: list[tuple[str, Backend]] = []
+    for d in _candidate_dirs(image.location):
+        try:
+            names = sorted(os.listdir(d))[:2000]
+        except OSError:
+            continue
+        for n in names:
+            p = os.path.join(d, n)
+            if n.startswith(".") or os.path.splitext(n)[1].lstrip(".").lower() not in exts:
+                continue
+            rp = _real(p)
+            if rp in own or rp in exclude or not os.path.isfile(p):
+                continue
+            try:
+                be = probe(p)
+                img = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+            except VDError:
+                continue
+            try:
+                if img.is_diff and _links_to(img, image):
+                    found.append((p, be))
+            finally:
+                img.close()
+    return found
+
+
+# -- the merge itself ---------------------------------------------------------------------------
+def _require(img: Image, op: Operation, why: str) -> None:
+    if not img.backend.can(op):
+        raise NotSupported(f"{img.location}: cannot merge: the {img.format} backend does not "
+                           f"support {op.value} ({why})")
+
+
+def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_top: int,
+               prog: Progress) -> None:
+    """Write ``runs`` (as seen through image ``read_top``) into image ``level`` of ``disk``."""
+    img = disk.images[level]
+    fill = lambda o, n: disk._read_below(level, o, n)  # noqa: E731 - content under the target
+    for start, length, status in runs:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(CHUNK - pos % CHUNK, end - pos)
+            data = zeroes(n) if status == Alloc.ZERO else disk.read(pos, n, top=read_top)
+            img.write(pos, data, fill)
+            if is_zero(data):
+                # a zero write the backend chose not to allocate would show the parent: verify
+                for s, ln, st in img.block_status(pos, n):
+                    if st == Alloc.UNALLOCATED and not is_zero(disk._read_below(level, s, ln)):
+                        raise NotSupported(
+                            f"{img.location}: cannot merge: the {img.format} backend did not store "
+                            f"zeroes written at offset {s:#x}; the chain is unchanged")
+            pos += n
+            prog.advance(n)
+
+
+def _runs_to_copy(disk: Disk, top: int, bottom: int, want: Callable[[int], bool]):
+    runs = []
+    for e in disk.allocation(0, disk.images[top].size, top=top, bottom=bottom):
+        if e.level is not None and want(e.level) and e.status != Alloc.UNALLOCATED:
+            runs.append((e.start, e.length, e.status))
+    return runs
+
+
+def _delete_image(img: Image) -> None:
+    files = img.files()
+    img.close()
+    for f in files:
+        try:
+            os.unlink(f)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_from_disk(disk: Disk, indices: list[int]) -> list[Image]:
+    removed = []
+    for i in sorted(indices, reverse=True):
+        removed.append(disk.images.pop(i))
+        disk._flags.pop(i)
+    return removed
+
+
+def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
+           extra_children: list[Image], check_outside: bool) -> None:
+    n = len(disk.images)
+    if not (0 <= s < n and 0 <= t < n):
+        raise InvalidArgument(f"merge: image numbers {s} and {t} must lie in a chain of {n} images")
+    if s == t:
+        raise InvalidArgument("merge: source and target are the same image")
+    target = disk.images[t]
+    if target.read_only:
+        raise ReadOnlyImage(f"{target.location}: the merge target must be opened read-write")
+    _require(target, Operation.WRITE, "the merge writes into it")
+    forward = s > t
+    lo, hi = (t + 1, s) if forward else (s, t - 1)      # the merged-away images
+    merged = disk.images[lo:hi + 1]
+    children: list[Image] = []
+    if forward:
+        if s + 1 < n:
+            children.append(disk.images[s + 1])
+        children += extra_children
+        for c in children:
+            _require(c, Operation.RELINK, "the image above the merged ones is linked to the target")
+            if c.read_only:
+                raise ReadOnlyImage(f"{c.location}: must be opened read-write to relink it")
+    else:
+        _require(target, Operation.RELINK, "it is linked to the parent of the source")
+    if check_outside:
+        _refuse_outside_children(disk, s, t, children)
+
+    # grow a smaller forward target first (the new area reads zeroes: nothing changes above)
+    if forward and disk.images[s].size > target.size:
+        _require(target, Operation.RESIZE, "it is smaller than the source")
+        target.resize(disk.images[s].size)
+        target.flush()
+
+    if forward:
+        runs = _runs_to_copy(disk, s, t + 1, lambda lv: t < lv <= s)
+        read_top = s
+    else:
+        # what the images source..target-1 hold and the target does not
+        runs = _runs_to_copy(disk, t, s, lambda lv: s <= lv < t)
+        read_top = t
+    total = sum(r[1] for r in runs)
+    prog = Progress(progress, total)
+    prog.start()
+    old_hz = getattr(target, "honor_zeroes", False)
+    target.honor_zeroes = True        # zeroes copied from above must be stored, not skipped
+    try:
+        _copy_runs(disk, runs, t, read_top, prog)
+    except BaseException:
+        try:
+            target.flush()     # what was copied is complete on disk; the chain reads as before
+        except VDError:
+            pass
+        raise
+    finally:
+        target.honor_zeroes = old_hz
+    target.flush()
+    prog.check()                      # last chance to cancel: nothing has been relinked yet
+
+    # the commit point: one link rewrite per child (forward) or of the target (backward)
+    if forward:
+        for c in children:
+            c.set_parent(target)
+            c.flush()
+    else:
+        new_parent = disk.images[s - 1] if s > 0 else None
+        target.set_parent(new_parent)
+        target.flush()
+
+    # only now delete the merged-away images, top down (a leftover is an unreferenced prefix)
+    removed = _remove_from_disk(disk, list(range(lo, hi + 1)))   # returned top first
+    for img in removed:
+        _delete_image(img)
+    _fsync_dir(target.location)
+    prog.finish()
+
+
+def _refuse_outside_children(disk: Disk, s: int, t: int, children: list[Image]) -> None:
+    """Refuse when a differencing image outside the chain would lose its parent or see
+    different content after the merge."""
+    chain_paths = {_real(f) for img in disk.images for f in img.files()}
+    chain_paths |= {_real(f) for c in children for f in c.files()}
+    forward = s > t
+    watch = list(range(t, s)) if forward else list(range(s, t))
+    # forward: target..source-1 (target's content changes; the others are deleted)
+    # backward: source..target-1 (all deleted)
+    for i in watch:
+        others = find_children(disk.images[i], exclude=chain_paths)
+        if others:
+            names = ", ".join(os.path.basename(p) for p, _ in others)
+            what = ("would read different content" if forward and i == t
+                    else "would lose its parent")
+            raise InvalidArgument(
+                f"cannot merge: {names} is another differencing image of "
+                f"{os.path.basename(disk.images[i].location)} and {what}; merge or remove it first")
+
+
+def merge_disk(disk: Disk, source_index: int, target_index: int,
+               progress: ProgressCallback | None = None) -> None:
+    """VDMerge on an open Disk: fold image ``source_index`` (and every image between) into image
+    ``target_index``. The target (and, forward, the image above the source) must be opened
+    read-write. On success the merged-away images are closed, removed from ``disk`` and deleted."""
+    _merge(disk, source_index, target_index, progress, [], check_outside=True)
+
+
+def _chain_entries(path: str, format: str | None) -> list[tuple[str, Backend]]:
+    with Disk.open_chain(path, format, OpenFlags.READ_ONLY) as d:
+        return [(img.location, img.backend) for img in d.images]
+
+
+def merge(source_path: str, target_path: str, *, progress: ProgressCallback | None = None,
+          format: str | None = None) -> None:
+    """Merge ``source_path`` into ``target_path`` (both in one chain; images between are folded
+    in too). ``format`` names the source's format (probed when absent)."""
+    for p in (source_path, target_path):
+        if not os.path.exists(p):
+            from ..errors import ImageNotFound
+            raise ImageNotFound(f"{p}: file not found")
+    if _real(source_path) == _real(target_path):
+        raise InvalidArgument(f"{source_path}: source and target are the same image")
+    src_chain = _chain_entries(source_path, format)
+    src_paths = [_real(p) for p, _ in src_chain]
+    if _real(target_path) in src_paths:
+        entries = src_chain                          # forward: the target is an ancestor
+        s, t = len(entries) - 1, src_paths.index(_real(target_path))
+    else:
+        tgt_chain = _chain_entries(target_path, None)
+        tgt_paths = [_real(p) for p, _ in tgt_chain]
+        if _real(source_path) not in tgt_paths:
+            raise ParentMismatch(f"cannot merge {source_path} into {target_path}: the two images "
+                                 "are not in one chain (neither is an ancestor of the other)")
+        entries = tgt_chain                          # backward: the target is a descendant
+        s, t = tgt_paths.index(_real(source_path)), len(entries) - 1
+    forward = s > t
+
+    # children of the source (forward) live outside the opened chain: find them
+    child_entries: list[tuple[str, Backend]] = []
+    if forward:
+        with Disk.open_chain(entries[-1][0], entries[-1][1].name, OpenFlags.READ_ONLY) as d:
+            child_entries = find_children(d.images[-1], exclude=set(src_paths))
+    disk = Disk()
+    extra: list[Image] = []
+    try:
+        for i, (p, be) in enumerate(entries):
+            flags = OpenFlags.NORMAL if i == t else OpenFlags.READ_ONLY
+            disk.open(p, be, flags)
+        for p, be in child_entries:
+            extra.append(be.open(p, OpenFlags.NORMAL, None))
+        for c in extra:
+            c.check_parent_link(disk.images[s])
+        _merge(disk, s, t, progress, extra, check_outside=True)
+    finally:
+        for c in extra:
+            c.close()
+        disk.close()

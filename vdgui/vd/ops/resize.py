@@ -1,0 +1,121 @@
+"""Resize an image (vd.h VDResize): grow, or shrink where the part cut off holds nothing.
+
+The RESIZE hook does the format work (block map growth, footer/header sizes, geometry by
+VirtualBox's PCHS/LCHS rules). The operation validates the size, refuses a shrink that would cut
+off data (as seen through the chain: a zero tail is fine), and for a single-file image runs the
+hook on a copy that is verified (old content unchanged, new area zero) and then renamed over the
+original in one atomic step, so a crash or a cancel can never leave a half-resized image
+(docs/operations.md).
+"""
+from __future__ import annotations
+
+from ..backend import OpenFlags, Operation
+from ..disk import Disk
+from ..errors import CorruptImage, InvalidArgument
+from ..image import Alloc, Image
+from ..progress import Progress, ProgressCallback
+from ..sparse import is_zero
+from .compact import VERIFY_CHUNK, _backend, require_op, rewrite_in_copy, view_read
+
+
+def _check_size(backend, path: str, new_size) -> int:
+    if isinstance(new_size, bool) or not isinstance(new_size, int):
+        raise InvalidArgument(f"{path}: new size must be a whole number of bytes, found {new_size!r}")
+    if new_size <= 0:
+        raise InvalidArgument(f"{path}: new size must be positive, found {new_size}")
+    g = backend.size_granularity
+    if new_size % g:
+        raise InvalidArgument(f"{path}: {backend.name} sizes must be a multiple of {g} bytes, "
+                              f"found {new_size}")
+    if backend.max_size is not None and new_size > backend.max_size:
+        raise InvalidArgument(f"{path}: {backend.name} images can be at most {backend.max_size} "
+                              f"bytes, asked for {new_size}")
+    return new_size
+
+
+def first_data_beyond(chain: Disk, new_size: int) -> int | None:
+    """Offset of the first non-zero byte at or after ``new_size`` (through the chain), or None."""
+    old = chain.size
+    for e in chain.allocation(new_size, old - new_size):
+        if e.level is None or e.status != Alloc.DATA:
+            continue
+        pos = e.start
+        while pos < e.end:
+            n = min(VERIFY_CHUNK, e.end - pos)
+            buf = chain.read(pos, n)
+            if not is_zero(buf):
+                return pos + next(i for i, b in enumerate(buf) if b)
+            pos += n
+    return None
+
+
+def resize(path: str, new_size: int, *, format: str | None = None,
+           progress: ProgressCallback | None = None) -> None:
+    """Change the virtual size of ``path`` to ``new_size`` bytes (the new area reads zeroes)."""
+    backend = _backend(path, format)
+    require_op(backend, Operation.RESIZE, path, "resize")
+    new_size = _check_size(backend, path, new_size)
+    with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as chain:
+        top = len(chain.images) - 1
+        orig = chain.images[top]
+        old = orig.size
+        if new_size == old:
+            p = Progress(progress, 1)
+            p.start()
+            p.finish()
+            return
+        if new_size < old:
+            bad = first_data_beyond(chain, new_size)
+            if bad is not None:
+                raise InvalidArgument(
+                    f"{path}: cannot shrink to {new_size} bytes: the part that would be cut off "
+                    f"holds data (first non-zero byte at offset {bad:#x}); shrink the partitions "
+                    f"inside the disk first")
+        below = (lambda o, n: chain._read_below(top, o, n)) if top > 0 else None
+
+        def work(img: Image, cb) -> bool:
+            img.resize(new_size, cb)
+            return True
+
+        keep = min(old, new_size)
+
+        def verify(img: Image, advance) -> None:
+            if img.size != new_size:
+                raise CorruptImage(f"{path}: resize left the size at {img.size}; original kept",
+                                   expected=new_size, found=img.size)
+            pos = 0
+            while pos < keep:                       # the old content is unchanged
+                n = min(VERIFY_CHUNK, keep - pos)
+                if view_read(img, below, pos, n) != chain.read(pos, n):
+                    raise CorruptImage(f"{path}: the resized copy reads differently at offset "
+                                       f"{pos:#x}; the original is kept unchanged")
+                pos += n
+                advance(n)
+            if new_size > keep:                     # the new area reads zeroes
+                for s, n, st in img.block_status(keep, new_size - keep):
+                    if st == Alloc.ZERO or (st == Alloc.UNALLOCATED and below is None):
+                        continue
+                    q = s
+                    while q < s + n:
+                        m = min(VERIFY_CHUNK, s + n - q)
+                        if not is_zero(view_read(img, below, q, m)):
+                            raise CorruptImage(f"{path}: the new area of the resized copy does not "
+                                               f"read zeroes at offset {q:#x}; original kept")
+                        q += m
+                advance(new_size - keep)
+
+        if orig.files() != [orig.location]:
+            img = backend.open(path, OpenFlags.NORMAL, None)
+            try:
+                prog = Progress(progress, max(new_size, 1))
+                prog.start()
+                img.resize(new_size, lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
+                img.flush()
+                prog.finish()
+            finally:
+                img.close()
+            return
+        rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=new_size)
+
+
+__all__ = ["resize", "first_data_beyond"]
