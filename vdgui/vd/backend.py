@@ -163,6 +163,7 @@ class Backend:
     create_flags: ClassVar[ImageFlags] = ImageFlags.NONE  # variant bits create() accepts
     max_size: ClassVar[int | None] = None            # largest virtual size create() accepts
     size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
+    url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
 
     # -- declarations -----------------------------------------------------------------------
     def can(self, op: Operation) -> bool:
@@ -185,6 +186,14 @@ class Backend:
 
     def default_extension(self) -> str:
         return self.extensions[0].ext if self.extensions else ""
+
+    def compose_location(self, config: dict) -> str:
+        """For CONFIG backends: the location string (URL) their keys describe."""
+        return ""
+
+    def parse_location(self, location: str) -> dict:
+        """For CONFIG backends: decode a location (URL) into configuration keys."""
+        return {}
 
     # -- behaviour --------------------------------------------------------------------------
     def probe(self, src: ProbeInput) -> int:

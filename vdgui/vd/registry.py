@@ -85,8 +85,22 @@ def probe_scores(path: str) -> list[tuple[int, Backend]]:
     return scores
 
 
+def backend_for_url(location: str) -> Backend | None:
+    """The backend serving a URL location (``iscsi://...``), or None for a plain path."""
+    scheme, sep, _ = location.partition("://")
+    if not sep or "/" in scheme:
+        return None
+    for b in backends():
+        if scheme.lower() in b.url_schemes:
+            return b
+    raise UnknownFormat(f"{location}: no backend handles '{scheme}://' locations")
+
+
 def probe(path: str) -> Backend:
     """The backend that claims ``path`` most strongly. Two strong claims are an error."""
+    by_url = backend_for_url(path)
+    if by_url is not None:
+        return by_url
     scores = probe_scores(path)
     if not scores:
         raise UnknownFormat(f"{path}: not a disk image of any known format")
