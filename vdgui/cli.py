@@ -1,0 +1,780 @@
+"""vdgui-img: the command-line face of the engine (a stable contract, see ARCHITECTURE.md).
+
+Uses only the public API (``vdgui.vd``) and never names a format in its logic: everything comes
+from the backend table. Errors print one line on stderr and exit 1 (``check`` exits 2/3 for
+corrupt/leaks only); no traceback ever reaches the user.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid as uuidlib
+
+import vdgui.vd as vd
+
+PROG = "vdgui-img"
+CHUNK = 4 << 20
+
+
+class CLIError(Exception):
+    """A usage error found by the CLI itself (exit 1, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 1 (argparse would print usage and exit 2)
+        raise CLIError(message)
+
+
+# -- progress display -------------------------------------------------------------------------
+class TtyProgress:
+    """Percent and throughput on stderr, redrawn in place; silent when stderr is not a tty."""
+
+    def __init__(self, what: str, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.what = what
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int):
+        if not self.enabled:
+            return None
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return None
+        self.last = now
+        pct = 100.0 * done / total if total else 100.0
+        rate = done / max(now - self.t0, 1e-6)
+        self.stream.write(f"\r{self.what}: {pct:5.1f}%  {vd.format_size(done)} of "
+                          f"{vd.format_size(total)}  {vd.format_size(int(rate))}/s\x1b[K")
+        self.stream.flush()
+        self.drawn = True
+        return None
+
+    def close(self):
+        if self.enabled and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+# -- argument helpers -------------------------------------------------------------------------
+def _size(text: str) -> int:
+    return vd.parse_size(text)
+
+
+def _props(args, attr="property", file_attr="property_file") -> dict:
+    out: dict = {}
+    for item in getattr(args, attr, None) or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise CLIError(f"--{attr.replace('_', '-')} expects KEY=VALUE, found {item!r}")
+        out[k] = v
+    for item in getattr(args, file_attr, None) or []:
+        k, sep, p = item.partition("=")
+        if not sep or not k:
+            raise CLIError(f"--{file_attr.replace('_', '-')} expects KEY=PATH, found {item!r}")
+        try:
+            with open(p, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError as exc:
+            raise CLIError(f"{p}: cannot read property file: {exc.strerror or exc}") from None
+        if data.endswith(b"\n"):
+            data = data[:-1]
+            if data.endswith(b"\r"):
+                data = data[:-1]
+        out[k] = data
+    return out
+
+
+def _flags(args, base=vd.OpenFlags.NORMAL) -> vd.OpenFlags:
+    if getattr(args, "allow_unsafe_paths", False):
+        base |= vd.OpenFlags.ALLOW_UNSAFE_PATHS
+    return base
+
+
+def _backend_for(path: str, fmt: str | None) -> vd.Backend:
+    if fmt:
+        return vd.get_backend(fmt)
+    if path == "-":
+        raise CLIError("image '-' (a non-file backend) needs -f FORMAT and --property settings")
+    return vd.probe(path)
+
+
+def _config(backend: vd.Backend, props: dict, *, creating: bool = False) -> dict | None:
+    """Validate properties against the backend's config keys; None when there are none."""
+    if not backend.config_keys:
+        if props:
+            raise vd.ConfigError(f"{backend.name}: unknown configuration key "
+                                 f"'{next(iter(props))}' (this format has no configuration keys)")
+        return None
+    vd.parse_config(backend.config_keys, props, creating=creating, owner=backend.name)
+    return props or None
+
+
+def _check_location(path: str, backend: vd.Backend) -> None:
+    if path == "-" and backend.caps & vd.Cap.FILE:
+        raise CLIError(f"image '-' needs a non-file backend; {backend.name} images are files")
+
+
+def _open_chain(args, path, fmt=None, flags=vd.OpenFlags.READ_ONLY, props=None) -> vd.Disk:
+    be = _backend_for(path, fmt)
+    _check_location(path, be)
+    cfg = _config(be, props or {})
+    return vd.Disk.open_chain(path, be.name, _flags(args, flags), cfg)
+
+
+def _geometry(text: str | None):
+    return vd.Geometry.parse(text) if text else None
+
+
+def _variant(text: str | None) -> vd.ImageFlags:
+    return vd.parse_variant(text)
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _unsupported(op: str, backend: vd.Backend) -> int:
+    print(f"{PROG}: {op} is not supported yet for {backend.name}", file=sys.stderr)
+    return 1
+
+
+def _op(name: str):
+    """Fetch an engine operation that another part of the engine provides."""
+    fn = getattr(vd, name, None)
+    if fn is None:
+        raise vd.NotSupported(f"{name} is not available in this build")
+    return fn
+
+
+# -- commands ---------------------------------------------------------------------------------
+def _fmt_value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) for x in v):
+        return "{}/{}/{}".format(*v)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v)) if v else "-"
+    return str(v)
+
+
+_INFO_ORDER = ("location", "format", "variant", "virtual_size", "file_size", "uuid",
+               "modification_uuid", "parent_uuid", "parent_modification_uuid", "parent_locations",
+               "parent_format", "comment", "pchs", "lchs", "block_size", "device_type", "files",
+               "read_only")
+
+
+def _print_info(d: dict, indent: str = "") -> None:
+    for k in _INFO_ORDER:
+        if k not in d:
+            continue
+        v = d[k]
+        if k in ("virtual_size", "file_size") and isinstance(v, int):
+            txt = f"{vd.format_size(v)} ({v} bytes)"
+        else:
+            txt = _fmt_value(v)
+        _out(f"{indent}{k.replace('_', ' ')}: {txt}")
+    for k, v in d.items():
+        if k in _INFO_ORDER or k in ("details", "image_flags", "chain"):
+            continue
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            _out(f"{indent}{k.replace('_', ' ')}:")
+            for item in v:
+                _out(f"{indent}  - " + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
+        else:
+            _out(f"{indent}{k.replace('_', ' ')}: {_fmt_value(v)}")
+    details = d.get("details") or {}
+    if details:
+        _out(f"{indent}details:")
+        for k, v in details.items():
+            if isinstance(v, dict):
+                _out(f"{indent}  {k}:")
+                for k2, v2 in v.items():
+                    _out(f"{indent}    {k2}: {_fmt_value(v2)}")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                _out(f"{indent}  {k}:")
+                for item in v:
+                    _out(f"{indent}    - " + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
+            else:
+                _out(f"{indent}  {k}: {_fmt_value(v)}")
+
+
+def _jsonable(o):
+    if isinstance(o, bytes):
+        return o.hex()
+    if isinstance(o, (uuidlib.UUID, os.PathLike)):
+        return str(o)
+    if hasattr(o, "_asdict"):
+        return list(o)
+    if hasattr(o, "value"):
+        return o.value
+    return str(o)
+
+
+def _json(obj) -> None:
+    _out(json.dumps(obj, indent=2, default=_jsonable))
+
+
+def cmd_info(args) -> int:
+    props = _props(args)
+    if args.chain:
+        with _open_chain(args, args.image, args.format, props=props) as d:
+            infos = [d.info(i) for i in range(len(d))]
+        top = dict(infos[-1])
+        top["chain"] = infos
+    else:
+        be = _backend_for(args.image, args.format)
+        _check_location(args.image, be)
+        cfg = _config(be, props)
+        with vd.Disk() as d:
+            d.open(args.image, be, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY), cfg)
+            top = d.info(0)
+    if args.json:
+        _json(top)
+        return 0
+    if args.chain:
+        for i, info in enumerate(top["chain"]):
+            _out(f"[{i}] {'base' if i == 0 else 'diff'}")
+            _print_info(info, "  ")
+    else:
+        _print_info(top)
+    return 0
+
+
+def _caps_words(caps) -> list[str]:
+    return [c.name for c in vd.Cap if c and c.name and caps & c]
+
+
+def cmd_backends(args) -> int:
+    rows = []
+    for b in vd.backends():
+        rows.append({
+            "name": b.name,
+            "description": b.description,
+            "aliases": list(b.aliases),
+            "capabilities": _caps_words(b.caps),
+            "extensions": [{"ext": fe.ext, "device": fe.device.value} for fe in b.extensions],
+            "config_keys": [{"name": k.name, "type": k.type.name.lower(), "default": k.default,
+                             "flags": [f.name.lower() for f in vd.KeyFlag if f and f.name and k.flags & f],
+                             "description": k.description} for k in b.config_keys],
+            "operations": sorted(op.value for op in b.operations),
+            "variants": vd.variant_words(b.create_flags) if b.creatable else None,
+        })
+    if args.json:
+        _json(rows)
+        return 0
+    for r in rows:
+        _out(f"{r['name']}: {r['description']}")
+        if r["aliases"]:
+            _out(f"  aliases: {', '.join(r['aliases'])}")
+        _out(f"  capabilities: {', '.join(r['capabilities']) or '-'}")
+        _out("  extensions: " + (", ".join(f"{e['ext']} ({e['device']})" for e in r["extensions"])
+                                 or "-"))
+        _out(f"  operations: {', '.join(r['operations']) or '-'}")
+        for k in r["config_keys"]:
+            flags = ",".join(k["flags"]) or "-"
+            default = "-" if k["default"] is None else repr(k["default"])
+            _out(f"  key {k['name']}: {k['type']}, default {default}, flags {flags}")
+    return 0
+
+
+def cmd_create(args) -> int:
+    be = vd.get_backend(args.format)
+    _check_location(args.image, be)
+    if not be.can(vd.Operation.CREATE):
+        raise vd.NotSupported(f"creating images is not supported for {be.name}")
+    cfg = _config(be, _props(args), creating=True)
+    flags = _variant(args.variant)
+    uid = uuidlib.UUID(args.uuid) if args.uuid else None
+    if args.parent:
+        if args.size is not None:
+            raise CLIError("--size cannot be used with --parent (the size comes from the parent)")
+        with _open_chain(args, args.parent, args.parent_format) as d:
+            d.create_diff(args.image, be, flags=flags, comment=args.comment, uuid=uid, config=cfg,
+                          allow_unsafe_paths=bool(args.allow_unsafe_paths))
+        return 0
+    if args.size is None:
+        raise CLIError("create needs --size SIZE (or --parent PARENT)")
+    prog = TtyProgress("create")
+    try:
+        with vd.Disk() as d:
+            d.create_base(args.image, _size(args.size), be, flags=flags, comment=args.comment,
+                          uuid=uid, config=cfg, progress=prog,
+                          allow_unsafe_paths=bool(args.allow_unsafe_paths))
+    finally:
+        prog.close()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    dst_be = vd.get_backend(args.output_format)
+    src_be = _backend_for(args.src, args.format)
+    _check_location(args.src, src_be)
+    _check_location(args.dst, dst_be)
+    dst_props = _props(args)
+    src_props = _props(args, "source_property", "source_property_file")
+    if args.src == "-" and not src_props and dst_be.caps & vd.Cap.FILE:
+        src_props, dst_props = dst_props, {}
+    src_cfg = _config(src_be, src_props)
+    dst_cfg = _config(dst_be, dst_props, creating=bool(dst_be.caps & vd.Cap.FILE))
+    prog = TtyProgress("convert")
+    try:
+        vd.copy_image(args.src, args.dst, dst_be, src_format=src_be,
+                      variant=_variant(args.variant),
+                      new_size=_size(args.size) if args.size is not None else None,
+                      keep_uuid=args.keep_uuid, as_chain=args.chain, src_config=src_cfg,
+                      dst_config=dst_cfg, progress=prog,
+                      allow_unsafe_paths=bool(args.allow_unsafe_paths))
+    finally:
+        prog.close()
+    return 0
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    # binary search on memcmp'd halves: fast even for 4 MiB windows
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    for i in range(lo, hi):
+        if a[i] != b[i]:
+            return i
+    return hi
+
+
+def _nonzero_at(d: vd.Disk, start: int, end: int):
+    for ext in d.allocation(start, end - start):
+        if ext.status != vd.Alloc.DATA:
+            continue
+        pos = ext.start
+        while pos < ext.end:
+            n = min(CHUNK, ext.end - pos)
+            data = d.read(pos, n)
+            lead = len(data) - len(data.lstrip(b"\0"))
+            if lead < len(data):
+                return pos + lead
+            pos += n
+    return None
+
+
+def _has_data(d: vd.Disk, start: int, n: int) -> bool:
+    return any(e.status == vd.Alloc.DATA for e in d.allocation(start, n))
+
+
+def cmd_compare(args) -> int:
+    prog = TtyProgress("compare")
+    try:
+        with _open_chain(args, args.a, args.format) as da, \
+                _open_chain(args, args.b, args.b_format) as db:
+            common = min(da.size, db.size)
+            pos = 0
+            while pos < common:
+                n = min(CHUNK, common - pos)
+                if _has_data(da, pos, n) or _has_data(db, pos, n):
+                    x, y = da.read(pos, n), db.read(pos, n)
+                    if x != y:
+                        _out(f"Content mismatch at offset {pos + _first_diff(x, y)}!")
+                        return 1
+                pos += n
+                prog(pos, max(da.size, db.size))
+            if da.size != db.size:
+                _out("Warning: Image size mismatch!")
+                big = da if da.size > db.size else db
+                bad = _nonzero_at(big, common, big.size)
+                if bad is not None:
+                    _out(f"Content mismatch at offset {bad}!")
+                    return 1
+    finally:
+        prog.close()
+    _out("Images are identical.")
+    return 0
+
+
+def _image_backend(args, path) -> vd.Backend:
+    return _backend_for(path, getattr(args, "format", None))
+
+
+def cmd_merge(args) -> int:
+    be = _image_backend(args, args.target)
+    if not be.can(vd.Operation.WRITE):
+        return _unsupported("merge", be)
+    merge = _op("merge")
+    prog = TtyProgress("merge")
+    try:
+        merge(args.source, args.target, progress=prog)
+    finally:
+        prog.close()
+    return 0
+
+
+def cmd_resize(args) -> int:
+    be = _image_backend(args, args.image)
+    if not be.can(vd.Operation.RESIZE):
+        return _unsupported("resize", be)
+    resize = _op("resize")
+    size = _size(args.size)
+    prog = TtyProgress("resize")
+    try:
+        resize(args.image, size, format=be.name, progress=prog)
+    finally:
+        prog.close()
+    return 0
+
+
+def cmd_compact(args) -> int:
+    be = _image_backend(args, args.image)
+    if not be.can(vd.Operation.COMPACT):
+        return _unsupported("compact", be)
+    compact = _op("compact")
+    prog = TtyProgress("compact")
+    try:
+        compact(args.image, format=be.name, progress=prog)
+    finally:
+        prog.close()
+    return 0
+
+
+def cmd_check(args) -> int:
+    be = _image_backend(args, args.image)
+    if not be.can(vd.Operation.CHECK):
+        return _unsupported("check", be)
+    if args.repair and not args.dry_run and not be.can(vd.Operation.REPAIR):
+        return _unsupported("repair", be)
+    check = _op("check")
+    prog = TtyProgress("check")
+    try:
+        report = check(args.image, format=be.name, repair=args.repair, dry_run=args.dry_run,
+                       progress=prog)
+    finally:
+        prog.close()
+    if args.json:
+        _json({"image": args.image, "format": be.name,
+               "problems": [p.as_dict() for p in report.problems],
+               "corrupt": report.corrupt, "leaks": report.leaks, "repaired": report.repaired,
+               "exit_code": report.exit_code})
+    else:
+        for p in report.problems:
+            at = f" at offset {p.offset}" if p.offset is not None else ""
+            fixed = " (repaired)" if p.repaired else ""
+            _out(f"{p.severity}: {p.what}{at}{fixed}")
+        if report.exit_code == 0:
+            _out("No errors were found on the image." if not report.problems
+                 else "All problems were repaired.")
+        elif report.exit_code == 2:
+            _out(f"{sum(1 for p in report.problems if p.severity == 'corrupt' and not p.repaired)}"
+                 " errors were found on the image.")
+        else:
+            _out(f"{sum(1 for p in report.problems if p.severity == 'leak' and not p.repaired)}"
+                 " leaked clusters were found on the image (no data is lost).")
+    return report.exit_code
+
+
+def cmd_map(args) -> int:
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        runs = []
+        pos = 0
+        step = 1 << 30
+        while pos < d.size:
+            n = min(step, d.size - pos)
+            for e in d.allocation(pos, n):
+                r = {"start": e.start, "length": e.length,
+                     "status": e.status.name.lower(),
+                     "level": e.level,
+                     "depth": None if e.level is None else len(d) - 1 - e.level,
+                     "data": e.status == vd.Alloc.DATA,
+                     "zero": e.status != vd.Alloc.DATA,
+                     "file": None if e.level is None else d.image(e.level).location}
+                if runs and runs[-1]["level"] == r["level"] and runs[-1]["status"] == r["status"] \
+                        and runs[-1]["start"] + runs[-1]["length"] == r["start"]:
+                    runs[-1]["length"] += r["length"]
+                else:
+                    runs.append(r)
+            pos += n
+    if args.json:
+        _json(runs)
+        return 0
+    _out(f"{'Offset':>20} {'Length':>20} {'Status':<12} {'Level':>5}  File")
+    for r in runs:
+        lvl = "-" if r["level"] is None else str(r["level"])
+        _out(f"{r['start']:#20x} {r['length']:#20x} {r['status']:<12} {lvl:>5}  {r['file'] or '-'}")
+    return 0
+
+
+def cmd_read(args) -> int:
+    offset, length = _size(args.offset), _size(args.length)
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        if offset + length > d.size:
+            raise vd.InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
+                                     f"(size {d.size})")
+        if args.output:
+            if os.path.exists(args.output) and os.path.samefile(args.output, args.image):
+                raise CLIError(f"{args.output}: output is the image itself")
+            out = open(args.output, "wb")
+        else:
+            out = sys.stdout.buffer
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                out.write(d.read(pos, n))
+                pos += n
+            out.flush()
+        finally:
+            if args.output:
+                out.close()
+    return 0
+
+
+def cmd_write(args) -> int:
+    offset = _size(args.offset)
+    src = sys.stdin.buffer if args.input == "-" else None
+    if src is None:
+        try:
+            src = open(args.input, "rb")
+        except OSError as exc:
+            raise CLIError(f"{args.input}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with _open_chain(args, args.image, args.format, flags=vd.OpenFlags.NORMAL,
+                         props=_props(args)) as d:
+            if args.input != "-":
+                n = os.fstat(src.fileno()).st_size
+                if offset + n > d.size:
+                    raise vd.InvalidArgument(f"write of {n} bytes at {offset} is outside the disk "
+                                             f"(size {d.size})")
+            pos = offset
+            while True:
+                data = src.read(CHUNK)
+                if not data:
+                    break
+                d.write(pos, data)
+                pos += len(data)
+            d.flush()
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    return 0
+
+
+def cmd_set(args) -> int:
+    be = _backend_for(args.image, args.format)
+    _check_location(args.image, be)
+    cfg = _config(be, _props(args))
+    if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs)):
+        raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, --lchs")
+
+    def parse_uuid(text):
+        if text.lower() == "new":
+            return uuidlib.uuid4()
+        try:
+            return uuidlib.UUID(text)
+        except ValueError:
+            raise CLIError(f"not a UUID: {text!r}") from None
+
+    uid = parse_uuid(args.uuid) if args.uuid else None
+    puid = parse_uuid(args.parent_uuid) if args.parent_uuid else None
+    pchs, lchs = _geometry(args.pchs), _geometry(args.lchs)
+    img = be.open(args.image, _flags(args), cfg)
+    try:
+        if uid:
+            img.set_uuid(uid)
+        if puid:
+            if not img.is_diff:
+                raise vd.InvalidArgument(f"{args.image}: not a differencing image; it has no "
+                                         "parent UUID")
+            img.set_parent_uuid(puid)
+        if args.comment is not None:
+            img.set_comment(args.comment)
+        if pchs:
+            img.set_pchs(pchs)
+        if lchs:
+            img.set_lchs(lchs)
+        img.flush()
+    finally:
+        img.close()
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--allow-unsafe-paths", action="store_true", default=argparse.SUPPRESS,
+                        help="follow absolute, '..' and device names stored inside images")
+
+    def props(p, source=False):
+        p.add_argument("--property", action="append", metavar="K=V",
+                       help="backend configuration key (repeatable)")
+        p.add_argument("--property-file", action="append", metavar="K=PATH",
+                       help="backend configuration key read from a file (keeps secrets out of ps)")
+        if source:
+            p.add_argument("--source-property", action="append", metavar="K=V",
+                           help="configuration key of the source backend")
+            p.add_argument("--source-property-file", action="append", metavar="K=PATH")
+
+    from vdgui import __version__
+    ap = _Parser(prog=PROG, parents=[common],
+                 description="Inspect, create, convert and repair virtual disk images.")
+    ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("info", parents=[common], help="show an image's metadata")
+    p.add_argument("-f", "--format")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--chain", action="store_true", help="every image of the chain, base first")
+    props(p)
+    p.add_argument("image")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("backends", parents=[common], help="list the formats this build supports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("create", parents=[common], help="create a new image")
+    p.add_argument("-f", "--format", required=True)
+    p.add_argument("--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated")
+    p.add_argument("--size")
+    p.add_argument("--parent", help="create a differencing image over PARENT's chain")
+    p.add_argument("--parent-format", help=argparse.SUPPRESS)
+    p.add_argument("--uuid")
+    p.add_argument("--comment")
+    props(p)
+    p.add_argument("image")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
+    p.add_argument("-f", "--format", help="source format (probed when absent)")
+    p.add_argument("-O", "--output-format", required=True)
+    p.add_argument("--variant")
+    p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
+    p.add_argument("--chain", action="store_true",
+                   help="copy the chain as a chain: DST, then <stem>-snapN.<ext> per diff")
+    p.add_argument("--keep-uuid", action="store_true")
+    props(p, source=True)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compare", parents=[common], help="compare the content of two images")
+    p.add_argument("-f", "--format", help="format of A")
+    p.add_argument("-F", "--b-format", help="format of B")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
+    p.add_argument("-f", "--format", help="format of TARGET")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("size")
+    p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("compact", parents=[common], help="give unused space back")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("check", parents=[common],
+                       help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
+    p.add_argument("-f", "--format")
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("map", parents=[common], help="allocation runs and which image holds each")
+    p.add_argument("-f", "--format")
+    p.add_argument("--json", action="store_true")
+    props(p)
+    p.add_argument("image")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("--offset", required=True)
+    p.add_argument("--length", required=True)
+    p.add_argument("--output")
+    props(p)
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("write", parents=[common], help="write a file's bytes into the chain's top")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("--offset", required=True)
+    p.add_argument("--input", required=True)
+    props(p)
+    p.set_defaults(func=cmd_write)
+
+    p = sub.add_parser("set", parents=[common], help="change UUIDs, comment or geometry")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("--uuid", help="a UUID, or 'new'")
+    p.add_argument("--parent-uuid")
+    p.add_argument("--comment")
+    p.add_argument("--pchs", metavar="C,H,S")
+    p.add_argument("--lchs", metavar="C,H,S")
+    props(p)
+    p.set_defaults(func=cmd_set)
+    return ap
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "error"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if not hasattr(args, "allow_unsafe_paths"):
+            args.allow_unsafe_paths = False
+        return args.func(args)
+    except SystemExit as exc:        # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except CLIError as exc:
+        msg = str(exc)
+    except vd.Cancelled:
+        msg = "cancelled"
+    except KeyboardInterrupt:
+        msg = "interrupted"
+    except vd.VDError as exc:
+        msg = str(exc)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except OSError as exc:
+        msg = f"{getattr(exc, 'filename', None) or ''}{': ' if getattr(exc, 'filename', None) else ''}" \
+              f"{exc.strerror or exc}"
+    except Exception as exc:  # noqa: BLE001 - never show a traceback
+        msg = f"internal error: {type(exc).__name__}: {exc}"
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    print(f"{PROG}: {_one_line(msg)}", file=sys.stderr)
+    return 1
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
