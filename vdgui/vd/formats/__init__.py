@@ -4,10 +4,11 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import cue, dmg, raw
+from . import cue, dmg, iscsi, raw
 
 BACKENDS = (
     dmg.BACKEND,
     cue.BACKEND,
     raw.BACKEND,
+    iscsi.BACKEND,
 )

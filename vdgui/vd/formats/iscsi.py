@@ -1,0 +1,540 @@
+"""iSCSI backend: a LUN on an iSCSI target used as a disk (RFC 7143), configured by its keys.
+
+VirtualBox's iSCSI backend is the model: name ``iSCSI``, capabilities CONFIG|TCPNET|ASYNC, no
+files, and the same configuration keys. The location is ``iscsi://[user@]host[:port]/iqn/lun``.
+Login does security negotiation (None, CHAP-MD5, mutual CHAP) then operational negotiation;
+SCSI commands: TEST UNIT READY, INQUIRY, READ CAPACITY(10/16), READ/WRITE(10/16) with R2T and
+Data-Out, SYNCHRONIZE CACHE. A dropped connection is re-established and the command retried
+once; a silent target raises TimeoutError after ``Timeout`` ms.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import urllib.parse
+
+from ..backend import Backend, Cap, OpenFlags, Operation
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..errors import (AuthenticationError, ConfigError, ImageNotFound, InvalidArgument,
+                      NetworkError, NotSupported, TimeoutError, VDIOError)
+from ..image import Alloc, Image
+from . import iscsi_pdu as P
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 3260
+DEFAULT_INITIATOR = "iqn.2026-11.org.vdgui:initiator"
+OUR_MAX_RECV = 262144
+OUR_BURST = 262144
+MAX_RECV_SEGMENT = 16 << 20     # refuse larger data segments from a target
+READ_CHUNK = 1 << 20
+
+M, E = KeyFlag.MANDATORY, KeyFlag.EXPERT
+CONFIG_KEYS = (
+    ConfigKey("TargetName", None, ValueType.STRING, M, "iSCSI qualified name of the target"),
+    ConfigKey("LUN", "0", ValueType.STRING, M, "logical unit number"),
+    ConfigKey("TargetAddress", None, ValueType.STRING, M, "host[:port] (default port 3260)"),
+    ConfigKey("InitiatorName", DEFAULT_INITIATOR, ValueType.STRING, KeyFlag.NONE,
+              "our iSCSI qualified name"),
+    ConfigKey("InitiatorUsername", None, ValueType.STRING, KeyFlag.NONE, "CHAP user name"),
+    ConfigKey("InitiatorSecret", None, ValueType.BYTES, KeyFlag.NONE, "CHAP secret"),
+    ConfigKey("TargetUsername", None, ValueType.STRING, E, "mutual CHAP: the target's user name"),
+    ConfigKey("TargetSecret", None, ValueType.BYTES, E, "mutual CHAP: the target's secret"),
+    ConfigKey("WriteSplit", "262144", ValueType.INTEGER, E, "largest write per command (bytes)",
+              minimum=512, maximum=262144),
+    ConfigKey("Timeout", "10000", ValueType.INTEGER, E, "network timeout (ms)",
+              minimum=100, maximum=3600000),
+    ConfigKey("HostIPStack", "1", ValueType.INTEGER, E, "1: use the host's IP stack",
+              minimum=0, maximum=1),
+    ConfigKey("DumpMalformedPackets", "0", ValueType.INTEGER, E,
+              "1: log malformed PDUs in hex", minimum=0, maximum=1),
+)
+
+
+class _Dropped(Exception):
+    """The connection went away (EOF, reset): reconnect and retry once."""
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    addr = addr.strip()
+    if addr.startswith("["):                       # [v6]:port
+        host, _, rest = addr[1:].partition("]")
+        port = rest.lstrip(":")
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:
+        host, port = addr, ""
+    if not host:
+        raise ConfigError(f"TargetAddress {addr!r} has no host")
+    try:
+        p = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ConfigError(f"TargetAddress {addr!r}: port is not a number") from None
+    if not 0 < p < 65536:
+        raise ConfigError(f"TargetAddress {addr!r}: port {p} out of range")
+    return host, p
+
+
+def parse_lun(text: str) -> int:
+    t = text.strip()
+    if t.lower().startswith("enc"):        # VirtualBox's "enc" prefix: LUN given already encoded
+        t = t[3:]
+    try:
+        lun = int(t, 0)
+    except ValueError:
+        raise ConfigError(f"LUN {text!r} is not a number") from None
+    if not 0 <= lun < 16384:
+        raise ConfigError(f"LUN {lun} out of range (0..16383)")
+    return lun
+
+
+class Connection:
+    """One logged-in iSCSI session with one connection."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.host, self.port = parse_address(cfg["TargetAddress"])
+        self.timeout = cfg["Timeout"] / 1000.0
+        self.lun = parse_lun(cfg["LUN"])
+        self.sock: socket.socket | None = None
+        self.isid = bytes([0x80]) + os.urandom(5)
+        self.itt = 0
+        self.cmdsn = 1
+        self.expstatsn = 0
+        self.target_mrdsl = 8192
+        self.first_burst = 65536
+        self.max_burst = OUR_BURST
+        self.immediate_data = False
+        self.initial_r2t = True
+        self.dump = bool(cfg.get("DumpMalformedPackets"))
+
+    # -- transport -------------------------------------------------------------------------------
+    def connect(self) -> None:
+        self.close()
+        try:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except socket.timeout:
+            raise TimeoutError(f"iSCSI target {self.host}:{self.port} did not answer within "
+                               f"{self.cfg['Timeout']} ms") from None
+        except OSError as exc:
+            raise NetworkError(f"cannot connect to iSCSI target {self.host}:{self.port}: "
+                               f"{exc.strerror or exc}") from None
+        self.itt = 0
+        try:
+            self.login()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except socket.timeout:
+                raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped answering "
+                                   f"(no data for {self.cfg['Timeout']} ms)") from None
+            except OSError as exc:
+                raise _Dropped(str(exc)) from None
+            if not chunk:
+                raise _Dropped("connection closed by the target")
+            buf += chunk
+        return bytes(buf)
+
+    def send(self, pdu: P.PDU) -> None:
+        if self.sock is None:
+            raise _Dropped("not connected")
+        try:
+            self.sock.sendall(pdu.encode())
+        except socket.timeout:
+            raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped accepting data "
+                               f"for {self.cfg['Timeout']} ms") from None
+        except OSError as exc:
+            raise _Dropped(str(exc)) from None
+
+    def recv(self) -> P.PDU:
+        bhs = self._recv_exact(P.BHS_LEN)
+        ahs_len, dlen = P.parse_bhs(bhs)
+        if dlen > MAX_RECV_SEGMENT:
+            self._malformed(bhs, f"data segment length {dlen} exceeds {MAX_RECV_SEGMENT}")
+        ahs = self._recv_exact(ahs_len) if ahs_len else b""
+        data = self._recv_exact(dlen + P.pad4(dlen))[:dlen] if dlen else b""
+        return P.PDU(bytearray(bhs), data, ahs)
+
+    def _malformed(self, raw: bytes, why: str):
+        if self.dump:
+            log.warning("malformed iSCSI PDU from %s:%d (%s): %s", self.host, self.port, why,
+                        raw[:256].hex())
+        raise NetworkError(f"iSCSI target {self.host}:{self.port} sent a malformed PDU: {why}")
+
+    def _next_itt(self) -> int:
+        self.itt = (self.itt + 1) & 0x7FFFFFFF
+        return self.itt
+
+    # -- login -----------------------------------------------------------------------------------
+    def _login_round(self, csg: int, nsg: int, transit: bool, keys: dict, itt: int) -> tuple[dict, dict]:
+        self.send(P.login_request(self.isid, 0, itt, 0, self.cmdsn, self.expstatsn, csg, nsg,
+                                  transit, keys))
+        while True:
+            resp = self.recv()
+            if resp.opcode == P.OP_LOGIN_RESP:
+                break
+            if resp.opcode == P.OP_REJECT:
+                raise NetworkError(f"iSCSI target rejected the login request (reason {resp.bhs[2]:#x})")
+            self._malformed(bytes(resp.bhs), f"unexpected {resp.name} during login")
+        f = P.login_response_fields(resp)
+        self.expstatsn = (f["statsn"] + 1) & 0xFFFFFFFF
+        cls, det = f["status_class"], f["status_detail"]
+        if cls != 0:
+            target = self.cfg["TargetName"]
+            if cls == 2 and det == 1:
+                raise AuthenticationError(f"iSCSI login to {target} failed: authentication failure "
+                                          "(check InitiatorUsername / InitiatorSecret)")
+            if cls == 2 and det == 2:
+                raise AuthenticationError(f"iSCSI login to {target} failed: not authorized")
+            if cls == 2 and det in (3, 4):
+                raise ImageNotFound(f"iSCSI target {target} not found at {self.host}:{self.port}")
+            if cls == 1:
+                raise NetworkError(f"iSCSI target {target} redirects elsewhere "
+                                   f"(status {cls}/{det}); redirection is not supported")
+            raise NetworkError(f"iSCSI login to {target} failed with status class {cls}, "
+                               f"detail {det}")
+        try:
+            keys_back = P.decode_text(resp.data)
+        except P.PDUError as exc:
+            self._malformed(bytes(resp.bhs), str(exc))
+        return f, keys_back
+
+    def login(self) -> None:
+        cfg = self.cfg
+        user, secret = cfg.get("InitiatorUsername"), cfg.get("InitiatorSecret")
+        tuser, tsecret = cfg.get("TargetUsername"), cfg.get("TargetSecret")
+        if bool(tuser) != bool(tsecret):
+            raise ConfigError("mutual CHAP needs both TargetUsername and TargetSecret")
+        if tuser and not (user and secret):
+            raise ConfigError("mutual CHAP needs InitiatorUsername and InitiatorSecret too")
+        use_chap = bool(user and secret)
+        itt = self._next_itt()
+        first = {"InitiatorName": cfg["InitiatorName"], "SessionType": "Normal",
+                 "TargetName": cfg["TargetName"], "AuthMethod": "CHAP" if use_chap else "None"}
+        if use_chap:
+            f, keys = self._login_round(0, 1, False, first, itt)
+            method = keys.get("AuthMethod", "")
+            if method == "CHAP":
+                f, keys = self._login_round(0, 1, False, {"CHAP_A": "5"}, itt)
+                if keys.get("CHAP_A") != "5":
+                    raise AuthenticationError(f"iSCSI target offered CHAP algorithm "
+                                              f"{keys.get('CHAP_A')!r}; only MD5 (5) is supported")
+                try:
+                    ident = int(keys["CHAP_I"])
+                    challenge = P.decode_binary(keys["CHAP_C"])
+                except (KeyError, ValueError, P.PDUError):
+                    raise AuthenticationError("iSCSI target sent an invalid CHAP challenge") from None
+                if len(challenge) > 1024:
+                    raise AuthenticationError("iSCSI target's CHAP challenge is too long")
+                answer = {"CHAP_N": user, "CHAP_R": P.encode_binary(
+                    P.chap_response(ident, secret, challenge))}
+                mine = None
+                if tuser:
+                    mine = P.ChapChallenge()
+                    answer.update(mine.keys())
+                f, keys = self._login_round(0, 1, True, answer, itt)
+                if mine is not None:
+                    try:
+                        ok = (keys.get("CHAP_N") == tuser and
+                              mine.verify(tsecret, P.decode_binary(keys.get("CHAP_R", ""))))
+                    except P.PDUError:
+                        ok = False
+                    if not ok:
+                        raise AuthenticationError("iSCSI target failed mutual CHAP authentication "
+                                                  "(TargetUsername / TargetSecret do not match)")
+            elif method != "None":
+                raise AuthenticationError(f"iSCSI target refused CHAP (AuthMethod={method!r})")
+        else:
+            f, keys = self._login_round(0, 1, True, first, itt)
+            if keys.get("AuthMethod") not in (None, "None"):
+                raise AuthenticationError("iSCSI target requires authentication "
+                                          f"(AuthMethod={keys.get('AuthMethod')!r}); set "
+                                          "InitiatorUsername and InitiatorSecret")
+        rounds = 0
+        while not (f["transit"] and f["nsg"] == P.STAGE_OPERATIONAL) and f["csg"] == P.STAGE_SECURITY:
+            rounds += 1
+            if rounds > 8:
+                raise NetworkError("iSCSI security negotiation did not finish")
+            f, keys = self._login_round(0, 1, True, {}, itt)
+        ours = {"HeaderDigest": "None", "DataDigest": "None",
+                "MaxRecvDataSegmentLength": str(OUR_MAX_RECV), "InitialR2T": "Yes",
+                "ImmediateData": "Yes", "MaxBurstLength": str(OUR_BURST),
+                "FirstBurstLength": str(65536), "DefaultTime2Wait": "0",
+                "DefaultTime2Retain": "0", "MaxOutstandingR2T": "1", "MaxConnections": "1",
+                "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes", "ErrorRecoveryLevel": "0"}
+        got: dict = {}
+        send = ours
+        for _ in range(8):
+            f, keys = self._login_round(1, 3, True, send, itt)
+            got.update(keys)
+            if f["transit"] and f["nsg"] == P.STAGE_FULL_FEATURE:
+                break
+            send = {k: v for k, v in keys.items() if k not in ours}   # answer its proposals
+        else:
+            raise NetworkError("iSCSI operational negotiation did not finish")
+        for k in ("HeaderDigest", "DataDigest"):
+            if got.get(k, "None") != "None":
+                raise NotSupported(f"iSCSI target insists on {k}={got[k]}; digests are not supported")
+
+        def num(key, default):
+            try:
+                return int(got.get(key, default))
+            except ValueError:
+                raise NetworkError(f"iSCSI target sent a bad {key} value {got.get(key)!r}") from None
+        self.target_mrdsl = max(512, num("MaxRecvDataSegmentLength", 8192))
+        self.max_burst = min(OUR_BURST, num("MaxBurstLength", 262144))
+        self.first_burst = min(65536, num("FirstBurstLength", 65536))
+        self.immediate_data = got.get("ImmediateData", "Yes") == "Yes"
+        self.initial_r2t = True   # we offered Yes: the result is Yes (OR semantics)
+        self.tsih = f["tsih"]
+
+    def logout(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.send(P.logout_request(self._next_itt(), 0, self.cmdsn, self.expstatsn))
+            for _ in range(4):
+                r = self.recv()
+                if r.opcode == P.OP_LOGOUT_RESP:
+                    break
+        except (_Dropped, TimeoutError, NetworkError):
+            pass
+        finally:
+            self.close()
+
+    # -- commands --------------------------------------------------------------------------------
+    def _answer_nop(self, p: P.PDU) -> None:
+        ttt = p.u32(20)
+        if ttt != P.RESERVED_TAG:
+            self.send(P.nop_out(P.RESERVED_TAG, ttt, self.cmdsn, self.expstatsn, self.lun))
+
+    def execute(self, cdb: bytes, read_length: int = 0, write_data: bytes | None = None):
+        """Run one SCSI command: returns (status, data, sense)."""
+        itt = self._next_itt()
+        cmdsn = self.cmdsn
+        self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
+        wlen = len(write_data) if write_data else 0
+        imm = b""
+        if wlen and self.immediate_data:
+            imm = write_data[:min(self.first_burst, self.target_mrdsl)]
+        self.send(P.scsi_command(self.lun, itt, cdb, read=read_length > 0, write=wlen > 0,
+                                 expected_length=read_length or wlen, cmdsn=cmdsn,
+                                 expstatsn=self.expstatsn, data=imm))
+        buf = bytearray(read_length)
+        while True:
+            p = self.recv()
+            op = p.opcode
+            if op == P.OP_NOP_IN:
+                if p.itt == P.RESERVED_TAG:
+                    self._answer_nop(p)
+                continue
+            if op == P.OP_ASYNC:
+                event = p.bhs[36]
+                if event == 0:
+                    continue
+                raise _Dropped(f"target sent async event {event} (logout/drop requested)")
+            if op == P.OP_REJECT:
+                raise NetworkError(f"iSCSI target rejected a command (reason {p.bhs[2]:#x})")
+            if p.itt != itt:
+                self._malformed(bytes(p.bhs), f"{p.name} for unknown task {p.itt:#x}")
+            if op == P.OP_DATA_IN:
+                off = p.u32(40)
+                if off + len(p.data) > read_length:
+                    self._malformed(bytes(p.bhs), f"Data-In at {off}+{len(p.data)} beyond the "
+                                    f"{read_length} bytes asked for")
+                buf[off:off + len(p.data)] = p.data
+                if p.flags & 0x01:        # status in the last Data-In
+                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                    return p.bhs[3], bytes(buf), b""
+                continue
+            if op == P.OP_R2T:
+                ttt, off, want = p.u32(20), p.u32(40), p.u32(44)
+                if off + want > wlen or want == 0:
+                    self._malformed(bytes(p.bhs), f"R2T for {off}+{want} beyond the {wlen} bytes "
+                                    "being written")
+                datasn = 0
+                pos = off
+                end = off + want
+                while pos < end:
+                    n = min(self.target_mrdsl, end - pos)
+                    self.send(P.data_out(self.lun, itt, ttt, self.expstatsn, datasn, pos,
+                                         write_data[pos:pos + n], final=pos + n >= end))
+                    datasn += 1
+                    pos += n
+                continue
+            if op == P.OP_SCSI_RESP:
+                self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                if p.bhs[2] != 0:
+                    raise VDIOError(f"iSCSI target failed the command (response {p.bhs[2]:#x})")
+                sense = b""
+                if len(p.data) >= 2:
+                    sl = struct.unpack_from(">H", p.data, 0)[0]
+                    sense = p.data[2:2 + sl]
+                return p.bhs[3], bytes(buf), sense
+            self._malformed(bytes(p.bhs), f"unexpected {p.name}")
+
+
+class IscsiImage(Image):
+    def __init__(self, backend, location, cfg, read_only):
+        super().__init__(backend, location, read_only)
+        self.cfg = cfg
+        self.write_split = cfg["WriteSplit"]
+        self.conn = Connection(cfg)
+        self.conn.connect()
+        try:
+            self._scsi(P.CDB_TEST_UNIT_READY, what="TEST UNIT READY")
+            _, inq, _ = self._scsi(P.cdb_inquiry(96), read_length=96, what="INQUIRY")
+            ptype = inq[0] & 0x1F if inq else 0x1F
+            if ptype not in (0x00, 0x05, 0x07, 0x0E):
+                raise NotSupported(f"{location}: LUN is not a disk (SCSI peripheral type "
+                                   f"{ptype:#x}); choose a data LUN (usually 1 on tgt)")
+            self.vendor = inq[8:16].decode("ascii", "replace").strip()
+            self.product = inq[16:32].decode("ascii", "replace").strip()
+            _, cap, _ = self._scsi(P.CDB_READ_CAPACITY10, read_length=8, what="READ CAPACITY(10)")
+            last, blen = struct.unpack(">II", cap)
+            if last == 0xFFFFFFFF:
+                _, cap, _ = self._scsi(P.CDB_READ_CAPACITY16, read_length=32,
+                                       what="READ CAPACITY(16)")
+                last, blen = struct.unpack_from(">QI", cap)
+            if blen not in (512, 1024, 2048, 4096):
+                raise NotSupported(f"{location}: unsupported LUN block size {blen}")
+        except BaseException:
+            self.conn.close()
+            raise
+        self.sector_size = blen
+        self.block_size = blen
+        self.size = (last + 1) * blen
+
+    def info(self):
+        return {"target": self.cfg["TargetName"], "lun": self.conn.lun,
+                "address": f"{self.conn.host}:{self.conn.port}", "vendor": self.vendor,
+                "product": self.product, "block_size": self.block_size,
+                "max_burst": self.conn.max_burst, "target_max_recv": self.conn.target_mrdsl}
+
+    def files(self):
+        return []
+
+    @property
+    def file_size(self) -> int:
+        return self.size
+
+    def _scsi(self, cdb, read_length=0, write_data=None, what="command"):
+        """Execute with reconnect-and-retry-once on a dropped connection; UNIT ATTENTION retried."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                status, data, sense = self.conn.execute(cdb, read_length, write_data)
+            except _Dropped as exc:
+                if attempts > 1:
+                    raise NetworkError(f"{self.location}: connection lost during {what} and the "
+                                       f"retry failed too: {exc}") from None
+                self.conn.connect()
+                continue
+            if status == 0:
+                return status, data, sense
+            if status == 0x02:   # CHECK CONDITION
+                key = P.parse_sense(sense)[0]
+                if key == 0x6 and attempts < 4:      # UNIT ATTENTION after login/reset: retry
+                    continue
+                raise VDIOError(f"{self.location}: {what} failed: {P.describe_sense(sense)}")
+            if status in (0x08, 0x28) and attempts < 4:   # BUSY / TASK SET FULL
+                continue
+            raise VDIOError(f"{self.location}: {what} failed with SCSI status {status:#x}")
+
+    def block_status(self, offset, length):
+        return [(offset, length, Alloc.DATA)]
+
+    def read(self, offset, length):
+        bs = self.block_size
+        out = bytearray()
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(READ_CHUNK, end - pos)
+            _, data, _ = self._scsi(P.cdb_read(pos // bs, n // bs), read_length=n,
+                                    what=f"READ at {pos}")
+            out += data
+            pos += n
+        return bytes(out)
+
+    def write(self, offset, data, fill):
+        self._require_writable()
+        bs = self.block_size
+        mv = memoryview(data)
+        pos = 0
+        while pos < len(mv):
+            n = min(self.write_split, len(mv) - pos)
+            self._scsi(P.cdb_write((offset + pos) // bs, n // bs), write_data=bytes(mv[pos:pos + n]),
+                       what=f"WRITE at {offset + pos}")
+            pos += n
+
+    def flush(self):
+        if not self.read_only:
+            self._scsi(P.CDB_SYNC_CACHE10, what="SYNCHRONIZE CACHE")
+
+    def close(self):
+        self.conn.logout()
+
+
+class IscsiBackend(Backend):
+    name = "iSCSI"
+    description = "Network disk on an iSCSI target"
+    aliases = ("iscsi",)
+    caps = Cap.CONFIG | Cap.TCPNET | Cap.ASYNC
+    extensions = ()
+    config_keys = CONFIG_KEYS
+    operations = frozenset({Operation.WRITE})
+    url_schemes = ("iscsi",)
+
+    def compose_location(self, config: dict) -> str:
+        user = config.get("InitiatorUsername")
+        cred = urllib.parse.quote(str(user), safe="") + "@" if user else ""
+        addr = config.get("TargetAddress", "")
+        return (f"iscsi://{cred}{addr}/{urllib.parse.quote(str(config.get('TargetName', '')), safe=':.-')}"
+                f"/{config.get('LUN', '0')}")
+
+    def parse_location(self, location: str) -> dict:
+        u = urllib.parse.urlsplit(location)
+        if u.scheme.lower() != "iscsi":
+            raise InvalidArgument(f"{location}: not an iscsi:// URL")
+        parts = [urllib.parse.unquote(p) for p in u.path.split("/") if p]
+        if not u.hostname or len(parts) != 2:
+            raise InvalidArgument(f"{location}: expected iscsi://[user@]host[:port]/target-iqn/lun")
+        out = {"TargetAddress": u.netloc.rpartition("@")[2], "TargetName": parts[0], "LUN": parts[1]}
+        if u.username:
+            out["InitiatorUsername"] = urllib.parse.unquote(u.username)
+        if u.password:
+            raise InvalidArgument("put the CHAP secret in InitiatorSecret (or a property file), "
+                                  "not in the URL")
+        return out
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        given = dict(config or {})
+        if location and location != "-":
+            for k, v in self.parse_location(location).items():
+                given.setdefault(k, v)
+        cfg = parse_config(self.config_keys, given, owner="iSCSI")
+        if cfg.get("HostIPStack") == 0:
+            raise NotSupported("iSCSI: HostIPStack=0 (VirtualBox's internal networking) is not "
+                               "available outside a VM; use 1")
+        return IscsiImage(self, self.compose_location(cfg), cfg, flags.read_only)
+
+
+BACKEND = IscsiBackend()
