@@ -1,0 +1,527 @@
+"""VHDX backend: conformance, structures, CRC-32C, the real images of the corpus, hostile input."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS_SRC, read_all
+from tests.formats.conformance import FormatConformance
+from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags,
+                      ParentMismatch, ReadOnlyImage, VDError, get_backend)
+from vdgui.vd.crc32c import crc32c
+from vdgui.vd.formats import vhdx
+
+MiB = 1 << 20
+
+
+class TestVhdxConformance(FormatConformance):
+    FORMAT = "VHDX"
+    EXT = "vhdx"
+    VARIANTS = (ImageFlags.NONE, ImageFlags.FIXED)
+    DIFF = True
+    UUID = False          # a VHDX child links to its parent's DataWriteGuid, not to its UUID
+    CREATE_CONFIG = {"BlockSize": MiB}
+
+
+def test_crc32c_known_vectors():
+    # RFC 3720 B.4 test vectors and the common check value
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
+    assert crc32c(b"") == 0
+    assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
+
+
+@pytest.mark.parametrize("name", sorted(vhdx.STRUCTS))
+def test_struct_round_trip(name):
+    st = vhdx.STRUCTS[name]
+    size = st.sizeof()
+    raw = bytes((i * 7 + 3) % 256 for i in range(size))
+    assert st.build(st.parse(raw)) == raw
+
+
+def test_struct_sizes_match_spec():
+    sizes = {"Header": 4096, "RegionTableHeader": 16, "RegionTableEntry": 32,
+             "LogEntryHeader": 64, "ZeroDescriptor": 32, "DataDescriptor": 32, "DataSector": 4096,
+             "MetadataTableHeader": 32, "MetadataTableEntry": 32, "FileParameters": 8,
+             "ParentLocatorHeader": 20, "ParentLocatorEntry": 12}
+    for name, n in sizes.items():
+        assert vhdx.STRUCTS[name].sizeof() == n, name
+
+
+def test_chunk_ratio_and_bat_counts():
+    assert vhdx.chunk_ratio(512, 32 * MiB) == 128
+    assert vhdx.chunk_ratio(512, MiB) == 4096
+    assert vhdx.chunk_ratio(4096, MiB) == 32768
+    # 10 MiB, 2 MiB blocks: 5 payload entries, no bitmap entry needed before the last
+    assert vhdx.bat_entry_count(10 * MiB, 2 * MiB, 512, False) == 5
+    # 8 GiB, 2 MiB blocks, differencing: 4096 payload blocks, chunk ratio 2048 -> 2 * 2049
+    assert vhdx.bat_entry_count(8 << 30, 2 * MiB, 512, True) == 4098
+    # base image crossing a chunk boundary gets an interleaved bitmap entry
+    assert vhdx.bat_entry_count(4097 * MiB, MiB, 512, False) == 4097 + 1
+
+
+# -- corpus ------------------------------------------------------------------------------------
+def _unpack(dest: Path, rel: str) -> Path:
+    """Unpack one corpus file (also the 'large when unpacked' ones) into ``dest``, sparse."""
+    out = dest / rel
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".gz", ".xz", ".zip"):
+        src = CORPUS_SRC / (rel + suffix)
+        if src.exists():
+            break
+    else:
+        pytest.fail(f"corpus file {rel} is missing")
+    if suffix == ".zip":
+        with zipfile.ZipFile(src) as z:
+            name = next(n for n in z.namelist() if not n.endswith("/"))
+            fin = z.open(name)
+    elif suffix == ".xz":
+        import lzma
+        fin = lzma.open(src, "rb")
+    else:
+        fin = gzip.open(src, "rb")
+    with fin, open(out, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            if chunk.count(0) == len(chunk):
+                fout.seek(len(chunk), 1)
+            else:
+                fout.write(chunk)
+        fout.truncate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def vhdx_corpus(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("vhdxcorpus")
+    for rel in ("vhdx/dissect/fixed.vhdx", "vhdx/dissect/dynamic.vhdx",
+                "vhdx/dissect/differencing.avhdx", "vhdx/discutils/vhdx-log-replay.vhdx"):
+        _unpack(dest, rel)
+    return dest
+
+
+@pytest.mark.parametrize("name,subformat,block", [("fixed.vhdx", "fixed", 2 * MiB),
+                                                  ("dynamic.vhdx", "dynamic", 32 * MiB)])
+def test_corpus_windows_images_match_qemu(vhdx_corpus, qemu, tmp_path, name, subformat, block):
+    p = vhdx_corpus / "vhdx" / "dissect" / name
+    raw = qemu.to_raw(p, tmp_path / "q.raw", fmt="vhdx")
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert img.size == 10 * MiB
+        assert img.block_size == block
+        info = img.info()
+        assert info["subformat"] == subformat
+        assert info["creator"].startswith("Microsoft Windows")
+        assert info["physical_sector_size"] == 4096
+        assert img.uuid is not None
+        data = read_all(d)
+        assert any(data)
+        assert data == raw.read_bytes()
+        assert not img.check().problems
+
+
+def test_corpus_differencing_without_parent(vhdx_corpus):
+    p = vhdx_corpus / "vhdx" / "dissect" / "differencing.avhdx"
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY | OpenFlags.INFO)
+        assert img.is_diff and img.flags & ImageFlags.DIFF
+        assert img.size == 8 << 30
+        hint = img.parent_hint
+        assert hint.locations[0] == "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx"
+        assert hint.link_id == "{ff34003b-11ed-4cf8-a166-b2be05e20b80}"
+        assert img.parent_modification_uuid == uuid.UUID("ff34003b-11ed-4cf8-a166-b2be05e20b80")
+        runs = img.block_status(0, img.size)
+        assert sum(n for _s, n, _st in runs) == img.size
+        data_runs = [(s, n) for s, n, st in runs if st == Alloc.DATA]
+        assert data_runs and sum(n for _s, n in data_runs) < img.size
+        # partially present blocks: data sectors read from the file, the rest reads as zero here
+        s, n = data_runs[0]
+        assert len(img.read(s, min(n, MiB))) == min(n, MiB)
+        assert not img.check().problems
+    with pytest.raises(VDError, match="parent"):
+        Disk.open_chain(str(p), flags=OpenFlags.READ_ONLY)
+
+
+def test_corpus_log_replay(vhdx_corpus, qemu, tmp_path):
+    src = vhdx_corpus / "vhdx" / "discutils" / "vhdx-log-replay.vhdx"
+    ours, theirs = tmp_path / "ours.vhdx", tmp_path / "theirs.vhdx"
+    shutil.copy(src, ours)
+    shutil.copy(src, theirs)
+    with pytest.raises(ReadOnlyImage, match="replayed"):
+        with Disk() as d:
+            d.open(str(ours), flags=OpenFlags.READ_ONLY)
+    with Disk() as d:     # info opens report the pending log without replaying
+        assert d.open(str(ours), flags=OpenFlags.READ_ONLY | OpenFlags.INFO).info()["log_pending"]
+    with Disk() as d:
+        img = d.open(str(ours))
+        assert img.info()["log_replayed"]
+    qemu.img("check", "-r", "all", "-f", "vhdx", theirs, check=False)
+    assert qemu.check(ours, "vhdx").returncode == 0
+    assert qemu.compare(ours, theirs, "vhdx", "vhdx").returncode == 0
+    # everything past the headers is byte-identical to qemu's replay
+    a, b = ours.read_bytes(), theirs.read_bytes()
+    assert len(a) == len(b) and a[vhdx.REGION_OFFSETS[0]:] == b[vhdx.REGION_OFFSETS[0]:]
+    with Disk() as d:
+        d.open(str(ours), flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == qemu.to_raw(theirs, tmp_path / "t.raw", "vhdx").read_bytes()
+
+
+# -- our own images --------------------------------------------------------------------------
+def _create(path, size=4 * MiB, **kw):
+    d = Disk()
+    d.create_base(str(path), size, "VHDX", config=kw.pop("config", {"BlockSize": MiB}), **kw)
+    return d
+
+
+def test_uuid_and_data_write_guid(tmp_path):
+    p = tmp_path / "u.vhdx"
+    u = uuid.uuid4()
+    with _create(p, uuid=u) as d:
+        img = d.top
+        assert img.uuid == u
+        before = img.modification_uuid
+        d.write(0, b"x" * 512)
+        assert img.modification_uuid != before     # DataWriteGuid changes on the first write
+        after = img.modification_uuid
+        d.write(512, b"y" * 512)
+        assert img.modification_uuid == after      # ... once per session
+        u2 = uuid.uuid4()
+        d.set_uuid(0, u2)
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert img.uuid == u2 and img.modification_uuid == after
+
+
+def test_diff_links_to_data_write_guid_and_partial_blocks(tmp_path, qemu):
+    base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
+    with _create(base, 3 * MiB) as d:
+        d.write(0, b"\xaa" * (3 * MiB))
+        d.create_diff(str(child), config={"BlockSize": MiB})
+        d.write(4096, b"\xbb" * 512)               # a partial block: bitmap, no copy of the parent
+        d.write(2 * MiB, b"\xcc" * MiB)            # a whole block
+        d.write(MiB, bytes(MiB))                   # zeroes over a whole block: ZERO state
+        top = d.top
+        assert top.parent_modification_uuid == d.images[0].modification_uuid
+        st = [top._state(b) for b in range(3)]
+        assert st == [vhdx.PAYLOAD_PARTIALLY_PRESENT, vhdx.PAYLOAD_ZERO,
+                      vhdx.PAYLOAD_FULLY_PRESENT]
+        assert top.block_status(0, 8192) == [(0, 4096, Alloc.UNALLOCATED), (4096, 512, Alloc.DATA),
+                                             (4608, 3584, Alloc.UNALLOCATED)]
+    # the child file did not copy the parent's first block
+    assert os.stat(child).st_blocks * 512 < 6 * MiB
+    expect = b"\xaa" * 4096 + b"\xbb" * 512 + b"\xaa" * (MiB - 4608) + bytes(MiB) + b"\xcc" * MiB
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 2
+        assert read_all(d) == expect
+        loc = d.top.info()["parent_locator"]
+        assert loc["relative_path"] == ".\\base.vhdx"
+        assert set(loc) >= {"parent_linkage", "relative_path", "absolute_win32_path"}
+    # writing the parent afterwards changes its DataWriteGuid: the child no longer matches
+    with Disk() as d:
+        d.open(str(base))
+        d.write(0, b"z" * 512)
+    with pytest.raises(ParentMismatch):
+        Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY)
+    assert qemu.check(base, "vhdx").returncode == 0
+
+
+def test_4k_logical_sectors(tmp_path, qemu):
+    """qemu 7.2 refuses VHDX with 4 KiB logical sectors (only 512 supported), so the check is
+    against an in-memory model, including a differencing child (bitmap bits of 4 KiB sectors)."""
+    p, c = tmp_path / "4k.vhdx", tmp_path / "4k-child.avhdx"
+    expect = bytearray(8 * MiB)
+    with _create(p, 8 * MiB, config={"BlockSize": MiB, "LogicalSectorSize": 4096}) as d:
+        assert d.top.sector_size == 4096 and d.sector_size == 4096
+        assert d.top.cr == 32768
+        for off, data in ((100, b"\x42" * 10), (5 * MiB, b"\x43" * 8192)):
+            d.write(off, data)                    # the Disk aligns to 4 KiB
+            expect[off:off + len(data)] = data
+        d.create_diff(str(c), config={"BlockSize": MiB})
+        assert d.top.sector_size == 4096
+        for off, data in ((5 * MiB + 4096, b"\x44" * 100), (7 * MiB, b"\x45" * 4096)):
+            d.write(off, data)
+            expect[off:off + len(data)] = data
+        assert d.top.block_status(5 * MiB, MiB)[:2] == [(5 * MiB, 4096, Alloc.UNALLOCATED),
+                                                       (5 * MiB + 4096, 4096, Alloc.DATA)]
+    with Disk.open_chain(str(c), flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == bytes(expect)
+    r = qemu.img("info", "-f", "vhdx", p, check=False)
+    assert r.returncode != 0 and "not supported" in r.stderr
+    with pytest.raises(VDError):
+        with Disk() as d:
+            d.create_base(str(tmp_path / "odd.vhdx"), 8 * MiB + 512, "VHDX",
+                          config={"LogicalSectorSize": 4096})
+
+
+def test_resize_grow(tmp_path, qemu):
+    for variant in (ImageFlags.NONE, ImageFlags.FIXED):
+        p = tmp_path / f"r{int(variant)}.vhdx"
+        with _create(p, 2 * MiB, flags=variant) as d:
+            d.write(MiB, b"\x11" * MiB)
+            d.top.resize(5 * MiB)
+            assert d.size == 5 * MiB
+            d.write(4 * MiB, b"\x22" * 4096)
+            with pytest.raises(VDError):
+                d.top.resize(MiB)
+        assert qemu.check(p, "vhdx").returncode == 0
+        raw = qemu.to_raw(p, tmp_path / "r.raw", "vhdx").read_bytes()
+        assert len(raw) == 5 * MiB
+        assert raw == bytes(MiB) + b"\x11" * MiB + bytes(2 * MiB) + b"\x22" * 4096 + bytes(MiB - 4096)
+
+
+def test_relink(tmp_path):
+    a, b, c = (tmp_path / n for n in ("a.vhdx", "b.vhdx", "c.avhdx"))
+    with _create(a, 2 * MiB) as d:
+        d.write(0, b"A" * MiB)
+    shutil.copy(a, b)
+    with Disk() as d:
+        d.open(str(a), flags=OpenFlags.READ_ONLY)
+        d.create_diff(str(c))
+        d.write(MiB, b"C" * 512)
+    with Disk() as d:
+        pb = d.open(str(b), flags=OpenFlags.READ_ONLY)
+        img = get_backend("VHDX").open(str(c), OpenFlags.NORMAL)
+        try:
+            img.set_parent(pb)
+        finally:
+            img.close()
+    with Disk.open_chain(str(c), flags=OpenFlags.READ_ONLY) as d:
+        assert os.path.basename(d.images[0].location) == "b.vhdx"
+        assert d.read(0, 4) == b"AAAA" and d.read(MiB, 4) == b"CCCC"
+
+
+# -- hostile input ---------------------------------------------------------------------------
+def _image_bytes(tmp_path, size=4 * MiB) -> bytearray:
+    p = tmp_path / "src.vhdx"
+    with _create(p, size) as d:
+        d.write(0, b"\x5a" * MiB)
+    return bytearray(p.read_bytes())
+
+
+def _fix_region_checksum(b: bytearray, off: int) -> None:
+    rt = vhdx._with_checksum(bytearray(b[off:off + vhdx.REGION_SIZE]))
+    b[off:off + vhdx.REGION_SIZE] = rt
+
+
+def _open_bytes(tmp_path, b, flags=OpenFlags.READ_ONLY):
+    p = tmp_path / "hostile.vhdx"
+    p.write_bytes(bytes(b))
+    with Disk() as d:
+        d.open(str(p), "VHDX", flags=flags)
+        return read_all(d)
+
+
+def _layout(b):
+    with Disk() as d:
+        pass
+    rt = vhdx.RegionTableHeader.parse(bytes(b[vhdx.REGION_OFFSETS[0]:vhdx.REGION_OFFSETS[0] + 16]))
+    entries = {}
+    for k in range(rt.entry_count):
+        o = vhdx.REGION_OFFSETS[0] + 16 + 32 * k
+        e = vhdx.RegionTableEntry.parse(bytes(b[o:o + 32]))
+        entries[vhdx._guid(e.guid)] = (e.file_offset, e.length, o)
+    return entries
+
+
+def test_hostile_region_count(tmp_path):
+    b = _image_bytes(tmp_path)
+    for off in vhdx.REGION_OFFSETS:
+        struct.pack_into("<I", b, off + 8, 100000)
+        _fix_region_checksum(b, off)
+    with pytest.raises(CorruptImage, match="EntryCount.*2047.*100000"):
+        _open_bytes(tmp_path, b)
+
+
+def test_hostile_unknown_required_region(tmp_path):
+    b = _image_bytes(tmp_path)
+    for off in vhdx.REGION_OFFSETS:
+        struct.pack_into("<I", b, off + 8, 3)
+        b[off + 80:off + 112] = vhdx.RegionTableEntry.build(dict(
+            guid=uuid.uuid4().bytes_le, file_offset=8 * MiB, length=MiB, required=1))
+        _fix_region_checksum(b, off)
+    with pytest.raises(NotSupported, match="required"):
+        _open_bytes(tmp_path, b)
+
+
+def test_hostile_region_past_eof(tmp_path):
+    b = _image_bytes(tmp_path)
+    for off in vhdx.REGION_OFFSETS:
+        e = vhdx.RegionTableEntry.parse(bytes(b[off + 16:off + 48]))
+        e.length = 1 << 31
+        b[off + 16:off + 48] = vhdx.RegionTableEntry.build(e)
+        _fix_region_checksum(b, off)
+    with pytest.raises(CorruptImage, match="past the end"):
+        _open_bytes(tmp_path, b)
+
+
+def test_hostile_metadata_count_and_items(tmp_path):
+    b = _image_bytes(tmp_path)
+    md_off = _layout(b)[vhdx.METADATA_GUID][0]
+    bad = bytearray(b)
+    struct.pack_into("<H", bad, md_off + 10, 65535)
+    with pytest.raises(CorruptImage, match="EntryCount.*2047.*65535"):
+        _open_bytes(tmp_path, bad)
+    bad = bytearray(b)       # an item pointing outside the region
+    struct.pack_into("<I", bad, md_off + 32 + 16, 0xFFFF0000)
+    with pytest.raises(CorruptImage, match="outside the metadata region"):
+        _open_bytes(tmp_path, bad)
+    bad = bytearray(b)       # an unknown required item
+    bad[md_off + 32:md_off + 48] = uuid.uuid4().bytes_le
+    with pytest.raises(NotSupported, match="required"):
+        _open_bytes(tmp_path, bad)
+    bad = bytearray(b)       # block size not a power of two
+    fp = vhdx.MetadataTableEntry.parse(bytes(b[md_off + 32:md_off + 64]))
+    struct.pack_into("<I", bad, md_off + fp.offset, 3 * MiB)
+    with pytest.raises(CorruptImage, match="BlockSize"):
+        _open_bytes(tmp_path, bad)
+
+
+def test_hostile_bat_entry_past_eof(tmp_path):
+    b = _image_bytes(tmp_path)
+    bat_off = _layout(b)[vhdx.BAT_GUID][0]
+    struct.pack_into("<Q", b, bat_off, (1 << 30) << 20 | vhdx.PAYLOAD_FULLY_PRESENT)
+    with pytest.raises(CorruptImage, match=r"BAT\[0\].*outside the file"):
+        _open_bytes(tmp_path, b)
+    p = tmp_path / "hostile.vhdx"
+    with Disk() as d:
+        img = d.open(str(p), "VHDX", flags=OpenFlags.READ_ONLY)
+        rep = img.check()
+        assert rep.corrupt and "outside the file" in rep.problems[0].what
+    struct.pack_into("<Q", b, bat_off, 5)      # an undefined state
+    with pytest.raises(CorruptImage, match="state"):
+        _open_bytes(tmp_path, b)
+
+
+def test_hostile_headers(tmp_path):
+    b = _image_bytes(tmp_path)
+    bad = bytearray(b)
+    for off in vhdx.HEADER_OFFSETS:
+        bad[off + 20] ^= 0xFF                   # checksum mismatch in both
+    with pytest.raises(CorruptImage, match="no valid VHDX header"):
+        _open_bytes(tmp_path, bad)
+    bad = bytearray(b)                           # one good header is enough
+    bad[vhdx.HEADER_OFFSETS[1] + 20] ^= 0xFF
+    assert _open_bytes(tmp_path, bad)[:4] == b"\x5a" * 4
+
+
+def _log_entry(seq, guid, tail, descs_sectors, last_file_offset, entry_length=None):
+    """Build one log entry (MS-VHDX 2.3.1) for tests."""
+    descs, sectors = b"", b""
+    for kind, file_offset, payload in descs_sectors:
+        if kind == "zero":
+            descs += vhdx.ZeroDescriptor.build(dict(signature=b"zero", reserved=0,
+                                                    zero_length=payload, file_offset=file_offset,
+                                                    sequence_number=seq))
+        else:
+            descs += vhdx.DataDescriptor.build(dict(signature=b"desc",
+                                                    trailing_bytes=payload[4092:],
+                                                    leading_bytes=payload[:8],
+                                                    file_offset=file_offset, sequence_number=seq))
+            sectors += vhdx.DataSector.build(dict(signature=b"data", sequence_high=seq >> 32,
+                                                  data=payload[8:4092],
+                                                  sequence_low=seq & 0xFFFFFFFF))
+    n = len(descs_sectors)
+    area = -(-(64 + 32 * n) // 4096) * 4096
+    length = entry_length or area + len(sectors)
+    hdr = vhdx.LogEntryHeader.build(dict(signature=b"loge", checksum=0, entry_length=length,
+                                         tail=tail, sequence_number=seq, descriptor_count=n,
+                                         reserved=0, log_guid=guid, flushed_file_offset=0,
+                                         last_file_offset=last_file_offset))
+    e = bytearray((hdr + descs).ljust(area, b"\0") + sectors)
+    return bytes(vhdx._with_checksum(e))
+
+
+def _dirty(tmp_path, entries_fn):
+    """An image of ours with a hand-made log (written by ``entries_fn``); returns its path."""
+    p = tmp_path / f"log-{entries_fn.__name__}.vhdx"
+    with _create(p, 4 * MiB) as d:
+        d.write(0, b"\x01" * MiB)
+        img = d.top
+        bat_off = img.bat_offset
+        data_off = img._block_offset(0)
+        log_off = img.hdr.log_offset
+        guid = uuid.uuid4().bytes_le
+        img._update_header(log_guid=guid)
+        flen = img.file_len
+    b = bytearray(p.read_bytes())
+    log = entries_fn(guid, bat_off, data_off, flen)
+    b[log_off:log_off + len(log)] = log
+    p.write_bytes(bytes(b))
+    return p
+
+
+def test_log_replay_hand_made(tmp_path, qemu):
+    def entries(guid, bat_off, data_off, flen):
+        page = bytearray(b"\x07" * 4096)
+        e1 = _log_entry(5, guid, 0, [("data", data_off, bytes(page)),
+                                     ("zero", data_off + 8192, 8192)], flen)
+        e2 = _log_entry(6, guid, 0, [("data", data_off + 4096, b"\x09" * 4096)], flen)
+        return e1 + e2
+    p = _dirty(tmp_path, entries)
+    theirs = tmp_path / "theirs.vhdx"
+    shutil.copy(p, theirs)
+    with pytest.raises(ReadOnlyImage):
+        _open_bytes(tmp_path, p.read_bytes())
+    with Disk() as d:
+        d.open(str(p))
+        data = d.read(0, 5 * 4096)
+        assert data == b"\x07" * 4096 + b"\x09" * 4096 + bytes(8192) + b"\x01" * 4096
+    qemu.img("check", "-r", "all", "-f", "vhdx", theirs, check=False)
+    assert qemu.compare(p, theirs, "vhdx", "vhdx").returncode == 0
+
+
+def test_log_replay_skips_invalid_entries(tmp_path):
+    def entries(guid, bat_off, data_off, flen):
+        good = _log_entry(5, guid, 0, [("data", data_off, b"\x07" * 4096)], flen)
+        other = _log_entry(6, uuid.uuid4().bytes_le, 0, [("data", data_off, b"\x08" * 4096)], flen)
+        broken = bytearray(_log_entry(7, guid, 0, [("data", data_off, b"\x09" * 4096)], flen))
+        broken[5000] ^= 1                         # checksum mismatch
+        return good + other + bytes(broken)
+    p = _dirty(tmp_path, entries)
+    with Disk() as d:
+        d.open(str(p))
+        assert d.read(0, 4) == b"\x07" * 4
+
+
+def test_hostile_log(tmp_path):
+    def huge_zero(guid, bat_off, data_off, flen):
+        return _log_entry(5, guid, 0, [("zero", data_off, 1 << 40)], flen)
+    p = _dirty(tmp_path, huge_zero)
+    with pytest.raises(CorruptImage, match="ZeroLength"):
+        Disk().open(str(p))
+
+    def into_headers(guid, bat_off, data_off, flen):
+        return _log_entry(5, guid, 0, [("data", 64 * 1024, b"\x00" * 4096)], flen)
+    p = _dirty(tmp_path, into_headers)
+    with pytest.raises(CorruptImage, match="headers"):
+        Disk().open(str(p))
+
+    def bad_length(guid, bat_off, data_off, flen):   # entry longer than the log: ignored
+        return _log_entry(5, guid, 0, [("data", data_off, b"\x07" * 4096)], flen,
+                          entry_length=1 << 30)
+    p = _dirty(tmp_path, bad_length)
+    with Disk() as d:
+        d.open(str(p))
+        assert d.read(0, 4) == b"\x01" * 4
+    b = bytearray(p.read_bytes())                # log length beyond the cap / past the file
+    with Disk() as d:
+        img = d.open(str(p))
+        img._update_header(log_guid=uuid.uuid4().bytes_le, log_length=1 << 31)
+    with pytest.raises(CorruptImage, match="log"):
+        Disk().open(str(p))
+
+
+def test_backend_declarations():
+    b = get_backend("vhdx")
+    assert b.name == "VHDX" and b.can(vhdx.Operation.WRITE) and b.can(vhdx.Operation.RESIZE)

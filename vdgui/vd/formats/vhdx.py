@@ -1,0 +1,1314 @@
+"""VHDX backend: Microsoft's Virtual Hard Disk v2 (Hyper-V), read and write.
+
+Specification: [MS-VHDX] "Virtual Hard Disk v2 (VHDX) File Format" v1.0 (Microsoft Open
+Specifications). Facts used here (section numbers of MS-VHDX):
+
+* 2.1 layout: file type identifier at 0, headers at 64 KiB and 128 KiB (4 KiB each, the valid one
+  with the highest sequence number is current), region tables at 192 KiB and 256 KiB (64 KiB each).
+  Every object past the first MiB (log, metadata region, BAT, payload and sector-bitmap blocks) is
+  1 MiB aligned.
+* 2.2 checksums: CRC-32C over the whole structure with the checksum field zeroed.
+* 2.3 log: circular, 4 KiB sectors; entries ("loge") hold zero ("zero") and data ("desc")
+  descriptors, data sectors ("data") carry 4084 bytes between the descriptor's 8 leading and
+  4 trailing bytes. The active sequence (highest sequence number, consecutive numbers, header's
+  LogGuid) is replayed from the head entry's tail before anything else is read.
+* 2.4 region table: BAT and metadata regions (unknown regions marked required: refuse).
+* 2.5 BAT: 64-bit entries, state in bits 0-2, file offset in MiB in bits 20-63; a sector bitmap
+  entry follows every ``chunk ratio`` payload entries, chunk ratio = 2^23 * logical sector size /
+  block size.
+* 2.6 metadata region: table ("metadata", at most 2047 entries) and items: file parameters
+  (block size 1..256 MiB power of two, LeaveBlockAllocated, HasParent), virtual disk size, page 83
+  data (used as this image's UUID), logical and physical sector size (512 or 4096), parent locator
+  (type B04AEFB7-..., UTF-16 keys parent_linkage, relative_path, volume_path, absolute_win32_path).
+
+Writing: a new payload block is appended at the 1 MiB aligned end of the file; its data is written
+and flushed before its BAT entry. In a differencing image a write into a block that is not present
+marks the written sectors in the chunk's sector bitmap (PARTIALLY_PRESENT), so the parent's data is
+never copied. BAT, bitmap and metadata updates are written in place, each a single aligned write
+inside one 4 KiB sector and ordered data -> bitmap -> BAT, so an interruption leaves a readable
+image. Header updates alternate between the two header copies with increasing sequence numbers.
+The DataWriteGuid changes before the first data write of a session, the FileWriteGuid on every
+read-write open (2.2.2).
+
+Limits (parser safety): region table entries <= 2047, metadata entries <= 2047, metadata items
+<= 1 MiB, log <= 64 MiB, virtual size <= 64 TiB, BAT region must lie inside the file.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import uuid as uuidlib
+from array import array
+from sys import byteorder
+
+from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
+
+from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
+                       Operation, ProbeInput)
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..crc32c import crc32c
+from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
+                      VDError)
+from ..fileio import ImageFile, relative_name
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..sparse import is_zero, split_blocks, zeroes
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+HEADER_OFFSETS = (64 * KiB, 128 * KiB)
+HEADER_SIZE = 4 * KiB
+REGION_OFFSETS = (192 * KiB, 256 * KiB)
+REGION_SIZE = 64 * KiB
+MAX_REGION_ENTRIES = 2047
+MAX_METADATA_ENTRIES = 2047
+METADATA_TABLE_SIZE = 64 * KiB
+MAX_METADATA_ITEM = 1 * MiB
+MAX_LOG = 64 * MiB
+MAX_SIZE = 64 * TiB
+LOG_SECTOR = 4 * KiB
+
+# -- GUIDs (MS-VHDX 2.4.1, 2.6.2) ------------------------------------------------------------
+BAT_GUID = uuidlib.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
+METADATA_GUID = uuidlib.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+FILE_PARAMETERS = uuidlib.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VIRTUAL_DISK_SIZE = uuidlib.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+PAGE83 = uuidlib.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")
+LOGICAL_SECTOR = uuidlib.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+PHYSICAL_SECTOR = uuidlib.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
+PARENT_LOCATOR = uuidlib.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_LOCATOR_TYPE = uuidlib.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")
+ZERO_GUID = bytes(16)
+
+KNOWN_ITEMS = {FILE_PARAMETERS: "file parameters", VIRTUAL_DISK_SIZE: "virtual disk size",
+               PAGE83: "page 83 data", LOGICAL_SECTOR: "logical sector size",
+               PHYSICAL_SECTOR: "physical sector size", PARENT_LOCATOR: "parent locator"}
+
+# metadata table entry flags (2.6.1.2)
+MD_IS_USER = 1
+MD_IS_VIRTUAL_DISK = 2
+MD_IS_REQUIRED = 4
+
+# file parameters flags (2.6.2.1)
+FP_LEAVE_BLOCK_ALLOCATED = 1
+FP_HAS_PARENT = 2
+
+# BAT entry states (2.5.1.1, 2.5.1.2)
+PAYLOAD_NOT_PRESENT = 0
+PAYLOAD_UNDEFINED = 1
+PAYLOAD_ZERO = 2
+PAYLOAD_UNMAPPED = 3
+PAYLOAD_FULLY_PRESENT = 6
+PAYLOAD_PARTIALLY_PRESENT = 7
+SB_NOT_PRESENT = 0
+SB_PRESENT = 6
+STATE_NAMES = {0: "NOT_PRESENT", 1: "UNDEFINED", 2: "ZERO", 3: "UNMAPPED", 6: "FULLY_PRESENT",
+               7: "PARTIALLY_PRESENT"}
+_STATE_MASK = 7
+_OFFSET_SHIFT = 20
+
+# -- on-disk structures ------------------------------------------------------------------------
+# MS-VHDX 2.2.1 File Type Identifier (the first 64 KiB; only the first 520 bytes are defined)
+FileIdentifier = Struct(
+    "signature" / Bytes(8),          # "vhdxfile"
+    "creator" / Bytes(512),          # UTF-16LE, NUL padded
+)
+# MS-VHDX 2.2.2 Header (4 KiB)
+Header = Struct(
+    "signature" / Bytes(4),          # "head"
+    "checksum" / Int32ul,
+    "sequence_number" / Int64ul,
+    "file_write_guid" / Bytes(16),
+    "data_write_guid" / Bytes(16),
+    "log_guid" / Bytes(16),
+    "log_version" / Int16ul,         # 0
+    "version" / Int16ul,             # 1
+    "log_length" / Int32ul,
+    "log_offset" / Int64ul,
+    "reserved" / Bytes(4016),
+)
+# MS-VHDX 2.2.3 Region Table Header and 2.2.3.1 Region Table Entry
+RegionTableHeader = Struct(
+    "signature" / Bytes(4),          # "regi"
+    "checksum" / Int32ul,
+    "entry_count" / Int32ul,         # <= 2047
+    "reserved" / Int32ul,
+)
+RegionTableEntry = Struct(
+    "guid" / Bytes(16),
+    "file_offset" / Int64ul,
+    "length" / Int32ul,
+    "required" / Int32ul,            # bit 0
+)
+# MS-VHDX 2.3.1.1 Entry Header, 2.3.1.2 Zero Descriptor, 2.3.1.3 Data Descriptor, 2.3.1.4 Data Sector
+LogEntryHeader = Struct(
+    "signature" / Bytes(4),          # "loge"
+    "checksum" / Int32ul,
+    "entry_length" / Int32ul,
+    "tail" / Int32ul,
+    "sequence_number" / Int64ul,
+    "descriptor_count" / Int32ul,
+    "reserved" / Int32ul,
+    "log_guid" / Bytes(16),
+    "flushed_file_offset" / Int64ul,
+    "last_file_offset" / Int64ul,
+)
+ZeroDescriptor = Struct(
+    "signature" / Bytes(4),          # "zero"
+    "reserved" / Int32ul,
+    "zero_length" / Int64ul,
+    "file_offset" / Int64ul,
+    "sequence_number" / Int64ul,
+)
+DataDescriptor = Struct(
+    "signature" / Bytes(4),          # "desc"
+    "trailing_bytes" / Bytes(4),
+    "leading_bytes" / Bytes(8),
+    "file_offset" / Int64ul,
+    "sequence_number" / Int64ul,
+)
+DataSector = Struct(
+    "signature" / Bytes(4),          # "data"
+    "sequence_high" / Int32ul,
+    "data" / Bytes(4084),
+    "sequence_low" / Int32ul,
+)
+# MS-VHDX 2.6.1.1 Metadata Table Header and 2.6.1.2 Metadata Table Entry
+MetadataTableHeader = Struct(
+    "signature" / Bytes(8),          # "metadata"
+    "reserved" / Int16ul,
+    "entry_count" / Int16ul,         # <= 2047
+    "reserved2" / Bytes(20),
+)
+MetadataTableEntry = Struct(
+    "item_id" / Bytes(16),
+    "offset" / Int32ul,              # from the start of the metadata region, >= 64 KiB
+    "length" / Int32ul,
+    "flags" / Int32ul,               # IsUser, IsVirtualDisk, IsRequired
+    "reserved" / Int32ul,
+)
+# MS-VHDX 2.6.2.1 File Parameters
+FileParameters = Struct(
+    "block_size" / Int32ul,
+    "flags" / Int32ul,
+)
+# MS-VHDX 2.6.2.6 Parent Locator header and 2.6.2.6.1 key/value entry
+ParentLocatorHeader = Struct(
+    "locator_type" / Bytes(16),
+    "reserved" / Int16ul,
+    "key_value_count" / Int16ul,
+)
+ParentLocatorEntry = Struct(
+    "key_offset" / Int32ul,          # from the start of the locator item
+    "value_offset" / Int32ul,
+    "key_length" / Int16ul,          # bytes
+    "value_length" / Int16ul,
+)
+
+STRUCTS = {"FileIdentifier": FileIdentifier, "Header": Header,
+           "RegionTableHeader": RegionTableHeader, "RegionTableEntry": RegionTableEntry,
+           "LogEntryHeader": LogEntryHeader, "ZeroDescriptor": ZeroDescriptor,
+           "DataDescriptor": DataDescriptor, "DataSector": DataSector,
+           "MetadataTableHeader": MetadataTableHeader, "MetadataTableEntry": MetadataTableEntry,
+           "FileParameters": FileParameters, "ParentLocatorHeader": ParentLocatorHeader,
+           "ParentLocatorEntry": ParentLocatorEntry}
+
+
+def _guid(b: bytes) -> uuidlib.UUID:
+    return uuidlib.UUID(bytes_le=bytes(b))
+
+
+def _gbytes(u: uuidlib.UUID) -> bytes:
+    return u.bytes_le
+
+
+def _with_checksum(buf: bytearray, at: int = 4) -> bytearray:
+    struct.pack_into("<I", buf, at, 0)
+    struct.pack_into("<I", buf, at, crc32c(buf))
+    return buf
+
+
+def _checksum_ok(buf, at: int = 4) -> bool:
+    stored = struct.unpack_from("<I", buf, at)[0]
+    b = bytearray(buf)
+    struct.pack_into("<I", b, at, 0)
+    return crc32c(b) == stored
+
+
+def chunk_ratio(logical_sector: int, block_size: int) -> int:
+    """MS-VHDX 2.5: payload blocks per sector bitmap block."""
+    return (1 << 23) * logical_sector // block_size
+
+
+def bat_entry_count(size: int, block_size: int, logical_sector: int, diff: bool) -> int:
+    """MS-VHDX 2.5: BAT entries for a disk (payload entries with interleaved bitmap entries)."""
+    cr = chunk_ratio(logical_sector, block_size)
+    payload = -(-size // block_size)
+    if diff:
+        return -(-payload // cr) * (cr + 1)
+    return payload + (payload - 1) // cr if payload else 0
+
+
+def _utf16(s: str) -> bytes:
+    return s.encode("utf-16-le")
+
+
+def _default_block_size(size: int, diff: bool) -> int:
+    if diff:
+        return 2 * MiB
+    return 32 * MiB if size > 100 * GiB else 8 * MiB
+
+
+# -- the image -------------------------------------------------------------------------------
+class VhdxImage(Image):
+    def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags):
+        super().__init__(backend, location, flags.read_only)
+        self.f = f
+        self.open_flags = flags
+        self._data_guid_updated = False
+        self._sb_cache: dict[int, bytearray] = {}
+        self.log_replayed = False
+        self.log_pending = False
+        try:
+            self._load()
+        except BaseException:
+            f.close()
+            raise
+
+    # -- errors ------------------------------------------------------------------------
+    def _corrupt(self, message, **kw):
+        return CorruptImage(message, path=self.location, **kw)
+
+    # -- loading -----------------------------------------------------------------------
+    def _load(self) -> None:
+        f = self.f
+        self.file_len = f.size()
+        if self.file_len < 1 * MiB:
+            raise self._corrupt("file too small for a VHDX header section", field="file size",
+                                expected=">= 1 MiB", found=self.file_len)
+        ident = FileIdentifier.parse(f.read_exact(0, FileIdentifier.sizeof(), "file identifier"))
+        if ident.signature != b"vhdxfile":
+            raise self._corrupt("not a VHDX file", field="signature", offset=0,
+                                expected="'vhdxfile'", found=repr(ident.signature))
+        self.creator = ident.creator.decode("utf-16-le", "replace").split("\x00")[0]
+        self._read_headers()
+        hdr = self.hdr
+        if hdr.log_guid != ZERO_GUID:
+            if self.open_flags & OpenFlags.INFO:
+                self.log_pending = True
+            elif self.read_only:
+                raise ReadOnlyImage(
+                    f"{self.location}: the VHDX log holds changes that need to be replayed; "
+                    "open the image read-write once (e.g. 'vdgui-img check --repair' or any "
+                    "read-write open) to replay it", path=None)
+            else:
+                self._replay_log()
+        self._read_regions()
+        self._read_metadata()
+        self._read_bat()
+        self.pchs = None
+        self.lchs = None
+        if not self.read_only:
+            # MS-VHDX 2.2.2: FileWriteGuid changes on the first open for writing
+            self._update_header(file_write_guid=uuidlib.uuid4().bytes_le)
+
+    def _replay_log(self) -> None:
+        """Replay the active log sequence, then clear the header's LogGuid (MS-VHDX 2.3.3)."""
+        _replay(self)
+        self._update_header(log_guid=ZERO_GUID)
+        self.log_replayed = True
+
+    def _read_headers(self) -> None:
+        valid = []
+        self.header_problems = []
+        for slot, off in enumerate(HEADER_OFFSETS):
+            raw = self.f.pread(off, HEADER_SIZE)
+            if len(raw) != HEADER_SIZE:
+                self.header_problems.append(f"header {slot + 1} at {off:#x} is truncated")
+                continue
+            h = Header.parse(raw)
+            if h.signature != b"head":
+                self.header_problems.append(f"header {slot + 1} at {off:#x}: bad signature "
+                                            f"{bytes(h.signature)!r}")
+                continue
+            if not _checksum_ok(raw):
+                self.header_problems.append(f"header {slot + 1} at {off:#x}: checksum mismatch")
+                continue
+            if h.version != 1:
+                self.header_problems.append(f"header {slot + 1} at {off:#x}: version {h.version}")
+                continue
+            valid.append((h.sequence_number, slot, h))
+        if not valid:
+            raise self._corrupt("no valid VHDX header (" + "; ".join(self.header_problems) + ")",
+                                field="header", offset=HEADER_OFFSETS[0])
+        valid.sort(key=lambda t: (t[0], t[1]))
+        _seq, self.hdr_slot, self.hdr = valid[-1]
+        h = self.hdr
+        if h.log_version != 0:
+            raise NotSupported(f"{self.location}: VHDX log version {h.log_version} is not "
+                               "supported (expected 0)")
+        if h.log_length % MiB or h.log_offset % MiB or (h.log_length and h.log_offset < MiB):
+            raise self._corrupt("log location is not 1 MiB aligned", field="LogOffset/LogLength",
+                                offset=HEADER_OFFSETS[self.hdr_slot],
+                                expected="multiples of 1 MiB past the first MiB",
+                                found=f"{h.log_offset:#x}/{h.log_length:#x}")
+
+    def _update_header(self, **changes) -> None:
+        """Write a new current header (both copies, alternating, sequence number + 1 each)."""
+        if self.read_only:
+            raise ReadOnlyImage(f"{self.location}: image is opened read-only")
+        for _ in range(2):
+            h = dict(self.hdr)
+            h.pop("_io", None)
+            h.update(changes)
+            h["sequence_number"] = self.hdr.sequence_number + 1
+            h["checksum"] = 0
+            raw = _with_checksum(bytearray(Header.build(h)))
+            slot = 1 - self.hdr_slot
+            self.f.pwrite(HEADER_OFFSETS[slot], raw)
+            self.f.sync()
+            self.hdr = Header.parse(bytes(raw))
+            self.hdr_slot = slot
+
+    def _read_regions(self) -> None:
+        problems = []
+        for i, off in enumerate(REGION_OFFSETS):
+            raw = self.f.pread(off, REGION_SIZE)
+            if len(raw) != REGION_SIZE:
+                problems.append(f"region table {i + 1} truncated")
+                continue
+            rh = RegionTableHeader.parse(raw)
+            if rh.signature != b"regi":
+                problems.append(f"region table {i + 1}: bad signature {bytes(rh.signature)!r}")
+                continue
+            if not _checksum_ok(raw):
+                problems.append(f"region table {i + 1}: checksum mismatch")
+                continue
+            if rh.entry_count > MAX_REGION_ENTRIES:
+                raise self._corrupt("too many region table entries", field="EntryCount",
+                                    offset=off + 8, expected=f"<= {MAX_REGION_ENTRIES}",
+                                    found=rh.entry_count)
+            self.region_raw = raw
+            self.region_table = i
+            break
+        else:
+            raise self._corrupt("no valid region table (" + "; ".join(problems) + ")",
+                                field="region table", offset=REGION_OFFSETS[0])
+        self.vregions = {}
+        self.region_entries = []
+        for k in range(rh.entry_count):
+            e = RegionTableEntry.parse(raw[16 + 32 * k:48 + 32 * k])
+            g = _guid(e.guid)
+            where = REGION_OFFSETS[self.region_table] + 16 + 32 * k
+            self.region_entries.append(e)
+            if g not in (BAT_GUID, METADATA_GUID):
+                if e.required & 1:
+                    raise NotSupported(f"{self.location}: region {g} at {where:#x} is marked "
+                                       "required but is unknown to this implementation")
+                continue
+            name = "BAT" if g == BAT_GUID else "metadata"
+            if g in self.vregions:
+                raise self._corrupt(f"{name} region listed twice", field="region table",
+                                    offset=where)
+            if e.file_offset % MiB or e.file_offset < MiB or e.length % MiB or not e.length:
+                raise self._corrupt(f"{name} region is not 1 MiB aligned", field="FileOffset/Length",
+                                    offset=where, expected="non-zero multiples of 1 MiB past 1 MiB",
+                                    found=f"{e.file_offset:#x}/{e.length:#x}")
+            if e.file_offset + e.length > self.file_len:
+                raise self._corrupt(f"{name} region lies past the end of the file",
+                                    field="FileOffset", offset=where,
+                                    expected=f"end <= {self.file_len}",
+                                    found=e.file_offset + e.length)
+            self.vregions[g] = (e.file_offset, e.length)
+        for g, name in ((BAT_GUID, "BAT"), (METADATA_GUID, "metadata")):
+            if g not in self.vregions:
+                raise self._corrupt(f"the region table has no {name} region", field="region table",
+                                    offset=REGION_OFFSETS[self.region_table])
+
+    def _read_metadata(self) -> None:
+        mo, ml = self.vregions[METADATA_GUID]
+        self.md_offset, self.md_length = mo, ml
+        table = self.f.read_exact(mo, METADATA_TABLE_SIZE, "metadata table")
+        mh = MetadataTableHeader.parse(table)
+        if mh.signature != b"metadata":
+            raise self._corrupt("bad metadata table signature", field="metadata signature",
+                                offset=mo, expected="'metadata'", found=repr(bytes(mh.signature)))
+        if mh.entry_count > MAX_METADATA_ENTRIES:
+            raise self._corrupt("too many metadata entries", field="EntryCount", offset=mo + 10,
+                                expected=f"<= {MAX_METADATA_ENTRIES}", found=mh.entry_count)
+        self.md_entries: dict[uuidlib.UUID, tuple[int, int, int, int]] = {}
+        for k in range(mh.entry_count):
+            where = mo + 32 + 32 * k
+            e = MetadataTableEntry.parse(table[32 + 32 * k:64 + 32 * k])
+            g = _guid(e.item_id)
+            if g not in KNOWN_ITEMS:
+                if e.flags & MD_IS_REQUIRED:
+                    raise NotSupported(f"{self.location}: metadata item {g} (at {where:#x}) is "
+                                       "marked required but is unknown to this implementation")
+                continue
+            if g in self.md_entries:
+                raise self._corrupt(f"metadata item '{KNOWN_ITEMS[g]}' listed twice",
+                                    field="metadata table", offset=where)
+            if e.length and (e.offset < METADATA_TABLE_SIZE or e.length > MAX_METADATA_ITEM
+                             or e.offset + e.length > ml):
+                raise self._corrupt(f"metadata item '{KNOWN_ITEMS[g]}' lies outside the metadata "
+                                    "region", field="Offset/Length", offset=where,
+                                    expected=f">= 64 KiB, end <= {ml}",
+                                    found=f"{e.offset}/{e.length}")
+            self.md_entries[g] = (e.offset, e.length, e.flags, k)
+
+        def item(g, size):
+            if g not in self.md_entries:
+                raise self._corrupt(f"required metadata item '{KNOWN_ITEMS[g]}' is missing",
+                                    field="metadata table", offset=mo)
+            off, ln, _fl, _k = self.md_entries[g]
+            if ln < size:
+                raise self._corrupt(f"metadata item '{KNOWN_ITEMS[g]}' is too short",
+                                    field="Length", offset=mo + off, expected=f">= {size}", found=ln)
+            return self.f.read_exact(mo + off, size, f"metadata item '{KNOWN_ITEMS[g]}'")
+
+        fp = FileParameters.parse(item(FILE_PARAMETERS, 8))
+        bs = fp.block_size
+        if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
+            raise self._corrupt("invalid block size", field="BlockSize",
+                                offset=mo + self.md_entries[FILE_PARAMETERS][0],
+                                expected="a power of two from 1 MiB to 256 MiB", found=bs)
+        self.block_size = bs
+        self.fp_flags = fp.flags
+        self.leave_allocated = bool(fp.flags & FP_LEAVE_BLOCK_ALLOCATED)
+        self.has_parent = bool(fp.flags & FP_HAS_PARENT)
+        lss = struct.unpack("<I", item(LOGICAL_SECTOR, 4))[0]
+        pss = struct.unpack("<I", item(PHYSICAL_SECTOR, 4))[0]
+        if lss not in (512, 4096):
+            raise self._corrupt("invalid logical sector size", field="LogicalSectorSize",
+                                expected="512 or 4096", found=lss)
+        if pss not in (512, 4096):
+            raise self._corrupt("invalid physical sector size", field="PhysicalSectorSize",
+                                expected="512 or 4096", found=pss)
+        self.sector_size = lss
+        self.physical_sector_size = pss
+        size = struct.unpack("<Q", item(VIRTUAL_DISK_SIZE, 8))[0]
+        if size == 0 or size > MAX_SIZE or size % lss:
+            raise self._corrupt("invalid virtual disk size", field="VirtualDiskSize",
+                                expected=f"a non-zero multiple of {lss} up to 64 TiB", found=size)
+        self.size = size
+        self.uuid = _guid(item(PAGE83, 16))
+        self.modification_uuid = _guid(self.hdr.data_write_guid)
+        self.flags = ImageFlags.FIXED if self.leave_allocated else ImageFlags.NONE
+        self.parent_locator: dict[str, str] = {}
+        if self.has_parent:
+            self.flags |= ImageFlags.DIFF
+            self._read_parent_locator()
+
+    def _read_parent_locator(self) -> None:
+        mo = self.md_offset
+        if PARENT_LOCATOR not in self.md_entries:
+            raise self._corrupt("differencing image without a parent locator",
+                                field="metadata table", offset=mo)
+        off, ln, _fl, _k = self.md_entries[PARENT_LOCATOR]
+        if ln < ParentLocatorHeader.sizeof():
+            raise self._corrupt("parent locator too short", field="parent locator",
+                                offset=mo + off, expected=">= 20 bytes", found=ln)
+        raw = self.f.read_exact(mo + off, ln, "parent locator")
+        ph = ParentLocatorHeader.parse(raw)
+        if _guid(ph.locator_type) != VHDX_LOCATOR_TYPE:
+            raise NotSupported(f"{self.location}: parent locator type {_guid(ph.locator_type)} is "
+                               f"not the VHDX locator type {VHDX_LOCATOR_TYPE}")
+        n = ph.key_value_count
+        if 20 + 12 * n > ln:
+            raise self._corrupt("parent locator entry count exceeds the item",
+                                field="KeyValueCount", offset=mo + off + 18,
+                                expected=f"<= {(ln - 20) // 12}", found=n)
+        kv = {}
+        for i in range(n):
+            e = ParentLocatorEntry.parse(raw[20 + 12 * i:32 + 12 * i])
+            for o, l in ((e.key_offset, e.key_length), (e.value_offset, e.value_length)):
+                if o + l > ln or l % 2:
+                    raise self._corrupt("parent locator key/value lies outside the item",
+                                        field="parent locator entry", offset=mo + off + 20 + 12 * i,
+                                        expected=f"end <= {ln}, even length", found=f"{o}+{l}")
+            key = raw[e.key_offset:e.key_offset + e.key_length].decode("utf-16-le", "replace")
+            val = raw[e.value_offset:e.value_offset + e.value_length].decode("utf-16-le", "replace")
+            kv[key] = val
+        self.parent_locator = kv
+        linkage = kv.get("parent_linkage")
+        self.parent_modification_uuid = None
+        if linkage:
+            try:
+                self.parent_modification_uuid = uuidlib.UUID(linkage.strip("{}"))
+            except ValueError:
+                raise self._corrupt("parent_linkage is not a GUID", field="parent_linkage",
+                                    offset=mo + off, found=repr(linkage)) from None
+        locs = [kv[k] for k in ("relative_path", "volume_path", "absolute_win32_path") if kv.get(k)]
+        locs = [(".\\" + l[2:] if l.startswith(".\\") else l) for l in locs]
+        self.parent_hint = ParentHint(locations=[_native(l) for l in locs], uuid=None,
+                                      format="VHDX", link_id=linkage)
+
+    def _read_bat(self) -> None:
+        bo, bl = self.vregions[BAT_GUID]
+        self.bat_offset, self.bat_length = bo, bl
+        self.cr = chunk_ratio(self.sector_size, self.block_size)
+        self.payload_blocks = -(-self.size // self.block_size)
+        self.bat_count = bat_entry_count(self.size, self.block_size, self.sector_size,
+                                         self.has_parent)
+        if self.bat_count * 8 > bl:
+            raise self._corrupt("BAT region too small for the disk", field="BAT length",
+                                offset=REGION_OFFSETS[self.region_table],
+                                expected=f">= {self.bat_count * 8} bytes", found=bl)
+        raw = self.f.read_exact(bo, self.bat_count * 8, "BAT")
+        bat = array("Q")
+        bat.frombytes(raw)
+        if byteorder != "little":
+            bat.byteswap()
+        self.bat = bat
+        end = max(MiB, self.file_len)
+        for off, ln in self.vregions.values():
+            end = max(end, off + ln)
+        if self.hdr.log_length:
+            end = max(end, self.hdr.log_offset + self.hdr.log_length)
+        self.alloc_end = -(-end // MiB) * MiB
+
+    # -- BAT helpers ---------------------------------------------------------------------
+    def _bat_index(self, block: int) -> int:
+        return block + block // self.cr
+
+    def _sb_index(self, chunk: int) -> int:
+        return chunk * (self.cr + 1) + self.cr
+
+    def _entry(self, idx: int) -> tuple[int, int]:
+        e = self.bat[idx]
+        return e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
+
+    def _block_offset(self, block: int, what="payload block") -> int:
+        idx = self._bat_index(block)
+        _st, off = self._entry(idx)
+        if off < MiB or off + self.block_size > self.file_len:
+            raise self._corrupt(f"BAT entry of {what} {block} points outside the file",
+                                field=f"BAT[{idx}]", offset=self.bat_offset + 8 * idx,
+                                expected=f"1 MiB <= offset, end <= {self.file_len}",
+                                found=f"{off:#x}")
+        return off
+
+    def _set_entry(self, idx: int, state: int, off: int) -> None:
+        v = (off // MiB) << _OFFSET_SHIFT | state
+        self.bat[idx] = v
+        self.f.pwrite(self.bat_offset + 8 * idx, struct.pack("<Q", v))
+
+    def _state(self, block: int) -> int:
+        return self.bat[self._bat_index(block)] & _STATE_MASK
+
+    def _sector_bitmap(self, chunk: int) -> bytearray | None:
+        if chunk in self._sb_cache:
+            return self._sb_cache[chunk]
+        idx = self._sb_index(chunk)
+        if idx >= len(self.bat):
+            return None
+        st, off = self._entry(idx)
+        if st != SB_PRESENT:
+            return None
+        if off < MiB or off + MiB > self.file_len:
+            raise self._corrupt(f"sector bitmap block {chunk} lies outside the file",
+                                field=f"BAT[{idx}]", offset=self.bat_offset + 8 * idx,
+                                expected=f"end <= {self.file_len}", found=f"{off:#x}")
+        bm = bytearray(self.f.read_exact(off, MiB, f"sector bitmap block {chunk}"))
+        self._sb_cache[chunk] = bm
+        return bm
+
+    def _partial_runs(self, block: int, inner: int, n: int) -> list[tuple[int, int, bool]]:
+        """(offset in block, length, present) for a range of a PARTIALLY_PRESENT block."""
+        ss = self.sector_size
+        chunk = block // self.cr
+        bm = self._sector_bitmap(chunk)
+        first = (block % self.cr) * (self.block_size // ss) + inner // ss
+        count = -(-n // ss) if n else 0
+        runs: list[tuple[int, int, bool]] = []
+        if bm is None:
+            return [(inner, n, False)]
+        # walk the bitmap; whole bytes of 0x00/0xFF at a time where possible
+        s = 0
+        while s < count:
+            bit = first + s
+            if bit % 8 == 0 and count - s >= 8 and bm[bit >> 3] in (0, 255):
+                present, step = bm[bit >> 3] == 255, 8
+            else:
+                present, step = bool(bm[bit >> 3] >> (bit & 7) & 1), 1
+            pos = inner + s * ss
+            ln = min(step * ss, inner + n - pos)
+            if runs and runs[-1][2] == present:
+                runs[-1] = (runs[-1][0], runs[-1][1] + ln, present)
+            else:
+                runs.append((pos, ln, present))
+            s += step
+        return runs
+
+    # -- data ----------------------------------------------------------------------------
+    def _status_of(self, state: int) -> Alloc:
+        if state in (PAYLOAD_FULLY_PRESENT,):
+            return Alloc.DATA
+        if state == PAYLOAD_PARTIALLY_PRESENT:
+            return Alloc.DATA if not self.has_parent else None  # resolved per sector
+        if state == PAYLOAD_ZERO:
+            return Alloc.ZERO
+        if self.has_parent:
+            return Alloc.UNALLOCATED
+        if state in (PAYLOAD_NOT_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED):
+            return Alloc.UNALLOCATED
+        raise self._corrupt(f"invalid payload block state {state}", field="BAT state")
+
+    def _check_state(self, block: int) -> int:
+        st = self._state(block)
+        if st not in STATE_NAMES:
+            idx = self._bat_index(block)
+            raise self._corrupt("invalid payload block state", field=f"BAT[{idx}]",
+                                offset=self.bat_offset + 8 * idx,
+                                expected="0, 1, 2, 3, 6 or 7", found=st)
+        return st
+
+    def block_status(self, offset, length):
+        runs: list[tuple[int, int, Alloc]] = []
+
+        def add(pos, n, st):
+            if runs and runs[-1][2] == st and runs[-1][0] + runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
+            else:
+                runs.append((pos, n, st))
+
+        for block, inner, pos, n in split_blocks(offset, length, self.block_size):
+            st = self._check_state(block)
+            a = self._status_of(st)
+            if a is None:
+                base = pos - inner
+                for o, ln, present in self._partial_runs(block, inner, n):
+                    add(base + o, ln, Alloc.DATA if present else Alloc.UNALLOCATED)
+            else:
+                add(pos, n, a)
+        return runs
+
+    def read(self, offset, length):
+        out = bytearray(length)
+        for block, inner, pos, n in split_blocks(offset, length, self.block_size):
+            st = self._check_state(block)
+            a = self._status_of(st)
+            if a is Alloc.DATA:
+                boff = self._block_offset(block)
+                out[pos - offset:pos - offset + n] = self.f.read_exact(
+                    boff + inner, n, f"payload block {block}")
+            elif a is None:
+                boff = self._block_offset(block)
+                for o, ln, present in self._partial_runs(block, inner, n):
+                    if present:
+                        p = pos - inner + o - offset
+                        out[p:p + ln] = self.f.read_exact(boff + o, ln, f"payload block {block}")
+        return bytes(out)
+
+    def _begin_write(self) -> None:
+        self._require_writable()
+        if not self._data_guid_updated:
+            # MS-VHDX 2.2.2: DataWriteGuid changes before the first user-visible write
+            self._update_header(data_write_guid=uuidlib.uuid4().bytes_le)
+            self.modification_uuid = _guid(self.hdr.data_write_guid)
+            self._data_guid_updated = True
+
+    def _allocate(self, length: int) -> int:
+        off = self.alloc_end
+        self.alloc_end = off + -(-length // MiB) * MiB
+        if self.alloc_end > self.file_len:
+            self.f.truncate(self.alloc_end)
+            self.file_len = self.alloc_end
+        return off
+
+    def _mark_sectors(self, block: int, inner: int, n: int) -> bool:
+        """Set the sector bitmap bits of a write in a differencing image; True when the whole
+        block is now present."""
+        ss = self.sector_size
+        chunk = block // self.cr
+        idx = self._sb_index(chunk)
+        bm = self._sector_bitmap(chunk)
+        if bm is None:
+            off = self._allocate(MiB)           # fresh space reads as zeroes
+            self._set_entry(idx, SB_PRESENT, off)
+            bm = bytearray(MiB)
+            self._sb_cache[chunk] = bm
+        per_block = self.block_size // ss
+        first = (block % self.cr) * per_block + inner // ss
+        count = n // ss
+        lo, hi = first >> 3, (first + count - 1) >> 3
+        for s in range(first, first + count):
+            if s & 7 == 0 and first + count - s >= 8:
+                bm[s >> 3] = 0xFF
+            else:
+                bm[s >> 3] |= 1 << (s & 7)
+        sboff = self._entry(idx)[1]
+        # only the changed bytes, rounded to 512 so the update stays within sector writes
+        a = lo - lo % 512
+        b = min(-(-(hi + 1) // 512) * 512, MiB)
+        self.f.pwrite(sboff + a, bytes(bm[a:b]))
+        bfirst = (block % self.cr) * per_block
+        seg = bm[bfirst >> 3:(bfirst + per_block) >> 3]
+        return seg.count(0xFF) == len(seg)
+
+    def write(self, offset, data, fill):
+        self._begin_write()
+        mv = memoryview(data)
+        for block, inner, pos, n in split_blocks(offset, len(data), self.block_size):
+            piece = mv[pos - offset:pos - offset + n]
+            st = self._check_state(block)
+            idx = self._bat_index(block)
+            if st == PAYLOAD_FULLY_PRESENT or (st == PAYLOAD_PARTIALLY_PRESENT and not self.has_parent):
+                self.f.pwrite(self._block_offset(block) + inner, piece)
+                continue
+            if st == PAYLOAD_PARTIALLY_PRESENT:
+                boff = self._block_offset(block)
+                self.f.pwrite(boff + inner, piece)
+                self.f.sync()
+                if self._mark_sectors(block, inner, n):
+                    self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
+                continue
+            zero = not getattr(self, "honor_zeroes", False) and is_zero(piece)
+            whole = inner == 0 and (n == self.block_size or pos + n == self.size)
+            if zero and (not self.has_parent or st == PAYLOAD_ZERO):
+                continue                       # already reads as zeroes
+            if zero and whole:
+                self._set_entry(idx, PAYLOAD_ZERO, 0)
+                continue
+            boff = self._allocate(self.block_size)
+            self.f.pwrite(boff + inner, piece)
+            self.f.sync()                      # data before the BAT entry naming it
+            if self.has_parent and st != PAYLOAD_ZERO and not whole:
+                full = self._mark_sectors(block, inner, n)
+                self.f.sync()
+                self._set_entry(idx, PAYLOAD_FULLY_PRESENT if full else PAYLOAD_PARTIALLY_PRESENT,
+                                boff)
+            else:
+                self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
+
+    def flush(self):
+        if not self.read_only:
+            self.f.sync()
+
+    def close(self):
+        if self.f.fd >= 0:
+            if not self.read_only:
+                self.f.sync()
+            self.f.close()
+
+    # -- metadata ------------------------------------------------------------------------
+    def info(self) -> dict:
+        sub = "differencing" if self.has_parent else "fixed" if self.leave_allocated else "dynamic"
+        d = {
+            "subformat": sub,
+            "creator": self.creator,
+            "block_size": self.block_size,
+            "logical_sector_size": self.sector_size,
+            "physical_sector_size": self.physical_sector_size,
+            "chunk_ratio": self.cr,
+            "bat_entries": self.bat_count,
+            "header_sequence": self.hdr.sequence_number,
+            "current_header": self.hdr_slot + 1,
+            "file_write_guid": str(_guid(self.hdr.file_write_guid)),
+            "data_write_guid": str(_guid(self.hdr.data_write_guid)),
+            "log_offset": self.hdr.log_offset,
+            "log_length": self.hdr.log_length,
+            "log_replayed": self.log_replayed,
+            "log_pending": self.log_pending,
+        }
+        if self.has_parent:
+            d["parent_locator"] = dict(self.parent_locator)
+        return d
+
+    def check_parent_link(self, parent):
+        if self.parent_modification_uuid is None:
+            return
+        mine = self.parent_modification_uuid
+        theirs = parent.modification_uuid
+        if theirs is None or theirs != mine:
+            raise ParentMismatch(f"{self.location}: differencing image does not belong to "
+                                 f"{parent.location} (parent_linkage is the parent's DataWriteGuid)",
+                                 field="parent_linkage", expected=theirs, found=mine)
+
+    def _write_metadata_item(self, g: uuidlib.UUID, payload: bytes) -> None:
+        """Replace a metadata item: in place when same length (one aligned write), else in free
+        space of the region followed by the table entry update (data before the table)."""
+        self._require_writable()
+        off, ln, flags, k = self.md_entries[g]
+        if len(payload) == ln:
+            self.f.pwrite(self.md_offset + off, payload)
+            self.f.sync()
+            return
+        end = METADATA_TABLE_SIZE
+        for o, l, _f, _k in self.md_entries.values():
+            end = max(end, o + l)
+        new_off = -(-end // 4096) * 4096 if end else METADATA_TABLE_SIZE
+        if new_off + len(payload) > self.md_length:
+            raise NotSupported(f"{self.location}: no room left in the metadata region "
+                               f"({self.md_length} bytes) for a new {KNOWN_ITEMS[g]}")
+        self.f.pwrite(self.md_offset + new_off, payload)
+        self.f.sync()
+        entry = MetadataTableEntry.build(dict(item_id=_gbytes(g), offset=new_off,
+                                              length=len(payload), flags=flags, reserved=0))
+        self.f.pwrite(self.md_offset + 32 + 32 * k, entry)
+        self.f.sync()
+        self.md_entries[g] = (new_off, len(payload), flags, k)
+
+    def set_uuid(self, value):
+        self._require_writable()
+        self._write_metadata_item(PAGE83, _gbytes(value))
+        self.uuid = value
+
+    def set_modification_uuid(self, value):
+        self._require_writable()
+        self._update_header(data_write_guid=_gbytes(value))
+        self._data_guid_updated = True
+        self.modification_uuid = value
+
+    def set_parent_modification_uuid(self, value):
+        self._require_writable()
+        if not self.has_parent:
+            self._no_field("a parent link (not a differencing image)")
+        kv = dict(self.parent_locator)
+        kv["parent_linkage"] = "{" + str(value).upper() + "}"
+        self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
+        self.parent_locator = kv
+        self.parent_modification_uuid = value
+        self.parent_hint.link_id = kv["parent_linkage"]
+
+    def set_parent(self, parent):
+        self._require_writable()
+        if parent is None:
+            raise NotSupported(f"{self.location}: turning a VHDX differencing image into a base "
+                               "image is not supported (convert it instead)")
+        if not self.has_parent:
+            raise NotSupported(f"{self.location}: not a differencing image")
+        if parent.format != "VHDX" or parent.modification_uuid is None:
+            raise NotSupported(f"{self.location}: a VHDX differencing image needs a VHDX parent")
+        kv = locator_for(self.location, parent.location, parent.modification_uuid)
+        self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
+        self.parent_locator = kv
+        self.parent_modification_uuid = parent.modification_uuid
+        locs = [kv["relative_path"], kv["absolute_win32_path"]]
+        self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX",
+                                      link_id=kv["parent_linkage"])
+
+    # -- operations ----------------------------------------------------------------------
+    def resize(self, new_size, progress=None):
+        self._require_writable()
+        if new_size < self.size:
+            raise InvalidArgument(f"{self.location}: shrinking a VHDX image is not supported "
+                                  f"({self.size} -> {new_size} bytes)")
+        if new_size % self.sector_size or new_size > MAX_SIZE:
+            raise InvalidArgument(f"{self.location}: new size must be a multiple of "
+                                  f"{self.sector_size} bytes and at most 64 TiB, found {new_size}")
+        if new_size == self.size:
+            return
+        count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
+        if count * 8 > self.bat_length:
+            raise NotSupported(f"{self.location}: growing to {new_size} bytes needs a larger BAT "
+                               f"({count * 8} > {self.bat_length} bytes); relocating the BAT is "
+                               "not supported")
+        self._begin_write()
+        old_blocks = self.payload_blocks
+        new_bat = array("Q", self.bat) + array("Q", bytes(8 * (count - len(self.bat))))
+        # entries past the old end must read as "not present" before the size grows
+        start = len(self.bat)
+        if count > start:
+            self.f.pwrite(self.bat_offset + 8 * start, bytes(8 * (count - start)))
+        self.bat = new_bat
+        self.bat_count = count
+        self.payload_blocks = -(-new_size // self.block_size)
+        if self.leave_allocated and not self.has_parent:
+            for blk in range(old_blocks, self.payload_blocks):
+                off = self._allocate(self.block_size)
+                self._set_entry(self._bat_index(blk), PAYLOAD_FULLY_PRESENT, off)
+        self.f.sync()
+        self._write_metadata_item(VIRTUAL_DISK_SIZE, struct.pack("<Q", new_size))
+        self.size = new_size
+        if progress:
+            progress(1, 1)
+
+    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+        rep = CheckReport()
+        for p in getattr(self, "header_problems", []):
+            rep.problems.append(Problem("corrupt", f"{self.location}: {p}"))
+        used: dict[int, str] = {}
+        for g, (o, ln) in self.vregions.items():
+            for mb in range(o // MiB, (o + ln) // MiB):
+                used[mb] = "BAT region" if g == BAT_GUID else "metadata region"
+        if self.hdr.log_length:
+            for mb in range(self.hdr.log_offset // MiB,
+                            (self.hdr.log_offset + self.hdr.log_length) // MiB):
+                used[mb] = "log"
+        for idx in range(self.bat_count):
+            e = self.bat[idx]
+            st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
+            is_sb = idx % (self.cr + 1) == self.cr
+            where = self.bat_offset + 8 * idx
+            if is_sb:
+                if st == SB_NOT_PRESENT:
+                    continue
+                if st != SB_PRESENT or not self.has_parent:
+                    rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid sector bitmap "
+                                                f"state {st}", where))
+                    continue
+                length, what = MiB, "sector bitmap block"
+            else:
+                blk = idx - idx // (self.cr + 1)
+                if st not in STATE_NAMES:
+                    rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid payload block "
+                                                f"state {st}", where))
+                    continue
+                if st not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
+                    continue
+                if blk >= self.payload_blocks:
+                    continue
+                length, what = self.block_size, f"payload block {blk}"
+            if off < MiB or off + length > self.file_len:
+                rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} lies "
+                                            f"outside the file ({self.file_len} bytes)", where))
+                continue
+            for mb in range(off // MiB, (off + length) // MiB):
+                if mb in used:
+                    rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} "
+                                                f"overlaps {used[mb]}", where))
+                    break
+                used[mb] = f"BAT[{idx}]"
+        if progress:
+            progress(1, 1)
+        return rep
+
+
+def _native(loc: str) -> str:
+    """A stored Windows-style path as a name chain.py can resolve ('.\\x' -> 'x')."""
+    s = loc.replace("\\", "/")
+    while s.startswith("./"):
+        s = s[2:]
+    return s
+
+
+def locator_for(child: str, parent: str, linkage: uuidlib.UUID) -> dict[str, str]:
+    rel = relative_name(child, parent).replace("/", "\\")
+    if not rel.startswith("..") and not rel.startswith(".\\"):
+        rel = ".\\" + rel
+    return {
+        "parent_linkage": "{" + str(linkage).upper() + "}",
+        "relative_path": rel,
+        # a POSIX absolute path where Windows would store C:\...; Hyper-V tries relative first
+        "absolute_win32_path": os.path.abspath(parent).replace("/", "\\"),
+    }
+
+
+def build_locator(kv: dict[str, str]) -> bytes:
+    """MS-VHDX 2.6.2.6: locator header, key/value entries, then the UTF-16 strings."""
+    n = len(kv)
+    head = ParentLocatorHeader.build(dict(locator_type=_gbytes(VHDX_LOCATOR_TYPE), reserved=0,
+                                          key_value_count=n))
+    pos = 20 + 12 * n
+    entries = b""
+    strings = b""
+    for k, v in kv.items():
+        kb, vb = _utf16(k), _utf16(v)
+        entries += ParentLocatorEntry.build(dict(key_offset=pos, value_offset=pos + len(kb),
+                                                 key_length=len(kb), value_length=len(vb)))
+        strings += kb + vb
+        pos += len(kb) + len(vb)
+    return head + entries + strings
+
+
+# -- log replay --------------------------------------------------------------------------------
+class _LogEntry:
+    __slots__ = ("pos", "hdr", "descs", "sectors")
+
+
+def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> "_LogEntry | None":
+    """Parse and validate one log entry at ``pos`` of the circular log buffer; None if invalid."""
+    n = len(log)
+
+    def take(p, ln):
+        p %= n
+        if p + ln <= n:
+            return log[p:p + ln]
+        return log[p:] + log[:ln - (n - p)]
+
+    head = take(pos, 64)
+    if head[:4] != b"loge":
+        return None
+    h = LogEntryHeader.parse(head)
+    if (h.entry_length < LOG_SECTOR or h.entry_length % LOG_SECTOR or h.entry_length > n
+            or h.tail % LOG_SECTOR or h.tail >= n or h.log_guid != guid or h.sequence_number == 0):
+        return None
+    desc_area = -(-(64 + 32 * h.descriptor_count) // LOG_SECTOR) * LOG_SECTOR
+    if desc_area > h.entry_length:
+        return None
+    raw = bytearray(take(pos, h.entry_length))
+    if not _checksum_ok(raw):
+        return None
+    descs = []
+    ndata = 0
+    for i in range(h.descriptor_count):
+        d = raw[64 + 32 * i:96 + 32 * i]
+        if d[:4] == b"zero":
+            z = ZeroDescriptor.parse(d)
+            if z.sequence_number != h.sequence_number or z.zero_length % LOG_SECTOR \
+                    or z.file_offset % LOG_SECTOR:
+                return None
+            descs.append(("zero", z))
+        elif d[:4] == b"desc":
+            dd = DataDescriptor.parse(d)
+            if dd.sequence_number != h.sequence_number or dd.file_offset % LOG_SECTOR:
+                return None
+            descs.append(("data", dd))
+            ndata += 1
+        else:
+            return None
+    if desc_area + ndata * LOG_SECTOR != h.entry_length:
+        return None
+    sectors = []
+    for i in range(ndata):
+        s = DataSector.parse(bytes(raw[desc_area + i * LOG_SECTOR:desc_area + (i + 1) * LOG_SECTOR]))
+        if (s.signature != b"data" or s.sequence_high != h.sequence_number >> 32
+                or s.sequence_low != h.sequence_number & 0xFFFFFFFF):
+            return None
+        sectors.append(s.data)
+    e = _LogEntry()
+    e.pos, e.hdr, e.descs, e.sectors = pos, h, descs, sectors
+    return e
+
+
+def find_active_sequence(log: bytes, guid: bytes) -> list[_LogEntry]:
+    """MS-VHDX 2.3.3: the sequence of consecutive valid entries with the highest sequence
+    number, from the head entry's tail to the head. Empty when the log has none."""
+    n = len(log)
+    cache: dict[int, _LogEntry | None] = {}
+
+    def entry(p):
+        if p not in cache:
+            cache[p] = _parse_log_entry(log, p, guid)
+        return cache[p]
+
+    best: list[_LogEntry] = []
+    for start in range(0, n, LOG_SECTOR):
+        e = entry(start)
+        if e is None:
+            continue
+        seq = [e]
+        used = e.hdr.entry_length
+        while used < n:
+            nxt = entry((seq[-1].pos + seq[-1].hdr.entry_length) % n)
+            if nxt is None or nxt.hdr.sequence_number != seq[-1].hdr.sequence_number + 1:
+                break
+            used += nxt.hdr.entry_length
+            if used > n:
+                break
+            seq.append(nxt)
+        if not best or seq[-1].hdr.sequence_number > best[-1].hdr.sequence_number:
+            best = seq
+    if not best:
+        return []
+    tail = best[-1].hdr.tail
+    for i, e in enumerate(best):
+        if e.pos == tail:
+            return best[i:]
+    return []
+
+
+def _replay(img: VhdxImage) -> None:
+    h = img.hdr
+    if h.log_length == 0:
+        return
+    if h.log_length > MAX_LOG:
+        raise img._corrupt("log too large", field="LogLength", offset=HEADER_OFFSETS[img.hdr_slot],
+                           expected=f"<= {MAX_LOG}", found=h.log_length)
+    if h.log_offset + h.log_length > img.file_len:
+        raise img._corrupt("log lies past the end of the file", field="LogOffset",
+                           offset=HEADER_OFFSETS[img.hdr_slot],
+                           expected=f"end <= {img.file_len}", found=h.log_offset + h.log_length)
+    log = img.f.read_exact(h.log_offset, h.log_length, "log")
+    seq = find_active_sequence(log, h.log_guid)
+    if not seq:
+        return                                  # nothing valid to replay: only clear the GUID
+    head = seq[-1].hdr
+    if img.file_len < head.flushed_file_offset:
+        raise img._corrupt("file is shorter than the log says it was when flushed",
+                           field="FlushedFileOffset", expected=f">= {head.flushed_file_offset}",
+                           found=img.file_len)
+    for e in seq:
+        si = 0
+        for kind, d in e.descs:
+            if d.file_offset < REGION_OFFSETS[0]:
+                raise img._corrupt("log entry writes into the VHDX headers",
+                                   field="log descriptor FileOffset",
+                                   offset=h.log_offset + e.pos, expected=">= 192 KiB",
+                                   found=d.file_offset)
+            if kind == "zero":
+                if d.file_offset + d.zero_length > max(head.last_file_offset, img.file_len):
+                    raise img._corrupt("log zero descriptor lies past the file's end",
+                                       field="ZeroLength", offset=h.log_offset + e.pos,
+                                       expected=f"end <= {head.last_file_offset}",
+                                       found=d.file_offset + d.zero_length)
+                done = 0
+                while done < d.zero_length:
+                    k = min(4 * MiB, d.zero_length - done)
+                    img.f.pwrite(d.file_offset + done, zeroes(k))
+                    done += k
+            else:
+                data = bytes(d.leading_bytes) + bytes(e.sectors[si]) + bytes(d.trailing_bytes)
+                si += 1
+                img.f.pwrite(d.file_offset, data)
+    img.f.sync()
+    size = img.f.size()
+    if size < head.last_file_offset:
+        img.f.truncate(head.last_file_offset)
+        img.f.sync()
+    img.file_len = img.f.size()
+
+
+# -- the backend --------------------------------------------------------------------------------
+class VhdxBackend(Backend):
+    name = "VHDX"
+    description = "Hyper-V Virtual Hard Disk v2"
+    aliases = ("vhdx",)
+    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
+    extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
+    config_keys = (
+        ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "payload block size in bytes (1 MiB .. 256 MiB, power of two); 0 chooses "
+                  "8 MiB (32 MiB above 100 GiB, 2 MiB for differencing images)",
+                  minimum=0, maximum=256 * MiB),
+        ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "logical sector size: 512 or 4096", minimum=512, maximum=4096),
+        ConfigKey("PhysicalSectorSize", "4096", ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT, "physical sector size: 512 or 4096",
+                  minimum=512, maximum=4096),
+        ConfigKey("LogSize", str(MiB), ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "log size in bytes (multiple of 1 MiB)", minimum=MiB, maximum=MAX_LOG),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
+                            Operation.RELINK})
+    create_flags = ImageFlags.FIXED
+    max_size = MAX_SIZE
+    size_granularity = 512
+
+    def probe(self, src: ProbeInput) -> int:
+        return 100 if src.head[:8] == b"vhdxfile" else 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        parse_config(self.config_keys, config, owner=self.name)
+        f = ImageFile(location, writable=not flags.read_only)
+        return VhdxImage(self, location, f, flags)
+
+    def create(self, p: CreateParams):
+        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
+        parent = p.parent
+        diff = parent is not None
+        if diff:
+            if parent.format != "VHDX" or parent.modification_uuid is None:
+                raise NotSupported("a VHDX differencing image needs a VHDX parent "
+                                   f"({parent.location} is {parent.format})")
+            if p.flags & ImageFlags.FIXED:
+                raise NotSupported("a VHDX differencing image cannot be fixed")
+        lss = cfg["LogicalSectorSize"]
+        pss = cfg["PhysicalSectorSize"]
+        if diff:
+            lss = parent.sector_size
+        for name, v in (("LogicalSectorSize", lss), ("PhysicalSectorSize", pss)):
+            if v not in (512, 4096):
+                raise InvalidArgument(f"VHDX {name} must be 512 or 4096, found {v}")
+        size = p.size
+        if size <= 0 or size % lss or size > MAX_SIZE:
+            raise InvalidArgument(f"VHDX size must be a non-zero multiple of the logical sector "
+                                  f"size {lss} up to 64 TiB, found {size}")
+        bs = cfg["BlockSize"] or _default_block_size(size, diff)
+        if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
+            raise InvalidArgument(f"VHDX BlockSize must be a power of two from 1 MiB to 256 MiB, "
+                                  f"found {bs}")
+        log_len = cfg["LogSize"]
+        if log_len % MiB:
+            raise InvalidArgument(f"VHDX LogSize must be a multiple of 1 MiB, found {log_len}")
+        fixed = bool(p.flags & ImageFlags.FIXED)
+        count = bat_entry_count(size, bs, lss, diff)
+        log_off = MiB
+        md_off = log_off + log_len
+        md_len = MiB
+        bat_off = md_off + md_len
+        bat_len = max(MiB, -(-count * 8 // MiB) * MiB)
+        data_off = bat_off + bat_len
+        page83 = p.uuid or uuidlib.uuid4()
+
+        f = ImageFile.create_temp(p.location)
+        try:
+            ident = FileIdentifier.build(dict(signature=b"vhdxfile",
+                                              creator=_utf16("vdgui").ljust(512, b"\0")))
+            f.pwrite(0, ident)
+            # metadata region
+            items = [
+                (FILE_PARAMETERS, FileParameters.build(dict(
+                    block_size=bs, flags=(FP_LEAVE_BLOCK_ALLOCATED if fixed else 0)
+                    | (FP_HAS_PARENT if diff else 0))), MD_IS_REQUIRED),
+                (VIRTUAL_DISK_SIZE, struct.pack("<Q", size), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+                (PAGE83, _gbytes(page83), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+                (LOGICAL_SECTOR, struct.pack("<I", lss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+                (PHYSICAL_SECTOR, struct.pack("<I", pss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+            ]
+            if diff:
+                kv = locator_for(p.location, parent.location, parent.modification_uuid)
+                items.append((PARENT_LOCATOR, build_locator(kv), MD_IS_REQUIRED))
+            table = bytearray(MetadataTableHeader.build(dict(signature=b"metadata", reserved=0,
+                                                             entry_count=len(items),
+                                                             reserved2=bytes(20))))
+            pos = METADATA_TABLE_SIZE
+            blobs = b""
+            for g, payload, fl in items:
+                table += MetadataTableEntry.build(dict(item_id=_gbytes(g), offset=pos,
+                                                       length=len(payload), flags=fl, reserved=0))
+                blobs += payload
+                pos += len(payload)
+            f.pwrite(md_off, bytes(table))
+            f.pwrite(md_off + METADATA_TABLE_SIZE, blobs)
+            # BAT (fixed: every payload block present, laid out in order)
+            bat = array("Q", bytes(8 * count))
+            end = data_off
+            if fixed:
+                cr = chunk_ratio(lss, bs)
+                for blk in range(-(-size // bs)):
+                    bat[blk + blk // cr] = (end // MiB) << _OFFSET_SHIFT | PAYLOAD_FULLY_PRESENT
+                    end += bs
+            if byteorder != "little":
+                bat.byteswap()
+            f.pwrite(bat_off, bat.tobytes())
+            f.truncate(max(end, data_off))
+            if fixed:
+                try:
+                    os.posix_fallocate(f.fd, data_off, end - data_off)
+                except OSError:
+                    pass
+            # region tables (both copies)
+            rt = bytearray(REGION_SIZE)
+            rt[0:16] = RegionTableHeader.build(dict(signature=b"regi", checksum=0, entry_count=2,
+                                                    reserved=0))
+            rt[16:48] = RegionTableEntry.build(dict(guid=_gbytes(BAT_GUID), file_offset=bat_off,
+                                                    length=bat_len, required=1))
+            rt[48:80] = RegionTableEntry.build(dict(guid=_gbytes(METADATA_GUID), file_offset=md_off,
+                                                    length=md_len, required=1))
+            _with_checksum(rt)
+            for off in REGION_OFFSETS:
+                f.pwrite(off, bytes(rt))
+            # headers (sequence 0 and 1; the second is current)
+            fwg, dwg = uuidlib.uuid4(), uuidlib.uuid4()
+            for seq, off in enumerate(HEADER_OFFSETS):
+                h = bytearray(Header.build(dict(
+                    signature=b"head", checksum=0, sequence_number=seq, file_write_guid=_gbytes(fwg),
+                    data_write_guid=_gbytes(dwg), log_guid=ZERO_GUID, log_version=0, version=1,
+                    log_length=log_len, log_offset=log_off, reserved=bytes(4016))))
+                f.pwrite(off, bytes(_with_checksum(h)))
+            f.sync()
+            if p.progress:
+                p.progress(size, size)
+            f.commit()
+        except BaseException:
+            f.abandon()
+            raise
+        return VhdxImage(self, p.location, f, OpenFlags.NORMAL)
+
+
+BACKEND = VhdxBackend()
