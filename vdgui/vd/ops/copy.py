@@ -41,7 +41,7 @@ from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
 from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
-                      VDIOError)
+                      UnsafePath, VDError, VDIOError)
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -549,6 +549,10 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
         # undo: the image must stay usable where it was
         if moved:
             _link_into_place([(d, s) for s, d in plan], overwrite=False)
+            if be.can(Operation.RELINK):
+                with contextlib.suppress(VDError):
+                    _relink_after_move(os.path.abspath(src_path), parent_path, be,
+                                       allow_unsafe_paths)
         else:
             for _s, d in plan:
                 with contextlib.suppress(OSError):
@@ -576,8 +580,9 @@ def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe
             parent_disk.close()
     try:
         Disk.open_chain(new_loc, be.name, flags).close()
-    except ParentNotFound:
-        raise NotSupported(f"{new_loc}: {be.name} cannot rewrite its parent link, and the moved "
-                           "image would no longer find its parent; move it within its folder "
-                           "or move the whole chain") from None
+    except (ParentNotFound, UnsafePath):
+        raise NotSupported(f"{new_loc}: {be.name} cannot link the moved image to its parent "
+                           f"{parent_path} from there (names stored in images stay inside the "
+                           "image's folder unless unsafe paths are allowed); move it within its "
+                           "folder, into a Snapshots subfolder, or move the whole chain") from None
 
