@@ -168,7 +168,8 @@ class FormatConformance:
             d.create_base(path, self._size(), self.FORMAT, config=self.CREATE_CONFIG)
             for off, data in scattered_writes(self._size(), seed=3, count=6):
                 d.write(off, data)
-        original = open(path, "rb").read()
+        with open(path, "rb") as f:
+            original = f.read()
         bad = str(tmp_path / f"bad.{self.EXT}")
         rnd = random.Random(1234)
         cases = [original[:n] for n in (0, 1, 64, 511, 512, 1024, len(original) // 2)]
