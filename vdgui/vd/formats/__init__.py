@@ -4,11 +4,13 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import cue, dmg, iscsi, raw, vdi, vhdx
+from . import cue, dmg, iscsi, qcow2, raw, vdi, vhdx, vmdk
 
 BACKENDS = (
+    vmdk.BACKEND,
     vdi.BACKEND,
     dmg.BACKEND,
+    qcow2.BACKEND,
     vhdx.BACKEND,
     cue.BACKEND,
     raw.BACKEND,
