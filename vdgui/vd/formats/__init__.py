@@ -4,11 +4,12 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import cue, dmg, iscsi, qcow2, raw, vdi, vhdx, vmdk
+from . import cue, dmg, iscsi, qcow2, raw, vdi, vhd, vhdx, vmdk
 
 BACKENDS = (
     vmdk.BACKEND,
     vdi.BACKEND,
+    vhd.BACKEND,
     dmg.BACKEND,
     qcow2.BACKEND,
     vhdx.BACKEND,
