@@ -1154,8 +1154,9 @@ class Qcow2Image(Image):
         ``fix`` lists (kind, where, value) for flag repairs: ("l1", index, value) or
         ("l2", l2_offset, index, entry)."""
         cs = self.cs
+        self.fsize = self.f.size()
         nclusters = max(self.next_cluster, -(-self.fsize // cs))
-        counts = array("L", bytes(4 * (nclusters + 1)))
+        counts = array("I", [0]) * (nclusters + 1)
         fixes: list = []
         file_clusters = -(-self.fsize // cs)
 
