@@ -1,0 +1,164 @@
+"""Which action is enabled for a selection, and why not — decided only from backend declarations
+(Cap bits, Operation set, create_flags) and the availability of engine operations. No format
+names are compared anywhere. ``reason(key, nodes, ctx)`` returns None when enabled, otherwise the
+sentence shown in the disabled action's tooltip.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vdgui.vd import Cap, Operation, backends
+
+from vdgui.jobs.tasks import op_available
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    key: str
+    text: str
+    icon: str
+    shortcut: str = ""
+    tip: str = ""
+    toolbar: bool = True
+    short: str = ""          # toolbar label
+
+
+SPECS = (
+    ActionSpec("add", "&Add…", "add", "Ctrl+Shift+A", "Add existing image files to the list"),
+    ActionSpec("create", "&Create…", "create", "Ctrl+Shift+N", "Create a new disk image"),
+    ActionSpec("snapshot", "Create &Differencing Image…", "snapshot", "Ctrl+Shift+D",
+               "Create a differencing image (snapshot) on top of the selected image",
+               short="Snapshot"),
+    ActionSpec("copy", "&Copy / Convert…", "copy", "Ctrl+Shift+C",
+               "Copy the selected image, optionally into another format", short="Copy"),
+    ActionSpec("move", "&Move…", "move", "Ctrl+Shift+M", "Move the selected image's files"),
+    ActionSpec("merge", "Mer&ge…", "merge", "Ctrl+Shift+G", "Merge images of a snapshot chain"),
+    ActionSpec("resize", "Resi&ze…", "resize", "Ctrl+Shift+Z", "Change the virtual size"),
+    ActionSpec("compact", "Com&pact", "compact", "", "Give unused space back to the host"),
+    ActionSpec("check", "C&heck", "check", "Ctrl+Shift+K", "Check the image for consistency"),
+    ActionSpec("repair", "Rep&air", "repair", "", "Check the image and repair what can be repaired"),
+    ActionSpec("remove", "&Remove from List", "remove", "Ctrl+Shift+R",
+               "Forget the selected images (files stay on disk)", short="Remove"),
+    ActionSpec("delete", "&Delete from Disk…", "delete", "Shift+Del",
+               "Delete the selected images' files (asks first)", short="Delete"),
+    ActionSpec("refresh", "Re&fresh", "refresh", "Ctrl+Shift+F", "Re-read every image"),
+    ActionSpec("properties", "&Properties", "properties", "Ctrl+Shift+P",
+               "Show or hide the details of the selected image"),
+)
+SPEC = {s.key: s for s in SPECS}
+
+# actions that need every selected image to be idle, and the operation each needs from the engine
+_OP = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "resize",
+       "compact": "compact", "check": "check", "repair": "check"}
+_MULTI = {"compact", "check", "repair", "remove", "delete"}
+_VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "move",
+         "merge": "merge", "resize": "resize", "compact": "compact", "check": "check",
+         "repair": "repair", "remove": "remove", "delete": "delete"}
+
+
+@dataclass
+class Context:
+    """What besides the selection decides an action's state."""
+    busy: set = field(default_factory=set)                 # paths used by running jobs
+    available: Callable[[str], bool] = op_available         # is an engine operation present?
+
+
+def _label(node) -> str:
+    return node.name
+
+
+def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
+    """None when the action is enabled for ``nodes``; otherwise why it is not."""
+    ctx = ctx or Context()
+    if key == "add" or key == "refresh":
+        return None
+    if key == "create":
+        if any(b.creatable for b in backends()):
+            return None
+        return "No registered format can create images"
+    if not nodes:
+        return "Select an image first"
+    if key not in _MULTI and len(nodes) > 1:
+        return f"Select a single image to {_VERB.get(key, 'use this action on')} it"
+    if key == "properties":
+        return None
+    op_name = _OP.get(key)
+    if op_name and not ctx.available(op_name):
+        return (f"Not available yet: this build of the engine has no '{op_name}' operation")
+    for n in nodes:
+        if n.path in ctx.busy:
+            return f"{_label(n)} is busy: a running job is using it"
+    if key == "remove":
+        return None
+    if key == "delete":
+        for n in nodes:
+            b = n.backend
+            if b is not None and not b.caps & Cap.FILE:
+                return f"{_label(n)} is not stored in a file ({b.name} has no FILE capability)"
+            if not any(os.path.lexists(f) for f in (n.record.files or [n.path])):
+                return f"The file of {_label(n)} does not exist: use Remove from List instead"
+        return None
+    for n in nodes:
+        if not n.accessible:
+            return f"{_label(n)} is inaccessible: {n.record.error}"
+        if n.backend is None:
+            return f"{_label(n)}: its format is unknown"
+    for n in nodes:
+        r = _one(key, n)
+        if r:
+            return r
+    return None
+
+
+def _one(key: str, n) -> str | None:
+    b = n.backend
+    fmt = b.name
+    if key == "snapshot":
+        if not b.caps & Cap.DIFF:
+            return f"The {fmt} format cannot have differencing images (no DIFF capability)"
+        if not b.can(Operation.CREATE):
+            return f"The {fmt} backend cannot create images"
+        return None
+    if key == "copy":
+        if not any(x.creatable for x in backends()):
+            return "No registered format can create images"
+        return None
+    if key == "move":
+        if not b.caps & Cap.FILE:
+            return f"{fmt} images are not files and cannot be moved"
+        return None
+    if key == "merge":
+        if n.parent is None and not n.children:
+            return f"{_label(n)} is not part of a chain: there is nothing to merge"
+        if not b.caps & Cap.DIFF:
+            return f"The {fmt} format has no differencing images to merge (no DIFF capability)"
+        return None
+    if key == "resize":
+        if not b.can(Operation.RESIZE):
+            return f"The {fmt} format does not support resizing"
+        if n.children:
+            return (f"{len(n.children)} differencing image(s) depend on {_label(n)}: "
+                    "resize the top of the chain instead")
+        return None
+    if key == "compact":
+        if not b.can(Operation.COMPACT):
+            return f"The {fmt} format does not support compacting"
+        if n.children:
+            return (f"{len(n.children)} differencing image(s) depend on {_label(n)}; compacting "
+                    "it could change what they read")
+        return None
+    if key == "check":
+        if not b.can(Operation.CHECK):
+            return f"The {fmt} format has no consistency check"
+        return None
+    if key == "repair":
+        if not b.can(Operation.REPAIR):
+            return f"The {fmt} format cannot be repaired"
+        return None
+    return None
+
+
+def all_keys() -> list[str]:
+    return [s.key for s in SPECS]

@@ -1,0 +1,111 @@
+"""Entry point of the desktop app: ``vdgui [--screenshot FILE] [IMAGE...]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import vdgui
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vdgui", description="Desktop manager for virtual disk images")
+    p.add_argument("images", nargs="*", help="image files (or VirtualBox.xml / .vbox files) to add")
+    p.add_argument("--screenshot", metavar="FILE",
+                   help="render the main window with IMAGES loaded to a PNG and exit")
+    p.add_argument("--size", default="1240x760", help="window size for --screenshot (WxH)")
+    p.add_argument("--select", help="image to select for --screenshot (default: the deepest)")
+    p.add_argument("--version", action="version", version=f"vdgui {vdgui.__version__}")
+    return p.parse_args(argv)
+
+
+def make_app(argv=None):
+    from PySide6.QtWidgets import QApplication
+    app = QApplication.instance()
+    if app is None:
+        app = QApplication(argv or [sys.argv[0]])
+    app.setApplicationName("vdgui")
+    app.setOrganizationName("vdgui")
+    app.setApplicationVersion(vdgui.__version__)
+    app.setApplicationDisplayName("vdgui")
+    app.setDesktopFileName("vdgui")
+    from .icons import app_icon
+    app.setWindowIcon(app_icon())
+    return app
+
+
+def settings_for(data_dir: str):
+    from PySide6.QtCore import QSettings
+    return QSettings(os.path.join(data_dir, "settings.ini"), QSettings.IniFormat)
+
+
+def screenshot(args) -> int:
+    from PySide6.QtCore import QSize, QTimer
+    from PySide6.QtWidgets import QApplication
+    from vdgui.vd import Library
+    from .main_window import MainWindow
+    from vdgui.jobs import tasks
+
+    app = make_app()
+    lib = Library(":memory:")
+    win = MainWindow(lib, settings=None)
+    w, _, h = args.size.partition("x")
+    win.resize(QSize(int(w), int(h)))
+    if args.images:
+        win.add_paths(args.images, sync=True, select=False)
+    win.tree.expandAll()
+    nodes = win.model.nodes()
+    target = None
+    if args.select:
+        target = win.model.node(args.select)
+    if target is None and nodes:
+        target = max(nodes, key=lambda n: (n.accessible, n.depth))
+    win.show()
+    if target is not None:
+        win.select_paths([target.path])
+        if target.accessible:
+            job = tasks.allocation_job(target.path, library=lib)
+            try:
+                res = job.fn(lambda d, t: None)
+                win._allocation_done(job, res)
+            except Exception as exc:  # noqa: BLE001 - the picture is optional here
+                win.details.set_allocation_error(target.path, str(exc))
+    for _ in range(10):
+        app.processEvents()
+    win.queue.wait(5000)
+    for _ in range(10):
+        app.processEvents()
+    pix = win.grab()
+    ok = pix.save(args.screenshot, "PNG")
+    win.queue.cancel_all()
+    win.queue.wait()
+    win.close()
+    if not ok:
+        print(f"vdgui: cannot write {args.screenshot}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.screenshot:
+        return screenshot(args)
+    from vdgui.vd import Library, data_dir
+    from .main_window import MainWindow, install_excepthook
+
+    app = make_app()
+    ddir = data_dir()
+    lib = Library()
+    win = MainWindow(lib, settings=settings_for(ddir))
+    install_excepthook(lambda: win)
+    win.show()
+    win.load_library()
+    if args.images:
+        win.add_paths(args.images)
+    rc = app.exec()
+    lib.close()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

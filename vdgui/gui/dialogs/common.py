@@ -1,0 +1,203 @@
+"""Helpers shared by the dialogs: file-system limits of a folder, default names, format lists,
+a warnings box and a location row."""
+from __future__ import annotations
+
+import html
+import os
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QToolButton,
+                               QWidget)
+
+from vdgui.vd import Cap, ImageFlags, backends, format_size
+
+# The format offered first in create dialogs: a user preference (as VirtualBox's default
+# hard-disk format), not a capability decision.
+DEFAULT_FORMAT = "VDI"
+
+FAT_TYPES = {"vfat", "msdos", "fat", "umsdos", "fat32"}
+FAT_LIMIT = 4 * (1 << 30) - 1
+
+
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, file-system type) of the folder holding ``path``, from /proc/mounts."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    best = ("/", "")
+    try:
+        real = os.path.realpath(folder)
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, parts[2])
+    except OSError:
+        pass
+    return best
+
+
+def free_space(path: str) -> int | None:
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def size_warnings(location: str, size: int, *, preallocate: bool, split: bool = False,
+                  fs_type: str | None = None, free: int | None = None) -> list[str]:
+    """Warnings about the target folder's file system for an image of ``size`` bytes."""
+    out = []
+    fs = fs_type if fs_type is not None else mount_of(location)[1]
+    if fs.lower() in FAT_TYPES and size > FAT_LIMIT and not split:
+        out.append(f"The target folder is on a FAT file system ({fs}), where a file can be at most "
+                   f"4 GiB; an image of {format_size(size)} may not fit. Choose another folder"
+                   + (" or split the image into 2 GB parts." if True else "."))
+    free = free if free is not None else free_space(location)
+    if free is not None and preallocate and size > free:
+        out.append(f"Only {format_size(free)} are free in the target folder; pre-allocating "
+                   f"{format_size(size)} will not fit.")
+    return out
+
+
+def creatable_backends(*, file_only: bool = True, diff: bool = False):
+    """Backends that can create images, ordered: the default format, preferred ones, others."""
+    out = []
+    for b in backends():
+        if not b.creatable or not b.caps & (Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC):
+            continue
+        if file_only and not b.caps & Cap.FILE:
+            continue
+        if diff and not b.caps & Cap.DIFF:
+            continue
+        out.append(b)
+    first = [b for b in out if b.name.upper() == DEFAULT_FORMAT]
+    preferred = [b for b in out if b.caps & Cap.PREFERRED and b not in first]
+    others = [b for b in out if b not in first and b not in preferred]
+    return first + preferred, others
+
+
+def with_extension(path: str, ext: str) -> str:
+    stem, _ = os.path.splitext(path)
+    return f"{stem}.{ext}" if ext else stem
+
+
+def unique_path(folder: str, stem: str, ext: str) -> str:
+    cand = os.path.join(folder, f"{stem}.{ext}" if ext else stem)
+    i = 2
+    while os.path.exists(cand):
+        cand = os.path.join(folder, f"{stem}{i}.{ext}" if ext else f"{stem}{i}")
+        i += 1
+    return cand
+
+
+VARIANT_BOXES = (
+    (ImageFlags.FIXED, "Pre-allocate &full size", "Reserve the whole size on the host now "
+     "(faster in use, slower to create)"),
+    (ImageFlags.SPLIT_2G, "&Split into 2 GB parts", "Store the image in files of at most 2 GB"),
+    (ImageFlags.STREAM_OPTIMIZED, "S&tream-optimized", "Compressed, append-only layout for "
+     "distribution (OVA/ESXi)"),
+)
+
+
+class VariantBoxes(QWidget):
+    """Checkboxes for the variant bits a backend's create_flags allows."""
+
+    changed = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.boxes: dict[ImageFlags, QCheckBox] = {}
+        for flag, text, tip in VARIANT_BOXES:
+            cb = QCheckBox(text)
+            cb.setToolTip(tip)
+            cb.setProperty("tip", tip)
+            cb.toggled.connect(self.changed)
+            self.boxes[flag] = cb
+            lay.addWidget(cb)
+        lay.addStretch(1)
+
+    def set_backend(self, b) -> None:
+        for flag, cb in self.boxes.items():
+            ok = bool(b is not None and b.create_flags & flag)
+            if flag == ImageFlags.FIXED and b is not None and not b.caps & Cap.CREATE_FIXED:
+                ok = False
+            cb.setEnabled(ok)
+            if not ok:
+                cb.setChecked(False)
+                name = b.name if b is not None else "this format"
+                cb.setToolTip(f"{name} cannot create this variant")
+            else:
+                cb.setToolTip(cb.property("tip"))
+        if b is not None and not b.caps & Cap.CREATE_DYNAMIC and b.caps & Cap.CREATE_FIXED:
+            cb = self.boxes[ImageFlags.FIXED]
+            cb.setToolTip(f"{b.name} images are always fixed-size; without pre-allocation the file "
+                          "is created sparse")
+
+    def flags(self) -> ImageFlags:
+        f = ImageFlags.NONE
+        for flag, cb in self.boxes.items():
+            if cb.isEnabled() and cb.isChecked():
+                f |= flag
+        return f
+
+
+class LocationRow(QWidget):
+    changed = Signal(str)
+
+    def __init__(self, path: str = "", title: str = "Image location", parent=None):
+        super().__init__(parent)
+        self.title = title
+        self.edit = QLineEdit(path)
+        self.edit.setObjectName("location")
+        self.button = QToolButton()
+        self.button.setText("…")
+        self.button.setToolTip("Choose the file")
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.edit, 1)
+        lay.addWidget(self.button)
+        self.button.clicked.connect(self._browse)
+        self.edit.textChanged.connect(self.changed)
+
+    def path(self) -> str:
+        t = self.edit.text().strip()
+        return os.path.abspath(os.path.expanduser(t)) if t else ""
+
+    def set_path(self, p: str) -> None:
+        self.edit.setText(p)
+
+    def _browse(self) -> None:
+        p, _ = QFileDialog.getSaveFileName(self, self.title, self.edit.text(),
+                                           options=QFileDialog.DontConfirmOverwrite)
+        if p:
+            self.edit.setText(p)
+
+
+class MessageArea(QLabel):
+    """Errors (block OK) and warnings, shown as a list."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setWordWrap(True)
+        self.setTextFormat(Qt.RichText)
+        self.setObjectName("messages")
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.setVisible(False)
+
+    def show_messages(self, errors: list[str], warnings: list[str]) -> None:
+        self.errors, self.warnings = list(errors), list(warnings)
+        lines = [f"<span style='color:#c9372c'>✖ {html.escape(e)}</span>" for e in errors]
+        lines += [f"<span style='color:#8a5a00'>⚠ {html.escape(w)}</span>" for w in warnings]
+        self.setText("<br>".join(lines))
+        self.setVisible(bool(lines))

@@ -1,0 +1,177 @@
+"""Copy / Convert: target format, variant, location (default ``<name>_copy.<ext>`` beside the
+source), optional new size, flatten the chain or copy it as a chain, keep the UUID."""
+from __future__ import annotations
+
+import os
+
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
+                               QGroupBox, QLabel, QRadioButton, QVBoxLayout)
+
+from vdgui.vd import Cap, ImageFlags, format_size, get_backend
+
+from ..icons import format_icon, icon
+from ..widgets.config_form import ConfigForm
+from ..widgets.size_edit import SizeEdit
+from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, size_warnings,
+                     unique_path, with_extension)
+
+
+class CopyDialog(QDialog):
+    def __init__(self, node, parent=None):
+        super().__init__(parent)
+        self.node = node
+        rec = node.record
+        self.setWindowTitle(f"Copy or Convert {node.name}")
+        self.setWindowIcon(icon("copy"))
+        main, more = creatable_backends()
+        self.backends = main + more
+        self.format = QComboBox()
+        self.format.setObjectName("format")
+        for b in self.backends:
+            self.format.addItem(format_icon(b.extensions[0].device.value if b.extensions else "hdd",
+                                            b.name), f"{b.name} — {b.description}" if b.description
+                                else b.name, b.name)
+        src_b = node.backend
+        if src_b is not None and src_b in self.backends:
+            self.format.setCurrentIndex(self.backends.index(src_b))
+        self.variant = VariantBoxes()
+        self.location = LocationRow("", "Copy to")
+        self.resize_box = QCheckBox("&Change the virtual size to")
+        self.new_size = SizeEdit(rec.virtual_size or (1 << 30), slider=False)
+        self.new_size.setEnabled(False)
+        self.resize_box.toggled.connect(self.new_size.setEnabled)
+        self.resize_box.toggled.connect(self.validate)
+        self.flatten = QRadioButton("&Flatten: one image with the content of the whole chain")
+        self.as_chain = QRadioButton("Copy as a &chain: one image per chain member")
+        self.flatten.setChecked(True)
+        self.keep_uuid = QCheckBox("&Keep the UUID (the copy is meant to replace the original)")
+        chain_box = QGroupBox("Chain")
+        cl = QVBoxLayout(chain_box)
+        depth = node.depth
+        chain_label = QLabel(f"{node.name} is a differencing image at depth {depth}: "
+                             + " → ".join(n.name for n in node.ancestors() + [node])
+                             if depth > 1 else f"{node.name} is a base image.")
+        chain_label.setWordWrap(True)
+        cl.addWidget(chain_label)
+        cl.addWidget(self.flatten)
+        cl.addWidget(self.as_chain)
+        chain_box.setVisible(depth > 1)
+        self.config_box = QGroupBox("Target format options")
+        self.config_layout = QVBoxLayout(self.config_box)
+        self.config: ConfigForm | None = None
+        self.messages = MessageArea()
+        src = QLabel(f"Source: <b>{node.name}</b> — {rec.format}, {rec.variant}, "
+                     f"{format_size(rec.virtual_size or 0)} virtual, "
+                     f"{format_size(rec.file_size or 0)} on disk")
+        src.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Target &format:", self.format)
+        form.addRow("Variant:", self.variant)
+        form.addRow("&Location:", self.location)
+        form.addRow(self.resize_box, self.new_size)
+        form.addRow(self.keep_uuid)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        self.ok = self.buttons.button(QDialogButtonBox.Ok)
+        self.ok.setText("Copy")
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(src)
+        lay.addLayout(form)
+        lay.addWidget(chain_box)
+        lay.addWidget(self.config_box)
+        lay.addWidget(self.messages)
+        lay.addWidget(self.buttons)
+        self.format.currentIndexChanged.connect(self._format_changed)
+        self.variant.changed.connect(self.validate)
+        self.location.changed.connect(self.validate)
+        self.new_size.valueChanged.connect(self.validate)
+        self.as_chain.toggled.connect(self.validate)
+        self._format_changed()
+        self.resize(640, self.sizeHint().height())
+
+    def backend(self):
+        return get_backend(self.format.currentData()) if self.format.count() else None
+
+    def set_format(self, name: str) -> None:
+        self.format.setCurrentIndex(self.format.findData(get_backend(name).name))
+
+    def _format_changed(self, *_):
+        b = self.backend()
+        if b is None:
+            self.validate()
+            return
+        self.variant.set_backend(b)
+        self.new_size.setGranularity(b.size_granularity)
+        stem = os.path.splitext(self.node.name)[0]
+        cur = self.location.path()
+        if not cur:
+            self.location.set_path(unique_path(os.path.dirname(self.node.path), f"{stem}_copy",
+                                               b.default_extension()))
+        else:
+            self.location.set_path(with_extension(cur, b.default_extension()))
+        can_chain = bool(b.caps & Cap.DIFF) and self.node.depth > 1
+        self.as_chain.setEnabled(can_chain)
+        self.as_chain.setToolTip("" if can_chain else f"{b.name} has no differencing images")
+        if not can_chain:
+            self.flatten.setChecked(True)
+        self.keep_uuid.setEnabled(bool(b.caps & Cap.UUID))
+        self.keep_uuid.setToolTip("" if b.caps & Cap.UUID else f"{b.name} images have no UUID")
+        if self.config is not None:
+            self.config.setParent(None)
+            self.config.deleteLater()
+        self.config = ConfigForm(b.config_keys, mode="create") if b.config_keys else None
+        if self.config is not None:
+            self.config_layout.addWidget(self.config)
+            self.config.validChanged.connect(self.validate)
+        self.config_box.setVisible(self.config is not None)
+        self.validate()
+
+    def validate(self, *_):
+        errors, warnings = [], []
+        b = self.backend()
+        loc = self.location.path()
+        if b is None:
+            errors.append("No registered format can create images")
+        if not loc:
+            errors.append("Choose where to write the copy")
+        elif os.path.abspath(loc) in {os.path.abspath(f) for f in (self.node.record.files or [self.node.path])}:
+            errors.append("The copy cannot overwrite its source")
+        elif os.path.lexists(loc):
+            errors.append(f"{loc} already exists; choose another name")
+        elif not os.path.isdir(os.path.dirname(loc)):
+            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        size = self.node.record.virtual_size or 0
+        if self.resize_box.isChecked():
+            err = self.new_size.error()
+            v = self.new_size.value()
+            if err:
+                errors.append(err)
+            elif v is not None and v < size:
+                errors.append(f"A copy cannot be smaller than the source ({format_size(size)}); "
+                              "shrink with Resize after checking the content")
+            else:
+                size = v or size
+        if b is not None and b.max_size is not None and size > b.max_size:
+            errors.append(f"{b.name} images can be at most {format_size(b.max_size)}")
+        if self.config is not None:
+            errors += [f"{k}: {e}" for k, e in self.config.errors().items()]
+        if loc and size:
+            flags = self.variant.flags()
+            warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),
+                                      split=bool(flags & ImageFlags.SPLIT_2G))
+        self.messages.show_messages(errors, warnings)
+        self.ok.setEnabled(not errors)
+
+    def params(self) -> dict:
+        """Arguments for copy_image(src, dst, dst_format, **kwargs)."""
+        rec = self.node.record
+        b = self.backend()
+        kw = {"src_format": rec.format, "variant": self.variant.flags(),
+              "keep_uuid": self.keep_uuid.isEnabled() and self.keep_uuid.isChecked(),
+              "as_chain": self.as_chain.isEnabled() and self.as_chain.isChecked()}
+        if self.resize_box.isChecked() and self.new_size.value() != rec.virtual_size:
+            kw["new_size"] = self.new_size.value()
+        if self.config is not None and self.config.values():
+            kw["dst_config"] = self.config.values()
+        return {"src": self.node.path, "dst": self.location.path(), "dst_format": b.name, "kwargs": kw}

@@ -1,0 +1,253 @@
+"""Create a new base image; create a differencing image (snapshot) on top of one."""
+from __future__ import annotations
+
+import os
+
+from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QDialog, QDialogButtonBox, QFormLayout,
+                               QGroupBox, QLabel, QLineEdit, QRadioButton, QVBoxLayout, QWidget,
+                               QComboBox)
+
+from vdgui.vd import ImageFlags, format_size, get_backend
+
+from ..icons import format_icon, icon
+from ..widgets.config_form import ConfigForm
+from ..widgets.size_edit import SizeEdit
+from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, size_warnings,
+                     unique_path, with_extension)
+
+DEFAULT_SIZE = 20 << 30
+MAX_SLIDER = 2 << 40
+
+
+class CreateDialog(QDialog):
+    """Format (default first, preferred next, others under "More formats"), variant, size with
+    units and a slider, location, backend create keys; warns on existing files and FS limits."""
+
+    def __init__(self, folder: str | None = None, parent=None, *, size: int = DEFAULT_SIZE):
+        super().__init__(parent)
+        self.setWindowTitle("Create Virtual Disk Image")
+        self.setWindowIcon(icon("create"))
+        self.folder = folder or os.path.expanduser("~")
+        self._name_touched = False
+        main, more = creatable_backends()
+        self.backends = main + more
+
+        self.format_box = QGroupBox("Format")
+        fl = QVBoxLayout(self.format_box)
+        self.format_group = QButtonGroup(self)
+        self.format_buttons: dict[str, QRadioButton] = {}
+        self.more_widget = QWidget()
+        ml = QVBoxLayout(self.more_widget)
+        ml.setContentsMargins(0, 0, 0, 0)
+        for b in self.backends:
+            rb = QRadioButton(f"{b.name} — {b.description}" if b.description else b.name)
+            rb.setIcon(format_icon(b.extensions[0].device.value if b.extensions else "hdd", b.name))
+            rb.setProperty("backend", b.name)
+            rb.setObjectName(f"format_{b.name}")
+            self.format_group.addButton(rb)
+            self.format_buttons[b.name] = rb
+            (fl if b in main else ml).addWidget(rb)
+        self.more = QCheckBox("Show &more formats")
+        self.more.setVisible(bool(more))
+        self.more.toggled.connect(self.more_widget.setVisible)
+        fl.addWidget(self.more)
+        fl.addWidget(self.more_widget)
+        self.more_widget.setVisible(not main)
+        if not main:
+            self.more.setChecked(True)
+        if not self.backends:
+            fl.addWidget(QLabel("No registered format can create images."))
+
+        self.variant = VariantBoxes()
+        self.size = SizeEdit(size)
+        self.size.setObjectName("size")
+        self.location = LocationRow("", "Create image at")
+        self.comment = QLineEdit()
+        self.comment.setPlaceholderText("Optional description stored in the image")
+        self.config_box = QGroupBox("Format options")
+        self.config_layout = QVBoxLayout(self.config_box)
+        self.config: ConfigForm | None = None
+        self.messages = MessageArea()
+
+        form = QFormLayout()
+        form.addRow("Variant:", self.variant)
+        form.addRow("&Size:", self.size)
+        form.addRow("&Location:", self.location)
+        form.addRow("&Description:", self.comment)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        self.ok = self.buttons.button(QDialogButtonBox.Ok)
+        self.ok.setText("Create")
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.format_box)
+        lay.addLayout(form)
+        lay.addWidget(self.config_box)
+        lay.addWidget(self.messages)
+        lay.addWidget(self.buttons)
+
+        self.format_group.buttonToggled.connect(self._format_changed)
+        self.variant.changed.connect(self.validate)
+        self.size.valueChanged.connect(self.validate)
+        self.location.changed.connect(self._location_edited)
+        if self.backends:
+            self.format_buttons[self.backends[0].name].setChecked(True)
+        self.validate()
+        self.resize(620, self.sizeHint().height())
+
+    # -- state ----------------------------------------------------------------------------
+    def backend(self):
+        b = self.format_group.checkedButton()
+        return get_backend(b.property("backend")) if b is not None else None
+
+    def set_format(self, name: str) -> None:
+        b = get_backend(name)
+        if b in self.backends[len(creatable_backends()[0]):]:
+            self.more.setChecked(True)
+        self.format_buttons[b.name].setChecked(True)
+
+    def _format_changed(self, button, checked) -> None:
+        if not checked:
+            return
+        b = self.backend()
+        self.variant.set_backend(b)
+        self.size.setRange(1 << 20, b.max_size or MAX_SLIDER)
+        self.size.setGranularity(b.size_granularity)
+        ext = b.default_extension()
+        self._updating_loc = True
+        if not self._name_touched or not self.location.path():
+            self.location.set_path(unique_path(self.folder, "NewVirtualDisk", ext))
+        else:
+            self.location.set_path(with_extension(self.location.path(), ext))
+        self._updating_loc = False
+        if self.config is not None:
+            self.config.setParent(None)
+            self.config.deleteLater()
+        keys = [k for k in b.config_keys]
+        self.config = ConfigForm(keys, mode="create") if keys else None
+        if self.config is not None:
+            self.config_layout.addWidget(self.config)
+            self.config.validChanged.connect(self.validate)
+        self.config_box.setVisible(self.config is not None)
+        self.validate()
+
+    _updating_loc = False
+
+    def _location_edited(self, *_):
+        if not self._updating_loc:
+            self._name_touched = True
+        self.validate()
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        errors, warnings = [], []
+        b = self.backend()
+        if b is None:
+            return ["Choose a format"], []
+        err = self.size.error()
+        if err:
+            errors.append(err)
+        loc = self.location.path()
+        if not loc:
+            errors.append("Choose where to create the image")
+        elif os.path.isdir(loc):
+            errors.append(f"{loc} is a folder; add a file name")
+        elif os.path.lexists(loc):
+            errors.append(f"{loc} already exists; choose another name")
+        elif not os.path.isdir(os.path.dirname(loc)):
+            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        if self.config is not None:
+            for k, e in self.config.errors().items():
+                errors.append(f"{k}: {e}")
+        size = self.size.value()
+        if loc and size:
+            flags = self.variant.flags()
+            warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),
+                                      split=bool(flags & ImageFlags.SPLIT_2G))
+        return errors, warnings
+
+    def validate(self, *_):
+        errors, warnings = self.problems()
+        self.messages.show_messages(errors, warnings)
+        self.ok.setEnabled(not errors)
+
+    def params(self) -> dict:
+        b = self.backend()
+        return {"location": self.location.path(), "size": self.size.value(), "format": b.name,
+                "flags": self.variant.flags(),
+                "config": self.config.values() if self.config is not None else {},
+                "comment": self.comment.text().strip() or None}
+
+
+class CreateDiffDialog(QDialog):
+    """A differencing image on top of ``node``: format (with DIFF), location, description."""
+
+    def __init__(self, node, parent=None):
+        super().__init__(parent)
+        self.node = node
+        self.setWindowTitle(f"Create Differencing Image of {node.name}")
+        self.setWindowIcon(icon("snapshot"))
+        main, more = creatable_backends(diff=True)
+        self.backends = main + more
+        self.format = QComboBox()
+        for b in self.backends:
+            self.format.addItem(format_icon("hdd", b.name), b.name, b.name)
+        pb = node.backend
+        if pb is not None and pb in self.backends:
+            self.format.setCurrentIndex(self.backends.index(pb))
+        self.location = LocationRow("", "Create differencing image at")
+        self.comment = QLineEdit()
+        self.messages = MessageArea()
+        info = QLabel(f"The new image records only the changes made on top of "
+                      f"<b>{node.name}</b> ({format_size(node.record.virtual_size or 0)}). "
+                      f"{node.name} is not changed.")
+        info.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("&Format:", self.format)
+        form.addRow("&Location:", self.location)
+        form.addRow("&Description:", self.comment)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        self.ok = self.buttons.button(QDialogButtonBox.Ok)
+        self.ok.setText("Create")
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(info)
+        lay.addLayout(form)
+        lay.addWidget(self.messages)
+        lay.addWidget(self.buttons)
+        self.format.currentIndexChanged.connect(self._format_changed)
+        self.location.changed.connect(self.validate)
+        self._format_changed()
+        self.resize(560, self.sizeHint().height())
+
+    def _format_changed(self, *_):
+        b = get_backend(self.format.currentData()) if self.format.count() else None
+        if b is None:
+            self.validate()
+            return
+        folder = os.path.dirname(self.node.path)
+        stem = os.path.splitext(self.node.name)[0]
+        cur = self.location.path()
+        if not cur:
+            self.location.set_path(unique_path(folder, f"{stem}-snapshot", b.default_extension()))
+        else:
+            self.location.set_path(with_extension(cur, b.default_extension()))
+        self.validate()
+
+    def validate(self, *_):
+        errors = []
+        if not self.backends:
+            errors.append("No registered format can create differencing images")
+        loc = self.location.path()
+        if not loc:
+            errors.append("Choose where to create the image")
+        elif os.path.lexists(loc):
+            errors.append(f"{loc} already exists; choose another name")
+        elif not os.path.isdir(os.path.dirname(loc)):
+            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        self.messages.show_messages(errors, [])
+        self.ok.setEnabled(not errors)
+
+    def params(self) -> dict:
+        return {"parent": self.node.path, "location": self.location.path(),
+                "format": self.format.currentData(), "comment": self.comment.text().strip() or None}

@@ -1,0 +1,972 @@
+"""The main window: media tree (tabs per device type, search), details pane, jobs panel, actions."""
+from __future__ import annotations
+
+import html
+import os
+import traceback
+
+from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
+                               QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+                               QMainWindow, QMenu, QMessageBox, QProgressBar, QSplitter, QTabBar,
+                               QToolBar, QTreeView, QVBoxLayout, QWidget)
+
+import vdgui
+from vdgui.jobs import Job, JobQueue, JobState
+from vdgui.jobs import tasks
+from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends, format_size
+
+from . import actions
+from .actions import SPECS, Context
+from .icons import app_icon, format_icon, icon
+from .models.media import (COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel)
+from .widgets.details import DetailsPane
+from .widgets.jobs_panel import JobsPanel
+
+DEVICE_TABS = ((DeviceType.HARD_DISK, "&Hard disks", "hdd"),
+               (DeviceType.OPTICAL, "&Optical disks", "optical"),
+               (DeviceType.FLOPPY, "&Floppy disks", "floppy"))
+
+IMAGE_FILTER_ALL = "All files (*)"
+
+
+def image_file_filter() -> str:
+    groups: dict[str, set[str]] = {}
+    for b in backends():
+        for fe in b.extensions:
+            groups.setdefault(fe.device.value, set()).add(fe.ext)
+    allx = sorted({e for s in groups.values() for e in s})
+    parts = ["Disk images (" + " ".join(f"*.{e} *.{e.upper()}" for e in allx) + ")"] if allx else []
+    names = {"hdd": "Hard disk images", "optical": "Optical disc images", "floppy": "Floppy images"}
+    for dev, exts in groups.items():
+        parts.append(f"{names.get(dev, dev)} (" + " ".join(f"*.{e}" for e in sorted(exts)) + ")")
+    parts.append(IMAGE_FILTER_ALL)
+    return ";;".join(parts)
+
+
+def show_crash(parent, title: str, tb: str) -> QMessageBox:
+    """A bug escaped: show it with the traceback (non-modal, the app keeps running)."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Critical)
+    box.setWindowTitle("vdgui — internal error")
+    box.setText(f"<b>{html.escape(title)}</b><br><br>This is a bug in vdgui. The details below "
+                "help to fix it; please report them. Your images were not changed by this dialog.")
+    box.setDetailedText(tb)
+    box.setStandardButtons(QMessageBox.Close)
+    box.setAttribute(Qt.WA_DeleteOnClose)
+    box.setModal(False)
+    box.show()
+    return box
+
+
+class MainWindow(QMainWindow):
+    recordsChanged = Signal()
+
+    def __init__(self, library: Library, settings: QSettings | None = None,
+                 queue: JobQueue | None = None, parent=None):
+        super().__init__(parent)
+        self.library = library
+        self.settings = settings
+        self.queue = queue or JobQueue(self)
+        self.setWindowTitle(f"vdgui {vdgui.__version__} — Virtual Media Manager")
+        self.setWindowIcon(app_icon())
+        self.setAcceptDrops(True)
+        self.messages: list = []           # non-modal boxes kept alive
+        self._alloc_path: str | None = None
+        self._alloc_cache: dict[str, dict] = {}
+        self._pending_select: list[str] = []
+        self.confirm = self._confirm_box   # overridable in tests
+
+        self.model = MediaModel(self)
+        self.proxy = MediaFilterProxy(self)
+        self.proxy.setSourceModel(self.model)
+        self._build_actions()
+        self._build_ui()
+        self._build_menus()
+        self.queue.busyChanged.connect(self._busy_changed)
+        self.queue.jobChanged.connect(self._update_status)
+        self.model.modelAboutToBeReset.connect(self._save_view_state)
+        self.model.modelReset.connect(self._restore_view_state)
+        self._view_state = ([], [])
+        self._restore_settings()
+        self.update_actions()
+        self._update_status()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build_actions(self) -> None:
+        self.actions: dict[str, QAction] = {}
+        handlers = {"add": self.add_dialog, "create": self.create_dialog,
+                    "snapshot": self.snapshot_dialog, "copy": self.copy_dialog,
+                    "move": self.move_dialog, "merge": self.merge_dialog,
+                    "resize": self.resize_dialog, "compact": self.compact_selected,
+                    "check": lambda: self.check_selected(False),
+                    "repair": lambda: self.check_selected(True),
+                    "remove": self.remove_selected, "delete": self.delete_selected,
+                    "refresh": self.refresh, "properties": self.toggle_properties}
+        for spec in SPECS:
+            a = QAction(icon(spec.icon), spec.text, self)
+            a.setObjectName(f"action_{spec.key}")
+            if spec.shortcut:
+                a.setShortcut(QKeySequence(spec.shortcut))
+            a.setToolTip(spec.tip)
+            a.setStatusTip(spec.tip)
+            a.setIconText(spec.short or spec.text.replace("&", "").rstrip("…"))
+            a.triggered.connect(handlers[spec.key])
+            self.actions[spec.key] = a
+        self.actions["properties"].setCheckable(True)
+        self.action_import = QAction(icon("import"), "&Import from VirtualBox…", self)
+        self.action_import.setToolTip("Add the images listed in a VirtualBox.xml or .vbox file")
+        self.action_import.triggered.connect(self.import_dialog)
+        self.action_quit = QAction("&Quit", self)
+        self.action_quit.setShortcut(QKeySequence.Quit)
+        self.action_quit.triggered.connect(self.close)
+        self.action_about = QAction(app_icon(), "&About vdgui", self)
+        self.action_about.triggered.connect(self.about)
+        self.action_expand = QAction("&Expand All", self)
+        self.action_expand.setShortcut(QKeySequence("Ctrl+E"))
+        self.action_expand.triggered.connect(lambda: self.tree.expandAll())
+        self.action_search = QAction("&Search", self)
+        self.action_search.setShortcut(QKeySequence.Find)
+        self.action_search.triggered.connect(lambda: (self.search.setFocus(), self.search.selectAll()))
+        self.addAction(self.action_search)
+
+    def _build_ui(self) -> None:
+        self.toolbar = QToolBar("Actions")
+        self.toolbar.setObjectName("mainToolbar")
+        self.toolbar.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
+        self.toolbar.setIconSize(QSize(28, 28))
+        self.toolbar.setMovable(False)
+        groups = (("add", "create", "snapshot"), ("copy", "move", "merge", "resize", "compact"),
+                  ("check", "repair"), ("remove", "delete"), ("refresh", "properties"))
+        for gi, g in enumerate(groups):
+            if gi:
+                self.toolbar.addSeparator()
+            for k in g:
+                self.toolbar.addAction(self.actions[k])
+        self.addToolBar(self.toolbar)
+
+        # left: tabs + search + tree
+        self.tabs = QTabBar()
+        self.tabs.setObjectName("deviceTabs")
+        self.tabs.setDrawBase(False)
+        self.tabs.setExpanding(False)
+        for dev, text, ic in DEVICE_TABS:
+            self.tabs.addTab(format_icon(ic, None), text)
+        self.tabs.currentChanged.connect(self._tab_changed)
+        self.proxy.set_device(DEVICE_TABS[0][0].value)
+        self.search = QLineEdit()
+        self.search.setObjectName("search")
+        self.search.setPlaceholderText("Search by name, UUID or path  (Ctrl+F)")
+        self.search.setClearButtonEnabled(True)
+        self.search.setMinimumWidth(260)
+        self.search.setMaximumWidth(360)
+        self.search.textChanged.connect(self._search_changed)
+        top = QHBoxLayout()
+        top.setContentsMargins(0, 0, 0, 0)
+        top.addWidget(self.tabs, 1)
+        top.addWidget(self.search)
+
+        self.tree = QTreeView()
+        self.tree.setObjectName("mediaTree")
+        self.tree.setModel(self.proxy)
+        self.tree.setSortingEnabled(True)
+        self.tree.sortByColumn(COL_NAME, Qt.AscendingOrder)
+        self.tree.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.tree.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.tree.setUniformRowHeights(True)
+        self.tree.setAlternatingRowColors(True)
+        self.tree.setAllColumnsShowFocus(True)
+        self.tree.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.tree.customContextMenuRequested.connect(self._context_menu)
+        self.tree.doubleClicked.connect(lambda *_: self.show_properties(True))
+        self.tree.setIconSize(QSize(20, 20))
+        self.tree.setDragDropMode(QAbstractItemView.NoDragDrop)
+        h = self.tree.header()
+        h.setStretchLastSection(False)
+        h.setSectionResizeMode(COL_NAME, QHeaderView.Stretch)
+        for c in range(1, self.model.columnCount()):
+            h.setSectionResizeMode(c, QHeaderView.Interactive)
+            h.resizeSection(c, 96)
+        h.resizeSection(COL_VSIZE, 92)
+        h.resizeSection(COL_ASIZE, 92)
+        h.resizeSection(4, 110)
+        h.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+        self.tree.selectionModel().selectionChanged.connect(self._selection_changed)
+        self.empty_hint = QLabel("No images yet. Use <b>Add</b> (Ctrl+Shift+A), <b>Create</b>, "
+                                 "<b>File ▸ Import from VirtualBox</b>, or drop image files here.")
+        self.empty_hint.setAlignment(Qt.AlignCenter)
+        self.empty_hint.setWordWrap(True)
+        self.empty_hint.setEnabled(False)
+
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(6, 6, 0, 6)
+        ll.setSpacing(4)
+        ll.addLayout(top)
+        ll.addWidget(self.tree, 1)
+        ll.addWidget(self.empty_hint)
+
+        self.details = DetailsPane()
+        self.details.setObjectName("details")
+        self.details.applyRequested.connect(self.apply_details)
+        self.details.propertiesSaved.connect(self.save_properties)
+        self.splitter = QSplitter(Qt.Horizontal)
+        self.splitter.setObjectName("mainSplitter")
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(self.details)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.setSizes([720, 460])
+        self.setCentralWidget(self.splitter)
+
+        self.jobs_panel = JobsPanel(self.queue)
+        self.jobs_dock = QDockWidget("Jobs", self)
+        self.jobs_dock.setObjectName("jobsDock")
+        self.jobs_dock.setWidget(self.jobs_panel)
+        self.jobs_dock.setFeatures(QDockWidget.DockWidgetClosable | QDockWidget.DockWidgetMovable)
+        self.addDockWidget(Qt.BottomDockWidgetArea, self.jobs_dock)
+        self.jobs_panel.showRequested.connect(self.jobs_dock.show)
+        self.resizeDocks([self.jobs_dock], [150], Qt.Vertical)
+
+        self.status_images = QLabel()
+        self.status_jobs = QLabel()
+        self.status_bar = QProgressBar()
+        self.status_bar.setMaximumWidth(160)
+        self.status_bar.setMaximumHeight(14)
+        self.status_bar.setRange(0, 1000)
+        self.status_bar.setTextVisible(False)
+        self.statusBar().addWidget(self.status_images, 1)
+        self.statusBar().addPermanentWidget(self.status_jobs)
+        self.statusBar().addPermanentWidget(self.status_bar)
+        self.show_properties(True)
+
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        m = mb.addMenu("&File")
+        m.addAction(self.actions["add"])
+        m.addAction(self.actions["create"])
+        m.addAction(self.action_import)
+        self.recent_menu = m.addMenu("Open &Recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        m.addSeparator()
+        m.addAction(self.action_quit)
+        m = mb.addMenu("&Image")
+        for k in ("snapshot", "copy", "move", "merge", "resize", "compact", None, "check", "repair",
+                  None, "remove", "delete", None, "properties"):
+            if k is None:
+                m.addSeparator()
+            else:
+                m.addAction(self.actions[k])
+        m = mb.addMenu("&View")
+        m.addAction(self.actions["refresh"])
+        m.addAction(self.action_expand)
+        m.addAction(self.action_search)
+        m.addSeparator()
+        ja = self.jobs_dock.toggleViewAction()
+        ja.setText("&Jobs Panel")
+        ja.setShortcut(QKeySequence("Ctrl+J"))
+        m.addAction(ja)
+        m = mb.addMenu("&Help")
+        m.addAction(self.action_about)
+
+    # -- settings -------------------------------------------------------------------------
+    def _restore_settings(self) -> None:
+        s = self.settings
+        if s is None:
+            self.resize(1240, 760)
+            return
+        geo = s.value("window/geometry")
+        if isinstance(geo, QByteArray) and not geo.isEmpty():
+            self.restoreGeometry(geo)
+        else:
+            self.resize(1240, 760)
+        st = s.value("window/state")
+        if isinstance(st, QByteArray) and not st.isEmpty():
+            self.restoreState(st)
+        sp = s.value("window/splitter")
+        if isinstance(sp, QByteArray) and not sp.isEmpty():
+            self.splitter.restoreState(sp)
+        hd = s.value("window/header")
+        if isinstance(hd, QByteArray) and not hd.isEmpty():
+            self.tree.header().restoreState(hd)
+        tab = s.value("window/tab", 0)
+        try:
+            self.tabs.setCurrentIndex(int(tab))
+        except (TypeError, ValueError):
+            pass
+        self.show_properties(str(s.value("window/details", "true")).lower() != "false")
+
+    def save_settings(self) -> None:
+        s = self.settings
+        if s is None:
+            return
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/state", self.saveState())
+        s.setValue("window/splitter", self.splitter.saveState())
+        s.setValue("window/header", self.tree.header().saveState())
+        s.setValue("window/tab", self.tabs.currentIndex())
+        s.setValue("window/details", "true" if self.details.isVisible() else "false")
+        s.sync()
+
+    def last_folder(self) -> str:
+        if self.settings is not None:
+            f = self.settings.value("paths/last_folder", "")
+            if f and os.path.isdir(f):
+                return f
+        node = self.current_node()
+        if node is not None:
+            return os.path.dirname(node.path)
+        return os.path.expanduser("~")
+
+    def _remember_folder(self, path: str) -> None:
+        if self.settings is not None and path:
+            self.settings.setValue("paths/last_folder", os.path.dirname(os.path.abspath(path)))
+
+    # -- loading --------------------------------------------------------------------------
+    def load_library(self, sync: bool = False) -> Job | None:
+        """Show the library's images: read them all (in the background unless ``sync``)."""
+        if sync:
+            recs = self.library.scan_all()
+            self.model.set_records(recs)
+            self._after_records()
+            return None
+        return self._run_scan(None)
+
+    def add_paths(self, paths: list[str], *, sync: bool = False, select: bool = True) -> Job | None:
+        """Add image files (and their parents); XML files are VirtualBox registries."""
+        images, registries = [], []
+        for p in paths:
+            (registries if p.lower().endswith((".xml", ".vbox")) else images).append(os.path.abspath(p))
+        for r in registries:
+            try:
+                images += self.library.import_virtualbox(r)
+            except VDError as exc:
+                self.error_message("Cannot import from VirtualBox", exc.message)
+        if not images:
+            return None
+        for p in images:
+            self.library.touch_recent(p)
+        self._remember_folder(images[0])
+        if select:
+            self._pending_select = [images[0]]
+        if sync:
+            recs = []
+            for p in images:
+                recs += self.library.add_with_parents(p)
+            self._records_arrived(recs)
+            return None
+        return self._run_scan(images)
+
+    def _run_scan(self, paths) -> Job:
+        job = tasks.scan_job(self.library, paths)
+        job.signals.finished.connect(lambda j, recs: self._records_arrived(recs, full=paths is None))
+        job.signals.failed.connect(self._job_failed)
+        self.statusBar().showMessage("Reading images…", 2000)
+        return self.queue.submit(job)
+
+    def _records_arrived(self, recs, full: bool = False) -> None:
+        if full:
+            self.model.set_records(recs)
+        else:
+            self.model.update_records(recs)
+        self._after_records()
+
+    def _after_records(self) -> None:
+        if self._pending_select:
+            paths, self._pending_select = self._pending_select, []
+            self.select_paths(paths)
+        self._update_tab_counts()
+        self._busy_changed()
+        n = self.current_node()
+        if n is not None:
+            self.details.set_node(n, self.library.properties(n.path))
+            self._request_allocation(n)
+        self.empty_hint.setVisible(not self.model.nodes())
+        self.recordsChanged.emit()
+
+    def refresh(self) -> Job:
+        self._alloc_cache.clear()
+        return self.load_library()
+
+    # -- view state -----------------------------------------------------------------------
+    def _save_view_state(self) -> None:
+        sel = [n.path for n in self.selected_nodes()]
+        expanded = []
+        for n in self.model.nodes():
+            idx = self.proxy.mapFromSource(self.model.index_for(n))
+            if idx.isValid() and self.tree.isExpanded(idx):
+                expanded.append(n.path)
+        self._view_state = (sel, expanded)
+
+    def _restore_view_state(self) -> None:
+        sel, expanded = self._view_state
+        # new chains open expanded; known ones keep their state
+        for n in self.model.nodes():
+            if n.children:
+                idx = self.proxy.mapFromSource(self.model.index_for(n))
+                self.tree.setExpanded(idx, True)
+        if sel:
+            self.select_paths(sel)
+
+    def select_paths(self, paths: list[str]) -> None:
+        sm = self.tree.selectionModel()
+        first = True
+        for p in paths:
+            node = self.model.node(p)
+            if node is None:
+                continue
+            dev = node.root().record.device_type
+            for i, (d, _, _) in enumerate(DEVICE_TABS):
+                if d.value == dev and self.tabs.currentIndex() != i and first:
+                    self.tabs.setCurrentIndex(i)
+            idx = self.proxy.index_for_path(p)
+            if not idx.isValid():
+                continue
+            parent = idx.parent()
+            while parent.isValid():
+                self.tree.expand(parent)
+                parent = parent.parent()
+            flags = sm.SelectionFlag.Rows | (sm.SelectionFlag.ClearAndSelect if first else sm.SelectionFlag.Select)
+            sm.select(idx, flags)
+            if first:
+                sm.setCurrentIndex(idx, sm.SelectionFlag.NoUpdate)
+                self.tree.scrollTo(idx)
+            first = False
+
+    def _tab_changed(self, i: int) -> None:
+        self.proxy.set_device(DEVICE_TABS[i][0].value if 0 <= i < len(DEVICE_TABS) else None)
+        self.tree.expandAll()
+        self._selection_changed()
+
+    def _search_changed(self, text: str) -> None:
+        self.proxy.set_search(text)
+        self.tree.expandAll()
+
+    def _update_tab_counts(self) -> None:
+        counts = {d.value: 0 for d, _, _ in DEVICE_TABS}
+        for n in self.model.nodes():
+            dev = n.root().record.device_type
+            counts[dev] = counts.get(dev, 0) + 1
+        for i, (d, text, _) in enumerate(DEVICE_TABS):
+            c = counts.get(d.value, 0)
+            self.tabs.setTabText(i, f"{text} ({c})" if c else text)
+        nodes = self.model.nodes()
+        bad = sum(1 for n in nodes if not n.accessible)
+        self.status_images.setText(f"{len(nodes)} image(s)" + (f", {bad} inaccessible" if bad else ""))
+
+    # -- selection and actions ------------------------------------------------------------
+    def selected_nodes(self) -> list:
+        rows = self.tree.selectionModel().selectedRows(0)
+        out = []
+        for idx in rows:
+            n = self.proxy.node_from_index(idx)
+            if n is not None:
+                out.append(n)
+        return out
+
+    def current_node(self):
+        nodes = self.selected_nodes()
+        return nodes[0] if len(nodes) == 1 else None
+
+    def context(self) -> Context:
+        return Context(busy=self.queue.busy_paths())
+
+    def update_actions(self) -> None:
+        nodes = self.selected_nodes()
+        ctx = self.context()
+        for spec in SPECS:
+            a = self.actions[spec.key]
+            r = actions.reason(spec.key, nodes, ctx)
+            a.setEnabled(r is None)
+            tip = spec.tip if r is None else f"{spec.tip}. Unavailable: {r}"
+            shortcut = a.shortcut().toString(QKeySequence.NativeText)
+            a.setToolTip(f"{tip} ({shortcut})" if shortcut and r is None else tip)
+            a.setStatusTip(tip)
+        self.details.set_context(ctx)
+
+    def _selection_changed(self, *_):
+        self.update_actions()
+        node = self.current_node()
+        if node is None:
+            n = len(self.selected_nodes())
+            self.details.set_node(None)
+            if n > 1:
+                self.details.head_title.setText(f"{n} images selected")
+                self.details.head_sub.setText("Compact, check, repair, remove and delete work on "
+                                              "several images at once.")
+            return
+        self.details.set_node(node, self.library.properties(node.path))
+        self._request_allocation(node)
+
+    def _request_allocation(self, node) -> None:
+        if not node.accessible or not self.details.isVisible():
+            return
+        cached = self._alloc_cache.get(node.path)
+        if cached and cached.get("mtime") == _mtime(node.path):
+            self.details.set_allocation(node.path, cached["size"], cached["extents"], cached["members"])
+            return
+        self._alloc_path = node.path
+        job = tasks.allocation_job(node.path, library=self.library)
+        job.signals.finished.connect(self._allocation_done)
+        job.signals.failed.connect(lambda j, msg, tb: self.details.set_allocation_error(
+            node.path, f"Cannot read the allocation map: {msg}"))
+        self.queue.submit(job)
+
+    def _allocation_done(self, job, res) -> None:
+        res["mtime"] = _mtime(res["path"])
+        self._alloc_cache[res["path"]] = res
+        self.details.set_allocation(res["path"], res["size"], res["extents"], res["members"])
+
+    def _busy_changed(self) -> None:
+        busy: dict[str, str] = {}
+        for j in self.queue.active():
+            if j.visible:
+                for p in j.paths:
+                    busy.setdefault(p, j.title)
+        self.model.set_busy(busy)
+        self.update_actions()
+        self._update_status()
+
+    def _update_status(self, *_):
+        running = self.queue.visible_active()
+        if not running:
+            self.status_jobs.setText("No jobs running")
+            self.status_bar.setVisible(False)
+            return
+        total = sum(j.total for j in running)
+        done = sum(j.done for j in running)
+        frac = done / total if total else 0.0
+        self.status_jobs.setText(f"{len(running)} job(s) running — {frac * 100:.0f} %")
+        self.status_bar.setVisible(True)
+        self.status_bar.setValue(int(frac * 1000))
+
+    def _context_menu(self, pos) -> None:
+        idx = self.tree.indexAt(pos)
+        m = QMenu(self)
+        if idx.isValid():
+            for k in ("properties", None, "snapshot", "copy", "move", "merge", "resize", "compact",
+                      None, "check", "repair", None, "remove", "delete"):
+                if k is None:
+                    m.addSeparator()
+                else:
+                    m.addAction(self.actions[k])
+            m.addSeparator()
+            node = self.proxy.node_from_index(idx)
+            if node is not None:
+                copy_path = m.addAction("Copy &Path")
+                copy_path.triggered.connect(lambda: QApplication.clipboard().setText(node.path))
+                if node.record.uuid:
+                    copy_uuid = m.addAction("Copy &UUID")
+                    copy_uuid.triggered.connect(lambda: QApplication.clipboard().setText(node.record.uuid))
+        else:
+            for k in ("add", "create", "refresh"):
+                m.addAction(self.actions[k])
+        m.setToolTipsVisible(True)
+        m.popup(self.tree.viewport().mapToGlobal(pos))
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        recent = self.library.recent()
+        if not recent:
+            a = self.recent_menu.addAction("No recent images")
+            a.setEnabled(False)
+            return
+        for p in recent:
+            a = self.recent_menu.addAction(p)
+            a.setEnabled(os.path.exists(p))
+            a.triggered.connect(lambda checked=False, p=p: self.add_paths([p]))
+        self.recent_menu.addSeparator()
+        self.recent_menu.addAction("Clear List", self.library.clear_recent)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def start_job(self, job: Job, on_done=None) -> Job:
+        job.signals.failed.connect(self._job_failed)
+        if on_done is not None:
+            job.signals.finished.connect(lambda j, res: on_done(res))
+        job.signals.cancelled.connect(lambda j: self.statusBar().showMessage(f"Cancelled: {j.title}", 5000))
+        self.jobs_dock.show()
+        return self.queue.submit(job)
+
+    def _job_failed(self, job: Job, message, tb) -> None:
+        if tb:
+            self.messages.append(show_crash(self, f"{job.title} failed unexpectedly: {message}", tb))
+        else:
+            self.statusBar().showMessage(f"Failed: {job.title}: {message}", 10000)
+        # what was touched may have changed
+        paths = [p for p in job.paths if self.model.node(p) is not None]
+        if paths and job.kind not in ("scan", "allocation"):
+            self._rescan(paths)
+
+    def _rescan(self, paths) -> Job | None:
+        paths = [p for p in paths if p]
+        if not paths:
+            return None
+        for p in paths:
+            self._alloc_cache.pop(p, None)
+        return self._run_scan(list(dict.fromkeys(paths)))
+
+    def chain_key(self, node) -> str:
+        return node.root().path
+
+    def error_message(self, title: str, text: str) -> None:
+        box = QMessageBox(QMessageBox.Warning, title, text, QMessageBox.Ok, self)
+        box.setAttribute(Qt.WA_DeleteOnClose)
+        box.setModal(False)
+        box.show()
+        self.messages.append(box)
+
+    # -- action handlers ------------------------------------------------------------------
+    def add_dialog(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Add Disk Images", self.last_folder(),
+                                                image_file_filter())
+        if paths:
+            self.add_paths(paths)
+
+    def import_dialog(self) -> None:
+        start = os.path.expanduser("~/.config/VirtualBox/VirtualBox.xml")
+        path, _ = QFileDialog.getOpenFileName(self, "Import from VirtualBox", start if
+                                              os.path.exists(start) else self.last_folder(),
+                                              "VirtualBox settings (VirtualBox.xml *.vbox *.xml);;"
+                                              + IMAGE_FILTER_ALL)
+        if path:
+            self.import_virtualbox(path)
+
+    def import_virtualbox(self, path: str) -> Job | None:
+        try:
+            paths = self.library.import_virtualbox(path)
+        except VDError as exc:
+            self.error_message("Cannot import from VirtualBox", exc.message)
+            return None
+        self.statusBar().showMessage(f"Imported {len(paths)} image(s) from {path}", 5000)
+        return self._run_scan(None)
+
+    def create_dialog(self):
+        from .dialogs.create import CreateDialog
+        dlg = CreateDialog(self.last_folder(), self)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return self.start_create(dlg.params())
+
+    def start_create(self, p: dict) -> Job:
+        job = tasks.create_job(p["location"], p["size"], p["format"], flags=p["flags"],
+                               config=p.get("config"), comment=p.get("comment"))
+        self._remember_folder(p["location"])
+        self._pending_select = [p["location"]]
+        return self.start_job(job, lambda res: self._rescan(res))
+
+    def snapshot_dialog(self):
+        from .dialogs.create import CreateDiffDialog
+        node = self.current_node()
+        if node is None:
+            return None
+        dlg = CreateDiffDialog(node, self)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        p = dlg.params()
+        job = tasks.create_diff_job(p["parent"], p["location"], p["format"], library=self.library,
+                                    comment=p["comment"], key=self.chain_key(node))
+        self._pending_select = [p["location"]]
+        return self.start_job(job, lambda res: self._rescan(res))
+
+    def copy_dialog(self):
+        from .dialogs.copy import CopyDialog
+        node = self.current_node()
+        if node is None:
+            return None
+        dlg = CopyDialog(node, self)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return self.start_copy(node, dlg.params())
+
+    def start_copy(self, node, p: dict) -> Job:
+        chain = [n.path for n in node.ancestors()]
+        job = tasks.copy_job(p["src"], p["dst"], p["dst_format"], key=self.chain_key(node),
+                             paths=chain, **p["kwargs"])
+        self._pending_select = [p["dst"]]
+        return self.start_job(job, lambda res: self._rescan(list(res or [p["dst"]])))
+
+    def move_dialog(self):
+        node = self.current_node()
+        if node is None:
+            return None
+        dst, _ = QFileDialog.getSaveFileName(self, f"Move {node.name}", node.path)
+        if not dst or os.path.abspath(dst) == node.path:
+            return None
+        return self.start_move(node, dst)
+
+    def start_move(self, node, dst: str) -> Job:
+        src = node.path
+        dst = os.path.abspath(dst)
+        deps = [c.path for c in node.descendants()]
+
+        def moved(res):
+            self.library.rename(src, dst)
+            self.model.remove_paths([src])
+            self._pending_select = [dst]
+            self._rescan([dst] + deps)
+        job = tasks.move_job(src, dst, key=self.chain_key(node))
+        return self.start_job(job, moved)
+
+    def merge_dialog(self):
+        from .dialogs.merge import MergeDialog
+        node = self.current_node()
+        if node is None:
+            return None
+        dlg = MergeDialog(node, self, busy=self.queue.busy_paths())
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return self.start_merge(node, dlg.params())
+
+    def start_merge(self, node, p: dict) -> Job:
+        deleted = p["deleted"]
+        others = [x for x in p["paths"] if x not in deleted]
+        deps = [c.path for n in p["paths"] if self.model.node(n) for c in self.model.node(n).descendants()]
+
+        def merged(res):
+            for d in deleted:
+                if not os.path.exists(d):
+                    self.library.remove(d)
+            self.model.remove_paths([d for d in deleted if not os.path.exists(d)])
+            self._pending_select = [p["target"]]
+            self._rescan(list(dict.fromkeys(others + deps + [d for d in deleted if os.path.exists(d)])))
+        job = tasks.merge_job(p["source"], p["target"], key=self.chain_key(node), paths=p["paths"])
+        return self.start_job(job, merged)
+
+    def resize_dialog(self):
+        from .dialogs.resize import ResizeDialog
+        node = self.current_node()
+        if node is None:
+            return None
+        dlg = ResizeDialog(node, self, used=self._used_end(node), library=self.library)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return self.start_resize(node, dlg.new_size())
+
+    def _used_end(self, node) -> int | None:
+        from vdgui.vd import Alloc
+        c = self._alloc_cache.get(node.path)
+        if not c or c.get("mtime") != _mtime(node.path):
+            return None
+        last = 0
+        for e in c["extents"]:
+            if e.status == Alloc.DATA:
+                last = e.end
+        return last
+
+    def start_resize(self, node, size: int) -> Job:
+        job = tasks.resize_job(node.path, size, format=node.record.format, key=self.chain_key(node))
+        return self.start_job(job, lambda res: self._rescan([node.path]))
+
+    def compact_selected(self) -> list[Job]:
+        out = []
+        for node in self.selected_nodes():
+            job = tasks.compact_job(node.path, format=node.record.format, key=self.chain_key(node))
+            out.append(self.start_job(job, lambda res, p=node.path: self._rescan([p])))
+        return out
+
+    def check_selected(self, repair: bool = False) -> list[Job]:
+        out = []
+        for node in self.selected_nodes():
+            job = tasks.check_job(node.path, repair=repair, format=node.record.format,
+                                  key=self.chain_key(node))
+            out.append(self.start_job(job, lambda res, n=node, j=job: self._check_done(n, res, repair)))
+        return out
+
+    def _check_done(self, node, report, repair: bool) -> None:
+        if repair:
+            self._rescan([node.path])
+        if not isinstance(report, CheckReport):
+            return
+        if not report.problems:
+            self.statusBar().showMessage(f"{node.name}: no problems found", 8000)
+            text = f"<b>{html.escape(node.name)}</b>: no problems found."
+            ic = QMessageBox.Information
+        else:
+            lines = [f"{'✔ repaired: ' if p.repaired else ''}{p.severity}: {html.escape(p.what)}"
+                     for p in report.problems[:50]]
+            more = len(report.problems) - 50
+            state = ("corrupt" if report.corrupt else "has leaked blocks" if report.leaks
+                     else "repaired")
+            text = (f"<b>{html.escape(node.name)}</b> {state}.<br><br>" + "<br>".join(lines)
+                    + (f"<br>… and {more} more" if more > 0 else ""))
+            if report.corrupt and not repair and actions.reason("repair", [node], self.context()) is None:
+                text += "<br><br>Use <b>Repair</b> to fix what can be fixed."
+            ic = QMessageBox.Warning if report.corrupt else QMessageBox.Information
+        box = QMessageBox(ic, "Repair result" if repair else "Check result", text, QMessageBox.Ok, self)
+        box.setAttribute(Qt.WA_DeleteOnClose)
+        box.setModal(False)
+        box.show()
+        self.messages.append(box)
+
+    def remove_selected(self) -> list[str]:
+        nodes = self.selected_nodes()
+        paths = []
+        for n in nodes:
+            paths += [n.path] + [c.path for c in n.descendants()]
+        paths = list(dict.fromkeys(paths))
+        for p in paths:
+            self.library.remove(p)
+        self.model.remove_paths(paths)
+        self._after_records()
+        extra = len(paths) - len(nodes)
+        self.statusBar().showMessage(
+            f"Removed {len(nodes)} image(s) from the list"
+            + (f" with {extra} differencing image(s) that depend on them" if extra else "")
+            + "; the files stay on disk", 8000)
+        return paths
+
+    def delete_plan(self, nodes) -> tuple[list, list]:
+        """(images to delete, images that depend on them but are not selected)."""
+        sel = {n.path for n in nodes}
+        dependents = []
+        for n in nodes:
+            for c in n.descendants():
+                if c.path not in sel and c not in dependents:
+                    dependents.append(c)
+        return list(nodes), dependents
+
+    def delete_selected(self) -> Job | None:
+        nodes, dependents = self.delete_plan(self.selected_nodes())
+        if not nodes:
+            return None
+        files = [f for n in nodes for f in (n.record.files or [n.path]) if os.path.lexists(f)]
+        text = (f"Delete {len(nodes)} image(s) from disk? This removes these files permanently:<br>"
+                + "<br>".join(f"&nbsp;&nbsp;• {html.escape(f)}" for f in files[:20])
+                + ("<br>&nbsp;&nbsp;…" if len(files) > 20 else ""))
+        also = None
+        if dependents:
+            text += (f"<br><br><b>{len(dependents)} other image(s) depend on "
+                     f"{'it' if len(nodes) == 1 else 'them'}</b> and would become unusable: "
+                     + ", ".join(html.escape(d.name) for d in dependents[:10])
+                     + (" …" if len(dependents) > 10 else "") + ".")
+            also = f"Also delete the {len(dependents)} dependent image(s)"
+        answer = self.confirm("Delete from Disk", text, f"Delete {len(files)} file(s)", also)
+        if not answer:
+            return None
+        ok, also_delete = answer
+        if not ok:
+            return None
+        victims = nodes + (dependents if also_delete else [])
+        job = tasks.delete_job([(n.path, list(n.record.files or [n.path])) for n in victims],
+                               library=self.library)
+        survivors = [d.path for d in dependents] if not also_delete else []
+
+        def deleted(res):
+            self.model.remove_paths(res)
+            self._after_records()
+            if survivors:
+                self._rescan(survivors)
+        return self.start_job(job, deleted)
+
+    def _confirm_box(self, title: str, text: str, ok_text: str, checkbox: str | None):
+        box = QMessageBox(QMessageBox.Warning, title, text, QMessageBox.Cancel, self)
+        ok = box.addButton(ok_text, QMessageBox.DestructiveRole)
+        box.setDefaultButton(QMessageBox.Cancel)
+        cb = None
+        if checkbox:
+            cb = QCheckBox(checkbox)
+            box.setCheckBox(cb)
+        box.exec()
+        return (box.clickedButton() is ok, bool(cb and cb.isChecked()))
+
+    def toggle_properties(self) -> None:
+        self.show_properties(not self.details.isVisible())
+
+    def show_properties(self, on: bool) -> None:
+        self.details.setVisible(on)
+        self.actions["properties"].setChecked(on)
+        if on:
+            n = self.current_node()
+            if n is not None:
+                self._request_allocation(n)
+
+    def apply_details(self, node, changes: dict) -> list[Job]:
+        out = []
+        if "comment" in changes:
+            out.append(self.start_job(tasks.set_comment_job(node.path, changes["comment"],
+                                                            library=self.library,
+                                                            key=self.chain_key(node)),
+                                      lambda res: self._rescan([node.path])))
+        if "size" in changes:
+            out.append(self.start_resize(node, changes["size"]))
+        if "location" in changes:
+            out.append(self.start_move(node, changes["location"]))
+        return out
+
+    def save_properties(self, node, values: dict) -> None:
+        self.library.set_properties(node.path, values)
+        self.statusBar().showMessage(f"Saved the properties of {node.name}", 5000)
+
+    def about(self) -> None:
+        names = ", ".join(b.name for b in backends())
+        QMessageBox.about(self, "About vdgui",
+                          f"<h3>vdgui {vdgui.__version__}</h3>"
+                          "<p>A desktop manager for virtual disk images, with a pure-Python engine "
+                          "modelled on VirtualBox's VD container API.</p>"
+                          f"<p>Formats: {html.escape(names)}</p>"
+                          f"<p>Library: {html.escape(self.library.path)}</p>"
+                          "<p>License: GPL-3.0-or-later</p>")
+
+    # -- drag and drop --------------------------------------------------------------------
+    def dragEnterEvent(self, event):
+        md = event.mimeData()
+        if md.hasUrls() and any(u.isLocalFile() for u in md.urls()):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    dragMoveEvent = dragEnterEvent
+
+    def dropEvent(self, event):
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if paths:
+            event.acceptProposedAction()
+            self.add_paths(paths)
+
+    # -- closing --------------------------------------------------------------------------
+    def closeEvent(self, event):
+        running = self.queue.visible_active()
+        if running:
+            r = QMessageBox.question(
+                self, "Jobs are running",
+                f"{len(running)} job(s) are still running:<br>"
+                + "<br>".join(html.escape(j.title) for j in running[:8])
+                + "<br><br>Cancel them and quit? Cancelled operations leave no half-written files.",
+                QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if r != QMessageBox.Yes:
+                event.ignore()
+                return
+        self.queue.cancel_all()
+        QApplication.setOverrideCursor(Qt.WaitCursor)
+        try:
+            self.queue.wait()
+        finally:
+            QApplication.restoreOverrideCursor()
+        self.save_settings()
+        event.accept()
+
+
+def _mtime(path: str):
+    try:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def install_excepthook(window_getter) -> None:
+    """Anything escaping into the Qt event loop is a bug: show it with the traceback."""
+    import sys
+
+    def hook(etype, value, tb):
+        text = "".join(traceback.format_exception(etype, value, tb))
+        sys.stderr.write(text)
+        try:
+            w = window_getter()
+            show_crash(w, f"{etype.__name__}: {value}", text)
+        except Exception:  # never let the hook itself fail
+            pass
+    sys.excepthook = hook

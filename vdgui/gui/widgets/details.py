@@ -1,0 +1,354 @@
+"""DetailsPane: everything about the selected image; comment, size and location editable with
+Apply/Reset; backend properties through the generated ConfigForm; the allocation picture."""
+from __future__ import annotations
+
+import html
+import os
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QDialogButtonBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
+                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
+                               QSizePolicy, QToolButton, QVBoxLayout, QWidget)
+
+from vdgui.vd import Cap, format_size
+
+from .. import actions
+from ..icons import format_icon, icon
+from .allocation import AllocationMap, level_color
+from .config_form import ConfigForm
+from .size_edit import SizeEdit
+
+
+def _sel_label(text: str = "") -> QLabel:
+    lab = QLabel(text)
+    lab.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.TextSelectableByKeyboard)
+    lab.setWordWrap(True)
+    lab.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+    return lab
+
+
+INFO_FIELDS = (
+    ("format", "Format"), ("variant", "Variant"), ("device", "Type"),
+    ("vsize", "Virtual size"), ("asize", "Actual size"), ("uuid", "UUID"),
+    ("parent_uuid", "Parent UUID"), ("mod_uuid", "Modification UUID"),
+    ("parent_mod_uuid", "Parent modification UUID"), ("geometry", "Geometry"),
+    ("block", "Block size"), ("depth", "Chain depth"), ("children", "Depends on it"),
+    ("extra", "Format details"),
+)
+DEVICE_NAMES = {"hdd": "Hard disk", "optical": "Optical disc", "floppy": "Floppy disk"}
+
+
+class DetailsPane(QScrollArea):
+    applyRequested = Signal(object, object)       # node, {"location"|"size"|"comment": value}
+    propertiesSaved = Signal(object, object)      # node, {key: value}
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.node = None
+        self.properties: dict = {}
+        self.ctx = actions.Context()
+        body = QWidget()
+        self.setWidget(body)
+        lay = QVBoxLayout(body)
+        lay.setContentsMargins(10, 8, 10, 8)
+
+        # header
+        head = QHBoxLayout()
+        self.head_icon = QLabel()
+        self.head_icon.setFixedSize(40, 40)
+        self.head_title = QLabel()
+        f = self.head_title.font()
+        f.setPointSizeF(f.pointSizeF() * 1.35)
+        f.setBold(True)
+        self.head_title.setFont(f)
+        self.head_title.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.head_sub = _sel_label()
+        col = QVBoxLayout()
+        col.setSpacing(0)
+        col.addWidget(self.head_title)
+        col.addWidget(self.head_sub)
+        head.addWidget(self.head_icon)
+        head.addLayout(col, 1)
+        lay.addLayout(head)
+
+        self.error_box = QLabel()
+        self.error_box.setWordWrap(True)
+        self.error_box.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.error_box.setStyleSheet("QLabel { background: #fff4d6; color: #5a3d00; border: 1px solid "
+                                     "#e0b64a; border-radius: 4px; padding: 6px; }")
+        lay.addWidget(self.error_box)
+
+        # editable attributes
+        self.attr_box = QGroupBox("Attributes")
+        form = QFormLayout(self.attr_box)
+        form.setFieldGrowthPolicy(QFormLayout.ExpandingFieldsGrow)
+        self.location = QLineEdit()
+        self.location.setObjectName("detailsLocation")
+        self.browse = QToolButton()
+        self.browse.setText("…")
+        self.browse.setToolTip("Choose a new location")
+        self.browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.location, 1)
+        row.addWidget(self.browse)
+        loc_w = QWidget()
+        loc_w.setLayout(row)
+        form.addRow("&Location:", loc_w)
+        self.size = SizeEdit(slider=False)
+        self.size.setObjectName("detailsSize")
+        form.addRow("&Size:", self.size)
+        self.comment = QLineEdit()
+        self.comment.setObjectName("detailsComment")
+        self.comment.setPlaceholderText("Description stored in the image")
+        form.addRow("&Description:", self.comment)
+        self.edit_buttons = QDialogButtonBox(QDialogButtonBox.Apply | QDialogButtonBox.Reset)
+        self.apply_button = self.edit_buttons.button(QDialogButtonBox.Apply)
+        self.reset_button = self.edit_buttons.button(QDialogButtonBox.Reset)
+        self.apply_button.clicked.connect(self._apply)
+        self.reset_button.clicked.connect(self.reset)
+        self.edit_hint = QLabel()
+        self.edit_hint.setWordWrap(True)
+        self.edit_hint.setStyleSheet("color: #c9372c;")
+        form.addRow(self.edit_hint)
+        form.addRow(self.edit_buttons)
+        for w in (self.location, self.comment):
+            w.textChanged.connect(self._edited)
+        self.size.valueChanged.connect(self._edited)
+        lay.addWidget(self.attr_box)
+
+        # information
+        self.info_box = QGroupBox("Information")
+        self.info_form = QFormLayout(self.info_box)
+        self.info_form.setFieldGrowthPolicy(QFormLayout.ExpandingFieldsGrow)
+        self.info: dict[str, QLabel] = {}
+        for key, title in INFO_FIELDS:
+            lab = _sel_label()
+            lab.setObjectName(f"info_{key}")
+            self.info[key] = lab
+            self.info_form.addRow(title + ":", lab)
+        lay.addWidget(self.info_box)
+
+        # files
+        self.files_box = QGroupBox("Files")
+        fl = QVBoxLayout(self.files_box)
+        self.files = _sel_label()
+        self.files.setObjectName("detailsFiles")
+        fl.addWidget(self.files)
+        lay.addWidget(self.files_box)
+
+        # allocation
+        self.alloc_box = QGroupBox("Allocation")
+        al = QVBoxLayout(self.alloc_box)
+        self.allocation = AllocationMap()
+        self.alloc_legend = _sel_label()
+        al.addWidget(self.allocation)
+        al.addWidget(self.alloc_legend)
+        lay.addWidget(self.alloc_box)
+
+        # backend properties
+        self.props_box = QGroupBox("Backend properties")
+        self.props_layout = QVBoxLayout(self.props_box)
+        self.props_form: ConfigForm | None = None
+        self.props_save = QPushButton("Save properties")
+        self.props_save.clicked.connect(self._save_props)
+        self.props_layout.addWidget(self.props_save, 0, Qt.AlignRight)
+        lay.addWidget(self.props_box)
+        lay.addStretch(1)
+        self.set_node(None)
+
+    # -- content --------------------------------------------------------------------------
+    def set_context(self, ctx: actions.Context) -> None:
+        self.ctx = ctx
+        if self.node is not None:
+            self._update_edit_state()
+
+    def set_node(self, node, properties: dict | None = None) -> None:
+        self.node = node
+        self.properties = dict(properties or {})
+        has = node is not None
+        for w in (self.attr_box, self.info_box, self.files_box, self.alloc_box):
+            w.setVisible(has)
+        if not has:
+            self.head_icon.setPixmap(icon("properties").pixmap(36, 36))
+            self.head_title.setText("No image selected")
+            self.head_sub.setText("Select an image in the list to see its details, or drop image "
+                                  "files onto the window to add them.")
+            self.error_box.setVisible(False)
+            self.props_box.setVisible(False)
+            return
+        rec = node.record
+        self.head_icon.setPixmap((icon("warning") if not node.accessible else
+                                  format_icon(rec.device_type, rec.format)).pixmap(36, 36))
+        self.head_title.setText(node.name)
+        self.head_sub.setText(html.escape(os.path.dirname(rec.path)))
+        self.error_box.setVisible(not node.accessible)
+        if not node.accessible:
+            self.error_box.setText(f"<b>Inaccessible.</b> {html.escape(rec.error or '')}")
+        v = self.info
+        v["format"].setText(rec.format or "unknown")
+        v["variant"].setText(rec.variant.replace(",", ", ") or "—")
+        v["device"].setText(DEVICE_NAMES.get(rec.device_type, rec.device_type))
+        v["vsize"].setText(_bytes(rec.virtual_size))
+        v["asize"].setText(_bytes(rec.file_size))
+        v["uuid"].setText(rec.uuid or "—")
+        v["parent_uuid"].setText(rec.parent_uuid or ("— (base image)" if not rec.is_diff else "—"))
+        v["mod_uuid"].setText(rec.modification_uuid or "—")
+        v["parent_mod_uuid"].setText(rec.parent_modification_uuid or "—")
+        geo = []
+        if rec.pchs:
+            geo.append("physical C/H/S " + "/".join(map(str, rec.pchs)))
+        if rec.lchs:
+            geo.append("logical C/H/S " + "/".join(map(str, rec.lchs)))
+        v["geometry"].setText(", ".join(geo) or "—")
+        v["block"].setText(_bytes(rec.block_size) if rec.block_size else "—")
+        anc = node.ancestors()
+        chain = " → ".join(n.name for n in anc + [node])
+        v["depth"].setText(f"{node.depth}" + (f"  ({html.escape(chain)})" if anc else " (base image)"))
+        kids = node.descendants()
+        v["children"].setText(f"{len(kids)} differencing image(s): " +
+                              ", ".join(n.name for n in kids[:6]) + (" …" if len(kids) > 6 else "")
+                              if kids else "nothing")
+        extra = "; ".join(f"{k}: {val}" for k, val in (rec.details or {}).items())
+        v["extra"].setText(html.escape(extra) or "—")
+        self.files.setText("<br>".join(html.escape(f) for f in (rec.files or [rec.path])))
+        self.allocation.clear("Reading the allocation map…" if node.accessible else
+                              "Not available for an inaccessible image")
+        self.alloc_legend.setText("")
+        self._build_props(node)
+        self.reset()
+
+    def _build_props(self, node) -> None:
+        if self.props_form is not None:
+            self.props_form.setParent(None)
+            self.props_form.deleteLater()
+            self.props_form = None
+        b = node.backend
+        keys = [k for k in (b.config_keys if b else ()) if not k.create_only]
+        self.props_box.setVisible(bool(keys))
+        if not keys:
+            return
+        self.props_form = ConfigForm(keys, self.properties, mode="edit")
+        self.props_form.validChanged.connect(self.props_save.setEnabled)
+        self.props_save.setEnabled(self.props_form.is_valid())
+        self.props_layout.insertWidget(0, self.props_form)
+        if b is not None and not b.caps & Cap.CONFIG:
+            self.props_box.setTitle(f"{b.name} properties")
+        else:
+            self.props_box.setTitle("Backend properties")
+
+    def set_allocation(self, path: str, size: int, extents, members: list[str]) -> None:
+        if self.node is None or self.node.path != path:
+            return
+        self.allocation.set_data(size, extents, members)
+        parts = []
+        for lv, (m, held) in enumerate(self.allocation.legend()):
+            c = level_color(lv).name()
+            parts.append(f"<span style='color:{c}'>■</span> {html.escape(os.path.basename(m))}: "
+                         f"{format_size(held)}")
+        self.alloc_legend.setText("&nbsp;&nbsp; ".join(parts))
+
+    def set_allocation_error(self, path: str, message: str) -> None:
+        if self.node is not None and self.node.path == path:
+            self.allocation.clear(message)
+
+    def used_end(self) -> int | None:
+        """End of the last allocated byte, when the allocation map is known."""
+        return None
+
+    # -- editing --------------------------------------------------------------------------
+    def reset(self) -> None:
+        n = self.node
+        if n is None:
+            return
+        for w in (self.location, self.comment, self.size):
+            w.blockSignals(True)
+        self.location.setText(n.path)
+        self.comment.setText(n.record.comment or "")
+        if n.record.virtual_size:
+            self.size.setValue(n.record.virtual_size)
+        b = n.backend
+        if b is not None:
+            self.size.setGranularity(b.size_granularity)
+        for w in (self.location, self.comment, self.size):
+            w.blockSignals(False)
+        self._update_edit_state()
+
+    def _update_edit_state(self) -> None:
+        n = self.node
+        if n is None:
+            return
+        move_r = actions.reason("move", [n], self.ctx)
+        resize_r = actions.reason("resize", [n], self.ctx)
+        comment_r = None
+        if n.path in self.ctx.busy:
+            comment_r = f"{n.name} is busy: a running job is using it"
+        elif not n.accessible:
+            comment_r = f"{n.name} is inaccessible"
+        elif n.backend is not None and not n.backend.writable:
+            comment_r = f"The {n.backend.name} backend cannot write images"
+        for w, r, tip in ((self.location, move_r, "Type a new path and Apply to move the image"),
+                          (self.browse, move_r, "Choose a new location"),
+                          (self.size, resize_r, "Enter a new size and Apply to resize the image"),
+                          (self.comment, comment_r, "Description stored in the image")):
+            w.setEnabled(r is None)
+            w.setToolTip(r or tip)
+        self._edited()
+
+    def changes(self) -> dict:
+        n = self.node
+        if n is None:
+            return {}
+        out = {}
+        loc = os.path.abspath(os.path.expanduser(self.location.text().strip())) if self.location.text().strip() else ""
+        if self.location.isEnabled() and loc and loc != n.path:
+            out["location"] = loc
+        if self.size.isEnabled():
+            v = self.size.value()
+            if v is not None and v != n.record.virtual_size:
+                out["size"] = v
+        if self.comment.isEnabled() and self.comment.text() != (n.record.comment or ""):
+            out["comment"] = self.comment.text()
+        return out
+
+    def _edit_error(self) -> str | None:
+        ch = self.changes()
+        if "location" in ch and os.path.exists(ch["location"]):
+            return f"{ch['location']} already exists"
+        if "size" in ch:
+            err = self.size.error()
+            if err:
+                return err
+        return None
+
+    def _edited(self, *_):
+        ch = self.changes()
+        err = self._edit_error() if ch else None
+        self.edit_hint.setText(err or "")
+        self.edit_hint.setVisible(bool(err))
+        self.apply_button.setEnabled(bool(ch) and err is None)
+        self.reset_button.setEnabled(bool(ch) or self.size.value() != (self.node.record.virtual_size if self.node else None))
+
+    def _apply(self) -> None:
+        ch = self.changes()
+        if ch and self._edit_error() is None:
+            self.applyRequested.emit(self.node, ch)
+
+    def _browse(self) -> None:
+        if self.node is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Move image to", self.location.text())
+        if path:
+            self.location.setText(path)
+
+    def _save_props(self) -> None:
+        if self.node is not None and self.props_form is not None and self.props_form.is_valid():
+            self.propertiesSaved.emit(self.node, self.props_form.values())
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "—"
+    return f"{format_size(n)} ({n:,} bytes)".replace(",", "\u2009")

@@ -1,0 +1,195 @@
+"""JobsPanel: running and finished jobs with progress, percent, throughput, elapsed and
+remaining time, and a Cancel button each."""
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea,
+                               QSizePolicy, QToolButton, QVBoxLayout, QWidget)
+
+from vdgui.jobs import Job, JobQueue, JobState
+from vdgui.vd import format_size
+
+from ..icons import icon
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+class JobRow(QFrame):
+    def __init__(self, job: Job, queue: JobQueue, parent=None):
+        super().__init__(parent)
+        self.job = job
+        self.queue = queue
+        self.setFrameShape(QFrame.StyledPanel)
+        self.setObjectName("jobRow")
+        self.icon = QLabel()
+        self.icon.setFixedSize(20, 20)
+        self.title = QLabel(job.title)
+        self.title.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setTextVisible(True)
+        self.bar.setFormat("%p %")
+        self.bar.setMinimumWidth(160)
+        self.bar.setMaximumHeight(16)
+        self.detail = QLabel()
+        self.detail.setWordWrap(True)
+        self.detail.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.cancel_button = QToolButton()
+        self.cancel_button.setIcon(icon("cancel"))
+        self.cancel_button.setText("Cancel")
+        self.cancel_button.setToolTip("Cancel this job")
+        self.cancel_button.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.cancel_button.setAutoRaise(True)
+        self.cancel_button.clicked.connect(lambda: self.queue.cancel(self.job))
+        top = QHBoxLayout()
+        top.setContentsMargins(0, 0, 0, 0)
+        top.addWidget(self.icon)
+        top.addWidget(self.title, 1)
+        top.addWidget(self.bar)
+        top.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 4, 6, 4)
+        lay.setSpacing(2)
+        lay.addLayout(top)
+        lay.addWidget(self.detail)
+        self.refresh()
+
+    def refresh(self) -> None:
+        j = self.job
+        self.bar.setValue(int(j.fraction * 1000))
+        st = j.state
+        parts = []
+        if st == JobState.QUEUED:
+            parts.append("Waiting for another job on the same chain…")
+            self.icon.setPixmap(icon("busy").pixmap(18, 18))
+        elif st == JobState.RUNNING:
+            self.icon.setPixmap(icon("busy").pixmap(18, 18))
+            if j.cancel_requested:
+                parts.append("Cancelling…")
+            if j.total:
+                parts.append(f"{format_size(j.done)} of {format_size(j.total)}")
+            rate = j.throughput()
+            if rate and j.total > 1:
+                parts.append(f"{format_size(int(rate))}/s")
+            parts.append(f"elapsed {fmt_duration(j.elapsed())}")
+            rem = j.remaining()
+            if rem is not None:
+                parts.append(f"about {fmt_duration(rem)} left")
+        elif st == JobState.DONE:
+            self.icon.setPixmap(icon("ok").pixmap(18, 18))
+            parts.append(f"Done in {fmt_duration(j.elapsed())}")
+            if j.total > 1 and j.elapsed() > 0.05:
+                parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
+        elif st == JobState.FAILED:
+            self.icon.setPixmap(icon("error").pixmap(18, 18))
+            parts.append(f"<span style='color:#c9372c'>Failed: {_esc(j.error)}</span>")
+        elif st == JobState.CANCELLED:
+            self.icon.setPixmap(icon("cancel").pixmap(18, 18))
+            parts.append("Cancelled")
+        self.detail.setText(" · ".join(parts))
+        self.cancel_button.setVisible(not j.finished)
+        self.cancel_button.setEnabled(not j.cancel_requested)
+
+
+def _esc(t) -> str:
+    import html
+    return html.escape(str(t or ""))
+
+
+class JobsPanel(QWidget):
+    """Lists visible jobs of a JobQueue; newest at the top."""
+
+    showRequested = Signal()
+
+    def __init__(self, queue: JobQueue, parent=None):
+        super().__init__(parent)
+        self.queue = queue
+        self.rows: dict[int, JobRow] = {}
+        self.container = QWidget()
+        self.list = QVBoxLayout(self.container)
+        self.list.setContentsMargins(4, 4, 4, 4)
+        self.list.setSpacing(4)
+        self.empty = QLabel("No jobs yet. Long operations (create, copy, merge, resize, compact, "
+                            "check) show their progress here.")
+        self.empty.setEnabled(False)
+        self.empty.setWordWrap(True)
+        self.list.addWidget(self.empty)
+        self.list.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.container)
+        scroll.setFrameShape(QFrame.NoFrame)
+        self.clear_button = QPushButton("Clear finished")
+        self.clear_button.clicked.connect(self.clear_finished)
+        self.cancel_all_button = QPushButton(icon("cancel"), "Cancel all")
+        self.cancel_all_button.clicked.connect(self.queue.cancel_all)
+        buttons = QHBoxLayout()
+        buttons.setContentsMargins(4, 0, 4, 4)
+        buttons.addStretch(1)
+        buttons.addWidget(self.cancel_all_button)
+        buttons.addWidget(self.clear_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(scroll, 1)
+        lay.addLayout(buttons)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+        queue.jobAdded.connect(self.add_job)
+        queue.jobChanged.connect(self.update_job)
+        self.timer = QTimer(self)
+        self.timer.setInterval(1000)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+        self._update_buttons()
+
+    def sizeHint(self):
+        from PySide6.QtCore import QSize
+        return QSize(600, 120)
+
+    def add_job(self, job: Job) -> None:
+        if not job.visible or job.id in self.rows:
+            return
+        row = JobRow(job, self.queue)
+        self.rows[job.id] = row
+        self.list.insertWidget(0, row)
+        self.empty.setVisible(False)
+        self._update_buttons()
+        self.showRequested.emit()
+
+    def update_job(self, job: Job) -> None:
+        row = self.rows.get(job.id)
+        if row is not None:
+            row.refresh()
+        self._update_buttons()
+
+    def row_for(self, job: Job) -> JobRow | None:
+        return self.rows.get(job.id)
+
+    def clear_finished(self) -> None:
+        for jid, row in list(self.rows.items()):
+            if row.job.finished:
+                row.setParent(None)
+                row.deleteLater()
+                del self.rows[jid]
+        self.queue.clear_finished()
+        self.empty.setVisible(not self.rows)
+        self._update_buttons()
+
+    def _tick(self) -> None:
+        for row in self.rows.values():
+            if row.job.state == JobState.RUNNING:
+                row.refresh()
+
+    def _update_buttons(self) -> None:
+        self.clear_button.setEnabled(any(r.job.finished for r in self.rows.values()))
+        self.cancel_all_button.setEnabled(any(not r.job.finished for r in self.rows.values()))

@@ -1,0 +1,161 @@
+"""SizeEdit: a byte size typed as a number with a unit, with an optional logarithmic slider.
+
+Values are Python ints (64-bit safe; no QSpinBox). ``valueChanged(object)`` carries the bytes,
+or None while the text is not a valid size.
+"""
+from __future__ import annotations
+
+import math
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QValidator
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLineEdit, QSlider, QVBoxLayout, QWidget
+
+UNITS = (("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40))
+
+
+class _NumberValidator(QValidator):
+    def validate(self, text, pos):
+        t = text.strip()
+        if t == "":
+            return QValidator.Intermediate, text, pos
+        try:
+            v = float(t)
+        except ValueError:
+            if t.endswith(".") and t[:-1].isdigit():
+                return QValidator.Intermediate, text, pos
+            return QValidator.Invalid, text, pos
+        return (QValidator.Acceptable if v >= 0 else QValidator.Invalid), text, pos
+
+
+class SizeEdit(QWidget):
+    valueChanged = Signal(object)
+
+    def __init__(self, value: int = 0, *, minimum: int = 0, maximum: int | None = None,
+                 granularity: int = 512, slider: bool = True, parent=None):
+        super().__init__(parent)
+        self._min = minimum
+        self._max = maximum
+        self._gran = max(granularity, 1)
+        self.edit = QLineEdit()
+        self.edit.setValidator(_NumberValidator(self))
+        self.edit.setAlignment(Qt.AlignRight)
+        self.edit.setMaximumWidth(140)
+        self.unit = QComboBox()
+        for name, _ in UNITS:
+            self.unit.addItem(name)
+        self.slider = QSlider(Qt.Horizontal) if slider else None
+        self.range_label = QLabel() if slider else None
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        if self.slider:
+            self.slider.setRange(0, 1000)
+            row.addWidget(self.slider, 1)
+        row.addWidget(self.edit)
+        row.addWidget(self.unit)
+        if not self.slider:
+            row.addStretch(1)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(2)
+        outer.addLayout(row)
+        if self.range_label:
+            self.range_label.setEnabled(False)
+            outer.addWidget(self.range_label)
+        self._updating = False
+        self.edit.textChanged.connect(self._text_changed)
+        self.unit.currentIndexChanged.connect(self._text_changed)
+        if self.slider:
+            self.slider.valueChanged.connect(self._slider_moved)
+        self.setValue(value)
+        self._update_range_label()
+
+    # -- range ----------------------------------------------------------------------------
+    def setRange(self, minimum: int, maximum: int | None) -> None:
+        self._min, self._max = minimum, maximum
+        self._update_range_label()
+        self._sync_slider(self.value())
+
+    def setGranularity(self, g: int) -> None:
+        self._gran = max(int(g), 1)
+
+    def _slider_bounds(self) -> tuple[float, float]:
+        lo = max(self._min, 1 << 20)
+        hi = self._max if self._max else 2 << 40
+        hi = max(hi, lo * 2)
+        return math.log2(lo), math.log2(hi)
+
+    def _update_range_label(self) -> None:
+        if self.range_label is None:
+            return
+        from vdgui.vd import format_size
+        lo = max(self._min, 1 << 20)
+        hi = self._max if self._max else 2 << 40
+        self.range_label.setText(f"{format_size(lo)} … {format_size(hi)}")
+
+    # -- value ----------------------------------------------------------------------------
+    def value(self) -> int | None:
+        text = self.edit.text().strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        mult = UNITS[self.unit.currentIndex()][1]
+        v = int(round(number * mult))
+        v = -(-v // self._gran) * self._gran      # round up to the granularity
+        return v
+
+    def error(self) -> str | None:
+        from vdgui.vd import format_size
+        v = self.value()
+        if v is None:
+            return "Enter a size, e.g. 20 GiB"
+        if v <= 0:
+            return "The size must be larger than zero"
+        if v < self._min:
+            return f"The size must be at least {format_size(self._min)}"
+        if self._max is not None and v > self._max:
+            return f"The size can be at most {format_size(self._max)}"
+        return None
+
+    def setValue(self, v: int) -> None:
+        v = int(v)
+        idx = 0
+        for i, (_, m) in enumerate(UNITS):
+            if v >= m:
+                idx = i
+        mult = UNITS[idx][1]
+        number = v / mult
+        text = f"{number:.0f}" if abs(number - round(number)) < 1e-9 else f"{number:.2f}".rstrip("0").rstrip(".")
+        self._updating = True
+        try:
+            self.unit.setCurrentIndex(idx)
+            self.edit.setText(text)
+        finally:
+            self._updating = False
+        self._sync_slider(v)
+        self.valueChanged.emit(self.value())
+
+    def _sync_slider(self, v: int | None) -> None:
+        if not self.slider or v is None or v <= 0:
+            return
+        lo, hi = self._slider_bounds()
+        pos = int(round((math.log2(max(v, 1)) - lo) / (hi - lo) * 1000))
+        self.slider.blockSignals(True)
+        self.slider.setValue(max(0, min(1000, pos)))
+        self.slider.blockSignals(False)
+
+    def _text_changed(self, *_):
+        if self._updating:
+            return
+        v = self.value()
+        self._sync_slider(v)
+        self.valueChanged.emit(v)
+
+    def _slider_moved(self, pos: int) -> None:
+        lo, hi = self._slider_bounds()
+        v = 2 ** (lo + (hi - lo) * pos / 1000)
+        # snap to a round number of MiB / GiB
+        step = 1 << 30 if v >= 8 << 30 else 1 << 20
+        v = max(int(round(v / step)) * step, step)
+        self.setValue(v)

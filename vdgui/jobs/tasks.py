@@ -1,0 +1,179 @@
+"""Job factories: one per engine operation. Each returns a :class:`~vdgui.jobs.Job` whose function
+calls the public engine API (``vdgui.vd``) with the job's progress callback.
+
+The operations (copy_image, move_image, merge, compact, resize, check) are looked up lazily, so
+the GUI runs while they are still being written: :func:`op_available` tells the GUI whether to
+enable an action, and a job started without its operation fails with a readable NotSupported.
+"""
+from __future__ import annotations
+
+import os
+
+import vdgui.vd as vd
+from vdgui.vd import Disk, ImageFlags, NotSupported, OpenFlags, get_backend
+
+from . import Job
+
+OPERATIONS = ("copy_image", "move_image", "merge", "compact", "resize", "check")
+
+
+def op_available(name: str) -> bool:
+    return callable(getattr(vd, name, None))
+
+
+def op(name: str):
+    fn = getattr(vd, name, None)
+    if not callable(fn):
+        raise NotSupported(f"the '{name}' operation is not available in this build of the engine yet")
+    return fn
+
+
+def create_job(location: str, size: int, format: str, *, flags: ImageFlags = ImageFlags.NONE,
+               config: dict | None = None, comment: str | None = None, key: str | None = None) -> Job:
+    backend = get_backend(format)
+
+    def fn(progress):
+        progress(0, size)
+        with Disk() as d:
+            d.create_base(location, size, backend, flags=flags, config=config or None,
+                          comment=comment or None, progress=progress)
+        progress(size, size)
+        return [location]
+
+    what = "fixed-size" if flags & ImageFlags.FIXED else "dynamic"
+    return Job(f"Create {what} {backend.name} image {os.path.basename(location)}", fn,
+               keys=[key or location], paths=[location], kind="create")
+
+
+def create_diff_job(parent: str, location: str, format: str | None = None, *, library=None,
+                    comment: str | None = None, key: str | None = None) -> Job:
+    def fn(progress):
+        progress(0, 1)
+        with Disk.open_chain(parent, flags=OpenFlags.READ_ONLY, library=library) as d:
+            d.create_diff(location, format or None, comment=comment or None)
+        progress(1, 1)
+        return [location]
+
+    return Job(f"Create differencing image {os.path.basename(location)}", fn,
+               keys=[key or parent], paths=[parent, location], kind="create_diff")
+
+
+def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, paths=(), **kw) -> Job:
+    def fn(progress):
+        return op("copy_image")(src, dst, dst_format, progress=progress, **kw)
+
+    verb = "Convert" if kw.get("src_format") and kw["src_format"] != dst_format else "Copy"
+    return Job(f"{verb} {os.path.basename(src)} → {os.path.basename(dst)}", fn,
+               keys=[key or src, dst], paths=[src, dst, *paths], kind="copy")
+
+
+def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
+    def fn(progress):
+        op("move_image")(src, dst, progress=progress)
+        return [dst]
+
+    return Job(f"Move {os.path.basename(src)} → {dst}", fn, keys=[key or src],
+               paths=[src, dst], kind="move")
+
+
+def merge_job(source: str, target: str, *, key: str | None = None, paths=()) -> Job:
+    def fn(progress):
+        return op("merge")(source, target, progress=progress)
+
+    return Job(f"Merge {os.path.basename(source)} into {os.path.basename(target)}", fn,
+               keys=[key or source], paths=[source, target, *paths], kind="merge")
+
+
+def resize_job(path: str, new_size: int, *, format: str | None = None, key: str | None = None) -> Job:
+    def fn(progress):
+        return op("resize")(path, new_size, format=format, progress=progress)
+
+    return Job(f"Resize {os.path.basename(path)} to {vd.format_size(new_size)}", fn,
+               keys=[key or path], paths=[path], kind="resize")
+
+
+def compact_job(path: str, *, format: str | None = None, key: str | None = None) -> Job:
+    def fn(progress):
+        return op("compact")(path, format=format, progress=progress)
+
+    return Job(f"Compact {os.path.basename(path)}", fn, keys=[key or path], paths=[path],
+               kind="compact")
+
+
+def check_job(path: str, *, repair: bool = False, format: str | None = None,
+              key: str | None = None) -> Job:
+    def fn(progress):
+        return op("check")(path, format=format, repair=repair, progress=progress)
+
+    verb = "Repair" if repair else "Check"
+    return Job(f"{verb} {os.path.basename(path)}", fn, keys=[key or path], paths=[path],
+               kind="repair" if repair else "check")
+
+
+def set_comment_job(path: str, comment: str, *, library=None, key: str | None = None) -> Job:
+    def fn(progress):
+        progress(0, 1)
+        with Disk.open_chain(path, library=library) as d:
+            d.set_comment(-1, comment)
+            d.flush()
+        progress(1, 1)
+        return path
+
+    return Job(f"Set the comment of {os.path.basename(path)}", fn, keys=[key or path],
+               paths=[path], kind="set_comment")
+
+
+def allocation_job(path: str, *, library=None, buckets: int = 1024) -> Job:
+    """Reads the chain's allocation map (for the details picture); invisible in the panel."""
+    def fn(progress):
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
+                             library=library) as d:
+            size = d.size
+            extents = d.allocation()
+            members = [img.location for img in d.images]
+        return {"path": path, "size": size, "extents": extents, "members": members}
+
+    return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation",
+               visible=False)
+
+
+def scan_job(library, paths: list[str] | None = None) -> Job:
+    """Add ``paths`` (with their parents) to the library, or re-read everything when None."""
+    def fn(progress):
+        if paths is None:
+            return library.scan_all(progress)
+        out = []
+        for i, p in enumerate(paths):
+            if progress(i, len(paths)) is False:
+                raise vd.Cancelled()
+            out += library.add_with_parents(p)
+        progress(len(paths), len(paths))
+        return out
+
+    title = "Refresh the media list" if paths is None else \
+        f"Add {os.path.basename(paths[0])}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    return Job(title, fn, kind="scan", visible=False)
+
+
+def delete_job(images: list[tuple[str, list[str]]], library=None) -> Job:
+    """Delete image files from disk: ``images`` is [(path, files)]; forgets them in the library."""
+    def fn(progress):
+        total = len(images)
+        progress(0, total)
+        deleted = []
+        for i, (path, files) in enumerate(images):
+            for f in files or [path]:
+                try:
+                    os.remove(f)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise vd.VDIOError(f"{f}: cannot delete: {exc.strerror or exc}") from None
+            if library is not None:
+                library.remove(path)
+            deleted.append(path)
+            progress(i + 1, total)
+        return deleted
+
+    return Job(f"Delete {len(images)} image file(s)", fn, paths=[p for p, _ in images],
+               keys=[p for p, _ in images], kind="delete")
