@@ -1,0 +1,550 @@
+"""VMDK backend: conformance, structures, descriptors, hostile input, hooks."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from tests.conftest import read_all
+from tests.formats.conformance import FormatConformance
+from vdgui.vd import (Alloc, ConfigError, CorruptImage, Disk, ImageFlags, ImageNotFound,
+                      InvalidArgument, NotSupported, OpenFlags, ParentMismatch, UnsafePath,
+                      VDError, get_backend, probe)
+from vdgui.vd.formats import vmdk
+from vdgui.vd.formats.vmdk_descriptor import Descriptor
+
+MiB = 1 << 20
+
+
+def _head(path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+class TestVmdkConformance(FormatConformance):
+    FORMAT = "VMDK"
+    EXT = "vmdk"
+    VARIANTS = (ImageFlags.NONE, ImageFlags.FIXED, ImageFlags.SPLIT_2G,
+                ImageFlags.SPLIT_2G | ImageFlags.FIXED)
+    DIFF = True
+    UUID = True
+    COMMENT = False
+
+
+# -- declarations ---------------------------------------------------------------------------
+def test_declarations_match_virtualbox():
+    from vdgui.vd import Cap, Operation, ValueType
+    b = get_backend("vmdk")
+    assert b.name == "VMDK" and "vmdk" in b.aliases
+    assert b.caps == (Cap.UUID | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.CREATE_SPLIT_2G |
+                      Cap.DIFF | Cap.FILE | Cap.ASYNC | Cap.VFS | Cap.PREFERRED)
+    assert b.create_flags == (ImageFlags.FIXED | ImageFlags.SPLIT_2G |
+                              ImageFlags.STREAM_OPTIMIZED | ImageFlags.ESX)
+    keys = {k.name: k.type for k in b.config_keys}
+    assert keys == {"RawDrive": ValueType.STRING, "Partitions": ValueType.STRING,
+                    "BootSector": ValueType.BYTES, "Relative": ValueType.INTEGER}
+    for op in (Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
+               Operation.REPAIR, Operation.RELINK):
+        assert b.can(op)
+
+
+def test_raw_disk_creation_refused(tmp_path):
+    with pytest.raises(NotSupported):
+        with Disk() as d:
+            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"RawDrive": "/dev/sda"})
+    with pytest.raises(ConfigError):
+        with Disk() as d:
+            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"Bogus": "1"})
+    assert not os.listdir(tmp_path)
+
+
+# -- structures -----------------------------------------------------------------------------
+def test_struct_round_trips(tmp_path):
+    p = str(tmp_path / "s.vmdk")
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VMDK")
+    raw = _head(p, 512)
+    assert vmdk.SparseHeader.build(vmdk.SparseHeader.parse(raw)) == raw
+    h = vmdk.SparseHeader.parse(raw)
+    assert h.magic == b"KDMV" and h.version == 1 and h.grain_size == 128
+    gm = vmdk.GrainMarker.build(dict(lba=1234, size=99))
+    assert vmdk.GrainMarker.build(vmdk.GrainMarker.parse(gm)) == gm
+    mm = vmdk.MetaMarker.build(dict(num_sectors=4, size=0, type=1, pad=bytes(496)))
+    assert len(mm) == 512 and vmdk.MetaMarker.build(vmdk.MetaMarker.parse(mm)) == mm
+    cw = vmdk.CowdHeader.build(dict(magic=b"COWD", version=1, flags=3, num_sectors=4096,
+                                    grain_size=1, gd_offset=4, num_gd_entries=1, free_sector=8,
+                                    cylinders=0, heads=0, sectors=0))
+    assert vmdk.CowdHeader.build(vmdk.CowdHeader.parse(cw)) == cw
+
+
+# -- descriptor -----------------------------------------------------------------------------
+DESC = '''# Disk DescriptorFile
+version=1
+encoding="UTF-8"
+CID=12345678
+parentCID=ffffffff
+isNativeSnapshot="no"
+createType="twoGbMaxExtentSparse"
+
+# Extent description
+RW 20480 SPARSE "disk-s001.vmdk"
+RDONLY 100 FLAT "disk-f.vmdk" 7
+RW 8 ZERO
+
+# a comment kept verbatim
+# The Disk Data Base
+#DDB
+
+ddb.virtualHWVersion = "7"
+ddb.unknownThing = "keep me"
+ddb.geometry.cylinders = "20"
+'''
+
+
+def test_descriptor_round_trip_keeps_unknown_lines():
+    d = Descriptor.parse(DESC.encode(), "x.vmdk")
+    assert d.text() == DESC
+    assert [e.type for e in d.extents] == ["SPARSE", "FLAT", "ZERO"]
+    assert d.extents[1].offset == 7 and d.extents[1].access == "RDONLY"
+    assert d.get("isNativeSnapshot") == "no"
+    assert d.get_int("CID", 16) == 0x12345678
+    d.set("CID", "deadbeef")
+    d.set("ddb.uuid.image", "11111111-2222-3333-4444-555555555555")
+    d.set("parentFileNameHint", "base.vmdk", quoted=True)
+    out = d.text()
+    assert "CID=deadbeef\n" in out and 'ddb.unknownThing = "keep me"' in out
+    assert "# a comment kept verbatim" in out and 'isNativeSnapshot="no"' in out
+    assert out.index('parentFileNameHint="base.vmdk"') < out.index("# Extent description")
+    again = Descriptor.parse(out.encode())
+    assert again.get("ddb.uuid.image") == "11111111-2222-3333-4444-555555555555"
+    assert again.text() == out
+
+
+@pytest.mark.parametrize("text", [
+    b"# Disk DescriptorFile\nversion=1\n",                                  # no extents
+    b"# Disk DescriptorFile\nRW abc SPARSE \"x\"\n",                         # bad size
+    b"# Disk DescriptorFile\nRW 10 BOGUS \"x\"\n",                           # bad type
+    b"# Disk DescriptorFile\nRW 10 FLAT\n",                                  # flat without name
+    b"# Disk DescriptorFile\nthis is not a key value line\nRW 10 ZERO\n",    # junk line
+    b"# Disk DescriptorFile\nRW 10 ZERO\n\xff\xfe\n",                        # not UTF-8
+    b"# Disk DescriptorFile\nRW 10 ZERO\nCID=zzzz\n",                        # bad CID
+    b"# Disk DescriptorFile\nRW 10 ZERO\nddb.uuid.image = \"nope\"\n",       # bad UUID
+    b"# Disk DescriptorFile\nRW 10 ZERO\nddb.geometry.cylinders = \"x\"\n"
+    b"ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\n",         # bad geometry
+    b"# Disk DescriptorFile\nRW 10 ZERO\ncreateType=\"nonsense\"\n",         # unknown type
+    b"# Disk DescriptorFile\nRW 10 SESPARSE \"x.vmdk\"\n",                   # not supported
+])
+def test_malformed_descriptors_give_vderror(tmp_path, text):
+    p = tmp_path / "bad.vmdk"
+    p.write_bytes(text)
+    (tmp_path / "x").write_bytes(bytes(5120))
+    (tmp_path / "x.vmdk").write_bytes(bytes(5120))
+    with pytest.raises(VDError):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+            read_all(d)
+
+
+def _desc(extent_lines: str, ctype="monolithicFlat") -> bytes:
+    return (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+            f'createType="{ctype}"\n\n# Extent description\n{extent_lines}\n').encode()
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.vmdk", "sub/../../x", "/dev/zero",
+                                  "json:{file.filename:x}", "nbd:host:10809"])
+def test_hostile_extent_paths_refused(tmp_path, name):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (tmp_path / "outside.vmdk").write_bytes(bytes(5120))
+    p = inner / "evil.vmdk"
+    p.write_bytes(_desc(f'RW 10 FLAT "{name}" 0'))
+    with pytest.raises(UnsafePath):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(UnsafePath):   # INFO opens validate names too
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.INFO)
+
+
+def test_device_extent_refused_even_by_relative_symlink(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.bin")
+    p = tmp_path / "dev.vmdk"
+    p.write_bytes(_desc('RW 10 FLAT "zero.bin" 0'))
+    with pytest.raises(UnsafePath):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+
+
+def test_unsafe_paths_allowed_when_asked(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\x42" * 5120)
+    p = inner / "ok.vmdk"
+    p.write_bytes(_desc('RW 10 FLAT "../outside.bin" 0'))
+    with Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS)
+        assert d.read(0, 5120) == b"\x42" * 5120
+
+
+def test_huge_descriptor_and_absurd_extent_count_refused(tmp_path):
+    p = tmp_path / "big.vmdk"
+    p.write_bytes(_desc('RW 10 ZERO') + b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(VDError):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    many = "\n".join("RW 1 ZERO" for _ in range(100000))
+    p.write_bytes(_desc(many))
+    with pytest.raises(CorruptImage):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    # under 1 MiB but too many extents
+    many = "\n".join("RW 1 ZERO" for _ in range(40000))
+    p.write_bytes(_desc(many))
+    assert p.stat().st_size < 1 << 20
+    with pytest.raises(CorruptImage, match="too many extents"):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+
+
+def test_missing_extent_is_clear_error_and_info_opens_nothing(tmp_path):
+    p = tmp_path / "m.vmdk"
+    p.write_bytes(_desc('RW 2048 FLAT "m-flat.vmdk" 0'))
+    with pytest.raises(ImageNotFound, match="extent file 'm-flat.vmdk' not found"):
+        with Disk() as d:
+            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with Disk() as d:
+        img = d.open(str(p), "VMDK", flags=OpenFlags.INFO)
+        assert img.size == 2048 * 512
+        assert img.files()[1].endswith("m-flat.vmdk")
+        assert d.info()["details"]["create_type"] == "monolithicFlat"
+
+
+def test_zero_extents_and_mixed_extents(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x07" * 4096)
+    p = tmp_path / "mix.vmdk"
+    p.write_bytes(_desc('RW 4 FLAT "a.bin" 2\nRW 16 ZERO\nRDONLY 8 FLAT "a.bin" 0'))
+    with Disk() as d:
+        d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.size == 28 * 512
+        assert d.read(0, d.size) == b"\x07" * 2048 + bytes(8192) + b"\x07" * 4096
+        assert any(e.status == Alloc.ZERO for e in d.allocation())
+    with Disk() as d:
+        d.open(str(p))
+        d.write(0, b"\x01" * 512)       # RW flat extent
+        with pytest.raises(VDError):
+            d.write(2048, b"\x01" * 512)  # ZERO extent
+        with pytest.raises(VDError):
+            d.write(20 * 512, b"\x01" * 512)  # RDONLY extent
+
+
+# -- hostile sparse headers / tables --------------------------------------------------------
+def _mono(tmp_path, name="v.vmdk", size=3 * MiB, data=True):
+    p = str(tmp_path / name)
+    with Disk() as d:
+        d.create_base(p, size, "VMDK")
+        if data:
+            d.write(0, b"\x5a" * 200000)
+    return p
+
+
+@pytest.mark.parametrize("field,offset,value", [
+    ("version", 4, (99).to_bytes(4, "little")),
+    ("grainSize", 0x14, (3).to_bytes(8, "little")),
+    ("grainSize", 0x14, (0).to_bytes(8, "little")),
+    ("descriptorSize", 0x24, (1 << 40).to_bytes(8, "little")),
+    ("numGTEsPerGT", 0x2C, (0).to_bytes(4, "little")),
+    ("numGTEsPerGT", 0x2C, (1 << 30).to_bytes(4, "little")),
+    ("gdOffset", 0x38, (1 << 40).to_bytes(8, "little")),
+    ("rgdOffset", 0x30, (1 << 40).to_bytes(8, "little")),
+    ("capacity", 0xC, (1 << 60).to_bytes(8, "little")),
+    ("capacity", 0xC, (1).to_bytes(8, "little")),
+    ("descriptorOffset", 0x1C, (0).to_bytes(8, "little")),
+])
+def test_corrupted_header_fields(tmp_path, field, offset, value):
+    p = _mono(tmp_path)
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+    with pytest.raises(VDError):
+        with Disk() as d:
+            d.open(p, "VMDK", flags=OpenFlags.READ_ONLY)
+            read_all(d)
+
+
+def test_grain_table_entry_past_eof_is_corrupt_and_repairable(tmp_path):
+    p = _mono(tmp_path)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        ext = img.extents[0]
+        gt_sector = ext.gd[0]
+        rgt_sector = ext.rgd[0]
+        good = ext._gte(1)
+        assert img.check().exit_code == 0
+    with open(p, "r+b") as f:                       # primary GT entry 1 -> far past EOF
+        f.seek(gt_sector * 512 + 4)
+        f.write((10 ** 8).to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        with pytest.raises(CorruptImage, match="past the end"):
+            d.read(0, 200000)
+        rep = d.top.check()
+        assert rep.corrupt and rep.exit_code == 2
+        assert any("grain table 0 entry 1" in pr.what for pr in rep.problems)
+    with Disk() as d:
+        d.open(p)
+        rep = d.top.check(repair=True, dry_run=True)
+        assert rep.corrupt
+    with Disk() as d:
+        d.open(p)
+        rep = d.top.check(repair=True)
+        assert rep.problems and all(pr.repaired for pr in rep.problems)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert img.check().exit_code == 0
+        assert img.extents[0]._gte(1) == good
+        assert d.read(0, 200000) == b"\x5a" * 200000
+    # redundant table damaged: primary wins
+    with open(p, "r+b") as f:
+        f.seek(rgt_sector * 512 + 8)
+        f.write((200).to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p)
+        rep = d.top.check()
+        assert rep.corrupt and "differs from the redundant" in rep.problems[0].what
+        d.top.check(repair=True)
+        assert d.top.check().exit_code == 0
+
+
+def test_grain_directory_damage_repaired_from_redundant(tmp_path, qemu):
+    p = _mono(tmp_path)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        gd_off = img.extents[0].gd_sector * 512
+    with open(p, "r+b") as f:
+        f.seek(gd_off)
+        f.write((10 ** 8).to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p)
+        rep = d.top.check()
+        assert rep.corrupt and "grain directory entry 0" in rep.problems[0].what
+        rep = d.top.check(repair=True)
+        assert not rep.corrupt
+        assert d.read(0, 200000) == b"\x5a" * 200000
+    assert qemu.check(p).returncode == 0
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.top.check().exit_code == 0
+
+
+def test_split_extent_alone_and_cowd_alone_give_clear_errors(tmp_path):
+    p = str(tmp_path / "sp.vmdk")
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+    with pytest.raises(NotSupported, match="descriptor"):
+        Disk().open(str(tmp_path / "sp-s001.vmdk"), "VMDK", flags=OpenFlags.READ_ONLY)
+    c = tmp_path / "c.vmdk"
+    c.write_bytes(b"COWD" + bytes(4092))
+    assert probe(str(c)).name == "VMDK"
+    with pytest.raises(NotSupported):
+        Disk().open(str(c), "VMDK", flags=OpenFlags.READ_ONLY)
+
+
+def test_cowd_vmfssparse_extent_reads(tmp_path):
+    """An ESX vmfsSparse child (COWD extent) over a vmfs flat base."""
+    base_flat = tmp_path / "b-flat.vmdk"
+    base_flat.write_bytes(b"\x11" * (64 * 512))
+    (tmp_path / "b.vmdk").write_bytes(
+        b'# Disk DescriptorFile\nversion=1\nCID=0172e8a4\nparentCID=ffffffff\n'
+        b'createType="vmfs"\nRW 64 VMFS "b-flat.vmdk"\n')
+    # COWD: 2048-byte header, GD at sector 4 (1 entry), GT at sector 5 (4096 entries = 32 sectors)
+    gs = 4
+    cow = bytearray(37 * 512 + 2 * gs * 512)
+    cow[:44] = vmdk.CowdHeader.build(dict(magic=b"COWD", version=1, flags=3, num_sectors=64,
+                                          grain_size=gs, gd_offset=4, num_gd_entries=1,
+                                          free_sector=37 + 2 * gs, cylinders=0, heads=0,
+                                          sectors=0))
+    cow[4 * 512:4 * 512 + 4] = (5).to_bytes(4, "little")
+    cow[5 * 512 + 4 * 2:5 * 512 + 4 * 3] = (37).to_bytes(4, "little")       # grain 2
+    cow[5 * 512 + 4 * 15:5 * 512 + 4 * 16] = (37 + gs).to_bytes(4, "little")  # grain 15
+    cow[37 * 512:(37 + gs) * 512] = b"\x22" * (gs * 512)
+    cow[(37 + gs) * 512:] = b"\x33" * (gs * 512)
+    (tmp_path / "c-delta.vmdk").write_bytes(bytes(cow))
+    (tmp_path / "c.vmdk").write_bytes(
+        b'# Disk DescriptorFile\nversion=1\nCID=8f67ca74\nparentCID=0172e8a4\n'
+        b'createType="vmfsSparse"\nparentFileNameHint="b.vmdk"\n'
+        b'RW 64 VMFSSPARSE "c-delta.vmdk"\n')
+    expect = bytearray(b"\x11" * (64 * 512))
+    expect[2 * gs * 512:3 * gs * 512] = b"\x22" * (gs * 512)
+    expect[15 * gs * 512:16 * gs * 512] = b"\x33" * (gs * 512)
+    with Disk.open_chain(str(tmp_path / "c.vmdk"), flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 2
+        assert d.top.flags & ImageFlags.ESX and d.top.flags & ImageFlags.DIFF
+        assert read_all(d) == bytes(expect)
+    with Disk() as d:   # COWD extents are read-only
+        d.open(str(tmp_path / "b.vmdk"), flags=OpenFlags.READ_ONLY)
+        d.open(str(tmp_path / "c.vmdk"))
+        with pytest.raises(VDError):
+            d.write(0, b"\x01" * 512)
+
+
+# -- metadata, relink, CID ------------------------------------------------------------------
+def test_metadata_ddb_entries(tmp_path):
+    from vdgui.vd import Geometry
+    p = str(tmp_path / "m.vmdk")
+    u = uuid.uuid4()
+    with Disk() as d:
+        d.create_base(p, 10 * MiB, "VMDK", uuid=u, lchs=Geometry(20, 16, 63))
+        img = d.top
+        assert img.uuid == u and img.lchs == Geometry(20, 16, 63)
+        mu = uuid.uuid4()
+        d.set_modification_uuid(0, mu)
+        d.set_pchs(0, Geometry(100, 4, 50))
+    text = _head(p, 21 * 512).decode("latin-1")
+    assert f'ddb.uuid.image = "{u}"' in text and f'ddb.uuid.modification = "{mu}"' in text
+    assert 'ddb.geometry.cylinders = "100"' in text and 'ddb.geometry.biosHeads = "16"' in text
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert img.pchs == Geometry(100, 4, 50) and img.modification_uuid == mu
+        info = d.info()["details"]
+        assert info["create_type"] == "monolithicSparse" and info["adapter_type"] == "ide"
+        with pytest.raises(NotSupported):
+            img.set_comment("x")
+
+
+def test_cid_changes_on_first_write_and_child_link(tmp_path):
+    base, child = str(tmp_path / "b.vmdk"), str(tmp_path / "c.vmdk")
+    with Disk() as d:
+        d.create_base(base, 2 * MiB, "VMDK")
+        cid0 = d.top.cid
+        d.write(0, b"\x01" * 512)
+        cid1 = d.top.cid
+        assert cid1 != cid0
+        d.write(4096, b"\x01" * 512)
+        assert d.top.cid == cid1            # once per session
+        d.create_diff(child)
+        assert d.top.parent_cid == cid1
+    with Disk() as d:
+        assert d.open(base, flags=OpenFlags.READ_ONLY).cid == cid1
+        c = d.open(child, flags=OpenFlags.READ_ONLY)
+        assert c.parent_hint.locations == ["b.vmdk"] and c.parent_hint.link_id == f"{cid1:08x}"
+    with Disk() as d:            # writing the base again breaks the link (as VMware intends)
+        d.open(base)
+        d.write(0, b"\x02" * 512)
+    with Disk() as d:
+        d.open(base, flags=OpenFlags.READ_ONLY)
+        with pytest.raises(ParentMismatch, match="parentCID"):
+            d.open(child, flags=OpenFlags.READ_ONLY)
+    with Disk() as d:            # INFO skips the check
+        d.open(base, flags=OpenFlags.READ_ONLY)
+        d.open(child, flags=OpenFlags.INFO)
+
+
+def test_relink_and_make_base(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a.vmdk", "b.vmdk", "c.vmdk"))
+    with Disk() as d:
+        d.create_base(a, 2 * MiB, "VMDK")
+        d.write(0, b"\x0a" * 65536)
+        d.create_diff(b)
+        d.write(65536, b"\x0b" * 65536)
+        d.create_diff(c)
+        d.write(131072, b"\x0c" * 65536)
+    # relink c directly onto a (as merge would after folding b into a)
+    pa = vmdk.BACKEND.open(a, OpenFlags.READ_ONLY)
+    cimg = vmdk.BACKEND.open(c, OpenFlags.NORMAL)
+    cimg.set_parent(pa)
+    cimg.close()
+    pa.close()
+    with Disk.open_chain(c, flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 2
+        assert d.read(0, 196608) == b"\x0a" * 65536 + bytes(65536) + b"\x0c" * 65536
+    cimg = vmdk.BACKEND.open(c, OpenFlags.NORMAL)
+    cimg.set_parent(None)
+    cimg.close()
+    with Disk() as d:
+        img = d.open(c, flags=OpenFlags.READ_ONLY)
+        assert not img.is_diff and img.parent_uuid is None
+        assert d.read(0, 196608) == bytes(131072) + b"\x0c" * 65536
+
+
+# -- resize ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [ImageFlags.NONE, ImageFlags.FIXED, ImageFlags.SPLIT_2G,
+                                   ImageFlags.SPLIT_2G | ImageFlags.FIXED])
+def test_resize_grow(tmp_path, flags, qemu):
+    p = str(tmp_path / "r.vmdk")
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VMDK", flags=flags)
+        d.write(3 * MiB - 512, b"\x07" * 512)
+        d.top.resize(50 * MiB)
+        assert d.size == 50 * MiB
+        d.write(40 * MiB, b"\x08" * 70000)
+        with pytest.raises(InvalidArgument):
+            d.top.resize(MiB)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.size == 50 * MiB
+        assert d.read(3 * MiB - 512, 1024) == b"\x07" * 512 + bytes(512)
+        assert d.read(40 * MiB, 70000) == b"\x08" * 70000
+    assert qemu.check(p).returncode in (0, 63)
+    out = tmp_path / "r.raw"
+    qemu.to_raw(p, out)
+    raw = out.read_bytes()
+    assert len(raw) == 50 * MiB and raw[40 * MiB:40 * MiB + 70000] == b"\x08" * 70000
+
+
+def test_resize_sparse_moves_grain_directory(tmp_path, qemu):
+    """Growing past what the directory's sectors hold relocates GD and RGD (sparse file)."""
+    p = str(tmp_path / "g.vmdk")
+    with Disk() as d:
+        d.create_base(p, 8 * MiB, "VMDK")
+        d.write(0, b"\x01" * 65536)
+        old = d.top.extents[0].gd_sector
+        d.top.resize(200 << 30)           # 200 GiB: 6400 tables, the GD moves
+        assert d.top.extents[0].gd_sector != old
+        d.write((200 << 30) - 65536, b"\x02" * 65536)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 65536) == b"\x01" * 65536
+        assert d.read((200 << 30) - 65536, 65536) == b"\x02" * 65536
+        assert d.top.check().exit_code == 0
+    assert qemu.check(p).returncode == 0
+    r = qemu.io("-c", f"read -P 2 {(200 << 30) - 65536} 65536", "-c", "read -P 1 0 65536", "-r", p)
+    assert "read 65536/65536" in r.stdout
+
+
+def test_stream_write_sequential_only(tmp_path):
+    p = str(tmp_path / "s.vmdk")
+    with Disk() as d:
+        d.create_base(p, 4 * MiB, "VMDK", flags=ImageFlags.STREAM_OPTIMIZED)
+        d.write(0, b"\x01" * 100000)
+        d.write(100000, b"\x02" * 1000)       # same grain continues: fine
+        d.write(2 * MiB, b"\x03" * 512)
+        assert d.read(0, 100000) == b"\x01" * 100000
+        with pytest.raises(NotSupported, match="sequentially"):
+            d.write(65536, b"\x04" * 512)
+        assert not os.path.exists(p)          # still under its temporary name
+    assert os.path.exists(p) and not [n for n in os.listdir(tmp_path) if "tmp" in n]
+    with Disk() as d:
+        img = d.open(p)
+        assert img.flags & ImageFlags.STREAM_OPTIMIZED
+        assert d.read(0, 101000) == b"\x01" * 100000 + b"\x02" * 1000
+        assert d.read(2 * MiB, 1024) == b"\x03" * 512 + bytes(512)
+        with pytest.raises(NotSupported):
+            d.write(0, b"\x09" * 512)
+        with pytest.raises(NotSupported):
+            img.resize(8 * MiB)
+    for bad in (ImageFlags.STREAM_OPTIMIZED | ImageFlags.FIXED,
+                ImageFlags.STREAM_OPTIMIZED | ImageFlags.SPLIT_2G):
+        with pytest.raises(NotSupported):
+            with Disk() as d:
+                d.create_base(str(tmp_path / "x.vmdk"), MiB, "VMDK", flags=bad)
+
+
+def test_probe(tmp_path):
+    p = _mono(tmp_path, data=False)
+    assert probe(p).name == "VMDK"
+    q = str(tmp_path / "f.vmdk")
+    with Disk() as d:
+        d.create_base(q, MiB, "VMDK", flags=ImageFlags.FIXED)
+    assert probe(q).name == "VMDK"
+    assert probe(str(tmp_path / "f-flat.vmdk")).name != "VMDK"
