@@ -1256,8 +1256,8 @@ class VmdkBackend(Backend):
             return 90
         if src.size > MAX_DESCRIPTOR_BYTES or not head:
             return 0
-        text = head[:4096]
-        if b"\0" in text:
+        text = head[:4096].split(b"\0", 1)[0]     # qemu pads descriptors with NULs
+        if not text.strip():
             return 0
         low = text.lower()
         if low.lstrip().startswith(b"# disk descriptorfile"):
