@@ -4,12 +4,13 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import cue, dmg, iscsi, qcow2, raw, vdi, vhd, vhdx, vmdk
+from . import cue, dmg, iscsi, parallels, qcow2, raw, vdi, vhd, vhdx, vmdk
 
 BACKENDS = (
     vmdk.BACKEND,
     vdi.BACKEND,
     vhd.BACKEND,
+    parallels.BACKEND,
     dmg.BACKEND,
     qcow2.BACKEND,
     vhdx.BACKEND,

@@ -1,0 +1,759 @@
+"""Parallels backend: the expanding ("Compressed") image format of Parallels Desktop / Virtuozzo,
+and the ``name.hdd/`` bundle that holds it.
+
+Specification: qemu's ``docs/interop/parallels.txt`` ("Parallels Expandable Image File Format").
+Facts used:
+
+* a 64-byte header (magic "WithoutFreeSpace" or "WithouFreSpacExt", version 2, geometry, cluster
+  size in sectors ("tracks"), BAT entry count, size in sectors, in_use, data_off, flags, ext_off),
+  then the BAT (32-bit entries), then the data area.
+* a BAT entry is a cluster's file offset: in sectors for "WithoutFreeSpace" images, in clusters
+  for "WithouFreSpacExt" images; 0 means unallocated (reads as zeroes). Offsets are >= the data
+  offset, (offset - data offset) is cluster aligned, below the file size, and unique.
+* "WithoutFreeSpace": only the low 32 bits of nb_sectors count; data_off 0 means "right after the
+  BAT, sector aligned". "WithouFreSpacExt": data_off is non-zero and cluster aligned.
+* in_use is 0x746F6E59 while software has the image open read-write. qemu writes 0 on close, the
+  document names 0x312e3276; Parallels Desktop itself writes other values (e.g. "pd17"); only the
+  in-use magic means "not closed cleanly". A dirty image is checked (and repaired) when opened
+  read-write and read as it is when opened read-only.
+* flags bit 0: the image is empty (all clusters read as zeroes).
+
+Bundles (Parallels Desktop): a folder ``name.hdd`` holds ``DiskDescriptor.xml`` (disk parameters,
+``StorageData`` of ``Storage`` extents with Start/End in sectors and one ``Image`` per snapshot
+(GUID, Type Compressed|Plain, File), and ``Snapshots`` of ``Shot`` GUID/ParentGUID). Opening the
+folder or its descriptor reads the extents in order, each through its snapshot chain up to the
+current (top) snapshot. Names in the descriptor are confined to the bundle folder.
+
+Limits (parser safety): cluster <= 64 MiB, BAT inside the file, descriptor <= 1 MiB and no DTD,
+<= 4096 extents, <= 1024 snapshots.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from array import array
+from sys import byteorder
+
+from construct import Bytes, Int32ul, Int64ul, Struct
+
+from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
+                       Operation, ProbeInput)
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..errors import (CorruptImage, ImageNotFound, InvalidArgument, NotSupported, ReadOnlyImage,
+                      UnsafePath, VDError)
+from ..fileio import ImageFile, resolve_stored_name
+from ..geometry import Geometry
+from ..image import Alloc, CheckReport, Image, Problem
+from ..sparse import is_zero, split_blocks
+
+SECTOR = 512
+MAGIC_V2 = b"WithoutFreeSpace"
+MAGIC_EXT = b"WithouFreSpacExt"
+VERSION = 2
+INUSE_MAGIC = 0x746F6E59
+CLOSED_MAGIC = 0x312E3276
+FLAG_EMPTY = 1
+MAX_CLUSTER = 64 << 20
+DEFAULT_CLUSTER = 1 << 20
+MAX_DESCRIPTOR = 1 << 20
+MAX_EXTENTS = 4096
+MAX_SNAPSHOTS = 1024
+DESCRIPTOR_NAME = "DiskDescriptor.xml"
+ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
+
+# qemu docs/interop/parallels.txt, "Header"
+Header = Struct(
+    "magic" / Bytes(16),
+    "version" / Int32ul,
+    "heads" / Int32ul,
+    "cylinders" / Int32ul,
+    "tracks" / Int32ul,          # cluster size in sectors
+    "bat_entries" / Int32ul,
+    "nb_sectors" / Int64ul,
+    "inuse" / Int32ul,
+    "data_off" / Int32ul,        # sectors
+    "flags" / Int32ul,
+    "ext_off" / Int64ul,         # sectors
+)
+# qemu docs/interop/parallels.txt, "Format Extension" (first 24 bytes)
+FormatExtensionHeader = Struct(
+    "magic" / Int64ul,           # 0xAB234CEF23DCEA87
+    "checksum" / Bytes(16),      # MD5
+)
+STRUCTS = {"Header": Header, "FormatExtensionHeader": FormatExtensionHeader}
+HEADER_SIZE = 64
+
+
+class ParallelsImage(Image):
+    """One expanding Parallels image file (a plain ``.hdd`` or a bundle's ``.hds``)."""
+
+    def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags, *, fresh=False):
+        super().__init__(backend, location, flags.read_only)
+        self.f = f
+        self.open_flags = flags
+        self.repaired_on_open: CheckReport | None = None
+        try:
+            self._load()
+            if not self.read_only:
+                if self.dirty and not fresh:
+                    self.repaired_on_open = self.check(repair=True)
+                self._set_inuse(INUSE_MAGIC)
+        except BaseException:
+            f.close()
+            raise
+
+    def _corrupt(self, message, **kw):
+        return CorruptImage(message, path=self.location, **kw)
+
+    def _load(self) -> None:
+        f = self.f
+        self.file_len = f.size()
+        raw = f.read_exact(0, HEADER_SIZE, "Parallels header")
+        h = Header.parse(raw)
+        if h.magic not in (MAGIC_V2, MAGIC_EXT):
+            raise self._corrupt("not a Parallels image", field="magic", offset=0,
+                                expected="'WithoutFreeSpace' or 'WithouFreSpacExt'",
+                                found=repr(bytes(h.magic)))
+        if h.version != VERSION:
+            raise self._corrupt("unsupported version", field="version", offset=16,
+                                expected=VERSION, found=h.version)
+        self.hdr = h
+        self.ext = h.magic == MAGIC_EXT
+        if h.tracks == 0 or h.tracks * SECTOR > MAX_CLUSTER:
+            raise self._corrupt("invalid cluster size", field="tracks", offset=28,
+                                expected=f"1..{MAX_CLUSTER // SECTOR} sectors", found=h.tracks)
+        self.block_size = h.tracks * SECTOR
+        nb = h.nb_sectors if self.ext else h.nb_sectors & 0xFFFFFFFF
+        self.size = nb * SECTOR
+        need = -(-nb // h.tracks)
+        if h.bat_entries < need:
+            raise self._corrupt("BAT too small for the disk size", field="bat_entries", offset=32,
+                                expected=f">= {need} for {nb} sectors", found=h.bat_entries)
+        bat_end = HEADER_SIZE + 4 * h.bat_entries
+        if bat_end > self.file_len:
+            raise self._corrupt("BAT lies past the end of the file", field="bat_entries",
+                                offset=32, expected=f"<= {(self.file_len - HEADER_SIZE) // 4}",
+                                found=h.bat_entries)
+        if h.data_off:
+            self.data_off = h.data_off * SECTOR
+        elif self.ext:
+            raise self._corrupt("data_off must be set in a 'WithouFreSpacExt' image",
+                                field="data_off", offset=48, expected="non-zero", found=0)
+        else:
+            self.data_off = -(-bat_end // SECTOR) * SECTOR
+        if self.data_off < bat_end:
+            raise self._corrupt("data area overlaps the BAT", field="data_off", offset=48,
+                                expected=f">= {bat_end // SECTOR} sectors", found=h.data_off)
+        if self.ext and self.data_off % self.block_size:
+            raise self._corrupt("data_off is not cluster aligned", field="data_off", offset=48,
+                                expected=f"a multiple of {h.tracks}", found=h.data_off)
+        bat = array("I")
+        bat.frombytes(f.read_exact(HEADER_SIZE, 4 * h.bat_entries, "BAT"))
+        if byteorder != "little":
+            bat.byteswap()
+        self.bat = bat
+        self.mult = self.block_size if self.ext else SECTOR
+        self.dirty = h.inuse == INUSE_MAGIC
+        self.original_inuse = h.inuse
+        self.empty = bool(h.flags & FLAG_EMPTY)
+        self.pchs = Geometry(h.cylinders, h.heads, 32) if h.heads and h.cylinders else None
+        used_end = self.data_off
+        for e in bat:
+            if e:
+                used_end = max(used_end, e * self.mult + self.block_size)
+        self.alloc_end = self._align_up(max(used_end, self.file_len))
+        if self.empty and not self.read_only:
+            # "the image should be considered clear": make it so before writing anything
+            self.bat = array("I", bytes(4 * h.bat_entries))
+            self.f.pwrite(HEADER_SIZE, bytes(4 * h.bat_entries))
+            self._write_header(flags=h.flags & ~FLAG_EMPTY)
+            self.empty = False
+
+    def _align_up(self, off: int) -> int:
+        rel = max(off - self.data_off, 0)
+        return self.data_off + -(-rel // self.block_size) * self.block_size
+
+    def _write_header(self, **changes) -> None:
+        h = dict(self.hdr)
+        h.pop("_io", None)
+        h.update(changes)
+        raw = Header.build(h)
+        self.f.pwrite(0, raw)
+        self.hdr = Header.parse(raw)
+
+    def _set_inuse(self, value: int) -> None:
+        self._write_header(inuse=value)
+        self.f.sync()
+
+    # -- data ------------------------------------------------------------------------------
+    def _cluster_offset(self, idx: int) -> int:
+        """File offset of cluster ``idx`` (0 when unallocated); raises on an entry past EOF."""
+        if self.empty:
+            return 0
+        e = self.bat[idx]
+        if not e:
+            return 0
+        off = e * self.mult
+        if off < self.data_off or off + self.block_size > self.file_len \
+                or (off - self.data_off) % (self.block_size if self.ext else SECTOR):
+            raise self._corrupt(f"BAT entry {idx} points outside the data area",
+                                field=f"BAT[{idx}]", offset=HEADER_SIZE + 4 * idx,
+                                expected=f"{self.data_off:#x} <= offset, end <= {self.file_len:#x}",
+                                found=f"{off:#x}")
+        return off
+
+    def block_status(self, offset, length):
+        runs: list = []
+        for idx, _inner, pos, n in split_blocks(offset, length, self.block_size):
+            st = Alloc.DATA if self._cluster_offset(idx) else Alloc.UNALLOCATED
+            if runs and runs[-1][2] == st:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
+            else:
+                runs.append((pos, n, st))
+        return runs
+
+    def read(self, offset, length):
+        out = bytearray(length)
+        for idx, inner, pos, n in split_blocks(offset, length, self.block_size):
+            off = self._cluster_offset(idx)
+            if off:
+                out[pos - offset:pos - offset + n] = self.f.read_exact(off + inner, n,
+                                                                        f"cluster {idx}")
+        return bytes(out)
+
+    def write(self, offset, data, fill, fill_below: bool = False):
+        """``fill_below``: the image has layers below it (bundle snapshots); a new cluster is then
+        completed from ``fill`` instead of reading as zeroes."""
+        self._require_writable()
+        mv = memoryview(data)
+        for idx, inner, pos, n in split_blocks(offset, len(data), self.block_size):
+            piece = mv[pos - offset:pos - offset + n]
+            off = self._cluster_offset(idx)
+            if off:
+                self.f.pwrite(off + inner, piece)
+                continue
+            if not fill_below and not getattr(self, "honor_zeroes", False) and is_zero(piece):
+                continue
+            new = self.alloc_end
+            if new // self.mult > 0xFFFFFFFF:
+                raise NotSupported(f"{self.location}: image file would exceed the largest offset "
+                                   "a BAT entry can hold")
+            self.alloc_end = new + self.block_size
+            self.f.truncate(self.alloc_end)
+            self.file_len = self.alloc_end
+            if fill_below and n < self.block_size:
+                start = pos - inner
+                cl = bytearray(fill(start, min(self.block_size, self.size - start)))
+                cl[inner:inner + n] = piece
+                self.f.pwrite(new, cl)
+            else:
+                self.f.pwrite(new + inner, piece)
+            self.f.sync()                       # data before the BAT entry naming it
+            self.bat[idx] = new // self.mult
+            self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", new // self.mult))
+
+    def flush(self):
+        if not self.read_only:
+            self.f.sync()
+
+    def close(self):
+        if self.f.fd >= 0:
+            if not self.read_only:
+                self.f.sync()
+                restore = 0 if self.original_inuse == INUSE_MAGIC else self.original_inuse
+                self._set_inuse(restore)
+            self.f.close()
+
+    def info(self) -> dict:
+        return {
+            "subformat": "WithouFreSpacExt" if self.ext else "WithoutFreeSpace",
+            "cluster_size": self.block_size,
+            "bat_entries": self.hdr.bat_entries,
+            "data_offset": self.data_off,
+            "dirty": self.dirty,
+            "empty": self.empty,
+            "format_extension_offset": self.hdr.ext_off * SECTOR if self.hdr.ext_off else None,
+            "repaired_on_open": bool(self.repaired_on_open and self.repaired_on_open.problems),
+        }
+
+    # -- operations ------------------------------------------------------------------------
+    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+        rep = CheckReport()
+        fix = repair and not dry_run
+        if fix:
+            self._require_writable()
+        if self.dirty:
+            rep.problems.append(Problem("corrupt", "image was not closed cleanly (in_use flag set)",
+                                        44, repaired=fix))
+        seen: dict[int, int] = {}
+        dups: list[int] = []
+        high = self.data_off
+        for idx, e in enumerate(self.bat):
+            if not e:
+                continue
+            off = e * self.mult
+            where = HEADER_SIZE + 4 * idx
+            bad = None
+            if off < self.data_off or (off - self.data_off) % (self.block_size if self.ext else SECTOR):
+                bad = f"BAT[{idx}]: cluster offset {off:#x} is outside or misaligned in the data area"
+            elif off + self.block_size > self.file_len:
+                bad = f"BAT[{idx}]: cluster offset {off:#x} lies past the end of the file " \
+                      f"({self.file_len} bytes)"
+            elif idx >= -(-self.size // self.block_size):
+                bad = f"BAT[{idx}]: entry beyond the disk size is allocated"
+            if bad:
+                rep.problems.append(Problem("corrupt", bad, where, repaired=fix))
+                if fix:
+                    self.bat[idx] = 0
+                    self.f.pwrite(where, bytes(4))
+                continue
+            if off in seen:
+                rep.problems.append(Problem("corrupt", f"BAT[{idx}]: cluster at {off:#x} is also "
+                                            f"used by BAT[{seen[off]}]", where, repaired=fix))
+                dups.append(idx)
+                continue
+            seen[off] = idx
+            high = max(high, off + self.block_size)
+        if fix:
+            for idx in dups:     # give each duplicate its own copy of the data
+                src = self.bat[idx] * self.mult
+                data = self.f.read_exact(src, self.block_size, f"cluster {idx}")
+                new = max(self.alloc_end, self._align_up(high))
+                self.f.truncate(new + self.block_size)
+                self.f.pwrite(new, data)
+                self.f.sync()
+                self.bat[idx] = new // self.mult
+                self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", new // self.mult))
+                high = new + self.block_size
+                self.alloc_end = high
+                self.file_len = max(self.file_len, high)
+        if self.file_len > high and not dups:
+            rep.problems.append(Problem("leak", f"{self.file_len - high} bytes past the last used "
+                                        "cluster", high, repaired=fix))
+            if fix:
+                self.f.truncate(high)
+                self.file_len = high
+                self.alloc_end = high
+        if fix:
+            self.f.sync()
+            self.dirty = False
+            rep.repaired = bool(rep.problems)
+        if progress:
+            progress(1, 1)
+        return rep
+
+    def resize(self, new_size, progress=None):
+        self._require_writable()
+        if new_size < self.size:
+            raise InvalidArgument(f"{self.location}: shrinking a Parallels image is not supported "
+                                  f"({self.size} -> {new_size} bytes)")
+        if new_size % SECTOR:
+            raise InvalidArgument(f"{self.location}: size must be a multiple of 512, found {new_size}")
+        entries = -(-new_size // self.block_size)
+        if HEADER_SIZE + 4 * entries > self.data_off:
+            raise NotSupported(f"{self.location}: growing to {new_size} bytes needs "
+                               f"{entries} BAT entries, more than fit before the data area")
+        if not self.ext and new_size // SECTOR > 0xFFFFFFFF:
+            raise NotSupported(f"{self.location}: a 'WithoutFreeSpace' image holds at most 2 TiB")
+        if entries > len(self.bat):
+            self.f.pwrite(HEADER_SIZE + 4 * len(self.bat), bytes(4 * (entries - len(self.bat))))
+            self.bat.extend([0] * (entries - len(self.bat)))
+            self.f.sync()
+        self._write_header(bat_entries=max(entries, self.hdr.bat_entries),
+                           nb_sectors=new_size // SECTOR,
+                           cylinders=min(new_size // SECTOR // (16 * 32), 0xFFFFFFFF))
+        self.f.sync()
+        self.size = new_size
+        if progress:
+            progress(1, 1)
+
+
+# -- bundles -----------------------------------------------------------------------------------
+class _RawLayer:
+    """A "Plain" extent image: a flat file."""
+
+    def __init__(self, path: str, f: ImageFile, size: int, read_only: bool):
+        self.location, self.f, self.size, self.read_only = path, f, size, read_only
+
+    def block_status(self, offset, length):
+        return [(offset, length, Alloc.DATA)]
+
+    def read(self, offset, length):
+        data = self.f.pread(offset, length)
+        return data + bytes(length - len(data))
+
+    def write(self, offset, data, fill, fill_below=False):
+        self.f.pwrite(offset, data)
+
+    def flush(self):
+        if not self.read_only:
+            self.f.sync()
+
+    def close(self):
+        self.f.close()
+
+    def files(self):
+        return [self.location]
+
+
+class _Extent:
+    def __init__(self, start: int, end: int, layers: list):
+        self.start, self.end, self.layers = start, end, layers   # layers: base first
+
+
+class ParallelsBundleImage(Image):
+    """A Parallels bundle (``name.hdd/`` with DiskDescriptor.xml): extents x snapshot layers."""
+
+    def __init__(self, backend, location: str, descriptor: str, flags: OpenFlags):
+        super().__init__(backend, location, flags.read_only)
+        self.descriptor = descriptor
+        self.extents: list[_Extent] = []
+        try:
+            self._load(flags)
+        except BaseException:
+            self.close()
+            raise
+
+    def _corrupt(self, message, **kw):
+        return CorruptImage(message, path=self.descriptor, **kw)
+
+    def _load(self, flags: OpenFlags) -> None:
+        try:
+            st = os.stat(self.descriptor)
+        except OSError:
+            raise ImageNotFound(f"{self.descriptor}: bundle descriptor not found") from None
+        if st.st_size > MAX_DESCRIPTOR:
+            raise self._corrupt("descriptor too large", field="file size",
+                                expected=f"<= {MAX_DESCRIPTOR} bytes", found=st.st_size)
+        with open(self.descriptor, "rb") as fh:
+            text = fh.read(MAX_DESCRIPTOR + 1)
+        if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
+            raise self._corrupt("descriptor carries a DTD/entity declarations; refused",
+                                field="DOCTYPE")
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError as exc:
+            raise self._corrupt(f"descriptor is not well-formed XML ({exc})") from None
+        if root.tag != "Parallels_disk_image":
+            raise self._corrupt("not a Parallels disk descriptor", field="root element",
+                                expected="Parallels_disk_image", found=root.tag)
+
+        def num(elem, tag, where):
+            t = elem.findtext(tag)
+            try:
+                v = int((t or "").strip())
+            except ValueError:
+                raise self._corrupt(f"{where}: {tag} is not a number", field=tag,
+                                    found=repr(t)) from None
+            if v < 0:
+                raise self._corrupt(f"{where}: {tag} is negative", field=tag, found=v)
+            return v
+
+        params = root.find("Disk_Parameters")
+        if params is None:
+            raise self._corrupt("descriptor has no Disk_Parameters", field="Disk_Parameters")
+        total = num(params, "Disk_size", "Disk_Parameters")
+        self.size = total * SECTOR
+        lss = params.findtext("LogicSectorSize")
+        if lss and lss.strip() not in ("512",):
+            raise NotSupported(f"{self.descriptor}: logical sector size {lss.strip()} is not "
+                               "supported (512 only)")
+        uid = (params.findtext("UID") or "").strip()
+        try:
+            self.uuid = uuidlib.UUID(uid.strip("{}")) if uid else None
+        except ValueError:
+            self.uuid = None
+        heads = params.findtext("Heads")
+        cyl = params.findtext("Cylinders")
+        secs = params.findtext("Sectors")
+        try:
+            self.pchs = Geometry(int(cyl), int(heads), int(secs)) if heads and cyl and secs else None
+        except ValueError:
+            self.pchs = None
+        # snapshots: the chain from the base to the current (top) snapshot
+        shots = {}
+        snaps = root.find("Snapshots")
+        top_guid = None
+        if snaps is not None:
+            top_guid = (snaps.findtext("TopGUID") or "").strip().lower() or None
+            for shot in snaps.findall("Shot"):
+                if len(shots) >= MAX_SNAPSHOTS:
+                    raise self._corrupt("too many snapshots", field="Snapshots",
+                                        expected=f"<= {MAX_SNAPSHOTS}", found=len(snaps.findall("Shot")))
+                g = (shot.findtext("GUID") or "").strip().lower()
+                p = (shot.findtext("ParentGUID") or ZERO_GUID).strip().lower()
+                if not g:
+                    raise self._corrupt("snapshot without a GUID", field="Shot")
+                shots[g] = p
+        chain = self._snapshot_chain(shots, top_guid)
+        self.snapshot_chain = chain
+        self.snapshot_count = len(shots)
+        storages = root.find("StorageData")
+        if storages is None or not storages.findall("Storage"):
+            raise self._corrupt("descriptor lists no storage extents", field="StorageData")
+        items = storages.findall("Storage")
+        if len(items) > MAX_EXTENTS:
+            raise self._corrupt("too many storage extents", field="StorageData",
+                                expected=f"<= {MAX_EXTENTS}", found=len(items))
+        pos = 0
+        unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
+        for i, s in enumerate(items):
+            where = f"Storage {i}"
+            start, end = num(s, "Start", where), num(s, "End", where)
+            if start != pos or end <= start:
+                raise self._corrupt(f"{where}: extents must be contiguous and non-empty",
+                                    field="Start/End", expected=f"Start {pos} < End",
+                                    found=f"{start}..{end}")
+            images = {}
+            for im in s.findall("Image"):
+                g = (im.findtext("GUID") or "").strip().lower()
+                images[g] = ((im.findtext("Type") or "Compressed").strip(),
+                             (im.findtext("File") or "").strip())
+            if not images:
+                raise self._corrupt(f"{where}: no image listed", field="Image")
+            if chain:
+                missing = [g for g in chain if g not in images]
+                if missing:
+                    raise self._corrupt(f"{where}: no image for snapshot {missing[0]}",
+                                        field="Image GUID")
+                order = chain
+            else:
+                order = list(images)[:1]
+            layers = []
+            self.extents.append(_Extent(start * SECTOR, end * SECTOR, layers))
+            for n, g in enumerate(order):
+                kind, name = images[g]
+                top = n == len(order) - 1
+                layers.append(self._open_layer(kind, name, (end - start) * SECTOR,
+                                               read_only=flags.read_only or not top,
+                                               unsafe=unsafe, where=where))
+            pos = end
+        if pos != total:
+            raise self._corrupt("extents do not cover the disk", field="End",
+                                expected=f"last End = Disk_size {total}", found=pos)
+        first = self.extents[0].layers[0]
+        self.block_size = getattr(first, "block_size", SECTOR)
+        self.flags = ImageFlags.NONE
+
+    def _snapshot_chain(self, shots: dict, top: str | None) -> list[str]:
+        if not shots:
+            return []
+        if top is None:
+            parents = set(shots.values())
+            leaves = [g for g in shots if g not in parents]
+            if len(leaves) != 1:
+                raise NotSupported(f"{self.descriptor}: cannot tell the current snapshot "
+                                   f"({len(leaves)} leaves and no TopGUID)")
+            top = leaves[0]
+        if top not in shots:
+            raise self._corrupt("TopGUID names no snapshot", field="TopGUID", found=top)
+        chain = [top]
+        while shots[chain[-1]] != ZERO_GUID:
+            p = shots[chain[-1]]
+            if p not in shots or p in chain:
+                raise self._corrupt("snapshot parent chain is broken or loops",
+                                    field="ParentGUID", found=p)
+            chain.append(p)
+        return list(reversed(chain))
+
+    def _open_layer(self, kind: str, name: str, size: int, *, read_only: bool, unsafe: bool,
+                    where: str):
+        path = resolve_stored_name(self.descriptor, name, allow_unsafe=unsafe,
+                                   what=f"{where} image file")
+        if os.path.abspath(path) == os.path.abspath(self.descriptor):
+            raise self._corrupt(f"{where}: image file is the descriptor itself", field="File")
+        fl = OpenFlags.READ_ONLY if read_only else OpenFlags.NORMAL
+        if kind == "Compressed":
+            f = ImageFile(path, writable=not read_only)
+            img = ParallelsImage(self.backend, path, f, fl)
+            if img.size < size:
+                img.close()
+                raise self._corrupt(f"{where}: image {name} is smaller than its extent",
+                                    field="End", expected=f">= {size} bytes", found=img.size)
+            return img
+        if kind == "Plain":
+            f = ImageFile(path, writable=not read_only)
+            return _RawLayer(path, f, size, read_only)
+        raise NotSupported(f"{self.descriptor}: {where}: image type {kind!r} is not supported")
+
+    # -- data --------------------------------------------------------------------------------
+    def _pieces(self, offset, length):
+        end = offset + length
+        for e in self.extents:
+            if e.end <= offset or e.start >= end:
+                continue
+            s, t = max(offset, e.start), min(end, e.end)
+            yield e, s, t - s
+
+    def _layer_status(self, layers, k, off, n, out, base):
+        if k < 0:
+            out.append((base + off, n, Alloc.UNALLOCATED))
+            return
+        for s, ln, st in layers[k].block_status(off, n):
+            if st == Alloc.UNALLOCATED:
+                self._layer_status(layers, k - 1, s, ln, out, base)
+            else:
+                out.append((base + s, ln, st))
+
+    def _layer_read(self, layers, k, off, n, buf, bufoff):
+        if k < 0:
+            return
+        for s, ln, st in layers[k].block_status(off, n):
+            p = bufoff + s - off
+            if st == Alloc.DATA:
+                buf[p:p + ln] = layers[k].read(s, ln)
+            elif st == Alloc.UNALLOCATED:
+                self._layer_read(layers, k - 1, s, ln, buf, p)
+
+    def block_status(self, offset, length):
+        out: list = []
+        for e, s, n in self._pieces(offset, length):
+            self._layer_status(e.layers, len(e.layers) - 1, s - e.start, n, out, e.start)
+        merged: list = []
+        for r in out:
+            if merged and merged[-1][2] == r[2] and merged[-1][0] + merged[-1][1] == r[0]:
+                merged[-1] = (merged[-1][0], merged[-1][1] + r[1], r[2])
+            else:
+                merged.append(r)
+        return merged
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        for e, s, n in self._pieces(offset, length):
+            self._layer_read(e.layers, len(e.layers) - 1, s - e.start, n, buf, s - offset)
+        return bytes(buf)
+
+    def write(self, offset, data, fill):
+        self._require_writable()
+        mv = memoryview(data)
+        for e, s, n in self._pieces(offset, len(data)):
+            top = e.layers[-1]
+            below = len(e.layers) > 1
+            layers = e.layers
+
+            def fill_from_below(o, ln, layers=layers):
+                b = bytearray(ln)
+                self._layer_read(layers, len(layers) - 2, o, ln, b, 0)
+                return bytes(b)
+
+            top.write(s - e.start, mv[s - offset:s - offset + n], fill_from_below,
+                      fill_below=below)
+
+    def flush(self):
+        for e in self.extents:
+            e.layers[-1].flush()
+
+    def close(self):
+        for e in self.extents:
+            for layer in e.layers:
+                layer.close()
+        self.extents = []
+
+    def files(self):
+        out = [self.descriptor]
+        for e in self.extents:
+            out += [layer.location for layer in e.layers]
+        return out
+
+    def info(self) -> dict:
+        return {
+            "subformat": "bundle",
+            "descriptor": self.descriptor,
+            "extents": [{"start": e.start, "end": e.end,
+                         "files": [os.path.basename(layer.location) for layer in e.layers]}
+                        for e in self.extents],
+            "snapshots": self.snapshot_count,
+            "state": ("current state (top snapshot " + self.snapshot_chain[-1] + ")"
+                      if self.snapshot_chain else "base image (no snapshots listed)"),
+            "snapshot_chain": list(self.snapshot_chain),
+        }
+
+    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+        rep = CheckReport()
+        for e in self.extents:
+            for layer in e.layers:
+                if isinstance(layer, ParallelsImage):
+                    r = layer.check(repair=repair and not layer.read_only, dry_run=dry_run)
+                    for p in r.problems:
+                        p.what = f"{os.path.basename(layer.location)}: {p.what}"
+                        rep.problems.append(p)
+        rep.repaired = any(p.repaired for p in rep.problems)
+        if progress:
+            progress(1, 1)
+        return rep
+
+
+# -- the backend --------------------------------------------------------------------------------
+class ParallelsBackend(Backend):
+    name = "Parallels"
+    description = "Parallels expanding disk image (also name.hdd bundles)"
+    aliases = ("parallels", "hdd")
+    caps = Cap.FILE | Cap.ASYNC | Cap.VFS | Cap.CREATE_DYNAMIC
+    extensions = (FileExtension("hdd"), FileExtension("hds"))
+    config_keys = (
+        ConfigKey("ClusterSize", str(DEFAULT_CLUSTER), ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "cluster size in bytes (multiple of 512, at most 64 MiB)",
+                  minimum=SECTOR, maximum=MAX_CLUSTER),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.CHECK, Operation.REPAIR,
+                            Operation.RESIZE})
+    create_flags = ImageFlags.NONE
+    size_granularity = SECTOR
+
+    def probe(self, src: ProbeInput) -> int:
+        if src.head[:16] in (MAGIC_V2, MAGIC_EXT):
+            return 100
+        if os.path.basename(src.path) == DESCRIPTOR_NAME and b"<Parallels_disk_image" in src.head:
+            return 100
+        return 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        parse_config(self.config_keys, config, owner=self.name)
+        if os.path.isdir(location):
+            return ParallelsBundleImage(self, location, os.path.join(location, DESCRIPTOR_NAME),
+                                        flags)
+        if os.path.basename(location) == DESCRIPTOR_NAME:
+            return ParallelsBundleImage(self, location, location, flags)
+        f = ImageFile(location, writable=not flags.read_only)
+        return ParallelsImage(self, location, f, flags)
+
+    def create(self, p: CreateParams):
+        if p.parent is not None:
+            raise NotSupported("Parallels differencing images (bundle snapshots) cannot be "
+                               "created by this backend")
+        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
+        cl = cfg["ClusterSize"]
+        if cl % SECTOR or cl > MAX_CLUSTER:
+            raise InvalidArgument(f"Parallels ClusterSize must be a multiple of 512 up to 64 MiB, "
+                                  f"found {cl}")
+        size = p.size
+        if size <= 0 or size % SECTOR:
+            raise InvalidArgument(f"Parallels image size must be a positive multiple of 512, "
+                                  f"found {size}")
+        entries = -(-size // cl)
+        if entries > 0xFFFFFFFF // 2:
+            raise InvalidArgument(f"Parallels image of {size} bytes needs too many clusters")
+        data_off = -(-(HEADER_SIZE + 4 * entries) // cl) * cl
+        heads = 16
+        hdr = Header.build(dict(magic=MAGIC_EXT, version=VERSION, heads=heads,
+                                cylinders=min(size // SECTOR // (heads * 32), 0xFFFFFFFF),
+                                tracks=cl // SECTOR, bat_entries=entries,
+                                nb_sectors=size // SECTOR, inuse=0, data_off=data_off // SECTOR,
+                                flags=0, ext_off=0))
+        f = ImageFile.create_temp(p.location)
+        try:
+            f.pwrite(0, hdr)
+            f.truncate(data_off)
+            f.sync()
+            if p.progress:
+                p.progress(size, size)
+            f.commit()
+        except BaseException:
+            f.abandon()
+            raise
+        return ParallelsImage(self, p.location, f, OpenFlags.NORMAL, fresh=True)
+
+
+BACKEND = ParallelsBackend()
