@@ -846,9 +846,12 @@ class VhdImage(Image):
         self.pchs = Geometry(*geo)
         self.size_rounded_from = new_size if size != new_size else None
         if not self.is_fixed:
+            shrunk = self.n_blocks > -(-size // self.block_size)
             self.n_blocks = -(-size // self.block_size)
             del self.bat[self.n_blocks:]
             self._rescan()
+            if shrunk:
+                self._pack()              # the dropped tail blocks leave holes: close them
         prog.finish()
 
     def _check_tail_unused(self, new_size: int) -> None:
