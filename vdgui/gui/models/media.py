@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-from PySide6.QtCore import (QAbstractItemModel, QModelIndex, QPersistentModelIndex,
-                            QSortFilterProxyModel, Qt)
+from PySide6.QtCore import QAbstractItemModel, QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import QApplication
 
@@ -56,10 +55,6 @@ class MediaNode:
             return get_backend(self.record.format)
         except UnknownFormat:
             return None
-
-    def row(self) -> int:
-        siblings = self.parent.children if self.parent else None
-        return siblings.index(self) if siblings is not None else 0
 
     def root(self) -> "MediaNode":
         n = self
@@ -186,7 +181,12 @@ class MediaModel(QAbstractItemModel):
                 self.dataChanged.emit(idx, idx.siblingAtColumn(len(COLUMNS) - 1))
 
     def index_for(self, node: MediaNode, column: int = 0) -> QModelIndex:
-        return self.createIndex(node.row(), column, node)
+        siblings = node.parent.children if node.parent is not None else self.roots
+        try:
+            row = siblings.index(node)
+        except ValueError:
+            return QModelIndex()
+        return self.createIndex(row, column, node)
 
     def node_from_index(self, index: QModelIndex) -> MediaNode | None:
         return index.internalPointer() if index.isValid() else None
@@ -321,13 +321,20 @@ class MediaFilterProxy(QSortFilterProxyModel):
         self.setAutoAcceptChildRows(True)
         self.setSortCaseSensitivity(Qt.CaseInsensitive)
 
+    def _change_filter(self, attr: str, value) -> None:
+        if hasattr(self, "beginFilterChange"):          # Qt >= 6.9
+            self.beginFilterChange()
+            setattr(self, attr, value)
+            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+        else:
+            setattr(self, attr, value)
+            self.invalidateRowsFilter()
+
     def set_device(self, device: str | None) -> None:
-        self._device = device
-        self.invalidateFilter()
+        self._change_filter("_device", device)
 
     def set_search(self, text: str) -> None:
-        self._text = text.strip().lower()
-        self.invalidateFilter()
+        self._change_filter("_text", text.strip().lower())
 
     def filterAcceptsRow(self, row, parent):
         model = self.sourceModel()
