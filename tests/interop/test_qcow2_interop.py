@@ -1,0 +1,430 @@
+"""QCOW2 against qemu-img/qemu-io, both directions: qemu writes -> our reads byte-identical to
+``qemu-img convert -O raw``; our writes -> ``qemu-img check`` clean and ``qemu-img compare``
+identical to the expected bytes."""
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+from tests.conftest import read_all
+from vdgui.vd import (Disk, ImageNotFound, OpenFlags, UnsafePath, get_backend)
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def qemu_writes(qemu, path, fmt="qcow2", size=SIZE):
+    """A mix of data, partial-cluster, zero and discarded ranges written by qemu-io."""
+    cmds = ["write -P 0x11 0 100k", "write -P 0x22 1M 64k", "write -P 0x23 1200k 3k",
+            "write -z 2M 128k", "write -P 0x33 3M 1M", "discard 3136k 128k",
+            "write -P 0x44 7340544 3k", "write -z 5M 4k", f"write -P 0x55 {size - 4096} 4096"]
+    args = []
+    for c in cmds:
+        args += ["-c", c]
+    qemu.io("-f", fmt, *args, path)
+
+
+def our_scattered_writes(size, seed, count=20):
+    rnd = random.Random(seed)
+    out = []
+    for i in range(count):
+        ln = rnd.choice([512, 1024, 4096, 65536, 70000, 300000])
+        off = rnd.randrange(0, size - ln) // 512 * 512
+        data = bytes([(i * 29 + seed) % 255 + 1]) * ln if i % 6 != 5 else bytes(ln)
+        out.append((off, data))
+    out.append((size - 512, b"\xab" * 512))
+    return out
+
+
+def raw_bytes(qemu, path, tmp_path, fmt=None):
+    out = tmp_path / f"{os.path.basename(path)}.raw"
+    qemu.to_raw(path, out, fmt)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def assert_reads_like_qemu(qemu, path, tmp_path, fmt=None, flags=OpenFlags.READ_ONLY):
+    expect = raw_bytes(qemu, path, tmp_path, fmt)
+    with Disk.open_chain(path, flags=flags) as d:
+        got = read_all(d)
+    assert len(got) == len(expect)
+    assert got == expect
+    return expect
+
+
+def assert_qemu_clean(qemu, path):
+    r = qemu.check(path, "qcow2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No errors were found" in r.stdout, r.stdout
+
+
+def assert_qemu_sees(qemu, path, expect: bytes, tmp_path, fmt="qcow2"):
+    ref = tmp_path / "expected.raw"
+    ref.write_bytes(expect)
+    r = qemu.compare(path, str(ref), fmt, "raw")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref.unlink()
+
+
+def write_ours(path, writes, expect: bytearray | None = None):
+    with Disk.open_chain(path) as d:
+        for off, data in writes:
+            d.write(off, data)
+            if expect is not None:
+                expect[off:off + len(data)] = data
+        d.flush()
+
+
+# -- qemu writes, we read; then we write, qemu checks ----------------------------------------
+QEMU_OPTIONS = [
+    "compat=0.10",
+    "compat=1.1",
+    "cluster_size=512",
+    "cluster_size=4096",
+    "cluster_size=2M",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k",
+    "lazy_refcounts=on",
+    "refcount_bits=1",
+    "refcount_bits=16",
+    "refcount_bits=64",
+    "compression_type=zstd",
+    "compat=0.10,cluster_size=4096,refcount_bits=16",
+]
+
+
+@pytest.mark.parametrize("opts", QEMU_OPTIONS)
+def test_qemu_image_both_directions(qemu, tmp_path, opts):
+    p = str(tmp_path / "q.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", opts, p, SIZE)
+    qemu_writes(qemu, p)
+    expect = bytearray(assert_reads_like_qemu(qemu, p, tmp_path))
+    write_ours(p, our_scattered_writes(SIZE, seed=len(opts)), expect)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+    assert_reads_like_qemu(qemu, p, tmp_path)
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "compression_type=zstd",
+                                  "cluster_size=4096"])
+def test_compressed_images(qemu, tmp_path, opts):
+    src = tmp_path / "src.raw"
+    rnd = random.Random(5)
+    blob = bytearray(SIZE)
+    for i in range(0, SIZE, 65536):
+        if i % (3 * 65536):
+            blob[i:i + 65536] = bytes([rnd.randrange(1, 8)]) * 30000 + os.urandom(2000) + bytes(33536)
+    src.write_bytes(bytes(blob))
+    p = str(tmp_path / "c.qcow2")
+    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), p)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == bytes(blob)
+        if "zstd" in opts:
+            assert d.info()["details"]["compression_type"] == "zstd"
+    expect = bytearray(blob)
+    write_ours(p, our_scattered_writes(SIZE, seed=3), expect)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+
+
+def test_dirty_lazy_refcount_image_from_killed_qemu(qemu, tmp_path):
+    p = str(tmp_path / "dirty.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", p, SIZE)
+    qemu.io("-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 5M 300k", "-c", "sigraise 9", p,
+            check=False)
+    with open(p, "rb") as f:
+        f.seek(72)
+        assert struct.unpack(">Q", f.read(8))[0] & 1, "qemu left the image clean"
+    expect = bytearray(SIZE)
+    expect[0:MiB] = b"\x61" * MiB
+    expect[5 * MiB:5 * MiB + 300 * 1024] = b"\x62" * (300 * 1024)
+    with Disk() as d:                   # read-only: fine as it is
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == bytes(expect)
+        assert d.info()["details"]["dirty"]
+    write_ours(p, [(2 * MiB, b"\x63" * 8192)], expect)   # read-write: refcounts rebuilt
+    with open(p, "rb") as f:
+        f.seek(72)
+        assert struct.unpack(">Q", f.read(8))[0] & 1 == 0
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+
+
+def test_internal_snapshots_cow(qemu, tmp_path):
+    p = str(tmp_path / "snap.qcow2")
+    qemu.img("create", "-f", "qcow2", p, SIZE)
+    qemu.io("-c", "write -P 0x71 0 2M", p)
+    qemu.img("snapshot", "-c", "first", p)
+    qemu.io("-c", "write -P 0x72 1M 64k", p)
+    qemu.img("snapshot", "-c", "second", p)
+    snap1 = raw_bytes(qemu, p, tmp_path, "qcow2")
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert [s["name"] for s in d.info()["details"]["snapshots"]] == ["first", "second"]
+    expect = bytearray(assert_reads_like_qemu(qemu, p, tmp_path))
+    write_ours(p, [(0, b"\x73" * 4096), (1 * MiB + 512, b"\x74" * 512), (6 * MiB, b"\x75" * 65536)],
+               expect)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+    out = tmp_path / "snap2.raw"
+    qemu.img("convert", "-l", "snapshot.name=second", "-O", "raw", p, str(out))
+    assert out.read_bytes() == snap1
+    qemu.img("snapshot", "-d", "first", p)
+    assert_qemu_clean(qemu, p)
+
+
+# -- chains -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base_fmt", ["raw", "vdi", "qcow2"])
+def test_qemu_chain_three_deep(qemu, tmp_path, base_fmt):
+    base = str(tmp_path / f"base.{base_fmt}")
+    mid = str(tmp_path / "mid.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    qemu.img("create", "-f", base_fmt, base, SIZE)
+    qemu.io("-f", base_fmt, "-c", "write -P 0x01 0 3M", base)
+    qemu.img("create", "-f", "qcow2", "-b", "base." + base_fmt, "-F", base_fmt, mid)
+    qemu.io("-c", "write -P 0x02 1M 70k", "-c", "write -z 2M 64k", mid)
+    qemu.img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    qemu.io("-c", "write -P 0x03 1500k 5k", "-c", "discard 0 64k", top)
+    with Disk.open_chain(top, flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 3
+        assert d.images[0].format == get_backend(base_fmt).name
+        assert d.images[1].parent_hint.format == get_backend(base_fmt).name
+    expect = bytearray(assert_reads_like_qemu(qemu, top, tmp_path))
+    write_ours(top, our_scattered_writes(SIZE, seed=9), expect)
+    assert_qemu_clean(qemu, top)
+    assert_qemu_sees(qemu, top, bytes(expect), tmp_path)
+
+
+@pytest.mark.parametrize("base_fmt", ["RAW", "VDI", "QCOW2"])
+def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
+    ext = {"RAW": "img", "VDI": "vdi", "QCOW2": "qcow2"}[base_fmt]
+    paths = [str(tmp_path / f"base.{ext}"), str(tmp_path / "s1.qcow2"), str(tmp_path / "s2.qcow2")]
+    expect = bytearray(SIZE)
+    with Disk() as d:
+        d.create_base(paths[0], SIZE, base_fmt)
+        for level, p in enumerate(paths):
+            if level:
+                d.create_diff(p, "QCOW2")
+            for off, data in our_scattered_writes(SIZE, seed=level, count=10):
+                d.write(off, data)
+                expect[off:off + len(data)] = data
+    for p in paths[1:]:
+        assert_qemu_clean(qemu, p)
+    info = qemu.img("info", "--backing-chain", paths[2]).stdout
+    assert "backing file format: qcow2" in info
+    assert f"backing file format: {ext if ext != 'img' else 'raw'}" in info
+    assert_qemu_sees(qemu, paths[2], bytes(expect), tmp_path)
+
+
+# -- our images -----------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    {"ClusterSize": "512"},
+    {"ClusterSize": "4096", "RefcountBits": "1"},
+    {"ClusterSize": "65536", "RefcountBits": "64"},
+    {"ClusterSize": str(2 * MiB)},
+    {"ClusterSize": "65536", "Compat": "0.10"},
+    {"ClusterSize": "512", "RefcountBits": "8"},
+])
+def test_our_create_and_writes_checked_by_qemu(qemu, tmp_path, config):
+    p = str(tmp_path / "ours.qcow2")
+    expect = bytearray(SIZE)
+    with Disk() as d:
+        d.create_base(p, SIZE, "QCOW2", config=config)
+        for off, data in our_scattered_writes(SIZE, seed=int(config["ClusterSize"]) % 97, count=30):
+            d.write(off, data)
+            expect[off:off + len(data)] = data
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+    info = qemu.img("info", "--output=json", p).stdout
+    assert f'"cluster-size": {config["ClusterSize"]}' in info
+    if "Compat" in config:
+        assert '"compat": "0.10"' in info
+
+
+def test_many_clusters_grow_refcount_table(qemu, tmp_path):
+    """512-byte clusters with 64-bit refcounts: 64 clusters per refcount block, so the refcount
+    table (one cluster = 64 blocks) has to grow several times."""
+    p = str(tmp_path / "grow.qcow2")
+    size = 6 * MiB
+    expect = bytearray(size)
+    with Disk() as d:
+        d.create_base(p, size, "QCOW2", config={"ClusterSize": "512", "RefcountBits": "64"})
+        for i in range(0, size, 3 * 4096):
+            d.write(i, b"\x5a" * 2048)
+            expect[i:i + 2048] = b"\x5a" * 2048
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+
+
+def test_our_discards_and_resize(qemu, tmp_path):
+    p = str(tmp_path / "d.qcow2")
+    qemu.img("create", "-f", "qcow2", p, SIZE)
+    qemu.io("-c", "write -P 0x41 0 8M", p)
+    expect = bytearray(b"\x41" * SIZE)
+    with Disk() as d:
+        d.open(p)
+        d.discard(MiB, 2 * MiB)
+        d.discard(4 * MiB + 512, 4096)
+        expect[MiB:3 * MiB] = bytes(2 * MiB)
+        expect[4 * MiB + 512:4 * MiB + 4608] = bytes(4096)
+        d.top.resize(64 * MiB)
+        expect += bytes(56 * MiB)
+        d.write(60 * MiB, b"\x42" * 4096)
+        expect[60 * MiB:60 * MiB + 4096] = b"\x42" * 4096
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+    assert '"virtual-size": 67108864' in qemu.img("info", "--output=json", p).stdout
+    # a child: discarded clusters become zero clusters hiding the backing file
+    c = str(tmp_path / "child.qcow2")
+    with Disk.open_chain(p) as d:
+        d.create_diff(c)
+        d.discard(0, MiB)
+        expect[0:MiB] = bytes(MiB)
+    assert_qemu_clean(qemu, c)
+    assert_qemu_sees(qemu, c, bytes(expect), tmp_path)
+    r = qemu.img("map", "--output=json", c).stdout
+    assert '"zero": true' in r
+
+
+def test_our_relink_seen_by_qemu(qemu, tmp_path):
+    a = str(tmp_path / "a.qcow2")
+    b = str(tmp_path / "b.raw")
+    c = str(tmp_path / "c.qcow2")
+    qemu.img("create", "-f", "qcow2", a, SIZE)
+    qemu.io("-c", "write -P 0x0a 0 1M", a)
+    qemu.img("create", "-f", "raw", b, SIZE)
+    qemu.io("-f", "raw", "-c", "write -P 0x0b 0 1M", b)
+    qemu.img("create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", c)
+    qemu.io("-c", "write -P 0x0c 512k 4k", c)
+    img = get_backend("QCOW2").open(c, OpenFlags.NORMAL)
+    parent = get_backend("RAW").open(b, OpenFlags.READ_ONLY)
+    try:
+        img.set_parent(parent)
+    finally:
+        img.close()
+        parent.close()
+    info = qemu.img("info", "--output=json", c).stdout
+    assert '"backing-filename": "b.raw"' in info and '"backing-filename-format": "raw"' in info
+    expect = bytearray(SIZE)
+    expect[0:MiB] = b"\x0b" * MiB
+    # qemu copied the rest of the written cluster from the old backing file (64 KiB clusters)
+    expect[512 * 1024:576 * 1024] = b"\x0a" * 65536
+    expect[512 * 1024:516 * 1024] = b"\x0c" * 4096
+    assert_qemu_clean(qemu, c)
+    assert_qemu_sees(qemu, c, bytes(expect), tmp_path)
+
+
+def test_check_agrees_with_qemu_and_repair_satisfies_it(qemu, tmp_path):
+    p = str(tmp_path / "leak.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", "cluster_size=4096", p, SIZE)
+    qemu.io("-c", "write -P 0x31 0 100k", p)
+    size = os.path.getsize(p)
+    with open(p, "r+b") as f:
+        f.seek(48)
+        rt = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rt)
+        rb = struct.unpack(">Q", f.read(8))[0]
+        f.truncate(size + 2 * 4096)
+        f.seek(rb + 2 * (size // 4096 + 1))
+        f.write(struct.pack(">H", 1))
+    assert qemu.check(p).returncode == 3
+    with Disk() as d:
+        d.open(p)
+        assert d.top.check().exit_code == 3
+        assert d.top.check(repair=True).repaired
+    assert_qemu_clean(qemu, p)
+    # and a corruption (refcount too low) qemu calls corruption too
+    with open(p, "r+b") as f:
+        f.seek(48)
+        rt = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rt)
+        rb = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rb)
+        f.write(struct.pack(">H", 0))
+    assert qemu.check(p).returncode == 2
+    with Disk() as d:
+        d.open(p)
+        assert d.top.check().exit_code == 2
+        assert d.top.check(repair=True).repaired
+    assert_qemu_clean(qemu, p)
+
+
+def test_qcow_version_1(qemu, tmp_path):
+    p = str(tmp_path / "old.qcow")
+    qemu.img("create", "-f", "qcow", p, SIZE)
+    qemu.io("-f", "qcow", "-c", "write -P 0x19 0 100k", "-c", "write -P 0x1a 5M 4k", p)
+    expect = raw_bytes(qemu, p, tmp_path, "qcow")
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.info()["details"]["qcow_version"] == 1
+        assert read_all(d) == expect
+    # a compressed cluster (qemu-io writes whole compressed clusters: 4 KiB here)
+    qemu.io("-f", "qcow", "-c", "write -c -P 0x1b 1M 4k", p)
+    expect = raw_bytes(qemu, p, tmp_path, "qcow")
+    assert expect[MiB:MiB + 4096] == b"\x1b" * 4096
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == expect
+
+
+def test_external_data_file(qemu, tmp_path):
+    p = str(tmp_path / "ext.qcow2")
+    data = str(tmp_path / "ext.data")
+    qemu.img("create", "-f", "qcow2", "-o", f"data_file={data}", p, SIZE)
+    qemu.io("-c", "write -P 0x5e 1M 100k", p)
+    with pytest.raises(UnsafePath, match="data file"):
+        Disk().open(p, flags=OpenFlags.READ_ONLY)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.INFO)
+        assert d.info()["details"]["data_file"] == data
+    expect = raw_bytes(qemu, p, tmp_path)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS)
+        assert read_all(d) == expect
+        assert len(d.top.files()) == 2
+
+
+# -- the real-image corpus ----------------------------------------------------------------------
+CORPUS = ["dissect/basic.qcow2", "dissect/basic-zstd.qcow2", "dissect/snapshot.qcow2",
+          "dissect/backing-chain-1.qcow2", "dfvfs/ext2.qcow2", "dfvfs/ext2.hdr104.qcow2",
+          "dfvfs/image.qcow2", "dfvfs/vsstest.qcow2", "dfvfs/windows_volume.qcow2"]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_reads_like_qemu(qemu, corpus, tmp_path, name):
+    p = str(corpus / "qcow2" / name)
+    raw = tmp_path / "c.raw"
+    qemu.to_raw(p, raw)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d, open(raw, "rb") as f:
+        assert d.size == os.path.getsize(raw)
+        pos = 0
+        while pos < d.size:
+            n = min(16 * MiB, d.size - pos)
+            assert d.read(pos, n) == f.read(n), f"{name}: differs in [{pos}, {pos + n})"
+            pos += n
+        if name.endswith("backing-chain-1.qcow2"):
+            assert len(d) == 3
+        if name.endswith("snapshot.qcow2"):
+            snaps = d.info()["details"]["snapshots"]
+            assert [(s["id"], s["name"]) for s in snaps] == [("1", "you can't see me"),
+                                                              ("2", "confused")]
+
+
+@pytest.mark.corpus
+def test_corpus_external_data_file_missing(corpus):
+    p = str(corpus / "qcow2" / "dissect" / "data-file.qcow2")
+    with pytest.raises(UnsafePath, match="external data file"):
+        Disk().open(p, flags=OpenFlags.READ_ONLY)
+    with pytest.raises(ImageNotFound, match="data-file.bin"):
+        Disk().open(p, flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.INFO)
+        assert d.info()["details"]["data_file"] == "data-file.bin"
