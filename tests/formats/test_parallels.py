@@ -183,7 +183,8 @@ def test_corpus_split_bundle(prl_corpus, qemu, tmp_path):
                         fh.seek(s - ext["start"])
                         assert d.read(s, t - s) == fh.read(t - s)
             assert os.path.getsize(raw) == ext["end"] - ext["start"]
-    # the descriptor file itself opens (and probes) the same way
+    # the folder and the descriptor file itself probe and open the same way
+    assert probe(str(bundle)).name == "Parallels"
     assert probe(str(bundle / "DiskDescriptor.xml")).name == "Parallels"
     with Disk() as d:
         d.open(str(bundle / "DiskDescriptor.xml"), flags=OpenFlags.READ_ONLY)

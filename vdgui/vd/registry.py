@@ -54,8 +54,17 @@ def backends_for_extension(ext: str) -> list[Backend]:
 
 
 def probe_input(path: str) -> ProbeInput:
+    target = path
+    if os.path.isdir(path):
+        # a bundle folder (e.g. Parallels' name.hdd/) is probed through the descriptor file a
+        # backend declares as ``bundle_descriptor``; ProbeInput.path stays the folder
+        for b in backends():
+            name = getattr(b, "bundle_descriptor", None)
+            if name and os.path.isfile(os.path.join(path, name)):
+                target = os.path.join(path, name)
+                break
     try:
-        with open(path, "rb") as f:
+        with open(target, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)

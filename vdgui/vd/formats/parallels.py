@@ -701,11 +701,13 @@ class ParallelsBackend(Backend):
                             Operation.RESIZE})
     create_flags = ImageFlags.NONE
     size_granularity = SECTOR
+    bundle_descriptor = DESCRIPTOR_NAME     # registry: a name.hdd/ folder probes through it
 
     def probe(self, src: ProbeInput) -> int:
         if src.head[:16] in (MAGIC_V2, MAGIC_EXT):
             return 100
-        if os.path.basename(src.path) == DESCRIPTOR_NAME and b"<Parallels_disk_image" in src.head:
+        if b"<Parallels_disk_image" in src.head[:4096] and (
+                os.path.basename(src.path) == DESCRIPTOR_NAME or os.path.isdir(src.path)):
             return 100
         return 0
 
