@@ -548,3 +548,65 @@ def test_probe(tmp_path):
         d.create_base(q, MiB, "VMDK", flags=ImageFlags.FIXED)
     assert probe(q).name == "VMDK"
     assert probe(str(tmp_path / "f-flat.vmdk")).name != "VMDK"
+
+
+# -- compact --------------------------------------------------------------------------------
+def test_compact_base_drops_zero_grains_and_shrinks(tmp_path, qemu):
+    from vdgui.vd import compact
+    p = str(tmp_path / "c.vmdk")
+    size = 8 * MiB
+    expect = bytearray(size)
+    with Disk() as d:
+        d.create_base(p, size, "VMDK")
+        for i in range(0, size, 65536):
+            d.write(i, bytes([i // 65536 % 250 + 1]) * 65536)
+            expect[i:i + 65536] = bytes([i // 65536 % 250 + 1]) * 65536
+        for i in range(0, size, 3 * 65536):          # zero every third grain (stays allocated)
+            d.write(i, bytes(65536))
+            expect[i:i + 65536] = bytes(65536)
+        d.top.resize(size)                            # no-op
+    before = os.path.getsize(p)
+    compact(p)
+    after = os.path.getsize(p)
+    assert after <= before - 40 * 65536
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == bytes(expect)
+        assert img.check().exit_code == 0
+    assert qemu.check(p).returncode == 0
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(bytes(expect))
+    assert qemu.compare(p, ref, "vmdk", "raw").returncode == 0
+
+
+def test_compact_hook_in_place_split_and_diff(tmp_path, qemu):
+    from vdgui.vd import compact
+    base, child = str(tmp_path / "b.vmdk"), str(tmp_path / "c.vmdk")
+    with Disk() as d:
+        d.create_base(base, 4 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+        d.write(0, b"\x01" * (2 * MiB))
+        d.write(MiB, bytes(65536 * 2))
+        d.create_diff(child, flags=ImageFlags.SPLIT_2G)
+        d.write(0, b"\x01" * 65536)          # same as the parent: dropped by compact
+        d.write(65536, bytes(65536))         # zero over parent data: kept
+        d.write(3 * MiB, b"\x02" * 65536)    # new data: kept
+        expect = read_all(d)
+    compact(base)
+    compact(child)
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == expect
+        c = d.top
+        assert [c.extents[0]._gte(i) > 1 for i in (0, 1)] == [False, True]
+        assert d.image(0).extents[0]._gte(16) == 0      # the zeroed base grain went away
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(expect)
+    assert qemu.compare(child, ref, "vmdk", "raw").returncode == 0
+    assert qemu.check(child).returncode == 0 and qemu.check(base).returncode == 0
+
+
+def test_compact_refused_for_flat(tmp_path):
+    p = str(tmp_path / "f.vmdk")
+    with Disk() as d:
+        d.create_base(p, MiB, "VMDK", flags=ImageFlags.FIXED)
+        with pytest.raises(NotSupported):
+            d.top.compact()

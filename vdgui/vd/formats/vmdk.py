@@ -1064,6 +1064,133 @@ class VmdkImage(Image):
         ext.header = hdr
         ext.capacity = new_cap
 
+    # -- COMPACT -----------------------------------------------------------------------------
+    def compact(self, progress=None, parent_read=None):
+        """Drop grains that read as zeroes (base) or as the parent does (diff), then move the
+        last grains into the holes and shrink the files. Every move is: copy the grain into
+        free space, sync, then point both grain tables at it; a grain's old place is never
+        reused before its tables point elsewhere, so an interruption leaves a valid image."""
+        self._require_writable()
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.writable]
+        if not sparse:
+            raise NotSupported(f"{self.location}: only sparse (not fixed, not streamOptimized) "
+                               "VMDK images can be compacted")
+        total = sum(self._count_grains(e) for e in sparse) * 2 or 1
+        prog = Progress(progress, total)
+        prog.start()
+        for e in sparse:
+            self._compact_extent(e, parent_read, prog)
+        prog.finish()
+
+    def _count_grains(self, e: SparseExtent) -> int:
+        n = 0
+        for t in range(e.n_gts):
+            gt = e._gt(t)
+            if gt is not None:
+                n += sum(1 for v in gt if v > 1)
+        return n
+
+    def _compact_extent(self, e: SparseExtent, parent_read, prog: Progress) -> None:
+        f = e.f
+        diff = self.is_diff
+        live: list[tuple[int, int]] = []          # (file offset, grain index)
+        # 1. drop grains that add nothing
+        for t in range(e.n_gts):
+            gt = e._gt(t)
+            if gt is None:
+                continue
+            for i in range(e.gtes):
+                v = gt[i]
+                if v <= 1:
+                    continue
+                idx = t * e.gtes + i
+                vstart = e.vstart + idx * e.grain
+                glen = min(e.grain, e.length - idx * e.grain)
+                if glen <= 0:
+                    live.append((v * SECTOR, idx))
+                    continue
+                data = f.pread(v * SECTOR, glen)
+                prog.advance(1)
+                if len(data) < glen:
+                    raise CorruptImage(f"grain {idx} lies past the end of the file",
+                                       path=f.path, found=f"sector {v}")
+                if not diff:
+                    drop = is_zero(data)
+                    new = 0
+                else:
+                    below = parent_read(vstart, glen) if parent_read else bytes(glen)
+                    drop = data == below
+                    new = 0
+                    if not drop and e.zero_grain and is_zero(data):
+                        drop, new = True, 1
+                if drop:
+                    e._set_gte(idx, new)
+                else:
+                    live.append((v * SECTOR, idx))
+        f.sync()
+        # 2. fixed metadata outside the first overhead, then move grains down into holes
+        base_end = (e.header["overhead"] if e.header else 0) * SECTOR
+        base_end = max(base_end, SECTOR)
+        fixed: list[tuple[int, int]] = []
+        gsz = _round_up(e.n_gts * 4, SECTOR)
+        for sec in (e.gd_sector, e.rgd_sector):
+            if sec:
+                fixed.append((sec * SECTOR, sec * SECTOR + gsz))
+        for arr in (e.gd, e.rgd):
+            if arr is not None:
+                for sec in arr:
+                    if sec:
+                        fixed.append((sec * SECTOR, sec * SECTOR + e.gt_sectors * SECTOR))
+        fixed = [(a, b) for a, b in fixed if b > base_end]
+        occupied = sorted(fixed + [(o, o + e.grain) for o, _ in live])
+        holes: list[list[int]] = []
+        cursor = base_end
+        for a, b in occupied:
+            if a > cursor:
+                holes.append([cursor, a])
+            cursor = max(cursor, b)
+        live.sort(reverse=True)
+        moved: list[tuple[int, int]] = []
+        kept_end = base_end
+        for a, b in fixed:
+            kept_end = max(kept_end, b)
+        for off, idx in live:
+            target = None
+            for h in holes:
+                if h[1] - h[0] >= e.grain and h[0] < off:
+                    target = h[0]
+                    h[0] += e.grain
+                    break
+            if target is None:
+                kept_end = max(kept_end, off + e.grain)
+                # grains below this one stay where they are
+                continue
+            f.pwrite(target, f.pread(off, e.grain))
+            moved.append((idx, target))
+            if len(moved) >= 256:
+                self._commit_moves(e, moved)
+            prog.advance(1)
+        self._commit_moves(e, moved)
+        for off, idx in live:
+            cur = e._gte(idx) * SECTOR
+            kept_end = max(kept_end, cur + e.grain)
+        kept_end = _round_up(kept_end, SECTOR)
+        if kept_end < f.size():
+            f.truncate(kept_end)
+        e.file_size = f.size()
+        e.next_free = _round_up(e.file_size, SECTOR)
+        f.sync()
+
+    @staticmethod
+    def _commit_moves(e: SparseExtent, moved: list) -> None:
+        if not moved:
+            return
+        e.f.sync()                                  # data first ...
+        for idx, target in moved:
+            e._set_gte(idx, target // SECTOR)       # ... then the tables
+        e.f.sync()
+        moved.clear()
+
     # -- CHECK / REPAIR ----------------------------------------------------------------------
     def check(self, repair=False, dry_run=False, progress=None):
         if repair and not dry_run:
@@ -1241,7 +1368,7 @@ class VmdkBackend(Backend):
                   description="use relative partition device names"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK})
+                            Operation.REPAIR, Operation.RELINK, Operation.COMPACT})
     create_flags = (ImageFlags.FIXED | ImageFlags.SPLIT_2G | ImageFlags.STREAM_OPTIMIZED |
                     ImageFlags.ESX)
     max_size = MAX_SPARSE_SIZE
