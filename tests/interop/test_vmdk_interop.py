@@ -233,17 +233,27 @@ CORPUS_READABLE = ["vmdk/dfvfs/ext2.vmdk", "vmdk/dfvfs/image.vmdk", "vmdk/forkli
 @pytest.mark.parametrize("rel", CORPUS_READABLE)
 def test_corpus_images_read_like_qemu(corpus, qemu, tmp_path, rel):
     p = str(corpus / rel)
-    raw = qemu.to_raw(p, tmp_path / "ref.raw").read_bytes()
+    ref = qemu.to_raw(p, tmp_path / "ref.raw")
+    size = ref.stat().st_size
     assert probe(p).name == "VMDK"
     with Disk() as d:
         img = d.open(p, flags=OpenFlags.READ_ONLY)
-        assert d.size == len(raw)
-        assert read_all(d) == raw
+        assert d.size == size
+        if size <= 64 * MiB:
+            assert read_all(d) == ref.read_bytes()
+        else:       # a big, mostly empty disk: every allocated run plus a sample of holes
+            runs = d.allocation()
+            assert sum(e.length for e in runs if e.status.name == "DATA") < 64 * MiB
+            with open(ref, "rb") as f:
+                for e in runs:
+                    n = e.length if e.status.name == "DATA" else min(e.length, 65536)
+                    f.seek(e.start)
+                    assert d.read(e.start, n) == f.read(n), f"run at {e.start}"
         assert img.check().exit_code == 0
         assert d.info()["details"]["create_type"]
     with Disk() as d:
         d.open(p, flags=OpenFlags.INFO)
-        assert d.info()["virtual_size"] == len(raw)
+        assert d.info()["virtual_size"] == size
 
 
 @pytest.mark.parametrize("rel,missing", [("vmdk/vmdk-rs/monolithicFlat.vmdk", "monolithicFlat-flat.vmdk"),
