@@ -1,0 +1,318 @@
+"""Create, copy, merge, resize, compact, check run from their dialogs through the thread pool;
+progress is observed (monotonic, ends at 100 %) and the result verified on disk."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from PySide6.QtCore import Qt
+
+from tests.conftest import read_all
+from tests.gui.conftest import MiB, wait_job
+from vdgui.gui.dialogs.copy import CopyDialog
+from vdgui.gui.dialogs.create import CreateDialog, CreateDiffDialog
+from vdgui.gui.dialogs.merge import MergeDialog
+from vdgui.gui.dialogs.resize import ResizeDialog
+from vdgui.jobs import Job, JobState
+from vdgui.vd import CheckReport, Disk, ImageFlags, OpenFlags
+
+pytestmark = pytest.mark.gui
+
+
+class Recorder:
+    """Hooks every job the window submits and records its progress signals."""
+
+    def __init__(self, window):
+        self.progress: dict[int, list] = {}
+        window.queue.jobAdded.connect(self._added)
+
+    def _added(self, job):
+        seen = self.progress.setdefault(job.id, [])
+        job.signals.progress.connect(lambda j, d, t: seen.append((d, t)))
+
+    def check(self, job):
+        seen = self.progress[job.id]
+        assert seen, "no progress signal"
+        assert seen[0][0] == 0, seen[:3]
+        assert seen[-1][0] == seen[-1][1] > 0, seen[-3:]
+        assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), "progress went backwards"
+        return seen
+
+
+def chain_content(path):
+    with Disk.open_chain(path, flags=OpenFlags.READ_ONLY) as d:
+        return read_all(d)
+
+
+def ok(qtbot, job, timeout=30000):
+    wait_job(qtbot, job, timeout)
+    assert job.state == JobState.DONE, job.error
+    return job
+
+
+def test_create_fixed_vdi_from_dialog(qtbot, window, tmp_path):
+    rec = Recorder(window)
+    dlg = CreateDialog(str(tmp_path), window, size=32 * MiB)
+    qtbot.addWidget(dlg)
+    dlg.set_format("VDI")
+    assert dlg.location.path() == str(tmp_path / "NewVirtualDisk.vdi")
+    dlg.variant.boxes[ImageFlags.FIXED].setChecked(True)
+    dlg.comment.setText("made by the test")
+    assert dlg.ok.isEnabled(), dlg.messages.errors
+    job = ok(qtbot, window.start_create(dlg.params()))
+    rec.check(job)
+    path = str(tmp_path / "NewVirtualDisk.vdi")
+    with Disk.open_chain(path, flags=OpenFlags.READ_ONLY) as d:
+        assert d.size == 32 * MiB
+        assert d.top.flags & ImageFlags.FIXED
+        assert d.top.comment == "made by the test"
+    qtbot.waitUntil(lambda: window.model.node(path) is not None, timeout=5000)
+    qtbot.waitUntil(lambda: [n.path for n in window.selected_nodes()] == [path], timeout=5000)
+
+
+def test_create_dialog_uses_config_keys_and_warns(qtbot, window, tmp_path):
+    dlg = CreateDialog(str(tmp_path), window, size=16 * MiB)
+    qtbot.addWidget(dlg)
+    dlg.set_format("VDI")
+    assert dlg.config is not None and "AllocationBlockSize" in dlg.config.fields
+    dlg.config.editor("AllocationBlockSize").setText("3000")
+    assert not dlg.ok.isEnabled()
+    assert any("power of two" in e for e in dlg.messages.errors)
+    dlg.config.editor("AllocationBlockSize").setText("2097152")
+    assert dlg.ok.isEnabled()
+    # existing file refused
+    open(tmp_path / "taken.vdi", "wb").close()
+    dlg.location.set_path(str(tmp_path / "taken.vdi"))
+    assert not dlg.ok.isEnabled() and any("already exists" in e for e in dlg.messages.errors)
+    dlg.location.set_path(str(tmp_path / "fresh.vdi"))
+    assert dlg.ok.isEnabled()
+    job = ok(qtbot, window.start_create(dlg.params()))
+    assert job.result == [str(tmp_path / "fresh.vdi")]
+    with Disk.open_chain(str(tmp_path / "fresh.vdi"), flags=OpenFlags.READ_ONLY) as d:
+        assert d.top.block_size == 2 * MiB
+
+
+def test_fat_size_limit_warning():
+    from vdgui.gui.dialogs.common import size_warnings
+    w = size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="vfat", free=1 << 40)
+    assert w and "FAT" in w[0]
+    assert not size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="ext4",
+                             free=1 << 40)
+    w = size_warnings("/x/big.vdi", 8 << 30, preallocate=True, fs_type="ext4", free=1 << 30)
+    assert w and "free" in w[0]
+
+
+def test_create_differencing_image(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    node = window.model.node(vdi_chain["snap2"])
+    dlg = CreateDiffDialog(node, window)
+    qtbot.addWidget(dlg)
+    assert dlg.ok.isEnabled()
+    p = dlg.params()
+    assert p["location"].endswith("snap2-snapshot.vdi")
+    window.select_paths([node.path])
+    from vdgui.jobs import tasks
+    job = ok(qtbot, window.start_job(tasks.create_diff_job(p["parent"], p["location"], p["format"],
+                                                           library=window.library),
+                                     lambda res: window._rescan(res)))
+    qtbot.waitUntil(lambda: window.model.node(p["location"]) is not None, timeout=5000)
+    assert window.model.node(p["location"]).parent is window.model.node(vdi_chain["snap2"])
+    assert chain_content(p["location"]) == chain_content(vdi_chain["snap2"])
+    assert job.finished
+
+
+def test_copy_flattens_chain(qtbot, window, vdi_chain):
+    rec = Recorder(window)
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    node = window.model.node(vdi_chain["snap2"])
+    dlg = CopyDialog(node, window)
+    qtbot.addWidget(dlg)
+    dlg.set_format("VDI")
+    assert dlg.location.path().endswith("snap2_copy.vdi")
+    assert dlg.flatten.isChecked() and dlg.as_chain.isEnabled()
+    assert dlg.ok.isEnabled(), dlg.messages.errors
+    p = dlg.params()
+    job = ok(qtbot, window.start_copy(node, p))
+    rec.check(job)
+    dst = p["dst"]
+    with Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 1 and d.size == 8 * MiB
+    assert chain_content(dst) == chain_content(vdi_chain["snap2"])
+    qtbot.waitUntil(lambda: window.model.node(dst) is not None, timeout=5000)
+
+
+def test_copy_refuses_existing_target(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["base"]], sync=True)
+    dlg = CopyDialog(window.model.node(vdi_chain["base"]), window)
+    qtbot.addWidget(dlg)
+    dlg.location.set_path(vdi_chain["snap1"])
+    assert not dlg.ok.isEnabled()
+    assert any("already exists" in e for e in dlg.messages.errors)
+    dlg.location.set_path(vdi_chain["base"])
+    assert any("overwrite its source" in e for e in dlg.messages.errors)
+
+
+def test_merge_from_dialog(qtbot, window, vdi_chain):
+    rec = Recorder(window)
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
+    before = chain_content(vdi_chain["snap2"])
+    node = window.model.node(vdi_chain["snap2"])
+    dlg = MergeDialog(node, window)
+    qtbot.addWidget(dlg)
+    assert [n.name for n in dlg.chain] == ["base.vdi", "snap1.vdi", "snap2.vdi"]
+    # merging into base would break branch.vdi: refused with the reason
+    dlg.set_source_target(vdi_chain["snap1"], vdi_chain["base"])
+    assert not dlg.ok.isEnabled()
+    assert any("branch.vdi" in e for e in dlg.messages.errors)
+    # snap2 into snap1: snap2 is deleted
+    dlg.set_source_target(vdi_chain["snap2"], vdi_chain["snap1"])
+    assert dlg.ok.isEnabled(), dlg.messages.errors
+    assert "snap2.vdi" in dlg.summary.text() and "deleted" in dlg.summary.text()
+    p = dlg.params()
+    assert p["deleted"] == [vdi_chain["snap2"]]
+    job = ok(qtbot, window.start_merge(node, p))
+    rec.check(job)
+    assert not os.path.exists(vdi_chain["snap2"])
+    assert chain_content(vdi_chain["snap1"]) == before
+    qtbot.waitUntil(lambda: window.model.node(vdi_chain["snap2"]) is None, timeout=5000)
+    assert window.model.node(vdi_chain["snap1"]).children == []
+
+
+def _standalone_vdi(tmp_path, name="solo.vdi", size=8 * MiB):
+    p = str(tmp_path / name)
+    with Disk() as d:
+        d.create_base(p, size, "VDI")
+        d.write(0, b"\x5a" * MiB)
+        d.write(2 * MiB, b"\x77" * (2 * MiB))
+        d.write(2 * MiB, bytes(2 * MiB))      # allocated blocks of zeroes: compact drops them
+    return p
+
+
+def test_resize_from_dialog(qtbot, window, tmp_path):
+    rec = Recorder(window)
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    node = window.model.node(p)
+    dlg = ResizeDialog(node, window)
+    qtbot.addWidget(dlg)
+    assert dlg.used is not None and dlg.used >= MiB
+    dlg.size.setValue(512 * 1024)                 # below the data: refused with the reason
+    assert not dlg.ok.isEnabled()
+    assert any("holds data up to" in e for e in dlg.messages.errors)
+    dlg.size.setValue(16 * MiB)
+    assert dlg.ok.isEnabled()
+    job = ok(qtbot, window.start_resize(node, dlg.new_size()))
+    rec.check(job)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d:
+        assert d.size == 16 * MiB
+        assert d.read(0, MiB) == b"\x5a" * MiB
+    qtbot.waitUntil(lambda: window.model.node(p).record.virtual_size == 16 * MiB, timeout=5000)
+
+
+def test_compact_and_check(qtbot, window, tmp_path):
+    rec = Recorder(window)
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    size_before = os.path.getsize(p)
+    assert window.actions["compact"].isEnabled(), window.actions["compact"].toolTip()
+    (job,) = window.compact_selected()
+    ok(qtbot, job)
+    rec.check(job)
+    assert os.path.getsize(p) < size_before
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d:
+        assert d.read(0, MiB) == b"\x5a" * MiB and d.read(2 * MiB, MiB) == bytes(MiB)
+    window.select_paths([p])
+    (job,) = window.check_selected()
+    ok(qtbot, job)
+    assert isinstance(job.result, CheckReport) and not job.result.problems
+    qtbot.waitUntil(lambda: any(getattr(b, "windowTitle", lambda: "")() == "Check result"
+                                for b in window.messages), timeout=3000)
+
+
+def test_details_apply_comment_and_size(qtbot, window, tmp_path):
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    d = window.details
+    assert d.node.path == p
+    d.comment.setText("hello")
+    d.size.setValue(12 * MiB)
+    assert d.apply_button.isEnabled()
+    assert d.changes() == {"comment": "hello", "size": 12 * MiB}
+    jobs = window.apply_details(d.node, d.changes())
+    for j in jobs:
+        ok(qtbot, j)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as disk:
+        assert disk.top.comment == "hello" and disk.size == 12 * MiB
+
+
+def test_move_from_details(qtbot, window, tmp_path):
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    dst = str(tmp_path / "moved" / "solo.vdi")
+    os.makedirs(os.path.dirname(dst))
+    window.details.location.setText(dst)
+    assert window.details.changes() == {"location": dst}
+    (job,) = window.apply_details(window.details.node, window.details.changes())
+    ok(qtbot, job)
+    assert os.path.exists(dst) and not os.path.exists(p)
+    qtbot.waitUntil(lambda: window.model.node(dst) is not None and window.model.node(p) is None,
+                    timeout=5000)
+    assert dst in window.library.paths() and p not in window.library.paths()
+
+
+def test_cancel_from_jobs_panel(qtbot, window):
+    started = threading.Event()
+
+    def slow(progress):
+        for i in range(10000):
+            if progress(i, 10000) is False:
+                from vdgui.vd import Cancelled
+                raise Cancelled()
+            started.set()
+            time.sleep(0.002)
+    job = window.start_job(Job("Slow test job", slow, paths=["/nowhere/a.vdi"]))
+    assert started.wait(5)
+    row = window.jobs_panel.row_for(job)
+    assert row is not None and row.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: row.cancel_button.isVisible() or not window.isVisible(), timeout=1000)
+    qtbot.mouseClick(row.cancel_button, Qt.LeftButton)
+    wait_job(qtbot, job)
+    assert job.state == JobState.CANCELLED
+    assert "Cancelled" in row.detail.text()
+    assert "No jobs running" in window.status_jobs.text()
+
+
+def test_delete_says_who_depends(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
+    asked = []
+
+    def confirm(title, text, ok_text, checkbox):
+        asked.append((text, checkbox))
+        return (True, False)
+    window.confirm = confirm
+    window.select_paths([vdi_chain["snap1"]])
+    job = window.delete_selected()
+    assert asked and "snap2.vdi" in asked[0][0] and "depend" in asked[0][0] and asked[0][1]
+    ok(qtbot, job)
+    assert not os.path.exists(vdi_chain["snap1"]) and os.path.exists(vdi_chain["snap2"])
+    qtbot.waitUntil(lambda: window.model.node(vdi_chain["snap1"]) is None, timeout=5000)
+    qtbot.waitUntil(lambda: not window.model.node(vdi_chain["snap2"]).accessible, timeout=5000)
+    # declining deletes nothing
+    window.confirm = lambda *a: (False, False)
+    window.select_paths([vdi_chain["branch"]])
+    assert window.delete_selected() is None and os.path.exists(vdi_chain["branch"])
+
+
+def test_remove_keeps_files(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    window.select_paths([vdi_chain["snap1"]])
+    removed = window.remove_selected()
+    assert set(removed) == {vdi_chain["snap1"], vdi_chain["snap2"]}
+    assert all(os.path.exists(p) for p in removed)
+    assert window.model.node(vdi_chain["snap1"]) is None
+    assert vdi_chain["base"] in window.library.paths()
