@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import CORPUS_SRC, read_all
 from tests.formats.conformance import FormatConformance
 from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags,
-                      ParentMismatch, ReadOnlyImage, VDError, get_backend)
+                      ParentMismatch, VDError, get_backend)
 from vdgui.vd.crc32c import crc32c
 from vdgui.vd.formats import vhdx
 
@@ -158,7 +158,7 @@ def test_corpus_log_replay(vhdx_corpus, qemu, tmp_path):
     ours, theirs = tmp_path / "ours.vhdx", tmp_path / "theirs.vhdx"
     shutil.copy(src, ours)
     shutil.copy(src, theirs)
-    with pytest.raises(ReadOnlyImage, match="replayed"):
+    with pytest.raises(vhdx.LogReplayNeeded, match="replayed"):
         with Disk() as d:
             d.open(str(ours), flags=OpenFlags.READ_ONLY)
     with Disk() as d:     # info opens report the pending log without replaying
@@ -472,7 +472,7 @@ def test_log_replay_hand_made(tmp_path, qemu):
     p = _dirty(tmp_path, entries)
     theirs = tmp_path / "theirs.vhdx"
     shutil.copy(p, theirs)
-    with pytest.raises(ReadOnlyImage):
+    with pytest.raises(vhdx.LogReplayNeeded):
         _open_bytes(tmp_path, p.read_bytes())
     with Disk() as d:
         d.open(str(p))
@@ -526,3 +526,32 @@ def test_hostile_log(tmp_path):
 def test_backend_declarations():
     b = get_backend("vhdx")
     assert b.name == "VHDX" and b.can(vhdx.Operation.WRITE) and b.can(vhdx.Operation.RESIZE)
+
+
+def test_check_and_repair_through_ops(vhdx_corpus, tmp_path, qemu):
+    from vdgui.vd.ops.repair import check
+    # a pending log: check reports it, check --repair replays it (like qemu-img check -r all)
+    p = tmp_path / "replay.vhdx"
+    shutil.copy(vhdx_corpus / "vhdx" / "discutils" / "vhdx-log-replay.vhdx", p)
+    rep = check(str(p), format="VHDX")
+    assert rep.corrupt and "replay" in rep.problems[0].what
+    rep = check(str(p), format="VHDX", repair=True)
+    assert rep.repaired and not rep.corrupt
+    assert check(str(p), format="VHDX").exit_code == 0
+    assert qemu.check(p, "vhdx").returncode == 0
+    # a BAT entry past the end of the file and one with an undefined state
+    b = _image_bytes(tmp_path)
+    bat_off = _layout(b)[vhdx.BAT_GUID][0]
+    struct.pack_into("<Q", b, bat_off + 8, (1 << 30) << 20 | vhdx.PAYLOAD_FULLY_PRESENT)
+    struct.pack_into("<Q", b, bat_off + 16, 4)
+    q = tmp_path / "badbat.vhdx"
+    q.write_bytes(bytes(b))
+    rep = check(str(q), format="VHDX")
+    assert rep.exit_code == 2 and len(rep.problems) == 2
+    rep = check(str(q), format="VHDX", repair=True)
+    assert rep.repaired and not rep.corrupt
+    assert check(str(q), format="VHDX").exit_code == 0
+    assert qemu.check(q, "vhdx").returncode == 0
+    with Disk() as d:
+        d.open(str(q), flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 4) == b"\x5a" * 4 and d.read(MiB, 4) == bytes(4)

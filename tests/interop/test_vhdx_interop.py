@@ -6,7 +6,7 @@ import random
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import Disk, ImageFlags, OpenFlags, ReadOnlyImage
+from vdgui.vd import CorruptImage, Disk, ImageFlags, OpenFlags
 
 MiB = 1 << 20
 
@@ -117,7 +117,7 @@ def test_qemu_killed_mid_session(qemu, tmp_path):
     qi = qemu.img("info", "-f", "vhdx", p, check=False)
     if qi.returncode != 0:
         assert "replayed" in qi.stderr
-        with pytest.raises(ReadOnlyImage):
+        with pytest.raises(CorruptImage, match="replayed"):
             Disk().open(str(p), flags=OpenFlags.READ_ONLY)
         theirs = tmp_path / "theirs.vhdx"
         theirs.write_bytes(p.read_bytes())

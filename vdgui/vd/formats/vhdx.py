@@ -47,8 +47,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..crc32c import crc32c
-from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
-                      VDError)
+from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage)
 from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..sparse import is_zero, split_blocks, zeroes
@@ -261,6 +260,11 @@ def _default_block_size(size: int, diff: bool) -> int:
     return 32 * MiB if size > 100 * GiB else 8 * MiB
 
 
+class LogReplayNeeded(CorruptImage):
+    """A read-only open of a VHDX whose log still holds changes (reading it would be stale)."""
+    code = "LOG_REPLAY_NEEDED"
+
+
 # -- the image -------------------------------------------------------------------------------
 class VhdxImage(Image):
     def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags):
@@ -299,10 +303,11 @@ class VhdxImage(Image):
             if self.open_flags & OpenFlags.INFO:
                 self.log_pending = True
             elif self.read_only:
-                raise ReadOnlyImage(
-                    f"{self.location}: the VHDX log holds changes that need to be replayed; "
-                    "open the image read-write once (e.g. 'vdgui-img check --repair' or any "
-                    "read-write open) to replay it", path=None)
+                raise LogReplayNeeded(
+                    "the VHDX log holds changes that need to be replayed; open the image "
+                    "read-write once (any read-write open, e.g. 'vdgui-img check --repair', "
+                    "replays it)", path=self.location, field="LogGuid",
+                    offset=HEADER_OFFSETS[self.hdr_slot] + 48)
             else:
                 self._replay_log()
         self._read_regions()
@@ -928,9 +933,24 @@ class VhdxImage(Image):
             progress(1, 1)
 
     def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+        """Headers, log state and every BAT entry (state, range, overlaps). Repair (read-write
+        images): the log was already replayed by the open; a damaged header copy is rewritten;
+        BAT entries with an invalid state or pointing outside the file become "not present"."""
         rep = CheckReport()
+        fix = repair and not dry_run and not self.read_only
+        if self.log_replayed:
+            rep.problems.append(Problem("corrupt", "the log held changes that were not replayed; "
+                                        "replayed on open", self.hdr.log_offset, repaired=True))
+        elif self.log_pending:
+            rep.problems.append(Problem("corrupt", "the log holds changes that need to be "
+                                        "replayed", self.hdr.log_offset))
         for p in getattr(self, "header_problems", []):
-            rep.problems.append(Problem("corrupt", f"{self.location}: {p}"))
+            rep.problems.append(Problem("corrupt", f"{self.location}: {p}",
+                                        HEADER_OFFSETS[1 - self.hdr_slot], repaired=fix))
+        if fix and self.header_problems:
+            self._update_header()
+            self.header_problems = []
+        bad: list[tuple[int, int]] = []
         used: dict[int, str] = {}
         for g, (o, ln) in self.vregions.items():
             for mb in range(o // MiB, (o + ln) // MiB):
@@ -949,14 +969,16 @@ class VhdxImage(Image):
                     continue
                 if st != SB_PRESENT or not self.has_parent:
                     rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid sector bitmap "
-                                                f"state {st}", where))
+                                                f"state {st}", where, repaired=fix))
+                    bad.append((idx, SB_NOT_PRESENT))
                     continue
                 length, what = MiB, "sector bitmap block"
             else:
                 blk = idx - idx // (self.cr + 1)
                 if st not in STATE_NAMES:
                     rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid payload block "
-                                                f"state {st}", where))
+                                                f"state {st}", where, repaired=fix))
+                    bad.append((idx, PAYLOAD_NOT_PRESENT))
                     continue
                 if st not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
                     continue
@@ -965,7 +987,9 @@ class VhdxImage(Image):
                 length, what = self.block_size, f"payload block {blk}"
             if off < MiB or off + length > self.file_len:
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} lies "
-                                            f"outside the file ({self.file_len} bytes)", where))
+                                            f"outside the file ({self.file_len} bytes)", where,
+                                            repaired=fix))
+                bad.append((idx, SB_NOT_PRESENT if is_sb else PAYLOAD_NOT_PRESENT))
                 continue
             for mb in range(off // MiB, (off + length) // MiB):
                 if mb in used:
@@ -973,6 +997,12 @@ class VhdxImage(Image):
                                                 f"overlaps {used[mb]}", where))
                     break
                 used[mb] = f"BAT[{idx}]"
+        if fix and bad:
+            for idx, state in bad:
+                self._set_entry(idx, state, 0)
+            self._sb_cache.clear()
+            self.f.sync()
+        rep.repaired = any(p.repaired for p in rep.problems)
         if progress:
             progress(1, 1)
         return rep
@@ -1184,7 +1214,7 @@ class VhdxBackend(Backend):
                   "log size in bytes (multiple of 1 MiB)", minimum=MiB, maximum=MAX_LOG),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.RELINK})
+                            Operation.REPAIR, Operation.RELINK})
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512
