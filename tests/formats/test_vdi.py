@@ -654,14 +654,28 @@ def test_diff_cannot_be_fixed_and_needs_parent_uuid(tmp_path):
 
 
 def test_read_coalesces_contiguous_blocks(tmp_path, monkeypatch):
-    p = make(tmp_path / "a.vdi", size=8 * MiB, data=[(0, pattern(8 * MiB))])
+    data = pattern(8 * MiB)
+    order = [0, 1, 2, 3, 6, 7, 4, 5]            # file order: blocks 0-3, 6-7, 4-5
+    p = make(tmp_path / "a.vdi", size=8 * MiB,
+             data=[(i * MiB, data[i * MiB:(i + 1) * MiB]) for i in order])
     calls = []
-    real = os.preadv
+    real_pread, real_preadv = os.pread, os.preadv
 
-    def spy(fd, bufs, off):
+    def spy_pread(fd, n, off):
         calls.append(off)
-        return real(fd, bufs, off)
+        return real_pread(fd, n, off)
+
+    def spy_preadv(fd, bufs, off):
+        calls.append(off)
+        return real_preadv(fd, bufs, off)
     with open_ro(p) as d:
-        monkeypatch.setattr(os, "preadv", spy)
-        assert d.read(0, 8 * MiB) == pattern(8 * MiB)
-    assert len(calls) == 1
+        monkeypatch.setattr(os, "pread", spy_pread)
+        monkeypatch.setattr(os, "preadv", spy_preadv)
+        assert d.top.read(0, 4 * MiB) == data[:4 * MiB]
+        assert len(calls) == 1                  # one contiguous run: one read
+        calls.clear()
+        assert d.top.read(0, 8 * MiB) == data
+        assert len(calls) == 3                  # three file-contiguous runs
+        calls.clear()
+        assert d.top.block_status(0, 8 * MiB) == [(0, 8 * MiB, Alloc.DATA)]
+        assert not calls

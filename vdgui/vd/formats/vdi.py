@@ -339,6 +339,20 @@ class VdiImage(Image):
         return runs
 
     def read(self, offset, length):
+        bs = self.block_size
+        first, inner = divmod(offset, bs)
+        last = (offset + length - 1) // bs
+        m = self._map
+        v = m[first]
+        if v < _ZERO:
+            # fast path: the whole range is one file-contiguous run -> one pread, no copies
+            start = self._data_pos(v) + inner
+            if first == last or (not self.block_extra and all(
+                    m[first + k] == v + k for k in range(1, last - first + 1))):
+                data = self.f.pread(start, length)
+                if len(data) < length:
+                    data += bytes(length - len(data))
+                return data
         buf = bytearray(length)
         mv = memoryview(buf)
         bs = self.block_size
@@ -362,7 +376,7 @@ class VdiImage(Image):
             pos += n
         if run_len:
             self._pread_into(fd, mv, run_buf, run_len, run_file)
-        return bytes(buf)
+        return buf          # a bytearray: bytes-like, saves a copy of the whole range
 
     def _pread_into(self, fd, mv, at, n, fpos):
         got = 0
@@ -402,7 +416,7 @@ class VdiImage(Image):
                 if len(pending) == 1:
                     f.pwrite(pending_pos, pending[0])
                 else:
-                    f.pwrite(pending_pos, b"".join(pending))
+                    self._pwritev(pending, pending_pos)
             pending, pending_len, pending_pos = [], 0, -1
 
         def emit(fpos, chunk):
@@ -472,6 +486,23 @@ class VdiImage(Image):
         finally:
             flush_pending()                     # data first ...
             self._write_map_entries(dirty)      # ... then the map entries (header at flush)
+
+    def _pwritev(self, bufs, offset) -> None:
+        """Gather-write ``bufs`` at ``offset`` (no joining copy)."""
+        bufs = [memoryview(b).cast("B") for b in bufs]
+        try:
+            while bufs:
+                n = os.pwritev(self.f.fd, bufs[:512], offset)
+                offset += n
+                while bufs and n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if n:
+                    bufs[0] = bufs[0][n:]
+        except OSError as exc:
+            from ..errors import VDIOError
+            raise VDIOError(f"{self.location}: write at {offset:#x} failed: "
+                            f"{exc.strerror or exc}") from None
 
     def flush(self):
         if self.read_only:
