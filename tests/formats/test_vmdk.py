@@ -133,7 +133,7 @@ def test_descriptor_round_trip_keeps_unknown_lines():
     b"# Disk DescriptorFile\nRW 10 ZERO\nddb.geometry.cylinders = \"x\"\n"
     b"ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\n",         # bad geometry
     b"# Disk DescriptorFile\nRW 10 ZERO\ncreateType=\"nonsense\"\n",         # unknown type
-    b"# Disk DescriptorFile\nRW 10 SESPARSE \"x.vmdk\"\n",                   # not supported
+    b"# Disk DescriptorFile\nRW 10 SESPARSE \"x.vmdk\"\n",                   # not seSparse
 ])
 def test_malformed_descriptors_give_vderror(tmp_path, text):
     p = tmp_path / "bad.vmdk"

@@ -36,7 +36,7 @@ import sys
 import uuid as uuidlib
 import zlib
 
-from construct import Bytes, ConstructError, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Array, Bytes, ConstructError, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
@@ -96,6 +96,44 @@ CowdHeader = Struct(
     "heads" / Int32ul,
     "sectors" / Int32ul,
 )
+
+# ESXi 6.5+ "seSparse" extents (not documented by VMware; layout as qemu's block/vmdk.c reads it).
+SESparseConstHeader = Struct(
+    "magic" / Int64ul,                  # 0xcafebabe
+    "version" / Int64ul,                # 0x0000000200000001
+    "capacity" / Int64ul,               # sectors
+    "grain_size" / Int64ul,             # sectors (8)
+    "grain_table_size" / Int64ul,       # sectors (64: 4096 u64 entries)
+    "flags" / Int64ul,
+    "reserved" / Array(4, Int64ul),
+    "volatile_header_offset" / Int64ul,
+    "volatile_header_size" / Int64ul,
+    "journal_header_offset" / Int64ul,
+    "journal_header_size" / Int64ul,
+    "journal_offset" / Int64ul,
+    "journal_size" / Int64ul,
+    "grain_dir_offset" / Int64ul,       # sectors
+    "grain_dir_size" / Int64ul,         # sectors
+    "grain_tables_offset" / Int64ul,    # sectors
+    "grain_tables_size" / Int64ul,
+    "free_bitmap_offset" / Int64ul,
+    "free_bitmap_size" / Int64ul,
+    "backmap_offset" / Int64ul,
+    "backmap_size" / Int64ul,
+    "grains_offset" / Int64ul,          # sectors
+    "grains_size" / Int64ul,
+    "pad" / Bytes(304),
+)
+SESparseVolatileHeader = Struct(
+    "magic" / Int64ul,                  # 0xcafecafe
+    "free_gt_number" / Int64ul,
+    "next_txn_seq_number" / Int64ul,
+    "replay_journal" / Int64ul,
+    "pad" / Bytes(480),
+)
+SESPARSE_MAGIC = 0xCAFEBABE
+SESPARSE_VOLATILE_MAGIC = 0xCAFECAFE
+SESPARSE_VERSION = 0x0000000200000001
 
 MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
@@ -509,6 +547,93 @@ class SparseExtent(_Extent):
     def flush(self):
         if self.writable:
             self.f.sync()
+
+
+class SESparseExtent(SparseExtent):
+    """An ESXi seSparse extent (read-only): u64 grain directory and tables; table entries carry
+    a type in their top nibble (0 unallocated, 1 unmapped and 2 zero: read as zeroes,
+    3 allocated: grain number in the other bits)."""
+    kind = "SESPARSE"
+
+    def __init__(self, line, vstart, path, f: ImageFile, h):
+        _Extent.__init__(self, line, vstart, path)
+        self.f = f
+        self.file_size = f.size()
+        self.grain_sectors = h.grain_size
+        self.grain = h.grain_size * SECTOR
+        self.gtes = h.grain_table_size * SECTOR // 8
+        self.gt_bytes = self.gtes * 8
+        self.gt_sectors = h.grain_table_size
+        self.n_gts = h.grain_dir_size * SECTOR // 8
+        need = -(-max(h.capacity, line.sectors) // (self.grain_sectors * self.gtes))
+        gd_off = h.grain_dir_offset * SECTOR
+        if self.n_gts < need or gd_off + self.n_gts * 8 > self.file_size or not gd_off:
+            raise CorruptImage("seSparse grain directory does not fit", path=path,
+                               field="grain_dir_offset/size", offset=0x80,
+                               expected=f">= {need} entries inside the file",
+                               found=f"{self.n_gts} entries at sector {h.grain_dir_offset}")
+        self.gd = array.array("Q")
+        self.gd.frombytes(f.pread(gd_off, self.n_gts * 8))
+        if not _LE:
+            self.gd.byteswap()
+        self.gt_base = h.grain_tables_offset
+        self.grains_base = h.grains_offset
+        self.capacity = h.capacity
+        self.header = None
+        self.rgd = None
+        self.rgd_sector = 0
+        self.gd_sector = h.grain_dir_offset
+        self.flags = 0
+        self.cowd = True
+        self.compressed = self.markers = False
+        self.zero_grain = True
+        self.writable = False
+        self._gts = {}
+        self._cgrain = None
+        self.next_free = _round_up(self.file_size, SECTOR)
+
+    def _gt(self, t):
+        gt = self._gts.get(t)
+        if gt is not None or t >= self.n_gts:
+            return gt
+        v = self.gd[t]
+        if v == 0:
+            return None
+        if v >> 32 != 0x10000000:
+            raise CorruptImage(f"seSparse grain directory entry {t} is invalid", path=self.f.path,
+                               offset=self.gd_sector * SECTOR + 8 * t,
+                               expected="0x10000000xxxxxxxx", found=f"{v:#018x}")
+        off = (self.gt_base + (v & 0xFFFFFFFF) * self.gt_sectors) * SECTOR
+        if off + self.gt_bytes > self.file_size:
+            raise CorruptImage(f"seSparse grain table {t} lies past the end of the file",
+                               path=self.f.path, found=f"offset {off:#x}")
+        gt = array.array("Q")
+        gt.frombytes(self.f.pread(off, self.gt_bytes))
+        if not _LE:
+            gt.byteswap()
+        if len(self._gts) > 1024:
+            self._gts.clear()
+        self._gts[t] = gt
+        return gt
+
+    def _gte(self, idx):
+        gt = self._gt(idx // self.gtes)
+        if gt is None:
+            return 0
+        v = gt[idx % self.gtes]
+        kind = v >> 60
+        if kind == 0:
+            if v:
+                raise CorruptImage(f"seSparse grain table entry for grain {idx} is invalid",
+                                   path=self.f.path, found=f"{v:#018x}")
+            return 0
+        if kind in (1, 2):
+            return 1
+        if kind == 3:
+            n = ((v & 0x0FFF000000000000) >> 48) | ((v & 0x0000FFFFFFFFFFFF) << 12)
+            return self.grains_base + n * self.grain_sectors
+        raise CorruptImage(f"seSparse grain table entry for grain {idx} has an unknown type",
+                           path=self.f.path, found=f"{v:#018x}")
 
 
 class StreamWriter(_Extent):
@@ -1196,7 +1321,8 @@ class VmdkImage(Image):
         if repair and not dry_run:
             self._require_writable()
         report = CheckReport()
-        sparse = [e for e in self.extents if isinstance(e, SparseExtent)]
+        sparse = [e for e in self.extents
+                  if isinstance(e, SparseExtent) and not isinstance(e, SESparseExtent)]
         prog = Progress(progress, max(1, sum(e.n_gts for e in sparse)))
         prog.start()
         fix = repair and not dry_run
@@ -1381,6 +1507,8 @@ class VmdkBackend(Backend):
             return 100
         if head[:4] == COWD_MAGIC:
             return 90
+        if head[:8] == SESPARSE_MAGIC.to_bytes(8, "little"):
+            return 60
         if src.size > MAX_DESCRIPTOR_BYTES or not head:
             return 0
         text = head[:4096].split(b"\0", 1)[0]     # qemu pads descriptors with NULs
@@ -1432,6 +1560,9 @@ class VmdkBackend(Backend):
                 line = exts[0]
                 img.extent_paths = [location]
                 img._open_sparse(line, 0, location, f, hdr, writable=not ro)
+            elif head[:8] == SESPARSE_MAGIC.to_bytes(8, "little"):
+                raise NotSupported(f"{location}: this is an ESXi seSparse extent; open the "
+                                   "descriptor .vmdk that lists it instead")
             elif head[:4] == COWD_MAGIC:
                 raise NotSupported(f"{location}: this is an ESX vmfsSparse (COWD) extent; open the "
                                    "descriptor .vmdk that lists it instead")
@@ -1702,9 +1833,6 @@ def _open_extent(self: VmdkImage, line: ExtentLine, vstart: int, path: str | Non
     if t == "ZERO":
         self.extents.append(ZeroExtent(line, vstart, None))
         return
-    if t == "SESPARSE":
-        raise NotSupported(f"{self.location}: SESPARSE (ESXi space-efficient sparse) extents are "
-                           "not supported")
     if not os.path.exists(path):
         raise ImageNotFound(f"{self.location}: extent file {line.filename!r} not found "
                             f"(looked for {path})")
@@ -1719,6 +1847,9 @@ def _open_extent(self: VmdkImage, line: ExtentLine, vstart: int, path: str | Non
         return
     if head[:4] == COWD_MAGIC and t == "VMFSSPARSE":
         self._open_cowd(line, vstart, path, f)
+        return
+    if t == "SESPARSE":
+        self.extents.append(_open_sesparse(line, vstart, path, f))
         return
     raise CorruptImage(f"extent file is not a {t} extent", path=path, field="magic", offset=0,
                        expected="'KDMV'" + (" or 'COWD'" if t == "VMFSSPARSE" else ""),
@@ -1746,6 +1877,32 @@ def _open_cowd(self: VmdkImage, line: ExtentLine, vstart: int, path: str, f: Ima
                        gd_sector=h.gd_offset, rgd_sector=0, n_gts=h.num_gd_entries,
                        capacity=h.num_sectors, flags=0, header=None, cowd=True)
     self.extents.append(ext)
+
+
+def _open_sesparse(line: ExtentLine, vstart: int, path: str, f: ImageFile) -> SESparseExtent:
+    h = SESparseConstHeader.parse(f.read_exact(0, SECTOR, "seSparse header"))
+    if h.magic != SESPARSE_MAGIC:
+        raise CorruptImage("not a seSparse extent", path=path, field="magic", offset=0,
+                           expected=f"{SESPARSE_MAGIC:#x}", found=f"{h.magic:#x}")
+    for name, want, off in (("version", SESPARSE_VERSION, 8), ("grain_size", 8, 0x18),
+                            ("grain_table_size", 64, 0x20), ("flags", 0, 0x28)):
+        if h[name] != want:
+            raise NotSupported("unsupported seSparse extent", path=path, field=name, offset=off,
+                               expected=hex(want), found=hex(h[name]))
+    if h.capacity < line.sectors:
+        raise CorruptImage("seSparse capacity is smaller than the extent", path=path,
+                           field="capacity", offset=0x10, expected=f">= {line.sectors}",
+                           found=h.capacity)
+    vol_off = h.volatile_header_offset * SECTOR
+    v = SESparseVolatileHeader.parse(f.read_exact(vol_off, SECTOR, "seSparse volatile header"))
+    if v.magic != SESPARSE_VOLATILE_MAGIC:
+        raise CorruptImage("bad seSparse volatile header", path=path, field="magic",
+                           offset=vol_off, expected=f"{SESPARSE_VOLATILE_MAGIC:#x}",
+                           found=f"{v.magic:#x}")
+    if v.replay_journal:
+        raise NotSupported(f"{path}: the seSparse extent has an unreplayed journal (the ESXi "
+                           "host did not close it cleanly); replaying it is not supported")
+    return SESparseExtent(line, vstart, path, f, h)
 
 
 VmdkImage._open_sparse = _open_sparse
