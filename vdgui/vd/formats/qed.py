@@ -1,0 +1,626 @@
+"""QED backend: the QEMU Enhanced Disk format (read/write/create/diff, grow, relink, check).
+
+Specification: qemu ``docs/interop/qed_spec.txt`` (header, feature bits, L1/L2 tables, zero
+clusters, consistency checking). Modelled on VirtualBox's QED backend (caps
+FILE|VFS|CREATE_DYNAMIC|DIFF|ASYNC, no UUIDs). All numbers are little-endian.
+
+Limits: cluster size a power of two in 4 KiB .. 64 MiB, table size a power of two in 1 .. 16
+clusters (tables larger than 64 MiB are refused rather than loaded), every table and cluster
+offset checked for alignment and against the file size before use, backing file name at most
+4095 bytes and inside the header clusters.
+
+Writing: clusters are allocated at the end of the file; the need-check feature bit is set (and
+synced) before the first allocating write and cleared on flush/close once everything is synced.
+An image found with need-check set is checked (and invalid table entries cleared) when opened
+read-write. Order of updates: data -> L2 -> L1 -> header.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections import OrderedDict
+
+from construct import Const, Int32ul, Int64ul, Struct
+
+from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
+                       Operation, ProbeInput)
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, VDError)
+from ..fileio import ImageFile, relative_name, resolve_stored_name
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..progress import Progress
+from ..sparse import is_zero, zeroes
+
+MAGIC = b"QED\0"
+
+# qed_spec.txt "Header" (64 bytes, little-endian)
+QedHeader = Struct(
+    "magic" / Const(MAGIC),
+    "cluster_size" / Int32ul,
+    "table_size" / Int32ul,
+    "header_size" / Int32ul,
+    "features" / Int64ul,
+    "compat_features" / Int64ul,
+    "autoclear_features" / Int64ul,
+    "l1_table_offset" / Int64ul,
+    "image_size" / Int64ul,
+    "backing_filename_offset" / Int32ul,
+    "backing_filename_size" / Int32ul,
+)
+HEADER_SIZE = 64
+
+F_BACKING_FILE = 0x01
+F_NEED_CHECK = 0x02
+F_BACKING_FORMAT_NO_PROBE = 0x04
+F_KNOWN = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE
+
+OFF_FEATURES = 16
+OFF_AUTOCLEAR = 32
+OFF_IMAGE_SIZE = 48
+
+MIN_CLUSTER = 4096
+MAX_CLUSTER = 64 << 20
+MAX_TABLE_SIZE = 16
+MAX_TABLE_BYTES = 64 << 20      # refuse (rather than allocate) larger tables
+MAX_BACKING_NAME = 4095
+CLUSTER_ZERO = 1
+
+_NATIVE_LE = array("Q", [1]).tobytes()[0] == 1
+
+
+def _le_array(data) -> array:
+    a = array("Q")
+    a.frombytes(bytes(data))
+    if not _NATIVE_LE:
+        a.byteswap()
+    return a
+
+
+def _array_le_bytes(a: array) -> bytes:
+    if _NATIVE_LE:
+        return a.tobytes()
+    b = array("Q", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+def _backend_name(fmt: str | None) -> str | None:
+    if not fmt:
+        return None
+    from ..registry import get_backend
+    try:
+        return get_backend(fmt).name
+    except VDError:
+        return fmt
+
+
+class QedImage(Image):
+    L2_CACHE_BYTES = 64 << 20
+
+    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+        super().__init__(backend, location, flags.read_only)
+        self.f = f
+        self.open_flags = flags
+        self.honor_zeroes = False
+        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._l2_bytes = 0
+        self._parse()
+        if not self.read_only:
+            self._prepare_write()
+
+    def _corrupt(self, message, **kw):
+        return CorruptImage(message, path=self.location, **kw)
+
+    # ------------------------------------------------------------------ parsing
+    def _parse(self) -> None:
+        f = self.f
+        self.fsize = f.size()
+        raw = f.read_exact(0, HEADER_SIZE, "QED header")
+        if raw[:4] != MAGIC:
+            raise self._corrupt("not a QED image (bad magic)", field="magic", offset=0,
+                                expected=MAGIC, found=raw[:4])
+        h = QedHeader.parse(raw)
+        self.header = dict(h)
+        self.header.pop("_io", None)
+        cs = h.cluster_size
+        if cs < MIN_CLUSTER or cs > MAX_CLUSTER or cs & (cs - 1):
+            raise self._corrupt("invalid cluster size", field="cluster_size", offset=4,
+                                expected="a power of two in 4096..67108864", found=cs)
+        ts = h.table_size
+        if ts < 1 or ts > MAX_TABLE_SIZE or ts & (ts - 1):
+            raise self._corrupt("invalid table size", field="table_size", offset=8,
+                                expected="a power of two in 1..16", found=ts)
+        if h.header_size < 1 or h.header_size * cs > (1 << 30):
+            raise self._corrupt("invalid header size", field="header_size", offset=12,
+                                expected="1 or more clusters, at most 1 GiB", found=h.header_size)
+        unknown = h.features & ~F_KNOWN
+        if unknown:
+            raise NotSupported(f"{self.location}: unsupported QED feature bits {unknown:#x}",
+                               field="features", offset=16, found=hex(h.features))
+        self.cs = cs
+        self.table_bytes = ts * cs
+        if self.table_bytes > MAX_TABLE_BYTES:
+            raise NotSupported(f"{self.location}: QED tables of {self.table_bytes} bytes exceed "
+                               f"the supported {MAX_TABLE_BYTES >> 20} MiB",
+                               field="table_size", offset=8, found=ts)
+        self.entries = self.table_bytes // 8
+        self.features = h.features
+        self.autoclear = h.autoclear_features
+        self.header_clusters = h.header_size
+        maxsize = self.entries * self.entries * cs
+        if h.image_size % 512 or h.image_size > maxsize:
+            raise self._corrupt("invalid image size", field="image_size", offset=48,
+                                expected=f"a multiple of 512, at most {maxsize}",
+                                found=h.image_size)
+        self.size = h.image_size
+        self.block_size = cs
+        self.l1_offset = h.l1_table_offset
+        self._check_table_offset(h.l1_table_offset, "L1 table", field="l1_table_offset", at=40)
+        self.l1 = _le_array(f.read_exact(h.l1_table_offset, self.table_bytes, "L1 table"))
+        self.backing_file = None
+        self.backing_format = None
+        if h.features & F_BACKING_FILE:
+            n, off = h.backing_filename_size, h.backing_filename_offset
+            if n > MAX_BACKING_NAME or off + n > h.header_size * cs or (n and off < HEADER_SIZE):
+                raise self._corrupt("backing file name outside the header clusters or too long",
+                                    field="backing_filename_offset", offset=56,
+                                    expected=f"inside {h.header_size * cs} bytes, at most "
+                                    f"{MAX_BACKING_NAME} long", found=f"{n} bytes at {off}")
+            name = f.read_exact(off, n, "backing file name")
+            try:
+                self.backing_file = name.decode("utf-8") or None
+            except UnicodeDecodeError:
+                raise self._corrupt("backing file name is not UTF-8", offset=off) from None
+            if self.backing_file is None:
+                raise self._corrupt("backing file feature set with an empty name",
+                                    field="backing_filename_size", offset=60, found=0)
+            if h.features & F_BACKING_FORMAT_NO_PROBE:
+                self.backing_format = "raw"
+            self.parent_hint = ParentHint(locations=[self.backing_file],
+                                          format=_backend_name(self.backing_format))
+            self.flags = ImageFlags.DIFF
+        self.end_cluster = -(-self.fsize // cs)
+
+    def _valid_cluster(self, off: int) -> bool:
+        return (off % self.cs == 0 and off >= self.header_clusters * self.cs
+                and off < self.fsize)
+
+    def _check_table_offset(self, off, what, field=None, at=None) -> None:
+        if off % self.cs or off < self.header_clusters * self.cs or off + self.table_bytes > self.fsize:
+            raise self._corrupt(f"{what} offset invalid", field=field, offset=at if at is not None else off,
+                                expected=f"cluster aligned, after the header, table inside the file "
+                                f"({self.fsize} bytes)", found=hex(off))
+
+    # ------------------------------------------------------------------ info / identity
+    def info(self):
+        d = {"cluster_size": self.cs, "table_size": self.table_bytes // self.cs,
+             "header_size": self.header_clusters, "need_check": bool(self.features & F_NEED_CHECK),
+             "features": hex(self.features)}
+        if self.backing_file is not None:
+            d["backing_file"] = self.backing_file
+            d["backing_format"] = self.backing_format
+        return d
+
+    def check_parent_link(self, parent):
+        if self.backing_file is None:
+            return
+        stored = self.backing_file
+        try:
+            path = resolve_stored_name(self.location, stored, allow_unsafe=True, what="backing file")
+        except VDError:
+            path = stored
+        if os.path.realpath(path) == os.path.realpath(parent.location):
+            return
+        if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
+            return
+        raise ParentMismatch(f"{self.location}: backing file is not {parent.location}",
+                             field="backing file name", expected=stored, found=parent.location)
+
+    # ------------------------------------------------------------------ tables
+    def _load_l2(self, off: int, l1i: int) -> array:
+        tbl = self._l2_cache.get(off)
+        if tbl is not None:
+            self._l2_cache.move_to_end(off)
+            return tbl
+        self._check_table_offset(off, f"L2 table (L1 index {l1i})")
+        tbl = _le_array(self.f.read_exact(off, self.table_bytes, "L2 table"))
+        self._l2_cache[off] = tbl
+        self._l2_bytes += self.table_bytes
+        while self._l2_bytes > self.L2_CACHE_BYTES and len(self._l2_cache) > 1:
+            self._l2_cache.popitem(last=False)
+            self._l2_bytes -= self.table_bytes
+        return tbl
+
+    def _entry(self, ci: int) -> int:
+        l1i, l2i = divmod(ci, self.entries)
+        off = self.l1[l1i]
+        if not off:
+            return 0
+        return self._load_l2(off, l1i)[l2i]
+
+    def _segments(self, offset, length):
+        """(pos, n, kind, host): kind 0 unallocated, 1 zero, 2 data."""
+        cs = self.cs
+        out = []
+        end = offset + length
+        pos = offset
+        span = cs * self.entries
+        while pos < end:
+            l1i = pos // span
+            stop = min(end, (l1i + 1) * span)
+            off = self.l1[l1i]
+            if not off:
+                kinds = [(pos, stop - pos, 0, 0)]
+                pos = stop
+            else:
+                tbl = self._load_l2(off, l1i)
+                kinds = []
+                while pos < stop:
+                    ci = pos // cs
+                    inner = pos - ci * cs
+                    n = min(cs - inner, stop - pos)
+                    e = tbl[ci % self.entries]
+                    if e == 0:
+                        kinds.append((pos, n, 0, 0))
+                    elif e == CLUSTER_ZERO:
+                        kinds.append((pos, n, 1, 0))
+                    else:
+                        if not self._valid_cluster(e):
+                            raise self._corrupt("data cluster offset invalid", offset=e,
+                                                field=f"L2 entry of guest offset {ci * cs:#x}",
+                                                expected=f"cluster aligned inside the file "
+                                                f"({self.fsize} bytes)", found=hex(e))
+                        kinds.append((pos, n, 2, e + inner))
+                    pos += n
+            for k in kinds:
+                if out and out[-1][2] == k[2] and out[-1][0] + out[-1][1] == k[0] and (
+                        k[2] != 2 or out[-1][3] + out[-1][1] == k[3]):
+                    p0, n0, kk, h0 = out[-1]
+                    out[-1] = (p0, n0 + k[1], kk, h0)
+                else:
+                    out.append(k)
+        return out
+
+    # ------------------------------------------------------------------ reading
+    def block_status(self, offset, length):
+        m = {0: Alloc.UNALLOCATED, 1: Alloc.ZERO, 2: Alloc.DATA}
+        runs = []
+        for pos, n, k, _ in self._segments(offset, length):
+            st = m[k]
+            if runs and runs[-1][2] == st:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
+            else:
+                runs.append((pos, n, st))
+        return runs
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        for pos, n, k, host in self._segments(offset, length):
+            if k == 2:
+                buf[pos - offset:pos - offset + n] = self.f.read_exact(host, n, "data cluster")
+        return bytes(buf)
+
+    # ------------------------------------------------------------------ writing
+    def _write_header_field(self, off: int, fmt: str, value) -> None:
+        self.f.pwrite(off, struct.pack(fmt, value))
+
+    def _prepare_write(self) -> None:
+        if self.autoclear:
+            self.autoclear = 0       # no autoclear feature is known: clear them before writing
+            self._write_header_field(OFF_AUTOCLEAR, "<Q", 0)
+        if self.features & F_NEED_CHECK:
+            report = self.check(repair=True)
+            if report.corrupt:
+                raise self._corrupt("the image needs a consistency check and could not be "
+                                    "repaired")
+            self._set_need_check(False)
+
+    def _set_need_check(self, on: bool) -> None:
+        new = (self.features | F_NEED_CHECK) if on else (self.features & ~F_NEED_CHECK)
+        if new == self.features:
+            return
+        self.f.sync()
+        self.features = new
+        self._write_header_field(OFF_FEATURES, "<Q", new)
+        self.f.sync()
+
+    def _alloc(self, nclusters: int) -> int:
+        off = self.end_cluster * self.cs
+        self.end_cluster += nclusters
+        end = self.end_cluster * self.cs
+        if end > self.fsize:
+            self.f.truncate(end)
+            self.fsize = end
+        return off
+
+    def _l2_for_write(self, l1i: int) -> tuple[array, int]:
+        off = self.l1[l1i]
+        if off:
+            return self._load_l2(off, l1i), off
+        self._set_need_check(True)
+        nclu = self.table_bytes // self.cs
+        new = self._alloc(nclu)
+        self.f.pwrite(new, zeroes(self.table_bytes))
+        tbl = array("Q", bytes(self.table_bytes))
+        self._l2_cache[new] = tbl
+        self._l2_bytes += self.table_bytes
+        self.l1[l1i] = new
+        self.f.pwrite(self.l1_offset + 8 * l1i, struct.pack("<Q", new))
+        return tbl, new
+
+    def _set_l2(self, tbl, l2off, l2i, value) -> None:
+        tbl[l2i] = value
+        self.f.pwrite(l2off + 8 * l2i, struct.pack("<Q", value))
+
+    def write(self, offset, data, fill):
+        self._require_writable()
+        mv = memoryview(data)
+        cs = self.cs
+        pos = offset
+        end = offset + len(data)
+        while pos < end:
+            ci = pos // cs
+            inner = pos - ci * cs
+            n = min(cs - inner, end - pos)
+            self._write_cluster(ci, inner, mv[pos - offset:pos - offset + n], fill)
+            pos += n
+
+    def _write_cluster(self, ci, inner, chunk, fill) -> None:
+        cs = self.cs
+        clen = min(cs, self.size - ci * cs)
+        e = self._entry(ci)
+        has_backing = self.backing_file is not None
+        if e > CLUSTER_ZERO:
+            if not self._valid_cluster(e):
+                raise self._corrupt("data cluster offset invalid", offset=e,
+                                    found=hex(e), field=f"L2 entry of guest offset {ci * cs:#x}")
+            self.f.pwrite(e + inner, chunk)
+            return
+        full = inner == 0 and len(chunk) >= clen
+        if is_zero(chunk) and not self.honor_zeroes:
+            if e == CLUSTER_ZERO or not has_backing:
+                return
+            if full:
+                tbl, l2off = self._l2_for_write(ci // self.entries)
+                self._set_l2(tbl, l2off, ci % self.entries, CLUSTER_ZERO)
+                return
+        if full:
+            content = bytearray(chunk[:clen])
+        elif e == CLUSTER_ZERO or not has_backing:
+            content = bytearray(clen)
+            content[inner:inner + len(chunk)] = chunk
+        else:
+            content = bytearray(clen)
+            below = fill(ci * cs, clen)
+            content[:len(below)] = below
+            content[inner:inner + len(chunk)] = chunk
+        if len(content) < cs:
+            content += bytes(cs - len(content))
+        self._set_need_check(True)
+        tbl, l2off = self._l2_for_write(ci // self.entries)
+        new = self._alloc(1)
+        self.f.pwrite(new, content)
+        self._set_l2(tbl, l2off, ci % self.entries, new)
+
+    def flush(self):
+        if not self.read_only:
+            self.f.sync()
+            self._set_need_check(False)
+
+    def close(self):
+        if self.f.fd >= 0:
+            if not self.read_only:
+                try:
+                    self.flush()
+                except VDError:
+                    pass
+            self.f.close()
+
+    # ------------------------------------------------------------------ resize / relink
+    def resize(self, new_size, progress=None):
+        self._require_writable()
+        if new_size % 512:
+            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
+        if new_size < self.size:
+            raise InvalidArgument(f"{self.location}: shrinking a QED image is not supported "
+                                  f"(from {self.size} to {new_size} bytes)")
+        maxsize = self.entries * self.entries * self.cs
+        if new_size > maxsize:
+            raise InvalidArgument(f"{self.location}: QED image with {self.cs}-byte clusters and "
+                                  f"{self.entries}-entry tables can be at most {maxsize} bytes")
+        self.f.sync()
+        self._write_header_field(OFF_IMAGE_SIZE, "<Q", new_size)
+        self.f.sync()
+        self.size = new_size
+        if progress:
+            progress(1, 1)
+
+    def set_parent(self, parent):
+        self._require_writable()
+        if parent is None:
+            name, raw = None, False
+        else:
+            name = relative_name(self.location, parent.location)
+            raw = parent.backend.name.upper() == "RAW"
+        self._write_backing(name, raw)
+        self.backing_file = name
+        self.backing_format = "raw" if raw else None
+        if name is None:
+            self.parent_hint = None
+            self.flags &= ~ImageFlags.DIFF
+        else:
+            self.parent_hint = ParentHint(locations=[name], format=_backend_name(self.backing_format))
+            self.flags |= ImageFlags.DIFF
+
+    def _write_backing(self, name: str | None, raw: bool) -> None:
+        data = name.encode() if name else b""
+        if len(data) > MAX_BACKING_NAME or HEADER_SIZE + len(data) > self.header_clusters * self.cs:
+            raise InvalidArgument(f"{self.location}: backing file name of {len(data)} bytes does "
+                                  "not fit in the header clusters")
+        features = self.features & ~(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
+        if name:
+            features |= F_BACKING_FILE | (F_BACKING_FORMAT_NO_PROBE if raw else 0)
+        if data:
+            self.f.pwrite(HEADER_SIZE, data)
+            self.f.sync()
+        self.f.pwrite(OFF_FEATURES, struct.pack("<Q", features))
+        self.f.pwrite(56, struct.pack("<II", HEADER_SIZE if data else 0, len(data)))
+        self.f.sync()
+        self.features = features
+
+    # ------------------------------------------------------------------ check
+    def check(self, repair=False, dry_run=False, progress=None):
+        if repair and not dry_run:
+            self._require_writable()
+        cs = self.cs
+        self.fsize = self.f.size()
+        nclusters = -(-self.fsize // cs)
+        used = bytearray(nclusters)
+        problems: list[Problem] = []
+        fixes: list[tuple[int, str]] = []    # (file offset of the entry, what)
+        prog = Progress(progress, self.entries)
+        prog.start()
+
+        def mark(off: int, n: int, what: str, entry_at: int) -> bool:
+            first = off // cs
+            for c in range(first, first + n):
+                if used[c]:
+                    problems.append(Problem("corrupt", f"{what} at {off:#x}: cluster {c} is "
+                                            "referenced more than once", off))
+                    fixes.append((entry_at, what))
+                    return False
+            for c in range(first, first + n):
+                used[c] = 1
+            return True
+
+        for c in range(min(self.header_clusters, nclusters)):
+            used[c] = 1
+        tclu = self.table_bytes // cs
+        mark(self.l1_offset, tclu, "L1 table", -1)
+        for i in range(self.entries):
+            off = self.l1[i]
+            if not off:
+                continue
+            at = self.l1_offset + 8 * i
+            if off % cs or off < self.header_clusters * cs or off + self.table_bytes > self.fsize:
+                problems.append(Problem("corrupt", f"L1 entry {i}: L2 table offset {off:#x} "
+                                        "invalid", off))
+                fixes.append((at, "L2 table"))
+                continue
+            if not mark(off, tclu, f"L2 table (L1 entry {i})", at):
+                continue
+            tbl = _le_array(self.f.pread(off, self.table_bytes))
+            for j in range(self.entries):
+                e = tbl[j]
+                if e <= CLUSTER_ZERO:
+                    continue
+                eat = off + 8 * j
+                if not self._valid_cluster(e):
+                    problems.append(Problem("corrupt", f"L2 table {off:#x} entry {j}: data "
+                                            f"cluster offset {e:#x} invalid", e))
+                    fixes.append((eat, "data cluster"))
+                    continue
+                mark(e, 1, f"data cluster (L2 table {off:#x} entry {j})", eat)
+            prog.set(i)
+        leaks = [c for c in range(nclusters) if not used[c]]
+        for c in leaks:
+            problems.append(Problem("leak", f"cluster {c} (offset {c * cs:#x}) is not referenced",
+                                    c * cs))
+        report = CheckReport(problems=problems)
+        if repair and not dry_run and problems:
+            fixed_entries = {at for at, _ in fixes if at >= 0}
+            for at in fixed_entries:
+                self.f.pwrite(at, struct.pack("<Q", 0))
+            self._l2_cache.clear()
+            self._l2_bytes = 0
+            self.l1 = _le_array(self.f.read_exact(self.l1_offset, self.table_bytes, "L1 table"))
+            # trailing leaked clusters can simply be cut off
+            last = nclusters
+            while last > 0 and not used[last - 1]:
+                last -= 1
+            if last < nclusters:
+                self.f.truncate(last * cs)
+                self.fsize = last * cs
+                self.end_cluster = last
+            self.f.sync()
+            for p in problems:
+                if p.severity == "corrupt" or (p.offset is not None and p.offset >= last * cs):
+                    p.repaired = True
+            report.repaired = True
+        prog.finish()
+        return report
+
+
+class QedBackend(Backend):
+    name = "QED"
+    description = "QEMU Enhanced Disk image"
+    aliases = ("qed",)
+    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
+    extensions = (FileExtension("qed"),)
+    config_keys = (
+        ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "cluster size in bytes (vdgui's own key; qemu's cluster_size)",
+                  minimum=MIN_CLUSTER, maximum=MAX_CLUSTER, power_of_two=True),
+        ConfigKey("TableSize", "4", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "L1/L2 table size in clusters (qemu's table_size)", minimum=1,
+                  maximum=MAX_TABLE_SIZE, power_of_two=True),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
+                            Operation.CHECK, Operation.REPAIR, Operation.RELINK})
+    create_flags = ImageFlags.NONE
+    size_granularity = 512
+
+    def probe(self, src: ProbeInput) -> int:
+        return 100 if src.head[:4] == MAGIC else 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        parse_config(self.config_keys, config, owner=self.name)
+        ro = flags.read_only
+        f = ImageFile(location, writable=not ro)
+        try:
+            return QedImage(self, location, f, flags)
+        except BaseException:
+            f.close()
+            raise
+
+    def create(self, p: CreateParams):
+        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
+        cs, ts = cfg["ClusterSize"], cfg["TableSize"]
+        if ts * cs > MAX_TABLE_BYTES:
+            raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed {MAX_TABLE_BYTES >> 20} MiB")
+        entries = ts * cs // 8
+        maxsize = entries * entries * cs
+        if p.size <= 0 or p.size % 512 or p.size > maxsize:
+            raise InvalidArgument(f"QED: size must be a positive multiple of 512 and at most "
+                                  f"{maxsize} bytes with these cluster/table sizes, found {p.size}")
+        name = raw = None
+        features = 0
+        if p.parent is not None:
+            name = relative_name(p.location, p.parent.location).encode()
+            raw = p.parent.backend.name.upper() == "RAW"
+            features = F_BACKING_FILE | (F_BACKING_FORMAT_NO_PROBE if raw else 0)
+            if len(name) > MAX_BACKING_NAME or HEADER_SIZE + len(name) > cs:
+                raise InvalidArgument(f"QED: backing file name of {len(name)} bytes does not fit "
+                                      "in the header cluster")
+        hdr = QedHeader.build(dict(
+            cluster_size=cs, table_size=ts, header_size=1, features=features, compat_features=0,
+            autoclear_features=0, l1_table_offset=cs, image_size=p.size,
+            backing_filename_offset=HEADER_SIZE if name else 0,
+            backing_filename_size=len(name) if name else 0))
+        f = ImageFile.create_temp(p.location)
+        try:
+            f.truncate(cs + ts * cs)
+            f.pwrite(0, hdr + (name or b""))
+            f.sync()
+            img = QedImage(self, p.location, f, OpenFlags.NORMAL)
+            f.commit()
+        except BaseException:
+            f.abandon()
+            raise
+        if p.progress:
+            p.progress(p.size, p.size)
+        return img
+
+
+BACKEND = QedBackend()
