@@ -608,3 +608,37 @@ def test_fuzz_structures_give_vderror(tmp_path):
                 img.close()
         except VDError:
             pass
+
+
+def test_discard(tmp_path, qemu):
+    for variant in (ImageFlags.NONE, ImageFlags.FIXED):
+        p = tmp_path / f"disc{int(variant)}.vhdx"
+        with _create(p, 4 * MiB, flags=variant) as d:
+            d.write(0, b"\x11" * (4 * MiB))
+            before = os.stat(p).st_blocks
+            d.discard(MiB, MiB)                 # a whole block
+            d.discard(2 * MiB + 512, 4096)      # part of a block
+            st = d.top._state(1)
+            assert st == (vhdx.PAYLOAD_FULLY_PRESENT if variant else vhdx.PAYLOAD_UNMAPPED)
+            expect = b"\x11" * MiB + bytes(MiB) + b"\x11" * 512 + bytes(4096) \
+                + b"\x11" * (2 * MiB - 4608)
+            assert read_all(d) == expect
+        if not variant:
+            assert os.stat(p).st_blocks < before   # the block's space went back
+        assert qemu.check(p, "vhdx").returncode == 0
+        assert qemu.to_raw(p, tmp_path / "d.raw", "vhdx").read_bytes() == expect
+    # in a differencing image, discarded ranges hide the parent
+    base, child = tmp_path / "db.vhdx", tmp_path / "dc.avhdx"
+    with _create(base, 3 * MiB) as d:
+        d.write(0, b"\x22" * (3 * MiB))
+        d.create_diff(str(child), config={"BlockSize": MiB})
+        d.write(2 * MiB, b"\x33" * 1024)
+        d.discard(0, MiB)
+        d.discard(MiB + 4096, 512)
+        d.discard(2 * MiB, 512)
+        assert d.top._state(0) == vhdx.PAYLOAD_ZERO
+        expect = bytes(MiB) + b"\x22" * 4096 + bytes(512) + b"\x22" * (MiB - 4608) \
+            + bytes(512) + b"\x33" * 512 + b"\x22" * (MiB - 1024)
+        assert read_all(d) == expect
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == expect

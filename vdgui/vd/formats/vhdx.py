@@ -789,6 +789,46 @@ class VhdxImage(Image):
             else:
                 self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
 
+    def discard(self, offset, length):
+        """Whole blocks lose their data (base: UNMAPPED, read as zeroes; differencing: ZERO,
+        hiding the parent; fixed: zeroes written, the block stays allocated) and their space is
+        returned to the file system; partial blocks are zeroed."""
+        self._begin_write()
+        for block, inner, pos, n in split_blocks(offset, length, self.block_size):
+            st = self._check_state(block)
+            idx = self._bat_index(block)
+            whole = inner == 0 and (n == self.block_size or pos + n == self.size)
+            allocated = st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT)
+            if whole and not (self.leave_allocated and allocated):
+                new = PAYLOAD_ZERO if self.has_parent else PAYLOAD_UNMAPPED
+                if st == new:
+                    continue
+                old = self._block_offset(block) if allocated else 0
+                self._set_entry(idx, new, 0)
+                self.f.sync()                   # the BAT stops naming the block first
+                if old:
+                    self.f.punch_hole(old, self.block_size)
+                continue
+            if not allocated and (st == PAYLOAD_ZERO or not self.has_parent):
+                continue                        # already reads as zeroes
+            done = 0
+            while done < n:
+                k = min(n - done, 4 << 20)
+                if allocated:
+                    self.f.pwrite(self._block_offset(block) + inner + done, zeroes(k))
+                    if st == PAYLOAD_PARTIALLY_PRESENT:
+                        self._mark_sectors(block, inner + done, k)
+                else:
+                    saved = getattr(self, "honor_zeroes", False)
+                    self.honor_zeroes = True    # zeroes must hide the parent here
+                    try:
+                        self.write(pos + done, zeroes(k), None)
+                    finally:
+                        self.honor_zeroes = saved
+                    st = self._check_state(block)
+                    allocated = st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT)
+                done += k
+
     def flush(self):
         if not self.read_only:
             self.f.sync()
@@ -1198,7 +1238,8 @@ class VhdxBackend(Backend):
     name = "VHDX"
     description = "Hyper-V Virtual Hard Disk v2"
     aliases = ("vhdx",)
-    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
+    caps = (Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
+            | Cap.DISCARD)
     extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
     config_keys = (
         ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
@@ -1214,7 +1255,7 @@ class VhdxBackend(Backend):
                   "log size in bytes (multiple of 1 MiB)", minimum=MiB, maximum=MAX_LOG),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK})
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD})
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512
