@@ -47,7 +47,7 @@ from ..fileio import ImageFile, atomic_files, relative_name, resolve_stored_name
 from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..sparse import is_zero, split_blocks
+from ..sparse import is_zero, split_blocks, zeroes
 from .vmdk_descriptor import (MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, ExtentLine,
                               build)
 
@@ -386,8 +386,19 @@ class SparseExtent(_Extent):
 
     def block_status(self, off, n):
         out: list = []
-        for idx, _inner, pos, cnt in split_blocks(off, n, self.grain):
-            _append_run(out, pos, cnt, self._status(self._gte(idx)))
+        end = off + n
+        span = self.grain * self.gtes
+        pos = off
+        while pos < end:                      # one grain table at a time
+            t = pos // span
+            tend = min(end, (t + 1) * span)
+            gt = self._gt(t)
+            if gt is None or is_zero(memoryview(gt).cast("B")):
+                _append_run(out, pos, tend - pos, Alloc.UNALLOCATED)
+            else:
+                for idx, _inner, p, cnt in split_blocks(pos, tend - pos, self.grain):
+                    _append_run(out, p, cnt, self._status(self._gte(idx)))
+            pos = tend
         return out
 
     def _grain_data(self, idx: int, gte: int) -> bytes:
@@ -424,16 +435,18 @@ class SparseExtent(_Extent):
         return out
 
     def read(self, off, n):
-        buf = bytearray(n)
-        pending = None   # (file_off, buf_pos, length) of consecutive uncompressed grains
+        parts: list = []        # [kind, file offset or None, length], merged when contiguous
         for idx, inner, pos, cnt in split_blocks(off, n, self.grain):
             gte = self._gte(idx)
             st = self._status(gte)
             if st != Alloc.DATA:
+                if parts and parts[-1][0] == 0:
+                    parts[-1][2] += cnt
+                else:
+                    parts.append([0, None, cnt])
                 continue
-            bpos = pos - off
             if self.compressed:
-                buf[bpos:bpos + cnt] = self._grain_data(idx, gte)[inner:inner + cnt]
+                parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
                 continue
             foff = gte * SECTOR + inner
             if foff + cnt > self.file_size:
@@ -441,20 +454,23 @@ class SparseExtent(_Extent):
                                    path=self.f.path, field=f"grain table entry for grain {idx}",
                                    expected=f"an offset below {self.file_size:#x}",
                                    found=f"sector {gte}")
-            if pending and pending[0] + pending[2] == foff and pending[1] + pending[2] == bpos:
-                pending = (pending[0], pending[1], pending[2] + cnt)
+            last = parts[-1] if parts else None
+            if last is not None and last[0] == 1 and last[1] + last[2] == foff:
+                last[2] += cnt
             else:
-                if pending:
-                    self._flush_read(buf, pending)
-                pending = (foff, bpos, cnt)
-        if pending:
-            self._flush_read(buf, pending)
-        return bytes(buf)
-
-    def _flush_read(self, buf, pending):
-        foff, bpos, cnt = pending
-        data = self.f.pread(foff, cnt)
-        buf[bpos:bpos + len(data)] = data
+                parts.append([1, foff, cnt])
+        out = []
+        for kind, where, cnt in parts:
+            if kind == 0:
+                out.append(zeroes(cnt))
+            elif kind == 2:
+                out.append(where)
+            else:
+                data = self.f.pread(where, cnt)
+                if len(data) < cnt:
+                    data += bytes(cnt - len(data))
+                out.append(data)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     # -- writing -----------------------------------------------------------------------------
     def _alloc(self, nbytes: int) -> int:
@@ -901,7 +917,7 @@ class VmdkImage(Image):
             self._cid_bumped = True
             self.cid = _new_cid(self.cid)
             self.desc.set("CID", f"{self.cid:08x}")
-            self._desc_dirty = True
+            self._write_descriptor()        # before the data: children see the change
         mv = memoryview(data)
         pos = 0
         for ext, rel, n in self._pieces(offset, len(data)):
