@@ -28,7 +28,7 @@ class TestQedSmallClusterConformance(FormatConformance):
     EXT = "qed"
     DIFF = True
     UUID = False
-    CREATE_CONFIG = {"ClusterSize": "4096", "TableSize": "1"}
+    CREATE_CONFIG = {"ClusterSize": "4096", "TableSize": "2"}
 
 
 def _make(tmp_path, name="img.qed", size=4 * MiB, config=None, writes=((0, b"\x11" * 70000),)):

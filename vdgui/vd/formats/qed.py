@@ -563,7 +563,8 @@ class QedBackend(Backend):
                   "cluster size in bytes (vdgui's own key; qemu's cluster_size)",
                   minimum=MIN_CLUSTER, maximum=MAX_CLUSTER, power_of_two=True),
         ConfigKey("TableSize", "4", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "L1/L2 table size in clusters (qemu's table_size)", minimum=1,
+                  "L1/L2 table size in clusters (qemu's table_size; qemu cannot open images "
+                  "with one-cluster tables, so 2 is the minimum here)", minimum=2,
                   maximum=MAX_TABLE_SIZE, power_of_two=True),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
