@@ -642,3 +642,42 @@ def test_discard(tmp_path, qemu):
         assert read_all(d) == expect
     with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
         assert read_all(d) == expect
+
+
+def test_compact(tmp_path, qemu):
+    from vdgui.vd.ops.compact import compact
+    p = tmp_path / "cp.vhdx"
+    with _create(p, 8 * MiB) as d:
+        for i in range(8):
+            d.write(i * MiB, bytes([i + 1]) * MiB)
+        for i in (1, 2, 5):
+            d.write(i * MiB, bytes(MiB))        # whole blocks of zeroes, still allocated
+        expect = read_all(d)
+        uid = d.top.uuid
+    size_before = os.path.getsize(p)
+    compact(str(p), format="VHDX")
+    assert os.path.getsize(p) == size_before - 3 * MiB
+    assert qemu.check(p, "vhdx").returncode == 0
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == expect and img.uuid == uid
+        assert [img._state(b) for b in range(8)].count(vhdx.PAYLOAD_NOT_PRESENT) == 3
+    # a child: blocks equal to the parent go, a zero block over parent data becomes ZERO
+    child = tmp_path / "cp.avhdx"
+    with Disk() as d:
+        d.open(str(p), flags=OpenFlags.READ_ONLY)
+        d.create_diff(str(child), config={"BlockSize": MiB})
+        d.write(0, b"\x01" * MiB)               # same as the parent
+        d.write(3 * MiB, bytes(MiB))            # zeroes over data
+        d.write(6 * MiB, b"\x99" * MiB)         # real change
+        d.write(7 * MiB + 512, b"\x98" * 512)   # a partial block
+        expect = read_all(d)
+        link = d.top.parent_modification_uuid
+    compact(str(child), format="VHDX")
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == expect
+        top = d.top
+        assert top.parent_modification_uuid == link
+        assert top._state(0) == vhdx.PAYLOAD_NOT_PRESENT and top._state(3) == vhdx.PAYLOAD_ZERO
+        assert top._state(6) == vhdx.PAYLOAD_FULLY_PRESENT
+        assert top._state(7) == vhdx.PAYLOAD_PARTIALLY_PRESENT

@@ -972,6 +972,73 @@ class VhdxImage(Image):
         if progress:
             progress(1, 1)
 
+    def compact(self, progress=None, parent_read=None):
+        """Drop blocks that read as zeroes (base) or as the parent (differencing; a zero block over
+        non-zero parent data becomes a ZERO entry), move the remaining blocks down into the holes
+        and shrink the file. The user-visible content does not change, so neither does the
+        DataWriteGuid (children stay linked). Fixed images keep every block allocated."""
+        self._require_writable()
+        total = self.payload_blocks
+        done = 0
+        for blk in range(self.payload_blocks):
+            if progress and progress(done, total + 1) is False:
+                from ..errors import Cancelled
+                raise Cancelled()
+            done += 1
+            st = self._check_state(blk)
+            if self.leave_allocated or st != PAYLOAD_FULLY_PRESENT:
+                continue
+            start = blk * self.block_size
+            n = min(self.block_size, self.size - start)
+            data = self.read(start, n)
+            idx = self._bat_index(blk)
+            if not self.has_parent:
+                if is_zero(data):
+                    self._set_entry(idx, PAYLOAD_NOT_PRESENT, 0)
+                continue
+            below = parent_read(start, n) if parent_read else zeroes(n)
+            if data == below:
+                self._set_entry(idx, PAYLOAD_NOT_PRESENT, 0)
+            elif is_zero(data):
+                self._set_entry(idx, PAYLOAD_ZERO, 0)
+        self.f.sync()
+        # pack: every block still in use, in file order, moved down to the first free MiB
+        used = []
+        for idx in range(self.bat_count):
+            e = self.bat[idx]
+            st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
+            is_sb = idx % (self.cr + 1) == self.cr
+            if is_sb and st == SB_PRESENT:
+                used.append((off, MiB, idx, st))
+            elif not is_sb and st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
+                used.append((off, self.block_size, idx, st))
+        end = MiB
+        for o, ln in self.vregions.values():
+            end = max(end, o + ln)
+        if self.hdr.log_length:
+            end = max(end, self.hdr.log_offset + self.hdr.log_length)
+        target = -(-end // MiB) * MiB
+        for off, ln, idx, st in sorted(used):
+            if off < target:        # overlaps metadata: leave it (check reports such images)
+                target = max(target, off + ln)
+                continue
+            if off > target:
+                pos = 0
+                while pos < ln:
+                    k = min(ln - pos, 8 * MiB)
+                    self.f.pwrite(target + pos, self.f.read_exact(off + pos, k, "block"))
+                    pos += k
+                self.f.sync()                   # the copy before the BAT entry naming it
+                self._set_entry(idx, st, target)
+            target += ln
+        self.f.sync()
+        self._sb_cache.clear()
+        self.f.truncate(target)
+        self.file_len = target
+        self.alloc_end = target
+        if progress:
+            progress(total + 1, total + 1)
+
     def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
         """Headers, log state and every BAT entry (state, range, overlaps). Repair (read-write
         images): the log was already replayed by the open; a damaged header copy is rewritten;
@@ -1255,7 +1322,8 @@ class VhdxBackend(Backend):
                   "log size in bytes (multiple of 1 MiB)", minimum=MiB, maximum=MAX_LOG),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD})
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMPACT})
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512
