@@ -373,3 +373,23 @@ def test_backend_declarations(tmp_path):
         d.create_base(str(tmp_path / "x.hdd"), MiB, "Parallels")
         with pytest.raises(NotSupported):
             d.create_diff(str(tmp_path / "y.hdd"))
+
+
+def test_compact(tmp_path, qemu):
+    from vdgui.vd.ops.compact import compact
+    p = tmp_path / "cp.hdd"
+    with _make(p, 6 * MiB) as d:
+        for i in range(6):
+            d.write(i * MiB, bytes([i + 1]) * MiB)
+        for i in (0, 3):
+            d.write(i * MiB, bytes(MiB))
+        expect = read_all(d)
+    before = os.path.getsize(p)
+    compact(str(p), format="Parallels")
+    assert os.path.getsize(p) == before - 2 * MiB
+    assert qemu.check(p, "parallels").returncode == 0
+    assert qemu.to_raw(p, tmp_path / "c.raw", "parallels").read_bytes() == expect
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == expect
+        assert list(img.bat[:6]).count(0) == 2

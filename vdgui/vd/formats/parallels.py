@@ -344,6 +344,44 @@ class ParallelsImage(Image):
             progress(1, 1)
         return rep
 
+    def compact(self, progress=None, parent_read=None):
+        """Drop clusters that read as zeroes (or as ``parent_read``), move the rest down into
+        the holes (data copied and flushed before the BAT entry changes), shrink the file."""
+        self._require_writable()
+        entries = -(-self.size // self.block_size)
+        for idx in range(min(entries, len(self.bat))):
+            if progress and progress(idx, entries + 1) is False:
+                from ..errors import Cancelled
+                raise Cancelled()
+            off = self._cluster_offset(idx)
+            if not off:
+                continue
+            start = idx * self.block_size
+            n = min(self.block_size, self.size - start)
+            data = self.f.read_exact(off, n, f"cluster {idx}")
+            below = parent_read(start, n) if parent_read else None
+            if (below is None and is_zero(data)) or (below is not None and data == below):
+                self.bat[idx] = 0
+                self.f.pwrite(HEADER_SIZE + 4 * idx, bytes(4))
+        self.f.sync()
+        used = sorted((self.bat[i] * self.mult, i) for i in range(len(self.bat)) if self.bat[i])
+        target = self.data_off
+        for off, idx in used:
+            if off < target:        # overlapping entries (a damaged image): leave them be
+                target = max(target, off + self.block_size)
+                continue
+            if off > target:
+                self.f.pwrite(target, self.f.read_exact(off, self.block_size, f"cluster {idx}"))
+                self.f.sync()       # the copy before the BAT entry naming it
+                self.bat[idx] = target // self.mult
+                self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", target // self.mult))
+            target += self.block_size
+        self.f.sync()
+        self.f.truncate(target)
+        self.file_len = self.alloc_end = target
+        if progress:
+            progress(entries + 1, entries + 1)
+
     def resize(self, new_size, progress=None):
         self._require_writable()
         if new_size < self.size:
@@ -698,7 +736,7 @@ class ParallelsBackend(Backend):
                   minimum=SECTOR, maximum=MAX_CLUSTER),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.CHECK, Operation.REPAIR,
-                            Operation.RESIZE})
+                            Operation.RESIZE, Operation.COMPACT})
     create_flags = ImageFlags.NONE
     size_granularity = SECTOR
     bundle_descriptor = DESCRIPTOR_NAME     # registry: a name.hdd/ folder probes through it
