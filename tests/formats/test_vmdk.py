@@ -76,6 +76,10 @@ def test_struct_round_trips(tmp_path):
                                     grain_size=1, gd_offset=4, num_gd_entries=1, free_sector=8,
                                     cylinders=0, heads=0, sectors=0))
     assert vmdk.CowdHeader.build(vmdk.CowdHeader.parse(cw)) == cw
+    se = bytes(range(1, 209)) + bytes(304)
+    assert len(se) == 512 and vmdk.SESparseConstHeader.build(vmdk.SESparseConstHeader.parse(se)) == se
+    vol = (0xCAFECAFE).to_bytes(8, "little") + bytes(range(24)) + bytes(480)
+    assert vmdk.SESparseVolatileHeader.build(vmdk.SESparseVolatileHeader.parse(vol)) == vol
 
 
 # -- descriptor -----------------------------------------------------------------------------
@@ -610,3 +614,38 @@ def test_compact_refused_for_flat(tmp_path):
         d.create_base(p, MiB, "VMDK", flags=ImageFlags.FIXED)
         with pytest.raises(NotSupported):
             d.top.compact()
+
+
+def test_descriptor_in_a_declared_code_page(tmp_path):
+    (tmp_path / "d-flat.vmdk").write_bytes(b"\x01" * 1024)
+    text = ('# Disk DescriptorFile\nversion=1\nencoding="windows-1252"\nCID=fffffffe\n'
+            'parentCID=ffffffff\ncreateType="monolithicFlat"\n# caf\u00e9 cr\u00e8me\n'
+            'RW 2 FLAT "d-flat.vmdk" 0\nddb.comment = "\u00e9t\u00e9"\n')
+    p = tmp_path / "d.vmdk"
+    p.write_bytes(text.encode("cp1252"))
+    with Disk() as d:
+        img = d.open(str(p))
+        assert d.read(0, 1024) == b"\x01" * 1024
+        assert img.desc.get("ddb.comment") == "\u00e9t\u00e9"
+        d.write(0, b"\x02" * 512)               # rewrites the descriptor (CID, UUID)
+    raw = p.read_bytes()
+    assert "caf\u00e9 cr\u00e8me".encode("cp1252") in raw
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert img.desc.encoding == "cp1252" and img.uuid is not None
+    p.write_bytes(text.replace("windows-1252", "no-such-codec").encode("cp1252"))
+    with pytest.raises(CorruptImage, match="encoding"):
+        Disk().open(str(p), flags=OpenFlags.READ_ONLY)
+
+
+def test_uuid_assigned_on_first_read_write_open_only(tmp_path, qemu):
+    p = str(tmp_path / "q.vmdk")
+    qemu.img("create", "-f", "vmdk", p, "1M")
+    with Disk() as d:
+        assert d.open(p, flags=OpenFlags.READ_ONLY).uuid is None
+    with Disk() as d:
+        u = d.open(p).uuid
+        assert u is not None
+    with Disk() as d:
+        assert d.open(p, flags=OpenFlags.READ_ONLY).uuid == u
+    assert qemu.check(p).returncode == 0

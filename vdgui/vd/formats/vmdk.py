@@ -1608,6 +1608,20 @@ class VmdkBackend(Backend):
                     vstart += line.sectors * SECTOR
                 img.info_only = info_only
             img.size = sum(e.sectors for e in img.desc.extents) * SECTOR
+            if not ro and not info_only and img.uuid is None:
+                # as VirtualBox does: an image without a UUID (made by VMware or qemu) gets one
+                # when it is first opened for writing
+                img.uuid = uuidlib.uuid4()
+                img.desc.set("ddb.uuid.image", str(img.uuid))
+                if img.modification_uuid is None:
+                    img.modification_uuid = uuidlib.uuid4()
+                    img.desc.set("ddb.uuid.modification", str(img.modification_uuid))
+                try:
+                    img._write_descriptor()
+                except NotSupported:      # no room in an embedded descriptor: leave it be
+                    img.desc.remove("ddb.uuid.image")
+                    img.desc.remove("ddb.uuid.modification")
+                    img.uuid = img.modification_uuid = None
             if img.extents:
                 img._starts = [e.vstart for e in img.extents]
             grains = [e.grain for e in img.extents if isinstance(e, SparseExtent)]

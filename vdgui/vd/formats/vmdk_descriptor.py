@@ -10,6 +10,7 @@ keys). Lines starting with ``#`` are comments.
 """
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ EXTENT_TYPES = ("SPARSE", "FLAT", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFS
 _EXTENT_RE = re.compile(
     r'^(?P<access>RW|RDONLY|NOACCESS)\s+(?P<sectors>\d+)\s+(?P<type>[A-Za-z]+)'
     r'(?:\s+(?:"(?P<qname>[^"]*)"|(?P<name>[^"\s]+))(?:\s+(?P<offset>\d+))?)?(?P<rest>\s.*)?$')
+_ENCODING_RE = re.compile(rb'^\s*encoding\s*=\s*"?([A-Za-z0-9_.\-]{1,40})"?\s*$', re.MULTILINE)
 _KEY_RE = re.compile(r'^(?P<key>[A-Za-z0-9_.\-]+)\s*=\s*(?P<value>.*?)\s*$')
 
 
@@ -76,10 +78,12 @@ def _unquote(v: str) -> tuple[str, bool]:
 class Descriptor:
     """A parsed descriptor. ``path`` is used in error messages only."""
 
-    def __init__(self, lines: list[_Line], path: str, newline: str = "\n"):
+    def __init__(self, lines: list[_Line], path: str, newline: str = "\n",
+                 encoding: str = "utf-8"):
         self.lines = lines
         self.path = path
         self.newline = newline
+        self.encoding = encoding        # the codec the text is read and written with
 
     # -- parsing ---------------------------------------------------------------------------
     @classmethod
@@ -90,13 +94,23 @@ class Descriptor:
                                    expected=f"at most {MAX_DESCRIPTOR_BYTES} bytes",
                                    found=f"{len(data)} bytes")
             data = data.split(b"\x00", 1)[0]
+            encoding = "utf-8"
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise CorruptImage(f"descriptor is not UTF-8 text (bad byte at {exc.start})",
-                                   path=path) from None
+                # VMware writes the host's code page when 'encoding' names one (e.g. windows-1252)
+                m = _ENCODING_RE.search(data)
+                try:
+                    if m is None:
+                        raise LookupError
+                    encoding = codecs.lookup(m.group(1).decode("ascii")).name
+                    text = data.decode(encoding)
+                except (LookupError, UnicodeDecodeError):
+                    raise CorruptImage(f"descriptor is not UTF-8 text (bad byte at {exc.start}) "
+                                       "and names no usable encoding", path=path) from None
         else:
             text = data
+            encoding = "utf-8"
             if len(text) > MAX_DESCRIPTOR_BYTES:
                 raise CorruptImage("descriptor is too large", path=path,
                                    expected=f"at most {MAX_DESCRIPTOR_BYTES} bytes",
@@ -155,7 +169,7 @@ class Descriptor:
             value, quoted = _unquote(m.group("value"))
             kind = "ddb" if key.lower().startswith("ddb.") else "header"
             lines.append(_Line(kind, raw, key=key, value=value, quoted=quoted))
-        d = cls(lines, path, newline)
+        d = cls(lines, path, newline, encoding)
         if not d.extents:
             raise CorruptImage("descriptor lists no extents", path=path)
         return d
@@ -165,7 +179,11 @@ class Descriptor:
         return "".join(line.text() + self.newline for line in self.lines)
 
     def to_bytes(self) -> bytes:
-        return self.text().encode("utf-8")
+        try:
+            return self.text().encode(self.encoding)
+        except UnicodeEncodeError as exc:
+            raise CorruptImage(f"descriptor text cannot be written in its encoding "
+                               f"{self.encoding}: {exc.reason}", path=self.path) from None
 
     # -- queries ---------------------------------------------------------------------------
     @property
