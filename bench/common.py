@@ -1,0 +1,131 @@
+"""Shared helpers for the benchmarks (not tests): cold caches, alternating runs, best of N,
+peak RSS of each child, ratio tables.
+
+Typical use::
+
+    from bench.common import Command, compare_commands, print_table
+    rows = compare_commands([Command("qemu-img", [...]), Command("vdgui-img", [...])],
+                            runs=5, before_each=lambda: remove(target))
+
+Each run starts with ``sync`` and ``echo 1 > /proc/sys/vm/drop_caches`` (page cache dropped; needs
+root — without it a warning is printed once and caches stay warm). Commands alternate (A B A B
+...) so slow drifts of the machine hit both alike; the best (minimum) wall time of each is kept.
+Peak RSS comes from ``os.wait4`` on the child (ru_maxrss, KiB on Linux).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+_WARNED = []
+
+
+def drop_caches() -> bool:
+    """sync, then drop the page cache. Returns False (and warns once) when not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError as exc:
+        if not _WARNED:
+            print(f"warning: cannot drop caches ({exc.strerror}); timings use warm caches",
+                  file=sys.stderr)
+            _WARNED.append(True)
+        return False
+
+
+def read_once(paths: Sequence[str], chunk: int = 8 << 20) -> None:
+    """Read files once end to end (warm-up: the data really exists on disk before timing)."""
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(chunk):
+                pass
+
+
+@dataclass
+class Command:
+    name: str
+    argv: list[str]
+    env: dict | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    times: list[float] = field(default_factory=list)
+    peak_rss_kib: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.times) if self.times else float("nan")
+
+
+def run_measured(cmd: Command, timeout: float | None = None) -> tuple[float, int, int, str]:
+    """Run one command; returns (wall seconds, peak RSS KiB, exit status, stderr tail)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=cmd.env)
+    err = p.stderr.read() if p.stderr else b""
+    _pid, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.stderr:
+        p.stderr.close()
+    return elapsed, usage.ru_maxrss, p.returncode, err.decode(errors="replace")[-500:]
+
+
+def compare_commands(commands: Sequence[Command], *, runs: int = 5,
+                     before_each: Callable[[], None] | None = None,
+                     cold: bool = True) -> list[Result]:
+    """Alternate the commands ``runs`` times; best time and peak RSS of each."""
+    results = [Result(c.name) for c in commands]
+    for _ in range(runs):
+        for cmd, res in zip(commands, results):
+            if before_each:
+                before_each()
+            if cold:
+                drop_caches()
+            elapsed, rss, code, err = run_measured(cmd)
+            if code != 0:
+                res.failures.append(f"exit {code}: {err.strip()}")
+                continue
+            res.times.append(elapsed)
+            res.peak_rss_kib = max(res.peak_rss_kib, rss)
+    return results
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
+    out = out or sys.stdout
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(header))]
+    for k, r in enumerate(cells):
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        if k == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+    out.flush()
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise SystemExit(f"{name} is not installed (Debian: qemu-utils for qemu-img/qemu-io)")
+    return path
+
+
+def remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
