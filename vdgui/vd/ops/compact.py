@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..backend import Backend, OpenFlags, Operation
 from ..disk import Disk
-from ..errors import CorruptImage, NotSupported
+from ..errors import Cancelled, CorruptImage, NotSupported
 from ..fileio import ImageFile, temp_name
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
@@ -111,6 +111,14 @@ def remove_stale_temps(path: str) -> None:
                     os.unlink(os.path.join(d, n))
 
 
+def finish(prog: Progress) -> None:
+    """Report the end. The work is complete (committed) here: a late cancel changes nothing."""
+    try:
+        prog.finish()
+    except Cancelled:
+        pass
+
+
 def fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
@@ -183,7 +191,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
             img.close()
             img = None
             os.unlink(tmp)
-            prog.finish()
+            finish(prog)
             return False
         img.flush()
         if verify is not None:
@@ -198,7 +206,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         prog.check()                                 # last moment to cancel
         os.replace(tmp, real)                        # the commit point
         fsync_dir(real)
-        prog.finish()
+        finish(prog)
         return True
     except BaseException:
         if img is not None:
@@ -261,7 +269,7 @@ def _compact_in_place(path, backend, progress, below, chain: Disk) -> None:
         prog.start()
         img.compact(lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))), below)
         img.flush()
-        prog.finish()
+        finish(prog)
     finally:
         img.close()
 

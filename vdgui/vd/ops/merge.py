@@ -23,10 +23,11 @@ from typing import Callable
 from ..backend import Backend, OpenFlags, Operation
 from ..chain import _candidate_dirs, find_parent
 from ..disk import Disk
-from ..errors import (InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage, VDError)
+from ..errors import (Cancelled, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
+                      VDError)
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
-from ..registry import backends, get_backend, probe
+from ..registry import backends, probe
 from ..sparse import is_zero, zeroes
 
 CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
@@ -148,37 +149,45 @@ def _remove_from_disk(disk: Disk, indices: list[int]) -> list[Image]:
     return removed
 
 
-def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
-           extra_children: list[Image], check_outside: bool) -> None:
+def _preflight(disk: Disk, s: int, t: int, extra_children: list[tuple[str, Backend]]) -> None:
+    """Every refusal happens here, before any byte is written (works on a read-only disk)."""
     n = len(disk.images)
     if not (0 <= s < n and 0 <= t < n):
         raise InvalidArgument(f"merge: image numbers {s} and {t} must lie in a chain of {n} images")
     if s == t:
         raise InvalidArgument("merge: source and target are the same image")
     target = disk.images[t]
-    if target.read_only:
-        raise ReadOnlyImage(f"{target.location}: the merge target must be opened read-write")
     _require(target, Operation.WRITE, "the merge writes into it")
     forward = s > t
-    lo, hi = (t + 1, s) if forward else (s, t - 1)      # the merged-away images
-    merged = disk.images[lo:hi + 1]
-    children: list[Image] = []
     if forward:
-        if s + 1 < n:
-            children.append(disk.images[s + 1])
-        children += extra_children
-        for c in children:
-            _require(c, Operation.RELINK, "the image above the merged ones is linked to the target")
-            if c.read_only:
-                raise ReadOnlyImage(f"{c.location}: must be opened read-write to relink it")
+        above = ([disk.images[s + 1].backend] if s + 1 < n else []) + [b for _, b in extra_children]
+        for be in above:
+            if not be.can(Operation.RELINK):
+                raise NotSupported(f"cannot merge: the {be.name} backend does not support relink "
+                                   "(the image above the merged ones must be linked to the target)")
+        if disk.images[s].size > target.size:
+            _require(target, Operation.RESIZE, "it is smaller than the source")
     else:
         _require(target, Operation.RELINK, "it is linked to the parent of the source")
-    if check_outside:
-        _refuse_outside_children(disk, s, t, children)
+    _refuse_outside_children(disk, s, t, [p for p, _ in extra_children])
+
+
+def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
+           children: list[Image], refresh: list[Image]) -> None:
+    """The merge proper. ``children``: images to relink to the target (forward: the children of
+    the source). ``refresh``: children of the target whose link may name the target's
+    modification id (backward) and is rewritten after the target was written."""
+    target = disk.images[t]
+    if target.read_only:
+        raise ReadOnlyImage(f"{target.location}: the merge target must be opened read-write")
+    for c in children:
+        if c.read_only:
+            raise ReadOnlyImage(f"{c.location}: must be opened read-write to relink it")
+    forward = s > t
+    lo, hi = (t + 1, s) if forward else (s, t - 1)      # the merged-away images
 
     # grow a smaller forward target first (the new area reads zeroes: nothing changes above)
     if forward and disk.images[s].size > target.size:
-        _require(target, Operation.RESIZE, "it is smaller than the source")
         target.resize(disk.images[s].size)
         target.flush()
 
@@ -199,12 +208,21 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     except BaseException:
         try:
             target.flush()     # what was copied is complete on disk; the chain reads as before
+            _restore_links(disk, t, refresh)
         except VDError:
             pass
         raise
     finally:
         target.honor_zeroes = old_hz
     target.flush()
+    for c in refresh:                 # links naming the target's modification id
+        try:
+            c.check_parent_link(target)
+        except ParentMismatch:
+            if c.read_only or not c.backend.can(Operation.RELINK):
+                raise
+            c.set_parent(target)
+            c.flush()
     prog.check()                      # last chance to cancel: nothing has been relinked yet
 
     # the commit point: one link rewrite per child (forward) or of the target (backward)
@@ -222,14 +240,45 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     for img in removed:
         _delete_image(img)
     _fsync_dir(target.location)
-    prog.finish()
+    try:
+        prog.finish()
+    except Cancelled:
+        pass                          # too late to cancel: the merge is complete
 
 
-def _refuse_outside_children(disk: Disk, s: int, t: int, children: list[Image]) -> None:
+def _restore_links(disk: Disk, t: int, refresh: list[Image]) -> None:
+    """After a cancelled or failed copy: formats whose link names the parent's modification id
+    (a write into the target changed it) get the link of the target's children rewritten, so the
+    chain opens again. UUID-linked formats need nothing here (their children are unchanged)."""
+    target = disk.images[t]
+    kids = list(refresh)
+    if t + 1 < len(disk.images):
+        kids.append(disk.images[t + 1])
+    for c in kids:
+        try:
+            c.check_parent_link(target)
+            continue
+        except ParentMismatch:
+            pass
+        if not c.backend.can(Operation.RELINK):
+            continue
+        if c.read_only:
+            w = c.backend.open(c.location, OpenFlags.NORMAL, None)
+            try:
+                w.set_parent(target)
+                w.flush()
+            finally:
+                w.close()
+        else:
+            c.set_parent(target)
+            c.flush()
+
+
+def _refuse_outside_children(disk: Disk, s: int, t: int, known: list[str]) -> None:
     """Refuse when a differencing image outside the chain would lose its parent or see
     different content after the merge."""
     chain_paths = {_real(f) for img in disk.images for f in img.files()}
-    chain_paths |= {_real(f) for c in children for f in c.files()}
+    chain_paths |= {_real(p) for p in known}
     forward = s > t
     watch = list(range(t, s)) if forward else list(range(s, t))
     # forward: target..source-1 (target's content changes; the others are deleted)
@@ -250,7 +299,14 @@ def merge_disk(disk: Disk, source_index: int, target_index: int,
     """VDMerge on an open Disk: fold image ``source_index`` (and every image between) into image
     ``target_index``. The target (and, forward, the image above the source) must be opened
     read-write. On success the merged-away images are closed, removed from ``disk`` and deleted."""
-    _merge(disk, source_index, target_index, progress, [], check_outside=True)
+    s, t = source_index, target_index
+    _preflight(disk, s, t, [])
+    n = len(disk.images)
+    above = [disk.images[max(s, t) + 1]] if max(s, t) + 1 < n else []
+    if s > t:
+        _merge(disk, s, t, progress, above, [])
+    else:
+        _merge(disk, s, t, progress, [], above)
 
 
 def _chain_entries(path: str, format: str | None) -> list[tuple[str, Backend]]:
@@ -282,24 +338,30 @@ def merge(source_path: str, target_path: str, *, progress: ProgressCallback | No
         entries = tgt_chain                          # backward: the target is a descendant
         s, t = tgt_paths.index(_real(source_path)), len(entries) - 1
     forward = s > t
+    chain_paths = {_real(p) for p, _ in entries}
 
-    # children of the source (forward) live outside the opened chain: find them
-    child_entries: list[tuple[str, Backend]] = []
-    if forward:
-        with Disk.open_chain(entries[-1][0], entries[-1][1].name, OpenFlags.READ_ONLY) as d:
-            child_entries = find_children(d.images[-1], exclude=set(src_paths))
+    # the top of the opened chain may have children outside it: forward they are relinked to
+    # the target, backward (the top is the target) their link is refreshed after the writes
+    with Disk() as ro:
+        for p, be in entries:
+            ro.open(p, be, OpenFlags.READ_ONLY)
+        outside = find_children(ro.images[-1], exclude=chain_paths)
+        _preflight(ro, s, t, outside if forward else [])
     disk = Disk()
-    extra: list[Image] = []
+    opened: list[Image] = []
     try:
         for i, (p, be) in enumerate(entries):
-            flags = OpenFlags.NORMAL if i == t else OpenFlags.READ_ONLY
-            disk.open(p, be, flags)
-        for p, be in child_entries:
-            extra.append(be.open(p, OpenFlags.NORMAL, None))
-        for c in extra:
-            c.check_parent_link(disk.images[s])
-        _merge(disk, s, t, progress, extra, check_outside=True)
+            disk.open(p, be, OpenFlags.NORMAL if i == t else OpenFlags.READ_ONLY)
+        for p, be in outside:
+            c = be.open(p, OpenFlags.NORMAL, None)
+            opened.append(c)
+        if forward:
+            for c in opened:
+                c.check_parent_link(disk.images[s])
+            _merge(disk, s, t, progress, opened, [])
+        else:
+            _merge(disk, s, t, progress, [], opened)
     finally:
-        for c in extra:
+        for c in opened:
             c.close()
         disk.close()

@@ -12,7 +12,7 @@ from ..backend import Backend, OpenFlags, Operation
 from ..errors import CorruptImage
 from ..image import CheckReport, Image, Problem
 from ..progress import Progress, ProgressCallback
-from .compact import _backend, require_op, rewrite_in_copy
+from .compact import _backend, finish, require_op, rewrite_in_copy
 
 _RO_TRIES = (OpenFlags.READ_ONLY, OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS)
 _RW_TRIES = (OpenFlags.NORMAL, OpenFlags.NORMAL | OpenFlags.SKIP_CONSISTENCY_CHECKS)
@@ -55,7 +55,7 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
         img = _open(backend, path, _RO_TRIES)
     except CorruptImage as exc:
         if not (repair and not dry_run):
-            prog.finish()
+            finish(prog)
             return _unopenable(exc)
         img = None
         first = _unopenable(exc)
@@ -66,7 +66,7 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
         finally:
             img.close()
     if not repair or dry_run or not first.problems:
-        prog.finish()
+        finish(prog)
         return first
 
     result: list[CheckReport] = []
@@ -88,9 +88,9 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
             finally:
                 img.close()
     except CorruptImage as exc:
-        prog.finish()
+        finish(prog)
         return _unopenable(exc)
-    prog.finish()
+    finish(prog)
     return result[0] if result else first
 
 

@@ -15,7 +15,7 @@ from ..errors import CorruptImage, InvalidArgument
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero
-from .compact import VERIFY_CHUNK, _backend, require_op, rewrite_in_copy, view_read
+from .compact import VERIFY_CHUNK, _backend, finish, require_op, rewrite_in_copy, view_read
 
 
 def _check_size(backend, path: str, new_size) -> int:
@@ -62,7 +62,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         if new_size == old:
             p = Progress(progress, 1)
             p.start()
-            p.finish()
+            finish(p)
             return
         if new_size < old:
             bad = first_data_beyond(chain, new_size)
@@ -111,7 +111,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                 prog.start()
                 img.resize(new_size, lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
                 img.flush()
-                prog.finish()
+                finish(prog)
             finally:
                 img.close()
             return
