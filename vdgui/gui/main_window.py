@@ -538,7 +538,7 @@ class MainWindow(QMainWindow):
         total = sum(j.total for j in running)
         done = sum(j.done for j in running)
         frac = done / total if total else 0.0
-        self.status_jobs.setText(f"{len(running)} job(s) running — {frac * 100:.0f} %")
+        self.status_jobs.setText(f"{len(running)} job(s) running — {int(frac * 100)} %")
         self.status_bar.setVisible(True)
         self.status_bar.setValue(int(frac * 1000))
 
@@ -925,6 +925,13 @@ class MainWindow(QMainWindow):
         if paths:
             event.acceptProposedAction()
             self.add_paths(paths)
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if not getattr(self, "_shown_once", False):
+            self._shown_once = True
+            if self.settings is None or not self.settings.contains("window/state"):
+                QTimer.singleShot(0, lambda: self.resizeDocks([self.jobs_dock], [120], Qt.Vertical))
 
     # -- closing --------------------------------------------------------------------------
     def closeEvent(self, event):

@@ -124,10 +124,12 @@ class MergeDialog(QDialog):
         errors, warnings = list(plan["errors"]), []
         if plan["deleted"]:
             files = [f for n in plan["deleted"] for f in (n.record.files or [n.path])]
-            verb = ("The content of the images above it is written into" if plan["direction"] == "backward"
-                    else "The older images' content is written into")
+            names = ", ".join(html.escape(n.name) for n in plan["deleted"])
             self.summary.setText(
-                f"{verb} <b>{html.escape(tgt.name)}</b>. These files will be <b>deleted</b>:<br>"
+                f"The content of {names} is written into <b>{html.escape(tgt.name)}</b>"
+                + (" (which keeps its place in the chain)" if plan["direction"] == "backward"
+                   else ", which takes over their place in the chain")
+                + ". These files will be <b>deleted</b>:<br>"
                 + "<br>".join(f"&nbsp;&nbsp;• {html.escape(f)}" for f in files)
                 + f"<br>Space needed: up to <b>{format_size(plan['needed'])}</b> in "
                   f"{html.escape(os.path.dirname(tgt.path))}.")

@@ -131,11 +131,13 @@ class AllocationMap(QWidget):
         p.setPen(pal.color(QPalette.Disabled, QPalette.Text))
         p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignLeft | Qt.AlignVCenter, "0")
         p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignRight | Qt.AlignVCenter, format_size(self.size))
-        total = sum(self.held)
-        if self.size:
-            p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignHCenter | Qt.AlignVCenter,
-                       f"{format_size(total)} allocated ({100 * total / self.size:.1f} %)")
         p.end()
+
+    def summary(self) -> str:
+        total = sum(self.held)
+        if not self.size:
+            return ""
+        return f"{format_size(total)} of {format_size(self.size)} allocated ({100 * total / self.size:.1f} %)"
 
     def legend(self) -> list[tuple[str, int]]:
         return list(zip(self.members, self.held))

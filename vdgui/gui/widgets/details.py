@@ -119,6 +119,15 @@ class DetailsPane(QScrollArea):
         self.size.valueChanged.connect(self._edited)
         lay.addWidget(self.attr_box)
 
+        # allocation
+        self.alloc_box = QGroupBox("Allocation")
+        al = QVBoxLayout(self.alloc_box)
+        self.allocation = AllocationMap()
+        self.alloc_legend = _sel_label()
+        al.addWidget(self.allocation)
+        al.addWidget(self.alloc_legend)
+        lay.addWidget(self.alloc_box)
+
         # information
         self.info_box = QGroupBox("Information")
         self.info_form = QFormLayout(self.info_box)
@@ -138,15 +147,6 @@ class DetailsPane(QScrollArea):
         self.files.setObjectName("detailsFiles")
         fl.addWidget(self.files)
         lay.addWidget(self.files_box)
-
-        # allocation
-        self.alloc_box = QGroupBox("Allocation")
-        al = QVBoxLayout(self.alloc_box)
-        self.allocation = AllocationMap()
-        self.alloc_legend = _sel_label()
-        al.addWidget(self.allocation)
-        al.addWidget(self.alloc_legend)
-        lay.addWidget(self.alloc_box)
 
         # backend properties
         self.props_box = QGroupBox("Backend properties")
@@ -248,7 +248,7 @@ class DetailsPane(QScrollArea):
             c = level_color(lv).name()
             parts.append(f"<span style='color:{c}'>■</span> {html.escape(os.path.basename(m))}: "
                          f"{format_size(held)}")
-        self.alloc_legend.setText("&nbsp;&nbsp; ".join(parts))
+        self.alloc_legend.setText("&nbsp;&nbsp; ".join(parts) + "<br>" + html.escape(self.allocation.summary()))
 
     def set_allocation_error(self, path: str, message: str) -> None:
         if self.node is not None and self.node.path == path:

@@ -12,6 +12,7 @@ from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLineEdit, QSlider, QVBoxLayout, QWidget
 
 UNITS = (("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40))
+SLIDER_MAX = 2 << 40      # the slider covers 1 MiB … 2 TiB; larger sizes are typed
 
 
 class _NumberValidator(QValidator):
@@ -81,7 +82,7 @@ class SizeEdit(QWidget):
 
     def _slider_bounds(self) -> tuple[float, float]:
         lo = max(self._min, 1 << 20)
-        hi = self._max if self._max else 2 << 40
+        hi = min(self._max, SLIDER_MAX) if self._max else SLIDER_MAX
         hi = max(hi, lo * 2)
         return math.log2(lo), math.log2(hi)
 
@@ -89,9 +90,11 @@ class SizeEdit(QWidget):
         if self.range_label is None:
             return
         from vdgui.vd import format_size
-        lo = max(self._min, 1 << 20)
-        hi = self._max if self._max else 2 << 40
-        self.range_label.setText(f"{format_size(lo)} … {format_size(hi)}")
+        lo, hi = (int(2 ** x) for x in self._slider_bounds())
+        text = f"{format_size(lo)} … {format_size(hi)}"
+        if self._max and self._max > hi:
+            text += f" (up to {format_size(self._max)} when typed)"
+        self.range_label.setText(text)
 
     # -- value ----------------------------------------------------------------------------
     def value(self) -> int | None:

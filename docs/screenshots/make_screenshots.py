@@ -1,0 +1,157 @@
+"""Regenerate the screenshots in this folder: ``xvfb-run -a python3 docs/screenshots/make_screenshots.py``.
+
+Builds sample images in a temporary folder (a VDI snapshot chain with a branch, a VMDK, a QCOW2,
+an ISO, a missing image), then grabs the main window, a running job and the dialogs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def build_samples(d: str) -> dict:
+    from vdgui.vd import Disk, OpenFlags, backends
+    names = {b.name for b in backends()}
+    vms = os.path.join(d, "VirtualBox VMs", "Debian")
+    snaps = os.path.join(vms, "Snapshots")
+    os.makedirs(snaps)
+    p = {"base": os.path.join(vms, "debian.vdi"),
+         "s1": os.path.join(snaps, "before-upgrade.vdi"),
+         "s2": os.path.join(snaps, "after-upgrade.vdi"),
+         "br": os.path.join(snaps, "experiment.vdi")}
+    with Disk() as disk:
+        disk.create_base(p["base"], 20 * GiB, "VDI", comment="Debian 12 system disk")
+        for i in range(24):
+            disk.write(i * 96 * MiB, bytes([i + 1]) * MiB)
+        disk.create_diff(p["s1"])
+        for i in range(6):
+            disk.write((i * 300 + 40) * MiB, b"\x51" * MiB)
+        disk.create_diff(p["s2"])
+        for i in range(4):
+            disk.write((i * 500 + 900) * MiB, b"\x52" * MiB)
+    with Disk.open_chain(p["base"], flags=OpenFlags.READ_ONLY) as disk:
+        disk.create_diff(p["br"])
+        disk.write(10 * GiB, b"\x53" * (4 * MiB))
+    extra = []
+    for fmt, name, size in (("VMDK", "windows.vmdk", 64 * GiB), ("QCOW2", "cloud.qcow2", 8 * GiB),
+                            ("VHD", "azure-fixed.vhd", 30 * MiB)):
+        if fmt in names:
+            path = os.path.join(d, name)
+            with Disk() as disk:
+                from vdgui.vd import ImageFlags
+                flags = ImageFlags.FIXED if fmt == "VHD" else ImageFlags.NONE
+                disk.create_base(path, size, fmt, flags=flags)
+                disk.write(0, b"\x01" * MiB)
+            extra.append(path)
+    iso = os.path.join(d, "debian-12-netinst.iso")
+    with Disk() as disk:
+        disk.create_base(iso, 8 * MiB, "RAW")
+        disk.write(0, b"\x02" * (4 * MiB))
+    big = os.path.join(d, "fileserver-data.vdi")
+    with Disk() as disk:
+        disk.create_base(big, 2 * GiB, "VDI")
+        chunk = bytes(range(256)) * (4 * MiB // 256)
+        for i in range(0, 384 * MiB, 4 * MiB):
+            disk.write(i, chunk)
+    p["big"] = big
+    p["extra"] = extra + [big, iso, os.path.join(d, "old-backup.vdi")]
+    return p
+
+
+def main() -> int:
+    os.environ.setdefault("VDGUI_DATA_DIR", tempfile.mkdtemp(prefix="vdgui-shots-data-"))
+    from PySide6.QtCore import QSize, Qt
+    from vdgui.gui.app import make_app
+    from vdgui.gui.dialogs.copy import CopyDialog
+    from vdgui.gui.dialogs.create import CreateDialog
+    from vdgui.gui.dialogs.merge import MergeDialog
+    from vdgui.gui.dialogs.resize import ResizeDialog
+    from vdgui.gui.main_window import MainWindow
+    from vdgui.jobs import Job
+    from vdgui.vd import Library, copy_image
+
+    app = make_app()
+    tmp = tempfile.mkdtemp(prefix="vdgui-shots-")
+    p = build_samples(tmp)
+    win = MainWindow(Library(":memory:"))
+    win.resize(QSize(1240, 760))
+    win.add_paths([p["s2"], p["br"], *p["extra"]], sync=True, select=False)
+    win.show()
+    win.select_paths([p["s2"]])
+
+    def settle(ms=400):
+        import time
+        end = time.monotonic() + ms / 1000
+        while time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    settle(800)
+    win.grab().save(os.path.join(HERE, "main-window.png"))
+
+    # a real conversion, paused part-way while the picture is taken
+    gate = threading.Event()
+    reached = threading.Event()
+    dst = os.path.join(tmp, "fileserver-data.vmdk")
+
+    def run(progress):
+        def cb(done, total):
+            r = progress(done, total)
+            if total and total * 0.02 < done < total * 0.9 and not gate.is_set():
+                reached.set()
+                gate.wait(30)
+            return r
+        return copy_image(p["big"], dst, "VMDK", progress=cb)
+    node = win.model.node(p["big"])
+    job = Job("Convert fileserver-data.vdi → fileserver-data.vmdk", run, keys=[node.root().path],
+              paths=[n.path for n in node.ancestors()] + [node.path, dst], kind="copy")
+    done_job = win.start_create({"location": os.path.join(tmp, "scratch.vdi"), "size": 2 * GiB,
+                                 "format": "VDI", "flags": 0, "config": {}, "comment": None})
+    while not done_job.finished:
+        app.processEvents()
+    win.start_job(job)
+    win.resizeDocks([win.jobs_dock], [190], Qt.Vertical)
+    reached.wait(30)
+    settle(1500)
+    win.select_paths([p["s2"]])
+    settle(300)
+    win.grab().save(os.path.join(HERE, "jobs-running.png"))
+    gate.set()
+    win.queue.wait(60000)
+    settle(300)
+
+    dlg = CreateDialog(tmp, win)
+    dlg.show()
+    settle()
+    dlg.grab().save(os.path.join(HERE, "create-dialog.png"))
+    dlg.close()
+    dlg = CopyDialog(win.model.node(p["s2"]), win)
+    dlg.show()
+    settle()
+    dlg.grab().save(os.path.join(HERE, "copy-dialog.png"))
+    dlg.close()
+    dlg = MergeDialog(win.model.node(p["s2"]), win)
+    dlg.show()
+    settle()
+    dlg.grab().save(os.path.join(HERE, "merge-dialog.png"))
+    dlg.close()
+    extra_vdi = p["base"]
+    dlg = ResizeDialog(win.model.node(p["s2"]), win)
+    dlg.size.setValue(8 * MiB)
+    dlg.show()
+    settle()
+    dlg.grab().save(os.path.join(HERE, "resize-dialog.png"))
+    dlg.close()
+    win.close()
+    print("screenshots written to", HERE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
