@@ -647,3 +647,125 @@ def test_read_only_open_refuses_writes_and_repair(written):
             d.write(0, b"x" * 512)
         with pytest.raises(VDError):
             img.check(repair=True)
+
+
+# -- more layouts ------------------------------------------------------------------------------
+def test_511_byte_footer_of_old_virtual_pc(tmp_path):
+    """Virtual PC before 2004 wrote a 511-byte footer (VHD specification)."""
+    p = _made(tmp_path, "old.vhd", size=MiB, flags=ImageFlags.FIXED)
+    b = _bytes(p)
+    assert b[-1] == 0
+    _put(p, b[:-1])
+    assert probe(p).name == "VHD"
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.size == MiB and img.check().exit_code == 0
+
+
+def test_fixed_footer_checksum_repair(tmp_path):
+    p = _made(tmp_path, "fc.vhd", size=MiB, flags=ImageFlags.FIXED)
+    b = _bytes(p)
+    b[-512 + 70] ^= 0x10                            # unique id changed, checksum not updated
+    _put(p, b)
+    with Disk() as d:
+        img = d.open(p)
+        rep = img.check()
+        assert rep.exit_code == 2 and "checksum" in rep.problems[0].what
+        img.check(repair=True)
+        assert img.check().exit_code == 0
+    b = _bytes(p)
+    assert b[-512 + 64:-512 + 68] == checksum(b[-512:], 64).to_bytes(4, "big")
+
+
+def test_table_over_header_refused(written):
+    p, _ = written
+    b = _bytes(p)
+    b[512 + 16:512 + 24] = struct.pack(">Q", 0)      # BAT at offset 0: over the footer copy
+    b[512 + 36:512 + 40] = bytes(4)
+    b[512 + 36:512 + 40] = checksum(b[512:1536], 36).to_bytes(4, "big")
+    _put(p, b)
+    with pytest.raises(CorruptImage, match="table offset"):
+        _open_read(p)
+
+
+def test_mac_locator_and_large_table(tmp_path):
+    """A differencing disk made elsewhere: MacX locator (file URL), W2ku only; a BAT declared
+    much larger than the disk (as qemu and Windows write), whose unused tail holds block data."""
+    base = str(tmp_path / "par ent.vhd")
+    with Disk() as d:
+        d.create_base(base, 2 * MiB, "VHD")
+        d.write(0, b"\x31" * 4096)
+        parent_uuid = d.top.uuid
+    child = str(tmp_path / "mac.vhd")
+    url = ("file://localhost" + os.path.abspath(base).replace(" ", "%20")).encode()
+    size, g = round_size_to_chs(2 * MiB)
+    foot = dict(cookie=b"conectix", features=2, version=0x10000, data_offset=512, timestamp=0,
+                creator_app=b"vpc ", creator_version=0x50000, creator_os=b"Mac ",
+                original_size=size, current_size=size, cylinders=g.cylinders, heads=g.heads,
+                sectors=g.sectors, disk_type=4, checksum=0, unique_id=uuid.uuid4().bytes_le,
+                saved_state=0, reserved=bytes(427))
+    fraw = bytearray(FOOTER.build(foot))
+    fraw[64:68] = checksum(fraw, 64).to_bytes(4, "big")
+    locs = [dict(code=b"MacX", data_space=512, data_length=len(url), reserved=0, data_offset=2048)]
+    locs += [dict(code=bytes(4), data_space=0, data_length=0, reserved=0, data_offset=0)] * 7
+    hdr = dict(cookie=b"cxsparse", data_offset=2 ** 64 - 1, table_offset=1536, version=0x10000,
+               max_table_entries=4096, block_size=2 * MiB, checksum=0,
+               parent_uuid=parent_uuid.bytes_le, parent_timestamp=0, reserved1=0,
+               parent_name="par ent.vhd".encode("utf-16-be").ljust(512, b"\0"), locators=locs,
+               reserved2=bytes(256))
+    hraw = bytearray(DYN_HEADER.build(hdr))
+    hraw[36:40] = checksum(hraw, 36).to_bytes(4, "big")
+    img = bytearray(2560 + 512 + 2 * MiB + 512)
+    img[0:512] = fraw
+    img[512:1536] = hraw
+    img[1536:2048] = b"\xff" * 512
+    img[1536:1540] = struct.pack(">I", 5)            # block 0 at sector 5 (inside the "table")
+    img[2048:2048 + len(url)] = url
+    bm = bytearray(512)
+    set_bits(bm, 8, 8)                              # sectors 8..15 (4096..8191) are ours
+    img[2560:3072] = bm
+    img[3072 + 4096:3072 + 8192] = b"\x32" * 4096
+    img[-512:] = fraw
+    Path(child).write_bytes(bytes(img))
+    img_ = get_backend("VHD").open(child, OpenFlags.INFO)
+    assert img_.parent_hint.locations[0] == os.path.abspath(base)
+    assert img_.check().exit_code == 0
+    img_.close()
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY, parent_flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS) as d:
+        assert d.read(0, 8192) == b"\x31" * 4096 + b"\x32" * 4096
+        assert d.read(8192, 512) == bytes(512)
+    # growing it moves the block out of the table's way
+    with Disk() as d:
+        d.open(base, flags=OpenFlags.READ_ONLY)
+        top = d.open(child)
+        top.resize(64 * MiB)
+        assert top.check().exit_code == 0
+        assert d.read(0, 8192) == b"\x31" * 4096 + b"\x32" * 4096
+        assert d.read(8192, d.size - 8192 - 2 * MiB) == bytes(d.size - 8192 - 2 * MiB)
+        d.write(40 * MiB, b"\x33" * 512)
+        assert top.check().exit_code == 0
+
+
+def test_relink_with_long_path_appends_locators(tmp_path):
+    deep = tmp_path / ("d" * 120) / ("e" * 120) / ("f" * 120)
+    deep.mkdir(parents=True)
+    a = str(deep / "parent.vhd")
+    c = str(tmp_path / "kid.vhd")
+    with Disk() as d:
+        d.create_base(str(tmp_path / "first.vhd"), MiB, "VHD")
+        d.create_diff(c)
+        d.write(0, b"\x01" * 512)
+    with Disk() as d:
+        d.create_base(a, MiB, "VHD")
+    with Disk() as d:
+        pa = d.open(a, flags=OpenFlags.READ_ONLY)
+        kid = get_backend("VHD").open(c, OpenFlags.NORMAL)
+        kid.set_parent(pa)
+        assert kid.check().exit_code == 0
+        kid.close()
+    kid = get_backend("VHD").open(c, OpenFlags.INFO)
+    assert kid.parent_hint.locations[1] == a
+    assert kid.parent_hint.locations[0].count("..") == 0
+    kid.close()
+    with Disk.open_chain(c, flags=OpenFlags.READ_ONLY) as d:
+        assert d.read(0, 1024) == b"\x01" * 512 + bytes(512)

@@ -351,9 +351,10 @@ class VhdImage(Image):
 
     def _load_dynamic(self, fsize: int, end_len: int) -> None:
         hoff = self.footer.data_offset
-        if hoff + HEADER_SIZE > fsize or hoff < 0:
-            raise self._corrupt("dynamic disk header lies outside the file", field="data offset",
-                                offset=16, expected=f"at most {fsize - HEADER_SIZE}", found=hoff)
+        if hoff + HEADER_SIZE > fsize or hoff < FOOTER_SIZE:
+            raise self._corrupt("dynamic disk header lies outside the file or over the footer copy",
+                                field="data offset", offset=16,
+                                expected=f"{FOOTER_SIZE}..{fsize - HEADER_SIZE}", found=hoff)
         raw = self.f.read_exact(hoff, HEADER_SIZE, "dynamic disk header")
         if raw[:8] != DYN_COOKIE:
             raise self._corrupt("dynamic disk header cookie is wrong", field="cookie", offset=hoff,
@@ -385,6 +386,13 @@ class VhdImage(Image):
                                 field="table offset", offset=hoff + 16,
                                 expected=f"a table of {self.n_blocks} entries inside {fsize} bytes",
                                 found=self.bat_offset)
+        bat_end = self.bat_offset + self.n_blocks * 4
+        if self.n_blocks and (self.bat_offset < FOOTER_SIZE or
+                              (self.bat_offset < hoff + HEADER_SIZE and hoff < bat_end)):
+            raise self._corrupt("block allocation table overlaps the footer copy or the dynamic "
+                                "disk header", field="table offset", offset=hoff + 16,
+                                expected=f"a table clear of 0..{FOOTER_SIZE} and {hoff:#x}.."
+                                f"{hoff + HEADER_SIZE:#x}", found=self.bat_offset)
         bat = array.array("I")
         bat.frombytes(self.f.read_exact(self.bat_offset, self.n_blocks * 4, "block allocation table"))
         if sys.byteorder == "little":
@@ -759,7 +767,10 @@ class VhdImage(Image):
             if bytes(loc.code) != b"\x00\x00\x00\x00" and loc.data_length <= MAX_LOCATOR and \
                     loc.data_offset + max(loc.data_length, 1) <= self.fsize and loc.data_offset >= FOOTER_SIZE:
                 s, e = self._locator_region(loc)
-                if e <= self.footer_offset:
+                others = [(a, b) for a, b, n in self._meta_regions() if not n.startswith("parent")]
+                others += [(self.bat[i] * SECTOR, self.bat[i] * SECTOR + self.total)
+                           for i in range(self.n_blocks) if self.bat[i] != FREE]
+                if e <= self.footer_offset and not any(s < b and a < e for a, b in others):
                     old_regions.append((s, e))
         empty = dict(code=b"\x00" * 4, data_space=0, data_length=0, reserved=0, data_offset=0)
         if parent is None:
