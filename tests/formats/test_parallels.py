@@ -1,6 +1,7 @@
 """Parallels backend: conformance, structures, dirty flag, check/repair, bundles, hostile input."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -393,3 +394,31 @@ def test_compact(tmp_path, qemu):
         img = d.open(str(p), flags=OpenFlags.READ_ONLY)
         assert read_all(d) == expect
         assert list(img.bat[:6]).count(0) == 2
+
+
+def test_format_extension_read_only(tmp_path, qemu):
+    """An image with a format extension cluster (dirty bitmaps) reads normally, checks clean,
+    and is refused for writing (its bitmaps would go stale)."""
+    p = tmp_path / "ext.hdd"
+    with _make(p, 4 * MiB) as d:
+        d.write(0, b"\x42" * 4096)
+    b = bytearray(p.read_bytes())
+    eo = len(b)
+    body = bytes(MiB - 24)                     # "end of features" (all zero), then padding
+    b += struct.pack("<Q", prl.EXT_MAGIC) + hashlib.md5(body).digest() + body
+    struct.pack_into("<Q", b, 56, eo // 512)
+    p.write_bytes(bytes(b))
+    # qemu 7.2 accepts the extension (magic, MD5) but counts its cluster as leaked (exit 3)
+    assert qemu.check(p, "parallels").returncode in (0, 3)
+    assert qemu.to_raw(p, tmp_path / "e.raw", "parallels").read_bytes()[:4] == b"\x42" * 4
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 4) == b"\x42" * 4
+        assert not img.check().problems
+        assert img.info()["format_extension_offset"] == eo
+    with pytest.raises(NotSupported, match="format extension"):
+        Disk().open(str(p))
+    struct.pack_into("<Q", b, eo, 1234)
+    p.write_bytes(bytes(b))
+    with pytest.raises(CorruptImage, match="magic"):
+        Disk().open(str(p), flags=OpenFlags.READ_ONLY)

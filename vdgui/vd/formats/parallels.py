@@ -29,6 +29,7 @@ Limits (parser safety): cluster <= 64 MiB, BAT inside the file, descriptor <= 1 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import uuid as uuidlib
@@ -82,6 +83,7 @@ FormatExtensionHeader = Struct(
     "magic" / Int64ul,           # 0xAB234CEF23DCEA87
     "checksum" / Bytes(16),      # MD5
 )
+EXT_MAGIC = 0xAB234CEF23DCEA87
 STRUCTS = {"Header": Header, "FormatExtensionHeader": FormatExtensionHeader}
 HEADER_SIZE = 64
 
@@ -163,6 +165,31 @@ class ParallelsImage(Image):
         for e in bat:
             if e:
                 used_end = max(used_end, e * self.mult + self.block_size)
+        self.ext_cluster = 0
+        if h.ext_off:
+            eo = h.ext_off * SECTOR
+            if eo < self.data_off or eo + self.block_size > self.file_len:
+                raise self._corrupt("format extension cluster lies outside the data area",
+                                    field="ext_off", offset=56,
+                                    expected=f"{self.data_off // SECTOR}..{self.file_len // SECTOR}",
+                                    found=h.ext_off)
+            cluster = f.read_exact(eo, self.block_size, "format extension")
+            fx = FormatExtensionHeader.parse(cluster)
+            if fx.magic != EXT_MAGIC:
+                raise self._corrupt("bad format extension magic", field="format extension",
+                                    offset=eo, expected=hex(EXT_MAGIC), found=hex(fx.magic))
+            digest = hashlib.md5(cluster[24:]).digest()
+            if fx.checksum != digest:
+                raise self._corrupt("format extension checksum mismatch", field="m_CheckSum",
+                                    offset=eo + 8, expected=digest.hex(),
+                                    found=bytes(fx.checksum).hex())
+            self.ext_cluster = eo
+            used_end = max(used_end, eo + self.block_size)
+            if not self.read_only:
+                # the extension carries dirty bitmaps (incremental backups); writing data without
+                # updating them would silently break the next backup
+                raise NotSupported(f"{self.location}: the image carries a format extension "
+                                   "(dirty bitmaps); writing it is not supported, open read-only")
         self.alloc_end = self._align_up(max(used_end, self.file_len))
         if self.empty and not self.read_only:
             # "the image should be considered clear": make it so before writing anything
@@ -290,6 +317,9 @@ class ParallelsImage(Image):
         seen: dict[int, int] = {}
         dups: list[int] = []
         high = self.data_off
+        if self.ext_cluster:
+            seen[self.ext_cluster] = -1
+            high = self.ext_cluster + self.block_size
         for idx, e in enumerate(self.bat):
             if not e:
                 continue
@@ -310,8 +340,9 @@ class ParallelsImage(Image):
                     self.f.pwrite(where, bytes(4))
                 continue
             if off in seen:
+                other = "the format extension" if seen[off] < 0 else f"BAT[{seen[off]}]"
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: cluster at {off:#x} is also "
-                                            f"used by BAT[{seen[off]}]", where, repaired=fix))
+                                            f"used by {other}", where, repaired=fix))
                 dups.append(idx)
                 continue
             seen[off] = idx
