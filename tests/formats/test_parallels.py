@@ -422,3 +422,36 @@ def test_format_extension_read_only(tmp_path, qemu):
     p.write_bytes(bytes(b))
     with pytest.raises(CorruptImage, match="magic"):
         Disk().open(str(p), flags=OpenFlags.READ_ONLY)
+
+
+def test_bundle_with_plain_extent(tmp_path):
+    root = tmp_path / "pl.hdd"
+    root.mkdir()
+    (root / "pl.0.hds").write_bytes(b"\x61" * 8192 + bytes(8192))
+    with Disk() as d:
+        d.create_base(str(root / "pl.1.hds"), 16384, "Parallels", config={"ClusterSize": 4096})
+        d.write(4096, b"\x62" * 512)
+    storages = ("<Storage><Start>0</Start><End>32</End><Image><GUID>{a}</GUID><Type>Plain</Type>"
+                "<File>pl.0.hds</File></Image></Storage>"
+                "<Storage><Start>32</Start><End>64</End><Image><GUID>{a}</GUID>"
+                "<Type>Compressed</Type><File>pl.1.hds</File></Image></Storage>")
+    (root / "DiskDescriptor.xml").write_text(DESC.format(
+        total=64, storages=storages, top="",
+        shots="<Shot><GUID>{a}</GUID><ParentGUID>{00000000-0000-0000-0000-000000000000}"
+              "</ParentGUID></Shot>"))
+    with Disk() as d:
+        img = d.open(str(root))
+        assert img.size == 64 * 512
+        d.write(8192 + 100, b"\x63" * 10)          # into the flat extent
+        d.write(16384 + 8192, b"\x64" * 512)        # into the expanding extent
+        data = read_all(d)
+    expect = bytearray(b"\x61" * 8192 + bytes(8192) + bytes(16384))
+    expect[8292:8302] = b"\x63" * 10
+    expect[16384 + 4096:16384 + 4608] = b"\x62" * 512
+    expect[16384 + 8192:16384 + 8704] = b"\x64" * 512
+    assert data == bytes(expect)
+    assert (root / "pl.0.hds").read_bytes()[8292:8302] == b"\x63" * 10
+    (root / "DiskDescriptor.xml").write_text(
+        (root / "DiskDescriptor.xml").read_text().replace("<Type>Plain</Type>", "<Type>Weird</Type>"))
+    with pytest.raises(NotSupported, match="Weird"):
+        Disk().open(str(root), flags=OpenFlags.READ_ONLY)
