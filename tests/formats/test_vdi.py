@@ -152,6 +152,15 @@ def test_append_order_and_zero_blocks_not_allocated(tmp_path):
         assert d.read(3 * MiB, MiB) == b"\x03" * MiB
 
 
+def test_partial_write_to_new_block_stays_sparse(tmp_path):
+    p = make(tmp_path / "a.vdi", size=8 * MiB, data=[(3 * MiB + 4096, b"\x07" * 512)])
+    _, h = hdr(p)
+    assert os.path.getsize(p) == h.offset_data + MiB
+    assert os.stat(p).st_blocks * 512 < h.offset_data // 2 + 256 * 1024   # a hole, not 1 MiB
+    with open_ro(p) as d:
+        assert d.read(3 * MiB, MiB) == bytes(4096) + b"\x07" * 512 + bytes(MiB - 4608)
+
+
 def test_honor_zeroes_allocates(tmp_path):
     p = make(tmp_path / "a.vdi")
     with Disk() as d:

@@ -408,6 +408,7 @@ class VdiImage(Image):
         pending: list = []
         pending_len = 0
         dirty: list[int] = []
+        extend_to = 0
         f = self.f
 
         def flush_pending():
@@ -460,31 +461,37 @@ class VdiImage(Image):
                                        "until the image is repaired (check with repair)",
                                        path=self.location)
                 # allocate a new block at the end, completing it from below when partial
+                new = self._next
+                bpos = self._data_pos(new)
                 if n == bs:
-                    block = chunk
+                    if self.block_extra:
+                        emit(bpos - self.block_extra, bytes(self.block_extra))
+                    emit(bpos, chunk)
+                elif not (v == _FREE and is_diff) and self.f.size() <= bpos - self.block_extra:
+                    # below reads zero and the block lies past the end of the file: write only
+                    # the new bytes and extend the file, the rest stays a hole (reads zero)
+                    emit(bpos + inner, chunk)
+                    extend_to = max(extend_to, bpos + bs)
                 else:
-                    bstart = idx * bs
+                    blk = bytearray(bs)
                     if v == _FREE and is_diff:
-                        below = fill(bstart, blen)
-                        blk = bytearray(bs)
+                        below = fill(idx * bs, blen)
                         blk[:len(below)] = below
-                    else:
-                        blk = bytearray(bs)
                     blk[inner:inner + n] = chunk
                     if blen < bs:
                         blk[blen:] = zeroes(bs - blen)   # bytes past the disk end stay zero
-                    block = blk
-                new = self._next
-                self._next += 1
-                if self.block_extra:
-                    emit(self._data_pos(new) - self.block_extra, bytes(self.block_extra))
-                emit(self._data_pos(new), block)
+                    if self.block_extra:
+                        emit(bpos - self.block_extra, bytes(self.block_extra))
+                    emit(bpos, blk)
+                self._next = new + 1
                 m[idx] = new
                 dirty.append(idx)
                 self.allocated = self._next
                 self._hdr_dirty = True
         finally:
             flush_pending()                     # data first ...
+            if extend_to > self.f.size():
+                self.f.truncate(extend_to)
             self._write_map_entries(dirty)      # ... then the map entries (header at flush)
 
     def _pwritev(self, bufs, offset) -> None:
