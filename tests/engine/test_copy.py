@@ -393,3 +393,46 @@ def test_copy_to_every_registered_backend(tmp_path, fmt):
         got = read_all(d)
     assert got[:size] == _bytes(src) and not any(got[size:])
 
+
+
+def _multi_file_variants(tmp_path):
+    """(backend, variant) pairs of the table whose images are several files."""
+    found = []
+    for b in backends():
+        if not (b.creatable and b.caps & Cap.FILE):
+            continue
+        for v in (ImageFlags.SPLIT_2G, ImageFlags.ESX, ImageFlags.SPLIT_2G | ImageFlags.FIXED):
+            if v & ~b.create_flags:
+                continue
+            p = str(tmp_path / f"probe-{b.name}-{int(v)}.{b.default_extension()}")
+            with Disk() as d:
+                d.create_base(p, MiB, b, flags=v)
+                files = d.top.files()
+            for f in files:
+                os.unlink(f)
+            if len(files) > 1:
+                found.append((b, v))
+    return found
+
+
+def test_move_multi_file_images(tmp_path):
+    cases = _multi_file_variants(tmp_path)
+    assert cases, "no backend in the table creates multi-file images"
+    for b, v in cases:
+        folder = tmp_path / f"{b.name}{int(v)}"
+        (folder / "there").mkdir(parents=True)
+        src = str(folder / f"m.{b.default_extension()}")
+        with Disk() as d:
+            d.create_base(src, MiB, b, flags=v)
+            d.write(4096, b"multi" * 100)
+        want = None
+        with open_image(src, flags=OpenFlags.READ_ONLY) as d:
+            want = read_all(d)
+        renamed = str(folder / f"n.{b.default_extension()}")
+        move_image(src, renamed)                        # same folder, new name
+        assert not os.path.exists(src)
+        moved = move_image(renamed, str(folder / "there" / f"n.{b.default_extension()}"))
+        assert _listing(folder) == ["there"]
+        with open_image(moved[0], flags=OpenFlags.READ_ONLY) as d:
+            assert read_all(d) == want
+            assert sorted(d.top.files()) == sorted(moved)

@@ -510,7 +510,8 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
         rel = os.path.relpath(fa, src_dir)
         if rel.startswith(".."):
             raise NotSupported(f"{f}: a file of this image lies outside its folder; move it by hand")
-        plan.append((fa, os.path.join(dst_dir, rel)))
+        if os.path.join(dst_dir, rel) != fa:      # renaming in place: extents stay where they are
+            plan.append((fa, os.path.join(dst_dir, rel)))
     for _s, d in plan:
         if os.path.lexists(d):
             raise FileExists(f"{d}: file already exists")
