@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -649,3 +650,35 @@ def test_uuid_assigned_on_first_read_write_open_only(tmp_path, qemu):
     with Disk() as d:
         assert d.open(p, flags=OpenFlags.READ_ONLY).uuid == u
     assert qemu.check(p).returncode == 0
+
+
+def test_leaked_tail_reported_and_repaired(tmp_path, qemu):
+    p = _mono(tmp_path)
+    good = os.path.getsize(p)
+    with open(p, "ab") as f:                 # a grain written but never linked (a crash)
+        f.write(b"\x33" * 65536)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        rep = img.check()
+        assert rep.leaks and not rep.corrupt and rep.exit_code == 3
+        assert rep.problems[0].severity == "leak" and rep.problems[0].offset == good
+    with Disk() as d:
+        img = d.open(p)
+        rep = img.check(repair=True)
+        assert rep.problems[0].repaired and rep.exit_code == 0
+        assert d.read(0, 200000) == b"\x5a" * 200000
+    assert os.path.getsize(p) == good
+    assert qemu.check(p).returncode == 0
+
+
+def test_sparse_extent_listed_twice_refused(tmp_path):
+    p = str(tmp_path / "sp.vmdk")
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+    text = Path(p).read_text().replace('RW 6144 SPARSE "sp-s001.vmdk"',
+                                  'RW 6144 SPARSE "sp-s001.vmdk"\nRW 6144 SPARSE "sp-s001.vmdk"')
+    assert text.count("sp-s001") == 2
+    with open(p, "w") as f:
+        f.write(text)
+    with pytest.raises(CorruptImage, match="more than once"):
+        Disk().open(p, flags=OpenFlags.READ_ONLY)

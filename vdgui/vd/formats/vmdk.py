@@ -1349,12 +1349,47 @@ class VmdkImage(Image):
                 report.problems.append(Problem(
                     "corrupt", f"flat extent {e.path} is shorter than described "
                     f"({e.f.size()} < {e.base + e.length} bytes)", None))
+        for e in sparse:
+            if e.header is not None and not e.compressed:
+                self._check_tail(e, report, fix and e.writable)
         if fix:
             for e in sparse:
                 e.f.sync()
         report.repaired = fix and any(p.repaired for p in report.problems)
         prog.finish()
         return report
+
+    def _check_tail(self, e: SparseExtent, report: CheckReport, fix: bool) -> None:
+        """Space after the last referenced structure (a grain written but never linked, e.g.
+        after a crash between the data and the table update) is a leak; repair truncates it."""
+        size = e.f.size()
+        end = max(e.header["overhead"] * SECTOR, SECTOR)
+        gsz = _round_up(e.n_gts * 4, SECTOR)
+        for sec in (e.gd_sector, e.rgd_sector):
+            if sec:
+                end = max(end, sec * SECTOR + gsz)
+        for arr in (e.gd, e.rgd):
+            if arr is None:
+                continue
+            for t, sec in enumerate(arr):
+                if not sec or sec * SECTOR + e.gt_bytes > size:
+                    continue
+                end = max(end, sec * SECTOR + e.gt_sectors * SECTOR)
+                gt = e._gts.get(t) if arr is e.gd else None
+                if gt is None:
+                    gt = _u32_array(e.f.pread(sec * SECTOR, e.gt_bytes))
+                top = max(gt) if len(gt) else 0
+                if top > 1 and top * SECTOR < size:
+                    end = max(end, min(top * SECTOR + e.grain, size))
+        end = _round_up(end, SECTOR)
+        if size > end:
+            report.problems.append(Problem(
+                "leak", f"{e.path}: {size - end} bytes after the last referenced grain or table "
+                f"are not used", end, fix))
+            if fix:
+                e.f.truncate(end)
+                e.file_size = end
+                e.next_free = end
 
     def _check_extent(self, e: SparseExtent, report: CheckReport, fix: bool, prog: Progress):
         size = e.f.size()
@@ -1867,6 +1902,14 @@ def _open_extent(self: VmdkImage, line: ExtentLine, vstart: int, path: str | Non
         raise ImageNotFound(f"{self.location}: extent file {line.filename!r} not found "
                             f"(looked for {path})")
     f = self._file(path, writable)
+    if t not in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
+        seen = self.__dict__.setdefault("_sparse_paths", set())
+        key = os.path.realpath(path)
+        if key in seen:
+            raise CorruptImage(f"{self.location}: sparse extent file {line.filename!r} is listed "
+                               "more than once", field="extent description",
+                               expected="each sparse file once", found="a repeat")
+        seen.add(key)
     if t in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
         self.extents.append(FlatExtent(line, vstart, path, f, writable))
         return
