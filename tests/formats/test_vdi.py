@@ -688,3 +688,54 @@ def test_read_coalesces_contiguous_blocks(tmp_path, monkeypatch):
         calls.clear()
         assert d.top.block_status(0, 8 * MiB) == [(0, 8 * MiB, Alloc.DATA)]
         assert not calls
+
+
+def test_set_parent_turns_base_into_diff(tmp_path):
+    a = make(tmp_path / "a.vdi", size=2 * MiB, data=[(0, b"\x01" * (2 * MiB))])
+    b = make(tmp_path / "b.vdi", size=2 * MiB, data=[(MiB, b"\x02" * 512)])
+    with Disk() as d:
+        parent = d.open(a, flags=OpenFlags.READ_ONLY)
+        img = get_backend("VDI").open(b, OpenFlags.NORMAL)
+        try:
+            img.set_parent(parent)
+            assert img.is_diff and img.flags & ImageFlags.DIFF
+        finally:
+            img.close()
+    with Disk.open_chain(b, flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 2
+        assert d.read(0, 4096) == b"\x01" * 4096                  # from the new parent
+        assert d.read(MiB, 1024) == b"\x02" * 512 + bytes(512)   # own block (zeroes included)
+    f = make(tmp_path / "f.vdi", size=2 * MiB, flags=ImageFlags.FIXED)
+    img = get_backend("VDI").open(f, OpenFlags.NORMAL)
+    try:
+        with Disk() as d:
+            with pytest.raises(NotSupported):
+                img.set_parent(d.open(a, flags=OpenFlags.READ_ONLY))
+    finally:
+        img.close()
+
+
+def test_resize_shrink_fixed(tmp_path):
+    p = make(tmp_path / "f.vdi", size=4 * MiB, flags=ImageFlags.FIXED, data=[(0, b"\x01" * 512)])
+    with Disk() as d:
+        d.open(p)
+        d.top.resize(2 * MiB)
+    _, h = hdr(p)
+    assert (h.blocks, h.blocks_allocated) == (2, 2)
+    assert os.path.getsize(p) == h.offset_data + 2 * MiB
+    with open_ro(p) as d:
+        assert d.read(0, 1024) == b"\x01" * 512 + bytes(512)
+        assert d.top.check().problems == []
+
+
+def test_damaged_map_refuses_structural_changes(tmp_path):
+    p = _damaged(tmp_path, "pasteof")
+    with Disk() as d:
+        d.open(p)
+        for op in (lambda: d.top.compact(), lambda: d.top.resize(8 * MiB),
+                   lambda: d.discard(0, MiB)):
+            with pytest.raises(CorruptImage, match="repair"):
+                op()
+        d.write(0, b"\x05" * 512)            # a healthy allocated block stays writable
+    with open_ro(p) as d:
+        assert d.read(0, 512) == b"\x05" * 512

@@ -857,6 +857,9 @@ class VdiImage(Image):
 
     def discard(self, offset, length, fill=None):
         self._require_writable()
+        if self._bad:
+            raise CorruptImage("the block map is damaged; repair the image before discarding",
+                               path=self.location)
         bs = self.block_size
         is_diff = self.parent_hint is not None
         end = offset + length
