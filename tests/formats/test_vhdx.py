@@ -681,3 +681,45 @@ def test_compact(tmp_path, qemu):
         assert top._state(0) == vhdx.PAYLOAD_NOT_PRESENT and top._state(3) == vhdx.PAYLOAD_ZERO
         assert top._state(6) == vhdx.PAYLOAD_FULLY_PRESENT
         assert top._state(7) == vhdx.PAYLOAD_PARTIALLY_PRESENT
+
+
+def test_merge_into_child_makes_base(tmp_path, qemu):
+    """Backward merge (parent folded into its child): the child becomes a base image that qemu
+    reads identically (set_parent(None))."""
+    from vdgui.vd.ops.merge import merge
+    base, child = tmp_path / "mb.vhdx", tmp_path / "mc.avhdx"
+    with _create(base, 3 * MiB + 4096) as d:
+        d.write(0, b"\x01" * (2 * MiB))
+        d.write(3 * MiB, b"\x03" * 4096)
+        d.create_diff(str(child), config={"BlockSize": MiB})
+        d.write(512, b"\x02" * 512)            # partial block over parent data
+        d.write(2 * MiB + 4096, b"\x04" * 512)  # partial block over parent zeroes
+        expect = read_all(d)
+    merge(str(base), str(child))
+    assert not base.exists()
+    r = qemu.check(child, "vhdx")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert qemu.to_raw(child, tmp_path / "m.raw", "vhdx").read_bytes() == expect
+    with Disk() as d:
+        img = d.open(str(child), flags=OpenFlags.READ_ONLY)
+        assert not img.is_diff and read_all(d) == expect
+        assert not img.check().problems
+
+
+def test_forward_merge_relinks_grandchild(tmp_path, qemu):
+    from vdgui.vd.ops.merge import merge
+    paths = [tmp_path / n for n in ("fb.vhdx", "f1.avhdx", "f2.avhdx")]
+    with _create(paths[0], 2 * MiB) as d:
+        d.write(0, b"\x01" * (2 * MiB))
+        d.create_diff(str(paths[1]), config={"BlockSize": MiB})
+        d.write(4096, b"\x02" * 4096)
+        d.create_diff(str(paths[2]), config={"BlockSize": MiB})
+        d.write(MiB, b"\x03" * 512)
+        expect = read_all(d)
+        mid = d.read(0, d.size, top=1)
+    merge(str(paths[1]), str(paths[0]))
+    assert not paths[1].exists()
+    with Disk.open_chain(str(paths[2]), flags=OpenFlags.READ_ONLY) as d:
+        assert len(d) == 2 and read_all(d) == expect
+    assert qemu.to_raw(paths[0], tmp_path / "fb.raw", "vhdx").read_bytes() == mid
+    assert qemu.check(paths[0], "vhdx").returncode == 0

@@ -922,8 +922,8 @@ class VhdxImage(Image):
     def set_parent(self, parent):
         self._require_writable()
         if parent is None:
-            raise NotSupported(f"{self.location}: turning a VHDX differencing image into a base "
-                               "image is not supported (convert it instead)")
+            self._make_base()
+            return
         if not self.has_parent:
             raise NotSupported(f"{self.location}: not a differencing image")
         if parent.format != "VHDX" or parent.modification_uuid is None:
@@ -935,6 +935,61 @@ class VhdxImage(Image):
         locs = [kv["relative_path"], kv["absolute_win32_path"]]
         self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX",
                                       link_id=kv["parent_linkage"])
+
+    def _make_base(self) -> None:
+        """Turn this differencing image into a base image (after a merge copied the parent's
+        data in). Steps, each complete before the next: partially present blocks become fully
+        present (their absent sectors zeroed), sector bitmap entries are dropped, then the
+        HasParent flag is cleared (the commit point), then the parent locator entry goes."""
+        if not self.has_parent:
+            return
+        ss = self.sector_size
+        for blk in range(self.payload_blocks):
+            if self._check_state(blk) != PAYLOAD_PARTIALLY_PRESENT:
+                continue
+            boff = self._block_offset(blk)
+            n = min(self.block_size, self.size - blk * self.block_size)
+            for o, ln, present in self._partial_runs(blk, 0, -(-n // ss) * ss):
+                if not present:
+                    self.f.pwrite(boff + o, zeroes(ln))
+            self.f.sync()
+            self._set_entry(self._bat_index(blk), PAYLOAD_FULLY_PRESENT, boff)
+        self.f.sync()
+        for chunk in range(-(-self.payload_blocks // self.cr)):
+            idx = self._sb_index(chunk)
+            if idx < len(self.bat) and self.bat[idx]:
+                st, off = self._entry(idx)
+                self._set_entry(idx, SB_NOT_PRESENT, 0)
+                if st == SB_PRESENT and off >= MiB:
+                    self.f.punch_hole(off, MiB)
+        self.f.sync()
+        self._sb_cache.clear()
+        self._write_metadata_item(FILE_PARAMETERS, FileParameters.build(dict(
+            block_size=self.block_size, flags=self.fp_flags & ~FP_HAS_PARENT)))
+        self.fp_flags &= ~FP_HAS_PARENT
+        self.has_parent = False
+        self.flags &= ~ImageFlags.DIFF
+        self.parent_hint = None
+        self.parent_modification_uuid = None
+        self.parent_locator = {}
+        self.bat_count = bat_entry_count(self.size, self.block_size, self.sector_size, False)
+        # drop the locator's table entry (one write of the table's first 4 KiB)
+        if PARENT_LOCATOR in self.md_entries:
+            _o, _l, _f, k = self.md_entries.pop(PARENT_LOCATOR)
+            table = bytearray(self.f.read_exact(self.md_offset, 4096, "metadata table"))
+            count = struct.unpack_from("<H", table, 10)[0]
+            entries_end = 32 + 32 * count
+            if entries_end <= 4096:
+                last = count - 1
+                if k != last:
+                    table[32 + 32 * k:64 + 32 * k] = table[32 + 32 * last:64 + 32 * last]
+                    for g, (o, l, fl, kk) in list(self.md_entries.items()):
+                        if kk == last:
+                            self.md_entries[g] = (o, l, fl, k)
+                table[32 + 32 * last:64 + 32 * last] = bytes(32)
+                struct.pack_into("<H", table, 10, count - 1)
+                self.f.pwrite(self.md_offset, bytes(table))
+                self.f.sync()
 
     # -- operations ----------------------------------------------------------------------
     def resize(self, new_size, progress=None):
