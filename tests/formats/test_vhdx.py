@@ -723,3 +723,23 @@ def test_forward_merge_relinks_grandchild(tmp_path, qemu):
         assert len(d) == 2 and read_all(d) == expect
     assert qemu.to_raw(paths[0], tmp_path / "fb.raw", "vhdx").read_bytes() == mid
     assert qemu.check(paths[0], "vhdx").returncode == 0
+
+
+def test_resize_relocates_bat(tmp_path, qemu):
+    p = tmp_path / "big.vhdx"
+    new = 200 << 30
+    with _create(p, 4 * MiB) as d:
+        d.write(0, b"\x01" * MiB)
+        old_bat = d.top.bat_offset
+        d.top.resize(new)
+        assert d.top.bat_offset != old_bat and d.top.bat_length >= d.top.bat_count * 8
+        d.write(new - 4096, b"\x02" * 4096)
+        d.write(100 << 30, b"\x03" * 512)
+    assert qemu.check(p, "vhdx").returncode == 0
+    qemu.io("-f", "vhdx", "-r", "-c", f"read -P 2 {new - 4096} 4096", "-c", "read -P 1 0 1M",
+            "-c", f"read -P 3 {100 << 30} 512", "-c", f"read -P 0 {150 << 30} 1M", p)
+    with Disk() as d:
+        d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.size == new and d.read(new - 4096, 4096) == b"\x02" * 4096
+        assert d.read(0, 4) == b"\x01" * 4
+    assert os.stat(p).st_blocks * 512 < 16 * MiB

@@ -936,6 +936,37 @@ class VhdxImage(Image):
         self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX",
                                       link_id=kv["parent_linkage"])
 
+    def _relocate_bat(self, count: int) -> None:
+        """Move the BAT to a larger region at the end of the file: the new BAT is written and
+        flushed first, then region table 1, then region table 2 (each with its checksum). An
+        interruption leaves either the old or the new table valid, each naming a complete BAT."""
+        new_len = -(-count * 8 // MiB) * MiB
+        if new_len > 0xFFFFFFFF - MiB:
+            raise NotSupported(f"{self.location}: the BAT would exceed a region's 4 GiB limit")
+        new_off = self._allocate(new_len)
+        bat = array("Q", self.bat)
+        if byteorder != "little":
+            bat.byteswap()
+        self.f.pwrite(new_off, bat.tobytes())
+        self.f.sync()
+        old_off, old_len = self.bat_offset, self.bat_length
+        raw = bytearray(self.region_raw)
+        for k, e in enumerate(self.region_entries):
+            if _guid(e.guid) == BAT_GUID:
+                e = dict(e)
+                e.pop("_io", None)
+                e.update(file_offset=new_off, length=new_len)
+                raw[16 + 32 * k:48 + 32 * k] = RegionTableEntry.build(e)
+                self.region_entries[k] = RegionTableEntry.parse(raw[16 + 32 * k:48 + 32 * k])
+        _with_checksum(raw)
+        for off in REGION_OFFSETS:
+            self.f.pwrite(off, bytes(raw))
+            self.f.sync()
+        self.region_raw = bytes(raw)
+        self.vregions[BAT_GUID] = (new_off, new_len)
+        self.bat_offset, self.bat_length = new_off, new_len
+        self.f.punch_hole(old_off, old_len)
+
     def _make_base(self) -> None:
         """Turn this differencing image into a base image (after a merge copied the parent's
         data in). Steps, each complete before the next: partially present blocks become fully
@@ -1003,11 +1034,9 @@ class VhdxImage(Image):
         if new_size == self.size:
             return
         count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
-        if count * 8 > self.bat_length:
-            raise NotSupported(f"{self.location}: growing to {new_size} bytes needs a larger BAT "
-                               f"({count * 8} > {self.bat_length} bytes); relocating the BAT is "
-                               "not supported")
         self._begin_write()
+        if count * 8 > self.bat_length:
+            self._relocate_bat(count)
         old_blocks = self.payload_blocks
         new_bat = array("Q", self.bat) + array("Q", bytes(8 * (count - len(self.bat))))
         # entries past the old end must read as "not present" before the size grows
