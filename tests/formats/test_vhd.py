@@ -769,3 +769,55 @@ def test_relink_with_long_path_appends_locators(tmp_path):
     kid.close()
     with Disk.open_chain(c, flags=OpenFlags.READ_ONLY) as d:
         assert d.read(0, 1024) == b"\x01" * 512 + bytes(512)
+
+
+def test_grow_diff_moves_locators_out_of_the_table(tmp_path):
+    base, child = str(tmp_path / "b.vhd"), str(tmp_path / "c.vhd")
+    with Disk() as d:
+        d.create_base(base, 2 * MiB, "VHD")
+        d.write(0, b"\x01" * 4096)
+        d.create_diff(child)
+        d.write(MiB, b"\x02" * 4096)
+        before = read_all(d)
+    with Disk() as d:
+        d.open(base)
+        d.top.resize(600 * MiB)
+        new = d.size
+        d.open(child).resize(new)                   # 301 entries: past the locators
+        assert d.size == new
+        assert d.top.check().exit_code == 0
+        locs = list(d.top.parent_hint.locations)
+        assert d.read(0, len(before)) == before
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:
+        assert d.top.parent_hint.locations == locs
+        assert d.size == round_size_to_chs(600 * MiB)[0]
+        assert d.read(0, len(before)) == before and d.read(500 * MiB, 4096) == bytes(4096)
+
+
+def test_block_running_into_footer_is_repaired(written):
+    p, content = written
+    b = _bytes(p)
+    last_end = len(b) - 512
+    cut = b[:last_end - 256] + b[-512:]             # footer now overlaps the last block's tail
+    _put(p, cut)
+    with Disk() as d:
+        img = d.open(p)
+        rep = img.check()
+        assert rep.exit_code == 2 and any("runs into the footer" in x.what for x in rep.problems)
+        img.check(repair=True)
+        assert img.check().exit_code == 0
+        got = read_all(d)
+    assert got[:3 * MiB] == content[:3 * MiB]
+
+
+def test_compact_diff_without_parent_keeps_everything_written(tmp_path):
+    base, child = str(tmp_path / "b.vhd"), str(tmp_path / "c.vhd")
+    with Disk() as d:
+        d.create_base(base, 4 * MiB, "VHD")
+        d.write(0, b"\x01" * MiB)
+        d.create_diff(child)
+        d.write(0, bytes(4096))                    # zeroes hiding parent data: must stay
+        expect = read_all(d)
+        d.top.compact()
+        assert read_all(d) == expect
+        assert sum(1 for e in d.top.bat if e != 0xFFFFFFFF) == 1

@@ -51,7 +51,7 @@ from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..sparse import is_zero, split_blocks
+from ..sparse import is_zero, split_blocks, zeroes
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------
@@ -625,21 +625,22 @@ class VhdImage(Image):
         if self.is_fixed:
             data = self.f.pread(offset, length)
             return data + bytes(length - len(data)) if len(data) < length else data
-        out = bytearray(length)
+        parts = []
         for idx, inner, pos, n in split_blocks(offset, length, self.block_size):
             start = self._block_start(idx)
             if start is None:
+                parts.append(zeroes(n))
                 continue
             bm = self._bitmap(idx, start)
             first = inner // SECTOR
             base = start + self.bm_size
+            left = n
             for s, k, on in bitmap_runs(bm, first, -(-n // SECTOR)):
-                if not on:
-                    continue
-                a = pos - offset + (s - first) * SECTOR
-                ln = min(k * SECTOR, length - a)
-                out[a:a + ln] = self.f.read_exact(base + s * SECTOR, ln, f"data of block {idx}")
-        return bytes(out)
+                ln = min(k * SECTOR, left)
+                left -= ln
+                parts.append(self.f.read_exact(base + s * SECTOR, ln, f"data of block {idx}")
+                             if on else zeroes(ln))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset, data, fill):
         self._require_writable()
