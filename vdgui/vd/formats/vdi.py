@@ -25,7 +25,7 @@ from array import array
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
+from ..errors import CorruptImage, InvalidArgument, NotSupported, VDIOError
 from ..fileio import ImageFile
 from ..geometry import Geometry, vbox_lchs, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
@@ -389,7 +389,6 @@ class VdiImage(Image):
         except OverflowError:
             return
         except OSError as exc:
-            from ..errors import VDIOError
             raise VDIOError(f"{self.location}: read of {n} bytes at {fpos:#x} failed: "
                             f"{exc.strerror or exc}") from None
 
@@ -507,7 +506,6 @@ class VdiImage(Image):
                 if n:
                     bufs[0] = bufs[0][n:]
         except OSError as exc:
-            from ..errors import VDIOError
             raise VDIOError(f"{self.location}: write at {offset:#x} failed: "
                             f"{exc.strerror or exc}") from None
 
@@ -915,14 +913,15 @@ class VdiImage(Image):
         hdr_fix = False
         if self.header_disk_size % 512:
             add("corrupt", f"header field 'cbDisk' ({self.header_disk_size}) is not a multiple "
-                           f"of 512; rounding down to {self.size}", self._offs["disk_size"])
+                           f"of 512; repair rounds it down to {self.size}",
+                self._offs["disk_size"])
             hdr_fix = True
         if self.uuid is None:
-            add("corrupt", "header field 'uuidCreate' is the null UUID; a new one is assigned",
+            add("corrupt", "header field 'uuidCreate' is the null UUID; repair assigns a new one",
                 self._offs["uuid_create"])
             hdr_fix = True
         if self.modification_uuid is None:
-            add("corrupt", "header field 'uuidModify' is the null UUID; a new one is assigned",
+            add("corrupt", "header field 'uuidModify' is the null UUID; repair assigns a new one",
                 self._offs["uuid_modify"])
             hdr_fix = True
         limit = self._file_blocks()
@@ -937,11 +936,11 @@ class VdiImage(Image):
             if v >= limit:
                 add("corrupt", f"block map entry {i} points to file block {v} at "
                                f"{self.offset_data + v * self._total:#x}, past the end of the "
-                               f"file ({limit} blocks fit); cleared", eoff)
+                               f"file ({limit} blocks fit); repair clears the entry", eoff)
                 cleared.append(i)
             elif seen[v]:
                 add("corrupt", f"block map entry {i} points to file block {v}, which another "
-                               "entry already uses (cross-linked); cleared", eoff)
+                               "entry already uses (cross-linked); repair clears the entry", eoff)
                 cleared.append(i)
             else:
                 seen[v] = 1
@@ -951,19 +950,21 @@ class VdiImage(Image):
         if self.allocated < top + 1:
             add("corrupt", f"header field 'cBlocksAllocated' is {self.allocated} but file blocks "
                            f"up to {top} are in use (new blocks would overwrite data); "
-                           f"set to {used}", self._offs["blocks_allocated"])
+                           f"repair sets it to {used}", self._offs["blocks_allocated"])
         elif self.allocated > top + 1:
             add("leak", f"header field 'cBlocksAllocated' is {self.allocated} but only {used} "
-                        f"blocks are in use; set to {used}", self._offs["blocks_allocated"])
+                        f"blocks are in use; repair sets it to {used}",
+                self._offs["blocks_allocated"])
         if holes > 0:
             add("leak", f"{holes} file block(s) below block {top} are not referenced by the "
-                        "map; the data area is compacted", self.offset_data)
+                        "map; repair compacts the data area", self.offset_data)
         want = max(self.offset_data + (top + 1) * self._total,
                    self.offset_data + self.allocated * self._total,
                    self.offset_blocks + self.blocks * 4)
         fsize = self.f.size()
         if fsize > want:
-            add("leak", f"{fsize - want} bytes after the last block are unused; truncated", want)
+            add("leak", f"{fsize - want} bytes after the last block are unused; repair "
+                        "truncates the file", want)
         prog.set(self.blocks)
         if fix and report.problems:
             self._touch()
