@@ -682,3 +682,35 @@ def test_sparse_extent_listed_twice_refused(tmp_path):
         f.write(text)
     with pytest.raises(CorruptImage, match="more than once"):
         Disk().open(p, flags=OpenFlags.READ_ONLY)
+
+
+def test_compressed_grain_bomb_and_garbage_refused(tmp_path):
+    import zlib
+    p = str(tmp_path / "s.vmdk")
+    with Disk() as d:
+        d.create_base(p, 2 * MiB, "VMDK", flags=ImageFlags.STREAM_OPTIMIZED)
+        d.write(0, b"\x01" * 65536)
+        d.write(65536, b"\x02" * 65536)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        ext = img.extents[0]
+        g0, g1 = ext._gte(0), ext._gte(1)
+        gt_sector = ext.gd[0]
+    bomb = zlib.compress(bytes(64 * MiB))              # inflates to 1024 grains
+    data = Path(p).read_bytes()        # the bomb goes before the footer (found from the end)
+    rec = vmdk.GrainMarker.build(dict(lba=0, size=len(bomb))) + bomb
+    rec += bytes(-len(rec) % 512)
+    end = len(data) - 1536
+    Path(p).write_bytes(data[:end] + rec + data[end:])
+    with open(p, "r+b") as f:
+        f.seek(gt_sector * 512)
+        f.write((end // 512).to_bytes(4, "little"))
+        f.seek(g1 * 512 + 12)
+        f.write(b"garbage!" * 4)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        with pytest.raises(CorruptImage, match="more than a grain"):
+            d.read(0, 65536)
+        with pytest.raises(CorruptImage, match="does not inflate"):
+            d.read(65536, 65536)
+    assert g0 != g1

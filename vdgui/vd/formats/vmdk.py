@@ -425,10 +425,14 @@ class SparseExtent(_Extent):
                                path=self.f.path, offset=off)
         try:
             d = zlib.decompressobj()
-            out = d.decompress(comp, self.grain)
+            out = d.decompress(comp, self.grain)       # never more than one grain
         except zlib.error as exc:
             raise CorruptImage(f"compressed grain {idx} does not inflate: {exc}",
                                path=self.f.path, offset=off) from None
+        if d.unconsumed_tail:
+            raise CorruptImage(f"compressed grain {idx} inflates to more than a grain",
+                               path=self.f.path, offset=off, expected=f"{self.grain} bytes",
+                               found="more")
         if len(out) < self.grain:
             out += bytes(self.grain - len(out))
         self._cgrain = (idx, out)
