@@ -260,6 +260,12 @@ class VdiImage(Image):
         """Find entries that must not be written through (past EOF, cross-linked) and the
         next free file block index (read-write opens only)."""
         limit = self._file_blocks()
+        used = [v for v in self._map if v < _ZERO]
+        top = max(used, default=-1)
+        if top < limit and len(set(used)) == len(used):    # the common, healthy case
+            self._bad = set()
+            self._next = max(self.allocated, top + 1)
+            return
         seen = bytearray(limit)
         bad = set()
         top = -1
