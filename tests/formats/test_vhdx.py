@@ -743,3 +743,32 @@ def test_resize_relocates_bat(tmp_path, qemu):
         assert d.size == new and d.read(new - 4096, 4096) == b"\x02" * 4096
         assert d.read(0, 4) == b"\x01" * 4
     assert os.stat(p).st_blocks * 512 < 16 * MiB
+
+
+def test_log_guid_without_valid_sequence_opens(tmp_path, qemu):
+    """A LogGuid with no valid entry sequence has nothing to replay: read-only opens work (as in
+    qemu) and a read-write open clears the GUID."""
+    p = tmp_path / "lg.vhdx"
+    with _create(p, 4 * MiB) as d:
+        d.write(0, b"\x01" * 512)
+        d.top._update_header(log_guid=uuid.uuid4().bytes_le)
+    qemu.img("info", "-f", "vhdx", p)
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 4) == b"\x01" * 4 and not img.info()["log_pending"]
+    with Disk() as d:
+        img = d.open(str(p))
+        assert img.hdr.log_guid == bytes(16)
+
+
+def test_unmapped_in_differencing_reads_zero(tmp_path):
+    base, child = tmp_path / "ub.vhdx", tmp_path / "uc.avhdx"
+    with _create(base, 2 * MiB) as d:
+        d.write(0, b"\x01" * (2 * MiB))
+        d.create_diff(str(child), config={"BlockSize": MiB})
+        top = d.top
+        top._set_entry(top._bat_index(0), vhdx.PAYLOAD_UNMAPPED, 0)
+        assert d.read(0, 4) == bytes(4) and d.read(MiB, 4) == b"\x01" * 4
+        d.write(512, b"\x02" * 512)            # the rest of the block stays zero
+        assert d.read(0, 1024) == bytes(512) + b"\x02" * 512
+        assert top._state(0) == vhdx.PAYLOAD_FULLY_PRESENT

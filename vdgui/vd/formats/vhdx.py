@@ -299,7 +299,13 @@ class VhdxImage(Image):
         self.creator = ident.creator.decode("utf-16-le", "replace").split("\x00")[0]
         self._read_headers()
         hdr = self.hdr
-        if hdr.log_guid != ZERO_GUID:
+        seq = _active_sequence(self) if hdr.log_guid != ZERO_GUID else []
+        if hdr.log_guid != ZERO_GUID and not seq:
+            # a log GUID without a valid sequence: nothing to replay (qemu opens these too);
+            # a read-write open clears the GUID
+            if not self.read_only:
+                self._update_header(log_guid=ZERO_GUID)
+        elif seq:
             if self.open_flags & OpenFlags.INFO:
                 self.log_pending = True
             elif self.read_only:
@@ -309,7 +315,7 @@ class VhdxImage(Image):
                     "replays it)", path=self.location, field="LogGuid",
                     offset=HEADER_OFFSETS[self.hdr_slot] + 48)
             else:
-                self._replay_log()
+                self._replay_log(seq)
         self._read_regions()
         self._read_metadata()
         self._read_bat()
@@ -319,9 +325,9 @@ class VhdxImage(Image):
             # MS-VHDX 2.2.2: FileWriteGuid changes on the first open for writing
             self._update_header(file_write_guid=uuidlib.uuid4().bytes_le)
 
-    def _replay_log(self) -> None:
+    def _replay_log(self, seq) -> None:
         """Replay the active log sequence, then clear the header's LogGuid (MS-VHDX 2.3.3)."""
-        _replay(self)
+        _replay(self, seq)
         self._update_header(log_guid=ZERO_GUID)
         self.log_replayed = True
 
@@ -657,7 +663,8 @@ class VhdxImage(Image):
         if state == PAYLOAD_ZERO:
             return Alloc.ZERO
         if self.has_parent:
-            return Alloc.UNALLOCATED
+            # MS-VHDX 2.5.1.1: UNMAPPED reads as zeroes (or old contents), never the parent's
+            return Alloc.ZERO if state == PAYLOAD_UNMAPPED else Alloc.UNALLOCATED
         if state in (PAYLOAD_NOT_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED):
             return Alloc.UNALLOCATED
         raise self._corrupt(f"invalid payload block state {state}", field="BAT state")
@@ -773,7 +780,7 @@ class VhdxImage(Image):
                 continue
             zero = not getattr(self, "honor_zeroes", False) and is_zero(piece)
             whole = inner == 0 and (n == self.block_size or pos + n == self.size)
-            if zero and (not self.has_parent or st == PAYLOAD_ZERO):
+            if zero and (not self.has_parent or st in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED)):
                 continue                       # already reads as zeroes
             if zero and whole:
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
@@ -781,7 +788,7 @@ class VhdxImage(Image):
             boff = self._allocate(self.block_size)
             self.f.pwrite(boff + inner, piece)
             self.f.sync()                      # data before the BAT entry naming it
-            if self.has_parent and st != PAYLOAD_ZERO and not whole:
+            if self.has_parent and st not in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) and not whole:
                 full = self._mark_sectors(block, inner, n)
                 self.f.sync()
                 self._set_entry(idx, PAYLOAD_FULLY_PRESENT if full else PAYLOAD_PARTIALLY_PRESENT,
@@ -809,7 +816,7 @@ class VhdxImage(Image):
                 if old:
                     self.f.punch_hole(old, self.block_size)
                 continue
-            if not allocated and (st == PAYLOAD_ZERO or not self.has_parent):
+            if not allocated and (st in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) or not self.has_parent):
                 continue                        # already reads as zeroes
             done = 0
             while done < n:
@@ -1322,21 +1329,20 @@ def find_active_sequence(log: bytes, guid: bytes) -> list[_LogEntry]:
             if used > n:
                 break
             seq.append(nxt)
-        if not best or seq[-1].hdr.sequence_number > best[-1].hdr.sequence_number:
-            best = seq
-    if not best:
-        return []
-    tail = best[-1].hdr.tail
-    for i, e in enumerate(best):
-        if e.pos == tail:
-            return best[i:]
-    return []
+        # valid when the head entry's tail lies within the sequence; replay from that tail
+        tail = seq[-1].hdr.tail
+        for i, e in enumerate(seq):
+            if e.pos == tail:
+                if not best or seq[-1].hdr.sequence_number > best[-1].hdr.sequence_number:
+                    best = seq[i:]
+                break
+    return best
 
 
-def _replay(img: VhdxImage) -> None:
+def _active_sequence(img: VhdxImage) -> list[_LogEntry]:
     h = img.hdr
     if h.log_length == 0:
-        return
+        return []
     if h.log_length > MAX_LOG:
         raise img._corrupt("log too large", field="LogLength", offset=HEADER_OFFSETS[img.hdr_slot],
                            expected=f"<= {MAX_LOG}", found=h.log_length)
@@ -1345,7 +1351,11 @@ def _replay(img: VhdxImage) -> None:
                            offset=HEADER_OFFSETS[img.hdr_slot],
                            expected=f"end <= {img.file_len}", found=h.log_offset + h.log_length)
     log = img.f.read_exact(h.log_offset, h.log_length, "log")
-    seq = find_active_sequence(log, h.log_guid)
+    return find_active_sequence(log, h.log_guid)
+
+
+def _replay(img: VhdxImage, seq: list[_LogEntry]) -> None:
+    h = img.hdr
     if not seq:
         return                                  # nothing valid to replay: only clear the GUID
     head = seq[-1].hdr
