@@ -147,3 +147,13 @@ def test_parent_cycles_do_not_hang():
     b = ImageRecord(path="/x/b.vdi", parent_path="/x/a.vdi")
     roots = build_forest([a, b])
     assert roots and sum(1 + len(r.descendants()) for r in roots) == 2
+
+
+def test_remove_inaccessible(qtbot, window, vdi_chain, tmp_path):
+    missing = str(tmp_path / "gone.vdi")
+    window.add_paths([vdi_chain["base"], missing], sync=True)
+    assert window.action_clear_bad.isEnabled()
+    assert window.remove_inaccessible() == [missing]
+    assert window.model.node(missing) is None and missing not in window.library.paths()
+    assert window.model.node(vdi_chain["base"]) is not None
+    assert not window.action_clear_bad.isEnabled()

@@ -316,3 +316,67 @@ def test_remove_keeps_files(qtbot, window, vdi_chain):
     assert all(os.path.exists(p) for p in removed)
     assert window.model.node(vdi_chain["snap1"]) is None
     assert vdi_chain["base"] in window.library.paths()
+
+
+def _drive_modal(qtbot, cls, action):
+    """Run ``action`` (which opens a modal ``cls`` dialog) and let ``cls`` be driven by the
+    returned callback list; the dialog is always closed so the test cannot hang."""
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+    seen = []
+
+    def attempt(tries=[0]):
+        dlg = next((w for w in QApplication.topLevelWidgets() if isinstance(w, cls) and w.isVisible()),
+                   None)
+        if dlg is None:
+            tries[0] += 1
+            if tries[0] < 200:
+                QTimer.singleShot(10, attempt)
+            return
+        try:
+            seen.append(dlg)
+            seen_cb[0](dlg)
+        finally:
+            if dlg.isVisible():
+                dlg.reject()
+    seen_cb = [None]
+
+    def run(cb):
+        seen_cb[0] = cb
+        QTimer.singleShot(0, attempt)
+        action()
+        return seen
+    return run
+
+
+def test_toolbar_actions_open_dialogs_and_run_jobs(qtbot, window, tmp_path, vdi_chain):
+    """The real wiring: action → modal dialog → OK → job in the pool → tree updated."""
+    window.settings.setValue("paths/last_folder", str(tmp_path))
+    rec = Recorder(window)
+
+    def fill_create(dlg):
+        dlg.set_format("VDI")
+        dlg.size.setValue(16 * MiB)
+        dlg.location.set_path(str(tmp_path / "via-action.vdi"))
+        qtbot.mouseClick(dlg.ok, Qt.LeftButton)
+    seen = _drive_modal(qtbot, CreateDialog, window.actions["create"].trigger)(fill_create)
+    assert seen
+    job = window.queue.jobs[-1]
+    ok(qtbot, job)
+    rec.check(job)
+    target = str(tmp_path / "via-action.vdi")
+    qtbot.waitUntil(lambda: window.model.node(target) is not None, timeout=5000)
+
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    window.select_paths([vdi_chain["snap2"]])
+
+    def fill_copy(dlg):
+        dlg.set_format("VDI")
+        dlg.location.set_path(str(tmp_path / "copied.vdi"))
+        qtbot.mouseClick(dlg.ok, Qt.LeftButton)
+    assert _drive_modal(qtbot, CopyDialog, window.actions["copy"].trigger)(fill_copy)
+    job = window.queue.jobs[-1]
+    assert job.kind == "copy"
+    ok(qtbot, job)
+    rec.check(job)
+    assert chain_content(str(tmp_path / "copied.vdi")) == chain_content(vdi_chain["snap2"])

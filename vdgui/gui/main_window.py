@@ -92,6 +92,8 @@ class MainWindow(QMainWindow):
         self._restore_settings()
         self.update_actions()
         self._update_status()
+        self._update_tab_counts()
+        self.empty_hint.setVisible(True)
 
     # -- construction ---------------------------------------------------------------------
     def _build_actions(self) -> None:
@@ -123,6 +125,10 @@ class MainWindow(QMainWindow):
         self.action_quit.triggered.connect(self.close)
         self.action_about = QAction(app_icon(), "&About vdgui", self)
         self.action_about.triggered.connect(self.about)
+        self.action_clear_bad = QAction(icon("warning"), "Remove &Inaccessible Images", self)
+        self.action_clear_bad.setToolTip("Forget every image whose file is missing or unreadable "
+                                         "(no file is deleted)")
+        self.action_clear_bad.triggered.connect(self.remove_inaccessible)
         self.action_expand = QAction("&Expand All", self)
         self.action_expand.setShortcut(QKeySequence("Ctrl+E"))
         self.action_expand.triggered.connect(lambda: self.tree.expandAll())
@@ -179,7 +185,7 @@ class MainWindow(QMainWindow):
         self.tree.setAllColumnsShowFocus(True)
         self.tree.setContextMenuPolicy(Qt.CustomContextMenu)
         self.tree.customContextMenuRequested.connect(self._context_menu)
-        self.tree.doubleClicked.connect(lambda *_: self.show_properties(True))
+        self.tree.activated.connect(lambda *_: self.show_properties(True))
         self.tree.setIconSize(QSize(20, 20))
         self.tree.setDragDropMode(QAbstractItemView.NoDragDrop)
         h = self.tree.header()
@@ -259,6 +265,10 @@ class MainWindow(QMainWindow):
                 m.addSeparator()
             else:
                 m.addAction(self.actions[k])
+        m.addSeparator()
+        m.addAction(self.action_clear_bad)
+        for menu in mb.findChildren(QMenu):
+            menu.setToolTipsVisible(True)
         m = mb.addMenu("&View")
         m.addAction(self.actions["refresh"])
         m.addAction(self.action_expand)
@@ -454,6 +464,7 @@ class MainWindow(QMainWindow):
             self.tabs.setTabText(i, f"{text} ({c})" if c else text)
         nodes = self.model.nodes()
         bad = sum(1 for n in nodes if not n.accessible)
+        self.action_clear_bad.setEnabled(bad > 0)
         self.status_images.setText(f"{len(nodes)} image(s)" + (f", {bad} inaccessible" if bad else ""))
 
     # -- selection and actions ------------------------------------------------------------
@@ -816,6 +827,15 @@ class MainWindow(QMainWindow):
             + (f" with {extra} differencing image(s) that depend on them" if extra else "")
             + "; the files stay on disk", 8000)
         return paths
+
+    def remove_inaccessible(self) -> list[str]:
+        bad = [n.path for n in self.model.nodes() if not n.accessible and not n.busy]
+        for p in bad:
+            self.library.remove(p)
+        self.model.remove_paths(bad)
+        self._after_records()
+        self.statusBar().showMessage(f"Removed {len(bad)} inaccessible image(s) from the list", 8000)
+        return bad
 
     def delete_plan(self, nodes) -> tuple[list, list]:
         """(images to delete, images that depend on them but are not selected)."""
