@@ -232,6 +232,7 @@ def test_fixed_keeps_exact_size_dynamic_rounds(tmp_path):
     with Disk() as d:
         img = d.create_base(str(tmp_path / "f.vhd"), 5 * MiB, "VHD", flags=ImageFlags.FIXED)
         assert d.size == 5 * MiB and "size_rounded_from" not in img.info()
+        assert img.pchs == (65535, 16, 255)        # no CHS is exact: current size for everyone
     assert os.path.getsize(tmp_path / "f.vhd") == 5 * MiB + 512
     with Disk() as d:
         img = d.create_base(str(tmp_path / "d.vhd"), 5 * MiB, "VHD")

@@ -120,18 +120,24 @@ def test_our_images_compare_identical_in_qemu(qemu, tmp_path, variant, size):
 
 def test_our_fixed_disk_keeps_exact_size(qemu, tmp_path):
     """A fixed disk of a size no CHS geometry describes (5 MiB, whole-MiB as Azure wants) keeps
-    its exact size; the data region and the footer's current size say so. qemu 7.2 still sizes
-    fixed disks of creators outside its list by the geometry (newer qemu uses the current size
-    for fixed disks), so it sees the CHS floor; its content agrees up to there."""
+    its exact size. qemu 7.2 sizes fixed disks of creators outside its current-size list by the
+    geometry, so the footer carries the maximum geometry (qemu's force_size convention) and qemu
+    sees the exact size too."""
     p = tmp_path / "azure.vhd"
     with Disk() as d:
-        d.create_base(str(p), 5 * MiB, "VHD", flags=ImageFlags.FIXED)
-        assert d.size == 5 * MiB
+        img = d.create_base(str(p), 5 * MiB, "VHD", flags=ImageFlags.FIXED)
+        assert d.size == 5 * MiB and img.pchs == (65535, 16, 255)
         expect = _fill(d, seed=5)
     assert os.path.getsize(p) == 5 * MiB + 512
-    qsize = _qemu_size(qemu, p)
-    assert qsize == vhd_chs(5 * MiB).size
-    assert _raw(qemu, p, tmp_path) == bytes(expect[:qsize])
+    assert _qemu_size(qemu, p) == 5 * MiB
+    assert _raw(qemu, p, tmp_path) == bytes(expect)
+    with Disk() as d:                               # growing to a CHS-exact size: spec geometry
+        img = d.open(str(p))
+        img.resize(round_size_to_chs(6 * MiB)[0])
+        assert img.pchs == vhd_chs(img.size)
+        expect += bytes(img.size - len(expect))
+    assert _qemu_size(qemu, p) == len(expect)
+    assert _raw(qemu, p, tmp_path, "r2.raw") == bytes(expect)
 
 
 def test_sizes_agree_with_qemu_for_many_requests(qemu, tmp_path):

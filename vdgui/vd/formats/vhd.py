@@ -22,7 +22,9 @@ Layout (all integers big-endian)::
   65535/16/255; the CHS geometry (C*H*S*512) for the others (``vpc ``, ``vbox``, ``qemu``...).
   Dynamic images we create are rounded up to the next size the CHS geometry describes exactly
   (as qemu and Virtual PC do), so every reader sees the same size; fixed images keep the exact
-  size (Azure-style whole-MiB disks).
+  size (Azure-style whole-MiB disks): when no CHS geometry describes it exactly, the footer
+  carries the maximum geometry 65535/16/255 (as qemu's ``force_size`` does), which makes every
+  qemu version (7.2 sizes fixed disks of other creators by geometry too) use the current size.
 * **Parent locators**: W2ru (relative, UTF-16LE), W2ku (absolute, UTF-16LE), Wi2r/Wi2k (ANSI,
   deprecated), MacX (UTF-8 file URL) are read; children are created with W2ku + W2ru (data
   space in bytes, as Virtual PC, Hyper-V and VirtualBox store it), the parent's UTF-16BE file
@@ -160,6 +162,14 @@ def round_size_to_chs(size: int) -> tuple[int, Geometry]:
         if g.cylinders * g.heads * g.sectors >= total:
             return g.cylinders * g.heads * g.sectors * SECTOR, g
         i += 1
+
+
+def fixed_geometry(size: int) -> Geometry:
+    """Geometry for a fixed disk that keeps its exact size: the specification's CHS when it
+    describes the size exactly, else the maximum geometry 65535/16/255, which tells every reader
+    (qemu of any version included) to use the footer's current size, as qemu's force_size does."""
+    g = vhd_chs(size)
+    return g if g.cylinders * g.heads * g.sectors * SECTOR == size else Geometry(*MAX_GEOMETRY)
 
 
 def bitmap_runs(bm, first: int, count: int) -> list[tuple[int, int, bool]]:
@@ -733,7 +743,9 @@ class VhdImage(Image):
         c, h, s = value
         if not (0 < c <= 65535 and 0 < h <= 255 and 0 < s <= 255):
             raise InvalidArgument(f"{self.location}: VHD geometry must fit 65535/255/255, found {value}")
-        if self.size_source == "geometry" and c * h * s * SECTOR != self.size:
+        qemu_uses_chs = bytes(self.footer.creator_app) not in CURRENT_SIZE_CREATORS and \
+            self.disk_type != TYPE_DIFF and (c, h, s) != MAX_GEOMETRY
+        if qemu_uses_chs and c * h * s * SECTOR != self.size:
             raise InvalidArgument(
                 f"{self.location}: this VHD's size is defined by its geometry (creator "
                 f"{bytes(self.footer.creator_app)!r}); {value} describes {c * h * s * SECTOR} bytes, "
@@ -826,9 +838,10 @@ class VhdImage(Image):
     def _new_size_and_geometry(self, new_size: int) -> tuple[int, Geometry]:
         """Fixed and differencing disks and current-size creators keep the exact size; the others
         round up to a size their CHS geometry describes (what readers will compute)."""
-        if self.disk_type in (TYPE_FIXED, TYPE_DIFF) or \
-                bytes(self.footer.creator_app) in CURRENT_SIZE_CREATORS:
+        if self.disk_type == TYPE_DIFF or bytes(self.footer.creator_app) in CURRENT_SIZE_CREATORS:
             return new_size, vhd_chs(new_size)
+        if self.disk_type == TYPE_FIXED:
+            return new_size, fixed_geometry(new_size)
         return round_size_to_chs(new_size)
 
     def resize(self, new_size, progress=None):
@@ -1160,7 +1173,7 @@ class VhdBackend(Backend):
         if p.size > MAX_VIRTUAL:
             raise InvalidArgument(f"{p.location}: VHD images can be at most {MAX_VIRTUAL} bytes")
         if fixed or diff:
-            size, geo = p.size, vhd_chs(p.size)
+            size, geo = p.size, vhd_chs(p.size) if diff else fixed_geometry(p.size)
         else:
             size, geo = round_size_to_chs(p.size)
         uid = p.uuid or uuidlib.uuid4()
