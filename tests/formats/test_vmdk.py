@@ -714,3 +714,37 @@ def test_compressed_grain_bomb_and_garbage_refused(tmp_path):
         with pytest.raises(CorruptImage, match="does not inflate"):
             d.read(65536, 65536)
     assert g0 != g1
+
+
+def test_check_directory_disagreement_and_metadata_pointer(tmp_path, qemu):
+    p = _mono(tmp_path)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        ext = img.extents[0]
+        gd_off, rgt_sector = ext.gd_sector * 512, ext.rgd[0]
+    with open(p, "r+b") as f:
+        f.seek(gd_off)                       # primary directory entry 0 emptied
+        f.write(bytes(4))
+        f.seek(rgt_sector * 512 + 4 * 3)     # redundant entry for grain 3 -> the header
+        f.write((0).to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 65536) == bytes(65536)          # the primary says: unallocated
+        rep = d.top.check()
+        assert rep.corrupt and "primary copy is empty" in rep.problems[0].what
+    with Disk() as d:
+        d.open(p)
+        rep = d.top.check(repair=True)
+        assert not rep.corrupt and all(pr.repaired for pr in rep.problems)
+        assert d.read(0, 200000)[:3 * 65536] == b"\x5a" * (3 * 65536)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.top.check().exit_code == 0
+    assert qemu.check(p).returncode == 0
+    with open(p, "r+b") as f:                # a grain table entry pointing at the header
+        f.seek(rgt_sector * 512 + 4)
+        f.write((0 + 2).to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        rep = d.top.check()
+        assert rep.corrupt and "into metadata" in rep.problems[0].what

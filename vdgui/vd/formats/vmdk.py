@@ -1396,87 +1396,95 @@ class VmdkImage(Image):
                 e.next_free = end
 
     def _check_extent(self, e: SparseExtent, report: CheckReport, fix: bool, prog: Progress):
+        """Directory/redundant directory and table/redundant table consistency; entries that
+        point past the end of the file or into the metadata area. Repair takes the valid copy
+        (the primary one when both are valid but differ); an entry with no valid copy becomes
+        unallocated."""
         size = e.f.size()
         path = e.path
+        meta_end = e.header["overhead"] if e.header else 1
 
         def table_ok(sec):
-            return sec == 0 or (sec * SECTOR + e.gt_bytes <= size and sec * SECTOR >= SECTOR)
+            return sec == 0 or (sec >= 1 and sec * SECTOR + e.gt_bytes <= size)
 
-        def grain_ok(v):
-            if v == 0 or (v == 1 and (e.zero_grain or e.compressed)):
+        def grain_ok(v, idx):
+            if v == 0 or v == 1:
                 return True
-            return v * SECTOR + (12 if e.compressed else min(e.grain, SECTOR)) <= size and v > 0
+            if v < meta_end:
+                return False
+            glen = max(min(e.grain, e.length - idx * e.grain), SECTOR)
+            return v * SECTOR + (12 if e.compressed else glen) <= size
 
-        def problem(what, off, repaired):
-            report.problems.append(Problem("corrupt", f"{path}: {what}", off, repaired))
+        def problem(what, off, repaired=False):
+            pr = Problem("corrupt", f"{path}: {what}", off, repaired)
+            report.problems.append(pr)
+            return pr
+
+        def copy_table(src: array.array) -> int:
+            sec = e._alloc(e.gt_sectors * SECTOR) // SECTOR
+            e.f.pwrite(sec * SECTOR, _u32_bytes(src).ljust(e.gt_sectors * SECTOR, b"\0"))
+            return sec
 
         for t in range(e.n_gts):
             prog.advance(1)
             g = e.gd[t]
             r = e.rgd[t] if e.rgd is not None else None
-            gok = table_ok(g)
-            rok = r is None or table_ok(r)
+            gok, rok = table_ok(g), (r is None or table_ok(r))
+            pg = pr = None
             if not gok:
-                problem(f"grain directory entry {t} points past the end of the file (sector {g})",
-                        e.gd_sector * SECTOR + 4 * t, False)
-            if r is not None and not rok:
-                problem(f"redundant grain directory entry {t} points past the end of the file "
-                        f"(sector {r})", e.rgd_sector * SECTOR + 4 * t, False)
+                pg = problem(f"grain directory entry {t} points past the end of the file "
+                             f"(sector {g})", e.gd_sector * SECTOR + 4 * t)
+            if not rok:
+                pr = problem(f"redundant grain directory entry {t} points past the end of the "
+                             f"file (sector {r})", e.rgd_sector * SECTOR + 4 * t)
             gt = _u32_array(e.f.pread(g * SECTOR, e.gt_bytes)) if gok and g else None
             rgt = _u32_array(e.f.pread(r * SECTOR, e.gt_bytes)) if r and rok else None
-            if fix:
-                if not gok or (g == 0 and rgt is not None):
-                    # rebuild the primary table from the redundant copy (or drop it)
-                    newg = 0
-                    if rgt is not None:
-                        newg = e._alloc(e.gt_sectors * SECTOR) // SECTOR
-                        e.f.pwrite(newg * SECTOR, _u32_bytes(rgt).ljust(e.gt_sectors * SECTOR, b"\0"))
-                        gt = array.array("I", rgt)
-                    e.gd[t] = newg
-                    e.f.pwrite(e.gd_sector * SECTOR + 4 * t, newg.to_bytes(4, "little"))
-                    if report.problems and not gok:
-                        report.problems[-1 if r is None or rok else -2].repaired = True
-                    if g == 0 and gok:
-                        problem(f"grain directory entry {t} is empty but the redundant one is "
-                                "not", e.gd_sector * SECTOR + 4 * t, True)
-                    g = newg
-                    size = max(size, e.next_free)
-                if r is not None and (not rok or (r == 0 and gt is not None)):
-                    newr = 0
-                    if gt is not None:
-                        newr = e._alloc(e.gt_sectors * SECTOR) // SECTOR
-                        e.f.pwrite(newr * SECTOR, _u32_bytes(gt).ljust(e.gt_sectors * SECTOR, b"\0"))
-                        rgt = array.array("I", gt)
-                    e.rgd[t] = newr
-                    e.f.pwrite(e.rgd_sector * SECTOR + 4 * t, newr.to_bytes(4, "little"))
-                    if not rok:
-                        report.problems[-1].repaired = True
-                    else:
-                        problem(f"redundant grain directory entry {t} is empty but the primary "
-                                "one is not", e.rgd_sector * SECTOR + 4 * t, True)
-                    r = newr
-                    size = max(size, e.next_free)
-                e.file_size = max(e.file_size, size)
-            elif r is not None and gok and rok and (g == 0) != (r == 0):
-                problem(f"grain directory entry {t} and its redundant copy disagree "
-                        f"({g} vs {r})", e.gd_sector * SECTOR + 4 * t, False)
+            if r is not None and gok and rok and (g == 0) != (r == 0):
+                which = "primary" if g == 0 else "redundant"
+                p = problem(f"grain directory entry {t}: the {which} copy is empty, the other "
+                            f"is not ({g} vs {r})", e.gd_sector * SECTOR + 4 * t)
+                pg = pg or (p if g == 0 else None)
+                pr = pr or (p if r == 0 else None)
+            if fix and pg is not None:          # rebuild the primary table from the redundant one
+                newg = copy_table(rgt) if rgt is not None else 0
+                gt = array.array("I", rgt) if rgt is not None else None
+                e.gd[t] = newg
+                e.f.pwrite(e.gd_sector * SECTOR + 4 * t, newg.to_bytes(4, "little"))
+                e._gts.pop(t, None)
+                g, pg.repaired = newg, True
+            if fix and pr is not None:          # and the redundant one from the primary
+                newr = copy_table(gt) if gt is not None else 0
+                rgt = array.array("I", gt) if gt is not None else None
+                e.rgd[t] = newr
+                e.f.pwrite(e.rgd_sector * SECTOR + 4 * t, newr.to_bytes(4, "little"))
+                r, pr.repaired = newr, True
+            e.file_size = max(e.file_size, e.next_free)
+            size = max(size, e.next_free)
             if gt is None and rgt is None:
                 continue
             changed_g = changed_r = False
             for i in range(e.gtes):
                 a = gt[i] if gt is not None else None
                 b = rgt[i] if rgt is not None else None
-                aok = a is None or grain_ok(a)
-                bok = b is None or grain_ok(b)
-                if aok and bok and (a is None or b is None or a == b):
+                if a == b and (a is None or a <= 1):
                     continue
                 idx = t * e.gtes + i
+                aok = a is None or grain_ok(a, idx)
+                bok = b is None or grain_ok(b, idx)
+                if aok and bok and (a is None or b is None or a == b):
+                    continue
                 if not aok:
-                    what = f"grain table {t} entry {i} (grain {idx}) points past the end of the file (sector {a})"
+                    what = (f"grain table {t} entry {i} (grain {idx}) points past the end of the "
+                            f"file or into metadata (sector {a})")
+                    off = g * SECTOR + 4 * i
                 elif not bok:
-                    what = f"redundant grain table {t} entry {i} (grain {idx}) points past the end of the file (sector {b})"
+                    what = (f"redundant grain table {t} entry {i} (grain {idx}) points past the "
+                            f"end of the file or into metadata (sector {b})")
+                    off = r * SECTOR + 4 * i
                 else:
-                    what = f"grain table {t} entry {i} (grain {idx}) differs from the redundant table ({a} vs {b})"
+                    what = (f"grain table {t} entry {i} (grain {idx}) differs from the redundant "
+                            f"table ({a} vs {b})")
+                    off = g * SECTOR + 4 * i
                 good = a if aok and a is not None else b if bok and b is not None else 0
                 if fix:
                     if gt is not None and gt[i] != good:
@@ -1485,10 +1493,9 @@ class VmdkImage(Image):
                     if rgt is not None and rgt[i] != good:
                         rgt[i] = good
                         changed_r = True
-                problem(what, (g if not aok or b is None else r) * SECTOR + 4 * i, fix)
+                problem(what, off, fix)
             if changed_g:
                 e.f.pwrite(g * SECTOR, _u32_bytes(gt))
-                e._gts[t] = gt
             if changed_r:
                 e.f.pwrite(r * SECTOR, _u32_bytes(rgt))
             if fix and gt is not None:
