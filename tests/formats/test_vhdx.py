@@ -239,7 +239,8 @@ def test_diff_links_to_data_write_guid_and_partial_blocks(tmp_path, qemu):
         assert read_all(d) == expect
         loc = d.top.info()["parent_locator"]
         assert loc["relative_path"] == ".\\base.vhdx"
-        assert set(loc) >= {"parent_linkage", "relative_path", "absolute_win32_path"}
+        assert set(loc) >= {"parent_linkage", "relative_path"}
+        assert loc["parent_linkage"] == "{" + str(d.images[0].modification_uuid) + "}"
     # writing the parent afterwards changes its DataWriteGuid: the child no longer matches
     with Disk() as d:
         d.open(str(base))
@@ -772,3 +773,20 @@ def test_unmapped_in_differencing_reads_zero(tmp_path):
         d.write(512, b"\x02" * 512)            # the rest of the block stays zero
         assert d.read(0, 1024) == bytes(512) + b"\x02" * 512
         assert top._state(0) == vhdx.PAYLOAD_FULLY_PRESENT
+
+
+def test_parent_linkage2_accepted(tmp_path):
+    base, child = tmp_path / "l2b.vhdx", tmp_path / "l2c.avhdx"
+    with _create(base, 2 * MiB) as d:
+        d.write(0, b"\x01" * 512)
+        d.create_diff(str(child))
+        dwg = d.images[0].modification_uuid
+    img = get_backend("VHDX").open(str(child), OpenFlags.NORMAL)
+    try:
+        kv = dict(img.parent_locator, parent_linkage="{" + str(uuid.uuid4()) + "}",
+                  parent_linkage2="{" + str(dwg) + "}")
+        img._write_metadata_item(vhdx.PARENT_LOCATOR, vhdx.build_locator(kv))
+    finally:
+        img.close()
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
+        assert d.read(0, 4) == b"\x01" * 4

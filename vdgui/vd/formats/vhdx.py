@@ -552,8 +552,15 @@ class VhdxImage(Image):
             except ValueError:
                 raise self._corrupt("parent_linkage is not a GUID", field="parent_linkage",
                                     offset=mo + off, found=repr(linkage)) from None
+        self.parent_linkage2 = None
+        l2 = kv.get("parent_linkage2")
+        if l2:
+            try:
+                self.parent_linkage2 = uuidlib.UUID(l2.strip("{}"))
+            except ValueError:
+                pass
+        # MS-VHDX 2.6.2.6.3: paths are tried relative_path, volume_path, absolute_win32_path
         locs = [kv[k] for k in ("relative_path", "volume_path", "absolute_win32_path") if kv.get(k)]
-        locs = [(".\\" + l[2:] if l.startswith(".\\") else l) for l in locs]
         self.parent_hint = ParentHint(locations=[_native(l) for l in locs], uuid=None,
                                       format="VHDX", link_id=linkage)
 
@@ -875,7 +882,8 @@ class VhdxImage(Image):
             return
         mine = self.parent_modification_uuid
         theirs = parent.modification_uuid
-        if theirs is None or theirs != mine:
+        # MS-VHDX 2.6.2.6.3: the parent's DataWriteGuid matches parent_linkage or parent_linkage2
+        if theirs is None or theirs not in (mine, getattr(self, "parent_linkage2", None)):
             raise ParentMismatch(f"{self.location}: differencing image does not belong to "
                                  f"{parent.location} (parent_linkage is the parent's DataWriteGuid)",
                                  field="parent_linkage", expected=theirs, found=mine)
@@ -920,7 +928,7 @@ class VhdxImage(Image):
         if not self.has_parent:
             self._no_field("a parent link (not a differencing image)")
         kv = dict(self.parent_locator)
-        kv["parent_linkage"] = "{" + str(value).upper() + "}"
+        kv["parent_linkage"] = "{" + str(value) + "}"
         self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
         self.parent_locator = kv
         self.parent_modification_uuid = value
@@ -939,7 +947,8 @@ class VhdxImage(Image):
         self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
         self.parent_locator = kv
         self.parent_modification_uuid = parent.modification_uuid
-        locs = [kv["relative_path"], kv["absolute_win32_path"]]
+        self.parent_linkage2 = None
+        locs = [kv[k] for k in ("relative_path", "absolute_win32_path") if k in kv]
         self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX",
                                       link_id=kv["parent_linkage"])
 
@@ -1207,7 +1216,10 @@ class VhdxImage(Image):
 
 
 def _native(loc: str) -> str:
-    """A stored Windows-style path as a name chain.py can resolve ('.\\x' -> 'x')."""
+    """A stored Windows-style path as a name chain.py can resolve ('.\\x' -> 'x',
+    '\\\\?\\d:\\x' -> 'd:/x'; absolute ones stay absolute and are confined by chain.py)."""
+    if loc.startswith("\\\\?\\") and len(loc) > 5 and loc[5] == ":":
+        loc = loc[4:]                           # \\?\d:\... -> d:\... (volume paths stay)
     s = loc.replace("\\", "/")
     while s.startswith("./"):
         s = s[2:]
@@ -1218,12 +1230,13 @@ def locator_for(child: str, parent: str, linkage: uuidlib.UUID) -> dict[str, str
     rel = relative_name(child, parent).replace("/", "\\")
     if not rel.startswith("..") and not rel.startswith(".\\"):
         rel = ".\\" + rel
-    return {
-        "parent_linkage": "{" + str(linkage).upper() + "}",
+    kv = {
+        "parent_linkage": "{" + str(linkage) + "}",     # lowercase with braces (2.6.2.6.3)
         "relative_path": rel,
-        # a POSIX absolute path where Windows would store C:\...; Hyper-V tries relative first
-        "absolute_win32_path": os.path.abspath(parent).replace("/", "\\"),
     }
+    if os.name == "nt":     # "\\?\d:\..." form; a POSIX path has no Win32 equivalent
+        kv["absolute_win32_path"] = "\\\\?\\" + os.path.abspath(parent)
+    return kv
 
 
 def build_locator(kv: dict[str, str]) -> bytes:
