@@ -1185,6 +1185,8 @@ class VhdBackend(Backend):
                       disk_type=TYPE_FIXED if fixed else TYPE_DIFF if diff else TYPE_DYNAMIC,
                       checksum=0, unique_id=uid.bytes_le, saved_state=0, reserved=bytes(427))
         fraw = _with_checksum(FOOTER.build(footer), FOOTER_CHECKSUM_AT)
+        if p.progress:
+            p.progress(0, size)
         f = ImageFile.create_temp(p.location)
         try:
             if fixed:
