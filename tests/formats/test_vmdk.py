@@ -748,3 +748,50 @@ def test_check_directory_disagreement_and_metadata_pointer(tmp_path, qemu):
         d.open(p, flags=OpenFlags.READ_ONLY)
         rep = d.top.check()
         assert rep.corrupt and "into metadata" in rep.problems[0].what
+
+
+@pytest.mark.parametrize("flags", [ImageFlags.SPLIT_2G, ImageFlags.SPLIT_2G | ImageFlags.FIXED],
+                         ids=["sparse", "flat"])
+def test_resize_split_adds_extents(tmp_path, qemu, flags):
+    p = str(tmp_path / "r.vmdk")
+    GiB = 1 << 30
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VMDK", flags=flags)
+        d.write(0, b"\x01" * 4096)
+        d.top.resize(5 * GiB)
+        assert len(d.top.extents) == 3 and len(d.top.files()) == 4
+        d.write(4 * GiB + 12345 * 512, b"\x02" * 8192)
+        d.write(2047 * MiB - 4096, b"\x03" * 8192)          # across the first boundary
+    names = sorted(os.listdir(tmp_path))
+    suffix = "s" if not flags & ImageFlags.FIXED else "f"
+    assert names == ["r-%s001.vmdk" % suffix, "r-%s002.vmdk" % suffix, "r-%s003.vmdk" % suffix,
+                     "r.vmdk"]
+    r = qemu.io("-f", "vmdk", "-r", "-c", "read -P 1 0 4096",
+                "-c", f"read -P 2 {4 * GiB + 12345 * 512} 8192",
+                "-c", f"read -P 3 {2047 * MiB - 4096} 8192", p)
+    assert r.stdout.count("read ") == 3
+    assert qemu.check(p).returncode == 0
+    assert f"virtual size: 5 GiB" in qemu.img("info", p).stdout
+
+
+def test_write_allocates_missing_grain_tables(tmp_path, qemu):
+    p = _mono(tmp_path, data=False)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        gd_off, rgd_off = img.extents[0].gd_sector * 512, img.extents[0].rgd_sector * 512
+    with open(p, "r+b") as f:               # a VMware-style image without preallocated tables
+        f.seek(gd_off)
+        f.write(bytes(4))
+        f.seek(rgd_off)
+        f.write(bytes(4))
+    with Disk() as d:
+        d.open(p)
+        assert d.allocation()[0].status == Alloc.UNALLOCATED
+        d.write(70000, b"\x09" * 1000)
+        assert d.top.check().exit_code == 0
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert img.extents[0].gd[0] != 0 and img.extents[0].rgd[0] != 0
+        assert d.read(70000, 1000) == b"\x09" * 1000
+    assert qemu.check(p).returncode == 0
+    assert "read 1000/1000" in qemu.io("-f", "vmdk", "-r", "-c", "read -P 9 70000 1000", p).stdout

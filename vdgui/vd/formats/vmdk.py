@@ -1145,7 +1145,9 @@ class VmdkImage(Image):
                 self.desc.add_extent(line)
                 vstart = self.extents[-1].vstart + self.extents[-1].length
                 self._open_extent(line, vstart, p, writable=True)
+                self.extent_paths.append(p)
                 new_files.append((p, line))
+        self._starts = [e.vstart for e in self.extents]
         self.size = new_size
         self._write_descriptor()
         prog.finish()
