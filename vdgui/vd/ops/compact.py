@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..backend import Backend, OpenFlags, Operation
 from ..disk import Disk
-from ..errors import Cancelled, CorruptImage, NotSupported
+from ..errors import Cancelled, CorruptImage, NotSupported, VDError
 from ..fileio import ImageFile, temp_name
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
@@ -208,12 +208,15 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         fsync_dir(real)
         finish(prog)
         return True
-    except BaseException:
+    except BaseException as exc:
         if img is not None:
             with contextlib.suppress(Exception):
                 img.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, VDError) and tmp in exc.message:
+            exc.message = exc.message.replace(tmp, path)     # name the user's file, not ours
+            exc.args = (exc.message,)
         raise
     finally:
         lock.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ..backend import OpenFlags, Operation
 from ..disk import Disk
-from ..errors import CorruptImage, InvalidArgument
+from ..errors import CorruptImage, InvalidArgument, NotSupported
+from ..geometry import vbox_pchs
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero
@@ -49,6 +50,20 @@ def first_data_beyond(chain: Disk, new_size: int) -> int | None:
     return None
 
 
+def _resize_hook(img: Image, new_size: int, cb) -> None:
+    """The RESIZE hook, then VirtualBox's generic rule (VDResize): a physical geometry that
+    followed the default 16 heads / 63 sectors rule for the old size follows it for the new one
+    when the backend left it as it was."""
+    old_size, old_pchs = img.size, img.pchs
+    img.resize(new_size, cb)
+    if (old_pchs is not None and img.pchs == old_pchs and old_pchs == vbox_pchs(old_size)
+            and vbox_pchs(img.size) != old_pchs):
+        try:
+            img.set_pchs(vbox_pchs(img.size))
+        except NotSupported:
+            pass
+
+
 def resize(path: str, new_size: int, *, format: str | None = None,
            progress: ProgressCallback | None = None) -> None:
     """Change the virtual size of ``path`` to ``new_size`` bytes (the new area reads zeroes)."""
@@ -74,15 +89,18 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         below = (lambda o, n: chain._read_below(top, o, n)) if top > 0 else None
 
         def work(img: Image, cb) -> bool:
-            img.resize(new_size, cb)
+            _resize_hook(img, new_size, cb)
             return True
 
         keep = min(old, new_size)
 
         def verify(img: Image, advance) -> None:
-            if img.size != new_size:
+            # a backend may round up (VHD: whole CHS geometry); never below, never past the old
+            # size when shrinking
+            if img.size < new_size or (new_size < old and img.size >= old):
                 raise CorruptImage(f"{path}: resize left the size at {img.size}; original kept",
                                    expected=new_size, found=img.size)
+            end = img.size
             pos = 0
             while pos < keep:                       # the old content is unchanged
                 n = min(VERIFY_CHUNK, keep - pos)
@@ -91,8 +109,8 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                                        f"{pos:#x}; the original is kept unchanged")
                 pos += n
                 advance(n)
-            if new_size > keep:                     # the new area reads zeroes
-                for s, n, st in img.block_status(keep, new_size - keep):
+            if end > keep:                          # the new area reads zeroes
+                for s, n, st in img.block_status(keep, end - keep):
                     if st == Alloc.ZERO or (st == Alloc.UNALLOCATED and below is None):
                         continue
                     q = s
@@ -102,14 +120,15 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                             raise CorruptImage(f"{path}: the new area of the resized copy does not "
                                                f"read zeroes at offset {q:#x}; original kept")
                         q += m
-                advance(new_size - keep)
+                advance(end - keep)
 
         if orig.files() != [orig.location]:
             img = backend.open(path, OpenFlags.NORMAL, None)
             try:
                 prog = Progress(progress, max(new_size, 1))
                 prog.start()
-                img.resize(new_size, lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
+                _resize_hook(img, new_size,
+                             lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
                 img.flush()
                 finish(prog)
             finally:

@@ -1,0 +1,134 @@
+"""resize(): grow (new area zero, geometry updated), shrink of an unused tail, refusals,
+cancellation leaves the file byte-identical."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.engine.ops_support import (MiB, ProgressLog, ext_of, fake_registered,  # noqa: F401
+                                      file_sha, formats_with, qemu_verify, read_chain, temps_in)
+from vdgui.vd import (Cancelled, Disk, InvalidArgument, NotSupported, OpenFlags, Operation,
+                      resize)
+
+FORMATS = formats_with(Operation.RESIZE, Operation.WRITE)
+SIZE = 8 * MiB
+
+
+def _make(path, fmt, data_end=5 * MiB):
+    with Disk() as d:
+        d.create_base(path, SIZE, fmt)
+        size = d.size
+        d.write(0, b"\x11" * MiB)
+        d.write(2 * MiB + 4096, b"\x22" * (data_end - 2 * MiB - 4096))
+        d.flush()
+    expect = bytearray(size)
+    expect[0:MiB] = b"\x11" * MiB
+    expect[2 * MiB + 4096:data_end] = b"\x22" * (data_end - 2 * MiB - 4096)
+    return bytes(expect)
+
+
+def _info(path):
+    with Disk.open_chain(path, None, OpenFlags.READ_ONLY) as d:
+        return d.size, d.top.pchs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resize_grow(tmp_path, qemu, fmt):
+    path = str(tmp_path / f"g.{ext_of(fmt)}")
+    expect = _make(path, fmt)
+    _, pchs0 = _info(path)
+    new = 40 * MiB
+    log = ProgressLog()
+    resize(path, new, progress=log)
+    log.assert_well_formed()
+    size, pchs = _info(path)
+    assert size >= new
+    want = expect + bytes(size - len(expect))
+    assert read_chain(path) == want
+    if pchs0 is not None and pchs is not None:
+        assert pchs.cylinders > pchs0.cylinders, f"geometry not updated: {pchs0} -> {pchs}"
+    assert not temps_in(tmp_path)
+    qemu_verify(qemu, path, fmt, want, tmp_path, is_base=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resize_shrink(tmp_path, qemu, fmt):
+    path = str(tmp_path / f"s.{ext_of(fmt)}")
+    expect = _make(path, fmt)
+    sha = file_sha(path)
+    # the tail holds data: refused, nothing changes
+    with pytest.raises(InvalidArgument, match="holds data"):
+        resize(path, 4 * MiB)
+    assert file_sha(path) == sha
+    # the tail is unused: fine (or a clear NotSupported from a backend that cannot shrink)
+    try:
+        resize(path, 6 * MiB)
+    except (NotSupported, InvalidArgument) as exc:
+        assert "shrink" in str(exc).lower(), exc
+        assert file_sha(path) == sha
+        return
+    size, _ = _info(path)
+    assert 6 * MiB <= size < SIZE             # VHD rounds up to whole CHS geometry
+    assert read_chain(path) == expect[:size]
+    qemu_verify(qemu, path, fmt, expect[:size], tmp_path, is_base=True)
+    # growing again: the cut-off area comes back as zeroes
+    resize(path, SIZE)
+    got = read_chain(path)
+    assert got[:size] == expect[:size] and not any(got[size:])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resize_bad_sizes(tmp_path, fmt):
+    path = str(tmp_path / f"x.{ext_of(fmt)}")
+    _make(path, fmt)
+    sha = file_sha(path)
+    for bad in (0, -512, SIZE + 100, 1.5):
+        with pytest.raises(InvalidArgument):
+            resize(path, bad)
+    assert file_sha(path) == sha
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resize_cancel(tmp_path, fmt):
+    path = str(tmp_path / f"c.{ext_of(fmt)}")
+    expect = _make(path, fmt)
+    sha = file_sha(path)
+    cancelled = 0
+    for k in (1, 2, 3):
+        try:
+            resize(path, 24 * MiB, progress=ProgressLog(cancel_at=k, sleep=0.051))
+        except Cancelled:
+            cancelled += 1
+            assert file_sha(path) == sha
+            assert not temps_in(tmp_path)
+        else:
+            break
+    assert cancelled >= 2
+    assert read_chain(path)[:len(expect)] == expect
+
+
+def test_resize_diff_top(tmp_path):
+    """Growing the top of a chain: the parent is untouched, the new area reads zeroes."""
+    base, diff = str(tmp_path / "b.fkd"), str(tmp_path / "d.fkd")
+    with Disk() as d:
+        d.create_base(base, SIZE, "FAKEDIFF")
+        d.write(0, b"\x01" * SIZE)
+        d.create_diff(diff)
+        d.write(MiB, b"\x02" * MiB)
+    expect = read_chain(diff)
+    sha = file_sha(base)
+    resize(diff, 12 * MiB)
+    assert read_chain(diff) == expect + bytes(4 * MiB)
+    assert file_sha(base) == sha
+    # shrinking the top refuses when the parent's data would be cut off
+    with pytest.raises(InvalidArgument, match="holds data"):
+        resize(diff, 4 * MiB)
+    assert os.path.exists(diff)
+
+
+def test_resize_refusal_without_hook(tmp_path):
+    p = tmp_path / "x.dmg"
+    p.write_bytes(bytes(4096))
+    with pytest.raises(NotSupported, match="resize is not supported for DMG"):
+        resize(str(p), 8192, format="DMG")
