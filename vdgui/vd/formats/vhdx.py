@@ -357,7 +357,7 @@ class VhdxImage(Image):
         valid.sort(key=lambda t: (t[0], t[1]))
         _seq, self.hdr_slot, self.hdr = valid[-1]
         h = self.hdr
-        if h.log_version != 0:
+        if h.log_version != 0 and h.log_guid != ZERO_GUID:   # 2.2.2: only matters with a log
             raise NotSupported(f"{self.location}: VHDX log version {h.log_version} is not "
                                "supported (expected 0)")
         if h.log_length % MiB or h.log_offset % MiB or (h.log_length and h.log_offset < MiB):
