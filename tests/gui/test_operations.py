@@ -380,3 +380,58 @@ def test_toolbar_actions_open_dialogs_and_run_jobs(qtbot, window, tmp_path, vdi_
     ok(qtbot, job)
     rec.check(job)
     assert chain_content(str(tmp_path / "copied.vdi")) == chain_content(vdi_chain["snap2"])
+
+
+def test_real_copy_cancelled_from_panel_leaves_nothing(qtbot, window, tmp_path):
+    from vdgui.vd import copy_image
+    src = str(tmp_path / "data.vdi")
+    with Disk() as d:
+        d.create_base(src, 64 * MiB, "VDI")
+        for i in range(0, 64 * MiB, 4 * MiB):
+            d.write(i, bytes([i // MiB + 1]) * (4 * MiB))
+    dst = str(tmp_path / "out" / "data.vmdk")
+    os.makedirs(os.path.dirname(dst))
+    mid = threading.Event()
+    clicked = threading.Event()
+
+    def fn(progress):
+        def cb(done, total):
+            r = progress(done, total)
+            if 0 < done < total and not mid.is_set():
+                mid.set()
+                clicked.wait(10)
+                r = progress(done, total)
+            return r
+        return copy_image(src, dst, "VMDK", progress=cb)
+    job = window.start_job(Job("Copy data.vdi", fn, paths=[src, dst]))
+    assert mid.wait(20)
+    row = window.jobs_panel.row_for(job)
+    qtbot.waitUntil(lambda: "of" in row.detail.text(), timeout=3000)   # progress shown
+    qtbot.mouseClick(row.cancel_button, Qt.LeftButton)
+    clicked.set()
+    wait_job(qtbot, job)
+    assert job.state == JobState.CANCELLED
+    assert os.listdir(os.path.dirname(dst)) == [], "a cancelled copy leaves no file behind"
+
+
+def test_failure_shows_engine_message(qtbot, window, tmp_path):
+    from vdgui.jobs import tasks
+    missing = str(tmp_path / "nothing.vdi")
+    job = window.start_job(tasks.compact_job(missing))
+    wait_job(qtbot, job)
+    assert job.state == JobState.FAILED
+    row = window.jobs_panel.row_for(job)
+    assert "Failed" in row.detail.text() and "nothing.vdi" in row.detail.text()
+    assert "nothing.vdi" in window.statusBar().currentMessage()
+    assert not window.messages or all("internal error" not in m.windowTitle() for m in window.messages)
+
+
+def test_bug_in_a_job_shows_crash_dialog_with_traceback(qtbot, window):
+    job = window.start_job(Job("Buggy", lambda progress: 1 / 0))
+    wait_job(qtbot, job)
+    assert job.state == JobState.FAILED
+    qtbot.waitUntil(lambda: bool(window.messages), timeout=3000)
+    box = window.messages[-1]
+    assert "internal error" in box.windowTitle()
+    assert "ZeroDivisionError" in box.detailedText() and "Traceback" in box.detailedText()
+    box.close()
