@@ -26,7 +26,11 @@ and flushed before its BAT entry. In a differencing image a write into a block t
 marks the written sectors in the chunk's sector bitmap (PARTIALLY_PRESENT), so the parent's data is
 never copied. BAT, bitmap and metadata updates are written in place, each a single aligned write
 inside one 4 KiB sector and ordered data -> bitmap -> BAT, so an interruption leaves a readable
-image. Header updates alternate between the two header copies with increasing sequence numbers.
+image. (MS-VHDX 2.3 asks for metadata updates to go through the log; this implementation replays
+logs written by others but orders its own single-sector updates instead, as qemu's readers and
+Hyper-V only need the result to be consistent.) A BAT that outgrows its region on resize is copied
+to the end of the file before region table 1, then 2, are rewritten. Header updates alternate
+between the two header copies with increasing sequence numbers.
 The DataWriteGuid changes before the first data write of a session, the FileWriteGuid on every
 read-write open (2.2.2).
 
