@@ -1195,7 +1195,15 @@ class Qcow2Image(Image):
             for i in range(l1_n):
                 l1e = l1[i]
                 off = l1e & L.L1E_OFFSET_MASK
+                if l1e & L.L1E_RESERVED_MASK and active:
+                    problems.append(Problem("corrupt", f"L1 entry {i} has reserved bits set: "
+                                            f"{l1e:#x}", self.l1_offset + 8 * i))
+                    fixes.append(("l1", i, l1e & ~L.L1E_RESERVED_MASK))
                 if not off:
+                    if l1e & ~L.L1E_RESERVED_MASK and active:
+                        problems.append(Problem("corrupt", f"L1 entry {i} = {l1e:#x} has flags "
+                                                "but no L2 table offset", self.l1_offset + 8 * i))
+                        fixes.append(("l1", i, 0))
                     continue
                 if off % cs:
                     problems.append(Problem("corrupt", f"L1 entry {i}: L2 table offset {off:#x} "
@@ -1227,6 +1235,11 @@ class Qcow2Image(Image):
                         for c in range(first, last + 1):
                             counts[c] += 1
                         continue
+                    if e & L.L2E_STD_RESERVED_MASK:
+                        problems.append(Problem("corrupt", f"L2 table at {off:#x} entry {j} has "
+                                                f"reserved bits set: {e:#x}", off))
+                        if active:
+                            fixes.append(("l2", off, j, e & ~L.L2E_STD_RESERVED_MASK))
                     host = e & L2E_MASK
                     if not host or data_file:
                         continue
@@ -1278,6 +1291,10 @@ class Qcow2Image(Image):
         refblocks = {}
         for rti in range(len(rt)):
             off = rt[rti] & L.REFT_OFFSET_MASK
+            if rt[rti] & L.REFT_RESERVED_MASK:
+                problems.append(Problem("corrupt", f"refcount table entry {rti} has reserved "
+                                        f"bits set: {rt[rti]:#x}", self.rt_offset + 8 * rti))
+                bad_structure = True
             if not off:
                 continue
             if off % cs or off + cs > self.fsize:
@@ -1311,15 +1328,22 @@ class Qcow2Image(Image):
         return bad_structure
 
     def _copied_problems(self, problems: list, counts, fixes: list) -> None:
+        """OFLAG_COPIED must be set exactly when the (stored) refcount is 1, as qemu checks."""
         cs = self.cs
+
+        def rc(c: int) -> int:
+            try:
+                return self.refcount(c)
+            except VDError:
+                return counts[c]
         for i, l1e in enumerate(self.l1):
             off = l1e & L.L1E_OFFSET_MASK
             if not off or off % cs or off // cs >= len(counts):
                 continue
-            want = counts[off // cs] == 1
+            want = rc(off // cs) == 1
             if bool(l1e & L.OFLAG_COPIED) != want:
                 problems.append(Problem("corrupt", f"OFLAG_COPIED L2 table: L1 entry {i} = "
-                                        f"{l1e:#x}, refcount {counts[off // cs]}", off))
+                                        f"{l1e:#x}, refcount {rc(off // cs)}", off))
                 fixes.append(("l1", i, off | (L.OFLAG_COPIED if want else 0)))
             tbl = _be_array(self.f.pread(off, cs))
             step = 2 if self.extended_l2 else 1
@@ -1330,13 +1354,13 @@ class Qcow2Image(Image):
                     continue
                 if self.incompat & L.INCOMPAT_DATA_FILE:
                     continue
-                want = counts[host // cs] == 1
+                want = rc(host // cs) == 1
                 if bool(e & L.OFLAG_COPIED) != want:
                     problems.append(Problem("corrupt", f"OFLAG_COPIED data cluster: L2 table "
                                             f"{off:#x} entry {j} = {e:#x}, refcount "
-                                            f"{counts[host // cs]}", host))
-                    fixes.append(("l2", off, j, (e & ~L.OFLAG_COPIED) |
-                                  (L.OFLAG_COPIED if want else 0)))
+                                            f"{rc(host // cs)}", host))
+                    fixes.append(("l2", off, j, (e & ~(L.OFLAG_COPIED | L.L2E_STD_RESERVED_MASK))
+                                  | (L.OFLAG_COPIED if want else 0)))
 
     def check(self, repair=False, dry_run=False, progress=None):
         if repair and not dry_run:
