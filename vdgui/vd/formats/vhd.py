@@ -117,6 +117,7 @@ DEFAULT_BLOCK = 2 << 20
 MAX_BLOCK = 256 << 20
 MAX_LOCATOR = 64 << 10
 MAX_VIRTUAL = 2040 << 30                  # qemu's and Hyper-V's VHD limit (BAT sector numbers)
+MAX_READ_VIRTUAL = 1 << 41                # dynamic disks larger than 2 TiB are refused on open
 MAX_GEOMETRY = (65535, 16, 255)
 VHD_EPOCH = 946684800                     # 2000-01-01T00:00:00Z in Unix time
 CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\x00")
@@ -308,8 +309,9 @@ class VhdImage(Image):
                                 expected="b'conectix'", found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)))
         self.footer = footer
         self.footer_len = end_len
+        fbase = 0 if self.footer_from != "end" else fsize - end_len     # for error offsets
         if footer.disk_type not in TYPE_NAMES:
-            raise self._corrupt("unknown disk type", field="disk type", offset=60,
+            raise self._corrupt("unknown disk type", field="disk type", offset=fbase + 60,
                                 expected="2 (fixed), 3 (dynamic) or 4 (differencing)",
                                 found=footer.disk_type)
         self.disk_type = footer.disk_type
@@ -327,16 +329,18 @@ class VhdImage(Image):
         self.pchs = Geometry(footer.cylinders, footer.heads, footer.sectors)
         self.lchs = None
         self.size, self.size_source = self._decide_size(footer)
-        if self.size > MAX_VIRTUAL + (1 << 30):
-            raise self._corrupt("virtual size is larger than a VHD can be", field="current size",
-                                offset=48, expected=f"at most {MAX_VIRTUAL}", found=self.size)
+        if self.size > MAX_READ_VIRTUAL and self.disk_type != TYPE_FIXED:
+            raise self._corrupt("virtual size is larger than a VHD can be",
+                                field="current size" if self.size_source != "geometry" else "geometry",
+                                offset=fbase + (48 if self.size_source != "geometry" else 56),
+                                expected=f"at most {MAX_READ_VIRTUAL}", found=self.size)
         if self.disk_type == TYPE_FIXED:
             self.flags = ImageFlags.FIXED
             self.block_size = SECTOR
             self.footer_offset = fsize - end_len
             if self.size > self.footer_offset:
                 raise self._corrupt("fixed disk is shorter than its virtual size (truncated?)",
-                                    field="current size", offset=48,
+                                    field="current size", offset=fbase + 48,
                                     expected=f"at most {self.footer_offset} bytes of data",
                                     found=self.size)
             return
