@@ -739,3 +739,24 @@ def test_damaged_map_refuses_structural_changes(tmp_path):
         d.write(0, b"\x05" * 512)            # a healthy allocated block stays writable
     with open_ro(p) as d:
         assert d.read(0, 512) == b"\x05" * 512
+
+
+def test_untouched_header_fields_keep_their_bytes(tmp_path):
+    p = make(tmp_path / "a.vdi", size=2 * MiB)
+    with open(p, "r+b") as f:
+        f.seek(L.H1["comment"])
+        f.write(b"caf\xe9 latin-1\0junk after the terminator")
+        f.seek(L.H1["legacy_geometry"])
+        f.write(struct.pack("<4I", 5, 0, 0, 512))
+        f.seek(L.H1["dummy"])
+        f.write(struct.pack("<I", 0x1234))
+    before = head(p, 512)
+    with Disk() as d:
+        img = d.open(p)
+        assert img.comment.startswith("caf\ufffd latin-1")
+        d.write(0, b"\x01" * 512)
+    after = head(p, 512)
+    changed = [i for i in range(512) if before[i] != after[i]]
+    allowed = set(range(L.H1["blocks_allocated"], L.H1["blocks_allocated"] + 4)) | \
+        set(range(L.H1["uuid_modify"], L.H1["uuid_modify"] + 16))
+    assert changed and set(changed) <= allowed

@@ -68,6 +68,10 @@ def _geometry(g) -> Geometry | None:
     return Geometry(g.cylinders, g.heads, g.sectors)
 
 
+def _comment_text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -196,7 +200,7 @@ class VdiImage(Image):
         self._total = bs + self.block_extra
         self.header_disk_size = h.disk_size
         self.size = h.disk_size & ~0x1FF      # VirtualBox rounds an unaligned size down
-        self.comment = h.comment.split(b"\0", 1)[0].decode("utf-8", "replace")
+        self.comment = _comment_text(h.comment)
         self.uuid = _uuid_or_none(h.uuid_create)
         self.modification_uuid = _uuid_or_none(h.uuid_modify)
         self.parent_uuid = _uuid_or_none(h.uuid_linkage)
@@ -221,25 +225,28 @@ class VdiImage(Image):
     def _header_bytes(self) -> bytes:
         h = self._h
         h.image_type = self.image_type
-        comment = (self.comment or "").encode("utf-8")
-        h.comment = comment + bytes(L.COMMENT_SIZE - len(comment))
+        if (self.comment or "") != _comment_text(h.comment):    # untouched bytes stay as read
+            comment = (self.comment or "").encode("utf-8")[:L.COMMENT_SIZE - 1]
+            h.comment = comment + bytes(L.COMMENT_SIZE - len(comment))
         h.disk_size = self.header_disk_size
         h.blocks = self.blocks
         h.blocks_allocated = self.allocated
         h.uuid_create = _uuid_bytes(self.uuid)
         h.uuid_modify = _uuid_bytes(self.modification_uuid)
         h.uuid_linkage = _uuid_bytes(self.parent_uuid)
-        g = self._stored_pchs or Geometry(0, 0, 0)
-        h.legacy_geometry.cylinders, h.legacy_geometry.heads, h.legacy_geometry.sectors = g
+        if self._stored_pchs != _geometry(h.legacy_geometry):
+            g = self._stored_pchs or Geometry(0, 0, 0)
+            h.legacy_geometry.cylinders, h.legacy_geometry.heads, h.legacy_geometry.sectors = g
         if self._v0:
             return L.Header0.build(h)
         h.offset_blocks = self.offset_blocks
         h.offset_data = self.offset_data
         h.uuid_parent_modify = _uuid_bytes(self.parent_modification_uuid)
         if self._plus:
-            g = self.lchs or Geometry(0, 0, 0)
-            h.lchs.cylinders, h.lchs.heads, h.lchs.sectors = g
-            h.lchs.sector_size = 512
+            if self.lchs != _geometry(h.lchs):
+                g = self.lchs or Geometry(0, 0, 0)
+                h.lchs.cylinders, h.lchs.heads, h.lchs.sectors = g
+                h.lchs.sector_size = 512
             return L.Header1Plus.build(h)
         return L.Header1.build(h)
 
