@@ -179,17 +179,20 @@ class FakeImage(Image):
             if progress and progress(done, total) is False:
                 from vdgui.vd import Cancelled
                 raise Cancelled()
-        # close the holes: move each block to the lowest free slot
+        self._close_holes(lambda: progress and progress(total, total))
+
+    def _close_holes(self, step=None):
+        """Move each block to the lowest free slot (data, then map entry), then truncate."""
         live = sorted((e, i) for i, e in enumerate(self.map) if e > ZERO)
         slot = DATA_OFF
         for e, i in live:
             if e != slot:
                 self.f.pwrite(slot, self.f.pread(e, BLOCK))
+                self.f.sync()
                 self._set_entry(i, slot)
             slot += BLOCK
-            done += 1
-            if progress:
-                progress(min(done, total), total)
+            if step:
+                step()
         self.f.truncate(slot)
 
     def check(self, repair=False, dry_run=False, progress=None):
@@ -216,11 +219,14 @@ class FakeImage(Image):
                 seen[e] = i
         used = set(seen)
         slot = DATA_OFF
+        fix = repair and not dry_run
         while slot + BLOCK <= fsize:
             if slot not in used:
                 rep.problems.append(Problem("leak", f"data block at {slot:#x} is not referenced",
-                                            slot, repaired=False))
+                                            slot, repaired=fix))
             slot += BLOCK
+        if fix and rep.problems:
+            self._close_holes()
         if progress:
             progress(1, 1)
         rep.repaired = any(p.repaired for p in rep.problems)
