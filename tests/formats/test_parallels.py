@@ -346,7 +346,8 @@ def _open_bytes(tmp_path, b):
 def test_hostile_headers(tmp_path):
     b = _hdd_bytes(tmp_path)
     cases = [
-        (32, 0x7FFFFFFF, "BAT lies past the end"),        # bat_entries huge
+        (32, 0x7FFFFFFF, "BAT too large"),                # bat_entries huge
+        (32, 0x10000, "BAT lies past the end"),           # more entries than the file holds
         (32, 1, "BAT too small"),                          # fewer entries than the disk needs
         (28, 0, "cluster size"),                           # tracks 0 (a divisor)
         (28, 0x7FFFFFFF, "cluster size"),                  # absurd cluster

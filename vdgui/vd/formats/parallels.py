@@ -24,7 +24,7 @@ Bundles (Parallels Desktop): a folder ``name.hdd`` holds ``DiskDescriptor.xml`` 
 folder or its descriptor reads the extents in order, each through its snapshot chain up to the
 current (top) snapshot. Names in the descriptor are confined to the bundle folder.
 
-Limits (parser safety): cluster <= 64 MiB, BAT inside the file, descriptor <= 1 MiB and no DTD,
+Limits (parser safety): cluster <= 64 MiB, BAT <= 16 Mi entries and inside the file, descriptor <= 1 MiB and no DTD,
 <= 4096 extents, <= 1024 snapshots.
 """
 from __future__ import annotations
@@ -59,6 +59,7 @@ FLAG_EMPTY = 1
 MAX_CLUSTER = 64 << 20
 DEFAULT_CLUSTER = 1 << 20
 MAX_DESCRIPTOR = 1 << 20
+MAX_BAT_ENTRIES = 16 << 20      # a 64 MiB BAT (16 TiB with 1 MiB clusters)
 MAX_EXTENTS = 4096
 MAX_SNAPSHOTS = 1024
 DESCRIPTOR_NAME = "DiskDescriptor.xml"
@@ -133,6 +134,9 @@ class ParallelsImage(Image):
         if h.bat_entries < need:
             raise self._corrupt("BAT too small for the disk size", field="bat_entries", offset=32,
                                 expected=f">= {need} for {nb} sectors", found=h.bat_entries)
+        if h.bat_entries > MAX_BAT_ENTRIES:
+            raise self._corrupt("BAT too large", field="bat_entries", offset=32,
+                                expected=f"<= {MAX_BAT_ENTRIES}", found=h.bat_entries)
         bat_end = HEADER_SIZE + 4 * h.bat_entries
         if bat_end > self.file_len:
             raise self._corrupt("BAT lies past the end of the file", field="bat_entries",
