@@ -347,7 +347,7 @@ def test_hostile_headers(tmp_path):
     b = _hdd_bytes(tmp_path)
     cases = [
         (32, 0x7FFFFFFF, "BAT too large"),                # bat_entries huge
-        (32, 0x10000, "BAT lies past the end"),           # more entries than the file holds
+        (32, 0x100000, "BAT lies past the end"),          # more entries than the file holds
         (32, 1, "BAT too small"),                          # fewer entries than the disk needs
         (28, 0, "cluster size"),                           # tracks 0 (a divisor)
         (28, 0x7FFFFFFF, "cluster size"),                  # absurd cluster
