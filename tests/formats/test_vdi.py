@@ -760,3 +760,129 @@ def test_untouched_header_fields_keep_their_bytes(tmp_path):
     allowed = set(range(L.H1["blocks_allocated"], L.H1["blocks_allocated"] + 4)) | \
         set(range(L.H1["uuid_modify"], L.H1["uuid_modify"] + 16))
     assert changed and set(changed) <= allowed
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_runs(tmp_path, setup, action, allowed, no_new_corruption=True):
+    """Run ``action`` on copies of an image, simulating a crash before the k-th file write
+    (k = 1, 2, ...): the image must stay readable with the expected content every time."""
+    src = setup(tmp_path / "orig.vdi")
+    with open_ro(src) as d:
+        before = read_all(d)
+    for k in range(1, 200):
+        p = str(tmp_path / f"crash{k}.vdi")
+        with open(src, "rb") as fi, open(p, "wb") as fo:
+            fo.write(fi.read())
+        img = get_backend("VDI").open(p, OpenFlags.NORMAL)
+        calls = [0]
+        real = img.f.pwrite
+
+        def pw(off, data, real=real, calls=calls, k=k):
+            calls[0] += 1
+            if calls[0] == k:
+                raise _Crash()
+            return real(off, data)
+        img.f.pwrite = pw
+        img._pwritev = lambda bufs, off, pw=pw: pw(off, b"".join(bytes(b) for b in bufs))
+        try:
+            action(img)
+            finished = True
+        except _Crash:
+            finished = False
+        os.close(img.f.fd)             # a crash: nothing else reaches the file
+        img.f.fd = -1
+        with open_ro(p) as d:
+            assert read_all(d) in allowed(before), f"crash before write {k}"
+            if no_new_corruption:
+                assert not d.top.check().corrupt, f"crash before write {k}"
+        if finished:
+            return k
+    raise AssertionError("action never finished")
+
+
+def test_compact_survives_interruption_at_every_write(tmp_path):
+    def setup(path):
+        data = [(i * MiB, bytes([i + 1]) * MiB) for i in range(6)]
+        p = make(path, size=6 * MiB, data=data)
+        with Disk() as d:
+            d.open(p, flags=OpenFlags.HONOR_ZEROES)
+            d.write(0, bytes(MiB))
+            d.write(3 * MiB, bytes(MiB))
+        return p
+    n = _crash_runs(tmp_path, setup, lambda img: img.compact(), lambda b: [b])
+    assert n > 3
+
+
+def test_repair_survives_interruption_at_every_write(tmp_path):
+    def setup(path):
+        p = make(path, size=4 * MiB, data=[(i * MiB, bytes([i + 1]) * MiB) for i in range(4)])
+        _, h = hdr(p)
+        patch(p, h.offset_blocks + 4, "<I", 0)       # block 1 cross-linked to block 0's data
+        return p
+    n = _crash_runs(tmp_path, setup, lambda img: img.check(repair=True),
+                    lambda b: [b, b[:MiB] + bytes(MiB) + b[2 * MiB:]], no_new_corruption=False)
+    assert n > 2
+
+
+def test_grow_with_relocation_survives_interruption_at_every_write(tmp_path):
+    new = 20 << 30
+
+    def setup(path):
+        cfg = {"AllocationBlockSize": "65536"}
+        return make(path, size=4 * MiB, config=cfg,
+                    data=[(i * 65536 * 5, bytes([i + 1]) * 65536) for i in range(12)])
+    # (not _crash_runs: the grown image is 20 GiB, so only its first 4 MiB are compared)
+    src = setup(tmp_path / "o.vdi")
+    with open_ro(src) as d:
+        want = read_all(d)
+    finished = False
+    k = 0
+    while not finished:
+        k += 1
+        p = str(tmp_path / f"g{k}.vdi")
+        with open(src, "rb") as fi, open(p, "wb") as fo:
+            fo.write(fi.read())
+        img = get_backend("VDI").open(p, OpenFlags.NORMAL)
+        calls = [0]
+        real = img.f.pwrite
+
+        def pw(off, data, real=real, calls=calls, k=k):
+            calls[0] += 1
+            if calls[0] == k:
+                raise _Crash()
+            return real(off, data)
+        img.f.pwrite = pw
+        img._pwritev = lambda bufs, off, pw=pw: pw(off, b"".join(bytes(b) for b in bufs))
+        try:
+            img.resize(new)
+            finished = True
+        except _Crash:
+            pass
+        os.close(img.f.fd)
+        img.f.fd = -1
+        with open_ro(p) as d:
+            assert d.size in (4 * MiB, new), k
+            assert d.read(0, 4 * MiB) == want, k
+            assert not d.top.check().corrupt, k
+            if d.size == new:
+                assert d.read(new - MiB, MiB) == bytes(MiB)
+        assert k < 100
+    assert k > 3
+
+
+def test_discard_survives_interruption_at_every_write(tmp_path):
+    def setup(path):
+        return make(path, size=4 * MiB, data=[(0, b"\x01" * (4 * MiB))])
+
+    def act(img):
+        img.discard(0, MiB)
+        img.discard(2 * MiB + 512, 1024)
+
+    def allowed(b):
+        one = bytes(MiB) + b[MiB:]
+        two = one[:2 * MiB + 512] + bytes(1024) + one[2 * MiB + 1536:]
+        return [b, one, two]
+    assert _crash_runs(tmp_path, setup, act, allowed) > 2

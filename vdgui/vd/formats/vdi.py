@@ -847,10 +847,11 @@ class VdiImage(Image):
             moved.append(b)
             nxt += 1
         self.f.sync()
-        if moved:                               # consistent again in the old numbering
-            self._write_map_entries(moved)
+        if moved:       # count first (a crash then only leaks), then the moved entries
             self.allocated = self._next = nxt
             self._write_header()
+            self.f.sync()
+            self._write_map_entries(moved)
             self.f.sync()
         # renumber: file block j becomes j - k once offData moves k blocks further
         m = self._map
