@@ -759,14 +759,11 @@ class VhdImage(Image):
         self.pchs = Geometry(c, h, s)
 
     # -- RELINK ---------------------------------------------------------------------------------
-    def _space_for(self, data: bytes, old_regions: list[tuple[int, int]]) -> tuple[int, int]:
-        """(offset, space) for locator data: an old locator area big enough, else appended
-        before the footer."""
+    def _space_for(self, data: bytes) -> tuple[int, int]:
+        """(offset, space) for new locator data, appended where the footer was. The locators
+        the header references now are never overwritten: until the new header is written, the
+        old link stays intact (a crash leaves the old parent link, never a mixed one)."""
         need = _round(max(len(data), LOCATOR_SPACE))
-        for i, (s, e) in enumerate(old_regions):
-            if e - s >= len(data):
-                old_regions.pop(i)
-                return s, e - s
         pos = _round(self.footer_offset)
         self._write_footer_at(pos + need)       # the footer moves first: the file stays valid
         self.footer_offset = pos + need
@@ -779,25 +776,17 @@ class VhdImage(Image):
         if self.is_fixed:
             raise NotSupported(f"{self.location}: a fixed VHD cannot have a parent")
         hdr = self.header
-        old_regions = []
-        for loc in hdr.locators:
-            if bytes(loc.code) != b"\x00\x00\x00\x00" and loc.data_length <= MAX_LOCATOR and \
-                    loc.data_offset + max(loc.data_length, 1) <= self.fsize and loc.data_offset >= FOOTER_SIZE:
-                s, e = self._locator_region(loc)
-                others = [(a, b) for a, b, n in self._meta_regions() if not n.startswith("parent")]
-                others += [(self.bat[i] * SECTOR, self.bat[i] * SECTOR + self.total)
-                           for i in range(self.n_blocks) if self.bat[i] != FREE]
-                if e <= self.footer_offset and not any(s < b and a < e for a, b in others):
-                    old_regions.append((s, e))
         empty = dict(code=b"\x00" * 4, data_space=0, data_length=0, reserved=0, data_offset=0)
         if parent is None:
+            # footer first: a dynamic disk ignores the parent fields, so a crash in between
+            # leaves a valid base disk; then the header forgets the parent
+            self.footer.disk_type = TYPE_DYNAMIC
+            self._store_footer()
             hdr.parent_uuid = bytes(16)
             hdr.parent_timestamp = 0
             hdr.parent_name = bytes(512)
             hdr.locators = [dict(empty) for _ in range(8)]
             self._store_header()
-            self.footer.disk_type = TYPE_DYNAMIC
-            self._store_footer()
             self.disk_type = TYPE_DYNAMIC
             self.flags = ImageFlags.NONE
             self.parent_hint = None
@@ -814,7 +803,7 @@ class VhdImage(Image):
             data = text.encode("utf-16-le")
             if len(data) > MAX_LOCATOR:
                 raise InvalidArgument(f"{self.location}: parent path is too long for a VHD locator")
-            off, space = self._space_for(data, old_regions)
+            off, space = self._space_for(data)
             self.f.pwrite(off, data + bytes(_round(len(data)) - len(data)))
             entries.append(dict(code=code, data_space=space, data_length=len(data), reserved=0,
                                 data_offset=off))
