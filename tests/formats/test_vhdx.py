@@ -790,3 +790,60 @@ def test_parent_linkage2_accepted(tmp_path):
         img.close()
     with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
         assert d.read(0, 4) == b"\x01" * 4
+
+
+@pytest.mark.parametrize("diff", [False, True])
+def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch, diff):
+    """Every write of a session fails in turn (a crash at that point): the image still opens,
+    passes qemu-img check (base images) and reads, block by block, either the old or the new data."""
+    from vdgui.vd import fileio
+    base = tmp_path / "ib.vhdx"
+    with _create(base, 3 * MiB) as d:
+        d.write(0, b"\x01" * (3 * MiB))
+    src = base
+    if diff:
+        child = tmp_path / "ic.avhdx"
+        with Disk() as d:
+            d.open(str(base), flags=OpenFlags.READ_ONLY)
+            d.create_diff(str(child), config={"BlockSize": MiB})
+        src = child
+    pristine = src.read_bytes()
+    writes = [(512, b"\x02" * 512), (MiB + 4096, b"\x03" * MiB), (0, bytes(MiB))]
+    new = bytearray(b"\x01" * (3 * MiB))
+    states = [bytes(new)]                       # the content after 0, 1, 2, 3 writes
+    for off, data in writes:
+        new[off:off + len(data)] = data
+        states.append(bytes(new))
+    real = fileio.ImageFile.pwrite
+    for fail_at in range(1, 40):
+        src.write_bytes(pristine)
+        calls = [0]
+
+        def pwrite(self, offset, data, calls=calls, fail_at=fail_at):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise OSError("simulated crash")
+            return real(self, offset, data)
+        monkeypatch.setattr(fileio.ImageFile, "pwrite", pwrite)
+        crashed = False
+        try:
+            with Disk() as d:
+                if diff:
+                    d.open(str(base), flags=OpenFlags.READ_ONLY)
+                d.open(str(src))
+                for off, data in writes:
+                    d.write(off, data)
+        except OSError:
+            crashed = True
+        monkeypatch.setattr(fileio.ImageFile, "pwrite", real)
+        with Disk.open_chain(str(src), flags=OpenFlags.READ_ONLY) as d:
+            got = read_all(d)
+        for pos in range(0, 3 * MiB, 512):
+            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), (fail_at, pos)
+        if not diff:
+            assert qemu.check(src, "vhdx").returncode == 0
+        if not crashed:
+            assert got == bytes(new)
+            break
+    else:
+        pytest.fail("the session never completed")
