@@ -180,6 +180,20 @@ def _u32_bytes(a: array.array) -> bytes:
     return b.tobytes()
 
 
+def _pwritev(f: ImageFile, offset: int, bufs: list) -> None:
+    """Write several buffers at ``offset`` without joining them (falls back to pwrite)."""
+    if len(bufs) == 1 or not hasattr(os, "pwritev"):
+        f.pwrite(offset, b"".join(bufs) if len(bufs) > 1 else bufs[0])
+        return
+    total = sum(len(b) for b in bufs)
+    try:
+        n = os.pwritev(f.fd, bufs[:1024], offset)
+    except OSError:
+        n = 0
+    if n < total:
+        f.pwrite(offset + n, b"".join(bytes(b) for b in bufs)[n:])
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -526,6 +540,7 @@ class SparseExtent(_Extent):
             super().write(off, data, fill, image)
         mv = memoryview(data)
         honor = getattr(image, "honor_zeroes", False)
+        new: list = []          # (grain index, file offset, data) of grains allocated here
         for idx, inner, pos, cnt in split_blocks(off, len(data), self.grain):
             piece = mv[pos - off:pos - off + cnt]
             gte = self._gte(idx)
@@ -547,7 +562,7 @@ class SparseExtent(_Extent):
                     self._set_gte(idx, 1)        # hide the parent without storing data
                     continue
             if cnt == self.grain:
-                gdata = bytes(piece)
+                gdata = piece                    # committed before this call returns
             else:
                 if gte == 1:
                     below = bytearray(glen)
@@ -559,10 +574,40 @@ class SparseExtent(_Extent):
                 gdata = bytes(below)
             if not honor and not image.is_diff and is_zero(gdata) and gte == 0:
                 continue
-            goff = self._alloc(self.grain)
-            self.f.pwrite(goff, gdata)               # data first ...
-            self.file_size = max(self.file_size, self.next_free)
-            self._set_gte(idx, goff // SECTOR)       # ... then the tables
+            new.append((idx, self._alloc(self.grain), gdata))
+            if len(new) >= 256:
+                self._commit_new(new)
+        self._commit_new(new)
+
+    def _commit_new(self, new: list) -> None:
+        """Write freshly allocated grains (one pwrite per contiguous run), then their table
+        entries (one pwrite per contiguous run of entries, primary and redundant table)."""
+        if not new:
+            return
+        run_off, run = new[0][1], [new[0][2]]
+        for _idx, goff, gdata in new[1:]:
+            if goff == run_off + len(run) * self.grain:
+                run.append(gdata)
+            else:
+                _pwritev(self.f, run_off, run)
+                run_off, run = goff, [gdata]
+        _pwritev(self.f, run_off, run)                   # data first ...
+        self.file_size = max(self.file_size, self.next_free)
+        by_table: dict[int, list[tuple[int, int]]] = {}
+        for idx, goff, _ in new:
+            t, i = divmod(idx, self.gtes)
+            by_table.setdefault(t, []).append((i, goff // SECTOR))
+        for t, entries in by_table.items():              # ... then the tables
+            gt = self._ensure_gt(t)
+            for i, sec in entries:
+                gt[i] = sec
+            lo = min(i for i, _ in entries)
+            hi = max(i for i, _ in entries) + 1
+            raw = _u32_bytes(gt[lo:hi])
+            self.f.pwrite(self.gd[t] * SECTOR + 4 * lo, raw)
+            if self.rgd is not None:
+                self.f.pwrite(self.rgd[t] * SECTOR + 4 * lo, raw)
+        new.clear()
 
     def flush(self):
         if self.writable:
