@@ -323,4 +323,4 @@ def test_corpus_windows_diff_with_missing_parent(corpus):
     with pytest.raises(ParentNotFound) as ei:
         Disk.open_chain(str(p), flags=OpenFlags.READ_ONLY)
     msg = str(ei.value)
-    assert "fat-parent.vhd" in msg and str(p) in msg
+    assert "fat-parent.vhd" in msg and str(p) in msg and "looked for" in msg and "UUID" in msg

@@ -90,6 +90,7 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                 return entry, hint.format
         tried.append(f"UUID {hint.uuid} in {', '.join(_candidate_dirs(image.location))}")
     if unsafe is not None and not any(os.path.isfile(t) for t in tried):
-        raise ParentNotFound(f"{unsafe.message}; parent not found") from None
+        raise ParentNotFound(f"{unsafe.message}; parent not found (looked for: "
+                             f"{'; '.join(tried) or 'no location stored'})") from None
     raise ParentNotFound(f"{image.location}: parent image not found (looked for: "
                          f"{'; '.join(tried) or 'no location stored'})")
