@@ -89,6 +89,16 @@ def screenshot(args) -> int:
     return 0
 
 
+def _quit_on_sigint(app, win) -> None:
+    """Ctrl+C in the terminal closes the window properly (jobs cancelled, settings saved)."""
+    import signal
+    from PySide6.QtCore import QTimer
+    signal.signal(signal.SIGINT, lambda *_: win.close())
+    timer = QTimer(app)
+    timer.timeout.connect(lambda: None)     # let Python run its signal handlers
+    timer.start(250)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.screenshot:
@@ -101,6 +111,7 @@ def main(argv=None) -> int:
     lib = Library()
     win = MainWindow(lib, settings=settings_for(ddir))
     install_excepthook(lambda: win)
+    _quit_on_sigint(app, win)
     win.show()
     win.load_library()
     if args.images:

@@ -239,6 +239,8 @@ class JobQueue(QObject):
     def _on_end(self, job: Job, *args) -> None:
         if job in self._running:
             self._running.remove(job)
+        if not job.visible and job in self.jobs:
+            self.jobs.remove(job)        # internal jobs leave no history
         self.jobChanged.emit(job)
         self.jobEnded.emit(job)
         self._pump()
