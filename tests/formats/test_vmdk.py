@@ -265,6 +265,9 @@ def _mono(tmp_path, name="v.vmdk", size=3 * MiB, data=True):
     ("capacity", 0xC, (1 << 60).to_bytes(8, "little")),
     ("capacity", 0xC, (1).to_bytes(8, "little")),
     ("descriptorOffset", 0x1C, (0).to_bytes(8, "little")),
+    ("descriptorOffset", 0x1C, (1 << 60).to_bytes(8, "little")),
+    ("descriptorOffset", 0x1C, (5000).to_bytes(8, "little")),
+    ("gdOffset", 0x38, (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")),
 ])
 def test_corrupted_header_fields(tmp_path, field, offset, value):
     p = _mono(tmp_path)

@@ -1655,6 +1655,11 @@ class VmdkBackend(Backend):
                                        expected=f"at most {MAX_DESCRIPTOR_BYTES // SECTOR} sectors",
                                        found=hdr["descriptor_size"])
                 doff = hdr["descriptor_offset"] * SECTOR
+                if doff + dsz > f.size():
+                    raise CorruptImage("embedded descriptor lies past the end of the file",
+                                       path=location, field="descriptorOffset", offset=0x1C,
+                                       expected=f"an area inside {f.size()} bytes",
+                                       found=f"sector {hdr['descriptor_offset']}")
                 raw = f.read_exact(doff, dsz, "embedded descriptor")
                 img.desc = Descriptor.parse(raw, location)
                 img.embedded = (doff, dsz)
@@ -2025,6 +2030,10 @@ def _open_sesparse(line: ExtentLine, vstart: int, path: str, f: ImageFile) -> SE
                            field="capacity", offset=0x10, expected=f">= {line.sectors}",
                            found=h.capacity)
     vol_off = h.volatile_header_offset * SECTOR
+    if vol_off + SECTOR > f.size():
+        raise CorruptImage("seSparse volatile header lies past the end of the file", path=path,
+                           field="volatile_header_offset", offset=0x50,
+                           found=f"sector {h.volatile_header_offset}")
     v = SESparseVolatileHeader.parse(f.read_exact(vol_off, SECTOR, "seSparse volatile header"))
     if v.magic != SESPARSE_VOLATILE_MAGIC:
         raise CorruptImage("bad seSparse volatile header", path=path, field="magic",
