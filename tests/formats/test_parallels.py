@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 
 import pytest
@@ -125,7 +124,8 @@ def test_old_signature_images(tmp_path, qemu):
     p = tmp_path / "v2.hds"
     cl = 64 * 1024
     entries = 8
-    hdr = prl.Header.build(dict(magic=prl.MAGIC_V2, version=2, heads=16, cylinders=1, tracks=cl // 512,
+    hdr = prl.Header.build(dict(magic=prl.MAGIC_V2, version=2, heads=16, cylinders=1,
+                                tracks=cl // 512,
                                 bat_entries=entries, nb_sectors=(entries * cl // 512) | (7 << 32),
                                 inuse=0x37316470, data_off=0, flags=0, ext_off=0))
     data_off = 512   # 64 + 32 bytes rounded up to a sector
@@ -300,7 +300,8 @@ def test_hostile_descriptors(tmp_path):
         write(root, good.replace(f"<File>{fn}</File>", f"<File>{bad}</File>"))
         with pytest.raises(err):
             Disk().open(str(root), "Parallels", flags=OpenFlags.READ_ONLY)
-    write(root, good.replace("</Parallels_disk_image>", "<!--" + "x" * (2 << 20) + "--></Parallels_disk_image>"))
+    write(root, good.replace("</Parallels_disk_image>",
+                             "<!--" + "x" * (2 << 20) + "--></Parallels_disk_image>"))
     with pytest.raises(CorruptImage, match="too large"):
         Disk().open(str(root), "Parallels", flags=OpenFlags.READ_ONLY)
     write(root, '<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]>' + good.split("?>", 1)[1])
@@ -319,7 +320,8 @@ def test_hostile_descriptors(tmp_path):
     with pytest.raises(CorruptImage, match="cover"):
         Disk().open(str(root), "Parallels", flags=OpenFlags.READ_ONLY)
     write(root, good.replace("<Storage>", "<Storage>" * 1).replace(
-        "<StorageData>", "<StorageData>" + "<Storage><Start>0</Start><End>1</End></Storage>" * 5000))
+        "<StorageData>",
+        "<StorageData>" + "<Storage><Start>0</Start><End>1</End></Storage>" * 5000))
     with pytest.raises(CorruptImage, match="too many"):
         Disk().open(str(root), "Parallels", flags=OpenFlags.READ_ONLY)
     write(root, good.replace("<ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID>",
@@ -453,7 +455,8 @@ def test_bundle_with_plain_extent(tmp_path):
     assert data == bytes(expect)
     assert (root / "pl.0.hds").read_bytes()[8292:8302] == b"\x63" * 10
     (root / "DiskDescriptor.xml").write_text(
-        (root / "DiskDescriptor.xml").read_text().replace("<Type>Plain</Type>", "<Type>Weird</Type>"))
+        (root / "DiskDescriptor.xml").read_text().replace("<Type>Plain</Type>",
+                                                          "<Type>Weird</Type>"))
     with pytest.raises(NotSupported, match="Weird"):
         Disk().open(str(root), flags=OpenFlags.READ_ONLY)
 

@@ -291,7 +291,8 @@ def test_resize_grow(tmp_path, qemu):
         assert qemu.check(p, "vhdx").returncode == 0
         raw = qemu.to_raw(p, tmp_path / "r.raw", "vhdx").read_bytes()
         assert len(raw) == 5 * MiB
-        assert raw == bytes(MiB) + b"\x11" * MiB + bytes(2 * MiB) + b"\x22" * 4096 + bytes(MiB - 4096)
+        assert raw == (bytes(MiB) + b"\x11" * MiB + bytes(2 * MiB) + b"\x22" * 4096
+                       + bytes(MiB - 4096))
 
 
 def test_relink(tmp_path):
@@ -795,7 +796,8 @@ def test_parent_linkage2_accepted(tmp_path):
 @pytest.mark.parametrize("diff", [False, True])
 def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch, diff):
     """Every write of a session fails in turn (a crash at that point): the image still opens,
-    passes qemu-img check (base images) and reads, block by block, either the old or the new data."""
+    passes qemu-img check (base images) and reads, sector by sector, the data of some prefix of
+    the writes."""
     from vdgui.vd import fileio
     base = tmp_path / "ib.vhdx"
     with _create(base, 3 * MiB) as d:

@@ -24,7 +24,8 @@ Bundles (Parallels Desktop): a folder ``name.hdd`` holds ``DiskDescriptor.xml`` 
 folder or its descriptor reads the extents in order, each through its snapshot chain up to the
 current (top) snapshot. Names in the descriptor are confined to the bundle folder.
 
-Limits (parser safety): cluster <= 64 MiB, BAT <= 16 Mi entries and inside the file, descriptor <= 1 MiB and no DTD,
+Limits (parser safety): cluster <= 64 MiB, BAT <= 16 Mi entries and inside the file,
+descriptor <= 1 MiB and no DTD,
 <= 4096 extents, <= 1024 snapshots.
 """
 from __future__ import annotations
@@ -42,8 +43,7 @@ from construct import Bytes, Int32ul, Int64ul, Struct
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import (CorruptImage, ImageNotFound, InvalidArgument, NotSupported, ReadOnlyImage,
-                      UnsafePath, VDError)
+from ..errors import CorruptImage, ImageNotFound, InvalidArgument, NotSupported
 from ..fileio import ImageFile, resolve_stored_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem
@@ -175,7 +175,8 @@ class ParallelsImage(Image):
             if eo < self.data_off or eo + self.block_size > self.file_len:
                 raise self._corrupt("format extension cluster lies outside the data area",
                                     field="ext_off", offset=56,
-                                    expected=f"{self.data_off // SECTOR}..{self.file_len // SECTOR}",
+                                    expected=f"{self.data_off // SECTOR}.."
+                                             f"{self.file_len // SECTOR}",
                                     found=h.ext_off)
             cluster = f.read_exact(eo, self.block_size, "format extension")
             fx = FormatExtensionHeader.parse(cluster)
@@ -330,8 +331,10 @@ class ParallelsImage(Image):
             off = e * self.mult
             where = HEADER_SIZE + 4 * idx
             bad = None
-            if off < self.data_off or (off - self.data_off) % (self.block_size if self.ext else SECTOR):
-                bad = f"BAT[{idx}]: cluster offset {off:#x} is outside or misaligned in the data area"
+            align = self.block_size if self.ext else SECTOR
+            if off < self.data_off or (off - self.data_off) % align:
+                bad = f"BAT[{idx}]: cluster offset {off:#x} is outside or misaligned in the " \
+                      "data area"
             elif off + self.block_size > self.file_len:
                 bad = f"BAT[{idx}]: cluster offset {off:#x} lies past the end of the file " \
                       f"({self.file_len} bytes)"
@@ -423,7 +426,8 @@ class ParallelsImage(Image):
             raise InvalidArgument(f"{self.location}: shrinking a Parallels image is not supported "
                                   f"({self.size} -> {new_size} bytes)")
         if new_size % SECTOR:
-            raise InvalidArgument(f"{self.location}: size must be a multiple of 512, found {new_size}")
+            raise InvalidArgument(f"{self.location}: size must be a multiple of 512, "
+                                  f"found {new_size}")
         entries = -(-new_size // self.block_size)
         if HEADER_SIZE + 4 * entries > self.data_off:
             raise NotSupported(f"{self.location}: growing to {new_size} bytes needs "
@@ -542,7 +546,8 @@ class ParallelsBundleImage(Image):
         cyl = params.findtext("Cylinders")
         secs = params.findtext("Sectors")
         try:
-            self.pchs = Geometry(int(cyl), int(heads), int(secs)) if heads and cyl and secs else None
+            self.pchs = (Geometry(int(cyl), int(heads), int(secs))
+                         if heads and cyl and secs else None)
         except ValueError:
             self.pchs = None
         # snapshots: the chain from the base to the current (top) snapshot
@@ -554,7 +559,8 @@ class ParallelsBundleImage(Image):
             for shot in snaps.findall("Shot"):
                 if len(shots) >= MAX_SNAPSHOTS:
                     raise self._corrupt("too many snapshots", field="Snapshots",
-                                        expected=f"<= {MAX_SNAPSHOTS}", found=len(snaps.findall("Shot")))
+                                        expected=f"<= {MAX_SNAPSHOTS}",
+                                        found=len(snaps.findall("Shot")))
                 g = (shot.findtext("GUID") or "").strip().lower()
                 p = (shot.findtext("ParentGUID") or ZERO_GUID).strip().lower()
                 if not g:

@@ -145,7 +145,8 @@ RegionTableEntry = Struct(
     "length" / Int32ul,
     "required" / Int32ul,            # bit 0
 )
-# MS-VHDX 2.3.1.1 Entry Header, 2.3.1.2 Zero Descriptor, 2.3.1.3 Data Descriptor, 2.3.1.4 Data Sector
+# MS-VHDX 2.3.1.1 Entry Header, 2.3.1.2 Zero Descriptor, 2.3.1.3 Data Descriptor,
+# 2.3.1.4 Data Sector
 LogEntryHeader = Struct(
     "signature" / Bytes(4),          # "loge"
     "checksum" / Int32ul,
@@ -428,7 +429,8 @@ class VhdxImage(Image):
                 raise self._corrupt(f"{name} region listed twice", field="region table",
                                     offset=where)
             if e.file_offset % MiB or e.file_offset < MiB or e.length % MiB or not e.length:
-                raise self._corrupt(f"{name} region is not 1 MiB aligned", field="FileOffset/Length",
+                raise self._corrupt(f"{name} region is not 1 MiB aligned",
+                                    field="FileOffset/Length",
                                     offset=where, expected="non-zero multiples of 1 MiB past 1 MiB",
                                     found=f"{e.file_offset:#x}/{e.length:#x}")
             if e.file_offset + e.length > self.file_len:
@@ -481,7 +483,8 @@ class VhdxImage(Image):
             off, ln, _fl, _k = self.md_entries[g]
             if ln < size:
                 raise self._corrupt(f"metadata item '{KNOWN_ITEMS[g]}' is too short",
-                                    field="Length", offset=mo + off, expected=f">= {size}", found=ln)
+                                    field="Length", offset=mo + off, expected=f">= {size}",
+                                    found=ln)
             return self.f.read_exact(mo + off, size, f"metadata item '{KNOWN_ITEMS[g]}'")
 
         fp = FileParameters.parse(item(FILE_PARAMETERS, 8))
@@ -779,7 +782,8 @@ class VhdxImage(Image):
             piece = mv[pos - offset:pos - offset + n]
             st = self._check_state(block)
             idx = self._bat_index(block)
-            if st == PAYLOAD_FULLY_PRESENT or (st == PAYLOAD_PARTIALLY_PRESENT and not self.has_parent):
+            if st == PAYLOAD_FULLY_PRESENT or (st == PAYLOAD_PARTIALLY_PRESENT
+                                               and not self.has_parent):
                 self.f.pwrite(self._block_offset(block) + inner, piece)
                 continue
             if st == PAYLOAD_PARTIALLY_PRESENT:
@@ -889,7 +893,8 @@ class VhdxImage(Image):
         # MS-VHDX 2.6.2.6.3: the parent's DataWriteGuid matches parent_linkage or parent_linkage2
         if theirs is None or theirs not in (mine, getattr(self, "parent_linkage2", None)):
             raise ParentMismatch(f"{self.location}: differencing image does not belong to "
-                                 f"{parent.location} (parent_linkage is the parent's DataWriteGuid)",
+                                 f"{parent.location} (parent_linkage is the parent's "
+                                 "DataWriteGuid)",
                                  field="parent_linkage", expected=theirs, found=mine)
 
     def _write_metadata_item(self, g: uuidlib.UUID, payload: bytes) -> None:
@@ -1310,7 +1315,8 @@ def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> "_LogEntry | None":
         return None
     sectors = []
     for i in range(ndata):
-        s = DataSector.parse(bytes(raw[desc_area + i * LOG_SECTOR:desc_area + (i + 1) * LOG_SECTOR]))
+        at = desc_area + i * LOG_SECTOR
+        s = DataSector.parse(bytes(raw[at:at + LOG_SECTOR]))
         if (s.signature != b"data" or s.sequence_high != h.sequence_number >> 32
                 or s.sequence_low != h.sequence_number & 0xFFFFFFFF):
             return None
@@ -1424,7 +1430,8 @@ class VhdxBackend(Backend):
                   "payload block size in bytes (1 MiB .. 256 MiB, power of two); 0 chooses "
                   "8 MiB (32 MiB above 100 GiB, 2 MiB for differencing images)",
                   minimum=0, maximum=256 * MiB),
-        ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+        ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
                   "logical sector size: 512 or 4096", minimum=512, maximum=4096),
         ConfigKey("PhysicalSectorSize", "4096", ValueType.INTEGER,
                   KeyFlag.CREATEONLY | KeyFlag.EXPERT, "physical sector size: 512 or 4096",
@@ -1547,7 +1554,8 @@ class VhdxBackend(Backend):
             fwg, dwg = uuidlib.uuid4(), uuidlib.uuid4()
             for seq, off in enumerate(HEADER_OFFSETS):
                 h = bytearray(Header.build(dict(
-                    signature=b"head", checksum=0, sequence_number=seq, file_write_guid=_gbytes(fwg),
+                    signature=b"head", checksum=0, sequence_number=seq,
+                    file_write_guid=_gbytes(fwg),
                     data_write_guid=_gbytes(dwg), log_guid=ZERO_GUID, log_version=0, version=1,
                     log_length=log_len, log_offset=log_off, reserved=bytes(4016))))
                 f.pwrite(off, bytes(_with_checksum(h)))
