@@ -1509,6 +1509,14 @@ class VmdkImage(Image):
             size = max(size, e.next_free)
             if gt is None and rgt is None:
                 continue
+            same = gt if rgt is None else rgt if gt is None else gt if gt == rgt else None
+            if same is not None:                 # fast path: both copies agree
+                vals = set(same)
+                vals.discard(0)
+                vals.discard(1)
+                if not vals or (min(vals) >= meta_end and
+                                max(vals) * SECTOR + (12 if e.compressed else e.grain) <= size):
+                    continue
             changed_g = changed_r = False
             for i in range(e.gtes):
                 a = gt[i] if gt is not None else None
