@@ -554,6 +554,17 @@ def test_read_v0_header(tmp_path):
         assert d.top.check().problems == []
 
 
+def test_v0_header_errors_name_fields(tmp_path):
+    p = _v0_image(tmp_path / "old.vdi", [(0, b"\x01" * MiB)])
+    patch(p, L.H0["blocks"], "<I", 400000)               # covers the size, map past the end
+    with pytest.raises(CorruptImage, match="cBlocks.*past the end"):
+        Disk().open(p, "VDI", flags=OpenFlags.READ_ONLY)
+    patch(p, L.H0["blocks"], "<I", 3)
+    patch(p, L.H0["block_size"], "<I", 1000)
+    with pytest.raises(CorruptImage, match="cbBlock"):
+        Disk().open(p, "VDI", flags=OpenFlags.READ_ONLY)
+
+
 def test_read_v1_0_header_and_block_extra(tmp_path):
     """Version 1.0, 384-byte header, 64 KiB blocks, 512 bytes of extra data per block."""
     bs, extra = 65536, 512

@@ -184,7 +184,8 @@ class VdiImage(Image):
                                 f">= {self.offset_blocks + h.blocks * 4}", self.offset_data)
         map_end = self.offset_blocks + h.blocks * 4
         if map_end > file_size:
-            raise self._err("offBlocks", offs["offset_blocks"],
+            field = "cBlocks" if self._v0 else "offBlocks"    # v0: the map follows the header
+            raise self._err(field, offs["blocks" if self._v0 else "offset_blocks"],
                             f"block map ({h.blocks} entries) lies past the end of the file",
                             f"map end <= file size {file_size}", f"map end {map_end}")
         raw_map = f.read_exact(self.offset_blocks, h.blocks * 4, "VDI block map")
