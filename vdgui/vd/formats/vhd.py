@@ -37,6 +37,7 @@ UUIDs are read as Windows GUIDs (``bytes_le``), as VirtualBox and Windows show t
 from __future__ import annotations
 
 import array
+import bisect
 import errno
 import os
 import sys
@@ -246,6 +247,7 @@ class VhdImage(Image):
         self._problems: list[Problem] = []        # found while opening, reported by check()
         self._bitmaps: dict[int, bytearray] = {}
         self._bad: dict[int, str] = {}
+        self._alloc_cache = None
         self.header = None
         self.bat = array.array("I")
         self.n_blocks = 0
@@ -575,19 +577,37 @@ class VhdImage(Image):
             else:
                 runs.append((pos, n, st))
 
-        for idx, inner, pos, n in split_blocks(offset, length, self.block_size):
-            start = self._block_start(idx)
-            if start is None:
-                add(pos, n, Alloc.UNALLOCATED)
+        end = offset + length
+        bs = self.block_size
+        allocated = self._allocated_indices()
+        pos = offset
+        while pos < end:
+            idx, inner = divmod(pos, bs)
+            if self.bat[idx] == FREE:              # skip to the next allocated block at once
+                k = bisect.bisect_left(allocated, idx)
+                nxt = allocated[k] * bs if k < len(allocated) else end
+                stop = min(max(nxt, pos + 1), end)
+                add(pos, stop - pos, Alloc.UNALLOCATED)
+                pos = stop
                 continue
+            n = min(bs - inner, end - pos)
+            start = self._block_start(idx)
             bm = self._bitmap(idx, start)
             first = inner // SECTOR
             cnt = -(-n // SECTOR)
-            for s, k, on in bitmap_runs(bm, first, cnt):
-                a = pos + (s - first) * SECTOR
+            for s_, k, on in bitmap_runs(bm, first, cnt):
+                a = pos + (s_ - first) * SECTOR
                 b = min(a + k * SECTOR, pos + n)
                 add(a, b - a, Alloc.DATA if on else Alloc.UNALLOCATED)
+            pos += n
         return runs
+
+    def _allocated_indices(self) -> list[int]:
+        """Sorted indices of allocated BAT entries (cached; _set_bat invalidates it)."""
+        if self._alloc_cache is None or self._alloc_cache[0] != (id(self.bat), len(self.bat)):
+            self._alloc_cache = ((id(self.bat), len(self.bat)),
+                                 [i for i, e in enumerate(self.bat) if e != FREE])
+        return self._alloc_cache[1]
 
     def _fixed_status(self, offset, length):
         """Holes of a sparse fixed disk read as unallocated (so copies stay sparse)."""
@@ -695,6 +715,7 @@ class VhdImage(Image):
         self.footer_len = FOOTER_SIZE
 
     def _set_bat(self, idx: int, value: int) -> None:
+        self._alloc_cache = None
         self.bat[idx] = value
         self.f.pwrite(self.bat_offset + 4 * idx, value.to_bytes(4, "big"))
 
