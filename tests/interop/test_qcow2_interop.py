@@ -460,3 +460,60 @@ def test_metadata_bit_flips_check_agrees_and_repair_satisfies_qemu(qemu, tmp_pat
             assert d.top.check().exit_code == q
             d.top.check(repair=True)
         assert_qemu_clean(qemu, p)
+
+
+def test_compact_base_and_child(qemu, tmp_path):
+    from vdgui.vd.ops.compact import compact
+    p = str(tmp_path / "base.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", "cluster_size=4096", p, SIZE)
+    qemu.io("-c", "write -P 0x61 0 5M", "-c", "write -c -P 0 5M 4k", "-c", "write -c -P 0x61 5124k 60k",
+            "-c", "write -P 0x61 5184k 3008k", "-c", "write -P 0 1M 3M", "-c", "write -P 0 7M 1M", p)
+    expect = raw_bytes(qemu, p, tmp_path)
+    before = os.path.getsize(p)
+    compact(p)
+    assert os.path.getsize(p) < before - 3 * MiB
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, expect, tmp_path)
+    c = str(tmp_path / "child.qcow2")
+    qemu.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=4096", c)
+    # the child rewrites half of the base with the same bytes, and some zeroes over data
+    qemu.io("-c", "write -P 0x61 0 512k", "-c", "write -P 0 600k 64k", "-c", "write -P 0x62 6M 64k", c)
+    expect = bytearray(expect)
+    expect[600 * 1024:664 * 1024] = bytes(65536)
+    expect[6 * MiB:6 * MiB + 65536] = b"\x62" * 65536
+    before = os.path.getsize(c)
+    compact(c)
+    assert os.path.getsize(c) < before - 400 * 1024
+    assert_qemu_clean(qemu, c)
+    assert_qemu_sees(qemu, c, bytes(expect), tmp_path)
+    with Disk.open_chain(c, flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == bytes(expect)
+
+
+def test_compact_compressed_and_snapshot_images(qemu, tmp_path):
+    from vdgui.vd.ops.compact import compact
+    src = tmp_path / "src.raw"
+    blob = bytearray(SIZE)
+    for i in range(0, SIZE, 65536):
+        blob[i:i + 1000] = bytes([i // 65536 % 200 + 1]) * 1000
+    src.write_bytes(bytes(blob))
+    p = str(tmp_path / "c.qcow2")
+    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", str(src), p)
+    qemu.io("-c", "write -P 0 0 2M", p)          # zero data over compressed clusters
+    expect = raw_bytes(qemu, p, tmp_path)
+    compact(p)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, expect, tmp_path)
+    s = str(tmp_path / "s.qcow2")
+    qemu.img("create", "-f", "qcow2", s, SIZE)
+    qemu.io("-c", "write -P 0x21 0 4M", s)
+    qemu.img("snapshot", "-c", "keep", s)
+    qemu.io("-c", "write -P 0 0 1M", "-c", "write -P 0x22 6M 1M", s)
+    snap = raw_bytes(qemu, s, tmp_path)
+    expect = bytearray(snap)
+    compact(s)
+    assert_qemu_clean(qemu, s)
+    assert_qemu_sees(qemu, s, bytes(expect), tmp_path)
+    out = tmp_path / "keep.raw"
+    qemu.img("convert", "-l", "snapshot.name=keep", "-O", "raw", s, str(out))
+    assert out.read_bytes()[:4 * MiB] == b"\x21" * (4 * MiB)

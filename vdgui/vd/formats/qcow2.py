@@ -1065,6 +1065,153 @@ class Qcow2Image(Image):
         zbits = (zbits | mask) if zero else (zbits & ~mask)
         self._set_l2(tbl, l2off, l2i, e, (zbits << 32) | (alloc & ~mask))
 
+    # ------------------------------------------------------------------ compact
+    def compact(self, progress=None, parent_read=None):
+        """Drop clusters that read as zeroes (no backing file) or as the parent reads
+        (``parent_read``), then move clusters from the end of the file into the holes and
+        truncate. Clusters shared with internal snapshots are left alone."""
+        self._check_write()
+        cs = self.cs
+        nclu = -(-self.size // cs)
+        prog = Progress(progress, nclu * 2)
+        prog.start()
+        has_backing = self.backing_file is not None
+        below = parent_read if has_backing else None
+        for ci in range(nclu):
+            prog.set(ci)
+            e, bm = self._entry(ci)
+            if not e and not bm:
+                continue
+            compressed = bool(e & L.OFLAG_COMPRESSED)
+            host = 0 if compressed else e & L2E_MASK
+            if host and self.refcount(host // cs) != 1:
+                continue
+            clen = self._cluster_len(ci)
+            start = ci * cs
+            if has_backing and below is None:
+                # without the parent's content only explicit zeroes can be simplified
+                if compressed or not is_zero(self._own_view(start, clen, lambda o, n: zeroes(n))):
+                    continue
+                if self.version < 3 or (self.extended_l2 and bm & 0xFFFFFFFF != 0xFFFFFFFF):
+                    continue
+                if not host and not compressed:
+                    continue        # already a zero cluster without host space
+                self._replace_entry(ci, e, 0 if self.extended_l2 else L.OFLAG_ZERO,
+                                    0xFFFFFFFF << 32 if self.extended_l2 else 0)
+                continue
+            view = self._own_view(start, clen, below or (lambda o, n: zeroes(n)))
+            if below is not None:
+                under = below(start, clen)
+                if bytes(view) == bytes(under) + bytes(clen - len(under)):
+                    self._replace_entry(ci, e, 0, 0)
+                elif is_zero(view) and self.version >= 3 and (host or compressed):
+                    self._replace_entry(ci, e, 0 if self.extended_l2 else L.OFLAG_ZERO,
+                                        0xFFFFFFFF << 32 if self.extended_l2 else 0)
+            elif is_zero(view):
+                self._replace_entry(ci, e, 0, 0)
+        if not self.nb_snapshots and not self.bitmaps_ext:
+            self._close_holes(prog, nclu)
+        self.f.sync()
+        prog.finish()
+
+    def _replace_entry(self, ci: int, old: int, e: int, bm: int) -> None:
+        tbl, l2off = self._l2_for_write(ci // self.l2_entries)
+        self._set_l2(tbl, l2off, ci % self.l2_entries, e, bm)
+        if old & L.OFLAG_COMPRESSED or old & L2E_MASK:
+            self._unref_entry(old)
+
+    def _close_holes(self, prog: Progress, base: int) -> None:
+        cs = self.cs
+        self.fsize = self.f.size()
+        end = -(-self.fsize // cs)
+        # who refers to each movable cluster: data clusters and L2 tables with refcount 1, host
+        # clusters holding compressed clusters that lie entirely inside them
+        owner: dict[int, tuple] = {}
+        comp: dict[int, list] = {}
+        pinned: set[int] = set()
+        for i, l1e in enumerate(self.l1):
+            off = l1e & L.L1E_OFFSET_MASK
+            if not off or self.refcount(off // cs) != 1:
+                continue
+            owner[off // cs] = ("l1", i)
+            tbl = self._load_l2(off, f"L1 index {i}")
+            step = 2 if self.extended_l2 else 1
+            for j in range(self.l2_entries):
+                e = tbl[j * step]
+                if e & L.OFLAG_COMPRESSED:
+                    coff, csize = self._compressed_range(e)
+                    h = coff // cs
+                    if (coff + csize - 1) // cs != h:
+                        pinned.add(h)
+                        pinned.add((coff + csize - 1) // cs)
+                    else:
+                        comp.setdefault(h, []).append((off, j))
+                    continue
+                host = e & L2E_MASK
+                if host and self.refcount(host // cs) == 1:
+                    owner[host // cs] = ("l2", off, j)
+        for h, refs in comp.items():
+            if h not in pinned and h not in owner and self.refcount(h) == len(refs):
+                owner[h] = ("comp", refs)
+        free = [c for c in range(1, end) if self.refcount(c) == 0 and
+                self._refblock(c // self.rb_entries, create=False) is not None]
+        fi = 0
+        c = end - 1
+        while c > 0 and fi < len(free) and free[fi] < c:
+            if self.refcount(c) == 0:
+                c -= 1
+                continue
+            who = owner.get(c)
+            if who is None:               # immovable (metadata, shared, compressed): skip it
+                c -= 1
+                continue
+            dst = free[fi]
+            fi += 1
+            data = self.f.pread(c * cs, cs)
+            self._set_refcount(dst, self.refcount(c))
+            self.f.pwrite(dst * cs, data)
+            if who[0] == "comp":
+                for l2off, j in who[1]:
+                    tbl = self._load_l2(l2off, "compact")
+                    k = 2 * j if self.extended_l2 else j
+                    e = tbl[k]
+                    x = 62 - (self.cb - 8)
+                    coff = e & ((1 << x) - 1)
+                    ne = (e & ~((1 << x) - 1)) | (dst * cs + coff - c * cs)
+                    self._set_l2(tbl, l2off, j, ne, tbl[k + 1] if self.extended_l2 else 0)
+            elif who[0] == "l1":
+                tbl = self._l2_cache.pop(c * cs, None)
+                if tbl is not None:
+                    self._l2_cache[dst * cs] = tbl
+                self._set_l1(who[1], dst * cs | L.OFLAG_COPIED)
+                for k, v in list(owner.items()):
+                    if v[0] == "l2" and v[1] == c * cs:
+                        owner[k] = ("l2", dst * cs, v[2])
+                    elif v[0] == "comp":
+                        owner[k] = ("comp", [(dst * cs if o == c * cs else o, j)
+                                             for o, j in v[1]])
+            else:
+                _, l2off, j = who
+                tbl = self._load_l2(l2off, "compact")
+                if self.extended_l2:
+                    e, bm = tbl[2 * j], tbl[2 * j + 1]
+                else:
+                    e, bm = tbl[j], 0
+                self._set_l2(tbl, l2off, j, (e & ~L2E_MASK) | dst * cs, bm)
+            self._set_refcount(c, 0)
+            c -= 1
+            prog.set(base + (end - c) * base // max(end, 1))
+        last = end
+        while last > 1 and self.refcount(last - 1) == 0:
+            last -= 1
+        if last < end:
+            self.f.truncate(last * cs)
+            self.fsize = last * cs
+            self.next_cluster = last
+        for c in range(1, last):
+            if self.refcount(c) == 0:
+                self.f.punch_hole(c * cs, cs)
+
     # ------------------------------------------------------------------ resize
     def resize(self, new_size, progress=None):
         self._check_write()
@@ -1594,7 +1741,8 @@ class Qcow2Backend(Backend):
                   power_of_two=True),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD})
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMPACT})
     create_flags = ImageFlags.NONE
     max_size = 1 << 56
     size_granularity = 512
