@@ -1,14 +1,13 @@
 """VMDK against qemu-img / qemu-io (the oracle), and the real images of the corpus."""
 from __future__ import annotations
 
-import os
 import tarfile
 
 import pytest
 
 from tests.conftest import pattern, read_all
 from tests.formats.conformance import scattered_writes
-from vdgui.vd import (CorruptImage, Disk, ImageFlags, ImageNotFound, NotSupported, OpenFlags,
+from vdgui.vd import (Disk, ImageFlags, ImageNotFound, NotSupported, OpenFlags,
                       VDError, copy_image, probe)
 
 MiB = 1 << 20

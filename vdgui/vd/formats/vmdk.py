@@ -42,7 +42,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
                        Operation, ProbeInput)
 from ..config import ConfigKey, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
-                      ParentMismatch, ReadOnlyImage, VDError)
+                      ParentMismatch, ReadOnlyImage)
 from ..fileio import ImageFile, atomic_files, relative_name, resolve_stored_name
 from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
@@ -970,9 +970,9 @@ class VmdkImage(Image):
         mv = memoryview(data)
         pos = 0
         for ext, rel, n in self._pieces(offset, len(data)):
-            vstart, elen = ext.vstart, ext.length
+            vstart = ext.vstart
 
-            def efill(o, ln, vstart=vstart, elen=elen):
+            def efill(o, ln, vstart=vstart):
                 ln2 = max(0, min(ln, self.size - (vstart + o)))
                 got = fill(vstart + o, ln2) if ln2 else b""
                 return got + bytes(ln - len(got))
@@ -1156,7 +1156,6 @@ class VmdkImage(Image):
         split = bool(self.flags & ImageFlags.SPLIT_2G)
         last = self.extents[-1]
         grow = new_size - self.size
-        new_files: list[tuple[str, ExtentLine]] = []
         # 1. grow the last extent
         room = (SPLIT_SIZE - last.length) if split else grow
         take = min(grow, max(room, 0))
@@ -1191,7 +1190,6 @@ class VmdkImage(Image):
                 vstart = self.extents[-1].vstart + self.extents[-1].length
                 self._open_extent(line, vstart, p, writable=True)
                 self.extent_paths.append(p)
-                new_files.append((p, line))
         self._starts = [e.vstart for e in self.extents]
         self.size = new_size
         self._write_descriptor()
