@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import (Disk, ImageNotFound, OpenFlags, UnsafePath, get_backend)
+from vdgui.vd import (Disk, ImageNotFound, InvalidArgument, OpenFlags, UnsafePath, get_backend)
 
 pytestmark = pytest.mark.interop
 
@@ -517,3 +517,30 @@ def test_compact_compressed_and_snapshot_images(qemu, tmp_path):
     out = tmp_path / "keep.raw"
     qemu.img("convert", "-l", "snapshot.name=keep", "-O", "raw", s, str(out))
     assert out.read_bytes()[:4 * MiB] == b"\x21" * (4 * MiB)
+
+
+def test_internal_snapshot_read_only_view(qemu, tmp_path):
+    p = str(tmp_path / "v.qcow2")
+    qemu.img("create", "-f", "qcow2", p, SIZE)
+    qemu.io("-c", "write -P 0x31 0 1M", p)
+    qemu.img("snapshot", "-c", "one", p)
+    qemu.io("-c", "write -P 0x32 512k 1M", p)
+    qemu.img("snapshot", "-c", "two", p)
+    qemu.img("resize", p, str(2 * SIZE))
+    qemu.io("-c", "write -P 0x33 0 4k", p)
+    for which, name in (("one", "one"), ("2", "two")):
+        out = tmp_path / f"{name}.raw"
+        qemu.img("convert", "-l", f"snapshot.name={name}", "-O", "raw", p, str(out))
+        with Disk() as d:
+            d.open(p, flags=OpenFlags.READ_ONLY, config={"Snapshot": which})
+            assert d.info()["details"]["snapshot_view"]["name"] == name
+            assert d.size == SIZE            # the snapshot's own disk size
+            ref = out.read_bytes()           # qemu reports the current size, zero-padded
+            assert read_all(d) == ref[:SIZE] and not any(ref[SIZE:])
+    with pytest.raises(InvalidArgument, match="no internal snapshot"):
+        Disk().open(p, flags=OpenFlags.READ_ONLY, config={"Snapshot": "three"})
+    with pytest.raises(InvalidArgument, match="read-only"):
+        Disk().open(p, config={"Snapshot": "one"})
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.size == 2 * SIZE and d.read(0, 4096) == b"\x33" * 4096

@@ -155,10 +155,12 @@ class Qcow2Image(Image):
 
     L2_CACHE_BYTES = 32 << 20
 
-    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags,
+                 snapshot: str | None = None):
         super().__init__(backend, location, flags.read_only)
         self.f = f
         self.open_flags = flags
+        self.snapshot_view: dict | None = None
         self.data_f: ImageFile | None = None
         self.data_file_name: str | None = None
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -170,8 +172,32 @@ class Qcow2Image(Image):
         self.write_blocked: str | None = None
         self.honor_zeroes = False
         self._parse_header()
+        if snapshot:
+            self._select_snapshot(snapshot)
         if not self.read_only:
             self._prepare_write()
+
+    def _select_snapshot(self, which: str) -> None:
+        """Read-only view of an internal snapshot (by ID or name): its L1 table and size."""
+        if not self.read_only:
+            raise InvalidArgument(f"{self.location}: internal snapshots can only be opened "
+                                  "read-only")
+        found = [s for s in self.snapshots if s["id"] == which] or \
+                [s for s in self.snapshots if s["name"] == which]
+        if not found:
+            known = ", ".join(f"{s['id']} ({s['name']})" for s in self.snapshots) or "none"
+            raise InvalidArgument(f"{self.location}: no internal snapshot {which!r} "
+                                  f"(snapshots: {known})")
+        snap = found[0]
+        span = self.cs * self.l2_entries
+        if -(-snap["disk_size"] // span) > snap["l1_size"] or snap["disk_size"] > (1 << 62):
+            raise self._corrupt(f"snapshot {snap['id']}: L1 table too small for its disk size",
+                                field="l1_size", expected=f">= {-(-snap['disk_size'] // span)}",
+                                found=snap["l1_size"])
+        self.l1 = _be_array(self.f.read_exact(snap["l1_table_offset"], snap["l1_size"] * 8,
+                                              f"snapshot {snap['id']} L1 table"))
+        self.size = snap["disk_size"]
+        self.snapshot_view = snap
 
     # ------------------------------------------------------------------ parsing / validation
     def _corrupt(self, message, **kw):
@@ -464,6 +490,9 @@ class Qcow2Image(Image):
             d["data_file_raw"] = bool(self.autoclear & L.AUTOCLEAR_DATA_FILE_RAW)
         if self.bitmaps_ext:
             d["bitmaps"] = self.bitmaps_ext["nb_bitmaps"]
+        if self.snapshot_view is not None:
+            d["snapshot_view"] = {"id": self.snapshot_view["id"],
+                                  "name": self.snapshot_view["name"]}
         return d
 
     # ------------------------------------------------------------------ tables
@@ -1739,6 +1768,9 @@ class Qcow2Backend(Backend):
         ConfigKey("RefcountBits", "16", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
                   "refcount width in bits (1..64, version 3 only)", minimum=1, maximum=64,
                   power_of_two=True),
+        ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
+                  "open an internal snapshot (ID or name) instead of the current state, "
+                  "read-only"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
                             Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
@@ -1756,7 +1788,7 @@ class Qcow2Backend(Backend):
         return 0
 
     def open(self, location, flags=OpenFlags.NORMAL, config=None):
-        parse_config(self.config_keys, config, owner=self.name)
+        cfg = parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)
         try:
@@ -1769,7 +1801,7 @@ class Qcow2Backend(Backend):
                     raise NotSupported(f"{location}: qcow version 1 images can only be opened "
                                        "read-only (convert them to qcow2 to write)")
                 return QcowV1Image(self, location, f, flags)
-            return Qcow2Image(self, location, f, flags)
+            return Qcow2Image(self, location, f, flags, snapshot=cfg.get("Snapshot"))
         except BaseException:
             f.close()
             raise
