@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,65 @@ class TestParallelsConformance(FormatConformance):
     DIFF = False        # a lone .hdd has no parent link; snapshots live in bundles (read below)
     UUID = False
     CREATE_CONFIG = {"ClusterSize": 256 * 1024}
+
+
+class TestParallelsBundleConformance(FormatConformance):
+    """The same contract for Parallels Desktop bundles (name.hdd folders) we create."""
+    FORMAT = "Parallels"
+    EXT = "hdd"
+    VARIANTS = (ImageFlags.NONE,)
+    DIFF = False
+    UUID = False
+    CREATE_CONFIG = {"ClusterSize": 256 * 1024, "Bundle": 1}
+
+    def test_truncated_and_corrupted_headers_give_vderror(self, tmp_path):
+        """The folder's descriptor and extent, damaged: a VDError or a clean read."""
+        import random
+        path = self._path(tmp_path, "victim")
+        with Disk() as d:
+            d.create_base(path, self._size(), self.FORMAT, config=self.CREATE_CONFIG)
+            d.write(0, b"\x01" * 4096)
+        desc = os.path.join(path, "DiskDescriptor.xml")
+        hds = [n for n in os.listdir(path) if n.endswith(".hds")][0]
+        originals = {f: Path(f).read_bytes() for f in (desc, os.path.join(path, hds))}
+        rnd = random.Random(77)
+        for n in range(80):
+            victim = list(originals)[n % 2]
+            b = bytearray(originals[victim])
+            for _ in range(rnd.choice([1, 3])):
+                i = rnd.randrange(0, min(len(b), 4096))
+                b[i] = rnd.randrange(256)
+            if n % 11 == 0:
+                b = b[:rnd.randrange(len(b))]
+            for f, data in originals.items():
+                with open(f, "wb") as fh:
+                    fh.write(bytes(b) if f == victim else data)
+            try:
+                with Disk() as d:
+                    d.open(path, self.FORMAT, flags=OpenFlags.READ_ONLY)
+                    read_all(d, chunk=1 << 20)
+            except VDError:
+                pass
+
+
+def test_bundle_create_layout(tmp_path, qemu):
+    p = tmp_path / "vm.hdd"
+    with Disk() as d:
+        img = d.create_base(str(p), 8 * MiB, "Parallels", config={"Bundle": 1})
+        d.write(MiB, b"\x07" * 4096)
+        assert img.info()["subformat"] == "bundle"
+    names = sorted(os.listdir(p))
+    assert names[0] == "DiskDescriptor.xml" and "vm.hdd" in names
+    hds = [n for n in names if n.endswith(".hds")]
+    assert len(hds) == 1 and hds[0].startswith("vm.hdd.0.{")
+    assert (p / hds[0]).read_bytes()[:16] == prl.MAGIC_V2
+    assert qemu.check(p / hds[0], "parallels").returncode == 0
+    raw = qemu.to_raw(p / hds[0], tmp_path / "b.raw", "parallels").read_bytes()
+    assert raw[MiB:MiB + 4096] == b"\x07" * 4096 and len(raw) == 8 * MiB
+    assert probe(str(p)).name == "Parallels"
+    with pytest.raises(VDError):
+        with Disk() as d:
+            d.create_base(str(p), MiB, "Parallels", config={"Bundle": 1})
 
 
 @pytest.mark.parametrize("name", sorted(prl.STRUCTS))

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape as xml_escape
 from array import array
 from sys import byteorder
 
@@ -43,8 +45,8 @@ from construct import Bytes, Int32ul, Int64ul, Struct
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, ImageNotFound, InvalidArgument, NotSupported
-from ..fileio import ImageFile, resolve_stored_name
+from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported
+from ..fileio import ImageFile, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem
 from ..sparse import is_zero, split_blocks
@@ -511,7 +513,7 @@ class ParallelsBundleImage(Image):
                                 field="DOCTYPE")
         try:
             root = ET.fromstring(text)
-        except ET.ParseError as exc:
+        except (ET.ParseError, LookupError, ValueError) as exc:   # incl. unknown encodings
             raise self._corrupt(f"descriptor is not well-formed XML ({exc})") from None
         if root.tag != "Parallels_disk_image":
             raise self._corrupt("not a Parallels disk descriptor", field="root element",
@@ -775,6 +777,10 @@ class ParallelsBackend(Backend):
         ConfigKey("ClusterSize", str(DEFAULT_CLUSTER), ValueType.INTEGER, KeyFlag.CREATEONLY,
                   "cluster size in bytes (multiple of 512, at most 64 MiB)",
                   minimum=SECTOR, maximum=MAX_CLUSTER),
+        ConfigKey("Bundle", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "1: create a Parallels Desktop bundle (a name.hdd folder holding "
+                  "DiskDescriptor.xml and one .hds extent) instead of a single file",
+                  minimum=0, maximum=1),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.CHECK, Operation.REPAIR,
                             Operation.RESIZE, Operation.COMPACT})
@@ -816,18 +822,11 @@ class ParallelsBackend(Backend):
         entries = -(-size // cl)
         if entries > 0xFFFFFFFF // 2:
             raise InvalidArgument(f"Parallels image of {size} bytes needs too many clusters")
-        data_off = -(-(HEADER_SIZE + 4 * entries) // cl) * cl
-        heads = 16
-        hdr = Header.build(dict(magic=MAGIC_EXT, version=VERSION, heads=heads,
-                                cylinders=min(size // SECTOR // (heads * 32), 0xFFFFFFFF),
-                                tracks=cl // SECTOR, bat_entries=entries,
-                                nb_sectors=size // SECTOR, inuse=0, data_off=data_off // SECTOR,
-                                flags=0, ext_off=0))
+        if cfg["Bundle"]:
+            return self._create_bundle(p, size, cl)
         f = ImageFile.create_temp(p.location)
         try:
-            f.pwrite(0, hdr)
-            f.truncate(data_off)
-            f.sync()
+            _write_new_image(f, size, cl, MAGIC_EXT)
             if p.progress:
                 p.progress(size, size)
             f.commit()
@@ -835,6 +834,104 @@ class ParallelsBackend(Backend):
             f.abandon()
             raise
         return ParallelsImage(self, p.location, f, OpenFlags.NORMAL, fresh=True)
+
+    def _create_bundle(self, p: CreateParams, size: int, cl: int):
+        """A ``name.hdd`` folder as Parallels Desktop lays it out: DiskDescriptor.xml, one
+        expanding ``.hds`` extent, an empty ``name.hdd`` placeholder. Built in a temporary folder
+        beside the target and renamed into place when complete."""
+        final = os.path.abspath(p.location)
+        if os.path.lexists(final):
+            raise FileExists(f"{final}: file already exists")
+        tmp = temp_name(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+        try:
+            name = os.path.basename(final)
+            guid = "{" + str(uuidlib.uuid4()) + "}"
+            hds = f"{name}.0.{guid}.hds"
+            # "WithoutFreeSpace" as Parallels Desktop writes it, unless offsets need 64 bits
+            data_off = -(-(HEADER_SIZE + 4 * -(-size // cl)) // cl) * cl
+            small = (data_off + -(-size // cl) * cl) // SECTOR <= 0xFFFFFFFF
+            with ImageFile(os.path.join(tmp, hds), create=True) as f:
+                _write_new_image(f, size, cl, MAGIC_V2 if small else MAGIC_EXT)
+            uid = "{" + str(p.uuid or uuidlib.uuid4()) + "}"
+            sectors = size // SECTOR
+            desc = _DESCRIPTOR.format(
+                sectors=sectors, cylinders=min(sectors // (16 * 32), 0xFFFFFFFF), uid=uid,
+                name=xml_escape(os.path.splitext(name)[0]), blocksize=cl // SECTOR,
+                file=xml_escape(hds), guid=guid)
+            with open(os.path.join(tmp, DESCRIPTOR_NAME), "w", encoding="utf-8") as fh:
+                fh.write(desc)
+                fh.flush()
+                os.fsync(fh.fileno())
+            open(os.path.join(tmp, name), "wb").close()
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if p.progress:
+            p.progress(size, size)
+        return ParallelsBundleImage(self, final, os.path.join(final, DESCRIPTOR_NAME),
+                                    OpenFlags.NORMAL)
+
+
+def _write_new_image(f: ImageFile, size: int, cl: int, magic: bytes) -> None:
+    """Header and an empty BAT (qemu parallels.txt); the data area starts cluster aligned."""
+    entries = -(-size // cl)
+    data_off = -(-(HEADER_SIZE + 4 * entries) // cl) * cl
+    heads = 16
+    f.pwrite(0, Header.build(dict(magic=magic, version=VERSION, heads=heads,
+                                  cylinders=min(size // SECTOR // (heads * 32), 0xFFFFFFFF),
+                                  tracks=cl // SECTOR, bat_entries=entries,
+                                  nb_sectors=size // SECTOR, inuse=0, data_off=data_off // SECTOR,
+                                  flags=0, ext_off=0)))
+    f.truncate(data_off)
+    f.sync()
+
+
+_DESCRIPTOR = """<?xml version='1.0' encoding='UTF-8'?>
+<Parallels_disk_image Version="1.0">
+    <Disk_Parameters>
+        <Disk_size>{sectors}</Disk_size>
+        <Cylinders>{cylinders}</Cylinders>
+        <PhysicalSectorSize>4096</PhysicalSectorSize>
+        <LogicSectorSize>512</LogicSectorSize>
+        <Heads>16</Heads>
+        <Sectors>32</Sectors>
+        <Padding>0</Padding>
+        <Encryption>
+            <Engine>{{00000000-0000-0000-0000-000000000000}}</Engine>
+            <Data></Data>
+            <Salt></Salt>
+        </Encryption>
+        <UID>{uid}</UID>
+        <Name>{name}</Name>
+        <Miscellaneous>
+            <CompatLevel>level2</CompatLevel>
+            <Bootable>1</Bootable>
+            <SuspendState>0</SuspendState>
+        </Miscellaneous>
+    </Disk_Parameters>
+    <StorageData>
+        <Storage>
+            <Start>0</Start>
+            <End>{sectors}</End>
+            <Blocksize>{blocksize}</Blocksize>
+            <Image>
+                <GUID>{guid}</GUID>
+                <Type>Compressed</Type>
+                <File>{file}</File>
+            </Image>
+        </Storage>
+    </StorageData>
+    <Snapshots>
+        <Shot>
+            <GUID>{guid}</GUID>
+            <ParentGUID>{{00000000-0000-0000-0000-000000000000}}</ParentGUID>
+        </Shot>
+    </Snapshots>
+</Parallels_disk_image>
+"""
 
 
 BACKEND = ParallelsBackend()
