@@ -611,7 +611,9 @@ class MainWindow(QMainWindow):
             self._rescan(paths)
 
     def _rescan(self, paths) -> Job | None:
-        paths = [p for p in paths if p]
+        """Re-read images after a job; never brings back an image that is gone and forgotten."""
+        known = set(self.library.paths())
+        paths = [p for p in paths if p and (p in known or os.path.lexists(p))]
         if not paths:
             return None
         for p in paths:
@@ -733,7 +735,8 @@ class MainWindow(QMainWindow):
     def start_merge(self, node, p: dict) -> Job:
         deleted = p["deleted"]
         others = [x for x in p["paths"] if x not in deleted]
-        deps = [c.path for n in p["paths"] if self.model.node(n) for c in self.model.node(n).descendants()]
+        deps = [c.path for n in p["paths"] if self.model.node(n) for c in self.model.node(n).descendants()
+                if c.path not in deleted]
 
         def merged(res):
             for d in deleted:

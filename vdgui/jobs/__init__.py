@@ -199,6 +199,7 @@ class JobQueue(QObject):
         self.jobs: list[Job] = []          # every job submitted (panel history)
         self._waiting: list[Job] = []
         self._running: list[Job] = []
+        self._retired: list[Job] = []
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -240,7 +241,8 @@ class JobQueue(QObject):
         if job in self._running:
             self._running.remove(job)
         if not job.visible and job in self.jobs:
-            self.jobs.remove(job)        # internal jobs leave no history
+            self.jobs.remove(job)        # internal jobs leave no history…
+            self._retire(job)
         self.jobChanged.emit(job)
         self.jobEnded.emit(job)
         self._pump()
@@ -276,7 +278,17 @@ class JobQueue(QObject):
         return out
 
     def clear_finished(self) -> None:
+        for j in self.jobs:
+            if j.finished:
+                self._retire(j)
         self.jobs = [j for j in self.jobs if not j.finished]
+
+    def _retire(self, job: Job) -> None:
+        """Drop a finished job, but keep a reference for a while: its signal arrives while the
+        pool thread is still returning from run(), and the QRunnable must outlive that."""
+        now = time.monotonic()
+        self._retired = [j for j in self._retired if j.ended_at is None or now - j.ended_at < 10.0]
+        self._retired.append(job)
 
 
 __all__ = ["Job", "JobSignals", "JobQueue", "JobState", "PROGRESS_INTERVAL"]
