@@ -94,6 +94,9 @@ QEMU_OPTIONS = [
     "refcount_bits=1",
     "refcount_bits=16",
     "refcount_bits=64",
+    "refcount_bits=2",
+    "refcount_bits=4,cluster_size=4096",
+    "refcount_bits=32",
     "compression_type=zstd",
     "compat=0.10,cluster_size=4096,refcount_bits=16",
 ]
@@ -231,6 +234,8 @@ def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
     {"ClusterSize": str(2 * MiB)},
     {"ClusterSize": "65536", "Compat": "0.10"},
     {"ClusterSize": "512", "RefcountBits": "8"},
+    {"ClusterSize": "4096", "RefcountBits": "2"},
+    {"ClusterSize": "1024", "RefcountBits": "32"},
 ])
 def test_our_create_and_writes_checked_by_qemu(qemu, tmp_path, config):
     p = str(tmp_path / "ours.qcow2")
@@ -544,3 +549,45 @@ def test_internal_snapshot_read_only_view(qemu, tmp_path):
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert d.size == 2 * SIZE and d.read(0, 4096) == b"\x33" * 4096
+
+
+@pytest.mark.parametrize("opts", ["extended_l2=on", "compat=0.10", "compat=1.1,cluster_size=4096"])
+def test_writes_and_discards_in_child_over_backing(qemu, tmp_path, opts):
+    """Partial-cluster and partial-subcluster writes copy the rest from the backing file; zero
+    writes and discards hide it (zero clusters/subclusters in v3, zero data in v2)."""
+    base = str(tmp_path / "base.qcow2")
+    child = str(tmp_path / "child.qcow2")
+    qemu.img("create", "-f", "qcow2", base, SIZE)
+    qemu.io("-c", "write -P 0x81 0 8M", base)
+    qemu.img("create", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2", child)
+    qemu.io("-c", "write -P 0x82 100k 3k", child)
+    expect = bytearray(raw_bytes(qemu, child, tmp_path))
+    cs = 4096 if "4096" in opts else 65536
+    sub = cs // 32 if "extended" in opts else cs
+    with Disk.open_chain(child) as d:
+        for off, data in [(512, b"\x83" * 512), (70000 // 512 * 512, b"\x84" * 1536),
+                          (2 * MiB + 1024, bytes(4096)), (3 * MiB, bytes(cs)),
+                          (5 * MiB - 512, b"\x85" * 1024)]:
+            d.write(off, data)
+            expect[off:off + len(data)] = data
+        d.discard(4 * MiB, 2 * cs)
+        expect[4 * MiB:4 * MiB + 2 * cs] = bytes(2 * cs)
+        d.discard(6 * MiB + sub, sub)
+        expect[6 * MiB + sub:6 * MiB + 2 * sub] = bytes(sub)
+        assert read_all(d) == bytes(expect)
+    assert_qemu_clean(qemu, child)
+    assert_qemu_sees(qemu, child, bytes(expect), tmp_path)
+
+
+def test_zstd_without_module_is_a_clear_error(qemu, tmp_path, monkeypatch):
+    src = tmp_path / "s.raw"
+    src.write_bytes(b"\x17" * MiB)
+    p = str(tmp_path / "z.qcow2")
+    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", str(src), p)
+    import sys
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    from vdgui.vd import NotSupported
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        with pytest.raises(NotSupported, match="unsupported compression type zstd"):
+            d.read(0, 65536)
