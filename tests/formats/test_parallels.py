@@ -571,3 +571,27 @@ def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch):
             break
     else:
         pytest.fail("the session never completed")
+
+
+def test_bundle_compact_and_check_through_ops(tmp_path, qemu):
+    from vdgui.vd.ops.compact import compact
+    from vdgui.vd.ops.repair import check
+    p = tmp_path / "c.hdd"
+    with Disk() as d:
+        d.create_base(str(p), 4 * MiB, "Parallels", config={"Bundle": 1})
+        d.write(0, b"\x01" * (3 * MiB))
+        d.write(MiB, bytes(MiB))
+        expect = read_all(d)
+    hds = next(p.glob("*.hds"))
+    before = os.path.getsize(hds)
+    compact(str(p), format="Parallels")
+    assert os.path.getsize(hds) == before - MiB
+    assert check(str(p), format="Parallels").exit_code == 0
+    with Disk() as d:
+        d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert read_all(d) == expect
+    assert qemu.check(hds, "parallels").returncode == 0
+    with pytest.raises(NotSupported):
+        with Disk() as d:
+            d.open(str(p))
+            d.top.resize(8 * MiB)

@@ -751,6 +751,28 @@ class ParallelsBundleImage(Image):
             "snapshot_chain": list(self.snapshot_chain),
         }
 
+    def compact(self, progress=None, parent_read=None):
+        """Compact each extent's top image (clusters equal to the snapshot below are dropped)."""
+        self._require_writable()
+        total = len(self.extents)
+        for i, e in enumerate(self.extents):
+            top = e.layers[-1]
+            if isinstance(top, ParallelsImage):
+                below = None
+                if len(e.layers) > 1:
+                    def below(o, ln, layers=e.layers):
+                        b = bytearray(ln)
+                        self._layer_read(layers, len(layers) - 2, o, ln, b, 0)
+                        return bytes(b)
+                top.compact(None, below)
+            if progress and progress(i + 1, total) is False:
+                from ..errors import Cancelled
+                raise Cancelled()
+
+    def resize(self, new_size, progress=None):
+        raise NotSupported(f"{self.location}: resizing a Parallels bundle is not supported "
+                           "(resize its .hds extent images or convert the disk)")
+
     def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
         rep = CheckReport()
         for e in self.extents:
