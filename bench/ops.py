@@ -1,0 +1,255 @@
+"""Benchmark: merge, compact and resize, vdgui-img side by side with qemu-img.
+
+    python3 bench/ops.py [--runs 5] [--dir /tmp/vdgui-bench-ops] [--size 1G] [--data 256M]
+
+Cases (a row whose backend is not registered prints "skipped"):
+* merge FMT: a base with ``--data`` of scattered data and one child holding a quarter of that
+  (scattered, partly overlapping). ``vdgui-img merge child base`` (folds the child in, deletes it)
+  against ``qemu-img commit -d child`` (folds the child in, leaves it) on the same chain in the
+  same format (QCOW2, VMDK). For VDI, whose differencing images qemu cannot open, our VDI merge is
+  compared with qemu-img commit on a qcow2 chain holding the same data (the label says so).
+* compact FMT: an image whose data was half overwritten with zeroes. ``vdgui-img compact`` against
+  qemu's way to compact, ``qemu-img convert -O FMT`` to a new file.
+* resize FMT: grow by 4x. ``vdgui-img resize`` against ``qemu-img resize`` (where qemu can resize
+  that format; otherwise qcow2, and the label says so).
+Every run starts from a fresh copy of the prepared images (made before timing); commands
+alternate (A B A B ...), caches are dropped before each run when allowed, best of N. Each result
+is checked once with ``qemu-img compare`` against the content before the operation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import Command, compare_commands, print_table, ratio, remove, tool  # noqa: E402
+
+MiB = 1 << 20
+QEMU = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHD": "vpc", "VHDX": "vhdx",
+        "QED": "qed", "Parallels": "parallels"}
+EXT = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHD": "vhd", "VHDX": "vhdx", "QED": "qed",
+       "Parallels": "hdd"}
+QEMU_BACKING = {"qcow2", "vmdk", "qed"}
+QEMU_RESIZE = {"qcow2", "qed", "raw"}   # qemu cannot resize dynamic vpc
+
+
+def backends() -> dict:
+    r = subprocess.run([sys.executable, "-m", "vdgui.cli", "backends", "--json"],
+                       capture_output=True, text=True, check=True)
+    return {b["name"]: b for b in json.loads(r.stdout)}
+
+
+def qemu_io(q: str, path: str, cmds: list[str]) -> None:
+    for k in range(0, len(cmds), 200):
+        argv = [tool("qemu-io"), "-f", q]
+        for c in cmds[k:k + 200]:
+            argv += ["-c", c]
+        subprocess.run(argv + [path], check=True, stdout=subprocess.DEVNULL)
+
+
+def writes(size: int, data: int, seed: int, piece: int = 1 * MiB) -> list[str]:
+    rnd = random.Random(seed)
+    slots = rnd.sample(range(size // piece), min(size // piece, data // piece))
+    return [f"write -P {(seed * 31 + i) % 250 + 1} {s * piece} {piece}" for i, s in enumerate(slots)]
+
+
+def make_chain(folder: str, q: str, ext: str, size: int, data: int) -> tuple[str, str]:
+    """base + child made by qemu (backing by relative name). Reused between invocations."""
+    base, child = os.path.join(folder, f"mbase.{ext}"), os.path.join(folder, f"mchild.{ext}")
+    stamp = os.path.join(folder, f"chain.{ext}.{size}.{data}.done")
+    if os.path.exists(stamp):
+        return base, child
+    remove(base, child)
+    qi = tool("qemu-img")
+    subprocess.run([qi, "create", "-q", "-f", q, base, str(size)], check=True)
+    qemu_io(q, base, writes(size, data, 1))
+    subprocess.run([qi, "create", "-q", "-f", q, "-b", os.path.basename(base), "-F", q, child],
+                   check=True)
+    qemu_io(q, child, writes(size, data // 4, 2, piece=256 * 1024))
+    open(stamp, "w").close()
+    return base, child
+
+
+def make_vdi_chain(folder: str, size: int, data: int) -> tuple[str, str]:
+    """VDI base (qemu) + VDI child (ours: qemu cannot create VDI diffs) with the same writes."""
+    base, child = os.path.join(folder, "mbase.vdi"), os.path.join(folder, "mchild.vdi")
+    stamp = os.path.join(folder, f"chain.vdi.{size}.{data}.done")
+    if os.path.exists(stamp):
+        return base, child
+    remove(base, child)
+    subprocess.run([tool("qemu-img"), "create", "-q", "-f", "vdi", base, str(size)], check=True)
+    qemu_io("vdi", base, writes(size, data, 1))
+    from vdgui.vd import Disk, OpenFlags
+    with Disk() as d:
+        d.open(base, "VDI", OpenFlags.READ_ONLY)
+        d.create_diff(child, "VDI")
+        for c in writes(size, data // 4, 2, piece=256 * 1024):
+            _, pat, off, ln = c.split()[0], int(c.split()[2]), int(c.split()[3]), int(c.split()[4])
+            d.write(off, bytes([pat]) * ln)
+    open(stamp, "w").close()
+    return base, child
+
+
+def snapshot(paths: list[str], dest: str) -> list[str]:
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for p in paths:
+        q = os.path.join(dest, os.path.basename(p))
+        subprocess.run(["cp", "--sparse=always", p, q], check=True)
+        out.append(q)
+    return out
+
+
+def restore(saved: list[str], work: str) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    snapshot(saved, work)
+
+
+def compare(a: str, fa: str, b: str, fb: str) -> str:
+    r = subprocess.run([tool("qemu-img"), "compare", "-f", fa, "-F", fb, a, b],
+                       capture_output=True, text=True)
+    return "identical" if r.returncode == 0 else f"DIFFERENT: {r.stdout.strip()} {r.stderr.strip()}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir", default="/tmp/vdgui-bench-ops")
+    ap.add_argument("--size", type=int, default=1024 * MiB)
+    ap.add_argument("--data", type=int, default=256 * MiB)
+    ap.add_argument("--warm", action="store_true", help="do not drop caches before each run")
+    ap.add_argument("--only", action="append", help="run only cases starting with this label")
+    args = ap.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    have = backends()
+    qi = tool("qemu-img")
+    vd = [sys.executable, "-m", "vdgui.cli"]
+    rows = []
+
+    def can(name, op):
+        b = have.get(name)
+        return b is not None and op in [o.lower() for o in b.get("operations", [])]
+
+    def run_case(label, qcmd, vcmd, prepare, check):
+        if args.only and not any(label.startswith(o) for o in args.only):
+            return
+        rq, rv = compare_commands([qcmd, vcmd], runs=args.runs, cold=not args.warm,
+                                  before_each=prepare)
+        if rq.failures or rv.failures:
+            rows.append([label, f"{rq.best:.2f}", f"{rv.best:.2f}", "-",
+                         "FAILED: " + "; ".join((rv.failures or rq.failures)[:1])])
+        else:
+            rows.append([label, f"{rq.best:.2f}", f"{rv.best:.2f}",
+                         f"{ratio(rv.best, rq.best):.2f}", check()])
+        print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows[-1:], out=sys.stderr)
+
+    # -- merge ---------------------------------------------------------------------------------
+    for name in ("QCOW2", "VMDK", "VDI"):
+        if not (can(name, "relink") and can(name, "write")):
+            rows.append([f"merge {name}", "-", "-", "-", f"skipped: backend {name} cannot merge"])
+            continue
+        q = QEMU[name]
+        if q in QEMU_BACKING:
+            src = make_chain(args.dir, q, EXT[name], args.size, args.data)
+            qsrc, qq, label = src, q, f"merge {name} (vs qemu-img commit, {name})"
+        else:
+            src = make_vdi_chain(args.dir, args.size, args.data)
+            qsrc = make_chain(args.dir, "qcow2", "qcow2", args.size, args.data)
+            qq, label = "qcow2", f"merge {name} (vs qemu-img commit on a qcow2 chain, same data)"
+        saved = snapshot(list(src), os.path.join(args.dir, f"saved-{name}"))
+        qsaved = snapshot(list(qsrc), os.path.join(args.dir, f"qsaved-{name}"))
+        want = os.path.join(args.dir, f"want-{name}.raw")
+        if not os.path.exists(want):
+            subprocess.run(vd + ["convert", "-O", "RAW", saved[1], want], check=True)
+        vw, qw = os.path.join(args.dir, "vwork"), os.path.join(args.dir, "qwork")
+
+        def prepare(saved=saved, qsaved=qsaved, vw=vw, qw=qw):
+            restore(saved, vw)
+            restore(qsaved, qw)
+        vb, vc = (os.path.join(vw, os.path.basename(p)) for p in saved)
+        qb, qc = (os.path.join(qw, os.path.basename(p)) for p in qsaved)
+        run_case(label,
+                 Command("qemu-img", [qi, "commit", "-q", "-d", "-f", qq, qc]),
+                 Command("vdgui-img", vd + ["merge", vc, vb]),
+                 prepare, lambda vb=vb, q=q: compare(vb, q, want, "raw"))
+
+    # -- compact -------------------------------------------------------------------------------
+    for name in ("VDI", "VHD", "VMDK", "VHDX"):
+        if not can(name, "compact"):
+            continue
+        q, ext = QEMU[name], EXT[name]
+        img = os.path.join(args.dir, f"zeroed.{ext}")
+        stamp = img + f".{args.size}.{args.data}.done"
+        if not os.path.exists(stamp):
+            remove(img)
+            subprocess.run([qi, "create", "-q", "-f", q, img, str(args.size)], check=True)
+            w = writes(args.size, args.data, 3)
+            zero = [f"write -P 0 {c.split()[3]} {c.split()[4]}" for c in w[::2]]
+            qemu_io(q, img, w + zero)             # half the data overwritten by zero bytes
+            open(stamp, "w").close()
+        saved = snapshot([img], os.path.join(args.dir, f"csaved-{name}"))
+        want = os.path.join(args.dir, f"cwant-{name}.raw")
+        if not os.path.exists(want):
+            subprocess.run([qi, "convert", "-f", q, "-O", "raw", saved[0], want], check=True)
+        vw = os.path.join(args.dir, "cwork")
+        work = os.path.join(vw, os.path.basename(img))
+        qout = os.path.join(args.dir, f"qcompact.{ext}")
+
+        def prepare(saved=saved, vw=vw, qout=qout):
+            restore(saved, vw)
+            remove(qout)
+        run_case(f"compact {name} (vs qemu-img convert -O {q})",
+                 Command("qemu-img", [qi, "convert", "-f", q, "-O", q, saved[0], qout]),
+                 Command("vdgui-img", vd + ["compact", work]),
+                 prepare, lambda work=work, q=q, want=want: compare(work, q, want, "raw")
+                 + f"; {os.path.getsize(saved[0]) // MiB} -> {os.path.getsize(work) // MiB} MiB")
+
+    # -- resize --------------------------------------------------------------------------------
+    for name in ("VDI", "QCOW2", "VHD", "VMDK"):
+        if not can(name, "resize"):
+            continue
+        q, ext = QEMU[name], EXT[name]
+        img = os.path.join(args.dir, f"rs.{ext}")
+        stamp = img + f".{args.size}.{args.data}.done"
+        if not os.path.exists(stamp):
+            remove(img)
+            subprocess.run([qi, "create", "-q", "-f", q, img, str(args.size)], check=True)
+            qemu_io(q, img, writes(args.size, args.data, 4))
+            open(stamp, "w").close()
+        qq = q if q in QEMU_RESIZE else "qcow2"
+        qimg = img
+        if qq != q:
+            qimg = os.path.join(args.dir, "rs-q.qcow2")
+            if not os.path.exists(qimg + ".done"):
+                subprocess.run([qi, "convert", "-f", q, "-O", "qcow2", img, qimg], check=True)
+                open(qimg + ".done", "w").close()
+        saved = snapshot([img, qimg] if qimg != img else [img],
+                         os.path.join(args.dir, f"rsaved-{name}"))
+        want = os.path.join(args.dir, f"rwant-{name}.raw")
+        if not os.path.exists(want):
+            subprocess.run([qi, "convert", "-f", q, "-O", "raw", saved[0], want], check=True)
+        vw = os.path.join(args.dir, "rwork")
+        vimg = os.path.join(vw, os.path.basename(saved[0]))
+        qwork = os.path.join(vw, os.path.basename(saved[-1]))
+        new = str(4 * args.size)
+        label = f"resize {name} x4" + (" (vs qemu-img resize on qcow2)" if qq != q else "")
+
+        def prepare(saved=saved, vw=vw):
+            restore(saved, vw)
+        run_case(label,
+                 Command("qemu-img", [qi, "resize", "-q", "-f", qq, qwork, new]),
+                 Command("vdgui-img", vd + ["resize", vimg, new]),
+                 prepare, lambda vimg=vimg, q=q, want=want: compare(vimg, q, want, "raw"))
+
+    print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
