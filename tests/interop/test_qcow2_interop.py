@@ -205,13 +205,15 @@ def test_qemu_chain_three_deep(qemu, tmp_path, base_fmt):
     assert_qemu_sees(qemu, top, bytes(expect), tmp_path)
 
 
-@pytest.mark.parametrize("base_fmt", ["RAW", "VDI", "QCOW2"])
+@pytest.mark.parametrize("base_fmt", ["RAW", "VDI", "QCOW2", "VHD", "VMDK", "QED"])
 def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
-    ext = {"RAW": "img", "VDI": "vdi", "QCOW2": "qcow2"}[base_fmt]
+    ext = {"RAW": "img", "VDI": "vdi", "QCOW2": "qcow2", "VHD": "vhd", "VMDK": "vmdk",
+           "QED": "qed"}[base_fmt]
+    qname = {"img": "raw", "vhd": "vpc"}.get(ext, ext)
     paths = [str(tmp_path / f"base.{ext}"), str(tmp_path / "s1.qcow2"), str(tmp_path / "s2.qcow2")]
-    expect = bytearray(SIZE)
     with Disk() as d:
         d.create_base(paths[0], SIZE, base_fmt)
+        expect = bytearray(d.size)
         for level, p in enumerate(paths):
             if level:
                 d.create_diff(p, "QCOW2")
@@ -222,7 +224,7 @@ def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
         assert_qemu_clean(qemu, p)
     info = qemu.img("info", "--backing-chain", paths[2]).stdout
     assert "backing file format: qcow2" in info
-    assert f"backing file format: {ext if ext != 'img' else 'raw'}" in info
+    assert f"backing file format: {qname}" in info
     assert_qemu_sees(qemu, paths[2], bytes(expect), tmp_path)
 
 
