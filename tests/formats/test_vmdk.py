@@ -51,9 +51,18 @@ def test_declarations_match_virtualbox():
 
 
 def test_raw_disk_creation_refused(tmp_path):
-    with pytest.raises(NotSupported):
+    with pytest.raises(UnsafePath):
         with Disk() as d:
             d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"RawDrive": "/dev/sda"})
+    with pytest.raises(NotSupported):
+        with Disk() as d:
+            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
+                          config={"RawDrive": "/dev/sda", "Partitions": "1,2"},
+                          allow_unsafe_paths=True)
+    with pytest.raises(NotSupported):
+        with Disk() as d:
+            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
+                          config={"RawDrive": "/dev/null"}, allow_unsafe_paths=True)
     with pytest.raises(ConfigError):
         with Disk() as d:
             d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"Bogus": "1"})
@@ -798,3 +807,26 @@ def test_write_allocates_missing_grain_tables(tmp_path, qemu):
         assert d.read(70000, 1000) == b"\x09" * 1000
     assert qemu.check(p).returncode == 0
     assert "read 1000/1000" in qemu.io("-f", "vmdk", "-r", "-c", "read -P 9 70000 1000", p).stdout
+
+
+def test_raw_disk_vmdk_for_a_drive_file(tmp_path):
+    """VirtualBox's 'fullDevice' raw disk VMDK (qemu does not open that createType)."""
+    drive_dir = tmp_path / "host"
+    drive_dir.mkdir()
+    drive = drive_dir / "disk.img"
+    drive.write_bytes(b"\x11" * MiB + b"\x22" * MiB)
+    p = str(tmp_path / "vm" / "raw.vmdk")
+    os.mkdir(tmp_path / "vm")
+    with Disk() as d:
+        img = d.create_base(p, 2 * MiB, "VMDK", config={"RawDrive": str(drive)},
+                            allow_unsafe_paths=True)
+        assert img.flags & ImageFlags.RAWDISK and d.size == 2 * MiB
+        d.write(0, b"\x33" * 512)                      # writes go to the drive
+    assert drive.read_bytes()[:513] == b"\x33" * 512 + b"\x11"
+    with pytest.raises(UnsafePath):                  # the absolute drive path needs permission
+        Disk().open(p, flags=OpenFlags.READ_ONLY)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS)
+        assert d.read(MiB, 4) == b"\x22" * 4
+        assert d.info()["details"]["create_type"] == "fullDevice"
+        assert read_all(d) == drive.read_bytes()

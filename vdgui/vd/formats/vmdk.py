@@ -21,9 +21,11 @@ block/vmdk.c reads it. Facts, not code, were taken from those sources.
   on the first write of a session (as VMware/VirtualBox/qemu do) so children notice.
   streamOptimized images are written once, in increasing offsets (the copy operation does that);
   any other write to a stream image is refused.
-* Raw host disk descriptors (RawDrive/Partitions/...) are declared as VirtualBox does but
-  creating them is refused (NotSupported); opening one works only when its device names pass the
-  unsafe-path rules (i.e. with OpenFlags.ALLOW_UNSAFE_PATHS).
+* Raw host disk descriptors (config keys RawDrive/Partitions/BootSector/Relative, as VirtualBox
+  declares them): creating one for a whole drive (a regular file or a block device such as a loop
+  device) works only when unsafe paths are allowed (the descriptor names it by absolute path);
+  otherwise UnsafePath. Partition-level raw VMDKs (Partitions/BootSector/Relative) are refused
+  (NotSupported). Opening any descriptor that names a device needs OpenFlags.ALLOW_UNSAFE_PATHS.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import bisect
 import errno
 import os
 import random
+import stat
 import sys
 import uuid as uuidlib
 import zlib
@@ -42,7 +45,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
                        Operation, ProbeInput)
 from ..config import ConfigKey, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
-                      ParentMismatch, ReadOnlyImage)
+                      ParentMismatch, ReadOnlyImage, UnsafePath)
 from ..fileio import ImageFile, atomic_files, relative_name, resolve_stored_name
 from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
@@ -1600,7 +1603,8 @@ class VmdkBackend(Backend):
     extensions = (FileExtension("vmdk"),)
     config_keys = (
         ConfigKey("RawDrive", None, ValueType.STRING,
-                  description="host drive for a raw disk VMDK (creating one is refused)"),
+                  description="host drive (file or block device) for a raw disk VMDK; needs "
+                              "unsafe paths allowed"),
         ConfigKey("Partitions", None, ValueType.STRING,
                   description="partitions of the raw drive to expose"),
         ConfigKey("BootSector", None, ValueType.BYTES,
@@ -1743,10 +1747,11 @@ class VmdkBackend(Backend):
     # -- create ------------------------------------------------------------------------------
     def create(self, p: CreateParams):
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        if cfg.get("RawDrive") or cfg.get("Partitions"):
-            raise NotSupported("creating a raw host disk VMDK (RawDrive/Partitions) is not "
-                               "supported by vdgui: it would give a virtual machine direct access "
-                               "to a host device")
+        if cfg.get("Partitions") or cfg.get("BootSector") or cfg.get("Relative"):
+            raise NotSupported("raw partition VMDKs (Partitions/BootSector/Relative) are not "
+                               "supported; a raw VMDK can only expose a whole drive (RawDrive)")
+        if cfg.get("RawDrive"):
+            return self._create_raw(p, cfg["RawDrive"])
         fl = p.flags
         stream = bool(fl & ImageFlags.STREAM_OPTIMIZED)
         esx = bool(fl & ImageFlags.ESX)
@@ -1856,6 +1861,47 @@ class VmdkBackend(Backend):
         img = self.open(location, OpenFlags.NORMAL | (OpenFlags.ALLOW_UNSAFE_PATHS
                                                       if p.allow_unsafe_paths else 0))
         return img
+
+    def _create_raw(self, p: CreateParams, drive: str):
+        """A 'fullDevice' descriptor whose one FLAT extent is the whole drive (absolute path)."""
+        if not p.allow_unsafe_paths:
+            raise UnsafePath(f"{p.location}: a raw disk VMDK gives direct access to {drive!r}; "
+                             "refused unless unsafe paths are allowed")
+        if p.parent is not None:
+            raise NotSupported("a raw disk VMDK cannot be a differencing image")
+        drive = os.path.abspath(drive)
+        try:
+            st = os.stat(drive)
+        except OSError:
+            raise ImageNotFound(f"{drive}: raw drive not found") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise NotSupported(f"{drive}: a raw drive must be a regular file or a block device")
+        f = ImageFile(drive)
+        try:
+            size = f.size() // SECTOR * SECTOR
+        finally:
+            f.close()
+        if size <= 0:
+            raise InvalidArgument(f"{drive}: the raw drive is empty")
+        if os.path.lexists(p.location):
+            raise FileExists(f"{p.location}: file already exists")
+        pchs = p.pchs or vbox_pchs(size)
+        zero = str(uuidlib.UUID(int=0))
+        desc = build([("version", "1", False), ("encoding", "UTF-8", True),
+                      ("CID", f"{_new_cid():08x}", False), ("parentCID", "ffffffff", False),
+                      ("createType", "fullDevice", True)],
+                     [ExtentLine("RW", size // SECTOR, "FLAT", drive, 0)],
+                     [("ddb.virtualHWVersion", "4"), ("ddb.adapterType", "ide"),
+                      ("ddb.geometry.cylinders", str(pchs.cylinders)),
+                      ("ddb.geometry.heads", str(pchs.heads)),
+                      ("ddb.geometry.sectors", str(pchs.sectors)),
+                      ("ddb.uuid.image", str(p.uuid or uuidlib.uuid4())),
+                      ("ddb.uuid.parent", zero), ("ddb.uuid.modification", str(uuidlib.uuid4())),
+                      ("ddb.uuid.parentmodification", zero)], p.location)
+        with atomic_files([p.location]) as (tmp,):
+            with open(tmp, "xb") as out:
+                out.write(desc.to_bytes())
+        return self.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
 
     def _create_stream(self, p: CreateParams, desc_bytes: bytes, sectors: int):
         desc_sectors = max(EMBEDDED_DESC_SECTORS, _round_up(len(desc_bytes), SECTOR) // SECTOR)
