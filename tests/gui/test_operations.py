@@ -437,3 +437,16 @@ def test_bug_in_a_job_shows_crash_dialog_with_traceback(qtbot, window):
     assert "internal error" in box.windowTitle()
     assert "ZeroDivisionError" in box.detailedText() and "Traceback" in box.detailedText()
     box.close()
+
+
+def test_details_edits_survive_a_refresh(qtbot, window, tmp_path):
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    window.details.comment.setText("typing…")
+    wait_job(qtbot, window.refresh())
+    qtbot.waitUntil(lambda: window.details.node is not None and window.details.node.path == p,
+                    timeout=3000)
+    assert window.details.comment.text() == "typing…"
+    window.details.reset()
+    assert window.details.comment.text() == ""

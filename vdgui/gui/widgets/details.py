@@ -166,6 +166,19 @@ class DetailsPane(QScrollArea):
             self._update_edit_state()
 
     def set_node(self, node, properties: dict | None = None) -> None:
+        """Show ``node``; edits in progress survive a refresh of the same image."""
+        pending = self.changes() if (node is not None and self.node is not None
+                                     and self.node.path == node.path) else {}
+        self._set_node(node, properties)
+        if pending:
+            if "location" in pending and self.location.isEnabled():
+                self.location.setText(pending["location"])
+            if "size" in pending and self.size.isEnabled():
+                self.size.setValue(pending["size"])
+            if "comment" in pending and self.comment.isEnabled():
+                self.comment.setText(pending["comment"])
+
+    def _set_node(self, node, properties: dict | None = None) -> None:
         self.node = node
         self.properties = dict(properties or {})
         has = node is not None
