@@ -821,6 +821,7 @@ def test_raw_disk_vmdk_for_a_drive_file(tmp_path):
         img = d.create_base(p, 2 * MiB, "VMDK", config={"RawDrive": str(drive)},
                             allow_unsafe_paths=True)
         assert img.flags & ImageFlags.RAWDISK and d.size == 2 * MiB
+        assert img.files() == [os.path.abspath(p)]      # the drive is not part of the image
         d.write(0, b"\x33" * 512)                      # writes go to the drive
     assert drive.read_bytes()[:513] == b"\x33" * 512 + b"\x11"
     with pytest.raises(UnsafePath):                  # the absolute drive path needs permission

@@ -1033,6 +1033,9 @@ class VmdkImage(Image):
     # -- metadata ----------------------------------------------------------------------------
     def files(self):
         out = [os.path.abspath(self.location)]
+        if self.flags & ImageFlags.RAWDISK:
+            # the extents are host drives, not part of the image: never moved or deleted with it
+            return out
         for p in self.extent_paths:
             if p and os.path.abspath(p) not in out:
                 out.append(os.path.abspath(p))
