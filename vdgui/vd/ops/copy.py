@@ -36,6 +36,9 @@ import errno
 import os
 import secrets
 import shutil
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
 from ..config import parse_config
@@ -47,6 +50,8 @@ from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 
 WINDOW = 4 << 20            # bytes read/written per step
+READERS = 4                 # reader threads (flat copies of file-based chains)
+DEPTH = 8                   # windows read ahead
 MIN_GRAIN = 4096            # zero detection granularity (at least)
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
 _ZEROS = bytes(WINDOW)
@@ -165,10 +170,50 @@ class _Writer:
             off += n
 
 
-def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, base: int) -> None:
-    """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
-    g = w.g
-    chunk = max(g, WINDOW // g * g)
+class _Readers:
+    """Reads source windows ahead in worker threads, each thread with its own read-only open of
+    the chain (backends need not be thread-safe; read-only opens take no lock). Overlapping the
+    reads with the writes, and several reads in flight, is what keeps up with cold disks."""
+
+    def __init__(self, opener, workers: int = READERS):
+        self.opener = opener
+        self.local = threading.local()
+        self.disks: list[Disk] = []
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="vdgui-copy-read")
+
+    def _read(self, off: int, n: int, top: int, level: int | None) -> bytes:
+        d = getattr(self.local, "disk", None)
+        if d is None:
+            d = self.opener()
+            with self.lock:
+                self.disks.append(d)
+            self.local.disk = d
+        return _read_window(d, off, n, top, level)
+
+    def submit(self, off: int, n: int, top: int, level: int | None):
+        return self.pool.submit(self._read, off, n, top, level)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self.lock:
+            disks, self.disks = self.disks, []
+        for d in disks:
+            d.close()
+
+
+def _read_window(d: Disk, off: int, n: int, top: int, level: int | None):
+    """A window's bytes: straight from the chain member that holds all of it when known (saves
+    the chain walk and two copies), else through the chain."""
+    if level is not None:
+        return d.images[level].read(off, n)
+    return d.read(off, n, top=top)
+
+
+def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: bool):
+    """("data", a, b, level) windows to copy (level: the chain member holding the whole window,
+    or None), ("zero", a, b) ranges to clear on a non-fresh target and
+    ("mark", pos, 0) progress points, in offset order."""
     covered = 0
     for ext in _extents(src, top, 0, length):
         if ext.status == Alloc.DATA:
@@ -176,19 +221,52 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
             end = min(_round_up(ext.end, g), length)
             while start < end:
                 wend = min(start + chunk, end)
-                w.write(start, src.read(start, wend - start, top=top))
+                whole = ext.start <= start and wend <= ext.end
+                yield "data", start, wend, ext.level if whole else None
                 start = covered = wend
-                prog.set(base + covered)
-        elif not w.fresh and ext.end > covered:
-            s = max(ext.start, covered)
-            pos = s
+        elif not fresh and ext.end > covered:
+            pos = max(ext.start, covered)
             while pos < ext.end:
                 n = min(chunk, ext.end - pos)
-                w.zero_fill(pos, n)
+                yield "zero", pos, pos + n, None
                 pos += n
-                prog.set(base + pos)
             covered = ext.end
-        prog.set(base + max(covered, ext.end))
+        yield "mark", max(covered, ext.end), 0, None
+
+
+def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, base: int,
+               readers: _Readers | None = None) -> None:
+    """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
+    g = w.g
+    chunk = max(g, WINDOW // g * g)
+    pending: deque = deque()
+    in_flight = 0
+
+    def settle() -> None:
+        nonlocal in_flight
+        kind, a, b, lv, fut = pending.popleft()
+        if kind == "data":
+            in_flight -= 1
+            w.write(a, fut.result() if fut is not None else _read_window(src, a, b - a, top, lv))
+            prog.set(base + b)
+        elif kind == "zero":
+            w.zero_fill(a, b - a)
+            prog.set(base + b)
+        else:
+            prog.set(base + a)
+
+    for kind, a, b, lv in _flat_windows(src, top, length, g, chunk, w.fresh):
+        fut = None
+        if kind == "data" and readers is not None:
+            fut = readers.submit(a, b - a, top, lv)
+        pending.append((kind, a, b, lv, fut))
+        if kind == "data":
+            in_flight += 1
+        while pending and (in_flight > (DEPTH if readers is not None else 0)
+                           or len(pending) > 1024):
+            settle()
+    while pending:
+        settle()
 
 
 def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, base: int) -> None:
@@ -312,17 +390,28 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                                "without the chain option to flatten the chain into one image")
         prog = Progress(progress, copy_len * levels)
         prog.start()
-        if not file_target:
-            if levels > 1:
-                raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a device")
-            _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
-                            keep_uuid)
-            return [dst_path]
-        return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, size, copy_len,
-                              prog, keep_uuid, levels, overwrite, allow_unsafe_paths)
+        readers = None
+        if all(img.backend.caps & Cap.FILE for img in src.images) and READERS > 1:
+            top_backend = src.top.backend
+            readers = _Readers(lambda: Disk.open_chain(src_path, top_backend.name, flags,
+                                                       src_config))
+        try:
+            if not file_target:
+                if levels > 1:
+                    raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a device")
+                _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
+                                keep_uuid, readers)
+                return [dst_path]
+            return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, size,
+                                  copy_len, prog, keep_uuid, levels, overwrite, allow_unsafe_paths,
+                                  readers)
+        finally:
+            if readers is not None:
+                readers.close()
 
 
-def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, keep_uuid):
+def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, keep_uuid,
+                    readers=None):
     with Disk() as t:
         t.open(dst_path, backend, OpenFlags.NORMAL, config)
         if t.size < size:
@@ -330,7 +419,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
                                   f"{size} bytes")
         w = _Writer(t, max(t.top.block_size, MIN_GRAIN), fresh=False)
         w.g = min(w.g, WINDOW)
-        _copy_flat(src, top, w, copy_len, prog, 0)
+        _copy_flat(src, top, w, copy_len, prog, 0, readers)
         if keep_uuid and src.image(top).uuid:
             with contextlib.suppress(NotSupported):
                 t.top.set_uuid(src.image(top).uuid)
@@ -339,7 +428,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
 
 
 def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len, prog, keep_uuid,
-                   levels, overwrite, allow_unsafe):
+                   levels, overwrite, allow_unsafe, readers=None):
     finals = chain_target_names(dst_path, levels)
     src_files = {_real(f) for img in src.images for f in img.files()}
     for f in finals:
@@ -369,7 +458,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len,
                 grain = min(max(t.top.block_size, MIN_GRAIN), WINDOW)
                 w = _Writer(t, grain, fresh=True)
                 if lv == 0:
-                    _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0)
+                    _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0, readers)
                 else:
                     _copy_own(src, lv, w, copy_len, prog, lv * copy_len)
                 if img_src.comment:
