@@ -1327,6 +1327,10 @@ class VmdkImage(Image):
         # 2. fixed metadata outside the first overhead, then move grains down into holes
         base_end = (e.header["overhead"] if e.header else 0) * SECTOR
         base_end = max(base_end, SECTOR)
+        if len({o for o, _ in live}) != len(live) or any(o < base_end for o, _ in live):
+            raise CorruptImage("grain tables reference a grain twice or point into the metadata "
+                               "area; run check --repair first (nothing was moved)",
+                               path=f.path)
         fixed: list[tuple[int, int]] = []
         gsz = _round_up(e.n_gts * 4, SECTOR)
         for sec in (e.gd_sector, e.rgd_sector):
