@@ -12,13 +12,11 @@ import json
 import os
 import random
 import shutil
-import struct
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import (Alloc, Disk, ImageFlags, OpenFlags, ParentNotFound, get_backend, vhd_chs)
+from vdgui.vd import Alloc, Disk, ImageFlags, OpenFlags, ParentNotFound, get_backend, vhd_chs
 from vdgui.vd.formats.vhd import round_size_to_chs
 
 MiB = 1 << 20

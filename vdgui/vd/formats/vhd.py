@@ -49,7 +49,7 @@ from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
-from ..errors import CorruptImage, InvalidArgument, NotSupported, VDError
+from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
@@ -274,7 +274,8 @@ class VhdImage(Image):
             raise self._corrupt("file is too small to hold a VHD footer",
                                 expected=f"at least {FOOTER_SIZE} bytes", found=f"{fsize} bytes")
         end_len = FOOTER_SIZE
-        end, end_ok, _ = self._read_footer_at(fsize - FOOTER_SIZE) if fsize >= FOOTER_SIZE else (None, False, b"")
+        end, end_ok, _ = (self._read_footer_at(fsize - FOOTER_SIZE) if fsize >= FOOTER_SIZE
+                          else (None, False, b""))
         if end is None and fsize >= FOOTER_SIZE - 1:
             # Virtual PC before 2004 wrote a 511-byte footer (VHD specification, "Hard Disk Footer")
             alt, alt_ok, _ = self._read_footer_at(fsize - (FOOTER_SIZE - 1), FOOTER_SIZE - 1)
@@ -290,9 +291,10 @@ class VhdImage(Image):
         elif head is not None and head_ok:
             footer = head
             self.footer_from = "copy at offset 0"
+            state = "damaged (bad checksum)" if end is not None else "missing"
             self._problems.append(Problem(
-                "corrupt", f"footer at the end of the file is {'damaged (bad checksum)' if end is not None else 'missing'}; "
-                "the copy at offset 0 is used", offset=fsize - end_len))
+                "corrupt", f"footer at the end of the file is {state}; the copy at offset 0 is used",
+                offset=fsize - end_len))
         elif end is not None:
             footer = end
             self._problems.append(Problem(
@@ -308,7 +310,8 @@ class VhdImage(Image):
         else:
             raise self._corrupt("no VHD footer (cookie 'conectix') at the end of the file or at "
                                 "offset 0", field="cookie", offset=max(fsize - FOOTER_SIZE, 0),
-                                expected="b'conectix'", found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)))
+                                expected="b'conectix'",
+                                found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)))
         self.footer = footer
         self.footer_len = end_len
         fbase = 0 if self.footer_from != "end" else fsize - end_len     # for error offsets
