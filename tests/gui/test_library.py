@@ -191,3 +191,16 @@ def test_screenshot_command(qtbot, tmp_path, vdi_chain):
     assert main(["--screenshot", out, "--size", "900x600", vdi_chain["snap2"], vdi_chain["branch"]]) == 0
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dropped_xml_is_a_registry_only_when_it_is_one(qtbot, window, tmp_path):
+    from vdgui.gui.main_window import _is_vbox_registry
+    root, xml, _ = _write_vbox(tmp_path)
+    other = tmp_path / "DiskDescriptor.xml"
+    other.write_text('<?xml version="1.0"?><Parallels_disk_image Version="1.0"/>')
+    assert _is_vbox_registry(str(xml))
+    assert not _is_vbox_registry(str(other))
+    assert not _is_vbox_registry(str(tmp_path / "x.vdi"))
+    job = window.add_paths([str(xml)])
+    wait_job(qtbot, job)
+    qtbot.waitUntil(lambda: len(window.model.nodes()) == 5, timeout=5000)

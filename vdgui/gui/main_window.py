@@ -348,7 +348,7 @@ class MainWindow(QMainWindow):
         """Add image files (and their parents); XML files are VirtualBox registries."""
         images, registries = [], []
         for p in paths:
-            (registries if p.lower().endswith((".xml", ".vbox")) else images).append(os.path.abspath(p))
+            (registries if _is_vbox_registry(p) else images).append(os.path.abspath(p))
         for r in registries:
             try:
                 images += self.library.import_virtualbox(r)
@@ -977,6 +977,18 @@ class MainWindow(QMainWindow):
             QApplication.restoreOverrideCursor()
         self.save_settings()
         event.accept()
+
+
+def _is_vbox_registry(path: str) -> bool:
+    """A VirtualBox.xml / .vbox settings file (not, e.g., a Parallels DiskDescriptor.xml)."""
+    if not path.lower().endswith((".xml", ".vbox")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b"<VirtualBox" in head
 
 
 def _mtime(path: str):
