@@ -132,3 +132,18 @@ def test_resize_refusal_without_hook(tmp_path):
     p.write_bytes(bytes(4096))
     with pytest.raises(NotSupported, match="resize is not supported for DMG"):
         resize(str(p), 8192, format="DMG")
+
+
+@pytest.mark.parametrize("fmt", formats_with(Operation.RESIZE, Operation.WRITE, diff=True))
+def test_resize_parent_keeps_children_linked(tmp_path, fmt):
+    """Growing a parent: its differencing image still opens (links naming the parent's
+    modification id are rewritten after the rename) and reads the same."""
+    base, child = str(tmp_path / f"b.{ext_of(fmt)}"), str(tmp_path / f"c.{ext_of(fmt)}")
+    with Disk() as d:
+        d.create_base(base, SIZE, fmt)
+        d.write(0, b"\x0a" * (2 * MiB))
+        d.create_diff(child, fmt)
+        d.write(MiB, b"\x0b" * 4096)
+    expect = read_chain(child)
+    resize(base, 2 * SIZE)
+    assert read_chain(child) == expect

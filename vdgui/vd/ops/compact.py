@@ -196,6 +196,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         img.flush()
         if verify is not None:
             verify(img, prog.advance)
+        stale = _stale_children(real, img)
         img.close()
         img = None
         fd = os.open(tmp, os.O_RDONLY)
@@ -206,6 +207,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         prog.check()                                 # last moment to cancel
         os.replace(tmp, real)                        # the commit point
         fsync_dir(real)
+        _relink_children(real, backend, stale)
         finish(prog)
         return True
     except BaseException as exc:
@@ -220,6 +222,53 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         raise
     finally:
         lock.close()
+
+
+def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
+    """Differencing images of ``real`` whose link would not accept the rewritten image (formats
+    whose link names the parent's modification id, e.g. VHDX parent_linkage). Refuses (original
+    kept) when such a child's backend cannot relink."""
+    from .merge import find_children
+    try:
+        orig = new.backend.open(real, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+    except VDError:
+        return []
+    try:
+        kids = find_children(orig)
+    finally:
+        orig.close()
+    stale = []
+    for p, be in kids:
+        try:
+            kid = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+        except VDError:
+            continue
+        try:
+            kid.check_parent_link(new)
+        except VDError:
+            if not be.can(Operation.RELINK):
+                raise NotSupported(f"{real}: the operation would break the parent link of "
+                                   f"{p} and {be.name} cannot relink; nothing was changed") from None
+            stale.append((p, be))
+        finally:
+            kid.close()
+    return stale
+
+
+def _relink_children(real: str, backend: Backend, stale: list[tuple[str, Backend]]) -> None:
+    if not stale:
+        return
+    parent = backend.open(real, OpenFlags.READ_ONLY, None)
+    try:
+        for p, be in stale:
+            kid = be.open(p, OpenFlags.NORMAL, None)
+            try:
+                kid.set_parent(parent)
+                kid.flush()
+            finally:
+                kid.close()
+    finally:
+        parent.close()
 
 
 # -- compact ------------------------------------------------------------------------------------
