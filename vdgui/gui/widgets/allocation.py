@@ -116,8 +116,8 @@ class AllocationMap(QWidget):
                 x0 = bar_x + bar_w * i / n
                 x1 = bar_x + bar_w * (i + 1) / n
                 c = QColor(color)
-                c.setAlphaF(0.25 + 0.75 * min(f, 1.0))
-                p.fillRect(QRectF(x0, y + 1, max(x1 - x0, 1.0), self.ROW_H - 2), c)
+                c.setAlphaF(0.45 + 0.55 * min(f, 1.0))    # a little data stays visible
+                p.fillRect(QRectF(x0, y + 1, max(x1 - x0, 2.0), self.ROW_H - 2), c)
             if lv == len(self.members) - 1:
                 for i, f in enumerate(self.zero):
                     if f > 0:
