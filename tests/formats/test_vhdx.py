@@ -849,3 +849,17 @@ def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch, di
             break
     else:
         pytest.fail("the session never completed")
+
+
+def test_short_last_block_in_file(tmp_path):
+    """A disk ending inside its last block may store only that part of the block."""
+    p = tmp_path / "short.vhdx"
+    with _create(p, 2 * MiB + 512 * 1024) as d:
+        d.write(2 * MiB, b"\x09" * (512 * 1024))
+        off = d.top._block_offset(2)
+    with open(p, "r+b") as fh:
+        fh.truncate(off + 512 * 1024)
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.read(2 * MiB, 512 * 1024) == b"\x09" * (512 * 1024)
+        assert not img.check().problems

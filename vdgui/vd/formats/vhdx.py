@@ -609,7 +609,9 @@ class VhdxImage(Image):
     def _block_offset(self, block: int, what="payload block") -> int:
         idx = self._bat_index(block)
         _st, off = self._entry(idx)
-        if off < MiB or off + self.block_size > self.file_len:
+        # the last block may be short in the file when the disk ends inside it
+        need = min(self.block_size, self.size - block * self.block_size)
+        if off < MiB or off + need > self.file_len:
             raise self._corrupt(f"BAT entry of {what} {block} points outside the file",
                                 field=f"BAT[{idx}]", offset=self.bat_offset + 8 * idx,
                                 expected=f"1 MiB <= offset, end <= {self.file_len}",
@@ -1188,7 +1190,8 @@ class VhdxImage(Image):
                                                 f"state {st}", where, repaired=fix))
                     bad.append((idx, SB_NOT_PRESENT))
                     continue
-                length, what = MiB, "sector bitmap block"
+                need = length = MiB
+                what = "sector bitmap block"
             else:
                 blk = idx - idx // (self.cr + 1)
                 if st not in STATE_NAMES:
@@ -1200,8 +1203,9 @@ class VhdxImage(Image):
                     continue
                 if blk >= self.payload_blocks:
                     continue
-                length, what = self.block_size, f"payload block {blk}"
-            if off < MiB or off + length > self.file_len:
+                need = min(self.block_size, self.size - blk * self.block_size)
+                length, what = -(-need // MiB) * MiB, f"payload block {blk}"
+            if off < MiB or off + need > self.file_len:
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} lies "
                                             f"outside the file ({self.file_len} bytes)", where,
                                             repaired=fix))
