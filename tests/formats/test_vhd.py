@@ -969,3 +969,26 @@ def test_interrupted_compact_resize_relink(tmp_path, monkeypatch):
         if not crashed:
             assert target == "other.vhd"
     _crash_each_write(monkeypatch, lambda: kid.write_bytes(kid_pristine), relink, verify_link)
+
+
+@pytest.mark.parametrize("diff", [False, True])
+def test_grow_empty_disk_moves_the_footer(tmp_path, diff):
+    p = str(tmp_path / "e.vhd")
+    with Disk() as d:
+        d.create_base(p, 3 * MiB, "VHD")
+        if diff:
+            p = str(tmp_path / "e2.vhd")
+            d.create_diff(p)
+    with Disk() as d:
+        if diff:
+            d.open(str(tmp_path / "e.vhd"))
+            d.top.resize(900 * MiB)
+        img = d.open(p)
+        img.resize(900 * MiB if not diff else d.images[0].size)
+        assert img.check().exit_code == 0
+        d.write(800 * MiB, b"\x01" * 512)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d:
+        assert d.read(800 * MiB, 1024) == b"\x01" * 512 + bytes(512)
+        assert d.top.check().exit_code == 0
+        raw = Path(p).read_bytes()
+        assert raw[:512] == raw[-512:]

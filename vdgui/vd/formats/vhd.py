@@ -938,20 +938,25 @@ class VhdImage(Image):
             raise NotSupported(f"{self.location}: the dynamic header follows the BAT; cannot grow it")
         for i in range(old):
             e = self.bat[i]
-            if e != FREE and i not in self._bad and e * SECTOR < table_end:
-                self._move_block(i, _round(self.footer_offset))
+            if e != FREE and i not in self._bad and e * SECTOR < table_end and \
+                    e * SECTOR + self.total > self.bat_offset:
+                self._move_block(i, _round(max(self.footer_offset, table_end)))
         for li, loc in enumerate(self.header.locators):
             if bytes(loc.code) == b"\x00\x00\x00\x00" or not loc.data_length:
                 continue
             if loc.data_offset < table_end and loc.data_offset + loc.data_length > self.bat_offset + old * 4:
                 data = self.f.pread(loc.data_offset, min(loc.data_length, MAX_LOCATOR))
                 space = _round(max(len(data), LOCATOR_SPACE))
-                pos = _round(self.footer_offset)
+                pos = _round(max(self.footer_offset, table_end))
                 self._write_footer_at(pos + space)
                 self.f.pwrite(pos, data)
                 self.footer_offset = pos + space
                 loc.data_offset, loc.data_space = pos, space
                 self._store_header()
+        if self.footer_offset < table_end:          # an empty disk: the footer moves out first
+            self._write_footer_at(table_end)
+            self.footer_offset = table_end
+            self.footer_len = FOOTER_SIZE
         # the new table entries (free), then the header's entry count
         self.f.pwrite(self.bat_offset + old * 4, b"\xff" * (_round(need * 4) - old * 4))
         self.bat.extend([FREE] * (need - old))
