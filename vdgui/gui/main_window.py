@@ -117,6 +117,7 @@ class MainWindow(QMainWindow):
             a.triggered.connect(handlers[spec.key])
             self.actions[spec.key] = a
         self.actions["properties"].setCheckable(True)
+        self.actions["refresh"].setShortcuts([QKeySequence("Ctrl+Shift+F"), QKeySequence.Refresh])
         self.action_import = QAction(icon("import"), "&Import from VirtualBox…", self)
         self.action_import.setToolTip("Add the images listed in a VirtualBox.xml or .vbox file")
         self.action_import.triggered.connect(self.import_dialog)
@@ -165,6 +166,7 @@ class MainWindow(QMainWindow):
         self.search.setObjectName("search")
         self.search.setPlaceholderText("Search by name, UUID or path  (Ctrl+F)")
         self.search.setClearButtonEnabled(True)
+        self.search.setAccessibleName("Search images")
         self.search.setMinimumWidth(260)
         self.search.setMaximumWidth(360)
         self.search.textChanged.connect(self._search_changed)
@@ -187,6 +189,9 @@ class MainWindow(QMainWindow):
         self.tree.customContextMenuRequested.connect(self._context_menu)
         self.tree.activated.connect(lambda *_: self.show_properties(True))
         self.tree.setIconSize(QSize(20, 20))
+        self.tree.setAccessibleName("Media list")
+        self.tree.setAccessibleDescription("Disk images; differencing images are nested under "
+                                           "their parent")
         self.tree.setDragDropMode(QAbstractItemView.NoDragDrop)
         h = self.tree.header()
         h.setStretchLastSection(False)
@@ -215,6 +220,7 @@ class MainWindow(QMainWindow):
 
         self.details = DetailsPane()
         self.details.setObjectName("details")
+        self.details.setAccessibleName("Image details")
         self.details.applyRequested.connect(self.apply_details)
         self.details.propertiesSaved.connect(self.save_properties)
         self.splitter = QSplitter(Qt.Horizontal)
@@ -935,12 +941,22 @@ class MainWindow(QMainWindow):
     # -- drag and drop --------------------------------------------------------------------
     def dragEnterEvent(self, event):
         md = event.mimeData()
+        files = [u for u in md.urls() if u.isLocalFile()] if md.hasUrls() else []
+        if files:
+            event.acceptProposedAction()
+            self.statusBar().showMessage(f"Drop to add {len(files)} image file(s)", 3000)
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event):
+        md = event.mimeData()
         if md.hasUrls() and any(u.isLocalFile() for u in md.urls()):
             event.acceptProposedAction()
         else:
             event.ignore()
 
-    dragMoveEvent = dragEnterEvent
+    def dragLeaveEvent(self, event):
+        self.statusBar().clearMessage()
 
     def dropEvent(self, event):
         paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
