@@ -791,10 +791,14 @@ class Qcow2Image(Image):
 
     def _alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset."""
+        first = self.next_cluster
         while True:
             ci = self._take(n)
             if all(self.refcount(c) == 0 for c in range(ci, ci + n)):
                 break
+            if self.next_cluster - first > 65536:
+                raise self._corrupt("refcounts claim clusters far past the end of the file; "
+                                    "run a check with repair", offset=first * self.cs)
         for c in range(ci, ci + n):
             self._set_refcount(c, 1)
         return ci * self.cs
@@ -1393,11 +1397,10 @@ class Qcow2Image(Image):
                     continue
                 l2_refs.append((off, active, i))
                 tbl = _be_array(self.f.pread(off, cs))
-                step = 2 if self.extended_l2 else 1
-                for j in range(self.l2_entries):
-                    e = tbl[j * step]
-                    if not e:
-                        continue
+                if len(tbl) < self.l2_entries * (2 if self.extended_l2 else 1):
+                    continue
+                entries = tbl[::2] if self.extended_l2 else tbl
+                for j, e in [(j, e) for j, e in enumerate(entries) if e]:
                     if e & L.OFLAG_COMPRESSED:
                         coff, csize = self._compressed_range(e)
                         if coff + csize > self.fsize + 512 or coff >= self.fsize:
