@@ -831,3 +831,27 @@ def test_raw_disk_vmdk_for_a_drive_file(tmp_path):
         assert d.read(MiB, 4) == b"\x22" * 4
         assert d.info()["details"]["create_type"] == "fullDevice"
         assert read_all(d) == drive.read_bytes()
+
+
+def test_cross_linked_grains_found_and_unshared(tmp_path, qemu):
+    p = _mono(tmp_path)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        ext = img.extents[0]
+        g0 = ext._gte(0)
+        gt, rgt = ext.gd[0], ext.rgd[0]
+    with open(p, "r+b") as f:               # grain 5 points at grain 0's data, in both tables
+        for sec in (gt, rgt):
+            f.seek(sec * 512 + 4 * 5)
+            f.write(g0.to_bytes(4, "little"))
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        rep = d.top.check()
+        assert rep.corrupt and "cross-linked" in rep.problems[0].what
+    with Disk() as d:
+        d.open(p)
+        assert d.top.check(repair=True).problems[0].repaired
+        d.write(5 * 65536, b"\x44" * 512)          # grain 5 no longer overwrites grain 0
+        assert d.read(0, 512) == b"\x5a" * 512
+        assert d.top.check().exit_code == 0
+    assert qemu.check(p).returncode == 0

@@ -1480,6 +1480,7 @@ class VmdkImage(Image):
             e.f.pwrite(sec * SECTOR, _u32_bytes(src).ljust(e.gt_sectors * SECTOR, b"\0"))
             return sec
 
+        used = bytearray(size // (8 * SECTOR) + 1)     # grain start sectors seen so far
         for t in range(e.n_gts):
             prog.advance(1)
             g = e.gd[t]
@@ -1518,15 +1519,15 @@ class VmdkImage(Image):
             if gt is None and rgt is None:
                 continue
             same = gt if rgt is None else rgt if gt is None else gt if gt == rgt else None
+            fast_ok = False
             if same is not None:                 # fast path: both copies agree
                 vals = set(same)
                 vals.discard(0)
                 vals.discard(1)
-                if not vals or (min(vals) >= meta_end and
-                                max(vals) * SECTOR + (12 if e.compressed else e.grain) <= size):
-                    continue
+                fast_ok = not vals or (min(vals) >= meta_end and max(vals) * SECTOR +
+                                       (12 if e.compressed else e.grain) <= size)
             changed_g = changed_r = False
-            for i in range(e.gtes):
+            for i in range(0 if fast_ok else e.gtes):
                 a = gt[i] if gt is not None else None
                 b = rgt[i] if rgt is not None else None
                 if a == b and (a is None or a <= 1):
@@ -1563,6 +1564,35 @@ class VmdkImage(Image):
                 e.f.pwrite(r * SECTOR, _u32_bytes(rgt))
             if fix and gt is not None:
                 e._gts[t] = gt
+            # grains shared by two entries (cross-linked): repair gives the later one a copy
+            final = gt if gt is not None else rgt
+            if final.count(0) + final.count(1) == len(final):
+                continue
+            for i, v in enumerate(final):
+                if v <= 1:
+                    continue
+                if v >= len(used) * 8:
+                    continue                     # past the end: reported above
+                byte, bit = divmod(v, 8)
+                if not used[byte] & (1 << bit):
+                    used[byte] |= 1 << bit
+                    continue
+                idx = t * e.gtes + i
+                done = False
+                if fix and e.writable:
+                    data = e.f.pread(v * SECTOR, e.grain)
+                    noff = e._alloc(e.grain)
+                    e.f.pwrite(noff, data + bytes(e.grain - len(data)))
+                    e.f.sync()
+                    sec = noff // SECTOR
+                    for arr, tsec in ((gt, g), (rgt, r)):
+                        if arr is not None and tsec:
+                            arr[i] = sec
+                            e.f.pwrite(tsec * SECTOR + 4 * i, sec.to_bytes(4, "little"))
+                    e.file_size = max(e.file_size, e.next_free)
+                    done = True
+                problem(f"grain table {t} entry {i} (grain {idx}) shares sector {v} with another "
+                        "grain (cross-linked)", (g or r or 0) * SECTOR + 4 * i, done)
 
 
 # -- creation helpers --------------------------------------------------------------------------
