@@ -338,3 +338,17 @@ def test_corpus_sesparse_extent(tmp_path, qemu):
                 assert d.read(e.start, n) == f.read(n)
         with pytest.raises(VDError):
             d.top.resize(1 << 30)
+
+
+def test_qemu_child_with_absolute_parent_hint(tmp_path, qemu):
+    base, child = tmp_path / "base.vmdk", tmp_path / "child.vmdk"
+    qemu.img("create", "-f", "vmdk", base, "2M")
+    _write_pattern(qemu, str(base), [(0, 65536, 0x31)])
+    qemu.img("create", "-f", "vmdk", "-b", str(base), "-F", "vmdk", child)
+    _write_pattern(qemu, str(child), [(4096, 512, 0x32)])
+    with Disk() as d:
+        img = d.open(str(child), flags=OpenFlags.INFO)
+        assert img.parent_hint.locations == [str(base)]      # stored as qemu was given it
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:   # found beside the child
+        assert len(d) == 2
+        assert d.read(0, 8192) == b"\x31" * 4096 + b"\x32" * 512 + b"\x31" * 3584
