@@ -855,3 +855,19 @@ def test_cross_linked_grains_found_and_unshared(tmp_path, qemu):
         assert d.read(0, 512) == b"\x5a" * 512
         assert d.top.check().exit_code == 0
     assert qemu.check(p).returncode == 0
+
+
+def test_descriptor_with_bom_and_crlf_round_trips(tmp_path):
+    text = ('\ufeff# Disk DescriptorFile\r\nversion=1\r\nCID=fffffffe\r\nparentCID=ffffffff\r\n'
+            'createType="monolithicFlat"\r\nRW 2 FLAT "b-flat.vmdk" 0\r\n')
+    d = Descriptor.parse(text.encode("utf-8"))
+    assert d.text() == text and d.newline == "\r\n"
+    (tmp_path / "b-flat.vmdk").write_bytes(b"\x05" * 1024)
+    p = tmp_path / "b.vmdk"
+    p.write_bytes(text.encode("utf-8"))
+    assert probe(str(p)).name == "VMDK"
+    with Disk() as disk:
+        disk.open(str(p))
+        disk.write(0, b"\x06" * 512)
+    out = p.read_bytes().decode("utf-8")
+    assert out.startswith("\ufeff# Disk DescriptorFile\r\n") and "\r\nCID=" in out

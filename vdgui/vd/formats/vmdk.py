@@ -1668,6 +1668,8 @@ class VmdkBackend(Backend):
         if src.size > MAX_DESCRIPTOR_BYTES or not head:
             return 0
         text = head[:4096].split(b"\0", 1)[0]     # qemu pads descriptors with NULs
+        if text.startswith(b"\xef\xbb\xbf"):
+            text = text[3:]
         if not text.strip():
             return 0
         low = text.lower()

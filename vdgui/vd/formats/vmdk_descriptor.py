@@ -115,6 +115,9 @@ class Descriptor:
                 raise CorruptImage("descriptor is too large", path=path,
                                    expected=f"at most {MAX_DESCRIPTOR_BYTES} bytes",
                                    found=f"{len(text)} bytes")
+        bom = text.startswith("\ufeff")
+        if bom:
+            text = text[1:]
         newline = "\r\n" if "\r\n" in text else "\n"
         raw_lines = text.split("\n")
         if raw_lines and raw_lines[-1] == "":
@@ -170,13 +173,17 @@ class Descriptor:
             kind = "ddb" if key.lower().startswith("ddb.") else "header"
             lines.append(_Line(kind, raw, key=key, value=value, quoted=quoted))
         d = cls(lines, path, newline, encoding)
+        d.bom = bom
         if not d.extents:
             raise CorruptImage("descriptor lists no extents", path=path)
         return d
 
     # -- printing --------------------------------------------------------------------------
+    bom = False
+
     def text(self) -> str:
-        return "".join(line.text() + self.newline for line in self.lines)
+        body = "".join(line.text() + self.newline for line in self.lines)
+        return "\ufeff" + body if self.bom else body
 
     def to_bytes(self) -> bytes:
         try:
