@@ -715,6 +715,12 @@ class VhdxImage(Image):
         return runs
 
     def read(self, offset, length):
+        block, inner = divmod(offset, self.block_size)
+        if inner + length <= self.block_size and \
+                self._status_of(self._check_state(block)) is Alloc.DATA:
+            # the common case: one present block, no copy
+            return self.f.read_exact(self._block_offset(block) + inner, length,
+                                     f"payload block {block}")
         out = bytearray(length)
         for block, inner, pos, n in split_blocks(offset, length, self.block_size):
             st = self._check_state(block)
