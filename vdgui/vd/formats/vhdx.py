@@ -32,7 +32,15 @@ Hyper-V only need the result to be consistent.) A BAT that outgrows its region o
 to the end of the file before region table 1, then 2, are rewritten. Header updates alternate
 between the two header copies with increasing sequence numbers.
 The DataWriteGuid changes before the first data write of a session, the FileWriteGuid on every
-read-write open (2.2.2).
+read-write open (2.2.2). A child's parent_linkage is its parent's DataWriteGuid (exposed as
+modification_uuid / parent_modification_uuid); page 83 data is the image UUID.
+
+Operations: create (dynamic, fixed, differencing; 512 or 4096-byte logical sectors), write,
+discard, resize (grow; the BAT moves when it outgrows its region), compact (in a copy, by
+ops.compact), check/repair (a pending log, damaged header copies, BAT entries with bad states or
+outside the file), relink (rewrite the parent locator; None turns the child into a base image).
+A read-only open of an image whose log holds changes raises LogReplayNeeded (a CorruptImage);
+any read-write open replays it, as ``qemu-img check -r all`` does.
 
 Limits (parser safety): region table entries <= 2047, metadata entries <= 2047, metadata items
 <= 1 MiB, log <= 64 MiB, virtual size <= 64 TiB, BAT region must lie inside the file.
