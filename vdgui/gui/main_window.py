@@ -354,7 +354,7 @@ class MainWindow(QMainWindow):
         """Add image files (and their parents); XML files are VirtualBox registries."""
         images, registries = [], []
         for p in paths:
-            (registries if _is_vbox_registry(p) else images).append(os.path.abspath(p))
+            (registries if _is_vbox_registry(p) else images).append(location(p))
         for r in registries:
             try:
                 images += self.library.import_virtualbox(r)
@@ -364,7 +364,8 @@ class MainWindow(QMainWindow):
             return None
         for p in images:
             self.library.touch_recent(p)
-        self._remember_folder(images[0])
+        if "://" not in images[0]:
+            self._remember_folder(images[0])
         if select:
             self._pending_select = [images[0]]
         if sync:
@@ -525,7 +526,9 @@ class MainWindow(QMainWindow):
             self.details.set_allocation(node.path, cached["size"], cached["extents"], cached["members"])
             return
         self._alloc_path = node.path
-        job = tasks.allocation_job(node.path, library=self.library)
+        job = tasks.allocation_job(node.path, library=self.library, format=node.record.format,
+                                   config=(self.library.properties(node.path) or None)
+                                   if "://" in node.path else None)
         job.signals.finished.connect(self._allocation_done)
         job.signals.failed.connect(lambda j, msg, tb: self.details.set_allocation_error(
             node.path, f"Cannot read the allocation map: {msg}"))
@@ -993,6 +996,11 @@ class MainWindow(QMainWindow):
             QApplication.restoreOverrideCursor()
         self.save_settings()
         event.accept()
+
+
+def location(p: str) -> str:
+    """Absolute path of a file image; network locations (scheme://…) unchanged."""
+    return p.strip() if "://" in p else os.path.abspath(os.path.expanduser(p))
 
 
 def _is_vbox_registry(path: str) -> bool:

@@ -123,11 +123,13 @@ def set_comment_job(path: str, comment: str, *, library=None, key: str | None = 
                paths=[path], kind="set_comment")
 
 
-def allocation_job(path: str, *, library=None, buckets: int = 1024) -> Job:
+def allocation_job(path: str, *, library=None, format: str | None = None,
+                   config: dict | None = None) -> Job:
     """Reads the chain's allocation map (for the details picture); invisible in the panel."""
     def fn(progress):
-        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
-                             library=library) as d:
+        with Disk.open_chain(path, format or None,
+                             flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
+                             config=config or None, library=library) as d:
             size = d.size
             extents = d.allocation()
             members = [img.location for img in d.images]

@@ -72,6 +72,9 @@ class ImageRecord:
 
     @property
     def name(self) -> str:
+        if is_network_location(self.path):
+            rest = self.path.split("://", 1)[1]
+            return rest.split("@", 1)[-1]          # never show credentials
         return os.path.basename(self.path)
 
 
@@ -82,7 +85,14 @@ def _device_for_extension(path: str) -> str:
     return DeviceType.HARD_DISK.value
 
 
+def is_network_location(path: str) -> bool:
+    """``scheme://…`` locations (e.g. iscsi://host/iqn/lun) name non-file images."""
+    return "://" in path
+
+
 def _norm(path: str) -> str:
+    if is_network_location(path):
+        return path.strip()
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -242,6 +252,8 @@ class Library:
             rec.uuid = entry["uuid"]
             rec.parent_uuid = entry["parent_uuid"]
         rec.files = [path]
+        if is_network_location(path):
+            return self._scan_network(rec, format or rec.format)
         if not os.path.lexists(path):
             rec.error, rec.error_code = f"{path}: file not found", ImageNotFound.code
             return rec
@@ -291,6 +303,40 @@ class Library:
             pass
         return rec
 
+    def _scan_network(self, rec: ImageRecord, fmt: str | None) -> ImageRecord:
+        """A non-file image: opened with its stored properties as the backend's config."""
+        from .disk import Disk
+        rec.files = []
+        if not fmt:
+            rec.error, rec.error_code = (f"{rec.path}: the format of a network location must be "
+                                         "known (none recorded)"), InvalidArgument.code
+            return rec
+        disk = Disk()
+        try:
+            disk.open(rec.path, fmt, OpenFlags.INFO | OpenFlags.READ_ONLY,
+                      self.properties(rec.path) or None)
+            info = disk.info(0)
+            rec.format = info["format"]
+            rec.device_type = info["device_type"]
+            rec.virtual_size = info["virtual_size"]
+            rec.variant = info["variant"]
+            rec.image_flags = info["image_flags"]
+            rec.uuid = info["uuid"]
+            rec.comment = info["comment"]
+            rec.block_size = info["block_size"]
+            rec.details = dict(info.get("details") or {})
+        except VDError as exc:
+            rec.format = rec.format or fmt
+            rec.error, rec.error_code = exc.message, exc.code
+        except Exception as exc:  # a backend bug: keep the image listed, say so
+            rec.format = rec.format or fmt
+            rec.error = f"{rec.path}: internal error while opening the image: {exc!r}"
+            rec.error_code = "BUG"
+            rec.bug = traceback.format_exc()
+        finally:
+            disk.close()
+        return rec
+
     def add_with_parents(self, path: str, format: str | None = None,
                          source: str = "user") -> list[ImageRecord]:
         """Add ``path`` and every parent its chain names; returns the scanned records (top first)."""
@@ -300,7 +346,7 @@ class Library:
         fmt = format
         while cur and cur not in seen and len(out) < 256:
             seen.add(cur)
-            self.add(cur, source=source)
+            self.add(cur, format=fmt, source=source)
             rec = self.scan(cur, fmt)
             self.remember(rec)
             out.append(rec)
@@ -402,4 +448,5 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
     return out
 
 
-__all__ = ["Library", "ImageRecord", "data_dir", "read_virtualbox_registry", "ENV_DATA_DIR"]
+__all__ = ["Library", "ImageRecord", "data_dir", "read_virtualbox_registry", "ENV_DATA_DIR",
+           "is_network_location"]

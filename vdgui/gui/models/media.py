@@ -166,7 +166,7 @@ class MediaModel(QAbstractItemModel):
         self.set_records(keep)
 
     def node(self, path: str) -> MediaNode | None:
-        return self._by_path.get(os.path.abspath(path))
+        return self._by_path.get(path.strip() if "://" in path else os.path.abspath(path))
 
     def nodes(self) -> list[MediaNode]:
         return list(self._by_path.values())
