@@ -24,6 +24,13 @@ Bundles (Parallels Desktop): a folder ``name.hdd`` holds ``DiskDescriptor.xml`` 
 folder or its descriptor reads the extents in order, each through its snapshot chain up to the
 current (top) snapshot. Names in the descriptor are confined to the bundle folder.
 
+Operations: create (a single expanding file, "WithouFreSpacExt" like qemu; or with Bundle=1 a
+Parallels Desktop bundle folder), write, check/repair (in_use left set, BAT entries outside the
+data area or past the end of the file, clusters shared by two entries (copied apart), space
+leaked at the end), resize (grow, while the BAT fits before the data area), compact. An image
+carrying a format extension (dirty bitmaps) opens read-only. Differencing images are not
+created: a lone file has no parent link (VirtualBox's DIFF capability is a flag only).
+
 Limits (parser safety): cluster <= 64 MiB, BAT <= 16 Mi entries and inside the file,
 descriptor <= 1 MiB and no DTD,
 <= 4096 extents, <= 1024 snapshots.
