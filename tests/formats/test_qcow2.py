@@ -245,14 +245,16 @@ def test_dirty_bit_rebuilds_refcounts_on_read_write_open(tmp_path):
     assert _read_field(p, 72, ">Q") == 0
 
 
-def test_unknown_autoclear_bits_cleared_on_write_open(tmp_path):
+def test_unknown_autoclear_bits_cleared_on_first_write(tmp_path):
     p = _make(tmp_path)
     _patch(p, 88, ">Q", (1 << 40) | L.AUTOCLEAR_BITMAPS)
     _open_read(p)
     assert _read_field(p, 88, ">Q") == (1 << 40) | L.AUTOCLEAR_BITMAPS
     with Disk() as d:
         d.open(p)
-    assert _read_field(p, 88, ">Q") == 0
+        assert _read_field(p, 88, ">Q") == (1 << 40) | L.AUTOCLEAR_BITMAPS
+        d.write(0, b"\x01" * 512)
+        assert _read_field(p, 88, ">Q") == 0
 
 
 def test_qcow_v1_write_open_refused(tmp_path):

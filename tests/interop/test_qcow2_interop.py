@@ -593,3 +593,24 @@ def test_zstd_without_module_is_a_clear_error(qemu, tmp_path, monkeypatch):
         d.open(p, flags=OpenFlags.READ_ONLY)
         with pytest.raises(NotSupported, match="unsupported compression type zstd"):
             d.read(0, 65536)
+
+
+def test_persistent_bitmaps_dropped_cleanly_on_first_write(qemu, tmp_path):
+    p = str(tmp_path / "bm.qcow2")
+    qemu.img("create", "-f", "qcow2", p, SIZE)
+    qemu.io("-c", "write -P 0x91 0 1M", p)
+    qemu.img("bitmap", "--add", p, "b0")
+    qemu.img("bitmap", "--add", "-g", "512k", p, "b1")
+    qemu.io("-c", "write -P 0x92 2M 1M", p)
+    assert "b1" in qemu.img("info", p).stdout
+    expect = bytearray(raw_bytes(qemu, p, tmp_path))
+    with Disk() as d:                       # opening read-write alone changes nothing
+        d.open(p)
+        assert d.info()["details"]["bitmaps"] == 2
+        assert d.top.check().exit_code == 0
+    assert "b1" in qemu.img("info", p).stdout
+    write_ours(p, [(4 * MiB, b"\x93" * 65536)], expect)
+    info = qemu.img("info", p)
+    assert "bitmaps:" not in info.stdout and "lacking bitmap support" not in info.stderr
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)

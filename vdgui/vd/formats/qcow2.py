@@ -161,6 +161,7 @@ class Qcow2Image(Image):
         self.f = f
         self.open_flags = flags
         self.snapshot_view: dict | None = None
+        self._first_write_done = False
         self.data_f: ImageFile | None = None
         self.data_file_name: str | None = None
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -835,12 +836,31 @@ class Qcow2Image(Image):
             if report.corrupt or report.leaks:
                 raise self._corrupt("the image was left dirty and its metadata could not be "
                                     "made consistent; run a check with repair")
-        unknown_autoclear = self.autoclear & ~L.AUTOCLEAR_DATA_FILE_RAW
-        if unknown_autoclear and self.version >= 3:
-            # we do not maintain bitmaps (or anything else behind an autoclear bit): clear them
-            self.autoclear &= L.AUTOCLEAR_DATA_FILE_RAW
-            header_changed = True
         if header_changed:
+            self._write_feature_bits()
+
+    def _before_first_write(self) -> None:
+        """Clear the autoclear bits we do not maintain before the first change. Persistent
+        dirty bitmaps (autoclear bit 0) cannot be kept up to date here, so they are removed
+        cleanly: extension dropped from the header, their clusters freed (no leaks)."""
+        self._first_write_done = True
+        if self.version < 3 or not self.autoclear & ~L.AUTOCLEAR_DATA_FILE_RAW:
+            return
+        ranges: list = []
+        if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
+            def collect(off, length, what):
+                ranges.append((off, length))
+                return True
+            self._count_bitmaps(collect, [])
+        self.autoclear &= L.AUTOCLEAR_DATA_FILE_RAW
+        struct.pack_into(">Q", self.header_raw, L.OFF_AUTOCLEAR, self.autoclear)
+        if any(t == L.EXT_BITMAPS for t, _ in self.extensions) and ranges:
+            self.extensions = [(t, d) for t, d in self.extensions if t != L.EXT_BITMAPS]
+            self._write_header_area(self.backing_file, self.backing_format)
+            self.bitmaps_ext = None
+            for off, length in ranges:
+                self._unref(off, length)
+        else:
             self._write_feature_bits()
 
     def _write_feature_bits(self) -> None:
@@ -855,6 +875,8 @@ class Qcow2Image(Image):
         self._require_writable()
         if self.write_blocked:
             raise ReadOnlyImage(f"{self.location}: {self.write_blocked}")
+        if not self._first_write_done:
+            self._before_first_write()
 
     def _l2_for_write(self, l1i: int) -> tuple[array, int]:
         """The L2 table of L1 index ``l1i``, allocated or copied so that it can be modified."""
@@ -1454,7 +1476,8 @@ class Qcow2Image(Image):
             b = L.BitmapDirEntry.parse(data[pos:pos + 24])
             if b.bitmap_table_size * 8 <= (64 << 20) and not b.bitmap_table_offset % self.cs:
                 if add(b.bitmap_table_offset, b.bitmap_table_size * 8, "bitmap table"):
-                    tbl = _be_array(self.f.pread(b.bitmap_table_offset, b.bitmap_table_size * 8))
+                    raw = self.f.pread(b.bitmap_table_offset, b.bitmap_table_size * 8)
+                    tbl = _be_array(raw[:len(raw) // 8 * 8])
                     for e in tbl:
                         o = e & L2E_MASK
                         if o:
