@@ -1610,15 +1610,18 @@ def _sparse_layout(capacity: int, desc_sectors: int, grain: int = DEFAULT_GRAIN,
                 overhead=_round_up(end, grain))
 
 
-def _write_sparse_extent(f: ImageFile, capacity: int, descriptor: bytes | None) -> None:
+def _write_sparse_extent(f: ImageFile, capacity: int, descriptor: bytes | None, *,
+                         grain: int = DEFAULT_GRAIN, gtes: int = DEFAULT_GTES,
+                         flags: int = FLAG_NL_TEST | FLAG_RGD) -> None:
     """A new hosted sparse extent: header, [descriptor], RGD, RGTs, GD, GTs (qemu's layout)."""
     desc_sectors = EMBEDDED_DESC_SECTORS if descriptor is not None else 0
     if descriptor is not None and len(descriptor) > desc_sectors * SECTOR:
         raise NotSupported(f"{f.path}: descriptor too large for the embedded area")
-    lay = _sparse_layout(capacity, desc_sectors)
+    lay = _sparse_layout(capacity, desc_sectors, grain, gtes)
     hdr = _header_dict(capacity=capacity, descriptor_offset=1 if desc_sectors else 0,
                        descriptor_size=desc_sectors, rgd_offset=lay["rgd"], gd_offset=lay["gd"],
-                       overhead=lay["overhead"])
+                       overhead=lay["overhead"], grain_size=grain, num_gtes_per_gt=gtes,
+                       flags=flags, version=2 if flags & FLAG_ZERO_GRAIN else 1)
     f.truncate(lay["overhead"] * SECTOR)
     f.pwrite(0, SparseHeader.build(hdr))
     if descriptor is not None:
