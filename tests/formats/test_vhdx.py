@@ -863,3 +863,19 @@ def test_short_last_block_in_file(tmp_path):
         img = d.open(str(p), flags=OpenFlags.READ_ONLY)
         assert d.read(2 * MiB, 512 * 1024) == b"\x09" * (512 * 1024)
         assert not img.check().problems
+
+
+def test_check_reports_overlaps(tmp_path):
+    b = _image_bytes(tmp_path)
+    lay = _layout(b)
+    bat_off, md_off = lay[vhdx.BAT_GUID][0], lay[vhdx.METADATA_GUID][0]
+    first = struct.unpack_from("<Q", b, bat_off)[0]
+    struct.pack_into("<Q", b, bat_off + 8, first)                         # two blocks, one place
+    struct.pack_into("<Q", b, bat_off + 16, (md_off >> 20) << 20 | 6)     # a block on metadata
+    p = tmp_path / "ov.vhdx"
+    p.write_bytes(bytes(b))
+    with Disk() as d:
+        img = d.open(str(p), flags=OpenFlags.READ_ONLY)
+        whats = [x.what for x in img.check().problems]
+    assert any("BAT[1]" in w and "overlaps payload block 0" in w for w in whats), whats
+    assert any("BAT[2]" in w and "overlaps the metadata region" in w for w in whats), whats

@@ -1183,14 +1183,14 @@ class VhdxImage(Image):
             self._update_header()
             self.header_problems = []
         bad: list[tuple[int, int]] = []
-        used: dict[int, str] = {}
+        # (start, end, name, BAT index or None): checked for overlaps after one sort
+        spans: list[tuple[int, int, str, int | None]] = [(0, MiB, "the header section", None)]
         for g, (o, ln) in self.vregions.items():
-            for mb in range(o // MiB, (o + ln) // MiB):
-                used[mb] = "BAT region" if g == BAT_GUID else "metadata region"
+            spans.append((o, o + ln, "the BAT region" if g == BAT_GUID else
+                          "the metadata region", None))
         if self.hdr.log_length:
-            for mb in range(self.hdr.log_offset // MiB,
-                            (self.hdr.log_offset + self.hdr.log_length) // MiB):
-                used[mb] = "log"
+            spans.append((self.hdr.log_offset, self.hdr.log_offset + self.hdr.log_length,
+                          "the log", None))
         for idx in range(self.bat_count):
             e = self.bat[idx]
             st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
@@ -1225,12 +1225,16 @@ class VhdxImage(Image):
                                             repaired=fix))
                 bad.append((idx, SB_NOT_PRESENT if is_sb else PAYLOAD_NOT_PRESENT))
                 continue
-            for mb in range(off // MiB, (off + length) // MiB):
-                if mb in used:
-                    rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} "
-                                                f"overlaps {used[mb]}", where))
-                    break
-                used[mb] = f"BAT[{idx}]"
+            spans.append((off, off + length, f"{what} (BAT[{idx}])", idx))
+        spans.sort(key=lambda t: (t[0], t[1]))
+        reach, reach_name = 0, ""
+        for s1, e1, n1, i1 in spans:
+            if s1 < reach:
+                where = self.bat_offset + 8 * i1 if i1 is not None else None
+                rep.problems.append(Problem("corrupt", f"{n1} at {s1:#x} overlaps {reach_name}",
+                                            where))
+            if e1 > reach:
+                reach, reach_name = e1, n1
         if fix and bad:
             for idx, state in bad:
                 self._set_entry(idx, state, 0)
