@@ -791,11 +791,12 @@ class StreamWriter(_Extent):
             return
         idx, data = self.cur_idx, self.cur
         self.cur = None
-        glen = min(self.grain, self.length - idx * self.grain)
         if is_zero(data):
             return
         self._emit_gts_before(idx // self.gtes)
-        comp = zlib.compress(bytes(data[:glen]) if glen < self.grain else bytes(data), 6)
+        # always a whole grain (zero padded past the end of the disk): readers such as
+        # VirtualBox expect every grain to inflate to the full grain size
+        comp = zlib.compress(bytes(data), 6)
         rec = GrainMarker.build(dict(lba=idx * self.grain_sectors, size=len(comp))) + comp
         rec = rec.ljust(_round_up(len(rec), SECTOR), b"\0")
         if (self.pos + len(rec)) // SECTOR >= 1 << 32:
