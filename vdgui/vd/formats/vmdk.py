@@ -7,8 +7,8 @@ block/vmdk.c reads it. Facts, not code, were taken from those sources.
 * The descriptor (see :mod:`.vmdk_descriptor`) is either a separate text file or embedded in a
   hosted sparse extent (sectors ``descriptorOffset .. +descriptorSize``). createTypes:
   monolithicSparse, monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat, streamOptimized,
-  vmfs / vmfsThin (flat, ESX), vmfsSparse (COWD extents, read-only); extent types SPARSE, FLAT,
-  ZERO, VMFS, VMFSSPARSE (SESPARSE: NotSupported).
+  vmfs / vmfsThin (flat, ESX), vmfsSparse (COWD extents, read-only), seSparse (ESXi 6.5+, u64
+  tables, read-only); extent types SPARSE, FLAT, ZERO, VMFS, VMFSSPARSE, SESPARSE.
 * A hosted sparse extent: 512-byte header (``KDMV``), grain directory (GD) of u32 sector
   offsets of grain tables (GT, ``numGTEsPerGT`` u32 entries each) of sector offsets of grains;
   a redundant GD/GT copy (flag bit 1) kept equal on every write; GTE 1 = zero grain when flag
@@ -18,7 +18,13 @@ block/vmdk.c reads it. Facts, not code, were taken from those sources.
   table offset is checked against its file's size before use; decompression output is capped at
   one grain.
 * Writes: data first, then GT and redundant GT entries, then header/descriptor. The CID changes
-  on the first write of a session (as VMware/VirtualBox/qemu do) so children notice.
+  on the first write of a session (as VMware/VirtualBox/qemu do), written before the data, so
+  children notice; check_parent_link compares parentCID with the parent's CID.
+* Hooks: RELINK (parentCID, parentFileNameHint, ddb.uuid.parent), RESIZE (grow: last extent,
+  grain directory moved to the end when it outgrows its sectors, new -sNNN/-fNNN extents for
+  split images), CHECK/REPAIR (directory vs redundant directory, tables vs redundant tables,
+  entries past the end of the file or into metadata, cross-linked grains, unreferenced tail),
+  COMPACT (sparse extents: drop zero / parent-equal grains, move grains down, truncate).
   streamOptimized images are written once, in increasing offsets (the copy operation does that);
   any other write to a stream image is refused.
 * Raw host disk descriptors (config keys RawDrive/Partitions/BootSector/Relative, as VirtualBox
