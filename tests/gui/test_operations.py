@@ -450,3 +450,18 @@ def test_details_edits_survive_a_refresh(qtbot, window, tmp_path):
     assert window.details.comment.text() == "typing…"
     window.details.reset()
     assert window.details.comment.text() == ""
+
+
+def test_create_dialog_follows_the_device_tab(qtbot, window, tmp_path):
+    from vdgui.vd import backends
+    dlg = CreateDialog(str(tmp_path), window, device="floppy")
+    qtbot.addWidget(dlg)
+    b = dlg.backend()
+    assert any(fe.device.value == "floppy" for fe in b.extensions)
+    ext = dlg.location.path().rsplit(".", 1)[1]
+    assert any(fe.ext == ext and fe.device.value == "floppy" for fe in b.extensions)
+    assert dlg.size.value() == 1440 * 1024
+    hdd = CreateDialog(str(tmp_path), window, device="hdd")
+    qtbot.addWidget(hdd)
+    assert hdd.size.value() == 20 << 30
+    assert hdd.backend() is next(x for x in backends() if x.name == hdd.backends[0].name)

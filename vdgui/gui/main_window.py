@@ -666,7 +666,9 @@ class MainWindow(QMainWindow):
 
     def create_dialog(self):
         from .dialogs.create import CreateDialog
-        dlg = CreateDialog(self.last_folder(), self)
+        tab = self.tabs.currentIndex()
+        device = DEVICE_TABS[tab][0].value if 0 <= tab < len(DEVICE_TABS) else None
+        dlg = CreateDialog(self.last_folder(), self, device=device)
         if dlg.exec() != QDialog.Accepted:
             return None
         return self.start_create(dlg.params())

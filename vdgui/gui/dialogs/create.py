@@ -16,6 +16,7 @@ from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends,
                      unique_path, with_extension)
 
 DEFAULT_SIZE = 20 << 30
+FLOPPY_SIZE = 1440 * 1024
 MAX_SLIDER = 2 << 40
 
 
@@ -23,8 +24,12 @@ class CreateDialog(QDialog):
     """Format (default first, preferred next, others under "More formats"), variant, size with
     units and a slider, location, backend create keys; warns on existing files and FS limits."""
 
-    def __init__(self, folder: str | None = None, parent=None, *, size: int = DEFAULT_SIZE):
+    def __init__(self, folder: str | None = None, parent=None, *, size: int | None = None,
+                 device: str | None = None):
         super().__init__(parent)
+        self.device = device
+        if size is None:
+            size = FLOPPY_SIZE if device == "floppy" else DEFAULT_SIZE
         self.setWindowTitle("Create Virtual Disk Image")
         self.setWindowIcon(icon("create"))
         self.folder = folder or os.path.expanduser("~")
@@ -91,7 +96,9 @@ class CreateDialog(QDialog):
         self.size.valueChanged.connect(self.validate)
         self.location.changed.connect(self._location_edited)
         if self.backends:
-            self.format_buttons[self.backends[0].name].setChecked(True)
+            first = next((b for b in self.backends if device and
+                          any(fe.device.value == device for fe in b.extensions)), self.backends[0])
+            self.set_format(first.name)
         self.validate()
         self.resize(620, self.sizeHint().height())
 
@@ -113,7 +120,7 @@ class CreateDialog(QDialog):
         self.variant.set_backend(b)
         self.size.setRange(1 << 20, b.max_size or MAX_SLIDER)
         self.size.setGranularity(b.size_granularity)
-        ext = b.default_extension()
+        ext = self.extension_for(b)
         self._updating_loc = True
         if not self._name_touched or not self.location.path():
             self.location.set_path(unique_path(self.folder, "NewVirtualDisk", ext))
@@ -132,6 +139,14 @@ class CreateDialog(QDialog):
         self.validate()
 
     _updating_loc = False
+
+    def extension_for(self, b) -> str:
+        """The backend's extension for the device type being created (e.g. a floppy .img)."""
+        if self.device:
+            for fe in b.extensions:
+                if fe.device.value == self.device:
+                    return fe.ext
+        return b.default_extension()
 
     def _location_edited(self, *_):
         if not self._updating_loc:

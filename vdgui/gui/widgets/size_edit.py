@@ -64,6 +64,7 @@ class SizeEdit(QWidget):
             self.range_label.setEnabled(False)
             outer.addWidget(self.range_label)
         self._updating = False
+        self._exact: tuple | None = None
         self.edit.textChanged.connect(self._text_changed)
         self.unit.currentIndexChanged.connect(self._text_changed)
         if self.slider:
@@ -99,6 +100,8 @@ class SizeEdit(QWidget):
     # -- value ----------------------------------------------------------------------------
     def value(self) -> int | None:
         text = self.edit.text().strip()
+        if self._exact is not None and self._exact[:2] == (text, self.unit.currentIndex()):
+            return self._exact[2]          # as set, not as rounded for display
         try:
             number = float(text)
         except ValueError:
@@ -136,6 +139,7 @@ class SizeEdit(QWidget):
             self.edit.setText(text)
         finally:
             self._updating = False
+        self._exact = (text, idx, -(-v // self._gran) * self._gran)
         self._sync_slider(v)
         self.valueChanged.emit(self.value())
 
