@@ -590,12 +590,9 @@ class VhdxImage(Image):
             raise self._corrupt("BAT region too small for the disk", field="BAT length",
                                 offset=REGION_OFFSETS[self.region_table],
                                 expected=f">= {self.bat_count * 8} bytes", found=bl)
-        raw = self.f.read_exact(bo, self.bat_count * 8, "BAT")
-        bat = array("Q")
-        bat.frombytes(raw)
-        if byteorder != "little":
-            bat.byteswap()
-        self.bat = bat
+        self._bat = None
+        if not self.open_flags & OpenFlags.INFO:      # INFO opens (chain walks) skip the BAT
+            self._load_bat()
         end = max(MiB, self.file_len)
         for off, ln in self.vregions.values():
             end = max(end, off + ln)
@@ -604,6 +601,23 @@ class VhdxImage(Image):
         self.alloc_end = -(-end // MiB) * MiB
 
     # -- BAT helpers ---------------------------------------------------------------------
+    def _load_bat(self) -> array:
+        raw = self.f.read_exact(self.bat_offset, self.bat_count * 8, "BAT")
+        bat = array("Q")
+        bat.frombytes(raw)
+        if byteorder != "little":
+            bat.byteswap()
+        self._bat = bat
+        return bat
+
+    @property
+    def bat(self) -> array:
+        return self._bat if self._bat is not None else self._load_bat()
+
+    @bat.setter
+    def bat(self, value: array) -> None:
+        self._bat = value
+
     def _bat_index(self, block: int) -> int:
         return block + block // self.cr
 
