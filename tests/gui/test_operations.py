@@ -228,6 +228,7 @@ def test_compact_and_check(qtbot, window, tmp_path):
     (job,) = window.check_selected()
     ok(qtbot, job)
     assert isinstance(job.result, CheckReport) and not job.result.problems
+    assert "no problems found" in window.jobs_panel.row_for(job).detail.text()
     qtbot.waitUntil(lambda: any(getattr(b, "windowTitle", lambda: "")() == "Check result"
                                 for b in window.messages), timeout=3000)
 

@@ -5,8 +5,8 @@ import html
 import os
 import traceback
 
-from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
                                QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QMainWindow, QMenu, QMessageBox, QProgressBar, QSplitter, QTabBar,
@@ -575,6 +575,10 @@ class MainWindow(QMainWindow):
             m.addSeparator()
             node = self.proxy.node_from_index(idx)
             if node is not None:
+                if "://" not in node.path:
+                    folder = m.addAction("Open Containing &Folder")
+                    folder.triggered.connect(lambda: QDesktopServices.openUrl(
+                        QUrl.fromLocalFile(os.path.dirname(node.path))))
                 copy_path = m.addAction("Copy &Path")
                 copy_path.triggered.connect(lambda: QApplication.clipboard().setText(node.path))
                 if node.record.uuid:

@@ -7,7 +7,7 @@ from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QProgressBar, QPushB
                                QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 from vdgui.jobs import Job, JobQueue, JobState
-from vdgui.vd import format_size
+from vdgui.vd import CheckReport, format_size
 
 from ..icons import icon
 
@@ -89,6 +89,8 @@ class JobRow(QFrame):
         elif st == JobState.DONE:
             self.icon.setPixmap(icon("ok").pixmap(18, 18))
             parts.append(f"Done in {fmt_duration(j.elapsed())}")
+            if isinstance(j.result, CheckReport):
+                parts.append(check_summary(j.result))
             if j.total > 1 and j.elapsed() > 0.05:
                 parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
         elif st == JobState.FAILED:
@@ -100,6 +102,20 @@ class JobRow(QFrame):
         self.detail.setText(" · ".join(parts))
         self.cancel_button.setVisible(not j.finished)
         self.cancel_button.setEnabled(not j.cancel_requested)
+
+
+def check_summary(report: CheckReport) -> str:
+    if not report.problems:
+        return "no problems found"
+    fixed = sum(1 for p in report.problems if p.repaired)
+    left = len(report.problems) - fixed
+    words = []
+    if fixed:
+        words.append(f"{fixed} problem(s) repaired")
+    if left:
+        kind = "corrupt" if report.corrupt else "leaked blocks" if report.leaks else "problems"
+        words.append(f"{left} problem(s) left ({kind})")
+    return ", ".join(words)
 
 
 def _esc(t) -> str:
