@@ -152,3 +152,18 @@ def test_no_format_names_compared_in_gui():
                     lit = f"{quote}{n}{quote}"
                     if lit in text:
                         assert fn == "common.py" and n == "VDI", f"{fn} compares with {lit}"
+
+
+def test_context_menu(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    window.show()
+    idx = window.proxy.index_for_path(vdi_chain["snap2"])
+    rect = window.tree.visualRect(idx)
+    menu = window._context_menu(rect.center())
+    texts = [a.text() for a in menu.actions()]
+    assert window.actions["copy"] in menu.actions() and "Copy &UUID" in texts
+    assert "Open Containing &Folder" in texts
+    menu.close()
+    empty = window._context_menu(rect.center() + rect.bottomLeft() * 0 + type(rect.center())(5, 400))
+    assert window.actions["add"] in empty.actions()
+    empty.close()

@@ -589,6 +589,7 @@ class MainWindow(QMainWindow):
                 m.addAction(self.actions[k])
         m.setToolTipsVisible(True)
         m.popup(self.tree.viewport().mapToGlobal(pos))
+        return m
 
     def _fill_recent(self) -> None:
         self.recent_menu.clear()
