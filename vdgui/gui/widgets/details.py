@@ -259,9 +259,9 @@ class DetailsPane(QScrollArea):
         parts = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
             c = level_color(lv).name()
-            parts.append(f"<span style='color:{c}'>■</span> {html.escape(os.path.basename(m))}: "
-                         f"{format_size(held)}")
-        self.alloc_legend.setText("&nbsp;&nbsp; ".join(parts) + "<br>" + html.escape(self.allocation.summary()))
+            parts.append(f"<nobr><span style='color:{c}'>■</span> {html.escape(os.path.basename(m))}: "
+                         f"{format_size(held)}</nobr>")
+        self.alloc_legend.setText(" &nbsp; ".join(parts) + "<br>" + html.escape(self.allocation.summary()))
 
     def set_allocation_error(self, path: str, message: str) -> None:
         if self.node is not None and self.node.path == path:
