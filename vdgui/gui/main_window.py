@@ -392,8 +392,11 @@ class MainWindow(QMainWindow):
 
     def _after_records(self) -> None:
         if self._pending_select:
-            paths, self._pending_select = self._pending_select, []
-            self.select_paths(paths)
+            # select what a job created once it is listed (another scan may land first)
+            present = [p for p in self._pending_select if self.model.node(p) is not None]
+            if present:
+                self._pending_select = []
+                self.select_paths(present)
         self._update_tab_counts()
         self._busy_changed()
         n = self.current_node()
