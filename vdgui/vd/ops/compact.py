@@ -142,6 +142,42 @@ def view_read(img: Image, below: Callable[[int, int], bytes] | None, offset: int
     return bytes(buf)
 
 
+def _pairs(a: list, b: list):
+    """Walk two run lists covering the same range: (start, end, status_a, status_b)."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][0] + a[i][1], b[j][0] + b[j][1])
+        if e > s:
+            yield s, e, a[i][2], b[j][2]
+        if a[i][0] + a[i][1] == e:
+            i += 1
+        if b[j][0] + b[j][1] == e:
+            j += 1
+
+
+def compare_views(a_img: Image, a_read, b_img: Image, b_read, start: int, end: int,
+                  advance: Callable[[int], None]) -> int | None:
+    """Compare two views of [start, end) (two images over the same parent content). Ranges that
+    both images leave unallocated (or both mark as zero) are equal by construction and are not
+    read. Returns the first differing chunk's offset, or None."""
+    if end <= start:
+        return None
+    for s, e, sa, sb in _pairs(a_img.block_status(start, end - start),
+                               b_img.block_status(start, end - start)):
+        if sa == sb and sa != Alloc.DATA:
+            advance(e - s)
+            continue
+        pos = s
+        while pos < e:
+            n = min(VERIFY_CHUNK - pos % VERIFY_CHUNK, e - pos)
+            if a_read(pos, n) != b_read(pos, n):
+                return pos
+            pos += n
+            advance(n)
+    return None
+
+
 def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | None,
                     work: Callable[[Image, ProgressCallback], bool],
                     verify: Callable[[Image, Callable[[int], None]], None] | None = None,
@@ -298,14 +334,11 @@ def compact(path: str, *, format: str | None = None, drop_parent_duplicates: boo
             if img.size != orig.size:
                 raise CorruptImage(f"{path}: compact changed the virtual size; original kept",
                                    expected=orig.size, found=img.size)
-            pos = 0
-            while pos < orig.size:
-                n = min(VERIFY_CHUNK, orig.size - pos)
-                if view_read(img, below, pos, n) != chain.read(pos, n):
-                    raise CorruptImage(f"{path}: the compacted copy reads differently at offset "
-                                       f"{pos:#x}; the original is kept unchanged")
-                pos += n
-                advance(n)
+            bad = compare_views(orig, lambda o, n: chain.read(o, n), img,
+                                lambda o, n: view_read(img, below, o, n), 0, orig.size, advance)
+            if bad is not None:
+                raise CorruptImage(f"{path}: the compacted copy reads differently at offset "
+                                   f"{bad:#x}; the original is kept unchanged")
 
         if orig.files() != [orig.location]:
             _compact_in_place(path, backend, progress, below, chain)

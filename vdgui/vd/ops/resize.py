@@ -16,7 +16,8 @@ from ..geometry import vbox_pchs
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero
-from .compact import VERIFY_CHUNK, _backend, finish, require_op, rewrite_in_copy, view_read
+from .compact import (VERIFY_CHUNK, _backend, compare_views, finish, require_op,
+                      rewrite_in_copy, view_read)
 
 
 def _check_size(backend, path: str, new_size) -> int:
@@ -101,14 +102,11 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                 raise CorruptImage(f"{path}: resize left the size at {img.size}; original kept",
                                    expected=new_size, found=img.size)
             end = img.size
-            pos = 0
-            while pos < keep:                       # the old content is unchanged
-                n = min(VERIFY_CHUNK, keep - pos)
-                if view_read(img, below, pos, n) != chain.read(pos, n):
-                    raise CorruptImage(f"{path}: the resized copy reads differently at offset "
-                                       f"{pos:#x}; the original is kept unchanged")
-                pos += n
-                advance(n)
+            bad = compare_views(orig, lambda o, n: chain.read(o, n), img,     # old content kept
+                                lambda o, n: view_read(img, below, o, n), 0, keep, advance)
+            if bad is not None:
+                raise CorruptImage(f"{path}: the resized copy reads differently at offset "
+                                   f"{bad:#x}; the original is kept unchanged")
             if end > keep:                          # the new area reads zeroes
                 for s, n, st in img.block_status(keep, end - keep):
                     if st == Alloc.ZERO or (st == Alloc.UNALLOCATED and below is None):
