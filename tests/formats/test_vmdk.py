@@ -904,3 +904,19 @@ def test_other_grain_geometries(tmp_path, qemu, grain, gtes, flags):
     ref.write_bytes(bytes(expect))
     assert qemu.check(p).returncode == 0
     assert qemu.compare(p, ref, "vmdk", "raw").returncode == 0
+
+
+def test_unclean_shutdown_flag_while_writing(tmp_path, qemu):
+    p = _mono(tmp_path, data=False)
+    assert _head(p, 512)[0x48] == 0
+    d = Disk()
+    d.open(p)
+    d.write(0, b"\x01" * 512)
+    assert _head(p, 512)[0x48] == 1                 # set while the session writes
+    assert d.info()["details"]["unclean_shutdown"]
+    d.close()
+    assert _head(p, 512)[0x48] == 0                 # cleared by a clean close
+    assert qemu.check(p).returncode == 0
+    with Disk() as d:                               # a read-write open without writes: untouched
+        d.open(p)
+    assert _head(p, 512)[0x48] == 0

@@ -977,6 +977,7 @@ class VmdkImage(Image):
             self.cid = _new_cid(self.cid)
             self.desc.set("CID", f"{self.cid:08x}")
             self._write_descriptor()        # before the data: children see the change
+            self._mark_unclean(True)
         mv = memoryview(data)
         pos = 0
         for ext, rel, n in self._pieces(offset, len(data)):
@@ -1010,6 +1011,8 @@ class VmdkImage(Image):
                     stream.commit()
                     self._stream_temp = None
                 self.flush()
+                if self._cid_bumped:          # this session set it: a clean close clears it
+                    self._mark_unclean(False)
         finally:
             self._closed = True
             for f in self._files.values():
@@ -1020,6 +1023,17 @@ class VmdkImage(Image):
                 self._stream_temp.abandon()
             elif stream is not None:
                 stream.close()
+
+    def _mark_unclean(self, on: bool) -> None:
+        """VMware's uncleanShutdown byte: set in every writable hosted sparse extent while this
+        session writes, cleared after the final flush (a crash leaves it set)."""
+        for ext in self.extents:
+            if isinstance(ext, SparseExtent) and ext.writable and ext.header is not None:
+                if bool(ext.header["unclean_shutdown"]) == on:
+                    continue
+                ext.header = dict(ext.header, unclean_shutdown=1 if on else 0)
+                ext.f.pwrite(ext.header_offset, SparseHeader.build(ext.header))
+                ext.f.sync()
 
     def _write_descriptor(self) -> None:
         data = self.desc.to_bytes()
@@ -1066,6 +1080,7 @@ class VmdkImage(Image):
             d["sparse_version"] = e.header["version"] if e.header else None
             d["compressed"] = e.compressed
             d["zeroed_grain"] = e.zero_grain
+            d["unclean_shutdown"] = bool(e.header and e.header["unclean_shutdown"])
         if self.parent_hint and self.parent_hint.locations:
             d["parent_file_name_hint"] = self.parent_hint.locations[0]
         return d
