@@ -91,3 +91,19 @@ def test_qemu_killed_leaves_dirty_flag(qemu, tmp_path):
     assert r.returncode == 0, r.stdout
     raw = qemu.to_raw(p, tmp_path / "k.raw", "parallels").read_bytes()
     assert raw[:1536 * 1024] == b"\x31" * (1536 * 1024) and not any(raw[1536 * 1024:])
+
+
+def test_check_repair_of_a_killed_qemu_session(qemu, tmp_path):
+    from vdgui.vd.ops.repair import check
+    p = tmp_path / "r.hdd"
+    qemu.img("create", "-f", "parallels", p, 8 * MiB)
+    qemu.io("-f", "parallels", "-c", "write -P 0x31 0 1536k", "-c", "sigraise 9", p, check=False)
+    assert qemu.check(p, "parallels").returncode == 2
+    rep = check(str(p), format="Parallels")
+    assert rep.exit_code == 2 and "not closed cleanly" in rep.problems[0].what
+    rep = check(str(p), format="Parallels", repair=True)
+    assert rep.repaired and rep.exit_code == 0
+    assert check(str(p), format="Parallels").exit_code == 0
+    assert qemu.check(p, "parallels").returncode == 0
+    raw = qemu.to_raw(p, tmp_path / "r.raw", "parallels").read_bytes()
+    assert raw[:1536 * 1024] == b"\x31" * (1536 * 1024)

@@ -325,6 +325,9 @@ class ParallelsImage(Image):
         fix = repair and not dry_run
         if fix:
             self._require_writable()
+        if self.repaired_on_open is not None:
+            # a dirty image was repaired when it was opened read-write: report what was done
+            rep.problems.extend(self.repaired_on_open.problems)
         if self.dirty:
             rep.problems.append(Problem("corrupt", "image was not closed cleanly (in_use flag set)",
                                         44, repaired=fix))
@@ -386,7 +389,7 @@ class ParallelsImage(Image):
         if fix:
             self.f.sync()
             self.dirty = False
-            rep.repaired = bool(rep.problems)
+        rep.repaired = any(p.repaired for p in rep.problems)
         if progress:
             progress(1, 1)
         return rep
