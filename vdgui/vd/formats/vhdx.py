@@ -1191,7 +1191,7 @@ class VhdxImage(Image):
             rep.problems.append(Problem("corrupt", "the log holds changes that need to be "
                                         "replayed", self.hdr.log_offset))
         for p in getattr(self, "header_problems", []):
-            rep.problems.append(Problem("corrupt", f"{self.location}: {p}",
+            rep.problems.append(Problem("corrupt", p,
                                         HEADER_OFFSETS[1 - self.hdr_slot], repaired=fix))
         if fix and self.header_problems:
             self._update_header()
