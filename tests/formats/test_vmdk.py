@@ -920,3 +920,26 @@ def test_unclean_shutdown_flag_while_writing(tmp_path, qemu):
     with Disk() as d:                               # a read-write open without writes: untouched
         d.open(p)
     assert _head(p, 512)[0x48] == 0
+
+
+def test_info_open_reads_only_the_descriptor(tmp_path, monkeypatch):
+    p = str(tmp_path / "sp.vmdk")
+    with Disk() as d:
+        d.create_base(p, 5 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+    opened = []
+    real = vmdk.ImageFile
+
+    class Spy(real):
+        def __init__(self, path, *a, **kw):
+            opened.append(os.path.basename(path))
+            super().__init__(path, *a, **kw)
+    monkeypatch.setattr(vmdk, "ImageFile", Spy)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.INFO)
+        assert img.size == 5 * MiB and len(img.files()) == 2
+        assert d.info()["details"]["extents"][0]["file"] == "sp-s001.vmdk"
+    assert opened == ["sp.vmdk"]
+    opened.clear()
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+    assert opened == ["sp.vmdk", "sp-s001.vmdk"]
