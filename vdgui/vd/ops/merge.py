@@ -215,14 +215,8 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     finally:
         target.honor_zeroes = old_hz
     target.flush()
-    for c in refresh:                 # links naming the target's modification id
-        try:
-            c.check_parent_link(target)
-        except ParentMismatch:
-            if c.read_only or not c.backend.can(Operation.RELINK):
-                raise
-            c.set_parent(target)
-            c.flush()
+    if not forward:                   # the target's children: links naming its modification id
+        _restore_links(disk, t, refresh)
     prog.check()                      # last chance to cancel: nothing has been relinked yet
 
     # the commit point: one link rewrite per child (forward) or of the target (backward)
@@ -247,12 +241,12 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
 
 
 def _restore_links(disk: Disk, t: int, refresh: list[Image]) -> None:
-    """After a cancelled or failed copy: formats whose link names the parent's modification id
-    (a write into the target changed it) get the link of the target's children rewritten, so the
-    chain opens again. UUID-linked formats need nothing here (their children are unchanged)."""
+    """After writing into the target (done or cancelled): formats whose link names the parent's
+    modification id (a write into the target changed it) get the link of the target's children
+    rewritten, so the chain opens again. UUID-linked formats need nothing here."""
     target = disk.images[t]
     kids = list(refresh)
-    if t + 1 < len(disk.images):
+    if t + 1 < len(disk.images) and not any(k is disk.images[t + 1] for k in kids):
         kids.append(disk.images[t + 1])
     for c in kids:
         try:
