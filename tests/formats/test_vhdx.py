@@ -879,3 +879,19 @@ def test_check_reports_overlaps(tmp_path):
         whats = [x.what for x in img.check().problems]
     assert any("BAT[1]" in w and "overlaps payload block 0" in w for w in whats), whats
     assert any("BAT[2]" in w and "overlaps the metadata region" in w for w in whats), whats
+
+
+def test_stale_relative_path_updated_on_read_write_open(tmp_path):
+    base, child = tmp_path / "sp.vhdx", tmp_path / "sp.avhdx"
+    with _create(base, 2 * MiB) as d:
+        d.write(0, b"\x01" * 512)
+        d.create_diff(str(child))
+    (tmp_path / "moved").mkdir()
+    newbase = tmp_path / "moved" / "sp.vhdx"
+    os.rename(base, newbase)
+    with Disk() as d:                           # the user points at the parent by hand
+        d.open(str(newbase), flags=OpenFlags.READ_ONLY)
+        d.open(str(child))
+        assert d.top.parent_locator["relative_path"] == ".\\moved\\sp.vhdx"
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
+        assert d.read(0, 4) == b"\x01" * 4

@@ -926,6 +926,18 @@ class VhdxImage(Image):
                                  f"{parent.location} (parent_linkage is the parent's "
                                  "DataWriteGuid)",
                                  field="parent_linkage", expected=theirs, found=mine)
+        # 2.6.2.6.3: "upon successful open of a chain, update stale path entries"
+        if not self.read_only and os.path.isfile(parent.location):
+            rel = locator_for(self.location, parent.location, mine)["relative_path"]
+            if _native(self.parent_locator.get("relative_path") or "") != _native(rel):
+                kv = dict(self.parent_locator, relative_path=rel)
+                try:
+                    self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
+                except NotSupported:
+                    return                      # no room: the stale path stays, nothing breaks
+                self.parent_locator = kv
+                self.parent_hint.locations = [_native(rel)] + [
+                    loc for loc in self.parent_hint.locations if loc != _native(rel)]
 
     def _write_metadata_item(self, g: uuidlib.UUID, payload: bytes) -> None:
         """Replace a metadata item: in place when same length (one aligned write), else in free
