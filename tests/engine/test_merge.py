@@ -214,3 +214,16 @@ def test_merge_refuses_without_relink(tmp_path):
     finally:
         registry._extra.remove(be)
         registry._extra.append(fake_backend.BACKEND)
+
+
+def test_merge_refuses_image_in_use(tmp_path):
+    """A target opened for writing elsewhere (a running VM, qemu): refused before any write."""
+    from vdgui.vd import ImageInUse
+    paths, views = build_chain(tmp_path, "FAKEDIFF", depth=2)
+    before = snapshot(paths)
+    with Disk.open_chain(paths[0], None, OpenFlags.NORMAL):
+        with pytest.raises(ImageInUse):
+            merge(paths[2], paths[0])
+    assert snapshot(paths) == before
+    merge(paths[2], paths[0], format="FAKEDIFF")
+    assert read_chain(paths[0]) == views[2]
