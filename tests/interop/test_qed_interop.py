@@ -185,3 +185,34 @@ def test_check_agrees_with_qemu(qemu, tmp_path):
         assert d.top.check().exit_code == 3
         assert d.top.check(repair=True).repaired
     qemu_clean(qemu, p)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
+    rnd = random.Random(500 + seed)
+    cs = rnd.choice([4096, 65536])
+    size = (seed % 3 + 1) * MiB + rnd.choice([0, 512])
+    base = str(tmp_path / "base.qed")
+    qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", base, size)
+    qemu.io("-f", "qed", "-c", f"write -P 0x11 0 {size // 2}", base)
+    expect = bytearray(b"\x11" * (size // 2) + bytes(size - size // 2))
+    top = base
+    if seed % 2:
+        top = str(tmp_path / "child.qed")
+        qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", top)
+    for _ in range(8):
+        op = rnd.choice("wwwzr")
+        with Disk.open_chain(top) as d:
+            size = d.size
+            if op in "wz":
+                ln = min(rnd.choice([512, 1024, cs, cs + 512, 3 * cs, 100000]), size)
+                off = rnd.randrange(0, size - ln + 1) // 512 * 512
+                data = bytes([rnd.randrange(1, 255)]) * ln if op == "w" else bytes(ln)
+                d.write(off, data)
+                expect[off:off + ln] = data
+            else:
+                new = size + rnd.choice([512, cs, MiB])
+                d.top.resize(new)
+                expect += bytes(new - size)
+        qemu_clean(qemu, top)
+        qemu_sees(qemu, top, expect, tmp_path)
