@@ -379,3 +379,30 @@ def test_unexpected_exceptions_become_one_line(monkeypatch, capsys, tmp_path):
     assert cli.main(["backends"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: RuntimeError: kaboom second line" in err
+
+
+def test_allow_unsafe_paths_is_global_and_per_command(tmp_path):
+    img = str(tmp_path / "u.img")
+    run_cli("create", "-f", "RAW", "--size", "64K", img)
+    assert inproc("--allow-unsafe-paths", "info", "--json", img).returncode == 0
+    assert inproc("info", "--allow-unsafe-paths", img).returncode == 0
+    assert inproc("map", img, "--allow-unsafe-paths").returncode == 0
+
+
+def test_property_file_keeps_values_out_of_argv(tmp_path, monkeypatch):
+    """--property-file K=PATH reads the value from the file (trailing newline dropped)."""
+    seen = {}
+    real = cli._config
+
+    def spy(backend, props, *, creating=False):
+        seen.update(props)
+        return real(backend, props, creating=creating)
+
+    monkeypatch.setattr(cli, "_config", spy)
+    be = next(b for b in backends() if any(k.mandatory for k in b.config_keys))
+    key = next(k.name for k in be.config_keys if k.mandatory and k.default is None)
+    (tmp_path / "v").write_bytes(b"value-from-file\n")
+    r = inproc("info", "-f", be.name, "--property-file", f"{key}={tmp_path / 'v'}", "-",
+               check=False)
+    assert seen[key] == b"value-from-file"
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
