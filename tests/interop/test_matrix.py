@@ -1,0 +1,198 @@
+"""Conversion matrix: images qemu makes (every format and subformat qemu can create, odd sizes,
+scattered data, explicit zeroes, discards, compressed clusters) converted by ``vdgui-img convert``
+into every writable backend of the table and every variant it declares, then checked by qemu:
+``qemu-img compare`` finds the target identical to the source and ``qemu-img check`` finds it
+clean (where qemu can check the target format).
+
+Targets come from the registry: the matrix grows when a backend lands. To stay fast, not every
+pair is run: the four common formats (VDI, VMDK, VHD, QCOW2) are crossed fully (their default
+subformats against every variant of those backends), every target variant is fed from two
+sources and every source goes to two targets (chosen by rotation, so the pairs are fixed).
+The CLI is run in-process (``vdgui.cli.main``) to save an interpreter start per conversion."""
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+
+import pytest
+
+from vdgui import cli
+from vdgui.vd import Cap, ImageFlags, backends, variant_words
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+SIZE = 5 * MiB + 3584          # odd: not a multiple of any block size (qemu may round it up)
+
+
+def _qemu_formats() -> set[str]:
+    r = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("Supported formats:"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+QEMU_FORMATS = _qemu_formats()
+
+
+def qemu_name(backend) -> str | None:
+    names = [backend.name.lower()] + [a.lower() for a in backend.aliases]
+    return next((n for n in names if n in QEMU_FORMATS), None)
+
+
+# (id, qemu format, -o options, extension, qemu can write it in place)
+SOURCES = [
+    ("vdi-dynamic", "vdi", "static=off", "vdi", True),
+    ("vdi-static", "vdi", "static=on", "vdi", True),
+    ("vmdk-monolithicSparse", "vmdk", "subformat=monolithicSparse", "vmdk", True),
+    ("vmdk-monolithicFlat", "vmdk", "subformat=monolithicFlat", "vmdk", True),
+    ("vmdk-streamOptimized", "vmdk", "subformat=streamOptimized", "vmdk", False),
+    ("vpc-dynamic", "vpc", "subformat=dynamic", "vhd", True),
+    ("vpc-fixed", "vpc", "subformat=fixed", "vhd", True),
+    ("vhdx-dynamic", "vhdx", "subformat=dynamic", "vhdx", True),
+    ("vhdx-fixed", "vhdx", "subformat=fixed", "vhdx", True),
+    ("qcow2-v2", "qcow2", "compat=0.10", "qcow2", True),
+    ("qcow2-v3", "qcow2", "compat=1.1", "qcow2", True),
+    ("qed", "qed", "", "qed", True),
+    ("parallels", "parallels", "", "hdd", True),
+    ("raw", "raw", "", "raw", True),
+]
+SOURCE_IDS = [s[0] for s in SOURCES]
+COMMON = ("vdi", "vmdk", "vpc", "qcow2")
+COMMON_SOURCES = ["vdi-dynamic", "vmdk-monolithicSparse", "vpc-dynamic", "qcow2-v3"]
+
+
+def _ops(size: int, qfmt: str) -> list[str]:
+    """qemu-io commands: data, block-crossing unaligned runs, explicit zeroes and a discard over
+    data, compressed clusters (qcow2), the last sector."""
+    ops = ["write -P 0x11 0 4096",
+           "write -P 0x22 66048 70000",
+           "write -P 0x33 1M 256k",
+           "write -z 1088k 64k",            # zeroes inside data
+           "discard 1152k 64k",             # discard inside data (no-op where unsupported)
+           "write -z 2M 128k",              # zeroes over nothing
+           "write -P 0x55 4193304 3000",    # crosses the 4 MiB boundary, unaligned
+           f"write -P 0x66 {size - 512} 512"]
+    if qfmt == "qcow2":
+        ops.append("write -c -P 0x77 3M 64k")
+    return ops
+
+
+def _targets():
+    out = []
+    for b in backends():
+        if not (b.creatable and b.writable and b.caps & Cap.FILE) or qemu_name(b) is None:
+            continue
+        bits = [f for f in (ImageFlags.FIXED, ImageFlags.SPLIT_2G, ImageFlags.STREAM_OPTIMIZED,
+                            ImageFlags.ESX) if b.create_flags & f]
+        variants = [ImageFlags.NONE] + bits
+        if ImageFlags.FIXED in bits and ImageFlags.SPLIT_2G in bits:
+            variants.append(ImageFlags.FIXED | ImageFlags.SPLIT_2G)
+        for v in variants:
+            out.append((b, v))
+    return out
+
+
+TARGETS = _targets()
+
+
+def _tid(b, v) -> str:
+    return f"{b.name}-{variant_words(v).replace(',', '+')}"
+
+
+def _cases():
+    pairs: dict[tuple[str, str], tuple] = {}
+    tids = [_tid(b, v) for b, v in TARGETS]
+    by_tid = dict(zip(tids, TARGETS))
+    # 1. full cross of the common formats (default subformats x every variant)
+    for s in COMMON_SOURCES:
+        for tid, (b, v) in by_tid.items():
+            if qemu_name(b) in COMMON:
+                pairs[(s, tid)] = (b, v)
+    # 2. every target variant from two sources, 3. every source to two targets (rotation)
+    for i, tid in enumerate(tids):
+        for k in (0, 1):
+            s = SOURCE_IDS[(2 * i + k * 7) % len(SOURCE_IDS)]
+            pairs[(s, tid)] = by_tid[tid]
+    for j, s in enumerate(SOURCE_IDS):
+        for k in (0, 1):
+            tid = tids[(3 * j + k * 5) % len(tids)]
+            pairs[(s, tid)] = by_tid[tid]
+    return [pytest.param(s, b, v, id=f"{s}-to-{tid}") for (s, tid), (b, v) in sorted(pairs.items())]
+
+
+@pytest.fixture(scope="module")
+def sources(qemu, tmp_path_factory):
+    """Source images made by qemu, created on first use: id -> (path, qemu format)."""
+    d = tmp_path_factory.mktemp("matrix-src")
+    cache: dict[str, tuple[str, str]] = {}
+
+    def get(sid: str) -> tuple[str, str]:
+        if sid in cache:
+            return cache[sid]
+        _, qfmt, opts, ext, in_place = next(s for s in SOURCES if s[0] == sid)
+        path = str(d / f"{sid}.{ext}")
+        if in_place:
+            qemu.img("create", "-q", "-f", qfmt, *(["-o", opts] if opts else []), path, SIZE)
+            size = int(_virtual_size(qemu, path, qfmt))
+            args = []
+            for op in _ops(size, qfmt):
+                args += ["-c", op]
+            qemu.io("-f", qfmt, *args, path)
+        else:                            # streamOptimized: qemu writes it only by converting
+            raw = str(d / f"{sid}.raw")
+            qemu.img("create", "-q", "-f", "raw", raw, SIZE)
+            args = []
+            for op in _ops(SIZE, "raw"):
+                args += ["-c", op]
+            qemu.io("-f", "raw", *args, raw)
+            qemu.img("convert", "-f", "raw", "-O", qfmt, *(["-o", opts] if opts else []), raw, path)
+        r = qemu.check(path, qfmt)
+        assert r.returncode in (0, 63), f"qemu made a bad source {sid}: {r.stdout} {r.stderr}"
+        cache[sid] = (path, qfmt)
+        return cache[sid]
+
+    return get
+
+
+def _virtual_size(qemu, path, fmt) -> int:
+    import json
+    return json.loads(qemu.img("info", "--output=json", "-f", fmt, path).stdout)["virtual-size"]
+
+
+def _cli(*argv) -> tuple[int, str]:
+    err = io.StringIO()
+    out = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main([str(a) for a in argv])
+    return rc, err.getvalue()
+
+
+# Bugs found by this matrix in files owned by others (kept visible, strict):
+XFAIL: dict[tuple[str, str], str] = {}
+
+
+@pytest.mark.parametrize("sid,backend,variant", _cases())
+def test_convert_matrix(qemu, sources, tmp_path, request, sid, backend, variant):
+    reason = XFAIL.get((sid, _tid(backend, variant))) or XFAIL.get(("*", _tid(backend, variant)))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    src, sfmt = sources(sid)
+    tfmt = qemu_name(backend)
+    dst = str(tmp_path / f"out.{backend.default_extension() or 'img'}")
+    rc, err = _cli("convert", "-f", sfmt, "-O", backend.name, "--variant", variant_words(variant),
+                   src, dst)
+    assert rc == 0, f"vdgui-img convert failed: {err}"
+    r = qemu.compare(src, dst, sfmt, tfmt)
+    assert r.returncode == 0, f"qemu-img compare {sid} vs {_tid(backend, variant)}: {r.stdout} {r.stderr}"
+    r = qemu.check(dst, tfmt)
+    if r.returncode != 63:                       # 63: qemu cannot check this format
+        assert r.returncode == 0, f"qemu-img check: {r.stdout} {r.stderr}"
+    # and our own reading of the target agrees with the source as qemu reads it
+    raw = str(tmp_path / "back.raw")
+    rc, err = _cli("convert", "-f", backend.name, "-O", "RAW", dst, raw)
+    assert rc == 0, f"vdgui-img convert back to RAW failed: {err}"
+    r = qemu.compare(src, raw, sfmt, "raw")
+    assert r.returncode == 0, f"our re-read of {_tid(backend, variant)} differs: {r.stdout}"
