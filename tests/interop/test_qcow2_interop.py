@@ -595,25 +595,66 @@ def test_zstd_without_module_is_a_clear_error(qemu, tmp_path, monkeypatch):
             d.read(0, 65536)
 
 
-def test_persistent_bitmaps_dropped_cleanly_on_first_write(qemu, tmp_path):
+def _dirty_ranges(qemu, path, bitmap, tmp_path):
+    """The dirty ranges of a persistent bitmap as qemu sees them (qemu-nbd's dirty-bitmap
+    export read through qemu-img map, where dirty areas show as "data": false)."""
+    import json
+    import subprocess
+    import time
+    sock = str(tmp_path / f"{bitmap}.sock")
+    srv = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, f"--socket={sock}",
+                            path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        out = qemu.img("map", "--output=json", "--image-opts",
+                       f"driver=nbd,server.type=unix,server.path={sock},"
+                       f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}").stdout
+    finally:
+        try:
+            srv.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+    return [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
+
+
+def test_persistent_bitmaps_kept_up_to_date(qemu, tmp_path):
     p = str(tmp_path / "bm.qcow2")
     qemu.img("create", "-f", "qcow2", p, SIZE)
     qemu.io("-c", "write -P 0x91 0 1M", p)
     qemu.img("bitmap", "--add", p, "b0")
     qemu.img("bitmap", "--add", "-g", "512k", p, "b1")
-    qemu.io("-c", "write -P 0x92 2M 1M", p)
-    assert "b1" in qemu.img("info", p).stdout
+    qemu.img("bitmap", "--add", "--disable", p, "off")
+    qemu.io("-c", "write -P 0x92 2M 64k", p)
     expect = bytearray(raw_bytes(qemu, p, tmp_path))
-    with Disk() as d:                       # opening read-write alone changes nothing
+    with Disk() as d:
         d.open(p)
-        assert d.info()["details"]["bitmaps"] == 2
+        assert d.info()["details"]["bitmaps"] == 3
+        d.write(5 * MiB, b"\x93" * 70000)
+        d.discard(7 * MiB, 65536)
+        expect[5 * MiB:5 * MiB + 70000] = b"\x93" * 70000
+        expect[7 * MiB:7 * MiB + 65536] = bytes(65536)
         assert d.top.check().exit_code == 0
-    assert "b1" in qemu.img("info", p).stdout
-    write_ours(p, [(4 * MiB, b"\x93" * 65536)], expect)
+    info = qemu.img("info", p)
+    assert "b1" in info.stdout and "lacking bitmap support" not in info.stderr
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+    assert _dirty_ranges(qemu, p, "b0", tmp_path) == [(2 * MiB, 65536), (5 * MiB, 131072),
+                                                      (7 * MiB, 65536)]
+    half = 512 * 1024
+    assert _dirty_ranges(qemu, p, "b1", tmp_path) == [(2 * MiB, half), (5 * MiB, half),
+                                                      (7 * MiB, half)]
+    assert _dirty_ranges(qemu, p, "off", tmp_path) == []
+    # a resize cannot keep the bitmaps: they are removed cleanly
+    with Disk() as d:
+        d.open(p)
+        d.top.resize(2 * SIZE)
     info = qemu.img("info", p)
     assert "bitmaps:" not in info.stdout and "lacking bitmap support" not in info.stderr
     assert_qemu_clean(qemu, p)
-    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
 
 
 @pytest.mark.parametrize("seed", range(6))

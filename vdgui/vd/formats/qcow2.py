@@ -134,6 +134,19 @@ def _rc_set(blk, idx: int, value: int, bits: int) -> tuple[int, int]:
 L2E_MASK = L.L2E_OFFSET_MASK
 
 
+def _set_bit_range(buf, base_byte: int, lo: int, hi: int) -> None:
+    """Set bits lo..hi (inclusive; bit 0 = LSB of byte 0) in ``buf``, which starts at byte
+    ``base_byte`` of the bitmap cluster."""
+    a, z = lo >> 3, hi >> 3
+    if a == z:
+        buf[a - base_byte] |= (0xFF << (lo & 7)) & (0xFF >> (7 - (hi & 7)))
+        return
+    buf[a - base_byte] |= (0xFF << (lo & 7)) & 0xFF
+    buf[z - base_byte] |= 0xFF >> (7 - (hi & 7))
+    if z - a > 1:
+        buf[a + 1 - base_byte:z - base_byte] = b"\xff" * (z - a - 1)
+
+
 def _subcluster_mask(s0: int, s1: int) -> int:
     """Bits s0..s1 inclusive."""
     return ((1 << (s1 - s0 + 1)) - 1) << s0
@@ -840,18 +853,33 @@ class Qcow2Image(Image):
             self._write_feature_bits()
 
     def _before_first_write(self) -> None:
-        """Clear the autoclear bits we do not maintain before the first change. Persistent
-        dirty bitmaps (autoclear bit 0) cannot be kept up to date here, so they are removed
-        cleanly: extension dropped from the header, their clusters freed (no leaks)."""
+        """Before the first change: clear the autoclear bits we do not maintain. Persistent dirty
+        bitmaps (autoclear bit 0) are kept and updated on every write when they are well formed;
+        otherwise they are removed cleanly (extension dropped, clusters freed: no leaks)."""
         self._first_write_done = True
-        if self.version < 3 or not self.autoclear & ~L.AUTOCLEAR_DATA_FILE_RAW:
+        self._tracked: list[dict] = []
+        if self.version < 3:
             return
+        if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
+            tracked = self._maintainable_bitmaps()
+            if tracked is not None:
+                self._tracked = tracked
+                keep = L.AUTOCLEAR_DATA_FILE_RAW | L.AUTOCLEAR_BITMAPS
+                if self.autoclear & ~keep:
+                    self.autoclear &= keep
+                    self._write_feature_bits()
+                return
+        if self.autoclear & ~L.AUTOCLEAR_DATA_FILE_RAW:
+            self._drop_bitmaps()
+
+    def _drop_bitmaps(self) -> None:
         ranges: list = []
         if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
             def collect(off, length, what):
                 ranges.append((off, length))
                 return True
             self._count_bitmaps(collect, [])
+        self._tracked = []
         self.autoclear &= L.AUTOCLEAR_DATA_FILE_RAW
         struct.pack_into(">Q", self.header_raw, L.OFF_AUTOCLEAR, self.autoclear)
         if any(t == L.EXT_BITMAPS for t, _ in self.extensions) and ranges:
@@ -862,6 +890,75 @@ class Qcow2Image(Image):
                 self._unref(off, length)
         else:
             self._write_feature_bits()
+
+    def _maintainable_bitmaps(self) -> list[dict] | None:
+        """The enabled ('auto') bitmaps to update on writes, or None when some bitmap cannot be
+        kept consistent (unknown type/flags, foreign extra data, wrong table size...)."""
+        ext = self.bitmaps_ext
+        cs = self.cs
+        d_off, d_size = ext["bitmap_directory_offset"], ext["bitmap_directory_size"]
+        if d_size > (64 << 20) or d_off % cs or d_off + d_size > self.fsize:
+            return None
+        data = self.f.pread(d_off, d_size)
+        pos = 0
+        tracked = []
+        for _ in range(ext["nb_bitmaps"]):
+            if pos + 24 > len(data):
+                return None
+            b = L.BitmapDirEntry.parse(data[pos:pos + 24])
+            pos += (24 + b.extra_data_size + b.name_size + 7) & ~7
+            if b.type != 1 or b.flags & ~7 or b.granularity_bits > 63:
+                return None
+            if b.extra_data_size and not b.flags & 4:
+                return None                  # foreign extra data: the bitmap must not be used
+            if b.flags & 1 or not b.flags & 2:
+                continue                     # in use (inconsistent) or disabled: left as is
+            bits = -(-self.size // (1 << b.granularity_bits))
+            entries = -(-(-(-bits // 8)) // cs)
+            if b.bitmap_table_size != entries or b.bitmap_table_offset % cs or \
+                    b.bitmap_table_offset + 8 * entries > self.fsize:
+                return None
+            tbl = _be_array(self.f.read_exact(b.bitmap_table_offset, 8 * entries, "bitmap table"))
+            for e in tbl:
+                if e & ~(L2E_MASK | 1) or (e & L2E_MASK and (e & 1 or (e & L2E_MASK) % cs)):
+                    return None
+            tracked.append({"g": b.granularity_bits, "table_offset": b.bitmap_table_offset,
+                            "table": tbl})
+        return tracked
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        """Set the bits of [offset, offset+length) in every enabled persistent bitmap (before
+        the data is written, so that a crash leaves a superset of the changes)."""
+        if not self._tracked or length <= 0:
+            return
+        cs = self.cs
+        per = cs * 8
+        for bm in self._tracked:
+            first = offset >> bm["g"]
+            last = (offset + length - 1) >> bm["g"]
+            tbl = bm["table"]
+            t = first // per
+            while t <= last // per:
+                lo = max(first, t * per) - t * per
+                hi = min(last, (t + 1) * per - 1) - t * per
+                e = tbl[t]
+                host = e & L2E_MASK
+                if host or not e & 1:
+                    if host:
+                        b0, b1 = lo >> 3, hi >> 3
+                        buf = bytearray(self.f.read_exact(host + b0, b1 - b0 + 1, "bitmap data"))
+                    else:
+                        b0, b1 = 0, cs - 1
+                        buf = bytearray(cs)
+                    _set_bit_range(buf, b0, lo, hi)
+                    if host:
+                        self.f.pwrite(host + b0, buf)
+                    else:
+                        new = self._alloc(1)
+                        self.f.pwrite(new, buf)
+                        tbl[t] = new
+                        self.f.pwrite(bm["table_offset"] + 8 * t, _BIG.pack(new))
+                t += 1
 
     def _write_feature_bits(self) -> None:
         if self.version < 3:
@@ -936,6 +1033,7 @@ class Qcow2Image(Image):
 
     def write(self, offset, data, fill):
         self._check_write()
+        self._mark_dirty(offset, len(data))
         mv = memoryview(data)
         end = offset + len(data)
         pos = offset
@@ -1064,6 +1162,7 @@ class Qcow2Image(Image):
     # ------------------------------------------------------------------ discard
     def discard(self, offset, length):
         self._check_write()
+        self._mark_dirty(offset, length)
         cs = self.cs
         end = offset + length
         pos = offset
@@ -1270,6 +1369,8 @@ class Qcow2Image(Image):
     # ------------------------------------------------------------------ resize
     def resize(self, new_size, progress=None):
         self._check_write()
+        if self._tracked or (self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS):
+            self._drop_bitmaps()             # bitmaps describe the old size: remove them cleanly
         if new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
         if new_size < self.size:
