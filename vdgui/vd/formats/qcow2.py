@@ -14,6 +14,17 @@ file, their refcount written before anything points at them; then data, then the
 the L1 entry, then the header. Shared clusters (internal snapshots, refcount > 1) are copied on
 write. Images marked dirty (lazy refcounts) get their refcounts rebuilt on a read-write open;
 images marked corrupt open read-only (a read-write open allows only ``check(repair=True)``).
+Unknown incompatible feature bits refuse the open; unknown autoclear bits are cleared before
+the first write. Enabled persistent dirty bitmaps are kept up to date (bits set before the data
+is written); bitmaps that cannot be maintained are removed cleanly instead of leaking.
+
+Operations: RESIZE (grow, L1 table moved when it must grow), CHECK/REPAIR (refcounts recounted
+from every L1/L2 table, snapshot and bitmap like ``qemu-img check``; repair writes a new
+refcount structure at the end of the file and fixes OFLAG_COPIED and reserved bits), RELINK
+(backing file name and format rewritten in the first cluster), DISCARD (clusters unallocated, or
+zero clusters over a backing file), COMPACT (zero/parent-equal clusters dropped, clusters moved
+into holes, file truncated). External data files are read only when unsafe paths are allowed;
+internal snapshots are listed and can be opened read-only (config key ``Snapshot``).
 """
 from __future__ import annotations
 
