@@ -379,3 +379,37 @@ def test_zero_writes_do_not_allocate_in_base(tmp_path):
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert all(e.status.name == "UNALLOCATED" for e in d.allocation())
+
+
+def _v1_image(tmp_path, cluster_bits=12, l2_bits=9, size=1 << 20, l2=None, entry=None):
+    hdr = L.QcowV1Header.build(dict(version=1, backing_file_offset=0, backing_file_size=0,
+                                     mtime=0, size=size, cluster_bits=cluster_bits,
+                                     l2_bits=l2_bits, padding=0, crypt_method=0,
+                                     l1_table_offset=4096))
+    body = bytearray(hdr + bytes(4096 - len(hdr)) + bytes(4096))
+    if l2 is not None:
+        struct.pack_into(">Q", body, 4096, l2)
+        body += bytes(8 << l2_bits)
+        if entry is not None:
+            struct.pack_into(">Q", body, l2, entry)
+    p = tmp_path / "v1.qcow"
+    p.write_bytes(bytes(body))
+    return str(p)
+
+
+def test_qcow_v1_hostile(tmp_path):
+    with pytest.raises(CorruptImage, match="cluster_bits"):
+        _open_read(_v1_image(tmp_path, cluster_bits=20))
+    with pytest.raises(CorruptImage, match="l2_bits"):
+        _open_read(_v1_image(tmp_path, l2_bits=30))
+    with pytest.raises(CorruptImage, match="L1 table"):
+        _open_read(_v1_image(tmp_path, cluster_bits=9, l2_bits=6, size=1 << 40))
+    with pytest.raises(CorruptImage, match="L2 table"):
+        _open_read(_v1_image(tmp_path, l2=1 << 30))
+    # a compressed entry pointing past the end, and a data cluster past the end
+    p = _v1_image(tmp_path, l2=8192, entry=(1 << 63) | (100 << 51) | (1 << 30))
+    with pytest.raises(CorruptImage, match="compressed"):
+        _open_read(p)
+    p = _v1_image(tmp_path, l2=8192, entry=1 << 30)
+    with pytest.raises(CorruptImage, match="past the end"):
+        _open_read(p)
