@@ -187,7 +187,7 @@ def test_check_agrees_with_qemu(qemu, tmp_path):
     qemu_clean(qemu, p)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
     rnd = random.Random(500 + seed)
     cs = rnd.choice([4096, 65536])
@@ -200,8 +200,14 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
     if seed % 2:
         top = str(tmp_path / "child.qed")
         qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", top)
+    from vdgui.vd.ops.compact import compact
     for _ in range(8):
-        op = rnd.choice("wwwzr")
+        op = rnd.choice("wwwzrc")
+        if op == "c":
+            compact(top)
+            qemu_clean(qemu, top)
+            qemu_sees(qemu, top, expect, tmp_path)
+            continue
         with Disk.open_chain(top) as d:
             size = d.size
             if op in "wz":
@@ -216,3 +222,54 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
                 expect += bytes(new - size)
         qemu_clean(qemu, top)
         qemu_sees(qemu, top, expect, tmp_path)
+
+
+@pytest.mark.parametrize("cs", [4096, 65536])
+def test_compact_base_and_child(qemu, tmp_path, cs):
+    from vdgui.vd.ops.compact import compact
+    p = str(tmp_path / "base.qed")
+    qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs},table_size=2", p, SIZE)
+    qemu.io("-f", "qed", "-c", "write -P 0x61 0 8M", "-c", "write -P 0 1M 3M",
+            "-c", "write -P 0 7M 1M", p)
+    expect = raw_of(qemu, p, tmp_path)
+    before = os.path.getsize(p)
+    compact(p)
+    assert os.path.getsize(p) < before - 3 * MiB
+    qemu_clean(qemu, p)
+    qemu_sees(qemu, p, expect, tmp_path)
+    c = str(tmp_path / "child.qed")
+    qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", c)
+    qemu.io("-f", "qed", "-c", "write -P 0x61 0 512k", "-c", "write -P 0 600k 64k",
+            "-c", "write -P 0x62 6M 64k", c)
+    expect = bytearray(expect)
+    expect[600 * 1024:664 * 1024] = bytes(65536)
+    expect[6 * MiB:6 * MiB + 65536] = b"\x62" * 65536
+    before = os.path.getsize(c)
+    compact(c)
+    assert os.path.getsize(c) < before - 400 * 1024
+    qemu_clean(qemu, c)
+    qemu_sees(qemu, c, expect, tmp_path)
+
+
+def test_compact_repacks_when_tables_do_not_fit_the_holes(qemu, tmp_path, monkeypatch):
+    from vdgui.vd.formats import qed as Q
+    from vdgui.vd.ops.compact import compact
+    p = str(tmp_path / "frag.qed")
+    with Disk() as d:
+        d.create_base(p, 16 * MiB, "QED", config={"ClusterSize": "4096", "TableSize": "4"})
+        d.write(0, b"\x01" * 4096)              # L2 table 0 (clusters 5-8) + data (9)
+        d.write(8 * MiB, b"\x02" * 4096)        # L2 table 1 (10-13) + data (14)
+        d.write(0, bytes(4096))                 # zero data, dropped by compact: hole at 9,
+        d.write(8 * MiB, bytes(4096))           # and 14; table 1 does not fit in one cluster
+    calls = []
+    orig = Q.QedImage._repack_all
+
+    def spy(self, end):
+        calls.append(end)
+        return orig(self, end)
+    monkeypatch.setattr(Q.QedImage, "_repack_all", spy)
+    compact(p)
+    assert calls, "the fragmented layout should have been repacked"
+    qemu_clean(qemu, p)
+    qemu_sees(qemu, p, bytearray(16 * MiB), tmp_path)
+    assert os.path.getsize(p) == (1 + 4 + 4 + 4) * 4096

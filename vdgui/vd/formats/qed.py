@@ -417,6 +417,174 @@ class QedImage(Image):
                     pass
             self.f.close()
 
+    # ------------------------------------------------------------------ compact
+    def compact(self, progress=None, parent_read=None):
+        """Drop clusters reading as zeroes (no backing file) or as the parent (``parent_read``),
+        then move clusters and tables from the end of the file into the holes and truncate it.
+        QED has no refcounts: every cluster left unreferenced would be a leak, so the file is
+        packed as far as the table size allows."""
+        self._require_writable()
+        cs = self.cs
+        nclu = -(-self.size // cs)
+        prog = Progress(progress, 2 * nclu)
+        prog.start()
+        has_backing = self.backing_file is not None
+        self._set_need_check(True)
+        for ci in range(nclu):
+            prog.set(ci)
+            e = self._entry(ci)
+            if e == 0:
+                continue
+            start = ci * cs
+            clen = min(cs, self.size - start)
+            new = e
+            if e == CLUSTER_ZERO:
+                if not has_backing:
+                    new = 0
+                elif parent_read is not None and is_zero(parent_read(start, clen)):
+                    new = 0
+            else:
+                if not self._valid_cluster(e):
+                    raise self._corrupt("data cluster offset invalid", offset=e, found=hex(e))
+                data = self.f.read_exact(e, clen, "data cluster")
+                if not has_backing:
+                    new = 0 if is_zero(data) else e
+                elif parent_read is not None:
+                    under = parent_read(start, clen)
+                    under = bytes(under) + bytes(clen - len(under))
+                    new = 0 if data == under else CLUSTER_ZERO if is_zero(data) else e
+                elif is_zero(data):
+                    new = CLUSTER_ZERO
+            if new != e:
+                tbl, l2off = self._l2_for_write(ci // self.entries)
+                self._set_l2(tbl, l2off, ci % self.entries, new)
+        self._pack(prog, nclu)
+        self.flush()
+        prog.finish()
+
+    def _pack(self, prog: Progress, base: int) -> None:
+        cs = self.cs
+        tclu = self.table_bytes // cs
+        self.fsize = self.f.size()
+        end = -(-self.fsize // cs)
+        used = bytearray(end)
+        owner: dict[int, tuple] = {}
+        for c in range(min(self.header_clusters, end)):
+            used[c] = 1
+        lo = self.l1_offset // cs
+        used[lo:lo + tclu] = b"\x01" * tclu
+        for i in range(self.entries):
+            off = self.l1[i]
+            if not off:
+                continue
+            t0 = off // cs
+            used[t0:t0 + tclu] = b"\x01" * tclu
+            owner[t0 + tclu - 1] = ("table", i, t0)
+            tbl = self._load_l2(off, i)
+            for j in range(self.entries):
+                e = tbl[j]
+                if e > CLUSTER_ZERO:
+                    used[e // cs] = 1
+                    owner[e // cs] = ("data", off, j)
+        c = end - 1
+        while c > 0:
+            if not used[c]:
+                c -= 1
+                continue
+            who = owner.get(c)
+            if who is None:
+                break                     # header or L1 table: nothing below can move further
+            if who[0] == "data":
+                dst = used.find(0)
+                if dst < 0 or dst >= c:
+                    break
+                _, l2off, j = who
+                self.f.pwrite(dst * cs, self.f.read_exact(c * cs, cs, "data cluster"))
+                self._set_l2(self._load_l2(l2off, -1), l2off, j, dst * cs)
+                used[dst] = 1
+                used[c] = 0
+                c -= 1
+            else:
+                _, i, t0 = who
+                dst = used.find(bytes(tclu))
+                if dst < 0 or dst >= t0:
+                    c = t0 - 1                # no hole large enough: the table stays
+                    continue
+                old = t0 * cs
+                self.f.pwrite(dst * cs, self.f.read_exact(old, self.table_bytes, "L2 table"))
+                tbl = self._l2_cache.pop(old, None)
+                if tbl is not None:
+                    self._l2_cache[dst * cs] = tbl
+                for k, v in list(owner.items()):
+                    if v[0] == "data" and v[1] == old:
+                        owner[k] = ("data", dst * cs, v[2])
+                self.l1[i] = dst * cs
+                self.f.pwrite(self.l1_offset + 8 * i, struct.pack("<Q", dst * cs))
+                used[dst:dst + tclu] = b"\x01" * tclu
+                used[t0:t0 + tclu] = bytes(tclu)
+                c = t0 - 1
+            prog.set(base + base * (end - c) // max(end, 1))
+        last = end
+        while last > 1 and not used[last - 1]:
+            last -= 1
+        if used.find(0, 0, last) >= 0:
+            self._repack_all(last)          # holes no table fits in: lay everything out again
+            return
+        if last < end:
+            self.f.sync()
+            self.f.truncate(last * cs)
+            self.fsize = last * cs
+            self.end_cluster = last
+
+    def _repack_all(self, end: int) -> None:
+        """Lay out every L2 table and data cluster again, without holes: first append them all
+        (in their final order) past ``end``, then move them down right after the header and the
+        L1 table. Every move updates its reference before the next one."""
+        cs = self.cs
+        tclu = self.table_bytes // cs
+        l1c = self.l1_offset // cs
+        units: list[tuple] = []
+        for i in range(self.entries):
+            if not self.l1[i]:
+                continue
+            units.append(("table", i))
+            tbl = self._load_l2(self.l1[i], i)
+            units += [("data", i, j) for j in range(self.entries) if tbl[j] > CLUSTER_ZERO]
+
+        def move(unit, dst: int) -> None:
+            if unit[0] == "table":
+                i = unit[1]
+                old = self.l1[i]
+                self.f.pwrite(dst * cs, self.f.read_exact(old, self.table_bytes, "L2 table"))
+                tbl = self._l2_cache.pop(old, None)
+                if tbl is not None:
+                    self._l2_cache[dst * cs] = tbl
+                self.l1[i] = dst * cs
+                self.f.pwrite(self.l1_offset + 8 * i, struct.pack("<Q", dst * cs))
+            else:
+                _, i, j = unit
+                l2off = self.l1[i]
+                tbl = self._load_l2(l2off, i)
+                self.f.pwrite(dst * cs, self.f.read_exact(tbl[j], cs, "data cluster"))
+                self._set_l2(tbl, l2off, j, dst * cs)
+
+        pos = end
+        for u in units:
+            move(u, pos)
+            pos += tclu if u[0] == "table" else 1
+        dst = self.header_clusters
+        for u in units:
+            n = tclu if u[0] == "table" else 1
+            if dst < l1c + tclu and dst + n > l1c:
+                dst = l1c + tclu              # skip over the L1 table
+            move(u, dst)
+            dst += n
+        last = max(dst, l1c + tclu)
+        self.f.sync()
+        self.f.truncate(last * cs)
+        self.fsize = last * cs
+        self.end_cluster = last
+
     # ------------------------------------------------------------------ resize / relink
     def resize(self, new_size, progress=None):
         self._require_writable()
@@ -568,7 +736,8 @@ class QedBackend(Backend):
                   maximum=MAX_TABLE_SIZE, power_of_two=True),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
-                            Operation.CHECK, Operation.REPAIR, Operation.RELINK})
+                            Operation.CHECK, Operation.REPAIR, Operation.RELINK,
+                            Operation.COMPACT})
     create_flags = ImageFlags.NONE
     size_granularity = 512
 
