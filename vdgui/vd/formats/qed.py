@@ -13,6 +13,13 @@ Writing: clusters are allocated at the end of the file; the need-check feature b
 synced) before the first allocating write and cleared on flush/close once everything is synced.
 An image found with need-check set is checked (and invalid table entries cleared) when opened
 read-write. Order of updates: data -> L2 -> L1 -> header.
+
+Operations: RESIZE (grow; the L1 table is fixed, so up to the size its tables can map), RELINK
+(backing file name in the header cluster, raw parents flagged "no probe"), CHECK/REPAIR (every
+cluster referenced once, offsets inside the file; repair clears bad entries and cuts trailing
+leaks), COMPACT (zero/parent-equal clusters dropped, the file packed without holes, since QED has
+no refcounts and every unreferenced cluster would be a leak). QED can record a backing format
+only for raw parents (the no-probe feature); other parents are probed.
 """
 from __future__ import annotations
 
