@@ -105,7 +105,8 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_
                     if st == Alloc.UNALLOCATED and not is_zero(disk._read_below(level, s, ln)):
                         raise NotSupported(
                             f"{img.location}: cannot merge: the {img.format} backend did not store "
-                            f"zeroes written at offset {s:#x}; the chain is unchanged")
+                            f"zeroes written at offset {s:#x}; nothing was relinked or deleted and "
+                            "the chain reads as before")
             pos += n
             prog.advance(n)
 
