@@ -10,12 +10,13 @@ another) and runs the others in parallel in a QThreadPool.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
 from vdgui.vd import Cancelled, VDError
 
@@ -192,6 +193,9 @@ class JobQueue(QObject):
     def __init__(self, parent: QObject | None = None, max_threads: int | None = None):
         super().__init__(parent)
         self.pool = QThreadPool(self)
+        # Pool threads live as long as the queue: no thread exits (and tears down its Python
+        # state) while the app runs.
+        self.pool.setExpiryTimeout(-1)
         if max_threads:
             self.pool.setMaxThreadCount(max_threads)
         else:
@@ -217,6 +221,28 @@ class JobQueue(QObject):
         self.busyChanged.emit()
         return job
 
+    # Python's cyclic garbage collector runs in whichever thread happens to allocate; if it
+    # frees a Qt wrapper (widgets and dialogs often sit in reference cycles through connected
+    # lambdas) inside a pool thread, PySide has to defer the C++ deletion to the GUI thread,
+    # which has crashed PySide 6.12 in testing. So while jobs run, automatic collection is off,
+    # and the GUI thread collects when the pool goes idle.
+    _gc_holds = 0
+
+    @classmethod
+    def _hold_gc(cls) -> None:
+        if cls._gc_holds == 0 and gc.isenabled():
+            gc.disable()
+            cls._gc_disabled_by_us = True
+        cls._gc_holds += 1
+
+    @classmethod
+    def _release_gc(cls) -> None:
+        cls._gc_holds = max(cls._gc_holds - 1, 0)
+        if cls._gc_holds == 0 and getattr(cls, "_gc_disabled_by_us", False):
+            cls._gc_disabled_by_us = False
+            gc.enable()
+            gc.collect()
+
     def _pump(self) -> None:
         blocked: set[str] = set()
         for r in self._running:
@@ -228,6 +254,7 @@ class JobQueue(QObject):
             self._waiting.remove(job)
             self._running.append(job)
             blocked |= job.keys
+            self._hold_gc()
             self.pool.start(job)
 
     # -- signal handlers (GUI thread) -----------------------------------------------------
@@ -240,6 +267,7 @@ class JobQueue(QObject):
     def _on_end(self, job: Job, *args) -> None:
         if job in self._running:
             self._running.remove(job)
+            QTimer.singleShot(0, self._release_gc)   # after the other receivers of this signal
         if not job.visible and job in self.jobs:
             self.jobs.remove(job)        # internal jobs leave no history…
             self._retire(job)
@@ -263,7 +291,12 @@ class JobQueue(QObject):
 
     def wait(self, msecs: int = -1) -> bool:
         """Block until every running job has returned (used when closing)."""
-        return self.pool.waitForDone(msecs)
+        done = self.pool.waitForDone(msecs)
+        for job in list(self._running):
+            if job.finished:                     # its end signal may never be delivered now
+                self._running.remove(job)
+                self._release_gc()
+        return done
 
     def active(self) -> list[Job]:
         return [j for j in self._running + self._waiting if not j.finished]
