@@ -227,3 +227,30 @@ def test_merge_refuses_image_in_use(tmp_path):
     assert snapshot(paths) == before
     merge(paths[2], paths[0], format="FAKEDIFF")
     assert read_chain(paths[0]) == views[2]
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f in FULL_FORMATS or f == "QCOW2"])
+@pytest.mark.parametrize("forward", [True, False], ids=["forward", "backward"])
+def test_merge_grown_chain(tmp_path, fmt, forward):
+    """A middle image was grown after the base was made: forward merge grows the base first
+    (RESIZE), backward merge keeps the target's size; content identical."""
+    from tests.engine.ops_support import ext_of
+    from vdgui.vd import resize
+    b, c, g = (str(tmp_path / f"{n}.{ext_of(fmt)}") for n in "bcg")
+    with Disk() as d:
+        d.create_base(b, 8 << 20, fmt)
+        d.write(0, b"a" * (8 << 20))
+        d.create_diff(c, fmt)
+        d.write(1 << 20, b"b" * 4096)
+    resize(c, 12 << 20)
+    with Disk.open_chain(c, None, OpenFlags.NORMAL) as d:
+        d.write(10 << 20, b"c" * (1 << 20))
+        d.create_diff(g, fmt)
+        d.write(11 << 20, b"d" * 4096)
+    want = read_chain(g)
+    if forward:
+        merge(g, b)
+        assert read_chain(b) == want and not os.path.exists(c)
+    else:
+        merge(b, g)
+        assert read_chain(g) == want and not os.path.exists(b)
