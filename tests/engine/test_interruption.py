@@ -40,6 +40,15 @@ def _child(op: str, args: dict, w: int) -> None:
     import vdgui.vd.ops.compact as compact_mod
     import vdgui.vd.ops.merge as merge_mod
     from vdgui.vd import merge
+    import vdgui.vd.ops.repair as repair_mod
+    import vdgui.vd.ops.resize as resize_mod
+    from vdgui.vd.progress import Progress
+
+    class Every(Progress):                     # report every step: the sleeping callback below
+        def __init__(self, cb, total, interval=0.0):   # then stretches every phase evenly
+            super().__init__(cb, total, 0.0)
+    for mod in (merge_mod, compact_mod, repair_mod, resize_mod):
+        mod.Progress = Every
     merge_mod.CHUNK = 64 * 1024                # many small steps: more moments to be killed in
     compact_mod.COPY_CHUNK = 256 * 1024
     compact_mod.VERIFY_CHUNK = 256 * 1024
