@@ -224,8 +224,8 @@ class JobQueue(QObject):
     # Python's cyclic garbage collector runs in whichever thread happens to allocate; if it
     # frees a Qt wrapper (widgets and dialogs often sit in reference cycles through connected
     # lambdas) inside a pool thread, PySide has to defer the C++ deletion to the GUI thread,
-    # which has crashed PySide 6.12 in testing. So while jobs run, automatic collection is off,
-    # and the GUI thread collects when the pool goes idle.
+    # which has crashed PySide 6.12 in testing. So while jobs run, automatic collection is off;
+    # it resumes (in the GUI thread, the only one running Python then) when the pool is idle.
     _gc_holds = 0
 
     @classmethod
@@ -240,8 +240,7 @@ class JobQueue(QObject):
         cls._gc_holds = max(cls._gc_holds - 1, 0)
         if cls._gc_holds == 0 and getattr(cls, "_gc_disabled_by_us", False):
             cls._gc_disabled_by_us = False
-            gc.enable()
-            gc.collect()
+            gc.enable()        # collection resumes on its own schedule (no full pass here)
 
     def _pump(self) -> None:
         blocked: set[str] = set()
