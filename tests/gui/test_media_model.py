@@ -157,3 +157,20 @@ def test_remove_inaccessible(qtbot, window, vdi_chain, tmp_path):
     assert window.model.node(missing) is None and missing not in window.library.paths()
     assert window.model.node(vdi_chain["base"]) is not None
     assert not window.action_clear_bad.isEnabled()
+
+
+def test_children_of_an_inaccessible_parent_say_so(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    with open(vdi_chain["snap1"], "r+b") as f:      # break snap1's header in place
+        f.write(b"\0" * 512)
+    window.add_paths([vdi_chain["snap1"]], sync=True)
+    snap1 = window.model.node(vdi_chain["snap1"])
+    snap2 = window.model.node(vdi_chain["snap2"])
+    assert not snap1.accessible
+    assert snap2.parent is snap1                      # still nested under it, marked unusable
+    assert snap2.state_text() == "Parent inaccessible"
+    tip = window.model.index_for(snap2).data(Qt.ToolTipRole)
+    assert "snap1.vdi" in tip and "inaccessible" in tip
+    from vdgui.gui import actions
+    r = actions.reason("copy", [snap2], actions.Context(available=lambda n: True))
+    assert r and "depends on snap1.vdi" in r

@@ -105,6 +105,9 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
             return f"{_label(n)} is inaccessible: {n.record.error}"
         if n.backend is None:
             return f"{_label(n)}: its format is unknown"
+        bad = n.broken_ancestor()
+        if bad is not None:
+            return f"{_label(n)} depends on {_label(bad)}, which is inaccessible: {bad.record.error}"
     for n in nodes:
         r = _one(key, n)
         if r:

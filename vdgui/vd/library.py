@@ -263,7 +263,8 @@ class Library:
             return rec
         disk = Disk()
         try:
-            img = disk.open(path, format or None, OpenFlags.INFO | OpenFlags.READ_ONLY)
+            # a known format is never probed again (a damaged VDI must not turn into RAW)
+            img = disk.open(path, format or rec.format or None, OpenFlags.INFO | OpenFlags.READ_ONLY)
             info = disk.info(0)
             rec.format = info["format"]
             rec.device_type = info["device_type"]

@@ -80,6 +80,15 @@ class MediaNode:
             stack.extend(n.children)
         return out
 
+    def broken_ancestor(self) -> "MediaNode | None":
+        """The nearest inaccessible image this one depends on, if any."""
+        n = self.parent
+        while n is not None:
+            if not n.accessible:
+                return n
+            n = n.parent
+        return None
+
     @property
     def depth(self) -> int:
         """Chain depth: 1 for a base image."""
@@ -90,6 +99,8 @@ class MediaNode:
             return "Busy"
         if not self.accessible:
             return "Inaccessible"
+        if self.broken_ancestor() is not None:
+            return "Parent inaccessible"
         if self.record.is_diff:
             return "Differencing"
         return "Available"
@@ -273,11 +284,17 @@ class MediaModel(QAbstractItemModel):
                 return format_icon(rec.device_type, rec.format)
             if col == COL_STATE and node.busy:
                 return icon("busy")
+            if col == COL_STATE and node.accessible and node.broken_ancestor() is not None:
+                return icon("warning")
         elif role == Qt.ToolTipRole:
             if not node.accessible:
                 return f"<b>Inaccessible</b><br>{_html(rec.error)}"
             if node.busy:
                 return f"<b>Busy</b>: {_html(node.busy)}<br>{_html(rec.path)}"
+            bad = node.broken_ancestor()
+            if bad is not None:
+                return (f"<b>Unusable</b>: it depends on {_html(bad.name)}, which is inaccessible:"
+                        f"<br>{_html(bad.record.error)}")
             if col == COL_NAME:
                 tip = f"{_html(rec.path)}<br>UUID: {rec.uuid or '—'}"
                 if rec.parent_path:
