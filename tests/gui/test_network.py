@@ -54,9 +54,9 @@ def test_network_image_in_tree(qtbot, window, fakenet):
     form.editor("Secret").setText("hunter2")
     assert form.is_valid()
     loc = "fakenet://user@host/iqn.2024-01.test:disk/0"
-    window.library.add(loc, format="FAKENET")
-    window.library.set_properties(loc, form.values())
-    job = window.add_paths([loc])
+    job = window.add_network_image(loc, "FAKENET", form.values())
+    assert window.library.properties(loc)["TargetName"] == "iqn.2024-01.test:disk"
+    assert "file" in window.menus and "image" in window.menus
     qtbot.waitUntil(lambda: job.finished, timeout=5000)
     qtbot.waitUntil(lambda: window.model.node(loc) is not None, timeout=5000)
     node = window.model.node(loc)

@@ -256,7 +256,8 @@ class MainWindow(QMainWindow):
 
     def _build_menus(self) -> None:
         mb = self.menuBar()
-        m = mb.addMenu("&File")
+        self.menus: dict[str, QMenu] = {}
+        m = self.menus["file"] = mb.addMenu("&File")
         m.addAction(self.actions["add"])
         m.addAction(self.actions["create"])
         m.addAction(self.action_import)
@@ -264,7 +265,7 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         m.addSeparator()
         m.addAction(self.action_quit)
-        m = mb.addMenu("&Image")
+        m = self.menus["image"] = mb.addMenu("&Image")
         for k in ("snapshot", "copy", "move", "merge", "resize", "compact", None, "check", "repair",
                   None, "remove", "delete", None, "properties"):
             if k is None:
@@ -275,7 +276,7 @@ class MainWindow(QMainWindow):
         m.addAction(self.action_clear_bad)
         for menu in mb.findChildren(QMenu):
             menu.setToolTipsVisible(True)
-        m = mb.addMenu("&View")
+        m = self.menus["view"] = mb.addMenu("&View")
         m.addAction(self.actions["refresh"])
         m.addAction(self.action_expand)
         m.addAction(self.action_search)
@@ -284,7 +285,7 @@ class MainWindow(QMainWindow):
         ja.setText("&Jobs Panel")
         ja.setShortcut(QKeySequence("Ctrl+J"))
         m.addAction(ja)
-        m = mb.addMenu("&Help")
+        m = self.menus["help"] = mb.addMenu("&Help")
         m.addAction(self.action_about)
 
     # -- settings -------------------------------------------------------------------------
@@ -375,6 +376,13 @@ class MainWindow(QMainWindow):
             self._records_arrived(recs)
             return None
         return self._run_scan(images)
+
+    def add_network_image(self, location: str, format: str, properties: dict) -> Job | None:
+        """Add a non-file image (``scheme://…`` location) opened with ``properties`` as its
+        backend configuration (e.g. the values of a ConfigForm). For "Add network disk…"."""
+        self.library.add(location, format=format)
+        self.library.set_properties(location, properties)
+        return self.add_paths([location])
 
     def _run_scan(self, paths) -> Job:
         job = tasks.scan_job(self.library, paths)
