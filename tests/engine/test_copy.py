@@ -436,3 +436,25 @@ def test_move_multi_file_images(tmp_path):
         with open_image(moved[0], flags=OpenFlags.READ_ONLY) as d:
             assert read_all(d) == want
             assert sorted(d.top.files()) == sorted(moved)
+
+
+def test_move_parent_keeps_children_linked_or_refuses(tmp_path, fake):
+    (tmp_path / "c").mkdir()
+    paths, views = make_chain(tmp_path / "c")
+    hashes = {p: sha(p) for p in paths}
+    # renamed in its folder: the child is relinked to the new name
+    new_base = str(tmp_path / "c" / "base2.fkd")
+    move_image(paths[0], new_base)
+    with Disk.open_chain(paths[2], flags=OpenFlags.READ_ONLY) as d:
+        assert d.image(0).location.endswith("base2.fkd")
+        assert read_all(d) == views[2]
+    sub_base = new_base
+    # to a sibling folder: the child could only name it with '..' -> refused, all undone
+    os.mkdir(tmp_path / "far")
+    before = sha(sub_base)
+    with pytest.raises(NotSupported, match="parent"):
+        move_image(sub_base, str(tmp_path / "far" / "base.fkd"))
+    assert os.listdir(tmp_path / "far") == [] and sha(sub_base) == before
+    with Disk.open_chain(paths[2], flags=OpenFlags.READ_ONLY) as d:
+        assert read_all(d) == views[2]
+    assert sha(paths[2]) == hashes[paths[2]]

@@ -604,6 +604,7 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
     for _s, d in plan:
         if os.path.lexists(d):
             raise FileExists(f"{d}: file already exists")
+    children = _children_of(src_path, be, allow_unsafe_paths)
     parent_path = None
     if is_diff and src_dir != dst_dir:
         with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY | (
@@ -635,11 +636,14 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
     try:
         if parent_path is not None:
             _relink_after_move(dst_abs, parent_path, be, allow_unsafe_paths)
+        # differencing images of this one must still find it (rewrite their links if they can)
+        for cpath, cbe in children:
+            _relink_after_move(cpath, dst_abs, cbe, allow_unsafe_paths)
     except BaseException:
-        # undo: the image must stay usable where it was
+        # undo: the image (and its children) must stay usable where they were
         if moved:
             _link_into_place([(d, s) for s, d in plan], overwrite=False)
-            if be.can(Operation.RELINK):
+            if parent_path is not None and be.can(Operation.RELINK):
                 with contextlib.suppress(VDError):
                     _relink_after_move(os.path.abspath(src_path), parent_path, be,
                                        allow_unsafe_paths)
@@ -647,6 +651,10 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
             for _s, d in plan:
                 with contextlib.suppress(OSError):
                     os.unlink(d)
+        for cpath, cbe in children:
+            if cbe.can(Operation.RELINK):
+                with contextlib.suppress(VDError):
+                    _relink_after_move(cpath, os.path.abspath(src_path), cbe, allow_unsafe_paths)
         raise
     if not moved:
         for s, _d in plan:
@@ -655,7 +663,20 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
     return [d for _s, d in plan]
 
 
+def _children_of(path: str, be: Backend, allow_unsafe: bool) -> list:
+    """Differencing images beside ``path`` (and in Snapshots/) whose parent it is."""
+    from .merge import find_children
+    img = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY | (
+        OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0), None)
+    try:
+        return find_children(img)
+    finally:
+        img.close()
+
+
 def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe: bool) -> None:
+    """Make the image at ``new_loc`` link to ``parent_path`` (when its backend can rewrite links)
+    and check that its chain opens; NotSupported (to undo the move) when it does not."""
     flags = OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0)
     if be.can(Operation.RELINK):
         parent_disk = Disk.open_chain(parent_path, None, flags)
@@ -669,9 +690,12 @@ def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe
         finally:
             parent_disk.close()
     try:
-        Disk.open_chain(new_loc, be.name, flags).close()
+        with Disk.open_chain(new_loc, be.name, flags) as d:
+            found = d.image(-2).location if len(d) > 1 else None
+        if found is None or _real(found) != _real(parent_path):
+            raise ParentNotFound(f"{new_loc}: links to {found}, not {parent_path}")
     except (ParentNotFound, UnsafePath):
-        raise NotSupported(f"{new_loc}: {be.name} cannot link the moved image to its parent "
+        raise NotSupported(f"{new_loc}: {be.name} cannot link this image to its parent "
                            f"{parent_path} from there (names stored in images stay inside the "
                            "image's folder unless unsafe paths are allowed); move it within its "
                            "folder, into a Snapshots subfolder, or move the whole chain") from None
