@@ -56,7 +56,8 @@ def qemu_io(q: str, path: str, cmds: list[str]) -> None:
 def writes(size: int, data: int, seed: int, piece: int = 1 * MiB) -> list[str]:
     rnd = random.Random(seed)
     slots = rnd.sample(range(size // piece), min(size // piece, data // piece))
-    return [f"write -P {(seed * 31 + i) % 250 + 1} {s * piece} {piece}" for i, s in enumerate(slots)]
+    return [f"write -P {(seed * 31 + i) % 250 + 1} {s * piece} {piece}"
+            for i, s in enumerate(slots)]
 
 
 def make_chain(folder: str, q: str, ext: str, size: int, data: int) -> tuple[str, str]:

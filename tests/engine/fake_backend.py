@@ -10,7 +10,6 @@ Writes are ordered data -> map entry; header rewrites are a single 4 KiB pwrite.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import uuid as uuidlib
 
@@ -105,7 +104,8 @@ class FakeImage(Image):
             e = self.map[idx]
             if e > ZERO:
                 self.f.pwrite(e + inner, piece)
-            elif is_zero(piece) and not self.honor_zeroes and (e == ZERO or self.parent_hint is None):
+            elif (is_zero(piece) and not self.honor_zeroes
+                  and (e == ZERO or self.parent_hint is None)):
                 pass
             else:
                 bstart = idx * BLOCK
@@ -143,7 +143,8 @@ class FakeImage(Image):
     def resize(self, new_size, progress=None):
         self._require_writable()
         if new_size > MAP_ENTRIES * BLOCK:
-            raise InvalidArgument(f"{self.location}: FAKEDIFF holds at most {MAP_ENTRIES * BLOCK} bytes")
+            raise InvalidArgument(f"{self.location}: FAKEDIFF holds at most "
+                                  f"{MAP_ENTRIES * BLOCK} bytes")
         if progress:
             progress(0, 1)
         if new_size < self.size:
@@ -257,10 +258,12 @@ class FakeBackend(Backend):
     def create(self, p):
         f = ImageFile.create_temp(p.location)
         try:
-            h = {"size": p.size, "uuid": str(p.uuid or uuidlib.uuid4()), "mod": str(uuidlib.uuid4())}
+            h = {"size": p.size, "uuid": str(p.uuid or uuidlib.uuid4()),
+                 "mod": str(uuidlib.uuid4())}
             if p.parent is not None:
                 h.update(puuid=str(p.parent.uuid) if p.parent.uuid else None,
-                         pmod=str(p.parent.modification_uuid) if p.parent.modification_uuid else None,
+                         pmod=(str(p.parent.modification_uuid)
+                               if p.parent.modification_uuid else None),
                          pname=relative_name(p.location, p.parent.location), pfmt=p.parent.format)
             body = MAGIC + json.dumps(h).encode()
             f.pwrite(0, body + bytes(HEADER - len(body)) + bytes(MAP_ENTRIES * 8))

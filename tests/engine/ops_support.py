@@ -25,7 +25,8 @@ QEMU_BACKING = {"qcow2", "qed", "vmdk"}   # qemu follows these formats' parent l
 def formats_with(*ops: Operation, diff: bool = False) -> list[str]:
     names = []
     for b in backends():
-        if all(b.can(o) for o in ops) and (not diff or b.caps & Cap.DIFF) and b.can(Operation.CREATE):
+        if (all(b.can(o) for o in ops) and (not diff or b.caps & Cap.DIFF)
+                and b.can(Operation.CREATE)):
             names.append(b.name)
     fake = fake_backend.BACKEND
     if all(fake.can(o) for o in ops) and fake.name not in names:

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from tests.engine.ops_support import (ProgressLog, build_chain, copy_set, fake_registered,  # noqa: F401
-                                      file_sha, formats_with, links_by_modification, qemu_verify, read_chain, snapshot,
+from tests.engine.ops_support import fake_registered  # noqa: F401 - autouse fixture
+from tests.engine.ops_support import (ProgressLog, build_chain, copy_set, file_sha, formats_with,
+                                      links_by_modification, qemu_verify, read_chain, snapshot,
                                       temps_in)
 from vdgui.vd import (Cancelled, Disk, InvalidArgument, NotSupported, OpenFlags, Operation,
                       ParentMismatch, get_backend, merge, merge_disk, probe)
@@ -38,7 +39,8 @@ def _check_result(qemu, tmp_path, fmt, paths, views, s, t, before):
         if p not in involved:
             assert file_sha(p) == before[p], f"{p} changed"
     with Disk.open_chain(top, None, OpenFlags.READ_ONLY) as d:
-        assert [os.path.basename(i.location) for i in d.images] == [os.path.basename(p) for p in kept]
+        names = [os.path.basename(i.location) for i in d.images]
+        assert names == [os.path.basename(p) for p in kept]
     assert not temps_in(tmp_path)
     for i, p in enumerate(kept):
         idx = paths.index(p)

@@ -42,7 +42,7 @@ def require_op(backend: Backend, op: Operation, path: str, what: str) -> None:
 
 # -- copies --------------------------------------------------------------------------------------
 def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) ranges of the file that hold data (SEEK_DATA/SEEK_HOLE; all of it if unknown)."""
+    """(start, end) ranges of the file holding data (SEEK_DATA/SEEK_HOLE; all if unknown)."""
     out = []
     pos = 0
     try:
@@ -128,7 +128,8 @@ def fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def view_read(img: Image, below: Callable[[int, int], bytes] | None, offset: int, length: int) -> bytes:
+def view_read(img: Image, below: Callable[[int, int], bytes] | None, offset: int,
+              length: int) -> bytes:
     """What ``img`` reads at ``offset`` over ``below`` (the parent's content, None: zeroes)."""
     if offset >= img.size:
         return bytes(length)
@@ -284,7 +285,8 @@ def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
         except VDError:
             if not be.can(Operation.RELINK):
                 raise NotSupported(f"{real}: the operation would break the parent link of "
-                                   f"{p} and {be.name} cannot relink; nothing was changed") from None
+                                   f"{p} and {be.name} cannot relink; nothing was changed"
+                                   ) from None
             stale.append((p, be))
         finally:
             kid.close()

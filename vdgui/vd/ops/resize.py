@@ -22,7 +22,8 @@ from .compact import (VERIFY_CHUNK, _backend, compare_views, finish, require_op,
 
 def _check_size(backend, path: str, new_size) -> int:
     if isinstance(new_size, bool) or not isinstance(new_size, int):
-        raise InvalidArgument(f"{path}: new size must be a whole number of bytes, found {new_size!r}")
+        raise InvalidArgument(f"{path}: new size must be a whole number of bytes, "
+                              f"found {new_size!r}")
     if new_size <= 0:
         raise InvalidArgument(f"{path}: new size must be positive, found {new_size}")
     g = backend.size_granularity
