@@ -21,12 +21,12 @@ def test_library_survives_restart(data_dir, vdi_chain):
     lib = Library()                                   # under $VDGUI_DATA_DIR
     assert lib.path.startswith(str(data_dir))
     lib.add_with_parents(vdi_chain["snap2"])
-    lib.set_properties(vdi_chain["base"], {"Key": "value"})
+    lib.set_properties(vdi_chain["base"], {"Key": "value", "Secret": "pässwörd".encode()})
     lib.touch_recent(vdi_chain["snap2"])
     lib.close()
     lib = Library()
     assert set(lib.paths()) == {vdi_chain["base"], vdi_chain["snap1"], vdi_chain["snap2"]}
-    assert lib.properties(vdi_chain["base"]) == {"Key": "value"}
+    assert lib.properties(vdi_chain["base"]) == {"Key": "value", "Secret": "pässwörd".encode()}
     assert lib.recent() == [vdi_chain["snap2"]]
     base_uuid = lib.scan(vdi_chain["base"]).uuid
     assert lib.find_by_uuid(base_uuid) == vdi_chain["base"]

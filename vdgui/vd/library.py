@@ -209,7 +209,7 @@ class Library:
                                                    (_norm(path),))]
 
     # -- backend properties (config keys that are kept, i.e. not CREATEONLY) --------------
-    def properties(self, path: str) -> dict[str, str]:
+    def properties(self, path: str) -> dict[str, str | bytes]:
         with self._lock:
             return dict(self._db.execute("SELECT key, value FROM properties WHERE path=?",
                                          (_norm(path),)).fetchall())
@@ -218,10 +218,10 @@ class Library:
         path = _norm(path)
         with self._lock:
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
+            # BYTES values stay bytes (a BLOB); everything else is stored as text
             self._db.executemany("INSERT INTO properties VALUES (?,?,?)",
-                                 [(path, k, v if isinstance(v, str) else
-                                   v.decode("latin-1") if isinstance(v, bytes) else str(v))
-                                  for k, v in values.items() if v not in (None, "")])
+                                 [(path, k, v if isinstance(v, (str, bytes)) else str(v))
+                                  for k, v in values.items() if v not in (None, "", b"")])
 
     # -- recent files ---------------------------------------------------------------------
     def touch_recent(self, path: str, keep: int = 10) -> None:
