@@ -206,6 +206,10 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     target.honor_zeroes = True        # zeroes copied from above must be stored, not skipped
     try:
         _copy_runs(disk, runs, t, read_top, prog)
+        target.flush()
+        if not forward:               # the target's children: links naming its modification id
+            _restore_links(disk, t, refresh)
+        prog.check()                  # last chance to cancel: nothing has been relinked yet
     except BaseException:
         try:
             target.flush()     # what was copied is complete on disk; the chain reads as before
@@ -215,10 +219,6 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
         raise
     finally:
         target.honor_zeroes = old_hz
-    target.flush()
-    if not forward:                   # the target's children: links naming its modification id
-        _restore_links(disk, t, refresh)
-    prog.check()                      # last chance to cancel: nothing has been relinked yet
 
     # the commit point: one link rewrite per child (forward) or of the target (backward)
     if forward:
