@@ -256,12 +256,13 @@ class DetailsPane(QScrollArea):
         if self.node is None or self.node.path != path:
             return
         self.allocation.set_data(size, extents, members)
-        parts = []
+        rows = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
             c = level_color(lv).name()
-            parts.append(f"<nobr><span style='color:{c}'>■</span> {html.escape(os.path.basename(m))}: "
-                         f"{format_size(held)}</nobr>")
-        self.alloc_legend.setText(" &nbsp; ".join(parts) + "<br>" + html.escape(self.allocation.summary()))
+            rows.append(f"<tr><td style='color:{c}'>■</td><td>{html.escape(os.path.basename(m))}"
+                        f"</td><td align='right'>&nbsp;&nbsp;{format_size(held)}</td></tr>")
+        self.alloc_legend.setText("<table cellspacing='0' cellpadding='1'>" + "".join(rows)
+                                  + "</table>" + html.escape(self.allocation.summary()))
 
     def set_allocation_error(self, path: str, message: str) -> None:
         if self.node is not None and self.node.path == path:
