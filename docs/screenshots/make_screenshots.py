@@ -141,7 +141,6 @@ def main() -> int:
     settle()
     dlg.grab().save(os.path.join(HERE, "merge-dialog.png"))
     dlg.close()
-    extra_vdi = p["base"]
     dlg = ResizeDialog(win.model.node(p["s2"]), win)
     dlg.size.setValue(8 * MiB)
     dlg.show()

@@ -1,8 +1,6 @@
 """Fixtures for the GUI tests: an isolated data dir, a main window, a VDI snapshot chain."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from vdgui.vd import Disk, Library, OpenFlags, backends

@@ -7,7 +7,7 @@ import pytest
 import vdgui.vd.registry as registry
 from vdgui.gui import actions
 from vdgui.gui.widgets.config_form import ConfigForm
-from vdgui.vd import (Alloc, Backend, Cap, ConfigError, ConfigKey, Image, KeyFlag, NetworkError,
+from vdgui.vd import (Alloc, Backend, Cap, ConfigKey, Image, KeyFlag, NetworkError,
                       Operation, ValueType, parse_config)
 
 pytestmark = pytest.mark.gui

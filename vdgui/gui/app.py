@@ -43,8 +43,7 @@ def settings_for(data_dir: str):
 
 
 def screenshot(args) -> int:
-    from PySide6.QtCore import QSize, QTimer
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QSize
     from vdgui.vd import Library
     from .main_window import MainWindow
     from vdgui.jobs import tasks

@@ -13,9 +13,9 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDial
                                QToolBar, QTreeView, QVBoxLayout, QWidget)
 
 import vdgui
-from vdgui.jobs import Job, JobQueue, JobState
+from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
-from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends, format_size
+from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends
 
 from . import actions
 from .actions import SPECS, Context
