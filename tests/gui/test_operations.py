@@ -466,3 +466,20 @@ def test_create_dialog_follows_the_device_tab(qtbot, window, tmp_path):
     qtbot.addWidget(hdd)
     assert hdd.size.value() == 20 << 30
     assert hdd.backend() is next(x for x in backends() if x.name == hdd.backends[0].name)
+
+
+def test_check_report_with_problems_is_explained(qtbot, window, tmp_path):
+    from vdgui.vd import Problem
+    p = _standalone_vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    node = window.model.node(p)
+    report = CheckReport(problems=[Problem("corrupt", "block map entry 7 points past the end", 4096),
+                                   Problem("leak", "cluster 12 is not referenced")])
+    window._check_done(node, report, repair=False)
+    box = window.messages[-1]
+    assert "corrupt" in box.text() and "block map entry 7" in box.text() and "Repair" in box.text()
+    box.close()
+    from vdgui.gui.widgets.jobs_panel import check_summary
+    assert check_summary(report) == "2 problem(s) left (corrupt)"
+    report.problems[0].repaired = True
+    assert check_summary(report) == "1 problem(s) repaired, 1 problem(s) left (leaked blocks)"
