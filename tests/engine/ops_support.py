@@ -190,3 +190,59 @@ class ProgressLog:
         totals = {t for _, t in self.calls}
         assert len(totals) == 1, totals
         assert self.calls[-1][0] == self.calls[-1][1], self.calls[-3:]
+
+
+@pytest.fixture
+def unthrottled(monkeypatch):
+    """Progress reports every step (no 50 ms throttle): cancels land in every phase, no sleeps."""
+    import vdgui.vd.ops.compact as compact_mod
+    import vdgui.vd.ops.merge as merge_mod
+    import vdgui.vd.ops.repair as repair_mod
+    import vdgui.vd.ops.resize as resize_mod
+    from vdgui.vd.progress import Progress
+
+    class Every(Progress):
+        def __init__(self, cb, total, interval=0.0):
+            super().__init__(cb, total, 0.0)
+    for mod in (compact_mod, merge_mod, repair_mod, resize_mod):
+        monkeypatch.setattr(mod, "Progress", Every)
+    monkeypatch.setattr(merge_mod, "CHUNK", 256 * 1024)
+    monkeypatch.setattr(compact_mod, "COPY_CHUNK", 1 << 20)
+    monkeypatch.setattr(compact_mod, "VERIFY_CHUNK", 1 << 20)
+
+
+def sparse_clone(src, dst) -> None:
+    """Copy a file keeping exactly its holes (written zeroes stay written)."""
+    from vdgui.vd.ops.compact import _copy_range, _data_ranges
+    size = os.path.getsize(src)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        for start, end in _data_ranges(fi.fileno(), size):
+            _copy_range(fi.fileno(), fo.fileno(), start, end, lambda n: None)
+        fo.truncate(size)
+
+
+def cancel_everywhere(path: str, run, scratch: Path) -> list[int]:
+    """Count the progress calls of a whole run on a copy, then cancel the run on ``path`` at the
+    first call, at 1/4, 1/2 and 3/4 of them and just before the commit: each must raise
+    Cancelled and leave ``path`` byte-identical with no temporary left. Returns the points."""
+    from vdgui.vd import Cancelled
+    scratch.mkdir(parents=True, exist_ok=True)
+    twin = scratch / os.path.basename(path)
+    sparse_clone(path, twin)                 # same holes: the same number of progress steps
+    log = ProgressLog()
+    run(str(twin), log)
+    log.assert_well_formed()
+    n = len(log.calls)
+    # the last one or two calls report the end after the commit point (a late cancel is ignored)
+    points = sorted({1, max(1, n // 4), max(1, n // 2), max(1, 3 * n // 4), max(1, n - 2)})
+    sha = file_sha(path)
+    for k in points:
+        try:
+            run(path, ProgressLog(cancel_at=k))
+        except Cancelled:
+            pass
+        else:
+            raise AssertionError(f"cancel at call {k} of {n} was not honoured")
+        assert file_sha(path) == sha, f"cancel at call {k} of {n} changed {path}"
+        assert not temps_in(os.path.dirname(path)), f"cancel at call {k} left a temporary"
+    return points
