@@ -11,6 +11,7 @@ another) and runs the others in parallel in a QThreadPool.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 import traceback
@@ -30,6 +31,20 @@ class JobState:
     FAILED = "failed"
     CANCELLED = "cancelled"
     FINAL = (DONE, FAILED, CANCELLED)
+
+
+def _lower_thread_priority() -> None:
+    """Pool threads run at a lower scheduling priority than the GUI thread, so a busy job does
+    not delay the event loop when the machine is loaded (Linux: per-thread niceness)."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < WORKER_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
+WORKER_NICENESS = 10
 
 
 class JobSignals(QObject):
@@ -135,6 +150,7 @@ class Job(QRunnable):
         self.signals.progress.emit(self, done, total)
 
     def run(self) -> None:  # noqa: D401 - QRunnable entry point
+        _lower_thread_priority()
         self.started_at = time.monotonic()
         if self._cancel.is_set():
             self.state = JobState.CANCELLED
