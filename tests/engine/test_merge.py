@@ -256,3 +256,22 @@ def test_merge_grown_chain(tmp_path, fmt, forward):
     else:
         merge(b, g)
         assert read_chain(g) == want and not os.path.exists(b)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f in FULL_FORMATS])
+def test_merge_relinks_every_child_of_the_source(tmp_path, fmt):
+    """Two differencing images on top of the source (a snapshot tree): both are relinked."""
+    from tests.engine.ops_support import ext_of
+    paths, views = build_chain(tmp_path, fmt, depth=2)
+    other = str(tmp_path / f"branch.{ext_of(fmt)}")
+    with Disk.open_chain(paths[2], None, OpenFlags.READ_ONLY) as d:
+        d.create_diff(other, fmt)
+        d.write(0, b"\x99" * 4096)
+        branch_view = d.read(0, d.size)
+    top = str(tmp_path / f"top.{ext_of(fmt)}")
+    with Disk.open_chain(paths[2], None, OpenFlags.READ_ONLY) as d:
+        d.create_diff(top, fmt)
+    merge(paths[2], paths[1])
+    assert not os.path.exists(paths[2])
+    assert read_chain(other) == branch_view
+    assert read_chain(top) == views[2]
