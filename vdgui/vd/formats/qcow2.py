@@ -62,7 +62,8 @@ def qemu_format_name(backend_name: str) -> str:
 
 def _be_array(data) -> array:
     a = array("Q")
-    a.frombytes(bytes(data))
+    data = bytes(data)
+    a.frombytes(data[:len(data) // 8 * 8])
     if not _NATIVE_BE:
         a.byteswap()
     return a
@@ -1661,6 +1662,8 @@ class Qcow2Image(Image):
                 fixes.append(("l1", i, off | (L.OFLAG_COPIED if want else 0)))
             tbl = _be_array(self.f.pread(off, cs))
             step = 2 if self.extended_l2 else 1
+            if len(tbl) < self.l2_entries * step:
+                continue                  # past the end of the file: reported by the walk
             for j in range(self.l2_entries):
                 e = tbl[j * step]
                 host = e & L2E_MASK

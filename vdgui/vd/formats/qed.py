@@ -78,7 +78,8 @@ _NATIVE_LE = array("Q", [1]).tobytes()[0] == 1
 
 def _le_array(data) -> array:
     a = array("Q")
-    a.frombytes(bytes(data))
+    data = bytes(data)
+    a.frombytes(data[:len(data) // 8 * 8])
     if not _NATIVE_LE:
         a.byteswap()
     return a
