@@ -413,3 +413,31 @@ def test_qcow_v1_hostile(tmp_path):
     p = _v1_image(tmp_path, l2=8192, entry=1 << 30)
     with pytest.raises(CorruptImage, match="past the end"):
         _open_read(p)
+
+
+@pytest.mark.parametrize("config", [{"ClusterSize": "4096"}, {"ClusterSize": "65536"},
+                                    {"ClusterSize": "512", "RefcountBits": "64"}])
+def test_truncation_anywhere_check_repair_write_compact(tmp_path, config):
+    p = _make(tmp_path, config=config,
+              writes=[(i // 512 * 512, b"\x07" * 70000) for i in range(0, 4 * MiB - 70000, 300000)])
+    with open(p, "rb") as fh:
+        data = fh.read()
+    q = str(tmp_path / "t.qcow2")
+    step = max(1, len(data) // 60)
+    for n in list(range(0, len(data), step)) + [len(data) - 1, len(data) - 513]:
+        for mode in ("check", "repair", "write", "compact"):
+            with open(q, "wb") as fh:
+                fh.write(data[:n])
+            try:
+                with Disk() as d:
+                    d.open(q, "QCOW2", flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
+                    if mode == "check":
+                        d.top.check()
+                    elif mode == "repair":
+                        d.top.check(repair=True)
+                    elif mode == "write":
+                        d.write(MiB, b"\x01" * 5000)
+                    else:
+                        d.top.compact()
+            except VDError:
+                pass

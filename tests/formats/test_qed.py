@@ -230,3 +230,29 @@ def test_resize_and_relink(tmp_path):
         assert d.read(0, 512) == b"\x99" * 512
         assert d.read(MiB, 4096) == b"\x33" * 4096
         assert d.read(15 * MiB, 4096) == b"\x34" * 4096
+
+
+def test_truncation_anywhere_check_repair_write_compact(tmp_path):
+    p = _make(tmp_path, config={"ClusterSize": "4096"},
+              writes=[(i // 512 * 512, b"\x07" * 70000) for i in range(0, 4 * MiB - 70000, 300000)])
+    with open(p, "rb") as fh:
+        data = fh.read()
+    q = str(tmp_path / "t.qed")
+    step = max(1, len(data) // 60)
+    for n in list(range(0, len(data), step)) + [len(data) - 1, len(data) - 513]:
+        for mode in ("check", "repair", "write", "compact"):
+            with open(q, "wb") as fh:
+                fh.write(data[:n])
+            try:
+                with Disk() as d:
+                    d.open(q, "QED", flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
+                    if mode == "check":
+                        d.top.check()
+                    elif mode == "repair":
+                        d.top.check(repair=True)
+                    elif mode == "write":
+                        d.write(MiB, b"\x01" * 5000)
+                    else:
+                        d.top.compact()
+            except VDError:
+                pass
