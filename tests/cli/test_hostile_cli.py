@@ -1,0 +1,300 @@
+"""Hostile images through the CLI: for every backend with files, a valid small image is damaged the
+ways attacks do (truncation at many points, flipped header bytes, count/offset/size fields set to
+huge values, stored names pointing at /etc/passwd, ../x or /dev/zero) and fed to ``vdgui-img
+info``, ``info --chain``, ``map``, ``check`` and ``convert -O RAW``.
+
+Each run must end with status 0 or 1 (2/3 also for check); a failure prints exactly one line on
+stderr (``vdgui-img: ...``), never a traceback nor an "internal error" (an exception that is not a
+VDError escaped the engine: ARCHITECTURE rule 10), never hangs (20 s) and never needs more than
+1 GiB of address space. Names stored in images never make the CLI read outside the image's
+folder.
+
+To keep the runtime small the CLI runs in a fork server: one interpreter, started with
+RLIMIT_AS = 1 GiB (preexec_fn), imports vdgui once and forks a fresh child per command, which
+runs ``vdgui.cli.main`` with its own stdout/stderr and is killed after 20 s. A few commands are
+also run as real ``python -m vdgui.cli`` processes. Damage points are sampled with fixed seeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vdgui.vd import Cap, backends
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+GiB = 1 << 30
+TIMEOUT = 20
+MiB = 1 << 20
+
+DRIVER = r'''
+import json, os, signal, sys, tempfile, time, traceback
+import vdgui.cli as cli
+
+def run(argv, timeout):
+    out = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        rc = 70
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            rc = cli.main(argv)
+        except BaseException:
+            traceback.print_exc()
+            rc = 70
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except BaseException:
+                pass
+            os._exit(rc if isinstance(rc, int) else 71)
+    deadline = time.monotonic() + timeout
+    status = None
+    while True:
+        p, st = os.waitpid(pid, os.WNOHANG)
+        if p:
+            status = st
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.002)
+    res = {"timeout": status is None}
+    if status is not None:
+        res["rc"] = os.waitstatus_to_exitcode(status)
+    for name, f in (("out", out), ("err", err)):
+        f.seek(0)
+        res[name] = f.read().decode("utf-8", "replace")
+        f.close()
+    return res
+
+# warm up: every lazy import happens once here, not in each forked child
+with tempfile.TemporaryDirectory() as d:
+    for fmt in ("VDI", "QCOW2"):
+        img = os.path.join(d, "w." + fmt.lower())
+        sink = open(os.devnull, "w")
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = sink
+        try:
+            cli.main(["backends"])
+            cli.main(["create", "-f", fmt, "--size", "1M", img])
+            for argv in (["info", img], ["info", "--chain", img], ["map", img], ["check", img],
+                         ["convert", "-O", "RAW", img, img + ".raw"], ["info", img + ".raw"]):
+                cli.main(argv)
+        finally:
+            sys.stdout, sys.stderr = saved
+            sink.close()
+
+for line in sys.stdin:
+    job = json.loads(line)
+    print(json.dumps(run(job["argv"], job["timeout"])), flush=True)
+'''
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (GiB, GiB))
+
+
+class ForkServer:
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                  preexec_fn=_limit_memory)
+
+    def run(self, *argv) -> dict:
+        self.p.stdin.write(json.dumps({"argv": [str(a) for a in argv], "timeout": TIMEOUT}) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+        self.p.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ForkServer()
+    yield s
+    s.close()
+
+
+def _verdict(cmd: str, res: dict) -> str | None:
+    """None when the run behaved; else what went wrong."""
+    if res["timeout"]:
+        return f"hung (killed after {TIMEOUT} s)"
+    rc, err = res["rc"], res["err"]
+    allowed = {0, 1, 2, 3} if cmd == "check" else {0, 1}
+    if rc not in allowed:
+        return f"exit status {rc}: {err.strip()[-300:]}"
+    if "Traceback" in err or "Traceback" in res["out"]:
+        return f"traceback: {err.strip()[-300:]}"
+    if rc != 0 and cmd != "check" or rc == 1:
+        lines = err.splitlines()
+        if len(lines) != 1 or not lines[0].startswith("vdgui-img: "):
+            return f"stderr is not one line: {err!r:.300}"
+    if "internal error" in err:
+        return f"non-VDError escaped: {err.strip()}"
+    return None
+
+
+COMMANDS = [("info",), ("info", "--chain"), ("map",), ("check",), ("convert", "-O", "RAW")]
+
+
+def _run_all(server, path: Path, fmt: str | None, out_dir: Path) -> list[str]:
+    """Run every command on ``path``; returns the problems found."""
+    problems = []
+    for cmd in COMMANDS:
+        argv = list(cmd) + (["-f", fmt] if fmt else []) + [str(path)]
+        dst = out_dir / "out.raw"
+        if cmd[0] == "convert":
+            if dst.exists():
+                dst.unlink()
+            argv.append(str(dst))
+        res = server.run(*argv)
+        bad = _verdict(cmd[0], res)
+        if bad:
+            problems.append(f"{' '.join(cmd)} {path.name}: {bad}")
+        if cmd[0] == "convert" and res.get("rc") == 0 and dst.exists():
+            with open(dst, "rb") as f:
+                head = f.read(1 << 20)
+            if b"root:" in head:
+                problems.append(f"convert {path.name}: the output holds /etc/passwd")
+    return problems
+
+
+# -- specimens: one valid small image per backend with files ------------------------------------
+def _qemu(*args):
+    r = subprocess.run(list(map(str, args)), capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(map(str, args))}: {r.stderr}"
+
+
+def _qemu_image(d: Path, name: str, fmt: str, opts: str = "", size: int = 2 * MiB) -> Path:
+    p = d / name
+    _qemu("qemu-img", "create", "-q", "-f", fmt, *(["-o", opts] if opts else []), p, size)
+    if "streamOptimized" not in opts:
+        _qemu("qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 64k", "-c", "write -P 0xa5 1M 1k", p)
+    return p
+
+
+def _cue(d: Path) -> Path:
+    (d / "disc.bin").write_bytes(bytes([0x11]) * (8 * 2352))
+    p = d / "disc.cue"
+    p.write_text('FILE "disc.bin" BINARY\n  TRACK 01 MODE1/2352\n    INDEX 01 00:00:00\n')
+    return p
+
+
+def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
+    """backend name -> (main file, format), built here (DMG from the corpus)."""
+    out: dict[str, tuple[Path, str]] = {}
+    makers = {
+        "vdi": lambda: _qemu_image(d, "s.vdi", "vdi"),
+        "vmdk": lambda: _qemu_image(d, "s.vmdk", "vmdk"),
+        "vpc": lambda: _qemu_image(d, "s.vhd", "vpc"),
+        "vhdx": lambda: _qemu_image(d, "s.vhdx", "vhdx"),
+        "qcow2": lambda: _qemu_image(d, "s.qcow2", "qcow2"),
+        "qed": lambda: _qemu_image(d, "s.qed", "qed"),
+        "parallels": lambda: _qemu_image(d, "s.hdd", "parallels"),
+        "dmg": lambda: Path(shutil.copy(corpus / "dmg" / "dfvfs" / "hfsplus_zlib.dmg", d / "s.dmg")),
+        "cue": lambda: _cue(d),
+        "raw": lambda: _qemu_image(d, "s.img", "raw", size=MiB + 1536),
+    }
+    for b in backends():
+        if not b.caps & Cap.FILE:
+            continue
+        names = [b.name.lower()] + [a.lower() for a in b.aliases]
+        key = next((n for n in names if n in makers), None)
+        assert key is not None, f"no specimen maker for the {b.name} backend: add one here"
+        out[b.name] = (makers[key](), b.name)
+    return out
+
+
+BACKENDS_WITH_FILES = [b.name for b in backends() if b.caps & Cap.FILE]
+
+
+@pytest.fixture(scope="module")
+def specimens(tmp_path_factory, corpus):
+    d = tmp_path_factory.mktemp("hostile-valid")
+    return _specimens(d, corpus)
+
+
+def _damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
+    """(label, damaged bytes): truncations, flipped header bytes, huge fields."""
+    rnd = random.Random(seed)
+    n = len(data)
+    out = []
+    cuts = {0, 1, 511, 512, 4096, n // 2, n - 1}
+    cuts |= {rnd.randrange(1, n) for _ in range(2)}
+    for c in sorted(x for x in cuts if 0 <= x < n):
+        out.append((f"trunc{c}", data[:c]))
+    head = min(n, 1024)
+    for _ in range(3):
+        b = bytearray(data)
+        for pos in rnd.sample(range(head), 3):
+            b[pos] ^= 0xFF
+        out.append((f"flip-{pos}", bytes(b)))
+    tail = max(0, n - 512)
+    b = bytearray(data)
+    for pos in rnd.sample(range(tail, n), 3):
+        b[pos] ^= 0xFF
+    out.append(("flip-tail", bytes(b)))
+    huge = [b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80", b"\x80\x00\x00\x00",
+            b"\xff" * 8, b"\x00\x00\x00\x00"]
+    for _ in range(4):
+        b = bytearray(data)
+        for _k in range(2):
+            pos = rnd.randrange(0, max(4, min(n, 512) - 8)) & ~3
+            val = rnd.choice(huge)
+            b[pos:pos + len(val)] = val
+        out.append((f"huge-{pos}", bytes(b)))
+    # a field deep inside the file (tables, descriptors, trailers)
+    for _ in range(2):
+        b = bytearray(data)
+        pos = rnd.randrange(0, max(4, n - 8)) & ~3
+        b[pos:pos + 4] = b"\xff\xff\xff\x7f"
+        out.append((f"deep-{pos}", bytes(b)))
+    return out
+
+
+# Bugs found here in files owned by others: backend -> reason (strict xfail)
+XFAIL: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_WITH_FILES)
+def test_damaged_images(server, specimens, tmp_path, request, backend):
+    if backend in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[backend]))
+    src, fmt = specimens[backend]
+    data = src.read_bytes()
+    # the valid image behaves
+    work = tmp_path / "w"
+    work.mkdir()
+    for f in src.parent.iterdir():
+        if f.is_file() and f.stem == src.stem or f.suffix == ".bin":
+            shutil.copy(f, work / f.name)
+    problems = _run_all(server, work / src.name, None, tmp_path)
+    assert not problems, "the valid specimen fails:\n" + "\n".join(problems)
+    seed = sum(backend.encode())
+    for i, (label, damaged) in enumerate(_damages(data, seed)):
+        p = work / src.name
+        p.write_bytes(damaged)
+        for f in (None, fmt) if i % 2 else (None,):   # probed; every other one also with -f
+            for prob in _run_all(server, p, f, tmp_path):
+                problems.append(f"[{label}{' -f' if f else ''}] {prob}")
+    assert not problems, f"{len(problems)} misbehaving runs:\n" + "\n".join(problems[:40])
