@@ -27,6 +27,8 @@ class ActionSpec:
 
 SPECS = (
     ActionSpec("add", "&Add…", "add", "Ctrl+Shift+A", "Add existing image files to the list"),
+    ActionSpec("network", "Add &Network Disk…", "network", "Ctrl+Shift+I",
+               "Add a disk that is not a file, e.g. a LUN on an iSCSI target", short="Network"),
     ActionSpec("create", "&Create…", "create", "Ctrl+Shift+N", "Create a new disk image"),
     ActionSpec("snapshot", "Create &Differencing Image…", "snapshot", "Ctrl+Shift+D",
                "Create a differencing image (snapshot) on top of the selected image",
@@ -74,6 +76,10 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
     ctx = ctx or Context()
     if key == "add" or key == "refresh":
         return None
+    if key == "network":
+        if network_backends():
+            return None
+        return "No registered backend opens network disks (none has CONFIG without FILE)"
     if key == "create":
         if any(b.creatable for b in backends()):
             return None
@@ -130,7 +136,7 @@ def _one(key: str, n) -> str | None:
         return None
     if key == "move":
         if not b.caps & Cap.FILE:
-            return f"{fmt} images are not files and cannot be moved"
+            return f"{fmt} images are not files (no FILE capability) and cannot be moved"
         return None
     if key == "merge":
         if n.parent is None and not n.children:
@@ -139,6 +145,8 @@ def _one(key: str, n) -> str | None:
             return f"The {fmt} format has no differencing images to merge (no DIFF capability)"
         return None
     if key == "resize":
+        if not b.caps & Cap.FILE:
+            return f"{fmt} images are not files (no FILE capability): their size is set on the server"
         if not b.can(Operation.RESIZE):
             return f"The {fmt} format does not support resizing"
         if n.children:
@@ -146,6 +154,8 @@ def _one(key: str, n) -> str | None:
                     "resize the top of the chain instead")
         return None
     if key == "compact":
+        if not b.caps & Cap.FILE:
+            return f"{fmt} images are not files (no FILE capability): there is no file to compact"
         if not b.can(Operation.COMPACT):
             return f"The {fmt} format does not support compacting"
         if n.children:
@@ -161,6 +171,11 @@ def _one(key: str, n) -> str | None:
             return f"The {fmt} format cannot be repaired"
         return None
     return None
+
+
+def network_backends() -> list:
+    """Backends configured by keys rather than stored in files (CONFIG without FILE)."""
+    return [b for b in backends() if b.caps & Cap.CONFIG and not b.caps & Cap.FILE]
 
 
 def all_keys() -> list[str]:

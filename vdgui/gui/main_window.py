@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDial
 import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
-from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends
+from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends, get_backend
 
 from . import actions
 from .actions import SPECS, Context
@@ -77,6 +77,8 @@ class MainWindow(QMainWindow):
         self._alloc_cache: dict[str, dict] = {}
         self._pending_select: list[str] = []
         self.confirm = self._confirm_box   # overridable in tests
+        self.secret_prompts: dict = {}     # path -> open SecretsDialog
+        self._secrets_asked: set[str] = set()
 
         self.model = MediaModel(self)
         self.proxy = MediaFilterProxy(self)
@@ -98,7 +100,8 @@ class MainWindow(QMainWindow):
     # -- construction ---------------------------------------------------------------------
     def _build_actions(self) -> None:
         self.actions: dict[str, QAction] = {}
-        handlers = {"add": self.add_dialog, "create": self.create_dialog,
+        handlers = {"add": self.add_dialog, "network": self.network_disk_dialog,
+                    "create": self.create_dialog,
                     "snapshot": self.snapshot_dialog, "copy": self.copy_dialog,
                     "move": self.move_dialog, "merge": self.merge_dialog,
                     "resize": self.resize_dialog, "compact": self.compact_selected,
@@ -144,7 +147,7 @@ class MainWindow(QMainWindow):
         self.toolbar.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
         self.toolbar.setIconSize(QSize(28, 28))
         self.toolbar.setMovable(False)
-        groups = (("add", "create", "snapshot"), ("copy", "move", "merge", "resize", "compact"),
+        groups = (("add", "network", "create", "snapshot"), ("copy", "move", "merge", "resize", "compact"),
                   ("check", "repair"), ("remove", "delete"), ("refresh", "properties"))
         for gi, g in enumerate(groups):
             if gi:
@@ -259,6 +262,7 @@ class MainWindow(QMainWindow):
         self.menus: dict[str, QMenu] = {}
         m = self.menus["file"] = mb.addMenu("&File")
         m.addAction(self.actions["add"])
+        m.addAction(self.actions["network"])
         m.addAction(self.actions["create"])
         m.addAction(self.action_import)
         self.recent_menu = m.addMenu("Open &Recent")
@@ -377,12 +381,60 @@ class MainWindow(QMainWindow):
             return None
         return self._run_scan(images)
 
-    def add_network_image(self, location: str, format: str, properties: dict) -> Job | None:
+    def add_network_image(self, location: str, format: str, properties: dict, *,
+                          remember_secrets: bool = False) -> Job | None:
         """Add a non-file image (``scheme://…`` location) opened with ``properties`` as its
-        backend configuration (e.g. the values of a ConfigForm). For "Add network disk…"."""
+        backend configuration (e.g. the values of a ConfigForm). For "Add network disk…".
+        Secrets (BYTES values) reach the library file only with ``remember_secrets``; otherwise
+        they are kept in memory for this session."""
         self.library.add(location, format=format)
-        self.library.set_properties(location, properties)
+        self.library.set_properties(location, properties, remember_secrets=remember_secrets)
+        self._secrets_asked.discard(location)
         return self.add_paths([location])
+
+    def network_disk_dialog(self):
+        from .dialogs.network_disk import NetworkDiskDialog
+        dlg = NetworkDiskDialog(self, queue=self.queue)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        p = dlg.params()
+        return self.add_network_image(p["location"], p["format"], p["properties"],
+                                      remember_secrets=p["remember_secrets"])
+
+    def ask_secrets(self, path: str):
+        """Prompt (non-modal) for the secrets of a network image that were not remembered."""
+        from .dialogs.network_disk import SecretsDialog
+        if path in self.secret_prompts:
+            self.secret_prompts[path].raise_()
+            return self.secret_prompts[path]
+        node = self.model.node(path)
+        rec = node.record if node is not None else None
+        missing = self.library.missing_secrets(path)
+        if rec is None or not rec.format or not missing:
+            return None
+        try:
+            backend = get_backend(rec.format)
+        except VDError:
+            return None
+        self._secrets_asked.add(path)
+        dlg = SecretsDialog(rec.name, backend, missing, self)
+        dlg.setAttribute(Qt.WA_DeleteOnClose)
+        self.secret_prompts[path] = dlg
+
+        def done(result):
+            self.secret_prompts.pop(path, None)
+            if result == QDialog.Accepted:
+                self.library.set_secrets(path, dlg.secrets(), remember=dlg.remember.isChecked())
+                self._rescan([path])
+        dlg.finished.connect(done)
+        dlg.open()
+        return dlg
+
+    def _prompt_missing_secrets(self, recs) -> None:
+        for rec in recs:
+            if (not rec.accessible and "://" in rec.path and rec.path not in self._secrets_asked
+                    and self.library.missing_secrets(rec.path)):
+                self.ask_secrets(rec.path)
 
     def _run_scan(self, paths) -> Job:
         job = tasks.scan_job(self.library, paths)
@@ -397,6 +449,7 @@ class MainWindow(QMainWindow):
         else:
             self.model.update_records(recs)
         self._after_records()
+        self._prompt_missing_secrets(recs)
 
     def _after_records(self) -> None:
         if self._pending_select:
@@ -590,6 +643,9 @@ class MainWindow(QMainWindow):
                     folder = m.addAction("Open Containing &Folder")
                     folder.triggered.connect(lambda: QDesktopServices.openUrl(
                         QUrl.fromLocalFile(os.path.dirname(node.path))))
+                if "://" in node.path and self.library.missing_secrets(node.path):
+                    secrets = m.addAction(icon("network"), "Enter &Secrets…")
+                    secrets.triggered.connect(lambda: self.ask_secrets(node.path))
                 copy_path = m.addAction("Copy &Path")
                 copy_path.triggered.connect(lambda: QApplication.clipboard().setText(node.path))
                 if node.record.uuid:
@@ -716,14 +772,24 @@ class MainWindow(QMainWindow):
         if node is None:
             return None
         dlg = CopyDialog(node, self)
+        if "://" in node.path:
+            # a network disk has no folder: copy into the last folder used, named after it
+            from .dialogs.common import unique_path
+            b = dlg.backend()
+            stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in node.name).strip("._")
+            dlg.location.set_path(unique_path(self.last_folder(), f"{stem or 'disk'}_copy",
+                                              b.default_extension() if b else ""))
         if dlg.exec() != QDialog.Accepted:
             return None
         return self.start_copy(node, dlg.params())
 
     def start_copy(self, node, p: dict) -> Job:
         chain = [n.path for n in node.ancestors()]
+        kw = dict(p["kwargs"])
+        if "://" in node.path and "src_config" not in kw:
+            kw["src_config"] = self.library.properties(node.path) or None   # network disk
         job = tasks.copy_job(p["src"], p["dst"], p["dst_format"], key=self.chain_key(node),
-                             paths=chain, **p["kwargs"])
+                             paths=chain, **kw)
         self._pending_select = [p["dst"]]
         return self.start_job(job, lambda res: self._rescan(list(res or [p["dst"]])))
 

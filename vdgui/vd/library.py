@@ -106,6 +106,8 @@ class Library:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        # forgotten secrets are overwritten in the file, not just unlinked from the b-tree
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript("""
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE IF NOT EXISTS images (
@@ -115,7 +117,11 @@ class Library:
             CREATE TABLE IF NOT EXISTS properties (path TEXT, key TEXT, value TEXT,
                 PRIMARY KEY (path, key));
             CREATE TABLE IF NOT EXISTS recent (path TEXT PRIMARY KEY, used REAL);
+            CREATE TABLE IF NOT EXISTS secrets (path TEXT PRIMARY KEY, keys TEXT,
+                remember INTEGER);
         """)
+        # secrets (BYTES config values) that are not remembered live here, for this session only
+        self._session_secrets: dict[str, dict[str, bytes]] = {}
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -182,6 +188,8 @@ class Library:
         with self._lock:
             self._db.execute("DELETE FROM images WHERE path=?", (path,))
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
+            self._db.execute("DELETE FROM secrets WHERE path=?", (path,))
+            self._session_secrets.pop(path, None)
 
     def rename(self, old: str, new: str) -> None:
         """An image moved: keep its entry (and properties) under the new path."""
@@ -192,6 +200,9 @@ class Library:
             self._db.execute("UPDATE images SET parent_path=? WHERE parent_path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE properties SET path=? WHERE path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE recent SET path=? WHERE path=?", (new, old))
+            self._db.execute("UPDATE OR REPLACE secrets SET path=? WHERE path=?", (new, old))
+            if old in self._session_secrets:
+                self._session_secrets[new] = self._session_secrets.pop(old)
 
     def find_by_uuid(self, uuid) -> str | None:
         """The path of a known image with this UUID (used by chain.find_parent)."""
@@ -209,19 +220,81 @@ class Library:
                                                    (_norm(path),))]
 
     # -- backend properties (config keys that are kept, i.e. not CREATEONLY) --------------
+    # Secrets are the values of BYTES-typed keys (e.g. iSCSI's InitiatorSecret). The database
+    # keeps them (as BLOBs, unencrypted) only for images whose secrets the user chose to
+    # remember; otherwise they stay in memory for this session and only their key names are
+    # stored, so that opening the image in a later session can ask for them again.
     def properties(self, path: str) -> dict[str, str | bytes]:
-        with self._lock:
-            return dict(self._db.execute("SELECT key, value FROM properties WHERE path=?",
-                                         (_norm(path),)).fetchall())
-
-    def set_properties(self, path: str, values: dict) -> None:
         path = _norm(path)
         with self._lock:
+            out = dict(self._db.execute("SELECT key, value FROM properties WHERE path=?",
+                                        (path,)).fetchall())
+            out.update(self._session_secrets.get(path, {}))
+        return out
+
+    def _secret_names(self, path: str, values: dict) -> set[str]:
+        entry = self.entry(path)
+        declared: set[str] = set()
+        if entry and entry["format"]:
+            from .config import ValueType
+            from .registry import get_backend
+            try:
+                declared = {k.name for k in get_backend(entry["format"]).config_keys
+                            if k.type is ValueType.BYTES}
+            except VDError:
+                pass
+        return {k for k, v in values.items() if isinstance(v, bytes) or k in declared}
+
+    def set_properties(self, path: str, values: dict, *, remember_secrets: bool | None = None) -> None:
+        """Store ``path``'s backend configuration. Secrets (BYTES values, or values of keys the
+        image's backend declares BYTES) reach the database only when ``remember_secrets`` is
+        True; when False they are kept in memory for this session. None keeps the choice made
+        for this image before (remember, for an image that never had one)."""
+        path = _norm(path)
+        values = {k: v if isinstance(v, (str, bytes)) else str(v) for k, v in values.items()
+                  if v not in (None, "", b"")}
+        with self._lock:
+            if remember_secrets is None:
+                row = self._db.execute("SELECT remember FROM secrets WHERE path=?", (path,)).fetchone()
+                remember_secrets = bool(row[0]) if row else True
+            names = self._secret_names(path, values)
+            secrets = {k: v if isinstance(v, bytes) else v.encode() for k, v in values.items()
+                       if k in names}
+            stored = {k: v for k, v in values.items() if k not in names or remember_secrets}
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
             # BYTES values stay bytes (a BLOB); everything else is stored as text
             self._db.executemany("INSERT INTO properties VALUES (?,?,?)",
-                                 [(path, k, v if isinstance(v, (str, bytes)) else str(v))
-                                  for k, v in values.items() if v not in (None, "", b"")])
+                                 [(path, k, v) for k, v in stored.items()])
+            self._db.execute("INSERT OR REPLACE INTO secrets VALUES (?,?,?)",
+                             (path, ",".join(sorted(names)), int(remember_secrets)))
+            if remember_secrets or not secrets:
+                self._session_secrets.pop(path, None)
+            else:
+                self._session_secrets[path] = secrets
+
+    def remembers_secrets(self, path: str) -> bool:
+        """Whether ``path``'s secrets are stored in the database (False: this session only)."""
+        with self._lock:
+            row = self._db.execute("SELECT remember FROM secrets WHERE path=?",
+                                   (_norm(path),)).fetchone()
+        return bool(row[0]) if row else True
+
+    def missing_secrets(self, path: str) -> list[str]:
+        """Names of the secrets ``path`` was configured with that are not known now (they were
+        not remembered and this is a new session): ask the user for them."""
+        path = _norm(path)
+        with self._lock:
+            row = self._db.execute("SELECT keys FROM secrets WHERE path=?", (path,)).fetchone()
+        if not row or not row[0]:
+            return []
+        have = self.properties(path)
+        return [k for k in row[0].split(",") if k not in have]
+
+    def set_secrets(self, path: str, secrets: dict, *, remember: bool = False) -> None:
+        """Provide secrets (e.g. typed into a prompt) for an image already configured."""
+        values = {k: v for k, v in self.properties(path).items()}
+        values.update(secrets)
+        self.set_properties(path, values, remember_secrets=remember)
 
     # -- recent files ---------------------------------------------------------------------
     def touch_recent(self, path: str, keep: int = 10) -> None:

@@ -7,7 +7,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QDialog, QDialogButtonBo
                                QGroupBox, QLabel, QLineEdit, QRadioButton, QVBoxLayout, QWidget,
                                QComboBox)
 
-from vdgui.vd import ImageFlags, format_size, get_backend
+from vdgui.vd import DeviceType, ImageFlags, format_size, get_backend
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
@@ -141,11 +141,14 @@ class CreateDialog(QDialog):
     _updating_loc = False
 
     def extension_for(self, b) -> str:
-        """The backend's extension for the device type being created (e.g. a floppy .img)."""
-        if self.device:
-            for fe in b.extensions:
-                if fe.device.value == self.device:
-                    return fe.ext
+        """The backend's first extension declared for the device type being created (a hard
+        disk unless the dialog was opened for another tab): RAW gives .raw on the hard-disk
+        tab, .iso on the optical tab, .img on the floppy tab. A backend with no extension for
+        that device type falls back to its default one."""
+        device = self.device or DeviceType.HARD_DISK.value
+        for fe in b.extensions:
+            if fe.device.value == device:
+                return fe.ext
         return b.default_extension()
 
     def _location_edited(self, *_):

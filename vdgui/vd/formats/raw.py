@@ -125,7 +125,7 @@ class RawBackend(Backend):
         FileExtension("iso", DeviceType.OPTICAL), FileExtension("cdr", DeviceType.OPTICAL),
         FileExtension("img", DeviceType.FLOPPY), FileExtension("ima", DeviceType.FLOPPY),
         FileExtension("dsk", DeviceType.FLOPPY), FileExtension("flp", DeviceType.FLOPPY),
-        FileExtension("vfd", DeviceType.FLOPPY),
+        FileExtension("vfd", DeviceType.FLOPPY), FileExtension("raw", DeviceType.HARD_DISK),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE})
     create_flags = ImageFlags.FIXED
