@@ -187,6 +187,8 @@ class Qcow2Image(Image):
         self.open_flags = flags
         self.snapshot_view: dict | None = None
         self._first_write_done = False
+        self.compress_writes = False            # set by create(Compress=1): convert -c
+        self._cfree: int | None = None          # next free byte for packed compressed data
         self.data_f: ImageFile | None = None
         self.data_file_name: str | None = None
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -1118,6 +1120,11 @@ class Qcow2Image(Image):
             content[inner:inner + len(chunk)] = chunk
         if len(content) < cs:
             content += bytes(cs - len(content))
+        if self.compress_writes and full and not self.extended_l2 and \
+                self._write_compressed(tbl, l2off, l2i, content):
+            if compressed or host:
+                self._unref_entry(e)
+            return
         new = self._alloc(1)
         self.f.pwrite(new, content)
         if self.extended_l2:
@@ -1126,6 +1133,52 @@ class Qcow2Image(Image):
             self._set_l2(tbl, l2off, l2i, new | L.OFLAG_COPIED)
         if compressed or host:
             self._unref_entry(e)
+
+    def _write_compressed(self, tbl, l2off, l2i, content) -> bool:
+        """Store one whole cluster compressed (as ``qemu-img convert -c`` does): deflate (or
+        zstd) data packed byte-wise after the previous compressed cluster; every host cluster it
+        touches gets one more reference. False when it would not save space."""
+        cs = self.cs
+        try:
+            if self.compression_type == 1:
+                import zstandard
+                out = zstandard.ZstdCompressor().compress(bytes(content))
+            else:
+                c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+                out = c.compress(bytes(content)) + c.flush()
+        except ImportError:
+            return False
+        need = len(out)
+        if need > cs - 1:                       # as qemu: only when it saves at least a byte
+            return False
+        maxrc = (1 << self.refcount_bits) - 1
+        pos = self._cfree
+        if pos is not None:
+            cur = pos // cs
+            fits = pos % cs and cur == self.next_cluster - 1 and self.refcount(cur) < maxrc
+            if not fits:
+                pos = None
+        x = 62 - (self.cb - 8)
+        if (self.next_cluster + 2) * cs + need >> x:
+            return False                        # beyond the reach of a compressed descriptor
+        if pos is not None:
+            spill = (pos + need - 1) // cs - pos // cs
+            if spill:
+                got = self._alloc(spill)        # the clusters right after the current one
+                if got != (pos // cs + 1) * cs:
+                    for c in range(got // cs, got // cs + spill):
+                        self._set_refcount(c, 0)
+                    pos = None
+        if pos is not None:
+            coff = pos
+            self._set_refcount(pos // cs, self.refcount(pos // cs) + 1)
+        else:
+            coff = self._alloc(-(-need // cs))
+        nsec = ((coff + need - 1) >> 9) - (coff >> 9)
+        self.f.pwrite(coff, out)
+        self._cfree = coff + need
+        self._set_l2(tbl, l2off, l2i, L.OFLAG_COMPRESSED | (nsec << x) | coff)
+        return True
 
     def _write_subclusters(self, tbl, l2off, l2i, ci, host, e, bm, inner, chunk, fill) -> None:
         cs, scs = self.cs, self.sc_size
@@ -1909,6 +1962,9 @@ class Qcow2Backend(Backend):
         ConfigKey("RefcountBits", "16", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
                   "refcount width in bits (1..64, version 3 only)", minimum=1, maximum=64,
                   power_of_two=True),
+        ConfigKey("Compress", "0", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "1: store whole written clusters compressed (like qemu-img convert -c)",
+                  minimum=0, maximum=1),
         ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
                   "open an internal snapshot (ID or name) instead of the current state, "
                   "read-only"),
@@ -2010,6 +2066,7 @@ class Qcow2Backend(Backend):
             raise
         img.parent_hint = None if backing is None else ParentHint(
             locations=[backing], format=_backing_format_to_backend(fmt))
+        img.compress_writes = bool(cfg["Compress"])
         if p.progress:
             p.progress(p.size, p.size)
         return img
