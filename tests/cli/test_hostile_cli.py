@@ -244,7 +244,7 @@ def _damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     for c in sorted(x for x in cuts if 0 <= x < n):
         out.append((f"trunc{c}", data[:c]))
     head = min(n, 1024)
-    for _ in range(3):
+    for _ in range(2):
         b = bytearray(data)
         for pos in rnd.sample(range(head), 3):
             b[pos] ^= 0xFF
@@ -256,7 +256,7 @@ def _damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     out.append(("flip-tail", bytes(b)))
     huge = [b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80", b"\x80\x00\x00\x00",
             b"\xff" * 8, b"\x00\x00\x00\x00"]
-    for _ in range(4):
+    for _ in range(2):
         b = bytearray(data)
         for _k in range(2):
             pos = rnd.randrange(0, max(4, min(n, 512) - 8)) & ~3
@@ -264,11 +264,32 @@ def _damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
             b[pos:pos + len(val)] = val
         out.append((f"huge-{pos}", bytes(b)))
     # a field deep inside the file (tables, descriptors, trailers)
-    for _ in range(2):
+    for _ in range(1):
         b = bytearray(data)
         pos = rnd.randrange(0, max(4, n - 8)) & ~3
         b[pos:pos + 4] = b"\xff\xff\xff\x7f"
         out.append((f"deep-{pos}", bytes(b)))
+    return out
+
+
+HUGE = [b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80", b"\x80\x00\x00\x00",
+        b"\xff" * 8, b"\x00\x00\x00\x00"]
+
+
+def _sweep(data: bytes, seed: int) -> list[tuple[str, bytes]]:
+    """Header fields, systematically: every 8th position of the first 128 bytes, of bytes
+    512..640 (second headers: VHD dynamic header, VMDK/VDI tables...) and of the last 128 bytes
+    (footers, trailers), each set to a huge (or zero) value."""
+    rnd = random.Random(seed)
+    n = len(data)
+    positions = sorted({p for p in [*range(0, 128, 8), *range(512, 640, 8),
+                                    *range(n - 128, n, 8)] if 0 <= p <= n - 4})
+    out = []
+    for pos in positions:
+        val = HUGE[rnd.randrange(len(HUGE))] if pos % 16 else b"\xff\xff\xff\xff"
+        b = bytearray(data)
+        b[pos:pos + len(val)] = val
+        out.append((f"field-{pos}", bytes(b[:n])))
     return out
 
 
@@ -297,4 +318,52 @@ def test_damaged_images(server, specimens, tmp_path, request, backend):
         for f in (None, fmt) if i % 2 else (None,):   # probed; every other one also with -f
             for prob in _run_all(server, p, f, tmp_path):
                 problems.append(f"[{label}{' -f' if f else ''}] {prob}")
+    for label, damaged in _sweep(data, seed):
+        p = work / src.name
+        p.write_bytes(damaged)
+        for cmd in (("info", "--chain"), ("convert", "-O", "RAW")):
+            dst = tmp_path / "out.raw"
+            if dst.exists():
+                dst.unlink()
+            argv = [*cmd, str(p)] + ([str(dst)] if cmd[0] == "convert" else [])
+            bad = _verdict(cmd[0], server.run(*argv))
+            if bad:
+                problems.append(f"[{label}] {' '.join(cmd)}: {bad}")
     assert not problems, f"{len(problems)} misbehaving runs:\n" + "\n".join(problems[:40])
+
+
+def _vhd_fix_checksum(b: bytearray, start: int, length: int, at: int) -> None:
+    b[start + at:start + at + 4] = bytes(4)
+    s = sum(b[start:start + length]) & 0xFFFFFFFF
+    b[start + at:start + at + 4] = struct.pack(">I", ~s & 0xFFFFFFFF)
+
+
+# (qemu format, field offset, struct format, unit): 64-bit offsets of tables, set past off_t
+FAR_FIELDS = [
+    ("qcow2", 40, ">Q", 1),        # l1_table_offset
+    ("qcow2", 48, ">Q", 1),        # refcount_table_offset
+    ("qcow2", 64, ">Q", 1),        # snapshots_offset (with nb_snapshots 0: harmless)
+    ("qed", 40, "<Q", 1),          # l1_table_offset
+    ("vmdk", 56, "<Q", 512),       # gd_offset (sectors)
+    ("vmdk", 48, "<Q", 512),       # rgd_offset (sectors)
+    ("vpc", 512 + 16, ">Q", 1),    # dynamic header: table_offset (checksum fixed)
+]
+
+
+@pytest.mark.parametrize("qfmt,pos,fmt,unit", FAR_FIELDS,
+                         ids=[f"{q}-{p}" for q, p, _f, _u in FAR_FIELDS])
+def test_table_offsets_past_off_t(server, tmp_path, qfmt, pos, fmt, unit):
+    """A table offset of 2**63 or more (regression: os.pread raised OverflowError, shown as an
+    internal error, for a qcow2 l1_table_offset of 0x8000000000030000)."""
+    src = _qemu_image(tmp_path, f"far.{qfmt}", qfmt)
+    data = src.read_bytes()
+    problems = []
+    for value in (1 << 63, (1 << 64) - 65536, 0x8000000000030000):
+        b = bytearray(data)
+        b[pos:pos + 8] = struct.pack(fmt, (value // unit) & ((1 << 64) - 1))
+        if qfmt == "vpc":
+            _vhd_fix_checksum(b, 512, 1024, 36)
+        src.write_bytes(bytes(b))
+        for prob in _run_all(server, src, None, tmp_path):
+            problems.append(f"[{value:#x}] {prob}")
+    assert not problems, "\n".join(problems)

@@ -20,6 +20,8 @@ from .errors import (CorruptImage, FileExists, ImageInUse, ImageNotFound, Unsafe
 
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
+_MAX_OFFSET = (1 << 63) - 1      # off_t: no file reaches past this
+_BIG_READ = 64 << 20             # reads longer than this are first clamped to the file's end
 
 
 def _os_error(exc: OSError, path: str, what: str):
@@ -107,6 +109,13 @@ class ImageFile:
         return os.fstat(self.fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:
+        # offsets and lengths may come from damaged tables: past off_t there is nothing to read
+        # (os.pread would raise OverflowError), and a huge length would allocate its whole
+        # buffer before reading: clamp it to what the file holds (same result, a short read)
+        if offset > _MAX_OFFSET or length > _MAX_OFFSET - max(offset, 0):
+            return b""
+        if length > _BIG_READ and offset >= 0:
+            length = max(0, min(length, self.size() - offset))
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
@@ -133,6 +142,9 @@ class ImageFile:
 
     def pwrite(self, offset: int, data) -> None:
         mv = memoryview(data)
+        if offset < 0 or offset > _MAX_OFFSET - mv.nbytes:
+            raise VDIOError(f"{self.path}: write of {mv.nbytes} bytes at {offset:#x} failed: "
+                            "outside the largest possible file")
         try:
             while mv:
                 n = os.pwrite(self.fd, mv, offset)
