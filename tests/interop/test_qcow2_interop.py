@@ -601,7 +601,9 @@ def _dirty_ranges(qemu, path, bitmap, tmp_path):
     import json
     import subprocess
     import time
-    sock = str(tmp_path / f"{bitmap}.sock")
+    import tempfile
+    sockdir = tempfile.mkdtemp(prefix="vdq")      # short path: unix socket names are limited
+    sock = os.path.join(sockdir, "s")
     srv = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, f"--socket={sock}",
                             path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -618,6 +620,9 @@ def _dirty_ranges(qemu, path, bitmap, tmp_path):
         except subprocess.TimeoutExpired:
             srv.kill()
             srv.wait()
+        if os.path.exists(sock):
+            os.unlink(sock)
+        os.rmdir(sockdir)
     return [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
 
 
