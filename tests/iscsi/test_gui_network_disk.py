@@ -69,7 +69,10 @@ def run_modal(qtbot, cls, drive, start, timeout=30000):
     def poll():
         for w in QApplication.topLevelWidgets():
             if isinstance(w, cls) and w.isVisible():
-                QTimer.singleShot(timeout, w.reject)
+                guard = QTimer(w)                     # dies with the dialog
+                guard.setSingleShot(True)
+                guard.timeout.connect(w.reject)
+                guard.start(timeout)
                 try:
                     drive(w)
                 except BaseException as exc:          # report it after exec() returns

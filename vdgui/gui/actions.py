@@ -27,8 +27,6 @@ class ActionSpec:
 
 SPECS = (
     ActionSpec("add", "&Add…", "add", "Ctrl+Shift+A", "Add existing image files to the list"),
-    ActionSpec("network", "Add &Network Disk…", "network", "Ctrl+Shift+I",
-               "Add a disk that is not a file, e.g. a LUN on an iSCSI target", short="Network"),
     ActionSpec("create", "&Create…", "create", "Ctrl+Shift+N", "Create a new disk image"),
     ActionSpec("snapshot", "Create &Differencing Image…", "snapshot", "Ctrl+Shift+D",
                "Create a differencing image (snapshot) on top of the selected image",
@@ -49,7 +47,11 @@ SPECS = (
     ActionSpec("properties", "&Properties", "properties", "Ctrl+Shift+P",
                "Show or hide the details of the selected image"),
 )
-SPEC = {s.key: s for s in SPECS}
+# not a selection action (kept out of SPECS, which the window walks on every selection change)
+NETWORK = ActionSpec("network", "Add &Network Disk…", "network", "Ctrl+Shift+I",
+                     "Add a disk that is not a file, e.g. a LUN on an iSCSI target",
+                     short="Network")
+SPEC = {s.key: s for s in SPECS + (NETWORK,)}
 
 # actions that need every selected image to be idle, and the operation each needs from the engine
 _OP = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "resize",

@@ -109,7 +109,7 @@ class MainWindow(QMainWindow):
                     "repair": lambda: self.check_selected(True),
                     "remove": self.remove_selected, "delete": self.delete_selected,
                     "refresh": self.refresh, "properties": self.toggle_properties}
-        for spec in SPECS:
+        for spec in SPECS + (actions.NETWORK,):
             a = QAction(icon(spec.icon), spec.text, self)
             a.setObjectName(f"action_{spec.key}")
             if spec.shortcut:
@@ -395,9 +395,11 @@ class MainWindow(QMainWindow):
     def network_disk_dialog(self):
         from .dialogs.network_disk import NetworkDiskDialog
         dlg = NetworkDiskDialog(self, queue=self.queue)
-        if dlg.exec() != QDialog.Accepted:
+        accepted = dlg.exec() == QDialog.Accepted
+        p = dlg.params() if accepted else None
+        dlg.deleteLater()          # a connection test still running reports to nobody
+        if p is None:
             return None
-        p = dlg.params()
         return self.add_network_image(p["location"], p["format"], p["properties"],
                                       remember_secrets=p["remember_secrets"])
 
@@ -566,7 +568,16 @@ class MainWindow(QMainWindow):
             shortcut = a.shortcut().toString(QKeySequence.NativeText)
             a.setToolTip(f"{tip} ({shortcut})" if shortcut and r is None else tip)
             a.setStatusTip(tip)
+        self._update_network_action()
         self.details.set_context(ctx)
+
+    def _update_network_action(self) -> None:
+        spec = actions.NETWORK
+        a = self.actions[spec.key]
+        r = actions.reason(spec.key, [])
+        a.setEnabled(r is None)
+        a.setToolTip(spec.tip if r is None else f"{spec.tip}. Unavailable: {r}")
+        a.setStatusTip(a.toolTip())
 
     def _selection_changed(self, *_):
         self.update_actions()
