@@ -1561,6 +1561,8 @@ class Qcow2Image(Image):
         for l1_off, l1_n, active, l1 in l1_tables:
             add(l1_off, l1_n * 8, "L1 table")
             for i in range(l1_n):
+                if progress is not None and active:
+                    progress.set(i)
                 l1e = l1[i]
                 off = l1e & L.L1E_OFFSET_MASK
                 if l1e & L.L1E_RESERVED_MASK and active:
