@@ -419,18 +419,20 @@ class MainWindow(QMainWindow):
         except VDError:
             return None
         self._secrets_asked.add(path)
-        dlg = SecretsDialog(rec.name, backend, missing, self)
+        dlg = SecretsDialog(rec.name, backend, missing, self, path=path)
         dlg.setAttribute(Qt.WA_DeleteOnClose)
         self.secret_prompts[path] = dlg
-
-        def done(result):
-            self.secret_prompts.pop(path, None)
-            if result == QDialog.Accepted:
-                self.library.set_secrets(path, dlg.secrets(), remember=dlg.remember.isChecked())
-                self._rescan([path])
-        dlg.finished.connect(done)
+        dlg.finished.connect(self._secrets_entered)
         dlg.open()
         return dlg
+
+    def _secrets_entered(self, result) -> None:
+        dlg = self.sender()
+        path = dlg.path
+        self.secret_prompts.pop(path, None)
+        if result == QDialog.Accepted:
+            self.library.set_secrets(path, dlg.secrets(), remember=dlg.remember.isChecked())
+            self._rescan([path])
 
     def _prompt_missing_secrets(self, recs) -> None:
         for rec in recs:

@@ -119,7 +119,7 @@ class NetworkDiskDialog(QDialog):
 
         self.test_button = QPushButton(icon("refresh"), "&Test Connection")
         self.test_button.setObjectName("test_connection")
-        self.test_button.clicked.connect(lambda: self.test_connection())
+        self.test_button.clicked.connect(self._test_clicked)
         self.status = QLabel()
         self.status.setObjectName("status")
         self.status.setWordWrap(True)
@@ -228,6 +228,11 @@ class NetworkDiskDialog(QDialog):
             self.status.setToolTip("")
 
     # -- testing --------------------------------------------------------------------------
+    def _test_clicked(self, checked: bool = False) -> None:
+        # a bound method, not a lambda holding the dialog: such a lambda on a child's signal
+        # made PySide report "shared QObject was deleted directly" when the dialog went away
+        self.test_connection()
+
     def test_connection(self, accept_after: bool = False) -> Job | None:
         b = self.backend()
         if b is None or self.form is None or not self.form.is_valid() or self.job is not None:
@@ -311,9 +316,10 @@ class SecretsDialog(QDialog):
     """Ask for the secrets of a disk whose secrets were not remembered (built from the backend's
     BYTES keys; the ones the disk was configured with are required)."""
 
-    def __init__(self, name: str, backend, missing: list[str], parent=None):
+    def __init__(self, name: str, backend, missing: list[str], parent=None, *, path: str = ""):
         super().__init__(parent)
         self.backend = backend
+        self.path = path
         self.setWindowTitle(f"Secrets for {name}")
         self.setWindowIcon(icon("network"))
         keys = []
