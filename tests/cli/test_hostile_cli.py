@@ -367,3 +367,111 @@ def test_table_offsets_past_off_t(server, tmp_path, qfmt, pos, fmt, unit):
         for prob in _run_all(server, src, None, tmp_path):
             problems.append(f"[{value:#x}] {prob}")
     assert not problems, "\n".join(problems)
+
+
+# -- names stored inside images ------------------------------------------------------------------
+SECRET = b"root:x:0:0:SECRET-OUTSIDE-THE-FOLDER\n" * 64
+HOSTILE_NAMES = ["/etc/passwd", "../x", "/dev/zero", "../../../../../../../../etc/passwd",
+                 'json:{"file.filename": "/etc/passwd"}', "file:/etc/passwd", "x/../../x"]
+
+
+def _embed(path: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` in a NUL-padded embedded text area (VMDK descriptor)."""
+    b = bytearray(path.read_bytes())
+    i = b.index(old)
+    end = b.index(b"\0", i)                  # the text ends where the padding starts
+    text = bytes(b[i:end]).replace(old, new, 1)
+    region = text + bytes(max(0, (end - i) - len(text)))
+    assert not any(b[end:i + len(region)]), "no room for the new name"
+    b[i:i + len(region)] = region
+    path.write_bytes(bytes(b))
+
+
+def _name_case(d: Path, kind: str, name: str) -> Path:
+    if kind in ("qcow2", "qed"):
+        p = _qemu_image(d, f"n.{kind}", kind)
+        _qemu("qemu-img", "rebase", "-u", "-f", kind, "-b", name, "-F", "raw", p)
+        return p
+    if kind == "vmdk-extent":
+        p = d / "n.vmdk"
+        _qemu("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", p, MiB)
+        text = p.read_text().replace('"n-flat.vmdk"', json.dumps(name))
+        p.write_text(text)
+        return p
+    if kind == "vmdk-parent":
+        _qemu("qemu-img", "create", "-q", "-f", "vmdk", d / "nb.vmdk", MiB)
+        p = d / "n.vmdk"
+        _qemu("qemu-img", "create", "-q", "-f", "vmdk", "-b", "nb.vmdk", "-F", "vmdk", p)
+        (d / "nb.vmdk").unlink()
+        _embed(p, b'parentFileNameHint="nb.vmdk"',
+               b"parentFileNameHint=" + json.dumps(name).encode())
+        return p
+    if kind == "cue":
+        (d / "disc.bin").write_bytes(bytes([0x11]) * (4 * 2352))
+        p = d / "n.cue"
+        p.write_text(f'FILE {json.dumps(name)} BINARY\n  TRACK 01 MODE1/2352\n'
+                     "    INDEX 01 00:00:00\n")
+        return p
+    raise AssertionError(kind)
+
+
+NAME_KINDS = ["qcow2", "qed", "vmdk-extent", "vmdk-parent", "cue"]
+
+
+@pytest.mark.parametrize("kind", NAME_KINDS)
+def test_hostile_stored_names(server, tmp_path, kind):
+    """Backing files, extents, parent hints and BIN files naming /etc/passwd, ../x, /dev/zero,
+    json:/file: prefixes: nothing outside the image's folder is read, commands fail cleanly."""
+    (tmp_path / "x").write_bytes(SECRET)           # what '../x' would reach
+    problems = []
+    for i, name in enumerate(HOSTILE_NAMES):
+        d = tmp_path / f"case{i}"
+        d.mkdir()
+        p = _name_case(d, kind, name)
+        problems += [f"[{name}] {m}" for m in _run_all(server, p, None, tmp_path)]
+        out = tmp_path / "o.raw"
+        if out.exists():
+            out.unlink()
+        for cmd in (("map",), ("convert", "-O", "RAW")):
+            argv = [*cmd, str(p)] + ([str(out)] if cmd[0] == "convert" else [])
+            res = server.run(*argv)
+            if res.get("rc") == 0:
+                problems.append(f"[{name}] {' '.join(cmd)} succeeded through a hostile name")
+            if "SECRET-OUTSIDE" in res["out"]:
+                problems.append(f"[{name}] {' '.join(cmd)} printed the outside file")
+        if out.exists() and (b"SECRET-OUTSIDE" in out.read_bytes()[:1 << 20]
+                             or b"root:" in out.read_bytes()[:1 << 20]):
+            problems.append(f"[{name}] convert copied a file outside the folder")
+    assert not problems, "\n".join(problems)
+
+
+SPECIAL_KINDS = ["qcow2", "qed", "vmdk-extent", "vmdk-parent", "cue"]
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+def test_stored_names_to_special_files_in_the_folder(server, tmp_path, kind):
+    """Names that stay in the folder but reach a FIFO (opening it would block forever) or a
+    symbolic link leading out of the folder, also via an absolute name whose base name is tried
+    beside the image (regressions: a VMDK extent naming a FIFO hung convert; a qcow2 backing
+    file '/etc/passwd' with a 'passwd' symlink beside the image copied /etc/passwd)."""
+    (tmp_path / "x").write_bytes(SECRET)
+    problems = []
+    for i, (name, make) in enumerate([("fifo", lambda d: os.mkfifo(d / "fifo")),
+                                      ("x", lambda d: os.symlink(tmp_path / "x", d / "x")),
+                                      (str(tmp_path / "elsewhere" / "x"),
+                                       lambda d: os.symlink(tmp_path / "x", d / "x")),
+                                      ("zero", lambda d: os.symlink("/dev/zero", d / "zero"))]):
+        d = tmp_path / f"case{i}"
+        d.mkdir()
+        make(d)
+        p = _name_case(d, kind, name)
+        problems += [f"[{name}] {m}" for m in _run_all(server, p, None, tmp_path)]
+        out = tmp_path / "o.raw"
+        if out.exists():
+            out.unlink()
+        res = server.run("convert", "-O", "RAW", p, out)
+        if res.get("rc") == 0:
+            problems.append(f"[{name}] convert succeeded through {name}")
+        if out.exists() and b"SECRET-OUTSIDE" in out.read_bytes()[:1 << 20]:
+            problems.append(f"[{name}] convert copied the file outside the folder")
+    assert not problems, "\n".join(problems)

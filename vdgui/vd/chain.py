@@ -71,11 +71,15 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                                        what="parent file")
         except UnsafePath as exc:
             unsafe = unsafe or exc
-            # an absolute locator (e.g. VHD W2ku) may still name a file beside the image
+            # an absolute locator (e.g. VHD W2ku) may still name a file beside the image; that
+            # name gets the same checks (no device, no symbolic link leading out of the folder)
             base = os.path.basename(loc.replace("\\", "/"))
-            if base and base not in ("..", "."):
-                path = os.path.join(os.path.dirname(os.path.abspath(image.location)), base)
-            else:
+            if not base or base in ("..", "."):
+                continue
+            try:
+                path = resolve_stored_name(image.location, base, allow_unsafe=False,
+                                           what="parent file")
+            except UnsafePath:
                 continue
         tried.append(path)
         if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(image.location):

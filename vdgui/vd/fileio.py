@@ -209,7 +209,8 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
     """Turn a file name stored inside an image into a path.
 
     Unless ``allow_unsafe``: the name must be relative, without '..', without a protocol or
-    ``json:`` prefix, and must not name a device node; it is taken relative to the image's folder.
+    ``json:`` prefix, and must not name a device node, FIFO or socket, nor resolve (through
+    symbolic links) outside the image's folder; it is taken relative to the image's folder.
     """
     base = os.path.dirname(os.path.abspath(image_path))
     if not name or "\x00" in name:
@@ -233,6 +234,10 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
         return path
     if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
         raise UnsafePath(f"{image_path}: {what} {name!r} is a device node; refused")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        # a FIFO or socket: opening it would block until some other process writes to it
+        raise UnsafePath(f"{image_path}: {what} {name!r} is not a regular file "
+                         "(a FIFO or socket); refused")
     real_base = os.path.realpath(base)
     real = os.path.realpath(path)
     if os.path.commonpath([real_base, real]) != real_base:
