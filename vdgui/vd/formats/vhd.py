@@ -746,6 +746,8 @@ class VhdImage(Image):
             self.f.pwrite(0, raw)
 
     def _store_header(self) -> None:
+        """Write the dynamic header (checksum recomputed). Replaces ``self.header`` with the
+        parsed result: do not keep references to its locators across this call."""
         raw = _with_checksum(DYN_HEADER.build(self.header), HEADER_CHECKSUM_AT)
         self.header = DYN_HEADER.parse(raw)
         self.f.pwrite(self.header_offset, raw)
@@ -941,7 +943,8 @@ class VhdImage(Image):
             if e != FREE and i not in self._bad and e * SECTOR < table_end and \
                     e * SECTOR + self.total > self.bat_offset:
                 self._move_block(i, _round(max(self.footer_offset, table_end)))
-        for li, loc in enumerate(self.header.locators):
+        for li in range(8):
+            loc = self.header.locators[li]        # fresh: _store_header replaces the header
             if bytes(loc.code) == b"\x00\x00\x00\x00" or not loc.data_length:
                 continue
             if loc.data_offset < table_end and loc.data_offset + loc.data_length > self.bat_offset + old * 4:
@@ -1020,36 +1023,63 @@ class VhdImage(Image):
         return True
 
     def _pack(self, prog: Progress | None = None) -> None:
-        """Move the last blocks into holes before them, then move the footer down and truncate.
-        Each move copies first and repoints the BAT entry after: interruption-safe."""
-        meta = [(s, e) for s, e, _n in self._meta_regions()]
+        """Close the holes: move the last blocks into the lowest holes before them, then the
+        parent locators that lie past the last block, then the footer down, and truncate.
+        Every move copies first and repoints (BAT entry / header) after: interruption-safe."""
+        def holes_of(regions):
+            out, cur = [], 0
+            for a, b in sorted(regions):
+                if a > cur:
+                    out.append([cur, a])
+                cur = max(cur, b)
+            return out
+
+        meta = [(a, b) for a, b, _n in self._meta_regions()]
         blocks = sorted((self.bat[i] * SECTOR, i) for i in range(self.n_blocks)
                         if self.bat[i] != FREE and i not in self._bad)
-        occupied = sorted(meta + [(s, s + self.total) for s, _i in blocks])
-        holes = []
-        cur = 0
-        for s, e in occupied:
-            if s > cur:
-                holes.append([cur, s])
-            cur = max(cur, e)
-        hi = len(blocks) - 1
-        for hole in holes:
-            while hi >= 0:
-                start = _round(hole[0])
-                src, idx = blocks[hi]
-                if start + self.total > hole[1] or start + self.total > src:
+        holes = holes_of(meta + [(a, a + self.total) for a, _i in blocks])
+        j = 0                                   # holes before j cannot take a block any more
+        while blocks:
+            src, idx = blocks[-1]
+            while j < len(holes) and (_round(holes[j][0]) + self.total > holes[j][1]):
+                if _round(holes[j][0]) + self.total > src:
                     break
-                self._move_block(idx, start)
-                hole[0] = start + self.total
-                blocks[hi] = (start, idx)
-                hi -= 1
-                if prog:
-                    prog.advance(1)
-            if hi < 0 or _round(hole[0]) >= blocks[hi][0]:
+                j += 1
+            if j >= len(holes):
                 break
-        ends = [e for _s, e in meta] + [self.bat[i] * SECTOR + self.total
-                                        for i in range(self.n_blocks)
-                                        if self.bat[i] != FREE and i not in self._bad]
+            dest = _round(holes[j][0])
+            if dest + self.total > holes[j][1] or dest + self.total > src:
+                break
+            self._move_block(idx, dest)
+            holes[j][0] = dest + self.total
+            blocks.pop()
+            if prog:
+                prog.advance(1)
+        # parent locators beyond the last block move down too (they would pin the file's end)
+        block_ends = [self.bat[i] * SECTOR + self.total for i in range(self.n_blocks)
+                      if self.bat[i] != FREE and i not in self._bad]
+        fixed_meta = [(a, b) for a, b, n in self._meta_regions() if not n.startswith("parent")]
+        floor = max([b for _a, b in fixed_meta] + block_ends)
+        for li in range(8):
+            loc = self.header.locators[li]        # fresh: _store_header replaces the header
+            regs = {n: (a, b) for a, b, n in self._meta_regions()}
+            if f"parent locator {li}" not in regs:
+                continue
+            a, b = regs[f"parent locator {li}"]
+            if a < floor:
+                continue
+            others = [r for n, r in regs.items() if n != f"parent locator {li}"]
+            for h0, h1 in holes_of(others + [(a, a)] + [(x - self.total, x) for x in block_ends]):
+                dest = _round(h0)
+                if dest + (b - a) <= min(h1, a) and dest >= FOOTER_SIZE:
+                    data = self.f.read_exact(a, loc.data_length, f"parent locator {li}")
+                    self.f.pwrite(dest, data + bytes(_round(len(data)) - len(data)))
+                    loc.data_offset = dest
+                    loc.data_space = max(loc.data_space, _round(len(data))) \
+                        if loc.data_space <= MAX_LOCATOR else _round(len(data))
+                    self._store_header()
+                    break
+        ends = [b for _a, b, _n in self._meta_regions()] + block_ends
         new_end = _round(max(ends))
         if new_end < self.footer_offset:
             self._write_footer_at(new_end)
