@@ -293,3 +293,43 @@ def test_create_from_hard_disk_tab_gives_raw(qtbot, window, monkeypatch):
     monkeypatch.setattr(CreateDialog, "exec", fake_exec)
     assert window.create_dialog() is None
     assert got["path"].endswith(".raw")
+
+
+def test_silent_target_times_out_without_blocking(qtbot, window):
+    """The connection test runs in a job: the dialog stays live, and the backend's Timeout key
+    bounds the wait for a target that accepts the connection but never answers."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)                          # the kernel completes the handshake; nobody reads
+    try:
+        port = server.getsockname()[1]
+        dlg = _dialog(qtbot, backends=[get_backend("iSCSI")], queue=window.queue)
+        dlg.url.setText(f"iscsi://127.0.0.1:{port}/iqn.2026-11.org.example:silent/1")
+        dlg._url_edited(dlg.url.text())
+        dlg.form.show_advanced.setChecked(True)
+        dlg.form.editor("Timeout").setText("400")
+        start = time.monotonic()
+        job = dlg.test_connection()
+        returned = time.monotonic() - start
+        assert returned < 0.3 and not job.finished     # the GUI thread did not wait
+        assert "Connecting" in dlg.status.text()
+        assert not dlg.ok.isEnabled() and not dlg.test_button.isEnabled()
+        assert not dlg.form.isEnabled()
+        ticks = []
+        from PySide6.QtCore import QTimer
+        timer = QTimer(dlg)
+        timer.timeout.connect(lambda: ticks.append(1))
+        timer.start(20)
+        wait_job(qtbot, job, timeout=10000)
+        timer.stop()
+        elapsed = time.monotonic() - start
+        qtbot.waitUntil(lambda: "Connection failed" in dlg.status.text(), timeout=5000)
+        assert "400 ms" in dlg.status.text()
+        assert elapsed < 5                          # bounded by Timeout, not the 10 s default
+        assert ticks                                # the event loop ran while it waited
+        assert dlg.ok.isEnabled() and dlg.form.isEnabled()
+    finally:
+        server.close()

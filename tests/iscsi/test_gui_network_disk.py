@@ -9,13 +9,17 @@ import pytest
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QDialog
 
-from tests.gui.conftest import data_dir, library, wait_job, window  # noqa: F401 (fixtures)
+from tests.gui import conftest as gui
+from tests.gui.conftest import wait_job
 from vdgui.gui.dialogs.copy import CopyDialog
 from vdgui.gui.dialogs.network_disk import NetworkDiskDialog
 from vdgui.gui.models.media import COL_FORMAT
 from vdgui.vd import Library, get_backend
 
 pytestmark = [pytest.mark.iscsi, pytest.mark.gui]
+
+# the GUI tests' fixtures: an isolated data dir (autouse), the library, the main window
+data_dir, library, window = gui.data_dir, gui.library, gui.window
 
 IQN = "iqn.2026-11.org.vdgui.test:gui-disk"
 IQN_REMEMBERED = "iqn.2026-11.org.vdgui.test:gui-remembered"
