@@ -333,3 +333,32 @@ def test_silent_target_times_out_without_blocking(qtbot, window):
         assert dlg.ok.isEnabled() and dlg.form.isEnabled()
     finally:
         server.close()
+
+
+def test_library_secret_bookkeeping(library, lockednet):
+    loc = "lockednet://nas.example/disk"
+    library.add(loc, format="LOCKEDNET")
+    # remembered, then forgotten: no copy stays in the file (nor in its WAL)
+    library.set_properties(loc, {"Host": "nas.example", "Secret": SECRET}, remember_secrets=True)
+    assert SECRET in _db_bytes(library.path)
+    library.set_secrets(loc, {"Secret": SECRET}, remember=False)
+    assert not library.remembers_secrets(loc)
+    assert library.properties(loc)["Secret"] == SECRET          # still known this session
+    assert SECRET not in _db_bytes(library.path)
+    # a string value of a key the backend declares BYTES is a secret too
+    library.set_properties(loc, {"Host": "nas.example", "Secret": SECRET.decode()})
+    assert SECRET not in _db_bytes(library.path)
+    # next session: saving the other settings without the secret keeps it wanted
+    lib2 = Library(library.path)
+    try:
+        assert lib2.missing_secrets(loc) == ["Secret"]
+        lib2.set_properties(loc, {"Host": "nas2.example"})
+        assert lib2.missing_secrets(loc) == ["Secret"]
+        assert lib2.properties(loc) == {"Host": "nas2.example"}
+        lib2.set_secrets(loc, {"Secret": SECRET})
+        assert lib2.missing_secrets(loc) == [] and lib2.properties(loc)["Secret"] == SECRET
+        assert SECRET not in _db_bytes(library.path)
+        lib2.remove(loc)
+        assert lib2.missing_secrets(loc) == [] and lib2.properties(loc) == {}
+    finally:
+        lib2.close()

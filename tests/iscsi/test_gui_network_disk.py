@@ -178,6 +178,8 @@ def test_add_copy_to_vdi_and_secrets(qtbot, window, tgt, target, qemu, tmp_path)
         dlg.ok.click()
     job = run_modal(qtbot, CopyDialog, copy, window.copy_dialog)
     assert job is not None
+    assert job.title.startswith("Convert 127.0.0.1:") and job.title.endswith(".vdi")
+    assert USER not in job.title
     job.signals.progress.connect(lambda j, done, total: progress.append((done, total)))
     wait_job(qtbot, job, timeout=60000)
     assert job.state == "done", job.error

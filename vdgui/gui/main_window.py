@@ -803,6 +803,8 @@ class MainWindow(QMainWindow):
             kw["src_config"] = self.library.properties(node.path) or None   # network disk
         job = tasks.copy_job(p["src"], p["dst"], p["dst_format"], key=self.chain_key(node),
                              paths=chain, **kw)
+        if "://" in node.path:        # name a network source by its shown name, not its LUN
+            job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p['dst'])}"
         self._pending_select = [p["dst"]]
         return self.start_job(job, lambda res: self._rescan(list(res or [p["dst"]])))
 

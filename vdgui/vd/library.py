@@ -254,19 +254,27 @@ class Library:
         values = {k: v if isinstance(v, (str, bytes)) else str(v) for k, v in values.items()
                   if v not in (None, "", b"")}
         with self._lock:
+            row = self._db.execute("SELECT remember FROM secrets WHERE path=?", (path,)).fetchone()
+            was_remembered = bool(row[0]) if row else False
+            still_missing = set(self.missing_secrets(path))
             if remember_secrets is None:
-                row = self._db.execute("SELECT remember FROM secrets WHERE path=?", (path,)).fetchone()
                 remember_secrets = bool(row[0]) if row else True
             names = self._secret_names(path, values)
             secrets = {k: v if isinstance(v, bytes) else v.encode() for k, v in values.items()
                        if k in names}
+            # a secret that was already missing (not remembered, new session) stays wanted
+            # when the other settings are saved without it
+            recorded = names | (still_missing - set(values))
             stored = {k: v for k, v in values.items() if k not in names or remember_secrets}
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
             # BYTES values stay bytes (a BLOB); everything else is stored as text
             self._db.executemany("INSERT INTO properties VALUES (?,?,?)",
                                  [(path, k, v) for k, v in stored.items()])
             self._db.execute("INSERT OR REPLACE INTO secrets VALUES (?,?,?)",
-                             (path, ",".join(sorted(names)), int(remember_secrets)))
+                             (path, ",".join(sorted(recorded)), int(remember_secrets)))
+            if was_remembered and not remember_secrets and self.path != ":memory:":
+                # secrets stored before are forgotten: no old copy may stay in the WAL
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if remember_secrets or not secrets:
                 self._session_secrets.pop(path, None)
             else:
