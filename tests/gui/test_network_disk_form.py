@@ -241,6 +241,22 @@ def test_forgotten_secrets_are_asked_for(qtbot, window, lockednet, library):
     dlg = window.secret_prompts[loc]
     assert isinstance(dlg, SecretsDialog)
     assert not window.model.node(loc).accessible
+    assert "authentication failed" in window.model.node(loc).record.error
+    # cancelled: asked once per session; the context menu offers it again
+    dlg.reject()
+    qtbot.waitUntil(lambda: loc not in window.secret_prompts, timeout=2000)
+    wait_job(qtbot, window.refresh())
+    assert loc not in window.secret_prompts
+    window.select_paths([loc])
+    idx = window.proxy.index_for_path(loc)
+    menu = window._context_menu(window.tree.visualRect(idx).center())
+    entry = [a for a in menu.actions() if a.text() == "Enter &Secrets…"]
+    assert entry
+    menu.close()
+    entry[0].trigger()
+    assert loc in window.secret_prompts
+    dlg = window.secret_prompts[loc]
+    assert dlg.remember.toolTip() and "unencrypted" in dlg.remember.toolTip()
     # the prompt is built from the backend's BYTES keys; the missing one is required
     assert set(dlg.form.fields) == {"Secret", "PeerSecret"}
     assert dlg.form.editor("Secret").echoMode() == QLineEdit.Password
