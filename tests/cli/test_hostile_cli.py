@@ -477,3 +477,79 @@ def test_stored_names_to_special_files_in_the_folder(server, tmp_path, kind):
         if out.exists() and b"SECRET-OUTSIDE" in out.read_bytes()[:1 << 20]:
             problems.append(f"[{name}] convert copied the file outside the folder")
     assert not problems, "\n".join(problems)
+
+
+# -- XML descriptors: Parallels DiskDescriptor.xml, DMG property lists ---------------------------
+LAUGHS = ('<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lollollollollollollollollollol">'
+          + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">'
+                    for i in range(1, 10))
+          + ']>\n')
+EXTERNAL = ('<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY ext SYSTEM "file:///etc/passwd">]>\n')
+
+
+def _parallels_variants(xml: str, hds: str) -> list[tuple[str, str]]:
+    body = xml.split("?>", 1)[1]
+    out = [(f"file={n}", xml.replace(f"<File>{hds}</File>", f"<File>{n}</File>"))
+           for n in ("/etc/passwd", "../x", "/dev/zero", "fifo", "")]
+    out += [("disk_size", xml.replace("<Disk_size>2048</Disk_size>",
+                                      "<Disk_size>99999999999999999999999</Disk_size>")),
+            ("end", xml.replace("<End>2048</End>", "<End>18446744073709551615</End>")),
+            ("start", xml.replace("<Start>0</Start>", "<Start>-4096</Start>")),
+            ("blocksize0", xml.replace("<Blocksize>2048</Blocksize>", "<Blocksize>0</Blocksize>")),
+            ("blocksize-huge", xml.replace("<Blocksize>2048</Blocksize>",
+                                           "<Blocksize>4294967295</Blocksize>")),
+            ("storages", xml.replace("</StorageData>", xml.split("<StorageData>")[1]
+                                     .split("</StorageData>")[0] * 2000 + "</StorageData>")),
+            ("laughs", LAUGHS + body.replace("<Name>n</Name>", "<Name>&lol9;</Name>")),
+            ("external", EXTERNAL + body.replace("<Name>n</Name>", "<Name>&ext;</Name>")),
+            ("not-xml", "<Parallels_disk_image><<<"),
+            ("deep", "<a>" * 100000 + "</a>" * 100000)]
+    return out
+
+
+def _dmg_with_plist(data: bytes, plist: bytes) -> bytes:
+    koly = bytearray(data[-512:])
+    xml_off = struct.unpack(">Q", koly[216:224])[0]
+    koly[224:232] = struct.pack(">Q", len(plist))
+    return data[:xml_off] + plist + bytes(koly)
+
+
+def _dmg_variants(data: bytes) -> list[tuple[str, bytes]]:
+    koly = data[-512:]
+    xml_off, xml_len = struct.unpack(">QQ", koly[216:232])
+    plist = data[xml_off:xml_off + xml_len].decode()
+    body = plist.split("?>", 1)[1]
+    out = [("laughs", LAUGHS.encode() + body.replace("<key>resource-fork</key>",
+                                                    "<key>&lol9;</key>").encode()),
+           ("external", EXTERNAL.encode() + body.replace("<key>resource-fork</key>",
+                                                        "<key>&ext;</key>").encode()),
+           ("deep", b"<plist><array>" + b"<array>" * 100000 + b"</array>" * 100000
+            + b"</array></plist>"),
+           ("not-xml", b"<plist><<<"),
+           ("empty", b"")]
+    return [(label, _dmg_with_plist(data, p)) for label, p in out]
+
+
+def test_hostile_xml_descriptors(server, tmp_path, corpus):
+    """Entity bombs, external entities, deep nesting and absurd values in the XML a backend
+    parses: a clean error (or a clean read), within the time and memory limits."""
+    (tmp_path / "x").write_bytes(SECRET)
+    problems = []
+    d = tmp_path / "prl"
+    d.mkdir()
+    bundle = d / "n.hdd"
+    r = server.run("create", "-f", "Parallels", "--size", "1M", "--property", "Bundle=1", bundle)
+    assert r["rc"] == 0, r["err"]
+    os.mkfifo(bundle / "fifo")
+    desc = bundle / "DiskDescriptor.xml"
+    xml = desc.read_text()
+    hds = next(p.name for p in bundle.iterdir() if p.suffix == ".hds")
+    for label, text in _parallels_variants(xml, hds):
+        desc.write_text(text)
+        problems += [f"[parallels {label}] {m}" for m in _run_all(server, bundle, None, tmp_path)]
+    data = (corpus / "dmg" / "dfvfs" / "hfsplus_zlib.dmg").read_bytes()
+    p = tmp_path / "h.dmg"
+    for label, damaged in _dmg_variants(data):
+        p.write_bytes(damaged)
+        problems += [f"[dmg {label}] {m}" for m in _run_all(server, p, None, tmp_path)]
+    assert not problems, "\n".join(problems)
