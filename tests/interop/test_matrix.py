@@ -241,3 +241,47 @@ def test_convert_sparse_past_4g(qemu, big_source, tmp_path, backend, variant):
     r = qemu.check(dst, tfmt)
     if r.returncode != 63:
         assert r.returncode == 0, f"qemu-img check: {r.stdout} {r.stderr}"
+
+
+def _diff_targets():
+    return [pytest.param(b, id=b.name) for b, v in TARGETS
+            if v == ImageFlags.NONE and b.caps & Cap.DIFF]
+
+
+@pytest.fixture(scope="module")
+def qemu_chain(qemu, tmp_path_factory):
+    """A three-level qcow2 chain made by qemu (base, mid, top), with zero writes and discards in
+    the children hiding data below."""
+    d = tmp_path_factory.mktemp("matrix-chain")
+    base, mid, top = (str(d / f"{n}.qcow2") for n in ("base", "mid", "top"))
+    qemu.img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu.io("-f", "qcow2", "-c", "write -P 0x11 0 2M", "-c", f"write -P 0x12 {SIZE - 4096} 4096",
+            base)
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+    qemu.io("-f", "qcow2", "-c", "write -P 0x21 64k 64k", "-c", "write -z 1M 128k",
+            "-c", "write -P 0x22 3000000 70000", mid)
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    qemu.io("-f", "qcow2", "-c", "write -P 0x31 0 512", "-c", "discard 1536k 64k",
+            "-c", "write -z 3M 64k", "-c", f"write -P 0x32 {SIZE - 512} 512", top)
+    return [base, mid, top]
+
+
+@pytest.mark.parametrize("backend", _diff_targets())
+def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
+    """``convert --chain`` of a qemu qcow2 chain into each differencing backend: every level of
+    the copy reads as the same level of the source does in qemu."""
+    ext = backend.default_extension()
+    dst = str(tmp_path / f"c.{ext}")
+    rc, err = _cli("convert", "--chain", "-O", backend.name, qemu_chain[-1], dst)
+    assert rc == 0, f"vdgui-img convert --chain failed: {err}"
+    made = [dst] + [str(tmp_path / f"c-snap{i}.{ext}") for i in (1, 2)]
+    tfmt = qemu_name(backend)
+    for lv, (src, out) in enumerate(zip(qemu_chain, made)):
+        raw = str(tmp_path / f"level{lv}.raw")
+        rc, err = _cli("convert", "-O", "RAW", out, raw)
+        assert rc == 0, f"reading level {lv} back: {err}"
+        r = qemu.compare(src, raw, "qcow2", "raw")
+        assert r.returncode == 0, f"level {lv} of the chain copy differs: {r.stdout}"
+        if tfmt in ("qcow2", "qed", "vmdk"):       # qemu follows these chains itself
+            r = qemu.compare(src, out, "qcow2", tfmt)
+            assert r.returncode == 0, f"qemu reads level {lv} differently: {r.stdout} {r.stderr}"
