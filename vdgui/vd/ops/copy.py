@@ -49,12 +49,13 @@ from ..image import Alloc
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 
-WINDOW = 4 << 20            # bytes read/written per step
+WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
+MAX_GRAIN = 8 << 20         # zero detection granularity (and window) at most
+READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
-DEPTH = 8                   # windows read ahead
 MIN_GRAIN = 4096            # zero detection granularity (at least)
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
-_ZEROS = bytes(WINDOW)
+_ZEROS = bytes(MAX_GRAIN)
 
 __all__ = ["copy_image", "move_image", "chain_target_names"]
 
@@ -62,7 +63,7 @@ __all__ = ["copy_image", "move_image", "chain_target_names"]
 # ---------------------------------------------------------------------------------------------
 # helpers
 def _zero(mv) -> bool:
-    """All-zero test for a buffer of at most WINDOW bytes (memcmp speed)."""
+    """All-zero test for a buffer of at most MAX_GRAIN bytes (memcmp speed)."""
     return _ZEROS.startswith(mv)
 
 
@@ -127,7 +128,7 @@ class _Writer:
             self.t.write(off, data)
             return
         mv = memoryview(data)
-        if n <= WINDOW and _zero(mv):
+        if n <= MAX_GRAIN and _zero(mv):
             if below_zero is None:
                 return
         elif below_zero is None and n <= self.g:
@@ -166,7 +167,7 @@ class _Writer:
         end = off + length
         while off < end:
             n = min(WINDOW, end - off)
-            self.t.write(off, _ZEROS[:n] if n < WINDOW else _ZEROS)
+            self.t.write(off, _ZEROS[:n])
             off += n
 
 
@@ -239,6 +240,7 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
     """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
     g = w.g
     chunk = max(g, WINDOW // g * g)
+    depth = max(2, READAHEAD // chunk)
     pending: deque = deque()
     in_flight = 0
 
@@ -262,7 +264,7 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
         pending.append((kind, a, b, lv, fut))
         if kind == "data":
             in_flight += 1
-        while pending and (in_flight > (DEPTH if readers is not None else 0)
+        while pending and (in_flight > (depth if readers is not None else 0)
                            or len(pending) > 1024):
             settle()
     while pending:
@@ -286,7 +288,7 @@ def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, ba
                 wend = min(pos - pos % chunk + chunk, ext.end)
                 n = wend - pos
                 data = (src.read(pos, n, top=level) if ext.status == Alloc.DATA
-                        else (_ZEROS[:n] if n < WINDOW else _ZEROS))
+                        else _ZEROS[:n])
                 w.write(pos, data, below_zero)
                 pos = wend
                 prog.set(base + pos)
@@ -418,7 +420,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
             raise InvalidArgument(f"{dst_path}: the target holds {t.size} bytes, too small for "
                                   f"{size} bytes")
         w = _Writer(t, max(t.top.block_size, MIN_GRAIN), fresh=False)
-        w.g = min(w.g, WINDOW)
+        w.g = min(w.g, MAX_GRAIN)
         _copy_flat(src, top, w, copy_len, prog, 0, readers)
         if keep_uuid and src.image(top).uuid:
             with contextlib.suppress(NotSupported):
@@ -455,7 +457,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len,
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
                                   config=config, allow_unsafe_paths=allow_unsafe)
                 created.append(loc)
-                grain = min(max(t.top.block_size, MIN_GRAIN), WINDOW)
+                grain = min(max(t.top.block_size, MIN_GRAIN), MAX_GRAIN)
                 w = _Writer(t, grain, fresh=True)
                 if lv == 0:
                     _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0, readers)
