@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -219,15 +220,26 @@ VHD_SIZE_BUG = ("vhd.py: a VHD differencing image created over a parent whose si
                 "geometry size (3133440 < 3147264): the end of the disk is lost")
 
 
+MERGE_REFUSAL_BUG = ("ops/merge.py: a forward merge of the middle image into a base without a UUID "
+                     "(RAW, QCOW2) under a VDI top (which links to its parent by UUID only) "
+                     "copies the data into the base first and only then fails to relink the top "
+                     "(NotSupported): the refused merge has rewritten the base; the preflight "
+                     "should refuse before any write")
+
+
 def _runtime_xfail(fmts: list[str], op: str) -> str | None:
     """Known bugs (owned by others), decided from the chain actually built."""
     if op == "merge-backward" and fmts[1] == "VHD" and fmts[0] != "VHD":
         return VHD_SIZE_BUG
+    if (op == "merge-mid-into-base" and fmts[2] == "VDI"
+            and not get_backend(fmts[0]).caps & Cap.UUID):
+        return MERGE_REFUSAL_BUG
     return None
 
 
 @pytest.mark.parametrize("names", CHAINS, ids=[f"over-{c[0]}" for c in CHAINS])
-@pytest.mark.parametrize("op", ["copy-chain", "copy-flat", "merge-forward", "merge-backward"])
+@pytest.mark.parametrize("op", ["copy-chain", "copy-flat", "merge-forward", "merge-backward",
+                                "merge-mid-into-base", "merge-mid-into-top"])
 def test_three_format_chain(qemu, tmp_path, request, names, op):
     work = tmp_path / "w"
     work.mkdir()
@@ -272,6 +284,25 @@ def test_three_format_chain(qemu, tmp_path, request, names, op):
         d, f = _read_chain(paths[0])
         assert f == [fmts_before[0]]
         assert d == views[2]
+    elif op in ("merge-mid-into-base", "merge-mid-into-top"):
+        # the image outside the merged pair is relinked across formats (forward: top now over
+        # the base; backward: the merged top keeps the base): content unchanged, or a clean
+        # refusal that leaves every file as it was
+        before = {p: Path(p).read_bytes() for p in paths}
+        try:
+            merge(paths[1], paths[0] if op.endswith("base") else paths[2])
+        except NotSupported:
+            after = {p: Path(p).read_bytes() for p in paths}
+            changed = [os.path.basename(p) for p in paths if after[p] != before[p]]
+            assert not changed, f"a refused merge wrote into {changed}"
+            return
+        assert not os.path.exists(paths[1])
+        d, f = _read_chain(paths[2])
+        assert f == [fmts_before[0], fmts_before[2]]
+        assert d == views[2]
+        q = qemu_name(get_backend(fmts_before[2]))
+        if q in ("qcow2", "qed") and qemu_name(get_backend(fmts_before[0])):
+            _qemu_compare_to(qemu, tmp_path, paths[2], q, views[2])
     else:
         merge(paths[0], paths[1])        # base into mid: mid becomes the base
         assert not os.path.exists(paths[0])
@@ -296,3 +327,20 @@ def test_vhd_diff_over_odd_sized_parent_keeps_its_size_as_a_base(tmp_path):
     with Disk.open_chain(child) as d:
         assert d.size == size
         assert d.read(size - 512, 512) == b"\x01" * 512
+
+
+@pytest.mark.xfail(strict=True, reason=MERGE_REFUSAL_BUG)
+def test_refused_forward_merge_leaves_the_base_unchanged(tmp_path):
+    """Minimal: RAW base <- VHD mid <- VDI top; merging mid into the base must be refused before
+    anything is written (the VDI top cannot link to a parent without a UUID)."""
+    base, mid, top = (str(tmp_path / n) for n in ("b.img", "m.vhd", "t.vdi"))
+    with Disk() as d:
+        d.create_base(base, 2 * MiB, "RAW")
+    with Disk.open_chain(base, "RAW") as d:
+        d.create_diff(mid, "VHD")
+        d.write(0, b"\x05" * 4096)
+        d.create_diff(top, "VDI")
+    before = Path(base).read_bytes()
+    with pytest.raises(NotSupported):
+        merge(mid, base)
+    assert Path(base).read_bytes() == before
