@@ -285,3 +285,31 @@ def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
         if tfmt in ("qcow2", "qed", "vmdk"):       # qemu follows these chains itself
             r = qemu.compare(src, out, "qcow2", tfmt)
             assert r.returncode == 0, f"qemu reads level {lv} differently: {r.stdout} {r.stderr}"
+
+
+# DMG sources from the corpus (qemu cannot create DMG). qemu here lacks the bz2/lzfse modules and
+# ADC support, so the compression-* images (one disk, every chunk type) are compared with its
+# reading of compression-raw.dmg.
+DMGS = ["dfvfs/hfsplus_zlib.dmg", "dfvfs/hfsplus_zlib.v1.dmg", "node-udif/compression-adc.dmg",
+        "node-udif/compression-bz2.dmg", "node-udif/compression-lzfse.dmg",
+        "node-udif/compression-raw.dmg", "node-udif/compression-zlib.dmg", "node-udif/gpt.dmg",
+        "node-udif/raw.dmg", "node-udif/zlib-compressed.dmg"]
+
+
+def _dmg_cases():
+    plain = [(b, v) for b, v in TARGETS if v == ImageFlags.NONE]
+    return [pytest.param(name, *plain[(2 * i + k) % len(plain)],
+                         id=f"{name.split('/')[1]}-to-{_tid(*plain[(2 * i + k) % len(plain)])}")
+            for i, name in enumerate(DMGS) for k in (0, 1)]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name,backend,variant", _dmg_cases())
+def test_convert_corpus_dmg(qemu, corpus, tmp_path, name, backend, variant):
+    src = corpus / "dmg" / name
+    ref = corpus / "dmg" / ("node-udif/compression-raw.dmg" if "compression-" in name else name)
+    dst = str(tmp_path / f"out.{backend.default_extension() or 'img'}")
+    rc, err = _cli("convert", "-O", backend.name, "--variant", variant_words(variant), src, dst)
+    assert rc == 0, f"vdgui-img convert failed: {err}"
+    r = qemu.compare(str(ref), dst, "dmg", qemu_name(backend))
+    assert r.returncode == 0, f"qemu-img compare: {r.stdout} {r.stderr}"
