@@ -553,3 +553,30 @@ def test_hostile_xml_descriptors(server, tmp_path, corpus):
         p.write_bytes(damaged)
         problems += [f"[dmg {label}] {m}" for m in _run_all(server, p, None, tmp_path)]
     assert not problems, "\n".join(problems)
+
+
+def test_chain_loops(server, tmp_path):
+    """Parent links forming a loop (qcow2 by name, VDI by UUID) or naming the image itself:
+    a clean error from every command, no endless walk."""
+    d = tmp_path / "q"
+    d.mkdir()
+    for n in ("a", "b", "s"):
+        _qemu("qemu-img", "create", "-q", "-f", "qcow2", d / f"{n}.qcow2", MiB)
+    for child, parent in (("a", "b"), ("b", "a"), ("s", "s")):
+        _qemu("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", f"{parent}.qcow2", "-F", "qcow2",
+              d / f"{child}.qcow2")
+    v = tmp_path / "v"
+    v.mkdir()
+    assert server.run("create", "-f", "VDI", "--size", "1M", v / "x.vdi")["rc"] == 0
+    assert server.run("create", "-f", "VDI", "--parent", v / "x.vdi", v / "a.vdi")["rc"] == 0
+    assert server.run("create", "-f", "VDI", "--parent", v / "a.vdi", v / "b.vdi")["rc"] == 0
+    info = json.loads(server.run("info", "--json", v / "b.vdi")["out"])
+    r = server.run("set", v / "a.vdi", "--parent-uuid", info["uuid"])
+    assert r["rc"] == 0, r["err"]
+    problems = []
+    for p in (d / "a.qcow2", d / "s.qcow2", v / "a.vdi", v / "b.vdi"):
+        problems += _run_all(server, p, None, tmp_path)
+        for cmd in (("info", "--chain"), ("map",)):
+            if server.run(*cmd, p)["rc"] != 1:
+                problems.append(f"{' '.join(cmd)} {p.name}: a looping chain was accepted")
+    assert not problems, "\n".join(problems)
