@@ -298,6 +298,7 @@ def _sweep(data: bytes, seed: int) -> list[tuple[str, bytes]]:
 XFAIL: dict[str, str] = {}
 
 
+@pytest.mark.corpus
 @pytest.mark.parametrize("backend", BACKENDS_WITH_FILES)
 def test_damaged_images(server, specimens, tmp_path, request, backend):
     if backend in XFAIL:
@@ -530,6 +531,7 @@ def _dmg_variants(data: bytes) -> list[tuple[str, bytes]]:
     return [(label, _dmg_with_plist(data, p)) for label, p in out]
 
 
+@pytest.mark.corpus
 def test_hostile_xml_descriptors(server, tmp_path, corpus):
     """Entity bombs, external entities, deep nesting and absurd values in the XML a backend
     parses: a clean error (or a clean read), within the time and memory limits."""
