@@ -231,9 +231,6 @@ def _runtime_xfail(fmts: list[str], op: str) -> str | None:
     """Known bugs (owned by others), decided from the chain actually built."""
     if op == "merge-backward" and fmts[1] == "VHD" and fmts[0] != "VHD":
         return VHD_SIZE_BUG
-    if (op == "merge-mid-into-base" and fmts[2] == "VDI"
-            and not get_backend(fmts[0]).caps & Cap.UUID):
-        return MERGE_REFUSAL_BUG
     return None
 
 
@@ -329,7 +326,6 @@ def test_vhd_diff_over_odd_sized_parent_keeps_its_size_as_a_base(tmp_path):
         assert d.read(size - 512, 512) == b"\x01" * 512
 
 
-@pytest.mark.xfail(strict=True, reason=MERGE_REFUSAL_BUG)
 def test_refused_forward_merge_leaves_the_base_unchanged(tmp_path):
     """Minimal: RAW base <- VHD mid <- VDI top; merging mid into the base must be refused before
     anything is written (the VDI top cannot link to a parent without a UUID)."""

@@ -214,6 +214,11 @@ class Image:
         self._no_field("a logical geometry")
 
     # -- operation hooks (declared through Backend.operations) ------------------------------
+    def relink_refusal(self, parent: "Image | None") -> str | None:
+        """Why ``set_parent(parent)`` would be refused, or None. Writes nothing: a merge asks
+        before it writes a single byte."""
+        return None
+
     def set_parent(self, parent: "Image | None") -> None:
         """Rewrite every link field so that ``parent`` is this image's parent (None: make base)."""
         self._no_field("a new parent link")

@@ -615,6 +615,14 @@ class VdiImage(Image):
         self._set()
 
     # -- operations -----------------------------------------------------------------------
+    def relink_refusal(self, parent):
+        if parent is not None and parent.uuid is None:
+            return (f"{self.location}: a VDI differencing image links to its parent by UUID, "
+                    f"and {parent.location} has none")
+        if parent is not None and self.image_type == L.TYPE_FIXED:
+            return f"{self.location}: a fixed VDI image cannot become a differencing image"
+        return None
+
     def set_parent(self, parent):
         self._require_writable()
         if parent is None:

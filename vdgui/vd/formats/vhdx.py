@@ -985,6 +985,15 @@ class VhdxImage(Image):
         self.parent_modification_uuid = value
         self.parent_hint.link_id = kv["parent_linkage"]
 
+    def relink_refusal(self, parent):
+        if parent is None:
+            return None
+        if not self.has_parent:
+            return f"{self.location}: not a differencing image"
+        if parent.format != "VHDX" or parent.modification_uuid is None:
+            return f"{self.location}: a VHDX differencing image needs a VHDX parent"
+        return None
+
     def set_parent(self, parent):
         self._require_writable()
         if parent is None:

@@ -1131,6 +1131,12 @@ class VmdkImage(Image):
         self.lchs = Geometry(*value)
 
     # -- RELINK --------------------------------------------------------------------------------
+    def relink_refusal(self, parent):
+        if parent is not None and not isinstance(parent, VmdkImage):
+            return (f"{self.location}: a VMDK differencing image can only have a VMDK parent, "
+                    f"not {parent.format}")
+        return None
+
     def set_parent(self, parent):
         self._require_writable()
         d = self.desc

@@ -168,8 +168,23 @@ def _preflight(disk: Disk, s: int, t: int, extra_children: list[tuple[str, Backe
                                    "(the image above the merged ones must be linked to the target)")
         if disk.images[s].size > target.size:
             _require(target, Operation.RESIZE, "it is smaller than the source")
+        if s + 1 < n:
+            why = disk.images[s + 1].relink_refusal(target)
+            if why:
+                raise NotSupported(f"cannot merge: {why}")
+        for path, be in extra_children:
+            child = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+            try:
+                why = child.relink_refusal(target)
+            finally:
+                child.close()
+            if why:
+                raise NotSupported(f"cannot merge: {why}")
     else:
         _require(target, Operation.RELINK, "it is linked to the parent of the source")
+        why = target.relink_refusal(disk.images[s - 1] if s > 0 else None)
+        if why:
+            raise NotSupported(f"cannot merge: {why}")
     _refuse_outside_children(disk, s, t, [p for p, _ in extra_children])
 
 
