@@ -214,26 +214,6 @@ def _build3_or_skip_pair(tmp_path, names):
     raise AssertionError(f"no three-format chain over a {base} base is accepted")
 
 
-VHD_SIZE_BUG = ("vhd.py: a VHD differencing image created over a parent whose size is not a "
-                "CHS-geometry size (any non-VHD parent, e.g. a 3 MiB + 1536 B VDI) records that "
-                "size with creator 'vbox'; once it is a base (backward merge) it is read with the "
-                "geometry size (3133440 < 3147264): the end of the disk is lost")
-
-
-MERGE_REFUSAL_BUG = ("ops/merge.py: a forward merge of the middle image into a base without a UUID "
-                     "(RAW, QCOW2) under a VDI top (which links to its parent by UUID only) "
-                     "copies the data into the base first and only then fails to relink the top "
-                     "(NotSupported): the refused merge has rewritten the base; the preflight "
-                     "should refuse before any write")
-
-
-def _runtime_xfail(fmts: list[str], op: str) -> str | None:
-    """Known bugs (owned by others), decided from the chain actually built."""
-    if op == "merge-backward" and fmts[1] == "VHD" and fmts[0] != "VHD":
-        return VHD_SIZE_BUG
-    return None
-
-
 @pytest.mark.parametrize("names", CHAINS, ids=[f"over-{c[0]}" for c in CHAINS])
 @pytest.mark.parametrize("op", ["copy-chain", "copy-flat", "merge-forward", "merge-backward",
                                 "merge-mid-into-base", "merge-mid-into-top"])
@@ -242,9 +222,6 @@ def test_three_format_chain(qemu, tmp_path, request, names, op):
     work.mkdir()
     paths, views = _build3_or_skip_pair(work, names)
     data, fmts = _read_chain(paths[2])
-    reason = _runtime_xfail(fmts, op)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     print("chain:", " <- ".join(fmts))
     assert data == views[2]
     qnames = [qemu_name(get_backend(f)) for f in fmts]
@@ -310,7 +287,6 @@ def test_three_format_chain(qemu, tmp_path, request, names, op):
         assert d == views[1]
 
 
-@pytest.mark.xfail(strict=True, reason=VHD_SIZE_BUG)
 def test_vhd_diff_over_odd_sized_parent_keeps_its_size_as_a_base(tmp_path):
     """Minimal: VDI base of 3 MiB + 1536 B, VHD child, merge the base into the child."""
     size = 3 * MiB + 1536

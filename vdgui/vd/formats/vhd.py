@@ -807,6 +807,12 @@ class VhdImage(Image):
             # footer first: a dynamic disk ignores the parent fields, so a crash in between
             # leaves a valid base disk; then the header forgets the parent
             self.footer.disk_type = TYPE_DYNAMIC
+            ft = self.footer
+            cur = ft.current_size - ft.current_size % SECTOR
+            if ft.cylinders * ft.heads * ft.sectors * SECTOR != cur:
+                # a dynamic disk is sized by its geometry unless the geometry is the maximum:
+                # keep the size the diff had (e.g. over an odd-sized non-VHD parent)
+                ft.cylinders, ft.heads, ft.sectors = fixed_geometry(cur)
             self._store_footer()
             hdr.parent_uuid = bytes(16)
             hdr.parent_timestamp = 0
