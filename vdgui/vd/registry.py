@@ -48,6 +48,17 @@ def get_backend(name: str) -> Backend:
     raise UnknownFormat(f"unknown format '{name}' (known: {known})")
 
 
+def backend_name_for(fmt: str | None) -> str | None:
+    """Our backend name for a format name stored in an image (e.g. qemu's 'vpc' -> 'VHD');
+    an unknown name is returned unchanged, None stays None."""
+    if not fmt:
+        return None
+    try:
+        return get_backend(fmt).name
+    except UnknownFormat:
+        return fmt
+
+
 def backends_for_extension(ext: str) -> list[Backend]:
     ext = ext.lstrip(".").lower()
     return [b for b in backends() if any(fe.ext == ext for fe in b.extensions)]

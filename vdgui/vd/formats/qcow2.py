@@ -45,11 +45,12 @@ from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatc
 from ..fileio import ImageFile, relative_name, resolve_stored_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
+from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
+from ..tables import table_from_bytes, table_to_bytes
 from . import qcow2_layout as L
 
 _BIG = struct.Struct(">Q")
-_NATIVE_BE = array("Q", [1]).tobytes()[0] == 0   # True on big-endian hosts
 
 # qemu's format names for our backends (recorded as the backing format of a child)
 _QEMU_NAMES = {"VHD": "vpc", "QCOW2": "qcow2", "QED": "qed", "VDI": "vdi", "VMDK": "vmdk",
@@ -61,30 +62,14 @@ def qemu_format_name(backend_name: str) -> str:
 
 
 def _be_array(data) -> array:
-    a = array("Q")
-    data = bytes(data)
-    a.frombytes(data[:len(data) // 8 * 8])
-    if not _NATIVE_BE:
-        a.byteswap()
-    return a
+    return table_from_bytes(data, "Q", big_endian=True)
 
 
 def _array_be_bytes(a: array) -> bytes:
-    if _NATIVE_BE:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
+    return table_to_bytes(a, big_endian=True)
 
 
-def _backing_format_to_backend(fmt: str | None) -> str | None:
-    if not fmt:
-        return None
-    from ..registry import get_backend
-    try:
-        return get_backend(fmt).name
-    except VDError:
-        return fmt
+_backing_format_to_backend = backend_name_for
 
 
 class _DecompressError(Exception):

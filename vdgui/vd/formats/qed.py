@@ -37,7 +37,9 @@ from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatc
 from ..fileio import ImageFile, relative_name, resolve_stored_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
+from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
+from ..tables import table_from_bytes, table_to_bytes
 
 MAGIC = b"QED\0"
 
@@ -73,34 +75,18 @@ MAX_TABLE_BYTES = 64 << 20      # refuse (rather than allocate) larger tables
 MAX_BACKING_NAME = 4095
 CLUSTER_ZERO = 1
 
-_NATIVE_LE = array("Q", [1]).tobytes()[0] == 1
 
 
 def _le_array(data) -> array:
-    a = array("Q")
-    data = bytes(data)
-    a.frombytes(data[:len(data) // 8 * 8])
-    if not _NATIVE_LE:
-        a.byteswap()
-    return a
+    return table_from_bytes(data, "Q", big_endian=False)
 
 
 def _array_le_bytes(a: array) -> bytes:
-    if _NATIVE_LE:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
+    return table_to_bytes(a, big_endian=False)
 
 
-def _backend_name(fmt: str | None) -> str | None:
-    if not fmt:
-        return None
-    from ..registry import get_backend
-    try:
-        return get_backend(fmt).name
-    except VDError:
-        return fmt
+_backend_name = backend_name_for
+
 
 
 class QedImage(Image):
