@@ -830,9 +830,14 @@ class VhdxImage(Image):
             if zero and whole:
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
                 continue
+            old_len = self.file_len
             boff = self._allocate(self.block_size)
             self.f.pwrite(boff + inner, piece)
-            self.f.sync()                      # data before the BAT entry naming it
+            if self.has_parent or boff < old_len:
+                # data before the BAT entry naming it: a crash must not make the parent's
+                # content (or stale bytes) appear. A base image's block read zeroes before, and
+                # space just added to the file reads zeroes or the new data: no sync needed.
+                self.f.sync()
             if self.has_parent and st not in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) and not whole:
                 full = self._mark_sectors(block, inner, n)
                 self.f.sync()
