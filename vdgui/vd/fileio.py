@@ -188,6 +188,23 @@ class ImageFile:
 
 
 _FALLOCATE = []
+_SYNC_FILE_RANGE = []
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now (sync_file_range WRITE, not
+    waiting), so a final fsync has little left to do. A no-op where unavailable."""
+    if not _SYNC_FILE_RANGE:
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _SYNC_FILE_RANGE.append(fn)
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE.append(None)
+    fn = _SYNC_FILE_RANGE[0]
+    if fn is not None:
+        fn(fd, 0, 0, 2)   # SYNC_FILE_RANGE_WRITE
 
 
 def _libc_fallocate():

@@ -45,6 +45,7 @@ from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
+from ..fileio import start_writeback
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -54,6 +55,7 @@ MAX_GRAIN = 8 << 20         # zero detection granularity (and window) at most
 READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
 MIN_GRAIN = 4096            # zero detection granularity (at least)
+WRITEBACK_EVERY = 64 << 20  # start the kernel writing the target out every 64 MiB
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
 _ZEROS = bytes(MAX_GRAIN)
 
@@ -118,12 +120,34 @@ class _Writer:
         self.g = grain
         self.fresh = fresh
         self.zero_grain = bytes(grain)
+        self._since_writeback = 0
+        self._wb_fds: list[int] | None = None
+
+    def _writeback(self) -> None:
+        """Start the kernel's writeback of the target every WRITEBACK_EVERY bytes, so the fsync
+        before the final rename overlaps with the copy instead of following it."""
+        if self._wb_fds is None:
+            self._wb_fds = []
+            for f in self.t.top.files():
+                with contextlib.suppress(OSError):
+                    self._wb_fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
+        for fd in self._wb_fds:
+            start_writeback(fd)
+
+    def close(self) -> None:
+        for fd in self._wb_fds or ():
+            os.close(fd)
+        self._wb_fds = None
 
     def write(self, off: int, data: bytes, below_zero=None) -> None:
         """Write ``data`` at ``off`` (``off`` need not be grain-aligned). Zero grains are skipped
         on a fresh target when ``below_zero(o, n)`` (default: always) says the image below reads
         zero there too."""
         n = len(data)
+        self._since_writeback += n
+        if self._since_writeback >= WRITEBACK_EVERY:
+            self._since_writeback = 0
+            self._writeback()
         if not self.fresh:
             self.t.write(off, data)
             return
@@ -463,6 +487,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len,
                     _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0, readers)
                 else:
                     _copy_own(src, lv, w, copy_len, prog, lv * copy_len)
+                w.close()
                 if img_src.comment:
                     with contextlib.suppress(NotSupported):
                         t.top.set_comment(img_src.comment)
