@@ -75,8 +75,11 @@ def main() -> int:
         rows = [(f"LUN {args.size} -> VDI", f"{q.best:.2f}", f"{v.best:.2f}",
                  f"{ratio(v.best, q.best):.2f}", f"{v.peak_rss_kib // 1024}")]
         print_table(("case", "qemu s", "vdgui s", "ratio", "vdgui MiB"), rows)
-        same = subprocess.run([tool("qemu-img"), "compare", q_out, v_out], capture_output=True)
-        print("outputs identical" if same.returncode == 0 else "OUTPUTS DIFFER")
+        # runs alternate and each removes the previous outputs: check the last one (vdgui's)
+        same = subprocess.run([tool("qemu-img"), "compare", "-f", "vdi", "-F", "raw", v_out,
+                               backing], capture_output=True)
+        print("vdgui's VDI is identical to the LUN" if same.returncode == 0
+              else f"VDGUI'S VDI DIFFERS FROM THE LUN: {same.stdout.decode()}{same.stderr.decode()}")
     finally:
         subprocess.run(adm + ["--op", "delete", "--mode", "target", "--tid", "1", "--force"],
                        capture_output=True)
