@@ -263,6 +263,31 @@ def bat_entry_count(size: int, block_size: int, logical_sector: int, diff: bool)
     return payload + (payload - 1) // cr if payload else 0
 
 
+_SKIP_UNIT = 64 << 10
+_ZERO_UNIT = bytes(_SKIP_UNIT)
+
+
+def _data_runs(mv, start: int) -> list[tuple[int, int]]:
+    """(a, b) ranges of ``mv`` that are not all zero, in pieces of 64 KiB aligned to ``start +
+    offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
+    runs: list[tuple[int, int]] = []
+    n = len(mv)
+    pos = 0
+    run = None
+    while pos < n:
+        step = min(_SKIP_UNIT - (start + pos) % _SKIP_UNIT, n - pos)
+        if _ZERO_UNIT.startswith(mv[pos:pos + step]):
+            if run is not None:
+                runs.append((run, pos))
+                run = None
+        elif run is None:
+            run = pos
+        pos += step
+    if run is not None:
+        runs.append((run, n))
+    return runs
+
+
 def _utf16(s: str) -> bytes:
     return s.encode("utf-16-le")
 
@@ -832,7 +857,13 @@ class VhdxImage(Image):
                 continue
             old_len = self.file_len
             boff = self._allocate(self.block_size)
-            self.f.pwrite(boff + inner, piece)
+            if not self.has_parent and boff >= old_len:
+                # the block lies in space just added to the file: it reads zeroes already, so
+                # only the non-zero parts of the data are written (the file stays sparse there)
+                for a, b in _data_runs(piece, inner):
+                    self.f.pwrite(boff + inner + a, piece[a:b])
+            else:
+                self.f.pwrite(boff + inner, piece)
             if self.has_parent or boff < old_len:
                 # data before the BAT entry naming it: a crash must not make the parent's
                 # content (or stale bytes) appear. A base image's block read zeroes before, and
