@@ -149,6 +149,17 @@ def _subcluster_mask(s0: int, s1: int) -> int:
     return ((1 << (s1 - s0 + 1)) - 1) << s0
 
 
+def _preadv_all(fd: int, dst: memoryview, host: int, fsize: int) -> bool:
+    """Read len(dst) bytes at ``host`` of ``fd`` straight into ``dst`` when they lie inside a
+    file of ``fsize`` bytes; False (caller reads the slow way, which reports errors) otherwise."""
+    if fd < 0 or host + len(dst) > fsize:
+        return False
+    try:
+        return os.preadv(fd, [dst], host) == len(dst)
+    except (OSError, OverflowError):
+        return False
+
+
 class _Segment:
     __slots__ = ("pos", "n", "kind", "host")
 
@@ -554,6 +565,82 @@ class Qcow2Image(Image):
 
     def _segments(self, offset: int, length: int) -> list[_Segment]:
         """Map a guest range to segments (pos, n, kind, host); adjacent ones merged."""
+        if self.extended_l2:
+            return self._segments_ext(offset, length)
+        # standard L2 entries: one pass over the entries, a segment object per run only
+        cs, cb = self.cs, self.cb
+        cmask = cs - 1
+        nl2 = self.l2_entries
+        span = cs * nl2
+        data_file = self.incompat & L.INCOMPAT_DATA_FILE
+        f_comp, f_zero, f_copied = L.OFLAG_COMPRESSED, L.OFLAG_ZERO, L.OFLAG_COPIED
+        out: list[_Segment] = []
+        rk = -1                 # the open run: kind (-1: none), guest start, length, host start
+        rpos = rn = rhost = 0
+        end = offset + length
+        pos = offset
+        while pos < end:
+            l1i = pos // span
+            stop = min(end, (l1i + 1) * span)
+            tbl, _ = self._l2_of(l1i)
+            if tbl is None:
+                if rk == K_UNALLOC:
+                    rn += stop - pos
+                else:
+                    if rk >= 0:
+                        out.append(_Segment(rpos, rn, rk, rhost))
+                    rk, rpos, rn, rhost = K_UNALLOC, pos, stop - pos, 0
+                pos = stop
+                continue
+            i = (pos >> cb) % nl2
+            while pos < stop:
+                e = tbl[i]
+                i += 1
+                inner = pos & cmask
+                n = cs - inner
+                if pos + n > stop:
+                    n = stop - pos
+                if not e:
+                    kind = K_UNALLOC
+                    host = 0
+                elif e & f_comp:
+                    if data_file:
+                        raise self._corrupt("compressed cluster in an image with an external "
+                                            "data file", offset=pos)
+                    if rk >= 0:
+                        out.append(_Segment(rpos, rn, rk, rhost))
+                    out.append(_Segment(pos, n, K_COMP, e))
+                    rk = -1
+                    pos += n
+                    continue
+                else:
+                    host = e & L2E_MASK
+                    if host & cmask:
+                        ci = pos >> cb
+                        raise self._corrupt("cluster offset not cluster aligned", offset=host,
+                                            field=f"L2 entry of guest offset {ci * cs:#x}",
+                                            expected=f"a multiple of {cs}", found=hex(host))
+                    if e & f_zero:
+                        kind = K_ZERO
+                        host = 0
+                    elif host or (data_file and e & f_copied):
+                        kind = K_DATA
+                        host += inner
+                    else:
+                        kind = K_UNALLOC
+                if kind == rk and (kind != K_DATA or rhost + rn == host):
+                    rn += n
+                else:
+                    if rk >= 0:
+                        out.append(_Segment(rpos, rn, rk, rhost))
+                    rk, rpos, rn, rhost = kind, pos, n, host
+                pos += n
+        if rk >= 0:
+            out.append(_Segment(rpos, rn, rk, rhost))
+        return out
+
+    def _segments_ext(self, offset: int, length: int) -> list[_Segment]:
+        """_segments for images with extended L2 entries (subcluster bitmaps)."""
         cs, cb = self.cs, self.cb
         out: list[_Segment] = []
 
@@ -686,13 +773,20 @@ class Qcow2Image(Image):
         return data
 
     def read(self, offset, length):
+        segs = self._segments(offset, length)
+        if len(segs) == 1 and segs[0].kind == K_DATA:
+            return self._read_host(segs[0].host, length, offset)    # one run: no copy
         buf = bytearray(length)
         mv = memoryview(buf)
         cs = self.cs
-        for s in self._segments(offset, length):
+        fd = getattr(self.f, "fd", -1) if not self.incompat & L.INCOMPAT_DATA_FILE else -1
+        for s in segs:
             a = s.pos - offset
             if s.kind == K_DATA:
-                mv[a:a + s.n] = self._read_host(s.host, s.n, s.pos)
+                # straight into the buffer when the run lies inside the file, else through
+                # _read_host (short reads, errors, external data files)
+                if not _preadv_all(fd, mv[a:a + s.n], s.host, self.fsize):
+                    mv[a:a + s.n] = self._read_host(s.host, s.n, s.pos)
             elif s.kind == K_COMP:
                 out = self._decompress_cluster(s.host, s.pos)
                 inner = s.pos & (cs - 1)
