@@ -235,6 +235,31 @@ def _round(n: int, to: int = SECTOR) -> int:
     return -(-n // to) * to
 
 
+
+_SKIP_UNIT = 64 << 10
+_ZERO_UNIT = bytes(_SKIP_UNIT)
+
+
+def _data_runs(mv, start: int) -> list[tuple[int, int]]:
+    """(a, b) ranges of ``mv`` that are not all zero, in pieces of 64 KiB aligned to ``start +
+    offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
+    runs: list[tuple[int, int]] = []
+    n = len(mv)
+    pos = 0
+    run = None
+    while pos < n:
+        step = min(_SKIP_UNIT - (start + pos) % _SKIP_UNIT, n - pos)
+        if _ZERO_UNIT.startswith(mv[pos:pos + step]):
+            if run is not None:
+                runs.append((run, pos))
+                run = None
+        elif run is None:
+            run = pos
+        pos += step
+    if run is not None:
+        runs.append((run, n))
+    return runs
+
 class VhdImage(Image):
     """One opened VHD file (fixed, dynamic or differencing)."""
 
@@ -705,8 +730,16 @@ class VhdImage(Image):
         any point leaves at most an unreferenced block; the footer copy at 0 stays valid)."""
         pos = _round(self.footer_offset)
         new_footer = pos + self.total
+        fresh = not self.is_diff and pos + self.bm_size >= self.f.size()
         self._write_footer_at(new_footer)
-        self.f.pwrite(pos + self.bm_size + inner, chunk)
+        if fresh:
+            # the data area lies in space the footer's move just added to the file: it reads
+            # zeroes already, so only the non-zero parts are written (the file stays sparse)
+            data_at = pos + self.bm_size + inner
+            for a, b in _data_runs(chunk, data_at):
+                self.f.pwrite(data_at + a, chunk[a:b])
+        else:
+            self.f.pwrite(pos + self.bm_size + inner, chunk)
         bm = bytearray(self.bm_size)
         set_bits(bm, inner // SECTOR, -(-len(chunk) // SECTOR))
         self.f.pwrite(pos, bm)
