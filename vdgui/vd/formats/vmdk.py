@@ -337,6 +337,7 @@ def _append_run(out: list, s: int, n: int, st: Alloc) -> None:
 class SparseExtent(_Extent):
     """A hosted sparse (KDMV) extent, a streamOptimized one, or an ESX COWD one (read-only)."""
     kind = "SPARSE"
+    plain_gtes = True       # _gte is the table entry itself (block_status/read walk tables)
 
     def __init__(self, line, vstart, path, f: ImageFile, writable: bool, *, grain_sectors: int,
                  gtes: int, gd_sector: int, rgd_sector: int, n_gts: int, capacity: int,
@@ -408,19 +409,35 @@ class SparseExtent(_Extent):
         return Alloc.DATA
 
     def block_status(self, off, n):
+        if not self.plain_gtes:
+            return self._block_status_by_grain(off, n)
         out: list = []
         end = off + n
-        span = self.grain * self.gtes
+        g = self.grain
+        span = g * self.gtes
+        stat = (Alloc.UNALLOCATED, Alloc.ZERO, Alloc.DATA)     # by GTE: 0, 1 (zeroed), other
         pos = off
         while pos < end:                      # one grain table at a time
             t = pos // span
-            tend = min(end, (t + 1) * span)
+            base = t * span
+            tend = min(end, base + span)
             gt = self._gt(t)
             if gt is None or is_zero(memoryview(gt).cast("B")):
                 _append_run(out, pos, tend - pos, Alloc.UNALLOCATED)
-            else:
-                for idx, _inner, p, cnt in split_blocks(pos, tend - pos, self.grain):
-                    _append_run(out, p, cnt, self._status(self._gte(idx)))
+            else:                             # runs of equal status over the table's entries
+                i = (pos - base) // g
+                prev = -1
+                start = pos
+                for gte in gt[i:(tend - 1 - base) // g + 1]:
+                    c = gte if gte < 2 else 2
+                    if c != prev:
+                        gpos = base + i * g
+                        if prev >= 0:
+                            _append_run(out, start, gpos - start, stat[prev])
+                            start = gpos
+                        prev = c
+                    i += 1
+                _append_run(out, start, tend - start, stat[prev])
             pos = tend
         return out
 
@@ -462,7 +479,88 @@ class SparseExtent(_Extent):
         return out
 
     def read(self, off, n):
-        parts: list = []        # [kind, file offset or None, length], merged when contiguous
+        if not self.plain_gtes:
+            parts = self._parts_by_grain(off, n)
+        else:
+            parts = self._parts(off, n)
+        out = []
+        for kind, where, cnt in parts:
+            if kind == 0:
+                out.append(zeroes(cnt))
+            elif kind == 2:
+                out.append(where)
+            else:
+                data = self.f.pread(where, cnt)
+                if len(data) < cnt:
+                    data += bytes(cnt - len(data))
+                out.append(data)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _parts(self, off, n) -> list:
+        """[kind, file offset or data, length] pieces of a read (kind 0 zeroes, 1 file data,
+        2 decompressed data), file pieces merged when contiguous; the table's entries are read
+        directly, a grain table at a time."""
+        parts: list = []
+        g = self.grain
+        gtes = self.gtes
+        fsize = self.file_size
+        end = off + n
+        pos = off
+        while pos < end:                      # one grain table at a time
+            idx, inner = divmod(pos, g)
+            t, i = divmod(idx, gtes)
+            tend = min(end, (t + 1) * g * gtes)
+            gt = self._gt(t)
+            while pos < tend:
+                cnt = min(g - inner, tend - pos)
+                gte = 0 if gt is None else gt[i]
+                if gte < 2:                   # unallocated or zeroed grain
+                    if parts and parts[-1][0] == 0:
+                        parts[-1][2] += cnt
+                    else:
+                        parts.append([0, None, cnt])
+                elif self.compressed:
+                    parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
+                else:
+                    foff = gte * SECTOR + inner
+                    if foff + cnt > fsize:
+                        raise CorruptImage(f"grain {idx} lies past the end of the file",
+                                           path=self.f.path,
+                                           field=f"grain table entry for grain {idx}",
+                                           expected=f"an offset below {fsize:#x}",
+                                           found=f"sector {gte}")
+                    last = parts[-1] if parts else None
+                    if last is not None and last[0] == 1 and last[1] + last[2] == foff:
+                        last[2] += cnt
+                    else:
+                        parts.append([1, foff, cnt])
+                pos += cnt
+                idx += 1
+                i += 1
+                inner = 0
+        return parts
+
+    def _block_status_by_grain(self, off, n):
+        """block_status through _gt/_gte/_status, grain by grain (subclasses' tables)."""
+        out: list = []
+        end = off + n
+        span = self.grain * self.gtes
+        pos = off
+        while pos < end:                      # one grain table at a time
+            t = pos // span
+            tend = min(end, (t + 1) * span)
+            gt = self._gt(t)
+            if gt is None or is_zero(memoryview(gt).cast("B")):
+                _append_run(out, pos, tend - pos, Alloc.UNALLOCATED)
+            else:
+                for idx, _inner, p, cnt in split_blocks(pos, tend - pos, self.grain):
+                    _append_run(out, p, cnt, self._status(self._gte(idx)))
+            pos = tend
+        return out
+
+    def _parts_by_grain(self, off, n) -> list:
+        """read's parts through _gte/_status, grain by grain (subclasses' tables)."""
+        parts: list = []
         for idx, inner, pos, cnt in split_blocks(off, n, self.grain):
             gte = self._gte(idx)
             st = self._status(gte)
@@ -486,18 +584,7 @@ class SparseExtent(_Extent):
                 last[2] += cnt
             else:
                 parts.append([1, foff, cnt])
-        out = []
-        for kind, where, cnt in parts:
-            if kind == 0:
-                out.append(zeroes(cnt))
-            elif kind == 2:
-                out.append(where)
-            else:
-                data = self.f.pread(where, cnt)
-                if len(data) < cnt:
-                    data += bytes(cnt - len(data))
-                out.append(data)
-        return out[0] if len(out) == 1 else b"".join(out)
+        return parts
 
     # -- writing -----------------------------------------------------------------------------
     def _alloc(self, nbytes: int) -> int:
@@ -627,6 +714,7 @@ class SESparseExtent(SparseExtent):
     """An ESXi seSparse extent (read-only): u64 grain directory and tables; table entries carry
     a type in their top nibble (0 unallocated, 1 unmapped and 2 zero: read as zeroes,
     3 allocated: grain number in the other bits)."""
+    plain_gtes = False
     kind = "SESPARSE"
 
     def __init__(self, line, vstart, path, f: ImageFile, h):
