@@ -311,6 +311,10 @@ class VhdxImage(Image):
         self.open_flags = flags
         self._data_guid_updated = False
         self._sb_cache: dict[int, bytearray] = {}
+        # blocks of a base image allocated in space added to the file by this open: BAT index
+        # -> (BAT entry, offset in the block from which on nothing was written since; it reads
+        # zeroes there)
+        self._fresh: dict[int, tuple[int, int]] = {}
         self.log_replayed = False
         self.log_pending = False
         try:
@@ -839,7 +843,18 @@ class VhdxImage(Image):
             idx = self._bat_index(block)
             if st == PAYLOAD_FULLY_PRESENT or (st == PAYLOAD_PARTIALLY_PRESENT
                                                and not self.has_parent):
-                self.f.pwrite(self._block_offset(block) + inner, piece)
+                boff = self._block_offset(block)
+                fr = self._fresh.get(idx)
+                if fr is not None and fr[0] != self.bat[idx]:
+                    del self._fresh[idx]
+                    fr = None
+                if fr is not None and inner >= fr[1]:
+                    for a, b in _data_runs(piece, inner):   # untouched space: reads zeroes
+                        self.f.pwrite(boff + inner + a, piece[a:b])
+                else:
+                    self.f.pwrite(boff + inner, piece)
+                if fr is not None:
+                    self._fresh_mark(idx, fr[0], max(fr[1], inner + n))
                 continue
             if st == PAYLOAD_PARTIALLY_PRESENT:
                 boff = self._block_offset(block)
@@ -857,7 +872,8 @@ class VhdxImage(Image):
                 continue
             old_len = self.file_len
             boff = self._allocate(self.block_size)
-            if not self.has_parent and boff >= old_len:
+            fresh = not self.has_parent and boff >= old_len
+            if fresh:
                 # the block lies in space just added to the file: it reads zeroes already, so
                 # only the non-zero parts of the data are written (the file stays sparse there)
                 for a, b in _data_runs(piece, inner):
@@ -876,12 +892,21 @@ class VhdxImage(Image):
                                 boff)
             else:
                 self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
+                if fresh:
+                    self._fresh_mark(idx, self.bat[idx], inner + n)
+
+    def _fresh_mark(self, idx: int, entry: int, written_to: int) -> None:
+        if written_to >= self.block_size:
+            self._fresh.pop(idx, None)
+        else:
+            self._fresh[idx] = (entry, written_to)
 
     def discard(self, offset, length):
         """Whole blocks lose their data (base: UNMAPPED, read as zeroes; differencing: ZERO,
         hiding the parent; fixed: zeroes written, the block stays allocated) and their space is
         returned to the file system; partial blocks are zeroed."""
         self._begin_write()
+        self._fresh.clear()
         for block, inner, pos, n in split_blocks(offset, length, self.block_size):
             st = self._check_state(block)
             idx = self._bat_index(block)
@@ -1084,6 +1109,7 @@ class VhdxImage(Image):
         data in). Steps, each complete before the next: partially present blocks become fully
         present (their absent sectors zeroed), sector bitmap entries are dropped, then the
         HasParent flag is cleared (the commit point), then the parent locator entry goes."""
+        self._fresh.clear()
         if not self.has_parent:
             return
         ss = self.sector_size
@@ -1137,6 +1163,7 @@ class VhdxImage(Image):
     # -- operations ----------------------------------------------------------------------
     def resize(self, new_size, progress=None):
         self._require_writable()
+        self._fresh.clear()
         if new_size < self.size:
             raise InvalidArgument(f"{self.location}: shrinking a VHDX image is not supported "
                                   f"({self.size} -> {new_size} bytes)")
@@ -1174,6 +1201,7 @@ class VhdxImage(Image):
         and shrink the file. The user-visible content does not change, so neither does the
         DataWriteGuid (children stay linked). Fixed images keep every block allocated."""
         self._require_writable()
+        self._fresh.clear()
         total = self.payload_blocks
         done = 0
         for blk in range(self.payload_blocks):
