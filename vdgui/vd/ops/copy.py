@@ -122,19 +122,28 @@ class _Writer:
         self.zero_grain = bytes(grain)
         self._since_writeback = 0
         self._wb_fds: list[int] | None = None
+        self._wb_thread: threading.Thread | None = None
 
     def _writeback(self) -> None:
         """Start the kernel's writeback of the target every WRITEBACK_EVERY bytes, so the fsync
-        before the final rename overlaps with the copy instead of following it."""
+        before the final rename overlaps with the copy instead of following it. The request can
+        block while the device queue is busy, so it runs in a helper thread; one at a time."""
         if self._wb_fds is None:
             self._wb_fds = []
             for f in self.t.top.files():
                 with contextlib.suppress(OSError):
                     self._wb_fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
-        for fd in self._wb_fds:
-            start_writeback(fd)
+        if self._wb_thread is not None and self._wb_thread.is_alive():
+            return
+        fds = list(self._wb_fds)
+        self._wb_thread = threading.Thread(target=lambda: [start_writeback(fd) for fd in fds],
+                                           name="vdgui-writeback", daemon=True)
+        self._wb_thread.start()
 
     def close(self) -> None:
+        if self._wb_thread is not None:
+            self._wb_thread.join()
+            self._wb_thread = None
         for fd in self._wb_fds or ():
             os.close(fd)
         self._wb_fds = None
@@ -445,7 +454,10 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
                                   f"{size} bytes")
         w = _Writer(t, max(t.top.block_size, MIN_GRAIN), fresh=False)
         w.g = min(w.g, MAX_GRAIN)
-        _copy_flat(src, top, w, copy_len, prog, 0, readers)
+        try:
+            _copy_flat(src, top, w, copy_len, prog, 0, readers)
+        finally:
+            w.close()
         if keep_uuid and src.image(top).uuid:
             with contextlib.suppress(NotSupported):
                 t.top.set_uuid(src.image(top).uuid)
