@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .errors import ParentNotFound, UnsafePath, VDError
+from .errors import ParentMismatch, ParentNotFound, UnsafePath, VDError
 from .fileio import resolve_stored_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,3 +98,20 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                              f"{'; '.join(tried) or 'no location stored'})") from None
     raise ParentNotFound(f"{image.location}: parent image not found (looked for: "
                          f"{'; '.join(tried) or 'no location stored'})")
+
+
+def check_backing_name(image: "Image", stored: str | None, parent: "Image") -> None:
+    """For formats that link to their parent only by a stored file name (qcow2, QED): raise
+    ParentMismatch unless ``stored`` names ``parent`` (same file, or the same base name)."""
+    if stored is None:
+        return
+    try:
+        path = resolve_stored_name(image.location, stored, allow_unsafe=True, what="backing file")
+    except VDError:
+        path = stored
+    if os.path.realpath(path) == os.path.realpath(parent.location):
+        return
+    if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
+        return
+    raise ParentMismatch(f"{image.location}: backing file is not {parent.location}",
+                         field="backing file name", expected=stored, found=parent.location)

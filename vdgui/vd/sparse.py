@@ -49,3 +49,25 @@ def block_runs(offset: int, length: int, block_size: int,
         else:
             runs.append((pos, n, st))
     return runs
+
+
+def nonzero_runs(mv, start: int, unit: int = 64 << 10) -> list[tuple[int, int]]:
+    """(a, b) ranges of ``mv`` that are not all zero, in pieces of ``unit`` bytes aligned to
+    ``start + offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
+    zero = _ZERO[:unit]
+    runs: list[tuple[int, int]] = []
+    n = len(mv)
+    pos = 0
+    run = None
+    while pos < n:
+        step = min(unit - (start + pos) % unit, n - pos)
+        if zero.startswith(mv[pos:pos + step]):
+            if run is not None:
+                runs.append((run, pos))
+                run = None
+        elif run is None:
+            run = pos
+        pos += step
+    if run is not None:
+        runs.append((run, n))
+    return runs

@@ -45,6 +45,7 @@ from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatc
 from ..fileio import ImageFile, relative_name, resolve_stored_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
+from ..chain import check_backing_name
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import table_from_bytes, table_to_bytes
@@ -470,19 +471,7 @@ class Qcow2Image(Image):
         return out
 
     def check_parent_link(self, parent: Image) -> None:
-        if self.backing_file is None:
-            return
-        stored = self.backing_file
-        try:
-            path = resolve_stored_name(self.location, stored, allow_unsafe=True, what="backing file")
-        except VDError:
-            path = stored
-        if os.path.realpath(path) == os.path.realpath(parent.location):
-            return
-        if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
-            return
-        raise ParentMismatch(f"{self.location}: backing file is not {parent.location}",
-                             field="backing file name", expected=stored, found=parent.location)
+        check_backing_name(self, self.backing_file, parent)
 
     def _feature_list(self, bits: int, kind: int, names: dict) -> list[str]:
         return [self.feature_names.get((kind, b)) or names.get(b, f"bit {b}")

@@ -23,7 +23,6 @@ only for raw parents (the no-probe feature); other parents are probed.
 """
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 from collections import OrderedDict
@@ -33,10 +32,11 @@ from construct import Const, Int32ul, Int64ul, Struct
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, VDError)
-from ..fileio import ImageFile, relative_name, resolve_stored_name
+from ..errors import CorruptImage, InvalidArgument, NotSupported, VDError
+from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
+from ..chain import check_backing_name
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import table_from_bytes, table_to_bytes
@@ -197,19 +197,7 @@ class QedImage(Image):
         return d
 
     def check_parent_link(self, parent):
-        if self.backing_file is None:
-            return
-        stored = self.backing_file
-        try:
-            path = resolve_stored_name(self.location, stored, allow_unsafe=True, what="backing file")
-        except VDError:
-            path = stored
-        if os.path.realpath(path) == os.path.realpath(parent.location):
-            return
-        if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
-            return
-        raise ParentMismatch(f"{self.location}: backing file is not {parent.location}",
-                             field="backing file name", expected=stored, found=parent.location)
+        check_backing_name(self, self.backing_file, parent)
 
     # ------------------------------------------------------------------ tables
     def _load_l2(self, off: int, l1i: int) -> array:

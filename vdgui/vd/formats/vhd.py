@@ -54,7 +54,7 @@ from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..sparse import is_zero, split_blocks, zeroes
+from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------
@@ -236,29 +236,8 @@ def _round(n: int, to: int = SECTOR) -> int:
 
 
 
-_SKIP_UNIT = 64 << 10
-_ZERO_UNIT = bytes(_SKIP_UNIT)
-
-
 def _data_runs(mv, start: int) -> list[tuple[int, int]]:
-    """(a, b) ranges of ``mv`` that are not all zero, in pieces of 64 KiB aligned to ``start +
-    offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
-    runs: list[tuple[int, int]] = []
-    n = len(mv)
-    pos = 0
-    run = None
-    while pos < n:
-        step = min(_SKIP_UNIT - (start + pos) % _SKIP_UNIT, n - pos)
-        if _ZERO_UNIT.startswith(mv[pos:pos + step]):
-            if run is not None:
-                runs.append((run, pos))
-                run = None
-        elif run is None:
-            run = pos
-        pos += step
-    if run is not None:
-        runs.append((run, n))
-    return runs
+    return nonzero_runs(mv, start)
 
 class VhdImage(Image):
     """One opened VHD file (fixed, dynamic or differencing)."""

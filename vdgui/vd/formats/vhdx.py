@@ -62,7 +62,7 @@ from ..crc32c import crc32c
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage)
 from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
-from ..sparse import is_zero, split_blocks, zeroes
+from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -263,29 +263,8 @@ def bat_entry_count(size: int, block_size: int, logical_sector: int, diff: bool)
     return payload + (payload - 1) // cr if payload else 0
 
 
-_SKIP_UNIT = 64 << 10
-_ZERO_UNIT = bytes(_SKIP_UNIT)
-
-
 def _data_runs(mv, start: int) -> list[tuple[int, int]]:
-    """(a, b) ranges of ``mv`` that are not all zero, in pieces of 64 KiB aligned to ``start +
-    offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
-    runs: list[tuple[int, int]] = []
-    n = len(mv)
-    pos = 0
-    run = None
-    while pos < n:
-        step = min(_SKIP_UNIT - (start + pos) % _SKIP_UNIT, n - pos)
-        if _ZERO_UNIT.startswith(mv[pos:pos + step]):
-            if run is not None:
-                runs.append((run, pos))
-                run = None
-        elif run is None:
-            run = pos
-        pos += step
-    if run is not None:
-        runs.append((run, n))
-    return runs
+    return nonzero_runs(mv, start)
 
 
 def _utf16(s: str) -> bytes:
