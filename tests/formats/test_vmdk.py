@@ -80,6 +80,7 @@ def test_struct_round_trips(tmp_path):
     assert h.magic == b"KDMV" and h.version == 1 and h.grain_size == 128
     gm = vmdk.GrainMarker.build(dict(lba=1234, size=99))
     assert vmdk.GrainMarker.build(vmdk.GrainMarker.parse(gm)) == gm
+    assert vmdk._MARKER.pack(1234, 99) == gm          # the per-grain fast path's layout
     mm = vmdk.MetaMarker.build(dict(num_sectors=4, size=0, type=1, pad=bytes(496)))
     assert len(mm) == 512 and vmdk.MetaMarker.build(vmdk.MetaMarker.parse(mm)) == mm
     cw = vmdk.CowdHeader.build(dict(magic=b"COWD", version=1, flags=3, num_sectors=4096,

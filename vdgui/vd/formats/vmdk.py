@@ -41,6 +41,7 @@ import errno
 import os
 import random
 import stat
+import struct
 import sys
 import uuid as uuidlib
 import zlib
@@ -88,6 +89,7 @@ assert SparseHeader.sizeof() == SECTOR
 
 # streamOptimized markers (same note, "Stream-Optimized Compressed Sparse Extents").
 GrainMarker = Struct("lba" / Int64ul, "size" / Int32ul)              # before compressed data
+_MARKER = struct.Struct("<QI")   # the same marker, for the per-grain paths (no construct per grain)
 MetaMarker = Struct("num_sectors" / Int64ul, "size" / Int32ul, "type" / Int32ul,
                     "pad" / Bytes(496))                              # size == 0; one sector
 
@@ -446,20 +448,25 @@ class SparseExtent(_Extent):
         if self._cgrain is not None and self._cgrain[0] == idx:
             return self._cgrain[1]
         off = gte * SECTOR
-        head = self.f.pread(off, 12)
+        # one read covers the marker and a grain's worth of compressed data (the usual case);
+        # only a grain that compressed badly needs a second read
+        buf = self.f.pread(off, _MARKER.size + self.grain)
         data_off, size = off, None
-        if len(head) == 12:
-            gm = GrainMarker.parse(head)
-            lba, sz = gm.lba, gm.size
+        if len(buf) >= _MARKER.size:
+            lba, sz = _MARKER.unpack_from(buf)
             if self.markers or (lba == idx * self.grain_sectors and 0 < sz <= 2 * self.grain + 1024):
-                data_off, size = off + 12, sz
+                data_off, size = off + _MARKER.size, sz
         if size is None:
             size = min(2 * self.grain + 1024, max(self.file_size - off, 0))
         if size == 0 or size > 2 * self.grain + 1024:
             raise CorruptImage(f"compressed grain {idx} has an impossible size", path=self.f.path,
                                offset=off, expected=f"1..{2 * self.grain + 1024} bytes",
                                found=size)
-        comp = self.f.pread(data_off, size)
+        skip = data_off - off
+        if skip + size <= len(buf):
+            comp = buf[skip:skip + size]
+        else:
+            comp = self.f.pread(data_off, size)
         if len(comp) < size and self.markers:
             raise CorruptImage(f"compressed grain {idx} lies past the end of the file",
                                path=self.f.path, offset=off)
@@ -891,7 +898,7 @@ class StreamWriter(_Extent):
         # always a whole grain (zero padded past the end of the disk): readers such as
         # VirtualBox expect every grain to inflate to the full grain size
         comp = zlib.compress(bytes(data), 6)
-        rec = GrainMarker.build(dict(lba=idx * self.grain_sectors, size=len(comp))) + comp
+        rec = _MARKER.pack(idx * self.grain_sectors, len(comp)) + comp
         rec = rec.ljust(_round_up(len(rec), SECTOR), b"\0")
         if (self.pos + len(rec)) // SECTOR >= 1 << 32:
             raise NotSupported(f"{self.f.path}: streamOptimized image grew past 2 TiB")
