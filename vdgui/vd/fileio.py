@@ -153,6 +153,33 @@ class ImageFile:
         except OSError as exc:
             raise _os_error(exc, self.path, f"write at {offset:#x} failed") from None
 
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]] | None:
+        """(start, end, is_data) runs of the file over [offset, offset+length) from SEEK_DATA /
+        SEEK_HOLE; None for a device or a file system that cannot tell."""
+        if self.is_device:
+            return None
+        end = offset + length
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    data = min(os.lseek(self.fd, pos, os.SEEK_DATA), end)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:     # ENXIO: only a hole up to the end
+                        raise
+                    data = end
+                if data > pos:
+                    runs.append((pos, data, False))
+                if data >= end:
+                    break
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+                runs.append((data, hole, True))
+                pos = hole
+        except OSError:
+            return None
+        return runs
+
     def truncate(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)

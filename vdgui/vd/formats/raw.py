@@ -7,7 +7,6 @@ volume descriptor at sector 16).
 """
 from __future__ import annotations
 
-import errno
 import os
 
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
@@ -45,31 +44,11 @@ class RawImage(Image):
         return d
 
     def block_status(self, offset, length):
-        if self.f.is_device:
-            return [(offset, length, Alloc.DATA)]
         end = offset + length
-        runs = []
-        pos = offset
-        fd = self.f.fd
-        try:
-            while pos < end:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:   # only a hole up to EOF
-                        data = end
-                    else:
-                        raise
-                data = min(data, end)
-                if data > pos:
-                    runs.append((pos, data - pos, Alloc.UNALLOCATED))
-                if data >= end:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-                runs.append((data, hole - data, Alloc.DATA))
-                pos = hole
-        except OSError:
+        holes = self.f.data_runs(offset, length)
+        if holes is None:
             return [(offset, length, Alloc.DATA)]
+        runs = [(a, b - a, Alloc.DATA if is_data else Alloc.UNALLOCATED) for a, b, is_data in holes]
         # align runs to sectors: a partly-written sector counts as data
         out = []
         for s, n, st in runs:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import array
 import bisect
-import errno
 import os
 import sys
 import time
@@ -618,26 +617,8 @@ class VhdImage(Image):
 
     def _fixed_status(self, offset, length):
         """Holes of a sparse fixed disk read as unallocated (so copies stay sparse)."""
-        end = offset + length
-        fd = self.f.fd
-        raw = []
-        pos = offset
-        try:
-            while pos < end:
-                try:
-                    data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:
-                        raise
-                    data = end
-                if data > pos:
-                    raw.append((pos, data, False))
-                if data >= end:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-                raw.append((data, hole, True))
-                pos = hole
-        except OSError:
+        raw = self.f.data_runs(offset, length)
+        if raw is None:
             return [(offset, length, Alloc.DATA)]
         out: list = []
 
