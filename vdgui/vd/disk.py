@@ -277,11 +277,8 @@ class Disk:
         if offset % ss or length % ss or offset < 0 or offset + length > img.size:
             raise InvalidArgument(f"discard range {offset}+{length} must be {ss}-byte aligned "
                                   f"and inside the disk")
-        if getattr(img, "discard_uses_fill", False):   # partial blocks may need copy-on-write
-            level = len(self.images) - 1
-            img.discard(offset, length, fill=lambda o, n: self._read_below(level, o, n))
-        else:
-            img.discard(offset, length)
+        level = len(self.images) - 1
+        img.discard(offset, length, fill=lambda o, n: self._read_below(level, o, n))
 
     # -- allocation query ----------------------------------------------------------------
     def allocation(self, offset: int = 0, length: int | None = None, *, top: int | None = None,

@@ -175,7 +175,9 @@ class Image:
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         raise ReadOnlyImage(f"{self.location}: {self.format} images cannot be written")
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
+        """The range reads as zeroes afterwards. ``fill`` gives the content below this image,
+        for backends that must copy the rest of a partly discarded block."""
         raise NotSupported(f"{self.location}: discard is not supported for {self.format}")
 
     def flush(self) -> None:

@@ -1293,7 +1293,7 @@ class Qcow2Image(Image):
             self.data_f.close()
 
     # ------------------------------------------------------------------ discard
-    def discard(self, offset, length):
+    def discard(self, offset, length, fill=None):
         self._check_write()
         self._mark_dirty(offset, length)
         cs = self.cs

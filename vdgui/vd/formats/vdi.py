@@ -83,9 +83,6 @@ def _align(v: int, a: int) -> int:
 class VdiImage(Image):
     """One opened VDI file."""
 
-    #: Disk.discard passes ``fill`` (the content below) so partial discards can copy-on-write
-    discard_uses_fill = True
-
     def __init__(self, backend, location: str, f: ImageFile, read_only: bool):
         super().__init__(backend, location, read_only)
         self.f = f

@@ -880,7 +880,7 @@ class VhdxImage(Image):
         else:
             self._fresh[idx] = (entry, written_to)
 
-    def discard(self, offset, length):
+    def discard(self, offset, length, fill=None):
         """Whole blocks lose their data (base: UNMAPPED, read as zeroes; differencing: ZERO,
         hiding the parent; fixed: zeroes written, the block stays allocated) and their space is
         returned to the file system; partial blocks are zeroed."""
