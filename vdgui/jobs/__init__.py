@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
+from vdgui import qtfix  # noqa: F401  (before any signal is emitted)
+
 from vdgui.vd import Cancelled, VDError
 
 PROGRESS_INTERVAL = 0.1   # seconds between progress signals
