@@ -897,3 +897,19 @@ def test_discard_survives_interruption_at_every_write(tmp_path):
         two = one[:2 * MiB + 512] + bytes(1024) + one[2 * MiB + 1536:]
         return [b, one, two]
     assert _crash_runs(tmp_path, setup, act, allowed) > 2
+
+
+def test_new_full_block_stores_only_its_nonzero_pieces(tmp_path):
+    """A whole block written past the end of the file: zero pieces stay holes in the file."""
+    blk = bytearray(MiB)
+    blk[0:65536] = b"\x5a" * 65536
+    blk[MiB - 4096:] = b"\xa5" * 4096
+    p = make(tmp_path / "s.vdi", 8 * MiB, [(2 * MiB, bytes(blk)), (5 * MiB, pattern(MiB, 3))])
+    st = os.stat(p)
+    # header + map + 128 KiB + 1 MiB of data; far less than the two whole blocks
+    assert st.st_blocks * 512 < MiB + 512 * 1024
+    assert st.st_size >= 2 * MiB
+    with open_ro(p) as d:
+        assert d.read(2 * MiB, MiB) == bytes(blk)
+        assert d.read(5 * MiB, MiB) == pattern(MiB, 3)
+        assert d.read(0, 2 * MiB) == bytes(2 * MiB)

@@ -30,7 +30,7 @@ from ..fileio import ImageFile
 from ..geometry import Geometry, vbox_lchs, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..sparse import is_zero, zeroes
+from ..sparse import is_zero, nonzero_runs, zeroes
 from . import vdi_layout as L
 
 _FREE = L.BLOCK_FREE
@@ -473,11 +473,18 @@ class VdiImage(Image):
                 # allocate a new block at the end, completing it from below when partial
                 new = self._next
                 bpos = self._data_pos(new)
-                if n == bs:
+                fresh = self.f.size() <= bpos - self.block_extra
+                if n == bs and fresh:
+                    # past the end of the file: only the non-zero pieces are written, the rest
+                    # stays a hole (reads zero; less to write out and to store)
+                    for a, b in nonzero_runs(chunk, 0):
+                        emit(bpos + a, chunk[a:b])
+                    extend_to = max(extend_to, bpos + bs)
+                elif n == bs:
                     if self.block_extra:
                         emit(bpos - self.block_extra, bytes(self.block_extra))
                     emit(bpos, chunk)
-                elif not (v == _FREE and is_diff) and self.f.size() <= bpos - self.block_extra:
+                elif not (v == _FREE and is_diff) and fresh:
                     # below reads zero and the block lies past the end of the file: write only
                     # the new bytes and extend the file, the rest stays a hole (reads zero)
                     emit(bpos + inner, chunk)
