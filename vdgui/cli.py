@@ -621,6 +621,19 @@ def cmd_set(args) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+class _VersionAction(argparse.Action):
+    """--version, with the version looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the program's version and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import vdgui
+        print(f"{PROG} {vdgui.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--allow-unsafe-paths", action="store_true", default=argparse.SUPPRESS,
@@ -636,10 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="configuration key of the source backend")
             p.add_argument("--source-property-file", action="append", metavar="K=PATH")
 
-    from vdgui import __version__
     ap = _Parser(prog=PROG, parents=[common],
                  description="Inspect, create, convert and repair virtual disk images.")
-    ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

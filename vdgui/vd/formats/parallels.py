@@ -43,7 +43,6 @@ import shutil
 import struct
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from xml.sax.saxutils import escape as xml_escape
 from array import array
 from sys import byteorder
 
@@ -57,6 +56,12 @@ from ..fileio import ImageFile, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem
 from ..sparse import is_zero, split_blocks
+
+
+def _xml_escape(text: str) -> str:
+    """Text for an XML element (xml.sax.saxutils would import urllib and ssl at start-up)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
 
 SECTOR = 512
 MAGIC_V2 = b"WithoutFreeSpace"
@@ -890,8 +895,8 @@ class ParallelsBackend(Backend):
             sectors = size // SECTOR
             desc = _DESCRIPTOR.format(
                 sectors=sectors, cylinders=min(sectors // (16 * 32), 0xFFFFFFFF), uid=uid,
-                name=xml_escape(os.path.splitext(name)[0]), blocksize=cl // SECTOR,
-                file=xml_escape(hds), guid=guid)
+                name=_xml_escape(os.path.splitext(name)[0]), blocksize=cl // SECTOR,
+                file=_xml_escape(hds), guid=guid)
             with open(os.path.join(tmp, DESCRIPTOR_NAME), "w", encoding="utf-8") as fh:
                 fh.write(desc)
                 fh.flush()
