@@ -6,7 +6,9 @@ secret, runs "Test connection" and grabs the dialog showing the result.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -16,15 +18,22 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 IQN = "iqn.2026-11.org.example.storage:vm-disks"
 
 
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the script ends (sample images are hundreds of MiB)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def main() -> int:
     sys.path.insert(0, ROOT)
-    os.environ.setdefault("VDGUI_DATA_DIR", tempfile.mkdtemp(prefix="vdgui-shots-data-"))
+    os.environ.setdefault("VDGUI_DATA_DIR", _scratch("vdgui-shots-data-"))
     from tests.iscsi.conftest import Tgt
     from vdgui.gui.app import make_app
     from vdgui.gui.dialogs.network_disk import NetworkDiskDialog
     from vdgui.jobs import JobQueue
 
-    tmp = tempfile.mkdtemp(prefix="vdgui-shots-iscsi-")
+    tmp = _scratch("vdgui-shots-iscsi-")
     backing = os.path.join(tmp, "lun.img")
     with open(backing, "wb") as f:
         f.truncate(64 << 20)

@@ -5,7 +5,9 @@ an ISO, a missing image), then grabs the main window, a running job and the dial
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -64,8 +66,15 @@ def build_samples(d: str) -> dict:
     return p
 
 
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the script ends (sample images are hundreds of MiB)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def main() -> int:
-    os.environ.setdefault("VDGUI_DATA_DIR", tempfile.mkdtemp(prefix="vdgui-shots-data-"))
+    os.environ.setdefault("VDGUI_DATA_DIR", _scratch("vdgui-shots-data-"))
     from PySide6.QtCore import QSize, Qt
     from vdgui.gui.app import make_app
     from vdgui.gui.dialogs.copy import CopyDialog
@@ -77,7 +86,7 @@ def main() -> int:
     from vdgui.vd import Library, copy_image
 
     app = make_app()
-    tmp = tempfile.mkdtemp(prefix="vdgui-shots-")
+    tmp = _scratch("vdgui-shots-")
     p = build_samples(tmp)
     win = MainWindow(Library(":memory:"))
     win.resize(QSize(1240, 760))
