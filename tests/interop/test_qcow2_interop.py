@@ -114,6 +114,26 @@ def test_qemu_image_both_directions(qemu, tmp_path, opts):
     assert_reads_like_qemu(qemu, p, tmp_path)
 
 
+@pytest.mark.parametrize("opts", ["cluster_size=512,refcount_bits=1",
+                                  "cluster_size=512,refcount_bits=4",
+                                  "cluster_size=512,refcount_bits=64",
+                                  "cluster_size=4096,refcount_bits=16"])
+def test_long_writes_of_new_clusters(qemu, tmp_path, opts):
+    """Long writes allocate runs of clusters together (refcounts, data and L2 entries in one
+    write each): across refcount blocks and L2 tables, at every refcount width."""
+    p = str(tmp_path / "l.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", opts, p, SIZE)
+    expect = bytearray(SIZE)
+    rnd = random.Random(11)
+    writes = [(3 * 512 + 100, os.urandom(2 * MiB)),            # partial head and tail clusters
+              (4 * MiB, os.urandom(MiB)),
+              (4 * MiB + 65536, bytes(65536) + os.urandom(200000)),   # over own clusters
+              (SIZE - 300000, bytes([rnd.randrange(1, 255)]) * 300000)]
+    write_ours(p, writes, expect)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+
+
 @pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "compression_type=zstd",
                                   "cluster_size=4096"])
 def test_compressed_images(qemu, tmp_path, opts):

@@ -842,6 +842,10 @@ class Qcow2Image(Image):
         if rti >= len(rt):
             self._grow_rt(rti)
             rt = self.rt
+            if rt[rti]:
+                # growing the table counted its own new clusters, which may have made this
+                # very refcount block: use it (a second one would drop those refcounts)
+                return self._refblock(rti, create=False)
         ci = self._take(1)
         blk = bytearray(self.cs)
         own = ci // self.rb_entries == rti
@@ -895,9 +899,24 @@ class Qcow2Image(Image):
             if self.next_cluster - first > 65536:
                 raise self._corrupt("refcounts claim clusters far past the end of the file; "
                                     "run a check with repair", offset=first * self.cs)
-        for c in range(ci, ci + n):
-            self._set_refcount(c, 1)
+        self._set_refcounts(ci, n, 1)
         return ci * self.cs
+
+    def _set_refcounts(self, ci: int, n: int, value: int) -> None:
+        """Set the refcounts of clusters [ci, ci+n): one write per refcount block touched."""
+        end = ci + n
+        while ci < end:
+            rti, idx = divmod(ci, self.rb_entries)
+            k = min(end - ci, self.rb_entries - idx)
+            blk = self._refblock(rti, create=True)
+            lo, hi = None, 0
+            for i in range(idx, idx + k):
+                b, m = self._rc_set_in(blk, i, value)
+                lo = b if lo is None else min(lo, b)
+                hi = max(hi, b + m)
+            off = self.rt[rti] & L.REFT_OFFSET_MASK
+            self.f.pwrite(off + lo, blk[lo:hi])
+            ci += k
 
     def _unref(self, off: int, length: int, punch: bool = True) -> None:
         first = off // self.cs
@@ -1120,12 +1139,44 @@ class Qcow2Image(Image):
         end = offset + len(data)
         pos = offset
         cs = self.cs
+        batch = not self.extended_l2 and not self.compress_writes
         while pos < end:
             ci = pos // cs
             inner = pos - ci * cs
+            if batch and not inner and end - pos >= 2 * cs:
+                k = self._write_new_run(ci, mv[pos - offset:], (end - pos) // cs)
+                if k:
+                    pos += k * cs
+                    continue
             n = min(cs - inner, end - pos)
             self._write_cluster(ci, inner, mv[pos - offset:pos - offset + n], fill)
             pos += n
+
+    def _write_new_run(self, ci: int, mv, most: int) -> int:
+        """Whole clusters ci, ci+1, ... that this image does not hold yet and that are not all
+        zero, within one L2 table: allocated together, written with one write each for the
+        refcounts, the data and the L2 entries (in that order, so a crash only leaks). Returns
+        how many clusters were written (0: none qualify, the caller goes cluster by cluster)."""
+        cs = self.cs
+        l1i, l2i = divmod(ci, self.l2_entries)
+        most = min(most, self.l2_entries - l2i, (self.size - ci * cs) // cs)
+        tbl, _ = self._l2_of(l1i)
+        k = 0
+        while k < most:
+            if tbl is not None and tbl[l2i + k] & (L2E_MASK | L.OFLAG_COMPRESSED):
+                break
+            if is_zero(mv[k * cs:(k + 1) * cs]):
+                break
+            k += 1
+        if k < 2:
+            return 0
+        tbl, l2off = self._l2_for_write(l1i)
+        new = self._alloc(k)
+        self.f.pwrite(new, mv[:k * cs])
+        for i in range(k):
+            tbl[l2i + i] = (new + i * cs) | L.OFLAG_COPIED
+        self.f.pwrite(l2off + 8 * l2i, _array_be_bytes(tbl[l2i:l2i + k]))
+        return k
 
     def _write_cluster(self, ci: int, inner: int, chunk, fill) -> None:
         cs = self.cs
