@@ -60,18 +60,23 @@ def writes(size: int, data: int, seed: int, piece: int = 1 * MiB) -> list[str]:
             for i, s in enumerate(slots)]
 
 
-def make_chain(folder: str, q: str, ext: str, size: int, data: int) -> tuple[str, str]:
-    """base + child made by qemu (backing by relative name). Reused between invocations."""
-    base, child = os.path.join(folder, f"mbase.{ext}"), os.path.join(folder, f"mchild.{ext}")
-    stamp = os.path.join(folder, f"chain.{ext}.{size}.{data}.done")
+def make_chain(folder: str, q: str, ext: str, size: int, data: int,
+               cluster: int | None = None) -> tuple[str, str]:
+    """base + child made by qemu (backing by relative name). Reused between invocations.
+    ``cluster``: qcow2 cluster size (default qemu's)."""
+    tag = f"-c{cluster}" if cluster else ""
+    base = os.path.join(folder, f"mbase{tag}.{ext}")
+    child = os.path.join(folder, f"mchild{tag}.{ext}")
+    stamp = os.path.join(folder, f"chain{tag}.{ext}.{size}.{data}.done")
     if os.path.exists(stamp):
         return base, child
     remove(base, child)
     qi = tool("qemu-img")
-    subprocess.run([qi, "create", "-q", "-f", q, base, str(size)], check=True)
+    opts = ["-o", f"cluster_size={cluster}"] if cluster else []
+    subprocess.run([qi, "create", "-q", "-f", q, *opts, base, str(size)], check=True)
     qemu_io(q, base, writes(size, data, 1))
-    subprocess.run([qi, "create", "-q", "-f", q, "-b", os.path.basename(base), "-F", q, child],
-                   check=True)
+    subprocess.run([qi, "create", "-q", "-f", q, *opts, "-b", os.path.basename(base), "-F", q,
+                    child], check=True)
     qemu_io(q, child, writes(size, data // 4, 2, piece=256 * 1024))
     open(stamp, "w").close()
     return base, child
@@ -160,9 +165,13 @@ def main(argv=None) -> int:
             src = make_chain(args.dir, q, EXT[name], args.size, args.data)
             qsrc, qq, label = src, q, f"merge {name} (vs qemu-img commit, {name})"
         else:
+            # qemu cannot open VDI diffs: its reference is a qcow2 chain with the same writes and
+            # clusters as large as VDI's blocks, so both children hold the same bytes (a 256 KiB
+            # write into a 1 MiB block/cluster copies the whole unit into the child)
             src = make_vdi_chain(args.dir, args.size, args.data)
-            qsrc = make_chain(args.dir, "qcow2", "qcow2", args.size, args.data)
-            qq, label = "qcow2", f"merge {name} (vs qemu-img commit on a qcow2 chain, same data)"
+            qsrc = make_chain(args.dir, "qcow2", "qcow2", args.size, args.data, cluster=MiB)
+            qq = "qcow2"
+            label = f"merge {name} (vs qemu-img commit, qcow2 chain, same data, 1 MiB clusters)"
         saved = snapshot(list(src), os.path.join(args.dir, f"saved-{name}"))
         qsaved = snapshot(list(qsrc), os.path.join(args.dir, f"qsaved-{name}"))
         want = os.path.join(args.dir, f"want-{name}.raw")
