@@ -18,9 +18,10 @@ The operation never names a format; it uses the WRITE and RELINK declarations an
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Callable
 
-from ..backend import Backend, OpenFlags, Operation
+from ..backend import Backend, Cap, OpenFlags, Operation
 from ..chain import _candidate_dirs, find_parent
 from ..disk import Disk
 from ..errors import (Cancelled, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
@@ -29,6 +30,7 @@ from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import backends, probe
 from ..sparse import is_zero, zeroes
+from .copy import READAHEAD, _Readers
 
 CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
 
@@ -89,26 +91,64 @@ def _require(img: Image, op: Operation, why: str) -> None:
 
 
 def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_top: int,
-               prog: Progress) -> None:
-    """Write ``runs`` (as seen through image ``read_top``) into image ``level`` of ``disk``."""
+               prog: Progress, readers: _Readers | None = None, reader_top: int = 0) -> None:
+    """Write ``runs`` (as seen through image ``read_top``) into image ``level`` of ``disk``.
+    ``readers``: read-ahead threads with their own read-only opens of the chain, reading
+    through ``reader_top`` (an image that is not written during the copy); a window they
+    could not read is read again here, where an error is reported as usual."""
     img = disk.images[level]
     fill = lambda o, n: disk._read_below(level, o, n)  # noqa: E731 - content under the target
+    pending: deque = deque()
+
+    def settle() -> None:
+        pos, n, status, fut = pending.popleft()
+        if status == Alloc.ZERO:
+            data = zeroes(n)
+        elif fut is not None and fut.exception() is None:
+            data = fut.result()
+        else:
+            data = disk.read(pos, n, top=read_top)
+        img.write(pos, data, fill)
+        if is_zero(data):
+            # a zero write the backend chose not to allocate would show the parent: verify
+            for s, ln, st in img.block_status(pos, n):
+                if st == Alloc.UNALLOCATED and not is_zero(disk._read_below(level, s, ln)):
+                    raise NotSupported(
+                        f"{img.location}: cannot merge: the {img.format} backend did not store "
+                        f"zeroes written at offset {s:#x}; nothing was relinked or deleted and "
+                        "the chain reads as before")
+        prog.advance(n)
+
+    depth = READAHEAD // CHUNK if readers is not None else 0
     for start, length, status in runs:
         pos, end = start, start + length
         while pos < end:
             n = min(CHUNK - pos % CHUNK, end - pos)
-            data = zeroes(n) if status == Alloc.ZERO else disk.read(pos, n, top=read_top)
-            img.write(pos, data, fill)
-            if is_zero(data):
-                # a zero write the backend chose not to allocate would show the parent: verify
-                for s, ln, st in img.block_status(pos, n):
-                    if st == Alloc.UNALLOCATED and not is_zero(disk._read_below(level, s, ln)):
-                        raise NotSupported(
-                            f"{img.location}: cannot merge: the {img.format} backend did not store "
-                            f"zeroes written at offset {s:#x}; nothing was relinked or deleted and "
-                            "the chain reads as before")
+            fut = (readers.submit(pos, n, reader_top, None)
+                   if readers is not None and status != Alloc.ZERO else None)
+            pending.append((pos, n, status, fut))
+            while len(pending) > depth:
+                settle()
             pos += n
-            prog.advance(n)
+    while pending:
+        settle()
+
+
+def _merge_readers(disk: Disk, top: int) -> _Readers | None:
+    """Read-ahead for a merge of a chain of files: each reader thread opens the chain from
+    image ``top`` down read-only (no lock) and must find the same files."""
+    if not all(img.backend.caps & Cap.FILE for img in disk.images[:top + 1]):
+        return None
+    want = [_real(img.location) for img in disk.images[:top + 1]]
+    top_img = disk.images[top]
+
+    def opener() -> Disk:
+        d = Disk.open_chain(top_img.location, top_img.backend.name, OpenFlags.READ_ONLY)
+        if [_real(img.location) for img in d.images] != want:
+            d.close()
+            raise InvalidArgument("the chain opened for reading ahead differs")
+        return d
+    return _Readers(opener)
 
 
 def _runs_to_copy(disk: Disk, top: int, bottom: int, want: Callable[[int], bool]):
@@ -219,8 +259,16 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     prog.start()
     old_hz = getattr(target, "honor_zeroes", False)
     target.honor_zeroes = True        # zeroes copied from above must be stored, not skipped
+    # read-ahead through images the copy does not write: forward, the source itself; backward,
+    # the image below the target (the runs are where the target holds nothing)
+    reader_top = read_top if forward else t - 1
+    readers = _merge_readers(disk, reader_top) if runs else None
     try:
-        _copy_runs(disk, runs, t, read_top, prog)
+        try:
+            _copy_runs(disk, runs, t, read_top, prog, readers, reader_top)
+        finally:
+            if readers is not None:
+                readers.close()
         target.flush()
         if not forward:               # the target's children: links naming its modification id
             _restore_links(disk, t, refresh)
