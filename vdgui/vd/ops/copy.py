@@ -55,6 +55,7 @@ MAX_GRAIN = 8 << 20         # zero detection granularity (and window) at most
 READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
 MIN_GRAIN = 4096            # zero detection granularity (at least)
+COARSE = 64 << 10           # zero stretches of small-grain targets are first tested this large
 WRITEBACK_EVERY = 64 << 20  # start the kernel writing the target out every 64 MiB
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
 _ZEROS = bytes(MAX_GRAIN)
@@ -174,9 +175,14 @@ class _Writer:
         run_start = None
         pos = 0
         while pos < n:
-            step = min(g - (off + pos) % g, n - pos)
-            keep = not _zero(mv[pos:pos + step]) or (
-                below_zero is not None and not below_zero(off + pos, step))
+            if g < COARSE and not (off + pos) % COARSE and pos + COARSE <= n \
+                    and _zero(mv[pos:pos + COARSE]):
+                step = COARSE        # a whole zero stretch in one test, not one per small grain
+                keep = below_zero is not None and not below_zero(off + pos, step)
+            else:
+                step = min(g - (off + pos) % g, n - pos)
+                keep = not _zero(mv[pos:pos + step]) or (
+                    below_zero is not None and not below_zero(off + pos, step))
             if keep:
                 if run_start is None:
                     run_start = pos
