@@ -51,7 +51,7 @@ from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 
 WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
-MAX_GRAIN = 8 << 20         # zero detection granularity (and window) at most
+MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
 READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
 MIN_GRAIN = 4096            # zero detection granularity (at least)
@@ -68,6 +68,16 @@ __all__ = ["copy_image", "move_image", "chain_target_names"]
 def _zero(mv) -> bool:
     """All-zero test for a buffer of at most MAX_GRAIN bytes (memcmp speed)."""
     return _ZEROS.startswith(mv)
+
+
+def _grain(block_size: int) -> int:
+    """Zero-detection granularity for a target with blocks of ``block_size``: the block, but
+    for blocks larger than MAX_GRAIN (VHDX: 32 MiB) one window. Source extents are widened to
+    whole grains, so a large grain would read, zero-fill and scan mostly unallocated space;
+    such backends store a partly written new block sparsely themselves."""
+    if block_size > MAX_GRAIN:
+        return WINDOW
+    return max(block_size, MIN_GRAIN)
 
 
 def _backend(fmt: str | Backend | None) -> Backend | None:
@@ -458,8 +468,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
         if t.size < size:
             raise InvalidArgument(f"{dst_path}: the target holds {t.size} bytes, too small for "
                                   f"{size} bytes")
-        w = _Writer(t, max(t.top.block_size, MIN_GRAIN), fresh=False)
-        w.g = min(w.g, MAX_GRAIN)
+        w = _Writer(t, _grain(t.top.block_size), fresh=False)
         try:
             _copy_flat(src, top, w, copy_len, prog, 0, readers)
         finally:
@@ -499,8 +508,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len,
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
                                   config=config, allow_unsafe_paths=allow_unsafe)
                 created.append(loc)
-                grain = min(max(t.top.block_size, MIN_GRAIN), MAX_GRAIN)
-                w = _Writer(t, grain, fresh=True)
+                w = _Writer(t, _grain(t.top.block_size), fresh=True)
                 if lv == 0:
                     _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0, readers)
                 else:
