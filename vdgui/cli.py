@@ -331,7 +331,8 @@ def cmd_convert(args) -> int:
                       new_size=_size(args.size) if args.size is not None else None,
                       keep_uuid=args.keep_uuid, as_chain=args.chain, src_config=src_cfg,
                       dst_config=dst_cfg, progress=prog,
-                      allow_unsafe_paths=bool(args.allow_unsafe_paths))
+                      allow_unsafe_paths=bool(args.allow_unsafe_paths),
+                      sync=args.cache != "unsafe")
     finally:
         prog.close()
     return 0
@@ -687,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chain", action="store_true",
                    help="copy the chain as a chain: DST, then <stem>-snapN.<ext> per diff")
     p.add_argument("--keep-uuid", action="store_true")
+    p.add_argument("-t", "--cache", choices=("writeback", "unsafe"), default="writeback",
+                   help="writeback (default): the target is on disk (fsync) before it is renamed "
+                        "into place; unsafe: do not wait for the disk, as qemu-img convert does "
+                        "by default (faster; a power loss soon after can lose the copy)")
     props(p, source=True)
     p.add_argument("src")
     p.add_argument("dst")

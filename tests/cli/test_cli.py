@@ -140,6 +140,9 @@ def test_create_info_write_read_map_convert_compare(tmp_path, fmt):
     again = str(tmp_path / f"again.{_ext(fmt)}")
     run("convert", "-f", "raw", "-O", alias, out, again)
     assert run("compare", again, img).stdout.strip() == "Images are identical."
+    unsynced = str(tmp_path / f"unsynced.{_ext(fmt)}")          # qemu's -t unsafe
+    run("convert", "-t", "unsafe", "-f", "raw", "-O", fmt, out, unsynced)
+    assert run("compare", unsynced, img).stdout.strip() == "Images are identical."
     if [b for b in backends() if b.name == fmt][0].can(Operation.CHECK):
         assert run("check", again, check=False).returncode == 0
         rep = json.loads(run("check", "--json", again).stdout)

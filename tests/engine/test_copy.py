@@ -458,3 +458,23 @@ def test_move_parent_keeps_children_linked_or_refuses(tmp_path, fake):
     with Disk.open_chain(paths[2], flags=OpenFlags.READ_ONLY) as d:
         assert read_all(d) == views[2]
     assert sha(paths[2]) == hashes[paths[2]]
+
+
+@pytest.mark.parametrize("fmt", ["VDI", "QCOW2", "VHDX", "RAW"])
+def test_sync_false_skips_only_the_fsync(tmp_path, monkeypatch, fmt):
+    """sync=True (the default) waits for the disk before the rename; sync=False (qemu's
+    cache=unsafe) makes the same complete image and renames it into place, without fsync."""
+    src = tmp_path / "src.raw"
+    _raw(src, 8 * MiB, [(0, pattern(MiB, 1)), (5 * MiB + 4096, pattern(70000, 2))])
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    copy_image(str(src), str(tmp_path / "durable.img"), fmt)
+    assert calls, "a durable copy fsyncs its target"
+    calls.clear()
+    copy_image(str(src), str(tmp_path / "fast.img"), fmt, sync=False)
+    assert calls == []
+    for name in ("durable.img", "fast.img"):
+        with Disk.open_chain(str(tmp_path / name), fmt, OpenFlags.READ_ONLY) as d:
+            assert read_all(d) == _bytes(src)
+    assert sorted(os.listdir(tmp_path)) == ["durable.img", "fast.img", "src.raw"]

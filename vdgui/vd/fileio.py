@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 
 from .errors import (CorruptImage, FileExists, ImageInUse, ImageNotFound, UnsafePath,
                      VDIOError)
@@ -21,6 +22,25 @@ from .errors import (CorruptImage, FileExists, ImageInUse, ImageNotFound, Unsafe
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
 _MAX_OFFSET = (1 << 63) - 1      # off_t: no file reaches past this
+_UNSYNCED = threading.local()
+
+
+@contextlib.contextmanager
+def unsynced():
+    """In this thread, ImageFile.sync() does not wait for the disk (qemu's cache=unsafe): data
+    and metadata still reach the file in the same order, but a power loss soon after may lose
+    them. For copies the caller does not need durable right away."""
+    prev = getattr(_UNSYNCED, "on", False)
+    _UNSYNCED.on = True
+    try:
+        yield
+    finally:
+        _UNSYNCED.on = prev
+
+
+def syncing() -> bool:
+    """False inside :func:`unsynced` (this thread)."""
+    return not getattr(_UNSYNCED, "on", False)
 _BIG_READ = 64 << 20             # reads longer than this are first clamped to the file's end
 
 
@@ -187,6 +207,8 @@ class ImageFile:
             raise _os_error(exc, self.path, "truncate failed") from None
 
     def sync(self) -> None:
+        if not syncing():
+            return
         try:
             os.fsync(self.fd)
         except OSError as exc:

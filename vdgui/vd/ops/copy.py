@@ -45,7 +45,7 @@ from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
-from ..fileio import start_writeback
+from ..fileio import start_writeback, syncing, unsynced
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -134,6 +134,7 @@ class _Writer:
         self._since_writeback = 0
         self._wb_fds: list[int] | None = None
         self._wb_thread: threading.Thread | None = None
+        self.sync = syncing()         # no early writeback when nothing will wait for the disk
 
     def _writeback(self) -> None:
         """Start the kernel's writeback of the target every WRITEBACK_EVERY bytes, so the fsync
@@ -165,7 +166,7 @@ class _Writer:
         zero there too."""
         n = len(data)
         self._since_writeback += n
-        if self._since_writeback >= WRITEBACK_EVERY:
+        if self._since_writeback >= WRITEBACK_EVERY and self.sync:
             self._since_writeback = 0
             self._writeback()
         if not self.fresh:
@@ -402,11 +403,21 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                new_size: int | None = None, keep_uuid: bool = False, as_chain: bool = False,
                src_config: dict | None = None, dst_config: dict | None = None,
                progress: ProgressCallback | None = None, overwrite: bool = False,
-               src_top: int | None = None, allow_unsafe_paths: bool = False) -> list[str]:
+               src_top: int | None = None, allow_unsafe_paths: bool = False,
+               sync: bool = True) -> list[str]:
     """Copy (convert) the chain ending at ``src_path`` into a new image (VDCopyEx).
 
     Returns the locations of the images created, base first (one for a flattening copy). See the
-    module docstring for sparseness, sizes, UUIDs, chain copies, target naming and safety."""
+    module docstring for sparseness, sizes, UUIDs, chain copies, target naming and safety.
+    ``sync=False`` skips waiting for the disk (no fsync; qemu-img convert's default): the files
+    are complete and renamed into place as usual, but a power loss soon after may lose them."""
+    if not sync:
+        with unsynced():
+            return copy_image(src_path, dst_path, dst_format, src_format=src_format,
+                              variant=variant, new_size=new_size, keep_uuid=keep_uuid,
+                              as_chain=as_chain, src_config=src_config, dst_config=dst_config,
+                              progress=progress, overwrite=overwrite, src_top=src_top,
+                              allow_unsafe_paths=allow_unsafe_paths)
     dst_backend = _backend(dst_format)
     variant = ImageFlags(variant)
     file_target = bool(dst_backend.caps & Cap.FILE)
