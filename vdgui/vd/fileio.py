@@ -22,6 +22,7 @@ from .errors import (CorruptImage, FileExists, ImageInUse, ImageNotFound, Unsafe
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
 _MAX_OFFSET = (1 << 63) - 1      # off_t: no file reaches past this
+_BIG_READ = 64 << 20             # reads longer than this are first clamped to the file's end
 _UNSYNCED = threading.local()
 
 
@@ -41,7 +42,6 @@ def unsynced():
 def syncing() -> bool:
     """False inside :func:`unsynced` (this thread)."""
     return not getattr(_UNSYNCED, "on", False)
-_BIG_READ = 64 << 20             # reads longer than this are first clamped to the file's end
 
 
 def _os_error(exc: OSError, path: str, what: str):

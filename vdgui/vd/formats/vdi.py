@@ -419,6 +419,7 @@ class VdiImage(Image):
         pending_len = 0
         dirty: list[int] = []
         extend_to = 0
+        fsize = None
         f = self.f
 
         def flush_pending():
@@ -473,7 +474,9 @@ class VdiImage(Image):
                 # allocate a new block at the end, completing it from below when partial
                 new = self._next
                 bpos = self._data_pos(new)
-                fresh = self.f.size() <= bpos - self.block_extra
+                if fsize is None:
+                    fsize = self.f.size()       # once per call: new blocks of this call lie past it
+                fresh = fsize <= bpos - self.block_extra
                 if n == bs and fresh:
                     # past the end of the file: only the non-zero pieces are written, the rest
                     # stays a hole (reads zero; less to write out and to store)

@@ -327,6 +327,14 @@ class FlatExtent(_Extent):
             self.f.sync()
 
 
+def _zero_part(parts: list, cnt: int) -> None:
+    """Add ``cnt`` bytes that read as zeroes to a read's parts (merged with a zero part before)."""
+    if parts and parts[-1][0] == 0:
+        parts[-1][2] += cnt
+    else:
+        parts.append([0, None, cnt])
+
+
 def _append_run(out: list, s: int, n: int, st: Alloc) -> None:
     if n <= 0:
         return
@@ -522,25 +530,9 @@ class SparseExtent(_Extent):
                 cnt = min(g - inner, tend - pos)
                 gte = 0 if gt is None else gt[i]
                 if gte < 2:                   # unallocated or zeroed grain
-                    if parts and parts[-1][0] == 0:
-                        parts[-1][2] += cnt
-                    else:
-                        parts.append([0, None, cnt])
-                elif self.compressed:
-                    parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
+                    _zero_part(parts, cnt)
                 else:
-                    foff = gte * SECTOR + inner
-                    if foff + cnt > fsize:
-                        raise CorruptImage(f"grain {idx} lies past the end of the file",
-                                           path=self.f.path,
-                                           field=f"grain table entry for grain {idx}",
-                                           expected=f"an offset below {fsize:#x}",
-                                           found=f"sector {gte}")
-                    last = parts[-1] if parts else None
-                    if last is not None and last[0] == 1 and last[1] + last[2] == foff:
-                        last[2] += cnt
-                    else:
-                        parts.append([1, foff, cnt])
+                    self._data_part(parts, idx, gte, inner, cnt, fsize)
                 pos += cnt
                 idx += 1
                 i += 1
@@ -570,28 +562,29 @@ class SparseExtent(_Extent):
         parts: list = []
         for idx, inner, pos, cnt in split_blocks(off, n, self.grain):
             gte = self._gte(idx)
-            st = self._status(gte)
-            if st != Alloc.DATA:
-                if parts and parts[-1][0] == 0:
-                    parts[-1][2] += cnt
-                else:
-                    parts.append([0, None, cnt])
-                continue
-            if self.compressed:
-                parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
-                continue
-            foff = gte * SECTOR + inner
-            if foff + cnt > self.file_size:
-                raise CorruptImage(f"grain {idx} lies past the end of the file",
-                                   path=self.f.path, field=f"grain table entry for grain {idx}",
-                                   expected=f"an offset below {self.file_size:#x}",
-                                   found=f"sector {gte}")
-            last = parts[-1] if parts else None
-            if last is not None and last[0] == 1 and last[1] + last[2] == foff:
-                last[2] += cnt
+            if self._status(gte) != Alloc.DATA:
+                _zero_part(parts, cnt)
             else:
-                parts.append([1, foff, cnt])
+                self._data_part(parts, idx, gte, inner, cnt, self.file_size)
         return parts
+
+    def _data_part(self, parts: list, idx: int, gte: int, inner: int, cnt: int,
+                   fsize: int) -> None:
+        """Add ``cnt`` bytes of allocated grain ``idx`` (at ``inner``) to a read's parts:
+        decompressed data, or a file range merged with the previous one when contiguous."""
+        if self.compressed:
+            parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
+            return
+        foff = gte * SECTOR + inner
+        if foff + cnt > fsize:
+            raise CorruptImage(f"grain {idx} lies past the end of the file", path=self.f.path,
+                               field=f"grain table entry for grain {idx}",
+                               expected=f"an offset below {fsize:#x}", found=f"sector {gte}")
+        last = parts[-1] if parts else None
+        if last is not None and last[0] == 1 and last[1] + last[2] == foff:
+            last[2] += cnt
+        else:
+            parts.append([1, foff, cnt])
 
     # -- writing -----------------------------------------------------------------------------
     def _alloc(self, nbytes: int) -> int:

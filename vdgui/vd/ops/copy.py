@@ -411,13 +411,6 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
     module docstring for sparseness, sizes, UUIDs, chain copies, target naming and safety.
     ``sync=False`` skips waiting for the disk (no fsync; qemu-img convert's default): the files
     are complete and renamed into place as usual, but a power loss soon after may lose them."""
-    if not sync:
-        with unsynced():
-            return copy_image(src_path, dst_path, dst_format, src_format=src_format,
-                              variant=variant, new_size=new_size, keep_uuid=keep_uuid,
-                              as_chain=as_chain, src_config=src_config, dst_config=dst_config,
-                              progress=progress, overwrite=overwrite, src_top=src_top,
-                              allow_unsafe_paths=allow_unsafe_paths)
     dst_backend = _backend(dst_format)
     variant = ImageFlags(variant)
     file_target = bool(dst_backend.caps & Cap.FILE)
@@ -431,7 +424,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
 
     flags = OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)
     src_be = _backend(src_format)
-    with Disk.open_chain(src_path, src_be.name if src_be else None, flags, src_config) as src:
+    with contextlib.nullcontext() if sync else unsynced(), \
+            Disk.open_chain(src_path, src_be.name if src_be else None, flags, src_config) as src:
         top = len(src) - 1 if src_top is None else src_top
         if top < 0:
             top += len(src)
