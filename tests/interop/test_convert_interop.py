@@ -4,33 +4,16 @@ format) and ``qemu-img compare`` finds it identical to the source as qemu reads 
 makes in each format it can create are converted by us and compared the same way."""
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
+from tests.interop.qemu_formats import qemu_name
 from vdgui.vd import Cap, ImageFlags, backends, copy_image
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
 SIZE = 6 * MiB
-
-
-def _qemu_formats() -> set[str]:
-    r = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("Supported formats:"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-QEMU_FORMATS = _qemu_formats()
-
-
-def qemu_name(backend) -> str | None:
-    """qemu's name for a backend: among its aliases (its own name lower-cased first)."""
-    names = [backend.name.lower()] + [a.lower() for a in backend.aliases]
-    return next((n for n in names if n in QEMU_FORMATS), None)
 
 
 def _targets():

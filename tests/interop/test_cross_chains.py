@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import (Cap, Disk, ImageFlags, NotSupported, OpenFlags, Operation, backends,
-                      copy_image, get_backend, merge)
+from tests.interop.qemu_formats import qemu_name
+from vdgui.vd import (Cap, Disk, NotSupported, OpenFlags, backends, copy_image, get_backend,
+                      merge)
 
 pytestmark = pytest.mark.interop
 
 KiB, MiB = 1024, 1 << 20
 SIZE = 3 * MiB + 1536          # odd number of sectors
-
-
-def _qemu_formats() -> set[str]:
-    r = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("Supported formats:"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-QEMU_FORMATS = _qemu_formats()
-
-
-def qemu_name(backend) -> str | None:
-    names = [backend.name.lower()] + [a.lower() for a in backend.aliases]
-    return next((n for n in names if n in QEMU_FORMATS), None)
 
 
 def _file_backends(diff: bool = False):

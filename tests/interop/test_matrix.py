@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import subprocess
 
 import pytest
 
+from tests.interop.qemu_formats import qemu_name
 from vdgui import cli
 from vdgui.vd import Cap, ImageFlags, backends, variant_words
 
@@ -24,22 +24,6 @@ pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
 SIZE = 5 * MiB + 3584          # odd: not a multiple of any block size (qemu may round it up)
-
-
-def _qemu_formats() -> set[str]:
-    r = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("Supported formats:"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-QEMU_FORMATS = _qemu_formats()
-
-
-def qemu_name(backend) -> str | None:
-    names = [backend.name.lower()] + [a.lower() for a in backend.aliases]
-    return next((n for n in names if n in QEMU_FORMATS), None)
 
 
 # (id, qemu format, -o options, extension, qemu can write it in place)
