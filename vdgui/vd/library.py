@@ -96,6 +96,20 @@ def _norm(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+# Disk.info() keys a scan copies into an ImageRecord (same names); a network disk has no file
+# size, parents or geometry of its own.
+_NETWORK_INFO = ("format", "device_type", "virtual_size", "variant", "image_flags", "uuid",
+                 "comment", "block_size")
+_FILE_INFO = _NETWORK_INFO + ("file_size", "parent_uuid", "modification_uuid",
+                              "parent_modification_uuid", "pchs", "lchs")
+
+
+def _take_info(rec: "ImageRecord", info: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        setattr(rec, key, info[key])
+    rec.details = dict(info.get("details") or {})
+
+
 class Library:
     """The persistent list of known images. Thread-safe (one connection, one lock)."""
 
@@ -347,22 +361,8 @@ class Library:
             # a known format is never probed again (a damaged VDI must not turn into RAW)
             img = disk.open(path, format or rec.format or None, OpenFlags.INFO | OpenFlags.READ_ONLY)
             info = disk.info(0)
-            rec.format = info["format"]
-            rec.device_type = info["device_type"]
-            rec.virtual_size = info["virtual_size"]
-            rec.file_size = info["file_size"]
-            rec.variant = info["variant"]
-            rec.image_flags = info["image_flags"]
-            rec.uuid = info["uuid"]
-            rec.parent_uuid = info["parent_uuid"]
-            rec.modification_uuid = info["modification_uuid"]
-            rec.parent_modification_uuid = info["parent_modification_uuid"]
-            rec.comment = info["comment"]
+            _take_info(rec, info, _FILE_INFO)
             rec.files = list(info["files"])
-            rec.pchs = info["pchs"]
-            rec.lchs = info["lchs"]
-            rec.block_size = info["block_size"]
-            rec.details = dict(info.get("details") or {})
             rec.is_diff = img.is_diff
             if img.is_diff:
                 try:
@@ -397,16 +397,7 @@ class Library:
         try:
             disk.open(rec.path, fmt, OpenFlags.INFO | OpenFlags.READ_ONLY,
                       self.properties(rec.path) or None)
-            info = disk.info(0)
-            rec.format = info["format"]
-            rec.device_type = info["device_type"]
-            rec.virtual_size = info["virtual_size"]
-            rec.variant = info["variant"]
-            rec.image_flags = info["image_flags"]
-            rec.uuid = info["uuid"]
-            rec.comment = info["comment"]
-            rec.block_size = info["block_size"]
-            rec.details = dict(info.get("details") or {})
+            _take_info(rec, disk.info(0), _NETWORK_INFO)
         except VDError as exc:
             rec.format = rec.format or fmt
             rec.error, rec.error_code = exc.message, exc.code
