@@ -777,6 +777,32 @@ class _Crash(Exception):
     pass
 
 
+def _run_crashing_at(src, p, k, action) -> bool:
+    """Copy ``src`` to ``p`` and run ``action`` on it with a crash before the k-th file write;
+    afterwards nothing else reaches the file. True when the action finished before write k."""
+    with open(src, "rb") as fi, open(p, "wb") as fo:
+        fo.write(fi.read())
+    img = get_backend("VDI").open(p, OpenFlags.NORMAL)
+    calls = [0]
+    real = img.f.pwrite
+
+    def pw(off, data):
+        calls[0] += 1
+        if calls[0] == k:
+            raise _Crash()
+        return real(off, data)
+    img.f.pwrite = pw
+    img._pwritev = lambda bufs, off: pw(off, b"".join(bytes(b) for b in bufs))
+    try:
+        action(img)
+        finished = True
+    except _Crash:
+        finished = False
+    os.close(img.f.fd)
+    img.f.fd = -1
+    return finished
+
+
 def _crash_runs(tmp_path, setup, action, allowed, no_new_corruption=True):
     """Run ``action`` on copies of an image, simulating a crash before the k-th file write
     (k = 1, 2, ...): the image must stay readable with the expected content every time."""
@@ -785,26 +811,7 @@ def _crash_runs(tmp_path, setup, action, allowed, no_new_corruption=True):
         before = read_all(d)
     for k in range(1, 200):
         p = str(tmp_path / f"crash{k}.vdi")
-        with open(src, "rb") as fi, open(p, "wb") as fo:
-            fo.write(fi.read())
-        img = get_backend("VDI").open(p, OpenFlags.NORMAL)
-        calls = [0]
-        real = img.f.pwrite
-
-        def pw(off, data, real=real, calls=calls, k=k):
-            calls[0] += 1
-            if calls[0] == k:
-                raise _Crash()
-            return real(off, data)
-        img.f.pwrite = pw
-        img._pwritev = lambda bufs, off, pw=pw: pw(off, b"".join(bytes(b) for b in bufs))
-        try:
-            action(img)
-            finished = True
-        except _Crash:
-            finished = False
-        os.close(img.f.fd)             # a crash: nothing else reaches the file
-        img.f.fd = -1
+        finished = _run_crashing_at(src, p, k, action)
         with open_ro(p) as d:
             assert read_all(d) in allowed(before), f"crash before write {k}"
             if no_new_corruption:
@@ -854,26 +861,7 @@ def test_grow_with_relocation_survives_interruption_at_every_write(tmp_path):
     while not finished:
         k += 1
         p = str(tmp_path / f"g{k}.vdi")
-        with open(src, "rb") as fi, open(p, "wb") as fo:
-            fo.write(fi.read())
-        img = get_backend("VDI").open(p, OpenFlags.NORMAL)
-        calls = [0]
-        real = img.f.pwrite
-
-        def pw(off, data, real=real, calls=calls, k=k):
-            calls[0] += 1
-            if calls[0] == k:
-                raise _Crash()
-            return real(off, data)
-        img.f.pwrite = pw
-        img._pwritev = lambda bufs, off, pw=pw: pw(off, b"".join(bytes(b) for b in bufs))
-        try:
-            img.resize(new)
-            finished = True
-        except _Crash:
-            pass
-        os.close(img.f.fd)
-        img.f.fd = -1
+        finished = _run_crashing_at(src, p, k, lambda img: img.resize(new))
         with open_ro(p) as d:
             assert d.size in (4 * MiB, new), k
             assert d.read(0, 4 * MiB) == want, k
