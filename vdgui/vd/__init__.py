@@ -12,7 +12,6 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      UnknownFormat, UnsafePath, VDError, VDIOError)
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
-from .library import ImageRecord, Library, data_dir, read_virtualbox_registry
 from .progress import Progress, ProgressCallback
 from .ops.copy import chain_target_names, copy_image, move_image
 from .ops.compact import compact
@@ -23,4 +22,18 @@ from .registry import (backends, backends_for_extension, get_backend, load_entry
                        probe, probe_scores, register_backend)
 from .sizes import format_size, parse_size
 
-__all__ = [n for n in dir() if not n.startswith("_")]
+# the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
+_LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
+         "read_virtualbox_registry": "library"}
+
+__all__ = [n for n in dir() if not n.startswith("_")] + list(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

@@ -11,14 +11,11 @@ Caps (as qemu): chunk ≤ 64 MiB decompressed and compressed, plist ≤ 16 MiB.
 from __future__ import annotations
 
 import bisect
-import bz2
-import lzma
-import plistlib
 import zlib
 from collections import OrderedDict
 from array import array
 
-from construct import Bytes, Const, Int32ub, Int64ub, Padding, Struct
+from construct import Bytes, Const, Int32ub, Int64ub, Struct
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..errors import CorruptImage, NotSupported
@@ -115,6 +112,11 @@ def adc_decompress(src: bytes, out_size: int) -> bytes:
     return bytes(out[:out_size])
 
 
+def _lzma_error() -> type:
+    import lzma     # imported when needed: most runs never open a DMG
+    return lzma.LZMAError
+
+
 class DmgImage(Image):
     def __init__(self, backend, location, f: ImageFile):
         super().__init__(backend, location, True)
@@ -153,6 +155,7 @@ class DmgImage(Image):
                                field="data_fork_length", expected=f"<= {fsize}",
                                found=k.data_fork_offset + k.data_fork_length)
         xml = self.f.read_exact(k.xml_offset, k.xml_length, "property list")
+        import plistlib
         try:
             plist = plistlib.loads(xml)
             blkx = plist["resource-fork"]["blkx"]
@@ -290,9 +293,11 @@ class DmgImage(Image):
                 d = zlib.decompressobj()
                 data = d.decompress(comp, out_size)
             elif ctype == CHUNK_BZIP2:
+                import bz2
                 d = bz2.BZ2Decompressor()
                 data = d.decompress(comp, max_length=out_size)
             elif ctype == CHUNK_LZMA:
+                import lzma
                 d = lzma.LZMADecompressor()
                 data = d.decompress(comp, max_length=out_size)
             elif ctype == CHUNK_ADC:
@@ -309,7 +314,7 @@ class DmgImage(Image):
                                        expected=out_size, found=len(data))
             else:  # pragma: no cover - filtered at load
                 raise CorruptImage(f"unexpected chunk type {ctype:#x}", **where)
-        except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+        except (zlib.error, OSError, EOFError, ValueError, _lzma_error()) as exc:
             raise CorruptImage(f"chunk {i} ({CHUNK_NAMES.get(ctype)}) does not decompress: {exc}",
                                **where) from None
         except Exception as exc:

@@ -9,11 +9,12 @@ once; a silent target raises TimeoutError after ``Timeout`` ms.
 """
 from __future__ import annotations
 
+import builtins
 import logging
 import os
-import socket
 import struct
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -22,7 +23,11 @@ from ..errors import (AuthenticationError, ConfigError, ImageNotFound, InvalidAr
 from ..image import Alloc, Image
 from . import iscsi_pdu as P
 
+if TYPE_CHECKING:
+    import socket
+
 log = logging.getLogger(__name__)
+_SOCKET_TIMEOUT = builtins.TimeoutError   # socket.timeout; socket is imported on first connect
 
 DEFAULT_PORT = 3260
 DEFAULT_INITIATOR = "iqn.2026-11.org.vdgui:initiator"
@@ -113,10 +118,11 @@ class Connection:
     # -- transport -------------------------------------------------------------------------------
     def connect(self) -> None:
         self.close()
+        import socket
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except socket.timeout:
+        except _SOCKET_TIMEOUT:
             raise TimeoutError(f"iSCSI target {self.host}:{self.port} did not answer within "
                                f"{self.cfg['Timeout']} ms") from None
         except OSError as exc:
@@ -141,7 +147,7 @@ class Connection:
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(n - len(buf))
-            except socket.timeout:
+            except _SOCKET_TIMEOUT:
                 raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped answering "
                                    f"(no data for {self.cfg['Timeout']} ms)") from None
             except OSError as exc:
@@ -156,7 +162,7 @@ class Connection:
             raise _Dropped("not connected")
         try:
             self.sock.sendall(pdu.encode())
-        except socket.timeout:
+        except _SOCKET_TIMEOUT:
             raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped accepting data "
                                f"for {self.cfg['Timeout']} ms") from None
         except OSError as exc:

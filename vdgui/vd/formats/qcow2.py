@@ -827,13 +827,15 @@ class Qcow2Image(Image):
         off = self.rt[rti] & L.REFT_OFFSET_MASK
         self.f.pwrite(off + b, blk[b:b + n])
 
-    def _take(self, n: int) -> int:
-        """Reserve ``n`` clusters at the end of the file (refcounts not touched); first index."""
+    def _take(self, n: int, grow: bool = True) -> int:
+        """Reserve ``n`` clusters at the end of the file (refcounts not touched); first index.
+        ``grow=False``: the caller writes them whole at once, which extends the file."""
         ci = self.next_cluster
         self.next_cluster += n
         end = self.next_cluster * self.cs
         if end > self.fsize:
-            self.f.truncate(end)
+            if grow:
+                self.f.truncate(end)
             self.fsize = end
         return ci
 
@@ -889,16 +891,20 @@ class Qcow2Image(Image):
             if rc:
                 self._set_refcount(c, rc - 1)
 
-    def _alloc(self, n: int = 1) -> int:
-        """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset."""
+    def _alloc(self, n: int = 1, data=None) -> int:
+        """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset.
+        ``data`` (exactly ``n`` clusters) is written there before the refcounts are set (a crash
+        in between leaves unreferenced space: nothing reads it, nothing leaks)."""
         first = self.next_cluster
         while True:
-            ci = self._take(n)
+            ci = self._take(n, grow=data is None)
             if all(self.refcount(c) == 0 for c in range(ci, ci + n)):
                 break
             if self.next_cluster - first > 65536:
                 raise self._corrupt("refcounts claim clusters far past the end of the file; "
                                     "run a check with repair", offset=first * self.cs)
+        if data is not None:
+            self.f.pwrite(ci * self.cs, data)
         self._set_refcounts(ci, n, 1)
         return ci * self.cs
 
@@ -1155,7 +1161,7 @@ class Qcow2Image(Image):
     def _write_new_run(self, ci: int, mv, most: int) -> int:
         """Whole clusters ci, ci+1, ... that this image does not hold yet and that are not all
         zero, within one L2 table: allocated together, written with one write each for the
-        refcounts, the data and the L2 entries (in that order, so a crash only leaks). Returns
+        data, the refcounts and the L2 entries (in that order, so a crash only leaks). Returns
         how many clusters were written (0: none qualify, the caller goes cluster by cluster)."""
         cs = self.cs
         l1i, l2i = divmod(ci, self.l2_entries)
@@ -1171,8 +1177,7 @@ class Qcow2Image(Image):
         if k < 2:
             return 0
         tbl, l2off = self._l2_for_write(l1i)
-        new = self._alloc(k)
-        self.f.pwrite(new, mv[:k * cs])
+        new = self._alloc(k, mv[:k * cs])
         for i in range(k):
             tbl[l2i + i] = (new + i * cs) | L.OFLAG_COPIED
         self.f.pwrite(l2off + 8 * l2i, _array_be_bytes(tbl[l2i:l2i + k]))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import threading
 from collections import deque
@@ -46,7 +45,7 @@ from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
 from ..fileio import start_writeback, syncing, unsynced
-from ..image import Alloc
+from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 
@@ -123,6 +122,47 @@ def _tail_is_zero(src: Disk, top: int, start: int, end: int) -> int | None:
     return None
 
 
+class Writeback:
+    """Start the kernel's writeback of an image's files every WRITEBACK_EVERY bytes written, so
+    the fsync at the end overlaps with the copy instead of following it. The request can block
+    while the device queue is busy, so it runs in a helper thread, one at a time. Does nothing
+    when nothing will wait for the disk (:func:`unsynced`)."""
+
+    def __init__(self, image: Image):
+        self.image = image
+        self.sync = syncing()
+        self._since = 0
+        self._fds: list[int] | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, n: int) -> None:
+        self._since += n
+        if self._since >= WRITEBACK_EVERY and self.sync:
+            self._since = 0
+            self._start()
+
+    def _start(self) -> None:
+        if self._fds is None:
+            self._fds = []
+            for f in self.image.files():
+                with contextlib.suppress(OSError):
+                    self._fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
+        if self._thread is not None and self._thread.is_alive():
+            return
+        fds = list(self._fds)
+        self._thread = threading.Thread(target=lambda: [start_writeback(fd) for fd in fds],
+                                        name="vdgui-writeback", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for fd in self._fds or ():
+            os.close(fd)
+        self._fds = None
+
+
 class _Writer:
     """Writes windows into the target's top image, skipping all-zero grains when allowed."""
 
@@ -131,44 +171,17 @@ class _Writer:
         self.g = grain
         self.fresh = fresh
         self.zero_grain = bytes(grain)
-        self._since_writeback = 0
-        self._wb_fds: list[int] | None = None
-        self._wb_thread: threading.Thread | None = None
-        self.sync = syncing()         # no early writeback when nothing will wait for the disk
-
-    def _writeback(self) -> None:
-        """Start the kernel's writeback of the target every WRITEBACK_EVERY bytes, so the fsync
-        before the final rename overlaps with the copy instead of following it. The request can
-        block while the device queue is busy, so it runs in a helper thread; one at a time."""
-        if self._wb_fds is None:
-            self._wb_fds = []
-            for f in self.t.top.files():
-                with contextlib.suppress(OSError):
-                    self._wb_fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
-        if self._wb_thread is not None and self._wb_thread.is_alive():
-            return
-        fds = list(self._wb_fds)
-        self._wb_thread = threading.Thread(target=lambda: [start_writeback(fd) for fd in fds],
-                                           name="vdgui-writeback", daemon=True)
-        self._wb_thread.start()
+        self.wb = Writeback(tdisk.top)
 
     def close(self) -> None:
-        if self._wb_thread is not None:
-            self._wb_thread.join()
-            self._wb_thread = None
-        for fd in self._wb_fds or ():
-            os.close(fd)
-        self._wb_fds = None
+        self.wb.close()
 
     def write(self, off: int, data: bytes, below_zero=None) -> None:
         """Write ``data`` at ``off`` (``off`` need not be grain-aligned). Zero grains are skipped
         on a fresh target when ``below_zero(o, n)`` (default: always) says the image below reads
         zero there too."""
         n = len(data)
-        self._since_writeback += n
-        if self._since_writeback >= WRITEBACK_EVERY and self.sync:
-            self._since_writeback = 0
-            self._writeback()
+        self.wb.add(n)
         if not self.fresh:
             self.t.write(off, data)
             return
@@ -388,7 +401,7 @@ def _make_tempdir(dst_path: str) -> str:
     folder = os.path.dirname(os.path.abspath(dst_path))
     if not os.path.isdir(folder):
         raise ImageNotFound(f"{folder}: target folder does not exist")
-    name = f".{os.path.basename(dst_path)}.vdgui-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    name = f".{os.path.basename(dst_path)}.vdgui-tmp-{os.getpid()}-{os.urandom(4).hex()}"
     path = os.path.join(folder, name)
     try:
         os.mkdir(path, 0o700)

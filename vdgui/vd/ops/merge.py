@@ -30,7 +30,7 @@ from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import backends, probe
 from ..sparse import is_zero, zeroes
-from .copy import READAHEAD, _Readers
+from .copy import READAHEAD, Writeback, _Readers
 
 CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
 
@@ -99,6 +99,7 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_
     img = disk.images[level]
     fill = lambda o, n: disk._read_below(level, o, n)  # noqa: E731 - content under the target
     pending: deque = deque()
+    wb = Writeback(img)
 
     def settle() -> None:
         pos, n, status, fut = pending.popleft()
@@ -109,6 +110,7 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_
         else:
             data = disk.read(pos, n, top=read_top)
         img.write(pos, data, fill)
+        wb.add(n)
         if is_zero(data):
             # a zero write the backend chose not to allocate would show the parent: verify
             for s, ln, st in img.block_status(pos, n):
@@ -120,18 +122,21 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_
         prog.advance(n)
 
     depth = READAHEAD // CHUNK if readers is not None else 0
-    for start, length, status in runs:
-        pos, end = start, start + length
-        while pos < end:
-            n = min(CHUNK - pos % CHUNK, end - pos)
-            fut = (readers.submit(pos, n, reader_top, None)
-                   if readers is not None and status != Alloc.ZERO else None)
-            pending.append((pos, n, status, fut))
-            while len(pending) > depth:
-                settle()
-            pos += n
-    while pending:
-        settle()
+    try:
+        for start, length, status in runs:
+            pos, end = start, start + length
+            while pos < end:
+                n = min(CHUNK - pos % CHUNK, end - pos)
+                fut = (readers.submit(pos, n, reader_top, None)
+                       if readers is not None and status != Alloc.ZERO else None)
+                pending.append((pos, n, status, fut))
+                while len(pending) > depth:
+                    settle()
+                pos += n
+        while pending:
+            settle()
+    finally:
+        wb.close()
 
 
 def _merge_readers(disk: Disk, top: int) -> _Readers | None:
