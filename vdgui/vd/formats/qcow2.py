@@ -62,6 +62,9 @@ def qemu_format_name(backend_name: str) -> str:
     return _QEMU_NAMES.get(backend_name.upper(), backend_name.lower())
 
 
+_SKIPS = ((64, bytes(8 * 64)), (8, bytes(8 * 8)))   # L2 entries tested together for "all zero"
+
+
 def _be_array(data) -> array:
     return table_from_bytes(data, "Q", big_endian=True)
 
@@ -582,6 +585,7 @@ class Qcow2Image(Image):
                 pos = stop
                 continue
             i = (pos >> cb) % nl2
+            raw = memoryview(tbl).cast("B")
             while pos < stop:
                 e = tbl[i]
                 i += 1
@@ -592,6 +596,13 @@ class Qcow2Image(Image):
                 if not e:
                     kind = K_UNALLOC
                     host = 0
+                    # a stretch of unallocated entries: 64, then 8 at a time, not one by one
+                    more = (stop - pos - n) // cs
+                    for k, zk in _SKIPS:
+                        while more >= k and raw[8 * i:8 * (i + k)] == zk:
+                            i += k
+                            n += k * cs
+                            more -= k
                 elif e & f_comp:
                     if data_file:
                         raise self._corrupt("compressed cluster in an image with an external "
