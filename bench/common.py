@@ -53,6 +53,7 @@ class Command:
     name: str
     argv: list[str]
     env: dict | None = None
+    remove_after: tuple[str, ...] = ()   # files deleted once it exits, inside the timed run
 
 
 @dataclass
@@ -74,6 +75,8 @@ def run_measured(cmd: Command, timeout: float | None = None) -> tuple[float, int
                          env=cmd.env)
     err = p.stderr.read() if p.stderr else b""
     _pid, status, usage = os.wait4(p.pid, 0)
+    if status == 0:
+        remove(*cmd.remove_after)
     elapsed = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.stderr:

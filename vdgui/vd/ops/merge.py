@@ -90,10 +90,10 @@ def _require(img: Image, op: Operation, why: str) -> None:
                            f"support {op.value} ({why})")
 
 
-def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_top: int,
+def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, read_top: int,
                prog: Progress, readers: _Readers | None = None, reader_top: int = 0) -> None:
-    """Write ``runs`` (as seen through image ``read_top``) into image ``level`` of ``disk``.
-    ``readers``: read-ahead threads with their own read-only opens of the chain, reading
+    """Write ``runs`` (start, length, status, the image holding them; as seen through image
+    ``read_top``) into image ``level`` of ``disk``. ``readers``: read-ahead threads with their own read-only opens of the chain, reading
     through ``reader_top`` (an image that is not written during the copy); a window they
     could not read is read again here, where an error is reported as usual."""
     img = disk.images[level]
@@ -123,11 +123,11 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc]], level: int, read_
 
     depth = READAHEAD // CHUNK if readers is not None else 0
     try:
-        for start, length, status in runs:
+        for start, length, status, holder in runs:
             pos, end = start, start + length
             while pos < end:
                 n = min(CHUNK - pos % CHUNK, end - pos)
-                fut = (readers.submit(pos, n, reader_top, None)
+                fut = (readers.submit(pos, n, reader_top, holder)
                        if readers is not None and status != Alloc.ZERO else None)
                 pending.append((pos, n, status, fut))
                 while len(pending) > depth:
@@ -160,7 +160,7 @@ def _runs_to_copy(disk: Disk, top: int, bottom: int, want: Callable[[int], bool]
     runs = []
     for e in disk.allocation(0, disk.images[top].size, top=top, bottom=bottom):
         if e.level is not None and want(e.level) and e.status != Alloc.UNALLOCATED:
-            runs.append((e.start, e.length, e.status))
+            runs.append((e.start, e.length, e.status, e.level))
     return runs
 
 
