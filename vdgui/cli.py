@@ -7,7 +7,6 @@ corrupt/leaks only); no traceback ever reaches the user.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -218,6 +217,7 @@ def _jsonable(o):
 
 
 def _json(obj) -> None:
+    import json     # only --json output needs it: every other run starts faster
     _out(json.dumps(obj, indent=2, default=_jsonable))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..errors import CorruptImage, ImageNotFound, NotSupported
@@ -36,6 +35,11 @@ def _msf_frames(text: str, where: str) -> int:
     return (int(m.group(1)) * 60 + int(m.group(2))) * 75 + int(m.group(3))
 
 
+
+def _shlex():
+    import shlex    # imported with the first cue sheet, not by every vdgui-img start
+    return shlex
+
 class CueSheet:
     """Parsed cue sheet: files, and tracks as (number, file index, mode, index01 frame)."""
 
@@ -45,7 +49,7 @@ class CueSheet:
         for lineno, line in enumerate(text.splitlines(), 1):
             where = f"{path} line {lineno}"
             try:
-                words = shlex.split(line, posix=True)
+                words = _shlex().split(line, posix=True)
             except ValueError:
                 raise CorruptImage(f"{where}: unbalanced quotes in {line.strip()!r}") from None
             if not words:

@@ -4,7 +4,6 @@ Only what an initiator needs: it builds requests and parses responses. No I/O he
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import struct
@@ -191,6 +190,7 @@ def decode_binary(value: str) -> bytes:
             h = v[2:]
             return bytes.fromhex(h if len(h) % 2 == 0 else "0" + h)
         if v[:2] in ("0b", "0B"):
+            import base64
             return base64.b64decode(v[2:], validate=True)
     except ValueError:
         pass

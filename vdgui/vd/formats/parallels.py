@@ -42,7 +42,6 @@ import os
 import shutil
 import struct
 import uuid as uuidlib
-import xml.etree.ElementTree as ET
 from array import array
 from sys import byteorder
 
@@ -526,6 +525,7 @@ class ParallelsBundleImage(Image):
         if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
             raise self._corrupt("descriptor carries a DTD/entity declarations; refused",
                                 field="DOCTYPE")
+        import xml.etree.ElementTree as ET   # with the first Parallels image, not at start-up
         try:
             root = ET.fromstring(text)
         except (ET.ParseError, LookupError, ValueError) as exc:   # incl. unknown encodings
