@@ -790,3 +790,56 @@ def test_our_compressed_writes(qemu, tmp_path, config):
     write_ours(p, [(1000 * 512, b"\x99" * 3000), (2 * MiB, b"\x98" * 70000)], expect)
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=512,refcount_bits=1",
+                                  "cluster_size=4096,refcount_bits=64", "extended_l2=on",
+                                  "compat=0.10"])
+def test_shrink_qemu_images(qemu, tmp_path, opts):
+    """qemu-made images with data, zero, discarded and compressed clusters in the part cut off
+    (all reading zero) shrink: qemu-img check clean (no leak: the clusters and L2 tables past the
+    end were freed), content identical to the first bytes, the file no longer than before; a
+    second shrink and a grow back behave; a tail holding data is refused."""
+    from vdgui.vd import resize
+    p = str(tmp_path / "s.qcow2")
+    qemu.img("create", "-f", "qcow2", "-o", opts, p, 16 * MiB)
+    qemu.io("-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 5M 2M", "-c", "write -z 9M 1M",
+            "-c", "write -P 0 11M 1M", "-c", "write -P 0x63 13M 1M", "-c", "discard 13M 1M",
+            "-c", "write -c -P 0 15M 64k" if "0.10" not in opts else "write -P 0 15M 64k", p)
+    full = raw_bytes(qemu, p, tmp_path)
+    size0 = os.path.getsize(p)
+    with pytest.raises(InvalidArgument, match="holds data"):
+        resize(p, 6 * MiB)
+    resize(p, 7 * MiB + 512)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, full[:7 * MiB + 512], tmp_path)
+    assert os.path.getsize(p) <= size0
+    resize(p, 7 * MiB)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, full[:7 * MiB], tmp_path)
+    resize(p, 16 * MiB)
+    assert_qemu_clean(qemu, p)
+    assert_qemu_sees(qemu, p, full[:7 * MiB] + bytes(9 * MiB), tmp_path)
+
+
+def test_shrink_child_and_refusals(qemu, tmp_path):
+    """A differencing image shrinks over its own and the parent's zero tail; an image with
+    internal snapshots is refused (they keep the old size) and left unchanged."""
+    from vdgui.vd import resize
+    base, child = str(tmp_path / "b.qcow2"), str(tmp_path / "c.qcow2")
+    qemu.img("create", "-f", "qcow2", base, 8 * MiB)
+    qemu.io("-c", "write -P 0x71 0 2M", base)
+    qemu.img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", child)
+    qemu.io("-c", "write -P 0x72 1M 2M", "-c", "write -z 6M 1M", child)
+    full = raw_bytes(qemu, child, tmp_path)
+    resize(child, 4 * MiB)
+    assert_qemu_clean(qemu, child)
+    assert_qemu_sees(qemu, child, full[:4 * MiB], tmp_path)
+    snap = str(tmp_path / "snap.qcow2")
+    qemu.img("create", "-f", "qcow2", snap, 8 * MiB)
+    qemu.io("-c", "write -P 0x73 0 1M", snap)
+    qemu.img("snapshot", "-c", "s1", snap)
+    before = (tmp_path / "snap.qcow2").read_bytes()
+    with pytest.raises(InvalidArgument, match="internal snapshots"):
+        resize(snap, 4 * MiB)
+    assert (tmp_path / "snap.qcow2").read_bytes() == before

@@ -1555,13 +1555,7 @@ class Qcow2Image(Image):
             self._set_refcount(c, 0)
             c -= 1
             prog.set(base + (end - c) * base // max(end, 1))
-        last = end
-        while last > 1 and self.refcount(last - 1) == 0:
-            last -= 1
-        if last < end:
-            self.f.truncate(last * cs)
-            self.fsize = last * cs
-            self.next_cluster = last
+        last = self._cut_free_tail(end)
         for c in range(1, last):
             if self.refcount(c) == 0:
                 self.f.punch_hole(c * cs, cs)
@@ -1574,8 +1568,10 @@ class Qcow2Image(Image):
         if new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
         if new_size < self.size:
-            raise InvalidArgument(f"{self.location}: shrinking a qcow2 image is not supported "
-                                  f"(from {self.size} to {new_size} bytes)")
+            self._shrink(new_size)
+            if progress:
+                progress(1, 1)
+            return
         span = self.cs * self.l2_entries
         need = -(-new_size // span)
         if need * 8 > L.MAX_L1_BYTES:
@@ -1603,6 +1599,55 @@ class Qcow2Image(Image):
         self.f.sync()
         if progress:
             progress(1, 1)
+
+    def _shrink(self, new_size: int) -> None:
+        """Cut the virtual size (the caller made sure nothing past ``new_size`` reads non-zero):
+        the L2 entries of clusters wholly past the end are cleared and their clusters freed, L2
+        tables wholly past the end are dropped, then the size is written and free clusters at
+        the end of the file are cut off. The L1 table keeps its length (a longer one is valid)."""
+        if self.nb_snapshots:
+            raise InvalidArgument(f"{self.location}: cannot shrink a qcow2 image with internal "
+                                  "snapshots (they keep the old size); delete them first")
+        cs, per = self.cs, self.l2_entries
+        w = 2 if self.extended_l2 else 1
+        first = -(-new_size // cs)                  # first guest cluster wholly cut off
+        old_n = -(-self.size // cs)
+        keep_l1 = -(-new_size // (cs * per))        # L1 entries that still map something
+        for l1i in range(first // per, min(len(self.l1), -(-old_n // per))):
+            tbl, l2off = self._l2_of(l1i)
+            if tbl is None:
+                continue
+            lo = max(first - l1i * per, 0)
+            hi = min(old_n - l1i * per, per)
+            gone = [tbl[w * j] for j in range(lo, hi) if tbl[w * j]]
+            tbl[w * lo:w * hi] = array("Q", bytes(8 * w * (hi - lo)))
+            if l1i >= keep_l1:                      # the whole table: unlink it, then free it
+                self._set_l1(l1i, 0)
+                if self._l2_cache.pop(l2off, None) is not None:
+                    self._l2_cache_bytes -= cs
+                self._unref(l2off, cs)
+            else:
+                self.f.pwrite(l2off + 8 * w * lo, _array_be_bytes(tbl[w * lo:w * hi]))
+            for e in gone:
+                self._unref_entry(e)
+        self.f.sync()
+        struct.pack_into(">Q", self.header_raw, L.OFF_SIZE, new_size)
+        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
+        self.size = new_size
+        self.f.sync()
+        self._cut_free_tail(max(self.next_cluster, -(-self.fsize // cs)))
+
+    def _cut_free_tail(self, end: int) -> int:
+        """Truncate the file after its last cluster in use (of ``end`` clusters); returns the
+        new number of clusters."""
+        last = end
+        while last > 1 and self.refcount(last - 1) == 0:
+            last -= 1
+        if last < end:
+            self.f.truncate(last * self.cs)
+            self.fsize = last * self.cs
+            self.next_cluster = last
+        return last
 
     # ------------------------------------------------------------------ relink
     def set_parent(self, parent):
