@@ -1143,13 +1143,15 @@ class VhdxImage(Image):
     def resize(self, new_size, progress=None):
         self._require_writable()
         self._fresh.clear()
-        if new_size < self.size:
-            raise InvalidArgument(f"{self.location}: shrinking a VHDX image is not supported "
-                                  f"({self.size} -> {new_size} bytes)")
         if new_size % self.sector_size or new_size > MAX_SIZE:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of "
                                   f"{self.sector_size} bytes and at most 64 TiB, found {new_size}")
         if new_size == self.size:
+            return
+        if new_size < self.size:
+            self._shrink(new_size)
+            if progress:
+                progress(1, 1)
             return
         count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
         self._begin_write()
@@ -1173,6 +1175,47 @@ class VhdxImage(Image):
         self.size = new_size
         if progress:
             progress(1, 1)
+
+    def _in_use(self) -> tuple[list[tuple[int, int, int, int]], int]:
+        """The blocks the BAT names (file offset, length, BAT index, state) and the end of the
+        header, regions and log rounded up to a MiB (nothing may move below it)."""
+        used = []
+        for idx in range(self.bat_count):
+            e = self.bat[idx]
+            st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
+            is_sb = idx % (self.cr + 1) == self.cr
+            if is_sb and st == SB_PRESENT:
+                used.append((off, MiB, idx, st))
+            elif not is_sb and st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
+                used.append((off, self.block_size, idx, st))
+        end = MiB
+        for o, ln in self.vregions.values():
+            end = max(end, o + ln)
+        if self.hdr.log_length:
+            end = max(end, self.hdr.log_offset + self.hdr.log_length)
+        return used, -(-end // MiB) * MiB
+
+    def _shrink(self, new_size: int) -> None:
+        """Cut the virtual size (the caller made sure nothing past ``new_size`` reads non-zero):
+        BAT entries past the new end become "not present" (zeroed in the BAT region), the size
+        is written, and the file is cut after the last block still in use."""
+        count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
+        self._begin_write()
+        if count < self.bat_count:
+            self.f.pwrite(self.bat_offset + 8 * count, bytes(8 * (self.bat_count - count)))
+        self.f.sync()
+        self.bat = array("Q", self.bat[:count])
+        self.bat_count = count
+        self.payload_blocks = -(-new_size // self.block_size)
+        self._sb_cache.clear()
+        self._write_metadata_item(VIRTUAL_DISK_SIZE, struct.pack("<Q", new_size))
+        self.size = new_size
+        self.f.sync()
+        used, end = self._in_use()
+        end = max([end] + [off + ln for off, ln, _i, _s in used])
+        if end < self.file_len:
+            self.f.truncate(end)
+            self.file_len = self.alloc_end = end
 
     def compact(self, progress=None, parent_read=None):
         """Drop blocks that read as zeroes (base) or as the parent (differencing; a zero block over
@@ -1206,21 +1249,7 @@ class VhdxImage(Image):
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
         self.f.sync()
         # pack: every block still in use, in file order, moved down to the first free MiB
-        used = []
-        for idx in range(self.bat_count):
-            e = self.bat[idx]
-            st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
-            is_sb = idx % (self.cr + 1) == self.cr
-            if is_sb and st == SB_PRESENT:
-                used.append((off, MiB, idx, st))
-            elif not is_sb and st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
-                used.append((off, self.block_size, idx, st))
-        end = MiB
-        for o, ln in self.vregions.values():
-            end = max(end, o + ln)
-        if self.hdr.log_length:
-            end = max(end, self.hdr.log_offset + self.hdr.log_length)
-        target = -(-end // MiB) * MiB
+        used, target = self._in_use()
         for off, ln, idx, st in sorted(used):
             if off < target:        # overlaps metadata: leave it (check reports such images)
                 target = max(target, off + ln)
