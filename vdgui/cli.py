@@ -264,6 +264,7 @@ def cmd_backends(args) -> int:
                              "flags": [f.name.lower() for f in vd.KeyFlag if f and f.name and k.flags & f],
                              "description": k.description} for k in b.config_keys],
             "operations": sorted(op.value for op in b.operations),
+            "can_shrink": b.can(vd.Operation.RESIZE) and b.can_shrink,
             "variants": vd.variant_words(b.create_flags) if b.creatable else None,
         })
     if args.json:

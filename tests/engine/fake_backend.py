@@ -243,6 +243,7 @@ class FakeBackend(Backend):
                             Operation.RESIZE, Operation.CHECK, Operation.REPAIR,
                             Operation.RELINK})
     max_size = MAP_ENTRIES * BLOCK
+    can_shrink = True
 
     def probe(self, src):
         return 100 if src.head.startswith(MAGIC) else 0

@@ -211,6 +211,30 @@ def test_resize_from_dialog(qtbot, window, tmp_path):
     qtbot.waitUntil(lambda: window.model.node(p).record.virtual_size == 16 * MiB, timeout=5000)
 
 
+def test_resize_dialog_refuses_shrink_where_the_format_cannot(qtbot, window, tmp_path):
+    """A VMDK (declared: cannot shrink) is refused in the dialog with the way out; growing it is
+    offered; a QCOW2 over an unused tail may shrink."""
+    p = str(tmp_path / "solo.vmdk")
+    q = str(tmp_path / "solo.qcow2")
+    for path, fmt in ((p, "VMDK"), (q, "QCOW2")):
+        with Disk() as d:
+            d.create_base(path, 8 * MiB, fmt)
+            d.write(0, b"\x5a" * MiB)
+    window.add_paths([p, q], sync=True)
+    dlg = ResizeDialog(window.model.node(p), window)
+    qtbot.addWidget(dlg)
+    dlg.size.setValue(4 * MiB)                    # above the data, but VMDK cannot shrink
+    assert not dlg.ok.isEnabled()
+    assert any("cannot be shrunk" in e and "Change the virtual size" in e
+               for e in dlg.messages.errors)
+    dlg.size.setValue(16 * MiB)
+    assert dlg.ok.isEnabled()
+    dlg2 = ResizeDialog(window.model.node(q), window)
+    qtbot.addWidget(dlg2)
+    dlg2.size.setValue(4 * MiB)
+    assert dlg2.ok.isEnabled() and not dlg2.messages.errors
+
+
 def test_compact_and_check(qtbot, window, tmp_path):
     rec = Recorder(window)
     p = _standalone_vdi(tmp_path)

@@ -163,6 +163,7 @@ class Backend:
     create_flags: ClassVar[ImageFlags] = ImageFlags.NONE  # variant bits create() accepts
     max_size: ClassVar[int | None] = None            # largest virtual size create() accepts
     size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
+    can_shrink: ClassVar[bool] = False               # RESIZE also to a smaller size
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
 
     # -- declarations -----------------------------------------------------------------------

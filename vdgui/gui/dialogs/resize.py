@@ -68,7 +68,11 @@ class ResizeDialog(QDialog):
         if v == self.current:
             errors.append("The new size is the current size")
         elif v < self.current:
-            if self.used is None:
+            b = self.node.backend
+            if b is not None and not b.can_shrink:
+                errors.append(f"{b.name} images cannot be shrunk in place, only grown. To make "
+                              "the disk smaller, copy it with \"Change the virtual size\" set.")
+            elif self.used is None:
                 errors.append("Cannot shrink: the used part of the disk could not be read")
             elif v < self.used:
                 errors.append(f"Cannot shrink to {format_size(v)}: the disk holds data up to "

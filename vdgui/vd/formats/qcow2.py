@@ -2157,6 +2157,7 @@ class Qcow2Backend(Backend):
     create_flags = ImageFlags.NONE
     max_size = 1 << 56
     size_granularity = 512
+    can_shrink = True
 
     def probe(self, src: ProbeInput) -> int:
         if len(src.head) >= 8 and src.head[:4] == L.MAGIC:

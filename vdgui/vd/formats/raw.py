@@ -109,6 +109,7 @@ class RawBackend(Backend):
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE})
     create_flags = ImageFlags.FIXED
     size_granularity = 512
+    can_shrink = True
 
     def device_type_for(self, path):
         ext = os.path.splitext(path)[1].lstrip(".").lower()

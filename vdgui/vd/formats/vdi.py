@@ -1035,6 +1035,7 @@ class VdiBackend(Backend):
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512
+    can_shrink = True
 
     def probe(self, src: ProbeInput) -> int:
         h = src.head

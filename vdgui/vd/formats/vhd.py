@@ -1192,6 +1192,7 @@ class VhdBackend(Backend):
     create_flags = ImageFlags.FIXED
     max_size = MAX_VIRTUAL
     size_granularity = SECTOR
+    can_shrink = True
 
     def probe(self, src: ProbeInput) -> int:
         best = 0

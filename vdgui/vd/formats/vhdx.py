@@ -1574,6 +1574,7 @@ class VhdxBackend(Backend):
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512
+    can_shrink = True
 
     def probe(self, src: ProbeInput) -> int:
         return 100 if src.head[:8] == b"vhdxfile" else 0

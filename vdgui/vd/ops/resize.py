@@ -82,6 +82,10 @@ def resize(path: str, new_size: int, *, format: str | None = None,
             finish(p)
             return
         if new_size < old:
+            if not backend.can_shrink:
+                raise NotSupported(f"{path}: {backend.name} images cannot be shrunk in place, only "
+                                   "grown; copy the image with a smaller size instead "
+                                   "(convert --size)")
             bad = first_data_beyond(chain, new_size)
             if bad is not None:
                 raise InvalidArgument(
