@@ -238,15 +238,24 @@ def main(argv=None) -> int:
                  + f"; {os.path.getsize(saved[0]) // MiB} -> {os.path.getsize(work) // MiB} MiB")
 
     # -- resize --------------------------------------------------------------------------------
-    for name in ("VDI", "QCOW2", "VHD", "VMDK"):
-        if not wanted(f"resize {name}") or not can(name, "resize"):
+    # "VDI (VirtualBox layout)": made by vdgui-img create, whose block map has room to grow
+    # as VirtualBox's has (data aligned to 1 MiB); qemu packs the map against the data
+    for name, fmt, ours in (("VDI", "VDI", False), ("VDI (VirtualBox layout)", "VDI", True),
+                            ("QCOW2", "QCOW2", False), ("VHD", "VHD", False),
+                            ("VMDK", "VMDK", False)):
+        if not wanted(f"resize {name}") or not can(fmt, "resize"):
             continue
-        q, ext = QEMU[name], EXT[name]
-        img = os.path.join(args.dir, f"rs.{ext}")
+        tag = fmt + ("-vbox" if ours else "")
+        q, ext = QEMU[fmt], EXT[fmt]
+        img = os.path.join(args.dir, f"rs-{tag}.{ext}")
         stamp = img + f".{args.size}.{args.data}.done"
         if not os.path.exists(stamp):
             remove(img)
-            subprocess.run([qi, "create", "-q", "-f", q, img, str(args.size)], check=True)
+            if ours:
+                subprocess.run(vd + ["create", "-f", fmt, "--size", str(args.size), img],
+                               check=True, stdout=subprocess.DEVNULL)
+            else:
+                subprocess.run([qi, "create", "-q", "-f", q, img, str(args.size)], check=True)
             qemu_io(q, img, writes(args.size, args.data, 4))
             open(stamp, "w").close()
         qq = q if q in QEMU_RESIZE else "qcow2"
@@ -257,8 +266,8 @@ def main(argv=None) -> int:
                 subprocess.run([qi, "convert", "-f", q, "-O", "qcow2", img, qimg], check=True)
                 open(qimg + ".done", "w").close()
         saved = snapshot([img, qimg] if qimg != img else [img],
-                         os.path.join(args.dir, f"rsaved-{name}"))
-        want = os.path.join(args.dir, f"rwant-{name}.raw")
+                         os.path.join(args.dir, f"rsaved-{tag}"))
+        want = os.path.join(args.dir, f"rwant-{tag}.raw")
         if not os.path.exists(want):
             subprocess.run([qi, "convert", "-f", q, "-O", "raw", saved[0], want], check=True)
         vw = os.path.join(args.dir, "rwork")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .backend import Backend, DeviceType, ImageFlags
-from .errors import NotSupported, ParentMismatch, ReadOnlyImage
+from .errors import InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .geometry import Geometry
@@ -227,6 +227,31 @@ class Image:
 
     def resize(self, new_size: int, progress: "ProgressCallback | None" = None) -> None:
         raise NotSupported(f"{self.location}: resize is not supported for {self.format}")
+
+    def _refuse_cut_data(self, new_size: int) -> None:
+        """For RESIZE hooks that shrink: refuse when this image itself holds a non-zero byte at
+        or after ``new_size`` (the operation checks the whole chain before that)."""
+        from .sparse import is_zero       # sparse imports this module
+        for s, n, st in self.block_status(new_size, self.size - new_size):
+            if st != Alloc.DATA:
+                continue
+            p = s
+            while p < s + n:
+                k = min(4 << 20, s + n - p)
+                buf = self.read(p, k)
+                if not is_zero(buf):
+                    at = p + len(buf) - len(bytes(buf).lstrip(b"\0"))
+                    raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: "
+                                          f"the part beyond the new end holds data (first "
+                                          f"non-zero byte at offset {at:#x})")
+                p += k
+
+    def resizes_in_place(self, new_size: int) -> bool:
+        """True when ``resize(new_size)`` on this very file is safe against interruption: every
+        write before the last one goes to space nothing reads yet (or frees what nothing will
+        read), and the last one makes the new size visible at once. The operation then resizes
+        the file in place instead of working on a verified copy. Default: no."""
+        return False
 
     def compact(self, progress: "ProgressCallback | None" = None,
                 parent_read: FillFn | None = None) -> None:

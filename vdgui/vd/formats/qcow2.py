@@ -1561,6 +1561,11 @@ class Qcow2Image(Image):
                 self.f.punch_hole(c * cs, cs)
 
     # ------------------------------------------------------------------ resize
+    def resizes_in_place(self, new_size):
+        # growing: a new L1 table is written to new clusters and named in the header before
+        # the size is (a larger L1 is valid); the old one is freed last (a crash only leaks)
+        return new_size > self.size and not getattr(self, "_tracked", None) and not self.bitmaps_ext
+
     def resize(self, new_size, progress=None):
         self._check_write()
         if self._tracked or (self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS):
@@ -1608,6 +1613,7 @@ class Qcow2Image(Image):
         if self.nb_snapshots:
             raise InvalidArgument(f"{self.location}: cannot shrink a qcow2 image with internal "
                                   "snapshots (they keep the old size); delete them first")
+        self._refuse_cut_data(new_size)
         cs, per = self.cs, self.l2_entries
         w = 2 if self.extended_l2 else 1
         first = -(-new_size // cs)                  # first guest cluster wholly cut off

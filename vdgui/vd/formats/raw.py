@@ -11,7 +11,7 @@ import os
 
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
-from ..errors import InvalidArgument, NotSupported
+from ..errors import NotSupported
 from ..fileio import ImageFile
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
@@ -79,15 +79,15 @@ class RawImage(Image):
     def close(self):
         self.f.close()
 
+    def resizes_in_place(self, new_size):
+        return not self.f.is_device        # one ftruncate
+
     def resize(self, new_size, progress=None):
         self._require_writable()
         if self.f.is_device:
             raise NotSupported(f"{self.location}: a device cannot be resized")
         if new_size < self.size:
-            tail = self.block_status(new_size, self.size - new_size)
-            if any(st == Alloc.DATA and any(self.read(s, n)) for s, n, st in tail):
-                raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: "
-                                      "the part beyond the new end holds data")
+            self._refuse_cut_data(new_size)
         self.f.truncate(new_size)
         self.size = new_size
         self.pchs = vbox_pchs(new_size)

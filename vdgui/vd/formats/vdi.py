@@ -748,6 +748,14 @@ class VdiImage(Image):
         self._close_holes()
         prog.finish()
 
+    def resizes_in_place(self, new_size):
+        # growing a dynamic image whose map area has room: the zeroed tail of the last block
+        # and the new map entries are invisible until the header (one write) names the new size
+        if new_size <= self.size or self._v0 or self._bad or self.image_type == L.TYPE_FIXED:
+            return False
+        new_blocks = -(-new_size // self.block_size)
+        return self.offset_blocks + new_blocks * 4 <= self.offset_data
+
     def resize(self, new_size, progress=None):
         self._require_writable()
         if new_size <= 0 or new_size % 512:
@@ -789,18 +797,7 @@ class VdiImage(Image):
 
     def _shrink(self, new_size, new_blocks):
         bs = self.block_size
-        # the part beyond the new end must hold no data
-        for s, n, st in self.block_status(new_size, self.size - new_size):
-            if st != Alloc.DATA:
-                continue
-            p = s
-            while p < s + n:
-                k = min(4 << 20, s + n - p)
-                if not is_zero(self.read(p, k)):
-                    raise InvalidArgument(
-                        f"{self.location}: cannot shrink to {new_size} bytes: the part beyond "
-                        f"the new end holds data (at offset {p:#x} or after)")
-                p += k
+        self._refuse_cut_data(new_size)        # the part beyond the new end must hold no data
         freed = []
         for i in range(new_blocks, self.blocks):
             if self._map[i] != _FREE:

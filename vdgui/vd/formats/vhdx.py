@@ -1140,6 +1140,14 @@ class VhdxImage(Image):
                 self.f.sync()
 
     # -- operations ----------------------------------------------------------------------
+    def resizes_in_place(self, new_size):
+        # growing when the BAT region has room: entries past the old end are zeroed (nothing
+        # reads them yet), then one metadata write names the new size
+        if new_size <= self.size or self.leave_allocated or new_size > MAX_SIZE:
+            return False
+        count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
+        return count * 8 <= self.bat_length
+
     def resize(self, new_size, progress=None):
         self._require_writable()
         self._fresh.clear()
@@ -1199,6 +1207,7 @@ class VhdxImage(Image):
         """Cut the virtual size (the caller made sure nothing past ``new_size`` reads non-zero):
         BAT entries past the new end become "not present" (zeroed in the BAT region), the size
         is written, and the file is cut after the last block still in use."""
+        self._refuse_cut_data(new_size)
         count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
         self._begin_write()
         if count < self.bat_count:

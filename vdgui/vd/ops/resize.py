@@ -52,6 +52,11 @@ def first_data_beyond(chain: Disk, new_size: int) -> int | None:
     return None
 
 
+def _children(img: Image) -> bool:
+    from .merge import find_children
+    return bool(find_children(img))
+
+
 def _resize_hook(img: Image, new_size: int, cb) -> None:
     """The RESIZE hook, then VirtualBox's generic rule (VDResize): a physical geometry that
     followed the default 16 heads / 63 sectors rule for the old size follows it for the new one
@@ -125,13 +130,23 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                         q += m
                 advance(end - keep)
 
-        if orig.files() != [orig.location]:
+        several = orig.files() != [orig.location]
+        # in place: a file whose resize is one visible step and that no other differencing
+        # image names (a link naming the parent's modification id would need rewriting: the
+        # copy path does that after its commit point)
+        if several or (orig.resizes_in_place(new_size) and not _children(orig)):
+            prog = Progress(progress, max(new_size, 1))
+            prog.start()              # a cancel here leaves the file untouched
             img = backend.open(path, OpenFlags.NORMAL, None)
             try:
-                prog = Progress(progress, max(new_size, 1))
-                prog.start()
-                _resize_hook(img, new_size,
-                             lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
+                if several:           # the hook orders its writes over the files
+                    _resize_hook(img, new_size,
+                                 lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
+                elif img.resizes_in_place(new_size):
+                    _resize_hook(img, new_size, None)    # one visible step: not cancellable
+                else:
+                    raise InvalidArgument(f"{path}: the image changed while it was being "
+                                          "resized; nothing was written")
                 img.flush()
                 finish(prog)
             finally:
