@@ -873,7 +873,7 @@ class VhdImage(Image):
         prog = Progress(progress, 1)
         prog.start()
         if size < self.size:
-            self._check_tail_unused(size)
+            self._refuse_cut_data(size)
         if self.is_fixed:
             self._resize_fixed(size)
         else:
@@ -896,18 +896,6 @@ class VhdImage(Image):
             if shrunk:
                 self._pack()              # the dropped tail blocks leave holes: close them
         prog.finish()
-
-    def _check_tail_unused(self, new_size: int) -> None:
-        for s, n, st in self.block_status(new_size, self.size - new_size):
-            if st != Alloc.DATA:
-                continue
-            pos = s
-            while pos < s + n:
-                k = min(4 << 20, s + n - pos)
-                if not is_zero(self.read(pos, k)):
-                    raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: the "
-                                          f"part beyond the new end holds data (at {pos:#x})")
-                pos += k
 
     def _resize_fixed(self, size: int) -> None:
         old_footer = self.footer_offset
