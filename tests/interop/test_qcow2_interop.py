@@ -843,3 +843,22 @@ def test_shrink_child_and_refusals(qemu, tmp_path):
     with pytest.raises(InvalidArgument, match="internal snapshots"):
         resize(snap, 4 * MiB)
     assert (tmp_path / "snap.qcow2").read_bytes() == before
+
+
+def test_grow_child_over_larger_backing(qemu, tmp_path):
+    """An overlay smaller than its backing file grows: the new area reads zeroes, not the
+    backing file's data there (qemu does the same); qemu-img check clean."""
+    from vdgui.vd import resize
+    base, child = str(tmp_path / "b.qcow2"), str(tmp_path / "c.qcow2")
+    qemu.img("create", "-f", "qcow2", base, 8 * MiB)
+    qemu.io("-c", "write -P 0x71 0 8M", base)
+    qemu.img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", child, 3 * MiB + 512)
+    qemu.io("-c", "write -P 0x72 1M 64k", child)
+    expect = bytearray(b"\x71" * (3 * MiB + 512))
+    expect[MiB:MiB + 65536] = b"\x72" * 65536
+    resize(child, 6 * MiB)
+    assert_qemu_clean(qemu, child)
+    assert_qemu_sees(qemu, child, bytes(expect) + bytes(6 * MiB - len(expect)), tmp_path)
+    resize(child, 12 * MiB)                         # past the backing file's end as well
+    assert_qemu_clean(qemu, child)
+    assert_qemu_sees(qemu, child, bytes(expect) + bytes(12 * MiB - len(expect)), tmp_path)

@@ -15,7 +15,7 @@ from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
-from ..sparse import is_zero
+from ..sparse import is_zero, zeroes
 from .compact import (VERIFY_CHUNK, _backend, compare_views, finish, require_op,
                       rewrite_in_copy, view_read)
 
@@ -50,6 +50,23 @@ def first_data_beyond(chain: Disk, new_size: int) -> int | None:
                 return pos + next(i for i, b in enumerate(buf) if b)
             pos += n
     return None
+
+
+def _hide_parent_tail(img: Image, below, start: int, end: int) -> None:
+    """A differencing image grown over a parent larger than its old size would show the
+    parent's data in the new area: store zeroes there, where the parent's content is not zero
+    (as qemu does). The copy is verified afterwards like any other resize."""
+    old_hz = getattr(img, "honor_zeroes", False)
+    img.honor_zeroes = True
+    try:
+        pos = start
+        while pos < end:
+            n = min(VERIFY_CHUNK, end - pos)
+            if not is_zero(below(pos, n)):
+                img.write(pos, zeroes(n), below)
+            pos += n
+    finally:
+        img.honor_zeroes = old_hz
 
 
 def _children(img: Image) -> bool:
@@ -101,6 +118,8 @@ def resize(path: str, new_size: int, *, format: str | None = None,
 
         def work(img: Image, cb) -> bool:
             _resize_hook(img, new_size, cb)
+            if below is not None and new_size > old:
+                _hide_parent_tail(img, below, old, img.size)
             return True
 
         keep = min(old, new_size)
@@ -134,7 +153,8 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         # in place: a file whose resize is one visible step and that no other differencing
         # image names (a link naming the parent's modification id would need rewriting: the
         # copy path does that after its commit point)
-        if several or (orig.resizes_in_place(new_size) and not _children(orig)):
+        parent_fits = all(im.size <= old for im in chain.images[:top])
+        if several or (orig.resizes_in_place(new_size) and parent_fits and not _children(orig)):
             prog = Progress(progress, max(new_size, 1))
             prog.start()              # a cancel here leaves the file untouched
             img = backend.open(path, OpenFlags.NORMAL, None)
