@@ -93,9 +93,10 @@ def _require(img: Image, op: Operation, why: str) -> None:
 def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, read_top: int,
                prog: Progress, readers: _Readers | None = None, reader_top: int = 0) -> None:
     """Write ``runs`` (start, length, status, the image holding them; as seen through image
-    ``read_top``) into image ``level`` of ``disk``. ``readers``: read-ahead threads with their own read-only opens of the chain, reading
-    through ``reader_top`` (an image that is not written during the copy); a window they
-    could not read is read again here, where an error is reported as usual."""
+    ``read_top``) into image ``level`` of ``disk``. ``readers``: read-ahead threads with their
+    own read-only opens of the chain, reading through ``reader_top`` (an image that is not
+    written during the copy) straight from the holder; a window they could not read is read
+    again here, where an error is reported as usual."""
     img = disk.images[level]
     fill = lambda o, n: disk._read_below(level, o, n)  # noqa: E731 - content under the target
     pending: deque = deque()
