@@ -714,7 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
     p.add_argument("-f", "--format")
     p.add_argument("image")
-    p.add_argument("size")
+    p.add_argument("size", help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
+                   "part cut off that reads zero and a format that can shrink (backends --json: "
+                   "can_shrink)")
     p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("compact", parents=[common], help="give unused space back")
