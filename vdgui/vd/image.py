@@ -231,20 +231,13 @@ class Image:
     def _refuse_cut_data(self, new_size: int) -> None:
         """For RESIZE hooks that shrink: refuse when this image itself holds a non-zero byte at
         or after ``new_size`` (the operation checks the whole chain before that)."""
-        from .sparse import is_zero       # sparse imports this module
-        for s, n, st in self.block_status(new_size, self.size - new_size):
-            if st != Alloc.DATA:
-                continue
-            p = s
-            while p < s + n:
-                k = min(4 << 20, s + n - p)
-                buf = self.read(p, k)
-                if not is_zero(buf):
-                    at = p + len(buf) - len(bytes(buf).lstrip(b"\0"))
-                    raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: "
-                                          f"the part beyond the new end holds data (first "
-                                          f"non-zero byte at offset {at:#x})")
-                p += k
+        from .sparse import first_nonzero       # sparse imports this module
+        at = first_nonzero(((s, n) for s, n, st in self.block_status(new_size, self.size - new_size)
+                            if st == Alloc.DATA), self.read)
+        if at is not None:
+            raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: the part "
+                                  f"beyond the new end holds data (first non-zero byte at offset "
+                                  f"{at:#x})")
 
     def resizes_in_place(self, new_size: int) -> bool:
         """True when ``resize(new_size)`` on this very file is safe against interruption: every

@@ -52,9 +52,10 @@ def block_runs(offset: int, length: int, block_size: int,
 
 
 def nonzero_runs(mv, start: int, unit: int = 64 << 10) -> list[tuple[int, int]]:
-    """(a, b) ranges of ``mv`` that are not all zero, in pieces of ``unit`` bytes aligned to
-    ``start + offset`` (memcmp speed; a piece of random data fails at its first bytes)."""
-    zero = _ZERO[:unit]
+    """(a, b) ranges of ``mv`` that are not all zero, in pieces of ``unit`` bytes (at most 4 MiB)
+    aligned to ``start + offset`` (memcmp speed; a piece of random data fails at its first
+    bytes)."""
+    zero = _ZERO
     runs: list[tuple[int, int]] = []
     n = len(mv)
     pos = 0
@@ -71,3 +72,17 @@ def nonzero_runs(mv, start: int, unit: int = 64 << 10) -> list[tuple[int, int]]:
     if run is not None:
         runs.append((run, n))
     return runs
+
+
+def first_nonzero(runs, read: Callable[[int, int], bytes], chunk: int = 4 << 20) -> int | None:
+    """Offset of the first non-zero byte in ``runs`` ((start, length) pairs, in order), read
+    ``chunk`` bytes at a time with ``read(pos, n)``; None when they all read zero."""
+    for start, length in runs:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            buf = read(pos, n)
+            if not is_zero(buf):
+                return pos + len(buf) - len(bytes(buf).lstrip(b"\0"))
+            pos += n
+    return None

@@ -39,13 +39,13 @@ from construct import ConstructError
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
+from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
                       UnsafePath, VDError)
 from ..fileio import ImageFile, relative_name, resolve_stored_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..chain import check_backing_name
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import table_from_bytes, table_to_bytes
@@ -1606,10 +1606,11 @@ class Qcow2Image(Image):
             progress(1, 1)
 
     def _shrink(self, new_size: int) -> None:
-        """Cut the virtual size (the caller made sure nothing past ``new_size`` reads non-zero):
-        the L2 entries of clusters wholly past the end are cleared and their clusters freed, L2
-        tables wholly past the end are dropped, then the size is written and free clusters at
-        the end of the file are cut off. The L1 table keeps its length (a longer one is valid)."""
+        """Cut the virtual size (refused when this image holds data past ``new_size``; the
+        operation has checked the whole chain): the L2 entries of clusters wholly past the end
+        are cleared and their clusters freed, L2 tables wholly past the end are dropped, then the
+        size is written and free clusters at the end of the file are cut off. The L1 table keeps
+        its length (a longer one is valid)."""
         if self.nb_snapshots:
             raise InvalidArgument(f"{self.location}: cannot shrink a qcow2 image with internal "
                                   "snapshots (they keep the old size); delete them first")

@@ -31,12 +31,12 @@ from construct import Const, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput)
+from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, InvalidArgument, NotSupported, VDError
 from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
-from ..chain import check_backing_name
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import table_from_bytes, table_to_bytes

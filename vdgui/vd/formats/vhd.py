@@ -235,8 +235,6 @@ def _round(n: int, to: int = SECTOR) -> int:
 
 
 
-def _data_runs(mv, start: int) -> list[tuple[int, int]]:
-    return nonzero_runs(mv, start)
 
 class VhdImage(Image):
     """One opened VHD file (fixed, dynamic or differencing)."""
@@ -696,7 +694,7 @@ class VhdImage(Image):
             # the data area lies in space the footer's move just added to the file: it reads
             # zeroes already, so only the non-zero parts are written (the file stays sparse)
             data_at = pos + self.bm_size + inner
-            for a, b in _data_runs(chunk, data_at):
+            for a, b in nonzero_runs(chunk, data_at):
                 self.f.pwrite(data_at + a, chunk[a:b])
         else:
             self.f.pwrite(pos + self.bm_size + inner, chunk)

@@ -263,8 +263,6 @@ def bat_entry_count(size: int, block_size: int, logical_sector: int, diff: bool)
     return payload + (payload - 1) // cr if payload else 0
 
 
-def _data_runs(mv, start: int) -> list[tuple[int, int]]:
-    return nonzero_runs(mv, start)
 
 
 def _utf16(s: str) -> bytes:
@@ -828,7 +826,7 @@ class VhdxImage(Image):
                     del self._fresh[idx]
                     fr = None
                 if fr is not None and inner >= fr[1]:
-                    for a, b in _data_runs(piece, inner):   # untouched space: reads zeroes
+                    for a, b in nonzero_runs(piece, inner):   # untouched space: reads zeroes
                         self.f.pwrite(boff + inner + a, piece[a:b])
                 else:
                     self.f.pwrite(boff + inner, piece)
@@ -855,7 +853,7 @@ class VhdxImage(Image):
             if fresh:
                 # the block lies in space just added to the file: it reads zeroes already, so
                 # only the non-zero parts of the data are written (the file stays sparse there)
-                for a, b in _data_runs(piece, inner):
+                for a, b in nonzero_runs(piece, inner):
                     self.f.pwrite(boff + inner + a, piece[a:b])
             else:
                 self.f.pwrite(boff + inner, piece)
@@ -1204,9 +1202,10 @@ class VhdxImage(Image):
         return used, -(-end // MiB) * MiB
 
     def _shrink(self, new_size: int) -> None:
-        """Cut the virtual size (the caller made sure nothing past ``new_size`` reads non-zero):
-        BAT entries past the new end become "not present" (zeroed in the BAT region), the size
-        is written, and the file is cut after the last block still in use."""
+        """Cut the virtual size (refused when this image holds data past ``new_size``; the
+        operation has checked the whole chain): BAT entries past the new end become "not
+        present" (zeroed in the BAT region), the size is written, and the file is cut after the
+        last block still in use."""
         self._refuse_cut_data(new_size)
         count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
         self._begin_write()

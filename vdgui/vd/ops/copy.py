@@ -48,6 +48,7 @@ from ..fileio import start_writeback, syncing, unsynced
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
+from ..sparse import first_nonzero
 
 WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
 MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
@@ -106,20 +107,9 @@ def _extents(src: Disk, top: int, bottom: int, length: int):
 
 def _tail_is_zero(src: Disk, top: int, start: int, end: int) -> int | None:
     """First offset in [start, end) that does not read as zero, or None."""
-    for ext in src.allocation(start, end - start, top=top):
-        if ext.status != Alloc.DATA:
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            n = min(WINDOW, ext.end - pos)
-            data = src.read(pos, n, top=top)
-            if not _zero(data):
-                mv = memoryview(data)
-                i = next(k for k in range(0, n, 512) if not _zero(mv[k:k + 512]))
-                j = next(k for k in range(i, min(i + 512, n)) if data[k])
-                return pos + j
-            pos += n
-    return None
+    return first_nonzero(((e.start, e.length) for e in src.allocation(start, end - start, top=top)
+                          if e.status == Alloc.DATA),
+                         lambda p, n: src.read(p, n, top=top), WINDOW)
 
 
 class Writeback:

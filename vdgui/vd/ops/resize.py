@@ -15,7 +15,7 @@ from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
-from ..sparse import is_zero, zeroes
+from ..sparse import first_nonzero, is_zero, zeroes
 from .compact import (VERIFY_CHUNK, _backend, compare_views, finish, require_op,
                       rewrite_in_copy, view_read)
 
@@ -38,18 +38,10 @@ def _check_size(backend, path: str, new_size) -> int:
 
 def first_data_beyond(chain: Disk, new_size: int) -> int | None:
     """Offset of the first non-zero byte at or after ``new_size`` (through the chain), or None."""
-    old = chain.size
-    for e in chain.allocation(new_size, old - new_size):
-        if e.level is None or e.status != Alloc.DATA:
-            continue
-        pos = e.start
-        while pos < e.end:
-            n = min(VERIFY_CHUNK, e.end - pos)
-            buf = chain.read(pos, n)
-            if not is_zero(buf):
-                return pos + next(i for i, b in enumerate(buf) if b)
-            pos += n
-    return None
+    return first_nonzero(((e.start, e.length) for e in chain.allocation(new_size,
+                                                                        chain.size - new_size)
+                          if e.level is not None and e.status == Alloc.DATA),
+                         chain.read, VERIFY_CHUNK)
 
 
 def _hide_parent_tail(img: Image, below, start: int, end: int) -> None:
