@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,11 @@ def test_bundle_create_layout(tmp_path, qemu):
     names = sorted(os.listdir(p))
     assert names[0] == "DiskDescriptor.xml" and "vm.hdd" in names
     hds = [n for n in names if n.endswith(".hds")]
-    assert len(hds) == 1 and hds[0].startswith("vm.hdd.0.{")
+    assert hds == ["vm.hdd.0.{5fbaabe3-6958-40ff-92a7-860e329aab41}.hds"]
+    # the predefined base GUID, named as the top snapshot: what ploop and dissect look for
+    snaps = ET.parse(p / "DiskDescriptor.xml").getroot().find("Snapshots")
+    assert snaps.findtext("TopGUID") == "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+    assert [s.findtext("GUID") for s in snaps.findall("Shot")] == [snaps.findtext("TopGUID")]
     assert (p / hds[0]).read_bytes()[:16] == prl.MAGIC_V2
     assert qemu.check(p / hds[0], "parallels").returncode == 0
     raw = qemu.to_raw(p / hds[0], tmp_path / "b.raw", "parallels").read_bytes()

@@ -117,13 +117,13 @@ def test_created_header_fields(tmp_path):
     assert h.header_size == 400 and h.image_type == 1
     assert h.disk_size == 3 * MiB + 512 and h.block_size == MiB and h.blocks == 4
     assert h.blocks_allocated == 0 and h.block_extra == 0
-    assert h.offset_blocks == 512 and h.offset_data == MiB
+    assert h.offset_blocks == MiB and h.offset_data == 2 * MiB      # VirtualBox's layout
     assert uuid.UUID(bytes_le=h.uuid_create) == u
     assert h.uuid_modify != bytes(16) and h.uuid_linkage == bytes(16)
     assert h.comment.rstrip(b"\0") == b"hi there"
     assert (h.lchs.cylinders, h.lchs.heads, h.lchs.sectors, h.lchs.sector_size) == (6, 16, 63, 512)
     assert map_entries(p) == [0xFFFFFFFF] * 4
-    assert os.path.getsize(p) == MiB
+    assert os.path.getsize(p) == 2 * MiB
 
 
 def test_probe(tmp_path):
@@ -901,3 +901,16 @@ def test_new_full_block_stores_only_its_nonzero_pieces(tmp_path):
         assert d.read(2 * MiB, MiB) == bytes(blk)
         assert d.read(5 * MiB, MiB) == pattern(MiB, 3)
         assert d.read(0, 2 * MiB) == bytes(2 * MiB)
+
+
+def test_differencing_image_legacy_geometry_is_not_calculated(tmp_path):
+    # VirtualBox writes 0/0/0 as a child's legacy geometry; the disk's geometry is the base's
+    base = make(tmp_path / "base.vdi", size=64 * MiB, pchs=Geometry(130, 16, 63))
+    with Disk.open_chain(base, "VDI") as d:
+        d.create_diff(str(tmp_path / "child.vdi"), "VDI")
+    _, h = hdr(tmp_path / "child.vdi")
+    g = h.legacy_geometry
+    assert (g.cylinders, g.heads, g.sectors, g.sector_size) == (0, 0, 0, 512)
+    assert h.offset_blocks == MiB and h.offset_data == 2 * MiB
+    _, hb = hdr(base)
+    assert (hb.legacy_geometry.cylinders, hb.legacy_geometry.heads) == (130, 16)   # asked for

@@ -77,6 +77,9 @@ MAX_EXTENTS = 4096
 MAX_SNAPSHOTS = 1024
 DESCRIPTOR_NAME = "DiskDescriptor.xml"
 ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
+# Parallels Desktop and ploop name a disk's base snapshot with this predefined GUID, and readers
+# (ploop, dissect.hypervisor) look for it when a descriptor has no TopGUID
+TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
 
 # qemu docs/interop/parallels.txt, "Header"
 Header = Struct(
@@ -884,7 +887,7 @@ class ParallelsBackend(Backend):
         os.mkdir(tmp)
         try:
             name = os.path.basename(final)
-            guid = "{" + str(uuidlib.uuid4()) + "}"
+            guid = TOP_GUID           # the base snapshot of every real bundle (ploop, dissect)
             hds = f"{name}.0.{guid}.hds"
             # "WithoutFreeSpace" as Parallels Desktop writes it, unless offsets need 64 bits
             data_off = -(-(HEADER_SIZE + 4 * -(-size // cl)) // cl) * cl
@@ -962,6 +965,7 @@ _DESCRIPTOR = """<?xml version='1.0' encoding='UTF-8'?>
         </Storage>
     </StorageData>
     <Snapshots>
+        <TopGUID>{guid}</TopGUID>
         <Shot>
             <GUID>{guid}</GUID>
             <ParentGUID>{{00000000-0000-0000-0000-000000000000}}</ParentGUID>

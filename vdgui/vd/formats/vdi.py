@@ -6,8 +6,9 @@ creating and keeps the version of an existing file. Limits and conventions:
 
 * block size (``AllocationBlockSize``): a power of two, 512 B .. 256 MiB (1 MiB by default; qemu
   only opens 1 MiB blocks); ``cbBlockExtra`` bytes before each block are honoured and kept;
-* at most 0x3fffffff blocks; the map must lie inside the file; new images put the map at 512
-  and the data area on a 1 MiB boundary, as VirtualBox aligns data (VDI_DATA_ALIGN);
+* at most 0x3fffffff blocks; the map must lie inside the file; new images put the map and the
+  data area each on a 1 MiB boundary, as VirtualBox does (VDI_DATA_ALIGN), so an empty image is
+  2 MiB and the map has room to grow in place; a differencing image's legacy geometry is 0/0/0;
 * new blocks are appended at index ``cBlocksAllocated``; writes go data -> map entry ->
   header (the header's count is written at flush/close); block indices stay dense
   (0..allocated-1) after compact, discard and repair, which is what qemu-img check expects;
@@ -1079,14 +1080,17 @@ class VdiBackend(Backend):
         if diff and p.parent.uuid is None:
             raise NotSupported(f"{p.parent.location}: the parent has no UUID, and a VDI "
                                "differencing image links to its parent by UUID")
-        offset_blocks = 512
+        # VirtualBox's layout (vdiInitHeader): the map and the data each start on a 1 MiB boundary
+        offset_blocks = _align(L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE, DATA_ALIGN)
         offset_data = _align(offset_blocks + blocks * 4, DATA_ALIGN)
         if offset_data > 0xFFFFFFFF:
             raise InvalidArgument(f"{size} bytes in {bs}-byte blocks need a block map too large "
                                   "for VDI; use a larger AllocationBlockSize")
         image_type = L.TYPE_FIXED if fixed else L.TYPE_DIFF if diff else L.TYPE_NORMAL
         g0 = {"cylinders": 0, "heads": 0, "sectors": 0, "sector_size": 512}
-        pchs = p.pchs if p.pchs and not Geometry(*p.pchs).is_zero else None
+        # a differencing image's legacy geometry stays "not calculated" (0/0/0), as VirtualBox
+        # writes it: the disk's geometry is the base's
+        pchs = p.pchs if p.pchs and not diff and not Geometry(*p.pchs).is_zero else None
         lchs = p.lchs if p.lchs and not Geometry(*p.lchs).is_zero else None
         hdr = dict(
             header_size=L.HEADER1PLUS_SIZE, image_type=image_type, flags=0,
@@ -1107,7 +1111,7 @@ class VdiBackend(Backend):
         head = pre + L.Header1Plus.build(hdr)
         f = ImageFile.create_temp(p.location)
         try:
-            f.pwrite(0, head + bytes(offset_blocks - len(head)))
+            f.pwrite(0, head + bytes(-len(head) % 512))      # the gap up to the map stays a hole
             if fixed:
                 m = array("I", range(blocks))
             else:
