@@ -7,7 +7,10 @@ import os
 
 import pytest
 
-from vdgui.vd import Operation, backends, check, compact, get_backend, merge, resize
+from tests.conftest import read_all
+from tests.interop.qemu_formats import qemu_name
+from vdgui.vd import (Alloc, Cap, Disk, OpenFlags, Operation, backends, check, compact, get_backend,
+                      merge, resize)
 
 MiB = 1 << 20
 QEMU_BACKING = {"qcow2", "qed", "vmdk"}
@@ -117,3 +120,41 @@ def test_check_agrees_with_qemu(qemu, tmp_path, q):
         assert rep.exit_code == 0
         assert check(path).exit_code == 0
         assert qemu.check(path, q).returncode == 0
+
+
+def _diff_formats():
+    return [b.name for b in backends()
+            if b.can(Operation.RESIZE) and b.can(Operation.WRITE) and b.can(Operation.CREATE)
+            and b.caps & Cap.DIFF and b.caps & Cap.FILE]
+
+
+@pytest.mark.parametrize("fmt", _diff_formats())
+@pytest.mark.parametrize("base_size", [4 * MiB, 3 * MiB + 512])
+def test_child_grown_past_its_parent_stores_the_tail(qemu, tmp_path, fmt, base_size):
+    """Independent readers (VirtualBox, libyal, dissect) never read past a parent's end: a child
+    grown past its parent holds the new tail itself (zero markers or zero blocks)."""
+    b = get_backend(fmt)
+    ext = b.default_extension()
+    base, child = str(tmp_path / f"b.{ext}"), str(tmp_path / f"c.{ext}")
+    with Disk() as d:
+        d.create_base(base, base_size, fmt)
+        d.write(0, b"\x5c" * d.size)
+        d.create_diff(child, fmt)
+        d.write(MiB, b"\x6d" * 4096)
+        before = read_all(d)
+        psize = d.images[0].size
+    resize(child, 9 * MiB)
+    with Disk.open_chain(child, fmt, OpenFlags.READ_ONLY) as d:
+        top = d.images[-1]
+        assert top.size >= 9 * MiB
+        holes = [(s, n) for s, n, st in top.block_status(psize, top.size - psize)
+                 if st == Alloc.UNALLOCATED]
+        assert holes == [], f"the tail past the parent's end ({psize}) is left to the parent"
+        got = read_all(d)
+    assert got == before + bytes(len(got) - len(before))
+    q = qemu_name(b)
+    if q in QEMU_BACKING:                      # qemu opens no VDI, VHD or VHDX children
+        assert qemu.check(child, q).returncode == 0
+        raw = tmp_path / "want.raw"
+        raw.write_bytes(got)
+        assert qemu.compare(child, str(raw), q, "raw").returncode == 0

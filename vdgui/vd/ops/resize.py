@@ -61,6 +61,32 @@ def _hide_parent_tail(img: Image, below, start: int, end: int) -> None:
         img.honor_zeroes = old_hz
 
 
+TAIL_CHUNK = 8 << 20
+
+
+def store_tail_over_parent(img: Image, parent_size: int, fill) -> None:
+    """A differencing image larger than its parent stores the part past the parent's end
+    explicitly: zero markers where the format has them (VDI zero blocks, QCOW2/QED zero clusters,
+    VHDX PAYLOAD_BLOCK_ZERO, VMDK zeroed grains), zero blocks where it has not (VHD). Readers
+    that never look past a parent's end (VirtualBox, libyal, dissect) then read zeroes there.
+    ``fill`` gives the content below, for a block that straddles the parent's end."""
+    if img.size <= parent_size:
+        return
+    old_hz = getattr(img, "honor_zeroes", False)
+    img.honor_zeroes = False          # zeroes become markers where the format has them
+    try:
+        for s, n, st in img.block_status(parent_size, img.size - parent_size):
+            if st != Alloc.UNALLOCATED:
+                continue
+            pos, end = s, s + n
+            while pos < end:
+                k = min(TAIL_CHUNK, end - pos)
+                img.write(pos, zeroes(k), fill)
+                pos += k
+    finally:
+        img.honor_zeroes = old_hz
+
+
 def _children(img: Image) -> bool:
     from .merge import find_children
     return bool(find_children(img))
@@ -108,10 +134,17 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                     f"inside the disk first")
         below = (lambda o, n: chain._read_below(top, o, n)) if top > 0 else None
 
+        parent_size = chain.images[top - 1].size if top > 0 else None
+
+        def grown_over_parent(img: Image) -> None:
+            if below is not None and new_size > old:
+                store_tail_over_parent(img, parent_size, below)
+
         def work(img: Image, cb) -> bool:
             _resize_hook(img, new_size, cb)
             if below is not None and new_size > old:
                 _hide_parent_tail(img, below, old, img.size)
+            grown_over_parent(img)
             return True
 
         keep = min(old, new_size)
@@ -159,6 +192,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                 else:
                     raise InvalidArgument(f"{path}: the image changed while it was being "
                                           "resized; nothing was written")
+                grown_over_parent(img)      # after the size step: markers in the new area
                 img.flush()
                 finish(prog)
             finally:
@@ -167,4 +201,4 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=new_size)
 
 
-__all__ = ["resize", "first_data_beyond"]
+__all__ = ["resize", "first_data_beyond", "store_tail_over_parent"]
