@@ -687,7 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant")
     p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
     p.add_argument("--chain", action="store_true",
-                   help="copy the chain as a chain: DST, then <stem>-snapN.<ext> per diff")
+                   help="copy the chain as a chain: DST is the copy of the top (SRC itself, what a "
+                        "VM attaches); each image below it is written beside DST as "
+                        "<DST stem>-<its own stem>.<ext>; every image keeps its own size")
     p.add_argument("--keep-uuid", action="store_true")
     p.add_argument("-t", "--cache", choices=("writeback", "unsafe"), default="writeback",
                    help="writeback (default): the target is on disk (fsync) before it is renamed "

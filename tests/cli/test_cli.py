@@ -85,6 +85,11 @@ def test_version_and_help():
     assert r.returncode == 0 and r.stdout.startswith("vdgui-img ")
 
 
+def test_convert_help_says_dst_is_the_copy_of_the_top():
+    text = " ".join(run_cli("convert", "--help").stdout.split())
+    assert "DST is the copy of the top" in text and "keeps its own size" in text
+
+
 def test_backends_lists_the_table():
     data = json.loads(run_cli("backends", "--json").stdout)
     assert [d["name"] for d in data] == [b.name for b in backends()]
@@ -182,8 +187,9 @@ def test_differencing_chain(tmp_path, fmt):
     out = str(tmp_path / "copy" / f"c.{ext}")
     os.mkdir(tmp_path / "copy")
     run("convert", "--chain", "--keep-uuid", "-O", fmt, top, out)
-    snap = str(tmp_path / "copy" / f"c-snap1.{ext}")
-    assert sorted(os.listdir(tmp_path / "copy")) == sorted([f"c.{ext}", f"c-snap1.{ext}"])
+    snap = out          # DST is the copy of the top; the base's copy is named after the base
+    stem = os.path.splitext(os.path.basename(base))[0]
+    assert sorted(os.listdir(tmp_path / "copy")) == sorted([f"c.{ext}", f"c-{stem}.{ext}"])
     assert run("compare", snap, top).returncode == 0
     copied = json.loads(run("info", "--json", "--chain", snap).stdout)["chain"]
     assert [c["uuid"] for c in copied] == [c["uuid"] for c in chain]

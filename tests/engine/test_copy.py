@@ -107,8 +107,9 @@ def test_as_chain_each_diff_holds_only_its_own_blocks(tmp_path, fake):
     dst = str(tmp_path / "out" / "copy.fkd")
     os.mkdir(tmp_path / "out")
     out = copy_image(paths[2], dst, FAKE, as_chain=True)
-    assert out == chain_target_names(dst, 3)
-    assert [os.path.basename(p) for p in out] == ["copy.fkd", "copy-snap1.fkd", "copy-snap2.fkd"]
+    assert out == chain_target_names(dst, paths)
+    # DST is the copy of the top (what a VM attaches); the members below are named after theirs
+    assert [os.path.basename(p) for p in out] == ["copy-base.fkd", "copy-d1.fkd", "copy.fkd"]
     assert _listing(tmp_path / "out") == sorted(os.path.basename(p) for p in out)
     with Disk.open_chain(out[2], flags=OpenFlags.READ_ONLY) as t, \
             Disk.open_chain(paths[2], flags=OpenFlags.READ_ONLY) as s:
@@ -150,6 +151,52 @@ def test_as_chain_refused_for_format_without_diffs(tmp_path, fake):
     with pytest.raises(NotSupported, match="flatten"):
         copy_image(paths[2], str(tmp_path / "c.img"), "RAW", as_chain=True)
     assert _listing(tmp_path) == before
+
+
+def test_chain_target_names_top_is_dst_and_names_stay_apart(tmp_path):
+    assert chain_target_names("/v/top_copy.qcow2", ["/a/base.vdi", "/a/snap1.vdi", "/a/snap4.vdi"]) \
+        == ["/v/top_copy-base.qcow2", "/v/top_copy-snap1.qcow2", "/v/top_copy.qcow2"]
+    # two members with one stem, odd characters, a network location
+    names = chain_target_names("/v/c.vdi", ["/a/x.vdi", "/b/x.vmdk", "iscsi://h/iqn:1/0", "/t.vdi"])
+    assert names[-1] == "/v/c.vdi" and len(set(names)) == 4
+    assert names[:3] == ["/v/c-x.vdi", "/v/c-x-1.vdi", "/v/c-0.vdi"]
+
+
+def test_as_chain_top_gets_dst_and_members_keep_their_sizes(tmp_path):
+    """base (2 MiB) <- snap1 <- snap2 <- snap4 grown to 3 MiB, copied as a chain to
+    snap4_copy.qcow2: that name holds snap4's copy (3 MiB, the whole view), the base's copy is
+    2 MiB; every level reads as the source's level."""
+    from vdgui.vd import resize
+    d = tmp_path / "vm"
+    d.mkdir()
+    names = ["base", "snap1", "snap2", "snap4"]
+    paths = [str(d / f"{n}.vdi") for n in names]
+    with Disk() as disk:
+        disk.create_base(paths[0], 2 * MiB, "VDI")
+        disk.write(0, b"\x11" * MiB)
+        for i, p in enumerate(paths[1:], 1):
+            disk.create_diff(p)
+            disk.write(i * 256 * 1024, bytes([0x20 + i]) * 4096)
+    resize(paths[3], 3 * MiB)
+    with Disk.open_chain(paths[3]) as disk:
+        disk.write(2 * MiB + 4096, b"\x44" * 4096)
+    with Disk.open_chain(paths[3], flags=OpenFlags.READ_ONLY) as s:
+        views = [s.read(0, s.image(lv).size, top=lv) for lv in range(4)]
+        sizes = [s.image(lv).size for lv in range(4)]
+    assert sizes == [2 * MiB, 2 * MiB, 2 * MiB, 3 * MiB]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = str(out_dir / "snap4_copy.qcow2")
+    out = copy_image(paths[3], dst, "QCOW2", as_chain=True)
+    assert out[-1] == dst
+    assert [os.path.basename(p) for p in out] == ["snap4_copy-base.qcow2", "snap4_copy-snap1.qcow2",
+                                                  "snap4_copy-snap2.qcow2", "snap4_copy.qcow2"]
+    assert _listing(out_dir) == sorted(os.path.basename(p) for p in out)
+    with Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as t:
+        assert [os.path.basename(i.location) for i in t.images] == [os.path.basename(p) for p in out]
+        assert [t.image(lv).size for lv in range(4)] == sizes
+        for lv in range(4):
+            assert t.read(0, t.image(lv).size, top=lv) == views[lv], f"level {lv}"
 
 
 # -- sizes -------------------------------------------------------------------------------------
@@ -225,7 +272,8 @@ def test_cancel_at_several_points_leaves_nothing(tmp_path, fake, as_chain):
     n_calls = []
     copy_image(paths[2], str(tmp_path / "full.fkd"), FAKE, as_chain=as_chain,
                progress=lambda d, t: (n_calls.append(d), time.sleep(0.055)) and None)
-    for f in chain_target_names(str(tmp_path / "full.fkd"), 3 if as_chain else 1):
+    for f in (chain_target_names(str(tmp_path / "full.fkd"), paths) if as_chain
+              else [str(tmp_path / "full.fkd")]):
         os.unlink(f)
     points = sorted({1, 2, len(n_calls) // 2, len(n_calls)})
     assert len(points) >= 3

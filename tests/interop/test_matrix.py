@@ -12,6 +12,7 @@ The CLI is run in-process (``vdgui.cli.main``) to save an interpreter start per 
 from __future__ import annotations
 
 import contextlib
+import os
 import io
 
 import pytest
@@ -258,7 +259,8 @@ def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
     dst = str(tmp_path / f"c.{ext}")
     rc, err = _cli("convert", "--chain", "-O", backend.name, qemu_chain[-1], dst)
     assert rc == 0, f"vdgui-img convert --chain failed: {err}"
-    made = [dst] + [str(tmp_path / f"c-snap{i}.{ext}") for i in (1, 2)]
+    made = [str(tmp_path / f"c-{os.path.splitext(os.path.basename(p))[0]}.{ext}")
+            for p in qemu_chain[:-1]] + [dst]
     tfmt = qemu_name(backend)
     for lv, (src, out) in enumerate(zip(qemu_chain, made)):
         raw = str(tmp_path / f"level{lv}.raw")

@@ -177,14 +177,16 @@ class Disk:
     def create_diff(self, location: str, format: str | Backend | None = None, *,
                     flags: ImageFlags = ImageFlags.NONE, comment: str | None = None,
                     uuid: uuidlib.UUID | None = None, config: dict | None = None,
-                    allow_unsafe_paths: bool = False) -> Image:
-        """VDCreateDiff: create a child of the current top and open it as the new top."""
+                    allow_unsafe_paths: bool = False, size: int | None = None) -> Image:
+        """VDCreateDiff: create a child of the current top and open it as the new top (of the
+        parent's size unless ``size`` is given)."""
         parent = self.top
         backend = format if isinstance(format, Backend) else get_backend(format) if format else parent.backend
         from .backend import Cap
         if not backend.caps & Cap.DIFF or not backend.can(Operation.CREATE):
             raise NotSupported(f"differencing images are not supported for {backend.name}")
-        img = backend.create(CreateParams(location=location, size=parent.size,
+        img = backend.create(CreateParams(location=location,
+                                          size=parent.size if size is None else size,
                                           flags=flags | ImageFlags.DIFF, uuid=uuid, comment=comment,
                                           pchs=parent.pchs, lchs=parent.lchs, config=config,
                                           parent=parent, allow_unsafe_paths=allow_unsafe_paths))

@@ -2,12 +2,14 @@
 source), optional new size, flatten the chain or copy it as a chain, keep the UUID."""
 from __future__ import annotations
 
+import html
 import os
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QGroupBox, QLabel, QRadioButton, QVBoxLayout)
 
-from vdgui.vd import Cap, ImageFlags, format_size, get_backend
+from vdgui.vd import Cap, ImageFlags, chain_target_names, format_size, get_backend
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
@@ -42,7 +44,8 @@ class CopyDialog(QDialog):
         self.resize_box.toggled.connect(self.new_size.setEnabled)
         self.resize_box.toggled.connect(self.validate)
         self.flatten = QRadioButton("&Flatten: one image with the content of the whole chain")
-        self.as_chain = QRadioButton("Copy as a &chain: one image per chain member")
+        self.as_chain = QRadioButton(f"Copy as a &chain: one image per chain member; the name "
+                                     f"above is the copy of {node.name}")
         self.flatten.setChecked(True)
         self.keep_uuid = QCheckBox("&Keep the UUID (the copy is meant to replace the original)")
         chain_box = QGroupBox("Chain")
@@ -56,6 +59,10 @@ class CopyDialog(QDialog):
         cl.addWidget(self.flatten)
         cl.addWidget(self.as_chain)
         chain_box.setVisible(depth > 1)
+        self.preview = QLabel()
+        self.preview.setObjectName("copyPreview")
+        self.preview.setWordWrap(True)
+        self.preview.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.config_box = QGroupBox("Target format options")
         self.config_layout = QVBoxLayout(self.config_box)
         self.config: ConfigForm | None = None
@@ -79,6 +86,7 @@ class CopyDialog(QDialog):
         lay.addWidget(src)
         lay.addLayout(form)
         lay.addWidget(chain_box)
+        lay.addWidget(self.preview)
         lay.addWidget(self.config_box)
         lay.addWidget(self.messages)
         lay.addWidget(self.buttons)
@@ -127,10 +135,40 @@ class CopyDialog(QDialog):
         self.config_box.setVisible(self.config is not None)
         self.validate()
 
+    def chain_copy(self) -> bool:
+        return self.as_chain.isEnabled() and self.as_chain.isChecked()
+
+    def targets(self) -> list[tuple[str, object]]:
+        """(file to be written, source node) for every image the copy makes, base first; the
+        location typed is the copy of the selected image."""
+        loc = self.location.path()
+        if not loc:
+            return []
+        if not self.chain_copy():
+            return [(loc, self.node)]
+        members = self.node.ancestors() + [self.node]
+        return list(zip(chain_target_names(loc, [n.path for n in members]), members))
+
+    def _show_preview(self) -> None:
+        rows = []
+        for path, n in self.targets():
+            size = n.record.virtual_size or 0
+            if n is self.node and self.resize_box.isChecked() and self.new_size.value():
+                size = self.new_size.value()
+            what = "copy of the whole chain" if not self.chain_copy() and self.node.depth > 1 \
+                else f"copy of {html.escape(n.name)}"
+            rows.append(f"<tr><td>{html.escape(os.path.basename(path))}</td><td>&nbsp;&nbsp;{what}"
+                        f"</td><td align='right'>&nbsp;&nbsp;{format_size(size)}</td></tr>")
+        folder = os.path.dirname(self.location.path()) if self.location.path() else ""
+        self.preview.setText(f"<b>Files to be written</b> in {html.escape(folder)}:"
+                             "<table cellspacing='0' cellpadding='1'>" + "".join(rows) + "</table>"
+                             if rows else "")
+
     def validate(self, *_):
         errors, warnings = [], []
         b = self.backend()
         loc = self.location.path()
+        self._show_preview()
         if b is None:
             errors.append("No registered format can create images")
         if not loc:
@@ -141,6 +179,14 @@ class CopyDialog(QDialog):
             errors.append(f"{loc} already exists; choose another name")
         elif not os.path.isdir(os.path.dirname(loc)):
             errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        if loc and self.chain_copy():
+            srcs = {os.path.abspath(f) for n in self.node.ancestors() + [self.node]
+                    for f in (n.record.files or [n.path])}
+            for path, _n in self.targets()[:-1]:
+                if os.path.abspath(path) in srcs:
+                    errors.append(f"{path} would overwrite a source image; choose another name")
+                elif os.path.lexists(path):
+                    errors.append(f"{path} already exists; choose another name")
         size = self.node.record.virtual_size or 0
         if self.resize_box.isChecked():
             err = self.new_size.error()
@@ -169,8 +215,9 @@ class CopyDialog(QDialog):
         b = self.backend()
         kw = {"src_format": rec.format, "variant": self.variant.flags(),
               "keep_uuid": self.keep_uuid.isEnabled() and self.keep_uuid.isChecked(),
-              "as_chain": self.as_chain.isEnabled() and self.as_chain.isChecked()}
+              "as_chain": self.chain_copy()}
         if self.resize_box.isChecked() and self.new_size.value() != rec.virtual_size:
+            # with a chain copy the new size applies to the copy of the selected image only
             kw["new_size"] = self.new_size.value()
         if self.config is not None and self.config.values():
             kw["dst_config"] = self.config.values()

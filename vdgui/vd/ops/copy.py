@@ -12,8 +12,10 @@ image of any creatable backend and variant:
 * **UUIDs**: new ones by default; ``keep_uuid`` copies each image's UUID.
 * **chains**: ``as_chain=True`` copies chain members 0..top as a chain: the base, then one
   differencing image per source diff holding only that diff's own blocks (VDCopyEx's "same
-  content up to image N" shortcut). Target names (documented contract):
-  ``DST`` for the base and ``<stem>-snap<N>.<ext>`` beside it for diff N (N = 1.. the chain index).
+  content up to image N" shortcut). Each member keeps its own virtual size (``new_size`` applies
+  to the top only). Target names (documented contract, :func:`chain_target_names`): ``DST`` is
+  the copy of the top (the image a VM attaches); each member below it is
+  ``<DST stem>-<member's stem>.<ext>`` beside it (``-<N>`` added when two names would collide).
 * **safety**: every file is created inside a private temporary folder beside the target
   (``.<name>.vdgui-tmp-<pid>-<random>``), with the final base names so that names stored inside
   the images (extents, parent links) are right; when the copy is complete the files are moved
@@ -86,10 +88,36 @@ def _backend(fmt: str | Backend | None) -> Backend | None:
     return get_backend(fmt)
 
 
-def chain_target_names(dst_path: str, count: int) -> list[str]:
-    """Target names for an ``as_chain`` copy of ``count`` images: DST, then <stem>-snapN.<ext>."""
+def _member_stem(location: str) -> str:
+    """A chain member's name for a target file name: its base name without the extension,
+    reduced to letters, digits, '-', '_' and '.' (at most 64 characters)."""
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    stem = os.path.splitext(name)[0]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("._")
+    return stem[:64]
+
+
+def chain_target_names(dst_path: str, members) -> list[str]:
+    """Target names for an ``as_chain`` copy, base first. The last one, the copy of the top (the
+    image the user picked, which a VM attaches), is ``dst_path`` itself; each member below it is
+    ``<stem>-<member's stem><ext>`` beside it, with ``-<N>`` (its chain index) added when two
+    names would collide. ``members``: the source members' locations, base first (or their
+    count, then members are named ``level<N>``)."""
+    if isinstance(members, int):
+        members = [f"level{i}" for i in range(members)]
+    members = list(members)
+    if not members:
+        return []
     stem, ext = os.path.splitext(dst_path)
-    return [dst_path] + [f"{stem}-snap{i}{ext}" for i in range(1, count)]
+    used = {os.path.basename(dst_path).lower()}
+    out = []
+    for i, m in enumerate(members[:-1]):
+        name = f"{stem}-{_member_stem(m) or f'level{i}'}{ext}"
+        if os.path.basename(name).lower() in used:
+            name = f"{stem}-{_member_stem(m) or 'level'}-{i}{ext}"
+        used.add(os.path.basename(name).lower())
+        out.append(name)
+    return out + [dst_path]
 
 
 def _round_up(n: int, g: int) -> int:
@@ -330,8 +358,11 @@ def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, ba
     t = w.t
     below = len(t.images) - 2
 
+    below_size = t.image(below).size
+
     def below_zero(o: int, n: int) -> bool:
-        return _zero(t.read(o, n, top=below))
+        n = min(n, below_size - o)      # past the parent's end the chain reads zero
+        return n <= 0 or _zero(t.read(o, n, top=below))
 
     chunk = max(w.g, WINDOW // w.g * w.g)
     for ext in _extents(src, level, level, length):
@@ -444,10 +475,15 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                                       f"data beyond the new end (first at offset {bad})")
         copy_len = min(size, src_size)
         levels = top + 1 if as_chain else 1
+        # a chain copy: every member keeps its own size; new_size applies to the top
+        sizes = [_round_up(src.image(lv).size, dst_backend.size_granularity)
+                 for lv in range(levels - 1)] + [size]
+        lengths = [min(sizes[lv], src.image(lv if levels > 1 else top).size)
+                   for lv in range(levels - 1)] + [copy_len]
         if levels > 1 and not (dst_backend.caps & Cap.DIFF):
             raise NotSupported(f"{dst_backend.name} images cannot be differencing images; copy "
                                "without the chain option to flatten the chain into one image")
-        prog = Progress(progress, copy_len * levels)
+        prog = Progress(progress, sum(lengths))
         prog.start()
         readers = None
         if all(img.backend.caps & Cap.FILE for img in src.images) and READERS > 1:
@@ -461,8 +497,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                 _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
                                 keep_uuid, readers)
                 return [dst_path]
-            return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, size,
-                                  copy_len, prog, keep_uuid, levels, overwrite, allow_unsafe_paths,
+            return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, sizes,
+                                  lengths, prog, keep_uuid, levels, overwrite, allow_unsafe_paths,
                                   readers)
         finally:
             if readers is not None:
@@ -488,9 +524,10 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
         prog.finish()
 
 
-def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len, prog, keep_uuid,
+def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths, prog, keep_uuid,
                    levels, overwrite, allow_unsafe, readers=None):
-    finals = chain_target_names(dst_path, levels)
+    finals = (chain_target_names(dst_path, [src.image(lv).location for lv in range(levels)])
+              if levels > 1 else [dst_path])
     src_files = {_real(f) for img in src.images for f in img.files()}
     for f in finals:
         if _real(f) in src_files:
@@ -502,25 +539,28 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, size, copy_len,
         t = Disk()
         try:
             created: list[str] = []
+            done = 0
             for lv in range(levels):
                 img_src = src.image(lv if levels > 1 else top)
                 loc = os.path.join(tmpdir, os.path.basename(finals[lv]))
                 uid = img_src.uuid if keep_uuid else None
+                size = sizes[lv]
                 if lv == 0:
-                    lchs = img_src.lchs if size == src.image(top).size else None
+                    lchs = img_src.lchs if size == img_src.size else None
                     t.create_base(loc, size, backend, flags=variant, uuid=uid,
                                   lchs=lchs if lchs and not lchs.is_zero else None,
                                   config=config, allow_unsafe_paths=allow_unsafe,
                                   progress=lambda d, n: prog.check())
                 else:
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
-                                  config=config, allow_unsafe_paths=allow_unsafe)
+                                  config=config, allow_unsafe_paths=allow_unsafe, size=size)
                 created.append(loc)
                 w = _Writer(t, _grain(t.top.block_size), fresh=True)
                 if lv == 0:
-                    _copy_flat(src, lv if levels > 1 else top, w, copy_len, prog, 0, readers)
+                    _copy_flat(src, lv if levels > 1 else top, w, lengths[lv], prog, 0, readers)
                 else:
-                    _copy_own(src, lv, w, copy_len, prog, lv * copy_len)
+                    _copy_own(src, lv, w, lengths[lv], prog, done)
+                done += lengths[lv]
                 w.close()
                 if img_src.comment:
                     with contextlib.suppress(NotSupported):
