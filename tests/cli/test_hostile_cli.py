@@ -16,6 +16,7 @@ also run as real ``python -m vdgui.cli`` processes. Damage points are sampled wi
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -201,6 +203,18 @@ def _cue(d: Path) -> Path:
     return p
 
 
+def _ova(d: Path) -> Path:
+    vmdk = _qemu_image(d, "ova-disk.vmdk", "vmdk")
+    p = d / "s.ova"
+    with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as tf:
+        ovf = b'<?xml version="1.0"?><Envelope/>'
+        ti = tarfile.TarInfo("s.ovf")
+        ti.size = len(ovf)
+        tf.addfile(ti, io.BytesIO(ovf))
+        tf.add(vmdk, arcname="disk1.vmdk")
+    return p
+
+
 def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
     """backend name -> (main file, format), built here (DMG from the corpus)."""
     out: dict[str, tuple[Path, str]] = {}
@@ -214,6 +228,7 @@ def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
         "parallels": lambda: _qemu_image(d, "s.hdd", "parallels"),
         "dmg": lambda: Path(shutil.copy(corpus / "dmg" / "dfvfs" / "hfsplus_zlib.dmg", d / "s.dmg")),
         "cue": lambda: _cue(d),
+        "ova": lambda: _ova(d),
         "raw": lambda: _qemu_image(d, "s.img", "raw", size=MiB + 1536),
     }
     for b in backends():

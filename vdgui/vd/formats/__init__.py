@@ -4,7 +4,7 @@ Add a backend by importing its module here and listing its BACKEND in BACKENDS.
 """
 from __future__ import annotations
 
-from . import cue, dmg, iscsi, parallels, qcow2, qed, raw, vdi, vhd, vhdx, vmdk
+from . import cue, dmg, iscsi, ova, parallels, qcow2, qed, raw, vdi, vhd, vhdx, vmdk
 
 BACKENDS = (
     vmdk.BACKEND,
@@ -16,6 +16,7 @@ BACKENDS = (
     qcow2.BACKEND,
     vhdx.BACKEND,
     cue.BACKEND,
+    ova.BACKEND,
     raw.BACKEND,
     iscsi.BACKEND,
 )

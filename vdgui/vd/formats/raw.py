@@ -126,6 +126,10 @@ class RawBackend(Backend):
             return 10
         return 1
 
+    def open_file(self, f: ImageFile, location, flags=OpenFlags.READ_ONLY):
+        """A raw disk held in an already open (read-only) file, e.g. a member of an archive."""
+        return RawImage(self, location, f, True)
+
     def open(self, location, flags=OpenFlags.NORMAL, config=None):
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)

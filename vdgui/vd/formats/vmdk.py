@@ -1800,14 +1800,18 @@ class VmdkBackend(Backend):
         return 0
 
     # -- open --------------------------------------------------------------------------------
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open_file(self, f: ImageFile, location, flags=OpenFlags.READ_ONLY):
+        """Open a VMDK held in an already open (read-only) file, e.g. a member of an archive."""
+        return self.open(location, flags | OpenFlags.READ_ONLY, None, _file=f)
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None, *, _file=None):
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         img = VmdkImage(self, location, ro)
         img.allow_unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         info_only = bool(flags & OpenFlags.INFO)
         try:
-            f = ImageFile(location, writable=not ro)
+            f = _file if _file is not None else ImageFile(location, writable=not ro)
             img.desc_file = f
             img._files[os.path.abspath(location)] = f
             head = f.pread(0, SECTOR)

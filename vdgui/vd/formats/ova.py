@@ -1,0 +1,226 @@
+"""OVA backend: an Open Virtualization Format archive (a tar of an .ovf descriptor, an optional
+.mf manifest and the disks), read-only.
+
+Specification: DMTF DSP0243 (OVF 1.x/2.x), "OVF package" as a single file: a POSIX ustar
+archive whose first member is the .ovf descriptor. The disks are members stored whole and
+uncompressed inside the tar (streamOptimized VMDK in VirtualBox's and VMware's exports), so a
+disk is read in place through a window onto the archive, by the backend that claims the member's
+first bytes; nothing is extracted. Limits: at most MAX_MEMBERS members; GNU sparse members and
+compressed (.gz) disks are refused with what to do instead.
+
+Which disk: the ``Disk`` key names a member (``disk1.vmdk``) or its number among the disks (1 =
+the first, the default). ``info`` lists every disk with its format and size.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+
+from ..backend import (Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput)
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..errors import CorruptImage, NotSupported, ReadOnlyImage
+from ..fileio import ImageFile
+from ..image import Image
+
+TAR_BLOCK = 512
+MAX_MEMBERS = 4096
+_META_EXT = (".ovf", ".mf", ".cert")
+
+
+def _is_ustar(head: bytes) -> bool:
+    return len(head) >= TAR_BLOCK and head[257:262] == b"ustar"
+
+
+class MemberFile(ImageFile):
+    """A read-only window onto one member of the archive, with ImageFile's reading interface."""
+
+    def __init__(self, outer: ImageFile, base: int, length: int, path: str):  # noqa: D107
+        self.outer, self.base, self.length = outer, base, length
+        self.path = path
+        self.writable = False
+        self.is_device = False
+        self.fd = outer.fd
+
+    def size(self) -> int:
+        return self.length
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length <= 0 or offset >= self.length:
+            return b""
+        return self.outer.pread(self.base + offset, min(length, self.length - offset))
+
+    def data_runs(self, offset, length):
+        return None
+
+    def pwrite(self, offset, data):
+        raise ReadOnlyImage(f"{self.path}: a disk inside an OVA archive is read-only")
+
+    truncate = sync = punch_hole = pwrite
+
+    def close(self) -> None:
+        pass                        # the archive's file belongs to the OvaImage
+
+
+class _Disk:
+    def __init__(self, name: str, offset: int, size: int):
+        self.name, self.offset, self.size = name, offset, size
+
+
+def _members(f: ImageFile, location: str) -> list[_Disk]:
+    """The regular members of the archive (name, data offset, size), checked against the file."""
+    fsize = f.size()
+    out: list[_Disk] = []
+
+    class _Reader:                   # a file object over the ImageFile for tarfile
+        pos = 0
+
+        def read(self, n=-1):
+            n = fsize - self.pos if n is None or n < 0 else n
+            data = f.pread(self.pos, n)
+            self.pos += len(data)
+            return data
+
+        def seek(self, pos, whence=0):
+            self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else fsize + pos
+            return self.pos
+
+        def tell(self):
+            return self.pos
+
+    try:
+        with tarfile.open(fileobj=_Reader(), mode="r:") as tf:
+            while True:
+                m = tf.next()
+                if m is None:
+                    break
+                if len(out) >= MAX_MEMBERS:
+                    raise CorruptImage("too many members in the OVA archive", path=location,
+                                       expected=f"at most {MAX_MEMBERS}", found="more")
+                if m.issparse():
+                    raise NotSupported(f"{location}: member {m.name!r} is stored as a GNU sparse "
+                                       "file; extract the archive (tar xf) and open the disk")
+                if not m.isreg():
+                    continue
+                if m.offset_data + m.size > fsize:
+                    raise CorruptImage(f"member {m.name!r} lies past the end of the archive",
+                                       path=location, offset=m.offset_data,
+                                       expected=f"{m.size} bytes inside {fsize}",
+                                       found=f"{max(0, fsize - m.offset_data)} bytes")
+                out.append(_Disk(m.name, m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        raise CorruptImage(f"not a readable OVA (tar) archive: {exc}", path=location) from None
+    return out
+
+
+class OvaImage(Image):
+    def __init__(self, backend, location: str, f: ImageFile, disks: list, chosen: int, inner):
+        super().__init__(backend, location, True)
+        self.f = f
+        self.disks = disks              # [(member, backend name, virtual size)]
+        self.chosen = chosen
+        self.inner = inner
+        for attr in ("size", "block_size", "flags", "uuid", "modification_uuid", "pchs",
+                     "lchs", "comment"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def info(self) -> dict:
+        return {"subformat": self.inner.format,
+                "disk": self.disks[self.chosen][0],
+                "disks": [{"number": i + 1, "name": n, "format": fmt, "virtual_size": size}
+                          for i, (n, fmt, size) in enumerate(self.disks)]}
+
+    def block_status(self, offset, length):
+        return self.inner.block_status(offset, length)
+
+    def read(self, offset, length):
+        return self.inner.read(offset, length)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            self.f.close()
+
+
+class OvaBackend(Backend):
+    name = "OVA"
+    description = "Open Virtualization Format archive (.ova: the disks inside), read-only"
+    aliases = ("ovf-archive",)
+    caps = Cap.FILE | Cap.CONFIG
+    extensions = (FileExtension("ova", DeviceType.HARD_DISK),)
+    config_keys = (ConfigKey("Disk", "1", ValueType.STRING, KeyFlag.NONE),)
+    operations = frozenset()
+
+    def probe(self, src: ProbeInput) -> int:
+        # a ustar archive whose first member is the .ovf descriptor (DSP0243 requires it first)
+        if not _is_ustar(src.head):
+            return 0
+        name = src.head[:100].split(b"\0", 1)[0].decode("utf-8", "replace").lower()
+        if name.endswith(".ovf"):
+            return 100
+        return 60 if src.ext == "ova" else 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        cfg = parse_config(self.config_keys, config, owner=self.name)
+        if not flags.read_only:
+            raise NotSupported(f"{location}: OVA archives are read-only here; convert the disk "
+                               "you need to an image file to change it")
+        f = ImageFile(location)
+        try:
+            disks = []
+            for m in _members(f, location):
+                if m.name.lower().endswith(_META_EXT):
+                    continue
+                disks.append((m, self._inner_backend(f, m, location)))
+            if not disks:
+                raise CorruptImage("the OVA archive holds no disk", path=location,
+                                   expected="a disk member beside the .ovf", found="none")
+            want = str(cfg.get("Disk", "1") or "1")
+            idx = next((i for i, (m, _) in enumerate(disks) if m.name == want), None)
+            if idx is None and want.isdigit() and 1 <= int(want) <= len(disks):
+                idx = int(want) - 1
+            if idx is None:
+                raise NotSupported(f"{location}: no disk {want!r} in the archive; it holds "
+                                   + ", ".join(m.name for m, _ in disks))
+            summary, inner = [], None
+            for i, (m, b) in enumerate(disks):
+                if b is None:
+                    summary.append((m.name, None, None))
+                    continue
+                img = self._open_member(b, f, m, location)
+                summary.append((m.name, b.name, img.size))
+                if i == idx:
+                    inner = img
+                else:
+                    img.close()
+            if inner is None:
+                raise NotSupported(f"{location}: disk {disks[idx][0].name!r} is in a format this "
+                                   "archive cannot be read in place; extract it (tar xf) and open "
+                                   "the file")
+            return OvaImage(self, location, f, summary, idx, inner)
+        except BaseException:
+            f.close()
+            raise
+
+    @staticmethod
+    def _inner_backend(f: ImageFile, m: _Disk, location: str):
+        from ..registry import backends
+        head = f.pread(m.offset, 65536)
+        tail = f.pread(max(m.offset, m.offset + m.size - 65536), min(m.size, 65536))
+        src = ProbeInput(path=os.path.join(location, m.name), size=m.size, head=head, tail=tail)
+        best, score = None, 0
+        for b in backends():
+            if b.name == OvaBackend.name or not hasattr(b, "open_file"):
+                continue
+            s = b.probe(src)
+            if s > score:
+                best, score = b, s
+        return best
+
+    @staticmethod
+    def _open_member(b, f: ImageFile, m: _Disk, location: str):
+        path = os.path.join(location, m.name)
+        return b.open_file(MemberFile(f, m.offset, m.size, path), path, OpenFlags.READ_ONLY)
+
+
+BACKEND = OvaBackend()
