@@ -158,3 +158,30 @@ def test_child_grown_past_its_parent_stores_the_tail(qemu, tmp_path, fmt, base_s
         raw = tmp_path / "want.raw"
         raw.write_bytes(got)
         assert qemu.compare(child, str(raw), q, "raw").returncode == 0
+
+
+@pytest.mark.parametrize("dst_fmt", _diff_formats())
+def test_chain_copy_of_a_child_larger_than_its_parent_stores_the_tail(qemu, tmp_path, dst_fmt):
+    from vdgui.vd import copy_image
+    base, child = str(tmp_path / "b.vdi"), str(tmp_path / "c.vdi")
+    with Disk() as d:
+        d.create_base(base, 4 * MiB, "VDI")
+        d.write(0, b"\x5c" * d.size)
+        d.create_diff(child, "VDI")
+        d.write(MiB, b"\x6d" * 4096)
+    resize(child, 9 * MiB)
+    with Disk.open_chain(child, "VDI", OpenFlags.READ_ONLY) as d:
+        want = read_all(d)
+    b = get_backend(dst_fmt)
+    dst = str(tmp_path / f"copy.{b.default_extension()}")
+    copy_image(child, dst, dst_fmt, as_chain=True)
+    with Disk.open_chain(dst, dst_fmt, OpenFlags.READ_ONLY) as d:
+        top, psize = d.images[-1], d.images[-2].size
+        assert [(s, n) for s, n, st in top.block_status(psize, top.size - psize)
+                if st == Alloc.UNALLOCATED] == []
+        assert read_all(d)[:len(want)] == want
+    q = qemu_name(b)
+    if q in QEMU_BACKING:
+        raw = tmp_path / "want.raw"
+        raw.write_bytes(want)
+        assert qemu.compare(dst, str(raw), q, "raw").returncode == 0

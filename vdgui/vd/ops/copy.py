@@ -51,6 +51,7 @@ from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 from ..sparse import first_nonzero
+from .resize import store_tail_over_parent
 
 WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
 MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
@@ -562,6 +563,9 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                     _copy_own(src, lv, w, lengths[lv], prog, done)
                 done += lengths[lv]
                 w.close()
+                if lv > 0:        # a member larger than its parent holds its own tail
+                    store_tail_over_parent(t.top, t.images[lv - 1].size,
+                                           lambda o, n, _lv=lv: t._read_below(_lv, o, n))
                 if img_src.comment:
                     with contextlib.suppress(NotSupported):
                         t.top.set_comment(img_src.comment)
