@@ -9,8 +9,8 @@ import pytest
 from tests.engine.ops_support import fake_registered, unthrottled  # noqa: F401 - fixtures
 from tests.engine.ops_support import (MiB, ProgressLog, cancel_everywhere, ext_of, file_sha,
                                       formats_with, qemu_verify, read_chain, temps_in)
-from vdgui.vd import (Disk, InvalidArgument, NotSupported, OpenFlags, Operation, get_backend,
-                      resize)
+from vdgui.vd import (Disk, ImageFlags, InvalidArgument, NotSupported, OpenFlags, Operation,
+                      get_backend, resize)
 
 FORMATS = formats_with(Operation.RESIZE, Operation.WRITE)
 SIZE = 8 * MiB
@@ -152,3 +152,39 @@ def test_resize_parent_keeps_children_linked(tmp_path, fmt):
     expect = read_chain(child)
     resize(base, 2 * SIZE)
     assert read_chain(child) == expect
+
+
+@pytest.mark.parametrize("who", ["qemu", "vdgui"])
+def test_resize_multi_file_child_over_larger_parent(tmp_path, qemu, who):
+    """A differencing image of several files (twoGbMaxExtentSparse), grown over a parent larger
+    than its old size, reads zeroes in the new area (the parent's tail is hidden there), through
+    vdgui and through qemu; the old content is kept."""
+    base, child = str(tmp_path / "base.vmdk"), str(tmp_path / "c.vmdk")
+    with Disk() as d:
+        d.create_base(base, 2 * MiB, "VMDK")
+        d.write(0, b"\xaa" * (2 * MiB))
+    if who == "qemu":
+        qemu.img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+                 "-b", "base.vmdk", "-F", "vmdk", child, "1M")
+    else:                           # our own split child, then the parent grows under it
+        with Disk() as d:
+            d.open(base, None, OpenFlags.READ_ONLY)
+            d.create_diff(child, "VMDK", flags=ImageFlags.SPLIT_2G)
+        resize(base, 4 * MiB)
+        with Disk() as d:
+            d.open(base)
+            d.write(2 * MiB, b"\xaa" * (2 * MiB))
+            kid = get_backend("VMDK").open(child, OpenFlags.NORMAL)
+            kid.set_parent(d.top)               # the parent's new data is meant to be seen
+            kid.close()
+    with Disk.open_chain(child, None, OpenFlags.READ_ONLY) as d:
+        assert len(d.top.files()) > 1
+        old = d.size
+        with Disk.open_chain(child, None) as w:
+            w.write(0, b"\x5c" * 4096)
+    resize(child, old + 2 * MiB)
+    got = read_chain(child)
+    assert got[:4096] == b"\x5c" * 4096 and got[4096:old] == b"\xaa" * (old - 4096)
+    assert got[old:] == bytes(2 * MiB)
+    r = qemu.io("-r", "-c", f"read -P 0 {old} {2 * MiB}", child)
+    assert "Pattern verification failed" not in r.stdout, r.stdout

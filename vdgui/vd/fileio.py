@@ -312,6 +312,11 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
     return path
 
 
+def real_path(path: str) -> str:
+    """``path`` normalised for comparisons: absolute, symbolic links resolved."""
+    return os.path.realpath(os.path.abspath(path))
+
+
 def relative_name(from_image: str, to_file: str) -> str:
     """The name to store in ``from_image`` for ``to_file`` (relative to its folder)."""
     return os.path.relpath(os.path.abspath(to_file), os.path.dirname(os.path.abspath(from_image)))

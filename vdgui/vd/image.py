@@ -138,6 +138,15 @@ class Image:
         return [self.location]
 
     @property
+    def single_file(self) -> bool:
+        """True when this image is exactly the one file at ``location`` (compared as real
+        paths, whatever spelling -- relative, absolute, through a symbolic link -- either uses).
+        Operations decide here between the copy-and-rename path and in-place work."""
+        from .fileio import real_path
+        files = self.files()
+        return len(files) == 1 and real_path(files[0]) == real_path(self.location)
+
+    @property
     def file_size(self) -> int:
         total = 0
         for f in self.files():

@@ -342,7 +342,7 @@ def compact(path: str, *, format: str | None = None, drop_parent_duplicates: boo
                 raise CorruptImage(f"{path}: the compacted copy reads differently at offset "
                                    f"{bad:#x}; the original is kept unchanged")
 
-        if orig.files() != [orig.location]:
+        if not orig.single_file:
             _compact_in_place(path, backend, progress, below, chain)
             return
         rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=orig.size)

@@ -100,7 +100,7 @@ def backend_single_file(backend: Backend, path: str) -> bool:
     except CorruptImage:
         return True
     try:
-        return img.files() == [img.location]
+        return img.single_file
     finally:
         img.close()
 

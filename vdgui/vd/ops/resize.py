@@ -174,19 +174,23 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                         q += m
                 advance(end - keep)
 
-        several = orig.files() != [orig.location]
+        several = not orig.single_file
         # in place: a file whose resize is one visible step and that no other differencing
         # image names (a link naming the parent's modification id would need rewriting: the
         # copy path does that after its commit point)
         parent_fits = all(im.size <= old for im in chain.images[:top])
         if several or (orig.resizes_in_place(new_size) and parent_fits and not _children(orig)):
-            prog = Progress(progress, max(new_size, 1))
+            hide = several and below is not None and new_size > old and not parent_fits
+            prog = Progress(progress, max(new_size, 1) + (new_size - old if hide else 0))
             prog.start()              # a cancel here leaves the file untouched
             img = backend.open(path, OpenFlags.NORMAL, None)
             try:
                 if several:           # the hook orders its writes over the files
                     _resize_hook(img, new_size,
-                                 lambda d, t: prog.set(int(prog.total * (d / t if t else 1.0))))
+                                 lambda d, t: prog.set(int(new_size * (d / t if t else 1.0))))
+                    if hide:          # the parent's tail must not show in the new area
+                        img.flush()
+                        _hide_parent_tail(img, below, old, img.size)
                 elif img.resizes_in_place(new_size):
                     _resize_hook(img, new_size, None)    # one visible step: not cancellable
                 else:
