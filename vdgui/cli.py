@@ -262,7 +262,11 @@ def cmd_backends(args) -> int:
             "extensions": [{"ext": fe.ext, "device": fe.device.value} for fe in b.extensions],
             "config_keys": [{"name": k.name, "type": k.type.name.lower(), "default": k.default,
                              "flags": [f.name.lower() for f in vd.KeyFlag if f and f.name and k.flags & f],
-                             "description": k.description} for k in b.config_keys],
+                             "description": k.description, "label": k.title, "unit": k.unit,
+                             "choices": list(k.choices) or None,
+                             "variant": [f.name.lower() for f in vd.ImageFlags
+                                         if f and f.name and k.variant & f] or None}
+                            for k in b.config_keys],
             "operations": sorted(op.value for op in b.operations),
             "can_shrink": b.can(vd.Operation.RESIZE) and b.can_shrink,
             "variants": vd.variant_words(b.create_flags) if b.creatable else None,
@@ -281,7 +285,9 @@ def cmd_backends(args) -> int:
         for k in r["config_keys"]:
             flags = ",".join(k["flags"]) or "-"
             default = "-" if k["default"] is None else repr(k["default"])
-            _out(f"  key {k['name']}: {k['type']}, default {default}, flags {flags}")
+            unit = f" {k['unit']}" if k["unit"] else ""
+            _out(f"  key {k['name']} ({k['label']}{unit}): {k['type']}, default {default}, "
+                 f"flags {flags}")
     return 0
 
 

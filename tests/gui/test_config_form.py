@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-from PySide6.QtWidgets import QLineEdit
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLineEdit
 
 from vdgui.gui.widgets.config_form import ConfigForm
-from vdgui.vd import ConfigKey, KeyFlag, ValueType, backends
+from vdgui.vd import ConfigKey, ImageFlags, KeyFlag, ValueType, backends, get_backend
 
 pytestmark = pytest.mark.gui
 
@@ -112,8 +112,56 @@ def test_registered_backends_build_forms(qtbot, backend):
     for mode in ("create", "edit"):
         form = ConfigForm(backend.config_keys, mode=mode)
         qtbot.addWidget(form)
-        shown = {k.name for k in backend.config_keys if mode == "create" or not k.create_only}
+        shown = {k.name for k in backend.config_keys
+                 if (mode == "create" or not k.create_only) and not k.variant}
         assert set(form.fields) == shown
         for k in backend.config_keys:
             if k.name in form.fields and k.default is not None:
-                assert form.editor(k.name).text() == k.default
+                assert form.fields[k.name].text() == k.default
+            if k.name in form.fields:                  # a label a person reads, not the key
+                assert k.label and form.fields[k.name].label.text().startswith(k.label)
+                assert f"Key: {k.name}" in form.fields[k.name].editor.toolTip()
+
+
+def test_rows_read_like_a_form(qtbot):
+    """Issue #13 item 4: a label, a unit with the human size, the key name only in the tooltip."""
+    form = ConfigForm(get_backend("VDI").config_keys, mode="create")
+    qtbot.addWidget(form)
+    f = form.fields["AllocationBlockSize"]
+    assert f.label.text() == "Block size"
+    assert f.unit.text() == "bytes = 1 MiB"
+    assert "Key: AllocationBlockSize" in f.label.toolTip()
+    f.editor.setText("2097152")
+    assert f.unit.text() == "bytes = 2 MiB"
+    q = ConfigForm(get_backend("QCOW2").config_keys, mode="create")
+    qtbot.addWidget(q)
+    assert isinstance(q.editor("Compress"), QCheckBox) and q.values()["Compress"] == "0"
+    q.editor("Compress").setChecked(True)
+    assert q.values()["Compress"] == "1"
+    assert isinstance(q.editor("Compat"), QComboBox)
+    q.editor("Compat").setCurrentText("0.10")
+    assert q.values()["Compat"] == "0.10" and q.is_valid()
+
+
+def test_raw_disk_keys_only_for_the_raw_disk_variant(qtbot):
+    keys = get_backend("VMDK").config_keys
+    assert ConfigForm(keys, mode="create").fields == {}
+    raw = ConfigForm(keys, mode="create", variant=ImageFlags.RAWDISK)
+    qtbot.addWidget(raw)
+    assert set(raw.fields) == {"RawDrive", "Partitions", "BootSector", "Relative"}
+
+
+def test_error_line_keeps_its_place(qtbot):
+    form = ConfigForm(get_backend("QCOW2").config_keys, mode="create")
+    qtbot.addWidget(form)
+    form.show()
+    qtbot.waitExposed(form)
+    ed, below = form.editor("ClusterSize"), form.show_advanced
+
+    def where():
+        return below.mapTo(form, below.rect().topLeft()), form.sizeHint().height()
+    before = where()
+    ed.setText("3")
+    assert form.fields["ClusterSize"].error.isVisible()
+    qtbot.wait(10)
+    assert where() == before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 
 import pytest
-from PySide6.QtWidgets import QLineEdit
+from PySide6.QtWidgets import QCheckBox, QLineEdit
 
 import vdgui.vd.registry as registry
 from tests.gui.conftest import wait_job
@@ -75,6 +75,11 @@ def test_form_from_iscsi_declarations(qtbot):
     assert not dlg.backend_box.isVisible()               # one backend: nothing to pick
     for name, key in keys.items():
         f = form.fields[name]
+        if key.is_switch:                               # on/off keys are check boxes
+            assert isinstance(f.editor, QCheckBox)
+            assert f.editor.isChecked() == (key.default == "1")
+            assert f.editor.isVisible() == (not key.expert), name
+            continue
         assert isinstance(f.editor, QLineEdit)
         assert f.label.text().endswith(" *") == key.mandatory, name
         assert f.label.font().bold() == key.mandatory, name

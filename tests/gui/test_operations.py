@@ -507,3 +507,31 @@ def test_check_report_with_problems_is_explained(qtbot, window, tmp_path):
     assert check_summary(report) == "2 problem(s) left (corrupt)"
     report.problems[0].repaired = True
     assert check_summary(report) == "1 problem(s) repaired, 1 problem(s) left (leaked blocks)"
+
+
+def test_config_summary_follows_every_edit(qtbot, window, tmp_path):
+    """Issue #13 item 4: type "abc" then "1000": the summary speaks of 1000, with the label."""
+    dlg = CreateDialog(str(tmp_path), window, size=16 * MiB)
+    qtbot.addWidget(dlg)
+    dlg.set_format("QCOW2")
+    ed = dlg.config.editor("ClusterSize")
+    ed.clear()
+    for ch in "abc":
+        ed.insert(ch)
+    assert dlg.messages.errors == ["Cluster size: expected an integer, found 'abc'"]
+    ed.clear()
+    for ch in "1000":
+        ed.insert(ch)
+    assert dlg.messages.errors == ["Cluster size: value 1000 is not a power of two"] or \
+        dlg.messages.errors == ["Cluster size: expected a power of two, found 1000"]
+    assert not dlg.ok.isEnabled()
+
+
+def test_copy_to_vmdk_offers_no_raw_disk_keys(qtbot, window, vdi_chain):
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    dlg = CopyDialog(window.model.node(vdi_chain["snap2"]), window)
+    qtbot.addWidget(dlg)
+    dlg.set_format("VMDK")
+    assert dlg.config is None or not {"RawDrive", "Partitions", "BootSector",
+                                      "Relative"} & set(dlg.config.fields)
+    assert not dlg.config_box.isVisibleTo(dlg)

@@ -4,7 +4,7 @@ No Qt anywhere below this package.
 """
 from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                       OpenFlags, Operation, ProbeInput, parse_variant, variant_words)
-from .config import ConfigKey, KeyFlag, ValueType, parse_config
+from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
                      FileExists, ImageInUse, ImageNotFound, InvalidArgument, NetworkError,

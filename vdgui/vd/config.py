@@ -26,14 +26,29 @@ class KeyFlag(enum.IntFlag):
 
 @dataclass(frozen=True)
 class ConfigKey:
+    """One setting. ``name`` is the key scripts use (``--property NAME=V``, as VirtualBox names
+    it); ``label``, ``unit`` and ``description`` are what a person reads in a form."""
     name: str
     default: str | None
     type: ValueType
     flags: KeyFlag = KeyFlag.NONE
-    description: str = ""
+    description: str = ""        # one line: what the setting does
     minimum: int | None = None   # INTEGER only
     maximum: int | None = None   # INTEGER only
     power_of_two: bool = False   # INTEGER only
+    label: str = ""              # the form's label ("Block size"); the name when empty
+    unit: str = ""               # shown beside the value: "bytes", "ms", "bits"...
+    choices: tuple[str, ...] = ()   # the only values accepted, when the key is a pick-list
+    variant: int = 0             # image variant bits (ImageFlags) the key applies to; 0: all
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off setting (INTEGER 0 or 1): a check box in a form."""
+        return self.type is ValueType.INTEGER and self.minimum == 0 and self.maximum == 1
 
     @property
     def mandatory(self) -> bool:
@@ -64,7 +79,15 @@ class ConfigKey:
                 raise ConfigError(f"key '{self.name}': value {value} is above the maximum {self.maximum}")
             if self.power_of_two and (value <= 0 or value & (value - 1)):
                 raise ConfigError(f"key '{self.name}': expected a power of two, found {value}")
+            if self.choices and str(value) not in self.choices:
+                raise ConfigError(f"key '{self.name}': expected one of "
+                                  f"{', '.join(self.choices)}, found {value}")
             return value
+        if self.choices:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if text not in self.choices:
+                raise ConfigError(f"key '{self.name}': expected one of "
+                                  f"{', '.join(self.choices)}, found {text!r}")
         if self.type is ValueType.BYTES:
             return raw if isinstance(raw, bytes) else str(raw).encode()
         return raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -94,3 +117,13 @@ def parse_config(keys: tuple[ConfigKey, ...] | list[ConfigKey], given: dict | No
         elif key.mandatory:
             raise ConfigError(f"{owner}: mandatory configuration key '{key.name}' is missing")
     return out
+
+
+def applicable_keys(keys, *, mode: str = "create", variant: int = 0) -> list[ConfigKey]:
+    """The keys a form shows: CREATEONLY keys only when creating, and a key tied to an image
+    variant (``ConfigKey.variant``) only when that variant is chosen."""
+    if mode not in ("create", "edit"):
+        raise ValueError(f"mode must be 'create' or 'edit', not {mode!r}")
+    return [k for k in keys
+            if (mode == "create" or not k.create_only)
+            and (not k.variant or (variant & k.variant) == k.variant)]

@@ -9,7 +9,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QGroupBox, QLabel, QRadioButton, QVBoxLayout)
 
-from vdgui.vd import Cap, ImageFlags, chain_target_names, format_size, get_backend
+from vdgui.vd import (Cap, ImageFlags, applicable_keys, chain_target_names, format_size,
+                      get_backend)
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
@@ -128,10 +129,11 @@ class CopyDialog(QDialog):
         if self.config is not None:
             self.config.setParent(None)
             self.config.deleteLater()
-        self.config = ConfigForm(b.config_keys, mode="create") if b.config_keys else None
+        keys = applicable_keys(b.config_keys, mode="create", variant=self.variant.flags())
+        self.config = ConfigForm(keys, mode="create") if keys else None
         if self.config is not None:
             self.config_layout.addWidget(self.config)
-            self.config.validChanged.connect(self.validate)
+            self.config.valuesChanged.connect(self.validate)     # every edit: no stale summary
         self.config_box.setVisible(self.config is not None)
         self.validate()
 
@@ -201,7 +203,7 @@ class CopyDialog(QDialog):
         if b is not None and b.max_size is not None and size > b.max_size:
             errors.append(f"{b.name} images can be at most {format_size(b.max_size)}")
         if self.config is not None:
-            errors += [f"{k}: {e}" for k, e in self.config.errors().items()]
+            errors += self.config.messages()
         if loc and size:
             flags = self.variant.flags()
             warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),

@@ -7,7 +7,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QDialog, QDialogButtonBo
                                QGroupBox, QLabel, QLineEdit, QRadioButton, QVBoxLayout, QWidget,
                                QComboBox)
 
-from vdgui.vd import DeviceType, ImageFlags, format_size, get_backend
+from vdgui.vd import DeviceType, ImageFlags, applicable_keys, format_size, get_backend
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
@@ -130,11 +130,11 @@ class CreateDialog(QDialog):
         if self.config is not None:
             self.config.setParent(None)
             self.config.deleteLater()
-        keys = [k for k in b.config_keys]
+        keys = applicable_keys(b.config_keys, mode="create", variant=self.variant.flags())
         self.config = ConfigForm(keys, mode="create") if keys else None
         if self.config is not None:
             self.config_layout.addWidget(self.config)
-            self.config.validChanged.connect(self.validate)
+            self.config.valuesChanged.connect(self.validate)     # every edit: no stale summary
         self.config_box.setVisible(self.config is not None)
         self.validate()
 
@@ -174,8 +174,7 @@ class CreateDialog(QDialog):
         elif not os.path.isdir(os.path.dirname(loc)):
             errors.append(f"The folder {os.path.dirname(loc)} does not exist")
         if self.config is not None:
-            for k, e in self.config.errors().items():
-                errors.append(f"{k}: {e}")
+            errors += self.config.messages()
         size = self.size.value()
         if loc and size:
             flags = self.variant.flags()

@@ -148,7 +148,9 @@ class OvaBackend(Backend):
     aliases = ("ovf-archive",)
     caps = Cap.FILE | Cap.CONFIG
     extensions = (FileExtension("ova", DeviceType.HARD_DISK),)
-    config_keys = (ConfigKey("Disk", "1", ValueType.STRING, KeyFlag.NONE),)
+    config_keys = (ConfigKey("Disk", "1", ValueType.STRING, KeyFlag.NONE,
+                             "which disk of the archive: its member name or its number (1 = "
+                             "the first)", label="Disk in the archive"),)
     operations = frozenset()
 
     def probe(self, src: ProbeInput) -> int:

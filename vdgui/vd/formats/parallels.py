@@ -815,12 +815,12 @@ class ParallelsBackend(Backend):
     extensions = (FileExtension("hdd"), FileExtension("hds"))
     config_keys = (
         ConfigKey("ClusterSize", str(DEFAULT_CLUSTER), ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "cluster size in bytes (multiple of 512, at most 64 MiB)",
-                  minimum=SECTOR, maximum=MAX_CLUSTER),
+                  "the unit of allocation (a multiple of 512, at most 64 MiB)",
+                  minimum=SECTOR, maximum=MAX_CLUSTER, label="Cluster size", unit="bytes"),
         ConfigKey("Bundle", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "1: create a Parallels Desktop bundle (a name.hdd folder holding "
+                  "create a Parallels Desktop bundle (a name.hdd folder holding "
                   "DiskDescriptor.xml and one .hds extent) instead of a single file",
-                  minimum=0, maximum=1),
+                  minimum=0, maximum=1, label="Parallels Desktop bundle"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.CHECK, Operation.REPAIR,
                             Operation.RESIZE, Operation.COMPACT})

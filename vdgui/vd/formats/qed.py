@@ -710,12 +710,14 @@ class QedBackend(Backend):
     extensions = (FileExtension("qed"),)
     config_keys = (
         ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "cluster size in bytes (vdgui's own key; qemu's cluster_size)",
-                  minimum=MIN_CLUSTER, maximum=MAX_CLUSTER, power_of_two=True),
+                  "the unit of allocation (vdgui's own key; qemu's cluster_size)",
+                  minimum=MIN_CLUSTER, maximum=MAX_CLUSTER, power_of_two=True,
+                  label="Cluster size", unit="bytes"),
         ConfigKey("TableSize", "4", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "L1/L2 table size in clusters (qemu's table_size; qemu cannot open images "
+                  "size of each L1/L2 table (qemu's table_size; qemu cannot open images "
                   "with one-cluster tables, so 2 is the minimum here)", minimum=2,
-                  maximum=MAX_TABLE_SIZE, power_of_two=True),
+                  maximum=MAX_TABLE_SIZE, power_of_two=True, label="Table size",
+                  unit="clusters"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
                             Operation.CHECK, Operation.REPAIR, Operation.RELINK,

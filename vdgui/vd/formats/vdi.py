@@ -1023,9 +1023,10 @@ class VdiBackend(Backend):
     extensions = (FileExtension("vdi"),)
     config_keys = (
         ConfigKey("AllocationBlockSize", "1048576", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  description="Size of an allocation block in bytes (a power of two; qemu "
-                              "opens only 1 MiB blocks)",
-                  minimum=MIN_BLOCK, maximum=MAX_BLOCK, power_of_two=True),
+                  description="the unit of allocation (a power of two; qemu opens only 1 MiB "
+                              "blocks)",
+                  minimum=MIN_BLOCK, maximum=MAX_BLOCK, power_of_two=True,
+                  label="Block size", unit="bytes"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.COMPACT,
                             Operation.RESIZE, Operation.CHECK, Operation.REPAIR,

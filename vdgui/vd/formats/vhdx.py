@@ -1564,17 +1564,20 @@ class VhdxBackend(Backend):
     extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
     config_keys = (
         ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "payload block size in bytes (1 MiB .. 256 MiB, power of two); 0 chooses "
+                  "the unit of allocation (1 MiB .. 256 MiB, power of two); 0 chooses "
                   "8 MiB (32 MiB above 100 GiB, 2 MiB for differencing images)",
-                  minimum=0, maximum=256 * MiB),
+                  minimum=0, maximum=256 * MiB, label="Block size", unit="bytes"),
         ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER,
                   KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "logical sector size: 512 or 4096", minimum=512, maximum=4096),
+                  "the sector size the guest sees", minimum=512, maximum=4096,
+                  label="Logical sector size", unit="bytes", choices=("512", "4096")),
         ConfigKey("PhysicalSectorSize", "4096", ValueType.INTEGER,
-                  KeyFlag.CREATEONLY | KeyFlag.EXPERT, "physical sector size: 512 or 4096",
-                  minimum=512, maximum=4096),
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT, "the sector size the disk reports as "
+                  "physical", minimum=512, maximum=4096, label="Physical sector size",
+                  unit="bytes", choices=("512", "4096")),
         ConfigKey("LogSize", str(MiB), ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "log size in bytes (multiple of 1 MiB)", minimum=MiB, maximum=MAX_LOG),
+                  "size of the metadata log (a multiple of 1 MiB)", minimum=MiB,
+                  maximum=MAX_LOG, label="Log size", unit="bytes"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
                             Operation.REPAIR, Operation.RELINK, Operation.DISCARD,

@@ -1760,13 +1760,17 @@ class VmdkBackend(Backend):
     config_keys = (
         ConfigKey("RawDrive", None, ValueType.STRING,
                   description="host drive (file or block device) for a raw disk VMDK; needs "
-                              "unsafe paths allowed"),
+                              "unsafe paths allowed",
+                  label="Host drive", variant=ImageFlags.RAWDISK),
         ConfigKey("Partitions", None, ValueType.STRING,
-                  description="partitions of the raw drive to expose"),
+                  description="partitions of the raw drive to expose",
+                  label="Partitions to expose", variant=ImageFlags.RAWDISK),
         ConfigKey("BootSector", None, ValueType.BYTES,
-                  description="replacement boot sector for a raw partition VMDK"),
+                  description="replacement boot sector for a raw partition VMDK",
+                  label="Boot sector", variant=ImageFlags.RAWDISK),
         ConfigKey("Relative", None, ValueType.INTEGER,
-                  description="use relative partition device names"),
+                  description="use relative partition device names",
+                  label="Relative partition names", variant=ImageFlags.RAWDISK),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
                             Operation.REPAIR, Operation.RELINK, Operation.COMPACT})
