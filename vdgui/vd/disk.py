@@ -144,8 +144,16 @@ class Disk:
         img.close()
 
     def close(self) -> None:
+        """Close every image, top first; the first error (e.g. a failed final flush) is raised
+        after all of them are closed."""
+        first = None
         while self.images:
-            self.close_top()
+            try:
+                self.close_top()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def image(self, index: int = -1) -> Image:
         try:

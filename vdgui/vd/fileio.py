@@ -226,8 +226,13 @@ class ImageFile:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # releases flock and OFD locks
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)  # releases flock and OFD locks
+            except OSError as exc:
+                # the descriptor is gone either way; a failure here (EIO on NFS) means data
+                # written through it may not have reached the file: an error, never ignored
+                raise _os_error(exc, self.path, "close failed") from None
 
     def __enter__(self):
         return self

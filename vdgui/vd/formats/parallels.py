@@ -308,11 +308,13 @@ class ParallelsImage(Image):
 
     def close(self):
         if self.f.fd >= 0:
-            if not self.read_only:
-                self.f.sync()
-                restore = 0 if self.original_inuse == INUSE_MAGIC else self.original_inuse
-                self._set_inuse(restore)
-            self.f.close()
+            try:
+                if not self.read_only:
+                    self.f.sync()
+                    restore = 0 if self.original_inuse == INUSE_MAGIC else self.original_inuse
+                    self._set_inuse(restore)        # fsyncs: a failure is an error
+            finally:
+                self.f.close()
 
     def info(self) -> dict:
         return {
@@ -488,7 +490,11 @@ class _RawLayer:
             self.f.sync()
 
     def close(self):
-        self.f.close()
+        if self.f.fd >= 0:
+            try:
+                self.flush()
+            finally:
+                self.f.close()
 
     def files(self):
         return [self.location]

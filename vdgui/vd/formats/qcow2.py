@@ -1349,15 +1349,13 @@ class Qcow2Image(Image):
             self.f.sync()
 
     def close(self):
-        if self.f.fd >= 0:
-            if not self.read_only:
-                try:
-                    self.f.sync()
-                except VDError:
-                    pass
+        try:
+            if self.f.fd >= 0 and not self.read_only:
+                self.f.sync()           # a failed fsync is an error, never ignored
+        finally:
             self.f.close()
-        if self.data_f is not None:
-            self.data_f.close()
+            if self.data_f is not None:
+                self.data_f.close()
 
     # ------------------------------------------------------------------ discard
     def discard(self, offset, length, fill=None):

@@ -33,7 +33,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
                        Operation, ProbeInput)
 from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, InvalidArgument, NotSupported, VDError
+from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
@@ -392,12 +392,11 @@ class QedImage(Image):
 
     def close(self):
         if self.f.fd >= 0:
-            if not self.read_only:
-                try:
-                    self.flush()
-                except VDError:
-                    pass
-            self.f.close()
+            try:
+                if not self.read_only:
+                    self.flush()        # a failed fsync is an error, never ignored
+            finally:
+                self.f.close()
 
     # ------------------------------------------------------------------ compact
     def compact(self, progress=None, parent_read=None):

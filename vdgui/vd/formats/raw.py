@@ -74,10 +74,15 @@ class RawImage(Image):
         self.f.pwrite(offset, data)
 
     def flush(self):
-        self.f.sync()
+        if not self.read_only:
+            self.f.sync()
 
     def close(self):
-        self.f.close()
+        if self.f.fd >= 0:
+            try:
+                self.flush()            # a failed fsync is an error, never ignored
+            finally:
+                self.f.close()
 
     def resizes_in_place(self, new_size):
         return not self.f.is_device        # one ftruncate

@@ -444,6 +444,8 @@ class VdiImage(Image):
                 pending_len = len(chunk)
 
         self._touch()
+        undo: list[tuple[int, int]] = []        # (entry, old value) of this call's map changes
+        grew = False
         try:
             while pos < end:
                 idx, inner = divmod(pos, bs)
@@ -464,6 +466,7 @@ class VdiImage(Image):
                     if v == _ZERO or (not is_diff and v == _FREE):
                         continue                    # already reads as zeroes
                     if n >= blen:                   # whole (visible) block of zeroes in a diff
+                        undo.append((idx, v))
                         m[idx] = _ZERO
                         dirty.append(idx)
                         continue
@@ -505,15 +508,26 @@ class VdiImage(Image):
                         emit(bpos - self.block_extra, bytes(self.block_extra))
                     emit(bpos, blk)
                 self._next = new + 1
+                undo.append((idx, v))
                 m[idx] = new
                 dirty.append(idx)
                 self.allocated = self._next
                 self._hdr_dirty = True
-        finally:
+                grew = True
             flush_pending()                     # data first ...
             if extend_to > self.f.size():
                 self.f.truncate(extend_to)
-            self._write_map_entries(dirty)      # ... then the map entries (header at flush)
+            if grew:
+                # ... then the count covering the new blocks (cBlocksAllocated: qemu and
+                # VirtualBox allocate from it, so it never lags the map on disk) ...
+                self._write_header()
+            self._write_map_entries(dirty)      # ... then the map entries naming them
+        except BaseException:
+            # the data may be incomplete: the entries of this call are not made visible (blocks
+            # taken stay taken: the count only ever covers more than the map names, a leak)
+            for idx, v in reversed(undo):
+                m[idx] = v
+            raise
 
     def _pwritev(self, bufs, offset) -> None:
         """Gather-write ``bufs`` at ``offset`` (no joining copy)."""
@@ -541,8 +555,8 @@ class VdiImage(Image):
     def close(self):
         if self.f.fd >= 0:
             try:
-                if not self.read_only and self._hdr_dirty:
-                    self._write_header()
+                if not self.read_only:
+                    self.flush()        # header, then fsync: a failure is an error
             finally:
                 self.f.close()
 

@@ -718,7 +718,11 @@ class VhdImage(Image):
             self.f.sync()
 
     def close(self):
-        self.f.close()
+        if self.f.fd >= 0:
+            try:
+                self.flush()            # a failed fsync is an error, never ignored
+            finally:
+                self.f.close()
 
     # -- footer/header writing ------------------------------------------------------------------
     def _footer_bytes(self) -> bytes:

@@ -925,9 +925,11 @@ class VhdxImage(Image):
 
     def close(self):
         if self.f.fd >= 0:
-            if not self.read_only:
-                self.f.sync()
-            self.f.close()
+            try:
+                if not self.read_only:
+                    self.f.sync()       # a failed fsync is an error, never ignored
+            finally:
+                self.f.close()
 
     # -- metadata ------------------------------------------------------------------------
     def info(self) -> dict:

@@ -1,0 +1,240 @@
+"""Durability across the writable formats: a failed flush is an error (issue 12, item 18)."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from vdgui.vd import Disk, OpenFlags, VDIOError, check
+
+MiB = 1 << 20
+WRITABLE = ["VDI", "VMDK", "VHD", "VHDX", "QCOW2", "QED", "Parallels", "RAW"]
+EXT = {"VDI": "vdi", "VMDK": "vmdk", "VHD": "vhd", "VHDX": "vhdx", "QCOW2": "qcow2",
+       "QED": "qed", "Parallels": "hdd", "RAW": "img"}
+
+
+def _make(tmp_path, fmt, size=64 * MiB, name="a"):
+    path = str(tmp_path / f"{name}.{EXT[fmt]}")
+    d = Disk()
+    d.create_base(path, size, fmt)
+    return path, d
+
+
+# -- item 18: a failed fsync in close() ----------------------------------------------------------
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+@pytest.mark.parametrize("fmt", WRITABLE)
+def test_failed_final_fsync_is_an_error(tmp_path, monkeypatch, fmt, err):
+    """Data written, then the fsync of close() fails: close raises (after closing the file)."""
+    path, d = _make(tmp_path, fmt)
+    d.write(3 * MiB, b"\x5a" * MiB)
+    img = d.top
+    calls = []
+
+    def failing(fd):
+        calls.append(fd)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(VDIOError, match="flush failed"):
+        d.close()
+    assert calls, f"{fmt}: close() never asked for the data to reach the disk"
+    monkeypatch.undo()
+    assert not d.images
+    for f in (getattr(img, "f", None),):
+        if f is not None:
+            assert f.fd == -1                   # the file is closed nevertheless
+    with Disk() as d2:                          # and the lock is released
+        d2.open(path, fmt)
+
+
+def test_disk_close_closes_every_image_before_raising(tmp_path, monkeypatch):
+    path, d = _make(tmp_path, "QCOW2")
+    d.write(0, b"\x11" * 65536)
+    kid = str(tmp_path / "k.qcow2")
+    d.create_diff(kid)
+    d.write(0, b"\x22" * 65536)
+    imgs = list(d.images)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(VDIOError):
+        d.close()
+    monkeypatch.undo()
+    assert all(i.f.fd == -1 for i in imgs)
+
+
+def _strace():
+    exe = shutil.which("strace")
+    if exe is None:
+        pytest.fail("strace is not installed (scripts/bootstrap installs it for the tests)",
+                    pytrace=False)
+    return exe
+
+
+def _cli(args, *, inject=None, trace=None):
+    cmd = [sys.executable, "-m", "vdgui.cli", *map(str, args)]
+    if inject or trace:
+        cmd = [_strace(), "-f", "-qq", "-o", "/dev/stderr" if trace else "/dev/null",
+               "-e", f"trace={trace or inject.split(':')[0]}"] + (["-e", f"inject={inject}"] if inject else []) \
+            + cmd
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
+
+
+def _count_fsyncs(args) -> int:
+    r = _cli(args, trace="fsync")
+    assert r.returncode == 0, r.stderr
+    return len(re.findall(r"\bfsync\(", r.stderr))
+
+
+@pytest.mark.parametrize("case", ["write-QCOW2", "write-QED", "create-QED"])
+def test_cli_exits_nonzero_when_the_last_fsync_fails(tmp_path, case):
+    """The issue's repro: only the very last fsync of the command fails (EIO)."""
+    op, fmt = case.split("-")
+    src = tmp_path / "r1"
+    src.write_bytes(os.urandom(MiB))
+    base = tmp_path / f"t0.{EXT[fmt]}"
+    img = tmp_path / f"t.{EXT[fmt]}"
+    assert _cli(["create", "-f", fmt, "--size", "64M", base]).returncode == 0
+    if op == "write":
+        args = ["write", img, "--offset", "1M", "--input", src]
+        shutil.copy(base, img)
+        n = _count_fsyncs(args)
+        shutil.copy(base, img)
+    else:
+        args = ["create", "-f", fmt, "--size", "64M", img]
+        n = _count_fsyncs(args)
+        img.unlink()
+    assert n >= 1
+    r = _cli(args, inject=f"fsync:error=EIO:when={n}")
+    assert r.returncode != 0, f"{case}: exit 0 although the last fsync failed"
+    assert "flush failed" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- item 2: the allocation point survives a kill between any two writes -------------------------
+QEMU_NAME = {"VDI": "vdi", "VHD": "vpc", "VHDX": "vhdx", "QCOW2": "qcow2", "QED": "qed",
+             "Parallels": "parallels", "VMDK": "vmdk"}
+CREATE_CONFIG = {"VHDX": {"BlockSize": str(MiB)}}
+WRITE_CALLS = "pwrite64,pwritev,pwritev2,ftruncate,fallocate"
+
+
+def _write_syscalls(args) -> list[str]:
+    r = _cli(args, trace=WRITE_CALLS)
+    assert r.returncode == 0, r.stderr
+    calls = re.findall(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\(", r.stderr, re.M)
+    assert calls, f"no write syscall traced: {r.stderr[-2000:]}"
+    return calls
+
+
+def _kill_at(args, calls: list[str], n: int) -> None:
+    """Run ``args`` and SIGKILL it on entry to its ``n``-th write syscall (1-based): the
+    first n-1 writes happened, the n-th did not."""
+    name = calls[n - 1]
+    k = calls[:n].count(name)
+    r = _cli(args, inject=f"{name}:signal=SIGKILL:when={k}")
+    assert r.returncode in (-9, 137), f"not killed at write {n} ({name} #{k}): {r.stderr}"
+
+
+def _read(path, fmt, offset, length) -> bytes:
+    with Disk() as d:
+        d.open(str(path), fmt, flags=OpenFlags.READ_ONLY)
+        return bytes(d.read(offset, length))
+
+
+def _write(path, fmt, offset, data) -> None:
+    with Disk() as d:
+        d.open(str(path), fmt)
+        d.write(offset, data)
+
+
+def _sectors_old_or_new(got: bytes, new: bytes) -> bool:
+    zero = bytes(512)
+    return all(got[i:i + 512] in (new[i:i + 512], zero) for i in range(0, len(new), 512))
+
+
+def _corruption(fmt, rep) -> list[str]:
+    """What check calls corrupt, less the states a kill legitimately leaves: Parallels' in_use
+    flag (qemu calls it corrupt too; a read-write open repairs it) and VMDK's redundant grain
+    table lagging the primary one (issue 12 item 16, handled by the interruption suite)."""
+    out = []
+    for p in rep.problems:
+        if p.severity != "corrupt" or p.repaired:
+            continue
+        if fmt == "Parallels" and "in_use flag" in p.what:
+            continue
+        if fmt == "VMDK" and "differs from the redundant table" in p.what:
+            continue
+        out.append(p.what)
+    return out
+
+
+def _allocation_case(tmp_path, qemu, fmt, points):
+    base = tmp_path / f"base.{EXT[fmt]}"
+    d = Disk()
+    d.create_base(str(base), 64 * MiB, fmt, config=CREATE_CONFIG.get(fmt))
+    bs = max(d.top.block_size, 512)
+    r0 = os.urandom(8 * MiB)
+    d.write(0, r0)
+    d.close()
+    r2 = os.urandom(bs * 5 // 2)                # two blocks and a half: new allocations
+    src = tmp_path / "r2"
+    src.write_bytes(r2)
+    img = tmp_path / f"a.{EXT[fmt]}"
+    args = ["write", "-f", fmt, img, "--offset", str(8 * MiB), "--input", src]
+    shutil.copy(base, img)
+    calls = _write_syscalls(args)
+    for n in points(len(calls)):
+        shutil.copy(base, img)
+        _kill_at(args, calls, n)
+        region = _read(img, fmt, 8 * MiB, len(r2))
+        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n} changed old data"
+        assert _sectors_old_or_new(region, r2), f"{fmt}: kill at write {n}: garbage in the range"
+        bad = _corruption(fmt, check(str(img), format=fmt))
+        assert not bad, f"{fmt}: kill at write {n}: {bad}"
+        # new allocations by qemu and by us must land in free space, never on the data above
+        writers = [lambda: qemu.io("-f", QEMU_NAME[fmt], "-c", "write -P 0x5e 32M 1M", img),
+                   lambda: _write(img, fmt, 40 * MiB, b"\x6b" * MiB)]
+        if fmt == "Parallels":
+            writers.reverse()       # qemu refuses to write an unclean image: ours repairs it
+        for w in writers:
+            w()
+        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n}: data overwritten"
+        assert _read(img, fmt, 8 * MiB, len(r2)) == region, \
+            f"{fmt}: kill at write {n}: a later allocation overwrote the interrupted write's data"
+        assert _read(img, fmt, 32 * MiB, MiB) == b"\x5e" * MiB
+        assert _read(img, fmt, 40 * MiB, MiB) == b"\x6b" * MiB
+        bad = _corruption(fmt, check(str(img), format=fmt))
+        assert not bad, f"{fmt}: after kill at write {n} and new writes: {bad}"
+
+
+def _all_points(k):
+    return range(1, k + 1)
+
+
+def _spread(limit):
+    def pick(k):
+        if k <= limit:
+            return range(1, k + 1)
+        return sorted({1 + round(i * (k - 1) / (limit - 1)) for i in range(limit)})
+    return pick
+
+
+def test_vdi_count_is_never_stale_after_a_kill(tmp_path, qemu):
+    """The issue's repro: SIGKILL at every write of `vdgui-img write a.vdi --offset 8M`, then
+    `qemu-io write -P 0x5e 32M 1M` must not overwrite the data at 8 MiB."""
+    _allocation_case(tmp_path, qemu, "VDI", _all_points)
+
+
+@pytest.mark.parametrize("fmt", ["VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
+def test_allocation_point_survives_a_kill_sample(tmp_path, qemu, fmt):
+    _allocation_case(tmp_path, qemu, fmt, lambda k: [max(1, k // 2), k])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
+def test_allocation_point_survives_a_kill(tmp_path, qemu, fmt):
+    _allocation_case(tmp_path, qemu, fmt, _spread(12))
