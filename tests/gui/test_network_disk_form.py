@@ -383,3 +383,37 @@ def test_library_secret_bookkeeping(library, lockednet):
         assert lib2.missing_secrets(loc) == [] and lib2.properties(loc) == {}
     finally:
         lib2.close()
+
+
+def test_form_flags_a_bad_port_and_the_url_follows_the_fields(qtbot):
+    """Issue #13 item 3: port 99999 is flagged in the form (not only by the CLI), and the URL
+    field never goes stale when the settings below it change."""
+    dlg = _dialog(qtbot, backends=[get_backend("iSCSI")])
+    form = dlg.form
+    form.editor("TargetName").setText("iqn.2026-01.example:disk")
+    form.editor("TargetAddress").setText("san.example:99999")
+    assert "99999 is out of range" in form.errors().get("TargetAddress", "")
+    assert not dlg.ok.isEnabled()
+    form.editor("TargetAddress").setText("san.example:3260")
+    assert dlg.ok.isEnabled()
+    assert dlg.url.text() == "iscsi://san.example:3260/iqn.2026-01.example:disk/0"
+    form.editor("LUN").setText("2")
+    assert dlg.url.text().endswith("/2")
+    form.editor("LUN").setText("99999")
+    assert "LUN" in form.errors() and not dlg.ok.isEnabled()
+
+
+def test_connecting_status_says_when_it_gives_up(qtbot):
+    import socket
+    with socket.socket() as s:                       # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dlg = _dialog(qtbot, backends=[get_backend("iSCSI")])
+    dlg.form.editor("TargetName").setText("iqn.2026-01.example:disk")
+    dlg.form.editor("TargetAddress").setText(f"127.0.0.1:{port}")
+    dlg.accept()
+    assert "gives up after 10 s" in dlg.status.text()
+    qtbot.waitUntil(lambda: dlg.job is None, timeout=15000)
+    assert dlg.status.text().startswith("Connection failed: cannot connect")
+    assert dlg.isVisible()                           # the dialog stays, with what was typed
+    assert dlg.form.editor("TargetAddress").text() == f"127.0.0.1:{port}"

@@ -316,3 +316,32 @@ def test_unreachable_target_is_a_network_error():
         port = s.getsockname()[1]
     with pytest.raises(NetworkError, match="cannot connect"):
         Disk().open("-", "iSCSI", config={"TargetName": IQN, "TargetAddress": f"127.0.0.1:{port}"})
+
+
+@pytest.mark.parametrize("greeting", [b"", b"HTTP/1.0 400 Bad Request\r\n\r\n"])
+def test_target_that_closes_during_login_is_a_network_error(greeting):
+    """Issue #13 item 3: a listener that accepts and hangs up (or is not iSCSI) is a network
+    event with what to check, not an internal error."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.recv(4096)
+            if greeting:
+                c.sendall(greeting)
+            c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(NetworkError, match="closed the connection during login.*access list"):
+            Disk().open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
+                        config={"TargetName": IQN, "TargetAddress": f"127.0.0.1:{port}",
+                                "Timeout": "2000"})
+    finally:
+        srv.close()

@@ -6,7 +6,8 @@ them. Values travel as strings (as in VirtualBox) and are converted by :func:`pa
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import ConfigError
 
@@ -40,6 +41,9 @@ class ConfigKey:
     unit: str = ""               # shown beside the value: "bytes", "ms", "bits"...
     choices: tuple[str, ...] = ()   # the only values accepted, when the key is a pick-list
     variant: int = 0             # image variant bits (ImageFlags) the key applies to; 0: all
+    # a check of the converted value beyond type and range (e.g. "host:port"); raises
+    # ConfigError. The CLI and the forms both run it.
+    validator: "Callable[[object], object] | None" = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -90,7 +94,15 @@ class ConfigKey:
                                   f"{', '.join(self.choices)}, found {text!r}")
         if self.type is ValueType.BYTES:
             return raw if isinstance(raw, bytes) else str(raw).encode()
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        value = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if self.validator is not None:
+            try:
+                self.validator(value)
+            except ConfigError as exc:
+                msg = exc.message
+                raise ConfigError(msg if msg.startswith(f"key '{self.name}'")
+                                  else f"key '{self.name}': {msg}") from None
+        return value
 
 
 def parse_config(keys: tuple[ConfigKey, ...] | list[ConfigKey], given: dict | None, *,

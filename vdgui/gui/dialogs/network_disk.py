@@ -207,7 +207,13 @@ class NetworkDiskDialog(QDialog):
             self.url_error.setVisible(True)
             return
         self.url_error.setVisible(False)
-        self.form.set_values(keys)
+        self._from_url = True
+        try:
+            self.form.set_values(keys)
+        finally:
+            self._from_url = False
+
+    _from_url = False
 
     def _validate(self, *_):
         valid = self.form is not None and self.form.is_valid()
@@ -215,6 +221,8 @@ class NetworkDiskDialog(QDialog):
         self.ok.setEnabled(valid and not testing)
         self.test_button.setEnabled(valid and not testing)
         loc = self.location() if valid else ""
+        if not self._from_url and self.url.isEnabled() and not self.url_error.isVisible():
+            self.url.setText(loc)          # the URL follows the settings: never stale
         self.location_label.setText(f"Location: <b>{html.escape(loc)}</b>" if loc else
                                     "<i>Fill in the required settings (marked *).</i>")
         if not testing and self._shown_for is not None and self._shown_for != self._snapshot():
@@ -248,7 +256,10 @@ class NetworkDiskDialog(QDialog):
         self.form.setEnabled(False)
         self.url.setEnabled(False)
         self.backend_box.setEnabled(False)
-        self._set_status(f"Connecting to {html.escape(loc.split('@', 1)[-1])}…")
+        timeout = self.values().get("Timeout") or next(
+            (k.default for k in b.config_keys if k.name == "Timeout"), None)
+        limit = f" (gives up after {int(timeout) / 1000:g} s)" if timeout else ""
+        self._set_status(f"Connecting to {html.escape(loc.split('@', 1)[-1])}…{limit}")
         self._validate()
         self.queue.submit(job)
         return job

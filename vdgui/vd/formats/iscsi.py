@@ -36,33 +36,6 @@ OUR_BURST = 262144
 MAX_RECV_SEGMENT = 16 << 20     # refuse larger data segments from a target
 READ_CHUNK = 1 << 20
 
-M, E = KeyFlag.MANDATORY, KeyFlag.EXPERT
-CONFIG_KEYS = (
-    ConfigKey("TargetName", None, ValueType.STRING, M, "iSCSI qualified name of the target",
-              label="Target name (IQN)"),
-    ConfigKey("LUN", "0", ValueType.STRING, M, "logical unit number", label="LUN"),
-    ConfigKey("TargetAddress", None, ValueType.STRING, M, "host[:port] (default port 3260)",
-              label="Target address"),
-    ConfigKey("InitiatorName", DEFAULT_INITIATOR, ValueType.STRING, KeyFlag.NONE,
-              "our iSCSI qualified name", label="Initiator name (IQN)"),
-    ConfigKey("InitiatorUsername", None, ValueType.STRING, KeyFlag.NONE, "CHAP user name",
-              label="CHAP user name"),
-    ConfigKey("InitiatorSecret", None, ValueType.BYTES, KeyFlag.NONE, "CHAP secret",
-              label="CHAP secret"),
-    ConfigKey("TargetUsername", None, ValueType.STRING, E, "mutual CHAP: the target's user name",
-              label="Target's CHAP user name"),
-    ConfigKey("TargetSecret", None, ValueType.BYTES, E, "mutual CHAP: the target's secret",
-              label="Target's CHAP secret"),
-    ConfigKey("WriteSplit", "262144", ValueType.INTEGER, E, "largest write per command",
-              minimum=512, maximum=262144, label="Largest write", unit="bytes"),
-    ConfigKey("Timeout", "10000", ValueType.INTEGER, E, "how long to wait for the target",
-              minimum=100, maximum=3600000, label="Network timeout", unit="ms"),
-    ConfigKey("HostIPStack", "1", ValueType.INTEGER, E, "use the host's IP stack",
-              minimum=0, maximum=1, label="Use the host's network stack"),
-    ConfigKey("DumpMalformedPackets", "0", ValueType.INTEGER, E,
-              "log malformed PDUs in hex", minimum=0, maximum=1,
-              label="Log malformed packets"),
-)
 
 
 class _Dropped(Exception):
@@ -85,7 +58,7 @@ def parse_address(addr: str) -> tuple[str, int]:
     except ValueError:
         raise ConfigError(f"TargetAddress {addr!r}: port is not a number") from None
     if not 0 < p < 65536:
-        raise ConfigError(f"TargetAddress {addr!r}: port {p} out of range")
+        raise ConfigError(f"TargetAddress {addr!r}: port {p} is out of range (1..65535)")
     return host, p
 
 
@@ -100,6 +73,36 @@ def parse_lun(text: str) -> int:
     if not 0 <= lun < 16384:
         raise ConfigError(f"LUN {lun} out of range (0..16383)")
     return lun
+
+
+M, E = KeyFlag.MANDATORY, KeyFlag.EXPERT
+CONFIG_KEYS = (
+    ConfigKey("TargetName", None, ValueType.STRING, M, "iSCSI qualified name of the target",
+              label="Target name (IQN)"),
+    ConfigKey("LUN", "0", ValueType.STRING, M, "logical unit number", label="LUN",
+              validator=lambda v: parse_lun(v)),
+    ConfigKey("TargetAddress", None, ValueType.STRING, M, "host[:port] (default port 3260)",
+              label="Target address", validator=lambda v: parse_address(v)),
+    ConfigKey("InitiatorName", DEFAULT_INITIATOR, ValueType.STRING, KeyFlag.NONE,
+              "our iSCSI qualified name", label="Initiator name (IQN)"),
+    ConfigKey("InitiatorUsername", None, ValueType.STRING, KeyFlag.NONE, "CHAP user name",
+              label="CHAP user name"),
+    ConfigKey("InitiatorSecret", None, ValueType.BYTES, KeyFlag.NONE, "CHAP secret",
+              label="CHAP secret"),
+    ConfigKey("TargetUsername", None, ValueType.STRING, E, "mutual CHAP: the target's user name",
+              label="Target's CHAP user name"),
+    ConfigKey("TargetSecret", None, ValueType.BYTES, E, "mutual CHAP: the target's secret",
+              label="Target's CHAP secret"),
+    ConfigKey("WriteSplit", "262144", ValueType.INTEGER, E, "largest write per command",
+              minimum=512, maximum=262144, label="Largest write", unit="bytes"),
+    ConfigKey("Timeout", "10000", ValueType.INTEGER, E, "how long to wait for the target",
+              minimum=100, maximum=3600000, label="Network timeout", unit="ms"),
+    ConfigKey("HostIPStack", "1", ValueType.INTEGER, E, "use the host's IP stack",
+              minimum=0, maximum=1, label="Use the host's network stack"),
+    ConfigKey("DumpMalformedPackets", "0", ValueType.INTEGER, E,
+              "log malformed PDUs in hex", minimum=0, maximum=1,
+              label="Log malformed packets"),
+)
 
 
 class Connection:
@@ -138,6 +141,13 @@ class Connection:
         self.itt = 0
         try:
             self.login()
+        except _Dropped as exc:
+            self.close()
+            raise NetworkError(
+                f"iSCSI target {self.host}:{self.port} closed the connection during login "
+                f"({exc}); check the target name, that the target allows this initiator "
+                f"({self.cfg.get('InitiatorName')}) in its access list, and that the address "
+                "is an iSCSI target") from None
         except BaseException:
             self.close()
             raise
