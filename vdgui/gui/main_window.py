@@ -69,7 +69,8 @@ class MainWindow(QMainWindow):
         self.library = library
         self.settings = settings
         self.queue = queue or JobQueue(self)
-        self.setWindowTitle(f"vdgui {vdgui.__version__} — Virtual Media Manager")
+        # Qt appends the application's display name ("… — vdgui"); the version is in About
+        self.setWindowTitle("Virtual Media Manager")
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
         self.messages: list = []           # non-modal boxes kept alive
@@ -243,7 +244,7 @@ class MainWindow(QMainWindow):
         self.jobs_dock.setFeatures(QDockWidget.DockWidgetClosable | QDockWidget.DockWidgetMovable)
         self.addDockWidget(Qt.BottomDockWidgetArea, self.jobs_dock)
         self.jobs_panel.showRequested.connect(self.jobs_dock.show)
-        self.resizeDocks([self.jobs_dock], [150], Qt.Vertical)
+        self.resizeDocks([self.jobs_dock], [self.jobs_panel.sizeHint().height()], Qt.Vertical)
 
         self.status_images = QLabel()
         self.status_jobs = QLabel()
@@ -732,9 +733,8 @@ class MainWindow(QMainWindow):
             self.add_paths(paths)
 
     def import_dialog(self) -> None:
-        start = os.path.expanduser("~/.config/VirtualBox/VirtualBox.xml")
-        path, _ = QFileDialog.getOpenFileName(self, "Import from VirtualBox", start if
-                                              os.path.exists(start) else self.last_folder(),
+        start = virtualbox_settings_start() or self.last_folder()
+        path, _ = QFileDialog.getOpenFileName(self, "Import from VirtualBox", start,
                                               "VirtualBox settings (VirtualBox.xml *.vbox *.xml);;"
                                               + IMAGE_FILTER_ALL)
         if path:
@@ -1072,7 +1072,8 @@ class MainWindow(QMainWindow):
         if not getattr(self, "_shown_once", False):
             self._shown_once = True
             if self.settings is None or not self.settings.contains("window/state"):
-                QTimer.singleShot(0, lambda: self.resizeDocks([self.jobs_dock], [120], Qt.Vertical))
+                QTimer.singleShot(0, lambda: self.resizeDocks(
+                    [self.jobs_dock], [self.jobs_panel.sizeHint().height()], Qt.Vertical))
 
     # -- closing --------------------------------------------------------------------------
     def closeEvent(self, event):
@@ -1135,3 +1136,15 @@ def install_excepthook(window_getter) -> None:
         except Exception:  # never let the hook itself fail
             pass
     sys.excepthook = hook
+
+
+def virtualbox_settings_start() -> str | None:
+    """Where Import from VirtualBox starts: VirtualBox's own settings, wherever this VirtualBox
+    keeps them ($VBOX_USER_HOME, ~/.config/VirtualBox, the older ~/.VirtualBox): the file when
+    it is there, else the folder; None when there is no VirtualBox here."""
+    homes = [os.environ.get("VBOX_USER_HOME", ""), "~/.config/VirtualBox", "~/.VirtualBox"]
+    folders = [os.path.expanduser(h) for h in homes if h]
+    for d in folders:
+        if os.path.isfile(os.path.join(d, "VirtualBox.xml")):
+            return os.path.join(d, "VirtualBox.xml")
+    return next((d for d in folders if os.path.isdir(d)), None)

@@ -168,9 +168,14 @@ class JobsPanel(QWidget):
         self.timer.start()
         self._update_buttons()
 
+    ROWS_SHOWN = 3
+
     def sizeHint(self):
+        """Room for three job rows (title, progress bar, status line) and the buttons."""
         from PySide6.QtCore import QSize
-        return QSize(600, 120)
+        line = self.fontMetrics().lineSpacing()
+        row = 3 * line + 22
+        return QSize(600, self.ROWS_SHOWN * row + line + 24)
 
     def add_job(self, job: Job) -> None:
         if not job.visible or job.id in self.rows:

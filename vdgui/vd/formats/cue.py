@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
+from ..backend import Backend, Cap, DeviceType, FileExtension, ImageFlags, OpenFlags, ProbeInput
 from ..errors import CorruptImage, ImageNotFound, NotSupported
 from ..fileio import ImageFile, resolve_stored_name
 from ..image import Alloc, Image, Region
@@ -99,6 +99,7 @@ class CueSheet:
 class CueImage(Image):
     def __init__(self, backend, location, allow_unsafe: bool, info_only: bool):
         super().__init__(backend, location, True)
+        self.flags = ImageFlags.FIXED      # every sector stored in the BIN files: not "dynamic"
         with ImageFile(location) as f:
             size = f.size()
             if size > MAX_CUE:

@@ -1,0 +1,73 @@
+"""Issue #13: the app tells the truth — small things a user sees at once."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from vdgui.jobs import Job
+from vdgui.vd import Disk, OpenFlags
+
+pytestmark = pytest.mark.gui
+
+
+def test_window_title_names_the_app_once(window):
+    title = window.windowTitle()
+    assert title == "Virtual Media Manager"           # Qt adds " — vdgui" once
+    assert "vdgui" not in title
+
+
+def test_jobs_panel_shows_three_jobs_at_its_default_size(qtbot, window):
+    window.show()
+    qtbot.waitExposed(window)
+    gate = threading.Event()
+
+    def wait(progress):
+        progress(0, 1)
+        gate.wait(10)
+        return None
+    jobs = [window.start_job(Job(f"Job {i}", wait, paths=[f"/nowhere/{i}.vdi"]))
+            for i in range(4)]
+    try:
+        qtbot.waitUntil(lambda: len(window.jobs_panel.rows) == 4, timeout=5000)
+        qtbot.wait(50)
+        panel = window.jobs_panel
+        view = panel.rows[jobs[0].id].parentWidget()
+        shown = [r for r in panel.rows.values()
+                 if r.visibleRegion().boundingRect().height() >= r.height()]
+        assert len(shown) >= 3, (f"{len(shown)} whole rows visible in {view.height()} px; "
+                                 f"{[(r.y(), r.height()) for r in panel.rows.values()]}, "
+                                 f"panel {panel.height()} dock {window.jobs_dock.height()}")
+    finally:
+        gate.set()
+        for j in jobs:
+            qtbot.waitUntil(lambda j=j: j.state in ("done", "failed", "cancelled"), timeout=10000)
+
+
+def test_cue_variant_is_not_dynamic(tmp_path):
+    (tmp_path / "disc.bin").write_bytes(bytes(8 * 2352))
+    cue = tmp_path / "disc.cue"
+    cue.write_text('FILE "disc.bin" BINARY\n  TRACK 01 MODE1/2352\n    INDEX 01 00:00:00\n')
+    with Disk.open_chain(str(cue), None, OpenFlags.READ_ONLY) as d:
+        assert d.info(0)["variant"] == "fixed"
+
+
+def test_import_starts_in_virtualboxs_own_folder(tmp_path, monkeypatch):
+    from vdgui.gui.main_window import virtualbox_settings_start
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("VBOX_USER_HOME", raising=False)
+    assert virtualbox_settings_start() is None
+    old = tmp_path / ".VirtualBox"
+    old.mkdir()
+    assert virtualbox_settings_start() == str(old)                  # the folder, older layout
+    (old / "VirtualBox.xml").write_text("<VirtualBox/>")
+    assert virtualbox_settings_start() == str(old / "VirtualBox.xml")
+    new = tmp_path / ".config" / "VirtualBox"
+    new.mkdir(parents=True)
+    (new / "VirtualBox.xml").write_text("<VirtualBox/>")
+    assert virtualbox_settings_start() == str(new / "VirtualBox.xml")   # the current layout first
+    own = tmp_path / "vbhome"
+    own.mkdir()
+    (own / "VirtualBox.xml").write_text("<VirtualBox/>")
+    monkeypatch.setenv("VBOX_USER_HOME", str(own))
+    assert virtualbox_settings_start() == str(own / "VirtualBox.xml")
