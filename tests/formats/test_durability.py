@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vdgui.vd import Disk, OpenFlags, VDIOError, check
+from vdgui.vd import Disk, ImageFlags, OpenFlags, VDIOError, check, get_backend
 
 MiB = 1 << 20
 WRITABLE = ["VDI", "VMDK", "VHD", "VHDX", "QCOW2", "QED", "Parallels", "RAW"]
@@ -238,3 +238,99 @@ def test_allocation_point_survives_a_kill_sample(tmp_path, qemu, fmt):
 @pytest.mark.parametrize("fmt", ["VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
 def test_allocation_point_survives_a_kill(tmp_path, qemu, fmt):
     _allocation_case(tmp_path, qemu, fmt, _spread(12))
+
+
+# -- item 16: a relink stopped between any two writes leaves the old or the new link ------------
+RELINK = ["VDI", "VMDK", "VMDK-split", "VHD", "VHDX", "QCOW2", "QED"]
+
+
+class _Recorder:
+    """Records every pwrite/truncate the engine makes through ImageFile."""
+
+    def __init__(self, monkeypatch):
+        from vdgui.vd import fileio
+        self.ops = []
+        orig_w, orig_t = fileio.ImageFile.pwrite, fileio.ImageFile.truncate
+        rec = self.ops
+
+        def pwrite(f, offset, data):
+            rec.append(("w", os.path.realpath(f.path), offset, bytes(data)))
+            return orig_w(f, offset, data)
+
+        def truncate(f, size):
+            rec.append(("t", os.path.realpath(f.path), size, None))
+            return orig_t(f, size)
+
+        monkeypatch.setattr(fileio.ImageFile, "pwrite", pwrite)
+        monkeypatch.setattr(fileio.ImageFile, "truncate", truncate)
+
+
+def _apply(ops, saved: dict, k: int) -> None:
+    """Restore the saved files, then replay the first ``k`` writes (a stop after write k)."""
+    for path, data in saved.items():
+        with open(path, "wb") as fh:
+            fh.write(data)
+    for kind, path, a, data in ops[:k]:
+        with open(path, "r+b") as fh:
+            if kind == "w":
+                fh.seek(a)
+                fh.write(data)
+            else:
+                fh.truncate(a)
+
+
+@pytest.mark.parametrize("names", [("old", "newparent-with-a-longer-name"),
+                                   ("oldparent-with-a-longer-name", "new"),
+                                   ("old", None)],
+                         ids=["longer", "shorter", "to-base"])
+@pytest.mark.parametrize("fmt", RELINK)
+def test_relink_stopped_after_any_write_keeps_one_link(tmp_path, monkeypatch, fmt, names):
+    fmt, _, variant = fmt.partition("-")        # VMDK-split: a separate descriptor file
+    flags = ImageFlags.SPLIT_2G if variant else ImageFlags.NONE
+    e = EXT[fmt]
+    bases = []
+    for name, byte in zip(names[:2 if names[1] else 1], (0x41, 0x42)):
+        p = str(tmp_path / f"{name}.{e}")
+        with Disk() as d:
+            d.create_base(p, 4 * MiB, fmt)
+            d.write(0, bytes([byte]) * (4 * MiB))
+        bases.append(p)
+    kid = str(tmp_path / f"kid.{e}")
+    with Disk() as d:
+        d.open(bases[0], fmt, flags=OpenFlags.READ_ONLY)
+        d.create_diff(kid, flags=flags)
+    files = [os.path.realpath(kid)]
+    saved = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            saved[f] = fh.read()
+    rec = _Recorder(monkeypatch)
+    with Disk() as pd:
+        if len(bases) > 1:
+            pd.open(bases[1], fmt, flags=OpenFlags.READ_ONLY)
+        img = get_backend(fmt).open(kid, OpenFlags.NORMAL)
+        try:
+            if img.relink_refusal(pd.top if pd.images else None):
+                img.close()
+                pytest.skip(f"{fmt} does not make a differencing image a base image")
+            img.set_parent(pd.top if pd.images else None)
+            img.flush()
+        finally:
+            img.close()
+    monkeypatch.undo()
+    ops = [op for op in rec.ops if op[1] in saved]
+    assert ops, "the relink wrote nothing"
+    for k in range(len(ops) + 1):
+        _apply(ops, saved, k)
+        try:
+            with Disk.open_chain(kid, fmt, OpenFlags.READ_ONLY) as d:
+                got = d.read(0, 4 * MiB)
+                parent = d.images[0].location
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the bug
+            pytest.fail(f"{fmt}: relink stopped after write {k} of {len(ops)}: {exc}")
+        new = b"\x42" * (4 * MiB) if len(bases) > 1 else bytes(4 * MiB)
+        assert got in (b"\x41" * (4 * MiB), new), f"{fmt}: stopped after write {k}: mixed content"
+        if k == len(ops):
+            assert got == new
+            if len(bases) > 1:
+                assert os.path.samefile(parent, bases[1])

@@ -585,6 +585,18 @@ class QedImage(Image):
         if progress:
             progress(1, 1)
 
+    def relink_refusal(self, parent):
+        if parent is None:
+            return None
+        n = len(relative_name(self.location, parent.location).encode())
+        if n > MAX_BACKING_NAME:
+            return f"{self.location}: backing file name of {n} bytes is too long"
+        try:
+            self._name_slot(n)
+        except InvalidArgument as exc:
+            return str(exc)
+        return None
+
     def set_parent(self, parent):
         self._require_writable()
         if parent is None:
@@ -610,13 +622,37 @@ class QedImage(Image):
         features = self.features & ~(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
         if name:
             features |= F_BACKING_FILE | (F_BACKING_FORMAT_NO_PROBE if raw else 0)
+        off = self._name_slot(len(data)) if data else 0
         if data:
-            self.f.pwrite(HEADER_SIZE, data)
+            # the new name goes where the current one is not: until the header write below,
+            # the old link stays intact
+            self.f.pwrite(off, data)
             self.f.sync()
-        self.f.pwrite(OFF_FEATURES, struct.pack("<Q", features))
-        self.f.pwrite(56, struct.pack("<II", HEADER_SIZE if data else 0, len(data)))
+        # features, name offset and name length switch together: one write inside the first
+        # sector, so any stop leaves the old link or the new one, never a mix of the two
+        hdr = bytearray(self.f.read_exact(0, HEADER_SIZE, "QED header"))
+        struct.pack_into("<Q", hdr, OFF_FEATURES, features)
+        struct.pack_into("<II", hdr, 56, off, len(data))
+        self.f.pwrite(0, hdr)
         self.f.sync()
         self.features = features
+        self.header.update(features=features, backing_filename_offset=off,
+                           backing_filename_size=len(data))
+
+    def _name_slot(self, n: int) -> int:
+        """Where a new backing file name of ``n`` bytes can go in the header clusters without
+        touching the name the header names now."""
+        limit = self.header_clusters * self.cs
+        old_off, old_n = 0, 0
+        if self.features & F_BACKING_FILE:
+            old_off = self.header["backing_filename_offset"]
+            old_n = self.header["backing_filename_size"]
+        for at in (HEADER_SIZE, -(-(old_off + old_n) // 8) * 8, limit - n):
+            if at >= HEADER_SIZE and at + n <= limit and (
+                    not old_n or at + n <= old_off or at >= old_off + old_n):
+                return at
+        raise InvalidArgument(f"{self.location}: no room in the header clusters for a backing "
+                              f"file name of {n} bytes beside the current one of {old_n} bytes")
 
     # ------------------------------------------------------------------ check
     def check(self, repair=False, dry_run=False, progress=None):

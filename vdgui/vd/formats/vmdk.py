@@ -1134,7 +1134,11 @@ class VmdkImage(Image):
         else:
             if len(data) > MAX_DESCRIPTOR_BYTES:
                 raise NotSupported(f"{self.location}: descriptor would exceed 1 MiB")
-            self.desc_file.pwrite(0, data)
+            # one write covers the old text whole (a shorter descriptor is padded with blank
+            # lines), so a stop before the truncate leaves the new descriptor, never new text
+            # followed by the tail of the old one
+            pad = max(0, self.desc_file.size() - len(data))
+            self.desc_file.pwrite(0, data + b"\n" * pad)
             self.desc_file.truncate(len(data))
         self.desc_file.sync()
         self._desc_dirty = False
