@@ -71,3 +71,19 @@ def test_import_starts_in_virtualboxs_own_folder(tmp_path, monkeypatch):
     (own / "VirtualBox.xml").write_text("<VirtualBox/>")
     monkeypatch.setenv("VBOX_USER_HOME", str(own))
     assert virtualbox_settings_start() == str(own / "VirtualBox.xml")
+
+
+def test_merge_dialog_retargets_and_names_the_relinked(qtbot, window, vdi_chain):
+    from vdgui.gui.dialogs.merge import MergeDialog
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
+    dlg = MergeDialog(window.model.node(vdi_chain["snap2"]), window)
+    qtbot.addWidget(dlg)
+    assert (dlg.source.currentText(), dlg.target.currentText()) == ("snap2.vdi", "snap1.vdi")
+    dlg.source.setCurrentIndex(dlg.source.findText("snap1.vdi"))     # the user picks a source
+    assert dlg.target.currentText() == "base.vdi"                    # "into" follows it
+    assert "snap2.vdi will then be a child of base.vdi" in dlg.summary.text()
+    dlg.target.setCurrentIndex(dlg.target.findText("snap2.vdi"))     # forward instead
+    assert "snap2.vdi will then be a child of base.vdi" in dlg.summary.text()
+    dlg.source.setCurrentIndex(dlg.source.findText("base.vdi"))
+    assert dlg.target.currentText() == "snap1.vdi"
+    assert "snap1.vdi will then be a base image" in dlg.summary.text()

@@ -29,7 +29,7 @@ def merge_plan(chain: list, source, target, busy: set | None = None) -> dict:
     """What merging ``source`` into ``target`` does: files deleted, space needed, problems."""
     busy = busy or set()
     si, ti = chain.index(source), chain.index(target)
-    out = {"errors": [], "deleted": [], "needed": 0, "direction": ""}
+    out = {"errors": [], "deleted": [], "needed": 0, "direction": "", "reparented": []}
     if si == ti:
         out["errors"].append("Choose two different images")
         return out
@@ -38,6 +38,11 @@ def merge_plan(chain: list, source, target, busy: set | None = None) -> dict:
     folded = [n for n in span if n is not target]
     out["deleted"] = folded
     out["direction"] = "forward" if si < ti else "backward"
+    # (image, its new parent or None for a base): what the merge relinks
+    if si < ti:       # forward: the target takes the place of the folded span
+        out["reparented"] = [(target, chain[lo - 1] if lo > 0 else None)]
+    else:             # backward: whatever sat on the span's top now sits on the target
+        out["reparented"] = [(c, target) for c in chain[hi].children]
     # the data of the folded images lands in target: at most their allocated size
     out["needed"] = sum(n.record.file_size or 0 for n in folded)
     on_path = set(id(n) for n in chain)
@@ -104,10 +109,20 @@ class MergeDialog(QDialog):
         lay.addWidget(self.summary)
         lay.addWidget(self.messages)
         lay.addWidget(self.buttons)
-        self.source.currentIndexChanged.connect(self.validate)
+        self.source.currentIndexChanged.connect(self._source_changed)
         self.target.currentIndexChanged.connect(self.validate)
         self.validate()
         self.resize(560, self.sizeHint().height())
+
+    def _source_changed(self, *_):
+        """A new source retargets "Merge into" to its parent (its child for the base), the
+        merge VirtualBox offers; the user can still pick another target."""
+        si = self.source.currentIndex()
+        ti = si - 1 if si > 0 else min(si + 1, len(self.chain) - 1)
+        if self.target.currentIndex() != ti:
+            self.target.setCurrentIndex(ti)       # validates
+        else:
+            self.validate()
 
     def set_source_target(self, source_path: str, target_path: str) -> None:
         self.source.setCurrentIndex(self.source.findData(source_path))
@@ -131,6 +146,10 @@ class MergeDialog(QDialog):
                    else ", which takes over their place in the chain")
                 + ". These files will be <b>deleted</b>:<br>"
                 + "<br>".join(f"&nbsp;&nbsp;• {html.escape(f)}" for f in files)
+                + "".join(f"<br>{html.escape(c.name)} "
+                          + (f"will then be a child of {html.escape(p.name)}" if p is not None
+                             else "will then be a base image (no parent)")
+                          + "." for c, p in plan["reparented"])
                 + f"<br>Space needed: up to <b>{format_size(plan['needed'])}</b> in "
                   f"{html.escape(os.path.dirname(tgt.path))}.")
             free = free_space(tgt.path)
