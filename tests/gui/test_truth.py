@@ -87,3 +87,16 @@ def test_merge_dialog_retargets_and_names_the_relinked(qtbot, window, vdi_chain)
     dlg.source.setCurrentIndex(dlg.source.findText("base.vdi"))
     assert dlg.target.currentText() == "snap1.vdi"
     assert "snap1.vdi will then be a base image" in dlg.summary.text()
+
+
+def test_help_menu_has_a_guide_and_the_real_shortcuts(qtbot, window):
+    texts = [a.text() for a in window.menus["help"].actions()]
+    assert "&Documentation" in texts and "&Keyboard Shortcuts" in texts
+    dlg = window.help_dialog("shortcuts")
+    qtbot.addWidget(dlg)
+    assert dlg.tabs.currentIndex() == 1
+    table = dlg.shortcuts.toPlainText()
+    for a in window.actions.values():               # every shortcut the window has, listed
+        for k in a.shortcuts():
+            assert k.toString() in table, (a.text(), k.toString())
+    assert "Merge" in dlg.guide.toPlainText()

@@ -130,6 +130,11 @@ class MainWindow(QMainWindow):
         self.action_quit.triggered.connect(self.close)
         self.action_about = QAction(app_icon(), "&About vdgui", self)
         self.action_about.triggered.connect(self.about)
+        self.action_help = QAction(icon("properties"), "&Documentation", self)
+        self.action_help.setShortcut(QKeySequence.HelpContents)
+        self.action_help.triggered.connect(lambda: self.help_dialog("guide"))
+        self.action_shortcuts = QAction("&Keyboard Shortcuts", self)
+        self.action_shortcuts.triggered.connect(lambda: self.help_dialog("shortcuts"))
         self.action_clear_bad = QAction(icon("warning"), "Remove &Inaccessible Images", self)
         self.action_clear_bad.setToolTip("Forget every image whose file is missing or unreadable "
                                          "(no file is deleted)")
@@ -291,6 +296,9 @@ class MainWindow(QMainWindow):
         ja.setShortcut(QKeySequence("Ctrl+J"))
         m.addAction(ja)
         m = self.menus["help"] = mb.addMenu("&Help")
+        m.addAction(self.action_help)
+        m.addAction(self.action_shortcuts)
+        m.addSeparator()
         m.addAction(self.action_about)
 
     # -- settings -------------------------------------------------------------------------
@@ -1029,6 +1037,17 @@ class MainWindow(QMainWindow):
     def save_properties(self, node, values: dict) -> None:
         self.library.set_properties(node.path, values)
         self.statusBar().showMessage(f"Saved the properties of {node.name}", 5000)
+
+    def help_dialog(self, page: str = "guide"):
+        from .dialogs.help import HelpDialog
+        acts = (list(self.actions.values()) + [self.action_import, self.action_search,
+                                               self.action_expand, self.action_help,
+                                               self.jobs_dock.toggleViewAction(),
+                                               self.action_quit])
+        dlg = HelpDialog(acts, self, page)
+        dlg.setAttribute(Qt.WA_DeleteOnClose)
+        dlg.show()
+        return dlg
 
     def about(self) -> None:
         names = ", ".join(b.name for b in backends())
