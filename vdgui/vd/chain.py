@@ -2,24 +2,46 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from typing import TYPE_CHECKING
 
-from .errors import ParentMismatch, ParentNotFound, UnsafePath, VDError
-from .fileio import resolve_stored_name
+from .errors import (ImageNotFound, ParentMismatch, ParentNotFound, ScanIncomplete, UnsafePath,
+                     VDError)
+from .fileio import real_path, resolve_stored_name
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backend import Backend
     from .image import Image
 
 MAX_CHAIN_DEPTH = 256
 _SCAN_LIMIT = 2000   # files looked at per folder when searching by UUID
+CHILD_SCAN_LIMIT = 100_000   # entries per folder the children scan looks at; more: refused
+_HEAD = 4096                 # bytes read of each entry to see whether it may be an image
+_OUR_TEMP = re.compile(r"^\..+\.vdgui-tmp-\d+$")   # our own temporaries, never user images
+
+
+def _within(root_real: str, path: str) -> bool:
+    """Does ``path`` resolve (symbolic links followed) inside the real folder ``root_real``?"""
+    real = os.path.realpath(path)
+    return os.path.commonpath([root_real, real]) == root_real
+
+
+def _search_dirs(image_path: str) -> list[tuple[str, str]]:
+    """The folders searched for an image's relatives (its own, its Snapshots/ subfolder, the
+    folder above when it lives in a Snapshots folder), each with the real folder its entries
+    must resolve into: a symbolic link leading out of there is not followed."""
+    d = os.path.dirname(os.path.abspath(image_path))
+    own = os.path.realpath(d)
+    dirs = [(d, own), (os.path.join(d, "Snapshots"), own)]
+    if os.path.basename(d) == "Snapshots":
+        up = os.path.dirname(d)
+        dirs.append((up, os.path.realpath(up)))
+    return [(x, root) for x, root in dirs if os.path.isdir(x) and _within(root, x)]
 
 
 def _candidate_dirs(image_path: str) -> list[str]:
-    d = os.path.dirname(os.path.abspath(image_path))
-    dirs = [d, os.path.join(d, "Snapshots")]
-    if os.path.basename(d) == "Snapshots":
-        dirs.append(os.path.dirname(d))
-    return [x for x in dirs if os.path.isdir(x)]
+    return [x for x, _root in _search_dirs(image_path)]
 
 
 def _uuid_of(path: str):
@@ -39,7 +61,7 @@ def _uuid_of(path: str):
 def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
     from .registry import backends
     exts = {fe.ext for b in backends() for fe in b.extensions}
-    for d in _candidate_dirs(near):
+    for d, root in _search_dirs(near):
         try:
             names = sorted(os.listdir(d))[:_SCAN_LIMIT]
         except OSError:
@@ -48,7 +70,9 @@ def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
             p = os.path.join(d, n)
             if os.path.splitext(n)[1].lstrip(".").lower() not in exts or not os.path.isfile(p):
                 continue
-            if exclude and os.path.abspath(p) == os.path.abspath(exclude):
+            if not _within(root, p):          # a symbolic link leading out of the folder
+                continue
+            if exclude and real_path(p) == real_path(exclude):
                 continue
             u, _ = _uuid_of(p)
             if u is not None and u == uuid:
@@ -82,7 +106,7 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
             except UnsafePath:
                 continue
         tried.append(path)
-        if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(image.location):
+        if os.path.isfile(path) and real_path(path) != real_path(image.location):
             return path, hint.format
     if hint.uuid is not None:
         found = find_by_uuid(hint.uuid, image.location, exclude=image.location)
@@ -98,6 +122,120 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                              f"{'; '.join(tried) or 'no location stored'})") from None
     raise ParentNotFound(f"{image.location}: parent image not found (looked for: "
                          f"{'; '.join(tried) or 'no location stored'})")
+
+
+# -- the other direction: the differencing images of an image --------------------------------------
+def links_to(child: "Image", parent: "Image") -> bool:
+    """Does ``child`` (a differencing image) name ``parent`` as its parent?"""
+    if child.parent_uuid is not None and parent.uuid is not None:
+        return child.parent_uuid == parent.uuid
+    try:
+        path, _fmt = find_parent(child)
+    except VDError:
+        return False
+    return real_path(path) == real_path(parent.location)
+
+
+def _head(path: str) -> bytes:
+    """The first bytes of a regular file (O_NONBLOCK: a FIFO swapped in meanwhile cannot hang)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.pread(fd, _HEAD, 0)
+    finally:
+        os.close(fd)
+
+
+def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple[str, "Backend"]]:
+    """Differencing images in ``image``'s folder (and Snapshots/, or the folder above a
+    Snapshots folder) whose parent is ``image``: (path, backend) pairs. ``exclude`` holds
+    real paths not to report (e.g. the chain being worked on).
+
+    Every entry is looked at, whatever its name (dot-files, any extension): its first bytes
+    tell whether a backend of differencing images may claim it, and only those are opened.
+    Raises ScanIncomplete, naming each, when an entry could not be examined, a folder could not
+    be listed or holds more than CHILD_SCAN_LIMIT entries, or a differencing image of
+    ``image`` is reached through a symbolic link leading out of the folder (relinking it would
+    write outside): an operation that would orphan a child it cannot see must not run."""
+    from .backend import Cap, OpenFlags, ProbeInput
+    from .registry import backends, probe
+    exclude = exclude or set()
+    own = {real_path(f) for f in image.files()} | {real_path(image.location)}
+    diff_backends = [b for b in backends() if b.caps & Cap.DIFF]
+    found: list[tuple[str, "Backend"]] = []
+    seen: set[str] = set()
+    problems: list[str] = []
+    unopened: list[tuple[str, str]] = []   # (real path, why): unless a file of another image
+    parts: set[str] = set(own)              # files of the images opened (e.g. VMDK extents)
+    name = os.path.basename(image.location)
+    for d, root in _search_dirs(image.location):
+        names: list[str] = []
+        try:
+            with os.scandir(d) as it:
+                for entry in it:
+                    names.append(entry.name)
+                    if len(names) > CHILD_SCAN_LIMIT:
+                        break
+        except OSError as exc:
+            problems.append(f"{d}: the folder cannot be listed ({exc.strerror or exc})")
+            continue
+        if len(names) > CHILD_SCAN_LIMIT:
+            problems.append(f"{d}: more than {CHILD_SCAN_LIMIT} entries; not all were examined")
+            continue
+        for n in sorted(names):
+            if _OUR_TEMP.match(n):
+                continue
+            p = os.path.join(d, n)
+            try:
+                st = os.stat(p)
+                if not stat.S_ISREG(st.st_mode):
+                    continue                  # folders, devices, FIFOs: never images here
+                rp = real_path(p)
+                if rp in own or rp in seen:
+                    continue
+                head = _head(p)
+            except FileNotFoundError:
+                continue                      # gone meanwhile, or a dangling symbolic link
+            except OSError as exc:
+                problems.append(f"{p}: cannot be read ({exc.strerror or exc})")
+                continue
+            src = ProbeInput(path=p, size=st.st_size, head=head, tail=b"")
+            if not any(_claims(b, src) for b in diff_backends):
+                continue
+            try:
+                be = probe(p)
+                img = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+            except ImageNotFound:
+                continue
+            except VDError as exc:
+                unopened.append((rp, f"{p}: cannot be examined ({exc})"))
+                continue
+            try:
+                parts.update(real_path(f) for f in img.files())
+                if rp in exclude or not (img.is_diff and links_to(img, image)):
+                    continue
+            finally:
+                img.close()
+            if not _within(root, p):
+                problems.append(f"{p}: a differencing image of {name} reached through a symbolic "
+                                f"link leading out of the folder (to {rp}); it is not relinked "
+                                "there")
+                continue
+            seen.add(rp)
+            found.append((p, be))
+    problems += [why for rp, why in unopened if rp not in parts and rp not in exclude]
+    if problems:
+        raise ScanIncomplete(f"{image.location}: cannot be sure which other differencing images "
+                             f"depend on it: {'; '.join(problems)}; nothing was changed")
+    return found
+
+
+def _claims(backend, src) -> bool:
+    try:
+        return backend.probe(src) > 0
+    except Exception:  # noqa: BLE001 - a probe fed only the first bytes may trip; then ask fully
+        return True
 
 
 def check_backing_name(image: "Image", stored: str | None, parent: "Image") -> None:

@@ -81,6 +81,12 @@ class ParentNotFound(VDError):
     code = "PARENT_NOT_FOUND"
 
 
+class ScanIncomplete(VDError):
+    """A folder scan (for the other differencing images of an image) could not look at every
+    entry, or found one that cannot be relinked: an operation that would orphan it refuses."""
+    code = "SCAN_INCOMPLETE"
+
+
 class UnsafePath(VDError):
     """A name stored in an image points outside its folder or at a device."""
     code = "UNSAFE_PATH"

@@ -299,6 +299,13 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
     if any(p == ".." for p in parts):
         raise UnsafePath(f"{image_path}: {what} {name!r} leaves the image's folder ('..'); refused")
     path = os.path.join(base, *parts)
+    # the real path first: a symbolic link (even one whose target does not exist yet, which a
+    # later create would follow) must not lead out of the folder
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_base, real]) != real_base:
+        raise UnsafePath(f"{image_path}: {what} {name!r} resolves outside the image's folder "
+                         f"(to {real}); refused")
     try:
         st = os.stat(path)
     except OSError:
@@ -309,11 +316,6 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
         # a FIFO or socket: opening it would block until some other process writes to it
         raise UnsafePath(f"{image_path}: {what} {name!r} is not a regular file "
                          "(a FIFO or socket); refused")
-    real_base = os.path.realpath(base)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real_base, real]) != real_base:
-        raise UnsafePath(f"{image_path}: {what} {name!r} resolves outside the image's folder "
-                         f"(to {real}); refused")
     return path
 
 

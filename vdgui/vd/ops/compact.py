@@ -265,7 +265,7 @@ def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
     """Differencing images of ``real`` whose link would not accept the rewritten image (formats
     whose link names the parent's modification id, e.g. VHDX parent_linkage). Refuses (original
     kept) when such a child's backend cannot relink."""
-    from .merge import find_children
+    from ..chain import find_children
     try:
         orig = new.backend.open(real, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
     except VDError:

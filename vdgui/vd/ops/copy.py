@@ -770,7 +770,7 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
 
 def _children_of(path: str, be: Backend, allow_unsafe: bool) -> list:
     """Differencing images beside ``path`` (and in Snapshots/) whose parent it is."""
-    from .merge import find_children
+    from ..chain import find_children
     img = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY | (
         OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0), None)
     try:

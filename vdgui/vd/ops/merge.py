@@ -22,13 +22,12 @@ from collections import deque
 from typing import Callable
 
 from ..backend import Backend, Cap, OpenFlags, Operation
-from ..chain import _candidate_dirs, find_parent
+from ..chain import find_children  # noqa: F401 - the children scan (also used from here)
 from ..disk import Disk
 from ..errors import (Cancelled, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
                       VDError)
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
-from ..registry import backends, probe
 from ..sparse import is_zero, zeroes
 from .copy import READAHEAD, Writeback, _Readers
 
@@ -37,50 +36,6 @@ CHUNK = 1 << 20           # bytes copied per step (progress and cancellation gra
 
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
-
-
-# -- discovering children that are not part of the opened chain ------------------------------
-def _links_to(child: Image, parent: Image) -> bool:
-    """Does ``child`` (a differencing image) name ``parent`` as its parent?"""
-    if child.parent_uuid is not None and parent.uuid is not None:
-        return child.parent_uuid == parent.uuid
-    try:
-        path, _fmt = find_parent(child)
-    except VDError:
-        return False
-    return _real(path) == _real(parent.location)
-
-
-def find_children(image: Image, exclude: set[str] | None = None) -> list[tuple[str, Backend]]:
-    """Differencing images in ``image``'s folder (and Snapshots/) whose parent is ``image``.
-    ``exclude`` holds real paths not to report (e.g. the chain being worked on)."""
-    exclude = exclude or set()
-    own = {_real(f) for f in image.files()}
-    exts = {fe.ext for b in backends() for fe in b.extensions}
-    found: list[tuple[str, Backend]] = []
-    for d in _candidate_dirs(image.location):
-        try:
-            names = sorted(os.listdir(d))[:2000]
-        except OSError:
-            continue
-        for n in names:
-            p = os.path.join(d, n)
-            if n.startswith(".") or os.path.splitext(n)[1].lstrip(".").lower() not in exts:
-                continue
-            rp = _real(p)
-            if rp in own or rp in exclude or not os.path.isfile(p):
-                continue
-            try:
-                be = probe(p)
-                img = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
-            except VDError:
-                continue
-            try:
-                if img.is_diff and _links_to(img, image):
-                    found.append((p, be))
-            finally:
-                img.close()
-    return found
 
 
 # -- the merge itself ---------------------------------------------------------------------------
@@ -207,11 +162,12 @@ def _preflight(disk: Disk, s: int, t: int, extra_children: list[tuple[str, Backe
     _require(target, Operation.WRITE, "the merge writes into it")
     forward = s > t
     if forward:
-        above = ([disk.images[s + 1].backend] if s + 1 < n else []) + [b for _, b in extra_children]
-        for be in above:
+        above = ([(disk.images[s + 1].location, disk.images[s + 1].backend)] if s + 1 < n
+                 else []) + list(extra_children)
+        for path, be in above:
             if not be.can(Operation.RELINK):
-                raise NotSupported(f"cannot merge: the {be.name} backend does not support relink "
-                                   "(the image above the merged ones must be linked to the target)")
+                raise NotSupported(f"cannot merge: {path} must be linked to the target, but the "
+                                   f"{be.name} backend does not support relink")
         if disk.images[s].size > target.size:
             _require(target, Operation.RESIZE, "it is smaller than the source")
         if s + 1 < n:

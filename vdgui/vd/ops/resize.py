@@ -88,7 +88,7 @@ def store_tail_over_parent(img: Image, parent_size: int, fill) -> None:
 
 
 def _children(img: Image) -> bool:
-    from .merge import find_children
+    from ..chain import find_children
     return bool(find_children(img))
 
 
