@@ -100,3 +100,34 @@ def test_help_menu_has_a_guide_and_the_real_shortcuts(qtbot, window):
         for k in a.shortcuts():
             assert k.toString() in table, (a.text(), k.toString())
     assert "Merge" in dlg.guide.toPlainText()
+
+
+def test_actions_follow_what_the_image_can_do(qtbot, window, tmp_path, qemu):
+    """Issue #13 item 2: resize is not offered on a streamOptimized VMDK (the tooltip gives the
+    way out), a RAW image's description is not editable, and counts agree with the details."""
+    from vdgui.gui import actions
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(1 << 20))
+    stream = tmp_path / "s.vmdk"
+    qemu.img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, stream)
+    base = tmp_path / "b.vdi"
+    with Disk() as d:
+        d.create_base(str(base), 4 << 20, "VDI")
+        d.create_diff(str(tmp_path / "c1.vdi"))
+        d.create_diff(str(tmp_path / "c2.vdi"))
+    with Disk.open_chain(str(base), flags=OpenFlags.READ_ONLY) as d:
+        d.create_diff(str(tmp_path / "c3.vdi"))
+    window.add_paths([str(stream), str(raw), str(tmp_path / "c2.vdi"), str(tmp_path / "c3.vdi")],
+                     sync=True)
+    s = window.model.node(str(stream))
+    r = actions.reason("resize", [s])
+    assert r and "resizable variant" in r
+    assert actions.reason("copy", [s]) is None
+    rn = window.model.node(str(raw))
+    assert "cannot store a description" in (actions.reason("comment", [rn]) or "")
+    window.select_paths([str(raw)])
+    qtbot.waitUntil(lambda: window.details.node is rn, timeout=3000)
+    assert not window.details.comment.isEnabled()
+    assert "cannot store a description" in window.details.comment.toolTip()
+    b = window.model.node(str(base))
+    assert "3 differencing images depend" in actions.reason("resize", [b])

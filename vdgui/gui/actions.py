@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vdgui.vd import Cap, Operation, backends
+from vdgui.vd import Cap, ImageFlags, Operation, backends
 
 from vdgui.jobs.tasks import op_available
 
@@ -59,7 +59,8 @@ _OP = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "
 _MULTI = {"compact", "check", "repair", "remove", "delete"}
 _VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "move",
          "merge": "merge", "resize": "resize", "compact": "compact", "check": "check",
-         "repair": "repair", "remove": "remove", "delete": "delete"}
+         "repair": "repair", "remove": "remove", "delete": "delete",
+         "comment": "change the description of"}
 
 
 @dataclass
@@ -123,6 +124,17 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
     return None
 
 
+def _descendants(n) -> int:
+    """Every image below ``n`` (children, their children...), as the details pane counts."""
+    return sum(1 + _descendants(c) for c in n.children)
+
+
+def _refusal(n, op) -> str | None:
+    """The backend's own word on ``op`` for this image's variant (one place: the engine)."""
+    r = n.backend.refusal(op, ImageFlags(n.record.image_flags or 0))
+    return f"{_label(n)}: {r}" if r and not r.startswith("The ") else r
+
+
 def _one(key: str, n) -> str | None:
     b = n.backend
     fmt = b.name
@@ -149,29 +161,33 @@ def _one(key: str, n) -> str | None:
     if key == "resize":
         if not b.caps & Cap.FILE:
             return f"{fmt} images are not files (no FILE capability): their size is set on the server"
-        if not b.can(Operation.RESIZE):
-            return f"The {fmt} format does not support resizing"
+        r = _refusal(n, Operation.RESIZE)
+        if r:
+            return r
         if n.children:
-            return (f"{len(n.children)} differencing image(s) depend on {_label(n)}: "
-                    "resize the top of the chain instead")
+            k = _descendants(n)
+            return (f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
+                    f"on {_label(n)}: resize the top of the chain instead")
         return None
     if key == "compact":
         if not b.caps & Cap.FILE:
             return f"{fmt} images are not files (no FILE capability): there is no file to compact"
-        if not b.can(Operation.COMPACT):
-            return f"The {fmt} format does not support compacting"
+        r = _refusal(n, Operation.COMPACT)
+        if r:
+            return r
         if n.children:
-            return (f"{len(n.children)} differencing image(s) depend on {_label(n)}; compacting "
-                    "it could change what they read")
+            k = _descendants(n)
+            return (f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
+                    f"on {_label(n)}; compacting it could change what they read")
         return None
     if key == "check":
         if not b.can(Operation.CHECK):
             return f"The {fmt} format has no consistency check"
         return None
     if key == "repair":
-        if not b.can(Operation.REPAIR):
-            return f"The {fmt} format cannot be repaired"
-        return None
+        return _refusal(n, Operation.REPAIR)
+    if key == "comment":
+        return _refusal(n, Operation.COMMENT)
     return None
 
 

@@ -112,6 +112,14 @@ class Operation(enum.Enum):
     REPAIR = "repair"        # check(repair=True) can fix problems
     RELINK = "relink"        # Image.set_parent(parent_image | None), used by merge
     DISCARD = "discard"      # Image.discard(offset, length)
+    COMMENT = "comment"      # Image.set_comment(text): the format stores a description
+
+
+_OP_VERBS = {Operation.WRITE: "be written", Operation.CREATE: "be created here",
+             Operation.COMPACT: "be compacted", Operation.RESIZE: "be resized",
+             Operation.CHECK: "be checked", Operation.REPAIR: "be repaired",
+             Operation.RELINK: "be relinked to another parent",
+             Operation.DISCARD: "discard ranges", Operation.COMMENT: "store a description"}
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,13 @@ class Backend:
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
 
     # -- declarations -----------------------------------------------------------------------
+    def refusal(self, op: Operation, flags: "ImageFlags" = None) -> str | None:
+        """Why an image of this backend, of the variant ``flags``, cannot do ``op``, with the way
+        out when there is one; None when it can. The app offers actions from this alone."""
+        if not self.can(op):
+            return f"The {self.name} format cannot {_OP_VERBS.get(op, op.value)}"
+        return None
+
     def can(self, op: Operation) -> bool:
         return op in self.operations
 

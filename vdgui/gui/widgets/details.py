@@ -296,13 +296,7 @@ class DetailsPane(QScrollArea):
             return
         move_r = actions.reason("move", [n], self.ctx)
         resize_r = actions.reason("resize", [n], self.ctx)
-        comment_r = None
-        if n.path in self.ctx.busy:
-            comment_r = f"{n.name} is busy: a running job is using it"
-        elif not n.accessible:
-            comment_r = f"{n.name} is inaccessible"
-        elif n.backend is not None and not n.backend.writable:
-            comment_r = f"The {n.backend.name} backend cannot write images"
+        comment_r = actions.reason("comment", [n], self.ctx)
         for w, r, tip in ((self.location, move_r, "Type a new path and Apply to move the image"),
                           (self.browse, move_r, "Choose a new location"),
                           (self.size, resize_r, "Enter a new size and Apply to resize the image"),

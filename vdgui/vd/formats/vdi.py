@@ -1044,7 +1044,7 @@ class VdiBackend(Backend):
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.COMPACT,
                             Operation.RESIZE, Operation.CHECK, Operation.REPAIR,
-                            Operation.RELINK, Operation.DISCARD})
+                            Operation.RELINK, Operation.DISCARD, Operation.COMMENT})
     create_flags = ImageFlags.FIXED
     max_size = MAX_SIZE
     size_granularity = 512

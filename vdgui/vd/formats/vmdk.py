@@ -1781,6 +1781,13 @@ class VmdkBackend(Backend):
     create_flags = (ImageFlags.FIXED | ImageFlags.SPLIT_2G | ImageFlags.STREAM_OPTIMIZED |
                     ImageFlags.ESX)
     max_size = MAX_SPARSE_SIZE
+
+    def refusal(self, op, flags=None):
+        if flags is not None and flags & ImageFlags.STREAM_OPTIMIZED and op in (
+                Operation.WRITE, Operation.RESIZE, Operation.RELINK):
+            return ("a streamOptimized VMDK is written once and cannot be changed; convert it "
+                    "to a resizable variant first (Copy to VMDK, dynamic)")
+        return super().refusal(op, flags)
     size_granularity = 512
 
     # -- probe -------------------------------------------------------------------------------
