@@ -122,6 +122,13 @@ def test_actions_follow_what_the_image_can_do(qtbot, window, tmp_path, qemu):
     s = window.model.node(str(stream))
     r = actions.reason("resize", [s])
     assert r and "resizable variant" in r
+    assert actions.way_out("resize", s) == "convert"
+    window.select_paths([str(stream)])
+    idx = window.proxy.mapFromSource(window.model.index_for(s))
+    menu = window._context_menu(window.tree.visualRect(idx).center())
+    conv = [a for a in menu.actions() if a.text() == "Convert to a &Resizable Copy…"]
+    assert conv and "resizable variant" in conv[0].toolTip()
+    menu.close()
     assert actions.reason("copy", [s]) is None
     rn = window.model.node(str(raw))
     assert "cannot store a description" in (actions.reason("comment", [rn]) or "")

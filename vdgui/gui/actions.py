@@ -135,6 +135,15 @@ def _refusal(n, op) -> str | None:
     return f"{_label(n)}: {r}" if r and not r.startswith("The ") else r
 
 
+def way_out(key: str, n) -> str | None:
+    """The operation that gets round a refused ``key`` on ``n`` ("convert"), or None."""
+    op = {"resize": Operation.RESIZE, "compact": Operation.COMPACT}.get(key)
+    if op is None or n.backend is None:
+        return None
+    r = n.backend.refusal(op, ImageFlags(n.record.image_flags or 0))
+    return getattr(r, "way_out", None)
+
+
 def _one(key: str, n) -> str | None:
     b = n.backend
     fmt = b.name

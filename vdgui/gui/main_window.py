@@ -668,6 +668,10 @@ class MainWindow(QMainWindow):
                 if "://" in node.path and self.library.missing_secrets(node.path):
                     secrets = m.addAction(icon("network"), "Enter &Secrets…")
                     secrets.triggered.connect(lambda: self.ask_secrets(node.path))
+                if actions.way_out("resize", node) == "convert":
+                    conv = m.addAction(icon("copy"), "Convert to a &Resizable Copy…")
+                    conv.setToolTip(actions.reason("resize", [node], self.context()) or "")
+                    conv.triggered.connect(self.copy_dialog)
                 copy_path = m.addAction("Copy &Path")
                 copy_path.triggered.connect(lambda: QApplication.clipboard().setText(node.path))
                 if node.record.uuid:

@@ -3,7 +3,7 @@
 No Qt anywhere below this package.
 """
 from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
-                      OpenFlags, Operation, ProbeInput, parse_variant, variant_words)
+                      OpenFlags, Operation, ProbeInput, Refusal, parse_variant, variant_words)
 from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,

@@ -115,6 +115,17 @@ class Operation(enum.Enum):
     COMMENT = "comment"      # Image.set_comment(text): the format stores a description
 
 
+class Refusal(str):
+    """Why an operation is refused; ``way_out`` names the operation that gets round it
+    ("convert": a copy into another variant can), or is None."""
+    way_out: str | None
+
+    def __new__(cls, text: str, way_out: str | None = None):
+        self = super().__new__(cls, text)
+        self.way_out = way_out
+        return self
+
+
 _OP_VERBS = {Operation.WRITE: "be written", Operation.CREATE: "be created here",
              Operation.COMPACT: "be compacted", Operation.RESIZE: "be resized",
              Operation.CHECK: "be checked", Operation.REPAIR: "be repaired",

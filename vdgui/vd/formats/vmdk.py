@@ -49,7 +49,7 @@ import zlib
 from construct import Array, Bytes, ConstructError, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, Refusal)
 from ..config import ConfigKey, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
                       ParentMismatch, ReadOnlyImage, UnsafePath)
@@ -1785,8 +1785,9 @@ class VmdkBackend(Backend):
     def refusal(self, op, flags=None):
         if flags is not None and flags & ImageFlags.STREAM_OPTIMIZED and op in (
                 Operation.WRITE, Operation.RESIZE, Operation.RELINK):
-            return ("a streamOptimized VMDK is written once and cannot be changed; convert it "
-                    "to a resizable variant first (Copy to VMDK, dynamic)")
+            return Refusal("a streamOptimized VMDK is written once and cannot be changed; "
+                           "convert it to a resizable variant first (Copy to VMDK, dynamic)",
+                           way_out="convert")
         return super().refusal(op, flags)
     size_granularity = 512
 
