@@ -1,6 +1,7 @@
 """Issue #13: the app tells the truth — small things a user sees at once."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -138,3 +139,36 @@ def test_actions_follow_what_the_image_can_do(qtbot, window, tmp_path, qemu):
     assert "cannot store a description" in window.details.comment.toolTip()
     b = window.model.node(str(base))
     assert "3 differencing images depend" in actions.reason("resize", [b])
+
+
+def test_moving_a_chain_member_is_checked_before_anything_moves(qtbot, window, vdi_chain,
+                                                                tmp_path):
+    """Issue #13 item 2: a move that would cut the chain is refused at once, with the way out;
+    one that keeps the links goes ahead."""
+    from vdgui.vd import move_refusal
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shown = []
+    window.error_message = lambda title, text: shown.append((title, text))
+    snap1 = window.model.node(vdi_chain["snap1"])
+    assert window.start_move(snap1, str(other / "snap1.vdi")) is None
+    assert shown and "copy it as a chain" in shown[0][1]
+    assert os.path.exists(vdi_chain["snap1"])                       # nothing moved
+    why = move_refusal(vdi_chain["base"], str(other / "base.vdi"))
+    assert why and "depends on base.vdi" in why
+    # VirtualBox's layout: base.vdi beside Snapshots/, the child inside it: a rename works
+    snaps = tmp_path / "vm" / "Snapshots"
+    snaps.mkdir(parents=True)
+    with Disk() as d:
+        d.create_base(str(tmp_path / "vm" / "disk.vdi"), 1 << 20, "VDI")
+        d.create_diff(str(snaps / "s1.vdi"))
+    assert move_refusal(str(tmp_path / "vm" / "disk.vdi"), str(tmp_path / "vm" / "d2.vdi")) is None
+    assert move_refusal(str(snaps / "s1.vdi"), str(tmp_path / "vm" / "s1.vdi")) is None
+    # a QCOW2 base moved into a folder below its child's: the child still finds it
+    q = tmp_path / "q"
+    (q / "sub").mkdir(parents=True)
+    with Disk() as d:
+        d.create_base(str(q / "b.qcow2"), 1 << 20, "QCOW2")
+        d.create_diff(str(q / "c.qcow2"))
+    assert move_refusal(str(q / "b.qcow2"), str(q / "sub" / "b.qcow2")) is None

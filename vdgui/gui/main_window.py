@@ -15,7 +15,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDial
 import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
-from vdgui.vd import CheckReport, DeviceType, Library, VDError, backends, get_backend
+from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, get_backend,
+                      move_refusal)
 
 from . import actions
 from .actions import SPECS, Context
@@ -829,9 +830,18 @@ class MainWindow(QMainWindow):
             return None
         return self.start_move(node, dst)
 
-    def start_move(self, node, dst: str) -> Job:
+    def start_move(self, node, dst: str) -> Job | None:
+        """Move after checking that the chain keeps its links there (nothing is touched when
+        not: the reason and what to do instead are shown)."""
         src = node.path
         dst = os.path.abspath(dst)
+        try:
+            why = move_refusal(src, dst, format=node.record.format or None)
+        except VDError as exc:
+            why = exc.message
+        if why:
+            self.error_message(f"Cannot move {node.name} there", why)
+            return None
         deps = [c.path for c in node.descendants()]
 
         def moved(res):
@@ -1036,7 +1046,7 @@ class MainWindow(QMainWindow):
             out.append(self.start_resize(node, changes["size"]))
         if "location" in changes:
             out.append(self.start_move(node, changes["location"]))
-        return out
+        return [j for j in out if j is not None]
 
     def save_properties(self, node, values: dict) -> None:
         self.library.set_properties(node.path, values)

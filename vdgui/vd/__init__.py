@@ -13,7 +13,7 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .progress import Progress, ProgressCallback
-from .ops.copy import chain_target_names, copy_image, move_image
+from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
 from .ops.compact import compact
 from .ops.merge import merge, merge_disk
 from .ops.repair import check

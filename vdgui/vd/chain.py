@@ -253,3 +253,20 @@ def check_backing_name(image: "Image", stored: str | None, parent: "Image") -> N
         return
     raise ParentMismatch(f"{image.location}: backing file is not {parent.location}",
                          field="backing file name", expected=stored, found=parent.location)
+
+
+def findable_from(child_path: str, parent_path: str, by_uuid: bool) -> bool:
+    """Would a differencing image at ``child_path`` find its parent at ``parent_path``? By a
+    stored name when the parent lies in the child's folder or below it; by UUID (``by_uuid``)
+    when it lies in one of the folders find_by_uuid searches (the child's, its Snapshots/, the
+    folder above a Snapshots folder). Paths need not exist yet (a move being planned)."""
+    cdir = os.path.dirname(os.path.abspath(child_path))
+    if _within(os.path.realpath(cdir), parent_path):
+        return True
+    if not by_uuid:
+        return False
+    dirs = [cdir, os.path.join(cdir, "Snapshots")]
+    if os.path.basename(cdir) == "Snapshots":
+        dirs.append(os.path.dirname(cdir))
+    pdir = os.path.realpath(os.path.dirname(os.path.abspath(parent_path)))
+    return pdir in {os.path.realpath(d) for d in dirs}

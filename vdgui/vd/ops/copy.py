@@ -681,6 +681,55 @@ def _image_files(path: str, fmt, allow_unsafe: bool):
         img.close()
 
 
+def _inside(path: str, folder: str) -> bool:
+    real, base = _real(path), _real(folder)
+    return os.path.commonpath([real, base]) == base
+
+
+def move_refusal(src_path: str, dst_path: str, *, format: str | Backend | None = None,
+                 allow_unsafe_paths: bool = False) -> str | None:
+    """Why moving ``src_path`` to ``dst_path`` would fail or break its chain (None: it works),
+    decided before anything is touched, with what to do instead. A chain keeps its links only
+    while every image's parent lies in the image's folder or below it (names stored inside images
+    are confined to their folder unless unsafe paths are allowed)."""
+    dst_abs = os.path.abspath(dst_path)
+    dst_dir = os.path.dirname(dst_abs)
+    if not os.path.isdir(dst_dir):
+        return f"The folder {dst_dir} does not exist"
+    if _real(src_path) == _real(dst_abs):
+        return "That is where the image already is"
+    if os.path.lexists(dst_abs):
+        return f"{dst_abs} already exists; choose another name"
+    be, _files, is_diff = _image_files(src_path, format, allow_unsafe_paths)
+    if not be.caps & Cap.FILE:
+        return f"{be.name} images are not files and cannot be moved"
+    if allow_unsafe_paths:
+        return None
+    from ..chain import findable_from
+    name = os.path.basename(src_path)
+    if is_diff:
+        with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY) as d:
+            parent = d.image(-2).location
+            by_uuid = d.top.parent_hint.uuid is not None
+        if not findable_from(dst_abs, parent, by_uuid):
+            return (f"{name} is a differencing image of {os.path.basename(parent)} and would no "
+                    f"longer find it from {dst_dir} (a parent is found in the image's folder or "
+                    "below it, or by UUID beside it and in Snapshots/). Move the whole chain, or "
+                    "copy it as a chain to the new place")
+    for cpath, cbe in _children_of(src_path, be, allow_unsafe_paths):
+        child = cbe.open(cpath, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+        try:
+            by_uuid = child.parent_hint is not None and child.parent_hint.uuid is not None
+        finally:
+            child.close()
+        if not findable_from(cpath, dst_abs, by_uuid):
+            return (f"{os.path.basename(cpath)} depends on {name} and would no longer find it "
+                    f"in {dst_dir} (a parent is found in the image's folder or below it, or by "
+                    "UUID beside it and in Snapshots/). Move the whole chain, or copy it as a "
+                    "chain to the new place")
+    return None
+
+
 def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | None = None,
                format: str | Backend | None = None, allow_unsafe_paths: bool = False) -> list[str]:
     """Move an image (every file of it) to ``dst_path``. Returns the new locations of its files
