@@ -136,6 +136,19 @@ def links_to(child: "Image", parent: "Image") -> bool:
     return real_path(path) == real_path(parent.location)
 
 
+def link_matches(child: "Image", parent: "Image") -> bool:
+    """Does ``child``'s link accept ``parent`` as it stands (``check_parent_link``: UUIDs, and
+    the identity a format's link names -- VHDX parent_linkage, VMDK parentCID, a backing file
+    name)? Operations that rewrite links after changing a parent rewrite only the links that
+    matched before they started: a link already broken (the parent was written since) stays
+    broken rather than being silently pointed at changed content."""
+    try:
+        child.check_parent_link(parent)
+    except ParentMismatch:
+        return False
+    return True
+
+
 def _head(path: str) -> bytes:
     """The first bytes of a regular file (O_NONBLOCK: a FIFO swapped in meanwhile cannot hang)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))

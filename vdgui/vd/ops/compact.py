@@ -263,33 +263,36 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
 
 def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
     """Differencing images of ``real`` whose link would not accept the rewritten image (formats
-    whose link names the parent's modification id, e.g. VHDX parent_linkage). Refuses (original
+    whose link names the parent's modification id, e.g. VHDX parent_linkage), among those whose
+    link accepted the original (a link already broken is not rewritten). Refuses (original
     kept) when such a child's backend cannot relink."""
-    from ..chain import find_children
+    from ..chain import find_children, link_matches
     try:
         orig = new.backend.open(real, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
     except VDError:
         return []
+    stale = []
     try:
-        kids = find_children(orig)
+        for p, be in find_children(orig):
+            try:
+                kid = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+            except VDError:
+                continue
+            try:
+                if not link_matches(kid, orig):
+                    continue                    # a link broken before is left as it is
+                try:
+                    kid.check_parent_link(new)
+                except VDError:
+                    if not be.can(Operation.RELINK):
+                        raise NotSupported(f"{real}: the operation would break the parent link "
+                                           f"of {p} and {be.name} cannot relink; nothing was "
+                                           "changed") from None
+                    stale.append((p, be))
+            finally:
+                kid.close()
     finally:
         orig.close()
-    stale = []
-    for p, be in kids:
-        try:
-            kid = be.open(p, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
-        except VDError:
-            continue
-        try:
-            kid.check_parent_link(new)
-        except VDError:
-            if not be.can(Operation.RELINK):
-                raise NotSupported(f"{real}: the operation would break the parent link of "
-                                   f"{p} and {be.name} cannot relink; nothing was changed"
-                                   ) from None
-            stale.append((p, be))
-        finally:
-            kid.close()
     return stale
 
 

@@ -818,12 +818,24 @@ def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | Non
 
 
 def _children_of(path: str, be: Backend, allow_unsafe: bool) -> list:
-    """Differencing images beside ``path`` (and in Snapshots/) whose parent it is."""
-    from ..chain import find_children
+    """Differencing images beside ``path`` (and in Snapshots/) whose parent it is and whose link
+    accepts it now (a link already broken is not rewritten by the move)."""
+    from ..chain import find_children, link_matches
     img = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY | (
         OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0), None)
     try:
-        return find_children(img)
+        out = []
+        for cpath, cbe in find_children(img):
+            try:
+                kid = cbe.open(cpath, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
+            except VDError:
+                continue
+            try:
+                if link_matches(kid, img):
+                    out.append((cpath, cbe))
+            finally:
+                kid.close()
+        return out
     finally:
         img.close()
 

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Callable
 
 from ..backend import Backend, Cap, OpenFlags, Operation
-from ..chain import find_children  # noqa: F401 - the children scan (also used from here)
+from ..chain import find_children, link_matches  # find_children: also imported from here
 from ..disk import Disk
 from ..errors import (Cancelled, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
                       VDError)
@@ -203,6 +203,7 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
             raise ReadOnlyImage(f"{c.location}: must be opened read-write to relink it")
     forward = s > t
     lo, hi = (t + 1, s) if forward else (s, t - 1)      # the merged-away images
+    refresh = [c for c in refresh if link_matches(c, target)]   # a broken link stays broken
 
     # grow a smaller forward target first (the new area reads zeroes: nothing changes above)
     if forward and disk.images[s].size > target.size:
