@@ -96,12 +96,14 @@ def test_create_dialog_uses_config_keys_and_warns(qtbot, window, tmp_path):
 
 def test_fat_size_limit_warning():
     from vdgui.gui.dialogs.common import size_warnings
-    w = size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="vfat", free=1 << 40)
+    from vdgui.gui.dialogs.common import room_problem
+    w = size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="vfat")
     assert w and "FAT" in w[0]
-    assert not size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="ext4",
-                             free=1 << 40)
-    w = size_warnings("/x/big.vdi", 8 << 30, preallocate=True, fs_type="ext4", free=1 << 30)
-    assert w and "free" in w[0]
+    assert not size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="ext4")
+    # a pre-allocated image that cannot fit is an error the dialog shows before it closes
+    e = room_problem("/x/big.vdi", 8 << 30, preallocate=True, free=1 << 30)
+    assert e and "1.00 GiB are free in /x" in e
+    assert room_problem("/x/big.vdi", 8 << 30, preallocate=False, free=1 << 30) is None
 
 
 def test_create_differencing_image(qtbot, window, vdi_chain):

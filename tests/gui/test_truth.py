@@ -172,3 +172,23 @@ def test_moving_a_chain_member_is_checked_before_anything_moves(qtbot, window, v
         d.create_base(str(q / "b.qcow2"), 1 << 20, "QCOW2")
         d.create_diff(str(q / "c.qcow2"))
     assert move_refusal(str(q / "b.qcow2"), str(q / "sub" / "b.qcow2")) is None
+
+
+def test_dialogs_check_the_folder_before_closing(qtbot, window, tmp_path):
+    """Issue #13 item 3: a folder where files cannot be made (/proc; a read-only folder) is an
+    error in the dialog naming the user's folder, never a temporary name after OK."""
+    from vdgui.gui.dialogs.create import CreateDialog
+    dlg = CreateDialog(str(tmp_path), window, size=16 << 20)
+    qtbot.addWidget(dlg)
+    dlg.set_format("VDI")
+    dlg.location.set_path("/proc/snap4.vdi")
+    dlg.validate()
+    assert not dlg.ok.isEnabled()
+    assert any(e.startswith("Cannot create files in /proc") for e in dlg.messages.errors)
+    assert not any("vdgui-tmp" in e for e in dlg.messages.errors)
+    ok_dir = tmp_path / "fine"
+    ok_dir.mkdir()
+    dlg.location.set_path(str(ok_dir / "a.vdi"))
+    dlg.validate()
+    assert dlg.ok.isEnabled(), dlg.messages.errors
+    assert os.listdir(ok_dir) == []                     # the probe left nothing behind

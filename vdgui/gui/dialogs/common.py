@@ -51,8 +51,41 @@ def free_space(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+_FOLDER_VERDICTS: dict[str, tuple[float, str | None]] = {}
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why new files cannot be made in ``folder`` (None: they can), found by making and removing
+    a tiny file of our own there (access() says yes to root in /proc), remembered for 2 s so a
+    dialog can ask on every keystroke. The message names the user's folder and the cause."""
+    import errno
+    import tempfile
+    import time
+    folder = os.path.abspath(folder)
+    now = time.monotonic()
+    hit = _FOLDER_VERDICTS.get(folder)
+    if hit is not None and now - hit[0] < 2.0:
+        return hit[1]
+    verdict = None
+    if not os.path.isdir(folder):
+        verdict = f"The folder {folder} does not exist"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".vdgui-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "the file system is read-only",
+                   errno.ENOSPC: "the disk is full"}.get(exc.errno,
+                                                        exc.strerror or str(exc))
+            verdict = f"Cannot create files in {folder}: {why}"
+    _FOLDER_VERDICTS[folder] = (now, verdict)
+    return verdict
+
+
 def size_warnings(location: str, size: int, *, preallocate: bool, split: bool = False,
-                  fs_type: str | None = None, free: int | None = None) -> list[str]:
+                  fs_type: str | None = None) -> list[str]:
     """Warnings about the target folder's file system for an image of ``size`` bytes."""
     out = []
     fs = fs_type if fs_type is not None else mount_of(location)[1]
@@ -60,11 +93,17 @@ def size_warnings(location: str, size: int, *, preallocate: bool, split: bool = 
         out.append(f"The target folder is on a FAT file system ({fs}), where a file can be at most "
                    f"4 GiB; an image of {format_size(size)} may not fit. Choose another folder"
                    + (" or split the image into 2 GB parts." if True else "."))
+    return out
+
+
+def room_problem(location: str, size: int, *, preallocate: bool,
+                 free: int | None = None) -> str | None:
+    """A pre-allocated image that cannot fit: an error the dialog shows before it closes."""
     free = free if free is not None else free_space(location)
     if free is not None and preallocate and size > free:
-        out.append(f"Only {format_size(free)} are free in the target folder; pre-allocating "
-                   f"{format_size(size)} will not fit.")
-    return out
+        return (f"Only {format_size(free)} are free in {os.path.dirname(os.path.abspath(location))}; "
+                f"pre-allocating {format_size(size)} will not fit")
+    return None
 
 
 def creatable_backends(*, file_only: bool = True, diff: bool = False):

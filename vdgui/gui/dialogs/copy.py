@@ -15,8 +15,8 @@ from vdgui.vd import (Cap, ImageFlags, applicable_keys, chain_target_names, form
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
-from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, size_warnings,
-                     unique_path, with_extension)
+from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
+                     room_problem, size_warnings, unique_path, with_extension)
 
 
 class CopyDialog(QDialog):
@@ -179,8 +179,8 @@ class CopyDialog(QDialog):
             errors.append("The copy cannot overwrite its source")
         elif os.path.lexists(loc):
             errors.append(f"{loc} already exists; choose another name")
-        elif not os.path.isdir(os.path.dirname(loc)):
-            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        elif folder_problem(os.path.dirname(loc)):
+            errors.append(folder_problem(os.path.dirname(loc)))
         if loc and self.chain_copy():
             srcs = {os.path.abspath(f) for n in self.node.ancestors() + [self.node]
                     for f in (n.record.files or [n.path])}
@@ -208,6 +208,9 @@ class CopyDialog(QDialog):
             flags = self.variant.flags()
             warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),
                                       split=bool(flags & ImageFlags.SPLIT_2G))
+            room = room_problem(loc, size, preallocate=bool(flags & ImageFlags.FIXED))
+            if room:
+                errors.append(room)
         self.messages.show_messages(errors, warnings)
         self.ok.setEnabled(not errors)
 

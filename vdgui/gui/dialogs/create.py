@@ -12,8 +12,8 @@ from vdgui.vd import DeviceType, ImageFlags, applicable_keys, format_size, get_b
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
-from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, size_warnings,
-                     unique_path, with_extension)
+from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
+                     room_problem, size_warnings, unique_path, with_extension)
 
 DEFAULT_SIZE = 20 << 30
 FLOPPY_SIZE = 1440 * 1024
@@ -171,8 +171,8 @@ class CreateDialog(QDialog):
             errors.append(f"{loc} is a folder; add a file name")
         elif os.path.lexists(loc):
             errors.append(f"{loc} already exists; choose another name")
-        elif not os.path.isdir(os.path.dirname(loc)):
-            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        elif folder_problem(os.path.dirname(loc)):
+            errors.append(folder_problem(os.path.dirname(loc)))
         if self.config is not None:
             errors += self.config.messages()
         size = self.size.value()
@@ -180,6 +180,9 @@ class CreateDialog(QDialog):
             flags = self.variant.flags()
             warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),
                                       split=bool(flags & ImageFlags.SPLIT_2G))
+            room = room_problem(loc, size, preallocate=bool(flags & ImageFlags.FIXED))
+            if room:
+                errors.append(room)
         return errors, warnings
 
     def validate(self, *_):
@@ -260,8 +263,8 @@ class CreateDiffDialog(QDialog):
             errors.append("Choose where to create the image")
         elif os.path.lexists(loc):
             errors.append(f"{loc} already exists; choose another name")
-        elif not os.path.isdir(os.path.dirname(loc)):
-            errors.append(f"The folder {os.path.dirname(loc)} does not exist")
+        elif folder_problem(os.path.dirname(loc)):
+            errors.append(folder_problem(os.path.dirname(loc)))
         self.messages.show_messages(errors, [])
         self.ok.setEnabled(not errors)
 
