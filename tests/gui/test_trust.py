@@ -57,3 +57,84 @@ def test_copy_as_chain_names_the_selected_image_and_keeps_sizes(qtbot, window, v
         for lv in range(3):
             assert t.read(0, t.image(lv).size, top=lv) == s.read(0, s.image(lv).size, top=lv)
     qtbot.waitUntil(lambda: [n.path for n in window.selected_nodes()] == [dst], timeout=5000)
+
+
+# -- item 4: the details pane ------------------------------------------------------------------
+def _vdi(tmp_path, name="disk.vdi", size=8 * MiB):
+    p = str(tmp_path / name)
+    with Disk() as d:
+        d.create_base(p, size, "VDI")
+        d.write(0, b"\x5a" * MiB)
+    return p
+
+
+def test_details_pane_follows_a_resize_and_apply_never_shrinks_silently(qtbot, window, tmp_path):
+    p = _vdi(tmp_path)
+    window.show()                     # the allocation picture is read only while shown
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    d = window.details
+    qtbot.waitUntil(lambda: d.allocation.size == 8 * MiB, timeout=5000)
+    asked, started = [], []
+    window.queue.jobAdded.connect(lambda j: started.append(j))
+    # grow with a job (as the Resize dialog does): every view follows
+    ok(qtbot, window.start_resize(window.model.node(p), 12 * MiB))
+    qtbot.waitUntil(lambda: window.model.node(p).record.virtual_size == 12 * MiB, timeout=5000)
+    qtbot.waitUntil(lambda: d.size.value() == 12 * MiB, timeout=5000)
+    assert d.changes() == {} and not d.apply_button.isEnabled() and not d.reset_button.isEnabled()
+    qtbot.waitUntil(lambda: d.allocation.size == 12 * MiB, timeout=5000)
+    wait_job(qtbot, window.refresh())
+    qtbot.wait(50)
+    assert d.size.value() == 12 * MiB
+    assert d.changes() == {} and not d.apply_button.isEnabled() and not d.reset_button.isEnabled()
+
+    # a shrink typed into the pane asks first, naming what is cut; declining changes nothing
+    def decline(title, text, ok_text, checkbox):
+        asked.append(text)
+        return (False, False)
+    window.confirm = decline
+    started.clear()
+    d.size.setValue(8 * MiB)
+    assert d.apply_button.isEnabled()
+    d.apply_button.click()
+    assert len(asked) == 1
+    text = asked[0]
+    assert "cuts off" in text and "4.00 MiB" in text and f"{4 * MiB:,}" in text
+    assert "No data lies there" in text
+    assert not [j for j in started if j.kind == "resize"]
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as disk:
+        assert disk.size == 12 * MiB
+    assert d.size.value() == 12 * MiB and not d.apply_button.isEnabled()
+
+    # below the data: refused with the reason, no question, no job
+    asked.clear()
+    d.size.setValue(MiB // 2)
+    d.apply_button.click()
+    assert not asked and not [j for j in started if j.kind == "resize"]
+    assert any("holds data up to" in m.text() for m in window.messages)
+
+    # accepted: the shrink runs
+    window.confirm = lambda *a: (asked.append(a[1]), (True, False))[1]
+    d.size.setValue(8 * MiB)
+    d.apply_button.click()
+    assert len(asked) == 1
+    (job,) = [j for j in started if j.kind == "resize"]
+    ok(qtbot, job)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as disk:
+        assert disk.size == 8 * MiB and disk.read(0, MiB) == b"\x5a" * MiB
+    qtbot.waitUntil(lambda: d.size.value() == 8 * MiB and not d.reset_button.isEnabled(),
+                    timeout=5000)
+
+
+def test_resize_dialog_shrink_asks_too(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QDialog
+    from vdgui.gui.dialogs import resize as rdlg
+    p = _vdi(tmp_path)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    asked = []
+    window.confirm = lambda *a: (asked.append(a[1]), (False, False))[1]
+    monkeypatch.setattr(rdlg.ResizeDialog, "exec", lambda self: QDialog.Accepted)
+    monkeypatch.setattr(rdlg.ResizeDialog, "new_size", lambda self: 4 * MiB)
+    assert window.resize_dialog() is None
+    assert asked and "cuts off" in asked[0]

@@ -15,8 +15,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDial
 import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
-from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, get_backend,
-                      move_refusal)
+from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, format_size,
+                      get_backend, move_refusal)
 
 from . import actions
 from .actions import SPECS, Context
@@ -726,6 +726,9 @@ class MainWindow(QMainWindow):
             return None
         for p in paths:
             self._alloc_cache.pop(p, None)
+            node = self.model.node(p)
+            for c in node.descendants() if node is not None else ():
+                self._alloc_cache.pop(c.path, None)     # their pictures show this image too
         return self._run_scan(list(dict.fromkeys(paths)))
 
     def chain_key(self, node) -> str:
@@ -886,7 +889,28 @@ class MainWindow(QMainWindow):
         dlg = ResizeDialog(node, self, used=self._used_end(node), library=self.library)
         if dlg.exec() != QDialog.Accepted:
             return None
+        if not self.confirm_resize(node, dlg.new_size(), dlg.used):
+            return None
         return self.start_resize(node, dlg.new_size())
+
+    def confirm_resize(self, node, size: int, used: int | None = None) -> bool:
+        """The checks of the Resize dialog for a size from anywhere (dialog, details pane); a
+        shrink always asks, naming what is cut and whether data lies there."""
+        from .dialogs.resize import resize_problems, shrink_text, used_end
+        current = node.record.virtual_size or 0
+        if used is None:
+            used = self._used_end(node)
+        if used is None and size < current:
+            used, _err = used_end(node.path, self.library)
+        errors, _warnings = resize_problems(node, size, used)
+        if errors:
+            self.error_message(f"Cannot resize {node.name}", "<br>".join(html.escape(e) for e in errors))
+            return False
+        if size < current:
+            ok, _ = self.confirm(f"Shrink {node.name}", shrink_text(node, size, used),
+                                 f"Shrink to {format_size(size)}", None)
+            return ok
+        return True
 
     def _used_end(self, node) -> int | None:
         from vdgui.vd import Alloc
@@ -1043,7 +1067,10 @@ class MainWindow(QMainWindow):
                                                             key=self.chain_key(node)),
                                       lambda res: self._rescan([node.path])))
         if "size" in changes:
-            out.append(self.start_resize(node, changes["size"]))
+            if self.confirm_resize(node, changes["size"]):
+                out.append(self.start_resize(node, changes["size"]))
+            else:
+                self.details.reset_field("size")
         if "location" in changes:
             out.append(self.start_move(node, changes["location"]))
         return [j for j in out if j is not None]

@@ -1,6 +1,8 @@
 """Resize: current and new size; refuses shrinking below the used content with a clear reason."""
 from __future__ import annotations
 
+import html
+
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QLabel, QVBoxLayout
 
 from vdgui.vd import Alloc, Disk, OpenFlags, VDError, format_size
@@ -21,6 +23,53 @@ def used_end(path: str, library=None) -> tuple[int | None, str | None]:
             return last, None
     except VDError as exc:
         return None, exc.message
+
+
+def resize_problems(node, v: int | None, used: int | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for resizing ``node`` to ``v`` bytes when its data ends at ``used``
+    (None: unknown). One set of rules for the Resize dialog and the details pane."""
+    errors, warnings = [], []
+    current = node.record.virtual_size or 0
+    b = node.backend
+    if v is None or v <= 0:
+        return ["Enter the new size"], []
+    if v == current:
+        errors.append("The new size is the current size")
+    elif b is not None and b.max_size is not None and v > b.max_size:
+        errors.append(f"{b.name} images can be at most {format_size(b.max_size)}")
+    elif v < current:
+        if b is not None and not b.can_shrink:
+            errors.append(f"{b.name} images cannot be shrunk in place, only grown. To make "
+                          "the disk smaller, copy it with \"Change the virtual size\" set.")
+        elif used is None:
+            errors.append("Cannot shrink: the used part of the disk could not be read")
+        elif v < used:
+            errors.append(f"Cannot shrink to {format_size(v)}: the disk holds data up to "
+                          f"{format_size(used)}. Shrink the partitions inside the guest "
+                          "and compact the image first.")
+        else:
+            warnings.append(f"Shrinking cuts off the last {format_size(current - v)}; "
+                            "they hold no data now, but the guest's partition table may "
+                            "still reference them.")
+    return errors, warnings
+
+
+def shrink_text(node, v: int, used: int | None) -> str:
+    """What a shrink of ``node`` to ``v`` bytes cuts off, for the confirmation."""
+    current = node.record.virtual_size or 0
+    cut = current - v
+    if used is None:
+        data = "Whether data lies there is unknown: the allocation could not be read."
+    elif used > v:
+        data = (f"<b>Data lies there</b>: the disk holds data up to {format_size(used)} "
+                f"({used:,} bytes).")
+    else:
+        data = (f"No data lies there: the disk's data ends at {format_size(used)} "
+                f"({used:,} bytes).")
+    return (f"Shrink <b>{html.escape(node.name)}</b> from {format_size(current)} to "
+            f"{format_size(v)}?<br><br>This cuts off the last <b>{format_size(cut)} ({cut:,} "
+            f"bytes)</b>, from offset {v:,} to {current:,}. {data}<br><br>A guest whose partition "
+            "table still reaches into that part will see a damaged disk. This cannot be undone.")
 
 
 class ResizeDialog(QDialog):
@@ -60,29 +109,10 @@ class ResizeDialog(QDialog):
         self.resize(520, self.sizeHint().height())
 
     def problems(self) -> tuple[list[str], list[str]]:
-        errors, warnings = [], []
         err = self.size.error()
-        v = self.size.value()
         if err:
             return [err], []
-        if v == self.current:
-            errors.append("The new size is the current size")
-        elif v < self.current:
-            b = self.node.backend
-            if b is not None and not b.can_shrink:
-                errors.append(f"{b.name} images cannot be shrunk in place, only grown. To make "
-                              "the disk smaller, copy it with \"Change the virtual size\" set.")
-            elif self.used is None:
-                errors.append("Cannot shrink: the used part of the disk could not be read")
-            elif v < self.used:
-                errors.append(f"Cannot shrink to {format_size(v)}: the disk holds data up to "
-                              f"{format_size(self.used)}. Shrink the partitions inside the guest "
-                              "and compact the image first.")
-            else:
-                warnings.append(f"Shrinking cuts off the last {format_size(self.current - v)}; "
-                                "they hold no data now, but the guest's partition table may "
-                                "still reference them.")
-        return errors, warnings
+        return resize_problems(self.node, self.size.value(), self.used)
 
     def validate(self, *_):
         errors, warnings = self.problems()

@@ -47,6 +47,7 @@ class DetailsPane(QScrollArea):
         self.setWidgetResizable(True)
         self.setFrameShape(QFrame.NoFrame)
         self.node = None
+        self._shown: dict = {}          # the values the editors were last reset to
         self.properties: dict = {}
         self.ctx = actions.Context()
         body = QWidget()
@@ -166,9 +167,16 @@ class DetailsPane(QScrollArea):
             self._update_edit_state()
 
     def set_node(self, node, properties: dict | None = None) -> None:
-        """Show ``node``; edits in progress survive a refresh of the same image."""
-        pending = self.changes() if (node is not None and self.node is not None
-                                     and self.node.path == node.path) else {}
+        """Show ``node``. Edits in progress survive a refresh of the same image, but only those
+        the user typed (a field that differs from what the pane last showed), and only while the
+        image's own value is still the one shown: a job that changed the image (e.g. a resize)
+        replaces the shown value, it never turns the old one into an edit."""
+        pending = {}
+        if node is not None and self.node is not None and self.node.path == node.path:
+            shown = self._shown
+            new = self._values(node)
+            pending = {k: v for k, v in self._typed().items()
+                       if k in shown and shown[k] == new.get(k)}
         self._set_node(node, properties)
         if pending:
             if "location" in pending and self.location.isEnabled():
@@ -177,6 +185,26 @@ class DetailsPane(QScrollArea):
                 self.size.setValue(pending["size"])
             if "comment" in pending and self.comment.isEnabled():
                 self.comment.setText(pending["comment"])
+
+    @staticmethod
+    def _values(node) -> dict:
+        return {"location": node.path, "size": node.record.virtual_size,
+                "comment": node.record.comment or ""}
+
+    def _typed(self) -> dict:
+        """The fields whose widget differs from what the pane last showed (the user's edits)."""
+        shown = self._shown
+        out = {}
+        loc = self.location.text().strip()
+        loc = os.path.abspath(os.path.expanduser(loc)) if loc and "://" not in loc else loc
+        if loc and loc != shown.get("location"):
+            out["location"] = loc
+        v = self.size.value()
+        if v is not None and v != shown.get("size"):
+            out["size"] = v
+        if self.comment.text() != shown.get("comment"):
+            out["comment"] = self.comment.text()
+        return out
 
     def _set_node(self, node, properties: dict | None = None) -> None:
         self.node = node
@@ -283,12 +311,26 @@ class DetailsPane(QScrollArea):
         self.comment.setText(n.record.comment or "")
         if n.record.virtual_size:
             self.size.setValue(n.record.virtual_size)
+        self._shown = self._values(n)
         b = n.backend
         if b is not None:
             self.size.setGranularity(b.size_granularity)
         for w in (self.location, self.comment, self.size):
             w.blockSignals(False)
         self._update_edit_state()
+
+    def reset_field(self, key: str) -> None:
+        """Put one editor back to the image's value (an edit the user declined to apply)."""
+        n = self.node
+        if n is None:
+            return
+        if key == "size" and n.record.virtual_size:
+            self.size.setValue(n.record.virtual_size)
+        elif key == "comment":
+            self.comment.setText(n.record.comment or "")
+        elif key == "location":
+            self.location.setText(n.path)
+        self._edited()
 
     def _update_edit_state(self) -> None:
         n = self.node
