@@ -136,20 +136,22 @@ class ImageFile:
             return b""
         if length > _BIG_READ and offset >= 0:
             length = max(0, min(length, self.size() - offset))
+        got = 0
         try:
             data = os.pread(self.fd, length, offset)
+            if len(data) < length:  # short read: loop (large reads may come back in pieces)
+                parts = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(self.fd, length - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
         except OSError as exc:
-            raise _os_error(exc, self.path, f"read of {length} bytes at {offset:#x} failed") from None
-        if len(data) < length:  # short read: loop (large reads may come back in pieces)
-            parts = [data]
-            got = len(data)
-            while got < length:
-                more = os.pread(self.fd, length - got, offset + got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-            data = b"".join(parts)
+            raise _os_error(exc, self.path, f"read of {length} bytes at {offset + got:#x} "
+                                            "failed") from None
         return data
 
     def read_exact(self, offset: int, length: int, what: str) -> bytes:

@@ -7,9 +7,10 @@ loaded by :func:`load_entry_point_backends`.
 from __future__ import annotations
 
 import os
+import struct
 
 from .backend import Backend, ProbeInput
-from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDIOError
+from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDError, VDIOError
 
 PROBE_WINDOW = 64 * 1024
 STRONG = 80   # two backends at or above this for one file: refuse to guess
@@ -97,8 +98,14 @@ def probe_scores(path: str) -> list[tuple[int, Backend]]:
     for b in backends():
         try:
             s = b.probe(src)
-        except Exception:  # a probe must never take the whole lookup down
+        except (VDError, struct.error, IndexError):
+            # format-level failures only: the bytes are not this format (a damaged header,
+            # a file too short for the structure). Anything else is a bug in the probe and
+            # surfaces, naming the backend, instead of silently scoring 0.
             s = 0
+        except Exception as exc:
+            exc.add_note(f"raised by the {b.name} backend's probe of {path}")
+            raise
         if s > 0:
             scores.append((s, b))
     scores.sort(key=lambda t: -t[0])
@@ -117,7 +124,10 @@ def backend_for_url(location: str) -> Backend | None:
 
 
 def probe(path: str) -> Backend:
-    """The backend that claims ``path`` most strongly. Two strong claims are an error."""
+    """The backend that claims ``path`` most strongly. Two strong claims (both at or above
+    STRONG, whatever their order) are an error: the file is validly two formats at once (e.g. a
+    fixed VHD whose guest data begins with a QCOW2 header) and guessing could read, or write
+    into, the wrong one."""
     by_url = backend_for_url(path)
     if by_url is not None:
         return by_url
@@ -125,7 +135,7 @@ def probe(path: str) -> Backend:
     if not scores:
         raise UnknownFormat(f"{path}: not a disk image of any known format")
     strong = [b for s, b in scores if s >= STRONG]
-    if len(strong) > 1 and scores[0][0] == scores[1][0]:
+    if len(strong) > 1:
         names = ", ".join(b.name for b in strong)
         raise AmbiguousFormat(f"{path}: claimed by several formats ({names}); name the format with -f")
     return scores[0][1]

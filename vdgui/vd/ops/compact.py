@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..backend import Backend, OpenFlags, Operation
 from ..disk import Disk
-from ..errors import Cancelled, CorruptImage, NotSupported, VDError
+from ..errors import Cancelled, CorruptImage, NotSupported, VDError, VDIOError
 from ..fileio import ImageFile, temp_name
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
@@ -62,7 +62,8 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int], None]) -> None:
+def _copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int], None],
+                path: str = "") -> None:
     pos = start
     while pos < end:
         n = min(COPY_CHUNK, end - pos)
@@ -71,15 +72,19 @@ def _copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int
         except (OSError, AttributeError):
             done = 0
         if done <= 0:
-            buf = os.pread(src, n, pos)
-            if not buf:
-                return
-            mv = memoryview(buf)
-            off = pos
-            while mv:
-                w = os.pwrite(dst, mv, off)
-                mv = mv[w:]
-                off += w
+            try:
+                buf = os.pread(src, n, pos)
+                if not buf:
+                    return
+                mv = memoryview(buf)
+                off = pos
+                while mv:
+                    w = os.pwrite(dst, mv, off)
+                    mv = mv[w:]
+                    off += w
+            except OSError as exc:
+                raise VDIOError(f"{path}: copy of {n} bytes at {pos:#x} failed: "
+                                f"{exc.strerror or exc}") from None
             done = len(buf)
         pos += done
         advance(done)
@@ -204,7 +209,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         out = ImageFile(tmp, create=True)
         try:
             for s, e in ranges:
-                _copy_range(lock.fd, out.fd, s, e, prog.advance)
+                _copy_range(lock.fd, out.fd, s, e, prog.advance, path)
             out.truncate(size)
             with contextlib.suppress(OSError):
                 shutil.copymode(real, tmp)
@@ -236,13 +241,16 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         stale = _stale_children(real, img)
         img.close()
         img = None
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        prog.check()                                 # last moment to cancel
-        os.replace(tmp, real)                        # the commit point
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            prog.check()                             # last moment to cancel
+            os.replace(tmp, real)                    # the commit point
+        except OSError as exc:
+            raise VDIOError(f"{path}: replacing the file failed: {exc.strerror or exc}") from None
         fsync_dir(real)
         _relink_children(real, backend, stale)
         finish(prog)

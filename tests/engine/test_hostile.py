@@ -1,0 +1,144 @@
+"""Errors that hide the truth (issue #12 items 10, 11): raw OSErrors escaping retry loops, probe
+exceptions swallowed, the probe rule."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+
+from vdgui.vd import AmbiguousFormat, Backend, CorruptImage, VDIOError, probe, registry
+from vdgui.vd import fileio
+
+MiB = 1 << 20
+
+
+# -- item 10: every pread/pwrite loop turns an OSError into VDIOError ---------------------------
+
+def test_pread_short_read_retry_error_is_vdioerror(tmp_path, monkeypatch):
+    path = tmp_path / "f.raw"
+    path.write_bytes(b"\x11" * 8192)
+    real = os.pread
+    calls = []
+
+    def flaky(fd, n, off):
+        calls.append((n, off))
+        if len(calls) == 1:
+            return real(fd, min(n, 100), off)        # a short read ...
+        raise OSError(errno.EIO, "Input/output error")   # ... then the retry fails
+
+    f = fileio.ImageFile(str(path))
+    try:
+        monkeypatch.setattr(fileio.os, "pread", flaky)
+        with pytest.raises(VDIOError) as ei:
+            f.pread(0, 4096)
+    finally:
+        monkeypatch.undo()
+        f.close()
+    assert len(calls) == 2
+    assert str(path) in str(ei.value) and "Input/output error" in str(ei.value)
+    assert "0x64" in str(ei.value)                    # names where the read failed
+
+
+def test_compact_copy_loop_error_is_vdioerror(tmp_path, monkeypatch):
+    from vdgui.vd.ops import compact as compact_mod
+    src = tmp_path / "a"
+    src.write_bytes(b"\x22" * 65536)
+    dst = tmp_path / "b"
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644)
+
+    def no_cfr(*a):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    def enospc(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compact_mod.os, "copy_file_range", no_cfr)
+    monkeypatch.setattr(compact_mod.os, "pwrite", enospc)
+    try:
+        with pytest.raises(VDIOError, match="No space left"):
+            compact_mod._copy_range(fi, fo, 0, 65536, lambda n: None, str(src))
+    finally:
+        monkeypatch.undo()
+        os.close(fi)
+        os.close(fo)
+
+
+# -- item 11: probes ----------------------------------------------------------------------------
+
+class _Probe(Backend):
+    def __init__(self, name, fn):
+        super().__init__()
+        self.name = name
+        self._fn = fn
+
+    def probe(self, src):
+        return self._fn(src)
+
+
+def _with_backends(monkeypatch, *bes):
+    monkeypatch.setattr(registry, "_extra", list(registry._extra) + list(bes))
+
+
+def test_probe_bug_surfaces(tmp_path, monkeypatch):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\0" * 4096)
+    _with_backends(monkeypatch, _Probe("BUGGY", lambda src: 1 // 0))
+    with pytest.raises(ZeroDivisionError) as ei:
+        probe(str(path))
+    assert any("BUGGY" in n for n in getattr(ei.value, "__notes__", []))
+
+
+def test_probe_format_level_failure_is_not_this_format(tmp_path, monkeypatch):
+    path = tmp_path / "x.img"
+    path.write_bytes(b"\0" * 4096)
+
+    def corrupt(src):
+        raise CorruptImage("bad header")
+
+    def short(src):
+        return struct.unpack_from(">Q", src.head, len(src.head) - 2)[0]
+
+    _with_backends(monkeypatch, _Probe("CORRUPTP", corrupt), _Probe("SHORTP", short))
+    assert probe(str(path)).name == "RAW"
+
+
+def _qcow2_header() -> bytes:
+    # a QCOW2 v3 header: magic, version (probe looks no further)
+    return b"QFI\xfb" + struct.pack(">I", 3) + b"\0" * 504
+
+
+def _vhd_footer(good_checksum: bool) -> bytes:
+    from vdgui.vd.formats import vhd
+    raw = bytearray(512)
+    raw[:8] = vhd.COOKIE
+    struct.pack_into(">I", raw, 60, 2)                     # fixed disk
+    if good_checksum:
+        return vhd._with_checksum(bytes(raw), vhd.FOOTER_CHECKSUM_AT)
+    struct.pack_into(">I", raw, 64, 0x12345678)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["tie-100-100", "unequal-100-85"])
+def test_two_strong_claims_are_an_error(tmp_path, good):
+    """A file that is both a QCOW2 (head) and a VHD (footer): the old rule refused only a tie
+    (100/100) and silently picked QCOW2 for 100/85."""
+    path = tmp_path / "both.img"
+    path.write_bytes(_qcow2_header() + b"\0" * (MiB - 512) + _vhd_footer(good))
+    scores = {b.name: s for s, b in registry.probe_scores(str(path))}
+    assert scores["QCOW2"] == 100 and scores["VHD"] == (100 if good else 85)
+    with pytest.raises(AmbiguousFormat, match=r"QCOW2.*VHD|VHD.*QCOW2"):
+        probe(str(path))
+
+
+def test_one_strong_claim_wins_over_weak_ones(tmp_path):
+    """The other way: one strong claim and weak ones (RAW, a QCOW2 of unknown version at 60)
+    is not ambiguous."""
+    path = tmp_path / "one.img"
+    head = b"QFI\xfb" + struct.pack(">I", 9) + b"\0" * 504
+    path.write_bytes(head + b"\0" * (MiB - 512) + _vhd_footer(True))
+    scores = {b.name: s for s, b in registry.probe_scores(str(path))}
+    assert scores["QCOW2"] == 60 and scores["VHD"] == 100
+    assert probe(str(path)).name == "VHD"
