@@ -138,3 +138,95 @@ def test_resize_dialog_shrink_asks_too(qtbot, window, tmp_path, monkeypatch):
     monkeypatch.setattr(rdlg.ResizeDialog, "new_size", lambda self: 4 * MiB)
     assert window.resize_dialog() is None
     assert asked and "cuts off" in asked[0]
+
+
+# -- item 9: duplicate UUIDs -------------------------------------------------------------------
+def _twin(vdi_chain, tmp_path):
+    """A byte copy of base.vdi (which has children) in another folder."""
+    import shutil
+    other = tmp_path / "copied"
+    other.mkdir()
+    twin = str(other / "base.vdi")
+    shutil.copyfile(vdi_chain["base"], twin)
+    return twin
+
+
+def test_library_marks_duplicate_uuids(library, vdi_chain, tmp_path):
+    from vdgui.vd import mark_duplicates
+    twin = _twin(vdi_chain, tmp_path)
+    recs = library.add_with_parents(vdi_chain["snap2"]) + library.add_with_parents(twin)
+    by = {r.path: r for r in recs}
+    assert by[twin].duplicates == [vdi_chain["base"]]       # the library knew the original
+    assert mark_duplicates(recs, library) == [vdi_chain["base"]]   # the original learns it
+    assert by[vdi_chain["base"]].duplicates == [twin]
+    assert by[vdi_chain["snap1"]].duplicates == [] and by[vdi_chain["snap2"]].duplicates == []
+    full = {r.path: r for r in library.scan_all()}
+    assert full[vdi_chain["base"]].duplicates == [twin] and full[twin].duplicates == [vdi_chain["base"]]
+    # one file under two names is not a duplicate of itself
+    link = str(tmp_path / "link.vdi")
+    os.symlink(vdi_chain["branch"], link)
+    a, b = library.scan(vdi_chain["branch"]), library.scan(link)
+    mark_duplicates([a, b])
+    assert a.duplicates == [] and b.duplicates == []
+
+
+def test_give_new_uuid_relinks_children_and_refuses_a_stranger(library, vdi_chain, tmp_path):
+    from vdgui.vd import ParentMismatch, give_new_uuid
+    twin = _twin(vdi_chain, tmp_path)
+    with Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as d:
+        content = d.read(0, d.size)
+        old = d.image(0).uuid
+    # the twin does not own snap1: refused before anything is written
+    with open(twin, "rb") as f:
+        before = f.read()
+    with pytest.raises(ParentMismatch):
+        give_new_uuid(twin, children=[vdi_chain["snap1"]])
+    with open(twin, "rb") as f:
+        assert f.read() == before
+    new = give_new_uuid(vdi_chain["base"], children=[vdi_chain["snap1"], vdi_chain["branch"]])
+    assert new != old
+    with Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as d:
+        assert d.image(0).uuid == new and d.image(1).parent_uuid == new
+        assert d.image(0).location == vdi_chain["base"]
+        assert d.read(0, d.size) == content
+    with Disk.open_chain(vdi_chain["branch"], flags=OpenFlags.READ_ONLY) as d:
+        assert d.image(1).parent_uuid == new and d.image(0).location == vdi_chain["base"]
+    with Disk.open_chain(twin, flags=OpenFlags.READ_ONLY) as d:
+        assert d.image(0).uuid == old
+
+
+def test_duplicate_shown_in_tree_and_fixed_from_details(qtbot, window, vdi_chain, tmp_path):
+    from PySide6.QtCore import Qt
+    from vdgui.gui.models.media import COL_STATE
+    twin = _twin(vdi_chain, tmp_path)
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
+    base = window.model.node(vdi_chain["base"])
+    assert base.state_text() == "Available"
+    window.add_paths([twin], sync=True)              # the copy marks the original too
+    base, copy = window.model.node(vdi_chain["base"]), window.model.node(twin)
+    assert base.state_text() == copy.state_text() == "Duplicate UUID"
+    idx = window.model.index_for(copy, COL_STATE)
+    tip = window.model.data(idx, Qt.ToolTipRole)
+    assert "Duplicate UUID" in tip and vdi_chain["base"] in tip and "Give a new UUID" in tip
+    assert window.model.node(vdi_chain["snap1"]).state_text() == "Differencing"
+    window.select_paths([vdi_chain["base"]])
+    d = window.details
+    assert not d.dup_box.isHidden() and d.new_uuid_button.isEnabled()
+    asked = []
+    window.confirm = lambda *a: (asked.append(a[1]), (True, False))[1]
+    started = []
+    window.queue.jobAdded.connect(started.append)
+    d.new_uuid_button.click()
+    assert asked and "snap1.vdi" in asked[0] and "branch.vdi" in asked[0]
+    (job,) = [j for j in started if j.kind == "new_uuid"]
+    ok(qtbot, job)
+    qtbot.waitUntil(lambda: window.model.node(twin).state_text() == "Available", timeout=5000)
+    assert window.model.node(vdi_chain["base"]).record.uuid == job.result
+    assert window.model.node(vdi_chain["base"]).state_text() == "Available"
+    for p in ("snap1", "snap2", "branch"):
+        n = window.model.node(vdi_chain[p])
+        assert n.accessible and n.state_text() == "Differencing", n.record.error
+    with Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as disk:
+        assert str(disk.image(1).parent_uuid) == job.result
+    window.select_paths([vdi_chain["base"]])
+    assert d.dup_box.isHidden()

@@ -16,7 +16,7 @@ import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
 from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, format_size,
-                      get_backend, move_refusal)
+                      get_backend, give_new_uuid, mark_duplicates, move_refusal)
 
 from . import actions
 from .actions import SPECS, Context
@@ -232,6 +232,7 @@ class MainWindow(QMainWindow):
         self.details.setObjectName("details")
         self.details.setAccessibleName("Image details")
         self.details.applyRequested.connect(self.apply_details)
+        self.details.newUuidRequested.connect(self.new_uuid)
         self.details.propertiesSaved.connect(self.save_properties)
         self.splitter = QSplitter(Qt.Horizontal)
         self.splitter.setObjectName("mainSplitter")
@@ -462,6 +463,8 @@ class MainWindow(QMainWindow):
             self.model.set_records(recs)
         else:
             self.model.update_records(recs)
+        # duplicate UUIDs across everything listed (a new copy also marks the image it copies)
+        self.model.refresh_paths(mark_duplicates(self.model.records(), self.library))
         self._after_records()
         self._prompt_missing_secrets(recs)
 
@@ -1074,6 +1077,36 @@ class MainWindow(QMainWindow):
         if "location" in changes:
             out.append(self.start_move(node, changes["location"]))
         return [j for j in out if j is not None]
+
+    def new_uuid(self, node) -> Job | None:
+        """Give ``node`` (one of several images sharing a UUID) a new UUID; the images that
+        depend on it are relinked to it."""
+        kids = [c.path for c in node.children]
+        rec = node.record
+        text = (f"Give <b>{html.escape(node.name)}</b> a new UUID?<br><br>Its UUID {rec.uuid} is "
+                "also the UUID of:<br>" + "<br>".join(f"&nbsp;&nbsp;• {html.escape(p)}"
+                                                      for p in rec.duplicates[:10])
+                + "<br><br>Those keep it. The data of every image stays as it is.")
+        if kids:
+            text += (f"<br><br>{len(kids)} differencing image(s) depend on {html.escape(node.name)}"
+                     " and get their parent link updated: "
+                     + ", ".join(html.escape(c.name) for c in node.children[:10]) + ".")
+        text += ("<br><br>A virtual machine that attaches this image by its UUID must attach it "
+                 "again.")
+        ok, _ = self.confirm("Give a New UUID", text, "Give a new UUID", None)
+        if not ok:
+            return None
+        path, fmt, lib = node.path, rec.format, self.library
+        twins = list(rec.duplicates)
+
+        def fn(progress):
+            progress(0, 1)
+            new = give_new_uuid(path, children=kids, format=fmt, library=lib)
+            progress(1, 1)
+            return str(new)
+        job = Job(f"Give {node.name} a new UUID", fn, keys=[self.chain_key(node)],
+                  paths=[path, *kids], kind="new_uuid")
+        return self.start_job(job, lambda res: self._rescan([path, *kids, *twins]))
 
     def save_properties(self, node, values: dict) -> None:
         self.library.set_properties(node.path, values)

@@ -15,6 +15,7 @@ from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .progress import Progress, ProgressCallback
 from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
 from .ops.compact import compact
+from .ops.identity import give_new_uuid
 from .ops.merge import merge, merge_disk
 from .ops.repair import check
 from .ops.resize import resize
@@ -24,6 +25,7 @@ from .sizes import format_size, parse_size
 
 # the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
 _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
+         "mark_duplicates": "library",
          "read_virtualbox_registry": "library"}
 
 __all__ = [n for n in dir() if not n.startswith("_")] + list(_LAZY)

@@ -65,6 +65,7 @@ class ImageRecord:
     error_code: str | None = None
     bug: str | None = None                  # traceback when a backend failed unexpectedly
     scanned_at: float = 0.0
+    duplicates: list[str] = field(default_factory=list)   # other known images with this UUID
 
     @property
     def accessible(self) -> bool:
@@ -76,6 +77,46 @@ class ImageRecord:
             rest = self.path.split("://", 1)[1]
             return rest.split("@", 1)[-1]          # never show credentials
         return os.path.basename(self.path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Two names of one file (a link, another spelling): not a duplicate of itself."""
+    if is_network_location(a) or is_network_location(b):
+        return a == b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def mark_duplicates(records: list["ImageRecord"], library: "Library | None" = None) -> list[str]:
+    """Detect images that share one UUID (byte copies of one image: VirtualBox registers only
+    one of them, and a child's parent search by UUID may pick either). Sets each record's
+    ``duplicates`` to the other images with its UUID, among ``records`` and, with ``library``,
+    the library's other known images whose file exists. Returns the paths of the records whose
+    ``duplicates`` changed. Inaccessible images and images without a UUID take no part."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        if r.uuid and r.error is None:
+            groups.setdefault(r.uuid.lower(), []).append(r.path)
+    if library is not None:
+        with library._lock:
+            rows = library._db.execute("SELECT path, uuid FROM images WHERE uuid IS NOT NULL").fetchall()
+        known = {r.path for r in records}
+        for path, uid in rows:
+            g = groups.get(uid.lower())
+            if g is not None and path not in known and path not in g and os.path.isfile(path):
+                g.append(path)
+    changed = []
+    for r in records:
+        dup: list[str] = []
+        if r.uuid and r.error is None:
+            dup = sorted(p for p in groups.get(r.uuid.lower(), ())
+                         if p != r.path and not _same_file(p, r.path))
+        if dup != r.duplicates:
+            r.duplicates = dup
+            changed.append(r.path)
+    return changed
 
 
 def _device_for_extension(path: str) -> str:
@@ -424,6 +465,7 @@ class Library:
             self.remember(rec)
             out.append(rec)
             cur, fmt = rec.parent_path, None
+        mark_duplicates(out, self)
         return out
 
     def scan_all(self, progress=None) -> list[ImageRecord]:
@@ -444,6 +486,7 @@ class Library:
                         paths.append(r.path)
         if progress is not None:
             progress(len(paths), len(paths))
+        mark_duplicates(out, self)
         return out
 
     # -- VirtualBox media registry ----------------------------------------------------------

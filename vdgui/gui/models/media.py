@@ -101,6 +101,8 @@ class MediaNode:
             return "Inaccessible"
         if self.broken_ancestor() is not None:
             return "Parent inaccessible"
+        if self.record.duplicates:
+            return "Duplicate UUID"
         if self.record.is_diff:
             return "Differencing"
         return "Available"
@@ -170,6 +172,14 @@ class MediaModel(QAbstractItemModel):
             node.record = r
             idx = self.index_for(node)
             self.dataChanged.emit(idx, idx.siblingAtColumn(len(COLUMNS) - 1))
+
+    def refresh_paths(self, paths) -> None:
+        """Their records changed in place (e.g. duplicate marks): repaint their rows."""
+        for p in paths:
+            node = self._by_path.get(p)
+            if node is not None:
+                idx = self.index_for(node)
+                self.dataChanged.emit(idx, idx.siblingAtColumn(len(COLUMNS) - 1))
 
     def remove_paths(self, paths) -> None:
         paths = set(paths)
@@ -284,7 +294,8 @@ class MediaModel(QAbstractItemModel):
                 return format_icon(rec.device_type, rec.format)
             if col == COL_STATE and node.busy:
                 return icon("busy")
-            if col == COL_STATE and node.accessible and node.broken_ancestor() is not None:
+            if col == COL_STATE and node.accessible and (node.broken_ancestor() is not None
+                                                         or rec.duplicates):
                 return icon("warning")
         elif role == Qt.ToolTipRole:
             if not node.accessible:
@@ -295,6 +306,8 @@ class MediaModel(QAbstractItemModel):
             if bad is not None:
                 return (f"<b>Unusable</b>: it depends on {_html(bad.name)}, which is inaccessible:"
                         f"<br>{_html(bad.record.error)}")
+            if rec.duplicates:
+                return duplicate_text(rec)
             if col == COL_NAME:
                 tip = f"{_html(rec.path)}<br>UUID: {rec.uuid or '—'}"
                 if rec.parent_path:
@@ -319,6 +332,14 @@ class MediaModel(QAbstractItemModel):
         elif role == PATH_ROLE:
             return rec.path
         return None
+
+
+def duplicate_text(rec) -> str:
+    """What a duplicate UUID means, for a tooltip and the details pane."""
+    others = ", ".join(_html(p) for p in rec.duplicates[:5]) + (" …" if len(rec.duplicates) > 5 else "")
+    return (f"<b>Duplicate UUID</b> {_html(rec.uuid)}: also the UUID of {others}. VirtualBox "
+            "registers only one of them, and a differencing image may find the wrong one as its "
+            "parent. Select one and use <b>Give a new UUID</b> in the details pane.")
 
 
 def _html(text) -> str:

@@ -41,6 +41,7 @@ DEVICE_NAMES = {"hdd": "Hard disk", "optical": "Optical disc", "floppy": "Floppy
 class DetailsPane(QScrollArea):
     applyRequested = Signal(object, object)       # node, {"location"|"size"|"comment": value}
     propertiesSaved = Signal(object, object)      # node, {key: value}
+    newUuidRequested = Signal(object)             # node
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -80,6 +81,23 @@ class DetailsPane(QScrollArea):
         self.error_box.setStyleSheet("QLabel { background: #fff4d6; color: #5a3d00; border: 1px solid "
                                      "#e0b64a; border-radius: 4px; padding: 6px; }")
         lay.addWidget(self.error_box)
+
+        # duplicate UUID: say so, offer the way out
+        self.dup_box = QFrame()
+        self.dup_box.setObjectName("duplicateUuid")
+        self.dup_box.setStyleSheet("#duplicateUuid { background: #fff4d6; border: 1px solid "
+                                   "#e0b64a; border-radius: 4px; } QLabel { color: #5a3d00; }")
+        dl = QVBoxLayout(self.dup_box)
+        self.dup_text = QLabel()
+        self.dup_text.setWordWrap(True)
+        self.dup_text.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.new_uuid_button = QPushButton("Give a new UUID…")
+        self.new_uuid_button.setObjectName("newUuid")
+        self.new_uuid_button.clicked.connect(lambda: self.node is not None
+                                             and self.newUuidRequested.emit(self.node))
+        dl.addWidget(self.dup_text)
+        dl.addWidget(self.new_uuid_button, 0, Qt.AlignLeft)
+        lay.addWidget(self.dup_box)
 
         # editable attributes
         self.attr_box = QGroupBox("Attributes")
@@ -218,6 +236,7 @@ class DetailsPane(QScrollArea):
             self.head_sub.setText("Select an image in the list to see its details, or drop image "
                                   "files onto the window to add them.")
             self.error_box.setVisible(False)
+            self.dup_box.setVisible(False)
             self.props_box.setVisible(False)
             return
         rec = node.record
@@ -228,6 +247,13 @@ class DetailsPane(QScrollArea):
         self.error_box.setVisible(not node.accessible)
         if not node.accessible:
             self.error_box.setText(f"<b>Inaccessible.</b> {html.escape(rec.error or '')}")
+        self.dup_box.setVisible(bool(node.accessible and rec.duplicates))
+        if rec.duplicates:
+            from ..models.media import duplicate_text
+            self.dup_text.setText(duplicate_text(rec).replace(
+                " Select one and use <b>Give a new UUID</b> in the details pane.",
+                " Give this one a new UUID to tell them apart"
+                + (" (the images that depend on it are relinked to it)." if node.children else ".")))
         v = self.info
         v["format"].setText(rec.format or "unknown")
         v["variant"].setText(rec.variant.replace(",", ", ") or "—")
@@ -345,6 +371,11 @@ class DetailsPane(QScrollArea):
                           (self.comment, comment_r, "Description stored in the image")):
             w.setEnabled(r is None)
             w.setToolTip(r or tip)
+        uuid_r = comment_r
+        if uuid_r is None and n.busy is None and any(c.path in self.ctx.busy for c in n.children):
+            uuid_r = "An image that depends on it is busy"
+        self.new_uuid_button.setEnabled(uuid_r is None)
+        self.new_uuid_button.setToolTip(uuid_r or "Write a new random UUID into this image")
         self._edited()
 
     def changes(self) -> dict:
