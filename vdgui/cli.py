@@ -77,11 +77,7 @@ def _props(args, attr="property", file_attr="property_file") -> dict:
         k, sep, p = item.partition("=")
         if not sep or not k:
             raise CLIError(f"--{file_attr.replace('_', '-')} expects KEY=PATH, found {item!r}")
-        try:
-            with open(p, "rb") as f:
-                data = f.read(1 << 20)
-        except OSError as exc:
-            raise CLIError(f"{p}: cannot read property file: {exc.strerror or exc}") from None
+        data = vd.read_small_file(p, "property file")
         if data.endswith(b"\n"):
             data = data[:-1]
             if data.endswith(b"\r"):
@@ -93,6 +89,8 @@ def _props(args, attr="property", file_attr="property_file") -> dict:
 def _flags(args, base=vd.OpenFlags.NORMAL) -> vd.OpenFlags:
     if getattr(args, "allow_unsafe_paths", False):
         base |= vd.OpenFlags.ALLOW_UNSAFE_PATHS
+    if getattr(args, "force_share", False) and base.read_only:
+        base |= vd.OpenFlags.FORCE_SHARE
     return base
 
 
@@ -233,7 +231,9 @@ def cmd_info(args) -> int:
         _check_location(args.image, be)
         cfg = _config(be, props)
         with vd.Disk() as d:
-            d.open(args.image, be, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY), cfg)
+            # as qemu-img info: a shared lock (refused while a writer holds the image) unless -U
+            d.open(args.image, be, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY
+                                          | vd.OpenFlags.LOCK_SHARED), cfg)
             top = d.info(0)
     if args.json:
         _json(top)
@@ -337,7 +337,7 @@ def cmd_convert(args) -> int:
                       variant=_variant(args.variant),
                       new_size=_size(args.size) if args.size is not None else None,
                       keep_uuid=args.keep_uuid, as_chain=args.chain, src_config=src_cfg,
-                      dst_config=dst_cfg, progress=prog,
+                      dst_config=dst_cfg, progress=prog, force_share=args.force_share,
                       allow_unsafe_paths=bool(args.allow_unsafe_paths),
                       sync=args.cache != "unsafe")
     finally:
@@ -478,7 +478,7 @@ def cmd_check(args) -> int:
     prog = TtyProgress("check")
     try:
         report = check(args.image, format=be.name, repair=args.repair, dry_run=args.dry_run,
-                       progress=prog)
+                       progress=prog, force_share=args.force_share)
     finally:
         prog.close()
     if args.json:
@@ -663,8 +663,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    def force_share(p):
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="open without the shared lock, as qemu-img -U: works while another "
+                            "program writes the image (what is read may then be inconsistent)")
+
     p = sub.add_parser("info", parents=[common], help="show an image's metadata")
     p.add_argument("-f", "--format")
+    force_share(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--chain", action="store_true", help="every image of the chain, base first")
     props(p)
@@ -689,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
     p.add_argument("-f", "--format", help="source format (probed when absent)")
+    force_share(p)
     p.add_argument("-O", "--output-format", required=True)
     p.add_argument("--variant")
     p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
@@ -708,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", parents=[common], help="compare the content of two images")
     p.add_argument("-f", "--format", help="format of A")
+    force_share(p)
     p.add_argument("-F", "--b-format", help="format of B")
     p.add_argument("a")
     p.add_argument("b")
@@ -735,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common],
                        help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
     p.add_argument("-f", "--format")
+    force_share(p)
     p.add_argument("--repair", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -743,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("map", parents=[common], help="allocation runs and which image holds each")
     p.add_argument("-f", "--format")
+    force_share(p)
     p.add_argument("--json", action="store_true")
     props(p)
     p.add_argument("image")
@@ -750,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
     p.add_argument("-f", "--format")
+    force_share(p)
     p.add_argument("image")
     p.add_argument("--offset", required=True)
     p.add_argument("--length", required=True)

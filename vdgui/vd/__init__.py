@@ -10,6 +10,7 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      FileExists, ImageInUse, ImageNotFound, InvalidArgument, NetworkError,
                      NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage, TimeoutError,
                      UnknownFormat, UnsafePath, VDError, VDIOError)
+from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
 from .progress import Progress, ProgressCallback

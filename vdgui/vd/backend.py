@@ -7,6 +7,7 @@ objects. The GUI and CLI decide everything from these declarations, never from f
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -90,6 +91,24 @@ class OpenFlags(enum.IntFlag):
     HONOR_ZEROES = 1 << 2              # allocate blocks for all-zero writes too
     SKIP_CONSISTENCY_CHECKS = 1 << 3   # read-only opens only
     ALLOW_UNSAFE_PATHS = 1 << 4        # absolute / '..' / device names stored in images allowed
+    # locks (fileio's module docstring): read-write opens lock WRITE, read-only opens SHARED,
+    # INFO opens nothing - unless one of these says otherwise
+    FORCE_SHARE = 1 << 5               # qemu's -U: a read-only open that takes no lock
+    LOCK_EXCLUSIVE = 1 << 6            # hold and share nothing (the image is deleted/replaced)
+    LOCK_SHARED = 1 << 7               # an INFO open that still takes the SHARED lock
+
+    @property
+    def lock_mode(self):
+        from .fileio import LockMode
+        if self & OpenFlags.LOCK_EXCLUSIVE:
+            return LockMode.EXCLUSIVE
+        if not self.read_only:
+            return LockMode.WRITE
+        if self & OpenFlags.FORCE_SHARE:
+            return LockMode.NONE
+        if self & OpenFlags.INFO and not self & OpenFlags.LOCK_SHARED:
+            return LockMode.NONE
+        return LockMode.SHARED
 
     @property
     def read_only(self) -> bool:
@@ -184,6 +203,22 @@ class Backend:
     size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
     can_shrink: ClassVar[bool] = False               # RESIZE also to a smaller size
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
+
+    def __init_subclass__(cls, **kw):
+        """Every backend's ``open`` runs inside the lock context its flags ask for, so each file
+        it opens for the image is locked the same way (the one place locks are decided)."""
+        super().__init_subclass__(**kw)
+        op = cls.__dict__.get("open")
+        if op is None or getattr(op, "_locks_applied", False):
+            return
+
+        @functools.wraps(op)
+        def open(self, location, flags=OpenFlags.NORMAL, *args, **kwargs):
+            from .fileio import lock_context
+            with lock_context(OpenFlags(flags).lock_mode):
+                return op(self, location, flags, *args, **kwargs)
+        open._locks_applied = True
+        cls.open = open
 
     # -- declarations -----------------------------------------------------------------------
     def refusal(self, op: Operation, flags: "ImageFlags" = None) -> str | None:

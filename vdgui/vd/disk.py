@@ -102,11 +102,14 @@ class Disk:
                    flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None, *,
                    parent_flags: OpenFlags | None = None, library=None) -> "Disk":
         """Open ``location`` and every parent it names, base first. Parents open read-only
-        unless ``parent_flags`` says otherwise."""
+        unless ``parent_flags`` says otherwise; read-only opens take the shared lock (a parent
+        of an image opened for writing, too: nobody may write or resize it meanwhile), unless
+        FORCE_SHARE."""
         allow_unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         if parent_flags is None:
             parent_flags = OpenFlags.READ_ONLY | (flags & (OpenFlags.ALLOW_UNSAFE_PATHS |
-                                                            OpenFlags.SKIP_CONSISTENCY_CHECKS))
+                                                            OpenFlags.SKIP_CONSISTENCY_CHECKS |
+                                                            OpenFlags.FORCE_SHARE))
         # walk up with INFO opens to find the paths, then open for real base-first
         probe_flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         backend = get_backend(format) if format else probe(location)

@@ -75,8 +75,10 @@ def probe_input(path: str) -> ProbeInput:
             if name and os.path.isfile(os.path.join(path, name)):
                 target = os.path.join(path, name)
                 break
+    from .fileio import open_image_path
+    fd = open_image_path(target)       # never blocks: FIFOs, sockets, char devices refused
     try:
-        with open(target, "rb") as f:
+        with open(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)

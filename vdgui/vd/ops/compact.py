@@ -22,7 +22,7 @@ from typing import Callable
 from ..backend import Backend, OpenFlags, Operation
 from ..disk import Disk
 from ..errors import Cancelled, CorruptImage, NotSupported, VDError, VDIOError
-from ..fileio import ImageFile, temp_name
+from ..fileio import ImageFile, LockMode, lock_files, sweep_stale_temps, temp_name
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -90,30 +90,9 @@ def _copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int
         advance(done)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(path: str) -> None:
-    """Delete our own leftovers for ``path`` (``.<name>.vdgui-tmp-<pid>`` of dead processes)."""
-    d, b = os.path.split(os.path.abspath(path))
-    prefix = f".{b}.vdgui-tmp-"
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return
-    for n in names:
-        if n.startswith(prefix) and n[len(prefix):].isdigit():
-            pid = int(n[len(prefix):])
-            if pid != os.getpid() and not _pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(d, n))
+    """Delete our own leftovers of dead processes in ``path``'s folder (fileio's sweep)."""
+    sweep_stale_temps(os.path.dirname(os.path.abspath(path)))
 
 
 def finish(prog: Progress) -> None:
@@ -239,20 +218,25 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         if verify is not None:
             verify(img, prog.advance)
         stale = _stale_children(real, img)
-        img.close()
-        img = None
+        # the children relinked after the commit point are locked before it
+        kid_locks = lock_files([p for p, _be in stale], LockMode.WRITE)
         try:
-            fd = os.open(tmp, os.O_RDONLY)
+            img.close()
+            img = None
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            prog.check()                             # last moment to cancel
-            os.replace(tmp, real)                    # the commit point
-        except OSError as exc:
-            raise VDIOError(f"{path}: replacing the file failed: {exc.strerror or exc}") from None
-        fsync_dir(real)
-        _relink_children(real, backend, stale)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                prog.check()                         # last moment to cancel
+                os.replace(tmp, real)                # the commit point
+            except OSError as exc:
+                raise VDIOError(f"{path}: replacing the file failed: {exc.strerror or exc}") from None
+            fsync_dir(real)
+            _relink_children(real, backend, stale)
+        finally:
+            kid_locks.close()
         finish(prog)
         return True
     except BaseException as exc:

@@ -46,7 +46,7 @@ from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
-from ..fileio import start_writeback, syncing, unsynced
+from ..fileio import make_temp_dir, start_writeback, syncing, temp_dir_files, unsynced
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -420,16 +420,7 @@ def _link_into_place(pairs: list[tuple[str, str]], overwrite: bool) -> None:
 
 
 def _make_tempdir(dst_path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(dst_path))
-    if not os.path.isdir(folder):
-        raise ImageNotFound(f"{folder}: target folder does not exist")
-    name = f".{os.path.basename(dst_path)}.vdgui-tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    path = os.path.join(folder, name)
-    try:
-        os.mkdir(path, 0o700)
-    except OSError as exc:
-        raise VDIOError(f"{folder}: cannot create a temporary folder: {exc.strerror or exc}") from None
-    return path
+    return make_temp_dir(dst_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,13 +430,15 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                src_config: dict | None = None, dst_config: dict | None = None,
                progress: ProgressCallback | None = None, overwrite: bool = False,
                src_top: int | None = None, allow_unsafe_paths: bool = False,
-               sync: bool = True) -> list[str]:
+               sync: bool = True, force_share: bool = False) -> list[str]:
     """Copy (convert) the chain ending at ``src_path`` into a new image (VDCopyEx).
 
     Returns the locations of the images created, base first (one for a flattening copy). See the
     module docstring for sparseness, sizes, UUIDs, chain copies, target naming and safety.
     ``sync=False`` skips waiting for the disk (no fsync; qemu-img convert's default): the files
-    are complete and renamed into place as usual, but a power loss soon after may lose them."""
+    are complete and renamed into place as usual, but a power loss soon after may lose them.
+    The source chain is read under the shared lock (no one may write or resize it meanwhile)
+    unless ``force_share`` (qemu-img's -U)."""
     dst_backend = _backend(dst_format)
     variant = ImageFlags(variant)
     file_target = bool(dst_backend.caps & Cap.FILE)
@@ -458,6 +451,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         raise InvalidArgument(f"image size must be positive, found {new_size}")
 
     flags = OpenFlags.READ_ONLY | (OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)
+    if force_share:
+        flags |= OpenFlags.FORCE_SHARE
     src_be = _backend(src_format)
     with contextlib.nullcontext() if sync else unsynced(), \
             Disk.open_chain(src_path, src_be.name if src_be else None, flags, src_config) as src:
@@ -575,12 +570,8 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
         finally:
             t.close()
         # publish: every file the backend made, under the same relative name
-        pairs = []
-        for root, _dirs, files in os.walk(tmpdir):
-            for name in files:
-                p = os.path.join(root, name)
-                rel = os.path.relpath(p, tmpdir)
-                pairs.append((p, os.path.join(os.path.dirname(os.path.abspath(dst_path)), rel)))
+        pairs = [(p, os.path.join(os.path.dirname(os.path.abspath(dst_path)), rel))
+                 for p, rel in temp_dir_files(tmpdir)]
         for _tmp, final in pairs:
             d = os.path.dirname(final)
             if not os.path.isdir(d):

@@ -371,8 +371,13 @@ def merge(source_path: str, target_path: str, *, progress: ProgressCallback | No
     disk = Disk()
     opened: list[Image] = []
     try:
+        lo, hi = (t + 1, s) if forward else (s, t - 1)
         for i, (p, be) in enumerate(entries):
-            disk.open(p, be, OpenFlags.NORMAL if i == t else OpenFlags.READ_ONLY)
+            # locks: the target WRITE, the images merged away (deleted) EXCLUSIVE, the rest
+            # (parents of the target) SHARED - every one refused if another program holds it
+            disk.open(p, be, OpenFlags.NORMAL if i == t else
+                      OpenFlags.READ_ONLY | OpenFlags.LOCK_EXCLUSIVE if lo <= i <= hi else
+                      OpenFlags.READ_ONLY)
         for p, be in outside:
             c = be.open(p, OpenFlags.NORMAL, None)
             opened.append(c)

@@ -9,7 +9,7 @@ An image so damaged that it cannot be opened is reported as one "corrupt" proble
 from __future__ import annotations
 
 from ..backend import Backend, OpenFlags, Operation
-from ..errors import CorruptImage
+from ..errors import CorruptImage, InvalidArgument
 from ..image import CheckReport, Image, Problem
 from ..progress import Progress, ProgressCallback
 from .compact import _backend, finish, require_op, rewrite_in_copy
@@ -41,9 +41,13 @@ def _scaled(prog: Progress, start: int, span: int):
 
 
 def check(path: str, *, format: str | None = None, repair: bool = False, dry_run: bool = False,
-          progress: ProgressCallback | None = None) -> CheckReport:
+          progress: ProgressCallback | None = None, force_share: bool = False) -> CheckReport:
     """Check ``path``; with ``repair`` fix what the backend can (``dry_run``: only report what
-    would be fixed). Returns a CheckReport (exit_code 0 clean, 2 corrupt, 3 leaks only)."""
+    would be fixed). Returns a CheckReport (exit_code 0 clean, 2 corrupt, 3 leaks only).
+    The check reads under the shared lock unless ``force_share`` (qemu-img check -U)."""
+    if force_share and repair and not dry_run:
+        raise InvalidArgument(f"{path}: a repair writes the image: it cannot be combined with "
+                              "force-share (-U)")
     backend = _backend(path, format)
     require_op(backend, Operation.CHECK, path, "check")
     if repair:
@@ -52,7 +56,8 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     prog = Progress(progress, span * (2 if repair and not dry_run else 1))
     prog.start()
     try:
-        img = _open(backend, path, _RO_TRIES)
+        img = _open(backend, path, tuple(f | OpenFlags.FORCE_SHARE for f in _RO_TRIES)
+                    if force_share else _RO_TRIES)
     except CorruptImage as exc:
         if not (repair and not dry_run):
             finish(prog)
