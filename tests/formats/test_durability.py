@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -334,3 +335,88 @@ def test_relink_stopped_after_any_write_keeps_one_link(tmp_path, monkeypatch, fm
             assert got == new
             if len(bases) > 1:
                 assert os.path.samefile(parent, bases[1])
+
+
+# -- item 19: writes into cross-linked images are refused -------------------------------------
+def _crosslink(path, fmt, a: int, b: int) -> None:
+    """Make the table entry of block ``b`` name the block of entry ``a`` (both allocated)."""
+    import struct
+    img = get_backend(fmt).open(path, OpenFlags.READ_ONLY)
+    try:
+        if fmt == "VDI":
+            at, width, fmt_s = img.offset_blocks, 4, "<I"
+            val = img._map[a]
+        elif fmt == "VHD":
+            at, width, fmt_s = img.bat_offset, 4, ">I"
+            val = img.bat[a]
+        elif fmt == "Parallels":
+            at, width, fmt_s = 64, 4, "<I"
+            val = img.bat[a]
+        elif fmt == "QED":
+            at, width, fmt_s = img.l1[0], 8, "<Q"
+            val = img._load_l2(img.l1[0], 0)[a]
+        elif fmt == "QCOW2":
+            l2 = img.l1[0] & ((1 << 56) - 512)
+            at, width, fmt_s = l2, 8, ">Q"
+            val = img._load_l2(l2, "test")[a]
+        elif fmt == "VMDK":
+            ext = img.extents[0]
+            val = ext._gt(0)[a]
+            with open(path, "r+b") as fh:
+                for gd in (ext.gd, ext.rgd):
+                    fh.seek(gd[0] * 512 + 4 * b)
+                    fh.write(struct.pack("<I", val))
+            return
+    finally:
+        img.close()
+    with open(path, "r+b") as fh:
+        fh.seek(at + width * b)
+        fh.write(struct.pack(fmt_s, val))
+
+
+XLINK = ["VDI", "VHD", "Parallels", "QED", "QCOW2", "VMDK"]
+
+
+@pytest.mark.parametrize("fmt", XLINK)
+def test_writes_into_a_cross_linked_image_are_refused(tmp_path, fmt):
+    from vdgui.vd import CorruptImage
+    path = str(tmp_path / f"x.{EXT[fmt]}")
+    with Disk() as d:
+        d.create_base(path, 64 * MiB, fmt)
+        bs = d.top.block_size
+        for k in range(3):
+            d.write(k * bs, bytes([0x31 + k]) * bs)
+    _crosslink(path, fmt, 0, 2)
+    assert check(path, format=fmt).corrupt, "check must call the image corrupt"
+    before = Path(path).read_bytes()
+    for where in (0, 2 * bs, 1 * bs, 10 * bs):     # either block of the pair, another, a new one
+        with Disk() as d:
+            d.open(path, fmt)
+            with pytest.raises(CorruptImage, match="cross-linked"):
+                d.write(where, b"\x77" * 512)
+    assert Path(path).read_bytes() == before, "a refused write changed the file"
+    rep = check(path, format=fmt, repair=True)
+    assert rep.repaired
+    with Disk() as d:                               # repaired: writable again
+        d.open(path, fmt)
+        d.write(0, b"\x77" * 512)
+        assert d.read(0, 512) == b"\x77" * 512
+        assert d.read(2 * bs, 512) != b"\x77" * 512
+
+
+def test_qcow2_snapshot_sharing_is_not_a_cross_link(tmp_path, qemu):
+    """Clusters shared with an internal snapshot (refcount 2) are copied on write, by qemu and
+    by us: writes stay allowed, and the snapshot keeps its content."""
+    path = str(tmp_path / "s.qcow2")
+    qemu.img("create", "-f", "qcow2", path, "8M")
+    qemu.io("-c", "write -P 0x11 0 1M", path)
+    qemu.img("snapshot", "-c", "snap1", path)
+    with Disk() as d:
+        d.open(path, "QCOW2")
+        d.write(0, b"\x22" * 65536)
+    assert qemu.check(path).returncode == 0
+    r = qemu.io("-c", "read -P 0x22 0 64k", path)
+    assert "Pattern verification failed" not in r.stdout
+    qemu.img("snapshot", "-a", "snap1", path)
+    r = qemu.io("-c", "read -P 0x11 0 1M", path)
+    assert "Pattern verification failed" not in r.stdout

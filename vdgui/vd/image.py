@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .backend import Backend, DeviceType, ImageFlags
-from .errors import InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage
+from .errors import CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .geometry import Geometry
@@ -198,6 +198,16 @@ class Image:
     def _require_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyImage(f"{self.location}: image is opened read-only")
+
+    # set by a backend whose tables are cross-linked (two entries naming one block: a write
+    # through one would change what the other reads); data writes are then refused
+    write_refusal: str | None = None
+
+    def _refuse_cross_linked(self) -> None:
+        if self.write_refusal:
+            raise CorruptImage(f"{self.write_refusal} (cross-linked): a write would change both; "
+                               "writes are refused until check --repair fixes it",
+                               path=self.location)
 
     # -- metadata setters (vd.h VDSetUuid etc.) -------------------------------------------
     def _no_field(self, what: str):

@@ -28,3 +28,17 @@ def table_to_bytes(a: array, big_endian: bool = False) -> bytes:
     b = array(a.typecode, a)
     b.byteswap()
     return b.tobytes()
+
+
+def first_shared(targets) -> tuple[int, int, int] | None:
+    """Cross-link detection: the first value two references share, as ``(value, i, j)`` with
+    ``i < j`` indices into ``targets`` (one block or cluster number per reference), or None.
+    O(n); the common case (all distinct) is decided by one set at C speed."""
+    if len(set(targets)) == len(targets):
+        return None
+    seen: dict[int, int] = {}
+    for j, t in enumerate(targets):
+        i = seen.setdefault(t, j)
+        if i != j:
+            return t, i, j
+    return None

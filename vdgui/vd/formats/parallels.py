@@ -55,6 +55,7 @@ from ..fileio import ImageFile, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem
 from ..sparse import is_zero, split_blocks
+from ..tables import first_shared
 
 
 def _xml_escape(text: str) -> str:
@@ -118,6 +119,7 @@ class ParallelsImage(Image):
             if not self.read_only:
                 if self.dirty and not fresh:
                     self.repaired_on_open = self.check(repair=True)
+                self._find_cross_links()
                 self._set_inuse(INUSE_MAGIC)
         except BaseException:
             f.close()
@@ -219,6 +221,21 @@ class ParallelsImage(Image):
             self._write_header(flags=h.flags & ~FLAG_EMPTY)
             self.empty = False
 
+    def _find_cross_links(self) -> None:
+        """Two BAT entries (or one and the format extension) naming one cluster refuse writes,
+        as check calls them corrupt."""
+        self.write_refusal = None
+        idx = [i for i, e in enumerate(self.bat) if e]
+        refs = [self.bat[i] * self.mult for i in idx]
+        if self.ext_cluster:
+            idx.append(-1)
+            refs.append(self.ext_cluster)
+        hit = first_shared(refs)
+        if hit is not None:
+            off, a, b = hit
+            names = ["the format extension" if idx[k] < 0 else f"BAT[{idx[k]}]" for k in (a, b)]
+            self.write_refusal = f"{names[0]} and {names[1]} both name the cluster at {off:#x}"
+
     def _align_up(self, off: int) -> int:
         rel = max(off - self.data_off, 0)
         return self.data_off + -(-rel // self.block_size) * self.block_size
@@ -275,6 +292,7 @@ class ParallelsImage(Image):
         """``fill_below``: the image has layers below it (bundle snapshots); a new cluster is then
         completed from ``fill`` instead of reading as zeroes."""
         self._require_writable()
+        self._refuse_cross_linked()
         mv = memoryview(data)
         for idx, inner, pos, n in split_blocks(offset, len(data), self.block_size):
             piece = mv[pos - offset:pos - offset + n]
@@ -398,6 +416,7 @@ class ParallelsImage(Image):
         if fix:
             self.f.sync()
             self.dirty = False
+            self._find_cross_links()
         rep.repaired = any(p.repaired for p in rep.problems)
         if progress:
             progress(1, 1)

@@ -1093,6 +1093,34 @@ class Qcow2Image(Image):
         if not self._first_write_done:
             self._before_first_write()
 
+    _xlinks_checked = False
+
+    def _check_cross_links(self) -> None:
+        """Once, before the first data write: count every reference to every cluster (all L1/L2
+        tables, snapshots, bitmaps, refcount structures, as check does). A cluster referenced
+        more often than its refcount says is cross-linked: a write in place (refcount 1) would
+        change what the other reference reads. Clusters shared with a snapshot carry refcount
+        2 or more and are copied on write, as in qemu: not a cross-link."""
+        if self._xlinks_checked:
+            self._refuse_cross_linked()
+            return
+        self._xlinks_checked = True
+        if self.incompat & L.INCOMPAT_DATA_FILE:
+            return
+        counts, _ = self._count_refs([])
+        rt = self._load_rt()
+        for e in rt:
+            off = e & L.REFT_OFFSET_MASK
+            if off and not off % self.cs and off // self.cs < len(counts):
+                counts[off // self.cs] += 1
+        if max(counts, default=0) > 1:
+            for c, n in enumerate(counts):
+                if n > 1 and n > self.refcount(c):
+                    self.write_refusal = (f"cluster {c} (offset {c * self.cs:#x}) is referenced "
+                                          f"{n} times but its refcount is {self.refcount(c)}")
+                    break
+        self._refuse_cross_linked()
+
     def _l2_for_write(self, l1i: int) -> tuple[array, int]:
         """The L2 table of L1 index ``l1i``, allocated or copied so that it can be modified."""
         l1e = self.l1[l1i]
@@ -1151,6 +1179,7 @@ class Qcow2Image(Image):
 
     def write(self, offset, data, fill):
         self._check_write()
+        self._check_cross_links()
         self._mark_dirty(offset, len(data))
         mv = memoryview(data)
         end = offset + len(data)
@@ -1360,6 +1389,7 @@ class Qcow2Image(Image):
     # ------------------------------------------------------------------ discard
     def discard(self, offset, length, fill=None):
         self._check_write()
+        self._check_cross_links()
         self._mark_dirty(offset, length)
         cs = self.cs
         end = offset + length

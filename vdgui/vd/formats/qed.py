@@ -39,7 +39,7 @@ from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
-from ..tables import table_from_bytes, table_to_bytes
+from ..tables import first_shared, table_from_bytes, table_to_bytes
 
 MAGIC = b"QED\0"
 
@@ -298,6 +298,37 @@ class QedImage(Image):
                                     "repaired")
             self._set_need_check(False)
 
+    _xlinks_checked = False
+
+    def _find_cross_links(self) -> None:
+        """Once, before the first write: every cluster the header, the L1 table, the L2 tables
+        and their entries name (as check counts them); one named twice refuses writes."""
+        self._xlinks_checked = True
+        cs = self.cs
+        fsize = self.f.size()
+        tclu = self.table_bytes // cs
+        refs = list(range(self.header_clusters))
+        where = [0] * len(refs)             # file offset of the entry naming it (0: header)
+        refs += range(self.l1_offset // cs, self.l1_offset // cs + tclu)
+        where += [0] * tclu
+        for i, off in enumerate(self.l1):
+            if not off or off % cs or off + self.table_bytes > fsize:
+                continue                    # invalid entries: refused where they are used
+            refs += range(off // cs, off // cs + tclu)
+            where += [self.l1_offset + 8 * i] * tclu
+            tbl = _le_array(self.f.pread(off, self.table_bytes))
+            for j, e in enumerate(tbl):
+                if e > CLUSTER_ZERO and self._valid_cluster(e):
+                    refs.append(e // cs)
+                    where.append(off + 8 * j)
+        hit = first_shared(refs)
+        if hit is not None:
+            c, a, b = hit
+            names = ["the header or the L1 table" if where[k] == 0 else
+                     f"the table entry at {where[k]:#x}" for k in (a, b)]
+            self.write_refusal = (f"cluster {c} (offset {c * cs:#x}) is named by {names[0]} and "
+                                  f"by {names[1]}")
+
     def _set_need_check(self, on: bool) -> None:
         new = (self.features | F_NEED_CHECK) if on else (self.features & ~F_NEED_CHECK)
         if new == self.features:
@@ -337,6 +368,9 @@ class QedImage(Image):
 
     def write(self, offset, data, fill):
         self._require_writable()
+        if not self._xlinks_checked:
+            self._find_cross_links()
+        self._refuse_cross_linked()
         mv = memoryview(data)
         cs = self.cs
         pos = offset
@@ -729,6 +763,8 @@ class QedImage(Image):
                 self.fsize = last * cs
                 self.end_cluster = last
             self.f.sync()
+            self._xlinks_checked = False
+            self.write_refusal = None
             for p in problems:
                 if p.severity == "corrupt" or (p.offset is not None and p.offset >= last * cs):
                     p.repaired = True

@@ -32,6 +32,7 @@ from ..geometry import Geometry, vbox_lchs, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
 from ..sparse import is_zero, nonzero_runs, zeroes
+from ..tables import first_shared
 from . import vdi_layout as L
 
 _FREE = L.BLOCK_FREE
@@ -268,7 +269,14 @@ class VdiImage(Image):
         limit = self._file_blocks()
         used = [v for v in self._map if v < _ZERO]
         top = max(used, default=-1)
-        if top < limit and len(set(used)) == len(used):    # the common, healthy case
+        shared = first_shared(used)
+        self.write_refusal = None
+        if shared is not None:
+            v = shared[0]
+            i = self._map.index(v)
+            j = self._map.index(v, i + 1)
+            self.write_refusal = f"block map entries {i} and {j} both point to file block {v}"
+        if top < limit and shared is None:     # the common, healthy case
             self._bad = set()
             self._next = max(self.allocated, top + 1)
             return
@@ -406,6 +414,7 @@ class VdiImage(Image):
 
     def write(self, offset, data, fill):
         self._require_writable()
+        self._refuse_cross_linked()
         self._write(offset, memoryview(data).cast("B"), fill, honor=self.honor_zeroes)
 
     def _write(self, offset, mv, fill, honor: bool) -> None:
@@ -897,6 +906,7 @@ class VdiImage(Image):
 
     def discard(self, offset, length, fill=None):
         self._require_writable()
+        self._refuse_cross_linked()
         if self._bad:
             raise CorruptImage("the block map is damaged; repair the image before discarding",
                                path=self.location)

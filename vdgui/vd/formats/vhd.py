@@ -482,6 +482,7 @@ class VhdImage(Image):
     def _scan_blocks(self, fsize: int, end_len: int) -> None:
         """Validate BAT entries: inside the file, clear of metadata and of each other."""
         self._bad = {}
+        self.write_refusal = None
         self._intersects_footer: list[int] = []
         meta = self._meta_regions()
         used_end = max(e for _s, e, _n in meta)
@@ -510,6 +511,8 @@ class VhdImage(Image):
             if start < prev_end:
                 self._bad[idx] = (f"BAT entry {idx} (block at {start:#x}) overlaps the block of "
                                   f"BAT entry {prev_idx}")
+                self.write_refusal = self.write_refusal or \
+                    f"BAT entries {prev_idx} and {idx} name overlapping blocks (at {start:#x})"
                 continue
             prev_end, prev_idx = end, idx
             used_end = max(used_end, end)
@@ -664,6 +667,7 @@ class VhdImage(Image):
 
     def write(self, offset, data, fill):
         self._require_writable()
+        self._refuse_cross_linked()
         if self.is_fixed:
             self.f.pwrite(offset, data)
             return

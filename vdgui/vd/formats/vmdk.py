@@ -58,6 +58,7 @@ from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem
 from ..progress import Progress
 from ..sparse import is_zero, split_blocks, zeroes
+from ..tables import first_shared
 from .vmdk_descriptor import (MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, ExtentLine,
                               build)
 
@@ -1057,6 +1058,9 @@ class VmdkImage(Image):
 
     def write(self, offset, data, fill):
         self._require_writable()
+        if not self._xlinks_checked and self._stream_temp is None:
+            self._find_cross_links()
+        self._refuse_cross_linked()
         if not self._cid_bumped and self._stream_temp is None:
             for ext, rel, n in self._pieces(offset, len(data)):
                 if not ext.writable:
@@ -1111,6 +1115,35 @@ class VmdkImage(Image):
                 self._stream_temp.abandon()
             elif stream is not None:
                 stream.close()
+
+    _xlinks_checked = False
+
+    def _find_cross_links(self) -> None:
+        """Once, before the first write: two grain table entries of one sparse extent naming
+        the same grain (check: "cross-linked") refuse writes."""
+        self._xlinks_checked = True
+        for ext in self.extents:
+            if not isinstance(ext, SparseExtent) or not ext.writable:
+                continue
+            refs: list[int] = []
+            where: list[int] = []
+            for t in range(ext.n_gts):
+                try:
+                    gt = ext._gt(t)
+                except CorruptImage:
+                    continue                # refused where it is used
+                if gt is None:
+                    continue
+                for i, v in enumerate(gt):
+                    if v > 1:               # 0 unallocated, 1 zero grain
+                        refs.append(v)
+                        where.append(t * ext.gtes + i)
+            hit = first_shared(refs)
+            if hit is not None:
+                sec, a, b = hit
+                self.write_refusal = (f"{ext.f.path}: grains {where[a]} and {where[b]} both "
+                                      f"point to sector {sec}")
+                return
 
     def _mark_unclean(self, on: bool) -> None:
         """VMware's uncleanShutdown byte: set in every writable hosted sparse extent while this
