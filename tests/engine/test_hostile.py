@@ -142,3 +142,107 @@ def test_one_strong_claim_wins_over_weak_ones(tmp_path):
     scores = {b.name: s for s, b in registry.probe_scores(str(path))}
     assert scores["QCOW2"] == 60 and scores["VHD"] == 100
     assert probe(str(path)).name == "VHD"
+
+
+# -- item 12: check findings carry codes; repair keys on codes, never on the wording -------------
+
+def _problem_calls(tree):
+    import ast
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name == "Problem":
+                yield node
+
+
+def test_every_check_finding_has_a_code():
+    """Every Problem built by the engine names its code (a ProblemCode member), so that repair
+    and the CLI's --json never depend on the message text."""
+    import ast
+    import pathlib
+    import vdgui.vd as vd
+    from vdgui.vd import ProblemCode
+    codes = {v for k, v in vars(ProblemCode).items() if k.isupper()}
+    root = pathlib.Path(vd.__file__).parent
+    missing, seen = [], 0
+    for py in sorted(root.rglob("*.py")):
+        tree = ast.parse(py.read_text(), str(py))
+        for call in _problem_calls(tree):
+            seen += 1
+            kw = {k.arg: k.value for k in call.keywords}
+            if "code" not in kw:
+                missing.append(f"{py.relative_to(root)}:{call.lineno}")
+            elif isinstance(kw["code"], ast.Attribute) and \
+                    isinstance(kw["code"].value, ast.Name) and kw["code"].value.id == "ProblemCode":
+                assert kw["code"].attr in codes, f"{py}:{call.lineno}: unknown code"
+    assert seen > 30
+    assert not missing, f"Problem(...) without code=: {missing}"
+
+
+def _vhd_pair(tmp_path):
+    from vdgui.vd import Disk
+    base, child = str(tmp_path / "base.vhd"), str(tmp_path / "child.vhd")
+    with Disk() as d:
+        d.create_base(base, 4 * MiB, "VHD")
+        d.write(0, b"\x5a" * MiB)
+        d.flush()
+    with Disk.open_chain(base) as d:
+        d.create_diff(child, "VHD")
+        d.write(MiB, b"\xa5" * MiB)
+        d.flush()
+    return base, child
+
+
+def _reworded_repair(path):
+    """Open for writing, reword every finding found on open, repair: what gets fixed must not
+    depend on the words."""
+    from vdgui.vd import OpenFlags, get_backend
+    img = get_backend("VHD").open(path, OpenFlags.NORMAL, None)
+    try:
+        assert img._problems
+        for p in img._problems:
+            p.what = "reworded for people"
+        rep = img.check(repair=True)
+        assert rep.repaired
+    finally:
+        img.close()
+
+
+def test_vhd_repair_keys_on_codes_header_checksum(tmp_path):
+    from vdgui.vd import ProblemCode, check
+    from vdgui.vd.formats import vhd
+    base, _child = _vhd_pair(tmp_path)
+    with open(base, "r+b") as f:
+        footer = f.read(512)
+        hoff = struct.unpack_from(">Q", footer, 16)[0]
+        f.seek(hoff + vhd.HEADER_CHECKSUM_AT)
+        f.write(b"\xde\xad\xbe\xef")
+    rep = check(base)
+    assert [p.code for p in rep.problems] == [ProblemCode.HEADER_CHECKSUM]
+    _reworded_repair(base)
+    assert not check(base).problems
+
+
+def test_vhd_repair_keys_on_codes_parent_locator(tmp_path):
+    from vdgui.vd import ProblemCode, check
+    _base, child = _vhd_pair(tmp_path)
+    with open(child, "r+b") as f:
+        footer = f.read(512)
+        hoff = struct.unpack_from(">Q", footer, 16)[0]
+        f.seek(hoff + 576)                           # locator 0
+        loc = bytearray(f.read(24))
+        struct.pack_into(">Q", loc, 16, 1 << 40)     # data far past the end of the file
+        f.seek(hoff + 576)
+        f.write(loc)
+        # keep the header checksum right: only the locator is wrong
+        from vdgui.vd.formats import vhd
+        f.seek(hoff)
+        raw = f.read(1024)
+        f.seek(hoff)
+        f.write(vhd._with_checksum(raw, vhd.HEADER_CHECKSUM_AT))
+    rep = check(child)
+    assert ProblemCode.PARENT_LOCATOR in [p.code for p in rep.problems]
+    _reworded_repair(child)
+    rep = check(child)
+    assert ProblemCode.PARENT_LOCATOR not in [p.code for p in rep.problems], rep.problems

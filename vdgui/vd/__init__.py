@@ -12,7 +12,7 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      UnknownFormat, UnsafePath, VDError, VDIOError)
 from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
-from .image import Alloc, CheckReport, Image, ParentHint, Problem, Region
+from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .progress import Progress, ProgressCallback
 from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
 from .ops.compact import compact

@@ -67,17 +67,42 @@ class Region:
                 "data_form": self.data_form, "metadata_form": self.metadata_form}
 
 
+class ProblemCode:
+    """Stable codes of check findings, shared by every format. Repair decides what to fix from
+    the code (and the format's own record of where), never from the wording of ``what``, which
+    is for people and may change."""
+    OPEN_FAILED = "OPEN_FAILED"          # the image cannot be opened at all
+    HEADER_FIELD = "HEADER_FIELD"        # a header field holds an invalid value
+    HEADER_CHECKSUM = "HEADER_CHECKSUM"  # a header's checksum does not match its bytes
+    HEADER_COPY = "HEADER_COPY"          # a header's second copy missing, damaged or different
+    FOOTER = "FOOTER"                    # a footer (or its copy) missing, damaged or different
+    NOT_CLOSED = "NOT_CLOSED"            # the image was not closed cleanly (dirty/in-use flag)
+    LOG_PENDING = "LOG_PENDING"          # a journal holds changes not yet applied
+    PARENT_LOCATOR = "PARENT_LOCATOR"    # a parent locator's data is outside the file
+    ENTRY_INVALID = "ENTRY_INVALID"      # a table entry has reserved bits/unknown state/bad alignment
+    ENTRY_PAST_END = "ENTRY_PAST_END"    # a table entry points past the end of the file
+    OVERLAP = "OVERLAP"                  # data or a table overlaps metadata
+    CROSS_LINKED = "CROSS_LINKED"        # two entries point at one block/cluster
+    ALLOC_POINTER = "ALLOC_POINTER"      # the next-allocation count/offset lies below used data
+    REFCOUNT = "REFCOUNT"                # a stored reference count differs from the references
+    TABLE_MISMATCH = "TABLE_MISMATCH"    # two copies of a table (primary/redundant) disagree
+    EXTENT = "EXTENT"                    # an extent file is missing, short or aliases another
+    SUBCLUSTER = "SUBCLUSTER"            # a subcluster bitmap holds an invalid combination
+    LEAK = "LEAK"                        # space that nothing references
+
+
 @dataclass
 class Problem:
-    """One finding of a consistency check."""
+    """One finding of a consistency check. ``code`` is one of :class:`ProblemCode`."""
     severity: str          # "corrupt" or "leak"
     what: str              # human readable, names the structure and the location
     offset: int | None = None
     repaired: bool = False
+    code: str = ""
 
     def as_dict(self) -> dict:
-        return {"severity": self.severity, "what": self.what, "offset": self.offset,
-                "repaired": self.repaired}
+        return {"severity": self.severity, "code": self.code, "what": self.what,
+                "offset": self.offset, "repaired": self.repaired}
 
 
 @dataclass

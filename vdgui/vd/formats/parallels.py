@@ -53,7 +53,7 @@ from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported
 from ..fileio import ImageFile, resolve_stored_name, temp_name
 from ..geometry import Geometry
-from ..image import Alloc, CheckReport, Image, Problem
+from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
 from ..sparse import is_zero, split_blocks
 from ..tables import first_shared
 
@@ -357,7 +357,7 @@ class ParallelsImage(Image):
             rep.problems.extend(self.repaired_on_open.problems)
         if self.dirty:
             rep.problems.append(Problem("corrupt", "image was not closed cleanly (in_use flag set)",
-                                        44, repaired=fix))
+                                        44, repaired=fix, code=ProblemCode.NOT_CLOSED))
         seen: dict[int, int] = {}
         dups: list[int] = []
         high = self.data_off
@@ -369,18 +369,21 @@ class ParallelsImage(Image):
                 continue
             off = e * self.mult
             where = HEADER_SIZE + 4 * idx
-            bad = None
+            bad = code = None
             align = self.block_size if self.ext else SECTOR
             if off < self.data_off or (off - self.data_off) % align:
                 bad = f"BAT[{idx}]: cluster offset {off:#x} is outside or misaligned in the " \
                       "data area"
+                code = ProblemCode.ENTRY_INVALID
             elif off + self.block_size > self.file_len:
                 bad = f"BAT[{idx}]: cluster offset {off:#x} lies past the end of the file " \
                       f"({self.file_len} bytes)"
+                code = ProblemCode.ENTRY_PAST_END
             elif idx >= -(-self.size // self.block_size):
                 bad = f"BAT[{idx}]: entry beyond the disk size is allocated"
+                code = ProblemCode.ENTRY_INVALID
             if bad:
-                rep.problems.append(Problem("corrupt", bad, where, repaired=fix))
+                rep.problems.append(Problem("corrupt", bad, where, repaired=fix, code=code))
                 if fix:
                     self.bat[idx] = 0
                     self.f.pwrite(where, bytes(4))
@@ -388,7 +391,8 @@ class ParallelsImage(Image):
             if off in seen:
                 other = "the format extension" if seen[off] < 0 else f"BAT[{seen[off]}]"
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: cluster at {off:#x} is also "
-                                            f"used by {other}", where, repaired=fix))
+                                            f"used by {other}", where, repaired=fix,
+                                            code=ProblemCode.CROSS_LINKED))
                 dups.append(idx)
                 continue
             seen[off] = idx
@@ -408,7 +412,7 @@ class ParallelsImage(Image):
                 self.file_len = max(self.file_len, high)
         if self.file_len > high and not dups:
             rep.problems.append(Problem("leak", f"{self.file_len - high} bytes past the last used "
-                                        "cluster", high, repaired=fix))
+                                        "cluster", high, repaired=fix, code=ProblemCode.LEAK))
             if fix:
                 self.f.truncate(high)
                 self.file_len = high

@@ -44,7 +44,7 @@ from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
                       UnsafePath, VDError)
 from ..fileio import ImageFile, relative_name, resolve_stored_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
@@ -1749,7 +1749,8 @@ class Qcow2Image(Image):
             first, last = off // cs, (off + length - 1) // cs
             if last >= file_clusters:
                 problems.append(Problem("corrupt", f"{what} at {off:#x} lies past the end of the "
-                                        f"file ({self.fsize} bytes)", off))
+                                        f"file ({self.fsize} bytes)", off,
+                                        code=ProblemCode.ENTRY_PAST_END))
                 return False
             for c in range(first, last + 1):
                 counts[c] += 1
@@ -1768,7 +1769,8 @@ class Qcow2Image(Image):
                 l1 = _be_array(self.f.read_exact(s["l1_table_offset"], s["l1_size"] * 8,
                                                  f"snapshot {s['id']} L1 table"))
             except CorruptImage as exc:
-                problems.append(Problem("corrupt", str(exc), s["l1_table_offset"]))
+                problems.append(Problem("corrupt", str(exc), s["l1_table_offset"],
+                                        code=ProblemCode.ENTRY_PAST_END))
                 continue
             l1_tables.append((s["l1_table_offset"], s["l1_size"], False, l1))
         data_file = bool(self.incompat & L.INCOMPAT_DATA_FILE)
@@ -1782,17 +1784,20 @@ class Qcow2Image(Image):
                 off = l1e & L.L1E_OFFSET_MASK
                 if l1e & L.L1E_RESERVED_MASK and active:
                     problems.append(Problem("corrupt", f"L1 entry {i} has reserved bits set: "
-                                            f"{l1e:#x}", self.l1_offset + 8 * i))
+                                            f"{l1e:#x}", self.l1_offset + 8 * i,
+                                            code=ProblemCode.ENTRY_INVALID))
                     fixes.append(("l1", i, l1e & ~L.L1E_RESERVED_MASK))
                 if not off:
                     if l1e & ~L.L1E_RESERVED_MASK and active:
                         problems.append(Problem("corrupt", f"L1 entry {i} = {l1e:#x} has flags "
-                                                "but no L2 table offset", self.l1_offset + 8 * i))
+                                                "but no L2 table offset", self.l1_offset + 8 * i,
+                                                code=ProblemCode.ENTRY_INVALID))
                         fixes.append(("l1", i, 0))
                     continue
                 if off % cs:
                     problems.append(Problem("corrupt", f"L1 entry {i}: L2 table offset {off:#x} "
-                                            "not cluster aligned", off))
+                                            "not cluster aligned", off,
+                                            code=ProblemCode.ENTRY_INVALID))
                     if active:
                         fixes.append(("l1", i, 0))
                     continue
@@ -1810,7 +1815,8 @@ class Qcow2Image(Image):
                         coff, csize = self._compressed_range(e)
                         if coff + csize > self.fsize + 512 or coff >= self.fsize:
                             problems.append(Problem("corrupt", f"compressed cluster at {coff:#x} "
-                                                    "lies past the end of the file", coff))
+                                                    "lies past the end of the file", coff,
+                                                    code=ProblemCode.ENTRY_PAST_END))
                             if active:
                                 fixes.append(("l2", off, j, 0))
                             continue
@@ -1821,7 +1827,8 @@ class Qcow2Image(Image):
                         continue
                     if e & L.L2E_STD_RESERVED_MASK:
                         problems.append(Problem("corrupt", f"L2 table at {off:#x} entry {j} has "
-                                                f"reserved bits set: {e:#x}", off))
+                                                f"reserved bits set: {e:#x}", off,
+                                                code=ProblemCode.ENTRY_INVALID))
                         if active:
                             fixes.append(("l2", off, j, e & ~L.L2E_STD_RESERVED_MASK))
                     host = e & L2E_MASK
@@ -1829,7 +1836,8 @@ class Qcow2Image(Image):
                         continue
                     if host % cs:
                         problems.append(Problem("corrupt", f"L2 table at {off:#x} entry {j}: "
-                                                f"cluster offset {host:#x} not aligned", host))
+                                                f"cluster offset {host:#x} not aligned", host,
+                                                code=ProblemCode.ENTRY_INVALID))
                         if active:
                             fixes.append(("l2", off, j, 0))
                         continue
@@ -1847,7 +1855,8 @@ class Qcow2Image(Image):
             return
         d_off, d_size = ext["bitmap_directory_offset"], ext["bitmap_directory_size"]
         if d_size > (64 << 20) or d_off % self.cs:
-            problems.append(Problem("corrupt", "bitmap directory invalid", d_off))
+            problems.append(Problem("corrupt", "bitmap directory invalid", d_off,
+                                    code=ProblemCode.ENTRY_INVALID))
             return
         if not add(d_off, d_size, "bitmap directory"):
             return
@@ -1878,13 +1887,15 @@ class Qcow2Image(Image):
             off = rt[rti] & L.REFT_OFFSET_MASK
             if rt[rti] & L.REFT_RESERVED_MASK:
                 problems.append(Problem("corrupt", f"refcount table entry {rti} has reserved "
-                                        f"bits set: {rt[rti]:#x}", self.rt_offset + 8 * rti))
+                                        f"bits set: {rt[rti]:#x}", self.rt_offset + 8 * rti,
+                                        code=ProblemCode.ENTRY_INVALID))
                 bad_structure = True
             if not off:
                 continue
             if off % cs or off + cs > self.fsize:
                 problems.append(Problem("corrupt", f"refcount block {rti} at {off:#x} is invalid "
-                                        "(unaligned or past the end of the file)", off))
+                                        "(unaligned or past the end of the file)", off,
+                                        code=ProblemCode.ENTRY_INVALID))
                 bad_structure = True
                 continue
             refblocks[rti] = off
@@ -1906,10 +1917,12 @@ class Qcow2Image(Image):
                 continue
             if stored < want:
                 problems.append(Problem("corrupt", f"cluster {c} (offset {c * cs:#x}): "
-                                        f"refcount={stored} reference={want}", c * cs))
+                                        f"refcount={stored} reference={want}", c * cs,
+                                        code=ProblemCode.REFCOUNT))
             else:
                 problems.append(Problem("leak", f"cluster {c} (offset {c * cs:#x}) leaked: "
-                                        f"refcount={stored} reference={want}", c * cs))
+                                        f"refcount={stored} reference={want}", c * cs,
+                                        code=ProblemCode.LEAK))
         return bad_structure
 
     def _copied_problems(self, problems: list, counts, fixes: list) -> None:
@@ -1928,7 +1941,8 @@ class Qcow2Image(Image):
             want = rc(off // cs) == 1
             if bool(l1e & L.OFLAG_COPIED) != want:
                 problems.append(Problem("corrupt", f"OFLAG_COPIED L2 table: L1 entry {i} = "
-                                        f"{l1e:#x}, refcount {rc(off // cs)}", off))
+                                        f"{l1e:#x}, refcount {rc(off // cs)}", off,
+                                        code=ProblemCode.ENTRY_INVALID))
                 fixes.append(("l1", i, off | (L.OFLAG_COPIED if want else 0)))
             tbl = _be_array(self.f.pread(off, cs))
             step = 2 if self.extended_l2 else 1
@@ -1945,7 +1959,8 @@ class Qcow2Image(Image):
                 if bool(e & L.OFLAG_COPIED) != want:
                     problems.append(Problem("corrupt", f"OFLAG_COPIED data cluster: L2 table "
                                             f"{off:#x} entry {j} = {e:#x}, refcount "
-                                            f"{rc(host // cs)}", host))
+                                            f"{rc(host // cs)}", host,
+                                            code=ProblemCode.ENTRY_INVALID))
                     fixes.append(("l2", off, j, (e & ~(L.OFLAG_COPIED | L.L2E_STD_RESERVED_MASK))
                                   | (L.OFLAG_COPIED if want else 0)))
 

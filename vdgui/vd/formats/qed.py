@@ -35,7 +35,7 @@ from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..fileio import ImageFile, relative_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
@@ -706,7 +706,8 @@ class QedImage(Image):
             for c in range(first, first + n):
                 if used[c]:
                     problems.append(Problem("corrupt", f"{what} at {off:#x}: cluster {c} is "
-                                            "referenced more than once", off))
+                                            "referenced more than once", off,
+                                            code=ProblemCode.CROSS_LINKED))
                     fixes.append((entry_at, what))
                     return False
             for c in range(first, first + n):
@@ -724,7 +725,7 @@ class QedImage(Image):
             at = self.l1_offset + 8 * i
             if off % cs or off < self.header_clusters * cs or off + self.table_bytes > self.fsize:
                 problems.append(Problem("corrupt", f"L1 entry {i}: L2 table offset {off:#x} "
-                                        "invalid", off))
+                                        "invalid", off, code=ProblemCode.ENTRY_INVALID))
                 fixes.append((at, "L2 table"))
                 continue
             if not mark(off, tclu, f"L2 table (L1 entry {i})", at):
@@ -737,7 +738,8 @@ class QedImage(Image):
                 eat = off + 8 * j
                 if not self._valid_cluster(e):
                     problems.append(Problem("corrupt", f"L2 table {off:#x} entry {j}: data "
-                                            f"cluster offset {e:#x} invalid", e))
+                                            f"cluster offset {e:#x} invalid", e,
+                                            code=ProblemCode.ENTRY_INVALID))
                     fixes.append((eat, "data cluster"))
                     continue
                 mark(e, 1, f"data cluster (L2 table {off:#x} entry {j})", eat)
@@ -745,7 +747,7 @@ class QedImage(Image):
         leaks = [c for c in range(nclusters) if not used[c]]
         for c in leaks:
             problems.append(Problem("leak", f"cluster {c} (offset {c * cs:#x}) is not referenced",
-                                    c * cs))
+                                    c * cs, code=ProblemCode.LEAK))
         report = CheckReport(problems=problems)
         if repair and not dry_run and problems:
             fixed_entries = {at for at, _ in fixes if at >= 0}

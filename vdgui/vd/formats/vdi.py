@@ -29,7 +29,7 @@ from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, InvalidArgument, NotSupported, VDIOError
 from ..fileio import ImageFile
 from ..geometry import Geometry, vbox_lchs, vbox_pchs
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..sparse import is_zero, nonzero_runs, zeroes
 from ..tables import first_shared
@@ -959,22 +959,22 @@ class VdiImage(Image):
         prog = Progress(progress, max(1, self.blocks))
         prog.start()
 
-        def add(sev, what, off=None):
-            report.problems.append(Problem(sev, what, off, repaired=fix))
+        def add(sev, what, off, code):
+            report.problems.append(Problem(sev, what, off, repaired=fix, code=code))
 
         hdr_fix = False
         if self.header_disk_size % 512:
             add("corrupt", f"header field 'cbDisk' ({self.header_disk_size}) is not a multiple "
                            f"of 512; repair rounds it down to {self.size}",
-                self._offs["disk_size"])
+                self._offs["disk_size"], ProblemCode.HEADER_FIELD)
             hdr_fix = True
         if self.uuid is None:
             add("corrupt", "header field 'uuidCreate' is the null UUID; repair assigns a new one",
-                self._offs["uuid_create"])
+                self._offs["uuid_create"], ProblemCode.HEADER_FIELD)
             hdr_fix = True
         if self.modification_uuid is None:
             add("corrupt", "header field 'uuidModify' is the null UUID; repair assigns a new one",
-                self._offs["uuid_modify"])
+                self._offs["uuid_modify"], ProblemCode.HEADER_FIELD)
             hdr_fix = True
         limit = self._file_blocks()
         seen = bytearray(limit)
@@ -988,11 +988,13 @@ class VdiImage(Image):
             if v >= limit:
                 add("corrupt", f"block map entry {i} points to file block {v} at "
                                f"{self.offset_data + v * self._total:#x}, past the end of the "
-                               f"file ({limit} blocks fit); repair clears the entry", eoff)
+                               f"file ({limit} blocks fit); repair clears the entry", eoff,
+                    ProblemCode.ENTRY_PAST_END)
                 cleared.append(i)
             elif seen[v]:
                 add("corrupt", f"block map entry {i} points to file block {v}, which another "
-                               "entry already uses (cross-linked); repair clears the entry", eoff)
+                               "entry already uses (cross-linked); repair clears the entry", eoff,
+                    ProblemCode.CROSS_LINKED)
                 cleared.append(i)
             else:
                 seen[v] = 1
@@ -1002,21 +1004,22 @@ class VdiImage(Image):
         if self.allocated < top + 1:
             add("corrupt", f"header field 'cBlocksAllocated' is {self.allocated} but file blocks "
                            f"up to {top} are in use (new blocks would overwrite data); "
-                           f"repair sets it to {used}", self._offs["blocks_allocated"])
+                           f"repair sets it to {used}", self._offs["blocks_allocated"],
+                ProblemCode.ALLOC_POINTER)
         elif self.allocated > top + 1:
             add("leak", f"header field 'cBlocksAllocated' is {self.allocated} but only {used} "
                         f"blocks are in use; repair sets it to {used}",
-                self._offs["blocks_allocated"])
+                self._offs["blocks_allocated"], ProblemCode.LEAK)
         if holes > 0:
             add("leak", f"{holes} file block(s) below block {top} are not referenced by the "
-                        "map; repair compacts the data area", self.offset_data)
+                        "map; repair compacts the data area", self.offset_data, ProblemCode.LEAK)
         want = max(self.offset_data + (top + 1) * self._total,
                    self.offset_data + self.allocated * self._total,
                    self.offset_blocks + self.blocks * 4)
         fsize = self.f.size()
         if fsize > want:
             add("leak", f"{fsize - want} bytes after the last block are unused; repair "
-                        "truncates the file", want)
+                        "truncates the file", want, ProblemCode.LEAK)
         prog.set(self.blocks)
         if fix and report.problems:
             self._touch()

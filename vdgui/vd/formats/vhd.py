@@ -51,7 +51,7 @@ from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, Im
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
@@ -295,19 +295,19 @@ class VhdImage(Image):
             state = "damaged (bad checksum)" if end is not None else "missing"
             self._problems.append(Problem(
                 "corrupt", f"footer at the end of the file is {state}; the copy at offset 0 is used",
-                offset=fsize - end_len))
+                offset=fsize - end_len, code=ProblemCode.FOOTER))
         elif end is not None:
             footer = end
             self._problems.append(Problem(
                 "corrupt", "footer checksum is wrong (expected "
                 f"{checksum(FOOTER.build(end), FOOTER_CHECKSUM_AT):#010x}, found {end.checksum:#010x})",
-                offset=fsize - end_len))
+                offset=fsize - end_len, code=ProblemCode.FOOTER))
         elif head is not None:
             footer = head
             self.footer_from = "copy at offset 0"
             self._problems.append(Problem(
                 "corrupt", "footer at the end of the file is missing and the copy at offset 0 has a "
-                "wrong checksum; the copy is used", offset=0))
+                "wrong checksum; the copy is used", offset=0, code=ProblemCode.FOOTER))
         else:
             raise self._corrupt("no VHD footer (cookie 'conectix') at the end of the file or at "
                                 "offset 0", field="cookie", offset=max(fsize - FOOTER_SIZE, 0),
@@ -325,10 +325,10 @@ class VhdImage(Image):
             if FOOTER.build(head) != FOOTER.build(footer):
                 self._problems.append(Problem(
                     "corrupt", "the footer copy at offset 0 differs from the footer at the end",
-                    offset=0))
+                    offset=0, code=ProblemCode.FOOTER))
         elif head is None and self.disk_type != TYPE_FIXED:
             self._problems.append(Problem("corrupt", "the footer copy at offset 0 is missing or damaged",
-                                          offset=0))
+                                          offset=0, code=ProblemCode.FOOTER))
         self.uuid = uuidlib.UUID(bytes_le=bytes(footer.unique_id))
         if self.uuid.int == 0:
             self.uuid = None
@@ -386,7 +386,8 @@ class VhdImage(Image):
         if hdr.checksum != good:
             self._problems.append(Problem(
                 "corrupt", f"dynamic disk header checksum is wrong (expected {good:#010x}, found "
-                f"{hdr.checksum:#010x})", offset=hoff + HEADER_CHECKSUM_AT))
+                f"{hdr.checksum:#010x})", offset=hoff + HEADER_CHECKSUM_AT,
+                code=ProblemCode.HEADER_CHECKSUM))
         bs = hdr.block_size
         if bs < SECTOR or bs > MAX_BLOCK or bs & (bs - 1):
             raise self._corrupt("block size must be a power of two between 512 bytes and 256 MiB",
@@ -429,6 +430,7 @@ class VhdImage(Image):
 
     def _parse_parent(self, hdr, fsize: int) -> None:
         self.locators: list[tuple[str, str]] = []
+        self._bad_locators: set[int] = set()      # indexes repair clears (PARENT_LOCATOR)
         for i, loc in enumerate(hdr.locators):
             code = bytes(loc.code)
             if code == b"\x00\x00\x00\x00":
@@ -439,7 +441,8 @@ class VhdImage(Image):
                 self._problems.append(Problem(
                     "corrupt", f"parent locator {i} ({code!r}) data lies outside the file or is "
                     f"too long ({loc.data_length} bytes at {loc.data_offset:#x})",
-                    offset=self.header_offset + 576 + 24 * i))
+                    offset=self.header_offset + 576 + 24 * i, code=ProblemCode.PARENT_LOCATOR))
+                self._bad_locators.add(i)
                 continue
             if self.disk_type != TYPE_DIFF:
                 continue
@@ -483,6 +486,7 @@ class VhdImage(Image):
         """Validate BAT entries: inside the file, clear of metadata and of each other."""
         self._bad = {}
         self.write_refusal = None
+        self._bad_code: dict[int, str] = {}
         self._intersects_footer: list[int] = []
         meta = self._meta_regions()
         used_end = max(e for _s, e, _n in meta)
@@ -497,10 +501,12 @@ class VhdImage(Image):
             if end > fsize:
                 self._bad[idx] = (f"BAT entry {idx} points past the end of the file (block at "
                                   f"{start:#x}..{end:#x}, file size {fsize:#x})")
+                self._bad_code[idx] = ProblemCode.ENTRY_PAST_END
                 continue
             hit = next((n for s, en, n in meta if start < en and s < end), None)
             if hit:
                 self._bad[idx] = f"BAT entry {idx} (block at {start:#x}) overlaps the {hit}"
+                self._bad_code[idx] = ProblemCode.OVERLAP
                 continue
             if end > footer_at:
                 self._intersects_footer.append(idx)
@@ -513,6 +519,7 @@ class VhdImage(Image):
                                   f"BAT entry {prev_idx}")
                 self.write_refusal = self.write_refusal or \
                     f"BAT entries {prev_idx} and {idx} name overlapping blocks (at {start:#x})"
+                self._bad_code[idx] = ProblemCode.CROSS_LINKED
                 continue
             prev_end, prev_idx = end, idx
             used_end = max(used_end, end)
@@ -1094,13 +1101,10 @@ class VhdImage(Image):
         prog = Progress(progress, 4)
         prog.start()
         footer_fix = header_fix = False
-        bad_locators = []
-        for p in self._problems:
-            rep.problems.append(Problem(p.severity, p.what, p.offset))
-            if "locator" in p.what:
-                header_fix = True
-                bad_locators.append(p.what)
-            elif "dynamic disk header" in p.what:
+        bad_locators = set(getattr(self, "_bad_locators", ()))
+        for p in self._problems:                 # what to fix follows the codes, not the words
+            rep.problems.append(Problem(p.severity, p.what, p.offset, code=p.code))
+            if p.code in (ProblemCode.PARENT_LOCATOR, ProblemCode.HEADER_CHECKSUM):
                 header_fix = True
             else:
                 footer_fix = True
@@ -1108,15 +1112,16 @@ class VhdImage(Image):
         bat_fix: list[int] = []
         if not self.is_fixed:
             for idx, why in sorted(self._bad.items()):
-                rep.problems.append(Problem("corrupt", why, self.bat_offset + 4 * idx))
+                rep.problems.append(Problem("corrupt", why, self.bat_offset + 4 * idx,
+                                            code=self._bad_code[idx]))
                 bat_fix.append(idx)
             for idx in self._intersects_footer:
                 rep.problems.append(Problem(
                     "corrupt", f"the block of BAT entry {idx} runs into the footer",
-                    self.bat[idx] * SECTOR))
+                    self.bat[idx] * SECTOR, code=ProblemCode.OVERLAP))
                 footer_fix = True
             for off, _n, what in self._find_leaks():
-                rep.problems.append(Problem("leak", what, off))
+                rep.problems.append(Problem("leak", what, off, code=ProblemCode.LEAK))
         prog.advance(1)
         if fix and rep.problems:
             for idx in bat_fix:                      # BAT first, header next, footer last
@@ -1124,7 +1129,7 @@ class VhdImage(Image):
                 self._bitmaps.pop(idx, None)
             if header_fix:
                 for i, loc in enumerate(self.header.locators):
-                    if any(f"parent locator {i} " in w for w in bad_locators):
+                    if i in bad_locators:
                         loc.code, loc.data_space, loc.data_length, loc.data_offset = b"\0" * 4, 0, 0, 0
                 self._store_header()
             if not self.is_fixed:

@@ -61,7 +61,7 @@ from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..crc32c import crc32c
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage)
 from ..fileio import ImageFile, relative_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
 KiB = 1024
@@ -1289,13 +1289,16 @@ class VhdxImage(Image):
         fix = repair and not dry_run and not self.read_only
         if self.log_replayed:
             rep.problems.append(Problem("corrupt", "the log held changes that were not replayed; "
-                                        "replayed on open", self.hdr.log_offset, repaired=True))
+                                        "replayed on open", self.hdr.log_offset, repaired=True,
+                                        code=ProblemCode.LOG_PENDING))
         elif self.log_pending:
             rep.problems.append(Problem("corrupt", "the log holds changes that need to be "
-                                        "replayed", self.hdr.log_offset))
+                                        "replayed", self.hdr.log_offset,
+                                        code=ProblemCode.LOG_PENDING))
         for p in getattr(self, "header_problems", []):
             rep.problems.append(Problem("corrupt", p,
-                                        HEADER_OFFSETS[1 - self.hdr_slot], repaired=fix))
+                                        HEADER_OFFSETS[1 - self.hdr_slot], repaired=fix,
+                                        code=ProblemCode.HEADER_COPY))
         if fix and self.header_problems:
             self._update_header()
             self.header_problems = []
@@ -1318,7 +1321,8 @@ class VhdxImage(Image):
                     continue
                 if st != SB_PRESENT or not self.has_parent:
                     rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid sector bitmap "
-                                                f"state {st}", where, repaired=fix))
+                                                f"state {st}", where, repaired=fix,
+                                                code=ProblemCode.ENTRY_INVALID))
                     bad.append((idx, SB_NOT_PRESENT))
                     continue
                 need = length = MiB
@@ -1327,7 +1331,8 @@ class VhdxImage(Image):
                 blk = idx - idx // (self.cr + 1)
                 if st not in STATE_NAMES:
                     rep.problems.append(Problem("corrupt", f"BAT[{idx}]: invalid payload block "
-                                                f"state {st}", where, repaired=fix))
+                                                f"state {st}", where, repaired=fix,
+                                                code=ProblemCode.ENTRY_INVALID))
                     bad.append((idx, PAYLOAD_NOT_PRESENT))
                     continue
                 if st not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
@@ -1339,7 +1344,7 @@ class VhdxImage(Image):
             if off < MiB or off + need > self.file_len:
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} lies "
                                             f"outside the file ({self.file_len} bytes)", where,
-                                            repaired=fix))
+                                            repaired=fix, code=ProblemCode.ENTRY_PAST_END))
                 bad.append((idx, SB_NOT_PRESENT if is_sb else PAYLOAD_NOT_PRESENT))
                 continue
             spans.append((off, off + length, f"{what} (BAT[{idx}])", idx))
@@ -1349,7 +1354,7 @@ class VhdxImage(Image):
             if s1 < reach:
                 where = self.bat_offset + 8 * i1 if i1 is not None else None
                 rep.problems.append(Problem("corrupt", f"{n1} at {s1:#x} overlaps {reach_name}",
-                                            where))
+                                            where, code=ProblemCode.OVERLAP))
             if e1 > reach:
                 reach, reach_name = e1, n1
         if fix and bad:

@@ -55,7 +55,7 @@ from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, 
                       ParentMismatch, ReadOnlyImage, UnsafePath)
 from ..fileio import ImageFile, atomic_files, relative_name, resolve_stored_name
 from ..geometry import Geometry, vbox_pchs
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem
+from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..sparse import is_zero, split_blocks, zeroes
 from ..tables import first_shared
@@ -1560,7 +1560,8 @@ class VmdkImage(Image):
             if isinstance(e, FlatExtent) and not e.f.is_device and e.f.size() < e.base + e.length:
                 report.problems.append(Problem(
                     "corrupt", f"flat extent {e.path} is shorter than described "
-                    f"({e.f.size()} < {e.base + e.length} bytes)", None))
+                    f"({e.f.size()} < {e.base + e.length} bytes)", None,
+                    code=ProblemCode.EXTENT))
         for e in sparse:
             if e.header is not None and not e.compressed:
                 self._check_tail(e, report, fix and e.writable)
@@ -1597,7 +1598,7 @@ class VmdkImage(Image):
         if size > end:
             report.problems.append(Problem(
                 "leak", f"{e.path}: {size - end} bytes after the last referenced grain or table "
-                f"are not used", end, fix))
+                f"are not used", end, fix, code=ProblemCode.LEAK))
             if fix:
                 e.f.truncate(end)
                 e.file_size = end
@@ -1623,8 +1624,8 @@ class VmdkImage(Image):
             glen = max(min(e.grain, e.length - idx * e.grain), SECTOR)
             return v * SECTOR + (12 if e.compressed else glen) <= size
 
-        def problem(what, off, repaired=False):
-            pr = Problem("corrupt", f"{path}: {what}", off, repaired)
+        def problem(what, off, code, repaired=False):
+            pr = Problem("corrupt", f"{path}: {what}", off, repaired, code=code)
             report.problems.append(pr)
             return pr
 
@@ -1642,16 +1643,19 @@ class VmdkImage(Image):
             pg = pr = None
             if not gok:
                 pg = problem(f"grain directory entry {t} points past the end of the file "
-                             f"(sector {g})", e.gd_sector * SECTOR + 4 * t)
+                             f"(sector {g})", e.gd_sector * SECTOR + 4 * t,
+                             ProblemCode.ENTRY_PAST_END)
             if not rok:
                 pr = problem(f"redundant grain directory entry {t} points past the end of the "
-                             f"file (sector {r})", e.rgd_sector * SECTOR + 4 * t)
+                             f"file (sector {r})", e.rgd_sector * SECTOR + 4 * t,
+                             ProblemCode.ENTRY_PAST_END)
             gt = _u32_array(e.f.pread(g * SECTOR, e.gt_bytes)) if gok and g else None
             rgt = _u32_array(e.f.pread(r * SECTOR, e.gt_bytes)) if r and rok else None
             if r is not None and gok and rok and (g == 0) != (r == 0):
                 which = "primary" if g == 0 else "redundant"
                 p = problem(f"grain directory entry {t}: the {which} copy is empty, the other "
-                            f"is not ({g} vs {r})", e.gd_sector * SECTOR + 4 * t)
+                            f"is not ({g} vs {r})", e.gd_sector * SECTOR + 4 * t,
+                            ProblemCode.TABLE_MISMATCH)
                 pg = pg or (p if g == 0 else None)
                 pr = pr or (p if r == 0 else None)
             if fix and pg is not None:          # rebuild the primary table from the redundant one
@@ -1694,14 +1698,17 @@ class VmdkImage(Image):
                     what = (f"grain table {t} entry {i} (grain {idx}) points past the end of the "
                             f"file or into metadata (sector {a})")
                     off = g * SECTOR + 4 * i
+                    code = ProblemCode.ENTRY_PAST_END
                 elif not bok:
                     what = (f"redundant grain table {t} entry {i} (grain {idx}) points past the "
                             f"end of the file or into metadata (sector {b})")
                     off = r * SECTOR + 4 * i
+                    code = ProblemCode.ENTRY_PAST_END
                 else:
                     what = (f"grain table {t} entry {i} (grain {idx}) differs from the redundant "
                             f"table ({a} vs {b})")
                     off = g * SECTOR + 4 * i
+                    code = ProblemCode.TABLE_MISMATCH
                 good = a if aok and a is not None else b if bok and b is not None else 0
                 if fix:
                     if gt is not None and gt[i] != good:
@@ -1710,7 +1717,7 @@ class VmdkImage(Image):
                     if rgt is not None and rgt[i] != good:
                         rgt[i] = good
                         changed_r = True
-                problem(what, off, fix)
+                problem(what, off, code, fix)
             if changed_g:
                 e.f.pwrite(g * SECTOR, _u32_bytes(gt))
             if changed_r:
@@ -1745,7 +1752,8 @@ class VmdkImage(Image):
                     e.file_size = max(e.file_size, e.next_free)
                     done = True
                 problem(f"grain table {t} entry {i} (grain {idx}) shares sector {v} with another "
-                        "grain (cross-linked)", (g or r or 0) * SECTOR + 4 * i, done)
+                        "grain (cross-linked)", (g or r or 0) * SECTOR + 4 * i,
+                        ProblemCode.CROSS_LINKED, done)
 
 
 # -- creation helpers --------------------------------------------------------------------------

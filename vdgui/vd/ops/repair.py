@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..backend import Backend, OpenFlags, Operation
 from ..errors import CorruptImage, InvalidArgument
-from ..image import CheckReport, Image, Problem
+from ..image import CheckReport, Image, Problem, ProblemCode
 from ..progress import Progress, ProgressCallback
 from .compact import _backend, finish, require_op, rewrite_in_copy
 
@@ -30,7 +30,7 @@ def _open(backend: Backend, path: str, tries) -> Image:
 
 def _unopenable(exc: CorruptImage) -> CheckReport:
     return CheckReport(problems=[Problem("corrupt", f"the image cannot be opened: {exc}",
-                                         exc.offset)])
+                                         exc.offset, code=ProblemCode.OPEN_FAILED)])
 
 
 def _scaled(prog: Progress, start: int, span: int):
