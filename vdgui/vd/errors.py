@@ -81,6 +81,12 @@ class ParentNotFound(VDError):
     code = "PARENT_NOT_FOUND"
 
 
+class ImageChanged(VDError):
+    """A file an operation opened is no longer the one at its path (deleted, renamed or replaced
+    meanwhile): nothing is relinked or deleted on its behalf."""
+    code = "IMAGE_CHANGED"
+
+
 class ScanIncomplete(VDError):
     """A folder scan (for the other differencing images of an image) could not look at every
     entry, or found one that cannot be relinked: an operation that would orphan it refuses."""

@@ -35,8 +35,8 @@ import stat
 import struct
 import threading
 
-from .errors import (CorruptImage, FileExists, ImageInUse, ImageNotFound, InvalidArgument,
-                     UnsafePath, VDIOError)
+from .errors import (CorruptImage, FileExists, ImageChanged, ImageInUse, ImageNotFound,
+                     InvalidArgument, UnsafePath, VDIOError)
 
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
@@ -524,6 +524,12 @@ class ImageFile:
         except OSError:
             return False
 
+    def check_in_place(self, what: str = "the operation") -> None:
+        """Raise ImageChanged unless ``path`` still names this open file (see
+        :func:`check_same_file`)."""
+        if self.fd >= 0:
+            check_same_file(self.path, self.fd, what)
+
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
@@ -575,6 +581,27 @@ def _libc_fallocate():
         except (OSError, AttributeError):
             _FALLOCATE.append(None)
     return _FALLOCATE[0]
+
+
+def check_same_file(path: str, fd: int, what: str = "the operation") -> None:
+    """Raise ImageChanged unless ``path`` still names the file open as ``fd`` (same st_dev and
+    st_ino): it was not deleted, renamed away or replaced since it was opened. Every operation
+    calls this for each file it opened right before it relinks or deletes anything, so that a
+    file changed under it is never relinked to, written over by a rename, or deleted."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageChanged(f"{path}: the file was deleted or renamed while {what} ran; nothing "
+                           "was relinked or deleted") from None
+    except OSError as exc:
+        raise _os_error(exc, path, "cannot check the file") from None
+    try:
+        fs = os.fstat(fd)
+    except OSError as exc:
+        raise _os_error(exc, path, "cannot check the open file") from None
+    if (st.st_dev, st.st_ino) != (fs.st_dev, fs.st_ino):
+        raise ImageChanged(f"{path}: the file was replaced by another one while {what} ran; "
+                           "nothing was relinked or deleted")
 
 
 # -- names stored inside images ---------------------------------------------------------------

@@ -171,6 +171,39 @@ class Image:
         files = self.files()
         return len(files) == 1 and real_path(files[0]) == real_path(self.location)
 
+    def open_files(self) -> list:
+        """The :class:`~vdgui.vd.fileio.ImageFile` objects this image holds open (its own, and
+        those of images or layers it holds), found among its attributes."""
+        from .fileio import ImageFile
+        out: list = []
+        seen: set[int] = set()
+
+        def walk(v, depth: int) -> None:
+            if id(v) in seen or depth > 3:
+                return
+            if isinstance(v, ImageFile):
+                seen.add(id(v))
+                out.append(v)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    walk(x, depth + 1)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    walk(x, depth + 1)
+            elif isinstance(v, Image) or hasattr(v, "__dict__") and depth == 1:
+                seen.add(id(v))
+                for x in vars(v).values():
+                    walk(x, depth + 1)
+        for v in vars(self).values():
+            walk(v, 1)
+        return out
+
+    def check_in_place(self, what: str = "the operation") -> None:
+        """Raise ImageChanged unless every file this image holds open is still the file at its
+        path (same device and inode): called before relinking or deleting anything."""
+        for f in self.open_files():
+            f.check_in_place(what)
+
     @property
     def file_size(self) -> int:
         total = 0

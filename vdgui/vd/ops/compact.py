@@ -230,6 +230,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
                 finally:
                     os.close(fd)
                 prog.check()                         # last moment to cancel
+                lock.check_in_place()  # the original was not deleted or replaced meanwhile
                 os.replace(tmp, real)                # the commit point
             except OSError as exc:
                 raise VDIOError(f"{path}: replacing the file failed: {exc.strerror or exc}") from None
@@ -296,6 +297,8 @@ def _relink_children(real: str, backend: Backend, stale: list[tuple[str, Backend
         for p, be in stale:
             kid = be.open(p, OpenFlags.NORMAL, None)
             try:
+                parent.check_in_place()
+                kid.check_in_place()
                 kid.set_parent(parent)
                 kid.flush()
             finally:

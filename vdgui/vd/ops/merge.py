@@ -24,8 +24,8 @@ from typing import Callable
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..chain import find_children, link_matches  # find_children: also imported from here
 from ..disk import Disk
-from ..errors import (Cancelled, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
-                      VDError)
+from ..errors import (Cancelled, ImageChanged, InvalidArgument, NotSupported, ParentMismatch,
+                      ReadOnlyImage, VDError)
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero, zeroes
@@ -122,8 +122,18 @@ def _runs_to_copy(disk: Disk, top: int, bottom: int, want: Callable[[int], bool]
 
 def _delete_image(img: Image) -> None:
     files = img.files()
+    held = {_real(f.path): f for f in img.open_files()}
+    keep = set()
+    for f in files:                   # a file replaced or removed meanwhile is not ours to delete
+        try:
+            if _real(f) in held:
+                held[_real(f)].check_in_place("the merge")
+        except ImageChanged:
+            keep.add(f)
     img.close()
     for f in files:
+        if f in keep:
+            continue
         try:
             os.unlink(f)
         except FileNotFoundError:
@@ -233,13 +243,17 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
             if readers is not None:
                 readers.close()
         target.flush()
+        # every file is still the one opened (not deleted, renamed or replaced meanwhile)
+        for img in [*disk.images, *children, *refresh]:
+            img.check_in_place("the merge")
         if not forward:               # the target's children: links naming its modification id
             _restore_links(disk, t, refresh)
         prog.check()                  # last chance to cancel: nothing has been relinked yet
-    except BaseException:
+    except BaseException as exc:
         try:
             target.flush()     # what was copied is complete on disk; the chain reads as before
-            _restore_links(disk, t, refresh)
+            if not isinstance(exc, ImageChanged):
+                _restore_links(disk, t, refresh)
         except VDError:
             pass
         raise
