@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 from typing import TYPE_CHECKING
 
 from .errors import (ImageNotFound, ParentMismatch, ParentNotFound, ScanIncomplete, UnsafePath,
                      VDError)
-from .fileio import real_path, resolve_stored_name
+from .fileio import is_temp_name, real_path, resolve_stored_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backend import Backend
@@ -18,7 +17,6 @@ MAX_CHAIN_DEPTH = 256
 _SCAN_LIMIT = 2000   # files looked at per folder when searching by UUID
 CHILD_SCAN_LIMIT = 100_000   # entries per folder the children scan looks at; more: refused
 _HEAD = 4096                 # bytes read of each entry to see whether it may be an image
-_OUR_TEMP = re.compile(r"^\..+\.vdgui-tmp-\d+$")   # our own temporaries, never user images
 
 
 def _within(root_real: str, path: str) -> bool:
@@ -197,7 +195,7 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
             problems.append(f"{d}: more than {CHILD_SCAN_LIMIT} entries; not all were examined")
             continue
         for n in sorted(names):
-            if _OUR_TEMP.match(n):
+            if is_temp_name(n):               # our own temporaries, never user images
                 continue
             p = os.path.join(d, n)
             try:
