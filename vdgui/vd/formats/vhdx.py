@@ -79,6 +79,9 @@ METADATA_TABLE_SIZE = 64 * KiB
 MAX_METADATA_ITEM = 1 * MiB
 MAX_LOG = 64 * MiB
 MAX_SIZE = 64 * TiB
+# the largest file a log replay may leave: the largest virtual size plus room for its metadata
+# (BAT, sector bitmaps, regions, log); a LastFileOffset beyond is damage, not a file to grow to
+MAX_FILE = MAX_SIZE + MAX_SIZE // 8
 LOG_SECTOR = 4 * KiB
 
 # -- GUIDs (MS-VHDX 2.4.1, 2.6.2) ------------------------------------------------------------
@@ -1521,11 +1524,35 @@ def _active_sequence(img: VhdxImage) -> list[_LogEntry]:
     return find_active_sequence(log, h.log_guid)
 
 
+def _replay_zero(img: VhdxImage, start: int, length: int) -> None:
+    """Make [start, start+length) read zero without writing more than the file already holds:
+    zeroes go only over the file's data runs (holes already read zero), and the part past the
+    end of the file is made by extending it (a hole). An attacker's zero descriptor as long as
+    its LastFileOffset then costs nothing (it used to write that many zero bytes)."""
+    size = img.f.size()
+    end = start + length
+    inside = min(end, size)
+    if inside > start:
+        runs = img.f.data_runs(start, inside - start)
+        for a, b, is_data in runs if runs is not None else [(start, inside, True)]:
+            pos = a
+            while is_data and pos < b:
+                k = min(4 * MiB, b - pos)
+                img.f.pwrite(pos, zeroes(k))
+                pos += k
+    if end > size:
+        img.f.truncate(end)
+
+
 def _replay(img: VhdxImage, seq: list[_LogEntry]) -> None:
     h = img.hdr
     if not seq:
         return                                  # nothing valid to replay: only clear the GUID
     head = seq[-1].hdr
+    if head.last_file_offset > MAX_FILE:
+        raise img._corrupt("log says the file ends past the largest possible VHDX file",
+                           field="LastFileOffset", offset=h.log_offset + seq[-1].pos,
+                           expected=f"<= {MAX_FILE}", found=head.last_file_offset)
     if img.file_len < head.flushed_file_offset:
         raise img._corrupt("file is shorter than the log says it was when flushed",
                            field="FlushedFileOffset", expected=f">= {head.flushed_file_offset}",
@@ -1544,11 +1571,7 @@ def _replay(img: VhdxImage, seq: list[_LogEntry]) -> None:
                                        field="ZeroLength", offset=h.log_offset + e.pos,
                                        expected=f"end <= {head.last_file_offset}",
                                        found=d.file_offset + d.zero_length)
-                done = 0
-                while done < d.zero_length:
-                    k = min(4 * MiB, d.zero_length - done)
-                    img.f.pwrite(d.file_offset + done, zeroes(k))
-                    done += k
+                _replay_zero(img, d.file_offset, d.zero_length)
             else:
                 data = bytes(d.leading_bytes) + bytes(e.sectors[si]) + bytes(d.trailing_bytes)
                 si += 1
