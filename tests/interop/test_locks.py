@@ -24,7 +24,7 @@ import time
 import pytest
 
 from vdgui import cli
-from vdgui.vd import Disk, ImageInUse, OpenFlags, compact, merge
+from vdgui.vd import Disk, ImageInUse, OpenFlags, compact, merge, move_image
 
 MiB = 1 << 20
 FORMATS = ["QCOW2", "VDI", "VMDK", "VHD"]
@@ -335,3 +335,18 @@ def test_compact_in_process_reads_and_writes_one_file(tmp_path):
         with Disk.open_chain(str(top), None, OpenFlags.NORMAL):
             with pytest.raises(ImageInUse):
                 Disk.open_chain(str(top), None, OpenFlags.NORMAL)
+
+
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_move_refused_while_qemu_holds(tmp_path, mode):
+    """A move renames (or copies and deletes) every file of the image: never one a program
+    holds open, even read-only."""
+    base, top = make_chain(tmp_path, "VDI")
+    (tmp_path / "elsewhere").mkdir()
+    with qemu_io_holder(base, mode):
+        for dst in (tmp_path / "elsewhere" / base.name, tmp_path / "renamed.vdi"):
+            with pytest.raises(ImageInUse):
+                move_image(str(base), str(dst))
+        assert base.exists() and top.exists() and not (tmp_path / "renamed.vdi").exists()
+    move_image(str(top), str(tmp_path / "top2.vdi"))
+    assert (tmp_path / "top2.vdi").exists() and not top.exists()

@@ -46,7 +46,8 @@ from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
-from ..fileio import make_temp_dir, start_writeback, syncing, temp_dir_files, unsynced
+from ..fileio import (LockMode, lock_files, make_temp_dir, start_writeback, syncing,
+                      temp_dir_files, unsynced)
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -724,7 +725,17 @@ def move_refusal(src_path: str, dst_path: str, *, format: str | Backend | None =
 def move_image(src_path: str, dst_path: str, *, progress: ProgressCallback | None = None,
                format: str | Backend | None = None, allow_unsafe_paths: bool = False) -> list[str]:
     """Move an image (every file of it) to ``dst_path``. Returns the new locations of its files
-    (the image itself first). Never replaces an existing file."""
+    (the image itself first). Never replaces an existing file. Every file of the image is held
+    under the exclusive lock meanwhile: one another program holds is not moved."""
+    be, files, _is_diff = _image_files(src_path, format, allow_unsafe_paths)
+    if not be.caps & Cap.FILE:
+        raise NotSupported(f"{be.name} images are not files and cannot be moved")
+    with lock_files(files, LockMode.EXCLUSIVE):
+        return _move_image(src_path, dst_path, progress=progress, format=format,
+                           allow_unsafe_paths=allow_unsafe_paths)
+
+
+def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_paths):
     be, files, is_diff = _image_files(src_path, format, allow_unsafe_paths)
     if not be.caps & Cap.FILE:
         raise NotSupported(f"{be.name} images are not files and cannot be moved")
