@@ -420,3 +420,38 @@ def test_qcow2_snapshot_sharing_is_not_a_cross_link(tmp_path, qemu):
     qemu.img("snapshot", "-a", "snap1", path)
     r = qemu.io("-c", "read -P 0x11 0 1M", path)
     assert "Pattern verification failed" not in r.stdout
+
+
+def _merge_case(tmp_path, points):
+    """The issue's merge repro: SIGKILL inside `vdgui-img merge snap2.vdi base.vdi` on a
+    three-level VDI chain must never leave base.vdi with a count below its blocks in use."""
+    paths = [str(tmp_path / n) for n in ("base.vdi", "snap1.vdi", "snap2.vdi")]
+    with Disk() as d:
+        d.create_base(paths[0], 64 * MiB, "VDI")
+        d.write(0, os.urandom(3 * MiB))
+        for k, p in enumerate(paths[1:], 1):
+            d.create_diff(p)
+            d.write(k * 8 * MiB, os.urandom(3 * MiB))
+    saved = {p: Path(p).read_bytes() for p in paths}
+    with Disk.open_chain(paths[2], "VDI", OpenFlags.READ_ONLY) as d:
+        want = bytes(d.read(0, 32 * MiB))
+    args = ["merge", paths[2], paths[0]]
+    calls = _write_syscalls(args)
+    for n in points(len(calls)):
+        for p, data in saved.items():
+            Path(p).write_bytes(data)
+        _kill_at(args, calls, n)
+        bad = _corruption("VDI", check(paths[0], format="VDI"))
+        assert not bad, f"merge killed at write {n}: {bad}"
+        top = paths[2] if os.path.exists(paths[2]) else paths[0]
+        with Disk.open_chain(top, "VDI", OpenFlags.READ_ONLY) as d:
+            assert bytes(d.read(0, 32 * MiB)) == want, f"merge killed at write {n}: content"
+
+
+def test_vdi_merge_kill_sample(tmp_path):
+    _merge_case(tmp_path, lambda k: [k // 3, 2 * k // 3])
+
+
+@pytest.mark.slow
+def test_vdi_merge_kill(tmp_path):
+    _merge_case(tmp_path, _spread(16))

@@ -153,6 +153,7 @@ class RawBackend(Backend):
                     pass   # file systems without fallocate: the sparse file reads the same
             if p.progress:
                 p.progress(p.size, p.size)
+            f.sync()                    # complete on disk before it appears under its name
             f.commit()
         except BaseException:
             f.abandon()

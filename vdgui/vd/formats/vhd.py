@@ -1269,6 +1269,7 @@ class VhdBackend(Backend):
                 img.size_rounded_from = p.size
             if p.progress:
                 p.progress(size, size)
+            f.sync()                    # complete on disk before it appears under its name
             f.commit()
             img.location = p.location
         except BaseException:
