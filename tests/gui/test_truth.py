@@ -192,3 +192,32 @@ def test_dialogs_check_the_folder_before_closing(qtbot, window, tmp_path):
     dlg.validate()
     assert dlg.ok.isEnabled(), dlg.messages.errors
     assert os.listdir(ok_dir) == []                     # the probe left nothing behind
+
+
+def test_panes_never_show_stale_data(qtbot, window, vdi_chain, tmp_path):
+    """Issue #13 item 5: Remove from List empties the details pane; an inaccessible image shows
+    no size carried over from the previous selection, and Reset stays disabled."""
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    window.select_paths([vdi_chain["base"]])
+    qtbot.waitUntil(lambda: window.details.node is not None
+                    and window.details.node.path == vdi_chain["base"], timeout=3000)
+    assert window.details.size.value() == 8 << 20
+    gone = tmp_path / "gone.vdi"
+    with Disk() as d:
+        d.create_base(str(gone), 3 << 30, "VDI")
+    window.add_paths([str(gone)], sync=True)
+    os.unlink(gone)
+    window.refresh()
+    qtbot.waitUntil(lambda: window.model.node(str(gone)) is not None
+                    and not window.model.node(str(gone)).accessible, timeout=10000)
+    window.select_paths([str(gone)])
+    qtbot.waitUntil(lambda: window.details.node is not None
+                    and window.details.node.path == str(gone), timeout=3000)
+    assert window.details.size.value() is None
+    assert not window.details.reset_button.isEnabled()
+    window.select_paths([vdi_chain["snap2"]])
+    qtbot.waitUntil(lambda: window.details.node is not None
+                    and window.details.node.path == vdi_chain["snap2"], timeout=3000)
+    window.remove_selected()
+    assert window.details.node is None
+    assert window.details.head_title.text() == "No image selected"

@@ -481,6 +481,8 @@ class MainWindow(QMainWindow):
         if n is not None:
             self.details.set_node(n, self.library.properties(n.path))
             self._request_allocation(n)
+        elif self.details.node is not None and self.model.node(self.details.node.path) is None:
+            self._selection_changed()   # rows removed: Qt sends no selectionChanged for that
         self.empty_hint.setVisible(not self.model.nodes())
         self.recordsChanged.emit()
 

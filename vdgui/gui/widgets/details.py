@@ -337,6 +337,8 @@ class DetailsPane(QScrollArea):
         self.comment.setText(n.record.comment or "")
         if n.record.virtual_size:
             self.size.setValue(n.record.virtual_size)
+        else:                  # unknown (an inaccessible image): nothing carried over
+            self.size.edit.clear()
         self._shown = self._values(n)
         b = n.backend
         if b is not None:
