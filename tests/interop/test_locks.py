@@ -350,3 +350,49 @@ def test_move_refused_while_qemu_holds(tmp_path, mode):
         assert base.exists() and top.exists() and not (tmp_path / "renamed.vdi").exists()
     move_image(str(top), str(tmp_path / "top2.vdi"))
     assert (tmp_path / "top2.vdi").exists() and not top.exists()
+
+
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_repair_refused_while_qemu_holds(tmp_path, mode):
+    """check --repair of a damaged image another program holds: refused, the file unchanged
+    (the read-only first pass may run beside a reader; the repair itself never does)."""
+    from tests.engine.test_check import _vdi_damage
+    path = tmp_path / "img.vdi"
+    with Disk() as d:
+        d.create_base(str(path), 8 * MiB, "VDI")
+        for i in range(4):
+            d.write(i * MiB, bytes([i + 1]) * MiB)
+    _vdi_damage(path)
+    before = snapshot(tmp_path)
+    with qemu_io_holder(path, mode):
+        code, err = vimg("check", "--repair", path)
+        assert code == 1 and "in use" in err, (code, err)
+        assert snapshot(tmp_path) == before
+    code, err = vimg("check", "--repair", path)
+    assert code in (0, 2, 3) and "in use" not in err and snapshot(tmp_path) != before
+
+
+def test_a_forked_child_never_drops_the_parents_locks(tmp_path):
+    """Locks live on open file descriptions, which a fork shares: a child that closes what it
+    inherited, or opens and closes the same images, must not release what the parent holds."""
+    base, top = make_chain(tmp_path, "QCOW2")
+    with Disk.open_chain(str(top), None, OpenFlags.READ_ONLY):
+        writer = Disk.open_chain(str(top), None, OpenFlags.NORMAL)
+        try:
+            pid = os.fork()
+            if pid == 0:                   # the child
+                code = 1
+                try:
+                    writer.close()         # its copy of the parent's writer
+                    with Disk.open_chain(str(base), None, OpenFlags.READ_ONLY):
+                        pass
+                    code = 0
+                finally:
+                    os._exit(code)
+            _pid, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            for byte in (100, 101, 103, 200, 201, 203):
+                assert _lock_byte_taken(top, byte), byte
+            assert _lock_byte_taken(base, 100) and _lock_byte_taken(base, 201)
+        finally:
+            writer.close()

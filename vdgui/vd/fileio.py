@@ -123,6 +123,21 @@ _LOCKS: dict[tuple[int, int], _LockEntry] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
+def _forget_locks_in_child() -> None:
+    """A forked child shares its parent's lock descriptions: it must never change them (that
+    would drop the parent's locks); it starts with an empty table of its own."""
+    global _LOCKS_GUARD
+    _LOCKS_GUARD = threading.Lock()
+    for e in _LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(e.fd)          # the parent's descriptor keeps the locks alive
+    _LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def _ofd(fd: int, cmd: int, typ: int, start: int) -> int:
     lk = struct.pack("hhqqi4x", typ, 0, start, 1, 0)
     return struct.unpack("hhqqi4x", fcntl.fcntl(fd, cmd, lk))[0]
