@@ -144,6 +144,9 @@ class Image:
         self.pchs: "Geometry | None" = None
         self.lchs: "Geometry | None" = None
         self.parent_hint: ParentHint | None = None  # None for a base image
+        # set by an operation that relinks the children itself (merge): writes keep the identity
+        # children link to (VMDK CID, VHDX DataWriteGuid), so the chain opens at every moment
+        self.keep_link_identity: bool = False
 
     # -- identity ------------------------------------------------------------------------
     @property

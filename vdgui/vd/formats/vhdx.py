@@ -770,8 +770,9 @@ class VhdxImage(Image):
 
     def _begin_write(self) -> None:
         self._require_writable()
-        if not self._data_guid_updated:
-            # MS-VHDX 2.2.2: DataWriteGuid changes before the first user-visible write
+        if not self._data_guid_updated and not self.keep_link_identity:
+            # MS-VHDX 2.2.2: DataWriteGuid changes before the first user-visible write (not in a
+            # merge, which relinks the children itself: their parent_linkage must keep matching)
             self._update_header(data_write_guid=uuidlib.uuid4().bytes_le)
             self.modification_uuid = _guid(self.hdr.data_write_guid)
             self._data_guid_updated = True

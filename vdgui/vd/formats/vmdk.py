@@ -382,6 +382,8 @@ class SparseExtent(_Extent):
         self._gts: dict[int, array.array] = {}
         self._cgrain: tuple[int, bytes] | None = None
         self.next_free = _round_up(self.file_size, SECTOR)
+        self._marked = False             # uncleanShutdown set (or found set) in this session
+        self._clear_on_close = False     # ... by this session: a clean close clears it
         if cowd:
             self.kind = "VMFSSPARSE"
 
@@ -588,6 +590,30 @@ class SparseExtent(_Extent):
             parts.append([1, foff, cnt])
 
     # -- writing -----------------------------------------------------------------------------
+    def begin_update(self) -> None:
+        """VMware's uncleanShutdown byte, set and synced before this session first changes a
+        grain table or directory. The primary and the redundant copy are two writes: a crash
+        between them leaves the redundant copy one update behind, which check reports as a leak
+        (not corruption) exactly when this byte says an update was interrupted."""
+        if self._marked or self.header is None or not self.writable:
+            return
+        self._marked = True
+        if not self.header["unclean_shutdown"]:
+            self.header = dict(self.header, unclean_shutdown=1)
+            self.f.pwrite(self.header_offset, SparseHeader.build(self.header))
+            self.f.sync()
+            self._clear_on_close = True
+
+    def end_update(self) -> None:
+        """A clean close: clear the byte this session set (tables synced first)."""
+        if not self._clear_on_close:
+            return
+        self.f.sync()
+        self.header = dict(self.header, unclean_shutdown=0)
+        self.f.pwrite(self.header_offset, SparseHeader.build(self.header))
+        self.f.sync()
+        self._clear_on_close = False
+
     def _alloc(self, nbytes: int) -> int:
         off = self.next_free
         self.next_free = _round_up(off + nbytes, SECTOR)
@@ -597,6 +623,7 @@ class SparseExtent(_Extent):
         gt = self._gt(t)
         if gt is not None and (self.rgd is None or self.rgd[t] != 0):
             return gt
+        self.begin_update()
         if t >= self.n_gts:
             raise CorruptImage(f"grain directory has {self.n_gts} entries; table {t} needed",
                                path=self.f.path)
@@ -620,6 +647,7 @@ class SparseExtent(_Extent):
         return gt
 
     def _set_gte(self, idx: int, value: int) -> None:
+        self.begin_update()
         t, i = divmod(idx, self.gtes)
         gt = self._ensure_gt(t)
         gt[i] = value
@@ -681,6 +709,7 @@ class SparseExtent(_Extent):
         entries (one pwrite per contiguous run of entries, primary and redundant table)."""
         if not new:
             return
+        self.begin_update()
         run_off, run = new[0][1], [new[0][2]]
         for _idx, goff, gdata in new[1:]:
             if goff == run_off + len(run) * self.grain:
@@ -1066,9 +1095,10 @@ class VmdkImage(Image):
                 if not ext.writable:
                     ext.write(rel, b"", fill, self)   # raises the extent's refusal
             self._cid_bumped = True
-            self.cid = _new_cid(self.cid)
-            self.desc.set("CID", f"{self.cid:08x}")
-            self._write_descriptor()        # before the data: children see the change
+            if not self.keep_link_identity:  # a merge keeps it: it relinks the children itself
+                self.cid = _new_cid(self.cid)
+                self.desc.set("CID", f"{self.cid:08x}")
+                self._write_descriptor()    # before the data: children see the change
             self._mark_unclean(True)
         mv = memoryview(data)
         pos = 0
@@ -1103,8 +1133,7 @@ class VmdkImage(Image):
                     stream.commit()
                     self._stream_temp = None
                 self.flush()
-                if self._cid_bumped:          # this session set it: a clean close clears it
-                    self._mark_unclean(False)
+                self._mark_unclean(False)     # where this session set it
         finally:
             self._closed = True
             for f in self._files.values():
@@ -1150,11 +1179,10 @@ class VmdkImage(Image):
         session writes, cleared after the final flush (a crash leaves it set)."""
         for ext in self.extents:
             if isinstance(ext, SparseExtent) and ext.writable and ext.header is not None:
-                if bool(ext.header["unclean_shutdown"]) == on:
-                    continue
-                ext.header = dict(ext.header, unclean_shutdown=1 if on else 0)
-                ext.f.pwrite(ext.header_offset, SparseHeader.build(ext.header))
-                ext.f.sync()
+                if on:
+                    ext.begin_update()
+                else:
+                    ext.end_update()
 
     def _write_descriptor(self) -> None:
         data = self.desc.to_bytes()
@@ -1624,10 +1652,18 @@ class VmdkImage(Image):
             glen = max(min(e.grain, e.length - idx * e.grain), SECTOR)
             return v * SECTOR + (12 if e.compressed else glen) <= size
 
-        def problem(what, off, code, repaired=False):
-            pr = Problem("corrupt", f"{path}: {what}", off, repaired, code=code)
+        def problem(what, off, code, repaired=False, severity="corrupt"):
+            pr = Problem(severity, f"{path}: {what}", off, repaired, code=code)
             report.problems.append(pr)
             return pr
+
+        # uncleanShutdown: a writer stopped between the primary and the redundant copy of an
+        # update (see SparseExtent.begin_update). Two valid copies that differ are then one
+        # update apart; readers use the primary, so the lagging copy is a leak, not corruption.
+        interrupted = bool(e.header and e.header["unclean_shutdown"])
+        if fix and e.header is not None:
+            e.begin_update()
+            e._clear_on_close = True     # the copies agree after the repair
 
         def copy_table(src: array.array) -> int:
             sec = e._alloc(e.gt_sectors * SECTOR) // SECTOR
@@ -1653,9 +1689,12 @@ class VmdkImage(Image):
             rgt = _u32_array(e.f.pread(r * SECTOR, e.gt_bytes)) if r and rok else None
             if r is not None and gok and rok and (g == 0) != (r == 0):
                 which = "primary" if g == 0 else "redundant"
+                only = gt if gt is not None else rgt
+                unused = only is not None and not any(only)   # an empty table: reads the same
                 p = problem(f"grain directory entry {t}: the {which} copy is empty, the other "
-                            f"is not ({g} vs {r})", e.gd_sector * SECTOR + 4 * t,
-                            ProblemCode.TABLE_MISMATCH)
+                            f"is {'an unused table' if unused else 'not'} ({g} vs {r})",
+                            e.gd_sector * SECTOR + 4 * t, ProblemCode.TABLE_MISMATCH,
+                            severity="leak" if unused else "corrupt")
                 pg = pg or (p if g == 0 else None)
                 pr = pr or (p if r == 0 else None)
             if fix and pg is not None:          # rebuild the primary table from the redundant one
@@ -1709,6 +1748,9 @@ class VmdkImage(Image):
                             f"table ({a} vs {b})")
                     off = g * SECTOR + 4 * i
                     code = ProblemCode.TABLE_MISMATCH
+                    if interrupted:
+                        what += (": an interrupted update (uncleanShutdown is set); the primary "
+                                 "table is the one read, repair copies it")
                 good = a if aok and a is not None else b if bok and b is not None else 0
                 if fix:
                     if gt is not None and gt[i] != good:
@@ -1717,7 +1759,8 @@ class VmdkImage(Image):
                     if rgt is not None and rgt[i] != good:
                         rgt[i] = good
                         changed_r = True
-                problem(what, off, code, fix)
+                problem(what, off, code, fix,
+                        severity="leak" if interrupted and aok and bok else "corrupt")
             if changed_g:
                 e.f.pwrite(g * SECTOR, _u32_bytes(gt))
             if changed_r:

@@ -215,6 +215,10 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     lo, hi = (t + 1, s) if forward else (s, t - 1)      # the merged-away images
     refresh = [c for c in refresh if link_matches(c, target)]   # a broken link stays broken
 
+    # the children's links (VMDK parentCID, VHDX parent_linkage) keep matching the target while
+    # it is written: the chain opens at every moment, and the relink names the same identity
+    target.keep_link_identity = True
+
     # grow a smaller forward target first (the new area reads zeroes: nothing changes above)
     if forward and disk.images[s].size > target.size:
         target.resize(disk.images[s].size)

@@ -1,0 +1,222 @@
+"""Syscall-exact interruption: run an operation, SIGKILL it at chosen syscalls, judge what is left.
+
+One harness for every interruption test (tests/engine/test_interruption.py, the VDI crash tests):
+
+* The operation runs in a child forked from the test process (no interpreter start-up), which
+  waits until ``strace`` has attached to it (its ``TracerPid``) and then runs a Python callable
+  (usually ``vdgui-img``'s ``main(argv)``).
+* A counting run (``strace -f -e trace=SYSCALLS``) lists, in order, every call of the syscalls
+  that change a file or the folder (:data:`SYSCALLS`). Each call is named by its syscall and its
+  number among that thread's calls of that syscall: strace counts ``when=N`` per syscall and per
+  thread, so ``-e inject=pwrite64:signal=KILL:when=17`` kills the process on entering exactly the
+  call that was the 17th pwrite64 of the counting run (the syscall never runs).
+* :func:`spread` picks kill points spread evenly over the list, plus every rename/unlink/ftruncate
+  (the structural steps), so a campaign lands in every phase of the operation.
+* :func:`campaign` builds a template once, counts, then for each point copies the template,
+  kills, and calls the scenario's judge; the problems of all points are collected and reported
+  together (format, operation, point, symptom).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+STRACE = shutil.which("strace") or "/usr/bin/strace"
+SYSCALLS = ("pwrite64", "pwritev", "write", "ftruncate", "fsync", "fdatasync", "rename",
+            "renameat", "renameat2", "unlink", "unlinkat")
+STRUCTURAL = {"rename", "renameat", "renameat2", "unlink", "unlinkat", "ftruncate"}
+_LINE = re.compile(r"^(\d+)\s+(\w+)\(")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One syscall of the counting run: the ``nth`` call of ``name`` by its thread."""
+    index: int          # position among all matching syscalls of the run (0-based)
+    name: str
+    nth: int
+
+    def __str__(self) -> str:
+        return f"#{self.index} {self.name}:when={self.nth}"
+
+
+def have_strace() -> bool:
+    return os.access(STRACE, os.X_OK)
+
+
+def _wait_traced(timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    if int(line.split()[1]) != 0:
+                        return
+                    break
+        time.sleep(0.0005)
+    raise RuntimeError("strace did not attach")
+
+
+def _child(fn: Callable[[], int], cwd: str, log: str) -> None:
+    code = 97
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+        os.chdir(cwd)
+        _wait_traced()
+        code = fn() or 0
+    except BaseException:                           # noqa: BLE001 - reported by the exit code
+        try:
+            sys.stderr.write(traceback.format_exc())
+            sys.stderr.flush()
+        except BaseException:                       # noqa: BLE001
+            pass
+        code = 98
+    finally:
+        os._exit(code if isinstance(code, int) else 99)
+
+
+def run(fn: Callable[[], int], cwd, *, kill_at: Point | None = None,
+        trace_to: str | None = None, log: str | None = None) -> int | None:
+    """Run ``fn`` in a forked child under strace. Returns its exit code, or None when it was
+    killed at ``kill_at``."""
+    log = log or os.path.join(str(cwd), "..", f".kill-{os.getpid()}.log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _child(fn, str(cwd), log)
+    cmd = [STRACE, "-f", "-qq", "-p", str(pid), "-o", trace_to or os.devnull,
+           "-e", "trace=" + ",".join(SYSCALLS)]
+    if kill_at is not None:
+        cmd += ["-e", f"inject={kill_at.name}:signal=KILL:when={kill_at.nth}"]
+    tracer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            _, err = tracer.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            err = b""
+    if os.WIFSIGNALED(status):
+        if os.WTERMSIG(status) == signal.SIGKILL and kill_at is not None:
+            return None
+        raise AssertionError(f"operation died of signal {os.WTERMSIG(status)}: "
+                             f"{err.decode(errors='replace')}")
+    code = os.WEXITSTATUS(status)
+    if code in (97, 98, 99):
+        with open(log, errors="replace") as f:
+            raise AssertionError(f"the traced operation failed to run:\n{f.read()}"
+                                 f"{err.decode(errors='replace')}")
+    return code
+
+
+def count(fn: Callable[[], int], cwd, scratch) -> tuple[int, list[Point]]:
+    """A full run that lists every matching syscall. Returns (exit code, points in order)."""
+    out = os.path.join(str(scratch), "count.trace")
+    code = run(fn, cwd, trace_to=out)
+    seen: dict[tuple[str, str], int] = {}
+    points: list[Point] = []
+    with open(out, errors="replace") as f:
+        for line in f:
+            m = _LINE.match(line)
+            if not m:
+                continue                              # '<... resumed>', signals, exits
+            key = (m.group(1), m.group(2))
+            seen[key] = seen.get(key, 0) + 1
+            points.append(Point(len(points), m.group(2), seen[key]))
+    return code, points
+
+
+def _even(items: list, k: int) -> list:
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:k]
+
+
+def spread(points: list[Point], n: int) -> list[Point]:
+    """``n`` points over the run: up to a third of them the structural steps (renames, unlinks,
+    truncations; spread evenly when there are more), the rest evenly over all the others
+    (first and last included)."""
+    if len(points) <= n:
+        return list(points)
+    chosen = {p.index for p in _even([p for p in points if p.name in STRUCTURAL], n // 3)}
+    rest = [p for p in points if p.index not in chosen]
+    chosen |= {p.index for p in _even(rest, n - len(chosen))}
+    return [points[i] for i in sorted(chosen)]
+
+
+def sample(points: list[Point], n: int, seed: str) -> list[Point]:
+    """A small deterministic sample (the default run): one structural point when there is one,
+    the rest spread by a seed derived from the case's name."""
+    import random
+    if len(points) <= n:
+        return list(points)
+    rnd = random.Random(seed)
+    chosen = set()
+    structural = [p for p in points if p.name in STRUCTURAL]
+    if structural:
+        chosen.add(rnd.choice(structural).index)
+    while len(chosen) < n:
+        chosen.add(rnd.randrange(len(points)))
+    return [points[i] for i in sorted(chosen)]
+
+
+@dataclass
+class Outcome:
+    point: Point
+    killed: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], int]],
+             judge: Callable[[Path, bool], list[str]], *, points: int | None = 22,
+             sample_n: int | None = None, seed: str = "", after_full: Callable[[Path], None]
+             | None = None) -> tuple[list[Point], list[Outcome]]:
+    """Count on a copy of ``template``, then kill a copy at each chosen point and ``judge`` it
+    (``judge(work, killed)`` returns the problems found). ``points``: how many spread points
+    (None: every syscall); ``sample_n``: a seeded sample of that many instead."""
+    scratch = tmp / "scratch"
+    scratch.mkdir(exist_ok=True)
+    cal = tmp / "full"
+    shutil.copytree(template, cal)
+    code, all_points = count(fn_for(cal), cal, scratch)
+    assert code == 0, f"the uninterrupted operation failed (exit {code})"
+    assert all_points, "the operation made none of the traced syscalls"
+    full_problems = judge(cal, False)
+    assert not full_problems, f"the uninterrupted operation: {full_problems}"
+    if after_full is not None:
+        after_full(cal)
+    shutil.rmtree(cal)
+    if sample_n is not None:
+        chosen = sample(all_points, sample_n, seed)
+    elif points is None:
+        chosen = list(all_points)
+    else:
+        chosen = spread(all_points, points)
+    outcomes = []
+    for pt in chosen:
+        work = tmp / f"k{pt.index}"
+        shutil.copytree(template, work)
+        code = run(fn_for(work), work, kill_at=pt, log=str(scratch / "op.log"))
+        killed = code is None
+        o = Outcome(pt, killed)
+        if not killed and code != 0:
+            o.problems.append(f"the operation exited {code} instead of being killed")
+        o.problems += judge(work, not killed)
+        outcomes.append(o)
+        shutil.rmtree(work)
+    return all_points, outcomes
