@@ -207,16 +207,37 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
         chosen = list(all_points)
     else:
         chosen = spread(all_points, points)
-    outcomes = []
-    for pt in chosen:
-        work = tmp / f"k{pt.index}"
-        shutil.copytree(template, work)
-        code = run(fn_for(work), work, kill_at=pt, log=str(scratch / "op.log"))
-        killed = code is None
-        o = Outcome(pt, killed)
-        if not killed and code != 0:
-            o.problems.append(f"the operation exited {code} instead of being killed")
-        o.problems += judge(work, not killed)
-        outcomes.append(o)
-        shutil.rmtree(work)
+    global _JOB
+    _JOB = (tmp, template, fn_for, judge, scratch)
+    try:
+        if WORKERS > 1 and len(chosen) > 2:
+            import multiprocessing
+            # workers forked now (this process runs no other thread), each forking its runs
+            with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+                outcomes = pool.map(_one_point, chosen, chunksize=1)
+        else:
+            outcomes = [_one_point(pt) for pt in chosen]
+    finally:
+        _JOB = None
     return all_points, outcomes
+
+
+WORKERS = int(os.environ.get("VDGUI_KILL_WORKERS", "2"))   # kill points judged in parallel
+_JOB = None
+
+
+def _one_point(pt: Point) -> Outcome:
+    tmp, template, fn_for, judge, scratch = _JOB
+    work = tmp / f"k{pt.index}"
+    shutil.copytree(template, work)
+    o = Outcome(pt, False)
+    try:
+        code = run(fn_for(work), work, kill_at=pt, log=str(scratch / f"op{pt.index}.log"))
+        o.killed = code is None
+        if not o.killed and code != 0:
+            o.problems.append(f"the operation exited {code} instead of being killed")
+        o.problems += judge(work, not o.killed)
+    except Exception as exc:                        # noqa: BLE001 - reported with the point
+        o.problems.append(f"{type(exc).__name__}: {exc}")
+    shutil.rmtree(work, ignore_errors=True)
+    return o

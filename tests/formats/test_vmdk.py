@@ -11,7 +11,7 @@ from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance, scattered_writes
 from vdgui.vd import (Alloc, ConfigError, CorruptImage, Disk, ImageFlags, ImageNotFound,
                       InvalidArgument, NotSupported, OpenFlags, ParentMismatch, UnsafePath,
-                      VDError, get_backend, probe)
+                      VDError, check, get_backend, probe)
 from vdgui.vd.formats import vmdk
 from vdgui.vd.formats.vmdk_descriptor import Descriptor
 
@@ -944,3 +944,59 @@ def test_info_open_reads_only_the_descriptor(tmp_path, monkeypatch):
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
     assert opened == ["sp.vmdk", "sp-s001.vmdk"]
+
+
+def test_redundant_table_one_update_behind_after_a_crash_is_a_leak(tmp_path, qemu):
+    """A crash between the primary and the redundant grain table write (uncleanShutdown set
+    before the first table update) leaves the redundant copy one update behind: check calls
+    that a leak, not corruption, and repair copies the primary. Without the flag it is corrupt."""
+    p = _mono(tmp_path)
+    with Disk() as d:
+        ext = d.open(p, flags=OpenFlags.READ_ONLY).extents[0]
+        rgt, used = ext.rgd[0], [i for i in range(ext.gtes) if ext._gte(i) > 1]
+    assert used
+    with open(p, "r+b") as f:                       # the redundant entry not yet written
+        f.seek(rgt * 512 + 4 * used[-1])
+        f.write(bytes(4))
+        f.seek(0x48)
+        f.write(b"\x01")                            # uncleanShutdown: a writer was stopped
+    rep = check(p)
+    assert rep.exit_code == 3 and not rep.corrupt, rep.problems
+    assert "interrupted update" in rep.problems[0].what
+    assert qemu.check(p).returncode == 0
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 200000) == b"\x5a" * 200000
+    rep = check(p, repair=True)
+    assert rep.repaired and check(p).exit_code == 0
+    assert _head(p, 512)[0x48] == 0                 # the copies agree again: flag cleared
+    with open(p, "r+b") as f:                       # the same disagreement, no flag: corrupt
+        f.seek(rgt * 512 + 4 * used[-1])
+        f.write(bytes(4))
+    assert check(p).exit_code == 2
+
+
+def test_table_updates_set_unclean_shutdown_first(tmp_path, monkeypatch):
+    """Every path that changes a grain table (write, compact, repair) sets uncleanShutdown,
+    synced, before its first table write; a clean close clears it."""
+    p = str(tmp_path / "s.vmdk")
+    with Disk() as d:
+        d.create_base(p, 4 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+        d.write(0, b"\x11" * MiB)
+        d.write(2 * MiB, b"\x22" * MiB)
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.HONOR_ZEROES)
+        d.write(0, bytes(MiB))                      # zero grains over data: compact drops them
+    seen = []
+    real = vmdk.SparseExtent._set_gte
+
+    def spy(self, idx, value):
+        real(self, idx, value)                      # (begin_update runs before its writes)
+        seen.append(_head(self.f.path, 512)[0x48])
+    monkeypatch.setattr(vmdk.SparseExtent, "_set_gte", spy)
+    with Disk() as d:                               # a session that only compacts (in place)
+        d.open(p)
+        d.top.compact()
+    assert seen and all(seen)
+    with Disk() as d:
+        assert not d.open(p, flags=OpenFlags.READ_ONLY).info()["unclean_shutdown"]
