@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,7 +95,9 @@ def run(fn: Callable[[], int], cwd, *, kill_at: Point | None = None,
     log = log or os.path.join(str(cwd), "..", f".kill-{os.getpid()}.log")
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    with warnings.catch_warnings():   # Python >= 3.12 warns when other threads exist: the child
+        warnings.simplefilter("ignore", DeprecationWarning)   # only runs engine code
+        pid = os.fork()
     if pid == 0:
         _child(fn, str(cwd), log)
     cmd = [STRACE, "-f", "-qq", "-p", str(pid), "-o", trace_to or os.devnull,
@@ -213,7 +216,10 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
         if WORKERS > 1 and len(chosen) > 2:
             import multiprocessing
             # workers forked now (this process runs no other thread), each forking its runs
-            with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pool = multiprocessing.get_context("fork").Pool(WORKERS)
+            with pool:
                 outcomes = pool.map(_one_point, chosen, chunksize=1)
         else:
             outcomes = [_one_point(pt) for pt in chosen]

@@ -4,8 +4,10 @@ Operations (as a user runs them, through ``vdgui-img``): merge (forward and back
 child to relink), convert, compact, resize, check --repair and write, on every writable format:
 VDI, VMDK (monolithicSparse and twoGbMaxExtentSparse), VHD, VHDX, QCOW2, QED and Parallels.
 The harness (tests/engine/kill_harness.py) counts the syscalls of a full run that change a file
-or the folder and kills a fresh copy at points spread over them (``slow``: 22 spread points plus
-every rename/unlink/ftruncate; the default run: a seeded sample of 3 per case for a few cases).
+or the folder and kills a fresh copy at points spread over them (``slow``: 20 points, up to a third
+of them renames/unlinks/truncations; the default run: a seeded sample of 3 points in one case per
+operation). Merges: forward (the middle image into its parent, the top relinked), top (the top
+and the image below it into their grandparent) and backward (an image into its child).
 
 After each kill:
 * the chain (the image a user opens: the top, or the converted copy) reads byte-identical to the
@@ -45,12 +47,17 @@ FORMATS = [("VDI", "VDI", ImageFlags.NONE, "vdi"),
 FMT = {f[0]: f for f in FORMATS}
 QEMU_BACKING = {"qcow2", "qed", "vmdk"}          # qemu follows these formats' parent links
 QEMU_NO_CHECK = {"vpc"}
-OPS = ["merge-forward", "merge-backward", "convert", "compact", "resize", "repair", "write"]
+OPS = ["merge-forward", "merge-top", "merge-backward", "convert", "compact", "resize", "repair",
+       "write"]
 NO_DIFF = {"Parallels"}                          # no differencing images: no merge
 
 # Known defects still found by the suite, (case, op) -> reason. Strict xfails: they fail the run
 # the moment they are fixed, so the list cannot go stale.
-KNOWN: dict[tuple[str, str], str] = {}
+KNOWN: dict[tuple[str, str], str] = {
+    ("Parallels", "write"): "Parallels in_use flag: a kill during a write session leaves the header's "
+    "in_use magic set (as qemu's own writer does); vdgui-img check and qemu-img check both count "
+    "it as corruption although the tables are consistent (data is written before the BAT entry)",
+}
 
 pytestmark = pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed "
                                 "(bash scripts/bootstrap test installs it)")
@@ -135,8 +142,9 @@ class Case:
             views = self._chain(folder, 3)
             self.top = self.images[-1]
             self.before = self.after = views[-1]
-            self.argv = (["merge", self.images[2], self.images[1]] if op == "merge-forward"
-                         else ["merge", self.images[1], self.images[2]])
+            self.argv = {"merge-forward": ["merge", self.images[2], self.images[1]],
+                         "merge-top": ["merge", self.images[3], self.images[1]],
+                         "merge-backward": ["merge", self.images[1], self.images[2]]}[op]
         elif op == "convert":
             src = folder / "src.img"
             with Disk() as d:
@@ -246,17 +254,19 @@ class Case:
         out: list[str] = []
         now = _sha_files(work)
         top = work / self.top
+        if self.op == "merge-top" and not top.exists():
+            top = work / self.images[1]     # the top is deleted first: the target holds it all
         if self.op == "convert" and not top.exists():
             got = b""
         else:
             try:
                 got = _read_chain(top)
             except VDError as exc:
-                return [f"{self.top}'s chain does not open: {exc}"]
+                return [f"{top.name}'s chain does not open: {exc}"]
         if not self._content_ok(got):
-            return [f"{self.top}'s chain reads neither the content before nor after"]
+            return [f"{top.name}'s chain reads neither the content before nor after"]
         if finished and got[:len(self.after)] != self.after:
-            out.append(f"{self.top}: the finished operation left other content")
+            out.append(f"{top.name}: the finished operation left other content")
         if self.op == "convert" and now.get("src.img") != self.template_sha["src.img"]:
             out.append("the source of the convert changed")
         for name in self.images:
@@ -281,17 +291,17 @@ class Case:
                 if r.returncode not in (0, 3):
                     out.append(f"qemu-img check {name} exit {r.returncode}: "
                                f"{(r.stdout + r.stderr).strip()[:300]}")
-        if got and self._qemu_reads(self.top, work):
+        if got and self._qemu_reads(top.name, work):
             raw = work.parent / f"qemu-{work.name}.raw"
             r = subprocess.run(["qemu-img", "convert", "-f", self.qn, "-O", "raw", str(top),
                                 str(raw)], capture_output=True, text=True)
             if r.returncode != 0:
-                out.append(f"qemu-img cannot read {self.top}: {r.stderr.strip()[:300]}")
+                out.append(f"qemu-img cannot read {top.name}: {r.stderr.strip()[:300]}")
             else:
                 q = raw.read_bytes()
                 raw.unlink()
                 if not self._content_ok(q):     # qemu may see the other of the two states
-                    out.append(f"qemu-img reads {self.top} neither as before nor as after")
+                    out.append(f"qemu-img reads {top.name} neither as before nor as after")
         return out
 
 
@@ -305,6 +315,8 @@ def _run_case(tmp_path, qemu, fid, op, *, points=None, sample_n=None):
     all_points, outcomes = kh.campaign(tmp_path, tpl, case.fn_for, case.judge, points=points,
                                        sample_n=sample_n, seed=f"{fid}-{op}")
     killed = sum(o.killed for o in outcomes)
+    print(f"{fid} {op}: {len(all_points)} traced syscalls, {len(outcomes)} kill points, "
+          f"{killed} killed")
     bad = [f"  {fid} {op} kill at {o.point} of {len(all_points)}: {p}"
            for o in outcomes for p in o.problems]
     assert not bad, f"{len(bad)} problems at {len(outcomes)} kill points:\n" + "\n".join(bad)
@@ -329,13 +341,15 @@ def _params(ops, fids):
 @pytest.mark.slow
 @pytest.mark.parametrize("fid,op", _params(OPS, [f[0] for f in FORMATS]))
 def test_kill_everywhere(tmp_path, qemu, fid, op):
-    """22 kill points spread over the operation, plus every rename, unlink and ftruncate."""
-    _run_case(tmp_path, qemu, fid, op, points=22)
+    """20 kill points over the operation (up to a third of them its renames, unlinks and
+    truncations, the rest spread evenly); every syscall when it makes fewer."""
+    _run_case(tmp_path, qemu, fid, op, points=20)
 
 
 # the default run: a sample, each operation on a different format, 3 seeded points each
-SAMPLE = [("merge-forward", "VMDK"), ("merge-backward", "VHDX"), ("convert", "VMDK-split"),
-          ("compact", "QCOW2"), ("resize", "VDI"), ("repair", "VHD"), ("write", "QED")]
+SAMPLE = [("merge-forward", "VMDK"), ("merge-backward", "VHDX"), ("merge-top", "VMDK-split"),
+          ("convert", "VMDK-split"), ("compact", "QCOW2"), ("resize", "VDI"), ("repair", "VHD"),
+          ("write", "QED")]
 
 
 @pytest.mark.parametrize("fid,op", [p for op, fid in SAMPLE for p in _params([op], [fid])])
