@@ -396,3 +396,36 @@ def test_a_forked_child_never_drops_the_parents_locks(tmp_path):
             assert _lock_byte_taken(base, 100) and _lock_byte_taken(base, 201)
         finally:
             writer.close()
+
+
+def test_issue_repro_qemu_nbd_qcow2(tmp_path):
+    """`qemu-nbd -f qcow2 -k s.sock --persistent base.qcow2 &` then `merge base.qcow2
+    top.qcow2` used to exit 0 and delete base.qcow2."""
+    base, top = make_chain(tmp_path, "QCOW2")
+    before = snapshot(tmp_path)
+    with qemu_nbd_holder(base, tmp_path, fmt="qcow2"):
+        code, err = vimg("merge", base, top)
+        assert code == 1 and "in use" in err, err
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("mode", ["ro", pytest.param("rw", marks=pytest.mark.slow)])
+def test_vmdk_extent_file_held(tmp_path, mode):
+    """A split VMDK's extent files are locked like its descriptor: qemu holding one extent
+    blocks every vdgui writer (and the merge) of that image."""
+    from vdgui.vd import ImageFlags
+    base, top = tmp_path / "base.vmdk", tmp_path / "top.vmdk"
+    with Disk() as d:
+        d.create_base(str(base), 4 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
+        d.write(0, b"\x11" * MiB)
+        d.create_diff(str(top))
+        d.write(MiB, b"\x22" * MiB)
+        extents = [f for f in d.images[0].files() if os.path.abspath(f) != str(base)]
+    assert extents
+    before = snapshot(tmp_path)
+    with qemu_io_holder(extents[0], mode):
+        for args in (("merge", top, base), ("merge", base, top),
+                     ("write", base, "--offset", "0", "--input", base), ("compact", base)):
+            code, err = vimg(*args)
+            assert code == 1 and "in use" in err, (args, code, err)
+        assert snapshot(tmp_path) == before
