@@ -478,19 +478,23 @@ def cmd_check(args) -> int:
     prog = TtyProgress("check")
     try:
         report = check(args.image, format=be.name, repair=args.repair, dry_run=args.dry_run,
-                       progress=prog, force_share=args.force_share)
+                       progress=prog, force_share=args.force_share,
+                       **({"backup": True} if args.backup else {}))
     finally:
         prog.close()
     if args.json:
         _json({"image": args.image, "format": be.name,
                "problems": [p.as_dict() for p in report.problems],
                "corrupt": report.corrupt, "leaks": report.leaks, "repaired": report.repaired,
+               "orphans": [{"file": f, "offset": o, "length": n} for f, o, n in report.orphans],
+               "orphans_file": report.orphans_file, "backup": report.backup,
                "exit_code": report.exit_code})
     else:
         for p in report.problems:
             at = f" at offset {p.offset}" if p.offset is not None else ""
             fixed = " (repaired)" if p.repaired else ""
             _out(f"{p.severity}: {p.what}{at}{fixed}")
+        _check_data_lines(args, report)
         if report.exit_code == 0:
             _out("No errors were found on the image." if not report.problems
                  else "All problems were repaired.")
@@ -499,8 +503,28 @@ def cmd_check(args) -> int:
                  " errors were found on the image.")
         else:
             _out(f"{sum(1 for p in report.problems if p.severity == 'leak' and not p.repaired)}"
-                 " leaked clusters were found on the image (no data is lost).")
+                 " leaked clusters were found on the image"
+                 + (" (some hold data: a repair saves it first)." if report.orphans
+                    else " (no data is lost)."))
     return report.exit_code
+
+
+def _check_data_lines(args, report) -> None:
+    """What a repair keeps: unreferenced data found, where it was saved, the backup."""
+    if report.orphans:
+        total = sum(n for _f, _o, n in report.orphans)
+        _out(f"{len(report.orphans)} unreferenced area(s) hold data ({total} bytes)"
+             + ("" if report.orphans_file else
+                "; a repair saves them beside the image first (NAME.orphans-DATE.bin)"
+                if args.repair else ""))
+    if report.backup:
+        _out(f"Backup of the image before the repair: {report.backup}")
+    if report.orphans_file:
+        _out(f"Unreferenced data saved to {report.orphans_file} "
+             f"(index: {report.orphans_file[:-4]}.json)")
+    if args.repair and args.dry_run and report.problems:
+        for line in vd.describe_effects(report):
+            _out(f"repair would: {line}")
 
 
 def cmd_map(args) -> int:
@@ -744,8 +768,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
     p.add_argument("-f", "--format")
     force_share(p)
-    p.add_argument("--repair", action="store_true")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--repair", action="store_true",
+                   help="fix what can be fixed; unreferenced blocks that hold data are saved "
+                        "beside the image first (NAME.orphans-DATE.bin, index .json)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --repair: say what would be fixed and kept, change nothing")
+    p.add_argument("--backup", action="store_true",
+                   help="with --repair: copy the image's file(s) into NAME.backup-DATE/ beside "
+                        "it before repairing")
     p.add_argument("--json", action="store_true")
     p.add_argument("image")
     p.set_defaults(func=cmd_check)

@@ -230,3 +230,57 @@ def test_duplicate_shown_in_tree_and_fixed_from_details(qtbot, window, vdi_chain
         assert str(disk.image(1).parent_uuid) == job.result
     window.select_paths([vdi_chain["base"]])
     assert d.dup_box.isHidden()
+
+
+# -- item 6: repair asks first and keeps data --------------------------------------------------
+def _vdi_lost_entry(tmp_path):
+    from tests.engine.test_repair_keeps import _lose_vdi_entry, _make
+    p = _make(tmp_path, "VDI")
+    _lose_vdi_entry(p, 1)
+    return p
+
+
+def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, window, tmp_path):
+    p = _vdi_lost_entry(tmp_path)
+    with open(p, "rb") as f:
+        before = f.read()
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    asked = []
+    window.repair_confirm = lambda node, report: (asked.append(report), (False, True))[1]
+    started = []
+    window.queue.jobAdded.connect(started.append)
+    (dry,) = window.check_selected(repair=True)
+    ok(qtbot, dry)
+    qtbot.wait(20)
+    assert len(asked) == 1 and asked[0].problems and asked[0].orphans
+    assert not [j for j in started if j.kind == "repair"], "declined: no repair"
+    with open(p, "rb") as f:
+        assert f.read() == before, "nothing changes before the user confirms"
+    # the dialog the user sees: findings, effects, where the data goes, backup on by default
+    from vdgui.gui.dialogs.repair import RepairDialog
+    dlg = RepairDialog(window.model.node(p), asked[0], window)
+    qtbot.addWidget(dlg)
+    assert "not referenced" in dlg.findings.text()
+    assert "hold data" in dlg.effects.text() and "saved first" in dlg.effects.text()
+    assert "disk.vdi.orphans-DATE.bin" in dlg.kept.text() and not dlg.kept.isHidden()
+    assert dlg.backup.isChecked() and dlg.keep_backup()
+    assert not dlg.ok.isDefault()
+    # confirmed with a backup
+    window.repair_confirm = lambda node, report: (True, True)
+    window.select_paths([p])
+    (dry,) = window.check_selected(repair=True)
+    ok(qtbot, dry)
+    qtbot.waitUntil(lambda: any(j.kind == "repair" for j in started), timeout=3000)
+    (job,) = [j for j in started if j.kind == "repair"]
+    ok(qtbot, job)
+    rep = job.result
+    assert rep.repaired and rep.backup and rep.orphans_file
+    with open(os.path.join(rep.backup, "disk.vdi"), "rb") as f:
+        assert f.read() == before
+    with open(rep.orphans_file, "rb") as f:
+        assert b"\x22" * MiB in f.read()
+    qtbot.waitUntil(lambda: any(m.windowTitle() == "Repair result" for m in window.messages),
+                    timeout=3000)
+    box = [m for m in window.messages if m.windowTitle() == "Repair result"][-1]
+    assert rep.orphans_file in box.text() and rep.backup in box.text()

@@ -79,6 +79,7 @@ class MainWindow(QMainWindow):
         self._alloc_cache: dict[str, dict] = {}
         self._pending_select: list[str] = []
         self.confirm = self._confirm_box   # overridable in tests
+        self.repair_confirm = self._repair_dialog    # (ok, keep a backup); overridable in tests
         self.secret_prompts: dict = {}     # path -> open SecretsDialog
         self._secrets_asked: set[str] = set()
 
@@ -940,12 +941,51 @@ class MainWindow(QMainWindow):
         return out
 
     def check_selected(self, repair: bool = False) -> list[Job]:
+        """Check; or, for a repair, a dry run first whose findings the user confirms."""
         out = []
         for node in self.selected_nodes():
+            if repair:
+                job = self._repair_job(node, dry_run=True)
+                out.append(self.start_job(job, lambda res, n=node: self._repair_findings(n, res)))
+                continue
             job = tasks.check_job(node.path, repair=repair, format=node.record.format,
                                   key=self.chain_key(node))
             out.append(self.start_job(job, lambda res, n=node, j=job: self._check_done(n, res, repair)))
         return out
+
+    def _repair_job(self, node, *, dry_run: bool, backup: bool = False) -> Job:
+        from vdgui.vd import check
+        path, fmt = node.path, node.record.format
+
+        def fn(progress):
+            return check(path, format=fmt, repair=True, dry_run=dry_run, backup=backup,
+                         progress=progress)
+        title = (f"Check {node.name} before repairing" if dry_run else f"Repair {node.name}"
+                 + (" (with a backup)" if backup else ""))
+        return Job(title, fn, keys=[self.chain_key(node)], paths=[path],
+                   kind="check" if dry_run else "repair")
+
+    def _repair_findings(self, node, report) -> Job | None:
+        """The dry run's findings: nothing to do, or ask (findings, effects, backup) first."""
+        if not isinstance(report, CheckReport):
+            return None
+        if not report.problems:
+            self._check_done(node, report, False)
+            return None
+        answer = self.repair_confirm(node, report)
+        if not answer or not answer[0]:
+            self.statusBar().showMessage(f"Repair of {node.name} cancelled; nothing was changed", 8000)
+            return None
+        job = self._repair_job(node, dry_run=False, backup=answer[1])
+        return self.start_job(job, lambda res, n=node: self._check_done(n, res, True))
+
+    def _repair_dialog(self, node, report) -> tuple[bool, bool]:
+        from .dialogs.repair import RepairDialog
+        dlg = RepairDialog(node, report, self)
+        ok = dlg.exec() == QDialog.Accepted
+        backup = dlg.keep_backup()
+        dlg.deleteLater()
+        return ok, backup
 
     def _check_done(self, node, report, repair: bool) -> None:
         if repair:
@@ -967,6 +1007,11 @@ class MainWindow(QMainWindow):
             if report.corrupt and not repair and actions.reason("repair", [node], self.context()) is None:
                 text += "<br><br>Use <b>Repair</b> to fix what can be fixed."
             ic = QMessageBox.Warning if report.corrupt else QMessageBox.Information
+        if repair and report.backup:
+            text += f"<br><br>Backup of the image before the repair: {html.escape(report.backup)}"
+        if repair and report.orphans_file:
+            text += (f"<br><br>Unreferenced data saved to {html.escape(report.orphans_file)} "
+                     "(index: the .json beside it)")
         box = QMessageBox(ic, "Repair result" if repair else "Check result", text, QMessageBox.Ok, self)
         box.setAttribute(Qt.WA_DeleteOnClose)
         box.setModal(False)

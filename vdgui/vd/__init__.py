@@ -18,7 +18,7 @@ from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
 from .ops.compact import compact
 from .ops.identity import give_new_uuid
 from .ops.merge import merge, merge_disk
-from .ops.repair import check
+from .ops.repair import check, describe_effects
 from .ops.resize import resize
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)

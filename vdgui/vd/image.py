@@ -109,6 +109,11 @@ class Problem:
 class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     repaired: bool = False
+    # file areas (file, offset, length) that hold blocks no table references, which a repair
+    # drops or reuses: CHECK hooks list them; ops.repair keeps those that hold data
+    orphans: list[tuple[str, int, int]] = field(default_factory=list)
+    orphans_file: str | None = None         # where a repair saved the orphans holding data
+    backup: str | None = None               # the copy of the image made before repairing
 
     @property
     def corrupt(self) -> bool:

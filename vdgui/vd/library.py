@@ -100,8 +100,7 @@ def mark_duplicates(records: list["ImageRecord"], library: "Library | None" = No
         if r.uuid and r.error is None:
             groups.setdefault(r.uuid.lower(), []).append(r.path)
     if library is not None:
-        with library._lock:
-            rows = library._db.execute("SELECT path, uuid FROM images WHERE uuid IS NOT NULL").fetchall()
+        rows = library.uuid_rows()
         known = {r.path for r in records}
         for path, uid in rows:
             g = groups.get(uid.lower())
@@ -181,7 +180,16 @@ class Library:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
+
+    def uuid_rows(self) -> list[tuple[str, str]]:
+        """(path, uuid) of every known image with a UUID; none once the library is closed (a
+        window's last scan result may arrive after that)."""
+        with self._lock:
+            if getattr(self, "_closed", False):
+                return []
+            return self._db.execute("SELECT path, uuid FROM images WHERE uuid IS NOT NULL").fetchall()
 
     def __enter__(self):
         return self

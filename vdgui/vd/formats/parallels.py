@@ -413,6 +413,7 @@ class ParallelsImage(Image):
         if self.file_len > high and not dups:
             rep.problems.append(Problem("leak", f"{self.file_len - high} bytes past the last used "
                                         "cluster", high, repaired=fix, code=ProblemCode.LEAK))
+            rep.orphans.append((self.location, high, self.file_len - high))
             if fix:
                 self.f.truncate(high)
                 self.file_len = high

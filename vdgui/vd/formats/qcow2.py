@@ -1923,6 +1923,8 @@ class Qcow2Image(Image):
                 problems.append(Problem("leak", f"cluster {c} (offset {c * cs:#x}) leaked: "
                                         f"refcount={stored} reference={want}", c * cs,
                                         code=ProblemCode.LEAK))
+                if want == 0 and c * cs < self.fsize:     # nothing references it: an orphan
+                    self._orphans.append((self.location, c * cs, min(cs, self.fsize - c * cs)))
         return bad_structure
 
     def _copied_problems(self, problems: list, counts, fixes: list) -> None:
@@ -1970,11 +1972,13 @@ class Qcow2Image(Image):
         prog = Progress(progress, max(len(self.l1), 1))
         prog.start()
         problems: list = []
+        self._orphans: list = []
         counts, fixes = self._count_refs(problems, prog)
         bad_structure = self._stored_problems(counts, problems)
         self._copied_problems(problems, counts, fixes)
         marked = self.incompat & (L.INCOMPAT_CORRUPT | L.INCOMPAT_DIRTY)
-        report = CheckReport(problems=problems)
+        report = CheckReport(problems=problems, orphans=self._orphans)
+        self._orphans = []
         if repair and not dry_run and (problems or marked):
             self._apply_fixes(fixes)
             counts, _ = self._count_refs([], include_rt=False)

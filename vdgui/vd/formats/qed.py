@@ -749,6 +749,7 @@ class QedImage(Image):
             problems.append(Problem("leak", f"cluster {c} (offset {c * cs:#x}) is not referenced",
                                     c * cs, code=ProblemCode.LEAK))
         report = CheckReport(problems=problems)
+        report.orphans = [(self.location, c * cs, min(cs, self.fsize - c * cs)) for c in leaks]
         if repair and not dry_run and problems:
             fixed_entries = {at for at, _ in fixes if at >= 0}
             for at in fixed_entries:

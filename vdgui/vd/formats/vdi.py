@@ -1013,6 +1013,9 @@ class VdiImage(Image):
         if holes > 0:
             add("leak", f"{holes} file block(s) below block {top} are not referenced by the "
                         "map; repair compacts the data area", self.offset_data, ProblemCode.LEAK)
+        # every whole block slot of the file no entry references: a repair drops it
+        report.orphans = [(self.location, self.offset_data + v * self._total, self._total)
+                          for v in range(limit) if not seen[v]]
         want = max(self.offset_data + (top + 1) * self._total,
                    self.offset_data + self.allocated * self._total,
                    self.offset_blocks + self.blocks * 4)

@@ -1120,8 +1120,9 @@ class VhdImage(Image):
                     "corrupt", f"the block of BAT entry {idx} runs into the footer",
                     self.bat[idx] * SECTOR, code=ProblemCode.OVERLAP))
                 footer_fix = True
-            for off, _n, what in self._find_leaks():
+            for off, n, what in self._find_leaks():
                 rep.problems.append(Problem("leak", what, off, code=ProblemCode.LEAK))
+                rep.orphans.append((self.location, off, n))
         prog.advance(1)
         if fix and rep.problems:
             for idx in bat_fix:                      # BAT first, header next, footer last

@@ -1627,6 +1627,7 @@ class VmdkImage(Image):
             report.problems.append(Problem(
                 "leak", f"{e.path}: {size - end} bytes after the last referenced grain or table "
                 f"are not used", end, fix, code=ProblemCode.LEAK))
+            report.orphans.append((e.path, end, size - end))
             if fix:
                 e.f.truncate(end)
                 e.file_size = end
