@@ -361,65 +361,20 @@ def _tune_malloc() -> None:
     mallopt(M_TOP_PAD, 64 << 20)
 
 
-def _first_diff(a: bytes, b: bytes) -> int:
-    lo, hi = 0, min(len(a), len(b))
-    # binary search on memcmp'd halves: fast even for 4 MiB windows
-    while hi - lo > 64:
-        mid = (lo + hi) // 2
-        if a[lo:mid] != b[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    for i in range(lo, hi):
-        if a[i] != b[i]:
-            return i
-    return hi
-
-
-def _nonzero_at(d: vd.Disk, start: int, end: int):
-    for ext in d.allocation(start, end - start):
-        if ext.status != vd.Alloc.DATA:
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            n = min(CHUNK, ext.end - pos)
-            data = d.read(pos, n)
-            lead = len(data) - len(data.lstrip(b"\0"))
-            if lead < len(data):
-                return pos + lead
-            pos += n
-    return None
-
-
-def _has_data(d: vd.Disk, start: int, n: int) -> bool:
-    return any(e.status == vd.Alloc.DATA for e in d.allocation(start, n))
-
-
 def cmd_compare(args) -> int:
     prog = TtyProgress("compare")
     try:
         with _open_chain(args, args.a, args.format) as da, \
                 _open_chain(args, args.b, args.b_format) as db:
-            common = min(da.size, db.size)
-            pos = 0
-            while pos < common:
-                n = min(CHUNK, common - pos)
-                if _has_data(da, pos, n) or _has_data(db, pos, n):
-                    x, y = da.read(pos, n), db.read(pos, n)
-                    if x != y:
-                        _out(f"Content mismatch at offset {pos + _first_diff(x, y)}!")
-                        return 1
-                pos += n
-                prog(pos, max(da.size, db.size))
-            if da.size != db.size:
-                _out("Warning: Image size mismatch!")
-                big = da if da.size > db.size else db
-                bad = _nonzero_at(big, common, big.size)
-                if bad is not None:
-                    _out(f"Content mismatch at offset {bad}!")
-                    return 1
+            r = vd.compare_disks(da, db, prog)
     finally:
         prog.close()
+    in_tail = r.offset is not None and r.offset >= min(r.sizes)
+    if r.size_mismatch and (r.identical or in_tail):
+        _out("Warning: Image size mismatch!")
+    if not r.identical:
+        _out(f"Content mismatch at offset {r.offset}!")
+        return 1
     _out("Images are identical.")
     return 0
 

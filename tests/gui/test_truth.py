@@ -221,3 +221,27 @@ def test_panes_never_show_stale_data(qtbot, window, vdi_chain, tmp_path):
     window.remove_selected()
     assert window.details.node is None
     assert window.details.head_title.text() == "No image selected"
+
+
+def test_compare_two_images_from_the_app(qtbot, window, vdi_chain, tmp_path):
+    """Issue #13 item 7: the app compares two images (any formats) as the CLI does."""
+    from vdgui.gui import actions
+    from vdgui.vd import copy_image
+    flat = str(tmp_path / "flat.qcow2")
+    copy_image(vdi_chain["snap2"], flat, "QCOW2")
+    window.add_paths([vdi_chain["snap2"], vdi_chain["branch"], flat], sync=True)
+    a, b = window.model.node(vdi_chain["snap2"]), window.model.node(flat)
+    assert "Select two images" in actions.reason("compare", [a])
+    assert actions.reason("compare", [a, b]) is None
+    window.select_paths([vdi_chain["snap2"], flat])
+    assert window.actions["compare"].isEnabled()
+    shown = []
+    orig = window._compare_done
+    window._compare_done = lambda *args: shown.append(orig(*args))
+    job = window.compare_selected()
+    qtbot.waitUntil(lambda: bool(shown), timeout=20000)
+    assert job.result.identical and "read the same" in shown[0].text()
+    window.select_paths([vdi_chain["snap2"], vdi_chain["branch"]])
+    window.compare_selected()
+    qtbot.waitUntil(lambda: len(shown) == 2, timeout=20000)
+    assert "differ" in shown[1].text() and "offset 1,048,576" in shown[1].text()

@@ -37,6 +37,8 @@ SPECS = (
     ActionSpec("merge", "Mer&ge…", "merge", "Ctrl+Shift+G", "Merge images of a snapshot chain"),
     ActionSpec("resize", "Resi&ze…", "resize", "Ctrl+Shift+Z", "Change the virtual size"),
     ActionSpec("compact", "Com&pact", "compact", "", "Give unused space back to the host"),
+    ActionSpec("compare", "Com&pare", "compare", "Ctrl+Shift+O",
+               "Compare what two selected images read (any formats, any chains)"),
     ActionSpec("check", "C&heck", "check", "Ctrl+Shift+K", "Check the image for consistency"),
     ActionSpec("repair", "Rep&air", "repair", "", "Check the image and repair what can be repaired"),
     ActionSpec("remove", "&Remove from List", "remove", "Ctrl+Shift+R",
@@ -56,11 +58,11 @@ SPEC = {s.key: s for s in SPECS + (NETWORK,)}
 # actions that need every selected image to be idle, and the operation each needs from the engine
 _OP = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "resize",
        "compact": "compact", "check": "check", "repair": "check"}
-_MULTI = {"compact", "check", "repair", "remove", "delete"}
+_MULTI = {"compact", "check", "repair", "remove", "delete", "compare"}
 _VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "move",
          "merge": "merge", "resize": "resize", "compact": "compact", "check": "check",
          "repair": "repair", "remove": "remove", "delete": "delete",
-         "comment": "change the description of"}
+         "comment": "change the description of", "compare": "compare"}
 
 
 @dataclass
@@ -88,7 +90,9 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
             return None
         return "No registered format can create images"
     if not nodes:
-        return "Select an image first"
+        return "Select an image first" if key != "compare" else "Select two images to compare"
+    if key == "compare" and len(nodes) != 2:
+        return "Select two images to compare (Ctrl+click the second)"
     if key not in _MULTI and len(nodes) > 1:
         return f"Select a single image to {_VERB.get(key, 'use this action on')} it"
     if key == "properties":

@@ -109,6 +109,7 @@ class MainWindow(QMainWindow):
                     "move": self.move_dialog, "merge": self.merge_dialog,
                     "resize": self.resize_dialog, "compact": self.compact_selected,
                     "check": lambda: self.check_selected(False),
+                    "compare": self.compare_selected,
                     "repair": lambda: self.check_selected(True),
                     "remove": self.remove_selected, "delete": self.delete_selected,
                     "refresh": self.refresh, "properties": self.toggle_properties}
@@ -156,7 +157,7 @@ class MainWindow(QMainWindow):
         self.toolbar.setIconSize(QSize(28, 28))
         self.toolbar.setMovable(False)
         groups = (("add", "network", "create", "snapshot"), ("copy", "move", "merge", "resize", "compact"),
-                  ("check", "repair"), ("remove", "delete"), ("refresh", "properties"))
+                  ("check", "repair", "compare"), ("remove", "delete"), ("refresh", "properties"))
         for gi, g in enumerate(groups):
             if gi:
                 self.toolbar.addSeparator()
@@ -280,7 +281,7 @@ class MainWindow(QMainWindow):
         m.addAction(self.action_quit)
         m = self.menus["image"] = mb.addMenu("&Image")
         for k in ("snapshot", "copy", "move", "merge", "resize", "compact", None, "check", "repair",
-                  None, "remove", "delete", None, "properties"):
+                  "compare", None, "remove", "delete", None, "properties"):
             if k is None:
                 m.addSeparator()
             else:
@@ -660,7 +661,7 @@ class MainWindow(QMainWindow):
         m = QMenu(self)
         if idx.isValid():
             for k in ("properties", None, "snapshot", "copy", "move", "merge", "resize", "compact",
-                      None, "check", "repair", None, "remove", "delete"):
+                      None, "check", "repair", "compare", None, "remove", "delete"):
                 if k is None:
                     m.addSeparator()
                 else:
@@ -939,6 +940,36 @@ class MainWindow(QMainWindow):
             job = tasks.compact_job(node.path, format=node.record.format, key=self.chain_key(node))
             out.append(self.start_job(job, lambda res, p=node.path: self._rescan([p])))
         return out
+
+    def compare_selected(self) -> Job | None:
+        nodes = self.selected_nodes()
+        if len(nodes) != 2:
+            return None
+        a, b = nodes
+        job = tasks.compare_job(a.path, b.path, formats=(a.record.format, b.record.format),
+                                keys=[self.chain_key(a), self.chain_key(b)])
+        return self.start_job(job, lambda res: self._compare_done(a.name, b.name, res))
+
+    def _compare_done(self, a: str, b: str, res) -> QMessageBox:
+        if res.identical:
+            text = f"<b>{html.escape(a)}</b> and <b>{html.escape(b)}</b> read the same."
+            if res.size_mismatch:
+                text += (f"<br>Their sizes differ ({format_size(res.sizes[0])} and "
+                         f"{format_size(res.sizes[1])}); the larger one reads zeroes past the "
+                         "end of the smaller.")
+            ic = QMessageBox.Information
+        else:
+            text = (f"<b>{html.escape(a)}</b> and <b>{html.escape(b)}</b> differ. The first "
+                    f"difference is at offset {res.offset:,} ({format_size(res.offset)} into "
+                    "the disk).")
+            ic = QMessageBox.Warning
+        box = QMessageBox(ic, "Compare result", text, QMessageBox.Ok, self)
+        box.setObjectName("compareResult")
+        box.setAttribute(Qt.WA_DeleteOnClose)
+        box.setModal(False)
+        box.show()
+        self.messages.append(box)
+        return box
 
     def check_selected(self, repair: bool = False) -> list[Job]:
         """Check; or, for a repair, a dry run first whose findings the user confirms."""

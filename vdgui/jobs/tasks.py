@@ -100,6 +100,15 @@ def compact_job(path: str, *, format: str | None = None, key: str | None = None)
                kind="compact")
 
 
+def compare_job(a: str, b: str, *, formats=(None, None), keys=()) -> Job:
+    """Compare what two images read; the result is a vd.CompareResult."""
+    def fn(progress):
+        return vd.compare(a, b, a_format=formats[0], b_format=formats[1], progress=progress)
+
+    return Job(f"Compare {os.path.basename(a)} with {os.path.basename(b)}", fn,
+               keys=list(keys) or [a, b], paths=[a, b], kind="compare")
+
+
 def check_job(path: str, *, repair: bool = False, format: str | None = None,
               key: str | None = None) -> Job:
     def fn(progress):

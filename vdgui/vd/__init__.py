@@ -14,6 +14,7 @@ from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .progress import Progress, ProgressCallback
+from .ops.compare import CompareResult, compare, compare_disks
 from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
 from .ops.compact import compact
 from .ops.identity import give_new_uuid
