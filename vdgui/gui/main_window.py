@@ -214,6 +214,7 @@ class MainWindow(QMainWindow):
         h.resizeSection(COL_VSIZE, 92)
         h.resizeSection(COL_ASIZE, 92)
         h.resizeSection(4, 110)
+        h.resizeSection(5, 124)          # the State column fits "Duplicate UUID"
         h.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.tree.selectionModel().selectionChanged.connect(self._selection_changed)
         self.empty_hint = QLabel("No images yet. Use <b>Add</b> (Ctrl+Shift+A), <b>Create</b>, "

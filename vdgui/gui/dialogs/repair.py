@@ -45,6 +45,7 @@ class RepairDialog(QDialog):
         self.findings.setObjectName("repairFindings")
         self.findings.setWordWrap(True)
         self.findings.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.findings.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.findings)
@@ -59,10 +60,9 @@ class RepairDialog(QDialog):
         kept = ""
         if report.orphans:
             data = sum(n for _f, _o, n in report.orphans)
-            kept = (f"<b>{format_size(data)}</b> of data in blocks no table references will be "
-                    f"saved to <b>{html.escape(node.name)}.orphans-DATE.bin</b> (with an index, "
-                    f".json) in {html.escape(os.path.dirname(node.path))} before anything is "
-                    "repaired. Nothing is dropped silently.")
+            kept = (f"<b>Kept:</b> the {format_size(data)} of unreferenced data go to "
+                    f"<b>{html.escape(node.name)}.orphans-DATE.bin</b> and its index (.json) in "
+                    f"{html.escape(os.path.dirname(node.path))} before anything is repaired.")
         self.kept = QLabel(kept)
         self.kept.setObjectName("repairKept")
         self.kept.setWordWrap(True)

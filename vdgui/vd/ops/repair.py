@@ -282,15 +282,15 @@ def describe_effects(report: CheckReport) -> list[str]:
                    "disk then reads as zeroes (or from the parent image).")
     data = sum(n for _f, _o, n in report.orphans)
     if report.orphans:
-        out.append(f"{len(report.orphans)} unreferenced area(s) hold data ({data} bytes): no "
+        from ..sizes import format_size
+        out.append(f"{len(report.orphans)} unreferenced area(s) hold data ({format_size(data)}, "
+                   f"{data:,} bytes): no "
                    "table points to them, so the disk does not show them now, and the repair "
                    "frees their space. They are saved first beside the image, as "
                    "NAME.orphans-DATE.bin with an index (.json).")
     if leaks and not report.orphans:
         out.append(f"{len(leaks)} leak(s): the space is unreferenced and holds no data; freeing "
                    "it loses nothing.")
-    elif leaks:
-        out.append("Unreferenced space that holds only zeroes is freed; that loses nothing.")
     return out
 
 
