@@ -109,3 +109,12 @@ def test_property_file_from_a_pipe_with_a_writer_still_works(tmp_path):
     finally:
         os.close(r)
     assert code == 0, err
+
+
+def test_parallels_bundle_descriptor_fifo(tmp_path):
+    bundle = tmp_path / "b.hdd"
+    bundle.mkdir()
+    os.mkfifo(bundle / "DiskDescriptor.xml")
+    for args in (("info", "-f", "Parallels", bundle), ("info", bundle)):
+        code, err = vimg(*args)
+        assert code == 1 and ("FIFO" in err or "is a directory" in err), (args, err)

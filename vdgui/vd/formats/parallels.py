@@ -553,8 +553,8 @@ class ParallelsBundleImage(Image):
         if st.st_size > MAX_DESCRIPTOR:
             raise self._corrupt("descriptor too large", field="file size",
                                 expected=f"<= {MAX_DESCRIPTOR} bytes", found=st.st_size)
-        with open(self.descriptor, "rb") as fh:
-            text = fh.read(MAX_DESCRIPTOR + 1)
+        with ImageFile(self.descriptor) as fh:      # a FIFO is refused, never waited on
+            text = fh.pread(0, MAX_DESCRIPTOR + 1)
         if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
             raise self._corrupt("descriptor carries a DTD/entity declarations; refused",
                                 field="DOCTYPE")
