@@ -150,3 +150,25 @@ def test_cli_check_repair_says_what_was_saved_where(tmp_path, capsys):
     saved = [n for n in os.listdir(tmp_path / "x") if n.endswith(".bin")]
     assert len(saved) == 1 and f"Unreferenced data saved to {tmp_path / 'x' / saved[0]}" in out
     assert "index:" in out and ".json" in out
+
+
+def test_parallels_bundle_saves_what_its_repair_drops(tmp_path):
+    p = str(tmp_path / "disk.hdd")
+    with Disk() as d:
+        d.create_base(p, 8 * MiB, "Parallels", config={"Bundle": 1})
+        d.write(0, b"\x11" * MiB)
+    (hds,) = [os.path.join(p, n) for n in os.listdir(p) if n.endswith(".hds")]
+    _append(hds, b"\x77" * MiB)
+    dry = check(p, repair=True, dry_run=True)
+    assert dry.orphans and dry.orphans[0][0] == hds
+    with open(hds, "rb") as f:
+        before = f.read()
+    rep = check(p, repair=True, backup=True)
+    assert rep.orphans_file and os.path.dirname(rep.orphans_file) == str(tmp_path)
+    data, index = _saved_blocks(rep)
+    assert b"\x77" * MiB in data and index["blocks"][0]["file"] == hds
+    # the backup keeps the bundle's layout (descriptor and extent inside disk.hdd/)
+    inside = os.path.join(rep.backup, "disk.hdd")
+    assert sorted(os.listdir(inside)) == sorted(os.listdir(p))
+    with open(os.path.join(inside, os.path.basename(hds)), "rb") as f:
+        assert f.read() == before

@@ -830,6 +830,7 @@ class ParallelsBundleImage(Image):
                     for p in r.problems:
                         p.what = f"{os.path.basename(layer.location)}: {p.what}"
                         rep.problems.append(p)
+                    rep.orphans.extend(r.orphans)
         rep.repaired = any(p.repaired for p in rep.problems)
         if progress:
             progress(1, 1)

@@ -245,6 +245,8 @@ def _backup(path: str, files: list[str], stamp: str) -> str:
     """Copy the image's files into NAME.backup-DATE/ beside it (a temporary folder, synced,
     renamed). Returns the folder."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):             # a bundle: everything in it, not only what is read
+        files = list(files) + [os.path.join(r, n) for r, _d, ns in os.walk(path) for n in ns]
     files = list(dict.fromkeys(os.path.abspath(f) for f in files))
     _need_space(folder, sum(os.stat(f).st_blocks * 512 for f in files if os.path.exists(f)),
                 "the backup copy")
