@@ -106,12 +106,15 @@ def test_details_pane_follows_a_resize_and_apply_never_shrinks_silently(qtbot, w
         assert disk.size == 12 * MiB
     assert d.size.value() == 12 * MiB and not d.apply_button.isEnabled()
 
-    # below the data: refused with the reason, no question, no job
+    # below the data: the pane says why as it is typed (the Resize dialog's rules), and Apply
+    # from anywhere is refused with the reason, no question, no job
     asked.clear()
     d.size.setValue(MiB // 2)
-    d.apply_button.click()
+    assert not d.apply_button.isEnabled() and "holds data up to" in d.edit_hint.text()
+    assert window.apply_details(d.node, {"size": MiB // 2}) == []
     assert not asked and not [j for j in started if j.kind == "resize"]
     assert any("holds data up to" in m.text() for m in window.messages)
+    d.reset()
 
     # accepted: the shrink runs
     window.confirm = lambda *a: (asked.append(a[1]), (True, False))[1]
@@ -284,3 +287,17 @@ def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, wind
                     timeout=3000)
     box = [m for m in window.messages if m.windowTitle() == "Repair result"][-1]
     assert rep.orphans_file in box.text() and rep.backup in box.text()
+
+
+def test_details_pane_applies_the_resize_dialogs_rules(qtbot, window, tmp_path):
+    """A VMDK cannot shrink in place: the pane says so as the size is typed, like the dialog."""
+    p = str(tmp_path / "solo.vmdk")
+    with Disk() as disk:
+        disk.create_base(p, 8 * MiB, "VMDK")
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    d = window.details
+    d.size.setValue(4 * MiB)
+    assert not d.apply_button.isEnabled() and "cannot be shrunk" in d.edit_hint.text()
+    d.size.setValue(16 * MiB)
+    assert d.apply_button.isEnabled() and not d.edit_hint.text()

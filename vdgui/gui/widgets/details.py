@@ -49,6 +49,7 @@ class DetailsPane(QScrollArea):
         self.setFrameShape(QFrame.NoFrame)
         self.node = None
         self._shown: dict = {}          # the values the editors were last reset to
+        self._used_end: int | None = None
         self.properties: dict = {}
         self.ctx = actions.Context()
         body = QWidget()
@@ -281,6 +282,7 @@ class DetailsPane(QScrollArea):
         extra = "; ".join(f"{k}: {val}" for k, val in (rec.details or {}).items())
         v["extra"].setText(html.escape(extra) or "—")
         self.files.setText("<br>".join(html.escape(f) for f in (rec.files or [rec.path])))
+        self._used_end = None
         self.allocation.clear("Reading the allocation map…" if node.accessible else
                               "Not available for an inaccessible image")
         self.alloc_legend.setText("")
@@ -310,6 +312,8 @@ class DetailsPane(QScrollArea):
         if self.node is None or self.node.path != path:
             return
         self.allocation.set_data(size, extents, members)
+        from vdgui.vd import Alloc
+        self._used_end = max((e.end for e in extents if e.status == Alloc.DATA), default=0)
         rows = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
             c = level_color(lv).name()
@@ -323,8 +327,8 @@ class DetailsPane(QScrollArea):
             self.allocation.clear(message)
 
     def used_end(self) -> int | None:
-        """End of the last allocated byte, when the allocation map is known."""
-        return None
+        """End of the last allocated byte of the shown image, when its allocation map is known."""
+        return self._used_end
 
     # -- editing --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -404,6 +408,13 @@ class DetailsPane(QScrollArea):
             err = self.size.error()
             if err:
                 return err
+            # the Resize dialog's rules (the data's end is checked again on Apply when unknown)
+            from ..dialogs.resize import resize_problems
+            used = self.used_end()
+            errors, _w = resize_problems(self.node, ch["size"],
+                                         used if used is not None else 0)
+            if errors:
+                return errors[0]
         return None
 
     def _edited(self, *_):
