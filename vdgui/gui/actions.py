@@ -40,7 +40,8 @@ SPECS = (
     ActionSpec("compare", "Com&pare", "compare", "Ctrl+Shift+O",
                "Compare what two selected images read (any formats, any chains)"),
     ActionSpec("check", "C&heck", "check", "Ctrl+Shift+K", "Check the image for consistency"),
-    ActionSpec("repair", "Rep&air", "repair", "", "Check the image and repair what can be repaired"),
+    ActionSpec("repair", "Rep&air…", "repair", "", "Check the image, show what a repair would "
+               "change, and repair after you confirm (offers a backup; unreferenced data is kept)"),
     ActionSpec("remove", "&Remove from List", "remove", "Ctrl+Shift+R",
                "Forget the selected images (files stay on disk)", short="Remove"),
     ActionSpec("delete", "&Delete from Disk…", "delete", "Shift+Del",
