@@ -245,3 +245,68 @@ def test_compare_two_images_from_the_app(qtbot, window, vdi_chain, tmp_path):
     window.compare_selected()
     qtbot.waitUntil(lambda: len(shown) == 2, timeout=20000)
     assert "differ" in shown[1].text() and "offset 1,048,576" in shown[1].text()
+
+
+def _crosslinked_vdi(path):
+    import struct
+    with Disk() as d:
+        d.create_base(str(path), 4 << 20, "VDI")
+        d.write(0, b"\x01" * (2 << 20))
+    from vdgui.vd.formats import vdi_layout as L
+    with open(path, "r+b") as f:
+        f.seek(L.H1["offset_blocks"])
+        off_blocks = struct.unpack("<I", f.read(4))[0]
+        f.seek(off_blocks + 4)
+        f.write(struct.pack("<I", 0))          # block 1 -> block 0's data: cross-linked
+    return str(path)
+
+
+def test_check_result_is_on_the_image(qtbot, window, tmp_path):
+    """Issue #13 item 1: after Check finds damage the image says Corrupt (icon, tooltip), the job
+    line has a warning icon, the result offers Repair…; the state lasts until the file changes."""
+    from PySide6.QtCore import Qt
+    from vdgui.gui.models.media import COL_STATE
+    p = _crosslinked_vdi(tmp_path / "bad.vdi")
+    window.add_paths([p], sync=True)
+    node = window.model.node(p)
+    assert node.state_text() == "Available"
+    window.select_paths([p])
+    boxes = []
+    orig = window._check_done
+    window._check_done = lambda *a: boxes.append(orig(*a))
+    job = window.check_selected(False)[0]
+    qtbot.waitUntil(lambda: bool(boxes), timeout=20000)
+    node = window.model.node(p)
+    assert node.state_text() == "Corrupt"
+    idx = window.model.index_for(node, COL_STATE)
+    assert "Corrupt" in window.model.data(idx, Qt.ToolTipRole)
+    assert not window.model.data(idx, Qt.DecorationRole).isNull()
+    row = window.jobs_panel.rows[job.id]
+    assert row.icon.toolTip() == "Problems found"
+    assert boxes[0].findChild(type(boxes[0].buttons()[0]), "repairButton") is not None
+    # kept in the library while the file is unchanged; a change makes it unknown again
+    assert window.library.scan(p).health == "corrupt"
+    os.utime(p, ns=(1, 1))
+    assert window.library.scan(p).health is None
+
+
+def test_an_image_another_program_holds_is_locked(qtbot, window, tmp_path, qemu):
+    import subprocess
+    p = str(tmp_path / "held.qcow2")
+    with Disk() as d:
+        d.create_base(p, 4 << 20, "QCOW2")
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", p], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        qtbot.waitUntil(lambda: window.library.scan(p).held == "for writing", timeout=10000)
+        window.add_paths([p], sync=True)
+        node = window.model.node(p)
+        assert node.state_text() == "Locked"
+        from PySide6.QtCore import Qt
+        from vdgui.gui.models.media import COL_STATE
+        assert "another program" in window.model.data(window.model.index_for(node, COL_STATE),
+                                                      Qt.ToolTipRole)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert window.library.scan(p).held is None

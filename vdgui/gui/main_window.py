@@ -23,7 +23,7 @@ from .actions import SPECS, Context
 from .icons import app_icon, format_icon, icon
 from .models.media import (COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel)
 from .widgets.details import DetailsPane
-from .widgets.jobs_panel import JobsPanel
+from .widgets.jobs_panel import JobsPanel, check_summary
 
 DEVICE_TABS = ((DeviceType.HARD_DISK, "&Hard disks", "hdd"),
                (DeviceType.OPTICAL, "&Optical disks", "optical"),
@@ -1019,11 +1019,24 @@ class MainWindow(QMainWindow):
         dlg.deleteLater()
         return ok, backup
 
-    def _check_done(self, node, report, repair: bool) -> None:
+    def _check_done(self, node, report, repair: bool) -> QMessageBox | None:
+        if not isinstance(report, CheckReport):
+            if repair:
+                self._rescan([node.path])
+            return None
+        # the result is on the image: its state column says Corrupt / Leaks until it changes
+        left = [p for p in report.problems if not p.repaired]
+        state = ("corrupt" if report.corrupt and left else
+                 "leaks" if report.leaks and left else None)
+        note = check_summary(report) if state else ""
+        self.library.set_health(node.path, state, note)
         if repair:
             self._rescan([node.path])
-        if not isinstance(report, CheckReport):
-            return
+        elif self.model.node(node.path) is not None:
+            rec = self.model.node(node.path).record
+            rec.health, rec.health_note = state, note
+            self.model.update_records([rec])
+            self._after_records()
         if not report.problems:
             self.statusBar().showMessage(f"{node.name}: no problems found", 8000)
             text = f"<b>{html.escape(node.name)}</b>: no problems found."
@@ -1037,7 +1050,7 @@ class MainWindow(QMainWindow):
             text = (f"<b>{html.escape(node.name)}</b> {state}.<br><br>" + "<br>".join(lines)
                     + (f"<br>… and {more} more" if more > 0 else ""))
             if report.corrupt and not repair and actions.reason("repair", [node], self.context()) is None:
-                text += "<br><br>Use <b>Repair</b> to fix what can be fixed."
+                text += "<br><br><b>Repair…</b> shows what each fix does before anything changes."
             ic = QMessageBox.Warning if report.corrupt else QMessageBox.Information
         if repair and report.backup:
             text += f"<br><br>Backup of the image before the repair: {html.escape(report.backup)}"
@@ -1045,10 +1058,24 @@ class MainWindow(QMainWindow):
             text += (f"<br><br>Unreferenced data saved to {html.escape(report.orphans_file)} "
                      "(index: the .json beside it)")
         box = QMessageBox(ic, "Repair result" if repair else "Check result", text, QMessageBox.Ok, self)
+        box.setObjectName("checkResult")
+        if (not repair and state is not None
+                and actions.reason("repair", [node], self.context()) is None):
+            fix = box.addButton("Repair…", QMessageBox.ActionRole)
+            fix.setObjectName("repairButton")
+            fix.clicked.connect(lambda _=False, p=node.path: self._repair_path(p))
         box.setAttribute(Qt.WA_DeleteOnClose)
         box.setModal(False)
         box.show()
         self.messages.append(box)
+        return box
+
+    def _repair_path(self, path: str):
+        """Repair… from a check result: the same confirmation as the Repair action."""
+        if self.model.node(path) is None:
+            return None
+        self.select_paths([path])
+        return self.check_selected(True)
 
     def remove_selected(self) -> list[str]:
         nodes = self.selected_nodes()

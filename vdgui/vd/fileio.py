@@ -303,6 +303,34 @@ def lock_files(paths, mode: LockMode) -> HeldLocks:
     return held
 
 
+def held_elsewhere(path: str) -> str | None:
+    """Who holds ``path`` against changes right now, without taking anything: "for writing"
+    when another open holds qemu's write permission (byte 101) or our exclusive flock, "for
+    reading" when one refuses writers (byte 201); None when nobody does or it cannot be told.
+    A look for the app's state column; an operation still takes its locks."""
+    try:
+        fd = _open_checked(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            if _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _QEMU_LOCK_START + 1) != fcntl.F_UNLCK:
+                return "for writing"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                return "for writing"
+            if _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
+                    _QEMU_LOCK_START + 100 + 1) != fcntl.F_UNLCK:
+                return "for reading"
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
+
+
 def _open_checked(path: str, flags: int, mode: int = 0o644) -> int:
     """os.open that never blocks on a FIFO and refuses what is not a regular file or a block
     device (a FIFO, socket or character device would hang or stream forever)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .backend import DeviceType, OpenFlags
 from .chain import find_parent
+from .fileio import held_elsewhere
 from .errors import ImageNotFound, InvalidArgument, VDError
 from .registry import backends_for_extension
 
@@ -66,6 +67,9 @@ class ImageRecord:
     bug: str | None = None                  # traceback when a backend failed unexpectedly
     scanned_at: float = 0.0
     duplicates: list[str] = field(default_factory=list)   # other known images with this UUID
+    health: str | None = None               # "corrupt" or "leaks" from the last check, while
+    health_note: str = ""                   # the file is unchanged since; what it found
+    held: str | None = None                 # "for writing"/"for reading": another program holds it
 
     @property
     def accessible(self) -> bool:
@@ -173,6 +177,8 @@ class Library:
             CREATE TABLE IF NOT EXISTS recent (path TEXT PRIMARY KEY, used REAL);
             CREATE TABLE IF NOT EXISTS secrets (path TEXT PRIMARY KEY, keys TEXT,
                 remember INTEGER);
+            CREATE TABLE IF NOT EXISTS health (path TEXT PRIMARY KEY, state TEXT, note TEXT,
+                mtime_ns INTEGER, size INTEGER);
         """)
         # secrets (BYTES config values) that are not remembered live here, for this session only
         self._session_secrets: dict[str, dict[str, bytes]] = {}
@@ -246,12 +252,44 @@ class Library:
                              (rec.format, rec.uuid, rec.parent_uuid, rec.parent_path,
                               rec.device_type, rec.path))
 
+    def set_health(self, path: str, state: str | None, note: str = "") -> None:
+        """What a check found ("corrupt", "leaks" or None: clean), kept while the file stays as
+        it was checked (same modification time and size); a later change makes it unknown."""
+        path = _norm(path)
+        with self._lock:
+            self._db.execute("DELETE FROM health WHERE path=?", (path,))
+            if state is None:
+                return
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
+            self._db.execute("INSERT INTO health VALUES (?,?,?,?,?)",
+                             (path, state, note, st.st_mtime_ns, st.st_size))
+
+    def health(self, path: str) -> tuple[str, str] | None:
+        """(state, note) of the last check while the file is unchanged since; else None."""
+        path = _norm(path)
+        with self._lock:
+            row = self._db.execute("SELECT state, note, mtime_ns, size FROM health WHERE path=?",
+                                   (path,)).fetchone()
+        if row is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if (st.st_mtime_ns, st.st_size) != (row[2], row[3]):
+            return None
+        return row[0], row[1]
+
     def remove(self, path: str) -> None:
         path = _norm(path)
         with self._lock:
             self._db.execute("DELETE FROM images WHERE path=?", (path,))
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
             self._db.execute("DELETE FROM secrets WHERE path=?", (path,))
+            self._db.execute("DELETE FROM health WHERE path=?", (path,))
             self._session_secrets.pop(path, None)
 
     def rename(self, old: str, new: str) -> None:
@@ -264,6 +302,7 @@ class Library:
             self._db.execute("UPDATE OR REPLACE properties SET path=? WHERE path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE recent SET path=? WHERE path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE secrets SET path=? WHERE path=?", (new, old))
+            self._db.execute("UPDATE OR REPLACE health SET path=? WHERE path=?", (new, old))
             if old in self._session_secrets:
                 self._session_secrets[new] = self._session_secrets.pop(old)
 
@@ -432,6 +471,11 @@ class Library:
                 rec.file_size = os.stat(path).st_blocks * 512
         except OSError:
             pass
+        h = self.health(path)
+        if h is not None:
+            rec.health, rec.health_note = h
+        rec.held = next((w for w in (held_elsewhere(f) for f in (rec.files or [path])) if w),
+                        None)
         return rec
 
     def _scan_network(self, rec: ImageRecord, fmt: str | None) -> ImageRecord:

@@ -99,8 +99,14 @@ class MediaNode:
             return "Busy"
         if not self.accessible:
             return "Inaccessible"
+        if self.record.held:
+            return "Locked"
         if self.broken_ancestor() is not None:
             return "Parent inaccessible"
+        if self.record.health == "corrupt":
+            return "Corrupt"
+        if self.record.health == "leaks":
+            return "Leaks"
         if self.record.duplicates:
             return "Duplicate UUID"
         if self.record.is_diff:
@@ -294,18 +300,35 @@ class MediaModel(QAbstractItemModel):
                 return format_icon(rec.device_type, rec.format)
             if col == COL_STATE and node.busy:
                 return icon("busy")
+            if col == COL_STATE and not node.accessible:
+                return icon("error")
+            if col == COL_STATE and rec.held:
+                return icon("lock")
+            if col == COL_STATE and rec.health == "corrupt":
+                return icon("error")
             if col == COL_STATE and node.accessible and (node.broken_ancestor() is not None
-                                                         or rec.duplicates):
+                                                         or rec.duplicates
+                                                         or rec.health == "leaks"):
                 return icon("warning")
         elif role == Qt.ToolTipRole:
             if not node.accessible:
                 return f"<b>Inaccessible</b><br>{_html(rec.error)}"
             if node.busy:
                 return f"<b>Busy</b>: {_html(node.busy)}<br>{_html(rec.path)}"
+            if rec.held:
+                return (f"<b>Locked</b>: another program (a running VM, qemu) holds it "
+                        f"{_html(rec.held)}; vdgui will not change it until that program lets "
+                        "it go" + (" (reading and copying still work)."
+                                   if rec.held == "for reading" else "."))
             bad = node.broken_ancestor()
             if bad is not None:
                 return (f"<b>Unusable</b>: it depends on {_html(bad.name)}, which is inaccessible:"
                         f"<br>{_html(bad.record.error)}")
+            if rec.health in ("corrupt", "leaks"):
+                head = ("<b>Corrupt</b>: the last check found damage" if rec.health == "corrupt"
+                        else "<b>Leaks</b>: the last check found unused space still allocated "
+                             "(harmless; Repair or Compact gives it back)")
+                return f"{head}<br>{_html(rec.health_note)}"
             if rec.duplicates:
                 return duplicate_text(rec)
             if col == COL_NAME:

@@ -87,7 +87,11 @@ class JobRow(QFrame):
             if rem is not None:
                 parts.append(f"about {fmt_duration(rem)} left")
         elif st == JobState.DONE:
-            self.icon.setPixmap(icon("ok").pixmap(18, 18))
+            problems = isinstance(j.result, CheckReport) and any(
+                not p.repaired for p in j.result.problems)
+            # the outcome's own icon: success, or a warning when problems were found and left
+            self.icon.setPixmap(icon("warning" if problems else "ok").pixmap(18, 18))
+            self.icon.setToolTip("Problems found" if problems else "Done")
             parts.append(f"Done in {fmt_duration(j.elapsed())}")
             if isinstance(j.result, CheckReport):
                 parts.append(check_summary(j.result))
@@ -95,6 +99,7 @@ class JobRow(QFrame):
                 parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
         elif st == JobState.FAILED:
             self.icon.setPixmap(icon("error").pixmap(18, 18))
+            self.icon.setToolTip("Failed")
             parts.append(f"<span style='color:#c9372c'>Failed: {_esc(j.error)}</span>")
         elif st == JobState.CANCELLED:
             self.icon.setPixmap(icon("cancel").pixmap(18, 18))
