@@ -109,3 +109,25 @@ def test_check_same_file(tmp_path):
             f.check_in_place()
     finally:
         f.close()
+
+
+def test_move_across_file_systems_source_replaced(tmp_path, monkeypatch):
+    """A move that copies (another file system) whose source is replaced meanwhile: ImageChanged,
+    the copy is removed, the file now at the source path is neither deleted nor changed."""
+    import vdgui.vd.ops.copy as copy_mod
+    from vdgui.vd import move_image
+    from vdgui.vd.progress import Progress
+
+    class Every(Progress):
+        def __init__(self, cb, total, interval=0.0):
+            super().__init__(cb, total, 0.0)
+    monkeypatch.setattr(copy_mod, "_same_fs", lambda a, b: False)
+    monkeypatch.setattr(copy_mod, "Progress", Every)
+    paths, _views = build_chain(tmp_path, "VDI", depth=0, size=4 * MiB)
+    p = paths[0]
+    (tmp_path / "dst").mkdir()
+    dst = str(tmp_path / "dst" / "moved.vdi")
+    shutil.copyfile(p, tmp_path / "orig")
+    with pytest.raises(ImageChanged, match="while the move ran"):
+        move_image(p, dst, progress=_once(lambda: os.replace(tmp_path / "orig", p)))
+    assert os.path.exists(p) and not os.path.exists(dst)

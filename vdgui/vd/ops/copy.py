@@ -46,8 +46,8 @@ from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
-from ..fileio import (LockMode, lock_files, make_temp_dir, start_writeback, syncing,
-                      temp_dir_files, unsynced)
+from ..fileio import (LockMode, check_same_file, lock_files, make_temp_dir, start_writeback,
+                      syncing, temp_dir_files, unsynced)
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
@@ -769,6 +769,7 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
     total = sum(os.stat(s).st_size for s, _d in plan)
     prog = Progress(progress, total)
     prog.start()
+    held: dict[str, int] = {}
     if all(_same_fs(s, dst_dir) for s, _d in plan):
         for _s, d in plan:
             os.makedirs(os.path.dirname(d), exist_ok=True)
@@ -776,6 +777,8 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
         moved = True
     else:
         tmpdir = _make_tempdir(dst_path)
+        for s, _d in plan:                  # the files copied, checked before their deletion
+            held[s] = os.open(s, os.O_RDONLY | os.O_CLOEXEC)
         try:
             staged = []
             base = 0
@@ -786,10 +789,16 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
                 base += os.stat(s).st_size
                 staged.append((tmp, d))
             _link_into_place(staged, overwrite=False)
+        except BaseException:
+            for fd in held.values():
+                os.close(fd)
+            raise
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         moved = False
     try:
+        for s, fd in held.items():          # still the files copied: else nothing is deleted
+            check_same_file(s, fd, "the move")
         if parent_path is not None:
             _relink_after_move(dst_abs, parent_path, be, allow_unsafe_paths)
         # differencing images of this one must still find it (rewrite their links if they can)
@@ -812,6 +821,9 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
                 with contextlib.suppress(VDError):
                     _relink_after_move(cpath, os.path.abspath(src_path), cbe, allow_unsafe_paths)
         raise
+    finally:
+        for fd in held.values():
+            os.close(fd)
     if not moved:
         for s, _d in plan:
             os.unlink(s)
@@ -851,6 +863,8 @@ def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe
         try:
             child = be.open(new_loc, OpenFlags.NORMAL | (flags & OpenFlags.ALLOW_UNSAFE_PATHS), None)
             try:
+                parent_disk.top.check_in_place("the move")
+                child.check_in_place("the move")
                 child.set_parent(parent_disk.top)
                 child.flush()
             finally:

@@ -51,6 +51,8 @@ def give_new_uuid(path: str, *, children=(), format: str | None = None, library=
             if why:
                 raise NotSupported(f"{c}: cannot relink it to {path}: {why}")
             kids.append(ci)
+        for im in opened:             # every file is still the one opened
+            im.check_in_place("giving a new UUID")
         img.set_uuid(new)
         img.flush()
         for ci in kids:
