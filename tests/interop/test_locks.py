@@ -429,3 +429,25 @@ def test_vmdk_extent_file_held(tmp_path, mode):
             code, err = vimg(*args)
             assert code == 1 and "in use" in err, (args, code, err)
         assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["forward", "backward"])
+def test_merge_deletes_only_under_its_lock(tmp_path, monkeypatch, forward):
+    """The images a merge removes are still locked when their names go: no other program can
+    open one in between and then lose it."""
+    import vdgui.vd.ops.merge as merge_mod
+    base, top = make_chain(tmp_path, "VDI")
+    seen = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        seen.append((os.path.basename(path), _lock_byte_taken(path, 100),
+                     _lock_byte_taken(path, 200)))
+        return real_unlink(path, *a, **kw)
+    monkeypatch.setattr(merge_mod.os, "unlink", unlink)
+    if forward:
+        merge(str(top), str(base))
+    else:
+        merge(str(base), str(top))
+    gone = top.name if forward else base.name
+    assert seen == [(gone, True, True)]

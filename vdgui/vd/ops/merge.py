@@ -26,6 +26,7 @@ from ..chain import find_children, link_matches  # find_children: also imported 
 from ..disk import Disk
 from ..errors import (Cancelled, ImageChanged, InvalidArgument, NotSupported, ParentMismatch,
                       ReadOnlyImage, VDError)
+from ..fileio import LockMode, lock_files
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero, zeroes
@@ -130,14 +131,22 @@ def _delete_image(img: Image) -> None:
                 held[_real(f)].check_in_place("the merge")
         except ImageChanged:
             keep.add(f)
-    img.close()
-    for f in files:
-        if f in keep:
-            continue
-        try:
-            os.unlink(f)
-        except FileNotFoundError:
-            pass
+    try:      # the exclusive lock is held until the names are gone: no one opens them between
+        hold = lock_files([f for f in files if f not in keep], LockMode.EXCLUSIVE)
+    except VDError:
+        hold = None
+    try:
+        img.close()
+        for f in files:
+            if f in keep:
+                continue
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+    finally:
+        if hold is not None:
+            hold.close()
 
 
 def _fsync_dir(path: str) -> None:
