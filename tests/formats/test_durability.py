@@ -455,3 +455,19 @@ def test_vdi_merge_kill_sample(tmp_path):
 @pytest.mark.slow
 def test_vdi_merge_kill(tmp_path):
     _merge_case(tmp_path, _spread(16))
+
+
+def test_the_first_error_is_reported_not_the_close_after_it(tmp_path, monkeypatch):
+    """ENOSPC in a write, then the flush of close() fails too: the write's error comes out."""
+    path, d = _make(tmp_path, "QCOW2")
+
+    def nospace(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(VDIOError, match="write at .* failed: No space left"):
+        with d:
+            monkeypatch.setattr(os, "pwrite", nospace)
+            monkeypatch.setattr(os, "fsync", nospace)
+            d.write(0, b"\x01" * 65536)
+    monkeypatch.undo()
+    assert not d.images

@@ -51,8 +51,14 @@ class Disk:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.close()
+        except BaseException:
+            if exc_type is None:
+                raise           # a failed final flush is the error of this block
+            # an error is already on its way out (e.g. ENOSPC): it names the cause; the close
+            # (every file is closed anyway) failing after it adds nothing
 
     def __len__(self) -> int:
         return len(self.images)
