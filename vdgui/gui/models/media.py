@@ -357,12 +357,13 @@ class MediaModel(QAbstractItemModel):
         return None
 
 
-def duplicate_text(rec) -> str:
-    """What a duplicate UUID means, for a tooltip and the details pane."""
+def duplicate_text(rec, advice: str = "Select one and use <b>Give a new UUID</b> in the "
+                                      "details pane.") -> str:
+    """What a duplicate UUID means, for a tooltip and the details pane (``advice`` last)."""
     others = ", ".join(_html(p) for p in rec.duplicates[:5]) + (" …" if len(rec.duplicates) > 5 else "")
     return (f"<b>Duplicate UUID</b> {_html(rec.uuid)}: also the UUID of {others}. VirtualBox "
             "registers only one of them, and a differencing image may find the wrong one as its "
-            "parent. Select one and use <b>Give a new UUID</b> in the details pane.")
+            f"parent. {advice}")
 
 
 def _html(text) -> str:

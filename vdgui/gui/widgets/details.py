@@ -10,9 +10,11 @@ from PySide6.QtWidgets import (QDialogButtonBox, QFileDialog, QFormLayout, QFram
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
                                QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
-from vdgui.vd import Cap, format_size
+from vdgui.vd import Alloc, Cap, format_size
 
 from .. import actions
+from ..dialogs.resize import resize_problems
+from ..models.media import duplicate_text
 from ..icons import format_icon, icon
 from .allocation import AllocationMap, level_color
 from .config_form import ConfigForm
@@ -250,10 +252,8 @@ class DetailsPane(QScrollArea):
             self.error_box.setText(f"<b>Inaccessible.</b> {html.escape(rec.error or '')}")
         self.dup_box.setVisible(bool(node.accessible and rec.duplicates))
         if rec.duplicates:
-            from ..models.media import duplicate_text
-            self.dup_text.setText(duplicate_text(rec).replace(
-                " Select one and use <b>Give a new UUID</b> in the details pane.",
-                " Give this one a new UUID to tell them apart"
+            self.dup_text.setText(duplicate_text(
+                rec, "Give this one a new UUID to tell them apart"
                 + (" (the images that depend on it are relinked to it)." if node.children else ".")))
         v = self.info
         v["format"].setText(rec.format or "unknown")
@@ -312,7 +312,6 @@ class DetailsPane(QScrollArea):
         if self.node is None or self.node.path != path:
             return
         self.allocation.set_data(size, extents, members)
-        from vdgui.vd import Alloc
         self._used_end = max((e.end for e in extents if e.status == Alloc.DATA), default=0)
         rows = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
@@ -409,7 +408,6 @@ class DetailsPane(QScrollArea):
             if err:
                 return err
             # the Resize dialog's rules (the data's end is checked again on Apply when unknown)
-            from ..dialogs.resize import resize_problems
             used = self.used_end()
             errors, _w = resize_problems(self.node, ch["size"],
                                          used if used is not None else 0)
