@@ -7,9 +7,9 @@ from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, Ima
 from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
-                     FileExists, ImageInUse, ImageNotFound, InvalidArgument, NetworkError,
-                     NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage, TimeoutError,
-                     UnknownFormat, UnsafePath, VDError, VDIOError)
+                     FileExists, ImageChanged, ImageInUse, ImageNotFound, InvalidArgument,
+                     NetworkError, NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage,
+                     ScanIncomplete, TimeoutError, UnknownFormat, UnsafePath, VDError, VDIOError)
 from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
