@@ -230,8 +230,8 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
                 img.close()
             if not _within(root, p):
                 problems.append(f"{p}: a differencing image of {name} reached through a symbolic "
-                                f"link leading out of the folder (to {rp}); it is not relinked "
-                                "there")
+                                f"link leading out of the folder (to {rp}); relinking it would "
+                                "write outside the folder")
                 continue
             seen.add(rp)
             found.append((p, be))
