@@ -485,24 +485,20 @@ def _check_data_lines(args, report) -> None:
 def cmd_map(args) -> int:
     with _open_chain(args, args.image, args.format, props=_props(args)) as d:
         runs = []
-        pos = 0
-        step = 1 << 30
-        while pos < d.size:
-            n = min(step, d.size - pos)
-            for e in d.allocation(pos, n):
-                r = {"start": e.start, "length": e.length,
-                     "status": e.status.name.lower(),
-                     "level": e.level,
-                     "depth": None if e.level is None else len(d) - 1 - e.level,
-                     "data": e.status == vd.Alloc.DATA,
-                     "zero": e.status != vd.Alloc.DATA,
-                     "file": None if e.level is None else d.image(e.level).location}
-                if runs and runs[-1]["level"] == r["level"] and runs[-1]["status"] == r["status"] \
-                        and runs[-1]["start"] + runs[-1]["length"] == r["start"]:
-                    runs[-1]["length"] += r["length"]
-                else:
-                    runs.append(r)
-            pos += n
+        # one allocation walk over the whole disk: its cost follows the metadata, not the size
+        for e in d.allocation(0, d.size):
+            r = {"start": e.start, "length": e.length,
+                 "status": e.status.name.lower(),
+                 "level": e.level,
+                 "depth": None if e.level is None else len(d) - 1 - e.level,
+                 "data": e.status == vd.Alloc.DATA,
+                 "zero": e.status != vd.Alloc.DATA,
+                 "file": None if e.level is None else d.image(e.level).location}
+            if runs and runs[-1]["level"] == r["level"] and runs[-1]["status"] == r["status"] \
+                    and runs[-1]["start"] + runs[-1]["length"] == r["start"]:
+                runs[-1]["length"] += r["length"]
+            else:
+                runs.append(r)
     if args.json:
         _json(runs)
         return 0

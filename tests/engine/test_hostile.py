@@ -246,3 +246,68 @@ def test_vhd_repair_keys_on_codes_parent_locator(tmp_path):
     _reworded_repair(child)
     rep = check(child)
     assert ProblemCode.PARENT_LOCATOR not in [p.code for p in rep.problems], rep.problems
+
+
+# -- item 22: compare and map cost follows the allocation, not the virtual size -----------------
+
+TiB = 1 << 40
+
+
+def _counting(monkeypatch):
+    from vdgui.vd import Disk
+    calls = {"read": 0, "allocation": 0}
+    real_read, real_alloc = Disk.read, Disk.allocation
+
+    def read(self, *a, **k):
+        calls["read"] += 1
+        return real_read(self, *a, **k)
+
+    def allocation(self, *a, **k):
+        calls["allocation"] += 1
+        return real_alloc(self, *a, **k)
+    monkeypatch.setattr(Disk, "read", read)
+    monkeypatch.setattr(Disk, "allocation", allocation)
+    return calls
+
+
+def _sparse_qcow2(path, size, data_at):
+    from vdgui.vd import Disk
+    with Disk() as d:
+        d.create_base(str(path), size, "QCOW2")
+        d.write(data_at, b"\x11" * MiB)
+        d.flush()
+
+
+def test_compare_reads_only_allocated_ranges(tmp_path, monkeypatch, capsys):
+    """compare of two 1 TiB images holding 1 MiB each: it asked the allocation of every 4 MiB
+    window (262,144 calls, 2 s per TiB); now one walk per image and reads of the data only."""
+    from vdgui import cli
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    _sparse_qcow2(a, TiB, 100 * MiB)
+    _sparse_qcow2(b, TiB, 100 * MiB)
+    calls = _counting(monkeypatch)
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert calls["allocation"] <= 4 and calls["read"] <= 4, calls
+    # and a difference far from the data is still found
+    from vdgui.vd import Disk
+    with Disk.open_chain(str(b)) as d:
+        d.write(TiB - 4096, b"\x01" * 4096)
+        d.flush()
+    assert cli.main(["compare", str(a), str(b)]) == 1
+    assert f"offset {TiB - 4096}" in capsys.readouterr().out
+
+
+def test_map_walks_the_allocation_once(tmp_path, monkeypatch, capsys):
+    """map of a 64 TiB image: one allocation walk (it stepped 1 GiB at a time: 65,536 calls;
+    a DMG declaring 2^64 sectors never finished)."""
+    from vdgui import cli
+    a = tmp_path / "a.qcow2"
+    _sparse_qcow2(a, 64 * TiB, 100 * MiB)
+    calls = _counting(monkeypatch)
+    assert cli.main(["map", "--json", str(a)]) == 0
+    import json
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["start"], r["length"], r["data"]) for r in runs] == [
+        (0, 100 * MiB, False), (100 * MiB, MiB, True), (101 * MiB, 64 * TiB - 101 * MiB, False)]
+    assert calls["allocation"] <= 2, calls

@@ -59,3 +59,138 @@ def test_vhdx_log_bomb_through_check_repair(tmp_path):
     rep = check(str(p), repair=True)
     assert not rep.corrupt
     assert _disk_bytes(p) < before + 16 * MiB
+
+
+# -- DMG: LZFSE bombs, the chunk cache, virtual size, chunks sharing data -----------------------
+
+import plistlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import zlib  # noqa: E402
+
+from vdgui.vd.formats import dmg  # noqa: E402
+
+from tests.formats.test_dmg import make_dmg  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _limited(code: str, limit: int, timeout: int = 120) -> str:
+    """Run ``code`` in a child Python whose address space is capped at ``limit`` bytes; return
+    its stdout (the child prints what happened)."""
+    pre = ("import resource\n"
+           f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True,
+                       text=True, timeout=timeout, env=env, cwd=ROOT)
+    return r.stdout + r.stderr
+
+
+_OPEN_READ = """
+    from vdgui.vd import Disk, OpenFlags, VDError
+    try:
+        with Disk() as d:
+            d.open({path!r}, "DMG", flags=OpenFlags.READ_ONLY)
+            pos = 0
+            while pos < d.size:
+                d.read(pos, min(1 << 20, d.size - pos))
+                pos += 1 << 20
+        print("OK")
+    except VDError as exc:
+        print("VDERROR", type(exc).__name__, exc)
+"""
+
+
+def _lzfse_bomb(n_blocks: int) -> bytes:
+    lzfse = pytest.importorskip("lzfse")
+    one = lzfse.compress(bytes(1 << 20))          # 1 MiB of zeroes in under 1 KiB
+    assert one.endswith(b"bvx$")
+    return one[:-4] * n_blocks + b"bvx$"
+
+
+def test_dmg_lzfse_bomb_is_refused_within_memory(tmp_path):
+    """A 2-sector chunk whose 6 MB LZFSE stream decodes to 8 GiB: refused from its block
+    headers, inside a 1.5 GiB address space (lzfse.decompress grew to the whole 8 GiB)."""
+    p = tmp_path / "bomb.dmg"
+    p.write_bytes(make_dmg([(dmg.CHUNK_LZFSE, 2, _lzfse_bomb(8192))]))
+    out = _limited(_OPEN_READ.format(path=str(p)), 1536 << 20)
+    assert "VDERROR CorruptImage" in out and "lzfse" in out, out
+
+
+def test_dmg_lzfse_still_reads(tmp_path):
+    lzfse = pytest.importorskip("lzfse")
+    payload = bytes(range(256)) * 64 + bytes(8192)
+    p = tmp_path / "ok.dmg"
+    p.write_bytes(make_dmg([(dmg.CHUNK_LZFSE, len(payload) // 512, lzfse.compress(payload)),
+                            (dmg.CHUNK_RAW, 2, b"\x07" * 1024)]))
+    with Disk() as d:
+        d.open(str(p), "DMG", flags=dmg.OpenFlags.READ_ONLY)
+        assert d.read(0, len(payload) + 1024) == payload + b"\x07" * 1024
+
+
+def test_dmg_chunk_cache_is_one_budget_for_all_opens(tmp_path, monkeypatch):
+    """Eight 1 MiB chunks read through four opens of one file, with the budget set to 3 MiB:
+    the cache kept 8 chunks per open (2 GiB for 64 MiB chunks and 4 opens: convert opens an
+    image several times); now one budget for the process, and nothing left after close."""
+    import tracemalloc
+    monkeypatch.setattr(dmg, "_CACHE", dmg._ChunkCache(3 * MiB))
+    p = tmp_path / "many.dmg"
+    p.write_bytes(make_dmg([(dmg.CHUNK_ZLIB, 2048, zlib.compress(bytes([i]) * MiB))
+                            for i in range(8)]))
+    disks = []
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(4):
+            d = Disk()
+            d.open(str(p), "DMG", flags=dmg.OpenFlags.READ_ONLY)
+            disks.append(d)
+        for d in disks:
+            for c in range(8):
+                assert d.read(c * MiB + 100, 10) == bytes([c]) * 10
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+        for d in disks:
+            d.close()
+    assert held < 6 * MiB, held
+    assert dmg._CACHE.bytes == 0
+
+
+def test_dmg_virtual_size_is_bounded(tmp_path):
+    p = tmp_path / "huge.dmg"
+    p.write_bytes(make_dmg([(dmg.CHUNK_RAW, 2, bytes(1024))], sector_count=(1 << 64) - 1))
+    with pytest.raises(CorruptImage, match="sector_count|virtual size"):
+        Disk().open(str(p), "DMG", flags=dmg.OpenFlags.READ_ONLY)
+
+
+def _dmg_with_entries(data: bytes, entries) -> bytes:
+    """A UDIF image whose one block table lists ``entries`` (type, sector, count, off, len)."""
+    total = max((s + c for _t, s, c, _o, _l in entries), default=0)
+    ents = list(entries) + [(dmg.CHUNK_END, total, 0, len(data), 0)]
+    mish = dmg.MishHeader.build(dict(version=1, first_sector=0, sector_count=total, data_offset=0,
+                                     buffers_needed=0, block_descriptors=0, reserved=bytes(24),
+                                     checksum_type=0, checksum_size=0, checksum=bytes(128),
+                                     chunk_count=len(ents)))
+    mish += b"".join(struct.pack(">IIQQQQ", t, 0, s, c, o, ln) for t, s, c, o, ln in ents)
+    xml = plistlib.dumps({"resource-fork": {"blkx": [{"Data": mish, "Name": "d", "ID": "0"}]}})
+    koly = dmg.KolyTrailer.build(dict(
+        version=4, header_size=512, flags=1, running_data_fork_offset=0, data_fork_offset=0,
+        data_fork_length=len(data), rsrc_fork_offset=0, rsrc_fork_length=0, segment_number=1,
+        segment_count=1, segment_id=bytes(16), data_checksum_type=0, data_checksum_size=0,
+        data_checksum=bytes(128), xml_offset=len(data), xml_length=len(xml),
+        reserved1=bytes(120), checksum_type=0, checksum_size=0, checksum=bytes(128),
+        image_variant=1, sector_count=total, reserved2=bytes(12)))
+    return data + xml + koly
+
+
+def test_dmg_chunks_sharing_compressed_data_are_refused(tmp_path):
+    """20,000 chunks naming one compressed chunk: reading them read and inflated it 20,000
+    times (past 20 s). Refused at open, naming the overlap."""
+    z = zlib.compress(os.urandom(512 * 2048) , 1)      # 1 MiB that does not compress
+    ents = [(dmg.CHUNK_ZLIB, i * 2048, 2048, 0, len(z)) for i in range(20000)]
+    p = tmp_path / "alias.dmg"
+    p.write_bytes(_dmg_with_entries(z, ents))
+    with pytest.raises(CorruptImage, match="share compressed data"):
+        Disk().open(str(p), "DMG", flags=dmg.OpenFlags.READ_ONLY)

@@ -6,11 +6,17 @@ Layout (Apple's UDIF as documented publicly; VirtualBox's DMG.cpp reads the same
   * the plist's ``resource-fork/blkx`` array holds one ``mish`` block table per partition;
   * each ``mish`` lists chunks: zero-fill, raw, ignore, ADC, zlib (UDZO), bzip2 (UDBZ),
     LZFSE (ULFO, when the ``lzfse`` module is installed), LZMA (ULMO), comments and a terminator.
-Caps (as qemu): chunk ≤ 64 MiB decompressed and compressed, plist ≤ 16 MiB.
+Caps (as qemu): chunk ≤ 64 MiB decompressed and compressed, plist ≤ 16 MiB. Beyond qemu: the
+virtual size is at most what the chunk tables can describe (MAX_SECTORS); no two chunks may
+share compressed bytes (a table repeating one chunk would multiply the work of reading it);
+every decompressor, LZFSE included, stops at the chunk's declared size; decompressed chunks
+are cached within one process-wide budget (CACHE_BUDGET), however many times a file is open.
 """
 from __future__ import annotations
 
 import bisect
+import itertools
+import threading
 import zlib
 from collections import OrderedDict
 from array import array
@@ -26,6 +32,8 @@ SECTOR = 512
 MAX_CHUNK = 64 << 20
 MAX_PLIST = 16 << 20
 MAX_CHUNKS = 1 << 22
+MAX_SECTORS = MAX_CHUNKS * (MAX_CHUNK // SECTOR)    # 256 TiB: what the tables can describe
+CACHE_BUDGET = 128 << 20    # decompressed chunks kept, all open DMGs together (+ the newest one)
 
 # UDIF trailer (512 bytes at the end of the file).
 KolyTrailer = Struct(
@@ -112,6 +120,120 @@ def adc_decompress(src: bytes, out_size: int) -> bytes:
     return bytes(out[:out_size])
 
 
+_LZFSE_DECODE = []
+
+
+def _lzfse_decoder():
+    """liblzfse's lzfse_decode_buffer from the installed ``lzfse`` module (which exports it),
+    or None. Python's lzfse.decompress has no output limit: it doubles its buffer until the
+    stream fits, so a small chunk could claim gigabytes (and damaged data grows it until
+    memory runs out). The C call writes at most the buffer it is given."""
+    if not _LZFSE_DECODE:
+        fn = None
+        try:
+            import ctypes
+
+            import lzfse
+            lib = ctypes.CDLL(lzfse.__file__)
+            fn = lib.lzfse_decode_buffer
+            fn.restype = ctypes.c_size_t
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+                           ctypes.c_void_p]
+        except (ImportError, OSError, AttributeError):
+            fn = None
+        _LZFSE_DECODE.append(fn)
+    return _LZFSE_DECODE[0]
+
+
+def lzfse_raw_size(src: bytes) -> int:
+    """The decoded size an LZFSE stream declares (the sum of its blocks' n_raw_bytes), from the
+    block headers alone; ValueError for a stream whose blocks cannot be walked."""
+    pos, total, n = 0, 0, len(src)
+    while True:
+        if pos + 4 > n:
+            raise ValueError("LZFSE stream ends without an end-of-stream block")
+        magic = src[pos:pos + 4]
+        if magic == b"bvx$":
+            return total
+        if pos + 8 > n:
+            raise ValueError("truncated LZFSE block header")
+        raw = int.from_bytes(src[pos + 4:pos + 8], "little")
+        if magic == b"bvx-":
+            size = 8 + raw
+        elif magic == b"bvxn" and pos + 12 <= n:
+            size = 12 + int.from_bytes(src[pos + 8:pos + 12], "little")
+        elif magic == b"bvx2" and pos + 32 <= n:
+            f0 = int.from_bytes(src[pos + 8:pos + 16], "little")
+            f1 = int.from_bytes(src[pos + 16:pos + 24], "little")
+            f2 = int.from_bytes(src[pos + 24:pos + 32], "little")
+            size = (f2 & 0xFFFFFFFF) + ((f0 >> 20) & 0xFFFFF) + ((f1 >> 40) & 0xFFFFF)
+        else:
+            raise ValueError(f"unknown or truncated LZFSE block {bytes(magic)!r} at {pos}")
+        if size <= 0:
+            raise ValueError(f"empty LZFSE block at {pos}")
+        total += raw
+        pos += size
+
+
+def lzfse_decompress(src: bytes, out_size: int) -> bytes:
+    """Decode an LZFSE stream into at most ``out_size`` bytes; ValueError when it holds more
+    or does not decode."""
+    if lzfse_raw_size(src) > out_size:
+        raise ValueError(f"the stream declares more than the chunk's {out_size} bytes")
+    fn = _lzfse_decoder()
+    if fn is None:                    # a binding without the C symbol: headers checked above
+        import lzfse
+        data = lzfse.decompress(src)
+    else:
+        import ctypes
+        buf = ctypes.create_string_buffer(out_size + 1)
+        got = fn(buf, out_size + 1, src, len(src), None)
+        if got == 0 and out_size:
+            raise ValueError("LZFSE data does not decode")
+        data = buf.raw[:got]
+    if len(data) > out_size:
+        raise ValueError(f"decodes to more than the chunk's {out_size} bytes")
+    return data
+
+
+class _ChunkCache:
+    """Decompressed chunks of every open DMG, least recently used first, within CACHE_BUDGET
+    bytes (the newest entry is kept even when it alone is larger)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.bytes = 0
+        self._d: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            data = self._d.get(key)
+            if data is not None:
+                self._d.move_to_end(key)
+            return data
+
+    def put(self, key, data: bytes) -> None:
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+            self._d[key] = data
+            self.bytes += len(data)
+            while self.bytes > self.budget and len(self._d) > 1:
+                _k, v = self._d.popitem(last=False)
+                self.bytes -= len(v)
+
+    def drop(self, owner) -> None:
+        with self._lock:
+            for k in [k for k in self._d if k[0] == owner]:
+                self.bytes -= len(self._d.pop(k))
+
+
+_CACHE = _ChunkCache(CACHE_BUDGET)
+_OWNERS = itertools.count()           # cache keys never reuse an owner (ids can be reused)
+
+
 def _lzma_error() -> type:
     import lzma     # imported when needed: most runs never open a DMG
     return lzma.LZMAError
@@ -121,7 +243,7 @@ class DmgImage(Image):
     def __init__(self, backend, location, f: ImageFile):
         super().__init__(backend, location, True)
         self.f = f
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._owner = next(_OWNERS)
         self._load()
 
     # -- parsing -------------------------------------------------------------------------------
@@ -197,6 +319,11 @@ class DmgImage(Image):
                     raise CorruptImage(f"blkx entry {n} chunk {c}: unknown chunk type", path=path,
                                        field="type", found=hex(ctype),
                                        expected="zero/raw/ignore/ADC/zlib/bzip2/lzfse/lzma")
+                if m.first_sector + sec + cnt > MAX_SECTORS:
+                    raise CorruptImage(f"blkx entry {n} chunk {c}: chunk ends past the largest "
+                                       "disk the chunk tables can describe", path=path,
+                                       field="sector_number", expected=f"end <= {MAX_SECTORS}",
+                                       found=m.first_sector + sec + cnt)
                 if cnt * SECTOR > MAX_CHUNK:
                     raise CorruptImage(f"blkx entry {n} chunk {c}: chunk too large (decompression "
                                        "bomb guard)", path=path, field="sector_count",
@@ -230,7 +357,20 @@ class DmgImage(Image):
                 raise CorruptImage("chunks overlap", path=path, field="sector_number",
                                    expected=f">= {self._starts[i - 1] + self._counts[i - 1]}",
                                    found=self._starts[i])
+        data_chunks = sorted((self._offs[i], self._lens[i], i) for i in range(len(self._starts))
+                             if self._types[i] not in (CHUNK_ZERO, CHUNK_IGNORE) and self._lens[i])
+        for (o1, l1, i1), (o2, _l2, i2) in zip(data_chunks, data_chunks[1:]):
+            if o2 < o1 + l1:
+                raise CorruptImage("two chunks share compressed data (a table repeating one chunk "
+                                   "multiplies the work of reading it)", path=path, offset=o2,
+                                   expected=f"chunk at sector {self._starts[i2]} to start at or "
+                                   f"after {o1 + l1:#x}",
+                                   found=f"{o2:#x} (inside the chunk at sector {self._starts[i1]})")
         total = k.sector_count
+        if total > MAX_SECTORS:
+            raise CorruptImage("virtual size larger than the chunk tables can describe",
+                               path=path, field="sector_count", expected=f"<= {MAX_SECTORS}",
+                               found=total)
         if self._starts:
             end = self._starts[-1] + self._counts[-1]
             if total == 0 or end > total:
@@ -278,9 +418,9 @@ class DmgImage(Image):
         return runs
 
     def _chunk_data(self, i: int) -> bytes:
-        data = self._cache.get(i)
+        key = (self._owner, i)
+        data = _CACHE.get(key)
         if data is not None:
-            self._cache.move_to_end(i)
             return data
         ctype = self._types[i]
         out_size = self._counts[i] * SECTOR
@@ -304,14 +444,11 @@ class DmgImage(Image):
                 data = adc_decompress(comp, out_size)
             elif ctype == CHUNK_LZFSE:
                 try:
-                    import lzfse
+                    import lzfse  # noqa: F401 - the decoder lives in this module
                 except ImportError:
                     raise NotSupported(f"{self.location}: LZFSE-compressed DMG (ULFO) needs the "
                                        "'lzfse' Python module, which is not installed") from None
-                data = lzfse.decompress(comp)
-                if len(data) > out_size:
-                    raise CorruptImage("LZFSE chunk decompresses to more than its sectors", **where,
-                                       expected=out_size, found=len(data))
+                data = lzfse_decompress(comp, out_size)
             else:  # pragma: no cover - filtered at load
                 raise CorruptImage(f"unexpected chunk type {ctype:#x}", **where)
         except (zlib.error, OSError, EOFError, ValueError, _lzma_error()) as exc:
@@ -323,9 +460,7 @@ class DmgImage(Image):
             raise
         if len(data) < out_size:
             data = data + bytes(out_size - len(data))
-        self._cache[i] = data
-        if len(self._cache) > 8:
-            self._cache.popitem(last=False)
+        _CACHE.put(key, data)
         return data
 
     def read(self, offset, length):
@@ -340,7 +475,7 @@ class DmgImage(Image):
 
     def close(self):
         self.f.close()
-        self._cache.clear()
+        _CACHE.drop(self._owner)
 
 
 class DmgBackend(Backend):
