@@ -471,3 +471,26 @@ def test_the_first_error_is_reported_not_the_close_after_it(tmp_path, monkeypatc
             d.write(0, b"\x01" * 65536)
     monkeypatch.undo()
     assert not d.images
+
+
+@pytest.mark.parametrize("case", ["VMDK-split2g", "Parallels-bundle"])
+def test_failed_fsync_closes_every_file_of_a_multi_file_image(tmp_path, monkeypatch, case):
+    fmt = case.split("-")[0]
+    path = str(tmp_path / f"m.{EXT[fmt]}")
+    d = Disk()
+    if fmt == "VMDK":
+        d.create_base(path, 64 * MiB, fmt, flags=ImageFlags.SPLIT_2G)
+    else:
+        d.create_base(path, 64 * MiB, fmt, config={"Bundle": "1"})
+        path = d.top.location
+    d.write(MiB, b"\x5a" * MiB)
+    img = d.top
+    files = img.files()
+    assert len(files) > 1
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(VDIOError, match="flush failed"):
+        d.close()
+    monkeypatch.undo()
+    with Disk() as d2:                          # every file closed and unlocked
+        d2.open(path, fmt)
+        d2.write(0, b"\x01" * 512)

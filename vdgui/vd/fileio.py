@@ -880,3 +880,16 @@ def atomic_files(finals: list[str], *, overwrite: bool = False):
     for t, f in zip(temps, finals):
         if os.path.exists(t):
             os.replace(t, f)
+
+
+def close_all(closers) -> None:
+    """Call every ``close`` in ``closers`` even when one fails; then raise the first error (a
+    failed final flush must not leave the other files of an image open and locked)."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:        # noqa: BLE001 - re-raised below
+            first = first or exc
+    if first is not None:
+        raise first

@@ -51,7 +51,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
                        Operation, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported
-from ..fileio import ImageFile, resolve_stored_name, temp_name
+from ..fileio import ImageFile, close_all, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
 from ..sparse import is_zero, split_blocks
@@ -775,10 +775,9 @@ class ParallelsBundleImage(Image):
             e.layers[-1].flush()
 
     def close(self):
-        for e in self.extents:
-            for layer in e.layers:
-                layer.close()
+        layers = [layer for e in self.extents for layer in e.layers]
         self.extents = []
+        close_all(layer.close for layer in layers)
 
     def files(self):
         out = [self.descriptor]

@@ -53,7 +53,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
 from ..config import ConfigKey, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
                       ParentMismatch, ReadOnlyImage, UnsafePath)
-from ..fileio import ImageFile, atomic_files, relative_name, resolve_stored_name
+from ..fileio import ImageFile, atomic_files, close_all, relative_name, resolve_stored_name
 from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
@@ -1136,14 +1136,14 @@ class VmdkImage(Image):
                 self._mark_unclean(False)     # where this session set it
         finally:
             self._closed = True
-            for f in self._files.values():
-                f.close()
+            closers = [f.close for f in self._files.values()]
             if self.desc_file is not None:
-                self.desc_file.close()
+                closers.append(self.desc_file.close)
             if self._stream_temp is not None:
-                self._stream_temp.abandon()
+                closers.append(self._stream_temp.abandon)
             elif stream is not None:
-                stream.close()
+                closers.append(stream.close)
+            close_all(closers)
 
     _xlinks_checked = False
 
