@@ -269,6 +269,7 @@ def cmd_backends(args) -> int:
                             for k in b.config_keys],
             "operations": sorted(op.value for op in b.operations),
             "can_shrink": b.can(vd.Operation.RESIZE) and b.can_shrink,
+            "max_size": b.max_size if b.creatable else None,     # with the default keys
             "variants": vd.variant_words(b.create_flags) if b.creatable else None,
         })
     if args.json:
@@ -291,6 +292,14 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def _uuid_arg(text: str, option: str) -> uuidlib.UUID:
+    try:
+        return uuidlib.UUID(text)
+    except ValueError:
+        raise CLIError(f"{option}: not a UUID: '{vd.printable(text)}' (expected 32 hex digits, "
+                       "e.g. 01234567-89ab-cdef-0123-456789abcdef)") from None
+
+
 def cmd_create(args) -> int:
     be = vd.get_backend(args.format)
     _check_location(args.image, be)
@@ -298,7 +307,7 @@ def cmd_create(args) -> int:
         raise vd.NotSupported(f"creating images is not supported for {be.name}")
     cfg = _config(be, _props(args), creating=True)
     flags = _variant(args.variant)
-    uid = uuidlib.UUID(args.uuid) if args.uuid else None
+    uid = _uuid_arg(args.uuid, "--uuid") if args.uuid else None
     if args.parent:
         if args.size is not None:
             raise CLIError("--size cannot be used with --parent (the size comes from the parent)")
@@ -571,16 +580,13 @@ def cmd_set(args) -> int:
     if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs)):
         raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, --lchs")
 
-    def parse_uuid(text):
+    def parse_uuid(text, option):
         if text.lower() == "new":
             return uuidlib.uuid4()
-        try:
-            return uuidlib.UUID(text)
-        except ValueError:
-            raise CLIError(f"not a UUID: {text!r}") from None
+        return _uuid_arg(text, option)
 
-    uid = parse_uuid(args.uuid) if args.uuid else None
-    puid = parse_uuid(args.parent_uuid) if args.parent_uuid else None
+    uid = parse_uuid(args.uuid, "--uuid") if args.uuid else None
+    puid = parse_uuid(args.parent_uuid, "--parent-uuid") if args.parent_uuid else None
     pchs, lchs = _geometry(args.pchs), _geometry(args.lchs)
     img = be.open(args.image, _flags(args), cfg)
     try:
@@ -694,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-F", "--b-format", help="format of B")
     p.add_argument("a")
     p.add_argument("b")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, error_status=2)      # 0 same, 1 different, 2 error (as qemu)
 
     p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
     p.add_argument("-f", "--format", help="format of TARGET")
@@ -771,10 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "error"
+    # the user's paths, never a temporary name; undecodable bytes of names as \xNN
+    return " ".join(vd.printable(vd.user_path(str(text))).split()) or "error"
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         if not hasattr(args, "allow_unsafe_paths"):
@@ -806,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001
         pass
     print(f"{PROG}: {_one_line(msg)}", file=sys.stderr)
-    return 1
+    return getattr(args, "error_status", 1)
 
 
 def run() -> None:

@@ -597,3 +597,111 @@ def test_chain_loops(server, tmp_path):
             if server.run(*cmd, p)["rc"] != 1:
                 problems.append(f"{' '.join(cmd)} {p.name}: a looping chain was accepted")
     assert not problems, "\n".join(problems)
+
+
+# -- command lines that used to raise internal errors (issue #12 items 24, 27) ------------------
+BAD_NAME = os.fsdecode(b"p\xff")        # a file name that is not UTF-8 (as argv delivers it)
+
+
+def _image(path: Path, fmt: str, size: int = MiB) -> Path:
+    from vdgui.vd import Disk
+    with Disk() as d:
+        d.create_base(str(path), size, fmt)
+    return path
+
+
+def _cmd_raw_8e(d: Path):
+    return ["create", "-f", "RAW", "--size", "8E", d / "x.raw"], "RAW images can be at most"
+
+
+def _cmd_bad_uuid(d: Path):
+    return ["create", "-f", "VDI", "--size", "1M", "--uuid", "not-a-uuid", d / "u.vdi"], \
+        "not a UUID"
+
+
+def _cmd_bad_comment_create(d: Path):
+    return ["create", "-f", "VDI", "--size", "1M", "--comment", os.fsdecode(b"\xff"),
+            d / "c.vdi"], "is not valid UTF-8"
+
+
+def _cmd_bad_comment_set(d: Path):
+    img = _image(d / "s.vdi", "VDI")
+    return ["set", img, "--comment", os.fsdecode(b"\xff")], "is not valid UTF-8"
+
+
+def _parent_cmd(fmt: str):
+    def make(d: Path):
+        ext = fmt.lower()
+        parent = _image(d / f"{BAD_NAME}.{ext}", fmt)
+        return ["create", "-f", fmt, "--parent", parent, d / f"child.{ext}"], "is not valid UTF-8"
+    return make
+
+
+def _cmd_bundle(d: Path):
+    return ["create", "-f", "Parallels", "--property", "Bundle=1", "--size", "1M",
+            d / f"{BAD_NAME}.hdd"], "is not valid UTF-8"
+
+
+def _cmd_ambiguous_unit(d: Path):
+    return ["create", "-f", "VDI", "--size", "1Kb", d / "k.vdi"], "ambiguous unit 'Kb'"
+
+
+def _cmd_resize_too_large(d: Path):
+    img = _image(d / "big.vdi", "VDI")
+    return ["resize", img, "999T"], "VDI images can be at most 16 TiB"
+
+
+HOSTILE_LINES = {
+    "raw-8E": _cmd_raw_8e, "create-uuid": _cmd_bad_uuid, "create-comment": _cmd_bad_comment_create,
+    "set-comment": _cmd_bad_comment_set, "parent-qcow2": _parent_cmd("QCOW2"),
+    "parent-qed": _parent_cmd("QED"), "parent-vhd": _parent_cmd("VHD"),
+    "parent-vhdx": _parent_cmd("VHDX"), "parallels-bundle": _cmd_bundle,
+    "size-1Kb": _cmd_ambiguous_unit, "resize-999T": _cmd_resize_too_large,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_hostile_command_lines_end_in_one_line(server, tmp_path, case):
+    argv, expect = HOSTILE_LINES[case](tmp_path)
+    before = set(os.listdir(tmp_path))
+    res = server.run(*argv)
+    assert _verdict(argv[0], res) is None, _verdict(argv[0], res)
+    assert res["rc"] == 1 and expect in res["err"], res
+    assert "vdgui-tmp" not in res["err"]
+    assert set(os.listdir(tmp_path)) == before          # nothing created
+
+
+def test_resize_vdi_with_fewer_used_blocks_than_the_map_needs(server, tmp_path):
+    """Growing the map moves the first data blocks; with fewer blocks in use than must move,
+    the moved ones landed inside the new map area (OverflowError in _relocate_for_map)."""
+    from vdgui.vd import Disk, OpenFlags
+    img = _image(tmp_path / "g.vdi", "VDI")
+    with Disk.open_chain(str(img), "VDI", OpenFlags.NORMAL) as d:
+        d.write(0, b"x" * 100)
+    res = server.run("resize", img, "1T")
+    assert _verdict("resize", res) is None and res["rc"] == 0, res
+    with Disk.open_chain(str(img), "VDI", OpenFlags.READ_ONLY) as d:
+        assert d.size == 1 << 40
+        assert d.read(0, 4096) == b"x" * 100 + bytes(3996)
+        assert not d.top.check().corrupt
+    subprocess.run(["qemu-img", "check", str(img)], check=True, capture_output=True)
+
+
+def test_compare_errors_exit_2(server, tmp_path):
+    a = _image(tmp_path / "a.vdi", "VDI")
+    b = _image(tmp_path / "b.vdi", "VDI")
+    assert server.run("compare", a, b)["rc"] == 0
+    res = server.run("compare", a, tmp_path / "missing.vdi")
+    assert res["rc"] == 2 and res["err"].startswith("vdgui-img: ") and "missing.vdi" in res["err"]
+    from vdgui.vd import Disk, OpenFlags
+    with Disk.open_chain(str(b), "VDI", OpenFlags.NORMAL) as d:
+        d.write(0, b"y")
+    assert server.run("compare", a, b)["rc"] == 1
+
+
+def test_messages_name_the_users_path_not_a_temporary():
+    from vdgui.vd import VDIOError
+    e = VDIOError("/d/.x.raw.vdgui-tmp-318: truncate failed: File too large")
+    assert str(e) == "/d/x.raw: truncate failed: File too large"
+    e = VDIOError("write failed", path="/d/.dst.vdi.vdgui-tmp-12-0a1b/dst-s1.vdi")
+    assert str(e) == "/d/dst-s1.vdi: write failed" and e.path == "/d/dst-s1.vdi"

@@ -9,7 +9,8 @@ from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
                      FileExists, ImageChanged, ImageInUse, ImageNotFound, InvalidArgument,
                      NetworkError, NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage,
-                     ScanIncomplete, TimeoutError, UnknownFormat, UnsafePath, VDError, VDIOError)
+                     ScanIncomplete, TimeoutError, UnknownFormat, UnsafePath, VDError, VDIOError,
+                     printable, user_path)
 from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
@@ -23,7 +24,7 @@ from .ops.repair import check, describe_effects
 from .ops.resize import resize
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)
-from .sizes import format_size, parse_size
+from .sizes import describe_size, format_size, parse_size
 
 # the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
 _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from .config import ConfigKey
-from .errors import InvalidArgument, NotSupported
+from .errors import InvalidArgument, NotSupported, require_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .geometry import Geometry
@@ -186,6 +186,17 @@ class CreateParams:
     progress: "ProgressCallback | None" = None
     allow_unsafe_paths: bool = False
 
+    def __post_init__(self):
+        if self.comment is not None:
+            require_text(self.comment, "the comment", self.location)
+
+
+def too_large(fmt: str, size: int, limit: int, where: str = "", why: str = "") -> InvalidArgument:
+    """The one message for a size above a format's limit: names the limit and the size asked."""
+    from .sizes import describe_size
+    return InvalidArgument(f"{where + ': ' if where else ''}{fmt} images can be at most "
+                           f"{describe_size(limit)}{why}; asked for {describe_size(size)}")
+
 
 class Backend:
     """Base class of all format backends. Subclasses set the class attributes and implement
@@ -199,7 +210,7 @@ class Backend:
     config_keys: ClassVar[tuple[ConfigKey, ...]] = ()
     operations: ClassVar[frozenset[Operation]] = frozenset()
     create_flags: ClassVar[ImageFlags] = ImageFlags.NONE  # variant bits create() accepts
-    max_size: ClassVar[int | None] = None            # largest virtual size create() accepts
+    max_size: ClassVar[int | None] = None            # largest virtual size, default config keys
     size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
     can_shrink: ClassVar[bool] = False               # RESIZE also to a smaller size
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
@@ -256,6 +267,31 @@ class Backend:
     def parse_location(self, location: str) -> dict:
         """For CONFIG backends: decode a location (URL) into configuration keys."""
         return {}
+
+    def max_size_for(self, config: dict | None = None) -> int | None:
+        """The largest virtual size create() accepts with these configuration keys (block or
+        cluster sizes change it in some formats); ``max_size`` is the answer for the defaults."""
+        return self.max_size
+
+    def config_value(self, config: dict | None, key: str):
+        """A creation key's value from ``config``, or its default when absent or invalid
+        (create() itself reports invalid values)."""
+        from .config import parse_config
+        from .errors import VDError
+        try:
+            return parse_config(self.config_keys, config, creating=True, owner=self.name)[key]
+        except VDError:
+            return parse_config(self.config_keys, None, creating=True, owner=self.name)[key]
+
+    def check_size(self, size: int, config: dict | None = None, where: str = "") -> None:
+        """Refuse a virtual size above the limit for ``config`` (InvalidArgument naming it)."""
+        limit = self.max_size_for(config)
+        if limit is not None and size > limit:
+            raise too_large(self.name, size, limit, where, self.limit_reason(config))
+
+    def limit_reason(self, config: dict | None = None) -> str:
+        """What makes the limit (appended to the message), e.g. ' with 64 KiB clusters ...'."""
+        return ""
 
     # -- behaviour --------------------------------------------------------------------------
     def probe(self, src: ProbeInput) -> int:

@@ -182,7 +182,7 @@ class Disk:
         backend = format if isinstance(format, Backend) else get_backend(format)
         if not backend.can(Operation.CREATE):
             raise NotSupported(f"creating images is not supported for {backend.name}")
-        _check_create(backend, size, flags)
+        _check_create(backend, size, flags, config, location)
         img = backend.create(CreateParams(location=location, size=size, flags=flags, uuid=uuid,
                                           comment=comment, pchs=pchs, lchs=lchs, config=config,
                                           progress=progress, allow_unsafe_paths=allow_unsafe_paths))
@@ -386,15 +386,17 @@ class Disk:
         self.image(index).set_lchs(value)
 
 
-def _check_create(backend: Backend, size: int, flags: ImageFlags) -> None:
+def _check_create(backend: Backend, size: int, flags: ImageFlags, config: dict | None = None,
+                  location: str = "") -> None:
     if size <= 0:
         raise InvalidArgument(f"image size must be positive, found {size}")
     if size % backend.size_granularity:
         raise InvalidArgument(f"{backend.name} image size must be a multiple of "
                               f"{backend.size_granularity} bytes, found {size}")
-    if backend.max_size is not None and size > backend.max_size:
-        raise InvalidArgument(f"{backend.name} images can be at most {backend.max_size} bytes, "
-                              f"asked for {size}")
+    backend.check_size(size, config, location)
+    if flags & ImageFlags.FIXED and location:       # before anything is written
+        from .space import require_space
+        require_space(location, size, f"a fixed {backend.name} image")
     unsupported = (flags & ~ImageFlags.DIFF) & ~backend.create_flags
     if unsupported:
         from .backend import variant_words

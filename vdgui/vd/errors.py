@@ -6,6 +6,37 @@ Only the CLI's main() and the job boundary catch these.
 """
 from __future__ import annotations
 
+import re
+
+# new files are written under temporary names (fileio.temp_name: ``.NAME.vdgui-tmp-PID``; copies:
+# a folder ``.DST.vdgui-tmp-PID-RAND/`` holding the final base names) and renamed when complete;
+# a message names the path the user asked for, never the temporary one
+_TEMP_RE = re.compile(r"\.([^/\\]+?)\.vdgui-tmp-\d+(?:-[0-9a-f]+)?(?:/([^/\\:]+))?")
+
+
+def user_path(text: str) -> str:
+    """``/d/.x.vdi.vdgui-tmp-12`` -> ``/d/x.vdi``; ``/d/.x.vdi.vdgui-tmp-12-ab/y.vdi`` -> ``/d/y.vdi``."""
+    if "vdgui-tmp-" not in text:
+        return text
+    return _TEMP_RE.sub(lambda m: m.group(2) or m.group(1), text)
+
+
+def printable(text: str) -> str:
+    """A name that may hold undecodable bytes (surrogate escapes), shown as backslash escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def require_text(value: str, what: str, where: str = "") -> str:
+    """Text about to be stored inside an image (comments, file names) must be valid Unicode:
+    names and arguments that came from undecodable bytes are refused with a clear message."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{where + ': ' if where else ''}{what} '{printable(value)}' is not "
+                              "valid UTF-8 text, and image formats store it as text; "
+                              + ("rename the file" if "name" in what else "use UTF-8 text")) from None
+    return value
+
 
 class VDError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -32,7 +63,9 @@ class VDError(Exception):
         parts.append(message)
         if expected is not None or found is not None:
             parts.append(f" (expected {expected}, found {found})")
-        self.message = "".join(parts)
+        self.message = user_path("".join(parts))
+        if path:
+            self.path = user_path(path)
         super().__init__(self.message)
 
     def __str__(self) -> str:

@@ -36,7 +36,7 @@ import struct
 import threading
 
 from .errors import (CorruptImage, FileExists, ImageChanged, ImageInUse, ImageNotFound,
-                     InvalidArgument, UnsafePath, VDIOError)
+                     InvalidArgument, UnsafePath, VDIOError, require_text)
 
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
@@ -698,8 +698,10 @@ def real_path(path: str) -> str:
 
 
 def relative_name(from_image: str, to_file: str) -> str:
-    """The name to store in ``from_image`` for ``to_file`` (relative to its folder)."""
-    return os.path.relpath(os.path.abspath(to_file), os.path.dirname(os.path.abspath(from_image)))
+    """The name to store in ``from_image`` for ``to_file`` (relative to its folder); names that
+    are not valid UTF-8 cannot be stored as text and are refused (InvalidArgument)."""
+    rel = os.path.relpath(os.path.abspath(to_file), os.path.dirname(os.path.abspath(from_image)))
+    return require_text(rel, "the file name", from_image)
 
 
 # -- writing new files under a temporary name ------------------------------------------------

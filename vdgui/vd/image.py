@@ -166,6 +166,12 @@ class Image:
     def device_type(self) -> DeviceType:
         return self.backend.device_type_for(self.location)
 
+    @property
+    def max_size(self) -> int | None:
+        """The largest virtual size this image can be resized to (formats whose limit depends
+        on a block or cluster size fixed at creation override it)."""
+        return self.backend.max_size
+
     def files(self) -> list[str]:
         """Every file that makes this image (descriptor and extents, data files...)."""
         return [self.location]

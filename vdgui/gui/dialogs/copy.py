@@ -9,8 +9,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QGroupBox, QLabel, QRadioButton, QVBoxLayout)
 
-from vdgui.vd import (Cap, ImageFlags, applicable_keys, chain_target_names, format_size,
-                      get_backend)
+from vdgui.vd import (Cap, ImageFlags, applicable_keys, chain_target_names, describe_size,
+                      format_size, get_backend)
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
@@ -200,8 +200,10 @@ class CopyDialog(QDialog):
                               "shrink with Resize after checking the content")
             else:
                 size = v or size
-        if b is not None and b.max_size is not None and size > b.max_size:
-            errors.append(f"{b.name} images can be at most {format_size(b.max_size)}")
+        limit = b.max_size_for(self.config.values() if self.config is not None else None) \
+            if b is not None else None
+        if limit is not None and size > limit:
+            errors.append(f"{b.name} images can be at most {describe_size(limit)}")
         if self.config is not None:
             errors += self.config.messages()
         if loc and size:

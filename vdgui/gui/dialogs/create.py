@@ -118,7 +118,7 @@ class CreateDialog(QDialog):
             return
         b = self.backend()
         self.variant.set_backend(b)
-        self.size.setRange(1 << 20, b.max_size or MAX_SLIDER)
+        self.size.setRange(1 << 20, b.max_size or MAX_SLIDER, f"{b.name} images")
         self.size.setGranularity(b.size_granularity)
         ext = self.extension_for(b)
         self._updating_loc = True
@@ -161,6 +161,9 @@ class CreateDialog(QDialog):
         b = self.backend()
         if b is None:
             return ["Choose a format"], []
+        # the limit the backend declares for these settings (block/cluster sizes change it)
+        cfg = self.config.values() if self.config is not None else None
+        self.size.setRange(1 << 20, b.max_size_for(cfg) or MAX_SLIDER, f"{b.name} images")
         err = self.size.error()
         if err:
             errors.append(err)

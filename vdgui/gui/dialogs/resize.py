@@ -85,7 +85,8 @@ class ResizeDialog(QDialog):
             used, err = used_end(node.path, library)
         self.used = used
         b = node.backend
-        self.size = SizeEdit(self.current, minimum=512, maximum=b.max_size if b else None)
+        self.size = SizeEdit(self.current, minimum=512, maximum=b.max_size if b else None,
+                             limit_name=f"{b.name} images" if b else None)
         self.size.setObjectName("newSize")
         if b is not None:
             self.size.setGranularity(b.size_granularity)

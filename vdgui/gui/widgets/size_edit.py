@@ -33,10 +33,12 @@ class SizeEdit(QWidget):
     valueChanged = Signal(object)
 
     def __init__(self, value: int = 0, *, minimum: int = 0, maximum: int | None = None,
-                 granularity: int = 512, slider: bool = True, parent=None):
+                 granularity: int = 512, slider: bool = True, limit_name: str | None = None,
+                 parent=None):
         super().__init__(parent)
         self._min = minimum
         self._max = maximum
+        self._limit_name = limit_name       # e.g. "VDI images": named in the "at most" message
         self._gran = max(granularity, 1)
         self.edit = QLineEdit()
         self.edit.setValidator(_NumberValidator(self))
@@ -73,8 +75,12 @@ class SizeEdit(QWidget):
         self._update_range_label()
 
     # -- range ----------------------------------------------------------------------------
-    def setRange(self, minimum: int, maximum: int | None) -> None:
+    def setRange(self, minimum: int, maximum: int | None, limit_name: str | None = None) -> None:
+        """``maximum``: a backend's declared limit (``Backend.max_size_for``); ``limit_name``
+        what it limits, e.g. "VDI images", for the message."""
         self._min, self._max = minimum, maximum
+        if limit_name is not None:
+            self._limit_name = limit_name
         self._update_range_label()
         self._sync_slider(self.value())
 
@@ -121,7 +127,8 @@ class SizeEdit(QWidget):
         if v < self._min:
             return f"The size must be at least {format_size(self._min)}"
         if self._max is not None and v > self._max:
-            return f"The size can be at most {format_size(self._max)}"
+            from vdgui.vd import describe_size
+            return f"{self._limit_name or 'The size'} can be at most {describe_size(self._max)}"
         return None
 
     def setValue(self, v: int) -> None:

@@ -48,9 +48,10 @@ from sys import byteorder
 from construct import Bytes, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported
+from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
+                      require_text)
 from ..fileio import ImageFile, close_all, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
@@ -106,8 +107,17 @@ STRUCTS = {"Header": Header, "FormatExtensionHeader": FormatExtensionHeader}
 HEADER_SIZE = 64
 
 
+def _limit_reason(cl: int) -> str:
+    return (f" with {cl}-byte clusters (vdgui opens BATs of at most {MAX_BAT_ENTRIES} entries; "
+            "a larger ClusterSize allows more)")
+
+
 class ParallelsImage(Image):
     """One expanding Parallels image file (a plain ``.hdd`` or a bundle's ``.hds``)."""
+
+    @property
+    def max_size(self) -> int:
+        return MAX_BAT_ENTRIES * self.block_size
 
     def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags, *, fresh=False):
         super().__init__(backend, location, flags.read_only)
@@ -473,6 +483,9 @@ class ParallelsImage(Image):
         if new_size % SECTOR:
             raise InvalidArgument(f"{self.location}: size must be a multiple of 512, "
                                   f"found {new_size}")
+        if new_size > MAX_BAT_ENTRIES * self.block_size:
+            raise too_large("Parallels", new_size, MAX_BAT_ENTRIES * self.block_size,
+                            self.location, _limit_reason(self.block_size))
         entries = -(-new_size // self.block_size)
         if HEADER_SIZE + 4 * entries > self.data_off:
             raise NotSupported(f"{self.location}: growing to {new_size} bytes needs "
@@ -856,6 +869,14 @@ class ParallelsBackend(Backend):
                             Operation.RESIZE, Operation.COMPACT})
     create_flags = ImageFlags.NONE
     size_granularity = SECTOR
+    max_size = MAX_BAT_ENTRIES * DEFAULT_CLUSTER     # 16 TiB with the default 1 MiB clusters
+
+    def max_size_for(self, config=None):
+        return MAX_BAT_ENTRIES * self.config_value(config, "ClusterSize")
+
+    def limit_reason(self, config=None):
+        return _limit_reason(self.config_value(config, "ClusterSize"))
+
     bundle_descriptor = DESCRIPTOR_NAME     # registry: a name.hdd/ folder probes through it
 
     def probe(self, src: ProbeInput) -> int:
@@ -889,9 +910,9 @@ class ParallelsBackend(Backend):
         if size <= 0 or size % SECTOR:
             raise InvalidArgument(f"Parallels image size must be a positive multiple of 512, "
                                   f"found {size}")
-        entries = -(-size // cl)
-        if entries > 0xFFFFFFFF // 2:
-            raise InvalidArgument(f"Parallels image of {size} bytes needs too many clusters")
+        if size > MAX_BAT_ENTRIES * cl:       # an image the opener would refuse is never made
+            raise too_large("Parallels", size, MAX_BAT_ENTRIES * cl, p.location,
+                            _limit_reason(cl))
         if cfg["Bundle"]:
             return self._create_bundle(p, size, cl)
         f = ImageFile.create_temp(p.location)
@@ -912,6 +933,7 @@ class ParallelsBackend(Backend):
         final = os.path.abspath(p.location)
         if os.path.lexists(final):
             raise FileExists(f"{final}: file already exists")
+        require_text(os.path.basename(final), "the bundle's file name", final)
         tmp = temp_name(final)
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp)

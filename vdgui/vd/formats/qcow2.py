@@ -38,7 +38,7 @@ from collections import OrderedDict
 from construct import ConstructError
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, too_large)
 from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
@@ -175,10 +175,25 @@ K_UNALLOC, K_ZERO, K_DATA, K_COMP = 0, 1, 2, 3
 _KIND_ALLOC = {K_UNALLOC: Alloc.UNALLOCATED, K_ZERO: Alloc.ZERO, K_DATA: Alloc.DATA, K_COMP: Alloc.DATA}
 
 
+def qcow2_max_size(cs: int) -> int:
+    """qemu's limit: the L1 table at most 32 MiB (each entry maps cs/8 clusters), and host
+    offsets of 56 bits."""
+    return min(1 << 56, (L.MAX_L1_BYTES // 8) * (cs // 8) * cs)
+
+
+def _limit_reason(cs: int) -> str:
+    return (f" with {cs}-byte clusters (qemu's L1 table limit, 32 MiB; larger clusters allow "
+            "more, up to 64 PiB)")
+
+
 class Qcow2Image(Image):
     """One opened qcow2 (version 2 or 3) image."""
 
     L2_CACHE_BYTES = 32 << 20
+
+    @property
+    def max_size(self) -> int:
+        return qcow2_max_size(self.cs)
 
     def __init__(self, backend, location, f: ImageFile, flags: OpenFlags,
                  snapshot: str | None = None):
@@ -1607,9 +1622,9 @@ class Qcow2Image(Image):
             return
         span = self.cs * self.l2_entries
         need = -(-new_size // span)
-        if need * 8 > L.MAX_L1_BYTES:
-            raise InvalidArgument(f"{self.location}: {new_size} bytes needs an L1 table larger "
-                                  f"than qemu's 32 MiB limit with {self.cs}-byte clusters")
+        if need * 8 > L.MAX_L1_BYTES or new_size > self.max_size:
+            raise too_large("QCOW2", new_size, self.max_size, self.location,
+                            _limit_reason(self.cs))
         if need > len(self.l1):
             old_off, old_n = self.l1_offset, len(self.l1)
             nclu = -(-need * 8 // self.cs)
@@ -2211,9 +2226,15 @@ class Qcow2Backend(Backend):
                             Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
                             Operation.COMPACT})
     create_flags = ImageFlags.NONE
-    max_size = 1 << 56
+    max_size = qcow2_max_size(65536)            # 2 PiB with the default 64 KiB clusters
     size_granularity = 512
     can_shrink = True
+
+    def max_size_for(self, config=None):
+        return qcow2_max_size(self.config_value(config, "ClusterSize"))
+
+    def limit_reason(self, config=None):
+        return _limit_reason(self.config_value(config, "ClusterSize"))
 
     def probe(self, src: ProbeInput) -> int:
         if len(src.head) >= 8 and src.head[:4] == L.MAGIC:
@@ -2257,9 +2278,8 @@ class Qcow2Backend(Backend):
         cb = cs.bit_length() - 1
         span = cs * (cs // 8)
         l1_size = -(-p.size // span)
-        if l1_size * 8 > L.MAX_L1_BYTES:
-            raise InvalidArgument(f"QCOW2: {p.size} bytes needs an L1 table larger than 32 MiB "
-                                  f"with {cs}-byte clusters; choose a larger cluster size")
+        if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
+            raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, _limit_reason(cs))
         backing = fmt = None
         if p.parent is not None:
             backing = relative_name(p.location, p.parent.location)

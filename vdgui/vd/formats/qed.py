@@ -30,7 +30,7 @@ from collections import OrderedDict
 from construct import Const, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, too_large)
 from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, InvalidArgument, NotSupported
@@ -89,8 +89,23 @@ _backend_name = backend_name_for
 
 
 
+def qed_max_size(cs: int, ts: int) -> int:
+    """QED's limit: one L1 table of ``ts`` clusters of 8-byte entries, each L2 table alike."""
+    entries = ts * cs // 8
+    return min(entries * entries * cs, (1 << 63) - cs)      # and a file offset (off_t)
+
+
+def _limit_reason(cs: int, ts: int) -> str:
+    return (f" with {cs}-byte clusters and {ts}-cluster tables (two table levels; larger "
+            "ClusterSize or TableSize allow more)")
+
+
 class QedImage(Image):
     L2_CACHE_BYTES = 64 << 20
+
+    @property
+    def max_size(self) -> int:
+        return qed_max_size(self.cs, self.table_bytes // self.cs)
 
     def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
         super().__init__(backend, location, flags.read_only)
@@ -608,10 +623,9 @@ class QedImage(Image):
         if new_size < self.size:
             raise InvalidArgument(f"{self.location}: shrinking a QED image is not supported "
                                   f"(from {self.size} to {new_size} bytes)")
-        maxsize = self.entries * self.entries * self.cs
-        if new_size > maxsize:
-            raise InvalidArgument(f"{self.location}: QED image with {self.cs}-byte clusters and "
-                                  f"{self.entries}-entry tables can be at most {maxsize} bytes")
+        if new_size > self.max_size:
+            raise too_large("QED", new_size, self.max_size, self.location,
+                            _limit_reason(self.cs, self.table_bytes // self.cs))
         self.f.sync()
         self._write_header_field(OFF_IMAGE_SIZE, "<Q", new_size)
         self.f.sync()
@@ -798,6 +812,15 @@ class QedBackend(Backend):
                             Operation.COMPACT})
     create_flags = ImageFlags.NONE
     size_granularity = 512
+    max_size = (4 * 65536 // 8) ** 2 * 65536     # 64 TiB with the default keys
+
+    def max_size_for(self, config=None):
+        return qed_max_size(self.config_value(config, "ClusterSize"),
+                            self.config_value(config, "TableSize"))
+
+    def limit_reason(self, config=None):
+        return _limit_reason(self.config_value(config, "ClusterSize"),
+                             self.config_value(config, "TableSize"))
 
     def probe(self, src: ProbeInput) -> int:
         return 100 if src.head[:4] == MAGIC else 0
@@ -817,11 +840,10 @@ class QedBackend(Backend):
         cs, ts = cfg["ClusterSize"], cfg["TableSize"]
         if ts * cs > MAX_TABLE_BYTES:
             raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed {MAX_TABLE_BYTES >> 20} MiB")
-        entries = ts * cs // 8
-        maxsize = entries * entries * cs
-        if p.size <= 0 or p.size % 512 or p.size > maxsize:
-            raise InvalidArgument(f"QED: size must be a positive multiple of 512 and at most "
-                                  f"{maxsize} bytes with these cluster/table sizes, found {p.size}")
+        if p.size <= 0 or p.size % 512:
+            raise InvalidArgument(f"QED: size must be a positive multiple of 512, found {p.size}")
+        if p.size > qed_max_size(cs, ts):
+            raise too_large("QED", p.size, qed_max_size(cs, ts), p.location, _limit_reason(cs, ts))
         name = raw = None
         features = 0
         if p.parent is not None:

@@ -15,6 +15,7 @@ from ..errors import NotSupported
 from ..fileio import ImageFile
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
+from ..space import preallocate
 
 ISO_SECTOR = 2048
 _PVD_OFFSET = 16 * ISO_SECTOR
@@ -115,6 +116,7 @@ class RawBackend(Backend):
     create_flags = ImageFlags.FIXED
     size_granularity = 512
     can_shrink = True
+    max_size = (1 << 63) - 512       # a file offset (off_t); the file system may allow less
 
     def device_type_for(self, path):
         ext = os.path.splitext(path)[1].lstrip(".").lower()
@@ -147,10 +149,7 @@ class RawBackend(Backend):
         try:
             f.truncate(p.size)
             if p.flags & ImageFlags.FIXED:
-                try:
-                    os.posix_fallocate(f.fd, 0, p.size)
-                except OSError:
-                    pass   # file systems without fallocate: the sparse file reads the same
+                preallocate(f, 0, p.size)
             if p.progress:
                 p.progress(p.size, p.size)
             f.sync()                    # complete on disk before it appears under its name

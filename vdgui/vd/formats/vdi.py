@@ -24,13 +24,14 @@ import uuid as uuidlib
 from array import array
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, InvalidArgument, NotSupported, VDIOError
+from ..errors import CorruptImage, InvalidArgument, NotSupported, VDIOError, require_text
 from ..fileio import ImageFile
 from ..geometry import Geometry, vbox_lchs, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
+from ..space import preallocate, require_space
 from ..sparse import is_zero, nonzero_runs, zeroes
 from ..tables import first_shared
 from . import vdi_layout as L
@@ -41,9 +42,25 @@ _NULL_UUID = bytes(16)
 MIN_BLOCK = 512
 MAX_BLOCK = 256 << 20
 MAX_BLOCKS = 0x3FFFFFFF
+# vdgui keeps the block map (4 bytes a block) in memory: images it creates or grows have at most
+# 2**24 blocks (a 64 MiB map, so that a convert holding a source's and a target's map stays far
+# below 300 MiB; 16 TiB with the default 1 MiB blocks, ext4's largest file). VirtualBox's own
+# limit is MAX_SIZE below, qemu's MAX_BLOCKS blocks; larger images made elsewhere still open.
+MAX_NEW_BLOCKS = 1 << 24
 MAX_EXTRA = 1 << 20
 DATA_ALIGN = 1 << 20
 MAX_SIZE = 4 * (1 << 50) - 3 * (1 << 20) - 512   # VirtualBox: below 4 PiB - 3 MiB
+
+
+def _max_size(block_size: int) -> int:
+    """The largest VDI vdgui creates or grows with this block size."""
+    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
+
+
+def _size_limit(block_size: int) -> str:
+    return (f" with {block_size}-byte blocks (vdgui keeps the block map in memory, "
+            f"{MAX_NEW_BLOCKS} blocks at most; a larger AllocationBlockSize allows more, up to "
+            f"VirtualBox's 4 PiB - 3 MiB)")
 _BIG = sys.byteorder == "big"
 
 assert array("I").itemsize == 4
@@ -54,6 +71,27 @@ def _map_to_disk(m: array) -> bytes:
         m = array("I", m)
         m.byteswap()
     return m.tobytes()
+
+
+MAP_CHUNK = 1 << 20          # map entries per read/write when a whole map is streamed (4 MiB)
+_FREE_BYTES = b"\xff" * (4 * MAP_CHUNK)
+_FREE_CHUNK = array("I", _FREE_BYTES)
+
+
+def _write_map(f: ImageFile, offset: int, m: array, lo: int, hi: int) -> None:
+    """Write entries lo..hi of ``m`` in chunks (no copy of the whole map)."""
+    for a in range(lo, hi, MAP_CHUNK):
+        b = min(hi, a + MAP_CHUNK)
+        f.pwrite(offset + a * 4, _map_to_disk(m[a:b]))
+
+
+def _extend_free(m: array, n: int) -> None:
+    """Append n FREE entries in chunks (``m.extend(array * n)`` would build the new part
+    twice; growing a large array reallocates in place, by mremap)."""
+    while n > 0:
+        k = min(n, MAP_CHUNK)
+        m.extend(_FREE_CHUNK if k == MAP_CHUNK else _FREE_CHUNK[:k])
+        n -= k
 
 
 def _uuid_or_none(b: bytes) -> uuidlib.UUID | None:
@@ -84,6 +122,10 @@ def _align(v: int, a: int) -> int:
 
 class VdiImage(Image):
     """One opened VDI file."""
+
+    @property
+    def max_size(self) -> int:
+        return _max_size(self.block_size)
 
     def __init__(self, backend, location: str, f: ImageFile, read_only: bool):
         super().__init__(backend, location, read_only)
@@ -187,12 +229,10 @@ class VdiImage(Image):
             raise self._err(field, offs["blocks" if self._v0 else "offset_blocks"],
                             f"block map ({h.blocks} entries) lies past the end of the file",
                             f"map end <= file size {file_size}", f"map end {map_end}")
-        raw_map = f.read_exact(self.offset_blocks, h.blocks * 4, "VDI block map")
-        m = array("I")
-        m.frombytes(raw_map)
-        if _BIG:
-            m.byteswap()
-        self._map = m
+        # read-only opens (info, chain and children scans) of large images read the map when
+        # first used
+        lazy = self.read_only and h.blocks > MAP_CHUNK
+        self._map_arr = None if lazy else self._read_map(h.blocks)
         self.blocks = h.blocks
         self.allocated = h.blocks_allocated
         self.image_type = h.image_type
@@ -212,6 +252,28 @@ class VdiImage(Image):
         self._set_type_flags()
         self._next = self.allocated
         self._bad: set[int] = set()
+
+    def _read_map(self, blocks: int) -> array:
+        m = array("I", [0]) * blocks        # one allocation, filled in chunks: never the map
+        for a in range(0, blocks, MAP_CHUNK):       # twice in memory
+            n = min(MAP_CHUNK, blocks - a)
+            t = array("I")
+            t.frombytes(self.f.read_exact(self.offset_blocks + a * 4, n * 4, "VDI block map"))
+            m[a:a + n] = t
+        if _BIG:
+            m.byteswap()
+        return m
+
+    @property
+    def _map(self) -> array:
+        m = self._map_arr
+        if m is None:
+            m = self._map_arr = self._read_map(self.blocks)
+        return m
+
+    @_map.setter
+    def _map(self, m: array) -> None:
+        self._map_arr = m
 
     def _set_type_flags(self) -> None:
         t = self.image_type
@@ -267,18 +329,16 @@ class VdiImage(Image):
         """Find entries that must not be written through (past EOF, cross-linked) and the
         next free file block index (read-write opens only)."""
         limit = self._file_blocks()
-        used = [v for v in self._map if v < _ZERO]
-        top = max(used, default=-1)
-        shared = first_shared(used)
         self.write_refusal = None
+        if self._healthy_map(limit):                        # the common case, streamed
+            return
+        used = [v for v in self._map if v < _ZERO]
+        shared = first_shared(used)
         if shared is not None:
             v = shared[0]
             i = self._map.index(v)
             j = self._map.index(v, i + 1)
             self.write_refusal = f"block map entries {i} and {j} both point to file block {v}"
-        if top < limit and shared is None:     # the common, healthy case
-            self._bad = set()
-            self._next = max(self.allocated, top + 1)
             return
         seen = bytearray(limit)
         bad = set()
@@ -294,6 +354,33 @@ class VdiImage(Image):
                 top = v
         self._bad = bad
         self._next = max(self.allocated, top + 1)
+
+    def _healthy_map(self, limit: int) -> bool:
+        """True (and the next free block set) when every used entry lies before ``limit`` and
+        none repeats. Streams the map in chunks: chunks holding only free/zero entries (most of
+        a large, young image) are passed over at C speed; memory stays O(chunk + file blocks)."""
+        m = self._map
+        top = -1
+        seen = None
+        for a in range(0, len(m), MAP_CHUNK):
+            chunk = m[a:a + MAP_CHUNK]
+            if chunk.count(_FREE) + chunk.count(_ZERO) == len(chunk):
+                continue
+            for v in chunk:
+                if v >= _ZERO:
+                    continue
+                if v >= limit:
+                    return False
+                if seen is None:
+                    seen = bytearray(limit)
+                if seen[v]:
+                    return False
+                seen[v] = 1
+                if v > top:
+                    top = v
+        self._bad = set()
+        self._next = max(self.allocated, top + 1)
+        return True
 
     def _write_map_entries(self, indices) -> None:
         idx = sorted(set(indices))
@@ -618,6 +705,7 @@ class VdiImage(Image):
         value = value or ""
         if self._v0:
             self._no_field("a comment (VDI v0 header)")   # as VirtualBox: old images refuse
+        require_text(value, "the comment", self.location)
         if len(value.encode("utf-8")) >= L.COMMENT_SIZE:
             raise InvalidArgument(f"{self.location}: VDI comments are limited to "
                                   f"{L.COMMENT_SIZE - 1} bytes, found {len(value.encode())}")
@@ -785,9 +873,9 @@ class VdiImage(Image):
         if new_size <= 0 or new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a positive multiple of "
                                   f"512, found {new_size}")
-        if new_size > MAX_SIZE:
-            raise InvalidArgument(f"{self.location}: VDI images can be at most {MAX_SIZE} bytes, "
-                                  f"asked for {new_size}")
+        if new_size > self.max_size:
+            raise too_large("VDI", new_size, self.max_size, self.location,
+                            _size_limit(self.block_size))
         if self._v0:
             raise NotSupported(f"{self.location}: VDI v0 images cannot be resized")
         if self._bad:
@@ -852,15 +940,19 @@ class VdiImage(Image):
         need_map_end = self.offset_blocks + new_blocks * 4
         if need_map_end > self.offset_data:
             self._relocate_for_map(need_map_end)
-        self._map.extend(array("I", [_FREE]) * (new_blocks - len(self._map)))
+        _extend_free(self._map, new_blocks - len(self._map))
         if fixed:
             for i in range(old_blocks, new_blocks):
                 if self._map[i] == _FREE:
                     self._map[i] = self._next
                     self._next += 1
-            self.f.truncate(self.offset_data + self._next * total)
-        self.f.pwrite(self.offset_blocks + old_blocks * 4,
-                      _map_to_disk(self._map[old_blocks:new_blocks]))
+            grown = self.offset_data + self._next * total
+            old_end = self.f.size()
+            if grown > old_end:
+                require_space(self.location, grown - old_end, "the grown fixed image")
+            self.f.truncate(grown)
+            preallocate(self.f, old_end, grown - old_end)
+        _write_map(self.f, self.offset_blocks, self._map, old_blocks, new_blocks)
         self.f.sync()
         self.blocks = new_blocks
         self.allocated = self._next
@@ -872,7 +964,9 @@ class VdiImage(Image):
         k = -(-(need_map_end - self.offset_data) // total)
         rev, n = self._used_blocks()
         moved = []
-        nxt = max(self._next, n)
+        # moved blocks go past the new map area too (file block k becomes block 0): with fewer
+        # blocks in use than the map needs, the end of the data lies inside that area
+        nxt = max(self._next, n, k)
         for j in range(min(k, n)):
             b = rev[j]
             if b == _FREE:
@@ -898,10 +992,19 @@ class VdiImage(Image):
                 m[i] = v - k
         self.offset_data += k * total
         self.allocated = self._next = max(0, nxt - k)
-        # header, gap and map in one write (the window where they disagree is one pwrite)
+        # header, gap and map in one write (the window where they disagree is one pwrite),
+        # assembled in one buffer: the map is copied once, not three times
         region = self.f.pread(L.PRE_HEADER_SIZE, self.offset_blocks - L.PRE_HEADER_SIZE)
         hdr = self._header_bytes()
-        self.f.pwrite(L.PRE_HEADER_SIZE, hdr + region[len(hdr):] + _map_to_disk(m))
+        head = len(region)
+        buf = bytearray(head + 4 * len(m))
+        buf[:len(hdr)] = hdr
+        buf[len(hdr):head] = region[len(hdr):]
+        for a in range(0, len(m), MAP_CHUNK):
+            b = min(len(m), a + MAP_CHUNK)
+            buf[head + 4 * a:head + 4 * b] = _map_to_disk(m[a:b])
+        self.f.pwrite(L.PRE_HEADER_SIZE, buf)
+        del buf
         self.f.sync()
 
     def discard(self, offset, length, fill=None):
@@ -1062,9 +1165,15 @@ class VdiBackend(Backend):
                             Operation.RESIZE, Operation.CHECK, Operation.REPAIR,
                             Operation.RELINK, Operation.DISCARD, Operation.COMMENT})
     create_flags = ImageFlags.FIXED
-    max_size = MAX_SIZE
+    max_size = _max_size(1 << 20)
     size_granularity = 512
     can_shrink = True
+
+    def max_size_for(self, config=None):
+        return _max_size(self.config_value(config, "AllocationBlockSize"))
+
+    def limit_reason(self, config=None):
+        return _size_limit(self.config_value(config, "AllocationBlockSize"))
 
     def probe(self, src: ProbeInput) -> int:
         h = src.head
@@ -1092,8 +1201,8 @@ class VdiBackend(Backend):
         size = p.size
         if size <= 0 or size % 512:
             raise InvalidArgument(f"VDI image size must be a positive multiple of 512, found {size}")
-        if size > MAX_SIZE:
-            raise InvalidArgument(f"VDI images can be at most {MAX_SIZE} bytes, asked for {size}")
+        if size > _max_size(bs):
+            raise too_large("VDI", size, _max_size(bs), p.location, _size_limit(bs))
         blocks = -(-size // bs)
         if blocks > MAX_BLOCKS:
             raise InvalidArgument(f"{size} bytes need {blocks} blocks of {bs} bytes, more than "
@@ -1143,12 +1252,13 @@ class VdiBackend(Backend):
         f = ImageFile.create_temp(p.location)
         try:
             f.pwrite(0, head + bytes(-len(head) % 512))      # the gap up to the map stays a hole
-            if fixed:
-                m = array("I", range(blocks))
-            else:
-                m = array("I", [_FREE]) * blocks
-            f.pwrite(offset_blocks, _map_to_disk(m))
+            for a in range(0, blocks, MAP_CHUNK):          # the map, streamed
+                b = min(blocks, a + MAP_CHUNK)
+                f.pwrite(offset_blocks + a * 4,
+                         _map_to_disk(array("I", range(a, b))) if fixed else _FREE_BYTES[:(b - a) * 4])
             f.truncate(offset_data + (blocks * bs if fixed else 0))
+            if fixed:                  # a fixed VDI holds its blocks (VirtualBox writes it full)
+                preallocate(f, offset_data, blocks * bs)
             f.sync()
             if p.progress:
                 p.progress(size, size)

@@ -48,11 +48,12 @@ from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
-from ..errors import CorruptImage, InvalidArgument, NotSupported
+from ..errors import CorruptImage, InvalidArgument, NotSupported, require_text
 from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
+from ..space import preallocate, require_space
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
@@ -833,7 +834,8 @@ class VhdImage(Image):
             self.parent_name = ""
             self._rescan()
             return
-        ppath = os.path.abspath(parent.location)
+        ppath = require_text(os.path.abspath(parent.location), "the parent's file name",
+                             self.location)
         rel = relative_name(self.location, ppath)
         rel_win = (rel if rel.startswith("..") else ".\\" + rel).replace("/", "\\")
         entries = []
@@ -914,6 +916,8 @@ class VhdImage(Image):
         old_footer = self.footer_offset
         self.footer.current_size = size
         if size > old_footer:
+            require_space(self.location, size - old_footer, "the grown fixed image")
+            preallocate(self.f, old_footer + FOOTER_SIZE, size - old_footer)
             # the new footer goes first, then the old one (now inside the data) is zeroed
             self.f.pwrite(size, self._footer_bytes())
             self.f.pwrite(old_footer, bytes(FOOTER_SIZE))
@@ -1243,10 +1247,7 @@ class VhdBackend(Backend):
         try:
             if fixed:
                 f.truncate(size + FOOTER_SIZE)
-                try:
-                    os.posix_fallocate(f.fd, 0, size + FOOTER_SIZE)
-                except OSError:
-                    pass
+                preallocate(f, 0, size + FOOTER_SIZE)
                 f.pwrite(size, fraw)
             else:
                 n = -(-size // DEFAULT_BLOCK)

@@ -56,12 +56,13 @@ from sys import byteorder
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput)
+                       Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..crc32c import crc32c
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage)
 from ..fileio import ImageFile, relative_name
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
+from ..space import preallocate, require_space
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 
 KiB = 1024
@@ -284,7 +285,28 @@ class LogReplayNeeded(CorruptImage):
 
 
 # -- the image -------------------------------------------------------------------------------
+# vdgui keeps the BAT in memory (8 bytes an entry): images it creates or grows have at most 2**23
+# payload blocks (a 64 MiB BAT): the spec's 64 TiB with blocks of 8 MiB or more (the default for
+# large disks is 32 MiB), 8 TiB with 1 MiB blocks
+MAX_NEW_BLOCKS = 1 << 23
+
+
+def vhdx_max_size(block_size: int) -> int:
+    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
+
+
+def _limit_reason(block_size: int) -> str:
+    if MAX_NEW_BLOCKS * block_size >= MAX_SIZE:
+        return " (the VHDX specification's limit)"
+    return (f" with {block_size}-byte blocks (vdgui keeps the BAT in memory, {MAX_NEW_BLOCKS} "
+            "blocks at most; a larger BlockSize allows up to 64 TiB)")
+
+
 class VhdxImage(Image):
+    @property
+    def max_size(self) -> int:
+        return vhdx_max_size(self.block_size)
+
     def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags):
         super().__init__(backend, location, flags.read_only)
         self.f = f
@@ -1155,9 +1177,12 @@ class VhdxImage(Image):
     def resize(self, new_size, progress=None):
         self._require_writable()
         self._fresh.clear()
-        if new_size % self.sector_size or new_size > MAX_SIZE:
+        if new_size % self.sector_size:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of "
-                                  f"{self.sector_size} bytes and at most 64 TiB, found {new_size}")
+                                  f"{self.sector_size} bytes, found {new_size}")
+        if new_size > self.max_size:
+            raise too_large("VHDX", new_size, self.max_size, self.location,
+                            _limit_reason(self.block_size))
         if new_size == self.size:
             return
         if new_size < self.size:
@@ -1179,9 +1204,13 @@ class VhdxImage(Image):
         self.bat_count = count
         self.payload_blocks = -(-new_size // self.block_size)
         if self.leave_allocated and not self.has_parent:
+            first = self.alloc_end
+            require_space(self.location, (self.payload_blocks - old_blocks) * self.block_size,
+                          "the grown fixed image")
             for blk in range(old_blocks, self.payload_blocks):
                 off = self._allocate(self.block_size)
                 self._set_entry(self._bat_index(blk), PAYLOAD_FULLY_PRESENT, off)
+            preallocate(self.f, first, self.alloc_end - first)
         self.f.sync()
         self._write_metadata_item(VIRTUAL_DISK_SIZE, struct.pack("<Q", new_size))
         self.size = new_size
@@ -1618,6 +1647,13 @@ class VhdxBackend(Backend):
     size_granularity = 512
     can_shrink = True
 
+    def max_size_for(self, config=None):
+        bs = self.config_value(config, "BlockSize")
+        return vhdx_max_size(bs) if bs else MAX_SIZE    # automatic: 32 MiB blocks when large
+
+    def limit_reason(self, config=None):
+        return _limit_reason(self.config_value(config, "BlockSize") or 32 * MiB)
+
     def probe(self, src: ProbeInput) -> int:
         return 100 if src.head[:8] == b"vhdxfile" else 0
 
@@ -1651,6 +1687,8 @@ class VhdxBackend(Backend):
         if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
             raise InvalidArgument(f"VHDX BlockSize must be a power of two from 1 MiB to 256 MiB, "
                                   f"found {bs}")
+        if size > vhdx_max_size(bs):
+            raise too_large("VHDX", size, vhdx_max_size(bs), p.location, _limit_reason(bs))
         log_len = cfg["LogSize"]
         if log_len % MiB:
             raise InvalidArgument(f"VHDX LogSize must be a multiple of 1 MiB, found {log_len}")
@@ -1707,10 +1745,7 @@ class VhdxBackend(Backend):
             f.pwrite(bat_off, bat.tobytes())
             f.truncate(max(end, data_off))
             if fixed:
-                try:
-                    os.posix_fallocate(f.fd, data_off, end - data_off)
-                except OSError:
-                    pass
+                preallocate(f, data_off, end - data_off)
             # region tables (both copies)
             rt = bytearray(REGION_SIZE)
             rt[0:16] = RegionTableHeader.build(dict(signature=b"regi", checksum=0, entry_count=2,

@@ -57,6 +57,7 @@ from ..fileio import ImageFile, atomic_files, close_all, relative_name, resolve_
 from ..geometry import Geometry, vbox_pchs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
+from ..space import preallocate, require_space
 from ..sparse import is_zero, split_blocks, zeroes
 from ..tables import first_shared
 from .vmdk_descriptor import (MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, ExtentLine,
@@ -1368,8 +1369,9 @@ class VmdkImage(Image):
                     try:
                         if sparse:
                             _write_sparse_extent(f, line.sectors, None)
-                        else:
+                        else:               # flat extents hold their blocks
                             f.truncate(line.sectors * SECTOR)
+                            preallocate(f, 0, line.sectors * SECTOR, _p)
                     finally:
                         f.close()
             for p, line in pending:
@@ -1389,8 +1391,11 @@ class VmdkImage(Image):
             if ext.f.is_device:
                 raise NotSupported(f"{self.location}: an extent on a device cannot be grown")
             need = ext.base + new_len
-            if ext.f.size() < need:
+            have = ext.f.size()
+            if have < need:
+                require_space(ext.f.path, need - have, "the grown flat extent")
                 ext.f.truncate(need)
+                preallocate(ext.f, have, need - have)
         elif isinstance(ext, SparseExtent):
             self._grow_sparse(ext, new_len // SECTOR)
         else:
@@ -2113,10 +2118,7 @@ class VmdkBackend(Backend):
                         else:
                             f.truncate(ext.sectors * SECTOR)
                             if fixed:
-                                try:
-                                    os.posix_fallocate(f.fd, 0, ext.sectors * SECTOR)
-                                except OSError:
-                                    pass
+                                preallocate(f, 0, ext.sectors * SECTOR, finals[i])
                 finally:
                     f.close()
         if p.progress:

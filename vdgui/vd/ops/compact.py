@@ -19,13 +19,14 @@ import os
 import shutil
 from typing import Callable
 
-from ..backend import Backend, OpenFlags, Operation
+from ..backend import Backend, ImageFlags, OpenFlags, Operation
 from ..disk import Disk
 from ..errors import Cancelled, CorruptImage, NotSupported, VDError, VDIOError
 from ..fileio import ImageFile, LockMode, lock_files, sweep_stale_temps, temp_name
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
+from ..space import preallocate
 
 COPY_CHUNK = 8 << 20
 VERIFY_CHUNK = 4 << 20
@@ -218,11 +219,16 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         if verify is not None:
             verify(img, prog.advance)
         stale = _stale_children(real, img)
+        fixed = bool(img.flags & ImageFlags.FIXED)
         # the children relinked after the commit point are locked before it
         kid_locks = lock_files([p for p, _be in stale], LockMode.WRITE)
         try:
             img.close()
             img = None
+            if fixed:         # the sparse copy left holes: a fixed image holds all its blocks
+                with ImageFile(tmp, writable=True) as fixed_file:
+                    fixed_file.final = path
+                    preallocate(fixed_file, 0, fixed_file.size())
             try:
                 fd = os.open(tmp, os.O_RDONLY)
                 try:

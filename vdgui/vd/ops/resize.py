@@ -9,7 +9,7 @@ original in one atomic step, so a crash or a cancel can never leave a half-resiz
 """
 from __future__ import annotations
 
-from ..backend import OpenFlags, Operation
+from ..backend import OpenFlags, Operation, too_large
 from ..disk import Disk
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
@@ -30,9 +30,6 @@ def _check_size(backend, path: str, new_size) -> int:
     if new_size % g:
         raise InvalidArgument(f"{path}: {backend.name} sizes must be a multiple of {g} bytes, "
                               f"found {new_size}")
-    if backend.max_size is not None and new_size > backend.max_size:
-        raise InvalidArgument(f"{path}: {backend.name} images can be at most {backend.max_size} "
-                              f"bytes, asked for {new_size}")
     return new_size
 
 
@@ -116,6 +113,8 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         top = len(chain.images) - 1
         orig = chain.images[top]
         old = orig.size
+        if orig.max_size is not None and new_size > orig.max_size:      # before any work
+            raise too_large(backend.name, new_size, orig.max_size, path)
         if new_size == old:
             p = Progress(progress, 1)
             p.start()
