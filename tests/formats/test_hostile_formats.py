@@ -194,3 +194,67 @@ def test_dmg_chunks_sharing_compressed_data_are_refused(tmp_path):
     p.write_bytes(_dmg_with_entries(z, ents))
     with pytest.raises(CorruptImage, match="share compressed data"):
         Disk().open(str(p), "DMG", flags=dmg.OpenFlags.READ_ONLY)
+
+
+# -- item 25: check sees what qemu-img check sees (and what reading refuses) --------------------
+
+def _qcow2_l2_of_first_cluster(path) -> int:
+    from vdgui.vd import OpenFlags, get_backend
+    img = get_backend("QCOW2").open(str(path), OpenFlags.READ_ONLY, None)
+    try:
+        return img.l1[0] & ((1 << 56) - 512)
+    finally:
+        img.close()
+
+
+def test_qcow2_subcluster_allocated_and_zero(tmp_path, qemu):
+    from vdgui.vd import ProblemCode, check
+    p = tmp_path / "x.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", p, "1M")
+    qemu.io("-f", "qcow2", "-c", "write -P 0x11 0 64k", p)
+    l2 = _qcow2_l2_of_first_cluster(p)
+    with open(p, "r+b") as f:
+        f.seek(l2 + 8)
+        bm = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", bm | 1 << 32))       # subcluster 0: allocated and zero
+    assert qemu.check(p, "qcow2").returncode == 2       # qemu sees it
+    with pytest.raises(CorruptImage, match="both allocated and zero"):
+        with Disk.open_chain(str(p)) as d:
+            d.read(0, 4096)
+    rep = check(str(p))
+    assert rep.exit_code == 2
+    assert [pr.code for pr in rep.problems] == [ProblemCode.SUBCLUSTER]
+    rep = check(str(p), repair=True)
+    assert rep.repaired and not rep.corrupt
+    assert check(str(p)).exit_code == 0
+    assert qemu.check(p, "qcow2").returncode == 0
+    with Disk.open_chain(str(p)) as d:                  # the data was kept
+        assert d.read(0, 65536) == b"\x11" * 65536
+
+
+@pytest.mark.parametrize("cut", [1, 4096])
+def test_qed_truncated_inside_a_data_cluster(tmp_path, qemu, cut):
+    from vdgui.vd import ProblemCode, check
+    p = tmp_path / "t.qed"
+    qemu.img("create", "-q", "-f", "qed", p, "4M")
+    qemu.io("-f", "qed", "-c", "write -P 0x22 0 1M", "-c", "write -P 0x33 2M 1M", p)
+    size = os.path.getsize(p)
+    os.truncate(p, size - cut)
+    if cut >= 4096:
+        assert qemu.check(p, "qed").returncode == 2     # qemu sees it
+    with pytest.raises(CorruptImage, match="past the end"):
+        with Disk.open_chain(str(p)) as d:
+            d.read(0, 4 * MiB)
+    rep = check(str(p))
+    assert rep.exit_code == 2
+    assert ProblemCode.ENTRY_PAST_END in [pr.code for pr in rep.problems]
+    rep = check(str(p), repair=True)
+    assert rep.repaired and check(str(p)).exit_code == 0
+    assert qemu.check(p, "qed").returncode == 0
+    with Disk.open_chain(str(p)) as d:                  # the bytes present were kept
+        data = d.read(0, 4 * MiB)
+    assert data[:MiB] == b"\x22" * MiB
+    assert data[2 * MiB:3 * MiB - 65536] == b"\x33" * (MiB - 65536)
+    last = data[3 * MiB - 65536:3 * MiB]
+    assert last == b"\x33" * (65536 - cut) + bytes(cut)

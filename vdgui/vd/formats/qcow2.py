@@ -1825,6 +1825,8 @@ class Qcow2Image(Image):
                 if len(tbl) < self.l2_entries * (2 if self.extended_l2 else 1):
                     continue
                 entries = tbl[::2] if self.extended_l2 else tbl
+                if self.extended_l2 and any(tbl[1::2]):
+                    self._check_subclusters(off, tbl, active, data_file, problems, fixes)
                 for j, e in [(j, e) for j, e in enumerate(entries) if e]:
                     if e & L.OFLAG_COMPRESSED:
                         coff, csize = self._compressed_range(e)
@@ -1863,6 +1865,36 @@ class Qcow2Image(Image):
                 progress.check()
         self._l2_refs = l2_refs
         return counts, fixes
+
+    def _check_subclusters(self, off: int, tbl, active: bool, data_file: bool, problems: list,
+                           fixes: list) -> None:
+        """Extended L2 subcluster bitmaps (what reading refuses, as qemu does): no subcluster
+        both allocated and zero, no allocated subcluster without a host cluster. Repair keeps
+        the data: a subcluster marked both stays allocated (its zero bit is cleared); allocation
+        bits with no cluster to point into are cleared."""
+        for j in range(self.l2_entries):
+            bm = tbl[2 * j + 1]
+            if not bm:
+                continue
+            e = tbl[2 * j]
+            if e & L.OFLAG_COMPRESSED:
+                continue
+            alloc, zero = bm & 0xFFFFFFFF, bm >> 32
+            host = e & L2E_MASK
+            if alloc & zero:
+                what = (f"L2 table at {off:#x} entry {j}: subclusters {alloc & zero:#010x} are "
+                        f"marked both allocated and zero (bitmap {bm:#018x})")
+                new = alloc | (zero & ~alloc) << 32
+            elif alloc and not host and not (data_file and e & L.OFLAG_COPIED):
+                what = (f"L2 table at {off:#x} entry {j}: subclusters {alloc:#010x} are "
+                        f"allocated but the entry has no cluster (entry {e:#x})")
+                new = zero << 32
+            else:
+                continue
+            problems.append(Problem("corrupt", what, off + 16 * j + 8,
+                                    code=ProblemCode.SUBCLUSTER))
+            if active:
+                fixes.append(("l2bm", off, j, new))
 
     def _count_bitmaps(self, add, problems) -> None:
         ext = self.bitmaps_ext
@@ -2025,6 +2057,9 @@ class Qcow2Image(Image):
             if fix[0] == "l1":
                 _, i, value = fix
                 self._set_l1(i, value)
+            elif fix[0] == "l2bm":
+                _, off, j, bm = fix
+                self.f.pwrite(off + 16 * j + 8, _BIG.pack(bm))
             else:
                 _, off, j, e = fix
                 if self.extended_l2:

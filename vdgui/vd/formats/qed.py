@@ -712,6 +712,7 @@ class QedImage(Image):
         used = bytearray(nclusters)
         problems: list[Problem] = []
         fixes: list[tuple[int, str]] = []    # (file offset of the entry, what)
+        extend_to = 0                        # the end of a data cluster cut off by truncation
         prog = Progress(progress, self.entries)
         prog.start()
 
@@ -756,6 +757,15 @@ class QedImage(Image):
                                             code=ProblemCode.ENTRY_INVALID))
                     fixes.append((eat, "data cluster"))
                     continue
+                if e + cs > self.fsize:
+                    # a truncated file: the cluster starts inside it but runs past its end
+                    # (reading it fails; qemu-img check reports it). Repair keeps the bytes
+                    # that are there and extends the file so that the rest reads zero.
+                    problems.append(Problem("corrupt", f"L2 table {off:#x} entry {j}: data "
+                                            f"cluster at {e:#x} runs past the end of the file "
+                                            f"({self.fsize - e} of {cs} bytes present)", e,
+                                            code=ProblemCode.ENTRY_PAST_END))
+                    extend_to = max(extend_to, e + cs)
                 mark(e, 1, f"data cluster (L2 table {off:#x} entry {j})", eat)
             prog.set(i)
         leaks = [c for c in range(nclusters) if not used[c]]
@@ -771,6 +781,10 @@ class QedImage(Image):
             self._l2_cache.clear()
             self._l2_bytes = 0
             self.l1 = _le_array(self.f.read_exact(self.l1_offset, self.table_bytes, "L1 table"))
+            if extend_to > self.fsize:
+                self.f.truncate(extend_to)
+                self.fsize = extend_to
+                self.end_cluster = max(self.end_cluster, -(-extend_to // cs))
             # trailing leaked clusters can simply be cut off
             last = nclusters
             while last > 0 and not used[last - 1]:
