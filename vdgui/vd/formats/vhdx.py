@@ -792,12 +792,59 @@ class VhdxImage(Image):
 
     def _begin_write(self) -> None:
         self._require_writable()
+        if not self._xlinks_checked:
+            self._find_cross_links()
+        self._refuse_cross_linked()
         if not self._data_guid_updated and not self.keep_link_identity:
             # MS-VHDX 2.2.2: DataWriteGuid changes before the first user-visible write (not in a
             # merge, which relinks the children itself: their parent_linkage must keep matching)
             self._update_header(data_write_guid=uuidlib.uuid4().bytes_le)
             self.modification_uuid = _guid(self.hdr.data_write_guid)
             self._data_guid_updated = True
+
+    _xlinks_checked = False
+
+    def _fixed_spans(self) -> list[tuple[int, int, str, int | None]]:
+        """(start, end, name, None) of the header section, the regions and the log."""
+        spans: list[tuple[int, int, str, int | None]] = [(0, MiB, "the header section", None)]
+        for g, (o, ln) in self.vregions.items():
+            spans.append((o, o + ln, "the BAT region" if g == BAT_GUID else
+                          "the metadata region", None))
+        if self.hdr.log_length:
+            spans.append((self.hdr.log_offset, self.hdr.log_offset + self.hdr.log_length,
+                          "the log", None))
+        return spans
+
+    def _find_cross_links(self) -> None:
+        """Once, before the first write: a present block overlapping another one or the
+        metadata (check: "overlaps") refuses writes (a write would change both)."""
+        self._xlinks_checked = True
+        self.write_refusal = None
+        spans = self._fixed_spans()
+        cr, bs = self.cr, self.block_size
+        for idx, e in enumerate(self.bat):
+            st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
+            if idx % (cr + 1) == cr:
+                if st != SB_PRESENT or not self.has_parent:
+                    continue
+                length = MiB
+            else:
+                blk = idx - idx // (cr + 1)
+                if st not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT) or \
+                        blk >= self.payload_blocks:
+                    continue
+                length = -(-min(bs, self.size - blk * bs) // MiB) * MiB
+            if off < MiB or off + length > self.file_len:
+                continue                        # refused where it is used
+            spans.append((off, off + length, f"BAT[{idx}]", idx))
+        spans.sort(key=lambda t: (t[0], t[1]))
+        reach, reach_name = 0, ""
+        for s1, e1, n1, _i in spans:
+            if s1 < reach:
+                self.write_refusal = f"{n1} (at {s1:#x}) and {reach_name} overlap"
+                return
+            if e1 > reach:
+                reach, reach_name = e1, n1
 
     def _allocate(self, length: int) -> int:
         off = self.alloc_end
@@ -1337,13 +1384,7 @@ class VhdxImage(Image):
             self.header_problems = []
         bad: list[tuple[int, int]] = []
         # (start, end, name, BAT index or None): checked for overlaps after one sort
-        spans: list[tuple[int, int, str, int | None]] = [(0, MiB, "the header section", None)]
-        for g, (o, ln) in self.vregions.items():
-            spans.append((o, o + ln, "the BAT region" if g == BAT_GUID else
-                          "the metadata region", None))
-        if self.hdr.log_length:
-            spans.append((self.hdr.log_offset, self.hdr.log_offset + self.hdr.log_length,
-                          "the log", None))
+        spans = self._fixed_spans()
         for idx in range(self.bat_count):
             e = self.bat[idx]
             st, off = e & _STATE_MASK, (e >> _OFFSET_SHIFT) * MiB
@@ -1382,14 +1423,35 @@ class VhdxImage(Image):
                 continue
             spans.append((off, off + length, f"{what} (BAT[{idx}])", idx))
         spans.sort(key=lambda t: (t[0], t[1]))
-        reach, reach_name = 0, ""
+        reach, reach_name, reach_idx = 0, "", None
+        moves: list[tuple[int, int, int]] = []      # (BAT index, offset, length) to copy
         for s1, e1, n1, i1 in spans:
             if s1 < reach:
                 where = self.bat_offset + 8 * i1 if i1 is not None else None
+                # repair gives the block its own copy of what it reads now (the block that
+                # meets the metadata when the later span is a region)
+                mover = i1 if i1 is not None else reach_idx
+                if mover is not None and fix:
+                    _st, off = self._entry(mover)
+                    moves.append((mover, off, e1 - s1 if i1 is not None else reach - off))
                 rep.problems.append(Problem("corrupt", f"{n1} at {s1:#x} overlaps {reach_name}",
-                                            where, code=ProblemCode.OVERLAP))
+                                            where, code=ProblemCode.OVERLAP,
+                                            repaired=fix and mover is not None))
             if e1 > reach:
-                reach, reach_name = e1, n1
+                reach, reach_name, reach_idx = e1, n1, i1
+        for idx, off, length in moves:
+            st, cur = self._entry(idx)
+            if cur != off:
+                continue                        # already moved
+            data = self.f.pread(off, length)
+            new = self._allocate(length)
+            self.f.pwrite(new, data)
+            self.f.sync()                       # the copy before the BAT entry naming it
+            self._set_entry(idx, st, new)
+        if moves:
+            self._sb_cache.clear()
+            self.f.sync()
+            self._xlinks_checked = False
         if fix and bad:
             for idx, state in bad:
                 self._set_entry(idx, state, 0)
