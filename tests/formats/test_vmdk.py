@@ -238,11 +238,13 @@ def test_missing_extent_is_clear_error_and_info_opens_nothing(tmp_path):
 def test_zero_extents_and_mixed_extents(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"\x07" * 4096)
     p = tmp_path / "mix.vmdk"
-    p.write_bytes(_desc('RW 4 FLAT "a.bin" 2\nRW 16 ZERO\nRDONLY 8 FLAT "a.bin" 0'))
+    # two views of one file over disjoint bytes (overlapping ones alias: refused, see
+    # test_hostile_formats.py)
+    p.write_bytes(_desc('RW 4 FLAT "a.bin" 2\nRW 16 ZERO\nRDONLY 2 FLAT "a.bin" 6'))
     with Disk() as d:
         d.open(str(p), flags=OpenFlags.READ_ONLY)
-        assert d.size == 28 * 512
-        assert d.read(0, d.size) == b"\x07" * 2048 + bytes(8192) + b"\x07" * 4096
+        assert d.size == 22 * 512
+        assert d.read(0, d.size) == b"\x07" * 2048 + bytes(8192) + b"\x07" * 1024
         assert any(e.status == Alloc.ZERO for e in d.allocation())
     with Disk() as d:
         d.open(str(p))

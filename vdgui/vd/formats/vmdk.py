@@ -2291,7 +2291,9 @@ def _open_extent(self: VmdkImage, line: ExtentLine, vstart: int, path: str | Non
                                expected="each sparse file once", found="a repeat")
         seen.add(key)
     if t in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
-        self.extents.append(FlatExtent(line, vstart, path, f, writable))
+        ext = FlatExtent(line, vstart, path, f, writable)
+        _refuse_aliasing(self, ext, f)
+        self.extents.append(ext)
         return
     head = f.pread(0, SECTOR)
     if head[:4] == MAGIC:
@@ -2307,6 +2309,35 @@ def _open_extent(self: VmdkImage, line: ExtentLine, vstart: int, path: str | Non
     raise CorruptImage(f"extent file is not a {t} extent", path=path, field="magic", offset=0,
                        expected="'KDMV'" + (" or 'COWD'" if t == "VMFSSPARSE" else ""),
                        found=repr(head[:4]))
+
+
+def _refuse_aliasing(self: VmdkImage, ext: FlatExtent, f: ImageFile) -> None:
+    """Two flat extents over the same bytes of one file (the same file named twice, or through a
+    hard link) make a write through one change the other, and a descriptor repeating one line
+    thousands of times multiplies every read: refused, naming both lines. Each file's ranges are
+    kept sorted, so a descriptor of n extents costs n log n."""
+    try:
+        st = os.fstat(f.fd)
+        key = (st.st_dev, st.st_ino)
+    except (OSError, AttributeError):
+        key = os.path.realpath(ext.path)
+    starts, spans = self.__dict__.setdefault("_flat_spans", {}).setdefault(key, ([], []))
+    a, b = ext.base, ext.base + ext.length
+    if b <= a:
+        return
+    i = bisect.bisect_left(starts, a)
+    for j in (i - 1, i):
+        if 0 <= j < len(spans):
+            s, e, other = spans[j]
+            if s < b and a < e:
+                raise CorruptImage(
+                    f"{self.location}: extent {ext.line.filename!r} at file bytes {a:#x}..{b:#x} "
+                    f"overlaps extent {other.line.filename!r} at {s:#x}..{e:#x} of the same file "
+                    "(a write through one would change the other)", field="extent description",
+                    expected="extents over disjoint parts of their files",
+                    found="two extents over the same bytes")
+    starts.insert(i, a)
+    spans.insert(i, (a, b, ext))
 
 
 def _open_cowd(self: VmdkImage, line: ExtentLine, vstart: int, path: str, f: ImageFile) -> None:
