@@ -207,6 +207,9 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
             except CorruptImage:
                 if i == len(open_flags) - 1:
                     raise
+        # the children keep their link (VMDK CID, VHDX DataWriteGuid) across the rewrite: a kill
+        # between the rename and a relink would otherwise leave them unopenable
+        img.keep_link_identity = True
         changed = work(img, sub)
         prog.set(copy_bytes + work_span)
         if not changed:
