@@ -260,6 +260,8 @@ class Case:
     def judge(self, work: Path, finished: bool) -> list[str]:
         out: list[str] = []
         now = _sha_files(work)
+        if now == self.template_sha and not finished:
+            return []                   # killed before it changed a byte: the template, judged
         top = work / self.top
         if self.op == "merge-top" and not top.exists():
             top = work / self.images[1]     # the top is deleted first: the target holds it all
@@ -280,20 +282,20 @@ class Case:
             p = work / name
             if not p.exists():
                 continue
+            changed = any(now.get(n) != self.template_sha.get(n) for n in now
+                          if n.startswith(os.path.splitext(name)[0]))
+            if not changed:
+                continue                # byte-identical to the template, judged once before
             try:
                 get_backend(self.fmt).open(str(p), OpenFlags.READ_ONLY, None).close()
             except VDError as exc:
                 out.append(f"{name} does not open: {exc}")
                 continue
-            untouched = self.op == "repair" and now.get(name) == self.template_sha.get(name)
             rep = check(str(p))
-            if rep.corrupt and not untouched:
+            if rep.corrupt:
                 bad = [x.what for x in rep.problems if x.severity == "corrupt"][:2]
                 out.append(f"vdgui-img check calls {name} corrupt: {bad}")
-            changed = any(now.get(n) != self.template_sha.get(n) for n in now
-                          if n.startswith(os.path.splitext(name)[0]))
-            if (changed and not untouched and self.qn not in QEMU_NO_CHECK
-                    and self._qemu_reads(name, work)):
+            if self.qn not in QEMU_NO_CHECK and self._qemu_reads(name, work):
                 r = self.qemu.check(str(p), self.qn)
                 if r.returncode not in (0, 3):
                     out.append(f"qemu-img check {name} exit {r.returncode}: "
@@ -319,6 +321,11 @@ def _run_case(tmp_path, qemu, fid, op, *, points=None, sample_n=None):
     tpl = tmp_path / "tpl"
     tpl.mkdir()
     case.build(tpl)
+    for name in case.images:            # the template's images: opened and checked once
+        if not (tpl / name).exists():
+            continue
+        get_backend(case.fmt).open(str(tpl / name), OpenFlags.READ_ONLY, None).close()
+        assert op == "repair" or check(str(tpl / name)).exit_code == 0, name
     all_points, outcomes = kh.campaign(tmp_path, tpl, case.fn_for, case.judge, points=points,
                                        sample_n=sample_n, seed=f"{fid}-{op}")
     killed = sum(o.killed for o in outcomes)
