@@ -2,7 +2,8 @@
 # Build the end-user packages from a clean checkout:
 #   dist/vdgui-<version>-linux-<arch>.tar.gz   (unpack anywhere, run ./vdgui)
 #   dist/vdgui_<version>_<debarch>.deb          (installs /opt/vdgui, /usr/bin/vdgui{,-img})
-# Needs: python3 with the project's "package" extra (PyInstaller), dpkg-deb, ldd.
+# Needs: python3 with the project's "package" extra (PyInstaller), dpkg-deb, ldd. Installs the Qt
+# binding with constraints.txt into that Python (a virtual environment: the bootstrap's .venv).
 # PYTHON may name the interpreter (default: .venv/bin/python if present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,16 @@ with open("pyproject.toml", "rb") as f:
     print(tomllib.load(f)["project"]["version"])
 PYEOF
 )
+# The bundle carries $PY's Qt binding: bring it to what constraints.txt allows (a no-op when the
+# bootstrap already did), and refuse to bundle a binding that loses references (vdgui/qtfix.py).
+"$PY" -m pip install -q --disable-pip-version-check -c constraints.txt "PySide6-Essentials" "pyinstaller>=6"
+"$PY" - <<'PYEOF'
+import sys
+from vdgui import qtfix
+problem = qtfix.binding_problem()
+if problem:
+    sys.exit(f"build-linux.sh: {problem}")
+PYEOF
 ARCH=$(uname -m)
 DEBARCH=$(dpkg --print-architecture)
 BUILD=$ROOT/build/pkg

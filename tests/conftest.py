@@ -1,6 +1,7 @@
 """Shared fixtures: qemu tools, pattern data, the real-image corpus."""
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import shutil
@@ -14,6 +15,15 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_SRC = ROOT.parent / "shared" / "corpus"
+CORPUS_SKIP = "needs the real-image corpus"      # the start of the skip reason when it is absent
+
+
+def enable_faulthandler() -> None:
+    """A crash in Qt or a binding (SIGSEGV, SIGABRT, "Fatal Python error") prints the Python
+    stack of every thread. pytest's faulthandler plugin normally has it on, writing to the real
+    stderr; this turns it on when the plugin was disabled (-p no:faulthandler)."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
 
 def _tool(name: str) -> str:
@@ -78,15 +88,49 @@ def sha(data_or_path) -> str:
     return h.hexdigest()
 
 
+def require_corpus() -> Path:
+    """The real-image corpus (../shared/corpus beside the project), for the tests that read it.
+
+    A user's clone has no ../shared: those tests are then skipped, with a reason naming what is
+    missing. CI's machines have it, so under CI (the CI variable set) its absence fails instead
+    of silently skipping the corpus tests."""
+    if (CORPUS_SRC / "unpack.py").exists():
+        return CORPUS_SRC
+    what = f"{CORPUS_SKIP} at {CORPUS_SRC} (../shared/corpus beside the project)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}, and CI must have it", pytrace=False)
+    pytest.skip(f"{what}: it is absent")
+
+
+def pytest_runtest_logreport(report):
+    """With VDGUI_CORPUS_SKIPS=FILE, note the id of every test skipped for want of the corpus
+    (.ci/run runs the suite in a fresh clone, then exactly those tests where the corpus is)."""
+    out = os.environ.get("VDGUI_CORPUS_SKIPS")
+    if out and report.skipped and CORPUS_SKIP in str(report.longrepr):
+        with open(out, "a") as f:
+            f.write(report.nodeid + "\n")
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The real images of ../shared/corpus unpacked into a temp folder (not the project)."""
-    if not (CORPUS_SRC / "unpack.py").exists():
-        pytest.fail(f"the image corpus is missing at {CORPUS_SRC}", pytrace=False)
+    src = require_corpus()
     dest = tmp_path_factory.mktemp("corpus")
-    subprocess.run([sys.executable, str(CORPUS_SRC / "unpack.py"), str(dest)], check=True,
+    subprocess.run([sys.executable, str(src / "unpack.py"), str(dest)], check=True,
                    capture_output=True)
     return dest
+
+
+def entry_point(name: str) -> str:
+    """The installed command ``name`` (vdgui-img, vdgui) of the Python running the tests: the
+    one beside sys.executable, so the README's ``.venv/bin/python -m pytest`` finds it without
+    an activated virtual environment."""
+    path = Path(sys.executable).parent / name
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{name} is not installed beside {sys.executable}: run "
+                    "'bash scripts/bootstrap test' (it installs the project into .venv)",
+                    pytrace=False)
+    return str(path)
 
 
 def read_all(disk, chunk: int = 4 << 20) -> bytes:

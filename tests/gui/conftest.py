@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import enable_faulthandler
 from vdgui.vd import Disk, Library, OpenFlags, backends
+
+
+def pytest_configure(config):
+    enable_faulthandler()      # a crash inside Qt names its place (thread and Python stack)
 
 
 def registered(name: str) -> bool:

@@ -175,6 +175,7 @@ def test_close_with_running_jobs_asks_then_cancels(qtbot, window, monkeypatch):
             threading.Event().wait(0.001)
     job = window.start_job(Job("Long job", slow))
     assert started.wait(5)
+    qtbot.waitUntil(lambda: job.state == JobState.RUNNING, timeout=5000)   # the GUI heard it
     asked = []
     monkeypatch.setattr(QMessageBox, "question",
                         lambda *a, **k: asked.append(a) or QMessageBox.No)

@@ -155,15 +155,3 @@ def test_busy_paths_follow_running_jobs(qtbot):
     gate.set()
     wait(qtbot, job)
     assert q.busy_paths() == set()
-
-
-def test_cyclic_gc_paused_while_jobs_run_and_restored(qtbot):
-    import gc
-    gate = threading.Event()
-    q = JobQueue()
-    assert gc.isenabled()
-    job = q.submit(Job("hold", lambda p: gate.wait(5)))
-    assert not gc.isenabled()          # no collection inside pool threads
-    gate.set()
-    wait(qtbot, job)
-    qtbot.waitUntil(gc.isenabled, timeout=2000)

@@ -100,6 +100,10 @@ def _quit_on_sigint(app, win) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from vdgui import qtfix
+    if problem := qtfix.binding_problem():      # refuse now rather than abort mid-job
+        print(f"vdgui: {problem}", file=sys.stderr)
+        return 2
     if args.screenshot:
         return screenshot(args)
     from vdgui.vd import Library, data_dir

@@ -1,15 +1,32 @@
-"""Long work off the GUI thread: Job (QRunnable) + JobSignals (QObject), and the JobQueue.
+"""Long work off the GUI thread: Job + JobSignals (QObject), and the JobQueue (a QThreadPool).
 
 A job wraps a function ``fn(progress)`` where ``progress(done, total)`` is the engine's progress
 callback; returning False from it cancels the operation (the engine then raises Cancelled).
 Signals carry ``object`` (64-bit safe byte counts). Progress reaches the GUI at most ~10 times a
 second, monotonic, always starting with 0 and ending with the total.
 
+Threads and ownership (the model is superqt's thread worker: a runnable plus QObject signals,
+cooperative cancel):
+
+- The worker only *reports*: it runs ``fn`` and emits started / progress / finished | failed |
+  cancelled. Everything the GUI reads on a job (state, done, total, result, error, times) is
+  changed on the GUI thread, by the job's own receiver, which is connected first and so runs
+  before any other receiver of the same signal.
+- The queue owns every job it was given, in ``JobQueue.live``, from ``submit`` until the worker
+  has let go of it: the worker's last act, after its final signal and after dropping its own
+  reference, is a ``released(id)`` notice, delivered on the GUI thread after that final signal.
+  So the last reference to a job (and to its QObject) is dropped on the GUI thread, never in a
+  pool thread, with no timer. A job cancelled before it ran leaves ``live`` when its
+  ``cancelled`` signal has been delivered.
+- While workers run Python, the cyclic garbage collector runs on the GUI thread only
+  (``_Workers``): a collection in a pool thread would destroy any Qt object it frees there.
+
 The queue serialises jobs that share a key (one key per chain: jobs on one chain run one after
 another) and runs the others in parallel in a QThreadPool.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import threading
@@ -17,7 +34,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QThreadPool, QTimer, Signal, Slot
 
 from vdgui import qtfix  # noqa: F401  (before any signal is emitted)
 
@@ -50,23 +67,132 @@ WORKER_NICENESS = 10
 
 
 class JobSignals(QObject):
+    """A job's signals. Created with the job, on the GUI thread; emitted from the pool thread.
+    Its own receivers (connected here, so before any other) record each report on the job."""
+
     started = Signal(object)                   # job
     progress = Signal(object, object, object)  # job, done, total (bytes, Python ints)
     finished = Signal(object, object)          # job, result
     failed = Signal(object, object, object)    # job, message, traceback text (None: engine error)
     cancelled = Signal(object)                 # job
 
+    def __init__(self):
+        super().__init__()
+        self.started.connect(self._record_started)
+        self.progress.connect(self._record_progress)
+        self.finished.connect(self._record_finished)
+        self.failed.connect(self._record_failed)
+        self.cancelled.connect(self._record_cancelled)
 
-class Job(QRunnable):
-    """One unit of long work. ``fn(progress)`` runs in a pool thread."""
+    # Each receives the job as the signal's first argument: no reference back to the job here,
+    # so a job and its signals form no cycle (nothing waits for the cyclic collector).
+    @Slot(object)
+    def _record_started(self, job) -> None:
+        job._on_started()
+
+    @Slot(object, object, object)
+    def _record_progress(self, job, done, total) -> None:
+        job._on_progress(done, total)
+
+    @Slot(object, object)
+    def _record_finished(self, job, result) -> None:
+        job._on_finished(result)
+
+    @Slot(object, object, object)
+    def _record_failed(self, job, message, tb) -> None:
+        job._on_failed(message, tb)
+
+    @Slot(object)
+    def _record_cancelled(self, job) -> None:
+        job._on_cancelled()
+
+
+class _Workers(QObject):
+    """The GUI-thread side of the pool threads, one for the process, created on the GUI thread
+    and never deleted (so a worker may hold it, unlike a queue or a job, without the risk of
+    dropping the last reference to a QObject in a pool thread). It does two things:
+
+    - carries the workers' "I no longer hold job N" notices to the GUI thread (``released``);
+    - while any worker runs Python, runs the cyclic garbage collector itself, on the GUI thread,
+      with automatic collection off. Python collects in whichever thread happens to allocate,
+      and a collection in a pool thread destroys the Qt objects it frees right there: measured,
+      200 of 200 widgets left in reference cycles were destroyed in the worker thread (PySide6
+      6.11.3 and 6.12.0), where Qt forbids it. This is about every Qt object, not about jobs,
+      whose lifetime is explicit (JobQueue.live).
+    """
+
+    released = Signal(object)                  # job id
+    COLLECT_EVERY_MS = 200
+
+    def __init__(self):
+        super().__init__()
+        self._running = 0                      # workers between pool.start and 'released'
+        self._collection_off = False           # automatic collection turned off by us
+        self._timer = QTimer(self)
+        self._timer.setInterval(self.COLLECT_EVERY_MS)
+        self._timer.timeout.connect(self.collect)
+        self.released.connect(self._worker_released)     # first receiver: once per worker
+
+    def worker_started(self) -> None:
+        self._running += 1
+        if self._running == 1 and gc.isenabled():
+            gc.disable()
+            self._collection_off = True
+            self._timer.start()
+
+    @Slot(object)
+    def _worker_released(self, _job_id=None) -> None:
+        self._running = max(self._running - 1, 0)
+        if self._running == 0 and self._collection_off:
+            self._timer.stop()
+            self._collection_off = False
+            gc.enable()
+
+    @Slot()
+    def collect(self) -> None:
+        """What automatic collection would have done by now, here on the GUI thread."""
+        thresholds, counts = gc.get_threshold(), gc.get_count()
+        generation = -1
+        for g in range(3):
+            if counts[g] > thresholds[g]:
+                generation = g
+            else:
+                break
+        if generation >= 0:
+            gc.collect(generation)
+
+
+_workers: _Workers | None = None
+
+
+def _the_workers() -> _Workers:
+    global _workers
+    if _workers is None:
+        _workers = _Workers()
+    return _workers
+
+
+def _work(box: list, workers: _Workers) -> None:
+    """What a pool thread runs for one job. ``box`` holds the job; taking it out leaves this
+    frame the worker's only reference, dropped before the ``released`` notice."""
+    job = box.pop()
+    job_id = job.id
+    try:
+        job._execute()
+    finally:
+        del job
+        workers.released.emit(job_id)
+
+
+class Job:
+    """One unit of long work. ``fn(progress)`` runs in a pool thread; everything else about the
+    job (its attributes, its signals' receivers) lives on the GUI thread."""
 
     _ids = 0
 
     def __init__(self, title: str, fn: Callable[[Callable[[int, int], bool | None]], Any], *,
                  keys: Iterable[str] = (), paths: Iterable[str] = (), kind: str = "",
                  visible: bool = True):
-        super().__init__()
-        self.setAutoDelete(False)
         Job._ids += 1
         self.id = Job._ids
         self.title = title
@@ -76,6 +202,7 @@ class Job(QRunnable):
         self.paths = frozenset(paths)    # images shown busy while the job runs
         self.visible = visible
         self.signals = JobSignals()
+        # GUI-thread view of the job, changed only by the receivers of its signals
         self.state = JobState.QUEUED
         self.done = 0
         self.total = 0
@@ -85,7 +212,10 @@ class Job(QRunnable):
         self.created = time.monotonic()
         self.started_at: float | None = None
         self.ended_at: float | None = None
+        # worker side (only the pool thread touches these)
         self._cancel = threading.Event()
+        self._w_done = 0
+        self._w_total = 0
         self._last_emit = 0.0
         self._emitted_zero = False
         self._emitted: tuple[int, int] | None = None
@@ -123,16 +253,48 @@ class Job(QRunnable):
             return None
         return max(self.total - self.done, 0) / rate
 
+    # -- GUI thread: what the signals report ----------------------------------------------
+    def _on_started(self) -> None:
+        if self.state == JobState.QUEUED:
+            self.state = JobState.RUNNING
+            self.started_at = time.monotonic()
+
+    def _on_progress(self, done, total) -> None:
+        if self.finished:
+            return
+        self.total = total
+        self.done = max(done, self.done)
+
+    def _end(self, state: str) -> None:
+        now = time.monotonic()
+        if self.started_at is None:
+            self.started_at = now
+        self.ended_at = now
+        self.state = state
+
+    def _on_finished(self, result) -> None:
+        self.result = result
+        self.done = self.total              # the worker reported (total, total) just before
+        self._end(JobState.DONE)
+
+    def _on_failed(self, message, tb) -> None:
+        self.error = message
+        self.traceback = tb
+        self._end(JobState.FAILED)
+
+    def _on_cancelled(self) -> None:
+        if not self.finished:
+            self._end(JobState.CANCELLED)
+
     # -- worker side ----------------------------------------------------------------------
     def _progress(self, done: int, total: int):
         """The engine's callback (runs in the worker thread): throttle, emit, cancel."""
         if self._cancel.is_set():
             return False
         done, total = int(done), int(total)
-        if total != self.total:
-            self.total = total
-        done = max(done, self.done)          # monotonic
-        self.done = done
+        self._w_total = total
+        done = max(done, self._w_done)          # monotonic
+        self._w_done = done
         now = time.monotonic()
         if not self._emitted_zero:
             self._emitted_zero = True
@@ -151,49 +313,31 @@ class Job(QRunnable):
         self._emitted = (done, total)
         self.signals.progress.emit(self, done, total)
 
-    def run(self) -> None:  # noqa: D401 - QRunnable entry point
+    def _execute(self) -> None:
+        """Run ``fn`` in this (pool) thread and report how it ended. Changes nothing the GUI
+        reads: the receivers of the signals do that, on the GUI thread."""
         _lower_thread_priority()
-        self.started_at = time.monotonic()
         if self._cancel.is_set():
-            self.state = JobState.CANCELLED
-            self.ended_at = time.monotonic()
             self.signals.cancelled.emit(self)
             return
-        self.state = JobState.RUNNING
         self.signals.started.emit(self)
         try:
             result = self.fn(self._progress)
         except Cancelled:
-            self.state = JobState.CANCELLED
-            self.ended_at = time.monotonic()
             self.signals.cancelled.emit(self)
             return
         except VDError as exc:
-            self.error = exc.message
-            self.state = JobState.FAILED
-            self.ended_at = time.monotonic()
             self.signals.failed.emit(self, exc.message, None)
             return
         except BaseException as exc:  # a bug: the GUI shows it with the traceback
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.traceback = traceback.format_exc()
-            self.state = JobState.FAILED
-            self.ended_at = time.monotonic()
-            self.signals.failed.emit(self, self.error, self.traceback)
+            self.signals.failed.emit(self, f"{type(exc).__name__}: {exc}", traceback.format_exc())
             return
-        if self._cancel.is_set() and result is None:
-            # the function returned without looking at the flag again; report what it did
-            pass
-        total = self.total or 1
+        total = self._w_total or 1
         if not self._emitted_zero:
             self._emitted_zero = True
             self._emit(0, total)
-        self.total = total
-        self.done = total
+        self._w_total = self._w_done = total
         self._emit(total, total)
-        self.result = result
-        self.state = JobState.DONE
-        self.ended_at = time.monotonic()
         self.signals.finished.emit(self, result)
 
     def __repr__(self) -> str:
@@ -201,7 +345,10 @@ class Job(QRunnable):
 
 
 class JobQueue(QObject):
-    """Runs jobs in a QThreadPool; jobs sharing a key run one after another, in order."""
+    """Runs jobs in a QThreadPool; jobs sharing a key run one after another, in order.
+
+    ``live`` maps a job's id to the job from ``submit`` until no pool thread holds it any more
+    (see the module's docstring): the queue is what keeps a job alive while it runs."""
 
     jobAdded = Signal(object)
     jobChanged = Signal(object)      # state or progress changed
@@ -218,10 +365,12 @@ class JobQueue(QObject):
             self.pool.setMaxThreadCount(max_threads)
         else:
             self.pool.setMaxThreadCount(max(2, self.pool.maxThreadCount()))
-        self.jobs: list[Job] = []          # every job submitted (panel history)
+        self.jobs: list[Job] = []          # every visible job submitted (panel history)
+        self.live: dict[int, Job] = {}     # owned: submitted and not yet released by its worker
         self._waiting: list[Job] = []
         self._running: list[Job] = []
-        self._retired: list[Job] = []
+        self._workers = _the_workers()
+        self._workers.released.connect(self._on_released)
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -231,34 +380,15 @@ class JobQueue(QObject):
         s.finished.connect(self._on_end)
         s.failed.connect(self._on_end)
         s.cancelled.connect(self._on_end)
-        self.jobs.append(job)
+        self.live[job.id] = job
+        if job.visible:
+            self.jobs.append(job)
         self._waiting.append(job)
         if job.visible:
             self.jobAdded.emit(job)
         self._pump()
         self.busyChanged.emit()
         return job
-
-    # Python's cyclic garbage collector runs in whichever thread happens to allocate; if it
-    # frees a Qt wrapper (widgets and dialogs often sit in reference cycles through connected
-    # lambdas) inside a pool thread, PySide has to defer the C++ deletion to the GUI thread,
-    # which has crashed PySide 6.12 in testing. So while jobs run, automatic collection is off;
-    # it resumes (in the GUI thread, the only one running Python then) when the pool is idle.
-    _gc_holds = 0
-
-    @classmethod
-    def _hold_gc(cls) -> None:
-        if cls._gc_holds == 0 and gc.isenabled():
-            gc.disable()
-            cls._gc_disabled_by_us = True
-        cls._gc_holds += 1
-
-    @classmethod
-    def _release_gc(cls) -> None:
-        cls._gc_holds = max(cls._gc_holds - 1, 0)
-        if cls._gc_holds == 0 and getattr(cls, "_gc_disabled_by_us", False):
-            cls._gc_disabled_by_us = False
-            gc.enable()        # collection resumes on its own schedule (no full pass here)
 
     def _pump(self) -> None:
         blocked: set[str] = set()
@@ -271,8 +401,10 @@ class JobQueue(QObject):
             self._waiting.remove(job)
             self._running.append(job)
             blocked |= job.keys
-            self._hold_gc()
-            self.pool.start(job)
+            # the pool calls a plain function (Qt makes and deletes the runnable): the only
+            # reference the pool thread gets is the one in the box
+            self._workers.worker_started()
+            self.pool.start(functools.partial(_work, [job], self._workers))
 
     # -- signal handlers (GUI thread) -----------------------------------------------------
     def _on_started(self, job: Job) -> None:
@@ -284,35 +416,36 @@ class JobQueue(QObject):
     def _on_end(self, job: Job, *args) -> None:
         if job in self._running:
             self._running.remove(job)
-            QTimer.singleShot(0, self._release_gc)   # after the other receivers of this signal
-        if not job.visible and job in self.jobs:
-            self.jobs.remove(job)        # internal jobs leave no history…
-            self._retire(job)
+        elif job in self._waiting:           # cancelled before it ran: no worker holds it
+            self._waiting.remove(job)
+            self.live.pop(job.id, None)
         self.jobChanged.emit(job)
         self.jobEnded.emit(job)
         self._pump()
         self.busyChanged.emit()
 
+    def _on_released(self, job_id) -> None:
+        """A pool thread has dropped its last reference to the job: the queue lets go too."""
+        self.live.pop(job_id, None)
+
     # -- control --------------------------------------------------------------------------
     def cancel(self, job: Job) -> None:
         job.cancel()
         if job in self._waiting:
-            self._waiting.remove(job)
-            job.state = JobState.CANCELLED
-            job.ended_at = time.monotonic()
-            job.signals.cancelled.emit(job)
+            job.signals.cancelled.emit(job)      # GUI thread: its receivers run now
 
     def cancel_all(self) -> None:
         for job in list(self._waiting) + list(self._running):
             self.cancel(job)
 
     def wait(self, msecs: int = -1) -> bool:
-        """Block until every running job has returned (used when closing)."""
+        """Block until every running job has returned, then deliver what the workers reported
+        (the jobs' final states, the queue's end handling) so that nothing stays running."""
         done = self.pool.waitForDone(msecs)
-        for job in list(self._running):
-            if job.finished:                     # its end signal may never be delivered now
-                self._running.remove(job)
-                self._release_gc()
+        for job in list(self.live.values()):        # each job's own receivers first: its state
+            QCoreApplication.sendPostedEvents(job.signals, QEvent.Type.MetaCall)
+        QCoreApplication.sendPostedEvents(self._workers, QEvent.Type.MetaCall)
+        QCoreApplication.sendPostedEvents(self, QEvent.Type.MetaCall)
         return done
 
     def active(self) -> list[Job]:
@@ -328,17 +461,9 @@ class JobQueue(QObject):
         return out
 
     def clear_finished(self) -> None:
-        for j in self.jobs:
-            if j.finished:
-                self._retire(j)
+        """Forget finished jobs (the panel's history); ones still held by a worker stay owned
+        in ``live`` until it lets go."""
         self.jobs = [j for j in self.jobs if not j.finished]
-
-    def _retire(self, job: Job) -> None:
-        """Drop a finished job, but keep a reference for a while: its signal arrives while the
-        pool thread is still returning from run(), and the QRunnable must outlive that."""
-        now = time.monotonic()
-        self._retired = [j for j in self._retired if j.ended_at is None or now - j.ended_at < 10.0]
-        self._retired.append(job)
 
 
 __all__ = ["Job", "JobSignals", "JobQueue", "JobState", "PROGRESS_INTERVAL"]

@@ -288,10 +288,12 @@ class MediaModel(QAbstractItemModel):
             if col == COL_STATE:
                 return node.state_text()
         elif role == SORT_ROLE:
+            # sizes sort as floats: PySide6 6.11 orders some ints above 2**31 wrongly in the
+            # proxy's sort (10 GiB before 2 MiB); a double orders every size right
             if col == COL_VSIZE:
-                return rec.virtual_size if rec.virtual_size is not None else -1
+                return float(rec.virtual_size if rec.virtual_size is not None else -1)
             if col == COL_ASIZE:
-                return rec.file_size if rec.file_size is not None else -1
+                return float(rec.file_size if rec.file_size is not None else -1)
             return str(self.data(index, Qt.DisplayRole)).lower()
         elif role == Qt.DecorationRole:
             if col == COL_NAME:
