@@ -27,6 +27,7 @@ import subprocess
 import tarfile
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -215,9 +216,10 @@ def _ova(d: Path) -> Path:
     return p
 
 
-def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
-    """backend name -> (main file, format), built here (DMG from the corpus)."""
-    out: dict[str, tuple[Path, str]] = {}
+def _specimens(d: Path) -> dict[str, Callable[[pytest.FixtureRequest], tuple[Path, str]]]:
+    """backend name -> maker of (main file, format) given the test's request, built here (DMG
+    from the corpus: only the DMG case asks for it, so only it skips where there is none)."""
+    out: dict[str, Callable[[pytest.FixtureRequest], tuple[Path, str]]] = {}
     makers = {
         "vdi": lambda: _qemu_image(d, "s.vdi", "vdi"),
         "vmdk": lambda: _qemu_image(d, "s.vmdk", "vmdk"),
@@ -226,7 +228,8 @@ def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
         "qcow2": lambda: _qemu_image(d, "s.qcow2", "qcow2"),
         "qed": lambda: _qemu_image(d, "s.qed", "qed"),
         "parallels": lambda: _qemu_image(d, "s.hdd", "parallels"),
-        "dmg": lambda: Path(shutil.copy(corpus / "dmg" / "dfvfs" / "hfsplus_zlib.dmg", d / "s.dmg")),
+        "dmg": lambda request: Path(shutil.copy(
+            request.getfixturevalue("corpus") / "dmg" / "dfvfs" / "hfsplus_zlib.dmg", d / "s.dmg")),
         "cue": lambda: _cue(d),
         "ova": lambda: _ova(d),
         "raw": lambda: _qemu_image(d, "s.img", "raw", size=MiB + 1536),
@@ -237,7 +240,8 @@ def _specimens(d: Path, corpus: Path) -> dict[str, tuple[Path, str]]:
         names = [b.name.lower()] + [a.lower() for a in b.aliases]
         key = next((n for n in names if n in makers), None)
         assert key is not None, f"no specimen maker for the {b.name} backend: add one here"
-        out[b.name] = (makers[key](), b.name)
+        out[b.name] = lambda request, key=key, name=b.name: (
+            (makers[key](request) if key == "dmg" else makers[key]()), name)
     return out
 
 
@@ -245,9 +249,9 @@ BACKENDS_WITH_FILES = [b.name for b in backends() if b.caps & Cap.FILE]
 
 
 @pytest.fixture(scope="module")
-def specimens(tmp_path_factory, corpus):
+def specimens(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile-valid")
-    return _specimens(d, corpus)
+    return _specimens(d)
 
 
 def _damages(data: bytes, seed: int) -> list[tuple[str, bytes]]:
@@ -318,7 +322,7 @@ XFAIL: dict[str, str] = {}
 def test_damaged_images(server, specimens, tmp_path, request, backend):
     if backend in XFAIL:
         request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[backend]))
-    src, fmt = specimens[backend]
+    src, fmt = specimens[backend](request)
     data = src.read_bytes()
     # the valid image behaves
     work = tmp_path / "w"

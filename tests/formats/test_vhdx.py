@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CORPUS_SRC, read_all
+from tests.conftest import read_all, require_corpus
 from tests.formats.conformance import FormatConformance
 from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags,
                       ParentMismatch, VDError, get_backend)
@@ -90,7 +90,7 @@ def _unpack(dest: Path, rel: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".gz", ".xz", ".zip"):
-        src = CORPUS_SRC / (rel + suffix)
+        src = require_corpus() / (rel + suffix)
         if src.exists():
             break
     else:

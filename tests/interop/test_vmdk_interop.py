@@ -315,9 +315,9 @@ def test_corpus_sesparse_extent(tmp_path, qemu):
     """dissect's ESXi seSparse extent (corpus 'large' file: unpacked here from its .gz)."""
     import gzip
     import shutil
-    from tests.conftest import CORPUS_SRC
+    from tests.conftest import require_corpus
     ext = tmp_path / "sesparse.vmdk"
-    with gzip.open(CORPUS_SRC / "vmdk/dissect/sesparse.vmdk.gz") as src, open(ext, "wb") as dst:
+    with gzip.open(require_corpus() / "vmdk/dissect/sesparse.vmdk.gz") as src, open(ext, "wb") as dst:
         shutil.copyfileobj(src, dst)
     with pytest.raises(NotSupported, match="seSparse"):     # an extent alone
         with Disk() as d:
