@@ -41,7 +41,8 @@ def built(tmp_path_factory):
     assert tarball.exists() and deb.exists()
     unpack = tmp_path_factory.mktemp("unpacked")
     with tarfile.open(tarball) as t:
-        t.extractall(unpack, filter="tar")
+        # extraction filters exist from Python 3.11.4 on (Debian 12 has 3.11.2)
+        t.extractall(unpack, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
     return {"tarball": tarball, "deb": deb, "dir": unpack / f"vdgui-{_version()}"}
 
 
