@@ -232,7 +232,7 @@ def test_vdi_count_is_never_stale_after_a_kill(tmp_path, qemu):
 
 @pytest.mark.parametrize("fmt", ["VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
 def test_allocation_point_survives_a_kill_sample(tmp_path, qemu, fmt):
-    _allocation_case(tmp_path, qemu, fmt, lambda k: [max(1, k // 2), k])
+    _allocation_case(tmp_path, qemu, fmt, lambda k: [k])     # before the last write
 
 
 @pytest.mark.slow
@@ -454,7 +454,7 @@ def _merge_case(tmp_path, points):
 
 
 def test_vdi_merge_kill_sample(tmp_path):
-    _merge_case(tmp_path, lambda k: [k // 3, 2 * k // 3])
+    _merge_case(tmp_path, lambda k: [k // 3])
 
 
 @pytest.mark.slow
