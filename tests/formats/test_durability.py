@@ -131,11 +131,20 @@ def _write_syscalls(args) -> list[str]:
     return calls
 
 
-def _kill_at(args, calls: list[str], n: int) -> None:
+def _kill_at(args, calls: list[str], n: int, how: str = "kill") -> None:
     """Run ``args`` and SIGKILL it on entry to its ``n``-th write syscall (1-based): the
-    first n-1 writes happened, the n-th did not."""
+    first n-1 writes happened, the n-th did not. ``how="enospc"``: that write fails with
+    ENOSPC instead, and the command must report it (exit 1, no traceback)."""
     name = calls[n - 1]
     k = calls[:n].count(name)
+    if how == "enospc":
+        r = _cli(args, inject=f"{name}:error=ENOSPC:when={k}")
+        # exit 0 only where the writer retried the write (VMDK falls back from pwritev to
+        # pwrite) and the retry, not injected, succeeded
+        assert r.returncode in (0, 1) and "Traceback" not in r.stderr, \
+            f"ENOSPC at write {n} ({name} #{k}): exit {r.returncode}: {r.stderr}"
+        assert r.returncode == 1 or name == "pwritev2", f"ENOSPC at write {n} ignored"
+        return
     r = _cli(args, inject=f"{name}:signal=SIGKILL:when={k}")
     assert r.returncode in (-9, 137), f"not killed at write {n} ({name} #{k}): {r.stderr}"
 
@@ -173,7 +182,7 @@ def _corruption(fmt, rep) -> list[str]:
     return out
 
 
-def _allocation_case(tmp_path, qemu, fmt, points):
+def _allocation_case(tmp_path, qemu, fmt, points, how="kill"):
     base = tmp_path / f"base.{EXT[fmt]}"
     d = Disk()
     d.create_base(str(base), 64 * MiB, fmt, config=CREATE_CONFIG.get(fmt))
@@ -190,7 +199,7 @@ def _allocation_case(tmp_path, qemu, fmt, points):
     calls = _write_syscalls(args)
     for n in points(len(calls)):
         shutil.copy(base, img)
-        _kill_at(args, calls, n)
+        _kill_at(args, calls, n, how)
         region = _read(img, fmt, 8 * MiB, len(r2))
         assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n} changed old data"
         assert _sectors_old_or_new(region, r2), f"{fmt}: kill at write {n}: garbage in the range"
@@ -239,6 +248,13 @@ def test_allocation_point_survives_a_kill_sample(tmp_path, qemu, fmt):
 @pytest.mark.parametrize("fmt", ["VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
 def test_allocation_point_survives_a_kill(tmp_path, qemu, fmt):
     _allocation_case(tmp_path, qemu, fmt, _spread(12))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["VDI", "VHD", "VHDX", "QCOW2", "QED", "Parallels", "VMDK"])
+def test_allocation_point_survives_enospc(tmp_path, qemu, fmt):
+    """ENOSPC at a write of `vdgui-img write`: an error, and the image as safe as after a kill."""
+    _allocation_case(tmp_path, qemu, fmt, _spread(5), how="enospc")
 
 
 # -- item 16: a relink stopped between any two writes leaves the old or the new link ------------
