@@ -1474,7 +1474,11 @@ class Qcow2Image(Image):
         prog.start()
         has_backing = self.backing_file is not None
         below = parent_read if has_backing else None
-        for ci in range(nclu):
+        # only clusters under an L2 table can hold anything: the walk follows the metadata
+        # present, not the virtual size (an almost empty 1 TiB image walked 16 M entries)
+        l2n = self.l2_entries
+        present = [i for i, l1e in enumerate(self.l1) if l1e & L.L1E_OFFSET_MASK]
+        for ci in (c for i in present for c in range(i * l2n, min((i + 1) * l2n, nclu))):
             prog.set(ci)
             e, bm = self._entry(ci)
             if not e and not bm:

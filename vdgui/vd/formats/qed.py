@@ -460,7 +460,11 @@ class QedImage(Image):
         prog.start()
         has_backing = self.backing_file is not None
         self._set_need_check(True)
-        for ci in range(nclu):
+        # only clusters under an L2 table can hold anything: the walk follows the tables
+        # present, not the virtual size (an almost empty 1 TiB image walked 16 M entries)
+        per = self.entries
+        present = [i for i, off in enumerate(self.l1) if off]
+        for ci in (c for i in present for c in range(i * per, min((i + 1) * per, nclu))):
             prog.set(ci)
             e = self._entry(ci)
             if e == 0:
