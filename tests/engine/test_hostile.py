@@ -311,3 +311,34 @@ def test_map_walks_the_allocation_once(tmp_path, monkeypatch, capsys):
     assert [(r["start"], r["length"], r["data"]) for r in runs] == [
         (0, 100 * MiB, False), (100 * MiB, MiB, True), (101 * MiB, 64 * TiB - 101 * MiB, False)]
     assert calls["allocation"] <= 2, calls
+
+
+def test_parents_by_uuid_open_each_file_once(tmp_path, monkeypatch):
+    """Opening a 60-deep VDI chain (VDI finds parents by UUID only): every member's search
+    opened every file of the folder (quadratic; 200 members took 10-24 s). The UUID of an
+    unchanged file is now remembered: about one open per file."""
+    from vdgui.vd import Disk, chain, registry
+    n = 60
+    paths = [str(tmp_path / f"s{i:03d}.vdi") for i in range(n)]
+    with Disk() as d:
+        d.create_base(paths[0], MiB, "VDI")
+        for p in paths[1:]:
+            d.create_diff(p, "VDI")
+    monkeypatch.setattr(chain, "_UUID_CACHE", {})
+    probes = [0]
+    real = registry.probe
+
+    def counting(path):
+        probes[0] += 1
+        return real(path)
+    monkeypatch.setattr(registry, "probe", counting)
+    with Disk.open_chain(paths[-1]) as d:
+        assert len(d) == n
+    assert probes[0] <= 3 * n, probes[0]
+    # a changed file is looked at again: a new UUID is seen
+    import uuid as uuidlib
+    with Disk.open_chain(paths[0]) as d:
+        d.set_uuid(0, uuidlib.uuid4())
+    from vdgui.vd import VDError
+    with pytest.raises(VDError):
+        Disk.open_chain(paths[1])
