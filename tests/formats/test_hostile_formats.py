@@ -339,3 +339,14 @@ def test_compact_of_an_almost_empty_1tib_image_follows_the_tables(tmp_path, qemu
     assert calls[0] <= 100_000, calls[0]
     assert qemu.compare(p, ref, fmt, fmt).returncode == 0
     assert qemu.check(p, fmt).returncode == 0
+
+
+def test_vhdx_log_data_descriptor_past_last_file_offset(tmp_path):
+    """A data descriptor far past the file's declared end made a sparse file of that size."""
+    def entries(guid, bat_off, data_off, flen):
+        return _log_entry(5, guid, 0, [("data", 1 << 44, b"\x07" * 4096)], flen)
+    p = _dirty(tmp_path, entries)
+    size = os.path.getsize(p)
+    with pytest.raises(CorruptImage, match="data descriptor"):
+        Disk().open(str(p))
+    assert os.path.getsize(p) == size

@@ -1665,6 +1665,12 @@ def _replay(img: VhdxImage, seq: list[_LogEntry]) -> None:
                                        found=d.file_offset + d.zero_length)
                 _replay_zero(img, d.file_offset, d.zero_length)
             else:
+                if d.file_offset + LOG_SECTOR > max(head.last_file_offset, img.file_len):
+                    raise img._corrupt("log data descriptor lies past the file's end",
+                                       field="log descriptor FileOffset",
+                                       offset=h.log_offset + e.pos,
+                                       expected=f"end <= {head.last_file_offset}",
+                                       found=d.file_offset + LOG_SECTOR)
                 data = bytes(d.leading_bytes) + bytes(e.sectors[si]) + bytes(d.trailing_bytes)
                 si += 1
                 img.f.pwrite(d.file_offset, data)
