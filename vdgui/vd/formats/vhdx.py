@@ -285,10 +285,10 @@ class LogReplayNeeded(CorruptImage):
 
 
 # -- the image -------------------------------------------------------------------------------
-# vdgui keeps the BAT in memory (8 bytes an entry): images it creates or grows have at most 2**23
-# payload blocks (a 64 MiB BAT): the spec's 64 TiB with blocks of 8 MiB or more (the default for
-# large disks is 32 MiB), 8 TiB with 1 MiB blocks
-MAX_NEW_BLOCKS = 1 << 23
+# vdgui keeps the BAT in memory (8 bytes an entry): images it creates or grows have at most 2**22
+# payload blocks (a 32 MiB BAT; a convert holds two, with copies: < 300 MiB): the spec's 64 TiB
+# with blocks of 16 MiB or more (the default for large disks is 32 MiB), 4 TiB with 1 MiB blocks
+MAX_NEW_BLOCKS = 1 << 22
 
 
 def vhdx_max_size(block_size: int) -> int:
