@@ -11,8 +11,9 @@ read (0), write (1), write unchanged (2), resize (3). Modes:
 * ``SHARED`` - readers and the parents (backing files) of an image being written: hold consistent
   read, share neither write nor resize (qemu's reader and backing-file locks). A writer or a
   resize elsewhere is refused while it is held, and it is refused while one is held.
-* ``WRITE`` - a read-write open: hold read, write and resize; share neither write nor resize
-  (qemu's writer). In this process, a second read-write open of the same file is refused too.
+* ``WRITE`` - a read-write open: hold read, write and resize; share none of them (stricter than
+  qemu's writer, which shares consistent read: no program, not even a ``-U`` reader, holds a
+  file we write). In this process, a second read-write open of the same file is refused too.
 * ``EXCLUSIVE`` - an image that will be deleted or replaced: hold and refuse everything.
 * ``NONE`` - metadata peeks (INFO opens), qemu's ``-U`` (force share), private temporaries.
 
