@@ -163,7 +163,8 @@ def _run_matrix(tmp_path, fmt, held_name, mode, holder="qemu-io"):
                 refused = code == 1 and "in use" in err
                 if refused and snapshot(tmp_path) != snap:
                     wrong.append(f"{' '.join(map(str, args))}: refused after changing files")
-            if refused and not (code == 1 and "in use" in err):
+            err_code = 2 if args[0] == "compare" else 1     # compare: 1 means "different"
+            if refused and not (code == err_code and "in use" in err):
                 wrong.append(f"{' '.join(map(str, args))}: expected a refusal, got {code} {err!r}")
             elif not refused and code not in ((0, 1) if args[0] == "compare" else (0,)):
                 wrong.append(f"{' '.join(map(str, args))}: expected success, got {code} {err!r}")
