@@ -609,6 +609,48 @@ def cmd_set(args) -> int:
     return 0
 
 
+# -- looking inside a disk (issue #15) ---------------------------------------------------------
+def _top_index(d: vd.Disk, text: str | None) -> int:
+    """--top: a chain member by index (0 = base, -1 = top) or by its file name."""
+    if text is None:
+        return len(d) - 1
+    try:
+        i = int(text)
+    except ValueError:
+        real = os.path.realpath(text)
+        for i, img in enumerate(d.images):
+            if os.path.realpath(img.location) == real:
+                return i
+        raise CLIError(f"--top {text}: not a member of this chain "
+                       f"({', '.join(img.location for img in d.images)})")
+    if not -len(d) <= i < len(d):
+        raise CLIError(f"--top {i}: the chain has {len(d)} images (0 = base .. {len(d) - 1})")
+    return i % len(d)
+
+
+def cmd_partitions(args) -> int:
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        layout = vd.disk_layout(d, _top_index(d, args.top))
+    parts = [{"number": p.number, "start": p.start, "size": p.size, "type": p.type,
+              "type_name": p.type_name, "name": p.name, "filesystem": p.filesystem,
+              "label": p.label, "uuid": p.uuid, "attributes": p.attributes, "guid": p.guid,
+              "bootable": p.bootable} for p in layout.partitions]
+    if args.json:
+        _json({"scheme": layout.scheme, "disk_guid": layout.disk_guid, "partitions": parts,
+               "problems": layout.problems})
+        return 0
+    _out(f"Scheme: {layout.scheme}" + (f"  (disk GUID {layout.disk_guid})"
+                                       if layout.disk_guid else ""))
+    _out(f"{'#':>3} {'Start':>14} {'Size':>10}  {'Type':<28} {'FS':<9} {'Label':<16} UUID")
+    for p in parts:
+        typ = p["type_name"] + (f" ({p['name']})" if p["name"] else "")
+        _out(f"{p['number']:>3} {p['start']:>14} {vd.format_size(p['size']):>10}  {typ:<28} "
+             f"{p['filesystem'] or '-':<9} {p['label'] or '-':<16} {p['uuid'] or '-'}")
+    for prob in layout.problems:
+        _out(f"problem: {prob}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 class _VersionAction(argparse.Action):
     """--version, with the version looked up only when asked for."""
@@ -744,6 +786,17 @@ def build_parser() -> argparse.ArgumentParser:
     props(p)
     p.add_argument("image")
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("partitions", parents=[common],
+                       help="partition table, file systems, labels and UUIDs")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain member "
+                   "(0 = base, -1 = top, or its file name)")
+    props(p)
+    p.add_argument("image")
+    p.set_defaults(func=cmd_partitions)
 
     p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
     p.add_argument("-f", "--format")
