@@ -45,6 +45,7 @@ done
 "$PY" -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name vdgui \
     --distpath "$BUILD/dist" --workpath "$BUILD/work" --specpath "$BUILD" \
     --collect-data vdgui --collect-submodules vdgui --copy-metadata vdgui \
+    --collect-submodules dissect --collect-submodules pycdlib \
     --exclude-module tkinter --exclude-module numpy --exclude-module cryptography \
     --exclude-module yaml --exclude-module PIL --exclude-module pytest --exclude-module setuptools \
     "${optional[@]}" \

@@ -651,6 +651,114 @@ def cmd_partitions(args) -> int:
     return 0
 
 
+def _volume(args, d: vd.Disk, spec: str):
+    """(FileSystem, path, prefix) for IMAGE [N:]PATH."""
+    import re
+    m = re.match(r"^(\d+):(.*)$", spec)
+    number, path = (int(m.group(1)), m.group(2) or "/") if m else (None, spec or "/")
+    part, fs = vd.open_volume(d, number, _top_index(d, args.top))
+    return fs, path, (f"{part.number}:" if part.number else "")
+
+
+def _entry_json(e, prefix=""):
+    return {"path": prefix + e.path, "type": e.type, "size": e.size, "mtime": e.mtime,
+            **({"target": e.target} if e.type == "symlink" else {})}
+
+
+def cmd_ls(args) -> int:
+    import time
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        fs, path, _ = _volume(args, d, args.path)
+        top = fs.stat(path)
+        if top.type != "dir":
+            entries = [top]
+        else:
+            entries = list(fs.walk(path)) if args.recursive else fs.listdir(path)
+    if args.json:
+        _json({"entries": [_entry_json(e) for e in entries]})
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)) if e.mtime is not None \
+            else "-"
+        tag = {"dir": "d", "symlink": "l", "file": "-"}.get(e.type, "?")
+        name = e.path + (f" -> {e.target}" if e.type == "symlink" else "")
+        _out(f"{tag} {e.size:>14} {when}  {name}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        fs, path, _ = _volume(args, d, args.path)
+        out = sys.stdout.buffer
+        with fs.open(path) as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+        out.flush()
+    return 0
+
+
+def _safe_parts(rel: str, dest: str) -> list[str]:
+    parts = [p for p in rel.split("/") if p]
+    for p in parts:
+        if p in (".", "..") or "\0" in p or os.sep in p or (os.altsep and os.altsep in p):
+            raise CLIError(f"refusing to extract {rel!r}: the name {p!r} would escape {dest} or "
+                           "is not valid on this system")
+        if len(p.encode("utf-8", "surrogateescape")) > 255:
+            raise CLIError(f"refusing to extract {rel!r}: the name is longer than 255 bytes")
+    return parts
+
+
+def cmd_extract(args) -> int:
+    import posixpath
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        fs, path, _ = _volume(args, d, args.path)
+        root = fs.stat(path)
+        dest = args.dest
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            base = posixpath.basename(root.path.rstrip("/")) or "root"
+            dest = os.path.join(dest, *_safe_parts(base, dest))
+        if os.path.lexists(dest):
+            raise CLIError(f"{dest} already exists: remove it or choose another destination")
+        items = [(root, [])] + ([(e, _safe_parts(posixpath.relpath(e.path, root.path), dest))
+                                 for e in fs.walk(root.path)] if root.type == "dir" else [])
+        total = sum(e.size for e, _ in items if e.type == "file")
+        done, tty = 0, sys.stderr.isatty()
+        dirs = []
+        for e, parts in items:
+            target = os.path.join(dest, *parts)
+            if e.type == "dir":
+                os.mkdir(target)
+                dirs.append((target, e))
+            elif e.type == "symlink":
+                os.symlink(e.target, target)
+            elif e.type == "file":
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "wb") as out, fs.open(e.path) as f:
+                    while True:
+                        chunk = f.read(1 << 20)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        done += len(chunk)
+                        if tty:
+                            sys.stderr.write(f"\rextracting: {done * 100 // max(total, 1):3d}% "
+                                             f"of {vd.format_size(total)}")
+                            sys.stderr.flush()
+            else:
+                continue
+            if e.mtime is not None and e.type != "dir":
+                os.utime(target, (e.atime or e.mtime, e.mtime), follow_symlinks=False)
+        for target, e in reversed(dirs):     # after their content, which changes them
+            if e.mtime is not None:
+                os.utime(target, (e.atime or e.mtime, e.mtime))
+        if tty:
+            sys.stderr.write("\n")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 class _VersionAction(argparse.Action):
     """--version, with the version looked up only when asked for."""
@@ -797,6 +905,30 @@ def build_parser() -> argparse.ArgumentParser:
     props(p)
     p.add_argument("image")
     p.set_defaults(func=cmd_partitions)
+
+    def inside(name, help, json=True):
+        p = sub.add_parser(name, parents=[common], help=help)
+        p.add_argument("-f", "--format")
+        force_share(p)
+        if json:
+            p.add_argument("--json", action="store_true")
+        p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain "
+                       "member (0 = base, -1 = top, or its file name)")
+        props(p)
+        p.add_argument("image")
+        return p
+
+    p = inside("ls", "list a folder inside the disk ([N:]PATH, N the partition number)")
+    p.add_argument("-R", "--recursive", action="store_true")
+    p.add_argument("path", nargs="?", default="/", metavar="[N:]PATH")
+    p.set_defaults(func=cmd_ls)
+    p = inside("cat", "write a file inside the disk to stdout", json=False)
+    p.add_argument("path", metavar="[N:]PATH")
+    p.set_defaults(func=cmd_cat)
+    p = inside("extract", "copy a file or folder tree out of the disk", json=False)
+    p.add_argument("path", metavar="[N:]PATH")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
     p.add_argument("-f", "--format")

@@ -1,0 +1,325 @@
+"""Read-only file systems over a volume, through libraries (never hand-written parsers):
+dissect.extfs (ext2/3/4), dissect.fat (FAT12/16/32 with long names), dissect.ntfs (NTFS),
+pycdlib (ISO9660 with Joliet and Rock Ridge). See docs/inside.md for the comparison.
+
+Every library error becomes a CorruptImage naming the volume and the path; nothing reads a whole
+file into memory (open() returns a stream).
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import stat as statmod
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from ..errors import CorruptImage, ImageNotFound, InvalidArgument, NotSupported, VDError
+
+
+@dataclass
+class Entry:
+    path: str                   # absolute within the volume
+    type: str                   # "file", "dir", "symlink", "other"
+    size: int
+    mtime: float | None         # seconds since the epoch (UTC)
+    atime: float | None = None
+    target: str = ""            # symlink target
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "type": self.type, "size": self.size, "mtime": self.mtime,
+                "target": self.target}
+
+
+def _ts(dt) -> float | None:
+    if dt is None:
+        return None
+    if isinstance(dt, datetime):
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    return float(dt)
+
+
+def _norm(path: str) -> str:
+    p = posixpath.normpath("/" + path.replace("\\", "/").lstrip("/"))
+    return "/" + p.lstrip("/")
+
+
+class FileSystem:
+    kind = ""
+
+    def __init__(self, fh, name: str) -> None:
+        self.fh, self.name = fh, name
+
+    # subclasses: _node(path) -> node, _entry(path, node) -> Entry, _children(node) ->
+    # [(name, node)], _open(node) -> stream, allocation(node) -> [(offset, length)]
+    def _fail(self, path, exc) -> VDError:
+        if isinstance(exc, VDError):
+            return exc
+        if isinstance(exc, (FileNotFoundError, KeyError)) or "not found" in str(exc).lower():
+            return ImageNotFound(f"{self.name}: {path}: no such file or folder")
+        return CorruptImage(f"{self.name}: {self.kind} volume: cannot read {path}: "
+                            f"{type(exc).__name__}: {exc}")
+
+    def stat(self, path: str) -> Entry:
+        path = _norm(path)
+        try:
+            return self._entry(path, self._node(path))
+        except Exception as e:  # noqa: BLE001 - library errors become a clear VDError
+            raise self._fail(path, e) from None
+
+    def listdir(self, path: str) -> list[Entry]:
+        path = _norm(path)
+        try:
+            node = self._node(path)
+            if self._entry(path, node).type != "dir":
+                raise InvalidArgument(f"{self.name}: {path} is not a folder")
+            out = [self._entry(posixpath.join(path, n), c) for n, c in self._children(node)
+                   if n not in (".", "..")]
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(path, e) from None
+        return sorted(out, key=lambda e: e.path)
+
+    def walk(self, path: str):
+        """Every entry below ``path`` (depth first, sorted)."""
+        for e in self.listdir(path):
+            yield e
+            if e.type == "dir":
+                yield from self.walk(e.path)
+
+    def open(self, path: str):
+        path = _norm(path)
+        try:
+            node = self._node(path)
+            e = self._entry(path, node)
+            if e.type != "file":
+                raise InvalidArgument(f"{self.name}: {path} is a {e.type}, not a file")
+            return _Guard(self._open(node), self, path)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(path, e) from None
+
+
+class _Guard(io.RawIOBase):
+    """A library stream whose errors become VDErrors."""
+
+    def __init__(self, inner, fs, path) -> None:
+        super().__init__()
+        self._inner, self._fs, self._path = inner, fs, path
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        try:
+            data = self._inner.read(len(b))
+        except Exception as e:  # noqa: BLE001
+            raise self._fs._fail(self._path, e) from None
+        b[:len(data)] = data
+        return len(data)
+
+
+class ExtVolume(FileSystem):
+    kind = "ext"
+
+    def __init__(self, fh, name):
+        super().__init__(fh, name)
+        from dissect.extfs import ExtFS
+        try:
+            self.fs = ExtFS(fh)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptImage(f"{name}: not a readable ext2/3/4 volume: {e}") from None
+
+    def _node(self, path):
+        return self.fs.root if path == "/" else self.fs.get(path)
+
+    def _entry(self, path, n):
+        ft = n.filetype
+        typ = {statmod.S_IFREG: "file", statmod.S_IFDIR: "dir",
+               statmod.S_IFLNK: "symlink"}.get(ft, "other")
+        return Entry(path, typ, n.size if typ != "dir" else 0, n.mtime_ns / 1e9,
+                     n.atime_ns / 1e9, n.link if typ == "symlink" else "")
+
+    def _children(self, n):
+        return [(c.filename, c) for c in n.iterdir()]
+
+    def _open(self, n):
+        return n.open()
+
+    def allocation(self, path):
+        n = self._node(_norm(path))
+        bs = self.fs.block_size
+        out, pos = [], 0
+        for blk, count in n.dataruns():
+            if blk is not None:
+                out.append((blk * bs, count * bs))
+            pos += count
+        return out
+
+
+class FatVolume(FileSystem):
+    kind = "fat"
+
+    def __init__(self, fh, name):
+        super().__init__(fh, name)
+        from dissect.fat import FATFS
+        try:
+            self.fs = FATFS(fh)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptImage(f"{name}: not a readable FAT volume: {e}") from None
+
+    def _entry(self, path, n):
+        typ = "dir" if n.is_directory() else "file"
+        return Entry(path, typ, 0 if typ == "dir" else n.size, _ts(n.mtime), _ts(n.atime))
+
+    def _children(self, n):
+        return [(self._name(c), c) for c in n.iterdir() if not c.is_volume_id()]
+
+    @staticmethod
+    def _name(c) -> str:
+        """The library ignores the case bits Windows NT (and mtools, Linux) keep for 8.3 names
+        without a long name: apply them (0x08 lower-case base, 0x10 lower-case extension)."""
+        if c.name != c.short_name:
+            return c.name
+        flags = c.dirent.DIR_NTRes
+        base, dot, ext = c.name.partition(".")
+        return (base.lower() if flags & 0x08 else base) + dot + \
+            (ext.lower() if flags & 0x10 else ext)
+
+    def _node(self, path):
+        if path == "/":
+            return self.fs.get("/")
+        node = self.fs.get("/")
+        for part in path.strip("/").split("/"):
+            for c in node.iterdir():
+                if not c.is_volume_id() and (self._name(c) == part or
+                                             c.name.lower() == part.lower()):
+                    node = c
+                    break
+            else:
+                raise FileNotFoundError(path)
+        return node
+
+    def _open(self, n):
+        return n.open()
+
+    def allocation(self, path):
+        n = self._node(_norm(path))
+        fs = self.fs
+        out = []
+        for cluster, count in n.dataruns():
+            out.append((fs.cluster_to_offset(cluster) if hasattr(fs, "cluster_to_offset")
+                        else None, count * fs.cluster_size))
+        return out
+
+
+class NtfsVolume(FileSystem):
+    kind = "ntfs"
+
+    def __init__(self, fh, name):
+        super().__init__(fh, name)
+        from dissect.ntfs import NTFS
+        try:
+            self.fs = NTFS(fh)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptImage(f"{name}: not a readable NTFS volume: {e}") from None
+
+    def _node(self, path):
+        return self.fs.mft.get(path)
+
+    def _entry(self, path, n):
+        if n.is_dir():
+            typ = "dir"
+        elif n.is_symlink():
+            typ = "symlink"
+        else:
+            typ = "file"
+        si = n.attributes.get(0x10)
+        mtime = _ts(si[0].last_modification_time) if si else None
+        size = n.size() if typ == "file" else 0
+        return Entry(path, typ, size, mtime, None,
+                     n.reparse_point_substitute_name if typ == "symlink" else "")
+
+    def _children(self, n):
+        return [(k, v) for k, v in n.listdir(dereference=True, ignore_dos=True).items()
+                if not (k.startswith("$") and n.segment == 5)]
+
+    def _open(self, n):
+        return n.open()
+
+
+class IsoVolume(FileSystem):
+    kind = "iso9660"
+
+    def __init__(self, fh, name):
+        super().__init__(fh, name)
+        import pycdlib
+        self.iso = pycdlib.PyCdlib()
+        try:
+            self.iso.open_fp(fh)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptImage(f"{name}: not a readable ISO9660 volume: {e}") from None
+        if self.iso.has_rock_ridge():
+            self._facade, self._key = self.iso.get_rock_ridge_facade(), "rr_path"
+        elif self.iso.has_joliet():
+            self._facade, self._key = self.iso.get_joliet_facade(), "joliet_path"
+        else:
+            self._facade, self._key = self.iso.get_iso9660_facade(), "iso_path"
+
+    def _node(self, path):
+        return self._facade.get_record(path)
+
+    def _entry(self, path, rec):
+        if rec.is_dir():
+            typ = "dir"
+        elif rec.is_symlink():
+            typ = "symlink"
+        else:
+            typ = "file"
+        dt = rec.date
+        try:
+            mtime = datetime(1900 + dt.years_since_1900, dt.month, dt.day_of_month, dt.hour,
+                             dt.minute, dt.second, tzinfo=timezone.utc).timestamp() \
+                - dt.gmtoffset * 15 * 60
+        except (ValueError, AttributeError):
+            mtime = None
+        target = ""
+        if typ == "symlink" and rec.rock_ridge is not None:
+            target = rec.rock_ridge.symlink_path().decode("utf-8", "surrogateescape")
+        return Entry(path, typ, rec.get_data_length() if typ == "file" else 0, mtime, None,
+                     target)
+
+    def _children(self, rec):
+        out = []
+        for c in self._facade.list_children(**{self._key: self._path_of(rec)}):
+            if c is None or c.is_dot() or c.is_dotdot():
+                continue
+            out.append((self._name_of(c), c))
+        return out
+
+    def _path_of(self, rec):
+        return self.iso.full_path_from_dirrecord(rec, rockridge=self._key == "rr_path") \
+            if self._key != "joliet_path" else self.iso.full_path_from_dirrecord(rec)
+
+    def _name_of(self, rec):
+        if self._key == "rr_path" and rec.rock_ridge is not None:
+            return rec.rock_ridge.name().decode("utf-8", "surrogateescape")
+        name = rec.file_identifier().decode("utf-16-be" if self._key == "joliet_path"
+                                            else "latin-1")
+        return name.split(";", 1)[0] if self._key == "iso_path" else name
+
+    def _open(self, rec):
+        stream = self.iso.open_file_from_iso(**{self._key: self._path_of(rec)})
+        return stream.__enter__()     # PyCdlibIO sets up its range on entering
+
+
+_BY_FS = {"ext2": ExtVolume, "ext3": ExtVolume, "ext4": ExtVolume, "fat12": FatVolume,
+          "fat16": FatVolume, "fat32": FatVolume, "ntfs": NtfsVolume, "iso9660": IsoVolume}
+
+
+def open_filesystem(fh, filesystem: str, name: str) -> FileSystem:
+    cls = _BY_FS.get(filesystem)
+    if cls is None:
+        raise NotSupported(f"{name}: " + (f"reading {filesystem} volumes is not supported"
+                                         if filesystem else "no file system recognised"))
+    fh.seek(0)
+    return cls(fh, name)
