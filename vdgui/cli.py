@@ -759,6 +759,23 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_changed(args) -> int:
+    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        rep = vd.changed(d, _top_index(d, args.top))
+    if args.json:
+        _json({"files": [{"path": c.path, "change": c.change} for c in rep.files],
+               "metadata": [{"path": c.path, "change": c.change} for c in rep.metadata],
+               "problems": rep.problems, "not_covered": rep.not_covered})
+        return 0
+    for c in rep.files:
+        _out(f"{c.change:<9} {c.path}")
+    for c in rep.metadata:
+        _out(f"{c.change:<9} {c.path}  (metadata only)")
+    for text in rep.problems + rep.not_covered:
+        _out(f"note: {text}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 class _VersionAction(argparse.Action):
     """--version, with the version looked up only when asked for."""
@@ -929,6 +946,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="[N:]PATH")
     p.add_argument("dest")
     p.set_defaults(func=cmd_extract)
+    p = inside("changed", "the files a differencing image changed compared with its parent")
+    p.set_defaults(func=cmd_changed)
 
     p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
     p.add_argument("-f", "--format")

@@ -166,3 +166,29 @@ def test_damaged_file_system_is_one_line_error(tmp_path, volumes):
     assert len(r.stderr.strip().splitlines()) == 1 and "ext" in r.stderr
     r = run_cli("cat", "-f", "raw", vols["ext4"], "/nope", check=False)
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_fat_chain_stepping_backwards(tmp_path):
+    """dissect.fat 3.13 merges cluster X-1 after X into one run and reads X, X+1 instead: a
+    fragmented file whose chain steps back must read as mtools reads it."""
+    import struct
+    img = tmp_path / "fr.img"
+    sh("mkfs.fat", "-C", "-F", "16", "-s", "1", "-n", "FR", img, 8192)
+    src = tmp_path / "ab.bin"
+    src.write_bytes(b"A" * 512 + b"B" * 512 + b"C" * 512)
+    sh("mcopy", "-i", img, src, "::/AB.BIN")
+    assert sh("mshowfat", "-i", img, "::/AB.BIN").split()[-1] == "<2-4>"
+    data = bytearray(img.read_bytes())
+    bps, reserved, nfats = struct.unpack_from("<H", data, 11)[0], \
+        struct.unpack_from("<H", data, 14)[0], data[16]
+    fatsz = struct.unpack_from("<H", data, 22)[0]
+    for k in range(nfats):       # chain 4 -> 3 -> 2 (mtools, the oracle, reads C, B, A)
+        fat = (reserved + k * fatsz) * bps
+        struct.pack_into("<HHH", data, fat + 4, 0xFFFF, 2, 3)
+    root = (reserved + nfats * fatsz) * bps
+    i = data.index(b"AB      BIN", root)
+    struct.pack_into("<H", data, i + 26, 4)
+    img.write_bytes(bytes(data))
+    want = sh_bytes("mtype", "-i", img, "::/AB.BIN")
+    assert want == b"C" * 512 + b"B" * 512 + b"A" * 512
+    assert run_cli_bytes("cat", "-f", "raw", img, "/ab.bin") == want

@@ -13,7 +13,8 @@ from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigErro
                      printable, user_path)
 from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
-from .inside import DiskFile, Entry, Layout, Partition, SliceFile, disk_layout, open_volume
+from .inside import (ChangeReport, DiskFile, Entry, Layout, Partition, SliceFile, changed,
+                     disk_layout, open_volume)
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .progress import Progress, ProgressCallback
 from .ops.compare import CompareResult, compare, compare_disks

@@ -49,3 +49,7 @@ def open_volume(disk: Disk, number: int | None = None, top: int | None = None):
 
 
 __all__ += ["Entry", "FileSystem", "open_filesystem", "open_volume"]
+
+from .changes import Change, ChangeReport, changed  # noqa: E402
+
+__all__ += ["Change", "ChangeReport", "changed"]

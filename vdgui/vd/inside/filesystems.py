@@ -172,7 +172,8 @@ class FatVolume(FileSystem):
         return Entry(path, typ, 0 if typ == "dir" else n.size, _ts(n.mtime), _ts(n.atime))
 
     def _children(self, n):
-        return [(self._name(c), c) for c in n.iterdir() if not c.is_volume_id()]
+        return [(self._name(c), self._fix_runs(c)) for c in self._fix_runs(n).iterdir()
+                if not c.is_volume_id()]
 
     @staticmethod
     def _name(c) -> str:
@@ -190,10 +191,10 @@ class FatVolume(FileSystem):
             return self.fs.get("/")
         node = self.fs.get("/")
         for part in path.strip("/").split("/"):
-            for c in node.iterdir():
+            for c in self._fix_runs(node).iterdir():
                 if not c.is_volume_id() and (self._name(c) == part or
                                              c.name.lower() == part.lower()):
-                    node = c
+                    node = self._fix_runs(c)
                     break
             else:
                 raise FileNotFoundError(path)
@@ -205,12 +206,27 @@ class FatVolume(FileSystem):
     def allocation(self, path):
         n = self._node(_norm(path))
         fs = self.fs
-        out = []
-        for cluster, count in n.dataruns():
-            out.append((fs.cluster_to_offset(cluster) if hasattr(fs, "cluster_to_offset")
-                        else None, count * fs.cluster_size))
-        return out
+        base = fs.first_data_sector * fs.sector_size
+        return [(base + first * fs.cluster_size, count * fs.cluster_size)
+                for first, count in n.dataruns()]
 
+    @staticmethod
+    def _fix_runs(n):
+        """dissect.fat 3.13's FAT.runlist merges a cluster two below the run's end into the run
+        (it compares a raw cluster number with a data-area index), so a chain that steps
+        backwards reads the wrong clusters. Give every node the runlist of its real chain."""
+        if getattr(n, "_vd_runs", False) or n.cluster in (None, 0):
+            return n
+        runs: list = []
+        for cl in n.fs.fat.chain(n.cluster):
+            idx = cl - 2
+            if runs and runs[-1][0] + runs[-1][1] == idx:
+                runs[-1][1] += 1
+            else:
+                runs.append([idx, 1])
+        n._runlist = [tuple(r) for r in runs]
+        n._vd_runs = True
+        return n
 
 class NtfsVolume(FileSystem):
     kind = "ntfs"
