@@ -726,6 +726,8 @@ def cmd_extract(args) -> int:
                                  for e in fs.walk(root.path)] if root.type == "dir" else [])
         total = sum(e.size for e, _ in items if e.type == "file")
         done, tty = 0, sys.stderr.isatty()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
         dirs = []
         for e, parts in items:
             target = os.path.join(dest, *parts)
@@ -736,13 +738,13 @@ def cmd_extract(args) -> int:
                 os.symlink(e.target, target)
             elif e.type == "file":
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                with os.fdopen(fd, "wb") as out, fs.open(e.path) as f:
+                with os.fdopen(fd, "wb", buffering=0) as out, fs.open(e.path) as f:
                     while True:
-                        chunk = f.read(1 << 20)
-                        if not chunk:
+                        n = f.readinto(buf)
+                        if not n:
                             break
-                        out.write(chunk)
-                        done += len(chunk)
+                        out.write(view[:n])
+                        done += n
                         if tty:
                             sys.stderr.write(f"\rextracting: {done * 100 // max(total, 1):3d}% "
                                              f"of {vd.format_size(total)}")

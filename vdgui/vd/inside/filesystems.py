@@ -111,6 +111,9 @@ class _Guard(io.RawIOBase):
 
     def readinto(self, b):
         try:
+            into = getattr(self._inner, "readinto", None)
+            if into is not None:
+                return into(b) or 0
             data = self._inner.read(len(b))
         except Exception as e:  # noqa: BLE001
             raise self._fs._fail(self._path, e) from None
