@@ -72,3 +72,29 @@ def test_unpartitioned_ext4_content_vs_metadata(tmp_path, qemu):
     files, rep = _changed(top)
     assert files == {"/f3": "modified"}
     assert {m["path"]: m["change"] for m in rep["metadata"]} == {"/f5": "modified"}
+
+
+def test_commands_never_write_the_images(tmp_path, qemu):
+    import hashlib
+    import os
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 10000)
+    raw = tmp_path / "v.raw"
+    sh("mkfs.ext4", "-q", "-d", src, raw, "8M")
+    base = tmp_path / "base.vmdk"
+    qemu.img("convert", "-f", "raw", "-O", "vmdk", raw, base)
+    sh("debugfs", "-w", "-R", f"write {src / 'a'} /b", raw)
+    top = tmp_path / "top.qcow2"
+    qemu.img("convert", "-f", "raw", "-O", "qcow2", "-B", base, "-F", "vmdk", raw, top)
+
+    def state():
+        return [(hashlib.sha256(p.read_bytes()).hexdigest(), os.stat(p).st_mtime_ns)
+                for p in (base, top)]
+    before = state()
+    run_cli("partitions", top)
+    run_cli("ls", "-R", top, "/")
+    run_cli("cat", top, "/b")
+    run_cli("extract", top, "/", tmp_path / "out")
+    assert _changed(top)[0] == {"/b": "added"}
+    assert state() == before

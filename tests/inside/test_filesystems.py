@@ -192,3 +192,16 @@ def test_fat_chain_stepping_backwards(tmp_path):
     want = sh_bytes("mtype", "-i", img, "::/AB.BIN")
     assert want == b"C" * 512 + b"B" * 512 + b"A" * 512
     assert run_cli_bytes("cat", "-f", "raw", img, "/ab.bin") == want
+
+
+def test_folder_loop_is_a_clear_error(volumes, tmp_path):
+    _, _, vols = volumes
+    img = tmp_path / "loop.img"
+    img.write_bytes(vols["ext4"].read_bytes())
+    sh("debugfs", "-w", "-R", "ln /dir /dir/sub/loop", img)     # a hard-linked folder
+    for cmd in (("ls", "-R"), ("extract",)):
+        args = [*cmd, "-f", "raw", img, "/"] + ([tmp_path / "out"] if cmd[0] == "extract" else [])
+        r = run_cli(*args, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip() == (f"vdgui-img: {img}: ext volume: folder /dir/sub/loop "
+                                    "contains itself (a loop in the file system)")

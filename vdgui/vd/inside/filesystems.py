@@ -40,6 +40,10 @@ def _ts(dt) -> float | None:
     return float(dt)
 
 
+def _short(path: str) -> str:
+    return path if len(path) <= 160 else path[:70] + " ... " + path[-70:]
+
+
 def _norm(path: str) -> str:
     p = posixpath.normpath("/" + path.replace("\\", "/").lstrip("/"))
     return "/" + p.lstrip("/")
@@ -57,8 +61,8 @@ class FileSystem:
         if isinstance(exc, VDError):
             return exc
         if isinstance(exc, (FileNotFoundError, KeyError)) or "not found" in str(exc).lower():
-            return ImageNotFound(f"{self.name}: {path}: no such file or folder")
-        return CorruptImage(f"{self.name}: {self.kind} volume: cannot read {path}: "
+            return ImageNotFound(f"{self.name}: {_short(path)}: no such file or folder")
+        return CorruptImage(f"{self.name}: {self.kind} volume: cannot read {_short(path)}: "
                             f"{type(exc).__name__}: {exc}")
 
     def stat(self, path: str) -> Entry:
@@ -80,12 +84,43 @@ class FileSystem:
             raise self._fail(path, e) from None
         return sorted(out, key=lambda e: e.path)
 
+    def _key(self, node):
+        """A folder's identity (inode, first cluster, ...) to stop at loops; None: unknown."""
+        return None
+
     def walk(self, path: str):
-        """Every entry below ``path`` (depth first, sorted)."""
-        for e in self.listdir(path):
-            yield e
-            if e.type == "dir":
-                yield from self.walk(e.path)
+        """Every entry below ``path`` (depth first, sorted). A folder that contains itself (a
+        damaged file system; hard-linked folders) is a CorruptImage, not endless recursion."""
+        path = _norm(path)
+        try:
+            root = self._node(path)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(path, e) from None
+        stack = [(path, root, (self._key(root),))]
+        while stack:
+            dpath, node, ancestors = stack.pop()
+            try:
+                kids = sorted(((posixpath.join(dpath, n), c) for n, c in self._children(node)
+                               if n not in (".", "..")), key=lambda t: t[0])
+                entries = [(self._entry(p, c), c) for p, c in kids]
+            except VDError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(dpath, e) from None
+            subdirs = []
+            for e, c in entries:
+                yield e
+                if e.type == "dir":
+                    key = self._key(c)
+                    if key is not None and key in ancestors:
+                        raise CorruptImage(f"{self.name}: {self.kind} volume: folder "
+                                           f"{_short(e.path)} contains itself (a loop in the "
+                                           "file system)")
+                    if len(ancestors) > 512:
+                        raise CorruptImage(f"{self.name}: {self.kind} volume: folders nested "
+                                           f"more than 512 deep at {_short(e.path)}")
+                    subdirs.append((e.path, c, ancestors + (key,)))
+            stack.extend(reversed(subdirs))
 
     def open(self, path: str):
         path = _norm(path)
@@ -145,6 +180,9 @@ class ExtVolume(FileSystem):
     def _children(self, n):
         return [(c.filename, c) for c in n.iterdir()]
 
+    def _key(self, n):
+        return n.inum
+
     def _open(self, n):
         return n.open()
 
@@ -177,6 +215,9 @@ class FatVolume(FileSystem):
     def _children(self, n):
         return [(self._name(c), self._fix_runs(c)) for c in self._fix_runs(n).iterdir()
                 if not c.is_volume_id()]
+
+    def _key(self, n):
+        return n.cluster or None
 
     @staticmethod
     def _name(c) -> str:
@@ -278,11 +319,11 @@ class IsoVolume(FileSystem):
         except Exception as e:  # noqa: BLE001
             raise CorruptImage(f"{name}: not a readable ISO9660 volume: {e}") from None
         if self.iso.has_rock_ridge():
-            self._facade, self._key = self.iso.get_rock_ridge_facade(), "rr_path"
+            self._facade, self._pathkey = self.iso.get_rock_ridge_facade(), "rr_path"
         elif self.iso.has_joliet():
-            self._facade, self._key = self.iso.get_joliet_facade(), "joliet_path"
+            self._facade, self._pathkey = self.iso.get_joliet_facade(), "joliet_path"
         else:
-            self._facade, self._key = self.iso.get_iso9660_facade(), "iso_path"
+            self._facade, self._pathkey = self.iso.get_iso9660_facade(), "iso_path"
 
     def _node(self, path):
         return self._facade.get_record(path)
@@ -307,27 +348,30 @@ class IsoVolume(FileSystem):
         return Entry(path, typ, rec.get_data_length() if typ == "file" else 0, mtime, None,
                      target)
 
+    def _key(self, rec):
+        return rec.extent_location()
+
     def _children(self, rec):
         out = []
-        for c in self._facade.list_children(**{self._key: self._path_of(rec)}):
+        for c in self._facade.list_children(**{self._pathkey: self._path_of(rec)}):
             if c is None or c.is_dot() or c.is_dotdot():
                 continue
             out.append((self._name_of(c), c))
         return out
 
     def _path_of(self, rec):
-        return self.iso.full_path_from_dirrecord(rec, rockridge=self._key == "rr_path") \
-            if self._key != "joliet_path" else self.iso.full_path_from_dirrecord(rec)
+        return self.iso.full_path_from_dirrecord(rec, rockridge=self._pathkey == "rr_path") \
+            if self._pathkey != "joliet_path" else self.iso.full_path_from_dirrecord(rec)
 
     def _name_of(self, rec):
-        if self._key == "rr_path" and rec.rock_ridge is not None:
+        if self._pathkey == "rr_path" and rec.rock_ridge is not None:
             return rec.rock_ridge.name().decode("utf-8", "surrogateescape")
-        name = rec.file_identifier().decode("utf-16-be" if self._key == "joliet_path"
+        name = rec.file_identifier().decode("utf-16-be" if self._pathkey == "joliet_path"
                                             else "latin-1")
-        return name.split(";", 1)[0] if self._key == "iso_path" else name
+        return name.split(";", 1)[0] if self._pathkey == "iso_path" else name
 
     def _open(self, rec):
-        stream = self.iso.open_file_from_iso(**{self._key: self._path_of(rec)})
+        stream = self.iso.open_file_from_iso(**{self._pathkey: self._path_of(rec)})
         return stream.__enter__()     # PyCdlibIO sets up its range on entering
 
 
