@@ -132,3 +132,20 @@ def test_nothing_readable_is_one_line_error(tmp_path):
     img.write_bytes(b"\0" * 100)
     r = run_cli("partitions", "-f", "raw", img, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_logical_partition_chain_loop_is_diagnosed(mbr_disk, tmp_path):
+    img = tmp_path / "loop.img"
+    img.write_bytes(mbr_disk.read_bytes())
+    ext_lba = 22528                     # the extended partition; its first EBR is here
+    with open(img, "r+b") as f:        # the first EBR's link now points back at itself
+        f.seek(ext_lba * 512 + 446 + 16)
+        entry = bytearray(f.read(16))
+        struct.pack_into("<II", entry, 8, 0, 2048)
+        entry[4] = 0x05
+        f.seek(ext_lba * 512 + 446 + 16)
+        f.write(entry)
+    r = _parts(img, "-f", "raw")
+    assert [p["number"] for p in r["partitions"]] == [1, 5]
+    assert r["problems"] == ["extended partition: the chain of logical partitions loops back "
+                             f"to sector {ext_lba}"]
