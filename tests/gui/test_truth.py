@@ -310,3 +310,31 @@ def test_an_image_another_program_holds_is_locked(qtbot, window, tmp_path, qemu)
         holder.stdin.close()
         holder.wait(10)
     assert window.library.scan(p).held is None
+
+
+def test_a_failed_create_keeps_what_was_typed(qtbot, window, tmp_path):
+    """Issue #13 item 3: the job failed after the dialog closed; the message offers the dialog
+    again, filled with what was typed."""
+    from vdgui.gui.dialogs.create import CreateDialog
+    from vdgui.vd import ImageFlags
+    p = {"location": str(tmp_path / "gone" / "disk.qcow2"), "size": 64 << 20, "format": "QCOW2",
+         "flags": ImageFlags.NONE, "config": {"ClusterSize": "131072"},
+         "comment": "my disk"}
+    boxes, reopened = [], []
+    orig = window.offer_retry
+    window.offer_retry = lambda *a: boxes.append(orig(*a))
+    window.create_dialog = lambda previous=None: reopened.append(previous)
+    window.start_create(p)
+    qtbot.waitUntil(lambda: bool(boxes), timeout=10000)
+    box = boxes[0]
+    assert "disk.qcow2" in box.windowTitle() and "vdgui-tmp" not in box.text()
+    box.findChild(type(box.buttons()[0]), "retryButton").click()
+    qtbot.waitUntil(lambda: bool(reopened), timeout=3000)
+    assert reopened[0] == p
+    dlg = CreateDialog(str(tmp_path), window)
+    qtbot.addWidget(dlg)
+    dlg.set_params(p)
+    got = dlg.params()
+    assert (got["location"], got["size"], got["format"], got["comment"]) == (
+        p["location"], p["size"], "QCOW2", "my disk")
+    assert got["config"]["ClusterSize"] == "131072"

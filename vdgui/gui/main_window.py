@@ -773,11 +773,13 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Imported {len(paths)} image(s) from {path}", 5000)
         return self._run_scan(None)
 
-    def create_dialog(self):
+    def create_dialog(self, previous: dict | None = None):
         from .dialogs.create import CreateDialog
         tab = self.tabs.currentIndex()
         device = DEVICE_TABS[tab][0].value if 0 <= tab < len(DEVICE_TABS) else None
         dlg = CreateDialog(self.last_folder(), self, device=device)
+        if previous:
+            dlg.set_params(previous)
         if dlg.exec() != QDialog.Accepted:
             return None
         return self.start_create(dlg.params())
@@ -787,7 +789,26 @@ class MainWindow(QMainWindow):
                                config=p.get("config"), comment=p.get("comment"))
         self._remember_folder(p["location"])
         self._pending_select = [p["location"]]
+        job.signals.failed.connect(
+            lambda j, msg, tb: None if tb else self.offer_retry(
+                f"Creating {os.path.basename(p['location'])} failed", msg,
+                lambda: self.create_dialog(previous=p)))
         return self.start_job(job, lambda res: self._rescan(res))
+
+    def offer_retry(self, title: str, message: str, reopen) -> QMessageBox:
+        """A job from a dialog failed: say why, and offer the dialog again with what was
+        typed, so nothing has to be entered twice."""
+        box = QMessageBox(QMessageBox.Warning, title, html.escape(str(message)),
+                          QMessageBox.Close, self)
+        box.setObjectName("retryBox")
+        again = box.addButton("Change and Retry…", QMessageBox.AcceptRole)
+        again.setObjectName("retryButton")
+        again.clicked.connect(lambda _=False: QTimer.singleShot(0, reopen))
+        box.setAttribute(Qt.WA_DeleteOnClose)
+        box.setModal(False)
+        box.show()
+        self.messages.append(box)
+        return box
 
     def snapshot_dialog(self):
         from .dialogs.create import CreateDiffDialog

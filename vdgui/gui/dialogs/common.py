@@ -182,6 +182,11 @@ class VariantBoxes(QWidget):
             cb.setToolTip(f"{b.name} images are always fixed-size; without pre-allocation the file "
                           "is created sparse")
 
+    def set_flags(self, flags: ImageFlags) -> None:
+        for flag, cb in self.boxes.items():
+            if cb.isEnabled():
+                cb.setChecked(bool(flags & flag))
+
     def flags(self) -> ImageFlags:
         f = ImageFlags.NONE
         for flag, cb in self.boxes.items():

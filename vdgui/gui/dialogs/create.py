@@ -193,6 +193,19 @@ class CreateDialog(QDialog):
         self.messages.show_messages(errors, warnings)
         self.ok.setEnabled(not errors)
 
+    def set_params(self, p: dict) -> None:
+        """Fill the dialog with what was typed before (a create that failed: change, retry)."""
+        self.set_format(p["format"])
+        self.variant.set_flags(p.get("flags") or ImageFlags.NONE)
+        if p.get("size"):
+            self.size.setValue(p["size"])
+        self._name_touched = True
+        self.location.set_path(p["location"])
+        if self.config is not None and p.get("config"):
+            self.config.set_values(p["config"])
+        self.comment.setText(p.get("comment") or "")
+        self.validate()
+
     def params(self) -> dict:
         b = self.backend()
         return {"location": self.location.path(), "size": self.size.value(), "format": b.name,
