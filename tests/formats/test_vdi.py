@@ -84,7 +84,8 @@ def test_declarations_match_virtualbox():
     assert (key.name, key.default, int(key.type), key.create_only) == \
         ("AllocationBlockSize", "1048576", 1, True)
     assert b.operations == {Operation.WRITE, Operation.CREATE, Operation.COMPACT, Operation.RESIZE,
-                            Operation.CHECK, Operation.REPAIR, Operation.RELINK, Operation.DISCARD}
+                            Operation.CHECK, Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMMENT}
     assert b.create_flags & ImageFlags.FIXED
 
 
