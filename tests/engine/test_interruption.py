@@ -54,11 +54,7 @@ NO_DIFF = {"Parallels"}                          # no differencing images: no me
 
 # Known defects still found by the suite, (case, op) -> reason. Strict xfails: they fail the run
 # the moment they are fixed, so the list cannot go stale.
-KNOWN: dict[tuple[str, str], str] = {
-    ("Parallels", "write"): "Parallels in_use flag: a kill during a write session leaves the header's "
-    "in_use magic set (as qemu's own writer does); vdgui-img check and qemu-img check both count "
-    "it as corruption although the tables are consistent (data is written before the BAT entry)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 pytestmark = pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed "
                                 "(bash scripts/bootstrap test installs it)")

@@ -167,14 +167,11 @@ def _sectors_old_or_new(got: bytes, new: bytes) -> bool:
 
 
 def _corruption(fmt, rep) -> list[str]:
-    """What check calls corrupt, less the states a kill legitimately leaves: Parallels' in_use
-    flag (qemu calls it corrupt too; a read-write open repairs it) and VMDK's redundant grain
-    table lagging the primary one (issue 12 item 16, handled by the interruption suite)."""
+    """What check calls corrupt, less the state a kill legitimately leaves: VMDK's redundant
+    grain table lagging the primary one (issue 12 item 16, handled by the interruption suite)."""
     out = []
     for p in rep.problems:
         if p.severity != "corrupt" or p.repaired:
-            continue
-        if fmt == "Parallels" and "in_use flag" in p.what:
             continue
         if fmt == "VMDK" and "differs from the redundant table" in p.what:
             continue
@@ -208,8 +205,6 @@ def _allocation_case(tmp_path, qemu, fmt, points, how="kill"):
         # new allocations by qemu and by us must land in free space, never on the data above
         writers = [lambda: qemu.io("-f", QEMU_NAME[fmt], "-c", "write -P 0x5e 32M 1M", img),
                    lambda: _write(img, fmt, 40 * MiB, b"\x6b" * MiB)]
-        if fmt == "Parallels":
-            writers.reverse()       # qemu refuses to write an unclean image: ours repairs it
         for w in writers:
             w()
         assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n}: data overwritten"

@@ -13,7 +13,7 @@ from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance
 from tests.formats.test_vhdx import _unpack
 from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags, UnsafePath,
-                      VDError, get_backend, probe)
+                      VDError, check, get_backend, probe)
 from vdgui.vd.formats import parallels as prl
 
 MiB = 1 << 20
@@ -108,11 +108,21 @@ def _make(path, size=4 * MiB, cluster=MiB):
     return d
 
 
-def test_dirty_flag_set_while_open_and_repaired(tmp_path, qemu):
+def test_dirty_flag_never_set_by_us_and_repaired(tmp_path, qemu):
+    """Our writes are ordered crash-safe, so in_use is never set on disk while we hold the image
+    (a kill must not make it look corrupt); a flag qemu left set is reported and repaired."""
     p = tmp_path / "d.hdd"
     with _make(p) as d:
         d.write(0, b"\x01" * 4096)
-        assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == prl.INUSE_MAGIC
+        d.write(3 * MiB, b"\x03" * 4096)
+        assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0
+        d.top.resize(8 * MiB)
+        d.top.compact()
+        assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0
+        snap = tmp_path / "snap.hdd"           # the file as a kill now would leave it
+        snap.write_bytes(p.read_bytes())
+        assert qemu.check(snap, "parallels").returncode == 0
+        assert not check(str(snap)).problems
     assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0
     # simulate a crash: in_use left set, and a leaked cluster at the end
     b = bytearray(p.read_bytes())
@@ -128,9 +138,24 @@ def test_dirty_flag_set_while_open_and_repaired(tmp_path, qemu):
     with Disk() as d:                       # read-write: checked and repaired on open
         img = d.open(str(p))
         assert img.info()["repaired_on_open"]
+        assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0
         assert d.read(0, 4) == b"\x01" * 4
     assert qemu.check(p, "parallels").returncode == 0
-    assert os.path.getsize(p) == 2 * MiB
+    assert os.path.getsize(p) == 3 * MiB
+
+
+def test_foreign_in_use_value_is_kept(tmp_path):
+    """Parallels Desktop's own closed values ("pd17") stay as they are after our writes."""
+    p = tmp_path / "f.hdd"
+    _make(p).close()
+    b = bytearray(p.read_bytes())
+    struct.pack_into("<I", b, 44, 0x37316470)
+    p.write_bytes(bytes(b))
+    with Disk() as d:
+        d.open(str(p))
+        d.write(0, b"\x02" * 4096)
+    assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0x37316470
+    assert not check(str(p)).problems
 
 
 def test_check_repair_duplicates_and_past_eof(tmp_path, qemu):
@@ -570,7 +595,8 @@ def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch):
             assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), (fail_at, pos)
         with Disk() as d:
             d.open(str(p))
-        assert qemu.check(p, "parallels").returncode == 0
+        assert qemu.check(p, "parallels").returncode in (0, 3)     # 3: a leaked cluster only
+        assert not check(str(p)).corrupt
         if not crashed:
             assert got == states[-1]
             break

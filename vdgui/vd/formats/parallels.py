@@ -16,6 +16,10 @@ Facts used:
   document names 0x312e3276; Parallels Desktop itself writes other values (e.g. "pd17"); only the
   in-use magic means "not closed cleanly". A dirty image is checked (and repaired) when opened
   read-write and read as it is when opened read-only.
+* We never set in_use: every update is ordered crash-safe (data, sync, BAT entry; a kill leaves
+  at most a leaked cluster at the end), so the flag would only make a killed session look corrupt
+  to us and to qemu. Our locks (also at qemu's offsets) keep other writers out while we hold it.
+  Repairing a dirty image clears the flag after the repairs are synced; other values are kept.
 * flags bit 0: the image is empty (all clusters read as zeroes).
 
 Bundles (Parallels Desktop): a folder ``name.hdd`` holds ``DiskDescriptor.xml`` (disk parameters,
@@ -130,7 +134,6 @@ class ParallelsImage(Image):
                 if self.dirty and not fresh:
                     self.repaired_on_open = self.check(repair=True)
                 self._find_cross_links()
-                self._set_inuse(INUSE_MAGIC)
         except BaseException:
             f.close()
             raise
@@ -190,7 +193,6 @@ class ParallelsImage(Image):
         self.bat = bat
         self.mult = self.block_size if self.ext else SECTOR
         self.dirty = h.inuse == INUSE_MAGIC
-        self.original_inuse = h.inuse
         self.empty = bool(h.flags & FLAG_EMPTY)
         self.pchs = Geometry(h.cylinders, h.heads, 32) if h.heads and h.cylinders else None
         used_end = self.data_off
@@ -257,10 +259,6 @@ class ParallelsImage(Image):
         raw = Header.build(h)
         self.f.pwrite(0, raw)
         self.hdr = Header.parse(raw)
-
-    def _set_inuse(self, value: int) -> None:
-        self._write_header(inuse=value)
-        self.f.sync()
 
     # -- data ------------------------------------------------------------------------------
     def _cluster_offset(self, idx: int) -> int:
@@ -338,9 +336,7 @@ class ParallelsImage(Image):
         if self.f.fd >= 0:
             try:
                 if not self.read_only:
-                    self.f.sync()
-                    restore = 0 if self.original_inuse == INUSE_MAGIC else self.original_inuse
-                    self._set_inuse(restore)        # fsyncs: a failure is an error
+                    self.f.sync()                   # a failure is an error
             finally:
                 self.f.close()
 
@@ -430,6 +426,9 @@ class ParallelsImage(Image):
                 self.alloc_end = high
         if fix:
             self.f.sync()
+            if self.hdr.inuse == INUSE_MAGIC:       # the repairs are on disk: now clean
+                self._write_header(inuse=0)
+                self.f.sync()
             self.dirty = False
             self._find_cross_links()
         rep.repaired = any(p.repaired for p in rep.problems)
