@@ -7,6 +7,7 @@ import os
 import uuid as uuidlib
 from dataclasses import dataclass
 
+from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
 from .chain import MAX_CHAIN_DEPTH, find_parent
 from .errors import (InvalidArgument, NotSupported, ParentMismatch, ParentNotFound,
@@ -252,7 +253,7 @@ class Disk:
             return b""
         ss = self.sector_size
         a_start = offset - offset % ss
-        a_end = min(-(-(offset + length) // ss) * ss, size)
+        a_end = min(align_up(offset + length, ss), size)
         buf = bytearray(a_end - a_start)
         self._read_level(level, a_start, a_end - a_start, memoryview(buf))
         if a_start == offset and a_end == offset + length:
@@ -272,7 +273,7 @@ class Disk:
             return
         ss = self.sector_size
         a_start = offset - offset % ss
-        a_end = min(-(-(offset + length) // ss) * ss, img.size)
+        a_end = min(align_up(offset + length, ss), img.size)
         if a_start != offset or a_end != offset + length:
             buf = bytearray(self.read(a_start, a_end - a_start))
             buf[offset - a_start:offset - a_start + length] = data

@@ -517,6 +517,57 @@ class ImageFile:
         except OSError as exc:
             raise _os_error(exc, self.path, f"write at {offset:#x} failed") from None
 
+    def pwritev(self, offset: int, bufs) -> None:
+        """Gather-write ``bufs`` (bytes-like, in order) at ``offset`` without joining them."""
+        if len(bufs) == 1:
+            self.pwrite(offset, bufs[0])
+            return
+        views = [memoryview(b).cast("B") for b in bufs]
+        end = offset + sum(v.nbytes for v in views)
+        if offset < 0 or end > _MAX_OFFSET:
+            raise VDIOError(f"{self.path}: write of {end - offset} bytes at {offset:#x} failed: "
+                            "outside the largest possible file")
+        try:
+            while views:
+                n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
+                offset += n
+                k = 0
+                while k < len(views) and n >= views[k].nbytes:
+                    n -= views[k].nbytes
+                    k += 1
+                del views[:k]
+                if n:
+                    views[0] = views[0][n:]
+        except OSError as exc:
+            raise _os_error(exc, self.path, f"write at {offset:#x} failed") from None
+
+    def preadv_into(self, offset: int, buf) -> int:
+        """Read into the writable buffer ``buf`` from ``offset`` (no intermediate bytes object);
+        returns how many bytes were read: fewer only at the end of the file."""
+        mv = memoryview(buf).cast("B")
+        n = mv.nbytes
+        got = 0
+        try:
+            while got < n:
+                r = os.preadv(self.fd, [mv[got:]], offset + got)
+                if r <= 0:
+                    break
+                got += r
+        except OverflowError:       # an offset past off_t (damaged table): nothing there
+            return got
+        except OSError as exc:
+            raise _os_error(exc, self.path, f"read of {n} bytes at {offset + got:#x} "
+                                            "failed") from None
+        return got
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(start, end) ranges of [offset, offset+length) that hold data (SEEK_DATA/SEEK_HOLE);
+        the whole range when the file system or device cannot tell."""
+        runs = self.data_runs(offset, length)
+        if runs is None:
+            return [(offset, offset + length)] if length > 0 else []
+        return [(a, b) for a, b, is_data in runs if is_data]
+
     def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]] | None:
         """(start, end, is_data) runs of the file over [offset, offset+length) from SEEK_DATA /
         SEEK_HOLE; None for a device or a file system that cannot tell."""
@@ -594,6 +645,7 @@ class ImageFile:
         self.close()
 
 
+_IOV_MAX = 1024             # buffers per pwritev call (Linux's UIO_MAXIOV)
 _FALLOCATE = []
 _SYNC_FILE_RANGE = []
 

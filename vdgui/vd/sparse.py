@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from .image import Alloc
+from .runs import RunList
 
 _ZERO = bytes(4 << 20)
 
@@ -40,15 +41,10 @@ def split_blocks(offset: int, length: int, block_size: int) -> Iterator[tuple[in
 def block_runs(offset: int, length: int, block_size: int,
                status_of: Callable[[int], Alloc]) -> list[tuple[int, int, Alloc]]:
     """Build merged (start, length, Alloc) runs for a range from a per-block status function."""
-    runs: list[tuple[int, int, Alloc]] = []
+    runs = RunList()
     for idx, _inner, pos, n in split_blocks(offset, length, block_size):
-        st = status_of(idx)
-        if runs and runs[-1][2] == st:
-            s, ln, _ = runs[-1]
-            runs[-1] = (s, ln + n, st)
-        else:
-            runs.append((pos, n, st))
-    return runs
+        runs.add(pos, n, status_of(idx))
+    return runs.runs
 
 
 def nonzero_runs(mv, start: int, unit: int = 64 << 10) -> list[tuple[int, int]]:

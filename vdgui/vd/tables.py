@@ -42,3 +42,93 @@ def first_shared(targets) -> tuple[int, int, int] | None:
         if i != j:
             return t, i, j
     return None
+
+
+CHUNK_ENTRIES = 1 << 20     # entries per read or write when a whole table is streamed
+COALESCE_GAP = 16           # unchanged entries rewritten to join two runs into one write
+SPAN_ABOVE = 64             # more changed entries than this: one write of their whole span
+
+
+def read_table(f, offset: int, count: int, typecode: str = "I", big_endian: bool = False,
+               what: str = "table") -> array:
+    """``count`` entries at ``offset`` of the open ImageFile ``f``, read in chunks into one
+    allocation (a large map is never twice in memory); CorruptImage naming ``what`` when the
+    file is too short."""
+    a = array(typecode, [0]) * count
+    size = a.itemsize
+    for lo in range(0, count, CHUNK_ENTRIES):
+        n = min(CHUNK_ENTRIES, count - lo)
+        t = array(typecode)
+        t.frombytes(f.read_exact(offset + lo * size, n * size, what))
+        a[lo:lo + n] = t
+    if big_endian == _LITTLE_HOST:
+        a.byteswap()
+    return a
+
+
+class BlockTable:
+    """A table of fixed-width entries (block map, BAT, L1/L2, grain table) stored at ``offset``
+    of the ImageFile ``f`` in one byte order. ``a`` is the in-memory ``array`` (hot paths index
+    it directly); assignments through the table mark entries changed, and :meth:`write_back`
+    writes the changed ones, neighbouring entries joined into few writes. Entries not marked
+    must equal what the file holds (everything that changes them goes through the table)."""
+
+    __slots__ = ("f", "offset", "a", "big_endian", "changed")
+
+    def __init__(self, f, offset: int, a: array, big_endian: bool = False):
+        self.f = f
+        self.offset = offset
+        self.a = a
+        self.big_endian = big_endian
+        self.changed: set[int] = set()
+
+    @classmethod
+    def load(cls, f, offset: int, count: int, typecode: str = "I", big_endian: bool = False,
+             what: str = "table") -> "BlockTable":
+        return cls(f, offset, read_table(f, offset, count, typecode, big_endian, what),
+                   big_endian)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, i):
+        return self.a[i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.a[i] = value
+        self.changed.add(i)
+
+    def entry_bytes(self, lo: int, hi: int) -> bytes:
+        """Entries ``lo .. hi-1`` as the file stores them."""
+        return table_to_bytes(self.a[lo:hi], self.big_endian)
+
+    def write_range(self, lo: int, hi: int) -> None:
+        """Write entries ``lo .. hi-1`` (in chunks: no copy of a whole large table)."""
+        size = self.a.itemsize
+        for a in range(lo, hi, CHUNK_ENTRIES):
+            b = min(hi, a + CHUNK_ENTRIES)
+            self.f.pwrite(self.offset + a * size, self.entry_bytes(a, b))
+
+    def write_entries(self, indices) -> None:
+        """Write the given entries: runs of neighbours (gaps up to COALESCE_GAP entries) as one
+        write each; more than SPAN_ABOVE entries as one write of their whole span."""
+        idx = sorted(set(indices))
+        if not idx:
+            return
+        if len(idx) > SPAN_ABOVE:
+            self.write_range(idx[0], idx[-1] + 1)
+            return
+        start = prev = idx[0]
+        for i in idx[1:]:
+            if i - prev <= COALESCE_GAP:
+                prev = i
+                continue
+            self.write_range(start, prev + 1)
+            start = prev = i
+        self.write_range(start, prev + 1)
+
+    def write_back(self) -> None:
+        """Write the changed entries (see :meth:`write_entries`) and forget them."""
+        if self.changed:
+            changed, self.changed = self.changed, set()
+            self.write_entries(changed)

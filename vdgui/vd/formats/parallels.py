@@ -51,6 +51,7 @@ from sys import byteorder
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
+from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -161,7 +162,7 @@ class ParallelsImage(Image):
         self.block_size = h.tracks * SECTOR
         nb = h.nb_sectors if self.ext else h.nb_sectors & 0xFFFFFFFF
         self.size = nb * SECTOR
-        need = -(-nb // h.tracks)
+        need = ceil_div(nb, h.tracks)
         if h.bat_entries < need:
             raise self._corrupt("BAT too small for the disk size", field="bat_entries", offset=32,
                                 expected=f">= {need} for {nb} sectors", found=h.bat_entries)
@@ -179,7 +180,7 @@ class ParallelsImage(Image):
             raise self._corrupt("data_off must be set in a 'WithouFreSpacExt' image",
                                 field="data_off", offset=48, expected="non-zero", found=0)
         else:
-            self.data_off = -(-bat_end // SECTOR) * SECTOR
+            self.data_off = align_up(bat_end, SECTOR)
         if self.data_off < bat_end:
             raise self._corrupt("data area overlaps the BAT", field="data_off", offset=48,
                                 expected=f">= {bat_end // SECTOR} sectors", found=h.data_off)
@@ -250,7 +251,7 @@ class ParallelsImage(Image):
 
     def _align_up(self, off: int) -> int:
         rel = max(off - self.data_off, 0)
-        return self.data_off + -(-rel // self.block_size) * self.block_size
+        return self.data_off + align_up(rel, self.block_size)
 
     def _write_header(self, **changes) -> None:
         h = dict(self.hdr)
@@ -385,7 +386,7 @@ class ParallelsImage(Image):
                 bad = f"BAT[{idx}]: cluster offset {off:#x} lies past the end of the file " \
                       f"({self.file_len} bytes)"
                 code = ProblemCode.ENTRY_PAST_END
-            elif idx >= -(-self.size // self.block_size):
+            elif idx >= ceil_div(self.size, self.block_size):
                 bad = f"BAT[{idx}]: entry beyond the disk size is allocated"
                 code = ProblemCode.ENTRY_INVALID
             if bad:
@@ -440,7 +441,7 @@ class ParallelsImage(Image):
         """Drop clusters that read as zeroes (or as ``parent_read``), move the rest down into
         the holes (data copied and flushed before the BAT entry changes), shrink the file."""
         self._require_writable()
-        entries = -(-self.size // self.block_size)
+        entries = ceil_div(self.size, self.block_size)
         for idx in range(min(entries, len(self.bat))):
             if progress and progress(idx, entries + 1) is False:
                 from ..errors import Cancelled
@@ -485,7 +486,7 @@ class ParallelsImage(Image):
         if new_size > MAX_BAT_ENTRIES * self.block_size:
             raise too_large("Parallels", new_size, MAX_BAT_ENTRIES * self.block_size,
                             self.location, _limit_reason(self.block_size))
-        entries = -(-new_size // self.block_size)
+        entries = ceil_div(new_size, self.block_size)
         if HEADER_SIZE + 4 * entries > self.data_off:
             raise NotSupported(f"{self.location}: growing to {new_size} bytes needs "
                                f"{entries} BAT entries, more than fit before the data area")
@@ -941,8 +942,8 @@ class ParallelsBackend(Backend):
             guid = TOP_GUID           # the base snapshot of every real bundle (ploop, dissect)
             hds = f"{name}.0.{guid}.hds"
             # "WithoutFreeSpace" as Parallels Desktop writes it, unless offsets need 64 bits
-            data_off = -(-(HEADER_SIZE + 4 * -(-size // cl)) // cl) * cl
-            small = (data_off + -(-size // cl) * cl) // SECTOR <= 0xFFFFFFFF
+            data_off = align_up(HEADER_SIZE + 4 * ceil_div(size, cl), cl)
+            small = (data_off + align_up(size, cl)) // SECTOR <= 0xFFFFFFFF
             with ImageFile(os.path.join(tmp, hds), create=True) as f:
                 _write_new_image(f, size, cl, MAGIC_V2 if small else MAGIC_EXT)
             uid = "{" + str(p.uuid or uuidlib.uuid4()) + "}"
@@ -968,8 +969,8 @@ class ParallelsBackend(Backend):
 
 def _write_new_image(f: ImageFile, size: int, cl: int, magic: bytes) -> None:
     """Header and an empty BAT (qemu parallels.txt); the data area starts cluster aligned."""
-    entries = -(-size // cl)
-    data_off = -(-(HEADER_SIZE + 4 * entries) // cl) * cl
+    entries = ceil_div(size, cl)
+    data_off = align_up(HEADER_SIZE + 4 * entries, cl)
     heads = 16
     f.pwrite(0, Header.build(dict(magic=magic, version=VERSION, heads=heads,
                                   cylinders=min(size // SECTOR // (heads * 32), 0xFFFFFFFF),

@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 from construct import Const, Int32ul, Int64ul, Struct
 
+from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..chain import check_backing_name
@@ -189,7 +190,7 @@ class QedImage(Image):
             self.parent_hint = ParentHint(locations=[self.backing_file],
                                           format=_backend_name(self.backing_format))
             self.flags = ImageFlags.DIFF
-        self.end_cluster = -(-self.fsize // cs)
+        self.end_cluster = ceil_div(self.fsize, cs)
 
     def _valid_cluster(self, off: int) -> bool:
         return (off % self.cs == 0 and off >= self.header_clusters * self.cs
@@ -455,7 +456,7 @@ class QedImage(Image):
         packed as far as the table size allows."""
         self._require_writable()
         cs = self.cs
-        nclu = -(-self.size // cs)
+        nclu = ceil_div(self.size, cs)
         prog = Progress(progress, 2 * nclu)
         prog.start()
         has_backing = self.backing_file is not None
@@ -500,7 +501,7 @@ class QedImage(Image):
         cs = self.cs
         tclu = self.table_bytes // cs
         self.fsize = self.f.size()
-        end = -(-self.fsize // cs)
+        end = ceil_div(self.fsize, cs)
         used = bytearray(end)
         owner: dict[int, tuple] = {}
         for c in range(min(self.header_clusters, end)):
@@ -699,7 +700,7 @@ class QedImage(Image):
         if self.features & F_BACKING_FILE:
             old_off = self.header["backing_filename_offset"]
             old_n = self.header["backing_filename_size"]
-        for at in (HEADER_SIZE, -(-(old_off + old_n) // 8) * 8, limit - n):
+        for at in (HEADER_SIZE, align_up(old_off + old_n, 8), limit - n):
             if at >= HEADER_SIZE and at + n <= limit and (
                     not old_n or at + n <= old_off or at >= old_off + old_n):
                 return at
@@ -712,7 +713,7 @@ class QedImage(Image):
             self._require_writable()
         cs = self.cs
         self.fsize = self.f.size()
-        nclusters = -(-self.fsize // cs)
+        nclusters = ceil_div(self.fsize, cs)
         used = bytearray(nclusters)
         problems: list[Problem] = []
         fixes: list[tuple[int, str]] = []    # (file offset of the entry, what)
@@ -788,7 +789,7 @@ class QedImage(Image):
             if extend_to > self.fsize:
                 self.f.truncate(extend_to)
                 self.fsize = extend_to
-                self.end_cluster = max(self.end_cluster, -(-extend_to // cs))
+                self.end_cluster = max(self.end_cluster, ceil_div(extend_to, cs))
             # trailing leaked clusters can simply be cut off
             last = nclusters
             while last > 0 and not used[last - 1]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ..align import align_up
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
 from ..errors import NotSupported
@@ -54,7 +55,7 @@ class RawImage(Image):
         out = []
         for s, n, st in runs:
             if st == Alloc.UNALLOCATED:
-                a = -(-s // 512) * 512
+                a = align_up(s, 512)
                 b = (s + n) // 512 * 512 if s + n < end else s + n
                 if b <= a:
                     st = Alloc.DATA

@@ -23,6 +23,7 @@ import sys
 import uuid as uuidlib
 from array import array
 
+from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -116,10 +117,6 @@ def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def _align(v: int, a: int) -> int:
-    return -(-v // a) * a
-
-
 class VdiImage(Image):
     """One opened VDI file."""
 
@@ -208,7 +205,7 @@ class VdiImage(Image):
                             f"1..{MAX_BLOCKS}", h.blocks)
         if h.blocks * bs < h.disk_size:
             raise self._err("cBlocks", offs["blocks"], "block count does not cover the disk size",
-                            f">= {-(-h.disk_size // bs)} blocks of {bs} bytes for "
+                            f">= {ceil_div(h.disk_size, bs)} blocks of {bs} bytes for "
                             f"{h.disk_size} bytes", h.blocks)
         if h.blocks_allocated > h.blocks:
             raise self._err("cBlocksAllocated", offs["blocks_allocated"],
@@ -824,7 +821,7 @@ class VdiImage(Image):
                                path=self.location)
         bs = self.block_size
         is_diff = self.parent_hint is not None
-        nblocks = -(-self.size // bs)
+        nblocks = ceil_div(self.size, bs)
         todo = [i for i in range(nblocks) if self._map[i] != _FREE]
         prog = Progress(progress, len(todo) * bs)
         prog.start()
@@ -865,7 +862,7 @@ class VdiImage(Image):
         # and the new map entries are invisible until the header (one write) names the new size
         if new_size <= self.size or self._v0 or self._bad or self.image_type == L.TYPE_FIXED:
             return False
-        new_blocks = -(-new_size // self.block_size)
+        new_blocks = ceil_div(new_size, self.block_size)
         return self.offset_blocks + new_blocks * 4 <= self.offset_data
 
     def resize(self, new_size, progress=None):
@@ -885,7 +882,7 @@ class VdiImage(Image):
         prog.start()
         bs = self.block_size
         old_size = self.size
-        new_blocks = -(-new_size // bs)
+        new_blocks = ceil_div(new_size, bs)
         if new_size > old_size:
             new_blocks = max(new_blocks, self.blocks)
         if new_blocks > MAX_BLOCKS:
@@ -933,7 +930,7 @@ class VdiImage(Image):
     def _grow(self, new_size, new_blocks):
         bs = self.block_size
         old_blocks = self.blocks
-        last = -(-self.size // bs) - 1
+        last = ceil_div(self.size, bs) - 1
         self._zero_block_tail(last, self.size - last * bs)
         fixed = self.image_type == L.TYPE_FIXED
         total = self._total
@@ -961,7 +958,7 @@ class VdiImage(Image):
         """Grow the map area by moving the first data blocks to the end of the file (as
         VirtualBox's vdiResize does), then renumber every entry."""
         total = self._total
-        k = -(-(need_map_end - self.offset_data) // total)
+        k = ceil_div(need_map_end - self.offset_data, total)
         rev, n = self._used_blocks()
         moved = []
         # moved blocks go past the new map area too (file block k becomes block 0): with fewer
@@ -1203,7 +1200,7 @@ class VdiBackend(Backend):
             raise InvalidArgument(f"VDI image size must be a positive multiple of 512, found {size}")
         if size > _max_size(bs):
             raise too_large("VDI", size, _max_size(bs), p.location, _size_limit(bs))
-        blocks = -(-size // bs)
+        blocks = ceil_div(size, bs)
         if blocks > MAX_BLOCKS:
             raise InvalidArgument(f"{size} bytes need {blocks} blocks of {bs} bytes, more than "
                                   f"the {MAX_BLOCKS} a VDI image can hold")
@@ -1221,8 +1218,8 @@ class VdiBackend(Backend):
             raise NotSupported(f"{p.parent.location}: the parent has no UUID, and a VDI "
                                "differencing image links to its parent by UUID")
         # VirtualBox's layout (vdiInitHeader): the map and the data each start on a 1 MiB boundary
-        offset_blocks = _align(L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE, DATA_ALIGN)
-        offset_data = _align(offset_blocks + blocks * 4, DATA_ALIGN)
+        offset_blocks = align_up(L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE, DATA_ALIGN)
+        offset_data = align_up(offset_blocks + blocks * 4, DATA_ALIGN)
         if offset_data > 0xFFFFFFFF:
             raise InvalidArgument(f"{size} bytes in {bs}-byte blocks need a block map too large "
                                   "for VDI; use a larger AllocationBlockSize")

@@ -46,6 +46,7 @@ from urllib.parse import unquote
 
 from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
+from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
 from ..errors import CorruptImage, InvalidArgument, NotSupported, require_text
@@ -154,7 +155,7 @@ def round_size_to_chs(size: int) -> tuple[int, Geometry]:
     """The smallest size >= ``size`` that a VHD CHS geometry describes exactly, and that geometry
     (qemu's and Virtual PC's rounding). Beyond the largest geometry the size stays as asked (the
     footer then carries 65535/16/255 and every reader uses the current size)."""
-    total = -(-size // SECTOR)
+    total = ceil_div(size, SECTOR)
     max_total = MAX_GEOMETRY[0] * MAX_GEOMETRY[1] * MAX_GEOMETRY[2]
     if total >= max_total:
         return total * SECTOR, Geometry(*MAX_GEOMETRY)
@@ -232,7 +233,7 @@ def _mac_url_to_path(text: str) -> str:
 
 
 def _round(n: int, to: int = SECTOR) -> int:
-    return -(-n // to) * to
+    return align_up(n, to)
 
 
 
@@ -395,9 +396,9 @@ class VhdImage(Image):
                                 field="block size", offset=hoff + 32, found=bs)
         self.block_size = bs
         self.spb = bs // SECTOR                                   # sectors per block
-        self.bm_size = _round(-(-self.spb // 8))                  # bitmap, padded to a sector
+        self.bm_size = _round(ceil_div(self.spb, 8))                  # bitmap, padded to a sector
         self.total = self.bm_size + bs
-        self.n_blocks = -(-self.size // bs)
+        self.n_blocks = ceil_div(self.size, bs)
         if hdr.max_table_entries < self.n_blocks:
             raise self._corrupt("the block allocation table is too small for the virtual size",
                                 field="max table entries", offset=hoff + 28,
@@ -609,7 +610,7 @@ class VhdImage(Image):
             start = self._block_start(idx)
             bm = self._bitmap(idx, start)
             first = inner // SECTOR
-            cnt = -(-n // SECTOR)
+            cnt = ceil_div(n, SECTOR)
             for s_, k, on in bitmap_runs(bm, first, cnt):
                 a = pos + (s_ - first) * SECTOR
                 b = min(a + k * SECTOR, pos + n)
@@ -666,7 +667,7 @@ class VhdImage(Image):
             first = inner // SECTOR
             base = start + self.bm_size
             left = n
-            for s, k, on in bitmap_runs(bm, first, -(-n // SECTOR)):
+            for s, k, on in bitmap_runs(bm, first, ceil_div(n, SECTOR)):
                 ln = min(k * SECTOR, left)
                 left -= ln
                 parts.append(self.f.read_exact(base + s * SECTOR, ln, f"data of block {idx}")
@@ -683,7 +684,7 @@ class VhdImage(Image):
         for idx, inner, pos, n in split_blocks(offset, len(mv), self.block_size):
             chunk = mv[pos - offset:pos - offset + n]
             start = self._block_start(idx)
-            first, cnt = inner // SECTOR, -(-n // SECTOR)
+            first, cnt = inner // SECTOR, ceil_div(n, SECTOR)
             if start is None:
                 if not self.is_diff and not self.honor_zeroes and is_zero(chunk):
                     continue            # an unallocated block of a base disk already reads zeroes
@@ -711,7 +712,7 @@ class VhdImage(Image):
         else:
             self.f.pwrite(pos + self.bm_size + inner, chunk)
         bm = bytearray(self.bm_size)
-        set_bits(bm, inner // SECTOR, -(-len(chunk) // SECTOR))
+        set_bits(bm, inner // SECTOR, ceil_div(len(chunk), SECTOR))
         self.f.pwrite(pos, bm)
         self._set_bat(idx, pos // SECTOR)
         self._bitmaps[idx] = bm
@@ -904,8 +905,8 @@ class VhdImage(Image):
         self.pchs = Geometry(*geo)
         self.size_rounded_from = new_size if size != new_size else None
         if not self.is_fixed:
-            shrunk = self.n_blocks > -(-size // self.block_size)
-            self.n_blocks = -(-size // self.block_size)
+            shrunk = self.n_blocks > ceil_div(size, self.block_size)
+            self.n_blocks = ceil_div(size, self.block_size)
             del self.bat[self.n_blocks:]
             self._rescan()
             if shrunk:
@@ -930,7 +931,7 @@ class VhdImage(Image):
         self.fsize = size + FOOTER_SIZE
 
     def _resize_dynamic(self, size: int, prog: Progress) -> None:
-        need = -(-size // self.block_size)
+        need = ceil_div(size, self.block_size)
         old = self.n_blocks
         if need <= old:
             for i in range(need, old):       # blocks beyond the new end (holding zeroes) go
@@ -1011,7 +1012,7 @@ class VhdImage(Image):
         bm = self._bitmap(idx, start)
         vstart = idx * self.block_size
         vlen = min(self.block_size, self.size - vstart)
-        for s, k, on in bitmap_runs(bm, 0, -(-vlen // SECTOR)):
+        for s, k, on in bitmap_runs(bm, 0, ceil_div(vlen, SECTOR)):
             if not on:
                 continue
             pos, end = s * SECTOR, min((s + k) * SECTOR, vlen)
@@ -1250,7 +1251,7 @@ class VhdBackend(Backend):
                 preallocate(f, 0, size + FOOTER_SIZE)
                 f.pwrite(size, fraw)
             else:
-                n = -(-size // DEFAULT_BLOCK)
+                n = ceil_div(size, DEFAULT_BLOCK)
                 bat_off = FOOTER_SIZE + HEADER_SIZE
                 end = bat_off + _round(n * 4)
                 hdr = dict(cookie=DYN_COOKIE, data_offset=NO_OFFSET, table_offset=bat_off,

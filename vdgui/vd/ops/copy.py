@@ -41,6 +41,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from ..align import align_up
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
 from ..config import parse_config
 from ..disk import Disk
@@ -123,7 +124,7 @@ def chain_target_names(dst_path: str, members) -> list[str]:
 
 
 def _round_up(n: int, g: int) -> int:
-    return -(-n // g) * g
+    return align_up(n, g)
 
 
 def _extents(src: Disk, top: int, bottom: int, length: int):

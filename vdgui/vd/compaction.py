@@ -1,0 +1,129 @@
+"""Compaction shared by the block-mapped formats: plan moves into holes, copy, sync, repoint.
+
+:func:`plan_moves` decides which blocks move where: from the highest block down, each goes to
+the lowest hole below it that takes it. :func:`move_blocks` carries a plan out in the one
+crash-safe order (docs/operations.md, "Writes"):
+
+1. every block is copied into its hole: holes are unreferenced, so a crash here changes
+   nothing visible;
+2. the file is synced: the copies are durable before anything names them;
+3. ``repoint(moves)`` writes the table entries naming the new places (the old copies stay
+   intact: an entry that reaches the disk and one that does not both read the same bytes);
+4. sync, then ``header()`` (counts, end of data) once, then sync.
+
+The caller truncates or reuses the space freed above afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Sequence
+
+from .align import align_up
+
+COPY_CHUNK = 4 << 20
+
+
+@dataclass(slots=True)
+class Move:
+    """Copy ``length`` bytes of the block ``key`` from ``src`` to ``dst`` (file offsets)."""
+    key: Hashable
+    src: int
+    dst: int
+    length: int
+
+
+def holes_between(used: Iterable[tuple[int, int]], start: int = 0,
+                  end: int | None = None) -> list[list[int]]:
+    """The free ``[a, b]`` ranges between ``start`` and ``end`` (default: the end of the last
+    used range) not covered by any used ``(a, b)`` range."""
+    out: list[list[int]] = []
+    cur = start
+    for a, b in sorted(used):
+        if end is not None and a >= end:
+            break
+        if a > cur:
+            out.append([cur, a])
+        cur = max(cur, b)
+    if end is not None and end > cur:
+        out.append([cur, end])
+    return out
+
+
+def slot_holes(taken, first: int, unit: int, base: int = 0) -> list[list[int]]:
+    """Holes of a file cut into fixed slots: ``taken[i]`` false for a free slot ``i >= first``;
+    each run of free slots becomes one ``[a, b]`` byte range (slot ``i`` starts at
+    ``base + i * unit``)."""
+    out: list[list[int]] = []
+    run = -1
+    n = len(taken)
+    for i in range(first, n + 1):
+        if i < n and not taken[i]:
+            if run < 0:
+                run = i
+        elif run >= 0:
+            out.append([base + run * unit, base + i * unit])
+            run = -1
+    return out
+
+
+def plan_moves(blocks: Sequence[tuple[int, int, Hashable]], holes: list[list[int]],
+               align: int = 1) -> list[Move]:
+    """Moves that close ``holes`` (``[a, b]`` free byte ranges, ascending, consumed in place)
+    with the ``blocks`` (``(offset, length, key)``) lying above them: the highest block first,
+    each into the lowest hole that takes it at an ``align``-ed offset ending at or below its
+    own start. A block that fits nowhere stays (a lower one may still fit)."""
+    moves: list[Move] = []
+    if not holes or not blocks:
+        return moves
+    smallest = min(n for _o, n, _k in blocks)
+    j = 0                                    # holes before j cannot take any block
+    for src, n, key in sorted(blocks, key=lambda b: b[0], reverse=True):
+        while j < len(holes) and align_up(holes[j][0], align) + smallest > holes[j][1]:
+            j += 1
+        k = j
+        while k < len(holes) and holes[k][0] < src:
+            dst = align_up(holes[k][0], align)
+            if dst + n <= holes[k][1] and dst + n <= src:
+                moves.append(Move(key, src, dst, n))
+                holes[k][0] = dst + n
+                break
+            k += 1
+        if j >= len(holes):
+            break
+    return moves
+
+
+def copy_range(f, src: int, dst: int, length: int, buf: bytearray | None = None) -> None:
+    """Copy ``length`` bytes of ``f`` from ``src`` to ``dst`` (non-overlapping), through one
+    reused buffer; bytes past the end of the file copy as zeroes."""
+    if buf is None:
+        buf = bytearray(min(COPY_CHUNK, length))
+    mv = memoryview(buf)
+    pos = 0
+    while pos < length:
+        k = min(len(mv), length - pos)
+        got = f.preadv_into(src + pos, mv[:k])
+        if got < k:
+            mv[got:k] = bytes(k - got)
+        f.pwrite(dst + pos, mv[:k])
+        pos += k
+
+
+def move_blocks(f, moves: Sequence[Move], repoint: Callable[[Sequence[Move]], None], *,
+                header: Callable[[], None] | None = None,
+                advance: Callable[[int], object] | None = None) -> None:
+    """Carry out ``moves`` in ``f``: copy each, sync, ``repoint(moves)``, sync, then
+    ``header()`` and sync (the header is written even when nothing moved). ``advance(n)`` is
+    told the bytes of each finished copy."""
+    if moves:
+        buf = bytearray(min(COPY_CHUNK, max(m.length for m in moves)))
+        for m in moves:
+            copy_range(f, m.src, m.dst, m.length, buf)
+            if advance is not None:
+                advance(m.length)
+        f.sync()
+        repoint(moves)
+        f.sync()
+    if header is not None:
+        header()
+        f.sync()
