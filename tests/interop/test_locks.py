@@ -373,6 +373,29 @@ def test_repair_refused_while_qemu_holds(tmp_path, mode):
     assert code in (0, 2, 3) and "in use" not in err and snapshot(tmp_path)[path.name] != before
 
 
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_repair_refused_before_saving_anything_while_qemu_holds(tmp_path, mode):
+    """A repair takes the image's write lock before it writes anything anywhere: no orphan-data
+    file (NAME.orphans-DATE.bin/.json), no backup folder, no temporary, beside a held image."""
+    from tests.engine.test_repair_keeps import _lose_vdi_entry, _make
+    path = _make(tmp_path, "VDI")
+    _lose_vdi_entry(path, 1)                   # an orphaned block holding data: it would be saved
+    assert check_dry(path).orphans
+    before = sorted(os.listdir(tmp_path)), snapshot(tmp_path)
+    with qemu_io_holder(path, mode):
+        code, err = vimg("check", "--repair", "--backup", path)
+        assert code == 1 and "in use" in err, (code, err)
+        assert (sorted(os.listdir(tmp_path)), snapshot(tmp_path)) == before
+    code, err = vimg("check", "--repair", "--backup", path)
+    assert code == 0, err
+    assert any(".orphans-" in n for n in os.listdir(tmp_path))
+
+
+def check_dry(path):
+    from vdgui.vd import check
+    return check(str(path), repair=True, dry_run=True)
+
+
 def test_a_forked_child_never_drops_the_parents_locks(tmp_path):
     """Locks live on open file descriptions, which a fork shares: a child that closes what it
     inherited, or opens and closes the same images, must not release what the parent holds."""

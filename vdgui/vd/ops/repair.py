@@ -11,7 +11,8 @@ references (``CheckReport.orphans``); those holding a non-zero byte are kept in 
 run shows them), and a real repair first saves them beside the image, as
 ``NAME.orphans-DATE.bin`` with the index ``NAME.orphans-DATE.json`` (file, offset and length of
 each area, and where it lies in the .bin), written under temporary names, synced and renamed
-before the repair starts. ``backup=True`` also copies the image's file(s) into the folder
+before the repair starts, under the image's write lock (taken before anything is written
+anywhere: a held image is refused with nothing saved). ``backup=True`` also copies the image's file(s) into the folder
 ``NAME.backup-DATE/`` beside it first (same names inside; made before any repair writes).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 
 from ..backend import Backend, OpenFlags, Operation
 from ..errors import CorruptImage, InvalidArgument, VDIOError
+from ..fileio import LockMode, lock_files
 from ..image import CheckReport, Image, Problem, ProblemCode
 from ..progress import Progress, ProgressCallback
 from .compact import _backend, finish, require_op, rewrite_in_copy
@@ -93,6 +95,15 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     if not repair or dry_run or not first.problems:
         finish(prog)
         return first
+    # the write lock first: while another program holds the image, nothing is written anywhere
+    held = lock_files([f for f in files if not os.path.isdir(f)], LockMode.WRITE)
+    try:
+        return _repair(path, backend, img, first, files, prog, span, backup)
+    finally:
+        held.close()
+
+
+def _repair(path, backend, img, first, files, prog, span, backup) -> CheckReport:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     saved_backup = _backup(path, files, stamp) if backup else None
     saved_orphans = _save_orphans(path, first.orphans, stamp) if first.orphans else None
