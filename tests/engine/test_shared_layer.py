@@ -103,8 +103,8 @@ def test_data_ranges(tmp_path):
 def test_holes():
     assert holes_between([(10, 20), (0, 5), (18, 30)]) == [[5, 10]]
     assert holes_between([(0, 5)], end=9) == [[5, 9]]
-    assert slot_holes([1, 0, 0, 1, 0], 0, 10, base=100) == [[110, 130], [140, 150]]
-    assert slot_holes([0, 0, 1], 1, 10) == [[10, 20]]
+    assert slot_holes([1, None, None, 1, None], 10, base=100) == [[110, 130], [140, 150]]
+    assert slot_holes([7, -1, 3], 10, free=-1) == [[10, 20]]
 
 
 def test_plan_moves_fills_lowest_holes_with_highest_blocks():

@@ -49,20 +49,21 @@ def holes_between(used: Iterable[tuple[int, int]], start: int = 0,
     return out
 
 
-def slot_holes(taken, first: int, unit: int, base: int = 0) -> list[list[int]]:
-    """Holes of a file cut into fixed slots: ``taken[i]`` false for a free slot ``i >= first``;
-    each run of free slots becomes one ``[a, b]`` byte range (slot ``i`` starts at
-    ``base + i * unit``)."""
+def slot_holes(owner, unit: int, base: int = 0, free=None) -> list[list[int]]:
+    """Holes of a file cut into fixed slots: slot ``i`` (at ``base + i * unit``) is free when
+    ``owner[i] == free``; each run of free slots becomes one ``[a, b]`` byte range."""
     out: list[list[int]] = []
     run = -1
-    n = len(taken)
-    for i in range(first, n + 1):
-        if i < n and not taken[i]:
+    n = len(owner)
+    for i in range(n):
+        if owner[i] == free:
             if run < 0:
                 run = i
         elif run >= 0:
             out.append([base + run * unit, base + i * unit])
             run = -1
+    if run >= 0:
+        out.append([base + run * unit, base + n * unit])
     return out
 
 

@@ -18,8 +18,6 @@ creating and keeps the version of an existing file. Limits and conventions:
 """
 from __future__ import annotations
 
-import os
-import sys
 import uuid as uuidlib
 from array import array
 
@@ -27,14 +25,17 @@ from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, InvalidArgument, NotSupported, VDIOError, require_text
+from ..errors import CorruptImage, InvalidArgument, NotSupported, require_text
+from ..compaction import move_blocks, plan_moves, slot_holes
+from ..fileimage import FileImage
 from ..fileio import ImageFile
 from ..geometry import Geometry, vbox_lchs, vbox_pchs
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
+from ..image import Alloc, CheckReport, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..space import preallocate, require_space
 from ..sparse import is_zero, nonzero_runs, zeroes
-from ..tables import first_shared
+from ..tables import CHUNK_ENTRIES as MAP_CHUNK
+from ..tables import BlockTable, first_shared, read_table, table_to_bytes
 from . import vdi_layout as L
 
 _FREE = L.BLOCK_FREE
@@ -62,28 +63,15 @@ def _size_limit(block_size: int) -> str:
     return (f" with {block_size}-byte blocks (vdgui keeps the block map in memory, "
             f"{MAX_NEW_BLOCKS} blocks at most; a larger AllocationBlockSize allows more, up to "
             f"VirtualBox's 4 PiB - 3 MiB)")
-_BIG = sys.byteorder == "big"
-
 assert array("I").itemsize == 4
 
 
 def _map_to_disk(m: array) -> bytes:
-    if _BIG:
-        m = array("I", m)
-        m.byteswap()
-    return m.tobytes()
+    return table_to_bytes(m, big_endian=False)
 
 
-MAP_CHUNK = 1 << 20          # map entries per read/write when a whole map is streamed (4 MiB)
 _FREE_BYTES = b"\xff" * (4 * MAP_CHUNK)
 _FREE_CHUNK = array("I", _FREE_BYTES)
-
-
-def _write_map(f: ImageFile, offset: int, m: array, lo: int, hi: int) -> None:
-    """Write entries lo..hi of ``m`` in chunks (no copy of the whole map)."""
-    for a in range(lo, hi, MAP_CHUNK):
-        b = min(hi, a + MAP_CHUNK)
-        f.pwrite(offset + a * 4, _map_to_disk(m[a:b]))
 
 
 def _extend_free(m: array, n: int) -> None:
@@ -117,7 +105,7 @@ def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-class VdiImage(Image):
+class VdiImage(FileImage):
     """One opened VDI file."""
 
     @property
@@ -125,8 +113,7 @@ class VdiImage(Image):
         return _max_size(self.block_size)
 
     def __init__(self, backend, location: str, f: ImageFile, read_only: bool):
-        super().__init__(backend, location, read_only)
-        self.f = f
+        super().__init__(backend, location, f, read_only)
         self.honor_zeroes = False
         self._modified = False          # modification UUID already renewed this session
         self._hdr_dirty = False
@@ -251,15 +238,12 @@ class VdiImage(Image):
         self._bad: set[int] = set()
 
     def _read_map(self, blocks: int) -> array:
-        m = array("I", [0]) * blocks        # one allocation, filled in chunks: never the map
-        for a in range(0, blocks, MAP_CHUNK):       # twice in memory
-            n = min(MAP_CHUNK, blocks - a)
-            t = array("I")
-            t.frombytes(self.f.read_exact(self.offset_blocks + a * 4, n * 4, "VDI block map"))
-            m[a:a + n] = t
-        if _BIG:
-            m.byteswap()
-        return m
+        return read_table(self.f, self.offset_blocks, blocks, "I", False, "VDI block map")
+
+    @property
+    def _table(self) -> BlockTable:
+        """The block map as stored (little-endian u32 entries at offBlocks)."""
+        return BlockTable(self.f, self.offset_blocks, self._map)
 
     @property
     def _map(self) -> array:
@@ -380,21 +364,7 @@ class VdiImage(Image):
         return True
 
     def _write_map_entries(self, indices) -> None:
-        idx = sorted(set(indices))
-        if not idx:
-            return
-        if len(idx) > 64:
-            lo, hi = idx[0], idx[-1] + 1
-            self.f.pwrite(self.offset_blocks + lo * 4, _map_to_disk(self._map[lo:hi]))
-            return
-        start = prev = idx[0]
-        for i in idx[1:] + [None]:
-            if i is not None and i == prev + 1:
-                prev = i
-                continue
-            self.f.pwrite(self.offset_blocks + start * 4, _map_to_disk(self._map[start:prev + 1]))
-            if i is not None:
-                start = prev = i
+        self._table.write_entries(indices)
 
     def _touch(self) -> None:
         """First modification of this session: new modification UUID (VirtualBox's VD does)."""
@@ -461,10 +431,10 @@ class VdiImage(Image):
         mv = memoryview(buf)
         bs = self.block_size
         m = self._map
-        fd = self.f.fd
         end = offset + length
         pos = offset
         run_file = run_buf = run_len = 0
+        read_into = self.f.preadv_into
         while pos < end:
             idx, inner = divmod(pos, bs)
             n = min(bs - inner, end - pos)
@@ -474,27 +444,13 @@ class VdiImage(Image):
                 if run_len and run_file + run_len == fpos:
                     run_len += n
                 else:
-                    if run_len:
-                        self._pread_into(fd, mv, run_buf, run_len, run_file)
+                    if run_len:       # short past the end of the file: zeroes (check reports it)
+                        read_into(run_file, mv[run_buf:run_buf + run_len])
                     run_file, run_buf, run_len = fpos, pos - offset, n
             pos += n
         if run_len:
-            self._pread_into(fd, mv, run_buf, run_len, run_file)
+            read_into(run_file, mv[run_buf:run_buf + run_len])
         return buf          # a bytearray: bytes-like, saves a copy of the whole range
-
-    def _pread_into(self, fd, mv, at, n, fpos):
-        got = 0
-        try:
-            while got < n:
-                r = os.preadv(fd, [mv[at + got:at + n]], fpos + got)
-                if r <= 0:
-                    break      # past the end of the file: reads as zeroes (check reports it)
-                got += r
-        except OverflowError:
-            return
-        except OSError as exc:
-            raise VDIOError(f"{self.location}: read of {n} bytes at {fpos:#x} failed: "
-                            f"{exc.strerror or exc}") from None
 
     def write(self, offset, data, fill):
         self._require_writable()
@@ -519,10 +475,7 @@ class VdiImage(Image):
         def flush_pending():
             nonlocal pending, pending_len, pending_pos
             if pending:
-                if len(pending) == 1:
-                    f.pwrite(pending_pos, pending[0])
-                else:
-                    self._pwritev(pending, pending_pos)
+                f.pwritev(pending_pos, pending)
             pending, pending_len, pending_pos = [], 0, -1
 
         def emit(fpos, chunk):
@@ -622,36 +575,9 @@ class VdiImage(Image):
                 m[idx] = v
             raise
 
-    def _pwritev(self, bufs, offset) -> None:
-        """Gather-write ``bufs`` at ``offset`` (no joining copy)."""
-        bufs = [memoryview(b).cast("B") for b in bufs]
-        try:
-            while bufs:
-                n = os.pwritev(self.f.fd, bufs[:512], offset)
-                offset += n
-                while bufs and n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                if n:
-                    bufs[0] = bufs[0][n:]
-        except OSError as exc:
-            raise VDIOError(f"{self.location}: write at {offset:#x} failed: "
-                            f"{exc.strerror or exc}") from None
-
-    def flush(self):
-        if self.read_only:
-            return
+    def _write_back(self) -> None:
         if self._hdr_dirty:
-            self._write_header()
-        self.f.sync()
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                if not self.read_only:
-                    self.flush()        # header, then fsync: a failure is an error
-            finally:
-                self.f.close()
+            self._write_header()          # the header, then FileImage.flush syncs
 
     # -- metadata -------------------------------------------------------------------------
     def info(self) -> dict:
@@ -775,41 +701,34 @@ class VdiImage(Image):
         return rev, top + 1
 
     def _close_holes(self) -> None:
-        """Move the last referenced blocks into unreferenced file blocks (holes), rewrite the
-        moved map entries, then the header's count, then truncate the file.
-
-        Order: each block is copied into a hole (unreferenced, so an interruption changes
-        nothing visible), the copies are flushed, then the map entries, then the header."""
+        """Move the last referenced blocks into unreferenced file blocks (holes), set the count
+        to the blocks in use, then truncate the file. The order is compaction.move_blocks':
+        copies (into unreferenced blocks: a crash changes nothing visible), sync, the moved map
+        entries, sync, the header, sync."""
         rev, n = self._used_blocks()
-        holes = [j for j in range(n) if rev[j] == _FREE]
-        moved: list[int] = []
-        hi = n - 1
         total = self._total
-        for h in holes:
-            while hi > h and rev[hi] == _FREE:
-                hi -= 1
-            if hi <= h:
-                break
-            src = self.offset_data + hi * total
-            data = self.f.pread(src, total)
-            if len(data) < total:
-                data += bytes(total - len(data))
-            self.f.pwrite(self.offset_data + h * total, data)
-            b = rev[hi]
-            self._map[b] = h
-            rev[h] = b
-            rev[hi] = _FREE
-            moved.append(b)
-            hi -= 1
-        used = sum(1 for j in range(n) if rev[j] != _FREE)
-        if moved:
-            self.f.sync()
-            self._write_map_entries(moved)
-            self.f.sync()
-        self.allocated = self._next = used
-        self._write_header()
-        self.f.sync()
-        self.f.truncate(max(self.offset_data + used * total, self.offset_blocks + self.blocks * 4))
+        base = self.offset_data
+        holes = slot_holes(rev, total, base, free=_FREE)
+        free = sum(b - a for a, b in holes) // total
+        blocks = []                         # only the top ``free`` blocks can move
+        j = n - 1
+        while j >= 0 and len(blocks) < free:
+            if rev[j] != _FREE:
+                blocks.append((base + j * total, total, rev[j]))
+            j -= 1
+        used = n - free
+
+        def repoint(moves):
+            for m in moves:
+                self._map[m.key] = (m.dst - base) // total
+            self._write_map_entries([m.key for m in moves])
+
+        def header():
+            self.allocated = self._next = used
+            self._write_header()
+
+        move_blocks(self.f, plan_moves(blocks, holes), repoint, header=header)
+        self.f.truncate(max(base + used * total, self.offset_blocks + self.blocks * 4))
 
     def compact(self, progress=None, parent_read=None):
         self._require_writable()
@@ -949,7 +868,7 @@ class VdiImage(Image):
                 require_space(self.location, grown - old_end, "the grown fixed image")
             self.f.truncate(grown)
             preallocate(self.f, old_end, grown - old_end)
-        _write_map(self.f, self.offset_blocks, self._map, old_blocks, new_blocks)
+        self._table.write_range(old_blocks, new_blocks)
         self.f.sync()
         self.blocks = new_blocks
         self.allocated = self._next
