@@ -39,7 +39,6 @@ from __future__ import annotations
 import array
 import bisect
 import os
-import sys
 import time
 import uuid as uuidlib
 from urllib.parse import unquote
@@ -49,13 +48,17 @@ from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
-from ..errors import CorruptImage, InvalidArgument, NotSupported, require_text
+from ..errors import InvalidArgument, NotSupported, require_text
+from ..compaction import holes_between, move_blocks, plan_moves
+from ..fileimage import FileImage
 from ..fileio import ImageFile, relative_name
 from ..geometry import Geometry, vhd_chs
 from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
 from ..progress import Progress
 from ..space import preallocate, require_space
+from ..runs import RunList
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
+from ..tables import BlockTable, read_table
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------
@@ -238,12 +241,11 @@ def _round(n: int, to: int = SECTOR) -> int:
 
 
 
-class VhdImage(Image):
+class VhdImage(FileImage):
     """One opened VHD file (fixed, dynamic or differencing)."""
 
     def __init__(self, backend, location: str, f: ImageFile, read_only: bool, flags=OpenFlags.NORMAL):
-        super().__init__(backend, location, read_only)
-        self.f = f
+        super().__init__(backend, location, f, read_only)
         self.honor_zeroes = False
         self.open_flags = flags
         self.size_rounded_from: int | None = None
@@ -257,9 +259,6 @@ class VhdImage(Image):
         self._load()
 
     # -- opening --------------------------------------------------------------------------------
-    def _corrupt(self, msg, **kw):
-        return CorruptImage(msg, path=self.location, **kw)
-
     def _read_footer_at(self, offset: int, length: int = FOOTER_SIZE):
         raw = self.f.pread(offset, length)
         if len(raw) != length:
@@ -416,11 +415,8 @@ class VhdImage(Image):
                                 "disk header", field="table offset", offset=hoff + 16,
                                 expected=f"a table clear of 0..{FOOTER_SIZE} and {hoff:#x}.."
                                 f"{hoff + HEADER_SIZE:#x}", found=self.bat_offset)
-        bat = array.array("I")
-        bat.frombytes(self.f.read_exact(self.bat_offset, self.n_blocks * 4, "block allocation table"))
-        if sys.byteorder == "little":
-            bat.byteswap()
-        self.bat = bat
+        self.bat = read_table(self.f, self.bat_offset, self.n_blocks, "I", True,
+                              "block allocation table")
         self._parse_parent(hdr, fsize)
         self._scan_blocks(fsize, end_len)
 
@@ -585,14 +581,8 @@ class VhdImage(Image):
     def block_status(self, offset, length):
         if self.is_fixed:
             return self._fixed_status(offset, length)
-        runs: list = []
-
-        def add(pos, n, st):
-            if runs and runs[-1][2] == st and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
-            else:
-                runs.append((pos, n, st))
-
+        runs = RunList()
+        add = runs.add
         end = offset + length
         bs = self.block_size
         allocated = self._allocated_indices()
@@ -616,7 +606,7 @@ class VhdImage(Image):
                 b = min(a + k * SECTOR, pos + n)
                 add(a, b - a, Alloc.DATA if on else Alloc.UNALLOCATED)
             pos += n
-        return runs
+        return runs.runs
 
     def _allocated_indices(self) -> list[int]:
         """Sorted indices of allocated BAT entries (cached; _set_bat invalidates it)."""
@@ -630,15 +620,10 @@ class VhdImage(Image):
         raw = self.f.data_runs(offset, length)
         if raw is None:
             return [(offset, length, Alloc.DATA)]
-        out: list = []
+        runs = RunList()
 
         def add(a, b, st):
-            if b <= a:
-                return
-            if out and out[-1][2] == st and out[-1][0] + out[-1][1] == a:
-                out[-1] = (out[-1][0], out[-1][1] + b - a, st)
-            else:
-                out.append((a, b - a, st))
+            runs.add(a, b - a, st)
 
         for a, b, is_data in raw:
             if is_data:
@@ -651,7 +636,7 @@ class VhdImage(Image):
                 add(ib, b, Alloc.DATA)
             else:
                 add(a, b, Alloc.DATA)
-        return out or [(offset, length, Alloc.DATA)]
+        return runs.runs or [(offset, length, Alloc.DATA)]
 
     def read(self, offset, length):
         if self.is_fixed:
@@ -721,21 +706,21 @@ class VhdImage(Image):
         self.fsize = max(self.fsize, new_footer + FOOTER_SIZE)
         self.footer_len = FOOTER_SIZE
 
+    @property
+    def _table(self) -> BlockTable:
+        """The BAT as stored (big-endian u32 sector numbers at the table offset)."""
+        return BlockTable(self.f, self.bat_offset, self.bat, big_endian=True)
+
     def _set_bat(self, idx: int, value: int) -> None:
+        self._set_bats({idx: value})
+
+    def _set_bats(self, values: dict[int, int]) -> None:
+        """Set BAT entries and write them (neighbours in one write)."""
         self._alloc_cache = None
-        self.bat[idx] = value
-        self.f.pwrite(self.bat_offset + 4 * idx, value.to_bytes(4, "big"))
-
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                self.flush()            # a failed fsync is an error, never ignored
-            finally:
-                self.f.close()
+        t = self._table
+        for idx, value in values.items():
+            t[idx] = value
+        t.write_back()
 
     # -- footer/header writing ------------------------------------------------------------------
     def _footer_bytes(self) -> bytes:
@@ -1031,35 +1016,19 @@ class VhdImage(Image):
         """Close the holes: move the last blocks into the lowest holes before them, then the
         parent locators that lie past the last block, then the footer down, and truncate.
         Every move copies first and repoints (BAT entry / header) after: interruption-safe."""
-        def holes_of(regions):
-            out, cur = [], 0
-            for a, b in sorted(regions):
-                if a > cur:
-                    out.append([cur, a])
-                cur = max(cur, b)
-            return out
-
         meta = [(a, b) for a, b, _n in self._meta_regions()]
-        blocks = sorted((self.bat[i] * SECTOR, i) for i in range(self.n_blocks)
-                        if self.bat[i] != FREE and i not in self._bad)
-        holes = holes_of(meta + [(a, a + self.total) for a, _i in blocks])
-        j = 0                                   # holes before j cannot take a block any more
-        while blocks:
-            src, idx = blocks[-1]
-            while j < len(holes) and (_round(holes[j][0]) + self.total > holes[j][1]):
-                if _round(holes[j][0]) + self.total > src:
-                    break
-                j += 1
-            if j >= len(holes):
-                break
-            dest = _round(holes[j][0])
-            if dest + self.total > holes[j][1] or dest + self.total > src:
-                break
-            self._move_block(idx, dest)
-            holes[j][0] = dest + self.total
-            blocks.pop()
-            if prog:
-                prog.advance(1)
+        blocks = [(self.bat[i] * SECTOR, self.total, i) for i in range(self.n_blocks)
+                  if self.bat[i] != FREE and i not in self._bad]
+        holes = holes_between(meta + [(a, a + n) for a, n, _i in blocks])
+
+        def repoint(moves):
+            self._set_bats({m.key: m.dst // SECTOR for m in moves})
+            for m in moves:
+                self._bitmaps.pop(m.key, None)
+
+        # copies into holes (unreferenced), sync, BAT entries, sync (compaction.move_blocks)
+        move_blocks(self.f, plan_moves(blocks, holes, SECTOR), repoint,
+                    advance=(lambda _n: prog.advance(1)) if prog else None)
         # parent locators beyond the last block move down too (they would pin the file's end)
         block_ends = [self.bat[i] * SECTOR + self.total for i in range(self.n_blocks)
                       if self.bat[i] != FREE and i not in self._bad]
@@ -1074,7 +1043,7 @@ class VhdImage(Image):
             if a < floor:
                 continue
             others = [r for n, r in regs.items() if n != f"parent locator {li}"]
-            for h0, h1 in holes_of(others + [(a, a)] + [(x - self.total, x) for x in block_ends]):
+            for h0, h1 in holes_between(others + [(a, a)] + [(x - self.total, x) for x in block_ends]):
                 dest = _round(h0)
                 if dest + (b - a) <= min(h1, a) and dest >= FOOTER_SIZE:
                     data = self.f.read_exact(a, loc.data_length, f"parent locator {li}")
