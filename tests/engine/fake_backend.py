@@ -281,7 +281,11 @@ BACKEND = FakeBackend()
 def register():
     """Register FAKEDIFF in this process (idempotent). Returns an undo function."""
     from vdgui.vd import registry
-    if BACKEND in registry._extra:
+    if BACKEND in registry.formats.REGISTERED:
         return lambda: None
     register_backend(BACKEND)
-    return lambda: registry._extra.remove(BACKEND) if BACKEND in registry._extra else None
+
+    def undo():
+        if BACKEND in registry.formats.REGISTERED:
+            registry.formats.REGISTERED.remove(BACKEND)
+    return undo

@@ -364,7 +364,8 @@ class _DevBackend(Backend):
 
 @pytest.fixture
 def dev(monkeypatch):
-    monkeypatch.setattr(_registry, "_extra", list(_registry._extra) + [_DevBackend()])
+    monkeypatch.setattr(_registry.formats, "REGISTERED",
+                        [*_registry.formats.REGISTERED, _DevBackend()])
 
 
 def test_copy_onto_non_file_target(tmp_path, dev):

@@ -79,7 +79,7 @@ class _Probe(Backend):
 
 
 def _with_backends(monkeypatch, *bes):
-    monkeypatch.setattr(registry, "_extra", list(registry._extra) + list(bes))
+    monkeypatch.setattr(registry.formats, "REGISTERED", list(registry.formats.REGISTERED) + list(bes))
 
 
 def test_probe_bug_surfaces(tmp_path, monkeypatch):

@@ -200,8 +200,8 @@ def test_merge_refuses_without_relink(tmp_path):
 
     be = NoRelink()
     from vdgui.vd import registry
-    registry._extra.remove(fake_backend.BACKEND)     # its files would probe as FAKEDIFF
-    registry._extra.append(be)
+    registry.formats.REGISTERED.remove(fake_backend.BACKEND)     # its files would probe as FAKEDIFF
+    registry.formats.REGISTERED.append(be)
     try:
         paths, views = build_chain(tmp_path, "FAKENORELINK", depth=2)
         before = snapshot(paths)
@@ -214,8 +214,8 @@ def test_merge_refuses_without_relink(tmp_path):
         assert read_chain(paths[1]) == views[2]
         assert get_backend("FAKENORELINK") is be
     finally:
-        registry._extra.remove(be)
-        registry._extra.append(fake_backend.BACKEND)
+        registry.formats.REGISTERED.remove(be)
+        registry.formats.REGISTERED.append(fake_backend.BACKEND)
 
 
 def test_merge_refuses_image_in_use(tmp_path):

@@ -42,7 +42,7 @@ class FakeNet(Backend):
 @pytest.fixture
 def fakenet(monkeypatch):
     b = FakeNet()
-    monkeypatch.setattr(registry, "_extra", [b])
+    monkeypatch.setattr(registry.formats, "REGISTERED", [b])
     return b
 
 

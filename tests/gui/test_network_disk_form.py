@@ -55,7 +55,7 @@ class LockedNet(Backend):
 @pytest.fixture
 def lockednet(monkeypatch):
     b = LockedNet()
-    monkeypatch.setattr(registry, "_extra", [b])
+    monkeypatch.setattr(registry.formats, "REGISTERED", [b])
     return b
 
 

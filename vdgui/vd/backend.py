@@ -205,6 +205,7 @@ class Backend:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()          # e.g. qemu's name ('vpc' for VHD)
+    qemu_name: ClassVar[str] = ""                    # qemu's name, when not name.lower() ('vpc')
     caps: ClassVar[Cap] = Cap.NONE
     extensions: ClassVar[tuple[FileExtension, ...]] = ()
     config_keys: ClassVar[tuple[ConfigKey, ...]] = ()
@@ -232,6 +233,11 @@ class Backend:
         cls.open = open
 
     # -- declarations -----------------------------------------------------------------------
+    @property
+    def qemu_format(self) -> str:
+        """The name qemu knows this format by (a qcow2/QED child records its parent's so)."""
+        return self.qemu_name or self.name.lower()
+
     def refusal(self, op: Operation, flags: "ImageFlags" = None) -> str | None:
         """Why an image of this backend, of the variant ``flags``, cannot do ``op``, with the way
         out when there is one; None when it can. The app offers actions from this alone."""

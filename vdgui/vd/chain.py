@@ -6,13 +6,14 @@ import stat
 import threading
 from typing import TYPE_CHECKING
 
+from .backend import Backend, Cap, OpenFlags, ProbeInput
 from .errors import (ImageNotFound, ParentMismatch, ParentNotFound, ScanIncomplete, UnsafePath,
                      VDError)
 from .fileio import is_temp_name, real_path, resolve_stored_name
+from .registry import backend_name_for, backends, probe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backend import Backend
-    from .image import Image
+    from .image import Image, ParentHint
 
 MAX_CHAIN_DEPTH = 256
 _SCAN_LIMIT = 2000   # files looked at per folder when searching by UUID
@@ -53,8 +54,6 @@ _UUID_LOCK = threading.Lock()
 
 
 def _uuid_of(path: str):
-    from .backend import OpenFlags
-    from .registry import probe
     try:
         st = os.stat(path)
         key = os.path.realpath(path)
@@ -83,7 +82,6 @@ def _uuid_of(path: str):
 
 
 def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
-    from .registry import backends
     exts = {fe.ext for b in backends() for fe in b.extensions}
     for d, root in _search_dirs(near):
         try:
@@ -102,6 +100,12 @@ def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
             if u is not None and u == uuid:
                 return p
     return None
+
+
+def parent_format(hint: "ParentHint") -> str | None:
+    """The backend name of the parent's format as ``hint`` records it: images store qemu's
+    names too ('vpc' -> 'VHD'); an unknown name is returned unchanged."""
+    return backend_name_for(hint.format)
 
 
 def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> tuple[str, str | None]:
@@ -131,15 +135,15 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                 continue
         tried.append(path)
         if os.path.isfile(path) and real_path(path) != real_path(image.location):
-            return path, hint.format
+            return path, parent_format(hint)
     if hint.uuid is not None:
         found = find_by_uuid(hint.uuid, image.location, exclude=image.location)
         if found:
-            return found, hint.format
+            return found, parent_format(hint)
         if library is not None:
             entry = library.find_by_uuid(hint.uuid)
             if entry and os.path.isfile(entry):
-                return entry, hint.format
+                return entry, parent_format(hint)
         tried.append(f"UUID {hint.uuid} in {', '.join(_candidate_dirs(image.location))}")
     if unsafe is not None and not any(os.path.isfile(t) for t in tried):
         raise ParentNotFound(f"{unsafe.message}; parent not found (looked for: "
@@ -195,8 +199,6 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
     be listed or holds more than CHILD_SCAN_LIMIT entries, or a differencing image of
     ``image`` is reached through a symbolic link leading out of the folder (relinking it would
     write outside): an operation that would orphan a child it cannot see must not run."""
-    from .backend import Cap, OpenFlags, ProbeInput
-    from .registry import backends, probe
     exclude = exclude or set()
     own = {real_path(f) for f in image.files()} | {real_path(image.location)}
     diff_backends = [b for b in backends() if b.caps & Cap.DIFF]
@@ -273,23 +275,6 @@ def _claims(backend, src) -> bool:
         return backend.probe(src) > 0
     except Exception:  # noqa: BLE001 - a probe fed only the first bytes may trip; then ask fully
         return True
-
-
-def check_backing_name(image: "Image", stored: str | None, parent: "Image") -> None:
-    """For formats that link to their parent only by a stored file name (qcow2, QED): raise
-    ParentMismatch unless ``stored`` names ``parent`` (same file, or the same base name)."""
-    if stored is None:
-        return
-    try:
-        path = resolve_stored_name(image.location, stored, allow_unsafe=True, what="backing file")
-    except VDError:
-        path = stored
-    if os.path.realpath(path) == os.path.realpath(parent.location):
-        return
-    if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
-        return
-    raise ParentMismatch(f"{image.location}: backing file is not {parent.location}",
-                         field="backing file name", expected=stored, found=parent.location)
 
 
 def findable_from(child_path: str, parent_path: str, by_uuid: bool) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
-from .chain import MAX_CHAIN_DEPTH, find_parent
+from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
 from .errors import (InvalidArgument, NotSupported, ParentMismatch, ParentNotFound,
                      ReadOnlyImage, VDError)
 from .geometry import Geometry
@@ -86,6 +86,8 @@ class Disk:
         backend = format if isinstance(format, Backend) else get_backend(format) if format else probe(location)
         img = backend.open(location, flags, config)
         try:
+            if img.parent_hint is not None:        # stored names become backend names
+                img.parent_hint.format = parent_format(img.parent_hint)
             img.honor_zeroes = bool(flags & OpenFlags.HONOR_ZEROES)
             if not flags & OpenFlags.INFO:
                 if self.images:

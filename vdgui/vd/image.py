@@ -16,14 +16,17 @@ inside ``[0, size)``; the Disk guarantees that):
 """
 from __future__ import annotations
 
-import enum
 import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from .alloc import Alloc
 from .backend import Backend, DeviceType, ImageFlags
-from .errors import CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage
+from .errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
+                     VDError)
+from .fileio import ImageFile, real_path, resolve_stored_name
+from .sparse import first_nonzero
 
 if TYPE_CHECKING:  # pragma: no cover
     from .geometry import Geometry
@@ -32,18 +35,13 @@ if TYPE_CHECKING:  # pragma: no cover
 FillFn = Callable[[int, int], bytes]
 
 
-class Alloc(enum.IntEnum):
-    UNALLOCATED = 0
-    DATA = 1
-    ZERO = 2
-
-
 @dataclass
 class ParentHint:
     """How a differencing image names its parent, as stored in the image."""
     locations: list[str] = field(default_factory=list)   # as stored, most specific first
     uuid: uuidlib.UUID | None = None
-    format: str | None = None                             # backend name if recorded
+    format: str | None = None                             # as stored: backend or qemu name
+                                                          # (chain.parent_format maps it)
     link_id: str | None = None                            # e.g. VMDK parentCID
 
 
@@ -181,14 +179,12 @@ class Image:
         """True when this image is exactly the one file at ``location`` (compared as real
         paths, whatever spelling -- relative, absolute, through a symbolic link -- either uses).
         Operations decide here between the copy-and-rename path and in-place work."""
-        from .fileio import real_path
         files = self.files()
         return len(files) == 1 and real_path(files[0]) == real_path(self.location)
 
     def open_files(self) -> list:
         """The :class:`~vdgui.vd.fileio.ImageFile` objects this image holds open (its own, and
         those of images or layers it holds), found among its attributes."""
-        from .fileio import ImageFile
         out: list = []
         seen: set[int] = set()
 
@@ -234,7 +230,6 @@ class Image:
 
     def regions(self) -> list[Region]:
         """VDQueryRegions: the disk's regions. Default: one region covering the whole disk."""
-        from .backend import DeviceType
         if self.device_type is DeviceType.OPTICAL:
             return [Region(0, self.size, 2048, "MODE1_2048")]
         return [Region(0, self.size, self.sector_size, "RAW")]
@@ -322,7 +317,6 @@ class Image:
     def _refuse_cut_data(self, new_size: int) -> None:
         """For RESIZE hooks that shrink: refuse when this image itself holds a non-zero byte at
         or after ``new_size`` (the operation checks the whole chain before that)."""
-        from .sparse import first_nonzero       # sparse imports this module
         at = first_nonzero(((s, n) for s, n, st in self.block_status(new_size, self.size - new_size)
                             if st == Alloc.DATA), self.read)
         if at is not None:
@@ -348,3 +342,20 @@ class Image:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.location!r} size={self.size}>"
+
+
+def check_backing_name(image: Image, stored: str | None, parent: Image) -> None:
+    """For formats that link to their parent only by a stored file name (qcow2, QED): raise
+    ParentMismatch unless ``stored`` names ``parent`` (same file, or the same base name)."""
+    if stored is None:
+        return
+    try:
+        path = resolve_stored_name(image.location, stored, allow_unsafe=True, what="backing file")
+    except VDError:
+        path = stored
+    if os.path.realpath(path) == os.path.realpath(parent.location):
+        return
+    if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
+        return
+    raise ParentMismatch(f"{image.location}: backing file is not {parent.location}",
+                         field="backing file name", expected=stored, found=parent.location)

@@ -11,22 +11,21 @@ import struct
 
 from .backend import Backend, ProbeInput
 from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDError, VDIOError
+from .fileio import open_image_path
+from . import formats
 
 PROBE_WINDOW = 64 * 1024
 STRONG = 80   # two backends at or above this for one file: refuse to guess
 
-_extra: list[Backend] = []
-
 
 def backends() -> tuple[Backend, ...]:
-    from .formats import BACKENDS
-    return tuple(BACKENDS) + tuple(_extra)
+    return formats.all_backends()
 
 
 def register_backend(backend: Backend) -> None:
     if any(b.name.lower() == backend.name.lower() for b in backends()):
         raise ValueError(f"a backend named {backend.name} is already registered")
-    _extra.append(backend)
+    formats.REGISTERED.append(backend)
 
 
 def load_entry_point_backends(group: str = "vdgui.backends") -> list[str]:
@@ -75,7 +74,6 @@ def probe_input(path: str) -> ProbeInput:
             if name and os.path.isfile(os.path.join(path, name)):
                 target = os.path.join(path, name)
                 break
-    from .fileio import open_image_path
     fd = open_image_path(target)       # never blocks: FIFOs, sockets, char devices refused
     try:
         with open(fd, "rb") as f:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from .image import Alloc
+from .alloc import Alloc
 from .runs import RunList
 
 _ZERO = bytes(4 << 20)

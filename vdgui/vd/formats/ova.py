@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from typing import Callable, Iterable
 
 from ..backend import (Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -153,6 +154,9 @@ class OvaBackend(Backend):
                              "the first)", label="Disk in the archive"),)
     operations = frozenset()
 
+    def __init__(self, backends: Callable[[], Iterable[Backend]]):
+        self._backends = backends          # the table the disks inside are probed against
+
     def probe(self, src: ProbeInput) -> int:
         # a ustar archive whose first member is the .ovf descriptor (DSP0243 requires it first)
         if not _is_ustar(src.head):
@@ -204,14 +208,12 @@ class OvaBackend(Backend):
             f.close()
             raise
 
-    @staticmethod
-    def _inner_backend(f: ImageFile, m: _Disk, location: str):
-        from ..registry import backends
+    def _inner_backend(self, f: ImageFile, m: _Disk, location: str):
         head = f.pread(m.offset, 65536)
         tail = f.pread(max(m.offset, m.offset + m.size - 65536), min(m.size, 65536))
         src = ProbeInput(path=os.path.join(location, m.name), size=m.size, head=head, tail=tail)
         best, score = None, 0
-        for b in backends():
+        for b in self._backends():
             if b.name == OvaBackend.name or not hasattr(b, "open_file"):
                 continue
             s = b.probe(src)
@@ -224,5 +226,3 @@ class OvaBackend(Backend):
         path = os.path.join(location, m.name)
         return b.open_file(MemberFile(f, m.offset, m.size, path), path, OpenFlags.READ_ONLY)
 
-
-BACKEND = OvaBackend()

@@ -39,28 +39,18 @@ from construct import ConstructError
 
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
-from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
                       UnsafePath, VDError)
 from ..fileio import ImageFile, relative_name, resolve_stored_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
+from ..image import (Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode,
+                     check_backing_name)
 from ..progress import Progress
-from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import table_from_bytes, table_to_bytes
 from . import qcow2_layout as L
 
 _BIG = struct.Struct(">Q")
-
-# qemu's format names for our backends (recorded as the backing format of a child)
-_QEMU_NAMES = {"VHD": "vpc", "QCOW2": "qcow2", "QED": "qed", "VDI": "vdi", "VMDK": "vmdk",
-               "VHDX": "vhdx", "RAW": "raw", "PARALLELS": "parallels", "DMG": "dmg"}
-
-
-def qemu_format_name(backend_name: str) -> str:
-    return _QEMU_NAMES.get(backend_name.upper(), backend_name.lower())
-
 
 _SKIPS = ((64, bytes(8 * 64)), (8, bytes(8 * 8)))   # L2 entries tested together for "all zero"
 
@@ -71,9 +61,6 @@ def _be_array(data) -> array:
 
 def _array_be_bytes(a: array) -> bytes:
     return table_to_bytes(a, big_endian=True)
-
-
-_backing_format_to_backend = backend_name_for
 
 
 class _DecompressError(Exception):
@@ -379,7 +366,7 @@ class Qcow2Image(Image):
         self.backing_file_offset = h.backing_file_offset
         if self.backing_file is not None:
             self.parent_hint = ParentHint(locations=[self.backing_file],
-                                          format=_backing_format_to_backend(self.backing_format))
+                                          format=self.backing_format)
             self.flags = ImageFlags.DIFF
         # external data file
         if self.incompat & L.INCOMPAT_DATA_FILE:
@@ -1710,7 +1697,7 @@ class Qcow2Image(Image):
             name, fmt = None, None
         else:
             name = relative_name(self.location, parent.location)
-            fmt = qemu_format_name(parent.backend.name)
+            fmt = parent.backend.qemu_format
         self._write_header_area(name, fmt)
         self.backing_file = name
         self.backing_format = fmt
@@ -1718,7 +1705,7 @@ class Qcow2Image(Image):
             self.parent_hint = None
             self.flags &= ~ImageFlags.DIFF
         else:
-            self.parent_hint = ParentHint(locations=[name], format=_backing_format_to_backend(fmt))
+            self.parent_hint = ParentHint(locations=[name], format=parent.backend.name)
             self.flags |= ImageFlags.DIFF
 
     def _write_header_area(self, backing: str | None, fmt: str | None) -> None:
@@ -2322,7 +2309,7 @@ class Qcow2Backend(Backend):
         backing = fmt = None
         if p.parent is not None:
             backing = relative_name(p.location, p.parent.location)
-            fmt = qemu_format_name(p.parent.backend.name)
+            fmt = p.parent.backend.qemu_format
         order = rbits.bit_length() - 1
         hlen = 112 if version == 3 else 72
         hdr = bytearray(L.Qcow2HeaderV2.build(dict(
@@ -2363,7 +2350,7 @@ class Qcow2Backend(Backend):
             f.abandon()
             raise
         img.parent_hint = None if backing is None else ParentHint(
-            locations=[backing], format=_backing_format_to_backend(fmt))
+            locations=[backing], format=p.parent.backend.name)
         img.compress_writes = bool(cfg["Compress"])
         if p.progress:
             p.progress(p.size, p.size)

@@ -32,13 +32,12 @@ from construct import Const, Int32ul, Int64ul, Struct
 from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
-from ..chain import check_backing_name
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..fileio import ImageFile, relative_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
+from ..image import (Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode,
+                     check_backing_name)
 from ..progress import Progress
-from ..registry import backend_name_for
 from ..sparse import is_zero, zeroes
 from ..tables import first_shared, table_from_bytes, table_to_bytes
 
@@ -84,9 +83,6 @@ def _le_array(data) -> array:
 
 def _array_le_bytes(a: array) -> bytes:
     return table_to_bytes(a, big_endian=False)
-
-
-_backend_name = backend_name_for
 
 
 
@@ -188,7 +184,7 @@ class QedImage(Image):
             if h.features & F_BACKING_FORMAT_NO_PROBE:
                 self.backing_format = "raw"
             self.parent_hint = ParentHint(locations=[self.backing_file],
-                                          format=_backend_name(self.backing_format))
+                                          format=self.backing_format)
             self.flags = ImageFlags.DIFF
         self.end_cluster = ceil_div(self.fsize, cs)
 
@@ -664,7 +660,8 @@ class QedImage(Image):
             self.parent_hint = None
             self.flags &= ~ImageFlags.DIFF
         else:
-            self.parent_hint = ParentHint(locations=[name], format=_backend_name(self.backing_format))
+            self.parent_hint = ParentHint(locations=[name],
+                                          format=parent.backend.name if raw else None)
             self.flags |= ImageFlags.DIFF
 
     def _write_backing(self, name: str | None, raw: bool) -> None:

@@ -1158,6 +1158,7 @@ class VhdBackend(Backend):
     name = "VHD"
     description = "Virtual Hard Disk (Virtual PC / Hyper-V)"
     aliases = ("vpc",)
+    qemu_name = "vpc"
     caps = (Cap.UUID | Cap.DIFF | Cap.FILE | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.ASYNC
             | Cap.VFS | Cap.PREFERRED)
     extensions = (FileExtension("vhd", DeviceType.HARD_DISK),)
