@@ -33,13 +33,15 @@ from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, InvalidArgument, NotSupported
+from ..compaction import Move, holes_between, move_blocks, plan_moves
+from ..errors import InvalidArgument, NotSupported
+from ..fileimage import FileImage
 from ..fileio import ImageFile, relative_name
-from ..image import (Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode,
-                     check_backing_name)
+from ..image import Alloc, CheckReport, ParentHint, Problem, ProblemCode, check_backing_name
 from ..progress import Progress
+from ..runs import RunList
 from ..sparse import is_zero, zeroes
-from ..tables import first_shared, table_from_bytes, table_to_bytes
+from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
 
 MAGIC = b"QED\0"
 
@@ -97,7 +99,7 @@ def _limit_reason(cs: int, ts: int) -> str:
             "ClusterSize or TableSize allow more)")
 
 
-class QedImage(Image):
+class QedImage(FileImage):
     L2_CACHE_BYTES = 64 << 20
 
     @property
@@ -105,8 +107,7 @@ class QedImage(Image):
         return qed_max_size(self.cs, self.table_bytes // self.cs)
 
     def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
-        super().__init__(backend, location, flags.read_only)
-        self.f = f
+        super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self.honor_zeroes = False
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -114,9 +115,6 @@ class QedImage(Image):
         self._parse()
         if not self.read_only:
             self._prepare_write()
-
-    def _corrupt(self, message, **kw):
-        return CorruptImage(message, path=self.location, **kw)
 
     # ------------------------------------------------------------------ parsing
     def _parse(self) -> None:
@@ -279,14 +277,10 @@ class QedImage(Image):
     # ------------------------------------------------------------------ reading
     def block_status(self, offset, length):
         m = {0: Alloc.UNALLOCATED, 1: Alloc.ZERO, 2: Alloc.DATA}
-        runs = []
+        runs = RunList()
         for pos, n, k, _ in self._segments(offset, length):
-            st = m[k]
-            if runs and runs[-1][2] == st:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
-            else:
-                runs.append((pos, n, st))
-        return runs
+            runs.add(pos, n, m[k])
+        return runs.runs
 
     def read(self, offset, length):
         buf = bytearray(length)
@@ -431,18 +425,8 @@ class QedImage(Image):
         self.f.pwrite(new, content)
         self._set_l2(tbl, l2off, ci % self.entries, new)
 
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-            self._set_need_check(False)
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                if not self.read_only:
-                    self.flush()        # a failed fsync is an error, never ignored
-            finally:
-                self.f.close()
+    def _after_sync(self) -> None:
+        self._set_need_check(False)         # flush: data and tables synced, then the flag
 
     # ------------------------------------------------------------------ compact
     def compact(self, progress=None, parent_read=None):
@@ -493,125 +477,97 @@ class QedImage(Image):
         self.flush()
         prog.finish()
 
-    def _pack(self, prog: Progress, base: int) -> None:
+    def _units(self) -> tuple[list[tuple[int, int, tuple]], list[tuple[int, int]]]:
+        """The movable units of the file, ``(offset, length, key)``: L2 tables
+        (``("table", l1 index)``) and data clusters (``("data", l1 index, l2 index)``), and
+        the fixed ranges (header, L1 table)."""
         cs = self.cs
-        tclu = self.table_bytes // cs
-        self.fsize = self.f.size()
-        end = ceil_div(self.fsize, cs)
-        used = bytearray(end)
-        owner: dict[int, tuple] = {}
-        for c in range(min(self.header_clusters, end)):
-            used[c] = 1
-        lo = self.l1_offset // cs
-        used[lo:lo + tclu] = b"\x01" * tclu
+        fixed = [(0, self.header_clusters * cs), (self.l1_offset, self.l1_offset + self.table_bytes)]
+        units: list[tuple[int, int, tuple]] = []
         for i in range(self.entries):
             off = self.l1[i]
             if not off:
                 continue
-            t0 = off // cs
-            used[t0:t0 + tclu] = b"\x01" * tclu
-            owner[t0 + tclu - 1] = ("table", i, t0)
+            units.append((off, self.table_bytes, ("table", i)))
             tbl = self._load_l2(off, i)
-            for j in range(self.entries):
-                e = tbl[j]
-                if e > CLUSTER_ZERO:
-                    used[e // cs] = 1
-                    owner[e // cs] = ("data", off, j)
-        c = end - 1
-        while c > 0:
-            if not used[c]:
-                c -= 1
-                continue
-            who = owner.get(c)
-            if who is None:
-                break                     # header or L1 table: nothing below can move further
-            if who[0] == "data":
-                dst = used.find(0)
-                if dst < 0 or dst >= c:
-                    break
-                _, l2off, j = who
-                self.f.pwrite(dst * cs, self.f.read_exact(c * cs, cs, "data cluster"))
-                self._set_l2(self._load_l2(l2off, -1), l2off, j, dst * cs)
-                used[dst] = 1
-                used[c] = 0
-                c -= 1
-            else:
-                _, i, t0 = who
-                dst = used.find(bytes(tclu))
-                if dst < 0 or dst >= t0:
-                    c = t0 - 1                # no hole large enough: the table stays
-                    continue
-                old = t0 * cs
-                self.f.pwrite(dst * cs, self.f.read_exact(old, self.table_bytes, "L2 table"))
-                tbl = self._l2_cache.pop(old, None)
+            units += [(tbl[j], cs, ("data", i, j)) for j in range(self.entries)
+                      if tbl[j] > CLUSTER_ZERO]
+        return units, fixed
+
+    def _repoint(self, moves) -> None:
+        """Name the new places of moved units: L1 entries of moved tables first, then the data
+        entries, written into their tables at the tables' new places."""
+        self.fsize = max(self.fsize, self.f.size())
+        l1 = BlockTable(self.f, self.l1_offset, self.l1)
+        data: dict[int, list] = {}
+        for m in moves:
+            if m.key[0] == "table":
+                tbl = self._l2_cache.pop(m.src, None)
                 if tbl is not None:
-                    self._l2_cache[dst * cs] = tbl
-                for k, v in list(owner.items()):
-                    if v[0] == "data" and v[1] == old:
-                        owner[k] = ("data", dst * cs, v[2])
-                self.l1[i] = dst * cs
-                self.f.pwrite(self.l1_offset + 8 * i, struct.pack("<Q", dst * cs))
-                used[dst:dst + tclu] = b"\x01" * tclu
-                used[t0:t0 + tclu] = bytes(tclu)
-                c = t0 - 1
-            prog.set(base + base * (end - c) // max(end, 1))
-        last = end
-        while last > 1 and not used[last - 1]:
-            last -= 1
-        if used.find(0, 0, last) >= 0:
+                    self._l2_cache[m.dst] = tbl
+                l1[m.key[1]] = m.dst
+            else:
+                data.setdefault(m.key[1], []).append(m)
+        l1.write_back()
+        for i, ms in data.items():
+            t = BlockTable(self.f, self.l1[i], self._load_l2(self.l1[i], i))
+            for m in ms:
+                t[m.key[2]] = m.dst
+            t.write_back()
+
+    def _pack(self, prog: Progress, base: int) -> None:
+        """Move tables and clusters from the end of the file into the holes (compaction's
+        planner and mover: copies, sync, L1 and L2 entries, sync), then truncate; when holes no
+        table fits in remain, lay everything out again."""
+        cs = self.cs
+        self.fsize = self.f.size()
+        units, fixed = self._units()
+        used = fixed + [(o, o + n) for o, n, _k in units]
+        moves = plan_moves(units, holes_between(used), cs)
+        done = [0]
+
+        def advance(_n):
+            done[0] += 1
+            prog.set(base + base * done[0] // max(len(moves), 1))
+
+        move_blocks(self.f, moves, self._repoint, advance=advance)
+        gone = {m.src for m in moves}
+        used = fixed + [(o, o + n) for o, n, _k in units if o not in gone] + \
+            [(m.dst, m.dst + m.length) for m in moves]
+        last = ceil_div(max(b for _a, b in used), cs)
+        if holes_between(used):
             self._repack_all(last)          # holes no table fits in: lay everything out again
             return
-        if last < end:
+        if last * cs < self.fsize:
             self.f.sync()
             self.f.truncate(last * cs)
             self.fsize = last * cs
             self.end_cluster = last
 
     def _repack_all(self, end: int) -> None:
-        """Lay out every L2 table and data cluster again, without holes: first append them all
-        (in their final order) past ``end``, then move them down right after the header and the
-        L1 table. Every move updates its reference before the next one."""
+        """Lay out every L2 table and data cluster again, without holes: first copy them all
+        (in their final order) past ``end``, then down right after the header and the L1
+        table. Each pass is one compaction.move_blocks: copies, sync, entries, sync."""
         cs = self.cs
         tclu = self.table_bytes // cs
         l1c = self.l1_offset // cs
-        units: list[tuple] = []
-        for i in range(self.entries):
-            if not self.l1[i]:
-                continue
-            units.append(("table", i))
-            tbl = self._load_l2(self.l1[i], i)
-            units += [("data", i, j) for j in range(self.entries) if tbl[j] > CLUSTER_ZERO]
-
-        def move(unit, dst: int) -> None:
-            if unit[0] == "table":
-                i = unit[1]
-                old = self.l1[i]
-                self.f.pwrite(dst * cs, self.f.read_exact(old, self.table_bytes, "L2 table"))
-                tbl = self._l2_cache.pop(old, None)
-                if tbl is not None:
-                    self._l2_cache[dst * cs] = tbl
-                self.l1[i] = dst * cs
-                self.f.pwrite(self.l1_offset + 8 * i, struct.pack("<Q", dst * cs))
-            else:
-                _, i, j = unit
-                l2off = self.l1[i]
-                tbl = self._load_l2(l2off, i)
-                self.f.pwrite(dst * cs, self.f.read_exact(tbl[j], cs, "data cluster"))
-                self._set_l2(tbl, l2off, j, dst * cs)
-
-        pos = end
-        for u in units:
-            move(u, pos)
-            pos += tclu if u[0] == "table" else 1
+        units, _fixed = self._units()       # each table, then the clusters it maps
+        moves = []
+        pos = end * cs
+        for off, n, key in units:
+            moves.append(Move(key, off, pos, n))
+            pos += n
+        move_blocks(self.f, moves, self._repoint)
         dst = self.header_clusters
-        for u in units:
-            n = tclu if u[0] == "table" else 1
+        down = []
+        for m in moves:
+            n = m.length // cs
             if dst < l1c + tclu and dst + n > l1c:
                 dst = l1c + tclu              # skip over the L1 table
-            move(u, dst)
+            down.append(Move(m.key, m.dst, dst * cs, m.length))
             dst += n
+        move_blocks(self.f, down, self._repoint)
         last = max(dst, l1c + tclu)
-        self.f.sync()
         self.f.truncate(last * cs)
         self.fsize = last * cs
         self.end_cluster = last
