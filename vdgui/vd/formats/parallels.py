@@ -44,10 +44,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import struct
 import uuid as uuidlib
 from array import array
-from sys import byteorder
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
@@ -57,11 +55,14 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
                       require_text)
+from ..compaction import holes_between, move_blocks, plan_moves
+from ..fileimage import FileImage
 from ..fileio import ImageFile, close_all, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
+from ..runs import RunList
 from ..sparse import is_zero, split_blocks
-from ..tables import first_shared
+from ..tables import BlockTable, first_shared, read_table
 
 
 def _xml_escape(text: str) -> str:
@@ -117,7 +118,7 @@ def _limit_reason(cl: int) -> str:
             "a larger ClusterSize allows more)")
 
 
-class ParallelsImage(Image):
+class ParallelsImage(FileImage):
     """One expanding Parallels image file (a plain ``.hdd`` or a bundle's ``.hds``)."""
 
     @property
@@ -125,8 +126,7 @@ class ParallelsImage(Image):
         return MAX_BAT_ENTRIES * self.block_size
 
     def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags, *, fresh=False):
-        super().__init__(backend, location, flags.read_only)
-        self.f = f
+        super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self.repaired_on_open: CheckReport | None = None
         try:
@@ -138,9 +138,6 @@ class ParallelsImage(Image):
         except BaseException:
             f.close()
             raise
-
-    def _corrupt(self, message, **kw):
-        return CorruptImage(message, path=self.location, **kw)
 
     def _load(self) -> None:
         f = self.f
@@ -187,11 +184,7 @@ class ParallelsImage(Image):
         if self.ext and self.data_off % self.block_size:
             raise self._corrupt("data_off is not cluster aligned", field="data_off", offset=48,
                                 expected=f"a multiple of {h.tracks}", found=h.data_off)
-        bat = array("I")
-        bat.frombytes(f.read_exact(HEADER_SIZE, 4 * h.bat_entries, "BAT"))
-        if byteorder != "little":
-            bat.byteswap()
-        self.bat = bat
+        self.bat = bat = read_table(f, HEADER_SIZE, h.bat_entries, "I", False, "BAT")
         self.mult = self.block_size if self.ext else SECTOR
         self.dirty = h.inuse == INUSE_MAGIC
         self.empty = bool(h.flags & FLAG_EMPTY)
@@ -249,6 +242,13 @@ class ParallelsImage(Image):
             names = ["the format extension" if idx[k] < 0 else f"BAT[{idx[k]}]" for k in (a, b)]
             self.write_refusal = f"{names[0]} and {names[1]} both name the cluster at {off:#x}"
 
+    def _set_bat(self, values: dict[int, int]) -> None:
+        """Set BAT entries (cluster offsets in bytes) and write them, neighbours joined."""
+        t = BlockTable(self.f, HEADER_SIZE, self.bat)
+        for idx, off in values.items():
+            t[idx] = off // self.mult
+        t.write_back()
+
     def _align_up(self, off: int) -> int:
         rel = max(off - self.data_off, 0)
         return self.data_off + align_up(rel, self.block_size)
@@ -279,14 +279,10 @@ class ParallelsImage(Image):
         return off
 
     def block_status(self, offset, length):
-        runs: list = []
+        runs = RunList()
         for idx, _inner, pos, n in split_blocks(offset, length, self.block_size):
-            st = Alloc.DATA if self._cluster_offset(idx) else Alloc.UNALLOCATED
-            if runs and runs[-1][2] == st:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
-            else:
-                runs.append((pos, n, st))
-        return runs
+            runs.add(pos, n, Alloc.DATA if self._cluster_offset(idx) else Alloc.UNALLOCATED)
+        return runs.runs
 
     def read(self, offset, length):
         out = bytearray(length)
@@ -326,20 +322,7 @@ class ParallelsImage(Image):
             else:
                 self.f.pwrite(new + inner, piece)
             self.f.sync()                       # data before the BAT entry naming it
-            self.bat[idx] = new // self.mult
-            self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", new // self.mult))
-
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                if not self.read_only:
-                    self.f.sync()                   # a failure is an error
-            finally:
-                self.f.close()
+            self._set_bat({idx: new})
 
     def info(self) -> dict:
         return {
@@ -412,8 +395,7 @@ class ParallelsImage(Image):
                 self.f.truncate(new + self.block_size)
                 self.f.pwrite(new, data)
                 self.f.sync()
-                self.bat[idx] = new // self.mult
-                self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", new // self.mult))
+                self._set_bat({idx: new})
                 high = new + self.block_size
                 self.alloc_end = high
                 self.file_len = max(self.file_len, high)
@@ -454,22 +436,23 @@ class ParallelsImage(Image):
             data = self.f.read_exact(off, n, f"cluster {idx}")
             below = parent_read(start, n) if parent_read else None
             if (below is None and is_zero(data)) or (below is not None and data == below):
-                self.bat[idx] = 0
-                self.f.pwrite(HEADER_SIZE + 4 * idx, bytes(4))
+                self._set_bat({idx: 0})
         self.f.sync()
+        # the highest clusters move into the lowest holes (compaction.move_blocks: copies,
+        # sync, BAT entries, sync); clusters overlapping another (a damaged image) stay
+        bs = self.block_size
         used = sorted((self.bat[i] * self.mult, i) for i in range(len(self.bat)) if self.bat[i])
-        target = self.data_off
-        for off, idx in used:
-            if off < target:        # overlapping entries (a damaged image): leave them be
-                target = max(target, off + self.block_size)
-                continue
-            if off > target:
-                self.f.pwrite(target, self.f.read_exact(off, self.block_size, f"cluster {idx}"))
-                self.f.sync()       # the copy before the BAT entry naming it
-                self.bat[idx] = target // self.mult
-                self.f.pwrite(HEADER_SIZE + 4 * idx, struct.pack("<I", target // self.mult))
-            target += self.block_size
-        self.f.sync()
+        stuck = set()
+        for k in range(1, len(used)):
+            if used[k][0] < used[k - 1][0] + bs:
+                stuck.update((used[k - 1][1], used[k][1]))
+        blocks = [(off, bs, i) for off, i in used if i not in stuck]
+        taken = [(0, self.data_off)] + [(off, off + bs) for off, _i in used]
+        moves = plan_moves(blocks, holes_between(taken), self.mult)
+        move_blocks(self.f, moves, lambda ms: self._set_bat({m.key: m.dst for m in ms}))
+        gone = {m.src for m in moves}
+        target = max([self.data_off] + [off + bs for off, _i in used if off not in gone] +
+                     [m.dst + bs for m in moves])
         self.f.truncate(target)
         self.file_len = self.alloc_end = target
         if progress:
