@@ -1,0 +1,267 @@
+"""Qcow2Image (one opened version 2 or 3 image, put together from the concern mixins) and
+the QCOW2 backend (probe, open, create)."""
+from __future__ import annotations
+
+import struct
+from array import array
+from collections import OrderedDict
+
+from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
+                        Operation, ProbeInput, too_large)
+from ...config import ConfigKey, KeyFlag, ValueType, parse_config
+from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
+from ...fileio import ImageFile, relative_name
+from ...image import Image, ParentHint, check_backing_name
+from . import layout as L
+from .bitmaps import BitmapsMixin
+from .check import CheckMixin
+from .clusters import ClustersMixin, BE_U64, be_array
+from .header import HeaderMixin, limit_reason, qcow2_max_size
+from .maintenance import MaintenanceMixin
+from .refcount import RefcountsMixin, rc_set
+from .v1 import QcowV1Image
+
+
+class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
+                 MaintenanceMixin, CheckMixin, Image):
+    """One opened qcow2 (version 2 or 3) image."""
+
+    L2_CACHE_BYTES = 32 << 20
+
+    @property
+    def max_size(self) -> int:
+        return qcow2_max_size(self.cs)
+
+    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags,
+                 snapshot: str | None = None):
+        super().__init__(backend, location, flags.read_only)
+        self.f = f
+        self.open_flags = flags
+        self.snapshot_view: dict | None = None
+        self._first_write_done = False
+        self.compress_writes = False            # set by create(Compress=1): convert -c
+        self._cfree: int | None = None          # next free byte for packed compressed data
+        self.data_f: ImageFile | None = None
+        self.data_file_name: str | None = None
+        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._l2_cache_bytes = 0
+        self._rb_cache: dict[int, bytearray] = {}
+        self.rt: array | None = None
+        self.snapshots: list[dict] = []
+        self.bitmaps_ext: dict | None = None
+        self.write_blocked: str | None = None
+        self.honor_zeroes = False
+        self._parse_header()
+        if snapshot:
+            self._select_snapshot(snapshot)
+        if not self.read_only:
+            self._prepare_write()
+
+    def _select_snapshot(self, which: str) -> None:
+        """Read-only view of an internal snapshot (by ID or name): its L1 table and size."""
+        if not self.read_only:
+            raise InvalidArgument(f"{self.location}: internal snapshots can only be opened "
+                                  "read-only")
+        found = [s for s in self.snapshots if s["id"] == which] or \
+                [s for s in self.snapshots if s["name"] == which]
+        if not found:
+            known = ", ".join(f"{s['id']} ({s['name']})" for s in self.snapshots) or "none"
+            raise InvalidArgument(f"{self.location}: no internal snapshot {which!r} "
+                                  f"(snapshots: {known})")
+        snap = found[0]
+        span = self.cs * self.l2_entries
+        if -(-snap["disk_size"] // span) > snap["l1_size"] or snap["disk_size"] > (1 << 62):
+            raise self._corrupt(f"snapshot {snap['id']}: L1 table too small for its disk size",
+                                field="l1_size", expected=f">= {-(-snap['disk_size'] // span)}",
+                                found=snap["l1_size"])
+        self.l1 = be_array(self.f.read_exact(snap["l1_table_offset"], snap["l1_size"] * 8,
+                                              f"snapshot {snap['id']} L1 table"))
+        self.size = snap["disk_size"]
+        self.snapshot_view = snap
+
+    # ------------------------------------------------------------------ parsing / validation
+    def _corrupt(self, message, **kw):
+        return CorruptImage(message, path=self.location, **kw)
+
+    # ------------------------------------------------------------------ identity / info
+    def files(self):
+        out = [self.location]
+        if self.data_f is not None:
+            out.append(self.data_f.path)
+        return out
+
+    def check_parent_link(self, parent: Image) -> None:
+        check_backing_name(self, self.backing_file, parent)
+
+    # ------------------------------------------------------------------ writing
+    def _prepare_write(self) -> None:
+        if self.data_f is not None or self.incompat & L.INCOMPAT_DATA_FILE:
+            raise NotSupported(f"{self.location}: writing qcow2 images with an external data "
+                               "file is not supported; open read-only")
+        self._load_rt()
+        header_changed = False
+        if self.incompat & L.INCOMPAT_DIRTY and not self.incompat & L.INCOMPAT_CORRUPT:
+            # lazy refcounts left dirty: rebuild the refcounts before anything else (the check
+            # clears the dirty bit when the image is consistent afterwards)
+            report = self.check(repair=True)
+            if report.corrupt or report.leaks:
+                raise self._corrupt("the image was left dirty and its metadata could not be "
+                                    "made consistent; run a check with repair")
+        if header_changed:
+            self._write_feature_bits()
+
+    def _check_write(self) -> None:
+        self._require_writable()
+        if self.write_blocked:
+            raise ReadOnlyImage(f"{self.location}: {self.write_blocked}")
+        if not self._first_write_done:
+            self._before_first_write()
+
+    def flush(self):
+        if not self.read_only:
+            self.f.sync()
+
+    def close(self):
+        try:
+            if self.f.fd >= 0 and not self.read_only:
+                self.f.sync()           # a failed fsync is an error, never ignored
+        finally:
+            self.f.close()
+            if self.data_f is not None:
+                self.data_f.close()
+
+
+class Qcow2Backend(Backend):
+    name = "QCOW2"
+    description = "QEMU copy-on-write image (qcow2 versions 2 and 3; qcow version 1 read-only)"
+    aliases = ("QCOW", "qcow2", "qcow")
+    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
+    extensions = (FileExtension("qcow2"), FileExtension("qcow"))
+    config_keys = (
+        ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "the unit of allocation (vdgui's own key; qemu's cluster_size)",
+                  minimum=512, maximum=2 << 20, power_of_two=True, label="Cluster size",
+                  unit="bytes"),
+        ConfigKey("Compat", "1.1", ValueType.STRING, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "qcow2 compatibility level: 1.1 (version 3) or 0.10 (version 2, for old qemu)",
+                  label="Compatibility level", choices=("1.1", "0.10")),
+        ConfigKey("RefcountBits", "16", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "width of each reference count (1..64, version 3 only)", minimum=1,
+                  maximum=64, power_of_two=True, label="Reference count width", unit="bits"),
+        ConfigKey("Compress", "0", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "store whole written clusters compressed (like qemu-img convert -c)",
+                  minimum=0, maximum=1, label="Compress clusters"),
+        ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
+                  "open an internal snapshot (ID or name) instead of the current state, "
+                  "read-only", label="Internal snapshot"),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMPACT})
+    create_flags = ImageFlags.NONE
+    max_size = qcow2_max_size(65536)            # 2 PiB with the default 64 KiB clusters
+    size_granularity = 512
+    can_shrink = True
+
+    def max_size_for(self, config=None):
+        return qcow2_max_size(self.config_value(config, "ClusterSize"))
+
+    def limit_reason(self, config=None):
+        return limit_reason(self.config_value(config, "ClusterSize"))
+
+    def probe(self, src: ProbeInput) -> int:
+        if len(src.head) >= 8 and src.head[:4] == L.MAGIC:
+            version = struct.unpack_from(">I", src.head, 4)[0]
+            if version in (1, 2, 3):
+                return 100
+            return 60
+        return 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        cfg = parse_config(self.config_keys, config, owner=self.name)
+        ro = flags.read_only
+        f = ImageFile(location, writable=not ro)
+        try:
+            head = f.read_exact(0, 8, "qcow header")
+            if head[:4] != L.MAGIC:
+                raise CorruptImage("not a qcow2 image (bad magic)", path=location, field="magic",
+                                   offset=0, expected=L.MAGIC, found=head[:4])
+            if struct.unpack_from(">I", head, 4)[0] == 1:
+                if not ro:
+                    raise NotSupported(f"{location}: qcow version 1 images can only be opened "
+                                       "read-only (convert them to qcow2 to write)")
+                return QcowV1Image(self, location, f, flags)
+            return Qcow2Image(self, location, f, flags, snapshot=cfg.get("Snapshot"))
+        except BaseException:
+            f.close()
+            raise
+
+    def create(self, p: CreateParams):
+        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
+        cs = cfg["ClusterSize"]
+        compat = str(cfg["Compat"]).strip()
+        if compat not in ("1.1", "0.10", "v3", "v2", "3", "2"):
+            raise InvalidArgument(f"QCOW2: Compat must be 1.1 or 0.10, found {compat!r}")
+        version = 2 if compat in ("0.10", "v2", "2") else 3
+        rbits = cfg["RefcountBits"]
+        if version == 2 and rbits != 16:
+            raise InvalidArgument("QCOW2: version 2 (compat 0.10) images use 16-bit refcounts")
+        if p.size % 512 or p.size <= 0:
+            raise InvalidArgument(f"QCOW2: size must be a positive multiple of 512, found {p.size}")
+        cb = cs.bit_length() - 1
+        span = cs * (cs // 8)
+        l1_size = -(-p.size // span)
+        if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
+            raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, limit_reason(cs))
+        backing = fmt = None
+        if p.parent is not None:
+            backing = relative_name(p.location, p.parent.location)
+            fmt = p.parent.backend.qemu_format
+        order = rbits.bit_length() - 1
+        hlen = 112 if version == 3 else 72
+        hdr = bytearray(L.Qcow2HeaderV2.build(dict(
+            version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
+            size=p.size, crypt_method=0, l1_size=l1_size, l1_table_offset=0,
+            refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
+            snapshots_offset=0)))
+        if version == 3:
+            hdr += L.Qcow2HeaderV3Tail.build(dict(
+                incompatible_features=0, compatible_features=0, autoclear_features=0,
+                refcount_order=order, header_length=hlen))
+            hdr += bytes(hlen - len(hdr))   # compression_type 0 (zlib) + padding
+        l1_clusters = max(1, -(-l1_size * 8 // cs))
+        # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table
+        used = 3 + l1_clusters
+        per_block = cs * 8 // rbits
+        if used > per_block:
+            raise InvalidArgument(f"QCOW2: {rbits}-bit refcounts with {cs}-byte clusters cannot "
+                                  f"describe the initial {used} clusters in one block")
+        struct.pack_into(">Q", hdr, L.OFF_L1_TABLE_OFFSET, 3 * cs)
+        f = ImageFile.create_temp(p.location)
+        try:
+            f.truncate(used * cs)
+            f.pwrite(0, bytes(hdr) + bytes(cs - len(hdr)))
+            f.pwrite(cs, BE_U64.pack(2 * cs))
+            blk = bytearray(cs)
+            for c in range(used):
+                rc_set(blk, c, 1, rbits)
+            f.pwrite(2 * cs, blk)
+            img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL)
+            if backing is not None or fmt:
+                img._write_header_area(backing, fmt)
+                img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL)
+            f.sync()
+            f.commit()
+            img.location = p.location
+        except BaseException:
+            f.abandon()
+            raise
+        img.parent_hint = None if backing is None else ParentHint(
+            locations=[backing], format=p.parent.backend.name)
+        img.compress_writes = bool(cfg["Compress"])
+        if p.progress:
+            p.progress(p.size, p.size)
+        return img
+
+
+BACKEND = Qcow2Backend()

@@ -1,0 +1,274 @@
+"""QCOW2 maintenance: compact (drop zero and parent-equal clusters, move clusters into holes,
+truncate), resize (grow: L1 moved when it must grow; shrink: entries past the end cleared),
+relink (backing file name and format rewritten)."""
+from __future__ import annotations
+
+import struct
+from array import array
+
+from ...backend import ImageFlags, too_large
+from ...errors import InvalidArgument
+from ...fileio import relative_name
+from ...image import ParentHint
+from ...progress import Progress
+from ...sparse import is_zero, zeroes
+from . import layout as L
+from .clusters import L2E_MASK, array_be_bytes
+from .header import limit_reason
+
+
+class MaintenanceMixin:
+    """Compact, resize and relink."""
+
+    # ------------------------------------------------------------------ compact
+    def compact(self, progress=None, parent_read=None):
+        """Drop clusters that read as zeroes (no backing file) or as the parent reads
+        (``parent_read``), then move clusters from the end of the file into the holes and
+        truncate. Clusters shared with internal snapshots are left alone."""
+        self._check_write()
+        cs = self.cs
+        nclu = -(-self.size // cs)
+        prog = Progress(progress, nclu * 2)
+        prog.start()
+        has_backing = self.backing_file is not None
+        below = parent_read if has_backing else None
+        # only clusters under an L2 table can hold anything: the walk follows the metadata
+        # present, not the virtual size (an almost empty 1 TiB image walked 16 M entries)
+        l2n = self.l2_entries
+        present = [i for i, l1e in enumerate(self.l1) if l1e & L.L1E_OFFSET_MASK]
+        for ci in (c for i in present for c in range(i * l2n, min((i + 1) * l2n, nclu))):
+            prog.set(ci)
+            e, bm = self._entry(ci)
+            if not e and not bm:
+                continue
+            compressed = bool(e & L.OFLAG_COMPRESSED)
+            host = 0 if compressed else e & L2E_MASK
+            if host and self.refcount(host // cs) != 1:
+                continue
+            clen = self._cluster_len(ci)
+            start = ci * cs
+            if has_backing and below is None:
+                # without the parent's content only explicit zeroes can be simplified
+                if compressed or not is_zero(self._own_view(start, clen, lambda o, n: zeroes(n))):
+                    continue
+                if self.version < 3 or (self.extended_l2 and bm & 0xFFFFFFFF != 0xFFFFFFFF):
+                    continue
+                if not host and not compressed:
+                    continue        # already a zero cluster without host space
+                self._replace_entry(ci, e, 0 if self.extended_l2 else L.OFLAG_ZERO,
+                                    0xFFFFFFFF << 32 if self.extended_l2 else 0)
+                continue
+            view = self._own_view(start, clen, below or (lambda o, n: zeroes(n)))
+            if below is not None:
+                under = below(start, clen)
+                if bytes(view) == bytes(under) + bytes(clen - len(under)):
+                    self._replace_entry(ci, e, 0, 0)
+                elif is_zero(view) and self.version >= 3 and (host or compressed):
+                    self._replace_entry(ci, e, 0 if self.extended_l2 else L.OFLAG_ZERO,
+                                        0xFFFFFFFF << 32 if self.extended_l2 else 0)
+            elif is_zero(view):
+                self._replace_entry(ci, e, 0, 0)
+        if not self.nb_snapshots and not self.bitmaps_ext:
+            self._close_holes(prog, nclu)
+        self.f.sync()
+        prog.finish()
+
+    def _close_holes(self, prog: Progress, base: int) -> None:
+        cs = self.cs
+        self.fsize = self.f.size()
+        end = -(-self.fsize // cs)
+        # who refers to each movable cluster: data clusters and L2 tables with refcount 1, host
+        # clusters holding compressed clusters that lie entirely inside them
+        owner: dict[int, tuple] = {}
+        comp: dict[int, list] = {}
+        pinned: set[int] = set()
+        for i, l1e in enumerate(self.l1):
+            off = l1e & L.L1E_OFFSET_MASK
+            if not off or self.refcount(off // cs) != 1:
+                continue
+            owner[off // cs] = ("l1", i)
+            tbl = self._load_l2(off, f"L1 index {i}")
+            step = 2 if self.extended_l2 else 1
+            for j in range(self.l2_entries):
+                e = tbl[j * step]
+                if e & L.OFLAG_COMPRESSED:
+                    coff, csize = self._compressed_range(e)
+                    h = coff // cs
+                    if (coff + csize - 1) // cs != h:
+                        pinned.add(h)
+                        pinned.add((coff + csize - 1) // cs)
+                    else:
+                        comp.setdefault(h, []).append((off, j))
+                    continue
+                host = e & L2E_MASK
+                if host and self.refcount(host // cs) == 1:
+                    owner[host // cs] = ("l2", off, j)
+        for h, refs in comp.items():
+            if h not in pinned and h not in owner and self.refcount(h) == len(refs):
+                owner[h] = ("comp", refs)
+        free = [c for c in range(1, end) if self.refcount(c) == 0 and
+                self._refblock(c // self.rb_entries, create=False) is not None]
+        fi = 0
+        c = end - 1
+        while c > 0 and fi < len(free) and free[fi] < c:
+            if self.refcount(c) == 0:
+                c -= 1
+                continue
+            who = owner.get(c)
+            if who is None:               # immovable (metadata, shared, compressed): skip it
+                c -= 1
+                continue
+            dst = free[fi]
+            fi += 1
+            data = self.f.pread(c * cs, cs)
+            self._set_refcount(dst, self.refcount(c))
+            self.f.pwrite(dst * cs, data)
+            if who[0] == "comp":
+                for l2off, j in who[1]:
+                    tbl = self._load_l2(l2off, "compact")
+                    k = 2 * j if self.extended_l2 else j
+                    e = tbl[k]
+                    x = 62 - (self.cb - 8)
+                    coff = e & ((1 << x) - 1)
+                    ne = (e & ~((1 << x) - 1)) | (dst * cs + coff - c * cs)
+                    self._set_l2(tbl, l2off, j, ne, tbl[k + 1] if self.extended_l2 else 0)
+            elif who[0] == "l1":
+                tbl = self._l2_cache.pop(c * cs, None)
+                if tbl is not None:
+                    self._l2_cache[dst * cs] = tbl
+                self._set_l1(who[1], dst * cs | L.OFLAG_COPIED)
+                for k, v in list(owner.items()):
+                    if v[0] == "l2" and v[1] == c * cs:
+                        owner[k] = ("l2", dst * cs, v[2])
+                    elif v[0] == "comp":
+                        owner[k] = ("comp", [(dst * cs if o == c * cs else o, j)
+                                             for o, j in v[1]])
+            else:
+                _, l2off, j = who
+                tbl = self._load_l2(l2off, "compact")
+                if self.extended_l2:
+                    e, bm = tbl[2 * j], tbl[2 * j + 1]
+                else:
+                    e, bm = tbl[j], 0
+                self._set_l2(tbl, l2off, j, (e & ~L2E_MASK) | dst * cs, bm)
+            self._set_refcount(c, 0)
+            c -= 1
+            prog.set(base + (end - c) * base // max(end, 1))
+        last = self._cut_free_tail(end)
+        for c in range(1, last):
+            if self.refcount(c) == 0:
+                self.f.punch_hole(c * cs, cs)
+
+    # ------------------------------------------------------------------ resize
+    def resizes_in_place(self, new_size):
+        # growing: a new L1 table is written to new clusters and named in the header before
+        # the size is (a larger L1 is valid); the old one is freed last (a crash only leaks)
+        return new_size > self.size and not getattr(self, "_tracked", None) and not self.bitmaps_ext
+
+    def resize(self, new_size, progress=None):
+        self._check_write()
+        if self._tracked or (self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS):
+            self._drop_bitmaps()             # bitmaps describe the old size: remove them cleanly
+        if new_size % 512:
+            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
+        if new_size < self.size:
+            self._shrink(new_size)
+            if progress:
+                progress(1, 1)
+            return
+        span = self.cs * self.l2_entries
+        need = -(-new_size // span)
+        if need * 8 > L.MAX_L1_BYTES or new_size > self.max_size:
+            raise too_large("QCOW2", new_size, self.max_size, self.location,
+                            limit_reason(self.cs))
+        if need > len(self.l1):
+            old_off, old_n = self.l1_offset, len(self.l1)
+            nclu = -(-need * 8 // self.cs)
+            new_off = self._alloc(nclu)
+            l1 = array("Q", self.l1)
+            l1.extend([0] * (need - len(l1)))
+            raw = array_be_bytes(l1)
+            self.f.pwrite(new_off, raw + bytes(nclu * self.cs - len(raw)))
+            self.f.sync()
+            hdr = struct.pack(">IQ", need, new_off)
+            self.header_raw[L.OFF_L1_SIZE:L.OFF_L1_SIZE + 12] = hdr
+            self.f.pwrite(L.OFF_L1_SIZE, hdr)
+            self.l1, self.l1_offset = l1, new_off
+            if old_n:
+                self._unref(old_off, old_n * 8, punch=False)
+        self.f.sync()
+        struct.pack_into(">Q", self.header_raw, L.OFF_SIZE, new_size)
+        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
+        self.size = new_size
+        self.f.sync()
+        if progress:
+            progress(1, 1)
+
+    def _shrink(self, new_size: int) -> None:
+        """Cut the virtual size (refused when this image holds data past ``new_size``; the
+        operation has checked the whole chain): the L2 entries of clusters wholly past the end
+        are cleared and their clusters freed, L2 tables wholly past the end are dropped, then the
+        size is written and free clusters at the end of the file are cut off. The L1 table keeps
+        its length (a longer one is valid)."""
+        if self.nb_snapshots:
+            raise InvalidArgument(f"{self.location}: cannot shrink a qcow2 image with internal "
+                                  "snapshots (they keep the old size); delete them first")
+        self._refuse_cut_data(new_size)
+        cs, per = self.cs, self.l2_entries
+        w = 2 if self.extended_l2 else 1
+        first = -(-new_size // cs)                  # first guest cluster wholly cut off
+        old_n = -(-self.size // cs)
+        keep_l1 = -(-new_size // (cs * per))        # L1 entries that still map something
+        for l1i in range(first // per, min(len(self.l1), -(-old_n // per))):
+            tbl, l2off = self._l2_of(l1i)
+            if tbl is None:
+                continue
+            lo = max(first - l1i * per, 0)
+            hi = min(old_n - l1i * per, per)
+            gone = [tbl[w * j] for j in range(lo, hi) if tbl[w * j]]
+            tbl[w * lo:w * hi] = array("Q", bytes(8 * w * (hi - lo)))
+            if l1i >= keep_l1:                      # the whole table: unlink it, then free it
+                self._set_l1(l1i, 0)
+                if self._l2_cache.pop(l2off, None) is not None:
+                    self._l2_cache_bytes -= cs
+                self._unref(l2off, cs)
+            else:
+                self.f.pwrite(l2off + 8 * w * lo, array_be_bytes(tbl[w * lo:w * hi]))
+            for e in gone:
+                self._unref_entry(e)
+        self.f.sync()
+        struct.pack_into(">Q", self.header_raw, L.OFF_SIZE, new_size)
+        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
+        self.size = new_size
+        self.f.sync()
+        self._cut_free_tail(max(self.next_cluster, -(-self.fsize // cs)))
+
+    def _cut_free_tail(self, end: int) -> int:
+        """Truncate the file after its last cluster in use (of ``end`` clusters); returns the
+        new number of clusters."""
+        last = end
+        while last > 1 and self.refcount(last - 1) == 0:
+            last -= 1
+        if last < end:
+            self.f.truncate(last * self.cs)
+            self.fsize = last * self.cs
+            self.next_cluster = last
+        return last
+
+    # ------------------------------------------------------------------ relink
+    def set_parent(self, parent):
+        self._check_write()
+        if parent is None:
+            name, fmt = None, None
+        else:
+            name = relative_name(self.location, parent.location)
+            fmt = parent.backend.qemu_format
+        self._write_header_area(name, fmt)
+        self.backing_file = name
+        self.backing_format = fmt
+        if name is None:
+            self.parent_hint = None
+            self.flags &= ~ImageFlags.DIFF
+        else:
+            self.parent_hint = ParentHint(locations=[name], format=parent.backend.name)
+            self.flags |= ImageFlags.DIFF

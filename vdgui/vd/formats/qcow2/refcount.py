@@ -1,0 +1,198 @@
+"""QCOW2 reference counts: the refcount table and its blocks of 1..64-bit entries
+(qcow2.txt "Host cluster management"), and allocation of new clusters at the end of the file
+(refcount written before anything points at a cluster)."""
+from __future__ import annotations
+
+import struct
+from array import array
+
+from ...errors import CorruptImage, NotSupported
+from . import layout as L
+from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
+
+def rc_get(blk, idx: int, bits: int) -> int:
+    """Entry ``idx`` of a refcount block of ``bits``-bit entries (sub-byte: LSB first)."""
+    if bits == 16:
+        return blk[2 * idx] << 8 | blk[2 * idx + 1]
+    if bits < 8:
+        bitpos = idx * bits
+        return blk[bitpos >> 3] >> (bitpos & 7) & ((1 << bits) - 1)
+    w = bits // 8
+    return int.from_bytes(blk[idx * w:idx * w + w], "big")
+
+
+def rc_set(blk, idx: int, value: int, bits: int) -> tuple[int, int]:
+    """Set entry ``idx``; returns the (byte offset, length) changed."""
+    if bits < 8:
+        bitpos = idx * bits
+        mask = ((1 << bits) - 1) << (bitpos & 7)
+        b = bitpos >> 3
+        blk[b] = (blk[b] & ~mask) | (value << (bitpos & 7))
+        return b, 1
+    w = bits // 8
+    blk[idx * w:idx * w + w] = value.to_bytes(w, "big")
+    return idx * w, w
+
+
+class RefcountsMixin:
+    """Refcount lookups and updates, cluster allocation and release."""
+
+    # ------------------------------------------------------------------ refcounts
+    def _load_rt(self) -> array:
+        if self.rt is None:
+            self.rt = be_array(self.f.read_exact(self.rt_offset, self.rt_clusters * self.cs,
+                                                  "refcount table"))
+        return self.rt
+
+    def _refblock(self, rti: int, create: bool) -> bytearray | None:
+        blk = self._rb_cache.get(rti)
+        if blk is not None:
+            return blk
+        rt = self._load_rt()
+        off = rt[rti] & L.REFT_OFFSET_MASK if rti < len(rt) else 0
+        if off:
+            if off % self.cs or off + self.cs > max(self.fsize, self.next_cluster * self.cs):
+                raise self._corrupt(f"refcount block {rti} offset invalid", offset=off,
+                                    expected="cluster aligned inside the file", found=hex(off))
+            blk = bytearray(self.f.read_exact(off, self.cs, "refcount block"))
+            self._rb_cache[rti] = blk
+            return blk
+        if not create:
+            return None
+        return self._new_refblock(rti)
+
+    def _rc_get_in(self, blk, idx: int) -> int:
+        return rc_get(blk, idx, self.refcount_bits)
+
+    def _rc_set_in(self, blk, idx: int, value: int) -> tuple[int, int]:
+        if value < 0 or value >> self.refcount_bits:
+            raise CorruptImage(f"refcount {value} does not fit in {self.refcount_bits} bits",
+                               path=self.location)
+        return rc_set(blk, idx, value, self.refcount_bits)
+
+    def refcount(self, ci: int) -> int:
+        rti, idx = divmod(ci, self.rb_entries)
+        blk = self._refblock(rti, create=False)
+        return 0 if blk is None else self._rc_get_in(blk, idx)
+
+    def _set_refcount(self, ci: int, value: int) -> None:
+        rti, idx = divmod(ci, self.rb_entries)
+        blk = self._refblock(rti, create=True)
+        b, n = self._rc_set_in(blk, idx, value)
+        off = self.rt[rti] & L.REFT_OFFSET_MASK
+        self.f.pwrite(off + b, blk[b:b + n])
+
+    def _take(self, n: int, grow: bool = True) -> int:
+        """Reserve ``n`` clusters at the end of the file (refcounts not touched); first index.
+        ``grow=False``: the caller writes them whole at once, which extends the file."""
+        ci = self.next_cluster
+        self.next_cluster += n
+        end = self.next_cluster * self.cs
+        if end > self.fsize:
+            if grow:
+                self.f.truncate(end)
+            self.fsize = end
+        return ci
+
+    def _new_refblock(self, rti: int) -> bytearray:
+        rt = self._load_rt()
+        if rti >= len(rt):
+            self._grow_rt(rti)
+            rt = self.rt
+            if rt[rti]:
+                # growing the table counted its own new clusters, which may have made this
+                # very refcount block: use it (a second one would drop those refcounts)
+                return self._refblock(rti, create=False)
+        ci = self._take(1)
+        blk = bytearray(self.cs)
+        own = ci // self.rb_entries == rti
+        if own:
+            self._rc_set_in(blk, ci % self.rb_entries, 1)
+        off = ci * self.cs
+        self.f.pwrite(off, blk)
+        rt[rti] = off
+        self.f.pwrite(self.rt_offset + 8 * rti, BE_U64.pack(off))
+        self._rb_cache[rti] = blk
+        if not own:
+            self._set_refcount(ci, 1)
+        return blk
+
+    def _grow_rt(self, min_index: int) -> None:
+        old = self._load_rt()
+        old_off, old_clusters = self.rt_offset, self.rt_clusters
+        per = self.cs // 8
+        need = max(min_index + 1, (self.next_cluster + 8) // self.rb_entries + 4, len(old) * 2)
+        entries = -(-need // per) * per
+        nclu = entries // per
+        if entries * 8 > L.MAX_REFTABLE_BYTES:
+            raise NotSupported(f"{self.location}: the refcount table would exceed qemu's limit "
+                               f"of {L.MAX_REFTABLE_BYTES >> 20} MiB")
+        ci = self._take(nclu)
+        new = array("Q", old)
+        new.extend([0] * (entries - len(old)))
+        self.rt = new
+        self.rt_offset = ci * self.cs
+        self.rt_clusters = nclu
+        self.f.pwrite(self.rt_offset, array_be_bytes(new))
+        for c in range(ci, ci + nclu):
+            self._set_refcount(c, 1)
+        self.f.pwrite(self.rt_offset, array_be_bytes(self.rt))
+        self.f.sync()
+        hdr = struct.pack(">QI", self.rt_offset, self.rt_clusters)
+        self.header_raw[L.OFF_REFCOUNT_TABLE_OFFSET:L.OFF_REFCOUNT_TABLE_OFFSET + 12] = hdr
+        self.f.pwrite(L.OFF_REFCOUNT_TABLE_OFFSET, hdr)
+        for c in range(old_off // self.cs, old_off // self.cs + old_clusters):
+            rc = self.refcount(c)
+            if rc:
+                self._set_refcount(c, rc - 1)
+
+    def _alloc(self, n: int = 1, data=None) -> int:
+        """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset.
+        ``data`` (exactly ``n`` clusters) is written there before the refcounts are set (a crash
+        in between leaves unreferenced space: nothing reads it, nothing leaks)."""
+        first = self.next_cluster
+        while True:
+            ci = self._take(n, grow=data is None)
+            if all(self.refcount(c) == 0 for c in range(ci, ci + n)):
+                break
+            if self.next_cluster - first > 65536:
+                raise self._corrupt("refcounts claim clusters far past the end of the file; "
+                                    "run a check with repair", offset=first * self.cs)
+        if data is not None:
+            self.f.pwrite(ci * self.cs, data)
+        self._set_refcounts(ci, n, 1)
+        return ci * self.cs
+
+    def _set_refcounts(self, ci: int, n: int, value: int) -> None:
+        """Set the refcounts of clusters [ci, ci+n): one write per refcount block touched."""
+        end = ci + n
+        while ci < end:
+            rti, idx = divmod(ci, self.rb_entries)
+            k = min(end - ci, self.rb_entries - idx)
+            blk = self._refblock(rti, create=True)
+            lo, hi = None, 0
+            for i in range(idx, idx + k):
+                b, m = self._rc_set_in(blk, i, value)
+                lo = b if lo is None else min(lo, b)
+                hi = max(hi, b + m)
+            off = self.rt[rti] & L.REFT_OFFSET_MASK
+            self.f.pwrite(off + lo, blk[lo:hi])
+            ci += k
+
+    def _unref(self, off: int, length: int, punch: bool = True) -> None:
+        first = off // self.cs
+        last = (off + length - 1) // self.cs
+        for c in range(first, last + 1):
+            rc = self.refcount(c)
+            if rc:
+                self._set_refcount(c, rc - 1)
+                if rc == 1 and punch:
+                    self.f.punch_hole(c * self.cs, self.cs)
+
+    def _unref_entry(self, e: int) -> None:
+        """Drop the host references of an L2 entry being replaced."""
+        if e & L.OFLAG_COMPRESSED:
+            coff, csize = self._compressed_range(e)
+            self._unref(coff & ~511, csize + (coff & 511), punch=False)
+        elif e & L2E_MASK and not self.incompat & L.INCOMPAT_DATA_FILE:
+            self._unref(e & L2E_MASK, self.cs)
