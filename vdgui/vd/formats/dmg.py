@@ -27,6 +27,7 @@ from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeI
 from ..errors import CorruptImage, NotSupported
 from ..fileio import ImageFile
 from ..image import Alloc, Image
+from ..runs import RunList
 
 SECTOR = 512
 MAX_CHUNK = 64 << 20
@@ -408,14 +409,11 @@ class DmgImage(Image):
             pos = stop
 
     def block_status(self, offset, length):
-        runs: list = []
+        runs = RunList()
         for s, n, i in self._pieces(offset, length):
             st = Alloc.UNALLOCATED if i < 0 or self._types[i] in (CHUNK_ZERO, CHUNK_IGNORE) else Alloc.DATA
-            if runs and runs[-1][2] == st:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
-            else:
-                runs.append((s, n, st))
-        return runs
+            runs.add(s, n, st)
+        return runs.runs
 
     def _chunk_data(self, i: int) -> bytes:
         key = (self._owner, i)

@@ -60,7 +60,7 @@ from ..fileimage import FileImage
 from ..fileio import ImageFile, close_all, resolve_stored_name, temp_name
 from ..geometry import Geometry
 from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
-from ..runs import RunList
+from ..runs import RunList, merge_runs
 from ..sparse import is_zero, split_blocks
 from ..tables import BlockTable, first_shared, read_table
 
@@ -736,13 +736,7 @@ class ParallelsBundleImage(Image):
         out: list = []
         for e, s, n in self._pieces(offset, length):
             self._layer_status(e.layers, len(e.layers) - 1, s - e.start, n, out, e.start)
-        merged: list = []
-        for r in out:
-            if merged and merged[-1][2] == r[2] and merged[-1][0] + merged[-1][1] == r[0]:
-                merged[-1] = (merged[-1][0], merged[-1][1] + r[1], r[2])
-            else:
-                merged.append(r)
-        return merged
+        return merge_runs(out)
 
     def read(self, offset, length):
         buf = bytearray(length)

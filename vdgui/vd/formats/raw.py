@@ -13,9 +13,11 @@ from ..align import align_up
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
 from ..errors import NotSupported
+from ..fileimage import FileImage
 from ..fileio import ImageFile
 from ..geometry import vbox_pchs
-from ..image import Alloc, Image
+from ..image import Alloc
+from ..runs import RunList
 from ..space import preallocate
 
 ISO_SECTOR = 2048
@@ -29,10 +31,9 @@ def _iso_label(f: ImageFile) -> str | None:
     return pvd[40:72].decode("ascii", "replace").rstrip(" \x00") or ""
 
 
-class RawImage(Image):
+class RawImage(FileImage):
     def __init__(self, backend, location, f: ImageFile, read_only: bool):
-        super().__init__(backend, location, read_only)
-        self.f = f
+        super().__init__(backend, location, f, read_only)
         self.size = f.size()
         self.block_size = 512
         self.flags = ImageFlags.FIXED
@@ -52,18 +53,15 @@ class RawImage(Image):
             return [(offset, length, Alloc.DATA)]
         runs = [(a, b - a, Alloc.DATA if is_data else Alloc.UNALLOCATED) for a, b, is_data in holes]
         # align runs to sectors: a partly-written sector counts as data
-        out = []
+        out = RunList()
         for s, n, st in runs:
             if st == Alloc.UNALLOCATED:
                 a = align_up(s, 512)
                 b = (s + n) // 512 * 512 if s + n < end else s + n
                 if b <= a:
                     st = Alloc.DATA
-            if out and out[-1][2] == st:
-                out[-1] = (out[-1][0], out[-1][1] + n, st)
-            else:
-                out.append((s, n, st))
-        return out
+            out.add(s, n, st)
+        return out.runs
 
     def read(self, offset, length):
         data = self.f.pread(offset, length)
@@ -74,17 +72,6 @@ class RawImage(Image):
     def write(self, offset, data, fill):
         self._require_writable()
         self.f.pwrite(offset, data)
-
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                self.flush()            # a failed fsync is an error, never ignored
-            finally:
-                self.f.close()
 
     def resizes_in_place(self, new_size):
         return not self.f.is_device        # one ftruncate
