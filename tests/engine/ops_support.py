@@ -199,25 +199,26 @@ def unthrottled(monkeypatch):
     import vdgui.vd.ops.merge as merge_mod
     import vdgui.vd.ops.repair as repair_mod
     import vdgui.vd.ops.resize as resize_mod
+    import vdgui.vd.ops.rewrite as rewrite_mod
     from vdgui.vd.progress import Progress
 
     class Every(Progress):
         def __init__(self, cb, total, interval=0.0):
             super().__init__(cb, total, 0.0)
-    for mod in (compact_mod, merge_mod, repair_mod, resize_mod):
+    for mod in (compact_mod, merge_mod, repair_mod, resize_mod, rewrite_mod):
         monkeypatch.setattr(mod, "Progress", Every)
     monkeypatch.setattr(merge_mod, "CHUNK", 256 * 1024)
-    monkeypatch.setattr(compact_mod, "COPY_CHUNK", 1 << 20)
-    monkeypatch.setattr(compact_mod, "VERIFY_CHUNK", 1 << 20)
+    monkeypatch.setattr(rewrite_mod, "COPY_CHUNK", 1 << 20)
+    monkeypatch.setattr(rewrite_mod, "VERIFY_CHUNK", 1 << 20)
 
 
 def sparse_clone(src, dst) -> None:
     """Copy a file keeping exactly its holes (written zeroes stay written)."""
-    from vdgui.vd.ops.compact import _copy_range, _data_ranges
+    from vdgui.vd.ops.rewrite import copy_range, data_ranges
     size = os.path.getsize(src)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for start, end in _data_ranges(fi.fileno(), size):
-            _copy_range(fi.fileno(), fo.fileno(), start, end, lambda n: None)
+        for start, end in data_ranges(fi.fileno(), size):
+            copy_range(fi.fileno(), fo.fileno(), start, end, lambda n: None)
         fo.truncate(size)
 
 

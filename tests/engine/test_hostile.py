@@ -42,7 +42,7 @@ def test_pread_short_read_retry_error_is_vdioerror(tmp_path, monkeypatch):
 
 
 def test_compact_copy_loop_error_is_vdioerror(tmp_path, monkeypatch):
-    from vdgui.vd.ops import compact as compact_mod
+    from vdgui.vd.ops import rewrite as rewrite_mod
     src = tmp_path / "a"
     src.write_bytes(b"\x22" * 65536)
     dst = tmp_path / "b"
@@ -55,11 +55,11 @@ def test_compact_copy_loop_error_is_vdioerror(tmp_path, monkeypatch):
     def enospc(*a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(compact_mod.os, "copy_file_range", no_cfr)
-    monkeypatch.setattr(compact_mod.os, "pwrite", enospc)
+    monkeypatch.setattr(rewrite_mod.os, "copy_file_range", no_cfr)
+    monkeypatch.setattr(rewrite_mod.os, "pwrite", enospc)
     try:
         with pytest.raises(VDIOError, match="No space left"):
-            compact_mod._copy_range(fi, fo, 0, 65536, lambda n: None, str(src))
+            rewrite_mod.copy_range(fi, fo, 0, 65536, lambda n: None, str(src))
     finally:
         monkeypatch.undo()
         os.close(fi)

@@ -532,7 +532,7 @@ def test_compact_diff_against_parent(tmp_path):
         d.write(4 * MiB, bytes(4096))              # zeroes over zeroes: redundant with parent
         expect = read_all(d)
         top = d.top
-        top.compact(None, lambda o, n: d._read_below(1, o, n))
+        top.compact(None, lambda o, n: d.read_below(1, o, n))
         assert sum(1 for e in top.bat if e != 0xFFFFFFFF) == 1
         assert read_all(d) == expect
         assert top.check().exit_code == 0
@@ -991,7 +991,7 @@ def test_random_operations_against_a_model(tmp_path, seed):
                 d.write(off, data)
                 model[off:off + ln] = data
             elif op == "compact":
-                top.compact(None, (lambda o, n: d._read_below(1, o, n)) if rnd.random() < .7 else None)
+                top.compact(None, (lambda o, n: d.read_below(1, o, n)) if rnd.random() < .7 else None)
             elif op == "grow":
                 d.images[0].resize(d.images[0].size + rnd.choice([MiB, 9 * MiB, 40 * MiB]))
                 top.resize(d.images[0].size)

@@ -155,6 +155,15 @@ class Disk:
         self._flags.pop()
         img.close()
 
+    def detach(self, indices: list[int]) -> list[Image]:
+        """Take the images at ``indices`` out of the chain without closing them (a merge that
+        deletes them): returned highest index first."""
+        removed = []
+        for i in sorted(indices, reverse=True):
+            removed.append(self.images.pop(i))
+            self._flags.pop(i)
+        return removed
+
     def close(self) -> None:
         """Close every image, top first; the first error (e.g. a failed final flush) is raised
         after all of them are closed."""
@@ -237,7 +246,8 @@ class Disk:
                     self._read_level(level - 1, start, ln, buf[pos:pos + ln])
             return
 
-    def _read_below(self, level: int, offset: int, length: int) -> bytes:
+    def read_below(self, level: int, offset: int, length: int) -> bytes:
+        """What the images below image ``level`` read at ``offset`` (zeroes under the base)."""
         buf = bytearray(length)
         self._read_level(level - 1, offset, length, memoryview(buf))
         return bytes(buf)
@@ -282,7 +292,7 @@ class Disk:
             data = bytes(buf)
             offset = a_start
         level = len(self.images) - 1
-        img.write(offset, data, lambda o, n: self._read_below(level, o, n))
+        img.write(offset, data, lambda o, n: self.read_below(level, o, n))
 
     def flush(self) -> None:
         for img in self.images:
@@ -300,7 +310,7 @@ class Disk:
             raise InvalidArgument(f"discard range {offset}+{length} must be {ss}-byte aligned "
                                   f"and inside the disk")
         level = len(self.images) - 1
-        img.discard(offset, length, fill=lambda o, n: self._read_below(level, o, n))
+        img.discard(offset, length, fill=lambda o, n: self.read_below(level, o, n))
 
     # -- allocation query ----------------------------------------------------------------
     def allocation(self, offset: int = 0, length: int | None = None, *, top: int | None = None,

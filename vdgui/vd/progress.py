@@ -62,12 +62,10 @@ class Progress:
         self._emit(force=True)
 
 
-def sub_progress(callback: ProgressCallback | None, start: int, span: int, total: int) -> ProgressCallback | None:
-    """Map a sub-step's (done, sub_total) onto [start, start+span] of ``total``."""
-    if callback is None:
-        return None
-
-    def cb(done: int, sub_total: int):
+def sub_progress(prog: Progress, start: int, span: int) -> ProgressCallback:
+    """A callback for a sub-step (a hook's own ``progress(done, total)``) that moves ``prog``
+    over [start, start + span] as the sub-step goes from 0 to its total."""
+    def cb(done: int, sub_total: int) -> None:
         frac = done / sub_total if sub_total else 1.0
-        return callback(start + int(span * frac), total)
+        prog.set(start + int(span * min(max(frac, 0.0), 1.0)))
     return cb

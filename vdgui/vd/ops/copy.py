@@ -37,31 +37,27 @@ import contextlib
 import errno
 import os
 import shutil
-import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from ..align import align_up
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
+from ..chain import find_children, findable_from, link_matches
 from ..config import parse_config
 from ..disk import Disk
 from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
                       UnsafePath, VDError, VDIOError)
-from ..fileio import (LockMode, check_same_file, lock_files, make_temp_dir, start_writeback,
-                      syncing, temp_dir_files, unsynced)
-from ..image import Alloc, Image
+from ..fileio import LockMode, check_same_file, lock_files, make_temp_dir, temp_dir_files, unsynced
+from ..image import Alloc
 from ..progress import Progress, ProgressCallback
 from ..registry import get_backend, probe
 from ..sparse import first_nonzero
+from .pipeline import READAHEAD, READERS, Readers, Writeback, read_window
 from .resize import store_tail_over_parent
 
 WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
 MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
-READAHEAD = 32 << 20        # bytes read ahead
-READERS = 4                 # reader threads (flat copies of file-based chains)
 MIN_GRAIN = 4096            # zero detection granularity (at least)
 COARSE = 64 << 10           # zero stretches of small-grain targets are first tested this large
-WRITEBACK_EVERY = 64 << 20  # start the kernel writing the target out every 64 MiB
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
 _ZEROS = bytes(MAX_GRAIN)
 
@@ -143,47 +139,6 @@ def _tail_is_zero(src: Disk, top: int, start: int, end: int) -> int | None:
                          lambda p, n: src.read(p, n, top=top), WINDOW)
 
 
-class Writeback:
-    """Start the kernel's writeback of an image's files every WRITEBACK_EVERY bytes written, so
-    the fsync at the end overlaps with the copy instead of following it. The request can block
-    while the device queue is busy, so it runs in a helper thread, one at a time. Does nothing
-    when nothing will wait for the disk (:func:`unsynced`)."""
-
-    def __init__(self, image: Image):
-        self.image = image
-        self.sync = syncing()
-        self._since = 0
-        self._fds: list[int] | None = None
-        self._thread: threading.Thread | None = None
-
-    def add(self, n: int) -> None:
-        self._since += n
-        if self._since >= WRITEBACK_EVERY and self.sync:
-            self._since = 0
-            self._start()
-
-    def _start(self) -> None:
-        if self._fds is None:
-            self._fds = []
-            for f in self.image.files():
-                with contextlib.suppress(OSError):
-                    self._fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
-        if self._thread is not None and self._thread.is_alive():
-            return
-        fds = list(self._fds)
-        self._thread = threading.Thread(target=lambda: [start_writeback(fd) for fd in fds],
-                                        name="vdgui-writeback", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        for fd in self._fds or ():
-            os.close(fd)
-        self._fds = None
-
-
 class _Writer:
     """Writes windows into the target's top image, skipping all-zero grains when allowed."""
 
@@ -255,46 +210,6 @@ class _Writer:
             off += n
 
 
-class _Readers:
-    """Reads source windows ahead in worker threads, each thread with its own read-only open of
-    the chain (backends need not be thread-safe; read-only opens take no lock). Overlapping the
-    reads with the writes, and several reads in flight, is what keeps up with cold disks."""
-
-    def __init__(self, opener, workers: int = READERS):
-        self.opener = opener
-        self.local = threading.local()
-        self.disks: list[Disk] = []
-        self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="vdgui-copy-read")
-
-    def _read(self, off: int, n: int, top: int, level: int | None) -> bytes:
-        d = getattr(self.local, "disk", None)
-        if d is None:
-            d = self.opener()
-            with self.lock:
-                self.disks.append(d)
-            self.local.disk = d
-        return _read_window(d, off, n, top, level)
-
-    def submit(self, off: int, n: int, top: int, level: int | None):
-        return self.pool.submit(self._read, off, n, top, level)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        with self.lock:
-            disks, self.disks = self.disks, []
-        for d in disks:
-            d.close()
-
-
-def _read_window(d: Disk, off: int, n: int, top: int, level: int | None):
-    """A window's bytes: straight from the chain member that holds all of it when known (saves
-    the chain walk and two copies), else through the chain."""
-    if level is not None:
-        return d.images[level].read(off, n)
-    return d.read(off, n, top=top)
-
-
 def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: bool):
     """("data", a, b, level) windows to copy (level: the chain member holding the whole window,
     or None), ("zero", a, b) ranges to clear on a non-fresh target and
@@ -320,7 +235,7 @@ def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: b
 
 
 def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, base: int,
-               readers: _Readers | None = None) -> None:
+               readers: Readers | None = None) -> None:
     """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
     g = w.g
     chunk = max(g, WINDOW // g * g)
@@ -333,7 +248,7 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
         kind, a, b, lv, fut = pending.popleft()
         if kind == "data":
             in_flight -= 1
-            w.write(a, fut.result() if fut is not None else _read_window(src, a, b - a, top, lv))
+            w.write(a, fut.result() if fut is not None else read_window(src, a, b - a, top, lv))
             prog.set(base + b)
         elif kind == "zero":
             w.zero_fill(a, b - a)
@@ -486,7 +401,7 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         readers = None
         if all(img.backend.caps & Cap.FILE for img in src.images) and READERS > 1:
             top_backend = src.top.backend
-            readers = _Readers(lambda: Disk.open_chain(src_path, top_backend.name, flags,
+            readers = Readers(lambda: Disk.open_chain(src_path, top_backend.name, flags,
                                                        src_config))
         try:
             if not file_target:
@@ -562,7 +477,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                 w.close()
                 if lv > 0:        # a member larger than its parent holds its own tail
                     store_tail_over_parent(t.top, t.images[lv - 1].size,
-                                           lambda o, n, _lv=lv: t._read_below(_lv, o, n))
+                                           lambda o, n, _lv=lv: t.read_below(_lv, o, n))
                 if img_src.comment:
                     with contextlib.suppress(NotSupported):
                         t.top.set_comment(img_src.comment)
@@ -698,7 +613,6 @@ def move_refusal(src_path: str, dst_path: str, *, format: str | Backend | None =
         return f"{be.name} images are not files and cannot be moved"
     if allow_unsafe_paths:
         return None
-    from ..chain import findable_from
     name = os.path.basename(src_path)
     if is_diff:
         with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY) as d:
@@ -835,7 +749,6 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
 def _children_of(path: str, be: Backend, allow_unsafe: bool) -> list:
     """Differencing images beside ``path`` (and in Snapshots/) whose parent it is and whose link
     accepts it now (a link already broken is not rewritten by the move)."""
-    from ..chain import find_children, link_matches
     img = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY | (
         OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0), None)
     try:

@@ -30,7 +30,7 @@ from ..fileio import LockMode, lock_files
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero, zeroes
-from .copy import READAHEAD, Writeback, _Readers
+from .pipeline import READAHEAD, Readers, Writeback
 
 CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
 
@@ -47,14 +47,14 @@ def _require(img: Image, op: Operation, why: str) -> None:
 
 
 def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, read_top: int,
-               prog: Progress, readers: _Readers | None = None, reader_top: int = 0) -> None:
+               prog: Progress, readers: Readers | None = None, reader_top: int = 0) -> None:
     """Write ``runs`` (start, length, status, the image holding them; as seen through image
     ``read_top``) into image ``level`` of ``disk``. ``readers``: read-ahead threads with their
     own read-only opens of the chain, reading through ``reader_top`` (an image that is not
     written during the copy) straight from the holder; a window they could not read is read
     again here, where an error is reported as usual."""
     img = disk.images[level]
-    fill = lambda o, n: disk._read_below(level, o, n)  # noqa: E731 - content under the target
+    fill = lambda o, n: disk.read_below(level, o, n)  # noqa: E731 - content under the target
     pending: deque = deque()
     wb = Writeback(img)
 
@@ -71,7 +71,7 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, 
         if is_zero(data):
             # a zero write the backend chose not to allocate would show the parent: verify
             for s, ln, st in img.block_status(pos, n):
-                if st == Alloc.UNALLOCATED and not is_zero(disk._read_below(level, s, ln)):
+                if st == Alloc.UNALLOCATED and not is_zero(disk.read_below(level, s, ln)):
                     raise NotSupported(
                         f"{img.location}: cannot merge: the {img.format} backend did not store "
                         f"zeroes written at offset {s:#x}; nothing was relinked or deleted and "
@@ -96,7 +96,7 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, 
         wb.close()
 
 
-def _merge_readers(disk: Disk, top: int) -> _Readers | None:
+def _merge_readers(disk: Disk, top: int) -> Readers | None:
     """Read-ahead for a merge of a chain of files: each reader thread opens the chain from
     image ``top`` down read-only (no lock) and must find the same files."""
     if not all(img.backend.caps & Cap.FILE for img in disk.images[:top + 1]):
@@ -110,7 +110,7 @@ def _merge_readers(disk: Disk, top: int) -> _Readers | None:
             d.close()
             raise InvalidArgument("the chain opened for reading ahead differs")
         return d
-    return _Readers(opener)
+    return Readers(opener)
 
 
 def _runs_to_copy(disk: Disk, top: int, bottom: int, want: Callable[[int], bool]):
@@ -160,14 +160,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _remove_from_disk(disk: Disk, indices: list[int]) -> list[Image]:
-    removed = []
-    for i in sorted(indices, reverse=True):
-        removed.append(disk.images.pop(i))
-        disk._flags.pop(i)
-    return removed
 
 
 def _preflight(disk: Disk, s: int, t: int, extra_children: list[tuple[str, Backend]]) -> None:
@@ -284,7 +276,7 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
         target.flush()
 
     # only now delete the merged-away images, top down (a leftover is an unreferenced prefix)
-    removed = _remove_from_disk(disk, list(range(lo, hi + 1)))   # returned top first
+    removed = disk.detach(list(range(lo, hi + 1)))   # returned top first
     for img in removed:
         _delete_image(img)
     _fsync_dir(target.location)

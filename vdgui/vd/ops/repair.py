@@ -27,8 +27,8 @@ from ..backend import Backend, OpenFlags, Operation
 from ..errors import CorruptImage, InvalidArgument, VDIOError
 from ..fileio import LockMode, lock_files
 from ..image import CheckReport, Image, Problem, ProblemCode
-from ..progress import Progress, ProgressCallback
-from .compact import _backend, finish, require_op, rewrite_in_copy
+from ..progress import Progress, ProgressCallback, sub_progress
+from .rewrite import backend_for, finish, require_op, rewrite_in_copy
 
 _RO_TRIES = (OpenFlags.READ_ONLY, OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS)
 _RW_TRIES = (OpenFlags.NORMAL, OpenFlags.NORMAL | OpenFlags.SKIP_CONSISTENCY_CHECKS)
@@ -49,13 +49,6 @@ def _unopenable(exc: CorruptImage) -> CheckReport:
                                          exc.offset, code=ProblemCode.OPEN_FAILED)])
 
 
-def _scaled(prog: Progress, start: int, span: int):
-    def cb(done, total):
-        frac = done / total if total else 1.0
-        prog.set(start + int(span * min(max(frac, 0.0), 1.0)))
-    return cb
-
-
 def check(path: str, *, format: str | None = None, repair: bool = False, dry_run: bool = False,
           progress: ProgressCallback | None = None, force_share: bool = False,
           backup: bool = False) -> CheckReport:
@@ -67,7 +60,7 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     if force_share and repair and not dry_run:
         raise InvalidArgument(f"{path}: a repair writes the image: it cannot be combined with "
                               "force-share (-U)")
-    backend = _backend(path, format)
+    backend = backend_for(path, format)
     require_op(backend, Operation.CHECK, path, "check")
     if repair:
         require_op(backend, Operation.REPAIR, path, "repair")
@@ -87,7 +80,7 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     if img is not None:
         try:
             first = img.check(repair=repair and dry_run, dry_run=True if repair else dry_run,
-                              progress=_scaled(prog, 0, span))
+                              progress=sub_progress(prog, 0, span))
             first.orphans = _holding_data(first.orphans, img.location)
             files = list(img.files()) or [path]
         finally:
@@ -115,7 +108,7 @@ def _repair(path, backend, img, first, files, prog, span, backup) -> CheckReport
         result.append(rep)
         return rep.repaired or any(p.repaired for p in rep.problems)
 
-    sub = _scaled(prog, span, span)
+    sub = sub_progress(prog, span, span)
     try:
         if img is None or backend_single_file(backend, path):
             rewrite_in_copy(path, backend, lambda d, t: sub(d, t), work, open_flags=_RW_TRIES)

@@ -14,9 +14,10 @@ from ..disk import Disk
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
-from ..progress import Progress, ProgressCallback
+from ..chain import find_children
+from ..progress import Progress, ProgressCallback, sub_progress
 from ..sparse import first_nonzero, is_zero, zeroes
-from .compact import (VERIFY_CHUNK, _backend, compare_views, finish, require_op,
+from .rewrite import (VERIFY_CHUNK, backend_for, compare_views, finish, require_op,
                       rewrite_in_copy, view_read)
 
 
@@ -85,7 +86,6 @@ def store_tail_over_parent(img: Image, parent_size: int, fill) -> None:
 
 
 def _children(img: Image) -> bool:
-    from ..chain import find_children
     return bool(find_children(img))
 
 
@@ -106,7 +106,7 @@ def _resize_hook(img: Image, new_size: int, cb) -> None:
 def resize(path: str, new_size: int, *, format: str | None = None,
            progress: ProgressCallback | None = None) -> None:
     """Change the virtual size of ``path`` to ``new_size`` bytes (the new area reads zeroes)."""
-    backend = _backend(path, format)
+    backend = backend_for(path, format)
     require_op(backend, Operation.RESIZE, path, "resize")
     new_size = _check_size(backend, path, new_size)
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as chain:
@@ -131,7 +131,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                     f"{path}: cannot shrink to {new_size} bytes: the part that would be cut off "
                     f"holds data (first non-zero byte at offset {bad:#x}); shrink the partitions "
                     f"inside the disk first")
-        below = (lambda o, n: chain._read_below(top, o, n)) if top > 0 else None
+        below = (lambda o, n: chain.read_below(top, o, n)) if top > 0 else None
 
         parent_size = chain.images[top - 1].size if top > 0 else None
 
@@ -186,7 +186,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
             try:
                 if several:           # the hook orders its writes over the files
                     _resize_hook(img, new_size,
-                                 lambda d, t: prog.set(int(new_size * (d / t if t else 1.0))))
+                                 sub_progress(prog, 0, new_size))
                     if hide:          # the parent's tail must not show in the new area
                         img.flush()
                         _hide_parent_tail(img, below, old, img.size)
