@@ -5,7 +5,8 @@ from array import array
 import pytest
 
 from vdgui.vd.align import align_down, align_up, ceil_div
-from vdgui.vd.compaction import Move, holes_between, move_blocks, plan_moves, slot_holes
+from vdgui.vd.compaction import (Move, holes_between, move_blocks, overlapping, plan_moves,
+                                 slot_holes)
 from vdgui.vd.errors import CorruptImage, VDIOError
 from vdgui.vd.fileimage import FileImage
 from vdgui.vd.fileio import ImageFile
@@ -118,6 +119,12 @@ def test_plan_moves_fills_lowest_holes_with_highest_blocks():
     mv = plan_moves([(0, 4, "x"), (100, 40, "big"), (60, 4, "small")], [[4, 20]])
     assert mv == [Move("small", 60, 4, 4)]
     assert plan_moves([(0, 4, "x")], [[4, 20]]) == []       # nothing above the hole
+
+
+def test_overlapping_blocks_are_found():
+    assert overlapping([(0, 10, "a"), (20, 10, "b"), (25, 10, "c"), (40, 5, "d")]) == {"b", "c"}
+    assert overlapping([(0, 100, "big"), (50, 10, "in"), (200, 1, "x")]) == {"big", "in"}
+    assert overlapping([(0, 10, "a"), (10, 10, "b")]) == set()
 
 
 def test_move_blocks_order(f, monkeypatch):

@@ -67,6 +67,19 @@ def slot_holes(owner, unit: int, base: int = 0, free=None) -> list[list[int]]:
     return out
 
 
+def overlapping(blocks: Sequence[tuple[int, int, Hashable]]) -> set:
+    """Keys of the blocks (``(offset, length, key)``) that share bytes with another one (a
+    damaged table): they stay where they are."""
+    out: set = set()
+    end, last = -1, None
+    for off, n, key in sorted(blocks, key=lambda b: b[0]):
+        if off < end:
+            out.update((last, key))
+        if off + n > end:
+            end, last = off + n, key
+    return out
+
+
 def plan_moves(blocks: Sequence[tuple[int, int, Hashable]], holes: list[list[int]],
                align: int = 1) -> list[Move]:
     """Moves that close ``holes`` (``[a, b]`` free byte ranges, ascending, consumed in place)

@@ -55,7 +55,7 @@ from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, Op
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (CorruptImage, FileExists, ImageNotFound, InvalidArgument, NotSupported,
                       require_text)
-from ..compaction import holes_between, move_blocks, plan_moves
+from ..compaction import holes_between, move_blocks, overlapping, plan_moves
 from ..fileimage import FileImage
 from ..fileio import ImageFile, close_all, resolve_stored_name, temp_name
 from ..geometry import Geometry
@@ -442,10 +442,7 @@ class ParallelsImage(FileImage):
         # sync, BAT entries, sync); clusters overlapping another (a damaged image) stay
         bs = self.block_size
         used = sorted((self.bat[i] * self.mult, i) for i in range(len(self.bat)) if self.bat[i])
-        stuck = set()
-        for k in range(1, len(used)):
-            if used[k][0] < used[k - 1][0] + bs:
-                stuck.update((used[k - 1][1], used[k][1]))
+        stuck = overlapping([(off, bs, i) for off, i in used])
         blocks = [(off, bs, i) for off, i in used if i not in stuck]
         taken = [(0, self.data_off)] + [(off, off + bs) for off, _i in used]
         moves = plan_moves(blocks, holes_between(taken), self.mult)

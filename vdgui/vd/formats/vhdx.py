@@ -51,19 +51,23 @@ import os
 import struct
 import uuid as uuidlib
 from array import array
-from sys import byteorder
 
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
+from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..crc32c import crc32c
 from ..errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage)
+from ..compaction import holes_between, move_blocks, overlapping, plan_moves
+from ..fileimage import FileImage
 from ..fileio import ImageFile, relative_name
-from ..image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode
+from ..image import Alloc, CheckReport, ParentHint, Problem, ProblemCode
+from ..runs import RunList
 from ..space import preallocate, require_space
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
+from ..tables import BlockTable, read_table, table_to_bytes
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -261,9 +265,9 @@ def chunk_ratio(logical_sector: int, block_size: int) -> int:
 def bat_entry_count(size: int, block_size: int, logical_sector: int, diff: bool) -> int:
     """MS-VHDX 2.5: BAT entries for a disk (payload entries with interleaved bitmap entries)."""
     cr = chunk_ratio(logical_sector, block_size)
-    payload = -(-size // block_size)
+    payload = ceil_div(size, block_size)
     if diff:
-        return -(-payload // cr) * (cr + 1)
+        return ceil_div(payload, cr) * (cr + 1)
     return payload + (payload - 1) // cr if payload else 0
 
 
@@ -302,14 +306,13 @@ def _limit_reason(block_size: int) -> str:
             "blocks at most; a larger BlockSize allows up to 64 TiB)")
 
 
-class VhdxImage(Image):
+class VhdxImage(FileImage):
     @property
     def max_size(self) -> int:
         return vhdx_max_size(self.block_size)
 
     def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags):
-        super().__init__(backend, location, flags.read_only)
-        self.f = f
+        super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self._data_guid_updated = False
         self._sb_cache: dict[int, bytearray] = {}
@@ -324,10 +327,6 @@ class VhdxImage(Image):
         except BaseException:
             f.close()
             raise
-
-    # -- errors ------------------------------------------------------------------------
-    def _corrupt(self, message, **kw):
-        return CorruptImage(message, path=self.location, **kw)
 
     # -- loading -----------------------------------------------------------------------
     def _load(self) -> None:
@@ -614,7 +613,7 @@ class VhdxImage(Image):
         bo, bl = self.vregions[BAT_GUID]
         self.bat_offset, self.bat_length = bo, bl
         self.cr = chunk_ratio(self.sector_size, self.block_size)
-        self.payload_blocks = -(-self.size // self.block_size)
+        self.payload_blocks = ceil_div(self.size, self.block_size)
         self.bat_count = bat_entry_count(self.size, self.block_size, self.sector_size,
                                          self.has_parent)
         if self.bat_count * 8 > bl:
@@ -629,16 +628,11 @@ class VhdxImage(Image):
             end = max(end, off + ln)
         if self.hdr.log_length:
             end = max(end, self.hdr.log_offset + self.hdr.log_length)
-        self.alloc_end = -(-end // MiB) * MiB
+        self.alloc_end = align_up(end, MiB)
 
     # -- BAT helpers ---------------------------------------------------------------------
     def _load_bat(self) -> array:
-        raw = self.f.read_exact(self.bat_offset, self.bat_count * 8, "BAT")
-        bat = array("Q")
-        bat.frombytes(raw)
-        if byteorder != "little":
-            bat.byteswap()
-        self._bat = bat
+        self._bat = bat = read_table(self.f, self.bat_offset, self.bat_count, "Q", False, "BAT")
         return bat
 
     @property
@@ -672,9 +666,14 @@ class VhdxImage(Image):
         return off
 
     def _set_entry(self, idx: int, state: int, off: int) -> None:
-        v = (off // MiB) << _OFFSET_SHIFT | state
-        self.bat[idx] = v
-        self.f.pwrite(self.bat_offset + 8 * idx, struct.pack("<Q", v))
+        self._set_entries({idx: (state, off)})
+
+    def _set_entries(self, values: dict[int, tuple[int, int]]) -> None:
+        """Set BAT entries to ``(state, file offset)`` and write them, neighbours joined."""
+        t = BlockTable(self.f, self.bat_offset, self.bat)
+        for idx, (state, off) in values.items():
+            t[idx] = (off // MiB) << _OFFSET_SHIFT | state
+        t.write_back()
 
     def _state(self, block: int) -> int:
         return self.bat[self._bat_index(block)] & _STATE_MASK
@@ -702,7 +701,7 @@ class VhdxImage(Image):
         chunk = block // self.cr
         bm = self._sector_bitmap(chunk)
         first = (block % self.cr) * (self.block_size // ss) + inner // ss
-        count = -(-n // ss) if n else 0
+        count = ceil_div(n, ss) if n else 0
         runs: list[tuple[int, int, bool]] = []
         if bm is None:
             return [(inner, n, False)]
@@ -748,14 +747,8 @@ class VhdxImage(Image):
         return st
 
     def block_status(self, offset, length):
-        runs: list[tuple[int, int, Alloc]] = []
-
-        def add(pos, n, st):
-            if runs and runs[-1][2] == st and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, st)
-            else:
-                runs.append((pos, n, st))
-
+        runs = RunList()
+        add = runs.add
         for block, inner, pos, n in split_blocks(offset, length, self.block_size):
             st = self._check_state(block)
             a = self._status_of(st)
@@ -765,7 +758,7 @@ class VhdxImage(Image):
                     add(base + o, ln, Alloc.DATA if present else Alloc.UNALLOCATED)
             else:
                 add(pos, n, a)
-        return runs
+        return runs.runs
 
     def read(self, offset, length):
         block, inner = divmod(offset, self.block_size)
@@ -833,7 +826,7 @@ class VhdxImage(Image):
                 if st not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT) or \
                         blk >= self.payload_blocks:
                     continue
-                length = -(-min(bs, self.size - blk * bs) // MiB) * MiB
+                length = align_up(min(bs, self.size - blk * bs), MiB)
             if off < MiB or off + length > self.file_len:
                 continue                        # refused where it is used
             spans.append((off, off + length, f"BAT[{idx}]", idx))
@@ -848,7 +841,7 @@ class VhdxImage(Image):
 
     def _allocate(self, length: int) -> int:
         off = self.alloc_end
-        self.alloc_end = off + -(-length // MiB) * MiB
+        self.alloc_end = off + align_up(length, MiB)
         if self.alloc_end > self.file_len:
             self.f.truncate(self.alloc_end)
             self.file_len = self.alloc_end
@@ -878,7 +871,7 @@ class VhdxImage(Image):
         sboff = self._entry(idx)[1]
         # only the changed bytes, rounded to 512 so the update stays within sector writes
         a = lo - lo % 512
-        b = min(-(-(hi + 1) // 512) * 512, MiB)
+        b = min(align_up(hi + 1, 512), MiB)
         self.f.pwrite(sboff + a, bytes(bm[a:b]))
         bfirst = (block % self.cr) * per_block
         seg = bm[bfirst >> 3:(bfirst + per_block) >> 3]
@@ -992,18 +985,6 @@ class VhdxImage(Image):
                     allocated = st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT)
                 done += k
 
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-
-    def close(self):
-        if self.f.fd >= 0:
-            try:
-                if not self.read_only:
-                    self.f.sync()       # a failed fsync is an error, never ignored
-            finally:
-                self.f.close()
-
     # -- metadata ------------------------------------------------------------------------
     def info(self) -> dict:
         sub = "differencing" if self.has_parent else "fixed" if self.leave_allocated else "dynamic"
@@ -1064,7 +1045,7 @@ class VhdxImage(Image):
         end = METADATA_TABLE_SIZE
         for o, l, _f, _k in self.md_entries.values():
             end = max(end, o + l)
-        new_off = -(-end // 4096) * 4096 if end else METADATA_TABLE_SIZE
+        new_off = align_up(end, 4096) if end else METADATA_TABLE_SIZE
         if new_off + len(payload) > self.md_length:
             raise NotSupported(f"{self.location}: no room left in the metadata region "
                                f"({self.md_length} bytes) for a new {KNOWN_ITEMS[g]}")
@@ -1129,14 +1110,11 @@ class VhdxImage(Image):
         """Move the BAT to a larger region at the end of the file: the new BAT is written and
         flushed first, then region table 1, then region table 2 (each with its checksum). An
         interruption leaves either the old or the new table valid, each naming a complete BAT."""
-        new_len = -(-count * 8 // MiB) * MiB
+        new_len = align_up(count * 8, MiB)
         if new_len > 0xFFFFFFFF - MiB:
             raise NotSupported(f"{self.location}: the BAT would exceed a region's 4 GiB limit")
         new_off = self._allocate(new_len)
-        bat = array("Q", self.bat)
-        if byteorder != "little":
-            bat.byteswap()
-        self.f.pwrite(new_off, bat.tobytes())
+        self.f.pwrite(new_off, table_to_bytes(self.bat))
         self.f.sync()
         old_off, old_len = self.bat_offset, self.bat_length
         raw = bytearray(self.region_raw)
@@ -1170,13 +1148,13 @@ class VhdxImage(Image):
                 continue
             boff = self._block_offset(blk)
             n = min(self.block_size, self.size - blk * self.block_size)
-            for o, ln, present in self._partial_runs(blk, 0, -(-n // ss) * ss):
+            for o, ln, present in self._partial_runs(blk, 0, align_up(n, ss)):
                 if not present:
                     self.f.pwrite(boff + o, zeroes(ln))
             self.f.sync()
             self._set_entry(self._bat_index(blk), PAYLOAD_FULLY_PRESENT, boff)
         self.f.sync()
-        for chunk in range(-(-self.payload_blocks // self.cr)):
+        for chunk in range(ceil_div(self.payload_blocks, self.cr)):
             idx = self._sb_index(chunk)
             if idx < len(self.bat) and self.bat[idx]:
                 st, off = self._entry(idx)
@@ -1249,7 +1227,7 @@ class VhdxImage(Image):
             self.f.pwrite(self.bat_offset + 8 * start, bytes(8 * (count - start)))
         self.bat = new_bat
         self.bat_count = count
-        self.payload_blocks = -(-new_size // self.block_size)
+        self.payload_blocks = ceil_div(new_size, self.block_size)
         if self.leave_allocated and not self.has_parent:
             first = self.alloc_end
             require_space(self.location, (self.payload_blocks - old_blocks) * self.block_size,
@@ -1281,7 +1259,7 @@ class VhdxImage(Image):
             end = max(end, o + ln)
         if self.hdr.log_length:
             end = max(end, self.hdr.log_offset + self.hdr.log_length)
-        return used, -(-end // MiB) * MiB
+        return used, align_up(end, MiB)
 
     def _shrink(self, new_size: int) -> None:
         """Cut the virtual size (refused when this image holds data past ``new_size``; the
@@ -1296,7 +1274,7 @@ class VhdxImage(Image):
         self.f.sync()
         self.bat = array("Q", self.bat[:count])
         self.bat_count = count
-        self.payload_blocks = -(-new_size // self.block_size)
+        self.payload_blocks = ceil_div(new_size, self.block_size)
         self._sb_cache.clear()
         self._write_metadata_item(VIRTUAL_DISK_SIZE, struct.pack("<Q", new_size))
         self.size = new_size
@@ -1338,22 +1316,20 @@ class VhdxImage(Image):
             elif is_zero(data):
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
         self.f.sync()
-        # pack: every block still in use, in file order, moved down to the first free MiB
-        used, target = self._in_use()
-        for off, ln, idx, st in sorted(used):
-            if off < target:        # overlaps metadata: leave it (check reports such images)
-                target = max(target, off + ln)
-                continue
-            if off > target:
-                pos = 0
-                while pos < ln:
-                    k = min(ln - pos, 8 * MiB)
-                    self.f.pwrite(target + pos, self.f.read_exact(off + pos, k, "block"))
-                    pos += k
-                self.f.sync()                   # the copy before the BAT entry naming it
-                self._set_entry(idx, st, target)
-            target += ln
-        self.f.sync()
+        # pack: the highest blocks move into the lowest holes past the metadata
+        # (compaction.move_blocks: copies, sync, BAT entries, sync); blocks overlapping the
+        # metadata or each other (check reports such images) stay
+        used, meta_end = self._in_use()
+        blocks = [(off, ln, (idx, st)) for off, ln, idx, st in used]
+        stuck = overlapping(blocks)
+        movable = [b for b in blocks if b[0] >= meta_end and b[2] not in stuck]
+        taken = [(0, meta_end)] + [(off, off + ln) for off, ln, _k in blocks]
+        moves = plan_moves(movable, holes_between(taken), MiB)
+        move_blocks(self.f, moves,
+                    lambda ms: self._set_entries({m.key[0]: (m.key[1], m.dst) for m in ms}))
+        gone = {m.src for m in moves}
+        target = max([meta_end] + [off + ln for off, ln, _k in blocks if off not in gone] +
+                     [m.dst + m.length for m in moves])
         self._sb_cache.clear()
         self.f.truncate(target)
         self.file_len = target
@@ -1414,7 +1390,7 @@ class VhdxImage(Image):
                 if blk >= self.payload_blocks:
                     continue
                 need = min(self.block_size, self.size - blk * self.block_size)
-                length, what = -(-need // MiB) * MiB, f"payload block {blk}"
+                length, what = align_up(need, MiB), f"payload block {blk}"
             if off < MiB or off + need > self.file_len:
                 rep.problems.append(Problem("corrupt", f"BAT[{idx}]: {what} at {off:#x} lies "
                                             f"outside the file ({self.file_len} bytes)", where,
@@ -1526,7 +1502,7 @@ def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> "_LogEntry | None":
     if (h.entry_length < LOG_SECTOR or h.entry_length % LOG_SECTOR or h.entry_length > n
             or h.tail % LOG_SECTOR or h.tail >= n or h.log_guid != guid or h.sequence_number == 0):
         return None
-    desc_area = -(-(64 + 32 * h.descriptor_count) // LOG_SECTOR) * LOG_SECTOR
+    desc_area = align_up(64 + 32 * h.descriptor_count, LOG_SECTOR)
     if desc_area > h.entry_length:
         return None
     raw = bytearray(take(pos, h.entry_length))
@@ -1766,7 +1742,7 @@ class VhdxBackend(Backend):
         md_off = log_off + log_len
         md_len = MiB
         bat_off = md_off + md_len
-        bat_len = max(MiB, -(-count * 8 // MiB) * MiB)
+        bat_len = max(MiB, align_up(count * 8, MiB))
         data_off = bat_off + bat_len
         page83 = p.uuid or uuidlib.uuid4()
 
@@ -1805,12 +1781,10 @@ class VhdxBackend(Backend):
             end = data_off
             if fixed:
                 cr = chunk_ratio(lss, bs)
-                for blk in range(-(-size // bs)):
+                for blk in range(ceil_div(size, bs)):
                     bat[blk + blk // cr] = (end // MiB) << _OFFSET_SHIFT | PAYLOAD_FULLY_PRESENT
                     end += bs
-            if byteorder != "little":
-                bat.byteswap()
-            f.pwrite(bat_off, bat.tobytes())
+            f.pwrite(bat_off, table_to_bytes(bat))
             f.truncate(max(end, data_off))
             if fixed:
                 preallocate(f, data_off, end - data_off)
