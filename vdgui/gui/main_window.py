@@ -5,7 +5,8 @@ import html
 import os
 import traceback
 
-from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, QUrl, Signal
+from PySide6.QtCore import (QByteArray, QSettings, QSize, QSortFilterProxyModel, Qt, QTimer, QUrl,
+                            Signal)
 from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
                                QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
@@ -16,7 +17,7 @@ import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
 from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, format_size,
-                      get_backend, give_new_uuid, mark_duplicates, move_refusal)
+                      get_backend, give_new_uuid, is_temp_name, mark_duplicates, move_refusal)
 
 from . import actions
 from .actions import SPECS, Context
@@ -44,6 +45,32 @@ def image_file_filter() -> str:
         parts.append(f"{names.get(dev, dev)} (" + " ".join(f"*.{e}" for e in sorted(exts)) + ")")
     parts.append(IMAGE_FILTER_ALL)
     return ";;".join(parts)
+
+
+def is_ours_temporary(path: str) -> bool:
+    """Is ``path`` one of our temporaries, or inside one of our temporary folders?"""
+    if "://" in path:
+        return False
+    return any(is_temp_name(part) for part in os.path.abspath(path).split(os.sep) if part)
+
+
+class _NoTemporaries(QSortFilterProxyModel):
+    """A file picker's view without our temporaries (even with hidden files shown)."""
+
+    def filterAcceptsRow(self, row, parent):
+        src = self.sourceModel()
+        return not is_temp_name(src.fileName(src.index(row, 0, parent)))
+
+
+def image_picker(parent, title: str, folder: str, name_filter: str) -> QFileDialog:
+    """An "open existing files" dialog that never offers our temporaries (Qt's own dialog: a
+    native one cannot be filtered)."""
+    dlg = QFileDialog(parent, title, folder, name_filter)
+    dlg.setOption(QFileDialog.DontUseNativeDialog, True)
+    dlg.setProxyModel(_NoTemporaries(dlg))
+    dlg.setFileMode(QFileDialog.ExistingFiles)
+    dlg.setAcceptMode(QFileDialog.AcceptOpen)
+    return dlg
 
 
 def show_crash(parent, title: str, tb: str) -> QMessageBox:
@@ -372,8 +399,13 @@ class MainWindow(QMainWindow):
     def add_paths(self, paths: list[str], *, sync: bool = False, select: bool = True) -> Job | None:
         """Add image files (and their parents); XML files are VirtualBox registries."""
         images, registries = [], []
+        skipped = [p for p in paths if is_ours_temporary(p)]
         for p in paths:
-            (registries if _is_vbox_registry(p) else images).append(location(p))
+            if p not in skipped:
+                (registries if _is_vbox_registry(p) else images).append(location(p))
+        if skipped:
+            self.statusBar().showMessage(f"Not added: {len(skipped)} temporary file(s) of vdgui",
+                                         5000)
         for r in registries:
             try:
                 images += self.library.import_virtualbox(r)
@@ -750,9 +782,15 @@ class MainWindow(QMainWindow):
         self.messages.append(box)
 
     # -- action handlers ------------------------------------------------------------------
+    def add_picker(self) -> QFileDialog:
+        return image_picker(self, "Add Disk Images", self.last_folder(), image_file_filter())
+
     def add_dialog(self) -> None:
-        paths, _ = QFileDialog.getOpenFileNames(self, "Add Disk Images", self.last_folder(),
-                                                image_file_filter())
+        dlg = self.add_picker()
+        try:
+            paths = dlg.selectedFiles() if dlg.exec() == QDialog.Accepted else []
+        finally:
+            dlg.deleteLater()
         if paths:
             self.add_paths(paths)
 
@@ -1261,9 +1299,16 @@ class MainWindow(QMainWindow):
                           "<p>License: GPL-3.0-or-later</p>")
 
     # -- drag and drop --------------------------------------------------------------------
+    @staticmethod
+    def _dropped_files(md) -> list[str]:
+        """The local files of a drag that may be added (never our temporaries)."""
+        if not md.hasUrls():
+            return []
+        return [u.toLocalFile() for u in md.urls()
+                if u.isLocalFile() and not is_ours_temporary(u.toLocalFile())]
+
     def dragEnterEvent(self, event):
-        md = event.mimeData()
-        files = [u for u in md.urls() if u.isLocalFile()] if md.hasUrls() else []
+        files = self._dropped_files(event.mimeData())
         if files:
             event.acceptProposedAction()
             self.statusBar().showMessage(f"Drop to add {len(files)} image file(s)", 3000)
@@ -1271,8 +1316,7 @@ class MainWindow(QMainWindow):
             event.ignore()
 
     def dragMoveEvent(self, event):
-        md = event.mimeData()
-        if md.hasUrls() and any(u.isLocalFile() for u in md.urls()):
+        if self._dropped_files(event.mimeData()):
             event.acceptProposedAction()
         else:
             event.ignore()
@@ -1281,8 +1325,7 @@ class MainWindow(QMainWindow):
         self.statusBar().clearMessage()
 
     def dropEvent(self, event):
-        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
-        paths = [p for p in paths if os.path.isfile(p)]
+        paths = [p for p in self._dropped_files(event.mimeData()) if os.path.isfile(p)]
         if paths:
             event.acceptProposedAction()
             self.add_paths(paths)
