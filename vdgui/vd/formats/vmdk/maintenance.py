@@ -1,0 +1,278 @@
+"""VMDK resize (grow: last extent, grain directory moved when it outgrows its sectors, new
+split extents) and compact (sparse extents: zero / parent-equal grains dropped, grains moved
+down, file truncated)."""
+from __future__ import annotations
+
+import array
+import os
+
+from ...backend import ImageFlags
+from ...errors import CorruptImage, InvalidArgument, NotSupported
+from ...fileio import ImageFile, atomic_files
+from ...progress import Progress
+from ...space import preallocate, require_space
+from ...sparse import is_zero
+from .descriptor import ExtentLine
+from .extents import Extent, FlatExtent, round_up, u32_bytes
+from .layout import MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader
+from .sparse import SparseExtent, write_sparse_extent
+from .stream import StreamWriter
+
+
+class MaintenanceMixin:
+    """Resize and compact of a :class:`.image.VmdkImage`."""
+
+    # -- RESIZE --------------------------------------------------------------------------------
+    def resize(self, new_size, progress=None):
+        self._require_writable()
+        if new_size % SECTOR:
+            raise InvalidArgument(f"{self.location}: VMDK sizes are multiples of 512 bytes, "
+                                  f"found {new_size}")
+        if new_size < self.size:
+            raise InvalidArgument(f"{self.location}: shrinking a VMDK image is not supported "
+                                  f"(from {self.size} to {new_size} bytes)")
+        if self.flags & ImageFlags.STREAM_OPTIMIZED or any(
+                isinstance(e, (StreamWriter,)) or getattr(e, "compressed", False)
+                or not e.writable for e in self.extents):
+            raise NotSupported(f"{self.location}: this VMDK ({self.create_type}) cannot be resized")
+        if new_size == self.size:
+            return
+        if any(isinstance(e, SparseExtent) for e in self.extents) and new_size > MAX_SPARSE_SIZE:
+            raise InvalidArgument(f"{self.location}: sparse VMDK images are limited to 2 TiB")
+        prog = Progress(progress, new_size - self.size)
+        prog.start()
+        split = bool(self.flags & ImageFlags.SPLIT_2G)
+        last = self.extents[-1]
+        grow = new_size - self.size
+        # 1. grow the last extent
+        room = (SPLIT_SIZE - last.length) if split else grow
+        take = min(grow, max(room, 0))
+        if take > 0:
+            self._grow_extent(last, last.length + take)
+            grow -= take
+        # 2. new extents (split images)
+        index = len(self.extents)
+        stem = os.path.splitext(os.path.basename(self.location))[0]
+        sparse = isinstance(last, SparseExtent)
+        pending = []
+        while grow > 0:
+            n = min(grow, SPLIT_SIZE)
+            index += 1
+            name = f"{stem}-{'s' if sparse else 'f'}{index:03d}.vmdk"
+            line = ExtentLine("RW", n // SECTOR, "SPARSE" if sparse else "FLAT", name, 0)
+            pending.append((os.path.join(os.path.dirname(os.path.abspath(self.location)), name), line))
+            grow -= n
+        if pending:
+            with atomic_files([p for p, _ in pending]) as temps:
+                for tmp, (_p, line) in zip(temps, pending):
+                    f = ImageFile(tmp, create=True)
+                    try:
+                        if sparse:
+                            write_sparse_extent(f, line.sectors, None)
+                        else:               # flat extents hold their blocks
+                            f.truncate(line.sectors * SECTOR)
+                            preallocate(f, 0, line.sectors * SECTOR, _p)
+                    finally:
+                        f.close()
+            for p, line in pending:
+                self.desc.add_extent(line)
+                vstart = self.extents[-1].vstart + self.extents[-1].length
+                self.extents.append(self.opener.extent(line, vstart, p, writable=True))
+                self.extent_paths.append(p)
+        self._starts = [e.vstart for e in self.extents]
+        self.size = new_size
+        self._write_descriptor()
+        prog.finish()
+
+    def _grow_extent(self, ext: Extent, new_len: int) -> None:
+        i = self.extents.index(ext)
+        line = ext.line
+        if isinstance(ext, FlatExtent):
+            if ext.f.is_device:
+                raise NotSupported(f"{self.location}: an extent on a device cannot be grown")
+            need = ext.base + new_len
+            have = ext.f.size()
+            if have < need:
+                require_space(ext.f.path, need - have, "the grown flat extent")
+                ext.f.truncate(need)
+                preallocate(ext.f, have, need - have)
+        elif isinstance(ext, SparseExtent):
+            self._grow_sparse(ext, new_len // SECTOR)
+        else:
+            raise NotSupported(f"{self.location}: a {ext.kind} extent cannot be grown")
+        line.sectors = new_len // SECTOR
+        ext.length = new_len
+        self.desc.set_extent(i, line)
+
+    def _grow_sparse(self, ext: SparseExtent, new_cap: int) -> None:
+        if ext.header is None:
+            raise NotSupported(f"{self.location}: this sparse extent cannot be grown")
+        per_gt = ext.grain_sectors * ext.gtes
+        n_new = -(-new_cap // per_gt)
+        f = ext.f
+        hdr = dict(ext.header)
+        if n_new > ext.n_gts:
+            gd = array.array("I", ext.gd) + array.array("I", bytes(4 * (n_new - ext.n_gts)))
+            rgd = None
+            if ext.rgd is not None:
+                rgd = array.array("I", ext.rgd) + array.array("I", bytes(4 * (n_new - ext.n_gts)))
+            zero = bytes(ext.gt_sectors * SECTOR)
+            for t in range(ext.n_gts, n_new):          # new tables (zeroed) at the end
+                off = ext._alloc(len(zero))
+                f.pwrite(off, zero)
+                gd[t] = off // SECTOR
+                if rgd is not None:
+                    off = ext._alloc(len(zero))
+                    f.pwrite(off, zero)
+                    rgd[t] = off // SECTOR
+            old_room = round_up(ext.n_gts * 4, SECTOR)
+            gd_sector, rgd_sector = ext.gd_sector, ext.rgd_sector
+            if n_new * 4 > old_room:                   # the directories move to the end
+                gsz = round_up(n_new * 4, SECTOR)
+                gd_sector = ext._alloc(gsz) // SECTOR
+                if rgd is not None:
+                    rgd_sector = ext._alloc(gsz) // SECTOR
+            f.pwrite(gd_sector * SECTOR, u32_bytes(gd))
+            if rgd is not None:
+                f.pwrite(rgd_sector * SECTOR, u32_bytes(rgd))
+            f.sync()
+            ext.gd, ext.rgd, ext.n_gts = gd, rgd, n_new
+            ext.gd_sector, ext.rgd_sector = gd_sector, rgd_sector
+            ext.file_size = max(ext.file_size, ext.next_free)
+            hdr.update(gd_offset=gd_sector, rgd_offset=rgd_sector if rgd is not None else 0)
+        hdr["capacity"] = new_cap
+        f.pwrite(ext.header_offset, SparseHeader.build(hdr))   # header last
+        f.sync()
+        ext.header = hdr
+        ext.capacity = new_cap
+
+    # -- COMPACT -----------------------------------------------------------------------------
+    def compact(self, progress=None, parent_read=None):
+        """Drop grains that read as zeroes (base) or as the parent does (diff), then move the
+        last grains into the holes and shrink the files. Every move is: copy the grain into
+        free space, sync, then point both grain tables at it; a grain's old place is never
+        reused before its tables point elsewhere, so an interruption leaves a valid image."""
+        self._require_writable()
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.writable]
+        if not sparse:
+            raise NotSupported(f"{self.location}: only sparse (not fixed, not streamOptimized) "
+                               "VMDK images can be compacted")
+        total = sum(self._count_grains(e) for e in sparse) * 2 or 1
+        prog = Progress(progress, total)
+        prog.start()
+        for e in sparse:
+            self._compact_extent(e, parent_read, prog)
+        prog.finish()
+
+    def _count_grains(self, e: SparseExtent) -> int:
+        n = 0
+        for t in range(e.n_gts):
+            gt = e._gt(t)
+            if gt is not None:
+                n += sum(1 for v in gt if v > 1)
+        return n
+
+    def _compact_extent(self, e: SparseExtent, parent_read, prog: Progress) -> None:
+        f = e.f
+        diff = self.is_diff
+        live: list[tuple[int, int]] = []          # (file offset, grain index)
+        # 1. drop grains that add nothing
+        for t in range(e.n_gts):
+            gt = e._gt(t)
+            if gt is None:
+                continue
+            for i in range(e.gtes):
+                v = gt[i]
+                if v <= 1:
+                    continue
+                idx = t * e.gtes + i
+                vstart = e.vstart + idx * e.grain
+                glen = min(e.grain, e.length - idx * e.grain)
+                if glen <= 0:
+                    live.append((v * SECTOR, idx))
+                    continue
+                data = f.pread(v * SECTOR, glen)
+                prog.advance(1)
+                if len(data) < glen:
+                    raise CorruptImage(f"grain {idx} lies past the end of the file",
+                                       path=f.path, found=f"sector {v}")
+                if not diff:
+                    drop = is_zero(data)
+                    new = 0
+                else:
+                    below = parent_read(vstart, glen) if parent_read else bytes(glen)
+                    drop = data == below
+                    new = 0
+                    if not drop and e.zero_grain and is_zero(data):
+                        drop, new = True, 1
+                if drop:
+                    e._set_gte(idx, new)
+                else:
+                    live.append((v * SECTOR, idx))
+        f.sync()
+        # 2. fixed metadata outside the first overhead, then move grains down into holes
+        base_end = (e.header["overhead"] if e.header else 0) * SECTOR
+        base_end = max(base_end, SECTOR)
+        if len({o for o, _ in live}) != len(live) or any(o < base_end for o, _ in live):
+            raise CorruptImage("grain tables reference a grain twice or point into the metadata "
+                               "area; run check --repair first (nothing was moved)",
+                               path=f.path)
+        fixed: list[tuple[int, int]] = []
+        gsz = round_up(e.n_gts * 4, SECTOR)
+        for sec in (e.gd_sector, e.rgd_sector):
+            if sec:
+                fixed.append((sec * SECTOR, sec * SECTOR + gsz))
+        for arr in (e.gd, e.rgd):
+            if arr is not None:
+                for sec in arr:
+                    if sec:
+                        fixed.append((sec * SECTOR, sec * SECTOR + e.gt_sectors * SECTOR))
+        fixed = [(a, b) for a, b in fixed if b > base_end]
+        occupied = sorted(fixed + [(o, o + e.grain) for o, _ in live])
+        holes: list[list[int]] = []
+        cursor = base_end
+        for a, b in occupied:
+            if a > cursor:
+                holes.append([cursor, a])
+            cursor = max(cursor, b)
+        live.sort(reverse=True)
+        moved: list[tuple[int, int]] = []
+        kept_end = base_end
+        for a, b in fixed:
+            kept_end = max(kept_end, b)
+        for off, idx in live:
+            target = None
+            for h in holes:
+                if h[1] - h[0] >= e.grain and h[0] < off:
+                    target = h[0]
+                    h[0] += e.grain
+                    break
+            if target is None:
+                kept_end = max(kept_end, off + e.grain)
+                # grains below this one stay where they are
+                continue
+            f.pwrite(target, f.pread(off, e.grain))
+            moved.append((idx, target))
+            if len(moved) >= 256:
+                self._commit_moves(e, moved)
+            prog.advance(1)
+        self._commit_moves(e, moved)
+        for off, idx in live:
+            cur = e._gte(idx) * SECTOR
+            kept_end = max(kept_end, cur + e.grain)
+        kept_end = round_up(kept_end, SECTOR)
+        if kept_end < f.size():
+            f.truncate(kept_end)
+        e.file_size = f.size()
+        e.next_free = round_up(e.file_size, SECTOR)
+        f.sync()
+
+    @staticmethod
+    def _commit_moves(e: SparseExtent, moved: list) -> None:
+        if not moved:
+            return
+        e.f.sync()                                  # data first ...
+        for idx, target in moved:
+            e._set_gte(idx, target // SECTOR)       # ... then the tables
+        e.f.sync()
+        moved.clear()
