@@ -95,7 +95,7 @@ class FakeImage(Image):
         return bytes(buf)
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         pos, end = offset, offset + len(data)
         while pos < end:
             idx, inner = divmod(pos, BLOCK)
@@ -127,7 +127,7 @@ class FakeImage(Image):
 
     # -- hooks ---------------------------------------------------------------------------
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         if parent is None:
             for k in ("puuid", "pmod", "pname", "pfmt"):
                 self.h.pop(k, None)
@@ -141,7 +141,7 @@ class FakeImage(Image):
         self._load()
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size > MAP_ENTRIES * BLOCK:
             raise InvalidArgument(f"{self.location}: FAKEDIFF holds at most "
                                   f"{MAP_ENTRIES * BLOCK} bytes")
@@ -163,7 +163,7 @@ class FakeImage(Image):
             progress(1, 1)
 
     def compact(self, progress=None, parent_read=None):
-        self._require_writable()
+        self.require_writable()
         used = [i for i, e in enumerate(self.map) if e > ZERO]
         total = len(used) * 2 or 1
         done = 0

@@ -52,3 +52,171 @@ def test_format_modules_do_not_import_each_other():
             if m.startswith("vdgui.vd.formats."):
                 other = m.split(".")[3]
                 assert other.split("_")[0] == own, f"{py} imports format module {other}"
+
+
+# -- issue #14: no import cycles, no private names across modules ---------------------------------
+def _modules() -> dict[str, tuple[Path, list[str]]]:
+    """Dotted module name -> (file, the package its relative imports start from)."""
+    out = {}
+    for py in PKG.rglob("*.py"):
+        parts = list(py.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+            out[".".join(parts)] = (py, parts)
+        else:
+            out[".".join(parts)] = (py, parts[:-1])
+    return out
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (never imported when running)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """vdgui module -> the vdgui modules it imports, at module level or inside functions."""
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, (py, pkg) in mods.items():
+        deps: set[str | None] = set()
+        for node in _runtime_nodes(ast.parse(py.read_text(), str(py))):
+            if isinstance(node, ast.Import):
+                deps |= {resolve(a.name) for a in node.names if a.name.split(".")[0] == "vdgui"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg[:len(pkg) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                if base.split(".")[0] != "vdgui":
+                    continue
+                for a in node.names:       # from pkg import submodule, or a name of pkg
+                    deps.add(resolve(f"{base}.{a.name}") if f"{base}.{a.name}" in mods
+                             else resolve(base))
+        graph[name] = {d for d in deps if d and d != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    """No two vdgui modules import each other, directly or round a loop, imports inside
+    functions included (a module imported only under TYPE_CHECKING is for annotations)."""
+    graph = _import_graph()
+    assert "vdgui.vd.registry" in graph and "vdgui.vd.formats" in graph["vdgui.vd.registry"]
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(
+        " <-> ".join(c) + ": " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c)
+        for c in cycles)
+
+
+def _unit(py: Path) -> Path:
+    """A format package (vd/formats/<name>/) is one format split by concern: one unit."""
+    rel = py.relative_to(PKG).parts
+    if len(rel) > 3 and rel[:2] == ("vd", "formats"):
+        return PKG / "vd" / "formats" / rel[2]
+    return py
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses() -> list[str]:
+    """Private names (_x) imported from another vdgui module, or reached as an attribute of
+    something other than self/cls when only another module defines that name."""
+    trees = {py: ast.parse(py.read_text(), str(py)) for py in PKG.rglob("*.py")}
+    defined: dict[Path, set[str]] = {}
+    for py, tree in trees.items():
+        names = defined.setdefault(_unit(py), set())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.keyword) and node.arg:
+                names.add(node.arg)
+    ours = set().union(*defined.values())
+    found = []
+    for py, tree in trees.items():
+        own = defined[_unit(py)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or
+                                                     (node.module or "").startswith("vdgui")):
+                found += [f"{py}:{node.lineno}: imports {a.name}" for a in node.names
+                          if _private(a.name) and a.name not in own]
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    continue
+                if node.attr not in own and node.attr in ours:
+                    found.append(f"{py}:{node.lineno}: uses .{node.attr}")
+    return found
+
+
+def test_no_private_names_across_modules():
+    """What one module needs of another is public: no module imports another's _name or
+    reaches into another module's objects for one (Disk.read_below, not Disk._read_below)."""
+    found = _private_uses()
+    assert not found, "private names used across modules:\n" + "\n".join(found)

@@ -69,7 +69,7 @@ def screenshot(args) -> int:
             job = tasks.allocation_job(target.path, library=lib)
             try:
                 res = job.fn(lambda d, t: None)
-                win._allocation_done(job, res)
+                win.show_allocation(job, res)
             except Exception as exc:  # noqa: BLE001 - the picture is optional here
                 win.details.set_allocation_error(target.path, str(exc))
     for _ in range(10):

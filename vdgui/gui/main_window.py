@@ -656,12 +656,13 @@ class MainWindow(QMainWindow):
         job = tasks.allocation_job(node.path, library=self.library, format=node.record.format,
                                    config=(self.library.properties(node.path) or None)
                                    if "://" in node.path else None)
-        job.signals.finished.connect(self._allocation_done)
+        job.signals.finished.connect(self.show_allocation)
         job.signals.failed.connect(lambda j, msg, tb: self.details.set_allocation_error(
             node.path, f"Cannot read the allocation map: {msg}"))
         self.queue.submit(job)
 
-    def _allocation_done(self, job, res) -> None:
+    def show_allocation(self, job, res) -> None:
+        """An allocation job's result: cached and shown in the details."""
         res["mtime"] = _mtime(res["path"])
         self._alloc_cache[res["path"]] = res
         self.details.set_allocation(res["path"], res["size"], res["extents"], res["members"])

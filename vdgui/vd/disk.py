@@ -304,7 +304,7 @@ class Disk:
         img = self.top
         if not img.backend.can(Operation.DISCARD):
             raise NotSupported(f"{img.location}: discard is not supported for {img.format}")
-        img._require_writable()
+        img.require_writable()
         ss = self.sector_size
         if offset % ss or length % ss or offset < 0 or offset + length > img.size:
             raise InvalidArgument(f"discard range {offset}+{length} must be {ss}-byte aligned "

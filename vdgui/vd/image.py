@@ -262,7 +262,7 @@ class Image:
     def close(self) -> None:
         pass
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyImage(f"{self.location}: image is opened read-only")
 

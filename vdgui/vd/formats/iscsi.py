@@ -498,7 +498,7 @@ class IscsiImage(Image):
         return bytes(out)
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         bs = self.block_size
         mv = memoryview(data)
         pos = 0

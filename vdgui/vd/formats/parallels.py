@@ -296,7 +296,7 @@ class ParallelsImage(FileImage):
     def write(self, offset, data, fill, fill_below: bool = False):
         """``fill_below``: the image has layers below it (bundle snapshots); a new cluster is then
         completed from ``fill`` instead of reading as zeroes."""
-        self._require_writable()
+        self.require_writable()
         self._refuse_cross_linked()
         mv = memoryview(data)
         for idx, inner, pos, n in split_blocks(offset, len(data), self.block_size):
@@ -341,7 +341,7 @@ class ParallelsImage(FileImage):
         rep = CheckReport()
         fix = repair and not dry_run
         if fix:
-            self._require_writable()
+            self.require_writable()
         if self.repaired_on_open is not None:
             # a dirty image was repaired when it was opened read-write: report what was done
             rep.problems.extend(self.repaired_on_open.problems)
@@ -422,7 +422,7 @@ class ParallelsImage(FileImage):
     def compact(self, progress=None, parent_read=None):
         """Drop clusters that read as zeroes (or as ``parent_read``), move the rest down into
         the holes (data copied and flushed before the BAT entry changes), shrink the file."""
-        self._require_writable()
+        self.require_writable()
         entries = ceil_div(self.size, self.block_size)
         for idx in range(min(entries, len(self.bat))):
             if progress and progress(idx, entries + 1) is False:
@@ -456,7 +456,7 @@ class ParallelsImage(FileImage):
             progress(entries + 1, entries + 1)
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size < self.size:
             raise InvalidArgument(f"{self.location}: shrinking a Parallels image is not supported "
                                   f"({self.size} -> {new_size} bytes)")
@@ -742,7 +742,7 @@ class ParallelsBundleImage(Image):
         return bytes(buf)
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         mv = memoryview(data)
         for e, s, n in self._pieces(offset, len(data)):
             top = e.layers[-1]
@@ -787,7 +787,7 @@ class ParallelsBundleImage(Image):
 
     def compact(self, progress=None, parent_read=None):
         """Compact each extent's top image (clusters equal to the snapshot below are dropped)."""
-        self._require_writable()
+        self.require_writable()
         total = len(self.extents)
         for i, e in enumerate(self.extents):
             top = e.layers[-1]

@@ -373,7 +373,7 @@ class QedImage(FileImage):
         self.f.pwrite(l2off + 8 * l2i, struct.pack("<Q", value))
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         if not self._xlinks_checked:
             self._find_cross_links()
         self._refuse_cross_linked()
@@ -434,7 +434,7 @@ class QedImage(FileImage):
         then move clusters and tables from the end of the file into the holes and truncate it.
         QED has no refcounts: every cluster left unreferenced would be a leak, so the file is
         packed as far as the table size allows."""
-        self._require_writable()
+        self.require_writable()
         cs = self.cs
         nclu = ceil_div(self.size, cs)
         prog = Progress(progress, 2 * nclu)
@@ -574,7 +574,7 @@ class QedImage(FileImage):
 
     # ------------------------------------------------------------------ resize / relink
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
         if new_size < self.size:
@@ -603,7 +603,7 @@ class QedImage(FileImage):
         return None
 
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         if parent is None:
             name, raw = None, False
         else:
@@ -663,7 +663,7 @@ class QedImage(FileImage):
     # ------------------------------------------------------------------ check
     def check(self, repair=False, dry_run=False, progress=None):
         if repair and not dry_run:
-            self._require_writable()
+            self.require_writable()
         cs = self.cs
         self.fsize = self.f.size()
         nclusters = ceil_div(self.fsize, cs)

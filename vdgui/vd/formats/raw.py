@@ -70,14 +70,14 @@ class RawImage(FileImage):
         return data
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         self.f.pwrite(offset, data)
 
     def resizes_in_place(self, new_size):
         return not self.f.is_device        # one ftruncate
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if self.f.is_device:
             raise NotSupported(f"{self.location}: a device cannot be resized")
         if new_size < self.size:

@@ -453,7 +453,7 @@ class VdiImage(FileImage):
         return buf          # a bytearray: bytes-like, saves a copy of the whole range
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         self._refuse_cross_linked()
         self._write(offset, memoryview(data).cast("B"), fill, honor=self.honor_zeroes)
 
@@ -595,36 +595,36 @@ class VdiImage(FileImage):
         }
 
     def _set(self) -> None:
-        self._require_writable()
+        self.require_writable()
         self._write_header()
 
     def set_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self.uuid = value
         self._set()
 
     def set_modification_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self.modification_uuid = value
         self._modified = True
         self._set()
 
     def set_parent_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self.parent_uuid = value
         if self.parent_hint is not None:
             self.parent_hint.uuid = value
         self._set()
 
     def set_parent_modification_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         if self._v0:
             self._no_field("a parent modification UUID (VDI v0 header)")
         self.parent_modification_uuid = value
         self._set()
 
     def set_comment(self, value):
-        self._require_writable()
+        self.require_writable()
         value = value or ""
         if self._v0:
             self._no_field("a comment (VDI v0 header)")   # as VirtualBox: old images refuse
@@ -636,13 +636,13 @@ class VdiImage(FileImage):
         self._set()
 
     def set_pchs(self, value):
-        self._require_writable()
+        self.require_writable()
         self._stored_pchs = Geometry(*value) if value and not Geometry(*value).is_zero else None
         self.pchs = self._stored_pchs or vbox_pchs(self.size)
         self._set()
 
     def set_lchs(self, value):
-        self._require_writable()
+        self.require_writable()
         if not self._plus:
             if self._v0 or self.offset_blocks < L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE:
                 self._no_field("a logical geometry (this VDI header version has no LCHS field)")
@@ -666,7 +666,7 @@ class VdiImage(FileImage):
         return None
 
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         if parent is None:
             self.parent_uuid = None
             self.parent_modification_uuid = None
@@ -731,7 +731,7 @@ class VdiImage(FileImage):
         self.f.truncate(max(base + used * total, self.offset_blocks + self.blocks * 4))
 
     def compact(self, progress=None, parent_read=None):
-        self._require_writable()
+        self.require_writable()
         if self.image_type == L.TYPE_FIXED:
             raise NotSupported(f"{self.location}: fixed VDI images cannot be compacted "
                                "(all blocks are allocated by design)")
@@ -785,7 +785,7 @@ class VdiImage(FileImage):
         return self.offset_blocks + new_blocks * 4 <= self.offset_data
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size <= 0 or new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a positive multiple of "
                                   f"512, found {new_size}")
@@ -924,7 +924,7 @@ class VdiImage(FileImage):
         self.f.sync()
 
     def discard(self, offset, length, fill=None):
-        self._require_writable()
+        self.require_writable()
         self._refuse_cross_linked()
         if self._bad:
             raise CorruptImage("the block map is damaged; repair the image before discarding",
@@ -973,7 +973,7 @@ class VdiImage(FileImage):
     def check(self, repair=False, dry_run=False, progress=None):
         fix = repair and not dry_run
         if fix:
-            self._require_writable()
+            self.require_writable()
         report = CheckReport()
         prog = Progress(progress, max(1, self.blocks))
         prog.start()

@@ -660,7 +660,7 @@ class VhdImage(FileImage):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         self._refuse_cross_linked()
         if self.is_fixed:
             self.f.pwrite(offset, data)
@@ -747,13 +747,13 @@ class VhdImage(FileImage):
 
     # -- metadata setters -----------------------------------------------------------------------
     def set_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self.footer.unique_id = value.bytes_le
         self._store_footer()
         self.uuid = value
 
     def set_parent_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         if self.disk_type != TYPE_DIFF:
             self._no_field("a parent UUID (not a differencing disk)")
         self.header.parent_uuid = value.bytes_le
@@ -762,7 +762,7 @@ class VhdImage(FileImage):
         self.parent_hint.uuid = value
 
     def set_pchs(self, value):
-        self._require_writable()
+        self.require_writable()
         c, h, s = value
         if not (0 < c <= 65535 and 0 < h <= 255 and 0 < s <= 255):
             raise InvalidArgument(f"{self.location}: VHD geometry must fit 65535/255/255, found {value}")
@@ -791,7 +791,7 @@ class VhdImage(FileImage):
         return pos, need
 
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         if self.is_fixed:
             raise NotSupported(f"{self.location}: a fixed VHD cannot have a parent")
         hdr = self.header
@@ -864,7 +864,7 @@ class VhdImage(FileImage):
         return round_size_to_chs(new_size)
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size <= 0 or new_size % SECTOR:
             raise InvalidArgument(f"{self.location}: new size must be a positive multiple of 512, "
                                   f"found {new_size}")
@@ -976,7 +976,7 @@ class VhdImage(FileImage):
 
     # -- COMPACT --------------------------------------------------------------------------------
     def compact(self, progress=None, parent_read=None):
-        self._require_writable()
+        self.require_writable()
         if self.is_fixed:
             raise NotSupported(f"{self.location}: a fixed VHD cannot be compacted")
         if self._bad:
@@ -1070,7 +1070,7 @@ class VhdImage(FileImage):
         Repair order: BAT, header, footer; then leaks are closed by moving blocks down."""
         fix = repair and not dry_run
         if fix:
-            self._require_writable()
+            self.require_writable()
         rep = CheckReport()
         prog = Progress(progress, 4)
         prog.start()

@@ -784,7 +784,7 @@ class VhdxImage(FileImage):
         return bytes(out)
 
     def _begin_write(self) -> None:
-        self._require_writable()
+        self.require_writable()
         if not self._xlinks_checked:
             self._find_cross_links()
         self._refuse_cross_linked()
@@ -1036,7 +1036,7 @@ class VhdxImage(FileImage):
     def _write_metadata_item(self, g: uuidlib.UUID, payload: bytes) -> None:
         """Replace a metadata item: in place when same length (one aligned write), else in free
         space of the region followed by the table entry update (data before the table)."""
-        self._require_writable()
+        self.require_writable()
         off, ln, flags, k = self.md_entries[g]
         if len(payload) == ln:
             self.f.pwrite(self.md_offset + off, payload)
@@ -1058,18 +1058,18 @@ class VhdxImage(FileImage):
         self.md_entries[g] = (new_off, len(payload), flags, k)
 
     def set_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self._write_metadata_item(PAGE83, _gbytes(value))
         self.uuid = value
 
     def set_modification_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         self._update_header(data_write_guid=_gbytes(value))
         self._data_guid_updated = True
         self.modification_uuid = value
 
     def set_parent_modification_uuid(self, value):
-        self._require_writable()
+        self.require_writable()
         if not self.has_parent:
             self._no_field("a parent link (not a differencing image)")
         kv = dict(self.parent_locator)
@@ -1089,7 +1089,7 @@ class VhdxImage(FileImage):
         return None
 
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         if parent is None:
             self._make_base()
             return
@@ -1200,7 +1200,7 @@ class VhdxImage(FileImage):
         return count * 8 <= self.bat_length
 
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         self._fresh.clear()
         if new_size % self.sector_size:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of "
@@ -1290,7 +1290,7 @@ class VhdxImage(FileImage):
         non-zero parent data becomes a ZERO entry), move the remaining blocks down into the holes
         and shrink the file. The user-visible content does not change, so neither does the
         DataWriteGuid (children stay linked). Fixed images keep every block allocated."""
-        self._require_writable()
+        self.require_writable()
         self._fresh.clear()
         total = self.payload_blocks
         done = 0

@@ -288,7 +288,7 @@ class CheckMixin:
 
     def check(self, repair=False, dry_run=False, progress=None):
         if repair and not dry_run:
-            self._require_writable()
+            self.require_writable()
         prog = Progress(progress, max(len(self.l1), 1))
         prog.start()
         problems: list = []

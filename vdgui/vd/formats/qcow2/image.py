@@ -111,7 +111,7 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
             self._write_feature_bits()
 
     def _check_write(self) -> None:
-        self._require_writable()
+        self.require_writable()
         if self.write_blocked:
             raise ReadOnlyImage(f"{self.location}: {self.write_blocked}")
         if not self._first_write_done:

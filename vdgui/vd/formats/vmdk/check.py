@@ -17,7 +17,7 @@ class CheckMixin:
     # -- CHECK / REPAIR ----------------------------------------------------------------------
     def check(self, repair=False, dry_run=False, progress=None):
         if repair and not dry_run:
-            self._require_writable()
+            self.require_writable()
         report = CheckReport()
         sparse = [e for e in self.extents
                   if isinstance(e, SparseExtent) and not isinstance(e, SESparseExtent)]

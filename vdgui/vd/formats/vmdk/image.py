@@ -156,7 +156,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset, data, fill):
-        self._require_writable()
+        self.require_writable()
         if not self._xlinks_checked and self._stream_temp is None:
             self._find_cross_links()
         self._refuse_cross_linked()
@@ -317,7 +317,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         super().check_parent_link(parent)
 
     def _set_ddb(self, key: str, value: str) -> None:
-        self._require_writable()
+        self.require_writable()
         self.desc.set(key, value)
         self._write_descriptor()
 
@@ -340,14 +340,14 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         self.parent_modification_uuid = value
 
     def set_pchs(self, value):
-        self._require_writable()
+        self.require_writable()
         for k, v in zip(("cylinders", "heads", "sectors"), value):
             self.desc.set(f"ddb.geometry.{k}", str(v))
         self._write_descriptor()
         self.pchs = Geometry(*value)
 
     def set_lchs(self, value):
-        self._require_writable()
+        self.require_writable()
         for k, v in zip(("biosCylinders", "biosHeads", "biosSectors"), value):
             self.desc.set(f"ddb.geometry.{k}", str(v))
         self._write_descriptor()
@@ -361,7 +361,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         return None
 
     def set_parent(self, parent):
-        self._require_writable()
+        self.require_writable()
         d = self.desc
         if parent is None:
             d.set("parentCID", f"{NO_PARENT_CID:08x}")

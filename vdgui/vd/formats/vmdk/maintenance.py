@@ -24,7 +24,7 @@ class MaintenanceMixin:
 
     # -- RESIZE --------------------------------------------------------------------------------
     def resize(self, new_size, progress=None):
-        self._require_writable()
+        self.require_writable()
         if new_size % SECTOR:
             raise InvalidArgument(f"{self.location}: VMDK sizes are multiples of 512 bytes, "
                                   f"found {new_size}")
@@ -152,7 +152,7 @@ class MaintenanceMixin:
         last grains into the holes and shrink the files. Every move is: copy the grain into
         free space, sync, then point both grain tables at it; a grain's old place is never
         reused before its tables point elsewhere, so an interruption leaves a valid image."""
-        self._require_writable()
+        self.require_writable()
         sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.writable]
         if not sparse:
             raise NotSupported(f"{self.location}: only sparse (not fixed, not streamOptimized) "
