@@ -180,24 +180,49 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _names_defined(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            names.add(node.arg)
+    return names
+
+
 def _private_uses() -> list[str]:
     """Private names (_x) imported from another vdgui module, or reached as an attribute of
-    something other than self/cls when only another module defines that name."""
+    something other than self/cls when only another module defines that name. A module that
+    subclasses a class may use that class's _names (a base's helpers for its subclasses)."""
     trees = {py: ast.parse(py.read_text(), str(py)) for py in PKG.rglob("*.py")}
+    classes: dict[str, ast.ClassDef] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, node)
+
+    def inherited(cls: ast.ClassDef, seen: set[str]) -> set[str]:
+        out: set[str] = set()
+        for b in cls.bases:
+            name = b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+            if name in classes and name not in seen:
+                seen.add(name)
+                out |= _names_defined(classes[name]) | inherited(classes[name], seen)
+        return out
+
     defined: dict[Path, set[str]] = {}
     for py, tree in trees.items():
         names = defined.setdefault(_unit(py), set())
+        names |= _names_defined(tree)
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                names.add(node.id)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-                names.add(node.attr)
-            elif isinstance(node, ast.arg):
-                names.add(node.arg)
-            elif isinstance(node, ast.keyword) and node.arg:
-                names.add(node.arg)
+            if isinstance(node, ast.ClassDef):
+                names |= inherited(node, set())
     ours = set().union(*defined.values())
     found = []
     for py, tree in trees.items():
