@@ -1023,9 +1023,5 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(args, "error_status", 1)
 
 
-def run() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
     sys.exit(main())

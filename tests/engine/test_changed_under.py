@@ -24,7 +24,7 @@ def _link_of(path):
     img = probe(path).open(path, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
     try:
         h = img.parent_hint
-        return (img.parent_uuid, img.parent_modification_uuid, tuple(h.locations), h.link_id,
+        return (img.parent_uuid, img.parent_modification_uuid, tuple(h.locations),
                 img.info().get("parent_cid"))
     finally:
         img.close()

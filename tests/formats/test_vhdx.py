@@ -151,7 +151,7 @@ def test_corpus_differencing_without_parent(vhdx_corpus):
         assert img.size == 8 << 30
         hint = img.parent_hint
         assert hint.locations[0] == "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx"
-        assert hint.link_id == "{ff34003b-11ed-4cf8-a166-b2be05e20b80}"
+        assert img.parent_locator["parent_linkage"] == "{ff34003b-11ed-4cf8-a166-b2be05e20b80}"
         assert img.parent_modification_uuid == uuid.UUID("ff34003b-11ed-4cf8-a166-b2be05e20b80")
         runs = img.block_status(0, img.size)
         assert sum(n for _s, n, _st in runs) == img.size

@@ -18,12 +18,6 @@ BACKENDS = [b for b in backends()]
 
 def expected(key: str, b, *, has_parent=False, has_children=False) -> bool:
     """The rule, restated from the declarations alone."""
-    ops = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "resize",
-           "compact": "compact", "check": "check", "repair": "check"}
-    if key in ops:
-        from vdgui.jobs.tasks import op_available
-        if not op_available(ops[key]):
-            return False
     if key in ("add", "refresh", "properties", "remove"):
         return True
     if key == "create":
@@ -90,24 +84,13 @@ def test_tooltips_name_the_missing_capability(qapp):
     assert r and "DIFF" in r and b.name in r
 
 
-def test_missing_operation_disables_with_reason(qapp):
-    b = BACKENDS[0]
-    model = MediaModel()
-    model.set_records([ImageRecord(path=f"/nonexistent/x.{b.default_extension()}", format=b.name)])
-    node = model.nodes()[0]
-    ctx = actions.Context(available=lambda name: False)
-    for key in ("copy", "move", "merge", "resize", "compact", "check", "repair"):
-        r = actions.reason(key, [node], ctx)
-        assert r and "Not available yet" in r
-
-
 def test_busy_images_disable_conflicting_actions(qapp):
     b = BACKENDS[0]
     model = MediaModel()
     path = f"/nonexistent/x.{b.default_extension()}"
     model.set_records([ImageRecord(path=path, format=b.name)])
     node = model.nodes()[0]
-    ctx = actions.Context(busy={path}, available=lambda n: True)
+    ctx = actions.Context(busy={path})
     for key in ("snapshot", "copy", "move", "merge", "resize", "compact", "check", "repair",
                 "remove", "delete"):
         assert "busy" in (actions.reason(key, [node], ctx) or ""), key

@@ -272,7 +272,7 @@ def test_corpus_vmfs_sparse_child_is_linked_by_cid(corpus):
     with Disk() as d:
         img = d.open(str(corpus / "vmdk/vmdk-rs/vmfs_thick-000001.vmdk"), flags=OpenFlags.INFO)
         assert img.is_diff and img.parent_hint.locations == ["vmfs_thick.vmdk"]
-        assert img.parent_hint.link_id == "0172e8a4"
+        assert img.parent_cid == 0x0172e8a4
         assert img.flags & ImageFlags.ESX
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vdgui.vd import Cap, ImageFlags, Operation, backends
 
-from vdgui.jobs.tasks import op_available
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,6 @@ NETWORK = ActionSpec("network", "Add &Network Disk…", "network", "Ctrl+Shift+I
 SPEC = {s.key: s for s in SPECS + (NETWORK,)}
 
 # actions that need every selected image to be idle, and the operation each needs from the engine
-_OP = {"copy": "copy_image", "move": "move_image", "merge": "merge", "resize": "resize",
-       "compact": "compact", "check": "check", "repair": "check"}
 _MULTI = {"compact", "check", "repair", "remove", "delete", "compare"}
 _VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "move",
          "merge": "merge", "resize": "resize", "compact": "compact", "check": "check",
@@ -70,7 +66,6 @@ _VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "
 class Context:
     """What besides the selection decides an action's state."""
     busy: set = field(default_factory=set)                 # paths used by running jobs
-    available: Callable[[str], bool] = op_available         # is an engine operation present?
 
 
 def _label(node) -> str:
@@ -98,9 +93,6 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
         return f"Select a single image to {_VERB.get(key, 'use this action on')} it"
     if key == "properties":
         return None
-    op_name = _OP.get(key)
-    if op_name and not ctx.available(op_name):
-        return (f"Not available yet: this build of the engine has no '{op_name}' operation")
     for n in nodes:
         if n.path in ctx.busy:
             return f"{_label(n)} is busy: a running job is using it"

@@ -1,32 +1,14 @@
 """Job factories: one per engine operation. Each returns a :class:`~vdgui.jobs.Job` whose function
 calls the public engine API (``vdgui.vd``) with the job's progress callback.
-
-The operations (copy_image, move_image, merge, compact, resize, check) are looked up lazily, so
-the GUI runs while they are still being written: :func:`op_available` tells the GUI whether to
-enable an action, and a job started without its operation fails with a readable NotSupported.
 """
 from __future__ import annotations
 
 import os
 
 import vdgui.vd as vd
-from vdgui.vd import Disk, ImageFlags, NotSupported, OpenFlags, get_backend
+from vdgui.vd import Disk, ImageFlags, OpenFlags, get_backend
 
 from . import Job
-
-OPERATIONS = ("copy_image", "move_image", "merge", "compact", "resize", "check")
-
-
-def op_available(name: str) -> bool:
-    return callable(getattr(vd, name, None))
-
-
-def op(name: str):
-    fn = getattr(vd, name, None)
-    if not callable(fn):
-        raise NotSupported(f"the '{name}' operation is not available in this build of the engine yet")
-    return fn
-
 
 def create_job(location: str, size: int, format: str, *, flags: ImageFlags = ImageFlags.NONE,
                config: dict | None = None, comment: str | None = None, key: str | None = None) -> Job:
@@ -60,7 +42,7 @@ def create_diff_job(parent: str, location: str, format: str | None = None, *, li
 
 def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, paths=(), **kw) -> Job:
     def fn(progress):
-        return op("copy_image")(src, dst, dst_format, progress=progress, **kw)
+        return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
 
     verb = "Convert" if kw.get("src_format") and kw["src_format"] != dst_format else "Copy"
     return Job(f"{verb} {os.path.basename(src)} → {os.path.basename(dst)}", fn,
@@ -69,7 +51,7 @@ def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, pat
 
 def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
     def fn(progress):
-        op("move_image")(src, dst, progress=progress)
+        vd.move_image(src, dst, progress=progress)
         return [dst]
 
     return Job(f"Move {os.path.basename(src)} → {dst}", fn, keys=[key or src],
@@ -78,7 +60,7 @@ def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
 
 def merge_job(source: str, target: str, *, key: str | None = None, paths=()) -> Job:
     def fn(progress):
-        return op("merge")(source, target, progress=progress)
+        return vd.merge(source, target, progress=progress)
 
     return Job(f"Merge {os.path.basename(source)} into {os.path.basename(target)}", fn,
                keys=[key or source], paths=[source, target, *paths], kind="merge")
@@ -86,7 +68,7 @@ def merge_job(source: str, target: str, *, key: str | None = None, paths=()) -> 
 
 def resize_job(path: str, new_size: int, *, format: str | None = None, key: str | None = None) -> Job:
     def fn(progress):
-        return op("resize")(path, new_size, format=format, progress=progress)
+        return vd.resize(path, new_size, format=format, progress=progress)
 
     return Job(f"Resize {os.path.basename(path)} to {vd.format_size(new_size)}", fn,
                keys=[key or path], paths=[path], kind="resize")
@@ -94,7 +76,7 @@ def resize_job(path: str, new_size: int, *, format: str | None = None, key: str 
 
 def compact_job(path: str, *, format: str | None = None, key: str | None = None) -> Job:
     def fn(progress):
-        return op("compact")(path, format=format, progress=progress)
+        return vd.compact(path, format=format, progress=progress)
 
     return Job(f"Compact {os.path.basename(path)}", fn, keys=[key or path], paths=[path],
                kind="compact")
@@ -112,7 +94,7 @@ def compare_job(a: str, b: str, *, formats=(None, None), keys=()) -> Job:
 def check_job(path: str, *, repair: bool = False, format: str | None = None,
               key: str | None = None) -> Job:
     def fn(progress):
-        return op("check")(path, format=format, repair=repair, progress=progress)
+        return vd.check(path, format=format, repair=repair, progress=progress)
 
     verb = "Repair" if repair else "Check"
     return Job(f"{verb} {os.path.basename(path)}", fn, keys=[key or path], paths=[path],

@@ -42,7 +42,6 @@ class ParentHint:
     uuid: uuidlib.UUID | None = None
     format: str | None = None                             # as stored: backend or qemu name
                                                           # (chain.parent_format maps it)
-    link_id: str | None = None                            # e.g. VMDK parentCID
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,6 @@ class VhdImage(FileImage):
         head, head_ok, _ = self._read_footer_at(0) if fsize >= FOOTER_SIZE else (None, False, b"")
         if head is not None and head.disk_type not in (TYPE_DYNAMIC, TYPE_DIFF):
             head, head_ok = None, False          # fixed disks have no copy: these are guest bytes
-        self.end_footer_ok = end is not None and end_ok
         self.footer_from = "end"
         if end is not None and end_ok:
             footer = end
@@ -315,7 +314,6 @@ class VhdImage(FileImage):
                                 expected="b'conectix'",
                                 found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)))
         self.footer = footer
-        self.footer_len = end_len
         fbase = 0 if self.footer_from != "end" else fsize - end_len     # for error offsets
         if footer.disk_type not in TYPE_NAMES:
             raise self._corrupt("unknown disk type", field="disk type", offset=fbase + 60,
@@ -704,7 +702,6 @@ class VhdImage(FileImage):
         self.footer_offset = new_footer
         self.used_end = max(self.used_end, new_footer)
         self.fsize = max(self.fsize, new_footer + FOOTER_SIZE)
-        self.footer_len = FOOTER_SIZE
 
     @property
     def _table(self) -> BlockTable:
@@ -787,7 +784,6 @@ class VhdImage(FileImage):
         self._write_footer_at(pos + need)       # the footer moves first: the file stays valid
         self.footer_offset = pos + need
         self.used_end = max(self.used_end, pos + need)
-        self.footer_len = FOOTER_SIZE
         return pos, need
 
     def set_parent(self, parent):
@@ -912,7 +908,6 @@ class VhdImage(FileImage):
             self.f.pwrite(size, self._footer_bytes())
             self.f.truncate(size + FOOTER_SIZE)
         self.footer_offset = size
-        self.footer_len = FOOTER_SIZE
         self.fsize = size + FOOTER_SIZE
 
     def _resize_dynamic(self, size: int, prog: Progress) -> None:
@@ -949,7 +944,6 @@ class VhdImage(FileImage):
         if self.footer_offset < table_end:          # an empty disk: the footer moves out first
             self._write_footer_at(table_end)
             self.footer_offset = table_end
-            self.footer_len = FOOTER_SIZE
         # the new table entries (free), then the header's entry count
         self.f.pwrite(self.bat_offset + old * 4, b"\xff" * (_round(need * 4) - old * 4))
         self.bat.extend([FREE] * (need - old))
@@ -965,7 +959,6 @@ class VhdImage(FileImage):
         if dest >= self.footer_offset:
             self._write_footer_at(dest + self.total)
             self.footer_offset = dest + self.total
-            self.footer_len = FOOTER_SIZE
         pos = 0
         while pos < self.total:
             k = min(4 << 20, self.total - pos)
@@ -1059,7 +1052,6 @@ class VhdImage(FileImage):
             self._write_footer_at(new_end)
             self.f.truncate(new_end + FOOTER_SIZE)
             self.footer_offset = new_end
-            self.footer_len = FOOTER_SIZE
         self._rescan()
 
     # -- CHECK / REPAIR -------------------------------------------------------------------------
@@ -1074,14 +1066,12 @@ class VhdImage(FileImage):
         rep = CheckReport()
         prog = Progress(progress, 4)
         prog.start()
-        footer_fix = header_fix = False
+        header_fix = False
         bad_locators = set(getattr(self, "_bad_locators", ()))
         for p in self._problems:                 # what to fix follows the codes, not the words
             rep.problems.append(Problem(p.severity, p.what, p.offset, code=p.code))
             if p.code in (ProblemCode.PARENT_LOCATOR, ProblemCode.HEADER_CHECKSUM):
                 header_fix = True
-            else:
-                footer_fix = True
         prog.advance(1)
         bat_fix: list[int] = []
         if not self.is_fixed:
@@ -1093,7 +1083,6 @@ class VhdImage(FileImage):
                 rep.problems.append(Problem(
                     "corrupt", f"the block of BAT entry {idx} runs into the footer",
                     self.bat[idx] * SECTOR, code=ProblemCode.OVERLAP))
-                footer_fix = True
             for off, n, what in self._find_leaks():
                 rep.problems.append(Problem("leak", what, off, code=ProblemCode.LEAK))
                 rep.orphans.append((self.location, off, n))
@@ -1115,7 +1104,6 @@ class VhdImage(FileImage):
                 self.f.truncate(self.footer_offset + FOOTER_SIZE)
             self._problems = []
             self.footer_from = "end"
-            self.end_footer_ok = True
             still = set()
             if not self.is_fixed:
                 self._rescan()

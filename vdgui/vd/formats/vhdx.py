@@ -607,7 +607,7 @@ class VhdxImage(FileImage):
         # MS-VHDX 2.6.2.6.3: paths are tried relative_path, volume_path, absolute_win32_path
         locs = [kv[k] for k in ("relative_path", "volume_path", "absolute_win32_path") if kv.get(k)]
         self.parent_hint = ParentHint(locations=[_native(l) for l in locs], uuid=None,
-                                      format="VHDX", link_id=linkage)
+                                      format="VHDX")
 
     def _read_bat(self) -> None:
         bo, bl = self.vregions[BAT_GUID]
@@ -1077,7 +1077,6 @@ class VhdxImage(FileImage):
         self._write_metadata_item(PARENT_LOCATOR, build_locator(kv))
         self.parent_locator = kv
         self.parent_modification_uuid = value
-        self.parent_hint.link_id = kv["parent_linkage"]
 
     def relink_refusal(self, parent):
         if parent is None:
@@ -1103,8 +1102,7 @@ class VhdxImage(FileImage):
         self.parent_modification_uuid = parent.modification_uuid
         self.parent_linkage2 = None
         locs = [kv[k] for k in ("relative_path", "absolute_win32_path") if k in kv]
-        self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX",
-                                      link_id=kv["parent_linkage"])
+        self.parent_hint = ParentHint(locations=[_native(l) for l in locs], format="VHDX")
 
     def _relocate_bat(self, count: int) -> None:
         """Move the BAT to a larger region at the end of the file: the new BAT is written and

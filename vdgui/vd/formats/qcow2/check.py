@@ -89,7 +89,6 @@ class CheckMixin:
                 continue
             l1_tables.append((s["l1_table_offset"], s["l1_size"], False, l1))
         data_file = bool(self.incompat & L.INCOMPAT_DATA_FILE)
-        l2_refs: list = []
         for l1_off, l1_n, active, l1 in l1_tables:
             add(l1_off, l1_n * 8, "L1 table")
             for i in range(l1_n):
@@ -120,7 +119,6 @@ class CheckMixin:
                     if active:
                         fixes.append(("l1", i, 0))
                     continue
-                l2_refs.append((off, active, i))
                 tbl = be_array(self.f.pread(off, cs))
                 if len(tbl) < self.l2_entries * (2 if self.extended_l2 else 1):
                     continue
@@ -163,7 +161,6 @@ class CheckMixin:
                             fixes.append(("l2", off, j, 0))
             if progress:
                 progress.check()
-        self._l2_refs = l2_refs
         return counts, fixes
 
     def _check_subclusters(self, off: int, tbl, active: bool, data_file: bool, problems: list,

@@ -106,7 +106,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
             flags |= ImageFlags.DIFF
             hint = d.get("parentFileNameHint")
             self.parent_hint = ParentHint(locations=[hint] if hint else [], uuid=self.parent_uuid,
-                                          format="VMDK", link_id=f"{self.parent_cid:08x}")
+                                          format="VMDK")
         self.flags = flags
 
     def _cid_value(self, key: str, default: int) -> int:
@@ -386,7 +386,6 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
             self.parent_cid = parent.cid
             self.parent_uuid = parent.uuid
             self.parent_modification_uuid = parent.modification_uuid
-            self.parent_hint = ParentHint(locations=[hint], uuid=parent.uuid, format="VMDK",
-                                          link_id=f"{parent.cid:08x}")
+            self.parent_hint = ParentHint(locations=[hint], uuid=parent.uuid, format="VMDK")
             self.flags |= ImageFlags.DIFF
         self._write_descriptor()
