@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from ...align import ceil_div
 from ...image import Problem, ProblemCode
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, be_array
@@ -85,8 +86,8 @@ class BitmapsMixin:
                 return None                  # foreign extra data: the bitmap must not be used
             if b.flags & 1 or not b.flags & 2:
                 continue                     # in use (inconsistent) or disabled: left as is
-            bits = -(-self.size // (1 << b.granularity_bits))
-            entries = -(-(-(-bits // 8)) // cs)
+            bits = ceil_div(self.size, (1 << b.granularity_bits))
+            entries = ceil_div(ceil_div(bits, 8), cs)
             if b.bitmap_table_size != entries or b.bitmap_table_offset % cs or \
                     b.bitmap_table_offset + 8 * entries > self.fsize:
                 return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from array import array
 
+from ...align import ceil_div
 from ...errors import CorruptImage, NotSupported, VDError
 from ...image import CheckReport, Problem, ProblemCode
 from ...progress import Progress
@@ -53,10 +54,10 @@ class CheckMixin:
         ("l2", l2_offset, index, entry)."""
         cs = self.cs
         self.fsize = self.f.size()
-        nclusters = max(self.next_cluster, -(-self.fsize // cs))
+        nclusters = max(self.next_cluster, ceil_div(self.fsize, cs))
         counts = array("I", [0]) * (nclusters + 1)
         fixes: list = []
-        file_clusters = -(-self.fsize // cs)
+        file_clusters = ceil_div(self.fsize, cs)
 
         def add(off: int, length: int, what: str) -> bool:
             if length <= 0:
@@ -354,13 +355,13 @@ class CheckMixin:
             if counts[c] > maxval:
                 raise CorruptImage(f"cluster {c} has {counts[c]} references, more than "
                                    f"{self.refcount_bits}-bit refcounts can hold", path=self.location)
-        base = max(-(-self.fsize // cs), used)
+        base = max(ceil_div(self.fsize, cs), used)
         nb, nt = 0, 1
         while True:
             total = base + nt + nb
             blocks = sorted({c // per_block for c in range(used) if counts[c]} |
                             {c // per_block for c in range(base, total)})
-            nt2 = max(1, -(-(blocks[-1] + 1) * 8 // cs))
+            nt2 = max(1, ceil_div((blocks[-1] + 1) * 8, cs))
             if (len(blocks), nt2) == (nb, nt):
                 break
             nb, nt = len(blocks), nt2
@@ -389,4 +390,4 @@ class CheckMixin:
         self.rt_offset, self.rt_clusters, self.rt = table_ci * cs, nt, rt
         self._rb_cache.clear()
         self.fsize = self.f.size()
-        self.next_cluster = max(-(-self.fsize // cs), base + nt + nb)
+        self.next_cluster = max(ceil_div(self.fsize, cs), base + nt + nb)

@@ -4,14 +4,15 @@ and discard. Table bytes are big-endian arrays (qcow2.txt "Cluster mapping")."""
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zlib
 from array import array
 
+from ...align import ceil_div
 from ...errors import InvalidArgument, NotSupported
 from ...fileio import ImageFile
 from ...image import Alloc
+from ...runs import RunList
 from ...sparse import is_zero, zeroes
 from ...tables import table_from_bytes, table_to_bytes
 from . import layout as L
@@ -68,17 +69,6 @@ L2E_MASK = L.L2E_OFFSET_MASK
 def _subcluster_mask(s0: int, s1: int) -> int:
     """Bits s0..s1 inclusive."""
     return ((1 << (s1 - s0 + 1)) - 1) << s0
-
-
-def _preadv_all(fd: int, dst: memoryview, host: int, fsize: int) -> bool:
-    """Read len(dst) bytes at ``host`` of ``fd`` straight into ``dst`` when they lie inside a
-    file of ``fsize`` bytes; False (caller reads the slow way, which reports errors) otherwise."""
-    if fd < 0 or host + len(dst) > fsize:
-        return False
-    try:
-        return os.preadv(fd, [dst], host) == len(dst)
-    except (OSError, OverflowError):
-        return False
 
 
 class _Segment:
@@ -327,15 +317,10 @@ class ClustersMixin:
 
     # ------------------------------------------------------------------ reading
     def block_status(self, offset, length):
-        runs: list = []
+        runs = RunList()
         for s in self._segments(offset, length):
-            st = _KIND_ALLOC[s.kind]
-            if runs and runs[-1][2] == st:
-                a, n, _ = runs[-1]
-                runs[-1] = (a, n + s.n, st)
-            else:
-                runs.append((s.pos, s.n, st))
-        return runs
+            runs.add(s.pos, s.n, _KIND_ALLOC[s.kind])
+        return runs.runs
 
     def _data_file(self) -> ImageFile:
         if self.incompat & L.INCOMPAT_DATA_FILE:
@@ -363,13 +348,14 @@ class ClustersMixin:
         buf = bytearray(length)
         mv = memoryview(buf)
         cs = self.cs
-        fd = getattr(self.f, "fd", -1) if not self.incompat & L.INCOMPAT_DATA_FILE else -1
+        direct = not self.incompat & L.INCOMPAT_DATA_FILE
         for s in segs:
             a = s.pos - offset
             if s.kind == K_DATA:
                 # straight into the buffer when the run lies inside the file, else through
                 # _read_host (short reads, errors, external data files)
-                if not _preadv_all(fd, mv[a:a + s.n], s.host, self.fsize):
+                if not (direct and s.host + s.n <= self.fsize and
+                        self.f.preadv_into(s.host, mv[a:a + s.n]) == s.n):
                     mv[a:a + s.n] = self._read_host(s.host, s.n, s.pos)
             elif s.kind == K_COMP:
                 out = self._decompress_cluster(s.host, s.pos)
@@ -593,7 +579,7 @@ class ClustersMixin:
             coff = pos
             self._set_refcount(pos // cs, self.refcount(pos // cs) + 1)
         else:
-            coff = self._alloc(-(-need // cs))
+            coff = self._alloc(ceil_div(need, cs))
         nsec = ((coff + need - 1) >> 9) - (coff >> 9)
         self.f.pwrite(coff, out)
         self._cfree = coff + need

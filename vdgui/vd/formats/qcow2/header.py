@@ -7,6 +7,7 @@ from array import array
 
 from construct import ConstructError
 
+from ...align import ceil_div
 from ...backend import ImageFlags, OpenFlags
 from ...errors import InvalidArgument, NotSupported, UnsafePath
 from ...fileio import ImageFile, resolve_stored_name
@@ -107,9 +108,9 @@ class HeaderMixin:
                                 expected=f"at most {L.MAX_L1_BYTES // 8} entries (32 MiB)",
                                 found=h.l1_size)
         span = cs * self.l2_entries
-        if h.size > (1 << 62) or -(-h.size // span) > h.l1_size:
+        if h.size > (1 << 62) or ceil_div(h.size, span) > h.l1_size:
             raise self._corrupt("L1 table too small for the virtual size", field="l1_size",
-                                offset=36, expected=f">= {-(-h.size // span)} entries for "
+                                offset=36, expected=f">= {ceil_div(h.size, span)} entries for "
                                 f"{h.size} bytes", found=h.l1_size)
         if h.l1_size and h.l1_table_offset % cs:
             raise self._corrupt("L1 table offset not cluster aligned", field="l1_table_offset",
@@ -175,7 +176,7 @@ class HeaderMixin:
         if self.incompat & L.INCOMPAT_CORRUPT:
             self.write_blocked = ("the image is marked corrupt; only a repair "
                                   "(check --repair) may write to it")
-        self.next_cluster = -(-self.fsize // cs)
+        self.next_cluster = ceil_div(self.fsize, cs)
 
     def _read_extensions(self, h) -> None:
         cs = self.cs
@@ -264,6 +265,7 @@ class HeaderMixin:
         path = resolve_stored_name(self.location, self.data_file_name, allow_unsafe=True,
                                    what="external data file")
         self.data_f = ImageFile(path, writable=False)
+        self.extra_files.append(self.data_f)
 
     def _feature_list(self, bits: int, kind: int, names: dict) -> list[str]:
         return [self.feature_names.get((kind, b)) or names.get(b, f"bit {b}")

@@ -6,10 +6,12 @@ import struct
 from array import array
 from collections import OrderedDict
 
+from ...align import ceil_div
 from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                         Operation, ProbeInput, too_large)
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
-from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
+from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
+from ...fileimage import FileImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
 from . import layout as L
@@ -23,7 +25,7 @@ from .v1 import QcowV1Image
 
 
 class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
-                 MaintenanceMixin, CheckMixin, Image):
+                 MaintenanceMixin, CheckMixin, FileImage):
     """One opened qcow2 (version 2 or 3) image."""
 
     L2_CACHE_BYTES = 32 << 20
@@ -34,8 +36,7 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
 
     def __init__(self, backend, location, f: ImageFile, flags: OpenFlags,
                  snapshot: str | None = None):
-        super().__init__(backend, location, flags.read_only)
-        self.f = f
+        super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self.snapshot_view: dict | None = None
         self._first_write_done = False
@@ -70,18 +71,14 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
                                   f"(snapshots: {known})")
         snap = found[0]
         span = self.cs * self.l2_entries
-        if -(-snap["disk_size"] // span) > snap["l1_size"] or snap["disk_size"] > (1 << 62):
+        if ceil_div(snap["disk_size"], span) > snap["l1_size"] or snap["disk_size"] > (1 << 62):
             raise self._corrupt(f"snapshot {snap['id']}: L1 table too small for its disk size",
-                                field="l1_size", expected=f">= {-(-snap['disk_size'] // span)}",
+                                field="l1_size", expected=f">= {ceil_div(snap['disk_size'], span)}",
                                 found=snap["l1_size"])
         self.l1 = be_array(self.f.read_exact(snap["l1_table_offset"], snap["l1_size"] * 8,
                                               f"snapshot {snap['id']} L1 table"))
         self.size = snap["disk_size"]
         self.snapshot_view = snap
-
-    # ------------------------------------------------------------------ parsing / validation
-    def _corrupt(self, message, **kw):
-        return CorruptImage(message, path=self.location, **kw)
 
     # ------------------------------------------------------------------ identity / info
     def files(self):
@@ -117,18 +114,7 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         if not self._first_write_done:
             self._before_first_write()
 
-    def flush(self):
-        if not self.read_only:
-            self.f.sync()
-
-    def close(self):
-        try:
-            if self.f.fd >= 0 and not self.read_only:
-                self.f.sync()           # a failed fsync is an error, never ignored
-        finally:
-            self.f.close()
-            if self.data_f is not None:
-                self.data_f.close()
+    # flush and close: FileImage's (the external data file is one of its extra_files)
 
 
 class Qcow2Backend(Backend):
@@ -210,7 +196,7 @@ class Qcow2Backend(Backend):
             raise InvalidArgument(f"QCOW2: size must be a positive multiple of 512, found {p.size}")
         cb = cs.bit_length() - 1
         span = cs * (cs // 8)
-        l1_size = -(-p.size // span)
+        l1_size = ceil_div(p.size, span)
         if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
             raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, limit_reason(cs))
         backing = fmt = None
@@ -229,7 +215,7 @@ class Qcow2Backend(Backend):
                 incompatible_features=0, compatible_features=0, autoclear_features=0,
                 refcount_order=order, header_length=hlen))
             hdr += bytes(hlen - len(hdr))   # compression_type 0 (zlib) + padding
-        l1_clusters = max(1, -(-l1_size * 8 // cs))
+        l1_clusters = max(1, ceil_div(l1_size * 8, cs))
         # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table
         used = 3 + l1_clusters
         per_block = cs * 8 // rbits

@@ -6,12 +6,15 @@ from __future__ import annotations
 import struct
 from array import array
 
+from ...align import ceil_div
 from ...backend import ImageFlags, too_large
+from ...compaction import move_blocks, plan_moves
 from ...errors import InvalidArgument
 from ...fileio import relative_name
 from ...image import ParentHint
 from ...progress import Progress
 from ...sparse import is_zero, zeroes
+from ...tables import BlockTable
 from . import layout as L
 from .clusters import L2E_MASK, array_be_bytes
 from .header import limit_reason
@@ -27,7 +30,7 @@ class MaintenanceMixin:
         truncate. Clusters shared with internal snapshots are left alone."""
         self._check_write()
         cs = self.cs
-        nclu = -(-self.size // cs)
+        nclu = ceil_div(self.size, cs)
         prog = Progress(progress, nclu * 2)
         prog.start()
         has_backing = self.backing_file is not None
@@ -74,11 +77,15 @@ class MaintenanceMixin:
         prog.finish()
 
     def _close_holes(self, prog: Progress, base: int) -> None:
+        """Move clusters from the end of the file into free clusters (refcount 0, refcount
+        block present) and truncate. Movable: data clusters and L2 tables with refcount 1, and
+        host clusters holding compressed clusters wholly. compaction.move_blocks copies them,
+        syncs, then :meth:`_repoint_clusters`, then syncs."""
         cs = self.cs
         self.fsize = self.f.size()
-        end = -(-self.fsize // cs)
-        # who refers to each movable cluster: data clusters and L2 tables with refcount 1, host
-        # clusters holding compressed clusters that lie entirely inside them
+        end = ceil_div(self.fsize, cs)
+        # who refers to each movable cluster; tables are named by their L1 index, so that an
+        # entry is written into its table wherever that table moved
         owner: dict[int, tuple] = {}
         comp: dict[int, list] = {}
         pinned: set[int] = set()
@@ -98,66 +105,80 @@ class MaintenanceMixin:
                         pinned.add(h)
                         pinned.add((coff + csize - 1) // cs)
                     else:
-                        comp.setdefault(h, []).append((off, j))
+                        comp.setdefault(h, []).append((i, j))
                     continue
                 host = e & L2E_MASK
                 if host and self.refcount(host // cs) == 1:
-                    owner[host // cs] = ("l2", off, j)
+                    owner[host // cs] = ("l2", i, j)
         for h, refs in comp.items():
             if h not in pinned and h not in owner and self.refcount(h) == len(refs):
-                owner[h] = ("comp", refs)
-        free = [c for c in range(1, end) if self.refcount(c) == 0 and
-                self._refblock(c // self.rb_entries, create=False) is not None]
-        fi = 0
-        c = end - 1
-        while c > 0 and fi < len(free) and free[fi] < c:
-            if self.refcount(c) == 0:
-                c -= 1
-                continue
-            who = owner.get(c)
-            if who is None:               # immovable (metadata, shared, compressed): skip it
-                c -= 1
-                continue
-            dst = free[fi]
-            fi += 1
-            data = self.f.pread(c * cs, cs)
-            self._set_refcount(dst, self.refcount(c))
-            self.f.pwrite(dst * cs, data)
-            if who[0] == "comp":
-                for l2off, j in who[1]:
-                    tbl = self._load_l2(l2off, "compact")
-                    k = 2 * j if self.extended_l2 else j
-                    e = tbl[k]
-                    x = 62 - (self.cb - 8)
-                    coff = e & ((1 << x) - 1)
-                    ne = (e & ~((1 << x) - 1)) | (dst * cs + coff - c * cs)
-                    self._set_l2(tbl, l2off, j, ne, tbl[k + 1] if self.extended_l2 else 0)
-            elif who[0] == "l1":
-                tbl = self._l2_cache.pop(c * cs, None)
-                if tbl is not None:
-                    self._l2_cache[dst * cs] = tbl
-                self._set_l1(who[1], dst * cs | L.OFLAG_COPIED)
-                for k, v in list(owner.items()):
-                    if v[0] == "l2" and v[1] == c * cs:
-                        owner[k] = ("l2", dst * cs, v[2])
-                    elif v[0] == "comp":
-                        owner[k] = ("comp", [(dst * cs if o == c * cs else o, j)
-                                             for o, j in v[1]])
-            else:
-                _, l2off, j = who
-                tbl = self._load_l2(l2off, "compact")
-                if self.extended_l2:
-                    e, bm = tbl[2 * j], tbl[2 * j + 1]
+                owner[h] = ("comp", tuple(refs))
+        holes: list[list[int]] = []
+        for c in range(1, end):
+            if self.refcount(c) == 0 and \
+                    self._refblock(c // self.rb_entries, create=False) is not None:
+                if holes and holes[-1][1] == c * cs:
+                    holes[-1][1] += cs
                 else:
-                    e, bm = tbl[j], 0
-                self._set_l2(tbl, l2off, j, (e & ~L2E_MASK) | dst * cs, bm)
-            self._set_refcount(c, 0)
-            c -= 1
-            prog.set(base + (end - c) * base // max(end, 1))
+                    holes.append([c * cs, (c + 1) * cs])
+        blocks = [(c * cs, cs, who) for c, who in owner.items() if c < end]
+        moves = plan_moves(blocks, holes, cs)
+        done = [0]
+
+        def advance(_n):
+            done[0] += 1
+            prog.set(base + base * done[0] // max(len(moves), 1))
+
+        move_blocks(self.f, moves, self._repoint_clusters, advance=advance)
         last = self._cut_free_tail(end)
         for c in range(1, last):
             if self.refcount(c) == 0:
                 self.f.punch_hole(c * cs, cs)
+
+    def _repoint_clusters(self, moves) -> None:
+        """Name the new places of moved clusters: refcounts of the new places first (sync),
+        then the L1 entries of moved tables, then the L2 entries (written into each table at
+        its new place), sync, then the old places' refcounts drop to zero."""
+        cs = self.cs
+        for m in moves:
+            self._set_refcount(m.dst // cs, self.refcount(m.src // cs))
+        self.f.sync()
+        l1 = BlockTable(self.f, self.l1_offset, self.l1, big_endian=True)
+        for m in moves:
+            if m.key[0] == "l1":
+                tbl = self._l2_cache.pop(m.src, None)
+                if tbl is not None:
+                    self._l2_cache[m.dst] = tbl
+                l1[m.key[1]] = m.dst | L.OFLAG_COPIED
+        l1.write_back()
+        tables: dict[int, BlockTable] = {}
+
+        def table(i: int) -> BlockTable:
+            t = tables.get(i)
+            if t is None:
+                off = self.l1[i] & L.L1E_OFFSET_MASK
+                t = tables[i] = BlockTable(self.f, off, self._load_l2(off, "compact"),
+                                           big_endian=True)
+            return t
+
+        step = 2 if self.extended_l2 else 1
+        x = 62 - (self.cb - 8)
+        for m in moves:
+            if m.key[0] == "l2":
+                t = table(m.key[1])
+                k = m.key[2] * step
+                t[k] = (t[k] & ~L2E_MASK) | m.dst
+            elif m.key[0] == "comp":
+                for i, j in m.key[1]:
+                    t = table(i)
+                    e = t[j * step]
+                    coff = e & ((1 << x) - 1)
+                    t[j * step] = (e & ~((1 << x) - 1)) | (m.dst + coff - m.src)
+        for t in tables.values():
+            t.write_back()
+        self.f.sync()
+        for m in moves:
+            self._set_refcount(m.src // cs, 0)
 
     # ------------------------------------------------------------------ resize
     def resizes_in_place(self, new_size):
@@ -177,13 +198,13 @@ class MaintenanceMixin:
                 progress(1, 1)
             return
         span = self.cs * self.l2_entries
-        need = -(-new_size // span)
+        need = ceil_div(new_size, span)
         if need * 8 > L.MAX_L1_BYTES or new_size > self.max_size:
             raise too_large("QCOW2", new_size, self.max_size, self.location,
                             limit_reason(self.cs))
         if need > len(self.l1):
             old_off, old_n = self.l1_offset, len(self.l1)
-            nclu = -(-need * 8 // self.cs)
+            nclu = ceil_div(need * 8, self.cs)
             new_off = self._alloc(nclu)
             l1 = array("Q", self.l1)
             l1.extend([0] * (need - len(l1)))
@@ -216,10 +237,10 @@ class MaintenanceMixin:
         self._refuse_cut_data(new_size)
         cs, per = self.cs, self.l2_entries
         w = 2 if self.extended_l2 else 1
-        first = -(-new_size // cs)                  # first guest cluster wholly cut off
-        old_n = -(-self.size // cs)
-        keep_l1 = -(-new_size // (cs * per))        # L1 entries that still map something
-        for l1i in range(first // per, min(len(self.l1), -(-old_n // per))):
+        first = ceil_div(new_size, cs)                  # first guest cluster wholly cut off
+        old_n = ceil_div(self.size, cs)
+        keep_l1 = ceil_div(new_size, (cs * per))        # L1 entries that still map something
+        for l1i in range(first // per, min(len(self.l1), ceil_div(old_n, per))):
             tbl, l2off = self._l2_of(l1i)
             if tbl is None:
                 continue
@@ -241,7 +262,7 @@ class MaintenanceMixin:
         self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
         self.size = new_size
         self.f.sync()
-        self._cut_free_tail(max(self.next_cluster, -(-self.fsize // cs)))
+        self._cut_free_tail(max(self.next_cluster, ceil_div(self.fsize, cs)))
 
     def _cut_free_tail(self, end: int) -> int:
         """Truncate the file after its last cluster in use (of ``end`` clusters); returns the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from array import array
 
+from ...align import align_up
 from ...errors import CorruptImage, NotSupported
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
@@ -122,7 +123,7 @@ class RefcountsMixin:
         old_off, old_clusters = self.rt_offset, self.rt_clusters
         per = self.cs // 8
         need = max(min_index + 1, (self.next_cluster + 8) // self.rb_entries + 4, len(old) * 2)
-        entries = -(-need // per) * per
+        entries = align_up(need, per)
         nclu = entries // per
         if entries * 8 > L.MAX_REFTABLE_BYTES:
             raise NotSupported(f"{self.location}: the refcount table would exceed qemu's limit "

@@ -5,6 +5,7 @@ import os
 from array import array
 from collections import OrderedDict
 
+from ...align import ceil_div
 from ...backend import ImageFlags, OpenFlags
 from ...errors import CorruptImage, NotSupported, ParentMismatch
 from ...fileio import ImageFile
@@ -39,7 +40,7 @@ class QcowV1Image(Image):
         if h.size > (1 << 62):
             raise CorruptImage("virtual size too large", path=location, field="size", offset=24,
                                found=h.size)
-        l1_size = -(-h.size // span)
+        l1_size = ceil_div(h.size, span)
         if l1_size * 8 > L.MAX_L1_BYTES:
             raise CorruptImage("L1 table too large", path=location, field="size", offset=24,
                                expected="an L1 table of at most 32 MiB", found=h.size)
