@@ -245,3 +245,20 @@ def test_no_private_names_across_modules():
     reaches into another module's objects for one (Disk.read_below, not Disk._read_below)."""
     found = _private_uses()
     assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_public_api_is_named():
+    """vdgui.vd's __all__ is a written list (not whatever dir() held, which included every
+    submodule): each name resolves, none is a module."""
+    import types
+
+    import vdgui.vd as vd
+    tree = ast.parse((PKG / "vd" / "__init__.py").read_text())
+    spelled = [n.value for n in tree.body if isinstance(n, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    assert len(spelled) == 1 and isinstance(spelled[0], ast.List), "__all__ must be a list literal"
+    assert all(isinstance(e, ast.Constant) for e in spelled[0].elts)
+    assert len(set(vd.__all__)) == len(vd.__all__)
+    for name in vd.__all__:
+        assert not isinstance(getattr(vd, name), types.ModuleType), name
+    assert {"Disk", "copy_image", "VDError", "Library"} <= set(vd.__all__)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import read_all, run_cli, sha
 from vdgui.vd import (AuthenticationError, Cap, ConfigError, Disk, KeyFlag, NetworkError,
-                      OpenFlags, TimeoutError, ValueType, VDError, get_backend)
+                      OpenFlags, ValueType, VDError, VDTimeoutError, get_backend)
 from vdgui.vd.formats import iscsi_pdu as P
 
 pytestmark = pytest.mark.iscsi
@@ -233,7 +233,7 @@ def test_target_that_stops_gives_timeout_not_hang(tgt_factory, tmp_path):
     os.kill(t.proc.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.raises(TimeoutError, match="stopped answering"):
+        with pytest.raises(VDTimeoutError, match="stopped answering"):
             d.read(0, LUN_SIZE)
         assert time.monotonic() - start < 5
     finally:

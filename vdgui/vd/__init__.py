@@ -9,7 +9,7 @@ from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
                      FileExists, ImageChanged, ImageInUse, ImageNotFound, InvalidArgument,
                      NetworkError, NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage,
-                     ScanIncomplete, TimeoutError, UnknownFormat, UnsafePath, VDError, VDIOError,
+                     ScanIncomplete, UnknownFormat, UnsafePath, VDError, VDIOError, VDTimeoutError,
                      printable, user_path)
 from .fileio import is_temp_name, read_small_file
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
@@ -33,7 +33,25 @@ _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
          "mark_duplicates": "library",
          "read_virtualbox_registry": "library"}
 
-__all__ = [n for n in dir() if not n.startswith("_")] + list(_LAZY)
+# the public API, named (the lazy names of the library included)
+__all__ = [
+    "Alloc", "AmbiguousFormat", "applicable_keys", "AuthenticationError", "Backend", "backends",
+    "backends_for_extension", "Cancelled", "Cap", "chain_target_names", "changed", "ChangeReport",
+    "check", "CheckReport", "compact", "compare", "compare_disks", "CompareResult", "ConfigError",
+    "ConfigKey", "copy_image", "CorruptImage", "CreateParams", "data_dir", "describe_effects",
+    "describe_size", "DeviceType", "Disk", "disk_layout", "DiskFile", "Entry", "Extent",
+    "FileExists", "FileExtension", "format_size", "Geometry", "get_backend", "give_new_uuid",
+    "Image", "ImageChanged", "ImageFlags", "ImageInUse", "ImageNotFound", "ImageRecord",
+    "InvalidArgument", "is_temp_name", "KeyFlag", "Layout", "Library", "load_entry_point_backends",
+    "mark_duplicates", "merge", "merge_disk", "move_image", "move_refusal", "NetworkError",
+    "NotSupported", "open_image", "open_volume", "OpenFlags", "Operation", "ParentHint",
+    "ParentMismatch", "ParentNotFound", "parse_config", "parse_size", "parse_variant", "Partition",
+    "printable", "probe", "probe_scores", "ProbeInput", "Problem", "ProblemCode", "Progress",
+    "ProgressCallback", "read_small_file", "read_virtualbox_registry", "ReadOnlyImage", "Refusal",
+    "Region", "register_backend", "resize", "ScanIncomplete", "SliceFile", "UnknownFormat",
+    "UnsafePath", "user_path", "ValueType", "variant_words", "vbox_lchs", "vbox_pchs", "VDError",
+    "VDIOError", "VDTimeoutError", "vhd_chs",
+]
 
 
 def __getattr__(name: str):

@@ -354,7 +354,7 @@ class Disk:
             "variant": variant_words(img.flags),
             "image_flags": int(img.flags),
             "virtual_size": img.size,
-            "file_size": img.file_size,
+            "file_size": img.allocated_size,     # the key scripts read (allocated bytes)
             "uuid": str(img.uuid) if img.uuid else None,
             "modification_uuid": str(img.modification_uuid) if img.modification_uuid else None,
             "parent_uuid": str(img.parent_uuid) if img.parent_uuid else None,

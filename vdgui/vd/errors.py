@@ -155,7 +155,8 @@ class AuthenticationError(VDError):
     code = "AUTH"
 
 
-class TimeoutError(VDError):  # noqa: A001 - deliberately scoped to vdgui.vd
+class VDTimeoutError(VDError):
+    """A network peer stopped answering (not Python's builtin TimeoutError)."""
     code = "TIMEOUT"
 
 

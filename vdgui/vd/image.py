@@ -214,7 +214,8 @@ class Image:
             f.check_in_place(what)
 
     @property
-    def file_size(self) -> int:
+    def allocated_size(self) -> int:
+        """Bytes the image's files take on the storage (allocated blocks, not their length)."""
         total = 0
         for f in self.files():
             try:

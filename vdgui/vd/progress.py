@@ -49,7 +49,7 @@ class Progress:
         self.done = done
         self._emit()
 
-    def check(self) -> None:
+    def poll(self) -> None:
         """Give the callback a chance to cancel without advancing."""
         if not self._started:
             self.start()

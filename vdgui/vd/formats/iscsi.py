@@ -5,11 +5,10 @@ files, and the same configuration keys. The location is ``iscsi://[user@]host[:p
 Login does security negotiation (None, CHAP-MD5, mutual CHAP) then operational negotiation;
 SCSI commands: TEST UNIT READY, INQUIRY, READ CAPACITY(10/16), READ/WRITE(10/16) with R2T and
 Data-Out, SYNCHRONIZE CACHE. A dropped connection is re-established and the command retried
-once; a silent target raises TimeoutError after ``Timeout`` ms.
+once; a silent target raises VDTimeoutError after ``Timeout`` ms.
 """
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import struct
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import (AuthenticationError, ConfigError, ImageNotFound, InvalidArgument,
-                      NetworkError, NotSupported, TimeoutError, VDIOError)
+                      NetworkError, NotSupported, VDIOError, VDTimeoutError)
 from ..image import Alloc, Image
 from . import iscsi_pdu as P
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     import socket
 
 log = logging.getLogger(__name__)
-_SOCKET_TIMEOUT = builtins.TimeoutError   # socket.timeout; socket is imported on first connect
 
 DEFAULT_PORT = 3260
 DEFAULT_INITIATOR = "iqn.2026-11.org.vdgui:initiator"
@@ -132,9 +130,9 @@ class Connection:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except _SOCKET_TIMEOUT:
-            raise TimeoutError(f"iSCSI target {self.host}:{self.port} did not answer within "
-                               f"{self.cfg['Timeout']} ms") from None
+        except TimeoutError:          # the builtin (socket.timeout)
+            raise VDTimeoutError(f"iSCSI target {self.host}:{self.port} did not answer within "
+                                 f"{self.cfg['Timeout']} ms") from None
         except OSError as exc:
             raise NetworkError(f"cannot connect to iSCSI target {self.host}:{self.port}: "
                                f"{exc.strerror or exc}") from None
@@ -164,9 +162,9 @@ class Connection:
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(n - len(buf))
-            except _SOCKET_TIMEOUT:
-                raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped answering "
-                                   f"(no data for {self.cfg['Timeout']} ms)") from None
+            except TimeoutError:
+                raise VDTimeoutError(f"iSCSI target {self.host}:{self.port} stopped answering "
+                                     f"(no data for {self.cfg['Timeout']} ms)") from None
             except OSError as exc:
                 raise _Dropped(str(exc)) from None
             if not chunk:
@@ -179,9 +177,9 @@ class Connection:
             raise _Dropped("not connected")
         try:
             self.sock.sendall(pdu.encode())
-        except _SOCKET_TIMEOUT:
-            raise TimeoutError(f"iSCSI target {self.host}:{self.port} stopped accepting data "
-                               f"for {self.cfg['Timeout']} ms") from None
+        except TimeoutError:
+            raise VDTimeoutError(f"iSCSI target {self.host}:{self.port} stopped accepting data "
+                                 f"for {self.cfg['Timeout']} ms") from None
         except OSError as exc:
             raise _Dropped(str(exc)) from None
 
@@ -336,7 +334,7 @@ class Connection:
                 r = self.recv()
                 if r.opcode == P.OP_LOGOUT_RESP:
                     break
-        except (_Dropped, TimeoutError, NetworkError):
+        except (_Dropped, VDTimeoutError, NetworkError):
             pass
         finally:
             self.close()
@@ -454,7 +452,7 @@ class IscsiImage(Image):
         return []
 
     @property
-    def file_size(self) -> int:
+    def allocated_size(self) -> int:
         return self.size
 
     def _scsi(self, cdb, read_length=0, write_data=None, what="command"):

@@ -132,7 +132,7 @@ def _extents(src: Disk, top: int, bottom: int, length: int):
         pos += n
 
 
-def _tail_is_zero(src: Disk, top: int, start: int, end: int) -> int | None:
+def _first_nonzero_in(src: Disk, top: int, start: int, end: int) -> int | None:
     """First offset in [start, end) that does not read as zero, or None."""
     return first_nonzero(((e.start, e.length) for e in src.allocation(start, end - start, top=top)
                           if e.status == Alloc.DATA),
@@ -382,7 +382,7 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         size = src_size if new_size is None else new_size
         size = _round_up(size, dst_backend.size_granularity)
         if size < src_size:
-            bad = _tail_is_zero(src, top, size, src_size)
+            bad = _first_nonzero_in(src, top, size, src_size)
             if bad is not None:
                 raise InvalidArgument(f"{src_path}: cannot shrink to {size} bytes: the source holds "
                                       f"data beyond the new end (first at offset {bad})")
@@ -463,7 +463,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                     t.create_base(loc, size, backend, flags=variant, uuid=uid,
                                   lchs=lchs if lchs and not lchs.is_zero else None,
                                   config=config, allow_unsafe_paths=allow_unsafe,
-                                  progress=lambda d, n: prog.check())
+                                  progress=lambda d, n: prog.poll())
                 else:
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
                                   config=config, allow_unsafe_paths=allow_unsafe, size=size)

@@ -253,7 +253,7 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
             img.check_in_place("the merge")
         if not forward:               # the target's children: links naming its modification id
             _restore_links(disk, t, refresh)
-        prog.check()                  # last chance to cancel: nothing has been relinked yet
+        prog.poll()                  # last chance to cancel: nothing has been relinked yet
     except BaseException as exc:
         try:
             target.flush()     # what was copied is complete on disk; the chain reads as before

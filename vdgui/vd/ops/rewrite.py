@@ -226,7 +226,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                prog.check()                         # last moment to cancel
+                prog.poll()                         # last moment to cancel
                 lock.check_in_place()  # the original was not deleted or replaced meanwhile
                 os.replace(tmp, real)                # the commit point
             except OSError as exc:

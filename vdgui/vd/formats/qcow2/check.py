@@ -161,7 +161,7 @@ class CheckMixin:
                         if active:
                             fixes.append(("l2", off, j, 0))
             if progress:
-                progress.check()
+                progress.poll()
         return counts, fixes
 
     def _check_subclusters(self, off: int, tbl, active: bool, data_file: bool, problems: list,
