@@ -1,6 +1,8 @@
 """Syscall-exact interruption: run an operation, SIGKILL it at chosen syscalls, judge what is left.
 
-One harness for every interruption test (tests/engine/test_interruption.py, the VDI crash tests):
+One harness for every test that kills an operation mid-way (tests/engine/test_interruption.py,
+the VDI crash tests in tests/formats/test_vdi.py, the allocation and merge durability tests in
+tests/formats/test_durability.py); it also injects errors (ENOSPC, EIO) at exact syscalls:
 
 * The operation runs in a child forked from the test process (no interpreter start-up), which
   waits until ``strace`` has attached to it (its ``TracerPid``) and then runs a Python callable
@@ -14,7 +16,9 @@ One harness for every interruption test (tests/engine/test_interruption.py, the 
   (the structural steps), so a campaign lands in every phase of the operation.
 * :func:`campaign` builds a template once, counts, then for each point copies the template,
   kills, and calls the scenario's judge; the problems of all points are collected and reported
-  together (format, operation, point, symptom).
+  together (format, operation, point, symptom). ``select`` picks the points itself; ``error``
+  makes the chosen syscall fail with that errno instead of killing (``on_exit`` then judges the
+  exit code and output).
 """
 from __future__ import annotations
 
@@ -32,9 +36,10 @@ from pathlib import Path
 from typing import Callable
 
 STRACE = shutil.which("strace") or "/usr/bin/strace"
-SYSCALLS = ("pwrite64", "pwritev", "write", "ftruncate", "fsync", "fdatasync", "rename",
-            "renameat", "renameat2", "unlink", "unlinkat")
+SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "write", "ftruncate", "fallocate", "fsync",
+            "fdatasync", "rename", "renameat", "renameat2", "unlink", "unlinkat")
 STRUCTURAL = {"rename", "renameat", "renameat2", "unlink", "unlinkat", "ftruncate"}
+WRITES = {"pwrite64", "pwritev", "pwritev2", "ftruncate", "fallocate"}   # what changes a file
 _LINE = re.compile(r"^(\d+)\s+(\w+)\(")
 
 
@@ -89,9 +94,11 @@ def _child(fn: Callable[[], int], cwd: str, log: str) -> None:
 
 
 def run(fn: Callable[[], int], cwd, *, kill_at: Point | None = None,
-        trace_to: str | None = None, log: str | None = None) -> int | None:
+        trace_to: str | None = None, log: str | None = None,
+        error: str | None = None) -> int | None:
     """Run ``fn`` in a forked child under strace. Returns its exit code, or None when it was
-    killed at ``kill_at``."""
+    killed at ``kill_at``. With ``error`` (an errno name) the syscall at ``kill_at`` fails with
+    it instead, and the exit code is returned."""
     log = log or os.path.join(str(cwd), "..", f".kill-{os.getpid()}.log")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -103,7 +110,8 @@ def run(fn: Callable[[], int], cwd, *, kill_at: Point | None = None,
     cmd = [STRACE, "-f", "-qq", "-p", str(pid), "-o", trace_to or os.devnull,
            "-e", "trace=" + ",".join(SYSCALLS)]
     if kill_at is not None:
-        cmd += ["-e", f"inject={kill_at.name}:signal=KILL:when={kill_at.nth}"]
+        what = f"error={error}" if error else "signal=KILL"
+        cmd += ["-e", f"inject={kill_at.name}:{what}:when={kill_at.nth}"]
     tracer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
@@ -115,7 +123,7 @@ def run(fn: Callable[[], int], cwd, *, kill_at: Point | None = None,
             tracer.kill()
             err = b""
     if os.WIFSIGNALED(status):
-        if os.WTERMSIG(status) == signal.SIGKILL and kill_at is not None:
+        if os.WTERMSIG(status) == signal.SIGKILL and kill_at is not None and not error:
             return None
         raise AssertionError(f"operation died of signal {os.WTERMSIG(status)}: "
                              f"{err.decode(errors='replace')}")
@@ -188,10 +196,16 @@ class Outcome:
 def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], int]],
              judge: Callable[[Path, bool], list[str]], *, points: int | None = 22,
              sample_n: int | None = None, seed: str = "", after_full: Callable[[Path], None]
-             | None = None) -> tuple[list[Point], list[Outcome]]:
+             | None = None, select: Callable[[list[Point]], list[Point]] | None = None,
+             error: str | None = None,
+             on_exit: Callable[[Point, int, str], list[str]] | None = None
+             ) -> tuple[list[Point], list[Outcome]]:
     """Count on a copy of ``template``, then kill a copy at each chosen point and ``judge`` it
-    (``judge(work, killed)`` returns the problems found). ``points``: how many spread points
-    (None: every syscall); ``sample_n``: a seeded sample of that many instead."""
+    (``judge(work, finished)`` returns the problems found; ``finished``: the operation ran to
+    its end: the uninterrupted run, or a run whose syscall failed instead of being killed). ``points``: how many spread points
+    (None: every syscall); ``sample_n``: a seeded sample of that many instead; ``select``: a
+    function choosing them from all points. ``error``: fail the syscall with that errno instead
+    of killing; ``on_exit(point, exit code, output)`` returns the problems of how it ended."""
     scratch = tmp / "scratch"
     scratch.mkdir(exist_ok=True)
     cal = tmp / "full"
@@ -199,19 +213,21 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
     code, all_points = count(fn_for(cal), cal, scratch)
     assert code == 0, f"the uninterrupted operation failed (exit {code})"
     assert all_points, "the operation made none of the traced syscalls"
-    full_problems = judge(cal, False)
+    full_problems = judge(cal, True)
     assert not full_problems, f"the uninterrupted operation: {full_problems}"
     if after_full is not None:
         after_full(cal)
     shutil.rmtree(cal)
-    if sample_n is not None:
+    if select is not None:
+        chosen = select(all_points)
+    elif sample_n is not None:
         chosen = sample(all_points, sample_n, seed)
     elif points is None:
         chosen = list(all_points)
     else:
         chosen = spread(all_points, points)
     global _JOB
-    _JOB = (tmp, template, fn_for, judge, scratch)
+    _JOB = (tmp, template, fn_for, judge, scratch, error, on_exit)
     try:
         if WORKERS > 1 and len(chosen) > 2:
             import multiprocessing
@@ -233,14 +249,18 @@ _JOB = None
 
 
 def _one_point(pt: Point) -> Outcome:
-    tmp, template, fn_for, judge, scratch = _JOB
+    tmp, template, fn_for, judge, scratch, error, on_exit = _JOB
     work = tmp / f"k{pt.index}"
     shutil.copytree(template, work)
     o = Outcome(pt, False)
+    log = str(scratch / f"op{pt.index}.log")
     try:
-        code = run(fn_for(work), work, kill_at=pt, log=str(scratch / f"op{pt.index}.log"))
+        code = run(fn_for(work), work, kill_at=pt, log=log, error=error)
         o.killed = code is None
-        if not o.killed and code != 0:
+        if on_exit is not None and code is not None:
+            with open(log, errors="replace") as f:
+                o.problems += on_exit(pt, code, f.read())
+        elif not o.killed and code != 0:
             o.problems.append(f"the operation exited {code} instead of being killed")
         o.problems += judge(work, not o.killed)
     except Exception as exc:                        # noqa: BLE001 - reported with the point

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.engine import kill_harness as kh
 from vdgui.vd import Disk, ImageFlags, OpenFlags, VDIOError, check, get_backend
 
 MiB = 1 << 20
@@ -68,85 +65,87 @@ def test_disk_close_closes_every_image_before_raising(tmp_path, monkeypatch):
     assert all(i.f.fd == -1 for i in imgs)
 
 
-def _strace():
-    exe = shutil.which("strace")
-    if exe is None:
-        pytest.fail("strace is not installed (scripts/bootstrap installs it for the tests)",
-                    pytrace=False)
-    return exe
+needs_strace = pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed "
+                                  "(bash scripts/bootstrap test installs it)")
 
 
-def _cli(args, *, inject=None, trace=None):
-    cmd = [sys.executable, "-m", "vdgui.cli", *map(str, args)]
-    if inject or trace:
-        cmd = [_strace(), "-f", "-qq", "-o", "/dev/stderr" if trace else "/dev/null",
-               "-e", f"trace={trace or inject.split(':')[0]}"] + (["-e", f"inject={inject}"] if inject else []) \
-            + cmd
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
+def _cli_fn(args):
+    """``vdgui-img ARGS`` as the kill harness runs it (in a forked child)."""
+    argv = [str(a) for a in args]
+
+    def fn():
+        from vdgui import cli
+        return cli.main(argv)
+    return fn
 
 
-def _count_fsyncs(args) -> int:
-    r = _cli(args, trace="fsync")
-    assert r.returncode == 0, r.stderr
-    return len(re.findall(r"\bfsync\(", r.stderr))
-
-
+@needs_strace
 @pytest.mark.parametrize("case", ["write-QCOW2", "write-QED", "create-QED"])
 def test_cli_exits_nonzero_when_the_last_fsync_fails(tmp_path, case):
     """The issue's repro: only the very last fsync of the command fails (EIO)."""
     op, fmt = case.split("-")
-    src = tmp_path / "r1"
+    work = tmp_path / "w"
+    work.mkdir()
+    src = work / "r1"
     src.write_bytes(os.urandom(MiB))
     base = tmp_path / f"t0.{EXT[fmt]}"
-    img = tmp_path / f"t.{EXT[fmt]}"
-    assert _cli(["create", "-f", fmt, "--size", "64M", base]).returncode == 0
+    img = work / f"t.{EXT[fmt]}"
+    assert kh.run(_cli_fn(["create", "-f", fmt, "--size", "64M", base]), tmp_path) == 0
     if op == "write":
         args = ["write", img, "--offset", "1M", "--input", src]
         shutil.copy(base, img)
-        n = _count_fsyncs(args)
-        shutil.copy(base, img)
     else:
         args = ["create", "-f", fmt, "--size", "64M", img]
-        n = _count_fsyncs(args)
+    code, points = kh.count(_cli_fn(args), work, tmp_path)
+    assert code == 0
+    fsyncs = [p for p in points if p.name == "fsync"]
+    assert fsyncs
+    if op == "write":
+        shutil.copy(base, img)
+    else:
         img.unlink()
-    assert n >= 1
-    r = _cli(args, inject=f"fsync:error=EIO:when={n}")
-    assert r.returncode != 0, f"{case}: exit 0 although the last fsync failed"
-    assert "flush failed" in r.stderr and "Traceback" not in r.stderr
+    log = tmp_path / "eio.log"
+    code = kh.run(_cli_fn(args), work, kill_at=fsyncs[-1], error="EIO", log=str(log))
+    out = log.read_text(errors="replace")
+    assert code != 0, f"{case}: exit 0 although the last fsync failed"
+    assert "flush failed" in out and "Traceback" not in out
 
 
 # -- item 2: the allocation point survives a kill between any two writes -------------------------
 QEMU_NAME = {"VDI": "vdi", "VHD": "vpc", "VHDX": "vhdx", "QCOW2": "qcow2", "QED": "qed",
              "Parallels": "parallels", "VMDK": "vmdk"}
 CREATE_CONFIG = {"VHDX": {"BlockSize": str(MiB)}}
-WRITE_CALLS = "pwrite64,pwritev,pwritev2,ftruncate,fallocate"
 
 
-def _write_syscalls(args) -> list[str]:
-    r = _cli(args, trace=WRITE_CALLS)
-    assert r.returncode == 0, r.stderr
-    calls = re.findall(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\(", r.stderr, re.M)
-    assert calls, f"no write syscall traced: {r.stderr[-2000:]}"
-    return calls
+def _writes_at(points_of):
+    """A harness ``select``: the points among the file writes that ``points_of(count)`` names
+    (1-based: a kill on entry to that write, so the writes before it happened)."""
+    def select(all_points):
+        writes = [p for p in all_points if p.name in kh.WRITES]
+        assert writes, "no file write traced"
+        return [writes[n - 1] for n in points_of(len(writes))]
+    return select
 
 
-def _kill_at(args, calls: list[str], n: int, how: str = "kill") -> None:
-    """Run ``args`` and SIGKILL it on entry to its ``n``-th write syscall (1-based): the
-    first n-1 writes happened, the n-th did not. ``how="enospc"``: that write fails with
-    ENOSPC instead, and the command must report it (exit 1, no traceback)."""
-    name = calls[n - 1]
-    k = calls[:n].count(name)
-    if how == "enospc":
-        r = _cli(args, inject=f"{name}:error=ENOSPC:when={k}")
-        # exit 0 only where the writer retried the write (VMDK falls back from pwritev to
-        # pwrite) and the retry, not injected, succeeded
-        assert r.returncode in (0, 1) and "Traceback" not in r.stderr, \
-            f"ENOSPC at write {n} ({name} #{k}): exit {r.returncode}: {r.stderr}"
-        assert r.returncode == 1 or name == "pwritev2", f"ENOSPC at write {n} ignored"
-        return
-    r = _cli(args, inject=f"{name}:signal=SIGKILL:when={k}")
-    assert r.returncode in (-9, 137), f"not killed at write {n} ({name} #{k}): {r.stderr}"
+def _enospc_exit(pt, code, out) -> list[str]:
+    """ENOSPC at a write: an error (exit 1, no traceback). Exit 0 only where the writer retried
+    the write (VMDK falls back from pwritev to pwrite) and the retry, not injected, succeeded."""
+    if code not in (0, 1) or "Traceback" in out:
+        return [f"ENOSPC at {pt}: exit {code}: {out[-2000:]}"]
+    if code == 0 and pt.name != "pwritev2":
+        return [f"ENOSPC at {pt} ignored"]
+    return []
+
+
+def _run_points(tmp_path, tpl, args_for, judge, points, how="kill"):
+    all_points, outcomes = kh.campaign(
+        tmp_path, tpl, lambda work: _cli_fn(args_for(work)), judge, select=_writes_at(points),
+        error="ENOSPC" if how == "enospc" else None,
+        on_exit=_enospc_exit if how == "enospc" else None)
+    bad = [f"at {o.point} of {len(all_points)}: {p}" for o in outcomes for p in o.problems]
+    assert not bad, "\n".join(bad)
+    if how == "kill":
+        assert all(o.killed for o in outcomes), "a run was not killed at its write"
 
 
 def _read(path, fmt, offset, length) -> bytes:
@@ -180,40 +179,40 @@ def _corruption(fmt, rep) -> list[str]:
 
 
 def _allocation_case(tmp_path, qemu, fmt, points, how="kill"):
-    base = tmp_path / f"base.{EXT[fmt]}"
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    name = f"a.{EXT[fmt]}"
     d = Disk()
-    d.create_base(str(base), 64 * MiB, fmt, config=CREATE_CONFIG.get(fmt))
+    d.create_base(str(tpl / name), 64 * MiB, fmt, config=CREATE_CONFIG.get(fmt))
     bs = max(d.top.block_size, 512)
     r0 = os.urandom(8 * MiB)
     d.write(0, r0)
     d.close()
     r2 = os.urandom(bs * 5 // 2)                # two blocks and a half: new allocations
-    src = tmp_path / "r2"
-    src.write_bytes(r2)
-    img = tmp_path / f"a.{EXT[fmt]}"
-    args = ["write", "-f", fmt, img, "--offset", str(8 * MiB), "--input", src]
-    shutil.copy(base, img)
-    calls = _write_syscalls(args)
-    for n in points(len(calls)):
-        shutil.copy(base, img)
-        _kill_at(args, calls, n, how)
+    (tpl / "r2").write_bytes(r2)
+
+    def args_for(work):
+        return ["write", "-f", fmt, work / name, "--offset", str(8 * MiB), "--input", work / "r2"]
+
+    def judge(work, finished):
+        img = work / name
         region = _read(img, fmt, 8 * MiB, len(r2))
-        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n} changed old data"
-        assert _sectors_old_or_new(region, r2), f"{fmt}: kill at write {n}: garbage in the range"
+        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: old data changed"
+        assert _sectors_old_or_new(region, r2), f"{fmt}: garbage in the range"
         bad = _corruption(fmt, check(str(img), format=fmt))
-        assert not bad, f"{fmt}: kill at write {n}: {bad}"
+        assert not bad, f"{fmt}: {bad}"
         # new allocations by qemu and by us must land in free space, never on the data above
-        writers = [lambda: qemu.io("-f", QEMU_NAME[fmt], "-c", "write -P 0x5e 32M 1M", img),
-                   lambda: _write(img, fmt, 40 * MiB, b"\x6b" * MiB)]
-        for w in writers:
-            w()
-        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: kill at write {n}: data overwritten"
+        qemu.io("-f", QEMU_NAME[fmt], "-c", "write -P 0x5e 32M 1M", img)
+        _write(img, fmt, 40 * MiB, b"\x6b" * MiB)
+        assert _read(img, fmt, 0, 8 * MiB) == r0, f"{fmt}: data overwritten"
         assert _read(img, fmt, 8 * MiB, len(r2)) == region, \
-            f"{fmt}: kill at write {n}: a later allocation overwrote the interrupted write's data"
+            f"{fmt}: a later allocation overwrote the interrupted write's data"
         assert _read(img, fmt, 32 * MiB, MiB) == b"\x5e" * MiB
         assert _read(img, fmt, 40 * MiB, MiB) == b"\x6b" * MiB
         bad = _corruption(fmt, check(str(img), format=fmt))
-        assert not bad, f"{fmt}: after kill at write {n} and new writes: {bad}"
+        assert not bad, f"{fmt}: after new writes: {bad}"
+        return []
+    _run_points(tmp_path, tpl, args_for, judge, points, how)
 
 
 def _all_points(k):
@@ -441,27 +440,29 @@ def test_qcow2_snapshot_sharing_is_not_a_cross_link(tmp_path, qemu):
 def _merge_case(tmp_path, points):
     """The issue's merge repro: SIGKILL inside `vdgui-img merge snap2.vdi base.vdi` on a
     three-level VDI chain must never leave base.vdi with a count below its blocks in use."""
-    paths = [str(tmp_path / n) for n in ("base.vdi", "snap1.vdi", "snap2.vdi")]
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    names = ("base.vdi", "snap1.vdi", "snap2.vdi")
+    paths = [str(tpl / n) for n in names]
     with Disk() as d:
         d.create_base(paths[0], 64 * MiB, "VDI")
         d.write(0, os.urandom(3 * MiB))
         for k, p in enumerate(paths[1:], 1):
             d.create_diff(p)
             d.write(k * 8 * MiB, os.urandom(3 * MiB))
-    saved = {p: Path(p).read_bytes() for p in paths}
     with Disk.open_chain(paths[2], "VDI", OpenFlags.READ_ONLY) as d:
         want = bytes(d.read(0, 32 * MiB))
-    args = ["merge", paths[2], paths[0]]
-    calls = _write_syscalls(args)
-    for n in points(len(calls)):
-        for p, data in saved.items():
-            Path(p).write_bytes(data)
-        _kill_at(args, calls, n)
-        bad = _corruption("VDI", check(paths[0], format="VDI"))
-        assert not bad, f"merge killed at write {n}: {bad}"
-        top = paths[2] if os.path.exists(paths[2]) else paths[0]
+
+    def judge(work, finished):
+        base, snap2 = str(work / names[0]), str(work / names[2])
+        bad = _corruption("VDI", check(base, format="VDI"))
+        assert not bad, f"merge killed: {bad}"
+        top = snap2 if os.path.exists(snap2) else base
         with Disk.open_chain(top, "VDI", OpenFlags.READ_ONLY) as d:
-            assert bytes(d.read(0, 32 * MiB)) == want, f"merge killed at write {n}: content"
+            assert bytes(d.read(0, 32 * MiB)) == want, "merge killed: content"
+        return []
+    _run_points(tmp_path, tpl, lambda work: ["merge", work / names[2], work / names[0]], judge,
+                points)
 
 
 def test_vdi_merge_kill_sample(tmp_path):
