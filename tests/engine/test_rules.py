@@ -262,3 +262,21 @@ def test_public_api_is_named():
     for name in vd.__all__:
         assert not isinstance(getattr(vd, name), types.ModuleType), name
     assert {"Disk", "copy_image", "VDError", "Library"} <= set(vd.__all__)
+
+
+def test_network_locations_are_told_in_one_place():
+    """Whether a location names a network disk is decided by vdgui.vd.is_network_location
+    alone, not by "://" tests spread over the GUI (a scheme rule then changes in one place)."""
+    where = []
+    for py in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text(), str(py))):
+            if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant)
+                    and node.left.value == "://"
+                    and any(isinstance(o, (ast.In, ast.NotIn)) for o in node.ops)):
+                where.append(f"{py}:{node.lineno}")
+    assert where == [f"{PKG / 'vd' / 'backend.py'}:{_line_of('def is_network_location') + 2}"], where
+
+
+def _line_of(text: str) -> int:
+    lines = (PKG / "vd" / "backend.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(text))

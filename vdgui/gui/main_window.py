@@ -17,7 +17,8 @@ import vdgui
 from vdgui.jobs import Job, JobQueue
 from vdgui.jobs import tasks
 from vdgui.vd import (CheckReport, DeviceType, Library, VDError, backends, format_size,
-                      get_backend, give_new_uuid, is_temp_name, mark_duplicates, move_refusal)
+                      get_backend, give_new_uuid, is_network_location, is_temp_name,
+                      mark_duplicates, move_refusal)
 
 from . import actions
 from .actions import SPECS, Context
@@ -49,7 +50,7 @@ def image_file_filter() -> str:
 
 def is_ours_temporary(path: str) -> bool:
     """Is ``path`` one of our temporaries, or inside one of our temporary folders?"""
-    if "://" in path:
+    if is_network_location(path):
         return False
     return any(is_temp_name(part) for part in os.path.abspath(path).split(os.sep) if part)
 
@@ -415,7 +416,7 @@ class MainWindow(QMainWindow):
             return None
         for p in images:
             self.library.touch_recent(p)
-        if "://" not in images[0]:
+        if not is_network_location(images[0]):
             self._remember_folder(images[0])
         if select:
             self._pending_select = [images[0]]
@@ -482,7 +483,8 @@ class MainWindow(QMainWindow):
 
     def _prompt_missing_secrets(self, recs) -> None:
         for rec in recs:
-            if (not rec.accessible and "://" in rec.path and rec.path not in self._secrets_asked
+            if (not rec.accessible and is_network_location(rec.path)
+                    and rec.path not in self._secrets_asked
                     and self.library.missing_secrets(rec.path)):
                 self.ask_secrets(rec.path)
 
@@ -655,7 +657,7 @@ class MainWindow(QMainWindow):
         self._alloc_path = node.path
         job = tasks.allocation_job(node.path, library=self.library, format=node.record.format,
                                    config=(self.library.properties(node.path) or None)
-                                   if "://" in node.path else None)
+                                   if is_network_location(node.path) else None)
         job.signals.finished.connect(self.show_allocation)
         job.signals.failed.connect(lambda j, msg, tb: self.details.set_allocation_error(
             node.path, f"Cannot read the allocation map: {msg}"))
@@ -703,11 +705,11 @@ class MainWindow(QMainWindow):
             m.addSeparator()
             node = self.proxy.node_from_index(idx)
             if node is not None:
-                if "://" not in node.path:
+                if not is_network_location(node.path):
                     folder = m.addAction("Open Containing &Folder")
                     folder.triggered.connect(lambda: QDesktopServices.openUrl(
                         QUrl.fromLocalFile(os.path.dirname(node.path))))
-                if "://" in node.path and self.library.missing_secrets(node.path):
+                if is_network_location(node.path) and self.library.missing_secrets(node.path):
                     secrets = m.addAction(icon("network"), "Enter &Secrets…")
                     secrets.triggered.connect(lambda: self.ask_secrets(node.path))
                 if actions.way_out("resize", node) == "convert":
@@ -869,7 +871,7 @@ class MainWindow(QMainWindow):
         if node is None:
             return None
         dlg = CopyDialog(node, self)
-        if "://" in node.path:
+        if is_network_location(node.path):
             # a network disk has no folder: copy into the last folder used, named after it
             from .dialogs.common import unique_path
             b = dlg.backend()
@@ -883,11 +885,11 @@ class MainWindow(QMainWindow):
     def start_copy(self, node, p: dict) -> Job:
         chain = [n.path for n in node.ancestors()]
         kw = dict(p["kwargs"])
-        if "://" in node.path and "src_config" not in kw:
+        if is_network_location(node.path) and "src_config" not in kw:
             kw["src_config"] = self.library.properties(node.path) or None   # network disk
         job = tasks.copy_job(p["src"], p["dst"], p["dst_format"], key=self.chain_key(node),
                              paths=chain, **kw)
-        if "://" in node.path:        # name a network source by its shown name, not its LUN
+        if is_network_location(node.path):   # name a network source by its shown name, not its LUN
             job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p['dst'])}"
         self._pending_select = [p["dst"]]
         return self.start_job(job, lambda res: self._rescan(list(res or [p["dst"]])))
@@ -1364,7 +1366,7 @@ class MainWindow(QMainWindow):
 
 def location(p: str) -> str:
     """Absolute path of a file image; network locations (scheme://…) unchanged."""
-    return p.strip() if "://" in p else os.path.abspath(os.path.expanduser(p))
+    return p.strip() if is_network_location(p) else os.path.abspath(os.path.expanduser(p))
 
 
 def _is_vbox_registry(path: str) -> bool:

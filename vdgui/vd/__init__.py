@@ -3,7 +3,8 @@
 No Qt anywhere below this package.
 """
 from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
-                      OpenFlags, Operation, ProbeInput, Refusal, parse_variant, variant_words)
+                      OpenFlags, Operation, ProbeInput, Refusal, is_network_location,
+                      parse_variant, variant_words)
 from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
@@ -42,7 +43,7 @@ __all__ = [
     "describe_size", "DeviceType", "Disk", "disk_layout", "DiskFile", "Entry", "Extent",
     "FileExists", "FileExtension", "format_size", "Geometry", "get_backend", "give_new_uuid",
     "Image", "ImageChanged", "ImageFlags", "ImageInUse", "ImageNotFound", "ImageRecord",
-    "InvalidArgument", "is_temp_name", "KeyFlag", "Layout", "Library", "load_entry_point_backends",
+    "InvalidArgument", "is_network_location", "is_temp_name", "KeyFlag", "Layout", "Library", "load_entry_point_backends",
     "mark_duplicates", "merge", "merge_disk", "move_image", "move_refusal", "NetworkError",
     "NotSupported", "open_image", "open_volume", "OpenFlags", "Operation", "ParentHint",
     "ParentMismatch", "ParentNotFound", "parse_config", "parse_size", "parse_variant", "Partition",

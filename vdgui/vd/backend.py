@@ -198,6 +198,11 @@ def too_large(fmt: str, size: int, limit: int, where: str = "", why: str = "") -
                            f"{describe_size(limit)}{why}; asked for {describe_size(size)}")
 
 
+def is_network_location(path: str) -> bool:
+    """``scheme://…`` locations (e.g. iscsi://host/iqn/lun) name non-file images."""
+    return "://" in path
+
+
 class Backend:
     """Base class of all format backends. Subclasses set the class attributes and implement
     ``probe``, ``open`` and (when creatable) ``create``."""

@@ -20,7 +20,7 @@ import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from .backend import DeviceType, OpenFlags
+from .backend import DeviceType, OpenFlags, is_network_location
 from .chain import find_parent
 from .fileio import held_elsewhere
 from .errors import ImageNotFound, InvalidArgument, VDError
@@ -127,11 +127,6 @@ def _device_for_extension(path: str) -> str:
     for b in backends_for_extension(ext):
         return b.device_type_for(path).value
     return DeviceType.HARD_DISK.value
-
-
-def is_network_location(path: str) -> bool:
-    """``scheme://…`` locations (e.g. iscsi://host/iqn/lun) name non-file images."""
-    return "://" in path
 
 
 def _norm(path: str) -> str:
@@ -595,7 +590,7 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
             loc = child.get("location") or ""
             fmt = child.get("format")
             uid = _vbox_uuid(child.get("uuid"))
-            if loc and (fmt or "").lower() != "iscsi" and "://" not in loc:
+            if loc and (fmt or "").lower() != "iscsi" and not is_network_location(loc):
                 loc = loc.replace("\\", "/") if os.sep == "/" and ":" not in loc[:2] else loc
                 path = os.path.normpath(os.path.join(base, os.path.expanduser(loc)))
                 out.append({"path": path, "format": fmt, "uuid": uid,

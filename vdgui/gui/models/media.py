@@ -12,7 +12,8 @@ from PySide6.QtCore import QAbstractItemModel, QModelIndex, QSortFilterProxyMode
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import QApplication
 
-from vdgui.vd import ImageRecord, UnknownFormat, format_size, get_backend
+from vdgui.vd import (ImageRecord, UnknownFormat, format_size, get_backend,
+                      is_network_location)
 
 from ..icons import format_icon, icon
 
@@ -193,7 +194,8 @@ class MediaModel(QAbstractItemModel):
         self.set_records(keep)
 
     def node(self, path: str) -> MediaNode | None:
-        return self._by_path.get(path.strip() if "://" in path else os.path.abspath(path))
+        key = path.strip() if is_network_location(path) else os.path.abspath(path)
+        return self._by_path.get(key)
 
     def nodes(self) -> list[MediaNode]:
         return list(self._by_path.values())

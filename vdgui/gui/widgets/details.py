@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QDialogButtonBox, QFileDialog, QFormLayout, QFram
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
                                QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
-from vdgui.vd import Alloc, Cap, format_size
+from vdgui.vd import Alloc, Cap, format_size, is_network_location
 
 from .. import actions
 from ..dialogs.resize import resize_problems
@@ -217,7 +217,8 @@ class DetailsPane(QScrollArea):
         shown = self._shown
         out = {}
         loc = self.location.text().strip()
-        loc = os.path.abspath(os.path.expanduser(loc)) if loc and "://" not in loc else loc
+        if loc and not is_network_location(loc):
+            loc = os.path.abspath(os.path.expanduser(loc))
         if loc and loc != shown.get("location"):
             out["location"] = loc
         v = self.size.value()
