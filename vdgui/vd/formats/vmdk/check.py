@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import array
 
+from ...align import align_up
 from ...image import CheckReport, Problem, ProblemCode
 from ...progress import Progress
-from .extents import FlatExtent, round_up, u32_array, u32_bytes
+from .extents import FlatExtent, u32_array, u32_bytes
 from .layout import SECTOR
 from .sparse import SESparseExtent, SparseExtent
 
@@ -47,7 +48,7 @@ class CheckMixin:
         after a crash between the data and the table update) is a leak; repair truncates it."""
         size = e.f.size()
         end = max(e.header["overhead"] * SECTOR, SECTOR)
-        gsz = round_up(e.n_gts * 4, SECTOR)
+        gsz = align_up(e.n_gts * 4, SECTOR)
         for sec in (e.gd_sector, e.rgd_sector):
             if sec:
                 end = max(end, sec * SECTOR + gsz)
@@ -64,7 +65,7 @@ class CheckMixin:
                 top = max(gt) if len(gt) else 0
                 if top > 1 and top * SECTOR < size:
                     end = max(end, min(top * SECTOR + e.grain, size))
-        end = round_up(end, SECTOR)
+        end = align_up(end, SECTOR)
         if size > end:
             report.problems.append(Problem(
                 "leak", f"{e.path}: {size - end} bytes after the last referenced grain or table "

@@ -6,6 +6,7 @@ import os
 import stat
 import uuid as uuidlib
 
+from ...align import align_up
 from ...backend import CreateParams, ImageFlags, OpenFlags
 from ...config import parse_config
 from ...errors import FileExists, ImageNotFound, InvalidArgument, NotSupported, UnsafePath
@@ -13,7 +14,6 @@ from ...fileio import ImageFile, atomic_files, relative_name
 from ...geometry import vbox_pchs
 from ...space import preallocate
 from .descriptor import NO_PARENT_CID, Descriptor, ExtentLine, build, new_cid
-from .extents import round_up
 from .image import VmdkImage
 from .layout import (DEFAULT_GRAIN, EMBEDDED_DESC_SECTORS, FLAG_COMPRESSED, FLAG_MARKERS,
                      FLAG_NL_TEST, GD_AT_END, MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader,
@@ -179,8 +179,8 @@ def create_raw(backend, p: CreateParams, drive: str):
     return backend.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
 
 def create_stream(backend, p: CreateParams, desc_bytes: bytes, sectors: int):
-    desc_sectors = max(EMBEDDED_DESC_SECTORS, round_up(len(desc_bytes), SECTOR) // SECTOR)
-    overhead = round_up(1 + desc_sectors, DEFAULT_GRAIN)
+    desc_sectors = max(EMBEDDED_DESC_SECTORS, align_up(len(desc_bytes), SECTOR) // SECTOR)
+    overhead = align_up(1 + desc_sectors, DEFAULT_GRAIN)
     hdr = header_dict(version=3, flags=FLAG_NL_TEST | FLAG_COMPRESSED | FLAG_MARKERS,
                        capacity=sectors, descriptor_offset=1, descriptor_size=desc_sectors,
                        rgd_offset=0, gd_offset=GD_AT_END, overhead=overhead,

@@ -1,54 +1,26 @@
 """VMDK extents that need no tables (ZERO, FLAT/VMFS), the base class every extent shares,
-and the small helpers of the table code (u32 arrays, vectored writes, run merging)."""
+and the small helpers of the table code (little-endian u32 tables)."""
 from __future__ import annotations
 
 import array
-import errno
-import os
-import sys
 
+from ...align import align_up
 from ...errors import ReadOnlyImage
 from ...fileio import ImageFile
 from ...image import Alloc
+from ...runs import RunList
+from ...tables import table_from_bytes, table_to_bytes
 from .descriptor import ExtentLine
 from .layout import SECTOR
 
 
-HOST_LE = sys.byteorder == "little"
-
-
 def u32_array(data: bytes) -> array.array:
-    a = array.array("I")
-    a.frombytes(data)
-    if not HOST_LE:
-        a.byteswap()
-    return a
+    """A grain directory or table (little-endian u32 entries) from its bytes."""
+    return table_from_bytes(data, "I", big_endian=False)
 
 
 def u32_bytes(a: array.array) -> bytes:
-    if HOST_LE:
-        return a.tobytes()
-    b = array.array("I", a)
-    b.byteswap()
-    return b.tobytes()
-
-
-def pwritev(f: ImageFile, offset: int, bufs: list) -> None:
-    """Write several buffers at ``offset`` without joining them (falls back to pwrite)."""
-    if len(bufs) == 1 or not hasattr(os, "pwritev"):
-        f.pwrite(offset, b"".join(bufs) if len(bufs) > 1 else bufs[0])
-        return
-    total = sum(len(b) for b in bufs)
-    try:
-        n = os.pwritev(f.fd, bufs[:1024], offset)
-    except OSError:
-        n = 0
-    if n < total:
-        f.pwrite(offset + n, b"".join(bytes(b) for b in bufs)[n:])
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    return table_to_bytes(a, big_endian=False)
 
 
 # -- extents -----------------------------------------------------------------------------------
@@ -94,34 +66,15 @@ class FlatExtent(Extent):
         self.writable = writable
 
     def block_status(self, off, n):
-        if self.f.is_device:
-            return [(off, n, Alloc.DATA)]
-        fd = self.f.fd
         start, end = self.base + off, self.base + off + n
-        runs = []
-        pos = start
-        try:
-            while pos < end:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:
-                        raise
-                    data = end
-                data = min(data, end)
-                if data > pos:
-                    runs.append([pos, data - pos, Alloc.UNALLOCATED])
-                if data >= end:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-                runs.append([data, hole - data, Alloc.DATA])
-                pos = hole
-        except OSError:
+        raw = self.f.data_runs(start, n)          # SEEK_DATA/SEEK_HOLE; None: cannot tell
+        if raw is None:
             return [(off, n, Alloc.DATA)]
-        out: list = []
+        runs = [(a, b - a, Alloc.DATA if d else Alloc.UNALLOCATED) for a, b, d in raw]
+        out = RunList()
         for s, ln, st in runs:
             if st == Alloc.UNALLOCATED:    # partial sectors count as data
-                a = round_up(s - self.base, SECTOR) + self.base
+                a = align_up(s - self.base, SECTOR) + self.base
                 b = (s + ln - self.base) // SECTOR * SECTOR + self.base if s + ln < end else s + ln
                 if b <= a:
                     st = Alloc.DATA
@@ -129,11 +82,10 @@ class FlatExtent(Extent):
                     pieces = [(s, a - s, Alloc.DATA), (a, b - a, Alloc.UNALLOCATED),
                               (b, s + ln - b, Alloc.DATA)]
                     for p in pieces:
-                        if p[1] > 0:
-                            append_run(out, p[0] - self.base, p[1], p[2])
+                        out.add(p[0] - self.base, p[1], p[2])
                     continue
-            append_run(out, s - self.base, ln, st)
-        return out
+            out.add(s - self.base, ln, st)
+        return out.runs
 
     def read(self, off, n):
         data = self.f.pread(self.base + off, n)
@@ -158,11 +110,3 @@ def zero_part(parts: list, cnt: int) -> None:
     else:
         parts.append([0, None, cnt])
 
-
-def append_run(out: list, s: int, n: int, st: Alloc) -> None:
-    if n <= 0:
-        return
-    if out and out[-1][2] == st and out[-1][0] + out[-1][1] == s:
-        out[-1] = (out[-1][0], out[-1][1] + n, st)
-    else:
-        out.append((s, n, st))

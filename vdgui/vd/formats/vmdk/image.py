@@ -12,10 +12,11 @@ from ...errors import CorruptImage, NotSupported, ParentMismatch
 from ...fileio import ImageFile, close_all, relative_name
 from ...geometry import Geometry
 from ...image import Image, ParentHint
+from ...runs import RunList
 from ...tables import first_shared
 from .check import CheckMixin
 from .descriptor import MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, new_cid
-from .extents import Extent, append_run
+from .extents import Extent
 from .maintenance import MaintenanceMixin
 from .opener import ExtentOpener
 from .sparse import SparseExtent
@@ -145,11 +146,11 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
 
     # -- data --------------------------------------------------------------------------------
     def block_status(self, offset, length):
-        out: list = []
+        out = RunList()
         for ext, rel, n in self._pieces(offset, length):
             for s, ln, st in ext.block_status(rel, n):
-                append_run(out, s + ext.vstart, ln, st)
-        return out
+                out.add(s + ext.vstart, ln, st)
+        return out.runs
 
     def read(self, offset, length):
         parts = [ext.read(rel, n) for ext, rel, n in self._pieces(offset, length)]

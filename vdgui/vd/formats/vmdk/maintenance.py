@@ -6,14 +6,16 @@ from __future__ import annotations
 import array
 import os
 
+from ...align import align_up, ceil_div
 from ...backend import ImageFlags
+from ...compaction import holes_between, move_blocks, plan_moves
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...fileio import ImageFile, atomic_files
 from ...progress import Progress
 from ...space import preallocate, require_space
 from ...sparse import is_zero
 from .descriptor import ExtentLine
-from .extents import Extent, FlatExtent, round_up, u32_bytes
+from .extents import Extent, FlatExtent, u32_bytes
 from .layout import MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader
 from .sparse import SparseExtent, write_sparse_extent
 from .stream import StreamWriter
@@ -108,7 +110,7 @@ class MaintenanceMixin:
         if ext.header is None:
             raise NotSupported(f"{self.location}: this sparse extent cannot be grown")
         per_gt = ext.grain_sectors * ext.gtes
-        n_new = -(-new_cap // per_gt)
+        n_new = ceil_div(new_cap, per_gt)
         f = ext.f
         hdr = dict(ext.header)
         if n_new > ext.n_gts:
@@ -125,10 +127,10 @@ class MaintenanceMixin:
                     off = ext._alloc(len(zero))
                     f.pwrite(off, zero)
                     rgd[t] = off // SECTOR
-            old_room = round_up(ext.n_gts * 4, SECTOR)
+            old_room = align_up(ext.n_gts * 4, SECTOR)
             gd_sector, rgd_sector = ext.gd_sector, ext.rgd_sector
             if n_new * 4 > old_room:                   # the directories move to the end
-                gsz = round_up(n_new * 4, SECTOR)
+                gsz = align_up(n_new * 4, SECTOR)
                 gd_sector = ext._alloc(gsz) // SECTOR
                 if rgd is not None:
                     rgd_sector = ext._alloc(gsz) // SECTOR
@@ -218,7 +220,7 @@ class MaintenanceMixin:
                                "area; run check --repair first (nothing was moved)",
                                path=f.path)
         fixed: list[tuple[int, int]] = []
-        gsz = round_up(e.n_gts * 4, SECTOR)
+        gsz = align_up(e.n_gts * 4, SECTOR)
         for sec in (e.gd_sector, e.rgd_sector):
             if sec:
                 fixed.append((sec * SECTOR, sec * SECTOR + gsz))
@@ -228,51 +230,19 @@ class MaintenanceMixin:
                     if sec:
                         fixed.append((sec * SECTOR, sec * SECTOR + e.gt_sectors * SECTOR))
         fixed = [(a, b) for a, b in fixed if b > base_end]
-        occupied = sorted(fixed + [(o, o + e.grain) for o, _ in live])
-        holes: list[list[int]] = []
-        cursor = base_end
-        for a, b in occupied:
-            if a > cursor:
-                holes.append([cursor, a])
-            cursor = max(cursor, b)
-        live.sort(reverse=True)
-        moved: list[tuple[int, int]] = []
-        kept_end = base_end
-        for a, b in fixed:
-            kept_end = max(kept_end, b)
-        for off, idx in live:
-            target = None
-            for h in holes:
-                if h[1] - h[0] >= e.grain and h[0] < off:
-                    target = h[0]
-                    h[0] += e.grain
-                    break
-            if target is None:
-                kept_end = max(kept_end, off + e.grain)
-                # grains below this one stay where they are
-                continue
-            f.pwrite(target, f.pread(off, e.grain))
-            moved.append((idx, target))
-            if len(moved) >= 256:
-                self._commit_moves(e, moved)
-            prog.advance(1)
-        self._commit_moves(e, moved)
+        occupied = fixed + [(o, o + e.grain) for o, _ in live]
+        kept_end = max([base_end] + [b for _a, b in fixed])
+        # the last grains into the lowest holes: copies, sync, both grain tables, sync
+        moves = plan_moves([(o, e.grain, idx) for o, idx in live],
+                           holes_between(occupied, start=base_end), SECTOR)
+        move_blocks(f, moves, lambda ms: e.set_gtes({m.key: m.dst // SECTOR for m in ms}),
+                    advance=lambda _n: prog.advance(1))
         for off, idx in live:
             cur = e._gte(idx) * SECTOR
             kept_end = max(kept_end, cur + e.grain)
-        kept_end = round_up(kept_end, SECTOR)
+        kept_end = align_up(kept_end, SECTOR)
         if kept_end < f.size():
             f.truncate(kept_end)
         e.file_size = f.size()
-        e.next_free = round_up(e.file_size, SECTOR)
+        e.next_free = align_up(e.file_size, SECTOR)
         f.sync()
-
-    @staticmethod
-    def _commit_moves(e: SparseExtent, moved: list) -> None:
-        if not moved:
-            return
-        e.f.sync()                                  # data first ...
-        for idx, target in moved:
-            e._set_gte(idx, target // SECTOR)       # ... then the tables
-        e.f.sync()
-        moved.clear()

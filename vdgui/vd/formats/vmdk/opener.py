@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import os
 
+from ...align import ceil_div
 from ...errors import CorruptImage, ImageNotFound, NotSupported
 from ...fileio import ImageFile
 from .descriptor import ExtentLine
@@ -50,7 +51,7 @@ class ExtentOpener:
             raise CorruptImage("extent is larger than its sparse file's capacity", path=path,
                                field="capacity", offset=0xC, expected=f">= {line.sectors} sectors",
                                found=hdr["capacity"])
-        n_gts = max(1, -(-max(hdr["capacity"], line.sectors) // per_gt))
+        n_gts = max(1, ceil_div(max(hdr["capacity"], line.sectors), per_gt))
         gd_bytes = n_gts * 4
         if gd_sector * SECTOR + gd_bytes > size or gd_sector == 0:
             raise CorruptImage("grain directory lies outside the file", path=path, field="gdOffset",
@@ -145,7 +146,7 @@ class ExtentOpener:
         if gs == 0 or gs > MAX_GRAIN_SECTORS:
             raise CorruptImage("bad grain size", path=path, field="grainSize", offset=16,
                                expected=f"1..{MAX_GRAIN_SECTORS}", found=gs)
-        need = -(-max(h.num_sectors, line.sectors) // (gs * COWD_GTES))
+        need = ceil_div(max(h.num_sectors, line.sectors), (gs * COWD_GTES))
         if h.num_gd_entries < need or h.num_gd_entries * 4 > f.size():
             raise CorruptImage("grain directory size does not fit the capacity", path=path,
                                field="numGDEntries", offset=24, expected=f">= {need}",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import array
 import zlib
 
+from ...align import align_up, ceil_div
 from ...errors import CorruptImage, NotSupported
 from ...fileio import ImageFile
 from ...image import Alloc
+from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
-from .extents import HOST_LE, Extent, append_run, pwritev, round_up, u32_array, u32_bytes, zero_part
+from ...tables import BlockTable, table_from_bytes
+from .extents import Extent, u32_array, u32_bytes, zero_part
 from .layout import (DEFAULT_GRAIN, DEFAULT_GTES, EMBEDDED_DESC_SECTORS, FLAG_COMPRESSED,
                      FLAG_MARKERS, FLAG_NL_TEST, FLAG_RGD, FLAG_ZERO_GRAIN, MAGIC, MARKER,
                      MAX_GRAIN_SECTORS, MAX_GTES, SECTOR, SparseHeader, header_dict)
@@ -30,7 +33,7 @@ class SparseExtent(Extent):
         self.grain_sectors = grain_sectors
         self.gtes = gtes
         self.gt_bytes = gtes * 4
-        self.gt_sectors = round_up(self.gt_bytes, SECTOR) // SECTOR
+        self.gt_sectors = align_up(self.gt_bytes, SECTOR) // SECTOR
         self.gd_sector = gd_sector
         self.rgd_sector = rgd_sector
         self.n_gts = n_gts
@@ -52,7 +55,7 @@ class SparseExtent(Extent):
                                                "redundant grain directory"))
         self._gts: dict[int, array.array] = {}
         self._cgrain: tuple[int, bytes] | None = None
-        self.next_free = round_up(self.file_size, SECTOR)
+        self.next_free = align_up(self.file_size, SECTOR)
         self._marked = False             # uncleanShutdown set (or found set) in this session
         self._clear_on_close = False     # ... by this session: a clean close clears it
         if cowd:
@@ -95,7 +98,7 @@ class SparseExtent(Extent):
     def block_status(self, off, n):
         if not self.plain_gtes:
             return self._block_status_by_grain(off, n)
-        out: list = []
+        out = RunList()
         end = off + n
         g = self.grain
         span = g * self.gtes
@@ -107,7 +110,7 @@ class SparseExtent(Extent):
             tend = min(end, base + span)
             gt = self._gt(t)
             if gt is None or is_zero(memoryview(gt).cast("B")):
-                append_run(out, pos, tend - pos, Alloc.UNALLOCATED)
+                out.add(pos, tend - pos, Alloc.UNALLOCATED)
             else:                             # runs of equal status over the table's entries
                 i = (pos - base) // g
                 prev = -1
@@ -117,13 +120,13 @@ class SparseExtent(Extent):
                     if c != prev:
                         gpos = base + i * g
                         if prev >= 0:
-                            append_run(out, start, gpos - start, stat[prev])
+                            out.add(start, gpos - start, stat[prev])
                             start = gpos
                         prev = c
                     i += 1
-                append_run(out, start, tend - start, stat[prev])
+                out.add(start, tend - start, stat[prev])
             pos = tend
-        return out
+        return out.runs
 
     def _grain_data(self, idx: int, gte: int) -> bytes:
         """The decompressed content of a compressed grain (cached: one grain)."""
@@ -215,7 +218,7 @@ class SparseExtent(Extent):
 
     def _block_status_by_grain(self, off, n):
         """block_status through _gt/_gte/_status, grain by grain (subclasses' tables)."""
-        out: list = []
+        out = RunList()
         end = off + n
         span = self.grain * self.gtes
         pos = off
@@ -224,12 +227,12 @@ class SparseExtent(Extent):
             tend = min(end, (t + 1) * span)
             gt = self._gt(t)
             if gt is None or is_zero(memoryview(gt).cast("B")):
-                append_run(out, pos, tend - pos, Alloc.UNALLOCATED)
+                out.add(pos, tend - pos, Alloc.UNALLOCATED)
             else:
                 for idx, _inner, p, cnt in split_blocks(pos, tend - pos, self.grain):
-                    append_run(out, p, cnt, self._status(self._gte(idx)))
+                    out.add(p, cnt, self._status(self._gte(idx)))
             pos = tend
-        return out
+        return out.runs
 
     def _parts_by_grain(self, off, n) -> list:
         """read's parts through _gte/_status, grain by grain (subclasses' tables)."""
@@ -287,7 +290,7 @@ class SparseExtent(Extent):
 
     def _alloc(self, nbytes: int) -> int:
         off = self.next_free
-        self.next_free = round_up(off + nbytes, SECTOR)
+        self.next_free = align_up(off + nbytes, SECTOR)
         return off
 
     def _ensure_gt(self, t: int) -> array.array:
@@ -326,6 +329,23 @@ class SparseExtent(Extent):
         self.f.pwrite(self.gd[t] * SECTOR + 4 * i, raw)
         if self.rgd is not None:
             self.f.pwrite(self.rgd[t] * SECTOR + 4 * i, raw)
+
+    def set_gtes(self, values: dict[int, int]) -> None:
+        """Set grain table entries (grain index -> sector) and write them into the primary and
+        the redundant table, neighbouring entries in one write."""
+        self.begin_update()
+        by_table: dict[int, list[tuple[int, int]]] = {}
+        for idx, value in values.items():
+            t, i = divmod(idx, self.gtes)
+            by_table.setdefault(t, []).append((i, value))
+        for t, entries in by_table.items():
+            gt = self._ensure_gt(t)
+            for i, value in entries:
+                gt[i] = value
+            changed = [i for i, _v in entries]
+            for d in (self.gd, self.rgd):
+                if d is not None:
+                    BlockTable(self.f, d[t] * SECTOR, gt).write_entries(changed)
 
     def write(self, off, data, fill, image):
         if not self.writable:
@@ -386,9 +406,9 @@ class SparseExtent(Extent):
             if goff == run_off + len(run) * self.grain:
                 run.append(gdata)
             else:
-                pwritev(self.f, run_off, run)
+                self.f.pwritev(run_off, run)
                 run_off, run = goff, [gdata]
-        pwritev(self.f, run_off, run)                   # data first ...
+        self.f.pwritev(run_off, run)                   # data first ...
         self.file_size = max(self.file_size, self.next_free)
         by_table: dict[int, list[tuple[int, int]]] = {}
         for idx, goff, _ in new:
@@ -428,17 +448,14 @@ class SESparseExtent(SparseExtent):
         self.gt_bytes = self.gtes * 8
         self.gt_sectors = h.grain_table_size
         self.n_gts = h.grain_dir_size * SECTOR // 8
-        need = -(-max(h.capacity, line.sectors) // (self.grain_sectors * self.gtes))
+        need = ceil_div(max(h.capacity, line.sectors), (self.grain_sectors * self.gtes))
         gd_off = h.grain_dir_offset * SECTOR
         if self.n_gts < need or gd_off + self.n_gts * 8 > self.file_size or not gd_off:
             raise CorruptImage("seSparse grain directory does not fit", path=path,
                                field="grain_dir_offset/size", offset=0x80,
                                expected=f">= {need} entries inside the file",
                                found=f"{self.n_gts} entries at sector {h.grain_dir_offset}")
-        self.gd = array.array("Q")
-        self.gd.frombytes(f.pread(gd_off, self.n_gts * 8))
-        if not HOST_LE:
-            self.gd.byteswap()
+        self.gd = table_from_bytes(f.pread(gd_off, self.n_gts * 8), "Q")
         self.gt_base = h.grain_tables_offset
         self.grains_base = h.grains_offset
         self.capacity = h.capacity
@@ -453,7 +470,7 @@ class SESparseExtent(SparseExtent):
         self.writable = False
         self._gts = {}
         self._cgrain = None
-        self.next_free = round_up(self.file_size, SECTOR)
+        self.next_free = align_up(self.file_size, SECTOR)
 
     def _gt(self, t):
         gt = self._gts.get(t)
@@ -470,10 +487,7 @@ class SESparseExtent(SparseExtent):
         if off + self.gt_bytes > self.file_size:
             raise CorruptImage(f"seSparse grain table {t} lies past the end of the file",
                                path=self.f.path, found=f"offset {off:#x}")
-        gt = array.array("Q")
-        gt.frombytes(self.f.pread(off, self.gt_bytes))
-        if not HOST_LE:
-            gt.byteswap()
+        gt = table_from_bytes(self.f.pread(off, self.gt_bytes), "Q")
         if len(self._gts) > 1024:
             self._gts.clear()
         self._gts[t] = gt
@@ -531,16 +545,16 @@ def parse_sparse_header(raw: bytes, path: str) -> dict:
 
 def sparse_layout(capacity: int, desc_sectors: int, grain: int = DEFAULT_GRAIN,
                    gtes: int = DEFAULT_GTES) -> dict:
-    n_gts = max(1, -(-capacity // (grain * gtes)))
-    gd_sectors = round_up(n_gts * 4, SECTOR) // SECTOR
-    gt_sectors = round_up(gtes * 4, SECTOR) // SECTOR
+    n_gts = max(1, ceil_div(capacity, (grain * gtes)))
+    gd_sectors = align_up(n_gts * 4, SECTOR) // SECTOR
+    gt_sectors = align_up(gtes * 4, SECTOR) // SECTOR
     rgd = 1 + desc_sectors
     rgt0 = rgd + gd_sectors
     gd = rgt0 + n_gts * gt_sectors
     gt0 = gd + gd_sectors
     end = gt0 + n_gts * gt_sectors
     return dict(n_gts=n_gts, rgd=rgd, rgt0=rgt0, gd=gd, gt0=gt0, gt_sectors=gt_sectors,
-                overhead=round_up(end, grain))
+                overhead=align_up(end, grain))
 
 
 def write_sparse_extent(f: ImageFile, capacity: int, descriptor: bytes | None, *,

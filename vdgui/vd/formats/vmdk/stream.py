@@ -6,11 +6,13 @@ from __future__ import annotations
 import array
 import zlib
 
+from ...align import align_up, ceil_div
 from ...errors import NotSupported
 from ...fileio import ImageFile
 from ...image import Alloc
+from ...runs import RunList
 from ...sparse import is_zero, split_blocks
-from .extents import Extent, append_run, round_up, u32_bytes
+from .extents import Extent, u32_bytes
 from .layout import (MARKER, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR, MetaMarker,
                      SparseHeader)
 
@@ -29,7 +31,7 @@ class StreamWriter(Extent):
         self.grain_sectors = header["grain_size"]
         self.grain = self.grain_sectors * SECTOR
         self.gtes = header["num_gtes_per_gt"]
-        self.n_gts = -(-header["capacity"] // (self.grain_sectors * self.gtes))
+        self.n_gts = ceil_div(header["capacity"], (self.grain_sectors * self.gtes))
         self.gd = array.array("I", bytes(4 * self.n_gts))
         self.gts: dict[int, array.array] = {}
         self.emitted = -1            # tables < emitted+1 are written
@@ -45,11 +47,11 @@ class StreamWriter(Extent):
         return 0 if gt is None else gt[i]
 
     def block_status(self, off, n):
-        out: list = []
+        out = RunList()
         for idx, _inner, pos, cnt in split_blocks(off, n, self.grain):
             st = Alloc.DATA if (idx == self.cur_idx or self._gte(idx)) else Alloc.UNALLOCATED
-            append_run(out, pos, cnt, st)
-        return out
+            out.add(pos, cnt, st)
+        return out.runs
 
     def read(self, off, n):
         buf = bytearray(n)
@@ -89,7 +91,7 @@ class StreamWriter(Extent):
             gt = self.gts.get(t)
             if gt is not None:
                 gt_bytes = u32_bytes(gt)
-                padded = gt_bytes.ljust(round_up(len(gt_bytes), SECTOR), b"\0")
+                padded = gt_bytes.ljust(align_up(len(gt_bytes), SECTOR), b"\0")
                 marker = MetaMarker.build(dict(num_sectors=len(padded) // SECTOR, size=0,
                                                type=MARKER_GT, pad=bytes(496)))
                 self.f.pwrite(self.pos, marker + padded)
@@ -109,7 +111,7 @@ class StreamWriter(Extent):
         # VirtualBox expect every grain to inflate to the full grain size
         comp = zlib.compress(bytes(data), 6)
         rec = MARKER.pack(idx * self.grain_sectors, len(comp)) + comp
-        rec = rec.ljust(round_up(len(rec), SECTOR), b"\0")
+        rec = rec.ljust(align_up(len(rec), SECTOR), b"\0")
         if (self.pos + len(rec)) // SECTOR >= 1 << 32:
             raise NotSupported(f"{self.f.path}: streamOptimized image grew past 2 TiB")
         self.f.pwrite(self.pos, rec)
@@ -123,7 +125,7 @@ class StreamWriter(Extent):
         self._flush_grain()
         self._emit_gts_before(self.n_gts)
         gd = u32_bytes(self.gd)
-        gd_padded = gd.ljust(round_up(len(gd), SECTOR), b"\0")
+        gd_padded = gd.ljust(align_up(len(gd), SECTOR), b"\0")
         marker = MetaMarker.build(dict(num_sectors=len(gd_padded) // SECTOR, size=0,
                                        type=MARKER_GD, pad=bytes(496)))
         self.f.pwrite(self.pos, marker + gd_padded)
