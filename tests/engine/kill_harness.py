@@ -1,7 +1,8 @@
 """Syscall-exact interruption: run an operation, SIGKILL it at chosen syscalls, judge what is left.
 
 One harness for every test that kills an operation mid-way (tests/engine/test_interruption.py,
-the VDI crash tests in tests/formats/test_vdi.py, the allocation and merge durability tests in
+the crash tests of tests/formats/test_{vdi,vhd,vhdx,parallels}.py, the killed convert of
+tests/engine/test_temps.py, the allocation and merge durability tests in
 tests/formats/test_durability.py); it also injects errors (ENOSPC, EIO) at exact syscalls:
 
 * The operation runs in a child forked from the test process (no interpreter start-up), which
@@ -262,8 +263,28 @@ def _one_point(pt: Point) -> Outcome:
                 o.problems += on_exit(pt, code, f.read())
         elif not o.killed and code != 0:
             o.problems.append(f"the operation exited {code} instead of being killed")
-        o.problems += judge(work, not o.killed)
+        o.problems += judge(work, code == 0)
     except Exception as exc:                        # noqa: BLE001 - reported with the point
         o.problems.append(f"{type(exc).__name__}: {exc}")
     shutil.rmtree(work, ignore_errors=True)
     return o
+
+
+def every_point(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], int]],
+                judge: Callable[[Path, bool], list[str] | None], *, error: str | None = None,
+                min_writes: int = 1) -> list[Point]:
+    """Kill ``fn_for(work)`` at every traced syscall of its run (``error``: make that syscall
+    fail with the errno instead; the callable then returns non-zero) and ``judge(work,
+    finished)`` each copy (it may assert); fails with every problem found. The operation must
+    make at least ``min_writes`` file writes. Returns the points."""
+    all_points, outcomes = campaign(
+        tmp, template, fn_for, lambda w, f: judge(w, f) or [], points=None, error=error,
+        on_exit=(lambda pt, code, out: [] if code in (0, 1) and "Traceback" not in out
+                 else [f"exit {code}: {out[-1500:]}"]) if error else None)
+    bad = [f"at {o.point} of {len(all_points)}: {p}" for o in outcomes for p in o.problems]
+    assert not bad, f"{len(bad)} problems:\n" + "\n".join(bad)
+    writes = sum(p.name in WRITES for p in all_points)
+    assert writes >= min_writes, f"only {writes} file writes"
+    if error is None:
+        assert sum(o.killed for o in outcomes) >= 0.9 * len(outcomes), "too few runs were killed"
+    return all_points

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.engine import kill_harness as kh
 from vdgui.vd import Disk, copy_image, is_temp_name
 from vdgui.vd import fileio
 
@@ -95,28 +94,33 @@ def test_temp_folder_has_an_owner_record_that_is_never_published(tmp_path):
 
 
 def _kill_convert_midway(tmp_path, src, dst):
-    p = subprocess.Popen([sys.executable, "-m", "vdgui.cli", "convert", "-O", "VDI", str(src),
-                          str(dst)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 60
-    temp = None
-    while time.monotonic() < end and p.poll() is None:
-        temp = next((n for n in os.listdir(tmp_path) if is_temp_name(n)), None)
-        if temp and any(n != ".vdgui-owner" for n in os.listdir(tmp_path / temp)):
-            break
-        time.sleep(0.002)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    return temp
+    """``vdgui-img convert`` killed (tests/engine/kill_harness.py) at the middle one of its
+    writes; returns the temporary it left."""
+    argv = ["convert", "-O", "VDI", str(src), str(dst)]
+
+    def fn():
+        from vdgui import cli
+        return cli.main(argv)
+    scratch = tmp_path.parent / f"{tmp_path.name}-scratch"
+    scratch.mkdir()
+    code, points = kh.count(fn, tmp_path, scratch)
+    assert code == 0
+    os.unlink(dst)
+    writes = [pt for pt in points if pt.name in kh.WRITES]
+    assert kh.run(fn, tmp_path, kill_at=writes[len(writes) // 2],
+                  log=str(scratch / "kill.log")) is None, "the convert was not killed"
+    return next((n for n in os.listdir(tmp_path) if is_temp_name(n)), None)
 
 
 def test_killed_convert_leftover_is_removed_by_the_next_run(tmp_path):
     src = tmp_path / "src.vdi"
     with Disk() as d:
-        d.create_base(str(src), 256 * MiB, "VDI")
-        for i in range(0, 256, 2):
+        d.create_base(str(src), 32 * MiB, "VDI")
+        for i in range(0, 32, 2):
             d.write(i * MiB, os.urandom(64 << 10) * 16)
     temp = _kill_convert_midway(tmp_path, src, tmp_path / "dst.vdi")
     assert temp is not None and (tmp_path / temp).is_dir(), "the convert was killed mid-copy"
+    assert any(n != ".vdgui-owner" for n in os.listdir(tmp_path / temp)), "nothing copied yet"
     assert not (tmp_path / "dst.vdi").exists()
     # the next run in the folder (any copy, create or compact) removes it
     copy_image(str(src), str(tmp_path / "again.vdi"), "VDI")

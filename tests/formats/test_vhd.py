@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_all
+from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
 from vdgui.vd import (Alloc, Cap, CorruptImage, Disk, Geometry, ImageFlags, InvalidArgument,
                       NotSupported, OpenFlags, Operation, ParentNotFound, VDError, get_backend,
@@ -801,32 +802,24 @@ def test_compact_diff_without_parent_keeps_everything_written(tmp_path):
 
 
 # -- interruption safety -----------------------------------------------------------------------
-def _crash_each_write(monkeypatch, restore, action, verify, limit=60):
-    """Run ``action`` with the n-th file write failing (a crash at that point), for n = 1, 2...,
-    restoring the files first; ``verify(crashed)`` checks the image afterwards."""
-    from vdgui.vd import fileio
-    real = fileio.ImageFile.pwrite
-    for fail_at in range(1, limit):
-        restore()
-        calls = [0]
+MODES = ["kill", "EIO"]
+needs_strace = pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed")
 
-        def pwrite(self, offset, data, calls=calls, fail_at=fail_at):
-            calls[0] += 1
-            if calls[0] == fail_at:
-                raise OSError("simulated crash")
-            return real(self, offset, data)
-        monkeypatch.setattr(fileio.ImageFile, "pwrite", pwrite)
-        crashed = False
-        try:
-            action()
-        except OSError:
-            crashed = True
-        finally:
-            monkeypatch.setattr(fileio.ImageFile, "pwrite", real)
-        verify(crashed, fail_at)
-        if not crashed:
-            return
-    pytest.fail("the operation never completed")
+
+def _crash_each_write(tmp, folder, action, verify, mode):
+    """Run ``action(work)`` on copies of ``folder`` through the kill harness, killed (mode
+    "kill") or failing with EIO (mode "EIO": the error path, then the normal close) at every
+    syscall that changes a file; ``verify(work, finished)`` checks the images afterwards."""
+    def fn_for(work):
+        def fn():
+            try:
+                action(work)
+            except (VDError, OSError):
+                return 1
+            return 0
+        return fn
+    kh.every_point(tmp, folder, fn_for, verify, error=None if mode == "kill" else mode,
+                   min_writes=2)
 
 
 def _consistent(path, allowed=("footer copy",)):
@@ -842,17 +835,20 @@ def _consistent(path, allowed=("footer copy",)):
         img.close()
 
 
+@needs_strace
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("diff", [False, True])
-def test_interrupted_writes(tmp_path, monkeypatch, diff):
-    base, child = tmp_path / "ib.vhd", tmp_path / "ic.vhd"
+def test_interrupted_writes(tmp_path, diff, mode):
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    base, child = tpl / "ib.vhd", tpl / "ic.vhd"
     with Disk() as d:
         d.create_base(str(base), 6 * MiB, "VHD")
         d.write(0, b"\x01" * MiB)
         old = read_all(d)
         if diff:
             d.create_diff(str(child))
-    src = child if diff else base
-    pristine = src.read_bytes()
+    src = (child if diff else base).name
     writes = [(512, b"\x02" * 512), (2 * MiB + 4096, b"\x03" * MiB), (5 * MiB, b"\x04" * 4096),
               (0, bytes(4096))]
     states = [old]
@@ -861,28 +857,32 @@ def test_interrupted_writes(tmp_path, monkeypatch, diff):
         new[off:off + len(data)] = data
         states.append(bytes(new))
 
-    def action():
+    def action(work):
         with Disk() as d:
             if diff:
-                d.open(str(base), flags=OpenFlags.READ_ONLY)
-            d.open(str(src))
+                d.open(str(work / base.name), flags=OpenFlags.READ_ONLY)
+            d.open(str(work / src))
             for off, data in writes:
                 d.write(off, data)
 
-    def verify(crashed, n):
-        with Disk.open_chain(str(src), flags=OpenFlags.READ_ONLY) as d:
+    def verify(work, finished):
+        with Disk.open_chain(str(work / src), flags=OpenFlags.READ_ONLY) as d:
             got = read_all(d)
         for pos in range(0, len(got), 512):
-            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), (n, pos)
-        if not crashed:
+            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), pos
+        if finished:
             assert got == states[-1]
-        _consistent(str(src))
+        _consistent(str(work / src))
 
-    _crash_each_write(monkeypatch, lambda: src.write_bytes(pristine), action, verify)
+    _crash_each_write(tmp_path, tpl, action, verify, mode)
 
 
-def test_interrupted_compact_resize_relink(tmp_path, monkeypatch):
-    p = tmp_path / "op.vhd"
+@needs_strace
+@pytest.mark.parametrize("mode", MODES)
+def test_interrupted_compact_resize_relink(tmp_path, mode):
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    p = tpl / "op.vhd"
     with Disk() as d:
         d.create_base(str(p), 10 * MiB, "VHD")
         for i in range(5):
@@ -891,59 +891,60 @@ def test_interrupted_compact_resize_relink(tmp_path, monkeypatch):
         d.write(2 * MiB, bytes(4096))
         d.write(4 * MiB, bytes(4096))
         content = read_all(d)
-    pristine = p.read_bytes()
 
-    def verify(crashed, n):
+    def verify(work, finished):
         with Disk() as d:
-            d.open(str(p), flags=OpenFlags.READ_ONLY)
-            assert d.read(0, len(content)) == content, n
+            d.open(str(work / p.name), flags=OpenFlags.READ_ONLY)
+            assert d.read(0, len(content)) == content
             if d.size > len(content):                # grown: the new area holds nothing
                 assert all(e.status == Alloc.UNALLOCATED
-                           for e in d.allocation(len(content), d.size - len(content))), n
-        _consistent(str(p))
+                           for e in d.allocation(len(content), d.size - len(content)))
+        _consistent(str(work / p.name))
 
-    def compact():
+    def compact(work):
         with Disk() as d:
-            d.open(str(p)).compact()
-    _crash_each_write(monkeypatch, lambda: p.write_bytes(pristine), compact, verify)
+            d.open(str(work / p.name)).compact()
+    (tmp_path / "compact").mkdir()
+    _crash_each_write(tmp_path / "compact", tpl, compact, verify, mode)
 
-    def grow():
+    def grow(work):
         with Disk() as d:
-            d.open(str(p)).resize(700 * MiB)
-    _crash_each_write(monkeypatch, lambda: p.write_bytes(pristine), grow, verify)
+            d.open(str(work / p.name)).resize(700 * MiB)
+    (tmp_path / "grow").mkdir()
+    _crash_each_write(tmp_path / "grow", tpl, grow, verify, mode)
 
-    other = tmp_path / "other.vhd"
+    other = tpl / "other.vhd"
     with Disk() as d:
         d.create_base(str(other), 10 * MiB, "VHD")
-    kid = tmp_path / "kid.vhd"
+    kid = tpl / "kid.vhd"
     with Disk() as d:
         d.open(str(p), flags=OpenFlags.READ_ONLY)
         d.create_diff(str(kid))
         d.write(0, b"\x09" * 512)
-    kid_pristine = kid.read_bytes()
 
-    def relink():
+    def relink(work):
         with Disk() as d:
-            par = d.open(str(other), flags=OpenFlags.READ_ONLY)
-            img = get_backend("VHD").open(str(kid), OpenFlags.NORMAL)
+            par = d.open(str(work / other.name), flags=OpenFlags.READ_ONLY)
+            img = get_backend("VHD").open(str(work / kid.name), OpenFlags.NORMAL)
             try:
                 img.set_parent(par)
             finally:
                 img.close()
 
-    def verify_link(crashed, n):
-        img = get_backend("VHD").open(str(kid), OpenFlags.INFO)
+    def verify_link(work, finished):
+        img = get_backend("VHD").open(str(work / kid.name), OpenFlags.INFO)
         try:
             target = os.path.basename(img.parent_hint.locations[0].replace("\\", "/"))
-            assert target in ("op.vhd", "other.vhd"), n
+            assert target in ("op.vhd", "other.vhd")
             assert img.parent_uuid is not None
         finally:
             img.close()
-        with Disk.open_chain(str(kid), flags=OpenFlags.READ_ONLY) as d:
+        with Disk.open_chain(str(work / kid.name), flags=OpenFlags.READ_ONLY) as d:
             assert d.read(0, 512) == b"\x09" * 512
-        if not crashed:
+        if finished:
             assert target == "other.vhd"
-    _crash_each_write(monkeypatch, lambda: kid.write_bytes(kid_pristine), relink, verify_link)
+    (tmp_path / "relink").mkdir()
+    _crash_each_write(tmp_path / "relink", tpl, relink, verify_link, mode)
 
 
 @pytest.mark.parametrize("diff", [False, True])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_all, require_corpus
+from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
 from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags,
                       ParentMismatch, VDError, get_backend)
@@ -793,62 +794,56 @@ def test_parent_linkage2_accepted(tmp_path):
         assert d.read(0, 4) == b"\x01" * 4
 
 
+@pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed")
+@pytest.mark.parametrize("mode", ["kill", "EIO"])
 @pytest.mark.parametrize("diff", [False, True])
-def test_interrupted_writes_leave_readable_image(tmp_path, qemu, monkeypatch, diff):
-    """Every write of a session fails in turn (a crash at that point): the image still opens,
-    passes qemu-img check (base images) and reads, sector by sector, the data of some prefix of
-    the writes."""
-    from vdgui.vd import fileio
-    base = tmp_path / "ib.vhdx"
+def test_interrupted_writes_leave_readable_image(tmp_path, qemu, diff, mode):
+    """A write session killed (or failing with EIO) at every syscall that changes a file
+    (tests/engine/kill_harness.py): the image still opens, passes qemu-img check (base images)
+    and reads, sector by sector, the data of some prefix of the writes."""
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    base = tpl / "ib.vhdx"
     with _create(base, 3 * MiB) as d:
         d.write(0, b"\x01" * (3 * MiB))
-    src = base
+    src = base.name
     if diff:
-        child = tmp_path / "ic.avhdx"
         with Disk() as d:
             d.open(str(base), flags=OpenFlags.READ_ONLY)
-            d.create_diff(str(child), config={"BlockSize": MiB})
-        src = child
-    pristine = src.read_bytes()
+            d.create_diff(str(tpl / "ic.avhdx"), config={"BlockSize": MiB})
+        src = "ic.avhdx"
     writes = [(512, b"\x02" * 512), (MiB + 4096, b"\x03" * MiB), (0, bytes(MiB))]
     new = bytearray(b"\x01" * (3 * MiB))
     states = [bytes(new)]                       # the content after 0, 1, 2, 3 writes
     for off, data in writes:
         new[off:off + len(data)] = data
         states.append(bytes(new))
-    real = fileio.ImageFile.pwrite
-    for fail_at in range(1, 40):
-        src.write_bytes(pristine)
-        calls = [0]
 
-        def pwrite(self, offset, data, calls=calls, fail_at=fail_at):
-            calls[0] += 1
-            if calls[0] == fail_at:
-                raise OSError("simulated crash")
-            return real(self, offset, data)
-        monkeypatch.setattr(fileio.ImageFile, "pwrite", pwrite)
-        crashed = False
-        try:
-            with Disk() as d:
-                if diff:
-                    d.open(str(base), flags=OpenFlags.READ_ONLY)
-                d.open(str(src))
-                for off, data in writes:
-                    d.write(off, data)
-        except OSError:
-            crashed = True
-        monkeypatch.setattr(fileio.ImageFile, "pwrite", real)
-        with Disk.open_chain(str(src), flags=OpenFlags.READ_ONLY) as d:
+    def fn_for(work):
+        def fn():
+            try:
+                with Disk() as d:
+                    if diff:
+                        d.open(str(work / base.name), flags=OpenFlags.READ_ONLY)
+                    d.open(str(work / src))
+                    for off, data in writes:
+                        d.write(off, data)
+            except (VDError, OSError):
+                return 1
+            return 0
+        return fn
+
+    def judge(work, finished):
+        with Disk.open_chain(str(work / src), flags=OpenFlags.READ_ONLY) as d:
             got = read_all(d)
         for pos in range(0, 3 * MiB, 512):
-            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), (fail_at, pos)
+            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), pos
         if not diff:
-            assert qemu.check(src, "vhdx").returncode == 0
-        if not crashed:
+            assert qemu.check(work / src, "vhdx").returncode == 0
+        if finished:
             assert got == bytes(new)
-            break
-    else:
-        pytest.fail("the session never completed")
+    kh.every_point(tmp_path, tpl, fn_for, judge, error=None if mode == "kill" else mode,
+                   min_writes=3)
 
 
 def test_short_last_block_in_file(tmp_path):
