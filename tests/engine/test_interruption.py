@@ -123,12 +123,13 @@ class Case:
         self.images = names
         return views
 
-    def _base(self, folder: Path, name: str) -> bytes:
+    def _base(self, folder: Path, name: str, holes: bool = False) -> bytes:
         with Disk() as d:
             d.create_base(str(folder / name), SIZE, self.fmt, flags=self.flags)
-            for i in range(8):
+            for i in range(0, 8, 2 if holes else 1):
                 d.write(i * MiB + 4096, _fill(i, 5) * (MiB - 8192))
-            d.write(2 * MiB, bytes(3 * MiB))             # blocks that compact drops
+            if not holes:
+                d.write(2 * MiB, bytes(3 * MiB))         # blocks that compact drops
             d.flush()
         self.images = [name]
         return _read_chain(folder / name)
@@ -172,8 +173,8 @@ class Case:
                 self._damage(folder / self.top)
                 self.argv = ["check", "--repair", self.top]
         elif op == "write":
-            if self.fid in NO_DIFF:
-                self.before = self._base(folder, f"w.{self.ext}")
+            if self.fid in NO_DIFF:         # a base with holes: the write allocates blocks too
+                self.before = self._base(folder, f"w.{self.ext}", holes=True)
             else:
                 self.before = self._chain(folder, 1)[-1]
             self.top = self.images[-1]
