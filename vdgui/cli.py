@@ -6,7 +6,6 @@ corrupt/leaks only); no traceback ever reaches the user.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -14,17 +13,9 @@ import uuid as uuidlib
 
 import vdgui.vd as vd
 
-PROG = "vdgui-img"
+from .cli_parser import PROG, CLIError, build_parser
+
 CHUNK = 4 << 20
-
-
-class CLIError(Exception):
-    """A usage error found by the CLI itself (exit 1, one line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1 (argparse would print usage and exit 2)
-        raise CLIError(message)
 
 
 # -- progress display -------------------------------------------------------------------------
@@ -140,14 +131,6 @@ def _out(line: str = "") -> None:
 def _unsupported(op: str, backend: vd.Backend) -> int:
     print(f"{PROG}: {op} is not supported yet for {backend.name}", file=sys.stderr)
     return 1
-
-
-def _op(name: str):
-    """Fetch an engine operation that another part of the engine provides."""
-    fn = getattr(vd, name, None)
-    if fn is None:
-        raise vd.NotSupported(f"{name} is not available in this build")
-    return fn
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -392,60 +375,49 @@ def _image_backend(args, path) -> vd.Backend:
     return _backend_for(path, getattr(args, "format", None))
 
 
-def cmd_merge(args) -> int:
-    be = _image_backend(args, args.target)
-    if not be.can(vd.Operation.WRITE):
-        return _unsupported("merge", be)
-    merge = _op("merge")
-    prog = TtyProgress("merge")
+def _operation(args, path: str, name: str, needs, run):
+    """What merge, resize, compact and check share: the backend of ``path`` must declare each
+    operation of ``needs`` ((Operation, what) pairs; if not, one line and exit 1), then
+    ``run(backend, progress)`` runs with a progress display. Returns (exit code, backend,
+    run's result)."""
+    be = _image_backend(args, path)
+    for op, what in needs:
+        if not be.can(op):
+            return _unsupported(what, be), be, None
+    prog = TtyProgress(name)
     try:
-        merge(args.source, args.target, progress=prog)
+        return 0, be, run(be, prog)
     finally:
         prog.close()
-    return 0
+
+
+def cmd_merge(args) -> int:
+    return _operation(args, args.target, "merge", [(vd.Operation.WRITE, "merge")],
+                      lambda be, prog: vd.merge(args.source, args.target, progress=prog))[0]
 
 
 def cmd_resize(args) -> int:
-    be = _image_backend(args, args.image)
-    if not be.can(vd.Operation.RESIZE):
-        return _unsupported("resize", be)
-    resize = _op("resize")
-    size = _size(args.size)
-    prog = TtyProgress("resize")
-    try:
-        resize(args.image, size, format=be.name, progress=prog)
-    finally:
-        prog.close()
-    return 0
+    return _operation(args, args.image, "resize", [(vd.Operation.RESIZE, "resize")],
+                      lambda be, prog: vd.resize(args.image, _size(args.size), format=be.name,
+                                                 progress=prog))[0]
 
 
 def cmd_compact(args) -> int:
-    be = _image_backend(args, args.image)
-    if not be.can(vd.Operation.COMPACT):
-        return _unsupported("compact", be)
-    compact = _op("compact")
-    prog = TtyProgress("compact")
-    try:
-        compact(args.image, format=be.name, progress=prog)
-    finally:
-        prog.close()
-    return 0
+    return _operation(args, args.image, "compact", [(vd.Operation.COMPACT, "compact")],
+                      lambda be, prog: vd.compact(args.image, format=be.name, progress=prog))[0]
 
 
 def cmd_check(args) -> int:
-    be = _image_backend(args, args.image)
-    if not be.can(vd.Operation.CHECK):
-        return _unsupported("check", be)
-    if args.repair and not args.dry_run and not be.can(vd.Operation.REPAIR):
-        return _unsupported("repair", be)
-    check = _op("check")
-    prog = TtyProgress("check")
-    try:
-        report = check(args.image, format=be.name, repair=args.repair, dry_run=args.dry_run,
-                       progress=prog, force_share=args.force_share,
-                       **({"backup": True} if args.backup else {}))
-    finally:
-        prog.close()
+    needs = [(vd.Operation.CHECK, "check")]
+    if args.repair and not args.dry_run:
+        needs.append((vd.Operation.REPAIR, "repair"))
+    code, be, report = _operation(
+        args, args.image, "check", needs,
+        lambda be, prog: vd.check(args.image, format=be.name, repair=args.repair,
+                                  dry_run=args.dry_run, progress=prog, force_share=args.force_share,
+                                  **({"backup": True} if args.backup else {})))
+    if code:
+        return code
     if args.json:
         _json({"image": args.image, "format": be.name,
                "problems": [p.as_dict() for p in report.problems],
@@ -778,208 +750,27 @@ def cmd_changed(args) -> int:
     return 0
 
 
-# -- parser -----------------------------------------------------------------------------------
-class _VersionAction(argparse.Action):
-    """--version, with the version looked up only when asked for."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                 help="show the program's version and exit"):
-        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import vdgui
-        print(f"{PROG} {vdgui.__version__}")
-        parser.exit()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--allow-unsafe-paths", action="store_true", default=argparse.SUPPRESS,
-                        help="follow absolute, '..' and device names stored inside images")
-
-    def props(p, source=False):
-        p.add_argument("--property", action="append", metavar="K=V",
-                       help="backend configuration key (repeatable)")
-        p.add_argument("--property-file", action="append", metavar="K=PATH",
-                       help="backend configuration key read from a file (keeps secrets out of ps)")
-        if source:
-            p.add_argument("--source-property", action="append", metavar="K=V",
-                           help="configuration key of the source backend")
-            p.add_argument("--source-property-file", action="append", metavar="K=PATH")
-
-    ap = _Parser(prog=PROG, parents=[common],
-                 description="Inspect, create, convert and repair virtual disk images.")
-    ap.add_argument("--version", action=_VersionAction)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    def force_share(p):
-        p.add_argument("-U", "--force-share", action="store_true",
-                       help="open without the shared lock, as qemu-img -U: works while another "
-                            "program writes the image (what is read may then be inconsistent)")
-
-    p = sub.add_parser("info", parents=[common], help="show an image's metadata")
-    p.add_argument("-f", "--format")
-    force_share(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--chain", action="store_true", help="every image of the chain, base first")
-    props(p)
-    p.add_argument("image")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("backends", parents=[common], help="list the formats this build supports")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_backends)
-
-    p = sub.add_parser("create", parents=[common], help="create a new image")
-    p.add_argument("-f", "--format", required=True)
-    p.add_argument("--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated")
-    p.add_argument("--size")
-    p.add_argument("--parent", help="create a differencing image over PARENT's chain")
-    p.add_argument("--parent-format", help=argparse.SUPPRESS)
-    p.add_argument("--uuid")
-    p.add_argument("--comment")
-    props(p)
-    p.add_argument("image")
-    p.set_defaults(func=cmd_create)
-
-    p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
-    p.add_argument("-f", "--format", help="source format (probed when absent)")
-    force_share(p)
-    p.add_argument("-O", "--output-format", required=True)
-    p.add_argument("--variant")
-    p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
-    p.add_argument("--chain", action="store_true",
-                   help="copy the chain as a chain: DST is the copy of the top (SRC itself, what a "
-                        "VM attaches); each image below it is written beside DST as "
-                        "<DST stem>-<its own stem>.<ext>; every image keeps its own size")
-    p.add_argument("--keep-uuid", action="store_true")
-    p.add_argument("-t", "--cache", choices=("writeback", "unsafe"), default="writeback",
-                   help="writeback (default): the target is on disk (fsync) before it is renamed "
-                        "into place; unsafe: do not wait for the disk, as qemu-img convert does "
-                        "by default (faster; a power loss soon after can lose the copy)")
-    props(p, source=True)
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("compare", parents=[common], help="compare the content of two images")
-    p.add_argument("-f", "--format", help="format of A")
-    force_share(p)
-    p.add_argument("-F", "--b-format", help="format of B")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.set_defaults(func=cmd_compare, error_status=2)      # 0 same, 1 different, 2 error (as qemu)
-
-    p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
-    p.add_argument("-f", "--format", help="format of TARGET")
-    p.add_argument("source")
-    p.add_argument("target")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
-    p.add_argument("-f", "--format")
-    p.add_argument("image")
-    p.add_argument("size", help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
-                   "part cut off that reads zero and a format that can shrink (backends --json: "
-                   "can_shrink)")
-    p.set_defaults(func=cmd_resize)
-
-    p = sub.add_parser("compact", parents=[common], help="give unused space back")
-    p.add_argument("-f", "--format")
-    p.add_argument("image")
-    p.set_defaults(func=cmd_compact)
-
-    p = sub.add_parser("check", parents=[common],
-                       help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
-    p.add_argument("-f", "--format")
-    force_share(p)
-    p.add_argument("--repair", action="store_true",
-                   help="fix what can be fixed; unreferenced blocks that hold data are saved "
-                        "beside the image first (NAME.orphans-DATE.bin, index .json)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --repair: say what would be fixed and kept, change nothing")
-    p.add_argument("--backup", action="store_true",
-                   help="with --repair: copy the image's file(s) into NAME.backup-DATE/ beside "
-                        "it before repairing")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("image")
-    p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("map", parents=[common], help="allocation runs and which image holds each")
-    p.add_argument("-f", "--format")
-    force_share(p)
-    p.add_argument("--json", action="store_true")
-    props(p)
-    p.add_argument("image")
-    p.set_defaults(func=cmd_map)
-
-    p = sub.add_parser("partitions", parents=[common],
-                       help="partition table, file systems, labels and UUIDs")
-    p.add_argument("-f", "--format")
-    force_share(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain member "
-                   "(0 = base, -1 = top, or its file name)")
-    props(p)
-    p.add_argument("image")
-    p.set_defaults(func=cmd_partitions)
-
-    def inside(name, help, json=True):
-        p = sub.add_parser(name, parents=[common], help=help)
-        p.add_argument("-f", "--format")
-        force_share(p)
-        if json:
-            p.add_argument("--json", action="store_true")
-        p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain "
-                       "member (0 = base, -1 = top, or its file name)")
-        props(p)
-        p.add_argument("image")
-        return p
-
-    p = inside("ls", "list a folder inside the disk ([N:]PATH, N the partition number)")
-    p.add_argument("-R", "--recursive", action="store_true")
-    p.add_argument("path", nargs="?", default="/", metavar="[N:]PATH")
-    p.set_defaults(func=cmd_ls)
-    p = inside("cat", "write a file inside the disk to stdout", json=False)
-    p.add_argument("path", metavar="[N:]PATH")
-    p.set_defaults(func=cmd_cat)
-    p = inside("extract", "copy a file or folder tree out of the disk", json=False)
-    p.add_argument("path", metavar="[N:]PATH")
-    p.add_argument("dest")
-    p.set_defaults(func=cmd_extract)
-    p = inside("changed", "the files a differencing image changed compared with its parent")
-    p.set_defaults(func=cmd_changed)
-
-    p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
-    p.add_argument("-f", "--format")
-    force_share(p)
-    p.add_argument("image")
-    p.add_argument("--offset", required=True)
-    p.add_argument("--length", required=True)
-    p.add_argument("--output")
-    props(p)
-    p.set_defaults(func=cmd_read)
-
-    p = sub.add_parser("write", parents=[common], help="write a file's bytes into the chain's top")
-    p.add_argument("-f", "--format")
-    p.add_argument("image")
-    p.add_argument("--offset", required=True)
-    p.add_argument("--input", required=True)
-    props(p)
-    p.set_defaults(func=cmd_write)
-
-    p = sub.add_parser("set", parents=[common], help="change UUIDs, comment or geometry")
-    p.add_argument("-f", "--format")
-    p.add_argument("image")
-    p.add_argument("--uuid", help="a UUID, or 'new'")
-    p.add_argument("--parent-uuid")
-    p.add_argument("--comment")
-    p.add_argument("--pchs", metavar="C,H,S")
-    p.add_argument("--lchs", metavar="C,H,S")
-    props(p)
-    p.set_defaults(func=cmd_set)
-    return ap
+# -- dispatch ---------------------------------------------------------------------------------
+COMMANDS = {       # cli_parser's commands -> what runs them
+    "info": cmd_info,
+    "backends": cmd_backends,
+    "create": cmd_create,
+    "convert": cmd_convert,
+    "compare": cmd_compare,
+    "merge": cmd_merge,
+    "resize": cmd_resize,
+    "compact": cmd_compact,
+    "check": cmd_check,
+    "map": cmd_map,
+    "partitions": cmd_partitions,
+    "ls": cmd_ls,
+    "cat": cmd_cat,
+    "extract": cmd_extract,
+    "changed": cmd_changed,
+    "read": cmd_read,
+    "write": cmd_write,
+    "set": cmd_set,
+}
 
 
 def _one_line(text: str) -> str:
@@ -993,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not hasattr(args, "allow_unsafe_paths"):
             args.allow_unsafe_paths = False
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except SystemExit as exc:        # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     except CLIError as exc:

@@ -374,15 +374,7 @@ def test_check_exit_codes(tmp_path, fake, capsys):
 def test_unexpected_exceptions_become_one_line(monkeypatch, capsys, tmp_path):
     def boom(args):
         raise RuntimeError("kaboom\nsecond line")
-    monkeypatch.setattr(cli, "cmd_backends", boom)
-    parser = cli.build_parser
-
-    def patched():
-        ap = parser()
-        for action in ap._subparsers._group_actions:
-            action.choices["backends"].set_defaults(func=boom)
-        return ap
-    monkeypatch.setattr(cli, "build_parser", patched)
+    monkeypatch.setitem(cli.COMMANDS, "backends", boom)
     assert cli.main(["backends"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: RuntimeError: kaboom second line" in err
@@ -413,3 +405,15 @@ def test_property_file_keeps_values_out_of_argv(tmp_path, monkeypatch):
                check=False)
     assert seen[key] == b"value-from-file"
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+
+
+def test_every_parsed_command_has_its_function():
+    """The parser (cli_parser) and the commands (cli.COMMANDS) are apart: each command the
+    parser knows runs a function, and no function waits for a command the parser lacks."""
+    import argparse
+
+    from vdgui import cli, cli_parser
+    sub = next(a for a in cli_parser.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(cli.COMMANDS)
+    assert all(callable(f) for f in cli.COMMANDS.values())

@@ -1,0 +1,202 @@
+"""vdgui-img's command line: the argparse parser (commands, options, help texts). The commands
+themselves are in :mod:`vdgui.cli`, chosen by the parsed ``command``."""
+from __future__ import annotations
+
+import argparse
+
+PROG = "vdgui-img"
+
+
+class CLIError(Exception):
+    """A usage error found by the CLI itself (exit 1, one line)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 1 (argparse would print usage and exit 2)
+        raise CLIError(message)
+
+
+class VersionAction(argparse.Action):
+    """--version, with the version looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the program's version and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import vdgui
+        print(f"{PROG} {vdgui.__version__}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument("--allow-unsafe-paths", action="store_true", default=argparse.SUPPRESS,
+                        help="follow absolute, '..' and device names stored inside images")
+
+    def props(p, source=False):
+        p.add_argument("--property", action="append", metavar="K=V",
+                       help="backend configuration key (repeatable)")
+        p.add_argument("--property-file", action="append", metavar="K=PATH",
+                       help="backend configuration key read from a file (keeps secrets out of ps)")
+        if source:
+            p.add_argument("--source-property", action="append", metavar="K=V",
+                           help="configuration key of the source backend")
+            p.add_argument("--source-property-file", action="append", metavar="K=PATH")
+
+    ap = Parser(prog=PROG, parents=[common],
+                 description="Inspect, create, convert and repair virtual disk images.")
+    ap.add_argument("--version", action=VersionAction)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    def force_share(p):
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="open without the shared lock, as qemu-img -U: works while another "
+                            "program writes the image (what is read may then be inconsistent)")
+
+    p = sub.add_parser("info", parents=[common], help="show an image's metadata")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--chain", action="store_true", help="every image of the chain, base first")
+    props(p)
+    p.add_argument("image")
+
+    p = sub.add_parser("backends", parents=[common], help="list the formats this build supports")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("create", parents=[common], help="create a new image")
+    p.add_argument("-f", "--format", required=True)
+    p.add_argument("--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated")
+    p.add_argument("--size")
+    p.add_argument("--parent", help="create a differencing image over PARENT's chain")
+    p.add_argument("--parent-format", help=argparse.SUPPRESS)
+    p.add_argument("--uuid")
+    p.add_argument("--comment")
+    props(p)
+    p.add_argument("image")
+
+    p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
+    p.add_argument("-f", "--format", help="source format (probed when absent)")
+    force_share(p)
+    p.add_argument("-O", "--output-format", required=True)
+    p.add_argument("--variant")
+    p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
+    p.add_argument("--chain", action="store_true",
+                   help="copy the chain as a chain: DST is the copy of the top (SRC itself, what a "
+                        "VM attaches); each image below it is written beside DST as "
+                        "<DST stem>-<its own stem>.<ext>; every image keeps its own size")
+    p.add_argument("--keep-uuid", action="store_true")
+    p.add_argument("-t", "--cache", choices=("writeback", "unsafe"), default="writeback",
+                   help="writeback (default): the target is on disk (fsync) before it is renamed "
+                        "into place; unsafe: do not wait for the disk, as qemu-img convert does "
+                        "by default (faster; a power loss soon after can lose the copy)")
+    props(p, source=True)
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = sub.add_parser("compare", parents=[common], help="compare the content of two images")
+    p.add_argument("-f", "--format", help="format of A")
+    force_share(p)
+    p.add_argument("-F", "--b-format", help="format of B")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(error_status=2)      # 0 same, 1 different, 2 error (as qemu)
+
+    p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
+    p.add_argument("-f", "--format", help="format of TARGET")
+    p.add_argument("source")
+    p.add_argument("target")
+
+    p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("size", help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
+                   "part cut off that reads zero and a format that can shrink (backends --json: "
+                   "can_shrink)")
+
+    p = sub.add_parser("compact", parents=[common], help="give unused space back")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+
+    p = sub.add_parser("check", parents=[common],
+                       help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("--repair", action="store_true",
+                   help="fix what can be fixed; unreferenced blocks that hold data are saved "
+                        "beside the image first (NAME.orphans-DATE.bin, index .json)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --repair: say what would be fixed and kept, change nothing")
+    p.add_argument("--backup", action="store_true",
+                   help="with --repair: copy the image's file(s) into NAME.backup-DATE/ beside "
+                        "it before repairing")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("image")
+
+    p = sub.add_parser("map", parents=[common], help="allocation runs and which image holds each")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("--json", action="store_true")
+    props(p)
+    p.add_argument("image")
+
+    p = sub.add_parser("partitions", parents=[common],
+                       help="partition table, file systems, labels and UUIDs")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain member "
+                   "(0 = base, -1 = top, or its file name)")
+    props(p)
+    p.add_argument("image")
+
+    def inside(name, help, json=True):
+        p = sub.add_parser(name, parents=[common], help=help)
+        p.add_argument("-f", "--format")
+        force_share(p)
+        if json:
+            p.add_argument("--json", action="store_true")
+        p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain "
+                       "member (0 = base, -1 = top, or its file name)")
+        props(p)
+        p.add_argument("image")
+        return p
+
+    p = inside("ls", "list a folder inside the disk ([N:]PATH, N the partition number)")
+    p.add_argument("-R", "--recursive", action="store_true")
+    p.add_argument("path", nargs="?", default="/", metavar="[N:]PATH")
+    p = inside("cat", "write a file inside the disk to stdout", json=False)
+    p.add_argument("path", metavar="[N:]PATH")
+    p = inside("extract", "copy a file or folder tree out of the disk", json=False)
+    p.add_argument("path", metavar="[N:]PATH")
+    p.add_argument("dest")
+    p = inside("changed", "the files a differencing image changed compared with its parent")
+
+    p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
+    p.add_argument("-f", "--format")
+    force_share(p)
+    p.add_argument("image")
+    p.add_argument("--offset", required=True)
+    p.add_argument("--length", required=True)
+    p.add_argument("--output")
+    props(p)
+
+    p = sub.add_parser("write", parents=[common], help="write a file's bytes into the chain's top")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("--offset", required=True)
+    p.add_argument("--input", required=True)
+    props(p)
+
+    p = sub.add_parser("set", parents=[common], help="change UUIDs, comment or geometry")
+    p.add_argument("-f", "--format")
+    p.add_argument("image")
+    p.add_argument("--uuid", help="a UUID, or 'new'")
+    p.add_argument("--parent-uuid")
+    p.add_argument("--comment")
+    p.add_argument("--pchs", metavar="C,H,S")
+    p.add_argument("--lchs", metavar="C,H,S")
+    props(p)
+    return ap
