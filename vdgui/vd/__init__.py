@@ -2,6 +2,7 @@
 
 No Qt anywhere below this package.
 """
+from .align import align_up, ceil_div
 from .backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                       OpenFlags, Operation, ProbeInput, Refusal, is_network_location,
                       parse_variant, variant_words)
@@ -36,22 +37,23 @@ _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
 
 # the public API, named (the lazy names of the library included)
 __all__ = [
-    "Alloc", "AmbiguousFormat", "applicable_keys", "AuthenticationError", "Backend", "backends",
-    "backends_for_extension", "Cancelled", "Cap", "chain_target_names", "changed", "ChangeReport",
-    "check", "CheckReport", "compact", "compare", "compare_disks", "CompareResult", "ConfigError",
-    "ConfigKey", "copy_image", "CorruptImage", "CreateParams", "data_dir", "describe_effects",
-    "describe_size", "DeviceType", "Disk", "disk_layout", "DiskFile", "Entry", "Extent",
-    "FileExists", "FileExtension", "format_size", "Geometry", "get_backend", "give_new_uuid",
-    "Image", "ImageChanged", "ImageFlags", "ImageInUse", "ImageNotFound", "ImageRecord",
-    "InvalidArgument", "is_network_location", "is_temp_name", "KeyFlag", "Layout", "Library", "load_entry_point_backends",
-    "mark_duplicates", "merge", "merge_disk", "move_image", "move_refusal", "NetworkError",
-    "NotSupported", "open_image", "open_volume", "OpenFlags", "Operation", "ParentHint",
-    "ParentMismatch", "ParentNotFound", "parse_config", "parse_size", "parse_variant", "Partition",
-    "printable", "probe", "probe_scores", "ProbeInput", "Problem", "ProblemCode", "Progress",
-    "ProgressCallback", "read_small_file", "read_virtualbox_registry", "ReadOnlyImage", "Refusal",
-    "Region", "register_backend", "resize", "ScanIncomplete", "SliceFile", "UnknownFormat",
-    "UnsafePath", "user_path", "ValueType", "variant_words", "vbox_lchs", "vbox_pchs", "VDError",
-    "VDIOError", "VDTimeoutError", "vhd_chs",
+    "align_up", "Alloc", "AmbiguousFormat", "applicable_keys", "AuthenticationError", "Backend",
+    "backends", "backends_for_extension", "Cancelled", "Cap", "chain_target_names", "changed",
+    "ChangeReport", "check", "CheckReport", "ceil_div", "compact", "compare", "compare_disks",
+    "CompareResult", "ConfigError", "ConfigKey", "copy_image", "CorruptImage", "CreateParams",
+    "data_dir", "describe_effects", "describe_size", "DeviceType", "Disk", "disk_layout",
+    "DiskFile", "Entry", "Extent", "FileExists", "FileExtension", "format_size", "Geometry",
+    "get_backend", "give_new_uuid", "Image", "ImageChanged", "ImageFlags", "ImageInUse",
+    "ImageNotFound", "ImageRecord", "InvalidArgument", "is_network_location", "is_temp_name",
+    "KeyFlag", "Layout", "Library", "load_entry_point_backends", "mark_duplicates", "merge",
+    "merge_disk", "move_image", "move_refusal", "NetworkError", "NotSupported", "open_image",
+    "open_volume", "OpenFlags", "Operation", "ParentHint", "ParentMismatch", "ParentNotFound",
+    "parse_config", "parse_size", "parse_variant", "Partition", "printable", "probe",
+    "probe_scores", "ProbeInput", "Problem", "ProblemCode", "Progress", "ProgressCallback",
+    "read_small_file", "read_virtualbox_registry", "ReadOnlyImage", "Refusal", "Region",
+    "register_backend", "resize", "ScanIncomplete", "SliceFile", "UnknownFormat", "UnsafePath",
+    "user_path", "ValueType", "variant_words", "vbox_lchs", "vbox_pchs", "VDError", "VDIOError",
+    "VDTimeoutError", "vhd_chs",
 ]
 
 

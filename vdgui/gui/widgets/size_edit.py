@@ -11,6 +11,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLineEdit, QSlider, QVBoxLayout, QWidget
 
+from vdgui.vd import align_up
+
 UNITS = (("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40))
 SLIDER_MAX = 2 << 40      # the slider covers 1 MiB … 2 TiB; larger sizes are typed
 
@@ -114,7 +116,7 @@ class SizeEdit(QWidget):
             return None
         mult = UNITS[self.unit.currentIndex()][1]
         v = int(round(number * mult))
-        v = -(-v // self._gran) * self._gran      # round up to the granularity
+        v = align_up(v, self._gran)               # round up to the granularity
         return v
 
     def error(self) -> str | None:
@@ -146,7 +148,7 @@ class SizeEdit(QWidget):
             self.edit.setText(text)
         finally:
             self._updating = False
-        self._exact = (text, idx, -(-v // self._gran) * self._gran)
+        self._exact = (text, idx, align_up(v, self._gran))
         self._sync_slider(v)
         self.valueChanged.emit(self.value())
 
