@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vdgui.vd import variant_words
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +155,25 @@ def run_cli(*args, check=True, env=None, input=None) -> subprocess.CompletedProc
 
 
 def pytest_generate_tests(metafunc):
-    """Conformance classes declare VARIANTS; each becomes one test case."""
+    """Conformance classes declare VARIANTS; each becomes one test case, named by the variant's
+    words (``[dynamic]``, ``[fixed,split2g]``), as the CLI's --variant spells them."""
     if "variant" in metafunc.fixturenames and metafunc.cls is not None:
         variants = getattr(metafunc.cls, "VARIANTS", ())
-        metafunc.parametrize("variant", variants, ids=[str(int(v)) for v in variants])
+        metafunc.parametrize("variant", variants, ids=[variant_words(v) for v in variants])
+
+
+# a test that uses one of these fixtures (directly or through another fixture) gets the marker
+MARK_BY_FIXTURE = {"qemu": "interop", "qtbot": "gui", "qapp": "gui", "corpus": "corpus"}
+
+
+def markers_for(fixturenames) -> set[str]:
+    return {mark for fixture, mark in MARK_BY_FIXTURE.items() if fixture in fixturenames}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers follow the fixtures a test uses (-m "not interop" leaves out every test that runs
+    qemu-img, whatever its folder), rather than being remembered file by file."""
+    for item in items:
+        for mark in sorted(markers_for(getattr(item, "fixturenames", ()))):
+            if item.get_closest_marker(mark) is None:
+                item.add_marker(mark)

@@ -1,0 +1,19 @@
+"""conftest gives tests their markers from the fixtures they use (issue #14 item 6)."""
+from tests.conftest import markers_for
+
+
+def test_markers_follow_fixtures():
+    assert markers_for(["tmp_path", "qemu"]) == {"interop"}
+    assert markers_for(["qtbot", "window"]) == {"gui"}
+    assert markers_for(["qapp"]) == {"gui"}
+    assert markers_for(["corpus", "qemu"]) == {"corpus", "interop"}
+    assert markers_for(["tmp_path"]) == set()
+
+
+def test_a_qemu_test_is_marked_interop(qemu, request):
+    assert request.node.get_closest_marker("interop") is not None
+    assert request.node.get_closest_marker("gui") is None
+
+
+def test_a_qtbot_test_is_marked_gui(qtbot, request):
+    assert request.node.get_closest_marker("gui") is not None
