@@ -18,8 +18,8 @@ from ..disk import Disk
 from ..errors import CorruptImage
 from ..image import Image
 from ..progress import Progress, ProgressCallback, sub_progress
-from .rewrite import (backend_for, compare_views, finish, require_op, rewrite_in_copy,
-                      view_read)
+from .rewrite import (backend_for, compare_views, data_bytes, finish, require_op,
+                      rewrite_in_copy, view_read)
 
 
 def compact(path: str, *, format: str | None = None,
@@ -54,14 +54,15 @@ def compact(path: str, *, format: str | None = None,
         if not orig.single_file:
             _compact_in_place(path, backend, progress, below, chain)
             return
-        rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=orig.size)
+        rewrite_in_copy(path, backend, progress, work, verify,
+                        verify_bytes=data_bytes(orig, 0, orig.size))
 
 
 def _compact_in_place(path, backend, progress, below, chain: Disk) -> None:
     """Images of several files: run the hook on the image itself (backend write ordering)."""
     img = backend.open(path, OpenFlags.NORMAL, None)
     try:
-        prog = Progress(progress, max(img.size, 1))
+        prog = Progress(progress, data_bytes(img, 0, img.size))
         prog.start()
         img.compact(sub_progress(prog, 0, prog.total), below)
         img.flush()

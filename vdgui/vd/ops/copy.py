@@ -48,11 +48,12 @@ from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, 
                       UnsafePath, VDError, VDIOError)
 from ..fileio import LockMode, check_same_file, lock_files, make_temp_dir, temp_dir_files, unsynced
 from ..image import Alloc
-from ..progress import Progress, ProgressCallback
+from ..progress import Progress, ProgressCallback, WorkMap
 from ..registry import get_backend, probe
 from ..sparse import first_nonzero
 from .pipeline import READAHEAD, READERS, Readers, Writeback, read_window
 from .resize import store_tail_over_parent
+from .rewrite import data_ranges
 
 WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
 MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
@@ -130,6 +131,25 @@ def _extents(src: Disk, top: int, bottom: int, length: int):
         n = min(ALLOC_SLICE, length - pos)
         yield from src.allocation(pos, n, top=top, bottom=bottom)
         pos += n
+
+
+def _copy_work(src: Disk, top: int, levels: int, lengths: list[int], fresh: bool) -> WorkMap:
+    """What a copy moves, in its walk's positions (each member's length after the one before):
+    a flat copy the ranges the chain holds as data (every range onto a device, which is written
+    whole), a chain member's copy the ranges that member holds itself."""
+    work = WorkMap()
+    base = 0
+    for lv in range(levels):
+        if lv == 0:
+            for ext in _extents(src, lv if levels > 1 else top, 0, lengths[lv]):
+                if ext.status == Alloc.DATA or not fresh:
+                    work.add(base + ext.start, base + ext.end)
+        else:
+            for ext in _extents(src, lv, lv, lengths[lv]):
+                if ext.level == lv:
+                    work.add(base + ext.start, base + ext.end)
+        base += lengths[lv]
+    return work
 
 
 def _first_nonzero_in(src: Disk, top: int, start: int, end: int) -> int | None:
@@ -249,12 +269,12 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
         if kind == "data":
             in_flight -= 1
             w.write(a, fut.result() if fut is not None else read_window(src, a, b - a, top, lv))
-            prog.set(base + b)
+            prog.at(base + b)
         elif kind == "zero":
             w.zero_fill(a, b - a)
-            prog.set(base + b)
+            prog.at(base + b)
         else:
-            prog.set(base + a)
+            prog.at(base + a)
 
     for kind, a, b, lv in _flat_windows(src, top, length, g, chunk, w.fresh):
         fut = None
@@ -293,8 +313,8 @@ def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, ba
                         else _ZEROS[:n])
                 w.write(pos, data, below_zero)
                 pos = wend
-                prog.set(base + pos)
-        prog.set(base + ext.end)
+                prog.at(base + pos)
+        prog.at(base + ext.end)
 
 
 def _real(p: str) -> str:
@@ -396,7 +416,7 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         if levels > 1 and not (dst_backend.caps & Cap.DIFF):
             raise NotSupported(f"{dst_backend.name} images cannot be differencing images; copy "
                                "without the chain option to flatten the chain into one image")
-        prog = Progress(progress, sum(lengths))
+        prog = Progress(progress, work=_copy_work(src, top, levels, lengths, file_target))
         prog.start()
         readers = None
         if all(img.backend.caps & Cap.FILE for img in src.images) and READERS > 1:
@@ -567,7 +587,7 @@ def _copy_file_sparse(src: str, dst: str, prog: Progress, base: int) -> None:
                             mv = mv[k:]
                             off += k
                     pos += len(buf)
-                    prog.set(base + pos)
+                    prog.at(base + pos)
             os.ftruncate(fo, size)
             os.fsync(fo)
         finally:
@@ -576,6 +596,25 @@ def _copy_file_sparse(src: str, dst: str, prog: Progress, base: int) -> None:
         raise VDIOError(f"{src}: copy failed: {exc.strerror or exc}") from None
     finally:
         os.close(fi)
+
+
+def _files_work(paths: list[str]) -> WorkMap:
+    """The data a copy of these files reads (their holes are skipped), one file after another."""
+    work = WorkMap()
+    base = 0
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError as exc:
+            raise VDIOError(f"{p}: cannot open: {exc.strerror or exc}") from None
+        try:
+            size = os.fstat(fd).st_size
+            for s, e in data_ranges(fd, size):
+                work.add(base + s, base + e)
+        finally:
+            os.close(fd)
+        base += size
+    return work
 
 
 def _image_files(path: str, fmt, allow_unsafe: bool):
@@ -681,11 +720,11 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
         with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY | (
                 OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)) as d:
             parent_path = d.image(-2).location
-    total = sum(os.stat(s).st_size for s, _d in plan)
-    prog = Progress(progress, total)
+    same_fs = all(_same_fs(s, dst_dir) for s, _d in plan)
+    prog = Progress(progress, work=WorkMap() if same_fs else _files_work([s for s, _d in plan]))
     prog.start()
     held: dict[str, int] = {}
-    if all(_same_fs(s, dst_dir) for s, _d in plan):
+    if same_fs:
         for _s, d in plan:
             os.makedirs(os.path.dirname(d), exist_ok=True)
         _link_into_place([(s, d) for s, d in plan], overwrite=False)   # unlinks the sources

@@ -17,7 +17,7 @@ from ..image import Alloc, Image
 from ..chain import find_children
 from ..progress import Progress, ProgressCallback, sub_progress
 from ..sparse import first_nonzero, is_zero, zeroes
-from .rewrite import (VERIFY_CHUNK, backend_for, compare_views, finish, require_op,
+from .rewrite import (VERIFY_CHUNK, backend_for, compare_views, data_bytes, finish, require_op,
                       rewrite_in_copy, view_read)
 
 
@@ -171,7 +171,6 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                             raise CorruptImage(f"{path}: the new area of the resized copy does not "
                                                f"read zeroes at offset {q:#x}; original kept")
                         q += m
-                advance(end - keep)
 
         several = not orig.single_file
         # in place: a file whose resize is one visible step and that no other differencing
@@ -180,13 +179,14 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         parent_fits = all(im.size <= old for im in chain.images[:top])
         if several or (orig.resizes_in_place(new_size) and parent_fits and not _children(orig)):
             hide = several and below is not None and new_size > old and not parent_fits
-            prog = Progress(progress, max(new_size, 1) + (new_size - old if hide else 0))
+            # the hook's own fraction, weighted by the data the image holds (not the new size)
+            prog = Progress(progress, max(data_bytes(orig, 0, keep), 1))
             prog.start()              # a cancel here leaves the file untouched
             img = backend.open(path, OpenFlags.NORMAL, None)
             try:
                 if several:           # the hook orders its writes over the files
                     _resize_hook(img, new_size,
-                                 sub_progress(prog, 0, new_size))
+                                 sub_progress(prog, 0, prog.total))
                     if hide:          # the parent's tail must not show in the new area
                         img.flush()
                         _hide_parent_tail(img, below, old, img.size)
@@ -201,7 +201,8 @@ def resize(path: str, new_size: int, *, format: str | None = None,
             finally:
                 img.close()
             return
-        rewrite_in_copy(path, backend, progress, work, verify, verify_bytes=new_size)
+        rewrite_in_copy(path, backend, progress, work, verify,
+                        verify_bytes=data_bytes(orig, 0, keep))
 
 
 __all__ = ["resize", "first_data_beyond", "store_tail_over_parent"]
