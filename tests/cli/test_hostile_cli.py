@@ -318,7 +318,8 @@ XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.corpus
-@pytest.mark.parametrize("backend", BACKENDS_WITH_FILES)
+@pytest.mark.parametrize("backend", [   # 2-6 s each: one sample stays out of "slow"
+    pytest.param(b, marks=[] if b == "VDI" else pytest.mark.slow) for b in BACKENDS_WITH_FILES])
 def test_damaged_images(server, specimens, tmp_path, request, backend):
     if backend in XFAIL:
         request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[backend]))
