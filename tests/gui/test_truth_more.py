@@ -56,3 +56,38 @@ def test_time_left_counts_the_data_not_the_virtual_size(qtbot, window, tmp_path)
         gate.set()
     qtbot.waitUntil(lambda: job.finished, timeout=20000)
     assert job.state == "done"
+
+
+def _rect_in(widget, top):
+    from PySide6.QtCore import QRect
+    return QRect(widget.mapTo(top, widget.rect().topLeft()), widget.size())
+
+
+def test_resize_dialog_never_overlaps_when_the_shrink_warning_shows(qtbot, window, tmp_path):
+    """Item 4: the size box, the range hint under it and the warning each keep their own
+    rectangle (and are whole inside the dialog), at the dialog's own size and when it opens."""
+    p = str(tmp_path / "grow.qcow2")
+    with Disk() as d:
+        d.create_base(p, 64 * MiB, "QCOW2")
+        d.write(0, b"\x5a" * MiB)
+    window.add_paths([p], sync=True)
+    from vdgui.gui.dialogs.resize import ResizeDialog
+    dlg = ResizeDialog(window.model.node(p), window)
+    qtbot.addWidget(dlg)
+    dlg.show()
+    qtbot.waitExposed(dlg)
+    dlg.size.setValue(32 * MiB)                    # above the data: allowed, with a warning
+    qtbot.wait(50)
+    assert dlg.messages.warnings and dlg.messages.isVisible()
+    parts = {"slider": dlg.size.slider, "number": dlg.size.edit, "unit": dlg.size.unit,
+             "range": dlg.size.range_label, "warning": dlg.messages, "buttons": dlg.buttons}
+    rects = {k: _rect_in(w, dlg) for k, w in parts.items()}
+    for k, r in rects.items():
+        assert parts[k].isVisible() and dlg.rect().contains(r), (k, r, dlg.rect())
+        assert r.height() >= parts[k].minimumSizeHint().height(), (k, r)
+    names = list(rects)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if {a, b} <= {"slider", "number", "unit"}:
+                continue                           # one row, side by side
+            assert not rects[a].intersects(rects[b]), (a, rects[a], b, rects[b])

@@ -245,3 +245,19 @@ class MessageArea(QLabel):
         lines += [f"<span style='color:#8a5a00'>⚠ {html.escape(w)}</span>" for w in warnings]
         self.setText("<br>".join(lines))
         self.setVisible(bool(lines))
+        grow_to_fit(self.window())
+
+
+def grow_to_fit(window) -> None:
+    """Make ``window`` tall enough for its layout at its present width. A word-wrapped line
+    that appears (a warning) needs more height than the window had; without this the layout
+    squeezes the rows above it into each other."""
+    lay = window.layout() if window is not None else None
+    if lay is None:
+        return
+    lay.activate()
+    need = lay.totalMinimumSize().height()
+    if lay.hasHeightForWidth():
+        need = max(need, lay.totalHeightForWidth(window.width()))
+    if window.height() < need:
+        window.resize(window.width(), need)

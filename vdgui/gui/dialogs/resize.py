@@ -9,7 +9,7 @@ from vdgui.vd import Alloc, Disk, OpenFlags, VDError, format_size
 
 from ..icons import icon
 from ..widgets.size_edit import SizeEdit
-from .common import MessageArea
+from .common import MessageArea, grow_to_fit
 
 
 def used_end(path: str, library=None) -> tuple[int | None, str | None]:
@@ -108,6 +108,7 @@ class ResizeDialog(QDialog):
         self.size.valueChanged.connect(self.validate)
         self.validate()
         self.resize(520, self.sizeHint().height())
+        grow_to_fit(self)
 
     def problems(self) -> tuple[list[str], list[str]]:
         err = self.size.error()
