@@ -2,6 +2,7 @@
 (item 4) and dialogs that keep what was typed when their job fails (item 3)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -91,3 +92,92 @@ def test_resize_dialog_never_overlaps_when_the_shrink_warning_shows(qtbot, windo
             if {a, b} <= {"slider", "number", "unit"}:
                 continue                           # one row, side by side
             assert not rects[a].intersects(rects[b]), (a, rects[a], b, rects[b])
+
+
+def _retry_case(window, kind, chain, tmp_path):
+    """(start the job, its params) for a dialog-driven job that will fail after its dialog
+    closed: the image it works on is deleted meanwhile."""
+    from vdgui.vd import ImageFlags
+    node = window.model.node(chain["snap2"])
+    if kind == "snapshot":
+        p = {"parent": node.path, "location": str(tmp_path / "vms" / "snap3.vdi"),
+             "format": "VDI", "comment": "before the upgrade"}
+        return lambda: window.start_snapshot(node, p), p, node.path
+    if kind == "copy":
+        p = {"src": node.path, "dst": str(tmp_path / "copy.qcow2"), "dst_format": "QCOW2",
+             "kwargs": {"src_format": "VDI", "variant": ImageFlags.NONE, "keep_uuid": False,
+                        "as_chain": False, "new_size": 16 * MiB,
+                        "dst_config": {"ClusterSize": "131072"}}}
+        return lambda: window.start_copy(node, p), p, node.path
+    if kind == "resize":
+        p = {"size": 12 * MiB}
+        return lambda: window.start_resize(node, p["size"]), p, node.path
+    if kind == "merge":
+        p = {"source": node.path, "target": chain["snap1"], "deleted": [node.path],
+             "paths": [chain["base"], chain["snap1"], node.path]}
+        return lambda: window.start_merge(node, p), p, node.path
+    p = {"dst": str(tmp_path / "elsewhere.vdi")}
+
+    def move():
+        # checked when started; then, while an earlier job on the chain runs, another program
+        # takes the name
+        gate = threading.Event()
+        from vdgui.jobs import Job
+        window.start_job(Job("hold", lambda progress: gate.wait(10),
+                             keys=[window.chain_key(node)]))
+        job = window.start_move(node, p["dst"])
+        open(p["dst"], "wb").close()
+        gate.set()
+        return job
+    return move, p, node.path
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "copy", "resize", "merge", "move"])
+def test_a_failed_dialog_job_keeps_what_was_chosen(qtbot, window, vdi_chain, tmp_path,
+                                                   monkeypatch, kind):
+    """Item 3: each dialog-driven job that fails after its dialog closed offers "Change and
+    Retry…", which opens the same dialog for the same image, filled with the same choices."""
+    window.add_paths(list(vdi_chain.values()), sync=True)
+    start, p, path = _retry_case(window, kind, vdi_chain, tmp_path)
+    boxes, reopened = [], []
+    orig = window.offer_retry
+    monkeypatch.setattr(window, "offer_retry", lambda *a: boxes.append(orig(*a)) or boxes[-1])
+    monkeypatch.setattr(window, f"{kind}_dialog", lambda **kw: reopened.append(kw))
+    if kind != "move":           # gone after the dialog closed, before the job ran
+        os.unlink(vdi_chain["snap1" if kind == "merge" else "snap2"])
+    job = start()
+    assert job is not None
+    qtbot.waitUntil(lambda: job.finished, timeout=10000)
+    assert job.state == "failed"
+    qtbot.waitUntil(lambda: bool(boxes), timeout=5000)
+    box = boxes[0]
+    assert "failed" in box.windowTitle() and "vdgui-tmp" not in box.text()
+    box.findChild(type(box.buttons()[0]), "retryButton").click()
+    qtbot.waitUntil(lambda: bool(reopened), timeout=3000)
+    assert reopened[0] == {"path": path, "previous": p}
+
+
+def test_snapshot_and_copy_dialogs_take_back_what_was_chosen(qtbot, window, vdi_chain, tmp_path):
+    """The dialogs a retry opens show the choices again: params(set_params(p)) == p."""
+    from vdgui.gui.dialogs.copy import CopyDialog
+    from vdgui.gui.dialogs.create import CreateDiffDialog
+    from vdgui.gui.dialogs.merge import MergeDialog
+    from vdgui.gui.dialogs.resize import ResizeDialog
+    window.add_paths(list(vdi_chain.values()), sync=True)
+    for kind in ("snapshot", "copy", "resize", "merge"):
+        _start, p, path = _retry_case(window, kind, vdi_chain, tmp_path)
+        node = window.model.node(path)
+        cls = {"snapshot": CreateDiffDialog, "copy": CopyDialog, "resize": ResizeDialog,
+               "merge": MergeDialog}[kind]
+        dlg = cls(node, window)
+        qtbot.addWidget(dlg)
+        dlg.set_params(p)
+        got = dlg.params()
+        if kind == "copy":
+            assert (got["dst"], got["dst_format"]) == (p["dst"], p["dst_format"])
+            assert got["kwargs"]["new_size"] == 16 * MiB
+            assert got["kwargs"]["dst_config"]["ClusterSize"] == "131072"
+        elif kind == "merge":
+            assert (got["source"], got["target"]) == (p["source"], p["target"])
+        else:
+            assert got == p, kind

@@ -814,27 +814,49 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Imported {len(paths)} image(s) from {path}", 5000)
         return self._run_scan(None)
 
-    def create_dialog(self, previous: dict | None = None):
+    def create_dialog(self, *, previous: dict | None = None):
         from .dialogs.create import CreateDialog
         tab = self.tabs.currentIndex()
         device = DEVICE_TABS[tab][0].value if 0 <= tab < len(DEVICE_TABS) else None
         dlg = CreateDialog(self.last_folder(), self, device=device)
-        if previous:
-            dlg.set_params(previous)
-        if dlg.exec() != QDialog.Accepted:
-            return None
-        return self.start_create(dlg.params())
+        p = self.run_dialog(dlg, previous)
+        return None if p is None else self.start_create(p)
 
     def start_create(self, p: dict) -> Job:
         job = tasks.create_job(p["location"], p["size"], p["format"], flags=p["flags"],
                                config=p.get("config"), comment=p.get("comment"))
         self._remember_folder(p["location"])
         self._pending_select = [p["location"]]
-        job.signals.failed.connect(
-            lambda j, msg, tb: None if tb else self.offer_retry(
-                f"Creating {os.path.basename(p['location'])} failed", msg,
-                lambda: self.create_dialog(previous=p)))
+        self.retry_on_failure(job, f"Creating {os.path.basename(p['location'])} failed",
+                              lambda: self.create_dialog(previous=p))
         return self.start_job(job, lambda res: self._rescan(res))
+
+    # A job started from a dialog can fail after the dialog closed. Every such dialog has
+    # set_params (and params), its x_dialog(previous=...) fills it with what was chosen, and
+    # its start_x registers the way back with retry_on_failure: one mechanism for all.
+    def run_dialog(self, dlg, previous: dict | None = None) -> dict | None:
+        """Show ``dlg`` filled with ``previous`` (if any); its params when accepted."""
+        if previous is not None:
+            dlg.set_params(previous)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return dlg.params()
+
+    def retry_on_failure(self, job: Job, title: str, reopen) -> None:
+        """When ``job`` fails with an engine error (not a bug), offer "Change and Retry…",
+        which calls ``reopen()``: the dialog again, filled with the same choices."""
+        job.signals.failed.connect(
+            lambda j, msg, tb: None if tb else self.offer_retry(title, msg, reopen))
+
+    def _dialog_node(self, path: str | None):
+        """The image a dialog is for: the one at ``path`` (a retry: looked up again, the list
+        may have been refreshed meanwhile), else the current one."""
+        if path is None:
+            return self.current_node()
+        node = self.model.node(path)
+        if node is None:
+            self.error_message("Cannot retry", f"{path} is no longer in the list.")
+        return node
 
     def offer_retry(self, title: str, message: str, reopen) -> QMessageBox:
         """A job from a dialog failed: say why, and offer the dialog again with what was
@@ -851,23 +873,25 @@ class MainWindow(QMainWindow):
         self.messages.append(box)
         return box
 
-    def snapshot_dialog(self):
+    def snapshot_dialog(self, *, path: str | None = None, previous: dict | None = None):
         from .dialogs.create import CreateDiffDialog
-        node = self.current_node()
+        node = self._dialog_node(path)
         if node is None:
             return None
-        dlg = CreateDiffDialog(node, self)
-        if dlg.exec() != QDialog.Accepted:
-            return None
-        p = dlg.params()
+        p = self.run_dialog(CreateDiffDialog(node, self), previous)
+        return None if p is None else self.start_snapshot(node, p)
+
+    def start_snapshot(self, node, p: dict) -> Job:
         job = tasks.create_diff_job(p["parent"], p["location"], p["format"], library=self.library,
                                     comment=p["comment"], key=self.chain_key(node))
         self._pending_select = [p["location"]]
+        self.retry_on_failure(job, f"Creating {os.path.basename(p['location'])} failed",
+                              lambda: self.snapshot_dialog(path=node.path, previous=p))
         return self.start_job(job, lambda res: self._rescan(res))
 
-    def copy_dialog(self):
+    def copy_dialog(self, *, path: str | None = None, previous: dict | None = None):
         from .dialogs.copy import CopyDialog
-        node = self.current_node()
+        node = self._dialog_node(path)
         if node is None:
             return None
         dlg = CopyDialog(node, self)
@@ -878,9 +902,8 @@ class MainWindow(QMainWindow):
             stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in node.name).strip("._")
             dlg.location.set_path(unique_path(self.last_folder(), f"{stem or 'disk'}_copy",
                                               b.default_extension() if b else ""))
-        if dlg.exec() != QDialog.Accepted:
-            return None
-        return self.start_copy(node, dlg.params())
+        p = self.run_dialog(dlg, previous)
+        return None if p is None else self.start_copy(node, p)
 
     def start_copy(self, node, p: dict) -> Job:
         chain = [n.path for n in node.ancestors()]
@@ -892,13 +915,16 @@ class MainWindow(QMainWindow):
         if is_network_location(node.path):   # name a network source by its shown name, not its LUN
             job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p['dst'])}"
         self._pending_select = [p["dst"]]
+        self.retry_on_failure(job, f"Copying {node.name} failed",
+                              lambda: self.copy_dialog(path=node.path, previous=p))
         return self.start_job(job, lambda res: self._rescan(list(res or [p["dst"]])))
 
-    def move_dialog(self):
-        node = self.current_node()
+    def move_dialog(self, *, path: str | None = None, previous: dict | None = None):
+        node = self._dialog_node(path)
         if node is None:
             return None
-        dst, _ = QFileDialog.getSaveFileName(self, f"Move {node.name}", node.path)
+        dst, _ = QFileDialog.getSaveFileName(self, f"Move {node.name}",
+                                             (previous or {}).get("dst") or node.path)
         if not dst or os.path.abspath(dst) == node.path:
             return None
         return self.start_move(node, dst)
@@ -923,17 +949,17 @@ class MainWindow(QMainWindow):
             self._pending_select = [dst]
             self._rescan([dst] + deps)
         job = tasks.move_job(src, dst, key=self.chain_key(node))
+        self.retry_on_failure(job, f"Moving {node.name} failed",
+                              lambda: self.move_dialog(path=src, previous={"dst": dst}))
         return self.start_job(job, moved)
 
-    def merge_dialog(self):
+    def merge_dialog(self, *, path: str | None = None, previous: dict | None = None):
         from .dialogs.merge import MergeDialog
-        node = self.current_node()
+        node = self._dialog_node(path)
         if node is None:
             return None
-        dlg = MergeDialog(node, self, busy=self.queue.busy_paths())
-        if dlg.exec() != QDialog.Accepted:
-            return None
-        return self.start_merge(node, dlg.params())
+        p = self.run_dialog(MergeDialog(node, self, busy=self.queue.busy_paths()), previous)
+        return None if p is None else self.start_merge(node, p)
 
     def start_merge(self, node, p: dict) -> Job:
         deleted = p["deleted"]
@@ -949,19 +975,20 @@ class MainWindow(QMainWindow):
             self._pending_select = [p["target"]]
             self._rescan(list(dict.fromkeys(others + deps + [d for d in deleted if os.path.exists(d)])))
         job = tasks.merge_job(p["source"], p["target"], key=self.chain_key(node), paths=p["paths"])
+        self.retry_on_failure(job, f"Merging {os.path.basename(p['source'])} failed",
+                              lambda: self.merge_dialog(path=node.path, previous=p))
         return self.start_job(job, merged)
 
-    def resize_dialog(self):
+    def resize_dialog(self, *, path: str | None = None, previous: dict | None = None):
         from .dialogs.resize import ResizeDialog
-        node = self.current_node()
+        node = self._dialog_node(path)
         if node is None:
             return None
         dlg = ResizeDialog(node, self, used=self._used_end(node), library=self.library)
-        if dlg.exec() != QDialog.Accepted:
+        p = self.run_dialog(dlg, previous)
+        if p is None or not self.confirm_resize(node, p["size"], dlg.used):
             return None
-        if not self.confirm_resize(node, dlg.new_size(), dlg.used):
-            return None
-        return self.start_resize(node, dlg.new_size())
+        return self.start_resize(node, p["size"])
 
     def confirm_resize(self, node, size: int, used: int | None = None) -> bool:
         """The checks of the Resize dialog for a size from anywhere (dialog, details pane); a
@@ -995,6 +1022,8 @@ class MainWindow(QMainWindow):
 
     def start_resize(self, node, size: int) -> Job:
         job = tasks.resize_job(node.path, size, format=node.record.format, key=self.chain_key(node))
+        self.retry_on_failure(job, f"Resizing {node.name} failed",
+                              lambda: self.resize_dialog(path=node.path, previous={"size": size}))
         return self.start_job(job, lambda res: self._rescan([node.path]))
 
     def compact_selected(self) -> list[Job]:

@@ -216,6 +216,22 @@ class CopyDialog(QDialog):
         self.messages.show_messages(errors, warnings)
         self.ok.setEnabled(not errors)
 
+    def set_params(self, p: dict) -> None:
+        """Fill the dialog with what was chosen before (its job failed: change, retry)."""
+        kw = p.get("kwargs") or {}
+        self.set_format(p["dst_format"])
+        self.variant.set_flags(kw.get("variant") or ImageFlags.NONE)
+        self.location.set_path(p["dst"])
+        if kw.get("as_chain") and self.as_chain.isEnabled():
+            self.as_chain.setChecked(True)
+        self.keep_uuid.setChecked(bool(kw.get("keep_uuid")))
+        if kw.get("new_size"):
+            self.resize_box.setChecked(True)
+            self.new_size.setValue(kw["new_size"])
+        if self.config is not None and kw.get("dst_config"):
+            self.config.set_values(kw["dst_config"])
+        self.validate()
+
     def params(self) -> dict:
         """Arguments for copy_image(src, dst, dst_format, **kwargs)."""
         rec = self.node.record

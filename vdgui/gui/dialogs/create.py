@@ -284,6 +284,15 @@ class CreateDiffDialog(QDialog):
         self.messages.show_messages(errors, [])
         self.ok.setEnabled(not errors)
 
+    def set_params(self, p: dict) -> None:
+        """Fill the dialog with what was chosen before (its job failed: change, retry)."""
+        i = self.format.findData(p.get("format"))
+        if i >= 0:
+            self.format.setCurrentIndex(i)
+        self.location.set_path(p["location"])
+        self.comment.setText(p.get("comment") or "")
+        self.validate()
+
     def params(self) -> dict:
         return {"parent": self.node.path, "location": self.location.path(),
                 "format": self.format.currentData(), "comment": self.comment.text().strip() or None}

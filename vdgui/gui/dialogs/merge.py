@@ -128,6 +128,10 @@ class MergeDialog(QDialog):
         self.source.setCurrentIndex(self.source.findData(source_path))
         self.target.setCurrentIndex(self.target.findData(target_path))
 
+    def set_params(self, p: dict) -> None:
+        """What was chosen before (its job failed: change, retry)."""
+        self.set_source_target(p["source"], p["target"])
+
     def plan(self) -> dict:
         return merge_plan(self.chain, self.chain[self.source.currentIndex()],
                           self.chain[self.target.currentIndex()], self.busy)

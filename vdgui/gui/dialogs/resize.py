@@ -123,3 +123,10 @@ class ResizeDialog(QDialog):
 
     def new_size(self) -> int:
         return self.size.value()
+
+    def set_params(self, p: dict) -> None:
+        """What was typed before (its job failed: change, retry)."""
+        self.size.setValue(p["size"])
+
+    def params(self) -> dict:
+        return {"size": self.new_size()}
