@@ -1,4 +1,5 @@
-"""ARCHITECTURE.md rule 1 and 2, checked by scanning imports."""
+"""ARCHITECTURE.md rules 1 and 2, and issue #14 (no import cycles, no private names across
+modules, one public API list, one network-location test), checked by scanning the source."""
 import ast
 from pathlib import Path
 
