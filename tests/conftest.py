@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vdgui.vd import variant_words
+from vdgui.vd import ImageFlags, variant_words
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -160,6 +160,13 @@ def pytest_generate_tests(metafunc):
     if "variant" in metafunc.fixturenames and metafunc.cls is not None:
         variants = getattr(metafunc.cls, "VARIANTS", ())
         metafunc.parametrize("variant", variants, ids=[variant_words(v) for v in variants])
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Any ImageFlags parameter is named by its words too ([fixed], not [65536])."""
+    if isinstance(val, ImageFlags):
+        return variant_words(val)
+    return None
 
 
 # a test that uses one of these fixtures (directly or through another fixture) gets the marker
