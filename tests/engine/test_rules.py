@@ -282,3 +282,14 @@ def test_network_locations_are_told_in_one_place():
 def _line_of(text: str) -> int:
     lines = (PKG / "vd" / "backend.py").read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if line.startswith(text))
+
+
+def test_formats_import_neither_registry_nor_chain():
+    """A format knows its own bytes only: the backend table (registry) and parent discovery
+    (chain) sit above the formats, which are handed what they need (Backend.qemu_name,
+    chain.parent_format, OVA's all_backends)."""
+    graph = _import_graph()
+    for mod, deps in graph.items():
+        if mod.startswith("vdgui.vd.formats"):
+            bad = deps & {"vdgui.vd.registry", "vdgui.vd.chain", "vdgui.vd.disk"}
+            assert not bad, f"{mod} imports {sorted(bad)}"
