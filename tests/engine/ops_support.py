@@ -203,8 +203,8 @@ def unthrottled(monkeypatch):
     from vdgui.vd.progress import Progress
 
     class Every(Progress):
-        def __init__(self, cb, total, interval=0.0):
-            super().__init__(cb, total, 0.0)
+        def __init__(self, cb, total=0, interval=0.0, **kw):
+            super().__init__(cb, total, 0.0, **kw)
     for mod in (compact_mod, merge_mod, repair_mod, resize_mod, rewrite_mod):
         monkeypatch.setattr(mod, "Progress", Every)
     monkeypatch.setattr(merge_mod, "CHUNK", 256 * 1024)

@@ -119,8 +119,8 @@ def test_move_across_file_systems_source_replaced(tmp_path, monkeypatch):
     from vdgui.vd.progress import Progress
 
     class Every(Progress):
-        def __init__(self, cb, total, interval=0.0):
-            super().__init__(cb, total, 0.0)
+        def __init__(self, cb, total=0, interval=0.0, **kw):
+            super().__init__(cb, total, 0.0, **kw)
     monkeypatch.setattr(copy_mod, "_same_fs", lambda a, b: False)
     monkeypatch.setattr(copy_mod, "Progress", Every)
     paths, _views = build_chain(tmp_path, "VDI", depth=0, size=4 * MiB)

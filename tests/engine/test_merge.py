@@ -121,8 +121,8 @@ def unthrottled(monkeypatch):
     from vdgui.vd.progress import Progress
 
     class Every(Progress):
-        def __init__(self, cb, total, interval=0.0):
-            super().__init__(cb, total, 0.0)
+        def __init__(self, cb, total=0, interval=0.0, **kw):
+            super().__init__(cb, total, 0.0, **kw)
     monkeypatch.setattr(m, "Progress", Every)
     monkeypatch.setattr(m, "CHUNK", 256 * 1024)
 
