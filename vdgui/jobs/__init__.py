@@ -19,7 +19,9 @@ cooperative cancel):
   pool thread, with no timer. A job cancelled before it ran leaves ``live`` when its
   ``cancelled`` signal has been delivered.
 - While workers run Python, the cyclic garbage collector runs on the GUI thread only
-  (``_Workers``): a collection in a pool thread would destroy any Qt object it frees there.
+  (``_Workers``): a collection in a pool thread would destroy any Qt object it frees there;
+  and the interpreter's switch interval is 1 ms, so the GUI thread never waits long for the
+  GIL (the event loop never stalls > 50 ms during a job: bench/gui_stall.py).
 
 The queue serialises jobs that share a key (one key per chain: jobs on one chain run one after
 another) and runs the others in parallel in a QThreadPool.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import sys
 import threading
 import time
 import traceback
@@ -123,11 +126,16 @@ class _Workers(QObject):
 
     released = Signal(object)                  # job id
     COLLECT_EVERY_MS = 200
+    # While workers run, a thread asking for the GIL gets it after at most this long (Python's
+    # default is 5 ms per holder): with a job and its reader threads all busy in Python, the
+    # GUI thread waited several 5 ms turns; bench/gui_stall.py measured stalls up to 66 ms.
+    SWITCH_INTERVAL = 0.001
 
     def __init__(self):
         super().__init__()
         self._running = 0                      # workers between pool.start and 'released'
         self._collection_off = False           # automatic collection turned off by us
+        self._switch_interval: float | None = None   # Python's, while ours is set
         self._timer = QTimer(self)
         self._timer.setInterval(self.COLLECT_EVERY_MS)
         self._timer.timeout.connect(self.collect)
@@ -135,6 +143,9 @@ class _Workers(QObject):
 
     def worker_started(self) -> None:
         self._running += 1
+        if self._running == 1 and self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
         if self._running == 1 and gc.isenabled():
             gc.disable()
             self._collection_off = True
@@ -143,6 +154,9 @@ class _Workers(QObject):
     @Slot(object)
     def _worker_released(self, _job_id=None) -> None:
         self._running = max(self._running - 1, 0)
+        if self._running == 0 and self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         if self._running == 0 and self._collection_off:
             self._timer.stop()
             self._collection_off = False

@@ -128,6 +128,16 @@ def _esc(t) -> str:
     return html.escape(str(t or ""))
 
 
+ROW_ICONS = ("busy", "ok", "warning", "error", "cancel")
+
+
+def warm_row_icons() -> None:
+    """Render the job rows' icons once, before any job: the first render of one takes up to
+    ~10 ms (every size), which fell inside the event loop while a job ran or ended."""
+    for name in ROW_ICONS:
+        icon(name)
+
+
 class JobsPanel(QWidget):
     """Lists visible jobs of a JobQueue; newest at the top."""
 
@@ -135,6 +145,7 @@ class JobsPanel(QWidget):
 
     def __init__(self, queue: JobQueue, parent=None):
         super().__init__(parent)
+        QTimer.singleShot(0, warm_row_icons)          # once the event loop runs, before a job
         self.queue = queue
         self.rows: dict[int, JobRow] = {}
         self.container = QWidget()
