@@ -1,7 +1,8 @@
 """Regenerate the screenshots in this folder: ``xvfb-run -a python3 docs/screenshots/make_screenshots.py``.
 
 Builds sample images in a temporary folder (a VDI snapshot chain with a branch, a VMDK, a QCOW2,
-an ISO, a missing image), then grabs the main window, a running job and the dialogs.
+an ISO, a missing image, a damaged VDI), then grabs the main window, a running job, the dialogs,
+a Check that finds damage (the image's state and the result with Repair…) and a Compare.
 """
 from __future__ import annotations
 
@@ -62,8 +63,26 @@ def build_samples(d: str) -> dict:
         for i in range(0, 384 * MiB, 4 * MiB):
             disk.write(i, chunk)
     p["big"] = big
+    p["qcow2"] = next((e for e in extra if e.endswith(".qcow2")), None)
+    p["corrupt"] = _crosslinked_vdi(os.path.join(d, "crashed-vm.vdi"))
     p["extra"] = extra + [big, iso, os.path.join(d, "old-backup.vdi")]
     return p
+
+
+def _crosslinked_vdi(path: str) -> str:
+    """A VDI whose block 1 points at block 0's data (two blocks sharing storage: corrupt)."""
+    import struct
+    from vdgui.vd import Disk
+    from vdgui.vd.formats import vdi_layout as L
+    with Disk() as d:
+        d.create_base(path, 64 * MiB, "VDI")
+        d.write(0, b"\x01" * (2 * MiB))
+    with open(path, "r+b") as f:
+        f.seek(L.H1["offset_blocks"])
+        off_blocks = struct.unpack("<I", f.read(4))[0]
+        f.seek(off_blocks + 4)
+        f.write(struct.pack("<I", 0))
+    return path
 
 
 def _scratch(prefix: str) -> str:
@@ -156,6 +175,42 @@ def main() -> int:
     settle()
     dlg.grab().save(os.path.join(HERE, "resize-dialog.png"))
     dlg.close()
+    if p.get("qcow2"):         # a shrink over an unused tail: allowed, with its warning
+        dlg = ResizeDialog(win.model.node(p["qcow2"]), win)
+        dlg.size.setValue(6 * GiB)
+        dlg.show()
+        settle()
+        dlg.grab().save(os.path.join(HERE, "resize-shrink-warning.png"))
+        dlg.close()
+
+    # a damaged image: Check marks it Corrupt and offers Repair…
+    win.add_paths([p["corrupt"]], sync=True, select=False)
+    win.select_paths([p["corrupt"]])
+    settle()
+    boxes = []
+    orig_done = win._check_done
+    win._check_done = lambda *a: boxes.append(orig_done(*a)) or boxes[-1]
+    win.check_selected(False)
+    while not boxes:
+        app.processEvents()
+    settle(500)
+    boxes[0].grab().save(os.path.join(HERE, "check-result.png"))
+    boxes[0].close()
+    settle()
+    win.grab().save(os.path.join(HERE, "corrupt-image.png"))
+
+    # compare two images of the chain
+    win.select_paths([p["s2"], p["br"]])
+    settle()
+    shown = []
+    orig_cmp = win._compare_done
+    win._compare_done = lambda *a: shown.append(orig_cmp(*a)) or shown[-1]
+    win.compare_selected()
+    while not shown:
+        app.processEvents()
+    settle(500)
+    shown[0].grab().save(os.path.join(HERE, "compare-result.png"))
+    shown[0].close()
     win.close()
     print("screenshots written to", HERE)
     return 0

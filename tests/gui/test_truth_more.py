@@ -203,3 +203,25 @@ def test_jobs_keep_the_event_loop_responsive(qtbot, window, tmp_path, monkeypatc
     assert seen == [0.001]
     assert sys.getswitchinterval() == before
     assert rendered == []
+
+
+def test_what_the_screenshots_showed_reads_right(qtbot, window, vdi_chain, tmp_path):
+    """Seen in docs/screenshots: the copy dialog wrote the variant "dynamic,diff", and the check
+    of a damaged VDI said "only 1 blocks are in use"."""
+    from PySide6.QtWidgets import QLabel
+    from tests.gui.test_truth import _crosslinked_vdi
+    from vdgui.gui.dialogs.copy import CopyDialog
+    window.add_paths([vdi_chain["snap2"]], sync=True)
+    dlg = CopyDialog(window.model.node(vdi_chain["snap2"]), window)
+    qtbot.addWidget(dlg)
+    assert "dynamic, diff," in dlg.findChild(QLabel, "copySource").text()
+    p = _crosslinked_vdi(tmp_path / "bad.vdi")
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    boxes = []
+    orig = window._check_done
+    window._check_done = lambda *a: boxes.append(orig(*a))
+    window.check_selected(False)
+    qtbot.waitUntil(lambda: bool(boxes), timeout=20000)
+    text = boxes[0].text()
+    assert "only 1 block is in use" in text and "1 blocks" not in text

@@ -68,9 +68,11 @@ class CopyDialog(QDialog):
         self.config_layout = QVBoxLayout(self.config_box)
         self.config: ConfigForm | None = None
         self.messages = MessageArea()
-        src = QLabel(f"Source: <b>{node.name}</b> — {rec.format}, {rec.variant}, "
+        src = QLabel(f"Source: <b>{node.name}</b> — {rec.format}, "
+                     f"{(rec.variant or '—').replace(',', ', ')}, "
                      f"{format_size(rec.virtual_size or 0)} virtual, "
                      f"{format_size(rec.file_size or 0)} on disk")
+        src.setObjectName("copySource")
         src.setWordWrap(True)
         form = QFormLayout()
         form.addRow("Target &format:", self.format)

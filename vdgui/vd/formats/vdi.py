@@ -1026,8 +1026,9 @@ class VdiImage(FileImage):
                            f"repair sets it to {used}", self._offs["blocks_allocated"],
                 ProblemCode.ALLOC_POINTER)
         elif self.allocated > top + 1:
-            add("leak", f"header field 'cBlocksAllocated' is {self.allocated} but only {used} "
-                        f"blocks are in use; repair sets it to {used}",
+            in_use = "1 block is" if used == 1 else f"{used} blocks are"
+            add("leak", f"header field 'cBlocksAllocated' is {self.allocated} but only "
+                        f"{in_use} in use; repair sets it to {used}",
                 self._offs["blocks_allocated"], ProblemCode.LEAK)
         if holes > 0:
             add("leak", f"{holes} file block(s) below block {top} are not referenced by the "
