@@ -225,3 +225,30 @@ def test_what_the_screenshots_showed_reads_right(qtbot, window, vdi_chain, tmp_p
     qtbot.waitUntil(lambda: bool(boxes), timeout=20000)
     text = boxes[0].text()
     assert "only 1 block is in use" in text and "1 blocks" not in text
+
+
+def test_a_dialog_gives_back_the_height_an_error_took(qtbot, window, tmp_path):
+    """Seen under Xvfb: Create grew for "The size must be larger than zero"; when the size was
+    fixed the line went away but the dialog stayed tall, the format options box stretched."""
+    from vdgui.gui.dialogs.create import CreateDialog
+    dlg = CreateDialog(str(tmp_path), window)
+    qtbot.addWidget(dlg)
+    dlg.show()
+    qtbot.waitExposed(dlg)
+    h = dlg.height()
+    dlg.size.edit.setText("0")
+    qtbot.wait(20)
+    assert dlg.messages.isVisible() and dlg.height() > h
+    dlg.size.edit.setText("1")
+    qtbot.wait(20)
+    assert not dlg.messages.isVisible()
+    assert dlg.height() == h
+
+
+def test_a_system_folder_is_named_as_one():
+    """Seen under Xvfb: a snapshot into /proc said "Cannot create files in /proc: No such file
+    or directory" about a folder that plainly exists."""
+    from vdgui.gui.dialogs.common import folder_problem
+    msg = folder_problem("/proc")
+    assert msg is not None and "/proc" in msg
+    assert "No such file" not in msg and "system folder" in msg

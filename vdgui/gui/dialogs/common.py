@@ -77,7 +77,10 @@ def folder_problem(folder: str) -> str | None:
         except OSError as exc:
             why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                    errno.EROFS: "the file system is read-only",
-                   errno.ENOSPC: "the disk is full"}.get(exc.errno,
+                   errno.ENOSPC: "the disk is full",
+                   # an existing folder that says "no such file": /proc, /sys and the like
+                   errno.ENOENT: "it is a system folder that does not take new files"
+                   }.get(exc.errno,
                                                         exc.strerror or str(exc))
             verdict = f"Cannot create files in {folder}: {why}"
     _FOLDER_VERDICTS[folder] = (now, verdict)
@@ -243,9 +246,26 @@ class MessageArea(QLabel):
         self.errors, self.warnings = list(errors), list(warnings)
         lines = [f"<span style='color:#c9372c'>✖ {html.escape(e)}</span>" for e in errors]
         lines += [f"<span style='color:#8a5a00'>⚠ {html.escape(w)}</span>" for w in warnings]
+        w = self.window()
+        was_shown = not self.isHidden()
+        before = w.height()
         self.setText("<br>".join(lines))
         self.setVisible(bool(lines))
-        grow_to_fit(self.window())
+        grown = getattr(w, "_grown_from", None)
+        if not lines:
+            # the lines that made the window grow are gone: give the height back, or the
+            # other rows (a group box) take up the empty space
+            if grown and w.height() == grown[1]:
+                if w.layout() is not None:
+                    w.layout().activate()      # its minimum without the lines first
+                w.resize(w.width(), grown[0])
+            w._grown_from = None
+            return
+        grow_to_fit(w)
+        if not was_shown and w.height() > before:
+            w._grown_from = (before, w.height())
+        elif grown:
+            w._grown_from = (grown[0], w.height())
 
 
 def grow_to_fit(window) -> None:
