@@ -252,3 +252,30 @@ def test_a_system_folder_is_named_as_one():
     msg = folder_problem("/proc")
     assert msg is not None and "/proc" in msg
     assert "No such file" not in msg and "system folder" in msg
+
+
+def test_merge_dialog_keeps_its_label_on_its_list(qtbot, window, tmp_path):
+    """Seen in the screenshots: with long paths in its summary, the Merge dialog's spare height
+    went between "Chain (base at the top):" and the list under it."""
+    from vdgui.gui.dialogs.merge import MergeDialog
+    folder = tmp_path / "VirtualBox VMs" / "A machine with a long name" / "Snapshots"
+    folder.mkdir(parents=True)
+    paths = [str(folder / f"{n}.vdi") for n in ("base", "before-upgrade", "after-upgrade")]
+    with Disk() as d:
+        d.create_base(paths[0], 64 * MiB, "VDI")
+        d.write(0, b"\x01" * MiB)
+        for p in paths[1:]:
+            d.create_diff(p)
+            d.write(MiB, b"\x02" * MiB)
+    window.add_paths([paths[-1]], sync=True)
+    dlg = MergeDialog(window.model.node(paths[-1]), window)
+    qtbot.addWidget(dlg)
+    dlg.show()
+    qtbot.waitExposed(dlg)
+    for extra in (0, 120):
+        dlg.resize(dlg.width(), dlg.height() + extra)
+        qtbot.wait(20)
+        label, lst = _rect_in(dlg.chain_label, dlg), _rect_in(dlg.list, dlg)
+        # the text sits in the middle of its label: a tall label is a gap above the list
+        assert label.height() <= dlg.chain_label.sizeHint().height() + 4, (extra, label)
+        assert 0 <= lst.top() - label.bottom() <= 12, (extra, label, lst)
