@@ -279,3 +279,14 @@ def test_merge_dialog_keeps_its_label_on_its_list(qtbot, window, tmp_path):
         # the text sits in the middle of its label: a tall label is a gap above the list
         assert label.height() <= dlg.chain_label.sizeHint().height() + 4, (extra, label)
         assert 0 <= lst.top() - label.bottom() <= 12, (extra, label, lst)
+
+
+def test_the_size_slider_follows_a_typed_zero(qtbot):
+    """Seen under Xvfb: typing 0 into Create's size left the slider at 20 GiB."""
+    from vdgui.gui.widgets.size_edit import SizeEdit
+    w = SizeEdit(20 << 30)
+    qtbot.addWidget(w)
+    assert w.slider.value() > 500
+    w.edit.setText("0")
+    assert w.slider.value() == 0
+    assert w.error() == "The size must be larger than zero"

@@ -153,9 +153,10 @@ class SizeEdit(QWidget):
         self.valueChanged.emit(self.value())
 
     def _sync_slider(self, v: int | None) -> None:
-        if not self.slider or v is None or v <= 0:
+        if not self.slider or v is None:
             return
         lo, hi = self._slider_bounds()
+        # a size below the slider's range (0 included) puts it at its start, never left stale
         pos = int(round((math.log2(max(v, 1)) - lo) / (hi - lo) * 1000))
         self.slider.blockSignals(True)
         self.slider.setValue(max(0, min(1000, pos)))
