@@ -5,7 +5,7 @@ import html
 import os
 import traceback
 
-from PySide6.QtCore import (QByteArray, QSettings, QSize, QSortFilterProxyModel, Qt, QTimer, QUrl,
+from PySide6.QtCore import (QSettings, QSize, QSortFilterProxyModel, Qt, QTimer, QUrl,
                             Signal)
 from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
@@ -24,6 +24,7 @@ from . import actions
 from .actions import SPECS, Context
 from .icons import app_icon, format_icon, icon
 from .models.media import (COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel)
+from .view_settings import ViewSettings
 from .widgets.details import DetailsPane
 from .widgets.jobs_panel import JobsPanel, check_summary
 
@@ -97,6 +98,7 @@ class MainWindow(QMainWindow):
         super().__init__(parent)
         self.library = library
         self.settings = settings
+        self.view_settings = ViewSettings(settings)
         self.queue = queue or JobQueue(self)
         # Qt appends the application's display name ("… — vdgui"); the version is in About
         self.setWindowTitle("Virtual Media Manager")
@@ -122,7 +124,7 @@ class MainWindow(QMainWindow):
         self.model.modelAboutToBeReset.connect(self._save_view_state)
         self.model.modelReset.connect(self._restore_view_state)
         self._view_state = ([], [])
-        self._restore_settings()
+        self.view_settings.restore(self)
         self.update_actions()
         self._update_status()
         self._update_tab_counts()
@@ -334,58 +336,21 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         m.addAction(self.action_about)
 
-    # -- settings -------------------------------------------------------------------------
-    def _restore_settings(self) -> None:
-        s = self.settings
-        if s is None:
-            self.resize(1240, 760)
-            return
-        geo = s.value("window/geometry")
-        if isinstance(geo, QByteArray) and not geo.isEmpty():
-            self.restoreGeometry(geo)
-        else:
-            self.resize(1240, 760)
-        st = s.value("window/state")
-        if isinstance(st, QByteArray) and not st.isEmpty():
-            self.restoreState(st)
-        sp = s.value("window/splitter")
-        if isinstance(sp, QByteArray) and not sp.isEmpty():
-            self.splitter.restoreState(sp)
-        hd = s.value("window/header")
-        if isinstance(hd, QByteArray) and not hd.isEmpty():
-            self.tree.header().restoreState(hd)
-        tab = s.value("window/tab", 0)
-        try:
-            self.tabs.setCurrentIndex(int(tab))
-        except (TypeError, ValueError):
-            pass
-        self.show_properties(str(s.value("window/details", "true")).lower() != "false")
-
+    # -- settings (view_settings.ViewSettings keeps them) ------------------------------------
     def save_settings(self) -> None:
-        s = self.settings
-        if s is None:
-            return
-        s.setValue("window/geometry", self.saveGeometry())
-        s.setValue("window/state", self.saveState())
-        s.setValue("window/splitter", self.splitter.saveState())
-        s.setValue("window/header", self.tree.header().saveState())
-        s.setValue("window/tab", self.tabs.currentIndex())
-        s.setValue("window/details", "true" if self.details.isVisible() else "false")
-        s.sync()
+        self.view_settings.save(self)
 
     def last_folder(self) -> str:
-        if self.settings is not None:
-            f = self.settings.value("paths/last_folder", "")
-            if f and os.path.isdir(f):
-                return f
+        f = self.view_settings.last_folder()
+        if f:
+            return f
         node = self.current_node()
         if node is not None:
             return os.path.dirname(node.path)
         return os.path.expanduser("~")
 
-    def _remember_folder(self, path: str) -> None:
-        if self.settings is not None and path:
-            self.settings.setValue("paths/last_folder", os.path.dirname(os.path.abspath(path)))
+    def remember_folder(self, path: str) -> None:
+        self.view_settings.remember_folder(path)
 
     # -- loading --------------------------------------------------------------------------
     def load_library(self, sync: bool = False) -> Job | None:
@@ -417,7 +382,7 @@ class MainWindow(QMainWindow):
         for p in images:
             self.library.touch_recent(p)
         if not is_network_location(images[0]):
-            self._remember_folder(images[0])
+            self.remember_folder(images[0])
         if select:
             self._pending_select = [images[0]]
         if sync:
@@ -825,7 +790,7 @@ class MainWindow(QMainWindow):
     def start_create(self, p: dict) -> Job:
         job = tasks.create_job(p["location"], p["size"], p["format"], flags=p["flags"],
                                config=p.get("config"), comment=p.get("comment"))
-        self._remember_folder(p["location"])
+        self.remember_folder(p["location"])
         self._pending_select = [p["location"]]
         self.retry_on_failure(job, f"Creating {os.path.basename(p['location'])} failed",
                               lambda: self.create_dialog(previous=p))
@@ -1366,7 +1331,7 @@ class MainWindow(QMainWindow):
         super().showEvent(event)
         if not getattr(self, "_shown_once", False):
             self._shown_once = True
-            if self.settings is None or not self.settings.contains("window/state"):
+            if not self.view_settings.has_window_state():
                 QTimer.singleShot(0, lambda: self.resizeDocks(
                     [self.jobs_dock], [self.jobs_panel.sizeHint().height()], Qt.Vertical))
 
