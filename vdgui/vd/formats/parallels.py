@@ -47,8 +47,6 @@ import shutil
 import uuid as uuidlib
 from array import array
 
-from construct import Bytes, Int32ul, Int64ul, Struct
-
 from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
@@ -63,54 +61,16 @@ from ..image import Alloc, CheckReport, Image, Problem, ProblemCode
 from ..runs import RunList, merge_runs
 from ..sparse import is_zero, split_blocks
 from ..tables import BlockTable, first_shared, read_table
+from .parallels_layout import (SECTOR, MAGIC_V2, MAGIC_EXT, VERSION, INUSE_MAGIC, CLOSED_MAGIC,
+                               FLAG_EMPTY, MAX_CLUSTER, DEFAULT_CLUSTER, MAX_DESCRIPTOR,
+                               MAX_BAT_ENTRIES, MAX_EXTENTS, MAX_SNAPSHOTS, DESCRIPTOR_NAME,
+                               ZERO_GUID, TOP_GUID, Header, FormatExtensionHeader, EXT_MAGIC,
+                               STRUCTS, HEADER_SIZE)
 
 
 def _xml_escape(text: str) -> str:
     """Text for an XML element (xml.sax.saxutils would import urllib and ssl at start-up)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-SECTOR = 512
-MAGIC_V2 = b"WithoutFreeSpace"
-MAGIC_EXT = b"WithouFreSpacExt"
-VERSION = 2
-INUSE_MAGIC = 0x746F6E59
-CLOSED_MAGIC = 0x312E3276
-FLAG_EMPTY = 1
-MAX_CLUSTER = 64 << 20
-DEFAULT_CLUSTER = 1 << 20
-MAX_DESCRIPTOR = 1 << 20
-MAX_BAT_ENTRIES = 16 << 20      # a 64 MiB BAT (16 TiB with 1 MiB clusters)
-MAX_EXTENTS = 4096
-MAX_SNAPSHOTS = 1024
-DESCRIPTOR_NAME = "DiskDescriptor.xml"
-ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
-# Parallels Desktop and ploop name a disk's base snapshot with this predefined GUID, and readers
-# (ploop, dissect.hypervisor) look for it when a descriptor has no TopGUID
-TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
-
-# qemu docs/interop/parallels.txt, "Header"
-Header = Struct(
-    "magic" / Bytes(16),
-    "version" / Int32ul,
-    "heads" / Int32ul,
-    "cylinders" / Int32ul,
-    "tracks" / Int32ul,          # cluster size in sectors
-    "bat_entries" / Int32ul,
-    "nb_sectors" / Int64ul,
-    "inuse" / Int32ul,
-    "data_off" / Int32ul,        # sectors
-    "flags" / Int32ul,
-    "ext_off" / Int64ul,         # sectors
-)
-# qemu docs/interop/parallels.txt, "Format Extension" (first 24 bytes)
-FormatExtensionHeader = Struct(
-    "magic" / Int64ul,           # 0xAB234CEF23DCEA87
-    "checksum" / Bytes(16),      # MD5
-)
-EXT_MAGIC = 0xAB234CEF23DCEA87
-STRUCTS = {"Header": Header, "FormatExtensionHeader": FormatExtensionHeader}
-HEADER_SIZE = 64
 
 
 def _limit_reason(cl: int) -> str:

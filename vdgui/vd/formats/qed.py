@@ -27,8 +27,6 @@ import struct
 from array import array
 from collections import OrderedDict
 
-from construct import Const, Int32ul, Int64ul, Struct
-
 from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
                        Operation, ProbeInput, too_large)
@@ -42,41 +40,10 @@ from ..progress import Progress
 from ..runs import RunList
 from ..sparse import is_zero, zeroes
 from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
-
-MAGIC = b"QED\0"
-
-# qed_spec.txt "Header" (64 bytes, little-endian)
-QedHeader = Struct(
-    "magic" / Const(MAGIC),
-    "cluster_size" / Int32ul,
-    "table_size" / Int32ul,
-    "header_size" / Int32ul,
-    "features" / Int64ul,
-    "compat_features" / Int64ul,
-    "autoclear_features" / Int64ul,
-    "l1_table_offset" / Int64ul,
-    "image_size" / Int64ul,
-    "backing_filename_offset" / Int32ul,
-    "backing_filename_size" / Int32ul,
-)
-HEADER_SIZE = 64
-
-F_BACKING_FILE = 0x01
-F_NEED_CHECK = 0x02
-F_BACKING_FORMAT_NO_PROBE = 0x04
-F_KNOWN = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE
-
-OFF_FEATURES = 16
-OFF_AUTOCLEAR = 32
-OFF_IMAGE_SIZE = 48
-
-MIN_CLUSTER = 4096
-MAX_CLUSTER = 64 << 20
-MAX_TABLE_SIZE = 16
-MAX_TABLE_BYTES = 64 << 20      # refuse (rather than allocate) larger tables
-MAX_BACKING_NAME = 4095
-CLUSTER_ZERO = 1
-
+from .qed_layout import (MAGIC, QedHeader, HEADER_SIZE, F_BACKING_FILE, F_NEED_CHECK,
+                         F_BACKING_FORMAT_NO_PROBE, F_KNOWN, OFF_FEATURES, OFF_AUTOCLEAR,
+                         OFF_IMAGE_SIZE, MIN_CLUSTER, MAX_CLUSTER, MAX_TABLE_SIZE, MAX_TABLE_BYTES,
+                         MAX_BACKING_NAME, CLUSTER_ZERO)
 
 
 def _le_array(data) -> array:
@@ -85,7 +52,6 @@ def _le_array(data) -> array:
 
 def _array_le_bytes(a: array) -> bytes:
     return table_to_bytes(a, big_endian=False)
-
 
 
 def qed_max_size(cs: int, ts: int) -> int:

@@ -43,8 +43,6 @@ import time
 import uuid as uuidlib
 from urllib.parse import unquote
 
-from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
-
 from ..align import align_up, ceil_div
 from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
                        OpenFlags, Operation, ProbeInput)
@@ -59,77 +57,12 @@ from ..space import preallocate, require_space
 from ..runs import RunList
 from ..sparse import is_zero, nonzero_runs, split_blocks, zeroes
 from ..tables import BlockTable, read_table
-
-# -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
-#    Format"; all fields big-endian) -------------------------------------------------------------
-FOOTER = Struct(
-    "cookie" / Bytes(8),               # "conectix"
-    "features" / Int32ub,              # bit 0 temporary, bit 1 reserved (always set)
-    "version" / Int32ub,               # 0x00010000
-    "data_offset" / Int64ub,           # dynamic header offset; 0xFFFFFFFFFFFFFFFF for fixed disks
-    "timestamp" / Int32ub,             # seconds since 2000-01-01 00:00:00 UTC
-    "creator_app" / Bytes(4),          # "vpc ", "vs  ", "win ", "qemu", "vbox"...
-    "creator_version" / Int32ub,       # major << 16 | minor
-    "creator_os" / Bytes(4),           # "Wi2k" or "Mac "
-    "original_size" / Int64ub,
-    "current_size" / Int64ub,
-    "cylinders" / Int16ub,
-    "heads" / Int8ub,
-    "sectors" / Int8ub,
-    "disk_type" / Int32ub,             # 2 fixed, 3 dynamic, 4 differencing
-    "checksum" / Int32ub,
-    "unique_id" / Bytes(16),
-    "saved_state" / Int8ub,
-    "reserved" / Bytes(427),
-)
-FOOTER_SIZE = 512
-FOOTER_CHECKSUM_AT = 64
-
-PARENT_LOCATOR = Struct(
-    "code" / Bytes(4),                 # "W2ru", "W2ku", "Wi2r", "Wi2k", "Mac ", "MacX" or zeros
-    "data_space" / Int32ub,            # space reserved (bytes in practice; the spec says sectors)
-    "data_length" / Int32ub,           # bytes of locator data
-    "reserved" / Int32ub,
-    "data_offset" / Int64ub,           # absolute file offset of the locator data
-)
-
-DYN_HEADER = Struct(
-    "cookie" / Bytes(8),               # "cxsparse"
-    "data_offset" / Int64ub,           # unused: 0xFFFFFFFFFFFFFFFF
-    "table_offset" / Int64ub,          # BAT offset
-    "version" / Int32ub,               # 0x00010000
-    "max_table_entries" / Int32ub,
-    "block_size" / Int32ub,            # default 2 MiB
-    "checksum" / Int32ub,
-    "parent_uuid" / Bytes(16),
-    "parent_timestamp" / Int32ub,
-    "reserved1" / Int32ub,
-    "parent_name" / Bytes(512),        # UTF-16BE parent file name
-    "locators" / Array(8, PARENT_LOCATOR),
-    "reserved2" / Bytes(256),
-)
-HEADER_SIZE = 1024
-HEADER_CHECKSUM_AT = 36
-
-COOKIE = b"conectix"
-DYN_COOKIE = b"cxsparse"
-TYPE_FIXED, TYPE_DYNAMIC, TYPE_DIFF = 2, 3, 4
-TYPE_NAMES = {TYPE_FIXED: "fixed", TYPE_DYNAMIC: "dynamic", TYPE_DIFF: "differencing"}
-FREE = 0xFFFFFFFF
-NO_OFFSET = 0xFFFFFFFFFFFFFFFF
-SECTOR = 512
-DEFAULT_BLOCK = 2 << 20
-MAX_BLOCK = 256 << 20
-MAX_LOCATOR = 64 << 10
-MAX_VIRTUAL = 2040 << 30                  # qemu's and Hyper-V's VHD limit (BAT sector numbers)
-MAX_READ_VIRTUAL = 1 << 41                # dynamic disks larger than 2 TiB are refused on open
-MAX_GEOMETRY = (65535, 16, 255)
-VHD_EPOCH = 946684800                     # 2000-01-01T00:00:00Z in Unix time
-CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\x00")
-CREATOR_APP = b"vbox"
-CREATOR_VERSION = 0x00070000              # "7.0", VirtualBox-style
-CREATOR_OS = b"Wi2k"
-LOCATOR_SPACE = 1024                      # VirtualBox reserves 512 UTF-16 characters per locator
+from .vhd_layout import (FOOTER, FOOTER_SIZE, FOOTER_CHECKSUM_AT, PARENT_LOCATOR, DYN_HEADER,
+                         HEADER_SIZE, HEADER_CHECKSUM_AT, COOKIE, DYN_COOKIE, TYPE_FIXED,
+                         TYPE_DYNAMIC, TYPE_DIFF, TYPE_NAMES, FREE, NO_OFFSET, SECTOR,
+                         DEFAULT_BLOCK, MAX_BLOCK, MAX_LOCATOR, MAX_VIRTUAL, MAX_READ_VIRTUAL,
+                         MAX_GEOMETRY, VHD_EPOCH, CURRENT_SIZE_CREATORS, CREATOR_APP,
+                         CREATOR_VERSION, CREATOR_OS, LOCATOR_SPACE)
 
 
 def checksum(buf, at: int) -> int:
@@ -237,8 +170,6 @@ def _mac_url_to_path(text: str) -> str:
 
 def _round(n: int, to: int = SECTOR) -> int:
     return align_up(n, to)
-
-
 
 
 class VhdImage(FileImage):
