@@ -2,11 +2,12 @@
 "WithouFreSpacExt" variant) and the constants of its bundle folders (DiskDescriptor.xml).
 
 Specification: qemu ``docs/interop/parallels.txt`` ("Header", "Format Extension"). All fields
-are little-endian. The BAT is handled as an array in :mod:`.parallels`.
+are little-endian. The BAT is handled as an array in :mod:`.image`.
 """
 from __future__ import annotations
 
 from construct import Bytes, Int32ul, Int64ul, Struct
+
 
 SECTOR = 512
 MAGIC_V2 = b"WithoutFreeSpace"
