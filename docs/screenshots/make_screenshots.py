@@ -188,8 +188,8 @@ def main() -> int:
     win.select_paths([p["corrupt"]])
     settle()
     boxes = []
-    orig_done = win._check_done
-    win._check_done = lambda *a: boxes.append(orig_done(*a)) or boxes[-1]
+    orig_done = win.ops.check_done
+    win.ops.check_done = lambda *a: boxes.append(orig_done(*a)) or boxes[-1]
     win.check_selected(False)
     while not boxes:
         app.processEvents()
@@ -203,8 +203,8 @@ def main() -> int:
     win.select_paths([p["s2"], p["br"]])
     settle()
     shown = []
-    orig_cmp = win._compare_done
-    win._compare_done = lambda *a: shown.append(orig_cmp(*a)) or shown[-1]
+    orig_cmp = win.ops.compare_done
+    win.ops.compare_done = lambda *a: shown.append(orig_cmp(*a)) or shown[-1]
     win.compare_selected()
     while not shown:
         app.processEvents()

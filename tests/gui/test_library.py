@@ -195,13 +195,13 @@ def test_screenshot_command(qtbot, tmp_path, vdi_chain):
 
 
 def test_dropped_xml_is_a_registry_only_when_it_is_one(qtbot, window, tmp_path):
-    from vdgui.gui.main_window import _is_vbox_registry
+    from vdgui.gui.files import is_vbox_registry
     root, xml, _ = _write_vbox(tmp_path)
     other = tmp_path / "DiskDescriptor.xml"
     other.write_text('<?xml version="1.0"?><Parallels_disk_image Version="1.0"/>')
-    assert _is_vbox_registry(str(xml))
-    assert not _is_vbox_registry(str(other))
-    assert not _is_vbox_registry(str(tmp_path / "x.vdi"))
+    assert is_vbox_registry(str(xml))
+    assert not is_vbox_registry(str(other))
+    assert not is_vbox_registry(str(tmp_path / "x.vdi"))
     job = window.add_paths([str(xml)])
     wait_job(qtbot, job)
     qtbot.waitUntil(lambda: len(window.model.nodes()) == 5, timeout=5000)

@@ -118,7 +118,7 @@ def test_create_differencing_image(qtbot, window, vdi_chain):
     from vdgui.jobs import tasks
     job = ok(qtbot, window.start_job(tasks.create_diff_job(p["parent"], p["location"], p["format"],
                                                            library=window.library),
-                                     lambda res: window._rescan(res)))
+                                     lambda res: window.ops.rescan(res)))
     qtbot.waitUntil(lambda: window.model.node(p["location"]) is not None, timeout=5000)
     assert window.model.node(p["location"]).parent is window.model.node(vdi_chain["snap2"])
     assert chain_content(p["location"]) == chain_content(vdi_chain["snap2"])
@@ -501,7 +501,7 @@ def test_check_report_with_problems_is_explained(qtbot, window, tmp_path):
     node = window.model.node(p)
     report = CheckReport(problems=[Problem("corrupt", "block map entry 7 points past the end", 4096),
                                    Problem("leak", "cluster 12 is not referenced")])
-    window._check_done(node, report, repair=False)
+    window.ops.check_done(node, report, repair=False)
     box = window.messages[-1]
     assert "corrupt" in box.text() and "block map entry 7" in box.text() and "Repair" in box.text()
     box.close()

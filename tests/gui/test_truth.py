@@ -236,8 +236,8 @@ def test_compare_two_images_from_the_app(qtbot, window, vdi_chain, tmp_path):
     window.select_paths([vdi_chain["snap2"], flat])
     assert window.actions["compare"].isEnabled()
     shown = []
-    orig = window._compare_done
-    window._compare_done = lambda *args: shown.append(orig(*args))
+    orig = window.ops.compare_done
+    window.ops.compare_done = lambda *args: shown.append(orig(*args))
     job = window.compare_selected()
     qtbot.waitUntil(lambda: bool(shown), timeout=20000)
     assert job.result.identical and "read the same" in shown[0].text()
@@ -272,8 +272,8 @@ def test_check_result_is_on_the_image(qtbot, window, tmp_path):
     assert node.state_text() == "Available"
     window.select_paths([p])
     boxes = []
-    orig = window._check_done
-    window._check_done = lambda *a: boxes.append(orig(*a))
+    orig = window.ops.check_done
+    window.ops.check_done = lambda *a: boxes.append(orig(*a))
     job = window.check_selected(False)[0]
     qtbot.waitUntil(lambda: bool(boxes), timeout=20000)
     node = window.model.node(p)
@@ -321,9 +321,9 @@ def test_a_failed_create_keeps_what_was_typed(qtbot, window, tmp_path):
          "flags": ImageFlags.NONE, "config": {"ClusterSize": "131072"},
          "comment": "my disk"}
     boxes, reopened = [], []
-    orig = window.offer_retry
-    window.offer_retry = lambda *a: boxes.append(orig(*a))
-    window.create_dialog = lambda previous=None: reopened.append(previous)
+    orig = window.ops.offer_retry
+    window.ops.offer_retry = lambda *a: boxes.append(orig(*a))
+    window.ops.create_dialog = lambda previous=None: reopened.append(previous)
     window.start_create(p)
     qtbot.waitUntil(lambda: bool(boxes), timeout=10000)
     box = boxes[0]

@@ -140,9 +140,9 @@ def test_a_failed_dialog_job_keeps_what_was_chosen(qtbot, window, vdi_chain, tmp
     window.add_paths(list(vdi_chain.values()), sync=True)
     start, p, path = _retry_case(window, kind, vdi_chain, tmp_path)
     boxes, reopened = [], []
-    orig = window.offer_retry
-    monkeypatch.setattr(window, "offer_retry", lambda *a: boxes.append(orig(*a)) or boxes[-1])
-    monkeypatch.setattr(window, f"{kind}_dialog", lambda **kw: reopened.append(kw))
+    orig = window.ops.offer_retry
+    monkeypatch.setattr(window.ops, "offer_retry", lambda *a: boxes.append(orig(*a)) or boxes[-1])
+    monkeypatch.setattr(window.ops, f"{kind}_dialog", lambda **kw: reopened.append(kw))
     if kind != "move":           # gone after the dialog closed, before the job ran
         os.unlink(vdi_chain["snap1" if kind == "merge" else "snap2"])
     job = start()
@@ -219,8 +219,8 @@ def test_what_the_screenshots_showed_reads_right(qtbot, window, vdi_chain, tmp_p
     window.add_paths([p], sync=True)
     window.select_paths([p])
     boxes = []
-    orig = window._check_done
-    window._check_done = lambda *a: boxes.append(orig(*a))
+    orig = window.ops.check_done
+    window.ops.check_done = lambda *a: boxes.append(orig(*a))
     window.check_selected(False)
     qtbot.waitUntil(lambda: bool(boxes), timeout=20000)
     text = boxes[0].text()

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     if args.screenshot:
         return screenshot(args)
     from vdgui.vd import Library, data_dir
-    from .main_window import MainWindow, install_excepthook
+    from .crash import install_excepthook
+    from .main_window import MainWindow
 
     app = make_app()
     ddir = data_dir()
