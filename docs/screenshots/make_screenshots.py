@@ -99,6 +99,7 @@ def main() -> int:
     from vdgui.gui.dialogs.copy import CopyDialog
     from vdgui.gui.dialogs.create import CreateDialog
     from vdgui.gui.dialogs.merge import MergeDialog
+    from vdgui.gui.dialogs.params import CreateParams
     from vdgui.gui.dialogs.resize import ResizeDialog
     from vdgui.gui.main_window import MainWindow
     from vdgui.jobs import Job
@@ -139,8 +140,8 @@ def main() -> int:
     node = win.model.node(p["big"])
     job = Job("Convert fileserver-data.vdi → fileserver-data.vmdk", run, keys=[node.root().path],
               paths=[n.path for n in node.ancestors()] + [node.path, dst], kind="copy")
-    done_job = win.start_create({"location": os.path.join(tmp, "scratch.vdi"), "size": 2 * GiB,
-                                 "format": "VDI", "flags": 0, "config": {}, "comment": None})
+    done_job = win.start_create(CreateParams(location=os.path.join(tmp, "scratch.vdi"),
+                                             size=2 * GiB, format="VDI"))
     while not done_job.finished:
         app.processEvents()
     win.start_job(job)

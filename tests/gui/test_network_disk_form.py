@@ -184,12 +184,12 @@ def _add_locked(qtbot, window, lockednet, remember: bool):
     qtbot.waitUntil(lambda: dlg.result() == NetworkDiskDialog.Accepted, timeout=10000)
     assert "Connected: 4.00 MiB (4,194,304 bytes)" in dlg.status.text()
     p = dlg.params()
-    assert p["properties"]["Secret"] == SECRET and p["remember_secrets"] is remember
-    job = window.add_network_image(p["location"], p["format"], p["properties"],
-                                   remember_secrets=p["remember_secrets"])
+    assert p.properties["Secret"] == SECRET and p.remember_secrets is remember
+    job = window.add_network_image(p.location, p.format, p.properties,
+                                   remember_secrets=p.remember_secrets)
     wait_job(qtbot, job)
-    qtbot.waitUntil(lambda: window.model.node(p["location"]) is not None, timeout=5000)
-    node = window.model.node(p["location"])
+    qtbot.waitUntil(lambda: window.model.node(p.location) is not None, timeout=5000)
+    node = window.model.node(p.location)
     assert node.accessible, node.record.error
     return node
 

@@ -113,15 +113,15 @@ def test_create_differencing_image(qtbot, window, vdi_chain):
     qtbot.addWidget(dlg)
     assert dlg.ok.isEnabled()
     p = dlg.params()
-    assert p["location"].endswith("snap2-snapshot.vdi")
+    assert p.location.endswith("snap2-snapshot.vdi")
     window.select_paths([node.path])
     from vdgui.jobs import tasks
-    job = ok(qtbot, window.start_job(tasks.create_diff_job(p["parent"], p["location"], p["format"],
+    job = ok(qtbot, window.start_job(tasks.create_diff_job(p.parent, p.location, p.format,
                                                            library=window.library),
                                      lambda res: window.ops.rescan(res)))
-    qtbot.waitUntil(lambda: window.model.node(p["location"]) is not None, timeout=5000)
-    assert window.model.node(p["location"]).parent is window.model.node(vdi_chain["snap2"])
-    assert chain_content(p["location"]) == chain_content(vdi_chain["snap2"])
+    qtbot.waitUntil(lambda: window.model.node(p.location) is not None, timeout=5000)
+    assert window.model.node(p.location).parent is window.model.node(vdi_chain["snap2"])
+    assert chain_content(p.location) == chain_content(vdi_chain["snap2"])
     assert job.finished
 
 
@@ -138,7 +138,7 @@ def test_copy_flattens_chain(qtbot, window, vdi_chain):
     p = dlg.params()
     job = ok(qtbot, window.start_copy(node, p))
     rec.check(job)
-    dst = p["dst"]
+    dst = p.dst
     with Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as d:
         assert len(d) == 1 and d.size == 8 * MiB
     assert chain_content(dst) == chain_content(vdi_chain["snap2"])
@@ -173,7 +173,7 @@ def test_merge_from_dialog(qtbot, window, vdi_chain):
     assert dlg.ok.isEnabled(), dlg.messages.errors
     assert "snap2.vdi" in dlg.summary.text() and "deleted" in dlg.summary.text()
     p = dlg.params()
-    assert p["deleted"] == [vdi_chain["snap2"]]
+    assert p.deleted == [vdi_chain["snap2"]]
     job = ok(qtbot, window.start_merge(node, p))
     rec.check(job)
     assert not os.path.exists(vdi_chain["snap2"])

@@ -316,10 +316,11 @@ def test_a_failed_create_keeps_what_was_typed(qtbot, window, tmp_path):
     """Issue #13 item 3: the job failed after the dialog closed; the message offers the dialog
     again, filled with what was typed."""
     from vdgui.gui.dialogs.create import CreateDialog
+    from vdgui.gui.dialogs.params import CreateParams
     from vdgui.vd import ImageFlags
-    p = {"location": str(tmp_path / "gone" / "disk.qcow2"), "size": 64 << 20, "format": "QCOW2",
-         "flags": ImageFlags.NONE, "config": {"ClusterSize": "131072"},
-         "comment": "my disk"}
+    p = CreateParams(location=str(tmp_path / "gone" / "disk.qcow2"), size=64 << 20,
+                     format="QCOW2", flags=ImageFlags.NONE, config={"ClusterSize": "131072"},
+                     comment="my disk")
     boxes, reopened = [], []
     orig = window.ops.offer_retry
     window.ops.offer_retry = lambda *a: boxes.append(orig(*a))
@@ -335,6 +336,6 @@ def test_a_failed_create_keeps_what_was_typed(qtbot, window, tmp_path):
     qtbot.addWidget(dlg)
     dlg.set_params(p)
     got = dlg.params()
-    assert (got["location"], got["size"], got["format"], got["comment"]) == (
-        p["location"], p["size"], "QCOW2", "my disk")
-    assert got["config"]["ClusterSize"] == "131072"
+    assert (got.location, got.size, got.format, got.comment) == (
+        p.location, p.size, "QCOW2", "my disk")
+    assert got.config["ClusterSize"] == "131072"

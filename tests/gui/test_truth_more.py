@@ -97,26 +97,27 @@ def test_resize_dialog_never_overlaps_when_the_shrink_warning_shows(qtbot, windo
 def _retry_case(window, kind, chain, tmp_path):
     """(start the job, its params) for a dialog-driven job that will fail after its dialog
     closed: the image it works on is deleted meanwhile."""
+    from vdgui.gui.dialogs.params import (CopyParams, MergeParams, MoveParams, ResizeParams,
+                                          SnapshotParams)
     from vdgui.vd import ImageFlags
     node = window.model.node(chain["snap2"])
     if kind == "snapshot":
-        p = {"parent": node.path, "location": str(tmp_path / "vms" / "snap3.vdi"),
-             "format": "VDI", "comment": "before the upgrade"}
+        p = SnapshotParams(parent=node.path, location=str(tmp_path / "vms" / "snap3.vdi"),
+                           format="VDI", comment="before the upgrade")
         return lambda: window.start_snapshot(node, p), p, node.path
     if kind == "copy":
-        p = {"src": node.path, "dst": str(tmp_path / "copy.qcow2"), "dst_format": "QCOW2",
-             "kwargs": {"src_format": "VDI", "variant": ImageFlags.NONE, "keep_uuid": False,
-                        "as_chain": False, "new_size": 16 * MiB,
-                        "dst_config": {"ClusterSize": "131072"}}}
+        p = CopyParams(src=node.path, dst=str(tmp_path / "copy.qcow2"), dst_format="QCOW2",
+                       src_format="VDI", variant=ImageFlags.NONE, keep_uuid=False,
+                       as_chain=False, new_size=16 * MiB, dst_config={"ClusterSize": "131072"})
         return lambda: window.start_copy(node, p), p, node.path
     if kind == "resize":
-        p = {"size": 12 * MiB}
-        return lambda: window.start_resize(node, p["size"]), p, node.path
+        p = ResizeParams(size=12 * MiB)
+        return lambda: window.start_resize(node, p.size), p, node.path
     if kind == "merge":
-        p = {"source": node.path, "target": chain["snap1"], "deleted": [node.path],
-             "paths": [chain["base"], chain["snap1"], node.path]}
+        p = MergeParams(source=node.path, target=chain["snap1"], deleted=[node.path],
+                        paths=[chain["base"], chain["snap1"], node.path])
         return lambda: window.start_merge(node, p), p, node.path
-    p = {"dst": str(tmp_path / "elsewhere.vdi")}
+    p = MoveParams(dst=str(tmp_path / "elsewhere.vdi"))
 
     def move():
         # checked when started; then, while an earlier job on the chain runs, another program
@@ -125,8 +126,8 @@ def _retry_case(window, kind, chain, tmp_path):
         from vdgui.jobs import Job
         window.start_job(Job("hold", lambda progress: gate.wait(10),
                              keys=[window.chain_key(node)]))
-        job = window.start_move(node, p["dst"])
-        open(p["dst"], "wb").close()
+        job = window.start_move(node, p.dst)
+        open(p.dst, "wb").close()
         gate.set()
         return job
     return move, p, node.path
@@ -174,11 +175,11 @@ def test_snapshot_and_copy_dialogs_take_back_what_was_chosen(qtbot, window, vdi_
         dlg.set_params(p)
         got = dlg.params()
         if kind == "copy":
-            assert (got["dst"], got["dst_format"]) == (p["dst"], p["dst_format"])
-            assert got["kwargs"]["new_size"] == 16 * MiB
-            assert got["kwargs"]["dst_config"]["ClusterSize"] == "131072"
+            assert (got.dst, got.dst_format) == (p.dst, p.dst_format)
+            assert got.new_size == 16 * MiB
+            assert got.dst_config["ClusterSize"] == "131072"
         elif kind == "merge":
-            assert (got["source"], got["target"]) == (p["source"], p["target"])
+            assert (got.source, got.target) == (p.source, p.target)
         else:
             assert got == p, kind
 

@@ -17,6 +17,8 @@ from vdgui.vd import (CheckReport, VDError, format_size, get_backend, give_new_u
 
 from . import actions
 from .crash import show_crash
+from .dialogs.params import (CopyParams, CreateParams, MergeParams, MoveParams, ResizeParams,
+                             SnapshotParams)
 from .files import is_ours_temporary, is_vbox_registry, location, mtime
 from .widgets.jobs_panel import check_summary
 
@@ -90,8 +92,8 @@ class Operations:
         dlg.deleteLater()          # a connection test still running reports to nobody
         if p is None:
             return None
-        return self.add_network_image(p["location"], p["format"], p["properties"],
-                                      remember_secrets=p["remember_secrets"])
+        return self.add_network_image(p.location, p.format, p.properties,
+                                      remember_secrets=p.remember_secrets)
 
     def ask_secrets(self, path: str):
         """Prompt (non-modal) for the secrets of a network image that were not remembered."""
@@ -204,26 +206,27 @@ class Operations:
         self.w.statusBar().showMessage(f"Imported {len(paths)} image(s) from {path}", 5000)
         return self.run_scan(None)
 
-    def create_dialog(self, *, previous: dict | None = None):
+    def create_dialog(self, *, previous: CreateParams | None = None):
         from .dialogs.create import CreateDialog
         dlg = CreateDialog(self.w.last_folder(), self.w, device=self.w.current_device())
         p = self.run_dialog(dlg, previous)
         return None if p is None else self.start_create(p)
 
-    def start_create(self, p: dict) -> Job:
-        job = tasks.create_job(p["location"], p["size"], p["format"], flags=p["flags"],
-                               config=p.get("config"), comment=p.get("comment"))
-        self.w.remember_folder(p["location"])
-        self.pending_select = [p["location"]]
-        self.retry_on_failure(job, f"Creating {os.path.basename(p['location'])} failed",
+    def start_create(self, p: CreateParams) -> Job:
+        job = tasks.create_job(p.location, p.size, p.format, flags=p.flags,
+                               config=p.config, comment=p.comment)
+        self.w.remember_folder(p.location)
+        self.pending_select = [p.location]
+        self.retry_on_failure(job, f"Creating {os.path.basename(p.location)} failed",
                               lambda: self.create_dialog(previous=p))
         return self.start_job(job, lambda res: self.rescan(res))
 
     # A job started from a dialog can fail after the dialog closed. Every such dialog has
     # set_params (and params), its x_dialog(previous=...) fills it with what was chosen, and
     # its start_x registers the way back with retry_on_failure: one mechanism for all.
-    def run_dialog(self, dlg, previous: dict | None = None) -> dict | None:
-        """Show ``dlg`` filled with ``previous`` (if any); its params when accepted."""
+    def run_dialog(self, dlg, previous=None):
+        """Show ``dlg`` filled with ``previous`` (if any); its params (a dialogs.params
+        dataclass) when accepted."""
         if previous is not None:
             dlg.set_params(previous)
         if dlg.exec() != QDialog.Accepted:
@@ -261,7 +264,8 @@ class Operations:
         self.w.messages.append(box)
         return box
 
-    def snapshot_dialog(self, *, path: str | None = None, previous: dict | None = None):
+    def snapshot_dialog(self, *, path: str | None = None,
+                        previous: SnapshotParams | None = None):
         from .dialogs.create import CreateDiffDialog
         node = self.dialog_node(path)
         if node is None:
@@ -269,15 +273,15 @@ class Operations:
         p = self.run_dialog(CreateDiffDialog(node, self.w), previous)
         return None if p is None else self.start_snapshot(node, p)
 
-    def start_snapshot(self, node, p: dict) -> Job:
-        job = tasks.create_diff_job(p["parent"], p["location"], p["format"], library=self.w.library,
-                                    comment=p["comment"], key=self.chain_key(node))
-        self.pending_select = [p["location"]]
-        self.retry_on_failure(job, f"Creating {os.path.basename(p['location'])} failed",
+    def start_snapshot(self, node, p: SnapshotParams) -> Job:
+        job = tasks.create_diff_job(p.parent, p.location, p.format, library=self.w.library,
+                                    comment=p.comment, key=self.chain_key(node))
+        self.pending_select = [p.location]
+        self.retry_on_failure(job, f"Creating {os.path.basename(p.location)} failed",
                               lambda: self.snapshot_dialog(path=node.path, previous=p))
         return self.start_job(job, lambda res: self.rescan(res))
 
-    def copy_dialog(self, *, path: str | None = None, previous: dict | None = None):
+    def copy_dialog(self, *, path: str | None = None, previous: CopyParams | None = None):
         from .dialogs.copy import CopyDialog
         node = self.dialog_node(path)
         if node is None:
@@ -293,26 +297,26 @@ class Operations:
         p = self.run_dialog(dlg, previous)
         return None if p is None else self.start_copy(node, p)
 
-    def start_copy(self, node, p: dict) -> Job:
+    def start_copy(self, node, p: CopyParams) -> Job:
         chain = [n.path for n in node.ancestors()]
-        kw = dict(p["kwargs"])
+        kw = p.copy_kwargs()
         if is_network_location(node.path) and "src_config" not in kw:
             kw["src_config"] = self.w.library.properties(node.path) or None   # network disk
-        job = tasks.copy_job(p["src"], p["dst"], p["dst_format"], key=self.chain_key(node),
+        job = tasks.copy_job(p.src, p.dst, p.dst_format, key=self.chain_key(node),
                              paths=chain, **kw)
         if is_network_location(node.path):   # name a network source by its shown name, not its LUN
-            job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p['dst'])}"
-        self.pending_select = [p["dst"]]
+            job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p.dst)}"
+        self.pending_select = [p.dst]
         self.retry_on_failure(job, f"Copying {node.name} failed",
                               lambda: self.copy_dialog(path=node.path, previous=p))
-        return self.start_job(job, lambda res: self.rescan(list(res or [p["dst"]])))
+        return self.start_job(job, lambda res: self.rescan(list(res or [p.dst])))
 
-    def move_dialog(self, *, path: str | None = None, previous: dict | None = None):
+    def move_dialog(self, *, path: str | None = None, previous: MoveParams | None = None):
         node = self.dialog_node(path)
         if node is None:
             return None
         dst, _ = QFileDialog.getSaveFileName(self.w, f"Move {node.name}",
-                                             (previous or {}).get("dst") or node.path)
+                                             previous.dst if previous else node.path)
         if not dst or os.path.abspath(dst) == node.path:
             return None
         return self.start_move(node, dst)
@@ -338,10 +342,10 @@ class Operations:
             self.rescan([dst] + deps)
         job = tasks.move_job(src, dst, key=self.chain_key(node))
         self.retry_on_failure(job, f"Moving {node.name} failed",
-                              lambda: self.move_dialog(path=src, previous={"dst": dst}))
+                              lambda: self.move_dialog(path=src, previous=MoveParams(dst)))
         return self.start_job(job, moved)
 
-    def merge_dialog(self, *, path: str | None = None, previous: dict | None = None):
+    def merge_dialog(self, *, path: str | None = None, previous: MergeParams | None = None):
         from .dialogs.merge import MergeDialog
         node = self.dialog_node(path)
         if node is None:
@@ -349,10 +353,11 @@ class Operations:
         p = self.run_dialog(MergeDialog(node, self.w, busy=self.w.queue.busy_paths()), previous)
         return None if p is None else self.start_merge(node, p)
 
-    def start_merge(self, node, p: dict) -> Job:
-        deleted = p["deleted"]
-        others = [x for x in p["paths"] if x not in deleted]
-        deps = [c.path for n in p["paths"] if self.w.model.node(n) for c in self.w.model.node(n).descendants()
+    def start_merge(self, node, p: MergeParams) -> Job:
+        deleted = p.deleted
+        others = [x for x in p.paths if x not in deleted]
+        model = self.w.model
+        deps = [c.path for n in p.paths if model.node(n) for c in model.node(n).descendants()
                 if c.path not in deleted]
 
         def merged(res):
@@ -360,23 +365,23 @@ class Operations:
                 if not os.path.exists(d):
                     self.w.library.remove(d)
             self.w.model.remove_paths([d for d in deleted if not os.path.exists(d)])
-            self.pending_select = [p["target"]]
+            self.pending_select = [p.target]
             self.rescan(list(dict.fromkeys(others + deps + [d for d in deleted if os.path.exists(d)])))
-        job = tasks.merge_job(p["source"], p["target"], key=self.chain_key(node), paths=p["paths"])
-        self.retry_on_failure(job, f"Merging {os.path.basename(p['source'])} failed",
+        job = tasks.merge_job(p.source, p.target, key=self.chain_key(node), paths=p.paths)
+        self.retry_on_failure(job, f"Merging {os.path.basename(p.source)} failed",
                               lambda: self.merge_dialog(path=node.path, previous=p))
         return self.start_job(job, merged)
 
-    def resize_dialog(self, *, path: str | None = None, previous: dict | None = None):
+    def resize_dialog(self, *, path: str | None = None, previous: ResizeParams | None = None):
         from .dialogs.resize import ResizeDialog
         node = self.dialog_node(path)
         if node is None:
             return None
         dlg = ResizeDialog(node, self.w, used=self.used_end(node), library=self.w.library)
         p = self.run_dialog(dlg, previous)
-        if p is None or not self.confirm_resize(node, p["size"], dlg.used):
+        if p is None or not self.confirm_resize(node, p.size, dlg.used):
             return None
-        return self.start_resize(node, p["size"])
+        return self.start_resize(node, p.size)
 
     def confirm_resize(self, node, size: int, used: int | None = None) -> bool:
         """The checks of the Resize dialog for a size from anywhere (dialog, details pane); a
@@ -411,7 +416,7 @@ class Operations:
     def start_resize(self, node, size: int) -> Job:
         job = tasks.resize_job(node.path, size, format=node.record.format, key=self.chain_key(node))
         self.retry_on_failure(job, f"Resizing {node.name} failed",
-                              lambda: self.resize_dialog(path=node.path, previous={"size": size}))
+                              lambda: self.resize_dialog(path=node.path, previous=ResizeParams(size)))
         return self.start_job(job, lambda res: self.rescan([node.path]))
 
     def compact_selected(self) -> list[Job]:

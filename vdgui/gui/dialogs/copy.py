@@ -17,6 +17,7 @@ from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
 from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
                      room_problem, size_warnings, unique_path, with_extension)
+from .params import CopyParams
 
 
 class CopyDialog(QDialog):
@@ -218,32 +219,30 @@ class CopyDialog(QDialog):
         self.messages.show_messages(errors, warnings)
         self.ok.setEnabled(not errors)
 
-    def set_params(self, p: dict) -> None:
+    def set_params(self, p: CopyParams) -> None:
         """Fill the dialog with what was chosen before (its job failed: change, retry)."""
-        kw = p.get("kwargs") or {}
-        self.set_format(p["dst_format"])
-        self.variant.set_flags(kw.get("variant") or ImageFlags.NONE)
-        self.location.set_path(p["dst"])
-        if kw.get("as_chain") and self.as_chain.isEnabled():
+        self.set_format(p.dst_format)
+        self.variant.set_flags(p.variant or ImageFlags.NONE)
+        self.location.set_path(p.dst)
+        if p.as_chain and self.as_chain.isEnabled():
             self.as_chain.setChecked(True)
-        self.keep_uuid.setChecked(bool(kw.get("keep_uuid")))
-        if kw.get("new_size"):
+        self.keep_uuid.setChecked(p.keep_uuid)
+        if p.new_size:
             self.resize_box.setChecked(True)
-            self.new_size.setValue(kw["new_size"])
-        if self.config is not None and kw.get("dst_config"):
-            self.config.set_values(kw["dst_config"])
+            self.new_size.setValue(p.new_size)
+        if self.config is not None and p.dst_config:
+            self.config.set_values(p.dst_config)
         self.validate()
 
-    def params(self) -> dict:
-        """Arguments for copy_image(src, dst, dst_format, **kwargs)."""
+    def params(self) -> CopyParams:
+        """Arguments for copy_image(src, dst, dst_format, **copy_kwargs())."""
         rec = self.node.record
-        b = self.backend()
-        kw = {"src_format": rec.format, "variant": self.variant.flags(),
-              "keep_uuid": self.keep_uuid.isEnabled() and self.keep_uuid.isChecked(),
-              "as_chain": self.chain_copy()}
-        if self.resize_box.isChecked() and self.new_size.value() != rec.virtual_size:
+        resized = self.resize_box.isChecked() and self.new_size.value() != rec.virtual_size
+        return CopyParams(
+            src=self.node.path, dst=self.location.path(), dst_format=self.backend().name,
+            src_format=rec.format, variant=self.variant.flags(),
+            keep_uuid=self.keep_uuid.isEnabled() and self.keep_uuid.isChecked(),
+            as_chain=self.chain_copy(),
             # with a chain copy the new size applies to the copy of the selected image only
-            kw["new_size"] = self.new_size.value()
-        if self.config is not None and self.config.values():
-            kw["dst_config"] = self.config.values()
-        return {"src": self.node.path, "dst": self.location.path(), "dst_format": b.name, "kwargs": kw}
+            new_size=self.new_size.value() if resized else None,
+            dst_config=(self.config.values() or None) if self.config is not None else None)

@@ -14,6 +14,7 @@ from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
 from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
                      room_problem, size_warnings, unique_path, with_extension)
+from .params import CreateParams, SnapshotParams
 
 DEFAULT_SIZE = 20 << 30
 FLOPPY_SIZE = 1440 * 1024
@@ -193,25 +194,24 @@ class CreateDialog(QDialog):
         self.messages.show_messages(errors, warnings)
         self.ok.setEnabled(not errors)
 
-    def set_params(self, p: dict) -> None:
+    def set_params(self, p: CreateParams) -> None:
         """Fill the dialog with what was typed before (a create that failed: change, retry)."""
-        self.set_format(p["format"])
-        self.variant.set_flags(p.get("flags") or ImageFlags.NONE)
-        if p.get("size"):
-            self.size.setValue(p["size"])
+        self.set_format(p.format)
+        self.variant.set_flags(p.flags or ImageFlags.NONE)
+        if p.size:
+            self.size.setValue(p.size)
         self._name_touched = True
-        self.location.set_path(p["location"])
-        if self.config is not None and p.get("config"):
-            self.config.set_values(p["config"])
-        self.comment.setText(p.get("comment") or "")
+        self.location.set_path(p.location)
+        if self.config is not None and p.config:
+            self.config.set_values(p.config)
+        self.comment.setText(p.comment or "")
         self.validate()
 
-    def params(self) -> dict:
-        b = self.backend()
-        return {"location": self.location.path(), "size": self.size.value(), "format": b.name,
-                "flags": self.variant.flags(),
-                "config": self.config.values() if self.config is not None else {},
-                "comment": self.comment.text().strip() or None}
+    def params(self) -> CreateParams:
+        return CreateParams(location=self.location.path(), size=self.size.value(),
+                            format=self.backend().name, flags=self.variant.flags(),
+                            config=self.config.values() if self.config is not None else {},
+                            comment=self.comment.text().strip() or None)
 
 
 class CreateDiffDialog(QDialog):
@@ -284,15 +284,16 @@ class CreateDiffDialog(QDialog):
         self.messages.show_messages(errors, [])
         self.ok.setEnabled(not errors)
 
-    def set_params(self, p: dict) -> None:
+    def set_params(self, p: SnapshotParams) -> None:
         """Fill the dialog with what was chosen before (its job failed: change, retry)."""
-        i = self.format.findData(p.get("format"))
+        i = self.format.findData(p.format)
         if i >= 0:
             self.format.setCurrentIndex(i)
-        self.location.set_path(p["location"])
-        self.comment.setText(p.get("comment") or "")
+        self.location.set_path(p.location)
+        self.comment.setText(p.comment or "")
         self.validate()
 
-    def params(self) -> dict:
-        return {"parent": self.node.path, "location": self.location.path(),
-                "format": self.format.currentData(), "comment": self.comment.text().strip() or None}
+    def params(self) -> SnapshotParams:
+        return SnapshotParams(parent=self.node.path, location=self.location.path(),
+                              format=self.format.currentData(),
+                              comment=self.comment.text().strip() or None)

@@ -13,6 +13,7 @@ from vdgui.vd import format_size
 
 from ..icons import format_icon, icon
 from .common import MessageArea, free_space
+from .params import MergeParams
 
 
 def merge_chain(node) -> list:
@@ -130,9 +131,9 @@ class MergeDialog(QDialog):
         self.source.setCurrentIndex(self.source.findData(source_path))
         self.target.setCurrentIndex(self.target.findData(target_path))
 
-    def set_params(self, p: dict) -> None:
+    def set_params(self, p: MergeParams) -> None:
         """What was chosen before (its job failed: change, retry)."""
-        self.set_source_target(p["source"], p["target"])
+        self.set_source_target(p.source, p.target)
 
     def plan(self) -> dict:
         return merge_plan(self.chain, self.chain[self.source.currentIndex()],
@@ -168,8 +169,8 @@ class MergeDialog(QDialog):
         self.ok.setEnabled(not errors)
         self._src, self._tgt = src, tgt
 
-    def params(self) -> dict:
+    def params(self) -> MergeParams:
         plan = self.plan()
-        return {"source": self._src.path, "target": self._tgt.path,
-                "deleted": [n.path for n in plan["deleted"]],
-                "paths": [n.path for n in self.chain]}
+        return MergeParams(source=self._src.path, target=self._tgt.path,
+                           deleted=[n.path for n in plan["deleted"]],
+                           paths=[n.path for n in self.chain])

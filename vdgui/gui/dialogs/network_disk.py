@@ -23,6 +23,7 @@ from vdgui.vd import Disk, KeyFlag, OpenFlags, ValueType, VDError, format_size
 from ..actions import network_backends
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
+from .params import NetworkDiskParams
 
 ERROR_STYLE = "color: #c9372c;"
 OK_STYLE = "color: #1e7b3a;"
@@ -316,11 +317,11 @@ class NetworkDiskDialog(QDialog):
             self.job = None
         super().reject()
 
-    def params(self) -> dict:
+    def params(self) -> NetworkDiskParams:
         b = self.backend()
-        return {"format": b.name, "location": self.location(), "properties": self.values(),
-                "remember_secrets": bool(secret_keys(b)) and self.remember.isChecked(),
-                "info": self.result_info}
+        return NetworkDiskParams(format=b.name, location=self.location(), properties=self.values(),
+                                 remember_secrets=bool(secret_keys(b)) and self.remember.isChecked(),
+                                 info=self.result_info)
 
 
 class SecretsDialog(QDialog):

@@ -10,6 +10,7 @@ from vdgui.vd import Alloc, Disk, OpenFlags, VDError, format_size
 from ..icons import icon
 from ..widgets.size_edit import SizeEdit
 from .common import MessageArea, grow_to_fit
+from .params import ResizeParams
 
 
 def used_end(path: str, library=None) -> tuple[int | None, str | None]:
@@ -124,9 +125,9 @@ class ResizeDialog(QDialog):
     def new_size(self) -> int:
         return self.size.value()
 
-    def set_params(self, p: dict) -> None:
+    def set_params(self, p: ResizeParams) -> None:
         """What was typed before (its job failed: change, retry)."""
-        self.size.setValue(p["size"])
+        self.size.setValue(p.size)
 
-    def params(self) -> dict:
-        return {"size": self.new_size()}
+    def params(self) -> ResizeParams:
+        return ResizeParams(size=self.new_size())

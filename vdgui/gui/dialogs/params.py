@@ -1,0 +1,84 @@
+"""What each dialog gives back when accepted: one dataclass per dialog, typed fields. The
+operations controller turns them into jobs; a failed job hands the same object back to
+``set_params`` ("Change and Retry…")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vdgui.vd import ImageFlags
+
+
+@dataclass(frozen=True)
+class CreateParams:
+    """Create: a new base image."""
+    location: str
+    size: int
+    format: str
+    flags: ImageFlags = ImageFlags.NONE
+    config: dict = field(default_factory=dict)     # the format's options (ConfigForm values)
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotParams:
+    """Create Differencing Image: a child of ``parent``."""
+    parent: str
+    location: str
+    format: str | None
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class CopyParams:
+    """Copy / convert ``src`` (its chain with ``as_chain``) to ``dst``."""
+    src: str
+    dst: str
+    dst_format: str
+    src_format: str | None = None
+    variant: ImageFlags = ImageFlags.NONE
+    keep_uuid: bool = False
+    as_chain: bool = False
+    new_size: int | None = None                    # None: the source's size
+    dst_config: dict | None = None                 # the new image's format options
+
+    def copy_kwargs(self) -> dict:
+        """The keyword arguments of copy_image (the optional ones only when set)."""
+        kw = {"src_format": self.src_format, "variant": self.variant,
+              "keep_uuid": self.keep_uuid, "as_chain": self.as_chain}
+        if self.new_size:
+            kw["new_size"] = self.new_size
+        if self.dst_config:
+            kw["dst_config"] = self.dst_config
+        return kw
+
+
+@dataclass(frozen=True)
+class MoveParams:
+    """Move: where to."""
+    dst: str
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Merge ``source`` into ``target`` (one chain); ``deleted``: the files that go away,
+    ``paths``: the whole chain shown."""
+    source: str
+    target: str
+    deleted: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResizeParams:
+    """Resize: the new virtual size in bytes."""
+    size: int
+
+
+@dataclass(frozen=True)
+class NetworkDiskParams:
+    """Add Network Disk: a ``scheme://`` location opened with ``properties``."""
+    format: str
+    location: str
+    properties: dict = field(default_factory=dict)
+    remember_secrets: bool = False
+    info: dict | None = None                       # what the connection test found
