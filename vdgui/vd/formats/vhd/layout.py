@@ -3,11 +3,12 @@ parent locator entries, and their constants.
 
 Specification: Microsoft "Virtual Hard Disk Image Format Specification" (October 2006), "Hard
 Disk Footer Format" and "Dynamic Disk Header Format". All fields are big-endian. The BAT and the
-block bitmaps are handled as arrays in :mod:`.vhd`.
+block bitmaps are handled as arrays in :mod:`.image`.
 """
 from __future__ import annotations
 
 from construct import Array, Bytes, Int16ub, Int32ub, Int64ub, Int8ub, Struct
+
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------
