@@ -32,6 +32,10 @@ class Operations:
         self.secret_prompts: dict = {}          # path -> open SecretsDialog
         self.secrets_asked: set[str] = set()
 
+    def say(self, text: str, ms: int) -> None:
+        """A message in the window's status bar for ``ms`` milliseconds."""
+        self.w.statusBar().showMessage(text, ms)
+
     # -- loading --------------------------------------------------------------------------
     def load_library(self, sync: bool = False) -> Job | None:
         """Show the library's images: read them all (in the background unless ``sync``)."""
@@ -50,8 +54,7 @@ class Operations:
             if p not in skipped:
                 (registries if is_vbox_registry(p) else images).append(location(p))
         if skipped:
-            self.w.statusBar().showMessage(f"Not added: {len(skipped)} temporary file(s) of vdgui",
-                                         5000)
+            self.say(f"Not added: {len(skipped)} temporary file(s) of vdgui", 5000)
         for r in registries:
             try:
                 images += self.w.library.import_virtualbox(r)
@@ -136,7 +139,7 @@ class Operations:
         job = tasks.scan_job(self.w.library, paths)
         job.signals.finished.connect(lambda j, recs: self.records_arrived(recs, full=paths is None))
         job.signals.failed.connect(self.job_failed)
-        self.w.statusBar().showMessage("Reading images…", 2000)
+        self.say("Reading images…", 2000)
         return self.w.queue.submit(job)
 
     def records_arrived(self, recs, full: bool = False) -> None:
@@ -167,15 +170,16 @@ class Operations:
         job.signals.failed.connect(self.job_failed)
         if on_done is not None:
             job.signals.finished.connect(lambda j, res: on_done(res))
-        job.signals.cancelled.connect(lambda j: self.w.statusBar().showMessage(f"Cancelled: {j.title}", 5000))
+        job.signals.cancelled.connect(lambda j: self.say(f"Cancelled: {j.title}", 5000))
         self.w.jobs_dock.show()
         return self.w.queue.submit(job)
 
     def job_failed(self, job: Job, message, tb) -> None:
         if tb:
-            self.w.messages.append(show_crash(self.w, f"{job.title} failed unexpectedly: {message}", tb))
+            self.w.messages.append(
+                show_crash(self.w, f"{job.title} failed unexpectedly: {message}", tb))
         else:
-            self.w.statusBar().showMessage(f"Failed: {job.title}: {message}", 10000)
+            self.say(f"Failed: {job.title}: {message}", 10000)
         # what was touched may have changed
         paths = [p for p in job.paths if self.w.model.node(p) is not None]
         if paths and job.kind not in ("scan", "allocation"):
@@ -203,7 +207,7 @@ class Operations:
         except VDError as exc:
             self.w.error_message("Cannot import from VirtualBox", exc.message)
             return None
-        self.w.statusBar().showMessage(f"Imported {len(paths)} image(s) from {path}", 5000)
+        self.say(f"Imported {len(paths)} image(s) from {path}", 5000)
         return self.run_scan(None)
 
     def create_dialog(self, *, previous: CreateParams | None = None):
@@ -366,7 +370,8 @@ class Operations:
                     self.w.library.remove(d)
             self.w.model.remove_paths([d for d in deleted if not os.path.exists(d)])
             self.pending_select = [p.target]
-            self.rescan(list(dict.fromkeys(others + deps + [d for d in deleted if os.path.exists(d)])))
+            kept = [d for d in deleted if os.path.exists(d)]
+            self.rescan(list(dict.fromkeys(others + deps + kept)))
         job = tasks.merge_job(p.source, p.target, key=self.chain_key(node), paths=p.paths)
         self.retry_on_failure(job, f"Merging {os.path.basename(p.source)} failed",
                               lambda: self.merge_dialog(path=node.path, previous=p))
@@ -394,11 +399,12 @@ class Operations:
             used, _err = used_end(node.path, self.w.library)
         errors, _warnings = resize_problems(node, size, used)
         if errors:
-            self.w.error_message(f"Cannot resize {node.name}", "<br>".join(html.escape(e) for e in errors))
+            self.w.error_message(f"Cannot resize {node.name}",
+                                 "<br>".join(html.escape(e) for e in errors))
             return False
         if size < current:
             ok, _ = self.w.confirm(f"Shrink {node.name}", shrink_text(node, size, used),
-                                 f"Shrink to {format_size(size)}", None)
+                                   f"Shrink to {format_size(size)}", None)
             return ok
         return True
 
@@ -416,7 +422,8 @@ class Operations:
     def start_resize(self, node, size: int) -> Job:
         job = tasks.resize_job(node.path, size, format=node.record.format, key=self.chain_key(node))
         self.retry_on_failure(job, f"Resizing {node.name} failed",
-                              lambda: self.resize_dialog(path=node.path, previous=ResizeParams(size)))
+                              lambda: self.resize_dialog(path=node.path,
+                                                         previous=ResizeParams(size)))
         return self.start_job(job, lambda res: self.rescan([node.path]))
 
     def compact_selected(self) -> list[Job]:
@@ -466,7 +473,7 @@ class Operations:
                 continue
             job = tasks.check_job(node.path, repair=repair, format=node.record.format,
                                   key=self.chain_key(node))
-            out.append(self.start_job(job, lambda res, n=node, j=job: self.check_done(n, res, repair)))
+            out.append(self.start_job(job, lambda res, n=node: self.check_done(n, res, repair)))
         return out
 
     def repair_job(self, node, *, dry_run: bool, backup: bool = False) -> Job:
@@ -490,7 +497,7 @@ class Operations:
             return None
         answer = self.w.repair_confirm(node, report)
         if not answer or not answer[0]:
-            self.w.statusBar().showMessage(f"Repair of {node.name} cancelled; nothing was changed", 8000)
+            self.say(f"Repair of {node.name} cancelled; nothing was changed", 8000)
             return None
         job = self.repair_job(node, dry_run=False, backup=answer[1])
         return self.start_job(job, lambda res, n=node: self.check_done(n, res, True))
@@ -514,7 +521,7 @@ class Operations:
             self.w.model.update_records([rec])
             self.after_records()
         if not report.problems:
-            self.w.statusBar().showMessage(f"{node.name}: no problems found", 8000)
+            self.say(f"{node.name}: no problems found", 8000)
             text = f"<b>{html.escape(node.name)}</b>: no problems found."
             ic = QMessageBox.Information
         else:
@@ -525,7 +532,8 @@ class Operations:
                      else "repaired")
             text = (f"<b>{html.escape(node.name)}</b> {state}.<br><br>" + "<br>".join(lines)
                     + (f"<br>… and {more} more" if more > 0 else ""))
-            if report.corrupt and not repair and actions.reason("repair", [node], self.w.context()) is None:
+            if (report.corrupt and not repair
+                    and actions.reason("repair", [node], self.w.context()) is None):
                 text += "<br><br><b>Repair…</b> shows what each fix does before anything changes."
             ic = QMessageBox.Warning if report.corrupt else QMessageBox.Information
         if repair and report.backup:
@@ -533,7 +541,8 @@ class Operations:
         if repair and report.orphans_file:
             text += (f"<br><br>Unreferenced data saved to {html.escape(report.orphans_file)} "
                      "(index: the .json beside it)")
-        box = QMessageBox(ic, "Repair result" if repair else "Check result", text, QMessageBox.Ok, self.w)
+        box = QMessageBox(ic, "Repair result" if repair else "Check result", text,
+                          QMessageBox.Ok, self.w)
         box.setObjectName("checkResult")
         if (not repair and state is not None
                 and actions.reason("repair", [node], self.w.context()) is None):
@@ -564,7 +573,7 @@ class Operations:
         self.w.model.remove_paths(paths)
         self.after_records()
         extra = len(paths) - len(nodes)
-        self.w.statusBar().showMessage(
+        self.say(
             f"Removed {len(nodes)} image(s) from the list"
             + (f" with {extra} differencing image(s) that depend on them" if extra else "")
             + "; the files stay on disk", 8000)
@@ -576,7 +585,7 @@ class Operations:
             self.w.library.remove(p)
         self.w.model.remove_paths(bad)
         self.after_records()
-        self.w.statusBar().showMessage(f"Removed {len(bad)} inaccessible image(s) from the list", 8000)
+        self.say(f"Removed {len(bad)} inaccessible image(s) from the list", 8000)
         return bad
 
     def delete_plan(self, nodes) -> tuple[list, list]:
@@ -670,4 +679,4 @@ class Operations:
 
     def save_properties(self, node, values: dict) -> None:
         self.w.library.set_properties(node.path, values)
-        self.w.statusBar().showMessage(f"Saved the properties of {node.name}", 5000)
+        self.say(f"Saved the properties of {node.name}", 5000)
