@@ -9,6 +9,7 @@ import pytest
 
 from tests.gui.conftest import MiB, wait_job
 from vdgui.gui.dialogs.copy import CopyDialog
+from vdgui.gui.dialogs.params import RepairParams
 from vdgui.jobs import JobState
 from vdgui.vd import Disk, OpenFlags, resize
 
@@ -250,7 +251,7 @@ def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, wind
     window.add_paths([p], sync=True)
     window.select_paths([p])
     asked = []
-    window.repair_confirm = lambda node, report: (asked.append(report), (False, True))[1]
+    window.repair_confirm = lambda node, report: (asked.append(report), None)[1]
     started = []
     window.queue.jobAdded.connect(started.append)
     (dry,) = window.check_selected(repair=True)
@@ -268,9 +269,10 @@ def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, wind
     assert "hold data" in dlg.effects.text() and "saved first" in dlg.effects.text()
     assert "disk.vdi.orphans-DATE.bin" in dlg.kept.text() and not dlg.kept.isHidden()
     assert dlg.backup.isChecked() and dlg.keep_backup()
+    assert dlg.params() == RepairParams(backup=True)
     assert not dlg.ok.isDefault()
     # confirmed with a backup
-    window.repair_confirm = lambda node, report: (True, True)
+    window.repair_confirm = lambda node, report: RepairParams(backup=True)
     window.select_paths([p])
     (dry,) = window.check_selected(repair=True)
     ok(qtbot, dry)

@@ -103,7 +103,7 @@ class MainWindow(QMainWindow):
         self._alloc_path: str | None = None
         self.alloc_cache: dict[str, dict] = {}     # path -> allocation job result (+ mtime)
         self.confirm = self._confirm_box   # overridable in tests
-        self.repair_confirm = self._repair_dialog    # (ok, keep a backup); overridable in tests
+        self.repair_confirm = self._repair_dialog    # RepairParams or None; overridable in tests
         self.ops = Operations(self)
         self.secret_prompts = self.ops.secret_prompts
 
@@ -475,13 +475,13 @@ class MainWindow(QMainWindow):
         if path:
             self.import_virtualbox(path)
 
-    def _repair_dialog(self, node, report) -> tuple[bool, bool]:
+    def _repair_dialog(self, node, report):
+        """The Repair dialog: its RepairParams when accepted, else None."""
         from .dialogs.repair import RepairDialog
         dlg = RepairDialog(node, report, self)
-        ok = dlg.exec() == QDialog.Accepted
-        backup = dlg.keep_backup()
+        p = dlg.params() if dlg.exec() == QDialog.Accepted else None
         dlg.deleteLater()
-        return ok, backup
+        return p
 
     def _confirm_box(self, title: str, text: str, ok_text: str, checkbox: str | None):
         box = QMessageBox(QMessageBox.Warning, title, text, QMessageBox.Cancel, self)

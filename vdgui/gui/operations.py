@@ -122,11 +122,11 @@ class Operations:
         return dlg
 
     def secrets_entered(self, dlg, result) -> None:
-        path = dlg.path
-        self.secret_prompts.pop(path, None)
+        self.secret_prompts.pop(dlg.path, None)
         if result == QDialog.Accepted:
-            self.w.library.set_secrets(path, dlg.secrets(), remember=dlg.remember.isChecked())
-            self.rescan([path])
+            p = dlg.params()
+            self.w.library.set_secrets(p.path, p.secrets, remember=p.remember)
+            self.rescan([p.path])
 
     def prompt_missing_secrets(self, recs) -> None:
         for rec in recs:
@@ -496,10 +496,10 @@ class Operations:
             self.check_done(node, report, False)
             return None
         answer = self.w.repair_confirm(node, report)
-        if not answer or not answer[0]:
+        if answer is None:
             self.say(f"Repair of {node.name} cancelled; nothing was changed", 8000)
             return None
-        job = self.repair_job(node, dry_run=False, backup=answer[1])
+        job = self.repair_job(node, dry_run=False, backup=answer.backup)
         return self.start_job(job, lambda res, n=node: self.check_done(n, res, True))
 
     def check_done(self, node, report, repair: bool) -> QMessageBox | None:

@@ -23,7 +23,7 @@ from vdgui.vd import Disk, KeyFlag, OpenFlags, ValueType, VDError, format_size
 from ..actions import network_backends
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
-from .params import NetworkDiskParams
+from .params import NetworkDiskParams, SecretsParams
 
 ERROR_STYLE = "color: #c9372c;"
 OK_STYLE = "color: #1e7b3a;"
@@ -363,3 +363,7 @@ class SecretsDialog(QDialog):
 
     def secrets(self) -> dict:
         return self.form.values()
+
+    def params(self) -> SecretsParams:
+        return SecretsParams(path=self.path, secrets=self.secrets(),
+                             remember=self.remember.isChecked())

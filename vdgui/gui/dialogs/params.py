@@ -82,3 +82,17 @@ class NetworkDiskParams:
     properties: dict = field(default_factory=dict)
     remember_secrets: bool = False
     info: dict | None = None                       # what the connection test found
+
+
+@dataclass(frozen=True)
+class SecretsParams:
+    """Secrets for a network image whose secrets were not remembered."""
+    path: str
+    secrets: dict = field(default_factory=dict)
+    remember: bool = False
+
+
+@dataclass(frozen=True)
+class RepairParams:
+    """Repair after its findings were shown: keep a backup of the image first?"""
+    backup: bool = False

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QLabel, QSc
 from vdgui.vd import describe_effects, format_size
 
 from ..icons import icon
+from .params import RepairParams
 
 
 def _files_size(node) -> int:
@@ -91,3 +92,6 @@ class RepairDialog(QDialog):
 
     def keep_backup(self) -> bool:
         return self.backup.isChecked()
+
+    def params(self) -> RepairParams:
+        return RepairParams(backup=self.keep_backup())
