@@ -407,6 +407,44 @@ def cmd_compact(args) -> int:
                       lambda be, prog: vd.compact(args.image, format=be.name, progress=prog))[0]
 
 
+def cmd_sparsify(args) -> int:
+    if args.output_format and not args.into:
+        raise CLIError("-O names the format of --into DST; give --into too")
+    prog = None if args.dry_run else TtyProgress("sparsify")
+    try:
+        rep = vd.sparsify(args.image, format=getattr(args, "format", None),
+                          dry_run=args.dry_run, into=args.into,
+                          into_format=args.output_format, progress=prog)
+    except (vd.Refused, vd.ImageInUse) as exc:
+        print(f"{PROG}: refused: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    finally:
+        if prog is not None:
+            prog.close()
+    if args.json:
+        _json(rep.as_dict())
+        return 0
+    for v in rep.partitions:
+        name = "outside partitions" if v.number < 0 else f"partition {v.number}"
+        what = v.filesystem or "unknown"
+        if v.skipped:
+            _out(f"{name} ({what}): skipped: {v.skipped}")
+        else:
+            _out(f"{name} ({what}): size {vd.format_size(v.size)}, used "
+                 f"{vd.format_size(v.used)}, free {vd.format_size(v.free)}, gives back "
+                 f"{vd.format_size(v.reclaimable)}")
+    if rep.skipped_ranges:
+        _out(f"{vd.format_size(rep.skipped_ranges)} of free space kept: the format cannot "
+             "store 'reads zero' in a differencing image")
+    if rep.after is None:
+        _out(f"would give back up to {vd.format_size(rep.reclaimable)} "
+             f"(allocated now {vd.format_size(rep.before)})")
+    else:
+        _out(f"freed {vd.format_size(max(rep.before - rep.after, 0))} (from "
+             f"{vd.format_size(rep.before)} to {vd.format_size(rep.after)})")
+    return 0
+
+
 def cmd_check(args) -> int:
     needs = [(vd.Operation.CHECK, "check")]
     if args.repair and not args.dry_run:
@@ -760,6 +798,7 @@ COMMANDS = {       # cli_parser's commands -> what runs them
     "merge": cmd_merge,
     "resize": cmd_resize,
     "compact": cmd_compact,
+    "sparsify": cmd_sparsify,
     "check": cmd_check,
     "map": cmd_map,
     "partitions": cmd_partitions,

@@ -120,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format")
     p.add_argument("image")
 
+    p = sub.add_parser("sparsify", parents=[common],
+                       help="give back the space the guest's file systems do not use (exit 0 "
+                            "done, 2 refused for safety, 1 other error)")
+    p.add_argument("-f", "--format")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing; report per partition what would be given back")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--into", metavar="DST", help="write the result into a new image DST "
+                   "(IMAGE is not changed; needed for an image with children)")
+    p.add_argument("-O", dest="output_format", metavar="FMT",
+                   help="format of DST (default: IMAGE's)")
+    p.add_argument("image")
+
     p = sub.add_parser("check", parents=[common],
                        help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
     p.add_argument("-f", "--format")

@@ -10,7 +10,7 @@ from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (AmbiguousFormat, AuthenticationError, Cancelled, ConfigError, CorruptImage,
                      FileExists, ImageChanged, ImageInUse, ImageNotFound, InvalidArgument,
-                     NetworkError, NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage,
+                     NetworkError, NotSupported, ParentMismatch, ParentNotFound, ReadOnlyImage, Refused,
                      ScanIncomplete, UnknownFormat, UnsafePath, VDError, VDIOError, VDTimeoutError,
                      printable, user_path)
 from .fileio import is_temp_name, read_small_file
@@ -26,6 +26,7 @@ from .ops.identity import give_new_uuid
 from .ops.merge import merge, merge_disk
 from .ops.repair import check, describe_effects
 from .ops.resize import resize
+from .ops.sparsify import SparsifyReport, VolumeResult, plan as sparsify_plan, sparsify
 from .registry import (backends, backends_for_extension, get_backend, load_entry_point_backends,
                        probe, probe_scores, register_backend)
 from .sizes import describe_size, format_size, parse_size
@@ -50,8 +51,9 @@ __all__ = [
     "open_volume", "OpenFlags", "Operation", "ParentHint", "ParentMismatch", "ParentNotFound",
     "parse_config", "parse_size", "parse_variant", "Partition", "printable", "probe",
     "probe_scores", "ProbeInput", "Problem", "ProblemCode", "Progress", "ProgressCallback",
-    "read_small_file", "read_virtualbox_registry", "ReadOnlyImage", "Refusal", "Region",
-    "register_backend", "resize", "ScanIncomplete", "SliceFile", "UnknownFormat", "UnsafePath",
+    "read_small_file", "read_virtualbox_registry", "ReadOnlyImage", "Refusal", "Refused", "Region",
+    "register_backend", "resize", "ScanIncomplete", "SliceFile", "sparsify", "sparsify_plan",
+    "SparsifyReport", "UnknownFormat", "UnsafePath", "VolumeResult",
     "user_path", "ValueType", "variant_words", "vbox_lchs", "vbox_pchs", "VDError", "VDIOError",
     "VDTimeoutError", "vhd_chs",
 ]

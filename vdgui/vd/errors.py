@@ -97,6 +97,12 @@ class InvalidArgument(VDError):
     code = "INVALID_ARGUMENT"
 
 
+class Refused(VDError):
+    """An operation refused for safety (a file system not cleanly unmounted, children that
+    would change); the message says why and how to clear it."""
+    code = "REFUSED"
+
+
 class ImageInUse(VDError):
     code = "IN_USE"
 

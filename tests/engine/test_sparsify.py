@@ -1,0 +1,321 @@
+"""Sparsify (issue #16): file systems built over random bytes, so that their free space holds
+garbage no zero-detecting compaction can drop; sparsify must give it back from the file systems'
+own allocation maps, and every file must read the same."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.engine import kill_harness as kh
+
+MiB = 1 << 20
+TOOLS = ("sfdisk", "mkfs.ext4", "mkswap", "mkfs.fat", "mcopy", "mtype", "debugfs", "e2fsck",
+         "fsck.fat", "dumpe2fs")
+need_tools = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="needs e2fsprogs, dosfstools, mtools, util-linux")
+HAVE_NTFS = all(shutil.which(t) for t in ("mkntfs", "ntfscp", "ntfscat"))
+
+# partitions (start sector, sectors) of the full layout; the tail is left unpartitioned
+P_EXT, P_SWAP, P_FAT, P_NTFS = (2048, 65536), (67584, 32768), (100352, 65536), (165888, 65536)
+FILES = {"a.bin": 700_000, "b.bin": 1_300_000, "c.txt": 5_000, "d.bin": 2_100_000}
+
+
+def _sh(*args, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(a) for a in args], capture_output=True, **kw)
+    assert r.returncode == 0, f"{args}: {r.stderr!r}"
+    return r
+
+
+def _part(disk: Path, where, out: Path) -> None:
+    _sh("dd", f"if={disk}", f"of={out}", "bs=512", f"skip={where[0]}", f"count={where[1]}",
+        "status=none")
+
+
+def _put(disk: Path, where, src: Path) -> None:
+    _sh("dd", f"if={src}", f"of={disk}", "bs=512", f"seek={where[0]}", "conv=notrunc",
+        "status=none")
+
+
+def build_disk(folder: Path, size_mib: int = 128, parts=("ext", "swap", "fat", "ntfs")) -> dict:
+    """A raw disk of random bytes with file systems in it; returns {name: sha256}."""
+    src = folder / "files"
+    src.mkdir()
+    sums = {}
+    for i, (name, n) in enumerate(FILES.items()):
+        data = hashlib.sha256(name.encode()).digest() * (n // 32 + 1)
+        data = bytes(b ^ (i * 37 + j) % 256 for j, b in enumerate(data[:n])) if n < 10000 \
+            else data[:n]
+        (src / name).write_bytes(data)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    disk = folder / "disk.raw"
+    _sh("dd", "if=/dev/urandom", f"of={disk}", "bs=1M", f"count={size_mib}", "status=none")
+    table = "label: dos\n"
+    for p in parts:
+        table += {"ext": ",32M,L\n", "swap": ",16M,S\n", "fat": ",32M,c\n",
+                  "ntfs": ",32M,7\n"}[p]
+    _sh("sfdisk", "-q", disk, input=table.encode())
+    tmp = folder / "part"
+    if "ext" in parts:
+        _part(disk, P_EXT, tmp)
+        _sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", src, tmp)
+        _put(disk, P_EXT, tmp)
+    if "swap" in parts:
+        _part(disk, P_SWAP, tmp)
+        _sh("mkswap", "-q", tmp)
+        _put(disk, P_SWAP, tmp)
+    if "fat" in parts:
+        _part(disk, P_FAT, tmp)
+        _sh("mkfs.fat", tmp)
+        _sh("mcopy", "-i", tmp, *sorted(src.iterdir()), "::/")
+        _put(disk, P_FAT, tmp)
+    if "ntfs" in parts:
+        _part(disk, P_NTFS, tmp)
+        _sh("mkntfs", "-Q", "-F", "-q", tmp)
+        for f in sorted(src.iterdir()):
+            _sh("ntfscp", "-q", tmp, f, f.name)
+        _put(disk, P_NTFS, tmp)
+    tmp.unlink()
+    return sums
+
+
+def check_volumes(raw: Path, sums: dict, parts) -> int:
+    """fsck every volume clean, every file's hash equal; returns the in-use bytes the file
+    systems' own tools count (the tail and free space excluded)."""
+    tmp = raw.parent / "vol"
+    in_use = P_EXT[0] * 512                       # the MBR and the gap before partition 1
+    if "ext" in parts:
+        _part(raw, P_EXT, tmp)
+        _sh("e2fsck", "-fn", tmp)
+        for name, h in sums.items():
+            got = _sh("debugfs", "-R", f"cat /{name}", tmp).stdout
+            assert hashlib.sha256(got).hexdigest() == h, f"ext {name}"
+        head = _sh("dumpe2fs", "-h", tmp).stdout.decode()
+        free = int(re.search(r"Free blocks:\s+(\d+)", head).group(1))
+        bs = int(re.search(r"Block size:\s+(\d+)", head).group(1))
+        in_use += P_EXT[1] * 512 - free * bs
+    if "swap" in parts:
+        in_use += 4096
+    if "fat" in parts:
+        _part(raw, P_FAT, tmp)
+        out = _sh("fsck.fat", "-n", tmp).stdout.decode()
+        used, total = map(int, re.search(r"(\d+)/(\d+) clusters", out).groups())
+        for name, h in sums.items():
+            got = _sh("mtype", "-i", tmp, f"::/{name}").stdout
+            assert hashlib.sha256(got).hexdigest() == h, f"fat {name}"
+        in_use += P_FAT[1] * 512 - (total - used) * 2048
+    if "ntfs" in parts:
+        _part(raw, P_NTFS, tmp)
+        for name, h in sums.items():
+            got = _sh("ntfscat", tmp, name).stdout
+            assert hashlib.sha256(got).hexdigest() == h, f"ntfs {name}"
+        _sh("ntfsfix", "-n", tmp)
+        info = _sh("ntfsinfo", "-m", tmp).stdout.decode()
+        m = re.search(r"Free Clusters:\s+(\d+)", info)
+        cs = int(re.search(r"Cluster Size:\s+(\d+)", info).group(1))
+        in_use += P_NTFS[1] * 512 - int(m.group(1)) * cs
+    tmp.unlink()
+    return in_use
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    if any(shutil.which(t) is None for t in TOOLS):
+        pytest.skip("needs e2fsprogs, dosfstools, mtools, util-linux")
+    folder = tmp_path_factory.mktemp("sparsify")
+    parts = ("ext", "swap", "fat") + (("ntfs",) if HAVE_NTFS and shutil.which("ntfsinfo")
+                                      else ())
+    sums = build_disk(folder, 128, parts)
+    return folder, sums, parts
+
+
+def _main(*args):
+    import contextlib
+    import io
+    from vdgui import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@need_tools
+@pytest.mark.parametrize("fmt,opts", [("vdi", []), ("vmdk", []), ("vhdx", ["-o", "block_size=1M"]),
+                                      ("qcow2", [])])
+def test_sparsify_gives_back_free_space_and_files_read_the_same(built, tmp_path, qemu, fmt, opts):
+    folder, sums, parts = built
+    img = tmp_path / f"d.{fmt}"
+    qemu.img("convert", "-O", fmt, *opts, folder / "disk.raw", img)
+    before = img.stat().st_blocks * 512
+    assert before > 100 * MiB                  # random bytes: nothing to drop by zero detection
+
+    code, out, err = _main("sparsify", "--dry-run", "--json", img)
+    assert code == 0, err
+    import json
+    dry = json.loads(out)
+    assert "after" not in dry and dry["before"] == before
+    assert _sha(img) == _sha(img) and img.stat().st_blocks * 512 == before
+    kinds = {p["filesystem"] for p in dry["partitions"]}
+    assert {"ext4", "swap", "fat16"} <= kinds and dry["reclaimable"] > 60 * MiB
+
+    code, out, err = _main("sparsify", "--json", img)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["after"] == img.stat().st_blocks * 512 < rep["before"]
+    r = qemu.img("check", "-f", fmt, img, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-f", fmt, "-O", "raw", img, raw)
+    in_use = check_volumes(raw, sums, parts)
+    assert rep["after"] <= in_use * 1.1 + 16 * MiB, (rep["after"], in_use)
+
+
+@need_tools
+def test_dry_run_changes_no_byte(built, tmp_path):
+    folder, sums, parts = built
+    img = tmp_path / "d.raw"
+    shutil.copy(folder / "disk.raw", img)
+    h = _sha(img)
+    code, out, err = _main("sparsify", "--dry-run", img)
+    assert code == 0, err
+    assert "partition 1 (ext4)" in out and "would give back" in out
+    assert _sha(img) == h
+
+
+@need_tools
+def test_into_a_copy_leaves_the_source(built, tmp_path, qemu):
+    folder, sums, parts = built
+    src = tmp_path / "s.vdi"
+    qemu.img("convert", "-O", "vdi", folder / "disk.raw", src)
+    h = _sha(src)
+    code, out, err = _main("sparsify", "--into", tmp_path / "d.qcow2", "-O", "QCOW2", src)
+    assert code == 0, err
+    assert _sha(src) == h
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-O", "raw", tmp_path / "d.qcow2", raw)
+    in_use = check_volumes(raw, sums, parts)
+    assert (tmp_path / "d.qcow2").stat().st_blocks * 512 <= in_use * 1.1 + 16 * MiB
+
+
+def _set_byte(path: Path, offset: int, mask: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b | mask]))
+
+
+@need_tools
+@pytest.mark.parametrize("flag", ["needs_recovery", "orphan", "fat_dirty"])
+def test_dirty_file_systems_are_refused(built, tmp_path, qemu, flag):
+    folder, sums, parts = built
+    raw = tmp_path / "d.raw"
+    shutil.copy(folder / "disk.raw", raw)
+    part = tmp_path / "p"
+    if flag == "fat_dirty":
+        _set_byte(raw, P_FAT[0] * 512 + 0x25, 0x01)
+        words = ("dirty bit", "fsck.fat")
+    else:
+        _part(raw, P_EXT, part)
+        cmd = "feature needs_recovery" if flag == "needs_recovery" else "ssv last_orphan 12"
+        _sh("debugfs", "-w", "-R", cmd, part)
+        _put(raw, P_EXT, part)
+        words = (flag if flag == "needs_recovery" else "orphan list", "e2fsck")
+    img = tmp_path / "d.vdi"
+    qemu.img("convert", "-O", "vdi", raw, img)
+    h = _sha(img)
+    code, out, err = _main("sparsify", img)
+    assert code == 2, (code, err)
+    for w in words:
+        assert w in err, err
+    assert _sha(img) == h
+    code, out, err = _main("sparsify", "--dry-run", img)
+    assert code == 2
+
+
+@need_tools
+def test_a_chain_child_stores_zero_and_the_parent_is_unchanged(built, tmp_path, qemu):
+    folder, sums, parts = built
+    base = tmp_path / "base.qcow2"
+    qemu.img("convert", "-O", "qcow2", folder / "disk.raw", base)
+    child = tmp_path / "child.qcow2"
+    qemu.img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", child)
+    tail = 120 * MiB                               # unpartitioned garbage, rewritten in the child
+    qemu.io("-f", "qcow2", "-c", f"write -P 0x5a {tail} 4M", child)
+    # also a file system's free range: the swap area past its header
+    qemu.io("-f", "qcow2", "-c", f"write -P 0x77 {P_SWAP[0] * 512 + MiB} 2M", child)
+    hb = _sha(base)
+
+    code, out, err = _main("sparsify", base)
+    assert code == 2 and "differencing" in err, err      # the parent has a child
+    assert _sha(base) == hb
+
+    code, out, err = _main("sparsify", "--json", child)
+    assert code == 0, err
+    assert _sha(base) == hb
+    assert qemu.img("check", child, check=False).returncode == 0
+    m = qemu.img("map", "--output=json", child).stdout
+    import json
+    runs = json.loads(m)
+    for off, n in ((tail, 4 * MiB), (P_SWAP[0] * 512 + MiB, 2 * MiB)):
+        cover = [r for r in runs if r["start"] < off + n and r["start"] + r["length"] > off]
+        assert cover and all(r["zero"] and not r["data"] for r in cover), cover
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-O", "raw", child, raw)
+    check_volumes(raw, sums, parts)
+    assert (child.stat().st_blocks * 512) < 2 * MiB
+
+
+def _read_files(path: Path) -> dict:
+    from vdgui.vd import Disk, OpenFlags, open_volume
+    out = {}
+    with Disk.open_chain(str(path), None, OpenFlags.READ_ONLY) as disk:
+        _, fs = open_volume(disk, 1)
+        for name in FILES:
+            with fs.open("/" + name) as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@need_tools
+@pytest.mark.skipif(not kh.have_strace(), reason="needs strace")
+@pytest.mark.parametrize("fmt,points", [("vdi", 6), pytest.param("qcow2", 24,
+                                                                  marks=pytest.mark.slow)])
+def test_kill_during_in_place_sparsify_keeps_the_files(tmp_path, qemu, fmt, points):
+    from vdgui.vd import check
+    src = tmp_path / "src"
+    src.mkdir()
+    sums = build_disk(src, 64, ("ext", "swap"))
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    qemu.img("convert", "-O", fmt, src / "disk.raw", tpl / f"a.{fmt}")
+
+    def fn_for(work: Path):
+        def fn():
+            from vdgui import cli
+            return cli.main(["sparsify", f"a.{fmt}"])
+        return fn
+
+    def judge(work: Path, finished: bool) -> list[str]:
+        p = work / f"a.{fmt}"
+        try:
+            got = _read_files(p)
+        except Exception as e:  # noqa: BLE001
+            return [f"cannot read the files: {e}"]
+        bad = [n for n in FILES if got.get(n) != sums[n]]
+        rep = check(str(p))
+        return ([f"files differ: {bad}"] if bad else []) + \
+            (["check calls it corrupt"] if rep.corrupt else [])
+
+    all_points, outcomes = kh.campaign(tmp_path, tpl, fn_for, judge, points=points)
+    bad = [f"kill at {o.point}: {p}" for o in outcomes for p in o.problems]
+    assert not bad, "\n".join(bad)
+    assert sum(o.killed for o in outcomes) >= len(outcomes) * 0.8

@@ -1,0 +1,522 @@
+"""Sparsify (issue #16): give back the space the guest's file systems do not use, without
+booting the guest.
+
+Free ranges come from each file system's own allocation map (ext2/3/4 block bitmaps with
+uninitialised groups honoured, NTFS $Bitmap, the FAT, Linux swap after its header) and from the
+space outside every partition (never the tables, GPT's backup, nor the gap before the first
+partition, where boot loaders live). Volumes without a reader are left untouched and reported.
+
+Safety: a volume not cleanly unmounted refuses the whole operation (:class:`Refused`, naming the
+flag and how to clear it); so does an image open elsewhere (the locks) or one with children
+(unless the result goes into a copy). In place the order is map -> discard (the format's own
+discard; a base image whose format cannot discard gets zeroes written over its allocated free
+ranges; a child whose format cannot store "reads zero" skips the range and reports it) ->
+compact. Only ranges the file system marks free change, so files read the same at every moment.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from collections.abc import Callable
+
+from ..alloc import Alloc
+from ..backend import OpenFlags, Operation
+from ..disk import Disk
+from ..errors import CorruptImage, NotSupported, Refused, VDError
+from ..inside.diskfile import DiskFile, SliceFile
+from ..inside.filesystems import FileSystem, open_filesystem
+from ..inside.partitions import Layout, Partition, read_layout
+from ..progress import Progress, ProgressCallback, WorkMap, sub_progress
+from .rewrite import backend_for
+
+Ranges = list[tuple[int, int]]          # (start, end), sorted, disjoint
+CHUNK = 8 << 20
+
+
+@dataclass
+class VolumeResult:
+    number: int
+    filesystem: str
+    start: int
+    size: int
+    used: int = 0
+    free: int = 0
+    skipped: str | None = None
+    ranges: Ranges = field(default_factory=list, repr=False)   # free, absolute disk offsets
+    reclaimable: int = 0
+
+    def as_dict(self) -> dict:
+        return {"number": self.number if self.number >= 0 else None, "filesystem": self.filesystem, "size": self.size,
+                "used": self.used, "free": self.free, "skipped": self.skipped,
+                "reclaimable": self.reclaimable}
+
+
+@dataclass
+class SparsifyReport:
+    partitions: list[VolumeResult] = field(default_factory=list)
+    reclaimable: int = 0
+    before: int = 0
+    after: int | None = None
+    skipped_ranges: int = 0             # free bytes a child could not mark as reading zero
+    path: str = ""
+
+    @property
+    def freed(self) -> int:
+        return max(self.before - (self.after or 0), 0) if self.after is not None else 0
+
+    def as_dict(self) -> dict:
+        d = {"reclaimable": self.reclaimable,
+             "partitions": [p.as_dict() for p in self.partitions],
+             "before": self.before}
+        if self.after is not None:
+            d["after"] = self.after
+        if self.skipped_ranges:
+            d["skipped_bytes"] = self.skipped_ranges
+        return d
+
+
+# -- ranges ---------------------------------------------------------------------------------
+def _add(out: Ranges, s: int, e: int) -> None:
+    if e <= s:
+        return
+    if out and out[-1][1] >= s:
+        out[-1] = (out[-1][0], max(out[-1][1], e))
+    else:
+        out.append((s, e))
+
+
+def _clip(ranges: Ranges, lo: int, hi: int, align: int) -> Ranges:
+    """Ranges cut to [lo, hi) and shrunk inwards to ``align`` boundaries."""
+    out: Ranges = []
+    for s, e in ranges:
+        s = max(s, lo)
+        e = min(e, hi)
+        s = -(-s // align) * align
+        e = e // align * align
+        _add(out, s, e)
+    return out
+
+
+def _total(ranges: Ranges) -> int:
+    return sum(e - s for s, e in ranges)
+
+
+def _intersect(a: Ranges, b: Ranges) -> Ranges:
+    out: Ranges = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _bits_free(bitmap: bytes, count: int, base: int, unit: int, out: Ranges) -> None:
+    """Clear bits (LSB first) among the first ``count`` -> byte ranges base + bit * unit."""
+    n = min(count, len(bitmap) * 8)
+    full = n // 8
+    i = 0
+    while i < n:
+        byte_i = i >> 3
+        if (i & 7) == 0 and byte_i < full:
+            b = bitmap[byte_i]
+            if b == 0xFF:
+                i += 8
+                continue
+            if b == 0:
+                _add(out, base + i * unit, base + (i + 8) * unit)
+                i += 8
+                continue
+        if not (bitmap[byte_i] >> (i & 7)) & 1:
+            _add(out, base + i * unit, base + (i + 1) * unit)
+        i += 1
+
+
+# -- per file system: (free ranges relative to the volume, refusal) --------------------------
+def _ext_free(fs: FileSystem, pread, size: int) -> Ranges:
+    x = fs.fs                           # dissect ExtFS
+    sb = x.sb
+    bs = x.block_size
+    if sb.s_state & 0x0002:
+        raise Refused(f"{fs.name}: the ext file system has recorded errors (state flag "
+                      "EXT2_ERROR_FS); run e2fsck -fy on it (or fsck in the guest) first")
+    if sb.s_feature_incompat & 0x0004:
+        raise Refused(f"{fs.name}: the ext journal needs recovery (feature needs_recovery): "
+                      "the file system was not cleanly unmounted; boot the guest and shut it "
+                      "down cleanly, or run e2fsck -fy on it")
+    if sb.s_last_orphan:
+        raise Refused(f"{fs.name}: the ext file system has an orphan list (s_last_orphan = "
+                      f"{sb.s_last_orphan}): it was not cleanly unmounted; run e2fsck -fy on it")
+    if not sb.s_state & 0x0001:
+        raise Refused(f"{fs.name}: the ext file system is not marked clean (state flag "
+                      "EXT2_VALID_FS clear): it is mounted or was not cleanly unmounted; "
+                      "run e2fsck -fy on it")
+    meta_bg = bool(sb.s_feature_incompat & 0x0010)     # descriptor blocks spread out
+    bpg = sb.s_blocks_per_group
+    first = sb.s_first_data_block
+    count = x.block_count
+    groups = x.groups_count
+    sparse = bool(sb.s_feature_ro_compat & 0x0001)
+    desc_blocks = -(-groups * x._group_desc_size // bs)
+    descs = [x._read_group_desc(g) for g in range(groups)]
+
+    def lo_hi(d, name):
+        v = getattr(d, name + "_lo")
+        hi = getattr(d, name + "_hi", 0) if hasattr(d, name + "_hi") else 0
+        return v | (hi << 32)
+
+    meta: dict[int, list[int]] = {}      # group -> blocks of any group's bitmaps/tables in it
+    ipg_blocks = -(-sb.s_inodes_per_group * sb.s_inode_size // bs)
+    for d in descs:
+        for blk, n in ((lo_hi(d, "bg_block_bitmap"), 1), (lo_hi(d, "bg_inode_bitmap"), 1),
+                       (lo_hi(d, "bg_inode_table"), ipg_blocks)):
+            for b in range(blk, blk + n):
+                meta.setdefault((b - first) // bpg, []).append(b)
+
+    def has_super(g: int) -> bool:
+        if g <= 1 or not sparse:
+            return True
+        for p in (3, 5, 7):
+            v = p
+            while v < g:
+                v *= p
+            if v == g:
+                return True
+        return False
+
+    out: Ranges = []
+    for g, d in enumerate(descs):
+        gstart = first + g * bpg
+        n = min(bpg, count - gstart)
+        if n <= 0:
+            break
+        if d.bg_flags & 0x0002:                  # BLOCK_UNINIT: the bitmap is not on disk
+            if meta_bg:
+                continue                        # layout too involved: leave the group alone
+            used = set(meta.get(g, []))
+            if has_super(g):
+                used.update(range(gstart, gstart + 1 + desc_blocks
+                                  + sb.s_reserved_gdt_blocks))
+            for b in range(gstart, gstart + n):
+                if b not in used:
+                    _add(out, b * bs, (b + 1) * bs)
+            continue
+        bm = pread(lo_hi(d, "bg_block_bitmap") * bs, bs)
+        if len(bm) < bs:
+            raise CorruptImage(f"{fs.name}: ext block bitmap of group {g} lies past the end "
+                               "of the volume")
+        _bits_free(bm, n, gstart * bs, bs, out)
+    # the first block(s) before s_first_data_block (1 KiB blocks: the boot block) stay
+    return _clip(out, 0, size, 1)
+
+
+def _fat_free(fs: FileSystem, pread, size: int) -> Ranges:
+    x = fs.fs                           # dissect FATFS
+    ss = x.sector_size
+    boot = pread(0, 512)
+    fat32 = x.bpb_ext is not None and x.type.name == "FAT32"
+    flag_at = 0x41 if fat32 else 0x25
+    if boot[flag_at] & 0x01:
+        raise Refused(f"{fs.name}: the FAT volume's dirty bit is set (boot sector byte "
+                      f"{flag_at:#x}): it was not cleanly unmounted; run fsck.fat -a on it "
+                      "(or chkdsk in the guest)")
+    bits = {"FAT12": 12, "FAT16": 16, "FAT32": 32}[x.type.name]
+    data_sec = x.total_sectors - x.first_data_sector
+    clusters = data_sec // x.bpb.BPB_SecPerClus
+    fat = pread(x.bpb.BPB_RsvdSecCnt * ss, x.fat_size * ss)
+    nent = min(clusters + 2, len(fat) * 8 // bits)
+    base = x.first_data_sector * ss
+    cs = x.cluster_size
+    out: Ranges = []
+    if bits == 32:
+        vals = struct.unpack_from(f"<{nent}I", fat)
+        for c in range(2, nent):
+            if not vals[c] & 0x0FFFFFFF:
+                _add(out, base + (c - 2) * cs, base + (c - 1) * cs)
+    elif bits == 16:
+        vals = struct.unpack_from(f"<{nent}H", fat)
+        for c in range(2, nent):
+            if not vals[c]:
+                _add(out, base + (c - 2) * cs, base + (c - 1) * cs)
+    else:
+        for c in range(2, nent):
+            v = struct.unpack_from("<H", fat, c + c // 2)[0]
+            v = v >> 4 if c & 1 else v & 0xFFF
+            if not v:
+                _add(out, base + (c - 2) * cs, base + (c - 1) * cs)
+    return _clip(out, 0, size, 1)
+
+
+def _ntfs_free(fs: FileSystem, pread, size: int) -> Ranges:
+    x = fs.fs                           # dissect NTFS
+    try:
+        vol = x.mft.get(3)
+        info = vol.attributes.get(0x70)
+        raw = info[0].data() if info else b""
+    except Exception as e:  # noqa: BLE001 - library errors become a clear VDError
+        raise CorruptImage(f"{fs.name}: NTFS $Volume cannot be read: {e}") from None
+    if len(raw) >= 12 and struct.unpack_from("<H", raw, 10)[0] & 0x0001:
+        raise Refused(f"{fs.name}: the NTFS volume's dirty flag is set ($Volume "
+                      "VOLUME_IS_DIRTY): run chkdsk /f in Windows, or ntfsfix -d on it")
+    try:
+        hib = x.mft.get("hiberfil.sys")
+        head = hib.open().read(8)
+    except Exception:  # noqa: BLE001 - no hibernation file
+        head = b""
+    if head[:4].lower() in (b"hibr", b"wake") or head[:4] == b"RSTR":
+        raise Refused(f"{fs.name}: Windows is hibernated or uses fast startup (hiberfil.sys "
+                      "holds a hibernation image): boot Windows and shut it down fully "
+                      "(shutdown /s /t 0, or turn fast startup off)")
+    try:
+        bm = x.mft.get(6).open().read()
+    except Exception as e:  # noqa: BLE001
+        raise CorruptImage(f"{fs.name}: NTFS $Bitmap cannot be read: {e}") from None
+    total_sectors = x.boot_sector.NumberSectors
+    clusters = total_sectors * x.sector_size // x.cluster_size
+    out: Ranges = []
+    _bits_free(bm, clusters, 0, x.cluster_size, out)
+    # cluster 0 holds the boot sector; the backup boot sector sits past the last cluster
+    return _clip(out, x.cluster_size, min(size, clusters * x.cluster_size), 1)
+
+
+def _swap_free(pread, size: int, name: str) -> Ranges:
+    for page in (4096, 8192, 16384, 65536):
+        if page > size:
+            break
+        magic = pread(page - 10, 10)
+        if magic == b"SWAPSPACE2":
+            return [(page, size)] if size > page else []
+        if magic in (b"S1SUSPEND\0", b"S2SUSPEND\0") or magic[:9] in (b"S1SUSPEND", b"S2SUSPEND"):
+            raise Refused(f"{name}: the swap area holds a hibernation image (signature "
+                          f"{magic!r}): resume the guest and shut it down cleanly first")
+    raise NotSupported("swap header not recognised")
+
+
+_READERS: dict[str, Callable] = {"ext2": _ext_free, "ext3": _ext_free, "ext4": _ext_free,
+                                 "fat12": _fat_free, "fat16": _fat_free, "fat32": _fat_free,
+                                 "ntfs": _ntfs_free}
+
+
+def _check_files(fs: FileSystem, free: Ranges) -> None:
+    """A file's data in a range the bitmap calls free: stop with the evidence."""
+    alloc = getattr(fs, "allocation", None)
+    if alloc is None or not free:
+        return
+    starts = [s for s, _ in free]
+    for e in fs.walk("/"):
+        if e.type not in ("file", "dir"):
+            continue
+        try:
+            runs = alloc(e.path)
+        except VDError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptImage(f"{fs.name}: cannot map {e.path}: {exc}") from None
+        for off, n in runs:
+            i = bisect_right(starts, off + n - 1) - 1
+            if i >= 0 and free[i][1] > off:
+                raise CorruptImage(
+                    f"{fs.name}: the allocation map marks bytes {max(off, free[i][0])}.."
+                    f"{min(off + n, free[i][1])} free, but {e.path} uses them; nothing was "
+                    "changed (run the file system's check first)")
+
+
+# -- the plan -------------------------------------------------------------------------------
+def _volume(disk_file: DiskFile, part: Partition, check_files: bool, where: str) -> VolumeResult:
+    end = min(part.end, disk_file.size)
+    res = VolumeResult(part.number, part.filesystem or "", part.start, max(end - part.start, 0))
+    if res.size <= 0:
+        res.skipped = "lies past the end of the disk"
+        return res
+    base = part.start
+
+    def pread(o: int, n: int) -> bytes:
+        n = max(0, min(n, res.size - o))
+        return disk_file.pread(base + o, n) if n else b""
+
+    name = where + (f" partition {part.number}" if part.number else "")
+    kind = part.filesystem
+    if kind == "swap":
+        try:
+            rel = _swap_free(pread, res.size, name)
+        except NotSupported as e:
+            res.skipped = str(e)
+            return res
+    elif kind in _READERS:
+        import io
+        fh = io.BufferedReader(SliceFile(disk_file, base, res.size), 64 * 1024)
+        fs = open_filesystem(fh, kind, name)
+        rel = _READERS[kind](fs, pread, res.size)
+        if check_files:
+            _check_files(fs, rel)
+    else:
+        res.skipped = (f"no reader for {kind} volumes" if kind
+                       else "no file system recognised")
+        return res
+    res.ranges = [(base + s, base + e) for s, e in rel]
+    res.free = _total(rel)
+    res.used = res.size - res.free
+    return res
+
+
+def _outside(disk_file: DiskFile, layout: Layout, ss: int) -> Ranges:
+    """Space outside every partition that no table, boot loader or GPT backup uses."""
+    size = disk_file.size
+    if layout.scheme == "none" or not layout.partitions:
+        return []
+    keep: Ranges = []
+    parts = sorted((p.start, p.end) for p in layout.partitions if p.size > 0)
+    first = parts[0][0] if parts else size
+    keep.append((0, max(first, ss)))              # MBR, GPT, and the boot loader gap
+    ext = [p for p in layout.partitions if p.type in ("0x05", "0x0f", "0x85")]
+    for s, e in parts:
+        keep.append((s, e))
+    for p in ext:                                 # EBRs live inside the extended container
+        keep.append((p.start, p.end))
+    if layout.scheme in ("gpt", "hybrid"):
+        hdr = disk_file.pread(ss, 92)
+        last_usable = struct.unpack_from("<Q", hdr, 48)[0] if hdr[:8] == b"EFI PART" else 0
+        tail = (last_usable + 1) * ss if last_usable else size - 34 * ss
+        keep.append((min(tail, size - 33 * ss), size))
+    keep.sort()
+    merged: Ranges = []
+    for s, e in keep:
+        _add(merged, s, e)
+    out: Ranges = []
+    pos = 0
+    for s, e in merged:
+        _add(out, pos, s)
+        pos = max(pos, e)
+    _add(out, pos, size)
+    return out
+
+
+def plan(disk: Disk, *, check_files: bool = True) -> SparsifyReport:
+    """Map the free ranges of ``disk`` (read only). Raises Refused for a volume that was not
+    cleanly unmounted."""
+    report = SparsifyReport(path=disk.top.location)
+    ss = disk.sector_size
+    with DiskFile(disk) as f:
+        layout = read_layout(f.pread, f.size, ss)
+        parts = [p for p in layout.partitions if p.type not in ("0x05", "0x0f", "0x85")]
+        for p in parts:
+            report.partitions.append(_volume(f, p, check_files, disk.top.location))
+        outside = _outside(f, layout, ss)
+        if outside:
+            report.partitions.append(VolumeResult(-1, "unpartitioned", 0, _total(outside),
+                                                  0, _total(outside), None, outside))
+    for v in report.partitions:
+        v.ranges = _clip(v.ranges, 0, disk.size, ss)
+        v.reclaimable = _total(_intersect(v.ranges, _held(disk, v.ranges)))
+    report.reclaimable = sum(v.reclaimable for v in report.partitions)
+    return report
+
+
+def _held(disk: Disk, ranges: Ranges) -> Ranges:
+    """Of ``ranges``, what the top image stores itself (DATA)."""
+    out: Ranges = []
+    img = disk.top
+    for s, e in ranges:
+        for off, n, st in img.block_status(s, e - s):
+            if st == Alloc.DATA:
+                _add(out, off, off + n)
+    return out
+
+
+# -- the operation --------------------------------------------------------------------------
+def _allocated(paths: list[str]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += os.stat(p).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
+def sparsify(path: str, *, format: str | None = None, dry_run: bool = False,
+             into: str | None = None, into_format: str | None = None,
+             progress: ProgressCallback | None = None) -> SparsifyReport:
+    """Sparsify ``path`` in place (or, with ``into``, a new image DST: the chain's content,
+    sparsified; ``path`` is never changed). Returns the report; ``after`` is None on a dry run.
+    """
+    from ..chain import find_children
+    from .copy import copy_image
+
+    backend = backend_for(path, format)
+    if dry_run:
+        with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
+            report = plan(disk)
+            report.before = _allocated(disk.top.files())
+        return report
+    if into is not None:
+        with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
+            plan(disk, check_files=True)       # refuse before copying anything
+        prog = Progress(progress, 100)
+        prog.start()
+        copy_image(path, into, into_format or backend.name, src_format=backend.name,
+                   progress=sub_progress(prog, 0, 50))
+        rep = _in_place(into, None, sub_progress(prog, 50, 50))
+        with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
+            rep.before = _allocated(disk.top.files())
+        rep.path = into
+        prog.finish()
+        return rep
+    with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
+        kids = find_children(disk.top, exclude={os.path.realpath(f)
+                                                for i in disk.images for f in i.files()})
+    if kids:
+        raise Refused(f"{path}: the image has differencing images ({', '.join(k for k, _ in kids)})"
+                      ": freeing ranges in it would change what they read; use --into to "
+                      "sparsify into a copy")
+    return _in_place(path, backend.name, progress)
+
+
+def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> SparsifyReport:
+    from .compact import compact
+
+    backend = backend_for(path, fmt)
+    with Disk.open_chain(path, backend.name, OpenFlags.NORMAL) as disk:
+        report = plan(disk)
+        report.before = _allocated(disk.top.files())
+        top = disk.top
+        child = len(disk.images) > 1
+        can_discard = top.backend.can(Operation.DISCARD)
+        targets: Ranges = []
+        for v in report.partitions:
+            for s, e in _intersect(v.ranges, _held(disk, v.ranges)):
+                _add(targets, s, e)
+        work = WorkMap(targets)
+        can_compact = backend.can(Operation.COMPACT)
+        prog = Progress(progress, work.total * (2 if can_compact else 1))
+        prog.start()
+        for s, e in targets:
+            pos = s
+            while pos < e:
+                n = min(CHUNK, e - pos)
+                if can_discard:
+                    disk.discard(pos, n)
+                elif child:
+                    report.skipped_ranges += n
+                else:
+                    disk.write(pos, bytes(n))
+                pos += n
+                prog.set(work.at(pos))
+        disk.flush()
+    if can_compact:
+        compact(path, format=backend.name,
+                progress=sub_progress(prog, work.total, work.total))
+    prog.finish()
+    with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
+        report.after = _allocated(disk.top.files())
+    return report
+
+
+__all__ = ["Refused", "SparsifyReport", "VolumeResult", "plan", "sparsify"]
