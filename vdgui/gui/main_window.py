@@ -11,7 +11,7 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
                                QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QMainWindow, QMessageBox, QProgressBar, QSplitter, QTabBar,
-                               QToolBar, QTreeView, QVBoxLayout, QWidget)
+                               QTabWidget, QToolBar, QTreeView, QVBoxLayout, QWidget)
 
 import vdgui
 from vdgui.jobs import JobQueue, tasks
@@ -26,6 +26,7 @@ from .icons import app_icon, format_icon
 from .models.media import COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel
 from .operations import Operations
 from .view_settings import ViewSettings
+from .widgets.contents import ContentsPane
 from .widgets.details import DetailsPane
 from .widgets.jobs_panel import JobsPanel
 
@@ -214,7 +215,15 @@ class MainWindow(QMainWindow):
         self.splitter = QSplitter(Qt.Horizontal)
         self.splitter.setObjectName("mainSplitter")
         self.splitter.addWidget(left)
-        self.splitter.addWidget(self.details)
+        self.contents = ContentsPane(self.queue, self.library)    # issue #15
+        self.contents.message.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        self.side = QTabWidget()
+        self.side.setObjectName("sideTabs")
+        self.side.setDocumentMode(True)
+        self.side.addTab(self.details, "Details")
+        self.side.addTab(self.contents, "Contents")
+        self.side.currentChanged.connect(self._side_tab_changed)
+        self.splitter.addWidget(self.side)
         self.splitter.setStretchFactor(0, 3)
         self.splitter.setStretchFactor(1, 2)
         self.splitter.setChildrenCollapsible(False)
@@ -388,13 +397,20 @@ class MainWindow(QMainWindow):
         if node is None:
             n = len(self.selected_nodes())
             self.details.set_node(None)
+            self.contents.set_node(None)
             if n > 1:
                 self.details.head_title.setText(f"{n} images selected")
                 self.details.head_sub.setText("Compact, check, repair, remove and delete work on "
                                               "several images at once.")
             return
         self.details.set_node(node, self.library.properties(node.path))
+        self.contents.set_node(node)
         self._request_allocation(node)
+
+    def _side_tab_changed(self, i: int) -> None:
+        n = self.current_node()
+        if i == 0 and n is not None:
+            self._request_allocation(n)
 
     def _request_allocation(self, node) -> None:
         if not node.accessible or not self.details.isVisible():
@@ -495,10 +511,10 @@ class MainWindow(QMainWindow):
         return (box.clickedButton() is ok, bool(cb and cb.isChecked()))
 
     def toggle_properties(self) -> None:
-        self.show_properties(not self.details.isVisible())
+        self.show_properties(not self.side.isVisible())
 
     def show_properties(self, on: bool) -> None:
-        self.details.setVisible(on)
+        self.side.setVisible(on)
         self.actions["properties"].setChecked(on)
         if on:
             n = self.current_node()

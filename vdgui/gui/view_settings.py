@@ -67,7 +67,7 @@ class ViewSettings:
         s.setValue(SPLITTER, window.splitter.saveState())
         s.setValue(HEADER, window.tree.header().saveState())
         s.setValue(TAB, window.tabs.currentIndex())
-        s.setValue(DETAILS, "true" if window.details.isVisible() else "false")
+        s.setValue(DETAILS, "true" if window.side.isVisible() else "false")
         s.sync()
 
     def last_folder(self) -> str | None:

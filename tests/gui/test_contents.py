@@ -1,0 +1,210 @@
+"""The Contents tab (issue #15): partition bar, file browser, Extract… as a job, Changes view.
+Disks are built with the file systems' own tools (sfdisk, mkfs.ext4 -d, mkfs.fat + mcopy,
+qemu-img convert)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from PySide6.QtCore import QItemSelectionModel, Qt
+
+from tests.gui.conftest import wait_job
+from tests.inside.conftest import MiB, make_tree, sh
+from vdgui.jobs import JobState, tasks
+
+
+def _disk(tmp_path, name="disk"):
+    """32 MiB MBR disk: 1 ext4 “ROOTFS” (tree + big.bin + many/ with 2500 files), 2 FAT16
+    “DATA”, then 8 MiB unpartitioned. Returns (vdi path, files, big bytes)."""
+    img = tmp_path / f"{name}.img"
+    with open(img, "wb") as f:
+        f.truncate(32 * MiB)
+    sh("sfdisk", "-q", img, input="label: dos\nstart=2048, size=26624, type=83\n"
+       "start=30720, size=18432, type=e\n")
+    src = tmp_path / f"{name}-src"
+    files = make_tree(src)
+    big = os.urandom(3 * MiB)
+    (src / "big.bin").write_bytes(big)
+    (src / "many").mkdir()
+    for i in range(2500):
+        (src / "many" / f"f{i:04d}").write_bytes(b"x" * (i % 7))
+    sh("mkfs.ext4", "-q", "-F", "-L", "ROOTFS", "-d", src, "-E", f"offset={2048 * 512}", img,
+       "13M")
+    sh("mkfs.fat", "-F", "16", "-s", "1", "-n", "DATA", "--offset", "30720", img, 18432 // 2)
+    sh("mcopy", "-s", "-i", f"{img}@@{30720 * 512}", src / "hello.txt", src / "dir",
+       src / "empty", "::/")
+    out = tmp_path / f"{name}.vdi"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vdi", img, out)
+    return str(out), files, big
+
+
+@pytest.fixture
+def disk(tmp_path):
+    return _disk(tmp_path)
+
+
+def _open_contents(qtbot, window, path):
+    window.show()
+    window.ops.add_paths([path], sync=True)
+    window.select_paths([path])
+    window.side.setCurrentWidget(window.contents)
+    pane = window.contents
+    qtbot.waitUntil(lambda: pane.model.rowCount() > 0, timeout=15000)
+    return pane
+
+
+def _names(pane):
+    return {pane.model.entries[r].path: pane.model.entries[r] for r in
+            range(pane.model.rowCount())}
+
+
+def test_partition_bar_and_file_list_show_what_is_on_the_disk(qtbot, window, disk):
+    path, files, big = disk
+    pane = _open_contents(qtbot, window, path)
+    texts = [s.text for s in pane.bar.segs]
+    assert texts[0].startswith("Unpartitioned")               # the first MiB
+    assert texts[1].startswith("1: ext4 “ROOTFS” · 13")
+    assert texts[2] == "Unpartitioned · 1.00 MiB"
+    assert texts[3].startswith("2: fat16 “DATA” · 9")
+    assert texts[4].startswith("Unpartitioned · 8")
+    assert [s.number for s in pane.bar.segs] == [None, 1, None, 2, None]
+    assert sum(s.size for s in pane.bar.segs) == 32 * MiB
+    assert pane.number == 1 and pane.volume_box.count() == 2
+    listed = _names(pane)
+    assert listed["/hello.txt"].size == len(files["hello.txt"])
+    assert listed["/big.bin"].size == len(big)
+    assert listed["/dir"].type == "dir" and listed["/empty"].size == 0
+    # the folder tree knows the sub-folders; the filter narrows the list
+    root = pane.folders.topLevelItem(0)
+    assert {root.child(i).text(0) for i in range(root.childCount())} >= {"dir", "many"}
+    pane.filter.setText("HELLO")
+    assert pane.proxy.rowCount() == 1
+    pane.filter.setText("")
+    # the FAT volume
+    pane.select_volume(2)
+    assert pane.bar.selected == 2 and pane.volume_box.currentData() == 2
+    qtbot.waitUntil(lambda: pane.model.rowCount() > 0, timeout=15000)
+    assert {e.path for e in pane.model.entries} == {"/hello.txt", "/dir", "/empty"}
+
+
+def test_a_large_folder_fills_in_slices(qtbot, window, disk):
+    path, _, _ = disk
+    pane = _open_contents(qtbot, window, path)
+    root = pane.folders.topLevelItem(0)
+    many = next(root.child(i) for i in range(root.childCount()) if root.child(i).text(0) == "many")
+    seen = []
+    pane.model.rowsInserted.connect(lambda *a: seen.append(pane.model.rowCount()))
+    pane.folders.setCurrentItem(many)
+    qtbot.waitUntil(lambda: pane.model.rowCount() == 2500 and not pane.loading, timeout=15000)
+    assert seen[0] <= 2000 and len(seen) >= 2         # not all in one event-loop turn
+    assert _names(pane)["/many/f0006"].size == 6
+
+
+def test_extract_copies_bytes_and_trees_and_cancel_leaves_nothing(qtbot, window, disk, tmp_path,
+                                                                    monkeypatch):
+    path, files, big = disk
+    pane = _open_contents(qtbot, window, path)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    pane.pick_folder = lambda: str(dest)
+
+    def select(*names):
+        pane.files.clearSelection()
+        sm = pane.files.selectionModel()
+        for r in range(pane.proxy.rowCount()):
+            if os.path.basename(pane.proxy.data(pane.proxy.index(r, 0), Qt.UserRole + 1)) \
+                    in names:
+                sm.select(pane.proxy.index(r, 0), QItemSelectionModel.Select | QItemSelectionModel.Rows)
+
+    select("hello.txt", "dir")
+    pane.extract_button.click()
+    job = wait_job(qtbot, pane.extract_jobs[-1])
+    assert job.state == JobState.DONE, job.error
+    assert (dest / "hello.txt").read_bytes() == files["hello.txt"]
+    for rel in ("dir/a.bin", "dir/sub/b.txt"):
+        assert (dest / rel).read_bytes() == files[rel]
+
+    # Cancel after the first MiB: no partial file, no temporary folder left behind
+    orig = tasks.extract_job
+
+    def slow(*a, **k):
+        job = orig(*a, **k)
+        fn = job.fn
+
+        def run(progress):
+            def p(done, total):
+                if done >= MiB:
+                    job.cancel()
+                return progress(done, total)
+            return fn(p)
+        job.fn = run
+        return job
+
+    monkeypatch.setattr(tasks, "extract_job", slow)
+    dest2 = tmp_path / "out2"
+    dest2.mkdir()
+    pane.pick_folder = lambda: str(dest2)
+    select("big.bin")
+    pane.extract_button.click()
+    job = wait_job(qtbot, pane.extract_jobs[-1])
+    assert job.state == JobState.CANCELLED
+    assert os.listdir(dest2) == []
+    assert job in window.queue.jobs                   # visible in the Jobs panel
+
+
+def test_changes_view_lists_exactly_the_touched_files(qtbot, window, tmp_path):
+    img = tmp_path / "fat.img"
+    src = tmp_path / "src"
+    make_tree(src)
+    sh("mkfs.fat", "-F", "16", "-s", "1", "-n", "SNAP", "-C", img, 16 * 1024)
+    env_files = ["hello.txt", "empty"]
+    for name in env_files:
+        sh("mcopy", "-i", img, src / name, f"::/{name}")
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, base)
+    (src / "new.txt").write_bytes(b"new file\n")
+    (src / "hello.txt").write_bytes(b"changed hello\n")
+    sh("mcopy", "-o", "-i", img, src / "hello.txt", "::/hello.txt")
+    sh("mcopy", "-i", img, src / "new.txt", "::/new.txt")
+    snap = tmp_path / "snap.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", base, "-F", "qcow2", img, snap)
+    window.show()
+    window.ops.add_paths([str(snap)], sync=True)
+    window.select_paths([str(snap)])
+    window.side.setCurrentWidget(window.contents)
+    pane = window.contents
+    qtbot.waitUntil(lambda: pane.views.count() == 2, timeout=15000)
+    pane.views.setCurrentWidget(pane.changes_page)
+    qtbot.waitUntil(lambda: pane.changes.topLevelItemCount() > 0, timeout=15000)
+    data = {p: c for c, p in pane.change_paths() if "metadata" not in c}
+    assert data == {"/hello.txt": "modified", "/new.txt": "added"}
+    # the same Extract action
+    dest = tmp_path / "out"
+    dest.mkdir()
+    pane.pick_folder = lambda: str(dest)
+    for i in range(pane.changes.topLevelItemCount()):
+        it = pane.changes.topLevelItem(i)
+        it.setSelected(it.text(1) == "/hello.txt")
+    pane.changes_extract.click()
+    job = wait_job(qtbot, pane.extract_jobs[-1])
+    assert job.state == JobState.DONE, job.error
+    assert (dest / "hello.txt").read_bytes() == b"changed hello\n"
+
+
+def test_a_damaged_table_shows_a_readable_message(qtbot, window, tmp_path):
+    img = tmp_path / "bad.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    sh("sfdisk", "-q", img, input="label: dos\nstart=2048, size=4096, type=83\n"
+       "start=8192, size=4096, type=83\n")
+    with open(img, "r+b") as f:              # partition 2 now runs far past the end
+        f.seek(446 + 16 + 12)
+        f.write((1 << 22).to_bytes(4, "little"))
+    window.show()
+    window.ops.add_paths([str(img)], sync=True)
+    window.select_paths([str(img)])
+    window.side.setCurrentWidget(window.contents)
+    pane = window.contents
+    qtbot.waitUntil(lambda: "Problems" in pane.status.text(), timeout=15000)
+    assert "past the end" in pane.status.text()
+    assert "Traceback" not in pane.status.text()
