@@ -83,6 +83,9 @@ def build_disk(folder: Path, size_mib: int = 128, parts=("ext", "swap", "fat", "
     return sums
 
 
+ORIG: list = [None]         # the raw disk the images were made from
+
+
 def check_volumes(raw: Path, sums: dict, parts) -> int:
     """fsck every volume clean, every file's hash equal; returns the in-use bytes the file
     systems' own tools count (the tail and free space excluded)."""
@@ -91,6 +94,13 @@ def check_volumes(raw: Path, sums: dict, parts) -> int:
     if "ext" in parts:
         _part(raw, P_EXT, tmp)
         _sh("e2fsck", "-fn", tmp)
+        # group 1 is BLOCK_UNINIT (no bitmap on disk): its backup superblock, descriptors and
+        # reserved descriptor blocks (blocks 8193..8449) must be left as they were
+        a, b = P_EXT[0] * 512 + 8193 * 1024, P_EXT[0] * 512 + 8450 * 1024
+        with open(raw, "rb") as f1, open(ORIG[0], "rb") as f2:
+            f1.seek(a)
+            f2.seek(a)
+            assert f1.read(b - a) == f2.read(b - a), "ext backup superblock/descriptors changed"
         for name, h in sums.items():
             got = _sh("debugfs", "-R", f"cat /{name}", tmp).stdout
             assert hashlib.sha256(got).hexdigest() == h, f"ext {name}"
@@ -130,6 +140,7 @@ def built(tmp_path_factory):
     parts = ("ext", "swap", "fat") + (("ntfs",) if HAVE_NTFS and shutil.which("ntfsinfo")
                                       else ())
     sums = build_disk(folder, 128, parts)
+    ORIG[0] = folder / "disk.raw"
     return folder, sums, parts
 
 
@@ -241,6 +252,92 @@ def test_dirty_file_systems_are_refused(built, tmp_path, qemu, flag):
     assert code == 2
 
 
+def _ntfs_set_dirty(raw: Path) -> None:
+    """Set VOLUME_IS_DIRTY in $Volume's VOLUME_INFORMATION (MFT record 3, resident)."""
+    import struct
+    base = P_NTFS[0] * 512
+    with open(raw, "r+b") as f:
+        f.seek(base)
+        boot = f.read(512)
+        cs = struct.unpack_from("<H", boot, 11)[0] * boot[13]
+        mft = struct.unpack_from("<Q", boot, 0x30)[0] * cs
+        rec_at = base + mft + 3 * 1024
+        f.seek(rec_at)
+        rec = bytearray(f.read(1024))
+        assert rec[:4] == b"FILE"
+        pos = struct.unpack_from("<H", rec, 0x14)[0]
+        while True:
+            typ, length = struct.unpack_from("<II", rec, pos)
+            assert typ != 0xFFFFFFFF, "no VOLUME_INFORMATION"
+            if typ == 0x70:
+                voff = struct.unpack_from("<H", rec, pos + 0x14)[0]
+                rec[pos + voff + 10] |= 0x01
+                break
+            pos += length
+        for at in (rec_at, base + struct.unpack_from("<Q", boot, 0x38)[0] * cs + 3 * 1024):
+            f.seek(at)
+            f.write(rec)                # $MFT and its mirror $MFTMirr
+
+
+@need_tools
+@pytest.mark.skipif(not HAVE_NTFS, reason="needs ntfs-3g tools")
+def test_a_dirty_ntfs_volume_is_refused(built, tmp_path, qemu):
+    folder, _, _ = built
+    raw = tmp_path / "d.raw"
+    shutil.copy(folder / "disk.raw", raw)
+    _ntfs_set_dirty(raw)
+    part = tmp_path / "p"
+    _part(raw, P_NTFS, part)
+    r = subprocess.run(["ntfsfix", "-n", str(part)], capture_output=True, text=True)
+    assert "dirty" in r.stdout.lower() + r.stderr.lower(), r.stdout + r.stderr
+    h = _sha(raw)
+    code, _, err = _main("sparsify", raw)
+    assert code == 2, err
+    assert "dirty flag" in err and "chkdsk" in err, err
+    assert _sha(raw) == h
+
+
+@need_tools
+def test_an_image_held_by_another_program_is_refused(built, tmp_path, qemu):
+    from tests.interop.test_locks import qemu_io_holder
+    folder, _, _ = built
+    img = tmp_path / "d.qcow2"
+    qemu.img("convert", "-O", "qcow2", folder / "disk.raw", img)
+    h = _sha(img)
+    with qemu_io_holder(img, "rw", "qcow2"):
+        code, _, err = _main("sparsify", img)
+    assert code == 2 and "in use" in err, (code, err)
+    assert _sha(img) == h
+
+
+@need_tools
+def test_progress_counts_data_bytes_and_a_cancel_keeps_the_files(built, tmp_path, qemu):
+    from vdgui.vd import Cancelled, check, sparsify
+    folder, sums, parts = built
+    img = tmp_path / "d.vdi"
+    qemu.img("convert", "-O", "vdi", folder / "disk.raw", img)
+    seen = []
+    rep = sparsify(str(tmp_path / "d.vdi"), progress=lambda d, t: seen.append((d, t)))
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    # the total counts the held free bytes (discarded, then compacted), not the virtual size
+    assert seen[-1][1] == 2 * rep.reclaimable
+    img2 = tmp_path / "e.vdi"
+    qemu.img("convert", "-O", "vdi", folder / "disk.raw", img2)
+    calls = []
+
+    def cancel(d, t):
+        calls.append(d)
+        return d < t // 4
+    with pytest.raises(Cancelled):
+        sparsify(str(img2), progress=cancel)
+    assert not check(str(img2)).corrupt
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-O", "raw", img2, raw)
+    check_volumes(raw, sums, parts)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
 @need_tools
 def test_a_chain_child_stores_zero_and_the_parent_is_unchanged(built, tmp_path, qemu):
     folder, sums, parts = built
@@ -294,6 +391,7 @@ def test_kill_during_in_place_sparsify_keeps_the_files(tmp_path, qemu, fmt, poin
     src = tmp_path / "src"
     src.mkdir()
     sums = build_disk(src, 64, ("ext", "swap"))
+    ORIG[0] = src / "disk.raw"
     tpl = tmp_path / "tpl"
     tpl.mkdir()
     qemu.img("convert", "-O", fmt, src / "disk.raw", tpl / f"a.{fmt}")
