@@ -73,6 +73,18 @@ class RawImage(FileImage):
         self.require_writable()
         self.f.pwrite(offset, data)
 
+    def discard(self, offset, length, fill=None):
+        """Holes punched in a file (the size kept); zeroes written where that cannot be done
+        (block devices, file systems without hole punching)."""
+        self.require_writable()
+        if not self.f.is_device and self.f.punch_hole(offset, length):
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, 4 << 20)
+            self.f.pwrite(pos, bytes(n))
+            pos += n
+
     def resizes_in_place(self, new_size):
         return not self.f.is_device        # one ftruncate
 
@@ -100,7 +112,8 @@ class RawBackend(Backend):
         FileExtension("dsk", DeviceType.FLOPPY), FileExtension("flp", DeviceType.FLOPPY),
         FileExtension("vfd", DeviceType.FLOPPY), FileExtension("raw", DeviceType.HARD_DISK),
     )
-    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE})
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
+                            Operation.DISCARD})
     create_flags = ImageFlags.FIXED
     size_granularity = 512
     can_shrink = True
