@@ -225,13 +225,17 @@ class Disk:
         return img
 
     # -- I/O -----------------------------------------------------------------------------
-    def _read_level(self, level: int, offset: int, length: int, buf: memoryview) -> None:
-        """Fill ``buf`` (pre-zeroed, len == length) with the content seen at chain ``level``."""
+    def _read_level(self, level: int, offset: int, length: int, buf: memoryview,
+                    fill: bool = False) -> None:
+        """Fill ``buf`` (len == length) with the content seen at chain ``level``. ``buf`` must be
+        pre-zeroed unless ``fill``, which writes the zeroes too."""
         while level >= 0:
             img = self.images[level]
             if offset >= img.size:
-                return
+                break
             avail = min(length, img.size - offset)
+            if fill and avail < length:
+                buf[avail:] = bytes(length - avail)
             runs = img.block_status(offset, avail)
             if len(runs) == 1 and runs[0][2] == Alloc.UNALLOCATED:
                 level -= 1          # common case: nothing here, look one lower without recursion
@@ -243,8 +247,12 @@ class Disk:
                 if st == Alloc.DATA:
                     buf[pos:pos + ln] = img.read(start, ln)
                 elif st == Alloc.UNALLOCATED:
-                    self._read_level(level - 1, start, ln, buf[pos:pos + ln])
+                    self._read_level(level - 1, start, ln, buf[pos:pos + ln], fill)
+                elif fill:
+                    buf[pos:pos + ln] = bytes(ln)
             return
+        if fill:
+            buf[:] = bytes(len(buf))
 
     def read_below(self, level: int, offset: int, length: int) -> bytes:
         """What the images below image ``level`` read at ``offset`` (zeroes under the base)."""
@@ -271,6 +279,25 @@ class Disk:
         if a_start == offset and a_end == offset + length:
             return bytes(buf)
         return bytes(buf[offset - a_start:offset - a_start + length])
+
+    def read_into(self, offset: int, out, top: int | None = None) -> None:
+        """Like :meth:`read`, straight into the writable buffer ``out`` (len(out) bytes)."""
+        out = memoryview(out).cast("B")
+        length = len(out)
+        ss = self.sector_size
+        if offset % ss or (length % ss and offset + length != self.images[
+                len(self.images) - 1 if top is None else top].size):
+            out[:] = self.read(offset, length, top)      # unaligned: through a copy
+            return
+        level = len(self.images) - 1 if top is None else top
+        if level < 0 or level >= len(self.images):
+            raise InvalidArgument(f"no image number {level} in the chain")
+        size = self.images[level].size
+        if offset < 0 or offset + length > size:
+            raise InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
+                                  f"(size {size})")
+        if length:
+            self._read_level(level, offset, length, out, fill=True)
 
     def write(self, offset: int, data: bytes) -> None:
         """VDWrite: write through to the top image (copy-on-write handled by the backend)."""

@@ -15,6 +15,7 @@ from ..errors import InvalidArgument, ReadOnlyImage
 
 BLOCK = 64 * 1024
 CACHE_BYTES = 8 * 1024 * 1024
+DIRECT = 4 * BLOCK          # reads this large bypass the cache
 
 
 class DiskFile(io.RawIOBase):
@@ -111,10 +112,10 @@ class DiskFile(io.RawIOBase):
 
     def pread_into(self, offset: int, out: memoryview) -> None:
         bs, n = self._bs, len(out)
-        if n >= self._max_blocks * bs // 2:
-            # a large read: straight from the chain, aligned by Disk.read; the cache would
-            # only be flushed by it
-            out[:] = self._disk.read(offset, n, self._top)
+        if n >= min(DIRECT, self._max_blocks * bs // 2):
+            # a large read: straight from the chain into ``out``; the cache would only be
+            # flushed by it
+            self._disk.read_into(offset, out, self._top)
             return
         first, last = offset // bs, (offset + n - 1) // bs
         blocks: dict[int, bytes] = {}
@@ -188,3 +189,10 @@ class SliceFile(io.RawIOBase):
     def pread(self, offset: int, length: int) -> bytes:
         n = max(0, min(length, self._size - offset))
         return self._base.pread(self._start + offset, n) if n else b""
+
+    def pread_into(self, offset: int, out: memoryview) -> int:
+        """Fill ``out`` from ``offset``; short at the end of the slice. Returns the count."""
+        n = max(0, min(len(out), self._size - offset))
+        if n:
+            self._base.pread_into(self._start + offset, out[:n])
+        return n

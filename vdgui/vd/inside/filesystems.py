@@ -129,9 +129,80 @@ class FileSystem:
             e = self._entry(path, node)
             if e.type != "file":
                 raise InvalidArgument(f"{self.name}: {path} is a {e.type}, not a file")
-            return _Guard(self._open(node), self, path)
+            return _Guard(_direct(self._open(node)), self, path)
         except Exception as e:  # noqa: BLE001
             raise self._fail(path, e) from None
+
+
+def _direct(stream):
+    """A plain dissect RunlistStream over our partition is replaced by a _RunReader over the same
+    runs (the library's own runlist), which reads straight into the caller's buffer; any other
+    stream (inline data, compressed runs, ...) is returned unchanged."""
+    from dissect.util.stream import RangeStream, RunlistStream
+
+    from .diskfile import SliceFile
+    if type(stream) is not RunlistStream:
+        return stream
+    fh, base = stream._fh, 0
+    if type(fh) is RangeStream:          # FAT: runs relative to the data area
+        fh, base = fh._fh, fh.offset
+    raw = getattr(fh, "raw", None)
+    if not isinstance(fh, io.BufferedReader) or not isinstance(raw, SliceFile):
+        return stream
+    return _RunReader(raw, base, stream.runlist, stream.size, stream.block_size)
+
+
+class _RunReader(io.RawIOBase):
+    """A file's bytes from ``(block or None, count)`` runs of ``block_size`` on ``src`` (a
+    SliceFile) from byte ``base``; None runs read as zeroes; short when the runs end early."""
+
+    def __init__(self, src, base: int, runs, size: int, block_size: int) -> None:
+        super().__init__()
+        self._src, self._base, self._size, self._bs = src, base, size, block_size
+        self._runs, self._starts = [], []
+        pos = 0
+        for blk, count in runs:
+            self._starts.append(pos)
+            self._runs.append((blk, count * block_size))
+            pos += count * block_size
+        self._pos = 0
+        self.size = size
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        from bisect import bisect_right
+        out = memoryview(b).cast("B")
+        want = max(0, min(len(out), self._size - self._pos))
+        done = 0
+        i = bisect_right(self._starts, self._pos) - 1
+        while done < want and 0 <= i < len(self._runs):
+            blk, length = self._runs[i]
+            inner = self._pos - self._starts[i]
+            n = min(length - inner, want - done)
+            if n <= 0:
+                break
+            piece = out[done:done + n]
+            if blk is None:
+                piece[:] = bytes(n)
+            elif self._src.pread_into(self._base + blk * self._bs + inner, piece) != n:
+                raise CorruptImage(f"a file's data lies past the end of its volume (block {blk})")
+            done += n
+            self._pos += n
+            i += 1
+        return done
 
 
 class _Guard(io.RawIOBase):
