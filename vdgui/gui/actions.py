@@ -34,7 +34,9 @@ SPECS = (
     ActionSpec("move", "&Move…", "move", "Ctrl+Shift+M", "Move the selected image's files"),
     ActionSpec("merge", "Mer&ge…", "merge", "Ctrl+Shift+G", "Merge images of a snapshot chain"),
     ActionSpec("resize", "Resi&ze…", "resize", "Ctrl+Shift+Z", "Change the virtual size"),
-    ActionSpec("compact", "Com&pact", "compact", "", "Give unused space back to the host"),
+    ActionSpec("compact", "Com&pact / Sparsify…", "compact", "",
+               "Give unused space back to the host: blocks of zeroes, or the free space of "
+               "the guest's file systems", short="Compact"),
     ActionSpec("compare", "Com&pare", "compare", "Ctrl+Shift+O",
                "Compare what two selected images read (any formats, any chains)"),
     ActionSpec("check", "C&heck", "check", "Ctrl+Shift+K", "Check the image for consistency"),

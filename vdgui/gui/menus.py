@@ -13,6 +13,7 @@ from vdgui.vd import is_network_location
 from . import actions
 from .actions import SPECS
 from .icons import app_icon, icon
+from .sparsify import compact_or_sparsify
 
 
 def build_actions(w) -> None:
@@ -21,7 +22,7 @@ def build_actions(w) -> None:
                 "create": w.create_dialog,
                 "snapshot": w.snapshot_dialog, "copy": w.copy_dialog,
                 "move": w.move_dialog, "merge": w.merge_dialog,
-                "resize": w.resize_dialog, "compact": w.compact_selected,
+                "resize": w.resize_dialog, "compact": lambda: compact_or_sparsify(w.ops),
                 "check": lambda: w.check_selected(False),
                 "compare": w.compare_selected,
                 "repair": lambda: w.check_selected(True),

@@ -82,6 +82,17 @@ def compact_job(path: str, *, format: str | None = None, key: str | None = None)
                kind="compact")
 
 
+def sparsify_job(path: str, *, format: str | None = None, key: str | None = None,
+                 dry_run: bool = False) -> Job:
+    """Sparsify in place (or, ``dry_run``, only measure); the result is a vd.SparsifyReport."""
+    def fn(progress):
+        return vd.sparsify(path, format=format, dry_run=dry_run, progress=progress)
+
+    title = ("Measure free space in " if dry_run else "Sparsify ") + os.path.basename(path)
+    return Job(title, fn, keys=[key or path], paths=[path],
+               kind="sparsify_plan" if dry_run else "sparsify")
+
+
 def compare_job(a: str, b: str, *, formats=(None, None), keys=()) -> Job:
     """Compare what two images read; the result is a vd.CompareResult."""
     def fn(progress):

@@ -96,3 +96,10 @@ class SecretsParams:
 class RepairParams:
     """Repair after its findings were shown: keep a backup of the image first?"""
     backup: bool = False
+
+
+@dataclass(frozen=True)
+class SparsifyParams:
+    """Compact / Sparsify: "sparsify" (free space of the file systems) or "compact" (zero
+    blocks only)."""
+    mode: str = "sparsify"

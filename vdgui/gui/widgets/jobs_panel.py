@@ -7,7 +7,7 @@ from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QProgressBar, QPushB
                                QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 from vdgui.jobs import Job, JobQueue, JobState
-from vdgui.vd import CheckReport, format_size
+from vdgui.vd import CheckReport, SparsifyReport, format_size
 
 from ..icons import icon
 
@@ -95,6 +95,8 @@ class JobRow(QFrame):
             parts.append(f"Done in {fmt_duration(j.elapsed())}")
             if isinstance(j.result, CheckReport):
                 parts.append(check_summary(j.result))
+            if isinstance(j.result, SparsifyReport):
+                parts.append(j.result.summary())
             if j.total > 1 and j.elapsed() > 0.05:
                 parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
         elif st == JobState.FAILED:

@@ -66,6 +66,14 @@ class SparsifyReport:
     def freed(self) -> int:
         return max(self.before - (self.after or 0), 0) if self.after is not None else 0
 
+    def summary(self) -> str:
+        """One line for a job: "freed 37.2 GiB (from 61.0 to 23.8 GiB)"."""
+        from ..sizes import format_size
+        if self.after is None:
+            return f"up to {format_size(self.reclaimable)} can be given back"
+        return (f"freed {format_size(self.freed)} (from {format_size(self.before)} to "
+                f"{format_size(self.after)})")
+
     def as_dict(self) -> dict:
         d = {"reclaimable": self.reclaimable,
              "partitions": [p.as_dict() for p in self.partitions],
