@@ -208,3 +208,20 @@ def test_a_damaged_table_shows_a_readable_message(qtbot, window, tmp_path):
     qtbot.waitUntil(lambda: "Problems" in pane.status.text(), timeout=15000)
     assert "past the end" in pane.status.text()
     assert "Traceback" not in pane.status.text()
+
+
+def test_allocation_picture_overlays_the_partitions(qtbot, window, disk):
+    path, _, _ = disk
+    window.show()
+    window.ops.add_paths([path], sync=True)
+    window.select_paths([path])
+    amap = window.details.allocation
+    qtbot.waitUntil(lambda: amap.partition_marks() != [], timeout=15000)
+    marks = amap.partition_marks()
+    assert [m[2] for m in marks] == ["1 ext4", "2 fat16"]
+    (a0, a1, _), (b0, b1, _) = marks
+    bar_x, bar_w = amap._bar_geometry()
+    assert abs(a0 - (bar_x + bar_w / 32)) < 1 and abs(b1 - (bar_x + bar_w * 24 / 32)) < 1
+    assert a0 < a1 < b0 < b1
+    amap.partitions_action.setChecked(False)       # the overlay is optional
+    assert amap.partition_marks() == []

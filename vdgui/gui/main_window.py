@@ -417,7 +417,8 @@ class MainWindow(QMainWindow):
             return
         cached = self.alloc_cache.get(node.path)
         if cached and cached.get("mtime") == mtime(node.path):
-            self.details.set_allocation(node.path, cached["size"], cached["extents"], cached["members"])
+            self.details.set_allocation(node.path, cached["size"], cached["extents"],
+                                        cached["members"], cached.get("partitions"))
             return
         self._alloc_path = node.path
         job = tasks.allocation_job(node.path, library=self.library, format=node.record.format,
@@ -432,7 +433,8 @@ class MainWindow(QMainWindow):
         """An allocation job's result: cached and shown in the details."""
         res["mtime"] = mtime(res["path"])
         self.alloc_cache[res["path"]] = res
-        self.details.set_allocation(res["path"], res["size"], res["extents"], res["members"])
+        self.details.set_allocation(res["path"], res["size"], res["extents"], res["members"],
+                                    res.get("partitions"))
 
     def _busy_changed(self) -> None:
         busy: dict[str, str] = {}

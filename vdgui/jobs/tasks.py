@@ -135,10 +135,25 @@ def allocation_job(path: str, *, library=None, format: str | None = None,
             size = d.size
             extents = d.allocation()
             members = [img.location for img in d.images]
-        return {"path": path, "size": size, "extents": extents, "members": members}
+            partitions = _partition_marks(d)
+        return {"path": path, "size": size, "extents": extents, "members": members,
+                "partitions": partitions}
 
     return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation",
                visible=False)
+
+
+def _partition_marks(d) -> list:
+    """(start, size, label) of the partitions, for the allocation picture's overlay; [] for a
+    disk without a table or one that cannot be read."""
+    try:
+        lay = vd.disk_layout(d)
+    except vd.VDError:
+        return []
+    if lay.scheme == "none":
+        return []
+    return [(p.start, p.size, f"{p.number}" + (f" {p.filesystem}" if p.filesystem else ""))
+            for p in lay.partitions if p.size > 0 and p.type not in ("0x05", "0x0f", "0x85")]
 
 
 def scan_job(library, paths: list[str] | None = None) -> Job:

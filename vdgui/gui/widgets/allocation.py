@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from PySide6.QtCore import QRectF, QSize, Qt
-from PySide6.QtGui import QColor, QFontMetrics, QPainter, QPalette, QPen
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt
+from PySide6.QtGui import QAction, QColor, QFontMetrics, QPainter, QPalette, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from vdgui.vd import Alloc, format_size
@@ -60,12 +60,19 @@ class AllocationMap(QWidget):
         self.zero: list[float] = []
         self.held: list[int] = []
         self.message = "No image selected"
+        self.partitions: list[tuple[int, int, str]] = []     # (start, size, label) overlay
+        self.show_partitions = True
+        self.setContextMenuPolicy(Qt.ActionsContextMenu)
+        self.partitions_action = QAction("Show partitions", self, checkable=True, checked=True)
+        self.partitions_action.toggled.connect(self._toggle_partitions)
+        self.addAction(self.partitions_action)
         self.setToolTip("Which parts of the virtual disk each image of the chain holds "
                         "(left = start of the disk)")
 
     def clear(self, message: str = "") -> None:
         self.members, self.fractions, self.zero, self.held = [], [], [], []
         self.size = 0
+        self.partitions = []
         self.message = message
         self.updateGeometry()
         self.update()
@@ -77,6 +84,29 @@ class AllocationMap(QWidget):
         self.message = ""
         self.updateGeometry()
         self.update()
+
+    def set_partitions(self, partitions) -> None:
+        """Partitions to overlay: (start, size, label) in bytes; None or [] for none."""
+        self.partitions = list(partitions or [])
+        self.update()
+
+    def _toggle_partitions(self, on: bool) -> None:
+        self.show_partitions = on
+        self.update()
+
+    def _bar_geometry(self) -> tuple[float, float]:
+        label_w = min(self.LABEL_W, self.width() // 3)
+        bar_x = label_w + 6
+        return bar_x, max(self.width() - bar_x - 2, 10)
+
+    def partition_marks(self) -> list[tuple[float, float, str]]:
+        """What the overlay draws: (x from, x to, label) per partition; [] when hidden."""
+        if not (self.show_partitions and self.members and self.size > 0):
+            return []
+        bar_x, bar_w = self._bar_geometry()
+        return [(bar_x + bar_w * start / self.size,
+                 bar_x + bar_w * min(start + size, self.size) / self.size, label)
+                for start, size, label in self.partitions if start < self.size]
 
     def sizeHint(self):
         rows = max(len(self.members), 1)
@@ -128,6 +158,14 @@ class AllocationMap(QWidget):
             p.setPen(QPen(border))
             p.drawRect(rect)
         y = len(self.members) * (self.ROW_H + 4)
+        marks = self.partition_marks()
+        if marks:
+            p.setPen(QPen(pal.color(QPalette.Text), 1, Qt.DashLine))
+            for x0, x1, label in marks:
+                for x in (x0, x1):
+                    p.drawLine(QPointF(x, 0), QPointF(x, y - 2))
+                if x1 - x0 > fm.horizontalAdvance(label) + 4:
+                    p.drawText(QRectF(x0, y, x1 - x0, 18), Qt.AlignCenter, label)
         p.setPen(pal.color(QPalette.Disabled, QPalette.Text))
         p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignLeft | Qt.AlignVCenter, "0")
         p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignRight | Qt.AlignVCenter, format_size(self.size))

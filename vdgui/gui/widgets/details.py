@@ -309,10 +309,12 @@ class DetailsPane(QScrollArea):
         else:
             self.props_box.setTitle("Backend properties")
 
-    def set_allocation(self, path: str, size: int, extents, members: list[str]) -> None:
+    def set_allocation(self, path: str, size: int, extents, members: list[str],
+                       partitions=None) -> None:
         if self.node is None or self.node.path != path:
             return
         self.allocation.set_data(size, extents, members)
+        self.allocation.set_partitions(partitions)
         self._used_end = max((e.end for e in extents if e.status == Alloc.DATA), default=0)
         rows = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
