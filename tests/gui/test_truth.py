@@ -339,3 +339,84 @@ def test_a_failed_create_keeps_what_was_typed(qtbot, window, tmp_path):
     assert (got.location, got.size, got.format, got.comment) == (
         p.location, p.size, "QCOW2", "my disk")
     assert got.config["ClusterSize"] == "131072"
+
+
+def _start_waiting_jobs(window, n, gate):
+    def wait(progress):
+        progress(0, 1)
+        gate.wait(10)
+        return None
+    return [window.start_job(Job(f"Job {i}", wait, paths=[f"/nowhere/{i}.vdi"])) for i in range(n)]
+
+
+def test_empty_jobs_dock_is_compact_and_grows_for_three_jobs(qtbot, window):
+    window.resize(1240, 760)                    # the default window size
+    window.show()
+    qtbot.waitExposed(window)
+    qtbot.wait(50)
+    assert window.jobs_dock.height() < 0.15 * window.height(), window.jobs_dock.height()
+    gate = threading.Event()
+    jobs = _start_waiting_jobs(window, 3, gate)
+    try:
+        panel = window.jobs_panel
+        qtbot.waitUntil(lambda: len(panel.rows) == 3, timeout=5000)
+        qtbot.wait(50)
+        view = panel.rows[jobs[0].id].parentWidget().parentWidget()     # the scroll viewport
+        for r in panel.rows.values():
+            top = r.mapTo(view, r.rect().topLeft())
+            bottom = r.mapTo(view, r.rect().bottomRight())
+            assert view.rect().contains(top) and view.rect().contains(bottom), \
+                (r.job.title, top, bottom, view.rect())
+        grown = window.jobs_dock.height()
+        window.jobs_fit.fit()                   # listed jobs: the dock never shrinks
+        assert window.jobs_dock.height() >= grown
+    finally:
+        gate.set()
+        for j in jobs:
+            qtbot.waitUntil(lambda j=j: j.state in ("done", "failed", "cancelled"), timeout=10000)
+
+
+def test_jobs_dock_keeps_the_users_height(qtbot, window, data_dir):
+    from PySide6.QtCore import QEvent, QPointF, Qt
+    from PySide6.QtGui import QMouseEvent
+    from PySide6.QtWidgets import QApplication
+    window.show()
+    qtbot.waitExposed(window)
+    qtbot.wait(50)
+    dock = window.jobs_dock
+    before = dock.height()
+
+    def send(kind, y, buttons):
+        p = QPointF(window.width() // 2, y)
+        button = Qt.NoButton if kind == QEvent.MouseMove else Qt.LeftButton
+        QApplication.sendEvent(window, QMouseEvent(kind, p, window.mapToGlobal(p), button,
+                                                   buttons, Qt.NoModifier))
+    # drag the separator above the dock up by 120 px, as a user does
+    y = dock.geometry().top() - 3
+    send(QEvent.MouseMove, y, Qt.NoButton)
+    send(QEvent.MouseButtonPress, y, Qt.LeftButton)
+    for dy in range(10, 130, 10):
+        send(QEvent.MouseMove, y - dy, Qt.LeftButton)
+        qtbot.wait(5)
+    send(QEvent.MouseButtonRelease, y - 120, Qt.NoButton)
+    qtbot.wait(50)
+    assert dock.height() > before + 60
+    assert window.jobs_fit.user_sized
+    sized = dock.height()
+    gate = threading.Event()
+    jobs = _start_waiting_jobs(window, 3, gate)
+    try:
+        qtbot.waitUntil(lambda: len(window.jobs_panel.rows) == 3, timeout=5000)
+        qtbot.wait(50)
+        assert dock.height() == sized             # their size, not ours
+    finally:
+        gate.set()
+        for j in jobs:
+            qtbot.waitUntil(lambda j=j: j.state in ("done", "failed", "cancelled"), timeout=10000)
+    window.save_settings()
+    from vdgui.gui.app import settings_for
+    from vdgui.gui.view_settings import ViewSettings
+    other = type(window)(window.library, settings=settings_for(str(data_dir)))
+    qtbot.addWidget(other)
+    assert other.jobs_fit.user_sized              # kept between runs with the window state
+    assert ViewSettings(settings_for(str(data_dir))).has_window_state()

@@ -18,7 +18,7 @@ def test_view_settings_write_the_keys_users_have(qtbot, window, data_dir, tmp_pa
     raw = QSettings(os.path.join(data_dir, "settings.ini"), QSettings.IniFormat)
     assert set(raw.allKeys()) == {"window/geometry", "window/state", "window/splitter",
                                   "window/header", "window/tab", "window/details",
-                                  "paths/last_folder"}
+                                  "window/jobs_sized", "paths/last_folder"}
     assert set(raw.allKeys()) == set(view_settings.KEYS)
     assert int(raw.value("window/tab")) == 1
     assert raw.value("window/details") == "false"

@@ -28,7 +28,7 @@ from .operations import Operations
 from .view_settings import ViewSettings
 from .widgets.contents import ContentsPane
 from .widgets.details import DetailsPane
-from .widgets.jobs_panel import JobsPanel
+from .widgets.jobs_panel import DockFit, JobsPanel
 
 # names other modules and tests take from here
 __all__ = ["DEVICE_TABS", "IMAGE_FILTER_ALL", "MainWindow", "image_file_filter", "image_picker",
@@ -237,7 +237,8 @@ class MainWindow(QMainWindow):
         self.jobs_dock.setFeatures(QDockWidget.DockWidgetClosable | QDockWidget.DockWidgetMovable)
         self.addDockWidget(Qt.BottomDockWidgetArea, self.jobs_dock)
         self.jobs_panel.showRequested.connect(self.jobs_dock.show)
-        self.resizeDocks([self.jobs_dock], [self.jobs_panel.sizeHint().height()], Qt.Vertical)
+        self.jobs_fit = DockFit(self, self.jobs_dock, self.jobs_panel)    # compact while empty
+        self.jobs_fit.fit()
 
         self.status_images = QLabel()
         self.status_jobs = QLabel()
@@ -580,9 +581,7 @@ class MainWindow(QMainWindow):
         super().showEvent(event)
         if not getattr(self, "_shown_once", False):
             self._shown_once = True
-            if not self.view_settings.has_window_state():
-                QTimer.singleShot(0, lambda: self.resizeDocks(
-                    [self.jobs_dock], [self.jobs_panel.sizeHint().height()], Qt.Vertical))
+            QTimer.singleShot(0, self.jobs_fit.fit)     # unless the user sized the dock
 
     # -- closing --------------------------------------------------------------------------
     def closeEvent(self, event):

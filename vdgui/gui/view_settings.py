@@ -2,7 +2,8 @@
 
 The keys are those vdgui has always written, so a user keeps their layout across versions:
 window/geometry, window/state (docks, toolbar), window/splitter, window/header (column widths and
-order, sort column), window/tab, window/details and paths/last_folder. The recent images live in
+order, sort column), window/tab, window/details, window/jobs_sized (the user sized the Jobs dock)
+and paths/last_folder. The recent images live in
 the library file (Library.recent), not here."""
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ HEADER = "window/header"
 TAB = "window/tab"
 DETAILS = "window/details"
 LAST_FOLDER = "paths/last_folder"
-KEYS = (GEOMETRY, STATE, SPLITTER, HEADER, TAB, DETAILS, LAST_FOLDER)
+JOBS_SIZED = "window/jobs_sized"     # the user sized the Jobs dock: keep its height
+KEYS = (GEOMETRY, STATE, SPLITTER, HEADER, TAB, DETAILS, LAST_FOLDER, JOBS_SIZED)
 
 DEFAULT_SIZE = (1240, 760)
 
@@ -57,6 +59,8 @@ class ViewSettings:
         except (TypeError, ValueError):
             pass
         window.show_properties(str(s.value(DETAILS, "true")).lower() != "false")
+        if hasattr(window, "jobs_fit"):
+            window.jobs_fit.user_sized = str(s.value(JOBS_SIZED, "false")).lower() == "true"
 
     def save(self, window) -> None:
         s = self.settings
@@ -68,6 +72,8 @@ class ViewSettings:
         s.setValue(HEADER, window.tree.header().saveState())
         s.setValue(TAB, window.tabs.currentIndex())
         s.setValue(DETAILS, "true" if window.side.isVisible() else "false")
+        if hasattr(window, "jobs_fit"):
+            s.setValue(JOBS_SIZED, "true" if window.jobs_fit.user_sized else "false")
         s.sync()
 
     def last_folder(self) -> str | None:

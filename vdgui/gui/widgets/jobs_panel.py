@@ -2,7 +2,7 @@
 remaining time, and a Cancel button each."""
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea,
                                QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
@@ -144,6 +144,7 @@ class JobsPanel(QWidget):
     """Lists visible jobs of a JobQueue; newest at the top."""
 
     showRequested = Signal()
+    fitRequested = Signal()      # the panel's wanted height changed (jobs came or went)
 
     def __init__(self, queue: JobQueue, parent=None):
         super().__init__(parent)
@@ -161,6 +162,7 @@ class JobsPanel(QWidget):
         self.list.addWidget(self.empty)
         self.list.addStretch(1)
         scroll = QScrollArea()
+        scroll.setMinimumHeight(self.fontMetrics().lineSpacing() + 8)    # one hint line
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.container)
         scroll.setFrameShape(QFrame.NoFrame)
@@ -189,11 +191,15 @@ class JobsPanel(QWidget):
     ROWS_SHOWN = 3
 
     def sizeHint(self):
-        """Room for three job rows (title, progress bar, status line) and the buttons."""
+        """Empty: one line of hint and the buttons. With jobs: room for three job rows (title,
+        progress bar, status line) and the buttons."""
         from PySide6.QtCore import QSize
         line = self.fontMetrics().lineSpacing()
+        buttons = self.clear_button.sizeHint().height() + 4
+        if not self.rows:
+            return QSize(600, line + 8 + 8 + buttons)
         row = 3 * line + 22
-        return QSize(600, self.ROWS_SHOWN * row + line + 24)
+        return QSize(600, self.ROWS_SHOWN * row + 8 + buttons)
 
     def add_job(self, job: Job) -> None:
         if not job.visible or job.id in self.rows:
@@ -204,6 +210,8 @@ class JobsPanel(QWidget):
         self.empty.setVisible(False)
         self._update_buttons()
         self.showRequested.emit()
+        if len(self.rows) == 1:
+            self.fitRequested.emit()
 
     def update_job(self, job: Job) -> None:
         row = self.rows.get(job.id)
@@ -223,6 +231,8 @@ class JobsPanel(QWidget):
         self.queue.clear_finished()
         self.empty.setVisible(not self.rows)
         self._update_buttons()
+        if not self.rows:
+            self.fitRequested.emit()
 
     def _tick(self) -> None:
         for row in self.rows.values():
@@ -232,3 +242,50 @@ class JobsPanel(QWidget):
     def _update_buttons(self) -> None:
         self.clear_button.setEnabled(any(r.job.finished for r in self.rows.values()))
         self.cancel_all_button.setEnabled(any(not r.job.finished for r in self.rows.values()))
+
+
+class DockFit(QObject):
+    """Keeps a bottom (or top) dock holding a JobsPanel at the panel's wanted height: compact
+    while empty, room for three rows once jobs come; never smaller under the user while jobs are
+    listed. A height the user drags the dock to is theirs (``user_sized``) and is kept; the
+    window state keeps it between runs."""
+
+    def __init__(self, window, dock, panel: JobsPanel):
+        super().__init__(window)
+        self.window, self.dock, self.panel = window, dock, panel
+        self.user_sized = False
+        self._dragging = False          # a mouse button is down on the window's dock separator
+        self._fitting = False
+        panel.fitRequested.connect(self.fit)
+        window.installEventFilter(self)
+        dock.installEventFilter(self)
+
+    def wanted(self) -> int:
+        title = self.dock.sizeHint().height() - self.panel.sizeHint().height()
+        return self.panel.sizeHint().height() + max(title, 0)
+
+    def fit(self) -> None:
+        if self.user_sized or self.dock.isFloating() or self.window.dockWidgetArea(self.dock) \
+                not in (Qt.BottomDockWidgetArea, Qt.TopDockWidgetArea):
+            return
+        want = self.wanted()
+        if self.panel.rows and self.dock.height() >= want:
+            return                      # jobs listed: never shrink under the user
+        self._fitting = True
+        try:
+            self.window.resizeDocks([self.dock], [want], Qt.Vertical)
+        finally:
+            self._fitting = False
+
+    def eventFilter(self, obj, event):
+        t = event.type()
+        if obj is self.window:
+            if t == QEvent.MouseButtonPress:
+                self._dragging = True
+            elif t == QEvent.MouseButtonRelease:
+                self._dragging = False
+        elif obj is self.dock and t == QEvent.Resize and self._dragging and not self._fitting \
+                and event.oldSize().height() > 0 \
+                and event.size().height() != event.oldSize().height():
+            self.user_sized = True
+        return False
