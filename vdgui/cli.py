@@ -425,7 +425,8 @@ def cmd_sparsify(args) -> int:
         _json(rep.as_dict())
         return 0
     for v in rep.partitions:
-        name = "outside partitions" if v.number < 0 else f"partition {v.number}"
+        name = ("outside partitions" if v.number < 0 else "whole disk" if v.number == 0
+                else f"partition {v.number}")
         what = v.filesystem or "unknown"
         if v.skipped:
             _out(f"{name} ({what}): skipped: {v.skipped}")

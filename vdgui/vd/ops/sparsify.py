@@ -32,7 +32,7 @@ from ..progress import Progress, ProgressCallback, WorkMap, sub_progress
 from .rewrite import backend_for
 
 Ranges = list[tuple[int, int]]          # (start, end), sorted, disjoint
-CHUNK = 8 << 20
+CHUNK = 256 << 20          # per discard call: formats close holes per call
 
 
 @dataclass
@@ -518,7 +518,12 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
                 pos += n
                 prog.set(work.at(pos))
         disk.flush()
-    if can_compact:
+        files = top.files()
+    # compacting closes what discard left: blocks of written zeroes, or holes inside the file
+    # (a format whose discard already closed them is not rewritten again)
+    length = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+    holes = length - _allocated(files) > max(16 << 20, length // 50)
+    if can_compact and targets and (not can_discard or holes):
         compact(path, format=backend.name,
                 progress=sub_progress(prog, work.total, work.total))
     prog.finish()
