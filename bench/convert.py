@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (Command, compare_commands, print_table, ratio, read_once,  # noqa: E402
-                          remove, tool)
+from bench.common import Command, compare_commands, print_table, ratio, read_once, remove, tool
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -16,10 +16,10 @@ one before left):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -106,7 +106,16 @@ def main(argv=None) -> int:
     from vdgui.gui.app import make_app
     from vdgui.gui.main_window import MainWindow
     from vdgui.jobs import JobState, tasks
-    from vdgui.vd import Cap, Disk, ImageFlags, Library, OpenFlags, format_size, get_backend, parse_size
+    from vdgui.vd import (
+        Cap,
+        Disk,
+        ImageFlags,
+        Library,
+        OpenFlags,
+        format_size,
+        get_backend,
+        parse_size,
+    )
 
     size = parse_size(args.size)
     fmt = get_backend(args.format)
@@ -114,8 +123,11 @@ def main(argv=None) -> int:
     work = args.keep or tempfile.mkdtemp(prefix="vdgui-stall-")
     os.makedirs(work, exist_ok=True)
     src = os.path.join(work, "source.img")
-    files = {"created": os.path.join(work, f"created.{ext}"), "copy": os.path.join(work, f"copy.{ext}"),
-             "diff": os.path.join(work, f"diff.{ext}")}
+    files = {
+        "created": os.path.join(work, f"created.{ext}"),
+        "copy": os.path.join(work, f"copy.{ext}"),
+        "diff": os.path.join(work, f"diff.{ext}"),
+    }
     for p in files.values():
         if os.path.exists(p):
             os.remove(p)
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
         """A differencing image over the copy holding a quarter of the size (not timed)."""
         with Disk.open_chain(files["copy"], flags=OpenFlags.READ_ONLY) as d:
             d.create_diff(files["diff"])
-            chunk = bytes([0x5c]) * (1 << 20)
+            chunk = bytes([0x5C]) * (1 << 20)
             for off in range(0, size // 4, 1 << 20):
                 d.write(off * 4 % max(size, 1), chunk)
 
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
         win.queue.wait()
         r["state"] = job.state
         r["progress_signals"] = len(signals)
-        gaps = [b - a for a, b in zip(signals, signals[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(signals)]
         r["min_progress_gap_ms"] = round(min(gaps) * 1000, 1) if gaps else None
         if job.state != JobState.DONE:
             r["error"] = job.error
@@ -186,18 +198,26 @@ def main(argv=None) -> int:
             pass
     worst = max((r["max_stall_ms"] or 0) for k, r in results.items() if k != "idle")
     if args.json:
-        print(json.dumps({"size": size, "format": fmt.name, "target_ms": TARGET_MS,
-                          "jobs": results}, indent=2))
+        print(
+            json.dumps(
+                {"size": size, "format": fmt.name, "target_ms": TARGET_MS, "jobs": results},
+                indent=2,
+            )
+        )
     else:
-        print(f"{format_size(size)} {fmt.name}, heartbeat every {args.interval} ms, "
-              f"target: no stall over {TARGET_MS} ms")
+        print(
+            f"{format_size(size)} {fmt.name}, heartbeat every {args.interval} ms, "
+            f"target: no stall over {TARGET_MS} ms"
+        )
         for kind, r in results.items():
-            print(f"  {kind:8} {r['seconds']:7.2f} s  worst stall {r['max_stall_ms']} ms "
-                  f"(p99 {r['p99_stall_ms']} ms, median gap {r['median_gap_ms']} ms"
-                  + (f", at {r.get('worst_stall_at_s')} s" if r.get("worst_stall_at_s") else "")
-                  + (f", {r['progress_signals']} progress signals" if "progress_signals" in r
-                     else "") + ")" + (f"  {r['state']}: {r.get('error')}" if r.get("error")
-                                      else ""))
+            print(
+                f"  {kind:8} {r['seconds']:7.2f} s  worst stall {r['max_stall_ms']} ms "
+                f"(p99 {r['p99_stall_ms']} ms, median gap {r['median_gap_ms']} ms"
+                + (f", at {r.get('worst_stall_at_s')} s" if r.get("worst_stall_at_s") else "")
+                + (f", {r['progress_signals']} progress signals" if "progress_signals" in r else "")
+                + ")"
+                + (f"  {r['state']}: {r.get('error')}" if r.get("error") else "")
+            )
         print("OK" if worst < TARGET_MS and not failed else "TOO SLOW" if not failed else "FAILED")
     return 1 if failed else (0 if worst < TARGET_MS else 2)
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Command, compare_commands, print_table, remove, tool  # noqa: E402
+from bench.common import Command, compare_commands, print_table, remove, tool
 
 PY = sys.executable
 

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Command, compare_commands, print_table, ratio, remove, tool  # noqa: E402
+from bench.common import Command, compare_commands, print_table, ratio, remove, tool
 
 IQN = "iqn.2026-11.org.vdgui.bench:lun"
 
@@ -54,35 +54,74 @@ def main() -> int:
                               capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
-        subprocess.run(adm + ["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN], check=True)
-        subprocess.run(adm + ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-                              "-b", backing], check=True)
-        subprocess.run(adm + ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
-                       check=True)
+        subprocess.run(
+            adm + ["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN], check=True
+        )
+        subprocess.run(
+            adm
+            + ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", backing],
+            check=True,
+        )
+        subprocess.run(
+            adm + ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"], check=True
+        )
         url = f"iscsi://127.0.0.1:{port}/{IQN}/1"
         q_out = os.path.join(args.dir, "qemu.vdi")
         v_out = os.path.join(args.dir, "vdgui.vdi")
-        cmds = [Command("qemu-img", [tool("qemu-img"), "convert", "-O", "vdi", url, q_out]),
-                Command("vdgui-img", [sys.executable, "-m", "vdgui.cli", "convert", "-f", "iSCSI",
-                                      "--property", f"TargetName={IQN}", "--property", "LUN=1",
-                                      "--property", f"TargetAddress=127.0.0.1:{port}", "-O", "VDI",
-                                      "-", v_out])]
+        cmds = [
+            Command("qemu-img", [tool("qemu-img"), "convert", "-O", "vdi", url, q_out]),
+            Command(
+                "vdgui-img",
+                [
+                    sys.executable,
+                    "-m",
+                    "vdgui.cli",
+                    "convert",
+                    "-f",
+                    "iSCSI",
+                    "--property",
+                    f"TargetName={IQN}",
+                    "--property",
+                    "LUN=1",
+                    "--property",
+                    f"TargetAddress=127.0.0.1:{port}",
+                    "-O",
+                    "VDI",
+                    "-",
+                    v_out,
+                ],
+            ),
+        ]
         res = compare_commands(cmds, runs=args.runs, before_each=lambda: remove(q_out, v_out))
         q, v = res
         for r in res:
             if r.failures:
                 print(f"{r.name} failed: {r.failures[0]}")
-        rows = [(f"LUN {args.size} -> VDI", f"{q.best:.2f}", f"{v.best:.2f}",
-                 f"{ratio(v.best, q.best):.2f}", f"{v.peak_rss_kib // 1024}")]
+        rows = [
+            (
+                f"LUN {args.size} -> VDI",
+                f"{q.best:.2f}",
+                f"{v.best:.2f}",
+                f"{ratio(v.best, q.best):.2f}",
+                f"{v.peak_rss_kib // 1024}",
+            )
+        ]
         print_table(("case", "qemu s", "vdgui s", "ratio", "vdgui MiB"), rows)
         # runs alternate and each removes the previous outputs: check the last one (vdgui's)
-        same = subprocess.run([tool("qemu-img"), "compare", "-f", "vdi", "-F", "raw", v_out,
-                               backing], capture_output=True)
-        print("vdgui's VDI is identical to the LUN" if same.returncode == 0
-              else f"VDGUI'S VDI DIFFERS FROM THE LUN: {same.stdout.decode()}{same.stderr.decode()}")
+        same = subprocess.run(
+            [tool("qemu-img"), "compare", "-f", "vdi", "-F", "raw", v_out, backing],
+            capture_output=True,
+        )
+        print(
+            "vdgui's VDI is identical to the LUN"
+            if same.returncode == 0
+            else f"VDGUI'S VDI DIFFERS FROM THE LUN: {same.stdout.decode()}{same.stderr.decode()}"
+        )
     finally:
-        subprocess.run(adm + ["--op", "delete", "--mode", "target", "--tid", "1", "--force"],
-                       capture_output=True)
+        subprocess.run(
+            adm + ["--op", "delete", "--mode", "target", "--tid", "1", "--force"],
+            capture_output=True,
+        )
         subprocess.run(adm + ["--op", "delete", "--mode", "system"], capture_output=True)
         tgtd.wait(timeout=10)
     return 0

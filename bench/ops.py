@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Command, compare_commands, print_table, ratio, remove, tool  # noqa: E402
+from bench.common import Command, compare_commands, print_table, ratio, remove, tool
 
 MiB = 1 << 20
 QEMU = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHD": "vpc", "VHDX": "vhdx",
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
             restore(saved, vw)
             restore(qsaved, qw)
         vb, vc = (os.path.join(vw, os.path.basename(p)) for p in saved)
-        qb, qc = (os.path.join(qw, os.path.basename(p)) for p in qsaved)
+        _qb, qc = (os.path.join(qw, os.path.basename(p)) for p in qsaved)
         # the same end state as ours: the child folded in and deleted (qemu's commit -d keeps
         # it, so the bench deletes it right after, inside the timed run); commit alone is shown
         commit = [qi, "commit", "-q", "-d", "-f", qq, qc]

@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Command, compare_commands, print_table, ratio, remove, tool  # noqa: E402
-from vdgui.vd import format_size, parse_size  # noqa: E402
+from bench.common import Command, compare_commands, print_table, ratio, remove, tool
+from vdgui.vd import format_size, parse_size
 
 MiB = 1 << 20
 QEMU = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHDX": "vhdx", "VHD": "vpc"}

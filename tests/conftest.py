@@ -42,13 +42,19 @@ class Qemu:
     def img(self, *args, check=True) -> subprocess.CompletedProcess:
         r = subprocess.run([_tool("qemu-img"), *map(str, args)], capture_output=True, text=True)
         if check and r.returncode != 0:
-            raise AssertionError(f"qemu-img {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr}")
+            raise AssertionError(
+                f"qemu-img {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr}"
+            )
         return r
 
     def io(self, *args, check=True) -> subprocess.CompletedProcess:
         r = subprocess.run([_tool("qemu-io"), *map(str, args)], capture_output=True, text=True)
-        if check and (r.returncode != 0 or "error" in r.stdout.lower() or "failed" in r.stdout.lower()):
-            raise AssertionError(f"qemu-io {' '.join(map(str, args))} failed: {r.stdout} {r.stderr}")
+        if check and (
+            r.returncode != 0 or "error" in r.stdout.lower() or "failed" in r.stdout.lower()
+        ):
+            raise AssertionError(
+                f"qemu-io {' '.join(map(str, args))} failed: {r.stdout} {r.stderr}"
+            )
         return r
 
     def to_raw(self, path, out, fmt=None) -> Path:
@@ -118,8 +124,9 @@ def corpus(tmp_path_factory) -> Path:
     """The real images of ../shared/corpus unpacked into a temp folder (not the project)."""
     src = require_corpus()
     dest = tmp_path_factory.mktemp("corpus")
-    subprocess.run([sys.executable, str(src / "unpack.py"), str(dest)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(src / "unpack.py"), str(dest)], check=True, capture_output=True
+    )
     return dest
 
 
@@ -129,9 +136,11 @@ def entry_point(name: str) -> str:
     an activated virtual environment."""
     path = Path(sys.executable).parent / name
     if not os.access(path, os.X_OK):
-        pytest.fail(f"{name} is not installed beside {sys.executable}: run "
-                    "'bash scripts/bootstrap test' (it installs the project into .venv)",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} is not installed beside {sys.executable}: run "
+            "'bash scripts/bootstrap test' (it installs the project into .venv)",
+            pytrace=False,
+        )
     return str(path)
 
 
@@ -147,10 +156,18 @@ def read_all(disk, chunk: int = 4 << 20) -> bytes:
 
 def run_cli(*args, check=True, env=None, input=None) -> subprocess.CompletedProcess:
     """Run vdgui-img in a subprocess (as a user would)."""
-    r = subprocess.run([sys.executable, "-m", "vdgui.cli", *map(str, args)], capture_output=True,
-                       text=True, env=env, input=input, cwd=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "vdgui.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=input,
+        cwd=str(ROOT),
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"vdgui-img {' '.join(map(str, args))} exited {r.returncode}: {r.stderr}")
+        raise AssertionError(
+            f"vdgui-img {' '.join(map(str, args))} exited {r.returncode}: {r.stderr}"
+        )
     return r
 
 

@@ -180,7 +180,8 @@ def _print_info(d: dict, indent: str = "") -> None:
             elif isinstance(v, list) and v and isinstance(v[0], dict):
                 _out(f"{indent}  {k}:")
                 for item in v:
-                    _out(f"{indent}    - " + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
+                    _out(f"{indent}    - "
+                         + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
             else:
                 _out(f"{indent}  {k}: {_fmt_value(v)}")
 
@@ -198,7 +199,7 @@ def _jsonable(o):
 
 
 def _json(obj) -> None:
-    import json     # only --json output needs it: every other run starts faster
+    import json  # only --json output needs it: every other run starts faster
     _out(json.dumps(obj, indent=2, default=_jsonable))
 
 
@@ -244,7 +245,8 @@ def cmd_backends(args) -> int:
             "capabilities": _caps_words(b.caps),
             "extensions": [{"ext": fe.ext, "device": fe.device.value} for fe in b.extensions],
             "config_keys": [{"name": k.name, "type": k.type.name.lower(), "default": k.default,
-                             "flags": [f.name.lower() for f in vd.KeyFlag if f and f.name and k.flags & f],
+                             "flags": [f.name.lower() for f in vd.KeyFlag
+                                       if f and f.name and k.flags & f],
                              "description": k.description, "label": k.title, "unit": k.unit,
                              "choices": list(k.choices) or None,
                              "variant": [f.name.lower() for f in vd.ImageFlags
@@ -538,7 +540,7 @@ def cmd_read(args) -> int:
         if args.output:
             if os.path.exists(args.output) and os.path.samefile(args.output, args.image):
                 raise CLIError(f"{args.output}: output is the image itself")
-            out = open(args.output, "wb")
+            out = open(args.output, "wb")  # noqa: SIM115 - closed in the finally below
         else:
             out = sys.stdout.buffer
         try:
@@ -559,7 +561,7 @@ def cmd_write(args) -> int:
     src = sys.stdin.buffer if args.input == "-" else None
     if src is None:
         try:
-            src = open(args.input, "rb")
+            src = open(args.input, "rb")  # noqa: SIM115 - closed in the finally below
         except OSError as exc:
             raise CLIError(f"{args.input}: cannot read: {exc.strerror or exc}") from None
     try:
@@ -633,7 +635,7 @@ def _top_index(d: vd.Disk, text: str | None) -> int:
             if os.path.realpath(img.location) == real:
                 return i
         raise CLIError(f"--top {text}: not a member of this chain "
-                       f"({', '.join(img.location for img in d.images)})")
+                       f"({', '.join(img.location for img in d.images)})") from None
     if not -len(d) <= i < len(d):
         raise CLIError(f"--top {i}: the chain has {len(d)} images (0 = base .. {len(d) - 1})")
     return i % len(d)
@@ -837,18 +839,19 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc)
     except BrokenPipeError:
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout until exit
         except OSError:
             pass
         return 1
     except OSError as exc:
-        msg = f"{getattr(exc, 'filename', None) or ''}{': ' if getattr(exc, 'filename', None) else ''}" \
+        msg = f"{getattr(exc, 'filename', None) or ''}" \
+              f"{': ' if getattr(exc, 'filename', None) else ''}" \
               f"{exc.strerror or exc}"
-    except Exception as exc:  # noqa: BLE001 - never show a traceback
+    except Exception as exc:
         msg = f"internal error: {type(exc).__name__}: {exc}"
     try:
         sys.stdout.flush()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     print(f"{PROG}: {_one_line(msg)}", file=sys.stderr)
     return getattr(args, "error_status", 1)

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create", parents=[common], help="create a new image")
     p.add_argument("-f", "--format", required=True)
-    p.add_argument("--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated")
+    p.add_argument(
+        "--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated"
+    )
     p.add_argument("--size")
     p.add_argument("--parent", help="create a differencing image over PARENT's chain")
     p.add_argument("--parent-format", help=argparse.SUPPRESS)
@@ -83,15 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", "--output-format", required=True)
     p.add_argument("--variant")
     p.add_argument("--size", help="size of the target (grow; shrink only over zeroes)")
-    p.add_argument("--chain", action="store_true",
-                   help="copy the chain as a chain: DST is the copy of the top (SRC itself, what a "
-                        "VM attaches); each image below it is written beside DST as "
-                        "<DST stem>-<its own stem>.<ext>; every image keeps its own size")
+    p.add_argument(
+        "--chain",
+        action="store_true",
+        help="copy the chain as a chain: DST is the copy of the top (SRC itself, what a "
+        "VM attaches); each image below it is written beside DST as "
+        "<DST stem>-<its own stem>.<ext>; every image keeps its own size",
+    )
     p.add_argument("--keep-uuid", action="store_true")
-    p.add_argument("-t", "--cache", choices=("writeback", "unsafe"), default="writeback",
-                   help="writeback (default): the target is on disk (fsync) before it is renamed "
-                        "into place; unsafe: do not wait for the disk, as qemu-img convert does "
-                        "by default (faster; a power loss soon after can lose the copy)")
+    p.add_argument(
+        "-t",
+        "--cache",
+        choices=("writeback", "unsafe"),
+        default="writeback",
+        help="writeback (default): the target is on disk (fsync) before it is renamed "
+        "into place; unsafe: do not wait for the disk, as qemu-img convert does "
+        "by default (faster; a power loss soon after can lose the copy)",
+    )
     props(p, source=True)
     p.add_argument("src")
     p.add_argument("dst")
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-F", "--b-format", help="format of B")
     p.add_argument("a")
     p.add_argument("b")
-    p.set_defaults(error_status=2)      # 0 same, 1 different, 2 error (as qemu)
+    p.set_defaults(error_status=2)  # 0 same, 1 different, 2 error (as qemu)
 
     p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
     p.add_argument("-f", "--format", help="format of TARGET")
@@ -112,39 +122,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
     p.add_argument("-f", "--format")
     p.add_argument("image")
-    p.add_argument("size", help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
-                   "part cut off that reads zero and a format that can shrink (backends --json: "
-                   "can_shrink)")
+    p.add_argument(
+        "size",
+        help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
+        "part cut off that reads zero and a format that can shrink (backends --json: "
+        "can_shrink)",
+    )
 
     p = sub.add_parser("compact", parents=[common], help="give unused space back")
     p.add_argument("-f", "--format")
     p.add_argument("image")
 
-    p = sub.add_parser("sparsify", parents=[common],
-                       help="give back the space the guest's file systems do not use (exit 0 "
-                            "done, 2 refused for safety, 1 other error)")
+    p = sub.add_parser(
+        "sparsify",
+        parents=[common],
+        help="give back the space the guest's file systems do not use (exit 0 "
+        "done, 2 refused for safety, 1 other error)",
+    )
     p.add_argument("-f", "--format")
-    p.add_argument("--dry-run", action="store_true",
-                   help="change nothing; report per partition what would be given back")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="change nothing; report per partition what would be given back",
+    )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--into", metavar="DST", help="write the result into a new image DST "
-                   "(IMAGE is not changed; needed for an image with children)")
-    p.add_argument("-O", dest="output_format", metavar="FMT",
-                   help="format of DST (default: IMAGE's)")
+    p.add_argument(
+        "--into",
+        metavar="DST",
+        help="write the result into a new image DST "
+        "(IMAGE is not changed; needed for an image with children)",
+    )
+    p.add_argument(
+        "-O", dest="output_format", metavar="FMT", help="format of DST (default: IMAGE's)"
+    )
     p.add_argument("image")
 
-    p = sub.add_parser("check", parents=[common],
-                       help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)")
+    p = sub.add_parser(
+        "check", parents=[common], help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)"
+    )
     p.add_argument("-f", "--format")
     force_share(p)
-    p.add_argument("--repair", action="store_true",
-                   help="fix what can be fixed; unreferenced blocks that hold data are saved "
-                        "beside the image first (NAME.orphans-DATE.bin, index .json)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --repair: say what would be fixed and kept, change nothing")
-    p.add_argument("--backup", action="store_true",
-                   help="with --repair: copy the image's file(s) into NAME.backup-DATE/ beside "
-                        "it before repairing")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what can be fixed; unreferenced blocks that hold data are saved "
+        "beside the image first (NAME.orphans-DATE.bin, index .json)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --repair: say what would be fixed and kept, change nothing",
+    )
+    p.add_argument(
+        "--backup",
+        action="store_true",
+        help="with --repair: copy the image's file(s) into NAME.backup-DATE/ beside "
+        "it before repairing",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("image")
 
@@ -155,13 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     props(p)
     p.add_argument("image")
 
-    p = sub.add_parser("partitions", parents=[common],
-                       help="partition table, file systems, labels and UUIDs")
+    p = sub.add_parser(
+        "partitions", parents=[common], help="partition table, file systems, labels and UUIDs"
+    )
     p.add_argument("-f", "--format")
     force_share(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain member "
-                   "(0 = base, -1 = top, or its file name)")
+    p.add_argument(
+        "--top",
+        metavar="N|FILE",
+        help="read the disk as seen at this chain member (0 = base, -1 = top, or its file name)",
+    )
     props(p)
     p.add_argument("image")
 
@@ -171,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         force_share(p)
         if json:
             p.add_argument("--json", action="store_true")
-        p.add_argument("--top", metavar="N|FILE", help="read the disk as seen at this chain "
-                       "member (0 = base, -1 = top, or its file name)")
+        p.add_argument(
+            "--top",
+            metavar="N|FILE",
+            help="read the disk as seen at this chain "
+            "member (0 = base, -1 = top, or its file name)",
+        )
         props(p)
         p.add_argument("image")
         return p

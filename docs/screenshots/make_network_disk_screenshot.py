@@ -1,9 +1,11 @@
-"""Regenerate ``network-disk-dialog.png``: ``xvfb-run -a python3 docs/screenshots/make_network_disk_screenshot.py``.
+"""Regenerate ``network-disk-dialog.png``:
+``xvfb-run -a python3 docs/screenshots/make_network_disk_screenshot.py``.
 
 Starts a real iSCSI target (Linux's tgt, as the tests do; needs tgtd and root) on loopback with a
 CHAP-protected 64 MiB LUN, fills the "Add network disk" dialog from a pasted URL plus the CHAP
 secret, runs "Test connection" and grabs the dialog showing the result.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -62,7 +64,7 @@ def main() -> int:
         dlg.grab().save(out)
         print(out, "—", dlg.status.text())
         queue.wait(5000)
-        del dlg, job, queue          # widgets go before the application object
+        del dlg, job, queue  # widgets go before the application object
         app.processEvents()
     finally:
         tgt.stop()

@@ -1,9 +1,11 @@
-"""Regenerate the screenshots in this folder: ``xvfb-run -a python3 docs/screenshots/make_screenshots.py``.
+"""Regenerate the screenshots in this folder:
+``xvfb-run -a python3 docs/screenshots/make_screenshots.py``.
 
 Builds sample images in a temporary folder (a VDI snapshot chain with a branch, a VMDK, a QCOW2,
 an ISO, a missing image, a damaged VDI), then grabs the main window, a running job, the dialogs,
 a Check that finds damage (the image's state and the result with Repair…) and a Compare.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -20,14 +22,17 @@ GiB = 1 << 30
 
 def build_samples(d: str) -> dict:
     from vdgui.vd import Disk, OpenFlags, backends
+
     names = {b.name for b in backends()}
     vms = os.path.join(d, "VirtualBox VMs", "Debian")
     snaps = os.path.join(vms, "Snapshots")
     os.makedirs(snaps)
-    p = {"base": os.path.join(vms, "debian.vdi"),
-         "s1": os.path.join(snaps, "before-upgrade.vdi"),
-         "s2": os.path.join(snaps, "after-upgrade.vdi"),
-         "br": os.path.join(snaps, "experiment.vdi")}
+    p = {
+        "base": os.path.join(vms, "debian.vdi"),
+        "s1": os.path.join(snaps, "before-upgrade.vdi"),
+        "s2": os.path.join(snaps, "after-upgrade.vdi"),
+        "br": os.path.join(snaps, "experiment.vdi"),
+    }
     with Disk() as disk:
         disk.create_base(p["base"], 20 * GiB, "VDI", comment="Debian 12 system disk")
         for i in range(24):
@@ -42,12 +47,16 @@ def build_samples(d: str) -> dict:
         disk.create_diff(p["br"])
         disk.write(10 * GiB, b"\x53" * (4 * MiB))
     extra = []
-    for fmt, name, size in (("VMDK", "windows.vmdk", 64 * GiB), ("QCOW2", "cloud.qcow2", 8 * GiB),
-                            ("VHD", "azure-fixed.vhd", 30 * MiB)):
+    for fmt, name, size in (
+        ("VMDK", "windows.vmdk", 64 * GiB),
+        ("QCOW2", "cloud.qcow2", 8 * GiB),
+        ("VHD", "azure-fixed.vhd", 30 * MiB),
+    ):
         if fmt in names:
             path = os.path.join(d, name)
             with Disk() as disk:
                 from vdgui.vd import ImageFlags
+
                 flags = ImageFlags.FIXED if fmt == "VHD" else ImageFlags.NONE
                 disk.create_base(path, size, fmt, flags=flags)
                 disk.write(0, b"\x01" * MiB)
@@ -72,8 +81,10 @@ def build_samples(d: str) -> dict:
 def _crosslinked_vdi(path: str) -> str:
     """A VDI whose block 1 points at block 0's data (two blocks sharing storage: corrupt)."""
     import struct
+
     from vdgui.vd import Disk
     from vdgui.vd.formats import vdi_layout as L
+
     with Disk() as d:
         d.create_base(path, 64 * MiB, "VDI")
         d.write(0, b"\x01" * (2 * MiB))
@@ -95,6 +106,7 @@ def _scratch(prefix: str) -> str:
 def main() -> int:
     os.environ.setdefault("VDGUI_DATA_DIR", _scratch("vdgui-shots-data-"))
     from PySide6.QtCore import QSize, Qt
+
     from vdgui.gui.app import make_app
     from vdgui.gui.dialogs.copy import CopyDialog
     from vdgui.gui.dialogs.create import CreateDialog
@@ -116,6 +128,7 @@ def main() -> int:
 
     def settle(ms=400):
         import time
+
         end = time.monotonic() + ms / 1000
         while time.monotonic() < end:
             app.processEvents()
@@ -136,12 +149,20 @@ def main() -> int:
                 reached.set()
                 gate.wait(30)
             return r
+
         return copy_image(p["big"], dst, "VMDK", progress=cb)
+
     node = win.model.node(p["big"])
-    job = Job("Convert fileserver-data.vdi → fileserver-data.vmdk", run, keys=[node.root().path],
-              paths=[n.path for n in node.ancestors()] + [node.path, dst], kind="copy")
-    done_job = win.start_create(CreateParams(location=os.path.join(tmp, "scratch.vdi"),
-                                             size=2 * GiB, format="VDI"))
+    job = Job(
+        "Convert fileserver-data.vdi → fileserver-data.vmdk",
+        run,
+        keys=[node.root().path],
+        paths=[n.path for n in node.ancestors()] + [node.path, dst],
+        kind="copy",
+    )
+    done_job = win.start_create(
+        CreateParams(location=os.path.join(tmp, "scratch.vdi"), size=2 * GiB, format="VDI")
+    )
     while not done_job.finished:
         app.processEvents()
     win.start_job(job)
@@ -176,7 +197,7 @@ def main() -> int:
     settle()
     dlg.grab().save(os.path.join(HERE, "resize-dialog.png"))
     dlg.close()
-    if p.get("qcow2"):         # a shrink over an unused tail: allowed, with its warning
+    if p.get("qcow2"):  # a shrink over an unused tail: allowed, with its warning
         dlg = ResizeDialog(win.model.node(p["qcow2"]), win)
         dlg.size.setValue(6 * GiB)
         dlg.show()

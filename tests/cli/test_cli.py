@@ -33,7 +33,7 @@ DIFFABLE = [b.name for b in _file_backends(diff=True)]
 
 
 def _ext(fmt):
-    return [b for b in backends() if b.name == fmt][0].default_extension() or "img"
+    return next(b for b in backends() if b.name == fmt).default_extension() or "img"
 
 
 def _bytes(path) -> bytes:
@@ -139,14 +139,14 @@ def test_create_info_write_read_map_convert_compare(tmp_path, fmt):
     assert _bytes(out)[off:off + 70000] == blob
     assert run("compare", img, out).returncode == 0
     # back into the same format, through the alias table
-    alias = ([b for b in backends() if b.name == fmt][0].aliases or (fmt,))[0]
+    alias = (next(b for b in backends() if b.name == fmt).aliases or (fmt,))[0]
     again = str(tmp_path / f"again.{_ext(fmt)}")
     run("convert", "-f", "raw", "-O", alias, out, again)
     assert run("compare", again, img).stdout.strip() == "Images are identical."
     unsynced = str(tmp_path / f"unsynced.{_ext(fmt)}")          # qemu's -t unsafe
     run("convert", "-t", "unsafe", "-f", "raw", "-O", fmt, out, unsynced)
     assert run("compare", unsynced, img).stdout.strip() == "Images are identical."
-    if [b for b in backends() if b.name == fmt][0].can(Operation.CHECK):
+    if next(b for b in backends() if b.name == fmt).can(Operation.CHECK):
         assert run("check", again, check=False).returncode == 0
         rep = json.loads(run("check", "--json", again).stdout)
         assert rep["exit_code"] == 0 and rep["problems"] == []
@@ -192,7 +192,7 @@ def test_differencing_chain(tmp_path, fmt):
     copied = json.loads(run("info", "--json", "--chain", snap).stdout)["chain"]
     assert [c["uuid"] for c in copied] == [c["uuid"] for c in chain]
     assert sha(base) == base_hash
-    be = [b for b in backends() if b.name == fmt][0]
+    be = next(b for b in backends() if b.name == fmt)
     if be.can(Operation.CHECK):
         assert run("check", top).returncode == 0
     if be.can(Operation.COMPACT):

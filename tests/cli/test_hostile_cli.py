@@ -24,10 +24,10 @@ import resource
 import shutil
 import struct
 import subprocess
-import tarfile
 import sys
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -148,7 +148,7 @@ def _verdict(cmd: str, res: dict) -> str | None:
         return f"exit status {rc}: {err.strip()[-300:]}"
     if "Traceback" in err or "Traceback" in res["out"]:
         return f"traceback: {err.strip()[-300:]}"
-    if rc != 0 and cmd != "check" or rc == 1:
+    if (rc != 0 and cmd != "check") or rc == 1:
         lines = err.splitlines()
         if len(lines) != 1 or not lines[0].startswith("vdgui-img: "):
             return f"stderr is not one line: {err!r:.300}"
@@ -329,7 +329,7 @@ def test_damaged_images(server, specimens, tmp_path, request, backend):
     work = tmp_path / "w"
     work.mkdir()
     for f in src.parent.iterdir():
-        if f.is_file() and f.stem == src.stem or f.suffix == ".bin":
+        if (f.is_file() and f.stem == src.stem) or f.suffix == ".bin":
             shutil.copy(f, work / f.name)
     problems = _run_all(server, work / src.name, None, tmp_path)
     assert not problems, "the valid specimen fails:\n" + "\n".join(problems)

@@ -13,9 +13,22 @@ import json
 import struct
 import uuid as uuidlib
 
-from vdgui.vd import (Alloc, Backend, Cap, CheckReport, CorruptImage, FileExtension, Image,
-                      ImageFlags, InvalidArgument, OpenFlags, Operation, ParentHint, Problem,
-                      register_backend)
+from vdgui.vd import (
+    Alloc,
+    Backend,
+    Cap,
+    CheckReport,
+    CorruptImage,
+    FileExtension,
+    Image,
+    ImageFlags,
+    InvalidArgument,
+    OpenFlags,
+    Operation,
+    ParentHint,
+    Problem,
+    register_backend,
+)
 from vdgui.vd.fileio import ImageFile, relative_name
 from vdgui.vd.geometry import vbox_pchs
 from vdgui.vd.sparse import is_zero
@@ -176,7 +189,7 @@ class FakeImage(Image):
                 drop = is_zero(data)
             if drop:
                 self._set_entry(i, UNALLOC)
-            done += 1
+            done += 1  # noqa: SIM113 - counted as in the real formats' loops
             if progress and progress(done, total) is False:
                 from vdgui.vd import Cancelled
                 raise Cancelled()

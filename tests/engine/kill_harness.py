@@ -32,9 +32,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 STRACE = shutil.which("strace") or "/usr/bin/strace"
 SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "write", "ftruncate", "fallocate", "fsync",
@@ -83,11 +83,11 @@ def _child(fn: Callable[[], int], cwd: str, log: str) -> None:
         os.chdir(cwd)
         _wait_traced()
         code = fn() or 0
-    except BaseException:                           # noqa: BLE001 - reported by the exit code
+    except BaseException:
         try:
             sys.stderr.write(traceback.format_exc())
             sys.stderr.flush()
-        except BaseException:                       # noqa: BLE001
+        except BaseException:
             pass
         code = 98
     finally:
@@ -203,10 +203,11 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
              ) -> tuple[list[Point], list[Outcome]]:
     """Count on a copy of ``template``, then kill a copy at each chosen point and ``judge`` it
     (``judge(work, finished)`` returns the problems found; ``finished``: the operation ran to
-    its end: the uninterrupted run, or a run whose syscall failed instead of being killed). ``points``: how many spread points
-    (None: every syscall); ``sample_n``: a seeded sample of that many instead; ``select``: a
-    function choosing them from all points. ``error``: fail the syscall with that errno instead
-    of killing; ``on_exit(point, exit code, output)`` returns the problems of how it ended."""
+    its end: the uninterrupted run, or a run whose syscall failed instead of being killed).
+    ``points``: how many spread points (None: every syscall); ``sample_n``: a seeded sample of that
+    many instead; ``select``: a function choosing them from all points. ``error``: fail the
+    syscall with that errno instead of killing; ``on_exit(point, exit code,
+    output)`` returns the problems of how it ended."""
     scratch = tmp / "scratch"
     scratch.mkdir(exist_ok=True)
     cal = tmp / "full"
@@ -232,6 +233,7 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
     try:
         if WORKERS > 1 and len(chosen) > 2:
             import multiprocessing
+
             # workers forked now (this process runs no other thread), each forking its runs
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -245,7 +247,7 @@ def campaign(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], in
     return all_points, outcomes
 
 
-WORKERS = int(os.environ.get("VDGUI_KILL_WORKERS", "2"))   # kill points judged in parallel
+WORKERS = int(os.environ.get("VDGUI_KILL_WORKERS", "2"))  # kill points judged in parallel
 _JOB = None
 
 
@@ -264,23 +266,40 @@ def _one_point(pt: Point) -> Outcome:
         elif not o.killed and code != 0:
             o.problems.append(f"the operation exited {code} instead of being killed")
         o.problems += judge(work, code == 0)
-    except Exception as exc:                        # noqa: BLE001 - reported with the point
+    except Exception as exc:
         o.problems.append(f"{type(exc).__name__}: {exc}")
     shutil.rmtree(work, ignore_errors=True)
     return o
 
 
-def every_point(tmp: Path, template: Path, fn_for: Callable[[Path], Callable[[], int]],
-                judge: Callable[[Path, bool], list[str] | None], *, error: str | None = None,
-                min_writes: int = 1) -> list[Point]:
+def every_point(
+    tmp: Path,
+    template: Path,
+    fn_for: Callable[[Path], Callable[[], int]],
+    judge: Callable[[Path, bool], list[str] | None],
+    *,
+    error: str | None = None,
+    min_writes: int = 1,
+) -> list[Point]:
     """Kill ``fn_for(work)`` at every traced syscall of its run (``error``: make that syscall
     fail with the errno instead; the callable then returns non-zero) and ``judge(work,
     finished)`` each copy (it may assert); fails with every problem found. The operation must
     make at least ``min_writes`` file writes. Returns the points."""
     all_points, outcomes = campaign(
-        tmp, template, fn_for, lambda w, f: judge(w, f) or [], points=None, error=error,
-        on_exit=(lambda pt, code, out: [] if code in (0, 1) and "Traceback" not in out
-                 else [f"exit {code}: {out[-1500:]}"]) if error else None)
+        tmp,
+        template,
+        fn_for,
+        lambda w, f: judge(w, f) or [],
+        points=None,
+        error=error,
+        on_exit=(
+            lambda pt, code, out: (
+                [] if code in (0, 1) and "Traceback" not in out else [f"exit {code}: {out[-1500:]}"]
+            )
+        )
+        if error
+        else None,
+    )
     bad = [f"at {o.point} of {len(all_points)}: {p}" for o in outcomes for p in o.problems]
     assert not bad, f"{len(bad)} problems:\n" + "\n".join(bad)
     writes = sum(p.name in WRITES for p in all_points)

@@ -11,9 +11,15 @@ import os
 
 import pytest
 
-from tests.engine.ops_support import (MiB, ext_of, file_sha, links_by_modification, read_chain)
-from tests.engine.ops_support import fake_registered  # noqa: F401 - fixture
-from vdgui.vd import Disk, OpenFlags, ParentMismatch, compact, merge, move_image, resize
+from tests.engine.ops_support import (
+    MiB,
+    ext_of,
+    fake_registered,  # noqa: F401 - fixture
+    file_sha,
+    links_by_modification,
+    read_chain,
+)
+from vdgui.vd import Disk, ParentMismatch, compact, merge, move_image, resize
 
 # the formats whose link names the parent's modification identity (checked in each test)
 MOD_LINKED = ["VHDX", "VMDK"]

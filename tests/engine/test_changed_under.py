@@ -8,9 +8,16 @@ import shutil
 
 import pytest
 
-from tests.engine.ops_support import (MiB, build_chain, file_sha, formats_with, read_chain,
-                                      snapshot)
-from tests.engine.ops_support import fake_registered, unthrottled  # noqa: F401 - fixtures
+from tests.engine.ops_support import (  # noqa: F401 - fixtures
+    MiB,
+    build_chain,
+    fake_registered,
+    file_sha,
+    formats_with,
+    read_chain,
+    snapshot,
+    unthrottled,
+)
 from vdgui.vd import Operation, compact, merge
 from vdgui.vd.errors import ImageChanged
 from vdgui.vd.fileio import ImageFile, check_same_file
@@ -68,7 +75,7 @@ def test_merge_target_changed_while_merging(tmp_path, fmt, how, unthrottled):
 @pytest.mark.parametrize("fmt", ["VDI", "QCOW2"])
 def test_merge_source_replaced_is_not_deleted(tmp_path, fmt, unthrottled):
     """The image to be merged away replaced mid-way: the merge refuses before relinking."""
-    paths, views = build_chain(tmp_path, fmt, depth=2, size=4 * MiB)
+    paths, _views = build_chain(tmp_path, fmt, depth=2, size=4 * MiB)
     base, s, top = paths
     with pytest.raises(ImageChanged):
         merge(s, base, progress=_once(lambda: _replace_with_copy(s)))

@@ -6,10 +6,19 @@ import struct
 
 import pytest
 
-from tests.engine.ops_support import fake_registered, unthrottled  # noqa: F401 - fixtures
-from tests.engine.ops_support import (MiB, ProgressLog, cancel_everywhere, file_sha, formats_with,
-                                      qemu_name, read_chain, temps_in)
 from tests.engine import fake_backend
+from tests.engine.ops_support import (  # noqa: F401 - fixtures
+    MiB,
+    ProgressLog,
+    cancel_everywhere,
+    fake_registered,
+    file_sha,
+    formats_with,
+    qemu_name,
+    read_chain,
+    temps_in,
+    unthrottled,
+)
 from vdgui.vd import CheckReport, Disk, NotSupported, Operation, check
 
 SIZE = 8 * MiB

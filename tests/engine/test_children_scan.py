@@ -12,11 +12,17 @@ import os
 
 import pytest
 
-from tests.engine.ops_support import (MiB, build_chain, ext_of, file_sha, formats_with,
-                                      read_chain, snapshot)
-from tests.engine.ops_support import fake_registered  # noqa: F401 - fixture
-from vdgui.vd import (Disk, OpenFlags, Operation, ParentNotFound, VDError, copy_image, merge,
-                      compact)
+from tests.engine.ops_support import (
+    MiB,
+    build_chain,
+    ext_of,
+    fake_registered,  # noqa: F401 - fixture
+    file_sha,
+    formats_with,
+    read_chain,
+    snapshot,
+)
+from vdgui.vd import Disk, OpenFlags, Operation, ParentNotFound, VDError, compact, copy_image, merge
 from vdgui.vd import chain as chain_mod
 from vdgui.vd.errors import ScanIncomplete
 
@@ -35,7 +41,7 @@ def _child(parent: str, path: str, fmt: str, fill: int) -> bytes:
 def test_merge_relinks_children_the_old_scan_did_not_see(tmp_path, fmt):
     """base <- mid <- {top, other.ovl, .hidden}: after merging mid into base, all three open and
     read as before (the old scan skipped dot-files and unknown extensions)."""
-    paths, views = build_chain(tmp_path, fmt, depth=1)
+    paths, _views = build_chain(tmp_path, fmt, depth=1)
     mid = paths[1]
     kids = [str(tmp_path / f"top.{ext_of(fmt)}"), str(tmp_path / "other.ovl"),
             str(tmp_path / f".hidden.{ext_of(fmt)}")]
@@ -66,7 +72,7 @@ def test_merge_refused_when_the_scan_is_incomplete(tmp_path, monkeypatch):
 
 
 def test_scan_skips_our_temporaries_and_special_files(tmp_path):
-    paths, views = build_chain(tmp_path, "VDI", depth=1)
+    paths, _views = build_chain(tmp_path, "VDI", depth=1)
     os.mkfifo(tmp_path / "fifo.vdi")                        # opening it would hang
     (tmp_path / f".{os.path.basename(paths[1])}.vdgui-tmp-999999").write_bytes(
         (tmp_path / os.path.basename(paths[1])).read_bytes())

@@ -6,9 +6,19 @@ import os
 
 import pytest
 
-from tests.engine.ops_support import fake_registered, unthrottled  # noqa: F401 - fixtures
-from tests.engine.ops_support import (MiB, ProgressLog, cancel_everywhere, ext_of, file_sha,
-                                      formats_with, qemu_verify, read_chain, temps_in)
+from tests.engine.ops_support import (  # noqa: F401 - fixtures
+    MiB,
+    ProgressLog,
+    cancel_everywhere,
+    ext_of,
+    fake_registered,
+    file_sha,
+    formats_with,
+    qemu_verify,
+    read_chain,
+    temps_in,
+    unthrottled,
+)
 from vdgui.vd import Disk, NotSupported, OpenFlags, Operation, compact
 
 FORMATS = formats_with(Operation.COMPACT, Operation.WRITE)

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import pytest
 
-from vdgui.vd import (ConfigError, ConfigKey, ImageFlags, KeyFlag, ValueType, applicable_keys,
-                      backends, parse_config)
+from vdgui.vd import (
+    ConfigError,
+    ConfigKey,
+    ImageFlags,
+    KeyFlag,
+    ValueType,
+    applicable_keys,
+    backends,
+    parse_config,
+)
 
 
 @pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
 def test_every_key_has_a_label_and_a_description(backend):
     for k in backend.config_keys:
-        assert k.label and k.label != k.name or k.name in ("LUN",), (backend.name, k.name)
+        assert (k.label and k.label != k.name) or k.name in ("LUN",), (backend.name, k.name)
         assert k.description, (backend.name, k.name)
         assert not k.description[:2].startswith(("0:", "1:")), "a switch's text says what it does"
 

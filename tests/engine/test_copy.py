@@ -1,18 +1,38 @@
 """copy_image / move_image: flattening, chain copies, sizes, sparseness, UUIDs, cancellation."""
 from __future__ import annotations
 
+import itertools
 import os
 import time
-
 
 import pytest
 
 from tests.conftest import pattern, read_all, sha
 from tests.engine import fake_backend
-from vdgui.vd import (Alloc, Backend, Cancelled, Cap, ConfigError, ConfigKey, Disk, FileExists,
-                      Image, ImageFlags, InvalidArgument, KeyFlag, NotSupported, OpenFlags,
-                      Operation, ValueType, backends, chain_target_names, copy_image, move_image,
-                      open_image, parse_config)
+from vdgui.vd import (
+    Alloc,
+    Backend,
+    Cancelled,
+    Cap,
+    ConfigError,
+    ConfigKey,
+    Disk,
+    FileExists,
+    Image,
+    ImageFlags,
+    InvalidArgument,
+    KeyFlag,
+    NotSupported,
+    OpenFlags,
+    Operation,
+    ValueType,
+    backends,
+    chain_target_names,
+    copy_image,
+    move_image,
+    open_image,
+    parse_config,
+)
 from vdgui.vd import registry as _registry
 from vdgui.vd.fileio import ImageFile
 
@@ -154,8 +174,9 @@ def test_as_chain_refused_for_format_without_diffs(tmp_path, fake):
 
 
 def test_chain_target_names_top_is_dst_and_names_stay_apart(tmp_path):
-    assert chain_target_names("/v/top_copy.qcow2", ["/a/base.vdi", "/a/snap1.vdi", "/a/snap4.vdi"]) \
-        == ["/v/top_copy-base.qcow2", "/v/top_copy-snap1.qcow2", "/v/top_copy.qcow2"]
+    assert chain_target_names(
+        "/v/top_copy.qcow2", ["/a/base.vdi", "/a/snap1.vdi", "/a/snap4.vdi"]
+    ) == ["/v/top_copy-base.qcow2", "/v/top_copy-snap1.qcow2", "/v/top_copy.qcow2"]
     # two members with one stem, odd characters, a network location
     names = chain_target_names("/v/c.vdi", ["/a/x.vdi", "/b/x.vmdk", "iscsi://h/iqn:1/0", "/t.vdi"])
     assert names[-1] == "/v/c.vdi" and len(set(names)) == 4
@@ -167,6 +188,7 @@ def test_as_chain_top_gets_dst_and_members_keep_their_sizes(tmp_path):
     snap4_copy.qcow2: that name holds snap4's copy (3 MiB, the whole view), the base's copy is
     2 MiB; every level reads as the source's level."""
     from vdgui.vd import resize
+
     d = tmp_path / "vm"
     d.mkdir()
     names = ["base", "snap1", "snap2", "snap4"]
@@ -189,11 +211,17 @@ def test_as_chain_top_gets_dst_and_members_keep_their_sizes(tmp_path):
     dst = str(out_dir / "snap4_copy.qcow2")
     out = copy_image(paths[3], dst, "QCOW2", as_chain=True)
     assert out[-1] == dst
-    assert [os.path.basename(p) for p in out] == ["snap4_copy-base.qcow2", "snap4_copy-snap1.qcow2",
-                                                  "snap4_copy-snap2.qcow2", "snap4_copy.qcow2"]
+    assert [os.path.basename(p) for p in out] == [
+        "snap4_copy-base.qcow2",
+        "snap4_copy-snap1.qcow2",
+        "snap4_copy-snap2.qcow2",
+        "snap4_copy.qcow2",
+    ]
     assert _listing(out_dir) == sorted(os.path.basename(p) for p in out)
     with Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as t:
-        assert [os.path.basename(i.location) for i in t.images] == [os.path.basename(p) for p in out]
+        assert [os.path.basename(i.location) for i in t.images] == [
+            os.path.basename(p) for p in out
+        ]
         assert [t.image(lv).size for lv in range(4)] == sizes
         for lv in range(4):
             assert t.read(0, t.image(lv).size, top=lv) == views[lv], f"level {lv}"
@@ -226,9 +254,14 @@ def test_shrink_refused_when_data_beyond(tmp_path):
 # -- sparseness --------------------------------------------------------------------------------
 def test_sparse_target_skips_unallocated_and_zero_blocks(tmp_path, fake):
     size = 8 * MiB
-    writes = [(0, pattern(BLK, 3)), (2 * BLK, bytes(3 * BLK)),      # all-zero data: not written
-              (7 * BLK, pattern(2 * BLK, 4)), (40 * BLK, bytes(BLK)),
-              (41 * BLK + 4096, b"\x01"), (100 * BLK, pattern(BLK, 8))]
+    writes = [
+        (0, pattern(BLK, 3)),
+        (2 * BLK, bytes(3 * BLK)),  # all-zero data: not written
+        (7 * BLK, pattern(2 * BLK, 4)),
+        (40 * BLK, bytes(BLK)),
+        (41 * BLK + 4096, b"\x01"),
+        (100 * BLK, pattern(BLK, 8)),
+    ]
     src = _raw(tmp_path / "s.img", size, writes)
     with open_image(src, flags=OpenFlags.READ_ONLY) as s:
         src_data = [(e.start, e.length) for e in s.allocation() if e.status == Alloc.DATA]
@@ -252,7 +285,7 @@ def test_progress_monotonic_from_zero_to_total(tmp_path, fake):
 
     def cb(done, total):
         calls.append((done, total))
-        time.sleep(0.055)       # let the throttled reporter pass every step through
+        time.sleep(0.055)  # let the throttled reporter pass every step through
 
     copy_image(paths[2], str(tmp_path / "p.fkd"), FAKE, as_chain=True, progress=cb)
     total = calls[0][1]
@@ -263,7 +296,7 @@ def test_progress_monotonic_from_zero_to_total(tmp_path, fake):
         moved += sum(n for lv in (1, 2) for _s, n in own_runs(d, lv))
     assert total == moved < 3 * 4 * MiB
     assert all(t == total for _, t in calls)
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
     assert len(calls) >= 4
 
 
@@ -274,10 +307,17 @@ def test_cancel_at_several_points_leaves_nothing(tmp_path, fake, as_chain):
     before = _listing(tmp_path)
     # count the calls of a full run first
     n_calls = []
-    copy_image(paths[2], str(tmp_path / "full.fkd"), FAKE, as_chain=as_chain,
-               progress=lambda d, t: (n_calls.append(d), time.sleep(0.055)) and None)
-    for f in (chain_target_names(str(tmp_path / "full.fkd"), paths) if as_chain
-              else [str(tmp_path / "full.fkd")]):
+
+    def count(d, t):
+        n_calls.append(d)
+        time.sleep(0.055)
+
+    copy_image(paths[2], str(tmp_path / "full.fkd"), FAKE, as_chain=as_chain, progress=count)
+    for f in (
+        chain_target_names(str(tmp_path / "full.fkd"), paths)
+        if as_chain
+        else [str(tmp_path / "full.fkd")]
+    ):
         os.unlink(f)
     points = sorted({1, 2, len(n_calls) // 2, len(n_calls)})
     assert len(points) >= 3
@@ -368,8 +408,9 @@ class _DevBackend(Backend):
 
 @pytest.fixture
 def dev(monkeypatch):
-    monkeypatch.setattr(_registry.formats, "REGISTERED",
-                        [*_registry.formats.REGISTERED, _DevBackend()])
+    monkeypatch.setattr(
+        _registry.formats, "REGISTERED", [*_registry.formats.REGISTERED, _DevBackend()]
+    )
 
 
 def test_copy_onto_non_file_target(tmp_path, dev):
@@ -378,8 +419,8 @@ def test_copy_onto_non_file_target(tmp_path, dev):
     before = _listing(tmp_path)
     assert copy_image(src, "-", "TESTDEV", dst_config={"Target": device}) == ["-"]
     got = _bytes(device)
-    assert got[:MiB] == _bytes(src)          # zero ranges were written as zeroes
-    assert got[MiB:] == b"\xff" * MiB                  # beyond the copy: untouched
+    assert got[:MiB] == _bytes(src)  # zero ranges were written as zeroes
+    assert got[MiB:] == b"\xff" * MiB  # beyond the copy: untouched
     assert _listing(tmp_path) == before
     small = _raw(tmp_path / "small.bin", 4096, [])
     with pytest.raises(InvalidArgument, match="too small"):
@@ -419,6 +460,7 @@ def test_move_renames_and_keeps_content(tmp_path, fake):
 
 def test_move_across_file_systems_copies_then_deletes(tmp_path, fake, monkeypatch):
     from vdgui.vd.ops import copy as copymod
+
     monkeypatch.setattr(copymod, "_same_fs", lambda a, b: False)
     src = _raw(tmp_path / "s.img", 3 * MiB, [(MiB, pattern(BLK, 1))])
     h = sha(src)
@@ -426,7 +468,7 @@ def test_move_across_file_systems_copies_then_deletes(tmp_path, fake, monkeypatc
     out = move_image(src, str(tmp_path / "m.img"), progress=lambda d, t: calls.append((d, t)))
     assert out == [str(tmp_path / "m.img")] and not os.path.exists(src)
     assert sha(out[0]) == h
-    assert os.stat(out[0]).st_blocks * 512 < MiB           # still sparse
+    assert os.stat(out[0]).st_blocks * 512 < MiB  # still sparse
     assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1]
 
 
@@ -438,14 +480,16 @@ def _creatable():
 @pytest.mark.parametrize("fmt", _creatable())
 def test_copy_to_every_registered_backend(tmp_path, fmt):
     size = 3 * MiB
-    src = _raw(tmp_path / "s.img", size, [(0, pattern(BLK, 2)), (MiB + 512, b"\x33" * 5000),
-                                         (size - 512, b"\x44" * 512)])
-    be = [b for b in backends() if b.name == fmt][0]
+    src = _raw(
+        tmp_path / "s.img",
+        size,
+        [(0, pattern(BLK, 2)), (MiB + 512, b"\x33" * 5000), (size - 512, b"\x44" * 512)],
+    )
+    be = next(b for b in backends() if b.name == fmt)
     out = copy_image(src, str(tmp_path / f"t.{be.default_extension() or 'img'}"), fmt)[0]
     with open_image(out, flags=OpenFlags.READ_ONLY) as d:
         got = read_all(d)
     assert got[:size] == _bytes(src) and not any(got[size:])
-
 
 
 def _multi_file_variants(tmp_path):
@@ -482,7 +526,7 @@ def test_move_multi_file_images(tmp_path):
         with open_image(src, flags=OpenFlags.READ_ONLY) as d:
             want = read_all(d)
         renamed = str(folder / f"n.{b.default_extension()}")
-        move_image(src, renamed)                        # same folder, new name
+        move_image(src, renamed)  # same folder, new name
         assert not os.path.exists(src)
         moved = move_image(renamed, str(folder / "there" / f"n.{b.default_extension()}"))
         assert _listing(folder) == ["there"]

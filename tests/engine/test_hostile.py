@@ -8,8 +8,7 @@ import struct
 
 import pytest
 
-from vdgui.vd import AmbiguousFormat, Backend, CorruptImage, VDIOError, probe, registry
-from vdgui.vd import fileio
+from vdgui.vd import AmbiguousFormat, Backend, CorruptImage, VDIOError, fileio, probe, registry
 
 MiB = 1 << 20
 
@@ -79,7 +78,9 @@ class _Probe(Backend):
 
 
 def _with_backends(monkeypatch, *bes):
-    monkeypatch.setattr(registry.formats, "REGISTERED", list(registry.formats.REGISTERED) + list(bes))
+    monkeypatch.setattr(
+        registry.formats, "REGISTERED", list(registry.formats.REGISTERED) + list(bes)
+    )
 
 
 def test_probe_bug_surfaces(tmp_path, monkeypatch):
@@ -112,9 +113,10 @@ def _qcow2_header() -> bytes:
 
 def _vhd_footer(good_checksum: bool) -> bytes:
     from vdgui.vd.formats import vhd
+
     raw = bytearray(512)
     raw[:8] = vhd.COOKIE
-    struct.pack_into(">I", raw, 60, 2)                     # fixed disk
+    struct.pack_into(">I", raw, 60, 2)  # fixed disk
     if good_checksum:
         return vhd._with_checksum(bytes(raw), vhd.FOOTER_CHECKSUM_AT)
     struct.pack_into(">I", raw, 64, 0x12345678)
@@ -146,12 +148,16 @@ def test_one_strong_claim_wins_over_weak_ones(tmp_path):
 
 # -- item 12: check findings carry codes; repair keys on codes, never on the wording -------------
 
+
 def _problem_calls(tree):
     import ast
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            name = (
+                f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            )
             if name == "Problem":
                 yield node
 
@@ -161,8 +167,10 @@ def test_every_check_finding_has_a_code():
     and the CLI's --json never depend on the message text."""
     import ast
     import pathlib
+
     import vdgui.vd as vd
     from vdgui.vd import ProblemCode
+
     codes = {v for k, v in vars(ProblemCode).items() if k.isupper()}
     root = pathlib.Path(vd.__file__).parent
     missing, seen = [], 0
@@ -173,8 +181,11 @@ def test_every_check_finding_has_a_code():
             kw = {k.arg: k.value for k in call.keywords}
             if "code" not in kw:
                 missing.append(f"{py.relative_to(root)}:{call.lineno}")
-            elif isinstance(kw["code"], ast.Attribute) and \
-                    isinstance(kw["code"].value, ast.Name) and kw["code"].value.id == "ProblemCode":
+            elif (
+                isinstance(kw["code"], ast.Attribute)
+                and isinstance(kw["code"].value, ast.Name)
+                and kw["code"].value.id == "ProblemCode"
+            ):
                 assert kw["code"].attr in codes, f"{py}:{call.lineno}: unknown code"
     assert seen > 30
     assert not missing, f"Problem(...) without code=: {missing}"
@@ -182,6 +193,7 @@ def test_every_check_finding_has_a_code():
 
 def _vhd_pair(tmp_path):
     from vdgui.vd import Disk
+
     base, child = str(tmp_path / "base.vhd"), str(tmp_path / "child.vhd")
     with Disk() as d:
         d.create_base(base, 4 * MiB, "VHD")
@@ -198,6 +210,7 @@ def _reworded_repair(path):
     """Open for writing, reword every finding found on open, repair: what gets fixed must not
     depend on the words."""
     from vdgui.vd import OpenFlags, get_backend
+
     img = get_backend("VHD").open(path, OpenFlags.NORMAL, None)
     try:
         assert img._problems
@@ -212,6 +225,7 @@ def _reworded_repair(path):
 def test_vhd_repair_keys_on_codes_header_checksum(tmp_path):
     from vdgui.vd import ProblemCode, check
     from vdgui.vd.formats import vhd
+
     base, _child = _vhd_pair(tmp_path)
     with open(base, "r+b") as f:
         footer = f.read(512)
@@ -226,17 +240,19 @@ def test_vhd_repair_keys_on_codes_header_checksum(tmp_path):
 
 def test_vhd_repair_keys_on_codes_parent_locator(tmp_path):
     from vdgui.vd import ProblemCode, check
+
     _base, child = _vhd_pair(tmp_path)
     with open(child, "r+b") as f:
         footer = f.read(512)
         hoff = struct.unpack_from(">Q", footer, 16)[0]
-        f.seek(hoff + 576)                           # locator 0
+        f.seek(hoff + 576)  # locator 0
         loc = bytearray(f.read(24))
-        struct.pack_into(">Q", loc, 16, 1 << 40)     # data far past the end of the file
+        struct.pack_into(">Q", loc, 16, 1 << 40)  # data far past the end of the file
         f.seek(hoff + 576)
         f.write(loc)
         # keep the header checksum right: only the locator is wrong
         from vdgui.vd.formats import vhd
+
         f.seek(hoff)
         raw = f.read(1024)
         f.seek(hoff)
@@ -255,6 +271,7 @@ TiB = 1 << 40
 
 def _counting(monkeypatch):
     from vdgui.vd import Disk
+
     calls = {"read": 0, "allocation": 0}
     real_read, real_alloc = Disk.read, Disk.allocation
 
@@ -265,6 +282,7 @@ def _counting(monkeypatch):
     def allocation(self, *a, **k):
         calls["allocation"] += 1
         return real_alloc(self, *a, **k)
+
     monkeypatch.setattr(Disk, "read", read)
     monkeypatch.setattr(Disk, "allocation", allocation)
     return calls
@@ -272,6 +290,7 @@ def _counting(monkeypatch):
 
 def _sparse_qcow2(path, size, data_at):
     from vdgui.vd import Disk
+
     with Disk() as d:
         d.create_base(str(path), size, "QCOW2")
         d.write(data_at, b"\x11" * MiB)
@@ -282,6 +301,7 @@ def test_compare_reads_only_allocated_ranges(tmp_path, monkeypatch, capsys):
     """compare of two 1 TiB images holding 1 MiB each: it asked the allocation of every 4 MiB
     window (262,144 calls, 2 s per TiB); now one walk per image and reads of the data only."""
     from vdgui import cli
+
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     _sparse_qcow2(a, TiB, 100 * MiB)
     _sparse_qcow2(b, TiB, 100 * MiB)
@@ -291,6 +311,7 @@ def test_compare_reads_only_allocated_ranges(tmp_path, monkeypatch, capsys):
     assert calls["allocation"] <= 4 and calls["read"] <= 4, calls
     # and a difference far from the data is still found
     from vdgui.vd import Disk
+
     with Disk.open_chain(str(b)) as d:
         d.write(TiB - 4096, b"\x01" * 4096)
         d.flush()
@@ -302,14 +323,19 @@ def test_map_walks_the_allocation_once(tmp_path, monkeypatch, capsys):
     """map of a 64 TiB image: one allocation walk (it stepped 1 GiB at a time: 65,536 calls;
     a DMG declaring 2^64 sectors never finished)."""
     from vdgui import cli
+
     a = tmp_path / "a.qcow2"
     _sparse_qcow2(a, 64 * TiB, 100 * MiB)
     calls = _counting(monkeypatch)
     assert cli.main(["map", "--json", str(a)]) == 0
     import json
+
     runs = json.loads(capsys.readouterr().out)
     assert [(r["start"], r["length"], r["data"]) for r in runs] == [
-        (0, 100 * MiB, False), (100 * MiB, MiB, True), (101 * MiB, 64 * TiB - 101 * MiB, False)]
+        (0, 100 * MiB, False),
+        (100 * MiB, MiB, True),
+        (101 * MiB, 64 * TiB - 101 * MiB, False),
+    ]
     assert calls["allocation"] <= 2, calls
 
 
@@ -318,6 +344,7 @@ def test_parents_by_uuid_open_each_file_once(tmp_path, monkeypatch):
     opened every file of the folder (quadratic; 200 members took 10-24 s). The UUID of an
     unchanged file is now remembered: about one open per file."""
     from vdgui.vd import Disk, chain, registry
+
     n = 60
     paths = [str(tmp_path / f"s{i:03d}.vdi") for i in range(n)]
     with Disk() as d:
@@ -331,14 +358,17 @@ def test_parents_by_uuid_open_each_file_once(tmp_path, monkeypatch):
     def counting(path):
         probes[0] += 1
         return real(path)
+
     monkeypatch.setattr(registry, "probe", counting)
     with Disk.open_chain(paths[-1]) as d:
         assert len(d) == n
     assert probes[0] <= 3 * n, probes[0]
     # a changed file is looked at again: a new UUID is seen
     import uuid as uuidlib
+
     with Disk.open_chain(paths[0]) as d:
         d.set_uuid(0, uuidlib.uuid4())
     from vdgui.vd import VDError
+
     with pytest.raises(VDError):
         Disk.open_chain(paths[1])

@@ -6,8 +6,16 @@ import shutil
 
 import pytest
 
-from vdgui.vd import (Cap, Disk, Library, OpenFlags, Operation, backends, give_new_uuid,
-                      mark_duplicates)
+from vdgui.vd import (
+    Cap,
+    Disk,
+    Library,
+    OpenFlags,
+    Operation,
+    backends,
+    give_new_uuid,
+    mark_duplicates,
+)
 
 MiB = 1 << 20
 FORMATS = [b for b in backends() if b.caps & Cap.UUID and b.caps & Cap.DIFF and b.caps & Cap.FILE

@@ -5,12 +5,32 @@ import os
 
 import pytest
 
-from tests.engine.ops_support import fake_registered  # noqa: F401 - autouse fixture
-from tests.engine.ops_support import (ProgressLog, build_chain, copy_set, file_sha, formats_with,
-                                      links_by_modification, qemu_verify, read_chain, snapshot,
-                                      temps_in)
-from vdgui.vd import (Cancelled, Disk, InvalidArgument, NotSupported, OpenFlags, Operation,
-                      ParentMismatch, get_backend, merge, merge_disk, probe)
+from tests.engine.ops_support import (
+    ProgressLog,
+    build_chain,
+    copy_set,
+    fake_registered,  # noqa: F401 - autouse fixture
+    file_sha,
+    formats_with,
+    links_by_modification,
+    qemu_verify,
+    read_chain,
+    snapshot,
+    temps_in,
+)
+from vdgui.vd import (
+    Cancelled,
+    Disk,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    Operation,
+    ParentMismatch,
+    get_backend,
+    merge,
+    merge_disk,
+    probe,
+)
 
 FORMATS = formats_with(Operation.WRITE, Operation.RELINK, diff=True)
 
@@ -170,7 +190,7 @@ def _check_result_simple(paths, views, s, t):
 def test_merge_refusals(tmp_path, fmt):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    paths, views = build_chain(tmp_path / "a", fmt, depth=2)
+    paths, _views = build_chain(tmp_path / "a", fmt, depth=2)
     before = snapshot(paths)
     with pytest.raises(InvalidArgument):
         merge(paths[1], paths[1])
@@ -223,9 +243,8 @@ def test_merge_refuses_image_in_use(tmp_path):
     from vdgui.vd import ImageInUse
     paths, views = build_chain(tmp_path, "FAKEDIFF", depth=2)
     before = snapshot(paths)
-    with Disk.open_chain(paths[0], None, OpenFlags.NORMAL):
-        with pytest.raises(ImageInUse):
-            merge(paths[2], paths[0])
+    with Disk.open_chain(paths[0], None, OpenFlags.NORMAL), pytest.raises(ImageInUse):
+        merge(paths[2], paths[0])
     assert snapshot(paths) == before
     merge(paths[2], paths[0], format="FAKEDIFF")
     assert read_chain(paths[0]) == views[2]

@@ -33,8 +33,11 @@ def test_engine_never_imports_qt():
 
 
 def test_gui_jobs_cli_use_only_public_engine_api():
-    files = list((PKG / "gui").rglob("*.py")) + list((PKG / "jobs").rglob("*.py")) + [PKG / "cli.py",
-                                                                          PKG / "cli_parser.py"]
+    files = (
+        list((PKG / "gui").rglob("*.py"))
+        + list((PKG / "jobs").rglob("*.py"))
+        + [PKG / "cli.py", PKG / "cli_parser.py"]
+    )
     for py in files:
         if not py.exists():
             continue
@@ -45,7 +48,6 @@ def test_gui_jobs_cli_use_only_public_engine_api():
 
 def test_format_modules_do_not_import_each_other():
     fmt_dir = PKG / "vd" / "formats"
-    names = {p.stem for p in fmt_dir.glob("*.py") if p.stem != "__init__"}
     for py in fmt_dir.glob("*.py"):
         if py.stem == "__init__":
             continue
@@ -101,13 +103,14 @@ def _import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = pkg[:len(pkg) - node.level + 1]
+                    up = pkg[: len(pkg) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 if base.split(".")[0] != "vdgui":
                     continue
-                for a in node.names:       # from pkg import submodule, or a name of pkg
-                    deps.add(resolve(f"{base}.{a.name}") if f"{base}.{a.name}" in mods
-                             else resolve(base))
+                for a in node.names:  # from pkg import submodule, or a name of pkg
+                    deps.add(
+                        resolve(f"{base}.{a.name}") if f"{base}.{a.name}" in mods else resolve(base)
+                    )
         graph[name] = {d for d in deps if d and d != name}
     return graph
 
@@ -167,7 +170,8 @@ def test_no_import_cycles():
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(
         " <-> ".join(c) + ": " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c)
-        for c in cycles)
+        for c in cycles
+    )
 
 
 def _unit(py: Path) -> Path:
@@ -191,9 +195,7 @@ def _names_defined(tree: ast.AST) -> set[str]:
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
             names.add(node.attr)
-        elif isinstance(node, ast.arg):
-            names.add(node.arg)
-        elif isinstance(node, ast.keyword) and node.arg:
+        elif isinstance(node, ast.arg) or (isinstance(node, ast.keyword) and node.arg):
             names.add(node.arg)
     return names
 
@@ -212,7 +214,9 @@ def _private_uses() -> list[str]:
     def inherited(cls: ast.ClassDef, seen: set[str]) -> set[str]:
         out: set[str] = set()
         for b in cls.bases:
-            name = b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+            name = (
+                b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+            )
             if name in classes and name not in seen:
                 seen.add(name)
                 out |= _names_defined(classes[name]) | inherited(classes[name], seen)
@@ -230,10 +234,14 @@ def _private_uses() -> list[str]:
     for py, tree in trees.items():
         own = defined[_unit(py)]
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.level or
-                                                     (node.module or "").startswith("vdgui")):
-                found += [f"{py}:{node.lineno}: imports {a.name}" for a in node.names
-                          if _private(a.name) and a.name not in own]
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("vdgui")
+            ):
+                found += [
+                    f"{py}:{node.lineno}: imports {a.name}"
+                    for a in node.names
+                    if _private(a.name) and a.name not in own
+                ]
             elif isinstance(node, ast.Attribute) and _private(node.attr):
                 if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
                     continue
@@ -255,9 +263,14 @@ def test_public_api_is_named():
     import types
 
     import vdgui.vd as vd
+
     tree = ast.parse((PKG / "vd" / "__init__.py").read_text())
-    spelled = [n.value for n in tree.body if isinstance(n, ast.Assign)
-               and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    spelled = [
+        n.value
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+    ]
     assert len(spelled) == 1 and isinstance(spelled[0], ast.List), "__all__ must be a list literal"
     assert all(isinstance(e, ast.Constant) for e in spelled[0].elts)
     assert len(set(vd.__all__)) == len(vd.__all__)
@@ -272,11 +285,16 @@ def test_network_locations_are_told_in_one_place():
     where = []
     for py in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(py.read_text(), str(py))):
-            if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant)
-                    and node.left.value == "://"
-                    and any(isinstance(o, (ast.In, ast.NotIn)) for o in node.ops)):
+            if (
+                isinstance(node, ast.Compare)
+                and isinstance(node.left, ast.Constant)
+                and node.left.value == "://"
+                and any(isinstance(o, (ast.In, ast.NotIn)) for o in node.ops)
+            ):
                 where.append(f"{py}:{node.lineno}")
-    assert where == [f"{PKG / 'vd' / 'backend.py'}:{_line_of('def is_network_location') + 2}"], where
+    assert where == [f"{PKG / 'vd' / 'backend.py'}:{_line_of('def is_network_location') + 2}"], (
+        where
+    )
 
 
 def _line_of(text: str) -> int:
@@ -304,13 +322,16 @@ STILL_TOO_LONG_ISSUE_14 = {"vd/fileio.py"}
 
 
 def test_no_module_is_longer_than_900_lines():
-    lengths = {py.relative_to(PKG).as_posix(): len(py.read_text().splitlines())
-               for py in PKG.rglob("*.py")}
+    lengths = {
+        py.relative_to(PKG).as_posix(): len(py.read_text().splitlines()) for py in PKG.rglob("*.py")
+    }
     too_long = {name for name, n in lengths.items() if n > MAX_MODULE_LINES}
-    assert too_long - STILL_TOO_LONG_ISSUE_14 == set(), \
-        {name: lengths[name] for name in too_long - STILL_TOO_LONG_ISSUE_14}
-    assert STILL_TOO_LONG_ISSUE_14 - too_long == set(), \
+    assert too_long - STILL_TOO_LONG_ISSUE_14 == set(), {
+        name: lengths[name] for name in too_long - STILL_TOO_LONG_ISSUE_14
+    }
+    assert STILL_TOO_LONG_ISSUE_14 - too_long == set(), (
         f"now short enough, drop from STILL_TOO_LONG_ISSUE_14: {STILL_TOO_LONG_ISSUE_14 - too_long}"
+    )
 
 
 def test_construct_structs_live_in_layout_modules():
@@ -318,13 +339,22 @@ def test_construct_structs_live_in_layout_modules():
     module (<format>_layout.py or <format>/layout.py); others may only catch ConstructError."""
     for py in (PKG / "vd" / "formats").rglob("*.py"):
         tree = ast.parse(py.read_text(), str(py))
-        names = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and (node.module or "").split(".")[0] == "construct" for a in node.names}
-        names |= {"construct" for node in ast.walk(tree) if isinstance(node, ast.Import)
-                  and any(a.name.split(".")[0] == "construct" for a in node.names)}
+        names = {
+            a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "construct"
+            for a in node.names
+        }
+        names |= {
+            "construct"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            and any(a.name.split(".")[0] == "construct" for a in node.names)
+        }
         if names - {"ConstructError"}:
-            assert py.name == "layout.py" or py.stem.endswith("_layout"), \
+            assert py.name == "layout.py" or py.stem.endswith("_layout"), (
                 f"{py} declares structures ({sorted(names)}): move them to its layout module"
+            )
 
 
 def test_format_packages_import_only_themselves():

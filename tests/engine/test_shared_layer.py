@@ -5,8 +5,14 @@ from array import array
 import pytest
 
 from vdgui.vd.align import align_down, align_up, ceil_div
-from vdgui.vd.compaction import (Move, holes_between, move_blocks, overlapping, plan_moves,
-                                 slot_holes)
+from vdgui.vd.compaction import (
+    Move,
+    holes_between,
+    move_blocks,
+    overlapping,
+    plan_moves,
+    slot_holes,
+)
 from vdgui.vd.errors import CorruptImage, VDIOError
 from vdgui.vd.fileimage import FileImage
 from vdgui.vd.fileio import ImageFile

@@ -12,9 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from vdgui.vd import (Cap, Disk, ImageFlags, InvalidArgument, OpenFlags, Operation, VDError,
-                      backends, copy_image, describe_size, get_backend, parse_size, resize)
-from vdgui.vd import space
+from vdgui.vd import (
+    Cap,
+    Disk,
+    ImageFlags,
+    InvalidArgument,
+    OpenFlags,
+    Operation,
+    VDError,
+    backends,
+    copy_image,
+    describe_size,
+    get_backend,
+    parse_size,
+    resize,
+    space,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30

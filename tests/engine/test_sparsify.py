@@ -4,6 +4,7 @@ own allocation maps, and every file must read the same."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import shutil
 import subprocess
@@ -147,6 +148,7 @@ def built(tmp_path_factory):
 def _main(*args):
     import contextlib
     import io
+
     from vdgui import cli
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -192,7 +194,7 @@ def test_sparsify_gives_back_free_space_and_files_read_the_same(built, tmp_path,
 
 @need_tools
 def test_dry_run_changes_no_byte(built, tmp_path):
-    folder, sums, parts = built
+    folder, _sums, _parts = built
     img = tmp_path / "d.raw"
     shutil.copy(folder / "disk.raw", img)
     h = _sha(img)
@@ -208,7 +210,7 @@ def test_into_a_copy_leaves_the_source(built, tmp_path, qemu):
     src = tmp_path / "s.vdi"
     qemu.img("convert", "-O", "vdi", folder / "disk.raw", src)
     h = _sha(src)
-    code, out, err = _main("sparsify", "--into", tmp_path / "d.qcow2", "-O", "QCOW2", src)
+    code, _out, err = _main("sparsify", "--into", tmp_path / "d.qcow2", "-O", "QCOW2", src)
     assert code == 0, err
     assert _sha(src) == h
     raw = tmp_path / "back.raw"
@@ -228,7 +230,7 @@ def _set_byte(path: Path, offset: int, mask: int) -> None:
 @need_tools
 @pytest.mark.parametrize("flag", ["needs_recovery", "orphan", "fat_dirty"])
 def test_dirty_file_systems_are_refused(built, tmp_path, qemu, flag):
-    folder, sums, parts = built
+    folder, _sums, _parts = built
     raw = tmp_path / "d.raw"
     shutil.copy(folder / "disk.raw", raw)
     part = tmp_path / "p"
@@ -244,12 +246,12 @@ def test_dirty_file_systems_are_refused(built, tmp_path, qemu, flag):
     img = tmp_path / "d.vdi"
     qemu.img("convert", "-O", "vdi", raw, img)
     h = _sha(img)
-    code, out, err = _main("sparsify", img)
+    code, _out, err = _main("sparsify", img)
     assert code == 2, (code, err)
     for w in words:
         assert w in err, err
     assert _sha(img) == h
-    code, out, err = _main("sparsify", "--dry-run", img)
+    code, _out, err = _main("sparsify", "--dry-run", img)
     assert code == 2
 
 
@@ -320,7 +322,7 @@ def test_progress_counts_data_bytes_and_a_cancel_keeps_the_files(built, tmp_path
     seen = []
     rep = sparsify(str(tmp_path / "d.vdi"), progress=lambda d, t: seen.append((d, t)))
     assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     # the total counts the held free bytes (discarded, then compacted), not the virtual size
     assert seen[-1][1] == 2 * rep.reclaimable
     img2 = tmp_path / "e.vdi"
@@ -352,11 +354,11 @@ def test_a_chain_child_stores_zero_and_the_parent_is_unchanged(built, tmp_path, 
     qemu.io("-f", "qcow2", "-c", f"write -P 0x77 {P_SWAP[0] * 512 + MiB} 2M", child)
     hb = _sha(base)
 
-    code, out, err = _main("sparsify", base)
+    code, _out, err = _main("sparsify", base)
     assert code == 2 and "differencing" in err, err      # the parent has a child
     assert _sha(base) == hb
 
-    code, out, err = _main("sparsify", "--json", child)
+    code, _out, err = _main("sparsify", "--json", child)
     assert code == 0, err
     assert _sha(base) == hb
     assert qemu.img("check", child, check=False).returncode == 0
@@ -407,14 +409,14 @@ def test_kill_during_in_place_sparsify_keeps_the_files(tmp_path, qemu, fmt, poin
         p = work / f"a.{fmt}"
         try:
             got = _read_files(p)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return [f"cannot read the files: {e}"]
         bad = [n for n in FILES if got.get(n) != sums[n]]
         rep = check(str(p))
         return ([f"files differ: {bad}"] if bad else []) + \
             (["check calls it corrupt"] if rep.corrupt else [])
 
-    all_points, outcomes = kh.campaign(tmp_path, tpl, fn_for, judge, points=points)
+    _all_points, outcomes = kh.campaign(tmp_path, tpl, fn_for, judge, points=points)
     bad = [f"kill at {o.point}: {p}" for o in outcomes for p in o.problems]
     assert not bad, "\n".join(bad)
     assert sum(o.killed for o in outcomes) >= len(outcomes) * 0.8

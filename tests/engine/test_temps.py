@@ -10,11 +10,8 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 from tests.engine import kill_harness as kh
-from vdgui.vd import Disk, copy_image, is_temp_name
-from vdgui.vd import fileio
+from vdgui.vd import Disk, copy_image, fileio, is_temp_name
 
 MiB = 1 << 20
 

@@ -12,8 +12,17 @@ import uuid
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import (Alloc, Cap, Disk, ImageFlags, ImageInUse, OpenFlags, VDError, get_backend,
-                      probe)
+from vdgui.vd import (
+    Alloc,
+    Cap,
+    Disk,
+    ImageFlags,
+    ImageInUse,
+    OpenFlags,
+    VDError,
+    get_backend,
+    probe,
+)
 
 
 def scattered_writes(size: int, seed: int, count: int = 24):
@@ -119,12 +128,13 @@ class FormatConformance:
                 assert d.read(0, d.size, top=level) == snapshots[level], f"level {level}"
         with Disk.open_chain(paths[-1], flags=OpenFlags.READ_ONLY) as d:
             assert len(d) == 4
-            assert [os.path.abspath(i.location) for i in d.images] == [os.path.abspath(p) for p in paths]
+            locations = [os.path.abspath(i.location) for i in d.images]
+            assert locations == [os.path.abspath(p) for p in paths]
             assert read_all(d) == snapshots[-1]
             if self.UUID:
                 for lower, upper in zip(d.images, d.images[1:]):
                     assert upper.parent_uuid == lower.uuid
-        with Disk() as d:   # a diff opened over the wrong parent is refused
+        with Disk() as d:  # a diff opened over the wrong parent is refused
             d.open(paths[0], flags=OpenFlags.READ_ONLY)
             d.open(paths[1], flags=OpenFlags.READ_ONLY)
             with pytest.raises(VDError):
@@ -134,8 +144,14 @@ class FormatConformance:
         path = self._path(tmp_path, "meta")
         u = uuid.uuid4()
         with Disk() as d:
-            d.create_base(path, self._size(), self.FORMAT, uuid=u if self.UUID else None,
-                          comment="hello" if self.COMMENT else None, config=self.CREATE_CONFIG)
+            d.create_base(
+                path,
+                self._size(),
+                self.FORMAT,
+                uuid=u if self.UUID else None,
+                comment="hello" if self.COMMENT else None,
+                config=self.CREATE_CONFIG,
+            )
         with Disk() as d:
             img = d.open(path)
             if self.UUID:

@@ -137,10 +137,9 @@ def test_hostile_dmg(tmp_path, case, what):
         blob = make_dmg([(dmg.CHUNK_RAW, 2, payload)])[:-100]
     p = tmp_path / f"{case}.dmg"
     p.write_bytes(blob)
-    with pytest.raises(VDError) as exc:
-        with Disk() as d:
-            d.open(str(p), "DMG", flags=OpenFlags.READ_ONLY)
-            read_all(d)
+    with pytest.raises(VDError) as exc, Disk() as d:
+        d.open(str(p), "DMG", flags=OpenFlags.READ_ONLY)
+        read_all(d)
     assert what in str(exc.value)
     assert isinstance(exc.value, (CorruptImage, NotSupported))
 

@@ -52,7 +52,7 @@ def test_failed_final_fsync_is_an_error(tmp_path, monkeypatch, fmt, err):
 
 
 def test_disk_close_closes_every_image_before_raising(tmp_path, monkeypatch):
-    path, d = _make(tmp_path, "QCOW2")
+    _path, d = _make(tmp_path, "QCOW2")
     d.write(0, b"\x11" * 65536)
     kid = str(tmp_path / "k.qcow2")
     d.create_diff(kid)
@@ -337,7 +337,7 @@ def test_relink_stopped_after_any_write_keeps_one_link(tmp_path, monkeypatch, fm
             with Disk.open_chain(kid, fmt, OpenFlags.READ_ONLY) as d:
                 got = d.read(0, 4 * MiB)
                 parent = d.images[0].location
-        except Exception as exc:  # noqa: BLE001 - any failure to open is the bug
+        except Exception as exc:
             pytest.fail(f"{fmt}: relink stopped after write {k} of {len(ops)}: {exc}")
         new = b"\x42" * (4 * MiB) if len(bases) > 1 else bytes(4 * MiB)
         assert got in (b"\x41" * (4 * MiB), new), f"{fmt}: stopped after write {k}: mixed content"
@@ -476,16 +476,15 @@ def test_vdi_merge_kill(tmp_path):
 
 def test_the_first_error_is_reported_not_the_close_after_it(tmp_path, monkeypatch):
     """ENOSPC in a write, then the flush of close() fails too: the write's error comes out."""
-    path, d = _make(tmp_path, "QCOW2")
+    _path, d = _make(tmp_path, "QCOW2")
 
     def nospace(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(VDIOError, match="write at .* failed: No space left"):
-        with d:
-            monkeypatch.setattr(os, "pwrite", nospace)
-            monkeypatch.setattr(os, "fsync", nospace)
-            d.write(0, b"\x01" * 65536)
+    with pytest.raises(VDIOError, match="write at .* failed: No space left"), d:
+        monkeypatch.setattr(os, "pwrite", nospace)
+        monkeypatch.setattr(os, "fsync", nospace)
+        d.write(0, b"\x01" * 65536)
     monkeypatch.undo()
     assert not d.images
 

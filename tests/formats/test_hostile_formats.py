@@ -9,10 +9,8 @@ import struct
 
 import pytest
 
-from vdgui.vd import CorruptImage, Disk, VDError
-from vdgui.vd.formats import vhdx
-
 from tests.formats.test_vhdx import _dirty, _log_entry
+from vdgui.vd import CorruptImage, Disk, VDError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,9 +67,8 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 import zlib  # noqa: E402
 
-from vdgui.vd.formats import dmg  # noqa: E402
-
 from tests.formats.test_dmg import make_dmg  # noqa: E402
+from vdgui.vd.formats import dmg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -243,9 +240,8 @@ def test_qed_truncated_inside_a_data_cluster(tmp_path, qemu, cut):
     os.truncate(p, size - cut)
     if cut >= 4096:
         assert qemu.check(p, "qed").returncode == 2     # qemu sees it
-    with pytest.raises(CorruptImage, match="past the end"):
-        with Disk.open_chain(str(p)) as d:
-            d.read(0, 4 * MiB)
+    with pytest.raises(CorruptImage, match="past the end"), Disk.open_chain(str(p)) as d:
+        d.read(0, 4 * MiB)
     rep = check(str(p))
     assert rep.exit_code == 2
     assert ProblemCode.ENTRY_PAST_END in [pr.code for pr in rep.problems]
@@ -297,7 +293,8 @@ def test_vmdk_flat_extents_aliasing_one_file(tmp_path, lines):
 
 
 def test_vmdk_flat_extents_over_disjoint_parts_are_fine(tmp_path):
-    p = _flat_vmdk(tmp_path, ['RW 2048 FLAT "f-flat.vmdk" 0\n', 'RW 2048 FLAT "f-flat.vmdk" 2048\n'])
+    p = _flat_vmdk(tmp_path, ['RW 2048 FLAT "f-flat.vmdk" 0\n',
+                              'RW 2048 FLAT "f-flat.vmdk" 2048\n'])
     with Disk.open_chain(p) as d:
         d.write(MiB, b"\x42" * 512)
         assert d.read(0, 512) == bytes(512) and d.read(MiB, 512) == b"\x42" * 512
@@ -307,14 +304,16 @@ def test_vmdk_one_extent_repeated_5000_times(tmp_path):
     """A descriptor naming one flat file 5,000 times (each a 64 MiB view of it): reading the
     disk read the file 5,000 times over (~312 GiB). Refused at open, after two lines."""
     import time
+
     p = _flat_vmdk(tmp_path, ['RW 8192 FLAT "f-flat.vmdk" 0\n'] * 5000)
     t = time.monotonic()
     with pytest.raises(CorruptImage, match="overlaps extent"):
         Disk.open_chain(p)
-    assert time.monotonic() - t < 30                     # a generous guard, not a benchmark
+    assert time.monotonic() - t < 30  # a generous guard, not a benchmark
 
 
 # -- item 22: compact walks the tables present, not the virtual size -----------------------------
+
 
 @pytest.mark.parametrize("fmt", ["qcow2", "qed"])
 def test_compact_of_an_almost_empty_1tib_image_follows_the_tables(tmp_path, qemu, monkeypatch, fmt):
@@ -322,6 +321,7 @@ def test_compact_of_an_almost_empty_1tib_image_follows_the_tables(tmp_path, qemu
     39 s for QCOW2, 20 s for QED); now only clusters under the L2 tables present."""
     from vdgui.vd import compact
     from vdgui.vd.formats import qcow2, qed
+
     cls = {"qcow2": qcow2.Qcow2Image, "qed": qed.QedImage}[fmt]
     p = tmp_path / f"c.{fmt}"
     qemu.img("create", "-q", "-f", fmt, p, "1T")
@@ -334,6 +334,7 @@ def test_compact_of_an_almost_empty_1tib_image_follows_the_tables(tmp_path, qemu
     def counting(self, *a, **k):
         calls[0] += 1
         return real(self, *a, **k)
+
     monkeypatch.setattr(cls, "_entry", counting)
     compact(str(p))
     assert calls[0] <= 100_000, calls[0]
@@ -343,8 +344,10 @@ def test_compact_of_an_almost_empty_1tib_image_follows_the_tables(tmp_path, qemu
 
 def test_vhdx_log_data_descriptor_past_last_file_offset(tmp_path):
     """A data descriptor far past the file's declared end made a sparse file of that size."""
+
     def entries(guid, bat_off, data_off, flen):
         return _log_entry(5, guid, 0, [("data", 1 << 44, b"\x07" * 4096)], flen)
+
     p = _dirty(tmp_path, entries)
     size = os.path.getsize(p)
     with pytest.raises(CorruptImage, match="data descriptor"):

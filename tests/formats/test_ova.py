@@ -7,8 +7,16 @@ import tarfile
 import pytest
 
 from tests.conftest import pattern, read_all, run_cli
-from vdgui.vd import (CorruptImage, Disk, NotSupported, OpenFlags, ReadOnlyImage, VDError,
-                      get_backend, probe)
+from vdgui.vd import (
+    CorruptImage,
+    Disk,
+    NotSupported,
+    OpenFlags,
+    ReadOnlyImage,
+    VDError,
+    get_backend,
+    probe,
+)
 
 MiB = 1 << 20
 OVF = b"""<?xml version="1.0"?>
@@ -29,8 +37,8 @@ def ova(qemu, tmp_path):
     """vm.ova: the .ovf first, a streamOptimized VMDK made by qemu-img, a raw disk, a manifest."""
     raw1 = tmp_path / "d1.raw"
     data1 = bytearray(8 * MiB)
-    data1[MiB:3 * MiB] = pattern(2 * MiB, 5)
-    data1[7 * MiB:] = b"\xe1" * MiB
+    data1[MiB : 3 * MiB] = pattern(2 * MiB, 5)
+    data1[7 * MiB :] = b"\xe1" * MiB
     raw1.write_bytes(bytes(data1))
     vmdk = tmp_path / "disk1.vmdk"
     qemu.img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw1, vmdk)
@@ -50,7 +58,9 @@ def test_ova_disks_read_in_place(ova, qemu, tmp_path):
     with Disk.open_chain(str(p), None, OpenFlags.READ_ONLY) as d:
         info = d.top.info()
         assert [(x["name"], x["format"], x["virtual_size"]) for x in info["disks"]] == [
-            ("disk1.vmdk", "VMDK", 8 * MiB), ("disk2.img", "RAW", 2 * MiB)]
+            ("disk1.vmdk", "VMDK", 8 * MiB),
+            ("disk2.img", "RAW", 2 * MiB),
+        ]
         assert info["disk"] == "disk1.vmdk" and d.top.read_only
         assert read_all(d) == data1
     for key in ("2", "disk2.img"):
@@ -88,6 +98,7 @@ def test_member_window_stays_inside_the_member(ova):
     p, *_ = ova
     from vdgui.vd.fileio import ImageFile
     from vdgui.vd.formats.ova import MemberFile
+
     with ImageFile(str(p)) as f:
         m = MemberFile(f, 1024, 100, "x")
         assert m.pread(90, 50) == f.pread(1024 + 90, 10) and m.pread(100, 1) == b""
@@ -101,8 +112,9 @@ def test_corpus_ova(corpus, qemu):
     with Disk.open_chain(str(d / "2nd_disk_v3.ova"), None, OpenFlags.READ_ONLY) as disk:
         assert disk.top.format == "OVA" and disk.size == 1 << 30
         got = read_all(disk)
-    want = qemu.to_raw(corpus / "vmdk" / "forklift" / "2nd_disk.vmdk", corpus / "ova-want.raw",
-                       "vmdk").read_bytes()
+    want = qemu.to_raw(
+        corpus / "vmdk" / "forklift" / "2nd_disk.vmdk", corpus / "ova-want.raw", "vmdk"
+    ).read_bytes()
     assert got == want
     with pytest.raises(CorruptImage, match="grainSize"):
         Disk.open_chain(str(d / "2nd_disk.CORRUPT.ova"), None, OpenFlags.READ_ONLY)

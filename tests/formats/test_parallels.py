@@ -13,8 +13,19 @@ from tests.conftest import read_all
 from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
 from tests.formats.test_vhdx import _unpack
-from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags, UnsafePath,
-                      VDError, check, get_backend, probe)
+from vdgui.vd import (
+    Alloc,
+    CorruptImage,
+    Disk,
+    ImageFlags,
+    NotSupported,
+    OpenFlags,
+    UnsafePath,
+    VDError,
+    check,
+    get_backend,
+    probe,
+)
 from vdgui.vd.formats import parallels as prl
 
 MiB = 1 << 20
@@ -49,7 +60,7 @@ class TestParallelsBundleConformance(FormatConformance):
             d.create_base(path, self._size(), self.FORMAT, config=self.CREATE_CONFIG)
             d.write(0, b"\x01" * 4096)
         desc = os.path.join(path, "DiskDescriptor.xml")
-        hds = [n for n in os.listdir(path) if n.endswith(".hds")][0]
+        hds = next(n for n in os.listdir(path) if n.endswith(".hds"))
         originals = {f: Path(f).read_bytes() for f in (desc, os.path.join(path, hds))}
         rnd = random.Random(77)
         for n in range(80):
@@ -90,9 +101,8 @@ def test_bundle_create_layout(tmp_path, qemu):
     raw = qemu.to_raw(p / hds[0], tmp_path / "b.raw", "parallels").read_bytes()
     assert raw[MiB:MiB + 4096] == b"\x07" * 4096 and len(raw) == 8 * MiB
     assert probe(str(p)).name == "Parallels"
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.create_base(str(p), MiB, "Parallels", config={"Bundle": 1})
+    with pytest.raises(VDError), Disk() as d:
+        d.create_base(str(p), MiB, "Parallels", config={"Bundle": 1})
 
 
 @pytest.mark.parametrize("name", sorted(prl.STRUCTS))
@@ -619,7 +629,6 @@ def test_bundle_compact_and_check_through_ops(tmp_path, qemu):
         d.open(str(p), flags=OpenFlags.READ_ONLY)
         assert read_all(d) == expect
     assert qemu.check(hds, "parallels").returncode == 0
-    with pytest.raises(NotSupported):
-        with Disk() as d:
-            d.open(str(p))
-            d.top.resize(8 * MiB)
+    with pytest.raises(NotSupported), Disk() as d:
+        d.open(str(p))
+        d.top.resize(8 * MiB)

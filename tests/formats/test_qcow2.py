@@ -8,8 +8,20 @@ import pytest
 
 from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import (CorruptImage, Disk, ImageFlags, InvalidArgument, NotSupported, OpenFlags,
-                      ParentNotFound, ReadOnlyImage, UnsafePath, VDError, get_backend, probe)
+from vdgui.vd import (
+    CorruptImage,
+    Disk,
+    ImageFlags,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    ParentNotFound,
+    ReadOnlyImage,
+    UnsafePath,
+    VDError,
+    get_backend,
+    probe,
+)
 from vdgui.vd.formats import qcow2_layout as L
 
 
@@ -93,7 +105,7 @@ def test_declarations_and_probe(tmp_path):
     b = get_backend("qcow")
     assert b is get_backend("QCOW2") is get_backend("qcow2")
     assert {k.name for k in b.config_keys} >= {"ClusterSize"}
-    ck = [k for k in b.config_keys if k.name == "ClusterSize"][0]
+    ck = next(k for k in b.config_keys if k.name == "ClusterSize")
     assert ck.create_only and ck.default == "65536"
     p = _make(tmp_path)
     assert probe(p).name == "QCOW2"
@@ -430,7 +442,8 @@ def test_truncation_anywhere_check_repair_write_compact(tmp_path, config):
                 fh.write(data[:n])
             try:
                 with Disk() as d:
-                    d.open(q, "QCOW2", flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
+                    d.open(q, "QCOW2",
+                           flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
                     if mode == "check":
                         d.top.check()
                     elif mode == "repair":
@@ -448,8 +461,9 @@ def test_allocation_map_matches_cluster_by_cluster(tmp_path):
     random patterns (stretches of every length around those sizes, ranges starting and ending
     inside clusters and tables) it must equal the map built one cluster at a time."""
     import random
+
     rnd = random.Random(7)
-    cs = 4096                                   # 512 entries per L2 table: several tables
+    cs = 4096  # 512 entries per L2 table: several tables
     size = 3 * 512 * cs
     writes, pos = [], 0
     while pos < size // cs:
@@ -468,7 +482,7 @@ def test_allocation_map_matches_cluster_by_cluster(tmp_path):
             b = rnd.randrange(a + 1, size + 1)
             got = [(s, n, st.name) for s, n, st in img.block_status(a, b - a)]
             want, k = [], a
-            while k < b:                         # one cluster at a time, adjacent runs merged
+            while k < b:  # one cluster at a time, adjacent runs merged
                 n = min(cs - k % cs, b - k)
                 st = "DATA" if held[k // cs] else "UNALLOCATED"
                 if want and want[-1][2] == st:

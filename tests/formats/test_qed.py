@@ -8,8 +8,19 @@ import pytest
 
 from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import (CorruptImage, Disk, ImageFlags, InvalidArgument, NotSupported, OpenFlags,
-                      ParentNotFound, UnsafePath, VDError, get_backend, probe)
+from vdgui.vd import (
+    CorruptImage,
+    Disk,
+    ImageFlags,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    ParentNotFound,
+    UnsafePath,
+    VDError,
+    get_backend,
+    probe,
+)
 from vdgui.vd.formats import qed as Q
 
 MiB = 1 << 20
@@ -245,7 +256,8 @@ def test_truncation_anywhere_check_repair_write_compact(tmp_path):
                 fh.write(data[:n])
             try:
                 with Disk() as d:
-                    d.open(q, "QED", flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
+                    d.open(q, "QED",
+                           flags=OpenFlags.READ_ONLY if mode == "check" else OpenFlags.NORMAL)
                     if mode == "check":
                         d.top.check()
                     elif mode == "repair":

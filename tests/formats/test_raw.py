@@ -3,7 +3,7 @@ import os
 import pytest
 
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import Disk, ImageFlags, InvalidArgument, OpenFlags, get_backend, probe
+from vdgui.vd import Disk, ImageFlags, InvalidArgument, OpenFlags, probe
 
 
 class TestRawConformance(FormatConformance):

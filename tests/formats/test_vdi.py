@@ -11,9 +11,23 @@ import pytest
 from tests.conftest import pattern, read_all, sha
 from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import (Alloc, Cap, ConfigError, CorruptImage, Disk, Geometry, ImageFlags,
-                      InvalidArgument, NotSupported, OpenFlags, Operation, ParentMismatch,
-                      VDError, get_backend, probe)
+from vdgui.vd import (
+    Alloc,
+    Cap,
+    ConfigError,
+    CorruptImage,
+    Disk,
+    Geometry,
+    ImageFlags,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    Operation,
+    ParentMismatch,
+    VDError,
+    get_backend,
+    probe,
+)
 from vdgui.vd.formats import vdi_layout as L
 
 MiB = 1 << 20
@@ -261,7 +275,8 @@ def test_diff_links_by_uuid_and_zero_hides_parent(tmp_path):
         exp[MiB:2 * MiB] = bytes(MiB)
         exp[2 * MiB + 512:2 * MiB + 1024] = bytes(512)
         assert got == bytes(exp)
-        assert [e.status for e in d.allocation()] == [Alloc.DATA, Alloc.ZERO, Alloc.DATA, Alloc.DATA]
+        assert [e.status for e in d.allocation()] == [Alloc.DATA, Alloc.ZERO, Alloc.DATA,
+                                                      Alloc.DATA]
         assert [e.level for e in d.allocation()] == [0, 1, 1, 0]
     other = make(tmp_path / "other.vdi")
     with Disk() as d:
@@ -301,7 +316,9 @@ def test_set_parent_relinks_and_unlinks(tmp_path):
 # -- hooks -------------------------------------------------------------------------------------
 def test_compact_drops_zero_and_parent_equal_blocks(tmp_path):
     bs = MiB
-    p = make(tmp_path / "a.vdi", size=6 * MiB, data=[(i * bs, bytes([i + 1]) * bs) for i in range(6)])
+    p = make(
+        tmp_path / "a.vdi", size=6 * MiB, data=[(i * bs, bytes([i + 1]) * bs) for i in range(6)]
+    )
     with Disk() as d:
         d.open(p, flags=OpenFlags.HONOR_ZEROES)
         d.write(1 * bs, bytes(bs))
@@ -325,6 +342,7 @@ def test_compact_drops_zero_and_parent_equal_blocks(tmp_path):
 
 def test_compact_cancel_leaves_image_unchanged(tmp_path):
     from vdgui.vd import Cancelled
+
     p = make(tmp_path / "a.vdi", size=4 * MiB, data=[(0, bytes(MiB) + b"\x01" * MiB)])
     with Disk() as d:
         d.open(p, flags=OpenFlags.HONOR_ZEROES)
@@ -349,9 +367,9 @@ def test_compact_diff_with_parent(tmp_path):
         d.create_diff(str(tmp_path / "b.vdi"))
         d.open  # noqa
         d.images[-1].honor_zeroes = True
-        d.write(0, b"\x11" * MiB)            # same as parent -> dropped
-        d.write(MiB, bytes(MiB))             # zero over data -> kept as ZERO
-        d.write(2 * MiB, b"\x22" * MiB)      # real data -> kept
+        d.write(0, b"\x11" * MiB)  # same as parent -> dropped
+        d.write(MiB, bytes(MiB))  # zero over data -> kept as ZERO
+        d.write(2 * MiB, b"\x22" * MiB)  # real data -> kept
         expect = read_all(d)
         d.top.compact(parent_read=lambda o, n: d.read(o, n, top=0))
         assert read_all(d) == expect
@@ -368,7 +386,7 @@ def test_resize_grow_shrink(tmp_path):
         assert d.read(3 * MiB + 512, 6 * MiB - 512) == bytes(6 * MiB - 512)
         d.write(8 * MiB, b"\x08" * 512)
         with pytest.raises(InvalidArgument):
-            d.top.resize(4 * MiB)             # tail holds data
+            d.top.resize(4 * MiB)  # tail holds data
         d.discard(8 * MiB, MiB)
         d.top.resize(4 * MiB)
         assert d.size == 4 * MiB
@@ -417,11 +435,11 @@ def test_discard(tmp_path):
     p = make(tmp_path / "a.vdi", size=4 * MiB, data=[(0, b"\x01" * (4 * MiB))])
     with Disk() as d:
         d.open(p)
-        d.discard(MiB, MiB)                   # whole block: unallocated, file shrinks
-        d.discard(2 * MiB + 4096, 8192)       # partial: zeroed in place
+        d.discard(MiB, MiB)  # whole block: unallocated, file shrinks
+        d.discard(2 * MiB + 4096, 8192)  # partial: zeroed in place
         exp = bytearray(b"\x01" * (4 * MiB))
-        exp[MiB:2 * MiB] = bytes(MiB)
-        exp[2 * MiB + 4096:2 * MiB + 12288] = bytes(8192)
+        exp[MiB : 2 * MiB] = bytes(MiB)
+        exp[2 * MiB + 4096 : 2 * MiB + 12288] = bytes(8192)
         assert read_all(d) == bytes(exp)
     _, h = hdr(p)
     assert h.blocks_allocated == 3 and os.path.getsize(p) == h.offset_data + 3 * MiB
@@ -437,24 +455,27 @@ def test_discard_in_diff_hides_parent(tmp_path):
         d.write(0, b"\x01" * (3 * MiB))
         d.create_diff(str(tmp_path / "b.vdi"))
         d.write(2 * MiB, b"\x02" * MiB)
-        d.discard(0, MiB)                     # free in the diff: ZERO entry
-        d.discard(MiB + 512, 1024)            # partial, held by the parent: copy-on-write
-        d.discard(2 * MiB, MiB)               # allocated in the diff: ZERO entry, block freed
+        d.discard(0, MiB)  # free in the diff: ZERO entry
+        d.discard(MiB + 512, 1024)  # partial, held by the parent: copy-on-write
+        d.discard(2 * MiB, MiB)  # allocated in the diff: ZERO entry, block freed
         exp = bytearray(b"\x01" * (3 * MiB))
         exp[0:MiB] = bytes(MiB)
-        exp[MiB + 512:MiB + 1536] = bytes(1024)
-        exp[2 * MiB:] = bytes(MiB)
+        exp[MiB + 512 : MiB + 1536] = bytes(1024)
+        exp[2 * MiB :] = bytes(MiB)
         assert read_all(d) == bytes(exp)
     assert map_entries(str(tmp_path / "b.vdi")) == [0xFFFFFFFE, 0, 0xFFFFFFFE]
 
 
 # -- check / repair ---------------------------------------------------------------------------
 def _damaged(tmp_path, kind):
-    p = make(tmp_path / f"{kind}.vdi", size=4 * MiB,
-             data=[(i * MiB, bytes([i + 1]) * MiB) for i in range(3)])
+    p = make(
+        tmp_path / f"{kind}.vdi",
+        size=4 * MiB,
+        data=[(i * MiB, bytes([i + 1]) * MiB) for i in range(3)],
+    )
     _, h = hdr(p)
     if kind == "crosslink":
-        patch(p, h.offset_blocks + 2 * 4, "<I", 0)       # block 2 -> file block 0 (block 0's)
+        patch(p, h.offset_blocks + 2 * 4, "<I", 0)  # block 2 -> file block 0 (block 0's)
     elif kind == "pasteof":
         patch(p, h.offset_blocks + 1 * 4, "<I", 1000)
     elif kind == "count_low":
@@ -464,8 +485,15 @@ def _damaged(tmp_path, kind):
     return p
 
 
-@pytest.mark.parametrize("kind,severity", [("crosslink", "corrupt"), ("pasteof", "corrupt"),
-                                           ("count_low", "corrupt"), ("count_high", "leak")])
+@pytest.mark.parametrize(
+    "kind,severity",
+    [
+        ("crosslink", "corrupt"),
+        ("pasteof", "corrupt"),
+        ("count_low", "corrupt"),
+        ("count_high", "leak"),
+    ],
+)
 def test_check_and_repair(tmp_path, kind, severity):
     p = _damaged(tmp_path, kind)
     with open_ro(p) as d:
@@ -482,12 +510,12 @@ def test_check_and_repair(tmp_path, kind, severity):
     with Disk() as d:
         d.open(p)
         if kind in ("crosslink", "pasteof"):
-            with pytest.raises(CorruptImage):     # no allocation over a damaged map
+            with pytest.raises(CorruptImage):  # no allocation over a damaged map
                 d.write(3 * MiB, b"\x01" * 512)
         rep = d.top.check(repair=True)
         assert rep.repaired and all(x.repaired for x in rep.problems)
         assert d.top.check().problems == []
-        d.write(3 * MiB, b"\x09" * 512)           # writable again afterwards
+        d.write(3 * MiB, b"\x09" * 512)  # writable again afterwards
     with open_ro(p) as d:
         assert d.top.check().problems == []
         assert d.read(0, MiB) == b"\x01" * MiB
@@ -529,13 +557,28 @@ def _v0_image(path, blocks_data, bs=MiB, size=3 * MiB):
     for i, (idx, content) in enumerate(blocks_data):
         m[idx] = i
         data += content
-    pre = L.PreHeader.build(dict(file_info=b"<<< innotek VirtualBox Disk Image >>>\n".ljust(64, b"\0"),
-                                 signature=L.SIGNATURE, version=0x00000002))
-    h = L.Header0.build(dict(image_type=1, flags=0, comment=b"old".ljust(256, b"\0"),
-                             legacy_geometry=dict(cylinders=6, heads=16, sectors=63, sector_size=512),
-                             disk_size=size, block_size=bs, blocks=nblocks,
-                             blocks_allocated=len(blocks_data), uuid_create=uuid.uuid4().bytes_le,
-                             uuid_modify=uuid.uuid4().bytes_le, uuid_linkage=bytes(16)))
+    pre = L.PreHeader.build(
+        dict(
+            file_info=b"<<< innotek VirtualBox Disk Image >>>\n".ljust(64, b"\0"),
+            signature=L.SIGNATURE,
+            version=0x00000002,
+        )
+    )
+    h = L.Header0.build(
+        dict(
+            image_type=1,
+            flags=0,
+            comment=b"old".ljust(256, b"\0"),
+            legacy_geometry=dict(cylinders=6, heads=16, sectors=63, sector_size=512),
+            disk_size=size,
+            block_size=bs,
+            blocks=nblocks,
+            blocks_allocated=len(blocks_data),
+            uuid_create=uuid.uuid4().bytes_le,
+            uuid_modify=uuid.uuid4().bytes_le,
+            uuid_linkage=bytes(16),
+        )
+    )
     blob = pre + h + struct.pack(f"<{nblocks}I", *m) + data
     with open(path, "wb") as f:
         f.write(blob)
@@ -549,7 +592,7 @@ def test_read_v0_header(tmp_path):
         assert d.top.pchs == Geometry(6, 16, 63)
         assert d.info()["details"]["header_version"] == "0.2"
         assert read_all(d) == b"\x01" * MiB + bytes(MiB) + b"\x02" * MiB
-    with Disk() as d:                                    # and writable
+    with Disk() as d:  # and writable
         d.open(p)
         d.write(MiB, b"\x03" * 4096)
     with open_ro(p) as d:
@@ -559,7 +602,7 @@ def test_read_v0_header(tmp_path):
 
 def test_v0_header_errors_name_fields(tmp_path):
     p = _v0_image(tmp_path / "old.vdi", [(0, b"\x01" * MiB)])
-    patch(p, L.H0["blocks"], "<I", 400000)               # covers the size, map past the end
+    patch(p, L.H0["blocks"], "<I", 400000)  # covers the size, map past the end
     with pytest.raises(CorruptImage, match="cBlocks.*past the end"):
         Disk().open(p, "VDI", flags=OpenFlags.READ_ONLY)
     patch(p, L.H0["blocks"], "<I", 3)
@@ -573,37 +616,56 @@ def test_read_v1_0_header_and_block_extra(tmp_path):
     bs, extra = 65536, 512
     size = 4 * bs
     m = [1, 0xFFFFFFFF, 0, 0xFFFFFFFE]
-    pre = L.PreHeader.build(dict(file_info=b"<<< Sun xVM VirtualBox Disk Image >>>\n".ljust(64, b"\0"),
-                                 signature=L.SIGNATURE, version=0x00010000))
+    pre = L.PreHeader.build(
+        dict(
+            file_info=b"<<< Sun xVM VirtualBox Disk Image >>>\n".ljust(64, b"\0"),
+            signature=L.SIGNATURE,
+            version=0x00010000,
+        )
+    )
     off_blocks, off_data = 512, 1024
-    h = L.Header1.build(dict(header_size=384, image_type=1, flags=0, comment=bytes(256),
-                             offset_blocks=off_blocks, offset_data=off_data,
-                             legacy_geometry=dict(cylinders=0, heads=0, sectors=0, sector_size=512),
-                             dummy=0, disk_size=size, block_size=bs, block_extra=extra, blocks=4,
-                             blocks_allocated=2, uuid_create=uuid.uuid4().bytes_le,
-                             uuid_modify=uuid.uuid4().bytes_le, uuid_linkage=bytes(16),
-                             uuid_parent_modify=bytes(16)))
+    h = L.Header1.build(
+        dict(
+            header_size=384,
+            image_type=1,
+            flags=0,
+            comment=bytes(256),
+            offset_blocks=off_blocks,
+            offset_data=off_data,
+            legacy_geometry=dict(cylinders=0, heads=0, sectors=0, sector_size=512),
+            dummy=0,
+            disk_size=size,
+            block_size=bs,
+            block_extra=extra,
+            blocks=4,
+            blocks_allocated=2,
+            uuid_create=uuid.uuid4().bytes_le,
+            uuid_modify=uuid.uuid4().bytes_le,
+            uuid_linkage=bytes(16),
+            uuid_parent_modify=bytes(16),
+        )
+    )
     blob = bytearray(off_data + 2 * (bs + extra))
-    blob[:72 + 384] = pre + h
-    blob[off_blocks:off_blocks + 16] = struct.pack("<4I", *m)
-    blob[off_data:off_data + extra] = b"\xEE" * extra             # extra data, never visible
-    blob[off_data + extra:off_data + extra + bs] = b"\xB0" * bs    # file block 0 = block 2
-    blob[off_data + bs + extra:off_data + bs + 2 * extra] = b"\xEF" * extra
-    blob[off_data + bs + 2 * extra:] = b"\xB1" * bs                # file block 1 = block 0
+    blob[: 72 + 384] = pre + h
+    blob[off_blocks : off_blocks + 16] = struct.pack("<4I", *m)
+    blob[off_data : off_data + extra] = b"\xee" * extra  # extra data, never visible
+    blob[off_data + extra : off_data + extra + bs] = b"\xb0" * bs  # file block 0 = block 2
+    blob[off_data + bs + extra : off_data + bs + 2 * extra] = b"\xef" * extra
+    blob[off_data + bs + 2 * extra :] = b"\xb1" * bs  # file block 1 = block 0
     p = tmp_path / "v10.vdi"
     p.write_bytes(bytes(blob))
     with open_ro(p) as d:
         assert d.top.lchs is None
-        assert read_all(d) == b"\xB1" * bs + bytes(bs) + b"\xB0" * bs + bytes(bs)
+        assert read_all(d) == b"\xb1" * bs + bytes(bs) + b"\xb0" * bs + bytes(bs)
         st = [e.status for e in d.allocation()]
         assert st == [Alloc.DATA, Alloc.UNALLOCATED, Alloc.DATA, Alloc.ZERO]
     with Disk() as d:
         d.open(str(p))
-        d.write(bs + 512, b"\x42" * 512)                    # allocates with extra data
-        d.set_lchs(0, Geometry(1, 2, 3))                    # upgrades the header to 1.1+
+        d.write(bs + 512, b"\x42" * 512)  # allocates with extra data
+        d.set_lchs(0, Geometry(1, 2, 3))  # upgrades the header to 1.1+
     with open_ro(p) as d:
         assert d.read(bs, 1536) == bytes(512) + b"\x42" * 512 + bytes(512)
-        assert d.read(0, bs) == b"\xB1" * bs
+        assert d.read(0, bs) == b"\xb1" * bs
         assert d.top.lchs == Geometry(1, 2, 3)
         assert d.top.check().problems == []
     assert os.path.getsize(p) == off_data + 3 * (bs + extra)
@@ -678,9 +740,12 @@ def test_diff_cannot_be_fixed_and_needs_parent_uuid(tmp_path):
 
 def test_read_coalesces_contiguous_blocks(tmp_path, monkeypatch):
     data = pattern(8 * MiB)
-    order = [0, 1, 2, 3, 6, 7, 4, 5]            # file order: blocks 0-3, 6-7, 4-5
-    p = make(tmp_path / "a.vdi", size=8 * MiB,
-             data=[(i * MiB, data[i * MiB:(i + 1) * MiB]) for i in order])
+    order = [0, 1, 2, 3, 6, 7, 4, 5]  # file order: blocks 0-3, 6-7, 4-5
+    p = make(
+        tmp_path / "a.vdi",
+        size=8 * MiB,
+        data=[(i * MiB, data[i * MiB : (i + 1) * MiB]) for i in order],
+    )
     calls = []
     real_pread, real_preadv = os.pread, os.preadv
 
@@ -691,14 +756,15 @@ def test_read_coalesces_contiguous_blocks(tmp_path, monkeypatch):
     def spy_preadv(fd, bufs, off):
         calls.append(off)
         return real_preadv(fd, bufs, off)
+
     with open_ro(p) as d:
         monkeypatch.setattr(os, "pread", spy_pread)
         monkeypatch.setattr(os, "preadv", spy_preadv)
-        assert d.top.read(0, 4 * MiB) == data[:4 * MiB]
-        assert len(calls) == 1                  # one contiguous run: one read
+        assert d.top.read(0, 4 * MiB) == data[: 4 * MiB]
+        assert len(calls) == 1  # one contiguous run: one read
         calls.clear()
         assert d.top.read(0, 8 * MiB) == data
-        assert len(calls) == 3                  # three file-contiguous runs
+        assert len(calls) == 3  # three file-contiguous runs
         calls.clear()
         assert d.top.block_status(0, 8 * MiB) == [(0, 8 * MiB, Alloc.DATA)]
         assert not calls
@@ -717,14 +783,13 @@ def test_set_parent_turns_base_into_diff(tmp_path):
             img.close()
     with Disk.open_chain(b, flags=OpenFlags.READ_ONLY) as d:
         assert len(d) == 2
-        assert d.read(0, 4096) == b"\x01" * 4096                  # from the new parent
-        assert d.read(MiB, 1024) == b"\x02" * 512 + bytes(512)   # own block (zeroes included)
+        assert d.read(0, 4096) == b"\x01" * 4096  # from the new parent
+        assert d.read(MiB, 1024) == b"\x02" * 512 + bytes(512)  # own block (zeroes included)
     f = make(tmp_path / "f.vdi", size=2 * MiB, flags=ImageFlags.FIXED)
     img = get_backend("VDI").open(f, OpenFlags.NORMAL)
     try:
-        with Disk() as d:
-            with pytest.raises(NotSupported):
-                img.set_parent(d.open(a, flags=OpenFlags.READ_ONLY))
+        with Disk() as d, pytest.raises(NotSupported):
+            img.set_parent(d.open(a, flags=OpenFlags.READ_ONLY))
     finally:
         img.close()
 
@@ -746,11 +811,14 @@ def test_damaged_map_refuses_structural_changes(tmp_path):
     p = _damaged(tmp_path, "pasteof")
     with Disk() as d:
         d.open(p)
-        for op in (lambda: d.top.compact(), lambda: d.top.resize(8 * MiB),
-                   lambda: d.discard(0, MiB)):
+        for op in (
+            lambda: d.top.compact(),
+            lambda: d.top.resize(8 * MiB),
+            lambda: d.discard(0, MiB),
+        ):
             with pytest.raises(CorruptImage, match="repair"):
                 op()
-        d.write(0, b"\x05" * 512)            # a healthy allocated block stays writable
+        d.write(0, b"\x05" * 512)  # a healthy allocated block stays writable
     with open_ro(p) as d:
         assert d.read(0, 512) == b"\x05" * 512
 
@@ -771,13 +839,15 @@ def test_untouched_header_fields_keep_their_bytes(tmp_path):
         d.write(0, b"\x01" * 512)
     after = head(p, 512)
     changed = [i for i in range(512) if before[i] != after[i]]
-    allowed = set(range(L.H1["blocks_allocated"], L.H1["blocks_allocated"] + 4)) | \
-        set(range(L.H1["uuid_modify"], L.H1["uuid_modify"] + 16))
+    allowed = set(range(L.H1["blocks_allocated"], L.H1["blocks_allocated"] + 4)) | set(
+        range(L.H1["uuid_modify"], L.H1["uuid_modify"] + 16)
+    )
     assert changed and set(changed) <= allowed
 
 
-needs_strace = pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed "
-                                  "(bash scripts/bootstrap test installs it)")
+needs_strace = pytest.mark.skipif(
+    not kh.have_strace(), reason="strace is not installed (bash scripts/bootstrap test installs it)"
+)
 
 
 def _kill_runs(tmp_path, setup, action, judge) -> int:
@@ -796,11 +866,13 @@ def _kill_runs(tmp_path, setup, action, judge) -> int:
             finally:
                 img.close()
             return 0
+
         return fn
 
     def judge_(work, finished):
         judge(str(work / "img.vdi"), finished)
         return []
+
     all_points, outcomes = kh.campaign(tmp_path, tpl, fn_for, judge_, points=None)
     bad = [f"kill at {o.point} of {len(all_points)}: {p}" for o in outcomes for p in o.problems]
     assert not bad, "\n".join(bad)
@@ -823,6 +895,7 @@ def _crash_runs(tmp_path, setup, action, allowed, no_new_corruption=True):
                 assert got == allowed(before)[-1], "the finished action left other content"
             if no_new_corruption:
                 assert not d.top.check().corrupt, "check calls it corrupt"
+
     return _kill_runs(tmp_path, lambda path: shutil.copy(src, path), action, judge)
 
 
@@ -836,6 +909,7 @@ def test_compact_survives_interruption_at_every_write(tmp_path):
             d.write(0, bytes(MiB))
             d.write(3 * MiB, bytes(MiB))
         return p
+
     n = _crash_runs(tmp_path, setup, lambda img: img.compact(), lambda b: [b])
     assert n > 3
 
@@ -845,10 +919,16 @@ def test_repair_survives_interruption_at_every_write(tmp_path):
     def setup(path):
         p = make(path, size=4 * MiB, data=[(i * MiB, bytes([i + 1]) * MiB) for i in range(4)])
         _, h = hdr(p)
-        patch(p, h.offset_blocks + 4, "<I", 0)       # block 1 cross-linked to block 0's data
+        patch(p, h.offset_blocks + 4, "<I", 0)  # block 1 cross-linked to block 0's data
         return p
-    n = _crash_runs(tmp_path, setup, lambda img: img.check(repair=True),
-                    lambda b: [b, b[:MiB] + bytes(MiB) + b[2 * MiB:]], no_new_corruption=False)
+
+    n = _crash_runs(
+        tmp_path,
+        setup,
+        lambda img: img.check(repair=True),
+        lambda b: [b, b[:MiB] + bytes(MiB) + b[2 * MiB :]],
+        no_new_corruption=False,
+    )
     assert n > 2
 
 
@@ -858,8 +938,13 @@ def test_grow_with_relocation_survives_interruption_at_every_write(tmp_path):
 
     def setup(path):
         cfg = {"AllocationBlockSize": "65536"}
-        return make(path, size=4 * MiB, config=cfg,
-                    data=[(i * 65536 * 5, bytes([i + 1]) * 65536) for i in range(12)])
+        return make(
+            path,
+            size=4 * MiB,
+            config=cfg,
+            data=[(i * 65536 * 5, bytes([i + 1]) * 65536) for i in range(12)],
+        )
+
     # (not _crash_runs: the grown image is 20 GiB, so only its first 4 MiB are compared)
     src = setup(tmp_path / "o.vdi")
     with open_ro(src) as d:
@@ -873,8 +958,10 @@ def test_grow_with_relocation_survives_interruption_at_every_write(tmp_path):
             assert not d.top.check().corrupt
             if d.size == new:
                 assert d.read(new - MiB, MiB) == bytes(MiB)
-    n = _kill_runs(tmp_path, lambda path: shutil.copy(src, path),
-                   lambda img: img.resize(new), judge)
+
+    n = _kill_runs(
+        tmp_path, lambda path: shutil.copy(src, path), lambda img: img.resize(new), judge
+    )
     assert n > 3
 
 
@@ -889,8 +976,9 @@ def test_discard_survives_interruption_at_every_write(tmp_path):
 
     def allowed(b):
         one = bytes(MiB) + b[MiB:]
-        two = one[:2 * MiB + 512] + bytes(1024) + one[2 * MiB + 1536:]
+        two = one[: 2 * MiB + 512] + bytes(1024) + one[2 * MiB + 1536 :]
         return [b, one, two]
+
     assert _crash_runs(tmp_path, setup, act, allowed) > 2
 
 
@@ -898,7 +986,7 @@ def test_new_full_block_stores_only_its_nonzero_pieces(tmp_path):
     """A whole block written past the end of the file: zero pieces stay holes in the file."""
     blk = bytearray(MiB)
     blk[0:65536] = b"\x5a" * 65536
-    blk[MiB - 4096:] = b"\xa5" * 4096
+    blk[MiB - 4096 :] = b"\xa5" * 4096
     p = make(tmp_path / "s.vdi", 8 * MiB, [(2 * MiB, bytes(blk)), (5 * MiB, pattern(MiB, 3))])
     st = os.stat(p)
     # header + map + 128 KiB + 1 MiB of data; far less than the two whole blocks
@@ -920,4 +1008,4 @@ def test_differencing_image_legacy_geometry_is_not_calculated(tmp_path):
     assert (g.cylinders, g.heads, g.sectors, g.sector_size) == (0, 0, 0, 512)
     assert h.offset_blocks == MiB and h.offset_data == 2 * MiB
     _, hb = hdr(base)
-    assert (hb.legacy_geometry.cylinders, hb.legacy_geometry.heads) == (130, 16)   # asked for
+    assert (hb.legacy_geometry.cylinders, hb.legacy_geometry.heads) == (130, 16)  # asked for

@@ -14,12 +14,33 @@ import pytest
 from tests.conftest import read_all
 from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import (Alloc, Cap, CorruptImage, Disk, Geometry, ImageFlags, InvalidArgument,
-                      NotSupported, OpenFlags, Operation, ParentNotFound, VDError, get_backend,
-                      probe, vhd_chs)
+from vdgui.vd import (
+    Alloc,
+    Cap,
+    CorruptImage,
+    Disk,
+    Geometry,
+    ImageFlags,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    Operation,
+    ParentNotFound,
+    VDError,
+    get_backend,
+    probe,
+    vhd_chs,
+)
 from vdgui.vd.formats import vhd
-from vdgui.vd.formats.vhd import (DYN_HEADER, FOOTER, PARENT_LOCATOR, bitmap_runs, checksum,
-                                  round_size_to_chs, set_bits)
+from vdgui.vd.formats.vhd import (
+    DYN_HEADER,
+    FOOTER,
+    PARENT_LOCATOR,
+    bitmap_runs,
+    checksum,
+    round_size_to_chs,
+    set_bits,
+)
 
 MiB = 1 << 20
 
@@ -137,7 +158,7 @@ def test_bitmap_runs_and_set_bits():
         ref[a:a + n] = [True] * n
     first, cnt = 100, 3000
     expanded = []
-    for s, k, on in bitmap_runs(bm, first, cnt):
+    for _s, k, on in bitmap_runs(bm, first, cnt):
         expanded += [on] * k
     assert expanded == ref[first:first + cnt]
 
@@ -187,7 +208,8 @@ def test_size_rule_by_creator(tmp_path, creator, expect_current):
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert d.size == (6 * MiB if expect_current else 100 * 4 * 17 * 512)
-        assert d.info()["details"]["size_source"] == ("current size" if expect_current else "geometry")
+        want = "current size" if expect_current else "geometry"
+        assert d.info()["details"]["size_source"] == want
 
 
 def test_size_rule_fixed_and_max_geometry(tmp_path):
@@ -195,19 +217,21 @@ def test_size_rule_fixed_and_max_geometry(tmp_path):
     _patch_footer(p, creator_app=b"vpc ", cylinders=10, heads=4, sectors=17)
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
-        assert d.size == 5 * MiB                  # fixed: the footer's current size
+        assert d.size == 5 * MiB  # fixed: the footer's current size
     q = _made(tmp_path, "m.vhd", size=6 * MiB)
-    _patch_footer(q, creator_app=b"vbox", current_size=6 * MiB, cylinders=65535, heads=16, sectors=255)
+    _patch_footer(
+        q, creator_app=b"vbox", current_size=6 * MiB, cylinders=65535, heads=16, sectors=255
+    )
     with Disk() as d:
         d.open(q, flags=OpenFlags.READ_ONLY)
-        assert d.size == 6 * MiB                  # maximum geometry: the current size
+        assert d.size == 6 * MiB  # maximum geometry: the current size
 
 
 def test_fixed_keeps_exact_size_dynamic_rounds(tmp_path):
     with Disk() as d:
         img = d.create_base(str(tmp_path / "f.vhd"), 5 * MiB, "VHD", flags=ImageFlags.FIXED)
         assert d.size == 5 * MiB and "size_rounded_from" not in img.info()
-        assert img.pchs == (65535, 16, 255)        # no CHS is exact: current size for everyone
+        assert img.pchs == (65535, 16, 255)  # no CHS is exact: current size for everyone
     assert os.path.getsize(tmp_path / "f.vhd") == 5 * MiB + 512
     with Disk() as d:
         img = d.create_base(str(tmp_path / "d.vhd"), 5 * MiB, "VHD")
@@ -221,17 +245,20 @@ def test_uuid_mapping_and_unsupported_fields(tmp_path):
     with Disk() as d:
         img = d.open(p)
         d.set_uuid(0, u)
-        for setter in (lambda: d.set_modification_uuid(0, uuid.uuid4()),
-                       lambda: d.set_parent_modification_uuid(0, uuid.uuid4()),
-                       lambda: d.set_comment(0, "x"), lambda: d.set_lchs(0, Geometry(1, 2, 3)),
-                       lambda: d.set_parent_uuid(0, uuid.uuid4())):
+        for setter in (
+            lambda: d.set_modification_uuid(0, uuid.uuid4()),
+            lambda: d.set_parent_modification_uuid(0, uuid.uuid4()),
+            lambda: d.set_comment(0, "x"),
+            lambda: d.set_lchs(0, Geometry(1, 2, 3)),
+            lambda: d.set_parent_uuid(0, uuid.uuid4()),
+        ):
             with pytest.raises(NotSupported):
                 setter()
-        with pytest.raises(InvalidArgument):          # would change the size readers compute
+        with pytest.raises(InvalidArgument):  # would change the size readers compute
             d.set_pchs(0, Geometry(10, 4, 17))
         assert img.pchs == vhd_chs(img.size)
     raw = Path(p).read_bytes()
-    assert raw[-512 + 68:-512 + 84] == u.bytes_le and raw[68:84] == u.bytes_le
+    assert raw[-512 + 68 : -512 + 84] == u.bytes_le and raw[68:84] == u.bytes_le
     with Disk() as d:
         assert d.open(p, flags=OpenFlags.READ_ONLY).uuid == u
 
@@ -252,11 +279,16 @@ def test_diff_header_fields(tmp_path):
     assert hdr.parent_name.decode("utf-16-be").rstrip("\0") == "base.vhd"
     assert hdr.parent_uuid == b.uuid.bytes_le
     assert abs(hdr.parent_timestamp + vhd.VHD_EPOCH - os.stat(base).st_mtime) < 5
-    locs = {bytes(l.code): raw[l.data_offset:l.data_offset + l.data_length].decode("utf-16-le")
-            for l in hdr.locators if l.data_length}
+    locs = {
+        bytes(loc.code): raw[loc.data_offset : loc.data_offset + loc.data_length].decode(
+            "utf-16-le"
+        )
+        for loc in hdr.locators
+        if loc.data_length
+    }
     assert locs[b"W2ru"] == ".\\base.vhd"
     assert locs[b"W2ku"] == os.path.abspath(base)
-    assert all(l.data_space >= l.data_length for l in hdr.locators)
+    assert all(loc.data_space >= loc.data_length for loc in hdr.locators)
     assert hdr.checksum == checksum(raw[512:1536], 36)
     # relative name first: the chain is found after moving both files
     os.mkdir(tmp_path / "moved")
@@ -273,14 +305,19 @@ def test_diff_reads_parent_per_sector(tmp_path):
         d.write(0, b"\xaa" * (1 * MiB))
         d.create_diff(child)
         d.write(512, b"\xbb" * 512)
-        d.write(2048, bytes(512))                  # zeroes in a diff hide the parent
+        d.write(2048, bytes(512))  # zeroes in a diff hide the parent
         exp = bytearray(b"\xaa" * 4096)
         exp[512:1024] = b"\xbb" * 512
         exp[2048:2560] = bytes(512)
         assert d.read(0, 4096) == bytes(exp)
         ext = d.allocation(0, 4096)
         assert [(e.start, e.length, e.level) for e in ext] == [
-            (0, 512, 0), (512, 512, 1), (1024, 1024, 0), (2048, 512, 1), (2560, 1536, 0)]
+            (0, 512, 0),
+            (512, 512, 1),
+            (1024, 1024, 0),
+            (2048, 512, 1),
+            (2560, 1536, 0),
+        ]
 
 
 def test_set_parent_relink_and_make_base(tmp_path):
@@ -359,7 +396,7 @@ def written(tmp_path):
 def test_bad_footer_uses_backup_copy_and_repair(written):
     p, content = written
     b = _bytes(p)
-    b[-512 + 20] ^= 0xFF                            # footer damaged (checksum no longer matches)
+    b[-512 + 20] ^= 0xFF  # footer damaged (checksum no longer matches)
     _put(p, b)
     assert _open_read(p) == content
     with Disk() as d:
@@ -403,7 +440,7 @@ def test_header_checksum_reported_and_repaired(written):
         assert "dynamic disk header checksum" in rep.problems[0].what
         img.check(repair=True)
     b2 = _bytes(p)
-    assert b2[512 + 36:512 + 40] == checksum(b2[512:1536], 36).to_bytes(4, "big")
+    assert b2[512 + 36 : 512 + 40] == checksum(b2[512:1536], 36).to_bytes(4, "big")
 
 
 def test_bat_entry_past_end_and_overlapping(tmp_path):
@@ -415,8 +452,8 @@ def test_bat_entry_past_end_and_overlapping(tmp_path):
         content = read_all(d)
     b = _bytes(p)
     e0 = struct.unpack(">I", b[1536:1540])[0]
-    b[1536 + 4:1540 + 4] = struct.pack(">I", 0x00FFFFFF)    # block 1 points far past the end
-    b[1536 + 12:1540 + 12] = struct.pack(">I", e0 + 8)     # block 3 overlaps block 0
+    b[1536 + 4 : 1540 + 4] = struct.pack(">I", 0x00FFFFFF)  # block 1 points far past the end
+    b[1536 + 12 : 1540 + 12] = struct.pack(">I", e0 + 8)  # block 3 overlaps block 0
     _put(p, b)
     with pytest.raises(CorruptImage) as ei:
         _open_read(p)
@@ -434,24 +471,27 @@ def test_bat_entry_past_end_and_overlapping(tmp_path):
     assert data == content
 
 
-@pytest.mark.parametrize("where,value,what", [
-    (-512 + 60, struct.pack(">I", 9), "disk type"),
-    (512 + 32, struct.pack(">I", 3000), "block size"),
-    (512 + 28, struct.pack(">I", 1), "max table entries"),
-    (512 + 16, struct.pack(">Q", 1 << 40), "table offset"),
-    (512, b"xxxxxxxx", "cookie"),
-])
+@pytest.mark.parametrize(
+    "where,value,what",
+    [
+        (-512 + 60, struct.pack(">I", 9), "disk type"),
+        (512 + 32, struct.pack(">I", 3000), "block size"),
+        (512 + 28, struct.pack(">I", 1), "max table entries"),
+        (512 + 16, struct.pack(">Q", 1 << 40), "table offset"),
+        (512, b"xxxxxxxx", "cookie"),
+    ],
+)
 def test_bad_fields_name_the_field(written, where, value, what):
     p, _ = written
     b = _bytes(p)
-    for off in ([where, where + len(b)] if where < 0 and what == "disk type" else [where]):
+    for off in [where, where + len(b)] if where < 0 and what == "disk type" else [where]:
         if off < 0:
             off += len(b)
-        b[off:off + len(value)] = value
-    if what == "disk type":          # both footer copies, checksums fixed
+        b[off : off + len(value)] = value
+    if what == "disk type":  # both footer copies, checksums fixed
         for off in (0, len(b) - 512):
-            b[off + 64:off + 68] = bytes(4)
-            b[off + 64:off + 68] = checksum(b[off:off + 512], 64).to_bytes(4, "big")
+            b[off + 64 : off + 68] = bytes(4)
+            b[off + 64 : off + 68] = checksum(b[off : off + 512], 64).to_bytes(4, "big")
     _put(p, b)
     with pytest.raises(CorruptImage) as ei:
         _open_read(p)
@@ -469,12 +509,12 @@ def test_fuzzed_images_only_raise_vderror(tmp_path, written):
         for _ in range(rnd.choice([1, 2, 4, 16])):
             a, e = rnd.choice(regions)
             b[rnd.randrange(a, e)] = rnd.randrange(256)
-        if i % 3 == 0:                       # keep checksums right so deeper fields get parsed
+        if i % 3 == 0:  # keep checksums right so deeper fields get parsed
             for off in (0, len(b) - 512):
-                b[off + 64:off + 68] = bytes(4)
-                b[off + 64:off + 68] = checksum(b[off:off + 512], 64).to_bytes(4, "big")
-            b[512 + 36:512 + 40] = bytes(4)
-            b[512 + 36:512 + 40] = checksum(b[512:1536], 36).to_bytes(4, "big")
+                b[off + 64 : off + 68] = bytes(4)
+                b[off + 64 : off + 68] = checksum(b[off : off + 512], 64).to_bytes(4, "big")
+            b[512 + 36 : 512 + 40] = bytes(4)
+            b[512 + 36 : 512 + 40] = checksum(b[512:1536], 36).to_bytes(4, "big")
         _put(bad, b)
         try:
             with Disk() as d:
@@ -494,6 +534,7 @@ def test_probe(tmp_path, written):
     junk = tmp_path / "junk.vhd"
     junk.write_bytes(b"\0" * 4096)
     from vdgui.vd.registry import probe_input
+
     assert get_backend("VHD").probe(probe_input(str(junk))) == 0
 
 
@@ -505,8 +546,8 @@ def test_compact_drops_zero_blocks_and_shrinks(tmp_path):
         for i in range(6):
             d.write(i * 2 * MiB, bytes([i + 1]) * 4096)
         d.top.honor_zeroes = True
-        d.write(2 * MiB, bytes(4096))              # block 1 now all zero
-        d.write(6 * MiB, bytes(4096))              # block 3 now all zero
+        d.write(2 * MiB, bytes(4096))  # block 1 now all zero
+        d.write(6 * MiB, bytes(4096))  # block 3 now all zero
         before = read_all(d)
     size_before = os.path.getsize(p)
     with Disk() as d:
@@ -528,9 +569,9 @@ def test_compact_diff_against_parent(tmp_path):
         d.create_base(base, 8 * MiB, "VHD")
         d.write(0, b"\x07" * (4 * MiB))
         d.create_diff(child)
-        d.write(0, b"\x07" * 4096)                 # same as parent: redundant
-        d.write(2 * MiB, b"\x09" * 4096)           # real change
-        d.write(4 * MiB, bytes(4096))              # zeroes over zeroes: redundant with parent
+        d.write(0, b"\x07" * 4096)  # same as parent: redundant
+        d.write(2 * MiB, b"\x09" * 4096)  # real change
+        d.write(4 * MiB, bytes(4096))  # zeroes over zeroes: redundant with parent
         expect = read_all(d)
         top = d.top
         top.compact(None, lambda o, n: d.read_below(1, o, n))
@@ -544,12 +585,12 @@ def test_compact_diff_against_parent(tmp_path):
 def test_resize_dynamic_grow_relocates_blocks(tmp_path):
     p = str(tmp_path / "r.vhd")
     with Disk() as d:
-        d.create_base(p, 3 * MiB, "VHD")          # BAT of 2 entries in one sector
+        d.create_base(p, 3 * MiB, "VHD")  # BAT of 2 entries in one sector
         d.write(0, b"\x01" * MiB)
         d.write(2 * MiB, b"\x02" * 4096)
         before = read_all(d)
         img = d.top
-        img.resize(400 * MiB)                      # 200 entries: BAT grows past its sector
+        img.resize(400 * MiB)  # 200 entries: BAT grows past its sector
         assert d.size >= 400 * MiB and d.size == round_size_to_chs(400 * MiB)[0]
         assert img.info()["size_rounded_from"] == 400 * MiB
         assert d.read(0, len(before)) == before
@@ -572,7 +613,7 @@ def test_resize_fixed_grow_and_shrink(tmp_path):
         assert d.size == 6 * MiB and d.read(4 * MiB, 2 * MiB) == bytes(2 * MiB)
         assert d.read(4 * MiB - 512, 512) == b"\x02" * 512
         with pytest.raises(InvalidArgument):
-            img.resize(2 * MiB)                    # the tail holds data
+            img.resize(2 * MiB)  # the tail holds data
         img.resize(5 * MiB)
     assert os.path.getsize(p) == 5 * MiB + 512
     with Disk() as d:
@@ -602,9 +643,9 @@ def test_leak_detected_and_repaired(tmp_path):
             d.write(i * 2 * MiB, bytes([i + 1]) * 512)
         content = read_all(d)
     b = _bytes(p)
-    b[1536 + 4:1540 + 4] = b"\xff\xff\xff\xff"     # drop block 1's entry: its space leaks
-    for i in (1,):
-        content = content[:2 * MiB] + bytes(2 * MiB) + content[4 * MiB:]
+    b[1536 + 4 : 1540 + 4] = b"\xff\xff\xff\xff"  # drop block 1's entry: its space leaks
+    for _ in (1,):
+        content = content[: 2 * MiB] + bytes(2 * MiB) + content[4 * MiB :]
     _put(p, b)
     with Disk() as d:
         img = d.open(p)
@@ -642,7 +683,7 @@ def test_511_byte_footer_of_old_virtual_pc(tmp_path):
 def test_fixed_footer_checksum_repair(tmp_path):
     p = _made(tmp_path, "fc.vhd", size=MiB, flags=ImageFlags.FIXED)
     b = _bytes(p)
-    b[-512 + 70] ^= 0x10                            # unique id changed, checksum not updated
+    b[-512 + 70] ^= 0x10  # unique id changed, checksum not updated
     _put(p, b)
     with Disk() as d:
         img = d.open(p)
@@ -651,15 +692,15 @@ def test_fixed_footer_checksum_repair(tmp_path):
         img.check(repair=True)
         assert img.check().exit_code == 0
     b = _bytes(p)
-    assert b[-512 + 64:-512 + 68] == checksum(b[-512:], 64).to_bytes(4, "big")
+    assert b[-512 + 64 : -512 + 68] == checksum(b[-512:], 64).to_bytes(4, "big")
 
 
 def test_table_over_header_refused(written):
     p, _ = written
     b = _bytes(p)
-    b[512 + 16:512 + 24] = struct.pack(">Q", 0)      # BAT at offset 0: over the footer copy
-    b[512 + 36:512 + 40] = bytes(4)
-    b[512 + 36:512 + 40] = checksum(b[512:1536], 36).to_bytes(4, "big")
+    b[512 + 16 : 512 + 24] = struct.pack(">Q", 0)  # BAT at offset 0: over the footer copy
+    b[512 + 36 : 512 + 40] = bytes(4)
+    b[512 + 36 : 512 + 40] = checksum(b[512:1536], 36).to_bytes(4, "big")
     _put(p, b)
     with pytest.raises(CorruptImage, match="table offset"):
         _open_read(p)
@@ -676,39 +717,64 @@ def test_mac_locator_and_large_table(tmp_path):
     child = str(tmp_path / "mac.vhd")
     url = ("file://localhost" + os.path.abspath(base).replace(" ", "%20")).encode()
     size, g = round_size_to_chs(2 * MiB)
-    foot = dict(cookie=b"conectix", features=2, version=0x10000, data_offset=512, timestamp=0,
-                creator_app=b"vpc ", creator_version=0x50000, creator_os=b"Mac ",
-                original_size=size, current_size=size, cylinders=g.cylinders, heads=g.heads,
-                sectors=g.sectors, disk_type=4, checksum=0, unique_id=uuid.uuid4().bytes_le,
-                saved_state=0, reserved=bytes(427))
+    foot = dict(
+        cookie=b"conectix",
+        features=2,
+        version=0x10000,
+        data_offset=512,
+        timestamp=0,
+        creator_app=b"vpc ",
+        creator_version=0x50000,
+        creator_os=b"Mac ",
+        original_size=size,
+        current_size=size,
+        cylinders=g.cylinders,
+        heads=g.heads,
+        sectors=g.sectors,
+        disk_type=4,
+        checksum=0,
+        unique_id=uuid.uuid4().bytes_le,
+        saved_state=0,
+        reserved=bytes(427),
+    )
     fraw = bytearray(FOOTER.build(foot))
     fraw[64:68] = checksum(fraw, 64).to_bytes(4, "big")
     locs = [dict(code=b"MacX", data_space=512, data_length=len(url), reserved=0, data_offset=2048)]
     locs += [dict(code=bytes(4), data_space=0, data_length=0, reserved=0, data_offset=0)] * 7
-    hdr = dict(cookie=b"cxsparse", data_offset=2 ** 64 - 1, table_offset=1536, version=0x10000,
-               max_table_entries=4096, block_size=2 * MiB, checksum=0,
-               parent_uuid=parent_uuid.bytes_le, parent_timestamp=0, reserved1=0,
-               parent_name="par ent.vhd".encode("utf-16-be").ljust(512, b"\0"), locators=locs,
-               reserved2=bytes(256))
+    hdr = dict(
+        cookie=b"cxsparse",
+        data_offset=2**64 - 1,
+        table_offset=1536,
+        version=0x10000,
+        max_table_entries=4096,
+        block_size=2 * MiB,
+        checksum=0,
+        parent_uuid=parent_uuid.bytes_le,
+        parent_timestamp=0,
+        reserved1=0,
+        parent_name="par ent.vhd".encode("utf-16-be").ljust(512, b"\0"),
+        locators=locs,
+        reserved2=bytes(256),
+    )
     hraw = bytearray(DYN_HEADER.build(hdr))
     hraw[36:40] = checksum(hraw, 36).to_bytes(4, "big")
     img = bytearray(2560 + 512 + 2 * MiB + 512)
     img[0:512] = fraw
     img[512:1536] = hraw
     img[1536:2048] = b"\xff" * 512
-    img[1536:1540] = struct.pack(">I", 5)            # block 0 at sector 5 (inside the "table")
-    img[2048:2048 + len(url)] = url
+    img[1536:1540] = struct.pack(">I", 5)  # block 0 at sector 5 (inside the "table")
+    img[2048 : 2048 + len(url)] = url
     bm = bytearray(512)
-    set_bits(bm, 8, 8)                              # sectors 8..15 (4096..8191) are ours
+    set_bits(bm, 8, 8)  # sectors 8..15 (4096..8191) are ours
     img[2560:3072] = bm
-    img[3072 + 4096:3072 + 8192] = b"\x32" * 4096
+    img[3072 + 4096 : 3072 + 8192] = b"\x32" * 4096
     img[-512:] = fraw
     Path(child).write_bytes(bytes(img))
     img_ = get_backend("VHD").open(child, OpenFlags.INFO)
     assert img_.parent_hint.locations[0] == os.path.abspath(base)
     assert img_.check().exit_code == 0
     img_.close()
-    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:   # MacX path, then its basename
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:  # MacX path, then its basename
         assert d.read(0, 8192) == b"\x31" * 4096 + b"\x32" * 4096
         assert d.read(8192, 512) == bytes(512)
     # growing it moves the block out of the table's way
@@ -760,7 +826,7 @@ def test_grow_diff_moves_locators_out_of_the_table(tmp_path):
         d.open(base)
         d.top.resize(1 << 30)
         new = d.size
-        d.open(child).resize(new)                   # 513 entries: past both locators
+        d.open(child).resize(new)  # 513 entries: past both locators
         assert d.size == new
         assert d.top.check().exit_code == 0
         locs = list(d.top.parent_hint.locations)
@@ -776,7 +842,7 @@ def test_block_running_into_footer_is_repaired(written):
     p, content = written
     b = _bytes(p)
     last_end = len(b) - 512
-    cut = b[:last_end - 256] + b[-512:]             # footer now overlaps the last block's tail
+    cut = b[: last_end - 256] + b[-512:]  # footer now overlaps the last block's tail
     _put(p, cut)
     with Disk() as d:
         img = d.open(p)
@@ -785,7 +851,7 @@ def test_block_running_into_footer_is_repaired(written):
         img.check(repair=True)
         assert img.check().exit_code == 0
         got = read_all(d)
-    assert got[:3 * MiB] == content[:3 * MiB]
+    assert got[: 3 * MiB] == content[: 3 * MiB]
 
 
 def test_compact_diff_without_parent_keeps_everything_written(tmp_path):
@@ -794,7 +860,7 @@ def test_compact_diff_without_parent_keeps_everything_written(tmp_path):
         d.create_base(base, 4 * MiB, "VHD")
         d.write(0, b"\x01" * MiB)
         d.create_diff(child)
-        d.write(0, bytes(4096))                    # zeroes hiding parent data: must stay
+        d.write(0, bytes(4096))  # zeroes hiding parent data: must stay
         expect = read_all(d)
         d.top.compact()
         assert read_all(d) == expect
@@ -810,6 +876,7 @@ def _crash_each_write(tmp, folder, action, verify, mode):
     """Run ``action(work)`` on copies of ``folder`` through the kill harness, killed (mode
     "kill") or failing with EIO (mode "EIO": the error path, then the normal close) at every
     syscall that changes a file; ``verify(work, finished)`` checks the images afterwards."""
+
     def fn_for(work):
         def fn():
             try:
@@ -817,9 +884,12 @@ def _crash_each_write(tmp, folder, action, verify, mode):
             except (VDError, OSError):
                 return 1
             return 0
+
         return fn
-    kh.every_point(tmp, folder, fn_for, verify, error=None if mode == "kill" else mode,
-                   min_writes=2)
+
+    kh.every_point(
+        tmp, folder, fn_for, verify, error=None if mode == "kill" else mode, min_writes=2
+    )
 
 
 def _consistent(path, allowed=("footer copy",)):
@@ -849,12 +919,16 @@ def test_interrupted_writes(tmp_path, diff, mode):
         if diff:
             d.create_diff(str(child))
     src = (child if diff else base).name
-    writes = [(512, b"\x02" * 512), (2 * MiB + 4096, b"\x03" * MiB), (5 * MiB, b"\x04" * 4096),
-              (0, bytes(4096))]
+    writes = [
+        (512, b"\x02" * 512),
+        (2 * MiB + 4096, b"\x03" * MiB),
+        (5 * MiB, b"\x04" * 4096),
+        (0, bytes(4096)),
+    ]
     states = [old]
     new = bytearray(old)
     for off, data in writes:
-        new[off:off + len(data)] = data
+        new[off : off + len(data)] = data
         states.append(bytes(new))
 
     def action(work):
@@ -869,7 +943,7 @@ def test_interrupted_writes(tmp_path, diff, mode):
         with Disk.open_chain(str(work / src), flags=OpenFlags.READ_ONLY) as d:
             got = read_all(d)
         for pos in range(0, len(got), 512):
-            assert any(got[pos:pos + 512] == st[pos:pos + 512] for st in states), pos
+            assert any(got[pos : pos + 512] == st[pos : pos + 512] for st in states), pos
         if finished:
             assert got == states[-1]
         _consistent(str(work / src))
@@ -896,20 +970,24 @@ def test_interrupted_compact_resize_relink(tmp_path, mode):
         with Disk() as d:
             d.open(str(work / p.name), flags=OpenFlags.READ_ONLY)
             assert d.read(0, len(content)) == content
-            if d.size > len(content):                # grown: the new area holds nothing
-                assert all(e.status == Alloc.UNALLOCATED
-                           for e in d.allocation(len(content), d.size - len(content)))
+            if d.size > len(content):  # grown: the new area holds nothing
+                assert all(
+                    e.status == Alloc.UNALLOCATED
+                    for e in d.allocation(len(content), d.size - len(content))
+                )
         _consistent(str(work / p.name))
 
     def compact(work):
         with Disk() as d:
             d.open(str(work / p.name)).compact()
+
     (tmp_path / "compact").mkdir()
     _crash_each_write(tmp_path / "compact", tpl, compact, verify, mode)
 
     def grow(work):
         with Disk() as d:
             d.open(str(work / p.name)).resize(700 * MiB)
+
     (tmp_path / "grow").mkdir()
     _crash_each_write(tmp_path / "grow", tpl, grow, verify, mode)
 
@@ -943,6 +1021,7 @@ def test_interrupted_compact_resize_relink(tmp_path, mode):
             assert d.read(0, 512) == b"\x09" * 512
         if finished:
             assert target == "other.vhd"
+
     (tmp_path / "relink").mkdir()
     _crash_each_write(tmp_path / "relink", tpl, relink, verify_link, mode)
 
@@ -990,9 +1069,11 @@ def test_random_operations_against_a_model(tmp_path, seed):
                 off = rnd.randrange(0, (d.size - ln) // 512 + 1) * 512
                 data = bytes(ln) if op == "z" else bytes([rnd.randrange(1, 256)]) * ln
                 d.write(off, data)
-                model[off:off + ln] = data
+                model[off : off + ln] = data
             elif op == "compact":
-                top.compact(None, (lambda o, n: d.read_below(1, o, n)) if rnd.random() < .7 else None)
+                top.compact(
+                    None, (lambda o, n: d.read_below(1, o, n)) if rnd.random() < 0.7 else None
+                )
             elif op == "grow":
                 d.images[0].resize(d.images[0].size + rnd.choice([MiB, 9 * MiB, 40 * MiB]))
                 top.resize(d.images[0].size)
@@ -1000,7 +1081,7 @@ def test_random_operations_against_a_model(tmp_path, seed):
             elif op == "shrink" and not any(model[-MiB:]) and len(model) > 2 * MiB:
                 top.resize(len(model) - MiB)
                 d.images[0].resize(top.size)
-                del model[top.size:]
+                del model[top.size :]
             elif op == "repair":
                 top.check(repair=True)
             elif op == "relink":
@@ -1020,21 +1101,27 @@ def test_compact_copies_are_durable_before_the_bat_names_them(tmp_path, monkeypa
         for i in range(4):
             d.write(i * 2 * MiB, bytes([i + 1]) * 4096)
         d.top.honor_zeroes = True
-        d.write(0, bytes(4096))                    # block 0 all zero: block 3 moves there
+        d.write(0, bytes(4096))  # block 0 all zero: block 3 moves there
         before = read_all(d)
     with Disk() as d:
         img = d.open(p)
         f = img.f
         log = []
         real_write, real_sync = f.pwrite, f.sync
-        monkeypatch.setattr(f, "pwrite", lambda off, data: (log.append(("w", off, len(data))),
-                                                            real_write(off, data)))
+        monkeypatch.setattr(
+            f,
+            "pwrite",
+            lambda off, data: (log.append(("w", off, len(data))), real_write(off, data)),
+        )
         monkeypatch.setattr(f, "sync", lambda: (log.append(("sync",)), real_sync()))
         bat_end = img.bat_offset + 4 * img.n_blocks
         img.compact()
         assert read_all(d) == before
-        bat_writes = [k for k, e in enumerate(log) if e[0] == "w" and
-                      img.bat_offset <= e[1] < bat_end and e[2] < 512]
+        bat_writes = [
+            k
+            for k, e in enumerate(log)
+            if e[0] == "w" and img.bat_offset <= e[1] < bat_end and e[2] < 512
+        ]
         copies = [k for k, e in enumerate(log) if e[0] == "w" and e[2] >= 4096]
         assert bat_writes and copies
         first_repoint = min(k for k in bat_writes if k > min(copies))

@@ -14,8 +14,17 @@ import pytest
 from tests.conftest import read_all, require_corpus
 from tests.engine import kill_harness as kh
 from tests.formats.conformance import FormatConformance
-from vdgui.vd import (Alloc, CorruptImage, Disk, ImageFlags, NotSupported, OpenFlags,
-                      ParentMismatch, VDError, get_backend)
+from vdgui.vd import (
+    Alloc,
+    CorruptImage,
+    Disk,
+    ImageFlags,
+    NotSupported,
+    OpenFlags,
+    ParentMismatch,
+    VDError,
+    get_backend,
+)
 from vdgui.vd.crc32c import crc32c
 from vdgui.vd.formats import vhdx
 
@@ -171,9 +180,8 @@ def test_corpus_log_replay(vhdx_corpus, qemu, tmp_path):
     ours, theirs = tmp_path / "ours.vhdx", tmp_path / "theirs.vhdx"
     shutil.copy(src, ours)
     shutil.copy(src, theirs)
-    with pytest.raises(vhdx.LogReplayNeeded, match="replayed"):
-        with Disk() as d:
-            d.open(str(ours), flags=OpenFlags.READ_ONLY)
+    with pytest.raises(vhdx.LogReplayNeeded, match="replayed"), Disk() as d:
+        d.open(str(ours), flags=OpenFlags.READ_ONLY)
     with Disk() as d:     # info opens report the pending log without replaying
         assert d.open(str(ours), flags=OpenFlags.READ_ONLY | OpenFlags.INFO).info()["log_pending"]
     with Disk() as d:
@@ -273,10 +281,9 @@ def test_4k_logical_sectors(tmp_path, qemu):
         assert read_all(d) == bytes(expect)
     r = qemu.img("info", "-f", "vhdx", p, check=False)
     assert r.returncode != 0 and "not supported" in r.stderr
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.create_base(str(tmp_path / "odd.vhdx"), 8 * MiB + 512, "VHDX",
-                          config={"LogicalSectorSize": 4096})
+    with pytest.raises(VDError), Disk() as d:
+        d.create_base(str(tmp_path / "odd.vhdx"), 8 * MiB + 512, "VHDX",
+                      config={"LogicalSectorSize": 4096})
 
 
 def test_resize_grow(tmp_path, qemu):
@@ -339,8 +346,6 @@ def _open_bytes(tmp_path, b, flags=OpenFlags.READ_ONLY):
 
 
 def _layout(b):
-    with Disk() as d:
-        pass
     rt = vhdx.RegionTableHeader.parse(bytes(b[vhdx.REGION_OFFSETS[0]:vhdx.REGION_OFFSETS[0] + 16]))
     entries = {}
     for k in range(rt.entry_count):
@@ -530,7 +535,7 @@ def test_hostile_log(tmp_path):
     with Disk() as d:
         d.open(str(p))
         assert d.read(0, 4) == b"\x01" * 4
-    b = bytearray(p.read_bytes())                # log length beyond the cap / past the file
+    # log length beyond the cap / past the file
     with Disk() as d:
         img = d.open(str(p))
         img._update_header(log_guid=uuid.uuid4().bytes_le, log_length=1 << 31)

@@ -9,9 +9,23 @@ import pytest
 
 from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance, scattered_writes
-from vdgui.vd import (Alloc, ConfigError, CorruptImage, Disk, ImageFlags, ImageNotFound,
-                      InvalidArgument, NotSupported, OpenFlags, ParentMismatch, UnsafePath,
-                      VDError, check, get_backend, probe)
+from vdgui.vd import (
+    Alloc,
+    ConfigError,
+    CorruptImage,
+    Disk,
+    ImageFlags,
+    ImageNotFound,
+    InvalidArgument,
+    NotSupported,
+    OpenFlags,
+    ParentMismatch,
+    UnsafePath,
+    VDError,
+    check,
+    get_backend,
+    probe,
+)
 from vdgui.vd.formats import vmdk
 from vdgui.vd.formats.vmdk_descriptor import Descriptor
 
@@ -51,21 +65,17 @@ def test_declarations_match_virtualbox():
 
 
 def test_raw_disk_creation_refused(tmp_path):
-    with pytest.raises(UnsafePath):
-        with Disk() as d:
-            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"RawDrive": "/dev/sda"})
-    with pytest.raises(NotSupported):
-        with Disk() as d:
-            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
-                          config={"RawDrive": "/dev/sda", "Partitions": "1,2"},
-                          allow_unsafe_paths=True)
-    with pytest.raises(NotSupported):
-        with Disk() as d:
-            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
-                          config={"RawDrive": "/dev/null"}, allow_unsafe_paths=True)
-    with pytest.raises(ConfigError):
-        with Disk() as d:
-            d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"Bogus": "1"})
+    with pytest.raises(UnsafePath), Disk() as d:
+        d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"RawDrive": "/dev/sda"})
+    with pytest.raises(NotSupported), Disk() as d:
+        d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
+                      config={"RawDrive": "/dev/sda", "Partitions": "1,2"},
+                      allow_unsafe_paths=True)
+    with pytest.raises(NotSupported), Disk() as d:
+        d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
+                      config={"RawDrive": "/dev/null"}, allow_unsafe_paths=True)
+    with pytest.raises(ConfigError), Disk() as d:
+        d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"Bogus": "1"})
     assert not os.listdir(tmp_path)
 
 
@@ -88,13 +98,15 @@ def test_struct_round_trips(tmp_path):
                                     cylinders=0, heads=0, sectors=0))
     assert vmdk.CowdHeader.build(vmdk.CowdHeader.parse(cw)) == cw
     se = bytes(range(1, 209)) + bytes(304)
-    assert len(se) == 512 and vmdk.SESparseConstHeader.build(vmdk.SESparseConstHeader.parse(se)) == se
+    assert (
+        len(se) == 512 and vmdk.SESparseConstHeader.build(vmdk.SESparseConstHeader.parse(se)) == se
+    )
     vol = (0xCAFECAFE).to_bytes(8, "little") + bytes(range(24)) + bytes(480)
     assert vmdk.SESparseVolatileHeader.build(vmdk.SESparseVolatileHeader.parse(vol)) == vol
 
 
 # -- descriptor -----------------------------------------------------------------------------
-DESC = '''# Disk DescriptorFile
+DESC = """# Disk DescriptorFile
 version=1
 encoding="UTF-8"
 CID=12345678
@@ -114,7 +126,7 @@ RW 8 ZERO
 ddb.virtualHWVersion = "7"
 ddb.unknownThing = "keep me"
 ddb.geometry.cylinders = "20"
-'''
+"""
 
 
 def test_descriptor_round_trip_keeps_unknown_lines():
@@ -136,48 +148,60 @@ def test_descriptor_round_trip_keeps_unknown_lines():
     assert again.text() == out
 
 
-@pytest.mark.parametrize("text", [
-    b"# Disk DescriptorFile\nversion=1\n",                                  # no extents
-    b"# Disk DescriptorFile\nRW abc SPARSE \"x\"\n",                         # bad size
-    b"# Disk DescriptorFile\nRW 10 BOGUS \"x\"\n",                           # bad type
-    b"# Disk DescriptorFile\nRW 10 FLAT\n",                                  # flat without name
-    b"# Disk DescriptorFile\nthis is not a key value line\nRW 10 ZERO\n",    # junk line
-    b"# Disk DescriptorFile\nRW 10 ZERO\n\xff\xfe\n",                        # not UTF-8
-    b"# Disk DescriptorFile\nRW 10 ZERO\nCID=zzzz\n",                        # bad CID
-    b"# Disk DescriptorFile\nRW 10 ZERO\nddb.uuid.image = \"nope\"\n",       # bad UUID
-    b"# Disk DescriptorFile\nRW 10 ZERO\nddb.geometry.cylinders = \"x\"\n"
-    b"ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\n",         # bad geometry
-    b"# Disk DescriptorFile\nRW 10 ZERO\ncreateType=\"nonsense\"\n",         # unknown type
-    b"# Disk DescriptorFile\nRW 10 SESPARSE \"x.vmdk\"\n",                   # not seSparse
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"# Disk DescriptorFile\nversion=1\n",  # no extents
+        b'# Disk DescriptorFile\nRW abc SPARSE "x"\n',  # bad size
+        b'# Disk DescriptorFile\nRW 10 BOGUS "x"\n',  # bad type
+        b"# Disk DescriptorFile\nRW 10 FLAT\n",  # flat without name
+        b"# Disk DescriptorFile\nthis is not a key value line\nRW 10 ZERO\n",  # junk line
+        b"# Disk DescriptorFile\nRW 10 ZERO\n\xff\xfe\n",  # not UTF-8
+        b"# Disk DescriptorFile\nRW 10 ZERO\nCID=zzzz\n",  # bad CID
+        b'# Disk DescriptorFile\nRW 10 ZERO\nddb.uuid.image = "nope"\n',  # bad UUID
+        b'# Disk DescriptorFile\nRW 10 ZERO\nddb.geometry.cylinders = "x"\n'
+        b'ddb.geometry.heads = "16"\nddb.geometry.sectors = "63"\n',  # bad geometry
+        b'# Disk DescriptorFile\nRW 10 ZERO\ncreateType="nonsense"\n',  # unknown type
+        b'# Disk DescriptorFile\nRW 10 SESPARSE "x.vmdk"\n',  # not seSparse
+    ],
+)
 def test_malformed_descriptors_give_vderror(tmp_path, text):
     p = tmp_path / "bad.vmdk"
     p.write_bytes(text)
     (tmp_path / "x").write_bytes(bytes(5120))
     (tmp_path / "x.vmdk").write_bytes(bytes(5120))
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
-            read_all(d)
+    with pytest.raises(VDError), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+        read_all(d)
 
 
 def _desc(extent_lines: str, ctype="monolithicFlat") -> bytes:
-    return (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
-            f'createType="{ctype}"\n\n# Extent description\n{extent_lines}\n').encode()
+    return (
+        f"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="{ctype}"\n\n# Extent description\n{extent_lines}\n'
+    ).encode()
 
 
-@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.vmdk", "sub/../../x", "/dev/zero",
-                                  "json:{file.filename:x}", "nbd:host:10809"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../outside.vmdk",
+        "sub/../../x",
+        "/dev/zero",
+        "json:{file.filename:x}",
+        "nbd:host:10809",
+    ],
+)
 def test_hostile_extent_paths_refused(tmp_path, name):
     inner = tmp_path / "inner"
     inner.mkdir()
     (tmp_path / "outside.vmdk").write_bytes(bytes(5120))
     p = inner / "evil.vmdk"
     p.write_bytes(_desc(f'RW 10 FLAT "{name}" 0'))
-    with pytest.raises(UnsafePath):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
-    with pytest.raises(UnsafePath):   # INFO opens validate names too
+    with pytest.raises(UnsafePath), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(UnsafePath):  # INFO opens validate names too
         with Disk() as d:
             d.open(str(p), "VMDK", flags=OpenFlags.INFO)
 
@@ -186,9 +210,8 @@ def test_device_extent_refused_even_by_relative_symlink(tmp_path):
     os.symlink("/dev/zero", tmp_path / "zero.bin")
     p = tmp_path / "dev.vmdk"
     p.write_bytes(_desc('RW 10 FLAT "zero.bin" 0'))
-    with pytest.raises(UnsafePath):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(UnsafePath), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
 
 
 def test_unsafe_paths_allowed_when_asked(tmp_path):
@@ -204,30 +227,26 @@ def test_unsafe_paths_allowed_when_asked(tmp_path):
 
 def test_huge_descriptor_and_absurd_extent_count_refused(tmp_path):
     p = tmp_path / "big.vmdk"
-    p.write_bytes(_desc('RW 10 ZERO') + b"# " + b"x" * (1 << 20) + b"\n")
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    p.write_bytes(_desc("RW 10 ZERO") + b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(VDError), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
     many = "\n".join("RW 1 ZERO" for _ in range(100000))
     p.write_bytes(_desc(many))
-    with pytest.raises(CorruptImage):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(CorruptImage), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
     # under 1 MiB but too many extents
     many = "\n".join("RW 1 ZERO" for _ in range(40000))
     p.write_bytes(_desc(many))
     assert p.stat().st_size < 1 << 20
-    with pytest.raises(CorruptImage, match="too many extents"):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(CorruptImage, match="too many extents"), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
 
 
 def test_missing_extent_is_clear_error_and_info_opens_nothing(tmp_path):
     p = tmp_path / "m.vmdk"
     p.write_bytes(_desc('RW 2048 FLAT "m-flat.vmdk" 0'))
-    with pytest.raises(ImageNotFound, match="extent file 'm-flat.vmdk' not found"):
-        with Disk() as d:
-            d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
+    with pytest.raises(ImageNotFound, match="extent file 'm-flat.vmdk' not found"), Disk() as d:
+        d.open(str(p), "VMDK", flags=OpenFlags.READ_ONLY)
     with Disk() as d:
         img = d.open(str(p), "VMDK", flags=OpenFlags.INFO)
         assert img.size == 2048 * 512
@@ -248,7 +267,7 @@ def test_zero_extents_and_mixed_extents(tmp_path):
         assert any(e.status == Alloc.ZERO for e in d.allocation())
     with Disk() as d:
         d.open(str(p))
-        d.write(0, b"\x01" * 512)       # RW flat extent
+        d.write(0, b"\x01" * 512)  # RW flat extent
         with pytest.raises(VDError):
             d.write(2048, b"\x01" * 512)  # ZERO extent
         with pytest.raises(VDError):
@@ -265,31 +284,33 @@ def _mono(tmp_path, name="v.vmdk", size=3 * MiB, data=True):
     return p
 
 
-@pytest.mark.parametrize("field,offset,value", [
-    ("version", 4, (99).to_bytes(4, "little")),
-    ("grainSize", 0x14, (3).to_bytes(8, "little")),
-    ("grainSize", 0x14, (0).to_bytes(8, "little")),
-    ("descriptorSize", 0x24, (1 << 40).to_bytes(8, "little")),
-    ("numGTEsPerGT", 0x2C, (0).to_bytes(4, "little")),
-    ("numGTEsPerGT", 0x2C, (1 << 30).to_bytes(4, "little")),
-    ("gdOffset", 0x38, (1 << 40).to_bytes(8, "little")),
-    ("rgdOffset", 0x30, (1 << 40).to_bytes(8, "little")),
-    ("capacity", 0xC, (1 << 60).to_bytes(8, "little")),
-    ("capacity", 0xC, (1).to_bytes(8, "little")),
-    ("descriptorOffset", 0x1C, (0).to_bytes(8, "little")),
-    ("descriptorOffset", 0x1C, (1 << 60).to_bytes(8, "little")),
-    ("descriptorOffset", 0x1C, (5000).to_bytes(8, "little")),
-    ("gdOffset", 0x38, (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")),
-])
+@pytest.mark.parametrize(
+    "field,offset,value",
+    [
+        ("version", 4, (99).to_bytes(4, "little")),
+        ("grainSize", 0x14, (3).to_bytes(8, "little")),
+        ("grainSize", 0x14, (0).to_bytes(8, "little")),
+        ("descriptorSize", 0x24, (1 << 40).to_bytes(8, "little")),
+        ("numGTEsPerGT", 0x2C, (0).to_bytes(4, "little")),
+        ("numGTEsPerGT", 0x2C, (1 << 30).to_bytes(4, "little")),
+        ("gdOffset", 0x38, (1 << 40).to_bytes(8, "little")),
+        ("rgdOffset", 0x30, (1 << 40).to_bytes(8, "little")),
+        ("capacity", 0xC, (1 << 60).to_bytes(8, "little")),
+        ("capacity", 0xC, (1).to_bytes(8, "little")),
+        ("descriptorOffset", 0x1C, (0).to_bytes(8, "little")),
+        ("descriptorOffset", 0x1C, (1 << 60).to_bytes(8, "little")),
+        ("descriptorOffset", 0x1C, (5000).to_bytes(8, "little")),
+        ("gdOffset", 0x38, (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")),
+    ],
+)
 def test_corrupted_header_fields(tmp_path, field, offset, value):
     p = _mono(tmp_path)
     with open(p, "r+b") as f:
         f.seek(offset)
         f.write(value)
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.open(p, "VMDK", flags=OpenFlags.READ_ONLY)
-            read_all(d)
+    with pytest.raises(VDError), Disk() as d:
+        d.open(p, "VMDK", flags=OpenFlags.READ_ONLY)
+        read_all(d)
 
 
 def test_grain_table_entry_past_eof_is_corrupt_and_repairable(tmp_path):
@@ -301,9 +322,9 @@ def test_grain_table_entry_past_eof_is_corrupt_and_repairable(tmp_path):
         rgt_sector = ext.rgd[0]
         good = ext._gte(1)
         assert img.check().exit_code == 0
-    with open(p, "r+b") as f:                       # primary GT entry 1 -> far past EOF
+    with open(p, "r+b") as f:  # primary GT entry 1 -> far past EOF
         f.seek(gt_sector * 512 + 4)
-        f.write((10 ** 8).to_bytes(4, "little"))
+        f.write((10**8).to_bytes(4, "little"))
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         with pytest.raises(CorruptImage, match="past the end"):
@@ -343,7 +364,7 @@ def test_grain_directory_damage_repaired_from_redundant(tmp_path, qemu):
         gd_off = img.extents[0].gd_sector * 512
     with open(p, "r+b") as f:
         f.seek(gd_off)
-        f.write((10 ** 8).to_bytes(4, "little"))
+        f.write((10**8).to_bytes(4, "little"))
     with Disk() as d:
         d.open(p)
         rep = d.top.check()
@@ -375,33 +396,46 @@ def test_cowd_vmfssparse_extent_reads(tmp_path):
     base_flat = tmp_path / "b-flat.vmdk"
     base_flat.write_bytes(b"\x11" * (64 * 512))
     (tmp_path / "b.vmdk").write_bytes(
-        b'# Disk DescriptorFile\nversion=1\nCID=0172e8a4\nparentCID=ffffffff\n'
-        b'createType="vmfs"\nRW 64 VMFS "b-flat.vmdk"\n')
+        b"# Disk DescriptorFile\nversion=1\nCID=0172e8a4\nparentCID=ffffffff\n"
+        b'createType="vmfs"\nRW 64 VMFS "b-flat.vmdk"\n'
+    )
     # COWD: 2048-byte header, GD at sector 4 (1 entry), GT at sector 5 (4096 entries = 32 sectors)
     gs = 4
     cow = bytearray(37 * 512 + 2 * gs * 512)
-    cow[:44] = vmdk.CowdHeader.build(dict(magic=b"COWD", version=1, flags=3, num_sectors=64,
-                                          grain_size=gs, gd_offset=4, num_gd_entries=1,
-                                          free_sector=37 + 2 * gs, cylinders=0, heads=0,
-                                          sectors=0))
-    cow[4 * 512:4 * 512 + 4] = (5).to_bytes(4, "little")
-    cow[5 * 512 + 4 * 2:5 * 512 + 4 * 3] = (37).to_bytes(4, "little")       # grain 2
-    cow[5 * 512 + 4 * 15:5 * 512 + 4 * 16] = (37 + gs).to_bytes(4, "little")  # grain 15
-    cow[37 * 512:(37 + gs) * 512] = b"\x22" * (gs * 512)
-    cow[(37 + gs) * 512:] = b"\x33" * (gs * 512)
+    cow[:44] = vmdk.CowdHeader.build(
+        dict(
+            magic=b"COWD",
+            version=1,
+            flags=3,
+            num_sectors=64,
+            grain_size=gs,
+            gd_offset=4,
+            num_gd_entries=1,
+            free_sector=37 + 2 * gs,
+            cylinders=0,
+            heads=0,
+            sectors=0,
+        )
+    )
+    cow[4 * 512 : 4 * 512 + 4] = (5).to_bytes(4, "little")
+    cow[5 * 512 + 4 * 2 : 5 * 512 + 4 * 3] = (37).to_bytes(4, "little")  # grain 2
+    cow[5 * 512 + 4 * 15 : 5 * 512 + 4 * 16] = (37 + gs).to_bytes(4, "little")  # grain 15
+    cow[37 * 512 : (37 + gs) * 512] = b"\x22" * (gs * 512)
+    cow[(37 + gs) * 512 :] = b"\x33" * (gs * 512)
     (tmp_path / "c-delta.vmdk").write_bytes(bytes(cow))
     (tmp_path / "c.vmdk").write_bytes(
-        b'# Disk DescriptorFile\nversion=1\nCID=8f67ca74\nparentCID=0172e8a4\n'
+        b"# Disk DescriptorFile\nversion=1\nCID=8f67ca74\nparentCID=0172e8a4\n"
         b'createType="vmfsSparse"\nparentFileNameHint="b.vmdk"\n'
-        b'RW 64 VMFSSPARSE "c-delta.vmdk"\n')
+        b'RW 64 VMFSSPARSE "c-delta.vmdk"\n'
+    )
     expect = bytearray(b"\x11" * (64 * 512))
-    expect[2 * gs * 512:3 * gs * 512] = b"\x22" * (gs * 512)
-    expect[15 * gs * 512:16 * gs * 512] = b"\x33" * (gs * 512)
+    expect[2 * gs * 512 : 3 * gs * 512] = b"\x22" * (gs * 512)
+    expect[15 * gs * 512 : 16 * gs * 512] = b"\x33" * (gs * 512)
     with Disk.open_chain(str(tmp_path / "c.vmdk"), flags=OpenFlags.READ_ONLY) as d:
         assert len(d) == 2
         assert d.top.flags & ImageFlags.ESX and d.top.flags & ImageFlags.DIFF
         assert read_all(d) == bytes(expect)
-    with Disk() as d:   # COWD extents are read-only
+    with Disk() as d:  # COWD extents are read-only
         d.open(str(tmp_path / "b.vmdk"), flags=OpenFlags.READ_ONLY)
         d.open(str(tmp_path / "c.vmdk"))
         with pytest.raises(VDError):
@@ -411,6 +445,7 @@ def test_cowd_vmfssparse_extent_reads(tmp_path):
 # -- metadata, relink, CID ------------------------------------------------------------------
 def test_metadata_ddb_entries(tmp_path):
     from vdgui.vd import Geometry
+
     p = str(tmp_path / "m.vmdk")
     u = uuid.uuid4()
     with Disk() as d:
@@ -441,21 +476,21 @@ def test_cid_changes_on_first_write_and_child_link(tmp_path):
         cid1 = d.top.cid
         assert cid1 != cid0
         d.write(4096, b"\x01" * 512)
-        assert d.top.cid == cid1            # once per session
+        assert d.top.cid == cid1  # once per session
         d.create_diff(child)
         assert d.top.parent_cid == cid1
     with Disk() as d:
         assert d.open(base, flags=OpenFlags.READ_ONLY).cid == cid1
         c = d.open(child, flags=OpenFlags.READ_ONLY)
         assert c.parent_hint.locations == ["b.vmdk"] and c.parent_cid == cid1
-    with Disk() as d:            # writing the base again breaks the link (as VMware intends)
+    with Disk() as d:  # writing the base again breaks the link (as VMware intends)
         d.open(base)
         d.write(0, b"\x02" * 512)
     with Disk() as d:
         d.open(base, flags=OpenFlags.READ_ONLY)
         with pytest.raises(ParentMismatch, match="parentCID"):
             d.open(child, flags=OpenFlags.READ_ONLY)
-    with Disk() as d:            # INFO skips the check
+    with Disk() as d:  # INFO skips the check
         d.open(base, flags=OpenFlags.READ_ONLY)
         d.open(child, flags=OpenFlags.INFO)
 
@@ -488,8 +523,15 @@ def test_relink_and_make_base(tmp_path):
 
 
 # -- resize ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags", [ImageFlags.NONE, ImageFlags.FIXED, ImageFlags.SPLIT_2G,
-                                   ImageFlags.SPLIT_2G | ImageFlags.FIXED])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ImageFlags.NONE,
+        ImageFlags.FIXED,
+        ImageFlags.SPLIT_2G,
+        ImageFlags.SPLIT_2G | ImageFlags.FIXED,
+    ],
+)
 def test_resize_grow(tmp_path, flags, qemu):
     p = str(tmp_path / "r.vmdk")
     with Disk() as d:
@@ -509,7 +551,7 @@ def test_resize_grow(tmp_path, flags, qemu):
     out = tmp_path / "r.raw"
     qemu.to_raw(p, out)
     raw = out.read_bytes()
-    assert len(raw) == 50 * MiB and raw[40 * MiB:40 * MiB + 70000] == b"\x08" * 70000
+    assert len(raw) == 50 * MiB and raw[40 * MiB : 40 * MiB + 70000] == b"\x08" * 70000
 
 
 def test_resize_sparse_moves_grain_directory(tmp_path, qemu):
@@ -519,7 +561,7 @@ def test_resize_sparse_moves_grain_directory(tmp_path, qemu):
         d.create_base(p, 8 * MiB, "VMDK")
         d.write(0, b"\x01" * 65536)
         old = d.top.extents[0].gd_sector
-        d.top.resize(200 << 30)           # 200 GiB: 6400 tables, the GD moves
+        d.top.resize(200 << 30)  # 200 GiB: 6400 tables, the GD moves
         assert d.top.extents[0].gd_sector != old
         d.write((200 << 30) - 65536, b"\x02" * 65536)
     with Disk() as d:
@@ -537,12 +579,12 @@ def test_stream_write_sequential_only(tmp_path):
     with Disk() as d:
         d.create_base(p, 4 * MiB, "VMDK", flags=ImageFlags.STREAM_OPTIMIZED)
         d.write(0, b"\x01" * 100000)
-        d.write(100000, b"\x02" * 1000)       # same grain continues: fine
+        d.write(100000, b"\x02" * 1000)  # same grain continues: fine
         d.write(2 * MiB, b"\x03" * 512)
         assert d.read(0, 100000) == b"\x01" * 100000
         with pytest.raises(NotSupported, match="sequentially"):
             d.write(65536, b"\x04" * 512)
-        assert not os.path.exists(p)          # still under its temporary name
+        assert not os.path.exists(p)  # still under its temporary name
     assert os.path.exists(p) and not [n for n in os.listdir(tmp_path) if "tmp" in n]
     with Disk() as d:
         img = d.open(p)
@@ -553,11 +595,12 @@ def test_stream_write_sequential_only(tmp_path):
             d.write(0, b"\x09" * 512)
         with pytest.raises(NotSupported):
             img.resize(8 * MiB)
-    for bad in (ImageFlags.STREAM_OPTIMIZED | ImageFlags.FIXED,
-                ImageFlags.STREAM_OPTIMIZED | ImageFlags.SPLIT_2G):
-        with pytest.raises(NotSupported):
-            with Disk() as d:
-                d.create_base(str(tmp_path / "x.vmdk"), MiB, "VMDK", flags=bad)
+    for bad in (
+        ImageFlags.STREAM_OPTIMIZED | ImageFlags.FIXED,
+        ImageFlags.STREAM_OPTIMIZED | ImageFlags.SPLIT_2G,
+    ):
+        with pytest.raises(NotSupported), Disk() as d:
+            d.create_base(str(tmp_path / "x.vmdk"), MiB, "VMDK", flags=bad)
 
 
 def test_probe(tmp_path):
@@ -573,6 +616,7 @@ def test_probe(tmp_path):
 # -- compact --------------------------------------------------------------------------------
 def test_compact_base_drops_zero_grains_and_shrinks(tmp_path, qemu):
     from vdgui.vd import compact
+
     p = str(tmp_path / "c.vmdk")
     size = 8 * MiB
     expect = bytearray(size)
@@ -580,11 +624,11 @@ def test_compact_base_drops_zero_grains_and_shrinks(tmp_path, qemu):
         d.create_base(p, size, "VMDK")
         for i in range(0, size, 65536):
             d.write(i, bytes([i // 65536 % 250 + 1]) * 65536)
-            expect[i:i + 65536] = bytes([i // 65536 % 250 + 1]) * 65536
-        for i in range(0, size, 3 * 65536):          # zero every third grain (stays allocated)
+            expect[i : i + 65536] = bytes([i // 65536 % 250 + 1]) * 65536
+        for i in range(0, size, 3 * 65536):  # zero every third grain (stays allocated)
             d.write(i, bytes(65536))
-            expect[i:i + 65536] = bytes(65536)
-        d.top.resize(size)                            # no-op
+            expect[i : i + 65536] = bytes(65536)
+        d.top.resize(size)  # no-op
     before = os.path.getsize(p)
     compact(p)
     after = os.path.getsize(p)
@@ -601,15 +645,16 @@ def test_compact_base_drops_zero_grains_and_shrinks(tmp_path, qemu):
 
 def test_compact_hook_in_place_split_and_diff(tmp_path, qemu):
     from vdgui.vd import compact
+
     base, child = str(tmp_path / "b.vmdk"), str(tmp_path / "c.vmdk")
     with Disk() as d:
         d.create_base(base, 4 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
         d.write(0, b"\x01" * (2 * MiB))
         d.write(MiB, bytes(65536 * 2))
         d.create_diff(child, flags=ImageFlags.SPLIT_2G)
-        d.write(0, b"\x01" * 65536)          # same as the parent: dropped by compact
-        d.write(65536, bytes(65536))         # zero over parent data: kept
-        d.write(3 * MiB, b"\x02" * 65536)    # new data: kept
+        d.write(0, b"\x01" * 65536)  # same as the parent: dropped by compact
+        d.write(65536, bytes(65536))  # zero over parent data: kept
+        d.write(3 * MiB, b"\x02" * 65536)  # new data: kept
         expect = read_all(d)
     compact(base)
     compact(child)
@@ -617,7 +662,7 @@ def test_compact_hook_in_place_split_and_diff(tmp_path, qemu):
         assert read_all(d) == expect
         c = d.top
         assert [c.extents[0]._gte(i) > 1 for i in (0, 1)] == [False, True]
-        assert d.image(0).extents[0]._gte(16) == 0      # the zeroed base grain went away
+        assert d.image(0).extents[0]._gte(16) == 0  # the zeroed base grain went away
     ref = tmp_path / "ref.raw"
     ref.write_bytes(expect)
     assert qemu.compare(child, ref, "vmdk", "raw").returncode == 0
@@ -634,16 +679,18 @@ def test_compact_refused_for_flat(tmp_path):
 
 def test_descriptor_in_a_declared_code_page(tmp_path):
     (tmp_path / "d-flat.vmdk").write_bytes(b"\x01" * 1024)
-    text = ('# Disk DescriptorFile\nversion=1\nencoding="windows-1252"\nCID=fffffffe\n'
-            'parentCID=ffffffff\ncreateType="monolithicFlat"\n# caf\u00e9 cr\u00e8me\n'
-            'RW 2 FLAT "d-flat.vmdk" 0\nddb.comment = "\u00e9t\u00e9"\n')
+    text = (
+        '# Disk DescriptorFile\nversion=1\nencoding="windows-1252"\nCID=fffffffe\n'
+        'parentCID=ffffffff\ncreateType="monolithicFlat"\n# caf\u00e9 cr\u00e8me\n'
+        'RW 2 FLAT "d-flat.vmdk" 0\nddb.comment = "\u00e9t\u00e9"\n'
+    )
     p = tmp_path / "d.vmdk"
     p.write_bytes(text.encode("cp1252"))
     with Disk() as d:
         img = d.open(str(p))
         assert d.read(0, 1024) == b"\x01" * 1024
         assert img.desc.get("ddb.comment") == "\u00e9t\u00e9"
-        d.write(0, b"\x02" * 512)               # rewrites the descriptor (CID, UUID)
+        d.write(0, b"\x02" * 512)  # rewrites the descriptor (CID, UUID)
     raw = p.read_bytes()
     assert "caf\u00e9 cr\u00e8me".encode("cp1252") in raw
     with Disk() as d:
@@ -666,15 +713,20 @@ def test_uuid_assigned_on_first_read_write_open_only(tmp_path, qemu):
         assert d.open(p, flags=OpenFlags.READ_ONLY).uuid == u
     assert qemu.check(p).returncode == 0
     text = _head(p, 21 * 512)[512:].split(b"\0")[0].decode()
-    for kept in ('ddb.toolsVersion = "2147483647"', 'ddb.adapterType = "ide"',
-                 'ddb.virtualHWVersion = "4"', "# The Disk Data Base", 'createType="monolithicSparse"'):
-        assert kept in text, kept                  # qemu's lines survive our rewrite
+    for kept in (
+        'ddb.toolsVersion = "2147483647"',
+        'ddb.adapterType = "ide"',
+        'ddb.virtualHWVersion = "4"',
+        "# The Disk Data Base",
+        'createType="monolithicSparse"',
+    ):
+        assert kept in text, kept  # qemu's lines survive our rewrite
 
 
 def test_leaked_tail_reported_and_repaired(tmp_path, qemu):
     p = _mono(tmp_path)
     good = os.path.getsize(p)
-    with open(p, "ab") as f:                 # a grain written but never linked (a crash)
+    with open(p, "ab") as f:  # a grain written but never linked (a crash)
         f.write(b"\x33" * 65536)
     with Disk() as d:
         img = d.open(p, flags=OpenFlags.READ_ONLY)
@@ -694,8 +746,14 @@ def test_sparse_extent_listed_twice_refused(tmp_path):
     p = str(tmp_path / "sp.vmdk")
     with Disk() as d:
         d.create_base(p, 3 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
-    text = Path(p).read_text().replace('RW 6144 SPARSE "sp-s001.vmdk"',
-                                  'RW 6144 SPARSE "sp-s001.vmdk"\nRW 6144 SPARSE "sp-s001.vmdk"')
+    text = (
+        Path(p)
+        .read_text()
+        .replace(
+            'RW 6144 SPARSE "sp-s001.vmdk"',
+            'RW 6144 SPARSE "sp-s001.vmdk"\nRW 6144 SPARSE "sp-s001.vmdk"',
+        )
+    )
     assert text.count("sp-s001") == 2
     with open(p, "w") as f:
         f.write(text)
@@ -705,6 +763,7 @@ def test_sparse_extent_listed_twice_refused(tmp_path):
 
 def test_compressed_grain_bomb_and_garbage_refused(tmp_path):
     import zlib
+
     p = str(tmp_path / "s.vmdk")
     with Disk() as d:
         d.create_base(p, 2 * MiB, "VMDK", flags=ImageFlags.STREAM_OPTIMIZED)
@@ -715,8 +774,8 @@ def test_compressed_grain_bomb_and_garbage_refused(tmp_path):
         ext = img.extents[0]
         g0, g1 = ext._gte(0), ext._gte(1)
         gt_sector = ext.gd[0]
-    bomb = zlib.compress(bytes(64 * MiB))              # inflates to 1024 grains
-    data = Path(p).read_bytes()        # the bomb goes before the footer (found from the end)
+    bomb = zlib.compress(bytes(64 * MiB))  # inflates to 1024 grains
+    data = Path(p).read_bytes()  # the bomb goes before the footer (found from the end)
     rec = vmdk.GrainMarker.build(dict(lba=0, size=len(bomb))) + bomb
     rec += bytes(-len(rec) % 512)
     end = len(data) - 1536
@@ -742,25 +801,25 @@ def test_check_directory_disagreement_and_metadata_pointer(tmp_path, qemu):
         ext = img.extents[0]
         gd_off, rgt_sector = ext.gd_sector * 512, ext.rgd[0]
     with open(p, "r+b") as f:
-        f.seek(gd_off)                       # primary directory entry 0 emptied
+        f.seek(gd_off)  # primary directory entry 0 emptied
         f.write(bytes(4))
-        f.seek(rgt_sector * 512 + 4 * 3)     # redundant entry for grain 3 -> the header
+        f.seek(rgt_sector * 512 + 4 * 3)  # redundant entry for grain 3 -> the header
         f.write((0).to_bytes(4, "little"))
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
-        assert d.read(0, 65536) == bytes(65536)          # the primary says: unallocated
+        assert d.read(0, 65536) == bytes(65536)  # the primary says: unallocated
         rep = d.top.check()
         assert rep.corrupt and "primary copy is empty" in rep.problems[0].what
     with Disk() as d:
         d.open(p)
         rep = d.top.check(repair=True)
         assert not rep.corrupt and all(pr.repaired for pr in rep.problems)
-        assert d.read(0, 200000)[:3 * 65536] == b"\x5a" * (3 * 65536)
+        assert d.read(0, 200000)[: 3 * 65536] == b"\x5a" * (3 * 65536)
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert d.top.check().exit_code == 0
     assert qemu.check(p).returncode == 0
-    with open(p, "r+b") as f:                # a grain table entry pointing at the header
+    with open(p, "r+b") as f:  # a grain table entry pointing at the header
         f.seek(rgt_sector * 512 + 4)
         f.write((0 + 2).to_bytes(4, "little"))
     with Disk() as d:
@@ -769,8 +828,9 @@ def test_check_directory_disagreement_and_metadata_pointer(tmp_path, qemu):
         assert rep.corrupt and "into metadata" in rep.problems[0].what
 
 
-@pytest.mark.parametrize("flags", [ImageFlags.SPLIT_2G, ImageFlags.SPLIT_2G | ImageFlags.FIXED],
-                         ids=["sparse", "flat"])
+@pytest.mark.parametrize(
+    "flags", [ImageFlags.SPLIT_2G, ImageFlags.SPLIT_2G | ImageFlags.FIXED], ids=["sparse", "flat"]
+)
 def test_resize_split_adds_extents(tmp_path, qemu, flags):
     p = str(tmp_path / "r.vmdk")
     GiB = 1 << 30
@@ -780,17 +840,30 @@ def test_resize_split_adds_extents(tmp_path, qemu, flags):
         d.top.resize(5 * GiB)
         assert len(d.top.extents) == 3 and len(d.top.files()) == 4
         d.write(4 * GiB + 12345 * 512, b"\x02" * 8192)
-        d.write(2047 * MiB - 4096, b"\x03" * 8192)          # across the first boundary
+        d.write(2047 * MiB - 4096, b"\x03" * 8192)  # across the first boundary
     names = sorted(os.listdir(tmp_path))
     suffix = "s" if not flags & ImageFlags.FIXED else "f"
-    assert names == ["r-%s001.vmdk" % suffix, "r-%s002.vmdk" % suffix, "r-%s003.vmdk" % suffix,
-                     "r.vmdk"]
-    r = qemu.io("-f", "vmdk", "-r", "-c", "read -P 1 0 4096",
-                "-c", f"read -P 2 {4 * GiB + 12345 * 512} 8192",
-                "-c", f"read -P 3 {2047 * MiB - 4096} 8192", p)
+    assert names == [
+        "r-%s001.vmdk" % suffix,
+        "r-%s002.vmdk" % suffix,
+        "r-%s003.vmdk" % suffix,
+        "r.vmdk",
+    ]
+    r = qemu.io(
+        "-f",
+        "vmdk",
+        "-r",
+        "-c",
+        "read -P 1 0 4096",
+        "-c",
+        f"read -P 2 {4 * GiB + 12345 * 512} 8192",
+        "-c",
+        f"read -P 3 {2047 * MiB - 4096} 8192",
+        p,
+    )
     assert r.stdout.count("read ") == 3
     assert qemu.check(p).returncode == 0
-    assert f"virtual size: 5 GiB" in qemu.img("info", p).stdout
+    assert "virtual size: 5 GiB" in qemu.img("info", p).stdout
 
 
 def test_write_allocates_missing_grain_tables(tmp_path, qemu):
@@ -798,7 +871,7 @@ def test_write_allocates_missing_grain_tables(tmp_path, qemu):
     with Disk() as d:
         img = d.open(p, flags=OpenFlags.READ_ONLY)
         gd_off, rgd_off = img.extents[0].gd_sector * 512, img.extents[0].rgd_sector * 512
-    with open(p, "r+b") as f:               # a VMware-style image without preallocated tables
+    with open(p, "r+b") as f:  # a VMware-style image without preallocated tables
         f.seek(gd_off)
         f.write(bytes(4))
         f.seek(rgd_off)
@@ -825,13 +898,14 @@ def test_raw_disk_vmdk_for_a_drive_file(tmp_path):
     p = str(tmp_path / "vm" / "raw.vmdk")
     os.mkdir(tmp_path / "vm")
     with Disk() as d:
-        img = d.create_base(p, 2 * MiB, "VMDK", config={"RawDrive": str(drive)},
-                            allow_unsafe_paths=True)
+        img = d.create_base(
+            p, 2 * MiB, "VMDK", config={"RawDrive": str(drive)}, allow_unsafe_paths=True
+        )
         assert img.flags & ImageFlags.RAWDISK and d.size == 2 * MiB
-        assert img.files() == [os.path.abspath(p)]      # the drive is not part of the image
-        d.write(0, b"\x33" * 512)                      # writes go to the drive
+        assert img.files() == [os.path.abspath(p)]  # the drive is not part of the image
+        d.write(0, b"\x33" * 512)  # writes go to the drive
     assert drive.read_bytes()[:513] == b"\x33" * 512 + b"\x11"
-    with pytest.raises(UnsafePath):                  # the absolute drive path needs permission
+    with pytest.raises(UnsafePath):  # the absolute drive path needs permission
         Disk().open(p, flags=OpenFlags.READ_ONLY)
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY | OpenFlags.ALLOW_UNSAFE_PATHS)
@@ -847,7 +921,7 @@ def test_cross_linked_grains_found_and_unshared(tmp_path, qemu):
         ext = img.extents[0]
         g0 = ext._gte(0)
         gt, rgt = ext.gd[0], ext.rgd[0]
-    with open(p, "r+b") as f:               # grain 5 points at grain 0's data, in both tables
+    with open(p, "r+b") as f:  # grain 5 points at grain 0's data, in both tables
         for sec in (gt, rgt):
             f.seek(sec * 512 + 4 * 5)
             f.write(g0.to_bytes(4, "little"))
@@ -858,15 +932,17 @@ def test_cross_linked_grains_found_and_unshared(tmp_path, qemu):
     with Disk() as d:
         d.open(p)
         assert d.top.check(repair=True).problems[0].repaired
-        d.write(5 * 65536, b"\x44" * 512)          # grain 5 no longer overwrites grain 0
+        d.write(5 * 65536, b"\x44" * 512)  # grain 5 no longer overwrites grain 0
         assert d.read(0, 512) == b"\x5a" * 512
         assert d.top.check().exit_code == 0
     assert qemu.check(p).returncode == 0
 
 
 def test_descriptor_with_bom_and_crlf_round_trips(tmp_path):
-    text = ('\ufeff# Disk DescriptorFile\r\nversion=1\r\nCID=fffffffe\r\nparentCID=ffffffff\r\n'
-            'createType="monolithicFlat"\r\nRW 2 FLAT "b-flat.vmdk" 0\r\n')
+    text = (
+        "\ufeff# Disk DescriptorFile\r\nversion=1\r\nCID=fffffffe\r\nparentCID=ffffffff\r\n"
+        'createType="monolithicFlat"\r\nRW 2 FLAT "b-flat.vmdk" 0\r\n'
+    )
     d = Descriptor.parse(text.encode("utf-8"))
     assert d.text() == text and d.newline == "\r\n"
     (tmp_path / "b-flat.vmdk").write_bytes(b"\x05" * 1024)
@@ -880,17 +956,28 @@ def test_descriptor_with_bom_and_crlf_round_trips(tmp_path):
     assert out.startswith("\ufeff# Disk DescriptorFile\r\n") and "\r\nCID=" in out
 
 
-@pytest.mark.parametrize("grain,gtes,flags", [(8, 512, 3), (256, 128, 3), (16, 512, 1 | 4)],
-                         ids=["4k-grains", "128k-grains-small-tables", "no-rgd-zeroed-grain"])
+@pytest.mark.parametrize(
+    "grain,gtes,flags",
+    [(8, 512, 3), (256, 128, 3), (16, 512, 1 | 4)],
+    ids=["4k-grains", "128k-grains-small-tables", "no-rgd-zeroed-grain"],
+)
 def test_other_grain_geometries(tmp_path, qemu, grain, gtes, flags):
     """Grain sizes, table sizes and flags qemu-img cannot create, written by us, checked by qemu."""
     from vdgui.vd.fileio import ImageFile
     from vdgui.vd.formats.vmdk_descriptor import ExtentLine, build
+
     p = str(tmp_path / "g.vmdk")
     size = 3 * MiB + 1536
-    desc = build([("version", "1", False), ("CID", "12345678", False),
-                  ("parentCID", "ffffffff", False), ("createType", "monolithicSparse", True)],
-                 [ExtentLine("RW", size // 512, "SPARSE", "g.vmdk")], [("ddb.adapterType", "ide")])
+    desc = build(
+        [
+            ("version", "1", False),
+            ("CID", "12345678", False),
+            ("parentCID", "ffffffff", False),
+            ("createType", "monolithicSparse", True),
+        ],
+        [ExtentLine("RW", size // 512, "SPARSE", "g.vmdk")],
+        [("ddb.adapterType", "ide")],
+    )
     f = ImageFile(p, create=True)
     vmdk._write_sparse_extent(f, size // 512, desc.to_bytes(), grain=grain, gtes=gtes, flags=flags)
     f.close()
@@ -900,7 +987,7 @@ def test_other_grain_geometries(tmp_path, qemu, grain, gtes, flags):
         assert img.block_size == grain * 512
         for off, data in scattered_writes(size, seed=grain):
             d.write(off, data)
-            expect[off:off + len(data)] = data
+            expect[off : off + len(data)] = data
         assert read_all(d) == bytes(expect)
         assert img.check().exit_code == 0
     ref = tmp_path / "ref.raw"
@@ -915,12 +1002,12 @@ def test_unclean_shutdown_flag_while_writing(tmp_path, qemu):
     d = Disk()
     d.open(p)
     d.write(0, b"\x01" * 512)
-    assert _head(p, 512)[0x48] == 1                 # set while the session writes
+    assert _head(p, 512)[0x48] == 1  # set while the session writes
     assert d.info()["details"]["unclean_shutdown"]
     d.close()
-    assert _head(p, 512)[0x48] == 0                 # cleared by a clean close
+    assert _head(p, 512)[0x48] == 0  # cleared by a clean close
     assert qemu.check(p).returncode == 0
-    with Disk() as d:                               # a read-write open without writes: untouched
+    with Disk() as d:  # a read-write open without writes: untouched
         d.open(p)
     assert _head(p, 512)[0x48] == 0
 
@@ -936,6 +1023,7 @@ def test_info_open_reads_only_the_descriptor(tmp_path, monkeypatch):
         def __init__(self, path, *a, **kw):
             opened.append(os.path.basename(path))
             super().__init__(path, *a, **kw)
+
     monkeypatch.setattr(vmdk, "ImageFile", Spy)
     with Disk() as d:
         img = d.open(p, flags=OpenFlags.INFO)
@@ -957,11 +1045,11 @@ def test_redundant_table_one_update_behind_after_a_crash_is_a_leak(tmp_path, qem
         ext = d.open(p, flags=OpenFlags.READ_ONLY).extents[0]
         rgt, used = ext.rgd[0], [i for i in range(ext.gtes) if ext._gte(i) > 1]
     assert used
-    with open(p, "r+b") as f:                       # the redundant entry not yet written
+    with open(p, "r+b") as f:  # the redundant entry not yet written
         f.seek(rgt * 512 + 4 * used[-1])
         f.write(bytes(4))
         f.seek(0x48)
-        f.write(b"\x01")                            # uncleanShutdown: a writer was stopped
+        f.write(b"\x01")  # uncleanShutdown: a writer was stopped
     rep = check(p)
     assert rep.exit_code == 3 and not rep.corrupt, rep.problems
     assert "interrupted update" in rep.problems[0].what
@@ -971,8 +1059,8 @@ def test_redundant_table_one_update_behind_after_a_crash_is_a_leak(tmp_path, qem
         assert d.read(0, 200000) == b"\x5a" * 200000
     rep = check(p, repair=True)
     assert rep.repaired and check(p).exit_code == 0
-    assert _head(p, 512)[0x48] == 0                 # the copies agree again: flag cleared
-    with open(p, "r+b") as f:                       # the same disagreement, no flag: corrupt
+    assert _head(p, 512)[0x48] == 0  # the copies agree again: flag cleared
+    with open(p, "r+b") as f:  # the same disagreement, no flag: corrupt
         f.seek(rgt * 512 + 4 * used[-1])
         f.write(bytes(4))
     assert check(p).exit_code == 2
@@ -988,15 +1076,16 @@ def test_table_updates_set_unclean_shutdown_first(tmp_path, monkeypatch):
         d.write(2 * MiB, b"\x22" * MiB)
     with Disk() as d:
         d.open(p, flags=OpenFlags.HONOR_ZEROES)
-        d.write(0, bytes(MiB))                      # zero grains over data: compact drops them
+        d.write(0, bytes(MiB))  # zero grains over data: compact drops them
     seen = []
     real = vmdk.SparseExtent._set_gte
 
     def spy(self, idx, value):
-        real(self, idx, value)                      # (begin_update runs before its writes)
+        real(self, idx, value)  # (begin_update runs before its writes)
         seen.append(_head(self.f.path, 512)[0x48])
+
     monkeypatch.setattr(vmdk.SparseExtent, "_set_gte", spy)
-    with Disk() as d:                               # a session that only compacts (in place)
+    with Disk() as d:  # a session that only compacts (in place)
         d.open(p)
         d.top.compact()
     assert seen and all(seen)

@@ -149,6 +149,7 @@ def test_context_menu(qtbot, window, vdi_chain):
     assert window.actions["copy"] in menu.actions() and "Copy &UUID" in texts
     assert "Open Containing &Folder" in texts
     menu.close()
-    empty = window._context_menu(rect.center() + rect.bottomLeft() * 0 + type(rect.center())(5, 400))
+    empty = window._context_menu(rect.center() + rect.bottomLeft() * 0
+                                 + type(rect.center())(5, 400))
     assert window.actions["add"] in empty.actions()
     empty.close()

@@ -102,7 +102,7 @@ def test_a_large_folder_fills_in_slices(qtbot, window, disk):
 
 def test_extract_copies_bytes_and_trees_and_cancel_leaves_nothing(qtbot, window, disk, tmp_path,
                                                                     monkeypatch):
-    path, files, big = disk
+    path, files, _big = disk
     pane = _open_contents(qtbot, window, path)
     dest = tmp_path / "out"
     dest.mkdir()
@@ -114,7 +114,8 @@ def test_extract_copies_bytes_and_trees_and_cancel_leaves_nothing(qtbot, window,
         for r in range(pane.proxy.rowCount()):
             if os.path.basename(pane.proxy.data(pane.proxy.index(r, 0), Qt.UserRole + 1)) \
                     in names:
-                sm.select(pane.proxy.index(r, 0), QItemSelectionModel.Select | QItemSelectionModel.Rows)
+                sm.select(pane.proxy.index(r, 0),
+                          QItemSelectionModel.Select | QItemSelectionModel.Rows)
 
     select("hello.txt", "dir")
     pane.extract_button.click()
@@ -136,7 +137,9 @@ def test_extract_copies_bytes_and_trees_and_cancel_leaves_nothing(qtbot, window,
                 if done >= MiB:
                     job.cancel()
                 return progress(done, total)
+
             return fn(p)
+
         job.fn = run
         return job
 
@@ -149,7 +152,7 @@ def test_extract_copies_bytes_and_trees_and_cancel_leaves_nothing(qtbot, window,
     job = wait_job(qtbot, pane.extract_jobs[-1])
     assert job.state == JobState.CANCELLED
     assert os.listdir(dest2) == []
-    assert job in window.queue.jobs                   # visible in the Jobs panel
+    assert job in window.queue.jobs  # visible in the Jobs panel
 
 
 def test_changes_view_lists_exactly_the_touched_files(qtbot, window, tmp_path):
@@ -195,9 +198,13 @@ def test_a_damaged_table_shows_a_readable_message(qtbot, window, tmp_path):
     img = tmp_path / "bad.img"
     with open(img, "wb") as f:
         f.truncate(8 * MiB)
-    sh("sfdisk", "-q", img, input="label: dos\nstart=2048, size=4096, type=83\n"
-       "start=8192, size=4096, type=83\n")
-    with open(img, "r+b") as f:              # partition 2 now runs far past the end
+    sh(
+        "sfdisk",
+        "-q",
+        img,
+        input="label: dos\nstart=2048, size=4096, type=83\nstart=8192, size=4096, type=83\n",
+    )
+    with open(img, "r+b") as f:  # partition 2 now runs far past the end
         f.seek(446 + 16 + 12)
         f.write((1 << 22).to_bytes(4, "little"))
     window.show()
@@ -223,5 +230,5 @@ def test_allocation_picture_overlays_the_partitions(qtbot, window, disk):
     bar_x, bar_w = amap._bar_geometry()
     assert abs(a0 - (bar_x + bar_w / 32)) < 1 and abs(b1 - (bar_x + bar_w * 24 / 32)) < 1
     assert a0 < a1 < b0 < b1
-    amap.partitions_action.setChecked(False)       # the overlay is optional
+    amap.partitions_action.setChecked(False)  # the overlay is optional
     assert amap.partition_marks() == []

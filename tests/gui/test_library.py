@@ -114,8 +114,13 @@ def test_read_virtualbox_registry(tmp_path):
     by_path = {m["path"]: m for m in media}
     base = str(root / "VMs" / "win" / "base.vdi")
     snap = str(root / "VMs" / "win" / "Snapshots" / "{11111111-2222-3333-4444-555555555555}.vdi")
-    assert list(by_path) == [base, snap, absolute, str(root / "isos" / "install.iso"),
-                             str(root / "boot.img")]                  # iSCSI skipped
+    assert list(by_path) == [
+        base,
+        snap,
+        absolute,
+        str(root / "isos" / "install.iso"),
+        str(root / "boot.img"),
+    ]  # iSCSI skipped
     assert by_path[snap]["parent_uuid"] == "66666666-2222-3333-4444-555555555555"
     assert by_path[snap]["uuid"] == "11111111-2222-3333-4444-555555555555"
     assert by_path[absolute]["format"] == "VMDK"
@@ -133,7 +138,7 @@ def test_read_virtualbox_registry(tmp_path):
 def test_import_from_virtualbox_in_window(qtbot, window, tmp_path):
     root, xml, _ = _write_vbox(tmp_path)
     base = str(root / "VMs" / "win" / "base.vdi")
-    with Disk() as d:                       # one real image; the others are missing
+    with Disk() as d:  # one real image; the others are missing
         d.create_base(base, 4 * MiB, "VDI")
     job = window.import_virtualbox(str(xml))
     wait_job(qtbot, job)
@@ -171,14 +176,15 @@ def test_close_with_running_jobs_asks_then_cancels(qtbot, window, monkeypatch):
             started.set()
             if progress(i, 100000) is False:
                 from vdgui.vd import Cancelled
+
                 raise Cancelled()
             threading.Event().wait(0.001)
+
     job = window.start_job(Job("Long job", slow))
     assert started.wait(5)
-    qtbot.waitUntil(lambda: job.state == JobState.RUNNING, timeout=5000)   # the GUI heard it
+    qtbot.waitUntil(lambda: job.state == JobState.RUNNING, timeout=5000)  # the GUI heard it
     asked = []
-    monkeypatch.setattr(QMessageBox, "question",
-                        lambda *a, **k: asked.append(a) or QMessageBox.No)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.No)
     assert not window.close()
     assert asked and job.state == JobState.RUNNING
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
@@ -188,15 +194,20 @@ def test_close_with_running_jobs_asks_then_cancels(qtbot, window, monkeypatch):
 
 def test_screenshot_command(qtbot, tmp_path, vdi_chain):
     from vdgui.gui.app import main
+
     out = str(tmp_path / "shot.png")
-    assert main(["--screenshot", out, "--size", "900x600", vdi_chain["snap2"], vdi_chain["branch"]]) == 0
+    assert (
+        main(["--screenshot", out, "--size", "900x600", vdi_chain["snap2"], vdi_chain["branch"]])
+        == 0
+    )
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dropped_xml_is_a_registry_only_when_it_is_one(qtbot, window, tmp_path):
     from vdgui.gui.files import is_vbox_registry
-    root, xml, _ = _write_vbox(tmp_path)
+
+    _root, xml, _ = _write_vbox(tmp_path)
     other = tmp_path / "DiskDescriptor.xml"
     other.write_text('<?xml version="1.0"?><Parallels_disk_image Version="1.0"/>')
     assert is_vbox_registry(str(xml))

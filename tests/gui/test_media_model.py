@@ -6,8 +6,14 @@ import os
 import pytest
 from PySide6.QtCore import QModelIndex, Qt
 
-from vdgui.gui.models.media import (COL_NAME, COL_STATE, COLUMNS, MediaFilterProxy, MediaModel,
-                                    build_forest)
+from vdgui.gui.models.media import (
+    COL_NAME,
+    COL_STATE,
+    COLUMNS,
+    MediaFilterProxy,
+    MediaModel,
+    build_forest,
+)
 from vdgui.vd import Disk, ImageRecord
 
 pytestmark = pytest.mark.gui

@@ -7,8 +7,18 @@ import pytest
 import vdgui.vd.registry as registry
 from vdgui.gui import actions
 from vdgui.gui.widgets.config_form import ConfigForm
-from vdgui.vd import (Alloc, Backend, Cap, ConfigKey, Image, KeyFlag, NetworkError,
-                      Operation, ValueType, parse_config)
+from vdgui.vd import (
+    Alloc,
+    Backend,
+    Cap,
+    ConfigKey,
+    Image,
+    KeyFlag,
+    NetworkError,
+    Operation,
+    ValueType,
+    parse_config,
+)
 
 pytestmark = pytest.mark.gui
 

@@ -13,8 +13,21 @@ from tests.gui.conftest import wait_job
 from vdgui.gui import actions
 from vdgui.gui.dialogs.create import CreateDialog
 from vdgui.gui.dialogs.network_disk import NetworkDiskDialog, SecretsDialog
-from vdgui.vd import (Alloc, AuthenticationError, Backend, Cap, ConfigKey, Image, KeyFlag,
-                      Library, Operation, ValueType, backends, get_backend, parse_config)
+from vdgui.vd import (
+    Alloc,
+    AuthenticationError,
+    Backend,
+    Cap,
+    ConfigKey,
+    Image,
+    KeyFlag,
+    Library,
+    Operation,
+    ValueType,
+    backends,
+    get_backend,
+    parse_config,
+)
 
 pytestmark = pytest.mark.gui
 

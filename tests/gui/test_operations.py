@@ -2,6 +2,7 @@
 progress is observed (monotonic, ends at 100 %) and the result verified on disk."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -37,7 +38,7 @@ class Recorder:
         assert seen, "no progress signal"
         assert seen[0][0] == 0, seen[:3]
         assert seen[-1][0] == seen[-1][1] > 0, seen[-3:]
-        assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), "progress went backwards"
+        assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen)), "progress went backwards"
         return seen
 
 
@@ -95,8 +96,7 @@ def test_create_dialog_uses_config_keys_and_warns(qtbot, window, tmp_path):
 
 
 def test_fat_size_limit_warning():
-    from vdgui.gui.dialogs.common import size_warnings
-    from vdgui.gui.dialogs.common import room_problem
+    from vdgui.gui.dialogs.common import room_problem, size_warnings
     w = size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="vfat")
     assert w and "FAT" in w[0]
     assert not size_warnings("/media/stick/big.vdi", 8 << 30, preallocate=False, fs_type="ext4")
@@ -352,9 +352,11 @@ def _drive_modal(qtbot, cls, action):
     from PySide6.QtWidgets import QApplication
     seen = []
 
-    def attempt(tries=[0]):
-        dlg = next((w for w in QApplication.topLevelWidgets() if isinstance(w, cls) and w.isVisible()),
-                   None)
+    def attempt(tries=[0]):  # noqa: B006 - the list counts calls across retries
+        dlg = next(
+            (w for w in QApplication.topLevelWidgets() if isinstance(w, cls) and w.isVisible()),
+            None,
+        )
         if dlg is None:
             tries[0] += 1
             if tries[0] < 200:
@@ -366,6 +368,7 @@ def _drive_modal(qtbot, cls, action):
         finally:
             if dlg.isVisible():
                 dlg.reject()
+
     seen_cb = [None]
 
     def run(cb):
@@ -373,6 +376,7 @@ def _drive_modal(qtbot, cls, action):
         QTimer.singleShot(0, attempt)
         action()
         return seen
+
     return run
 
 
@@ -386,6 +390,7 @@ def test_toolbar_actions_open_dialogs_and_run_jobs(qtbot, window, tmp_path, vdi_
         dlg.size.setValue(16 * MiB)
         dlg.location.set_path(str(tmp_path / "via-action.vdi"))
         qtbot.mouseClick(dlg.ok, Qt.LeftButton)
+
     seen = _drive_modal(qtbot, CreateDialog, window.actions["create"].trigger)(fill_create)
     assert seen
     job = window.queue.jobs[-1]
@@ -401,6 +406,7 @@ def test_toolbar_actions_open_dialogs_and_run_jobs(qtbot, window, tmp_path, vdi_
         dlg.set_format("VDI")
         dlg.location.set_path(str(tmp_path / "copied.vdi"))
         qtbot.mouseClick(dlg.ok, Qt.LeftButton)
+
     assert _drive_modal(qtbot, CopyDialog, window.actions["copy"].trigger)(fill_copy)
     job = window.queue.jobs[-1]
     assert job.kind == "copy"
@@ -411,6 +417,7 @@ def test_toolbar_actions_open_dialogs_and_run_jobs(qtbot, window, tmp_path, vdi_
 
 def test_real_copy_cancelled_from_panel_leaves_nothing(qtbot, window, tmp_path):
     from vdgui.vd import copy_image
+
     src = str(tmp_path / "data.vdi")
     with Disk() as d:
         d.create_base(src, 64 * MiB, "VDI")
@@ -425,17 +432,21 @@ def test_real_copy_cancelled_from_panel_leaves_nothing(qtbot, window, tmp_path):
         def cb(done, total):
             r = progress(done, total)
             if done == 0:
-                time.sleep(0.08)    # outlast the engine's progress throttle: the next call is mid-copy
+                time.sleep(
+                    0.08
+                )  # outlast the engine's progress throttle: the next call is mid-copy
             elif done < total and not mid.is_set():
                 mid.set()
                 clicked.wait(10)
                 r = progress(done, total)
             return r
+
         return copy_image(src, dst, "VMDK", progress=cb)
+
     job = window.start_job(Job("Copy data.vdi", fn, paths=[src, dst]))
     assert mid.wait(20)
     row = window.jobs_panel.row_for(job)
-    qtbot.waitUntil(lambda: "of" in row.detail.text(), timeout=3000)   # progress shown
+    qtbot.waitUntil(lambda: "of" in row.detail.text(), timeout=3000)  # progress shown
     qtbot.mouseClick(row.cancel_button, Qt.LeftButton)
     clicked.set()
     wait_job(qtbot, job)
@@ -445,6 +456,7 @@ def test_real_copy_cancelled_from_panel_leaves_nothing(qtbot, window, tmp_path):
 
 def test_failure_shows_engine_message(qtbot, window, tmp_path):
     from vdgui.jobs import tasks
+
     missing = str(tmp_path / "nothing.vdi")
     job = window.start_job(tasks.compact_job(missing))
     wait_job(qtbot, job)
@@ -452,7 +464,9 @@ def test_failure_shows_engine_message(qtbot, window, tmp_path):
     row = window.jobs_panel.row_for(job)
     assert "Failed" in row.detail.text() and "nothing.vdi" in row.detail.text()
     assert "nothing.vdi" in window.statusBar().currentMessage()
-    assert not window.messages or all("internal error" not in m.windowTitle() for m in window.messages)
+    assert not window.messages or all(
+        "internal error" not in m.windowTitle() for m in window.messages
+    )
 
 
 def test_bug_in_a_job_shows_crash_dialog_with_traceback(qtbot, window):
@@ -472,8 +486,9 @@ def test_details_edits_survive_a_refresh(qtbot, window, tmp_path):
     window.select_paths([p])
     window.details.comment.setText("typing…")
     wait_job(qtbot, window.refresh())
-    qtbot.waitUntil(lambda: window.details.node is not None and window.details.node.path == p,
-                    timeout=3000)
+    qtbot.waitUntil(
+        lambda: window.details.node is not None and window.details.node.path == p, timeout=3000
+    )
     assert window.details.comment.text() == "typing…"
     window.details.reset()
     assert window.details.comment.text() == ""
@@ -481,6 +496,7 @@ def test_details_edits_survive_a_refresh(qtbot, window, tmp_path):
 
 def test_create_dialog_follows_the_device_tab(qtbot, window, tmp_path):
     from vdgui.vd import backends
+
     dlg = CreateDialog(str(tmp_path), window, device="floppy")
     qtbot.addWidget(dlg)
     b = dlg.backend()
@@ -496,16 +512,22 @@ def test_create_dialog_follows_the_device_tab(qtbot, window, tmp_path):
 
 def test_check_report_with_problems_is_explained(qtbot, window, tmp_path):
     from vdgui.vd import Problem
+
     p = _standalone_vdi(tmp_path)
     window.add_paths([p], sync=True)
     node = window.model.node(p)
-    report = CheckReport(problems=[Problem("corrupt", "block map entry 7 points past the end", 4096),
-                                   Problem("leak", "cluster 12 is not referenced")])
+    report = CheckReport(
+        problems=[
+            Problem("corrupt", "block map entry 7 points past the end", 4096),
+            Problem("leak", "cluster 12 is not referenced"),
+        ]
+    )
     window.ops.check_done(node, report, repair=False)
     box = window.messages[-1]
     assert "corrupt" in box.text() and "block map entry 7" in box.text() and "Repair" in box.text()
     box.close()
     from vdgui.gui.widgets.jobs_panel import check_summary
+
     assert check_summary(report) == "2 problem(s) left (corrupt)"
     report.problems[0].repaired = True
     assert check_summary(report) == "1 problem(s) repaired, 1 problem(s) left (leaked blocks)"
@@ -524,8 +546,9 @@ def test_config_summary_follows_every_edit(qtbot, window, tmp_path):
     ed.clear()
     for ch in "1000":
         ed.insert(ch)
-    assert dlg.messages.errors == ["Cluster size: value 1000 is not a power of two"] or \
-        dlg.messages.errors == ["Cluster size: expected a power of two, found 1000"]
+    assert dlg.messages.errors == [
+        "Cluster size: value 1000 is not a power of two"
+    ] or dlg.messages.errors == ["Cluster size: expected a power of two, found 1000"]
     assert not dlg.ok.isEnabled()
 
 
@@ -534,6 +557,7 @@ def test_copy_to_vmdk_offers_no_raw_disk_keys(qtbot, window, vdi_chain):
     dlg = CopyDialog(window.model.node(vdi_chain["snap2"]), window)
     qtbot.addWidget(dlg)
     dlg.set_format("VMDK")
-    assert dlg.config is None or not {"RawDrive", "Partitions", "BootSector",
-                                      "Relative"} & set(dlg.config.fields)
+    assert dlg.config is None or not {"RawDrive", "Partitions", "BootSector", "Relative"} & set(
+        dlg.config.fields
+    )
     assert not dlg.config_box.isVisibleTo(dlg)

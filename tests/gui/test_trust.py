@@ -46,13 +46,17 @@ def test_copy_as_chain_names_the_selected_image_and_keeps_sizes(qtbot, window, v
     # a name below the top that is taken is refused before starting
     (out / "snap2_copy-snap1.qcow2").write_bytes(b"")
     dlg.validate()
-    assert not dlg.ok.isEnabled() and any("snap2_copy-snap1.qcow2" in e for e in dlg.messages.errors)
+    assert not dlg.ok.isEnabled() and any(
+        "snap2_copy-snap1.qcow2" in e for e in dlg.messages.errors
+    )
     os.unlink(out / "snap2_copy-snap1.qcow2")
     dlg.validate()
     job = ok(qtbot, window.start_copy(node, dlg.params()))
     assert job.result[-1] == dst
-    with Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as t, \
-            Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as s:
+    with (
+        Disk.open_chain(dst, flags=OpenFlags.READ_ONLY) as t,
+        Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as s,
+    ):
         assert [os.path.basename(i.location) for i in t.images] == [n for n, _ in names]
         assert [i.size for i in t.images] == [8 * MiB, 8 * MiB, 12 * MiB]
         for lv in range(3):
@@ -71,7 +75,7 @@ def _vdi(tmp_path, name="disk.vdi", size=8 * MiB):
 
 def test_details_pane_follows_a_resize_and_apply_never_shrinks_silently(qtbot, window, tmp_path):
     p = _vdi(tmp_path)
-    window.show()                     # the allocation picture is read only while shown
+    window.show()  # the allocation picture is read only while shown
     window.add_paths([p], sync=True)
     window.select_paths([p])
     d = window.details
@@ -93,6 +97,7 @@ def test_details_pane_follows_a_resize_and_apply_never_shrinks_silently(qtbot, w
     def decline(title, text, ok_text, checkbox):
         asked.append(text)
         return (False, False)
+
     window.confirm = decline
     started.clear()
     d.size.setValue(8 * MiB)
@@ -126,13 +131,16 @@ def test_details_pane_follows_a_resize_and_apply_never_shrinks_silently(qtbot, w
     ok(qtbot, job)
     with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as disk:
         assert disk.size == 8 * MiB and disk.read(0, MiB) == b"\x5a" * MiB
-    qtbot.waitUntil(lambda: d.size.value() == 8 * MiB and not d.reset_button.isEnabled(),
-                    timeout=5000)
+    qtbot.waitUntil(
+        lambda: d.size.value() == 8 * MiB and not d.reset_button.isEnabled(), timeout=5000
+    )
 
 
 def test_resize_dialog_shrink_asks_too(qtbot, window, tmp_path, monkeypatch):
     from PySide6.QtWidgets import QDialog
+
     from vdgui.gui.dialogs import resize as rdlg
+
     p = _vdi(tmp_path)
     window.add_paths([p], sync=True)
     window.select_paths([p])
@@ -148,6 +156,7 @@ def test_resize_dialog_shrink_asks_too(qtbot, window, tmp_path, monkeypatch):
 def _twin(vdi_chain, tmp_path):
     """A byte copy of base.vdi (which has children) in another folder."""
     import shutil
+
     other = tmp_path / "copied"
     other.mkdir()
     twin = str(other / "base.vdi")
@@ -157,15 +166,18 @@ def _twin(vdi_chain, tmp_path):
 
 def test_library_marks_duplicate_uuids(library, vdi_chain, tmp_path):
     from vdgui.vd import mark_duplicates
+
     twin = _twin(vdi_chain, tmp_path)
     recs = library.add_with_parents(vdi_chain["snap2"]) + library.add_with_parents(twin)
     by = {r.path: r for r in recs}
-    assert by[twin].duplicates == [vdi_chain["base"]]       # the library knew the original
-    assert mark_duplicates(recs, library) == [vdi_chain["base"]]   # the original learns it
+    assert by[twin].duplicates == [vdi_chain["base"]]  # the library knew the original
+    assert mark_duplicates(recs, library) == [vdi_chain["base"]]  # the original learns it
     assert by[vdi_chain["base"]].duplicates == [twin]
     assert by[vdi_chain["snap1"]].duplicates == [] and by[vdi_chain["snap2"]].duplicates == []
     full = {r.path: r for r in library.scan_all()}
-    assert full[vdi_chain["base"]].duplicates == [twin] and full[twin].duplicates == [vdi_chain["base"]]
+    assert full[vdi_chain["base"]].duplicates == [twin] and full[twin].duplicates == [
+        vdi_chain["base"]
+    ]
     # one file under two names is not a duplicate of itself
     link = str(tmp_path / "link.vdi")
     os.symlink(vdi_chain["branch"], link)
@@ -176,6 +188,7 @@ def test_library_marks_duplicate_uuids(library, vdi_chain, tmp_path):
 
 def test_give_new_uuid_relinks_children_and_refuses_a_stranger(library, vdi_chain, tmp_path):
     from vdgui.vd import ParentMismatch, give_new_uuid
+
     twin = _twin(vdi_chain, tmp_path)
     with Disk.open_chain(vdi_chain["snap2"], flags=OpenFlags.READ_ONLY) as d:
         content = d.read(0, d.size)
@@ -201,12 +214,14 @@ def test_give_new_uuid_relinks_children_and_refuses_a_stranger(library, vdi_chai
 
 def test_duplicate_shown_in_tree_and_fixed_from_details(qtbot, window, vdi_chain, tmp_path):
     from PySide6.QtCore import Qt
+
     from vdgui.gui.models.media import COL_STATE
+
     twin = _twin(vdi_chain, tmp_path)
     window.add_paths([vdi_chain["snap2"], vdi_chain["branch"]], sync=True)
     base = window.model.node(vdi_chain["base"])
     assert base.state_text() == "Available"
-    window.add_paths([twin], sync=True)              # the copy marks the original too
+    window.add_paths([twin], sync=True)  # the copy marks the original too
     base, copy = window.model.node(vdi_chain["base"]), window.model.node(twin)
     assert base.state_text() == copy.state_text() == "Duplicate UUID"
     idx = window.model.index_for(copy, COL_STATE)
@@ -239,6 +254,7 @@ def test_duplicate_shown_in_tree_and_fixed_from_details(qtbot, window, vdi_chain
 # -- item 6: repair asks first and keeps data --------------------------------------------------
 def _vdi_lost_entry(tmp_path):
     from tests.engine.test_repair_keeps import _lose_vdi_entry, _make
+
     p = _make(tmp_path, "VDI")
     _lose_vdi_entry(p, 1)
     return p
@@ -263,6 +279,7 @@ def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, wind
         assert f.read() == before, "nothing changes before the user confirms"
     # the dialog the user sees: findings, effects, where the data goes, backup on by default
     from vdgui.gui.dialogs.repair import RepairDialog
+
     dlg = RepairDialog(window.model.node(p), asked[0], window)
     qtbot.addWidget(dlg)
     assert "not referenced" in dlg.findings.text()
@@ -285,8 +302,9 @@ def test_repair_shows_findings_first_and_keeps_a_backup_and_the_data(qtbot, wind
         assert f.read() == before
     with open(rep.orphans_file, "rb") as f:
         assert b"\x22" * MiB in f.read()
-    qtbot.waitUntil(lambda: any(m.windowTitle() == "Repair result" for m in window.messages),
-                    timeout=3000)
+    qtbot.waitUntil(
+        lambda: any(m.windowTitle() == "Repair result" for m in window.messages), timeout=3000
+    )
     box = [m for m in window.messages if m.windowTitle() == "Repair result"][-1]
     assert rep.orphans_file in box.text() and rep.backup in box.text()
 

@@ -265,6 +265,7 @@ def test_check_result_is_on_the_image(qtbot, window, tmp_path):
     """Issue #13 item 1: after Check finds damage the image says Corrupt (icon, tooltip), the job
     line has a warning icon, the result offers Repair…; the state lasts until the file changes."""
     from PySide6.QtCore import Qt
+
     from vdgui.gui.models.media import COL_STATE
     p = _crosslinked_vdi(tmp_path / "bad.vdi")
     window.add_paths([p], sync=True)
@@ -303,6 +304,7 @@ def test_an_image_another_program_holds_is_locked(qtbot, window, tmp_path, qemu)
         node = window.model.node(p)
         assert node.state_text() == "Locked"
         from PySide6.QtCore import Qt
+
         from vdgui.gui.models.media import COL_STATE
         assert "another program" in window.model.data(window.model.index_for(node, COL_STATE),
                                                       Qt.ToolTipRole)

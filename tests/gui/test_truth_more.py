@@ -97,8 +97,13 @@ def test_resize_dialog_never_overlaps_when_the_shrink_warning_shows(qtbot, windo
 def _retry_case(window, kind, chain, tmp_path):
     """(start the job, its params) for a dialog-driven job that will fail after its dialog
     closed: the image it works on is deleted meanwhile."""
-    from vdgui.gui.dialogs.params import (CopyParams, MergeParams, MoveParams, ResizeParams,
-                                          SnapshotParams)
+    from vdgui.gui.dialogs.params import (
+        CopyParams,
+        MergeParams,
+        MoveParams,
+        ResizeParams,
+        SnapshotParams,
+    )
     from vdgui.vd import ImageFlags
     node = window.model.node(chain["snap2"])
     if kind == "snapshot":
@@ -190,6 +195,7 @@ def test_jobs_keep_the_event_loop_responsive(qtbot, window, tmp_path, monkeypatc
     behind a job and its reader threads), restored afterwards; and no icon of a job row is
     first rendered while a job runs or ends."""
     import sys
+
     from vdgui.gui import icons
     from vdgui.jobs import Job
     before = sys.getswitchinterval()
@@ -210,6 +216,7 @@ def test_what_the_screenshots_showed_reads_right(qtbot, window, vdi_chain, tmp_p
     """Seen in docs/screenshots: the copy dialog wrote the variant "dynamic,diff", and the check
     of a damaged VDI said "only 1 blocks are in use"."""
     from PySide6.QtWidgets import QLabel
+
     from tests.gui.test_truth import _crosslinked_vdi
     from vdgui.gui.dialogs.copy import CopyDialog
     window.add_paths([vdi_chain["snap2"]], sync=True)

@@ -26,7 +26,7 @@ def chain(tmp_path, qemu):
 
 
 def test_reads_match_the_chain_and_the_parent(chain):
-    base, top, want, _ = chain
+    _base, top, want, _ = chain
     with vd.Disk.open_chain(str(top), flags=vd.OpenFlags.READ_ONLY) as d:
         f = vd.DiskFile(d, cache_bytes=256 * 1024)
         assert f.readable() and f.seekable() and not f.writable()
@@ -53,7 +53,7 @@ def test_reads_match_the_chain_and_the_parent(chain):
 
 
 def test_write_only_when_opened_for_writing(chain, qemu):
-    _, top, want, tmp = chain
+    _, top, want, _tmp = chain
     with vd.Disk.open_chain(str(top)) as d:
         f = vd.DiskFile(d)
         assert f.writable()

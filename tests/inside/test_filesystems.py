@@ -57,7 +57,7 @@ def volumes(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["ext4", "fat", "iso"])
 def test_listing_and_content_match_the_source(volumes, kind):
-    src, files, vols = volumes
+    _src, files, vols = volumes
     got = _files(vols[kind], "", "-f", "raw")
     assert sorted(got) == sorted("/" + k for k in files)
     for path, e in got.items():
@@ -72,6 +72,7 @@ def test_listing_and_content_match_the_source(volumes, kind):
 def run_cli_bytes(*args) -> bytes:
     import subprocess
     import sys
+
     from tests.conftest import ROOT
     r = subprocess.run([sys.executable, "-m", "vdgui.cli", *map(str, args)], capture_output=True,
                        cwd=str(ROOT))
@@ -96,6 +97,7 @@ def test_against_the_file_systems_own_tools(volumes):
 
 def sh_bytes(*args) -> bytes:
     import subprocess
+
     from tests.inside.conftest import tool
     return subprocess.run([tool(args[0]), *map(str, args[1:])], capture_output=True,
                           check=True).stdout

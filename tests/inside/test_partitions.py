@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.inside.conftest import MiB, sh
-from vdgui import vd
 
 
 def _parts(path, *extra):

@@ -4,7 +4,6 @@ format) and ``qemu-img compare`` finds it identical to the source as qemu reads 
 makes in each format it can create are converted by us and compared the same way."""
 from __future__ import annotations
 
-
 import pytest
 
 from tests.interop.qemu_formats import qemu_name

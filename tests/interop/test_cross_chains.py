@@ -16,8 +16,7 @@ import pytest
 
 from tests.conftest import read_all
 from tests.interop.qemu_formats import qemu_name
-from vdgui.vd import (Cap, Disk, NotSupported, OpenFlags, backends, copy_image, get_backend,
-                      merge)
+from vdgui.vd import Cap, Disk, NotSupported, OpenFlags, backends, copy_image, get_backend, merge
 
 pytestmark = pytest.mark.interop
 

@@ -74,7 +74,11 @@ def qemu_io_holder(path, mode="rw", fmt="raw"):
 @contextlib.contextmanager
 def qemu_nbd_holder(path, tmp_path, fmt="raw", ro=False):
     sock = tmp_path / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock"
-    args = ["qemu-nbd", "-f", fmt, "-k", str(sock), "--persistent"] + (["-r"] if ro else []) + [str(path)]
+    args = (
+        ["qemu-nbd", "-f", fmt, "-k", str(sock), "--persistent"]
+        + (["-r"] if ro else [])
+        + [str(path)]
+    )
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_locked(path, p)
@@ -110,8 +114,11 @@ def make_chain(tmp_path, fmt):
 
 
 def snapshot(folder):
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()
-            for n in sorted(os.listdir(folder)) if (folder / n).is_file() and not n.endswith(".sock")}
+    return {
+        n: hashlib.sha256((folder / n).read_bytes()).hexdigest()
+        for n in sorted(os.listdir(folder))
+        if (folder / n).is_file() and not n.endswith(".sock")
+    }
 
 
 # which lock each operation takes on the chain's files: S shared, W write/exclusive
@@ -124,8 +131,10 @@ def _ops(base, top, tmp_path):
     return [
         (("info", base), {base: "S"}),
         (("info", "--chain", top), {top: "S", base: "S"}),
-        (("read", top, "--offset", "0", "--length", "4096", "--output", os.devnull),
-         {top: "S", base: "S"}),
+        (
+            ("read", top, "--offset", "0", "--length", "4096", "--output", os.devnull),
+            {top: "S", base: "S"},
+        ),
         (("map", top), {top: "S", base: "S"}),
         (("compare", base, top), {top: "S", base: "S"}),
         (("convert", "-O", "QCOW2", top, dst), {top: "S", base: "S"}),
@@ -137,7 +146,7 @@ def _ops(base, top, tmp_path):
         (("compact", top), {top: "W", base: "S"}),
         (("set", base, "--uuid", "new"), {base: "W"}),
         (("write", base, "--offset", "0", "--input", inp), {base: "W"}),
-        (("resize", base, "8M"), {base: "W", top: "W?"}),      # W?: when top must be relinked
+        (("resize", base, "8M"), {base: "W", top: "W?"}),  # W?: when top must be relinked
         (("compact", base), {base: "W", top: "W?"}),
     ]
 
@@ -148,22 +157,25 @@ def _run_matrix(tmp_path, fmt, held_name, mode, holder="qemu-io"):
     held = base if held_name == "base" else top
     ops = _ops(base, top, tmp_path)
     before = snapshot(tmp_path)
-    cm = (qemu_io_holder(held, mode) if holder == "qemu-io"
-          else qemu_nbd_holder(held, tmp_path, ro=mode == "ro"))
+    cm = (
+        qemu_io_holder(held, mode)
+        if holder == "qemu-io"
+        else qemu_nbd_holder(held, tmp_path, ro=mode == "ro")
+    )
     wrong = []
     with cm:
         for args, needs in ops:
             if args[0] == "set" and fmt == "QCOW2":
-                continue                  # QCOW2 stores no UUID
+                continue  # QCOW2 stores no UUID
             need = needs.get(held)
             refused = need is not None and (mode == "rw" or need == "W")
             snap = snapshot(tmp_path)
             code, err = vimg(*args)
-            if need == "W?":                   # either done, or refused with nothing changed
+            if need == "W?":  # either done, or refused with nothing changed
                 refused = code == 1 and "in use" in err
                 if refused and snapshot(tmp_path) != snap:
                     wrong.append(f"{' '.join(map(str, args))}: refused after changing files")
-            err_code = 2 if args[0] == "compare" else 1     # compare: 1 means "different"
+            err_code = 2 if args[0] == "compare" else 1  # compare: 1 means "different"
             if refused and not (code == err_code and "in use" in err):
                 wrong.append(f"{' '.join(map(str, args))}: expected a refusal, got {code} {err!r}")
             elif not refused and code not in ((0, 1) if args[0] == "compare" else (0,)):
@@ -172,22 +184,28 @@ def _run_matrix(tmp_path, fmt, held_name, mode, holder="qemu-io"):
                 wrong.append(err)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path / "out" / "copy.qcow2")
-            if mode == "rw" and need == "S" and args[0] in ("info", "read", "map", "compare",
-                                                            "convert", "check"):
-                code, err = vimg(args[0], "-U", *args[1:])      # qemu's -U: allowed
+            if (
+                mode == "rw"
+                and need == "S"
+                and args[0] in ("info", "read", "map", "compare", "convert", "check")
+            ):
+                code, err = vimg(args[0], "-U", *args[1:])  # qemu's -U: allowed
                 if code not in ((0, 1) if args[0] == "compare" else (0,)):
                     wrong.append(f"{args[0]} -U: {code} {err!r}")
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path / "out" / "copy.qcow2")
         after = snapshot(tmp_path)
-        assert after.get(held.name) == before[held.name], "the file held open was changed or deleted"
+        assert after.get(held.name) == before[held.name], (
+            "the file held open was changed or deleted"
+        )
     assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize("mode", ["rw", "ro"])
 @pytest.mark.parametrize("held", ["base", "top"])
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=[] if f == "QCOW2" else pytest.mark.slow)
-                                 for f in FORMATS])
+@pytest.mark.parametrize(
+    "fmt", [pytest.param(f, marks=[] if f == "QCOW2" else pytest.mark.slow) for f in FORMATS]
+)
 def test_every_op_refused_while_qemu_io_holds(tmp_path, fmt, held, mode):
     _run_matrix(tmp_path, fmt, held, mode)
 
@@ -204,7 +222,7 @@ def test_merge_refused_while_qemu_nbd_serves(tmp_path, fmt, mode):
             with pytest.raises(ImageInUse):
                 merge(str(s), str(t))
         assert snapshot(tmp_path) == before
-    merge(str(base), str(top))           # the holder gone: the merge runs
+    merge(str(base), str(top))  # the holder gone: the merge runs
     assert not base.exists()
 
 
@@ -223,8 +241,13 @@ def test_qcow2_backing_file_of_a_qemu_writer(tmp_path, qemu):
     base, top = make_chain(tmp_path, "QCOW2")
     before = snapshot(tmp_path)
     with qemu_io_holder(top, "rw", fmt="qcow2"):
-        for args in (("write", base, "--offset", "0", "--input", base), ("resize", base, "8M"),
-                     ("compact", base), ("merge", top, base), ("merge", base, top)):
+        for args in (
+            ("write", base, "--offset", "0", "--input", base),
+            ("resize", base, "8M"),
+            ("compact", base),
+            ("merge", top, base),
+            ("merge", base, top),
+        ):
             code, err = vimg(*args)
             assert code == 1 and "in use" in err, (args, code, err)
         code, err = vimg("read", base, "--offset", "0", "--length", "512", "--output", os.devnull)
@@ -232,8 +255,9 @@ def test_qcow2_backing_file_of_a_qemu_writer(tmp_path, qemu):
         assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=[] if f == "VMDK" else pytest.mark.slow)
-                                 for f in FORMATS])
+@pytest.mark.parametrize(
+    "fmt", [pytest.param(f, marks=[] if f == "VMDK" else pytest.mark.slow) for f in FORMATS]
+)
 def test_qemu_refused_while_vdgui_writes_a_child(tmp_path, qemu, fmt):
     """While vdgui writes the child, qemu may not write or resize the parent (its backing
     file) nor open the child; it may still read the parent."""
@@ -247,11 +271,14 @@ def test_qemu_refused_while_vdgui_writes_a_child(tmp_path, qemu, fmt):
             assert r.returncode != 0 and "lock" in r.stderr, r
         r = qemu.io("-f", "raw", "-r", "-c", "read 0 4k", base, check=False)
         assert r.returncode == 0, r
-        r = qemu.io("-f", "raw", "-r", "-c", "read 0 4k", top, check=False)   # we write top
+        r = qemu.io("-f", "raw", "-r", "-c", "read 0 4k", top, check=False)  # we write top
         assert "lock" in r.stderr, r
         # another vdgui process: the parent is protected against writers too
-        r = subprocess.run([sys.executable, "-m", "vdgui.cli", "resize", str(base), "8M"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "vdgui.cli", "resize", str(base), "8M"],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 1 and "in use" in r.stderr, r
     assert os.path.getsize(base) < 16 * MiB
 
@@ -293,7 +320,8 @@ def test_qemu_refused_during_a_merge(tmp_path, qemu):
                 r = qemu.io("-f", "raw", "-r", "-c", "read 0 512", p, check=False)
                 seen.append((p.name, w.returncode, r.returncode))
         return True
-    merge(str(paths[2]), str(paths[0]), progress=progress)      # forward: s0, s1 into base
+
+    merge(str(paths[2]), str(paths[0]), progress=progress)  # forward: s0, s1 into base
     assert [(n, w != 0) for n, w, _ in seen] == [(p.name, True) for p in paths]
     # the merged-away images may not even be read; the target's readers refuse a writer
     assert all(r != 0 for _n, _w, r in seen), seen
@@ -304,13 +332,16 @@ def test_vdgui_writer_holding_the_top_blocks_a_forward_merge(tmp_path):
     merge (another vdgui process)."""
     base, top = make_chain(tmp_path, "VDI")
     before = snapshot(tmp_path)
-    p = subprocess.Popen([sys.executable, "-m", "vdgui.cli", "write", str(top), "--offset", "0",
-                          "--input", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vdgui.cli", "write", str(top), "--offset", "0", "--input", "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_locked(top, p)
         code, err = vimg("merge", top, base)
         assert code == 1 and "in use" in err, err
-        code, err = vimg("write", base, "--offset", "0", "--input", top)     # its parent too
+        code, err = vimg("write", base, "--offset", "0", "--input", top)  # its parent too
         assert code == 1 and "in use" in err, err
         assert snapshot(tmp_path) == before
     finally:
@@ -330,12 +361,11 @@ def test_force_share_refused_for_a_repair(tmp_path):
 def test_compact_in_process_reads_and_writes_one_file(tmp_path):
     """Our own read-only opens inside an operation never refuse the operation's write lock
     (one lock descriptor per file in a process); a second writer in the process is refused."""
-    base, top = make_chain(tmp_path, "VHD")
+    _base, top = make_chain(tmp_path, "VHD")
     with Disk.open_chain(str(top), None, OpenFlags.READ_ONLY):
         compact(str(top))
-        with Disk.open_chain(str(top), None, OpenFlags.NORMAL):
-            with pytest.raises(ImageInUse):
-                Disk.open_chain(str(top), None, OpenFlags.NORMAL)
+        with Disk.open_chain(str(top), None, OpenFlags.NORMAL), pytest.raises(ImageInUse):
+            Disk.open_chain(str(top), None, OpenFlags.NORMAL)
 
 
 @pytest.mark.parametrize("mode", ["rw", "ro"])
@@ -358,6 +388,7 @@ def test_repair_refused_while_qemu_holds(tmp_path, mode):
     """check --repair of a damaged image another program holds: refused, the file unchanged
     (the read-only first pass may run beside a reader; the repair itself never does)."""
     from tests.engine.test_check import _vdi_damage
+
     path = tmp_path / "img.vdi"
     with Disk() as d:
         d.create_base(str(path), 8 * MiB, "VDI")
@@ -378,8 +409,9 @@ def test_repair_refused_before_saving_anything_while_qemu_holds(tmp_path, mode):
     """A repair takes the image's write lock before it writes anything anywhere: no orphan-data
     file (NAME.orphans-DATE.bin/.json), no backup folder, no temporary, beside a held image."""
     from tests.engine.test_repair_keeps import _lose_vdi_entry, _make
+
     path = _make(tmp_path, "VDI")
-    _lose_vdi_entry(path, 1)                   # an orphaned block holding data: it would be saved
+    _lose_vdi_entry(path, 1)  # an orphaned block holding data: it would be saved
     assert check_dry(path).orphans
     before = sorted(os.listdir(tmp_path)), snapshot(tmp_path)
     with qemu_io_holder(path, mode):
@@ -393,6 +425,7 @@ def test_repair_refused_before_saving_anything_while_qemu_holds(tmp_path, mode):
 
 def check_dry(path):
     from vdgui.vd import check
+
     return check(str(path), repair=True, dry_run=True)
 
 
@@ -404,10 +437,10 @@ def test_a_forked_child_never_drops_the_parents_locks(tmp_path):
         writer = Disk.open_chain(str(top), None, OpenFlags.NORMAL)
         try:
             pid = os.fork()
-            if pid == 0:                   # the child
+            if pid == 0:  # the child
                 code = 1
                 try:
-                    writer.close()         # its copy of the parent's writer
+                    writer.close()  # its copy of the parent's writer
                     with Disk.open_chain(str(base), None, OpenFlags.READ_ONLY):
                         pass
                     code = 0
@@ -438,6 +471,7 @@ def test_vmdk_extent_file_held(tmp_path, mode):
     """A split VMDK's extent files are locked like its descriptor: qemu holding one extent
     blocks every vdgui writer (and the merge) of that image."""
     from vdgui.vd import ImageFlags
+
     base, top = tmp_path / "base.vmdk", tmp_path / "top.vmdk"
     with Disk() as d:
         d.create_base(str(base), 4 * MiB, "VMDK", flags=ImageFlags.SPLIT_2G)
@@ -448,8 +482,12 @@ def test_vmdk_extent_file_held(tmp_path, mode):
     assert extents
     before = snapshot(tmp_path)
     with qemu_io_holder(extents[0], mode):
-        for args in (("merge", top, base), ("merge", base, top),
-                     ("write", base, "--offset", "0", "--input", base), ("compact", base)):
+        for args in (
+            ("merge", top, base),
+            ("merge", base, top),
+            ("write", base, "--offset", "0", "--input", base),
+            ("compact", base),
+        ):
             code, err = vimg(*args)
             assert code == 1 and "in use" in err, (args, code, err)
         assert snapshot(tmp_path) == before
@@ -460,14 +498,17 @@ def test_merge_deletes_only_under_its_lock(tmp_path, monkeypatch, forward):
     """The images a merge removes are still locked when their names go: no other program can
     open one in between and then lose it."""
     import vdgui.vd.ops.merge as merge_mod
+
     base, top = make_chain(tmp_path, "VDI")
     seen = []
     real_unlink = os.unlink
 
     def unlink(path, *a, **kw):
-        seen.append((os.path.basename(path), _lock_byte_taken(path, 100),
-                     _lock_byte_taken(path, 200)))
+        seen.append(
+            (os.path.basename(path), _lock_byte_taken(path, 100), _lock_byte_taken(path, 200))
+        )
         return real_unlink(path, *a, **kw)
+
     monkeypatch.setattr(merge_mod.os, "unlink", unlink)
     if forward:
         merge(str(top), str(base))

@@ -12,8 +12,8 @@ The CLI is run in-process (``vdgui.cli.main``) to save an interpreter start per 
 from __future__ import annotations
 
 import contextlib
-import os
 import io
+import os
 
 import pytest
 
@@ -171,9 +171,10 @@ def test_convert_matrix(qemu, sources, tmp_path, request, sid, backend, variant)
                    src, dst)
     assert rc == 0, f"vdgui-img convert failed: {err}"
     r = qemu.compare(src, dst, sfmt, tfmt)
-    assert r.returncode == 0, f"qemu-img compare {sid} vs {_tid(backend, variant)}: {r.stdout} {r.stderr}"
+    assert r.returncode == 0, (f"qemu-img compare {sid} vs {_tid(backend, variant)}: "
+                               f"{r.stdout} {r.stderr}")
     r = qemu.check(dst, tfmt)
-    if r.returncode != 63:                       # 63: qemu cannot check this format
+    if r.returncode != 63:  # 63: qemu cannot check this format
         assert r.returncode == 0, f"qemu-img check: {r.stdout} {r.stderr}"
     # and our own reading of the target agrees with the source as qemu reads it
     raw = str(tmp_path / "back.raw")
@@ -183,10 +184,13 @@ def test_convert_matrix(qemu, sources, tmp_path, request, sid, backend, variant)
     assert r.returncode == 0, f"our re-read of {_tid(backend, variant)} differs: {r.stdout}"
 
 
-BIG = 4 * 1024 * MiB + 64 * 1024 + 1536     # past 4 GiB, not a multiple of any block size
-BIG_OPS = ["write -P 0x21 0 512", "write -P 0x42 2147450880 65536",   # straddles 2 GiB
-           "write -P 0x63 4294967196 200",                            # straddles 4 GiB
-           f"write -P 0x84 {BIG - 4096} 4096"]
+BIG = 4 * 1024 * MiB + 64 * 1024 + 1536  # past 4 GiB, not a multiple of any block size
+BIG_OPS = [
+    "write -P 0x21 0 512",
+    "write -P 0x42 2147450880 65536",  # straddles 2 GiB
+    "write -P 0x63 4294967196 200",  # straddles 4 GiB
+    f"write -P 0x84 {BIG - 4096} 4096",
+]
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +209,7 @@ def _big_cases():
     out = []
     for b, v in TARGETS:
         if v & (ImageFlags.FIXED | ImageFlags.ESX):
-            continue                         # would write gigabytes
+            continue  # would write gigabytes
         if b.max_size is not None and b.max_size < BIG:
             continue
         out.append(pytest.param(b, v, id=_tid(b, v)))
@@ -218,8 +222,17 @@ def test_convert_sparse_past_4g(qemu, big_source, tmp_path, backend, variant):
     offsets, split2g extent edges), checked by qemu."""
     tfmt = qemu_name(backend)
     dst = str(tmp_path / f"big.{backend.default_extension() or 'img'}")
-    rc, err = _cli("convert", "-f", "qcow2", "-O", backend.name, "--variant",
-                   variant_words(variant), big_source, dst)
+    rc, err = _cli(
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        backend.name,
+        "--variant",
+        variant_words(variant),
+        big_source,
+        dst,
+    )
     assert rc == 0, f"vdgui-img convert failed: {err}"
     r = qemu.compare(big_source, dst, "qcow2", tfmt)
     assert r.returncode == 0, f"qemu-img compare: {r.stdout} {r.stderr}"
@@ -229,8 +242,9 @@ def test_convert_sparse_past_4g(qemu, big_source, tmp_path, backend, variant):
 
 
 def _diff_targets():
-    return [pytest.param(b, id=b.name) for b, v in TARGETS
-            if v == ImageFlags.NONE and b.caps & Cap.DIFF]
+    return [
+        pytest.param(b, id=b.name) for b, v in TARGETS if v == ImageFlags.NONE and b.caps & Cap.DIFF
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +254,35 @@ def qemu_chain(qemu, tmp_path_factory):
     d = tmp_path_factory.mktemp("matrix-chain")
     base, mid, top = (str(d / f"{n}.qcow2") for n in ("base", "mid", "top"))
     qemu.img("create", "-q", "-f", "qcow2", base, SIZE)
-    qemu.io("-f", "qcow2", "-c", "write -P 0x11 0 2M", "-c", f"write -P 0x12 {SIZE - 4096} 4096",
-            base)
+    qemu.io(
+        "-f", "qcow2", "-c", "write -P 0x11 0 2M", "-c", f"write -P 0x12 {SIZE - 4096} 4096", base
+    )
     qemu.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
-    qemu.io("-f", "qcow2", "-c", "write -P 0x21 64k 64k", "-c", "write -z 1M 128k",
-            "-c", "write -P 0x22 3000000 70000", mid)
+    qemu.io(
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x21 64k 64k",
+        "-c",
+        "write -z 1M 128k",
+        "-c",
+        "write -P 0x22 3000000 70000",
+        mid,
+    )
     qemu.img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
-    qemu.io("-f", "qcow2", "-c", "write -P 0x31 0 512", "-c", "discard 1536k 64k",
-            "-c", "write -z 3M 64k", "-c", f"write -P 0x32 {SIZE - 512} 512", top)
+    qemu.io(
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x31 0 512",
+        "-c",
+        "discard 1536k 64k",
+        "-c",
+        "write -z 3M 64k",
+        "-c",
+        f"write -P 0x32 {SIZE - 512} 512",
+        top,
+    )
     return [base, mid, top]
 
 
@@ -259,8 +294,10 @@ def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
     dst = str(tmp_path / f"c.{ext}")
     rc, err = _cli("convert", "--chain", "-O", backend.name, qemu_chain[-1], dst)
     assert rc == 0, f"vdgui-img convert --chain failed: {err}"
-    made = [str(tmp_path / f"c-{os.path.splitext(os.path.basename(p))[0]}.{ext}")
-            for p in qemu_chain[:-1]] + [dst]
+    made = [
+        str(tmp_path / f"c-{os.path.splitext(os.path.basename(p))[0]}.{ext}")
+        for p in qemu_chain[:-1]
+    ] + [dst]
     tfmt = qemu_name(backend)
     for lv, (src, out) in enumerate(zip(qemu_chain, made)):
         raw = str(tmp_path / f"level{lv}.raw")
@@ -268,7 +305,7 @@ def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
         assert rc == 0, f"reading level {lv} back: {err}"
         r = qemu.compare(src, raw, "qcow2", "raw")
         assert r.returncode == 0, f"level {lv} of the chain copy differs: {r.stdout}"
-        if tfmt in ("qcow2", "qed", "vmdk"):       # qemu follows these chains itself
+        if tfmt in ("qcow2", "qed", "vmdk"):  # qemu follows these chains itself
             r = qemu.compare(src, out, "qcow2", tfmt)
             assert r.returncode == 0, f"qemu reads level {lv} differently: {r.stdout} {r.stderr}"
 
@@ -276,17 +313,31 @@ def test_convert_chain_as_chain(qemu, qemu_chain, tmp_path, backend):
 # DMG sources from the corpus (qemu cannot create DMG). qemu here lacks the bz2/lzfse modules and
 # ADC support, so the compression-* images (one disk, every chunk type) are compared with its
 # reading of compression-raw.dmg.
-DMGS = ["dfvfs/hfsplus_zlib.dmg", "dfvfs/hfsplus_zlib.v1.dmg", "node-udif/compression-adc.dmg",
-        "node-udif/compression-bz2.dmg", "node-udif/compression-lzfse.dmg",
-        "node-udif/compression-raw.dmg", "node-udif/compression-zlib.dmg", "node-udif/gpt.dmg",
-        "node-udif/raw.dmg", "node-udif/zlib-compressed.dmg"]
+DMGS = [
+    "dfvfs/hfsplus_zlib.dmg",
+    "dfvfs/hfsplus_zlib.v1.dmg",
+    "node-udif/compression-adc.dmg",
+    "node-udif/compression-bz2.dmg",
+    "node-udif/compression-lzfse.dmg",
+    "node-udif/compression-raw.dmg",
+    "node-udif/compression-zlib.dmg",
+    "node-udif/gpt.dmg",
+    "node-udif/raw.dmg",
+    "node-udif/zlib-compressed.dmg",
+]
 
 
 def _dmg_cases():
     plain = [(b, v) for b, v in TARGETS if v == ImageFlags.NONE]
-    return [pytest.param(name, *plain[(2 * i + k) % len(plain)],
-                         id=f"{name.split('/')[1]}-to-{_tid(*plain[(2 * i + k) % len(plain)])}")
-            for i, name in enumerate(DMGS) for k in (0, 1)]
+    return [
+        pytest.param(
+            name,
+            *plain[(2 * i + k) % len(plain)],
+            id=f"{name.split('/')[1]}-to-{_tid(*plain[(2 * i + k) % len(plain)])}",
+        )
+        for i, name in enumerate(DMGS)
+        for k in (0, 1)
+    ]
 
 
 @pytest.mark.corpus

@@ -9,8 +9,19 @@ import pytest
 
 from tests.conftest import read_all
 from tests.interop.qemu_formats import qemu_name
-from vdgui.vd import (Alloc, Cap, Disk, OpenFlags, Operation, backends, check, compact, get_backend,
-                      merge, resize)
+from vdgui.vd import (
+    Alloc,
+    Cap,
+    Disk,
+    OpenFlags,
+    Operation,
+    backends,
+    check,
+    compact,
+    get_backend,
+    merge,
+    resize,
+)
 
 MiB = 1 << 20
 QEMU_BACKING = {"qcow2", "qed", "vmdk"}

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from tests.conftest import read_all
-from vdgui.vd import (Disk, ImageNotFound, InvalidArgument, OpenFlags, UnsafePath, get_backend)
+from vdgui.vd import Disk, ImageNotFound, InvalidArgument, OpenFlags, UnsafePath, get_backend
 
 pytestmark = pytest.mark.interop
 
@@ -142,7 +142,8 @@ def test_compressed_images(qemu, tmp_path, opts):
     blob = bytearray(SIZE)
     for i in range(0, SIZE, 65536):
         if i % (3 * 65536):
-            blob[i:i + 65536] = bytes([rnd.randrange(1, 8)]) * 30000 + os.urandom(2000) + bytes(33536)
+            blob[i:i + 65536] = (bytes([rnd.randrange(1, 8)]) * 30000 + os.urandom(2000)
+                                 + bytes(33536))
     src.write_bytes(bytes(blob))
     p = str(tmp_path / "c.qcow2")
     qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), p)
@@ -160,19 +161,27 @@ def test_compressed_images(qemu, tmp_path, opts):
 def test_dirty_lazy_refcount_image_from_killed_qemu(qemu, tmp_path):
     p = str(tmp_path / "dirty.qcow2")
     qemu.img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", p, SIZE)
-    qemu.io("-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 5M 300k", "-c", "sigraise 9", p,
-            check=False)
+    qemu.io(
+        "-c",
+        "write -P 0x61 0 1M",
+        "-c",
+        "write -P 0x62 5M 300k",
+        "-c",
+        "sigraise 9",
+        p,
+        check=False,
+    )
     with open(p, "rb") as f:
         f.seek(72)
         assert struct.unpack(">Q", f.read(8))[0] & 1, "qemu left the image clean"
     expect = bytearray(SIZE)
     expect[0:MiB] = b"\x61" * MiB
-    expect[5 * MiB:5 * MiB + 300 * 1024] = b"\x62" * (300 * 1024)
-    with Disk() as d:                   # read-only: fine as it is
+    expect[5 * MiB : 5 * MiB + 300 * 1024] = b"\x62" * (300 * 1024)
+    with Disk() as d:  # read-only: fine as it is
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert read_all(d) == bytes(expect)
         assert d.info()["details"]["dirty"]
-    write_ours(p, [(2 * MiB, b"\x63" * 8192)], expect)   # read-write: refcounts rebuilt
+    write_ours(p, [(2 * MiB, b"\x63" * 8192)], expect)  # read-write: refcounts rebuilt
     with open(p, "rb") as f:
         f.seek(72)
         assert struct.unpack(">Q", f.read(8))[0] & 1 == 0
@@ -192,8 +201,9 @@ def test_internal_snapshots_cow(qemu, tmp_path):
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert [s["name"] for s in d.info()["details"]["snapshots"]] == ["first", "second"]
     expect = bytearray(assert_reads_like_qemu(qemu, p, tmp_path))
-    write_ours(p, [(0, b"\x73" * 4096), (1 * MiB + 512, b"\x74" * 512), (6 * MiB, b"\x75" * 65536)],
-               expect)
+    write_ours(
+        p, [(0, b"\x73" * 4096), (1 * MiB + 512, b"\x74" * 512), (6 * MiB, b"\x75" * 65536)], expect
+    )
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
     out = tmp_path / "snap2.raw"
@@ -227,8 +237,14 @@ def test_qemu_chain_three_deep(qemu, tmp_path, base_fmt):
 
 @pytest.mark.parametrize("base_fmt", ["RAW", "VDI", "QCOW2", "VHD", "VMDK", "QED"])
 def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
-    ext = {"RAW": "img", "VDI": "vdi", "QCOW2": "qcow2", "VHD": "vhd", "VMDK": "vmdk",
-           "QED": "qed"}[base_fmt]
+    ext = {
+        "RAW": "img",
+        "VDI": "vdi",
+        "QCOW2": "qcow2",
+        "VHD": "vhd",
+        "VMDK": "vmdk",
+        "QED": "qed",
+    }[base_fmt]
     qname = {"img": "raw", "vhd": "vpc"}.get(ext, ext)
     paths = [str(tmp_path / f"base.{ext}"), str(tmp_path / "s1.qcow2"), str(tmp_path / "s2.qcow2")]
     with Disk() as d:
@@ -239,7 +255,7 @@ def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
                 d.create_diff(p, "QCOW2")
             for off, data in our_scattered_writes(SIZE, seed=level, count=10):
                 d.write(off, data)
-                expect[off:off + len(data)] = data
+                expect[off : off + len(data)] = data
     for p in paths[1:]:
         assert_qemu_clean(qemu, p)
     info = qemu.img("info", "--backing-chain", paths[2]).stdout
@@ -249,16 +265,19 @@ def test_our_chain_read_by_qemu(qemu, tmp_path, base_fmt):
 
 
 # -- our images -----------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    {"ClusterSize": "512"},
-    {"ClusterSize": "4096", "RefcountBits": "1"},
-    {"ClusterSize": "65536", "RefcountBits": "64"},
-    {"ClusterSize": str(2 * MiB)},
-    {"ClusterSize": "65536", "Compat": "0.10"},
-    {"ClusterSize": "512", "RefcountBits": "8"},
-    {"ClusterSize": "4096", "RefcountBits": "2"},
-    {"ClusterSize": "1024", "RefcountBits": "32"},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ClusterSize": "512"},
+        {"ClusterSize": "4096", "RefcountBits": "1"},
+        {"ClusterSize": "65536", "RefcountBits": "64"},
+        {"ClusterSize": str(2 * MiB)},
+        {"ClusterSize": "65536", "Compat": "0.10"},
+        {"ClusterSize": "512", "RefcountBits": "8"},
+        {"ClusterSize": "4096", "RefcountBits": "2"},
+        {"ClusterSize": "1024", "RefcountBits": "32"},
+    ],
+)
 def test_our_create_and_writes_checked_by_qemu(qemu, tmp_path, config):
     p = str(tmp_path / "ours.qcow2")
     expect = bytearray(SIZE)
@@ -266,7 +285,7 @@ def test_our_create_and_writes_checked_by_qemu(qemu, tmp_path, config):
         d.create_base(p, SIZE, "QCOW2", config=config)
         for off, data in our_scattered_writes(SIZE, seed=int(config["ClusterSize"]) % 97, count=30):
             d.write(off, data)
-            expect[off:off + len(data)] = data
+            expect[off : off + len(data)] = data
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
     info = qemu.img("info", "--output=json", p).stdout
@@ -285,7 +304,7 @@ def test_many_clusters_grow_refcount_table(qemu, tmp_path):
         d.create_base(p, size, "QCOW2", config={"ClusterSize": "512", "RefcountBits": "64"})
         for i in range(0, size, 3 * 4096):
             d.write(i, b"\x5a" * 2048)
-            expect[i:i + 2048] = b"\x5a" * 2048
+            expect[i : i + 2048] = b"\x5a" * 2048
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
 
@@ -299,12 +318,12 @@ def test_our_discards_and_resize(qemu, tmp_path):
         d.open(p)
         d.discard(MiB, 2 * MiB)
         d.discard(4 * MiB + 512, 4096)
-        expect[MiB:3 * MiB] = bytes(2 * MiB)
-        expect[4 * MiB + 512:4 * MiB + 4608] = bytes(4096)
+        expect[MiB : 3 * MiB] = bytes(2 * MiB)
+        expect[4 * MiB + 512 : 4 * MiB + 4608] = bytes(4096)
         d.top.resize(64 * MiB)
         expect += bytes(56 * MiB)
         d.write(60 * MiB, b"\x42" * 4096)
-        expect[60 * MiB:60 * MiB + 4096] = b"\x42" * 4096
+        expect[60 * MiB : 60 * MiB + 4096] = b"\x42" * 4096
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
     assert '"virtual-size": 67108864' in qemu.img("info", "--output=json", p).stdout
@@ -342,8 +361,8 @@ def test_our_relink_seen_by_qemu(qemu, tmp_path):
     expect = bytearray(SIZE)
     expect[0:MiB] = b"\x0b" * MiB
     # qemu copied the rest of the written cluster from the old backing file (64 KiB clusters)
-    expect[512 * 1024:576 * 1024] = b"\x0a" * 65536
-    expect[512 * 1024:516 * 1024] = b"\x0c" * 4096
+    expect[512 * 1024 : 576 * 1024] = b"\x0a" * 65536
+    expect[512 * 1024 : 516 * 1024] = b"\x0c" * 4096
     assert_qemu_clean(qemu, c)
     assert_qemu_sees(qemu, c, bytes(expect), tmp_path)
 
@@ -395,7 +414,7 @@ def test_qcow_version_1(qemu, tmp_path):
     # a compressed cluster (qemu-io writes whole compressed clusters: 4 KiB here)
     qemu.io("-f", "qcow", "-c", "write -c -P 0x1b 1M 4k", p)
     expect = raw_bytes(qemu, p, tmp_path, "qcow")
-    assert expect[MiB:MiB + 4096] == b"\x1b" * 4096
+    assert expect[MiB : MiB + 4096] == b"\x1b" * 4096
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         assert read_all(d) == expect
@@ -419,9 +438,17 @@ def test_external_data_file(qemu, tmp_path):
 
 
 # -- the real-image corpus ----------------------------------------------------------------------
-CORPUS = ["dissect/basic.qcow2", "dissect/basic-zstd.qcow2", "dissect/snapshot.qcow2",
-          "dissect/backing-chain-1.qcow2", "dfvfs/ext2.qcow2", "dfvfs/ext2.hdr104.qcow2",
-          "dfvfs/image.qcow2", "dfvfs/vsstest.qcow2", "dfvfs/windows_volume.qcow2"]
+CORPUS = [
+    "dissect/basic.qcow2",
+    "dissect/basic-zstd.qcow2",
+    "dissect/snapshot.qcow2",
+    "dissect/backing-chain-1.qcow2",
+    "dfvfs/ext2.qcow2",
+    "dfvfs/ext2.hdr104.qcow2",
+    "dfvfs/image.qcow2",
+    "dfvfs/vsstest.qcow2",
+    "dfvfs/windows_volume.qcow2",
+]
 
 
 def _file_data_ranges(fd, size):
@@ -464,8 +491,9 @@ def test_corpus_reads_like_qemu(qemu, corpus, tmp_path, name):
             pos = start
             while pos < end:
                 n = min(16 * MiB, end - pos)
-                assert d.read(pos, n) == os.pread(f.fileno(), n, pos), \
+                assert d.read(pos, n) == os.pread(f.fileno(), n, pos), (
                     f"{name}: differs in [{pos}, {pos + n})"
+                )
                 pos += n
         for e in d.allocation():
             if e.level is None:
@@ -474,8 +502,10 @@ def test_corpus_reads_like_qemu(qemu, corpus, tmp_path, name):
             assert len(d) == 3
         if name.endswith("snapshot.qcow2"):
             snaps = d.info()["details"]["snapshots"]
-            assert [(s["id"], s["name"]) for s in snaps] == [("1", "you can't see me"),
-                                                              ("2", "confused")]
+            assert [(s["id"], s["name"]) for s in snaps] == [
+                ("1", "you can't see me"),
+                ("2", "confused"),
+            ]
 
 
 @pytest.mark.corpus
@@ -490,7 +520,9 @@ def test_corpus_external_data_file_missing(corpus):
         assert d.info()["details"]["data_file"] == "data-file.bin"
 
 
-@pytest.mark.parametrize("config", [{"ClusterSize": "512"}, {"ClusterSize": "65536", "Compat": "0.10"}])
+@pytest.mark.parametrize(
+    "config", [{"ClusterSize": "512"}, {"ClusterSize": "65536", "Compat": "0.10"}]
+)
 def test_metadata_bit_flips_check_agrees_and_repair_satisfies_qemu(qemu, tmp_path, config):
     """Flip one bit in the refcount table/blocks, the L1 table or an L2 table: our check and
     qemu's agree on clean/leaks/corrupt, and after our repair qemu finds the image clean."""
@@ -524,10 +556,24 @@ def test_metadata_bit_flips_check_agrees_and_repair_satisfies_qemu(qemu, tmp_pat
 
 def test_compact_base_and_child(qemu, tmp_path):
     from vdgui.vd.ops.compact import compact
+
     p = str(tmp_path / "base.qcow2")
     qemu.img("create", "-f", "qcow2", "-o", "cluster_size=4096", p, SIZE)
-    qemu.io("-c", "write -P 0x61 0 5M", "-c", "write -c -P 0 5M 4k", "-c", "write -c -P 0x61 5124k 60k",
-            "-c", "write -P 0x61 5184k 3008k", "-c", "write -P 0 1M 3M", "-c", "write -P 0 7M 1M", p)
+    qemu.io(
+        "-c",
+        "write -P 0x61 0 5M",
+        "-c",
+        "write -c -P 0 5M 4k",
+        "-c",
+        "write -c -P 0x61 5124k 60k",
+        "-c",
+        "write -P 0x61 5184k 3008k",
+        "-c",
+        "write -P 0 1M 3M",
+        "-c",
+        "write -P 0 7M 1M",
+        p,
+    )
     expect = raw_bytes(qemu, p, tmp_path)
     before = os.path.getsize(p)
     compact(p)
@@ -535,12 +581,16 @@ def test_compact_base_and_child(qemu, tmp_path):
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, expect, tmp_path)
     c = str(tmp_path / "child.qcow2")
-    qemu.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=4096", c)
+    qemu.img(
+        "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=4096", c
+    )
     # the child rewrites half of the base with the same bytes, and some zeroes over data
-    qemu.io("-c", "write -P 0x61 0 512k", "-c", "write -P 0 600k 64k", "-c", "write -P 0x62 6M 64k", c)
+    qemu.io(
+        "-c", "write -P 0x61 0 512k", "-c", "write -P 0 600k 64k", "-c", "write -P 0x62 6M 64k", c
+    )
     expect = bytearray(expect)
-    expect[600 * 1024:664 * 1024] = bytes(65536)
-    expect[6 * MiB:6 * MiB + 65536] = b"\x62" * 65536
+    expect[600 * 1024 : 664 * 1024] = bytes(65536)
+    expect[6 * MiB : 6 * MiB + 65536] = b"\x62" * 65536
     before = os.path.getsize(c)
     compact(c)
     assert os.path.getsize(c) < before - 400 * 1024
@@ -552,14 +602,15 @@ def test_compact_base_and_child(qemu, tmp_path):
 
 def test_compact_compressed_and_snapshot_images(qemu, tmp_path):
     from vdgui.vd.ops.compact import compact
+
     src = tmp_path / "src.raw"
     blob = bytearray(SIZE)
     for i in range(0, SIZE, 65536):
-        blob[i:i + 1000] = bytes([i // 65536 % 200 + 1]) * 1000
+        blob[i : i + 1000] = bytes([i // 65536 % 200 + 1]) * 1000
     src.write_bytes(bytes(blob))
     p = str(tmp_path / "c.qcow2")
     qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", str(src), p)
-    qemu.io("-c", "write -P 0 0 2M", p)          # zero data over compressed clusters
+    qemu.io("-c", "write -P 0 0 2M", p)  # zero data over compressed clusters
     expect = raw_bytes(qemu, p, tmp_path)
     compact(p)
     assert_qemu_clean(qemu, p)
@@ -576,7 +627,7 @@ def test_compact_compressed_and_snapshot_images(qemu, tmp_path):
     assert_qemu_sees(qemu, s, bytes(expect), tmp_path)
     out = tmp_path / "keep.raw"
     qemu.img("convert", "-l", "snapshot.name=keep", "-O", "raw", s, str(out))
-    assert out.read_bytes()[:4 * MiB] == b"\x21" * (4 * MiB)
+    assert out.read_bytes()[: 4 * MiB] == b"\x21" * (4 * MiB)
 
 
 def test_internal_snapshot_read_only_view(qemu, tmp_path):
@@ -594,8 +645,8 @@ def test_internal_snapshot_read_only_view(qemu, tmp_path):
         with Disk() as d:
             d.open(p, flags=OpenFlags.READ_ONLY, config={"Snapshot": which})
             assert d.info()["details"]["snapshot_view"]["name"] == name
-            assert d.size == SIZE            # the snapshot's own disk size
-            ref = out.read_bytes()           # qemu reports the current size, zero-padded
+            assert d.size == SIZE  # the snapshot's own disk size
+            ref = out.read_bytes()  # qemu reports the current size, zero-padded
             assert read_all(d) == ref[:SIZE] and not any(ref[SIZE:])
     with pytest.raises(InvalidArgument, match="no internal snapshot"):
         Disk().open(p, flags=OpenFlags.READ_ONLY, config={"Snapshot": "three"})
@@ -620,15 +671,19 @@ def test_writes_and_discards_in_child_over_backing(qemu, tmp_path, opts):
     cs = 4096 if "4096" in opts else 65536
     sub = cs // 32 if "extended" in opts else cs
     with Disk.open_chain(child) as d:
-        for off, data in [(512, b"\x83" * 512), (70000 // 512 * 512, b"\x84" * 1536),
-                          (2 * MiB + 1024, bytes(4096)), (3 * MiB, bytes(cs)),
-                          (5 * MiB - 512, b"\x85" * 1024)]:
+        for off, data in [
+            (512, b"\x83" * 512),
+            (70000 // 512 * 512, b"\x84" * 1536),
+            (2 * MiB + 1024, bytes(4096)),
+            (3 * MiB, bytes(cs)),
+            (5 * MiB - 512, b"\x85" * 1024),
+        ]:
             d.write(off, data)
-            expect[off:off + len(data)] = data
+            expect[off : off + len(data)] = data
         d.discard(4 * MiB, 2 * cs)
-        expect[4 * MiB:4 * MiB + 2 * cs] = bytes(2 * cs)
+        expect[4 * MiB : 4 * MiB + 2 * cs] = bytes(2 * cs)
         d.discard(6 * MiB + sub, sub)
-        expect[6 * MiB + sub:6 * MiB + 2 * sub] = bytes(sub)
+        expect[6 * MiB + sub : 6 * MiB + 2 * sub] = bytes(sub)
         assert read_all(d) == bytes(expect)
     assert_qemu_clean(qemu, child)
     assert_qemu_sees(qemu, child, bytes(expect), tmp_path)
@@ -638,10 +693,14 @@ def test_zstd_without_module_is_a_clear_error(qemu, tmp_path, monkeypatch):
     src = tmp_path / "s.raw"
     src.write_bytes(b"\x17" * MiB)
     p = str(tmp_path / "z.qcow2")
-    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", str(src), p)
+    qemu.img(
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", str(src), p
+    )
     import sys
+
     monkeypatch.setitem(sys.modules, "zstandard", None)
     from vdgui.vd import NotSupported
+
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
         with pytest.raises(NotSupported, match="unsupported compression type zstd"):
@@ -653,20 +712,28 @@ def _dirty_ranges(qemu, path, bitmap, tmp_path):
     export read through qemu-img map, where dirty areas show as "data": false)."""
     import json
     import subprocess
-    import time
     import tempfile
-    sockdir = tempfile.mkdtemp(prefix="vdq")      # short path: unix socket names are limited
+    import time
+
+    sockdir = tempfile.mkdtemp(prefix="vdq")  # short path: unix socket names are limited
     sock = os.path.join(sockdir, "s")
-    srv = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, f"--socket={sock}",
-                            path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(
+        ["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, f"--socket={sock}", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             if os.path.exists(sock):
                 break
             time.sleep(0.05)
-        out = qemu.img("map", "--output=json", "--image-opts",
-                       f"driver=nbd,server.type=unix,server.path={sock},"
-                       f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}").stdout
+        out = qemu.img(
+            "map",
+            "--output=json",
+            "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={sock},"
+            f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+        ).stdout
     finally:
         try:
             srv.wait(timeout=10)
@@ -693,18 +760,24 @@ def test_persistent_bitmaps_kept_up_to_date(qemu, tmp_path):
         assert d.info()["details"]["bitmaps"] == 3
         d.write(5 * MiB, b"\x93" * 70000)
         d.discard(7 * MiB, 65536)
-        expect[5 * MiB:5 * MiB + 70000] = b"\x93" * 70000
-        expect[7 * MiB:7 * MiB + 65536] = bytes(65536)
+        expect[5 * MiB : 5 * MiB + 70000] = b"\x93" * 70000
+        expect[7 * MiB : 7 * MiB + 65536] = bytes(65536)
         assert d.top.check().exit_code == 0
     info = qemu.img("info", p)
     assert "b1" in info.stdout and "lacking bitmap support" not in info.stderr
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
-    assert _dirty_ranges(qemu, p, "b0", tmp_path) == [(2 * MiB, 65536), (5 * MiB, 131072),
-                                                      (7 * MiB, 65536)]
+    assert _dirty_ranges(qemu, p, "b0", tmp_path) == [
+        (2 * MiB, 65536),
+        (5 * MiB, 131072),
+        (7 * MiB, 65536),
+    ]
     half = 512 * 1024
-    assert _dirty_ranges(qemu, p, "b1", tmp_path) == [(2 * MiB, half), (5 * MiB, half),
-                                                      (7 * MiB, half)]
+    assert _dirty_ranges(qemu, p, "b1", tmp_path) == [
+        (2 * MiB, half),
+        (5 * MiB, half),
+        (7 * MiB, half),
+    ]
     assert _dirty_ranges(qemu, p, "off", tmp_path) == []
     # a resize cannot keep the bitmaps: they are removed cleanly
     with Disk() as d:
@@ -721,6 +794,7 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
     and internal snapshot; then a random mix of our writes, zero writes, discards, resizes and
     compactions: after every step qemu-img check is clean and qemu reads the expected bytes."""
     from vdgui.vd.ops.compact import compact
+
     rnd = random.Random(1000 + seed)
     cs = rnd.choice([512, 4096, 16384, 65536])
     opts = [f"cluster_size={cs}", f"refcount_bits={rnd.choice([2, 16, 64])}"]
@@ -736,7 +810,9 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
     top = base
     if seed % 2:
         top = str(tmp_path / "child.qcow2")
-        qemu.img("create", "-f", "qcow2", "-o", ",".join(opts), "-b", "base.qcow2", "-F", "qcow2", top)
+        qemu.img(
+            "create", "-f", "qcow2", "-o", ",".join(opts), "-b", "base.qcow2", "-F", "qcow2", top
+        )
     if seed % 3 == 2:
         qemu.img("snapshot", "-c", "s1", top)
     for _ in range(8):
@@ -751,12 +827,12 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
                     off = rnd.randrange(0, size - ln + 1) // 512 * 512
                     data = bytes([rnd.randrange(1, 255)]) * ln if op == "w" else bytes(ln)
                     d.write(off, data)
-                    expect[off:off + ln] = data
+                    expect[off : off + ln] = data
                 elif op == "d":
                     off = rnd.randrange(0, max(1, size - 4 * cs)) // cs * cs
                     ln = min(rnd.choice([cs, 2 * cs, 4 * cs]), size - off)
                     d.discard(off, ln)
-                    expect[off:off + ln] = bytes(ln)
+                    expect[off : off + ln] = bytes(ln)
                 else:
                     new = size + rnd.choice([512, cs, MiB])
                     d.top.resize(new)
@@ -765,8 +841,15 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
         assert_qemu_sees(qemu, top, bytes(expect), tmp_path)
 
 
-@pytest.mark.parametrize("config", [{"ClusterSize": "65536"}, {"ClusterSize": "4096", "RefcountBits": "2"},
-                                    {"ClusterSize": "512"}, {"ClusterSize": "65536", "Compat": "0.10"}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ClusterSize": "65536"},
+        {"ClusterSize": "4096", "RefcountBits": "2"},
+        {"ClusterSize": "512"},
+        {"ClusterSize": "65536", "Compat": "0.10"},
+    ],
+)
 def test_our_compressed_writes(qemu, tmp_path, config):
     """Compress=1 (convert -c): whole clusters stored compressed, packed; qemu reads them and
     finds the refcounts exact; later partial writes decompress them again."""
@@ -778,9 +861,11 @@ def test_our_compressed_writes(qemu, tmp_path, config):
         d.create_base(p, size, "QCOW2", config={**config, "Compress": "1"})
         for pos in range(0, size, 256 * 1024):
             n = min(256 * 1024, size - pos)
-            block = bytes([rnd.randrange(1, 5)]) * (n // 2) + os.urandom(64) + bytes(n - n // 2 - 64)
+            block = (
+                bytes([rnd.randrange(1, 5)]) * (n // 2) + os.urandom(64) + bytes(n - n // 2 - 64)
+            )
             d.write(pos, block)
-            expect[pos:pos + n] = block
+            expect[pos : pos + n] = block
         assert read_all(d) == bytes(expect)
     assert_qemu_clean(qemu, p)
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
@@ -792,40 +877,63 @@ def test_our_compressed_writes(qemu, tmp_path, config):
     assert_qemu_sees(qemu, p, bytes(expect), tmp_path)
 
 
-@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=512,refcount_bits=1",
-                                  "cluster_size=4096,refcount_bits=64", "extended_l2=on",
-                                  "compat=0.10"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "cluster_size=65536",
+        "cluster_size=512,refcount_bits=1",
+        "cluster_size=4096,refcount_bits=64",
+        "extended_l2=on",
+        "compat=0.10",
+    ],
+)
 def test_shrink_qemu_images(qemu, tmp_path, opts):
     """qemu-made images with data, zero, discarded and compressed clusters in the part cut off
     (all reading zero) shrink: qemu-img check clean (no leak: the clusters and L2 tables past the
     end were freed), content identical to the first bytes, the file no longer than before; a
     second shrink and a grow back behave; a tail holding data is refused."""
     from vdgui.vd import resize
+
     p = str(tmp_path / "s.qcow2")
     qemu.img("create", "-f", "qcow2", "-o", opts, p, 16 * MiB)
-    qemu.io("-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 5M 2M", "-c", "write -z 9M 1M",
-            "-c", "write -P 0 11M 1M", "-c", "write -P 0x63 13M 1M", "-c", "discard 13M 1M",
-            "-c", "write -c -P 0 15M 64k" if "0.10" not in opts else "write -P 0 15M 64k", p)
+    qemu.io(
+        "-c",
+        "write -P 0x61 0 1M",
+        "-c",
+        "write -P 0x62 5M 2M",
+        "-c",
+        "write -z 9M 1M",
+        "-c",
+        "write -P 0 11M 1M",
+        "-c",
+        "write -P 0x63 13M 1M",
+        "-c",
+        "discard 13M 1M",
+        "-c",
+        "write -c -P 0 15M 64k" if "0.10" not in opts else "write -P 0 15M 64k",
+        p,
+    )
     full = raw_bytes(qemu, p, tmp_path)
     size0 = os.path.getsize(p)
     with pytest.raises(InvalidArgument, match="holds data"):
         resize(p, 6 * MiB)
     resize(p, 7 * MiB + 512)
     assert_qemu_clean(qemu, p)
-    assert_qemu_sees(qemu, p, full[:7 * MiB + 512], tmp_path)
+    assert_qemu_sees(qemu, p, full[: 7 * MiB + 512], tmp_path)
     assert os.path.getsize(p) <= size0
     resize(p, 7 * MiB)
     assert_qemu_clean(qemu, p)
-    assert_qemu_sees(qemu, p, full[:7 * MiB], tmp_path)
+    assert_qemu_sees(qemu, p, full[: 7 * MiB], tmp_path)
     resize(p, 16 * MiB)
     assert_qemu_clean(qemu, p)
-    assert_qemu_sees(qemu, p, full[:7 * MiB] + bytes(9 * MiB), tmp_path)
+    assert_qemu_sees(qemu, p, full[: 7 * MiB] + bytes(9 * MiB), tmp_path)
 
 
 def test_shrink_child_and_refusals(qemu, tmp_path):
     """A differencing image shrinks over its own and the parent's zero tail; an image with
     internal snapshots is refused (they keep the old size) and left unchanged."""
     from vdgui.vd import resize
+
     base, child = str(tmp_path / "b.qcow2"), str(tmp_path / "c.qcow2")
     qemu.img("create", "-f", "qcow2", base, 8 * MiB)
     qemu.io("-c", "write -P 0x71 0 2M", base)
@@ -834,7 +942,7 @@ def test_shrink_child_and_refusals(qemu, tmp_path):
     full = raw_bytes(qemu, child, tmp_path)
     resize(child, 4 * MiB)
     assert_qemu_clean(qemu, child)
-    assert_qemu_sees(qemu, child, full[:4 * MiB], tmp_path)
+    assert_qemu_sees(qemu, child, full[: 4 * MiB], tmp_path)
     snap = str(tmp_path / "snap.qcow2")
     qemu.img("create", "-f", "qcow2", snap, 8 * MiB)
     qemu.io("-c", "write -P 0x73 0 1M", snap)
@@ -849,16 +957,17 @@ def test_grow_child_over_larger_backing(qemu, tmp_path):
     """An overlay smaller than its backing file grows: the new area reads zeroes, not the
     backing file's data there (qemu does the same); qemu-img check clean."""
     from vdgui.vd import resize
+
     base, child = str(tmp_path / "b.qcow2"), str(tmp_path / "c.qcow2")
     qemu.img("create", "-f", "qcow2", base, 8 * MiB)
     qemu.io("-c", "write -P 0x71 0 8M", base)
     qemu.img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", child, 3 * MiB + 512)
     qemu.io("-c", "write -P 0x72 1M 64k", child)
     expect = bytearray(b"\x71" * (3 * MiB + 512))
-    expect[MiB:MiB + 65536] = b"\x72" * 65536
+    expect[MiB : MiB + 65536] = b"\x72" * 65536
     resize(child, 6 * MiB)
     assert_qemu_clean(qemu, child)
     assert_qemu_sees(qemu, child, bytes(expect) + bytes(6 * MiB - len(expect)), tmp_path)
-    resize(child, 12 * MiB)                         # past the backing file's end as well
+    resize(child, 12 * MiB)  # past the backing file's end as well
     assert_qemu_clean(qemu, child)
     assert_qemu_sees(qemu, child, bytes(expect) + bytes(12 * MiB - len(expect)), tmp_path)

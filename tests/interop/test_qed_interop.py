@@ -60,8 +60,21 @@ def our_writes(path, writes, expect):
 def test_qemu_qed_both_directions(qemu, tmp_path, opts):
     p = str(tmp_path / "q.qed")
     qemu.img("create", "-f", "qed", "-o", opts, p, SIZE)
-    qemu.io("-f", "qed", "-c", "write -P 0x11 0 100k", "-c", "write -P 0x12 1200k 3k",
-            "-c", "write -z 2M 1M", "-c", "write -P 0x13 5M 1M", "-c", f"write -P 0x14 {SIZE - 4096} 4k", p)
+    qemu.io(
+        "-f",
+        "qed",
+        "-c",
+        "write -P 0x11 0 100k",
+        "-c",
+        "write -P 0x12 1200k 3k",
+        "-c",
+        "write -z 2M 1M",
+        "-c",
+        "write -P 0x13 5M 1M",
+        "-c",
+        f"write -P 0x14 {SIZE - 4096} 4k",
+        p,
+    )
     expect = bytearray(raw_of(qemu, p, tmp_path))
     with Disk() as d:
         d.open(p, flags=OpenFlags.READ_ONLY)
@@ -103,7 +116,7 @@ def test_our_qed_chain_read_by_qemu(qemu, tmp_path, base_fmt):
                 d.create_diff(p, "QED")
             for off, data in scattered(SIZE, 10 + level, count=10):
                 d.write(off, data)
-                expect[off:off + len(data)] = data
+                expect[off : off + len(data)] = data
     for p in paths[1:]:
         qemu_clean(qemu, p)
     if base_fmt == "RAW":
@@ -118,11 +131,11 @@ def test_our_create_sizes_and_resize(qemu, tmp_path):
         d.create_base(p, SIZE, "QED", config={"ClusterSize": "4096", "TableSize": "2"})
         for off, data in scattered(SIZE, 7, count=30):
             d.write(off, data)
-            expect[off:off + len(data)] = data
+            expect[off : off + len(data)] = data
         d.top.resize(32 * MiB)
         expect += bytes(24 * MiB)
         d.write(30 * MiB, b"\x77" * 8192)
-        expect[30 * MiB:30 * MiB + 8192] = b"\x77" * 8192
+        expect[30 * MiB : 30 * MiB + 8192] = b"\x77" * 8192
     qemu_clean(qemu, p)
     qemu_sees(qemu, p, expect, tmp_path)
     info = qemu.img("info", "--output=json", p).stdout
@@ -199,8 +212,11 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
     top = base
     if seed % 2:
         top = str(tmp_path / "child.qed")
-        qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", top)
+        qemu.img(
+            "create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", top
+        )
     from vdgui.vd.ops.compact import compact
+
     for _ in range(8):
         op = rnd.choice("wwwzrc")
         if op == "c":
@@ -215,7 +231,7 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
                 off = rnd.randrange(0, size - ln + 1) // 512 * 512
                 data = bytes([rnd.randrange(1, 255)]) * ln if op == "w" else bytes(ln)
                 d.write(off, data)
-                expect[off:off + ln] = data
+                expect[off : off + ln] = data
             else:
                 new = size + rnd.choice([512, cs, MiB])
                 d.top.resize(new)
@@ -227,10 +243,20 @@ def test_random_operation_sequences_stay_clean_for_qemu(qemu, tmp_path, seed):
 @pytest.mark.parametrize("cs", [4096, 65536])
 def test_compact_base_and_child(qemu, tmp_path, cs):
     from vdgui.vd.ops.compact import compact
+
     p = str(tmp_path / "base.qed")
     qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs},table_size=2", p, SIZE)
-    qemu.io("-f", "qed", "-c", "write -P 0x61 0 8M", "-c", "write -P 0 1M 3M",
-            "-c", "write -P 0 7M 1M", p)
+    qemu.io(
+        "-f",
+        "qed",
+        "-c",
+        "write -P 0x61 0 8M",
+        "-c",
+        "write -P 0 1M 3M",
+        "-c",
+        "write -P 0 7M 1M",
+        p,
+    )
     expect = raw_of(qemu, p, tmp_path)
     before = os.path.getsize(p)
     compact(p)
@@ -239,11 +265,20 @@ def test_compact_base_and_child(qemu, tmp_path, cs):
     qemu_sees(qemu, p, expect, tmp_path)
     c = str(tmp_path / "child.qed")
     qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs}", "-b", "base.qed", "-F", "qed", c)
-    qemu.io("-f", "qed", "-c", "write -P 0x61 0 512k", "-c", "write -P 0 600k 64k",
-            "-c", "write -P 0x62 6M 64k", c)
+    qemu.io(
+        "-f",
+        "qed",
+        "-c",
+        "write -P 0x61 0 512k",
+        "-c",
+        "write -P 0 600k 64k",
+        "-c",
+        "write -P 0x62 6M 64k",
+        c,
+    )
     expect = bytearray(expect)
-    expect[600 * 1024:664 * 1024] = bytes(65536)
-    expect[6 * MiB:6 * MiB + 65536] = b"\x62" * 65536
+    expect[600 * 1024 : 664 * 1024] = bytes(65536)
+    expect[6 * MiB : 6 * MiB + 65536] = b"\x62" * 65536
     before = os.path.getsize(c)
     compact(c)
     assert os.path.getsize(c) < before - 400 * 1024
@@ -254,19 +289,21 @@ def test_compact_base_and_child(qemu, tmp_path, cs):
 def test_compact_repacks_when_tables_do_not_fit_the_holes(qemu, tmp_path, monkeypatch):
     from vdgui.vd.formats import qed as Q
     from vdgui.vd.ops.compact import compact
+
     p = str(tmp_path / "frag.qed")
     with Disk() as d:
         d.create_base(p, 16 * MiB, "QED", config={"ClusterSize": "4096", "TableSize": "4"})
-        d.write(0, b"\x01" * 4096)              # L2 table 0 (clusters 5-8) + data (9)
-        d.write(8 * MiB, b"\x02" * 4096)        # L2 table 1 (10-13) + data (14)
-        d.write(0, bytes(4096))                 # zero data, dropped by compact: hole at 9,
-        d.write(8 * MiB, bytes(4096))           # and 14; table 1 does not fit in one cluster
+        d.write(0, b"\x01" * 4096)  # L2 table 0 (clusters 5-8) + data (9)
+        d.write(8 * MiB, b"\x02" * 4096)  # L2 table 1 (10-13) + data (14)
+        d.write(0, bytes(4096))  # zero data, dropped by compact: hole at 9,
+        d.write(8 * MiB, bytes(4096))  # and 14; table 1 does not fit in one cluster
     calls = []
     orig = Q.QedImage._repack_all
 
     def spy(self, end):
         calls.append(end)
         return orig(self, end)
+
     monkeypatch.setattr(Q.QedImage, "_repack_all", spy)
     compact(p)
     assert calls, "the fragmented layout should have been repacked"

@@ -168,9 +168,10 @@ def test_chain_of_four_through_disk_api(qemu, tmp_path):
             rnd = random.Random(lv)
             for i in range(6):
                 off = rnd.randrange(0, d.size // 512 - 300) * 512
-                data = bytes([lv * 40 + i + 1]) * rnd.choice([512, 3 * 512, 65536, 140000 // 512 * 512])
+                n = rnd.choice([512, 3 * 512, 65536, 140000 // 512 * 512])
+                data = bytes([lv * 40 + i + 1]) * n
                 d.write(off, data)
-                expect[off:off + len(data)] = data
+                expect[off : off + len(data)] = data
             levels.append(bytes(expect))
     with Disk.open_chain(paths[-1], flags=OpenFlags.READ_ONLY) as d:
         assert len(d) == 4 and read_all(d) == levels[-1]
@@ -192,7 +193,7 @@ def test_diff_over_qemu_made_base(qemu, tmp_path):
         d.open(str(base), flags=OpenFlags.READ_ONLY)
         d.create_diff(child, "VHD")
         d.write(MiB, b"\x70" * 4096)
-    raw[MiB:MiB + 4096] = b"\x70" * 4096
+    raw[MiB : MiB + 4096] = b"\x70" * 4096
     with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:
         assert read_all(d) == bytes(raw)
 
@@ -204,8 +205,8 @@ def test_compact_resize_repair_then_qemu_compare(qemu, tmp_path):
         d.create_base(str(p), 20 * MiB, "VHD")
         expect = _fill(d, seed=77)
         d.top.honor_zeroes = True
-        d.write(6 * MiB, bytes(2 * MiB))           # a whole block of zeroes: compact drops it
-        expect[6 * MiB:8 * MiB] = bytes(2 * MiB)
+        d.write(6 * MiB, bytes(2 * MiB))  # a whole block of zeroes: compact drops it
+        expect[6 * MiB : 8 * MiB] = bytes(2 * MiB)
     ref = tmp_path / "e.raw"
 
     def agree():
@@ -222,12 +223,12 @@ def test_compact_resize_repair_then_qemu_compare(qemu, tmp_path):
     agree()
     with Disk() as d:
         img = d.open(str(p))
-        img.resize(300 * MiB)                      # the BAT grows: first blocks relocate
+        img.resize(300 * MiB)  # the BAT grows: first blocks relocate
         expect += bytes(img.size - len(expect))
         d.write(299 * MiB, b"\x42" * 4096)
-        expect[299 * MiB:299 * MiB + 4096] = b"\x42" * 4096
+        expect[299 * MiB : 299 * MiB + 4096] = b"\x42" * 4096
     agree()
-    b = bytearray(p.read_bytes())                  # damage the end footer: repair from the copy
+    b = bytearray(p.read_bytes())  # damage the end footer: repair from the copy
     b[-512 + 9] ^= 0x40
     p.write_bytes(bytes(b))
     with Disk() as d:
@@ -252,9 +253,15 @@ def test_fixed_resize_then_qemu(qemu, tmp_path):
 
 
 # -- the corpus ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,disk_type,creator", [
-    ("vhd/dissect/dynamic.vhd", "dynamic", "win "), ("vhd/dissect/fixed.vhd", "fixed", "win "),
-    ("vhd/node-vhd/fixed.vhd", "fixed", "win "), ("vhd/dfvfs/ext2.vhd", "dynamic", "qemu")])
+@pytest.mark.parametrize(
+    "name,disk_type,creator",
+    [
+        ("vhd/dissect/dynamic.vhd", "dynamic", "win "),
+        ("vhd/dissect/fixed.vhd", "fixed", "win "),
+        ("vhd/node-vhd/fixed.vhd", "fixed", "win "),
+        ("vhd/dfvfs/ext2.vhd", "dynamic", "qemu"),
+    ],
+)
 def test_corpus_images_read_like_qemu(qemu, corpus, tmp_path, name, disk_type, creator):
     p = corpus / name
     raw = _raw(qemu, p, tmp_path)
@@ -289,7 +296,9 @@ def test_corpus_qemu_images_with_bad_checksums(qemu, corpus, tmp_path):
             assert rep.exit_code == 2 and any("checksum" in x.what for x in rep.problems)
     for n in ("image.vhd", "image-differential.vhd"):
         with Disk() as d:
-            img = d.open(str(work / n), flags=OpenFlags.NORMAL if n == "image.vhd" else OpenFlags.INFO)
+            img = d.open(
+                str(work / n), flags=OpenFlags.NORMAL if n == "image.vhd" else OpenFlags.INFO
+            )
             if n != "image.vhd":
                 d.close()
                 img = get_backend("VHD").open(str(work / n), OpenFlags.NORMAL)
@@ -301,7 +310,7 @@ def test_corpus_qemu_images_with_bad_checksums(qemu, corpus, tmp_path):
     diff_raw = _raw(qemu, work / "image-differential.vhd", tmp_path, "d.raw")  # qemu: no parent
     expect = bytearray(base_only)
     for s, n in own:
-        expect[s:s + n] = diff_raw[s:s + n]
+        expect[s : s + n] = diff_raw[s : s + n]
     assert chain == bytes(expect)
     with Disk.open_chain(str(work / "image-differential.vhd"), flags=OpenFlags.READ_ONLY) as d:
         assert read_all(d) == chain
@@ -319,7 +328,7 @@ def test_corpus_windows_diff_with_missing_parent(corpus):
         assert img.size == 4 * MiB and img.check().exit_code == 0
         runs = img.block_status(0, img.size)
         assert any(st == Alloc.DATA for _s, _n, st in runs)
-        assert any(st == Alloc.UNALLOCATED for _s, _n, st in runs[:3])   # sector-granular
+        assert any(st == Alloc.UNALLOCATED for _s, _n, st in runs[:3])  # sector-granular
     with pytest.raises(ParentNotFound) as ei:
         Disk.open_chain(str(p), flags=OpenFlags.READ_ONLY)
     msg = str(ei.value)

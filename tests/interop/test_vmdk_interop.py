@@ -7,8 +7,16 @@ import pytest
 
 from tests.conftest import pattern, read_all
 from tests.formats.conformance import scattered_writes
-from vdgui.vd import (Disk, ImageFlags, ImageNotFound, NotSupported, OpenFlags,
-                      VDError, copy_image, probe)
+from vdgui.vd import (
+    Disk,
+    ImageFlags,
+    ImageNotFound,
+    NotSupported,
+    OpenFlags,
+    VDError,
+    copy_image,
+    probe,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -255,15 +263,19 @@ def test_corpus_images_read_like_qemu(corpus, qemu, tmp_path, rel):
         assert d.info()["virtual_size"] == size
 
 
-@pytest.mark.parametrize("rel,missing", [("vmdk/vmdk-rs/monolithicFlat.vmdk", "monolithicFlat-flat.vmdk"),
-                                         ("vmdk/vmdk-rs/twoGbMaxExtentFlat.vmdk", "twoGbMaxExtentFlat-f001.vmdk"),
-                                         ("vmdk/vmdk-rs/vmfs_thick-000001.vmdk", "vmfs_thick-000001-delta.vmdk")])
+@pytest.mark.parametrize(
+    "rel,missing",
+    [
+        ("vmdk/vmdk-rs/monolithicFlat.vmdk", "monolithicFlat-flat.vmdk"),
+        ("vmdk/vmdk-rs/twoGbMaxExtentFlat.vmdk", "twoGbMaxExtentFlat-f001.vmdk"),
+        ("vmdk/vmdk-rs/vmfs_thick-000001.vmdk", "vmfs_thick-000001-delta.vmdk"),
+    ],
+)
 def test_corpus_descriptors_without_extents(corpus, rel, missing):
     p = str(corpus / rel)
-    with pytest.raises(ImageNotFound, match=f"extent file '{missing}' not found"):
-        with Disk() as d:
-            d.open(p, flags=OpenFlags.READ_ONLY)
-    with Disk() as d:       # information comes from the descriptor alone
+    with pytest.raises(ImageNotFound, match=f"extent file '{missing}' not found"), Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+    with Disk() as d:  # information comes from the descriptor alone
         img = d.open(p, flags=OpenFlags.INFO)
         assert img.size > 0 and img.files()[-1].endswith(missing)
 
@@ -272,15 +284,15 @@ def test_corpus_vmfs_sparse_child_is_linked_by_cid(corpus):
     with Disk() as d:
         img = d.open(str(corpus / "vmdk/vmdk-rs/vmfs_thick-000001.vmdk"), flags=OpenFlags.INFO)
         assert img.is_diff and img.parent_hint.locations == ["vmfs_thick.vmdk"]
-        assert img.parent_cid == 0x0172e8a4
+        assert img.parent_cid == 0x0172E8A4
         assert img.flags & ImageFlags.ESX
 
 
 def test_corpus_split_extent_alone(corpus):
-    with pytest.raises(NotSupported, match="descriptor"):
-        with Disk() as d:
-            d.open(str(corpus / "vmdk/vmdk-rs/twoGbMaxExtentSparse-s001.vmdk"),
-                   flags=OpenFlags.READ_ONLY)
+    with pytest.raises(NotSupported, match="descriptor"), Disk() as d:
+        d.open(
+            str(corpus / "vmdk/vmdk-rs/twoGbMaxExtentSparse-s001.vmdk"), flags=OpenFlags.READ_ONLY
+        )
 
 
 def test_corpus_ova(corpus, qemu, tmp_path):
@@ -305,26 +317,32 @@ def test_corpus_corrupt_ova(corpus, tmp_path):
         names = t.getnames()
         inner = next(n for n in names if n.endswith(".vmdk"))
         (tmp_path / "bad.vmdk").write_bytes(t.extractfile(inner).read())
-    with pytest.raises(VDError):
-        with Disk() as d:
-            d.open(str(tmp_path / "bad.vmdk"), "VMDK", flags=OpenFlags.READ_ONLY)
-            read_all(d)
+    with pytest.raises(VDError), Disk() as d:
+        d.open(str(tmp_path / "bad.vmdk"), "VMDK", flags=OpenFlags.READ_ONLY)
+        read_all(d)
 
 
 def test_corpus_sesparse_extent(tmp_path, qemu):
     """dissect's ESXi seSparse extent (corpus 'large' file: unpacked here from its .gz)."""
     import gzip
     import shutil
+
     from tests.conftest import require_corpus
+
     ext = tmp_path / "sesparse.vmdk"
-    with gzip.open(require_corpus() / "vmdk/dissect/sesparse.vmdk.gz") as src, open(ext, "wb") as dst:
+    with (
+        gzip.open(require_corpus() / "vmdk/dissect/sesparse.vmdk.gz") as src,
+        open(ext, "wb") as dst,
+    ):
         shutil.copyfileobj(src, dst)
-    with pytest.raises(NotSupported, match="seSparse"):     # an extent alone
+    with pytest.raises(NotSupported, match="seSparse"):  # an extent alone
         with Disk() as d:
             d.open(str(ext), "VMDK", flags=OpenFlags.READ_ONLY)
     desc = tmp_path / "disk.vmdk"
-    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=11111111\nparentCID=ffffffff\n'
-                    'createType="seSparse"\nRW 1048576 SESPARSE "sesparse.vmdk"\n')
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=11111111\nparentCID=ffffffff\n"
+        'createType="seSparse"\nRW 1048576 SESPARSE "sesparse.vmdk"\n'
+    )
     ref = qemu.to_raw(desc, tmp_path / "ref.raw")
     with Disk() as d:
         d.open(str(desc), flags=OpenFlags.READ_ONLY)
@@ -348,7 +366,7 @@ def test_qemu_child_with_absolute_parent_hint(tmp_path, qemu):
     _write_pattern(qemu, str(child), [(4096, 512, 0x32)])
     with Disk() as d:
         img = d.open(str(child), flags=OpenFlags.INFO)
-        assert img.parent_hint.locations == [str(base)]      # stored as qemu was given it
-    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:   # found beside the child
+        assert img.parent_hint.locations == [str(base)]  # stored as qemu was given it
+    with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:  # found beside the child
         assert len(d) == 2
         assert d.read(0, 8192) == b"\x31" * 4096 + b"\x32" * 512 + b"\x31" * 3584

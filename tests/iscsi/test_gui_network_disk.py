@@ -162,7 +162,8 @@ def test_add_copy_to_vdi_and_secrets(qtbot, window, tgt, target, qemu, tmp_path)
     window.select_paths([loc])
     for key in ("move", "delete", "compact", "resize"):
         assert not window.actions[key].isEnabled(), key
-        assert "FILE" in window.actions[key].toolTip() or "not files" in window.actions[key].toolTip()
+        tip = window.actions[key].toolTip()
+        assert "FILE" in tip or "not files" in tip
     assert window.actions["copy"].isEnabled()
 
     # copy it to a VDI with the copy dialog, in a job with progress
@@ -176,6 +177,7 @@ def test_add_copy_to_vdi_and_secrets(qtbot, window, tgt, target, qemu, tmp_path)
         assert dlg.location.path().startswith(str(folder)) and dlg.location.path().endswith(".vdi")
         assert dlg.ok.isEnabled(), dlg.messages.errors
         dlg.ok.click()
+
     job = run_modal(qtbot, CopyDialog, copy, window.copy_dialog)
     assert job is not None
     assert job.title.startswith("Convert 127.0.0.1:") and job.title.endswith(".vdi")
@@ -198,6 +200,7 @@ def test_remembered_secret_is_stored(qtbot, window, tgt, target):
         _fill(qtbot, dlg, tgt, SECRET, iqn=IQN_REMEMBERED)
         dlg.remember.setChecked(True)
         dlg.ok.click()
+
     run_modal(qtbot, NetworkDiskDialog, add, window.network_disk_dialog)
     qtbot.waitUntil(lambda: window.model.node(loc) is not None, timeout=15000)
     assert window.model.node(loc).accessible
@@ -205,7 +208,7 @@ def test_remembered_secret_is_stored(qtbot, window, tgt, target):
     lib2 = Library(window.library.path)
     try:
         assert lib2.properties(loc)["InitiatorSecret"] == SECRET.encode()
-        rec = lib2.scan(loc)                 # a later session opens it without asking
+        rec = lib2.scan(loc)  # a later session opens it without asking
         assert rec.accessible and rec.format == get_backend("iscsi").name
     finally:
         lib2.close()

@@ -10,8 +10,19 @@ import time
 import pytest
 
 from tests.conftest import read_all, run_cli, sha
-from vdgui.vd import (AuthenticationError, Cap, ConfigError, Disk, KeyFlag, NetworkError,
-                      OpenFlags, ValueType, VDError, VDTimeoutError, get_backend)
+from vdgui.vd import (
+    AuthenticationError,
+    Cap,
+    ConfigError,
+    Disk,
+    KeyFlag,
+    NetworkError,
+    OpenFlags,
+    ValueType,
+    VDError,
+    VDTimeoutError,
+    get_backend,
+)
 from vdgui.vd.formats import iscsi_pdu as P
 
 pytestmark = pytest.mark.iscsi
@@ -56,7 +67,9 @@ def test_declarations_match_virtualbox():
     }
     assert set(keys) == set(expect)
     for name, (default, typ, flags) in expect.items():
-        assert (keys[name].default, keys[name].type, keys[name].flags) == (default, typ, flags), name
+        assert (keys[name].default, keys[name].type, keys[name].flags) == (default, typ, flags), (
+            name
+        )
 
 
 def test_missing_and_unknown_keys_are_clear_errors():
@@ -65,15 +78,20 @@ def test_missing_and_unknown_keys_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown configuration key 'Bogus'"):
         Disk().open("-", "iSCSI", config={"TargetName": IQN, "TargetAddress": "h", "Bogus": "1"})
     with pytest.raises(ConfigError, match="WriteSplit"):
-        Disk().open("-", "iSCSI", config={"TargetName": IQN, "TargetAddress": "h",
-                                          "WriteSplit": "999999"})
+        Disk().open(
+            "-", "iSCSI", config={"TargetName": IQN, "TargetAddress": "h", "WriteSplit": "999999"}
+        )
 
 
 def test_url_round_trip():
     b = get_backend("iSCSI")
     cfg = b.parse_location("iscsi://alice@10.1.2.3:3270/iqn.2026-11.x:y/3")
-    assert cfg == {"TargetAddress": "10.1.2.3:3270", "TargetName": "iqn.2026-11.x:y", "LUN": "3",
-                   "InitiatorUsername": "alice"}
+    assert cfg == {
+        "TargetAddress": "10.1.2.3:3270",
+        "TargetName": "iqn.2026-11.x:y",
+        "LUN": "3",
+        "InitiatorUsername": "alice",
+    }
     assert b.compose_location(cfg) == "iscsi://alice@10.1.2.3:3270/iqn.2026-11.x:y/3"
     with pytest.raises(VDError):
         b.parse_location("iscsi://host/onlyone")
@@ -85,12 +103,13 @@ def test_url_round_trip():
 def test_pdu_encoding():
     p = P.login_request(bytes(6), 0, 5, 0, 1, 0, 0, 1, True, {"AuthMethod": "None"})
     raw = p.encode()
-    assert raw[0] == 0x43 and raw[1] == 0x81            # immediate login, T=1, CSG 0 -> NSG 1
+    assert raw[0] == 0x43 and raw[1] == 0x81  # immediate login, T=1, CSG 0 -> NSG 1
     assert P.parse_bhs(raw[:48]) == (0, len(b"AuthMethod=None\x00"))
     assert len(raw) % 4 == 0
-    assert P.decode_text(raw[48:48 + 16]) == {"AuthMethod": "None"}
-    cmd = P.scsi_command(1, 7, P.cdb_read(100, 8), read=True, write=False, expected_length=4096,
-                         cmdsn=3, expstatsn=2)
+    assert P.decode_text(raw[48 : 48 + 16]) == {"AuthMethod": "None"}
+    cmd = P.scsi_command(
+        1, 7, P.cdb_read(100, 8), read=True, write=False, expected_length=4096, cmdsn=3, expstatsn=2
+    )
     b = cmd.encode()
     assert b[0] == 0x01 and b[1] == 0xC1 and b[9] == 1 and b[32] == 0x28
     assert P.cdb_read(1 << 33, 1)[0] == 0x88 and P.cdb_write(5, 1)[0] == 0x2A
@@ -106,6 +125,7 @@ def test_chap_and_binary_values():
     with pytest.raises(P.PDUError):
         P.decode_binary("zz")
     import hashlib
+
     ident, secret, chal = 7, b"topsecret", bytes(range(16))
     assert P.chap_response(ident, secret, chal) == hashlib.md5(b"\x07topsecret" + chal).digest()
     c = P.ChapChallenge()
@@ -133,7 +153,7 @@ def test_read_whole_lun_matches_backing_file(tgt, tmp_path):
     # the URL form names the same disk
     with Disk() as d:
         d.open(f"iscsi://127.0.0.1:{tgt.port}/{IQN}/1", flags=OpenFlags.READ_ONLY)
-        assert d.read(65536, 512) == backing.read_bytes()[65536:65536 + 512]
+        assert d.read(65536, 512) == backing.read_bytes()[65536 : 65536 + 512]
 
 
 def test_write_reaches_backing_file_and_splits(tgt_factory, tmp_path):
@@ -143,15 +163,16 @@ def test_write_reaches_backing_file_and_splits(tgt_factory, tmp_path):
     payload = os.urandom(700 * 1024)
     with Disk() as d:
         d.open("-", "iSCSI", config=_cfg(t, WriteSplit="65536"))
-        d.write(12345, payload)                  # unaligned: read-modify-write through the disk
+        d.write(12345, payload)  # unaligned: read-modify-write through the disk
         d.flush()
         assert d.read(12345, len(payload)) == payload
     data = backing.read_bytes()
-    assert data[12345:12345 + len(payload)] == payload
+    assert data[12345 : 12345 + len(payload)] == payload
 
 
 def test_clone_lun_into_vdi_and_back(tgt, tmp_path, qemu):
     from vdgui.vd import copy_image
+
     backing = _backing(tmp_path, "clone.img", seed=5)
     iqn = IQN + "clone"
     tgt.add_target(iqn, str(backing))
@@ -165,8 +186,19 @@ def test_clone_lun_into_vdi_and_back(tgt, tmp_path, qemu):
     target2.write_bytes(bytes(LUN_SIZE))
     iqn2 = IQN + "two"
     tgt.add_target(iqn2, str(target2))
-    run_cli("convert", "-O", "iSCSI", "--property", f"TargetName={iqn2}", "--property", "LUN=1",
-            "--property", f"TargetAddress=127.0.0.1:{tgt.port}", str(out), "-")
+    run_cli(
+        "convert",
+        "-O",
+        "iSCSI",
+        "--property",
+        f"TargetName={iqn2}",
+        "--property",
+        "LUN=1",
+        "--property",
+        f"TargetAddress=127.0.0.1:{tgt.port}",
+        str(out),
+        "-",
+    )
     assert sha(target2) == sha(backing)
 
 
@@ -176,8 +208,12 @@ def test_qemu_reads_the_same_lun(tgt, tmp_path, qemu):
     tgt.add_target(iqn, str(backing))
     ref = qemu.to_raw(f"iscsi://127.0.0.1:{tgt.port}/{iqn}/1", tmp_path / "q.raw")
     with Disk() as d:
-        d.open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-               config={"TargetName": iqn, "LUN": "1", "TargetAddress": f"127.0.0.1:{tgt.port}"})
+        d.open(
+            "-",
+            "iSCSI",
+            flags=OpenFlags.READ_ONLY,
+            config={"TargetName": iqn, "LUN": "1", "TargetAddress": f"127.0.0.1:{tgt.port}"},
+        )
         assert read_all(d) == ref.read_bytes()
 
 
@@ -188,27 +224,49 @@ def test_chap_enforced(tgt_factory, tmp_path):
     with pytest.raises(AuthenticationError):
         Disk().open("-", "iSCSI", flags=OpenFlags.READ_ONLY, config=_cfg(t))
     with pytest.raises(AuthenticationError):
-        Disk().open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-                    config=_cfg(t, InitiatorUsername="alice", InitiatorSecret="wrong-password1"))
+        Disk().open(
+            "-",
+            "iSCSI",
+            flags=OpenFlags.READ_ONLY,
+            config=_cfg(t, InitiatorUsername="alice", InitiatorSecret="wrong-password1"),
+        )
     with Disk() as d:
-        d.open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-               config=_cfg(t, InitiatorUsername="alice", InitiatorSecret="s3cret-passw0rd"))
-        assert d.read(0, 65536 * 2) == backing.read_bytes()[:65536 * 2]
+        d.open(
+            "-",
+            "iSCSI",
+            flags=OpenFlags.READ_ONLY,
+            config=_cfg(t, InitiatorUsername="alice", InitiatorSecret="s3cret-passw0rd"),
+        )
+        assert d.read(0, 65536 * 2) == backing.read_bytes()[: 65536 * 2]
 
 
 def test_mutual_chap(tgt_factory, tmp_path):
     t = tgt_factory()
     backing = _backing(tmp_path)
-    t.add_target(IQN, str(backing), user="alice", password="s3cret-passw0rd",
-                 out_user="target1", out_password="t4rget-secret-x")
+    t.add_target(
+        IQN,
+        str(backing),
+        user="alice",
+        password="s3cret-passw0rd",
+        out_user="target1",
+        out_password="t4rget-secret-x",
+    )
     good = dict(InitiatorUsername="alice", InitiatorSecret="s3cret-passw0rd")
     with Disk() as d:
-        d.open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-               config=_cfg(t, TargetUsername="target1", TargetSecret="t4rget-secret-x", **good))
+        d.open(
+            "-",
+            "iSCSI",
+            flags=OpenFlags.READ_ONLY,
+            config=_cfg(t, TargetUsername="target1", TargetSecret="t4rget-secret-x", **good),
+        )
         assert d.size == LUN_SIZE
     with pytest.raises(AuthenticationError, match="mutual"):
-        Disk().open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-                    config=_cfg(t, TargetUsername="target1", TargetSecret="not-the-secret1", **good))
+        Disk().open(
+            "-",
+            "iSCSI",
+            flags=OpenFlags.READ_ONLY,
+            config=_cfg(t, TargetUsername="target1", TargetSecret="not-the-secret1", **good),
+        )
 
 
 def test_secret_from_property_file(tgt_factory, tmp_path):
@@ -217,10 +275,23 @@ def test_secret_from_property_file(tgt_factory, tmp_path):
     t.add_target(IQN, str(backing), user="bob", password="file-secret-123")
     secret = tmp_path / "secret.txt"
     secret.write_text("file-secret-123")
-    r = run_cli("info", "--json", "-f", "iSCSI", "--property", f"TargetName={IQN}",
-                "--property", f"TargetAddress=127.0.0.1:{t.port}", "--property", "LUN=1",
-                "--property", "InitiatorUsername=bob", "--property-file",
-                f"InitiatorSecret={secret}", "-")
+    r = run_cli(
+        "info",
+        "--json",
+        "-f",
+        "iSCSI",
+        "--property",
+        f"TargetName={IQN}",
+        "--property",
+        f"TargetAddress=127.0.0.1:{t.port}",
+        "--property",
+        "LUN=1",
+        "--property",
+        "InitiatorUsername=bob",
+        "--property-file",
+        f"InitiatorSecret={secret}",
+        "-",
+    )
     assert '"virtual_size": %d' % LUN_SIZE in r.stdout
 
 
@@ -276,7 +347,7 @@ class DroppingProxy:
                 if not data:
                     break
                 if limit is not None and sent + len(data) > limit:
-                    dst.sendall(data[:max(0, limit - sent)])
+                    dst.sendall(data[: max(0, limit - sent)])
                     break
                 dst.sendall(data)
                 sent += len(data)
@@ -298,12 +369,20 @@ def test_dropped_connection_is_reestablished(tgt, tmp_path):
     backing = _backing(tmp_path, "drop.img", seed=11)
     iqn = IQN + "drop"
     tgt.add_target(iqn, str(backing))
-    proxy = DroppingProxy(tgt.port, cut_after=3 << 20)      # cut mid-way through the read
+    proxy = DroppingProxy(tgt.port, cut_after=3 << 20)  # cut mid-way through the read
     try:
         with Disk() as d:
-            d.open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-                   config={"TargetName": iqn, "LUN": "1", "TargetAddress": f"127.0.0.1:{proxy.port}",
-                           "Timeout": "3000"})
+            d.open(
+                "-",
+                "iSCSI",
+                flags=OpenFlags.READ_ONLY,
+                config={
+                    "TargetName": iqn,
+                    "LUN": "1",
+                    "TargetAddress": f"127.0.0.1:{proxy.port}",
+                    "Timeout": "3000",
+                },
+            )
             assert read_all(d, chunk=LUN_SIZE) == backing.read_bytes()
         assert proxy.connections == 2
     finally:
@@ -337,11 +416,15 @@ def test_target_that_closes_during_login_is_a_network_error(greeting):
             if greeting:
                 c.sendall(greeting)
             c.close()
+
     threading.Thread(target=serve, daemon=True).start()
     try:
         with pytest.raises(NetworkError, match="closed the connection during login.*access list"):
-            Disk().open("-", "iSCSI", flags=OpenFlags.READ_ONLY,
-                        config={"TargetName": IQN, "TargetAddress": f"127.0.0.1:{port}",
-                                "Timeout": "2000"})
+            Disk().open(
+                "-",
+                "iSCSI",
+                flags=OpenFlags.READ_ONLY,
+                config={"TargetName": IQN, "TargetAddress": f"127.0.0.1:{port}", "Timeout": "2000"},
+            )
     finally:
         srv.close()

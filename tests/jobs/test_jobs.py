@@ -2,6 +2,7 @@
 the queue's per-chain ordering."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -43,7 +44,7 @@ def test_progress_is_throttled_monotonic_and_complete(qtbot):
     elapsed = time.monotonic() - started
     assert done == ["ok"] and job.state == JobState.DONE
     assert seen[0] == (0, total) and seen[-1] == (total, total)
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     assert len(seen) <= elapsed / PROGRESS_INTERVAL + 3
 
 

@@ -15,7 +15,6 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtWidgets import QLabel
 
 from vdgui import qtfix
-
 from vdgui.jobs import Job, JobQueue
 
 pytestmark = pytest.mark.gui

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tarfile
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -71,10 +70,19 @@ def test_bundled_gui_takes_a_screenshot_under_xvfb(built, tmp_path, qemu):
     img = tmp_path / "disk.vdi"
     qemu.img("create", "-f", "vdi", img, "64M")
     shot = tmp_path / "shot.png"
-    env = dict(CLEAN_ENV, XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
-               VDGUI_DATA_DIR=str(tmp_path / "data"))
-    r = subprocess.run([xvfb, "-a", str(built["dir"] / "vdgui"), "--screenshot", str(shot), str(img)],
-                       env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        CLEAN_ENV,
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+        VDGUI_DATA_DIR=str(tmp_path / "data"),
+    )
+    r = subprocess.run(
+        [xvfb, "-a", str(built["dir"] / "vdgui"), "--screenshot", str(shot), str(img)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -87,28 +95,49 @@ def test_deb_contents_and_control(built):
     for key in ("Architecture", "Maintainer", "Depends", "Description"):
         assert fields.get(key), key
     assert "libxkbcommon-x11-0" in fields["Depends"]
-    listing = subprocess.run(["dpkg-deb", "-c", str(built["deb"])], capture_output=True,
-                             text=True).stdout
-    for path in ("./opt/vdgui/vdgui", "./usr/bin/vdgui -> /opt/vdgui/vdgui",
-                 "./usr/bin/vdgui-img -> /opt/vdgui/vdgui-img",
-                 "./usr/share/applications/vdgui.desktop",
-                 "./usr/share/metainfo/org.vdgui.vdgui.metainfo.xml",
-                 "./usr/share/mime/packages/vdgui.xml",
-                 "./usr/share/icons/hicolor/scalable/apps/vdgui.svg",
-                 "./usr/share/icons/hicolor/48x48/apps/vdgui.png"):
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(built["deb"])], capture_output=True, text=True
+    ).stdout
+    for path in (
+        "./opt/vdgui/vdgui",
+        "./usr/bin/vdgui -> /opt/vdgui/vdgui",
+        "./usr/bin/vdgui-img -> /opt/vdgui/vdgui-img",
+        "./usr/share/applications/vdgui.desktop",
+        "./usr/share/metainfo/org.vdgui.vdgui.metainfo.xml",
+        "./usr/share/mime/packages/vdgui.xml",
+        "./usr/share/icons/hicolor/scalable/apps/vdgui.svg",
+        "./usr/share/icons/hicolor/48x48/apps/vdgui.png",
+    ):
         assert path in listing, path
 
 
 def test_desktop_files_validate():
     for tool in ("desktop-file-validate", "appstreamcli"):
         assert shutil.which(tool), f"{tool} missing: install desktop-file-utils and appstream"
-    r = subprocess.run(["desktop-file-validate", str(ROOT / "resources" / "vdgui.desktop")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["desktop-file-validate", str(ROOT / "resources" / "vdgui.desktop")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout
-    r = subprocess.run(["appstreamcli", "validate", "--no-net",
-                        str(ROOT / "resources" / "org.vdgui.vdgui.metainfo.xml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "appstreamcli",
+            "validate",
+            "--no-net",
+            str(ROOT / "resources" / "org.vdgui.vdgui.metainfo.xml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run(["xmllint", "--noout", str(ROOT / "resources" / "vdgui-mime.xml")],
-                       capture_output=True, text=True) if shutil.which("xmllint") else None
+    r = (
+        subprocess.run(
+            ["xmllint", "--noout", str(ROOT / "resources" / "vdgui-mime.xml")],
+            capture_output=True,
+            text=True,
+        )
+        if shutil.which("xmllint")
+        else None
+    )
     assert r is None or r.returncode == 0

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from vdgui.vd import Cap, ImageFlags, Operation, backends
 
 
-
 @dataclass(frozen=True)
 class ActionSpec:
     key: str
@@ -115,7 +114,8 @@ def reason(key: str, nodes: list, ctx: Context | None = None) -> str | None:
             return f"{_label(n)}: its format is unknown"
         bad = n.broken_ancestor()
         if bad is not None:
-            return f"{_label(n)} depends on {_label(bad)}, which is inaccessible: {bad.record.error}"
+            return (f"{_label(n)} depends on {_label(bad)}, which is inaccessible: "
+                    f"{bad.record.error}")
     for n in nodes:
         r = _one(key, n)
         if r:
@@ -168,14 +168,18 @@ def _one(key: str, n) -> str | None:
         return None
     if key == "resize":
         if not b.caps & Cap.FILE:
-            return f"{fmt} images are not files (no FILE capability): their size is set on the server"
+            return (
+                f"{fmt} images are not files (no FILE capability): their size is set on the server"
+            )
         r = _refusal(n, Operation.RESIZE)
         if r:
             return r
         if n.children:
             k = _descendants(n)
-            return (f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
-                    f"on {_label(n)}: resize the top of the chain instead")
+            return (
+                f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
+                f"on {_label(n)}: resize the top of the chain instead"
+            )
         return None
     if key == "compact":
         if not b.caps & Cap.FILE:
@@ -185,8 +189,10 @@ def _one(key: str, n) -> str | None:
             return r
         if n.children:
             k = _descendants(n)
-            return (f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
-                    f"on {_label(n)}; compacting it could change what they read")
+            return (
+                f"{k} differencing image{'s' if k != 1 else ''} depend{'' if k != 1 else 's'} "
+                f"on {_label(n)}; compacting it could change what they read"
+            )
         return None
     if key == "check":
         if not b.can(Operation.CHECK):

@@ -44,9 +44,11 @@ def settings_for(data_dir: str):
 
 def screenshot(args) -> int:
     from PySide6.QtCore import QSize
-    from vdgui.vd import Library
-    from .main_window import MainWindow
+
     from vdgui.jobs import tasks
+    from vdgui.vd import Library
+
+    from .main_window import MainWindow
 
     app = make_app()
     lib = Library(":memory:")
@@ -70,7 +72,7 @@ def screenshot(args) -> int:
             try:
                 res = job.fn(lambda d, t: None)
                 win.show_allocation(job, res)
-            except Exception as exc:  # noqa: BLE001 - the picture is optional here
+            except Exception as exc:
                 win.details.set_allocation_error(target.path, str(exc))
     for _ in range(10):
         app.processEvents()
@@ -91,6 +93,7 @@ def screenshot(args) -> int:
 def _quit_on_sigint(app, win) -> None:
     """Ctrl+C in the terminal closes the window properly (jobs cancelled, settings saved)."""
     import signal
+
     from PySide6.QtCore import QTimer
     signal.signal(signal.SIGINT, lambda *_: win.close())
     timer = QTimer(app)
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     if args.screenshot:
         return screenshot(args)
     from vdgui.vd import Library, data_dir
+
     from .crash import install_excepthook
     from .main_window import MainWindow
 

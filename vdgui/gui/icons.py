@@ -6,7 +6,7 @@ from the backend's name by hashing, so a new backend gets its own colour without
 from __future__ import annotations
 
 import zlib
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from PySide6.QtCore import QByteArray, QRectF, Qt
@@ -37,7 +37,7 @@ def _icon_from_svg(data: bytes) -> QIcon:
     return icon
 
 
-@lru_cache(maxsize=None)
+@cache
 def icon(name: str) -> QIcon:
     """An action or status icon by file name (without .svg)."""
     try:
@@ -53,7 +53,7 @@ def accent_color(key: str | None) -> QColor:
     return QColor.fromHsl(hue, 150, 110)
 
 
-@lru_cache(maxsize=None)
+@cache
 def format_icon(device: str, format_name: str | None) -> QIcon:
     """Device-type icon tinted with the format's accent colour."""
     name = {"optical": "optical", "floppy": "floppy"}.get(device, "hdd")

@@ -8,10 +8,28 @@ import os
 
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QDialog, QDockWidget,
-                               QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-                               QMainWindow, QMessageBox, QProgressBar, QSplitter, QTabBar,
-                               QTabWidget, QToolBar, QTreeView, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
+    QCheckBox,
+    QDialog,
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QSplitter,
+    QTabBar,
+    QTabWidget,
+    QToolBar,
+    QTreeView,
+    QVBoxLayout,
+    QWidget,
+)
 
 import vdgui
 from vdgui.jobs import JobQueue, tasks
@@ -20,8 +38,16 @@ from vdgui.vd import DeviceType, Library, backends, is_network_location
 from . import actions, menus
 from .actions import SPECS, Context
 from .crash import install_excepthook, show_crash
-from .files import (IMAGE_FILTER_ALL, image_file_filter, image_picker, is_ours_temporary,
-                    is_vbox_registry, location, mtime, virtualbox_settings_start)
+from .files import (
+    IMAGE_FILTER_ALL,
+    image_file_filter,
+    image_picker,
+    is_ours_temporary,
+    is_vbox_registry,
+    location,
+    mtime,
+    virtualbox_settings_start,
+)
 from .icons import app_icon, format_icon
 from .models.media import COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel
 from .operations import Operations
@@ -131,8 +157,13 @@ class MainWindow(QMainWindow):
         self.toolbar.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
         self.toolbar.setIconSize(QSize(28, 28))
         self.toolbar.setMovable(False)
-        groups = (("add", "network", "create", "snapshot"), ("copy", "move", "merge", "resize", "compact"),
-                  ("check", "repair", "compare"), ("remove", "delete"), ("refresh", "properties"))
+        groups = (
+            ("add", "network", "create", "snapshot"),
+            ("copy", "move", "merge", "resize", "compact"),
+            ("check", "repair", "compare"),
+            ("remove", "delete"),
+            ("refresh", "properties"),
+        )
         for gi, g in enumerate(groups):
             if gi:
                 self.toolbar.addSeparator()
@@ -145,7 +176,7 @@ class MainWindow(QMainWindow):
         self.tabs.setObjectName("deviceTabs")
         self.tabs.setDrawBase(False)
         self.tabs.setExpanding(False)
-        for dev, text, ic in DEVICE_TABS:
+        for _dev, text, ic in DEVICE_TABS:
             self.tabs.addTab(format_icon(ic, None), text)
         self.tabs.currentChanged.connect(self._tab_changed)
         self.proxy.set_device(DEVICE_TABS[0][0].value)
@@ -177,8 +208,9 @@ class MainWindow(QMainWindow):
         self.tree.activated.connect(lambda *_: self.show_properties(True))
         self.tree.setIconSize(QSize(20, 20))
         self.tree.setAccessibleName("Media list")
-        self.tree.setAccessibleDescription("Disk images; differencing images are nested under "
-                                           "their parent")
+        self.tree.setAccessibleDescription(
+            "Disk images; differencing images are nested under their parent"
+        )
         self.tree.setDragDropMode(QAbstractItemView.NoDragDrop)
         h = self.tree.header()
         h.setStretchLastSection(False)
@@ -189,11 +221,13 @@ class MainWindow(QMainWindow):
         h.resizeSection(COL_VSIZE, 92)
         h.resizeSection(COL_ASIZE, 92)
         h.resizeSection(4, 110)
-        h.resizeSection(5, 124)          # the State column fits "Duplicate UUID"
+        h.resizeSection(5, 124)  # the State column fits "Duplicate UUID"
         h.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         self.tree.selectionModel().selectionChanged.connect(self._selection_changed)
-        self.empty_hint = QLabel("No images yet. Use <b>Add</b> (Ctrl+Shift+A), <b>Create</b>, "
-                                 "<b>File ▸ Import from VirtualBox</b>, or drop image files here.")
+        self.empty_hint = QLabel(
+            "No images yet. Use <b>Add</b> (Ctrl+Shift+A), <b>Create</b>, "
+            "<b>File ▸ Import from VirtualBox</b>, or drop image files here."
+        )
         self.empty_hint.setAlignment(Qt.AlignCenter)
         self.empty_hint.setWordWrap(True)
         self.empty_hint.setEnabled(False)
@@ -215,7 +249,7 @@ class MainWindow(QMainWindow):
         self.splitter = QSplitter(Qt.Horizontal)
         self.splitter.setObjectName("mainSplitter")
         self.splitter.addWidget(left)
-        self.contents = ContentsPane(self.queue, self.library)    # issue #15
+        self.contents = ContentsPane(self.queue, self.library)  # issue #15
         self.contents.message.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.side = QTabWidget()
         self.side.setObjectName("sideTabs")
@@ -237,7 +271,7 @@ class MainWindow(QMainWindow):
         self.jobs_dock.setFeatures(QDockWidget.DockWidgetClosable | QDockWidget.DockWidgetMovable)
         self.addDockWidget(Qt.BottomDockWidgetArea, self.jobs_dock)
         self.jobs_panel.showRequested.connect(self.jobs_dock.show)
-        self.jobs_fit = DockFit(self, self.jobs_dock, self.jobs_panel)    # compact while empty
+        self.jobs_fit = DockFit(self, self.jobs_dock, self.jobs_panel)  # compact while empty
         self.jobs_fit.fit()
 
         self.status_images = QLabel()
@@ -277,7 +311,7 @@ class MainWindow(QMainWindow):
             self.details.set_node(n, self.library.properties(n.path))
             self._request_allocation(n)
         elif self.details.node is not None and self.model.node(self.details.node.path) is None:
-            self._selection_changed()   # rows removed: Qt sends no selectionChanged for that
+            self._selection_changed()  # rows removed: Qt sends no selectionChanged for that
         self.empty_hint.setVisible(not self.model.nodes())
         self.recordsChanged.emit()
 
@@ -292,7 +326,7 @@ class MainWindow(QMainWindow):
         self._view_state = (sel, expanded)
 
     def _restore_view_state(self) -> None:
-        sel, expanded = self._view_state
+        sel, _expanded = self._view_state
         # new chains open expanded; known ones keep their state
         for n in self.model.nodes():
             if n.children:
@@ -319,7 +353,9 @@ class MainWindow(QMainWindow):
             while parent.isValid():
                 self.tree.expand(parent)
                 parent = parent.parent()
-            flags = sm.SelectionFlag.Rows | (sm.SelectionFlag.ClearAndSelect if first else sm.SelectionFlag.Select)
+            flags = sm.SelectionFlag.Rows | (
+                sm.SelectionFlag.ClearAndSelect if first else sm.SelectionFlag.Select
+            )
             sm.select(idx, flags)
             if first:
                 sm.setCurrentIndex(idx, sm.SelectionFlag.NoUpdate)
@@ -351,7 +387,9 @@ class MainWindow(QMainWindow):
         nodes = self.model.nodes()
         bad = sum(1 for n in nodes if not n.accessible)
         self.action_clear_bad.setEnabled(bad > 0)
-        self.status_images.setText(f"{len(nodes)} image(s)" + (f", {bad} inaccessible" if bad else ""))
+        self.status_images.setText(
+            f"{len(nodes)} image(s)" + (f", {bad} inaccessible" if bad else "")
+        )
 
     # -- selection and actions ------------------------------------------------------------
     def selected_nodes(self) -> list:
@@ -401,8 +439,9 @@ class MainWindow(QMainWindow):
             self.contents.set_node(None)
             if n > 1:
                 self.details.head_title.setText(f"{n} images selected")
-                self.details.head_sub.setText("Compact, check, repair, remove and delete work on "
-                                              "several images at once.")
+                self.details.head_sub.setText(
+                    "Compact, check, repair, remove and delete work on several images at once."
+                )
             return
         self.details.set_node(node, self.library.properties(node.path))
         self.contents.set_node(node)
@@ -418,24 +457,38 @@ class MainWindow(QMainWindow):
             return
         cached = self.alloc_cache.get(node.path)
         if cached and cached.get("mtime") == mtime(node.path):
-            self.details.set_allocation(node.path, cached["size"], cached["extents"],
-                                        cached["members"], cached.get("partitions"))
+            self.details.set_allocation(
+                node.path,
+                cached["size"],
+                cached["extents"],
+                cached["members"],
+                cached.get("partitions"),
+            )
             return
         self._alloc_path = node.path
-        job = tasks.allocation_job(node.path, library=self.library, format=node.record.format,
-                                   config=(self.library.properties(node.path) or None)
-                                   if is_network_location(node.path) else None)
+        job = tasks.allocation_job(
+            node.path,
+            library=self.library,
+            format=node.record.format,
+            config=(self.library.properties(node.path) or None)
+            if is_network_location(node.path)
+            else None,
+        )
         job.signals.finished.connect(self.show_allocation)
-        job.signals.failed.connect(lambda j, msg, tb: self.details.set_allocation_error(
-            node.path, f"Cannot read the allocation map: {msg}"))
+        job.signals.failed.connect(
+            lambda j, msg, tb: self.details.set_allocation_error(
+                node.path, f"Cannot read the allocation map: {msg}"
+            )
+        )
         self.queue.submit(job)
 
     def show_allocation(self, job, res) -> None:
         """An allocation job's result: cached and shown in the details."""
         res["mtime"] = mtime(res["path"])
         self.alloc_cache[res["path"]] = res
-        self.details.set_allocation(res["path"], res["size"], res["extents"], res["members"],
-                                    res.get("partitions"))
+        self.details.set_allocation(
+            res["path"], res["size"], res["extents"], res["members"], res.get("partitions")
+        )
 
     def _busy_changed(self) -> None:
         busy: dict[str, str] = {}
@@ -488,15 +541,19 @@ class MainWindow(QMainWindow):
 
     def import_dialog(self) -> None:
         start = virtualbox_settings_start() or self.last_folder()
-        path, _ = QFileDialog.getOpenFileName(self, "Import from VirtualBox", start,
-                                              "VirtualBox settings (VirtualBox.xml *.vbox *.xml);;"
-                                              + IMAGE_FILTER_ALL)
+        path, _ = QFileDialog.getOpenFileName(
+            self,
+            "Import from VirtualBox",
+            start,
+            "VirtualBox settings (VirtualBox.xml *.vbox *.xml);;" + IMAGE_FILTER_ALL,
+        )
         if path:
             self.import_virtualbox(path)
 
     def _repair_dialog(self, node, report):
         """The Repair dialog: its RepairParams when accepted, else None."""
         from .dialogs.repair import RepairDialog
+
         dlg = RepairDialog(node, report, self)
         p = dlg.params() if dlg.exec() == QDialog.Accepted else None
         dlg.deleteLater()
@@ -526,10 +583,15 @@ class MainWindow(QMainWindow):
 
     def help_dialog(self, page: str = "guide"):
         from .dialogs.help import HelpDialog
-        acts = (list(self.actions.values()) + [self.action_import, self.action_search,
-                                               self.action_expand, self.action_help,
-                                               self.jobs_dock.toggleViewAction(),
-                                               self.action_quit])
+
+        acts = list(self.actions.values()) + [
+            self.action_import,
+            self.action_search,
+            self.action_expand,
+            self.action_help,
+            self.jobs_dock.toggleViewAction(),
+            self.action_quit,
+        ]
         dlg = HelpDialog(acts, self, page)
         dlg.setAttribute(Qt.WA_DeleteOnClose)
         dlg.show()
@@ -537,13 +599,16 @@ class MainWindow(QMainWindow):
 
     def about(self) -> None:
         names = ", ".join(b.name for b in backends())
-        QMessageBox.about(self, "About vdgui",
-                          f"<h3>vdgui {vdgui.__version__}</h3>"
-                          "<p>A desktop manager for virtual disk images, with a pure-Python engine "
-                          "modelled on VirtualBox's VD container API.</p>"
-                          f"<p>Formats: {html.escape(names)}</p>"
-                          f"<p>Library: {html.escape(self.library.path)}</p>"
-                          "<p>License: GPL-3.0-or-later</p>")
+        QMessageBox.about(
+            self,
+            "About vdgui",
+            f"<h3>vdgui {vdgui.__version__}</h3>"
+            "<p>A desktop manager for virtual disk images, with a pure-Python engine "
+            "modelled on VirtualBox's VD container API.</p>"
+            f"<p>Formats: {html.escape(names)}</p>"
+            f"<p>Library: {html.escape(self.library.path)}</p>"
+            "<p>License: GPL-3.0-or-later</p>",
+        )
 
     # -- drag and drop --------------------------------------------------------------------
     @staticmethod
@@ -551,8 +616,11 @@ class MainWindow(QMainWindow):
         """The local files of a drag that may be added (never our temporaries)."""
         if not md.hasUrls():
             return []
-        return [u.toLocalFile() for u in md.urls()
-                if u.isLocalFile() and not is_ours_temporary(u.toLocalFile())]
+        return [
+            u.toLocalFile()
+            for u in md.urls()
+            if u.isLocalFile() and not is_ours_temporary(u.toLocalFile())
+        ]
 
     def dragEnterEvent(self, event):
         files = self._dropped_files(event.mimeData())
@@ -581,18 +649,21 @@ class MainWindow(QMainWindow):
         super().showEvent(event)
         if not getattr(self, "_shown_once", False):
             self._shown_once = True
-            QTimer.singleShot(0, self.jobs_fit.fit)     # unless the user sized the dock
+            QTimer.singleShot(0, self.jobs_fit.fit)  # unless the user sized the dock
 
     # -- closing --------------------------------------------------------------------------
     def closeEvent(self, event):
         running = self.queue.visible_active()
         if running:
             r = QMessageBox.question(
-                self, "Jobs are running",
+                self,
+                "Jobs are running",
                 f"{len(running)} job(s) are still running:<br>"
                 + "<br>".join(html.escape(j.title) for j in running[:8])
                 + "<br><br>Cancel them and quit? Cancelled operations leave no half-written files.",
-                QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+                QMessageBox.Yes | QMessageBox.No,
+                QMessageBox.No,
+            )
             if r != QMessageBox.Yes:
                 event.ignore()
                 return

@@ -12,13 +12,27 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox
 
 from vdgui.jobs import Job, tasks
-from vdgui.vd import (CheckReport, VDError, format_size, get_backend, give_new_uuid,
-                      is_network_location, mark_duplicates, move_refusal)
+from vdgui.vd import (
+    CheckReport,
+    VDError,
+    format_size,
+    get_backend,
+    give_new_uuid,
+    is_network_location,
+    mark_duplicates,
+    move_refusal,
+)
 
 from . import actions
 from .crash import show_crash
-from .dialogs.params import (CopyParams, CreateParams, MergeParams, MoveParams, ResizeParams,
-                             SnapshotParams)
+from .dialogs.params import (
+    CopyParams,
+    CreateParams,
+    MergeParams,
+    MoveParams,
+    ResizeParams,
+    SnapshotParams,
+)
 from .files import is_ours_temporary, is_vbox_registry, location, mtime
 from .widgets.jobs_panel import check_summary
 

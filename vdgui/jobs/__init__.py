@@ -35,12 +35,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QThreadPool, QTimer, Signal, Slot
 
 from vdgui import qtfix  # noqa: F401  (before any signal is emitted)
-
 from vdgui.vd import Cancelled, VDError
 
 PROGRESS_INTERVAL = 0.1   # seconds between progress signals
@@ -249,7 +249,9 @@ class Job:
 
     @property
     def fraction(self) -> float:
-        return min(self.done / self.total, 1.0) if self.total else (1.0 if self.state == JobState.DONE else 0.0)
+        if self.total:
+            return min(self.done / self.total, 1.0)
+        return 1.0 if self.state == JobState.DONE else 0.0
 
     def elapsed(self) -> float:
         if self.started_at is None:
@@ -288,7 +290,7 @@ class Job:
 
     def _on_finished(self, result) -> None:
         self.result = result
-        self.done = self.total              # the worker reported (total, total) just before
+        self.done = self.total  # the worker reported (total, total) just before
         self._end(JobState.DONE)
 
     def _on_failed(self, message, tb) -> None:
@@ -307,7 +309,7 @@ class Job:
             return False
         done, total = int(done), int(total)
         self._w_total = total
-        done = max(done, self._w_done)          # monotonic
+        done = max(done, self._w_done)  # monotonic
         self._w_done = done
         now = time.monotonic()
         if not self._emitted_zero:
@@ -365,8 +367,8 @@ class JobQueue(QObject):
     (see the module's docstring): the queue is what keeps a job alive while it runs."""
 
     jobAdded = Signal(object)
-    jobChanged = Signal(object)      # state or progress changed
-    jobEnded = Signal(object)        # reached a final state
+    jobChanged = Signal(object)  # state or progress changed
+    jobEnded = Signal(object)  # reached a final state
     busyChanged = Signal()
 
     def __init__(self, parent: QObject | None = None, max_threads: int | None = None):
@@ -379,8 +381,8 @@ class JobQueue(QObject):
             self.pool.setMaxThreadCount(max_threads)
         else:
             self.pool.setMaxThreadCount(max(2, self.pool.maxThreadCount()))
-        self.jobs: list[Job] = []          # every visible job submitted (panel history)
-        self.live: dict[int, Job] = {}     # owned: submitted and not yet released by its worker
+        self.jobs: list[Job] = []  # every visible job submitted (panel history)
+        self.live: dict[int, Job] = {}  # owned: submitted and not yet released by its worker
         self._waiting: list[Job] = []
         self._running: list[Job] = []
         self._workers = _the_workers()
@@ -410,7 +412,7 @@ class JobQueue(QObject):
             blocked |= r.keys
         for job in list(self._waiting):
             if job.keys & blocked:
-                blocked |= job.keys      # keep the order among jobs of one chain
+                blocked |= job.keys  # keep the order among jobs of one chain
                 continue
             self._waiting.remove(job)
             self._running.append(job)
@@ -430,7 +432,7 @@ class JobQueue(QObject):
     def _on_end(self, job: Job, *args) -> None:
         if job in self._running:
             self._running.remove(job)
-        elif job in self._waiting:           # cancelled before it ran: no worker holds it
+        elif job in self._waiting:  # cancelled before it ran: no worker holds it
             self._waiting.remove(job)
             self.live.pop(job.id, None)
         self.jobChanged.emit(job)
@@ -446,7 +448,7 @@ class JobQueue(QObject):
     def cancel(self, job: Job) -> None:
         job.cancel()
         if job in self._waiting:
-            job.signals.cancelled.emit(job)      # GUI thread: its receivers run now
+            job.signals.cancelled.emit(job)  # GUI thread: its receivers run now
 
     def cancel_all(self) -> None:
         for job in list(self._waiting) + list(self._running):
@@ -456,7 +458,7 @@ class JobQueue(QObject):
         """Block until every running job has returned, then deliver what the workers reported
         (the jobs' final states, the queue's end handling) so that nothing stays running."""
         done = self.pool.waitForDone(msecs)
-        for job in list(self.live.values()):        # each job's own receivers first: its state
+        for job in list(self.live.values()):  # each job's own receivers first: its state
             QCoreApplication.sendPostedEvents(job.signals, QEvent.Type.MetaCall)
         QCoreApplication.sendPostedEvents(self._workers, QEvent.Type.MetaCall)
         QCoreApplication.sendPostedEvents(self, QEvent.Type.MetaCall)
@@ -480,4 +482,4 @@ class JobQueue(QObject):
         self.jobs = [j for j in self.jobs if not j.finished]
 
 
-__all__ = ["Job", "JobSignals", "JobQueue", "JobState", "PROGRESS_INTERVAL"]
+__all__ = ["PROGRESS_INTERVAL", "Job", "JobQueue", "JobSignals", "JobState"]

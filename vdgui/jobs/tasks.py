@@ -10,25 +10,53 @@ from vdgui.vd import Disk, ImageFlags, OpenFlags, get_backend
 
 from . import Job
 
-def create_job(location: str, size: int, format: str, *, flags: ImageFlags = ImageFlags.NONE,
-               config: dict | None = None, comment: str | None = None, key: str | None = None) -> Job:
+
+def create_job(
+    location: str,
+    size: int,
+    format: str,
+    *,
+    flags: ImageFlags = ImageFlags.NONE,
+    config: dict | None = None,
+    comment: str | None = None,
+    key: str | None = None,
+) -> Job:
     backend = get_backend(format)
 
     def fn(progress):
         progress(0, size)
         with Disk() as d:
-            d.create_base(location, size, backend, flags=flags, config=config or None,
-                          comment=comment or None, progress=progress)
+            d.create_base(
+                location,
+                size,
+                backend,
+                flags=flags,
+                config=config or None,
+                comment=comment or None,
+                progress=progress,
+            )
         progress(size, size)
         return [location]
 
     what = "fixed-size" if flags & ImageFlags.FIXED else "dynamic"
-    return Job(f"Create {what} {backend.name} image {os.path.basename(location)}", fn,
-               keys=[key or location], paths=[location], kind="create")
+    return Job(
+        f"Create {what} {backend.name} image {os.path.basename(location)}",
+        fn,
+        keys=[key or location],
+        paths=[location],
+        kind="create",
+    )
 
 
-def create_diff_job(parent: str, location: str, format: str | None = None, *, library=None,
-                    comment: str | None = None, key: str | None = None) -> Job:
+def create_diff_job(
+    parent: str,
+    location: str,
+    format: str | None = None,
+    *,
+    library=None,
+    comment: str | None = None,
+    key: str | None = None,
+) -> Job:
     def fn(progress):
         progress(0, 1)
         with Disk.open_chain(parent, flags=OpenFlags.READ_ONLY, library=library) as d:
@@ -36,8 +64,13 @@ def create_diff_job(parent: str, location: str, format: str | None = None, *, li
         progress(1, 1)
         return [location]
 
-    return Job(f"Create differencing image {os.path.basename(location)}", fn,
-               keys=[key or parent], paths=[parent, location], kind="create_diff")
+    return Job(
+        f"Create differencing image {os.path.basename(location)}",
+        fn,
+        keys=[key or parent],
+        paths=[parent, location],
+        kind="create_diff",
+    )
 
 
 def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, paths=(), **kw) -> Job:
@@ -45,8 +78,13 @@ def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, pat
         return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
 
     verb = "Convert" if kw.get("src_format") and kw["src_format"] != dst_format else "Copy"
-    return Job(f"{verb} {os.path.basename(src)} → {os.path.basename(dst)}", fn,
-               keys=[key or src, dst], paths=[src, dst, *paths], kind="copy")
+    return Job(
+        f"{verb} {os.path.basename(src)} → {os.path.basename(dst)}",
+        fn,
+        keys=[key or src, dst],
+        paths=[src, dst, *paths],
+        kind="copy",
+    )
 
 
 def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
@@ -54,62 +92,95 @@ def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
         vd.move_image(src, dst, progress=progress)
         return [dst]
 
-    return Job(f"Move {os.path.basename(src)} → {dst}", fn, keys=[key or src],
-               paths=[src, dst], kind="move")
+    return Job(
+        f"Move {os.path.basename(src)} → {dst}",
+        fn,
+        keys=[key or src],
+        paths=[src, dst],
+        kind="move",
+    )
 
 
 def merge_job(source: str, target: str, *, key: str | None = None, paths=()) -> Job:
     def fn(progress):
         return vd.merge(source, target, progress=progress)
 
-    return Job(f"Merge {os.path.basename(source)} into {os.path.basename(target)}", fn,
-               keys=[key or source], paths=[source, target, *paths], kind="merge")
+    return Job(
+        f"Merge {os.path.basename(source)} into {os.path.basename(target)}",
+        fn,
+        keys=[key or source],
+        paths=[source, target, *paths],
+        kind="merge",
+    )
 
 
-def resize_job(path: str, new_size: int, *, format: str | None = None, key: str | None = None) -> Job:
+def resize_job(
+    path: str, new_size: int, *, format: str | None = None, key: str | None = None
+) -> Job:
     def fn(progress):
         return vd.resize(path, new_size, format=format, progress=progress)
 
-    return Job(f"Resize {os.path.basename(path)} to {vd.format_size(new_size)}", fn,
-               keys=[key or path], paths=[path], kind="resize")
+    return Job(
+        f"Resize {os.path.basename(path)} to {vd.format_size(new_size)}",
+        fn,
+        keys=[key or path],
+        paths=[path],
+        kind="resize",
+    )
 
 
 def compact_job(path: str, *, format: str | None = None, key: str | None = None) -> Job:
     def fn(progress):
         return vd.compact(path, format=format, progress=progress)
 
-    return Job(f"Compact {os.path.basename(path)}", fn, keys=[key or path], paths=[path],
-               kind="compact")
+    return Job(
+        f"Compact {os.path.basename(path)}", fn, keys=[key or path], paths=[path], kind="compact"
+    )
 
 
-def sparsify_job(path: str, *, format: str | None = None, key: str | None = None,
-                 dry_run: bool = False) -> Job:
+def sparsify_job(
+    path: str, *, format: str | None = None, key: str | None = None, dry_run: bool = False
+) -> Job:
     """Sparsify in place (or, ``dry_run``, only measure); the result is a vd.SparsifyReport."""
+
     def fn(progress):
         return vd.sparsify(path, format=format, dry_run=dry_run, progress=progress)
 
     title = ("Measure free space in " if dry_run else "Sparsify ") + os.path.basename(path)
-    return Job(title, fn, keys=[key or path], paths=[path],
-               kind="sparsify_plan" if dry_run else "sparsify")
+    return Job(
+        title, fn, keys=[key or path], paths=[path], kind="sparsify_plan" if dry_run else "sparsify"
+    )
 
 
 def compare_job(a: str, b: str, *, formats=(None, None), keys=()) -> Job:
     """Compare what two images read; the result is a vd.CompareResult."""
+
     def fn(progress):
         return vd.compare(a, b, a_format=formats[0], b_format=formats[1], progress=progress)
 
-    return Job(f"Compare {os.path.basename(a)} with {os.path.basename(b)}", fn,
-               keys=list(keys) or [a, b], paths=[a, b], kind="compare")
+    return Job(
+        f"Compare {os.path.basename(a)} with {os.path.basename(b)}",
+        fn,
+        keys=list(keys) or [a, b],
+        paths=[a, b],
+        kind="compare",
+    )
 
 
-def check_job(path: str, *, repair: bool = False, format: str | None = None,
-              key: str | None = None) -> Job:
+def check_job(
+    path: str, *, repair: bool = False, format: str | None = None, key: str | None = None
+) -> Job:
     def fn(progress):
         return vd.check(path, format=format, repair=repair, progress=progress)
 
     verb = "Repair" if repair else "Check"
-    return Job(f"{verb} {os.path.basename(path)}", fn, keys=[key or path], paths=[path],
-               kind="repair" if repair else "check")
+    return Job(
+        f"{verb} {os.path.basename(path)}",
+        fn,
+        keys=[key or path],
+        paths=[path],
+        kind="repair" if repair else "check",
+    )
 
 
 def set_comment_job(path: str, comment: str, *, library=None, key: str | None = None) -> Job:
@@ -121,26 +192,41 @@ def set_comment_job(path: str, comment: str, *, library=None, key: str | None = 
         progress(1, 1)
         return path
 
-    return Job(f"Set the comment of {os.path.basename(path)}", fn, keys=[key or path],
-               paths=[path], kind="set_comment")
+    return Job(
+        f"Set the comment of {os.path.basename(path)}",
+        fn,
+        keys=[key or path],
+        paths=[path],
+        kind="set_comment",
+    )
 
 
-def allocation_job(path: str, *, library=None, format: str | None = None,
-                   config: dict | None = None) -> Job:
+def allocation_job(
+    path: str, *, library=None, format: str | None = None, config: dict | None = None
+) -> Job:
     """Reads the chain's allocation map (for the details picture); invisible in the panel."""
+
     def fn(progress):
-        with Disk.open_chain(path, format or None,
-                             flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
-                             config=config or None, library=library) as d:
+        with Disk.open_chain(
+            path,
+            format or None,
+            flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
+            config=config or None,
+            library=library,
+        ) as d:
             size = d.size
             extents = d.allocation()
             members = [img.location for img in d.images]
             partitions = _partition_marks(d)
-        return {"path": path, "size": size, "extents": extents, "members": members,
-                "partitions": partitions}
+        return {
+            "path": path,
+            "size": size,
+            "extents": extents,
+            "members": members,
+            "partitions": partitions,
+        }
 
-    return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation",
-               visible=False)
+    return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation", visible=False)
 
 
 def _partition_marks(d) -> list:
@@ -152,12 +238,16 @@ def _partition_marks(d) -> list:
         return []
     if lay.scheme == "none":
         return []
-    return [(p.start, p.size, f"{p.number}" + (f" {p.filesystem}" if p.filesystem else ""))
-            for p in lay.partitions if p.size > 0 and p.type not in ("0x05", "0x0f", "0x85")]
+    return [
+        (p.start, p.size, f"{p.number}" + (f" {p.filesystem}" if p.filesystem else ""))
+        for p in lay.partitions
+        if p.size > 0 and p.type not in ("0x05", "0x0f", "0x85")
+    ]
 
 
 def scan_job(library, paths: list[str] | None = None) -> Job:
     """Add ``paths`` (with their parents) to the library, or re-read everything when None."""
+
     def fn(progress):
         if paths is None:
             return library.scan_all(progress)
@@ -169,13 +259,18 @@ def scan_job(library, paths: list[str] | None = None) -> Job:
         progress(len(paths), len(paths))
         return out
 
-    title = "Refresh the media list" if paths is None else \
-        f"Add {os.path.basename(paths[0])}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    title = (
+        "Refresh the media list"
+        if paths is None
+        else f"Add {os.path.basename(paths[0])}"
+        + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    )
     return Job(title, fn, kind="scan", visible=False)
 
 
 def delete_job(images: list[tuple[str, list[str]]], library=None) -> Job:
     """Delete image files from disk: ``images`` is [(path, files)]; forgets them in the library."""
+
     def fn(progress):
         total = len(images)
         progress(0, total)
@@ -194,8 +289,13 @@ def delete_job(images: list[tuple[str, list[str]]], library=None) -> Job:
             progress(i + 1, total)
         return deleted
 
-    return Job(f"Delete {len(images)} image file(s)", fn, paths=[p for p, _ in images],
-               keys=[p for p, _ in images], kind="delete")
+    return Job(
+        f"Delete {len(images)} image file(s)",
+        fn,
+        paths=[p for p, _ in images],
+        keys=[p for p, _ in images],
+        kind="delete",
+    )
 
 
 # -- looking inside a disk (issue #15) ---------------------------------------------------------
@@ -205,28 +305,30 @@ def _open_ro(path: str, library=None, format: str | None = None):
 
 def layout_job(path: str, *, library=None, format: str | None = None) -> Job:
     """The partition layout; the result is {"path", "layout", "differencing"}."""
+
     def fn(progress):
         with _open_ro(path, library, format) as d:
             return {"path": path, "layout": vd.disk_layout(d), "differencing": len(d.images) > 1}
 
-    return Job(f"Read the partitions of {os.path.basename(path)}", fn, kind="layout",
-               visible=False)
+    return Job(f"Read the partitions of {os.path.basename(path)}", fn, kind="layout", visible=False)
 
 
-def list_job(path: str, number: int, folder: str, *, library=None,
-             format: str | None = None) -> Job:
+def list_job(
+    path: str, number: int, folder: str, *, library=None, format: str | None = None
+) -> Job:
     """The entries of ``folder`` in volume ``number`` (0: the whole disk), in a pool thread."""
+
     def fn(progress):
         with _open_ro(path, library, format) as d:
             _, fs = vd.open_volume(d, number or None)
-            return {"path": path, "number": number, "folder": folder,
-                    "entries": fs.listdir(folder)}
+            return {"path": path, "number": number, "folder": folder, "entries": fs.listdir(folder)}
 
     return Job(f"List {folder} in {os.path.basename(path)}", fn, kind="list", visible=False)
 
 
 def changed_job(path: str, *, library=None, format: str | None = None) -> Job:
     """What the top image of a differencing chain changed (a vd.ChangeReport)."""
+
     def fn(progress):
         progress(0, 1)
         with _open_ro(path, library, format) as d:
@@ -236,16 +338,29 @@ def changed_job(path: str, *, library=None, format: str | None = None) -> Job:
 
 
 def _safe_name(name: str) -> str:
-    if name in ("", ".", "..") or "\0" in name or "/" in name or os.sep in name \
-            or (os.altsep and os.altsep in name) \
-            or len(name.encode("utf-8", "surrogateescape")) > 255:
-        raise vd.InvalidArgument(f"refusing to extract {name!r}: the name would escape the "
-                                 "destination or is not valid on this system")
+    if (
+        name in ("", ".", "..")
+        or "\0" in name
+        or "/" in name
+        or os.sep in name
+        or (os.altsep and os.altsep in name)
+        or len(name.encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise vd.InvalidArgument(
+            f"refusing to extract {name!r}: the name would escape the "
+            "destination or is not valid on this system"
+        )
     return name
 
 
-def extract_job(path: str, items: list[tuple[int, str]], dest_dir: str, *, library=None,
-                format: str | None = None) -> Job:
+def extract_job(
+    path: str,
+    items: list[tuple[int, str]],
+    dest_dir: str,
+    *,
+    library=None,
+    format: str | None = None,
+) -> Job:
     """Copy files or folder trees (``(volume number, path)`` pairs) into ``dest_dir``. Each item
     is written under a temporary name and renamed when complete; a cancelled or failed job leaves
     nothing behind. The result is the list of created paths."""
@@ -263,13 +378,21 @@ def extract_job(path: str, items: list[tuple[int, str]], dest_dir: str, *, libra
                 name = _safe_name(posixpath.basename(root.path.rstrip("/")) or "root")
                 final = os.path.join(dest_dir, name)
                 if os.path.lexists(final):
-                    raise vd.InvalidArgument(f"{final} already exists: remove it or choose "
-                                             "another folder")
+                    raise vd.InvalidArgument(
+                        f"{final} already exists: remove it or choose another folder"
+                    )
                 entries = [(root, [])]
                 if root.type == "dir":
-                    entries += [(e, [_safe_name(p) for p in
-                                     posixpath.relpath(e.path, root.path).split("/")])
-                                for e in fs.walk(root.path)]
+                    entries += [
+                        (
+                            e,
+                            [
+                                _safe_name(p)
+                                for p in posixpath.relpath(e.path, root.path).split("/")
+                            ],
+                        )
+                        for e in fs.walk(root.path)
+                    ]
                 plan.append((fs, final, entries))
             total = sum(e.size for _, _, es in plan for e, _ in es if e.type == "file")
             done = 0
@@ -290,8 +413,9 @@ def extract_job(path: str, items: list[tuple[int, str]], dest_dir: str, *, libra
                         elif e.type == "symlink":
                             os.symlink(e.target, target)
                         elif e.type == "file":
-                            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                         | os.O_NOFOLLOW, 0o644)
+                            fd = os.open(
+                                target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
+                            )
                             with os.fdopen(fd, "wb", buffering=0) as out, fs.open(e.path) as f:
                                 while True:
                                     n = f.readinto(buf)
@@ -304,8 +428,7 @@ def extract_job(path: str, items: list[tuple[int, str]], dest_dir: str, *, libra
                         else:
                             continue
                         if e.mtime is not None and e.type != "dir":
-                            os.utime(target, (e.atime or e.mtime, e.mtime),
-                                     follow_symlinks=False)
+                            os.utime(target, (e.atime or e.mtime, e.mtime), follow_symlinks=False)
                     for target, e in reversed(dirs):
                         if e.mtime is not None:
                             os.utime(target, (e.atime or e.mtime, e.mtime))
@@ -317,5 +440,10 @@ def extract_job(path: str, items: list[tuple[int, str]], dest_dir: str, *, libra
         return made
 
     what = items[0][1] if len(items) == 1 else f"{len(items)} items"
-    return Job(f"Extract {what} from {os.path.basename(path)}", fn, keys=[path], paths=[path],
-               kind="extract")
+    return Job(
+        f"Extract {what} from {os.path.basename(path)}",
+        fn,
+        keys=[path],
+        paths=[path],
+        kind="extract",
+    )

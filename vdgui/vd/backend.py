@@ -179,11 +179,11 @@ class CreateParams:
     flags: ImageFlags = ImageFlags.NONE
     uuid: uuidlib.UUID | None = None
     comment: str | None = None
-    pchs: "Geometry | None" = None
-    lchs: "Geometry | None" = None
+    pchs: Geometry | None = None
+    lchs: Geometry | None = None
     config: dict | None = None
-    parent: "Image | None" = None   # set for a differencing image
-    progress: "ProgressCallback | None" = None
+    parent: Image | None = None   # set for a differencing image
+    progress: ProgressCallback | None = None
     allow_unsafe_paths: bool = False
 
     def __post_init__(self):
@@ -243,7 +243,7 @@ class Backend:
         """The name qemu knows this format by (a qcow2/QED child records its parent's so)."""
         return self.qemu_name or self.name.lower()
 
-    def refusal(self, op: Operation, flags: "ImageFlags" = None) -> str | None:
+    def refusal(self, op: Operation, flags: ImageFlags = None) -> str | None:
         """Why an image of this backend, of the variant ``flags``, cannot do ``op``, with the way
         out when there is one; None when it can. The app offers actions from this alone."""
         if not self.can(op):
@@ -309,10 +309,10 @@ class Backend:
         """Score 0..100: how sure this backend is that ``src`` is its format."""
         return 0
 
-    def open(self, location: str, flags, config: dict | None = None) -> "Image":
+    def open(self, location: str, flags, config: dict | None = None) -> Image:
         raise NotSupported(f"{self.name}: opening images is not supported")
 
-    def create(self, params: CreateParams) -> "Image":
+    def create(self, params: CreateParams) -> Image:
         raise NotSupported(f"creating images is not supported for {self.name}")
 
     def __repr__(self) -> str:

@@ -7,8 +7,14 @@ import threading
 from typing import TYPE_CHECKING
 
 from .backend import Backend, Cap, OpenFlags, ProbeInput
-from .errors import (ImageNotFound, ParentMismatch, ParentNotFound, ScanIncomplete, UnsafePath,
-                     VDError)
+from .errors import (
+    ImageNotFound,
+    ParentMismatch,
+    ParentNotFound,
+    ScanIncomplete,
+    UnsafePath,
+    VDError,
+)
 from .fileio import is_temp_name, real_path, resolve_stored_name
 from .registry import backend_name_for, backends, probe
 
@@ -102,13 +108,14 @@ def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
     return None
 
 
-def parent_format(hint: "ParentHint") -> str | None:
+def parent_format(hint: ParentHint) -> str | None:
     """The backend name of the parent's format as ``hint`` records it: images store qemu's
     names too ('vpc' -> 'VHD'); an unknown name is returned unchanged."""
     return backend_name_for(hint.format)
 
 
-def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> tuple[str, str | None]:
+def find_parent(image: Image, *, allow_unsafe: bool = False,
+                library=None) -> tuple[str, str | None]:
     """Return (path, format name or None) of ``image``'s parent, or raise ParentNotFound."""
     hint = image.parent_hint
     if hint is None:
@@ -119,8 +126,9 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
         if not loc:
             continue
         try:
-            path = resolve_stored_name(image.location, loc, allow_unsafe=allow_unsafe,
-                                       what="parent file")
+            path = resolve_stored_name(
+                image.location, loc, allow_unsafe=allow_unsafe, what="parent file"
+            )
         except UnsafePath as exc:
             unsafe = unsafe or exc
             # an absolute locator (e.g. VHD W2ku) may still name a file beside the image; that
@@ -129,8 +137,9 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
             if not base or base in ("..", "."):
                 continue
             try:
-                path = resolve_stored_name(image.location, base, allow_unsafe=False,
-                                           what="parent file")
+                path = resolve_stored_name(
+                    image.location, base, allow_unsafe=False, what="parent file"
+                )
             except UnsafePath:
                 continue
         tried.append(path)
@@ -146,14 +155,18 @@ def find_parent(image: "Image", *, allow_unsafe: bool = False, library=None) -> 
                 return entry, parent_format(hint)
         tried.append(f"UUID {hint.uuid} in {', '.join(_candidate_dirs(image.location))}")
     if unsafe is not None and not any(os.path.isfile(t) for t in tried):
-        raise ParentNotFound(f"{unsafe.message}; parent not found (looked for: "
-                             f"{'; '.join(tried) or 'no location stored'})") from None
-    raise ParentNotFound(f"{image.location}: parent image not found (looked for: "
-                         f"{'; '.join(tried) or 'no location stored'})")
+        raise ParentNotFound(
+            f"{unsafe.message}; parent not found (looked for: "
+            f"{'; '.join(tried) or 'no location stored'})"
+        ) from None
+    raise ParentNotFound(
+        f"{image.location}: parent image not found (looked for: "
+        f"{'; '.join(tried) or 'no location stored'})"
+    )
 
 
 # -- the other direction: the differencing images of an image --------------------------------------
-def links_to(child: "Image", parent: "Image") -> bool:
+def links_to(child: Image, parent: Image) -> bool:
     """Does ``child`` (a differencing image) name ``parent`` as its parent?"""
     if child.parent_uuid is not None and parent.uuid is not None:
         return child.parent_uuid == parent.uuid
@@ -164,7 +177,7 @@ def links_to(child: "Image", parent: "Image") -> bool:
     return real_path(path) == real_path(parent.location)
 
 
-def link_matches(child: "Image", parent: "Image") -> bool:
+def link_matches(child: Image, parent: Image) -> bool:
     """Does ``child``'s link accept ``parent`` as it stands (``check_parent_link``: UUIDs, and
     the identity a format's link names -- VHDX parent_linkage, VMDK parentCID, a backing file
     name)? Operations that rewrite links after changing a parent rewrite only the links that
@@ -188,7 +201,7 @@ def _head(path: str) -> bytes:
         os.close(fd)
 
 
-def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple[str, "Backend"]]:
+def find_children(image: Image, exclude: set[str] | None = None) -> list[tuple[str, Backend]]:
     """Differencing images in ``image``'s folder (and Snapshots/, or the folder above a
     Snapshots folder) whose parent is ``image``: (path, backend) pairs. ``exclude`` holds
     real paths not to report (e.g. the chain being worked on).
@@ -202,11 +215,11 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
     exclude = exclude or set()
     own = {real_path(f) for f in image.files()} | {real_path(image.location)}
     diff_backends = [b for b in backends() if b.caps & Cap.DIFF]
-    found: list[tuple[str, "Backend"]] = []
+    found: list[tuple[str, Backend]] = []
     seen: set[str] = set()
     problems: list[str] = []
-    unopened: list[tuple[str, str]] = []   # (real path, why): unless a file of another image
-    parts: set[str] = set(own)              # files of the images opened (e.g. VMDK extents)
+    unopened: list[tuple[str, str]] = []  # (real path, why): unless a file of another image
+    parts: set[str] = set(own)  # files of the images opened (e.g. VMDK extents)
     name = os.path.basename(image.location)
     for d, root in _search_dirs(image.location):
         names: list[str] = []
@@ -223,19 +236,19 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
             problems.append(f"{d}: more than {CHILD_SCAN_LIMIT} entries; not all were examined")
             continue
         for n in sorted(names):
-            if is_temp_name(n):               # our own temporaries, never user images
+            if is_temp_name(n):  # our own temporaries, never user images
                 continue
             p = os.path.join(d, n)
             try:
                 st = os.stat(p)
                 if not stat.S_ISREG(st.st_mode):
-                    continue                  # folders, devices, FIFOs: never images here
+                    continue  # folders, devices, FIFOs: never images here
                 rp = real_path(p)
                 if rp in own or rp in seen:
                     continue
                 head = _head(p)
             except FileNotFoundError:
-                continue                      # gone meanwhile, or a dangling symbolic link
+                continue  # gone meanwhile, or a dangling symbolic link
             except OSError as exc:
                 problems.append(f"{p}: cannot be read ({exc.strerror or exc})")
                 continue
@@ -257,23 +270,27 @@ def find_children(image: "Image", exclude: set[str] | None = None) -> list[tuple
             finally:
                 img.close()
             if not _within(root, p):
-                problems.append(f"{p}: a differencing image of {name} reached through a symbolic "
-                                f"link leading out of the folder (to {rp}); relinking it would "
-                                "write outside the folder")
+                problems.append(
+                    f"{p}: a differencing image of {name} reached through a symbolic "
+                    f"link leading out of the folder (to {rp}); relinking it would "
+                    "write outside the folder"
+                )
                 continue
             seen.add(rp)
             found.append((p, be))
     problems += [why for rp, why in unopened if rp not in parts and rp not in exclude]
     if problems:
-        raise ScanIncomplete(f"{image.location}: cannot be sure which other differencing images "
-                             f"depend on it: {'; '.join(problems)}; nothing was changed")
+        raise ScanIncomplete(
+            f"{image.location}: cannot be sure which other differencing images "
+            f"depend on it: {'; '.join(problems)}; nothing was changed"
+        )
     return found
 
 
 def _claims(backend, src) -> bool:
     try:
         return backend.probe(src) > 0
-    except Exception:  # noqa: BLE001 - a probe fed only the first bytes may trip; then ask fully
+    except Exception:
         return True
 
 

@@ -15,8 +15,8 @@ The caller truncates or reuses the space freed above afterwards.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
 
 from .align import align_up
 

@@ -6,8 +6,8 @@ them. Values travel as strings (as in VirtualBox) and are converted by :func:`pa
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import ConfigError
 
@@ -43,7 +43,7 @@ class ConfigKey:
     variant: int = 0             # image variant bits (ImageFlags) the key applies to; 0: all
     # a check of the converted value beyond type and range (e.g. "host:port"); raises
     # ConfigError. The CLI and the forms both run it.
-    validator: "Callable[[object], object] | None" = field(default=None, compare=False)
+    validator: Callable[[object], object] | None = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -76,22 +76,30 @@ class ConfigKey:
                 try:
                     value = int(text.strip(), 0)
                 except ValueError:
-                    raise ConfigError(f"key '{self.name}': expected an integer, found {text!r}") from None
+                    raise ConfigError(
+                        f"key '{self.name}': expected an integer, found {text!r}"
+                    ) from None
             if self.minimum is not None and value < self.minimum:
-                raise ConfigError(f"key '{self.name}': value {value} is below the minimum {self.minimum}")
+                raise ConfigError(
+                    f"key '{self.name}': value {value} is below the minimum {self.minimum}"
+                )
             if self.maximum is not None and value > self.maximum:
-                raise ConfigError(f"key '{self.name}': value {value} is above the maximum {self.maximum}")
+                raise ConfigError(
+                    f"key '{self.name}': value {value} is above the maximum {self.maximum}"
+                )
             if self.power_of_two and (value <= 0 or value & (value - 1)):
                 raise ConfigError(f"key '{self.name}': expected a power of two, found {value}")
             if self.choices and str(value) not in self.choices:
-                raise ConfigError(f"key '{self.name}': expected one of "
-                                  f"{', '.join(self.choices)}, found {value}")
+                raise ConfigError(
+                    f"key '{self.name}': expected one of {', '.join(self.choices)}, found {value}"
+                )
             return value
         if self.choices:
             text = raw.decode() if isinstance(raw, bytes) else str(raw)
             if text not in self.choices:
-                raise ConfigError(f"key '{self.name}': expected one of "
-                                  f"{', '.join(self.choices)}, found {text!r}")
+                raise ConfigError(
+                    f"key '{self.name}': expected one of {', '.join(self.choices)}, found {text!r}"
+                )
         if self.type is ValueType.BYTES:
             return raw if isinstance(raw, bytes) else str(raw).encode()
         value = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -100,13 +108,19 @@ class ConfigKey:
                 self.validator(value)
             except ConfigError as exc:
                 msg = exc.message
-                raise ConfigError(msg if msg.startswith(f"key '{self.name}'")
-                                  else f"key '{self.name}': {msg}") from None
+                raise ConfigError(
+                    msg if msg.startswith(f"key '{self.name}'") else f"key '{self.name}': {msg}"
+                ) from None
         return value
 
 
-def parse_config(keys: tuple[ConfigKey, ...] | list[ConfigKey], given: dict | None, *,
-                 creating: bool = False, owner: str = "backend") -> dict:
+def parse_config(
+    keys: tuple[ConfigKey, ...] | list[ConfigKey],
+    given: dict | None,
+    *,
+    creating: bool = False,
+    owner: str = "backend",
+) -> dict:
     """Validate ``given`` against ``keys``: unknown keys and missing mandatory keys are errors.
 
     Returns a dict with every key that has a value (given or default), converted to its type.
@@ -136,6 +150,9 @@ def applicable_keys(keys, *, mode: str = "create", variant: int = 0) -> list[Con
     variant (``ConfigKey.variant``) only when that variant is chosen."""
     if mode not in ("create", "edit"):
         raise ValueError(f"mode must be 'create' or 'edit', not {mode!r}")
-    return [k for k in keys
-            if (mode == "create" or not k.create_only)
-            and (not k.variant or (variant & k.variant) == k.variant)]
+    return [
+        k
+        for k in keys
+        if (mode == "create" or not k.create_only)
+        and (not k.variant or (variant & k.variant) == k.variant)
+    ]

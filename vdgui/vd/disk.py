@@ -10,8 +10,14 @@ from dataclasses import dataclass
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
 from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
-from .errors import (InvalidArgument, NotSupported, ParentMismatch, ParentNotFound,
-                     ReadOnlyImage, VDError)
+from .errors import (
+    InvalidArgument,
+    NotSupported,
+    ParentMismatch,
+    ParentNotFound,
+    ReadOnlyImage,
+    VDError,
+)
 from .geometry import Geometry
 from .image import Alloc, Image
 from .registry import get_backend, probe
@@ -83,22 +89,32 @@ class Disk:
         """Open ``location`` as the new top of the chain (VDOpen)."""
         if flags & OpenFlags.SKIP_CONSISTENCY_CHECKS and not flags.read_only:
             raise InvalidArgument("skip-consistency-checks is only allowed for read-only opens")
-        backend = format if isinstance(format, Backend) else get_backend(format) if format else probe(location)
+        backend = (
+            format
+            if isinstance(format, Backend)
+            else get_backend(format)
+            if format
+            else probe(location)
+        )
         img = backend.open(location, flags, config)
         try:
-            if img.parent_hint is not None:        # stored names become backend names
+            if img.parent_hint is not None:  # stored names become backend names
                 img.parent_hint.format = parent_format(img.parent_hint)
             img.honor_zeroes = bool(flags & OpenFlags.HONOR_ZEROES)
             if not flags & OpenFlags.INFO:
                 if self.images:
                     below = self.images[-1]
                     if not img.is_diff:
-                        raise ParentMismatch(f"{location}: is not a differencing image and cannot be "
-                                             f"opened above {below.location}")
+                        raise ParentMismatch(
+                            f"{location}: is not a differencing image and cannot be "
+                            f"opened above {below.location}"
+                        )
                     img.check_parent_link(below)
                 elif img.is_diff:
-                    raise ParentNotFound(f"{location}: differencing image opened without its parent "
-                                         "(open the chain from its base, or use open_chain)")
+                    raise ParentNotFound(
+                        f"{location}: differencing image opened without its parent "
+                        "(open the chain from its base, or use open_chain)"
+                    )
         except BaseException:
             img.close()
             raise
@@ -107,18 +123,30 @@ class Disk:
         return img
 
     @classmethod
-    def open_chain(cls, location: str, format: str | None = None,
-                   flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None, *,
-                   parent_flags: OpenFlags | None = None, library=None) -> "Disk":
+    def open_chain(
+        cls,
+        location: str,
+        format: str | None = None,
+        flags: OpenFlags = OpenFlags.NORMAL,
+        config: dict | None = None,
+        *,
+        parent_flags: OpenFlags | None = None,
+        library=None,
+    ) -> Disk:
         """Open ``location`` and every parent it names, base first. Parents open read-only
         unless ``parent_flags`` says otherwise; read-only opens take the shared lock (a parent
         of an image opened for writing, too: nobody may write or resize it meanwhile), unless
         FORCE_SHARE."""
         allow_unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         if parent_flags is None:
-            parent_flags = OpenFlags.READ_ONLY | (flags & (OpenFlags.ALLOW_UNSAFE_PATHS |
-                                                            OpenFlags.SKIP_CONSISTENCY_CHECKS |
-                                                            OpenFlags.FORCE_SHARE))
+            parent_flags = OpenFlags.READ_ONLY | (
+                flags
+                & (
+                    OpenFlags.ALLOW_UNSAFE_PATHS
+                    | OpenFlags.SKIP_CONSISTENCY_CHECKS
+                    | OpenFlags.FORCE_SHARE
+                )
+            )
         # walk up with INFO opens to find the paths, then open for real base-first
         probe_flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         backend = get_backend(format) if format else probe(location)
@@ -180,14 +208,26 @@ class Disk:
         try:
             return self.images[index]
         except IndexError:
-            raise InvalidArgument(f"no image number {index} in a chain of {len(self.images)}") from None
+            raise InvalidArgument(
+                f"no image number {index} in a chain of {len(self.images)}"
+            ) from None
 
     # -- creation ------------------------------------------------------------------------
-    def create_base(self, location: str, size: int, format: str | Backend = "VDI", *,
-                    flags: ImageFlags = ImageFlags.NONE, comment: str | None = None,
-                    uuid: uuidlib.UUID | None = None, pchs: Geometry | None = None,
-                    lchs: Geometry | None = None, config: dict | None = None,
-                    progress=None, allow_unsafe_paths: bool = False) -> Image:
+    def create_base(
+        self,
+        location: str,
+        size: int,
+        format: str | Backend = "VDI",
+        *,
+        flags: ImageFlags = ImageFlags.NONE,
+        comment: str | None = None,
+        uuid: uuidlib.UUID | None = None,
+        pchs: Geometry | None = None,
+        lchs: Geometry | None = None,
+        config: dict | None = None,
+        progress=None,
+        allow_unsafe_paths: bool = False,
+    ) -> Image:
         """VDCreateBase: create a new base image and open it (read-write) as the only image."""
         if self.images:
             raise InvalidArgument("create_base needs an empty disk")
@@ -195,38 +235,74 @@ class Disk:
         if not backend.can(Operation.CREATE):
             raise NotSupported(f"creating images is not supported for {backend.name}")
         _check_create(backend, size, flags, config, location)
-        img = backend.create(CreateParams(location=location, size=size, flags=flags, uuid=uuid,
-                                          comment=comment, pchs=pchs, lchs=lchs, config=config,
-                                          progress=progress, allow_unsafe_paths=allow_unsafe_paths))
+        img = backend.create(
+            CreateParams(
+                location=location,
+                size=size,
+                flags=flags,
+                uuid=uuid,
+                comment=comment,
+                pchs=pchs,
+                lchs=lchs,
+                config=config,
+                progress=progress,
+                allow_unsafe_paths=allow_unsafe_paths,
+            )
+        )
         img.honor_zeroes = False
         self.images.append(img)
         self._flags.append(OpenFlags.NORMAL)
         return img
 
-    def create_diff(self, location: str, format: str | Backend | None = None, *,
-                    flags: ImageFlags = ImageFlags.NONE, comment: str | None = None,
-                    uuid: uuidlib.UUID | None = None, config: dict | None = None,
-                    allow_unsafe_paths: bool = False, size: int | None = None) -> Image:
+    def create_diff(
+        self,
+        location: str,
+        format: str | Backend | None = None,
+        *,
+        flags: ImageFlags = ImageFlags.NONE,
+        comment: str | None = None,
+        uuid: uuidlib.UUID | None = None,
+        config: dict | None = None,
+        allow_unsafe_paths: bool = False,
+        size: int | None = None,
+    ) -> Image:
         """VDCreateDiff: create a child of the current top and open it as the new top (of the
         parent's size unless ``size`` is given)."""
         parent = self.top
-        backend = format if isinstance(format, Backend) else get_backend(format) if format else parent.backend
+        backend = (
+            format
+            if isinstance(format, Backend)
+            else get_backend(format)
+            if format
+            else parent.backend
+        )
         from .backend import Cap
+
         if not backend.caps & Cap.DIFF or not backend.can(Operation.CREATE):
             raise NotSupported(f"differencing images are not supported for {backend.name}")
-        img = backend.create(CreateParams(location=location,
-                                          size=parent.size if size is None else size,
-                                          flags=flags | ImageFlags.DIFF, uuid=uuid, comment=comment,
-                                          pchs=parent.pchs, lchs=parent.lchs, config=config,
-                                          parent=parent, allow_unsafe_paths=allow_unsafe_paths))
+        img = backend.create(
+            CreateParams(
+                location=location,
+                size=parent.size if size is None else size,
+                flags=flags | ImageFlags.DIFF,
+                uuid=uuid,
+                comment=comment,
+                pchs=parent.pchs,
+                lchs=parent.lchs,
+                config=config,
+                parent=parent,
+                allow_unsafe_paths=allow_unsafe_paths,
+            )
+        )
         img.honor_zeroes = False
         self.images.append(img)
         self._flags.append(OpenFlags.NORMAL)
         return img
 
     # -- I/O -----------------------------------------------------------------------------
-    def _read_level(self, level: int, offset: int, length: int, buf: memoryview,
-                    fill: bool = False) -> None:
+    def _read_level(
+        self, level: int, offset: int, length: int, buf: memoryview, fill: bool = False
+    ) -> None:
         """Fill ``buf`` (len == length) with the content seen at chain ``level``. ``buf`` must be
         pre-zeroed unless ``fill``, which writes the zeroes too."""
         while level >= 0:
@@ -238,18 +314,18 @@ class Disk:
                 buf[avail:] = bytes(length - avail)
             runs = img.block_status(offset, avail)
             if len(runs) == 1 and runs[0][2] == Alloc.UNALLOCATED:
-                level -= 1          # common case: nothing here, look one lower without recursion
+                level -= 1  # common case: nothing here, look one lower without recursion
                 length = avail
                 buf = buf[:avail]
                 continue
             for start, ln, st in runs:
                 pos = start - offset
                 if st == Alloc.DATA:
-                    buf[pos:pos + ln] = img.read(start, ln)
+                    buf[pos : pos + ln] = img.read(start, ln)
                 elif st == Alloc.UNALLOCATED:
-                    self._read_level(level - 1, start, ln, buf[pos:pos + ln], fill)
+                    self._read_level(level - 1, start, ln, buf[pos : pos + ln], fill)
                 elif fill:
-                    buf[pos:pos + ln] = bytes(ln)
+                    buf[pos : pos + ln] = bytes(ln)
             return
         if fill:
             buf[:] = bytes(len(buf))
@@ -261,14 +337,15 @@ class Disk:
         return bytes(buf)
 
     def read(self, offset: int, length: int, top: int | None = None) -> bytes:
-        """VDRead: ``length`` bytes at ``offset`` as seen through the chain (up to image ``top``)."""
+        """VDRead: ``length`` bytes at ``offset`` seen through the chain (up to image ``top``)."""
         level = len(self.images) - 1 if top is None else top
         if level < 0 or level >= len(self.images):
             raise InvalidArgument(f"no image number {level} in the chain")
         size = self.images[level].size
         if offset < 0 or length < 0 or offset + length > size:
-            raise InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
-                                  f"(size {size})")
+            raise InvalidArgument(
+                f"read of {length} bytes at {offset} is outside the disk (size {size})"
+            )
         if length == 0:
             return b""
         ss = self.sector_size
@@ -278,24 +355,27 @@ class Disk:
         self._read_level(level, a_start, a_end - a_start, memoryview(buf))
         if a_start == offset and a_end == offset + length:
             return bytes(buf)
-        return bytes(buf[offset - a_start:offset - a_start + length])
+        return bytes(buf[offset - a_start : offset - a_start + length])
 
     def read_into(self, offset: int, out, top: int | None = None) -> None:
         """Like :meth:`read`, straight into the writable buffer ``out`` (len(out) bytes)."""
         out = memoryview(out).cast("B")
         length = len(out)
         ss = self.sector_size
-        if offset % ss or (length % ss and offset + length != self.images[
-                len(self.images) - 1 if top is None else top].size):
-            out[:] = self.read(offset, length, top)      # unaligned: through a copy
+        if offset % ss or (
+            length % ss
+            and offset + length != self.images[len(self.images) - 1 if top is None else top].size
+        ):
+            out[:] = self.read(offset, length, top)  # unaligned: through a copy
             return
         level = len(self.images) - 1 if top is None else top
         if level < 0 or level >= len(self.images):
             raise InvalidArgument(f"no image number {level} in the chain")
         size = self.images[level].size
         if offset < 0 or offset + length > size:
-            raise InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
-                                  f"(size {size})")
+            raise InvalidArgument(
+                f"read of {length} bytes at {offset} is outside the disk (size {size})"
+            )
         if length:
             self._read_level(level, offset, length, out, fill=True)
 
@@ -306,8 +386,9 @@ class Disk:
             raise ReadOnlyImage(f"{img.location}: image is opened read-only")
         length = len(data)
         if offset < 0 or offset + length > img.size:
-            raise InvalidArgument(f"write of {length} bytes at {offset} is outside the disk "
-                                  f"(size {img.size})")
+            raise InvalidArgument(
+                f"write of {length} bytes at {offset} is outside the disk (size {img.size})"
+            )
         if length == 0:
             return
         ss = self.sector_size
@@ -315,7 +396,7 @@ class Disk:
         a_end = min(align_up(offset + length, ss), img.size)
         if a_start != offset or a_end != offset + length:
             buf = bytearray(self.read(a_start, a_end - a_start))
-            buf[offset - a_start:offset - a_start + length] = data
+            buf[offset - a_start : offset - a_start + length] = data
             data = bytes(buf)
             offset = a_start
         level = len(self.images) - 1
@@ -334,14 +415,16 @@ class Disk:
         img.require_writable()
         ss = self.sector_size
         if offset % ss or length % ss or offset < 0 or offset + length > img.size:
-            raise InvalidArgument(f"discard range {offset}+{length} must be {ss}-byte aligned "
-                                  f"and inside the disk")
+            raise InvalidArgument(
+                f"discard range {offset}+{length} must be {ss}-byte aligned and inside the disk"
+            )
         level = len(self.images) - 1
         img.discard(offset, length, fill=lambda o, n: self.read_below(level, o, n))
 
     # -- allocation query ----------------------------------------------------------------
-    def allocation(self, offset: int = 0, length: int | None = None, *, top: int | None = None,
-                   bottom: int = 0) -> list[Extent]:
+    def allocation(
+        self, offset: int = 0, length: int | None = None, *, top: int | None = None, bottom: int = 0
+    ) -> list[Extent]:
         """Which chain member holds each range (between ``bottom`` and ``top``, inclusive).
         Runs below ``bottom`` are reported as UNALLOCATED with level None."""
         level = len(self.images) - 1 if top is None else top
@@ -374,6 +457,7 @@ class Disk:
     def info(self, index: int = -1) -> dict:
         """Metadata of one chain member as plain data (used by the CLI and the GUI)."""
         from .backend import variant_words
+
         img = self.image(index)
         d = {
             "location": img.location,
@@ -381,12 +465,13 @@ class Disk:
             "variant": variant_words(img.flags),
             "image_flags": int(img.flags),
             "virtual_size": img.size,
-            "file_size": img.allocated_size,     # the key scripts read (allocated bytes)
+            "file_size": img.allocated_size,  # the key scripts read (allocated bytes)
             "uuid": str(img.uuid) if img.uuid else None,
             "modification_uuid": str(img.modification_uuid) if img.modification_uuid else None,
             "parent_uuid": str(img.parent_uuid) if img.parent_uuid else None,
-            "parent_modification_uuid": (str(img.parent_modification_uuid)
-                                         if img.parent_modification_uuid else None),
+            "parent_modification_uuid": (
+                str(img.parent_modification_uuid) if img.parent_modification_uuid else None
+            ),
             "comment": img.comment,
             "pchs": list(img.pchs) if img.pchs else None,
             "lchs": list(img.lchs) if img.lchs else None,
@@ -426,29 +511,40 @@ class Disk:
         self.image(index).set_lchs(value)
 
 
-def _check_create(backend: Backend, size: int, flags: ImageFlags, config: dict | None = None,
-                  location: str = "") -> None:
+def _check_create(
+    backend: Backend, size: int, flags: ImageFlags, config: dict | None = None, location: str = ""
+) -> None:
     if size <= 0:
         raise InvalidArgument(f"image size must be positive, found {size}")
     if size % backend.size_granularity:
-        raise InvalidArgument(f"{backend.name} image size must be a multiple of "
-                              f"{backend.size_granularity} bytes, found {size}")
+        raise InvalidArgument(
+            f"{backend.name} image size must be a multiple of "
+            f"{backend.size_granularity} bytes, found {size}"
+        )
     backend.check_size(size, config, location)
-    if flags & ImageFlags.FIXED and location:       # before anything is written
+    if flags & ImageFlags.FIXED and location:  # before anything is written
         from .space import require_space
+
         require_space(location, size, f"a fixed {backend.name} image")
     unsupported = (flags & ~ImageFlags.DIFF) & ~backend.create_flags
     if unsupported:
         from .backend import variant_words
-        raise NotSupported(f"{backend.name} cannot create the variant '{variant_words(ImageFlags(unsupported))}'")
+
+        raise NotSupported(
+            f"{backend.name} cannot create the variant '{variant_words(ImageFlags(unsupported))}'"
+        )
 
 
-def open_image(location: str, format: str | None = None, flags: OpenFlags = OpenFlags.NORMAL,
-               config: dict | None = None) -> Disk:
+def open_image(
+    location: str,
+    format: str | None = None,
+    flags: OpenFlags = OpenFlags.NORMAL,
+    config: dict | None = None,
+) -> Disk:
     """Open one image alone (no parents; diffs need INFO). Convenience for tools."""
     d = Disk()
     d.open(location, format, flags, config)
     return d
 
 
-__all__ = ["Disk", "Extent", "open_image", "VDError"]
+__all__ = ["Disk", "Extent", "VDError", "open_image"]

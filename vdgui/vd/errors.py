@@ -15,7 +15,8 @@ _TEMP_RE = re.compile(r"\.([^/\\]+?)\.vdgui-tmp-\d+(?:-[0-9a-f]+)?(?:/([^/\\:]+)
 
 
 def user_path(text: str) -> str:
-    """``/d/.x.vdi.vdgui-tmp-12`` -> ``/d/x.vdi``; ``/d/.x.vdi.vdgui-tmp-12-ab/y.vdi`` -> ``/d/y.vdi``."""
+    """``/d/.x.vdi.vdgui-tmp-12`` -> ``/d/x.vdi``;
+    ``/d/.x.vdi.vdgui-tmp-12-ab/y.vdi`` -> ``/d/y.vdi``."""
     if "vdgui-tmp-" not in text:
         return text
     return _TEMP_RE.sub(lambda m: m.group(2) or m.group(1), text)
@@ -32,9 +33,11 @@ def require_text(value: str, what: str, where: str = "") -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidArgument(f"{where + ': ' if where else ''}{what} '{printable(value)}' is not "
-                              "valid UTF-8 text, and image formats store it as text; "
-                              + ("rename the file" if "name" in what else "use UTF-8 text")) from None
+        raise InvalidArgument(
+            f"{where + ': ' if where else ''}{what} '{printable(value)}' is not "
+            "valid UTF-8 text, and image formats store it as text; "
+            + ("rename the file" if "name" in what else "use UTF-8 text")
+        ) from None
     return value
 
 
@@ -43,8 +46,16 @@ class VDError(Exception):
 
     code = "VD_ERROR"
 
-    def __init__(self, message: str, *, path: str | None = None, field: str | None = None,
-                 offset: int | None = None, expected: object = None, found: object = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        field: str | None = None,
+        offset: int | None = None,
+        expected: object = None,
+        found: object = None,
+    ):
         self.path = path
         self.field = field
         self.offset = offset
@@ -90,6 +101,7 @@ class AmbiguousFormat(VDError):
 
 class NotSupported(VDError):
     """The backend or this image cannot do what was asked."""
+
     code = "NOT_SUPPORTED"
 
 
@@ -113,6 +125,7 @@ class ReadOnlyImage(VDError):
 
 class ParentMismatch(VDError):
     """A differencing image does not link to the image below it."""
+
     code = "PARENT_MISMATCH"
 
 
@@ -123,22 +136,26 @@ class ParentNotFound(VDError):
 class ImageChanged(VDError):
     """A file an operation opened is no longer the one at its path (deleted, renamed or replaced
     meanwhile): nothing is relinked or deleted on its behalf."""
+
     code = "IMAGE_CHANGED"
 
 
 class ScanIncomplete(VDError):
     """A folder scan (for the other differencing images of an image) could not look at every
     entry, or found one that cannot be relinked: an operation that would orphan it refuses."""
+
     code = "SCAN_INCOMPLETE"
 
 
 class UnsafePath(VDError):
     """A name stored in an image points outside its folder or at a device."""
+
     code = "UNSAFE_PATH"
 
 
 class ConfigError(VDError):
     """Missing mandatory key, unknown key or a value of the wrong type."""
+
     code = "CONFIG"
 
 
@@ -163,6 +180,7 @@ class AuthenticationError(VDError):
 
 class VDTimeoutError(VDError):
     """A network peer stopped answering (not Python's builtin TimeoutError)."""
+
     code = "TIMEOUT"
 
 

@@ -36,8 +36,17 @@ import stat
 import struct
 import threading
 
-from .errors import (CorruptImage, FileExists, ImageChanged, ImageInUse, ImageNotFound,
-                     InvalidArgument, UnsafePath, VDIOError, require_text)
+from .errors import (
+    CorruptImage,
+    FileExists,
+    ImageChanged,
+    ImageInUse,
+    ImageNotFound,
+    InvalidArgument,
+    UnsafePath,
+    VDIOError,
+    require_text,
+)
 
 _QEMU_LOCK_START = 100
 _QEMU_LOCK_LEN = 200
@@ -437,7 +446,7 @@ class ImageFile:
             raise
 
     @classmethod
-    def create_temp(cls, final: str, *, overwrite: bool = False) -> "ImageFile":
+    def create_temp(cls, final: str, *, overwrite: bool = False) -> ImageFile:
         """Create a new file under a temporary name beside ``final`` (locked for writing).
         Call :meth:`commit` when complete to rename it into place, :meth:`abandon` on failure."""
         if os.path.lexists(final) and not overwrite:
@@ -501,14 +510,17 @@ class ImageFile:
         data = self.pread(offset, length)
         if len(data) != length:
             raise CorruptImage(f"{what} lies past the end of the file", path=self.path,
-                               offset=offset, expected=f"{length} bytes", found=f"{len(data)} bytes")
+                               offset=offset, expected=f"{length} bytes",
+                               found=f"{len(data)} bytes")
         return data
 
     def pwrite(self, offset: int, data) -> None:
         mv = memoryview(data)
         if offset < 0 or offset > _MAX_OFFSET - mv.nbytes:
-            raise VDIOError(f"{self.path}: write of {mv.nbytes} bytes at {offset:#x} failed: "
-                            "outside the largest possible file")
+            raise VDIOError(
+                f"{self.path}: write of {mv.nbytes} bytes at {offset:#x} failed: "
+                "outside the largest possible file"
+            )
         try:
             while mv:
                 n = os.pwrite(self.fd, mv, offset)
@@ -525,8 +537,10 @@ class ImageFile:
         views = [memoryview(b).cast("B") for b in bufs]
         end = offset + sum(v.nbytes for v in views)
         if offset < 0 or end > _MAX_OFFSET:
-            raise VDIOError(f"{self.path}: write of {end - offset} bytes at {offset:#x} failed: "
-                            "outside the largest possible file")
+            raise VDIOError(
+                f"{self.path}: write of {end - offset} bytes at {offset:#x} failed: "
+                "outside the largest possible file"
+            )
         try:
             while views:
                 n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
@@ -553,11 +567,12 @@ class ImageFile:
                 if r <= 0:
                     break
                 got += r
-        except OverflowError:       # an offset past off_t (damaged table): nothing there
+        except OverflowError:  # an offset past off_t (damaged table): nothing there
             return got
         except OSError as exc:
-            raise _os_error(exc, self.path, f"read of {n} bytes at {offset + got:#x} "
-                                            "failed") from None
+            raise _os_error(
+                exc, self.path, f"read of {n} bytes at {offset + got:#x} failed"
+            ) from None
         return got
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -581,7 +596,7 @@ class ImageFile:
                 try:
                     data = min(os.lseek(self.fd, pos, os.SEEK_DATA), end)
                 except OSError as exc:
-                    if exc.errno != errno.ENXIO:     # ENXIO: only a hole up to the end
+                    if exc.errno != errno.ENXIO:  # ENXIO: only a hole up to the end
                         raise
                     data = end
                 if data > pos:
@@ -636,7 +651,7 @@ class ImageFile:
                 # written through it may not have reached the file: an error, never ignored
                 raise _os_error(exc, self.path, "close failed") from None
             finally:
-                _release(h)        # the locks go with the last descriptor of this file
+                _release(h)  # the locks go with the last descriptor of this file
 
     def __enter__(self):
         return self
@@ -645,7 +660,7 @@ class ImageFile:
         self.close()
 
 
-_IOV_MAX = 1024             # buffers per pwritev call (Linux's UIO_MAXIOV)
+_IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
 _FALLOCATE = []
 _SYNC_FILE_RANGE = []
 
@@ -656,6 +671,7 @@ def start_writeback(fd: int) -> None:
     if not _SYNC_FILE_RANGE:
         try:
             import ctypes
+
             fn = ctypes.CDLL(None, use_errno=True).sync_file_range
             fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
             _SYNC_FILE_RANGE.append(fn)
@@ -663,13 +679,14 @@ def start_writeback(fd: int) -> None:
             _SYNC_FILE_RANGE.append(None)
     fn = _SYNC_FILE_RANGE[0]
     if fn is not None:
-        fn(fd, 0, 0, 2)   # SYNC_FILE_RANGE_WRITE
+        fn(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def _libc_fallocate():
     if not _FALLOCATE:
         try:
             import ctypes
+
             libc = ctypes.CDLL(None, use_errno=True)
             fn = libc.fallocate
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -687,8 +704,10 @@ def check_same_file(path: str, fd: int, what: str = "the operation") -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageChanged(f"{path}: the file was deleted or renamed while {what} ran; nothing "
-                           "was relinked or deleted") from None
+        raise ImageChanged(
+            f"{path}: the file was deleted or renamed while {what} ran; nothing "
+            "was relinked or deleted"
+        ) from None
     except OSError as exc:
         raise _os_error(exc, path, "cannot check the file") from None
     try:
@@ -696,13 +715,16 @@ def check_same_file(path: str, fd: int, what: str = "the operation") -> None:
     except OSError as exc:
         raise _os_error(exc, path, "cannot check the open file") from None
     if (st.st_dev, st.st_ino) != (fs.st_dev, fs.st_ino):
-        raise ImageChanged(f"{path}: the file was replaced by another one while {what} ran; "
-                           "nothing was relinked or deleted")
+        raise ImageChanged(
+            f"{path}: the file was replaced by another one while {what} ran; "
+            "nothing was relinked or deleted"
+        )
 
 
 # -- names stored inside images ---------------------------------------------------------------
-def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = False,
-                        what: str = "referenced file") -> str:
+def resolve_stored_name(
+    image_path: str, name: str, *, allow_unsafe: bool = False, what: str = "referenced file"
+) -> str:
     """Turn a file name stored inside an image into a path.
 
     Unless ``allow_unsafe``: the name must be relative, without '..', without a protocol or
@@ -717,8 +739,10 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
         return os.path.normpath(path)
     norm = name.replace("\\", "/")
     if os.path.isabs(norm) or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        raise UnsafePath(f"{image_path}: {what} {name!r} is an absolute path; "
-                         "refused unless unsafe paths are allowed")
+        raise UnsafePath(
+            f"{image_path}: {what} {name!r} is an absolute path; "
+            "refused unless unsafe paths are allowed"
+        )
     if ":" in norm.split("/")[0] or norm.startswith("json:"):
         raise UnsafePath(f"{image_path}: {what} {name!r} carries a protocol prefix; refused")
     parts = [p for p in norm.split("/") if p not in ("", ".")]
@@ -730,8 +754,10 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
     real_base = os.path.realpath(base)
     real = os.path.realpath(path)
     if os.path.commonpath([real_base, real]) != real_base:
-        raise UnsafePath(f"{image_path}: {what} {name!r} resolves outside the image's folder "
-                         f"(to {real}); refused")
+        raise UnsafePath(
+            f"{image_path}: {what} {name!r} resolves outside the image's folder "
+            f"(to {real}); refused"
+        )
     try:
         st = os.stat(path)
     except OSError:
@@ -740,8 +766,9 @@ def resolve_stored_name(image_path: str, name: str, *, allow_unsafe: bool = Fals
         raise UnsafePath(f"{image_path}: {what} {name!r} is a device node; refused")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         # a FIFO or socket: opening it would block until some other process writes to it
-        raise UnsafePath(f"{image_path}: {what} {name!r} is not a regular file "
-                         "(a FIFO or socket); refused")
+        raise UnsafePath(
+            f"{image_path}: {what} {name!r} is not a regular file (a FIFO or socket); refused"
+        )
     return path
 
 
@@ -763,7 +790,7 @@ def relative_name(from_image: str, to_file: str) -> str:
 # killed before it cleans up leaves them; the next process that makes a temporary in that folder
 # removes those whose owner is gone (sweep_stale_temps). Listings skip them (is_temp_name).
 _TEMP_RE = re.compile(r"^\..+\.vdgui-tmp-(?P<pid>[0-9]+)(?:-(?P<rand>[0-9a-f]{8}))?$", re.S)
-_OWNER = ".vdgui-owner"          # the owner record inside a temporary folder
+_OWNER = ".vdgui-owner"  # the owner record inside a temporary folder
 
 
 def temp_name(final: str) -> str:
@@ -781,7 +808,7 @@ def _proc_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rindex(b")") + 2:].split()[19].decode()
+        return data[data.rindex(b")") + 2 :].split()[19].decode()
     except (OSError, ValueError, IndexError):
         return None
 
@@ -796,7 +823,7 @@ def _boot_id() -> str | None:
 
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
-        return True                   # never ours to judge
+        return True  # never ours to judge
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -809,8 +836,15 @@ def _pid_alive(pid: int) -> bool:
 def _owner_record() -> str:
     import json
     import socket
-    return json.dumps({"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
-                       "start": _proc_start(os.getpid())})
+
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "boot": _boot_id(),
+            "pid": os.getpid(),
+            "start": _proc_start(os.getpid()),
+        }
+    )
 
 
 def _owner_gone(folder: str, pid: int) -> bool:
@@ -819,6 +853,7 @@ def _owner_gone(folder: str, pid: int) -> bool:
     A folder from another host (a shared file system) is never judged gone."""
     import json
     import socket
+
     try:
         fd = os.open(os.path.join(folder, _OWNER), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -831,11 +866,15 @@ def _owner_gone(folder: str, pid: int) -> bool:
         return False
     finally:
         os.close(fd)
-    if not isinstance(rec, dict) or rec.get("host") != socket.gethostname() or rec.get("pid") != pid:
+    if (
+        not isinstance(rec, dict)
+        or rec.get("host") != socket.gethostname()
+        or rec.get("pid") != pid
+    ):
         return False
     boot = _boot_id()
     if boot is not None and rec.get("boot") not in (None, boot):
-        return True                   # rebooted since: nothing of before still runs
+        return True  # rebooted since: nothing of before still runs
     if not _pid_alive(pid):
         return True
     start = _proc_start(pid)
@@ -847,6 +886,7 @@ def sweep_stale_temps(folder: str) -> list[str]:
     names of our pattern are considered: a file whose PID no longer runs, a folder whose owner
     record says its process is gone. Symbolic links and anything else are never touched."""
     import shutil
+
     removed: list[str] = []
     try:
         names = os.listdir(folder or ".")
@@ -896,8 +936,11 @@ def make_temp_dir(dst_path: str) -> str:
             os.close(fd)
     except OSError as exc:
         import shutil
+
         shutil.rmtree(path, ignore_errors=True)
-        raise VDIOError(f"{folder}: cannot create a temporary folder: {exc.strerror or exc}") from None
+        raise VDIOError(
+            f"{folder}: cannot create a temporary folder: {exc.strerror or exc}"
+        ) from None
     return path
 
 
@@ -944,7 +987,7 @@ def close_all(closers) -> None:
     for close in closers:
         try:
             close()
-        except BaseException as exc:        # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             first = first or exc
     if first is not None:
         raise first

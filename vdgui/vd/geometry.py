@@ -23,11 +23,13 @@ class Geometry(NamedTuple):
         return self.cylinders * self.heads * self.sectors * 512
 
     @classmethod
-    def parse(cls, text: str) -> "Geometry":
+    def parse(cls, text: str) -> Geometry:
         try:
             c, h, s = (int(x) for x in text.replace("/", ",").split(","))
         except ValueError:
-            raise InvalidArgument(f"geometry must be C,H,S (e.g. 1024,16,63), found {text!r}") from None
+            raise InvalidArgument(
+                f"geometry must be C,H,S (e.g. 1024,16,63), found {text!r}"
+            ) from None
         if not (0 <= c <= 16383 * 16 and 0 <= h <= 255 and 0 <= s <= 255):
             raise InvalidArgument(f"geometry {text!r} out of range (C<=262128, H<=255, S<=255)")
         return cls(c, h, s)
@@ -45,7 +47,17 @@ def vbox_pchs(size: int) -> Geometry:
 def vbox_lchs(size: int) -> Geometry:
     """BIOS-style LBA-assisted translation (what VirtualBox's BIOS picks when LCHS is 0/0/0)."""
     mib = size // (1024 * 1024)
-    heads = 16 if mib <= 504 else 32 if mib <= 1008 else 64 if mib <= 2016 else 128 if mib <= 4032 else 255
+    heads = (
+        16
+        if mib <= 504
+        else 32
+        if mib <= 1008
+        else 64
+        if mib <= 2016
+        else 128
+        if mib <= 4032
+        else 255
+    )
     cylinders = min(size // 512 // (heads * 63), 1024)
     return Geometry(max(cylinders, 1 if size else 0), heads, 63)
 

@@ -5,7 +5,8 @@ inside ``[0, size)``; the Disk guarantees that):
 
 * ``block_status(offset, length)`` -> list of ``(start, length, Alloc)`` covering exactly the range,
   adjacent runs of the same status merged. DATA: this image holds the bytes. ZERO: this image says
-  "reads as zeroes" (hides the parent). UNALLOCATED: not here, look at the parent (zeroes for a base).
+  "reads as zeroes" (hides the parent). UNALLOCATED: not here, look at the parent (zeroes for a
+  base).
 * ``read(offset, length)`` -> bytes of this image's own view (UNALLOCATED/ZERO parts read as zero).
 * ``write(offset, data, fill)`` writes into this image. When it must allocate a block larger than
   the write, it asks ``fill(offset, length)`` for the content below it (parent chain, or zeroes)
@@ -14,17 +15,25 @@ inside ``[0, size)``; the Disk guarantees that):
 * operation hooks (``compact``, ``resize``, ``check``, ``set_parent``, ``discard``) exist when the
   backend declares the matching :class:`~vdgui.vd.backend.Operation`.
 """
+
 from __future__ import annotations
 
 import os
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .alloc import Alloc
 from .backend import Backend, DeviceType, ImageFlags
-from .errors import (CorruptImage, InvalidArgument, NotSupported, ParentMismatch, ReadOnlyImage,
-                     VDError)
+from .errors import (
+    CorruptImage,
+    InvalidArgument,
+    NotSupported,
+    ParentMismatch,
+    ReadOnlyImage,
+    VDError,
+)
 from .fileio import ImageFile, real_path, resolve_stored_name
 from .sparse import first_nonzero
 
@@ -38,68 +47,83 @@ FillFn = Callable[[int, int], bytes]
 @dataclass
 class ParentHint:
     """How a differencing image names its parent, as stored in the image."""
-    locations: list[str] = field(default_factory=list)   # as stored, most specific first
+
+    locations: list[str] = field(default_factory=list)  # as stored, most specific first
     uuid: uuidlib.UUID | None = None
-    format: str | None = None                             # as stored: backend or qemu name
-                                                          # (chain.parent_format maps it)
+    format: str | None = None  # as stored: backend or qemu name
+    # (chain.parent_format maps it)
 
 
 @dataclass(frozen=True)
 class Region:
     """One region of a disk (VirtualBox's VDREGIONDESC): a CD track, or the whole disk."""
-    start: int              # byte offset in the disk
-    length: int             # bytes
-    block_size: int         # bytes per block (512 disk, 2048 data CD, 2352 raw/audio CD)
-    data_form: str          # RAW, MODE1_2048, MODE1_2352, MODE2_2336, MODE2_2352, CDDA
+
+    start: int  # byte offset in the disk
+    length: int  # bytes
+    block_size: int  # bytes per block (512 disk, 2048 data CD, 2352 raw/audio CD)
+    data_form: str  # RAW, MODE1_2048, MODE1_2352, MODE2_2336, MODE2_2352, CDDA
     metadata_form: str = "NONE"
-    number: int = 1         # track number
+    number: int = 1  # track number
 
     @property
     def blocks(self) -> int:
         return self.length // self.block_size if self.block_size else 0
 
     def as_dict(self) -> dict:
-        return {"number": self.number, "start": self.start, "length": self.length,
-                "block_size": self.block_size, "blocks": self.blocks,
-                "data_form": self.data_form, "metadata_form": self.metadata_form}
+        return {
+            "number": self.number,
+            "start": self.start,
+            "length": self.length,
+            "block_size": self.block_size,
+            "blocks": self.blocks,
+            "data_form": self.data_form,
+            "metadata_form": self.metadata_form,
+        }
 
 
 class ProblemCode:
     """Stable codes of check findings, shared by every format. Repair decides what to fix from
     the code (and the format's own record of where), never from the wording of ``what``, which
     is for people and may change."""
-    OPEN_FAILED = "OPEN_FAILED"          # the image cannot be opened at all
-    HEADER_FIELD = "HEADER_FIELD"        # a header field holds an invalid value
+
+    OPEN_FAILED = "OPEN_FAILED"  # the image cannot be opened at all
+    HEADER_FIELD = "HEADER_FIELD"  # a header field holds an invalid value
     HEADER_CHECKSUM = "HEADER_CHECKSUM"  # a header's checksum does not match its bytes
-    HEADER_COPY = "HEADER_COPY"          # a header's second copy missing, damaged or different
-    FOOTER = "FOOTER"                    # a footer (or its copy) missing, damaged or different
-    NOT_CLOSED = "NOT_CLOSED"            # the image was not closed cleanly (dirty/in-use flag)
-    LOG_PENDING = "LOG_PENDING"          # a journal holds changes not yet applied
-    PARENT_LOCATOR = "PARENT_LOCATOR"    # a parent locator's data is outside the file
-    ENTRY_INVALID = "ENTRY_INVALID"      # a table entry has reserved bits/unknown state/bad alignment
-    ENTRY_PAST_END = "ENTRY_PAST_END"    # a table entry points past the end of the file
-    OVERLAP = "OVERLAP"                  # data or a table overlaps metadata
-    CROSS_LINKED = "CROSS_LINKED"        # two entries point at one block/cluster
-    ALLOC_POINTER = "ALLOC_POINTER"      # the next-allocation count/offset lies below used data
-    REFCOUNT = "REFCOUNT"                # a stored reference count differs from the references
-    TABLE_MISMATCH = "TABLE_MISMATCH"    # two copies of a table (primary/redundant) disagree
-    EXTENT = "EXTENT"                    # an extent file is missing, short or aliases another
-    SUBCLUSTER = "SUBCLUSTER"            # a subcluster bitmap holds an invalid combination
-    LEAK = "LEAK"                        # space that nothing references
+    HEADER_COPY = "HEADER_COPY"  # a header's second copy missing, damaged or different
+    FOOTER = "FOOTER"  # a footer (or its copy) missing, damaged or different
+    NOT_CLOSED = "NOT_CLOSED"  # the image was not closed cleanly (dirty/in-use flag)
+    LOG_PENDING = "LOG_PENDING"  # a journal holds changes not yet applied
+    PARENT_LOCATOR = "PARENT_LOCATOR"  # a parent locator's data is outside the file
+    ENTRY_INVALID = "ENTRY_INVALID"  # a table entry has reserved bits/unknown state/bad alignment
+    ENTRY_PAST_END = "ENTRY_PAST_END"  # a table entry points past the end of the file
+    OVERLAP = "OVERLAP"  # data or a table overlaps metadata
+    CROSS_LINKED = "CROSS_LINKED"  # two entries point at one block/cluster
+    ALLOC_POINTER = "ALLOC_POINTER"  # the next-allocation count/offset lies below used data
+    REFCOUNT = "REFCOUNT"  # a stored reference count differs from the references
+    TABLE_MISMATCH = "TABLE_MISMATCH"  # two copies of a table (primary/redundant) disagree
+    EXTENT = "EXTENT"  # an extent file is missing, short or aliases another
+    SUBCLUSTER = "SUBCLUSTER"  # a subcluster bitmap holds an invalid combination
+    LEAK = "LEAK"  # space that nothing references
 
 
 @dataclass
 class Problem:
     """One finding of a consistency check. ``code`` is one of :class:`ProblemCode`."""
-    severity: str          # "corrupt" or "leak"
-    what: str              # human readable, names the structure and the location
+
+    severity: str  # "corrupt" or "leak"
+    what: str  # human readable, names the structure and the location
     offset: int | None = None
     repaired: bool = False
     code: str = ""
 
     def as_dict(self) -> dict:
-        return {"severity": self.severity, "code": self.code, "what": self.what,
-                "offset": self.offset, "repaired": self.repaired}
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "what": self.what,
+            "offset": self.offset,
+            "repaired": self.repaired,
+        }
 
 
 @dataclass
@@ -109,8 +133,8 @@ class CheckReport:
     # file areas (file, offset, length) that hold blocks no table references, which a repair
     # drops or reuses: CHECK hooks list them; ops.repair keeps those that hold data
     orphans: list[tuple[str, int, int]] = field(default_factory=list)
-    orphans_file: str | None = None         # where a repair saved the orphans holding data
-    backup: str | None = None               # the copy of the image made before repairing
+    orphans_file: str | None = None  # where a repair saved the orphans holding data
+    backup: str | None = None  # the copy of the image made before repairing
 
     @property
     def corrupt(self) -> bool:
@@ -135,16 +159,16 @@ class Image:
         self.backend = backend
         self.location = location
         self.read_only = read_only
-        self.size: int = 0                      # virtual size in bytes
-        self.block_size: int = 512              # allocation granularity in bytes
+        self.size: int = 0  # virtual size in bytes
+        self.block_size: int = 512  # allocation granularity in bytes
         self.flags: ImageFlags = ImageFlags.NONE
         self.uuid: uuidlib.UUID | None = None
         self.modification_uuid: uuidlib.UUID | None = None
         self.parent_uuid: uuidlib.UUID | None = None
         self.parent_modification_uuid: uuidlib.UUID | None = None
         self.comment: str | None = None
-        self.pchs: "Geometry | None" = None
-        self.lchs: "Geometry | None" = None
+        self.pchs: Geometry | None = None
+        self.lchs: Geometry | None = None
         self.parent_hint: ParentHint | None = None  # None for a base image
         # set by an operation that relinks the children itself (merge): writes keep the identity
         # children link to (VMDK CID, VHDX DataWriteGuid), so the chain opens at every moment
@@ -199,10 +223,11 @@ class Image:
             elif isinstance(v, (list, tuple)):
                 for x in v:
                     walk(x, depth + 1)
-            elif isinstance(v, Image) or hasattr(v, "__dict__") and depth == 1:
+            elif isinstance(v, Image) or (hasattr(v, "__dict__") and depth == 1):
                 seen.add(id(v))
                 for x in vars(v).values():
                     walk(x, depth + 1)
+
         for v in vars(self).values():
             walk(v, 1)
         return out
@@ -234,12 +259,19 @@ class Image:
             return [Region(0, self.size, 2048, "MODE1_2048")]
         return [Region(0, self.size, self.sector_size, "RAW")]
 
-    def check_parent_link(self, parent: "Image") -> None:
+    def check_parent_link(self, parent: Image) -> None:
         """Raise ParentMismatch if ``parent`` is not this image's parent (default: UUIDs)."""
-        if self.parent_uuid is not None and parent.uuid is not None and self.parent_uuid != parent.uuid:
+        if (
+            self.parent_uuid is not None
+            and parent.uuid is not None
+            and self.parent_uuid != parent.uuid
+        ):
             raise ParentMismatch(
                 f"{self.location}: differencing image does not belong to {parent.location}",
-                field="parent UUID", expected=parent.uuid, found=self.parent_uuid)
+                field="parent UUID",
+                expected=parent.uuid,
+                found=self.parent_uuid,
+            )
 
     # -- data ----------------------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
@@ -272,9 +304,11 @@ class Image:
 
     def _refuse_cross_linked(self) -> None:
         if self.write_refusal:
-            raise CorruptImage(f"{self.write_refusal} (cross-linked): a write would change both; "
-                               "writes are refused until check --repair fixes it",
-                               path=self.location)
+            raise CorruptImage(
+                f"{self.write_refusal} (cross-linked): a write would change both; "
+                "writes are refused until check --repair fixes it",
+                path=self.location,
+            )
 
     # -- metadata setters (vd.h VDSetUuid etc.) -------------------------------------------
     def _no_field(self, what: str):
@@ -295,34 +329,42 @@ class Image:
     def set_comment(self, value: str) -> None:
         self._no_field("a comment")
 
-    def set_pchs(self, value: "Geometry") -> None:
+    def set_pchs(self, value: Geometry) -> None:
         self._no_field("a physical geometry")
 
-    def set_lchs(self, value: "Geometry") -> None:
+    def set_lchs(self, value: Geometry) -> None:
         self._no_field("a logical geometry")
 
     # -- operation hooks (declared through Backend.operations) ------------------------------
-    def relink_refusal(self, parent: "Image | None") -> str | None:
+    def relink_refusal(self, parent: Image | None) -> str | None:
         """Why ``set_parent(parent)`` would be refused, or None. Writes nothing: a merge asks
         before it writes a single byte."""
         return None
 
-    def set_parent(self, parent: "Image | None") -> None:
+    def set_parent(self, parent: Image | None) -> None:
         """Rewrite every link field so that ``parent`` is this image's parent (None: make base)."""
         self._no_field("a new parent link")
 
-    def resize(self, new_size: int, progress: "ProgressCallback | None" = None) -> None:
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         raise NotSupported(f"{self.location}: resize is not supported for {self.format}")
 
     def _refuse_cut_data(self, new_size: int) -> None:
         """For RESIZE hooks that shrink: refuse when this image itself holds a non-zero byte at
         or after ``new_size`` (the operation checks the whole chain before that)."""
-        at = first_nonzero(((s, n) for s, n, st in self.block_status(new_size, self.size - new_size)
-                            if st == Alloc.DATA), self.read)
+        at = first_nonzero(
+            (
+                (s, n)
+                for s, n, st in self.block_status(new_size, self.size - new_size)
+                if st == Alloc.DATA
+            ),
+            self.read,
+        )
         if at is not None:
-            raise InvalidArgument(f"{self.location}: cannot shrink to {new_size} bytes: the part "
-                                  f"beyond the new end holds data (first non-zero byte at offset "
-                                  f"{at:#x})")
+            raise InvalidArgument(
+                f"{self.location}: cannot shrink to {new_size} bytes: the part "
+                f"beyond the new end holds data (first non-zero byte at offset "
+                f"{at:#x})"
+            )
 
     def resizes_in_place(self, new_size: int) -> bool:
         """True when ``resize(new_size)`` on this very file is safe against interruption: every
@@ -331,13 +373,15 @@ class Image:
         the file in place instead of working on a verified copy. Default: no."""
         return False
 
-    def compact(self, progress: "ProgressCallback | None" = None,
-                parent_read: FillFn | None = None) -> None:
-        """Drop zero blocks (and blocks equal to ``parent_read``'s content when given), close holes."""
+    def compact(
+        self, progress: ProgressCallback | None = None, parent_read: FillFn | None = None
+    ) -> None:
+        """Drop zero blocks (and those matching ``parent_read``'s content if given), close holes."""
         raise NotSupported(f"{self.location}: compact is not supported for {self.format}")
 
-    def check(self, repair: bool = False, dry_run: bool = False,
-              progress: "ProgressCallback | None" = None) -> CheckReport:
+    def check(
+        self, repair: bool = False, dry_run: bool = False, progress: ProgressCallback | None = None
+    ) -> CheckReport:
         raise NotSupported(f"{self.location}: check is not supported for {self.format}")
 
     def __repr__(self) -> str:
@@ -357,5 +401,9 @@ def check_backing_name(image: Image, stored: str | None, parent: Image) -> None:
         return
     if os.path.basename(stored.replace("\\", "/")) == os.path.basename(parent.location):
         return
-    raise ParentMismatch(f"{image.location}: backing file is not {parent.location}",
-                         field="backing file name", expected=stored, found=parent.location)
+    raise ParentMismatch(
+        f"{image.location}: backing file is not {parent.location}",
+        field="backing file name",
+        expected=stored,
+        found=parent.location,
+    )

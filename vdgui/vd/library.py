@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from .backend import DeviceType, OpenFlags, is_network_location
 from .chain import find_parent
-from .fileio import held_elsewhere
 from .errors import ImageNotFound, InvalidArgument, VDError
+from .fileio import held_elsewhere
 from .registry import backends_for_extension
 
 ENV_DATA_DIR = "VDGUI_DATA_DIR"
@@ -93,7 +93,7 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def mark_duplicates(records: list["ImageRecord"], library: "Library | None" = None) -> list[str]:
+def mark_duplicates(records: list[ImageRecord], library: Library | None = None) -> list[str]:
     """Detect images that share one UUID (byte copies of one image: VirtualBox registers only
     one of them, and a child's parent search by UUID may pick either). Sets each record's
     ``duplicates`` to the other images with its UUID, among ``records`` and, with ``library``,
@@ -143,7 +143,7 @@ _FILE_INFO = _NETWORK_INFO + ("file_size", "parent_uuid", "modification_uuid",
                               "parent_modification_uuid", "pchs", "lchs")
 
 
-def _take_info(rec: "ImageRecord", info: dict, keys: tuple[str, ...]) -> None:
+def _take_info(rec: ImageRecord, info: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         setattr(rec, key, info[key])
     rec.details = dict(info.get("details") or {})
@@ -158,7 +158,8 @@ class Library:
         self.path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        mode = "WAL" if path != ":memory:" else "MEMORY"
+        self._db.execute(f"PRAGMA journal_mode={mode}")
         # forgotten secrets are overwritten in the file, not just unlinked from the b-tree
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript("""
@@ -190,7 +191,9 @@ class Library:
         with self._lock:
             if getattr(self, "_closed", False):
                 return []
-            return self._db.execute("SELECT path, uuid FROM images WHERE uuid IS NOT NULL").fetchall()
+            return self._db.execute(
+                "SELECT path, uuid FROM images WHERE uuid IS NOT NULL"
+            ).fetchall()
 
     def __enter__(self):
         return self
@@ -205,7 +208,10 @@ class Library:
 
     def __contains__(self, path: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM images WHERE path=?", (_norm(path),)).fetchone() is not None
+            return (
+                self._db.execute("SELECT 1 FROM images WHERE path=?", (_norm(path),)).fetchone()
+                is not None
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -213,28 +219,52 @@ class Library:
 
     def entry(self, path: str) -> dict | None:
         with self._lock:
-            row = self._db.execute("SELECT path, format, uuid, parent_uuid, parent_path, device, "
-                                   "source FROM images WHERE path=?", (_norm(path),)).fetchone()
+            row = self._db.execute(
+                "SELECT path, format, uuid, parent_uuid, parent_path, device, "
+                "source FROM images WHERE path=?",
+                (_norm(path),),
+            ).fetchone()
         if row is None:
             return None
-        return dict(zip(("path", "format", "uuid", "parent_uuid", "parent_path", "device",
-                         "source"), row))
+        return dict(
+            zip(("path", "format", "uuid", "parent_uuid", "parent_path", "device", "source"), row)
+        )
 
-    def add(self, path: str, *, format: str | None = None, uuid: str | None = None,
-            parent_uuid: str | None = None, device: str | None = None,
-            source: str = "user") -> str:
+    def add(
+        self,
+        path: str,
+        *,
+        format: str | None = None,
+        uuid: str | None = None,
+        parent_uuid: str | None = None,
+        device: str | None = None,
+        source: str = "user",
+    ) -> str:
         """Remember ``path`` (absolute). Known facts are kept when not given again."""
         path = _norm(path)
         with self._lock:
             old = self.entry(path)
             if old is None:
-                self._db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?)",
-                                 (path, format, uuid, parent_uuid, None,
-                                  device or _device_for_extension(path), time.time(), source))
+                self._db.execute(
+                    "INSERT INTO images VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        path,
+                        format,
+                        uuid,
+                        parent_uuid,
+                        None,
+                        device or _device_for_extension(path),
+                        time.time(),
+                        source,
+                    ),
+                )
             else:
-                self._db.execute("UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
-                                 "parent_uuid=coalesce(?,parent_uuid), device=coalesce(?,device) "
-                                 "WHERE path=?", (format, uuid, parent_uuid, device, path))
+                self._db.execute(
+                    "UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
+                    "parent_uuid=coalesce(?,parent_uuid), device=coalesce(?,device) "
+                    "WHERE path=?",
+                    (format, uuid, parent_uuid, device, path),
+                )
         return path
 
     def remember(self, rec: ImageRecord) -> None:
@@ -242,10 +272,11 @@ class Library:
         with self._lock:
             if rec.path not in self:
                 self.add(rec.path)
-            self._db.execute("UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
-                             "parent_uuid=?, parent_path=?, device=? WHERE path=?",
-                             (rec.format, rec.uuid, rec.parent_uuid, rec.parent_path,
-                              rec.device_type, rec.path))
+            self._db.execute(
+                "UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
+                "parent_uuid=?, parent_path=?, device=? WHERE path=?",
+                (rec.format, rec.uuid, rec.parent_uuid, rec.parent_path, rec.device_type, rec.path),
+            )
 
     def set_health(self, path: str, state: str | None, note: str = "") -> None:
         """What a check found ("corrupt", "leaks" or None: clean), kept while the file stays as
@@ -259,15 +290,18 @@ class Library:
                 st = os.stat(path)
             except OSError:
                 return
-            self._db.execute("INSERT INTO health VALUES (?,?,?,?,?)",
-                             (path, state, note, st.st_mtime_ns, st.st_size))
+            self._db.execute(
+                "INSERT INTO health VALUES (?,?,?,?,?)",
+                (path, state, note, st.st_mtime_ns, st.st_size),
+            )
 
     def health(self, path: str) -> tuple[str, str] | None:
         """(state, note) of the last check while the file is unchanged since; else None."""
         path = _norm(path)
         with self._lock:
-            row = self._db.execute("SELECT state, note, mtime_ns, size FROM health WHERE path=?",
-                                   (path,)).fetchone()
+            row = self._db.execute(
+                "SELECT state, note, mtime_ns, size FROM health WHERE path=?", (path,)
+            ).fetchone()
         if row is None:
             return None
         try:
@@ -313,8 +347,12 @@ class Library:
 
     def children_of(self, path: str) -> list[str]:
         with self._lock:
-            return [r[0] for r in self._db.execute("SELECT path FROM images WHERE parent_path=?",
-                                                   (_norm(path),))]
+            return [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT path FROM images WHERE parent_path=?", (_norm(path),)
+                )
+            ]
 
     # -- backend properties (config keys that are kept, i.e. not CREATEONLY) --------------
     # Secrets are the values of BYTES-typed keys (e.g. iSCSI's InitiatorSecret). The database
@@ -324,8 +362,11 @@ class Library:
     def properties(self, path: str) -> dict[str, str | bytes]:
         path = _norm(path)
         with self._lock:
-            out = dict(self._db.execute("SELECT key, value FROM properties WHERE path=?",
-                                        (path,)).fetchall())
+            out = dict(
+                self._db.execute(
+                    "SELECT key, value FROM properties WHERE path=?", (path,)
+                ).fetchall()
+            )
             out.update(self._session_secrets.get(path, {}))
         return out
 
@@ -335,21 +376,30 @@ class Library:
         if entry and entry["format"]:
             from .config import ValueType
             from .registry import get_backend
+
             try:
-                declared = {k.name for k in get_backend(entry["format"]).config_keys
-                            if k.type is ValueType.BYTES}
+                declared = {
+                    k.name
+                    for k in get_backend(entry["format"]).config_keys
+                    if k.type is ValueType.BYTES
+                }
             except VDError:
                 pass
         return {k for k, v in values.items() if isinstance(v, bytes) or k in declared}
 
-    def set_properties(self, path: str, values: dict, *, remember_secrets: bool | None = None) -> None:
+    def set_properties(
+        self, path: str, values: dict, *, remember_secrets: bool | None = None
+    ) -> None:
         """Store ``path``'s backend configuration. Secrets (BYTES values, or values of keys the
         image's backend declares BYTES) reach the database only when ``remember_secrets`` is
         True; when False they are kept in memory for this session. None keeps the choice made
         for this image before (remember, for an image that never had one)."""
         path = _norm(path)
-        values = {k: v if isinstance(v, (str, bytes)) else str(v) for k, v in values.items()
-                  if v not in (None, "", b"")}
+        values = {
+            k: v if isinstance(v, (str, bytes)) else str(v)
+            for k, v in values.items()
+            if v not in (None, "", b"")
+        }
         with self._lock:
             row = self._db.execute("SELECT remember FROM secrets WHERE path=?", (path,)).fetchone()
             was_remembered = bool(row[0]) if row else False
@@ -357,18 +407,24 @@ class Library:
             if remember_secrets is None:
                 remember_secrets = bool(row[0]) if row else True
             names = self._secret_names(path, values)
-            secrets = {k: v if isinstance(v, bytes) else v.encode() for k, v in values.items()
-                       if k in names}
+            secrets = {
+                k: v if isinstance(v, bytes) else v.encode()
+                for k, v in values.items()
+                if k in names
+            }
             # a secret that was already missing (not remembered, new session) stays wanted
             # when the other settings are saved without it
             recorded = names | (still_missing - set(values))
             stored = {k: v for k, v in values.items() if k not in names or remember_secrets}
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
             # BYTES values stay bytes (a BLOB); everything else is stored as text
-            self._db.executemany("INSERT INTO properties VALUES (?,?,?)",
-                                 [(path, k, v) for k, v in stored.items()])
-            self._db.execute("INSERT OR REPLACE INTO secrets VALUES (?,?,?)",
-                             (path, ",".join(sorted(recorded)), int(remember_secrets)))
+            self._db.executemany(
+                "INSERT INTO properties VALUES (?,?,?)", [(path, k, v) for k, v in stored.items()]
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO secrets VALUES (?,?,?)",
+                (path, ",".join(sorted(recorded)), int(remember_secrets)),
+            )
             if was_remembered and not remember_secrets and self.path != ":memory:":
                 # secrets stored before are forgotten: no old copy may stay in the WAL
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -380,8 +436,9 @@ class Library:
     def remembers_secrets(self, path: str) -> bool:
         """Whether ``path``'s secrets are stored in the database (False: this session only)."""
         with self._lock:
-            row = self._db.execute("SELECT remember FROM secrets WHERE path=?",
-                                   (_norm(path),)).fetchone()
+            row = self._db.execute(
+                "SELECT remember FROM secrets WHERE path=?", (_norm(path),)
+            ).fetchone()
         return bool(row[0]) if row else True
 
     def missing_secrets(self, path: str) -> list[str]:
@@ -404,14 +461,23 @@ class Library:
     # -- recent files ---------------------------------------------------------------------
     def touch_recent(self, path: str, keep: int = 10) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO recent VALUES (?,?)", (_norm(path), time.time()))
-            self._db.execute("DELETE FROM recent WHERE path NOT IN (SELECT path FROM recent "
-                             "ORDER BY used DESC LIMIT ?)", (keep,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO recent VALUES (?,?)", (_norm(path), time.time())
+            )
+            self._db.execute(
+                "DELETE FROM recent WHERE path NOT IN (SELECT path FROM recent "
+                "ORDER BY used DESC LIMIT ?)",
+                (keep,),
+            )
 
     def recent(self, limit: int = 10) -> list[str]:
         with self._lock:
-            return [r[0] for r in self._db.execute("SELECT path FROM recent ORDER BY used DESC "
-                                                   "LIMIT ?", (limit,))]
+            return [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT path FROM recent ORDER BY used DESC LIMIT ?", (limit,)
+                )
+            ]
 
     def clear_recent(self) -> None:
         with self._lock:
@@ -421,10 +487,16 @@ class Library:
     def scan(self, path: str, format: str | None = None) -> ImageRecord:
         """Read one image's metadata. Never raises for a bad image: ``error`` says why."""
         from .disk import Disk
+
         path = _norm(path)
         entry = self.entry(path)
-        rec = ImageRecord(path=path, device_type=entry["device"] if entry and entry["device"]
-                          else _device_for_extension(path), scanned_at=time.time())
+        rec = ImageRecord(
+            path=path,
+            device_type=entry["device"]
+            if entry and entry["device"]
+            else _device_for_extension(path),
+            scanned_at=time.time(),
+        )
         if entry:
             rec.format = entry["format"]
             rec.uuid = entry["uuid"]
@@ -436,13 +508,17 @@ class Library:
             rec.error, rec.error_code = f"{path}: file not found", ImageNotFound.code
             return rec
         if not os.path.exists(path):
-            rec.error, rec.error_code = f"{path}: broken link (points to {os.readlink(path)})", \
-                ImageNotFound.code
+            rec.error, rec.error_code = (
+                f"{path}: broken link (points to {os.readlink(path)})",
+                ImageNotFound.code,
+            )
             return rec
         disk = Disk()
         try:
             # a known format is never probed again (a damaged VDI must not turn into RAW)
-            img = disk.open(path, format or rec.format or None, OpenFlags.INFO | OpenFlags.READ_ONLY)
+            img = disk.open(
+                path, format or rec.format or None, OpenFlags.INFO | OpenFlags.READ_ONLY
+            )
             info = disk.info(0)
             _take_info(rec, info, _FILE_INFO)
             rec.files = list(info["files"])
@@ -469,22 +545,28 @@ class Library:
         h = self.health(path)
         if h is not None:
             rec.health, rec.health_note = h
-        rec.held = next((w for w in (held_elsewhere(f) for f in (rec.files or [path])) if w),
-                        None)
+        rec.held = next((w for w in (held_elsewhere(f) for f in (rec.files or [path])) if w), None)
         return rec
 
     def _scan_network(self, rec: ImageRecord, fmt: str | None) -> ImageRecord:
         """A non-file image: opened with its stored properties as the backend's config."""
         from .disk import Disk
+
         rec.files = []
         if not fmt:
-            rec.error, rec.error_code = (f"{rec.path}: the format of a network location must be "
-                                         "known (none recorded)"), InvalidArgument.code
+            rec.error, rec.error_code = (
+                (f"{rec.path}: the format of a network location must be known (none recorded)"),
+                InvalidArgument.code,
+            )
             return rec
         disk = Disk()
         try:
-            disk.open(rec.path, fmt, OpenFlags.INFO | OpenFlags.READ_ONLY,
-                      self.properties(rec.path) or None)
+            disk.open(
+                rec.path,
+                fmt,
+                OpenFlags.INFO | OpenFlags.READ_ONLY,
+                self.properties(rec.path) or None,
+            )
             _take_info(rec, disk.info(0), _NETWORK_INFO)
         except VDError as exc:
             rec.format = rec.format or fmt
@@ -498,9 +580,10 @@ class Library:
             disk.close()
         return rec
 
-    def add_with_parents(self, path: str, format: str | None = None,
-                         source: str = "user") -> list[ImageRecord]:
-        """Add ``path`` and every parent its chain names; returns the scanned records (top first)."""
+    def add_with_parents(
+        self, path: str, format: str | None = None, source: str = "user"
+    ) -> list[ImageRecord]:
+        """Add ``path`` and every parent its chain names; return the scanned records (top first)."""
         out: list[ImageRecord] = []
         seen: set[str] = set()
         cur: str | None = _norm(path)
@@ -522,6 +605,7 @@ class Library:
         for i, p in enumerate(paths):
             if progress is not None and progress(i, len(paths)) is False:
                 from .errors import Cancelled
+
                 raise Cancelled()
             rec = self.scan(p)
             self.remember(rec)
@@ -542,14 +626,24 @@ class Library:
         found = read_virtualbox_registry(xml_path)
         out = []
         for m in found:
-            out.append(self.add(m["path"], format=m["format"], uuid=m["uuid"],
-                                parent_uuid=m["parent_uuid"], device=m["device"],
-                                source="virtualbox"))
+            out.append(
+                self.add(
+                    m["path"],
+                    format=m["format"],
+                    uuid=m["uuid"],
+                    parent_uuid=m["parent_uuid"],
+                    device=m["device"],
+                    source="virtualbox",
+                )
+            )
         return out
 
 
-_VBOX_KINDS = {"HardDisks": DeviceType.HARD_DISK, "DVDImages": DeviceType.OPTICAL,
-               "FloppyImages": DeviceType.FLOPPY}
+_VBOX_KINDS = {
+    "HardDisks": DeviceType.HARD_DISK,
+    "DVDImages": DeviceType.OPTICAL,
+    "FloppyImages": DeviceType.FLOPPY,
+}
 
 
 def _local(tag: str) -> str:
@@ -593,8 +687,15 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
             if loc and (fmt or "").lower() != "iscsi" and not is_network_location(loc):
                 loc = loc.replace("\\", "/") if os.sep == "/" and ":" not in loc[:2] else loc
                 path = os.path.normpath(os.path.join(base, os.path.expanduser(loc)))
-                out.append({"path": path, "format": fmt, "uuid": uid,
-                            "parent_uuid": parent_uuid, "device": device.value})
+                out.append(
+                    {
+                        "path": path,
+                        "format": fmt,
+                        "uuid": uid,
+                        "parent_uuid": parent_uuid,
+                        "device": device.value,
+                    }
+                )
             walk(child, device, uid)
 
     root = tree.getroot()
@@ -606,10 +707,17 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
             if device is not None:
                 walk(kind, device, None)
     if _local(root.tag) != "VirtualBox":
-        raise InvalidArgument(f"{xml_path}: not a VirtualBox settings file (root element "
-                              f"<{_local(root.tag)}>)")
+        raise InvalidArgument(
+            f"{xml_path}: not a VirtualBox settings file (root element <{_local(root.tag)}>)"
+        )
     return out
 
 
-__all__ = ["Library", "ImageRecord", "data_dir", "read_virtualbox_registry", "ENV_DATA_DIR",
-           "is_network_location"]
+__all__ = [
+    "ENV_DATA_DIR",
+    "ImageRecord",
+    "Library",
+    "data_dir",
+    "is_network_location",
+    "read_virtualbox_registry",
+]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from array import array
 from bisect import bisect_right
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from .errors import Cancelled
 
-ProgressCallback = Callable[[int, int], Optional[bool]]
+ProgressCallback = Callable[[int, int], bool | None]
 
 
 class WorkMap:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import struct
 
+from . import formats
 from .backend import Backend, ProbeInput
 from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDError, VDIOError
 from .fileio import open_image_path
-from . import formats
 
 PROBE_WINDOW = 64 * 1024
 STRONG = 80   # two backends at or above this for one file: refuse to guess
@@ -137,5 +137,6 @@ def probe(path: str) -> Backend:
     strong = [b for s, b in scores if s >= STRONG]
     if len(strong) > 1:
         names = ", ".join(b.name for b in strong)
-        raise AmbiguousFormat(f"{path}: claimed by several formats ({names}); name the format with -f")
+        raise AmbiguousFormat(f"{path}: claimed by several formats ({names}); "
+                              "name the format with -f")
     return scores[0][1]

@@ -1,7 +1,7 @@
 """Helpers shared by block-mapped (sparse) formats: zero detection, block iteration, run merging."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .alloc import Alloc
 from .runs import RunList

@@ -73,7 +73,7 @@ class BlockTable:
     writes the changed ones, neighbouring entries joined into few writes. Entries not marked
     must equal what the file holds (everything that changes them goes through the table)."""
 
-    __slots__ = ("f", "offset", "a", "big_endian", "changed")
+    __slots__ = ("a", "big_endian", "changed", "f", "offset")
 
     def __init__(self, f, offset: int, a: array, big_endian: bool = False):
         self.f = f
@@ -84,7 +84,7 @@ class BlockTable:
 
     @classmethod
     def load(cls, f, offset: int, count: int, typecode: str = "I", big_endian: bool = False,
-             what: str = "table") -> "BlockTable":
+             what: str = "table") -> BlockTable:
         return cls(f, offset, read_table(f, offset, count, typecode, big_endian, what),
                    big_endian)
 

@@ -6,8 +6,15 @@ import html
 import os
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QToolButton,
-                               QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QToolButton,
+    QWidget,
+)
 
 from vdgui.vd import Cap, ImageFlags, backends, format_size
 
@@ -33,7 +40,9 @@ def mount_of(path: str) -> tuple[str, str]:
                 if len(parts) < 3:
                     continue
                 mnt = parts[1].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                    best[0]
+                ):
                     best = (mnt, parts[2])
     except OSError:
         pass
@@ -61,6 +70,7 @@ def folder_problem(folder: str) -> str | None:
     import errno
     import tempfile
     import time
+
     folder = os.path.abspath(folder)
     now = time.monotonic()
     hit = _FOLDER_VERDICTS.get(folder)
@@ -75,37 +85,44 @@ def folder_problem(folder: str) -> str | None:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                   errno.EROFS: "the file system is read-only",
-                   errno.ENOSPC: "the disk is full",
-                   # an existing folder that says "no such file": /proc, /sys and the like
-                   errno.ENOENT: "it is a system folder that does not take new files"
-                   }.get(exc.errno,
-                                                        exc.strerror or str(exc))
+            why = {
+                errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied",
+                errno.EROFS: "the file system is read-only",
+                errno.ENOSPC: "the disk is full",
+                # an existing folder that says "no such file": /proc, /sys and the like
+                errno.ENOENT: "it is a system folder that does not take new files",
+            }.get(exc.errno, exc.strerror or str(exc))
             verdict = f"Cannot create files in {folder}: {why}"
     _FOLDER_VERDICTS[folder] = (now, verdict)
     return verdict
 
 
-def size_warnings(location: str, size: int, *, preallocate: bool, split: bool = False,
-                  fs_type: str | None = None) -> list[str]:
+def size_warnings(
+    location: str, size: int, *, preallocate: bool, split: bool = False, fs_type: str | None = None
+) -> list[str]:
     """Warnings about the target folder's file system for an image of ``size`` bytes."""
     out = []
     fs = fs_type if fs_type is not None else mount_of(location)[1]
     if fs.lower() in FAT_TYPES and size > FAT_LIMIT and not split:
-        out.append(f"The target folder is on a FAT file system ({fs}), where a file can be at most "
-                   f"4 GiB; an image of {format_size(size)} may not fit. Choose another folder"
-                   + (" or split the image into 2 GB parts." if True else "."))
+        out.append(
+            f"The target folder is on a FAT file system ({fs}), where a file can be at most "
+            f"4 GiB; an image of {format_size(size)} may not fit. Choose another folder"
+            + (" or split the image into 2 GB parts." if True else ".")
+        )
     return out
 
 
-def room_problem(location: str, size: int, *, preallocate: bool,
-                 free: int | None = None) -> str | None:
+def room_problem(
+    location: str, size: int, *, preallocate: bool, free: int | None = None
+) -> str | None:
     """A pre-allocated image that cannot fit: an error the dialog shows before it closes."""
     free = free if free is not None else free_space(location)
     if free is not None and preallocate and size > free:
-        return (f"Only {format_size(free)} are free in {os.path.dirname(os.path.abspath(location))}; "
-                f"pre-allocating {format_size(size)} will not fit")
+        return (
+            f"Only {format_size(free)} are free in {os.path.dirname(os.path.abspath(location))}; "
+            f"pre-allocating {format_size(size)} will not fit"
+        )
     return None
 
 
@@ -141,11 +158,17 @@ def unique_path(folder: str, stem: str, ext: str) -> str:
 
 
 VARIANT_BOXES = (
-    (ImageFlags.FIXED, "Pre-allocate &full size", "Reserve the whole size on the host now "
-     "(faster in use, slower to create)"),
+    (
+        ImageFlags.FIXED,
+        "Pre-allocate &full size",
+        "Reserve the whole size on the host now (faster in use, slower to create)",
+    ),
     (ImageFlags.SPLIT_2G, "&Split into 2 GB parts", "Store the image in files of at most 2 GB"),
-    (ImageFlags.STREAM_OPTIMIZED, "S&tream-optimized", "Compressed, append-only layout for "
-     "distribution (OVA/ESXi)"),
+    (
+        ImageFlags.STREAM_OPTIMIZED,
+        "S&tream-optimized",
+        "Compressed, append-only layout for distribution (OVA/ESXi)",
+    ),
 )
 
 
@@ -182,8 +205,10 @@ class VariantBoxes(QWidget):
                 cb.setToolTip(cb.property("tip"))
         if b is not None and not b.caps & Cap.CREATE_DYNAMIC and b.caps & Cap.CREATE_FIXED:
             cb = self.boxes[ImageFlags.FIXED]
-            cb.setToolTip(f"{b.name} images are always fixed-size; without pre-allocation the file "
-                          "is created sparse")
+            cb.setToolTip(
+                f"{b.name} images are always fixed-size; without pre-allocation the file "
+                "is created sparse"
+            )
 
     def set_flags(self, flags: ImageFlags) -> None:
         for flag, cb in self.boxes.items():
@@ -224,8 +249,9 @@ class LocationRow(QWidget):
         self.edit.setText(p)
 
     def _browse(self) -> None:
-        p, _ = QFileDialog.getSaveFileName(self, self.title, self.edit.text(),
-                                           options=QFileDialog.DontConfirmOverwrite)
+        p, _ = QFileDialog.getSaveFileName(
+            self, self.title, self.edit.text(), options=QFileDialog.DontConfirmOverwrite
+        )
         if p:
             self.edit.setText(p)
 
@@ -257,7 +283,7 @@ class MessageArea(QLabel):
             # other rows (a group box) take up the empty space
             if grown and w.height() == grown[1]:
                 if w.layout() is not None:
-                    w.layout().activate()      # its minimum without the lines first
+                    w.layout().activate()  # its minimum without the lines first
                 w.resize(w.width(), grown[0])
             w._grown_from = None
             return

@@ -6,17 +6,42 @@ import html
 import os
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
-                               QGroupBox, QLabel, QRadioButton, QVBoxLayout)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QRadioButton,
+    QVBoxLayout,
+)
 
-from vdgui.vd import (Cap, ImageFlags, applicable_keys, chain_target_names, describe_size,
-                      format_size, get_backend)
+from vdgui.vd import (
+    Cap,
+    ImageFlags,
+    applicable_keys,
+    chain_target_names,
+    describe_size,
+    format_size,
+    get_backend,
+)
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
-from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
-                     room_problem, size_warnings, unique_path, with_extension)
+from .common import (
+    LocationRow,
+    MessageArea,
+    VariantBoxes,
+    creatable_backends,
+    folder_problem,
+    room_problem,
+    size_warnings,
+    unique_path,
+    with_extension,
+)
 from .params import CopyParams
 
 
@@ -178,15 +203,19 @@ class CopyDialog(QDialog):
             errors.append("No registered format can create images")
         if not loc:
             errors.append("Choose where to write the copy")
-        elif os.path.abspath(loc) in {os.path.abspath(f) for f in (self.node.record.files or [self.node.path])}:
+        elif os.path.abspath(loc) in {os.path.abspath(f)
+                                      for f in (self.node.record.files or [self.node.path])}:
             errors.append("The copy cannot overwrite its source")
         elif os.path.lexists(loc):
             errors.append(f"{loc} already exists; choose another name")
         elif folder_problem(os.path.dirname(loc)):
             errors.append(folder_problem(os.path.dirname(loc)))
         if loc and self.chain_copy():
-            srcs = {os.path.abspath(f) for n in self.node.ancestors() + [self.node]
-                    for f in (n.record.files or [n.path])}
+            srcs = {
+                os.path.abspath(f)
+                for n in self.node.ancestors() + [self.node]
+                for f in (n.record.files or [n.path])
+            }
             for path, _n in self.targets()[:-1]:
                 if os.path.abspath(path) in srcs:
                     errors.append(f"{path} would overwrite a source image; choose another name")
@@ -199,20 +228,29 @@ class CopyDialog(QDialog):
             if err:
                 errors.append(err)
             elif v is not None and v < size:
-                errors.append(f"A copy cannot be smaller than the source ({format_size(size)}); "
-                              "shrink with Resize after checking the content")
+                errors.append(
+                    f"A copy cannot be smaller than the source ({format_size(size)}); "
+                    "shrink with Resize after checking the content"
+                )
             else:
                 size = v or size
-        limit = b.max_size_for(self.config.values() if self.config is not None else None) \
-            if b is not None else None
+        limit = (
+            b.max_size_for(self.config.values() if self.config is not None else None)
+            if b is not None
+            else None
+        )
         if limit is not None and size > limit:
             errors.append(f"{b.name} images can be at most {describe_size(limit)}")
         if self.config is not None:
             errors += self.config.messages()
         if loc and size:
             flags = self.variant.flags()
-            warnings += size_warnings(loc, size, preallocate=bool(flags & ImageFlags.FIXED),
-                                      split=bool(flags & ImageFlags.SPLIT_2G))
+            warnings += size_warnings(
+                loc,
+                size,
+                preallocate=bool(flags & ImageFlags.FIXED),
+                split=bool(flags & ImageFlags.SPLIT_2G),
+            )
             room = room_problem(loc, size, preallocate=bool(flags & ImageFlags.FIXED))
             if room:
                 errors.append(room)
@@ -239,10 +277,14 @@ class CopyDialog(QDialog):
         rec = self.node.record
         resized = self.resize_box.isChecked() and self.new_size.value() != rec.virtual_size
         return CopyParams(
-            src=self.node.path, dst=self.location.path(), dst_format=self.backend().name,
-            src_format=rec.format, variant=self.variant.flags(),
+            src=self.node.path,
+            dst=self.location.path(),
+            dst_format=self.backend().name,
+            src_format=rec.format,
+            variant=self.variant.flags(),
             keep_uuid=self.keep_uuid.isEnabled() and self.keep_uuid.isChecked(),
             as_chain=self.chain_copy(),
             # with a chain copy the new size applies to the copy of the selected image only
             new_size=self.new_size.value() if resized else None,
-            dst_config=(self.config.values() or None) if self.config is not None else None)
+            dst_config=(self.config.values() or None) if self.config is not None else None,
+        )

@@ -3,17 +3,37 @@ from __future__ import annotations
 
 import os
 
-from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QDialog, QDialogButtonBox, QFormLayout,
-                               QGroupBox, QLabel, QLineEdit, QRadioButton, QVBoxLayout, QWidget,
-                               QComboBox)
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QLineEdit,
+    QRadioButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from vdgui.vd import DeviceType, ImageFlags, applicable_keys, format_size, get_backend
 
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
 from ..widgets.size_edit import SizeEdit
-from .common import (LocationRow, MessageArea, VariantBoxes, creatable_backends, folder_problem,
-                     room_problem, size_warnings, unique_path, with_extension)
+from .common import (
+    LocationRow,
+    MessageArea,
+    VariantBoxes,
+    creatable_backends,
+    folder_problem,
+    room_problem,
+    size_warnings,
+    unique_path,
+    with_extension,
+)
 from .params import CreateParams, SnapshotParams
 
 DEFAULT_SIZE = 20 << 30

@@ -6,8 +6,16 @@ import html
 import os
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel,
-                               QListWidget, QListWidgetItem, QVBoxLayout)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QVBoxLayout,
+)
 
 from vdgui.vd import format_size
 
@@ -50,13 +58,17 @@ def merge_plan(chain: list, source, target, busy: set | None = None) -> dict:
     for n in folded:
         others = [c for c in n.children if id(c) not in on_path]
         if others:
-            out["errors"].append(f"{n.name} will be deleted but {', '.join(c.name for c in others)} "
-                                 f"also depend{'s' if len(others) == 1 else ''} on it")
-    if si > ti:   # backward: target's content changes; every other child of target breaks
+            out["errors"].append(
+                f"{n.name} will be deleted but {', '.join(c.name for c in others)} "
+                f"also depend{'s' if len(others) == 1 else ''} on it"
+            )
+    if si > ti:  # backward: target's content changes; every other child of target breaks
         others = [c for c in target.children if id(c) not in on_path]
         if others:
-            out["errors"].append(f"Merging into {target.name} changes it, but "
-                                 f"{', '.join(c.name for c in others)} also depend on it")
+            out["errors"].append(
+                f"Merging into {target.name} changes it, but "
+                f"{', '.join(c.name for c in others)} also depend on it"
+            )
     for n in span:
         if n.path in busy:
             out["errors"].append(f"{n.name} is busy: a running job is using it")
@@ -77,9 +89,11 @@ class MergeDialog(QDialog):
         self.list.setSelectionMode(QListWidget.NoSelection)
         self.list.setFocusPolicy(Qt.NoFocus)
         for i, n in enumerate(self.chain):
-            it = QListWidgetItem(format_icon(n.record.device_type, n.record.format),
-                                 f"{'   ' * i}{'└ ' if i else ''}{n.name}   "
-                                 f"({format_size(n.record.file_size or 0)} on disk)")
+            it = QListWidgetItem(
+                format_icon(n.record.device_type, n.record.format),
+                f"{'   ' * i}{'└ ' if i else ''}{n.name}   "
+                f"({format_size(n.record.file_size or 0)} on disk)",
+            )
             it.setToolTip(n.path)
             self.list.addItem(it)
         self.list.setMaximumHeight(min(24 * len(self.chain) + 8, 200))
@@ -110,7 +124,7 @@ class MergeDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(self.summary)
         lay.addWidget(self.messages)
-        lay.addStretch(1)              # spare height below the text, not between the rows
+        lay.addStretch(1)  # spare height below the text, not between the rows
         lay.addWidget(self.buttons)
         self.source.currentIndexChanged.connect(self._source_changed)
         self.target.currentIndexChanged.connect(self.validate)
@@ -123,7 +137,7 @@ class MergeDialog(QDialog):
         si = self.source.currentIndex()
         ti = si - 1 if si > 0 else min(si + 1, len(self.chain) - 1)
         if self.target.currentIndex() != ti:
-            self.target.setCurrentIndex(ti)       # validates
+            self.target.setCurrentIndex(ti)  # validates
         else:
             self.validate()
 
@@ -136,8 +150,12 @@ class MergeDialog(QDialog):
         self.set_source_target(p.source, p.target)
 
     def plan(self) -> dict:
-        return merge_plan(self.chain, self.chain[self.source.currentIndex()],
-                          self.chain[self.target.currentIndex()], self.busy)
+        return merge_plan(
+            self.chain,
+            self.chain[self.source.currentIndex()],
+            self.chain[self.target.currentIndex()],
+            self.busy,
+        )
 
     def validate(self, *_):
         plan = self.plan()
@@ -149,20 +167,31 @@ class MergeDialog(QDialog):
             names = ", ".join(html.escape(n.name) for n in plan["deleted"])
             self.summary.setText(
                 f"The content of {names} is written into <b>{html.escape(tgt.name)}</b>"
-                + (" (which keeps its place in the chain)" if plan["direction"] == "backward"
-                   else ", which takes over their place in the chain")
+                + (
+                    " (which keeps its place in the chain)"
+                    if plan["direction"] == "backward"
+                    else ", which takes over their place in the chain"
+                )
                 + ". These files will be <b>deleted</b>:<br>"
                 + "<br>".join(f"&nbsp;&nbsp;• {html.escape(f)}" for f in files)
-                + "".join(f"<br>{html.escape(c.name)} "
-                          + (f"will then be a child of {html.escape(p.name)}" if p is not None
-                             else "will then be a base image (no parent)")
-                          + "." for c, p in plan["reparented"])
+                + "".join(
+                    f"<br>{html.escape(c.name)} "
+                    + (
+                        f"will then be a child of {html.escape(p.name)}"
+                        if p is not None
+                        else "will then be a base image (no parent)"
+                    )
+                    + "."
+                    for c, p in plan["reparented"]
+                )
                 + f"<br>Space needed: up to <b>{format_size(plan['needed'])}</b> in "
-                  f"{html.escape(os.path.dirname(tgt.path))}.")
+                f"{html.escape(os.path.dirname(tgt.path))}."
+            )
             free = free_space(tgt.path)
             if free is not None and plan["needed"] > free:
-                warnings.append(f"Only {format_size(free)} are free there; the merge may run out "
-                                "of space")
+                warnings.append(
+                    f"Only {format_size(free)} are free there; the merge may run out of space"
+                )
         else:
             self.summary.setText("")
         self.messages.show_messages(errors, warnings)
@@ -171,6 +200,9 @@ class MergeDialog(QDialog):
 
     def params(self) -> MergeParams:
         plan = self.plan()
-        return MergeParams(source=self._src.path, target=self._tgt.path,
-                           deleted=[n.path for n in plan["deleted"]],
-                           paths=[n.path for n in self.chain])
+        return MergeParams(
+            source=self._src.path,
+            target=self._tgt.path,
+            deleted=[n.path for n in plan["deleted"]],
+            paths=[n.path for n in self.chain],
+        )

@@ -13,9 +13,19 @@ import dataclasses
 import html
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
-                               QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QVBoxLayout)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+)
 
 from vdgui.jobs import Job, JobQueue
 from vdgui.vd import Disk, KeyFlag, OpenFlags, ValueType, VDError, format_size
@@ -319,9 +329,13 @@ class NetworkDiskDialog(QDialog):
 
     def params(self) -> NetworkDiskParams:
         b = self.backend()
-        return NetworkDiskParams(format=b.name, location=self.location(), properties=self.values(),
-                                 remember_secrets=bool(secret_keys(b)) and self.remember.isChecked(),
-                                 info=self.result_info)
+        return NetworkDiskParams(
+            format=b.name,
+            location=self.location(),
+            properties=self.values(),
+            remember_secrets=bool(secret_keys(b)) and self.remember.isChecked(),
+            info=self.result_info,
+        )
 
 
 class SecretsDialog(QDialog):
@@ -339,9 +353,11 @@ class SecretsDialog(QDialog):
             if k.name in missing:
                 k = dataclasses.replace(k, flags=(k.flags | KeyFlag.MANDATORY) & ~KeyFlag.EXPERT)
             keys.append(k)
-        text = QLabel(f"<b>{html.escape(name)}</b> needs its secrets "
-                      f"({html.escape(', '.join(missing))}) to be opened. They were not "
-                      "remembered in the library.")
+        text = QLabel(
+            f"<b>{html.escape(name)}</b> needs its secrets "
+            f"({html.escape(', '.join(missing))}) to be opened. They were not "
+            "remembered in the library."
+        )
         text.setWordWrap(True)
         self.form = ConfigForm(keys, mode="edit")
         self.remember = QCheckBox("&Remember secrets")
@@ -365,5 +381,6 @@ class SecretsDialog(QDialog):
         return self.form.values()
 
     def params(self) -> SecretsParams:
-        return SecretsParams(path=self.path, secrets=self.secrets(),
-                             remember=self.remember.isChecked())
+        return SecretsParams(
+            path=self.path, secrets=self.secrets(), remember=self.remember.isChecked()
+        )

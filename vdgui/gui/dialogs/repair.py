@@ -7,8 +7,7 @@ import html
 import os
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QLabel, QScrollArea,
-                               QVBoxLayout)
+from PySide6.QtWidgets import QCheckBox, QDialog, QDialogButtonBox, QLabel, QScrollArea, QVBoxLayout
 
 from vdgui.vd import describe_effects, format_size
 

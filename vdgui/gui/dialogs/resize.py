@@ -93,9 +93,13 @@ class ResizeDialog(QDialog):
             self.size.setGranularity(b.size_granularity)
         self.messages = MessageArea()
         form = QFormLayout()
-        form.addRow("Current size:", QLabel(f"{format_size(self.current)} ({self.current:,} bytes)"))
-        form.addRow("Data ends at:", QLabel(
-            f"{format_size(used)}" if used is not None else f"unknown ({err})"))
+        form.addRow(
+            "Current size:", QLabel(f"{format_size(self.current)} ({self.current:,} bytes)")
+        )
+        form.addRow(
+            "Data ends at:",
+            QLabel(f"{format_size(used)}" if used is not None else f"unknown ({err})"),
+        )
         form.addRow("&New size:", self.size)
         self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         self.ok = self.buttons.button(QDialogButtonBox.Ok)

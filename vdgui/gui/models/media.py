@@ -12,8 +12,7 @@ from PySide6.QtCore import QAbstractItemModel, QModelIndex, QSortFilterProxyMode
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import QApplication
 
-from vdgui.vd import (ImageRecord, UnknownFormat, format_size, get_backend,
-                      is_network_location)
+from vdgui.vd import ImageRecord, UnknownFormat, format_size, get_backend, is_network_location
 
 from ..icons import format_icon, icon
 
@@ -28,9 +27,9 @@ PATH_ROLE = Qt.UserRole + 3
 class MediaNode:
     """One image in the tree."""
 
-    __slots__ = ("record", "parent", "children", "busy", "__weakref__")
+    __slots__ = ("__weakref__", "busy", "children", "parent", "record")
 
-    def __init__(self, record: ImageRecord, parent: "MediaNode | None" = None):
+    def __init__(self, record: ImageRecord, parent: MediaNode | None = None):
         self.record = record
         self.parent = parent
         self.children: list[MediaNode] = []
@@ -57,13 +56,13 @@ class MediaNode:
         except UnknownFormat:
             return None
 
-    def root(self) -> "MediaNode":
+    def root(self) -> MediaNode:
         n = self
         while n.parent is not None:
             n = n.parent
         return n
 
-    def ancestors(self) -> list["MediaNode"]:
+    def ancestors(self) -> list[MediaNode]:
         """From the base image down to (excluding) this node."""
         out = []
         n = self.parent
@@ -72,7 +71,7 @@ class MediaNode:
             n = n.parent
         return out[::-1]
 
-    def descendants(self) -> list["MediaNode"]:
+    def descendants(self) -> list[MediaNode]:
         out = []
         stack = list(self.children)
         while stack:
@@ -81,7 +80,7 @@ class MediaNode:
             stack.extend(n.children)
         return out
 
-    def broken_ancestor(self) -> "MediaNode | None":
+    def broken_ancestor(self) -> MediaNode | None:
         """The nearest inaccessible image this one depends on, if any."""
         n = self.parent
         while n is not None:
@@ -364,14 +363,18 @@ class MediaModel(QAbstractItemModel):
 def duplicate_text(rec, advice: str = "Select one and use <b>Give a new UUID</b> in the "
                                       "details pane.") -> str:
     """What a duplicate UUID means, for a tooltip and the details pane (``advice`` last)."""
-    others = ", ".join(_html(p) for p in rec.duplicates[:5]) + (" …" if len(rec.duplicates) > 5 else "")
-    return (f"<b>Duplicate UUID</b> {_html(rec.uuid)}: also the UUID of {others}. VirtualBox "
-            "registers only one of them, and a differencing image may find the wrong one as its "
-            f"parent. {advice}")
+    others = (", ".join(_html(p) for p in rec.duplicates[:5])
+              + (" …" if len(rec.duplicates) > 5 else ""))
+    return (
+        f"<b>Duplicate UUID</b> {_html(rec.uuid)}: also the UUID of {others}. VirtualBox "
+        "registers only one of them, and a differencing image may find the wrong one as its "
+        f"parent. {advice}"
+    )
 
 
 def _html(text) -> str:
     import html
+
     return html.escape(str(text or ""))
 
 
@@ -388,7 +391,7 @@ class MediaFilterProxy(QSortFilterProxyModel):
         self.setSortCaseSensitivity(Qt.CaseInsensitive)
 
     def _change_filter(self, attr: str, value) -> None:
-        if hasattr(self, "beginFilterChange"):          # Qt >= 6.9
+        if hasattr(self, "beginFilterChange"):  # Qt >= 6.9
             self.beginFilterChange()
             setattr(self, attr, value)
             self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
@@ -413,7 +416,9 @@ class MediaFilterProxy(QSortFilterProxyModel):
         if not self._text:
             return True
         rec = node.record
-        hay = " ".join(x for x in (node.name, rec.path, rec.uuid or "", rec.comment or "") if x).lower()
+        hay = " ".join(
+            x for x in (node.name, rec.path, rec.uuid or "", rec.comment or "") if x
+        ).lower()
         return all(word in hay for word in self._text.split())
 
     def node_from_index(self, index) -> MediaNode | None:

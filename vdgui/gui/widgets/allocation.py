@@ -135,7 +135,8 @@ class AllocationMap(QWidget):
             p.setPen(pal.color(QPalette.Text))
             text = fm.elidedText(os.path.basename(name), Qt.ElideMiddle, label_w - 16)
             p.fillRect(QRectF(0, y + 3, 10, 10), color)
-            p.drawText(QRectF(14, y, label_w - 14, self.ROW_H), Qt.AlignLeft | Qt.AlignVCenter, text)
+            p.drawText(QRectF(14, y, label_w - 14, self.ROW_H), Qt.AlignLeft | Qt.AlignVCenter,
+                       text)
             rect = QRectF(bar_x, y, bar_w, self.ROW_H)
             p.fillRect(rect, base)
             frs = self.fractions[lv]
@@ -146,7 +147,7 @@ class AllocationMap(QWidget):
                 x0 = bar_x + bar_w * i / n
                 x1 = bar_x + bar_w * (i + 1) / n
                 c = QColor(color)
-                c.setAlphaF(0.45 + 0.55 * min(f, 1.0))    # a little data stays visible
+                c.setAlphaF(0.45 + 0.55 * min(f, 1.0))  # a little data stays visible
                 p.fillRect(QRectF(x0, y + 1, max(x1 - x0, 2.0), self.ROW_H - 2), c)
             if lv == len(self.members) - 1:
                 for i, f in enumerate(self.zero):
@@ -154,7 +155,9 @@ class AllocationMap(QWidget):
                         x0 = bar_x + bar_w * i / len(self.zero)
                         c = QColor(ZERO_COLOR)
                         c.setAlphaF(0.5)
-                        p.fillRect(QRectF(x0, y + self.ROW_H - 4, max(bar_w / len(self.zero), 1.0), 3), c)
+                        p.fillRect(
+                            QRectF(x0, y + self.ROW_H - 4, max(bar_w / len(self.zero), 1.0), 3), c
+                        )
             p.setPen(QPen(border))
             p.drawRect(rect)
         y = len(self.members) * (self.ROW_H + 4)
@@ -168,14 +171,17 @@ class AllocationMap(QWidget):
                     p.drawText(QRectF(x0, y, x1 - x0, 18), Qt.AlignCenter, label)
         p.setPen(pal.color(QPalette.Disabled, QPalette.Text))
         p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignLeft | Qt.AlignVCenter, "0")
-        p.drawText(QRectF(bar_x, y, bar_w, 18), Qt.AlignRight | Qt.AlignVCenter, format_size(self.size))
+        p.drawText(
+            QRectF(bar_x, y, bar_w, 18), Qt.AlignRight | Qt.AlignVCenter, format_size(self.size)
+        )
         p.end()
 
     def summary(self) -> str:
         total = sum(self.held)
         if not self.size:
             return ""
-        return f"{format_size(total)} of {format_size(self.size)} allocated ({100 * total / self.size:.1f} %)"
+        return (f"{format_size(total)} of {format_size(self.size)} allocated "
+                f"({100 * total / self.size:.1f} %)")
 
     def legend(self) -> list[tuple[str, int]]:
         return list(zip(self.members, self.held))

@@ -6,15 +6,26 @@ KiB/MiB/GiB), its description and the CLI key name in the tooltip. INTEGER → v
 line edit, BYTES → masked secret field with a show/hide toggle. MANDATORY keys are marked and
 required; EXPERT keys sit behind "Show advanced"; which keys show at all (CREATEONLY, keys tied
 to a variant) is ``vdgui.vd.applicable_keys``. Defaults are pre-filled. Each value is validated
-with ``ConfigKey.convert`` and the reason shown under the field, in a line that keeps its place. Reusable: ``ConfigForm(keys, values=None, mode="create"|"edit")`` with ``.values()``,
+with ``ConfigKey.convert`` and the reason shown under the field, in a line that keeps its place.
+Reusable: ``ConfigForm(keys, values=None, mode="create"|"edit")`` with ``.values()``,
 ``.is_valid()``, ``.errors()`` and the ``validChanged(bool)`` signal.
 """
+
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QColor, QPalette
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QSizePolicy, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from vdgui.vd import ConfigError, ConfigKey, ValueType, applicable_keys
 
@@ -24,7 +35,7 @@ from ..icons import icon
 class _Field:
     def __init__(self, key: ConfigKey, editor, error: QLabel, label: QLabel):
         self.key = key
-        self.editor = editor          # QLineEdit, or QCheckBox (switch) / QComboBox (choices)
+        self.editor = editor  # QLineEdit, or QCheckBox (switch) / QComboBox (choices)
         self.error = error
         self.label = label
 
@@ -42,7 +53,7 @@ class _Field:
             e.setChecked(text.strip() not in ("", "0"))
         elif isinstance(e, QComboBox):
             i = e.findText(text)
-            if i < 0:                 # a stored value outside the list: shown, then flagged
+            if i < 0:  # a stored value outside the list: shown, then flagged
                 e.addItem(text)
                 i = e.findText(text)
             e.setCurrentIndex(i)
@@ -67,8 +78,15 @@ class ConfigForm(QWidget):
     validChanged = Signal(bool)
     valuesChanged = Signal()
 
-    def __init__(self, keys, values: dict | None = None, mode: str = "create", parent=None, *,
-                 variant: int = 0):
+    def __init__(
+        self,
+        keys,
+        values: dict | None = None,
+        mode: str = "create",
+        parent=None,
+        *,
+        variant: int = 0,
+    ):
         super().__init__(parent)
         self.mode = mode
         values = dict(values or {})
@@ -128,8 +146,11 @@ class ConfigForm(QWidget):
                     toggle = QAction(icon("properties"), "Show", editor)
                     toggle.setCheckable(True)
                     toggle.setToolTip("Show or hide the value")
-                    toggle.toggled.connect(lambda on, e=editor: e.setEchoMode(
-                        QLineEdit.Normal if on else QLineEdit.Password))
+                    toggle.toggled.connect(
+                        lambda on, e=editor: e.setEchoMode(
+                            QLineEdit.Normal if on else QLineEdit.Password
+                        )
+                    )
                     editor.addAction(toggle, QLineEdit.TrailingPosition)
                 if key.default is not None:
                     editor.setPlaceholderText(key.default)
@@ -139,9 +160,15 @@ class ConfigForm(QWidget):
             if key.create_only:
                 hints.append("set when the image is created")
             desc = key.description[:1].upper() + key.description[1:] if key.description else ""
-            tip = "\n".join(t for t in (desc, "; ".join(hints),
-                                         f"Key: {key.name} (vdgui-img --property "
-                                         f"{key.name}=…)") if t)
+            tip = "\n".join(
+                t
+                for t in (
+                    desc,
+                    "; ".join(hints),
+                    f"Key: {key.name} (vdgui-img --property {key.name}=…)",
+                )
+                if t
+            )
             editor.setToolTip(tip)
             label.setToolTip(tip)
             field = _Field(key, editor, QLabel(), label)
@@ -166,8 +193,11 @@ class ConfigForm(QWidget):
             row.addWidget(editor, 1)
             unit = QLabel(unit_text)
             unit.setObjectName(f"unit_{key.name}")
-            unit.setMinimumWidth(unit.fontMetrics().horizontalAdvance("bytes = 256 MiB") if
-                                 key.unit == "bytes" else 0)
+            unit.setMinimumWidth(
+                unit.fontMetrics().horizontalAdvance("bytes = 256 MiB")
+                if key.unit == "bytes"
+                else 0
+            )
             unit.setVisible(bool(unit_text))
             row.addWidget(unit)
             if key.is_switch:
@@ -175,7 +205,7 @@ class ConfigForm(QWidget):
             box.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Fixed)
             form = self.advanced if key.expert else self.basic
             form.addRow(label, box)
-            form.addRow(QLabel(), error)      # the error line under the field, in its own row
+            form.addRow(QLabel(), error)  # the error line under the field, in its own row
             self.fields[key.name] = field
             field.unit = unit
             if isinstance(editor, QCheckBox):
@@ -198,7 +228,7 @@ class ConfigForm(QWidget):
         self.updateGeometry()
         w = self.window()
         if w is not None and w is not self and w.isVisible():
-            w.adjustSize()            # the dialog grows; required fields keep their height
+            w.adjustSize()  # the dialog grows; required fields keep their height
 
     # -- values ---------------------------------------------------------------------------
     def _error_for(self, f: _Field) -> str | None:
@@ -212,7 +242,7 @@ class ConfigForm(QWidget):
         except ConfigError as exc:
             msg = exc.message
             prefix = f"key '{f.key.name}': "
-            return msg[len(prefix):] if msg.startswith(prefix) else msg
+            return msg[len(prefix) :] if msg.startswith(prefix) else msg
         return None
 
     def errors(self) -> dict[str, str]:

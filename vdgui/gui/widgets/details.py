@@ -6,16 +6,29 @@ import html
 import os
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QDialogButtonBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
-                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
-                               QSizePolicy, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from vdgui.vd import Alloc, Cap, format_size, is_network_location
 
 from .. import actions
 from ..dialogs.resize import resize_problems
-from ..models.media import duplicate_text
 from ..icons import format_icon, icon
+from ..models.media import duplicate_text
 from .allocation import AllocationMap, level_color
 from .config_form import ConfigForm
 from .size_edit import SizeEdit
@@ -81,23 +94,28 @@ class DetailsPane(QScrollArea):
         self.error_box = QLabel()
         self.error_box.setWordWrap(True)
         self.error_box.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.error_box.setStyleSheet("QLabel { background: #fff4d6; color: #5a3d00; border: 1px solid "
-                                     "#e0b64a; border-radius: 4px; padding: 6px; }")
+        self.error_box.setStyleSheet(
+            "QLabel { background: #fff4d6; color: #5a3d00; border: 1px solid "
+            "#e0b64a; border-radius: 4px; padding: 6px; }"
+        )
         lay.addWidget(self.error_box)
 
         # duplicate UUID: say so, offer the way out
         self.dup_box = QFrame()
         self.dup_box.setObjectName("duplicateUuid")
-        self.dup_box.setStyleSheet("#duplicateUuid { background: #fff4d6; border: 1px solid "
-                                   "#e0b64a; border-radius: 4px; } QLabel { color: #5a3d00; }")
+        self.dup_box.setStyleSheet(
+            "#duplicateUuid { background: #fff4d6; border: 1px solid "
+            "#e0b64a; border-radius: 4px; } QLabel { color: #5a3d00; }"
+        )
         dl = QVBoxLayout(self.dup_box)
         self.dup_text = QLabel()
         self.dup_text.setWordWrap(True)
         self.dup_text.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.new_uuid_button = QPushButton("Give a new UUID…")
         self.new_uuid_button.setObjectName("newUuid")
-        self.new_uuid_button.clicked.connect(lambda: self.node is not None
-                                             and self.newUuidRequested.emit(self.node))
+        self.new_uuid_button.clicked.connect(
+            lambda: self.node is not None and self.newUuidRequested.emit(self.node)
+        )
         dl.addWidget(self.dup_text)
         dl.addWidget(self.new_uuid_button, 0, Qt.AlignLeft)
         lay.addWidget(self.dup_box)
@@ -196,8 +214,9 @@ class DetailsPane(QScrollArea):
         if node is not None and self.node is not None and self.node.path == node.path:
             shown = self._shown
             new = self._values(node)
-            pending = {k: v for k, v in self._typed().items()
-                       if k in shown and shown[k] == new.get(k)}
+            pending = {
+                k: v for k, v in self._typed().items() if k in shown and shown[k] == new.get(k)
+            }
         self._set_node(node, properties)
         if pending:
             if "location" in pending and self.location.isEnabled():
@@ -209,8 +228,11 @@ class DetailsPane(QScrollArea):
 
     @staticmethod
     def _values(node) -> dict:
-        return {"location": node.path, "size": node.record.virtual_size,
-                "comment": node.record.comment or ""}
+        return {
+            "location": node.path,
+            "size": node.record.virtual_size,
+            "comment": node.record.comment or "",
+        }
 
     def _typed(self) -> dict:
         """The fields whose widget differs from what the pane last showed (the user's edits)."""
@@ -237,15 +259,20 @@ class DetailsPane(QScrollArea):
         if not has:
             self.head_icon.setPixmap(icon("properties").pixmap(36, 36))
             self.head_title.setText("No image selected")
-            self.head_sub.setText("Select an image in the list to see its details, or drop image "
-                                  "files onto the window to add them.")
+            self.head_sub.setText(
+                "Select an image in the list to see its details, or drop image "
+                "files onto the window to add them."
+            )
             self.error_box.setVisible(False)
             self.dup_box.setVisible(False)
             self.props_box.setVisible(False)
             return
         rec = node.record
-        self.head_icon.setPixmap((icon("warning") if not node.accessible else
-                                  format_icon(rec.device_type, rec.format)).pixmap(36, 36))
+        self.head_icon.setPixmap(
+            (
+                icon("warning") if not node.accessible else format_icon(rec.device_type, rec.format)
+            ).pixmap(36, 36)
+        )
         self.head_title.setText(node.name)
         self.head_sub.setText(html.escape(os.path.dirname(rec.path)))
         self.error_box.setVisible(not node.accessible)
@@ -253,9 +280,17 @@ class DetailsPane(QScrollArea):
             self.error_box.setText(f"<b>Inaccessible.</b> {html.escape(rec.error or '')}")
         self.dup_box.setVisible(bool(node.accessible and rec.duplicates))
         if rec.duplicates:
-            self.dup_text.setText(duplicate_text(
-                rec, "Give this one a new UUID to tell them apart"
-                + (" (the images that depend on it are relinked to it)." if node.children else ".")))
+            self.dup_text.setText(
+                duplicate_text(
+                    rec,
+                    "Give this one a new UUID to tell them apart"
+                    + (
+                        " (the images that depend on it are relinked to it)."
+                        if node.children
+                        else "."
+                    ),
+                )
+            )
         v = self.info
         v["format"].setText(rec.format or "unknown")
         v["variant"].setText(rec.variant.replace(",", ", ") or "—")
@@ -275,17 +310,26 @@ class DetailsPane(QScrollArea):
         v["block"].setText(_bytes(rec.block_size) if rec.block_size else "—")
         anc = node.ancestors()
         chain = " → ".join(n.name for n in anc + [node])
-        v["depth"].setText(f"{node.depth}" + (f"  ({html.escape(chain)})" if anc else " (base image)"))
+        v["depth"].setText(
+            f"{node.depth}" + (f"  ({html.escape(chain)})" if anc else " (base image)")
+        )
         kids = node.descendants()
-        v["children"].setText(f"{len(kids)} differencing image(s): " +
-                              ", ".join(n.name for n in kids[:6]) + (" …" if len(kids) > 6 else "")
-                              if kids else "nothing")
+        v["children"].setText(
+            f"{len(kids)} differencing image(s): "
+            + ", ".join(n.name for n in kids[:6])
+            + (" …" if len(kids) > 6 else "")
+            if kids
+            else "nothing"
+        )
         extra = "; ".join(f"{k}: {val}" for k, val in (rec.details or {}).items())
         v["extra"].setText(html.escape(extra) or "—")
         self.files.setText("<br>".join(html.escape(f) for f in (rec.files or [rec.path])))
         self._used_end = None
-        self.allocation.clear("Reading the allocation map…" if node.accessible else
-                              "Not available for an inaccessible image")
+        self.allocation.clear(
+            "Reading the allocation map…"
+            if node.accessible
+            else "Not available for an inaccessible image"
+        )
         self.alloc_legend.setText("")
         self._build_props(node)
         self.reset()
@@ -319,10 +363,16 @@ class DetailsPane(QScrollArea):
         rows = []
         for lv, (m, held) in enumerate(self.allocation.legend()):
             c = level_color(lv).name()
-            rows.append(f"<tr><td style='color:{c}'>■</td><td>{html.escape(os.path.basename(m))}"
-                        f"</td><td align='right'>&nbsp;&nbsp;{format_size(held)}</td></tr>")
-        self.alloc_legend.setText("<table cellspacing='0' cellpadding='1'>" + "".join(rows)
-                                  + "</table>" + html.escape(self.allocation.summary()))
+            rows.append(
+                f"<tr><td style='color:{c}'>■</td><td>{html.escape(os.path.basename(m))}"
+                f"</td><td align='right'>&nbsp;&nbsp;{format_size(held)}</td></tr>"
+            )
+        self.alloc_legend.setText(
+            "<table cellspacing='0' cellpadding='1'>"
+            + "".join(rows)
+            + "</table>"
+            + html.escape(self.allocation.summary())
+        )
 
     def set_allocation_error(self, path: str, message: str) -> None:
         if self.node is not None and self.node.path == path:
@@ -343,7 +393,7 @@ class DetailsPane(QScrollArea):
         self.comment.setText(n.record.comment or "")
         if n.record.virtual_size:
             self.size.setValue(n.record.virtual_size)
-        else:                  # unknown (an inaccessible image): nothing carried over
+        else:  # unknown (an inaccessible image): nothing carried over
             self.size.edit.clear()
         self._shown = self._values(n)
         b = n.backend
@@ -373,10 +423,12 @@ class DetailsPane(QScrollArea):
         move_r = actions.reason("move", [n], self.ctx)
         resize_r = actions.reason("resize", [n], self.ctx)
         comment_r = actions.reason("comment", [n], self.ctx)
-        for w, r, tip in ((self.location, move_r, "Type a new path and Apply to move the image"),
-                          (self.browse, move_r, "Choose a new location"),
-                          (self.size, resize_r, "Enter a new size and Apply to resize the image"),
-                          (self.comment, comment_r, "Description stored in the image")):
+        for w, r, tip in (
+            (self.location, move_r, "Type a new path and Apply to move the image"),
+            (self.browse, move_r, "Choose a new location"),
+            (self.size, resize_r, "Enter a new size and Apply to resize the image"),
+            (self.comment, comment_r, "Description stored in the image"),
+        ):
             w.setEnabled(r is None)
             w.setToolTip(r or tip)
         uuid_r = comment_r
@@ -391,7 +443,11 @@ class DetailsPane(QScrollArea):
         if n is None:
             return {}
         out = {}
-        loc = os.path.abspath(os.path.expanduser(self.location.text().strip())) if self.location.text().strip() else ""
+        loc = (
+            os.path.abspath(os.path.expanduser(self.location.text().strip()))
+            if self.location.text().strip()
+            else ""
+        )
         if self.location.isEnabled() and loc and loc != n.path:
             out["location"] = loc
         if self.size.isEnabled():
@@ -412,8 +468,7 @@ class DetailsPane(QScrollArea):
                 return err
             # the Resize dialog's rules (the data's end is checked again on Apply when unknown)
             used = self.used_end()
-            errors, _w = resize_problems(self.node, ch["size"],
-                                         used if used is not None else 0)
+            errors, _w = resize_problems(self.node, ch["size"], used if used is not None else 0)
             if errors:
                 return errors[0]
         return None
@@ -424,7 +479,9 @@ class DetailsPane(QScrollArea):
         self.edit_hint.setText(err or "")
         self.edit_hint.setVisible(bool(err))
         self.apply_button.setEnabled(bool(ch) and err is None)
-        self.reset_button.setEnabled(bool(ch) or self.size.value() != (self.node.record.virtual_size if self.node else None))
+        self.reset_button.setEnabled(
+            bool(ch) or self.size.value() != (self.node.record.virtual_size if self.node else None)
+        )
 
     def _apply(self) -> None:
         ch = self.changes()

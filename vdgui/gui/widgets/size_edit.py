@@ -9,7 +9,15 @@ import math
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QValidator
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLineEdit, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
 
 from vdgui.vd import align_up
 
@@ -115,7 +123,7 @@ class SizeEdit(QWidget):
         except ValueError:
             return None
         mult = UNITS[self.unit.currentIndex()][1]
-        v = int(round(number * mult))
+        v = round(number * mult)
         v = align_up(v, self._gran)               # round up to the granularity
         return v
 
@@ -141,7 +149,8 @@ class SizeEdit(QWidget):
                 idx = i
         mult = UNITS[idx][1]
         number = v / mult
-        text = f"{number:.0f}" if abs(number - round(number)) < 1e-9 else f"{number:.2f}".rstrip("0").rstrip(".")
+        text = (f"{number:.0f}" if abs(number - round(number)) < 1e-9
+                else f"{number:.2f}".rstrip("0").rstrip("."))
         self._updating = True
         try:
             self.unit.setCurrentIndex(idx)
@@ -157,7 +166,7 @@ class SizeEdit(QWidget):
             return
         lo, hi = self._slider_bounds()
         # a size below the slider's range (0 included) puts it at its start, never left stale
-        pos = int(round((math.log2(max(v, 1)) - lo) / (hi - lo) * 1000))
+        pos = round((math.log2(max(v, 1)) - lo) / (hi - lo) * 1000)
         self.slider.blockSignals(True)
         self.slider.setValue(max(0, min(1000, pos)))
         self.slider.blockSignals(False)
@@ -174,5 +183,5 @@ class SizeEdit(QWidget):
         v = 2 ** (lo + (hi - lo) * pos / 1000)
         # snap to a round number of MiB / GiB
         step = 1 << 30 if v >= 8 << 30 else 1 << 20
-        v = max(int(round(v / step)) * step, step)
+        v = max(round(v / step) * step, step)
         self.setValue(v)

@@ -14,8 +14,15 @@ def disk_layout(disk: Disk, top: int | None = None) -> Layout:
         return read_layout(f.pread, f.size, disk.sector_size)
 
 
-__all__ = ["DiskFile", "SliceFile", "Layout", "Partition", "detect_filesystem", "read_layout",
-           "disk_layout"]
+__all__ = [
+    "DiskFile",
+    "Layout",
+    "Partition",
+    "SliceFile",
+    "detect_filesystem",
+    "disk_layout",
+    "read_layout",
+]
 
 from .filesystems import Entry, FileSystem, open_filesystem  # noqa: E402
 

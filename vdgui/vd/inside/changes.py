@@ -101,7 +101,7 @@ def _same_content(a, b) -> bool:
 def _alloc(vol, path):
     try:
         return vol.allocation(path)
-    except Exception:  # noqa: BLE001 - unknown allocation (inline data, ...): compare content
+    except Exception:
         return None
 
 

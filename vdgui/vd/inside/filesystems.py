@@ -11,7 +11,7 @@ import io
 import posixpath
 import stat as statmod
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..errors import CorruptImage, ImageNotFound, InvalidArgument, NotSupported, VDError
 
@@ -35,7 +35,7 @@ def _ts(dt) -> float | None:
         return None
     if isinstance(dt, datetime):
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         return dt.timestamp()
     return float(dt)
 
@@ -69,7 +69,7 @@ class FileSystem:
         path = _norm(path)
         try:
             return self._entry(path, self._node(path))
-        except Exception as e:  # noqa: BLE001 - library errors become a clear VDError
+        except Exception as e:
             raise self._fail(path, e) from None
 
     def listdir(self, path: str) -> list[Entry]:
@@ -80,7 +80,7 @@ class FileSystem:
                 raise InvalidArgument(f"{self.name}: {path} is not a folder")
             out = [self._entry(posixpath.join(path, n), c) for n, c in self._children(node)
                    if n not in (".", "..")]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._fail(path, e) from None
         return sorted(out, key=lambda e: e.path)
 
@@ -94,7 +94,7 @@ class FileSystem:
         path = _norm(path)
         try:
             root = self._node(path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._fail(path, e) from None
         stack = [(path, root, (self._key(root),))]
         while stack:
@@ -105,7 +105,7 @@ class FileSystem:
                 entries = [(self._entry(p, c), c) for p, c in kids]
             except VDError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise self._fail(dpath, e) from None
             subdirs = []
             for e, c in entries:
@@ -130,7 +130,7 @@ class FileSystem:
             if e.type != "file":
                 raise InvalidArgument(f"{self.name}: {path} is a {e.type}, not a file")
             return _Guard(_direct(self._open(node)), self, path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._fail(path, e) from None
 
 
@@ -221,7 +221,7 @@ class _Guard(io.RawIOBase):
             if into is not None:
                 return into(b) or 0
             data = self._inner.read(len(b))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._fs._fail(self._path, e) from None
         b[:len(data)] = data
         return len(data)
@@ -235,7 +235,7 @@ class ExtVolume(FileSystem):
         from dissect.extfs import ExtFS
         try:
             self.fs = ExtFS(fh)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CorruptImage(f"{name}: not a readable ext2/3/4 volume: {e}") from None
 
     def _node(self, path):
@@ -276,7 +276,7 @@ class FatVolume(FileSystem):
         from dissect.fat import FATFS
         try:
             self.fs = FATFS(fh)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CorruptImage(f"{name}: not a readable FAT volume: {e}") from None
 
     def _entry(self, path, n):
@@ -351,7 +351,7 @@ class NtfsVolume(FileSystem):
         from dissect.ntfs import NTFS
         try:
             self.fs = NTFS(fh)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CorruptImage(f"{name}: not a readable NTFS volume: {e}") from None
 
     def _node(self, path):
@@ -387,7 +387,7 @@ class IsoVolume(FileSystem):
         self.iso = pycdlib.PyCdlib()
         try:
             self.iso.open_fp(fh)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CorruptImage(f"{name}: not a readable ISO9660 volume: {e}") from None
         if self.iso.has_rock_ridge():
             self._facade, self._pathkey = self.iso.get_rock_ridge_facade(), "rr_path"
@@ -409,7 +409,7 @@ class IsoVolume(FileSystem):
         dt = rec.date
         try:
             mtime = datetime(1900 + dt.years_since_1900, dt.month, dt.day_of_month, dt.hour,
-                             dt.minute, dt.second, tzinfo=timezone.utc).timestamp() \
+                             dt.minute, dt.second, tzinfo=UTC).timestamp() \
                 - dt.gmtoffset * 15 * 60
         except (ValueError, AttributeError):
             mtime = None

@@ -8,6 +8,7 @@ the file systems themselves is left to libraries.
 """
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid as uuidlib
 import zlib
@@ -16,15 +17,41 @@ from dataclasses import dataclass, field
 from ..errors import CorruptImage
 
 MBR_TYPES = {
-    0x01: "FAT12", 0x04: "FAT16 <32M", 0x05: "Extended", 0x06: "FAT16", 0x07: "NTFS/exFAT/HPFS",
-    0x0B: "W95 FAT32", 0x0C: "W95 FAT32 (LBA)", 0x0E: "W95 FAT16 (LBA)", 0x0F: "W95 Extended (LBA)",
-    0x11: "Hidden FAT12", 0x12: "Compaq diagnostics", 0x14: "Hidden FAT16 <32M",
-    0x16: "Hidden FAT16", 0x17: "Hidden NTFS/HPFS", 0x1B: "Hidden W95 FAT32",
-    0x1C: "Hidden W95 FAT32 (LBA)", 0x1E: "Hidden W95 FAT16 (LBA)", 0x27: "Windows recovery",
-    0x42: "Windows dynamic", 0x82: "Linux swap / Solaris", 0x83: "Linux", 0x85: "Linux extended",
-    0x8E: "Linux LVM", 0xA5: "FreeBSD", 0xA6: "OpenBSD", 0xA8: "Darwin UFS", 0xA9: "NetBSD",
-    0xAF: "HFS / HFS+", 0xBE: "Solaris boot", 0xBF: "Solaris", 0xEE: "GPT protective",
-    0xEF: "EFI (FAT-12/16/32)", 0xFB: "VMware VMFS", 0xFC: "VMware VMKCORE", 0xFD: "Linux raid autodetect",
+    0x01: "FAT12",
+    0x04: "FAT16 <32M",
+    0x05: "Extended",
+    0x06: "FAT16",
+    0x07: "NTFS/exFAT/HPFS",
+    0x0B: "W95 FAT32",
+    0x0C: "W95 FAT32 (LBA)",
+    0x0E: "W95 FAT16 (LBA)",
+    0x0F: "W95 Extended (LBA)",
+    0x11: "Hidden FAT12",
+    0x12: "Compaq diagnostics",
+    0x14: "Hidden FAT16 <32M",
+    0x16: "Hidden FAT16",
+    0x17: "Hidden NTFS/HPFS",
+    0x1B: "Hidden W95 FAT32",
+    0x1C: "Hidden W95 FAT32 (LBA)",
+    0x1E: "Hidden W95 FAT16 (LBA)",
+    0x27: "Windows recovery",
+    0x42: "Windows dynamic",
+    0x82: "Linux swap / Solaris",
+    0x83: "Linux",
+    0x85: "Linux extended",
+    0x8E: "Linux LVM",
+    0xA5: "FreeBSD",
+    0xA6: "OpenBSD",
+    0xA8: "Darwin UFS",
+    0xA9: "NetBSD",
+    0xAF: "HFS / HFS+",
+    0xBE: "Solaris boot",
+    0xBF: "Solaris",
+    0xEE: "GPT protective",
+    0xEF: "EFI (FAT-12/16/32)",
+    0xFB: "VMware VMFS",
+    0xFC: "VMware VMKCORE",
+    0xFD: "Linux raid autodetect",
 }
 EXTENDED = {0x05, 0x0F, 0x85}
 
@@ -55,16 +82,16 @@ GPT_TYPES = {
 
 @dataclass
 class Partition:
-    number: int                 # 1..4 primary, 5.. logical, GPT entry index + 1; 0: whole disk
-    start: int                  # bytes
-    size: int                   # bytes
-    type: str                   # "0x83" or a GPT type GUID
+    number: int  # 1..4 primary, 5.. logical, GPT entry index + 1; 0: whole disk
+    start: int  # bytes
+    size: int  # bytes
+    type: str  # "0x83" or a GPT type GUID
     type_name: str
-    name: str = ""              # GPT partition name
-    attributes: int = 0         # GPT attribute bits
-    guid: str = ""              # GPT unique partition GUID
+    name: str = ""  # GPT partition name
+    attributes: int = 0  # GPT attribute bits
+    guid: str = ""  # GPT unique partition GUID
     bootable: bool = False
-    filesystem: str = ""        # ext4, fat32, ntfs, exfat, iso9660, ... ("" unknown)
+    filesystem: str = ""  # ext4, fat32, ntfs, exfat, iso9660, ... ("" unknown)
     label: str = ""
     uuid: str = ""
 
@@ -73,15 +100,25 @@ class Partition:
         return self.start + self.size
 
     def as_dict(self) -> dict:
-        return {"number": self.number, "start": self.start, "size": self.size,
-                "type": self.type, "type_name": self.type_name, "name": self.name,
-                "attributes": self.attributes, "guid": self.guid, "bootable": self.bootable,
-                "filesystem": self.filesystem, "label": self.label, "uuid": self.uuid}
+        return {
+            "number": self.number,
+            "start": self.start,
+            "size": self.size,
+            "type": self.type,
+            "type_name": self.type_name,
+            "name": self.name,
+            "attributes": self.attributes,
+            "guid": self.guid,
+            "bootable": self.bootable,
+            "filesystem": self.filesystem,
+            "label": self.label,
+            "uuid": self.uuid,
+        }
 
 
 @dataclass
 class Layout:
-    scheme: str                 # "gpt", "mbr", "hybrid" (GPT + hybrid MBR), "none" (one volume)
+    scheme: str  # "gpt", "mbr", "hybrid" (GPT + hybrid MBR), "none" (one volume)
     size: int
     sector_size: int
     partitions: list[Partition] = field(default_factory=list)
@@ -113,37 +150,53 @@ def detect_filesystem(pread, size: int) -> tuple[str, str, str]:
         fat = _fat(head)
         if fat:
             return fat
-    if len(head) >= 1024 + 136 and head[1024 + 56:1024 + 58] == b"\x53\xef":
+    if len(head) >= 1024 + 136 and head[1024 + 56 : 1024 + 58] == b"\x53\xef":
         sb = head[1024:]
         compat, incompat = struct.unpack_from("<II", sb, 92)
         ro_compat = struct.unpack_from("<I", sb, 100)[0]
-        kind = ("ext4" if incompat & 0x2C0 or ro_compat & 0x78 else
-                "ext3" if compat & 0x4 else "ext2")
+        kind = (
+            "ext4" if incompat & 0x2C0 or ro_compat & 0x78 else "ext3" if compat & 0x4 else "ext2"
+        )
         return kind, _text(sb[120:136]), str(uuidlib.UUID(bytes=bytes(sb[104:120])))
     if size >= 32768 + 2048:
         pvd = pread(32768, 2048)
         if pvd[1:6] == b"CD001" and pvd[0] == 1:
             created = pvd[813:830]
-            uid = (f"{created[0:4].decode('latin-1')}-{created[4:6].decode('latin-1')}-"
-                   f"{created[6:8].decode('latin-1')}-{created[8:10].decode('latin-1')}-"
-                   f"{created[10:12].decode('latin-1')}-{created[12:14].decode('latin-1')}-"
-                   f"{created[14:16].decode('latin-1')}")
+            uid = (
+                f"{created[0:4].decode('latin-1')}-{created[4:6].decode('latin-1')}-"
+                f"{created[6:8].decode('latin-1')}-{created[8:10].decode('latin-1')}-"
+                f"{created[10:12].decode('latin-1')}-{created[12:14].decode('latin-1')}-"
+                f"{created[14:16].decode('latin-1')}"
+            )
             return "iso9660", _text(pvd[40:72]), uid
     if len(head) >= 6 and head[0:6] == b"LUKS\xba\xbe":
         return "crypto_LUKS", "", _text(head[168:208])
     if len(head) == 4096 and head[4086:4096] == b"SWAPSPACE2":
-        return "swap", _text(head[1024 + 28:1024 + 44]), str(uuidlib.UUID(bytes=bytes(head[1024 + 12:1024 + 28])))
+        return (
+            "swap",
+            _text(head[1024 + 28 : 1024 + 44]),
+            str(uuidlib.UUID(bytes=bytes(head[1024 + 12 : 1024 + 28]))),
+        )
     return "", "", ""
 
 
 def _fat(bs: bytes):
     bps = struct.unpack_from("<H", bs, 11)[0]
     spc, reserved, nfats = bs[13], struct.unpack_from("<H", bs, 14)[0], bs[16]
-    if bps not in (512, 1024, 2048, 4096) or spc == 0 or spc & (spc - 1) or nfats == 0 \
-            or reserved == 0 or bs[0] not in (0xEB, 0xE9):
+    if (
+        bps not in (512, 1024, 2048, 4096)
+        or spc == 0
+        or spc & (spc - 1)
+        or nfats == 0
+        or reserved == 0
+        or bs[0] not in (0xEB, 0xE9)
+    ):
         return None
-    root_entries, tot16, fatsz16 = struct.unpack_from("<H", bs, 17)[0], \
-        struct.unpack_from("<H", bs, 19)[0], struct.unpack_from("<H", bs, 22)[0]
+    root_entries, tot16, fatsz16 = (
+        struct.unpack_from("<H", bs, 17)[0],
+        struct.unpack_from("<H", bs, 19)[0],
+        struct.unpack_from("<H", bs, 22)[0],
+    )
     tot32, fatsz32 = struct.unpack_from("<I", bs, 32)[0], struct.unpack_from("<I", bs, 36)[0]
     total = tot16 or tot32
     fatsz = fatsz16 or fatsz32
@@ -152,7 +205,7 @@ def _fat(bs: bytes):
     if total == 0 or fatsz == 0 or data <= 0:
         return None
     clusters = data // spc
-    if fatsz16 == 0:    # FAT32 BPB
+    if fatsz16 == 0:  # FAT32 BPB
         serial, label = struct.unpack_from("<I", bs, 67)[0], bs[71:82]
         kind = "fat32"
     else:
@@ -167,7 +220,7 @@ def _fat(bs: bytes):
 # -- tables ---------------------------------------------------------------------------------------
 def _mbr_entries(sector: bytes):
     for i in range(4):
-        e = sector[446 + 16 * i:446 + 16 * (i + 1)]
+        e = sector[446 + 16 * i : 446 + 16 * (i + 1)]
         boot, ptype = e[0], e[4]
         lba, count = struct.unpack_from("<II", e, 8)
         yield i, boot, ptype, lba, count
@@ -182,46 +235,66 @@ def _read_mbr(pread, disk_size: int, ss: int, layout: Layout, sector: bytes) -> 
             layout.problems.append(f"MBR entry {i + 1}: invalid boot flag 0x{boot:02x}")
         if ptype in EXTENDED:
             if ext_seen:
-                layout.problems.append(f"MBR entry {i + 1}: a second extended partition "
-                                       "(ignored)")
+                layout.problems.append(f"MBR entry {i + 1}: a second extended partition (ignored)")
                 continue
             ext_seen = True
             _read_logical(pread, disk_size, ss, layout, lba, count)
             continue
         if ptype == 0xEE:
             continue
-        layout.partitions.append(Partition(
-            i + 1, lba * ss, count * ss, f"0x{ptype:02x}", MBR_TYPES.get(ptype, "Unknown"),
-            bootable=boot == 0x80))
+        layout.partitions.append(
+            Partition(
+                i + 1,
+                lba * ss,
+                count * ss,
+                f"0x{ptype:02x}",
+                MBR_TYPES.get(ptype, "Unknown"),
+                bootable=boot == 0x80,
+            )
+        )
 
 
 def _read_logical(pread, disk_size, ss, layout, ext_lba, ext_count) -> None:
     ebr_lba, number, seen = ext_lba, 5, set()
     while True:
         if ebr_lba in seen:
-            layout.problems.append(f"extended partition: the chain of logical partitions loops "
-                                   f"back to sector {ebr_lba}")
+            layout.problems.append(
+                f"extended partition: the chain of logical partitions loops "
+                f"back to sector {ebr_lba}"
+            )
             return
         if len(seen) >= 1024:
-            layout.problems.append("extended partition: more than 1024 logical partitions "
-                                   "(the rest ignored)")
+            layout.problems.append(
+                "extended partition: more than 1024 logical partitions (the rest ignored)"
+            )
             return
         seen.add(ebr_lba)
         if (ebr_lba + 1) * ss > disk_size:
-            layout.problems.append(f"extended partition: logical partition table at sector "
-                                   f"{ebr_lba} is past the end of the disk")
+            layout.problems.append(
+                f"extended partition: logical partition table at sector "
+                f"{ebr_lba} is past the end of the disk"
+            )
             return
         ebr = pread(ebr_lba * ss, 512)
         if ebr[510:512] != b"\x55\xaa":
-            layout.problems.append(f"extended partition: no table signature at sector {ebr_lba} "
-                                   f"(expected 55 AA, found {ebr[510:512].hex(' ').upper()})")
+            layout.problems.append(
+                f"extended partition: no table signature at sector {ebr_lba} "
+                f"(expected 55 AA, found {ebr[510:512].hex(' ').upper()})"
+            )
             return
         entries = list(_mbr_entries(ebr))
         _, boot, ptype, lba, count = entries[0]
         if ptype and count:
-            layout.partitions.append(Partition(
-                number, (ebr_lba + lba) * ss, count * ss, f"0x{ptype:02x}",
-                MBR_TYPES.get(ptype, "Unknown"), bootable=boot == 0x80))
+            layout.partitions.append(
+                Partition(
+                    number,
+                    (ebr_lba + lba) * ss,
+                    count * ss,
+                    f"0x{ptype:02x}",
+                    MBR_TYPES.get(ptype, "Unknown"),
+                    bootable=boot == 0x80,
+                )
+            )
             if ebr_lba + lba + count > ext_lba + ext_count:
                 layout.problems.append(f"partition {number} ends past its extended partition")
             number += 1
@@ -237,8 +310,10 @@ def _gpt_header(pread, lba: int, ss: int, disk_size: int, where: str, problems: 
         return None
     raw = pread(lba * ss, ss)
     if raw[:8] != b"EFI PART":
-        problems.append(f"{where} GPT header at sector {lba}: no signature (expected 'EFI PART', "
-                        f"found {raw[:8]!r})")
+        problems.append(
+            f"{where} GPT header at sector {lba}: no signature (expected 'EFI PART', "
+            f"found {raw[:8]!r})"
+        )
         return None
     hsize = struct.unpack_from("<I", raw, 12)[0]
     if not 92 <= hsize <= ss:
@@ -248,29 +323,40 @@ def _gpt_header(pread, lba: int, ss: int, disk_size: int, where: str, problems: 
     calc = zlib.crc32(raw[:16] + b"\0\0\0\0" + raw[20:hsize])
     h = dict(zip(("current", "backup", "first", "last"), struct.unpack_from("<QQQQ", raw, 24)))
     h["guid"] = str(uuidlib.UUID(bytes_le=bytes(raw[56:72])))
-    h["entries_lba"], h["count"], h["entry_size"], h["entries_crc"] = \
-        struct.unpack_from("<QIII", raw, 72)
+    h["entries_lba"], h["count"], h["entry_size"], h["entries_crc"] = struct.unpack_from(
+        "<QIII", raw, 72
+    )
     h["crc_ok"] = crc == calc
     if crc != calc:
         problems.append(f"{where} GPT header: bad CRC32 (stored {crc:08x}, computed {calc:08x})")
     if h["current"] != lba:
         problems.append(f"{where} GPT header: says it is at sector {h['current']}, found at {lba}")
-    if h["entry_size"] < 128 or h["entry_size"] % 8 or h["count"] > 65536 \
-            or h["count"] * h["entry_size"] > 4 * 1024 * 1024:
-        problems.append(f"{where} GPT header: unusable entry array ({h['count']} entries of "
-                        f"{h['entry_size']} bytes)")
+    if (
+        h["entry_size"] < 128
+        or h["entry_size"] % 8
+        or h["count"] > 65536
+        or h["count"] * h["entry_size"] > 4 * 1024 * 1024
+    ):
+        problems.append(
+            f"{where} GPT header: unusable entry array ({h['count']} entries of "
+            f"{h['entry_size']} bytes)"
+        )
         return None
     table_bytes = h["count"] * h["entry_size"]
     if h["entries_lba"] * ss + table_bytes > disk_size:
-        problems.append(f"{where} GPT: partition entry array at sector {h['entries_lba']} runs "
-                        "past the end of the disk")
+        problems.append(
+            f"{where} GPT: partition entry array at sector {h['entries_lba']} runs "
+            "past the end of the disk"
+        )
         return None
     h["table"] = pread(h["entries_lba"] * ss, table_bytes)
     tcrc = zlib.crc32(h["table"])
     h["table_ok"] = tcrc == h["entries_crc"]
     if not h["table_ok"]:
-        problems.append(f"{where} GPT partition entries: bad CRC32 (stored "
-                        f"{h['entries_crc']:08x}, computed {tcrc:08x})")
+        problems.append(
+            f"{where} GPT partition entries: bad CRC32 (stored "
+            f"{h['entries_crc']:08x}, computed {tcrc:08x})"
+        )
     return h
 
 
@@ -278,16 +364,25 @@ def _gpt_entries(h, ss) -> list[Partition]:
     out = []
     es, t = h["entry_size"], h["table"]
     for i in range(h["count"]):
-        e = t[i * es:(i + 1) * es]
+        e = t[i * es : (i + 1) * es]
         if e[:16] == b"\0" * 16:
             continue
         tguid = str(uuidlib.UUID(bytes_le=bytes(e[0:16])))
         first, last, attrs = struct.unpack_from("<QQQ", e, 32)
         name = bytes(e[56:128]).decode("utf-16-le", "replace").split("\0", 1)[0]
         size = (last - first + 1) * ss if last >= first else 0
-        out.append(Partition(i + 1, first * ss, size, tguid, GPT_TYPES.get(tguid, "Unknown"),
-                             name=name, attributes=attrs,
-                             guid=str(uuidlib.UUID(bytes_le=bytes(e[16:32])))))
+        out.append(
+            Partition(
+                i + 1,
+                first * ss,
+                size,
+                tguid,
+                GPT_TYPES.get(tguid, "Unknown"),
+                name=name,
+                attributes=attrs,
+                guid=str(uuidlib.UUID(bytes_le=bytes(e[16:32]))),
+            )
+        )
     return out
 
 
@@ -305,24 +400,28 @@ def _read_gpt(pread, disk_size: int, ss: int, layout: Layout) -> bool:
     layout.problems.extend(probs)
     use = good[0] if good else (primary or backup)
     if not good:
-        layout.problems.append("no GPT header with valid CRCs: the partitions below are read "
-                               "from a damaged table")
+        layout.problems.append(
+            "no GPT header with valid CRCs: the partitions below are read from a damaged table"
+        )
     elif use is backup:
         layout.problems.append("the primary GPT is damaged: partitions read from the backup")
     layout.disk_guid = use["guid"]
     layout.partitions = _gpt_entries(use, ss)
     if primary and backup and primary["crc_ok"] and backup["crc_ok"]:
-        if _gpt_entries(primary, ss) != _gpt_entries(backup, ss) or \
-                primary["guid"] != backup["guid"]:
+        if (
+            _gpt_entries(primary, ss) != _gpt_entries(backup, ss)
+            or primary["guid"] != backup["guid"]
+        ):
             layout.problems.append("the backup GPT disagrees with the primary GPT")
         if backup["current"] != last_lba:
-            layout.problems.append(f"the backup GPT header is at sector {backup['current']}, "
-                                   f"not at the last sector {last_lba} (disk resized?)")
+            layout.problems.append(
+                f"the backup GPT header is at sector {backup['current']}, "
+                f"not at the last sector {last_lba} (disk resized?)"
+            )
     for p in layout.partitions:
-        if p.start < use["first"] * ss or p.end > (use["last"] + 1) * ss:
-            if p.end <= disk_size:
-                layout.problems.append(f"partition {p.number} lies outside the GPT's usable "
-                                       "area")
+        outside = p.start < use["first"] * ss or p.end > (use["last"] + 1) * ss
+        if outside and p.end <= disk_size:
+            layout.problems.append(f"partition {p.number} lies outside the GPT's usable area")
     return True
 
 
@@ -343,9 +442,11 @@ def read_layout(pread, disk_size: int, sector_size: int = 512) -> Layout:
         if mbr_ok and 0xEE in types:
             layout.scheme = "gpt" if all(t in (0, 0xEE) for t in types) else "hybrid"
             if not _read_gpt(pread, disk_size, ss, layout):
-                layout.problems.append("the MBR is protective (type EE) but no GPT header "
-                                       "can be read: the primary and backup headers are both "
-                                       "missing")
+                layout.problems.append(
+                    "the MBR is protective (type EE) but no GPT header "
+                    "can be read: the primary and backup headers are both "
+                    "missing"
+                )
                 if fs[0]:
                     layout.scheme, layout.partitions = "none", whole()
         elif mbr_ok and any(types):
@@ -354,7 +455,7 @@ def read_layout(pread, disk_size: int, sector_size: int = 512) -> Layout:
         else:
             probs: list[str] = []
             gpt = _gpt_header(pread, 1, ss, disk_size, "primary", probs)
-            if gpt is not None:     # a GPT without protective MBR
+            if gpt is not None:  # a GPT without protective MBR
                 layout.scheme = "gpt"
                 layout.problems.append("GPT without a protective MBR")
                 _read_gpt(pread, disk_size, ss, layout)
@@ -369,7 +470,8 @@ def read_layout(pread, disk_size: int, sector_size: int = 512) -> Layout:
             continue
         start, size = p.start, min(p.size, disk_size - p.start)
         p.filesystem, p.label, p.uuid = detect_filesystem(
-            lambda o, n, s=start, z=size: pread(s + o, max(0, min(n, z - o))), size)
+            lambda o, n, s=start, z=size: pread(s + o, max(0, min(n, z - o))), size
+        )
     return layout
 
 
@@ -381,11 +483,15 @@ def _diagnose(layout: Layout) -> None:
         if p.size <= 0:
             layout.problems.append(f"partition {p.number}: empty or negative size")
         elif p.end > layout.size:
-            layout.problems.append(f"partition {p.number} ends past the end of the disk "
-                                   f"(ends at byte {p.end}, disk is {layout.size} bytes)")
+            layout.problems.append(
+                f"partition {p.number} ends past the end of the disk "
+                f"(ends at byte {p.end}, disk is {layout.size} bytes)"
+            )
         elif p.start < layout.sector_size and layout.scheme != "none":
             layout.problems.append(f"partition {p.number} overlaps the partition table")
-    for a, b in zip(parts, parts[1:]):
+    for a, b in itertools.pairwise(parts):
         if a.number and b.number and b.start < a.end and a.size > 0 and b.size > 0:
-            layout.problems.append(f"partitions {a.number} and {b.number} overlap (bytes "
-                                   f"{b.start}..{min(a.end, b.end)})")
+            layout.problems.append(
+                f"partitions {a.number} and {b.number} overlap (bytes "
+                f"{b.start}..{min(a.end, b.end)})"
+            )

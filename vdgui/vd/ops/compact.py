@@ -18,8 +18,15 @@ from ..disk import Disk
 from ..errors import CorruptImage
 from ..image import Image
 from ..progress import Progress, ProgressCallback, sub_progress
-from .rewrite import (backend_for, compare_views, data_bytes, finish, require_op,
-                      rewrite_in_copy, view_read)
+from .rewrite import (
+    backend_for,
+    compare_views,
+    data_bytes,
+    finish,
+    require_op,
+    rewrite_in_copy,
+    view_read,
+)
 
 
 def compact(path: str, *, format: str | None = None,

@@ -44,8 +44,16 @@ from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
 from ..chain import find_children, findable_from, link_matches
 from ..config import parse_config
 from ..disk import Disk
-from ..errors import (FileExists, ImageNotFound, InvalidArgument, NotSupported, ParentNotFound,
-                      UnsafePath, VDError, VDIOError)
+from ..errors import (
+    FileExists,
+    ImageNotFound,
+    InvalidArgument,
+    NotSupported,
+    ParentNotFound,
+    UnsafePath,
+    VDError,
+    VDIOError,
+)
 from ..fileio import LockMode, check_same_file, lock_files, make_temp_dir, temp_dir_files, unsynced
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback, WorkMap
@@ -62,7 +70,7 @@ COARSE = 64 << 10           # zero stretches of small-grain targets are first te
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
 _ZEROS = bytes(MAX_GRAIN)
 
-__all__ = ["copy_image", "move_image", "chain_target_names"]
+__all__ = ["chain_target_names", "copy_image", "move_image"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +361,8 @@ def _link_into_place(pairs: list[tuple[str, str]], overwrite: bool) -> None:
             try:
                 os.replace(tmp, final)
             except OSError as exc:
-                raise VDIOError(f"{final}: cannot rename into place: {exc.strerror or exc}") from None
+                raise VDIOError(f"{final}: cannot rename into place: "
+                                f"{exc.strerror or exc}") from None
 
 
 def _make_tempdir(dst_path: str) -> str:
@@ -404,8 +413,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         if size < src_size:
             bad = _first_nonzero_in(src, top, size, src_size)
             if bad is not None:
-                raise InvalidArgument(f"{src_path}: cannot shrink to {size} bytes: the source holds "
-                                      f"data beyond the new end (first at offset {bad})")
+                raise InvalidArgument(f"{src_path}: cannot shrink to {size} bytes: the source "
+                                      f"holds data beyond the new end (first at offset {bad})")
         copy_len = min(size, src_size)
         levels = top + 1 if as_chain else 1
         # a chain copy: every member keeps its own size; new_size applies to the top
@@ -426,7 +435,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         try:
             if not file_target:
                 if levels > 1:
-                    raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a device")
+                    raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a "
+                                       "device")
                 _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
                                 keep_uuid, readers)
                 return [dst_path]
@@ -708,7 +718,8 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
             continue
         rel = os.path.relpath(fa, src_dir)
         if rel.startswith(".."):
-            raise NotSupported(f"{f}: a file of this image lies outside its folder; move it by hand")
+            raise NotSupported(f"{f}: a file of this image lies outside its folder; "
+                               "move it by hand")
         if os.path.join(dst_dir, rel) != fa:      # renaming in place: extents stay where they are
             plan.append((fa, os.path.join(dst_dir, rel)))
     for _s, d in plan:
@@ -814,7 +825,8 @@ def _relink_after_move(new_loc: str, parent_path: str, be: Backend, allow_unsafe
     if be.can(Operation.RELINK):
         parent_disk = Disk.open_chain(parent_path, None, flags)
         try:
-            child = be.open(new_loc, OpenFlags.NORMAL | (flags & OpenFlags.ALLOW_UNSAFE_PATHS), None)
+            child = be.open(new_loc, OpenFlags.NORMAL | (flags & OpenFlags.ALLOW_UNSAFE_PATHS),
+                            None)
             try:
                 parent_disk.top.check_in_place("the move")
                 child.check_in_place("the move")

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..chain import find_children, link_matches  # find_children: also imported from here
 from ..disk import Disk
-from ..errors import (Cancelled, ImageChanged, InvalidArgument, NotSupported, ParentMismatch,
-                      ReadOnlyImage, VDError)
+from ..errors import (
+    Cancelled,
+    ImageChanged,
+    InvalidArgument,
+    NotSupported,
+    ParentMismatch,
+    ReadOnlyImage,
+    VDError,
+)
 from ..fileio import LockMode, lock_files
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback

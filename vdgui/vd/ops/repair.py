@@ -12,9 +12,11 @@ run shows them), and a real repair first saves them beside the image, as
 ``NAME.orphans-DATE.bin`` with the index ``NAME.orphans-DATE.json`` (file, offset and length of
 each area, and where it lies in the .bin), written under temporary names, synced and renamed
 before the repair starts, under the image's write lock (taken before anything is written
-anywhere: a held image is refused with nothing saved). ``backup=True`` also copies the image's file(s) into the folder
-``NAME.backup-DATE/`` beside it first (same names inside; made before any repair writes).
+anywhere: a held image is refused with nothing saved). ``backup=True`` also copies the image's
+file(s) into the folder ``NAME.backup-DATE/`` beside it first (same names inside; made before any
+repair writes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,21 +47,37 @@ def _open(backend: Backend, path: str, tries) -> Image:
 
 
 def _unopenable(exc: CorruptImage) -> CheckReport:
-    return CheckReport(problems=[Problem("corrupt", f"the image cannot be opened: {exc}",
-                                         exc.offset, code=ProblemCode.OPEN_FAILED)])
+    return CheckReport(
+        problems=[
+            Problem(
+                "corrupt",
+                f"the image cannot be opened: {exc}",
+                exc.offset,
+                code=ProblemCode.OPEN_FAILED,
+            )
+        ]
+    )
 
 
-def check(path: str, *, format: str | None = None, repair: bool = False, dry_run: bool = False,
-          progress: ProgressCallback | None = None, force_share: bool = False,
-          backup: bool = False) -> CheckReport:
+def check(
+    path: str,
+    *,
+    format: str | None = None,
+    repair: bool = False,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+    force_share: bool = False,
+    backup: bool = False,
+) -> CheckReport:
     """Check ``path``; with ``repair`` fix what the backend can (``dry_run``: only report what
     would be fixed). Returns a CheckReport (exit_code 0 clean, 2 corrupt, 3 leaks only);
     ``orphans`` lists the unreferenced areas that hold data, and after a repair
     ``orphans_file`` names where they were saved and ``backup`` the copy made first.
     The check reads under the shared lock unless ``force_share`` (qemu-img check -U)."""
     if force_share and repair and not dry_run:
-        raise InvalidArgument(f"{path}: a repair writes the image: it cannot be combined with "
-                              "force-share (-U)")
+        raise InvalidArgument(
+            f"{path}: a repair writes the image: it cannot be combined with force-share (-U)"
+        )
     backend = backend_for(path, format)
     require_op(backend, Operation.CHECK, path, "check")
     if repair:
@@ -68,8 +86,11 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     prog = Progress(progress, span * (2 if repair and not dry_run else 1))
     prog.start()
     try:
-        img = _open(backend, path, tuple(f | OpenFlags.FORCE_SHARE for f in _RO_TRIES)
-                    if force_share else _RO_TRIES)
+        img = _open(
+            backend,
+            path,
+            tuple(f | OpenFlags.FORCE_SHARE for f in _RO_TRIES) if force_share else _RO_TRIES,
+        )
     except CorruptImage as exc:
         if not (repair and not dry_run):
             finish(prog)
@@ -79,8 +100,11 @@ def check(path: str, *, format: str | None = None, repair: bool = False, dry_run
     files = [path]
     if img is not None:
         try:
-            first = img.check(repair=repair and dry_run, dry_run=True if repair else dry_run,
-                              progress=sub_progress(prog, 0, span))
+            first = img.check(
+                repair=repair and dry_run,
+                dry_run=True if repair else dry_run,
+                progress=sub_progress(prog, 0, span),
+            )
             first.orphans = _holding_data(first.orphans, img.location)
             files = list(img.files()) or [path]
         finally:
@@ -139,7 +163,7 @@ def _holding_data(orphans, location: str) -> list[tuple[str, int, int]]:
     out = []
     folder = os.path.dirname(os.path.abspath(location))
     runs: list[list] = []
-    for f, off, n in sorted(orphans):                  # adjacent areas as one run
+    for f, off, n in sorted(orphans):  # adjacent areas as one run
         if runs and runs[-1][0] == f and runs[-1][1] + runs[-1][2] == off:
             runs[-1][2] += n
         else:
@@ -151,7 +175,9 @@ def _holding_data(orphans, location: str) -> list[tuple[str, int, int]]:
         try:
             fd = os.open(f, os.O_RDONLY)
         except OSError as exc:
-            raise VDIOError(f"{f}: cannot read unreferenced blocks: {exc.strerror or exc}") from None
+            raise VDIOError(
+                f"{f}: cannot read unreferenced blocks: {exc.strerror or exc}"
+            ) from None
         try:
             pos, end = off, off + n
             while pos < end:
@@ -163,8 +189,9 @@ def _holding_data(orphans, location: str) -> list[tuple[str, int, int]]:
                     break
                 pos += len(buf)
         except OSError as exc:
-            raise VDIOError(f"{f}: cannot read unreferenced blocks at {pos:#x}: "
-                            f"{exc.strerror or exc}") from None
+            raise VDIOError(
+                f"{f}: cannot read unreferenced blocks at {pos:#x}: {exc.strerror or exc}"
+            ) from None
         finally:
             os.close(fd)
     return out
@@ -195,8 +222,10 @@ def _need_space(folder: str, need: int, what: str) -> None:
         return
     free = st.f_bavail * st.f_frsize
     if need > free:
-        raise InvalidArgument(f"{folder}: not enough free space for {what}: it needs {need} bytes, "
-                              f"{free} are free; nothing was changed")
+        raise InvalidArgument(
+            f"{folder}: not enough free space for {what}: it needs {need} bytes, "
+            f"{free} are free; nothing was changed"
+        )
 
 
 def _save_orphans(path: str, orphans, stamp: str) -> str:
@@ -227,10 +256,18 @@ def _save_orphans(path: str, orphans, stamp: str) -> str:
             out.flush()
             os.fsync(out.fileno())
         with open(tmp_idx, "w", encoding="utf-8") as out:
-            json.dump({"image": os.path.abspath(path), "saved": stamp,
-                       "what": "blocks of the image that no table referenced and that held data, "
-                               "saved before a repair freed their space",
-                       "data": os.path.basename(binp), "blocks": entries}, out, indent=1)
+            json.dump(
+                {
+                    "image": os.path.abspath(path),
+                    "saved": stamp,
+                    "what": "blocks of the image that no table referenced and that held data, "
+                    "saved before a repair freed their space",
+                    "data": os.path.basename(binp),
+                    "blocks": entries,
+                },
+                out,
+                indent=1,
+            )
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_bin, binp)
@@ -240,8 +277,10 @@ def _save_orphans(path: str, orphans, stamp: str) -> str:
         for t in (tmp_bin, tmp_idx):
             with contextlib.suppress(OSError):
                 os.unlink(t)
-        raise VDIOError(f"{binp}: cannot save the unreferenced blocks: {exc.strerror or exc}; "
-                        "nothing was repaired") from None
+        raise VDIOError(
+            f"{binp}: cannot save the unreferenced blocks: {exc.strerror or exc}; "
+            "nothing was repaired"
+        ) from None
     return binp
 
 
@@ -249,11 +288,14 @@ def _backup(path: str, files: list[str], stamp: str) -> str:
     """Copy the image's files into NAME.backup-DATE/ beside it (a temporary folder, synced,
     renamed). Returns the folder."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):             # a bundle: everything in it, not only what is read
+    if os.path.isdir(path):  # a bundle: everything in it, not only what is read
         files = list(files) + [os.path.join(r, n) for r, _d, ns in os.walk(path) for n in ns]
     files = list(dict.fromkeys(os.path.abspath(f) for f in files))
-    _need_space(folder, sum(os.stat(f).st_blocks * 512 for f in files if os.path.exists(f)),
-                "the backup copy")
+    _need_space(
+        folder,
+        sum(os.stat(f).st_blocks * 512 for f in files if os.path.exists(f)),
+        "the backup copy",
+    )
     final = _free_name(folder, f"{os.path.basename(path)}.backup-{stamp}", "")
     tmp = final + ".tmp"
     try:
@@ -272,8 +314,9 @@ def _backup(path: str, files: list[str], stamp: str) -> str:
         _fsync_dir(folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise VDIOError(f"{final}: cannot make the backup copy: {exc.strerror or exc}; "
-                        "nothing was repaired") from None
+        raise VDIOError(
+            f"{final}: cannot make the backup copy: {exc.strerror or exc}; nothing was repaired"
+        ) from None
     return final
 
 
@@ -283,20 +326,27 @@ def describe_effects(report: CheckReport) -> list[str]:
     corrupt = [p for p in report.problems if p.severity == "corrupt"]
     leaks = [p for p in report.problems if p.severity == "leak"]
     if corrupt:
-        out.append(f"{len(corrupt)} damaged structure(s) are rewritten as each finding says; a "
-                   "table entry that is cleared no longer shows its block, so that part of the "
-                   "disk then reads as zeroes (or from the parent image).")
+        out.append(
+            f"{len(corrupt)} damaged structure(s) are rewritten as each finding says; a "
+            "table entry that is cleared no longer shows its block, so that part of the "
+            "disk then reads as zeroes (or from the parent image)."
+        )
     data = sum(n for _f, _o, n in report.orphans)
     if report.orphans:
         from ..sizes import format_size
-        out.append(f"{len(report.orphans)} unreferenced area(s) hold data ({format_size(data)}, "
-                   f"{data:,} bytes): no "
-                   "table points to them, so the disk does not show them now, and the repair "
-                   "frees their space. They are saved first beside the image, as "
-                   "NAME.orphans-DATE.bin with an index (.json).")
+
+        out.append(
+            f"{len(report.orphans)} unreferenced area(s) hold data ({format_size(data)}, "
+            f"{data:,} bytes): no "
+            "table points to them, so the disk does not show them now, and the repair "
+            "frees their space. They are saved first beside the image, as "
+            "NAME.orphans-DATE.bin with an index (.json)."
+        )
     if leaks and not report.orphans:
-        out.append(f"{len(leaks)} leak(s): the space is unreferenced and holds no data; freeing "
-                   "it loses nothing.")
+        out.append(
+            f"{len(leaks)} leak(s): the space is unreferenced and holds no data; freeing "
+            "it loses nothing."
+        )
     return out
 
 

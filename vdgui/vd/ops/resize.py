@@ -10,15 +10,23 @@ original in one atomic step, so a crash or a cancel can never leave a half-resiz
 from __future__ import annotations
 
 from ..backend import OpenFlags, Operation, too_large
+from ..chain import find_children
 from ..disk import Disk
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
-from ..chain import find_children
 from ..progress import Progress, ProgressCallback, sub_progress
 from ..sparse import first_nonzero, is_zero, zeroes
-from .rewrite import (VERIFY_CHUNK, backend_for, compare_views, data_bytes, finish, require_op,
-                      rewrite_in_copy, view_read)
+from .rewrite import (
+    VERIFY_CHUNK,
+    backend_for,
+    compare_views,
+    data_bytes,
+    finish,
+    require_op,
+    rewrite_in_copy,
+    view_read,
+)
 
 
 def _check_size(backend, path: str, new_size) -> int:
@@ -205,4 +213,4 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                         verify_bytes=data_bytes(orig, 0, keep))
 
 
-__all__ = ["resize", "first_data_beyond", "store_tail_over_parent"]
+__all__ = ["first_data_beyond", "resize", "store_tail_over_parent"]

@@ -8,7 +8,7 @@ import contextlib
 import errno
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 from ..backend import Backend, ImageFlags, OpenFlags, Operation
 from ..chain import find_children, link_matches
@@ -237,7 +237,8 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
                 lock.check_in_place()  # the original was not deleted or replaced meanwhile
                 os.replace(tmp, real)                # the commit point
             except OSError as exc:
-                raise VDIOError(f"{path}: replacing the file failed: {exc.strerror or exc}") from None
+                raise VDIOError(f"{path}: replacing the file failed: "
+                                f"{exc.strerror or exc}") from None
             fsync_dir(real)
             _relink_children(real, backend, stale)
         finally:
@@ -251,7 +252,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, VDError) and tmp in exc.message:
-            exc.message = exc.message.replace(tmp, path)     # name the user's file, not ours
+            exc.message = exc.message.replace(tmp, path)  # name the user's file, not ours
             exc.args = (exc.message,)
         raise
     finally:
@@ -276,14 +277,16 @@ def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
                 continue
             try:
                 if not link_matches(kid, orig):
-                    continue                    # a link broken before is left as it is
+                    continue  # a link broken before is left as it is
                 try:
                     kid.check_parent_link(new)
                 except VDError:
                     if not be.can(Operation.RELINK):
-                        raise NotSupported(f"{real}: the operation would break the parent link "
-                                           f"of {p} and {be.name} cannot relink; nothing was "
-                                           "changed") from None
+                        raise NotSupported(
+                            f"{real}: the operation would break the parent link "
+                            f"of {p} and {be.name} cannot relink; nothing was "
+                            "changed"
+                        ) from None
                     stale.append((p, be))
             finally:
                 kid.close()

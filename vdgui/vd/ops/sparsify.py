@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import struct
 from bisect import bisect_right
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..alloc import Alloc
 from ..backend import OpenFlags, Operation
@@ -48,9 +48,15 @@ class VolumeResult:
     reclaimable: int = 0
 
     def as_dict(self) -> dict:
-        return {"number": self.number if self.number >= 0 else None, "filesystem": self.filesystem, "size": self.size,
-                "used": self.used, "free": self.free, "skipped": self.skipped,
-                "reclaimable": self.reclaimable}
+        return {
+            "number": self.number if self.number >= 0 else None,
+            "filesystem": self.filesystem,
+            "size": self.size,
+            "used": self.used,
+            "free": self.free,
+            "skipped": self.skipped,
+            "reclaimable": self.reclaimable,
+        }
 
 
 @dataclass
@@ -59,7 +65,7 @@ class SparsifyReport:
     reclaimable: int = 0
     before: int = 0
     after: int | None = None
-    skipped_ranges: int = 0             # free bytes a child could not mark as reading zero
+    skipped_ranges: int = 0  # free bytes a child could not mark as reading zero
     path: str = ""
 
     @property
@@ -69,15 +75,20 @@ class SparsifyReport:
     def summary(self) -> str:
         """One line for a job: "freed 37.2 GiB (from 61.0 to 23.8 GiB)"."""
         from ..sizes import format_size
+
         if self.after is None:
             return f"up to {format_size(self.reclaimable)} can be given back"
-        return (f"freed {format_size(self.freed)} (from {format_size(self.before)} to "
-                f"{format_size(self.after)})")
+        return (
+            f"freed {format_size(self.freed)} (from {format_size(self.before)} to "
+            f"{format_size(self.after)})"
+        )
 
     def as_dict(self) -> dict:
-        d = {"reclaimable": self.reclaimable,
-             "partitions": [p.as_dict() for p in self.partitions],
-             "before": self.before}
+        d = {
+            "reclaimable": self.reclaimable,
+            "partitions": [p.as_dict() for p in self.partitions],
+            "before": self.before,
+        }
         if self.after is not None:
             d["after"] = self.after
         if self.skipped_ranges:
@@ -149,24 +160,32 @@ def _bits_free(bitmap: bytes, count: int, base: int, unit: int, out: Ranges) -> 
 
 # -- per file system: (free ranges relative to the volume, refusal) --------------------------
 def _ext_free(fs: FileSystem, pread, size: int) -> Ranges:
-    x = fs.fs                           # dissect ExtFS
+    x = fs.fs  # dissect ExtFS
     sb = x.sb
     bs = x.block_size
     if sb.s_state & 0x0002:
-        raise Refused(f"{fs.name}: the ext file system has recorded errors (state flag "
-                      "EXT2_ERROR_FS); run e2fsck -fy on it (or fsck in the guest) first")
+        raise Refused(
+            f"{fs.name}: the ext file system has recorded errors (state flag "
+            "EXT2_ERROR_FS); run e2fsck -fy on it (or fsck in the guest) first"
+        )
     if sb.s_feature_incompat & 0x0004:
-        raise Refused(f"{fs.name}: the ext journal needs recovery (feature needs_recovery): "
-                      "the file system was not cleanly unmounted; boot the guest and shut it "
-                      "down cleanly, or run e2fsck -fy on it")
+        raise Refused(
+            f"{fs.name}: the ext journal needs recovery (feature needs_recovery): "
+            "the file system was not cleanly unmounted; boot the guest and shut it "
+            "down cleanly, or run e2fsck -fy on it"
+        )
     if sb.s_last_orphan:
-        raise Refused(f"{fs.name}: the ext file system has an orphan list (s_last_orphan = "
-                      f"{sb.s_last_orphan}): it was not cleanly unmounted; run e2fsck -fy on it")
+        raise Refused(
+            f"{fs.name}: the ext file system has an orphan list (s_last_orphan = "
+            f"{sb.s_last_orphan}): it was not cleanly unmounted; run e2fsck -fy on it"
+        )
     if not sb.s_state & 0x0001:
-        raise Refused(f"{fs.name}: the ext file system is not marked clean (state flag "
-                      "EXT2_VALID_FS clear): it is mounted or was not cleanly unmounted; "
-                      "run e2fsck -fy on it")
-    meta_bg = bool(sb.s_feature_incompat & 0x0010)     # descriptor blocks spread out
+        raise Refused(
+            f"{fs.name}: the ext file system is not marked clean (state flag "
+            "EXT2_VALID_FS clear): it is mounted or was not cleanly unmounted; "
+            "run e2fsck -fy on it"
+        )
+    meta_bg = bool(sb.s_feature_incompat & 0x0010)  # descriptor blocks spread out
     bpg = sb.s_blocks_per_group
     first = sb.s_first_data_block
     count = x.block_count
@@ -180,11 +199,14 @@ def _ext_free(fs: FileSystem, pread, size: int) -> Ranges:
         hi = getattr(d, name + "_hi", 0) if hasattr(d, name + "_hi") else 0
         return v | (hi << 32)
 
-    meta: dict[int, list[int]] = {}      # group -> blocks of any group's bitmaps/tables in it
+    meta: dict[int, list[int]] = {}  # group -> blocks of any group's bitmaps/tables in it
     ipg_blocks = -(-sb.s_inodes_per_group * sb.s_inode_size // bs)
     for d in descs:
-        for blk, n in ((lo_hi(d, "bg_block_bitmap"), 1), (lo_hi(d, "bg_inode_bitmap"), 1),
-                       (lo_hi(d, "bg_inode_table"), ipg_blocks)):
+        for blk, n in (
+            (lo_hi(d, "bg_block_bitmap"), 1),
+            (lo_hi(d, "bg_inode_bitmap"), 1),
+            (lo_hi(d, "bg_inode_table"), ipg_blocks),
+        ):
             for b in range(blk, blk + n):
                 meta.setdefault((b - first) // bpg, []).append(b)
 
@@ -205,36 +227,38 @@ def _ext_free(fs: FileSystem, pread, size: int) -> Ranges:
         n = min(bpg, count - gstart)
         if n <= 0:
             break
-        if d.bg_flags & 0x0002:                  # BLOCK_UNINIT: the bitmap is not on disk
+        if d.bg_flags & 0x0002:  # BLOCK_UNINIT: the bitmap is not on disk
             if meta_bg:
-                continue                        # layout too involved: leave the group alone
+                continue  # layout too involved: leave the group alone
             used = set(meta.get(g, []))
             if has_super(g):
-                used.update(range(gstart, gstart + 1 + desc_blocks
-                                  + sb.s_reserved_gdt_blocks))
+                used.update(range(gstart, gstart + 1 + desc_blocks + sb.s_reserved_gdt_blocks))
             for b in range(gstart, gstart + n):
                 if b not in used:
                     _add(out, b * bs, (b + 1) * bs)
             continue
         bm = pread(lo_hi(d, "bg_block_bitmap") * bs, bs)
         if len(bm) < bs:
-            raise CorruptImage(f"{fs.name}: ext block bitmap of group {g} lies past the end "
-                               "of the volume")
+            raise CorruptImage(
+                f"{fs.name}: ext block bitmap of group {g} lies past the end of the volume"
+            )
         _bits_free(bm, n, gstart * bs, bs, out)
     # the first block(s) before s_first_data_block (1 KiB blocks: the boot block) stay
     return _clip(out, 0, size, 1)
 
 
 def _fat_free(fs: FileSystem, pread, size: int) -> Ranges:
-    x = fs.fs                           # dissect FATFS
+    x = fs.fs  # dissect FATFS
     ss = x.sector_size
     boot = pread(0, 512)
     fat32 = x.bpb_ext is not None and x.type.name == "FAT32"
     flag_at = 0x41 if fat32 else 0x25
     if boot[flag_at] & 0x01:
-        raise Refused(f"{fs.name}: the FAT volume's dirty bit is set (boot sector byte "
-                      f"{flag_at:#x}): it was not cleanly unmounted; run fsck.fat -a on it "
-                      "(or chkdsk in the guest)")
+        raise Refused(
+            f"{fs.name}: the FAT volume's dirty bit is set (boot sector byte "
+            f"{flag_at:#x}): it was not cleanly unmounted; run fsck.fat -a on it "
+            "(or chkdsk in the guest)"
+        )
     bits = {"FAT12": 12, "FAT16": 16, "FAT32": 32}[x.type.name]
     data_sec = x.total_sectors - x.first_data_sector
     clusters = data_sec // x.bpb.BPB_SecPerClus
@@ -263,28 +287,32 @@ def _fat_free(fs: FileSystem, pread, size: int) -> Ranges:
 
 
 def _ntfs_free(fs: FileSystem, pread, size: int) -> Ranges:
-    x = fs.fs                           # dissect NTFS
+    x = fs.fs  # dissect NTFS
     try:
         vol = x.mft.get(3)
         info = vol.attributes.get(0x70)
         raw = info[0].data() if info else b""
-    except Exception as e:  # noqa: BLE001 - library errors become a clear VDError
+    except Exception as e:
         raise CorruptImage(f"{fs.name}: NTFS $Volume cannot be read: {e}") from None
     if len(raw) >= 12 and struct.unpack_from("<H", raw, 10)[0] & 0x0001:
-        raise Refused(f"{fs.name}: the NTFS volume's dirty flag is set ($Volume "
-                      "VOLUME_IS_DIRTY): run chkdsk /f in Windows, or ntfsfix -d on it")
+        raise Refused(
+            f"{fs.name}: the NTFS volume's dirty flag is set ($Volume "
+            "VOLUME_IS_DIRTY): run chkdsk /f in Windows, or ntfsfix -d on it"
+        )
     try:
         hib = x.mft.get("hiberfil.sys")
         head = hib.open().read(8)
-    except Exception:  # noqa: BLE001 - no hibernation file
+    except Exception:
         head = b""
     if head[:4].lower() in (b"hibr", b"wake") or head[:4] == b"RSTR":
-        raise Refused(f"{fs.name}: Windows is hibernated or uses fast startup (hiberfil.sys "
-                      "holds a hibernation image): boot Windows and shut it down fully "
-                      "(shutdown /s /t 0, or turn fast startup off)")
+        raise Refused(
+            f"{fs.name}: Windows is hibernated or uses fast startup (hiberfil.sys "
+            "holds a hibernation image): boot Windows and shut it down fully "
+            "(shutdown /s /t 0, or turn fast startup off)"
+        )
     try:
         bm = x.mft.get(6).open().read()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CorruptImage(f"{fs.name}: NTFS $Bitmap cannot be read: {e}") from None
     total_sectors = x.boot_sector.NumberSectors
     clusters = total_sectors * x.sector_size // x.cluster_size
@@ -302,14 +330,22 @@ def _swap_free(pread, size: int, name: str) -> Ranges:
         if magic == b"SWAPSPACE2":
             return [(page, size)] if size > page else []
         if magic in (b"S1SUSPEND\0", b"S2SUSPEND\0") or magic[:9] in (b"S1SUSPEND", b"S2SUSPEND"):
-            raise Refused(f"{name}: the swap area holds a hibernation image (signature "
-                          f"{magic!r}): resume the guest and shut it down cleanly first")
+            raise Refused(
+                f"{name}: the swap area holds a hibernation image (signature "
+                f"{magic!r}): resume the guest and shut it down cleanly first"
+            )
     raise NotSupported("swap header not recognised")
 
 
-_READERS: dict[str, Callable] = {"ext2": _ext_free, "ext3": _ext_free, "ext4": _ext_free,
-                                 "fat12": _fat_free, "fat16": _fat_free, "fat32": _fat_free,
-                                 "ntfs": _ntfs_free}
+_READERS: dict[str, Callable] = {
+    "ext2": _ext_free,
+    "ext3": _ext_free,
+    "ext4": _ext_free,
+    "fat12": _fat_free,
+    "fat16": _fat_free,
+    "fat32": _fat_free,
+    "ntfs": _ntfs_free,
+}
 
 
 def _check_files(fs: FileSystem, free: Ranges) -> None:
@@ -325,7 +361,7 @@ def _check_files(fs: FileSystem, free: Ranges) -> None:
             runs = alloc(e.path)
         except VDError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise CorruptImage(f"{fs.name}: cannot map {e.path}: {exc}") from None
         for off, n in runs:
             i = bisect_right(starts, off + n - 1) - 1
@@ -333,7 +369,8 @@ def _check_files(fs: FileSystem, free: Ranges) -> None:
                 raise CorruptImage(
                     f"{fs.name}: the allocation map marks bytes {max(off, free[i][0])}.."
                     f"{min(off + n, free[i][1])} free, but {e.path} uses them; nothing was "
-                    "changed (run the file system's check first)")
+                    "changed (run the file system's check first)"
+                )
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -359,14 +396,14 @@ def _volume(disk_file: DiskFile, part: Partition, check_files: bool, where: str)
             return res
     elif kind in _READERS:
         import io
+
         fh = io.BufferedReader(SliceFile(disk_file, base, res.size), 64 * 1024)
         fs = open_filesystem(fh, kind, name)
         rel = _READERS[kind](fs, pread, res.size)
         if check_files:
             _check_files(fs, rel)
     else:
-        res.skipped = (f"no reader for {kind} volumes" if kind
-                       else "no file system recognised")
+        res.skipped = f"no reader for {kind} volumes" if kind else "no file system recognised"
         return res
     res.ranges = [(base + s, base + e) for s, e in rel]
     res.free = _total(rel)
@@ -382,11 +419,11 @@ def _outside(disk_file: DiskFile, layout: Layout, ss: int) -> Ranges:
     keep: Ranges = []
     parts = sorted((p.start, p.end) for p in layout.partitions if p.size > 0)
     first = parts[0][0] if parts else size
-    keep.append((0, max(first, ss)))              # MBR, GPT, and the boot loader gap
+    keep.append((0, max(first, ss)))  # MBR, GPT, and the boot loader gap
     ext = [p for p in layout.partitions if p.type in ("0x05", "0x0f", "0x85")]
     for s, e in parts:
         keep.append((s, e))
-    for p in ext:                                 # EBRs live inside the extended container
+    for p in ext:  # EBRs live inside the extended container
         keep.append((p.start, p.end))
     if layout.scheme in ("gpt", "hybrid"):
         hdr = disk_file.pread(ss, 92)
@@ -418,8 +455,11 @@ def plan(disk: Disk, *, check_files: bool = True) -> SparsifyReport:
             report.partitions.append(_volume(f, p, check_files, disk.top.location))
         outside = _outside(f, layout, ss)
         if outside:
-            report.partitions.append(VolumeResult(-1, "unpartitioned", 0, _total(outside),
-                                                  0, _total(outside), None, outside))
+            report.partitions.append(
+                VolumeResult(
+                    -1, "unpartitioned", 0, _total(outside), 0, _total(outside), None, outside
+                )
+            )
     for v in report.partitions:
         v.ranges = _clip(v.ranges, 0, disk.size, ss)
         v.reclaimable = _total(_intersect(v.ranges, _held(disk, v.ranges)))
@@ -449,9 +489,15 @@ def _allocated(paths: list[str]) -> int:
     return total
 
 
-def sparsify(path: str, *, format: str | None = None, dry_run: bool = False,
-             into: str | None = None, into_format: str | None = None,
-             progress: ProgressCallback | None = None) -> SparsifyReport:
+def sparsify(
+    path: str,
+    *,
+    format: str | None = None,
+    dry_run: bool = False,
+    into: str | None = None,
+    into_format: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> SparsifyReport:
     """Sparsify ``path`` in place (or, with ``into``, a new image DST: the chain's content,
     sparsified; ``path`` is never changed). Returns the report; ``after`` is None on a dry run.
     """
@@ -466,11 +512,16 @@ def sparsify(path: str, *, format: str | None = None, dry_run: bool = False,
         return report
     if into is not None:
         with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
-            plan(disk, check_files=True)       # refuse before copying anything
+            plan(disk, check_files=True)  # refuse before copying anything
         prog = Progress(progress, 100)
         prog.start()
-        copy_image(path, into, into_format or backend.name, src_format=backend.name,
-                   progress=sub_progress(prog, 0, 50))
+        copy_image(
+            path,
+            into,
+            into_format or backend.name,
+            src_format=backend.name,
+            progress=sub_progress(prog, 0, 50),
+        )
         rep = _in_place(into, None, sub_progress(prog, 50, 50))
         with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
             rep.before = _allocated(disk.top.files())
@@ -478,12 +529,15 @@ def sparsify(path: str, *, format: str | None = None, dry_run: bool = False,
         prog.finish()
         return rep
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
-        kids = find_children(disk.top, exclude={os.path.realpath(f)
-                                                for i in disk.images for f in i.files()})
+        kids = find_children(
+            disk.top, exclude={os.path.realpath(f) for i in disk.images for f in i.files()}
+        )
     if kids:
-        raise Refused(f"{path}: the image has differencing images ({', '.join(k for k, _ in kids)})"
-                      ": freeing ranges in it would change what they read; use --into to "
-                      "sparsify into a copy")
+        raise Refused(
+            f"{path}: the image has differencing images ({', '.join(k for k, _ in kids)})"
+            ": freeing ranges in it would change what they read; use --into to "
+            "sparsify into a copy"
+        )
     return _in_place(path, backend.name, progress)
 
 
@@ -524,8 +578,7 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
     length = sum(os.path.getsize(f) for f in files if os.path.exists(f))
     holes = length - _allocated(files) > max(16 << 20, length // 50)
     if can_compact and targets and (not can_discard or holes):
-        compact(path, format=backend.name,
-                progress=sub_progress(prog, work.total, work.total))
+        compact(path, format=backend.name, progress=sub_progress(prog, work.total, work.total))
     prog.finish()
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
         report.after = _allocated(disk.top.files())
