@@ -232,3 +232,65 @@ def test_allocation_picture_overlays_the_partitions(qtbot, window, disk):
     assert a0 < a1 < b0 < b1
     amap.partitions_action.setChecked(False)  # the overlay is optional
     assert amap.partition_marks() == []
+
+
+def _enter(qtbot, pane, name):
+    parent = pane.folders.currentItem()
+    qtbot.waitUntil(lambda: parent.childCount() > 0, timeout=15000)
+    child = next(parent.child(i) for i in range(parent.childCount())
+                 if parent.child(i).text(0) == name)
+    pane.folders.setCurrentItem(child)
+    qtbot.waitUntil(lambda: pane.folder == child.data(0, Qt.UserRole + 1)
+                    and pane.model.rowCount() > 0, timeout=15000)
+
+
+def test_contents_follow_a_resize_and_clear_on_remove(qtbot, window, disk):
+    """Issue #13 item 5 on the Contents tab: a job that changes the shown image reloads it,
+    keeping the volume and folder; removing the image clears the tab."""
+    path, files, _ = disk
+    pane = _open_contents(qtbot, window, path)
+    pane.select_volume(2)
+    qtbot.waitUntil(lambda: pane.model.rowCount() > 0, timeout=15000)
+    _enter(qtbot, pane, "dir")
+    shown = {e.path for e in pane.model.entries}
+    assert pane.bar.segs[-1].text.startswith("Unpartitioned · 8")
+    job = wait_job(qtbot, window.ops.start_resize(window.model.node(path), 40 * MiB))
+    assert job.state == JobState.DONE, job.error
+    qtbot.waitUntil(lambda: pane.bar.segs and pane.bar.segs[-1].text.startswith(
+        "Unpartitioned · 16"), timeout=15000)
+    qtbot.waitUntil(lambda: pane.folder == "/dir" and not pane.loading
+                    and {e.path for e in pane.model.entries} == shown, timeout=15000)
+    assert pane.number == 2 and pane.volume_box.currentData() == 2
+    assert pane.folders.currentItem().data(0, Qt.UserRole + 1) == "/dir"
+    window.select_paths([path])
+    window.ops.remove_selected()
+    assert pane.path is None and pane.bar.segs == [] and pane.model.rowCount() == 0
+
+
+def test_contents_show_a_file_merged_into_the_shown_parent(qtbot, window, tmp_path):
+    from vdgui.gui.dialogs.params import MergeParams
+    img = tmp_path / "fat.img"
+    src = tmp_path / "src"
+    make_tree(src)
+    sh("mkfs.fat", "-F", "16", "-s", "1", "-n", "MRG", "-C", img, 16 * 1024)
+    sh("mcopy", "-s", "-i", img, src / "hello.txt", src / "dir", "::/")
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, base)
+    (src / "new.txt").write_bytes(b"new file\n")
+    sh("mcopy", "-i", img, src / "new.txt", "::/dir/new.txt")
+    snap = tmp_path / "snap.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", base, "-F", "qcow2", img, snap)
+    window.show()
+    window.ops.add_paths([str(snap)], sync=True)
+    window.select_paths([str(base)])
+    window.side.setCurrentWidget(window.contents)
+    pane = window.contents
+    qtbot.waitUntil(lambda: pane.model.rowCount() > 0, timeout=15000)
+    _enter(qtbot, pane, "dir")
+    assert "/dir/new.txt" not in _names(pane)
+    node = window.model.node(str(snap))
+    p = MergeParams(str(snap), str(base), deleted=[str(snap)], paths=[str(base), str(snap)])
+    job = wait_job(qtbot, window.ops.start_merge(node, p))
+    assert job.state == JobState.DONE, job.error
+    qtbot.waitUntil(lambda: "/dir/new.txt" in _names(pane), timeout=15000)
+    assert pane.folder == "/dir" and pane.path == str(base)

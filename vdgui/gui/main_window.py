@@ -309,6 +309,7 @@ class MainWindow(QMainWindow):
         n = self.current_node()
         if n is not None:
             self.details.set_node(n, self.library.properties(n.path))
+            self.contents.set_node(n)          # clears it when the image became unreadable
             self._request_allocation(n)
         elif self.details.node is not None and self.model.node(self.details.node.path) is None:
             self._selection_changed()  # rows removed: Qt sends no selectionChanged for that

@@ -1,6 +1,6 @@
 """The operations controller: turns what a dialog (or the selection) asks for into a job
 (vdgui.jobs.tasks) and refreshes what the job touched: the media model's rows, the details pane,
-the images' health states. A job started from a dialog that fails after the dialog closed offers
+the images' health states and the Contents tab when it shows a touched image. A job started from a dialog that fails after the dialog closed offers
 "Change and Retry…" (run_dialog + retry_on_failure). MainWindow delegates here; no format module
 is imported."""
 from __future__ import annotations
@@ -149,9 +149,13 @@ class Operations:
                     and self.w.library.missing_secrets(rec.path)):
                 self.ask_secrets(rec.path)
 
-    def run_scan(self, paths) -> Job:
+    def run_scan(self, paths, touched=()) -> Job:
+        """Read ``paths`` (None: the whole library); then the Contents tab reads its image again
+        if it is in ``touched`` (images a job changed)."""
         job = tasks.scan_job(self.w.library, paths)
         job.signals.finished.connect(lambda j, recs: self.records_arrived(recs, full=paths is None))
+        if touched:
+            job.signals.finished.connect(lambda j, recs: self.contents_touched(touched))
         job.signals.failed.connect(self.job_failed)
         self.say("Reading images…", 2000)
         return self.w.queue.submit(job)
@@ -205,12 +209,20 @@ class Operations:
         paths = [p for p in paths if p and (p in known or os.path.lexists(p))]
         if not paths:
             return None
+        touched = set(paths)
         for p in paths:
             self.w.alloc_cache.pop(p, None)
             node = self.w.model.node(p)
             for c in node.descendants() if node is not None else ():
                 self.w.alloc_cache.pop(c.path, None)     # their pictures show this image too
-        return self.run_scan(list(dict.fromkeys(paths)))
+                touched.add(c.path)                      # and so do their contents
+        return self.run_scan(list(dict.fromkeys(paths)), touched)
+
+    def contents_touched(self, touched) -> None:
+        """The Contents tab reads its image again (in jobs) if a job changed it."""
+        c = self.w.contents
+        if c.path is not None and c.path in touched and self.w.model.node(c.path) is not None:
+            c.reload()
 
     def chain_key(self, node) -> str:
         return node.root().path

@@ -121,6 +121,8 @@ class ContentsPane(QWidget):
         self.number: int | None = None       # the volume shown (0: the whole disk)
         self.folder = "/"
         self._loaded_for: str | None = None
+        self._gen = 0                        # bumped on every reset: late job results are dropped
+        self._restore = None                 # (volume, folder, changes shown) wanted after reload
         self._pending: list = []
         self._feeder = QTimer(self)
         self._feeder.setInterval(0)
@@ -227,11 +229,26 @@ class ContentsPane(QWidget):
         self.path = path
         self.format = node.record.format if path and getattr(node, "record", None) else None
         self._loaded_for = None
+        self._restore = None
+        self.folder = "/"
         self._reset()
         if path is None:
             self.status.setText("Select an image to see what is inside it." if node is None
                                 else "The image cannot be read.")
         elif self.isVisible():
+            self.load()
+
+    def reload(self) -> None:
+        """Read the image again (a job changed it), keeping the volume and folder shown when
+        they still exist."""
+        if not self.path:
+            return
+        if not isinstance(self._restore, tuple):      # else the layout is still being read
+            folder = self._restore if isinstance(self._restore, str) else self.folder
+            self._restore = (self.number, folder, self.views.currentWidget() is self.changes_page)
+        self._loaded_for = None
+        self._reset()
+        if self.isVisible():
             self.load()
 
     def showEvent(self, event):
@@ -240,6 +257,7 @@ class ContentsPane(QWidget):
             self.load()
 
     def _reset(self) -> None:
+        self._gen += 1
         self.layout_ = None
         self.number = None
         self.differencing = False
@@ -262,8 +280,10 @@ class ContentsPane(QWidget):
         self._loaded_for = self.path
         self.status.setText("Reading the partitions…")
         job = tasks.layout_job(self.path, library=self.library, format=self.format)
-        job.signals.finished.connect(self._layout_read)
-        job.signals.failed.connect(lambda j, msg, tb, p=self.path: self._failed(p, msg))
+        gen = self._gen
+        job.signals.finished.connect(lambda j, res: gen == self._gen and self._layout_read(j, res))
+        job.signals.failed.connect(lambda j, msg, tb, p=self.path: gen == self._gen
+                                   and self._failed(p, msg))
         self.queue.submit(job)
 
     def _failed(self, path, msg) -> None:
@@ -292,7 +312,17 @@ class ContentsPane(QWidget):
         self.status.setText(text)
         if self.differencing:
             self.views.addTab(self.changes_page, "Changes")
+        restore, self._restore = self._restore, None
         first = next((p for p in vols if p.filesystem), None)
+        if restore is not None:
+            number, folder, changes = restore
+            if self.differencing and changes:
+                self.views.setCurrentWidget(self.changes_page)
+            kept = next((p for p in vols if p.number == number and p.filesystem), None)
+            if kept is not None:
+                first = kept
+                if folder and folder != "/":
+                    self._restore = folder       # walked down in _listed
         if first is not None:
             self.select_volume(first.number)
 
@@ -354,13 +384,14 @@ class ContentsPane(QWidget):
             return
         job = tasks.list_job(self.path, self.number, folder, library=self.library,
                              format=self.format)
-        key = (self.path, self.number)
+        key = (self.path, self.number, self._gen)
         job.signals.finished.connect(lambda j, res: self._listed(res, key, fill_list))
-        job.signals.failed.connect(lambda j, msg, tb, p=self.path: self._failed(p, msg))
+        job.signals.failed.connect(lambda j, msg, tb, p=self.path: key[2] == self._gen
+                                   and self._failed(p, msg))
         self.queue.submit(job)
 
     def _listed(self, res, key, fill_list) -> None:
-        if key != (self.path, self.number):
+        if key != (self.path, self.number, self._gen):
             return
         entries = res["entries"]
         item = self._item_for(res["folder"])
@@ -382,6 +413,25 @@ class ContentsPane(QWidget):
                 self._feeder.start()
             n = len(entries)
             self.status.setText(f"{res['folder']}: {n} item(s)")
+            self._walk_on(res["folder"], item)
+
+    def _walk_on(self, folder: str, item) -> None:
+        """After a reload: go one folder further towards the one shown before, if it exists."""
+        target = self._restore
+        if not isinstance(target, str) or item is None:
+            return
+        base = folder.rstrip("/") + "/"
+        if target == folder or not target.startswith(base):
+            self._restore = None
+            return
+        name = target[len(base):].split("/")[0]
+        child = next((item.child(i) for i in range(item.childCount())
+                      if item.child(i).text(0) == name), None)
+        if child is None:                       # gone: stay in the deepest folder that is left
+            self._restore = None
+            return
+        item.setExpanded(True)
+        self.folders.setCurrentItem(child)
 
     def _feed(self) -> None:
         chunk, self._pending = self._pending[:SLICE], self._pending[SLICE:]
@@ -417,9 +467,9 @@ class ContentsPane(QWidget):
         self.changes_note.setText("Comparing this snapshot with its parent…")
         job = tasks.changed_job(self.path, library=self.library, format=self.format)
         self._changes_job = job
-        p = self.path
-        job.signals.finished.connect(lambda j, rep: self._changes_read(p, rep))
-        job.signals.failed.connect(lambda j, msg, tb: p == self.path
+        p, gen = self.path, self._gen
+        job.signals.finished.connect(lambda j, rep: gen == self._gen and self._changes_read(p, rep))
+        job.signals.failed.connect(lambda j, msg, tb: p == self.path and gen == self._gen
                                    and self.changes_note.setText(msg))
         self.queue.submit(job)
 
