@@ -247,7 +247,7 @@ def _enter(qtbot, pane, name):
 def test_contents_follow_a_resize_and_clear_on_remove(qtbot, window, disk):
     """Issue #13 item 5 on the Contents tab: a job that changes the shown image reloads it,
     keeping the volume and folder; removing the image clears the tab."""
-    path, files, _ = disk
+    path, _, _ = disk
     pane = _open_contents(qtbot, window, path)
     pane.select_volume(2)
     qtbot.waitUntil(lambda: pane.model.rowCount() > 0, timeout=15000)

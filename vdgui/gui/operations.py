@@ -1,8 +1,8 @@
 """The operations controller: turns what a dialog (or the selection) asks for into a job
 (vdgui.jobs.tasks) and refreshes what the job touched: the media model's rows, the details pane,
-the images' health states and the Contents tab when it shows a touched image. A job started from a dialog that fails after the dialog closed offers
-"Change and Retry…" (run_dialog + retry_on_failure). MainWindow delegates here; no format module
-is imported."""
+the images' health states and the Contents tab when it shows a touched image. A job started
+from a dialog that fails after the dialog closed offers "Change and Retry…" (run_dialog +
+retry_on_failure). MainWindow delegates here; no format module is imported."""
 from __future__ import annotations
 
 import html
