@@ -294,3 +294,19 @@ def test_contents_show_a_file_merged_into_the_shown_parent(qtbot, window, tmp_pa
     assert job.state == JobState.DONE, job.error
     qtbot.waitUntil(lambda: "/dir/new.txt" in _names(pane), timeout=15000)
     assert pane.folder == "/dir" and pane.path == str(base)
+
+
+def test_contents_clear_when_the_shown_image_becomes_unreadable(qtbot, window, tmp_path):
+    img = tmp_path / "fat.img"
+    src = tmp_path / "src"
+    make_tree(src)
+    sh("mkfs.fat", "-F", "16", "-s", "1", "-n", "GONE", "-C", img, 16 * 1024)
+    sh("mcopy", "-i", img, src / "hello.txt", "::/")
+    path = tmp_path / "gone.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, path)
+    pane = _open_contents(qtbot, window, str(path))
+    os.remove(path)                       # e.g. deleted outside while a job ran on it
+    wait_job(qtbot, window.ops.rescan([str(path)]))
+    qtbot.waitUntil(lambda: not window.model.node(str(path)).accessible, timeout=15000)
+    assert pane.path is None and pane.bar.segs == [] and pane.model.rowCount() == 0
+    assert "cannot be read" in pane.status.text()
