@@ -491,3 +491,12 @@ def test_allocation_map_matches_cluster_by_cluster(tmp_path):
                     want.append((k, n, st))
                 k += n
             assert got == want, (a, b)
+
+
+def test_named_qcow2_on_a_file_with_another_magic_is_a_corrupt_image(tmp_path):
+    # issue #14 item 6 (ruff F821): the bad-magic branch raised NameError instead
+    p = tmp_path / "not.qcow2"
+    p.write_bytes(b"QFI\x00" + bytes(4092))
+    with pytest.raises(CorruptImage, match="bad magic") as info:
+        Disk().open(str(p), "QCOW2", flags=OpenFlags.READ_ONLY)
+    assert info.value.field == "magic"

@@ -37,7 +37,7 @@ def _msf_frames(text: str, where: str) -> int:
 
 
 def _shlex():
-    import shlex    # imported with the first cue sheet, not by every vdgui-img start
+    import shlex  # imported with the first cue sheet, not by every vdgui-img start
     return shlex
 
 class CueSheet:
@@ -66,26 +66,48 @@ class CueSheet:
                 if not self.files:
                     raise CorruptImage(f"{where}: TRACK before any FILE")
                 if len(words) != 3 or not words[1].isdigit():
-                    raise CorruptImage(f"{where}: TRACK needs a number and a mode", found=line.strip())
+                    raise CorruptImage(
+                        f"{where}: TRACK needs a number and a mode", found=line.strip()
+                    )
                 mode = words[2].upper()
                 if mode not in MODES:
-                    raise NotSupported(f"{where}: track mode {words[2]} is not supported "
-                                       f"(supported: {', '.join(MODES)})")
+                    raise NotSupported(
+                        f"{where}: track mode {words[2]} is not supported "
+                        f"(supported: {', '.join(MODES)})"
+                    )
                 if len(self.tracks) >= MAX_TRACKS:
                     raise CorruptImage(f"{where}: more than {MAX_TRACKS} tracks")
-                self.tracks.append({"number": int(words[1]), "file": len(self.files) - 1,
-                                    "mode": mode, "index1": None, "index0": None})
+                self.tracks.append(
+                    {
+                        "number": int(words[1]),
+                        "file": len(self.files) - 1,
+                        "mode": mode,
+                        "index1": None,
+                        "index0": None,
+                    }
+                )
             elif kw == "INDEX":
                 if not self.tracks or len(words) != 3:
-                    raise CorruptImage(f"{where}: INDEX outside a track or malformed",
-                                       found=line.strip())
+                    raise CorruptImage(
+                        f"{where}: INDEX outside a track or malformed", found=line.strip()
+                    )
                 frames = _msf_frames(words[2], where)
                 if words[1] in ("01", "1"):
                     self.tracks[-1]["index1"] = frames
                 elif words[1] in ("00", "0"):
                     self.tracks[-1]["index0"] = frames
-            elif kw in ("REM", "CATALOG", "CDTEXTFILE", "FLAGS", "ISRC", "PERFORMER", "SONGWRITER",
-                        "TITLE", "PREGAP", "POSTGAP"):
+            elif kw in (
+                "REM",
+                "CATALOG",
+                "CDTEXTFILE",
+                "FLAGS",
+                "ISRC",
+                "PERFORMER",
+                "SONGWRITER",
+                "TITLE",
+                "PREGAP",
+                "POSTGAP",
+            ):
                 continue
             else:
                 raise CorruptImage(f"{where}: unknown cue sheet command {words[0]!r}")
@@ -99,20 +121,23 @@ class CueSheet:
 class CueImage(Image):
     def __init__(self, backend, location, allow_unsafe: bool, info_only: bool):
         super().__init__(backend, location, True)
-        self.flags = ImageFlags.FIXED      # every sector stored in the BIN files: not "dynamic"
+        self.flags = ImageFlags.FIXED  # every sector stored in the BIN files: not "dynamic"
         with ImageFile(location) as f:
             size = f.size()
             if size > MAX_CUE:
-                raise CorruptImage("cue sheet too large", path=location, expected=f"<= {MAX_CUE}",
-                                   found=size)
+                raise CorruptImage(
+                    "cue sheet too large", path=location, expected=f"<= {MAX_CUE}", found=size
+                )
             raw = f.pread(0, size)
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
         self.sheet = CueSheet(text, location)
-        self.bin_paths = [resolve_stored_name(location, n, allow_unsafe=allow_unsafe, what="BIN file")
-                          for n in self.sheet.files]
+        self.bin_paths = [
+            resolve_stored_name(location, n, allow_unsafe=allow_unsafe, what="BIN file")
+            for n in self.sheet.files
+        ]
         self.bins: list[ImageFile] = []
         self.bin_sizes: list[int] = []
         try:
@@ -148,9 +173,11 @@ class CueImage(Image):
             for t in tracks:
                 byte += (t["index1"] - prev_frames) * prev_bs
                 if t["index1"] < prev_frames:
-                    raise CorruptImage(f"{self.location}: track {t['number']} starts before the "
-                                       "previous track", expected=f">= frame {prev_frames}",
-                                       found=t["index1"])
+                    raise CorruptImage(
+                        f"{self.location}: track {t['number']} starts before the previous track",
+                        expected=f">= frame {prev_frames}",
+                        found=t["index1"],
+                    )
                 starts.append(byte)
                 prev_frames = t["index1"]
                 prev_bs = MODES[t["mode"]][0]
@@ -163,11 +190,16 @@ class CueImage(Image):
                     gap = (tracks[i + 1]["index1"] - tracks[i + 1]["index0"]) * bs
                     end = max(start, end - gap)
                 if start > fsize or end > fsize:
-                    raise CorruptImage(f"{self.location}: track {t['number']} lies past the end of "
-                                       f"{self.bin_paths[fi]}", expected=f"<= {fsize}", found=end)
+                    raise CorruptImage(
+                        f"{self.location}: track {t['number']} lies past the end of "
+                        f"{self.bin_paths[fi]}",
+                        expected=f"<= {fsize}",
+                        found=end,
+                    )
                 length = (end - start) // bs * bs
-                regions.append(Region(self.bin_starts[fi] + start, length, bs, form,
-                                      "NONE", t["number"]))
+                regions.append(
+                    Region(self.bin_starts[fi] + start, length, bs, form, "NONE", t["number"])
+                )
         return regions
 
     def regions(self):
@@ -223,8 +255,9 @@ class CueBackend(Backend):
     def open(self, location, flags=OpenFlags.NORMAL, config=None):
         if not flags.read_only:
             raise NotSupported(f"{location}: CUE/BIN images are read-only; open them read-only")
-        return CueImage(self, location, bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS),
-                        bool(flags & OpenFlags.INFO))
+        return CueImage(
+            self, location, bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS), bool(flags & OpenFlags.INFO)
+        )
 
 
 BACKEND = CueBackend()

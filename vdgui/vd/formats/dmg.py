@@ -18,18 +18,36 @@ import bisect
 import itertools
 import threading
 import zlib
-from collections import OrderedDict
 from array import array
+from collections import OrderedDict
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..errors import CorruptImage, NotSupported
 from ..fileio import ImageFile
 from ..image import Alloc, Image
 from ..runs import RunList
-from .dmg_layout import (SECTOR, MAX_CHUNK, MAX_PLIST, MAX_CHUNKS, MAX_SECTORS, KolyTrailer,
-                         MishHeader, MISH_HEADER_SIZE, CHUNK_SIZE, CHUNK_ZERO, CHUNK_RAW,
-                         CHUNK_IGNORE, CHUNK_ADC, CHUNK_ZLIB, CHUNK_BZIP2, CHUNK_LZFSE, CHUNK_LZMA,
-                         CHUNK_COMMENT, CHUNK_END, CHUNK_NAMES)
+from .dmg_layout import (
+    CHUNK_ADC,
+    CHUNK_BZIP2,
+    CHUNK_COMMENT,
+    CHUNK_END,
+    CHUNK_IGNORE,
+    CHUNK_LZFSE,
+    CHUNK_LZMA,
+    CHUNK_NAMES,
+    CHUNK_RAW,
+    CHUNK_SIZE,
+    CHUNK_ZERO,
+    CHUNK_ZLIB,
+    MAX_CHUNK,
+    MAX_CHUNKS,
+    MAX_PLIST,
+    MAX_SECTORS,
+    MISH_HEADER_SIZE,
+    SECTOR,
+    KolyTrailer,
+    MishHeader,
+)
 
 CACHE_BUDGET = 128 << 20    # decompressed chunks kept, all open DMGs together (+ the newest one)
 
@@ -180,7 +198,7 @@ _OWNERS = itertools.count()           # cache keys never reuse an owner (ids can
 
 
 def _lzma_error() -> type:
-    import lzma     # imported when needed: most runs never open a DMG
+    import lzma  # imported when needed: most runs never open a DMG
     return lzma.LZMAError
 
 
@@ -201,34 +219,57 @@ class DmgImage(Image):
         raw = self.f.read_exact(fsize - 512, 512, "koly trailer")
         if raw[:4] != b"koly":
             raise CorruptImage("no UDIF 'koly' trailer in the last 512 bytes", path=path,
-                               field="signature", offset=fsize - 512, expected=b"koly", found=raw[:4])
+                               field="signature", offset=fsize - 512, expected=b"koly",
+                               found=raw[:4])
         k = KolyTrailer.parse(raw)
         self.koly = k
         if k.header_size != 512:
-            raise CorruptImage("unexpected trailer size", path=path, field="header_size",
-                               expected=512, found=k.header_size)
+            raise CorruptImage(
+                "unexpected trailer size",
+                path=path,
+                field="header_size",
+                expected=512,
+                found=k.header_size,
+            )
         if k.xml_length == 0:
-            raise NotSupported(f"{path}: DMG without an XML property list (old NDIF/resource-fork "
-                               "images) is not supported")
+            raise NotSupported(
+                f"{path}: DMG without an XML property list (old NDIF/resource-fork "
+                "images) is not supported"
+            )
         if k.xml_length > MAX_PLIST:
-            raise CorruptImage("property list too large", path=path, field="xml_length",
-                               expected=f"<= {MAX_PLIST}", found=k.xml_length)
+            raise CorruptImage(
+                "property list too large",
+                path=path,
+                field="xml_length",
+                expected=f"<= {MAX_PLIST}",
+                found=k.xml_length,
+            )
         if k.xml_offset + k.xml_length > fsize:
-            raise CorruptImage("property list lies past the end of the file", path=path,
-                               field="xml_offset", expected=f"<= {fsize - k.xml_length}",
-                               found=k.xml_offset)
+            raise CorruptImage(
+                "property list lies past the end of the file",
+                path=path,
+                field="xml_offset",
+                expected=f"<= {fsize - k.xml_length}",
+                found=k.xml_offset,
+            )
         if k.data_fork_offset + k.data_fork_length > fsize:
-            raise CorruptImage("data fork lies past the end of the file", path=path,
-                               field="data_fork_length", expected=f"<= {fsize}",
-                               found=k.data_fork_offset + k.data_fork_length)
+            raise CorruptImage(
+                "data fork lies past the end of the file",
+                path=path,
+                field="data_fork_length",
+                expected=f"<= {fsize}",
+                found=k.data_fork_offset + k.data_fork_length,
+            )
         xml = self.f.read_exact(k.xml_offset, k.xml_length, "property list")
         import plistlib
+
         try:
             plist = plistlib.loads(xml)
             blkx = plist["resource-fork"]["blkx"]
         except Exception as exc:  # plistlib raises several kinds
-            raise CorruptImage(f"property list unreadable: {exc}", path=path,
-                               offset=k.xml_offset) from None
+            raise CorruptImage(
+                f"property list unreadable: {exc}", path=path, offset=k.xml_offset
+            ) from None
         if not isinstance(blkx, list):
             raise CorruptImage("property list 'blkx' is not an array", path=path)
         starts = array("Q")
@@ -243,46 +284,83 @@ class DmgImage(Image):
             if not isinstance(data, bytes) or len(data) < MISH_HEADER_SIZE:
                 raise CorruptImage(f"blkx entry {n} has no valid 'Data' block table", path=path)
             if data[:4] != b"mish":
-                raise CorruptImage(f"blkx entry {n}: bad block table signature", path=path,
-                                   expected=b"mish", found=data[:4])
+                raise CorruptImage(
+                    f"blkx entry {n}: bad block table signature",
+                    path=path,
+                    expected=b"mish",
+                    found=data[:4],
+                )
             m = MishHeader.parse(data[:MISH_HEADER_SIZE])
-            if m.chunk_count > MAX_CHUNKS or MISH_HEADER_SIZE + m.chunk_count * CHUNK_SIZE > len(data):
-                raise CorruptImage(f"blkx entry {n}: chunk count does not fit the table", path=path,
-                                   field="chunk_count",
-                                   expected=f"<= {(len(data) - MISH_HEADER_SIZE) // CHUNK_SIZE}",
-                                   found=m.chunk_count)
-            partitions.append({"name": entry.get("Name") or entry.get("CFName") or "",
-                               "first_sector": m.first_sector, "sectors": m.sector_count})
+            if m.chunk_count > MAX_CHUNKS or MISH_HEADER_SIZE + m.chunk_count * CHUNK_SIZE > len(
+                data
+            ):
+                raise CorruptImage(
+                    f"blkx entry {n}: chunk count does not fit the table",
+                    path=path,
+                    field="chunk_count",
+                    expected=f"<= {(len(data) - MISH_HEADER_SIZE) // CHUNK_SIZE}",
+                    found=m.chunk_count,
+                )
+            partitions.append(
+                {
+                    "name": entry.get("Name") or entry.get("CFName") or "",
+                    "first_sector": m.first_sector,
+                    "sectors": m.sector_count,
+                }
+            )
             mv = memoryview(data)
             import struct
+
             for c in range(m.chunk_count):
                 ctype, _comment, sec, cnt, coff, clen = struct.unpack_from(
-                    ">IIQQQQ", mv, MISH_HEADER_SIZE + c * CHUNK_SIZE)
+                    ">IIQQQQ", mv, MISH_HEADER_SIZE + c * CHUNK_SIZE
+                )
                 if ctype in (CHUNK_COMMENT, CHUNK_END) or cnt == 0:
                     continue
                 if ctype not in CHUNK_NAMES:
-                    raise CorruptImage(f"blkx entry {n} chunk {c}: unknown chunk type", path=path,
-                                       field="type", found=hex(ctype),
-                                       expected="zero/raw/ignore/ADC/zlib/bzip2/lzfse/lzma")
+                    raise CorruptImage(
+                        f"blkx entry {n} chunk {c}: unknown chunk type",
+                        path=path,
+                        field="type",
+                        found=hex(ctype),
+                        expected="zero/raw/ignore/ADC/zlib/bzip2/lzfse/lzma",
+                    )
                 if m.first_sector + sec + cnt > MAX_SECTORS:
-                    raise CorruptImage(f"blkx entry {n} chunk {c}: chunk ends past the largest "
-                                       "disk the chunk tables can describe", path=path,
-                                       field="sector_number", expected=f"end <= {MAX_SECTORS}",
-                                       found=m.first_sector + sec + cnt)
+                    raise CorruptImage(
+                        f"blkx entry {n} chunk {c}: chunk ends past the largest "
+                        "disk the chunk tables can describe",
+                        path=path,
+                        field="sector_number",
+                        expected=f"end <= {MAX_SECTORS}",
+                        found=m.first_sector + sec + cnt,
+                    )
                 if cnt * SECTOR > MAX_CHUNK:
-                    raise CorruptImage(f"blkx entry {n} chunk {c}: chunk too large (decompression "
-                                       "bomb guard)", path=path, field="sector_count",
-                                       expected=f"<= {MAX_CHUNK // SECTOR} sectors", found=cnt)
+                    raise CorruptImage(
+                        f"blkx entry {n} chunk {c}: chunk too large (decompression bomb guard)",
+                        path=path,
+                        field="sector_count",
+                        expected=f"<= {MAX_CHUNK // SECTOR} sectors",
+                        found=cnt,
+                    )
                 if ctype not in (CHUNK_ZERO, CHUNK_IGNORE):
                     file_off = k.data_fork_offset + m.data_offset + coff
                     if clen > MAX_CHUNK or file_off + clen > fsize:
-                        raise CorruptImage(f"blkx entry {n} chunk {c}: compressed data lies past "
-                                           "the end of the file", path=path,
-                                           field="compressed_offset", offset=file_off,
-                                           expected=f"end <= {fsize}", found=file_off + clen)
+                        raise CorruptImage(
+                            f"blkx entry {n} chunk {c}: compressed data lies past "
+                            "the end of the file",
+                            path=path,
+                            field="compressed_offset",
+                            offset=file_off,
+                            expected=f"end <= {fsize}",
+                            found=file_off + clen,
+                        )
                     if ctype == CHUNK_RAW and clen < cnt * SECTOR:
-                        raise CorruptImage(f"blkx entry {n} chunk {c}: raw chunk shorter than its "
-                                           "sectors", path=path, expected=cnt * SECTOR, found=clen)
+                        raise CorruptImage(
+                            f"blkx entry {n} chunk {c}: raw chunk shorter than its sectors",
+                            path=path,
+                            expected=cnt * SECTOR,
+                            found=clen,
+                        )
                 else:
                     file_off = 0
                 kinds[CHUNK_NAMES[ctype]] = kinds.get(CHUNK_NAMES[ctype], 0) + 1
@@ -299,23 +377,38 @@ class DmgImage(Image):
         self._lens = array("Q", (lengths[i] for i in order))
         for i in range(1, len(self._starts)):
             if self._starts[i] < self._starts[i - 1] + self._counts[i - 1]:
-                raise CorruptImage("chunks overlap", path=path, field="sector_number",
-                                   expected=f">= {self._starts[i - 1] + self._counts[i - 1]}",
-                                   found=self._starts[i])
-        data_chunks = sorted((self._offs[i], self._lens[i], i) for i in range(len(self._starts))
-                             if self._types[i] not in (CHUNK_ZERO, CHUNK_IGNORE) and self._lens[i])
-        for (o1, l1, i1), (o2, _l2, i2) in zip(data_chunks, data_chunks[1:]):
+                raise CorruptImage(
+                    "chunks overlap",
+                    path=path,
+                    field="sector_number",
+                    expected=f">= {self._starts[i - 1] + self._counts[i - 1]}",
+                    found=self._starts[i],
+                )
+        data_chunks = sorted(
+            (self._offs[i], self._lens[i], i)
+            for i in range(len(self._starts))
+            if self._types[i] not in (CHUNK_ZERO, CHUNK_IGNORE) and self._lens[i]
+        )
+        for (o1, l1, i1), (o2, _l2, i2) in itertools.pairwise(data_chunks):
             if o2 < o1 + l1:
-                raise CorruptImage("two chunks share compressed data (a table repeating one chunk "
-                                   "multiplies the work of reading it)", path=path, offset=o2,
-                                   expected=f"chunk at sector {self._starts[i2]} to start at or "
-                                   f"after {o1 + l1:#x}",
-                                   found=f"{o2:#x} (inside the chunk at sector {self._starts[i1]})")
+                raise CorruptImage(
+                    "two chunks share compressed data (a table repeating one chunk "
+                    "multiplies the work of reading it)",
+                    path=path,
+                    offset=o2,
+                    expected=f"chunk at sector {self._starts[i2]} to start at or "
+                    f"after {o1 + l1:#x}",
+                    found=f"{o2:#x} (inside the chunk at sector {self._starts[i1]})",
+                )
         total = k.sector_count
         if total > MAX_SECTORS:
-            raise CorruptImage("virtual size larger than the chunk tables can describe",
-                               path=path, field="sector_count", expected=f"<= {MAX_SECTORS}",
-                               found=total)
+            raise CorruptImage(
+                "virtual size larger than the chunk tables can describe",
+                path=path,
+                field="sector_count",
+                expected=f"<= {MAX_SECTORS}",
+                found=total,
+            )
         if self._starts:
             end = self._starts[-1] + self._counts[-1]
             if total == 0 or end > total:
@@ -326,8 +419,12 @@ class DmgImage(Image):
         self._partitions = partitions
 
     def info(self) -> dict:
-        return {"udif_version": self.koly.version, "image_variant": self.koly.image_variant,
-                "chunk_types": dict(self._kinds), "partitions": self._partitions}
+        return {
+            "udif_version": self.koly.version,
+            "image_variant": self.koly.image_variant,
+            "chunk_types": dict(self._kinds),
+            "partitions": self._partitions,
+        }
 
     # -- data ------------------------------------------------------------------------------------
     def _chunk_index(self, sector: int) -> int:
@@ -355,7 +452,11 @@ class DmgImage(Image):
     def block_status(self, offset, length):
         runs = RunList()
         for s, n, i in self._pieces(offset, length):
-            st = Alloc.UNALLOCATED if i < 0 or self._types[i] in (CHUNK_ZERO, CHUNK_IGNORE) else Alloc.DATA
+            st = (
+                Alloc.UNALLOCATED
+                if i < 0 or self._types[i] in (CHUNK_ZERO, CHUNK_IGNORE)
+                else Alloc.DATA
+            )
             runs.add(s, n, st)
         return runs.runs
 
@@ -376,10 +477,12 @@ class DmgImage(Image):
                 data = d.decompress(comp, out_size)
             elif ctype == CHUNK_BZIP2:
                 import bz2
+
                 d = bz2.BZ2Decompressor()
                 data = d.decompress(comp, max_length=out_size)
             elif ctype == CHUNK_LZMA:
                 import lzma
+
                 d = lzma.LZMADecompressor()
                 data = d.decompress(comp, max_length=out_size)
             elif ctype == CHUNK_ADC:
@@ -388,17 +491,22 @@ class DmgImage(Image):
                 try:
                     import lzfse  # noqa: F401 - the decoder lives in this module
                 except ImportError:
-                    raise NotSupported(f"{self.location}: LZFSE-compressed DMG (ULFO) needs the "
-                                       "'lzfse' Python module, which is not installed") from None
+                    raise NotSupported(
+                        f"{self.location}: LZFSE-compressed DMG (ULFO) needs the "
+                        "'lzfse' Python module, which is not installed"
+                    ) from None
                 data = lzfse_decompress(comp, out_size)
             else:  # pragma: no cover - filtered at load
                 raise CorruptImage(f"unexpected chunk type {ctype:#x}", **where)
         except (zlib.error, OSError, EOFError, ValueError, _lzma_error()) as exc:
-            raise CorruptImage(f"chunk {i} ({CHUNK_NAMES.get(ctype)}) does not decompress: {exc}",
-                               **where) from None
+            raise CorruptImage(
+                f"chunk {i} ({CHUNK_NAMES.get(ctype)}) does not decompress: {exc}", **where
+            ) from None
         except Exception as exc:
             if type(exc).__module__.startswith("lzfse") or type(exc).__name__ == "error":
-                raise CorruptImage(f"chunk {i} (lzfse) does not decompress: {exc}", **where) from None
+                raise CorruptImage(
+                    f"chunk {i} (lzfse) does not decompress: {exc}", **where
+                ) from None
             raise
         if len(data) < out_size:
             data = data + bytes(out_size - len(data))
@@ -412,7 +520,7 @@ class DmgImage(Image):
                 continue
             base = self._starts[i] * SECTOR
             data = self._chunk_data(i)
-            out[s - offset:s - offset + n] = data[s - base:s - base + n]
+            out[s - offset : s - offset + n] = data[s - base : s - base + n]
         return bytes(out)
 
     def close(self):

@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING
 
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import (AuthenticationError, ConfigError, ImageNotFound, InvalidArgument,
-                      NetworkError, NotSupported, VDIOError, VDTimeoutError)
+from ..errors import (
+    AuthenticationError,
+    ConfigError,
+    ImageNotFound,
+    InvalidArgument,
+    NetworkError,
+    NotSupported,
+    VDIOError,
+    VDTimeoutError,
+)
 from ..image import Alloc, Image
 from . import iscsi_pdu as P
 
@@ -203,15 +211,21 @@ class Connection:
         return self.itt
 
     # -- login -----------------------------------------------------------------------------------
-    def _login_round(self, csg: int, nsg: int, transit: bool, keys: dict, itt: int) -> tuple[dict, dict]:
-        self.send(P.login_request(self.isid, 0, itt, 0, self.cmdsn, self.expstatsn, csg, nsg,
-                                  transit, keys))
+    def _login_round(self, csg: int, nsg: int, transit: bool, keys: dict,
+                     itt: int) -> tuple[dict, dict]:
+        self.send(
+            P.login_request(
+                self.isid, 0, itt, 0, self.cmdsn, self.expstatsn, csg, nsg, transit, keys
+            )
+        )
         while True:
             resp = self.recv()
             if resp.opcode == P.OP_LOGIN_RESP:
                 break
             if resp.opcode == P.OP_REJECT:
-                raise NetworkError(f"iSCSI target rejected the login request (reason {resp.bhs[2]:#x})")
+                raise NetworkError(
+                    f"iSCSI target rejected the login request (reason {resp.bhs[2]:#x})"
+                )
             self._malformed(bytes(resp.bhs), f"unexpected {resp.name} during login")
         f = P.login_response_fields(resp)
         self.expstatsn = (f["statsn"] + 1) & 0xFFFFFFFF
@@ -219,17 +233,22 @@ class Connection:
         if cls != 0:
             target = self.cfg["TargetName"]
             if cls == 2 and det == 1:
-                raise AuthenticationError(f"iSCSI login to {target} failed: authentication failure "
-                                          "(check InitiatorUsername / InitiatorSecret)")
+                raise AuthenticationError(
+                    f"iSCSI login to {target} failed: authentication failure "
+                    "(check InitiatorUsername / InitiatorSecret)"
+                )
             if cls == 2 and det == 2:
                 raise AuthenticationError(f"iSCSI login to {target} failed: not authorized")
             if cls == 2 and det in (3, 4):
                 raise ImageNotFound(f"iSCSI target {target} not found at {self.host}:{self.port}")
             if cls == 1:
-                raise NetworkError(f"iSCSI target {target} redirects elsewhere "
-                                   f"(status {cls}/{det}); redirection is not supported")
-            raise NetworkError(f"iSCSI login to {target} failed with status class {cls}, "
-                               f"detail {det}")
+                raise NetworkError(
+                    f"iSCSI target {target} redirects elsewhere "
+                    f"(status {cls}/{det}); redirection is not supported"
+                )
+            raise NetworkError(
+                f"iSCSI login to {target} failed with status class {cls}, detail {det}"
+            )
         try:
             keys_back = P.decode_text(resp.data)
         except P.PDUError as exc:
@@ -246,25 +265,35 @@ class Connection:
             raise ConfigError("mutual CHAP needs InitiatorUsername and InitiatorSecret too")
         use_chap = bool(user and secret)
         itt = self._next_itt()
-        first = {"InitiatorName": cfg["InitiatorName"], "SessionType": "Normal",
-                 "TargetName": cfg["TargetName"], "AuthMethod": "CHAP" if use_chap else "None"}
+        first = {
+            "InitiatorName": cfg["InitiatorName"],
+            "SessionType": "Normal",
+            "TargetName": cfg["TargetName"],
+            "AuthMethod": "CHAP" if use_chap else "None",
+        }
         if use_chap:
             f, keys = self._login_round(0, 1, False, first, itt)
             method = keys.get("AuthMethod", "")
             if method == "CHAP":
                 f, keys = self._login_round(0, 1, False, {"CHAP_A": "5"}, itt)
                 if keys.get("CHAP_A") != "5":
-                    raise AuthenticationError(f"iSCSI target offered CHAP algorithm "
-                                              f"{keys.get('CHAP_A')!r}; only MD5 (5) is supported")
+                    raise AuthenticationError(
+                        f"iSCSI target offered CHAP algorithm "
+                        f"{keys.get('CHAP_A')!r}; only MD5 (5) is supported"
+                    )
                 try:
                     ident = int(keys["CHAP_I"])
                     challenge = P.decode_binary(keys["CHAP_C"])
                 except (KeyError, ValueError, P.PDUError):
-                    raise AuthenticationError("iSCSI target sent an invalid CHAP challenge") from None
+                    raise AuthenticationError(
+                        "iSCSI target sent an invalid CHAP challenge"
+                    ) from None
                 if len(challenge) > 1024:
                     raise AuthenticationError("iSCSI target's CHAP challenge is too long")
-                answer = {"CHAP_N": user, "CHAP_R": P.encode_binary(
-                    P.chap_response(ident, secret, challenge))}
+                answer = {
+                    "CHAP_N": user,
+                    "CHAP_R": P.encode_binary(P.chap_response(ident, secret, challenge)),
+                }
                 mine = None
                 if tuser:
                     mine = P.ChapChallenge()
@@ -272,33 +301,50 @@ class Connection:
                 f, keys = self._login_round(0, 1, True, answer, itt)
                 if mine is not None:
                     try:
-                        ok = (keys.get("CHAP_N") == tuser and
-                              mine.verify(tsecret, P.decode_binary(keys.get("CHAP_R", ""))))
+                        ok = keys.get("CHAP_N") == tuser and mine.verify(
+                            tsecret, P.decode_binary(keys.get("CHAP_R", ""))
+                        )
                     except P.PDUError:
                         ok = False
                     if not ok:
-                        raise AuthenticationError("iSCSI target failed mutual CHAP authentication "
-                                                  "(TargetUsername / TargetSecret do not match)")
+                        raise AuthenticationError(
+                            "iSCSI target failed mutual CHAP authentication "
+                            "(TargetUsername / TargetSecret do not match)"
+                        )
             elif method != "None":
                 raise AuthenticationError(f"iSCSI target refused CHAP (AuthMethod={method!r})")
         else:
             f, keys = self._login_round(0, 1, True, first, itt)
             if keys.get("AuthMethod") not in (None, "None"):
-                raise AuthenticationError("iSCSI target requires authentication "
-                                          f"(AuthMethod={keys.get('AuthMethod')!r}); set "
-                                          "InitiatorUsername and InitiatorSecret")
+                raise AuthenticationError(
+                    "iSCSI target requires authentication "
+                    f"(AuthMethod={keys.get('AuthMethod')!r}); set "
+                    "InitiatorUsername and InitiatorSecret"
+                )
         rounds = 0
-        while not (f["transit"] and f["nsg"] == P.STAGE_OPERATIONAL) and f["csg"] == P.STAGE_SECURITY:
+        while (
+            not (f["transit"] and f["nsg"] == P.STAGE_OPERATIONAL) and f["csg"] == P.STAGE_SECURITY
+        ):
             rounds += 1
             if rounds > 8:
                 raise NetworkError("iSCSI security negotiation did not finish")
             f, keys = self._login_round(0, 1, True, {}, itt)
-        ours = {"HeaderDigest": "None", "DataDigest": "None",
-                "MaxRecvDataSegmentLength": str(OUR_MAX_RECV), "InitialR2T": "Yes",
-                "ImmediateData": "Yes", "MaxBurstLength": str(OUR_BURST),
-                "FirstBurstLength": str(65536), "DefaultTime2Wait": "0",
-                "DefaultTime2Retain": "0", "MaxOutstandingR2T": "1", "MaxConnections": "1",
-                "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes", "ErrorRecoveryLevel": "0"}
+        ours = {
+            "HeaderDigest": "None",
+            "DataDigest": "None",
+            "MaxRecvDataSegmentLength": str(OUR_MAX_RECV),
+            "InitialR2T": "Yes",
+            "ImmediateData": "Yes",
+            "MaxBurstLength": str(OUR_BURST),
+            "FirstBurstLength": str(65536),
+            "DefaultTime2Wait": "0",
+            "DefaultTime2Retain": "0",
+            "MaxOutstandingR2T": "1",
+            "MaxConnections": "1",
+            "DataPDUInOrder": "Yes",
+            "DataSequenceInOrder": "Yes",
+            "ErrorRecoveryLevel": "0",
+        }
         got: dict = {}
         send = ours
         for _ in range(8):
@@ -306,23 +352,28 @@ class Connection:
             got.update(keys)
             if f["transit"] and f["nsg"] == P.STAGE_FULL_FEATURE:
                 break
-            send = {k: v for k, v in keys.items() if k not in ours}   # answer its proposals
+            send = {k: v for k, v in keys.items() if k not in ours}  # answer its proposals
         else:
             raise NetworkError("iSCSI operational negotiation did not finish")
         for k in ("HeaderDigest", "DataDigest"):
             if got.get(k, "None") != "None":
-                raise NotSupported(f"iSCSI target insists on {k}={got[k]}; digests are not supported")
+                raise NotSupported(
+                    f"iSCSI target insists on {k}={got[k]}; digests are not supported"
+                )
 
         def num(key, default):
             try:
                 return int(got.get(key, default))
             except ValueError:
-                raise NetworkError(f"iSCSI target sent a bad {key} value {got.get(key)!r}") from None
+                raise NetworkError(
+                    f"iSCSI target sent a bad {key} value {got.get(key)!r}"
+                ) from None
+
         self.target_mrdsl = max(512, num("MaxRecvDataSegmentLength", 8192))
         self.max_burst = min(OUR_BURST, num("MaxBurstLength", 262144))
         self.first_burst = min(65536, num("FirstBurstLength", 65536))
         self.immediate_data = got.get("ImmediateData", "Yes") == "Yes"
-        self.initial_r2t = True   # we offered Yes: the result is Yes (OR semantics)
+        self.initial_r2t = True  # we offered Yes: the result is Yes (OR semantics)
         self.tsih = f["tsih"]
 
     def logout(self) -> None:
@@ -353,10 +404,20 @@ class Connection:
         wlen = len(write_data) if write_data else 0
         imm = b""
         if wlen and self.immediate_data:
-            imm = write_data[:min(self.first_burst, self.target_mrdsl)]
-        self.send(P.scsi_command(self.lun, itt, cdb, read=read_length > 0, write=wlen > 0,
-                                 expected_length=read_length or wlen, cmdsn=cmdsn,
-                                 expstatsn=self.expstatsn, data=imm))
+            imm = write_data[: min(self.first_burst, self.target_mrdsl)]
+        self.send(
+            P.scsi_command(
+                self.lun,
+                itt,
+                cdb,
+                read=read_length > 0,
+                write=wlen > 0,
+                expected_length=read_length or wlen,
+                cmdsn=cmdsn,
+                expstatsn=self.expstatsn,
+                data=imm,
+            )
+        )
         buf = bytearray(read_length)
         while True:
             p = self.recv()
@@ -377,25 +438,38 @@ class Connection:
             if op == P.OP_DATA_IN:
                 off = p.u32(40)
                 if off + len(p.data) > read_length:
-                    self._malformed(bytes(p.bhs), f"Data-In at {off}+{len(p.data)} beyond the "
-                                    f"{read_length} bytes asked for")
-                buf[off:off + len(p.data)] = p.data
-                if p.flags & 0x01:        # status in the last Data-In
+                    self._malformed(
+                        bytes(p.bhs),
+                        f"Data-In at {off}+{len(p.data)} beyond the {read_length} bytes asked for",
+                    )
+                buf[off : off + len(p.data)] = p.data
+                if p.flags & 0x01:  # status in the last Data-In
                     self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
                     return p.bhs[3], bytes(buf), b""
                 continue
             if op == P.OP_R2T:
                 ttt, off, want = p.u32(20), p.u32(40), p.u32(44)
                 if off + want > wlen or want == 0:
-                    self._malformed(bytes(p.bhs), f"R2T for {off}+{want} beyond the {wlen} bytes "
-                                    "being written")
+                    self._malformed(
+                        bytes(p.bhs), f"R2T for {off}+{want} beyond the {wlen} bytes being written"
+                    )
                 datasn = 0
                 pos = off
                 end = off + want
                 while pos < end:
                     n = min(self.target_mrdsl, end - pos)
-                    self.send(P.data_out(self.lun, itt, ttt, self.expstatsn, datasn, pos,
-                                         write_data[pos:pos + n], final=pos + n >= end))
+                    self.send(
+                        P.data_out(
+                            self.lun,
+                            itt,
+                            ttt,
+                            self.expstatsn,
+                            datasn,
+                            pos,
+                            write_data[pos : pos + n],
+                            final=pos + n >= end,
+                        )
+                    )
                     datasn += 1
                     pos += n
                 continue
@@ -406,7 +480,7 @@ class Connection:
                 sense = b""
                 if len(p.data) >= 2:
                     sl = struct.unpack_from(">H", p.data, 0)[0]
-                    sense = p.data[2:2 + sl]
+                    sense = p.data[2 : 2 + sl]
                 return p.bhs[3], bytes(buf), sense
             self._malformed(bytes(p.bhs), f"unexpected {p.name}")
 
@@ -423,15 +497,18 @@ class IscsiImage(Image):
             _, inq, _ = self._scsi(P.cdb_inquiry(96), read_length=96, what="INQUIRY")
             ptype = inq[0] & 0x1F if inq else 0x1F
             if ptype not in (0x00, 0x05, 0x07, 0x0E):
-                raise NotSupported(f"{location}: LUN is not a disk (SCSI peripheral type "
-                                   f"{ptype:#x}); choose a data LUN (usually 1 on tgt)")
+                raise NotSupported(
+                    f"{location}: LUN is not a disk (SCSI peripheral type "
+                    f"{ptype:#x}); choose a data LUN (usually 1 on tgt)"
+                )
             self.vendor = inq[8:16].decode("ascii", "replace").strip()
             self.product = inq[16:32].decode("ascii", "replace").strip()
             _, cap, _ = self._scsi(P.CDB_READ_CAPACITY10, read_length=8, what="READ CAPACITY(10)")
             last, blen = struct.unpack(">II", cap)
             if last == 0xFFFFFFFF:
-                _, cap, _ = self._scsi(P.CDB_READ_CAPACITY16, read_length=32,
-                                       what="READ CAPACITY(16)")
+                _, cap, _ = self._scsi(
+                    P.CDB_READ_CAPACITY16, read_length=32, what="READ CAPACITY(16)"
+                )
                 last, blen = struct.unpack_from(">QI", cap)
             if blen not in (512, 1024, 2048, 4096):
                 raise NotSupported(f"{location}: unsupported LUN block size {blen}")
@@ -443,10 +520,16 @@ class IscsiImage(Image):
         self.size = (last + 1) * blen
 
     def info(self):
-        return {"target": self.cfg["TargetName"], "lun": self.conn.lun,
-                "address": f"{self.conn.host}:{self.conn.port}", "vendor": self.vendor,
-                "product": self.product, "block_size": self.block_size,
-                "max_burst": self.conn.max_burst, "target_max_recv": self.conn.target_mrdsl}
+        return {
+            "target": self.cfg["TargetName"],
+            "lun": self.conn.lun,
+            "address": f"{self.conn.host}:{self.conn.port}",
+            "vendor": self.vendor,
+            "product": self.product,
+            "block_size": self.block_size,
+            "max_burst": self.conn.max_burst,
+            "target_max_recv": self.conn.target_mrdsl,
+        }
 
     def files(self):
         return []
@@ -464,18 +547,20 @@ class IscsiImage(Image):
                 status, data, sense = self.conn.execute(cdb, read_length, write_data)
             except _Dropped as exc:
                 if attempts > 1:
-                    raise NetworkError(f"{self.location}: connection lost during {what} and the "
-                                       f"retry failed too: {exc}") from None
+                    raise NetworkError(
+                        f"{self.location}: connection lost during {what} and the "
+                        f"retry failed too: {exc}"
+                    ) from None
                 self.conn.connect()
                 continue
             if status == 0:
                 return status, data, sense
-            if status == 0x02:   # CHECK CONDITION
+            if status == 0x02:  # CHECK CONDITION
                 key = P.parse_sense(sense)[0]
-                if key == 0x6 and attempts < 4:      # UNIT ATTENTION after login/reset: retry
+                if key == 0x6 and attempts < 4:  # UNIT ATTENTION after login/reset: retry
                     continue
                 raise VDIOError(f"{self.location}: {what} failed: {P.describe_sense(sense)}")
-            if status in (0x08, 0x28) and attempts < 4:   # BUSY / TASK SET FULL
+            if status in (0x08, 0x28) and attempts < 4:  # BUSY / TASK SET FULL
                 continue
             raise VDIOError(f"{self.location}: {what} failed with SCSI status {status:#x}")
 
@@ -489,8 +574,9 @@ class IscsiImage(Image):
         end = offset + length
         while pos < end:
             n = min(READ_CHUNK, end - pos)
-            _, data, _ = self._scsi(P.cdb_read(pos // bs, n // bs), read_length=n,
-                                    what=f"READ at {pos}")
+            _, data, _ = self._scsi(
+                P.cdb_read(pos // bs, n // bs), read_length=n, what=f"READ at {pos}"
+            )
             out += data
             pos += n
         return bytes(out)
@@ -502,8 +588,11 @@ class IscsiImage(Image):
         pos = 0
         while pos < len(mv):
             n = min(self.write_split, len(mv) - pos)
-            self._scsi(P.cdb_write((offset + pos) // bs, n // bs), write_data=bytes(mv[pos:pos + n]),
-                       what=f"WRITE at {offset + pos}")
+            self._scsi(
+                P.cdb_write((offset + pos) // bs, n // bs),
+                write_data=bytes(mv[pos : pos + n]),
+                what=f"WRITE at {offset + pos}",
+            )
             pos += n
 
     def flush(self):
@@ -528,8 +617,11 @@ class IscsiBackend(Backend):
         user = config.get("InitiatorUsername")
         cred = urllib.parse.quote(str(user), safe="") + "@" if user else ""
         addr = config.get("TargetAddress", "")
-        return (f"iscsi://{cred}{addr}/{urllib.parse.quote(str(config.get('TargetName', '')), safe=':.-')}"
-                f"/{config.get('LUN', '0')}")
+        return (
+            f"iscsi://{cred}{addr}/"
+            f"{urllib.parse.quote(str(config.get('TargetName', '')), safe=':.-')}"
+            f"/{config.get('LUN', '0')}"
+        )
 
     def parse_location(self, location: str) -> dict:
         u = urllib.parse.urlsplit(location)
@@ -538,12 +630,17 @@ class IscsiBackend(Backend):
         parts = [urllib.parse.unquote(p) for p in u.path.split("/") if p]
         if not u.hostname or len(parts) != 2:
             raise InvalidArgument(f"{location}: expected iscsi://[user@]host[:port]/target-iqn/lun")
-        out = {"TargetAddress": u.netloc.rpartition("@")[2], "TargetName": parts[0], "LUN": parts[1]}
+        out = {
+            "TargetAddress": u.netloc.rpartition("@")[2],
+            "TargetName": parts[0],
+            "LUN": parts[1],
+        }
         if u.username:
             out["InitiatorUsername"] = urllib.parse.unquote(u.username)
         if u.password:
-            raise InvalidArgument("put the CHAP secret in InitiatorSecret (or a property file), "
-                                  "not in the URL")
+            raise InvalidArgument(
+                "put the CHAP secret in InitiatorSecret (or a property file), not in the URL"
+            )
         return out
 
     def open(self, location, flags=OpenFlags.NORMAL, config=None):
@@ -553,8 +650,10 @@ class IscsiBackend(Backend):
                 given.setdefault(k, v)
         cfg = parse_config(self.config_keys, given, owner="iSCSI")
         if cfg.get("HostIPStack") == 0:
-            raise NotSupported("iSCSI: HostIPStack=0 (VirtualBox's internal networking) is not "
-                               "available outside a VM; use 1")
+            raise NotSupported(
+                "iSCSI: HostIPStack=0 (VirtualBox's internal networking) is not "
+                "available outside a VM; use 1"
+            )
         return IscsiImage(self, self.compose_location(cfg), cfg, flags.read_only)
 
 

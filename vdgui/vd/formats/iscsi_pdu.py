@@ -19,9 +19,16 @@ OP_NOP_IN, OP_SCSI_RESP, OP_TASK_MGMT_RESP, OP_LOGIN_RESP, OP_TEXT_RESP, OP_DATA
     0x20, 0x21, 0x22, 0x23, 0x24, 0x25)
 OP_LOGOUT_RESP, OP_R2T, OP_ASYNC, OP_REJECT = 0x26, 0x31, 0x32, 0x3F
 OPCODE_NAMES = {
-    OP_NOP_IN: "NOP-In", OP_SCSI_RESP: "SCSI Response", OP_TASK_MGMT_RESP: "Task Management Response",
-    OP_LOGIN_RESP: "Login Response", OP_TEXT_RESP: "Text Response", OP_DATA_IN: "SCSI Data-In",
-    OP_LOGOUT_RESP: "Logout Response", OP_R2T: "R2T", OP_ASYNC: "Async Message", OP_REJECT: "Reject",
+    OP_NOP_IN: "NOP-In",
+    OP_SCSI_RESP: "SCSI Response",
+    OP_TASK_MGMT_RESP: "Task Management Response",
+    OP_LOGIN_RESP: "Login Response",
+    OP_TEXT_RESP: "Text Response",
+    OP_DATA_IN: "SCSI Data-In",
+    OP_LOGOUT_RESP: "Logout Response",
+    OP_R2T: "R2T",
+    OP_ASYNC: "Async Message",
+    OP_REJECT: "Reject",
 }
 IMMEDIATE = 0x40
 FINAL = 0x80
@@ -44,6 +51,7 @@ def pad4(n: int) -> int:
 @dataclass
 class PDU:
     """One PDU: the raw BHS plus its data segment. Fields are read with the accessors below."""
+
     bhs: bytearray
     data: bytes = b""
     ahs: bytes = b""
@@ -92,8 +100,18 @@ def _bhs(opcode: int, flags: int = 0, immediate: bool = False) -> bytearray:
     return b
 
 
-def login_request(isid: bytes, tsih: int, itt: int, cid: int, cmdsn: int, expstatsn: int,
-                  csg: int, nsg: int, transit: bool, keys: dict[str, str]) -> PDU:
+def login_request(
+    isid: bytes,
+    tsih: int,
+    itt: int,
+    cid: int,
+    cmdsn: int,
+    expstatsn: int,
+    csg: int,
+    nsg: int,
+    transit: bool,
+    keys: dict[str, str],
+) -> PDU:
     flags = (0x80 if transit else 0) | (csg << 2) | (nsg if transit else 0)
     b = _bhs(OP_LOGIN, flags, immediate=True)
     b[2] = 0  # version max
@@ -106,29 +124,47 @@ def login_request(isid: bytes, tsih: int, itt: int, cid: int, cmdsn: int, expsta
 def login_response_fields(p: PDU) -> dict:
     b = p.bhs
     return {
-        "transit": bool(b[1] & 0x80), "continue": bool(b[1] & 0x40),
-        "csg": (b[1] >> 2) & 3, "nsg": b[1] & 3, "version_active": b[3],
-        "isid": bytes(b[8:14]), "tsih": struct.unpack_from(">H", b, 14)[0],
-        "statsn": p.u32(24), "expcmdsn": p.u32(28), "maxcmdsn": p.u32(32),
-        "status_class": b[36], "status_detail": b[37],
+        "transit": bool(b[1] & 0x80),
+        "continue": bool(b[1] & 0x40),
+        "csg": (b[1] >> 2) & 3,
+        "nsg": b[1] & 3,
+        "version_active": b[3],
+        "isid": bytes(b[8:14]),
+        "tsih": struct.unpack_from(">H", b, 14)[0],
+        "statsn": p.u32(24),
+        "expcmdsn": p.u32(28),
+        "maxcmdsn": p.u32(32),
+        "status_class": b[36],
+        "status_detail": b[37],
     }
 
 
-def scsi_command(lun: int, itt: int, cdb: bytes, *, read: bool, write: bool,
-                 expected_length: int, cmdsn: int, expstatsn: int, data: bytes = b"",
-                 final: bool = True) -> PDU:
+def scsi_command(
+    lun: int,
+    itt: int,
+    cdb: bytes,
+    *,
+    read: bool,
+    write: bool,
+    expected_length: int,
+    cmdsn: int,
+    expstatsn: int,
+    data: bytes = b"",
+    final: bool = True,
+) -> PDU:
     flags = (FINAL if final else 0) | (0x40 if read else 0) | (0x20 if write else 0) | 0x01
     b = _bhs(OP_SCSI_CMD, flags)
     b[8:16] = encode_lun(lun)
     struct.pack_into(">IIII", b, 16, itt, expected_length, cmdsn, expstatsn)
     if len(cdb) > 16:
         raise PDUError("CDBs longer than 16 bytes need an AHS, which is not supported")
-    b[32:32 + len(cdb)] = cdb
+    b[32 : 32 + len(cdb)] = cdb
     return PDU(b, data)
 
 
-def data_out(lun: int, itt: int, ttt: int, expstatsn: int, datasn: int, offset: int,
-             data: bytes, final: bool) -> PDU:
+def data_out(
+    lun: int, itt: int, ttt: int, expstatsn: int, datasn: int, offset: int, data: bytes, final: bool
+) -> PDU:
     b = _bhs(OP_DATA_OUT, FINAL if final else 0)
     b[8:16] = encode_lun(lun)
     struct.pack_into(">II", b, 16, itt, ttt)
@@ -165,7 +201,7 @@ def encode_text(keys: dict[str, str]) -> bytes:
     for k, v in keys.items():
         if "=" in k or "\x00" in k or "\x00" in str(v):
             raise PDUError(f"bad text key {k!r}")
-        out += f"{k}={v}".encode("utf-8") + b"\x00"
+        out += f"{k}={v}".encode() + b"\x00"
     return bytes(out)
 
 
@@ -191,6 +227,7 @@ def decode_binary(value: str) -> bytes:
             return bytes.fromhex(h if len(h) % 2 == 0 else "0" + h)
         if v[:2] in ("0b", "0B"):
             import base64
+
             return base64.b64decode(v[2:], validate=True)
     except ValueError:
         pass
@@ -219,17 +256,32 @@ class ChapChallenge:
 
 # -- SCSI -------------------------------------------------------------------------------------
 SENSE_KEYS = {
-    0x0: "NO SENSE", 0x1: "RECOVERED ERROR", 0x2: "NOT READY", 0x3: "MEDIUM ERROR",
-    0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST", 0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT",
-    0x8: "BLANK CHECK", 0x9: "VENDOR SPECIFIC", 0xA: "COPY ABORTED", 0xB: "ABORTED COMMAND",
-    0xD: "VOLUME OVERFLOW", 0xE: "MISCOMPARE",
+    0x0: "NO SENSE",
+    0x1: "RECOVERED ERROR",
+    0x2: "NOT READY",
+    0x3: "MEDIUM ERROR",
+    0x4: "HARDWARE ERROR",
+    0x5: "ILLEGAL REQUEST",
+    0x6: "UNIT ATTENTION",
+    0x7: "DATA PROTECT",
+    0x8: "BLANK CHECK",
+    0x9: "VENDOR SPECIFIC",
+    0xA: "COPY ABORTED",
+    0xB: "ABORTED COMMAND",
+    0xD: "VOLUME OVERFLOW",
+    0xE: "MISCOMPARE",
 }
 ASC_TEXT = {
-    (0x04, 0x00): "logical unit not ready", (0x20, 0x00): "invalid command operation code",
-    (0x21, 0x00): "logical block address out of range", (0x24, 0x00): "invalid field in CDB",
-    (0x25, 0x00): "logical unit not supported", (0x27, 0x00): "write protected",
-    (0x28, 0x00): "medium may have changed", (0x29, 0x00): "power on or reset occurred",
-    (0x3A, 0x00): "medium not present", (0x11, 0x00): "unrecovered read error",
+    (0x04, 0x00): "logical unit not ready",
+    (0x20, 0x00): "invalid command operation code",
+    (0x21, 0x00): "logical block address out of range",
+    (0x24, 0x00): "invalid field in CDB",
+    (0x25, 0x00): "logical unit not supported",
+    (0x27, 0x00): "write protected",
+    (0x28, 0x00): "medium may have changed",
+    (0x29, 0x00): "power on or reset occurred",
+    (0x3A, 0x00): "medium not present",
+    (0x11, 0x00): "unrecovered read error",
     (0x0C, 0x00): "write error",
 }
 

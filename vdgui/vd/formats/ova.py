@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-from ..backend import (Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput)
+from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, NotSupported, ReadOnlyImage
 from ..fileio import ImageFile
@@ -35,7 +35,7 @@ def _is_ustar(head: bytes) -> bool:
 class MemberFile(ImageFile):
     """A read-only window onto one member of the archive, with ImageFile's reading interface."""
 
-    def __init__(self, outer: ImageFile, base: int, length: int, path: str):  # noqa: D107
+    def __init__(self, outer: ImageFile, base: int, length: int, path: str):
         self.outer, self.base, self.length = outer, base, length
         self.path = path
         self.writable = False

@@ -28,10 +28,19 @@ from array import array
 from collections import OrderedDict
 
 from ..align import align_up, ceil_div
-from ..backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                       Operation, ProbeInput, too_large)
-from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+    too_large,
+)
 from ..compaction import Move, holes_between, move_blocks, plan_moves
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import InvalidArgument, NotSupported
 from ..fileimage import FileImage
 from ..fileio import ImageFile, relative_name
@@ -40,10 +49,24 @@ from ..progress import Progress
 from ..runs import RunList
 from ..sparse import is_zero, zeroes
 from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
-from .qed_layout import (MAGIC, QedHeader, HEADER_SIZE, F_BACKING_FILE, F_NEED_CHECK,
-                         F_BACKING_FORMAT_NO_PROBE, F_KNOWN, OFF_FEATURES, OFF_AUTOCLEAR,
-                         OFF_IMAGE_SIZE, MIN_CLUSTER, MAX_CLUSTER, MAX_TABLE_SIZE, MAX_TABLE_BYTES,
-                         MAX_BACKING_NAME, CLUSTER_ZERO)
+from .qed_layout import (
+    CLUSTER_ZERO,
+    F_BACKING_FILE,
+    F_BACKING_FORMAT_NO_PROBE,
+    F_KNOWN,
+    F_NEED_CHECK,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER,
+    MAX_TABLE_BYTES,
+    MAX_TABLE_SIZE,
+    MIN_CLUSTER,
+    OFF_AUTOCLEAR,
+    OFF_FEATURES,
+    OFF_IMAGE_SIZE,
+    QedHeader,
+)
 
 
 def _le_array(data) -> array:
@@ -157,10 +180,12 @@ class QedImage(FileImage):
                 and off < self.fsize)
 
     def _check_table_offset(self, off, what, field=None, at=None) -> None:
-        if off % self.cs or off < self.header_clusters * self.cs or off + self.table_bytes > self.fsize:
-            raise self._corrupt(f"{what} offset invalid", field=field, offset=at if at is not None else off,
-                                expected=f"cluster aligned, after the header, table inside the file "
-                                f"({self.fsize} bytes)", found=hex(off))
+        if (off % self.cs or off < self.header_clusters * self.cs
+                or off + self.table_bytes > self.fsize):
+            raise self._corrupt(f"{what} offset invalid", field=field,
+                                offset=at if at is not None else off,
+                                expected=f"cluster aligned, after the header, table inside the "
+                                f"file ({self.fsize} bytes)", found=hex(off))
 
     # ------------------------------------------------------------------ info / identity
     def info(self):
@@ -420,9 +445,8 @@ class QedImage(FileImage):
             clen = min(cs, self.size - start)
             new = e
             if e == CLUSTER_ZERO:
-                if not has_backing:
-                    new = 0
-                elif parent_read is not None and is_zero(parent_read(start, clen)):
+                if not has_backing or (parent_read is not None
+                                       and is_zero(parent_read(start, clen))):
                     new = 0
             else:
                 if not self._valid_cluster(e):
@@ -448,7 +472,8 @@ class QedImage(FileImage):
         (``("table", l1 index)``) and data clusters (``("data", l1 index, l2 index)``), and
         the fixed ranges (header, L1 table)."""
         cs = self.cs
-        fixed = [(0, self.header_clusters * cs), (self.l1_offset, self.l1_offset + self.table_bytes)]
+        fixed = [(0, self.header_clusters * cs),
+                 (self.l1_offset, self.l1_offset + self.table_bytes)]
         units: list[tuple[int, int, tuple]] = []
         for i in range(self.entries):
             off = self.l1[i]
@@ -542,7 +567,8 @@ class QedImage(FileImage):
     def resize(self, new_size, progress=None):
         self.require_writable()
         if new_size % 512:
-            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
+            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, "
+                                  f"found {new_size}")
         if new_size < self.size:
             raise InvalidArgument(f"{self.location}: shrinking a QED image is not supported "
                                   f"(from {self.size} to {new_size} bytes)")
@@ -777,7 +803,8 @@ class QedBackend(Backend):
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
         cs, ts = cfg["ClusterSize"], cfg["TableSize"]
         if ts * cs > MAX_TABLE_BYTES:
-            raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed {MAX_TABLE_BYTES >> 20} MiB")
+            raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed "
+                                  f"{MAX_TABLE_BYTES >> 20} MiB")
         if p.size <= 0 or p.size % 512:
             raise InvalidArgument(f"QED: size must be a positive multiple of 512, found {p.size}")
         if p.size > qed_max_size(cs, ts):

@@ -10,8 +10,17 @@ from __future__ import annotations
 import os
 
 from ..align import align_up
-from ..backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
-                       OpenFlags, Operation, ProbeInput)
+from ..backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    DeviceType,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+)
 from ..errors import NotSupported
 from ..fileimage import FileImage
 from ..fileio import ImageFile
@@ -128,7 +137,8 @@ class RawBackend(Backend):
 
     def probe(self, src: ProbeInput) -> int:
         # anything is a raw image; an ISO 9660 signature or a known extension raises the score
-        if len(src.head) >= _PVD_OFFSET + 6 and src.head[_PVD_OFFSET + 1:_PVD_OFFSET + 6] == b"CD001":
+        if (len(src.head) >= _PVD_OFFSET + 6
+                and src.head[_PVD_OFFSET + 1:_PVD_OFFSET + 6] == b"CD001"):
             return 30
         if src.ext in {fe.ext for fe in self.extensions} or src.ext in ("raw", "bin"):
             return 10
@@ -153,7 +163,7 @@ class RawBackend(Backend):
                 preallocate(f, 0, p.size)
             if p.progress:
                 p.progress(p.size, p.size)
-            f.sync()                    # complete on disk before it appears under its name
+            f.sync()  # complete on disk before it appears under its name
             f.commit()
         except BaseException:
             f.abandon()

@@ -46,16 +46,34 @@ import shutil
 import uuid as uuidlib
 
 from ...align import align_up, ceil_div
-from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                        Operation, ProbeInput, too_large)
+from ...backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+    too_large,
+)
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import FileExists, InvalidArgument, NotSupported, require_text
 from ...fileio import ImageFile, temp_name
 from .bundle import _DESCRIPTOR, ParallelsBundleImage, _xml_escape
 from .image import ParallelsImage, _limit_reason, _write_new_image
 from .layout import *  # noqa: F403  (the structures and constants, as parallels.py exported them)
-from .layout import (DEFAULT_CLUSTER, DESCRIPTOR_NAME, HEADER_SIZE, MAGIC_EXT, MAGIC_V2,
-                     MAX_BAT_ENTRIES, MAX_CLUSTER, SECTOR, TOP_GUID)
+from .layout import (
+    DEFAULT_CLUSTER,
+    DESCRIPTOR_NAME,
+    HEADER_SIZE,
+    MAGIC_EXT,
+    MAGIC_V2,
+    MAX_BAT_ENTRIES,
+    MAX_CLUSTER,
+    SECTOR,
+    TOP_GUID,
+)
 
 
 class ParallelsBackend(Backend):

@@ -85,7 +85,7 @@ class ParallelsBundleImage(Image):
         if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
             raise self._corrupt("descriptor carries a DTD/entity declarations; refused",
                                 field="DOCTYPE")
-        import xml.etree.ElementTree as ET   # with the first Parallels image, not at start-up
+        import xml.etree.ElementTree as ET  # with the first Parallels image, not at start-up
         try:
             root = ET.fromstring(text)
         except (ET.ParseError, LookupError, ValueError) as exc:   # incl. unknown encodings

@@ -7,8 +7,8 @@ from array import array
 
 from ...align import align_up, ceil_div
 from ...backend import OpenFlags, too_large
-from ...errors import InvalidArgument, NotSupported
 from ...compaction import holes_between, move_blocks, overlapping, plan_moves
+from ...errors import InvalidArgument, NotSupported
 from ...fileimage import FileImage
 from ...fileio import ImageFile
 from ...geometry import Geometry
@@ -16,8 +16,20 @@ from ...image import Alloc, CheckReport, Problem, ProblemCode
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks
 from ...tables import BlockTable, first_shared, read_table
-from .layout import (EXT_MAGIC, FLAG_EMPTY, HEADER_SIZE, INUSE_MAGIC, MAGIC_EXT, MAGIC_V2,
-                     MAX_BAT_ENTRIES, MAX_CLUSTER, SECTOR, VERSION, FormatExtensionHeader, Header)
+from .layout import (
+    EXT_MAGIC,
+    FLAG_EMPTY,
+    HEADER_SIZE,
+    INUSE_MAGIC,
+    MAGIC_EXT,
+    MAGIC_V2,
+    MAX_BAT_ENTRIES,
+    MAX_CLUSTER,
+    SECTOR,
+    VERSION,
+    FormatExtensionHeader,
+    Header,
+)
 
 
 def _limit_reason(cl: int) -> str:

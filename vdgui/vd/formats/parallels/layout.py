@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
-
 SECTOR = 512
 MAGIC_V2 = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"

@@ -9,6 +9,7 @@ from ...image import Problem, ProblemCode
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, be_array
 
+
 def _set_bit_range(buf, base_byte: int, lo: int, hi: int) -> None:
     """Set bits lo..hi (inclusive; bit 0 = LSB of byte 0) in ``buf``, which starts at byte
     ``base_byte`` of the bitmap cluster."""
@@ -150,12 +151,12 @@ class BitmapsMixin:
             if pos + 24 > len(data):
                 break
             b = L.BitmapDirEntry.parse(data[pos:pos + 24])
-            if b.bitmap_table_size * 8 <= (64 << 20) and not b.bitmap_table_offset % self.cs:
-                if add(b.bitmap_table_offset, b.bitmap_table_size * 8, "bitmap table"):
-                    raw = self.f.pread(b.bitmap_table_offset, b.bitmap_table_size * 8)
-                    tbl = be_array(raw[:len(raw) // 8 * 8])
-                    for e in tbl:
-                        o = e & L2E_MASK
-                        if o:
-                            add(o, self.cs, "bitmap data")
+            sane = b.bitmap_table_size * 8 <= (64 << 20) and not b.bitmap_table_offset % self.cs
+            if sane and add(b.bitmap_table_offset, b.bitmap_table_size * 8, "bitmap table"):
+                raw = self.f.pread(b.bitmap_table_offset, b.bitmap_table_size * 8)
+                tbl = be_array(raw[:len(raw) // 8 * 8])
+                for e in tbl:
+                    o = e & L2E_MASK
+                    if o:
+                        add(o, self.cs, "bitmap data")
             pos += (24 + b.extra_data_size + b.name_size + 7) & ~7

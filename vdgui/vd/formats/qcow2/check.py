@@ -157,9 +157,8 @@ class CheckMixin:
                         if active:
                             fixes.append(("l2", off, j, 0))
                         continue
-                    if not add(host, cs, f"data cluster (L2 table {off:#x} entry {j})"):
-                        if active:
-                            fixes.append(("l2", off, j, 0))
+                    if not add(host, cs, f"data cluster (L2 table {off:#x} entry {j})") and active:
+                        fixes.append(("l2", off, j, 0))
             if progress:
                 progress.poll()
         return counts, fixes
@@ -292,7 +291,7 @@ class CheckMixin:
         problems: list = []
         self._orphans: list = []
         counts, fixes = self._count_refs(problems, prog)
-        bad_structure = self._stored_problems(counts, problems)
+        self._stored_problems(counts, problems)
         self._copied_problems(problems, counts, fixes)
         marked = self.incompat & (L.INCOMPAT_CORRUPT | L.INCOMPAT_DIRTY)
         report = CheckReport(problems=problems, orphans=self._orphans)
@@ -354,13 +353,16 @@ class CheckMixin:
         for c in range(used):
             if counts[c] > maxval:
                 raise CorruptImage(f"cluster {c} has {counts[c]} references, more than "
-                                   f"{self.refcount_bits}-bit refcounts can hold", path=self.location)
+                                   f"{self.refcount_bits}-bit refcounts can hold",
+                                   path=self.location)
         base = max(ceil_div(self.fsize, cs), used)
         nb, nt = 0, 1
         while True:
             total = base + nt + nb
-            blocks = sorted({c // per_block for c in range(used) if counts[c]} |
-                            {c // per_block for c in range(base, total)})
+            blocks = sorted(
+                {c // per_block for c in range(used) if counts[c]}
+                | {c // per_block for c in range(base, total)}
+            )
             nt2 = max(1, ceil_div((blocks[-1] + 1) * 8, cs))
             if (len(blocks), nt2) == (nb, nt):
                 break
@@ -384,7 +386,7 @@ class CheckMixin:
         self.f.pwrite(table_ci * cs, array_be_bytes(rt))
         self.f.sync()
         hdr = struct.pack(">QI", table_ci * cs, nt)
-        self.header_raw[L.OFF_REFCOUNT_TABLE_OFFSET:L.OFF_REFCOUNT_TABLE_OFFSET + 12] = hdr
+        self.header_raw[L.OFF_REFCOUNT_TABLE_OFFSET : L.OFF_REFCOUNT_TABLE_OFFSET + 12] = hdr
         self.f.pwrite(L.OFF_REFCOUNT_TABLE_OFFSET, hdr)
         self.f.sync()
         self.rt_offset, self.rt_clusters, self.rt = table_ci * cs, nt, rt

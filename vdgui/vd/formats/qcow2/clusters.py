@@ -17,7 +17,6 @@ from ...sparse import is_zero, zeroes
 from ...tables import table_from_bytes, table_to_bytes
 from . import layout as L
 
-
 BE_U64 = struct.Struct(">Q")
 
 _SKIPS = ((64, bytes(8 * 64)), (8, bytes(8 * 8)))   # L2 entries tested together for "all zero"
@@ -49,9 +48,13 @@ def _unzstd(data: bytes, limit: int) -> bytes:
     try:
         import zstandard
     except ImportError:  # pragma: no cover - zstandard is declared as an optional dependency
-        raise NotSupported("unsupported compression type zstd: install the 'zstandard' module") from None
+        raise NotSupported(
+            "unsupported compression type zstd: install the 'zstandard' module"
+        ) from None
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=True
+        )
         out = bytearray()
         while len(out) < limit:
             chunk = reader.read(limit - len(out))
@@ -72,14 +75,19 @@ def _subcluster_mask(s0: int, s1: int) -> int:
 
 
 class _Segment:
-    __slots__ = ("pos", "n", "kind", "host")
+    __slots__ = ("host", "kind", "n", "pos")
 
     def __init__(self, pos, n, kind, host):
         self.pos, self.n, self.kind, self.host = pos, n, kind, host
 
 
 K_UNALLOC, K_ZERO, K_DATA, K_COMP = 0, 1, 2, 3
-_KIND_ALLOC = {K_UNALLOC: Alloc.UNALLOCATED, K_ZERO: Alloc.ZERO, K_DATA: Alloc.DATA, K_COMP: Alloc.DATA}
+_KIND_ALLOC = {
+    K_UNALLOC: Alloc.UNALLOCATED,
+    K_ZERO: Alloc.ZERO,
+    K_DATA: Alloc.DATA,
+    K_COMP: Alloc.DATA,
+}
 
 
 class ClustersMixin:
@@ -92,11 +100,19 @@ class ClustersMixin:
             self._l2_cache.move_to_end(off)
             return tbl
         if off % self.cs:
-            raise self._corrupt(f"L2 table offset not cluster aligned ({where})", offset=off,
-                                expected=f"a multiple of {self.cs}", found=hex(off))
+            raise self._corrupt(
+                f"L2 table offset not cluster aligned ({where})",
+                offset=off,
+                expected=f"a multiple of {self.cs}",
+                found=hex(off),
+            )
         if off + self.cs > self.fsize:
-            raise self._corrupt(f"L2 table lies past the end of the file ({where})", offset=off,
-                                expected=f"end <= {self.fsize}", found=off + self.cs)
+            raise self._corrupt(
+                f"L2 table lies past the end of the file ({where})",
+                offset=off,
+                expected=f"end <= {self.fsize}",
+                found=off + self.cs,
+            )
         tbl = be_array(self.f.read_exact(off, self.cs, "L2 table"))
         self._l2_cache[off] = tbl
         self._l2_cache_bytes += self.cs
@@ -141,7 +157,7 @@ class ClustersMixin:
         data_file = self.incompat & L.INCOMPAT_DATA_FILE
         f_comp, f_zero, f_copied = L.OFLAG_COMPRESSED, L.OFLAG_ZERO, L.OFLAG_COPIED
         out: list[_Segment] = []
-        rk = -1                 # the open run: kind (-1: none), guest start, length, host start
+        rk = -1  # the open run: kind (-1: none), guest start, length, host start
         rpos = rn = rhost = 0
         end = offset + length
         pos = offset
@@ -173,14 +189,15 @@ class ClustersMixin:
                     # a stretch of unallocated entries: 64, then 8 at a time, not one by one
                     more = (stop - pos - n) // cs
                     for k, zk in _SKIPS:
-                        while more >= k and raw[8 * i:8 * (i + k)] == zk:
+                        while more >= k and raw[8 * i : 8 * (i + k)] == zk:
                             i += k
                             n += k * cs
                             more -= k
                 elif e & f_comp:
                     if data_file:
-                        raise self._corrupt("compressed cluster in an image with an external "
-                                            "data file", offset=pos)
+                        raise self._corrupt(
+                            "compressed cluster in an image with an external data file", offset=pos
+                        )
                     if rk >= 0:
                         out.append(_Segment(rpos, rn, rk, rhost))
                     out.append(_Segment(pos, n, K_COMP, e))
@@ -191,9 +208,13 @@ class ClustersMixin:
                     host = e & L2E_MASK
                     if host & cmask:
                         ci = pos >> cb
-                        raise self._corrupt("cluster offset not cluster aligned", offset=host,
-                                            field=f"L2 entry of guest offset {ci * cs:#x}",
-                                            expected=f"a multiple of {cs}", found=hex(host))
+                        raise self._corrupt(
+                            "cluster offset not cluster aligned",
+                            offset=host,
+                            field=f"L2 entry of guest offset {ci * cs:#x}",
+                            expected=f"a multiple of {cs}",
+                            found=hex(host),
+                        )
                     if e & f_zero:
                         kind = K_ZERO
                         host = 0
@@ -221,9 +242,14 @@ class ClustersMixin:
         def add(pos, n, kind, host):
             if out:
                 last = out[-1]
-                if last.kind == kind and last.pos + last.n == pos and (
-                        kind in (K_UNALLOC, K_ZERO) or
-                        (kind == K_DATA and last.host + last.n == host)):
+                if (
+                    last.kind == kind
+                    and last.pos + last.n == pos
+                    and (
+                        kind in (K_UNALLOC, K_ZERO)
+                        or (kind == K_DATA and last.host + last.n == host)
+                    )
+                ):
                     last.n += n
                     return
             out.append(_Segment(pos, n, kind, host))
@@ -251,16 +277,21 @@ class ClustersMixin:
                     e, bm = tbl[l2i], 0
                 if e & L.OFLAG_COMPRESSED:
                     if data_file:
-                        raise self._corrupt("compressed cluster in an image with an external "
-                                            "data file", offset=pos)
+                        raise self._corrupt(
+                            "compressed cluster in an image with an external data file", offset=pos
+                        )
                     out.append(_Segment(pos, n, K_COMP, e))
                     pos += n
                     continue
                 host = e & L2E_MASK
                 if host % cs:
-                    raise self._corrupt("cluster offset not cluster aligned", offset=host,
-                                        field=f"L2 entry of guest offset {ci * cs:#x}",
-                                        expected=f"a multiple of {cs}", found=hex(host))
+                    raise self._corrupt(
+                        "cluster offset not cluster aligned",
+                        offset=host,
+                        field=f"L2 entry of guest offset {ci * cs:#x}",
+                        expected=f"a multiple of {cs}",
+                        found=hex(host),
+                    )
                 if not self.extended_l2:
                     if e & L.OFLAG_ZERO:
                         add(pos, n, K_ZERO, 0)
@@ -272,13 +303,17 @@ class ClustersMixin:
                     continue
                 alloc, zero = bm & 0xFFFFFFFF, bm >> 32
                 if alloc & zero:
-                    raise self._corrupt("subcluster both allocated and zero",
-                                        field=f"L2 bitmap of guest offset {ci * cs:#x}",
-                                        found=hex(bm))
+                    raise self._corrupt(
+                        "subcluster both allocated and zero",
+                        field=f"L2 bitmap of guest offset {ci * cs:#x}",
+                        found=hex(bm),
+                    )
                 if alloc and not host and not (data_file and e & L.OFLAG_COPIED):
-                    raise self._corrupt("allocated subclusters without a host cluster",
-                                        field=f"L2 entry of guest offset {ci * cs:#x}",
-                                        found=hex(e))
+                    raise self._corrupt(
+                        "allocated subclusters without a host cluster",
+                        field=f"L2 entry of guest offset {ci * cs:#x}",
+                        found=hex(e),
+                    )
                 scs = self.sc_size
                 p = inner
                 while p < inner + n:
@@ -297,22 +332,29 @@ class ClustersMixin:
     def _decompress_cluster(self, e: int, where: int) -> bytes:
         coff, csize = self._compressed_range(e)
         if coff >= self.fsize or coff + csize > self.fsize + 512:
-            raise self._corrupt("compressed cluster lies past the end of the file", offset=coff,
-                                field=f"compressed L2 entry of guest offset {where:#x}",
-                                expected=f"data inside the file ({self.fsize} bytes)",
-                                found=f"{csize} bytes at {coff:#x}")
+            raise self._corrupt(
+                "compressed cluster lies past the end of the file",
+                offset=coff,
+                field=f"compressed L2 entry of guest offset {where:#x}",
+                expected=f"data inside the file ({self.fsize} bytes)",
+                found=f"{csize} bytes at {coff:#x}",
+            )
         raw = self.f.pread(coff, min(csize, self.fsize - coff))
         try:
-            if self.compression_type == 1:
-                out = _unzstd(raw, self.cs)
-            else:
-                out = inflate(raw, self.cs)
+            out = _unzstd(raw, self.cs) if self.compression_type == 1 else inflate(raw, self.cs)
         except DecompressError as exc:
-            raise self._corrupt(f"compressed cluster cannot be decompressed: {exc}", offset=coff,
-                                field=f"compressed L2 entry of guest offset {where:#x}") from None
+            raise self._corrupt(
+                f"compressed cluster cannot be decompressed: {exc}",
+                offset=coff,
+                field=f"compressed L2 entry of guest offset {where:#x}",
+            ) from None
         if len(out) < self.cs:
-            raise self._corrupt("compressed cluster is short", offset=coff,
-                                expected=f"{self.cs} bytes", found=f"{len(out)} bytes")
+            raise self._corrupt(
+                "compressed cluster is short",
+                offset=coff,
+                expected=f"{self.cs} bytes",
+                found=f"{len(out)} bytes",
+            )
         return out
 
     # ------------------------------------------------------------------ reading
@@ -325,8 +367,10 @@ class ClustersMixin:
     def _data_file(self) -> ImageFile:
         if self.incompat & L.INCOMPAT_DATA_FILE:
             if self.data_f is None:
-                raise NotSupported(f"{self.location}: the external data file "
-                                   f"{self.data_file_name!r} is not open (info-only open)")
+                raise NotSupported(
+                    f"{self.location}: the external data file "
+                    f"{self.data_file_name!r} is not open (info-only open)"
+                )
             return self.data_f
         return self.f
 
@@ -335,16 +379,20 @@ class ClustersMixin:
         data = src.pread(host, n)
         if len(data) < n:
             if src is self.f:
-                raise self._corrupt("data cluster lies past the end of the file", offset=host,
-                                    field=f"L2 entry of guest offset {where:#x}",
-                                    expected=f"{n} bytes", found=f"{len(data)} bytes")
-            data += bytes(n - len(data))   # a raw data file shorter than the disk reads zeroes
+                raise self._corrupt(
+                    "data cluster lies past the end of the file",
+                    offset=host,
+                    field=f"L2 entry of guest offset {where:#x}",
+                    expected=f"{n} bytes",
+                    found=f"{len(data)} bytes",
+                )
+            data += bytes(n - len(data))  # a raw data file shorter than the disk reads zeroes
         return data
 
     def read(self, offset, length):
         segs = self._segments(offset, length)
         if len(segs) == 1 and segs[0].kind == K_DATA:
-            return self._read_host(segs[0].host, length, offset)    # one run: no copy
+            return self._read_host(segs[0].host, length, offset)  # one run: no copy
         buf = bytearray(length)
         mv = memoryview(buf)
         cs = self.cs
@@ -354,13 +402,16 @@ class ClustersMixin:
             if s.kind == K_DATA:
                 # straight into the buffer when the run lies inside the file, else through
                 # _read_host (short reads, errors, external data files)
-                if not (direct and s.host + s.n <= self.fsize and
-                        self.f.preadv_into(s.host, mv[a:a + s.n]) == s.n):
-                    mv[a:a + s.n] = self._read_host(s.host, s.n, s.pos)
+                if not (
+                    direct
+                    and s.host + s.n <= self.fsize
+                    and self.f.preadv_into(s.host, mv[a : a + s.n]) == s.n
+                ):
+                    mv[a : a + s.n] = self._read_host(s.host, s.n, s.pos)
             elif s.kind == K_COMP:
                 out = self._decompress_cluster(s.host, s.pos)
                 inner = s.pos & (cs - 1)
-                mv[a:a + s.n] = out[inner:inner + s.n]
+                mv[a : a + s.n] = out[inner : inner + s.n]
         return bytes(buf)
 
     def _l2_for_write(self, l1i: int) -> tuple[array, int]:
@@ -410,13 +461,13 @@ class ClustersMixin:
         for s in self._segments(start, n):
             a = s.pos - start
             if s.kind == K_DATA:
-                mv[a:a + s.n] = self._read_host(s.host, s.n, s.pos)
+                mv[a : a + s.n] = self._read_host(s.host, s.n, s.pos)
             elif s.kind == K_COMP:
                 inner = s.pos & (self.cs - 1)
-                mv[a:a + s.n] = self._decompress_cluster(s.host, s.pos)[inner:inner + s.n]
+                mv[a : a + s.n] = self._decompress_cluster(s.host, s.pos)[inner : inner + s.n]
             elif s.kind == K_UNALLOC and self.backing_file is not None:
                 got = fill(s.pos, s.n)
-                mv[a:a + len(got)] = got
+                mv[a : a + len(got)] = got
         return buf
 
     def write(self, offset, data, fill):
@@ -432,12 +483,12 @@ class ClustersMixin:
             ci = pos // cs
             inner = pos - ci * cs
             if batch and not inner and end - pos >= 2 * cs:
-                k = self._write_new_run(ci, mv[pos - offset:], (end - pos) // cs)
+                k = self._write_new_run(ci, mv[pos - offset :], (end - pos) // cs)
                 if k:
                     pos += k * cs
                     continue
             n = min(cs - inner, end - pos)
-            self._write_cluster(ci, inner, mv[pos - offset:pos - offset + n], fill)
+            self._write_cluster(ci, inner, mv[pos - offset : pos - offset + n], fill)
             pos += n
 
     def _write_new_run(self, ci: int, mv, most: int) -> int:
@@ -453,16 +504,16 @@ class ClustersMixin:
         while k < most:
             if tbl is not None and tbl[l2i + k] & (L2E_MASK | L.OFLAG_COMPRESSED):
                 break
-            if is_zero(mv[k * cs:(k + 1) * cs]):
+            if is_zero(mv[k * cs : (k + 1) * cs]):
                 break
             k += 1
         if k < 2:
             return 0
         tbl, l2off = self._l2_for_write(l1i)
-        new = self._alloc(k, mv[:k * cs])
+        new = self._alloc(k, mv[: k * cs])
         for i in range(k):
             tbl[l2i + i] = (new + i * cs) | L.OFLAG_COPIED
-        self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i:l2i + k]))
+        self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i : l2i + k]))
         return k
 
     def _write_cluster(self, ci: int, inner: int, chunk, fill) -> None:
@@ -503,15 +554,16 @@ class ClustersMixin:
                 return
             if not host or not (bm & 0xFFFFFFFF):
                 new = self._alloc(1)
-                self._write_subclusters(tbl, l2off, l2i, ci, new, 0, bm & ~0xFFFFFFFF, inner,
-                                        chunk, fill)
+                self._write_subclusters(
+                    tbl, l2off, l2i, ci, new, 0, bm & ~0xFFFFFFFF, inner, chunk, fill
+                )
                 if host:
                     self._unref(host, cs, punch=False)
                 return
         if own and not self.extended_l2:
-            if e & L.OFLAG_ZERO:      # preallocated zero cluster: materialise in place
+            if e & L.OFLAG_ZERO:  # preallocated zero cluster: materialise in place
                 content = bytearray(cs)
-                content[inner:inner + len(chunk)] = chunk
+                content[inner : inner + len(chunk)] = chunk
                 self.f.pwrite(host, content)
             else:
                 self.f.pwrite(host + inner, chunk)
@@ -523,11 +575,15 @@ class ClustersMixin:
             content = bytearray(chunk[:clen])
         else:
             content = self._own_view(ci * cs, clen, fill)
-            content[inner:inner + len(chunk)] = chunk
+            content[inner : inner + len(chunk)] = chunk
         if len(content) < cs:
             content += bytes(cs - len(content))
-        if self.compress_writes and full and not self.extended_l2 and \
-                self._write_compressed(tbl, l2off, l2i, content):
+        if (
+            self.compress_writes
+            and full
+            and not self.extended_l2
+            and self._write_compressed(tbl, l2off, l2i, content)
+        ):
             if compressed or host:
                 self._unref_entry(e)
             return
@@ -548,6 +604,7 @@ class ClustersMixin:
         try:
             if self.compression_type == 1:
                 import zstandard
+
                 out = zstandard.ZstdCompressor().compress(bytes(content))
             else:
                 c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
@@ -555,7 +612,7 @@ class ClustersMixin:
         except ImportError:
             return False
         need = len(out)
-        if need > cs - 1:                       # as qemu: only when it saves at least a byte
+        if need > cs - 1:  # as qemu: only when it saves at least a byte
             return False
         maxrc = (1 << self.refcount_bits) - 1
         pos = self._cfree
@@ -566,11 +623,11 @@ class ClustersMixin:
                 pos = None
         x = 62 - (self.cb - 8)
         if (self.next_cluster + 2) * cs + need >> x:
-            return False                        # beyond the reach of a compressed descriptor
+            return False  # beyond the reach of a compressed descriptor
         if pos is not None:
             spill = (pos + need - 1) // cs - pos // cs
             if spill:
-                got = self._alloc(spill)        # the clusters right after the current one
+                got = self._alloc(spill)  # the clusters right after the current one
                 if got != (pos // cs + 1) * cs:
                     for c in range(got // cs, got // cs + spill):
                         self._set_refcount(c, 0)
@@ -600,15 +657,15 @@ class ClustersMixin:
             kb = k * scs
             kn = min(scs, clen - kb)
             if kn <= 0 or (inner <= kb and inner + len(chunk) >= kb + kn):
-                continue     # fully overwritten
+                continue  # fully overwritten
             if alloc >> k & 1:
                 part = self._read_host(host + kb, kn, ci * cs + kb)
             elif zero >> k & 1 or not has_backing:
                 continue
             else:
                 part = fill(ci * cs + kb, kn)
-            buf[kb - lo:kb - lo + len(part)] = part
-        buf[inner - lo:inner - lo + len(chunk)] = chunk
+            buf[kb - lo : kb - lo + len(part)] = part
+        buf[inner - lo : inner - lo + len(chunk)] = chunk
         self.f.pwrite(host + lo, buf)
         mask = _subcluster_mask(s0, s1)
         alloc |= mask
@@ -660,7 +717,8 @@ class ClustersMixin:
                     raise InvalidArgument(
                         f"{self.location}: discard of {n} bytes at {pos:#x} covers part of a "
                         f"cluster inherited from the backing file; discard whole clusters "
-                        f"({cs} bytes) instead")
+                        f"({cs} bytes) instead"
+                    )
                 elif any(sg.kind in (K_DATA, K_COMP) for sg in segs):
                     self._write_cluster(ci, inner, zeroes(n), lambda o, k: zeroes(k))
             pos += n

@@ -16,7 +16,6 @@ from . import layout as L
 from .clusters import be_array
 
 
-
 def qcow2_max_size(cs: int) -> int:
     """qemu's limit: the L1 table at most 32 MiB (each entry maps cs/8 clusters), and host
     offsets of 56 bits."""
@@ -70,33 +69,58 @@ class HeaderMixin:
         unknown = self.incompat & ~L.INCOMPAT_KNOWN
         self._read_extensions(h)
         if unknown:
-            names = [self.feature_names.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1]
-            raise NotSupported(f"{self.location}: unsupported qcow2 incompatible features: "
-                               f"{', '.join(names)}", field="incompatible_features", offset=72,
-                               found=hex(self.incompat))
+            names = [
+                self.feature_names.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1
+            ]
+            raise NotSupported(
+                f"{self.location}: unsupported qcow2 incompatible features: {', '.join(names)}",
+                field="incompatible_features",
+                offset=72,
+                found=hex(self.incompat),
+            )
         if self.refcount_order > 6:
-            raise self._corrupt("refcount width too large", field="refcount_order", offset=96,
-                                expected="0..6", found=self.refcount_order)
+            raise self._corrupt(
+                "refcount width too large",
+                field="refcount_order",
+                offset=96,
+                expected="0..6",
+                found=self.refcount_order,
+            )
         self.refcount_bits = 1 << self.refcount_order
         self.extended_l2 = bool(self.incompat & L.INCOMPAT_EXTL2)
         if self.extended_l2 and self.cb < 14:
-            raise self._corrupt("extended L2 entries need clusters of at least 16 KiB",
-                                field="cluster_bits", offset=20, expected=">= 14", found=self.cb)
+            raise self._corrupt(
+                "extended L2 entries need clusters of at least 16 KiB",
+                field="cluster_bits",
+                offset=20,
+                expected=">= 14",
+                found=self.cb,
+            )
         self.compression_type = 0
         if self.header_length > L.COMPRESSION_TYPE_OFFSET:
             self.compression_type = self.header_raw[L.COMPRESSION_TYPE_OFFSET]
         if bool(self.incompat & L.INCOMPAT_COMPRESSION) != (self.compression_type != 0):
-            raise self._corrupt("compression type field and feature bit disagree",
-                                field="compression_type", offset=104,
-                                expected="non-zero exactly when incompatible bit 3 is set",
-                                found=self.compression_type)
+            raise self._corrupt(
+                "compression type field and feature bit disagree",
+                field="compression_type",
+                offset=104,
+                expected="non-zero exactly when incompatible bit 3 is set",
+                found=self.compression_type,
+            )
         if self.compression_type not in (0, 1):
-            raise NotSupported(f"{self.location}: unsupported compression type "
-                               f"{self.compression_type} (known: 0 zlib, 1 zstd)",
-                               field="compression_type", offset=104)
+            raise NotSupported(
+                f"{self.location}: unsupported compression type "
+                f"{self.compression_type} (known: 0 zlib, 1 zstd)",
+                field="compression_type",
+                offset=104,
+            )
         if h.crypt_method:
-            raise NotSupported(f"{self.location}: encrypted qcow2 images are not supported "
-                               f"(crypt_method {h.crypt_method})", field="crypt_method", offset=32)
+            raise NotSupported(
+                f"{self.location}: encrypted qcow2 images are not supported "
+                f"(crypt_method {h.crypt_method})",
+                field="crypt_method",
+                offset=32,
+            )
         self.size = h.size
         self.block_size = cs
         self.l2_entries = cs // (16 if self.extended_l2 else 8)
@@ -104,41 +128,77 @@ class HeaderMixin:
         self.rb_entries = cs * 8 // self.refcount_bits
         # L1 table
         if h.l1_size * 8 > L.MAX_L1_BYTES:
-            raise self._corrupt("active L1 table too large", field="l1_size", offset=36,
-                                expected=f"at most {L.MAX_L1_BYTES // 8} entries (32 MiB)",
-                                found=h.l1_size)
+            raise self._corrupt(
+                "active L1 table too large",
+                field="l1_size",
+                offset=36,
+                expected=f"at most {L.MAX_L1_BYTES // 8} entries (32 MiB)",
+                found=h.l1_size,
+            )
         span = cs * self.l2_entries
         if h.size > (1 << 62) or ceil_div(h.size, span) > h.l1_size:
-            raise self._corrupt("L1 table too small for the virtual size", field="l1_size",
-                                offset=36, expected=f">= {ceil_div(h.size, span)} entries for "
-                                f"{h.size} bytes", found=h.l1_size)
+            raise self._corrupt(
+                "L1 table too small for the virtual size",
+                field="l1_size",
+                offset=36,
+                expected=f">= {ceil_div(h.size, span)} entries for {h.size} bytes",
+                found=h.l1_size,
+            )
         if h.l1_size and h.l1_table_offset % cs:
-            raise self._corrupt("L1 table offset not cluster aligned", field="l1_table_offset",
-                                offset=40, found=hex(h.l1_table_offset))
+            raise self._corrupt(
+                "L1 table offset not cluster aligned",
+                field="l1_table_offset",
+                offset=40,
+                found=hex(h.l1_table_offset),
+            )
         self.l1_offset = h.l1_table_offset
-        self.l1 = be_array(f.read_exact(h.l1_table_offset, h.l1_size * 8, "active L1 table")) \
-            if h.l1_size else array("Q")
+        self.l1 = (
+            be_array(f.read_exact(h.l1_table_offset, h.l1_size * 8, "active L1 table"))
+            if h.l1_size
+            else array("Q")
+        )
         # refcount table (read lazily; validated now)
         if h.refcount_table_clusters * cs > L.MAX_REFTABLE_BYTES:
-            raise self._corrupt("refcount table too large", field="refcount_table_clusters",
-                                offset=56, expected=f"at most {L.MAX_REFTABLE_BYTES >> 20} MiB",
-                                found=h.refcount_table_clusters)
+            raise self._corrupt(
+                "refcount table too large",
+                field="refcount_table_clusters",
+                offset=56,
+                expected=f"at most {L.MAX_REFTABLE_BYTES >> 20} MiB",
+                found=h.refcount_table_clusters,
+            )
         if h.refcount_table_offset % cs:
-            raise self._corrupt("refcount table offset not cluster aligned",
-                                field="refcount_table_offset", offset=48,
-                                found=hex(h.refcount_table_offset))
+            raise self._corrupt(
+                "refcount table offset not cluster aligned",
+                field="refcount_table_offset",
+                offset=48,
+                found=hex(h.refcount_table_offset),
+            )
         if h.refcount_table_clusters == 0 and not self.open_flags & OpenFlags.INFO:
-            raise self._corrupt("image has no refcount table", field="refcount_table_clusters",
-                                offset=56, expected="> 0", found=0)
+            raise self._corrupt(
+                "image has no refcount table",
+                field="refcount_table_clusters",
+                offset=56,
+                expected="> 0",
+                found=0,
+            )
         self.rt_offset = h.refcount_table_offset
         self.rt_clusters = h.refcount_table_clusters
         # snapshots
         if h.nb_snapshots > L.MAX_SNAPSHOTS:
-            raise self._corrupt("too many snapshots", field="nb_snapshots", offset=60,
-                                expected=f"at most {L.MAX_SNAPSHOTS}", found=h.nb_snapshots)
+            raise self._corrupt(
+                "too many snapshots",
+                field="nb_snapshots",
+                offset=60,
+                expected=f"at most {L.MAX_SNAPSHOTS}",
+                found=h.nb_snapshots,
+            )
         if h.nb_snapshots and h.snapshots_offset % cs:
-            raise self._corrupt("snapshot table offset not cluster aligned",
-                                field="snapshots_offset", offset=64, found=hex(h.snapshots_offset))
+            raise self._corrupt(
+                "snapshot table offset not cluster aligned",
+                field="snapshots_offset",
+                offset=64,
+                found=hex(h.snapshots_offset),
+            )
         self.nb_snapshots = h.nb_snapshots
         self.snapshots_offset = h.snapshots_offset
         self._read_snapshots()
@@ -146,43 +206,58 @@ class HeaderMixin:
         self.backing_file = None
         if h.backing_file_offset:
             if h.backing_file_size > L.MAX_BACKING_NAME:
-                raise self._corrupt("backing file name too long", field="backing_file_size",
-                                    offset=16, expected=f"at most {L.MAX_BACKING_NAME} bytes",
-                                    found=h.backing_file_size)
+                raise self._corrupt(
+                    "backing file name too long",
+                    field="backing_file_size",
+                    offset=16,
+                    expected=f"at most {L.MAX_BACKING_NAME} bytes",
+                    found=h.backing_file_size,
+                )
             if h.backing_file_offset > cs:
-                raise self._corrupt("backing file name outside the first cluster",
-                                    field="backing_file_offset", offset=8,
-                                    expected=f"<= {cs}", found=h.backing_file_offset)
+                raise self._corrupt(
+                    "backing file name outside the first cluster",
+                    field="backing_file_offset",
+                    offset=8,
+                    expected=f"<= {cs}",
+                    found=h.backing_file_offset,
+                )
             raw = f.read_exact(h.backing_file_offset, h.backing_file_size, "backing file name")
             try:
                 self.backing_file = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise self._corrupt("backing file name is not UTF-8", field="backing file name",
-                                    offset=h.backing_file_offset, found=raw[:64]) from None
+                raise self._corrupt(
+                    "backing file name is not UTF-8",
+                    field="backing file name",
+                    offset=h.backing_file_offset,
+                    found=raw[:64],
+                ) from None
             if not self.backing_file:
                 self.backing_file = None
         self.backing_file_offset = h.backing_file_offset
         if self.backing_file is not None:
-            self.parent_hint = ParentHint(locations=[self.backing_file],
-                                          format=self.backing_format)
+            self.parent_hint = ParentHint(locations=[self.backing_file], format=self.backing_format)
             self.flags = ImageFlags.DIFF
         # external data file
         if self.incompat & L.INCOMPAT_DATA_FILE:
             if self.backing_file is not None and self.autoclear & L.AUTOCLEAR_DATA_FILE_RAW:
-                raise self._corrupt("a raw external data file cannot have a backing file",
-                                    field="autoclear_features", offset=88)
+                raise self._corrupt(
+                    "a raw external data file cannot have a backing file",
+                    field="autoclear_features",
+                    offset=88,
+                )
             if not self.open_flags & OpenFlags.INFO:
                 self._open_data_file()
         if self.incompat & L.INCOMPAT_CORRUPT:
-            self.write_blocked = ("the image is marked corrupt; only a repair "
-                                  "(check --repair) may write to it")
+            self.write_blocked = (
+                "the image is marked corrupt; only a repair (check --repair) may write to it"
+            )
         self.next_cluster = ceil_div(self.fsize, cs)
 
     def _read_extensions(self, h) -> None:
         cs = self.cs
         end = h.backing_file_offset if h.backing_file_offset and h.backing_file_offset <= cs else cs
         end = min(end, self.fsize)
-        self.extensions: list[tuple[int, bytes]] = []   # (type, data) in order, except END
+        self.extensions: list[tuple[int, bytes]] = []  # (type, data) in order, except END
         self.feature_names: dict[tuple[int, int], str] = {}
         self.backing_format = None
         pos = self.header_length
@@ -192,13 +267,20 @@ class HeaderMixin:
             if e.type == L.EXT_END:
                 break
             if pos + 8 + e.length > end:
-                raise self._corrupt("header extension runs past the extension area",
-                                    field=f"header extension {e.type:#x}", offset=pos,
-                                    expected=f"end <= {end}", found=pos + 8 + e.length)
+                raise self._corrupt(
+                    "header extension runs past the extension area",
+                    field=f"header extension {e.type:#x}",
+                    offset=pos,
+                    expected=f"end <= {end}",
+                    found=pos + 8 + e.length,
+                )
             data = self.f.read_exact(pos + 8, e.length, "header extension")
             if e.type in seen and e.type in (L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_BITMAPS):
-                raise self._corrupt("header extension appears twice",
-                                    field=f"header extension {e.type:#x}", offset=pos)
+                raise self._corrupt(
+                    "header extension appears twice",
+                    field=f"header extension {e.type:#x}",
+                    offset=pos,
+                )
             seen.add(e.type)
             self.extensions.append((e.type, data))
             if e.type == L.EXT_BACKING_FORMAT:
@@ -207,8 +289,10 @@ class HeaderMixin:
                 self.data_file_name = data.decode("utf-8", "replace")
             elif e.type == L.EXT_FEATURE_TABLE:
                 for i in range(len(data) // 48):
-                    fe = L.FeatureNameEntry.parse(data[i * 48:(i + 1) * 48])
-                    self.feature_names[(fe.type, fe.bit)] = fe.name.rstrip(b"\0").decode("utf-8", "replace")
+                    fe = L.FeatureNameEntry.parse(data[i * 48 : (i + 1) * 48])
+                    self.feature_names[(fe.type, fe.bit)] = fe.name.rstrip(b"\0").decode(
+                        "utf-8", "replace"
+                    )
             elif e.type == L.EXT_BITMAPS and len(data) >= 24:
                 self.bitmaps_ext = dict(L.BitmapsExtension.parse(data[:24]))
             pos += 8 + ((e.length + 7) & ~7)
@@ -220,22 +304,35 @@ class HeaderMixin:
             fixed = self.f.read_exact(pos, L.SNAPSHOT_FIXED_SIZE, f"snapshot table entry {i}")
             s = L.SnapshotEntry.parse(fixed)
             if s.extra_data_size > L.MAX_SNAPSHOT_EXTRA:
-                raise self._corrupt(f"snapshot {i}: extra data too large", field="extra_data_size",
-                                    offset=pos + 36, expected=f"<= {L.MAX_SNAPSHOT_EXTRA}",
-                                    found=s.extra_data_size)
+                raise self._corrupt(
+                    f"snapshot {i}: extra data too large",
+                    field="extra_data_size",
+                    offset=pos + 36,
+                    expected=f"<= {L.MAX_SNAPSHOT_EXTRA}",
+                    found=s.extra_data_size,
+                )
             if s.l1_size * 8 > L.MAX_L1_BYTES:
-                raise self._corrupt(f"snapshot {i}: L1 table too large", field="l1_size",
-                                    offset=pos + 8, expected=f"at most {L.MAX_L1_BYTES // 8}",
-                                    found=s.l1_size)
+                raise self._corrupt(
+                    f"snapshot {i}: L1 table too large",
+                    field="l1_size",
+                    offset=pos + 8,
+                    expected=f"at most {L.MAX_L1_BYTES // 8}",
+                    found=s.l1_size,
+                )
             if s.l1_size and s.l1_table_offset % self.cs:
-                raise self._corrupt(f"snapshot {i}: L1 table offset not cluster aligned",
-                                    field="l1_table_offset", offset=pos,
-                                    found=hex(s.l1_table_offset))
+                raise self._corrupt(
+                    f"snapshot {i}: L1 table offset not cluster aligned",
+                    field="l1_table_offset",
+                    offset=pos,
+                    found=hex(s.l1_table_offset),
+                )
             var = s.extra_data_size + s.id_str_size + s.name_size
             rest = self.f.read_exact(pos + L.SNAPSHOT_FIXED_SIZE, var, f"snapshot table entry {i}")
-            extra = rest[:s.extra_data_size]
-            ident = rest[s.extra_data_size:s.extra_data_size + s.id_str_size].decode("utf-8", "replace")
-            name = rest[s.extra_data_size + s.id_str_size:].decode("utf-8", "replace")
+            extra = rest[: s.extra_data_size]
+            ident = rest[s.extra_data_size : s.extra_data_size + s.id_str_size].decode(
+                "utf-8", "replace"
+            )
+            name = rest[s.extra_data_size + s.id_str_size :].decode("utf-8", "replace")
             vm_state = s.vm_state_size
             disk_size = self.size
             if len(extra) >= 8:
@@ -245,31 +342,53 @@ class HeaderMixin:
             entry_size = (L.SNAPSHOT_FIXED_SIZE + var + 7) & ~7
             total += entry_size
             if total > L.MAX_SNAPSHOTS_BYTES:
-                raise self._corrupt("snapshot table too large", field="nb_snapshots", offset=60,
-                                    expected=f"at most {L.MAX_SNAPSHOTS_BYTES >> 20} MiB")
-            self.snapshots.append({"id": ident, "name": name, "date_sec": s.date_sec,
-                                   "date_nsec": s.date_nsec, "vm_clock_nsec": s.vm_clock_nsec,
-                                   "vm_state_size": vm_state, "disk_size": disk_size,
-                                   "l1_table_offset": s.l1_table_offset, "l1_size": s.l1_size})
+                raise self._corrupt(
+                    "snapshot table too large",
+                    field="nb_snapshots",
+                    offset=60,
+                    expected=f"at most {L.MAX_SNAPSHOTS_BYTES >> 20} MiB",
+                )
+            self.snapshots.append(
+                {
+                    "id": ident,
+                    "name": name,
+                    "date_sec": s.date_sec,
+                    "date_nsec": s.date_nsec,
+                    "vm_clock_nsec": s.vm_clock_nsec,
+                    "vm_state_size": vm_state,
+                    "disk_size": disk_size,
+                    "l1_table_offset": s.l1_table_offset,
+                    "l1_size": s.l1_size,
+                }
+            )
             pos += entry_size
         self.snapshot_table_size = total
 
     def _open_data_file(self) -> None:
         if not self.data_file_name:
-            raise self._corrupt("external data file bit set but no data file name stored",
-                                field="incompatible_features", offset=72)
+            raise self._corrupt(
+                "external data file bit set but no data file name stored",
+                field="incompatible_features",
+                offset=72,
+            )
         if not self.open_flags & OpenFlags.ALLOW_UNSAFE_PATHS:
-            raise UnsafePath(f"{self.location}: the image keeps its data in an external data file "
-                             f"{self.data_file_name!r}; opening it is refused unless unsafe paths "
-                             "are allowed")
-        path = resolve_stored_name(self.location, self.data_file_name, allow_unsafe=True,
-                                   what="external data file")
+            raise UnsafePath(
+                f"{self.location}: the image keeps its data in an external data file "
+                f"{self.data_file_name!r}; opening it is refused unless unsafe paths "
+                "are allowed"
+            )
+        path = resolve_stored_name(
+            self.location, self.data_file_name, allow_unsafe=True, what="external data file"
+        )
         self.data_f = ImageFile(path, writable=False)
         self.extra_files.append(self.data_f)
 
     def _feature_list(self, bits: int, kind: int, names: dict) -> list[str]:
-        return [self.feature_names.get((kind, b)) or names.get(b, f"bit {b}")
-                for b in range(64) if bits >> b & 1]
+        return [
+            self.feature_names.get((kind, b)) or names.get(b, f"bit {b}")
+            for b in range(64)
+            if bits >> b & 1
+        ]
 
     def info(self) -> dict:
         d = {
@@ -286,8 +405,10 @@ class HeaderMixin:
             "compatible_features": self._feature_list(self.compat, 1, L.COMPAT_NAMES),
             "autoclear_features": self._feature_list(self.autoclear, 2, L.AUTOCLEAR_NAMES),
             "l1_size": len(self.l1),
-            "snapshots": [{k: s[k] for k in ("id", "name", "date_sec", "vm_state_size",
-                                            "disk_size")} for s in self.snapshots],
+            "snapshots": [
+                {k: s[k] for k in ("id", "name", "date_sec", "vm_state_size", "disk_size")}
+                for s in self.snapshots
+            ],
         }
         if self.backing_file is not None:
             d["backing_file"] = self.backing_file
@@ -298,8 +419,10 @@ class HeaderMixin:
         if self.bitmaps_ext:
             d["bitmaps"] = self.bitmaps_ext["nb_bitmaps"]
         if self.snapshot_view is not None:
-            d["snapshot_view"] = {"id": self.snapshot_view["id"],
-                                  "name": self.snapshot_view["name"]}
+            d["snapshot_view"] = {
+                "id": self.snapshot_view["id"],
+                "name": self.snapshot_view["name"],
+            }
         return d
 
     def _write_feature_bits(self) -> None:
@@ -308,7 +431,9 @@ class HeaderMixin:
         struct.pack_into(">Q", self.header_raw, L.OFF_INCOMPATIBLE, self.incompat)
         struct.pack_into(">Q", self.header_raw, L.OFF_AUTOCLEAR, self.autoclear)
         self.f.sync()
-        self.f.pwrite(L.OFF_INCOMPATIBLE, self.header_raw[L.OFF_INCOMPATIBLE:L.OFF_INCOMPATIBLE + 24])
+        self.f.pwrite(
+            L.OFF_INCOMPATIBLE, self.header_raw[L.OFF_INCOMPATIBLE : L.OFF_INCOMPATIBLE + 24]
+        )
 
     def _write_header_area(self, backing: str | None, fmt: str | None) -> None:
         exts = [(t, d) for t, d in self.extensions if t != L.EXT_BACKING_FORMAT]
@@ -318,19 +443,23 @@ class HeaderMixin:
         for t, d in exts:
             area += L.HeaderExtension.build({"type": t, "length": len(d)})
             area += d + bytes(-len(d) % 8)
-        area += bytes(8)     # end of the extension area
+        area += bytes(8)  # end of the extension area
         name = backing.encode() if backing else b""
         if len(name) > L.MAX_BACKING_NAME:
-            raise InvalidArgument(f"{self.location}: backing file name longer than "
-                                  f"{L.MAX_BACKING_NAME} bytes: {backing!r}")
+            raise InvalidArgument(
+                f"{self.location}: backing file name longer than "
+                f"{L.MAX_BACKING_NAME} bytes: {backing!r}"
+            )
         bf_off = len(area) if name else 0
         area += name
         if len(area) > self.cs:
-            raise InvalidArgument(f"{self.location}: header, extensions and backing file name "
-                                  f"({len(area)} bytes) do not fit in the first cluster "
-                                  f"({self.cs} bytes)")
+            raise InvalidArgument(
+                f"{self.location}: header, extensions and backing file name "
+                f"({len(area)} bytes) do not fit in the first cluster "
+                f"({self.cs} bytes)"
+            )
         struct.pack_into(">QI", area, L.OFF_BACKING_FILE_OFFSET, bf_off, len(name))
-        self.header_raw[:] = area[:self.header_length]
+        self.header_raw[:] = area[: self.header_length]
         # the rest of cluster 0 is reserved for this area: rewrite it whole
         self.f.pwrite(0, bytes(area) + bytes(self.cs - len(area)))
         self.f.sync()

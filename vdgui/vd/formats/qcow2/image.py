@@ -7,17 +7,26 @@ from array import array
 from collections import OrderedDict
 
 from ...align import ceil_div
-from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                        Operation, ProbeInput, too_large)
+from ...backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+    too_large,
+)
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
-from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
+from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileimage import FileImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
 from . import layout as L
 from .bitmaps import BitmapsMixin
 from .check import CheckMixin
-from .clusters import ClustersMixin, BE_U64, be_array
+from .clusters import BE_U64, ClustersMixin, be_array
 from .header import HeaderMixin, limit_reason, qcow2_max_size
 from .maintenance import MaintenanceMixin
 from .refcount import RefcountsMixin, rc_set

@@ -191,7 +191,8 @@ class MaintenanceMixin:
         if self._tracked or (self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS):
             self._drop_bitmaps()             # bitmaps describe the old size: remove them cleanly
         if new_size % 512:
-            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, found {new_size}")
+            raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, "
+                                  f"found {new_size}")
         if new_size < self.size:
             self._shrink(new_size)
             if progress:
@@ -200,8 +201,7 @@ class MaintenanceMixin:
         span = self.cs * self.l2_entries
         need = ceil_div(new_size, span)
         if need * 8 > L.MAX_L1_BYTES or new_size > self.max_size:
-            raise too_large("QCOW2", new_size, self.max_size, self.location,
-                            limit_reason(self.cs))
+            raise too_large("QCOW2", new_size, self.max_size, self.location, limit_reason(self.cs))
         if need > len(self.l1):
             old_off, old_n = self.l1_offset, len(self.l1)
             nclu = ceil_div(need * 8, self.cs)
@@ -212,14 +212,14 @@ class MaintenanceMixin:
             self.f.pwrite(new_off, raw + bytes(nclu * self.cs - len(raw)))
             self.f.sync()
             hdr = struct.pack(">IQ", need, new_off)
-            self.header_raw[L.OFF_L1_SIZE:L.OFF_L1_SIZE + 12] = hdr
+            self.header_raw[L.OFF_L1_SIZE : L.OFF_L1_SIZE + 12] = hdr
             self.f.pwrite(L.OFF_L1_SIZE, hdr)
             self.l1, self.l1_offset = l1, new_off
             if old_n:
                 self._unref(old_off, old_n * 8, punch=False)
         self.f.sync()
         struct.pack_into(">Q", self.header_raw, L.OFF_SIZE, new_size)
-        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
+        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE : L.OFF_SIZE + 8])
         self.size = new_size
         self.f.sync()
         if progress:
@@ -232,14 +232,16 @@ class MaintenanceMixin:
         size is written and free clusters at the end of the file are cut off. The L1 table keeps
         its length (a longer one is valid)."""
         if self.nb_snapshots:
-            raise InvalidArgument(f"{self.location}: cannot shrink a qcow2 image with internal "
-                                  "snapshots (they keep the old size); delete them first")
+            raise InvalidArgument(
+                f"{self.location}: cannot shrink a qcow2 image with internal "
+                "snapshots (they keep the old size); delete them first"
+            )
         self._refuse_cut_data(new_size)
         cs, per = self.cs, self.l2_entries
         w = 2 if self.extended_l2 else 1
-        first = ceil_div(new_size, cs)                  # first guest cluster wholly cut off
+        first = ceil_div(new_size, cs)  # first guest cluster wholly cut off
         old_n = ceil_div(self.size, cs)
-        keep_l1 = ceil_div(new_size, (cs * per))        # L1 entries that still map something
+        keep_l1 = ceil_div(new_size, (cs * per))  # L1 entries that still map something
         for l1i in range(first // per, min(len(self.l1), ceil_div(old_n, per))):
             tbl, l2off = self._l2_of(l1i)
             if tbl is None:
@@ -247,19 +249,19 @@ class MaintenanceMixin:
             lo = max(first - l1i * per, 0)
             hi = min(old_n - l1i * per, per)
             gone = [tbl[w * j] for j in range(lo, hi) if tbl[w * j]]
-            tbl[w * lo:w * hi] = array("Q", bytes(8 * w * (hi - lo)))
-            if l1i >= keep_l1:                      # the whole table: unlink it, then free it
+            tbl[w * lo : w * hi] = array("Q", bytes(8 * w * (hi - lo)))
+            if l1i >= keep_l1:  # the whole table: unlink it, then free it
                 self._set_l1(l1i, 0)
                 if self._l2_cache.pop(l2off, None) is not None:
                     self._l2_cache_bytes -= cs
                 self._unref(l2off, cs)
             else:
-                self.f.pwrite(l2off + 8 * w * lo, array_be_bytes(tbl[w * lo:w * hi]))
+                self.f.pwrite(l2off + 8 * w * lo, array_be_bytes(tbl[w * lo : w * hi]))
             for e in gone:
                 self._unref_entry(e)
         self.f.sync()
         struct.pack_into(">Q", self.header_raw, L.OFF_SIZE, new_size)
-        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE:L.OFF_SIZE + 8])
+        self.f.pwrite(L.OFF_SIZE, self.header_raw[L.OFF_SIZE : L.OFF_SIZE + 8])
         self.size = new_size
         self.f.sync()
         self._cut_free_tail(max(self.next_cluster, ceil_div(self.fsize, cs)))

@@ -11,6 +11,7 @@ from ...errors import CorruptImage, NotSupported
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
 
+
 def rc_get(blk, idx: int, bits: int) -> int:
     """Entry ``idx`` of a refcount block of ``bits``-bit entries (sub-byte: LSB first)."""
     if bits == 16:

@@ -65,9 +65,14 @@ class QcowV1Image(Image):
         return d
 
     def check_parent_link(self, parent):
-        if self.backing_file and os.path.basename(self.backing_file) != os.path.basename(parent.location):
-            raise ParentMismatch(f"{self.location}: backing file is not {parent.location}",
-                                 expected=self.backing_file, found=parent.location)
+        if self.backing_file and os.path.basename(self.backing_file) != os.path.basename(
+            parent.location
+        ):
+            raise ParentMismatch(
+                f"{self.location}: backing file is not {parent.location}",
+                expected=self.backing_file,
+                found=parent.location,
+            )
 
     def _entry(self, ci: int) -> int:
         l1i, l2i = divmod(ci, 1 << self.l2_bits)
@@ -78,8 +83,13 @@ class QcowV1Image(Image):
         if tbl is None:
             n = 8 << self.l2_bits
             if off + n > self.fsize:
-                raise CorruptImage("L2 table lies past the end of the file", path=self.location,
-                                   offset=off, expected=f"end <= {self.fsize}", found=off + n)
+                raise CorruptImage(
+                    "L2 table lies past the end of the file",
+                    path=self.location,
+                    offset=off,
+                    expected=f"end <= {self.fsize}",
+                    found=off + n,
+                )
             tbl = be_array(self.f.read_exact(off, n, "L2 table"))
             self._l2[off] = tbl
             if len(self._l2) > 64:
@@ -88,8 +98,10 @@ class QcowV1Image(Image):
 
     def block_status(self, offset, length):
         from ...sparse import block_runs
-        return block_runs(offset, length, self.cs,
-                          lambda ci: Alloc.DATA if self._entry(ci) else Alloc.UNALLOCATED)
+
+        return block_runs(
+            offset, length, self.cs, lambda ci: Alloc.DATA if self._entry(ci) else Alloc.UNALLOCATED
+        )
 
     def read(self, offset, length):
         buf = bytearray(length)
@@ -104,20 +116,27 @@ class QcowV1Image(Image):
                 csize = (e >> shift) & (self.cs - 1)
                 coff = e & ((1 << shift) - 1)
                 if coff + csize > self.fsize:
-                    raise CorruptImage("compressed cluster lies past the end of the file",
-                                       path=self.location, offset=coff)
+                    raise CorruptImage(
+                        "compressed cluster lies past the end of the file",
+                        path=self.location,
+                        offset=coff,
+                    )
                 try:
                     out = inflate(self.f.pread(coff, csize), self.cs)
                 except DecompressError as exc:
-                    raise CorruptImage(f"compressed cluster cannot be decompressed: {exc}",
-                                       path=self.location, offset=coff) from None
+                    raise CorruptImage(
+                        f"compressed cluster cannot be decompressed: {exc}",
+                        path=self.location,
+                        offset=coff,
+                    ) from None
                 if len(out) < self.cs:
-                    raise CorruptImage("compressed cluster is short", path=self.location,
-                                       offset=coff)
-                buf[pos - offset:pos - offset + n] = out[inner:inner + n]
+                    raise CorruptImage(
+                        "compressed cluster is short", path=self.location, offset=coff
+                    )
+                buf[pos - offset : pos - offset + n] = out[inner : inner + n]
             elif e:
                 data = self.f.read_exact(e + inner, n, "data cluster")
-                buf[pos - offset:pos - offset + n] = data
+                buf[pos - offset : pos - offset + n] = data
             pos += n
         return bytes(buf)
 

@@ -10,7 +10,6 @@ from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import table_to_bytes
 from . import layout as L
 
-
 _FREE = L.BLOCK_FREE
 _ZERO = L.BLOCK_ZERO
 _NULL_UUID = bytes(16)

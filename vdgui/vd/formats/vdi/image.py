@@ -16,8 +16,20 @@ from ...sparse import is_zero, nonzero_runs, zeroes
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import BlockTable, first_shared, read_table
 from . import layout as L
-from .blockmap import (_FREE, _ZERO, MAX_BLOCK, MAX_BLOCKS, MAX_EXTRA, MIN_BLOCK, _comment_text,
-                       _geometry, _max_size, _pow2, _uuid_bytes, _uuid_or_none)
+from .blockmap import (
+    _FREE,
+    _ZERO,
+    MAX_BLOCK,
+    MAX_BLOCKS,
+    MAX_EXTRA,
+    MIN_BLOCK,
+    _comment_text,
+    _geometry,
+    _max_size,
+    _pow2,
+    _uuid_bytes,
+    _uuid_or_none,
+)
 from .maintenance import MaintenanceMixin
 
 

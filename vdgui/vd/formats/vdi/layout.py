@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
-
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
 FILE_INFO = b"<<< Oracle VM VirtualBox Disk Image >>>\n"

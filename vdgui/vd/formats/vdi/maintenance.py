@@ -7,8 +7,8 @@ from array import array
 
 from ...align import ceil_div
 from ...backend import too_large
-from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...compaction import move_blocks, plan_moves, slot_holes
+from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...geometry import vbox_lchs, vbox_pchs
 from ...image import CheckReport, Problem, ProblemCode
 from ...progress import Progress

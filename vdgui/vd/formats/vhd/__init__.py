@@ -39,20 +39,54 @@ from __future__ import annotations
 import uuid as uuidlib
 
 from ...align import ceil_div
-from ...backend import (Backend, Cap, CreateParams, DeviceType, FileExtension, ImageFlags,
-                        OpenFlags, Operation, ProbeInput)
+from ...backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    DeviceType,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+)
 from ...errors import InvalidArgument, NotSupported
 from ...fileio import ImageFile
 from ...geometry import vhd_chs
 from ...space import preallocate
-from .fields import (_round, _with_checksum, bitmap_runs, checksum, fixed_geometry,
-                     round_size_to_chs, set_bits, vhd_time)
+from .fields import (
+    _round,
+    _with_checksum,
+    bitmap_runs,
+    checksum,
+    fixed_geometry,
+    round_size_to_chs,
+    set_bits,
+    vhd_time,
+)
 from .image import VhdImage
 from .layout import *  # noqa: F403  (the structures and constants, as vhd.py exported them)
-from .layout import (COOKIE, CREATOR_APP, CREATOR_OS, CREATOR_VERSION, DEFAULT_BLOCK, DYN_COOKIE,
-                     FOOTER_CHECKSUM_AT, FOOTER_SIZE, HEADER_CHECKSUM_AT, HEADER_SIZE, MAX_VIRTUAL,
-                     NO_OFFSET, SECTOR, TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, TYPE_NAMES,
-                     DYN_HEADER, FOOTER)
+from .layout import (
+    COOKIE,
+    CREATOR_APP,
+    CREATOR_OS,
+    CREATOR_VERSION,
+    DEFAULT_BLOCK,
+    DYN_COOKIE,
+    DYN_HEADER,
+    FOOTER,
+    FOOTER_CHECKSUM_AT,
+    FOOTER_SIZE,
+    HEADER_CHECKSUM_AT,
+    HEADER_SIZE,
+    MAX_VIRTUAL,
+    NO_OFFSET,
+    SECTOR,
+    TYPE_DIFF,
+    TYPE_DYNAMIC,
+    TYPE_FIXED,
+    TYPE_NAMES,
+)
 
 __all__ = ["BACKEND", "VhdBackend", "VhdImage", "bitmap_runs", "checksum", "fixed_geometry",
            "round_size_to_chs", "set_bits", "vhd_time"]
@@ -77,7 +111,8 @@ class VhdBackend(Backend):
         best = 0
         for raw in (src.tail[-FOOTER_SIZE:] if len(src.tail) >= FOOTER_SIZE else b"",
                     src.head[:FOOTER_SIZE] if len(src.head) >= FOOTER_SIZE else b"",
-                    (src.tail[-(FOOTER_SIZE - 1):] + b"\x00") if len(src.tail) >= FOOTER_SIZE - 1 else b""):
+                    (src.tail[-(FOOTER_SIZE - 1):] + b"\x00")
+                    if len(src.tail) >= FOOTER_SIZE - 1 else b""):
             if len(raw) == FOOTER_SIZE and raw[:8] == COOKIE:
                 ok = int.from_bytes(raw[64:68], "big") == checksum(raw, FOOTER_CHECKSUM_AT)
                 t = int.from_bytes(raw[60:64], "big")
@@ -99,8 +134,9 @@ class VhdBackend(Backend):
         if fixed and diff:
             raise NotSupported("a differencing VHD cannot be fixed")
         if p.size <= 0 or p.size % SECTOR:
-            raise InvalidArgument(f"{p.location}: VHD size must be a positive multiple of 512, "
-                                  f"found {p.size}")
+            raise InvalidArgument(
+                f"{p.location}: VHD size must be a positive multiple of 512, found {p.size}"
+            )
         if p.size > MAX_VIRTUAL:
             raise InvalidArgument(f"{p.location}: VHD images can be at most {MAX_VIRTUAL} bytes")
         if fixed or diff:
@@ -108,13 +144,26 @@ class VhdBackend(Backend):
         else:
             size, geo = round_size_to_chs(p.size)
         uid = p.uuid or uuidlib.uuid4()
-        footer = dict(cookie=COOKIE, features=2, version=0x00010000,
-                      data_offset=NO_OFFSET if fixed else FOOTER_SIZE, timestamp=vhd_time(),
-                      creator_app=CREATOR_APP, creator_version=CREATOR_VERSION,
-                      creator_os=CREATOR_OS, original_size=size, current_size=size,
-                      cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors,
-                      disk_type=TYPE_FIXED if fixed else TYPE_DIFF if diff else TYPE_DYNAMIC,
-                      checksum=0, unique_id=uid.bytes_le, saved_state=0, reserved=bytes(427))
+        footer = dict(
+            cookie=COOKIE,
+            features=2,
+            version=0x00010000,
+            data_offset=NO_OFFSET if fixed else FOOTER_SIZE,
+            timestamp=vhd_time(),
+            creator_app=CREATOR_APP,
+            creator_version=CREATOR_VERSION,
+            creator_os=CREATOR_OS,
+            original_size=size,
+            current_size=size,
+            cylinders=geo.cylinders,
+            heads=geo.heads,
+            sectors=geo.sectors,
+            disk_type=TYPE_FIXED if fixed else TYPE_DIFF if diff else TYPE_DYNAMIC,
+            checksum=0,
+            unique_id=uid.bytes_le,
+            saved_state=0,
+            reserved=bytes(427),
+        )
         fraw = _with_checksum(FOOTER.build(footer), FOOTER_CHECKSUM_AT)
         if p.progress:
             p.progress(0, size)
@@ -128,25 +177,38 @@ class VhdBackend(Backend):
                 n = ceil_div(size, DEFAULT_BLOCK)
                 bat_off = FOOTER_SIZE + HEADER_SIZE
                 end = bat_off + _round(n * 4)
-                hdr = dict(cookie=DYN_COOKIE, data_offset=NO_OFFSET, table_offset=bat_off,
-                           version=0x00010000, max_table_entries=n, block_size=DEFAULT_BLOCK,
-                           checksum=0, parent_uuid=bytes(16), parent_timestamp=0, reserved1=0,
-                           parent_name=bytes(512),
-                           locators=[dict(code=b"\x00" * 4, data_space=0, data_length=0,
-                                          reserved=0, data_offset=0)] * 8,
-                           reserved2=bytes(256))
+                hdr = dict(
+                    cookie=DYN_COOKIE,
+                    data_offset=NO_OFFSET,
+                    table_offset=bat_off,
+                    version=0x00010000,
+                    max_table_entries=n,
+                    block_size=DEFAULT_BLOCK,
+                    checksum=0,
+                    parent_uuid=bytes(16),
+                    parent_timestamp=0,
+                    reserved1=0,
+                    parent_name=bytes(512),
+                    locators=[
+                        dict(
+                            code=b"\x00" * 4, data_space=0, data_length=0, reserved=0, data_offset=0
+                        )
+                    ]
+                    * 8,
+                    reserved2=bytes(256),
+                )
                 f.pwrite(bat_off, b"\xff" * _round(n * 4))
                 f.pwrite(FOOTER_SIZE, _with_checksum(DYN_HEADER.build(hdr), HEADER_CHECKSUM_AT))
                 f.pwrite(0, fraw)
                 f.pwrite(end, fraw)
             img = VhdImage(self, f.path, f, False)
             if diff:
-                img.set_parent(p.parent)      # locators, parent name, UUID, timestamp
+                img.set_parent(p.parent)  # locators, parent name, UUID, timestamp
             if size != p.size:
                 img.size_rounded_from = p.size
             if p.progress:
                 p.progress(size, size)
-            f.sync()                    # complete on disk before it appears under its name
+            f.sync()  # complete on disk before it appears under its name
             f.commit()
             img.location = p.location
         except BaseException:

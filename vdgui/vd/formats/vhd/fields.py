@@ -9,19 +9,19 @@ from urllib.parse import unquote
 from ...align import align_up, ceil_div
 from ...geometry import Geometry, vhd_chs
 from ...image import Image
-from .layout import SECTOR, MAX_GEOMETRY, VHD_EPOCH
+from .layout import MAX_GEOMETRY, SECTOR, VHD_EPOCH
 
 
 def checksum(buf, at: int) -> int:
-    """The VHD checksum: one's complement of the byte sum, the 4-byte field at ``at`` counted as 0."""
+    """The VHD checksum: one's complement of the byte sum, the 4-byte field at ``at`` taken as 0."""
     mv = memoryview(buf)
-    total = sum(mv[:at]) + sum(mv[at + 4:])
+    total = sum(mv[:at]) + sum(mv[at + 4 :])
     return (~total) & 0xFFFFFFFF
 
 
 def _with_checksum(raw: bytes, at: int) -> bytes:
     b = bytearray(raw)
-    b[at:at + 4] = checksum(b, at).to_bytes(4, "big")
+    b[at : at + 4] = checksum(b, at).to_bytes(4, "big")
     return bytes(b)
 
 

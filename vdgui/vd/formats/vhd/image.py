@@ -18,24 +18,54 @@ from ...image import Alloc, ParentHint, Problem, ProblemCode
 from ...runs import RunList
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
 from ...tables import BlockTable, read_table
-from .fields import (_decode_utf16, _iso, _mac_url_to_path, _parent_time, _round, _with_checksum,
-                     bitmap_runs, checksum, fixed_geometry, set_bits)
-from .layout import (COOKIE, CURRENT_SIZE_CREATORS, DYN_COOKIE, DYN_HEADER, FOOTER,
-                     FOOTER_CHECKSUM_AT, FOOTER_SIZE, FREE, HEADER_CHECKSUM_AT, HEADER_SIZE,
-                     LOCATOR_SPACE, MAX_BLOCK, MAX_GEOMETRY, MAX_LOCATOR, MAX_READ_VIRTUAL, SECTOR,
-                     TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, TYPE_NAMES)
+from .fields import (
+    _decode_utf16,
+    _iso,
+    _mac_url_to_path,
+    _parent_time,
+    _round,
+    _with_checksum,
+    bitmap_runs,
+    checksum,
+    fixed_geometry,
+    set_bits,
+)
+from .layout import (
+    COOKIE,
+    CURRENT_SIZE_CREATORS,
+    DYN_COOKIE,
+    DYN_HEADER,
+    FOOTER,
+    FOOTER_CHECKSUM_AT,
+    FOOTER_SIZE,
+    FREE,
+    HEADER_CHECKSUM_AT,
+    HEADER_SIZE,
+    LOCATOR_SPACE,
+    MAX_BLOCK,
+    MAX_GEOMETRY,
+    MAX_LOCATOR,
+    MAX_READ_VIRTUAL,
+    SECTOR,
+    TYPE_DIFF,
+    TYPE_DYNAMIC,
+    TYPE_FIXED,
+    TYPE_NAMES,
+)
 from .maintenance import MaintenanceMixin
 
 
 class VhdImage(MaintenanceMixin, FileImage):
     """One opened VHD file (fixed, dynamic or differencing)."""
 
-    def __init__(self, backend, location: str, f: ImageFile, read_only: bool, flags=OpenFlags.NORMAL):
+    def __init__(
+        self, backend, location: str, f: ImageFile, read_only: bool, flags=OpenFlags.NORMAL
+    ):
         super().__init__(backend, location, f, read_only)
         self.honor_zeroes = False
         self.open_flags = flags
         self.size_rounded_from: int | None = None
-        self._problems: list[Problem] = []        # found while opening, reported by check()
+        self._problems: list[Problem] = []  # found while opening, reported by check()
         self._bitmaps: dict[int, bytearray] = {}
         self._bad: dict[int, str] = {}
         self._alloc_cache = None
@@ -59,11 +89,17 @@ class VhdImage(MaintenanceMixin, FileImage):
         fsize = self.f.size()
         self.fsize = fsize
         if fsize < FOOTER_SIZE - 1:
-            raise self._corrupt("file is too small to hold a VHD footer",
-                                expected=f"at least {FOOTER_SIZE} bytes", found=f"{fsize} bytes")
+            raise self._corrupt(
+                "file is too small to hold a VHD footer",
+                expected=f"at least {FOOTER_SIZE} bytes",
+                found=f"{fsize} bytes",
+            )
         end_len = FOOTER_SIZE
-        end, end_ok, _ = (self._read_footer_at(fsize - FOOTER_SIZE) if fsize >= FOOTER_SIZE
-                          else (None, False, b""))
+        end, end_ok, _ = (
+            self._read_footer_at(fsize - FOOTER_SIZE)
+            if fsize >= FOOTER_SIZE
+            else (None, False, b"")
+        )
         if end is None and fsize >= FOOTER_SIZE - 1:
             # Virtual PC before 2004 wrote a 511-byte footer (VHD specification, "Hard Disk Footer")
             alt, alt_ok, _ = self._read_footer_at(fsize - (FOOTER_SIZE - 1), FOOTER_SIZE - 1)
@@ -71,7 +107,7 @@ class VhdImage(MaintenanceMixin, FileImage):
                 end, end_ok, end_len = alt, alt_ok, FOOTER_SIZE - 1
         head, head_ok, _ = self._read_footer_at(0) if fsize >= FOOTER_SIZE else (None, False, b"")
         if head is not None and head.disk_type not in (TYPE_DYNAMIC, TYPE_DIFF):
-            head, head_ok = None, False          # fixed disks have no copy: these are guest bytes
+            head, head_ok = None, False  # fixed disks have no copy: these are guest bytes
         self.footer_from = "end"
         if end is not None and end_ok:
             footer = end
@@ -79,41 +115,76 @@ class VhdImage(MaintenanceMixin, FileImage):
             footer = head
             self.footer_from = "copy at offset 0"
             state = "damaged (bad checksum)" if end is not None else "missing"
-            self._problems.append(Problem(
-                "corrupt", f"footer at the end of the file is {state}; the copy at offset 0 is used",
-                offset=fsize - end_len, code=ProblemCode.FOOTER))
+            self._problems.append(
+                Problem(
+                    "corrupt",
+                    f"footer at the end of the file is {state}; the copy at offset 0 is used",
+                    offset=fsize - end_len,
+                    code=ProblemCode.FOOTER,
+                )
+            )
         elif end is not None:
             footer = end
-            self._problems.append(Problem(
-                "corrupt", "footer checksum is wrong (expected "
-                f"{checksum(FOOTER.build(end), FOOTER_CHECKSUM_AT):#010x}, found {end.checksum:#010x})",
-                offset=fsize - end_len, code=ProblemCode.FOOTER))
+            self._problems.append(
+                Problem(
+                    "corrupt",
+                    "footer checksum is wrong (expected "
+                    f"{checksum(FOOTER.build(end), FOOTER_CHECKSUM_AT):#010x}, "
+                    f"found {end.checksum:#010x})",
+                    offset=fsize - end_len,
+                    code=ProblemCode.FOOTER,
+                )
+            )
         elif head is not None:
             footer = head
             self.footer_from = "copy at offset 0"
-            self._problems.append(Problem(
-                "corrupt", "footer at the end of the file is missing and the copy at offset 0 has a "
-                "wrong checksum; the copy is used", offset=0, code=ProblemCode.FOOTER))
+            self._problems.append(
+                Problem(
+                    "corrupt",
+                    "footer at the end of the file is missing and the copy at offset 0 has a "
+                    "wrong checksum; the copy is used",
+                    offset=0,
+                    code=ProblemCode.FOOTER,
+                )
+            )
         else:
-            raise self._corrupt("no VHD footer (cookie 'conectix') at the end of the file or at "
-                                "offset 0", field="cookie", offset=max(fsize - FOOTER_SIZE, 0),
-                                expected="b'conectix'",
-                                found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)))
+            raise self._corrupt(
+                "no VHD footer (cookie 'conectix') at the end of the file or at offset 0",
+                field="cookie",
+                offset=max(fsize - FOOTER_SIZE, 0),
+                expected="b'conectix'",
+                found=repr(self.f.pread(max(fsize - FOOTER_SIZE, 0), 8)),
+            )
         self.footer = footer
-        fbase = 0 if self.footer_from != "end" else fsize - end_len     # for error offsets
+        fbase = 0 if self.footer_from != "end" else fsize - end_len  # for error offsets
         if footer.disk_type not in TYPE_NAMES:
-            raise self._corrupt("unknown disk type", field="disk type", offset=fbase + 60,
-                                expected="2 (fixed), 3 (dynamic) or 4 (differencing)",
-                                found=footer.disk_type)
+            raise self._corrupt(
+                "unknown disk type",
+                field="disk type",
+                offset=fbase + 60,
+                expected="2 (fixed), 3 (dynamic) or 4 (differencing)",
+                found=footer.disk_type,
+            )
         self.disk_type = footer.disk_type
         if head is not None and self.footer_from == "end" and self.disk_type != TYPE_FIXED:
             if FOOTER.build(head) != FOOTER.build(footer):
-                self._problems.append(Problem(
-                    "corrupt", "the footer copy at offset 0 differs from the footer at the end",
-                    offset=0, code=ProblemCode.FOOTER))
+                self._problems.append(
+                    Problem(
+                        "corrupt",
+                        "the footer copy at offset 0 differs from the footer at the end",
+                        offset=0,
+                        code=ProblemCode.FOOTER,
+                    )
+                )
         elif head is None and self.disk_type != TYPE_FIXED:
-            self._problems.append(Problem("corrupt", "the footer copy at offset 0 is missing or damaged",
-                                          offset=0, code=ProblemCode.FOOTER))
+            self._problems.append(
+                Problem(
+                    "corrupt",
+                    "the footer copy at offset 0 is missing or damaged",
+                    offset=0,
+                    code=ProblemCode.FOOTER,
+                )
+            )
         self.uuid = uuidlib.UUID(bytes_le=bytes(footer.unique_id))
         if self.uuid.int == 0:
             self.uuid = None
@@ -121,19 +192,25 @@ class VhdImage(MaintenanceMixin, FileImage):
         self.lchs = None
         self.size, self.size_source = self._decide_size(footer)
         if self.size > MAX_READ_VIRTUAL and self.disk_type != TYPE_FIXED:
-            raise self._corrupt("virtual size is larger than a VHD can be",
-                                field="current size" if self.size_source != "geometry" else "geometry",
-                                offset=fbase + (48 if self.size_source != "geometry" else 56),
-                                expected=f"at most {MAX_READ_VIRTUAL}", found=self.size)
+            raise self._corrupt(
+                "virtual size is larger than a VHD can be",
+                field="current size" if self.size_source != "geometry" else "geometry",
+                offset=fbase + (48 if self.size_source != "geometry" else 56),
+                expected=f"at most {MAX_READ_VIRTUAL}",
+                found=self.size,
+            )
         if self.disk_type == TYPE_FIXED:
             self.flags = ImageFlags.FIXED
             self.block_size = SECTOR
             self.footer_offset = fsize - end_len
             if self.size > self.footer_offset:
-                raise self._corrupt("fixed disk is shorter than its virtual size (truncated?)",
-                                    field="current size", offset=fbase + 48,
-                                    expected=f"at most {self.footer_offset} bytes of data",
-                                    found=self.size)
+                raise self._corrupt(
+                    "fixed disk is shorter than its virtual size (truncated?)",
+                    field="current size",
+                    offset=fbase + 48,
+                    expected=f"at most {self.footer_offset} bytes of data",
+                    found=self.size,
+                )
             return
         self.flags = ImageFlags.DIFF if self.disk_type == TYPE_DIFF else ImageFlags.NONE
         self._load_dynamic(fsize, end_len)
@@ -157,50 +234,82 @@ class VhdImage(MaintenanceMixin, FileImage):
     def _load_dynamic(self, fsize: int, end_len: int) -> None:
         hoff = self.footer.data_offset
         if hoff + HEADER_SIZE > fsize or hoff < FOOTER_SIZE:
-            raise self._corrupt("dynamic disk header lies outside the file or over the footer copy",
-                                field="data offset", offset=16,
-                                expected=f"{FOOTER_SIZE}..{fsize - HEADER_SIZE}", found=hoff)
+            raise self._corrupt(
+                "dynamic disk header lies outside the file or over the footer copy",
+                field="data offset",
+                offset=16,
+                expected=f"{FOOTER_SIZE}..{fsize - HEADER_SIZE}",
+                found=hoff,
+            )
         raw = self.f.read_exact(hoff, HEADER_SIZE, "dynamic disk header")
         if raw[:8] != DYN_COOKIE:
-            raise self._corrupt("dynamic disk header cookie is wrong", field="cookie", offset=hoff,
-                                expected="b'cxsparse'", found=repr(raw[:8]))
+            raise self._corrupt(
+                "dynamic disk header cookie is wrong",
+                field="cookie",
+                offset=hoff,
+                expected="b'cxsparse'",
+                found=repr(raw[:8]),
+            )
         hdr = DYN_HEADER.parse(raw)
         self.header = hdr
         self.header_offset = hoff
         good = checksum(raw, HEADER_CHECKSUM_AT)
         if hdr.checksum != good:
-            self._problems.append(Problem(
-                "corrupt", f"dynamic disk header checksum is wrong (expected {good:#010x}, found "
-                f"{hdr.checksum:#010x})", offset=hoff + HEADER_CHECKSUM_AT,
-                code=ProblemCode.HEADER_CHECKSUM))
+            self._problems.append(
+                Problem(
+                    "corrupt",
+                    f"dynamic disk header checksum is wrong (expected {good:#010x}, found "
+                    f"{hdr.checksum:#010x})",
+                    offset=hoff + HEADER_CHECKSUM_AT,
+                    code=ProblemCode.HEADER_CHECKSUM,
+                )
+            )
         bs = hdr.block_size
         if bs < SECTOR or bs > MAX_BLOCK or bs & (bs - 1):
-            raise self._corrupt("block size must be a power of two between 512 bytes and 256 MiB",
-                                field="block size", offset=hoff + 32, found=bs)
+            raise self._corrupt(
+                "block size must be a power of two between 512 bytes and 256 MiB",
+                field="block size",
+                offset=hoff + 32,
+                found=bs,
+            )
         self.block_size = bs
-        self.spb = bs // SECTOR                                   # sectors per block
-        self.bm_size = _round(ceil_div(self.spb, 8))                  # bitmap, padded to a sector
+        self.spb = bs // SECTOR  # sectors per block
+        self.bm_size = _round(ceil_div(self.spb, 8))  # bitmap, padded to a sector
         self.total = self.bm_size + bs
         self.n_blocks = ceil_div(self.size, bs)
         if hdr.max_table_entries < self.n_blocks:
-            raise self._corrupt("the block allocation table is too small for the virtual size",
-                                field="max table entries", offset=hoff + 28,
-                                expected=f"at least {self.n_blocks}", found=hdr.max_table_entries)
+            raise self._corrupt(
+                "the block allocation table is too small for the virtual size",
+                field="max table entries",
+                offset=hoff + 28,
+                expected=f"at least {self.n_blocks}",
+                found=hdr.max_table_entries,
+            )
         self.bat_offset = hdr.table_offset
         if self.bat_offset + self.n_blocks * 4 > fsize:
-            raise self._corrupt("block allocation table lies past the end of the file",
-                                field="table offset", offset=hoff + 16,
-                                expected=f"a table of {self.n_blocks} entries inside {fsize} bytes",
-                                found=self.bat_offset)
+            raise self._corrupt(
+                "block allocation table lies past the end of the file",
+                field="table offset",
+                offset=hoff + 16,
+                expected=f"a table of {self.n_blocks} entries inside {fsize} bytes",
+                found=self.bat_offset,
+            )
         bat_end = self.bat_offset + self.n_blocks * 4
-        if self.n_blocks and (self.bat_offset < FOOTER_SIZE or
-                              (self.bat_offset < hoff + HEADER_SIZE and hoff < bat_end)):
-            raise self._corrupt("block allocation table overlaps the footer copy or the dynamic "
-                                "disk header", field="table offset", offset=hoff + 16,
-                                expected=f"a table clear of 0..{FOOTER_SIZE} and {hoff:#x}.."
-                                f"{hoff + HEADER_SIZE:#x}", found=self.bat_offset)
-        self.bat = read_table(self.f, self.bat_offset, self.n_blocks, "I", True,
-                              "block allocation table")
+        if self.n_blocks and (
+            self.bat_offset < FOOTER_SIZE
+            or (self.bat_offset < hoff + HEADER_SIZE and hoff < bat_end)
+        ):
+            raise self._corrupt(
+                "block allocation table overlaps the footer copy or the dynamic disk header",
+                field="table offset",
+                offset=hoff + 16,
+                expected=f"a table clear of 0..{FOOTER_SIZE} and {hoff:#x}.."
+                f"{hoff + HEADER_SIZE:#x}",
+                found=self.bat_offset,
+            )
+        self.bat = read_table(
+            self.f, self.bat_offset, self.n_blocks, "I", True, "block allocation table"
+        )
         self._parse_parent(hdr, fsize)
         self._scan_blocks(fsize, end_len)
 
@@ -212,7 +321,7 @@ class VhdImage(MaintenanceMixin, FileImage):
 
     def _parse_parent(self, hdr, fsize: int) -> None:
         self.locators: list[tuple[str, str]] = []
-        self._bad_locators: set[int] = set()      # indexes repair clears (PARENT_LOCATOR)
+        self._bad_locators: set[int] = set()  # indexes repair clears (PARENT_LOCATOR)
         for i, loc in enumerate(hdr.locators):
             code = bytes(loc.code)
             if code == b"\x00\x00\x00\x00":
@@ -220,10 +329,15 @@ class VhdImage(MaintenanceMixin, FileImage):
             if loc.data_length == 0:
                 continue
             if loc.data_length > MAX_LOCATOR or loc.data_offset + loc.data_length > fsize:
-                self._problems.append(Problem(
-                    "corrupt", f"parent locator {i} ({code!r}) data lies outside the file or is "
-                    f"too long ({loc.data_length} bytes at {loc.data_offset:#x})",
-                    offset=self.header_offset + 576 + 24 * i, code=ProblemCode.PARENT_LOCATOR))
+                self._problems.append(
+                    Problem(
+                        "corrupt",
+                        f"parent locator {i} ({code!r}) data lies outside the file or is "
+                        f"too long ({loc.data_length} bytes at {loc.data_offset:#x})",
+                        offset=self.header_offset + 576 + 24 * i,
+                        code=ProblemCode.PARENT_LOCATOR,
+                    )
+                )
                 self._bad_locators.add(i)
                 continue
             if self.disk_type != TYPE_DIFF:
@@ -236,7 +350,7 @@ class VhdImage(MaintenanceMixin, FileImage):
             elif code == b"MacX":
                 text = _mac_url_to_path(data.decode("utf-8", "replace"))
             else:
-                continue                      # "Mac " is a Mac OS alias record: not a path
+                continue  # "Mac " is a Mac OS alias record: not a path
             if text:
                 self.locators.append((code.decode("latin-1"), text))
         self.parent_name = _decode_utf16(bytes(hdr.parent_name), big=True)
@@ -253,13 +367,22 @@ class VhdImage(MaintenanceMixin, FileImage):
 
     def _meta_regions(self) -> list[tuple[int, int, str]]:
         """File ranges holding metadata (not blocks)."""
-        regs = [(0, FOOTER_SIZE, "footer copy"),
-                (self.header_offset, self.header_offset + HEADER_SIZE, "dynamic disk header"),
-                (self.bat_offset, self.bat_offset + _round(max(self.n_blocks * 4, 1)),
-                 "block allocation table")]
+        regs = [
+            (0, FOOTER_SIZE, "footer copy"),
+            (self.header_offset, self.header_offset + HEADER_SIZE, "dynamic disk header"),
+            (
+                self.bat_offset,
+                self.bat_offset + _round(max(self.n_blocks * 4, 1)),
+                "block allocation table",
+            ),
+        ]
         for i, loc in enumerate(self.header.locators):
-            if bytes(loc.code) != b"\x00\x00\x00\x00" and loc.data_length and \
-                    loc.data_length <= MAX_LOCATOR and loc.data_offset + loc.data_length <= self.fsize:
+            if (
+                bytes(loc.code) != b"\x00\x00\x00\x00"
+                and loc.data_length
+                and loc.data_length <= MAX_LOCATOR
+                and loc.data_offset + loc.data_length <= self.fsize
+            ):
                 s, e = self._locator_region(loc)
                 regs.append((s, e, f"parent locator {i}"))
         return regs
@@ -281,8 +404,10 @@ class VhdImage(MaintenanceMixin, FileImage):
             start = e * SECTOR
             end = start + total
             if end > fsize:
-                self._bad[idx] = (f"BAT entry {idx} points past the end of the file (block at "
-                                  f"{start:#x}..{end:#x}, file size {fsize:#x})")
+                self._bad[idx] = (
+                    f"BAT entry {idx} points past the end of the file (block at "
+                    f"{start:#x}..{end:#x}, file size {fsize:#x})"
+                )
                 self._bad_code[idx] = ProblemCode.ENTRY_PAST_END
                 continue
             hit = next((n for s, en, n in meta if start < en and s < end), None)
@@ -297,10 +422,14 @@ class VhdImage(MaintenanceMixin, FileImage):
         prev_end, prev_idx = -1, -1
         for start, end, idx in spans:
             if start < prev_end:
-                self._bad[idx] = (f"BAT entry {idx} (block at {start:#x}) overlaps the block of "
-                                  f"BAT entry {prev_idx}")
-                self.write_refusal = self.write_refusal or \
-                    f"BAT entries {prev_idx} and {idx} name overlapping blocks (at {start:#x})"
+                self._bad[idx] = (
+                    f"BAT entry {idx} (block at {start:#x}) overlaps the block of "
+                    f"BAT entry {prev_idx}"
+                )
+                self.write_refusal = (
+                    self.write_refusal
+                    or f"BAT entries {prev_idx} and {idx} name overlapping blocks (at {start:#x})"
+                )
                 self._bad_code[idx] = ProblemCode.CROSS_LINKED
                 continue
             prev_end, prev_idx = end, idx
@@ -349,8 +478,11 @@ class VhdImage(MaintenanceMixin, FileImage):
         if e == FREE:
             return None
         if idx in self._bad:
-            raise self._corrupt(self._bad[idx] + "; run check --repair", field="BAT",
-                                offset=self.bat_offset + 4 * idx)
+            raise self._corrupt(
+                self._bad[idx] + "; run check --repair",
+                field="BAT",
+                offset=self.bat_offset + 4 * idx,
+            )
         return e * SECTOR
 
     def _bitmap(self, idx: int, start: int) -> bytearray:
@@ -373,7 +505,7 @@ class VhdImage(MaintenanceMixin, FileImage):
         pos = offset
         while pos < end:
             idx, inner = divmod(pos, bs)
-            if self.bat[idx] == FREE:              # skip to the next allocated block at once
+            if self.bat[idx] == FREE:  # skip to the next allocated block at once
                 k = bisect.bisect_left(allocated, idx)
                 nxt = allocated[k] * bs if k < len(allocated) else end
                 stop = min(max(nxt, pos + 1), end)
@@ -395,8 +527,10 @@ class VhdImage(MaintenanceMixin, FileImage):
     def _allocated_indices(self) -> list[int]:
         """Sorted indices of allocated BAT entries (cached; _set_bat invalidates it)."""
         if self._alloc_cache is None or self._alloc_cache[0] != (id(self.bat), len(self.bat)):
-            self._alloc_cache = ((id(self.bat), len(self.bat)),
-                                 [i for i, e in enumerate(self.bat) if e != FREE])
+            self._alloc_cache = (
+                (id(self.bat), len(self.bat)),
+                [i for i, e in enumerate(self.bat) if e != FREE],
+            )
         return self._alloc_cache[1]
 
     def _fixed_status(self, offset, length):
@@ -413,7 +547,7 @@ class VhdImage(MaintenanceMixin, FileImage):
             if is_data:
                 add(a, b, Alloc.DATA)
                 continue
-            ia, ib = _round(a), b - b % SECTOR          # only whole sectors are holes
+            ia, ib = _round(a), b - b % SECTOR  # only whole sectors are holes
             if ib > ia:
                 add(a, ia, Alloc.DATA)
                 add(ia, ib, Alloc.UNALLOCATED)
@@ -427,7 +561,7 @@ class VhdImage(MaintenanceMixin, FileImage):
             data = self.f.pread(offset, length)
             return data + bytes(length - len(data)) if len(data) < length else data
         parts = []
-        for idx, inner, pos, n in split_blocks(offset, length, self.block_size):
+        for idx, inner, _pos, n in split_blocks(offset, length, self.block_size):
             start = self._block_start(idx)
             if start is None:
                 parts.append(zeroes(n))
@@ -439,8 +573,11 @@ class VhdImage(MaintenanceMixin, FileImage):
             for s, k, on in bitmap_runs(bm, first, ceil_div(n, SECTOR)):
                 ln = min(k * SECTOR, left)
                 left -= ln
-                parts.append(self.f.read_exact(base + s * SECTOR, ln, f"data of block {idx}")
-                             if on else zeroes(ln))
+                parts.append(
+                    self.f.read_exact(base + s * SECTOR, ln, f"data of block {idx}")
+                    if on
+                    else zeroes(ln)
+                )
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset, data, fill):
@@ -451,19 +588,19 @@ class VhdImage(MaintenanceMixin, FileImage):
             return
         mv = memoryview(data)
         for idx, inner, pos, n in split_blocks(offset, len(mv), self.block_size):
-            chunk = mv[pos - offset:pos - offset + n]
+            chunk = mv[pos - offset : pos - offset + n]
             start = self._block_start(idx)
             first, cnt = inner // SECTOR, ceil_div(n, SECTOR)
             if start is None:
                 if not self.is_diff and not self.honor_zeroes and is_zero(chunk):
-                    continue            # an unallocated block of a base disk already reads zeroes
+                    continue  # an unallocated block of a base disk already reads zeroes
                 self._allocate(idx, inner, chunk)
                 continue
-            self.f.pwrite(start + self.bm_size + inner, chunk)                # data first
+            self.f.pwrite(start + self.bm_size + inner, chunk)  # data first
             bm = self._bitmap(idx, start)
             span = set_bits(bm, first, cnt)
             if span:
-                self.f.pwrite(start + span[0], bm[span[0]:span[1]])          # then the bitmap
+                self.f.pwrite(start + span[0], bm[span[0] : span[1]])  # then the bitmap
 
     def _allocate(self, idx: int, inner: int, chunk) -> None:
         """Append a block: footer at the new end, data, bitmap, then the BAT entry (a crash at
@@ -548,14 +685,21 @@ class VhdImage(MaintenanceMixin, FileImage):
         self.require_writable()
         c, h, s = value
         if not (0 < c <= 65535 and 0 < h <= 255 and 0 < s <= 255):
-            raise InvalidArgument(f"{self.location}: VHD geometry must fit 65535/255/255, found {value}")
-        qemu_uses_chs = bytes(self.footer.creator_app) not in CURRENT_SIZE_CREATORS and \
-            self.disk_type != TYPE_DIFF and (c, h, s) != MAX_GEOMETRY
+            raise InvalidArgument(
+                f"{self.location}: VHD geometry must fit 65535/255/255, found {value}"
+            )
+        qemu_uses_chs = (
+            bytes(self.footer.creator_app) not in CURRENT_SIZE_CREATORS
+            and self.disk_type != TYPE_DIFF
+            and (c, h, s) != MAX_GEOMETRY
+        )
         if qemu_uses_chs and c * h * s * SECTOR != self.size:
             raise InvalidArgument(
                 f"{self.location}: this VHD's size is defined by its geometry (creator "
-                f"{bytes(self.footer.creator_app)!r}); {value} describes {c * h * s * SECTOR} bytes, "
-                f"not {self.size}")
+                f"{bytes(self.footer.creator_app)!r}); {value} describes "
+                f"{c * h * s * SECTOR} bytes, "
+                f"not {self.size}"
+            )
         self.footer.cylinders, self.footer.heads, self.footer.sectors = c, h, s
         self._store_footer()
         self.pchs = Geometry(c, h, s)
@@ -567,7 +711,7 @@ class VhdImage(MaintenanceMixin, FileImage):
         old link stays intact (a crash leaves the old parent link, never a mixed one)."""
         need = _round(max(len(data), LOCATOR_SPACE))
         pos = _round(self.footer_offset)
-        self._write_footer_at(pos + need)       # the footer moves first: the file stays valid
+        self._write_footer_at(pos + need)  # the footer moves first: the file stays valid
         self.footer_offset = pos + need
         self.used_end = max(self.used_end, pos + need)
         return pos, need
@@ -602,8 +746,9 @@ class VhdImage(MaintenanceMixin, FileImage):
             self.parent_name = ""
             self._rescan()
             return
-        ppath = require_text(os.path.abspath(parent.location), "the parent's file name",
-                             self.location)
+        ppath = require_text(
+            os.path.abspath(parent.location), "the parent's file name", self.location
+        )
         rel = relative_name(self.location, ppath)
         rel_win = (rel if rel.startswith("..") else ".\\" + rel).replace("/", "\\")
         entries = []
@@ -613,8 +758,11 @@ class VhdImage(MaintenanceMixin, FileImage):
                 raise InvalidArgument(f"{self.location}: parent path is too long for a VHD locator")
             off, space = self._space_for(data)
             self.f.pwrite(off, data + bytes(_round(len(data)) - len(data)))
-            entries.append(dict(code=code, data_space=space, data_length=len(data), reserved=0,
-                                data_offset=off))
+            entries.append(
+                dict(
+                    code=code, data_space=space, data_length=len(data), reserved=0, data_offset=off
+                )
+            )
         name = os.path.basename(ppath).encode("utf-16-be")[:510]
         hdr.parent_name = name + bytes(512 - len(name))
         hdr.parent_uuid = parent.uuid.bytes_le if parent.uuid else bytes(16)
@@ -632,5 +780,9 @@ class VhdImage(MaintenanceMixin, FileImage):
 
     def _rescan(self) -> None:
         self.fsize = self.f.size()
-        end_len = self.fsize - self.footer_offset if self.fsize - self.footer_offset in (511, 512) else 512
+        end_len = (
+            self.fsize - self.footer_offset
+            if self.fsize - self.footer_offset in (511, 512)
+            else 512
+        )
         self._scan_blocks(self.fsize, end_len)

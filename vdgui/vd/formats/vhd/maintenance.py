@@ -3,16 +3,26 @@ packed into holes, file cut) and check/repair."""
 from __future__ import annotations
 
 from ...align import ceil_div
-from ...errors import InvalidArgument, NotSupported
 from ...compaction import holes_between, move_blocks, plan_moves
+from ...errors import InvalidArgument, NotSupported
 from ...geometry import Geometry, vhd_chs
 from ...image import CheckReport, Problem, ProblemCode
 from ...progress import Progress
 from ...space import preallocate, require_space
 from ...sparse import is_zero
 from .fields import _round, bitmap_runs, fixed_geometry, round_size_to_chs
-from .layout import (CURRENT_SIZE_CREATORS, FOOTER, FOOTER_SIZE, FREE, LOCATOR_SPACE, MAX_LOCATOR,
-                     MAX_VIRTUAL, SECTOR, TYPE_DIFF, TYPE_FIXED)
+from .layout import (
+    CURRENT_SIZE_CREATORS,
+    FOOTER,
+    FOOTER_SIZE,
+    FREE,
+    LOCATOR_SPACE,
+    MAX_LOCATOR,
+    MAX_VIRTUAL,
+    SECTOR,
+    TYPE_DIFF,
+    TYPE_FIXED,
+)
 
 
 class MaintenanceMixin:
@@ -91,17 +101,25 @@ class MaintenanceMixin:
         # everything in the way of the longer table moves to the end of the file
         if any(s < table_end and e > self.bat_offset + old * 4
                for s, e, n in self._meta_regions() if n in ("footer copy", "dynamic disk header")):
-            raise NotSupported(f"{self.location}: the dynamic header follows the BAT; cannot grow it")
+            raise NotSupported(f"{self.location}: the dynamic header follows the BAT; "
+                               "cannot grow it")
         for i in range(old):
             e = self.bat[i]
-            if e != FREE and i not in self._bad and e * SECTOR < table_end and \
-                    e * SECTOR + self.total > self.bat_offset:
+            if (
+                e != FREE
+                and i not in self._bad
+                and e * SECTOR < table_end
+                and e * SECTOR + self.total > self.bat_offset
+            ):
                 self._move_block(i, _round(max(self.footer_offset, table_end)))
         for li in range(8):
-            loc = self.header.locators[li]        # fresh: _store_header replaces the header
+            loc = self.header.locators[li]  # fresh: _store_header replaces the header
             if bytes(loc.code) == b"\x00\x00\x00\x00" or not loc.data_length:
                 continue
-            if loc.data_offset < table_end and loc.data_offset + loc.data_length > self.bat_offset + old * 4:
+            if (
+                loc.data_offset < table_end
+                and loc.data_offset + loc.data_length > self.bat_offset + old * 4
+            ):
                 data = self.f.pread(loc.data_offset, min(loc.data_length, MAX_LOCATOR))
                 space = _round(max(len(data), LOCATOR_SPACE))
                 pos = _round(max(self.footer_offset, table_end))
@@ -110,7 +128,7 @@ class MaintenanceMixin:
                 self.footer_offset = pos + space
                 loc.data_offset, loc.data_space = pos, space
                 self._store_header()
-        if self.footer_offset < table_end:          # an empty disk: the footer moves out first
+        if self.footer_offset < table_end:  # an empty disk: the footer moves out first
             self._write_footer_at(table_end)
             self.footer_offset = table_end
         # the new table entries (free), then the header's entry count
@@ -146,7 +164,7 @@ class MaintenanceMixin:
         alloc = [i for i in range(self.n_blocks) if self.bat[i] != FREE]
         prog = Progress(progress, max(len(alloc) * 2, 1))
         prog.start()
-        for idx in alloc:                           # 1. drop blocks that add nothing
+        for idx in alloc:  # 1. drop blocks that add nothing
             if self._block_is_redundant(idx, parent_read):
                 self._set_bat(idx, FREE)
                 self._bitmaps.pop(idx, None)
@@ -179,8 +197,11 @@ class MaintenanceMixin:
         parent locators that lie past the last block, then the footer down, and truncate.
         Every move copies first and repoints (BAT entry / header) after: interruption-safe."""
         meta = [(a, b) for a, b, _n in self._meta_regions()]
-        blocks = [(self.bat[i] * SECTOR, self.total, i) for i in range(self.n_blocks)
-                  if self.bat[i] != FREE and i not in self._bad]
+        blocks = [
+            (self.bat[i] * SECTOR, self.total, i)
+            for i in range(self.n_blocks)
+            if self.bat[i] != FREE and i not in self._bad
+        ]
         holes = holes_between(meta + [(a, a + n) for a, n, _i in blocks])
 
         def repoint(moves):
@@ -189,15 +210,22 @@ class MaintenanceMixin:
                 self._bitmaps.pop(m.key, None)
 
         # copies into holes (unreferenced), sync, BAT entries, sync (compaction.move_blocks)
-        move_blocks(self.f, plan_moves(blocks, holes, SECTOR), repoint,
-                    advance=(lambda _n: prog.advance(1)) if prog else None)
+        move_blocks(
+            self.f,
+            plan_moves(blocks, holes, SECTOR),
+            repoint,
+            advance=(lambda _n: prog.advance(1)) if prog else None,
+        )
         # parent locators beyond the last block move down too (they would pin the file's end)
-        block_ends = [self.bat[i] * SECTOR + self.total for i in range(self.n_blocks)
-                      if self.bat[i] != FREE and i not in self._bad]
+        block_ends = [
+            self.bat[i] * SECTOR + self.total
+            for i in range(self.n_blocks)
+            if self.bat[i] != FREE and i not in self._bad
+        ]
         fixed_meta = [(a, b) for a, b, n in self._meta_regions() if not n.startswith("parent")]
         floor = max([b for _a, b in fixed_meta] + block_ends)
         for li in range(8):
-            loc = self.header.locators[li]        # fresh: _store_header replaces the header
+            loc = self.header.locators[li]  # fresh: _store_header replaces the header
             regs = {n: (a, b) for a, b, n in self._meta_regions()}
             if f"parent locator {li}" not in regs:
                 continue
@@ -205,14 +233,19 @@ class MaintenanceMixin:
             if a < floor:
                 continue
             others = [r for n, r in regs.items() if n != f"parent locator {li}"]
-            for h0, h1 in holes_between(others + [(a, a)] + [(x - self.total, x) for x in block_ends]):
+            for h0, h1 in holes_between(
+                others + [(a, a)] + [(x - self.total, x) for x in block_ends]
+            ):
                 dest = _round(h0)
                 if dest + (b - a) <= min(h1, a) and dest >= FOOTER_SIZE:
                     data = self.f.read_exact(a, loc.data_length, f"parent locator {li}")
                     self.f.pwrite(dest, data + bytes(_round(len(data)) - len(data)))
                     loc.data_offset = dest
-                    loc.data_space = max(loc.data_space, _round(len(data))) \
-                        if loc.data_space <= MAX_LOCATOR else _round(len(data))
+                    loc.data_space = (
+                        max(loc.data_space, _round(len(data)))
+                        if loc.data_space <= MAX_LOCATOR
+                        else _round(len(data))
+                    )
                     self._store_header()
                     break
         ends = [b for _a, b, _n in self._meta_regions()] + block_ends
@@ -237,7 +270,7 @@ class MaintenanceMixin:
         prog.start()
         header_fix = False
         bad_locators = set(getattr(self, "_bad_locators", ()))
-        for p in self._problems:                 # what to fix follows the codes, not the words
+        for p in self._problems:  # what to fix follows the codes, not the words
             rep.problems.append(Problem(p.severity, p.what, p.offset, code=p.code))
             if p.code in (ProblemCode.PARENT_LOCATOR, ProblemCode.HEADER_CHECKSUM):
                 header_fix = True
@@ -245,25 +278,36 @@ class MaintenanceMixin:
         bat_fix: list[int] = []
         if not self.is_fixed:
             for idx, why in sorted(self._bad.items()):
-                rep.problems.append(Problem("corrupt", why, self.bat_offset + 4 * idx,
-                                            code=self._bad_code[idx]))
+                rep.problems.append(
+                    Problem("corrupt", why, self.bat_offset + 4 * idx, code=self._bad_code[idx])
+                )
                 bat_fix.append(idx)
             for idx in self._intersects_footer:
-                rep.problems.append(Problem(
-                    "corrupt", f"the block of BAT entry {idx} runs into the footer",
-                    self.bat[idx] * SECTOR, code=ProblemCode.OVERLAP))
+                rep.problems.append(
+                    Problem(
+                        "corrupt",
+                        f"the block of BAT entry {idx} runs into the footer",
+                        self.bat[idx] * SECTOR,
+                        code=ProblemCode.OVERLAP,
+                    )
+                )
             for off, n, what in self._find_leaks():
                 rep.problems.append(Problem("leak", what, off, code=ProblemCode.LEAK))
                 rep.orphans.append((self.location, off, n))
         prog.advance(1)
         if fix and rep.problems:
-            for idx in bat_fix:                      # BAT first, header next, footer last
+            for idx in bat_fix:  # BAT first, header next, footer last
                 self._set_bat(idx, FREE)
                 self._bitmaps.pop(idx, None)
             if header_fix:
                 for i, loc in enumerate(self.header.locators):
                     if i in bad_locators:
-                        loc.code, loc.data_space, loc.data_length, loc.data_offset = b"\0" * 4, 0, 0, 0
+                        loc.code, loc.data_space, loc.data_length, loc.data_offset = (
+                            b"\0" * 4,
+                            0,
+                            0,
+                            0,
+                        )
                 self._store_header()
             if not self.is_fixed:
                 self._rescan()
@@ -291,13 +335,24 @@ class MaintenanceMixin:
         """Unreferenced file ranges large enough to hold a block (e.g. left by an interrupted
         allocation or a dropped block)."""
         out = []
-        regions = sorted([(s, e) for s, e, _n in self._meta_regions()] +
-                         [(self.bat[i] * SECTOR, self.bat[i] * SECTOR + self.total)
-                          for i in range(self.n_blocks) if self.bat[i] != FREE and i not in self._bad])
+        regions = sorted(
+            [(s, e) for s, e, _n in self._meta_regions()]
+            + [
+                (self.bat[i] * SECTOR, self.bat[i] * SECTOR + self.total)
+                for i in range(self.n_blocks)
+                if self.bat[i] != FREE and i not in self._bad
+            ]
+        )
         cur = 0
         for s, e in regions + [(self.footer_offset, self.footer_offset)]:
             if s - cur >= self.total:
-                out.append((cur, s - cur, f"{s - cur} unreferenced bytes at {cur:#x} (room for "
-                            f"{(s - cur) // self.total} block(s))"))
+                out.append(
+                    (
+                        cur,
+                        s - cur,
+                        f"{s - cur} unreferenced bytes at {cur:#x} (room for "
+                        f"{(s - cur) // self.total} block(s))",
+                    )
+                )
             cur = max(cur, e)
         return out

@@ -7,8 +7,17 @@ import uuid as uuidlib
 from array import array
 
 from ...align import align_up, ceil_div
-from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                        Operation, ProbeInput, too_large)
+from ...backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+    too_large,
+)
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileimage import FileImage
@@ -18,17 +27,57 @@ from ...runs import RunList
 from ...space import preallocate
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
 from ...tables import BlockTable, read_table, table_to_bytes
-from .layout import (BAT_GUID, FILE_PARAMETERS, FP_HAS_PARENT, FP_LEAVE_BLOCK_ALLOCATED,
-                     HEADER_OFFSETS, HEADER_SIZE, LOGICAL_SECTOR, MAX_LOG, MAX_REGION_ENTRIES,
-                     MAX_SIZE, MD_IS_REQUIRED, MD_IS_VIRTUAL_DISK, METADATA_GUID,
-                     METADATA_TABLE_SIZE, OFFSET_SHIFT, PAGE83, PARENT_LOCATOR,
-                     PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT,
-                     PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED, PAYLOAD_ZERO, PHYSICAL_SECTOR,
-                     REGION_OFFSETS, REGION_SIZE, SB_PRESENT, STATE_MASK, STATE_NAMES,
-                     VIRTUAL_DISK_SIZE, ZERO_GUID, FileIdentifier, FileParameters, GiB, Header,
-                     MetadataTableEntry, MetadataTableHeader, MiB, RegionTableEntry,
-                     RegionTableHeader, bat_entry_count, checksum_ok, chunk_ratio, guid_bytes,
-                     guid_from_bytes, limit_reason, utf16, vhdx_max_size, with_checksum)
+from .layout import (
+    BAT_GUID,
+    FILE_PARAMETERS,
+    FP_HAS_PARENT,
+    FP_LEAVE_BLOCK_ALLOCATED,
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    LOGICAL_SECTOR,
+    MAX_LOG,
+    MAX_REGION_ENTRIES,
+    MAX_SIZE,
+    MD_IS_REQUIRED,
+    MD_IS_VIRTUAL_DISK,
+    METADATA_GUID,
+    METADATA_TABLE_SIZE,
+    OFFSET_SHIFT,
+    PAGE83,
+    PARENT_LOCATOR,
+    PAYLOAD_FULLY_PRESENT,
+    PAYLOAD_NOT_PRESENT,
+    PAYLOAD_PARTIALLY_PRESENT,
+    PAYLOAD_UNDEFINED,
+    PAYLOAD_UNMAPPED,
+    PAYLOAD_ZERO,
+    PHYSICAL_SECTOR,
+    REGION_OFFSETS,
+    REGION_SIZE,
+    SB_PRESENT,
+    STATE_MASK,
+    STATE_NAMES,
+    VIRTUAL_DISK_SIZE,
+    ZERO_GUID,
+    FileIdentifier,
+    FileParameters,
+    GiB,
+    Header,
+    MetadataTableEntry,
+    MetadataTableHeader,
+    MiB,
+    RegionTableEntry,
+    RegionTableHeader,
+    bat_entry_count,
+    checksum_ok,
+    chunk_ratio,
+    guid_bytes,
+    guid_from_bytes,
+    limit_reason,
+    utf16,
+    vhdx_max_size,
+    with_checksum,
+)
 from .log import LogReplayNeeded, active_sequence, replay
 from .maintenance import MaintenanceMixin
 from .metadata import MetadataMixin, build_locator, locator_for

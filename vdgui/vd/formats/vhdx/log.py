@@ -7,9 +7,19 @@ from typing import TYPE_CHECKING
 from ...align import align_up
 from ...errors import CorruptImage
 from ...sparse import zeroes
-from .layout import (HEADER_OFFSETS, LOG_SECTOR, MAX_FILE, MAX_LOG, REGION_OFFSETS, DataDescriptor,
-                     DataSector, LogEntryHeader, MiB, ZeroDescriptor, checksum_ok)
-
+from .layout import (
+    HEADER_OFFSETS,
+    LOG_SECTOR,
+    MAX_FILE,
+    MAX_LOG,
+    REGION_OFFSETS,
+    DataDescriptor,
+    DataSector,
+    LogEntryHeader,
+    MiB,
+    ZeroDescriptor,
+    checksum_ok,
+)
 
 if TYPE_CHECKING:
     from .image import VhdxImage
@@ -22,10 +32,10 @@ class LogReplayNeeded(CorruptImage):
 
 # -- log replay --------------------------------------------------------------------------------
 class LogEntry:
-    __slots__ = ("pos", "hdr", "descs", "sectors")
+    __slots__ = ("descs", "hdr", "pos", "sectors")
 
 
-def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> "LogEntry | None":
+def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> LogEntry | None:
     """Parse and validate one log entry at ``pos`` of the circular log buffer; None if invalid."""
     n = len(log)
 

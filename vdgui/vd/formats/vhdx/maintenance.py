@@ -7,17 +7,34 @@ from array import array
 
 from ...align import align_up, ceil_div
 from ...backend import too_large
-from ...errors import InvalidArgument, NotSupported
 from ...compaction import holes_between, move_blocks, overlapping, plan_moves
+from ...errors import InvalidArgument, NotSupported
 from ...image import CheckReport, Problem, ProblemCode
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
 from ...tables import table_to_bytes
-from .layout import (BAT_GUID, HEADER_OFFSETS, MAX_SIZE, OFFSET_SHIFT, PAYLOAD_FULLY_PRESENT,
-                     PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_ZERO, REGION_OFFSETS,
-                     SB_NOT_PRESENT, SB_PRESENT, STATE_MASK, STATE_NAMES, VIRTUAL_DISK_SIZE, MiB,
-                     RegionTableEntry, bat_entry_count, guid_from_bytes, limit_reason,
-                     with_checksum)
+from .layout import (
+    BAT_GUID,
+    HEADER_OFFSETS,
+    MAX_SIZE,
+    OFFSET_SHIFT,
+    PAYLOAD_FULLY_PRESENT,
+    PAYLOAD_NOT_PRESENT,
+    PAYLOAD_PARTIALLY_PRESENT,
+    PAYLOAD_ZERO,
+    REGION_OFFSETS,
+    SB_NOT_PRESENT,
+    SB_PRESENT,
+    STATE_MASK,
+    STATE_NAMES,
+    VIRTUAL_DISK_SIZE,
+    MiB,
+    RegionTableEntry,
+    bat_entry_count,
+    guid_from_bytes,
+    limit_reason,
+    with_checksum,
+)
 
 
 class MaintenanceMixin:

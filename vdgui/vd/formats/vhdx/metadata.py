@@ -13,14 +13,38 @@ from ...errors import NotSupported, ParentMismatch
 from ...fileio import relative_name
 from ...image import ParentHint
 from ...sparse import zeroes
-from .layout import (FILE_PARAMETERS, FP_HAS_PARENT, FP_LEAVE_BLOCK_ALLOCATED, KNOWN_ITEMS,
-                     LOGICAL_SECTOR, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM, MAX_SIZE,
-                     MD_IS_REQUIRED, METADATA_GUID, METADATA_TABLE_SIZE, PAGE83, PARENT_LOCATOR,
-                     PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT, PHYSICAL_SECTOR,
-                     SB_NOT_PRESENT, SB_PRESENT, VHDX_LOCATOR_TYPE, VIRTUAL_DISK_SIZE,
-                     FileParameters, MetadataTableEntry, MetadataTableHeader, MiB,
-                     ParentLocatorEntry, ParentLocatorHeader, bat_entry_count, guid_bytes,
-                     guid_from_bytes, utf16)
+from .layout import (
+    FILE_PARAMETERS,
+    FP_HAS_PARENT,
+    FP_LEAVE_BLOCK_ALLOCATED,
+    KNOWN_ITEMS,
+    LOGICAL_SECTOR,
+    MAX_METADATA_ENTRIES,
+    MAX_METADATA_ITEM,
+    MAX_SIZE,
+    MD_IS_REQUIRED,
+    METADATA_GUID,
+    METADATA_TABLE_SIZE,
+    PAGE83,
+    PARENT_LOCATOR,
+    PAYLOAD_FULLY_PRESENT,
+    PAYLOAD_PARTIALLY_PRESENT,
+    PHYSICAL_SECTOR,
+    SB_NOT_PRESENT,
+    SB_PRESENT,
+    VHDX_LOCATOR_TYPE,
+    VIRTUAL_DISK_SIZE,
+    FileParameters,
+    MetadataTableEntry,
+    MetadataTableHeader,
+    MiB,
+    ParentLocatorEntry,
+    ParentLocatorHeader,
+    bat_entry_count,
+    guid_bytes,
+    guid_from_bytes,
+    utf16,
+)
 
 
 def native_path(loc: str) -> str:
@@ -166,11 +190,11 @@ class MetadataMixin:
         kv = {}
         for i in range(n):
             e = ParentLocatorEntry.parse(raw[20 + 12 * i:32 + 12 * i])
-            for o, l in ((e.key_offset, e.key_length), (e.value_offset, e.value_length)):
-                if o + l > ln or l % 2:
+            for o, length in ((e.key_offset, e.key_length), (e.value_offset, e.value_length)):
+                if o + length > ln or length % 2:
                     raise self._corrupt("parent locator key/value lies outside the item",
                                         field="parent locator entry", offset=mo + off + 20 + 12 * i,
-                                        expected=f"end <= {ln}, even length", found=f"{o}+{l}")
+                                        expected=f"end <= {ln}, even length", found=f"{o}+{length}")
             key = raw[e.key_offset:e.key_offset + e.key_length].decode("utf-16-le", "replace")
             val = raw[e.value_offset:e.value_offset + e.value_length].decode("utf-16-le", "replace")
             kv[key] = val
@@ -192,7 +216,7 @@ class MetadataMixin:
                 pass
         # MS-VHDX 2.6.2.6.3: paths are tried relative_path, volume_path, absolute_win32_path
         locs = [kv[k] for k in ("relative_path", "volume_path", "absolute_win32_path") if kv.get(k)]
-        self.parent_hint = ParentHint(locations=[native_path(l) for l in locs], uuid=None,
+        self.parent_hint = ParentHint(locations=[native_path(loc) for loc in locs], uuid=None,
                                       format="VHDX")
 
     # -- metadata ------------------------------------------------------------------------
@@ -253,8 +277,8 @@ class MetadataMixin:
             self.f.sync()
             return
         end = METADATA_TABLE_SIZE
-        for o, l, _f, _k in self.md_entries.values():
-            end = max(end, o + l)
+        for o, length, _f, _k in self.md_entries.values():
+            end = max(end, o + length)
         new_off = align_up(end, 4096) if end else METADATA_TABLE_SIZE
         if new_off + len(payload) > self.md_length:
             raise NotSupported(f"{self.location}: no room left in the metadata region "
@@ -312,7 +336,7 @@ class MetadataMixin:
         self.parent_modification_uuid = parent.modification_uuid
         self.parent_linkage2 = None
         locs = [kv[k] for k in ("relative_path", "absolute_win32_path") if k in kv]
-        self.parent_hint = ParentHint(locations=[native_path(l) for l in locs], format="VHDX")
+        self.parent_hint = ParentHint(locations=[native_path(loc) for loc in locs], format="VHDX")
 
     def _make_base(self) -> None:
         """Turn this differencing image into a base image (after a merge copied the parent's
@@ -362,9 +386,9 @@ class MetadataMixin:
                 last = count - 1
                 if k != last:
                     table[32 + 32 * k:64 + 32 * k] = table[32 + 32 * last:64 + 32 * last]
-                    for g, (o, l, fl, kk) in list(self.md_entries.items()):
+                    for g, (o, length, fl, kk) in list(self.md_entries.items()):
                         if kk == last:
-                            self.md_entries[g] = (o, l, fl, k)
+                            self.md_entries[g] = (o, length, fl, k)
                 table[32 + 32 * last:64 + 32 * last] = bytes(32)
                 struct.pack_into("<H", table, 10, count - 1)
                 self.f.pwrite(self.md_offset, bytes(table))

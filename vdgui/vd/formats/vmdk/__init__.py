@@ -40,20 +40,40 @@ import uuid as uuidlib
 
 from construct import ConstructError
 
-from ...backend import (Backend, Cap, CreateParams, FileExtension, ImageFlags, OpenFlags,
-                        Operation, ProbeInput, Refusal)
+from ...backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+    Refusal,
+)
 from ...config import ConfigKey, ValueType, parse_config
 from ...errors import CorruptImage, NotSupported
 from ...fileio import ImageFile, resolve_stored_name
 from .create import create
 from .descriptor import MAX_DESCRIPTOR_BYTES, Descriptor
 from .image import VmdkImage
-from .layout import (COWD_MAGIC, CREATE_TYPES, MAGIC, MARKER, MAX_SPARSE_SIZE, SECTOR,
-                     SESPARSE_MAGIC, CowdHeader, GrainMarker, MetaMarker, SESparseConstHeader,
-                     SESparseVolatileHeader, SparseHeader)
+from .layout import (
+    COWD_MAGIC,
+    CREATE_TYPES,
+    MAGIC,
+    MARKER,
+    MAX_SPARSE_SIZE,
+    SECTOR,
+    SESPARSE_MAGIC,
+    CowdHeader,
+    GrainMarker,
+    MetaMarker,
+    SESparseConstHeader,
+    SESparseVolatileHeader,
+    SparseHeader,
+)
 from .sparse import SESparseExtent, SparseExtent, parse_sparse_header, write_sparse_extent
 from .stream import StreamWriter
-
 
 __all__ = ["BACKEND", "CowdHeader", "Descriptor", "GrainMarker", "ImageFile", "MetaMarker",
            "SESparseConstHeader", "SESparseExtent", "SESparseVolatileHeader", "SparseExtent",
@@ -149,46 +169,66 @@ class VmdkBackend(Backend):
             if head[:4] == MAGIC:
                 hdr = parse_sparse_header(head, location)
                 if hdr["descriptor_offset"] == 0 or hdr["descriptor_size"] == 0:
-                    raise NotSupported(f"{location}: this is one extent of a multi-file VMDK (it has "
-                                       "no embedded descriptor); open the descriptor .vmdk instead")
+                    raise NotSupported(
+                        f"{location}: this is one extent of a multi-file VMDK (it has "
+                        "no embedded descriptor); open the descriptor .vmdk instead"
+                    )
                 dsz = hdr["descriptor_size"] * SECTOR
                 if dsz > MAX_DESCRIPTOR_BYTES:
-                    raise CorruptImage("embedded descriptor is too large", path=location,
-                                       field="descriptorSize", offset=0x1C,
-                                       expected=f"at most {MAX_DESCRIPTOR_BYTES // SECTOR} sectors",
-                                       found=hdr["descriptor_size"])
+                    raise CorruptImage(
+                        "embedded descriptor is too large",
+                        path=location,
+                        field="descriptorSize",
+                        offset=0x1C,
+                        expected=f"at most {MAX_DESCRIPTOR_BYTES // SECTOR} sectors",
+                        found=hdr["descriptor_size"],
+                    )
                 doff = hdr["descriptor_offset"] * SECTOR
                 if doff + dsz > f.size():
-                    raise CorruptImage("embedded descriptor lies past the end of the file",
-                                       path=location, field="descriptorOffset", offset=0x1C,
-                                       expected=f"an area inside {f.size()} bytes",
-                                       found=f"sector {hdr['descriptor_offset']}")
+                    raise CorruptImage(
+                        "embedded descriptor lies past the end of the file",
+                        path=location,
+                        field="descriptorOffset",
+                        offset=0x1C,
+                        expected=f"an area inside {f.size()} bytes",
+                        found=f"sector {hdr['descriptor_offset']}",
+                    )
                 raw = f.read_exact(doff, dsz, "embedded descriptor")
                 img.desc = Descriptor.parse(raw, location)
                 img.embedded = (doff, dsz)
                 exts = img.desc.extents
                 if len(exts) != 1 or exts[0].type != "SPARSE":
-                    raise CorruptImage("a sparse file's embedded descriptor must list exactly one "
-                                       "SPARSE extent (itself)", path=location,
-                                       expected="1 SPARSE extent",
-                                       found=", ".join(e.type for e in exts))
+                    raise CorruptImage(
+                        "a sparse file's embedded descriptor must list exactly one "
+                        "SPARSE extent (itself)",
+                        path=location,
+                        expected="1 SPARSE extent",
+                        found=", ".join(e.type for e in exts),
+                    )
                 img._load_metadata()
                 img._files[os.path.abspath(location)] = f
                 line = exts[0]
                 img.extent_paths = [location]
                 img.extents.append(img.opener.sparse(line, 0, location, f, hdr, writable=not ro))
             elif head[:8] == SESPARSE_MAGIC.to_bytes(8, "little"):
-                raise NotSupported(f"{location}: this is an ESXi seSparse extent; open the "
-                                   "descriptor .vmdk that lists it instead")
+                raise NotSupported(
+                    f"{location}: this is an ESXi seSparse extent; open the "
+                    "descriptor .vmdk that lists it instead"
+                )
             elif head[:4] == COWD_MAGIC:
-                raise NotSupported(f"{location}: this is an ESX vmfsSparse (COWD) extent; open the "
-                                   "descriptor .vmdk that lists it instead")
+                raise NotSupported(
+                    f"{location}: this is an ESX vmfsSparse (COWD) extent; open the "
+                    "descriptor .vmdk that lists it instead"
+                )
             else:
                 size = f.size()
                 if size > MAX_DESCRIPTOR_BYTES:
-                    raise CorruptImage("not a VMDK descriptor: the file is too large for one",
-                                       path=location, expected=f"at most {MAX_DESCRIPTOR_BYTES} "
-                                       "bytes of text", found=f"{size} bytes")
+                    raise CorruptImage(
+                        "not a VMDK descriptor: the file is too large for one",
+                        path=location,
+                        expected=f"at most {MAX_DESCRIPTOR_BYTES} bytes of text",
+                        found=f"{size} bytes",
+                    )
                 img.desc = Descriptor.parse(f.pread(0, size), location)
                 img._load_metadata()
                 ct = img.create_type.lower()
@@ -198,15 +238,21 @@ class VmdkBackend(Backend):
                 for line in img.desc.extents:
                     path = None
                     if line.type != "ZERO":
-                        path = resolve_stored_name(location, line.filename,
-                                                   allow_unsafe=img.allow_unsafe,
-                                                   what="extent file")
+                        path = resolve_stored_name(
+                            location,
+                            line.filename,
+                            allow_unsafe=img.allow_unsafe,
+                            what="extent file",
+                        )
                     img.extent_paths.append(path)
                     if info_only:
                         vstart += line.sectors * SECTOR
                         continue
-                    img.extents.append(img.opener.extent(
-                        line, vstart, path, writable=not ro and line.access == "RW"))
+                    img.extents.append(
+                        img.opener.extent(
+                            line, vstart, path, writable=not ro and line.access == "RW"
+                        )
+                    )
                     vstart += line.sectors * SECTOR
                 img.info_only = info_only
             img.size = sum(e.sectors for e in img.desc.extents) * SECTOR
@@ -220,7 +266,7 @@ class VmdkBackend(Backend):
                     img.desc.set("ddb.uuid.modification", str(img.modification_uuid))
                 try:
                     img._write_descriptor()
-                except NotSupported:      # no room in an embedded descriptor: leave it be
+                except NotSupported:  # no room in an embedded descriptor: leave it be
                     img.desc.remove("ddb.uuid.image")
                     img.desc.remove("ddb.uuid.modification")
                     img.uuid = img.modification_uuid = None

@@ -15,9 +15,19 @@ from ...geometry import vbox_pchs
 from ...space import preallocate
 from .descriptor import NO_PARENT_CID, Descriptor, ExtentLine, build, new_cid
 from .image import VmdkImage
-from .layout import (DEFAULT_GRAIN, EMBEDDED_DESC_SECTORS, FLAG_COMPRESSED, FLAG_MARKERS,
-                     FLAG_NL_TEST, GD_AT_END, MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader,
-                     header_dict)
+from .layout import (
+    DEFAULT_GRAIN,
+    EMBEDDED_DESC_SECTORS,
+    FLAG_COMPRESSED,
+    FLAG_MARKERS,
+    FLAG_NL_TEST,
+    GD_AT_END,
+    MAX_SPARSE_SIZE,
+    SECTOR,
+    SPLIT_SIZE,
+    SparseHeader,
+    header_dict,
+)
 from .sparse import write_sparse_extent
 from .stream import StreamWriter
 
@@ -173,9 +183,8 @@ def create_raw(backend, p: CreateParams, drive: str):
                   ("ddb.uuid.image", str(p.uuid or uuidlib.uuid4())),
                   ("ddb.uuid.parent", zero), ("ddb.uuid.modification", str(uuidlib.uuid4())),
                   ("ddb.uuid.parentmodification", zero)], p.location)
-    with atomic_files([p.location]) as (tmp,):
-        with open(tmp, "xb") as out:
-            out.write(desc.to_bytes())
+    with atomic_files([p.location]) as (tmp,), open(tmp, "xb") as out:
+        out.write(desc.to_bytes())
     return backend.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
 
 def create_stream(backend, p: CreateParams, desc_bytes: bytes, sectors: int):

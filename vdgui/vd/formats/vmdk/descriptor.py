@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from ...errors import CorruptImage
 
-
 MAX_DESCRIPTOR_BYTES = 1 << 20      # larger descriptors are refused (a descriptor is a few KiB)
 MAX_EXTENTS = 32768                 # 64 TiB in 2 GiB pieces; more is absurd
 NO_PARENT_CID = 0xFFFFFFFF
@@ -89,7 +88,7 @@ class Descriptor:
 
     # -- parsing ---------------------------------------------------------------------------
     @classmethod
-    def parse(cls, data: bytes | str, path: str = "descriptor") -> "Descriptor":
+    def parse(cls, data: bytes | str, path: str = "descriptor") -> Descriptor:
         if isinstance(data, bytes):
             if len(data) > MAX_DESCRIPTOR_BYTES:
                 raise CorruptImage("descriptor is too large", path=path,
@@ -144,32 +143,48 @@ class Descriptor:
                 if not m:
                     raise CorruptImage(f"descriptor line {no}: malformed extent description "
                                        f"{s[:80]!r}", path=path,
-                                       expected='ACCESS SECTORS TYPE ["FILE" [OFFSET]]', found=s[:80])
+                                       expected='ACCESS SECTORS TYPE ["FILE" [OFFSET]]',
+                                       found=s[:80])
                 etype = m.group("type").upper()
                 if etype not in EXTENT_TYPES:
-                    raise CorruptImage(f"descriptor line {no}: unknown extent type {etype!r}",
-                                       path=path, expected="/".join(EXTENT_TYPES), found=etype)
+                    raise CorruptImage(
+                        f"descriptor line {no}: unknown extent type {etype!r}",
+                        path=path,
+                        expected="/".join(EXTENT_TYPES),
+                        found=etype,
+                    )
                 name = m.group("qname") if m.group("qname") is not None else m.group("name")
                 sectors = int(m.group("sectors"))
                 offset = int(m.group("offset") or 0)
                 if sectors > 1 << 48 or offset > 1 << 48:
-                    raise CorruptImage(f"descriptor line {no}: extent size or offset out of range",
-                                       path=path, expected="< 2^48 sectors",
-                                       found=f"{sectors} / {offset}")
+                    raise CorruptImage(
+                        f"descriptor line {no}: extent size or offset out of range",
+                        path=path,
+                        expected="< 2^48 sectors",
+                        found=f"{sectors} / {offset}",
+                    )
                 if etype != "ZERO" and not name:
-                    raise CorruptImage(f"descriptor line {no}: {etype} extent without a file name",
-                                       path=path)
+                    raise CorruptImage(
+                        f"descriptor line {no}: {etype} extent without a file name", path=path
+                    )
                 n_extents += 1
                 if n_extents > MAX_EXTENTS:
-                    raise CorruptImage("descriptor lists too many extents", path=path,
-                                       expected=f"at most {MAX_EXTENTS}", found="more")
+                    raise CorruptImage(
+                        "descriptor lists too many extents",
+                        path=path,
+                        expected=f"at most {MAX_EXTENTS}",
+                        found="more",
+                    )
                 ext = ExtentLine(m.group("access"), sectors, etype, name, offset)
                 lines.append(_Line("extent", raw, extent=ext))
                 continue
             m = _KEY_RE.match(s)
             if not m:
-                raise CorruptImage(f"descriptor line {no}: expected 'key = value', an extent or a "
-                                   f"comment, found {s[:80]!r}", path=path)
+                raise CorruptImage(
+                    f"descriptor line {no}: expected 'key = value', an extent or a "
+                    f"comment, found {s[:80]!r}",
+                    path=path,
+                )
             key = m.group("key")
             value, quoted = _unquote(m.group("value"))
             kind = "ddb" if key.lower().startswith("ddb.") else "header"
@@ -191,8 +206,10 @@ class Descriptor:
         try:
             return self.text().encode(self.encoding)
         except UnicodeEncodeError as exc:
-            raise CorruptImage(f"descriptor text cannot be written in its encoding "
-                               f"{self.encoding}: {exc.reason}", path=self.path) from None
+            raise CorruptImage(
+                f"descriptor text cannot be written in its encoding {self.encoding}: {exc.reason}",
+                path=self.path,
+            ) from None
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -217,9 +234,12 @@ class Descriptor:
         try:
             return int(v, base)
         except ValueError:
-            raise CorruptImage(f"descriptor key '{key}' is not a{' hexadecimal' if base == 16 else 'n'}"
-                               f" integer", path=self.path, expected="an integer",
-                               found=repr(v)) from None
+            raise CorruptImage(
+                f"descriptor key '{key}' is not a{' hexadecimal' if base == 16 else 'n'} integer",
+                path=self.path,
+                expected="an integer",
+                found=repr(v),
+            ) from None
 
     def set(self, key: str, value: str, *, quoted: bool | None = None) -> None:
         """Set a header or ddb key (added at the end of its section when new)."""
@@ -239,7 +259,7 @@ class Descriptor:
             self.lines.insert(idx[-1] + 1, new)
         elif is_ddb:
             self.lines.append(new)
-        else:   # before the first extent (and the comment block right above it)
+        else:  # before the first extent (and the comment block right above it)
             first = next(i for i, x in enumerate(self.lines) if x.kind == "extent")
             while first > 0 and self.lines[first - 1].kind in ("comment", "blank"):
                 first -= 1
@@ -265,8 +285,12 @@ class Descriptor:
         self.lines.insert(i + 1, _Line("extent", "", extent=ext, dirty=True))
 
 
-def build(header: list[tuple[str, str, bool]], extents: list[ExtentLine],
-          ddb: list[tuple[str, str]], path: str = "descriptor") -> Descriptor:
+def build(
+    header: list[tuple[str, str, bool]],
+    extents: list[ExtentLine],
+    ddb: list[tuple[str, str]],
+    path: str = "descriptor",
+) -> Descriptor:
     """A new descriptor in the layout VMware, VirtualBox and qemu write."""
     out = ["# Disk DescriptorFile"]
     for k, v, q in header:
@@ -283,4 +307,3 @@ def new_cid(old: int | None = None) -> int:
         c = random.getrandbits(32)
         if c not in (NO_PARENT_CID, 0xFFFFFFFE, old):
             return c
-

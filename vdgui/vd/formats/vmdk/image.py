@@ -117,11 +117,19 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         try:
             c = int(v.strip(), 16)
         except ValueError:
-            raise CorruptImage(f"descriptor key '{key}' is not a hexadecimal CID", path=self.location,
-                               expected="8 hex digits", found=repr(v)) from None
+            raise CorruptImage(
+                f"descriptor key '{key}' is not a hexadecimal CID",
+                path=self.location,
+                expected="8 hex digits",
+                found=repr(v),
+            ) from None
         if not 0 <= c <= 0xFFFFFFFF:
-            raise CorruptImage(f"descriptor key '{key}' out of range", path=self.location,
-                               expected="8 hex digits", found=repr(v))
+            raise CorruptImage(
+                f"descriptor key '{key}' out of range",
+                path=self.location,
+                expected="8 hex digits",
+                found=repr(v),
+            )
         return c
 
     def _locate(self, offset: int) -> int:
@@ -129,8 +137,10 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
 
     def _pieces(self, offset: int, length: int):
         if self.info_only:
-            raise NotSupported(f"{self.location}: opened for information only (extent files are "
-                               "not opened); open it normally to read data")
+            raise NotSupported(
+                f"{self.location}: opened for information only (extent files are "
+                "not opened); open it normally to read data"
+            )
         end = offset + length
         i = self._locate(offset)
         while offset < end:
@@ -162,14 +172,14 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
             self._find_cross_links()
         self._refuse_cross_linked()
         if not self._cid_bumped and self._stream_temp is None:
-            for ext, rel, n in self._pieces(offset, len(data)):
+            for ext, rel, _n in self._pieces(offset, len(data)):
                 if not ext.writable:
-                    ext.write(rel, b"", fill, self)   # raises the extent's refusal
+                    ext.write(rel, b"", fill, self)  # raises the extent's refusal
             self._cid_bumped = True
             if not self.keep_link_identity:  # a merge keeps it: it relinks the children itself
                 self.cid = new_cid(self.cid)
                 self.desc.set("CID", f"{self.cid:08x}")
-                self._write_descriptor()    # before the data: children see the change
+                self._write_descriptor()  # before the data: children see the change
             self._mark_unclean(True)
         mv = memoryview(data)
         pos = 0
@@ -180,7 +190,8 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
                 ln2 = max(0, min(ln, self.size - (vstart + o)))
                 got = fill(vstart + o, ln2) if ln2 else b""
                 return got + bytes(ln - len(got))
-            ext.write(rel, mv[pos:pos + n], efill, self)
+
+            ext.write(rel, mv[pos : pos + n], efill, self)
             pos += n
 
     def flush(self):
@@ -204,7 +215,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
                     stream.commit()
                     self._stream_temp = None
                 self.flush()
-                self._mark_unclean(False)     # where this session set it
+                self._mark_unclean(False)  # where this session set it
         finally:
             self._closed = True
             closers = [f.close for f in self._files.values()]
@@ -231,18 +242,19 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
                 try:
                     gt = ext._gt(t)
                 except CorruptImage:
-                    continue                # refused where it is used
+                    continue  # refused where it is used
                 if gt is None:
                     continue
                 for i, v in enumerate(gt):
-                    if v > 1:               # 0 unallocated, 1 zero grain
+                    if v > 1:  # 0 unallocated, 1 zero grain
                         refs.append(v)
                         where.append(t * ext.gtes + i)
             hit = first_shared(refs)
             if hit is not None:
                 sec, a, b = hit
-                self.write_refusal = (f"{ext.f.path}: grains {where[a]} and {where[b]} both "
-                                      f"point to sector {sec}")
+                self.write_refusal = (
+                    f"{ext.f.path}: grains {where[a]} and {where[b]} both point to sector {sec}"
+                )
                 return
 
     def _mark_unclean(self, on: bool) -> None:
@@ -260,8 +272,10 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         if self.embedded is not None:
             off, cap = self.embedded
             if len(data) > cap:
-                raise NotSupported(f"{self.location}: the descriptor ({len(data)} bytes) no longer "
-                                   f"fits the embedded descriptor area ({cap} bytes)")
+                raise NotSupported(
+                    f"{self.location}: the descriptor ({len(data)} bytes) no longer "
+                    f"fits the embedded descriptor area ({cap} bytes)"
+                )
             self.desc_file.pwrite(off, data.ljust(cap, b"\0"))
         else:
             if len(data) > MAX_DESCRIPTOR_BYTES:
@@ -294,8 +308,16 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
             "adapter_type": self.desc.get("ddb.adapterType"),
             "virtual_hw_version": self.desc.get("ddb.virtualHWVersion"),
             "descriptor": "embedded" if self.embedded is not None else "separate",
-            "extents": [{"access": e.access, "sectors": e.sectors, "type": e.type,
-                         "file": e.filename, "offset": e.offset} for e in self.desc.extents],
+            "extents": [
+                {
+                    "access": e.access,
+                    "sectors": e.sectors,
+                    "type": e.type,
+                    "file": e.filename,
+                    "offset": e.offset,
+                }
+                for e in self.desc.extents
+            ],
         }
         sparse = [e for e in self.extents if isinstance(e, SparseExtent)]
         if sparse:
@@ -311,10 +333,13 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
 
     def check_parent_link(self, parent):
         if isinstance(parent, VmdkImage) and self.parent_cid != parent.cid:
-            raise ParentMismatch(f"{self.location}: differencing image does not belong to "
-                                 f"{parent.location} (content ID link broken)",
-                                 field="parentCID", expected=f"{parent.cid:08x}",
-                                 found=f"{self.parent_cid:08x}")
+            raise ParentMismatch(
+                f"{self.location}: differencing image does not belong to "
+                f"{parent.location} (content ID link broken)",
+                field="parentCID",
+                expected=f"{parent.cid:08x}",
+                found=f"{self.parent_cid:08x}",
+            )
         super().check_parent_link(parent)
 
     def _set_ddb(self, key: str, value: str) -> None:
@@ -357,8 +382,10 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
     # -- RELINK --------------------------------------------------------------------------------
     def relink_refusal(self, parent):
         if parent is not None and not isinstance(parent, VmdkImage):
-            return (f"{self.location}: a VMDK differencing image can only have a VMDK parent, "
-                    f"not {parent.format}")
+            return (
+                f"{self.location}: a VMDK differencing image can only have a VMDK parent, "
+                f"not {parent.format}"
+            )
         return None
 
     def set_parent(self, parent):
@@ -375,8 +402,10 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
             self.flags &= ~ImageFlags.DIFF
         else:
             if not isinstance(parent, VmdkImage):
-                raise NotSupported(f"{self.location}: a VMDK differencing image can only have a "
-                                   f"VMDK parent, not {parent.format}")
+                raise NotSupported(
+                    f"{self.location}: a VMDK differencing image can only have a "
+                    f"VMDK parent, not {parent.format}"
+                )
             hint = relative_name(self.location, parent.location)
             d.set("parentCID", f"{parent.cid:08x}")
             d.set("parentFileNameHint", hint, quoted=True)

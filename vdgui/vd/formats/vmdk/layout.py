@@ -7,7 +7,6 @@ import struct
 
 from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-
 SECTOR = 512
 
 # -- on-disk structures ------------------------------------------------------------------------

@@ -62,7 +62,9 @@ class MaintenanceMixin:
             index += 1
             name = f"{stem}-{'s' if sparse else 'f'}{index:03d}.vmdk"
             line = ExtentLine("RW", n // SECTOR, "SPARSE" if sparse else "FLAT", name, 0)
-            pending.append((os.path.join(os.path.dirname(os.path.abspath(self.location)), name), line))
+            pending.append(
+                (os.path.join(os.path.dirname(os.path.abspath(self.location)), name), line)
+            )
             grow -= n
         if pending:
             with atomic_files([p for p, _ in pending]) as temps:
@@ -71,7 +73,7 @@ class MaintenanceMixin:
                     try:
                         if sparse:
                             write_sparse_extent(f, line.sectors, None)
-                        else:               # flat extents hold their blocks
+                        else:  # flat extents hold their blocks
                             f.truncate(line.sectors * SECTOR)
                             preallocate(f, 0, line.sectors * SECTOR, _p)
                     finally:
@@ -119,7 +121,7 @@ class MaintenanceMixin:
             if ext.rgd is not None:
                 rgd = array.array("I", ext.rgd) + array.array("I", bytes(4 * (n_new - ext.n_gts)))
             zero = bytes(ext.gt_sectors * SECTOR)
-            for t in range(ext.n_gts, n_new):          # new tables (zeroed) at the end
+            for t in range(ext.n_gts, n_new):  # new tables (zeroed) at the end
                 off = ext._alloc(len(zero))
                 f.pwrite(off, zero)
                 gd[t] = off // SECTOR
@@ -129,7 +131,7 @@ class MaintenanceMixin:
                     rgd[t] = off // SECTOR
             old_room = align_up(ext.n_gts * 4, SECTOR)
             gd_sector, rgd_sector = ext.gd_sector, ext.rgd_sector
-            if n_new * 4 > old_room:                   # the directories move to the end
+            if n_new * 4 > old_room:  # the directories move to the end
                 gsz = align_up(n_new * 4, SECTOR)
                 gd_sector = ext._alloc(gsz) // SECTOR
                 if rgd is not None:
@@ -143,7 +145,7 @@ class MaintenanceMixin:
             ext.file_size = max(ext.file_size, ext.next_free)
             hdr.update(gd_offset=gd_sector, rgd_offset=rgd_sector if rgd is not None else 0)
         hdr["capacity"] = new_cap
-        f.pwrite(ext.header_offset, SparseHeader.build(hdr))   # header last
+        f.pwrite(ext.header_offset, SparseHeader.build(hdr))  # header last
         f.sync()
         ext.header = hdr
         ext.capacity = new_cap
@@ -157,8 +159,10 @@ class MaintenanceMixin:
         self.require_writable()
         sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.writable]
         if not sparse:
-            raise NotSupported(f"{self.location}: only sparse (not fixed, not streamOptimized) "
-                               "VMDK images can be compacted")
+            raise NotSupported(
+                f"{self.location}: only sparse (not fixed, not streamOptimized) "
+                "VMDK images can be compacted"
+            )
         total = sum(self._count_grains(e) for e in sparse) * 2 or 1
         prog = Progress(progress, total)
         prog.start()
@@ -177,7 +181,7 @@ class MaintenanceMixin:
     def _compact_extent(self, e: SparseExtent, parent_read, prog: Progress) -> None:
         f = e.f
         diff = self.is_diff
-        live: list[tuple[int, int]] = []          # (file offset, grain index)
+        live: list[tuple[int, int]] = []  # (file offset, grain index)
         # 1. drop grains that add nothing
         for t in range(e.n_gts):
             gt = e._gt(t)
@@ -196,8 +200,11 @@ class MaintenanceMixin:
                 data = f.pread(v * SECTOR, glen)
                 prog.advance(1)
                 if len(data) < glen:
-                    raise CorruptImage(f"grain {idx} lies past the end of the file",
-                                       path=f.path, found=f"sector {v}")
+                    raise CorruptImage(
+                        f"grain {idx} lies past the end of the file",
+                        path=f.path,
+                        found=f"sector {v}",
+                    )
                 if not diff:
                     drop = is_zero(data)
                     new = 0
@@ -216,9 +223,11 @@ class MaintenanceMixin:
         base_end = (e.header["overhead"] if e.header else 0) * SECTOR
         base_end = max(base_end, SECTOR)
         if len({o for o, _ in live}) != len(live) or any(o < base_end for o, _ in live):
-            raise CorruptImage("grain tables reference a grain twice or point into the metadata "
-                               "area; run check --repair first (nothing was moved)",
-                               path=f.path)
+            raise CorruptImage(
+                "grain tables reference a grain twice or point into the metadata "
+                "area; run check --repair first (nothing was moved)",
+                path=f.path,
+            )
         fixed: list[tuple[int, int]] = []
         gsz = align_up(e.n_gts * 4, SECTOR)
         for sec in (e.gd_sector, e.rgd_sector):
@@ -233,11 +242,16 @@ class MaintenanceMixin:
         occupied = fixed + [(o, o + e.grain) for o, _ in live]
         kept_end = max([base_end] + [b for _a, b in fixed])
         # the last grains into the lowest holes: copies, sync, both grain tables, sync
-        moves = plan_moves([(o, e.grain, idx) for o, idx in live],
-                           holes_between(occupied, start=base_end), SECTOR)
-        move_blocks(f, moves, lambda ms: e.set_gtes({m.key: m.dst // SECTOR for m in ms}),
-                    advance=lambda _n: prog.advance(1))
-        for off, idx in live:
+        moves = plan_moves(
+            [(o, e.grain, idx) for o, idx in live], holes_between(occupied, start=base_end), SECTOR
+        )
+        move_blocks(
+            f,
+            moves,
+            lambda ms: e.set_gtes({m.key: m.dst // SECTOR for m in ms}),
+            advance=lambda _n: prog.advance(1),
+        )
+        for _off, idx in live:
             cur = e._gte(idx) * SECTOR
             kept_end = max(kept_end, cur + e.grain)
         kept_end = align_up(kept_end, SECTOR)

@@ -11,9 +11,21 @@ from ...errors import CorruptImage, ImageNotFound, NotSupported
 from ...fileio import ImageFile
 from .descriptor import ExtentLine
 from .extents import Extent, FlatExtent, ZeroExtent
-from .layout import (COWD_GTES, COWD_MAGIC, FLAG_RGD, GD_AT_END, MAGIC, MAX_GRAIN_SECTORS, SECTOR,
-                     SESPARSE_MAGIC, SESPARSE_VERSION, SESPARSE_VOLATILE_MAGIC, CowdHeader,
-                     SESparseConstHeader, SESparseVolatileHeader)
+from .layout import (
+    COWD_GTES,
+    COWD_MAGIC,
+    FLAG_RGD,
+    GD_AT_END,
+    MAGIC,
+    MAX_GRAIN_SECTORS,
+    SECTOR,
+    SESPARSE_MAGIC,
+    SESPARSE_VERSION,
+    SESPARSE_VOLATILE_MAGIC,
+    CowdHeader,
+    SESparseConstHeader,
+    SESparseVolatileHeader,
+)
 from .sparse import SESparseExtent, SparseExtent, parse_sparse_header
 
 

@@ -14,9 +14,23 @@ from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
 from ...tables import BlockTable, table_from_bytes
 from .extents import Extent, u32_array, u32_bytes, zero_part
-from .layout import (DEFAULT_GRAIN, DEFAULT_GTES, EMBEDDED_DESC_SECTORS, FLAG_COMPRESSED,
-                     FLAG_MARKERS, FLAG_NL_TEST, FLAG_RGD, FLAG_ZERO_GRAIN, MAGIC, MARKER,
-                     MAX_GRAIN_SECTORS, MAX_GTES, SECTOR, SparseHeader, header_dict)
+from .layout import (
+    DEFAULT_GRAIN,
+    DEFAULT_GTES,
+    EMBEDDED_DESC_SECTORS,
+    FLAG_COMPRESSED,
+    FLAG_MARKERS,
+    FLAG_NL_TEST,
+    FLAG_RGD,
+    FLAG_ZERO_GRAIN,
+    MAGIC,
+    MARKER,
+    MAX_GRAIN_SECTORS,
+    MAX_GTES,
+    SECTOR,
+    SparseHeader,
+    header_dict,
+)
 
 
 class SparseExtent(Extent):
@@ -139,42 +153,49 @@ class SparseExtent(Extent):
         data_off, size = off, None
         if len(buf) >= MARKER.size:
             lba, sz = MARKER.unpack_from(buf)
-            if self.markers or (lba == idx * self.grain_sectors and 0 < sz <= 2 * self.grain + 1024):
+            if self.markers or (lba == idx * self.grain_sectors
+                                and 0 < sz <= 2 * self.grain + 1024):
                 data_off, size = off + MARKER.size, sz
         if size is None:
             size = min(2 * self.grain + 1024, max(self.file_size - off, 0))
         if size == 0 or size > 2 * self.grain + 1024:
-            raise CorruptImage(f"compressed grain {idx} has an impossible size", path=self.f.path,
-                               offset=off, expected=f"1..{2 * self.grain + 1024} bytes",
-                               found=size)
+            raise CorruptImage(
+                f"compressed grain {idx} has an impossible size",
+                path=self.f.path,
+                offset=off,
+                expected=f"1..{2 * self.grain + 1024} bytes",
+                found=size,
+            )
         skip = data_off - off
-        if skip + size <= len(buf):
-            comp = buf[skip:skip + size]
-        else:
-            comp = self.f.pread(data_off, size)
+        comp = buf[skip : skip + size] if skip + size <= len(buf) else self.f.pread(data_off, size)
         if len(comp) < size and self.markers:
-            raise CorruptImage(f"compressed grain {idx} lies past the end of the file",
-                               path=self.f.path, offset=off)
+            raise CorruptImage(
+                f"compressed grain {idx} lies past the end of the file",
+                path=self.f.path,
+                offset=off,
+            )
         try:
             d = zlib.decompressobj()
-            out = d.decompress(comp, self.grain)       # never more than one grain
+            out = d.decompress(comp, self.grain)  # never more than one grain
         except zlib.error as exc:
-            raise CorruptImage(f"compressed grain {idx} does not inflate: {exc}",
-                               path=self.f.path, offset=off) from None
+            raise CorruptImage(
+                f"compressed grain {idx} does not inflate: {exc}", path=self.f.path, offset=off
+            ) from None
         if d.unconsumed_tail:
-            raise CorruptImage(f"compressed grain {idx} inflates to more than a grain",
-                               path=self.f.path, offset=off, expected=f"{self.grain} bytes",
-                               found="more")
+            raise CorruptImage(
+                f"compressed grain {idx} inflates to more than a grain",
+                path=self.f.path,
+                offset=off,
+                expected=f"{self.grain} bytes",
+                found="more",
+            )
         if len(out) < self.grain:
             out += bytes(self.grain - len(out))
         self._cgrain = (idx, out)
         return out
 
     def read(self, off, n):
-        if not self.plain_gtes:
-            parts = self._parts_by_grain(off, n)
-        else:
-            parts = self._parts(off, n)
+        parts = self._parts_by_grain(off, n) if not self.plain_gtes else self._parts(off, n)
         out = []
         for kind, where, cnt in parts:
             if kind == 0:
@@ -198,7 +219,7 @@ class SparseExtent(Extent):
         fsize = self.file_size
         end = off + n
         pos = off
-        while pos < end:                      # one grain table at a time
+        while pos < end:  # one grain table at a time
             idx, inner = divmod(pos, g)
             t, i = divmod(idx, gtes)
             tend = min(end, (t + 1) * g * gtes)
@@ -206,7 +227,7 @@ class SparseExtent(Extent):
             while pos < tend:
                 cnt = min(g - inner, tend - pos)
                 gte = 0 if gt is None else gt[i]
-                if gte < 2:                   # unallocated or zeroed grain
+                if gte < 2:  # unallocated or zeroed grain
                     zero_part(parts, cnt)
                 else:
                     self._data_part(parts, idx, gte, inner, cnt, fsize)
@@ -222,7 +243,7 @@ class SparseExtent(Extent):
         end = off + n
         span = self.grain * self.gtes
         pos = off
-        while pos < end:                      # one grain table at a time
+        while pos < end:  # one grain table at a time
             t = pos // span
             tend = min(end, (t + 1) * span)
             gt = self._gt(t)
@@ -237,7 +258,7 @@ class SparseExtent(Extent):
     def _parts_by_grain(self, off, n) -> list:
         """read's parts through _gte/_status, grain by grain (subclasses' tables)."""
         parts: list = []
-        for idx, inner, pos, cnt in split_blocks(off, n, self.grain):
+        for idx, inner, _pos, cnt in split_blocks(off, n, self.grain):
             gte = self._gte(idx)
             if self._status(gte) != Alloc.DATA:
                 zero_part(parts, cnt)
@@ -245,18 +266,21 @@ class SparseExtent(Extent):
                 self._data_part(parts, idx, gte, inner, cnt, self.file_size)
         return parts
 
-    def _data_part(self, parts: list, idx: int, gte: int, inner: int, cnt: int,
-                   fsize: int) -> None:
+    def _data_part(self, parts: list, idx: int, gte: int, inner: int, cnt: int, fsize: int) -> None:
         """Add ``cnt`` bytes of allocated grain ``idx`` (at ``inner``) to a read's parts:
         decompressed data, or a file range merged with the previous one when contiguous."""
         if self.compressed:
-            parts.append([2, self._grain_data(idx, gte)[inner:inner + cnt], cnt])
+            parts.append([2, self._grain_data(idx, gte)[inner : inner + cnt], cnt])
             return
         foff = gte * SECTOR + inner
         if foff + cnt > fsize:
-            raise CorruptImage(f"grain {idx} lies past the end of the file", path=self.f.path,
-                               field=f"grain table entry for grain {idx}",
-                               expected=f"an offset below {fsize:#x}", found=f"sector {gte}")
+            raise CorruptImage(
+                f"grain {idx} lies past the end of the file",
+                path=self.f.path,
+                field=f"grain table entry for grain {idx}",
+                expected=f"an offset below {fsize:#x}",
+                found=f"sector {gte}",
+            )
         last = parts[-1] if parts else None
         if last is not None and last[0] == 1 and last[1] + last[2] == foff:
             last[2] += cnt
@@ -299,8 +323,9 @@ class SparseExtent(Extent):
             return gt
         self.begin_update()
         if t >= self.n_gts:
-            raise CorruptImage(f"grain directory has {self.n_gts} entries; table {t} needed",
-                               path=self.f.path)
+            raise CorruptImage(
+                f"grain directory has {self.n_gts} entries; table {t} needed", path=self.f.path
+            )
         zero = bytes(self.gt_sectors * SECTOR)
         if gt is None:
             goff = self._alloc(len(zero))
@@ -350,20 +375,25 @@ class SparseExtent(Extent):
     def write(self, off, data, fill, image):
         if not self.writable:
             if self.compressed:
-                raise NotSupported(f"{image.location}: streamOptimized (compressed) VMDK images are "
-                                   "written once, sequentially, when created; writing into an "
-                                   "existing one is refused")
+                raise NotSupported(
+                    f"{image.location}: streamOptimized (compressed) VMDK images are "
+                    "written once, sequentially, when created; writing into an "
+                    "existing one is refused"
+                )
             super().write(off, data, fill, image)
         mv = memoryview(data)
         honor = getattr(image, "honor_zeroes", False)
-        new: list = []          # (grain index, file offset, data) of grains allocated here
+        new: list = []  # (grain index, file offset, data) of grains allocated here
         for idx, inner, pos, cnt in split_blocks(off, len(data), self.grain):
-            piece = mv[pos - off:pos - off + cnt]
+            piece = mv[pos - off : pos - off + cnt]
             gte = self._gte(idx)
             if gte > 1:
                 if gte * SECTOR + inner + cnt > self.file_size:
-                    raise CorruptImage(f"grain {idx} lies past the end of the file",
-                                       path=self.f.path, found=f"sector {gte}")
+                    raise CorruptImage(
+                        f"grain {idx} lies past the end of the file",
+                        path=self.f.path,
+                        found=f"sector {gte}",
+                    )
                 self.f.pwrite(gte * SECTOR + inner, piece)
                 continue
             gstart = idx * self.grain
@@ -371,20 +401,17 @@ class SparseExtent(Extent):
             zero_piece = is_zero(piece)
             if zero_piece and not honor:
                 if gte == 1:
-                    continue                     # already reads as zeroes
+                    continue  # already reads as zeroes
                 if not image.is_diff and cnt == glen:
-                    continue                     # a base's hole reads as zeroes already
+                    continue  # a base's hole reads as zeroes already
                 if self.zero_grain and cnt == glen:
-                    self._set_gte(idx, 1)        # hide the parent without storing data
+                    self._set_gte(idx, 1)  # hide the parent without storing data
                     continue
             if cnt == self.grain:
-                gdata = piece                    # committed before this call returns
+                gdata = piece  # committed before this call returns
             else:
-                if gte == 1:
-                    below = bytearray(glen)
-                else:
-                    below = bytearray(fill(gstart, glen))
-                below[inner:inner + cnt] = piece
+                below = bytearray(glen) if gte == 1 else bytearray(fill(gstart, glen))
+                below[inner : inner + cnt] = piece
                 if len(below) < self.grain:
                     below += bytes(self.grain - len(below))
                 gdata = bytes(below)
@@ -408,13 +435,13 @@ class SparseExtent(Extent):
             else:
                 self.f.pwritev(run_off, run)
                 run_off, run = goff, [gdata]
-        self.f.pwritev(run_off, run)                   # data first ...
+        self.f.pwritev(run_off, run)  # data first ...
         self.file_size = max(self.file_size, self.next_free)
         by_table: dict[int, list[tuple[int, int]]] = {}
         for idx, goff, _ in new:
             t, i = divmod(idx, self.gtes)
             by_table.setdefault(t, []).append((i, goff // SECTOR))
-        for t, entries in by_table.items():              # ... then the tables
+        for t, entries in by_table.items():  # ... then the tables
             gt = self._ensure_gt(t)
             for i, sec in entries:
                 gt[i] = sec
@@ -435,6 +462,7 @@ class SESparseExtent(SparseExtent):
     """An ESXi seSparse extent (read-only): u64 grain directory and tables; table entries carry
     a type in their top nibble (0 unallocated, 1 unmapped and 2 zero: read as zeroes,
     3 allocated: grain number in the other bits)."""
+
     plain_gtes = False
     kind = "SESPARSE"
 
@@ -451,10 +479,14 @@ class SESparseExtent(SparseExtent):
         need = ceil_div(max(h.capacity, line.sectors), (self.grain_sectors * self.gtes))
         gd_off = h.grain_dir_offset * SECTOR
         if self.n_gts < need or gd_off + self.n_gts * 8 > self.file_size or not gd_off:
-            raise CorruptImage("seSparse grain directory does not fit", path=path,
-                               field="grain_dir_offset/size", offset=0x80,
-                               expected=f">= {need} entries inside the file",
-                               found=f"{self.n_gts} entries at sector {h.grain_dir_offset}")
+            raise CorruptImage(
+                "seSparse grain directory does not fit",
+                path=path,
+                field="grain_dir_offset/size",
+                offset=0x80,
+                expected=f">= {need} entries inside the file",
+                found=f"{self.n_gts} entries at sector {h.grain_dir_offset}",
+            )
         self.gd = table_from_bytes(f.pread(gd_off, self.n_gts * 8), "Q")
         self.gt_base = h.grain_tables_offset
         self.grains_base = h.grains_offset
@@ -480,13 +512,20 @@ class SESparseExtent(SparseExtent):
         if v == 0:
             return None
         if v >> 32 != 0x10000000:
-            raise CorruptImage(f"seSparse grain directory entry {t} is invalid", path=self.f.path,
-                               offset=self.gd_sector * SECTOR + 8 * t,
-                               expected="0x10000000xxxxxxxx", found=f"{v:#018x}")
+            raise CorruptImage(
+                f"seSparse grain directory entry {t} is invalid",
+                path=self.f.path,
+                offset=self.gd_sector * SECTOR + 8 * t,
+                expected="0x10000000xxxxxxxx",
+                found=f"{v:#018x}",
+            )
         off = (self.gt_base + (v & 0xFFFFFFFF) * self.gt_sectors) * SECTOR
         if off + self.gt_bytes > self.file_size:
-            raise CorruptImage(f"seSparse grain table {t} lies past the end of the file",
-                               path=self.f.path, found=f"offset {off:#x}")
+            raise CorruptImage(
+                f"seSparse grain table {t} lies past the end of the file",
+                path=self.f.path,
+                found=f"offset {off:#x}",
+            )
         gt = table_from_bytes(self.f.pread(off, self.gt_bytes), "Q")
         if len(self._gts) > 1024:
             self._gts.clear()
@@ -501,50 +540,97 @@ class SESparseExtent(SparseExtent):
         kind = v >> 60
         if kind == 0:
             if v:
-                raise CorruptImage(f"seSparse grain table entry for grain {idx} is invalid",
-                                   path=self.f.path, found=f"{v:#018x}")
+                raise CorruptImage(
+                    f"seSparse grain table entry for grain {idx} is invalid",
+                    path=self.f.path,
+                    found=f"{v:#018x}",
+                )
             return 0
         if kind in (1, 2):
             return 1
         if kind == 3:
             n = ((v & 0x0FFF000000000000) >> 48) | ((v & 0x0000FFFFFFFFFFFF) << 12)
             return self.grains_base + n * self.grain_sectors
-        raise CorruptImage(f"seSparse grain table entry for grain {idx} has an unknown type",
-                           path=self.f.path, found=f"{v:#018x}")
+        raise CorruptImage(
+            f"seSparse grain table entry for grain {idx} has an unknown type",
+            path=self.f.path,
+            found=f"{v:#018x}",
+        )
 
 
 def parse_sparse_header(raw: bytes, path: str) -> dict:
     """Parse and validate a hosted sparse extent header."""
     if len(raw) < SECTOR:
-        raise CorruptImage("sparse extent header is truncated", path=path,
-                           expected="512 bytes", found=f"{len(raw)} bytes")
+        raise CorruptImage(
+            "sparse extent header is truncated",
+            path=path,
+            expected="512 bytes",
+            found=f"{len(raw)} bytes",
+        )
     h = dict(SparseHeader.parse(raw[:SECTOR]))
     h.pop("_io", None)
     if h["magic"] != MAGIC:
-        raise CorruptImage("not a VMDK sparse extent", path=path, field="magicNumber", offset=0,
-                           expected="'KDMV'", found=repr(h["magic"]))
+        raise CorruptImage(
+            "not a VMDK sparse extent",
+            path=path,
+            field="magicNumber",
+            offset=0,
+            expected="'KDMV'",
+            found=repr(h["magic"]),
+        )
     if h["version"] not in (1, 2, 3):
-        raise NotSupported("unsupported sparse extent version", path=path, field="version",
-                           offset=4, expected="1, 2 or 3", found=h["version"])
+        raise NotSupported(
+            "unsupported sparse extent version",
+            path=path,
+            field="version",
+            offset=4,
+            expected="1, 2 or 3",
+            found=h["version"],
+        )
     gs = h["grain_size"]
     if gs == 0 or gs & (gs - 1) or gs > MAX_GRAIN_SECTORS:
-        raise CorruptImage("grain size must be a power of two", path=path, field="grainSize",
-                           offset=0x14, expected=f"1..{MAX_GRAIN_SECTORS} sectors", found=gs)
+        raise CorruptImage(
+            "grain size must be a power of two",
+            path=path,
+            field="grainSize",
+            offset=0x14,
+            expected=f"1..{MAX_GRAIN_SECTORS} sectors",
+            found=gs,
+        )
     n = h["num_gtes_per_gt"]
     if not 1 <= n <= MAX_GTES:
-        raise CorruptImage("bad grain table size", path=path, field="numGTEsPerGT", offset=0x2C,
-                           expected=f"1..{MAX_GTES}", found=n)
+        raise CorruptImage(
+            "bad grain table size",
+            path=path,
+            field="numGTEsPerGT",
+            offset=0x2C,
+            expected=f"1..{MAX_GTES}",
+            found=n,
+        )
     if h["capacity"] > (1 << 48):
-        raise CorruptImage("capacity out of range", path=path, field="capacity", offset=0xC,
-                           expected="< 2^48 sectors", found=h["capacity"])
+        raise CorruptImage(
+            "capacity out of range",
+            path=path,
+            field="capacity",
+            offset=0xC,
+            expected="< 2^48 sectors",
+            found=h["capacity"],
+        )
     if h["flags"] & FLAG_COMPRESSED and h["compress_algorithm"] not in (0, 1):
-        raise NotSupported("unknown grain compression", path=path, field="compressAlgorithm",
-                           offset=0x4D, expected="1 (deflate)", found=h["compress_algorithm"])
+        raise NotSupported(
+            "unknown grain compression",
+            path=path,
+            field="compressAlgorithm",
+            offset=0x4D,
+            expected="1 (deflate)",
+            found=h["compress_algorithm"],
+        )
     return h
 
 
-def sparse_layout(capacity: int, desc_sectors: int, grain: int = DEFAULT_GRAIN,
-                   gtes: int = DEFAULT_GTES) -> dict:
+def sparse_layout(
+    capacity: int, desc_sectors: int, grain: int = DEFAULT_GRAIN, gtes: int = DEFAULT_GTES
+) -> dict:
     n_gts = max(1, ceil_div(capacity, (grain * gtes)))
     gd_sectors = align_up(n_gts * 4, SECTOR) // SECTOR
     gt_sectors = align_up(gtes * 4, SECTOR) // SECTOR
@@ -553,22 +639,43 @@ def sparse_layout(capacity: int, desc_sectors: int, grain: int = DEFAULT_GRAIN,
     gd = rgt0 + n_gts * gt_sectors
     gt0 = gd + gd_sectors
     end = gt0 + n_gts * gt_sectors
-    return dict(n_gts=n_gts, rgd=rgd, rgt0=rgt0, gd=gd, gt0=gt0, gt_sectors=gt_sectors,
-                overhead=align_up(end, grain))
+    return dict(
+        n_gts=n_gts,
+        rgd=rgd,
+        rgt0=rgt0,
+        gd=gd,
+        gt0=gt0,
+        gt_sectors=gt_sectors,
+        overhead=align_up(end, grain),
+    )
 
 
-def write_sparse_extent(f: ImageFile, capacity: int, descriptor: bytes | None, *,
-                         grain: int = DEFAULT_GRAIN, gtes: int = DEFAULT_GTES,
-                         flags: int = FLAG_NL_TEST | FLAG_RGD) -> None:
+def write_sparse_extent(
+    f: ImageFile,
+    capacity: int,
+    descriptor: bytes | None,
+    *,
+    grain: int = DEFAULT_GRAIN,
+    gtes: int = DEFAULT_GTES,
+    flags: int = FLAG_NL_TEST | FLAG_RGD,
+) -> None:
     """A new hosted sparse extent: header, [descriptor], RGD, RGTs, GD, GTs (qemu's layout)."""
     desc_sectors = EMBEDDED_DESC_SECTORS if descriptor is not None else 0
     if descriptor is not None and len(descriptor) > desc_sectors * SECTOR:
         raise NotSupported(f"{f.path}: descriptor too large for the embedded area")
     lay = sparse_layout(capacity, desc_sectors, grain, gtes)
-    hdr = header_dict(capacity=capacity, descriptor_offset=1 if desc_sectors else 0,
-                       descriptor_size=desc_sectors, rgd_offset=lay["rgd"], gd_offset=lay["gd"],
-                       overhead=lay["overhead"], grain_size=grain, num_gtes_per_gt=gtes,
-                       flags=flags, version=2 if flags & FLAG_ZERO_GRAIN else 1)
+    hdr = header_dict(
+        capacity=capacity,
+        descriptor_offset=1 if desc_sectors else 0,
+        descriptor_size=desc_sectors,
+        rgd_offset=lay["rgd"],
+        gd_offset=lay["gd"],
+        overhead=lay["overhead"],
+        grain_size=grain,
+        num_gtes_per_gt=gtes,
+        flags=flags,
+        version=2 if flags & FLAG_ZERO_GRAIN else 1,
+    )
     f.truncate(lay["overhead"] * SECTOR)
     f.pwrite(0, SparseHeader.build(hdr))
     if descriptor is not None:

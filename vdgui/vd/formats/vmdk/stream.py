@@ -13,8 +13,16 @@ from ...image import Alloc
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks
 from .extents import Extent, u32_bytes
-from .layout import (MARKER, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR, MetaMarker,
-                     SparseHeader)
+from .layout import (
+    MARKER,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MARKER_GD,
+    MARKER_GT,
+    SECTOR,
+    MetaMarker,
+    SparseHeader,
+)
 
 
 class StreamWriter(Extent):
