@@ -243,7 +243,7 @@ class Backend:
         """The name qemu knows this format by (a qcow2/QED child records its parent's so)."""
         return self.qemu_name or self.name.lower()
 
-    def refusal(self, op: Operation, flags: ImageFlags = None) -> str | None:
+    def refusal(self, op: Operation, flags: ImageFlags | None = None) -> str | None:
         """Why an image of this backend, of the variant ``flags``, cannot do ``op``, with the way
         out when there is one; None when it can. The app offers actions from this alone."""
         if not self.can(op):

@@ -226,10 +226,10 @@ def _acquire(fd: int, path: str, mode: LockMode, writer: bool) -> _LockHandle | 
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
     with _LOCKS_GUARD:
-        e = _LOCKS.get(key)
-        fresh = e is None
-        if fresh:
-            e = _LockEntry(os.dup(fd))       # shares fd's open file description
+        old = _LOCKS.get(key)
+        fresh = old is None
+        # a new entry shares fd's open file description
+        e = _LockEntry(os.dup(fd)) if old is None else old
         try:
             if writer and e.writers:
                 raise ImageInUse(f"{path}: image is in use (opened for writing elsewhere in "
@@ -422,6 +422,7 @@ class ImageFile:
         self.path = path
         self.writable = writable or create
         self._lock_handle = None
+        self.final: str | None = None  # create_temp: the name the file is renamed to
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -661,8 +662,8 @@ class ImageFile:
 
 
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
-_FALLOCATE = []
-_SYNC_FILE_RANGE = []
+_FALLOCATE: list = []
+_SYNC_FILE_RANGE: list = []
 
 
 def start_writeback(fd: int) -> None:

@@ -173,6 +173,8 @@ class Image:
         # set by an operation that relinks the children itself (merge): writes keep the identity
         # children link to (VMDK CID, VHDX DataWriteGuid), so the chain opens at every moment
         self.keep_link_identity: bool = False
+        # set by Disk from OpenFlags.HONOR_ZEROES: written zero blocks stay allocated
+        self.honor_zeroes: bool = False
 
     # -- identity ------------------------------------------------------------------------
     @property

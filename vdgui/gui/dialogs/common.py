@@ -108,7 +108,7 @@ def size_warnings(
         out.append(
             f"The target folder is on a FAT file system ({fs}), where a file can be at most "
             f"4 GiB; an image of {format_size(size)} may not fit. Choose another folder"
-            + (" or split the image into 2 GB parts." if True else ".")
+            + " or split the image into 2 GB parts."
         )
     return out
 

@@ -255,7 +255,8 @@ def _read_mbr(pread, disk_size: int, ss: int, layout: Layout, sector: bytes) -> 
 
 
 def _read_logical(pread, disk_size, ss, layout, ext_lba, ext_count) -> None:
-    ebr_lba, number, seen = ext_lba, 5, set()
+    ebr_lba, number = ext_lba, 5
+    seen: set[int] = set()
     while True:
         if ebr_lba in seen:
             layout.problems.append(

@@ -44,8 +44,11 @@ class Writeback:
         if self._thread is not None and self._thread.is_alive():
             return
         fds = list(self._fds)
-        self._thread = threading.Thread(target=lambda: [start_writeback(fd) for fd in fds],
-                                        name="vdgui-writeback", daemon=True)
+
+        def writeback() -> None:
+            for fd in fds:
+                start_writeback(fd)
+        self._thread = threading.Thread(target=writeback, name="vdgui-writeback", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
