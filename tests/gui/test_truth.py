@@ -422,3 +422,57 @@ def test_jobs_dock_keeps_the_users_height(qtbot, window, data_dir):
     qtbot.addWidget(other)
     assert other.jobs_fit.user_sized              # kept between runs with the window state
     assert ViewSettings(settings_for(str(data_dir))).has_window_state()
+
+
+def test_compact_job_line_says_it_counts_work_not_data(qtbot, window, tmp_path):
+    """Compact counts copy + compact + verify: the line says 'work', never 'X of Y' that reads
+    as the image's data (3 MiB of data here, about three times that as work)."""
+    import re
+
+    from vdgui.jobs import tasks
+    from vdgui.vd import format_size
+    MiB = 1 << 20
+    p = str(tmp_path / "solo.vdi")
+    with Disk() as d:
+        d.create_base(p, 8 * MiB, "VDI")
+        d.write(0, b"\x5a" * MiB)
+        d.write(2 * MiB, b"\x77" * (2 * MiB))          # 3 MiB of data
+    job = tasks.compact_job(p)
+    real, gate, held = job.fn, threading.Event(), []
+
+    def fn(progress):
+        def hold(done, total):
+            r = progress(done, total)
+            if total and not held:
+                held.append(total)
+                gate.wait(10)                        # the GUI reads the running line meanwhile
+            return r
+        return real(hold)
+    job.fn = fn
+    window.start_job(job)
+    try:
+        qtbot.waitUntil(lambda: job.total > 0 and window.jobs_panel.row_for(job) is not None,
+                        timeout=5000)
+        row = window.jobs_panel.row_for(job)
+        row.refresh()
+        text = row.detail.text()
+        m = re.search(r"\bwork ([\d.]+) of ([\d.]+) MiB\b", text)
+        assert m, text
+        assert float(m.group(2)) > 2 * 3, text               # copy, compact and verify counted
+        assert f"{format_size(job.done)} of {format_size(job.total)}" not in text
+        assert "/s" not in text                               # no rate of 'work' posing as data
+        assert "more than once" in row.detail.toolTip()
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: job.state in ("done", "failed", "cancelled"), timeout=10000)
+    assert job.state == "done", job.error
+    assert "/s" not in window.jobs_panel.row_for(job).detail.text()
+
+
+def test_single_pass_job_line_keeps_its_bytes(qtbot):
+    from vdgui.gui.widgets.jobs_panel import JobRow
+    from vdgui.jobs import JobQueue, JobState
+    job = Job("Copy a.vdi → b.vdi", lambda progress: None)
+    job.state, job.started_at, job.done, job.total = JobState.RUNNING, 0.0, 1 << 20, 1 << 21
+    row = JobRow(job, JobQueue())
+    assert "1.00 MiB of 2.00 MiB" in row.detail.text() and "work" not in row.detail.text()

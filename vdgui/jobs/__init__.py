@@ -206,7 +206,7 @@ class Job:
 
     def __init__(self, title: str, fn: Callable[[Callable[[int, int], bool | None]], Any], *,
                  keys: Iterable[str] = (), paths: Iterable[str] = (), kind: str = "",
-                 visible: bool = True):
+                 visible: bool = True, passes: bool = False):
         Job._ids += 1
         self.id = Job._ids
         self.title = title
@@ -215,6 +215,8 @@ class Job:
         self.keys = frozenset(keys)      # serialisation keys (chain roots)
         self.paths = frozenset(paths)    # images shown busy while the job runs
         self.visible = visible
+        # the progress counts every pass over the data (copy, work, verify): it is work, not data
+        self.passes = passes
         self.signals = JobSignals()
         # GUI-thread view of the job, changed only by the receivers of its signals
         self.state = JobState.QUEUED

@@ -126,6 +126,7 @@ def resize_job(
         keys=[key or path],
         paths=[path],
         kind="resize",
+        passes=True,
     )
 
 
@@ -134,7 +135,12 @@ def compact_job(path: str, *, format: str | None = None, key: str | None = None)
         return vd.compact(path, format=format, progress=progress)
 
     return Job(
-        f"Compact {os.path.basename(path)}", fn, keys=[key or path], paths=[path], kind="compact"
+        f"Compact {os.path.basename(path)}",
+        fn,
+        keys=[key or path],
+        paths=[path],
+        kind="compact",
+        passes=True,
     )
 
 
@@ -148,7 +154,12 @@ def sparsify_job(
 
     title = ("Measure free space in " if dry_run else "Sparsify ") + os.path.basename(path)
     return Job(
-        title, fn, keys=[key or path], paths=[path], kind="sparsify_plan" if dry_run else "sparsify"
+        title,
+        fn,
+        keys=[key or path],
+        paths=[path],
+        kind="sparsify_plan" if dry_run else "sparsify",
+        passes=not dry_run,
     )
 
 
@@ -180,6 +191,7 @@ def check_job(
         keys=[key or path],
         paths=[path],
         kind="repair" if repair else "check",
+        passes=repair,
     )
 
 

@@ -7,6 +7,8 @@ Every operation reports 0 first and ``total`` last, monotonically.
 ``total`` is the work the operation will actually do: the allocated bytes it moves or reads,
 never the virtual size of mostly empty images (a time-left estimate is made from it). An
 operation that walks positions reports them through a :class:`WorkMap` (``Progress.at``).
+An operation that passes over the data several times (copy, compact, verify) counts every pass;
+its job is marked ``passes`` (jobs/tasks.py) and the job line says "work", not data.
 """
 from __future__ import annotations
 

@@ -87,10 +87,12 @@ class JobRow(QFrame):
             self.icon.setPixmap(icon("busy").pixmap(18, 18))
             if j.cancel_requested:
                 parts.append("Cancelling…")
-            if j.total:
+            if j.total and j.passes:
+                parts.append(work_line(j.done, j.total))
+            elif j.total:
                 parts.append(f"{format_size(j.done)} of {format_size(j.total)}")
             rate = j.throughput()
-            if rate and j.total > 1:
+            if rate and j.total > 1 and not j.passes:
                 parts.append(f"{format_size(int(rate))}/s")
             parts.append(f"elapsed {fmt_duration(j.elapsed())}")
             rem = j.remaining()
@@ -107,7 +109,7 @@ class JobRow(QFrame):
                 parts.append(check_summary(j.result))
             if isinstance(j.result, SparsifyReport):
                 parts.append(j.result.summary())
-            if j.total > 1 and j.elapsed() > 0.05:
+            if j.total > 1 and j.elapsed() > 0.05 and not j.passes:
                 parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
         elif st == JobState.FAILED:
             self.icon.setPixmap(icon("error").pixmap(18, 18))
@@ -117,8 +119,24 @@ class JobRow(QFrame):
             self.icon.setPixmap(icon("cancel").pixmap(18, 18))
             parts.append("Cancelled")
         self.detail.setText(" · ".join(parts))
+        self.detail.setToolTip(WORK_TIP if j.passes and st == JobState.RUNNING else "")
         self.cancel_button.setVisible(not j.finished)
         self.cancel_button.setEnabled(not j.cancel_requested)
+
+
+WORK_TIP = ("This operation passes over the image's data more than once (for example copy, "
+            "compact and verify). Each pass counts as work, so the work is larger than the data.")
+
+
+def work_line(done: int, total: int) -> str:
+    """Progress of an operation that counts several passes: 'work 1.10 of 1.50 GiB' (one unit,
+    the total's), never bytes that read like the image's data."""
+    text = format_size(total)
+    num, _, unit = text.partition(" ")
+    if not unit or unit == "B":
+        return f"work {done} of {total} bytes"
+    scale = 1 << (10 * ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB").index(unit) + 10)
+    return f"work {done / scale:.2f} of {num} {unit}"
 
 
 def check_summary(report: CheckReport) -> str:
