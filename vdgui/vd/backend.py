@@ -11,12 +11,13 @@ import functools
 import os
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from .config import ConfigKey
 from .errors import InvalidArgument, NotSupported, require_text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fileio import LockMode
     from .geometry import Geometry
     from .image import Image
     from .progress import ProgressCallback
@@ -98,7 +99,7 @@ class OpenFlags(enum.IntFlag):
     LOCK_SHARED = 1 << 7               # an INFO open that still takes the SHARED lock
 
     @property
-    def lock_mode(self):
+    def lock_mode(self) -> LockMode:
         from .fileio import LockMode
         if self & OpenFlags.LOCK_EXCLUSIVE:
             return LockMode.EXCLUSIVE
@@ -139,7 +140,7 @@ class Refusal(str):
     ("convert": a copy into another variant can), or is None."""
     way_out: str | None
 
-    def __new__(cls, text: str, way_out: str | None = None):
+    def __new__(cls, text: str, way_out: str | None = None) -> Self:
         self = super().__new__(cls, text)
         self.way_out = way_out
         return self
@@ -186,7 +187,7 @@ class CreateParams:
     progress: ProgressCallback | None = None
     allow_unsafe_paths: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.comment is not None:
             require_text(self.comment, "the comment", self.location)
 
@@ -221,7 +222,7 @@ class Backend:
     can_shrink: ClassVar[bool] = False               # RESIZE also to a smaller size
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, **kw: object) -> None:
         """Every backend's ``open`` runs inside the lock context its flags ask for, so each file
         it opens for the image is locked the same way (the one place locks are decided)."""
         super().__init_subclass__(**kw)
@@ -230,12 +231,15 @@ class Backend:
             return
 
         @functools.wraps(op)
-        def open(self, location, flags=OpenFlags.NORMAL, *args, **kwargs):
+        def open(self: Backend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+                 *args: object, **kwargs: object) -> Image:
             from .fileio import lock_context
             with lock_context(OpenFlags(flags).lock_mode):
-                return op(self, location, flags, *args, **kwargs)
-        open._locks_applied = True
-        cls.open = open
+                image: Image = op(self, location, flags, *args, **kwargs)
+                return image
+        # a mark on the wrapper, and the subclass's own open replaced by it: what this hook does
+        open._locks_applied = True  # type: ignore[attr-defined]
+        cls.open = open  # type: ignore[method-assign]
 
     # -- declarations -----------------------------------------------------------------------
     @property
@@ -284,15 +288,17 @@ class Backend:
         cluster sizes change it in some formats); ``max_size`` is the answer for the defaults."""
         return self.max_size
 
-    def config_value(self, config: dict | None, key: str):
+    def config_value(self, config: dict | None, key: str) -> int | str | bytes:
         """A creation key's value from ``config``, or its default when absent or invalid
         (create() itself reports invalid values)."""
         from .config import parse_config
         from .errors import VDError
         try:
-            return parse_config(self.config_keys, config, creating=True, owner=self.name)[key]
+            value: int | str | bytes = parse_config(self.config_keys, config, creating=True,
+                                                    owner=self.name)[key]
         except VDError:
-            return parse_config(self.config_keys, None, creating=True, owner=self.name)[key]
+            value = parse_config(self.config_keys, None, creating=True, owner=self.name)[key]
+        return value
 
     def check_size(self, size: int, config: dict | None = None, where: str = "") -> None:
         """Refuse a virtual size above the limit for ``config`` (InvalidArgument naming it)."""
@@ -309,7 +315,7 @@ class Backend:
         """Score 0..100: how sure this backend is that ``src`` is its format."""
         return 0
 
-    def open(self, location: str, flags, config: dict | None = None) -> Image:
+    def open(self, location: str, flags: OpenFlags, config: dict | None = None) -> Image:
         raise NotSupported(f"{self.name}: opening images is not supported")
 
     def create(self, params: CreateParams) -> Image:

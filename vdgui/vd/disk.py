@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
@@ -22,6 +24,10 @@ from .geometry import Geometry
 from .image import Alloc, Image
 from .registry import get_backend, probe
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .library import Library
+    from .progress import ProgressCallback
+
 
 @dataclass(frozen=True)
 class Extent:
@@ -36,7 +42,7 @@ class Extent:
         return self.start + self.length
 
 
-def _merge(runs: list, key) -> list:
+def _merge(runs: list, key: Callable[[tuple], object]) -> list:
     out: list = []
     for r in runs:
         if out and key(out[-1]) == key(r) and out[-1][0] + out[-1][1] == r[0]:
@@ -55,10 +61,10 @@ class Disk:
         self._flags: list[OpenFlags] = []
 
     # -- chain management ----------------------------------------------------------------
-    def __enter__(self):
+    def __enter__(self) -> Disk:
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             self.close()
         except BaseException:
@@ -131,7 +137,7 @@ class Disk:
         config: dict | None = None,
         *,
         parent_flags: OpenFlags | None = None,
-        library=None,
+        library: Library | None = None,
     ) -> Disk:
         """Open ``location`` and every parent it names, base first. Parents open read-only
         unless ``parent_flags`` says otherwise; read-only opens take the shared lock (a parent
@@ -225,7 +231,7 @@ class Disk:
         pchs: Geometry | None = None,
         lchs: Geometry | None = None,
         config: dict | None = None,
-        progress=None,
+        progress: ProgressCallback | None = None,
         allow_unsafe_paths: bool = False,
     ) -> Image:
         """VDCreateBase: create a new base image and open it (read-write) as the only image."""
@@ -357,7 +363,7 @@ class Disk:
             return bytes(buf)
         return bytes(buf[offset - a_start : offset - a_start + length])
 
-    def read_into(self, offset: int, out, top: int | None = None) -> None:
+    def read_into(self, offset: int, out: bytearray | memoryview, top: int | None = None) -> None:
         """Like :meth:`read`, straight into the writable buffer ``out`` (len(out) bytes)."""
         out = memoryview(out).cast("B")
         length = len(out)
@@ -436,7 +442,8 @@ class Disk:
         merged = _merge(raw, key=lambda r: (r[2], r[3]))
         return [Extent(s, n, lv, st) for s, n, lv, st in merged]
 
-    def _alloc_level_bounded(self, level, bottom, offset, length, out):
+    def _alloc_level_bounded(self, level: int, bottom: int, offset: int, length: int,
+                             out: list) -> None:
         if level < bottom:
             out.append((offset, length, None, Alloc.UNALLOCATED))
             return

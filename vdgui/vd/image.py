@@ -22,7 +22,7 @@ import os
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .alloc import Alloc
 from .backend import Backend, DeviceType, ImageFlags
@@ -213,7 +213,7 @@ class Image:
         out: list = []
         seen: set[int] = set()
 
-        def walk(v, depth: int) -> None:
+        def walk(v: object, depth: int) -> None:
             if id(v) in seen or depth > 3:
                 return
             if isinstance(v, ImageFile):
@@ -313,7 +313,7 @@ class Image:
             )
 
     # -- metadata setters (vd.h VDSetUuid etc.) -------------------------------------------
-    def _no_field(self, what: str):
+    def _no_field(self, what: str) -> NoReturn:
         raise NotSupported(f"{self.location}: the {self.format} format cannot store {what}")
 
     def set_uuid(self, value: uuidlib.UUID) -> None:
