@@ -19,6 +19,8 @@ from .fileio import is_temp_name, real_path, resolve_stored_name
 from .registry import backend_name_for, backends, probe
 
 if TYPE_CHECKING:  # pragma: no cover
+    import uuid as uuidlib
+
     from .image import Image, ParentHint
 
 MAX_CHAIN_DEPTH = 256
@@ -59,7 +61,7 @@ _UUID_CACHE_MAX = 8192
 _UUID_LOCK = threading.Lock()
 
 
-def _uuid_of(path: str):
+def _uuid_of(path: str) -> tuple[uuidlib.UUID | None, str | None]:
     try:
         st = os.stat(path)
         key = os.path.realpath(path)
@@ -74,7 +76,7 @@ def _uuid_of(path: str):
         backend = probe(path)
         img = backend.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
     except VDError:
-        result = (None, None)
+        result: tuple[uuidlib.UUID | None, str | None] = (None, None)
     else:
         try:
             result = (img.uuid, backend.name)

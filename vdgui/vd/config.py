@@ -102,16 +102,16 @@ class ConfigKey:
                 )
         if self.type is ValueType.BYTES:
             return raw if isinstance(raw, bytes) else str(raw).encode()
-        value = raw.decode() if isinstance(raw, bytes) else str(raw)
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
         if self.validator is not None:
             try:
-                self.validator(value)
+                self.validator(text)
             except ConfigError as exc:
                 msg = exc.message
                 raise ConfigError(
                     msg if msg.startswith(f"key '{self.name}'") else f"key '{self.name}': {msg}"
                 ) from None
-        return value
+        return text
 
 
 def parse_config(

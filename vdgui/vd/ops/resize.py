@@ -144,7 +144,7 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         parent_size = chain.images[top - 1].size if top > 0 else None
 
         def grown_over_parent(img: Image) -> None:
-            if below is not None and new_size > old:
+            if below is not None and parent_size is not None and new_size > old:
                 store_tail_over_parent(img, parent_size, below)
 
         def work(img: Image, cb) -> bool:
