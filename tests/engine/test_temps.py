@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from tests.engine import kill_harness as kh
-from vdgui.vd import Disk, copy_image, fileio, is_temp_name
+from vdgui.vd import Disk, copy_image, is_temp_name, temps
 
 MiB = 1 << 20
 
@@ -23,7 +23,7 @@ def _dead_pid() -> int:
 
 
 def _owner(folder, **rec):
-    base = {"host": socket.gethostname(), "boot": fileio._boot_id()}
+    base = {"host": socket.gethostname(), "boot": temps._boot_id()}
     base.update(rec)
     folder.mkdir()
     (folder / ".vdgui-owner").write_text(json.dumps(base))
@@ -34,7 +34,7 @@ def test_sweep_removes_only_temporaries_of_processes_that_are_gone(tmp_path):
     dead = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        start = fileio._proc_start(live.pid)
+        start = temps._proc_start(live.pid)
         gone = tmp_path / f".dst.vdi.vdgui-tmp-{dead}-0123abcd"
         _owner(gone, pid=dead, start="1")
         running = tmp_path / f".dst.vdi.vdgui-tmp-{live.pid}-0123abcd"
@@ -63,7 +63,7 @@ def test_sweep_removes_only_temporaries_of_processes_that_are_gone(tmp_path):
         for p in lookalikes:
             p.write_bytes(b"user data")
 
-        removed = fileio.sweep_stale_temps(str(tmp_path))
+        removed = temps.sweep_stale_temps(str(tmp_path))
         assert sorted(removed) == sorted(p.name for p in (gone, reused, rebooted, stale_file))
         for p in (running, other_host, no_record, link, live_file, outside / ".vdgui-owner",
                   *lookalikes):

@@ -92,7 +92,7 @@ class OpenFlags(enum.IntFlag):
     HONOR_ZEROES = 1 << 2              # allocate blocks for all-zero writes too
     SKIP_CONSISTENCY_CHECKS = 1 << 3   # read-only opens only
     ALLOW_UNSAFE_PATHS = 1 << 4        # absolute / '..' / device names stored in images allowed
-    # locks (fileio's module docstring): read-write opens lock WRITE, read-only opens SHARED,
+    # locks (locks.py's module docstring): read-write opens lock WRITE, read-only opens SHARED,
     # INFO opens nothing - unless one of these says otherwise
     FORCE_SHARE = 1 << 5               # qemu's -U: a read-only open that takes no lock
     LOCK_EXCLUSIVE = 1 << 6            # hold and share nothing (the image is deleted/replaced)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-# new files are written under temporary names (fileio.temp_name: ``.NAME.vdgui-tmp-PID``; copies:
+# new files are written under temporary names (temps.temp_name: ``.NAME.vdgui-tmp-PID``; copies:
 # a folder ``.DST.vdgui-tmp-PID-RAND/`` holding the final base names) and renamed when complete;
 # a message names the path the user asked for, never the temporary one
 _TEMP_RE = re.compile(r"\.([^/\\]+?)\.vdgui-tmp-\d+(?:-[0-9a-f]+)?(?:/([^/\\:]+))?")

@@ -84,7 +84,7 @@ def copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int]
 
 
 def remove_stale_temps(path: str) -> None:
-    """Delete our own leftovers of dead processes in ``path``'s folder (fileio's sweep)."""
+    """Delete our own leftovers of dead processes in ``path``'s folder (temps' sweep)."""
     sweep_stale_temps(os.path.dirname(os.path.abspath(path)))
 
 
