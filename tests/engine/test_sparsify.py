@@ -445,3 +445,21 @@ def test_gpt_tables_the_boot_gap_and_unknown_volumes_are_left_alone(tmp_path):
     p2 = slice(34816 * 512, (34816 + 32768) * 512)
     assert now[p2] == orig[p2]                 # the unknown volume is untouched
     assert b"No errors detected" in _sh("sfdisk", "--verify", raw).stdout
+
+
+def test_qcow2_discard_punches_adjacent_clusters_in_one_call(tmp_path, qemu, monkeypatch):
+    """A discard of gigabytes punched one hole per cluster (16 s of 23 for 1.4 GiB)."""
+    from vdgui.vd import Disk, OpenFlags
+    from vdgui.vd.fileio import ImageFile
+    img = tmp_path / "a.qcow2"
+    qemu.img("create", "-f", "qcow2", img, "64M")
+    qemu.io("-f", "qcow2", "-c", "write -P 0x33 0 16M", img)
+    calls = []
+    real = ImageFile.punch_hole
+    monkeypatch.setattr(ImageFile, "punch_hole",
+                        lambda self, o, n: calls.append((o, n)) or real(self, o, n))
+    with Disk.open_chain(str(img), "QCOW2", OpenFlags.NORMAL) as d:
+        d.discard(0, 16 * MiB)
+        assert d.read(0, 16 * MiB) == bytes(16 * MiB)
+    assert 1 <= len(calls) <= 2 and sum(n for _, n in calls) == 16 * MiB, calls
+    assert qemu.img("check", img, check=False).returncode == 0

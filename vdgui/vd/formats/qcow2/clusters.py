@@ -677,6 +677,13 @@ class ClustersMixin:
         self._check_write()
         self._check_cross_links()
         self._mark_dirty(offset, length)
+        self._punch_batch = []
+        try:
+            self._discard(offset, length)
+        finally:
+            self._punch_batched()
+
+    def _discard(self, offset, length):
         cs = self.cs
         end = offset + length
         pos = offset
