@@ -714,61 +714,26 @@ def cmd_cat(args) -> int:
 
 
 def _safe_parts(rel: str, dest: str) -> list[str]:
-    parts = [p for p in rel.split("/") if p]
-    for p in parts:
-        if p in (".", "..") or "\0" in p or os.sep in p or (os.altsep and os.altsep in p):
-            raise CLIError(f"refusing to extract {rel!r}: the name {p!r} would escape {dest} or "
-                           "is not valid on this system")
-        if len(p.encode("utf-8", "surrogateescape")) > 255:
-            raise CLIError(f"refusing to extract {rel!r}: the name is longer than 255 bytes")
-    return parts
+    try:
+        return vd.safe_extract_parts(rel, dest)
+    except vd.InvalidArgument as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_extract(args) -> int:
-    import posixpath
     with _open_chain(args, args.image, args.format, props=_props(args)) as d:
         fs, path, _ = _volume(args, d, args.path)
-        root = fs.stat(path)
         dest = args.dest
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            base = posixpath.basename(root.path.rstrip("/")) or "root"
-            dest = os.path.join(dest, *_safe_parts(base, dest))
-        if os.path.lexists(dest):
-            raise CLIError(f"{dest} already exists: remove it or choose another destination")
-        items = [(root, [])] + ([(e, _safe_parts(posixpath.relpath(e.path, root.path), dest))
-                                 for e in fs.walk(root.path)] if root.type == "dir" else [])
-        total = sum(e.size for e, _ in items if e.type == "file")
-        done, tty = 0, sys.stderr.isatty()
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        dirs = []
-        for e, parts in items:
-            target = os.path.join(dest, *parts)
-            if e.type == "dir":
-                os.mkdir(target)
-                dirs.append((target, e))
-            elif e.type == "symlink":
-                os.symlink(e.target, target)
-            elif e.type == "file":
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                with os.fdopen(fd, "wb", buffering=0) as out, fs.open(e.path) as f:
-                    while True:
-                        n = f.readinto(buf)
-                        if not n:
-                            break
-                        out.write(view[:n])
-                        done += n
-                        if tty:
-                            sys.stderr.write(f"\rextracting: {done * 100 // max(total, 1):3d}% "
-                                             f"of {vd.format_size(total)}")
-                            sys.stderr.flush()
-            else:
-                continue
-            if e.mtime is not None and e.type != "dir":
-                os.utime(target, (e.atime or e.mtime, e.mtime), follow_symlinks=False)
-        for target, e in reversed(dirs):     # after their content, which changes them
-            if e.mtime is not None:
-                os.utime(target, (e.atime or e.mtime, e.mtime))
+        tty = sys.stderr.isatty()
+
+        def progress(done, total):
+            if tty and done:
+                sys.stderr.write(f"\rextracting: {done * 100 // max(total, 1):3d}% "
+                                 f"of {vd.format_size(total)}")
+                sys.stderr.flush()
+
+        vd.extract_tree(fs, path, dest, progress,
+                        into=os.path.isdir(dest) and not os.path.islink(dest))
         if tty:
             sys.stderr.write("\n")
     return 0

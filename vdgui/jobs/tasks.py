@@ -349,22 +349,6 @@ def changed_job(path: str, *, library=None, format: str | None = None) -> Job:
     return Job(f"Find what {os.path.basename(path)} changed", fn, kind="changed")
 
 
-def _safe_name(name: str) -> str:
-    if (
-        name in ("", ".", "..")
-        or "\0" in name
-        or "/" in name
-        or os.sep in name
-        or (os.altsep and os.altsep in name)
-        or len(name.encode("utf-8", "surrogateescape")) > 255
-    ):
-        raise vd.InvalidArgument(
-            f"refusing to extract {name!r}: the name would escape the "
-            "destination or is not valid on this system"
-        )
-    return name
-
-
 def extract_job(
     path: str,
     items: list[tuple[int, str]],
@@ -376,80 +360,11 @@ def extract_job(
     """Copy files or folder trees (``(volume number, path)`` pairs) into ``dest_dir``. Each item
     is written under a temporary name and renamed when complete; a cancelled or failed job leaves
     nothing behind. The result is the list of created paths."""
-    import posixpath
-    import shutil
-    import tempfile
-
     def fn(progress):
-        made = []
         with _open_ro(path, library, format) as d:
-            plan = []
-            for number, vpath in items:
-                _, fs = vd.open_volume(d, number or None)
-                root = fs.stat(vpath)
-                name = _safe_name(posixpath.basename(root.path.rstrip("/")) or "root")
-                final = os.path.join(dest_dir, name)
-                if os.path.lexists(final):
-                    raise vd.InvalidArgument(
-                        f"{final} already exists: remove it or choose another folder"
-                    )
-                entries = [(root, [])]
-                if root.type == "dir":
-                    entries += [
-                        (
-                            e,
-                            [
-                                _safe_name(p)
-                                for p in posixpath.relpath(e.path, root.path).split("/")
-                            ],
-                        )
-                        for e in fs.walk(root.path)
-                    ]
-                plan.append((fs, final, entries))
-            total = sum(e.size for _, _, es in plan for e, _ in es if e.type == "file")
-            done = 0
-            if progress(0, total) is False:
-                raise vd.Cancelled()
-            buf = bytearray(1 << 20)
-            view = memoryview(buf)
-            for fs, final, entries in plan:
-                tmp = tempfile.mkdtemp(prefix=".vdgui-extract-", dir=dest_dir)
-                try:
-                    top = os.path.join(tmp, "x")
-                    dirs = []
-                    for e, parts in entries:
-                        target = os.path.join(top, *parts)
-                        if e.type == "dir":
-                            os.mkdir(target)
-                            dirs.append((target, e))
-                        elif e.type == "symlink":
-                            os.symlink(e.target, target)
-                        elif e.type == "file":
-                            fd = os.open(
-                                target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
-                            )
-                            with os.fdopen(fd, "wb", buffering=0) as out, fs.open(e.path) as f:
-                                while True:
-                                    n = f.readinto(buf)
-                                    if not n:
-                                        break
-                                    out.write(view[:n])
-                                    done += n
-                                    if progress(done, total) is False:
-                                        raise vd.Cancelled()
-                        else:
-                            continue
-                        if e.mtime is not None and e.type != "dir":
-                            os.utime(target, (e.atime or e.mtime, e.mtime), follow_symlinks=False)
-                    for target, e in reversed(dirs):
-                        if e.mtime is not None:
-                            os.utime(target, (e.atime or e.mtime, e.mtime))
-                    os.rename(top, final)
-                    made.append(final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            progress(total, total)
-        return made
+            trees = [(vd.open_volume(d, number or None)[1], vpath, dest_dir)
+                     for number, vpath in items]
+            return vd.extract_trees(trees, progress, into=True)
 
     what = items[0][1] if len(items) == 1 else f"{len(items)} items"
     return Job(

@@ -58,7 +58,10 @@ from .inside import (
     SliceFile,
     changed,
     disk_layout,
+    extract_tree,
+    extract_trees,
     open_volume,
+    safe_extract_parts,
 )
 from .ops.compact import compact
 from .ops.compare import CompareResult, compare, compare_disks
@@ -162,6 +165,8 @@ __all__ = [
     "describe_effects",
     "describe_size",
     "disk_layout",
+    "extract_tree",
+    "extract_trees",
     "format_size",
     "get_backend",
     "give_new_uuid",
@@ -185,6 +190,7 @@ __all__ = [
     "read_virtualbox_registry",
     "register_backend",
     "resize",
+    "safe_extract_parts",
     "sparsify",
     "sparsify_plan",
     "user_path",

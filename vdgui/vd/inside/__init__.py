@@ -60,3 +60,7 @@ __all__ += ["Entry", "FileSystem", "open_filesystem", "open_volume"]
 from .changes import Change, ChangeReport, changed  # noqa: E402
 
 __all__ += ["Change", "ChangeReport", "changed"]
+
+from .extract import extract_tree, extract_trees, safe_extract_parts  # noqa: E402
+
+__all__ += ["extract_tree", "extract_trees", "safe_extract_parts"]
