@@ -2,17 +2,21 @@
 they are added (block_status answers, allocation maps)."""
 from __future__ import annotations
 
+from typing import Generic, TypeVar
 
-class RunList:
+S = TypeVar("S")
+
+
+class RunList(Generic[S]):
     """Append-only list of runs; :meth:`add` merges a run into the last one when they touch and
     share their state. ``runs`` is the plain list of tuples callers return."""
 
     __slots__ = ("runs",)
 
     def __init__(self) -> None:
-        self.runs: list[tuple[int, int, object]] = []
+        self.runs: list[tuple[int, int, S]] = []
 
-    def add(self, start: int, length: int, state) -> None:
+    def add(self, start: int, length: int, state: S) -> None:
         if length <= 0:
             return
         r = self.runs
@@ -32,7 +36,7 @@ class RunList:
 
 def merge_runs(runs) -> list[tuple[int, int, object]]:
     """``runs`` with touching runs of one state merged (and empty runs dropped)."""
-    out = RunList()
+    out: RunList[object] = RunList()
     for s, n, st in runs:
         out.add(s, n, st)
     return out.runs

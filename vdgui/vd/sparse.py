@@ -41,7 +41,7 @@ def split_blocks(offset: int, length: int, block_size: int) -> Iterator[tuple[in
 def block_runs(offset: int, length: int, block_size: int,
                status_of: Callable[[int], Alloc]) -> list[tuple[int, int, Alloc]]:
     """Build merged (start, length, Alloc) runs for a range from a per-block status function."""
-    runs = RunList()
+    runs: RunList[Alloc] = RunList()
     for idx, _inner, pos, n in split_blocks(offset, length, block_size):
         runs.add(pos, n, status_of(idx))
     return runs.runs

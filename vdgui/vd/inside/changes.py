@@ -158,7 +158,9 @@ def _compare(nv, ov, held: _Ranges, prefix: str, rep: ChangeReport) -> None:
     old = {e.path: e for e in ov.walk("/")}
     for path in sorted(new.keys() | old.keys()):
         a, b = new.get(path), old.get(path)
-        data = (a or b).type != "dir"
+        e = a or b
+        assert e is not None  # path is a key of new or old
+        data = e.type != "dir"
         if b is None:
             (rep.files if data else rep.metadata).append(Change(prefix + path, "added"))
             continue
