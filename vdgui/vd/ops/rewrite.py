@@ -202,6 +202,7 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
             except CorruptImage:
                 if i == len(open_flags) - 1:
                     raise
+        assert img is not None          # the last flags either opened it or raised
         # the children keep their link (VMDK CID, VHDX DataWriteGuid) across the rewrite: a kill
         # between the rename and a relink would otherwise leave them unopenable
         img.keep_link_identity = True
