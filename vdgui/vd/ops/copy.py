@@ -38,6 +38,7 @@ import errno
 import os
 import shutil
 from collections import deque
+from typing import overload
 
 from ..align import align_up
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
@@ -90,6 +91,12 @@ def _grain(block_size: int) -> int:
     return max(block_size, MIN_GRAIN)
 
 
+@overload
+def _backend(fmt: str | Backend) -> Backend: ...
+@overload
+def _backend(fmt: None) -> None: ...
+@overload
+def _backend(fmt: str | Backend | None) -> Backend | None: ...
 def _backend(fmt: str | Backend | None) -> Backend | None:
     if fmt is None or isinstance(fmt, Backend):
         return fmt
@@ -666,7 +673,9 @@ def move_refusal(src_path: str, dst_path: str, *, format: str | Backend | None =
     if is_diff:
         with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY) as d:
             parent = d.image(-2).location
-            by_uuid = d.top.parent_hint.uuid is not None
+            hint = d.top.parent_hint
+            assert hint is not None          # is_diff: the top names a parent
+            by_uuid = hint.uuid is not None
         if not findable_from(dst_abs, parent, by_uuid):
             return (f"{name} is a differencing image of {os.path.basename(parent)} and would no "
                     f"longer find it from {dst_dir} (a parent is found in the image's folder or "
@@ -729,8 +738,8 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
     parent_path = None
     if is_diff and src_dir != dst_dir:
         with Disk.open_chain(src_path, be.name, OpenFlags.READ_ONLY | (
-                OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)) as d:
-            parent_path = d.image(-2).location
+                OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe_paths else 0)) as chain:
+            parent_path = chain.image(-2).location
     same_fs = all(_same_fs(s, dst_dir) for s, _d in plan)
     prog = Progress(progress, work=WorkMap() if same_fs else _files_work([s for s, _d in plan]))
     prog.start()
