@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import posixpath
 import stat as statmod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from ..errors import CorruptImage, ImageNotFound, InvalidArgument, NotSupported, VDError
 
@@ -51,12 +53,24 @@ def _norm(path: str) -> str:
 
 class FileSystem:
     kind = ""
+    fs: Any          # the library's file-system object, set by the subclasses that use one
 
     def __init__(self, fh, name: str) -> None:
         self.fh, self.name = fh, name
 
     # subclasses: _node(path) -> node, _entry(path, node) -> Entry, _children(node) ->
     # [(name, node)], _open(node) -> stream, allocation(node) -> [(offset, length)]
+    def _node(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def _entry(self, path: str, node: Any) -> Entry:
+        raise NotImplementedError
+
+    def _children(self, node: Any) -> Iterable[tuple[str, Any]]:
+        raise NotImplementedError
+
+    def _open(self, node: Any) -> Any:
+        raise NotImplementedError
     def _fail(self, path, exc) -> VDError:
         if isinstance(exc, VDError):
             return exc
@@ -96,7 +110,7 @@ class FileSystem:
             root = self._node(path)
         except Exception as e:
             raise self._fail(path, e) from None
-        stack = [(path, root, (self._key(root),))]
+        stack: list[tuple[str, Any, tuple[Any, ...]]] = [(path, root, (self._key(root),))]
         while stack:
             dpath, node, ancestors = stack.pop()
             try:
@@ -108,18 +122,18 @@ class FileSystem:
             except Exception as e:
                 raise self._fail(dpath, e) from None
             subdirs = []
-            for e, c in entries:
-                yield e
-                if e.type == "dir":
+            for ent, c in entries:
+                yield ent
+                if ent.type == "dir":
                     key = self._key(c)
                     if key is not None and key in ancestors:
                         raise CorruptImage(f"{self.name}: {self.kind} volume: folder "
-                                           f"{_short(e.path)} contains itself (a loop in the "
+                                           f"{_short(ent.path)} contains itself (a loop in the "
                                            "file system)")
                     if len(ancestors) > 512:
                         raise CorruptImage(f"{self.name}: {self.kind} volume: folders nested "
-                                           f"more than 512 deep at {_short(e.path)}")
-                    subdirs.append((e.path, c, ancestors + (key,)))
+                                           f"more than 512 deep at {_short(ent.path)}")
+                    subdirs.append((ent.path, c, ancestors + (key,)))
             stack.extend(reversed(subdirs))
 
     def open(self, path: str):
