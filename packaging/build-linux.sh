@@ -46,7 +46,8 @@ done
     --distpath "$BUILD/dist" --workpath "$BUILD/work" --specpath "$BUILD" \
     --collect-data vdgui --collect-submodules vdgui --copy-metadata vdgui \
     --collect-submodules dissect --collect-submodules pycdlib \
-    --exclude-module tkinter --exclude-module numpy --exclude-module cryptography \
+    --collect-submodules cryptography --collect-submodules argon2 --hidden-import _cffi_backend \
+    --exclude-module tkinter --exclude-module numpy \
     --exclude-module yaml --exclude-module PIL --exclude-module pytest --exclude-module setuptools \
     "${optional[@]}" \
     packaging/launcher.py

@@ -756,6 +756,14 @@ def cmd_changed(args) -> int:
     return 0
 
 
+def _passphrases(args) -> vd.PassphraseProvider:
+    """--passphrase-file (each tried per encrypted member), --new-passphrase-file."""
+    given = [vd.read_passphrase_file(p) for p in getattr(args, "passphrase_file", None) or []]
+    new_file = getattr(args, "new_passphrase_file", None)
+    return vd.PassphraseProvider(given, new=vd.read_passphrase_file(new_file) if new_file
+                                 else None)
+
+
 # -- dispatch ---------------------------------------------------------------------------------
 COMMANDS = {       # cli_parser's commands -> what runs them
     "info": cmd_info,
@@ -791,7 +799,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not hasattr(args, "allow_unsafe_paths"):
             args.allow_unsafe_paths = False
-        return COMMANDS[args.command](args)
+        # the one place passphrases enter: every image the command opens asks this provider
+        with _passphrases(args) as provider, vd.using_passphrases(provider):
+            return COMMANDS[args.command](args)
     except SystemExit as exc:        # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     except CLIError as exc:
@@ -800,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = "cancelled"
     except KeyboardInterrupt:
         msg = "interrupted"
+    except vd.PassphraseRequired as exc:
+        msg = f"{exc} (give it with --passphrase-file FILE)"
     except vd.VDError as exc:
         msg = str(exc)
     except BrokenPipeError:

@@ -254,4 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pchs", metavar="C,H,S")
     p.add_argument("--lchs", metavar="C,H,S")
     props(p)
+
+    # encrypted images (issue #17): every command that opens an image takes the passphrases
+    for name, p in sub.choices.items():
+        if name != "backends":
+            p.add_argument("--passphrase-file", action="append", metavar="FILE",
+                           help="passphrase of an encrypted image, the file's content without "
+                                "its final newline (repeatable: each is tried on every "
+                                "encrypted member of the chain)")
     return ap

@@ -35,6 +35,7 @@ from .errors import (
     NotSupported,
     ParentMismatch,
     ParentNotFound,
+    PassphraseRequired,
     ReadOnlyImage,
     Refused,
     ScanIncomplete,
@@ -43,6 +44,7 @@ from .errors import (
     VDError,
     VDIOError,
     VDTimeoutError,
+    WrongPassphrase,
     printable,
     user_path,
 )
@@ -82,6 +84,8 @@ from .registry import (
     probe_scores,
     register_backend,
 )
+from .secrets import Passphrase, PassphraseProvider, SecretRequest, read_passphrase_file
+from .secrets import using as using_passphrases
 from .sizes import describe_size, format_size, parse_size
 
 # the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
@@ -130,6 +134,9 @@ __all__ = [
     "ParentMismatch",
     "ParentNotFound",
     "Partition",
+    "Passphrase",
+    "PassphraseProvider",
+    "PassphraseRequired",
     "ProbeInput",
     "Problem",
     "ProblemCode",
@@ -140,6 +147,7 @@ __all__ = [
     "Refused",
     "Region",
     "ScanIncomplete",
+    "SecretRequest",
     "SliceFile",
     "SparsifyReport",
     "UnknownFormat",
@@ -149,6 +157,7 @@ __all__ = [
     "VDTimeoutError",
     "ValueType",
     "VolumeResult",
+    "WrongPassphrase",
     "align_up",
     "applicable_keys",
     "backends",
@@ -186,6 +195,7 @@ __all__ = [
     "printable",
     "probe",
     "probe_scores",
+    "read_passphrase_file",
     "read_small_file",
     "read_virtualbox_registry",
     "register_backend",
@@ -194,6 +204,7 @@ __all__ = [
     "sparsify",
     "sparsify_plan",
     "user_path",
+    "using_passphrases",
     "variant_words",
     "vbox_lchs",
     "vbox_pchs",

@@ -23,6 +23,7 @@ from .errors import (
 from .geometry import Geometry
 from .image import Alloc, Image
 from .registry import get_backend, probe
+from .secrets import PassphraseProvider, using
 
 if TYPE_CHECKING:  # pragma: no cover
     from .library import Library
@@ -91,8 +92,15 @@ class Disk:
         return max((i.sector_size for i in self.images), default=512)
 
     def open(self, location: str, format: str | Backend | None = None,
-             flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None) -> Image:
-        """Open ``location`` as the new top of the chain (VDOpen)."""
+             flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None, *,
+             passphrases: PassphraseProvider | None = None) -> Image:
+        """Open ``location`` as the new top of the chain (VDOpen). An encrypted image asks
+        ``passphrases`` (default: the provider of :func:`vdgui.vd.secrets.using`)."""
+        with using(passphrases):
+            return self._open(location, format, flags, config)
+
+    def _open(self, location: str, format: str | Backend | None,
+              flags: OpenFlags, config: dict | None) -> Image:
         if flags & OpenFlags.SKIP_CONSISTENCY_CHECKS and not flags.read_only:
             raise InvalidArgument("skip-consistency-checks is only allowed for read-only opens")
         backend = (
@@ -138,11 +146,19 @@ class Disk:
         *,
         parent_flags: OpenFlags | None = None,
         library: Library | None = None,
+        passphrases: PassphraseProvider | None = None,
     ) -> Disk:
         """Open ``location`` and every parent it names, base first. Parents open read-only
         unless ``parent_flags`` says otherwise; read-only opens take the shared lock (a parent
         of an image opened for writing, too: nobody may write or resize it meanwhile), unless
-        FORCE_SHARE."""
+        FORCE_SHARE. Encrypted members ask ``passphrases`` (default: the current provider)."""
+        with using(passphrases):
+            return cls._open_chain(location, format, flags, config, parent_flags, library)
+
+    @classmethod
+    def _open_chain(cls, location: str, format: str | None, flags: OpenFlags,
+                    config: dict | None, parent_flags: OpenFlags | None,
+                    library: Library | None) -> Disk:
         allow_unsafe = bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         if parent_flags is None:
             parent_flags = OpenFlags.READ_ONLY | (
@@ -547,10 +563,12 @@ def open_image(
     format: str | None = None,
     flags: OpenFlags = OpenFlags.NORMAL,
     config: dict | None = None,
+    *,
+    passphrases: PassphraseProvider | None = None,
 ) -> Disk:
     """Open one image alone (no parents; diffs need INFO). Convenience for tools."""
     d = Disk()
-    d.open(location, format, flags, config)
+    d.open(location, format, flags, config, passphrases=passphrases)
     return d
 
 

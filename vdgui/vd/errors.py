@@ -186,3 +186,15 @@ class VDTimeoutError(VDError):
 
 class FileExists(VDError):
     code = "FILE_EXISTS"
+
+
+class WrongPassphrase(VDError):
+    """No passphrase given opens this encrypted image (never names the passphrase)."""
+
+    code = "WRONG_PASSPHRASE"
+
+
+class PassphraseRequired(VDError):
+    """An encrypted image was opened without any passphrase to try."""
+
+    code = "PASSPHRASE_REQUIRED"

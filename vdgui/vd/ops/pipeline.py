@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,8 @@ class Readers:
 
     def __init__(self, opener, workers: int = READERS):
         self.opener = opener
+        # the workers open the chain in the caller's context (its passphrase provider)
+        self.context = contextvars.copy_context()
         self.local = threading.local()
         self.disks: list[Disk] = []
         self.lock = threading.Lock()
@@ -75,7 +78,7 @@ class Readers:
     def _read(self, off: int, n: int, top: int, level: int | None) -> bytes:
         d = getattr(self.local, "disk", None)
         if d is None:
-            d = self.opener()
+            d = self.context.copy().run(self.opener)
             with self.lock:
                 self.disks.append(d)
             self.local.disk = d
