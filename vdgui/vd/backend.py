@@ -300,6 +300,13 @@ class Backend:
             value = parse_config(self.config_keys, None, creating=True, owner=self.name)[key]
         return value
 
+    def config_int(self, config: dict | None, key: str) -> int:
+        """:meth:`config_value` of a key declared ``ValueType.INTEGER``."""
+        value = self.config_value(config, key)
+        if not isinstance(value, int):
+            raise TypeError(f"{self.name}: configuration key {key} is not an integer key")
+        return value
+
     def check_size(self, size: int, config: dict | None = None, where: str = "") -> None:
         """Refuse a virtual size above the limit for ``config`` (InvalidArgument naming it)."""
         limit = self.max_size_for(config)

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .align import align_up
 
 COPY_CHUNK = 4 << 20
+K = TypeVar("K", bound=Hashable)         # a block's key: what its table entry is found by
 
 
 @dataclass(slots=True)
-class Move:
+class Move(Generic[K]):
     """Copy ``length`` bytes of the block ``key`` from ``src`` to ``dst`` (file offsets)."""
-    key: Hashable
+    key: K
     src: int
     dst: int
     length: int
@@ -67,26 +69,27 @@ def slot_holes(owner, unit: int, base: int = 0, free=None) -> list[list[int]]:
     return out
 
 
-def overlapping(blocks: Sequence[tuple[int, int, Hashable]]) -> set:
+def overlapping(blocks: Sequence[tuple[int, int, K]]) -> set[K]:
     """Keys of the blocks (``(offset, length, key)``) that share bytes with another one (a
     damaged table): they stay where they are."""
-    out: set = set()
-    end, last = -1, None
-    for off, n, key in sorted(blocks, key=lambda b: b[0]):
+    out: set[K] = set()
+    order = sorted(blocks, key=lambda b: b[0])
+    end, last = -1, 0                        # the end reached so far, and whose it is
+    for i, (off, n, key) in enumerate(order):
         if off < end:
-            out.update((last, key))
+            out.update((order[last][2], key))
         if off + n > end:
-            end, last = off + n, key
+            end, last = off + n, i
     return out
 
 
-def plan_moves(blocks: Sequence[tuple[int, int, Hashable]], holes: list[list[int]],
-               align: int = 1) -> list[Move]:
+def plan_moves(blocks: Sequence[tuple[int, int, K]], holes: list[list[int]],
+               align: int = 1) -> list[Move[K]]:
     """Moves that close ``holes`` (``[a, b]`` free byte ranges, ascending, consumed in place)
     with the ``blocks`` (``(offset, length, key)``) lying above them: the highest block first,
     each into the lowest hole that takes it at an ``align``-ed offset ending at or below its
     own start. A block that fits nowhere stays (a lower one may still fit)."""
-    moves: list[Move] = []
+    moves: list[Move[K]] = []
     if not holes or not blocks:
         return moves
     smallest = min(n for _o, n, _k in blocks)
@@ -123,7 +126,7 @@ def copy_range(f, src: int, dst: int, length: int, buf: bytearray | None = None)
         pos += k
 
 
-def move_blocks(f, moves: Sequence[Move], repoint: Callable[[Sequence[Move]], None], *,
+def move_blocks(f, moves: Sequence[Move[K]], repoint: Callable[[Sequence[Move[K]]], None], *,
                 header: Callable[[], None] | None = None,
                 advance: Callable[[int], object] | None = None) -> None:
     """Carry out ``moves`` in ``f``: copy each, sync, ``repoint(moves)``, sync, then

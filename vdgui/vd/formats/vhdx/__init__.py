@@ -50,7 +50,7 @@ Limits (parser safety): region table entries <= 2047, metadata entries <= 2047, 
 Split by on-disk structure: :mod:`.layout` (structs, GUIDs, constants, checksums), :mod:`.log`
 (log replay), :mod:`.metadata` (metadata region, parent locator, relink), :mod:`.maintenance`
 (resize, compact, check), :mod:`.image` (VhdxImage: headers, region table, BAT, data; the
-backend).
+backend); :mod:`.state` declares what the mixins share.
 """
 from __future__ import annotations
 

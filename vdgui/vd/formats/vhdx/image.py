@@ -20,9 +20,8 @@ from ...backend import (
 )
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
-from ...fileimage import FileImage
 from ...fileio import ImageFile
-from ...image import Alloc
+from ...image import Alloc, FillFn
 from ...runs import RunList
 from ...space import preallocate
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
@@ -78,7 +77,7 @@ from .layout import (
     vhdx_max_size,
     with_checksum,
 )
-from .log import LogReplayNeeded, active_sequence, replay
+from .log import LogEntry, LogReplayNeeded, active_sequence, replay
 from .maintenance import MaintenanceMixin
 from .metadata import MetadataMixin, build_locator, locator_for
 
@@ -89,12 +88,12 @@ def _default_block_size(size: int, diff: bool) -> int:
     return 32 * MiB if size > 100 * GiB else 8 * MiB
 
 
-class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
+class VhdxImage(MetadataMixin, MaintenanceMixin):
     @property
     def max_size(self) -> int:
         return vhdx_max_size(self.block_size)
 
-    def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags) -> None:
         super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self._data_guid_updated = False
@@ -151,7 +150,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
             # MS-VHDX 2.2.2: FileWriteGuid changes on the first open for writing
             self._update_header(file_write_guid=uuidlib.uuid4().bytes_le)
 
-    def _replay_log(self, seq) -> None:
+    def _replay_log(self, seq: list[LogEntry]) -> None:
         """Replay the active log sequence, then clear the header's LogGuid (MS-VHDX 2.3.3)."""
         replay(self, seq)
         self._update_header(log_guid=ZERO_GUID)
@@ -309,7 +308,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
         e = self.bat[idx]
         return e & STATE_MASK, (e >> OFFSET_SHIFT) * MiB
 
-    def _block_offset(self, block: int, what="payload block") -> int:
+    def _block_offset(self, block: int, what: str = "payload block") -> int:
         idx = self._bat_index(block)
         _st, off = self._entry(idx)
         # the last block may be short in the file when the disk ends inside it
@@ -379,7 +378,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
         return runs
 
     # -- data ----------------------------------------------------------------------------
-    def _status_of(self, state: int) -> Alloc:
+    def _status_of(self, state: int) -> Alloc | None:
         if state in (PAYLOAD_FULLY_PRESENT,):
             return Alloc.DATA
         if state == PAYLOAD_PARTIALLY_PRESENT:
@@ -402,8 +401,8 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
                                 expected="0, 1, 2, 3, 6 or 7", found=st)
         return st
 
-    def block_status(self, offset, length):
-        runs = RunList()
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        runs: RunList[Alloc] = RunList()
         add = runs.add
         for block, inner, pos, n in split_blocks(offset, length, self.block_size):
             st = self._check_state(block)
@@ -416,7 +415,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
                 add(pos, n, a)
         return runs.runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         block, inner = divmod(offset, self.block_size)
         if inner + length <= self.block_size and \
                 self._status_of(self._check_state(block)) is Alloc.DATA:
@@ -533,7 +532,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
         seg = bm[bfirst >> 3:(bfirst + per_block) >> 3]
         return seg.count(0xFF) == len(seg)
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self._begin_write()
         mv = memoryview(data)
         for block, inner, pos, n in split_blocks(offset, len(data), self.block_size):
@@ -600,7 +599,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, FileImage):
         else:
             self._fresh[idx] = (entry, written_to)
 
-    def discard(self, offset, length, fill=None):
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Whole blocks lose their data (base: UNMAPPED, read as zeroes; differencing: ZERO,
         hiding the parent; fixed: zeroes written, the block stays allocated) and their space is
         returned to the file system; partial blocks are zeroed."""
@@ -675,35 +674,37 @@ class VhdxBackend(Backend):
     size_granularity = 512
     can_shrink = True
 
-    def max_size_for(self, config=None):
-        bs = self.config_value(config, "BlockSize")
+    def max_size_for(self, config: dict | None = None) -> int:
+        bs = self.config_int(config, "BlockSize")
         return vhdx_max_size(bs) if bs else MAX_SIZE    # automatic: 32 MiB blocks when large
 
-    def limit_reason(self, config=None):
-        return limit_reason(self.config_value(config, "BlockSize") or 32 * MiB)
+    def limit_reason(self, config: dict | None = None) -> str:
+        return limit_reason(self.config_int(config, "BlockSize") or 32 * MiB)
 
     def probe(self, src: ProbeInput) -> int:
         return 100 if src.head[:8] == b"vhdxfile" else 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> VhdxImage:
         parse_config(self.config_keys, config, owner=self.name)
         f = ImageFile(location, writable=not flags.read_only)
         return VhdxImage(self, location, f, flags)
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> VhdxImage:
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
         parent = p.parent
         diff = parent is not None
-        if diff:
+        lss = cfg["LogicalSectorSize"]
+        locator: dict[str, str] | None = None
+        if parent is not None:
             if parent.format != "VHDX" or parent.modification_uuid is None:
                 raise NotSupported("a VHDX differencing image needs a VHDX parent "
                                    f"({parent.location} is {parent.format})")
             if p.flags & ImageFlags.FIXED:
                 raise NotSupported("a VHDX differencing image cannot be fixed")
-        lss = cfg["LogicalSectorSize"]
-        pss = cfg["PhysicalSectorSize"]
-        if diff:
             lss = parent.sector_size
+            locator = locator_for(p.location, parent.location, parent.modification_uuid)
+        pss = cfg["PhysicalSectorSize"]
         for name, v in (("LogicalSectorSize", lss), ("PhysicalSectorSize", pss)):
             if v not in (512, 4096):
                 raise InvalidArgument(f"VHDX {name} must be 512 or 4096, found {v}")
@@ -745,9 +746,8 @@ class VhdxBackend(Backend):
                 (LOGICAL_SECTOR, struct.pack("<I", lss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
                 (PHYSICAL_SECTOR, struct.pack("<I", pss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
             ]
-            if diff:
-                kv = locator_for(p.location, parent.location, parent.modification_uuid)
-                items.append((PARENT_LOCATOR, build_locator(kv), MD_IS_REQUIRED))
+            if locator is not None:
+                items.append((PARENT_LOCATOR, build_locator(locator), MD_IS_REQUIRED))
             table = bytearray(MetadataTableHeader.build(dict(signature=b"metadata", reserved=0,
                                                              entry_count=len(items),
                                                              reserved2=bytes(20))))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from construct import Container
+
 from ...align import align_up
 from ...errors import CorruptImage
 from ...sparse import zeroes
@@ -33,6 +35,10 @@ class LogReplayNeeded(CorruptImage):
 # -- log replay --------------------------------------------------------------------------------
 class LogEntry:
     __slots__ = ("descs", "hdr", "pos", "sectors")
+    pos: int                                    # offset in the log
+    hdr: Container                              # LogEntryHeader
+    descs: list[tuple[str, Container]]          # ("zero" | "data", descriptor)
+    sectors: list[bytes]                        # the data sectors' 4084 bytes, in order
 
 
 def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> LogEntry | None:

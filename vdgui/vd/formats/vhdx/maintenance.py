@@ -9,7 +9,8 @@ from ...align import align_up, ceil_div
 from ...backend import too_large
 from ...compaction import holes_between, move_blocks, overlapping, plan_moves
 from ...errors import InvalidArgument, NotSupported
-from ...image import CheckReport, Problem, ProblemCode
+from ...image import CheckReport, FillFn, Problem, ProblemCode
+from ...progress import ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
 from ...tables import table_to_bytes
@@ -35,9 +36,10 @@ from .layout import (
     limit_reason,
     with_checksum,
 )
+from .state import VhdxState
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(VhdxState):
     """Resize, compact and check of a :class:`.image.VhdxImage`."""
 
     def _relocate_bat(self, count: int) -> None:
@@ -69,7 +71,7 @@ class MaintenanceMixin:
         self.f.punch_hole(old_off, old_len)
 
     # -- operations ----------------------------------------------------------------------
-    def resizes_in_place(self, new_size):
+    def resizes_in_place(self, new_size: int) -> bool:
         # growing when the BAT region has room: entries past the old end are zeroed (nothing
         # reads them yet), then one metadata write names the new size
         if new_size <= self.size or self.leave_allocated or new_size > MAX_SIZE:
@@ -77,7 +79,7 @@ class MaintenanceMixin:
         count = bat_entry_count(new_size, self.block_size, self.sector_size, self.has_parent)
         return count * 8 <= self.bat_length
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         self._fresh.clear()
         if new_size % self.sector_size:
@@ -163,7 +165,8 @@ class MaintenanceMixin:
             self.f.truncate(end)
             self.file_len = self.alloc_end = end
 
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Drop blocks that read as zeroes (base) or as the parent (differencing; a zero block over
         non-zero parent data becomes a ZERO entry), move the remaining blocks down into the holes
         and shrink the file. The user-visible content does not change, so neither does the
@@ -215,7 +218,8 @@ class MaintenanceMixin:
         if progress:
             progress(total + 1, total + 1)
 
-    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         """Headers, log state and every BAT entry (state, range, overlaps). Repair (read-write
         images): the log was already replayed by the open; a damaged header copy is rewritten;
         BAT entries with an invalid state or pointing outside the file become "not present"."""
@@ -281,7 +285,7 @@ class MaintenanceMixin:
         moves: list[tuple[int, int, int]] = []      # (BAT index, offset, length) to copy
         for s1, e1, n1, i1 in spans:
             if s1 < reach:
-                where = self.bat_offset + 8 * i1 if i1 is not None else None
+                at = self.bat_offset + 8 * i1 if i1 is not None else None
                 # repair gives the block its own copy of what it reads now (the block that
                 # meets the metadata when the later span is a region)
                 mover = i1 if i1 is not None else reach_idx
@@ -289,7 +293,7 @@ class MaintenanceMixin:
                     _st, off = self._entry(mover)
                     moves.append((mover, off, e1 - s1 if i1 is not None else reach - off))
                 rep.problems.append(Problem("corrupt", f"{n1} at {s1:#x} overlaps {reach_name}",
-                                            where, code=ProblemCode.OVERLAP,
+                                            at, code=ProblemCode.OVERLAP,
                                             repaired=fix and mover is not None))
             if e1 > reach:
                 reach, reach_name, reach_idx = e1, n1, i1

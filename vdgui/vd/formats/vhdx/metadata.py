@@ -11,7 +11,7 @@ from ...align import align_up, ceil_div
 from ...backend import ImageFlags
 from ...errors import NotSupported, ParentMismatch
 from ...fileio import relative_name
-from ...image import ParentHint
+from ...image import Image, ParentHint
 from ...sparse import zeroes
 from .layout import (
     FILE_PARAMETERS,
@@ -45,6 +45,7 @@ from .layout import (
     guid_from_bytes,
     utf16,
 )
+from .state import VhdxState
 
 
 def native_path(loc: str) -> str:
@@ -88,7 +89,7 @@ def build_locator(kv: dict[str, str]) -> bytes:
     return head + entries + strings
 
 
-class MetadataMixin:
+class MetadataMixin(VhdxState):
     """Metadata items, the parent locator and relink of a :class:`.image.VhdxImage`."""
 
     def _read_metadata(self) -> None:
@@ -102,7 +103,7 @@ class MetadataMixin:
         if mh.entry_count > MAX_METADATA_ENTRIES:
             raise self._corrupt("too many metadata entries", field="EntryCount", offset=mo + 10,
                                 expected=f"<= {MAX_METADATA_ENTRIES}", found=mh.entry_count)
-        self.md_entries: dict[uuidlib.UUID, tuple[int, int, int, int]] = {}
+        self.md_entries = {}
         for k in range(mh.entry_count):
             where = mo + 32 + 32 * k
             e = MetadataTableEntry.parse(table[32 + 32 * k:64 + 32 * k])
@@ -162,7 +163,7 @@ class MetadataMixin:
         self.uuid = guid_from_bytes(item(PAGE83, 16))
         self.modification_uuid = guid_from_bytes(self.hdr.data_write_guid)
         self.flags = ImageFlags.FIXED if self.leave_allocated else ImageFlags.NONE
-        self.parent_locator: dict[str, str] = {}
+        self.parent_locator = {}
         if self.has_parent:
             self.flags |= ImageFlags.DIFF
             self._read_parent_locator()
@@ -243,7 +244,7 @@ class MetadataMixin:
             d["parent_locator"] = dict(self.parent_locator)
         return d
 
-    def check_parent_link(self, parent):
+    def check_parent_link(self, parent: Image) -> None:
         if self.parent_modification_uuid is None:
             return
         mine = self.parent_modification_uuid
@@ -264,8 +265,10 @@ class MetadataMixin:
                 except NotSupported:
                     return                      # no room: the stale path stays, nothing breaks
                 self.parent_locator = kv
-                self.parent_hint.locations = [native_path(rel)] + [
-                    loc for loc in self.parent_hint.locations if loc != native_path(rel)]
+                hint = self.parent_hint             # set whenever parent_linkage is
+                if hint is not None:
+                    hint.locations = [native_path(rel)] + [
+                        loc for loc in hint.locations if loc != native_path(rel)]
 
     def _write_metadata_item(self, g: uuidlib.UUID, payload: bytes) -> None:
         """Replace a metadata item: in place when same length (one aligned write), else in free
@@ -291,18 +294,18 @@ class MetadataMixin:
         self.f.sync()
         self.md_entries[g] = (new_off, len(payload), flags, k)
 
-    def set_uuid(self, value):
+    def set_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self._write_metadata_item(PAGE83, guid_bytes(value))
         self.uuid = value
 
-    def set_modification_uuid(self, value):
+    def set_modification_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self._update_header(data_write_guid=guid_bytes(value))
         self._data_guid_updated = True
         self.modification_uuid = value
 
-    def set_parent_modification_uuid(self, value):
+    def set_parent_modification_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         if not self.has_parent:
             self._no_field("a parent link (not a differencing image)")
@@ -312,7 +315,7 @@ class MetadataMixin:
         self.parent_locator = kv
         self.parent_modification_uuid = value
 
-    def relink_refusal(self, parent):
+    def relink_refusal(self, parent: Image | None) -> str | None:
         if parent is None:
             return None
         if not self.has_parent:
@@ -321,7 +324,7 @@ class MetadataMixin:
             return f"{self.location}: a VHDX differencing image needs a VHDX parent"
         return None
 
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self.require_writable()
         if parent is None:
             self._make_base()
