@@ -49,6 +49,10 @@ from .errors import (
     user_path,
 )
 from .fileio import is_temp_name, read_small_file
+from .filter import Filter, FilterBackend, FilterCap, FilterUse
+from .filters import filters, get_filter
+from .filters.keyfile import find_keystore, read_keystore_file, sidecar_path, write_sidecar
+from .filters.keystore import KeyStore
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .inside import (
@@ -115,6 +119,10 @@ __all__ = [
     "Extent",
     "FileExists",
     "FileExtension",
+    "Filter",
+    "FilterBackend",
+    "FilterCap",
+    "FilterUse",
     "Geometry",
     "Image",
     "ImageChanged",
@@ -124,6 +132,7 @@ __all__ = [
     "ImageRecord",
     "InvalidArgument",
     "KeyFlag",
+    "KeyStore",
     "Layout",
     "Library",
     "NetworkError",
@@ -176,8 +185,11 @@ __all__ = [
     "disk_layout",
     "extract_tree",
     "extract_trees",
+    "filters",
+    "find_keystore",
     "format_size",
     "get_backend",
+    "get_filter",
     "give_new_uuid",
     "is_network_location",
     "is_temp_name",
@@ -195,12 +207,14 @@ __all__ = [
     "printable",
     "probe",
     "probe_scores",
+    "read_keystore_file",
     "read_passphrase_file",
     "read_small_file",
     "read_virtualbox_registry",
     "register_backend",
     "resize",
     "safe_extract_parts",
+    "sidecar_path",
     "sparsify",
     "sparsify_plan",
     "user_path",
@@ -209,6 +223,7 @@ __all__ = [
     "vbox_lchs",
     "vbox_pchs",
     "vhd_chs",
+    "write_sidecar",
 ]
 
 

@@ -1,6 +1,6 @@
 """Disk: the container — an ordered chain of opened images (0 = base), read and written as one
 device. Modelled on VirtualBox's VD API (VDOpen, VDCreateBase, VDCreateDiff, VDRead, VDWrite,
-VDFlush, VDDiscardRanges, VDGet*/VDSet*)."""
+VDFlush, VDDiscardRanges, VDGet*/VDSet*, VDFilterAdd/Remove/Info)."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,7 @@ from .errors import (
     ReadOnlyImage,
     VDError,
 )
+from .filter import Filter, FilterUse
 from .geometry import Geometry
 from .image import Alloc, Image
 from .registry import get_backend, probe
@@ -60,6 +61,9 @@ class Disk:
     def __init__(self) -> None:
         self.images: list[Image] = []
         self._flags: list[OpenFlags] = []
+        # the filter chain (VDFilterAdd): reads pass the read filters last-added first,
+        # writes the write filters in the order they were added
+        self.filters: list[tuple[Filter, FilterUse]] = []
 
     # -- chain management ----------------------------------------------------------------
     def __enter__(self) -> Disk:
@@ -370,11 +374,13 @@ class Disk:
             )
         if length == 0:
             return b""
-        ss = self.sector_size
+        ss = self.unit
         a_start = offset - offset % ss
         a_end = min(align_up(offset + length, ss), size)
         buf = bytearray(a_end - a_start)
         self._read_level(level, a_start, a_end - a_start, memoryview(buf))
+        if self.filters:
+            self.decode(a_start, memoryview(buf))
         if a_start == offset and a_end == offset + length:
             return bytes(buf)
         return bytes(buf[offset - a_start : offset - a_start + length])
@@ -383,7 +389,7 @@ class Disk:
         """Like :meth:`read`, straight into the writable buffer ``out`` (len(out) bytes)."""
         out = memoryview(out).cast("B")
         length = len(out)
-        ss = self.sector_size
+        ss = self.unit
         if offset % ss or (
             length % ss
             and offset + length != self.images[len(self.images) - 1 if top is None else top].size
@@ -400,6 +406,8 @@ class Disk:
             )
         if length:
             self._read_level(level, offset, length, out, fill=True)
+            if self.filters:
+                self.decode(offset, out)
 
     def write(self, offset: int, data: bytes) -> None:
         """VDWrite: write through to the top image (copy-on-write handled by the backend)."""
@@ -413,7 +421,7 @@ class Disk:
             )
         if length == 0:
             return
-        ss = self.sector_size
+        ss = self.unit
         a_start = offset - offset % ss
         a_end = min(align_up(offset + length, ss), img.size)
         if a_start != offset or a_end != offset + length:
@@ -421,8 +429,60 @@ class Disk:
             buf[offset - a_start : offset - a_start + length] = data
             data = bytes(buf)
             offset = a_start
+        if self.filters:
+            data = self.encode(offset, data)
         level = len(self.images) - 1
         img.write(offset, data, lambda o, n: self.read_below(level, o, n))
+
+    # -- filters (VDFilterAdd / VDFilterRemove / VDFilterInfo) -------------------------------
+    @property
+    def unit(self) -> int:
+        """The smallest I/O the chain and its filters take whole (bytes)."""
+        return max([self.sector_size] + [f.data_unit for f, _u in self.filters])
+
+    def add_filter(self, f: Filter, use: FilterUse = FilterUse.BOTH) -> None:
+        """VDFilterAdd: ``f`` joins the read chain, the write chain or both."""
+        if self.images and self.size % f.data_unit:
+            raise InvalidArgument(
+                f"filter {f.backend.name}: the disk's size {self.size} is not a multiple of its "
+                f"{f.data_unit}-byte data unit"
+            )
+        self.filters.append((f, FilterUse(use)))
+
+    def remove_filter(self, use: FilterUse = FilterUse.BOTH) -> Filter:
+        """VDFilterRemove: the filter added last to the chain(s) ``use`` leaves them."""
+        for i in range(len(self.filters) - 1, -1, -1):
+            f, u = self.filters[i]
+            if u & use:
+                left = FilterUse(u & ~use)
+                if left:
+                    self.filters[i] = (f, left)
+                else:
+                    del self.filters[i]
+                return f
+        raise InvalidArgument("no filter to remove from this disk")
+
+    def filter_info(self) -> list[dict]:
+        """VDFilterInfo: each filter (never a secret) and the chains it is in."""
+        return [
+            {**f.info(), "read": bool(u & FilterUse.READ), "write": bool(u & FilterUse.WRITE)}
+            for f, u in self.filters
+        ]
+
+    def decode(self, offset: int, buf: memoryview) -> None:
+        """Stored bytes of whole units at ``offset`` -> what the user reads, in place."""
+        for f, u in reversed(self.filters):
+            if u & FilterUse.READ:
+                f.decode(offset, buf)
+
+    def encode(self, offset: int, data: bytes) -> bytes:
+        """What the user writes -> the bytes stored (a new buffer; ``data`` is untouched)."""
+        buf = bytearray(data)
+        mv = memoryview(buf)
+        for f, u in self.filters:
+            if u & FilterUse.WRITE:
+                f.encode(offset, mv)
+        return bytes(buf)
 
     def flush(self) -> None:
         for img in self.images:

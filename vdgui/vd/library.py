@@ -175,6 +175,8 @@ class Library:
                 remember INTEGER);
             CREATE TABLE IF NOT EXISTS health (path TEXT PRIMARY KEY, state TEXT, note TEXT,
                 mtime_ns INTEGER, size INTEGER);
+            CREATE TABLE IF NOT EXISTS filter_properties (path TEXT, filter TEXT, key TEXT,
+                value TEXT, PRIMARY KEY (path, filter, key));
         """)
         # secrets (BYTES config values) that are not remembered live here, for this session only
         self._session_secrets: dict[str, dict[str, bytes]] = {}
@@ -319,6 +321,7 @@ class Library:
             self._db.execute("DELETE FROM properties WHERE path=?", (path,))
             self._db.execute("DELETE FROM secrets WHERE path=?", (path,))
             self._db.execute("DELETE FROM health WHERE path=?", (path,))
+            self._db.execute("DELETE FROM filter_properties WHERE path=?", (path,))
             self._session_secrets.pop(path, None)
 
     def rename(self, old: str, new: str) -> None:
@@ -332,6 +335,8 @@ class Library:
             self._db.execute("UPDATE OR REPLACE recent SET path=? WHERE path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE secrets SET path=? WHERE path=?", (new, old))
             self._db.execute("UPDATE OR REPLACE health SET path=? WHERE path=?", (new, old))
+            self._db.execute("UPDATE OR REPLACE filter_properties SET path=? WHERE path=?",
+                             (new, old))
             if old in self._session_secrets:
                 self._session_secrets[new] = self._session_secrets.pop(old)
 
@@ -432,6 +437,31 @@ class Library:
                 self._session_secrets.pop(path, None)
             else:
                 self._session_secrets[path] = secrets
+
+    # -- filter properties (e.g. CRYPT's KeyId and KeyStore: never a passphrase) ---------------
+    def set_filter_properties(self, path: str, filter_name: str, values: dict[str, str]) -> None:
+        """Keep a filter's configuration for ``path`` (replacing what was kept). Only text
+        values: a secret (bytes) is refused, never stored."""
+        if any(not isinstance(v, str) for v in values.values()):
+            raise InvalidArgument(f"filter {filter_name}: only text properties are kept")
+        path = _norm(path)
+        with self._lock:
+            self._db.execute("DELETE FROM filter_properties WHERE path=? AND filter=?",
+                             (path, filter_name))
+            self._db.executemany(
+                "INSERT INTO filter_properties VALUES (?,?,?,?)",
+                [(path, filter_name, k, v) for k, v in values.items()],
+            )
+
+    def filter_properties(self, path: str) -> dict[str, dict[str, str]]:
+        """Filter name -> its kept configuration, for ``path``."""
+        out: dict[str, dict[str, str]] = {}
+        with self._lock:
+            for f, k, v in self._db.execute(
+                "SELECT filter, key, value FROM filter_properties WHERE path=?", (_norm(path),)
+            ):
+                out.setdefault(f, {})[k] = v
+        return out
 
     def remembers_secrets(self, path: str) -> bool:
         """Whether ``path``'s secrets are stored in the database (False: this session only)."""
@@ -636,6 +666,11 @@ class Library:
                     source="virtualbox",
                 )
             )
+            # VirtualBox's disk encryption: CRYPT/KeyId and CRYPT/KeyStore (not secrets)
+            crypt = {k.split("/", 1)[1]: v for k, v in m["properties"].items()
+                     if k.startswith("CRYPT/")}
+            if "KeyStore" in crypt:
+                self.set_filter_properties(out[-1], "CRYPT", crypt)
         return out
 
 
@@ -663,7 +698,8 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
     """Parse the ``<MediaRegistry>`` of a VirtualBox settings file.
 
     Returns dicts with path (absolute; relative locations are taken from the XML's folder),
-    format, uuid, parent_uuid and device ('hdd', 'optical', 'floppy'), parents before children.
+    format, uuid, parent_uuid, device ('hdd', 'optical', 'floppy') and properties (the
+    medium's ``<Property>`` name -> value, e.g. CRYPT/KeyStore), parents before children.
     Non-file media (e.g. iSCSI, whose location is not a path) are skipped.
     """
     try:
@@ -694,6 +730,11 @@ def read_virtualbox_registry(xml_path: str) -> list[dict]:
                         "uuid": uid,
                         "parent_uuid": parent_uuid,
                         "device": device.value,
+                        "properties": {
+                            p.get("name") or "": p.get("value") or ""
+                            for p in child
+                            if _local(p.tag) == "Property" and p.get("name")
+                        },
                     }
                 )
             walk(child, device, uid)

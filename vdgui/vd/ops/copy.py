@@ -383,7 +383,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
                src_config: dict | None = None, dst_config: dict | None = None,
                progress: ProgressCallback | None = None, overwrite: bool = False,
                src_top: int | None = None, allow_unsafe_paths: bool = False,
-               sync: bool = True, force_share: bool = False) -> list[str]:
+               sync: bool = True, force_share: bool = False, src_filters: list | None = None,
+               dst_filters: list | None = None) -> list[str]:
     """Copy (convert) the chain ending at ``src_path`` into a new image (VDCopyEx).
 
     Returns the locations of the images created, base first (one for a flattening copy). See the
@@ -391,7 +392,9 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
     ``sync=False`` skips waiting for the disk (no fsync; qemu-img convert's default): the files
     are complete and renamed into place as usual, but a power loss soon after may lose them.
     The source chain is read under the shared lock (no one may write or resize it meanwhile)
-    unless ``force_share`` (qemu-img's -U)."""
+    unless ``force_share`` (qemu-img's -U). ``src_filters``/``dst_filters``: opened filters
+    (:mod:`vdgui.vd.filter`) the source is read through and the target written through: a copy
+    decrypts, encrypts or both on the way."""
     dst_backend = _backend(dst_format)
     variant = ImageFlags(variant)
     file_target = bool(dst_backend.caps & Cap.FILE)
@@ -409,6 +412,8 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
     src_be = _backend(src_format)
     with contextlib.nullcontext() if sync else unsynced(), \
             Disk.open_chain(src_path, src_be.name if src_be else None, flags, src_config) as src:
+        for f in src_filters or ():
+            src.add_filter(f)
         top = len(src) - 1 if src_top is None else src_top
         if top < 0:
             top += len(src)
@@ -437,28 +442,35 @@ def copy_image(src_path: str, dst_path: str, dst_format: str | Backend, *,
         readers = None
         if all(img.backend.caps & Cap.FILE for img in src.images) and READERS > 1:
             top_backend = src.top.backend
-            readers = Readers(lambda: Disk.open_chain(src_path, top_backend.name, flags,
-                                                       src_config))
+            readers = Readers(lambda: _with_filters(
+                Disk.open_chain(src_path, top_backend.name, flags, src_config), src_filters))
         try:
             if not file_target:
                 if levels > 1:
                     raise NotSupported(f"{dst_backend.name}: a chain cannot be copied onto a "
                                        "device")
                 _copy_to_device(src, top, dst_path, dst_backend, dst_config, size, copy_len, prog,
-                                keep_uuid, readers)
+                                keep_uuid, readers, dst_filters)
                 return [dst_path]
             return _copy_to_files(src, top, dst_path, dst_backend, variant, dst_config, sizes,
                                   lengths, prog, keep_uuid, levels, overwrite, allow_unsafe_paths,
-                                  readers)
+                                  readers, dst_filters)
         finally:
             if readers is not None:
                 readers.close()
 
 
+def _with_filters(d: Disk, filters) -> Disk:
+    for f in filters or ():
+        d.add_filter(f)
+    return d
+
+
 def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, keep_uuid,
-                    readers=None):
+                    readers=None, filters=None):
     with Disk() as t:
         t.open(dst_path, backend, OpenFlags.NORMAL, config)
+        _with_filters(t, filters)
         if t.size < size:
             raise InvalidArgument(f"{dst_path}: the target holds {t.size} bytes, too small for "
                                   f"{size} bytes")
@@ -475,7 +487,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
 
 
 def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths, prog, keep_uuid,
-                   levels, overwrite, allow_unsafe, readers=None):
+                   levels, overwrite, allow_unsafe, readers=None, filters=None):
     finals = (chain_target_names(dst_path, [src.image(lv).location for lv in range(levels)])
               if levels > 1 else [dst_path])
     src_files = {_real(f) for img in src.images for f in img.files()}
@@ -488,6 +500,11 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
     try:
         t = Disk()
         try:
+            unit = max([f.data_unit for f in filters or ()], default=1)
+            if any(size % unit for size in sizes):
+                raise InvalidArgument(f"{dst_path}: a filtered disk's size must be a multiple "
+                                      f"of {unit} bytes, found {sizes[-1]}")
+            _with_filters(t, filters)
             created: list[str] = []
             done = 0
             for lv in range(levels):

@@ -99,5 +99,10 @@ def read_window(d: Disk, off: int, n: int, top: int, level: int | None):
     """A window's bytes: straight from the chain member that holds all of it when known (saves
     the chain walk and two copies), else through the chain."""
     if level is not None:
-        return d.images[level].read(off, n)
+        data = d.images[level].read(off, n)
+        if d.filters:
+            buf = bytearray(data)
+            d.decode(off, memoryview(buf))
+            return buf
+        return data
     return d.read(off, n, top=top)
