@@ -313,6 +313,30 @@ def cmd_create(args) -> int:
     return 0
 
 
+def _media_sources(args) -> list[str]:
+    out = [p for d in args.from_dirs for p in vd.folder_contents(d)]
+    return out + list(args.add)
+
+
+def cmd_create_floppy(args) -> int:
+    prog = TtyProgress("create-floppy")
+    try:
+        vd.create_floppy(args.image, args.size, label=args.label,
+                         sources=_media_sources(args), progress=prog)
+    finally:
+        prog.close()
+    return 0
+
+
+def cmd_create_iso(args) -> int:
+    prog = TtyProgress("create-iso")
+    try:
+        vd.create_iso(args.image, _media_sources(args), label=args.label, progress=prog)
+    finally:
+        prog.close()
+    return 0
+
+
 def cmd_convert(args) -> int:
     dst_be = vd.get_backend(args.output_format)
     src_be = _backend_for(args.src, args.format)
@@ -769,6 +793,8 @@ COMMANDS = {       # cli_parser's commands -> what runs them
     "info": cmd_info,
     "backends": cmd_backends,
     "create": cmd_create,
+    "create-floppy": cmd_create_floppy,
+    "create-iso": cmd_create_iso,
     "convert": cmd_convert,
     "compare": cmd_compare,
     "merge": cmd_merge,

@@ -79,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     props(p)
     p.add_argument("image")
 
+    def media_sources(p, what):
+        p.add_argument("--from", dest="from_dirs", action="append", default=[], metavar="DIR",
+                       help=f"put the contents of DIR at the root of the {what} (repeatable)")
+        p.add_argument("--add", action="append", default=[], metavar="PATH",
+                       help=f"put the file or folder PATH at the root of the {what} under its "
+                            "own name (repeatable)")
+
+    p = sub.add_parser("create-floppy", parents=[common],
+                       help="create a formatted FAT12 floppy image, optionally filled")
+    p.add_argument("--size", default="1.44M",
+                   help="1.44M (default), 720K, 2.88M, 1.2M or 360K")
+    p.add_argument("--label", help="volume label (up to 11 characters)")
+    media_sources(p, "floppy")
+    p.add_argument("image")
+
+    p = sub.add_parser("create-iso", parents=[common],
+                       help="create an ISO9660 image (Joliet, Rock Ridge) from files and folders")
+    p.add_argument("--label", help="volume label (up to 32 characters, stored upper case)")
+    media_sources(p, "disc")
+    p.add_argument("image")
+
     p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
     p.add_argument("-f", "--format", help="source format (probed when absent)")
     force_share(p)

@@ -69,6 +69,15 @@ from .inside import (
     open_volume,
     safe_extract_parts,
 )
+from .media import (
+    DEFAULT_FLOPPY,
+    FLOPPY_FORMATS,
+    FloppyFormat,
+    create_floppy,
+    create_iso,
+    floppy_format,
+    folder_contents,
+)
 from .ops.compact import compact
 from .ops.compare import CompareResult, compare, compare_disks
 from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
@@ -99,6 +108,8 @@ _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
 
 # the public API, named (the lazy names of the library included)
 __all__ = [
+    "DEFAULT_FLOPPY",
+    "FLOPPY_FORMATS",
     "Alloc",
     "AmbiguousFormat",
     "AuthenticationError",
@@ -123,6 +134,7 @@ __all__ = [
     "FilterBackend",
     "FilterCap",
     "FilterUse",
+    "FloppyFormat",
     "Geometry",
     "Image",
     "ImageChanged",
@@ -179,6 +191,8 @@ __all__ = [
     "compare",
     "compare_disks",
     "copy_image",
+    "create_floppy",
+    "create_iso",
     "data_dir",
     "describe_effects",
     "describe_size",
@@ -187,6 +201,8 @@ __all__ = [
     "extract_trees",
     "filters",
     "find_keystore",
+    "floppy_format",
+    "folder_contents",
     "format_size",
     "get_backend",
     "get_filter",
