@@ -119,7 +119,9 @@ class VhdBackend(Backend):
                 best = max(best, 100 if ok and t in TYPE_NAMES else 85)
         return best
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(
+        self, location: str, flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None
+    ) -> VhdImage:
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)
         try:
@@ -128,7 +130,7 @@ class VhdBackend(Backend):
             f.close()
             raise
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> VhdImage:
         fixed = bool(p.flags & ImageFlags.FIXED)
         diff = p.parent is not None
         if fixed and diff:

@@ -9,12 +9,11 @@ import os
 import uuid as uuidlib
 
 from ...align import ceil_div
-from ...backend import ImageFlags, OpenFlags
+from ...backend import Backend, ImageFlags, OpenFlags
 from ...errors import InvalidArgument, NotSupported, require_text
-from ...fileimage import FileImage
 from ...fileio import ImageFile, relative_name
 from ...geometry import Geometry
-from ...image import Alloc, ParentHint, Problem, ProblemCode
+from ...image import Alloc, FillFn, Image, ParentHint, Problem, ProblemCode
 from ...runs import RunList
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
 from ...tables import BlockTable, read_table
@@ -55,19 +54,24 @@ from .layout import (
 from .maintenance import MaintenanceMixin
 
 
-class VhdImage(MaintenanceMixin, FileImage):
+class VhdImage(MaintenanceMixin):
     """One opened VHD file (fixed, dynamic or differencing)."""
 
     def __init__(
-        self, backend, location: str, f: ImageFile, read_only: bool, flags=OpenFlags.NORMAL
-    ):
+        self,
+        backend: Backend,
+        location: str,
+        f: ImageFile,
+        read_only: bool,
+        flags: OpenFlags = OpenFlags.NORMAL,
+    ) -> None:
         super().__init__(backend, location, f, read_only)
         self.honor_zeroes = False
         self.open_flags = flags
-        self.size_rounded_from: int | None = None
-        self._problems: list[Problem] = []  # found while opening, reported by check()
-        self._bitmaps: dict[int, bytearray] = {}
-        self._bad: dict[int, str] = {}
+        self.size_rounded_from = None
+        self._problems = []  # found while opening, reported by check()
+        self._bitmaps = {}
+        self._bad = {}
         self._alloc_cache = None
         self.header = None
         self.bat = array.array("I")
@@ -320,8 +324,8 @@ class VhdImage(MaintenanceMixin, FileImage):
         return loc.data_offset, loc.data_offset + _round(max(loc.data_length, 1))
 
     def _parse_parent(self, hdr, fsize: int) -> None:
-        self.locators: list[tuple[str, str]] = []
-        self._bad_locators: set[int] = set()  # indexes repair clears (PARENT_LOCATOR)
+        self.locators = []
+        self._bad_locators = set()  # indexes repair clears (PARENT_LOCATOR)
         for i, loc in enumerate(hdr.locators):
             code = bytes(loc.code)
             if code == b"\x00\x00\x00\x00":
@@ -376,7 +380,7 @@ class VhdImage(MaintenanceMixin, FileImage):
                 "block allocation table",
             ),
         ]
-        for i, loc in enumerate(self.header.locators):
+        for i, loc in enumerate(self.dyn_header.locators):
             if (
                 bytes(loc.code) != b"\x00\x00\x00\x00"
                 and loc.data_length
@@ -391,8 +395,8 @@ class VhdImage(MaintenanceMixin, FileImage):
         """Validate BAT entries: inside the file, clear of metadata and of each other."""
         self._bad = {}
         self.write_refusal = None
-        self._bad_code: dict[int, str] = {}
-        self._intersects_footer: list[int] = []
+        self._bad_code = {}
+        self._intersects_footer = []
         meta = self._meta_regions()
         used_end = max(e for _s, e, _n in meta)
         footer_at = fsize - end_len
@@ -462,11 +466,11 @@ class VhdImage(MaintenanceMixin, FileImage):
             d["size_rounded_from"] = self.size_rounded_from
         if not self.is_fixed:
             d["block_size"] = self.block_size
-            d["bat_entries"] = self.header.max_table_entries
+            d["bat_entries"] = self.dyn_header.max_table_entries
             d["allocated_blocks"] = sum(1 for e in self.bat if e != FREE)
         if self.disk_type == TYPE_DIFF:
             d["parent_name"] = self.parent_name
-            d["parent_timestamp"] = _iso(self.header.parent_timestamp)
+            d["parent_timestamp"] = _iso(self.dyn_header.parent_timestamp)
             d["parent_locators"] = [f"{c}:{t}" for c, t in self.locators]
         if self._problems:
             d["problems"] = [p.what for p in self._problems]
@@ -494,10 +498,10 @@ class VhdImage(MaintenanceMixin, FileImage):
             self._bitmaps[idx] = bm
         return bm
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         if self.is_fixed:
             return self._fixed_status(offset, length)
-        runs = RunList()
+        runs: RunList[Alloc] = RunList()
         add = runs.add
         end = offset + length
         bs = self.block_size
@@ -505,7 +509,8 @@ class VhdImage(MaintenanceMixin, FileImage):
         pos = offset
         while pos < end:
             idx, inner = divmod(pos, bs)
-            if self.bat[idx] == FREE:  # skip to the next allocated block at once
+            start = self._block_start(idx)
+            if start is None:  # skip to the next allocated block at once
                 k = bisect.bisect_left(allocated, idx)
                 nxt = allocated[k] * bs if k < len(allocated) else end
                 stop = min(max(nxt, pos + 1), end)
@@ -513,7 +518,6 @@ class VhdImage(MaintenanceMixin, FileImage):
                 pos = stop
                 continue
             n = min(bs - inner, end - pos)
-            start = self._block_start(idx)
             bm = self._bitmap(idx, start)
             first = inner // SECTOR
             cnt = ceil_div(n, SECTOR)
@@ -533,12 +537,12 @@ class VhdImage(MaintenanceMixin, FileImage):
             )
         return self._alloc_cache[1]
 
-    def _fixed_status(self, offset, length):
+    def _fixed_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         """Holes of a sparse fixed disk read as unallocated (so copies stay sparse)."""
         raw = self.f.data_runs(offset, length)
         if raw is None:
             return [(offset, length, Alloc.DATA)]
-        runs = RunList()
+        runs: RunList[Alloc] = RunList()
 
         def add(a, b, st):
             runs.add(a, b - a, st)
@@ -556,7 +560,7 @@ class VhdImage(MaintenanceMixin, FileImage):
                 add(a, b, Alloc.DATA)
         return runs.runs or [(offset, length, Alloc.DATA)]
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         if self.is_fixed:
             data = self.f.pread(offset, length)
             return data + bytes(length - len(data)) if len(data) < length else data
@@ -580,7 +584,7 @@ class VhdImage(MaintenanceMixin, FileImage):
                 )
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self.require_writable()
         self._refuse_cross_linked()
         if self.is_fixed:
@@ -661,27 +665,28 @@ class VhdImage(MaintenanceMixin, FileImage):
     def _store_header(self) -> None:
         """Write the dynamic header (checksum recomputed). Replaces ``self.header`` with the
         parsed result: do not keep references to its locators across this call."""
-        raw = _with_checksum(DYN_HEADER.build(self.header), HEADER_CHECKSUM_AT)
+        raw = _with_checksum(DYN_HEADER.build(self.dyn_header), HEADER_CHECKSUM_AT)
         self.header = DYN_HEADER.parse(raw)
         self.f.pwrite(self.header_offset, raw)
 
     # -- metadata setters -----------------------------------------------------------------------
-    def set_uuid(self, value):
+    def set_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self.footer.unique_id = value.bytes_le
         self._store_footer()
         self.uuid = value
 
-    def set_parent_uuid(self, value):
+    def set_parent_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         if self.disk_type != TYPE_DIFF:
             self._no_field("a parent UUID (not a differencing disk)")
-        self.header.parent_uuid = value.bytes_le
+        self.dyn_header.parent_uuid = value.bytes_le
         self._store_header()
         self.parent_uuid = value
-        self.parent_hint.uuid = value
+        if self.parent_hint is not None:  # set on every differencing disk
+            self.parent_hint.uuid = value
 
-    def set_pchs(self, value):
+    def set_pchs(self, value: Geometry) -> None:
         self.require_writable()
         c, h, s = value
         if not (0 < c <= 65535 and 0 < h <= 255 and 0 < s <= 255):
@@ -716,11 +721,11 @@ class VhdImage(MaintenanceMixin, FileImage):
         self.used_end = max(self.used_end, pos + need)
         return pos, need
 
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self.require_writable()
         if self.is_fixed:
             raise NotSupported(f"{self.location}: a fixed VHD cannot have a parent")
-        hdr = self.header
+        hdr = self.dyn_header
         empty = dict(code=b"\x00" * 4, data_space=0, data_length=0, reserved=0, data_offset=0)
         if parent is None:
             # footer first: a dynamic disk ignores the parent fields, so a crash in between
@@ -775,7 +780,7 @@ class VhdImage(MaintenanceMixin, FileImage):
             self.disk_type = TYPE_DIFF
             self.flags = ImageFlags.DIFF
         self.size, self.size_source = self._decide_size(self.footer)
-        self._parse_parent(self.header, max(self.fsize, self.f.size()))
+        self._parse_parent(self.dyn_header, max(self.fsize, self.f.size()))
         self._rescan()
 
     def _rescan(self) -> None:

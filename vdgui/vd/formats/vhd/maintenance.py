@@ -6,8 +6,8 @@ from ...align import ceil_div
 from ...compaction import holes_between, move_blocks, plan_moves
 from ...errors import InvalidArgument, NotSupported
 from ...geometry import Geometry, vhd_chs
-from ...image import CheckReport, Problem, ProblemCode
-from ...progress import Progress
+from ...image import CheckReport, FillFn, Problem, ProblemCode
+from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero
 from .fields import _round, bitmap_runs, fixed_geometry, round_size_to_chs
@@ -23,9 +23,10 @@ from .layout import (
     TYPE_DIFF,
     TYPE_FIXED,
 )
+from .state import VhdState
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(VhdState):
     """Resize, compact and check of a :class:`.image.VhdImage`."""
 
     # -- RESIZE ---------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ class MaintenanceMixin:
             return new_size, fixed_geometry(new_size)
         return round_size_to_chs(new_size)
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size <= 0 or new_size % SECTOR:
             raise InvalidArgument(f"{self.location}: new size must be a positive multiple of 512, "
@@ -113,7 +114,7 @@ class MaintenanceMixin:
             ):
                 self._move_block(i, _round(max(self.footer_offset, table_end)))
         for li in range(8):
-            loc = self.header.locators[li]  # fresh: _store_header replaces the header
+            loc = self.dyn_header.locators[li]  # fresh: _store_header replaces the header
             if bytes(loc.code) == b"\x00\x00\x00\x00" or not loc.data_length:
                 continue
             if (
@@ -134,8 +135,8 @@ class MaintenanceMixin:
         # the new table entries (free), then the header's entry count
         self.f.pwrite(self.bat_offset + old * 4, b"\xff" * (_round(need * 4) - old * 4))
         self.bat.extend([FREE] * (need - old))
-        if self.header.max_table_entries < need:
-            self.header.max_table_entries = need
+        if self.dyn_header.max_table_entries < need:
+            self.dyn_header.max_table_entries = need
             self._store_header()
         self.n_blocks = need
 
@@ -155,7 +156,9 @@ class MaintenanceMixin:
         self._bitmaps.pop(idx, None)
 
     # -- COMPACT --------------------------------------------------------------------------------
-    def compact(self, progress=None, parent_read=None):
+    def compact(
+        self, progress: ProgressCallback | None = None, parent_read: FillFn | None = None
+    ) -> None:
         self.require_writable()
         if self.is_fixed:
             raise NotSupported(f"{self.location}: a fixed VHD cannot be compacted")
@@ -172,7 +175,7 @@ class MaintenanceMixin:
         self._pack(prog)
         prog.finish()
 
-    def _block_is_redundant(self, idx: int, parent_read) -> bool:
+    def _block_is_redundant(self, idx: int, parent_read: FillFn | None) -> bool:
         start = self.bat[idx] * SECTOR
         bm = self._bitmap(idx, start)
         vstart = idx * self.block_size
@@ -225,7 +228,7 @@ class MaintenanceMixin:
         fixed_meta = [(a, b) for a, b, n in self._meta_regions() if not n.startswith("parent")]
         floor = max([b for _a, b in fixed_meta] + block_ends)
         for li in range(8):
-            loc = self.header.locators[li]  # fresh: _store_header replaces the header
+            loc = self.dyn_header.locators[li]  # fresh: _store_header replaces the header
             regs = {n: (a, b) for a, b, n in self._meta_regions()}
             if f"parent locator {li}" not in regs:
                 continue
@@ -257,7 +260,9 @@ class MaintenanceMixin:
         self._rescan()
 
     # -- CHECK / REPAIR -------------------------------------------------------------------------
-    def check(self, repair=False, dry_run=False, progress=None):
+    def check(
+        self, repair: bool = False, dry_run: bool = False, progress: ProgressCallback | None = None
+    ) -> CheckReport:
         """VirtualBox's vhdRepair checks: footer (backup copy, checksum), dynamic header checksum,
         BAT entries past the end, over metadata or over each other, blocks running into the
         footer; plus parent locators outside the file and unreferenced space (leaks).
@@ -300,7 +305,7 @@ class MaintenanceMixin:
                 self._set_bat(idx, FREE)
                 self._bitmaps.pop(idx, None)
             if header_fix:
-                for i, loc in enumerate(self.header.locators):
+                for i, loc in enumerate(self.dyn_header.locators):
                     if i in bad_locators:
                         loc.code, loc.data_space, loc.data_length, loc.data_offset = (
                             b"\0" * 4,
@@ -324,7 +329,7 @@ class MaintenanceMixin:
                     self._pack()
                 still = {off for off, _n, _w in self._find_leaks()}
                 if self.disk_type == TYPE_DIFF:
-                    self._parse_parent(self.header, self.f.size())
+                    self._parse_parent(self.dyn_header, self.f.size())
             for p in rep.problems:
                 p.repaired = not (p.severity == "leak" and p.offset in still)
             rep.repaired = True

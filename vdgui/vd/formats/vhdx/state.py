@@ -36,8 +36,8 @@ class VhdxState(FileImage):
     bat_count: int
     cr: int                                 # chunk ratio
     payload_blocks: int
-    _bat: array | None                      # None until first needed (INFO opens skip it)
-    bat: array
+    _bat: array[int] | None                 # None until first needed (INFO opens skip it)
+    bat: array[int]
     _sb_cache: dict[int, bytearray]         # chunk -> its sector bitmap block
     _fresh: dict[int, tuple[int, int]]      # see VhdxImage.__init__
     _data_guid_updated: bool
