@@ -6,6 +6,7 @@ Modelled on VirtualBox's QCOW backend (caps FILE|VFS|CREATE_DYNAMIC|DIFF|ASYNC, 
 Split by concern, as qemu splits qcow2.c / qcow2-cluster.c / qcow2-refcount.c:
 
     layout       on-disk structures (construct) and constants
+    state        Qcow2State: what the mixins below share (attributes, cross-mixin methods)
     header       header, extensions, snapshot table, feature bits, info
     clusters     L1/L2 tables: mapping, reading, writing, discarding
     refcount     refcount table and blocks, cluster allocation

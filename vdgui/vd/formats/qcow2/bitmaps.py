@@ -8,9 +8,10 @@ from ...align import ceil_div
 from ...image import Problem, ProblemCode
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, be_array
+from .state import Qcow2State, RefCounter, TrackedBitmap
 
 
-def _set_bit_range(buf, base_byte: int, lo: int, hi: int) -> None:
+def _set_bit_range(buf: bytearray, base_byte: int, lo: int, hi: int) -> None:
     """Set bits lo..hi (inclusive; bit 0 = LSB of byte 0) in ``buf``, which starts at byte
     ``base_byte`` of the bitmap cluster."""
     a, z = lo >> 3, hi >> 3
@@ -23,7 +24,7 @@ def _set_bit_range(buf, base_byte: int, lo: int, hi: int) -> None:
         buf[a + 1 - base_byte:z - base_byte] = b"\xff" * (z - a - 1)
 
 
-class BitmapsMixin:
+class BitmapsMixin(Qcow2State):
     """Persistent dirty bitmaps: kept, updated or dropped."""
 
     def _before_first_write(self) -> None:
@@ -31,11 +32,11 @@ class BitmapsMixin:
         bitmaps (autoclear bit 0) are kept and updated on every write when they are well formed;
         otherwise they are removed cleanly (extension dropped, clusters freed: no leaks)."""
         self._first_write_done = True
-        self._tracked: list[dict] = []
+        self._tracked = []
         if self.version < 3:
             return
         if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
-            tracked = self._maintainable_bitmaps()
+            tracked = self._maintainable_bitmaps(self.bitmaps_ext)
             if tracked is not None:
                 self._tracked = tracked
                 keep = L.AUTOCLEAR_DATA_FILE_RAW | L.AUTOCLEAR_BITMAPS
@@ -47,9 +48,9 @@ class BitmapsMixin:
             self._drop_bitmaps()
 
     def _drop_bitmaps(self) -> None:
-        ranges: list = []
+        ranges: list[tuple[int, int]] = []
         if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
-            def collect(off, length, what):
+            def collect(off: int, length: int, what: str) -> bool:
                 ranges.append((off, length))
                 return True
             self._count_bitmaps(collect, [])
@@ -65,17 +66,17 @@ class BitmapsMixin:
         else:
             self._write_feature_bits()
 
-    def _maintainable_bitmaps(self) -> list[dict] | None:
-        """The enabled ('auto') bitmaps to update on writes, or None when some bitmap cannot be
-        kept consistent (unknown type/flags, foreign extra data, wrong table size...)."""
-        ext = self.bitmaps_ext
+    def _maintainable_bitmaps(self, ext: dict[str, int]) -> list[TrackedBitmap] | None:
+        """The enabled ('auto') bitmaps of the bitmaps extension ``ext`` to update on writes, or
+        None when some bitmap cannot be kept consistent (unknown type/flags, foreign extra data,
+        wrong table size...)."""
         cs = self.cs
         d_off, d_size = ext["bitmap_directory_offset"], ext["bitmap_directory_size"]
         if d_size > (64 << 20) or d_off % cs or d_off + d_size > self.fsize:
             return None
         data = self.f.pread(d_off, d_size)
         pos = 0
-        tracked = []
+        tracked: list[TrackedBitmap] = []
         for _ in range(ext["nb_bitmaps"]):
             if pos + 24 > len(data):
                 return None
@@ -134,7 +135,7 @@ class BitmapsMixin:
                         self.f.pwrite(bm["table_offset"] + 8 * t, BE_U64.pack(new))
                 t += 1
 
-    def _count_bitmaps(self, add, problems) -> None:
+    def _count_bitmaps(self, add: RefCounter, problems: list[Problem]) -> None:
         ext = self.bitmaps_ext
         if not ext or not self.autoclear & L.AUTOCLEAR_BITMAPS:
             return

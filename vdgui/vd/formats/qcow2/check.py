@@ -9,12 +9,17 @@ from array import array
 from ...align import ceil_div
 from ...errors import CorruptImage, NotSupported, VDError
 from ...image import CheckReport, Problem, ProblemCode
-from ...progress import Progress
+from ...progress import Progress, ProgressCallback
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
+from .state import Qcow2State
+
+# a flag repair: ("l1", index, value), ("l2", L2 table offset, index, entry) or
+# ("l2bm", L2 table offset, index, subcluster bitmap)
+_Fix = tuple[str, int, int] | tuple[str, int, int, int]
 
 
-class CheckMixin:
+class CheckMixin(Qcow2State):
     """Check and repair."""
 
     _xlinks_checked = False
@@ -46,8 +51,8 @@ class CheckMixin:
         self._refuse_cross_linked()
 
     # ------------------------------------------------------------------ check / repair
-    def _count_refs(self, problems: list, progress: Progress | None = None,
-                    include_rt: bool = True):
+    def _count_refs(self, problems: list[Problem], progress: Progress | None = None,
+                    include_rt: bool = True) -> tuple[array[int], list[_Fix]]:
         """Walk all metadata; return (refcount array indexed by cluster, fix list).
 
         ``fix`` lists (kind, where, value) for flag repairs: ("l1", index, value) or
@@ -56,7 +61,7 @@ class CheckMixin:
         self.fsize = self.f.size()
         nclusters = max(self.next_cluster, ceil_div(self.fsize, cs))
         counts = array("I", [0]) * (nclusters + 1)
-        fixes: list = []
+        fixes: list[_Fix] = []
         file_clusters = ceil_div(self.fsize, cs)
 
         def add(off: int, length: int, what: str) -> bool:
@@ -163,8 +168,8 @@ class CheckMixin:
                 progress.poll()
         return counts, fixes
 
-    def _check_subclusters(self, off: int, tbl, active: bool, data_file: bool, problems: list,
-                           fixes: list) -> None:
+    def _check_subclusters(self, off: int, tbl: array[int], active: bool, data_file: bool,
+                           problems: list[Problem], fixes: list[_Fix]) -> None:
         """Extended L2 subcluster bitmaps (what reading refuses, as qemu does): no subcluster
         both allocated and zero, no allocated subcluster without a host cluster. Repair keeps
         the data: a subcluster marked both stays allocated (its zero bit is cleared); allocation
@@ -193,13 +198,13 @@ class CheckMixin:
             if active:
                 fixes.append(("l2bm", off, j, new))
 
-    def _stored_problems(self, counts, problems: list) -> bool:
+    def _stored_problems(self, counts: array[int], problems: list[Problem]) -> bool:
         """Compare computed refcounts with the stored ones; True when a rebuild is needed."""
         cs = self.cs
         rt = self._load_rt()
         bad_structure = False
         n = len(counts)
-        refblocks = {}
+        refblocks: dict[int, int] = {}
         for rti in range(len(rt)):
             off = rt[rti] & L.REFT_OFFSET_MASK
             if rt[rti] & L.REFT_RESERVED_MASK:
@@ -244,7 +249,8 @@ class CheckMixin:
                     self._orphans.append((self.location, c * cs, min(cs, self.fsize - c * cs)))
         return bad_structure
 
-    def _copied_problems(self, problems: list, counts, fixes: list) -> None:
+    def _copied_problems(self, problems: list[Problem], counts: array[int],
+                         fixes: list[_Fix]) -> None:
         """OFLAG_COPIED must be set exactly when the (stored) refcount is 1, as qemu checks."""
         cs = self.cs
 
@@ -283,13 +289,14 @@ class CheckMixin:
                     fixes.append(("l2", off, j, (e & ~(L.OFLAG_COPIED | L.L2E_STD_RESERVED_MASK))
                                   | (L.OFLAG_COPIED if want else 0)))
 
-    def check(self, repair=False, dry_run=False, progress=None):
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         if repair and not dry_run:
             self.require_writable()
         prog = Progress(progress, max(len(self.l1), 1))
         prog.start()
-        problems: list = []
-        self._orphans: list = []
+        problems: list[Problem] = []
+        self._orphans = []
         counts, fixes = self._count_refs(problems, prog)
         self._stored_problems(counts, problems)
         self._copied_problems(problems, counts, fixes)
@@ -300,7 +307,7 @@ class CheckMixin:
             self._apply_fixes(fixes)
             counts, _ = self._count_refs([], include_rt=False)
             self._rebuild_refcounts(counts)
-            after: list = []
+            after: list[Problem] = []
             counts, fixes2 = self._count_refs(after)
             self._stored_problems(counts, after)
             self._copied_problems(after, counts, fixes2)
@@ -322,27 +329,25 @@ class CheckMixin:
         prog.finish()
         return report
 
-    def _apply_fixes(self, fixes: list) -> None:
+    def _apply_fixes(self, fixes: list[_Fix]) -> None:
         for fix in fixes:
-            if fix[0] == "l1":
-                _, i, value = fix
-                self._set_l1(i, value)
-            elif fix[0] == "l2bm":
-                _, off, j, bm = fix
-                self.f.pwrite(off + 16 * j + 8, BE_U64.pack(bm))
-            else:
-                _, off, j, e = fix
-                if self.extended_l2:
-                    self.f.pwrite(off + 16 * j, BE_U64.pack(e))
-                    if e == 0:
-                        self.f.pwrite(off + 16 * j + 8, BE_U64.pack(0))
-                else:
-                    self.f.pwrite(off + 8 * j, BE_U64.pack(e))
+            match fix:
+                case ("l1", i, value):
+                    self._set_l1(i, value)
+                case ("l2bm", off, j, bm):
+                    self.f.pwrite(off + 16 * j + 8, BE_U64.pack(bm))
+                case (_, off, j, e):            # "l2"
+                    if self.extended_l2:
+                        self.f.pwrite(off + 16 * j, BE_U64.pack(e))
+                        if e == 0:
+                            self.f.pwrite(off + 16 * j + 8, BE_U64.pack(0))
+                    else:
+                        self.f.pwrite(off + 8 * j, BE_U64.pack(e))
         if fixes:
             self._l2_cache.clear()
             self._l2_cache_bytes = 0
 
-    def _rebuild_refcounts(self, counts) -> None:
+    def _rebuild_refcounts(self, counts: array[int]) -> None:
         """Write a new refcount table and blocks (at the end of the file) matching ``counts``
         (which excludes the refcount structures), then switch the header to them."""
         cs, per_block = self.cs, self.rb_entries

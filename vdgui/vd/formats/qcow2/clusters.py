@@ -11,22 +11,23 @@ from array import array
 from ...align import ceil_div
 from ...errors import InvalidArgument, NotSupported
 from ...fileio import ImageFile
-from ...image import Alloc
+from ...image import Alloc, FillFn
 from ...runs import RunList
 from ...sparse import is_zero, zeroes
 from ...tables import table_from_bytes, table_to_bytes
 from . import layout as L
+from .state import Bytes, Qcow2State
 
 BE_U64 = struct.Struct(">Q")
 
 _SKIPS = ((64, bytes(8 * 64)), (8, bytes(8 * 8)))   # L2 entries tested together for "all zero"
 
 
-def be_array(data) -> array:
+def be_array(data: Bytes) -> array[int]:
     return table_from_bytes(data, "Q", big_endian=True)
 
 
-def array_be_bytes(a: array) -> bytes:
+def array_be_bytes(a: array[int]) -> bytes:
     return table_to_bytes(a, big_endian=True)
 
 
@@ -77,7 +78,7 @@ def _subcluster_mask(s0: int, s1: int) -> int:
 class _Segment:
     __slots__ = ("host", "kind", "n", "pos")
 
-    def __init__(self, pos, n, kind, host):
+    def __init__(self, pos: int, n: int, kind: int, host: int) -> None:
         self.pos, self.n, self.kind, self.host = pos, n, kind, host
 
 
@@ -90,11 +91,11 @@ _KIND_ALLOC = {
 }
 
 
-class ClustersMixin:
+class ClustersMixin(Qcow2State):
     """Mapping guest clusters to host clusters through the L1 and L2 tables."""
 
     # ------------------------------------------------------------------ tables
-    def _load_l2(self, off: int, where: str) -> array:
+    def _load_l2(self, off: int, where: str) -> array[int]:
         tbl = self._l2_cache.get(off)
         if tbl is not None:
             self._l2_cache.move_to_end(off)
@@ -121,7 +122,7 @@ class ClustersMixin:
             self._l2_cache_bytes -= self.cs
         return tbl
 
-    def _l2_of(self, l1_index: int) -> tuple[array | None, int]:
+    def _l2_of(self, l1_index: int) -> tuple[array[int] | None, int]:
         if l1_index >= len(self.l1):
             return None, 0
         off = self.l1[l1_index] & L.L1E_OFFSET_MASK
@@ -239,7 +240,7 @@ class ClustersMixin:
         cs, cb = self.cs, self.cb
         out: list[_Segment] = []
 
-        def add(pos, n, kind, host):
+        def add(pos: int, n: int, kind: int, host: int) -> None:
             if out:
                 last = out[-1]
                 if (
@@ -358,8 +359,8 @@ class ClustersMixin:
         return out
 
     # ------------------------------------------------------------------ reading
-    def block_status(self, offset, length):
-        runs = RunList()
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        runs: RunList[Alloc] = RunList()
         for s in self._segments(offset, length):
             runs.add(s.pos, s.n, _KIND_ALLOC[s.kind])
         return runs.runs
@@ -389,7 +390,7 @@ class ClustersMixin:
             data += bytes(n - len(data))  # a raw data file shorter than the disk reads zeroes
         return data
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         segs = self._segments(offset, length)
         if len(segs) == 1 and segs[0].kind == K_DATA:
             return self._read_host(segs[0].host, length, offset)  # one run: no copy
@@ -414,7 +415,7 @@ class ClustersMixin:
                 mv[a : a + s.n] = out[inner : inner + s.n]
         return bytes(buf)
 
-    def _l2_for_write(self, l1i: int) -> tuple[array, int]:
+    def _l2_for_write(self, l1i: int) -> tuple[array[int], int]:
         """The L2 table of L1 index ``l1i``, allocated or copied so that it can be modified."""
         l1e = self.l1[l1i]
         old = l1e & L.L1E_OFFSET_MASK
@@ -442,7 +443,7 @@ class ClustersMixin:
         self.l1[l1i] = value
         self.f.pwrite(self.l1_offset + 8 * l1i, BE_U64.pack(value))
 
-    def _set_l2(self, tbl: array, l2off: int, l2i: int, e: int, bm: int = 0) -> None:
+    def _set_l2(self, tbl: array[int], l2off: int, l2i: int, e: int, bm: int = 0) -> None:
         if self.extended_l2:
             tbl[2 * l2i] = e
             tbl[2 * l2i + 1] = bm
@@ -454,7 +455,7 @@ class ClustersMixin:
     def _cluster_len(self, ci: int) -> int:
         return min(self.cs, self.size - ci * self.cs)
 
-    def _own_view(self, start: int, n: int, fill) -> bytearray:
+    def _own_view(self, start: int, n: int, fill: FillFn) -> bytearray:
         """This image's content of [start, start+n), unallocated parts from ``fill``."""
         buf = bytearray(n)
         mv = memoryview(buf)
@@ -470,7 +471,7 @@ class ClustersMixin:
                 mv[a : a + len(got)] = got
         return buf
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self._check_write()
         self._check_cross_links()
         self._mark_dirty(offset, len(data))
@@ -491,7 +492,7 @@ class ClustersMixin:
             self._write_cluster(ci, inner, mv[pos - offset : pos - offset + n], fill)
             pos += n
 
-    def _write_new_run(self, ci: int, mv, most: int) -> int:
+    def _write_new_run(self, ci: int, mv: memoryview, most: int) -> int:
         """Whole clusters ci, ci+1, ... that this image does not hold yet and that are not all
         zero, within one L2 table: allocated together, written with one write each for the
         data, the refcounts and the L2 entries (in that order, so a crash only leaks). Returns
@@ -516,7 +517,7 @@ class ClustersMixin:
         self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i : l2i + k]))
         return k
 
-    def _write_cluster(self, ci: int, inner: int, chunk, fill) -> None:
+    def _write_cluster(self, ci: int, inner: int, chunk: Bytes, fill: FillFn) -> None:
         cs = self.cs
         clen = self._cluster_len(ci)
         l1i, l2i = divmod(ci, self.l2_entries)
@@ -596,7 +597,7 @@ class ClustersMixin:
         if compressed or host:
             self._unref_entry(e)
 
-    def _write_compressed(self, tbl, l2off, l2i, content) -> bool:
+    def _write_compressed(self, tbl: array[int], l2off: int, l2i: int, content: bytearray) -> bool:
         """Store one whole cluster compressed (as ``qemu-img convert -c`` does): deflate (or
         zstd) data packed byte-wise after the previous compressed cluster; every host cluster it
         touches gets one more reference. False when it would not save space."""
@@ -607,8 +608,8 @@ class ClustersMixin:
 
                 out = zstandard.ZstdCompressor().compress(bytes(content))
             else:
-                c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
-                out = c.compress(bytes(content)) + c.flush()
+                z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+                out = z.compress(bytes(content)) + z.flush()
         except ImportError:
             return False
         need = len(out)
@@ -643,7 +644,8 @@ class ClustersMixin:
         self._set_l2(tbl, l2off, l2i, L.OFLAG_COMPRESSED | (nsec << x) | coff)
         return True
 
-    def _write_subclusters(self, tbl, l2off, l2i, ci, host, e, bm, inner, chunk, fill) -> None:
+    def _write_subclusters(self, tbl: array[int], l2off: int, l2i: int, ci: int, host: int,
+                           e: int, bm: int, inner: int, chunk: Bytes, fill: FillFn) -> None:
         cs, scs = self.cs, self.sc_size
         clen = self._cluster_len(ci)
         s0 = inner // scs
@@ -673,7 +675,7 @@ class ClustersMixin:
         self._set_l2(tbl, l2off, l2i, host | L.OFLAG_COPIED, (zero << 32) | alloc)
 
     # ------------------------------------------------------------------ discard
-    def discard(self, offset, length, fill=None):
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         self._check_write()
         self._check_cross_links()
         self._mark_dirty(offset, length)
@@ -683,7 +685,7 @@ class ClustersMixin:
         finally:
             self._punch_batched()
 
-    def _discard(self, offset, length):
+    def _discard(self, offset: int, length: int) -> None:
         cs = self.cs
         end = offset + length
         pos = offset

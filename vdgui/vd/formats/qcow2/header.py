@@ -14,6 +14,7 @@ from ...fileio import ImageFile, resolve_stored_name
 from ...image import ParentHint
 from . import layout as L
 from .clusters import be_array
+from .state import Qcow2State
 
 
 def qcow2_max_size(cs: int) -> int:
@@ -27,7 +28,7 @@ def limit_reason(cs: int) -> str:
             "more, up to 64 PiB)")
 
 
-class HeaderMixin:
+class HeaderMixin(Qcow2State):
     """Header, extensions, snapshots and feature bits of a :class:`.image.Qcow2Image`."""
 
     def _parse_header(self) -> None:
@@ -67,7 +68,7 @@ class HeaderMixin:
             self.header_length = L.V2_HEADER_SIZE
         self.header_raw = bytearray(f.read_exact(0, self.header_length, "qcow2 header"))
         unknown = self.incompat & ~L.INCOMPAT_KNOWN
-        self._read_extensions(h)
+        self._read_extensions(h.backing_file_offset)
         if unknown:
             names = [
                 self.feature_names.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1
@@ -253,12 +254,12 @@ class HeaderMixin:
             )
         self.next_cluster = ceil_div(self.fsize, cs)
 
-    def _read_extensions(self, h) -> None:
+    def _read_extensions(self, backing_offset: int) -> None:
         cs = self.cs
-        end = h.backing_file_offset if h.backing_file_offset and h.backing_file_offset <= cs else cs
+        end = backing_offset if backing_offset and backing_offset <= cs else cs
         end = min(end, self.fsize)
-        self.extensions: list[tuple[int, bytes]] = []  # (type, data) in order, except END
-        self.feature_names: dict[tuple[int, int], str] = {}
+        self.extensions = []  # (type, data) in order, except END
+        self.feature_names = {}
         self.backing_format = None
         pos = self.header_length
         seen = set()
@@ -383,15 +384,15 @@ class HeaderMixin:
         self.data_f = ImageFile(path, writable=False)
         self.extra_files.append(self.data_f)
 
-    def _feature_list(self, bits: int, kind: int, names: dict) -> list[str]:
+    def _feature_list(self, bits: int, kind: int, names: dict[int, str]) -> list[str]:
         return [
             self.feature_names.get((kind, b)) or names.get(b, f"bit {b}")
             for b in range(64)
             if bits >> b & 1
         ]
 
-    def info(self) -> dict:
-        d = {
+    def info(self) -> dict[str, object]:
+        d: dict[str, object] = {
             "qcow_version": self.version,
             "compat": "0.10" if self.version == 2 else "1.1",
             "cluster_size": self.cs,

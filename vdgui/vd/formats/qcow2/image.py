@@ -3,7 +3,6 @@ the QCOW2 backend (probe, open, create)."""
 from __future__ import annotations
 
 import struct
-from array import array
 from collections import OrderedDict
 
 from ...align import ceil_div
@@ -20,7 +19,6 @@ from ...backend import (
 )
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
-from ...fileimage import FileImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
 from . import layout as L
@@ -34,32 +32,32 @@ from .v1 import QcowV1Image
 
 
 class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
-                 MaintenanceMixin, CheckMixin, FileImage):
-    """One opened qcow2 (version 2 or 3) image."""
-
-    L2_CACHE_BYTES = 32 << 20
+                 MaintenanceMixin, CheckMixin):
+    """One opened qcow2 (version 2 or 3) image (its state declared in :mod:`.state`)."""
 
     @property
     def max_size(self) -> int:
         return qcow2_max_size(self.cs)
 
-    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags,
-                 snapshot: str | None = None):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags,
+                 snapshot: str | None = None) -> None:
         super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
-        self.snapshot_view: dict | None = None
+        self.snapshot_view = None
         self._first_write_done = False
+        self._tracked = []
         self.compress_writes = False            # set by create(Compress=1): convert -c
-        self._cfree: int | None = None          # next free byte for packed compressed data
-        self.data_f: ImageFile | None = None
-        self.data_file_name: str | None = None
-        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._cfree = None
+        self.data_f = None
+        self.data_file_name = None
+        self._l2_cache = OrderedDict()
         self._l2_cache_bytes = 0
-        self._rb_cache: dict[int, bytearray] = {}
-        self.rt: array | None = None
-        self.snapshots: list[dict] = []
-        self.bitmaps_ext: dict | None = None
-        self.write_blocked: str | None = None
+        self._rb_cache = {}
+        self._punch_batch = None
+        self.rt = None
+        self.snapshots = []
+        self.bitmaps_ext = None
+        self.write_blocked = None
         self.honor_zeroes = False
         self._parse_header()
         if snapshot:
@@ -90,7 +88,7 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         self.snapshot_view = snap
 
     # ------------------------------------------------------------------ identity / info
-    def files(self):
+    def files(self) -> list[str]:
         out = [self.location]
         if self.data_f is not None:
             out.append(self.data_f.path)
@@ -158,11 +156,11 @@ class Qcow2Backend(Backend):
     size_granularity = 512
     can_shrink = True
 
-    def max_size_for(self, config=None):
-        return qcow2_max_size(self.config_value(config, "ClusterSize"))
+    def max_size_for(self, config: dict | None = None) -> int:
+        return qcow2_max_size(self.config_int(config, "ClusterSize"))
 
-    def limit_reason(self, config=None):
-        return limit_reason(self.config_value(config, "ClusterSize"))
+    def limit_reason(self, config: dict | None = None) -> str:
+        return limit_reason(self.config_int(config, "ClusterSize"))
 
     def probe(self, src: ProbeInput) -> int:
         if len(src.head) >= 8 and src.head[:4] == L.MAGIC:
@@ -172,7 +170,8 @@ class Qcow2Backend(Backend):
             return 60
         return 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> Image:
         cfg = parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)
@@ -191,7 +190,7 @@ class Qcow2Backend(Backend):
             f.close()
             raise
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> Qcow2Image:
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
         cs = cfg["ClusterSize"]
         compat = str(cfg["Compat"]).strip()
@@ -209,9 +208,11 @@ class Qcow2Backend(Backend):
         if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
             raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, limit_reason(cs))
         backing = fmt = None
+        hint = None
         if p.parent is not None:
             backing = relative_name(p.location, p.parent.location)
             fmt = p.parent.backend.qemu_format
+            hint = ParentHint(locations=[backing], format=p.parent.backend.name)
         order = rbits.bit_length() - 1
         hlen = 112 if version == 3 else 72
         hdr = bytearray(L.Qcow2HeaderV2.build(dict(
@@ -251,8 +252,7 @@ class Qcow2Backend(Backend):
         except BaseException:
             f.abandon()
             raise
-        img.parent_hint = None if backing is None else ParentHint(
-            locations=[backing], format=p.parent.backend.name)
+        img.parent_hint = hint
         img.compress_writes = bool(cfg["Compress"])
         if p.progress:
             p.progress(p.size, p.size)

@@ -5,26 +5,33 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Sequence
 
 from ...align import ceil_div
 from ...backend import ImageFlags, too_large
-from ...compaction import move_blocks, plan_moves
+from ...compaction import Move, move_blocks, plan_moves
 from ...errors import InvalidArgument
 from ...fileio import relative_name
-from ...image import ParentHint
-from ...progress import Progress
+from ...image import FillFn, Image, ParentHint
+from ...progress import Progress, ProgressCallback
 from ...sparse import is_zero, zeroes
 from ...tables import BlockTable
 from . import layout as L
 from .clusters import L2E_MASK, array_be_bytes
 from .header import limit_reason
+from .state import Qcow2State
+
+# who refers to a movable cluster: ("l1", L1 index) for an L2 table, ("l2", L1 index, L2
+# index) for a data cluster, ("comp", ((L1 index, L2 index), ...)) for compressed clusters
+_Owner = tuple[str, int] | tuple[str, int, int] | tuple[str, tuple[tuple[int, int], ...]]
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(Qcow2State):
     """Compact, resize and relink."""
 
     # ------------------------------------------------------------------ compact
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Drop clusters that read as zeroes (no backing file) or as the parent reads
         (``parent_read``), then move clusters from the end of the file into the holes and
         truncate. Clusters shared with internal snapshots are left alone."""
@@ -86,8 +93,8 @@ class MaintenanceMixin:
         end = ceil_div(self.fsize, cs)
         # who refers to each movable cluster; tables are named by their L1 index, so that an
         # entry is written into its table wherever that table moved
-        owner: dict[int, tuple] = {}
-        comp: dict[int, list] = {}
+        owner: dict[int, _Owner] = {}
+        comp: dict[int, list[tuple[int, int]]] = {}
         pinned: set[int] = set()
         for i, l1e in enumerate(self.l1):
             off = l1e & L.L1E_OFFSET_MASK
@@ -116,7 +123,7 @@ class MaintenanceMixin:
         holes: list[list[int]] = []
         for c in range(1, end):
             if self.refcount(c) == 0 and \
-                    self._refblock(c // self.rb_entries, create=False) is not None:
+                    self._refblock(c // self.rb_entries) is not None:
                 if holes and holes[-1][1] == c * cs:
                     holes[-1][1] += cs
                 else:
@@ -125,7 +132,7 @@ class MaintenanceMixin:
         moves = plan_moves(blocks, holes, cs)
         done = [0]
 
-        def advance(_n):
+        def advance(_n: int) -> None:
             done[0] += 1
             prog.set(base + base * done[0] // max(len(moves), 1))
 
@@ -135,7 +142,7 @@ class MaintenanceMixin:
             if self.refcount(c) == 0:
                 self.f.punch_hole(c * cs, cs)
 
-    def _repoint_clusters(self, moves) -> None:
+    def _repoint_clusters(self, moves: Sequence[Move[_Owner]]) -> None:
         """Name the new places of moved clusters: refcounts of the new places first (sync),
         then the L1 entries of moved tables, then the L2 entries (written into each table at
         its new place), sync, then the old places' refcounts drop to zero."""
@@ -145,11 +152,12 @@ class MaintenanceMixin:
         self.f.sync()
         l1 = BlockTable(self.f, self.l1_offset, self.l1, big_endian=True)
         for m in moves:
-            if m.key[0] == "l1":
-                tbl = self._l2_cache.pop(m.src, None)
-                if tbl is not None:
-                    self._l2_cache[m.dst] = tbl
-                l1[m.key[1]] = m.dst | L.OFLAG_COPIED
+            match m.key:
+                case ("l1", int(i)):
+                    tbl = self._l2_cache.pop(m.src, None)
+                    if tbl is not None:
+                        self._l2_cache[m.dst] = tbl
+                    l1[i] = m.dst | L.OFLAG_COPIED
         l1.write_back()
         tables: dict[int, BlockTable] = {}
 
@@ -164,16 +172,17 @@ class MaintenanceMixin:
         step = 2 if self.extended_l2 else 1
         x = 62 - (self.cb - 8)
         for m in moves:
-            if m.key[0] == "l2":
-                t = table(m.key[1])
-                k = m.key[2] * step
-                t[k] = (t[k] & ~L2E_MASK) | m.dst
-            elif m.key[0] == "comp":
-                for i, j in m.key[1]:
+            match m.key:
+                case ("l2", int(i), int(j)):
                     t = table(i)
-                    e = t[j * step]
-                    coff = e & ((1 << x) - 1)
-                    t[j * step] = (e & ~((1 << x) - 1)) | (m.dst + coff - m.src)
+                    k = j * step
+                    t[k] = (t[k] & ~L2E_MASK) | m.dst
+                case ("comp", tuple(refs)):
+                    for i, j in refs:
+                        t = table(i)
+                        e = t[j * step]
+                        coff = e & ((1 << x) - 1)
+                        t[j * step] = (e & ~((1 << x) - 1)) | (m.dst + coff - m.src)
         for t in tables.values():
             t.write_back()
         self.f.sync()
@@ -181,12 +190,12 @@ class MaintenanceMixin:
             self._set_refcount(m.src // cs, 0)
 
     # ------------------------------------------------------------------ resize
-    def resizes_in_place(self, new_size):
+    def resizes_in_place(self, new_size: int) -> bool:
         # growing: a new L1 table is written to new clusters and named in the header before
         # the size is (a larger L1 is valid); the old one is freed last (a crash only leaks)
-        return new_size > self.size and not getattr(self, "_tracked", None) and not self.bitmaps_ext
+        return new_size > self.size and not self._tracked and not self.bitmaps_ext
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self._check_write()
         if self._tracked or (self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS):
             self._drop_bitmaps()             # bitmaps describe the old size: remove them cleanly
@@ -279,19 +288,18 @@ class MaintenanceMixin:
         return last
 
     # ------------------------------------------------------------------ relink
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self._check_write()
-        if parent is None:
-            name, fmt = None, None
-        else:
+        name = fmt = hint = None
+        if parent is not None:
             name = relative_name(self.location, parent.location)
             fmt = parent.backend.qemu_format
+            hint = ParentHint(locations=[name], format=parent.backend.name)
         self._write_header_area(name, fmt)
         self.backing_file = name
         self.backing_format = fmt
-        if name is None:
-            self.parent_hint = None
+        self.parent_hint = hint
+        if hint is None:
             self.flags &= ~ImageFlags.DIFF
         else:
-            self.parent_hint = ParentHint(locations=[name], format=parent.backend.name)
             self.flags |= ImageFlags.DIFF

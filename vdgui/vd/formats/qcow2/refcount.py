@@ -10,9 +10,10 @@ from ...align import align_up
 from ...errors import CorruptImage, NotSupported
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
+from .state import Bytes, Qcow2State
 
 
-def rc_get(blk, idx: int, bits: int) -> int:
+def rc_get(blk: Bytes, idx: int, bits: int) -> int:
     """Entry ``idx`` of a refcount block of ``bits``-bit entries (sub-byte: LSB first)."""
     if bits == 16:
         return blk[2 * idx] << 8 | blk[2 * idx + 1]
@@ -23,7 +24,7 @@ def rc_get(blk, idx: int, bits: int) -> int:
     return int.from_bytes(blk[idx * w:idx * w + w], "big")
 
 
-def rc_set(blk, idx: int, value: int, bits: int) -> tuple[int, int]:
+def rc_set(blk: bytearray, idx: int, value: int, bits: int) -> tuple[int, int]:
     """Set entry ``idx``; returns the (byte offset, length) changed."""
     if bits < 8:
         bitpos = idx * bits
@@ -36,17 +37,18 @@ def rc_set(blk, idx: int, value: int, bits: int) -> tuple[int, int]:
     return idx * w, w
 
 
-class RefcountsMixin:
+class RefcountsMixin(Qcow2State):
     """Refcount lookups and updates, cluster allocation and release."""
 
     # ------------------------------------------------------------------ refcounts
-    def _load_rt(self) -> array:
+    def _load_rt(self) -> array[int]:
         if self.rt is None:
             self.rt = be_array(self.f.read_exact(self.rt_offset, self.rt_clusters * self.cs,
                                                   "refcount table"))
         return self.rt
 
-    def _refblock(self, rti: int, create: bool) -> bytearray | None:
+    def _refblock(self, rti: int) -> bytearray | None:
+        """Refcount block ``rti`` (cached), None when the table has none."""
         blk = self._rb_cache.get(rti)
         if blk is not None:
             return blk
@@ -59,14 +61,17 @@ class RefcountsMixin:
             blk = bytearray(self.f.read_exact(off, self.cs, "refcount block"))
             self._rb_cache[rti] = blk
             return blk
-        if not create:
-            return None
-        return self._new_refblock(rti)
+        return None
 
-    def _rc_get_in(self, blk, idx: int) -> int:
+    def _refblock_for_write(self, rti: int) -> bytearray:
+        """Refcount block ``rti``, made when the table has none."""
+        blk = self._refblock(rti)
+        return blk if blk is not None else self._new_refblock(rti)
+
+    def _rc_get_in(self, blk: bytearray, idx: int) -> int:
         return rc_get(blk, idx, self.refcount_bits)
 
-    def _rc_set_in(self, blk, idx: int, value: int) -> tuple[int, int]:
+    def _rc_set_in(self, blk: bytearray, idx: int, value: int) -> tuple[int, int]:
         if value < 0 or value >> self.refcount_bits:
             raise CorruptImage(f"refcount {value} does not fit in {self.refcount_bits} bits",
                                path=self.location)
@@ -74,14 +79,14 @@ class RefcountsMixin:
 
     def refcount(self, ci: int) -> int:
         rti, idx = divmod(ci, self.rb_entries)
-        blk = self._refblock(rti, create=False)
+        blk = self._refblock(rti)
         return 0 if blk is None else self._rc_get_in(blk, idx)
 
     def _set_refcount(self, ci: int, value: int) -> None:
         rti, idx = divmod(ci, self.rb_entries)
-        blk = self._refblock(rti, create=True)
+        blk = self._refblock_for_write(rti)
         b, n = self._rc_set_in(blk, idx, value)
-        off = self.rt[rti] & L.REFT_OFFSET_MASK
+        off = self._load_rt()[rti] & L.REFT_OFFSET_MASK
         self.f.pwrite(off + b, blk[b:b + n])
 
     def _take(self, n: int, grow: bool = True) -> int:
@@ -100,11 +105,12 @@ class RefcountsMixin:
         rt = self._load_rt()
         if rti >= len(rt):
             self._grow_rt(rti)
-            rt = self.rt
-            if rt[rti]:
-                # growing the table counted its own new clusters, which may have made this
-                # very refcount block: use it (a second one would drop those refcounts)
-                return self._refblock(rti, create=False)
+            rt = self._load_rt()
+            # growing the table counted its own new clusters, which may have made this very
+            # refcount block: use it (a second one would drop those refcounts)
+            made = self._refblock(rti)
+            if made is not None:
+                return made
         ci = self._take(1)
         blk = bytearray(self.cs)
         own = ci // self.rb_entries == rti
@@ -148,7 +154,7 @@ class RefcountsMixin:
             if rc:
                 self._set_refcount(c, rc - 1)
 
-    def _alloc(self, n: int = 1, data=None) -> int:
+    def _alloc(self, n: int = 1, data: Bytes | None = None) -> int:
         """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset.
         ``data`` (exactly ``n`` clusters) is written there before the refcounts are set (a crash
         in between leaves unreferenced space: nothing reads it, nothing leaks)."""
@@ -171,13 +177,13 @@ class RefcountsMixin:
         while ci < end:
             rti, idx = divmod(ci, self.rb_entries)
             k = min(end - ci, self.rb_entries - idx)
-            blk = self._refblock(rti, create=True)
-            lo, hi = None, 0
+            blk = self._refblock_for_write(rti)
+            lo, hi = self.cs, 0
             for i in range(idx, idx + k):
                 b, m = self._rc_set_in(blk, i, value)
-                lo = b if lo is None else min(lo, b)
+                lo = min(lo, b)
                 hi = max(hi, b + m)
-            off = self.rt[rti] & L.REFT_OFFSET_MASK
+            off = self._load_rt()[rti] & L.REFT_OFFSET_MASK
             self.f.pwrite(off + lo, blk[lo:hi])
             ci += k
 
@@ -189,7 +195,7 @@ class RefcountsMixin:
             if rc:
                 self._set_refcount(c, rc - 1)
                 if rc == 1 and punch:
-                    batch = getattr(self, "_punch_batch", None)
+                    batch = self._punch_batch
                     if batch is None:
                         self.f.punch_hole(c * self.cs, self.cs)
                     elif batch and batch[-1][1] == c:
@@ -200,7 +206,7 @@ class RefcountsMixin:
     def _punch_batched(self) -> None:
         """Punch the clusters a discard freed, adjacent ones in one call (one call per
         cluster made a discard of gigabytes take minutes)."""
-        batch, self._punch_batch = getattr(self, "_punch_batch", None), None
+        batch, self._punch_batch = self._punch_batch, None
         for a, b in batch or ():
             self.f.punch_hole(a * self.cs, (b - a) * self.cs)
 

@@ -6,7 +6,7 @@ from array import array
 from collections import OrderedDict
 
 from ...align import ceil_div
-from ...backend import ImageFlags, OpenFlags
+from ...backend import Backend, ImageFlags, OpenFlags
 from ...errors import CorruptImage, NotSupported, ParentMismatch
 from ...fileio import ImageFile
 from ...image import Alloc, Image, ParentHint
@@ -17,7 +17,15 @@ from .clusters import DecompressError, be_array, inflate
 class QcowV1Image(Image):
     """QCOW version 1 (qemu block/qcow.c layout), read-only."""
 
-    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+    f: ImageFile
+    fsize: int
+    cb: int                 # cluster bits
+    cs: int                 # cluster size
+    l2_bits: int            # log2 of the entries per L2 table
+    l1: array[int]
+    backing_file: str | None
+
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags) -> None:
         super().__init__(backend, location, True)
         self.f = f
         self.fsize = f.size()
@@ -44,9 +52,10 @@ class QcowV1Image(Image):
         if l1_size * 8 > L.MAX_L1_BYTES:
             raise CorruptImage("L1 table too large", path=location, field="size", offset=24,
                                expected="an L1 table of at most 32 MiB", found=h.size)
-        self.l1 = be_array(f.read_exact(h.l1_table_offset, l1_size * 8, "L1 table")) \
-            if l1_size else array("Q")
-        self._l2: OrderedDict[int, array] = OrderedDict()
+        self.l1 = array("Q")
+        if l1_size:
+            self.l1 = be_array(f.read_exact(h.l1_table_offset, l1_size * 8, "L1 table"))
+        self._l2: OrderedDict[int, array[int]] = OrderedDict()  # LRU of L2 tables
         self.backing_file = None
         if h.backing_file_offset:
             if h.backing_file_size > L.MAX_BACKING_NAME:
@@ -58,13 +67,13 @@ class QcowV1Image(Image):
             self.parent_hint = ParentHint(locations=[self.backing_file])
             self.flags = ImageFlags.DIFF
 
-    def info(self):
-        d = {"qcow_version": 1, "cluster_size": self.cs, "l2_bits": self.l2_bits}
+    def info(self) -> dict[str, object]:
+        d: dict[str, object] = {"qcow_version": 1, "cluster_size": self.cs, "l2_bits": self.l2_bits}
         if self.backing_file:
             d["backing_file"] = self.backing_file
         return d
 
-    def check_parent_link(self, parent):
+    def check_parent_link(self, parent: Image) -> None:
         if self.backing_file and os.path.basename(self.backing_file) != os.path.basename(
             parent.location
         ):
@@ -96,14 +105,14 @@ class QcowV1Image(Image):
                 self._l2.popitem(last=False)
         return tbl[l2i]
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         from ...sparse import block_runs
 
         return block_runs(
             offset, length, self.cs, lambda ci: Alloc.DATA if self._entry(ci) else Alloc.UNALLOCATED
         )
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         pos = offset
         end = offset + length
@@ -140,5 +149,5 @@ class QcowV1Image(Image):
             pos += n
         return bytes(buf)
 
-    def close(self):
+    def close(self) -> None:
         self.f.close()
