@@ -8,6 +8,7 @@ block bitmaps are handled as arrays in :mod:`.image`.
 from __future__ import annotations
 
 from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
+from construct import Container as Container  # a parsed structure, for annotations
 
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------

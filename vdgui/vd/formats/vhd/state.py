@@ -5,13 +5,12 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING
 
-from construct import Container
-
 from ...backend import OpenFlags
 from ...errors import NotSupported
 from ...fileimage import FileImage
 from ...fileio import ImageFile
 from ...image import Problem
+from .layout import Container
 
 
 class VhdState(FileImage):

@@ -7,6 +7,7 @@ import struct
 import uuid as uuidlib
 
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
+from construct import Container as Container  # a parsed structure, for annotations
 
 from ...align import ceil_div
 from ...crc32c import crc32c

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from construct import Container
-
 from ...align import align_up
 from ...errors import CorruptImage
 from ...sparse import zeroes
@@ -15,6 +13,7 @@ from .layout import (
     MAX_FILE,
     MAX_LOG,
     REGION_OFFSETS,
+    Container,
     DataDescriptor,
     DataSector,
     LogEntryHeader,

@@ -6,11 +6,10 @@ import uuid as uuidlib
 from array import array
 from typing import TYPE_CHECKING
 
-from construct import Container
-
 from ...backend import OpenFlags
 from ...fileimage import FileImage
 from ...fileio import ImageFile
+from .layout import Container
 
 
 class VhdxState(FileImage):
