@@ -290,6 +290,13 @@ class Image:
         for backends that must copy the rest of a partly discarded block."""
         raise NotSupported(f"{self.location}: discard is not supported for {self.format}")
 
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards (part of DISCARD, optional): move the blocks lying above holes of the
+        file down into them, in place, in compaction.move_blocks' crash-safe order, and shrink
+        the file. Reads no guest data (no zero scan, no verification read). False: the format
+        has no such step here (the caller may compact instead)."""
+        return False
+
     def flush(self) -> None:
         pass
 

@@ -541,6 +541,12 @@ def sparsify(
     return _in_place(path, backend.name, progress)
 
 
+def _holes(files: list[str]) -> bool:
+    """The files hold more than 16 MiB (2 %) of holes below their end."""
+    length = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+    return length - _allocated(files) > max(16 << 20, length // 50)
+
+
 def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> SparsifyReport:
     from .compact import compact
 
@@ -562,7 +568,7 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
         for s, e in targets:
             pos = s
             while pos < e:
-                n = min(CHUNK, e - pos)
+                n = min(CHUNK - pos % CHUNK, e - pos)  # whole blocks stay whole
                 if can_discard:
                     disk.discard(pos, n)
                 elif child:
@@ -573,11 +579,15 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
                 prog.set(work.at(pos))
         disk.flush()
         files = top.files()
-    # compacting closes what discard left: blocks of written zeroes, or holes inside the file
-    # (a format whose discard already closed them is not rewritten again)
-    length = sum(os.path.getsize(f) for f in files if os.path.exists(f))
-    holes = length - _allocated(files) > max(16 << 20, length // 50)
-    if can_compact and targets and (not can_discard or holes):
+        # what discard left as holes inside the file: the format closes them in place when it
+        # can (only the blocks above the holes move; nothing is read to be judged)
+        closed = False
+        if can_discard and targets and _holes(files):
+            closed = top.close_holes(sub_progress(prog, work.total, work.total))
+            disk.flush()
+    # otherwise compacting closes them (through a verified copy): blocks of written zeroes, or
+    # holes inside the file
+    if can_compact and targets and not closed and (not can_discard or _holes(files)):
         compact(path, format=backend.name, progress=sub_progress(prog, work.total, work.total))
     prog.finish()
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:

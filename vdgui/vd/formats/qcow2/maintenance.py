@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ...align import ceil_div
 from ...backend import ImageFlags, too_large
@@ -79,11 +79,30 @@ class MaintenanceMixin(Qcow2State):
             elif is_zero(view):
                 self._replace_entry(ci, e, 0, 0)
         if not self.nb_snapshots and not self.bitmaps_ext:
-            self._close_holes(prog, nclu)
+            self._close_holes(lambda d, t: prog.set(nclu + nclu * d // max(t, 1)))
         self.f.sync()
         prog.finish()
 
-    def _close_holes(self, prog: Progress, base: int) -> None:
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: clusters above the holes move down into them, in place, and the file
+        is truncated (no content is read to judge it). Not with internal snapshots or
+        persistent bitmaps (compact leaves those alone too)."""
+        self._check_write()
+        if self.nb_snapshots or self.bitmaps_ext:
+            return False
+        progs: list[Progress] = []
+
+        def moved(done: int, total: int) -> None:
+            if not progs:
+                progs.append(Progress(progress, total))
+            progs[0].set(done)
+
+        self._close_holes(moved)
+        self.f.sync()
+        (progs or [Progress(progress, 1)])[0].finish()
+        return True
+
+    def _close_holes(self, moved: Callable[[int, int], None] | None = None) -> None:
         """Move clusters from the end of the file into free clusters (refcount 0, refcount
         block present) and truncate. Movable: data clusters and L2 tables with refcount 1, and
         host clusters holding compressed clusters wholly. compaction.move_blocks copies them,
@@ -130,17 +149,24 @@ class MaintenanceMixin(Qcow2State):
                     holes.append([c * cs, (c + 1) * cs])
         blocks = [(c * cs, cs, who) for c, who in owner.items() if c < end]
         moves = plan_moves(blocks, holes, cs)
+        total = sum(m.length for m in moves)
         done = [0]
 
-        def advance(_n: int) -> None:
-            done[0] += 1
-            prog.set(base + base * done[0] // max(len(moves), 1))
+        def advance(n: int) -> None:
+            done[0] += n
+            if moved is not None:
+                moved(done[0], total)
 
         move_blocks(self.f, moves, self._repoint_clusters, advance=advance)
         last = self._cut_free_tail(end)
-        for c in range(1, last):
-            if self.refcount(c) == 0:
-                self.f.punch_hole(c * cs, cs)
+        run = -1                                # free clusters below the end: one call a run
+        for c in range(1, last + 1):
+            free = c < last and self.refcount(c) == 0
+            if free and run < 0:
+                run = c
+            elif not free and run >= 0:
+                self.f.punch_hole(run * cs, (c - run) * cs)
+                run = -1
 
     def _repoint_clusters(self, moves: Sequence[Move[_Owner]]) -> None:
         """Name the new places of moved clusters: refcounts of the new places first (sync),

@@ -605,6 +605,8 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
         returned to the file system; partial blocks are zeroed."""
         self._begin_write()
         self._fresh.clear()
+        entries: dict[int, tuple[int, int]] = {}
+        gone: list[int] = []
         for block, inner, pos, n in split_blocks(offset, length, self.block_size):
             st = self._check_state(block)
             idx = self._bat_index(block)
@@ -614,11 +616,9 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                 new = PAYLOAD_ZERO if self.has_parent else PAYLOAD_UNMAPPED
                 if st == new:
                     continue
-                old = self._block_offset(block) if allocated else 0
-                self._set_entry(idx, new, 0)
-                self.f.sync()                   # the BAT stops naming the block first
-                if old:
-                    self.f.punch_hole(old, self.block_size)
+                if allocated:
+                    gone.append(self._block_offset(block))
+                entries[idx] = (new, 0)
                 continue
             if not allocated and (st in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) or not self.has_parent):
                 continue                        # already reads as zeroes
@@ -639,6 +639,17 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                     st = self._check_state(block)
                     allocated = st in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT)
                 done += k
+        if entries:
+            self._set_entries(entries)
+            self.f.sync()                       # the BAT stops naming the blocks first
+            gone.sort()
+            i = 0
+            while i < len(gone):                # then their space goes, a run per call
+                j = i + 1
+                while j < len(gone) and gone[j] == gone[j - 1] + self.block_size:
+                    j += 1
+                self.f.punch_hole(gone[i], gone[j - 1] + self.block_size - gone[i])
+                i = j
 
 
 # -- the backend --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from ...backend import too_large
 from ...compaction import holes_between, move_blocks, overlapping, plan_moves
 from ...errors import InvalidArgument, NotSupported
 from ...image import CheckReport, FillFn, Problem, ProblemCode
-from ...progress import ProgressCallback
+from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
 from ...tables import table_to_bytes
@@ -197,17 +197,35 @@ class MaintenanceMixin(VhdxState):
             elif is_zero(data):
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
         self.f.sync()
-        # pack: the highest blocks move into the lowest holes past the metadata
-        # (compaction.move_blocks: copies, sync, BAT entries, sync); blocks overlapping the
-        # metadata or each other (check reports such images) stay
+        self._pack()
+        if progress:
+            progress(total + 1, total + 1)
+
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: the blocks above the holes move down into them, in place, and the
+        file is cut after the last block in use (no content is read to judge it)."""
+        self.require_writable()
+        if self.leave_allocated:
+            return False
+        self._fresh.clear()
+        self._pack(progress)
+        return True
+
+    def _pack(self, progress: ProgressCallback | None = None) -> None:
+        """The highest blocks move into the lowest holes past the metadata
+        (compaction.move_blocks: copies, sync, BAT entries, sync); blocks overlapping the
+        metadata or each other (check reports such images) stay. Then the file is cut."""
         used, meta_end = self._in_use()
         blocks = [(off, ln, (idx, st)) for off, ln, idx, st in used]
         stuck = overlapping(blocks)
         movable = [b for b in blocks if b[0] >= meta_end and b[2] not in stuck]
         taken = [(0, meta_end)] + [(off, off + ln) for off, ln, _k in blocks]
         moves = plan_moves(movable, holes_between(taken), MiB)
+        prog = Progress(progress, sum(m.length for m in moves))
+        prog.start()
         move_blocks(self.f, moves,
-                    lambda ms: self._set_entries({m.key[0]: (m.key[1], m.dst) for m in ms}))
+                    lambda ms: self._set_entries({m.key[0]: (m.key[1], m.dst) for m in ms}),
+                    advance=prog.advance)
         gone = {m.src for m in moves}
         target = max([meta_end] + [off + ln for off, ln, _k in blocks if off not in gone] +
                      [m.dst + m.length for m in moves])
@@ -215,8 +233,7 @@ class MaintenanceMixin(VhdxState):
         self.f.truncate(target)
         self.file_len = target
         self.alloc_end = target
-        if progress:
-            progress(total + 1, total + 1)
+        prog.finish()
 
     def check(self, repair: bool = False, dry_run: bool = False,
               progress: ProgressCallback | None = None) -> CheckReport:
