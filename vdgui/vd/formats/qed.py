@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from ..align import align_up, ceil_div
 from ..backend import (
@@ -44,8 +45,17 @@ from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import InvalidArgument, NotSupported
 from ..fileimage import FileImage
 from ..fileio import ImageFile, relative_name
-from ..image import Alloc, CheckReport, ParentHint, Problem, ProblemCode, check_backing_name
-from ..progress import Progress
+from ..image import (
+    Alloc,
+    CheckReport,
+    FillFn,
+    Image,
+    ParentHint,
+    Problem,
+    ProblemCode,
+    check_backing_name,
+)
+from ..progress import Progress, ProgressCallback
 from ..runs import RunList
 from ..sparse import is_zero, zeroes
 from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
@@ -69,11 +79,11 @@ from .qed_layout import (
 )
 
 
-def _le_array(data) -> array:
+def _le_array(data: bytes) -> array[int]:
     return table_from_bytes(data, "Q", big_endian=False)
 
 
-def _array_le_bytes(a: array) -> bytes:
+def _array_le_bytes(a: array[int]) -> bytes:
     return table_to_bytes(a, big_endian=False)
 
 
@@ -88,18 +98,38 @@ def _limit_reason(cs: int, ts: int) -> str:
             "ClusterSize or TableSize allow more)")
 
 
+# a movable unit of the file: ("table", L1 index) for an L2 table, ("data", L1 index, L2 index)
+# for a data cluster
+_Unit = tuple[str, int] | tuple[str, int, int]
+
+
 class QedImage(FileImage):
     L2_CACHE_BYTES = 64 << 20
+
+    f: ImageFile
+    header: dict[str, int]              # the header fields as read (updated on relink)
+    fsize: int
+    cs: int                             # cluster size
+    table_bytes: int
+    entries: int                        # entries per table
+    features: int
+    autoclear: int
+    header_clusters: int
+    l1_offset: int
+    l1: array[int]
+    backing_file: str | None
+    backing_format: str | None
+    end_cluster: int                    # first cluster past the end: where allocation goes
 
     @property
     def max_size(self) -> int:
         return qed_max_size(self.cs, self.table_bytes // self.cs)
 
-    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags) -> None:
         super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self.honor_zeroes = False
-        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_bytes = 0
         self._parse()
         if not self.read_only:
@@ -179,7 +209,8 @@ class QedImage(FileImage):
         return (off % self.cs == 0 and off >= self.header_clusters * self.cs
                 and off < self.fsize)
 
-    def _check_table_offset(self, off, what, field=None, at=None) -> None:
+    def _check_table_offset(self, off: int, what: str, field: str | None = None,
+                            at: int | None = None) -> None:
         if (off % self.cs or off < self.header_clusters * self.cs
                 or off + self.table_bytes > self.fsize):
             raise self._corrupt(f"{what} offset invalid", field=field,
@@ -188,8 +219,8 @@ class QedImage(FileImage):
                                 f"file ({self.fsize} bytes)", found=hex(off))
 
     # ------------------------------------------------------------------ info / identity
-    def info(self):
-        d = {"cluster_size": self.cs, "table_size": self.table_bytes // self.cs,
+    def info(self) -> dict[str, object]:
+        d: dict[str, object] = {"cluster_size": self.cs, "table_size": self.table_bytes // self.cs,
              "header_size": self.header_clusters, "need_check": bool(self.features & F_NEED_CHECK),
              "features": hex(self.features)}
         if self.backing_file is not None:
@@ -197,11 +228,11 @@ class QedImage(FileImage):
             d["backing_format"] = self.backing_format
         return d
 
-    def check_parent_link(self, parent):
+    def check_parent_link(self, parent: Image) -> None:
         check_backing_name(self, self.backing_file, parent)
 
     # ------------------------------------------------------------------ tables
-    def _load_l2(self, off: int, l1i: int) -> array:
+    def _load_l2(self, off: int, l1i: int) -> array[int]:
         tbl = self._l2_cache.get(off)
         if tbl is not None:
             self._l2_cache.move_to_end(off)
@@ -222,10 +253,10 @@ class QedImage(FileImage):
             return 0
         return self._load_l2(off, l1i)[l2i]
 
-    def _segments(self, offset, length):
+    def _segments(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """(pos, n, kind, host): kind 0 unallocated, 1 zero, 2 data."""
         cs = self.cs
-        out = []
+        out: list[tuple[int, int, int, int]] = []
         end = offset + length
         pos = offset
         span = cs * self.entries
@@ -266,14 +297,14 @@ class QedImage(FileImage):
         return out
 
     # ------------------------------------------------------------------ reading
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         m = {0: Alloc.UNALLOCATED, 1: Alloc.ZERO, 2: Alloc.DATA}
-        runs = RunList()
+        runs: RunList[Alloc] = RunList()
         for pos, n, k, _ in self._segments(offset, length):
             runs.add(pos, n, m[k])
         return runs.runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         for pos, n, k, host in self._segments(offset, length):
             if k == 2:
@@ -281,7 +312,7 @@ class QedImage(FileImage):
         return bytes(buf)
 
     # ------------------------------------------------------------------ writing
-    def _write_header_field(self, off: int, fmt: str, value) -> None:
+    def _write_header_field(self, off: int, fmt: str, value: int) -> None:
         self.f.pwrite(off, struct.pack(fmt, value))
 
     def _prepare_write(self) -> None:
@@ -344,7 +375,7 @@ class QedImage(FileImage):
             self.fsize = end
         return off
 
-    def _l2_for_write(self, l1i: int) -> tuple[array, int]:
+    def _l2_for_write(self, l1i: int) -> tuple[array[int], int]:
         off = self.l1[l1i]
         if off:
             return self._load_l2(off, l1i), off
@@ -359,11 +390,11 @@ class QedImage(FileImage):
         self.f.pwrite(self.l1_offset + 8 * l1i, struct.pack("<Q", new))
         return tbl, new
 
-    def _set_l2(self, tbl, l2off, l2i, value) -> None:
+    def _set_l2(self, tbl: array[int], l2off: int, l2i: int, value: int) -> None:
         tbl[l2i] = value
         self.f.pwrite(l2off + 8 * l2i, struct.pack("<Q", value))
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         if not self._xlinks_checked:
             self._find_cross_links()
@@ -379,7 +410,7 @@ class QedImage(FileImage):
             self._write_cluster(ci, inner, mv[pos - offset:pos - offset + n], fill)
             pos += n
 
-    def _write_cluster(self, ci, inner, chunk, fill) -> None:
+    def _write_cluster(self, ci: int, inner: int, chunk: memoryview, fill: FillFn) -> None:
         cs = self.cs
         clen = min(cs, self.size - ci * cs)
         e = self._entry(ci)
@@ -420,7 +451,8 @@ class QedImage(FileImage):
         self._set_need_check(False)         # flush: data and tables synced, then the flag
 
     # ------------------------------------------------------------------ compact
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Drop clusters reading as zeroes (no backing file) or as the parent (``parent_read``),
         then move clusters and tables from the end of the file into the holes and truncate it.
         QED has no refcounts: every cluster left unreferenced would be a leak, so the file is
@@ -467,14 +499,14 @@ class QedImage(FileImage):
         self.flush()
         prog.finish()
 
-    def _units(self) -> tuple[list[tuple[int, int, tuple]], list[tuple[int, int]]]:
+    def _units(self) -> tuple[list[tuple[int, int, _Unit]], list[tuple[int, int]]]:
         """The movable units of the file, ``(offset, length, key)``: L2 tables
         (``("table", l1 index)``) and data clusters (``("data", l1 index, l2 index)``), and
         the fixed ranges (header, L1 table)."""
         cs = self.cs
         fixed = [(0, self.header_clusters * cs),
                  (self.l1_offset, self.l1_offset + self.table_bytes)]
-        units: list[tuple[int, int, tuple]] = []
+        units: list[tuple[int, int, _Unit]] = []
         for i in range(self.entries):
             off = self.l1[i]
             if not off:
@@ -485,25 +517,26 @@ class QedImage(FileImage):
                       if tbl[j] > CLUSTER_ZERO]
         return units, fixed
 
-    def _repoint(self, moves) -> None:
+    def _repoint(self, moves: Sequence[Move[_Unit]]) -> None:
         """Name the new places of moved units: L1 entries of moved tables first, then the data
         entries, written into their tables at the tables' new places."""
         self.fsize = max(self.fsize, self.f.size())
         l1 = BlockTable(self.f, self.l1_offset, self.l1)
-        data: dict[int, list] = {}
+        data: dict[int, list[tuple[int, int]]] = {}  # L1 index: (L2 index, new place)
         for m in moves:
-            if m.key[0] == "table":
-                tbl = self._l2_cache.pop(m.src, None)
-                if tbl is not None:
-                    self._l2_cache[m.dst] = tbl
-                l1[m.key[1]] = m.dst
-            else:
-                data.setdefault(m.key[1], []).append(m)
+            match m.key:
+                case ("table", i):
+                    tbl = self._l2_cache.pop(m.src, None)
+                    if tbl is not None:
+                        self._l2_cache[m.dst] = tbl
+                    l1[i] = m.dst
+                case (_, i, j):
+                    data.setdefault(i, []).append((j, m.dst))
         l1.write_back()
         for i, ms in data.items():
             t = BlockTable(self.f, self.l1[i], self._load_l2(self.l1[i], i))
-            for m in ms:
-                t[m.key[2]] = m.dst
+            for j, dst in ms:
+                t[j] = dst
             t.write_back()
 
     def _pack(self, prog: Progress, base: int) -> None:
@@ -517,7 +550,7 @@ class QedImage(FileImage):
         moves = plan_moves(units, holes_between(used), cs)
         done = [0]
 
-        def advance(_n):
+        def advance(_n: int) -> None:
             done[0] += 1
             prog.set(base + base * done[0] // max(len(moves), 1))
 
@@ -543,14 +576,14 @@ class QedImage(FileImage):
         tclu = self.table_bytes // cs
         l1c = self.l1_offset // cs
         units, _fixed = self._units()       # each table, then the clusters it maps
-        moves = []
+        moves: list[Move[_Unit]] = []
         pos = end * cs
         for off, n, key in units:
             moves.append(Move(key, off, pos, n))
             pos += n
         move_blocks(self.f, moves, self._repoint)
         dst = self.header_clusters
-        down = []
+        down: list[Move[_Unit]] = []
         for m in moves:
             n = m.length // cs
             if dst < l1c + tclu and dst + n > l1c:
@@ -564,7 +597,7 @@ class QedImage(FileImage):
         self.end_cluster = last
 
     # ------------------------------------------------------------------ resize / relink
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, "
@@ -582,7 +615,7 @@ class QedImage(FileImage):
         if progress:
             progress(1, 1)
 
-    def relink_refusal(self, parent):
+    def relink_refusal(self, parent: Image | None) -> str | None:
         if parent is None:
             return None
         n = len(relative_name(self.location, parent.location).encode())
@@ -594,22 +627,20 @@ class QedImage(FileImage):
             return str(exc)
         return None
 
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self.require_writable()
-        if parent is None:
-            name, raw = None, False
-        else:
+        name, raw, hint = None, False, None
+        if parent is not None:
             name = relative_name(self.location, parent.location)
             raw = parent.backend.name.upper() == "RAW"
+            hint = ParentHint(locations=[name], format=parent.backend.name if raw else None)
         self._write_backing(name, raw)
         self.backing_file = name
         self.backing_format = "raw" if raw else None
-        if name is None:
-            self.parent_hint = None
+        self.parent_hint = hint
+        if hint is None:
             self.flags &= ~ImageFlags.DIFF
         else:
-            self.parent_hint = ParentHint(locations=[name],
-                                          format=parent.backend.name if raw else None)
             self.flags |= ImageFlags.DIFF
 
     def _write_backing(self, name: str | None, raw: bool) -> None:
@@ -653,7 +684,8 @@ class QedImage(FileImage):
                               f"file name of {n} bytes beside the current one of {old_n} bytes")
 
     # ------------------------------------------------------------------ check
-    def check(self, repair=False, dry_run=False, progress=None):
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         if repair and not dry_run:
             self.require_writable()
         cs = self.cs
@@ -778,18 +810,19 @@ class QedBackend(Backend):
     size_granularity = 512
     max_size = (4 * 65536 // 8) ** 2 * 65536     # 64 TiB with the default keys
 
-    def max_size_for(self, config=None):
-        return qed_max_size(self.config_value(config, "ClusterSize"),
-                            self.config_value(config, "TableSize"))
+    def max_size_for(self, config: dict | None = None) -> int:
+        return qed_max_size(self.config_int(config, "ClusterSize"),
+                            self.config_int(config, "TableSize"))
 
-    def limit_reason(self, config=None):
-        return _limit_reason(self.config_value(config, "ClusterSize"),
-                             self.config_value(config, "TableSize"))
+    def limit_reason(self, config: dict | None = None) -> str:
+        return _limit_reason(self.config_int(config, "ClusterSize"),
+                             self.config_int(config, "TableSize"))
 
     def probe(self, src: ProbeInput) -> int:
         return 100 if src.head[:4] == MAGIC else 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> Image:
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)
@@ -799,7 +832,7 @@ class QedBackend(Backend):
             f.close()
             raise
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> QedImage:
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
         cs, ts = cfg["ClusterSize"], cfg["TableSize"]
         if ts * cs > MAX_TABLE_BYTES:
