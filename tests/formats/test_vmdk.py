@@ -14,6 +14,7 @@ from vdgui.vd import (
     ConfigError,
     CorruptImage,
     Disk,
+    Geometry,
     ImageFlags,
     ImageNotFound,
     InvalidArgument,
@@ -759,6 +760,24 @@ def test_sparse_extent_listed_twice_refused(tmp_path):
         f.write(text)
     with pytest.raises(CorruptImage, match="more than once"):
         Disk().open(p, flags=OpenFlags.READ_ONLY)
+
+
+def test_stream_being_written_takes_identity_and_geometry(tmp_path):
+    # the new streamOptimized image's descriptor is embedded in its temporary file: setting the
+    # UUID or geometry before close writes it there (it used to fail with an AttributeError)
+    p = str(tmp_path / "s.vmdk")
+    u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    with Disk() as d:
+        img = d.create_base(p, 4 * MiB, "VMDK", flags=ImageFlags.STREAM_OPTIMIZED)
+        img.set_uuid(u)
+        img.set_pchs(Geometry(8, 16, 63))
+        d.write(0, b"\x01" * 65536)
+    with Disk() as d:
+        img = d.open(p, flags=OpenFlags.READ_ONLY)
+        assert img.flags & ImageFlags.STREAM_OPTIMIZED
+        assert img.uuid == u and img.pchs == Geometry(8, 16, 63)
+        assert d.read(0, 65536) == b"\x01" * 65536
+        assert img.check().exit_code == 0
 
 
 def test_compressed_grain_bomb_and_garbage_refused(tmp_path):

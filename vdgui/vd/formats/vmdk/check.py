@@ -10,9 +10,10 @@ from ...progress import Progress
 from .extents import FlatExtent, u32_array, u32_bytes
 from .layout import SECTOR
 from .sparse import SESparseExtent, SparseExtent
+from .state import VmdkState
 
 
-class CheckMixin:
+class CheckMixin(VmdkState):
     """Check and repair of a :class:`.image.VmdkImage`."""
 
     # -- CHECK / REPAIR ----------------------------------------------------------------------
@@ -47,6 +48,7 @@ class CheckMixin:
         """Space after the last referenced structure (a grain written but never linked, e.g.
         after a crash between the data and the table update) is a leak; repair truncates it."""
         size = e.f.size()
+        assert e.header is not None             # only hosted sparse extents are checked here
         end = max(e.header["overhead"] * SECTOR, SECTOR)
         gsz = align_up(e.n_gts * 4, SECTOR)
         for sec in (e.gd_sector, e.rgd_sector):
@@ -149,6 +151,7 @@ class CheckMixin:
                 e._gts.pop(t, None)
                 g, pg.repaired = newg, True
             if fix and pr is not None:          # and the redundant one from the primary
+                assert e.rgd is not None        # pr: the redundant directory exists
                 newr = copy_table(gt) if gt is not None else 0
                 rgt = array.array("I", gt) if gt is not None else None
                 e.rgd[t] = newr
@@ -183,6 +186,7 @@ class CheckMixin:
                     off = g * SECTOR + 4 * i
                     code = ProblemCode.ENTRY_PAST_END
                 elif not bok:
+                    assert r is not None        # b came from the redundant table
                     what = (f"redundant grain table {t} entry {i} (grain {idx}) points past the "
                             f"end of the file or into metadata (sector {b})")
                     off = r * SECTOR + 4 * i
@@ -205,14 +209,15 @@ class CheckMixin:
                         changed_r = True
                 problem(what, off, code, fix,
                         severity="leak" if interrupted and aok and bok else "corrupt")
-            if changed_g:
+            if changed_g and gt is not None:
                 e.f.pwrite(g * SECTOR, u32_bytes(gt))
-            if changed_r:
+            if changed_r and r is not None and rgt is not None:
                 e.f.pwrite(r * SECTOR, u32_bytes(rgt))
             if fix and gt is not None:
                 e._gts[t] = gt
             # grains shared by two entries (cross-linked): repair gives the later one a copy
             final = gt if gt is not None else rgt
+            assert final is not None            # both None was skipped above
             if final.count(0) + final.count(1) == len(final):
                 continue
             for i, v in enumerate(final):

@@ -122,7 +122,7 @@ def create(backend, p: CreateParams):
     if ctype == "streamOptimized":
         return create_stream(backend, p, desc_bytes, sectors)
     finals = [location] if ctype == "monolithicSparse" else \
-        [location] + [os.path.join(folder, e.filename) for e in extents]
+        [location] + [os.path.join(folder, e.filename) for e in extents if e.filename]
     with atomic_files(finals) as temps:
         for i, tmp in enumerate(temps):
             f = ImageFile(tmp, create=True, lock=False)
@@ -211,6 +211,8 @@ def create_stream(backend, p: CreateParams, desc_bytes: bytes, sectors: int):
         img.size = sectors * SECTOR
         img.block_size = DEFAULT_GRAIN * SECTOR
         img._stream_temp = f
+        img.desc_file = f                   # the descriptor is embedded: set_uuid etc. write it
+        img.embedded = (SECTOR, desc_sectors * SECTOR)
         img._files = {}
     except BaseException:
         f.abandon()

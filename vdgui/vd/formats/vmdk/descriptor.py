@@ -61,7 +61,7 @@ class _Line:
     def text(self) -> str:
         if not self.dirty:
             return self.raw
-        if self.kind == "extent":
+        if self.extent is not None:             # the extent lines
             return self.extent.text()
         if self.kind == "ddb":
             return f'{self.key} = "{self.value}"'
@@ -100,11 +100,11 @@ class Descriptor:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
                 # VMware writes the host's code page when 'encoding' names one (e.g. windows-1252)
-                m = _ENCODING_RE.search(data)
+                em = _ENCODING_RE.search(data)
                 try:
-                    if m is None:
+                    if em is None:
                         raise LookupError
-                    encoding = codecs.lookup(m.group(1).decode("ascii")).name
+                    encoding = codecs.lookup(em.group(1).decode("ascii")).name
                     text = data.decode(encoding)
                 except (LookupError, UnicodeDecodeError):
                     raise CorruptImage(f"descriptor is not UTF-8 text (bad byte at {exc.start}) "
@@ -214,12 +214,12 @@ class Descriptor:
     # -- queries ---------------------------------------------------------------------------
     @property
     def extents(self) -> list[ExtentLine]:
-        return [ln.extent for ln in self.lines if ln.kind == "extent"]
+        return [ln.extent for ln in self.lines if ln.extent is not None]
 
     def _find(self, key: str, kind: str) -> _Line | None:
         lk = key.lower()
         for ln in self.lines:
-            if ln.kind == kind and ln.key.lower() == lk:
+            if ln.kind == kind and ln.key is not None and ln.key.lower() == lk:
                 return ln
         return None
 

@@ -58,8 +58,9 @@ class ZeroExtent(Extent):
 
 class FlatExtent(Extent):
     kind = "FLAT"
+    path: str
 
-    def __init__(self, line, vstart, path, f: ImageFile, writable: bool):
+    def __init__(self, line: ExtentLine, vstart: int, path: str, f: ImageFile, writable: bool):
         super().__init__(line, vstart, path)
         self.f = f
         self.base = line.offset * SECTOR

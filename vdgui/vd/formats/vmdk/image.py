@@ -11,12 +11,11 @@ from ...backend import ImageFlags
 from ...errors import CorruptImage, NotSupported, ParentMismatch
 from ...fileio import ImageFile, close_all, relative_name
 from ...geometry import Geometry
-from ...image import Image, ParentHint
+from ...image import ParentHint
 from ...runs import RunList
 from ...tables import first_shared
 from .check import CheckMixin
 from .descriptor import MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, new_cid
-from .extents import Extent
 from .maintenance import MaintenanceMixin
 from .opener import ExtentOpener
 from .sparse import SparseExtent
@@ -37,24 +36,24 @@ def _parse_uuid(desc: Descriptor, key: str) -> uuidlib.UUID | None:
 
 def _geometry(desc: Descriptor, c: str, h: str, s: str) -> Geometry | None:
     vals = [desc.get_int(k) for k in (c, h, s)]
-    if any(v is None for v in vals):
+    cyl, heads, secs = vals
+    if cyl is None or heads is None or secs is None:
         return None
-    if not (0 <= vals[0] <= 1 << 32 and 0 <= vals[1] <= 255 and 0 <= vals[2] <= 255):
+    if not (0 <= cyl <= 1 << 32 and 0 <= heads <= 255 and 0 <= secs <= 255):
         raise CorruptImage(f"descriptor geometry {c}/{h}/{s} out of range", path=desc.path,
                            expected="C<2^32, H<=255, S<=255", found="/".join(map(str, vals)))
-    return Geometry(*vals)
+    return Geometry(cyl, heads, secs)
 
 
-class VmdkImage(MaintenanceMixin, CheckMixin, Image):
+class VmdkImage(MaintenanceMixin, CheckMixin):
     def __init__(self, backend, location, read_only):
         super().__init__(backend, location, read_only)
-        self.desc: Descriptor | None = None
-        self.desc_file: ImageFile | None = None
-        self.embedded: tuple[int, int] | None = None    # (offset, capacity) of the desc area
-        self.extents: list[Extent] = []
-        self._starts: list[int] = []
-        self._files: dict[str, ImageFile] = {}
-        self.extent_paths: list[str | None] = []
+        self.desc_file = None
+        self.embedded = None
+        self.extents = []
+        self._starts = []
+        self._files = {}
+        self.extent_paths = []
         self.cid = NO_PARENT_CID
         self.parent_cid = NO_PARENT_CID
         self.create_type = ""
@@ -62,7 +61,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
         self.allow_unsafe = False
         self._cid_bumped = False
         self._desc_dirty = False
-        self._stream_temp: ImageFile | None = None
+        self._stream_temp = None
         self._closed = False
         self.honor_zeroes = False
         self.opener = ExtentOpener(self)       # makes the extent objects
@@ -268,6 +267,9 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
                     ext.end_update()
 
     def _write_descriptor(self) -> None:
+        f = self.desc_file
+        if f is None:       # every open and create sets it
+            raise NotSupported(f"{self.location}: the descriptor has no file to be written to")
         data = self.desc.to_bytes()
         if self.embedded is not None:
             off, cap = self.embedded
@@ -276,17 +278,17 @@ class VmdkImage(MaintenanceMixin, CheckMixin, Image):
                     f"{self.location}: the descriptor ({len(data)} bytes) no longer "
                     f"fits the embedded descriptor area ({cap} bytes)"
                 )
-            self.desc_file.pwrite(off, data.ljust(cap, b"\0"))
+            f.pwrite(off, data.ljust(cap, b"\0"))
         else:
             if len(data) > MAX_DESCRIPTOR_BYTES:
                 raise NotSupported(f"{self.location}: descriptor would exceed 1 MiB")
             # one write covers the old text whole (a shorter descriptor is padded with blank
             # lines), so a stop before the truncate leaves the new descriptor, never new text
             # followed by the tail of the old one
-            pad = max(0, self.desc_file.size() - len(data))
-            self.desc_file.pwrite(0, data + b"\n" * pad)
-            self.desc_file.truncate(len(data))
-        self.desc_file.sync()
+            pad = max(0, f.size() - len(data))
+            f.pwrite(0, data + b"\n" * pad)
+            f.truncate(len(data))
+        f.sync()
         self._desc_dirty = False
 
     # -- metadata ----------------------------------------------------------------------------

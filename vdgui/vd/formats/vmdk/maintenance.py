@@ -18,10 +18,11 @@ from .descriptor import ExtentLine
 from .extents import Extent, FlatExtent, u32_bytes
 from .layout import MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader
 from .sparse import SparseExtent, write_sparse_extent
+from .state import VmdkState
 from .stream import StreamWriter
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(VmdkState):
     """Resize and compact of a :class:`.image.VmdkImage`."""
 
     # -- RESIZE --------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class ExtentOpener:
         t = line.type
         if t == "ZERO":
             return ZeroExtent(line, vstart, None)
-        if not os.path.exists(path):
+        if path is None or not os.path.exists(path):
             raise ImageNotFound(f"{self.image.location}: extent file {line.filename!r} not found "
                                 f"(looked for {path})")
         f = self.image._file(path, writable)
@@ -123,6 +123,7 @@ class ExtentOpener:
         hard link) make a write through one change the other, and a descriptor repeating one line
         thousands of times multiplies every read: refused, naming both lines. Each file's ranges are
         kept sorted, so a descriptor of n extents costs n log n."""
+        key: tuple[int, int] | str
         try:
             st = os.fstat(f.fd)
             key = (st.st_dev, st.st_ino)

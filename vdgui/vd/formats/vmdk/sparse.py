@@ -13,6 +13,7 @@ from ...image import Alloc
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
 from ...tables import BlockTable, table_from_bytes
+from .descriptor import ExtentLine
 from .extents import Extent, u32_array, u32_bytes, zero_part
 from .layout import (
     DEFAULT_GRAIN,
@@ -37,10 +38,12 @@ class SparseExtent(Extent):
     """A hosted sparse (KDMV) extent, a streamOptimized one, or an ESX COWD one (read-only)."""
     kind = "SPARSE"
     plain_gtes = True       # _gte is the table entry itself (block_status/read walk tables)
+    path: str
 
-    def __init__(self, line, vstart, path, f: ImageFile, writable: bool, *, grain_sectors: int,
-                 gtes: int, gd_sector: int, rgd_sector: int, n_gts: int, capacity: int,
-                 flags: int, header: dict | None, header_offset: int = 0, cowd: bool = False):
+    def __init__(self, line: ExtentLine, vstart: int, path: str, f: ImageFile, writable: bool, *,
+                 grain_sectors: int, gtes: int, gd_sector: int, rgd_sector: int, n_gts: int,
+                 capacity: int, flags: int, header: dict | None, header_offset: int = 0,
+                 cowd: bool = False):
         super().__init__(line, vstart, path)
         self.f = f
         self.grain = grain_sectors * SECTOR
@@ -304,7 +307,7 @@ class SparseExtent(Extent):
 
     def end_update(self) -> None:
         """A clean close: clear the byte this session set (tables synced first)."""
-        if not self._clear_on_close:
+        if not self._clear_on_close or self.header is None:    # set only with a header
             return
         self.f.sync()
         self.header = dict(self.header, unclean_shutdown=0)
