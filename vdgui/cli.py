@@ -238,9 +238,12 @@ def _caps_words(caps) -> list[str]:
 def cmd_backends(args) -> int:
     rows = []
     for b in vd.backends():
+        origin = vd.backend_origin(b)
         rows.append({
             "name": b.name,
             "description": b.description,
+            "origin": {"kind": origin.kind, "distribution": origin.distribution,
+                       "version": origin.version, "entry_point": origin.entry_point},
             "aliases": list(b.aliases),
             "capabilities": _caps_words(b.caps),
             "extensions": [{"ext": fe.ext, "device": fe.device.value} for fe in b.extensions],
@@ -260,8 +263,11 @@ def cmd_backends(args) -> int:
     if args.json:
         _json(rows)
         return 0
-    for r in rows:
+    for r, b in zip(rows, vd.backends()):
         _out(f"{r['name']}: {r['description']}")
+        origin = vd.backend_origin(b)
+        _out(f"  from: {origin.describe()}"
+             + (f" (entry point {origin.entry_point})" if origin.entry_point else ""))
         if r["aliases"]:
             _out(f"  aliases: {', '.join(r['aliases'])}")
         _out(f"  capabilities: {', '.join(r['capabilities']) or '-'}")
@@ -822,6 +828,8 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
+        for problem in vd.load_plugins().problems:     # reported, skipped, never fatal
+            print(f"{PROG}: warning: {_one_line(str(problem))}", file=sys.stderr)
         args = build_parser().parse_args(argv)
         if not hasattr(args, "allow_unsafe_paths"):
             args.allow_unsafe_paths = False

@@ -42,6 +42,16 @@ def settings_for(data_dir: str):
     return QSettings(os.path.join(data_dir, "settings.ini"), QSettings.IniFormat)
 
 
+def load_plugins() -> list[str]:
+    """Load the backend plugins (docs/plugins.md); each one skipped is logged on stderr and
+    returned as a sentence for the window. A broken plugin never stops the app."""
+    from vdgui.vd import load_plugins as load
+    problems = [str(p) for p in load().problems]
+    for text in problems:
+        print(f"vdgui: warning: {text}", file=sys.stderr)
+    return problems
+
+
 def screenshot(args) -> int:
     from PySide6.QtCore import QSize
 
@@ -50,9 +60,11 @@ def screenshot(args) -> int:
 
     from .main_window import MainWindow
 
+    problems = load_plugins()
     app = make_app()
     lib = Library(":memory:")
     win = MainWindow(lib, settings=None)
+    win.plugin_problems(problems)
     w, _, h = args.size.partition("x")
     win.resize(QSize(int(w), int(h)))
     if args.images:
@@ -114,10 +126,12 @@ def main(argv=None) -> int:
     from .crash import install_excepthook
     from .main_window import MainWindow
 
+    problems = load_plugins()
     app = make_app()
     ddir = data_dir()
     lib = Library()
     win = MainWindow(lib, settings=settings_for(ddir))
+    win.plugin_problems(problems)
     install_excepthook(lambda: win)
     _quit_on_sigint(app, win)
     win.show()

@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
 
 import vdgui
 from vdgui.jobs import JobQueue, tasks
-from vdgui.vd import DeviceType, Library, backends, is_network_location
+from vdgui.vd import DeviceType, Library, backend_origin, backends, is_network_location
 
 from . import actions, menus
 from .actions import SPECS, Context
@@ -127,6 +127,7 @@ class MainWindow(QMainWindow):
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
         self.messages: list = []           # non-modal boxes kept alive
+        self.skipped_plugins: list[str] = []   # backend plugins not loaded, and why
         self._alloc_path: str | None = None
         self.alloc_cache: dict[str, dict] = {}     # path -> allocation job result (+ mtime)
         self.confirm = self._confirm_box   # overridable in tests
@@ -598,18 +599,28 @@ class MainWindow(QMainWindow):
         dlg.show()
         return dlg
 
+    def about_text(self) -> str:
+        """Formats (plugins named with their distribution), skipped plugins, the library."""
+        names = ", ".join(
+            b.name if backend_origin(b).kind == "built-in"
+            else f"{b.name} ({backend_origin(b).describe()})" for b in backends())
+        skipped = "".join(f"<p>⚠ {html.escape(t)}</p>" for t in self.skipped_plugins)
+        return (f"<h3>vdgui {vdgui.__version__}</h3>"
+                "<p>A desktop manager for virtual disk images, with a pure-Python engine "
+                "modelled on VirtualBox's VD container API.</p>"
+                f"<p>Formats: {html.escape(names)}</p>{skipped}"
+                f"<p>Library: {html.escape(self.library.path)}</p>"
+                "<p>License: GPL-3.0-or-later</p>")
+
     def about(self) -> None:
-        names = ", ".join(b.name for b in backends())
-        QMessageBox.about(
-            self,
-            "About vdgui",
-            f"<h3>vdgui {vdgui.__version__}</h3>"
-            "<p>A desktop manager for virtual disk images, with a pure-Python engine "
-            "modelled on VirtualBox's VD container API.</p>"
-            f"<p>Formats: {html.escape(names)}</p>"
-            f"<p>Library: {html.escape(self.library.path)}</p>"
-            "<p>License: GPL-3.0-or-later</p>",
-        )
+        QMessageBox.about(self, "About vdgui", self.about_text())
+
+    def plugin_problems(self, problems: list[str]) -> None:
+        """Backend plugins that were skipped: said in the status bar, kept for About."""
+        self.skipped_plugins = list(problems)
+        if problems:
+            more = f" (and {len(problems) - 1} more: Help → About)" if len(problems) > 1 else ""
+            self.statusBar().showMessage(f"{problems[0]}{more}", 30000)
 
     # -- drag and drop --------------------------------------------------------------------
     @staticmethod

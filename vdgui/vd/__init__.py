@@ -48,7 +48,8 @@ from .errors import (
     printable,
     user_path,
 )
-from .fileio import is_temp_name, read_small_file
+from .fileimage import FileImage
+from .fileio import ImageFile, is_temp_name, read_small_file
 from .filter import Filter, FilterBackend, FilterCap, FilterUse
 from .filters import filters, get_filter
 from .filters.keyfile import find_keystore, read_keystore_file, sidecar_path, write_sidecar
@@ -89,10 +90,16 @@ from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
 from .ops.sparsify import plan as sparsify_plan
 from .progress import Progress, ProgressCallback
 from .registry import (
+    NO_PLUGINS_ENV,
+    PLUGIN_GROUP,
+    BackendOrigin,
+    PluginProblem,
+    PluginReport,
+    backend_origin,
     backends,
     backends_for_extension,
     get_backend,
-    load_entry_point_backends,
+    load_plugins,
     probe,
     probe_scores,
     register_backend,
@@ -110,10 +117,13 @@ _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
 __all__ = [
     "DEFAULT_FLOPPY",
     "FLOPPY_FORMATS",
+    "NO_PLUGINS_ENV",
+    "PLUGIN_GROUP",
     "Alloc",
     "AmbiguousFormat",
     "AuthenticationError",
     "Backend",
+    "BackendOrigin",
     "Cancelled",
     "Cap",
     "ChangeReport",
@@ -130,6 +140,7 @@ __all__ = [
     "Extent",
     "FileExists",
     "FileExtension",
+    "FileImage",
     "Filter",
     "FilterBackend",
     "FilterCap",
@@ -138,6 +149,7 @@ __all__ = [
     "Geometry",
     "Image",
     "ImageChanged",
+    "ImageFile",
     "ImageFlags",
     "ImageInUse",
     "ImageNotFound",
@@ -158,6 +170,8 @@ __all__ = [
     "Passphrase",
     "PassphraseProvider",
     "PassphraseRequired",
+    "PluginProblem",
+    "PluginReport",
     "ProbeInput",
     "Problem",
     "ProblemCode",
@@ -181,6 +195,7 @@ __all__ = [
     "WrongPassphrase",
     "align_up",
     "applicable_keys",
+    "backend_origin",
     "backends",
     "backends_for_extension",
     "ceil_div",
@@ -209,7 +224,7 @@ __all__ = [
     "give_new_uuid",
     "is_network_location",
     "is_temp_name",
-    "load_entry_point_backends",
+    "load_plugins",
     "mark_duplicates",
     "merge",
     "merge_disk",

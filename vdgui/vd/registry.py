@@ -2,16 +2,25 @@
 
 The built-in table is the explicit list in :mod:`vdgui.vd.formats`; outside backends come only
 through :func:`register_backend` (an explicit call) or the ``vdgui.backends`` entry-point group
-loaded by :func:`load_entry_point_backends`.
+loaded by :func:`load_plugins` (docs/plugins.md); :func:`backend_origin` says which.
 """
 from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass, field
 
 from . import formats
-from .backend import Backend, ProbeInput
-from .errors import AmbiguousFormat, ImageNotFound, UnknownFormat, VDError, VDIOError
+from .backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput
+from .config import ConfigKey
+from .errors import (
+    AmbiguousFormat,
+    ImageNotFound,
+    InvalidArgument,
+    UnknownFormat,
+    VDError,
+    VDIOError,
+)
 from .fileio import open_image_path
 
 PROBE_WINDOW = 64 * 1024
@@ -22,20 +31,145 @@ def backends() -> tuple[Backend, ...]:
     return formats.all_backends()
 
 
-def register_backend(backend: Backend) -> None:
-    if any(b.name.lower() == backend.name.lower() for b in backends()):
-        raise ValueError(f"a backend named {backend.name} is already registered")
+PLUGIN_GROUP = "vdgui.backends"
+NO_PLUGINS_ENV = "VDGUI_NO_PLUGINS"       # set (non-empty): entry points are not loaded
+
+
+@dataclass(frozen=True)
+class BackendOrigin:
+    """Where a backend came from: the built-in table, a plugin distribution (its entry point),
+    or a register_backend call of the program itself."""
+    kind: str                           # "built-in", "plugin" or "registered"
+    distribution: str | None = None
+    version: str | None = None
+    entry_point: str | None = None      # "name = module:attribute"
+
+    def describe(self) -> str:
+        if self.kind == "plugin":
+            return f"plugin {self.distribution or '?'} {self.version or ''}".rstrip()
+        return self.kind
+
+
+@dataclass(frozen=True)
+class PluginProblem:
+    """A plugin that was skipped, and why."""
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    message: str
+
+    def __str__(self) -> str:
+        origin = f" from {self.distribution} {self.version or ''}".rstrip() \
+            if self.distribution else ""
+        return f"plugin {self.entry_point}{origin} skipped: {self.message}"
+
+
+@dataclass
+class PluginReport:
+    loaded: list[tuple[str, BackendOrigin]] = field(default_factory=list)   # backend names
+    problems: list[PluginProblem] = field(default_factory=list)
+
+
+_ORIGINS: dict[int, BackendOrigin] = {}       # id(backend) -> origin, for outside backends
+_REGISTERED_AT = BackendOrigin("registered")
+_BUILT_IN = BackendOrigin("built-in")
+_SEEN_ENTRY_POINTS: set[tuple[str | None, str, str]] = set()
+_REPORT = PluginReport()
+
+
+def backend_origin(backend: Backend) -> BackendOrigin:
+    if any(backend is b for b in formats.BACKENDS):
+        return _BUILT_IN
+    return _ORIGINS.get(id(backend), _REGISTERED_AT)
+
+
+def _declaration_problem(backend: object) -> str | None:
+    """Why ``backend`` cannot join the table (None: it can): the declarations the engine and
+    the app read must have their types, and its names must be new."""
+    if not isinstance(backend, Backend):
+        return (f"the entry point gives {type(backend).__name__}, not a vdgui.vd.Backend "
+                "(or a subclass of it)")
+    b = backend
+    if not isinstance(b.name, str) or not b.name.strip():
+        return "the backend declares no name"
+    checks = (
+        (isinstance(b.caps, Cap), "caps is not a Cap"),
+        (isinstance(b.aliases, tuple) and all(isinstance(a, str) for a in b.aliases),
+         "aliases is not a tuple of strings"),
+        (isinstance(b.extensions, tuple)
+         and all(isinstance(e, FileExtension) for e in b.extensions),
+         "extensions is not a tuple of FileExtension"),
+        (isinstance(b.config_keys, tuple)
+         and all(isinstance(k, ConfigKey) for k in b.config_keys),
+         "config_keys is not a tuple of ConfigKey"),
+        (isinstance(b.operations, (set, frozenset))
+         and all(isinstance(o, Operation) for o in b.operations),
+         "operations is not a set of Operation"),
+        (isinstance(b.create_flags, ImageFlags), "create_flags is not an ImageFlags"),
+        (b.max_size is None or isinstance(b.max_size, int), "max_size is not an integer"),
+        (isinstance(b.size_granularity, int) and b.size_granularity > 0,
+         "size_granularity is not a positive integer"),
+    )
+    for ok, why in checks:
+        if not ok:
+            return f"{b.name}: {why}"
+    taken = {n.lower(): o.name for o in backends() for n in (o.name, *o.aliases)}
+    for n in (b.name, *b.aliases):
+        if n.lower() in taken:
+            return f"{b.name}: the name {n!r} is already used by the {taken[n.lower()]} backend"
+    try:
+        b.probe(ProbeInput(path="", size=0, head=b"", tail=b""))
+    except (VDError, struct.error, IndexError):
+        pass
+    except Exception as exc:
+        return f"{b.name}: its probe fails on an empty file: {type(exc).__name__}: {exc}"
+    return None
+
+
+def register_backend(backend: Backend, origin: BackendOrigin | None = None) -> None:
+    """Add an outside backend to the table (after the built-in ones); InvalidArgument when its
+    declarations are wrong or its name is taken."""
+    why = _declaration_problem(backend)
+    if why is not None:
+        raise InvalidArgument(f"cannot register the backend: {why}")
     formats.REGISTERED.append(backend)
+    if origin is not None:
+        _ORIGINS[id(backend)] = origin
 
 
-def load_entry_point_backends(group: str = "vdgui.backends") -> list[str]:
+def load_plugins(group: str = PLUGIN_GROUP) -> PluginReport:
+    """Load the backends that installed distributions declare in the entry-point ``group``
+    (VirtualBox's VDPluginLoadFromPath). A plugin that cannot be imported, gives no Backend, or
+    whose declarations are wrong or names taken is skipped and reported; nothing it does stops
+    the others or the program. Calling again loads only entry points not seen before.
+    Returns every outcome so far."""
     from importlib.metadata import entry_points
-    loaded = []
-    for ep in entry_points(group=group):
-        obj = ep.load()
-        register_backend(obj() if isinstance(obj, type) else obj)
-        loaded.append(ep.name)
-    return loaded
+    if os.environ.get(NO_PLUGINS_ENV):
+        return _REPORT
+    for ep in sorted(entry_points(group=group), key=lambda e: (e.name, e.value)):
+        dist = getattr(ep, "dist", None)
+        dname = dist.metadata["Name"] if dist is not None else None
+        dver = dist.version if dist is not None else None
+        key = (dname, ep.name, ep.value)
+        if key in _SEEN_ENTRY_POINTS:
+            continue
+        _SEEN_ENTRY_POINTS.add(key)
+        where = f"{ep.name} = {ep.value}"
+        try:
+            obj = ep.load()
+            backend = obj() if isinstance(obj, type) else obj
+        except Exception as exc:
+            _REPORT.problems.append(PluginProblem(
+                where, dname, dver, f"cannot be loaded: {type(exc).__name__}: {exc}"))
+            continue
+        why = _declaration_problem(backend)
+        if why is not None:
+            _REPORT.problems.append(PluginProblem(where, dname, dver, why))
+            continue
+        origin = BackendOrigin("plugin", dname, dver, where)
+        register_backend(backend, origin)
+        _REPORT.loaded.append((backend.name, origin))
+    return _REPORT
 
 
 def get_backend(name: str) -> Backend:
@@ -104,7 +238,8 @@ def probe_scores(path: str) -> list[tuple[int, Backend]]:
             # surfaces, naming the backend, instead of silently scoring 0.
             s = 0
         except Exception as exc:
-            exc.add_note(f"raised by the {b.name} backend's probe of {path}")
+            exc.add_note(f"raised by the {b.name} backend's probe of {path} "
+                         f"({backend_origin(b).describe()})")
             raise
         if s > 0:
             scores.append((s, b))
