@@ -118,8 +118,9 @@ class VdiBackend(Backend):
                 f"the {MAX_BLOCKS} a VDI image can hold"
             )
         fixed = bool(p.flags & ImageFlags.FIXED)
-        diff = p.parent is not None or bool(p.flags & ImageFlags.DIFF)
-        if diff and p.parent is None:
+        parent = p.parent
+        diff = parent is not None or bool(p.flags & ImageFlags.DIFF)
+        if diff and parent is None:
             raise InvalidArgument("a differencing VDI image needs its parent")
         if diff and fixed:
             raise NotSupported("VDI differencing images cannot be fixed")
@@ -128,9 +129,9 @@ class VdiBackend(Backend):
             raise InvalidArgument(
                 f"VDI comments are limited to {L.COMMENT_SIZE - 1} bytes, found {len(comment)}"
             )
-        if diff and p.parent.uuid is None:
+        if parent is not None and parent.uuid is None:
             raise NotSupported(
-                f"{p.parent.location}: the parent has no UUID, and a VDI "
+                f"{parent.location}: the parent has no UUID, and a VDI "
                 "differencing image links to its parent by UUID"
             )
         # VirtualBox's layout (vdiInitHeader): the map and the data each start on a 1 MiB boundary
@@ -165,8 +166,9 @@ class VdiBackend(Backend):
             blocks_allocated=blocks if fixed else 0,
             uuid_create=_uuid_bytes(p.uuid or uuidlib.uuid4()),
             uuid_modify=_uuid_bytes(uuidlib.uuid4()),
-            uuid_linkage=_uuid_bytes(p.parent.uuid if diff else None),
-            uuid_parent_modify=_uuid_bytes(p.parent.modification_uuid if diff else None),
+            uuid_linkage=_uuid_bytes(parent.uuid if parent is not None else None),
+            uuid_parent_modify=_uuid_bytes(parent.modification_uuid if parent is not None
+                                           else None),
             lchs=dict(g0, **(dict(zip(("cylinders", "heads", "sectors"), lchs)) if lchs else {})),
         )
         pre = L.PreHeader.build(

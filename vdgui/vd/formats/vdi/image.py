@@ -8,7 +8,6 @@ from array import array
 from ...align import ceil_div
 from ...backend import ImageFlags
 from ...errors import CorruptImage, InvalidArgument, NotSupported, require_text
-from ...fileimage import FileImage
 from ...fileio import ImageFile
 from ...geometry import Geometry, vbox_pchs
 from ...image import Alloc, ParentHint
@@ -33,7 +32,7 @@ from .blockmap import (
 from .maintenance import MaintenanceMixin
 
 
-class VdiImage(MaintenanceMixin, FileImage):
+class VdiImage(MaintenanceMixin):
     """One opened VDI file."""
 
     @property
@@ -163,7 +162,7 @@ class VdiImage(MaintenanceMixin, FileImage):
         self.lchs = _geometry(h.lchs) if self._plus else None
         self._set_type_flags()
         self._next = self.allocated
-        self._bad: set[int] = set()
+        self._bad = set()
 
     def _read_map(self, blocks: int) -> array:
         return read_table(self.f, self.offset_blocks, blocks, "I", False, "VDI block map")

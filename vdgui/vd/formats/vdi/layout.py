@@ -21,6 +21,7 @@ The block map itself is read into an ``array('I')``, never parsed with construct
 from __future__ import annotations
 
 from construct import Bytes, Int32ul, Int64ul, Struct
+from construct import Container as Container  # a parsed structure, for annotations
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001

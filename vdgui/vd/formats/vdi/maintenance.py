@@ -17,9 +17,10 @@ from ...sparse import is_zero, zeroes
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from . import layout as L
 from .blockmap import _FREE, _ZERO, MAX_BLOCKS, _extend_free, _map_to_disk, _size_limit
+from .state import VdiState
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(VdiState):
     """Compact, resize, discard and check of a :class:`.image.VdiImage`."""
 
     def _used_blocks(self) -> tuple[array, int]:
@@ -46,7 +47,7 @@ class MaintenanceMixin:
         base = self.offset_data
         holes = slot_holes(rev, total, base, free=_FREE)
         free = sum(b - a for a, b in holes) // total
-        blocks = []                         # only the top ``free`` blocks can move
+        blocks: list[tuple[int, int, int]] = []     # only the top ``free`` blocks can move
         j = n - 1
         while j >= 0 and len(blocks) < free:
             if rev[j] != _FREE:
