@@ -3,6 +3,9 @@
     python3 bench/ops.py [--runs 5] [--dir /tmp/vdgui-bench-ops] [--size 1G] [--data 256M]
 
 Cases (a row whose backend is not registered prints "skipped"):
+* startup: ``vdgui-img info`` against ``qemu-img info`` on a VDI, warm caches, best of 10.
+* merge zero QCOW2: the issue #18 child, made by ``qemu-img convert -B base`` from a raw disk
+  (``--data`` x 277/256 of data clusters, the rest zero clusters, over a base holding ``--data``).
 * merge FMT: a base with ``--data`` of scattered data and one child holding a quarter of that
   (scattered, partly overlapping). ``vdgui-img merge child base`` (folds the child in, deletes it)
   against ``qemu-img commit -d child`` followed by deleting the child inside the timed run (the
@@ -103,6 +106,34 @@ def make_vdi_chain(folder: str, size: int, data: int) -> tuple[str, str]:
     return base, child
 
 
+def make_zero_child(folder: str, size: int, data: int) -> tuple[str, str]:
+    """The issue #18 case: a qcow2 base with ``data`` of scattered data, and a child made by
+    ``qemu-img convert -B base`` from a raw disk holding 277/256 of that: qemu stores the raw
+    disk's data as data clusters and every zero range as zero clusters (over base data or not).
+    """
+    base = os.path.join(folder, "zbase.qcow2")
+    child = os.path.join(folder, "zchild.qcow2")
+    stamp = os.path.join(folder, f"zchain.{size}.{data}.done")
+    if os.path.exists(stamp):
+        return base, child
+    remove(base, child)
+    qi = tool("qemu-img")
+    subprocess.run([qi, "create", "-q", "-f", "qcow2", base, str(size)], check=True)
+    qemu_io("qcow2", base, writes(size, data, 1))
+    raw = os.path.join(folder, "zsource.raw")
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        rnd = random.Random(5)
+        for i, s in enumerate(rnd.sample(range(size // MiB), data * 277 // 256 // MiB)):
+            f.seek(s * MiB)
+            f.write(bytes([i % 250 + 1]) * MiB)
+    subprocess.run([qi, "convert", "-q", "-O", "qcow2", "-B", os.path.basename(base), "-F",
+                    "qcow2", raw, child], check=True, cwd=folder)
+    remove(raw)
+    open(stamp, "w").close()
+    return base, child
+
+
 def snapshot(paths: list[str], dest: str) -> list[str]:
     os.makedirs(dest, exist_ok=True)
     out = []
@@ -165,6 +196,42 @@ def main(argv=None) -> int:
             rows.append([label, f"{rq.best:.2f}", f"{rv.best:.2f}",
                          f"{ratio(rv.best, rq.best):.2f}", note])
         print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows[-1:], out=sys.stderr)
+
+    # -- start-up: info of a VDI, warm caches (what every small command pays first) -----------
+    if wanted("startup"):
+        img = os.path.join(args.dir, "startup.vdi")
+        if not os.path.exists(img):
+            subprocess.run([qi, "create", "-q", "-f", "vdi", img, str(args.size)], check=True)
+        res = compare_commands([Command("qemu-img", [qi, "info", img]),
+                                Command("vdgui-img", vd + ["info", img])],
+                               runs=max(args.runs, 10), cold=False)
+        rq, rv = res
+        rows.append(["startup: info VDI (warm)", f"{rq.best:.3f}", f"{rv.best:.3f}",
+                     f"{ratio(rv.best, rq.best):.2f}", "; ".join(rq.failures + rv.failures)])
+        print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows[-1:], out=sys.stderr)
+
+    # -- merge of a child holding zero clusters (issue #18) -----------------------------------
+    if wanted("merge zero"):
+        src = make_zero_child(args.dir, args.size, args.data)
+        saved = snapshot(list(src), os.path.join(args.dir, "saved-zero"))
+        qsaved = snapshot(list(src), os.path.join(args.dir, "qsaved-zero"))
+        want = os.path.join(args.dir, "want-zero.raw")
+        if not os.path.exists(want):
+            subprocess.run(vd + ["convert", "-O", "RAW", saved[1], want], check=True)
+        vw, qw = os.path.join(args.dir, "vwork"), os.path.join(args.dir, "qwork")
+
+        def prepare_zero(saved=saved, qsaved=qsaved, vw=vw, qw=qw):
+            restore(saved, vw)
+            restore(qsaved, qw)
+        vb, vc = (os.path.join(vw, os.path.basename(p)) for p in saved)
+        qc = os.path.join(qw, os.path.basename(qsaved[1]))
+        commit = [qi, "commit", "-q", "-d", "-f", "qcow2", qc]
+        run_case("merge zero QCOW2 (child from convert -B: data + zero clusters)",
+                 Command("qemu-img", commit, remove_after=(qc,)),
+                 Command("vdgui-img", vd + ["merge", vc, vb]),
+                 prepare_zero, lambda vb=vb: compare(vb, "qcow2", want, "raw")
+                 + f"; base {os.stat(vb).st_blocks // 2048} MiB allocated",
+                 also=Command("commit without rm", commit))
 
     # -- merge ---------------------------------------------------------------------------------
     for name in ("QCOW2", "VMDK", "VDI"):

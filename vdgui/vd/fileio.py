@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import stat
 import threading
 
@@ -110,6 +111,8 @@ class ImageFile:
         self.writable = writable or create
         self._lock_handle = None
         self.final: str | None = None  # create_temp: the name the file is renamed to
+        self._punches: queue.SimpleQueue | None = None  # punch_later's work, its thread below
+        self._puncher: threading.Thread | None = None
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -309,7 +312,31 @@ class ImageFile:
         except OSError as exc:
             raise io_error(exc, self.path, "truncate failed") from None
 
+    def punch_later(self, ranges: list[tuple[int, int]]) -> None:
+        """Deallocate (offset, length) ranges in a helper thread: for space nothing references
+        any more, whose freeing need not hold up the caller. sync and close wait for it."""
+        if not ranges:
+            return
+        if self._punches is None:
+            self._punches = queue.SimpleQueue()
+            self._puncher = threading.Thread(target=self._punch_worker, args=(self._punches,),
+                                             name="vdgui-punch", daemon=True)
+            self._puncher.start()
+        self._punches.put(list(ranges))
+
+    def _punch_worker(self, work: queue.SimpleQueue) -> None:
+        while (item := work.get()) is not None:
+            for off, n in item:
+                self.punch_hole(off, n)
+
+    def wait_punches(self) -> None:
+        if self._punches is not None and self._puncher is not None:
+            self._punches.put(None)
+            self._puncher.join()
+        self._punches = self._puncher = None
+
     def sync(self) -> None:
+        self.wait_punches()
         if not syncing():
             return
         try:
@@ -334,6 +361,7 @@ class ImageFile:
             check_same_file(self.path, self.fd, what)
 
     def close(self) -> None:
+        self.wait_punches()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             h, self._lock_handle = self._lock_handle, None

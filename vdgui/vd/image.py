@@ -10,7 +10,8 @@ inside ``[0, size)``; the Disk guarantees that):
 * ``read(offset, length)`` -> bytes of this image's own view (UNALLOCATED/ZERO parts read as zero).
 * ``write(offset, data, fill)`` writes into this image. When it must allocate a block larger than
   the write, it asks ``fill(offset, length)`` for the content below it (parent chain, or zeroes)
-  to complete the block (copy-on-write).
+  to complete the block (copy-on-write). ``write_zeroes(offset, length, fill)``: the range reads
+  zeroes, as markers or holes where the format can (never written zeroes where it need not).
 * metadata attributes below; ``set_*`` raise NotSupported unless the format can store the field.
 * operation hooks (``compact``, ``resize``, ``check``, ``set_parent``, ``discard``) exist when the
   backend declares the matching :class:`~vdgui.vd.backend.Operation`.
@@ -35,7 +36,7 @@ from .errors import (
     VDError,
 )
 from .fileio import ImageFile, real_path, resolve_stored_name
-from .sparse import first_nonzero
+from .sparse import first_nonzero, zeroes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .geometry import Geometry
@@ -296,6 +297,26 @@ class Image:
         the file. Reads no guest data (no zero scan, no verification read). False: the format
         has no such step here (the caller may compact instead)."""
         return False
+
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
+        """The range reads as zeroes afterwards, stored as cheaply as the format can: zero
+        markers (hiding a parent), blocks left or made unallocated where the image has no
+        parent, holes; zero bytes are written only where none of these is possible. A range
+        may come out UNALLOCATED only where this image reads zeroes there without a parent:
+        an operation whose image has (or will have) a parent checks those ranges
+        (``ops.pipeline.store_zeroes``). ``fill``: the content below, for partial blocks.
+        Default: zero data through ``write`` with ``honor_zeroes`` off (markers where the
+        format's write makes them)."""
+        saved = self.honor_zeroes
+        self.honor_zeroes = False
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(end - pos, 4 << 20)
+                self.write(pos, zeroes(n), fill)
+                pos += n
+        finally:
+            self.honor_zeroes = saved
 
     def flush(self) -> None:
         pass

@@ -94,6 +94,10 @@ class RawImage(FileImage):
             self.f.pwrite(pos, bytes(n))
             pos += n
 
+    def write_zeroes(self, offset, length, fill):
+        """A hole (a RAW image has no parent: nothing shows through)."""
+        self.discard(offset, length)
+
     def resizes_in_place(self, new_size):
         return not self.f.is_device        # one ftruncate
 

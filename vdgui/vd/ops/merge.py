@@ -34,12 +34,13 @@ from ..errors import (
     VDError,
 )
 from ..fileio import LockMode, lock_files
-from ..image import Alloc, Image
+from ..image import Alloc, FillFn, Image
 from ..progress import Progress, ProgressCallback
-from ..sparse import is_zero, zeroes
-from .pipeline import READAHEAD, Readers, Writeback
+from ..sparse import is_zero
+from .pipeline import READAHEAD, Readers, Writeback, store_zeroes
 
 CHUNK = 1 << 20           # bytes copied per step (progress and cancellation granularity)
+ZERO_STEP = 256 << 20     # bytes of a zero run marked per step
 
 
 def _real(path: str) -> str:
@@ -54,31 +55,32 @@ def _require(img: Image, op: Operation, why: str) -> None:
 
 
 def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, read_top: int,
-               prog: Progress, readers: Readers | None = None, reader_top: int = 0) -> None:
+               prog: Progress, readers: Readers | None = None, reader_top: int = 0,
+               below: FillFn | None = None) -> None:
     """Write ``runs`` (start, length, status, the image holding them; as seen through image
     ``read_top``) into image ``level`` of ``disk``. ``readers``: read-ahead threads with their
     own read-only opens of the chain, reading through ``reader_top`` (an image that is not
     written during the copy) straight from the holder; a window they could not read is read
-    again here, where an error is reported as usual."""
+    again here, where an error is reported as usual. ZERO runs become zero markers or holes
+    (``store_zeroes``), zeroes written only where the target cannot say "zero" and ``below``
+    (what lies under the target once the merge is done; None: nothing) shows through."""
     img = disk.images[level]
     fill = lambda o, n: disk.read_below(level, o, n)  # noqa: E731 - content under the target
     pending: deque = deque()
     wb = Writeback(img)
 
     def settle() -> None:
-        pos, n, status, fut = pending.popleft()
-        if status == Alloc.ZERO:
-            data = zeroes(n)
-        elif fut is not None and fut.exception() is None:
+        pos, n, fut = pending.popleft()
+        if fut is not None and fut.exception() is None:
             data = fut.result()
         else:
             data = disk.read(pos, n, top=read_top)
         img.write(pos, data, fill)
         wb.add(n)
-        if is_zero(data):
+        if below is not None and is_zero(data):
             # a zero write the backend chose not to allocate would show the parent: verify
             for s, ln, st in img.block_status(pos, n):
-                if st == Alloc.UNALLOCATED and not is_zero(disk.read_below(level, s, ln)):
+                if st == Alloc.UNALLOCATED and not is_zero(below(s, ln)):
                     raise NotSupported(
                         f"{img.location}: cannot merge: the {img.format} backend did not store "
                         f"zeroes written at offset {s:#x}; nothing was relinked or deleted and "
@@ -88,12 +90,21 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, 
     depth = READAHEAD // CHUNK if readers is not None else 0
     try:
         for start, length, status, holder in runs:
+            if status == Alloc.ZERO:
+                while pending:
+                    settle()
+                pos, end = start, start + length
+                while pos < end:        # in steps: progress and cancellation
+                    n = min(ZERO_STEP - pos % ZERO_STEP, end - pos)
+                    store_zeroes(img, pos, n, fill, below)
+                    prog.advance(n)
+                    pos += n
+                continue
             pos, end = start, start + length
             while pos < end:
                 n = min(CHUNK - pos % CHUNK, end - pos)
-                fut = (readers.submit(pos, n, reader_top, holder)
-                       if readers is not None and status != Alloc.ZERO else None)
-                pending.append((pos, n, status, fut))
+                fut = readers.submit(pos, n, reader_top, holder) if readers is not None else None
+                pending.append((pos, n, fut))
                 while len(pending) > depth:
                     settle()
                 pos += n
@@ -243,14 +254,18 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     prog = Progress(progress, total)
     prog.start()
     old_hz = getattr(target, "honor_zeroes", False)
-    target.honor_zeroes = True        # zeroes copied from above must be stored, not skipped
+    target.honor_zeroes = True        # data that reads zero is stored as data, not skipped
     # read-ahead through images the copy does not write: forward, the source itself; backward,
     # the image below the target (the runs are where the target holds nothing)
     reader_top = read_top if forward else t - 1
     readers = _merge_readers(disk, reader_top) if runs else None
+    # what lies under the target once the merge is done: forward its own parent, backward the
+    # parent of the source (the images between are merged away)
+    new_below = t if forward else s
+    below = None if new_below == 0 else (lambda o, n: disk.read_below(new_below, o, n))
     try:
         try:
-            _copy_runs(disk, runs, t, read_top, prog, readers, reader_top)
+            _copy_runs(disk, runs, t, read_top, prog, readers, reader_top, below)
         finally:
             if readers is not None:
                 readers.close()

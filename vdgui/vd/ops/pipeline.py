@@ -1,5 +1,6 @@
 """The copy pipeline shared by copy and merge: source windows read ahead in worker threads
-(Readers), and the kernel's writeback of the target started as the copy goes (Writeback)."""
+(Readers), the kernel's writeback of the target started as the copy goes (Writeback), and
+ranges made to read zeroes without writing zeroes where the target need not (store_zeroes)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +9,12 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from ..alloc import Alloc
 from ..disk import Disk
+from ..errors import NotSupported
 from ..fileio import start_writeback, syncing
-from ..image import Image
+from ..image import FillFn, Image
+from ..sparse import is_zero, zeroes
 
 READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
@@ -106,3 +110,35 @@ def read_window(d: Disk, off: int, n: int, top: int, level: int | None):
             return buf
         return data
     return d.read(off, n, top=top)
+
+
+ZERO_CHECK = 4 << 20        # bytes of the content below compared at a time
+
+
+def store_zeroes(img: Image, offset: int, length: int, fill: FillFn,
+                 below: FillFn | None) -> None:
+    """Make [offset, offset+length) of ``img`` read zeroes: its ``write_zeroes`` (zero markers,
+    holes, unallocated blocks), then zeroes written as data only over the parts left
+    UNALLOCATED where ``below`` (what will lie under ``img`` when the operation is done; None:
+    nothing) does not read zero. ``fill``: the content under ``img`` now (copy-on-write)."""
+    img.write_zeroes(offset, length, fill)
+    if below is None:
+        return
+    for s, n, st in img.block_status(offset, length):
+        if st != Alloc.UNALLOCATED:
+            continue
+        pos, end = s, s + n
+        while pos < end:
+            k = min(ZERO_CHECK, end - pos)
+            if not is_zero(below(pos, k)):
+                saved = img.honor_zeroes
+                img.honor_zeroes = True
+                try:
+                    img.write(pos, zeroes(k), fill)
+                finally:
+                    img.honor_zeroes = saved
+                if any(st2 == Alloc.UNALLOCATED for _, _, st2 in img.block_status(pos, k)):
+                    raise NotSupported(
+                        f"{img.location}: the {img.format} backend did not store zeroes "
+                        f"written at offset {pos:#x} over content below them")
+            pos += k

@@ -674,6 +674,73 @@ class ClustersMixin(Qcow2State):
         zero &= ~mask
         self._set_l2(tbl, l2off, l2i, host | L.OFLAG_COPIED, (zero << 32) | alloc)
 
+    # ------------------------------------------------------------------ zeroes
+    def write_zeroes(self, offset, length, fill):
+        """Whole clusters become zero clusters (with a backing file) or unallocated (without),
+        one L2 write per table; the clusters freed are punched in a helper thread, adjacent ones
+        in one call (nothing reuses them meanwhile: new clusters are appended; sync, compact and
+        repair wait for it). Partial clusters, version 2 images with a backing file and
+        extended L2 entries go through ``write``."""
+        if self.extended_l2 or (self.version < 3 and self.backing_file is not None):
+            super().write_zeroes(offset, length, fill)
+            return
+        self._check_write()
+        self._check_cross_links()
+        self._mark_dirty(offset, length)
+        cs = self.cs
+        end = offset + length
+        pos = offset
+        self._punch_batch = []
+        try:
+            while pos < end:
+                ci = pos // cs
+                inner = pos - ci * cs
+                clen = self._cluster_len(ci)
+                if inner or end - pos < clen:
+                    n = min(clen - inner, end - pos)
+                    super().write_zeroes(pos, n, fill)
+                    pos += n
+                    continue
+                l2i = ci % self.l2_entries
+                k = min((end - pos) // cs, self.l2_entries - l2i)
+                if k == 0:          # the short last cluster of the image, whole
+                    k = 1
+                self._zero_clusters(ci, k)
+                pos = min(pos + k * cs, self.size)
+        finally:
+            batch, self._punch_batch = self._punch_batch, None
+            self.f.punch_later([(a * cs, (b - a) * cs) for a, b in batch or ()])
+
+    def _zero_clusters(self, ci: int, k: int) -> None:
+        """Clusters ci..ci+k-1 (within one L2 table) read zeroes: L2 entries first, then the
+        references they held dropped (a crash in between leaks, never loses)."""
+        backing = self.backing_file is not None
+        l1i, l2i = divmod(ci, self.l2_entries)
+        new = L.OFLAG_ZERO if backing else 0
+
+        def reads_zero(e: int) -> bool:
+            if e & L.OFLAG_COMPRESSED:
+                return False
+            return bool(e & L.OFLAG_ZERO) or (not backing and not e & L2E_MASK)
+
+        tbl, _ = self._l2_of(l1i)
+        if tbl is None:
+            if not backing:
+                return
+        elif all(reads_zero(tbl[i]) for i in range(l2i, l2i + k)):
+            return
+        tbl, l2off = self._l2_for_write(l1i)
+        old = []
+        for i in range(l2i, l2i + k):
+            e = tbl[i]
+            if not reads_zero(e):
+                if e & L.OFLAG_COMPRESSED or e & L2E_MASK:
+                    old.append(e)
+                tbl[i] = new
+        self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i : l2i + k]))
+        for e in old:
+            self._unref_entry(e)
+
     # ------------------------------------------------------------------ discard
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         self._check_write()

@@ -36,6 +36,7 @@ class MaintenanceMixin(Qcow2State):
         (``parent_read``), then move clusters from the end of the file into the holes and
         truncate. Clusters shared with internal snapshots are left alone."""
         self._check_write()
+        self.f.wait_punches()         # freed clusters are punched before anything reuses them
         cs = self.cs
         nclu = ceil_div(self.size, cs)
         prog = Progress(progress, nclu * 2)

@@ -651,6 +651,10 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                 self.f.punch_hole(gone[i], gone[j - 1] + self.block_size - gone[i])
                 i = j
 
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
+        """As discard: whole blocks become ZERO (differencing) or UNMAPPED (base) entries."""
+        self.discard(offset, length, fill)
+
 
 # -- the backend --------------------------------------------------------------------------------
 class VhdxBackend(Backend):

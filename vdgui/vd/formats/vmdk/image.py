@@ -64,6 +64,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         self._stream_temp = None
         self._closed = False
         self.honor_zeroes = False
+        self.punch_zero_grains = False  # set by write_zeroes: zeroed whole grains punched
         self.opener = ExtentOpener(self)       # makes the extent objects
 
     # -- helpers -----------------------------------------------------------------------------
@@ -192,6 +193,15 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
 
             ext.write(rel, mv[pos : pos + n], efill, self)
             pos += n
+
+    def write_zeroes(self, offset, length, fill):
+        """As write of zeroes with markers (zeroed-grain entries where the extent has them),
+        and whole allocated grains of sparse extents punched instead of written."""
+        self.punch_zero_grains = True
+        try:
+            super().write_zeroes(offset, length, fill)
+        finally:
+            self.punch_zero_grains = False
 
     def flush(self):
         if self.read_only or self._closed:

@@ -387,6 +387,8 @@ class SparseExtent(Extent):
         mv = memoryview(data)
         honor = getattr(image, "honor_zeroes", False)
         new: list = []  # (grain index, file offset, data) of grains allocated here
+        # write_zeroes: whole allocated grains of zeroes become holes in the file
+        punch: list[list[int]] | None = [] if getattr(image, "punch_zero_grains", False) else None
         for idx, inner, pos, cnt in split_blocks(off, len(data), self.grain):
             piece = mv[pos - off : pos - off + cnt]
             gte = self._gte(idx)
@@ -397,7 +399,14 @@ class SparseExtent(Extent):
                         path=self.f.path,
                         found=f"sector {gte}",
                     )
-                self.f.pwrite(gte * SECTOR + inner, piece)
+                at = gte * SECTOR
+                if punch is not None and cnt == self.grain and is_zero(piece):
+                    if punch and punch[-1][1] == at:
+                        punch[-1][1] += cnt
+                    else:
+                        punch.append([at, at + cnt])
+                    continue
+                self.f.pwrite(at + inner, piece)
                 continue
             gstart = idx * self.grain
             glen = min(self.grain, self.length - gstart)
@@ -424,6 +433,9 @@ class SparseExtent(Extent):
             if len(new) >= 256:
                 self._commit_new(new)
         self._commit_new(new)
+        for a, b in punch or ():
+            if not self.f.punch_hole(a, b - a):
+                self.f.pwrite(a, bytes(b - a))
 
     def _commit_new(self, new: list) -> None:
         """Write freshly allocated grains (one pwrite per contiguous run), then their table
