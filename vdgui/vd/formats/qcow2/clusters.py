@@ -675,7 +675,7 @@ class ClustersMixin(Qcow2State):
         self._set_l2(tbl, l2off, l2i, host | L.OFLAG_COPIED, (zero << 32) | alloc)
 
     # ------------------------------------------------------------------ zeroes
-    def write_zeroes(self, offset, length, fill):
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """Whole clusters become zero clusters (with a backing file) or unallocated (without),
         one L2 write per table; the clusters freed are punched in a helper thread, adjacent ones
         in one call (nothing reuses them meanwhile: new clusters are appended; sync, compact and
