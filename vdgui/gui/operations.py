@@ -28,6 +28,8 @@ from .crash import show_crash
 from .dialogs.params import (
     CopyParams,
     CreateParams,
+    FloppyParams,
+    IsoParams,
     MergeParams,
     MoveParams,
     ResizeParams,
@@ -250,6 +252,31 @@ class Operations:
         self.retry_on_failure(job, f"Creating {os.path.basename(p.location)} failed",
                               lambda: self.create_dialog(previous=p))
         return self.start_job(job, lambda res: self.rescan(res))
+
+    def create_floppy_dialog(self, *, previous: FloppyParams | None = None):
+        from .dialogs.media import FloppyDialog
+        p = self.run_dialog(FloppyDialog(self.w.last_folder(), self.w), previous)
+        return None if p is None else self.start_create_floppy(p)
+
+    def start_create_floppy(self, p: FloppyParams) -> Job:
+        job = tasks.floppy_job(p.location, p.size, label=p.label, sources=p.sources)
+        return self._start_media(job, p.location,
+                                 lambda: self.create_floppy_dialog(previous=p))
+
+    def create_iso_dialog(self, *, previous: IsoParams | None = None):
+        from .dialogs.media import IsoDialog
+        p = self.run_dialog(IsoDialog(self.w.last_folder(), self.w), previous)
+        return None if p is None else self.start_create_iso(p)
+
+    def start_create_iso(self, p: IsoParams) -> Job:
+        job = tasks.iso_job(p.location, label=p.label, sources=p.sources)
+        return self._start_media(job, p.location, lambda: self.create_iso_dialog(previous=p))
+
+    def _start_media(self, job: Job, location: str, reopen) -> Job:
+        """A new floppy or disc image: made by ``job``, then added to the list and selected."""
+        self.w.remember_folder(location)
+        self.retry_on_failure(job, f"Creating {os.path.basename(location)} failed", reopen)
+        return self.start_job(job, lambda res: self.add_paths(list(res)))
 
     # A job started from a dialog can fail after the dialog closed. Every such dialog has
     # set_params (and params), its x_dialog(previous=...) fills it with what was chosen, and

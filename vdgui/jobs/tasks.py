@@ -48,6 +48,25 @@ def create_job(
     )
 
 
+def floppy_job(location: str, size: str, *, label: str = "", sources=()) -> Job:
+    """A formatted FAT12 floppy holding ``sources``; the result is [location]."""
+    def fn(progress):
+        return [vd.create_floppy(location, size, label=label or None, sources=list(sources),
+                                 progress=progress)]
+
+    return Job(f"Create {size} floppy {os.path.basename(location)}", fn, keys=[location],
+               paths=[location], kind="create_floppy")
+
+
+def iso_job(location: str, *, label: str = "", sources=()) -> Job:
+    """An ISO9660 image (Joliet, Rock Ridge) of ``sources``; the result is [location]."""
+    def fn(progress):
+        return [vd.create_iso(location, list(sources), label=label or None, progress=progress)]
+
+    return Job(f"Create disc image {os.path.basename(location)}", fn, keys=[location],
+               paths=[location], kind="create_iso")
+
+
 def create_diff_job(
     parent: str,
     location: str,

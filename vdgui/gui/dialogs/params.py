@@ -103,3 +103,20 @@ class SparsifyParams:
     """Compact / Sparsify: "sparsify" (free space of the file systems) or "compact" (zero
     blocks only)."""
     mode: str = "sparsify"
+
+
+@dataclass(frozen=True)
+class FloppyParams:
+    """Create Floppy Image: a formatted FAT12 floppy holding ``sources`` at its root."""
+    location: str
+    size: str                        # a FLOPPY_FORMATS name
+    label: str = ""
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IsoParams:
+    """Create Optical Disc Image: an ISO9660 + Joliet + Rock Ridge disc of ``sources``."""
+    location: str
+    label: str = ""
+    sources: tuple[str, ...] = ()
