@@ -104,6 +104,11 @@ def test_member_window_stays_inside_the_member(ova):
         assert m.pread(90, 50) == f.pread(1024 + 90, 10) and m.pread(100, 1) == b""
         with pytest.raises(ReadOnlyImage):
             m.pwrite(0, b"x")
+        # each writer refuses with its own signature (sync, truncate, punch_hole were pwrite's
+        # alias and raised TypeError)
+        for call in (m.sync, lambda: m.truncate(0), lambda: m.punch_hole(0, 512)):
+            with pytest.raises(ReadOnlyImage):
+                call()
 
 
 @pytest.mark.corpus

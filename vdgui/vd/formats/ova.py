@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -50,13 +51,23 @@ class MemberFile(ImageFile):
             return b""
         return self.outer.pread(self.base + offset, min(length, self.length - offset))
 
-    def data_runs(self, offset, length):
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]] | None:
         return None
 
-    def pwrite(self, offset, data):
+    def _refuse(self) -> NoReturn:
         raise ReadOnlyImage(f"{self.path}: a disk inside an OVA archive is read-only")
 
-    truncate = sync = punch_hole = pwrite
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self._refuse()
+
+    def truncate(self, size: int) -> None:
+        self._refuse()
+
+    def sync(self) -> None:
+        self._refuse()
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        self._refuse()
 
     def close(self) -> None:
         pass                        # the archive's file belongs to the OvaImage
@@ -75,18 +86,24 @@ def _members(f: ImageFile, location: str) -> list[_Disk]:
     class _Reader:                   # a file object over the ImageFile for tarfile
         pos = 0
 
-        def read(self, n=-1):
+        def read(self, n: int | None = -1) -> bytes:
             n = fsize - self.pos if n is None or n < 0 else n
             data = f.pread(self.pos, n)
             self.pos += len(data)
             return data
 
-        def seek(self, pos, whence=0):
+        def seek(self, pos: int, whence: int = 0) -> int:
             self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else fsize + pos
             return self.pos
 
-        def tell(self):
+        def tell(self) -> int:
             return self.pos
+
+        def write(self, b: bytes) -> int:
+            raise ReadOnlyImage(f"{location}: the OVA archive is read here, never written")
+
+        def close(self) -> None:
+            pass                     # the ImageFile belongs to the caller
 
     try:
         with tarfile.open(fileobj=_Reader(), mode="r:") as tf:
