@@ -144,3 +144,18 @@ def move_blocks(f, moves: Sequence[Move[K]], repoint: Callable[[Sequence[Move[K]
     if header is not None:
         header()
         f.sync()
+
+
+def punch_blocks(f, starts: Iterable[int], length: int) -> None:
+    """Give back the space of blocks of ``length`` bytes at ``starts`` (file offsets no table
+    names any more, the tables synced first): adjacent blocks in one call."""
+    run_a = run_b = -1
+    for s in sorted(starts):
+        if s == run_b:
+            run_b += length
+            continue
+        if run_b > run_a:
+            f.punch_hole(run_a, run_b - run_a)
+        run_a, run_b = s, s + length
+    if run_b > run_a:
+        f.punch_hole(run_a, run_b - run_a)

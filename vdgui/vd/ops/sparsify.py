@@ -565,13 +565,21 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
         can_compact = backend.can(Operation.COMPACT)
         prog = Progress(progress, work.total * (2 if can_compact else 1))
         prog.start()
+        # a format (or variant: a fixed image, a VHD child) that cannot discard: a base gets
+        # zeroes written, a child keeps the range
+        fallback = "skip" if child else "zero"
+        mode = "discard" if can_discard else fallback
         for s, e in targets:
             pos = s
             while pos < e:
                 n = min(CHUNK - pos % CHUNK, e - pos)  # whole blocks stay whole
-                if can_discard:
-                    disk.discard(pos, n)
-                elif child:
+                if mode == "discard":
+                    try:
+                        disk.discard(pos, n)
+                    except NotSupported:
+                        mode = fallback
+                        continue
+                elif mode == "skip":
                     report.skipped_ranges += n
                 else:
                     disk.write(pos, bytes(n))
@@ -582,12 +590,12 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
         # what discard left as holes inside the file: the format closes them in place when it
         # can (only the blocks above the holes move; nothing is read to be judged)
         closed = False
-        if can_discard and targets and _holes(files):
+        if mode == "discard" and targets and _holes(files):
             closed = top.close_holes(sub_progress(prog, work.total, work.total))
             disk.flush()
     # otherwise compacting closes them (through a verified copy): blocks of written zeroes, or
     # holes inside the file
-    if can_compact and targets and not closed and (not can_discard or _holes(files)):
+    if can_compact and targets and not closed and (mode == "zero" or _holes(files)):
         compact(path, format=backend.name, progress=sub_progress(prog, work.total, work.total))
     prog.finish()
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:

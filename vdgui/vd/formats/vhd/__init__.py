@@ -101,7 +101,8 @@ class VhdBackend(Backend):
             | Cap.VFS | Cap.PREFERRED)
     extensions = (FileExtension("vhd", DeviceType.HARD_DISK),)
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.COMPACT, Operation.RESIZE,
-                            Operation.CHECK, Operation.REPAIR, Operation.RELINK})
+                            Operation.CHECK, Operation.REPAIR, Operation.RELINK,
+                            Operation.DISCARD})
     create_flags = ImageFlags.FIXED
     max_size = MAX_VIRTUAL
     size_granularity = SECTOR

@@ -3,13 +3,13 @@ packed into holes, file cut) and check/repair."""
 from __future__ import annotations
 
 from ...align import ceil_div
-from ...compaction import holes_between, move_blocks, plan_moves
+from ...compaction import holes_between, move_blocks, plan_moves, punch_blocks
 from ...errors import InvalidArgument, NotSupported
 from ...geometry import Geometry, vhd_chs
 from ...image import CheckReport, FillFn, Problem, ProblemCode
 from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
-from ...sparse import is_zero
+from ...sparse import is_zero, split_blocks, zeroes
 from .fields import _round, bitmap_runs, fixed_geometry, round_size_to_chs
 from .layout import (
     CURRENT_SIZE_CREATORS,
@@ -174,6 +174,44 @@ class MaintenanceMixin(VhdState):
             prog.advance(1)
         self._pack(prog)
         prog.finish()
+
+    # -- DISCARD (dynamic base disks) -----------------------------------------------------------
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
+        """Whole blocks leave the BAT (synced) and give their space back; parts of blocks are
+        zeroed. A differencing VHD cannot say "reads zero" over its parent, and a fixed one
+        holds every block: both refuse (NotSupported), so callers write zeroes or skip."""
+        self.require_writable()
+        self._refuse_cross_linked()
+        if self.is_fixed or self.is_diff:
+            raise NotSupported(f"{self.location}: discard is not supported for a "
+                               f"{'fixed' if self.is_fixed else 'differencing'} VHD")
+        freed: dict[int, int] = {}
+        for idx, inner, _pos, n in split_blocks(offset, length, self.block_size):
+            start = self._block_start(idx)
+            if start is None:
+                continue                            # reads zeroes already
+            if inner == 0 and n >= min(self.block_size, self.size - idx * self.block_size):
+                freed[idx] = start
+            else:
+                self.f.pwrite(start + self.bm_size + inner, zeroes(n))
+        if freed:
+            self._set_bats(dict.fromkeys(freed, FREE))
+            for idx in freed:
+                self._bitmaps.pop(idx, None)
+            self.f.sync()                           # the BAT stops naming the blocks first
+            punch_blocks(self.f, freed.values(), self.total)
+
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: the last blocks move down into the holes, in place (as compact's
+        second half), the footer follows and the file is cut."""
+        self.require_writable()
+        if self.is_fixed or self._bad:
+            return False
+        prog = Progress(progress, max(sum(1 for e in self.bat if e != FREE), 1))
+        prog.start()
+        self._pack(prog)
+        prog.finish()
+        return True
 
     def _block_is_redundant(self, idx: int, parent_read: FillFn | None) -> bool:
         start = self.bat[idx] * SECTOR

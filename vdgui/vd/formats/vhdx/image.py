@@ -18,6 +18,7 @@ from ...backend import (
     ProbeInput,
     too_large,
 )
+from ...compaction import punch_blocks
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileio import ImageFile
@@ -642,14 +643,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
         if entries:
             self._set_entries(entries)
             self.f.sync()                       # the BAT stops naming the blocks first
-            gone.sort()
-            i = 0
-            while i < len(gone):                # then their space goes, a run per call
-                j = i + 1
-                while j < len(gone) and gone[j] == gone[j - 1] + self.block_size:
-                    j += 1
-                self.f.punch_hole(gone[i], gone[j - 1] + self.block_size - gone[i])
-                i = j
+            punch_blocks(self.f, gone, self.block_size)    # then their space goes
 
     def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """As discard: whole blocks become ZERO (differencing) or UNMAPPED (base) entries."""
