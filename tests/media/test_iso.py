@@ -141,6 +141,7 @@ def test_files_are_streamed_not_held(tmp_path, monkeypatch):
     src.mkdir()
     for i in range(5):
         (src / f"f{i}.bin").write_bytes(bytes([i]) * (200 << 10))
+    (src / "big.bin").write_bytes(b"\xbb" * (3 << 20))
     reads, open_now, most_open = [], [0], [0]
     real_open = iso_mod.open_source
 
@@ -162,7 +163,8 @@ def test_files_are_streamed_not_held(tmp_path, monkeypatch):
     monkeypatch.setattr(iso_mod, "open_source", counting_open)
     create_iso(str(tmp_path / "o.iso"), folder_contents(str(src)))
     assert most_open[0] == 1 and open_now[0] == 0
-    assert reads and max(reads) <= 32768 and sum(reads) == 5 * (200 << 10)
+    assert max(reads) <= iso_mod.COPY_PIECE and sum(reads) == 5 * (200 << 10) + (3 << 20)
+    assert len(reads) >= 5 + 3                       # the 3 MiB file in pieces
 
 
 class _Wrap:

@@ -169,6 +169,7 @@ class FloppyDialog(_MediaDialog):
     ext = "img"
 
     def __init__(self, folder: str | None = None, parent=None):
+        self._measured: dict[tuple, int] = {}
         super().__init__(folder, parent)
         self.size = QComboBox()
         self.size.setObjectName("size")
@@ -191,7 +192,10 @@ class FloppyDialog(_MediaDialog):
             errors.append(f"A FAT label cannot contain {' '.join(bad)}")
         fmt = FLOPPY_FORMATS[self.size.currentData()]
         room = fmt.clusters * fmt.cluster_bytes
-        used = _tree_bytes(self.sources.paths(), room)
+        key = (tuple(self.sources.paths()), room)
+        if key not in self._measured:          # walked once per choice, not per keystroke
+            self._measured = {key: _tree_bytes(list(key[0]), room)}
+        used = self._measured[key]
         if used > room:
             errors.append(f"The chosen files need more than {format_size(room)}, what a "
                           f"{fmt.name} floppy holds")

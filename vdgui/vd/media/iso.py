@@ -26,6 +26,7 @@ JOLIET_NAME = 64         # UCS-2 characters (Joliet specification, section 3.2)
 RR_NAME = 255            # bytes
 LABEL = 32               # volume identifier: d-characters
 DEFAULT_LABEL = "CDROM"
+COPY_PIECE = 1 << 20     # files are copied in pieces of at most this many bytes
 _D = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _JOLIET_BAD = frozenset("*/:;?\\")
 
@@ -191,7 +192,7 @@ def create_iso(path: str, sources: Sequence[str], *, label: str | None = None,
                     def cb(done: int, total: int, _opaque: object) -> None:
                         prog.total = total
                         prog.set(done)
-                    iso.write_fp(out, progress_cb=cb)
+                    iso.write_fp(out, blocksize=COPY_PIECE, progress_cb=cb)
                     out.flush()
                     os.fsync(out.fileno())
             except OSError as exc:
