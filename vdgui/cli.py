@@ -13,6 +13,7 @@ import uuid as uuidlib
 
 import vdgui.vd as vd
 
+from . import cli_crypt
 from .cli_parser import PROG, CLIError, build_parser
 
 CHUNK = 4 << 20
@@ -109,11 +110,21 @@ def _check_location(path: str, backend: vd.Backend) -> None:
         raise CLIError(f"image '-' needs a non-file backend; {backend.name} images are files")
 
 
-def _open_chain(args, path, fmt=None, flags=vd.OpenFlags.READ_ONLY, props=None) -> vd.Disk:
+def _open_chain(args, path, fmt=None, flags=vd.OpenFlags.READ_ONLY, props=None, *,
+                data=True) -> vd.Disk:
+    """The chain of ``path``; with ``data``, read and written through the CRYPT filter when
+    the chain has a VirtualBox key store (cli_crypt)."""
     be = _backend_for(path, fmt)
     _check_location(path, be)
     cfg = _config(be, props or {})
-    return vd.Disk.open_chain(path, be.name, _flags(args, flags), cfg)
+    d = vd.Disk.open_chain(path, be.name, _flags(args, flags), cfg)
+    if data:
+        try:
+            cli_crypt.add_filters(args, d)
+        except BaseException:
+            d.close()
+            raise
+    return d
 
 
 def _geometry(text: str | None):
@@ -206,8 +217,9 @@ def _json(obj) -> None:
 def cmd_info(args) -> int:
     props = _props(args)
     if args.chain:
-        with _open_chain(args, args.image, args.format, props=props) as d:
+        with _open_chain(args, args.image, args.format, props=props, data=False) as d:
             infos = [d.info(i) for i in range(len(d))]
+            paths = cli_crypt.chain_paths(d)
         top = dict(infos[-1])
         top["chain"] = infos
     else:
@@ -219,6 +231,10 @@ def cmd_info(args) -> int:
             d.open(args.image, be, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY
                                           | vd.OpenFlags.LOCK_SHARED), cfg)
             top = d.info(0)
+            paths = [args.image]
+    crypt = None if "encryption" in top else cli_crypt.info(args, paths)
+    if crypt is not None:
+        top["encryption"] = crypt
     if args.json:
         _json(top)
         return 0
@@ -236,6 +252,12 @@ def _caps_words(caps) -> list[str]:
 
 
 def cmd_backends(args) -> int:
+    if args.filters:
+        if args.json:
+            _json(cli_crypt.filter_rows())
+        else:
+            cli_crypt.print_filters(cli_crypt.filter_rows(), _out)
+        return 0
     rows = []
     for b in vd.backends():
         origin = vd.backend_origin(b)
@@ -247,14 +269,7 @@ def cmd_backends(args) -> int:
             "aliases": list(b.aliases),
             "capabilities": _caps_words(b.caps),
             "extensions": [{"ext": fe.ext, "device": fe.device.value} for fe in b.extensions],
-            "config_keys": [{"name": k.name, "type": k.type.name.lower(), "default": k.default,
-                             "flags": [f.name.lower() for f in vd.KeyFlag
-                                       if f and f.name and k.flags & f],
-                             "description": k.description, "label": k.title, "unit": k.unit,
-                             "choices": list(k.choices) or None,
-                             "variant": [f.name.lower() for f in vd.ImageFlags
-                                         if f and f.name and k.variant & f] or None}
-                            for k in b.config_keys],
+            "config_keys": [cli_crypt.key_row(k) for k in b.config_keys],
             "operations": sorted(op.value for op in b.operations),
             "can_shrink": b.can(vd.Operation.RESIZE) and b.can_shrink,
             "max_size": b.max_size if b.creatable else None,     # with the default keys
@@ -280,6 +295,7 @@ def cmd_backends(args) -> int:
             unit = f" {k['unit']}" if k["unit"] else ""
             _out(f"  key {k['name']} ({k['label']}{unit}): {k['type']}, default {default}, "
                  f"flags {flags}")
+    _out("filters (backends --filters): " + ", ".join(f.name for f in vd.filters()))
     return 0
 
 
@@ -302,15 +318,19 @@ def cmd_create(args) -> int:
     if args.parent:
         if args.size is not None:
             raise CLIError("--size cannot be used with --parent (the size comes from the parent)")
-        with _open_chain(args, args.parent, args.parent_format) as d:
+        if getattr(args, "encrypt", None):
+            raise CLIError("--encrypt cannot be used with --parent (a differencing image is "
+                           "encrypted with its parent's key)")
+        with _open_chain(args, args.parent, args.parent_format, data=False) as d:
             d.create_diff(args.image, be, flags=flags, comment=args.comment, uuid=uid, config=cfg,
                           allow_unsafe_paths=bool(args.allow_unsafe_paths))
         return 0
     if args.size is None:
         raise CLIError("create needs --size SIZE (or --parent PARENT)")
     prog = TtyProgress("create")
+    crypt = cli_crypt.new_filter(args, args.image)
     try:
-        with vd.Disk() as d:
+        with cli_crypt.keystore_written(args.image, crypt), vd.Disk() as d:
             d.create_base(args.image, _size(args.size), be, flags=flags, comment=args.comment,
                           uuid=uid, config=cfg, progress=prog,
                           allow_unsafe_paths=bool(args.allow_unsafe_paths))
@@ -355,15 +375,20 @@ def cmd_convert(args) -> int:
     src_cfg = _config(src_be, src_props)
     dst_cfg = _config(dst_be, dst_props, creating=bool(dst_be.caps & vd.Cap.FILE))
     _tune_malloc()
+    src_filters = (cli_crypt.source_filters(args, args.src, src_be.name, _flags(args))
+                   if src_be.caps & vd.Cap.FILE else [])
+    crypt = cli_crypt.new_filter(args, args.dst)
     prog = TtyProgress("convert")
     try:
-        vd.copy_image(args.src, args.dst, dst_be, src_format=src_be,
-                      variant=_variant(args.variant),
-                      new_size=_size(args.size) if args.size is not None else None,
-                      keep_uuid=args.keep_uuid, as_chain=args.chain, src_config=src_cfg,
-                      dst_config=dst_cfg, progress=prog, force_share=args.force_share,
-                      allow_unsafe_paths=bool(args.allow_unsafe_paths),
-                      sync=args.cache != "unsafe")
+        with cli_crypt.keystore_written(args.dst, crypt):
+            vd.copy_image(args.src, args.dst, dst_be, src_format=src_be,
+                          variant=_variant(args.variant),
+                          new_size=_size(args.size) if args.size is not None else None,
+                          keep_uuid=args.keep_uuid, as_chain=args.chain, src_config=src_cfg,
+                          dst_config=dst_cfg, progress=prog, force_share=args.force_share,
+                          allow_unsafe_paths=bool(args.allow_unsafe_paths),
+                          sync=args.cache != "unsafe", src_filters=src_filters,
+                          dst_filters=[crypt] if crypt else None)
     finally:
         prog.close()
     return 0
@@ -535,7 +560,7 @@ def _check_data_lines(args, report) -> None:
 
 
 def cmd_map(args) -> int:
-    with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+    with _open_chain(args, args.image, args.format, props=_props(args), data=False) as d:
         runs = []
         # one allocation walk over the whole disk: its cost follows the metadata, not the size
         for e in d.allocation(0, d.size):
@@ -620,6 +645,8 @@ def cmd_set(args) -> int:
     be = _backend_for(args.image, args.format)
     _check_location(args.image, be)
     cfg = _config(be, _props(args))
+    if getattr(args, "new_passphrase_file", None):
+        return cli_crypt.change_passphrase(args, args.image, be.name, _flags(args))
     if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs)):
         raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, --lchs")
 

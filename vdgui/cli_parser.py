@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backends", parents=[common], help="list the formats this build supports")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--filters", action="store_true",
+                   help="list the filters (e.g. CRYPT) instead, in the same shape")
 
     p = sub.add_parser("create", parents=[common], help="create a new image")
     p.add_argument("-f", "--format", required=True)
@@ -283,4 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="passphrase of an encrypted image, the file's content without "
                                 "its final newline (repeatable: each is tried on every "
                                 "encrypted member of the chain)")
+    for name in ("create", "convert"):
+        sub.choices[name].add_argument(
+            "--encrypt", metavar="KIND",
+            help="encrypt the new image: vbox-aes-xts256 or vbox-aes-xts128 (VirtualBox's disk "
+                 "encryption; its key store is written beside the image as IMAGE.keystore)")
+    for name in ("create", "convert", "set"):
+        sub.choices[name].add_argument(
+            "--new-passphrase-file", metavar="FILE",
+            help="passphrase to encrypt with (create/convert --encrypt) or to change to (set)")
+    for name, p in sub.choices.items():
+        if name not in ("backends", "merge", "resize", "compact", "check", "sparsify"):
+            p.add_argument("--keystore", action="append", metavar="FILE",
+                           help="VirtualBox key store of an encrypted image: a VirtualBox.xml or "
+                                ".vbox (the medium of the image), an IMAGE.keystore file or the "
+                                "base64 key store (default: IMAGE.keystore beside each image of "
+                                "the chain)")
     return ap

@@ -127,7 +127,7 @@ def test_passphrase_is_never_in_errors_or_reprs(tmp_path):
     assert "hunter2" not in str(exc.value)
     f = _filter(tmp_path, pw=b"hunter2-secret")
     text = repr(f) + repr(f.info()) + repr(f.properties())
-    assert "hunter2" not in text and f.info()["algorithm"] == ALGO
+    assert "hunter2" not in text and f.info()["cipher"] == ALGO
 
 
 # -- the data path ----------------------------------------------------------------------------

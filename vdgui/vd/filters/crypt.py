@@ -40,8 +40,7 @@ class CryptFilter(Filter):
         self._units.encrypt(offset, buf)
 
     def info(self) -> dict:
-        return {"name": NAME, "algorithm": self.keystore.cipher, "key_id": self.key_id,
-                **self.keystore.summary()}
+        return {"name": NAME, **self.keystore.summary(), "key_id": self.key_id}
 
     def properties(self) -> dict[str, str]:
         return {"KeyId": self.key_id, "KeyStore": self.keystore.encode()}

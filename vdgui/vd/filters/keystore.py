@@ -194,8 +194,10 @@ class KeyStore:
 
     def summary(self) -> dict:
         """What ``info`` shows without a passphrase."""
-        return {"cipher": self.cipher, "kdf": self.kdf, "key_bytes": self.key_size,
-                "dek_iterations": self.dek_iterations,
+        return {"format": "vbox-crypt", "cipher": self.cipher, "key_bits": self.key_size * 8,
+                "hash": KDFS[self.kdf],
+                "keyslots": [{"slot": 0, "active": True, "kdf": "pbkdf2",
+                              "hash": KDFS[self.kdf], "iterations": self.dek_iterations}],
                 "digest_iterations": self.digest_iterations}
 
 

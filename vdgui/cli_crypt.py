@@ -1,0 +1,145 @@
+"""vdgui-img and filters: the filter table's listing, and VirtualBox's disk encryption (the
+CRYPT filter, issue #17).
+
+The key store is not in the image: vdgui-img finds it in ``--keystore FILE`` (a VirtualBox.xml
+or .vbox, whose medium matching a chain member is used; a key store sidecar; a bare base64 key
+store) or in the sidecar ``<image file>.keystore`` of a chain member (top first). An image with
+a key store is read and written through the filter, which asks for the passphrase
+(``--passphrase-file``). ``--encrypt vbox-aes-xts256|vbox-aes-xts128`` writes a new key store
+to the target's sidecar first (removed again if the command fails)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import vdgui.vd as vd
+
+VBOX = {"vbox-aes-xts256": "AES-XTS256-PLAIN64", "vbox-aes-xts128": "AES-XTS128-PLAIN64"}
+
+
+def chain_paths(d: vd.Disk) -> list[str]:
+    """The chain's image files, top first (where a key store is looked for)."""
+    return [img.location for img in reversed(d.images)]
+
+
+def keystore_for(args, paths: list[str]) -> tuple[dict, str] | None:
+    """(CRYPT configuration, the file it came from) for the chain ``paths``, or None."""
+    for ks in getattr(args, "keystore", None) or []:
+        for p in paths:
+            try:
+                return vd.read_keystore_file(ks, p), ks
+            except vd.ImageNotFound:
+                continue
+    return vd.find_keystore(paths)
+
+
+def _open_filter(found: tuple[dict, str], location: str) -> vd.Filter:
+    cfg, _src = found
+    return vd.get_filter("CRYPT").open(
+        {"KeyStore": cfg["KeyStore"], "KeyId": cfg.get("KeyId") or ""}, location)
+
+
+def add_filters(args, d: vd.Disk) -> None:
+    """Put the CRYPT filter on ``d`` when its chain has a key store."""
+    found = keystore_for(args, chain_paths(d))
+    if found is not None:
+        d.add_filter(_open_filter(found, d.top.location))
+
+
+def source_filters(args, path: str, fmt: str | None, flags: vd.OpenFlags) -> list[vd.Filter]:
+    """The filters a copy reads ``path``'s chain through (unlocked before anything is made)."""
+    with vd.Disk.open_chain(path, fmt, flags | vd.OpenFlags.READ_ONLY) as d:
+        paths = chain_paths(d)
+    found = keystore_for(args, paths)
+    return [] if found is None else [_open_filter(found, path)]
+
+
+def info(args, paths: list[str]) -> dict | None:
+    """What ``info`` shows of a chain's CRYPT key store, without a passphrase."""
+    found = keystore_for(args, paths)
+    if found is None:
+        return None
+    cfg, src = found
+    ks = vd.KeyStore.decode(cfg["KeyStore"], src)
+    return {**ks.summary(), "key_id": cfg.get("KeyId") or "", "key_store": src}
+
+
+def new_filter(args, dst: str) -> vd.Filter | None:
+    """A CRYPT filter with a new key and key store for ``--encrypt vbox-…``; None without."""
+    kind = getattr(args, "encrypt", None)
+    if not kind:
+        return None
+    if kind not in VBOX:
+        raise vd.NotSupported(f"--encrypt {kind}: unknown encryption (known: "
+                              f"{', '.join(VBOX)})")
+    side = vd.sidecar_path(dst)
+    if os.path.lexists(side):
+        raise vd.FileExists(f"{side}: file already exists (the new key store goes there)")
+    stem = os.path.splitext(os.path.basename(dst))[0]
+    return vd.get_filter("CRYPT").open(
+        {"CreateKeyStore": 1, "Algorithm": VBOX[kind], "KeyId": stem}, dst)
+
+
+@contextlib.contextmanager
+def keystore_written(dst: str, f: vd.Filter | None) -> Iterator[None]:
+    """Write ``f``'s key store beside ``dst`` before the block makes ``dst``; if the block
+    fails, the key store goes again (no image is left without its key, nor a key without it)."""
+    if f is None:
+        yield
+        return
+    side = vd.write_sidecar(dst, f.properties())
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(side)
+        raise
+
+
+def change_passphrase(args, image: str, fmt: str | None, flags: vd.OpenFlags) -> int:
+    """``set IMAGE --passphrase-file OLD --new-passphrase-file NEW``: a new key store for the
+    same key (the image is not rewritten), written to the sidecar it came from, or beside the
+    image when it came from a VirtualBox registry (which vdgui never edits)."""
+    with vd.Disk.open_chain(image, fmt, flags | vd.OpenFlags.READ_ONLY) as d:
+        paths = chain_paths(d)
+    found = keystore_for(args, paths)
+    if found is None:
+        raise vd.NotSupported(f"{image}: no VirtualBox key store found (looked for "
+                              f"{os.path.basename(vd.sidecar_path(image))} beside each image of "
+                              "the chain; give the registry with --keystore FILE)")
+    f = _open_filter(found, image)
+    f.rewrap(image)
+    _cfg, src = found
+    suffix = vd.sidecar_path("")
+    owner = src[:-len(suffix)] if src.endswith(suffix) and src[:-len(suffix)] in paths else image
+    target = vd.write_sidecar(owner, f.properties(), replace=True)
+    if target != src:
+        sys.stderr.write(f"new key store written to {target}; {src} still holds the old one "
+                         "(copy the two Property lines into it for VirtualBox)\n")
+    return 0
+
+
+def key_row(k: vd.ConfigKey) -> dict:
+    """A configuration key as ``backends --json`` shows it (formats and filters alike)."""
+    return {"name": k.name, "type": k.type.name.lower(), "default": k.default,
+            "flags": [f.name.lower() for f in vd.KeyFlag if f and f.name and k.flags & f],
+            "description": k.description, "label": k.title, "unit": k.unit,
+            "choices": list(k.choices) or None,
+            "variant": [f.name.lower() for f in vd.ImageFlags
+                        if f and f.name and k.variant & f] or None}
+
+
+def filter_rows() -> list[dict]:
+    return [{"name": f.name, "description": f.description,
+             "capabilities": [c.name for c in vd.FilterCap if c and c.name and f.caps & c],
+             "config_keys": [key_row(k) for k in f.config_keys]} for f in vd.filters()]
+
+
+def print_filters(rows: list[dict], out) -> None:
+    for r in rows:
+        out(f"filter {r['name']}: {r['description']}")
+        out(f"  capabilities: {', '.join(r['capabilities'])}")
+        for k in r["config_keys"]:
+            out(f"  key {k['name']} ({k['label']}): {k['type']}")
