@@ -2,6 +2,7 @@
 they are added (block_status answers, allocation maps)."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 S = TypeVar("S")
@@ -30,13 +31,13 @@ class RunList(Generic[S]):
     def __len__(self) -> int:
         return len(self.runs)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int, S]]:
         return iter(self.runs)
 
 
-def merge_runs(runs) -> list[tuple[int, int, object]]:
+def merge_runs(runs: Iterable[tuple[int, int, S]]) -> list[tuple[int, int, S]]:
     """``runs`` with touching runs of one state merged (and empty runs dropped)."""
-    out: RunList[object] = RunList()
+    out: RunList[S] = RunList()
     for s, n, st in runs:
         out.add(s, n, st)
     return out.runs

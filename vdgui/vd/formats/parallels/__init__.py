@@ -60,6 +60,7 @@ from ...backend import (
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
 from ...errors import FileExists, InvalidArgument, NotSupported, require_text
 from ...fileio import ImageFile, temp_name
+from ...image import Image
 from .bundle import _DESCRIPTOR, ParallelsBundleImage, _xml_escape
 from .image import ParallelsImage, _limit_reason, _write_new_image
 from .layout import *  # noqa: F403  (the structures and constants, as parallels.py exported them)
@@ -97,11 +98,11 @@ class ParallelsBackend(Backend):
     size_granularity = SECTOR
     max_size = MAX_BAT_ENTRIES * DEFAULT_CLUSTER     # 16 TiB with the default 1 MiB clusters
 
-    def max_size_for(self, config=None):
-        return MAX_BAT_ENTRIES * self.config_value(config, "ClusterSize")
+    def max_size_for(self, config: dict | None = None) -> int:
+        return MAX_BAT_ENTRIES * self.config_int(config, "ClusterSize")
 
-    def limit_reason(self, config=None):
-        return _limit_reason(self.config_value(config, "ClusterSize"))
+    def limit_reason(self, config: dict | None = None) -> str:
+        return _limit_reason(self.config_int(config, "ClusterSize"))
 
     bundle_descriptor = DESCRIPTOR_NAME     # registry: a name.hdd/ folder probes through it
 
@@ -113,7 +114,8 @@ class ParallelsBackend(Backend):
             return 100
         return 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> Image:
         parse_config(self.config_keys, config, owner=self.name)
         if os.path.isdir(location):
             return ParallelsBundleImage(self, location, os.path.join(location, DESCRIPTOR_NAME),
@@ -123,7 +125,7 @@ class ParallelsBackend(Backend):
         f = ImageFile(location, writable=not flags.read_only)
         return ParallelsImage(self, location, f, flags)
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> ParallelsImage | ParallelsBundleImage:
         if p.parent is not None:
             raise NotSupported("Parallels differencing images (bundle snapshots) cannot be "
                                "created by this backend")
@@ -152,7 +154,7 @@ class ParallelsBackend(Backend):
             raise
         return ParallelsImage(self, p.location, f, OpenFlags.NORMAL, fresh=True)
 
-    def _create_bundle(self, p: CreateParams, size: int, cl: int):
+    def _create_bundle(self, p: CreateParams, size: int, cl: int) -> ParallelsBundleImage:
         """A ``name.hdd`` folder as Parallels Desktop lays it out: DiskDescriptor.xml, one
         expanding ``.hds`` extent, an empty ``name.hdd`` placeholder. Built in a temporary folder
         beside the target and renamed into place when complete."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
+from collections.abc import Iterator
 
-from ...backend import ImageFlags, OpenFlags
+from ...backend import Backend, ImageFlags, OpenFlags
 from ...errors import CorruptImage, ImageNotFound, NotSupported
 from ...fileio import ImageFile, close_all, resolve_stored_name
 from ...geometry import Geometry
-from ...image import Alloc, CheckReport, Image
+from ...image import Alloc, CheckReport, FillFn, Image
+from ...progress import ProgressCallback
 from ...runs import merge_runs
 from .image import ParallelsImage
 from .layout import MAX_DESCRIPTOR, MAX_EXTENTS, MAX_SNAPSHOTS, SECTOR, ZERO_GUID
@@ -23,43 +25,48 @@ def _xml_escape(text: str) -> str:
 class _RawLayer:
     """A "Plain" extent image: a flat file."""
 
-    def __init__(self, path: str, f: ImageFile, size: int, read_only: bool):
+    def __init__(self, path: str, f: ImageFile, size: int, read_only: bool) -> None:
         self.location, self.f, self.size, self.read_only = path, f, size, read_only
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return [(offset, length, Alloc.DATA)]
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         data = self.f.pread(offset, length)
         return data + bytes(length - len(data))
 
-    def write(self, offset, data, fill, fill_below=False):
+    def write(self, offset: int, data: bytes | memoryview, fill: FillFn,
+              fill_below: bool = False) -> None:
         self.f.pwrite(offset, data)
 
-    def flush(self):
+    def flush(self) -> None:
         if not self.read_only:
             self.f.sync()
 
-    def close(self):
+    def close(self) -> None:
         if self.f.fd >= 0:
             try:
                 self.flush()
             finally:
                 self.f.close()
 
-    def files(self):
+    def files(self) -> list[str]:
         return [self.location]
 
 
+_Layer = ParallelsImage | _RawLayer     # an image of an extent's snapshot chain
+
+
 class _Extent:
-    def __init__(self, start: int, end: int, layers: list):
+    def __init__(self, start: int, end: int, layers: list[_Layer]) -> None:
         self.start, self.end, self.layers = start, end, layers   # layers: base first
 
 
 class ParallelsBundleImage(Image):
     """A Parallels bundle (``name.hdd/`` with DiskDescriptor.xml): extents x snapshot layers."""
 
-    def __init__(self, backend, location: str, descriptor: str, flags: OpenFlags):
+    def __init__(self, backend: Backend, location: str, descriptor: str,
+                 flags: OpenFlags) -> None:
         super().__init__(backend, location, flags.read_only)
         self.descriptor = descriptor
         self.extents: list[_Extent] = []
@@ -69,8 +76,10 @@ class ParallelsBundleImage(Image):
             self.close()
             raise
 
-    def _corrupt(self, message, **kw):
-        return CorruptImage(message, path=self.descriptor, **kw)
+    def _corrupt(self, message: str, *, field: str | None = None, expected: object = None,
+                 found: object = None) -> CorruptImage:
+        return CorruptImage(message, path=self.descriptor, field=field, expected=expected,
+                            found=found)
 
     def _load(self, flags: OpenFlags) -> None:
         try:
@@ -94,7 +103,7 @@ class ParallelsBundleImage(Image):
             raise self._corrupt("not a Parallels disk descriptor", field="root element",
                                 expected="Parallels_disk_image", found=root.tag)
 
-        def num(elem, tag, where):
+        def num(elem: ET.Element, tag: str, where: str) -> int:
             t = elem.findtext(tag)
             try:
                 v = int((t or "").strip())
@@ -128,7 +137,7 @@ class ParallelsBundleImage(Image):
         except ValueError:
             self.pchs = None
         # snapshots: the chain from the base to the current (top) snapshot
-        shots = {}
+        shots: dict[str, str] = {}   # GUID: parent GUID
         snaps = root.find("Snapshots")
         top_guid = None
         if snaps is not None:
@@ -162,7 +171,7 @@ class ParallelsBundleImage(Image):
                 raise self._corrupt(f"{where}: extents must be contiguous and non-empty",
                                     field="Start/End", expected=f"Start {pos} < End",
                                     found=f"{start}..{end}")
-            images = {}
+            images: dict[str, tuple[str, str]] = {}    # GUID: (type, file)
             for im in s.findall("Image"):
                 g = (im.findtext("GUID") or "").strip().lower()
                 images[g] = ((im.findtext("Type") or "Compressed").strip(),
@@ -177,7 +186,7 @@ class ParallelsBundleImage(Image):
                 order = chain
             else:
                 order = list(images)[:1]
-            layers = []
+            layers: list[_Layer] = []
             self.extents.append(_Extent(start * SECTOR, end * SECTOR, layers))
             for n, g in enumerate(order):
                 kind, name = images[g]
@@ -190,10 +199,10 @@ class ParallelsBundleImage(Image):
             raise self._corrupt("extents do not cover the disk", field="End",
                                 expected=f"last End = Disk_size {total}", found=pos)
         first = self.extents[0].layers[0]
-        self.block_size = getattr(first, "block_size", SECTOR)
+        self.block_size = first.block_size if isinstance(first, ParallelsImage) else SECTOR
         self.flags = ImageFlags.NONE
 
-    def _snapshot_chain(self, shots: dict, top: str | None) -> list[str]:
+    def _snapshot_chain(self, shots: dict[str, str], top: str | None) -> list[str]:
         if not shots:
             return []
         if top is None:
@@ -215,7 +224,7 @@ class ParallelsBundleImage(Image):
         return list(reversed(chain))
 
     def _open_layer(self, kind: str, name: str, size: int, *, read_only: bool, unsafe: bool,
-                    where: str):
+                    where: str) -> _Layer:
         path = resolve_stored_name(self.descriptor, name, allow_unsafe=unsafe,
                                    what=f"{where} image file")
         if os.path.abspath(path) == os.path.abspath(self.descriptor):
@@ -235,7 +244,7 @@ class ParallelsBundleImage(Image):
         raise NotSupported(f"{self.descriptor}: {where}: image type {kind!r} is not supported")
 
     # -- data --------------------------------------------------------------------------------
-    def _pieces(self, offset, length):
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[_Extent, int, int]]:
         end = offset + length
         for e in self.extents:
             if e.end <= offset or e.start >= end:
@@ -243,7 +252,8 @@ class ParallelsBundleImage(Image):
             s, t = max(offset, e.start), min(end, e.end)
             yield e, s, t - s
 
-    def _layer_status(self, layers, k, off, n, out, base):
+    def _layer_status(self, layers: list[_Layer], k: int, off: int, n: int,
+                      out: list[tuple[int, int, Alloc]], base: int) -> None:
         if k < 0:
             out.append((base + off, n, Alloc.UNALLOCATED))
             return
@@ -253,7 +263,8 @@ class ParallelsBundleImage(Image):
             else:
                 out.append((base + s, ln, st))
 
-    def _layer_read(self, layers, k, off, n, buf, bufoff):
+    def _layer_read(self, layers: list[_Layer], k: int, off: int, n: int, buf: bytearray,
+                    bufoff: int) -> None:
         if k < 0:
             return
         for s, ln, st in layers[k].block_status(off, n):
@@ -263,19 +274,19 @@ class ParallelsBundleImage(Image):
             elif st == Alloc.UNALLOCATED:
                 self._layer_read(layers, k - 1, s, ln, buf, p)
 
-    def block_status(self, offset, length):
-        out: list = []
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        out: list[tuple[int, int, Alloc]] = []
         for e, s, n in self._pieces(offset, length):
             self._layer_status(e.layers, len(e.layers) - 1, s - e.start, n, out, e.start)
         return merge_runs(out)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         for e, s, n in self._pieces(offset, length):
             self._layer_read(e.layers, len(e.layers) - 1, s - e.start, n, buf, s - offset)
         return bytes(buf)
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         mv = memoryview(data)
         for e, s, n in self._pieces(offset, len(data)):
@@ -283,7 +294,7 @@ class ParallelsBundleImage(Image):
             below = len(e.layers) > 1
             layers = e.layers
 
-            def fill_from_below(o, ln, layers=layers):
+            def fill_from_below(o: int, ln: int, layers: list[_Layer] = layers) -> bytes:
                 b = bytearray(ln)
                 self._layer_read(layers, len(layers) - 2, o, ln, b, 0)
                 return bytes(b)
@@ -291,22 +302,22 @@ class ParallelsBundleImage(Image):
             top.write(s - e.start, mv[s - offset:s - offset + n], fill_from_below,
                       fill_below=below)
 
-    def flush(self):
+    def flush(self) -> None:
         for e in self.extents:
             e.layers[-1].flush()
 
-    def close(self):
+    def close(self) -> None:
         layers = [layer for e in self.extents for layer in e.layers]
         self.extents = []
         close_all(layer.close for layer in layers)
 
-    def files(self):
+    def files(self) -> list[str]:
         out = [self.descriptor]
         for e in self.extents:
             out += [layer.location for layer in e.layers]
         return out
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, object]:
         return {
             "subformat": "bundle",
             "descriptor": self.descriptor,
@@ -319,29 +330,32 @@ class ParallelsBundleImage(Image):
             "snapshot_chain": list(self.snapshot_chain),
         }
 
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Compact each extent's top image (clusters equal to the snapshot below are dropped)."""
         self.require_writable()
         total = len(self.extents)
         for i, e in enumerate(self.extents):
             top = e.layers[-1]
             if isinstance(top, ParallelsImage):
-                below = None
+                below: FillFn | None = None
                 if len(e.layers) > 1:
-                    def below(o, ln, layers=e.layers):
+                    def from_below(o: int, ln: int, layers: list[_Layer] = e.layers) -> bytes:
                         b = bytearray(ln)
                         self._layer_read(layers, len(layers) - 2, o, ln, b, 0)
                         return bytes(b)
+                    below = from_below
                 top.compact(None, below)
             if progress and progress(i + 1, total) is False:
                 from ...errors import Cancelled
                 raise Cancelled()
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         raise NotSupported(f"{self.location}: resizing a Parallels bundle is not supported "
                            "(resize its .hds extent images or convert the disk)")
 
-    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         rep = CheckReport()
         for e in self.extents:
             for layer in e.layers:

@@ -6,13 +6,14 @@ import hashlib
 from array import array
 
 from ...align import align_up, ceil_div
-from ...backend import OpenFlags, too_large
+from ...backend import Backend, OpenFlags, too_large
 from ...compaction import holes_between, move_blocks, overlapping, plan_moves
 from ...errors import InvalidArgument, NotSupported
 from ...fileimage import FileImage
 from ...fileio import ImageFile
 from ...geometry import Geometry
-from ...image import Alloc, CheckReport, Problem, ProblemCode
+from ...image import Alloc, CheckReport, FillFn, Problem, ProblemCode
+from ...progress import ProgressCallback
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks
 from ...tables import BlockTable, first_shared, read_table
@@ -40,11 +41,23 @@ def _limit_reason(cl: int) -> str:
 class ParallelsImage(FileImage):
     """One expanding Parallels image file (a plain ``.hdd`` or a bundle's ``.hds``)."""
 
+    f: ImageFile
+    file_len: int
+    ext: bool                           # 'WithouFreSpacExt': BAT entries count clusters
+    data_off: int
+    bat: array[int]
+    mult: int                           # bytes per BAT entry unit
+    dirty: bool
+    empty: bool
+    ext_cluster: int                    # format extension cluster offset (0: none)
+    alloc_end: int
+
     @property
     def max_size(self) -> int:
         return MAX_BAT_ENTRIES * self.block_size
 
-    def __init__(self, backend, location: str, f: ImageFile, flags: OpenFlags, *, fresh=False):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags, *,
+                 fresh: bool = False) -> None:
         super().__init__(backend, location, f, flags.read_only)
         self.open_flags = flags
         self.repaired_on_open: CheckReport | None = None
@@ -172,7 +185,7 @@ class ParallelsImage(FileImage):
         rel = max(off - self.data_off, 0)
         return self.data_off + align_up(rel, self.block_size)
 
-    def _write_header(self, **changes) -> None:
+    def _write_header(self, **changes: int) -> None:
         h = dict(self.hdr)
         h.pop("_io", None)
         h.update(changes)
@@ -197,13 +210,13 @@ class ParallelsImage(FileImage):
                                 found=f"{off:#x}")
         return off
 
-    def block_status(self, offset, length):
-        runs = RunList()
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        runs: RunList[Alloc] = RunList()
         for idx, _inner, pos, n in split_blocks(offset, length, self.block_size):
             runs.add(pos, n, Alloc.DATA if self._cluster_offset(idx) else Alloc.UNALLOCATED)
         return runs.runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         for idx, inner, pos, n in split_blocks(offset, length, self.block_size):
             off = self._cluster_offset(idx)
@@ -212,7 +225,8 @@ class ParallelsImage(FileImage):
                                                                         f"cluster {idx}")
         return bytes(out)
 
-    def write(self, offset, data, fill, fill_below: bool = False):
+    def write(self, offset: int, data: bytes | memoryview, fill: FillFn,
+              fill_below: bool = False) -> None:
         """``fill_below``: the image has layers below it (bundle snapshots); a new cluster is then
         completed from ``fill`` instead of reading as zeroes."""
         self.require_writable()
@@ -224,7 +238,7 @@ class ParallelsImage(FileImage):
             if off:
                 self.f.pwrite(off + inner, piece)
                 continue
-            if not fill_below and not getattr(self, "honor_zeroes", False) and is_zero(piece):
+            if not fill_below and not self.honor_zeroes and is_zero(piece):
                 continue
             new = self.alloc_end
             if new // self.mult > 0xFFFFFFFF:
@@ -243,7 +257,7 @@ class ParallelsImage(FileImage):
             self.f.sync()                       # data before the BAT entry naming it
             self._set_bat({idx: new})
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, object]:
         return {
             "subformat": "WithouFreSpacExt" if self.ext else "WithoutFreeSpace",
             "cluster_size": self.block_size,
@@ -256,7 +270,8 @@ class ParallelsImage(FileImage):
         }
 
     # -- operations ------------------------------------------------------------------------
-    def check(self, repair=False, dry_run=False, progress=None) -> CheckReport:
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         rep = CheckReport()
         fix = repair and not dry_run
         if fix:
@@ -278,7 +293,8 @@ class ParallelsImage(FileImage):
                 continue
             off = e * self.mult
             where = HEADER_SIZE + 4 * idx
-            bad = code = None
+            bad: str | None = None
+            code = ProblemCode.ENTRY_INVALID
             align = self.block_size if self.ext else SECTOR
             if off < self.data_off or (off - self.data_off) % align:
                 bad = f"BAT[{idx}]: cluster offset {off:#x} is outside or misaligned in the " \
@@ -338,7 +354,8 @@ class ParallelsImage(FileImage):
             progress(1, 1)
         return rep
 
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Drop clusters that read as zeroes (or as ``parent_read``), move the rest down into
         the holes (data copied and flushed before the BAT entry changes), shrink the file."""
         self.require_writable()
@@ -374,7 +391,7 @@ class ParallelsImage(FileImage):
         if progress:
             progress(entries + 1, entries + 1)
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size < self.size:
             raise InvalidArgument(f"{self.location}: shrinking a Parallels image is not supported "
