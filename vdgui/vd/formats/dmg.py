@@ -20,6 +20,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..errors import CorruptImage, NotSupported
@@ -83,7 +84,7 @@ def adc_decompress(src: bytes, out_size: int) -> bytes:
     return bytes(out[:out_size])
 
 
-_LZFSE_DECODE = []
+_LZFSE_DECODE: list[Callable[..., int] | None] = []    # the decoder, once looked up
 
 
 def _lzfse_decoder():
@@ -197,7 +198,7 @@ _CACHE = _ChunkCache(CACHE_BUDGET)
 _OWNERS = itertools.count()           # cache keys never reuse an owner (ids can be reused)
 
 
-def _lzma_error() -> type:
+def _lzma_error() -> type[Exception]:
     import lzma  # imported when needed: most runs never open a DMG
     return lzma.LZMAError
 
@@ -468,7 +469,7 @@ class DmgImage(Image):
         ctype = self._types[i]
         out_size = self._counts[i] * SECTOR
         comp = self.f.read_exact(self._offs[i], self._lens[i], f"chunk {i}")
-        where = dict(path=self.location, offset=self._offs[i])
+        at = self._offs[i]
         try:
             if ctype == CHUNK_RAW:
                 data = comp[:out_size]
@@ -478,13 +479,11 @@ class DmgImage(Image):
             elif ctype == CHUNK_BZIP2:
                 import bz2
 
-                d = bz2.BZ2Decompressor()
-                data = d.decompress(comp, max_length=out_size)
+                data = bz2.BZ2Decompressor().decompress(comp, max_length=out_size)
             elif ctype == CHUNK_LZMA:
                 import lzma
 
-                d = lzma.LZMADecompressor()
-                data = d.decompress(comp, max_length=out_size)
+                data = lzma.LZMADecompressor().decompress(comp, max_length=out_size)
             elif ctype == CHUNK_ADC:
                 data = adc_decompress(comp, out_size)
             elif ctype == CHUNK_LZFSE:
@@ -497,15 +496,18 @@ class DmgImage(Image):
                     ) from None
                 data = lzfse_decompress(comp, out_size)
             else:  # pragma: no cover - filtered at load
-                raise CorruptImage(f"unexpected chunk type {ctype:#x}", **where)
+                raise CorruptImage(f"unexpected chunk type {ctype:#x}", path=self.location,
+                                   offset=at)
         except (zlib.error, OSError, EOFError, ValueError, _lzma_error()) as exc:
             raise CorruptImage(
-                f"chunk {i} ({CHUNK_NAMES.get(ctype)}) does not decompress: {exc}", **where
+                f"chunk {i} ({CHUNK_NAMES.get(ctype)}) does not decompress: {exc}",
+                path=self.location, offset=at,
             ) from None
         except Exception as exc:
             if type(exc).__module__.startswith("lzfse") or type(exc).__name__ == "error":
                 raise CorruptImage(
-                    f"chunk {i} (lzfse) does not decompress: {exc}", **where
+                    f"chunk {i} (lzfse) does not decompress: {exc}", path=self.location,
+                    offset=at,
                 ) from None
             raise
         if len(data) < out_size:
