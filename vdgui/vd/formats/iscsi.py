@@ -13,7 +13,7 @@ import logging
 import os
 import struct
 import urllib.parse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..backend import Backend, Cap, OpenFlags, Operation
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
@@ -27,7 +27,7 @@ from ..errors import (
     VDIOError,
     VDTimeoutError,
 )
-from ..image import Alloc, Image
+from ..image import Alloc, FillFn, Image
 from . import iscsi_pdu as P
 
 if TYPE_CHECKING:
@@ -86,9 +86,9 @@ CONFIG_KEYS = (
     ConfigKey("TargetName", None, ValueType.STRING, M, "iSCSI qualified name of the target",
               label="Target name (IQN)"),
     ConfigKey("LUN", "0", ValueType.STRING, M, "logical unit number", label="LUN",
-              validator=lambda v: parse_lun(v)),
+              validator=lambda v: parse_lun(str(v))),
     ConfigKey("TargetAddress", None, ValueType.STRING, M, "host[:port] (default port 3260)",
-              label="Target address", validator=lambda v: parse_address(v)),
+              label="Target address", validator=lambda v: parse_address(str(v))),
     ConfigKey("InitiatorName", DEFAULT_INITIATOR, ValueType.STRING, KeyFlag.NONE,
               "our iSCSI qualified name", label="Initiator name (IQN)"),
     ConfigKey("InitiatorUsername", None, ValueType.STRING, KeyFlag.NONE, "CHAP user name",
@@ -114,7 +114,7 @@ CONFIG_KEYS = (
 class Connection:
     """One logged-in iSCSI session with one connection."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.host, self.port = parse_address(cfg["TargetAddress"])
         self.timeout = cfg["Timeout"] / 1000.0
@@ -166,6 +166,8 @@ class Connection:
                 self.sock = None
 
     def _recv_exact(self, n: int) -> bytes:
+        if self.sock is None:
+            raise _Dropped("not connected")
         buf = bytearray()
         while len(buf) < n:
             try:
@@ -200,7 +202,7 @@ class Connection:
         data = self._recv_exact(dlen + P.pad4(dlen))[:dlen] if dlen else b""
         return P.PDU(bytearray(bhs), data, ahs)
 
-    def _malformed(self, raw: bytes, why: str):
+    def _malformed(self, raw: bytes, why: str) -> NoReturn:
         if self.dump:
             log.warning("malformed iSCSI PDU from %s:%d (%s): %s", self.host, self.port, why,
                         raw[:256].hex())
@@ -263,15 +265,14 @@ class Connection:
             raise ConfigError("mutual CHAP needs both TargetUsername and TargetSecret")
         if tuser and not (user and secret):
             raise ConfigError("mutual CHAP needs InitiatorUsername and InitiatorSecret too")
-        use_chap = bool(user and secret)
         itt = self._next_itt()
         first = {
             "InitiatorName": cfg["InitiatorName"],
             "SessionType": "Normal",
             "TargetName": cfg["TargetName"],
-            "AuthMethod": "CHAP" if use_chap else "None",
+            "AuthMethod": "CHAP" if user and secret else "None",
         }
-        if use_chap:
+        if user and secret:
             f, keys = self._login_round(0, 1, False, first, itt)
             method = keys.get("AuthMethod", "")
             if method == "CHAP":
@@ -294,15 +295,17 @@ class Connection:
                     "CHAP_N": user,
                     "CHAP_R": P.encode_binary(P.chap_response(ident, secret, challenge)),
                 }
-                mine = None
-                if tuser:
+                mine: P.ChapChallenge | None = None
+                their_secret = b""
+                if tuser and tsecret:
                     mine = P.ChapChallenge()
+                    their_secret = tsecret
                     answer.update(mine.keys())
                 f, keys = self._login_round(0, 1, True, answer, itt)
                 if mine is not None:
                     try:
                         ok = keys.get("CHAP_N") == tuser and mine.verify(
-                            tsecret, P.decode_binary(keys.get("CHAP_R", ""))
+                            their_secret, P.decode_binary(keys.get("CHAP_R", ""))
                         )
                     except P.PDUError:
                         ok = False
@@ -345,7 +348,7 @@ class Connection:
             "DataSequenceInOrder": "Yes",
             "ErrorRecoveryLevel": "0",
         }
-        got: dict = {}
+        got: dict[str, str] = {}
         send = ours
         for _ in range(8):
             f, keys = self._login_round(1, 3, True, send, itt)
@@ -361,7 +364,7 @@ class Connection:
                     f"iSCSI target insists on {k}={got[k]}; digests are not supported"
                 )
 
-        def num(key, default):
+        def num(key: str, default: int) -> int:
             try:
                 return int(got.get(key, default))
             except ValueError:
@@ -396,12 +399,13 @@ class Connection:
         if ttt != P.RESERVED_TAG:
             self.send(P.nop_out(P.RESERVED_TAG, ttt, self.cmdsn, self.expstatsn, self.lun))
 
-    def execute(self, cdb: bytes, read_length: int = 0, write_data: bytes | None = None):
+    def execute(self, cdb: bytes, read_length: int = 0,
+                write_data: bytes = b"") -> tuple[int, bytes, bytes]:
         """Run one SCSI command: returns (status, data, sense)."""
         itt = self._next_itt()
         cmdsn = self.cmdsn
         self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
-        wlen = len(write_data) if write_data else 0
+        wlen = len(write_data)
         imm = b""
         if wlen and self.immediate_data:
             imm = write_data[: min(self.first_burst, self.target_mrdsl)]
@@ -486,10 +490,10 @@ class Connection:
 
 
 class IscsiImage(Image):
-    def __init__(self, backend, location, cfg, read_only):
+    def __init__(self, backend: Backend, location: str, cfg: dict, read_only: bool) -> None:
         super().__init__(backend, location, read_only)
         self.cfg = cfg
-        self.write_split = cfg["WriteSplit"]
+        self.write_split: int = cfg["WriteSplit"]
         self.conn = Connection(cfg)
         self.conn.connect()
         try:
@@ -519,7 +523,7 @@ class IscsiImage(Image):
         self.block_size = blen
         self.size = (last + 1) * blen
 
-    def info(self):
+    def info(self) -> dict[str, object]:
         return {
             "target": self.cfg["TargetName"],
             "lun": self.conn.lun,
@@ -531,14 +535,15 @@ class IscsiImage(Image):
             "target_max_recv": self.conn.target_mrdsl,
         }
 
-    def files(self):
+    def files(self) -> list[str]:
         return []
 
     @property
     def allocated_size(self) -> int:
         return self.size
 
-    def _scsi(self, cdb, read_length=0, write_data=None, what="command"):
+    def _scsi(self, cdb: bytes, read_length: int = 0, write_data: bytes = b"",
+              what: str = "command") -> tuple[int, bytes, bytes]:
         """Execute with reconnect-and-retry-once on a dropped connection; UNIT ATTENTION retried."""
         attempts = 0
         while True:
@@ -564,10 +569,10 @@ class IscsiImage(Image):
                 continue
             raise VDIOError(f"{self.location}: {what} failed with SCSI status {status:#x}")
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return [(offset, length, Alloc.DATA)]
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         bs = self.block_size
         out = bytearray()
         pos = offset
@@ -581,7 +586,7 @@ class IscsiImage(Image):
             pos += n
         return bytes(out)
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         bs = self.block_size
         mv = memoryview(data)
@@ -595,11 +600,11 @@ class IscsiImage(Image):
             )
             pos += n
 
-    def flush(self):
+    def flush(self) -> None:
         if not self.read_only:
             self._scsi(P.CDB_SYNC_CACHE10, what="SYNCHRONIZE CACHE")
 
-    def close(self):
+    def close(self) -> None:
         self.conn.logout()
 
 
@@ -643,7 +648,8 @@ class IscsiBackend(Backend):
             )
         return out
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> Image:
         given = dict(config or {})
         if location and location != "-":
             for k, v in self.parse_location(location).items():

@@ -67,10 +67,11 @@ class PDU:
 
     @property
     def itt(self) -> int:
-        return struct.unpack_from(">I", self.bhs, 16)[0]
+        return self.u32(16)
 
     def u32(self, off: int) -> int:
-        return struct.unpack_from(">I", self.bhs, off)[0]
+        value: int = struct.unpack_from(">I", self.bhs, off)[0]
+        return value
 
     @property
     def name(self) -> str:
