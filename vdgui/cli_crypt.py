@@ -25,14 +25,21 @@ def chain_paths(d: vd.Disk) -> list[str]:
 
 
 def keystore_for(args, paths: list[str]) -> tuple[dict, str] | None:
-    """(CRYPT configuration, the file it came from) for the chain ``paths``, or None."""
-    for ks in getattr(args, "keystore", None) or []:
+    """(CRYPT configuration, the file it came from) for the chain ``paths``, or None. When
+    ``--keystore`` was given, a chain it has nothing for (and no sidecar) is an error: reading
+    ciphertext as if it were plain would be silent garbage."""
+    given = getattr(args, "keystore", None) or []
+    for ks in given:
         for p in paths:
             try:
                 return vd.read_keystore_file(ks, p), ks
             except vd.ImageNotFound:
                 continue
-    return vd.find_keystore(paths)
+    found = vd.find_keystore(paths)
+    if found is None and given:
+        raise vd.ImageNotFound(f"{paths[0]}: no key store for this image in "
+                               f"{', '.join(given)} (nor a {vd.sidecar_path('')} beside it)")
+    return found
 
 
 def _open_filter(found: tuple[dict, str], location: str) -> vd.Filter:

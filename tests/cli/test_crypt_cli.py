@@ -165,6 +165,12 @@ def test_key_store_from_a_virtualbox_registry(tmp_path):
     assert out.read_bytes() == MARK * 64
     info = json.loads(run_cli("info", "--json", "--keystore", vbox, enc).stdout)
     assert info["encryption"]["key_id"] == "VM" and info["encryption"]["key_store"] == str(vbox)
+    # a registry without this image is an error, not a silent read of ciphertext
+    other = tmp_path / "other.vbox"
+    other.write_text(vbox.read_text().replace('location="2019.vdi"', 'location="x.vdi"'))
+    r = run_cli("read", enc, "--offset", "3M", "--length", "1024", "--keystore", other,
+                "--passphrase-file", pw, check=False)
+    assert r.returncode == 1 and "no key store for this image" in r.stderr
     # without the registry the image reads as what it stores (ciphertext)
     run_cli("read", enc, "--offset", "3M", "--length", "1024", "--output", out)
     assert out.read_bytes() != MARK * 64
