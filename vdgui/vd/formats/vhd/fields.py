@@ -12,7 +12,7 @@ from ...image import Image
 from .layout import MAX_GEOMETRY, SECTOR, VHD_EPOCH
 
 
-def checksum(buf, at: int) -> int:
+def checksum(buf: bytes | bytearray, at: int) -> int:
     """The VHD checksum: one's complement of the byte sum, the 4-byte field at ``at`` taken as 0."""
     mv = memoryview(buf)
     total = sum(mv[:at]) + sum(mv[at + 4 :])
@@ -58,7 +58,7 @@ def fixed_geometry(size: int) -> Geometry:
     return g if g.cylinders * g.heads * g.sectors * SECTOR == size else Geometry(*MAX_GEOMETRY)
 
 
-def bitmap_runs(bm, first: int, count: int) -> list[tuple[int, int, bool]]:
+def bitmap_runs(bm: bytes | bytearray, first: int, count: int) -> list[tuple[int, int, bool]]:
     """(first_sector, n, is_set) runs of a VHD sector bitmap (MSB = lowest sector) over
     sectors [first, first+count)."""
     nbits = len(bm) * 8

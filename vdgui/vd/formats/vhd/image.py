@@ -50,6 +50,7 @@ from .layout import (
     TYPE_DYNAMIC,
     TYPE_FIXED,
     TYPE_NAMES,
+    Container,
 )
 from .maintenance import MaintenanceMixin
 
@@ -79,7 +80,9 @@ class VhdImage(MaintenanceMixin):
         self._load()
 
     # -- opening --------------------------------------------------------------------------------
-    def _read_footer_at(self, offset: int, length: int = FOOTER_SIZE):
+    def _read_footer_at(
+        self, offset: int, length: int = FOOTER_SIZE
+    ) -> tuple[Container | None, bool, bytes]:
         raw = self.f.pread(offset, length)
         if len(raw) != length:
             return None, False, b""
@@ -219,7 +222,7 @@ class VhdImage(MaintenanceMixin):
         self.flags = ImageFlags.DIFF if self.disk_type == TYPE_DIFF else ImageFlags.NONE
         self._load_dynamic(fsize, end_len)
 
-    def _decide_size(self, footer) -> tuple[int, str]:
+    def _decide_size(self, footer: Container) -> tuple[int, str]:
         """qemu's rule (block/vpc.c): current size for some creators, for fixed disks and for the
         maximum geometry; the CHS geometry otherwise. Differencing disks use the current size
         (qemu cannot open them as such; Windows, Virtual PC and VirtualBox use the current size)."""
@@ -318,12 +321,12 @@ class VhdImage(MaintenanceMixin):
         self._scan_blocks(fsize, end_len)
 
     @staticmethod
-    def _locator_region(loc) -> tuple[int, int]:
+    def _locator_region(loc: Container) -> tuple[int, int]:
         """The bytes a locator uses (its data, rounded to a sector). The reserved space field is
         not trusted: writers disagree on its unit (the spec says sectors, everyone writes bytes)."""
         return loc.data_offset, loc.data_offset + _round(max(loc.data_length, 1))
 
-    def _parse_parent(self, hdr, fsize: int) -> None:
+    def _parse_parent(self, hdr: Container, fsize: int) -> None:
         self.locators = []
         self._bad_locators = set()  # indexes repair clears (PARENT_LOCATOR)
         for i, loc in enumerate(hdr.locators):
@@ -544,7 +547,7 @@ class VhdImage(MaintenanceMixin):
             return [(offset, length, Alloc.DATA)]
         runs: RunList[Alloc] = RunList()
 
-        def add(a, b, st):
+        def add(a: int, b: int, st: Alloc) -> None:
             runs.add(a, b - a, st)
 
         for a, b, is_data in raw:
@@ -606,7 +609,7 @@ class VhdImage(MaintenanceMixin):
             if span:
                 self.f.pwrite(start + span[0], bm[span[0] : span[1]])  # then the bitmap
 
-    def _allocate(self, idx: int, inner: int, chunk) -> None:
+    def _allocate(self, idx: int, inner: int, chunk: bytes | memoryview) -> None:
         """Append a block: footer at the new end, data, bitmap, then the BAT entry (a crash at
         any point leaves at most an unreferenced block; the footer copy at 0 stays valid)."""
         pos = _round(self.footer_offset)

@@ -2,8 +2,10 @@
 packed into holes, file cut) and check/repair."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ...align import ceil_div
-from ...compaction import holes_between, move_blocks, plan_moves, punch_blocks
+from ...compaction import Move, holes_between, move_blocks, plan_moves, punch_blocks
 from ...errors import InvalidArgument, NotSupported
 from ...geometry import Geometry, vhd_chs
 from ...image import CheckReport, FillFn, Problem, ProblemCode
@@ -245,7 +247,7 @@ class MaintenanceMixin(VhdState):
         ]
         holes = holes_between(meta + [(a, a + n) for a, n, _i in blocks])
 
-        def repoint(moves):
+        def repoint(moves: Sequence[Move[int]]) -> None:
             self._set_bats({m.key: m.dst // SECTOR for m in moves})
             for m in moves:
                 self._bitmaps.pop(m.key, None)

@@ -192,7 +192,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                                 expected="multiples of 1 MiB past the first MiB",
                                 found=f"{h.log_offset:#x}/{h.log_length:#x}")
 
-    def _update_header(self, **changes) -> None:
+    def _update_header(self, **changes: object) -> None:
         """Write a new current header (both copies, alternating, sequence number + 1 each)."""
         if self.read_only:
             raise ReadOnlyImage(f"{self.location}: image is opened read-only")
@@ -287,16 +287,16 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
         self.alloc_end = align_up(end, MiB)
 
     # -- BAT helpers ---------------------------------------------------------------------
-    def _load_bat(self) -> array:
+    def _load_bat(self) -> array[int]:
         self._bat = bat = read_table(self.f, self.bat_offset, self.bat_count, "Q", False, "BAT")
         return bat
 
     @property
-    def bat(self) -> array:
+    def bat(self) -> array[int]:
         return self._bat if self._bat is not None else self._load_bat()
 
     @bat.setter
-    def bat(self, value: array) -> None:
+    def bat(self, value: array[int]) -> None:
         self._bat = value
 
     def _bat_index(self, block: int) -> int:

@@ -193,8 +193,8 @@ def with_checksum(buf: bytearray, at: int = 4) -> bytearray:
     return buf
 
 
-def checksum_ok(buf, at: int = 4) -> bool:
-    stored = struct.unpack_from("<I", buf, at)[0]
+def checksum_ok(buf: bytes | bytearray, at: int = 4) -> bool:
+    stored: int = struct.unpack_from("<I", buf, at)[0]
     b = bytearray(buf)
     struct.pack_into("<I", b, at, 0)
     return crc32c(b) == stored

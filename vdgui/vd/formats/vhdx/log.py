@@ -44,7 +44,7 @@ def _parse_log_entry(log: bytes, pos: int, guid: bytes) -> LogEntry | None:
     """Parse and validate one log entry at ``pos`` of the circular log buffer; None if invalid."""
     n = len(log)
 
-    def take(p, ln):
+    def take(p: int, ln: int) -> bytes:
         p %= n
         if p + ln <= n:
             return log[p:p + ln]
@@ -102,7 +102,7 @@ def find_active_sequence(log: bytes, guid: bytes) -> list[LogEntry]:
     n = len(log)
     cache: dict[int, LogEntry | None] = {}
 
-    def entry(p):
+    def entry(p: int) -> LogEntry | None:
         if p not in cache:
             cache[p] = _parse_log_entry(log, p, guid)
         return cache[p]

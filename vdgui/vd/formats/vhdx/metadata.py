@@ -75,8 +75,8 @@ def locator_for(child: str, parent: str, linkage: uuidlib.UUID) -> dict[str, str
 def build_locator(kv: dict[str, str]) -> bytes:
     """MS-VHDX 2.6.2.6: locator header, key/value entries, then the UTF-16 strings."""
     n = len(kv)
-    head = ParentLocatorHeader.build(dict(locator_type=guid_bytes(VHDX_LOCATOR_TYPE), reserved=0,
-                                          key_value_count=n))
+    head: bytes = ParentLocatorHeader.build(dict(locator_type=guid_bytes(VHDX_LOCATOR_TYPE),
+                                                 reserved=0, key_value_count=n))
     pos = 20 + 12 * n
     entries = b""
     strings = b""
@@ -124,7 +124,7 @@ class MetadataMixin(VhdxState):
                                     found=f"{e.offset}/{e.length}")
             self.md_entries[g] = (e.offset, e.length, e.flags, k)
 
-        def item(g, size):
+        def item(g: uuidlib.UUID, size: int) -> bytes:
             if g not in self.md_entries:
                 raise self._corrupt(f"required metadata item '{KNOWN_ITEMS[g]}' is missing",
                                     field="metadata table", offset=mo)
