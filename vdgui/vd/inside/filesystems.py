@@ -411,7 +411,24 @@ class IsoVolume(FileSystem):
             self._facade, self._pathkey = self.iso.get_iso9660_facade(), "iso_path"
 
     def _node(self, path):
-        return self._facade.get_record(path)
+        rec = self._facade.get_record(path)
+        if rec.is_dir() or path == "/":
+            return rec
+        # a file of 4 GiB or more has one record per extent, all named alike: pycdlib's lookup
+        # gives the last; the first (the head of the data_continuation chain) is the file
+        parent, _, name = path.rpartition("/")
+        for n, c in self._children(self._facade.get_record(parent or "/")):
+            if n == name:
+                return c
+        return rec
+
+    @staticmethod
+    def _chunks(rec) -> list:
+        """The records holding a file's extents, in order (one, unless multi-extent)."""
+        out = [rec]
+        while out[-1].data_continuation is not None and len(out) < 1 << 16:
+            out.append(out[-1].data_continuation)
+        return out
 
     def _entry(self, path, rec):
         if rec.is_dir():
@@ -430,17 +447,18 @@ class IsoVolume(FileSystem):
         target = ""
         if typ == "symlink" and rec.rock_ridge is not None:
             target = rec.rock_ridge.symlink_path().decode("utf-8", "surrogateescape")
-        return Entry(path, typ, rec.get_data_length() if typ == "file" else 0, mtime, None,
-                     target)
+        size = sum(c.get_data_length() for c in self._chunks(rec)) if typ == "file" else 0
+        return Entry(path, typ, size, mtime, None, target)
 
     def _key(self, rec):
         return rec.extent_location()
 
     def _children(self, rec):
-        out = []
+        out, later = [], set()
         for c in self._facade.list_children(**{self._pathkey: self._path_of(rec)}):
-            if c is None or c.is_dot() or c.is_dotdot():
+            if c is None or c.is_dot() or c.is_dotdot() or id(c) in later:
                 continue
+            later.update(id(x) for x in self._chunks(c)[1:])   # a multi-extent file's tail
             out.append((self._name_of(c), c))
         return out
 
@@ -456,6 +474,11 @@ class IsoVolume(FileSystem):
         return name.split(";", 1)[0] if self._pathkey == "iso_path" else name
 
     def _open(self, rec):
+        chunks = self._chunks(rec)
+        raw = getattr(self.fh, "raw", None)
+        if len(chunks) > 1 and hasattr(raw, "pread_into"):
+            runs = [(c.extent_location() * 2048, c.get_data_length()) for c in chunks]
+            return _RunReader(raw, 0, runs, sum(n for _, n in runs), 1)
         stream = self.iso.open_file_from_iso(**{self._pathkey: self._path_of(rec)})
         return stream.__enter__()     # PyCdlibIO sets up its range on entering
 
