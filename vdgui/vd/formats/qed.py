@@ -597,6 +597,10 @@ class QedImage(FileImage):
         self.end_cluster = last
 
     # ------------------------------------------------------------------ resize / relink
+    def resizes_in_place(self, new_size: int) -> bool:
+        # the L1 table is sized for max_size: growing is the one header field
+        return self.size < new_size <= self.max_size
+
     def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size % 512:

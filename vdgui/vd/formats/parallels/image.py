@@ -391,6 +391,14 @@ class ParallelsImage(FileImage):
         if progress:
             progress(entries + 1, entries + 1)
 
+    def resizes_in_place(self, new_size: int) -> bool:
+        # growing within the BAT's room: new entries zeroed past the counted ones, then the
+        # header (one write) names the new size and count
+        return (self.size < new_size <= MAX_BAT_ENTRIES * self.block_size
+                and new_size % SECTOR == 0
+                and HEADER_SIZE + 4 * ceil_div(new_size, self.block_size) <= self.data_off
+                and (self.ext or new_size // SECTOR <= 0xFFFFFFFF))
+
     def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size < self.size:

@@ -7,16 +7,16 @@ from array import array
 
 from ...align import ceil_div
 from ...backend import too_large
-from ...compaction import move_blocks, plan_moves, slot_holes
+from ...compaction import Move, move_blocks, plan_moves, slot_holes
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...geometry import vbox_lchs, vbox_pchs
 from ...image import CheckReport, Problem, ProblemCode
 from ...progress import Progress
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
-from ...tables import CHUNK_ENTRIES as MAP_CHUNK
+from ...tables import BlockTable
 from . import layout as L
-from .blockmap import _FREE, _ZERO, MAX_BLOCKS, _extend_free, _map_to_disk, _size_limit
+from .blockmap import _FREE, _ZERO, MAX_BLOCKS, _extend_free, _size_limit
 from .state import VdiState
 
 
@@ -113,13 +113,19 @@ class MaintenanceMixin(VdiState):
         self._close_holes()
         prog.finish()
 
-    def resizes_in_place(self, new_size):
-        # growing a dynamic image whose map area has room: the zeroed tail of the last block
-        # and the new map entries are invisible until the header (one write) names the new size
-        if new_size <= self.size or self._v0 or self._bad or self.image_type == L.TYPE_FIXED:
+    def resizes_in_place(self, new_size: int) -> bool:
+        # growing: the zeroed tail of the last block, blocks moved out of the way of a longer
+        # map, the new map and new blocks all go to space nothing reads yet; the header (one
+        # sector) then names the new size, map and data area at once. Moved blocks must stay
+        # countable under the old layout (cBlocksAllocated <= cBlocks, as VirtualBox checks):
+        # a map area with no spare entry and every block in use cannot do that
+        if new_size <= self.size or self._v0 or self._bad:
             return False
         new_blocks = ceil_div(new_size, self.block_size)
-        return self.offset_blocks + new_blocks * 4 <= self.offset_data
+        if self.offset_blocks + new_blocks * 4 <= self.offset_data:
+            return True
+        _k, _moves, nxt = self._relocation_plan(new_blocks)
+        return self.offset_blocks + max(self.blocks, nxt) * 4 <= self.offset_data
 
     def resize(self, new_size, progress=None):
         self.require_writable()
@@ -184,16 +190,17 @@ class MaintenanceMixin(VdiState):
             self.f.pwrite(self._data_pos(v) + keep, zeroes(bs - keep))
 
     def _grow(self, new_size, new_blocks):
+        """Everything but the header: the caller's header write makes the new size visible."""
         bs = self.block_size
         old_blocks = self.blocks
         last = ceil_div(self.size, bs) - 1
         self._zero_block_tail(last, self.size - last * bs)
         fixed = self.image_type == L.TYPE_FIXED
         total = self._total
-        need_map_end = self.offset_blocks + new_blocks * 4
-        if need_map_end > self.offset_data:
-            self._relocate_for_map(need_map_end)
-        _extend_free(self._map, new_blocks - len(self._map))
+        if self.offset_blocks + new_blocks * 4 > self.offset_data:
+            self._relocate_for_map(new_blocks)
+        else:
+            _extend_free(self._map, new_blocks - len(self._map))
         if fixed:
             for i in range(old_blocks, new_blocks):
                 if self._map[i] == _FREE:
@@ -210,55 +217,83 @@ class MaintenanceMixin(VdiState):
         self.blocks = new_blocks
         self.allocated = self._next
 
-    def _relocate_for_map(self, need_map_end):
-        """Grow the map area by moving the first data blocks to the end of the file (as
-        VirtualBox's vdiResize does), then renumber every entry."""
+    def _relocation_plan(self, new_blocks):
+        """``(k, moves, next)``: a map of ``new_blocks`` entries takes the place of the first
+        ``k`` file blocks; ``moves`` carry the used ones past the end, ``next`` is the first
+        file block after them."""
         total = self._total
-        k = ceil_div(need_map_end - self.offset_data, total)
+        k = ceil_div(new_blocks * 4, total)
         rev, n = self._used_blocks()
-        moved = []
-        # moved blocks go past the new map area too (file block k becomes block 0): with fewer
-        # blocks in use than the map needs, the end of the data lies inside that area
+        # past every used block and past the new map area (file block k becomes block 0)
         nxt = max(self._next, n, k)
+        moves = []
         for j in range(min(k, n)):
-            b = rev[j]
-            if b == _FREE:
-                continue
-            data = self.f.pread(self.offset_data + j * total, total)
-            data += bytes(total - len(data))
-            self.f.pwrite(self.offset_data + nxt * total, data)
-            self._map[b] = nxt
-            moved.append(b)
-            nxt += 1
-        self.f.sync()
-        if moved:       # count first (a crash then only leaks), then the moved entries
-            self.allocated = self._next = nxt
+            if rev[j] != _FREE:
+                moves.append(Move(rev[j], self.offset_data + j * total,
+                                  self.offset_data + nxt * total, total))
+                nxt += 1
+        return k, moves, nxt
+
+    def _relocate_for_map(self, new_blocks):
+        """Make room for a map of ``new_blocks`` entries, as two steps that each leave a valid
+        image of the old size:
+
+        1. the first ``k`` data blocks move past the end (compaction.move_blocks: copy, sync,
+           repoint, sync); before the entries change, the header counts the new places
+           (cBlocksAllocated, and cBlocks over spare free entries of the map area when the
+           count would pass it);
+        2. the new map, renumbered for a data area starting ``k`` blocks later, is written
+           where those blocks were (space nothing reads now), then synced.
+
+        The caller's header write (offBlocks, offData, size: one sector) switches to the new
+        layout at once. The old map's sectors stay behind unused."""
+        total = self._total
+        k, moves, nxt = self._relocation_plan(new_blocks)
+
+        old_blocks = self.blocks
+        # spare entries of the map area (past the disk's end: no reader looks at them) name the
+        # copies, then swap with the moved entries, so that every file block up to the count
+        # is named exactly once at each step (qemu-img check wants that). Without spare
+        # entries the count passes the vacated blocks until the new header
+        room = (self.offset_data - self.offset_blocks) // 4
+        spare = len(moves) if old_blocks + len(moves) <= room else 0
+        count = max(old_blocks + spare, nxt)
+
+        def repoint(moved):
+            if count > old_blocks:      # entries past cBlocks first, then the header counts them
+                _extend_free(self._map, count - len(self._map))
+                for i in range(spare):
+                    self._map[old_blocks + i] = (moved[i].dst - self.offset_data) // total
+                self._table.write_range(old_blocks, count)
+                self.f.sync()
+                self.blocks = count
+            self.allocated = self._next = nxt      # the count first: a crash then only leaks
             self._write_header()
             self.f.sync()
-            self._write_map_entries(moved)
-            self.f.sync()
-        # renumber: file block j becomes j - k once offData moves k blocks further
-        m = self._map
+            for i, mv in enumerate(moved):
+                self._map[mv.key] = (mv.dst - self.offset_data) // total
+                if i < spare:
+                    self._map[old_blocks + i] = (mv.src - self.offset_data) // total
+            # one write from the first moved entry to the last spare one: the swap is whole
+            self._table.write_range(min(mv.key for mv in moved),
+                                    old_blocks + spare if spare else
+                                    max(mv.key for mv in moved) + 1)
+
+        move_blocks(self.f, moves, repoint)
+        m = array("I", self._map)
         for i in range(len(m)):
             v = m[i]
             if v < _ZERO:
-                m[i] = v - k
-        self.offset_data += k * total
-        self.allocated = self._next = max(0, nxt - k)
-        # header, gap and map in one write (the window where they disagree is one pwrite),
-        # assembled in one buffer: the map is copied once, not three times
-        region = self.f.pread(L.PRE_HEADER_SIZE, self.offset_blocks - L.PRE_HEADER_SIZE)
-        hdr = self._header_bytes()
-        head = len(region)
-        buf = bytearray(head + 4 * len(m))
-        buf[:len(hdr)] = hdr
-        buf[len(hdr):head] = region[len(hdr):]
-        for a in range(0, len(m), MAP_CHUNK):
-            b = min(len(m), a + MAP_CHUNK)
-            buf[head + 4 * a:head + 4 * b] = _map_to_disk(m[a:b])
-        self.f.pwrite(L.PRE_HEADER_SIZE, buf)
-        del buf
+                m[i] = v - k if i < old_blocks else _FREE     # spare entries: free again
+        _extend_free(m, new_blocks - len(m))
+        del m[new_blocks:]
+        new_off_blocks = self.offset_data
+        BlockTable(self.f, new_off_blocks, m).write_range(0, new_blocks)
         self.f.sync()
+        self._map = m
+        self.offset_blocks = new_off_blocks
+        self.offset_data = new_off_blocks + k * total
+        self.allocated = self._next = nxt - k
 
     def write_zeroes(self, offset, length, fill):
         """Whole allocated blocks keep their map entry and lose their bytes: a hole punched

@@ -175,9 +175,16 @@ class VhdImage(MaintenanceMixin):
         self.disk_type = footer.disk_type
         if head is not None and self.footer_from == "end" and self.disk_type != TYPE_FIXED:
             if FOOTER.build(head) != FOOTER.build(footer):
+                # both copies valid, only the size differing: a grow stopped between its two
+                # footer writes; the end footer's size holds (each copy's size is readable)
+                sized = ("current_size", "cylinders", "heads", "sectors", "checksum")
+                only_size = all(head[k] == footer[k] for k in footer if k not in sized
+                                and not k.startswith("_"))
                 self._problems.append(
                     Problem(
-                        "corrupt",
+                        "leak" if only_size else "corrupt",
+                        "the footer copy at offset 0 names another size than the footer at "
+                        "the end (a resize was interrupted)" if only_size else
                         "the footer copy at offset 0 differs from the footer at the end",
                         offset=0,
                         code=ProblemCode.FOOTER,

@@ -41,6 +41,13 @@ class MaintenanceMixin(VhdState):
             return new_size, fixed_geometry(new_size)
         return round_size_to_chs(new_size)
 
+    def resizes_in_place(self, new_size: int) -> bool:
+        # growing: blocks in the way of a longer BAT move to the end (copy, sync, repoint), the
+        # new entries and count go to space the old size never reads, and the footer (fixed:
+        # moved to the new end first) names the new size last
+        return (new_size > self.size and not self._bad and not self._problems
+                and (self.is_fixed or not self._intersects_footer))
+
     def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size <= 0 or new_size % SECTOR:
@@ -64,6 +71,7 @@ class MaintenanceMixin(VhdState):
             self.footer = FOOTER.parse(self._footer_bytes())
         else:
             self._store_footer()
+        self.f.sync()
         self.size = size
         self.pchs = Geometry(*geo)
         self.size_rounded_from = new_size if size != new_size else None
@@ -77,16 +85,19 @@ class MaintenanceMixin(VhdState):
         prog.finish()
 
     def _resize_fixed(self, size: int) -> None:
+        """Grow: the footer, still naming the old size, goes to the new end first (the image
+        reads as before), then its old place and the new area become zeroes, then the caller
+        writes the footer with the new size in the same place (one sector: the new size)."""
         old_footer = self.footer_offset
-        self.footer.current_size = size
         if size > old_footer:
             require_space(self.location, size - old_footer, "the grown fixed image")
-            preallocate(self.f, old_footer + FOOTER_SIZE, size - old_footer)
-            # the new footer goes first, then the old one (now inside the data) is zeroed
             self.f.pwrite(size, self._footer_bytes())
+            self.f.sync()
             self.f.pwrite(old_footer, bytes(FOOTER_SIZE))
-            self.f.truncate(size + FOOTER_SIZE)
+            preallocate(self.f, old_footer, size - old_footer)
+            self.f.sync()
         else:
+            self.footer.current_size = size
             self.f.pwrite(size, self._footer_bytes())
             self.f.truncate(size + FOOTER_SIZE)
         self.footer_offset = size
@@ -106,15 +117,7 @@ class MaintenanceMixin(VhdState):
                for s, e, n in self._meta_regions() if n in ("footer copy", "dynamic disk header")):
             raise NotSupported(f"{self.location}: the dynamic header follows the BAT; "
                                "cannot grow it")
-        for i in range(old):
-            e = self.bat[i]
-            if (
-                e != FREE
-                and i not in self._bad
-                and e * SECTOR < table_end
-                and e * SECTOR + self.total > self.bat_offset
-            ):
-                self._move_block(i, _round(max(self.footer_offset, table_end)))
+        self._move_out_of(table_end, old)
         for li in range(8):
             loc = self.dyn_header.locators[li]  # fresh: _store_header replaces the header
             if bytes(loc.code) == b"\x00\x00\x00\x00" or not loc.data_length:
@@ -128,34 +131,49 @@ class MaintenanceMixin(VhdState):
                 pos = _round(max(self.footer_offset, table_end))
                 self._write_footer_at(pos + space)
                 self.f.pwrite(pos, data)
+                self.f.sync()
                 self.footer_offset = pos + space
                 loc.data_offset, loc.data_space = pos, space
                 self._store_header()
+                self.f.sync()
         if self.footer_offset < table_end:  # an empty disk: the footer moves out first
             self._write_footer_at(table_end)
             self.footer_offset = table_end
         # the new table entries (free), then the header's entry count
         self.f.pwrite(self.bat_offset + old * 4, b"\xff" * (_round(need * 4) - old * 4))
+        self.f.sync()
         self.bat.extend([FREE] * (need - old))
         if self.dyn_header.max_table_entries < need:
             self.dyn_header.max_table_entries = need
             self._store_header()
+            self.f.sync()
         self.n_blocks = need
 
-    def _move_block(self, idx: int, dest: int) -> None:
-        """Copy block ``idx`` to ``dest`` (at or past the footer: footer moves first), then
-        repoint its BAT entry: the old copy stays valid until the entry changes."""
-        src = self.bat[idx] * SECTOR
-        if dest >= self.footer_offset:
-            self._write_footer_at(dest + self.total)
-            self.footer_offset = dest + self.total
-        pos = 0
-        while pos < self.total:
-            k = min(4 << 20, self.total - pos)
-            self.f.pwrite(dest + pos, self.f.read_exact(src + pos, k, f"block {idx}"))
-            pos += k
-        self._set_bat(idx, dest // SECTOR)
-        self._bitmaps.pop(idx, None)
+    def _move_out_of(self, table_end: int, old: int) -> None:
+        """Move the blocks lying where the longer BAT goes to the end of the file, as
+        VirtualBox does: the footer goes past their new places first (the old one is then
+        plain unused space), then compaction.move_blocks copies, syncs, repoints, syncs."""
+        dest = _round(max(self.footer_offset, table_end))
+        moves = []
+        for i in range(old):
+            e = self.bat[i]
+            if (e != FREE and i not in self._bad and e * SECTOR < table_end
+                    and e * SECTOR + self.total > self.bat_offset):
+                moves.append(Move(i, e * SECTOR, dest, self.total))
+                dest += self.total
+        if not moves:
+            return
+        self._write_footer_at(dest)
+        self.f.sync()
+        self.footer_offset = dest
+        self.fsize = max(self.fsize, dest + FOOTER_SIZE)
+
+        def repoint(moved):
+            self._set_bats({m.key: m.dst // SECTOR for m in moved})
+            for m in moved:
+                self._bitmaps.pop(m.key, None)
+
+        move_blocks(self.f, moves, repoint)
 
     # -- COMPACT --------------------------------------------------------------------------------
     def compact(

@@ -26,6 +26,15 @@ class MaintenanceMixin(VmdkState):
     """Resize and compact of a :class:`.image.VmdkImage`."""
 
     # -- RESIZE --------------------------------------------------------------------------------
+    def resizes_in_place(self, new_size: int) -> bool:
+        # growing a sparse extent: new grain tables and a moved directory go to the end of the
+        # file (unreferenced until the header names them), then the header's capacity and the
+        # descriptor's extent size
+        return (new_size > self.size and len(self.extents) == 1
+                and not self.flags & ImageFlags.STREAM_OPTIMIZED
+                and all(isinstance(e, SparseExtent) and e.header is not None
+                        and not getattr(e, "compressed", False) for e in self.extents))
+
     def resize(self, new_size, progress=None):
         self.require_writable()
         if new_size % SECTOR:
@@ -50,6 +59,10 @@ class MaintenanceMixin(VmdkState):
         # 1. grow the last extent
         room = (SPLIT_SIZE - last.length) if split else grow
         take = min(grow, max(room, 0))
+        # a sparse extent's header names its size too (qemu reads that one): growing it and
+        # adding extents could not switch at once, so new extents then take the whole growth
+        if take < grow and isinstance(last, SparseExtent):
+            take = 0
         if take > 0:
             self._grow_extent(last, last.length + take)
             grow -= take
