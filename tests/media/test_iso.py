@@ -37,12 +37,17 @@ TREE = {
 }
 
 
+OLD = 1551675968                       # 2019-03-04 05:06:08 UTC: sources' mtimes are kept
+
+
 def make_tree(root) -> dict:
     for rel, data in TREE.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     (root / "hello world.txt").chmod(0o640)
+    for rel in ("hello world.txt", "a/b/c/d/e/f/g/h/i/deep.txt", "a/b/c/d/e/f/g/h"):
+        os.utime(root / rel, (OLD, OLD))
     (root / "link").symlink_to("hello world.txt")
     return TREE
 
@@ -91,7 +96,11 @@ def test_rock_ridge_names_modes_links(made):
         assert rel.rsplit("/", 1)[-1] in listing, rel
     assert "link -> hello world.txt" in listing
     line = next(ln for ln in listing.splitlines() if ln.endswith("hello world.txt "))
-    assert line.startswith("-rw-r-----"), line
+    assert line.startswith("-rw-r-----") and " 2019 " in line, line
+    joliet = subprocess.run(["isoinfo", "-J", "-l", "-i", str(img)], capture_output=True,
+                            check=True).stdout.decode("latin-1")
+    jline = next(ln for ln in joliet.splitlines() if ln.endswith("hello world.txt "))
+    assert " 2019 " in jline, jline
     for rel, data in files.items():
         # isoinfo -R -x cannot follow Rock Ridge relocations (nor for genisoimage's images)
         opt = "-J" if rel.count("/") >= 7 else "-R"
@@ -130,6 +139,8 @@ def test_our_reader_sees_every_file(made):
         for rel, data in files.items():
             with fs.open("/" + rel) as f:
                 assert sha(f.read()) == sha(data), rel
+    for rel in ("hello world.txt", "a/b/c/d/e/f/g/h/i/deep.txt", "a/b/c/d/e/f/g/h"):
+        assert got["/" + rel]["mtime"] == OLD, rel
     cat = subprocess.run([sys.executable, "-m", "vdgui.cli", "cat", str(img), "/big/data.bin"],
                          capture_output=True, check=True)
     assert sha(cat.stdout) == sha(files["big/data.bin"])

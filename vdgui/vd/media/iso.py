@@ -143,6 +143,25 @@ class _LazyFile(io.RawIOBase):
             self.f = None
 
 
+def _stamp(iso, mtime: float, **path: str) -> None:
+    """Give a new record (by ``iso_path=`` or ``joliet_path=``) the source's modification time:
+    pycdlib dates new records "now"; its record date and Rock Ridge TF times are replaced."""
+    from pycdlib.dates import DirectoryRecordDate
+
+    def date() -> DirectoryRecordDate:
+        d = DirectoryRecordDate()
+        d.new(mtime)
+        return d
+    rec = iso.get_record(**path)
+    rec.date = date()
+    rr = getattr(rec, "rock_ridge", None)
+    for entries in (getattr(rr, "dr_entries", None), getattr(rr, "ce_entries", None)):
+        tf = getattr(entries, "tf_record", None)
+        for attr in ("modification_time", "access_time"):
+            if isinstance(getattr(tf, attr, None), DirectoryRecordDate):
+                setattr(tf, attr, date())
+
+
 def _plan(iso, root: Source, prog: Progress, lazies: list[_LazyFile]) -> None:
     """Add the tree to the pycdlib object: folders, files (lazily read), symbolic links."""
     stack = [(root, "/", "/")]
@@ -166,6 +185,10 @@ def _plan(iso, root: Source, prog: Progress, lazies: list[_LazyFile]) -> None:
                 lazies.append(lazy)
                 iso.add_fp(lazy, child.size, iso_path=ip + ";1", rr_name=child.name,
                            joliet_path=jp, file_mode=stat.S_IFREG | child.mode)
+            ip_rec = ip + ";1" if child.kind != "dir" else ip
+            _stamp(iso, child.mtime, iso_path=ip_rec)
+            if child.kind != "symlink":
+                _stamp(iso, child.mtime, joliet_path=jp)
 
 
 def create_iso(path: str, sources: Sequence[str], *, label: str | None = None,
