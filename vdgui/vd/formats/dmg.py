@@ -20,7 +20,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..errors import CorruptImage, NotSupported
@@ -87,7 +87,7 @@ def adc_decompress(src: bytes, out_size: int) -> bytes:
 _LZFSE_DECODE: list[Callable[..., int] | None] = []    # the decoder, once looked up
 
 
-def _lzfse_decoder():
+def _lzfse_decoder() -> Callable[..., int] | None:
     """liblzfse's lzfse_decode_buffer from the installed ``lzfse`` module (which exports it),
     or None. Python's lzfse.decompress has no output limit: it doubles its buffer until the
     stream fits, so a small chunk could claim gigabytes (and damaged data grows it until
@@ -145,6 +145,7 @@ def lzfse_decompress(src: bytes, out_size: int) -> bytes:
     if lzfse_raw_size(src) > out_size:
         raise ValueError(f"the stream declares more than the chunk's {out_size} bytes")
     fn = _lzfse_decoder()
+    data: bytes
     if fn is None:                    # a binding without the C symbol: headers checked above
         import lzfse
         data = lzfse.decompress(src)
@@ -167,17 +168,17 @@ class _ChunkCache:
     def __init__(self, budget: int):
         self.budget = budget
         self.bytes = 0
-        self._d: OrderedDict[tuple, bytes] = OrderedDict()
+        self._d: OrderedDict[tuple[int, int], bytes] = OrderedDict()   # (owner, chunk) keys
         self._lock = threading.Lock()
 
-    def get(self, key):
+    def get(self, key: tuple[int, int]) -> bytes | None:
         with self._lock:
             data = self._d.get(key)
             if data is not None:
                 self._d.move_to_end(key)
             return data
 
-    def put(self, key, data: bytes) -> None:
+    def put(self, key: tuple[int, int], data: bytes) -> None:
         with self._lock:
             old = self._d.pop(key, None)
             if old is not None:
@@ -188,7 +189,7 @@ class _ChunkCache:
                 _k, v = self._d.popitem(last=False)
                 self.bytes -= len(v)
 
-    def drop(self, owner) -> None:
+    def drop(self, owner: int) -> None:
         with self._lock:
             for k in [k for k in self._d if k[0] == owner]:
                 self.bytes -= len(self._d.pop(k))
@@ -204,7 +205,7 @@ def _lzma_error() -> type[Exception]:
 
 
 class DmgImage(Image):
-    def __init__(self, backend, location, f: ImageFile):
+    def __init__(self, backend: Backend, location: str, f: ImageFile) -> None:
         super().__init__(backend, location, True)
         self.f = f
         self._owner = next(_OWNERS)
@@ -435,7 +436,7 @@ class DmgImage(Image):
             return i
         return -1
 
-    def _pieces(self, offset: int, length: int):
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """Yield (start, length, chunk index or -1) covering the range."""
         pos, end = offset, offset + length
         while pos < end:
@@ -450,8 +451,8 @@ class DmgImage(Image):
             yield pos, stop - pos, i
             pos = stop
 
-    def block_status(self, offset, length):
-        runs = RunList()
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        runs: RunList[Alloc] = RunList()
         for s, n, i in self._pieces(offset, length):
             st = (
                 Alloc.UNALLOCATED
@@ -515,7 +516,7 @@ class DmgImage(Image):
         _CACHE.put(key, data)
         return data
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         for s, n, i in self._pieces(offset, length):
             if i < 0 or self._types[i] in (CHUNK_ZERO, CHUNK_IGNORE):
@@ -525,7 +526,7 @@ class DmgImage(Image):
             out[s - offset : s - offset + n] = data[s - base : s - base + n]
         return bytes(out)
 
-    def close(self):
+    def close(self) -> None:
         self.f.close()
         _CACHE.drop(self._owner)
 
@@ -543,7 +544,8 @@ class DmgBackend(Backend):
             return 100
         return 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> DmgImage:
         if not flags.read_only:
             raise NotSupported(f"{location}: DMG images are read-only; open them read-only")
         f = ImageFile(location)

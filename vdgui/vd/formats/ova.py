@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import NoReturn, Protocol, runtime_checkable
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import CorruptImage, NotSupported, ReadOnlyImage
 from ..fileio import ImageFile
-from ..image import Image
+from ..image import Alloc, Image
 
 TAR_BLOCK = 512
 MAX_MEMBERS = 4096
@@ -71,6 +71,13 @@ class MemberFile(ImageFile):
 
     def close(self) -> None:
         pass                        # the archive's file belongs to the OvaImage
+
+
+@runtime_checkable
+class _FileOpener(Protocol):
+    """A backend that opens an image held in an already open file (here a member's window)."""
+
+    def open_file(self, f: ImageFile, location: str, flags: OpenFlags = ...) -> Image: ...
 
 
 class _Disk:
@@ -131,7 +138,9 @@ def _members(f: ImageFile, location: str) -> list[_Disk]:
 
 
 class OvaImage(Image):
-    def __init__(self, backend, location: str, f: ImageFile, disks: list, chosen: int, inner):
+    def __init__(self, backend: Backend, location: str, f: ImageFile,
+                 disks: list[tuple[str, str | None, int | None]], chosen: int,
+                 inner: Image) -> None:
         super().__init__(backend, location, True)
         self.f = f
         self.disks = disks              # [(member, backend name, virtual size)]
@@ -147,10 +156,10 @@ class OvaImage(Image):
                 "disks": [{"number": i + 1, "name": n, "format": fmt, "virtual_size": size}
                           for i, (n, fmt, size) in enumerate(self.disks)]}
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return self.inner.block_status(offset, length)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         return self.inner.read(offset, length)
 
     def close(self) -> None:
@@ -183,7 +192,8 @@ class OvaBackend(Backend):
             return 100
         return 60 if src.ext == "ova" else 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> OvaImage:
         cfg = parse_config(self.config_keys, config, owner=self.name)
         if not flags.read_only:
             raise NotSupported(f"{location}: OVA archives are read-only here; convert the disk "
@@ -205,7 +215,8 @@ class OvaBackend(Backend):
             if idx is None:
                 raise NotSupported(f"{location}: no disk {want!r} in the archive; it holds "
                                    + ", ".join(m.name for m, _ in disks))
-            summary, inner = [], None
+            summary: list[tuple[str, str | None, int | None]] = []
+            inner: Image | None = None
             for i, (m, b) in enumerate(disks):
                 if b is None:
                     summary.append((m.name, None, None))
@@ -225,13 +236,13 @@ class OvaBackend(Backend):
             f.close()
             raise
 
-    def _inner_backend(self, f: ImageFile, m: _Disk, location: str):
+    def _inner_backend(self, f: ImageFile, m: _Disk, location: str) -> Backend | None:
         head = f.pread(m.offset, 65536)
         tail = f.pread(max(m.offset, m.offset + m.size - 65536), min(m.size, 65536))
         src = ProbeInput(path=os.path.join(location, m.name), size=m.size, head=head, tail=tail)
         best, score = None, 0
         for b in self._backends():
-            if b.name == OvaBackend.name or not hasattr(b, "open_file"):
+            if b.name == OvaBackend.name or not isinstance(b, _FileOpener):
                 continue
             s = b.probe(src)
             if s > score:
@@ -239,7 +250,9 @@ class OvaBackend(Backend):
         return best
 
     @staticmethod
-    def _open_member(b, f: ImageFile, m: _Disk, location: str):
+    def _open_member(b: Backend, f: ImageFile, m: _Disk, location: str) -> Image:
         path = os.path.join(location, m.name)
+        if not isinstance(b, _FileOpener):      # _inner_backend chose only these
+            raise NotSupported(f"{path}: {b.name} images cannot be read inside an archive")
         return b.open_file(MemberFile(f, m.offset, m.size, path), path, OpenFlags.READ_ONLY)
 
