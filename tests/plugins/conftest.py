@@ -27,12 +27,24 @@ def install(site, name: str, version: str, entry_points: dict[str, str],
     importlib.invalidate_caches()
 
 
+def example_distribution() -> tuple[str, str, dict[str, str]]:
+    """(name, version, entry points) as examples/vdgui-bochs/pyproject.toml declares them."""
+    import tomllib
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    return (project["name"], project["version"],
+            dict(project["entry-points"]["vdgui.backends"]))
+
+
 class Site:
     def __init__(self, path):
         self.path = path
 
     def install(self, *a, **kw):
         install(self.path, *a, **kw)
+
+    def install_example(self):
+        """The example plugin, installed as its pyproject.toml declares it."""
+        install(self.path, *example_distribution())
 
     def env(self) -> dict:
         env = dict(os.environ)

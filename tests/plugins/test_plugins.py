@@ -71,7 +71,7 @@ def cli(site, *args, check=True):
 
 
 def test_example_plugin_listed_with_its_origin(site):
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     rows = {r["name"]: r for r in json.loads(cli(site, "backends", "--json").stdout)}
     assert rows["Bochs"]["origin"] == {"kind": "plugin", "distribution": "vdgui-bochs",
                                        "version": "0.1.0",
@@ -85,7 +85,7 @@ def test_example_plugin_listed_with_its_origin(site):
 
 
 def test_example_plugin_images_read_by_qemu(site, tmp_path, qemu):
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     report = load_plugins()
     assert [n for n, _ in report.loaded] == ["Bochs"] and not report.problems
     be = get_backend("bochs")
@@ -118,7 +118,7 @@ def test_example_plugin_images_read_by_qemu(site, tmp_path, qemu):
 
 
 def test_example_plugin_from_the_cli(site, tmp_path):
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     img, data = tmp_path / "c.img", tmp_path / "data.bin"
     data.write_bytes(b"\xab" * 8192)
     cli(site, "create", "-f", "Bochs", "--size", "64M", img)
@@ -134,7 +134,7 @@ def test_example_plugin_from_the_cli(site, tmp_path):
 def test_broken_plugins_are_reported_and_skipped(site):
     write_broken_module(site)
     site.install("broken-plugins", "1.0", BROKEN)
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     report = load_plugins()
     assert [n for n, _ in report.loaded] == ["Bochs"]
     why = {p.entry_point.split(" ")[0]: p for p in report.problems}
@@ -185,7 +185,7 @@ def test_app_starts_with_broken_plugins(site, tmp_path):
     """The app's start: a broken plugin is logged on stderr and the window still renders."""
     write_broken_module(site)
     site.install("broken-plugins", "1.0", BROKEN)
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     png = tmp_path / "app.png"
     env = site.env() | {"QT_QPA_PLATFORM": "offscreen", "VDGUI_DATA_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "vdgui", "--screenshot", str(png)],
@@ -206,7 +206,7 @@ def test_app_offers_and_creates_plugin_format(site, qtbot, window, tmp_path):
 
     write_broken_module(site)
     site.install("broken-plugins", "1.0", {"missing": BROKEN["missing"]})
-    site.install("vdgui-bochs", "0.1.0", {"bochs": "vdgui_bochs:BACKEND"})
+    site.install_example()
     from vdgui.gui.app import load_plugins as app_load
     problems = app_load()
     window.plugin_problems(problems)
