@@ -328,9 +328,9 @@ def cmd_create(args) -> int:
     if args.size is None:
         raise CLIError("create needs --size SIZE (or --parent PARENT)")
     prog = TtyProgress("create")
-    crypt = cli_crypt.new_filter(args, args.image)
+    crypt = cli_crypt.new_filter(args, [args.image])
     try:
-        with cli_crypt.keystore_written(args.image, crypt), vd.Disk() as d:
+        with cli_crypt.keystore_written([args.image], crypt), vd.Disk() as d:
             d.create_base(args.image, _size(args.size), be, flags=flags, comment=args.comment,
                           uuid=uid, config=cfg, progress=prog,
                           allow_unsafe_paths=bool(args.allow_unsafe_paths))
@@ -375,12 +375,13 @@ def cmd_convert(args) -> int:
     src_cfg = _config(src_be, src_props)
     dst_cfg = _config(dst_be, dst_props, creating=bool(dst_be.caps & vd.Cap.FILE))
     _tune_malloc()
-    src_filters = (cli_crypt.source_filters(args, args.src, src_be.name, _flags(args))
-                   if src_be.caps & vd.Cap.FILE else [])
-    crypt = cli_crypt.new_filter(args, args.dst)
+    src_filters, paths = (cli_crypt.source_chain(args, args.src, src_be.name, _flags(args))
+                          if src_be.caps & vd.Cap.FILE else ([], [args.src]))
+    dsts = vd.chain_target_names(args.dst, paths[::-1]) if args.chain else [args.dst]
+    crypt = cli_crypt.new_filter(args, dsts)
     prog = TtyProgress("convert")
     try:
-        with cli_crypt.keystore_written(args.dst, crypt):
+        with cli_crypt.keystore_written(dsts, crypt):
             vd.copy_image(args.src, args.dst, dst_be, src_format=src_be,
                           variant=_variant(args.variant),
                           new_size=_size(args.size) if args.size is not None else None,

@@ -55,12 +55,14 @@ def add_filters(args, d: vd.Disk) -> None:
         d.add_filter(_open_filter(found, d.top.location))
 
 
-def source_filters(args, path: str, fmt: str | None, flags: vd.OpenFlags) -> list[vd.Filter]:
-    """The filters a copy reads ``path``'s chain through (unlocked before anything is made)."""
+def source_chain(args, path: str, fmt: str | None,
+                 flags: vd.OpenFlags) -> tuple[list[vd.Filter], list[str]]:
+    """The filters a copy reads ``path``'s chain through (unlocked before anything is made) and
+    the chain's files, top first."""
     with vd.Disk.open_chain(path, fmt, flags | vd.OpenFlags.READ_ONLY) as d:
         paths = chain_paths(d)
     found = keystore_for(args, paths)
-    return [] if found is None else [_open_filter(found, path)]
+    return ([] if found is None else [_open_filter(found, path)]), paths
 
 
 def info(args, paths: list[str]) -> dict | None:
@@ -73,35 +75,38 @@ def info(args, paths: list[str]) -> dict | None:
     return {**ks.summary(), "key_id": cfg.get("KeyId") or "", "key_store": src}
 
 
-def new_filter(args, dst: str) -> vd.Filter | None:
-    """A CRYPT filter with a new key and key store for ``--encrypt vbox-…``; None without."""
+def new_filter(args, dsts: list[str]) -> vd.Filter | None:
+    """A CRYPT filter with a new key and key store for ``--encrypt vbox-…`` (the images to make
+    ``dsts``, the top last); None without."""
     kind = getattr(args, "encrypt", None)
     if not kind:
         return None
     if kind not in VBOX:
         raise vd.NotSupported(f"--encrypt {kind}: unknown encryption (known: "
                               f"{', '.join(VBOX)})")
-    side = vd.sidecar_path(dst)
-    if os.path.lexists(side):
-        raise vd.FileExists(f"{side}: file already exists (the new key store goes there)")
-    stem = os.path.splitext(os.path.basename(dst))[0]
+    for dst in dsts:
+        side = vd.sidecar_path(dst)
+        if os.path.lexists(side):
+            raise vd.FileExists(f"{side}: file already exists (the new key store goes there)")
+    stem = os.path.splitext(os.path.basename(dsts[-1]))[0]
     return vd.get_filter("CRYPT").open(
-        {"CreateKeyStore": 1, "Algorithm": VBOX[kind], "KeyId": stem}, dst)
+        {"CreateKeyStore": 1, "Algorithm": VBOX[kind], "KeyId": stem}, dsts[-1])
 
 
 @contextlib.contextmanager
-def keystore_written(dst: str, f: vd.Filter | None) -> Iterator[None]:
-    """Write ``f``'s key store beside ``dst`` before the block makes ``dst``; if the block
-    fails, the key store goes again (no image is left without its key, nor a key without it)."""
-    if f is None:
-        yield
-        return
-    side = vd.write_sidecar(dst, f.properties())
+def keystore_written(dsts: list[str], f: vd.Filter | None) -> Iterator[None]:
+    """Write ``f``'s key store beside each of ``dsts`` (every member of a chain copy) before
+    the block makes them; if the block fails, they go again (no image is left without its key,
+    nor a key without its image)."""
+    sides: list[str] = []
     try:
+        for dst in dsts if f is not None else ():
+            sides.append(vd.write_sidecar(dst, f.properties()))
         yield
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(side)
+        for side in sides:
+            with contextlib.suppress(OSError):
+                os.unlink(side)
         raise
 
 

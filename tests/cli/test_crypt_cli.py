@@ -196,3 +196,25 @@ def test_qemu_reads_the_container_of_an_encrypted_vdi(tmp_path, qemu):
     with vd.Disk.open_chain(enc) as d:            # no filter: the stored bytes
         stored = read_all(d)
     assert raw == stored and raw[MiB:2 * MiB] != data[MiB:2 * MiB] and MARK not in raw
+
+
+def test_chain_copy_encrypts_every_member_and_each_has_its_key_store(tmp_path):
+    base, _data = _plain(tmp_path, name="base")
+    top = str(tmp_path / "top.vdi")
+    with vd.Disk.open_chain(base) as d:
+        d.create_diff(top)
+        d.write(2 * MiB, MARK * 256)
+    pw = _pw(tmp_path, "pw", "chain")
+    out = tmp_path / "out" / "enc.vdi"
+    out.parent.mkdir()
+    run_cli("convert", "--chain", "-O", "VDI", "--encrypt", "vbox-aes-xts128",
+            "--new-passphrase-file", pw, top, out)
+    made = sorted(p.name for p in out.parent.iterdir())
+    assert made == ["enc-base.vdi", "enc-base.vdi.keystore", "enc.vdi", "enc.vdi.keystore"]
+    for name in ("enc-base.vdi", "enc.vdi"):
+        assert MARK not in (out.parent / name).read_bytes()
+    # each member opens alone with its own key store; the chain reads as the source chain
+    r = run_cli("compare", base, out.parent / "enc-base.vdi", "--passphrase-file", pw)
+    assert "identical" in r.stdout
+    r = run_cli("compare", top, out, "--passphrase-file", pw)
+    assert "identical" in r.stdout
