@@ -168,7 +168,7 @@ class MaintenanceMixin(VhdState):
         self.footer_offset = dest
         self.fsize = max(self.fsize, dest + FOOTER_SIZE)
 
-        def repoint(moved):
+        def repoint(moved: Sequence[Move[int]]) -> None:
             self._set_bats({m.key: m.dst // SECTOR for m in moved})
             for m in moved:
                 self._bitmaps.pop(m.key, None)
