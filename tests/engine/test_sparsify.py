@@ -167,6 +167,9 @@ def test_sparsify_gives_back_free_space_and_files_read_the_same(built, tmp_path,
     folder, sums, parts = built
     img = tmp_path / f"d.{fmt}"
     qemu.img("convert", "-O", fmt, *opts, folder / "disk.raw", img)
+    import os
+    with open(img, "rb") as fh:          # delayed allocation settles: st_blocks stops moving
+        os.fsync(fh.fileno())
     before = img.stat().st_blocks * 512
     assert before > 100 * MiB                  # random bytes: nothing to drop by zero detection
 
@@ -387,7 +390,7 @@ def _read_files(path: Path) -> dict:
 
 @need_tools
 @pytest.mark.skipif(not kh.have_strace(), reason="needs strace")
-@pytest.mark.parametrize("fmt,points", [("vdi", 6), ("vpc", 6), ("vhdx", 6),
+@pytest.mark.parametrize("fmt,points", [("vdi", 6), ("vpc", 6), ("vhdx", 6), ("vmdk", 6),
                                         pytest.param("qcow2", 24, marks=pytest.mark.slow)])
 def test_kill_during_in_place_sparsify_keeps_the_files(tmp_path, qemu, fmt, points):
     from vdgui.vd import check
@@ -467,7 +470,8 @@ def test_qcow2_discard_punches_adjacent_clusters_in_one_call(tmp_path, qemu, mon
 
 @need_tools
 @pytest.mark.parametrize("fmt,opts", [("qcow2", []), ("vhdx", ["-o", "block_size=1M"]),
-                                      ("vpc", [])])
+                                      ("vpc", []), ("vmdk", []),
+                                      ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"])])
 def test_sparsify_closes_holes_in_place_without_a_copy(built, tmp_path, qemu, monkeypatch,
                                                        fmt, opts):
     """QCOW2 and VHDX went through compact's verified copy after their discard (the 4 GiB in
@@ -550,3 +554,32 @@ def test_vhd_discard_frees_whole_blocks_zeroes_parts_and_a_child_refuses(tmp_pat
         d.create_diff(str(tmp_path / "c.vhd"))
         with pytest.raises(NotSupported):
             d.discard(2 * MiB, 2 * MiB)           # a VHD child cannot say "reads zero"
+
+
+def test_vmdk_discard_in_a_base_and_in_a_child_with_zeroed_grains(tmp_path, qemu):
+    """VMDK had no discard: sparsify wrote zeroes over every free byte, then compacted (8.9 s
+    where qemu-img convert took 3.5 s for 2 GiB)."""
+    from vdgui.vd import Alloc, Disk, NotSupported, OpenFlags
+    base = tmp_path / "b.vmdk"
+    qemu.img("create", "-f", "vmdk", base, "8M")
+    qemu.io("-f", "vmdk", "-c", "write -P 0x55 0 4M", base)
+    kid = tmp_path / "k.vmdk"
+    qemu.img("create", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk", kid)
+    plain = tmp_path / "p.vmdk"
+    qemu.img("create", "-f", "vmdk", "-b", base.name, "-F", "vmdk", plain)
+    with Disk.open_chain(str(kid), "VMDK", OpenFlags.NORMAL) as d:
+        d.discard(0, 128 * 1024 + 4096)           # two grains whole, 4 KiB of the third
+        assert d.read(0, 128 * 1024 + 4096) == bytes(128 * 1024 + 4096)
+        assert d.read(128 * 1024 + 4096, 4096) == b"\x55" * 4096
+        assert d.top.block_status(0, 128 * 1024)[0][2] == Alloc.ZERO
+    with Disk.open_chain(str(plain), "VMDK", OpenFlags.NORMAL) as d, pytest.raises(NotSupported):
+        d.discard(0, 64 * 1024)                   # no zeroed-grain entries: cannot say zero
+    qemu.io("-f", "vmdk", "-c", "read -P 0 0 132k", "-c", "read -P 0x55 132k 100k", kid)
+    before = base.stat().st_blocks
+    with Disk.open_chain(str(base), "VMDK", OpenFlags.NORMAL) as d:
+        d.discard(0, 2 * MiB)
+        assert d.top.block_status(0, 2 * MiB) == [(0, 2 * MiB, Alloc.UNALLOCATED)]
+        assert d.top.close_holes() is True
+    assert base.stat().st_blocks < before - 3 * MiB // 512 // 2
+    assert qemu.img("check", base, check=False).returncode == 0
+    qemu.io("-f", "vmdk", "-c", "read -P 0 0 2M", "-c", "read -P 0x55 2M 2M", base)

@@ -108,7 +108,8 @@ class VmdkBackend(Backend):
                   label="Relative partition names", variant=ImageFlags.RAWDISK),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK, Operation.COMPACT})
+                            Operation.REPAIR, Operation.RELINK, Operation.COMPACT,
+                            Operation.DISCARD})
     create_flags = (ImageFlags.FIXED | ImageFlags.SPLIT_2G | ImageFlags.STREAM_OPTIMIZED |
                     ImageFlags.ESX)
     max_size = MAX_SPARSE_SIZE

@@ -8,12 +8,12 @@ import os
 
 from ...align import align_up, ceil_div
 from ...backend import ImageFlags
-from ...compaction import holes_between, move_blocks, plan_moves
+from ...compaction import holes_between, move_blocks, plan_moves, punch_blocks
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...fileio import ImageFile, atomic_files
 from ...progress import Progress
 from ...space import preallocate, require_space
-from ...sparse import is_zero
+from ...sparse import is_zero, split_blocks, zeroes
 from .descriptor import ExtentLine
 from .extents import Extent, FlatExtent, u32_bytes
 from .layout import MAX_SPARSE_SIZE, SECTOR, SPLIT_SIZE, SparseHeader
@@ -184,6 +184,66 @@ class MaintenanceMixin(VmdkState):
             self._compact_extent(e, parent_read, prog)
         prog.finish()
 
+    # -- DISCARD -------------------------------------------------------------------------------
+    def discard(self, offset, length, fill=None):
+        """Whole grains of sparse extents leave their tables (a base: unallocated; a child:
+        zeroed-grain entries), tables synced, then their space punched; parts of grains are
+        zeroed. Refused (NotSupported) when a piece lies in an extent that is not a writable
+        sparse one, or in a child whose extents have no zeroed-grain entries."""
+        self.require_writable()
+        diff = self.is_diff
+        pieces = list(self._pieces(offset, length))
+        for ext, _rel, _n in pieces:
+            if not isinstance(ext, SparseExtent) or not ext.writable or \
+                    (diff and not ext.zero_grain):
+                raise NotSupported(f"{self.location}: discard is not supported for this "
+                                   f"VMDK ({self.create_type}{', a child' if diff else ''})")
+        self.write(offset, b"", fill)            # the checks and the CID a change needs
+        for ext, rel, n in pieces:
+            values: dict[int, int] = {}
+            gone: list[int] = []
+            for idx, inner, pos, cnt in split_blocks(rel, n, ext.grain):
+                gte = ext._gte(idx)
+                glen = min(ext.grain, ext.length - idx * ext.grain)
+                if inner == 0 and cnt >= glen:
+                    new = 1 if diff else 0
+                    if gte != new and not (gte == 1 and not diff):
+                        values[idx] = new
+                        if gte > 1:
+                            gone.append(gte * SECTOR)
+                elif gte > 1:
+                    ext.f.pwrite(gte * SECTOR + inner, zeroes(cnt))
+                elif gte == 0 and diff:                 # over the parent: zeroes stored
+                    saved = self.honor_zeroes
+                    self.honor_zeroes = True
+                    try:
+                        self.write(ext.vstart + pos, zeroes(cnt), fill)
+                    finally:
+                        self.honor_zeroes = saved
+            if values:
+                ext.set_gtes(values)
+                ext.f.sync()                        # the tables stop naming the grains first
+                punch_blocks(ext.f, gone, ext.grain)
+
+    def close_holes(self, progress=None) -> bool:
+        """After discards: in each writable sparse extent the last grains move down into the
+        holes, in place (compact's second half), and the file is cut."""
+        self.require_writable()
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.writable]
+        if not sparse or len(sparse) != len(self.extents):
+            return False
+        prog = Progress(progress, sum(self._count_grains(e) for e in sparse) or 1)
+        prog.start()
+        for e in sparse:
+            live = []
+            for t in range(e.n_gts):
+                gt = e._gt(t)
+                if gt is not None:
+                    live += [(v * SECTOR, t * e.gtes + i) for i, v in enumerate(gt) if v > 1]
+            self._pack_extent(e, live, prog)
+        prog.finish()
+        return True
+
     def _count_grains(self, e: SparseExtent) -> int:
         n = 0
         for t in range(e.n_gts):
@@ -233,7 +293,13 @@ class MaintenanceMixin(VmdkState):
                 else:
                     live.append((v * SECTOR, idx))
         f.sync()
-        # 2. fixed metadata outside the first overhead, then move grains down into holes
+        self._pack_extent(e, live, prog)
+
+    def _pack_extent(self, e: SparseExtent, live: list[tuple[int, int]],
+                     prog: Progress) -> None:
+        """Fixed metadata outside the first overhead stays; the grains in ``live`` ((file
+        offset, grain index)) move down into the holes; the file is cut."""
+        f = e.f
         base_end = (e.header["overhead"] if e.header else 0) * SECTOR
         base_end = max(base_end, SECTOR)
         if len({o for o, _ in live}) != len(live) or any(o < base_end for o, _ in live):
