@@ -76,11 +76,11 @@ class VdiBackend(Backend):
     size_granularity = 512
     can_shrink = True
 
-    def max_size_for(self, config=None):
-        return _max_size(self.config_value(config, "AllocationBlockSize"))
+    def max_size_for(self, config: dict | None = None) -> int:
+        return _max_size(self.config_int(config, "AllocationBlockSize"))
 
-    def limit_reason(self, config=None):
-        return _size_limit(self.config_value(config, "AllocationBlockSize"))
+    def limit_reason(self, config: dict | None = None) -> str:
+        return _size_limit(self.config_int(config, "AllocationBlockSize"))
 
     def probe(self, src: ProbeInput) -> int:
         h = src.head
@@ -92,7 +92,8 @@ class VdiBackend(Backend):
         major = int.from_bytes(h[L.OFF_VERSION:L.OFF_VERSION + 4], "little") >> 16
         return 100 if major in (0, 1) else 60
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> VdiImage:
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)

@@ -9,6 +9,7 @@ from ...geometry import Geometry
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import table_to_bytes
 from . import layout as L
+from .layout import Container
 
 _FREE = L.BLOCK_FREE
 _ZERO = L.BLOCK_ZERO
@@ -63,7 +64,7 @@ def _uuid_bytes(u: uuidlib.UUID | None) -> bytes:
     return _NULL_UUID if u is None else u.bytes_le
 
 
-def _geometry(g) -> Geometry | None:
+def _geometry(g: Container) -> Geometry | None:
     if g.cylinders == 0 or g.heads == 0 or g.sectors == 0:
         return None
     return Geometry(g.cylinders, g.heads, g.sectors)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from array import array
+from collections.abc import Iterable
 
 from ...align import ceil_div
-from ...backend import ImageFlags
-from ...errors import CorruptImage, InvalidArgument, NotSupported, require_text
+from ...backend import Backend, ImageFlags
+from ...errors import CorruptImage, InvalidArgument, NotSupported, VDError, require_text
 from ...fileio import ImageFile
 from ...geometry import Geometry, vbox_pchs
-from ...image import Alloc, ParentHint
+from ...image import Alloc, FillFn, Image, ParentHint
 from ...sparse import is_zero, nonzero_runs, zeroes
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import BlockTable, first_shared, read_table
@@ -39,7 +40,7 @@ class VdiImage(MaintenanceMixin):
     def max_size(self) -> int:
         return _max_size(self.block_size)
 
-    def __init__(self, backend, location: str, f: ImageFile, read_only: bool):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, read_only: bool) -> None:
         super().__init__(backend, location, f, read_only)
         self.honor_zeroes = False
         self._modified = False          # modification UUID already renewed this session
@@ -49,7 +50,8 @@ class VdiImage(MaintenanceMixin):
             self._scan_map()
 
     # -- header ---------------------------------------------------------------------------
-    def _err(self, field: str, offset: int, message: str, expected, found, cls=CorruptImage):
+    def _err(self, field: str, offset: int, message: str, expected: object, found: object,
+             cls: type[VDError] = CorruptImage) -> VDError:
         return cls(message, path=self.location, field=field, offset=offset, expected=expected,
                    found=found)
 
@@ -208,7 +210,7 @@ class VdiImage(MaintenanceMixin):
             g = self._stored_pchs or Geometry(0, 0, 0)
             h.legacy_geometry.cylinders, h.legacy_geometry.heads, h.legacy_geometry.sectors = g
         if self._v0:
-            return L.Header0.build(h)
+            return bytes(L.Header0.build(h))
         h.offset_blocks = self.offset_blocks
         h.offset_data = self.offset_data
         h.uuid_parent_modify = _uuid_bytes(self.parent_modification_uuid)
@@ -217,8 +219,8 @@ class VdiImage(MaintenanceMixin):
                 g = self.lchs or Geometry(0, 0, 0)
                 h.lchs.cylinders, h.lchs.heads, h.lchs.sectors = g
                 h.lchs.sector_size = 512
-            return L.Header1Plus.build(h)
-        return L.Header1.build(h)
+            return bytes(L.Header1Plus.build(h))
+        return bytes(L.Header1.build(h))
 
     def _write_header(self) -> None:
         self.f.pwrite(L.PRE_HEADER_SIZE, self._header_bytes())
@@ -290,7 +292,7 @@ class VdiImage(MaintenanceMixin):
         self._next = max(self.allocated, top + 1)
         return True
 
-    def _write_map_entries(self, indices) -> None:
+    def _write_map_entries(self, indices: Iterable[int]) -> None:
         self._table.write_entries(indices)
 
     def _touch(self) -> None:
@@ -301,14 +303,14 @@ class VdiImage(MaintenanceMixin):
             self._hdr_dirty = True
 
     # -- data -----------------------------------------------------------------------------
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         bs = self.block_size
         end = offset + length
         first = offset // bs
         last = (end - 1) // bs
         m = self._map
-        runs = []
-        cur = None
+        runs: list[tuple[int, int, Alloc]] = []
+        cur: Alloc | None = None
         start = offset
         idx = first
         while idx <= last:
@@ -336,10 +338,11 @@ class VdiImage(MaintenanceMixin):
                 cur = st
                 start = pos
             idx += max(n, 1)
-        runs.append((start, end - start, cur))
+        if cur is not None:                     # None: an empty range
+            runs.append((start, end - start, cur))
         return runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         bs = self.block_size
         first, inner = divmod(offset, bs)
         last = (offset + length - 1) // bs
@@ -377,14 +380,15 @@ class VdiImage(MaintenanceMixin):
             pos += n
         if run_len:
             read_into(run_file, mv[run_buf:run_buf + run_len])
-        return buf          # a bytearray: bytes-like, saves a copy of the whole range
+        # a bytearray: bytes-like, saves a copy of the whole range
+        return buf  # type: ignore[return-value]
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         self._refuse_cross_linked()
         self._write(offset, memoryview(data).cast("B"), fill, honor=self.honor_zeroes)
 
-    def _write(self, offset, mv, fill, honor: bool) -> None:
+    def _write(self, offset: int, mv: memoryview, fill: FillFn, honor: bool) -> None:
         bs = self.block_size
         m = self._map
         size = self.size
@@ -399,13 +403,13 @@ class VdiImage(MaintenanceMixin):
         fsize = None
         f = self.f
 
-        def flush_pending():
+        def flush_pending() -> None:
             nonlocal pending, pending_len, pending_pos
             if pending:
                 f.pwritev(pending_pos, pending)
             pending, pending_len, pending_pos = [], 0, -1
 
-        def emit(fpos, chunk):
+        def emit(fpos: int, chunk: bytes | bytearray | memoryview) -> None:
             nonlocal pending_len, pending_pos
             if pending and pending_pos + pending_len == fpos and pending_len < (64 << 20):
                 pending.append(chunk)
@@ -525,32 +529,32 @@ class VdiImage(MaintenanceMixin):
         self.require_writable()
         self._write_header()
 
-    def set_uuid(self, value):
+    def set_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self.uuid = value
         self._set()
 
-    def set_modification_uuid(self, value):
+    def set_modification_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self.modification_uuid = value
         self._modified = True
         self._set()
 
-    def set_parent_uuid(self, value):
+    def set_parent_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         self.parent_uuid = value
         if self.parent_hint is not None:
             self.parent_hint.uuid = value
         self._set()
 
-    def set_parent_modification_uuid(self, value):
+    def set_parent_modification_uuid(self, value: uuidlib.UUID) -> None:
         self.require_writable()
         if self._v0:
             self._no_field("a parent modification UUID (VDI v0 header)")
         self.parent_modification_uuid = value
         self._set()
 
-    def set_comment(self, value):
+    def set_comment(self, value: str) -> None:
         self.require_writable()
         value = value or ""
         if self._v0:
@@ -562,13 +566,13 @@ class VdiImage(MaintenanceMixin):
         self.comment = value
         self._set()
 
-    def set_pchs(self, value):
+    def set_pchs(self, value: Geometry) -> None:
         self.require_writable()
         self._stored_pchs = Geometry(*value) if value and not Geometry(*value).is_zero else None
         self.pchs = self._stored_pchs or vbox_pchs(self.size)
         self._set()
 
-    def set_lchs(self, value):
+    def set_lchs(self, value: Geometry) -> None:
         self.require_writable()
         if not self._plus:
             if self._v0 or self.offset_blocks < L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE:
@@ -584,7 +588,7 @@ class VdiImage(MaintenanceMixin):
         self._set()
 
     # -- operations -----------------------------------------------------------------------
-    def relink_refusal(self, parent):
+    def relink_refusal(self, parent: Image | None) -> str | None:
         if parent is not None and parent.uuid is None:
             return (f"{self.location}: a VDI differencing image links to its parent by UUID, "
                     f"and {parent.location} has none")
@@ -592,7 +596,7 @@ class VdiImage(MaintenanceMixin):
             return f"{self.location}: a fixed VDI image cannot become a differencing image"
         return None
 
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self.require_writable()
         if parent is None:
             self.parent_uuid = None

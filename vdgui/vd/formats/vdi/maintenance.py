@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from array import array
+from collections.abc import Sequence
 
 from ...align import ceil_div
 from ...backend import too_large
 from ...compaction import Move, move_blocks, plan_moves, slot_holes
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...geometry import vbox_lchs, vbox_pchs
-from ...image import CheckReport, Problem, ProblemCode
-from ...progress import Progress
+from ...image import CheckReport, FillFn, Problem, ProblemCode
+from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
 from ...tables import BlockTable
@@ -55,19 +56,20 @@ class MaintenanceMixin(VdiState):
             j -= 1
         used = n - free
 
-        def repoint(moves):
+        def repoint(moves: Sequence[Move[int]]) -> None:
             for m in moves:
                 self._map[m.key] = (m.dst - base) // total
             self._write_map_entries([m.key for m in moves])
 
-        def header():
+        def header() -> None:
             self.allocated = self._next = used
             self._write_header()
 
         move_blocks(self.f, plan_moves(blocks, holes), repoint, header=header)
         self.f.truncate(max(base + used * total, self.offset_blocks + self.blocks * 4))
 
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         self.require_writable()
         if self.image_type == L.TYPE_FIXED:
             raise NotSupported(f"{self.location}: fixed VDI images cannot be compacted "
@@ -127,7 +129,7 @@ class MaintenanceMixin(VdiState):
         _k, _moves, nxt = self._relocation_plan(new_blocks)
         return self.offset_blocks + max(self.blocks, nxt) * 4 <= self.offset_data
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size <= 0 or new_size % 512:
             raise InvalidArgument(f"{self.location}: new size must be a positive multiple of "
@@ -166,10 +168,10 @@ class MaintenanceMixin(VdiState):
         self.f.sync()
         prog.finish()
 
-    def _shrink(self, new_size, new_blocks):
+    def _shrink(self, new_size: int, new_blocks: int) -> None:
         bs = self.block_size
         self._refuse_cut_data(new_size)        # the part beyond the new end must hold no data
-        freed = []
+        freed: list[int] = []
         for i in range(new_blocks, self.blocks):
             if self._map[i] != _FREE:
                 self._map[i] = _FREE
@@ -183,13 +185,13 @@ class MaintenanceMixin(VdiState):
         self.header_disk_size = new_size
         self._close_holes()
 
-    def _zero_block_tail(self, idx, keep):
+    def _zero_block_tail(self, idx: int, keep: int) -> None:
         bs = self.block_size
         v = self._map[idx]
         if v < _ZERO and keep < bs:
             self.f.pwrite(self._data_pos(v) + keep, zeroes(bs - keep))
 
-    def _grow(self, new_size, new_blocks):
+    def _grow(self, new_size: int, new_blocks: int) -> None:
         """Everything but the header: the caller's header write makes the new size visible."""
         bs = self.block_size
         old_blocks = self.blocks
@@ -217,7 +219,7 @@ class MaintenanceMixin(VdiState):
         self.blocks = new_blocks
         self.allocated = self._next
 
-    def _relocation_plan(self, new_blocks):
+    def _relocation_plan(self, new_blocks: int) -> tuple[int, list[Move[int]], int]:
         """``(k, moves, next)``: a map of ``new_blocks`` entries takes the place of the first
         ``k`` file blocks; ``moves`` carry the used ones past the end, ``next`` is the first
         file block after them."""
@@ -226,7 +228,7 @@ class MaintenanceMixin(VdiState):
         rev, n = self._used_blocks()
         # past every used block and past the new map area (file block k becomes block 0)
         nxt = max(self._next, n, k)
-        moves = []
+        moves: list[Move[int]] = []
         for j in range(min(k, n)):
             if rev[j] != _FREE:
                 moves.append(Move(rev[j], self.offset_data + j * total,
@@ -234,7 +236,7 @@ class MaintenanceMixin(VdiState):
                 nxt += 1
         return k, moves, nxt
 
-    def _relocate_for_map(self, new_blocks):
+    def _relocate_for_map(self, new_blocks: int) -> None:
         """Make room for a map of ``new_blocks`` entries, as two steps that each leave a valid
         image of the old size:
 
@@ -259,7 +261,7 @@ class MaintenanceMixin(VdiState):
         spare = len(moves) if old_blocks + len(moves) <= room else 0
         count = max(old_blocks + spare, nxt)
 
-        def repoint(moved):
+        def repoint(moved: Sequence[Move[int]]) -> None:
             if count > old_blocks:      # entries past cBlocks first, then the header counts them
                 _extend_free(self._map, count - len(self._map))
                 for i in range(spare):
@@ -295,7 +297,7 @@ class MaintenanceMixin(VdiState):
         self.offset_data = new_off_blocks + k * total
         self.allocated = self._next = nxt - k
 
-    def write_zeroes(self, offset, length, fill):
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """Whole allocated blocks keep their map entry and lose their bytes: a hole punched
         (adjacent blocks in one call; zeroes written where the file system cannot). The rest
         as ``write`` stores zeroes: the zero-block marker in a differencing image, nothing
@@ -334,7 +336,7 @@ class MaintenanceMixin(VdiState):
                 self.f.pwrite(a, zeroes(k))
                 a += k
 
-    def discard(self, offset, length, fill=None):
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         self.require_writable()
         self._refuse_cross_linked()
         if self._bad:
@@ -381,7 +383,8 @@ class MaintenanceMixin(VdiState):
         if freed_any:
             self._close_holes()
 
-    def check(self, repair=False, dry_run=False, progress=None):
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         fix = repair and not dry_run
         if fix:
             self.require_writable()
@@ -389,7 +392,7 @@ class MaintenanceMixin(VdiState):
         prog = Progress(progress, max(1, self.blocks))
         prog.start()
 
-        def add(sev, what, off, code):
+        def add(sev: str, what: str, off: int | None, code: str) -> None:
             report.problems.append(Problem(sev, what, off, repaired=fix, code=code))
 
         hdr_fix = False
