@@ -391,6 +391,7 @@ def _read_files(path: Path) -> dict:
 @need_tools
 @pytest.mark.skipif(not kh.have_strace(), reason="needs strace")
 @pytest.mark.parametrize("fmt,points", [("vdi", 6), ("vpc", 6), ("vhdx", 6), ("vmdk", 6),
+                                        ("qed", 6), ("parallels", 6),
                                         pytest.param("qcow2", 24, marks=pytest.mark.slow)])
 def test_kill_during_in_place_sparsify_keeps_the_files(tmp_path, qemu, fmt, points):
     from vdgui.vd import check
@@ -471,7 +472,8 @@ def test_qcow2_discard_punches_adjacent_clusters_in_one_call(tmp_path, qemu, mon
 @need_tools
 @pytest.mark.parametrize("fmt,opts", [("qcow2", []), ("vhdx", ["-o", "block_size=1M"]),
                                       ("vpc", []), ("vmdk", []),
-                                      ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"])])
+                                      ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"]),
+                                      ("qed", []), ("parallels", [])])
 def test_sparsify_closes_holes_in_place_without_a_copy(built, tmp_path, qemu, monkeypatch,
                                                        fmt, opts):
     """QCOW2 and VHDX went through compact's verified copy after their discard (the 4 GiB in
@@ -583,3 +585,21 @@ def test_vmdk_discard_in_a_base_and_in_a_child_with_zeroed_grains(tmp_path, qemu
     assert base.stat().st_blocks < before - 3 * MiB // 512 // 2
     assert qemu.img("check", base, check=False).returncode == 0
     qemu.io("-f", "vmdk", "-c", "read -P 0 0 2M", "-c", "read -P 0x55 2M 2M", base)
+
+
+def test_qed_discard_in_a_child_stores_zero_clusters(tmp_path, qemu):
+    """QED had no discard (sparsify wrote zeroes, then compacted through a copy)."""
+    from vdgui.vd import Alloc, Disk, OpenFlags
+    base = tmp_path / "b.qed"
+    qemu.img("create", "-f", "qed", base, "8M")
+    qemu.io("-f", "qed", "-c", "write -P 0x66 0 4M", base)
+    kid = tmp_path / "k.qed"
+    qemu.img("create", "-f", "qed", "-b", base.name, "-F", "qed", kid)
+    qemu.io("-f", "qed", "-c", "write -P 0x77 0 1M", kid)
+    with Disk.open_chain(str(kid), "QED", OpenFlags.NORMAL) as d:
+        d.discard(0, 2 * MiB + 4096)               # held clusters, parent's, and a part
+        assert d.read(0, 2 * MiB + 4096) == bytes(2 * MiB + 4096)
+        assert d.top.block_status(0, 2 * MiB) == [(0, 2 * MiB, Alloc.ZERO)]
+        assert d.top.close_holes() is True
+    assert qemu.img("check", kid, check=False).returncode == 0
+    qemu.io("-f", "qed", "-c", "read -P 0 0 2052k", "-c", "read -P 0x66 2052k 2044k", kid)

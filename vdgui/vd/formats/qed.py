@@ -40,7 +40,7 @@ from ..backend import (
     ProbeInput,
     too_large,
 )
-from ..compaction import Move, holes_between, move_blocks, plan_moves
+from ..compaction import Move, holes_between, move_blocks, plan_moves, punch_blocks
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import InvalidArgument, NotSupported
 from ..fileimage import FileImage
@@ -57,7 +57,7 @@ from ..image import (
 )
 from ..progress import Progress, ProgressCallback
 from ..runs import RunList
-from ..sparse import is_zero, zeroes
+from ..sparse import is_zero, split_blocks, zeroes
 from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
 from .qed_layout import (
     CLUSTER_ZERO,
@@ -499,6 +499,56 @@ class QedImage(FileImage):
         self.flush()
         prog.finish()
 
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
+        """Whole clusters leave their tables (no backing file: unallocated; with one: zero
+        clusters), tables synced, then their space punched, a run per call; parts of clusters
+        are zeroed. The freed clusters are unreferenced space until :meth:`close_holes` packs
+        the file (the need-check flag is set meanwhile, as for any write)."""
+        self.require_writable()
+        if not self._xlinks_checked:
+            self._find_cross_links()
+        self._refuse_cross_linked()
+        cs = self.cs
+        has_backing = self.backing_file is not None
+        self._set_need_check(True)
+        gone: list[int] = []
+        for ci, inner, pos, n in split_blocks(offset, length, cs):
+            e = self._entry(ci)
+            if e > CLUSTER_ZERO and not self._valid_cluster(e):
+                raise self._corrupt("data cluster offset invalid", offset=e, found=hex(e),
+                                    field=f"L2 entry of guest offset {ci * cs:#x}")
+            if inner == 0 and n >= min(cs, self.size - ci * cs):
+                new = CLUSTER_ZERO if has_backing else 0
+                if e == new or (e == CLUSTER_ZERO and not has_backing):
+                    continue
+                tbl, l2off = self._l2_for_write(ci // self.entries)
+                self._set_l2(tbl, l2off, ci % self.entries, new)
+                if e > CLUSTER_ZERO:
+                    gone.append(e)
+            elif e > CLUSTER_ZERO:
+                self.f.pwrite(e + inner, zeroes(n))
+            elif e == 0 and has_backing:            # over the backing file: zeroes stored
+                saved = self.honor_zeroes
+                self.honor_zeroes = True
+                try:
+                    self.write(pos, zeroes(n), fill or (lambda o, k: zeroes(k)))
+                finally:
+                    self.honor_zeroes = saved
+        if gone:
+            self.f.sync()                           # the tables stop naming the clusters first
+            punch_blocks(self.f, gone, cs)
+
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: tables and clusters from the end of the file move into the holes,
+        in place (compact's second half), and the file is cut."""
+        self.require_writable()
+        prog = Progress(progress, 2)
+        prog.start()
+        self._pack(prog, 1)
+        self.flush()
+        prog.finish()
+        return True
+
     def _units(self) -> tuple[list[tuple[int, int, _Unit]], list[tuple[int, int]]]:
         """The movable units of the file, ``(offset, length, key)``: L2 tables
         (``("table", l1 index)``) and data clusters (``("data", l1 index, l2 index)``), and
@@ -809,7 +859,7 @@ class QedBackend(Backend):
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
                             Operation.CHECK, Operation.REPAIR, Operation.RELINK,
-                            Operation.COMPACT})
+                            Operation.COMPACT, Operation.DISCARD})
     create_flags = ImageFlags.NONE
     size_granularity = 512
     max_size = (4 * 65536 // 8) ** 2 * 65536     # 64 TiB with the default keys

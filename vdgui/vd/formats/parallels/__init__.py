@@ -93,7 +93,7 @@ class ParallelsBackend(Backend):
                   minimum=0, maximum=1, label="Parallels Desktop bundle"),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.CHECK, Operation.REPAIR,
-                            Operation.RESIZE, Operation.COMPACT})
+                            Operation.RESIZE, Operation.COMPACT, Operation.DISCARD})
     create_flags = ImageFlags.NONE
     size_granularity = SECTOR
     max_size = MAX_BAT_ENTRIES * DEFAULT_CLUSTER     # 16 TiB with the default 1 MiB clusters

@@ -7,7 +7,7 @@ from array import array
 
 from ...align import align_up, ceil_div
 from ...backend import Backend, OpenFlags, too_large
-from ...compaction import holes_between, move_blocks, overlapping, plan_moves
+from ...compaction import holes_between, move_blocks, overlapping, plan_moves, punch_blocks
 from ...errors import InvalidArgument, NotSupported
 from ...fileimage import FileImage
 from ...fileio import ImageFile
@@ -15,7 +15,7 @@ from ...geometry import Geometry
 from ...image import Alloc, CheckReport, FillFn, Problem, ProblemCode
 from ...progress import ProgressCallback
 from ...runs import RunList
-from ...sparse import is_zero, split_blocks
+from ...sparse import is_zero, split_blocks, zeroes
 from ...tables import BlockTable, first_shared, read_table
 from .layout import (
     EXT_MAGIC,
@@ -374,8 +374,45 @@ class ParallelsImage(FileImage):
             if (below is None and is_zero(data)) or (below is not None and data == below):
                 self._set_bat({idx: 0})
         self.f.sync()
-        # the highest clusters move into the lowest holes (compaction.move_blocks: copies,
-        # sync, BAT entries, sync); clusters overlapping another (a damaged image) stay
+        self._pack()
+        if progress:
+            progress(entries + 1, entries + 1)
+
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
+        """Whole clusters leave the BAT (synced), then their space is punched, a run per call;
+        parts of clusters are zeroed."""
+        self.require_writable()
+        self._refuse_cross_linked()
+        bs = self.block_size
+        freed: dict[int, int] = {}
+        gone: list[int] = []
+        for idx, inner, _pos, n in split_blocks(offset, length, bs):
+            off = self._cluster_offset(idx) if idx < len(self.bat) else 0
+            if not off:
+                continue                            # reads zeroes already
+            if inner == 0 and n >= min(bs, self.size - idx * bs):
+                freed[idx] = 0
+                gone.append(off)
+            else:
+                self.f.pwrite(off + inner, zeroes(n))
+        if freed:
+            self._set_bat(freed)
+            self.f.sync()                           # the BAT stops naming the clusters first
+            punch_blocks(self.f, gone, bs)
+
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: the last clusters move down into the holes, in place, and the file
+        is cut (compact's second half)."""
+        self.require_writable()
+        self._pack()
+        if progress:
+            progress(1, 1)
+        return True
+
+    def _pack(self) -> None:
+        """The highest clusters move into the lowest holes (compaction.move_blocks: copies,
+        sync, BAT entries, sync); clusters overlapping another (a damaged image) stay; the
+        file is cut after the last one."""
         bs = self.block_size
         used = sorted((self.bat[i] * self.mult, i) for i in range(len(self.bat)) if self.bat[i])
         stuck = overlapping([(off, bs, i) for off, i in used])
@@ -388,8 +425,6 @@ class ParallelsImage(FileImage):
                      [m.dst + bs for m in moves])
         self.f.truncate(target)
         self.file_len = self.alloc_end = target
-        if progress:
-            progress(entries + 1, entries + 1)
 
     def resizes_in_place(self, new_size: int) -> bool:
         # growing within the BAT's room: new entries zeroed past the counted ones, then the
