@@ -29,13 +29,7 @@ def keystore_for(args, paths: list[str]) -> tuple[dict, str] | None:
     ``--keystore`` was given, a chain it has nothing for (and no sidecar) is an error: reading
     ciphertext as if it were plain would be silent garbage."""
     given = getattr(args, "keystore", None) or []
-    for ks in given:
-        for p in paths:
-            try:
-                return vd.read_keystore_file(ks, p), ks
-            except vd.ImageNotFound:
-                continue
-    found = vd.find_keystore(paths)
+    found = vd.find_keystore(paths, given)
     if found is None and given:
         raise vd.ImageNotFound(f"{paths[0]}: no key store for this image in "
                                f"{', '.join(given)} (nor a {vd.sidecar_path('')} beside it)")

@@ -311,6 +311,9 @@ def test_library_keeps_the_key_store_from_a_virtualbox_registry(tmp_path):
         assert lib.properties(paths[0]) == {}          # not backend configuration
         with pytest.raises(vd.InvalidArgument):
             lib.set_filter_properties(paths[0], "CRYPT", {"Passphrase": b"computer"})
+        # the library is where a chain's key store is found when no file names one
+        assert vd.find_keystore([paths[1], paths[0]], library=lib) == (crypt, "library")
+        assert vd.find_keystore([paths[1]], library=lib) is None
         lib.rename(paths[0], str(tmp_path / "moved.vdi"))
         assert lib.filter_properties(str(tmp_path / "moved.vdi"))["CRYPT"] == crypt
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument
 from ..paths import read_small_file
 from ..temps import atomic_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..library import Library
 
 SUFFIX = ".keystore"
 PREFIX = "CRYPT/"
@@ -107,12 +111,27 @@ def write_sidecar(image_path: str, props: dict[str, str], *, replace: bool = Fal
     return target
 
 
-def find_keystore(image_paths: list[str]) -> tuple[dict[str, str], str] | None:
-    """The sidecar of the first of ``image_paths`` (top of a chain first) that has one."""
-    for p in image_paths:
+def find_keystore(paths: list[str], files: list[str] | tuple[str, ...] = (),
+                  library: Library | None = None) -> tuple[dict[str, str], str] | None:
+    """(CRYPT configuration, where it came from) for a chain whose image files are ``paths``
+    (top first), or None: the first of ``files`` (registries, sidecars, bare key stores) that
+    has one for a member, else the sidecar of the first member that has one, else what
+    ``library`` kept from an imported VirtualBox registry ("library")."""
+    for f in files:
+        for p in paths:
+            try:
+                return read_keystore_file(f, p), f
+            except ImageNotFound:
+                continue
+    for p in paths:
         side = sidecar_path(p)
         if os.path.isfile(side):
             return read_keystore_file(side, p), side
+    if library is not None:
+        for p in paths:
+            props = library.filter_properties(p).get("CRYPT") or {}
+            if props.get("KeyStore"):
+                return dict(props), "library"
     return None
 
 
