@@ -256,7 +256,7 @@ def test_contents_follow_a_resize_and_clear_on_remove(qtbot, window, disk):
     assert pane.bar.segs[-1].text.startswith("Unpartitioned · 8")
     job = wait_job(qtbot, window.ops.start_resize(window.model.node(path), 40 * MiB))
     assert job.state == JobState.DONE, job.error
-    qtbot.waitUntil(lambda: pane.bar.segs and pane.bar.segs[-1].text.startswith(
+    qtbot.waitUntil(lambda: bool(pane.bar.segs) and pane.bar.segs[-1].text.startswith(
         "Unpartitioned · 16"), timeout=15000)
     qtbot.waitUntil(lambda: pane.folder == "/dir" and not pane.loading
                     and {e.path for e in pane.model.entries} == shown, timeout=15000)
