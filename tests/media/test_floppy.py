@@ -18,6 +18,7 @@ from vdgui.vd import (
     FileExists,
     InvalidArgument,
     OpenFlags,
+    VDIOError,
     create_floppy,
     open_volume,
 )
@@ -212,3 +213,31 @@ def test_cli_create_floppy(tmp_path):
     assert r.returncode == 1 and "already exists" in r.stderr
     r = run_cli("create-floppy", "--size", "5M", tmp_path / "x.img", check=False)
     assert r.returncode == 1 and "unknown floppy size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_exactly_full_and_one_byte_more(tmp_path):
+    fmt = floppy_format("720K")
+    room = fmt.clusters * fmt.cluster_bytes
+    full = tmp_path / "full.bin"
+    full.write_bytes(b"\x5a" * room)
+    create_floppy(str(tmp_path / "f.img"), "720K", sources=[str(full)])
+    fsck(tmp_path / "f.img")
+    assert mtype(tmp_path / "f.img", "full.bin") == full.read_bytes()
+    assert "0 bytes free" in sh("mdir", "-i", tmp_path / "f.img", "::")
+    full.write_bytes(b"\x5a" * (room + 1))
+    with pytest.raises(InvalidArgument, match="do not fit"):
+        create_floppy(str(tmp_path / "g.img"), "720K", sources=[str(full)])
+
+
+def test_a_file_that_shrinks_while_copied(tmp_path, monkeypatch):
+    """The sizes are planned first; a file found shorter when copied is an error naming it,
+    and nothing is left behind."""
+    import io
+
+    from vdgui.vd.media import floppy
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"a" * 5000)
+    monkeypatch.setattr(floppy, "open_source", lambda s: io.BytesIO(b"a" * 100))
+    with pytest.raises(VDIOError, match=r"a.bin: the file became shorter .*5000 bytes, found 100"):
+        create_floppy(str(tmp_path / "f.img"), sources=[str(src)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]

@@ -18,6 +18,7 @@ from vdgui.vd import (
     FileExists,
     InvalidArgument,
     OpenFlags,
+    VDIOError,
     create_iso,
     folder_contents,
     open_volume,
@@ -242,3 +243,13 @@ def test_file_of_4_gib_and_more(tmp_path):
                 total += n
                 tail = (tail + bytes(buf[:n]))[-4096:]
         assert total == size and tail == b"TAIL" + bytes(4092)
+
+
+def test_a_file_that_shrinks_while_copied(tmp_path, monkeypatch):
+    import io
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"a" * 5000)
+    monkeypatch.setattr(iso_mod, "open_source", lambda s: io.BytesIO(b"a" * 100))
+    with pytest.raises(VDIOError, match=r"a.bin: the file became shorter .*5000 bytes, found 100"):
+        create_iso(str(tmp_path / "o.iso"), [str(src)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]

@@ -223,3 +223,25 @@ def test_app_offers_and_creates_plugin_format(site, qtbot, window, tmp_path):
     path = str(tmp_path / "NewVirtualDisk.img")
     qtbot.waitUntil(lambda: window.model.node(path) is not None, timeout=5000)
     assert window.model.node(path).record.format == "Bochs"
+
+
+@pytest.mark.parametrize("offset,value,field", [
+    (64, 0x30000, "version"), (80, 1000, "extent"), (80, 1 << 24, "extent"),
+    (76, 0, "bitmap"), (72, 0x200000, "catalog")])
+def test_example_plugin_refuses_damaged_headers(site, tmp_path, offset, value, field):
+    """The plugin follows the engine's error rules: a damaged header is a CorruptImage naming
+    the field, never a traceback or a huge allocation."""
+    import struct
+
+    from vdgui.vd import CorruptImage
+    site.install_example()
+    load_plugins()
+    path = tmp_path / "d.img"
+    with Disk() as d:
+        d.create_base(str(path), 8 * MiB, get_backend("Bochs"))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<I", value))
+    with pytest.raises(CorruptImage) as exc:
+        Disk.open_chain(str(path), flags=OpenFlags.READ_ONLY, format="Bochs")
+    assert exc.value.field == field and str(path) in str(exc.value)
