@@ -614,6 +614,21 @@ def test_probe(tmp_path):
     assert probe(str(tmp_path / "f-flat.vmdk")).name != "VMDK"
 
 
+def test_discard_without_fill_over_the_parent_is_refused(tmp_path, qemu):
+    # Image.discard's fill is optional: part of a grain the parent holds cannot be zeroed
+    # without it (this raised TypeError: 'NoneType' object is not callable)
+    base = tmp_path / "b.vmdk"
+    qemu.img("create", "-f", "vmdk", base, "4M")
+    qemu.io("-f", "vmdk", "-c", "write -P 0x55 0 1M", base)
+    kid = tmp_path / "k.vmdk"
+    qemu.img("create", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk", kid)
+    with Disk.open_chain(str(kid), "VMDK", OpenFlags.NORMAL) as d:
+        with pytest.raises(NotSupported, match="parent's content"):
+            d.top.discard(4096, 4096)
+        d.discard(4096, 4096)                     # through the disk: the parent's data below
+        assert d.read(0, 12288) == b"\x55" * 4096 + bytes(4096) + b"\x55" * 4096
+
+
 # -- compact --------------------------------------------------------------------------------
 def test_compact_base_drops_zero_grains_and_shrinks(tmp_path, qemu):
     from vdgui.vd import compact

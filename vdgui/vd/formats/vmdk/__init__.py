@@ -114,7 +114,7 @@ class VmdkBackend(Backend):
                     ImageFlags.ESX)
     max_size = MAX_SPARSE_SIZE
 
-    def refusal(self, op, flags=None):
+    def refusal(self, op: Operation, flags: ImageFlags | None = None) -> str | None:
         if flags is not None and flags & ImageFlags.STREAM_OPTIMIZED and op in (
                 Operation.WRITE, Operation.RESIZE, Operation.RELINK):
             return Refusal("a streamOptimized VMDK is written once and cannot be changed; "
@@ -152,11 +152,13 @@ class VmdkBackend(Backend):
         """Open one file of an image; the image and its extents share it."""
         return ImageFile(path, writable=writable)
 
-    def open_file(self, f: ImageFile, location, flags=OpenFlags.READ_ONLY):
+    def open_file(self, f: ImageFile, location: str,
+                  flags: OpenFlags = OpenFlags.READ_ONLY) -> VmdkImage:
         """Open a VMDK held in an already open (read-only) file, e.g. a member of an archive."""
         return self.open(location, flags | OpenFlags.READ_ONLY, None, _file=f)
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None, *, _file=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None, *, _file: ImageFile | None = None) -> VmdkImage:
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
         img = VmdkImage(self, location, ro)
@@ -239,6 +241,7 @@ class VmdkBackend(Backend):
                 for line in img.desc.extents:
                     path = None
                     if line.type != "ZERO":
+                        assert line.filename is not None    # the parser refuses it missing
                         path = resolve_stored_name(
                             location,
                             line.filename,
@@ -285,7 +288,7 @@ class VmdkBackend(Backend):
             raise
         return img
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> VmdkImage:
         return create(self, p)
 
 

@@ -6,7 +6,7 @@ import array
 
 from ...align import align_up
 from ...image import CheckReport, Problem, ProblemCode
-from ...progress import Progress
+from ...progress import Progress, ProgressCallback
 from .extents import FlatExtent, u32_array, u32_bytes
 from .layout import SECTOR
 from .sparse import SESparseExtent, SparseExtent
@@ -17,7 +17,8 @@ class CheckMixin(VmdkState):
     """Check and repair of a :class:`.image.VmdkImage`."""
 
     # -- CHECK / REPAIR ----------------------------------------------------------------------
-    def check(self, repair=False, dry_run=False, progress=None):
+    def check(self, repair: bool = False, dry_run: bool = False,
+              progress: ProgressCallback | None = None) -> CheckReport:
         if repair and not dry_run:
             self.require_writable()
         report = CheckReport()
@@ -28,11 +29,11 @@ class CheckMixin(VmdkState):
         fix = repair and not dry_run
         for e in sparse:
             self._check_extent(e, report, fix and e.writable, prog)
-        for e in self.extents:
-            if isinstance(e, FlatExtent) and not e.f.is_device and e.f.size() < e.base + e.length:
+        for x in self.extents:
+            if isinstance(x, FlatExtent) and not x.f.is_device and x.f.size() < x.base + x.length:
                 report.problems.append(Problem(
-                    "corrupt", f"flat extent {e.path} is shorter than described "
-                    f"({e.f.size()} < {e.base + e.length} bytes)", None,
+                    "corrupt", f"flat extent {x.path} is shorter than described "
+                    f"({x.f.size()} < {x.base + x.length} bytes)", None,
                     code=ProblemCode.EXTENT))
         for e in sparse:
             if e.header is not None and not e.compressed:
@@ -78,7 +79,8 @@ class CheckMixin(VmdkState):
                 e.file_size = end
                 e.next_free = end
 
-    def _check_extent(self, e: SparseExtent, report: CheckReport, fix: bool, prog: Progress):
+    def _check_extent(self, e: SparseExtent, report: CheckReport, fix: bool,
+                      prog: Progress) -> None:
         """Directory/redundant directory and table/redundant table consistency; entries that
         point past the end of the file or into the metadata area. Repair takes the valid copy
         (the primary one when both are valid but differ); an entry with no valid copy becomes
@@ -87,10 +89,10 @@ class CheckMixin(VmdkState):
         path = e.path
         meta_end = e.header["overhead"] if e.header else 1
 
-        def table_ok(sec):
+        def table_ok(sec: int) -> bool:
             return sec == 0 or (sec >= 1 and sec * SECTOR + e.gt_bytes <= size)
 
-        def grain_ok(v, idx):
+        def grain_ok(v: int, idx: int) -> bool:
             if v == 0 or v == 1:
                 return True
             if v < meta_end:
@@ -98,7 +100,8 @@ class CheckMixin(VmdkState):
             glen = max(min(e.grain, e.length - idx * e.grain), SECTOR)
             return v * SECTOR + (12 if e.compressed else glen) <= size
 
-        def problem(what, off, code, repaired=False, severity="corrupt"):
+        def problem(what: str, off: int | None, code: str, repaired: bool = False,
+                    severity: str = "corrupt") -> Problem:
             pr = Problem(severity, f"{path}: {what}", off, repaired, code=code)
             report.problems.append(pr)
             return pr

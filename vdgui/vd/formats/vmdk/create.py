@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid as uuidlib
+from typing import TYPE_CHECKING
 
 from ...align import align_up
 from ...backend import CreateParams, ImageFlags, OpenFlags
@@ -31,9 +32,12 @@ from .layout import (
 from .sparse import write_sparse_extent
 from .stream import StreamWriter
 
+if TYPE_CHECKING:
+    from . import VmdkBackend
+
 
 # -- create ------------------------------------------------------------------------------
-def create(backend, p: CreateParams):
+def create(backend: VmdkBackend, p: CreateParams) -> VmdkImage:
     cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
     if cfg.get("Partitions") or cfg.get("BootSector") or cfg.get("Relative"):
         raise NotSupported("raw partition VMDKs (Partitions/BootSector/Relative) are not "
@@ -147,7 +151,7 @@ def create(backend, p: CreateParams):
                                                   if p.allow_unsafe_paths else 0))
     return img
 
-def create_raw(backend, p: CreateParams, drive: str):
+def create_raw(backend: VmdkBackend, p: CreateParams, drive: str) -> VmdkImage:
     """A 'fullDevice' descriptor whose one FLAT extent is the whole drive (absolute path)."""
     if not p.allow_unsafe_paths:
         raise UnsafePath(f"{p.location}: a raw disk VMDK gives direct access to {drive!r}; "
@@ -187,7 +191,8 @@ def create_raw(backend, p: CreateParams, drive: str):
         out.write(desc.to_bytes())
     return backend.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
 
-def create_stream(backend, p: CreateParams, desc_bytes: bytes, sectors: int):
+def create_stream(backend: VmdkBackend, p: CreateParams, desc_bytes: bytes,
+                  sectors: int) -> VmdkImage:
     desc_sectors = max(EMBEDDED_DESC_SECTORS, align_up(len(desc_bytes), SECTOR) // SECTOR)
     overhead = align_up(1 + desc_sectors, DEFAULT_GRAIN)
     hdr = header_dict(version=3, flags=FLAG_NL_TEST | FLAG_COMPRESSED | FLAG_MARKERS,

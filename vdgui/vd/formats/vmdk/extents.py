@@ -7,7 +7,7 @@ import array
 from ...align import align_up
 from ...errors import ReadOnlyImage
 from ...fileio import ImageFile
-from ...image import Alloc
+from ...image import Alloc, FillFn, Image
 from ...runs import RunList
 from ...tables import table_from_bytes, table_to_bytes
 from .descriptor import ExtentLine
@@ -35,24 +35,24 @@ class Extent:
         self.length = line.sectors * SECTOR
         self.path = path
 
-    def block_status(self, off, n):
+    def block_status(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
         return [(off, n, Alloc.DATA)]
 
-    def read(self, off, n) -> bytes:
+    def read(self, off: int, n: int) -> bytes:
         return bytes(n)
 
-    def write(self, off, data, fill, image) -> None:
+    def write(self, off: int, data: bytes | memoryview, fill: FillFn, image: Image) -> None:
         raise ReadOnlyImage(f"{image.location}: extent {self.line.filename or self.kind!r} "
                             f"({self.kind}) cannot be written")
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
 
 class ZeroExtent(Extent):
     kind = "ZERO"
 
-    def block_status(self, off, n):
+    def block_status(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
         return [(off, n, Alloc.ZERO)]
 
 
@@ -66,13 +66,13 @@ class FlatExtent(Extent):
         self.base = line.offset * SECTOR
         self.writable = writable
 
-    def block_status(self, off, n):
+    def block_status(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
         start, end = self.base + off, self.base + off + n
         raw = self.f.data_runs(start, n)          # SEEK_DATA/SEEK_HOLE; None: cannot tell
         if raw is None:
             return [(off, n, Alloc.DATA)]
         runs = [(a, b - a, Alloc.DATA if d else Alloc.UNALLOCATED) for a, b, d in raw]
-        out = RunList()
+        out: RunList[Alloc] = RunList()
         for s, ln, st in runs:
             if st == Alloc.UNALLOCATED:    # partial sectors count as data
                 a = align_up(s - self.base, SECTOR) + self.base
@@ -88,18 +88,18 @@ class FlatExtent(Extent):
             out.add(s - self.base, ln, st)
         return out.runs
 
-    def read(self, off, n):
+    def read(self, off: int, n: int) -> bytes:
         data = self.f.pread(self.base + off, n)
         if len(data) < n:
             data += bytes(n - len(data))
         return data
 
-    def write(self, off, data, fill, image):
+    def write(self, off: int, data: bytes | memoryview, fill: FillFn, image: Image) -> None:
         if not self.writable:
             super().write(off, data, fill, image)
         self.f.pwrite(self.base + off, data)
 
-    def flush(self):
+    def flush(self) -> None:
         if self.writable:
             self.f.sync()
 

@@ -6,20 +6,26 @@ from __future__ import annotations
 import bisect
 import os
 import uuid as uuidlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ...backend import ImageFlags
 from ...errors import CorruptImage, NotSupported, ParentMismatch
 from ...fileio import ImageFile, close_all, relative_name
 from ...geometry import Geometry
-from ...image import ParentHint
+from ...image import Alloc, FillFn, Image, ParentHint
 from ...runs import RunList
 from ...tables import first_shared
 from .check import CheckMixin
 from .descriptor import MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, new_cid
+from .extents import Extent
 from .maintenance import MaintenanceMixin
 from .opener import ExtentOpener
 from .sparse import SparseExtent
 from .stream import StreamWriter
+
+if TYPE_CHECKING:
+    from . import VmdkBackend
 
 
 def _parse_uuid(desc: Descriptor, key: str) -> uuidlib.UUID | None:
@@ -46,7 +52,7 @@ def _geometry(desc: Descriptor, c: str, h: str, s: str) -> Geometry | None:
 
 
 class VmdkImage(MaintenanceMixin, CheckMixin):
-    def __init__(self, backend, location, read_only):
+    def __init__(self, backend: VmdkBackend, location: str, read_only: bool) -> None:
         super().__init__(backend, location, read_only)
         self.desc_file = None
         self.embedded = None
@@ -135,7 +141,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
     def _locate(self, offset: int) -> int:
         return bisect.bisect_right(self._starts, offset) - 1
 
-    def _pieces(self, offset: int, length: int):
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[Extent, int, int]]:
         if self.info_only:
             raise NotSupported(
                 f"{self.location}: opened for information only (extent files are "
@@ -155,18 +161,30 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
             i += 1
 
     # -- data --------------------------------------------------------------------------------
-    def block_status(self, offset, length):
-        out = RunList()
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
+        out: RunList[Alloc] = RunList()
         for ext, rel, n in self._pieces(offset, length):
             for s, ln, st in ext.block_status(rel, n):
                 out.add(s + ext.vstart, ln, st)
         return out.runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         parts = [ext.read(rel, n) for ext, rel, n in self._pieces(offset, length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def write(self, offset, data, fill):
+    def _extent_fill(self, fill: FillFn | None, vstart: int) -> FillFn:
+        """``fill`` for the extent at ``vstart`` (offsets inside it; zeroes past the disk's
+        end); without one, an extent that needs the content below refuses."""
+        def efill(o: int, ln: int) -> bytes:
+            if fill is None:
+                raise NotSupported(f"{self.location}: writing part of a grain needs the content "
+                                   "below it")
+            ln2 = max(0, min(ln, self.size - (vstart + o)))
+            got = fill(vstart + o, ln2) if ln2 else b""
+            return got + bytes(ln - len(got))
+        return efill
+
+    def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self.require_writable()
         if not self._xlinks_checked and self._stream_temp is None:
             self._find_cross_links()
@@ -174,7 +192,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         if not self._cid_bumped and self._stream_temp is None:
             for ext, rel, _n in self._pieces(offset, len(data)):
                 if not ext.writable:
-                    ext.write(rel, b"", fill, self)  # raises the extent's refusal
+                    ext.write(rel, b"", self._extent_fill(fill, ext.vstart), self)  # refuses
             self._cid_bumped = True
             if not self.keep_link_identity:  # a merge keeps it: it relinks the children itself
                 self.cid = new_cid(self.cid)
@@ -184,17 +202,10 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         mv = memoryview(data)
         pos = 0
         for ext, rel, n in self._pieces(offset, len(data)):
-            vstart = ext.vstart
-
-            def efill(o, ln, vstart=vstart):
-                ln2 = max(0, min(ln, self.size - (vstart + o)))
-                got = fill(vstart + o, ln2) if ln2 else b""
-                return got + bytes(ln - len(got))
-
-            ext.write(rel, mv[pos : pos + n], efill, self)
+            ext.write(rel, mv[pos : pos + n], self._extent_fill(fill, ext.vstart), self)
             pos += n
 
-    def write_zeroes(self, offset, length, fill):
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """As write of zeroes with markers (zeroed-grain entries where the extent has them),
         and whole allocated grains of sparse extents punched instead of written."""
         self.punch_zero_grains = True
@@ -203,7 +214,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         finally:
             self.punch_zero_grains = False
 
-    def flush(self):
+    def flush(self) -> None:
         if self.read_only or self._closed:
             return
         for ext in self.extents:
@@ -211,7 +222,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         if self._desc_dirty:
             self._write_descriptor()
 
-    def close(self):
+    def close(self) -> None:
         if self._closed:
             return
         stream = self._stream_temp
@@ -302,7 +313,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         self._desc_dirty = False
 
     # -- metadata ----------------------------------------------------------------------------
-    def files(self):
+    def files(self) -> list[str]:
         out = [os.path.abspath(self.location)]
         if self.flags & ImageFlags.RAWDISK:
             # the extents are host drives, not part of the image: never moved or deleted with it
@@ -312,8 +323,8 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
                 out.append(os.path.abspath(p))
         return out
 
-    def info(self):
-        d = {
+    def info(self) -> dict:
+        d: dict[str, object] = {
             "create_type": self.create_type,
             "cid": f"{self.cid:08x}",
             "parent_cid": f"{self.parent_cid:08x}",
@@ -343,7 +354,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
             d["parent_file_name_hint"] = self.parent_hint.locations[0]
         return d
 
-    def check_parent_link(self, parent):
+    def check_parent_link(self, parent: Image) -> None:
         if isinstance(parent, VmdkImage) and self.parent_cid != parent.cid:
             raise ParentMismatch(
                 f"{self.location}: differencing image does not belong to "
@@ -359,32 +370,32 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         self.desc.set(key, value)
         self._write_descriptor()
 
-    def set_uuid(self, value):
+    def set_uuid(self, value: uuidlib.UUID) -> None:
         self._set_ddb("ddb.uuid.image", str(value))
         self.uuid = value
 
-    def set_modification_uuid(self, value):
+    def set_modification_uuid(self, value: uuidlib.UUID) -> None:
         self._set_ddb("ddb.uuid.modification", str(value))
         self.modification_uuid = value
 
-    def set_parent_uuid(self, value):
+    def set_parent_uuid(self, value: uuidlib.UUID) -> None:
         self._set_ddb("ddb.uuid.parent", str(value))
         self.parent_uuid = value
         if self.parent_hint:
             self.parent_hint.uuid = value
 
-    def set_parent_modification_uuid(self, value):
+    def set_parent_modification_uuid(self, value: uuidlib.UUID) -> None:
         self._set_ddb("ddb.uuid.parentmodification", str(value))
         self.parent_modification_uuid = value
 
-    def set_pchs(self, value):
+    def set_pchs(self, value: Geometry) -> None:
         self.require_writable()
         for k, v in zip(("cylinders", "heads", "sectors"), value):
             self.desc.set(f"ddb.geometry.{k}", str(v))
         self._write_descriptor()
         self.pchs = Geometry(*value)
 
-    def set_lchs(self, value):
+    def set_lchs(self, value: Geometry) -> None:
         self.require_writable()
         for k, v in zip(("biosCylinders", "biosHeads", "biosSectors"), value):
             self.desc.set(f"ddb.geometry.{k}", str(v))
@@ -392,7 +403,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
         self.lchs = Geometry(*value)
 
     # -- RELINK --------------------------------------------------------------------------------
-    def relink_refusal(self, parent):
+    def relink_refusal(self, parent: Image | None) -> str | None:
         if parent is not None and not isinstance(parent, VmdkImage):
             return (
                 f"{self.location}: a VMDK differencing image can only have a VMDK parent, "
@@ -400,7 +411,7 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
             )
         return None
 
-    def set_parent(self, parent):
+    def set_parent(self, parent: Image | None) -> None:
         self.require_writable()
         d = self.desc
         if parent is None:

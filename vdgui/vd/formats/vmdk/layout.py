@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Container as Container  # a parsed structure, for annotations
 
 SECTOR = 512
 
@@ -119,7 +120,7 @@ CREATE_TYPES = {
 }
 
 
-def header_dict(**kw) -> dict:
+def header_dict(**kw: object) -> dict:
     d = dict(magic=MAGIC, version=1, flags=FLAG_NL_TEST | FLAG_RGD, capacity=0,
              grain_size=DEFAULT_GRAIN, descriptor_offset=0, descriptor_size=0,
              num_gtes_per_gt=DEFAULT_GTES, rgd_offset=0, gd_offset=0, overhead=0,

@@ -11,7 +11,8 @@ from ...backend import ImageFlags
 from ...compaction import holes_between, move_blocks, plan_moves, punch_blocks
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...fileio import ImageFile, atomic_files
-from ...progress import Progress
+from ...image import FillFn
+from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero, split_blocks, zeroes
 from .descriptor import ExtentLine
@@ -35,7 +36,7 @@ class MaintenanceMixin(VmdkState):
                 and all(isinstance(e, SparseExtent) and e.header is not None
                         and not getattr(e, "compressed", False) for e in self.extents))
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if new_size % SECTOR:
             raise InvalidArgument(f"{self.location}: VMDK sizes are multiples of 512 bytes, "
@@ -165,7 +166,8 @@ class MaintenanceMixin(VmdkState):
         ext.capacity = new_cap
 
     # -- COMPACT -----------------------------------------------------------------------------
-    def compact(self, progress=None, parent_read=None):
+    def compact(self, progress: ProgressCallback | None = None,
+                parent_read: FillFn | None = None) -> None:
         """Drop grains that read as zeroes (base) or as the parent does (diff), then move the
         last grains into the holes and shrink the files. Every move is: copy the grain into
         free space, sync, then point both grain tables at it; a grain's old place is never
@@ -185,19 +187,20 @@ class MaintenanceMixin(VmdkState):
         prog.finish()
 
     # -- DISCARD -------------------------------------------------------------------------------
-    def discard(self, offset, length, fill=None):
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Whole grains of sparse extents leave their tables (a base: unallocated; a child:
         zeroed-grain entries), tables synced, then their space punched; parts of grains are
         zeroed. Refused (NotSupported) when a piece lies in an extent that is not a writable
         sparse one, or in a child whose extents have no zeroed-grain entries."""
         self.require_writable()
         diff = self.is_diff
-        pieces = list(self._pieces(offset, length))
-        for ext, _rel, _n in pieces:
+        pieces: list[tuple[SparseExtent, int, int]] = []
+        for ext, rel, n in list(self._pieces(offset, length)):
             if not isinstance(ext, SparseExtent) or not ext.writable or \
                     (diff and not ext.zero_grain):
                 raise NotSupported(f"{self.location}: discard is not supported for this "
                                    f"VMDK ({self.create_type}{', a child' if diff else ''})")
+            pieces.append((ext, rel, n))
         self.write(offset, b"", fill)            # the checks and the CID a change needs
         for ext, rel, n in pieces:
             values: dict[int, int] = {}
@@ -214,6 +217,9 @@ class MaintenanceMixin(VmdkState):
                 elif gte > 1:
                     ext.f.pwrite(gte * SECTOR + inner, zeroes(cnt))
                 elif gte == 0 and diff:                 # over the parent: zeroes stored
+                    if fill is None:
+                        raise NotSupported(f"{self.location}: discarding part of a grain held "
+                                           "by the parent needs the parent's content")
                     saved = self.honor_zeroes
                     self.honor_zeroes = True
                     try:
@@ -225,7 +231,7 @@ class MaintenanceMixin(VmdkState):
                 ext.f.sync()                        # the tables stop naming the grains first
                 punch_blocks(ext.f, gone, ext.grain)
 
-    def close_holes(self, progress=None) -> bool:
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
         """After discards: in each writable sparse extent the last grains move down into the
         holes, in place (compact's second half), and the file is cut."""
         self.require_writable()
@@ -252,7 +258,8 @@ class MaintenanceMixin(VmdkState):
                 n += sum(1 for v in gt if v > 1)
         return n
 
-    def _compact_extent(self, e: SparseExtent, parent_read, prog: Progress) -> None:
+    def _compact_extent(self, e: SparseExtent, parent_read: FillFn | None,
+                        prog: Progress) -> None:
         f = e.f
         diff = self.is_diff
         live: list[tuple[int, int]] = []  # (file offset, grain index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from typing import TYPE_CHECKING
 
 from ...align import ceil_div
 from ...errors import CorruptImage, ImageNotFound, NotSupported
@@ -28,13 +29,16 @@ from .layout import (
 )
 from .sparse import SESparseExtent, SparseExtent, parse_sparse_header
 
+if TYPE_CHECKING:
+    from .state import VmdkState
+
 
 class ExtentOpener:
     """Makes the extent objects of one image from its descriptor lines. Remembers what it has
     opened, to refuse a sparse file listed twice and flat extents over the same bytes of one
     file (state of the opener, for the life of the image: resize adds extents through it)."""
 
-    def __init__(self, image):
+    def __init__(self, image: VmdkState) -> None:
         self.image = image              # for its location (messages) and its shared files
         self._sparse_paths: set[str] = set()
         self._flat_spans: dict = {}     # file identity -> (sorted starts, [(start, end, ext)])

@@ -9,7 +9,7 @@ import zlib
 from ...align import align_up, ceil_div
 from ...errors import CorruptImage, NotSupported
 from ...fileio import ImageFile
-from ...image import Alloc
+from ...image import Alloc, FillFn, Image
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
 from ...tables import BlockTable, table_from_bytes
@@ -29,6 +29,7 @@ from .layout import (
     MAX_GRAIN_SECTORS,
     MAX_GTES,
     SECTOR,
+    Container,
     SparseHeader,
     header_dict,
 )
@@ -112,10 +113,10 @@ class SparseExtent(Extent):
             return Alloc.ZERO
         return Alloc.DATA
 
-    def block_status(self, off, n):
+    def block_status(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
         if not self.plain_gtes:
             return self._block_status_by_grain(off, n)
-        out = RunList()
+        out: RunList[Alloc] = RunList()
         end = off + n
         g = self.grain
         span = g * self.gtes
@@ -197,7 +198,7 @@ class SparseExtent(Extent):
         self._cgrain = (idx, out)
         return out
 
-    def read(self, off, n):
+    def read(self, off: int, n: int) -> bytes:
         parts = self._parts_by_grain(off, n) if not self.plain_gtes else self._parts(off, n)
         out = []
         for kind, where, cnt in parts:
@@ -212,7 +213,7 @@ class SparseExtent(Extent):
                 out.append(data)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _parts(self, off, n) -> list:
+    def _parts(self, off: int, n: int) -> list:
         """[kind, file offset or data, length] pieces of a read (kind 0 zeroes, 1 file data,
         2 decompressed data), file pieces merged when contiguous; the table's entries are read
         directly, a grain table at a time."""
@@ -240,9 +241,9 @@ class SparseExtent(Extent):
                 inner = 0
         return parts
 
-    def _block_status_by_grain(self, off, n):
+    def _block_status_by_grain(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
         """block_status through _gt/_gte/_status, grain by grain (subclasses' tables)."""
-        out = RunList()
+        out: RunList[Alloc] = RunList()
         end = off + n
         span = self.grain * self.gtes
         pos = off
@@ -258,7 +259,7 @@ class SparseExtent(Extent):
             pos = tend
         return out.runs
 
-    def _parts_by_grain(self, off, n) -> list:
+    def _parts_by_grain(self, off: int, n: int) -> list:
         """read's parts through _gte/_status, grain by grain (subclasses' tables)."""
         parts: list = []
         for idx, inner, _pos, cnt in split_blocks(off, n, self.grain):
@@ -375,7 +376,7 @@ class SparseExtent(Extent):
                 if d is not None:
                     BlockTable(self.f, d[t] * SECTOR, gt).write_entries(changed)
 
-    def write(self, off, data, fill, image):
+    def write(self, off: int, data: bytes | memoryview, fill: FillFn, image: Image) -> None:
         if not self.writable:
             if self.compressed:
                 raise NotSupported(
@@ -419,6 +420,7 @@ class SparseExtent(Extent):
                 if self.zero_grain and cnt == glen:
                     self._set_gte(idx, 1)  # hide the parent without storing data
                     continue
+            gdata: bytes | memoryview
             if cnt == self.grain:
                 gdata = piece  # committed before this call returns
             else:
@@ -468,7 +470,7 @@ class SparseExtent(Extent):
                 self.f.pwrite(self.rgd[t] * SECTOR + 4 * lo, raw)
         new.clear()
 
-    def flush(self):
+    def flush(self) -> None:
         if self.writable:
             self.f.sync()
 
@@ -481,7 +483,8 @@ class SESparseExtent(SparseExtent):
     plain_gtes = False
     kind = "SESPARSE"
 
-    def __init__(self, line, vstart, path, f: ImageFile, h):
+    def __init__(self, line: ExtentLine, vstart: int, path: str, f: ImageFile,
+                 h: Container) -> None:
         Extent.__init__(self, line, vstart, path)
         self.f = f
         self.file_size = f.size()
@@ -503,8 +506,8 @@ class SESparseExtent(SparseExtent):
                 found=f"{self.n_gts} entries at sector {h.grain_dir_offset}",
             )
         self.gd = table_from_bytes(f.pread(gd_off, self.n_gts * 8), "Q")
-        self.gt_base = h.grain_tables_offset
-        self.grains_base = h.grains_offset
+        self.gt_base: int = h.grain_tables_offset
+        self.grains_base: int = h.grains_offset
         self.capacity = h.capacity
         self.header = None
         self.rgd = None
@@ -519,7 +522,7 @@ class SESparseExtent(SparseExtent):
         self._cgrain = None
         self.next_free = align_up(self.file_size, SECTOR)
 
-    def _gt(self, t):
+    def _gt(self, t: int) -> array.array[int] | None:
         gt = self._gts.get(t)
         if gt is not None or t >= self.n_gts:
             return gt
@@ -547,7 +550,7 @@ class SESparseExtent(SparseExtent):
         self._gts[t] = gt
         return gt
 
-    def _gte(self, idx):
+    def _gte(self, idx: int) -> int:
         gt = self._gt(idx // self.gtes)
         if gt is None:
             return 0

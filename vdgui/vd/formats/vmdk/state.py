@@ -11,6 +11,9 @@ from .descriptor import Descriptor
 from .extents import Extent
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ...image import FillFn
     from . import VmdkBackend
     from .opener import ExtentOpener
 
@@ -37,4 +40,6 @@ class VmdkState(Image):
 
     if TYPE_CHECKING:                       # defined by VmdkImage
         def _file(self, path: str, writable: bool) -> ImageFile: ...
+        def _pieces(self, offset: int, length: int) -> Iterator[tuple[Extent, int, int]]: ...
+        def write(self, offset: int, data: bytes, fill: FillFn | None) -> None: ...
         def _write_descriptor(self) -> None: ...

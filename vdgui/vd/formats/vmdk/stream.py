@@ -9,9 +9,10 @@ import zlib
 from ...align import align_up, ceil_div
 from ...errors import NotSupported
 from ...fileio import ImageFile
-from ...image import Alloc
+from ...image import Alloc, FillFn, Image
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks
+from .descriptor import ExtentLine
 from .extents import Extent, u32_bytes
 from .layout import (
     MARKER,
@@ -32,7 +33,8 @@ class StreamWriter(Extent):
     kind = "SPARSE"
     writable = True
 
-    def __init__(self, line, vstart, path, f: ImageFile, header: dict, first_free: int):
+    def __init__(self, line: ExtentLine, vstart: int, path: str, f: ImageFile, header: dict,
+                 first_free: int) -> None:
         super().__init__(line, vstart, path)
         self.f = f
         self.header = header
@@ -49,19 +51,19 @@ class StreamWriter(Extent):
         self.done = False
         self._cache: tuple[int, bytes] | None = None
 
-    def _gte(self, idx):
+    def _gte(self, idx: int) -> int:
         t, i = divmod(idx, self.gtes)
         gt = self.gts.get(t)
         return 0 if gt is None else gt[i]
 
-    def block_status(self, off, n):
-        out = RunList()
+    def block_status(self, off: int, n: int) -> list[tuple[int, int, Alloc]]:
+        out: RunList[Alloc] = RunList()
         for idx, _inner, pos, cnt in split_blocks(off, n, self.grain):
             st = Alloc.DATA if (idx == self.cur_idx or self._gte(idx)) else Alloc.UNALLOCATED
             out.add(pos, cnt, st)
         return out.runs
 
-    def read(self, off, n):
+    def read(self, off: int, n: int) -> bytes:
         buf = bytearray(n)
         for idx, inner, pos, cnt in split_blocks(off, n, self.grain):
             if idx == self.cur_idx and self.cur is not None:
@@ -77,7 +79,7 @@ class StreamWriter(Extent):
                 buf[pos - off:pos - off + cnt] = self._cache[1][inner:inner + cnt]
         return bytes(buf)
 
-    def write(self, off, data, fill, image):
+    def write(self, off: int, data: bytes | memoryview, fill: FillFn, image: Image) -> None:
         if self.done:
             raise NotSupported(f"{image.location}: the streamOptimized image is complete")
         mv = memoryview(data)
@@ -87,11 +89,12 @@ class StreamWriter(Extent):
                     f"{image.location}: streamOptimized VMDK images are written sequentially; a "
                     f"write at offset {self.vstart + pos} comes after data at offset "
                     f"{self.vstart + self.cur_idx * self.grain} (random writes are refused)")
-            if idx > self.cur_idx:
+            cur = self.cur
+            if idx > self.cur_idx or cur is None:       # None only before the first grain
                 self._flush_grain()
                 self.cur_idx = idx
-                self.cur = bytearray(self.grain)
-            self.cur[inner:inner + cnt] = mv[pos - off:pos - off + cnt]
+                self.cur = cur = bytearray(self.grain)
+            cur[inner:inner + cnt] = mv[pos - off:pos - off + cnt]
 
     def _emit_gts_before(self, table: int) -> None:
         while self.emitted + 1 < min(table, self.n_gts):
