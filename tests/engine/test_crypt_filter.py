@@ -344,3 +344,24 @@ def test_key_store_files(tmp_path):
     (tmp_path / "junk.keystore").write_text("<CryptProperties/>")
     with pytest.raises(vd.CorruptImage, match="no CRYPT/KeyStore"):
         vd.read_keystore_file(str(tmp_path / "junk.keystore"))
+
+
+def test_looking_inside_an_encrypted_disk(tmp_path):
+    """The partition table is read through the filter (DiskFile's read_into path)."""
+    import struct
+
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0x80, b"\0\0\0", 0x83, b"\0\0\0", 2048, 4096)
+    mbr[510:512] = b"\x55\xaa"
+    src = str(tmp_path / "p.vdi")
+    with vd.Disk() as d:
+        d.create_base(src, 4 * MiB, "VDI")
+        d.write(0, bytes(mbr))
+    f = _filter(tmp_path)
+    enc = str(tmp_path / "e.vdi")
+    vd.copy_image(src, enc, "VDI", dst_filters=[f])
+    with vd.Disk.open_chain(enc) as d:
+        assert vd.disk_layout(d).partitions == []           # ciphertext: no table
+        d.add_filter(f)
+        parts = vd.disk_layout(d).partitions
+    assert [(p.start, p.size) for p in parts] == [(2048 * 512, 4096 * 512)]
