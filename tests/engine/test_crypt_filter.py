@@ -365,3 +365,21 @@ def test_looking_inside_an_encrypted_disk(tmp_path):
         d.add_filter(f)
         parts = vd.disk_layout(d).partitions
     assert [(p.start, p.size) for p in parts] == [(2048 * 512, 4096 * 512)]
+
+
+def test_moving_an_encrypted_image_takes_its_key_store_along(tmp_path):
+    src, data = _plain(tmp_path)
+    f = _filter(tmp_path)
+    enc = str(tmp_path / "enc.vdi")
+    vd.copy_image(src, enc, "VDI", dst_filters=[f])
+    vd.write_sidecar(enc, f.properties())
+    (tmp_path / "sub").mkdir()
+    moved = str(tmp_path / "sub" / "renamed.vdi")
+    out = vd.move_image(enc, moved)
+    assert out == [moved, moved + ".keystore"]
+    assert not Path(enc).exists() and not Path(enc + ".keystore").exists()
+    cfg, where = vd.find_keystore([moved])
+    assert where == moved + ".keystore"
+    with vd.Disk.open_chain(moved) as d:
+        d.add_filter(_reopen(cfg["KeyStore"]))
+        assert read_all(d) == data

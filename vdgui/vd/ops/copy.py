@@ -56,6 +56,7 @@ from ..errors import (
     VDIOError,
 )
 from ..fileio import LockMode, check_same_file, lock_files, make_temp_dir, temp_dir_files, unsynced
+from ..filters.keyfile import sidecar_path
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback, WorkMap
 from ..registry import get_backend, probe
@@ -748,6 +749,8 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
                                "move it by hand")
         if os.path.join(dst_dir, rel) != fa:      # renaming in place: extents stay where they are
             plan.append((fa, os.path.join(dst_dir, rel)))
+    if os.path.isfile(sidecar_path(plan[0][0])):  # its VirtualBox key store goes with it
+        plan.append((sidecar_path(plan[0][0]), sidecar_path(dst_abs)))
     for _s, d in plan:
         if os.path.lexists(d):
             raise FileExists(f"{d}: file already exists")
