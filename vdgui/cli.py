@@ -144,6 +144,16 @@ def _print_info(d: dict, indent: str = "") -> None:
             _out(f"{indent}{k.replace('_', ' ')}:")
             for item in v:
                 _out(f"{indent}  - " + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
+        elif isinstance(v, dict):        # e.g. encryption: format, cipher, keyslots
+            _out(f"{indent}{k.replace('_', ' ')}:")
+            for k2, v2 in v.items():
+                if isinstance(v2, list) and v2 and isinstance(v2[0], dict):
+                    _out(f"{indent}  {k2}:")
+                    for item in v2:
+                        _out(f"{indent}    - "
+                             + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
+                else:
+                    _out(f"{indent}  {k2.replace('_', ' ')}: {_fmt_value(v2)}")
         else:
             _out(f"{indent}{k.replace('_', ' ')}: {_fmt_value(v)}")
     details = d.get("details") or {}
@@ -183,7 +193,13 @@ def _json(obj) -> None:
 def cmd_info(args) -> int:
     props = _props(args)
     if args.chain:
-        with _open_chain(args, args.image, args.format, props=props, data=False) as d:
+        be = _backend_for(args.image, args.format)
+        _check_location(args.image, be)
+        # header-only opens (INFO): an encrypted member shows its encryption, no passphrase
+        flags = _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY
+                       | vd.OpenFlags.LOCK_SHARED)
+        with vd.Disk.open_chain(args.image, be.name, flags, _config(be, props),
+                                parent_flags=flags) as d:
             infos = [d.info(i) for i in range(len(d))]
             paths = cli_crypt.chain_paths(d)
         top = dict(infos[-1])
@@ -273,18 +289,48 @@ def _uuid_arg(text: str, option: str) -> uuidlib.UUID:
                        "e.g. 01234567-89ab-cdef-0123-456789abcdef)") from None
 
 
+def _encryption(args, be: vd.Backend, props: dict) -> dict:
+    """--encrypt KIND: the config keys that ask the target's backend for encryption it holds
+    itself (LUKS); VirtualBox's kinds are a filter (cli_crypt), the properties stay."""
+    kind = getattr(args, "encrypt", None)
+    if kind is None:
+        if getattr(args, "new_passphrase_file", None):
+            raise CLIError("--new-passphrase-file needs --encrypt KIND")
+        return props
+    if not getattr(args, "new_passphrase_file", None):
+        raise CLIError("--encrypt needs --new-passphrase-file FILE")
+    if kind in cli_crypt.VBOX:
+        return props
+    if kind not in be.encryptions:
+        able = sorted(b.name for b in vd.backends() if kind in b.encryptions)
+        known = sorted({k for b in vd.backends() for k in b.encryptions} | set(cli_crypt.VBOX))
+        raise vd.NotSupported(f"{be.name} images cannot be encrypted with '{kind}'"
+                              + (f" (formats that can: {', '.join(able)})" if able
+                                 else f" (known: {', '.join(known)})"))
+    return {**props, **be.encryptions[kind]}
+
+
+def _encrypted_itself(args, be: vd.Backend, cfg: dict | None) -> bool:
+    """The image holds its own encryption (LUKS, QCOW2 LUKS): read from its header alone."""
+    img = be.open(args.image, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY), cfg)
+    try:
+        return img.encryption is not None
+    finally:
+        img.close()
+
+
 def cmd_create(args) -> int:
     be = vd.get_backend(args.format)
     _check_location(args.image, be)
     if not be.can(vd.Operation.CREATE):
         raise vd.NotSupported(f"creating images is not supported for {be.name}")
-    cfg = _config(be, _props(args), creating=True)
+    cfg = _config(be, _encryption(args, be, _props(args)), creating=True)
     flags = _variant(args.variant)
     uid = _uuid_arg(args.uuid, "--uuid") if args.uuid else None
     if args.parent:
         if args.size is not None:
             raise CLIError("--size cannot be used with --parent (the size comes from the parent)")
-        if getattr(args, "encrypt", None):
+        if getattr(args, "encrypt", None) in cli_crypt.VBOX:
             raise CLIError("--encrypt cannot be used with --parent (a differencing image is "
                            "encrypted with its parent's key)")
         with _open_chain(args, args.parent, args.parent_format, data=False) as d:
@@ -334,7 +380,7 @@ def cmd_convert(args) -> int:
     src_be = _backend_for(args.src, args.format)
     _check_location(args.src, src_be)
     _check_location(args.dst, dst_be)
-    dst_props = _props(args)
+    dst_props = _encryption(args, dst_be, _props(args))
     src_props = _props(args, "source_property", "source_property_file")
     if args.src == "-" and not src_props and dst_be.caps & vd.Cap.FILE:
         src_props, dst_props = dst_props, {}
@@ -612,10 +658,12 @@ def cmd_set(args) -> int:
     be = _backend_for(args.image, args.format)
     _check_location(args.image, be)
     cfg = _config(be, _props(args))
-    if getattr(args, "new_passphrase_file", None):
+    if getattr(args, "new_passphrase_file", None) and not _encrypted_itself(args, be, cfg):
         return cli_crypt.change_passphrase(args, args.image, be.name, _flags(args))
-    if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs)):
-        raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, --lchs")
+    if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs,
+                args.new_passphrase_file)):
+        raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, "
+                       "--lchs, --new-passphrase-file")
 
     def parse_uuid(text, option):
         if text.lower() == "new":
@@ -640,6 +688,8 @@ def cmd_set(args) -> int:
             img.set_pchs(pchs)
         if lchs:
             img.set_lchs(lchs)
+        if args.new_passphrase_file:
+            img.change_passphrase()
         img.flush()
     finally:
         img.close()

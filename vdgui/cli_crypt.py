@@ -73,11 +73,8 @@ def new_filter(args, dsts: list[str]) -> vd.Filter | None:
     """A CRYPT filter with a new key and key store for ``--encrypt vbox-…`` (the images to make
     ``dsts``, the top last); None without."""
     kind = getattr(args, "encrypt", None)
-    if not kind:
-        return None
     if kind not in VBOX:
-        raise vd.NotSupported(f"--encrypt {kind}: unknown encryption (known: "
-                              f"{', '.join(VBOX)})")
+        return None             # none, or one the format holds itself (cli._encryption)
     for dst in dsts:
         side = vd.sidecar_path(dst)
         if os.path.lexists(side):

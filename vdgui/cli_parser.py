@@ -288,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("create", "convert"):
         sub.choices[name].add_argument(
             "--encrypt", metavar="KIND",
-            help="encrypt the new image: vbox-aes-xts256 or vbox-aes-xts128 (VirtualBox's disk "
-                 "encryption; its key store is written beside the image as IMAGE.keystore)")
+            help="encrypt the new image: luks (QCOW2 and LUKS images: qemu's LUKS), or "
+                 "vbox-aes-xts256 or vbox-aes-xts128 (VirtualBox's disk encryption; its key "
+                 "store is written beside the image as IMAGE.keystore)")
     for name in ("create", "convert", "set"):
         sub.choices[name].add_argument(
             "--new-passphrase-file", metavar="FILE",
-            help="passphrase to encrypt with (create/convert --encrypt) or to change to (set)")
+            help="passphrase to encrypt with (create/convert --encrypt) or to change to (set: "
+                 "LUKS adds a keyslot for it, then removes the one --passphrase-file opens)")
     for name, p in sub.choices.items():
         if name not in ("backends", "merge", "resize", "compact", "check", "sparsify"):
             p.add_argument("--keystore", action="append", metavar="FILE",

@@ -204,6 +204,16 @@ def _cue(d: Path) -> Path:
     return p
 
 
+def _luks(d: Path) -> Path:
+    p = d / "s.luks"
+    secret = ["--object", "secret,id=s0,data=hostile"]
+    _qemu("qemu-img", "create", "-q", "-f", "luks", *secret, "-o", "key-secret=s0,iter-time=100",
+          p, 2 * MiB)
+    _qemu("qemu-io", *secret, "--image-opts", f"driver=luks,file.filename={p},key-secret=s0",
+          "-c", "write -P 0x5a 0 64k")
+    return p
+
+
 def _ova(d: Path) -> Path:
     vmdk = _qemu_image(d, "ova-disk.vmdk", "vmdk")
     p = d / "s.ova"
@@ -231,6 +241,7 @@ def _specimens(d: Path) -> dict[str, Callable[[pytest.FixtureRequest], tuple[Pat
         "dmg": lambda request: Path(shutil.copy(
             request.getfixturevalue("corpus") / "dmg" / "dfvfs" / "hfsplus_zlib.dmg", d / "s.dmg")),
         "cue": lambda: _cue(d),
+        "luks": lambda: _luks(d),
         "ova": lambda: _ova(d),
         "raw": lambda: _qemu_image(d, "s.img", "raw", size=MiB + 1536),
     }

@@ -126,7 +126,7 @@ def test_declarations_and_probe(tmp_path):
     (48, ">Q", 0x10001, CorruptImage, "refcount_table_offset"),
     (16, ">I", 5000, CorruptImage, "backing_file_size"),
     (4, ">I", 4, NotSupported, "version"),
-    (32, ">I", 1, NotSupported, "crypt_method"),
+    (32, ">I", 3, NotSupported, "crypt_method"),     # 1 (AES) and 2 (LUKS) are read
 ])
 def test_hostile_header_fields(tmp_path, offset, fmt, value, exc, needle):
     p = _make(tmp_path)

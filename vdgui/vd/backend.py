@@ -221,6 +221,12 @@ class Backend:
     size_granularity: ClassVar[int] = 512            # virtual sizes are multiples of this
     can_shrink: ClassVar[bool] = False               # RESIZE also to a smaller size
     url_schemes: ClassVar[tuple[str, ...]] = ()      # e.g. ("iscsi",) for network backends
+    # encryption the format holds itself (issue #17): name (as `--encrypt` spells it) -> the
+    # config keys that ask create() for it, e.g. {"luks": {"Encryption": "luks"}}
+    encryptions: ClassVar[dict[str, dict[str, str]]] = {}
+    # every image of this format is encrypted: creating and opening one for its data always
+    # needs a passphrase (the raw LUKS container)
+    needs_passphrase: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: object) -> None:
         """Every backend's ``open`` runs inside the lock context its flags ask for, so each file

@@ -567,6 +567,8 @@ class Disk:
             d["parent_locations"] = list(img.parent_hint.locations)
             d["parent_format"] = img.parent_hint.format
         d["regions"] = [r.as_dict() for r in img.regions()]
+        if img.encryption is not None:
+            d["encryption"] = img.encryption
         extra = img.info()
         if extra:
             d["details"] = extra

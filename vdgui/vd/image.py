@@ -155,6 +155,9 @@ class Image:
 
     backend: Backend
     sector_size: int = 512
+    # a new image reads zeroes where nothing was written; False (raw LUKS, as qemu's) makes a
+    # copy write the zeroes too
+    zero_init: bool = True
 
     def __init__(self, backend: Backend, location: str, read_only: bool):
         self.backend = backend
@@ -176,6 +179,9 @@ class Image:
         self.keep_link_identity: bool = False
         # set by Disk from OpenFlags.HONOR_ZEROES: written zero blocks stay allocated
         self.honor_zeroes: bool = False
+        # encrypted images (issue #17): what `info` shows without a passphrase (format, cipher,
+        # keyslots), None when the image is not encrypted
+        self.encryption: dict | None = None
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -364,6 +370,12 @@ class Image:
 
     def set_lchs(self, value: Geometry) -> None:
         self._no_field("a logical geometry")
+
+    def change_passphrase(self, iter_time_ms: int | None = None) -> int:
+        """Encrypted images (issue #17): add a keyslot for the current passphrase provider's
+        new passphrase, then remove the keyslots its current passphrases open. Returns the new
+        keyslot's number."""
+        raise NotSupported(f"{self.location}: not an encrypted image (no passphrase to change)")
 
     # -- operation hooks (declared through Backend.operations) ------------------------------
     def relink_refusal(self, parent: Image | None) -> str | None:

@@ -8,7 +8,7 @@ registry).
 from __future__ import annotations
 
 from ..backend import Backend
-from . import cue, dmg, iscsi, ova, parallels, qcow2, qed, raw, vdi, vhd, vhdx, vmdk
+from . import cue, dmg, iscsi, luks, ova, parallels, qcow2, qed, raw, vdi, vhd, vhdx, vmdk
 
 REGISTERED: list[Backend] = []
 
@@ -29,6 +29,7 @@ BACKENDS: tuple[Backend, ...] = (
     vhdx.BACKEND,
     cue.BACKEND,
     ova.OvaBackend(all_backends),
+    luks.BACKEND,       # qemu's raw LUKS container (issue #17), not a VirtualBox backend
     raw.BACKEND,
     iscsi.BACKEND,
 )

@@ -523,7 +523,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
                                   config=config, allow_unsafe_paths=allow_unsafe, size=size)
                 created.append(loc)
-                w = _Writer(t, _grain(t.top.block_size), fresh=True)
+                w = _Writer(t, _grain(t.top.block_size), fresh=t.top.zero_init)
                 if lv == 0:
                     _copy_flat(src, lv if levels > 1 else top, w, lengths[lv], prog, 0, readers)
                 else:

@@ -388,6 +388,8 @@ class ClustersMixin(Qcow2State):
                     found=f"{len(data)} bytes",
                 )
             data += bytes(n - len(data))  # a raw data file shorter than the disk reads zeroes
+        if self.crypt_method:
+            return self._decrypt_host(host, data, where)
         return data
 
     def read(self, offset: int, length: int) -> bytes:
@@ -397,7 +399,7 @@ class ClustersMixin(Qcow2State):
         buf = bytearray(length)
         mv = memoryview(buf)
         cs = self.cs
-        direct = not self.incompat & L.INCOMPAT_DATA_FILE
+        direct = not self.incompat & L.INCOMPAT_DATA_FILE and not self.crypt_method
         for s in segs:
             a = s.pos - offset
             if s.kind == K_DATA:
@@ -565,9 +567,9 @@ class ClustersMixin(Qcow2State):
             if e & L.OFLAG_ZERO:  # preallocated zero cluster: materialise in place
                 content = bytearray(cs)
                 content[inner : inner + len(chunk)] = chunk
-                self.f.pwrite(host, content)
+                self._write_data(host, content)
             else:
-                self.f.pwrite(host + inner, chunk)
+                self._write_data(host + inner, chunk)
             if e != host | L.OFLAG_COPIED:
                 self._set_l2(tbl, l2off, l2i, host | L.OFLAG_COPIED)
             return
@@ -589,7 +591,7 @@ class ClustersMixin(Qcow2State):
                 self._unref_entry(e)
             return
         new = self._alloc(1)
-        self.f.pwrite(new, content)
+        self._write_data(new, content)
         if self.extended_l2:
             self._set_l2(tbl, l2off, l2i, new | L.OFLAG_COPIED, 0xFFFFFFFF)
         else:
@@ -668,7 +670,7 @@ class ClustersMixin(Qcow2State):
                 part = fill(ci * cs + kb, kn)
             buf[kb - lo : kb - lo + len(part)] = part
         buf[inner - lo : inner - lo + len(chunk)] = chunk
-        self.f.pwrite(host + lo, buf)
+        self._write_data(host + lo, buf)
         mask = _subcluster_mask(s0, s1)
         alloc |= mask
         zero &= ~mask

@@ -115,13 +115,6 @@ class HeaderMixin(Qcow2State):
                 field="compression_type",
                 offset=104,
             )
-        if h.crypt_method:
-            raise NotSupported(
-                f"{self.location}: encrypted qcow2 images are not supported "
-                f"(crypt_method {h.crypt_method})",
-                field="crypt_method",
-                offset=32,
-            )
         self.size = h.size
         self.block_size = cs
         self.l2_entries = cs // (16 if self.extended_l2 else 8)
@@ -253,6 +246,7 @@ class HeaderMixin(Qcow2State):
                 "the image is marked corrupt; only a repair (check --repair) may write to it"
             )
         self.next_cluster = ceil_div(self.fsize, cs)
+        self._setup_crypt(h.crypt_method, self._given_key)
 
     def _read_extensions(self, backing_offset: int) -> None:
         cs = self.cs

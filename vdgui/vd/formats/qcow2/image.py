@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from typing import ClassVar
 
 from ...align import ceil_div
 from ...backend import (
@@ -18,13 +19,16 @@ from ...backend import (
     too_large,
 )
 from ...config import ConfigKey, KeyFlag, ValueType, parse_config
+from ...crypto import luks
 from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
+from ...secrets import SecretRequest, new_passphrase
 from . import layout as L
 from .bitmaps import BitmapsMixin
 from .check import CheckMixin
 from .clusters import BE_U64, ClustersMixin, be_array
+from .crypt import CRYPT_LUKS, CryptMixin, crypt_extension
 from .header import HeaderMixin, limit_reason, qcow2_max_size
 from .maintenance import MaintenanceMixin
 from .refcount import RefcountsMixin, rc_set
@@ -32,7 +36,7 @@ from .v1 import QcowV1Image
 
 
 class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
-                 MaintenanceMixin, CheckMixin):
+                 MaintenanceMixin, CheckMixin, CryptMixin):
     """One opened qcow2 (version 2 or 3) image (its state declared in :mod:`.state`)."""
 
     @property
@@ -40,8 +44,9 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         return qcow2_max_size(self.cs)
 
     def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags,
-                 snapshot: str | None = None) -> None:
+                 snapshot: str | None = None, crypt_key: bytes | None = None) -> None:
         super().__init__(backend, location, f, flags.read_only)
+        self._given_key = crypt_key             # a new encrypted image's key (create)
         self.open_flags = flags
         self.snapshot_view = None
         self._first_write_done = False
@@ -121,7 +126,12 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         if not self._first_write_done:
             self._before_first_write()
 
-    # flush and close: FileImage's (the external data file is one of its extra_files)
+    def close(self) -> None:
+        # FileImage's (the external data file is one of its extra_files), then the key goes
+        try:
+            super().close()
+        finally:
+            self._wipe_crypt()
 
 
 class Qcow2Backend(Backend):
@@ -144,6 +154,13 @@ class Qcow2Backend(Backend):
         ConfigKey("Compress", "0", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
                   "store whole written clusters compressed (like qemu-img convert -c)",
                   minimum=0, maximum=1, label="Compress clusters"),
+        ConfigKey("Encryption", "none", ValueType.STRING, KeyFlag.CREATEONLY,
+                  "encrypt the data with LUKS (qemu's encrypt.format=luks); the passphrase is "
+                  "asked for", label="Encrypt the data", choices=("none", "luks")),
+        ConfigKey("EncryptIterTime", str(luks.DEFAULT_ITER_TIME_MS), ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "time the passphrase's key derivation takes here (qemu's encrypt.iter-time)",
+                  minimum=1, maximum=60000, label="Key derivation time", unit="ms"),
         ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
                   "open an internal snapshot (ID or name) instead of the current state, "
                   "read-only", label="Internal snapshot"),
@@ -152,6 +169,7 @@ class Qcow2Backend(Backend):
                             Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
                             Operation.COMPACT})
     create_flags = ImageFlags.NONE
+    encryptions: ClassVar[dict[str, dict[str, str]]] = {"luks": {"Encryption": "luks"}}
     max_size = qcow2_max_size(65536)            # 2 PiB with the default 64 KiB clusters
     size_granularity = 512
     can_shrink = True
@@ -215,9 +233,13 @@ class Qcow2Backend(Backend):
             hint = ParentHint(locations=[backing], format=p.parent.backend.name)
         order = rbits.bit_length() - 1
         hlen = 112 if version == 3 else 72
+        encrypt = cfg["Encryption"] == "luks"
+        if encrypt and cfg["Compress"]:
+            raise InvalidArgument("QCOW2: compressed clusters cannot be encrypted (as qemu)")
         hdr = bytearray(L.Qcow2HeaderV2.build(dict(
             version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
-            size=p.size, crypt_method=0, l1_size=l1_size, l1_table_offset=0,
+            size=p.size, crypt_method=CRYPT_LUKS if encrypt else 0, l1_size=l1_size,
+            l1_table_offset=0,
             refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
             snapshots_offset=0)))
         if version == 3:
@@ -226,8 +248,19 @@ class Qcow2Backend(Backend):
                 refcount_order=order, header_length=hlen))
             hdr += bytes(hlen - len(hdr))   # compression_type 0 (zlib) + padding
         l1_clusters = max(1, ceil_div(l1_size * 8, cs))
-        # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table
+        # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table, then the LUKS
+        # header and key material (encrypted images), as qemu places them
         used = 3 + l1_clusters
+        area, key = b"", None
+        if encrypt:
+            pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
+            area, key = luks.create1(pw.reveal(), iter_time_ms=cfg["EncryptIterTime"],
+                                     where=p.location)
+            ext = crypt_extension(used * cs, len(area))
+            hdr += L.HeaderExtension.build({"type": L.EXT_CRYPTO, "length": len(ext)}) + ext
+            hdr += bytes(8)             # end of the extensions
+            crypt_at = used * cs
+            used += ceil_div(len(area), cs)
         per_block = cs * 8 // rbits
         if used > per_block:
             raise InvalidArgument(f"QCOW2: {rbits}-bit refcounts with {cs}-byte clusters cannot "
@@ -242,10 +275,12 @@ class Qcow2Backend(Backend):
             for c in range(used):
                 rc_set(blk, c, 1, rbits)
             f.pwrite(2 * cs, blk)
-            img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL)
+            if area:
+                f.pwrite(crypt_at, area)
+            img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL, crypt_key=key)
             if backing is not None or fmt:
                 img._write_header_area(backing, fmt)
-                img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL)
+                img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL, crypt_key=key)
             f.sync()
             f.commit()
             img.location = p.location

@@ -167,7 +167,7 @@ class RefcountsMixin(Qcow2State):
                 raise self._corrupt("refcounts claim clusters far past the end of the file; "
                                     "run a check with repair", offset=first * self.cs)
         if data is not None:
-            self.f.pwrite(ci * self.cs, data)
+            self._write_data(ci * self.cs, data)
         self._set_refcounts(ci, n, 1)
         return ci * self.cs
 

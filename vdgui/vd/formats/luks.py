@@ -1,0 +1,174 @@
+"""LUKS backend: qemu's raw ``luks`` container, a LUKS1 or LUKS2 header and key material followed
+by the encrypted payload (docs/design-encryption.md; qemu crypto/block-luks.c, block/crypto.c).
+
+The disk is the payload: from the header's payload offset to the end of the file (LUKS2: the
+segment's size when fixed). Data units are 512 bytes (LUKS1) or the segment's sector size
+(LUKS2), IVs count 512-byte sectors from the payload's start (plus LUKS2's iv_tweak). Every
+sector holds data: the file's holes decrypt to noise, as in qemu, so a new image is not
+zero-initialised (a copy writes its zeroes). Created images are LUKS1 with aes-xts-plain64 and
+sha256, as qemu-img makes them. Opening for data asks the passphrase provider
+(:mod:`vdgui.vd.secrets`); an info-only open reads the header alone.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..align import align_down, align_up
+from ..backend import (
+    Backend,
+    Cap,
+    CreateParams,
+    FileExtension,
+    ImageFlags,
+    OpenFlags,
+    Operation,
+    ProbeInput,
+)
+from ..config import ConfigKey, KeyFlag, ValueType, parse_config
+from ..crypto import luks
+from ..errors import NotSupported
+from ..fileimage import FileImage
+from ..fileio import ImageFile
+from ..geometry import vbox_pchs
+from ..image import Alloc
+from ..secrets import SecretRequest, new_passphrase
+
+SECTOR = 512
+
+
+class LuksImage(FileImage):
+    zero_init = False
+
+    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+        super().__init__(backend, location, f, flags.read_only)
+        fsize = f.size()
+        self.header = luks.parse(f.pread, fsize, location)
+        h = self.header
+        self.payload = h.payload_offset
+        end = fsize if h.payload_size is None else min(fsize, self.payload + h.payload_size)
+        self.size = max(0, align_down(end - self.payload, h.sector_size))
+        self.block_size = h.sector_size
+        self.flags = ImageFlags.FIXED
+        self.pchs = vbox_pchs(self.size)
+        self.encryption = h.info()
+        self.cipher = None
+        if not flags & OpenFlags.INFO:
+            mk = luks.unlock(h, f.pread, location)
+            self.cipher = h.data_cipher(bytes(mk))
+
+    def _need_key(self):
+        if self.cipher is None:
+            raise NotSupported(f"{self.location}: opened for its header only (no passphrase)")
+        return self.cipher
+
+    def block_status(self, offset, length):
+        return [(offset, length, Alloc.DATA)]
+
+    def _first_iv(self, offset: int) -> int:
+        return offset // SECTOR + self.header.iv_tweak
+
+    def _read_units(self, a: int, b: int) -> bytearray:
+        c = self._need_key()
+        raw = self.f.pread(self.payload + a, b - a)
+        if len(raw) < b - a:
+            raw += bytes(b - a - len(raw))
+        return c.decrypt(raw, self._first_iv(a))
+
+    def read(self, offset, length):
+        u = self.block_size
+        a, b = align_down(offset, u), align_up(offset + length, u)
+        return bytes(memoryview(self._read_units(a, b))[offset - a:offset - a + length])
+
+    def write(self, offset, data, fill):
+        self.require_writable()
+        c = self._need_key()
+        u = self.block_size
+        a, b = align_down(offset, u), align_up(offset + len(data), u)
+        if a == offset and b == offset + len(data):
+            buf = data
+        else:                           # partial units: read, patch, encrypt whole units
+            buf = bytearray(b - a)
+            buf[:u] = self._read_units(a, a + u)
+            if b - u > a:
+                buf[b - a - u:] = self._read_units(b - u, b)
+            buf[offset - a:offset - a + len(data)] = data
+        self.f.pwrite(self.payload + a, c.encrypt(buf, self._first_iv(a)))
+
+    def info(self) -> dict:
+        return {"payload_offset": self.payload}
+
+    # -- passphrases ---------------------------------------------------------------------------
+    def change_passphrase(self, iter_time_ms: int | None = None) -> int:
+        """Add a keyslot for the provider's new passphrase, then remove the slot the current
+        passphrase opened (every slot it opens). Returns the new slot's index."""
+        self.require_writable()
+
+        def write(off: int, data: bytes) -> None:
+            self.f.pwrite(off, data)
+            self.f.sync()
+        return luks.change_passphrase(self.header, self.f.pread, write, self.location,
+                                      iter_time_ms)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.cipher is not None:
+                self.cipher.wipe()
+
+
+class LuksBackend(Backend):
+    name = "LUKS"
+    description = "LUKS encrypted container (qemu's luks format)"
+    aliases = ("luks",)
+    caps = Cap.CREATE_FIXED | Cap.FILE
+    extensions = (FileExtension("luks"),)
+    operations = frozenset({Operation.WRITE, Operation.CREATE})
+    create_flags = ImageFlags.FIXED
+    size_granularity = 512
+    max_size = (1 << 63) - (4 << 20)
+    encryptions: ClassVar[dict[str, dict[str, str]]] = {"luks": {}}
+    needs_passphrase = True
+    config_keys = (
+        ConfigKey("IterTime", str(luks.DEFAULT_ITER_TIME_MS), ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "time the passphrase's key derivation takes here (qemu's iter-time)",
+                  minimum=1, maximum=60000, label="Key derivation time", unit="ms"),
+    )
+
+    def probe(self, src: ProbeInput) -> int:
+        return 100 if luks.is_luks(src.head) else 0
+
+    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+        parse_config(self.config_keys, config, owner=self.name)
+        f = ImageFile(location, writable=not flags.read_only)
+        try:
+            return LuksImage(self, location, f, flags)
+        except BaseException:
+            f.close()
+            raise
+
+    def create(self, p: CreateParams):
+        if p.parent is not None:
+            raise NotSupported("LUKS images cannot be differencing images")
+        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
+        pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
+        area, mk = luks.create1(pw.reveal(), iter_time_ms=cfg["IterTime"], where=p.location)
+        f = ImageFile.create_temp(p.location)
+        try:
+            f.pwrite(0, area)
+            f.truncate(len(area) + align_up(p.size, SECTOR))
+            if p.progress:
+                p.progress(p.size, p.size)
+            f.sync()
+            f.commit()
+        except BaseException:
+            f.abandon()
+            raise
+        img = LuksImage(self, p.location, f, OpenFlags.INFO)
+        img.read_only = False
+        img.cipher = img.header.data_cipher(mk)
+        return img
+
+
+BACKEND = LuksBackend()
