@@ -146,14 +146,7 @@ def _print_info(d: dict, indent: str = "") -> None:
                 _out(f"{indent}  - " + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
         elif isinstance(v, dict):        # e.g. encryption: format, cipher, keyslots
             _out(f"{indent}{k.replace('_', ' ')}:")
-            for k2, v2 in v.items():
-                if isinstance(v2, list) and v2 and isinstance(v2[0], dict):
-                    _out(f"{indent}  {k2}:")
-                    for item in v2:
-                        _out(f"{indent}    - "
-                             + ", ".join(f"{a}={_fmt_value(b)}" for a, b in item.items()))
-                else:
-                    _out(f"{indent}  {k2.replace('_', ' ')}: {_fmt_value(v2)}")
+            _print_info(v, indent + "  ")
         else:
             _out(f"{indent}{k.replace('_', ' ')}: {_fmt_value(v)}")
     details = d.get("details") or {}
@@ -192,14 +185,10 @@ def _json(obj) -> None:
 
 def cmd_info(args) -> int:
     props = _props(args)
-    if args.chain:
-        be = _backend_for(args.image, args.format)
-        _check_location(args.image, be)
-        # header-only opens (INFO): an encrypted member shows its encryption, no passphrase
-        flags = _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY
-                       | vd.OpenFlags.LOCK_SHARED)
-        with vd.Disk.open_chain(args.image, be.name, flags, _config(be, props),
-                                parent_flags=flags) as d:
+    if args.chain:      # header-only opens (INFO): encryption shown without a passphrase
+        _check_location(args.image, be := _backend_for(args.image, args.format))
+        fl = _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY | vd.OpenFlags.LOCK_SHARED)
+        with vd.Disk.open_chain(args.image, be.name, fl, _config(be, props), parent_flags=fl) as d:
             infos = [d.info(i) for i in range(len(d))]
             paths = cli_crypt.chain_paths(d)
         top = dict(infos[-1])
@@ -289,42 +278,12 @@ def _uuid_arg(text: str, option: str) -> uuidlib.UUID:
                        "e.g. 01234567-89ab-cdef-0123-456789abcdef)") from None
 
 
-def _encryption(args, be: vd.Backend, props: dict) -> dict:
-    """--encrypt KIND: the config keys that ask the target's backend for encryption it holds
-    itself (LUKS); VirtualBox's kinds are a filter (cli_crypt), the properties stay."""
-    kind = getattr(args, "encrypt", None)
-    if kind is None:
-        if getattr(args, "new_passphrase_file", None):
-            raise CLIError("--new-passphrase-file needs --encrypt KIND")
-        return props
-    if not getattr(args, "new_passphrase_file", None):
-        raise CLIError("--encrypt needs --new-passphrase-file FILE")
-    if kind in cli_crypt.VBOX:
-        return props
-    if kind not in be.encryptions:
-        able = sorted(b.name for b in vd.backends() if kind in b.encryptions)
-        known = sorted({k for b in vd.backends() for k in b.encryptions} | set(cli_crypt.VBOX))
-        raise vd.NotSupported(f"{be.name} images cannot be encrypted with '{kind}'"
-                              + (f" (formats that can: {', '.join(able)})" if able
-                                 else f" (known: {', '.join(known)})"))
-    return {**props, **be.encryptions[kind]}
-
-
-def _encrypted_itself(args, be: vd.Backend, cfg: dict | None) -> bool:
-    """The image holds its own encryption (LUKS, QCOW2 LUKS): read from its header alone."""
-    img = be.open(args.image, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY), cfg)
-    try:
-        return img.encryption is not None
-    finally:
-        img.close()
-
-
 def cmd_create(args) -> int:
     be = vd.get_backend(args.format)
     _check_location(args.image, be)
     if not be.can(vd.Operation.CREATE):
         raise vd.NotSupported(f"creating images is not supported for {be.name}")
-    cfg = _config(be, _encryption(args, be, _props(args)), creating=True)
+    cfg = _config(be, cli_crypt.encryption_config(args, be, _props(args)), creating=True)
     flags = _variant(args.variant)
     uid = _uuid_arg(args.uuid, "--uuid") if args.uuid else None
     if args.parent:
@@ -380,7 +339,7 @@ def cmd_convert(args) -> int:
     src_be = _backend_for(args.src, args.format)
     _check_location(args.src, src_be)
     _check_location(args.dst, dst_be)
-    dst_props = _encryption(args, dst_be, _props(args))
+    dst_props = cli_crypt.encryption_config(args, dst_be, _props(args))
     src_props = _props(args, "source_property", "source_property_file")
     if args.src == "-" and not src_props and dst_be.caps & vd.Cap.FILE:
         src_props, dst_props = dst_props, {}
@@ -658,12 +617,12 @@ def cmd_set(args) -> int:
     be = _backend_for(args.image, args.format)
     _check_location(args.image, be)
     cfg = _config(be, _props(args))
-    if getattr(args, "new_passphrase_file", None) and not _encrypted_itself(args, be, cfg):
-        return cli_crypt.change_passphrase(args, args.image, be.name, _flags(args))
+    if cli_crypt.rewrapped(args, be, cfg, _flags(args)):     # VirtualBox's key store
+        return 0
     if not any((args.uuid, args.parent_uuid, args.comment is not None, args.pchs, args.lchs,
                 args.new_passphrase_file)):
-        raise CLIError("set needs at least one of --uuid, --parent-uuid, --comment, --pchs, "
-                       "--lchs, --new-passphrase-file")
+        raise CLIError("set needs one of --uuid, --parent-uuid, --comment, --pchs, --lchs, "
+                       "--new-passphrase-file")
 
     def parse_uuid(text, option):
         if text.lower() == "new":
@@ -830,14 +789,6 @@ def cmd_changed(args) -> int:
     return 0
 
 
-def _passphrases(args) -> vd.PassphraseProvider:
-    """--passphrase-file (each tried per encrypted member), --new-passphrase-file."""
-    given = [vd.read_passphrase_file(p) for p in getattr(args, "passphrase_file", None) or []]
-    new_file = getattr(args, "new_passphrase_file", None)
-    return vd.PassphraseProvider(given, new=vd.read_passphrase_file(new_file) if new_file
-                                 else None)
-
-
 # -- dispatch ---------------------------------------------------------------------------------
 COMMANDS = {       # cli_parser's commands -> what runs them
     "info": cmd_info,
@@ -877,8 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not hasattr(args, "allow_unsafe_paths"):
             args.allow_unsafe_paths = False
-        # the one place passphrases enter: every image the command opens asks this provider
-        with _passphrases(args) as provider, vd.using_passphrases(provider):
+        with cli_crypt.passphrases(args) as provider, vd.using_passphrases(provider):
             return COMMANDS[args.command](args)
     except SystemExit as exc:        # --help / --version
         return exc.code if isinstance(exc.code, int) else 0

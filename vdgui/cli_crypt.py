@@ -16,7 +16,57 @@ from collections.abc import Iterator
 
 import vdgui.vd as vd
 
+from .cli_parser import CLIError
+
 VBOX = {"vbox-aes-xts256": "AES-XTS256-PLAIN64", "vbox-aes-xts128": "AES-XTS128-PLAIN64"}
+
+
+# -- passphrases and the encryption formats hold themselves (LUKS) ------------------------------
+def passphrases(args) -> vd.PassphraseProvider:
+    """--passphrase-file (each tried per encrypted member), --new-passphrase-file: cli.main()
+    sets this provider around every command, the one place passphrases enter."""
+    given = [vd.read_passphrase_file(p) for p in getattr(args, "passphrase_file", None) or []]
+    new_file = getattr(args, "new_passphrase_file", None)
+    return vd.PassphraseProvider(given, new=vd.read_passphrase_file(new_file) if new_file
+                                 else None)
+
+
+def encryption_config(args, be: vd.Backend, props: dict) -> dict:
+    """--encrypt KIND: the config keys that ask the target's backend for encryption it holds
+    itself (LUKS: ``Backend.encryptions``); VirtualBox's kinds are a filter (below)."""
+    kind = getattr(args, "encrypt", None)
+    if kind is None:
+        if getattr(args, "new_passphrase_file", None):
+            raise CLIError("--new-passphrase-file needs --encrypt KIND")
+        return props
+    if kind in VBOX:
+        return props
+    known = sorted({k for b in vd.backends() for k in b.encryptions} | set(VBOX))
+    if kind not in known:
+        raise vd.NotSupported(f"--encrypt {kind}: unknown encryption (known: "
+                              f"{', '.join(known)})")
+    if not getattr(args, "new_passphrase_file", None):
+        raise CLIError("--encrypt needs a new passphrase: --new-passphrase-file FILE")
+    if kind not in be.encryptions:
+        able = sorted(b.name for b in vd.backends() if kind in b.encryptions)
+        raise vd.NotSupported(f"{be.name} images cannot be encrypted with '{kind}' (formats "
+                              f"that can: {', '.join(able)})")
+    return {**props, **be.encryptions[kind]}
+
+
+def rewrapped(args, be: vd.Backend, cfg: dict | None, flags: vd.OpenFlags) -> bool:
+    """``set --new-passphrase-file`` of an image that does not hold its encryption itself (no
+    LUKS header): a new VirtualBox key store (change_passphrase below); True when done."""
+    if not getattr(args, "new_passphrase_file", None):
+        return False
+    img = be.open(args.image, flags | vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY, cfg)
+    try:
+        if img.encryption is not None:
+            return False        # LUKS: the image changes its own keyslots (cmd_set)
+    finally:
+        img.close()
+    change_passphrase(args, args.image, be.name, flags)
+    return True
 
 
 def chain_paths(d: vd.Disk) -> list[str]:
