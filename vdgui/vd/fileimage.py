@@ -7,22 +7,29 @@ and closes the file and any others the image holds (``extra_files``), even when 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import CorruptImage
+from .fileio import ImageFile
 from .image import Image
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 
 class FileImage(Image):
     """An image whose bytes live in ``self.f`` (an open ImageFile)."""
 
-    def __init__(self, backend, location: str, f, read_only: bool):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, read_only: bool) -> None:
         super().__init__(backend, location, read_only)
         self.f = f
-        self.extra_files: list = []         # other ImageFiles closed with this image
+        self.extra_files: list[ImageFile] = []     # other ImageFiles closed with this image
 
-    def _corrupt(self, message: str, **kw) -> CorruptImage:
-        """A CorruptImage naming this image's file (``field``, ``offset``, ``expected``,
-        ``found`` as keywords)."""
-        return CorruptImage(message, path=self.location, **kw)
+    def _corrupt(self, message: str, *, field: str | None = None, offset: int | None = None,
+                 expected: object = None, found: object = None) -> CorruptImage:
+        """A CorruptImage naming this image's file."""
+        return CorruptImage(message, path=self.location, field=field, offset=offset,
+                            expected=expected, found=found)
 
     def _write_back(self) -> None:
         """Metadata kept in memory that a flush writes before its sync (header counts)."""

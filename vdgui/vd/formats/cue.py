@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from types import ModuleType
 
 from ..backend import Backend, Cap, DeviceType, FileExtension, ImageFlags, OpenFlags, ProbeInput
 from ..errors import CorruptImage, ImageNotFound, NotSupported
@@ -36,7 +37,7 @@ def _msf_frames(text: str, where: str) -> int:
 
 
 
-def _shlex():
+def _shlex() -> ModuleType:
     import shlex  # imported with the first cue sheet, not by every vdgui-img start
     return shlex
 
@@ -119,7 +120,8 @@ class CueSheet:
 
 
 class CueImage(Image):
-    def __init__(self, backend, location, allow_unsafe: bool, info_only: bool):
+    def __init__(self, backend: Backend, location: str, allow_unsafe: bool,
+                 info_only: bool) -> None:
         super().__init__(backend, location, True)
         self.flags = ImageFlags.FIXED  # every sector stored in the BIN files: not "dynamic"
         with ImageFile(location) as f:
@@ -202,19 +204,19 @@ class CueImage(Image):
                 )
         return regions
 
-    def regions(self):
+    def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def files(self):
+    def files(self) -> list[str]:
         return [self.location] + list(self.bin_paths)
 
-    def info(self):
+    def info(self) -> dict:
         return {"tracks": len(self._regions), "bin_files": list(self.bin_paths)}
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return [(offset, length, Alloc.DATA)]
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         out = bytearray()
         pos, end = offset, offset + length
         for start, size, f in zip(self.bin_starts, self.bin_sizes, self.bins):
@@ -229,7 +231,7 @@ class CueImage(Image):
             out += bytes(length - len(out))
         return bytes(out)
 
-    def close(self):
+    def close(self) -> None:
         for f in self.bins:
             f.close()
         self.bins = []
@@ -252,7 +254,8 @@ class CueBackend(Backend):
             return 90 if src.ext == "cue" else 70
         return 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> CueImage:
         if not flags.read_only:
             raise NotSupported(f"{location}: CUE/BIN images are read-only; open them read-only")
         return CueImage(

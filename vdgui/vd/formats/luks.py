@@ -26,11 +26,12 @@ from ..backend import (
 )
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..crypto import luks
+from ..crypto.cipher import SectorCipher
 from ..errors import NotSupported
 from ..fileimage import FileImage
 from ..fileio import ImageFile
 from ..geometry import vbox_pchs
-from ..image import Alloc
+from ..image import Alloc, FillFn
 from ..secrets import SecretRequest, new_passphrase
 
 SECTOR = 512
@@ -39,7 +40,7 @@ SECTOR = 512
 class LuksImage(FileImage):
     zero_init = False
 
-    def __init__(self, backend, location, f: ImageFile, flags: OpenFlags):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, flags: OpenFlags) -> None:
         super().__init__(backend, location, f, flags.read_only)
         fsize = f.size()
         self.header = luks.parse(f.pread, fsize, location)
@@ -51,17 +52,17 @@ class LuksImage(FileImage):
         self.flags = ImageFlags.FIXED
         self.pchs = vbox_pchs(self.size)
         self.encryption = h.info()
-        self.cipher = None
+        self.cipher: SectorCipher | None = None
         if not flags & OpenFlags.INFO:
             mk = luks.unlock(h, f.pread, location)
             self.cipher = h.data_cipher(bytes(mk))
 
-    def _need_key(self):
+    def _need_key(self) -> SectorCipher:
         if self.cipher is None:
             raise NotSupported(f"{self.location}: opened for its header only (no passphrase)")
         return self.cipher
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return [(offset, length, Alloc.DATA)]
 
     def _first_iv(self, offset: int) -> int:
@@ -74,16 +75,17 @@ class LuksImage(FileImage):
             raw += bytes(b - a - len(raw))
         return c.decrypt(raw, self._first_iv(a))
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         u = self.block_size
         a, b = align_down(offset, u), align_up(offset + length, u)
         return bytes(memoryview(self._read_units(a, b))[offset - a:offset - a + length])
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         c = self._need_key()
         u = self.block_size
         a, b = align_down(offset, u), align_up(offset + len(data), u)
+        buf: bytes | bytearray
         if a == offset and b == offset + len(data):
             buf = data
         else:                           # partial units: read, patch, encrypt whole units
@@ -139,7 +141,8 @@ class LuksBackend(Backend):
     def probe(self, src: ProbeInput) -> int:
         return 100 if luks.is_luks(src.head) else 0
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> LuksImage:
         parse_config(self.config_keys, config, owner=self.name)
         f = ImageFile(location, writable=not flags.read_only)
         try:
@@ -148,7 +151,7 @@ class LuksBackend(Backend):
             f.close()
             raise
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> LuksImage:
         if p.parent is not None:
             raise NotSupported("LUKS images cannot be differencing images")
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)

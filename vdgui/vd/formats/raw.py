@@ -25,7 +25,8 @@ from ..errors import NotSupported
 from ..fileimage import FileImage
 from ..fileio import ImageFile
 from ..geometry import vbox_pchs
-from ..image import Alloc
+from ..image import Alloc, FillFn
+from ..progress import ProgressCallback
 from ..runs import RunList
 from ..space import preallocate
 
@@ -41,7 +42,7 @@ def _iso_label(f: ImageFile) -> str | None:
 
 
 class RawImage(FileImage):
-    def __init__(self, backend, location, f: ImageFile, read_only: bool):
+    def __init__(self, backend: Backend, location: str, f: ImageFile, read_only: bool) -> None:
         super().__init__(backend, location, f, read_only)
         self.size = f.size()
         self.block_size = 512
@@ -55,14 +56,14 @@ class RawImage(FileImage):
             d["iso_volume_label"] = label
         return d
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         end = offset + length
         holes = self.f.data_runs(offset, length)
         if holes is None:
             return [(offset, length, Alloc.DATA)]
         runs = [(a, b - a, Alloc.DATA if is_data else Alloc.UNALLOCATED) for a, b, is_data in holes]
         # align runs to sectors: a partly-written sector counts as data
-        out = RunList()
+        out: RunList[Alloc] = RunList()
         for s, n, st in runs:
             if st == Alloc.UNALLOCATED:
                 a = align_up(s, 512)
@@ -72,17 +73,17 @@ class RawImage(FileImage):
             out.add(s, n, st)
         return out.runs
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         data = self.f.pread(offset, length)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
-    def write(self, offset, data, fill):
+    def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         self.f.pwrite(offset, data)
 
-    def discard(self, offset, length, fill=None):
+    def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Holes punched in a file (the size kept); zeroes written where that cannot be done
         (block devices, file systems without hole punching)."""
         self.require_writable()
@@ -94,14 +95,14 @@ class RawImage(FileImage):
             self.f.pwrite(pos, bytes(n))
             pos += n
 
-    def write_zeroes(self, offset, length, fill):
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """A hole (a RAW image has no parent: nothing shows through)."""
         self.discard(offset, length)
 
-    def resizes_in_place(self, new_size):
+    def resizes_in_place(self, new_size: int) -> bool:
         return not self.f.is_device        # one ftruncate
 
-    def resize(self, new_size, progress=None):
+    def resize(self, new_size: int, progress: ProgressCallback | None = None) -> None:
         self.require_writable()
         if self.f.is_device:
             raise NotSupported(f"{self.location}: a device cannot be resized")
@@ -132,7 +133,7 @@ class RawBackend(Backend):
     can_shrink = True
     max_size = (1 << 63) - 512       # a file offset (off_t); the file system may allow less
 
-    def device_type_for(self, path):
+    def device_type_for(self, path: str) -> DeviceType:
         ext = os.path.splitext(path)[1].lstrip(".").lower()
         for fe in self.extensions:
             if fe.ext == ext:
@@ -148,16 +149,18 @@ class RawBackend(Backend):
             return 10
         return 1
 
-    def open_file(self, f: ImageFile, location, flags=OpenFlags.READ_ONLY):
+    def open_file(self, f: ImageFile, location: str,
+                  flags: OpenFlags = OpenFlags.READ_ONLY) -> RawImage:
         """A raw disk held in an already open (read-only) file, e.g. a member of an archive."""
         return RawImage(self, location, f, True)
 
-    def open(self, location, flags=OpenFlags.NORMAL, config=None):
+    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+             config: dict | None = None) -> RawImage:
         ro = flags.read_only
         f = ImageFile(location, writable=not ro)
         return RawImage(self, location, f, ro)
 
-    def create(self, p: CreateParams):
+    def create(self, p: CreateParams) -> RawImage:
         if p.parent is not None:
             raise NotSupported("RAW images cannot be differencing images")
         f = ImageFile.create_temp(p.location)
