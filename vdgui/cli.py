@@ -443,7 +443,8 @@ def cmd_sparsify(args) -> int:
     try:
         rep = vd.sparsify(args.image, format=getattr(args, "format", None),
                           dry_run=args.dry_run, into=args.into,
-                          into_format=args.output_format, progress=prog)
+                          into_format=args.output_format, progress=prog,
+                          dynamic=args.dynamic)
     except (vd.Refused, vd.ImageInUse) as exc:
         print(f"{PROG}: refused: {_one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -466,6 +467,8 @@ def cmd_sparsify(args) -> int:
     if rep.skipped_ranges:
         _out(f"{vd.format_size(rep.skipped_ranges)} of free space kept: the format cannot "
              "store 'reads zero' in a differencing image")
+    if rep.offer:
+        _out(f"note: {_one_line(rep.offer)}")
     if rep.after is None:
         _out(f"would give back up to {vd.format_size(rep.reclaimable)} "
              f"(allocated now {vd.format_size(rep.before)})")

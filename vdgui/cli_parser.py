@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-O", dest="output_format", metavar="FMT", help="format of DST (default: IMAGE's)"
     )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="a fixed image: replace it with its dynamic variant, sparsified (through a "
+        "copy beside it); without it a fixed image keeps its size (VDI: holes in the file)",
+    )
     p.add_argument("image")
 
     p = sub.add_parser(

@@ -603,3 +603,77 @@ def test_qed_discard_in_a_child_stores_zero_clusters(tmp_path, qemu):
         assert d.top.close_holes() is True
     assert qemu.img("check", kid, check=False).returncode == 0
     qemu.io("-f", "qed", "-c", "read -P 0 0 2052k", "-c", "read -P 0x66 2052k 2044k", kid)
+
+
+def _vd_info(path: Path) -> dict:
+    import json
+    code, out, err = _main("info", "--json", path)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@need_tools
+def test_a_fixed_vhd_is_offered_its_dynamic_variant_and_dynamic_replaces_it(built, tmp_path,
+                                                                           qemu):
+    """A fixed VHD got zeroes written over its free space, then compact failed ("a fixed VHD
+    cannot be compacted"): the image changed and nothing was given back."""
+    import json
+    folder, sums, parts = built
+    ORIG[0] = folder / "disk.raw"
+    img = tmp_path / "f.vhd"
+    qemu.img("convert", "-O", "vpc", "-o", "subformat=fixed", folder / "disk.raw", img)
+    h = _sha(img)
+    code, out, err = _main("sparsify", "--dry-run", "--json", img)
+    assert code == 0, err
+    assert "--dynamic" in json.loads(out)["offer"]
+    code, _out, err = _main("sparsify", img)
+    assert code == 1 and "--dynamic" in err and "--into" in err, (code, err)
+    assert _sha(img) == h                            # nothing was written
+    uuid = _vd_info(img)["uuid"]
+    code, out, err = _main("sparsify", "--dynamic", "--json", img)
+    assert code == 0, err
+    info = _vd_info(img)
+    assert "fixed" not in info["variant"].lower() and info["uuid"] == uuid, info
+    rep = json.loads(out)
+    assert rep["after"] == img.stat().st_blocks * 512 < rep["before"] // 2
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-f", "vpc", "-O", "raw", img, raw)
+    check_volumes(raw, sums, parts)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+@need_tools
+def test_a_stream_optimized_vmdk_is_sparsified_through_a_copy(built, tmp_path, qemu):
+    """streamOptimized VMDKs cannot be written in place: sparsify failed on them."""
+    folder, sums, parts = built
+    ORIG[0] = folder / "disk.raw"
+    img = tmp_path / "s.vmdk"
+    qemu.img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", folder / "disk.raw", img)
+    before = img.stat().st_blocks * 512
+    code, _out, err = _main("sparsify", img)
+    assert code == 0, err
+    assert "streamOptimized" in qemu.img("info", img).stdout
+    assert img.stat().st_blocks * 512 < before // 2
+    assert qemu.img("check", img, check=False).returncode == 0
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-O", "raw", img, raw)
+    check_volumes(raw, sums, parts)
+
+
+@need_tools
+def test_into_is_one_copy_whose_progress_counts_bytes(built, tmp_path, qemu):
+    """--into copied everything, then sparsified the copy, reporting percent as if bytes
+    ("50 B of 100 B"); now the free ranges read as zeroes on the way: one copy, in bytes."""
+    from vdgui.vd import sparsify
+    folder, sums, parts = built
+    ORIG[0] = folder / "disk.raw"
+    src = tmp_path / "s.qcow2"
+    qemu.img("convert", "-O", "qcow2", folder / "disk.raw", src)
+    seen = []
+    rep = sparsify(str(src), into=str(tmp_path / "d.vdi"), into_format="VDI",
+                   progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] > 16 * MiB, seen[-1]
+    assert rep.after == (tmp_path / "d.vdi").stat().st_blocks * 512 < rep.before // 2
+    raw = tmp_path / "back.raw"
+    qemu.img("convert", "-O", "raw", tmp_path / "d.vdi", raw)
+    check_volumes(raw, sums, parts)

@@ -96,3 +96,31 @@ def test_a_refused_dry_run_says_why_and_offers_compact_only(qtbot, window, tmp_p
     ok(qtbot, job)
     assert "needs_recovery" in seen["status"]
     assert job.kind == "compact"
+
+
+def test_a_fixed_image_is_offered_its_dynamic_variant(qtbot, window, tmp_path, monkeypatch):
+    """A fixed VHD was sparsified in place: zeroes written over its free space, then the job
+    failed (a fixed VHD cannot be compacted). The dialog now offers the dynamic variant."""
+    vdi = _disk(tmp_path)
+    p = str(tmp_path / "f.vhd")
+    subprocess.run(["qemu-img", "convert", "-O", "vpc", "-o", "subformat=fixed", vdi, p],
+                   check=True)
+    window.add_paths([p], sync=True)
+    window.select_paths([p])
+    seen = {}
+
+    def run_dialog(dlg, previous=None):
+        ok(qtbot, dlg.measure_job)
+        qtbot.waitUntil(lambda: dlg.report is not None, timeout=5000)
+        seen["visible"] = not dlg.dynamic.isHidden() and dlg.dynamic.isChecked()
+        dlg.sparsify_button.click()
+        return dlg.params()
+    monkeypatch.setattr(window.ops, "run_dialog", run_dialog)
+    before = __import__("os").stat(p).st_blocks * 512
+    job = compact_or_sparsify(window.ops)
+    ok(qtbot, job)
+    assert seen["visible"]
+    from vdgui.vd import Disk, ImageFlags, OpenFlags
+    with Disk.open_chain(p, None, OpenFlags.READ_ONLY) as d:
+        assert not d.top.flags & ImageFlags.FIXED
+    assert job.result.after < before - 16 * MiB

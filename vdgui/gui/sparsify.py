@@ -26,7 +26,8 @@ def compact_or_sparsify(ops, path: str | None = None):
     if p.mode == "compact":
         job = tasks.compact_job(node.path, format=fmt, key=ops.chain_key(node))
     else:
-        job = tasks.sparsify_job(node.path, format=fmt, key=ops.chain_key(node))
+        job = tasks.sparsify_job(node.path, format=fmt, key=ops.chain_key(node),
+                                 dynamic=p.dynamic)
         ops.retry_on_failure(job, f"Sparsifying {node.name} failed",
                              lambda: compact_or_sparsify(ops, node.path))
     return ops.start_job(job, lambda res, p=node.path: ops.rescan([p]))

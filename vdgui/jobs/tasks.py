@@ -164,12 +164,15 @@ def compact_job(path: str, *, format: str | None = None, key: str | None = None)
 
 
 def sparsify_job(
-    path: str, *, format: str | None = None, key: str | None = None, dry_run: bool = False
+    path: str, *, format: str | None = None, key: str | None = None, dry_run: bool = False,
+    dynamic: bool = False,
 ) -> Job:
-    """Sparsify in place (or, ``dry_run``, only measure); the result is a vd.SparsifyReport."""
+    """Sparsify in place (or, ``dry_run``, only measure; ``dynamic``: a fixed image becomes
+    its dynamic variant); the result is a vd.SparsifyReport."""
 
     def fn(progress):
-        return vd.sparsify(path, format=format, dry_run=dry_run, progress=progress)
+        return vd.sparsify(path, format=format, dry_run=dry_run, progress=progress,
+                           dynamic=dynamic)
 
     title = ("Measure free space in " if dry_run else "Sparsify ") + os.path.basename(path)
     return Job(

@@ -101,8 +101,9 @@ class RepairParams:
 @dataclass(frozen=True)
 class SparsifyParams:
     """Compact / Sparsify: "sparsify" (free space of the file systems) or "compact" (zero
-    blocks only)."""
+    blocks only); ``dynamic``: a fixed image is replaced by its dynamic variant."""
     mode: str = "sparsify"
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 from PySide6.QtWidgets import (
+    QCheckBox,
     QDialog,
     QDialogButtonBox,
     QLabel,
@@ -42,6 +43,11 @@ class SparsifyDialog(QDialog):
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         lay.addWidget(self.table)
+        # a fixed image keeps its length: offered its dynamic variant (shown when it is fixed)
+        self.dynamic = QCheckBox("Make it a dynamic image (a sparsified copy replaces the file, "
+                                 "so the space leaves it)")
+        self.dynamic.setVisible(False)
+        lay.addWidget(self.dynamic)
         box = QDialogButtonBox(QDialogButtonBox.Cancel)
         self.sparsify_button = QPushButton("Sparsify")
         self.sparsify_button.setEnabled(False)
@@ -76,6 +82,10 @@ class SparsifyDialog(QDialog):
         self.status.setText(f"Sparsify can give back up to <b>{format_size(report.reclaimable)}"
                             f"</b> (the image files take {format_size(report.before)} now).")
         self.sparsify_button.setEnabled(report.reclaimable > 0)
+        if report.offer:
+            self.dynamic.setVisible(True)
+            self.dynamic.setChecked(True)
+            self.dynamic.setToolTip(report.offer)
 
     def set_error(self, message: str) -> None:
         """The dry run refused or failed: say why; compacting stays possible."""
@@ -84,7 +94,8 @@ class SparsifyDialog(QDialog):
         self.sparsify_button.setEnabled(False)
 
     def params(self) -> SparsifyParams:
-        return SparsifyParams(self._mode)
+        return SparsifyParams(self._mode, not self.dynamic.isHidden() and self.dynamic.isChecked())
 
     def set_params(self, p: SparsifyParams) -> None:
         self._mode = p.mode
+        self.dynamic.setChecked(p.dynamic)

@@ -15,6 +15,7 @@ compact. Only ranges the file system marks free change, so files read the same a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from bisect import bisect_right
@@ -22,13 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..alloc import Alloc
-from ..backend import OpenFlags, Operation
+from ..backend import Cap, ImageFlags, OpenFlags, Operation
 from ..disk import Disk
-from ..errors import CorruptImage, NotSupported, Refused, VDError
+from ..errors import CorruptImage, InvalidArgument, NotSupported, Refused, VDError
+from ..filter import Filter, FilterBackend, FilterCap
 from ..inside.diskfile import DiskFile, SliceFile
 from ..inside.filesystems import FileSystem, open_filesystem
 from ..inside.partitions import Layout, Partition, read_layout
 from ..progress import Progress, ProgressCallback, WorkMap, sub_progress
+from ..temps import temp_name
 from .rewrite import backend_for
 
 Ranges = list[tuple[int, int]]          # (start, end), sorted, disjoint
@@ -67,6 +70,7 @@ class SparsifyReport:
     after: int | None = None
     skipped_ranges: int = 0  # free bytes a child could not mark as reading zero
     path: str = ""
+    offer: str | None = None  # a fixed image: how to get its dynamic variant instead
 
     @property
     def freed(self) -> int:
@@ -93,6 +97,8 @@ class SparsifyReport:
             d["after"] = self.after
         if self.skipped_ranges:
             d["skipped_bytes"] = self.skipped_ranges
+        if self.offer:
+            d["offer"] = self.offer
         return d
 
 
@@ -478,6 +484,104 @@ def _held(disk: Disk, ranges: Ranges) -> Ranges:
     return out
 
 
+# -- into a copy: the free ranges read as zeroes on the way ----------------------------------
+_FREE_AS_ZERO = FilterBackend("SPARSIFY", "the free ranges of the guest's file systems read "
+                              "as zeroes", FilterCap.READ)
+
+
+class _FreeAsZero(Filter):
+    """A read filter: the mapped free ranges read as zeroes, so that a copy (which stores no
+    zeroes) leaves them out. Stateless: the copy's reader threads share it."""
+    backend = _FREE_AS_ZERO
+
+    def __init__(self, ranges: Ranges):
+        self.ranges = ranges
+        self.starts = [s for s, _ in ranges]
+
+    def decode(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        i = max(bisect_right(self.starts, offset) - 1, 0)
+        while i < len(self.ranges) and self.ranges[i][0] < end:
+            a, b = max(self.ranges[i][0], offset), min(self.ranges[i][1], end)
+            if a < b:
+                buf[a - offset:b - offset] = bytes(b - a)
+            i += 1
+
+    def encode(self, offset: int, buf: memoryview) -> None:
+        raise NotSupported("the sparsify filter only reads")
+
+
+def _variant(flags: ImageFlags) -> ImageFlags:
+    """The copy's variant: the source's, but never fixed (a fixed copy would give nothing
+    back: a fixed image's sparsified copy is its dynamic variant)."""
+    return ImageFlags(flags & (ImageFlags.STREAM_OPTIMIZED | ImageFlags.SPLIT_2G))
+
+
+def _into(path: str, fmt: str, into: str, into_format: str | None,
+          progress: ProgressCallback | None, keep_uuid: bool = False) -> SparsifyReport:
+    """One copy of the chain into ``into`` (a fixed image's dynamic variant), read through
+    :class:`_FreeAsZero`: the copy's progress is the operation's (bytes copied)."""
+    from .copy import copy_image
+
+    with Disk.open_chain(path, fmt, OpenFlags.READ_ONLY) as disk:
+        report = plan(disk)  # refuses before anything is written
+        report.before = _allocated(disk.top.files())
+        flags = ImageFlags(disk.top.flags)
+    free: Ranges = []
+    for s, e in sorted(r for v in report.partitions for r in v.ranges):
+        _add(free, s, e)
+    same = into_format is None or backend_for(into, into_format).name == fmt
+    made = copy_image(path, into, into_format or fmt, src_format=fmt,
+                      variant=_variant(flags) if same else ImageFlags.NONE,
+                      progress=progress, src_filters=[_FreeAsZero(free)], keep_uuid=keep_uuid)
+    report.after = _allocated([f for p in made for f in _files_of(p)])
+    report.path = into
+    return report
+
+
+def _files_of(path: str) -> list[str]:
+    with Disk.open_chain(path, None, OpenFlags.READ_ONLY | OpenFlags.INFO) as d:
+        return d.top.files()
+
+
+def _through_copy(path: str, fmt: str, progress: ProgressCallback | None) -> SparsifyReport:
+    """In place through a copy (a streamOptimized VMDK, or ``dynamic``): the sparsified copy is
+    made beside the image under a temporary name, then renamed over it in one step."""
+    from .rewrite import fsync_dir
+
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    tmp = temp_name(real)
+    try:
+        report = _into(path, fmt, tmp, None, progress, keep_uuid=True)  # the same disk
+        now = os.stat(real)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise VDError(f"{path}: the image was replaced meanwhile; it is left alone")
+        os.replace(tmp, real)               # the commit point
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(real)
+    report.path = path
+    return report
+
+
+def _fixed(disk: Disk) -> bool:
+    """A fixed base image whose format has a dynamic variant (RAW has none)."""
+    top = disk.top
+    return (len(disk.images) == 1 and bool(top.flags & ImageFlags.FIXED)
+            and bool(top.backend.caps & Cap.CREATE_DYNAMIC))
+
+
+def _fixed_offer(path: str, fmt: str, single: bool, refused: bool = False) -> str:
+    how = "--dynamic (replaces it) or --into DST" if single else "--into DST"
+    return (f"{path}: a fixed {fmt} image keeps its length"
+            + ("; it cannot give space back in place (nothing was changed)" if refused else
+               " (at best its free space becomes holes in the file)")
+            + f"; its dynamic variant gives the space back: sparsify with {how}")
+
+
 # -- the operation --------------------------------------------------------------------------
 def _allocated(paths: list[str]) -> int:
     total = 0
@@ -497,48 +601,48 @@ def sparsify(
     into: str | None = None,
     into_format: str | None = None,
     progress: ProgressCallback | None = None,
+    dynamic: bool = False,
 ) -> SparsifyReport:
-    """Sparsify ``path`` in place (or, with ``into``, a new image DST: the chain's content,
-    sparsified; ``path`` is never changed). Returns the report; ``after`` is None on a dry run.
-    """
+    """Sparsify ``path`` in place (or, with ``into``, a new image DST: the chain's content
+    without the free ranges, in one copy, never fixed; ``path`` is never changed).
+    ``dynamic``: a fixed image is replaced by its dynamic variant (through a copy). A
+    streamOptimized VMDK is always sparsified through a copy. Returns the report; ``after`` is
+    None on a dry run."""
     from ..chain import find_children
-    from .copy import copy_image
 
     backend = backend_for(path, format)
     if dry_run:
         with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
             report = plan(disk)
             report.before = _allocated(disk.top.files())
+            if _fixed(disk):
+                report.offer = _fixed_offer(path, backend.name, disk.top.single_file)
         return report
     if into is not None:
-        with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
-            plan(disk, check_files=True)  # refuse before copying anything
-        prog = Progress(progress, 100)
-        prog.start()
-        copy_image(
-            path,
-            into,
-            into_format or backend.name,
-            src_format=backend.name,
-            progress=sub_progress(prog, 0, 50),
-        )
-        rep = _in_place(into, None, sub_progress(prog, 50, 50))
-        with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
-            rep.before = _allocated(disk.top.files())
-        rep.path = into
-        prog.finish()
-        return rep
+        return _into(path, backend.name, into, into_format, progress)
     with Disk.open_chain(path, backend.name, OpenFlags.READ_ONLY) as disk:
         kids = find_children(
             disk.top, exclude={os.path.realpath(f) for i in disk.images for f in i.files()}
         )
+        flags = ImageFlags(disk.top.flags)
+        single = disk.top.single_file
+        fixed = _fixed(disk)
     if kids:
         raise Refused(
             f"{path}: the image has differencing images ({', '.join(k for k, _ in kids)})"
             ": freeing ranges in it would change what they read; use --into to "
             "sparsify into a copy"
         )
-    return _in_place(path, backend.name, progress)
+    if dynamic and not fixed:
+        raise InvalidArgument(f"{path}: --dynamic is for fixed images; this one is not")
+    if (dynamic or flags & ImageFlags.STREAM_OPTIMIZED) and not single:
+        raise NotSupported(_fixed_offer(path, backend.name, False, True))
+    if dynamic or flags & ImageFlags.STREAM_OPTIMIZED:
+        return _through_copy(path, backend.name, progress)
+    report = _in_place(path, backend.name, progress, fixed)
+    if fixed:
+        report.offer = _fixed_offer(path, backend.name, single)
+    return report
 
 
 def _holes(files: list[str]) -> bool:
@@ -547,7 +651,8 @@ def _holes(files: list[str]) -> bool:
     return length - _allocated(files) > max(16 << 20, length // 50)
 
 
-def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> SparsifyReport:
+def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None,
+              fixed: bool = False) -> SparsifyReport:
     from .compact import compact
 
     backend = backend_for(path, fmt)
@@ -577,6 +682,9 @@ def _in_place(path: str, fmt: str | None, progress: ProgressCallback | None) -> 
                     try:
                         disk.discard(pos, n)
                     except NotSupported:
+                        if fixed:  # zeroes written could never leave the file: say so first
+                            raise NotSupported(_fixed_offer(
+                                path, backend.name, top.single_file, True)) from None
                         mode = fallback
                         continue
                 elif mode == "skip":
