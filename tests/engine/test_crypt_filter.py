@@ -17,6 +17,7 @@ from vdgui.vd.filters.keystore_layout import KeyStoreStruct
 
 MiB = 1 << 20
 ALGO = "AES-XTS256-PLAIN64"
+MARKER = b"MERGED-THROUGH-THE-FILTER" * 20
 
 # sinfocol/vboxdie-cracker README.md (VirtualBox 5.0, passphrase "123", 2000/2000 iterations)
 VBOXDIE = """U0NORQABQUVTLVhUUzI1Ni1QTEFJTjY0AAAAAAAAAAAAAAAAAABQQktERjItU0hB
@@ -383,3 +384,26 @@ def test_moving_an_encrypted_image_takes_its_key_store_along(tmp_path):
     with vd.Disk.open_chain(moved) as d:
         d.add_filter(_reopen(cfg["KeyStore"]))
         assert read_all(d) == data
+
+
+def test_merging_away_the_image_with_the_key_store_keeps_it_for_the_chain(tmp_path):
+    """Base (with the sidecar) merged into its child: the child gets the key store."""
+    src, data = _plain(tmp_path)
+    f = _filter(tmp_path)
+    base = str(tmp_path / "base.vdi")
+    vd.copy_image(src, base, "VDI", dst_filters=[f])
+    vd.write_sidecar(base, f.properties())
+    child = str(tmp_path / "child.vdi")
+    data = bytearray(data)
+    with vd.Disk.open_chain(base) as d:
+        d.create_diff(child)
+        d.add_filter(f)
+        d.write(512, MARKER)
+    data[512:512 + len(MARKER)] = MARKER
+    vd.merge(base, child)
+    assert not Path(base).exists() and not Path(base + ".keystore").exists()
+    cfg, where = vd.find_keystore([child])
+    assert where == child + ".keystore"
+    with vd.Disk.open_chain(child) as d:
+        d.add_filter(_reopen(cfg["KeyStore"]))
+        assert read_all(d) == bytes(data)

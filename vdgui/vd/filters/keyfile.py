@@ -111,6 +111,17 @@ def write_sidecar(image_path: str, props: dict[str, str], *, replace: bool = Fal
     return target
 
 
+def copy_sidecar(side: str, image_path: str) -> str:
+    """Copy the key store file ``side`` to ``image_path``'s sidecar (never replacing one)."""
+    data = read_small_file(side, "key store file", limit=MAX_FILE)
+    target = sidecar_path(image_path)
+    with atomic_files([target]) as (tmp,), open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return target
+
+
 def find_keystore(paths: list[str], files: list[str] | tuple[str, ...] = (),
                   library: Library | None = None) -> tuple[dict[str, str], str] | None:
     """(CRYPT configuration, where it came from) for a chain whose image files are ``paths``
@@ -135,4 +146,5 @@ def find_keystore(paths: list[str], files: list[str] | tuple[str, ...] = (),
     return None
 
 
-__all__ = ["SUFFIX", "find_keystore", "read_keystore_file", "sidecar_path", "write_sidecar"]
+__all__ = ["SUFFIX", "copy_sidecar", "find_keystore", "read_keystore_file", "sidecar_path",
+           "write_sidecar"]

@@ -17,6 +17,7 @@ The operation never names a format; it uses the WRITE and RELINK declarations an
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from ..errors import (
     VDError,
 )
 from ..fileio import LockMode, lock_files
+from ..filters.keyfile import copy_sidecar, sidecar_path
 from ..image import Alloc, FillFn, Image
 from ..progress import Progress, ProgressCallback
 from ..sparse import is_zero
@@ -167,6 +169,20 @@ def _delete_image(img: Image) -> None:
             hold.close()
 
 
+def _keep_key_store(target: str, gone: list[str]) -> str | None:
+    """A VirtualBox key store sidecar (issue #17) of an image about to be merged away is copied
+    beside the target when it has none, so the chain keeps its key. Returns the sidecar to
+    remove once its image is deleted."""
+    if os.path.lexists(sidecar_path(target)):
+        return None
+    for loc in gone:
+        side = sidecar_path(loc)
+        if os.path.isfile(side):
+            copy_sidecar(side, target)
+            return side
+    return None
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
@@ -287,6 +303,8 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     finally:
         target.honor_zeroes = old_hz
 
+    # a key store beside an image that goes is copied beside the target first
+    moved_key = _keep_key_store(target.location, [im.location for im in disk.images[lo:hi + 1]])
     # the commit point: one link rewrite per child (forward) or of the target (backward)
     if forward:
         for c in children:
@@ -301,6 +319,9 @@ def _merge(disk: Disk, s: int, t: int, progress: ProgressCallback | None,
     removed = disk.detach(list(range(lo, hi + 1)))   # returned top first
     for img in removed:
         _delete_image(img)
+    if moved_key is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(moved_key)
     _fsync_dir(target.location)
     try:
         prog.finish()
