@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import read_all
 from tests.formats.conformance import FormatConformance, scattered_writes
 from vdgui.vd import (
+    RAW_TEST_ENV,
     Alloc,
     ConfigError,
     CorruptImage,
@@ -68,9 +69,14 @@ def test_declarations_match_virtualbox():
 def test_raw_disk_creation_refused(tmp_path):
     with pytest.raises(UnsafePath), Disk() as d:
         d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"RawDrive": "/dev/sda"})
-    with pytest.raises(NotSupported), Disk() as d:
+    with pytest.raises(InvalidArgument, match="need RawDrive"), Disk() as d:
+        d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK", config={"Partitions": "1,2"},
+                      allow_unsafe_paths=True)
+    stand_in = tmp_path.parent / f"{tmp_path.name}-drive.img"   # not in tmp_path: listed below
+    stand_in.write_bytes(bytes(MiB))
+    with pytest.raises(NotSupported, match="a regular file, not a host drive"), Disk() as d:
         d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
-                      config={"RawDrive": "/dev/sda", "Partitions": "1,2"},
+                      config={"RawDrive": str(stand_in), "Partitions": "1,2"},
                       allow_unsafe_paths=True)
     with pytest.raises(NotSupported), Disk() as d:
         d.create_base(str(tmp_path / "raw.vmdk"), MiB, "VMDK",
@@ -921,8 +927,10 @@ def test_write_allocates_missing_grain_tables(tmp_path, qemu):
     assert "read 1000/1000" in qemu.io("-f", "vmdk", "-r", "-c", "read -P 9 70000 1000", p).stdout
 
 
-def test_raw_disk_vmdk_for_a_drive_file(tmp_path):
-    """VirtualBox's 'fullDevice' raw disk VMDK (qemu does not open that createType)."""
+def test_raw_disk_vmdk_for_a_drive_file(tmp_path, monkeypatch):
+    """VirtualBox's 'fullDevice' raw disk VMDK (qemu does not open that createType); a regular
+    file stands in for the drive under the tests' flag."""
+    monkeypatch.setenv(RAW_TEST_ENV, "1")
     drive_dir = tmp_path / "host"
     drive_dir.mkdir()
     drive = drive_dir / "disk.img"

@@ -76,6 +76,7 @@ from .media import (
     FloppyFormat,
     create_floppy,
     create_iso,
+    create_raw_vmdk,
     floppy_format,
     folder_contents,
 )
@@ -89,6 +90,8 @@ from .ops.resize import resize
 from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
 from .ops.sparsify import plan as sparsify_plan
 from .progress import Progress, ProgressCallback
+from .rawdisk import TEST_ENV as RAW_TEST_ENV
+from .rawdisk import RawDrive, inspect_drive, parse_partitions
 from .registry import (
     NO_PLUGINS_ENV,
     PLUGIN_GROUP,
@@ -119,6 +122,7 @@ __all__ = [
     "FLOPPY_FORMATS",
     "NO_PLUGINS_ENV",
     "PLUGIN_GROUP",
+    "RAW_TEST_ENV",
     "Alloc",
     "AmbiguousFormat",
     "AuthenticationError",
@@ -177,6 +181,7 @@ __all__ = [
     "ProblemCode",
     "Progress",
     "ProgressCallback",
+    "RawDrive",
     "ReadOnlyImage",
     "Refusal",
     "Refused",
@@ -208,6 +213,7 @@ __all__ = [
     "copy_image",
     "create_floppy",
     "create_iso",
+    "create_raw_vmdk",
     "data_dir",
     "describe_effects",
     "describe_size",
@@ -222,6 +228,7 @@ __all__ = [
     "get_backend",
     "get_filter",
     "give_new_uuid",
+    "inspect_drive",
     "is_network_location",
     "is_temp_name",
     "load_plugins",
@@ -233,6 +240,7 @@ __all__ = [
     "open_image",
     "open_volume",
     "parse_config",
+    "parse_partitions",
     "parse_size",
     "parse_variant",
     "printable",

@@ -123,7 +123,8 @@ class ImageFile:
         except IsADirectoryError:
             raise ImageNotFound(f"{path}: is a directory, not an image file") from None
         except OSError as exc:
-            raise io_error(exc, path, "cannot open") from None
+            what = "cannot open for writing" if self.writable else "cannot open"
+            raise io_error(exc, path, what) from None
         try:
             st = os.fstat(self.fd)
             self.is_device = stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)

@@ -89,10 +89,43 @@ def read_small_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
 
 
 def io_error(exc: OSError, path: str, what: str):
-    """The engine error for a failed system call on ``path`` (``what`` failed)."""
+    """The engine error for a failed system call on ``path`` (``what`` failed); on a block
+    device refused for want of permission, what would grant it."""
     if exc.errno == errno.ENOENT:
         return ImageNotFound(f"{path}: file not found")
-    return VDIOError(f"{path}: {what}: {exc.strerror or exc}")
+    hint = ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        hint = device_access_hint(path, write="writ" in what)
+    return VDIOError(f"{path}: {what}: {exc.strerror or exc}{hint}")
+
+
+def device_access_hint(path: str, write: bool = False) -> str:
+    """For a block device this user may not read (or write): '; ' + who may, from the device's
+    owner, group and mode, e.g. "add yourself to group 'disk'". '' for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISBLK(st.st_mode):
+        return ""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    need = "read and write" if write else "read"
+    bit = stat.S_IWGRP if write else stat.S_IRGRP
+    where = f"the device is {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & bit and st.st_gid != 0:
+        return (f"; {where}: to {need} it, add yourself to group '{group}' "
+                f"(sudo usermod -aG {group} $USER, then log in again)")
+    return f"; {where}: only {owner} may {need} it (run as {owner}, or change its permissions)"
 
 
 # -- names stored inside images --------------------------------------------------------------

@@ -14,6 +14,7 @@ import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, field
 
+from ..align import ceil_div
 from ..errors import CorruptImage
 
 MBR_TYPES = {
@@ -124,6 +125,9 @@ class Layout:
     partitions: list[Partition] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     disk_guid: str = ""
+    # where the tables lie: (byte offset, length) of the MBR, each EBR of the logical
+    # partitions' chain, each GPT header and entry array that was read
+    tables: list[tuple[int, int]] = field(default_factory=list)
 
     def partition(self, number: int) -> Partition:
         for p in self.partitions:
@@ -283,6 +287,7 @@ def _read_logical(pread, disk_size, ss, layout, ext_lba, ext_count) -> None:
                 f"(expected 55 AA, found {ebr[510:512].hex(' ').upper()})"
             )
             return
+        layout.tables.append((ebr_lba * ss, ss))
         entries = list(_mbr_entries(ebr))
         _, boot, ptype, lba, count = entries[0]
         if ptype and count:
@@ -351,6 +356,7 @@ def _gpt_header(pread, lba: int, ss: int, disk_size: int, where: str, problems: 
         )
         return None
     h["table"] = pread(h["entries_lba"] * ss, table_bytes)
+    h["lba"] = lba
     tcrc = zlib.crc32(h["table"])
     h["table_ok"] = tcrc == h["entries_crc"]
     if not h["table_ok"]:
@@ -399,6 +405,10 @@ def _read_gpt(pread, disk_size: int, ss: int, layout: Layout) -> bool:
     if not good and primary is None and backup is None:
         return False
     layout.problems.extend(probs)
+    for h in (primary, backup):
+        if h is not None:
+            n = h["count"] * h["entry_size"]
+            layout.tables += [(h["lba"] * ss, ss), (h["entries_lba"] * ss, ceil_div(n, ss) * ss)]
     use = good[0] if good else (primary or backup)
     if not good:
         layout.problems.append(
@@ -440,6 +450,8 @@ def read_layout(pread, disk_size: int, sector_size: int = 512) -> Layout:
     else:
         mbr_ok = head[510:512] == b"\x55\xaa"
         types = [e[2] for e in _mbr_entries(head)] if mbr_ok else []
+        if mbr_ok:
+            layout.tables.append((0, ss))
         if mbr_ok and 0xEE in types:
             layout.scheme = "gpt" if all(t in (0, 0xEE) for t in types) else "hybrid"
             if not _read_gpt(pread, disk_size, ss, layout):

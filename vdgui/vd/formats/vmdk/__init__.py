@@ -28,10 +28,12 @@ block/vmdk.c reads it. Facts, not code, were taken from those sources.
   streamOptimized images are written once, in increasing offsets (the copy operation does that);
   any other write to a stream image is refused.
 * Raw host disk descriptors (config keys RawDrive/Partitions/BootSector/Relative, as VirtualBox
-  declares them): creating one for a whole drive (a regular file or a block device such as a loop
-  device) works only when unsafe paths are allowed (the descriptor names it by absolute path);
-  otherwise UnsafePath. Partition-level raw VMDKs (Partitions/BootSector/Relative) are refused
-  (NotSupported). Opening any descriptor that names a device needs OpenFlags.ALLOW_UNSAFE_PATHS.
+  declares them; plan in vd/rawdisk.py): 'fullDevice' (one FLAT extent, the whole drive) or
+  'partitionedDevice' (chosen partitions as FLAT extents of the drive, or of the partition
+  devices with Relative; the partition tables copied into NAME-pt.vmdk; ZERO elsewhere).
+  Creating one needs unsafe paths allowed (drives are named by absolute path), otherwise
+  UnsafePath; only block devices (regular files under the tests' flag). Opening any descriptor
+  that names a device needs OpenFlags.ALLOW_UNSAFE_PATHS.
 """
 from __future__ import annotations
 
@@ -94,17 +96,20 @@ class VmdkBackend(Backend):
     extensions = (FileExtension("vmdk"),)
     config_keys = (
         ConfigKey("RawDrive", None, ValueType.STRING,
-                  description="host drive (file or block device) for a raw disk VMDK; needs "
-                              "unsafe paths allowed",
+                  description="host drive (a block device such as /dev/sda) for a raw disk "
+                              "VMDK; needs unsafe paths allowed",
                   label="Host drive", variant=ImageFlags.RAWDISK),
         ConfigKey("Partitions", None, ValueType.STRING,
-                  description="partitions of the raw drive to expose",
+                  description="partitions of the raw drive to expose, e.g. 1,3,5 (the "
+                              "others read zero); empty: the whole drive",
                   label="Partitions to expose", variant=ImageFlags.RAWDISK),
         ConfigKey("BootSector", None, ValueType.BYTES,
-                  description="replacement boot sector for a raw partition VMDK",
+                  description="replacement boot code (up to 512 bytes, the first 440 used) "
+                              "for the MBR copy of a raw partition VMDK",
                   label="Boot sector", variant=ImageFlags.RAWDISK),
         ConfigKey("Relative", None, ValueType.INTEGER,
-                  description="use relative partition device names",
+                  description="1: map partitions through their own devices (/dev/sda2) "
+                              "instead of the whole drive",
                   label="Relative partition names", variant=ImageFlags.RAWDISK),
     )
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,

@@ -1,16 +1,15 @@
 """Creating VMDKs: monolithic and split, sparse and flat, ESX, streamOptimized, and raw host
-disk descriptors (whole drives only)."""
+disk descriptors (whole drives or chosen partitions)."""
 from __future__ import annotations
 
 import os
-import stat
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 from ...align import align_up
 from ...backend import CreateParams, ImageFlags, OpenFlags
 from ...config import parse_config
-from ...errors import FileExists, ImageNotFound, InvalidArgument, NotSupported, UnsafePath
+from ...errors import FileExists, InvalidArgument, NotSupported, UnsafePath
 from ...fileio import ImageFile, atomic_files, relative_name
 from ...geometry import vbox_pchs
 from ...space import preallocate
@@ -39,11 +38,11 @@ if TYPE_CHECKING:
 # -- create ------------------------------------------------------------------------------
 def create(backend: VmdkBackend, p: CreateParams) -> VmdkImage:
     cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
-    if cfg.get("Partitions") or cfg.get("BootSector") or cfg.get("Relative"):
-        raise NotSupported("raw partition VMDKs (Partitions/BootSector/Relative) are not "
-                           "supported; a raw VMDK can only expose a whole drive (RawDrive)")
     if cfg.get("RawDrive"):
-        return create_raw(backend, p, cfg["RawDrive"])
+        return create_raw(backend, p, cfg)
+    if cfg.get("Partitions") or cfg.get("BootSector") or cfg.get("Relative"):
+        raise InvalidArgument("Partitions, BootSector and Relative need RawDrive (the host "
+                              "drive of a raw disk VMDK)")
     fl = p.flags
     stream = bool(fl & ImageFlags.STREAM_OPTIMIZED)
     esx = bool(fl & ImageFlags.ESX)
@@ -151,35 +150,36 @@ def create(backend: VmdkBackend, p: CreateParams) -> VmdkImage:
                                                   if p.allow_unsafe_paths else 0))
     return img
 
-def create_raw(backend: VmdkBackend, p: CreateParams, drive: str) -> VmdkImage:
-    """A 'fullDevice' descriptor whose one FLAT extent is the whole drive (absolute path)."""
+def create_raw(backend: VmdkBackend, p: CreateParams, cfg: dict) -> VmdkImage:
+    """A raw host disk descriptor (VirtualBox's RawDisk variant): 'fullDevice', one FLAT
+    extent of the whole drive, or 'partitionedDevice' exposing chosen partitions, the partition
+    tables copied into ``NAME-pt.vmdk`` (the plan: vd/rawdisk.py). Drives are named by absolute
+    path, so unsafe paths must be allowed; the drive is opened read-only."""
+    from ...rawdisk import inspect_drive, parse_partitions, plan
+
+    drive = cfg["RawDrive"]
     if not p.allow_unsafe_paths:
         raise UnsafePath(f"{p.location}: a raw disk VMDK gives direct access to {drive!r}; "
                          "refused unless unsafe paths are allowed")
     if p.parent is not None:
         raise NotSupported("a raw disk VMDK cannot be a differencing image")
-    drive = os.path.abspath(drive)
-    try:
-        st = os.stat(drive)
-    except OSError:
-        raise ImageNotFound(f"{drive}: raw drive not found") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise NotSupported(f"{drive}: a raw drive must be a regular file or a block device")
-    f = ImageFile(drive)
-    try:
-        size = f.size() // SECTOR * SECTOR
-    finally:
-        f.close()
-    if size <= 0:
-        raise InvalidArgument(f"{drive}: the raw drive is empty")
+    parts = parse_partitions(cfg.get("Partitions"))
+    boot = cfg.get("BootSector")
     if os.path.lexists(p.location):
         raise FileExists(f"{p.location}: file already exists")
+    raw = plan(inspect_drive(drive), parts, bool(cfg.get("Relative")), boot)
+    size = raw.drive.size
+    stem = os.path.splitext(os.path.basename(p.location))[0]
+    side_name = f"{stem}-pt.vmdk"
+    side_path = os.path.join(os.path.dirname(os.path.abspath(p.location)), side_name)
+    lines = [ExtentLine("RW", e.sectors, e.kind, None if e.kind == "ZERO" else
+                        (e.path or side_name), e.offset) for e in raw.extents]
     pchs = p.pchs or vbox_pchs(size)
     zero = str(uuidlib.UUID(int=0))
     desc = build([("version", "1", False), ("encoding", "UTF-8", True),
                   ("CID", f"{new_cid():08x}", False), ("parentCID", "ffffffff", False),
-                  ("createType", "fullDevice", True)],
-                 [ExtentLine("RW", size // SECTOR, "FLAT", drive, 0)],
+                  ("createType", raw.create_type, True)],
+                 lines,
                  [("ddb.virtualHWVersion", "4"), ("ddb.adapterType", "ide"),
                   ("ddb.geometry.cylinders", str(pchs.cylinders)),
                   ("ddb.geometry.heads", str(pchs.heads)),
@@ -187,8 +187,15 @@ def create_raw(backend: VmdkBackend, p: CreateParams, drive: str) -> VmdkImage:
                   ("ddb.uuid.image", str(p.uuid or uuidlib.uuid4())),
                   ("ddb.uuid.parent", zero), ("ddb.uuid.modification", str(uuidlib.uuid4())),
                   ("ddb.uuid.parentmodification", zero)], p.location)
-    with atomic_files([p.location]) as (tmp,), open(tmp, "xb") as out:
-        out.write(desc.to_bytes())
+    finals = ([side_path] if raw.side else []) + [p.location]
+    with atomic_files(finals) as temps:
+        for tmp, data in zip(temps, ([raw.side] if raw.side else []) + [desc.to_bytes()]):
+            with open(tmp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+    if p.progress:
+        p.progress(size, size)
     return backend.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
 
 def create_stream(backend: VmdkBackend, p: CreateParams, desc_bytes: bytes,

@@ -315,10 +315,12 @@ class VmdkImage(MaintenanceMixin, CheckMixin):
     # -- metadata ----------------------------------------------------------------------------
     def files(self) -> list[str]:
         out = [os.path.abspath(self.location)]
-        if self.flags & ImageFlags.RAWDISK:
-            # the extents are host drives, not part of the image: never moved or deleted with it
-            return out
-        for p in self.extent_paths:
+        raw = bool(self.flags & ImageFlags.RAWDISK)
+        for line, p in zip(self.desc.extents, self.extent_paths):
+            # a raw disk's drives (absolute names) are not part of the image: never moved or
+            # deleted with it; its partition-table copy (NAME-pt.vmdk, relative) is
+            if raw and (line.filename is None or os.path.isabs(line.filename)):
+                continue
             if p and os.path.abspath(p) not in out:
                 out.append(os.path.abspath(p))
         return out
