@@ -253,3 +253,23 @@ def test_a_file_that_shrinks_while_copied(tmp_path, monkeypatch):
     with pytest.raises(VDIOError, match=r"a.bin: the file became shorter .*5000 bytes, found 100"):
         create_iso(str(tmp_path / "o.iso"), [str(src)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_layout_is_computed_once_not_per_file(tmp_path, monkeypatch):
+    """pycdlib lays the whole image out again on a lookup after an add: dating records while
+    adding made 10 000 files take 4 minutes (each lookup O(files)); now the dates are set after
+    every add (10 000 files: 3 s)."""
+    import pycdlib
+    src = tmp_path / "s"
+    src.mkdir()
+    for i in range(60):
+        (src / f"file {i}.txt").write_bytes(b"x")
+    calls = []
+    real = pycdlib.PyCdlib._reshuffle_extents
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(pycdlib.PyCdlib, "_reshuffle_extents", counting)
+    create_iso(str(tmp_path / "o.iso"), folder_contents(str(src)))
+    assert len(calls) <= 2, len(calls)

@@ -165,6 +165,7 @@ def _stamp(iso, mtime: float, **path: str) -> None:
 def _plan(iso, root: Source, prog: Progress, lazies: list[_LazyFile]) -> None:
     """Add the tree to the pycdlib object: folders, files (lazily read), symbolic links."""
     stack = [(root, "/", "/")]
+    dates: list[tuple[float, str, str | None]] = []
     while stack:
         folder, ipath, jpath = stack.pop()
         for child, iname, jname in zip(folder.children, _iso_names(folder.children),
@@ -185,10 +186,13 @@ def _plan(iso, root: Source, prog: Progress, lazies: list[_LazyFile]) -> None:
                 lazies.append(lazy)
                 iso.add_fp(lazy, child.size, iso_path=ip + ";1", rr_name=child.name,
                            joliet_path=jp, file_mode=stat.S_IFREG | child.mode)
-            ip_rec = ip + ";1" if child.kind != "dir" else ip
-            _stamp(iso, child.mtime, iso_path=ip_rec)
-            if child.kind != "symlink":
-                _stamp(iso, child.mtime, joliet_path=jp)
+            dates.append((child.mtime, ip if child.kind == "dir" else ip + ";1",
+                          None if child.kind == "symlink" else jp))
+    # after every add: a lookup lays the whole image out again when something was added since
+    for mtime, ip, jp in dates:
+        _stamp(iso, mtime, iso_path=ip)
+        if jp is not None:
+            _stamp(iso, mtime, joliet_path=jp)
 
 
 def create_iso(path: str, sources: Sequence[str], *, label: str | None = None,
