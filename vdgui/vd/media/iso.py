@@ -189,10 +189,10 @@ def _plan(iso, root: Source, prog: Progress, lazies: list[_LazyFile]) -> None:
             dates.append((child.mtime, ip if child.kind == "dir" else ip + ";1",
                           None if child.kind == "symlink" else jp))
     # after every add: a lookup lays the whole image out again when something was added since
-    for mtime, ip, jp in dates:
-        _stamp(iso, mtime, iso_path=ip)
-        if jp is not None:
-            _stamp(iso, mtime, joliet_path=jp)
+    for mtime, iso_path, joliet_path in dates:
+        _stamp(iso, mtime, iso_path=iso_path)
+        if joliet_path is not None:
+            _stamp(iso, mtime, joliet_path=joliet_path)
 
 
 def create_iso(path: str, sources: Sequence[str], *, label: str | None = None,
