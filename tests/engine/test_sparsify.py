@@ -677,3 +677,30 @@ def test_into_is_one_copy_whose_progress_counts_bytes(built, tmp_path, qemu):
     raw = tmp_path / "back.raw"
     qemu.img("convert", "-O", "raw", tmp_path / "d.vdi", raw)
     check_volumes(raw, sums, parts)
+
+
+@pytest.mark.skipif(not HAVE_NTFS or shutil.which("mkntfs") is None, reason="needs ntfs-3g")
+def test_ntfs_clusters_a_file_uses_but_bitmap_calls_free_stop_everything(tmp_path):
+    """NTFS was not cross-checked (ext and FAT were): a file's clusters cleared in $Bitmap
+    were zeroed by sparsify."""
+    from dissect.ntfs import NTFS
+    vol = tmp_path / "n.raw"
+    _sh("dd", "if=/dev/urandom", f"of={vol}", "bs=1M", "count=16", "status=none")
+    _sh("mkntfs", "-Q", "-F", "-q", vol)
+    src = tmp_path / "big.bin"
+    src.write_bytes(hashlib.sha256(b"x").digest() * 8192)          # 256 KiB
+    _sh("ntfscp", "-q", vol, src, "big.bin")
+    with open(vol, "r+b") as f:
+        fs = NTFS(f)
+        cs = fs.cluster_size
+        lcn = fs.mft.get("big.bin").attributes.DATA[0].dataruns()[0][0]
+        bm_lcn = fs.mft.get(6).attributes.DATA[0].dataruns()[0][0]
+        at = bm_lcn * cs + lcn // 8
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b & ~(1 << (lcn % 8))]))                # the file's first cluster: "free"
+    h = _sha(vol)
+    code, _out, err = _main("sparsify", vol)
+    assert code == 1 and "$Bitmap marks bytes" in err and "big.bin" in err, (code, err)
+    assert _sha(vol) == h

@@ -354,8 +354,46 @@ _READERS: dict[str, Callable] = {
 }
 
 
+def _in_free(free: Ranges, starts: list[int], off: int, n: int) -> tuple[int, int] | None:
+    """The part of [off, off + n) that ``free`` holds (the first one), or None."""
+    i = bisect_right(starts, off + n - 1) - 1
+    if i >= 0 and free[i][1] > off:
+        return max(off, free[i][0]), min(off + n, free[i][1])
+    return None
+
+
+def _check_ntfs(fs: FileSystem, free: Ranges) -> None:
+    """Every cluster a record in use names (any non-resident attribute of any file, the
+    metadata files included) must be marked in use in $Bitmap: stop with the evidence."""
+    x = fs.fs
+    cs = x.cluster_size
+    starts = [s for s, _ in free]
+    for rec in x.mft.segments():
+        if not rec.header.Flags & 0x0001:           # FILE_RECORD_SEGMENT_IN_USE
+            continue
+        try:
+            attrs = [a for coll in rec.attributes.values() for a in coll if not a.resident]
+            runs = [(a, lcn, k) for a in attrs for lcn, k in a.dataruns() if lcn is not None]
+        except Exception as exc:
+            raise CorruptImage(f"{fs.name}: MFT record {rec.segment} cannot be read: "
+                               f"{exc}") from None
+        for a, lcn, k in runs:
+            hit = _in_free(free, starts, lcn * cs, k * cs)
+            if hit:
+                what = f"MFT record {rec.segment}" + (f" ({rec.filename})"
+                                                       if rec.filename else "")
+                raise CorruptImage(
+                    f"{fs.name}: $Bitmap marks bytes {hit[0]}..{hit[1]} free, but {what} "
+                    f"uses them (attribute {a.type.name}{':' + a.name if a.name else ''}, "
+                    f"clusters {lcn}..{lcn + k - 1}); nothing was changed (run chkdsk /f, "
+                    "or ntfsfix, first)")
+
+
 def _check_files(fs: FileSystem, free: Ranges) -> None:
     """A file's data in a range the bitmap calls free: stop with the evidence."""
+    if fs.kind == "ntfs" and free:
+        _check_ntfs(fs, free)
+        return
     alloc = getattr(fs, "allocation", None)
     if alloc is None or not free:
         return
