@@ -147,3 +147,20 @@ def test_failed_iso_offers_the_dialog_again(qtbot, window, tmp_path, monkeypatch
     box.findChild(type(box.buttons()[0]), "retryButton").click()
     qtbot.waitUntil(lambda: bool(reopened), timeout=3000)
     assert reopened[0] == p
+
+
+def test_cancel_from_the_jobs_panel_leaves_nothing(qtbot, window, tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)                      # sparse: seconds to copy, cancelled at once
+    out = tmp_path / "out"
+    out.mkdir()
+    dlg = IsoDialog(str(out), window)
+    qtbot.addWidget(dlg)
+    dlg.sources.add([str(big)])
+    job = window.ops.start_create_iso(dlg.params())
+    qtbot.waitUntil(lambda: job.fraction > 0, timeout=10000)
+    window.jobs_panel.row_for(job).cancel_button.click()
+    wait_job(qtbot, job)
+    assert job.state == JobState.CANCELLED
+    assert list(out.iterdir()) == []            # neither the image nor its temporary
