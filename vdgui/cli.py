@@ -334,6 +334,18 @@ def cmd_create_iso(args) -> int:
     return 0
 
 
+def cmd_create_rawvmdk(args) -> int:
+    parts = vd.parse_partitions(args.partitions)
+    if args.partitions is not None and not parts:
+        raise vd.InvalidArgument("--partitions: name at least one partition (e.g. 1,3)")
+    boot = None
+    if args.boot_sector:
+        boot = vd.read_small_file(args.boot_sector, "the boot sector", limit=513)
+    vd.create_raw_vmdk(args.image, args.raw_drive, parts, relative=args.relative,
+                       boot_sector=boot)
+    return 0
+
+
 def cmd_convert(args) -> int:
     dst_be = vd.get_backend(args.output_format)
     src_be = _backend_for(args.src, args.format)
@@ -799,6 +811,7 @@ COMMANDS = {       # cli_parser's commands -> what runs them
     "create": cmd_create,
     "create-floppy": cmd_create_floppy,
     "create-iso": cmd_create_iso,
+    "create-rawvmdk": cmd_create_rawvmdk,
     "convert": cmd_convert,
     "compare": cmd_compare,
     "merge": cmd_merge,

@@ -102,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     media_sources(p, "disc")
     p.add_argument("image")
 
+    p = sub.add_parser("create-rawvmdk", parents=[common],
+                       help="create a VMDK that gives a VM a host drive or some of its "
+                            "partitions (VirtualBox's RawDisk variant)",
+                       description="Create IMAGE, a VMDK over the host drive DEV: the whole "
+                       "drive, or only --partitions (the others read zero in the VM; the "
+                       "partition tables are copied beside IMAGE as IMAGE-pt.vmdk). The VM "
+                       "writes to the real disk: never expose a partition the host has "
+                       "mounted (refused). The drive is only read here.")
+    p.add_argument("--raw-drive", required=True, metavar="DEV",
+                   help="the host drive, a block device such as /dev/sdb")
+    p.add_argument("--partitions", metavar="N,N...",
+                   help="partition numbers to expose, e.g. 1,3,5 (see: vdgui-img partitions "
+                        "DEV); default: the whole drive")
+    p.add_argument("--relative", action="store_true",
+                   help="map the partitions through their own devices (/dev/sdb2), not the "
+                        "whole drive")
+    p.add_argument("--boot-sector", metavar="FILE",
+                   help="boot code for the VM's copy of the MBR (up to 512 bytes; the first "
+                        "440 are used, the host's partition table is kept)")
+    p.add_argument("image")
+
     p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
     p.add_argument("-f", "--format", help="source format (probed when absent)")
     force_share(p)
