@@ -142,6 +142,13 @@ def test_mbr_with_logical_partitions_exposes_only_the_chosen_ones(tmp_path, stan
     tables = [(0, MiB), (6144 * S, 8192 * S), (10240 * S, 12288 * S)]
     assert got == _expected(data, host, [1, 6], tables)
     assert side.read_bytes() == b"".join(data[a:b] for a, b in tables)
+    # an INFO open (the library's) opens no extent, so the drive's absolute name is no danger;
+    # reading still needs unsafe paths allowed
+    with Disk() as d:
+        img = d.open(str(out), flags=OpenFlags.INFO | OpenFlags.READ_ONLY)
+        assert img.files() == [str(out), str(side)] and d.size == 16 * MiB
+    with pytest.raises(vd.UnsafePath), Disk() as d:
+        d.open(str(out), flags=OpenFlags.READ_ONLY)
     view = _qemu_view(str(out), tmp_path)
     assert "virtual size: 16 MiB" in qemu.img("info", view).stdout
     assert qemu.to_raw(view, tmp_path / "q.raw").read_bytes() == got

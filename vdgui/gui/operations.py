@@ -32,6 +32,7 @@ from .dialogs.params import (
     IsoParams,
     MergeParams,
     MoveParams,
+    RawDiskParams,
     ResizeParams,
     SnapshotParams,
 )
@@ -271,6 +272,16 @@ class Operations:
     def start_create_iso(self, p: IsoParams) -> Job:
         job = tasks.iso_job(p.location, label=p.label, sources=p.sources)
         return self._start_media(job, p.location, lambda: self.create_iso_dialog(previous=p))
+
+    def create_rawdisk_dialog(self, *, previous: RawDiskParams | None = None):
+        from .dialogs.rawdisk import RawDiskDialog
+        p = self.run_dialog(RawDiskDialog(self.w.last_folder(), self.w), previous)
+        return None if p is None else self.start_create_rawdisk(p)
+
+    def start_create_rawdisk(self, p: RawDiskParams) -> Job:
+        job = tasks.rawvmdk_job(p.location, p.drive, p.partitions, relative=p.relative)
+        return self._start_media(job, p.location,
+                                 lambda: self.create_rawdisk_dialog(previous=p))
 
     def _start_media(self, job: Job, location: str, reopen) -> Job:
         """A new floppy or disc image: made by ``job``, then added to the list and selected."""

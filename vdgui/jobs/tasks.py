@@ -67,6 +67,17 @@ def iso_job(location: str, *, label: str = "", sources=()) -> Job:
                paths=[location], kind="create_iso")
 
 
+def rawvmdk_job(location: str, drive: str, partitions=None, *, relative: bool = False) -> Job:
+    """A raw host-disk VMDK over ``drive`` (the whole drive, or ``partitions``); the result is
+    [location]."""
+    def fn(progress):
+        return [vd.create_raw_vmdk(location, drive, list(partitions) if partitions else None,
+                                   relative=relative, progress=progress)]
+
+    return Job(f"Create raw disk VMDK {os.path.basename(location)} of {drive}", fn,
+               keys=[location], paths=[location], kind="create_rawvmdk")
+
+
 def create_diff_job(
     parent: str,
     location: str,

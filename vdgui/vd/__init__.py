@@ -91,7 +91,7 @@ from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
 from .ops.sparsify import plan as sparsify_plan
 from .progress import Progress, ProgressCallback
 from .rawdisk import TEST_ENV as RAW_TEST_ENV
-from .rawdisk import RawDrive, inspect_drive, parse_partitions
+from .rawdisk import RawDrive, host_drives, inspect_drive, parse_partitions
 from .registry import (
     NO_PLUGINS_ENV,
     PLUGIN_GROUP,
@@ -228,6 +228,7 @@ __all__ = [
     "get_backend",
     "get_filter",
     "give_new_uuid",
+    "host_drives",
     "inspect_drive",
     "is_network_location",
     "is_temp_name",

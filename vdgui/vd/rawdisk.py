@@ -89,6 +89,25 @@ def check_drive_path(path: str) -> tuple[str, os.stat_result]:
     return path, st
 
 
+def host_drives() -> list[str]:
+    """The host's whole drives (/dev/NAME for each non-empty /sys/block entry), for a picker."""
+    try:
+        names = sorted(os.listdir("/sys/block"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join("/sys/block", name, "size")) as f:
+                if int(f.read().strip() or 0) <= 0:
+                    continue
+        except (OSError, ValueError):
+            continue
+        if os.path.exists(os.path.join("/dev", name)):
+            out.append(os.path.join("/dev", name))
+    return out
+
+
 def partition_device(drive: str, number: int) -> str:
     """The device of partition ``number`` of ``drive``: the kernel's name from sysfs when the
     drive is a block device, else Linux's naming (sda -> sda2, nvme0n1 -> nvme0n1p2)."""

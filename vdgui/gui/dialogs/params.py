@@ -121,3 +121,13 @@ class IsoParams:
     location: str
     label: str = ""
     sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RawDiskParams:
+    """New Raw Disk VMDK: a VMDK over the host drive ``drive``, the whole drive (``partitions``
+    None) or only the partitions named; ``relative``: through the partition devices."""
+    location: str
+    drive: str
+    partitions: tuple[int, ...] | None = None
+    relative: bool = False

@@ -243,6 +243,9 @@ class VmdkBackend(Backend):
                 if ct and ct not in CREATE_TYPES:
                     raise NotSupported(f"{location}: unknown createType {img.create_type!r}")
                 vstart = 0
+                # a raw disk's drives are named by absolute path: an INFO open, which opens no
+                # extent, may name them (files() never counts them as the image's)
+                raw_info = info_only and bool(img.flags & ImageFlags.RAWDISK)
                 for line in img.desc.extents:
                     path = None
                     if line.type != "ZERO":
@@ -250,7 +253,7 @@ class VmdkBackend(Backend):
                         path = resolve_stored_name(
                             location,
                             line.filename,
-                            allow_unsafe=img.allow_unsafe,
+                            allow_unsafe=img.allow_unsafe or raw_info,
                             what="extent file",
                         )
                     img.extent_paths.append(path)
