@@ -128,14 +128,19 @@ def copy_range(f, src: int, dst: int, length: int, buf: bytearray | None = None)
 
 def move_blocks(f, moves: Sequence[Move[K]], repoint: Callable[[Sequence[Move[K]]], None], *,
                 header: Callable[[], None] | None = None,
-                advance: Callable[[int], object] | None = None) -> None:
+                advance: Callable[[int], object] | None = None,
+                copy: Callable[[Move[K]], None] | None = None) -> None:
     """Carry out ``moves`` in ``f``: copy each, sync, ``repoint(moves)``, sync, then
     ``header()`` and sync (the header is written even when nothing moved). ``advance(n)`` is
-    told the bytes of each finished copy."""
+    told the bytes of each finished copy. ``copy(move)``, when given, copies instead of a byte
+    copy (an encrypted block whose IV is its offset is re-encrypted on the way)."""
     if moves:
         buf = bytearray(min(COPY_CHUNK, max(m.length for m in moves)))
         for m in moves:
-            copy_range(f, m.src, m.dst, m.length, buf)
+            if copy is not None:
+                copy(m)
+            else:
+                copy_range(f, m.src, m.dst, m.length, buf)
             if advance is not None:
                 advance(m.length)
         f.sync()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ...align import ceil_div
 from ...backend import ImageFlags, too_large
-from ...compaction import Move, move_blocks, plan_moves
+from ...compaction import Move, copy_range, move_blocks, plan_moves
 from ...errors import InvalidArgument, NotSupported
 from ...fileio import relative_name
 from ...image import FillFn, Image, ParentHint
@@ -37,10 +37,6 @@ class MaintenanceMixin(Qcow2State):
         truncate. Clusters shared with internal snapshots are left alone."""
         self._check_write()
         self.f.wait_punches()         # freed clusters are punched before anything reuses them
-        if self.crypt_method:
-            # moving an encrypted cluster changes its IV (the host offset): not done yet
-            raise NotSupported(f"{self.location}: compacting an encrypted qcow2 image is not "
-                               "supported yet; convert it to a new encrypted image instead")
         cs = self.cs
         nclu = ceil_div(self.size, cs)
         prog = Progress(progress, nclu * 2)
@@ -162,7 +158,20 @@ class MaintenanceMixin(Qcow2State):
             if moved is not None:
                 moved(done[0], total)
 
-        move_blocks(self.f, moves, self._repoint_clusters, advance=advance)
+        copy = None
+        if self.crypt_method:
+            # a data cluster's IV is its host offset: moved, it is decrypted and encrypted again
+            if any(m.key[0] == "comp" for m in moves):
+                raise NotSupported(f"{self.location}: compressed clusters in an encrypted "
+                                   "image cannot be moved")
+
+            def copy(m: Move[_Owner]) -> None:
+                if m.key[0] == "l2":
+                    raw = self.f.pread(m.src, m.length).ljust(m.length, b"\0")
+                    self._write_data(m.dst, self._decrypt_host(m.src, raw, 0))
+                else:
+                    copy_range(self.f, m.src, m.dst, m.length)
+        move_blocks(self.f, moves, self._repoint_clusters, advance=advance, copy=copy)
         last = self._cut_free_tail(end)
         run = -1                                # free clusters below the end: one call a run
         for c in range(1, last + 1):
