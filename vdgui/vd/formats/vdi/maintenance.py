@@ -199,7 +199,8 @@ class MaintenanceMixin(VdiState):
         self._zero_block_tail(last, self.size - last * bs)
         fixed = self.image_type == L.TYPE_FIXED
         total = self._total
-        if self.offset_blocks + new_blocks * 4 > self.offset_data:
+        relocated = self.offset_blocks + new_blocks * 4 > self.offset_data
+        if relocated:       # the new map is written and synced there
             self._relocate_for_map(new_blocks)
         else:
             _extend_free(self._map, new_blocks - len(self._map))
@@ -214,8 +215,9 @@ class MaintenanceMixin(VdiState):
                 require_space(self.location, grown - old_end, "the grown fixed image")
             self.f.truncate(grown)
             preallocate(self.f, old_end, grown - old_end)
-        self._table.write_range(old_blocks, new_blocks)
-        self.f.sync()
+        if fixed or not relocated:
+            self._table.write_range(old_blocks, new_blocks)
+            self.f.sync()
         self.blocks = new_blocks
         self.allocated = self._next
 
