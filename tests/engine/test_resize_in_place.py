@@ -179,3 +179,22 @@ def test_kill_grow_in_place(tmp_path, qemu, cid):
     bad = [f"kill at {o.point} of {len(all_points)}: {p}" for o in outcomes for p in o.problems]
     assert not bad, "\n".join(bad)
     assert sum(o.killed for o in outcomes) >= min(len(all_points), 14) * 0.9
+
+
+@pytest.mark.parametrize("cid", ["vhd", "vdi", "vmdk", "qcow2"])
+def test_grow_in_place_reads_no_allocation(tmp_path, qemu, monkeypatch, cid):
+    """A one-file grow in place is one step: it never asks for the allocation of the data
+    (for VHD that reads every block's sector bitmap, a time growing with the data held)."""
+    from vdgui.vd import get_backend, resize
+    path, _old = _make(qemu, tmp_path, cid)
+    fmt = BY_ID[cid][3]
+    img = get_backend(fmt).open(str(path), OpenFlags.READ_ONLY, None)
+    cls = type(img)
+    img.close()
+
+    def refuse(self, offset, length):
+        raise AssertionError("block_status called during an in-place grow")
+    monkeypatch.setattr(cls, "block_status", refuse)
+    ino = os.stat(path).st_ino
+    resize(str(path), BY_ID[cid][5], format=fmt)
+    assert os.stat(path).st_ino == ino

@@ -187,8 +187,9 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         parent_fits = all(im.size <= old for im in chain.images[:top])
         if several or (orig.resizes_in_place(new_size) and parent_fits and not _children(orig)):
             hide = several and below is not None and new_size > old and not parent_fits
-            # the hook's own fraction, weighted by the data the image holds (not the new size)
-            prog = Progress(progress, max(data_bytes(orig, 0, keep), 1))
+            # several files: the hook's own fraction, weighted by the data the image holds (not
+            # the new size); one file: one step (the scan would read every block's bitmap: VHD)
+            prog = Progress(progress, max(data_bytes(orig, 0, keep), 1) if several else 1)
             prog.start()              # a cancel here leaves the file untouched
             img = backend.open(path, OpenFlags.NORMAL, None)
             try:
