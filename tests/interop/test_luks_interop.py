@@ -286,3 +286,19 @@ def test_compact_re_encrypts_the_clusters_it_moves(qemu, tmp_path):
     r = qemu.img("check", *_secret("compact-pw"), "--image-opts", _opts(img, "compact-pw"),
                  check=False)
     assert r.returncode == 0, r.stdout
+
+
+def test_check_counts_the_encryption_header_clusters(qemu, tmp_path):
+    """The LUKS header and key material live in refcounted clusters no table points to: check
+    must count them (else it reports them leaked, and a repair would free the keys)."""
+    img = tmp_path / "k.qcow2"
+    _create(qemu, "-f", "qcow2", *_secret("chk"),
+            "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", img, "4M")
+    _qemu_write(qemu, img, "chk", "write -P 0x31 0 100k")
+    pw = _pw(tmp_path, "pw", "chk")
+    code, out, err = _cli("check", img, "--passphrase-file", pw)
+    assert code == 0, out + err
+    code, out, err = _cli("check", "--repair", img, "--passphrase-file", pw)
+    assert code == 0 and "leak" not in out, out + err
+    got = _qemu_raw(qemu, img, "chk", tmp_path / "k.raw")
+    assert got[:102400] == b"\x31" * 102400

@@ -78,6 +78,8 @@ class CheckMixin(Qcow2State):
             return True
 
         add(0, cs, "header")
+        if self.crypt_length:       # the LUKS header and key material (crypt header extension)
+            add(self.crypt_offset, self.crypt_length, "encryption header")
         if include_rt:
             add(self.rt_offset, self.rt_clusters * cs, "refcount table")
         if self.nb_snapshots:

@@ -99,6 +99,8 @@ class Qcow2State(FileImage):
     _orphans: list[tuple[str, int, int]]
     # encryption (crypt.py)
     _given_key: bytes | None            # a new encrypted image's key, known at create
+    crypt_offset: int                   # the LUKS header's clusters (0, 0: none)
+    crypt_length: int
 
     if TYPE_CHECKING:
         # defined by one mixin, called by another
