@@ -281,3 +281,78 @@ def test_permission_message_names_the_group():
         assert "only root may read it" in as_nobody(node)
     finally:
         shutil.rmtree(folder)
+
+
+def _fake_block_device(tmp_path, monkeypatch, sector=512):
+    """A block device node (a number no driver holds) and a sysfs tree for it: partition 1
+    held by dm-3, partition 5 free."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (to make a device node)", pytrace=False)
+    node = tmp_path / "fake0"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(240, 7))
+    dev = tmp_path / "sys" / "devices" / "fake0"
+    (dev / "queue").mkdir(parents=True)
+    (dev / "queue" / "logical_block_size").write_text(f"{sector}\n")
+    (dev / "holders").mkdir()
+    for n, start, holder in ((1, 2048, "dm-3"), (5, 8192, None)):
+        part = dev / f"fake0p{n}"
+        (part / "holders").mkdir(parents=True)
+        (part / "partition").write_text(f"{n}\n")
+        (part / "start").write_text(f"{start}\n")
+        if holder:
+            (part / "holders" / holder).write_text("")
+    block = tmp_path / "sys" / "dev" / "block"
+    block.mkdir(parents=True)
+    (block / "240:7").symlink_to(dev)
+    monkeypatch.setattr(rawdisk_mod, "SYS_BLOCK", str(block))
+    return str(node)
+
+
+def test_block_devices_are_read_through_sysfs(tmp_path, monkeypatch, stand_ins):
+    node = _fake_block_device(tmp_path, monkeypatch)
+    from vdgui.vd.inside.partitions import Layout, Partition
+    layout = Layout("mbr", 16 * MiB, S, [Partition(1, MiB, MiB, "0x83", "Linux"),
+                                         Partition(5, 4 * MiB, MiB, "0x83", "Linux")])
+    assert rawdisk_mod.partition_device(node, 5) == "/dev/fake0p5"    # the kernel's name
+    assert rawdisk_mod.in_use(node, layout) == {1: "in use by dm-3"}   # LUKS, LVM, RAID
+    assert rawdisk_mod.partition_device(str(tmp_path / "disk.img"), 2) == \
+        str(tmp_path / "disk.img2")
+    assert rawdisk_mod.partition_device("/dev/nvme0n1", 2) == "/dev/nvme0n1p2"
+
+
+def test_drives_with_4k_sectors_are_refused(tmp_path, monkeypatch):
+    node = _fake_block_device(tmp_path, monkeypatch, sector=4096)
+    with pytest.raises(vd.NotSupported, match="4096-byte sectors"):
+        vd.inspect_drive(node)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A real block device: a read-only loop device over an MBR stand-in disk."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for a loop device")
+    drive = mbr_disk(tmp_path)
+    r = subprocess.run(["losetup", "-f", "--show", "-r", str(drive)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"no loop device here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev, drive
+    finally:
+        subprocess.run(["losetup", "-d", dev], timeout=30)
+
+
+def test_a_real_block_device_without_the_tests_flag(tmp_path, loop_device, monkeypatch):
+    """No stand-in: a loop device is a host drive. It is read-only, so creating proves the
+    drive is only read."""
+    monkeypatch.delenv(vd.RAW_TEST_ENV, raising=False)
+    dev, drive = loop_device
+    out = tmp_path / "vm" / "loop.vmdk"
+    out.parent.mkdir()
+    vd.create_raw_vmdk(str(out), dev, [1, 6])
+    assert f'RW 4096 FLAT "{dev}" 12288' in out.read_text()
+    data = drive.read_bytes()
+    host = read_layout(lambda o, n: data[o:o + n], len(data))
+    tables = [(0, MiB), (6144 * S, 8192 * S), (10240 * S, 12288 * S)]
+    assert _read(out) == _expected(data, host, [1, 6], tables)

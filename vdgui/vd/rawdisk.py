@@ -108,21 +108,31 @@ def host_drives() -> list[str]:
     return out
 
 
+def _partition_nodes(drive: str) -> dict[int, str]:
+    """The sysfs folders of a block device's partitions, by number ({} for a regular file)."""
+    node = _sys_node(drive)
+    out: dict[int, str] = {}
+    if not node:
+        return out
+    try:
+        names = sorted(os.listdir(node))
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(node, name, "partition")) as f:
+                out[int(f.read().strip())] = os.path.join(node, name)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def partition_device(drive: str, number: int) -> str:
     """The device of partition ``number`` of ``drive``: the kernel's name from sysfs when the
     drive is a block device, else Linux's naming (sda -> sda2, nvme0n1 -> nvme0n1p2)."""
-    node = _sys_node(drive)
+    node = _partition_nodes(drive).get(number)
     if node:
-        try:
-            for name in sorted(os.listdir(node)):
-                try:
-                    with open(os.path.join(node, name, "partition")) as f:
-                        if int(f.read().strip() or 0) == number:
-                            return os.path.join("/dev", name)
-                except (OSError, ValueError):
-                    continue
-        except OSError:
-            pass
+        return os.path.join("/dev", os.path.basename(node))
     return f"{drive}{'p' if drive[-1:].isdigit() else ''}{number}"
 
 
@@ -136,6 +146,17 @@ def _sys_node(path: str) -> str | None:
         return None
     node = os.path.join(SYS_BLOCK, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
     return os.path.realpath(node) if os.path.isdir(node) else None
+
+
+def _sys_value(node: str | None, name: str) -> int | None:
+    """A number sysfs shows for a device (None when there is none)."""
+    if not node:
+        return None
+    try:
+        with open(os.path.join(node, name)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _same(a: str, b: str) -> bool:
@@ -181,6 +202,7 @@ def in_use(drive: str, layout: Layout) -> dict[int, str]:
     """Which of the drive's partitions (0: the drive itself) are mounted on this host, or held
     by another block device (device mapper, RAID: sysfs ``holders``)."""
     found: dict[int, str] = {}
+    nodes = {0: _sys_node(drive)} | _partition_nodes(drive)
     devs = {0: drive} | {p.number: partition_device(drive, p.number)
                          for p in layout.partitions if p.number}
     table = mounts()
@@ -190,7 +212,7 @@ def in_use(drive: str, layout: Layout) -> dict[int, str]:
                 found[n] = f"mounted at {where}"
                 break
         else:
-            node = _sys_node(dev)
+            node = nodes.get(n)
             try:
                 holders = sorted(os.listdir(os.path.join(node, "holders"))) if node else []
             except OSError:
@@ -203,6 +225,10 @@ def in_use(drive: str, layout: Layout) -> dict[int, str]:
 def inspect_drive(path: str) -> RawDrive:
     """Open a host drive read-only and read its partitions and what of it is in use."""
     path, st = check_drive_path(path)
+    ss = _sys_value(_sys_node(path), "queue/logical_block_size")
+    if ss not in (None, SECTOR):
+        raise NotSupported(f"{path}: has {ss}-byte sectors; a raw disk VMDK maps 512-byte "
+                           "sectors (as VirtualBox's)")
     f = ImageFile(path)
     try:
         size = f.size() // SECTOR * SECTOR
@@ -331,13 +357,9 @@ def _check_partition_device(drive: RawDrive, p: Partition) -> str:
     and (for a block device) the kernel places it where the table does."""
     dev = drive.partition_device(p.number)
     path, _ = check_drive_path(dev)
-    node = _sys_node(path)
-    if node:
-        try:
-            with open(os.path.join(node, "start")) as fh:
-                start = int(fh.read().strip()) * SECTOR
-        except (OSError, ValueError):
-            start = p.start
+    kstart = _sys_value(_partition_nodes(drive.path).get(p.number), "start")
+    if kstart is not None:
+        start = kstart * SECTOR
         if start != p.start:
             raise Refused(f"{path}: the kernel places partition {p.number} at byte {start}, "
                           f"the partition table at byte {p.start}; have the kernel re-read "
