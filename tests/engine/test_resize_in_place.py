@@ -146,6 +146,14 @@ def test_grow_is_in_place_and_qemu_reads_it(tmp_path, qemu, cid):
         assert d.size >= new
     r = qemu.check(str(path), BY_ID[cid][1])
     assert BY_ID[cid][1] in QEMU_NO_CHECK or r.returncode == 0, r.stdout + r.stderr
+    # qemu writes into the grown area (new VMDK grain tables must exist: qemu allocates none)
+    at = new - MiB
+    qemu.io("-f", BY_ID[cid][1], "-c", f"write -P 0x5a {at} 65536", path)
+    r = qemu.io("-f", BY_ID[cid][1], "-c", f"read -P 0x5a {at} 65536", "-c",
+                "read -P 0x11 0 65536", path)
+    assert r.stdout.count("read ") == 2, r.stdout
+    r = qemu.check(str(path), BY_ID[cid][1])
+    assert BY_ID[cid][1] in QEMU_NO_CHECK or r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed "

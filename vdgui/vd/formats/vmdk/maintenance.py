@@ -135,15 +135,23 @@ class MaintenanceMixin(VmdkState):
             rgd = None
             if ext.rgd is not None:
                 rgd = array.array("I", ext.rgd) + array.array("I", bytes(4 * (n_new - ext.n_gts)))
-            zero = bytes(ext.gt_sectors * SECTOR)
-            for t in range(ext.n_gts, n_new):  # new tables (zeroed) at the end
-                off = ext._alloc(len(zero))
-                f.pwrite(off, zero)
+            # new tables (zeroed: qemu writes only through allocated tables) in one run at the
+            # end: past the end of the file the file's growth zeroes them, nothing is written
+            gt_bytes = ext.gt_sectors * SECTOR
+            per = 2 if rgd is not None else 1
+            start = ext._alloc(gt_bytes * per * (n_new - ext.n_gts))
+            end = ext.next_free
+            if start >= f.size():
+                f.truncate(end)
+            else:
+                f.pwrite(start, bytes(end - start))
+            off = start
+            for t in range(ext.n_gts, n_new):
                 gd[t] = off // SECTOR
+                off += gt_bytes
                 if rgd is not None:
-                    off = ext._alloc(len(zero))
-                    f.pwrite(off, zero)
                     rgd[t] = off // SECTOR
+                    off += gt_bytes
             old_room = align_up(ext.n_gts * 4, SECTOR)
             gd_sector, rgd_sector = ext.gd_sector, ext.rgd_sector
             if n_new * 4 > old_room:  # the directories move to the end
