@@ -23,7 +23,8 @@ from bench.common import Command, compare_commands, print_table, ratio, remove, 
 from vdgui.vd import format_size, parse_size
 
 MiB = 1 << 20
-QEMU = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHDX": "vhdx", "VHD": "vpc"}
+QEMU = {"VDI": "vdi", "VMDK": "vmdk", "QCOW2": "qcow2", "VHDX": "vhdx", "VHD": "vpc",
+        "QED": "qed", "Parallels": "parallels"}
 
 
 def garbage(path: str, size: int) -> None:
@@ -73,24 +74,34 @@ def main() -> None:
     work = os.path.join(a.dir, f"work.{q}")
     out = os.path.join(a.dir, f"out.{q}")
 
+    turn = [0]
+
     def fresh() -> None:
+        # the runs alternate sparsify, convert: the work copy is made only before sparsify's,
+        # so the template, a work copy and convert's output never take space at once
         remove(work, out)
-        subprocess.run(["cp", "--sparse=always", tpl, work], check=True)
+        if turn[0] % 2 == 0:
+            subprocess.run(["cp", "--sparse=always", tpl, work], check=True)
+        turn[0] += 1
 
     cmds = [Command("vdgui-img sparsify", [sys.executable, "-m", "vdgui.cli", "sparsify", work]),
             Command(f"qemu-img convert -O {q}", [tool("qemu-img"), "convert", "-O", q, tpl,
                                                  out])]
     res = compare_commands(cmds, runs=a.runs, before_each=fresh)
     sizes = {}
+    turn[0] = 0
     fresh()
     subprocess.run(cmds[0].argv, check=True, stdout=subprocess.DEVNULL)
     sizes[cmds[0].name] = allocated(work)
+    remove(work)
     subprocess.run(cmds[1].argv, check=True)
     sizes[cmds[1].name] = allocated(out)
+    remove(out)
     rows = [[r.name, f"{r.best:.2f} s" if r.times else "failed", f"{r.peak_rss_kib // 1024} MiB",
              format_size(sizes[r.name])] for r in res]
     virt = shutil.which("virt-sparsify")
     if virt:
+        turn[0] = 0
         fresh()
         r = subprocess.run(["/usr/bin/time", "-f", "%e", virt, "--in-place", work],
                            capture_output=True, text=True)

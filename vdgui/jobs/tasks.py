@@ -364,8 +364,9 @@ def list_job(
     """The entries of ``folder`` in volume ``number`` (0: the whole disk), in a pool thread."""
 
     def fn(progress):
-        with _open_ro(path, library, format) as d:
-            _, fs = vd.open_volume(d, number or None)
+        # the volume stays open between listings (vd.volumes: bounded, reopened when the
+        # chain's files change; the contents view closes it when the shown image changes)
+        with vd.volumes.use(path, number, format=format, library=library) as fs:
             return {"path": path, "number": number, "folder": folder, "entries": fs.listdir(folder)}
 
     return Job(f"List {folder} in {os.path.basename(path)}", fn, kind="list", visible=False)

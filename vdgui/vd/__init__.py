@@ -69,6 +69,7 @@ from .inside import (
     extract_trees,
     open_volume,
     safe_extract_parts,
+    volumes,
 )
 from .media import (
     DEFAULT_FLOPPY,
@@ -263,6 +264,7 @@ __all__ = [
     "vbox_lchs",
     "vbox_pchs",
     "vhd_chs",
+    "volumes",
     "write_sidecar",
 ]
 

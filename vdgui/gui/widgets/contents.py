@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from vdgui.jobs import tasks
-from vdgui.vd import format_size
+from vdgui.vd import format_size, volumes
 
 from .partition_bar import PartitionBar
 
@@ -226,6 +226,8 @@ class ContentsPane(QWidget):
         path = node.path if node is not None and getattr(node, "accessible", True) else None
         if path == self.path and path is not None:
             return
+        if self.path is not None:
+            volumes.close(self.path)        # the volumes kept open for listing go with it
         self.path = path
         self.format = node.record.format if path and getattr(node, "record", None) else None
         self._loaded_for = None
@@ -243,6 +245,7 @@ class ContentsPane(QWidget):
         they still exist."""
         if not self.path:
             return
+        volumes.close(self.path)            # a job changed it: listings open it again
         if not isinstance(self._restore, tuple):      # else the layout is still being read
             folder = self._restore if isinstance(self._restore, str) else self.folder
             self._restore = (self.number, folder, self.views.currentWidget() is self.changes_page)

@@ -64,3 +64,7 @@ __all__ += ["Change", "ChangeReport", "changed"]
 from .extract import extract_tree, extract_trees, safe_extract_parts  # noqa: E402
 
 __all__ += ["extract_tree", "extract_trees", "safe_extract_parts"]
+
+from .volumes import VolumeCache, volumes  # noqa: E402
+
+__all__ += ["VolumeCache", "volumes"]
