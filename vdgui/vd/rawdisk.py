@@ -59,8 +59,26 @@ class RawExtent:
 class RawPlan:
     drive: RawDrive
     extents: list[RawExtent]
-    side: bytes                     # the side file's content (b"" for a whole drive)
+    copies: list[tuple[int, int]]   # the side file: these (offset, length) of the drive, in order
     create_type: str
+    boot_code: bytes | None = None  # replaces the side file's first bytes (the MBR's boot code)
+
+    def write_side(self, path: str, chunk: int = 1 << 20) -> None:
+        """Write the side file (a new file at ``path``): the tables copied from the drive, read
+        a piece at a time, then the boot code; synced."""
+        f = ImageFile(self.drive.path)
+        try:
+            with open(path, "xb") as out:
+                for a, n in self.copies:
+                    for pos in range(a, a + n, chunk):
+                        out.write(f.read_exact(pos, min(chunk, a + n - pos), "partition table"))
+                if self.boot_code:
+                    out.seek(0)
+                    out.write(self.boot_code)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            f.close()
 
 
 def stand_ins_allowed() -> bool:
@@ -271,7 +289,7 @@ def plan(drive: RawDrive, partitions: list[int] | None, relative: bool = False,
         busy = sorted(drive.in_use)
         if busy:
             raise Refused(_busy_message(drive, busy[0]))
-        return RawPlan(drive, [RawExtent(drive.size // SECTOR, "FLAT", drive.path, 0)], b"",
+        return RawPlan(drive, [RawExtent(drive.size // SECTOR, "FLAT", drive.path, 0)], [],
                        "fullDevice")
     layout = drive.layout
     if layout.scheme == "none":
@@ -320,23 +338,19 @@ def plan(drive: RawDrive, partitions: list[int] | None, relative: bool = False,
         for p in chosen:
             devices[p.number] = _check_partition_device(drive, p)
     # the side file, then the extents in disk order
-    side = bytearray()
     pieces: list[tuple[int, int, RawExtent]] = []
-    f = ImageFile(drive.path)
-    try:
-        for a, b in copies:
-            pieces.append((a, b, RawExtent((b - a) // SECTOR, "FLAT", None, len(side) // SECTOR)))
-            side += f.read_exact(a, b - a, "partition table")
-    finally:
-        f.close()
+    side = 0
+    for a, b in copies:
+        pieces.append((a, b, RawExtent((b - a) // SECTOR, "FLAT", None, side // SECTOR)))
+        side += b - a
+    code = None
     if boot_sector is not None:
         if len(boot_sector) > SECTOR:
             raise InvalidArgument(f"BootSector: {len(boot_sector)} bytes (expected at most "
                                   f"{SECTOR}: one sector; its first {BOOT_CODE} are used)")
         if not copies or copies[0][0] != 0 or layout.scheme not in ("mbr", "gpt", "hybrid"):
             raise InvalidArgument(f"{drive.path}: has no MBR to put a boot sector in")
-        code = boot_sector[:BOOT_CODE]
-        side[:len(code)] = code
+        code = bytes(boot_sector[:BOOT_CODE])
     for p in chosen:
         path, off = (devices[p.number], 0) if relative else (drive.path, p.start // SECTOR)
         pieces.append((p.start, p.end, RawExtent(p.size // SECTOR, "FLAT", path, off)))
@@ -349,7 +363,7 @@ def plan(drive: RawDrive, partitions: list[int] | None, relative: bool = False,
         if ext is not None:
             extents.append(ext)
         pos = b
-    return RawPlan(drive, extents, bytes(side), "partitionedDevice")
+    return RawPlan(drive, extents, [(a, b - a) for a, b in copies], "partitionedDevice", code)
 
 
 def _check_partition_device(drive: RawDrive, p: Partition) -> str:

@@ -187,13 +187,14 @@ def create_raw(backend: VmdkBackend, p: CreateParams, cfg: dict) -> VmdkImage:
                   ("ddb.uuid.image", str(p.uuid or uuidlib.uuid4())),
                   ("ddb.uuid.parent", zero), ("ddb.uuid.modification", str(uuidlib.uuid4())),
                   ("ddb.uuid.parentmodification", zero)], p.location)
-    finals = ([side_path] if raw.side else []) + [p.location]
+    finals = ([side_path] if raw.copies else []) + [p.location]
     with atomic_files(finals) as temps:
-        for tmp, data in zip(temps, ([raw.side] if raw.side else []) + [desc.to_bytes()]):
-            with open(tmp, "xb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+        if raw.copies:
+            raw.write_side(temps[0])
+        with open(temps[-1], "xb") as out:
+            out.write(desc.to_bytes())
+            out.flush()
+            os.fsync(out.fileno())
     if p.progress:
         p.progress(size, size)
     return backend.open(p.location, OpenFlags.NORMAL | OpenFlags.ALLOW_UNSAFE_PATHS)
