@@ -11,11 +11,12 @@ from vdgui.vd import (
     ValueType,
     applicable_keys,
     backends,
+    filters,
     parse_config,
 )
 
 
-@pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", [*backends(), *filters()], ids=lambda b: b.name)
 def test_every_key_has_a_label_and_a_description(backend):
     for k in backend.config_keys:
         assert (k.label and k.label != k.name) or k.name in ("LUN",), (backend.name, k.name)
