@@ -218,3 +218,30 @@ def test_chain_copy_encrypts_every_member_and_each_has_its_key_store(tmp_path):
     assert "identical" in r.stdout
     r = run_cli("compare", top, out, "--passphrase-file", pw)
     assert "identical" in r.stdout
+
+
+def test_a_hostile_key_store_is_a_clear_error_before_anything_is_written(tmp_path):
+    import base64
+    import time
+
+    from vdgui.vd.filters.keystore_layout import KeyStoreStruct
+
+    enc, _data = _encrypted(tmp_path)
+    ks = vd.KeyStore.decode(vd.read_keystore_file(enc + ".keystore")["KeyStore"])
+    fields = dict(KeyStoreStruct.parse(ks.build()))
+    fields.pop("_io", None)
+    fields["dek_iterations"] = 0xFFFFFFFF
+    hostile = base64.b64encode(KeyStoreStruct.build(fields)).decode()
+    vd.write_sidecar(enc, {"KeyId": "x", "KeyStore": hostile}, replace=True)
+    pw = _pw(tmp_path, "pw", "pw")
+    t0 = time.monotonic()
+    r = run_cli("convert", "-O", "RAW", "--passphrase-file", pw, enc, tmp_path / "out.raw",
+                check=False)
+    assert time.monotonic() - t0 < 10
+    assert r.returncode == 1 and "cDekIterations" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.raw").exists()
+    Path(enc + ".keystore").write_text("<CryptProperties><Property name='CRYPT/KeyStore' "
+                                       "value='U0NORQAB'/></CryptProperties>")
+    r = run_cli("read", enc, "--offset", "0", "--length", "512", "--passphrase-file", pw,
+                check=False)
+    assert r.returncode == 1 and "250 bytes" in r.stderr
