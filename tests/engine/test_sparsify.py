@@ -704,3 +704,17 @@ def test_ntfs_clusters_a_file_uses_but_bitmap_calls_free_stop_everything(tmp_pat
     code, _out, err = _main("sparsify", vol)
     assert code == 1 and "$Bitmap marks bytes" in err and "big.bin" in err, (code, err)
     assert _sha(vol) == h
+
+
+def test_qed_discard_leaves_no_leak_once_closed(tmp_path, qemu):
+    """QED has no refcounts: a discarded cluster nothing names is a leak until packed."""
+    from vdgui.vd import Disk, OpenFlags
+    img = tmp_path / "a.qed"
+    qemu.img("create", "-f", "qed", img, "8M")
+    qemu.io("-f", "qed", "-c", "write -P 0x66 0 4M", img)
+    with Disk.open_chain(str(img), "QED", OpenFlags.NORMAL) as d:
+        d.discard(64 * 1024, 128 * 1024)           # two clusters in the middle, no close_holes
+    r = qemu.img("check", img, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    qemu.io("-f", "qed", "-c", "read -P 0x66 0 64k", "-c", "read -P 0 64k 128k",
+            "-c", "read -P 0x66 192k 3904k", img)

@@ -448,7 +448,14 @@ class QedImage(FileImage):
         self._set_l2(tbl, l2off, ci % self.entries, new)
 
     def _after_sync(self) -> None:
+        if getattr(self, "_discarded", False):
+            return          # unreferenced clusters left by discard: the flag stays until packed
         self._set_need_check(False)         # flush: data and tables synced, then the flag
+
+    def close(self) -> None:
+        if getattr(self, "_discarded", False) and not self.read_only and self.f.fd >= 0:
+            self.close_holes()              # no session ends with clusters nothing names
+        super().close()
 
     # ------------------------------------------------------------------ compact
     def compact(self, progress: ProgressCallback | None = None,
@@ -502,8 +509,9 @@ class QedImage(FileImage):
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Whole clusters leave their tables (no backing file: unallocated; with one: zero
         clusters), tables synced, then their space punched, a run per call; parts of clusters
-        are zeroed. The freed clusters are unreferenced space until :meth:`close_holes` packs
-        the file (the need-check flag is set meanwhile, as for any write)."""
+        are zeroed. The freed clusters are unreferenced space (QED has no refcounts: leaks)
+        until :meth:`close_holes` packs the file, at the latest when the image is closed; the
+        need-check flag stays set meanwhile."""
         self.require_writable()
         if not self._xlinks_checked:
             self._find_cross_links()
@@ -537,6 +545,7 @@ class QedImage(FileImage):
         if gone:
             self.f.sync()                           # the tables stop naming the clusters first
             punch_blocks(self.f, gone, cs)
+            self._discarded = True
 
     def close_holes(self, progress: ProgressCallback | None = None) -> bool:
         """After discards: tables and clusters from the end of the file move into the holes,
@@ -545,6 +554,7 @@ class QedImage(FileImage):
         prog = Progress(progress, 2)
         prog.start()
         self._pack(prog, 1)
+        self._discarded = False
         self.flush()
         prog.finish()
         return True
