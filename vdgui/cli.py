@@ -285,6 +285,9 @@ def cmd_create(args) -> int:
         raise vd.NotSupported(f"creating images is not supported for {be.name}")
     cfg = _config(be, cli_crypt.encryption_config(args, be, _props(args)), creating=True)
     flags = _variant(args.variant)
+    if flags & vd.ImageFlags.RAWDISK:
+        raise CLIError("a raw disk VMDK is made by: vdgui-img create-rawvmdk --raw-drive DEV "
+                       "[--partitions N,N] OUT (or create -f VMDK --property RawDrive=DEV)")
     uid = _uuid_arg(args.uuid, "--uuid") if args.uuid else None
     if args.parent:
         if args.size is not None:

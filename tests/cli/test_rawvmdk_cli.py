@@ -1,6 +1,7 @@
 """vdgui-img create-rawvmdk (issue #19 part 1), run as a user runs it."""
 from __future__ import annotations
 
+import json
 import os
 
 from tests.conftest import run_cli
@@ -22,6 +23,12 @@ def test_create_rawvmdk_exposes_the_named_partitions(tmp_path):
     assert side[:440] == b"\xfa" * 440 and side[440:512] == drive.read_bytes()[440:512]
     r = run_cli("--allow-unsafe-paths", "partitions", out, env=env)
     assert "Scheme: mbr" in r.stdout
+    info = json.loads(run_cli("info", "--json", out).stdout)      # no drive opened for info
+    assert info["variant"] == "fixed,rawdisk"
+    assert info["files"] == [str(out), str(tmp_path / "w-pt.vmdk")]
+    r = run_cli("create", "-f", "VMDK", "--variant", "rawdisk", "--size", "1M",
+                tmp_path / "v.vmdk", check=False)
+    assert r.returncode == 1 and "vdgui-img create-rawvmdk --raw-drive DEV" in r.stderr
     # the drive decides; a bad number names the partitions there are
     r = run_cli("create-rawvmdk", "--raw-drive", drive, "--partitions", "2", tmp_path / "x.vmdk",
                 env=env, check=False)

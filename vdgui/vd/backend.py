@@ -59,6 +59,7 @@ VARIANT_WORDS = {
     "split2g": ImageFlags.SPLIT_2G,
     "stream": ImageFlags.STREAM_OPTIMIZED,
     "esx": ImageFlags.ESX,
+    "rawdisk": ImageFlags.RAWDISK,    # shown for raw disk VMDKs; made by create_raw_vmdk
 }
 
 
