@@ -108,7 +108,7 @@ class VmdkBackend(Backend):
                               "for the MBR copy of a raw partition VMDK",
                   label="Boot sector", variant=ImageFlags.RAWDISK),
         ConfigKey("Relative", None, ValueType.INTEGER,
-                  description="1: map partitions through their own devices (/dev/sda2) "
+                  description="map partitions through their own devices (/dev/sda2) "
                               "instead of the whole drive",
                   label="Relative partition names", variant=ImageFlags.RAWDISK),
     )
