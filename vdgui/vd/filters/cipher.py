@@ -35,6 +35,9 @@ class XtsUnits:
         was never written (a hole, a block's unwritten rest) and reads as zeroes."""
         u = self.unit
         n = len(buf) // u
+        if self._zero not in buf.tobytes():    # no zero unit can hide in there: one call
+            buf[:] = xts_units(self.key, buf, _tweaks(offset // u, n), u, False)
+            return
         i = 0
         while i < n:
             if buf[i * u:(i + 1) * u] == self._zero:
