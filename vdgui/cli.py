@@ -93,6 +93,16 @@ def _open_chain(args, path, fmt=None, flags=vd.OpenFlags.READ_ONLY, props=None, 
     return d
 
 
+def _attach_cache(args, d: vd.Disk) -> dict | None:
+    """--cache-image FILE [--cache-size S] [--cache-reset]: the cache in front of ``d``."""
+    path = getattr(args, "cache_image", None)
+    if not path:
+        return None
+    size = getattr(args, "cache_size", None)
+    return d.cache_open(path, size=_size(size) if size else None,
+                        reset=bool(getattr(args, "cache_reset", False)))
+
+
 def _geometry(text: str | None):
     return vd.Geometry.parse(text) if text else None
 
@@ -203,9 +213,12 @@ def cmd_info(args) -> int:
                                           | vd.OpenFlags.LOCK_SHARED), cfg)
             top = d.info(0)
             paths = [args.image]
+            cache = _attach_cache(args, d)
     crypt = None if "encryption" in top else cli_crypt.info(args, paths)
     if crypt is not None:
         top["encryption"] = crypt
+    if cache is not None:
+        top["cache"] = {k: v for k, v in cache.items() if k not in ("hits", "misses")}
     if args.json:
         _json(top)
         return 0
@@ -579,6 +592,7 @@ def cmd_map(args) -> int:
 def cmd_read(args) -> int:
     offset, length = _size(args.offset), _size(args.length)
     with _open_chain(args, args.image, args.format, props=_props(args)) as d:
+        _attach_cache(args, d)
         if offset + length > d.size:
             raise vd.InvalidArgument(f"read of {length} bytes at {offset} is outside the disk "
                                      f"(size {d.size})")
@@ -612,6 +626,7 @@ def cmd_write(args) -> int:
     try:
         with _open_chain(args, args.image, args.format, flags=vd.OpenFlags.NORMAL,
                          props=_props(args)) as d:
+            _attach_cache(args, d)
             if args.input != "-":
                 n = os.fstat(src.fileno()).st_size
                 if offset + n > d.size:

@@ -55,11 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open without the shared lock, as qemu-img -U: works while another "
                             "program writes the image (what is read may then be inconsistent)")
 
+    def cache_image(p, create=True):
+        p.add_argument("--cache-image", metavar="FILE",
+                       help="a VCI cache image in front of the disk (VDCacheOpen): reads fill "
+                            "it, writes go through; it remembers which disk it belongs to")
+        if create:
+            p.add_argument("--cache-size", metavar="SIZE",
+                           help="create the cache image with this size when it does not exist")
+        p.add_argument("--cache-reset", action="store_true",
+                       help="empty a cache image that was not closed cleanly, then use it")
+
     p = sub.add_parser("info", parents=[common], help="show an image's metadata")
     p.add_argument("-f", "--format")
     force_share(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--chain", action="store_true", help="every image of the chain, base first")
+    cache_image(p, create=False)
     props(p)
     p.add_argument("image")
 
@@ -286,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", required=True)
     p.add_argument("--length", required=True)
     p.add_argument("--output")
+    cache_image(p)
     props(p)
 
     p = sub.add_parser("write", parents=[common], help="write a file's bytes into the chain's top")
@@ -293,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--offset", required=True)
     p.add_argument("--input", required=True)
+    cache_image(p)
     props(p)
 
     p = sub.add_parser("set", parents=[common], help="change UUIDs, comment or geometry")

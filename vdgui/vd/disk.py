@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
+from .cache import DiskCache
 from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
 from .errors import (
     InvalidArgument,
@@ -64,6 +65,7 @@ class Disk:
         # the filter chain (VDFilterAdd): reads pass the read filters last-added first,
         # writes the write filters in the order they were added
         self.filters: list[tuple[Filter, FilterUse]] = []
+        self.cache: DiskCache | None = None     # VDCacheOpen: in front of the whole chain
 
     # -- chain management ----------------------------------------------------------------
     def __enter__(self) -> Disk:
@@ -219,9 +221,13 @@ class Disk:
         return removed
 
     def close(self) -> None:
-        """Close every image, top first; the first error (e.g. a failed final flush) is raised
-        after all of them are closed."""
+        """Close the cache and every image, top first; the first error (e.g. a failed final
+        flush) is raised after all of them are closed."""
         first = None
+        try:
+            self.cache_close()
+        except BaseException as exc:
+            first = exc
         while self.images:
             try:
                 self.close_top()
@@ -229,6 +235,35 @@ class Disk:
                 first = first or exc
         if first is not None:
             raise first
+
+    # -- cache image (VDCacheOpen / VDCacheClose) -------------------------------------------
+    def cache_open(self, path: str, *, size: int | None = None, reset: bool = False) -> dict:
+        """VDCacheOpen: put the VCI cache ``path`` in front of the chain (created with ``size``
+        bytes when absent and ``size`` is given). Reads fill it, writes go through to the top
+        image and then to the cached copies. A cache made for another disk, or not closed
+        cleanly, is refused (``reset`` empties the latter). Returns its info."""
+        if self.cache is not None:
+            raise InvalidArgument(f"a cache is already attached ({self.cache.path})")
+        top = self.top
+        self.cache = DiskCache.attach(path, top.location, top.size, create_size=size, reset=reset)
+        return self.cache.info()
+
+    def cache_close(self) -> None:
+        """VDCacheClose: write the cache's map and mark it clean; the disk stays open."""
+        c, self.cache = self.cache, None
+        if c is not None:
+            c.close()
+
+    def cache_info(self) -> dict | None:
+        return self.cache.info() if self.cache is not None else None
+
+    def _read_top(self, level: int, offset: int, length: int, buf: memoryview,
+                  fill: bool) -> None:
+        if self.cache is not None and level == len(self.images) - 1:
+            self.cache.read(offset, length, buf,
+                            lambda o, n, b: self._read_level(level, o, n, b, fill=True))
+        else:
+            self._read_level(level, offset, length, buf, fill)
 
     def image(self, index: int = -1) -> Image:
         try:
@@ -378,7 +413,7 @@ class Disk:
         a_start = offset - offset % ss
         a_end = min(align_up(offset + length, ss), size)
         buf = bytearray(a_end - a_start)
-        self._read_level(level, a_start, a_end - a_start, memoryview(buf))
+        self._read_top(level, a_start, a_end - a_start, memoryview(buf), False)
         if self.filters:
             self.decode(a_start, memoryview(buf))
         if a_start == offset and a_end == offset + length:
@@ -405,7 +440,7 @@ class Disk:
                 f"read of {length} bytes at {offset} is outside the disk (size {size})"
             )
         if length:
-            self._read_level(level, offset, length, out, fill=True)
+            self._read_top(level, offset, length, out, True)
             if self.filters:
                 self.decode(offset, out)
 
@@ -432,7 +467,14 @@ class Disk:
         if self.filters:
             data = self.encode(offset, data)
         level = len(self.images) - 1
-        img.write(offset, data, lambda o, n: self.read_below(level, o, n))
+        try:
+            img.write(offset, data, lambda o, n: self.read_below(level, o, n))
+        except BaseException:
+            if self.cache is not None:
+                self.cache.invalidate(offset, len(data))   # what the image holds is unknown
+            raise
+        if self.cache is not None:
+            self.cache.wrote(offset, data)
 
     # -- filters (VDFilterAdd / VDFilterRemove / VDFilterInfo) -------------------------------
     @property
@@ -488,6 +530,8 @@ class Disk:
         for img in self.images:
             if not img.read_only:
                 img.flush()
+        if self.cache is not None:
+            self.cache.flush()
 
     def discard(self, offset: int, length: int) -> None:
         """VDDiscardRanges: the range reads as zeroes afterwards; space is freed where possible."""
@@ -501,6 +545,8 @@ class Disk:
                 f"discard range {offset}+{length} must be {ss}-byte aligned and inside the disk"
             )
         level = len(self.images) - 1
+        if self.cache is not None:
+            self.cache.invalidate(offset, length)
         img.discard(offset, length, fill=lambda o, n: self.read_below(level, o, n))
 
     # -- allocation query ----------------------------------------------------------------
