@@ -310,12 +310,38 @@ def test_primary_damaged_secondary_used(tmp_path):
     assert h.unlock(b"secret2", _reader(raw)) == mk
 
 
-def test_luks2_passphrase_change_is_refused_clearly(tmp_path):
-    img, _mk = _luks2(tmp_path, "l2.img", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
-    with PassphraseProvider([b"secret2"], new=b"other") as prov, using_passphrases(prov):
-        with Disk.open_chain(str(img), None, OpenFlags.NORMAL) as d, \
-                pytest.raises(NotSupported, match="LUKS1 headers only"):
-            d.top.change_passphrase()
+@pytest.mark.parametrize("kdf", [
+    ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"),
+    ("--pbkdf", "argon2id", "--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4"),
+], ids=["pbkdf2", "argon2id"])
+def test_luks2_passphrase_change_cryptsetup_accepts(tmp_path, kdf):
+    """set on a cryptsetup-made LUKS2 file: a keyslot for the new passphrase (same KDF and
+    costs), the old one removed; cryptsetup opens the header with the new passphrase to the
+    same volume key, and not with the old."""
+    img, mk = _luks2(tmp_path, "l2.img", *kdf)
+    with PassphraseProvider([b"secret2"], new=b"brand-new") as prov, using_passphrases(prov):
+        with Disk.open_chain(str(img), None, OpenFlags.NORMAL) as d:
+            d.write(4096, b"DATA" * 1024)
+            new_slot = d.top.change_passphrase()
+    assert new_slot == 1
+    (tmp_path / "new").write_bytes(b"brand-new")
+    r = subprocess.run([_cryptsetup(), "luksDump", "--dump-volume-key", "--batch-mode",
+                        "--key-file", str(tmp_path / "new"), str(img)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    dump = r.stdout.split("MK dump:", 1)[1]
+    assert bytes.fromhex("".join(dump.replace(":", " ").split()[:64])) == mk
+    r = subprocess.run([_cryptsetup(), "luksDump", "--dump-volume-key", "--batch-mode",
+                        "--key-file", str(tmp_path / "key"), str(img)], capture_output=True,
+                       text=True)
+    assert r.returncode != 0
+    r = subprocess.run([_cryptsetup(), "luksDump", "--dump-json-metadata", str(img)],
+                       capture_output=True, text=True, check=True)
+    meta = json.loads(r.stdout)
+    assert sorted(meta["keyslots"]) == ["1"] and meta["keyslots"]["1"]["kdf"]["type"] == kdf[1]
+    with PassphraseProvider([b"brand-new"]) as prov, \
+            Disk.open_chain(str(img), None, OpenFlags.READ_ONLY, passphrases=prov) as d:
+        assert d.read(4096, 4096) == b"DATA" * 1024
 
 
 

@@ -207,7 +207,7 @@ class LuksHeader:
 
     def add_slot(self, mk: bytes, passphrase: bytes, write: Write,
                  iter_time_ms: int = DEFAULT_ITER_TIME_MS, iterations: int | None = None) -> int:
-        """Write a new keyslot's key material, then the header. Returns its index.
+        """LUKS1: write a new keyslot's key material, then the header. Returns its index.
         ``iterations``: PBKDF2's count, else measured for ``iter_time_ms``."""
         self.require_v1("adding a passphrase")
         free = [s for s in self.slots if not s.active]
@@ -233,11 +233,97 @@ class LuksHeader:
 
     def remove_slot(self, index: int, write: Write) -> None:
         """Header first (the slot stops counting), then the key material is overwritten."""
-        self.require_v1("removing a passphrase")
-        slot = self.slots[index]
+        slot = self.slot(index)
+        if self.version == 2:
+            self._remove_slot2(slot, write)
+            return
         slot.active = False
         write(0, self.build())
         write(slot.offset, P.random_bytes(align_up(self.key_bytes * slot.stripes, L.SECTOR)))
+
+    def slot(self, index: int) -> Keyslot:
+        return next(s for s in self.slots if s.index == index)
+
+    # -- LUKS2 changes: JSON edited, both header copies rewritten with the next seqid ----------
+    def add_slot_like(self, mk: bytes, passphrase: bytes, write: Write, like: Keyslot) -> int:
+        """LUKS2: a new keyslot with ``like``'s KDF costs and area cipher, in the first free
+        place of the keyslots area; key material first, then the headers."""
+        meta = self.json
+        kss = meta["keyslots"]
+        size = align_up(like.key_size * like.stripes, 4096)
+        first = 2 * self._binary().hdr_size
+        end = first + _num(meta.get("config") or {}, "keyslots_size", self.where, "config")
+        used = sorted((_num(k.get("area") or {}, "offset", self.where, "keyslot"),
+                       _num(k.get("area") or {}, "size", self.where, "keyslot"))
+                      for k in kss.values() if isinstance(k, dict))
+        off = first
+        for a, n in used:
+            if off + size <= a:
+                break
+            off = max(off, align_up(a + n, 4096))
+        if off + size > end:
+            raise NotSupported(f"{self.where}: no room for another keyslot in the LUKS2 area")
+        idx = next(i for i in range(32) if str(i) not in kss)
+        salt = P.random_bytes(32)
+        kdf: dict = ({"type": "pbkdf2", "hash": like.hash, "iterations": like.iterations}
+                     if like.kdf == "pbkdf2" else
+                     {"type": like.kdf, "time": like.time, "memory": like.memory,
+                      "cpus": like.cpus})
+        kdf["salt"] = base64.b64encode(salt).decode()
+        slot = Keyslot(idx, True, like.kdf, like.hash, like.iterations, like.time, like.memory,
+                       like.cpus, salt, off, size, like.stripes, like.af_hash, like.key_size,
+                       like.area_cipher, like.area_mode, like.area_key_size)
+        kek = self.slot_key(slot, passphrase)
+        split = af_split(mk, slot.stripes, slot.af_hash)
+        c = SectorCipher(slot.area_cipher, slot.area_mode, kek, L.SECTOR, self.where)
+        try:
+            write(off, bytes(c.encrypt(split + bytes(-len(split) % L.SECTOR), 0)))
+        finally:
+            c.wipe()
+        kss[str(idx)] = {
+            "type": "luks2", "key_size": slot.key_size,
+            "af": {"type": "luks1", "stripes": slot.stripes, "hash": slot.af_hash},
+            "area": {"type": "raw", "offset": str(off), "size": str(size),
+                     "encryption": f"{slot.area_cipher}-{slot.area_mode}",
+                     "key_size": slot.area_key_size},
+            "kdf": kdf}
+        for d in meta["digests"].values():
+            if isinstance(d, dict) and "0" in (d.get("segments") or []):
+                d["keyslots"] = [*d.get("keyslots", []), str(idx)]
+        self._write2(write)
+        self.slots.append(slot)
+        return idx
+
+    def _remove_slot2(self, slot: Keyslot, write: Write) -> None:
+        del self.json["keyslots"][str(slot.index)]
+        for d in self.json["digests"].values():
+            if isinstance(d, dict):
+                d["keyslots"] = [k for k in d.get("keyslots", []) if k != str(slot.index)]
+        self._write2(write)
+        self.slots.remove(slot)
+        write(slot.offset, P.random_bytes(slot.size))
+
+    def _binary(self):
+        return L.Luks2Binary.parse(self.raw[:L.LUKS2_BINARY_SIZE])
+
+    def _write2(self, write: Write) -> None:
+        b = self._binary()
+        text = json.dumps(self.json, separators=(",", ":")).encode()
+        room = b.hdr_size - L.LUKS2_BINARY_SIZE
+        if len(text) >= room:
+            raise NotSupported(f"{self.where}: the LUKS2 JSON area is full")
+        area = text + bytes(room - len(text))
+        alg = _text(b.checksum_alg)
+        out = b""
+        for at, magic in ((0, L.MAGIC), (b.hdr_size, L.MAGIC2_SECONDARY)):
+            fields = dict(b)
+            fields.update(magic=magic, seqid=b.seqid + 1, hdr_offset=at, csum=bytes(64))
+            binary = bytearray(L.Luks2Binary.build(fields))
+            digest = hashlib.new(alg, bytes(binary) + area).digest()
+            binary[448:448 + len(digest)] = digest
+            write(at, bytes(binary) + area)
+            out = out or bytes(binary) + area
+        self.raw = out
 
 
 def pbkdf2_iterations(hash_name: str, iter_time_ms: int, length: int) -> int:
@@ -534,8 +620,7 @@ def change_passphrase(h: LuksHeader, read: Read, write: Write, location: str,
     """The safe order (``write`` must sync): find the slots the current passphrase opens, add
     a slot for the provider's new passphrase (material, then header), check that it opens, then
     drop the old slots (header, then material wiped). Returns the new slot's index. Without
-    ``iter_time_ms`` the new slot costs what the old one did (its PBKDF2 iterations)."""
-    h.require_v1("changing the passphrase")
+    ``iter_time_ms`` (LUKS1; always for LUKS2) the new slot costs what the old one did."""
 
     def opened(pw: bytes) -> list[tuple[int, bytes]] | None:
         found = []
@@ -549,10 +634,14 @@ def change_passphrase(h: LuksHeader, read: Read, write: Write, location: str,
                            opened)
     mk = found[0][1]
     new = secrets.new_passphrase(secrets.SecretRequest(location, h.kind, "new passphrase"))
-    old = h.slots[found[0][0]]
-    idx = h.add_slot(mk, new.reveal(), write, iter_time_ms or DEFAULT_ITER_TIME_MS,
-                     iterations=None if iter_time_ms else max(MIN_ITERATIONS, old.iterations))
-    if h.try_slot(h.slots[idx], new.reveal(), read) is None:
+    old = h.slot(found[0][0])
+    if h.version == 2:          # LUKS2: the old slot's KDF and costs (argon2 included)
+        idx = h.add_slot_like(mk, new.reveal(), write, old)
+    else:
+        idx = h.add_slot(mk, new.reveal(), write, iter_time_ms or DEFAULT_ITER_TIME_MS,
+                         iterations=None if iter_time_ms else max(MIN_ITERATIONS,
+                                                                  old.iterations))
+    if h.try_slot(h.slot(idx), new.reveal(), read) is None:
         raise CorruptImage("the new keyslot does not open after writing it; the old keyslots "
                            "are kept", path=location)
     for i, _ in found:
