@@ -40,7 +40,7 @@ from ..backend import (
     ProbeInput,
     too_large,
 )
-from ..compaction import Move, holes_between, move_blocks, plan_moves, punch_blocks
+from ..compaction import Move, holes_between, move_blocks, plan_moves
 from ..config import ConfigKey, KeyFlag, ValueType, parse_config
 from ..errors import InvalidArgument, NotSupported
 from ..fileimage import FileImage
@@ -57,8 +57,9 @@ from ..image import (
 )
 from ..progress import Progress, ProgressCallback
 from ..runs import RunList
-from ..sparse import is_zero, split_blocks, zeroes
+from ..sparse import is_zero, zeroes
 from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
+from .qed_discard import close_holes, discard_clusters
 from .qed_layout import (
     CLUSTER_ZERO,
     F_BACKING_FILE,
@@ -327,6 +328,7 @@ class QedImage(FileImage):
             self._set_need_check(False)
 
     _xlinks_checked = False
+    _discarded = False              # discard left clusters nothing names (qed_discard)
 
     def _find_cross_links(self) -> None:
         """Once, before the first write: every cluster the header, the L1 table, the L2 tables
@@ -448,12 +450,12 @@ class QedImage(FileImage):
         self._set_l2(tbl, l2off, ci % self.entries, new)
 
     def _after_sync(self) -> None:
-        if getattr(self, "_discarded", False):
+        if self._discarded:
             return          # unreferenced clusters left by discard: the flag stays until packed
         self._set_need_check(False)         # flush: data and tables synced, then the flag
 
     def close(self) -> None:
-        if getattr(self, "_discarded", False) and not self.read_only and self.f.fd >= 0:
+        if self._discarded and not self.read_only and self.f.fd >= 0:
             self.close_holes()              # no session ends with clusters nothing names
         super().close()
 
@@ -507,57 +509,10 @@ class QedImage(FileImage):
         prog.finish()
 
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
-        """Whole clusters leave their tables (no backing file: unallocated; with one: zero
-        clusters), tables synced, then their space punched, a run per call; parts of clusters
-        are zeroed. The freed clusters are unreferenced space (QED has no refcounts: leaks)
-        until :meth:`close_holes` packs the file, at the latest when the image is closed; the
-        need-check flag stays set meanwhile."""
-        self.require_writable()
-        if not self._xlinks_checked:
-            self._find_cross_links()
-        self._refuse_cross_linked()
-        cs = self.cs
-        has_backing = self.backing_file is not None
-        self._set_need_check(True)
-        gone: list[int] = []
-        for ci, inner, pos, n in split_blocks(offset, length, cs):
-            e = self._entry(ci)
-            if e > CLUSTER_ZERO and not self._valid_cluster(e):
-                raise self._corrupt("data cluster offset invalid", offset=e, found=hex(e),
-                                    field=f"L2 entry of guest offset {ci * cs:#x}")
-            if inner == 0 and n >= min(cs, self.size - ci * cs):
-                new = CLUSTER_ZERO if has_backing else 0
-                if e == new or (e == CLUSTER_ZERO and not has_backing):
-                    continue
-                tbl, l2off = self._l2_for_write(ci // self.entries)
-                self._set_l2(tbl, l2off, ci % self.entries, new)
-                if e > CLUSTER_ZERO:
-                    gone.append(e)
-            elif e > CLUSTER_ZERO:
-                self.f.pwrite(e + inner, zeroes(n))
-            elif e == 0 and has_backing:            # over the backing file: zeroes stored
-                saved = self.honor_zeroes
-                self.honor_zeroes = True
-                try:
-                    self.write(pos, zeroes(n), fill or (lambda o, k: zeroes(k)))
-                finally:
-                    self.honor_zeroes = saved
-        if gone:
-            self.f.sync()                           # the tables stop naming the clusters first
-            punch_blocks(self.f, gone, cs)
-            self._discarded = True
+        discard_clusters(self, offset, length, fill)
 
     def close_holes(self, progress: ProgressCallback | None = None) -> bool:
-        """After discards: tables and clusters from the end of the file move into the holes,
-        in place (compact's second half), and the file is cut."""
-        self.require_writable()
-        prog = Progress(progress, 2)
-        prog.start()
-        self._pack(prog, 1)
-        self._discarded = False
-        self.flush()
-        prog.finish()
-        return True
+        return close_holes(self, progress)
 
     def _units(self) -> tuple[list[tuple[int, int, _Unit]], list[tuple[int, int]]]:
         """The movable units of the file, ``(offset, length, key)``: L2 tables

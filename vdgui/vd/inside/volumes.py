@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from ..backend import OpenFlags
 from ..disk import Disk
 from .filesystems import FileSystem
+from .volume import open_volume
 
 _Key = tuple[str, str | None, int, int | None]
 
@@ -35,8 +36,6 @@ def _stamp(files: list[str]) -> tuple:
 
 class _Entry:
     def __init__(self, path: str, number: int, fmt: str | None, library, top: int | None):
-        from . import open_volume
-
         self.disk = Disk.open_chain(path, fmt, flags=OpenFlags.READ_ONLY, library=library)
         try:
             self.files = [f for img in self.disk.images for f in img.files()]
