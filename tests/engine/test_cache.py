@@ -344,3 +344,43 @@ def test_cli_cache_image_on_read_write_and_info(tmp_path):
     r = run_cli("info", other, "--cache-image", c, check=False)
     assert r.returncode == 1 and "belongs to another disk" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_cache_file_serves_one_open_disk(tmp_path):
+    from vdgui.vd import ImageInUse, OpenFlags
+    path, data = _raw(tmp_path)
+    c = str(tmp_path / "c.vci")
+    with Disk() as a, Disk() as b:
+        a.open(path)
+        b.open(path, flags=OpenFlags.READ_ONLY)
+        a.cache_open(c, size=8 * MiB)
+        with pytest.raises(ImageInUse, match="in use by another open disk"):
+            b.cache_open(c)
+        a.cache_close()
+        b.cache_open(c)
+        assert b.read(0, 4096) == data[:4096]
+
+
+def test_library_cache_attached_on_open_and_an_unclean_one_emptied(tmp_path):
+    from vdgui.vd import Library, OpenFlags
+    path, data = _raw(tmp_path)
+    c = str(tmp_path / "c.vci")
+    lib = Library(":memory:")
+    try:
+        lib.set_cache(path, c, 8 * MiB)
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d:
+            assert d.cache is not None and os.path.exists(c)
+            d.read(0, MiB)
+        _patch(c, L.OFF_UNCLEAN, b"\x01")               # as after a crash
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d:
+            assert d.cache_info()["cached_bytes"] == 0
+            assert d.read(0, MiB) == data[:MiB]
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d, \
+                Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d2:
+            assert d.cache is not None and d2.cache is None   # held by the first: skipped
+            assert d2.read(0, 4096) == data[:4096]
+        lib.set_cache(path, None)
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d:
+            assert d.cache is None
+    finally:
+        lib.close()

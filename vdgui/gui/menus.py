@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QApplication, QMenu
 
 from vdgui.vd import is_network_location
 
-from . import actions
+from . import actions, cache
 from .actions import SPECS
 from .icons import app_icon, icon
 from .sparsify import compact_or_sparsify
@@ -138,6 +138,8 @@ def context_menu(w, pos) -> QMenu:
                 folder = m.addAction("Open Containing &Folder")
                 folder.triggered.connect(lambda: QDesktopServices.openUrl(
                     QUrl.fromLocalFile(os.path.dirname(node.path))))
+            if is_network_location(node.path):
+                cache.add_menu_actions(w, m, node)
             if is_network_location(node.path) and w.library.missing_secrets(node.path):
                 secrets = m.addAction(icon("network"), "Enter &Secrets…")
                 secrets.triggered.connect(lambda: w.ask_secrets(node.path))

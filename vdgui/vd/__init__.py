@@ -18,11 +18,14 @@ from .backend import (
     parse_variant,
     variant_words,
 )
+from .cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+from .cache import cache_info
 from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (
     AmbiguousFormat,
     AuthenticationError,
+    CacheNotClean,
     Cancelled,
     ConfigError,
     CorruptImage,
@@ -119,6 +122,7 @@ _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
 
 # the public API, named (the lazy names of the library included)
 __all__ = [
+    "DEFAULT_CACHE_SIZE",
     "DEFAULT_FLOPPY",
     "FLOPPY_FORMATS",
     "NO_PLUGINS_ENV",
@@ -129,6 +133,7 @@ __all__ = [
     "AuthenticationError",
     "Backend",
     "BackendOrigin",
+    "CacheNotClean",
     "Cancelled",
     "Cap",
     "ChangeReport",
@@ -204,6 +209,7 @@ __all__ = [
     "backend_origin",
     "backends",
     "backends_for_extension",
+    "cache_info",
     "ceil_div",
     "chain_target_names",
     "changed",

@@ -14,6 +14,8 @@ from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
 from .cache import DiskCache
 from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
 from .errors import (
+    CacheNotClean,
+    ImageInUse,
     InvalidArgument,
     NotSupported,
     ParentMismatch,
@@ -153,13 +155,34 @@ class Disk:
         parent_flags: OpenFlags | None = None,
         library: Library | None = None,
         passphrases: PassphraseProvider | None = None,
+        cache: str | None = None,
     ) -> Disk:
         """Open ``location`` and every parent it names, base first. Parents open read-only
         unless ``parent_flags`` says otherwise; read-only opens take the shared lock (a parent
         of an image opened for writing, too: nobody may write or resize it meanwhile), unless
-        FORCE_SHARE. Encrypted members ask ``passphrases`` (default: the current provider)."""
+        FORCE_SHARE. Encrypted members ask ``passphrases`` (default: the current provider).
+        ``cache``: a VCI cache file put in front (:meth:`cache_open`); without one, the cache
+        ``library`` keeps for ``location`` (one that was not closed cleanly is emptied; one
+        another process holds is skipped)."""
         with using(passphrases):
-            return cls._open_chain(location, format, flags, config, parent_flags, library)
+            disk = cls._open_chain(location, format, flags, config, parent_flags, library)
+        try:
+            if cache:
+                disk.cache_open(cache)
+            elif library is not None and (kept := library.cache(location)) is not None:
+                disk._library_cache(*kept)
+        except BaseException:
+            disk.close()
+            raise
+        return disk
+
+    def _library_cache(self, path: str, size: int | None) -> None:
+        try:
+            self.cache_open(path, size=size)
+        except ImageInUse:
+            return                      # another open of this disk uses it now
+        except CacheNotClean:
+            self.cache_open(path, reset=True)
 
     @classmethod
     def _open_chain(cls, location: str, format: str | None, flags: OpenFlags,

@@ -115,6 +115,11 @@ class Refused(VDError):
     code = "REFUSED"
 
 
+class CacheNotClean(Refused):
+    """A cache image that was not closed cleanly: it may hold data older than its disk."""
+    code = "CACHE_NOT_CLEAN"
+
+
 class ImageInUse(VDError):
     code = "IN_USE"
 

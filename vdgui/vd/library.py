@@ -177,6 +177,7 @@ class Library:
                 mtime_ns INTEGER, size INTEGER);
             CREATE TABLE IF NOT EXISTS filter_properties (path TEXT, filter TEXT, key TEXT,
                 value TEXT, PRIMARY KEY (path, filter, key));
+            CREATE TABLE IF NOT EXISTS caches (path TEXT PRIMARY KEY, cache TEXT, size INTEGER);
         """)
         # secrets (BYTES config values) that are not remembered live here, for this session only
         self._session_secrets: dict[str, dict[str, bytes]] = {}
@@ -437,6 +438,24 @@ class Library:
                 self._session_secrets.pop(path, None)
             else:
                 self._session_secrets[path] = secrets
+
+    # -- cache images (VDCacheOpen): a disk's VCI cache, attached whenever it is opened ---------
+    def set_cache(self, path: str, cache: str | None, size: int | None = None) -> None:
+        """Remember ``cache`` (created with ``size`` bytes at first use) for ``path``; None
+        forgets it (the cache file stays)."""
+        path = _norm(path)
+        with self._lock:
+            self._db.execute("DELETE FROM caches WHERE path=?", (path,))
+            if cache:
+                self._db.execute("INSERT INTO caches VALUES (?,?,?)",
+                                 (path, os.path.abspath(cache), size))
+
+    def cache(self, path: str) -> tuple[str, int | None] | None:
+        """(cache file, size to create it with) kept for ``path``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT cache, size FROM caches WHERE path=?",
+                                   (_norm(path),)).fetchone()
+        return (row[0], row[1]) if row else None
 
     # -- filter properties (e.g. CRYPT's KeyId and KeyStore: never a passphrase) ---------------
     def set_filter_properties(self, path: str, filter_name: str, values: dict[str, str]) -> None:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 import uuid as uuidlib
 from collections import OrderedDict
 from typing import Any
 
-from ..errors import CorruptImage, InvalidArgument, Refused
+from ..errors import CacheNotClean, CorruptImage, ImageInUse, InvalidArgument, Refused
 from ..fileio import ImageFile
 from . import vci_layout as L
 
@@ -33,6 +34,8 @@ CHUNK = 64 * 1024
 SIZE_STEP = 4096 * L.BLOCK                  # 2 MiB: 4096 blocks = one block of bitmap
 MIN_SIZE = 4 << 20
 MAX_SIZE = 64 << 30                         # a 16 MiB bitmap at most
+_open_lock = threading.Lock()
+_open_paths: set[str] = set()                # caches open in this process (real paths)
 
 
 def _blocks(n: int) -> int:
@@ -61,6 +64,7 @@ class VciCache:
         self.dirty = False
         self._unclean_on_disk = bool(hdr.unclean)
         self.hits = self.misses = 0
+        self._real = ""
 
     @property
     def path(self) -> str:
@@ -100,17 +104,36 @@ class VciCache:
         except BaseException:
             f.abandon()
             raise
+        real = os.path.realpath(path)
+        with _open_lock:
+            _open_paths.add(real)
+        self._real = real
         return self
 
     @classmethod
     def open(cls, path: str, *, reset: bool = False) -> VciCache:
-        f = ImageFile(path, writable=True)
+        real = os.path.realpath(path)
+        with _open_lock:
+            if real in _open_paths:
+                raise ImageInUse(f"{path}: the cache is in use by another open disk")
+            _open_paths.add(real)
         try:
-            self = cls._load(f, reset)
+            f = ImageFile(path, writable=True)
+            try:
+                self = cls._load(f, reset)
+            except BaseException:
+                f.close()
+                raise
         except BaseException:
-            f.close()
+            with _open_lock:
+                _open_paths.discard(real)
             raise
+        self._real = real
         return self
+
+    def _release(self) -> None:
+        with _open_lock:
+            _open_paths.discard(self._real)
 
     @classmethod
     def _load(cls, f: ImageFile, reset: bool) -> VciCache:
@@ -153,7 +176,7 @@ class VciCache:
                                              "the block bitmap"))
         self.meta_blocks = -(-(hdr.blkmap + want) // 8) * 8
         if hdr.unclean and not reset:
-            raise Refused(
+            raise CacheNotClean(
                 f"{f.path}: the cache was not closed cleanly, so it may hold data older than "
                 "its disk; reset it (empties it) or delete it")
         if reset:
@@ -419,11 +442,17 @@ class VciCache:
             if self.dirty or self._unclean_on_disk:
                 self._write_meta(clean=True)
         finally:
-            self.f.close()
+            try:
+                self.f.close()
+            finally:
+                self._release()
 
     def abandon(self) -> None:
         """Close without writing metadata (a failed attach): the file stays as it was."""
-        self.f.close()
+        try:
+            self.f.close()
+        finally:
+            self._release()
 
     def info(self) -> dict:
         free, meta, data = self.counts()
