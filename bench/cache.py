@@ -34,7 +34,8 @@ def main() -> int:
         with open(backing, "wb") as f:
             for _ in range(size >> 20):
                 f.write(os.urandom(1 << 20))
-    want = open(backing, "rb").read()
+    with open(backing, "rb") as f:
+        want = f.read()
     cache = os.path.join(args.dir, "lun.vci")
     rnd = random.Random(7)
     offsets = [rnd.randrange(size >> 12) << 12 for _ in range(4096)]
