@@ -356,3 +356,19 @@ def test_a_real_block_device_without_the_tests_flag(tmp_path, loop_device, monke
     host = read_layout(lambda o, n: data[o:o + n], len(data))
     tables = [(0, MiB), (6144 * S, 8192 * S), (10240 * S, 12288 * S)]
     assert _read(out) == _expected(data, host, [1, 6], tables)
+
+
+def test_relative_refuses_a_partition_the_kernel_places_elsewhere(tmp_path, monkeypatch):
+    """The table on the disk says partition 1 starts at 2 MiB; the kernel (sysfs) still has
+    it at 1 MiB (the table changed, not re-read): a Relative extent would map the wrong bytes."""
+    node = _fake_block_device(tmp_path, monkeypatch)
+    part = tmp_path / "fake0p1"
+    os.mknod(part, stat.S_IFBLK | 0o600, os.makedev(240, 8))
+    monkeypatch.setattr(rawdisk_mod, "partition_device", lambda drive, n: str(part))
+    from vdgui.vd.inside.partitions import Layout, Partition
+    layout = Layout("mbr", 16 * MiB, S, [Partition(1, 2 * MiB, MiB, "0x83", "Linux")],
+                    tables=[(0, S)])
+    drive = rawdisk_mod.RawDrive(node, 16 * MiB, True, layout)
+    with pytest.raises(vd.Refused, match=r"kernel places partition 1 at byte 1048576, the "
+                                         r"partition table at byte 2097152.*partprobe"):
+        rawdisk_mod.plan(drive, [1], relative=True)
