@@ -74,6 +74,7 @@ from .inside import (
     safe_extract_parts,
     volumes,
 )
+from .ioqueue import IoKind, IoQueue, IoRequest, IoState
 from .media import (
     DEFAULT_FLOPPY,
     FLOPPY_FORMATS,
@@ -165,6 +166,10 @@ __all__ = [
     "ImageNotFound",
     "ImageRecord",
     "InvalidArgument",
+    "IoKind",
+    "IoQueue",
+    "IoRequest",
+    "IoState",
     "KeyFlag",
     "KeyStore",
     "Layout",

@@ -26,6 +26,7 @@ from .errors import (
 from .filter import Filter, FilterUse
 from .geometry import Geometry
 from .image import Alloc, Image
+from .ioqueue import IoQueue
 from .registry import get_backend, probe
 from .secrets import PassphraseProvider, using
 
@@ -68,6 +69,7 @@ class Disk:
         # writes the write filters in the order they were added
         self.filters: list[tuple[Filter, FilterUse]] = []
         self.cache: DiskCache | None = None     # VDCacheOpen: in front of the whole chain
+        self.queues: list[IoQueue] = []
 
     # -- chain management ----------------------------------------------------------------
     def __enter__(self) -> Disk:
@@ -247,6 +249,11 @@ class Disk:
         """Close the cache and every image, top first; the first error (e.g. a failed final
         flush) is raised after all of them are closed."""
         first = None
+        while self.queues:
+            try:
+                self.queues.pop().close()
+            except BaseException as exc:
+                first = first or exc
         try:
             self.cache_close()
         except BaseException as exc:
@@ -258,6 +265,13 @@ class Disk:
                 first = first or exc
         if first is not None:
             raise first
+
+    def io_queue(self, *, workers: int = 4, max_queued: int = 64) -> IoQueue:
+        """An asynchronous request queue on this disk (VDAsyncRead/Write/Flush; see
+        :mod:`vdgui.vd.ioqueue`); closed (queued requests run first) when the disk closes."""
+        q = IoQueue(self, workers=workers, max_queued=max_queued)
+        self.queues.append(q)
+        return q
 
     # -- cache image (VDCacheOpen / VDCacheClose) -------------------------------------------
     def cache_open(self, path: str, *, size: int | None = None, reset: bool = False) -> dict:
