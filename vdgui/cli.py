@@ -194,7 +194,7 @@ def _json(obj) -> None:
 
 
 def cmd_info(args) -> int:
-    props = _props(args)
+    props, cache = _props(args), None           # --cache-image: one image, not --chain
     if args.chain:      # header-only opens (INFO): encryption shown without a passphrase
         _check_location(args.image, be := _backend_for(args.image, args.format))
         fl = _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY | vd.OpenFlags.LOCK_SHARED)

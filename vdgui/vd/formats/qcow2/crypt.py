@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
 SECTOR = 512
+_WARNED: set[str] = set()
 AES_WARNING = ("legacy QCOW2 AES encryption is weak (no key derivation, predictable IVs); "
                "read-only here: convert to a plain or LUKS-encrypted copy")
 
@@ -52,7 +53,9 @@ class CryptMixin(Qcow2State):
             if not self.read_only:
                 raise NotSupported(f"{self.location}: {AES_WARNING}")
             if not self.open_flags & OpenFlags.INFO:
-                log.warning("%s: %s", self.location, AES_WARNING)
+                if self.location not in _WARNED:    # once, not once per read-ahead thread
+                    _WARNED.add(self.location)
+                    log.warning("%s: %s", self.location, AES_WARNING)
                 self._crypt = unlock(SecretRequest(self.location, "qcow2-aes"), _aes_key)
             return
         if method != CRYPT_LUKS:
