@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ...align import ceil_div
 from ...backend import too_large
-from ...compaction import Move, move_blocks, plan_moves, slot_holes
+from ...compaction import Move, move_blocks, plan_moves, punch_blocks, slot_holes
 from ...errors import CorruptImage, InvalidArgument, NotSupported
 from ...geometry import vbox_lchs, vbox_pchs
 from ...image import CheckReport, FillFn, Problem, ProblemCode
@@ -349,7 +349,7 @@ class MaintenanceMixin(VdiState):
         end = offset + length
         pos = offset
         dirty = []
-        freed_any = False
+        gone: list[int] = []                        # file offsets of the blocks freed
         self._touch()
         while pos < end:
             idx, inner = divmod(pos, bs)
@@ -365,14 +365,15 @@ class MaintenanceMixin(VdiState):
                 if v != target and not (v == _ZERO and not is_diff):
                     self._map[idx] = target
                     dirty.append(idx)
-                    freed_any = freed_any or v < _ZERO
+                    if v < _ZERO:
+                        gone.append(self.offset_data + v * self._total)
             elif v < _ZERO:
                 self.f.pwrite(self._data_pos(v) + inner, zeroes(n))
                 data = self.f.pread(self._data_pos(v), blen)
                 if is_zero(data):
                     self._map[idx] = _ZERO if is_diff else _FREE
                     dirty.append(idx)
-                    freed_any = True
+                    gone.append(self.offset_data + v * self._total)
             elif v == _FREE and is_diff:
                 if fill is None:
                     raise NotSupported(f"{self.location}: discarding part of a block held by "
@@ -381,9 +382,27 @@ class MaintenanceMixin(VdiState):
             pos += n
         if dirty:
             self._write_map_entries(dirty)
-            self.f.sync()
-        if freed_any:
-            self._close_holes()
+            self.f.sync()                           # the map stops naming the blocks first
+        if gone:
+            # their space goes back now; the file is packed once, by close_holes (sparsify
+            # after all its discards) or when the image is closed: one pass, not one per call
+            punch_blocks(self.f, gone, self._total)
+            self._discarded = True
+
+    def close_holes(self, progress: ProgressCallback | None = None) -> bool:
+        """After discards: the last blocks move into the holes, in place, and the file is cut
+        (compaction.move_blocks' order)."""
+        self.require_writable()
+        self._close_holes()
+        self._discarded = False
+        if progress:
+            progress(1, 1)
+        return True
+
+    def close(self) -> None:
+        if self._discarded and not self.read_only and self.f.fd >= 0:
+            self.close_holes()                      # no session ends with blocks nothing names
+        super().close()
 
     def check(self, repair: bool = False, dry_run: bool = False,
               progress: ProgressCallback | None = None) -> CheckReport:

@@ -22,6 +22,7 @@ class VdiState(FileImage):
     _h: Container
     _offs: dict[str, int]
     _v0: bool                               # version 0 header
+    _discarded = False                      # discard left blocks nothing names: pack them
     _plus: bool                             # version 1.1+ header (LCHS)
     _hdr_dirty: bool
     _modified: bool                         # modification UUID renewed this session
