@@ -246,7 +246,8 @@ class HeaderMixin(Qcow2State):
                 "the image is marked corrupt; only a repair (check --repair) may write to it"
             )
         self.next_cluster = ceil_div(self.fsize, cs)
-        self._setup_crypt(h.crypt_method, self._given_key)
+        key, self._given_key = self._given_key, None    # held by the cipher only
+        self._setup_crypt(h.crypt_method, key)
 
     def _read_extensions(self, backing_offset: int) -> None:
         cs = self.cs
