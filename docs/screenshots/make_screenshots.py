@@ -83,7 +83,7 @@ def _crosslinked_vdi(path: str) -> str:
     import struct
 
     from vdgui.vd import Disk
-    from vdgui.vd.formats import vdi_layout as L
+    from vdgui.vd.formats.vdi import layout as L
 
     with Disk() as d:
         d.create_base(path, 64 * MiB, "VDI")

@@ -22,7 +22,7 @@ from vdgui.vd import (
     get_backend,
     probe,
 )
-from vdgui.vd.formats import qcow2_layout as L
+from vdgui.vd.formats.qcow2 import layout as L
 
 
 class TestQcow2Conformance(FormatConformance):

@@ -28,7 +28,7 @@ from vdgui.vd import (
     get_backend,
     probe,
 )
-from vdgui.vd.formats import vdi_layout as L
+from vdgui.vd.formats.vdi import layout as L
 
 MiB = 1 << 20
 

@@ -29,7 +29,7 @@ from vdgui.vd import (
     probe,
 )
 from vdgui.vd.formats import vmdk
-from vdgui.vd.formats.vmdk_descriptor import Descriptor
+from vdgui.vd.formats.vmdk.descriptor import Descriptor
 
 MiB = 1 << 20
 
@@ -1004,7 +1004,7 @@ def test_descriptor_with_bom_and_crlf_round_trips(tmp_path):
 def test_other_grain_geometries(tmp_path, qemu, grain, gtes, flags):
     """Grain sizes, table sizes and flags qemu-img cannot create, written by us, checked by qemu."""
     from vdgui.vd.fileio import ImageFile
-    from vdgui.vd.formats.vmdk_descriptor import ExtentLine, build
+    from vdgui.vd.formats.vmdk.descriptor import ExtentLine, build
 
     p = str(tmp_path / "g.vmdk")
     size = 3 * MiB + 1536

@@ -252,7 +252,7 @@ def _crosslinked_vdi(path):
     with Disk() as d:
         d.create_base(str(path), 4 << 20, "VDI")
         d.write(0, b"\x01" * (2 << 20))
-    from vdgui.vd.formats import vdi_layout as L
+    from vdgui.vd.formats.vdi import layout as L
     with open(path, "r+b") as f:
         f.seek(L.H1["offset_blocks"])
         off_blocks = struct.unpack("<I", f.read(4))[0]

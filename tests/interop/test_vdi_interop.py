@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import read_all
 from tests.formats.conformance import scattered_writes
 from vdgui.vd import Disk, ImageFlags, OpenFlags
-from vdgui.vd.formats import vdi_layout as L
+from vdgui.vd.formats.vdi import layout as L
 
 MiB = 1 << 20
 

@@ -1,7 +1,7 @@
 """VDI backend: VirtualBox's native container (dynamic, fixed and differencing images).
 
 Specification: VirtualBox ``src/VBox/Storage/VDI.cpp`` / ``VDICore.h``; structures in
-:mod:`vdi_layout`. Reads header versions 0.x, 1.0, 1.1 and 1.1+ (with LCHS); writes 1.1+ when
+:mod:`.layout`. Reads header versions 0.x, 1.0, 1.1 and 1.1+ (with LCHS); writes 1.1+ when
 creating and keeps the version of an existing file. Limits and conventions:
 
 * block size (``AllocationBlockSize``): a power of two, 512 B .. 256 MiB (1 MiB by default; qemu
