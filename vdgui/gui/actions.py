@@ -41,6 +41,13 @@ SPECS = (
     ActionSpec("check", "C&heck", "check", "Ctrl+Shift+K", "Check the image for consistency"),
     ActionSpec("repair", "Rep&air…", "repair", "", "Check the image, show what a repair would "
                "change, and repair after you confirm (offers a backup; unreferenced data is kept)"),
+    ActionSpec("encrypt", "&Encrypt…", "lock", "", "Encrypt the image (LUKS, or VirtualBox's "
+               "AES-XTS) with a passphrase: in place, or into a new file", toolbar=False),
+    ActionSpec("decrypt", "Decr&ypt…", "lock", "", "Write the image without its encryption: "
+               "in place, or into a new file", toolbar=False),
+    ActionSpec("passphrase", "Change Pa&ssphrase…", "lock", "",
+               "Change the passphrase of an encrypted image (the data is not rewritten)",
+               toolbar=False),
     ActionSpec("remove", "&Remove from List", "remove", "Ctrl+Shift+R",
                "Forget the selected images (files stay on disk)", short="Remove"),
     ActionSpec("delete", "&Delete from Disk…", "delete", "Shift+Del",
@@ -60,7 +67,8 @@ _MULTI = {"compact", "check", "repair", "remove", "delete", "compare"}
 _VERB = {"snapshot": "create a differencing image of", "copy": "copy", "move": "move",
          "merge": "merge", "resize": "resize", "compact": "compact", "check": "check",
          "repair": "repair", "remove": "remove", "delete": "delete",
-         "comment": "change the description of", "compare": "compare"}
+         "comment": "change the description of", "compare": "compare", "encrypt": "encrypt",
+         "decrypt": "decrypt", "passphrase": "change the passphrase of"}
 
 
 @dataclass
@@ -194,6 +202,8 @@ def _one(key: str, n) -> str | None:
                 f"on {_label(n)}; compacting it could change what they read"
             )
         return None
+    if key in ("encrypt", "decrypt", "passphrase"):
+        return _crypt_reason(key, n)
     if key == "check":
         if not b.can(Operation.CHECK):
             return f"The {fmt} format has no consistency check"
@@ -202,6 +212,21 @@ def _one(key: str, n) -> str | None:
         return _refusal(n, Operation.REPAIR)
     if key == "comment":
         return _refusal(n, Operation.COMMENT)
+    return None
+
+
+def _crypt_reason(key: str, n) -> str | None:
+    enc = n.record.encryption
+    if not n.backend.caps & Cap.FILE:
+        return f"{n.backend.name} images are not files: vdgui encrypts image files only"
+    if key == "encrypt":
+        return f"{_label(n)} is encrypted already" if enc else None
+    if not enc:
+        return f"{_label(n)} is not encrypted"
+    if enc.get("error"):
+        return f"{_label(n)}: its key store cannot be read: {enc['error']}"
+    if key == "passphrase" and enc.get("format") in ("qcow2-aes", "luks2"):
+        return f"The passphrase of {enc['format']} images cannot be changed here"
     return None
 
 

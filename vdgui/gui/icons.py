@@ -54,11 +54,31 @@ def accent_color(key: str | None) -> QColor:
 
 
 @cache
-def format_icon(device: str, format_name: str | None) -> QIcon:
-    """Device-type icon tinted with the format's accent colour."""
+def format_icon(device: str, format_name: str | None, locked: bool = False) -> QIcon:
+    """Device-type icon tinted with the format's accent colour; ``locked``: an encrypted
+    image (a lock in the lower right corner)."""
     name = {"optical": "optical", "floppy": "floppy"}.get(device, "hdd")
     svg = _read(name).replace(b"@COLOR@", accent_color(format_name).name().encode())
-    return _icon_from_svg(svg)
+    if not locked:
+        return _icon_from_svg(svg)
+    return _with_badge(_icon_from_svg(svg), icon("lock"))
+
+
+def _with_badge(base: QIcon, badge: QIcon) -> QIcon:
+    out = QIcon()
+    for s in SIZES:
+        for dpr in (1, 2):
+            img = QImage(s * dpr, s * dpr, QImage.Format_ARGB32_Premultiplied)
+            img.fill(Qt.transparent)
+            p = QPainter(img)
+            p.drawPixmap(0, 0, base.pixmap(s, s).scaled(s * dpr, s * dpr))
+            b = max(s * dpr * 5 // 8, 8)
+            p.drawPixmap(s * dpr - b, s * dpr - b, badge.pixmap(b, b).scaled(b, b))
+            p.end()
+            pm = QPixmap.fromImage(img)
+            pm.setDevicePixelRatio(dpr)
+            out.addPixmap(pm)
+    return out
 
 
 def app_icon() -> QIcon:

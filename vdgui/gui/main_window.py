@@ -51,6 +51,7 @@ from .files import (
 from .icons import app_icon, format_icon
 from .models.media import COL_ASIZE, COL_NAME, COL_VSIZE, MediaFilterProxy, MediaModel
 from .operations import Operations
+from .passphrases import Passphrases
 from .view_settings import ViewSettings
 from .widgets.contents import ContentsPane
 from .widgets.details import DetailsPane
@@ -134,6 +135,9 @@ class MainWindow(QMainWindow):
         self.repair_confirm = self._repair_dialog    # RepairParams or None; overridable in tests
         self.ops = Operations(self)
         self.secret_prompts = self.ops.secret_prompts
+        # an encrypted image a job opens asks its passphrase here (issue #17)
+        self.passphrases = Passphrases(self)
+        self.queue.passphrases = self.passphrases.provider_for
 
         self.model = MediaModel(self)
         self.proxy = MediaFilterProxy(self)

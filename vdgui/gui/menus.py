@@ -27,7 +27,10 @@ def build_actions(w) -> None:
                 "compare": w.compare_selected,
                 "repair": lambda: w.check_selected(True),
                 "remove": w.remove_selected, "delete": w.delete_selected,
-                "refresh": w.refresh, "properties": w.toggle_properties}
+                "refresh": w.refresh, "properties": w.toggle_properties,
+                "encrypt": lambda: w.ops.encrypt_dialog(),
+                "decrypt": lambda: w.ops.encrypt_dialog(decrypt=True),
+                "passphrase": lambda: w.ops.passphrase_dialog()}
     for spec in SPECS + (actions.NETWORK,):
         a = QAction(icon(spec.icon), spec.text, w)
         a.setObjectName(f"action_{spec.key}")
@@ -96,7 +99,8 @@ def build_menus(w) -> None:
     m.addAction(w.action_quit)
     m = w.menus["image"] = mb.addMenu("&Image")
     for k in ("snapshot", "copy", "move", "merge", "resize", "compact", None, "check", "repair",
-              "compare", None, "remove", "delete", None, "properties"):
+              "compare", None, "encrypt", "decrypt", "passphrase", None, "remove", "delete",
+              None, "properties"):
         if k is None:
             m.addSeparator()
         else:
@@ -126,7 +130,8 @@ def context_menu(w, pos) -> QMenu:
     m = QMenu(w)
     if idx.isValid():
         for k in ("properties", None, "snapshot", "copy", "move", "merge", "resize", "compact",
-                  None, "check", "repair", "compare", None, "remove", "delete"):
+                  None, "check", "repair", "compare", None, "encrypt", "decrypt", "passphrase",
+                  None, "remove", "delete"):
             if k is None:
                 m.addSeparator()
             else:

@@ -5,6 +5,7 @@ from a dialog that fails after the dialog closed offers "Change and Retry…" (r
 retry_on_failure). MainWindow delegates here; no format module is imported."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 
@@ -26,8 +27,10 @@ from vdgui.vd import (
 from . import actions
 from .crash import show_crash
 from .dialogs.params import (
+    ChangePassphraseParams,
     CopyParams,
     CreateParams,
+    EncryptParams,
     FloppyParams,
     IsoParams,
     MergeParams,
@@ -57,7 +60,7 @@ class Operations:
     def load_library(self, sync: bool = False) -> Job | None:
         """Show the library's images: read them all (in the background unless ``sync``)."""
         if sync:
-            recs = self.w.library.scan_all()
+            recs = tasks.key_stores(self.w.library.scan_all(), self.w.library)
             self.w.model.set_records(recs)
             self.after_records()
             return None
@@ -89,7 +92,7 @@ class Operations:
             recs = []
             for p in images:
                 recs += self.w.library.add_with_parents(p)
-            self.records_arrived(recs)
+            self.records_arrived(tasks.key_stores(recs, self.w.library))
             return None
         return self.run_scan(images)
 
@@ -371,13 +374,62 @@ class Operations:
         if is_network_location(node.path) and "src_config" not in kw:
             kw["src_config"] = self.w.library.properties(node.path) or None   # network disk
         job = tasks.copy_job(p.src, p.dst, p.dst_format, key=self.chain_key(node),
-                             paths=chain, **kw)
+                             paths=chain, library=self.w.library, encrypt=p.encrypt, **kw)
+        job.new_passphrase = p.passphrase
         if is_network_location(node.path):   # name a network source by its shown name, not its LUN
             job.title = f"{job.title.split(' ', 1)[0]} {node.name} → {os.path.basename(p.dst)}"
         self.pending_select = [p.dst]
         self.retry_on_failure(job, f"Copying {node.name} failed",
                               lambda: self.copy_dialog(path=node.path, previous=p))
         return self.start_job(job, lambda res: self.rescan(list(res or [p.dst])))
+
+    # -- encryption (issue #17) -------------------------------------------------------------
+    def encrypt_dialog(self, *, decrypt: bool = False, path: str | None = None,
+                       previous: EncryptParams | None = None):
+        from .dialogs.passphrase import EncryptDialog
+        node = self.dialog_node(path)
+        if node is None:
+            return None
+        p = self.run_dialog(EncryptDialog(node, self.w, decrypt=decrypt), previous)
+        return None if p is None else self.start_crypt(node, p)
+
+    def start_crypt(self, node, p: EncryptParams) -> Job:
+        job = tasks.crypt_job(p.path, format=node.record.format, encrypt=p.encrypt, into=p.into,
+                              into_format=p.into_format, library=self.w.library,
+                              key=self.chain_key(node))
+        job.new_passphrase = p.passphrase
+        if p.into:
+            self.pending_select = [p.into]
+        verb = "Decrypting" if p.encrypt is None else "Encrypting"
+        self.retry_on_failure(job, f"{verb} {node.name} failed", lambda: self.encrypt_dialog(
+            decrypt=p.encrypt is None, path=node.path,
+            previous=dataclasses.replace(p, passphrase=None)))
+        def done(res):
+            if not p.into:
+                self.w.passphrases.forget(node.path)     # the old one no longer applies
+            self.rescan([node.path] + ([p.into] if p.into else []))
+        return self.start_job(job, done)
+
+    def passphrase_dialog(self, *, path: str | None = None):
+        from .dialogs.passphrase import ChangePassphraseDialog
+        node = self.dialog_node(path)
+        if node is None:
+            return None
+        p = self.run_dialog(ChangePassphraseDialog(node, self.w))
+        return None if p is None else self.start_change_passphrase(node, p)
+
+    def start_change_passphrase(self, node, p: ChangePassphraseParams) -> Job:
+        job = tasks.change_passphrase_job(p.path, format=node.record.format,
+                                          library=self.w.library, key=self.chain_key(node))
+        job.new_passphrase = p.passphrase
+
+        def changed(res):
+            self.w.passphrases.forget(node.path)
+            self.say(f"Changed the passphrase of {node.name}", 8000)
+            self.rescan([node.path])
+        self.retry_on_failure(job, f"Changing the passphrase of {node.name} failed",
+                              lambda: self.passphrase_dialog(path=node.path))
+        return self.start_job(job, changed)
 
     def move_dialog(self, *, path: str | None = None, previous: MoveParams | None = None):
         node = self.dialog_node(path)

@@ -23,6 +23,12 @@ cooperative cancel):
   and the interpreter's switch interval is 1 ms, so the GUI thread never waits long for the
   GIL (the event loop never stalls > 50 ms during a job: bench/gui_stall.py).
 
+Passphrases (issue #17): a queue given a ``passphrases`` factory (the app's, in
+vdgui/gui/passphrases.py) runs each job's function within the provider it makes for the job
+(``vd.using_passphrases``), so an encrypted image opened by the job asks through it; the provider
+is closed (its secrets wiped) when the function returns. ``Job.asks`` False: the job never
+prompts (background reads); ``Job.new_passphrase``: what the job encrypts with.
+
 The queue serialises jobs that share a key (one key per chain: jobs on one chain run one after
 another) and runs the others in parallel in a QThreadPool.
 """
@@ -41,7 +47,7 @@ from typing import Any
 from PySide6.QtCore import QCoreApplication, QEvent, QObject, QThreadPool, QTimer, Signal, Slot
 
 from vdgui import qtfix  # noqa: F401  (before any signal is emitted)
-from vdgui.vd import Cancelled, VDError
+from vdgui.vd import Cancelled, PassphraseProvider, VDError, using_passphrases
 
 PROGRESS_INTERVAL = 0.1   # seconds between progress signals
 
@@ -206,7 +212,7 @@ class Job:
 
     def __init__(self, title: str, fn: Callable[[Callable[[int, int], bool | None]], Any], *,
                  keys: Iterable[str] = (), paths: Iterable[str] = (), kind: str = "",
-                 visible: bool = True, passes: bool = False):
+                 visible: bool = True, passes: bool = False, asks: bool = True):
         Job._ids += 1
         self.id = Job._ids
         self.title = title
@@ -217,6 +223,9 @@ class Job:
         self.visible = visible
         # the progress counts every pass over the data (copy, work, verify): it is work, not data
         self.passes = passes
+        self.asks = asks                 # may prompt for a passphrase
+        self.new_passphrase = None       # vd.Passphrase the job encrypts with (wiped after)
+        self._passphrases: Callable[[Job], Any] | None = None   # the queue's factory
         self.signals = JobSignals()
         # GUI-thread view of the job, changed only by the receivers of its signals
         self.state = JobState.QUEUED
@@ -339,8 +348,14 @@ class Job:
             self.signals.cancelled.emit(self)
             return
         self.signals.started.emit(self)
+        provider = None
         try:
-            result = self.fn(self._progress)
+            if self._passphrases is not None:
+                provider = self._passphrases(self)
+            elif self.new_passphrase is not None:
+                provider = PassphraseProvider(new=self.new_passphrase)
+            with using_passphrases(provider):
+                result = self.fn(self._progress)
         except Cancelled:
             self.signals.cancelled.emit(self)
             return
@@ -350,6 +365,11 @@ class Job:
         except BaseException as exc:  # a bug: the GUI shows it with the traceback
             self.signals.failed.emit(self, f"{type(exc).__name__}: {exc}", traceback.format_exc())
             return
+        finally:
+            if provider is not None:
+                provider.close()
+            if self.new_passphrase is not None:
+                self.new_passphrase.wipe()
         total = self._w_total or 1
         if not self._emitted_zero:
             self._emitted_zero = True
@@ -389,9 +409,12 @@ class JobQueue(QObject):
         self._running: list[Job] = []
         self._workers = _the_workers()
         self._workers.released.connect(self._on_released)
+        # job -> vd.PassphraseProvider for it (called in the pool thread); None: no prompts
+        self.passphrases: Callable[[Job], Any] | None = None
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
+        job._passphrases = self.passphrases
         s = job.signals
         s.started.connect(self._on_started)
         s.progress.connect(self._on_progress)

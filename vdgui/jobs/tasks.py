@@ -3,6 +3,7 @@ calls the public engine API (``vdgui.vd``) with the job's progress callback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import vdgui.vd as vd
@@ -103,9 +104,12 @@ def create_diff_job(
     )
 
 
-def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, paths=(), **kw) -> Job:
+def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, paths=(),
+             library=None, encrypt: str | None = None, **kw) -> Job:
+    """A copy; an encrypted source (VirtualBox key store) is read through its filter, and
+    ``encrypt`` (an ENCRYPTIONS name, the job's new_passphrase) encrypts the target."""
     def fn(progress):
-        return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
+        return _copy(src, dst, dst_format, progress, library=library, encrypt=encrypt, **kw)
 
     verb = "Convert" if kw.get("src_format") and kw["src_format"] != dst_format else "Copy"
     return Job(
@@ -115,6 +119,165 @@ def copy_job(src: str, dst: str, dst_format: str, *, key: str | None = None, pat
         paths=[src, dst, *paths],
         kind="copy",
     )
+
+
+# -- encryption (issue #17): docs/design-encryption.md ------------------------------------------
+VBOX = {"vbox-aes-xts256": "AES-XTS256-PLAIN64", "vbox-aes-xts128": "AES-XTS128-PLAIN64"}
+
+
+def encryptions(format: str | None) -> list[str]:
+    """The encryption names a new image of ``format`` can have ("luks" for formats holding it
+    themselves, VirtualBox's CRYPT for VDI, VMDK and VHD)."""
+    if not format:
+        return []
+    out = list(get_backend(format).encryptions)
+    if get_backend(format).name in ("VDI", "VMDK", "VHD"):
+        out += list(VBOX)
+    return out
+
+
+def chain_paths(d: Disk) -> list[str]:
+    return [img.location for img in reversed(d.images)]
+
+
+def crypt_filter(paths: list[str], library=None):
+    """The CRYPT filter (unlocked through the current provider) for a chain whose files are
+    ``paths`` (top first) when it has a VirtualBox key store; else None."""
+    found = vd.find_keystore(paths, library=library)
+    if found is None:
+        return None
+    cfg, _src = found
+    return vd.get_filter("CRYPT").open(
+        {"KeyStore": cfg["KeyStore"], "KeyId": cfg.get("KeyId") or ""}, paths[0])
+
+
+def open_chain(path: str, format: str | None = None, flags=OpenFlags.READ_ONLY, *,
+               library=None, config: dict | None = None) -> Disk:
+    """Open ``path``'s chain for its data: through its CRYPT filter when it has a key store."""
+    d = Disk.open_chain(path, format or None, flags=flags, config=config, library=library)
+    try:
+        f = crypt_filter(chain_paths(d), library)
+        if f is not None:
+            d.add_filter(f)
+    except BaseException:
+        d.close()
+        raise
+    return d
+
+
+def _copy(src: str, dst: str, dst_format: str, progress, *, library=None,
+          encrypt: str | None = None, **kw) -> list[str]:
+    with Disk.open_chain(src, kw.get("src_format") or None, flags=OpenFlags.READ_ONLY,
+                         library=library) as d:
+        paths = chain_paths(d)
+    f = crypt_filter(paths, library)
+    if f is not None:
+        kw["src_filters"] = [f]
+    if encrypt is None:
+        return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
+    if encrypt not in VBOX:
+        if encrypt not in get_backend(dst_format).encryptions:
+            raise vd.NotSupported(f"{dst_format} images cannot be encrypted with {encrypt}")
+        kw["dst_config"] = {**(kw.get("dst_config") or {}),
+                            **get_backend(dst_format).encryptions[encrypt]}
+        return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
+    if os.path.lexists(vd.sidecar_path(dst)):
+        raise vd.FileExists(f"{vd.sidecar_path(dst)}: file already exists (the new key store "
+                            "goes there)")
+    stem = os.path.splitext(os.path.basename(dst))[0]
+    new = vd.get_filter("CRYPT").open(
+        {"CreateKeyStore": 1, "Algorithm": VBOX[encrypt], "KeyId": stem}, dst)
+    side = vd.write_sidecar(dst, new.properties())      # first: never an image without its key
+    try:
+        return vd.copy_image(src, dst, dst_format, progress=progress, dst_filters=[new], **kw)
+    except BaseException:
+        os.unlink(side)
+        raise
+
+
+def crypt_job(path: str, *, format: str, encrypt: str | None, into: str | None = None,
+              into_format: str | None = None, library=None, key: str | None = None) -> Job:
+    """Encrypt (``encrypt`` a name of :func:`encryptions`) or decrypt (None) ``path``: a copy
+    with the encryption added or dropped, into ``into`` or, without, made beside under a
+    temporary name and renamed over the image (its UUID kept). The result: [the image]."""
+    def fn(progress):
+        if into is not None:
+            return _copy(path, into, into_format or format, progress, library=library,
+                         encrypt=encrypt, src_format=format)
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        tmp = vd.temp_name(real)
+        old_side = vd.sidecar_path(real)
+        had_side = os.path.isfile(old_side)
+        made_side = None
+        try:
+            if encrypt in VBOX and had_side:
+                raise vd.FileExists(f"{old_side}: the image already has a key store")
+            _copy(path, tmp, format, progress, library=library, encrypt=encrypt,
+                  src_format=format, keep_uuid=True)
+            if encrypt in VBOX:
+                # the key store beside the image before the image is replaced: a crash between
+                # the two leaves a key too many (delete it), never an image without its key
+                made_side = vd.sidecar_path(tmp)
+                os.replace(made_side, old_side)
+                made_side = old_side
+            now = os.stat(real)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise vd.VDError(f"{path}: the image was replaced meanwhile; it is left alone")
+            os.replace(tmp, real)              # the commit point
+        except BaseException:
+            for f in (tmp, vd.sidecar_path(tmp), made_side):
+                if f:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f)
+            raise
+        if encrypt is None:
+            if had_side:
+                os.unlink(old_side)
+            if library is not None and library.filter_properties(path).get("CRYPT"):
+                library.set_filter_properties(path, "CRYPT", {})
+        return [path]
+
+    name = os.path.basename(path)
+    title = (f"Decrypt {name}" if encrypt is None else f"Encrypt {name} ({encrypt})")
+    if into is not None:
+        title += f" → {os.path.basename(into)}"
+    return Job(title, fn, keys=[key or path] + ([into] if into else []),
+               paths=[path] + ([into] if into else []), kind="crypt")
+
+
+def change_passphrase_job(path: str, *, format: str | None = None, library=None,
+                          key: str | None = None) -> Job:
+    """A new passphrase (the job's new_passphrase; the old one is asked): LUKS changes its
+    keyslots, a VirtualBox key store is rewrapped (same key, the data is not rewritten) and
+    written to its sidecar, or beside the image when it came from a registry."""
+    def fn(progress):
+        progress(0, 1)
+        with Disk.open_chain(path, format or None, flags=OpenFlags.READ_ONLY | OpenFlags.INFO,
+                             library=library) as d:
+            luks = d.top.encryption is not None
+            paths = chain_paths(d)
+        if luks:
+            with Disk() as d:
+                d.open(path, format or None, OpenFlags.NORMAL)
+                d.top.change_passphrase()
+                d.top.flush()
+        else:
+            found = vd.find_keystore(paths, library=library)
+            if found is None:
+                raise vd.NotSupported(f"{path}: not encrypted (no passphrase to change)")
+            f = crypt_filter(paths, library)
+            f.rewrap(path)
+            _cfg, src = found
+            suffix = vd.sidecar_path("")
+            owner = (src[:-len(suffix)] if src.endswith(suffix) and src[:-len(suffix)] in paths
+                     else path)
+            vd.write_sidecar(owner, f.properties(), replace=True)
+        progress(1, 1)
+        return [path]
+
+    return Job(f"Change the passphrase of {os.path.basename(path)}", fn, keys=[key or path],
+               paths=[path], kind="passphrase")
 
 
 def move_job(src: str, dst: str, *, key: str | None = None) -> Job:
@@ -252,17 +415,20 @@ def allocation_job(
     """Reads the chain's allocation map (for the details picture); invisible in the panel."""
 
     def fn(progress):
-        with Disk.open_chain(
-            path,
-            format or None,
-            flags=OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS,
-            config=config or None,
-            library=library,
-        ) as d:
+        flags = OpenFlags.READ_ONLY | OpenFlags.SKIP_CONSISTENCY_CHECKS
+        locked = False
+        try:
+            d = open_chain(path, format, flags, config=config or None, library=library)
+        except (vd.PassphraseRequired, vd.WrongPassphrase):
+            locked = True
+            # encrypted and not unlocked yet: the map from the headers, no partitions
+            d = Disk.open_chain(path, format or None, flags=flags | OpenFlags.INFO,
+                                library=library)
+        with d:
             size = d.size
             extents = d.allocation()
             members = [img.location for img in d.images]
-            partitions = _partition_marks(d)
+            partitions = [] if locked else _partition_marks(d)
         return {
             "path": path,
             "size": size,
@@ -271,7 +437,8 @@ def allocation_job(
             "partitions": partitions,
         }
 
-    return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation", visible=False)
+    return Job(f"Read allocation of {os.path.basename(path)}", fn, kind="allocation",
+               visible=False, asks=False)
 
 
 def _partition_marks(d) -> list:
@@ -290,19 +457,39 @@ def _partition_marks(d) -> list:
     ]
 
 
+def key_stores(recs: list, library=None) -> list:
+    """Records of images with a VirtualBox key store (a sidecar, or kept from an imported
+    registry) get its summary as their ``encryption`` ("key_store": where it was found); a
+    damaged one says so. Returns ``recs``."""
+    for rec in recs:
+        if rec.encryption is not None or rec.error is not None \
+                or vd.is_network_location(rec.path):
+            continue
+        try:
+            found = vd.find_keystore([rec.path], library=library)
+            if found is None:
+                continue
+            cfg, src = found
+            rec.encryption = {**vd.KeyStore.decode(cfg["KeyStore"], src).summary(),
+                              "key_id": cfg.get("KeyId") or "", "key_store": src}
+        except vd.VDError as exc:
+            rec.encryption = {"format": "vbox-crypt", "error": exc.message}
+    return recs
+
+
 def scan_job(library, paths: list[str] | None = None) -> Job:
     """Add ``paths`` (with their parents) to the library, or re-read everything when None."""
 
     def fn(progress):
         if paths is None:
-            return library.scan_all(progress)
+            return key_stores(library.scan_all(progress), library)
         out = []
         for i, p in enumerate(paths):
             if progress(i, len(paths)) is False:
                 raise vd.Cancelled()
             out += library.add_with_parents(p)
         progress(len(paths), len(paths))
-        return out
+        return key_stores(out, library)
 
     title = (
         "Refresh the media list"
@@ -345,7 +532,7 @@ def delete_job(images: list[tuple[str, list[str]]], library=None) -> Job:
 
 # -- looking inside a disk (issue #15) ---------------------------------------------------------
 def _open_ro(path: str, library=None, format: str | None = None):
-    return Disk.open_chain(path, format or None, flags=OpenFlags.READ_ONLY, library=library)
+    return open_chain(path, format, OpenFlags.READ_ONLY, library=library)
 
 
 def layout_job(path: str, *, library=None, format: str | None = None) -> Job:
@@ -366,7 +553,8 @@ def list_job(
     def fn(progress):
         # the volume stays open between listings (vd.volumes: bounded, reopened when the
         # chain's files change; the contents view closes it when the shown image changes)
-        with vd.volumes.use(path, number, format=format, library=library) as fs:
+        with vd.volumes.use(path, number, format=format, library=library,
+                            opener=lambda: _open_ro(path, library, format)) as fs:
             return {"path": path, "number": number, "folder": folder, "entries": fs.listdir(folder)}
 
     return Job(f"List {folder} in {os.path.basename(path)}", fn, kind="list", visible=False)

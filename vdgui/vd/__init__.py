@@ -115,6 +115,7 @@ from .registry import (
 from .secrets import Passphrase, PassphraseProvider, SecretRequest, read_passphrase_file
 from .secrets import using as using_passphrases
 from .sizes import describe_size, format_size, parse_size
+from .temps import temp_name
 
 # the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
 _LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
@@ -269,6 +270,7 @@ __all__ = [
     "sidecar_path",
     "sparsify",
     "sparsify_plan",
+    "temp_name",
     "user_path",
     "using_passphrases",
     "variant_words",

@@ -70,6 +70,9 @@ class ImageRecord:
     health: str | None = None               # "corrupt" or "leaks" from the last check, while
     health_note: str = ""                   # the file is unchanged since; what it found
     held: str | None = None                 # "for writing"/"for reading": another program holds it
+    # how the image is encrypted, read without a passphrase (format, cipher, keyslots) from its
+    # own header (LUKS); the app adds a VirtualBox key store's (vdgui.jobs.tasks.key_stores)
+    encryption: dict | None = None
 
     @property
     def accessible(self) -> bool:
@@ -572,6 +575,7 @@ class Library:
             _take_info(rec, info, _FILE_INFO)
             rec.files = list(info["files"])
             rec.is_diff = img.is_diff
+            rec.encryption = info.get("encryption")
             if img.is_diff:
                 try:
                     ppath, _fmt = find_parent(img, library=self)

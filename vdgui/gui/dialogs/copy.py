@@ -43,6 +43,7 @@ from .common import (
     with_extension,
 )
 from .params import CopyParams
+from .passphrase import LABELS, NewPassphraseFields, encryptions
 
 
 class CopyDialog(QDialog):
@@ -75,6 +76,10 @@ class CopyDialog(QDialog):
                                      f"above is the copy of {node.name}")
         self.flatten.setChecked(True)
         self.keep_uuid = QCheckBox("&Keep the UUID (the copy is meant to replace the original)")
+        self.encryption = QComboBox()
+        self.encryption.setObjectName("encryption")
+        self.passphrase = NewPassphraseFields()
+        self.passphrase.setVisible(False)
         chain_box = QGroupBox("Chain")
         cl = QVBoxLayout(chain_box)
         depth = node.depth
@@ -106,6 +111,8 @@ class CopyDialog(QDialog):
         form.addRow("&Location:", self.location)
         form.addRow(self.resize_box, self.new_size)
         form.addRow(self.keep_uuid)
+        form.addRow("&Encryption:", self.encryption)
+        form.addRow(self.passphrase)
         self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         self.ok = self.buttons.button(QDialogButtonBox.Ok)
         self.ok.setText("Copy")
@@ -124,6 +131,8 @@ class CopyDialog(QDialog):
         self.location.changed.connect(self.validate)
         self.new_size.valueChanged.connect(self.validate)
         self.as_chain.toggled.connect(self.validate)
+        self.encryption.currentIndexChanged.connect(self._encryption_changed)
+        self.passphrase.changed.connect(self.validate)
         self._format_changed()
         self.resize(640, self.sizeHint().height())
 
@@ -158,11 +167,26 @@ class CopyDialog(QDialog):
             self.config.setParent(None)
             self.config.deleteLater()
         keys = applicable_keys(b.config_keys, mode="create", variant=self.variant.flags())
+        # encryption is chosen below (with its passphrase), not in the format's options
+        crypt_keys = {k for cfg in b.encryptions.values() for k in cfg}
+        keys = [k for k in keys if k.name not in crypt_keys]
         self.config = ConfigForm(keys, mode="create") if keys else None
         if self.config is not None:
             self.config_layout.addWidget(self.config)
             self.config.valuesChanged.connect(self.validate)     # every edit: no stale summary
         self.config_box.setVisible(self.config is not None)
+        have = self.encryption.currentData()
+        self.encryption.blockSignals(True)
+        self.encryption.clear()
+        self.encryption.addItem("None", None)
+        for name in encryptions(b.name):
+            self.encryption.addItem(LABELS.get(name, name), name)
+        self.encryption.setCurrentIndex(max(self.encryption.findData(have), 0))
+        self.encryption.blockSignals(False)
+        self._encryption_changed()
+
+    def _encryption_changed(self, *_):
+        self.passphrase.setVisible(self.encryption.currentData() is not None)
         self.validate()
 
     def chain_copy(self) -> bool:
@@ -243,6 +267,11 @@ class CopyDialog(QDialog):
             errors.append(f"{b.name} images can be at most {describe_size(limit)}")
         if self.config is not None:
             errors += self.config.messages()
+        enc = self.encryption.currentData()
+        if enc is not None:
+            errors += [p for p in (self.passphrase.problem(),) if p]
+            if self.chain_copy():
+                errors.append("An encrypted copy is one image: flatten the chain")
         if loc and size:
             flags = self.variant.flags()
             warnings += size_warnings(
@@ -270,6 +299,8 @@ class CopyDialog(QDialog):
             self.new_size.setValue(p.new_size)
         if self.config is not None and p.dst_config:
             self.config.set_values(p.dst_config)
+        if p.encrypt:
+            self.encryption.setCurrentIndex(max(self.encryption.findData(p.encrypt), 0))
         self.validate()
 
     def params(self) -> CopyParams:
@@ -287,4 +318,7 @@ class CopyDialog(QDialog):
             # with a chain copy the new size applies to the copy of the selected image only
             new_size=self.new_size.value() if resized else None,
             dst_config=(self.config.values() or None) if self.config is not None else None,
+            encrypt=self.encryption.currentData(),
+            passphrase=(self.passphrase.take() if self.encryption.currentData() is not None
+                        else None),
         )

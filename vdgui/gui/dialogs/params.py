@@ -40,6 +40,10 @@ class CopyParams:
     as_chain: bool = False
     new_size: int | None = None                    # None: the source's size
     dst_config: dict | None = None                 # the new image's format options
+    encrypt: str | None = None                     # an encryption of the target (issue #17)
+    # the target's new passphrase (a vd.Passphrase, wiped when the job ends; not kept for a
+    # retry: typed again)
+    passphrase: object = field(default=None, repr=False, compare=False)
 
     def copy_kwargs(self) -> dict:
         """The keyword arguments of copy_image (the optional ones only when set)."""
@@ -131,3 +135,31 @@ class RawDiskParams:
     drive: str
     partitions: tuple[int, ...] | None = None
     relative: bool = False
+
+
+@dataclass(frozen=True)
+class PassphraseParams:
+    """The prompt for an encrypted image's passphrase: ``passphrase`` (a vd.Passphrase) and
+    whether to remember it in the desktop keyring."""
+    path: str
+    passphrase: object = field(default=None, repr=False, compare=False)
+    remember: bool = False
+
+
+@dataclass(frozen=True)
+class EncryptParams:
+    """Encrypt… (``encrypt`` an encryption name) or Decrypt… (``encrypt`` None): replace the
+    image (``into`` None) or write a new file ``into`` of ``into_format``."""
+    path: str
+    encrypt: str | None = None
+    into: str | None = None
+    into_format: str | None = None
+    passphrase: object = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ChangePassphraseParams:
+    """Change passphrase…: the new passphrase (the current one is asked when the job opens the
+    image)."""
+    path: str
+    passphrase: object = field(default=None, repr=False, compare=False)

@@ -109,6 +109,8 @@ class MediaNode:
             return "Leaks"
         if self.record.duplicates:
             return "Duplicate UUID"
+        if self.record.encryption:
+            return "Encrypted"
         if self.record.is_diff:
             return "Differencing"
         return "Available"
@@ -300,7 +302,7 @@ class MediaModel(QAbstractItemModel):
             if col == COL_NAME:
                 if not node.accessible:
                     return icon("warning")
-                return format_icon(rec.device_type, rec.format)
+                return format_icon(rec.device_type, rec.format, bool(rec.encryption))
             if col == COL_STATE and node.busy:
                 return icon("busy")
             if col == COL_STATE and not node.accessible:

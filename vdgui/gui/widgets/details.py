@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from vdgui.vd import Alloc, Cap, format_size, is_network_location
 
 from .. import actions
+from ..dialogs.passphrase import describe_encryption
 from ..dialogs.resize import resize_problems
 from ..icons import format_icon, icon
 from ..models.media import duplicate_text
@@ -47,7 +48,8 @@ INFO_FIELDS = (
     ("vsize", "Virtual size"), ("asize", "Actual size"), ("uuid", "UUID"),
     ("parent_uuid", "Parent UUID"), ("mod_uuid", "Modification UUID"),
     ("parent_mod_uuid", "Parent modification UUID"), ("geometry", "Geometry"),
-    ("block", "Block size"), ("depth", "Chain depth"), ("children", "Depends on it"),
+    ("block", "Block size"), ("encryption", "Encryption"), ("depth", "Chain depth"),
+    ("children", "Depends on it"),
     ("extra", "Format details"),
 )
 DEVICE_NAMES = {"hdd": "Hard disk", "optical": "Optical disc", "floppy": "Floppy disk"}
@@ -270,7 +272,8 @@ class DetailsPane(QScrollArea):
         rec = node.record
         self.head_icon.setPixmap(
             (
-                icon("warning") if not node.accessible else format_icon(rec.device_type, rec.format)
+                icon("warning") if not node.accessible
+                else format_icon(rec.device_type, rec.format, locked=bool(rec.encryption))
             ).pixmap(36, 36)
         )
         self.head_title.setText(node.name)
@@ -308,6 +311,7 @@ class DetailsPane(QScrollArea):
             geo.append("logical C/H/S " + "/".join(map(str, rec.lchs)))
         v["geometry"].setText(", ".join(geo) or "—")
         v["block"].setText(_bytes(rec.block_size) if rec.block_size else "—")
+        v["encryption"].setText(html.escape(describe_encryption(rec.encryption)))
         anc = node.ancestors()
         chain = " → ".join(n.name for n in anc + [node])
         v["depth"].setText(

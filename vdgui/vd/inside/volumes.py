@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..backend import OpenFlags
 from ..disk import Disk
@@ -35,8 +35,10 @@ def _stamp(files: list[str]) -> tuple:
 
 
 class _Entry:
-    def __init__(self, path: str, number: int, fmt: str | None, library, top: int | None):
-        self.disk = Disk.open_chain(path, fmt, flags=OpenFlags.READ_ONLY, library=library)
+    def __init__(self, path: str, number: int, fmt: str | None, library, top: int | None,
+                 opener: Callable[[], Disk] | None = None):
+        self.disk = (opener() if opener is not None else
+                     Disk.open_chain(path, fmt, flags=OpenFlags.READ_ONLY, library=library))
         try:
             self.files = [f for img in self.disk.images for f in img.files()]
             self.stamp = _stamp(self.files)
@@ -65,9 +67,11 @@ class VolumeCache:
 
     @contextlib.contextmanager
     def use(self, path: str, number: int, *, format: str | None = None, library=None,
-            top: int | None = None) -> Iterator[FileSystem]:
+            top: int | None = None,
+            opener: Callable[[], Disk] | None = None) -> Iterator[FileSystem]:
         """The file system of partition ``number`` (0: the only volume) of ``path``'s chain,
-        for this caller alone until the block ends."""
+        for this caller alone until the block ends. ``opener``: opens the chain when it is not
+        kept (the app's adds an encrypted chain's filter); default: read-only open_chain."""
         real = os.path.realpath(path)
         key: _Key = (real, format or None, number, top)
         with self._lock:
@@ -77,7 +81,7 @@ class VolumeCache:
             e.close()
             e = None
         if e is None:
-            e = _Entry(path, number, format or None, library, top)
+            e = _Entry(path, number, format or None, library, top, opener)
             e.gen = gen
         try:
             yield e.fs
