@@ -779,13 +779,6 @@ def cmd_cat(args) -> int:
     return 0
 
 
-def _safe_parts(rel: str, dest: str) -> list[str]:
-    try:
-        return vd.safe_extract_parts(rel, dest)
-    except vd.InvalidArgument as exc:
-        raise CLIError(str(exc)) from None
-
-
 def cmd_extract(args) -> int:
     with _open_chain(args, args.image, args.format, props=_props(args)) as d:
         fs, path, _ = _volume(args, d, args.path)

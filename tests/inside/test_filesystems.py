@@ -149,11 +149,11 @@ def test_chain_members_and_extract(tmp_path, qemu):
 
 
 def test_unsafe_names_are_refused():
-    from vdgui.cli import CLIError, _safe_parts
+    from vdgui.vd import InvalidArgument, safe_extract_parts
     for bad in ("../x", "a/../../x", "a/./b", "a\0b", "x" * 256):
-        with pytest.raises(CLIError, match="refusing"):
-            _safe_parts(bad, "/dest")
-    assert _safe_parts("a/b c/d", "/dest") == ["a", "b c", "d"]
+        with pytest.raises(InvalidArgument, match="refusing"):
+            safe_extract_parts(bad, "/dest")
+    assert safe_extract_parts("a/b c/d", "/dest") == ["a", "b c", "d"]
 
 
 def test_damaged_file_system_is_one_line_error(tmp_path, volumes):
