@@ -52,6 +52,22 @@ def test_file_menu_has_both_entries(window, monkeypatch):
     assert opened == ["floppy", "iso"]
 
 
+def test_create_on_the_floppy_tab_opens_the_floppy_dialog(window, monkeypatch):
+    from vdgui.gui.dialogs.create import CreateDialog
+    from vdgui.gui.main_window import DEVICE_TABS
+
+    opened = []
+    monkeypatch.setattr(FloppyDialog, "exec", lambda self: opened.append("floppy") or 0)
+    monkeypatch.setattr(CreateDialog, "exec",
+                        lambda self: opened.append(f"create {self.device}") or 0)
+    tab = {t[2]: i for i, t in enumerate(DEVICE_TABS)}
+    window.tabs.setCurrentIndex(tab["floppy"])
+    window.actions["create"].trigger()
+    window.tabs.setCurrentIndex(tab["hdd"])
+    window.actions["create"].trigger()
+    assert opened == ["floppy", "create hdd"]
+
+
 def test_create_floppy_from_dialog(qtbot, window, tmp_path):
     src = tree(tmp_path / "src")
     out = tmp_path / "out"

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox
 from vdgui.jobs import Job, tasks
 from vdgui.vd import (
     CheckReport,
+    DeviceType,
     VDError,
     format_size,
     get_backend,
@@ -243,6 +244,8 @@ class Operations:
         return self.run_scan(None)
 
     def create_dialog(self, *, previous: CreateParams | None = None):
+        if previous is None and self.w.current_device() == DeviceType.FLOPPY.value:
+            return self.create_floppy_dialog()   # a formatted floppy, not a blank RAW file
         from .dialogs.create import CreateDialog
         dlg = CreateDialog(self.w.last_folder(), self.w, device=self.w.current_device())
         p = self.run_dialog(dlg, previous)
