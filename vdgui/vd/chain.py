@@ -61,10 +61,10 @@ _UUID_CACHE_MAX = 8192
 _UUID_LOCK = threading.Lock()
 
 
-def _uuid_of(path: str) -> tuple[uuidlib.UUID | None, str | None]:
+def _uuid_of(path: str, real: str | None = None) -> tuple[uuidlib.UUID | None, str | None]:
     try:
         st = os.stat(path)
-        key = os.path.realpath(path)
+        key = real or os.path.realpath(path)
         sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
         return None, None
@@ -89,22 +89,64 @@ def _uuid_of(path: str) -> tuple[uuidlib.UUID | None, str | None]:
     return result
 
 
-def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
-    exts = {fe.ext for b in backends() for fe in b.extensions}
-    for d, root in _search_dirs(near):
+# (folder, root) -> (folder signature, extensions, [(path, real path or None)]): the files a
+# UUID search looks at in a folder, kept while the folder's entries stay as they were (its
+# signature: an entry added, removed or renamed changes its mtime/ctime); real path None marks
+# a symbolic link, checked again at every search. Without it each search resolved every name of
+# the folder again: 1,000 images in one folder took seconds to list.
+_DIR_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+def _folder_files(d: str, root: str, exts: set[str]) -> list[tuple[str, str | None]]:
+    """The files with an image extension in folder ``d`` (sorted, the first _SCAN_LIMIT
+    names), each regular file with its real path when it resolves inside ``root``; OSError
+    when the folder cannot be read."""
+    st = os.stat(d)
+    sig = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    with _UUID_LOCK:
+        hit = _DIR_CACHE.get((d, root))
+    if hit is not None and hit[0] == sig and hit[1] == exts:
+        return hit[2]
+    names = sorted(os.listdir(d))[:_SCAN_LIMIT]
+    real_d = os.path.realpath(d)
+    out: list[tuple[str, str | None]] = []
+    for n in names:
+        if os.path.splitext(n)[1].lstrip(".").lower() not in exts:
+            continue
+        p = os.path.join(d, n)
         try:
-            names = sorted(os.listdir(d))[:_SCAN_LIMIT]
+            mode = os.lstat(p).st_mode
         except OSError:
             continue
-        for n in names:
-            p = os.path.join(d, n)
-            if os.path.splitext(n)[1].lstrip(".").lower() not in exts or not os.path.isfile(p):
+        if stat.S_ISLNK(mode):
+            out.append((p, None))
+        elif stat.S_ISREG(mode):
+            real = os.path.join(real_d, n)
+            if os.path.commonpath([root, real]) == root:
+                out.append((p, real))
+    with _UUID_LOCK:
+        if len(_DIR_CACHE) >= _UUID_CACHE_MAX:
+            _DIR_CACHE.clear()
+        _DIR_CACHE[(d, root)] = (sig, exts, out)
+    return out
+
+
+def find_by_uuid(uuid, near: str, exclude: str | None = None) -> str | None:
+    exts = {fe.ext for b in backends() for fe in b.extensions}
+    skip = real_path(exclude) if exclude else None
+    for d, root in _search_dirs(near):
+        try:
+            files = _folder_files(d, root, exts)
+        except OSError:
+            continue
+        for p, real in files:
+            if real is None:                  # a symbolic link: where it leads now
+                if not os.path.isfile(p) or not _within(root, p):
+                    continue                  # (a link leading out of the folder)
+                real = real_path(p)
+            if real == skip:
                 continue
-            if not _within(root, p):          # a symbolic link leading out of the folder
-                continue
-            if exclude and real_path(p) == real_path(exclude):
-                continue
-            u, _ = _uuid_of(p)
+            u, _ = _uuid_of(p, real)
             if u is not None and u == uuid:
                 return p
     return None

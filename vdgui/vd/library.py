@@ -276,8 +276,15 @@ class Library:
     def remember(self, rec: ImageRecord) -> None:
         """Store what a scan learnt (uuid, parent link) so later parent searches can use it."""
         with self._lock:
-            if rec.path not in self:
+            row = self._db.execute(
+                "SELECT format, uuid, parent_uuid, parent_path, device FROM images WHERE path=?",
+                (rec.path,),
+            ).fetchone()
+            if row is None:
                 self.add(rec.path)
+            elif row == (rec.format or row[0], rec.uuid or row[1], rec.parent_uuid,
+                         rec.parent_path, rec.device_type):
+                return      # nothing new: no write (each one is a commit, synced to disk)
             self._db.execute(
                 "UPDATE images SET format=coalesce(?,format), uuid=coalesce(?,uuid), "
                 "parent_uuid=?, parent_path=?, device=? WHERE path=?",
