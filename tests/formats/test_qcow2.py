@@ -98,6 +98,12 @@ def test_struct_round_trips(tmp_path):
     for st, b in samples.items():
         assert st.build(st.parse(b)) == b, st
     assert len(samples[L.QcowV1Header]) == L.V1_HEADER_SIZE
+    # the offsets errors name are those of qcow2.txt (and of the in-place update constants)
+    off = L.HEADER_OFFSETS
+    assert (off["cluster_bits"], off["l1_size"], off["nb_snapshots"], off["header_length"]) == (
+        20, 36, 60, 100)
+    assert (off["size"], off["refcount_table_clusters"], off["autoclear_features"]) == (
+        L.OFF_SIZE, L.OFF_REFCOUNT_TABLE_CLUSTERS, L.OFF_AUTOCLEAR)
     assert L.SnapshotEntry.sizeof() == L.SNAPSHOT_FIXED_SIZE
 
 

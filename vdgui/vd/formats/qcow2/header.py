@@ -9,7 +9,7 @@ from construct import ConstructError
 
 from ...align import ceil_div
 from ...backend import ImageFlags, OpenFlags
-from ...errors import InvalidArgument, NotSupported, UnsafePath
+from ...errors import CorruptImage, InvalidArgument, NotSupported, UnsafePath
 from ...fileio import ImageFile, resolve_stored_name
 from ...image import ParentHint
 from . import layout as L
@@ -31,6 +31,12 @@ def limit_reason(cs: int) -> str:
 class HeaderMixin(Qcow2State):
     """Header, extensions, snapshots and feature bits of a :class:`.image.Qcow2Image`."""
 
+    def _field_error(self, field: str, message: str, *, expected: object = None,
+                     found: object = None) -> CorruptImage:
+        """A CorruptImage naming a header field at its offset in the header."""
+        return self._corrupt(message, field=field, offset=L.HEADER_OFFSETS[field],
+                             expected=expected, found=found)
+
     def _parse_header(self) -> None:
         f = self.f
         self.fsize = f.size()
@@ -38,25 +44,25 @@ class HeaderMixin(Qcow2State):
         try:
             h = L.Qcow2HeaderV2.parse(head)
         except ConstructError:
-            raise self._corrupt("not a qcow2 image (bad magic)", field="magic", offset=0,
-                                expected=L.MAGIC, found=head[:4]) from None
+            raise self._field_error("magic", "not a qcow2 image (bad magic)", expected=L.MAGIC,
+                                    found=head[:4]) from None
         self.version = h.version
         if h.version not in (2, 3):
             raise NotSupported(f"{self.location}: qcow2 version {h.version} is not supported "
                                "(versions 1, 2 and 3 are)")
         if not L.MIN_CLUSTER_BITS <= h.cluster_bits <= L.MAX_CLUSTER_BITS:
-            raise self._corrupt("cluster size out of range", field="cluster_bits", offset=20,
-                                expected=f"{L.MIN_CLUSTER_BITS}..{L.MAX_CLUSTER_BITS}",
-                                found=h.cluster_bits)
+            raise self._field_error("cluster_bits", "cluster size out of range",
+                                    expected=f"{L.MIN_CLUSTER_BITS}..{L.MAX_CLUSTER_BITS}",
+                                    found=h.cluster_bits)
         self.cb = h.cluster_bits
         self.cs = cs = 1 << self.cb
         if self.version == 3:
             tail = f.read_exact(L.V2_HEADER_SIZE, 32, "qcow2 version 3 header")
             t = L.Qcow2HeaderV3Tail.parse(tail)
             if t.header_length < L.V3_HEADER_MIN or t.header_length % 8 or t.header_length > cs:
-                raise self._corrupt("invalid header length", field="header_length", offset=100,
-                                    expected=f"a multiple of 8 in {L.V3_HEADER_MIN}..{cs}",
-                                    found=t.header_length)
+                raise self._field_error("header_length", "invalid header length",
+                                        expected=f"a multiple of 8 in {L.V3_HEADER_MIN}..{cs}",
+                                        found=t.header_length)
             self.incompat = t.incompatible_features
             self.compat = t.compatible_features
             self.autoclear = t.autoclear_features
@@ -80,34 +86,22 @@ class HeaderMixin(Qcow2State):
                 found=hex(self.incompat),
             )
         if self.refcount_order > 6:
-            raise self._corrupt(
-                "refcount width too large",
-                field="refcount_order",
-                offset=96,
-                expected="0..6",
-                found=self.refcount_order,
-            )
+            raise self._field_error("refcount_order", "refcount width too large", expected="0..6",
+                                    found=self.refcount_order)
         self.refcount_bits = 1 << self.refcount_order
         self.extended_l2 = bool(self.incompat & L.INCOMPAT_EXTL2)
         if self.extended_l2 and self.cb < 14:
-            raise self._corrupt(
-                "extended L2 entries need clusters of at least 16 KiB",
-                field="cluster_bits",
-                offset=20,
-                expected=">= 14",
-                found=self.cb,
-            )
+            raise self._field_error("cluster_bits",
+                                    "extended L2 entries need clusters of at least 16 KiB",
+                                    expected=">= 14", found=self.cb)
         self.compression_type = 0
         if self.header_length > L.COMPRESSION_TYPE_OFFSET:
             self.compression_type = self.header_raw[L.COMPRESSION_TYPE_OFFSET]
         if bool(self.incompat & L.INCOMPAT_COMPRESSION) != (self.compression_type != 0):
-            raise self._corrupt(
-                "compression type field and feature bit disagree",
-                field="compression_type",
-                offset=104,
-                expected="non-zero exactly when incompatible bit 3 is set",
-                found=self.compression_type,
-            )
+            raise self._field_error("compression_type",
+                                    "compression type field and feature bit disagree",
+                                    expected="non-zero exactly when incompatible bit 3 is set",
+                                    found=self.compression_type)
         if self.compression_type not in (0, 1):
             raise NotSupported(
                 f"{self.location}: unsupported compression type "
@@ -122,29 +116,18 @@ class HeaderMixin(Qcow2State):
         self.rb_entries = cs * 8 // self.refcount_bits
         # L1 table
         if h.l1_size * 8 > L.MAX_L1_BYTES:
-            raise self._corrupt(
-                "active L1 table too large",
-                field="l1_size",
-                offset=36,
-                expected=f"at most {L.MAX_L1_BYTES // 8} entries (32 MiB)",
-                found=h.l1_size,
-            )
+            raise self._field_error("l1_size", "active L1 table too large",
+                                    expected=f"at most {L.MAX_L1_BYTES // 8} entries (32 MiB)",
+                                    found=h.l1_size)
         span = cs * self.l2_entries
         if h.size > (1 << 62) or ceil_div(h.size, span) > h.l1_size:
-            raise self._corrupt(
-                "L1 table too small for the virtual size",
-                field="l1_size",
-                offset=36,
-                expected=f">= {ceil_div(h.size, span)} entries for {h.size} bytes",
-                found=h.l1_size,
-            )
+            need = ceil_div(h.size, span)
+            raise self._field_error("l1_size", "L1 table too small for the virtual size",
+                                    expected=f">= {need} entries for {h.size} bytes",
+                                    found=h.l1_size)
         if h.l1_size and h.l1_table_offset % cs:
-            raise self._corrupt(
-                "L1 table offset not cluster aligned",
-                field="l1_table_offset",
-                offset=40,
-                found=hex(h.l1_table_offset),
-            )
+            raise self._field_error("l1_table_offset", "L1 table offset not cluster aligned",
+                                    found=hex(h.l1_table_offset))
         self.l1_offset = h.l1_table_offset
         self.l1 = (
             be_array(f.read_exact(h.l1_table_offset, h.l1_size * 8, "active L1 table"))
@@ -153,46 +136,25 @@ class HeaderMixin(Qcow2State):
         )
         # refcount table (read lazily; validated now)
         if h.refcount_table_clusters * cs > L.MAX_REFTABLE_BYTES:
-            raise self._corrupt(
-                "refcount table too large",
-                field="refcount_table_clusters",
-                offset=56,
-                expected=f"at most {L.MAX_REFTABLE_BYTES >> 20} MiB",
-                found=h.refcount_table_clusters,
-            )
+            raise self._field_error("refcount_table_clusters", "refcount table too large",
+                                    expected=f"at most {L.MAX_REFTABLE_BYTES >> 20} MiB",
+                                    found=h.refcount_table_clusters)
         if h.refcount_table_offset % cs:
-            raise self._corrupt(
-                "refcount table offset not cluster aligned",
-                field="refcount_table_offset",
-                offset=48,
-                found=hex(h.refcount_table_offset),
-            )
+            raise self._field_error("refcount_table_offset",
+                                    "refcount table offset not cluster aligned",
+                                    found=hex(h.refcount_table_offset))
         if h.refcount_table_clusters == 0 and not self.open_flags & OpenFlags.INFO:
-            raise self._corrupt(
-                "image has no refcount table",
-                field="refcount_table_clusters",
-                offset=56,
-                expected="> 0",
-                found=0,
-            )
+            raise self._field_error("refcount_table_clusters", "image has no refcount table",
+                                    expected="> 0", found=0)
         self.rt_offset = h.refcount_table_offset
         self.rt_clusters = h.refcount_table_clusters
         # snapshots
         if h.nb_snapshots > L.MAX_SNAPSHOTS:
-            raise self._corrupt(
-                "too many snapshots",
-                field="nb_snapshots",
-                offset=60,
-                expected=f"at most {L.MAX_SNAPSHOTS}",
-                found=h.nb_snapshots,
-            )
+            raise self._field_error("nb_snapshots", "too many snapshots",
+                                    expected=f"at most {L.MAX_SNAPSHOTS}", found=h.nb_snapshots)
         if h.nb_snapshots and h.snapshots_offset % cs:
-            raise self._corrupt(
-                "snapshot table offset not cluster aligned",
-                field="snapshots_offset",
-                offset=64,
-                found=hex(h.snapshots_offset),
-            )
+            raise self._field_error("snapshots_offset", "snapshot table offset not cluster aligned",
+                                    found=hex(h.snapshots_offset))
         self.nb_snapshots = h.nb_snapshots
         self.snapshots_offset = h.snapshots_offset
         self._read_snapshots()
@@ -200,21 +162,13 @@ class HeaderMixin(Qcow2State):
         self.backing_file = None
         if h.backing_file_offset:
             if h.backing_file_size > L.MAX_BACKING_NAME:
-                raise self._corrupt(
-                    "backing file name too long",
-                    field="backing_file_size",
-                    offset=16,
-                    expected=f"at most {L.MAX_BACKING_NAME} bytes",
-                    found=h.backing_file_size,
-                )
+                raise self._field_error("backing_file_size", "backing file name too long",
+                                        expected=f"at most {L.MAX_BACKING_NAME} bytes",
+                                        found=h.backing_file_size)
             if h.backing_file_offset > cs:
-                raise self._corrupt(
-                    "backing file name outside the first cluster",
-                    field="backing_file_offset",
-                    offset=8,
-                    expected=f"<= {cs}",
-                    found=h.backing_file_offset,
-                )
+                raise self._field_error("backing_file_offset",
+                                        "backing file name outside the first cluster",
+                                        expected=f"<= {cs}", found=h.backing_file_offset)
             raw = f.read_exact(h.backing_file_offset, h.backing_file_size, "backing file name")
             try:
                 self.backing_file = raw.decode("utf-8")
@@ -234,11 +188,8 @@ class HeaderMixin(Qcow2State):
         # external data file
         if self.incompat & L.INCOMPAT_DATA_FILE:
             if self.backing_file is not None and self.autoclear & L.AUTOCLEAR_DATA_FILE_RAW:
-                raise self._corrupt(
-                    "a raw external data file cannot have a backing file",
-                    field="autoclear_features",
-                    offset=88,
-                )
+                raise self._field_error("autoclear_features",
+                                        "a raw external data file cannot have a backing file")
             if not self.open_flags & OpenFlags.INFO:
                 self._open_data_file()
         if self.incompat & L.INCOMPAT_CORRUPT:
@@ -338,12 +289,8 @@ class HeaderMixin(Qcow2State):
             entry_size = (L.SNAPSHOT_FIXED_SIZE + var + 7) & ~7
             total += entry_size
             if total > L.MAX_SNAPSHOTS_BYTES:
-                raise self._corrupt(
-                    "snapshot table too large",
-                    field="nb_snapshots",
-                    offset=60,
-                    expected=f"at most {L.MAX_SNAPSHOTS_BYTES >> 20} MiB",
-                )
+                raise self._field_error("nb_snapshots", "snapshot table too large",
+                                        expected=f"at most {L.MAX_SNAPSHOTS_BYTES >> 20} MiB")
             self.snapshots.append(
                 {
                     "id": ident,
@@ -362,11 +309,8 @@ class HeaderMixin(Qcow2State):
 
     def _open_data_file(self) -> None:
         if not self.data_file_name:
-            raise self._corrupt(
-                "external data file bit set but no data file name stored",
-                field="incompatible_features",
-                offset=72,
-            )
+            raise self._field_error("incompatible_features",
+                                    "external data file bit set but no data file name stored")
         if not self.open_flags & OpenFlags.ALLOW_UNSAFE_PATHS:
             raise UnsafePath(
                 f"{self.location}: the image keeps its data in an external data file "

@@ -54,6 +54,20 @@ OFF_REFCOUNT_TABLE_CLUSTERS = 56
 OFF_INCOMPATIBLE = 72
 OFF_AUTOCLEAR = 88
 
+
+def _field_offsets(s: Struct, start: int) -> dict[str, int]:
+    out, pos = {}, start
+    for sc in s.subcons:
+        out[sc.name] = pos
+        pos += sc.sizeof()
+    return out
+
+
+# every header field's byte offset, for errors that name the field
+HEADER_OFFSETS = {**_field_offsets(Qcow2HeaderV2, 0),
+                  **_field_offsets(Qcow2HeaderV3Tail, V2_HEADER_SIZE),
+                  "compression_type": COMPRESSION_TYPE_OFFSET}
+
 # qcow2.txt "Header extensions"
 HeaderExtension = Struct(
     "type" / Int32ub,
