@@ -193,3 +193,73 @@ def best_of(runs: int, fn: Callable[[], object], before: Callable[[], object] | 
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+class DelayRelay:
+    """A TCP relay on loopback that holds every chunk ``delay`` seconds each way, to stand in
+    for a network's latency (no netem on our machines). ``port`` accepts connections and
+    forwards them to ``target_port``. A context manager."""
+
+    def __init__(self, target_port: int, delay: float):
+        import socket
+        import threading
+        self.target_port = target_port
+        self.delay = delay
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.port = self.srv.getsockname()[1]
+        self.threads: list = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                a, _ = self.srv.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target_port))
+            for s in (a, b):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((a, b), (b, a)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+
+    def _pump(self, src, dst) -> None:
+        import queue
+        import threading
+        q: queue.SimpleQueue = queue.SimpleQueue()
+
+        def send() -> None:
+            while True:
+                due, data = q.get()
+                if data is None:
+                    dst.close()
+                    return
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        while True:
+            try:
+                data = src.recv(1 << 20)
+            except OSError:
+                data = b""
+            q.put((time.monotonic() + self.delay, data or None))
+            if not data:
+                return
+
+    def __enter__(self) -> DelayRelay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.srv.close()

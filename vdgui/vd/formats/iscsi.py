@@ -41,6 +41,10 @@ OUR_MAX_RECV = 262144
 OUR_BURST = 262144
 MAX_RECV_SEGMENT = 16 << 20     # refuse larger data segments from a target
 READ_CHUNK = 1 << 20
+PIPELINE = 4                    # SCSI reads in flight at once (1: one after another)
+_WINDOW_OPS = frozenset({P.OP_NOP_IN, P.OP_SCSI_RESP, P.OP_LOGIN_RESP, P.OP_DATA_IN, P.OP_R2T,
+                         P.OP_ASYNC, P.OP_REJECT, P.OP_TEXT_RESP, P.OP_LOGOUT_RESP,
+                         P.OP_TASK_MGMT_RESP})
 
 
 
@@ -123,6 +127,7 @@ class Connection:
         self.isid = bytes([0x80]) + os.urandom(5)
         self.itt = 0
         self.cmdsn = 1
+        self.max_cmdsn: int | None = None  # the target's command window (RFC 7143 4.2.2.1)
         self.expstatsn = 0
         self.target_mrdsl = 8192
         self.first_burst = 65536
@@ -200,7 +205,19 @@ class Connection:
             self._malformed(bhs, f"data segment length {dlen} exceeds {MAX_RECV_SEGMENT}")
         ahs = self._recv_exact(ahs_len) if ahs_len else b""
         data = self._recv_exact(dlen + P.pad4(dlen))[:dlen] if dlen else b""
-        return P.PDU(bytearray(bhs), data, ahs)
+        pdu = P.PDU(bytearray(bhs), data, ahs)
+        if pdu.opcode in _WINDOW_OPS:
+            mx = pdu.u32(32)
+            # MaxCmdSN only moves forward (serial arithmetic); ExpCmdSN - 1 == MaxCmdSN: shut
+            if self.max_cmdsn is None or 0 < ((mx - self.max_cmdsn) & 0xFFFFFFFF) < 1 << 31:
+                self.max_cmdsn = mx
+        return pdu
+
+    def window_open(self) -> bool:
+        """May a command with the next CmdSN be sent (CmdSN <= MaxCmdSN, serially)?"""
+        if self.max_cmdsn is None:
+            return True
+        return ((self.max_cmdsn - self.cmdsn) & 0xFFFFFFFF) < 1 << 31
 
     def _malformed(self, raw: bytes, why: str) -> NoReturn:
         if self.dump:
@@ -399,6 +416,67 @@ class Connection:
         if ttt != P.RESERVED_TAG:
             self.send(P.nop_out(P.RESERVED_TAG, ttt, self.cmdsn, self.expstatsn, self.lun))
 
+    def read_pipelined(self, cmds: list[tuple[bytes, int]],
+                       depth: int) -> list[tuple[int, bytes, bytes]]:
+        """Run the read commands ``cmds`` ((cdb, length) each) with up to ``depth`` in flight,
+        each with its own task tag, never past the target's MaxCmdSN; their (status, data,
+        sense) in order."""
+        results: list[tuple[int, bytes, bytes] | None] = [None] * len(cmds)
+        inflight: dict[int, tuple[int, bytearray]] = {}
+        nxt = 0
+        while nxt < len(cmds) or inflight:
+            while nxt < len(cmds) and len(inflight) < depth and (
+                    self.window_open() or not inflight):
+                cdb, n = cmds[nxt]
+                itt = self._next_itt()
+                cmdsn = self.cmdsn
+                self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
+                self.send(P.scsi_command(self.lun, itt, cdb, read=True, write=False,
+                                         expected_length=n, cmdsn=cmdsn,
+                                         expstatsn=self.expstatsn, data=b""))
+                inflight[itt] = (nxt, bytearray(n))
+                nxt += 1
+            p = self.recv()
+            op = p.opcode
+            if op == P.OP_NOP_IN:
+                if p.itt == P.RESERVED_TAG:
+                    self._answer_nop(p)
+                continue
+            if op == P.OP_ASYNC:
+                if p.bhs[36] == 0:
+                    continue
+                raise _Dropped(f"target sent async event {p.bhs[36]} (logout/drop requested)")
+            if op == P.OP_REJECT:
+                raise NetworkError(f"iSCSI target rejected a command (reason {p.bhs[2]:#x})")
+            entry = inflight.get(p.itt)
+            if entry is None:
+                self._malformed(bytes(p.bhs), f"{p.name} for unknown task {p.itt:#x}")
+            i, buf = entry
+            if op == P.OP_DATA_IN:
+                off = p.u32(40)
+                if off + len(p.data) > len(buf):
+                    self._malformed(bytes(p.bhs), f"Data-In at {off}+{len(p.data)} beyond the "
+                                    f"{len(buf)} bytes asked for")
+                buf[off:off + len(p.data)] = p.data
+                if p.flags & 0x01:
+                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                    results[i] = (p.bhs[3], bytes(buf), b"")
+                    del inflight[p.itt]
+                continue
+            if op == P.OP_SCSI_RESP:
+                self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                if p.bhs[2] != 0:
+                    raise VDIOError(f"iSCSI target failed the command (response {p.bhs[2]:#x})")
+                sense = b""
+                if len(p.data) >= 2:
+                    sl = struct.unpack_from(">H", p.data, 0)[0]
+                    sense = p.data[2:2 + sl]
+                results[i] = (p.bhs[3], bytes(buf), sense)
+                del inflight[p.itt]
+                continue
+            self._malformed(bytes(p.bhs), f"unexpected {p.name}")
+        return [r for r in results if r is not None]
+
     def execute(self, cdb: bytes, read_length: int = 0,
                 write_data: bytes = b"") -> tuple[int, bytes, bytes]:
         """Run one SCSI command: returns (status, data, sense)."""
@@ -494,6 +572,7 @@ class IscsiImage(Image):
         super().__init__(backend, location, read_only)
         self.cfg = cfg
         self.write_split: int = cfg["WriteSplit"]
+        self.pipeline = PIPELINE
         self.conn = Connection(cfg)
         self.conn.connect()
         try:
@@ -574,16 +653,39 @@ class IscsiImage(Image):
 
     def read(self, offset: int, length: int) -> bytes:
         bs = self.block_size
-        out = bytearray()
+        pieces = []
         pos = offset
         end = offset + length
         while pos < end:
             n = min(READ_CHUNK, end - pos)
+            pieces.append((pos, n))
+            pos += n
+        if self.pipeline > 1 and len(pieces) > 1:
+            return self._read_pipelined(pieces)
+        out = bytearray()
+        for pos, n in pieces:
             _, data, _ = self._scsi(
                 P.cdb_read(pos // bs, n // bs), read_length=n, what=f"READ at {pos}"
             )
             out += data
-            pos += n
+        return bytes(out)
+
+    def _read_pipelined(self, pieces: list[tuple[int, int]]) -> bytes:
+        """Several READs in flight; a piece that fails (UNIT ATTENTION, BUSY...) is read again
+        alone, through :meth:`_scsi`'s retries; a dropped connection: reconnect, read again."""
+        bs = self.block_size
+        cmds = [(P.cdb_read(pos // bs, n // bs), n) for pos, n in pieces]
+        try:
+            results = self.conn.read_pipelined(cmds, self.pipeline)
+        except _Dropped:
+            self.conn.connect()
+            results = [(0xFF, b"", b"")] * len(pieces)
+        out = bytearray()
+        for (pos, n), (status, data, _sense) in zip(pieces, results, strict=True):
+            if status != 0:
+                _, data, _ = self._scsi(P.cdb_read(pos // bs, n // bs), read_length=n,
+                                        what=f"READ at {pos}")
+            out += data
         return bytes(out)
 
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
