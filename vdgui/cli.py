@@ -13,7 +13,7 @@ import uuid as uuidlib
 import vdgui.vd as vd
 
 from . import cli_crypt
-from .cli_parser import PROG, CLIError, build_parser
+from .cli_parser import PROG, CLIError, parse_args
 from .cli_progress import TtyProgress
 
 CHUNK = 4 << 20
@@ -852,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for problem in vd.load_plugins().problems:     # reported, skipped, never fatal
             print(f"{PROG}: warning: {_one_line(str(problem))}", file=sys.stderr)
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv, COMMANDS)
         if not hasattr(args, "allow_unsafe_paths"):
             args.allow_unsafe_paths = False
         with cli_crypt.passphrases(args) as provider, vd.using_passphrases(provider):

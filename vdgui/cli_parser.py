@@ -3,6 +3,8 @@ themselves are in :mod:`vdgui.cli`, chosen by the parsed ``command``."""
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Container
 
 PROG = "vdgui-img"
 
@@ -29,7 +31,16 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _LeftOut:
+    """A command left out of a parser built for another one: its definitions go nowhere."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or (``only``) of that command alone: what it accepts, it
+    parses the same way (vdgui-img's start-up builds ~20 subparsers otherwise)."""
     common = Parser(add_help=False)
     common.add_argument("--allow-unsafe-paths", action="store_true", default=argparse.SUPPRESS,
                         help="follow absolute, '..' and device names stored inside images")
@@ -50,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
+    def add(name, **kw):         # sub.add_parser, leaving out every command but ``only``
+        return sub.add_parser(name, **kw) if only in (None, name) else _LeftOut()
+
     def force_share(p):
         p.add_argument("-U", "--force-share", action="store_true",
                        help="open without the shared lock, as qemu-img -U: works while another "
@@ -65,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-reset", action="store_true",
                        help="empty a cache image that was not closed cleanly, then use it")
 
-    p = sub.add_parser("info", parents=[common], help="show an image's metadata")
+    p = add("info", parents=[common], help="show an image's metadata")
     p.add_argument("-f", "--format")
     force_share(p)
     p.add_argument("--json", action="store_true")
@@ -74,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     props(p)
     p.add_argument("image")
 
-    p = sub.add_parser("backends", parents=[common], help="list the formats this build supports")
+    p = add("backends", parents=[common], help="list the formats this build supports")
     p.add_argument("--json", action="store_true")
     p.add_argument("--filters", action="store_true",
                    help="list the filters (e.g. CRYPT) instead, in the same shape")
 
-    p = sub.add_parser("create", parents=[common], help="create a new image")
+    p = add("create", parents=[common], help="create a new image")
     p.add_argument("-f", "--format", required=True)
     p.add_argument(
         "--variant", help="dynamic (default), fixed, split2g, stream, esx; comma-separated"
@@ -99,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"put the file or folder PATH at the root of the {what} under its "
                             "own name (repeatable)")
 
-    p = sub.add_parser("create-floppy", parents=[common],
+    p = add("create-floppy", parents=[common],
                        help="create a formatted FAT12 floppy image, optionally filled")
     p.add_argument("--size", default="1.44M",
                    help="1.44M (default), 720K, 2.88M, 1.2M or 360K")
@@ -107,20 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     media_sources(p, "floppy")
     p.add_argument("image")
 
-    p = sub.add_parser("create-iso", parents=[common],
+    p = add("create-iso", parents=[common],
                        help="create an ISO9660 image (Joliet, Rock Ridge) from files and folders")
     p.add_argument("--label", help="volume label (up to 32 characters, stored upper case)")
     media_sources(p, "disc")
     p.add_argument("image")
 
-    p = sub.add_parser("create-rawvmdk", parents=[common],
-                       help="create a VMDK that gives a VM a host drive or some of its "
-                            "partitions (VirtualBox's RawDisk variant)",
-                       description="Create IMAGE, a VMDK over the host drive DEV: the whole "
-                       "drive, or only --partitions (the others read zero in the VM; the "
-                       "partition tables are copied beside IMAGE as IMAGE-pt.vmdk). The VM "
-                       "writes to the real disk: never expose a partition the host has "
-                       "mounted (refused). The drive is only read here.")
+    p = add("create-rawvmdk", parents=[common],
+            help="create a VMDK that gives a VM a host drive or some of its "
+                 "partitions (VirtualBox's RawDisk variant)",
+            description="Create IMAGE, a VMDK over the host drive DEV: the whole "
+            "drive, or only --partitions (the others read zero in the VM; the "
+            "partition tables are copied beside IMAGE as IMAGE-pt.vmdk). The VM "
+            "writes to the real disk: never expose a partition the host has "
+            "mounted (refused). The drive is only read here.")
     p.add_argument("--raw-drive", required=True, metavar="DEV",
                    help="the host drive, a block device such as /dev/sdb")
     p.add_argument("--partitions", metavar="N,N...",
@@ -134,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "440 are used, the host's partition table is kept)")
     p.add_argument("image")
 
-    p = sub.add_parser("convert", parents=[common], help="copy an image into another format")
+    p = add("convert", parents=[common], help="copy an image into another format")
     p.add_argument("-f", "--format", help="source format (probed when absent)")
     force_share(p)
     p.add_argument("-O", "--output-format", required=True)
@@ -161,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
 
-    p = sub.add_parser("compare", parents=[common], help="compare the content of two images")
+    p = add("compare", parents=[common], help="compare the content of two images")
     p.add_argument("-f", "--format", help="format of A")
     force_share(p)
     p.add_argument("-F", "--b-format", help="format of B")
@@ -169,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.set_defaults(error_status=2)  # 0 same, 1 different, 2 error (as qemu)
 
-    p = sub.add_parser("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
+    p = add("merge", parents=[common], help="merge SOURCE into TARGET (one chain)")
     p.add_argument("-f", "--format", help="format of TARGET")
     p.add_argument("source")
     p.add_argument("target")
 
-    p = sub.add_parser("resize", parents=[common], help="change an image's virtual size")
+    p = add("resize", parents=[common], help="change an image's virtual size")
     p.add_argument("-f", "--format")
     p.add_argument("image")
     p.add_argument(
@@ -184,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "can_shrink)",
     )
 
-    p = sub.add_parser("compact", parents=[common], help="give unused space back")
+    p = add("compact", parents=[common], help="give unused space back")
     p.add_argument("-f", "--format")
     p.add_argument("image")
 
-    p = sub.add_parser(
+    p = add(
         "sparsify",
         parents=[common],
         help="give back the space the guest's file systems do not use (exit 0 "
@@ -218,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image")
 
-    p = sub.add_parser(
+    p = add(
         "check", parents=[common], help="check consistency (exit 0 clean, 2 corrupt, 3 leaks only)"
     )
     p.add_argument("-f", "--format")
@@ -243,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("image")
 
-    p = sub.add_parser("map", parents=[common], help="allocation runs and which image holds each")
+    p = add("map", parents=[common], help="allocation runs and which image holds each")
     p.add_argument("-f", "--format")
     force_share(p)
     p.add_argument("--json", action="store_true")
     props(p)
     p.add_argument("image")
 
-    p = sub.add_parser(
+    p = add(
         "partitions", parents=[common], help="partition table, file systems, labels and UUIDs"
     )
     p.add_argument("-f", "--format")
@@ -265,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
 
     def inside(name, help, json=True):
-        p = sub.add_parser(name, parents=[common], help=help)
+        p = add(name, parents=[common], help=help)
         p.add_argument("-f", "--format")
         force_share(p)
         if json:
@@ -290,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p = inside("changed", "the files a differencing image changed compared with its parent")
 
-    p = sub.add_parser("read", parents=[common], help="read bytes from the image's chain")
+    p = add("read", parents=[common], help="read bytes from the image's chain")
     p.add_argument("-f", "--format")
     force_share(p)
     p.add_argument("image")
@@ -300,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_image(p)
     props(p)
 
-    p = sub.add_parser("write", parents=[common], help="write a file's bytes into the chain's top")
+    p = add("write", parents=[common], help="write a file's bytes into the chain's top")
     p.add_argument("-f", "--format")
     p.add_argument("image")
     p.add_argument("--offset", required=True)
@@ -308,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_image(p)
     props(p)
 
-    p = sub.add_parser("set", parents=[common], help="change UUIDs, comment or geometry")
+    p = add("set", parents=[common], help="change UUIDs, comment or geometry")
     p.add_argument("-f", "--format")
     p.add_argument("image")
     p.add_argument("--uuid", help="a UUID, or 'new'")
@@ -326,13 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its final newline (repeatable: each is tried on every "
                                 "encrypted member of the chain)")
     for name in ("create", "convert"):
-        sub.choices[name].add_argument(
+        sub.choices.get(name, _LeftOut()).add_argument(
             "--encrypt", metavar="KIND",
             help="encrypt the new image: luks (QCOW2 and LUKS images: qemu's LUKS), or "
                  "vbox-aes-xts256 or vbox-aes-xts128 (VirtualBox's disk encryption; its key "
                  "store is written beside the image as IMAGE.keystore)")
     for name in ("create", "convert", "set"):
-        sub.choices[name].add_argument(
+        sub.choices.get(name, _LeftOut()).add_argument(
             "--new-passphrase-file", metavar="FILE",
             help="passphrase to encrypt with (create/convert --encrypt) or to change to (set: "
                  "LUKS adds a keyslot for it, then removes the one --passphrase-file opens)")
@@ -344,3 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "base64 key store (default: IMAGE.keystore beside each image of "
                                 "the chain)")
     return ap
+
+
+def parse_args(argv: list[str] | None, commands: Container[str]) -> argparse.Namespace:
+    """Parse with the parser of the named command alone (start-up); help, --version and any
+    error go through the parser of every command, which words them as always."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    cmd = next((w for w in words if not w.startswith("-")), None)
+    if cmd in commands and not {"-h", "--help", "--version"} & set(words):
+        try:
+            return build_parser(only=cmd).parse_args(words)
+        except CLIError:
+            pass
+    return build_parser().parse_args(words)

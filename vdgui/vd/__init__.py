@@ -2,6 +2,8 @@
 
 No Qt anywhere below this package.
 """
+from typing import TYPE_CHECKING
+
 from .align import align_up, ceil_div
 from .backend import (
     Backend,
@@ -59,41 +61,7 @@ from .filters.keyfile import find_keystore, read_keystore_file, sidecar_path, wr
 from .filters.keystore import KeyStore
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
-from .inside import (
-    ChangeReport,
-    DiskFile,
-    Entry,
-    Layout,
-    Partition,
-    SliceFile,
-    changed,
-    disk_layout,
-    extract_tree,
-    extract_trees,
-    open_volume,
-    safe_extract_parts,
-    volumes,
-)
 from .ioqueue import IoKind, IoQueue, IoRequest, IoState
-from .media import (
-    DEFAULT_FLOPPY,
-    FLOPPY_FORMATS,
-    FloppyFormat,
-    create_floppy,
-    create_iso,
-    create_raw_vmdk,
-    floppy_format,
-    folder_contents,
-)
-from .ops.compact import compact
-from .ops.compare import CompareResult, compare, compare_disks
-from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
-from .ops.identity import give_new_uuid
-from .ops.merge import merge, merge_disk
-from .ops.repair import check, describe_effects
-from .ops.resize import resize
-from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
-from .ops.sparsify import plan as sparsify_plan
 from .progress import Progress, ProgressCallback
 from .rawdisk import TEST_ENV as RAW_TEST_ENV
 from .rawdisk import RawDrive, host_drives, inspect_drive, parse_partitions
@@ -117,10 +85,62 @@ from .secrets import using as using_passphrases
 from .sizes import describe_size, format_size, parse_size
 from .temps import temp_name
 
-# the media library (sqlite3, XML) is imported on first use: vdgui-img rarely needs it
-_LAZY = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
-         "mark_duplicates": "library",
-         "read_virtualbox_registry": "library"}
+if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
+    from .inside import (
+        ChangeReport,
+        DiskFile,
+        Entry,
+        Layout,
+        Partition,
+        SliceFile,
+        changed,
+        disk_layout,
+        extract_tree,
+        extract_trees,
+        open_volume,
+        safe_extract_parts,
+        volumes,
+    )
+    from .media import (
+        DEFAULT_FLOPPY,
+        FLOPPY_FORMATS,
+        FloppyFormat,
+        create_floppy,
+        create_iso,
+        create_raw_vmdk,
+        floppy_format,
+        folder_contents,
+    )
+    from .ops.compact import compact
+    from .ops.compare import CompareResult, compare, compare_disks
+    from .ops.copy import chain_target_names, copy_image, move_image, move_refusal
+    from .ops.identity import give_new_uuid
+    from .ops.merge import merge, merge_disk
+    from .ops.repair import check, describe_effects
+    from .ops.resize import resize
+    from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
+    from .ops.sparsify import plan as sparsify_plan
+
+# imported on first use: a command imports only what it uses (vdgui-img's start-up, issue #18):
+# the media library (sqlite3, XML), looking inside disks, media creation, the operations
+_LAZY: dict[str, str] = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
+                         "mark_duplicates": "library", "read_virtualbox_registry": "library"}
+for _mod, _names in (
+        ("inside", "ChangeReport DiskFile Entry Layout Partition SliceFile changed disk_layout "
+                   "extract_tree extract_trees open_volume safe_extract_parts volumes"),
+        ("media", "DEFAULT_FLOPPY FLOPPY_FORMATS FloppyFormat create_floppy create_iso "
+                  "create_raw_vmdk floppy_format folder_contents"),
+        ("ops.compact", "compact"),
+        ("ops.compare", "CompareResult compare compare_disks"),
+        ("ops.copy", "chain_target_names copy_image move_image move_refusal"),
+        ("ops.identity", "give_new_uuid"),
+        ("ops.merge", "merge merge_disk"),
+        ("ops.repair", "check describe_effects"),
+        ("ops.resize", "resize"),
+        ("ops.sparsify", "SparsifyReport VolumeResult sparsify sparsify_plan:plan")):
+    for _n in _names.split():
+        _LAZY[_n.partition(":")[0]] = f"{_mod}:{_n.partition(':')[2] or _n.partition(':')[0]}"
+del _mod, _names, _n
 
 # the public API, named (the lazy names of the library included)
 __all__ = [
@@ -283,10 +303,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    mod, _, attr = where.partition(":")
+    value = getattr(importlib.import_module(f".{mod}", __name__), attr or name)
     globals()[name] = value
     return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from . import formats
@@ -137,15 +138,40 @@ def register_backend(backend: Backend, origin: BackendOrigin | None = None) -> N
         _ORIGINS[id(backend)] = origin
 
 
+def _declared_somewhere(group: str) -> bool:
+    """A cheap look before importing importlib.metadata (a quarter of vdgui-img's start-up):
+    does a distribution folder on sys.path (``*.dist-info``/``*.egg-info``) name ``group`` in
+    its entry_points.txt? True when unsure (a sys.path entry that is a file, e.g. a zip)."""
+    needle = f"[{group}]"
+    for entry in sys.path:
+        folder = entry or "."
+        try:
+            names = os.listdir(folder)
+        except NotADirectoryError:
+            return True
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith((".dist-info", ".egg-info")):
+                continue
+            try:
+                with open(os.path.join(folder, name, "entry_points.txt"), "rb") as f:
+                    if needle.encode() in f.read(1 << 20):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
 def load_plugins(group: str = PLUGIN_GROUP) -> PluginReport:
     """Load the backends that installed distributions declare in the entry-point ``group``
     (VirtualBox's VDPluginLoadFromPath). A plugin that cannot be imported, gives no Backend, or
     whose declarations are wrong or names taken is skipped and reported; nothing it does stops
     the others or the program. Calling again loads only entry points not seen before.
     Returns every outcome so far."""
-    from importlib.metadata import entry_points
-    if os.environ.get(NO_PLUGINS_ENV):
+    if os.environ.get(NO_PLUGINS_ENV) or not _declared_somewhere(group):
         return _REPORT
+    from importlib.metadata import entry_points
     for ep in sorted(entry_points(group=group), key=lambda e: (e.name, e.value)):
         dist = getattr(ep, "dist", None)
         dname = dist.metadata["Name"] if dist is not None else None

@@ -9,7 +9,6 @@ which mean 1000-based bytes or bits elsewhere, so guessing would size a disk wro
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 from .errors import InvalidArgument
 
@@ -43,6 +42,8 @@ def parse_size(text: str | int) -> int:
             hint = (f"; for {_UNITS[c]} bytes write {c} or {c}iB (sizes are binary: "
                     "1000-based units are not accepted)")
         raise InvalidArgument(f"not a size: {text!r}: unknown or ambiguous unit {unit!r}{hint}")
+    from fractions import Fraction  # here: a start-up cost most commands never need
+
     value = Fraction(m.group(1)) * _UNITS[unit]
     if value.denominator != 1:
         raise InvalidArgument(f"not a whole number of bytes: {text!r} is {float(value)} bytes")

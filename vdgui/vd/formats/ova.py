@@ -14,7 +14,6 @@ the first, the default). ``info`` lists every disk with its format and size.
 from __future__ import annotations
 
 import os
-import tarfile
 from collections.abc import Callable, Iterable
 from typing import NoReturn, Protocol, runtime_checkable
 
@@ -111,6 +110,8 @@ def _members(f: ImageFile, location: str) -> list[_Disk]:
 
         def close(self) -> None:
             pass                     # the ImageFile belongs to the caller
+
+    import tarfile  # here: only an OVA needs it (start-up)
 
     try:
         with tarfile.open(fileobj=_Reader(), mode="r:") as tf:

@@ -41,7 +41,6 @@ from ...space import preallocate
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from . import layout as L
 from .blockmap import (
-    _FREE_BYTES,
     DATA_ALIGN,
     MAX_BLOCK,
     MAX_BLOCKS,
@@ -50,6 +49,7 @@ from .blockmap import (
     _max_size,
     _size_limit,
     _uuid_bytes,
+    free_bytes,
 )
 from .image import VdiImage
 
@@ -185,7 +185,7 @@ class VdiBackend(Backend):
                 b = min(blocks, a + MAP_CHUNK)
                 f.pwrite(
                     offset_blocks + a * 4,
-                    _map_to_disk(array("I", range(a, b))) if fixed else _FREE_BYTES[: (b - a) * 4],
+                    _map_to_disk(array("I", range(a, b))) if fixed else free_bytes(b - a),
                 )
             f.truncate(offset_data + (blocks * bs if fixed else 0))
             if fixed:  # a fixed VDI holds its blocks (VirtualBox writes it full)

@@ -2,6 +2,7 @@
 the header fields (UUIDs, geometry, comment)."""
 from __future__ import annotations
 
+import functools
 import uuid as uuidlib
 from array import array
 
@@ -43,16 +44,29 @@ def _map_to_disk(m: array) -> bytes:
     return table_to_bytes(m, big_endian=False)
 
 
-_FREE_BYTES = b"\xff" * (4 * MAP_CHUNK)
-_FREE_CHUNK = array("I", _FREE_BYTES)
+@functools.cache
+def _free_chunk_bytes() -> bytes:
+    """MAP_CHUNK FREE entries as stored: 4 MiB, made on first use (not at import)."""
+    return b"\xff" * (4 * MAP_CHUNK)
+
+
+@functools.cache
+def _free_chunk() -> array:
+    return array("I", _free_chunk_bytes())
+
+
+def free_bytes(n: int) -> bytes:
+    """``n`` FREE entries as stored (n <= MAP_CHUNK)."""
+    return _free_chunk_bytes() if n == MAP_CHUNK else _free_chunk_bytes()[:4 * n]
 
 
 def _extend_free(m: array, n: int) -> None:
     """Append n FREE entries in chunks (``m.extend(array * n)`` would build the new part
     twice; growing a large array reallocates in place, by mremap)."""
+    chunk = _free_chunk()
     while n > 0:
         k = min(n, MAP_CHUNK)
-        m.extend(_FREE_CHUNK if k == MAP_CHUNK else _FREE_CHUNK[:k])
+        m.extend(chunk if k == MAP_CHUNK else chunk[:k])
         n -= k
 
 

@@ -11,7 +11,6 @@ keys). Lines starting with ``#`` are comments.
 from __future__ import annotations
 
 import codecs
-import random
 import re
 from dataclasses import dataclass
 
@@ -303,6 +302,8 @@ def build(
 
 
 def new_cid(old: int | None = None) -> int:
+    import random  # here: only a write needs it (start-up)
+
     while True:
         c = random.getrandbits(32)
         if c not in (NO_PARENT_CID, 0xFFFFFFFE, old):
