@@ -99,8 +99,8 @@ if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
         extract_trees,
         open_volume,
         safe_extract_parts,
-        volumes,
     )
+    from .inside.volumes import volumes
     from .media import (
         DEFAULT_FLOPPY,
         FLOPPY_FORMATS,
