@@ -63,8 +63,6 @@ from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .ioqueue import IoKind, IoQueue, IoRequest, IoState
 from .progress import Progress, ProgressCallback
-from .rawdisk import TEST_ENV as RAW_TEST_ENV
-from .rawdisk import RawDrive, host_drives, inspect_drive, parse_partitions
 from .registry import (
     NO_PLUGINS_ENV,
     PLUGIN_GROUP,
@@ -120,9 +118,12 @@ if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
     from .ops.resize import resize
     from .ops.sparsify import SparsifyReport, VolumeResult, sparsify
     from .ops.sparsify import plan as sparsify_plan
+    from .rawdisk import TEST_ENV as RAW_TEST_ENV
+    from .rawdisk import RawDrive, host_drives, inspect_drive, parse_partitions
 
 # imported on first use: a command imports only what it uses (vdgui-img's start-up, issue #18):
-# the media library (sqlite3, XML), looking inside disks, media creation, the operations
+# the media library (sqlite3, XML), looking inside disks, media creation, the operations,
+# host drives
 _LAZY: dict[str, str] = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
                          "mark_duplicates": "library", "read_virtualbox_registry": "library"}
 for _mod, _names in (
@@ -137,7 +138,8 @@ for _mod, _names in (
         ("ops.merge", "merge merge_disk"),
         ("ops.repair", "check describe_effects"),
         ("ops.resize", "resize"),
-        ("ops.sparsify", "SparsifyReport VolumeResult sparsify sparsify_plan:plan")):
+        ("ops.sparsify", "SparsifyReport VolumeResult sparsify sparsify_plan:plan"),
+        ("rawdisk", "RawDrive host_drives inspect_drive parse_partitions RAW_TEST_ENV:TEST_ENV")):
     for _n in _names.split():
         _LAZY[_n.partition(":")[0]] = f"{_mod}:{_n.partition(':')[2] or _n.partition(':')[0]}"
 del _mod, _names, _n
