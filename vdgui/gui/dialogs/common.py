@@ -1,5 +1,5 @@
 """Helpers shared by the dialogs: file-system limits of a folder, default names, format lists,
-a warnings box and a location row."""
+a warnings box, a location row, the check of a new file's place and the OK/Cancel buttons."""
 from __future__ import annotations
 
 import html
@@ -8,10 +8,13 @@ import os
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
+    QDialog,
+    QDialogButtonBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QPushButton,
     QToolButton,
     QWidget,
 )
@@ -96,6 +99,23 @@ def folder_problem(folder: str) -> str | None:
             verdict = f"Cannot create files in {folder}: {why}"
     _FOLDER_VERDICTS[folder] = (now, verdict)
     return verdict
+
+
+def new_file_problem(path: str) -> str | None:
+    """Why a new file cannot be written at ``path``: it exists, or its folder is unusable."""
+    if os.path.lexists(path):
+        return f"{path} already exists; choose another name"
+    return folder_problem(os.path.dirname(path))
+
+
+def ok_cancel(dialog: QDialog, text: str) -> tuple[QDialogButtonBox, QPushButton]:
+    """OK and Cancel wired to the dialog's accept and reject, OK labelled ``text``."""
+    buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+    ok = buttons.button(QDialogButtonBox.Ok)
+    ok.setText(text)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    return buttons, ok
 
 
 def size_warnings(

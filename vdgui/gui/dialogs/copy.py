@@ -10,7 +10,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QGroupBox,
     QLabel,
@@ -36,7 +35,8 @@ from .common import (
     MessageArea,
     VariantBoxes,
     creatable_backends,
-    folder_problem,
+    new_file_problem,
+    ok_cancel,
     room_problem,
     size_warnings,
     unique_path,
@@ -113,11 +113,7 @@ class CopyDialog(QDialog):
         form.addRow(self.keep_uuid)
         form.addRow("&Encryption:", self.encryption)
         form.addRow(self.passphrase)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("Copy")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "Copy")
         lay = QVBoxLayout(self)
         lay.addWidget(src)
         lay.addLayout(form)
@@ -230,10 +226,8 @@ class CopyDialog(QDialog):
         elif os.path.abspath(loc) in {os.path.abspath(f)
                                       for f in (self.node.record.files or [self.node.path])}:
             errors.append("The copy cannot overwrite its source")
-        elif os.path.lexists(loc):
-            errors.append(f"{loc} already exists; choose another name")
-        elif folder_problem(os.path.dirname(loc)):
-            errors.append(folder_problem(os.path.dirname(loc)))
+        elif (why := new_file_problem(loc)) is not None:
+            errors.append(why)
         if loc and self.chain_copy():
             srcs = {
                 os.path.abspath(f)

@@ -8,7 +8,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QGroupBox,
     QLabel,
@@ -28,7 +27,8 @@ from .common import (
     MessageArea,
     VariantBoxes,
     creatable_backends,
-    folder_problem,
+    new_file_problem,
+    ok_cancel,
     room_problem,
     size_warnings,
     unique_path,
@@ -100,11 +100,7 @@ class CreateDialog(QDialog):
         form.addRow("&Size:", self.size)
         form.addRow("&Location:", self.location)
         form.addRow("&Description:", self.comment)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("Create")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "Create")
         lay = QVBoxLayout(self)
         lay.addWidget(self.format_box)
         lay.addLayout(form)
@@ -193,10 +189,8 @@ class CreateDialog(QDialog):
             errors.append("Choose where to create the image")
         elif os.path.isdir(loc):
             errors.append(f"{loc} is a folder; add a file name")
-        elif os.path.lexists(loc):
-            errors.append(f"{loc} already exists; choose another name")
-        elif folder_problem(os.path.dirname(loc)):
-            errors.append(folder_problem(os.path.dirname(loc)))
+        elif (why := new_file_problem(loc)) is not None:
+            errors.append(why)
         if self.config is not None:
             errors += self.config.messages()
         size = self.size.value()
@@ -261,11 +255,7 @@ class CreateDiffDialog(QDialog):
         form.addRow("&Format:", self.format)
         form.addRow("&Location:", self.location)
         form.addRow("&Description:", self.comment)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("Create")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "Create")
         lay = QVBoxLayout(self)
         lay.addWidget(info)
         lay.addLayout(form)
@@ -297,10 +287,8 @@ class CreateDiffDialog(QDialog):
         loc = self.location.path()
         if not loc:
             errors.append("Choose where to create the image")
-        elif os.path.lexists(loc):
-            errors.append(f"{loc} already exists; choose another name")
-        elif folder_problem(os.path.dirname(loc)):
-            errors.append(folder_problem(os.path.dirname(loc)))
+        elif (why := new_file_problem(loc)) is not None:
+            errors.append(why)
         self.messages.show_messages(errors, [])
         self.ok.setEnabled(not errors)
 

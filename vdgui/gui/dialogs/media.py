@@ -8,7 +8,6 @@ import os
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -22,7 +21,13 @@ from PySide6.QtWidgets import (
 from vdgui.vd import DEFAULT_FLOPPY, FLOPPY_FORMATS, format_size, is_temp_name
 
 from ..icons import icon
-from .common import LocationRow, MessageArea, folder_problem, unique_path
+from .common import (
+    LocationRow,
+    MessageArea,
+    new_file_problem,
+    ok_cancel,
+    unique_path,
+)
 from .params import FloppyParams, IsoParams
 
 FAT_LABEL_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~ ")
@@ -130,11 +135,7 @@ class _MediaDialog(QDialog):
         self.form.addRow("&Location:", self.location)
         self.form.addRow("&Label:", self.label)
         self.messages = MessageArea()
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("C&reate")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "C&reate")
         lay = QVBoxLayout(self)
         lay.addLayout(self.form)
         lay.addWidget(self.sources, 1)
@@ -151,9 +152,7 @@ class _MediaDialog(QDialog):
         path = self.location.path()
         if not path:
             errors.append("Choose where to create the image")
-        elif os.path.lexists(path):
-            errors.append(f"{path} already exists")
-        elif (why := folder_problem(os.path.dirname(path))) is not None:
+        elif (why := new_file_problem(path)) is not None:
             errors.append(why)
         return errors, []
 

@@ -9,7 +9,6 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QLabel,
     QListWidget,
@@ -20,7 +19,7 @@ from PySide6.QtWidgets import (
 from vdgui.vd import format_size
 
 from ..icons import format_icon, icon
-from .common import MessageArea, free_space
+from .common import MessageArea, free_space, ok_cancel
 from .params import MergeParams
 
 
@@ -112,11 +111,7 @@ class MergeDialog(QDialog):
         form = QFormLayout()
         form.addRow("Merge &from (source):", self.source)
         form.addRow("Merge &into (target):", self.target)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("Merge")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "Merge")
         lay = QVBoxLayout(self)
         self.chain_label = QLabel("Chain (base at the top):")
         lay.addWidget(self.chain_label)

@@ -17,7 +17,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -33,6 +32,7 @@ from vdgui.vd import Disk, KeyFlag, OpenFlags, ValueType, VDError, format_size
 from ..actions import network_backends
 from ..icons import format_icon, icon
 from ..widgets.config_form import ConfigForm
+from .common import ok_cancel
 from .params import NetworkDiskParams, SecretsParams
 
 ERROR_STYLE = "color: #c9372c;"
@@ -139,11 +139,7 @@ class NetworkDiskDialog(QDialog):
         test_row.addWidget(self.test_button, 0, Qt.AlignTop)
         test_row.addWidget(self.status, 1)
 
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("&Add")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "&Add")
 
         lay = QVBoxLayout(self)
         lay.addWidget(intro)
@@ -363,11 +359,7 @@ class SecretsDialog(QDialog):
         self.remember = QCheckBox("&Remember secrets")
         self.remember.setObjectName("remember_secrets")
         self.remember.setToolTip(remember_tooltip(backend))
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("&Open")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "&Open")
         self.form.validChanged.connect(self.ok.setEnabled)
         self.ok.setEnabled(self.form.is_valid())
         lay = QVBoxLayout(self)

@@ -12,7 +12,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QLabel,
     QLineEdit,
@@ -25,7 +24,14 @@ from vdgui.jobs.tasks import encryptions
 from vdgui.vd import Passphrase, get_backend
 
 from ..icons import icon
-from .common import LocationRow, MessageArea, creatable_backends, folder_problem, unique_path
+from .common import (
+    LocationRow,
+    MessageArea,
+    creatable_backends,
+    new_file_problem,
+    ok_cancel,
+    unique_path,
+)
 from .params import ChangePassphraseParams, EncryptParams, PassphraseParams
 
 ERROR_STYLE = "color: #c9372c;"
@@ -135,13 +141,9 @@ class PassphraseDialog(QDialog):
         self.remember.setObjectName("remember_passphrase")
         self.remember.setToolTip(REMEMBER_TIP)
         self.remember.setVisible(can_remember)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("&Open")
+        self.buttons, self.ok = ok_cancel(self, "&Open")
         self.ok.setEnabled(False)
         self.edit.textChanged.connect(lambda t: self.ok.setEnabled(bool(t)))
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
         lay.addWidget(text)
         lay.addWidget(self.error)
@@ -203,11 +205,7 @@ class EncryptDialog(QDialog):
         form.addRow("&Location:", self.location)
         if not decrypt:
             form.addRow("&Encryption:", self.encryption)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText(verb)
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, verb)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         if not decrypt:
@@ -271,10 +269,8 @@ class EncryptDialog(QDialog):
             loc = self.location.path()
             if not loc:
                 errors.append("Choose where to write the new file")
-            elif os.path.lexists(loc):
-                errors.append(f"{loc} already exists; choose another name")
-            elif folder_problem(os.path.dirname(loc)):
-                errors.append(folder_problem(os.path.dirname(loc)))
+            elif (why := new_file_problem(loc)) is not None:
+                errors.append(why)
         self.messages.show_messages(errors, [])
         self.ok.setEnabled(not errors)
 
@@ -315,13 +311,9 @@ class ChangePassphraseDialog(QDialog):
                       f".<br>{html.escape(how)} The current passphrase is asked next.")
         text.setWordWrap(True)
         self.fields = NewPassphraseFields()
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("&Change")
+        self.buttons, self.ok = ok_cancel(self, "&Change")
         self.ok.setEnabled(False)
         self.fields.changed.connect(lambda: self.ok.setEnabled(self.fields.problem() is None))
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
         lay.addWidget(text)
         lay.addWidget(self.fields)

@@ -12,7 +12,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
     QLabel,
     QRadioButton,
@@ -24,7 +23,13 @@ from PySide6.QtWidgets import (
 from vdgui.vd import RawDrive, VDError, format_size, host_drives, inspect_drive
 
 from ..icons import icon
-from .common import LocationRow, MessageArea, folder_problem, unique_path
+from .common import (
+    LocationRow,
+    MessageArea,
+    new_file_problem,
+    ok_cancel,
+    unique_path,
+)
 from .params import RawDiskParams
 
 WARNING = ("The virtual machine will read and WRITE the real disk {drive}, not a copy. "
@@ -70,11 +75,7 @@ class RawDiskDialog(QDialog):
         self.consent = QCheckBox("I understand: the VM will &write to this real disk")
         self.consent.setObjectName("consent")
         self.messages = MessageArea()
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("C&reate")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "C&reate")
         form = QFormLayout()
         form.addRow("&Location:", self.location)
         form.addRow("&Host drive:", self.drive)
@@ -156,9 +157,7 @@ class RawDiskDialog(QDialog):
         path = self.location.path()
         if not path:
             errors.append("Choose where to create the VMDK")
-        elif os.path.lexists(path):
-            errors.append(f"{path} already exists")
-        elif (why := folder_problem(os.path.dirname(path))) is not None:
+        elif (why := new_file_problem(path)) is not None:
             errors.append(why)
         info = self.drive_info
         if self.drive_error:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import html
 
-from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QLabel, QVBoxLayout
+from PySide6.QtWidgets import QDialog, QFormLayout, QLabel, QVBoxLayout
 
 from vdgui.vd import Alloc, Disk, OpenFlags, VDError, format_size
 
 from ..icons import icon
 from ..widgets.size_edit import SizeEdit
-from .common import MessageArea, grow_to_fit
+from .common import MessageArea, grow_to_fit, ok_cancel
 from .params import ResizeParams
 
 
@@ -101,11 +101,7 @@ class ResizeDialog(QDialog):
             QLabel(f"{format_size(used)}" if used is not None else f"unknown ({err})"),
         )
         form.addRow("&New size:", self.size)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        self.ok = self.buttons.button(QDialogButtonBox.Ok)
-        self.ok.setText("Resize")
-        self.buttons.accepted.connect(self.accept)
-        self.buttons.rejected.connect(self.reject)
+        self.buttons, self.ok = ok_cancel(self, "Resize")
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.messages)
