@@ -388,3 +388,22 @@ def test_no_passphrase_in_logs_status_or_job_text(qtbot, window, copies, tmp_pat
     for secret in ("vbox-pass", "Wrong-2", "Newer-3"):
         assert secret not in blob
         assert secret.encode() not in _bytes(window.library.path)
+
+
+def test_switching_images_leaves_no_stray_properties_form(qtbot, window, tmp_path):
+    """The details pane's properties form of the image shown before (QCOW2: only expert keys)
+    was reparented to nothing while visible: a window of its own at (0, 0) until deleted (in
+    the screenshot scripts, which run no event loop, it stayed)."""
+    from PySide6.QtWidgets import QApplication
+    a, b = str(tmp_path / "a.qcow2"), str(tmp_path / "b.vdi")
+    for p, fmt in ((a, "QCOW2"), (b, "VDI")):
+        with vd.Disk() as d:
+            d.create_base(p, MiB, fmt)
+    window.show()
+    window.ops.add_paths([a, b], sync=True)
+    window.select_paths([a])
+    qtbot.waitUntil(lambda: window.details.props_form is not None)
+    window.select_paths([b])
+    for _ in range(20):        # events, but no return to the event loop: nothing deleted yet
+        QApplication.processEvents()
+    assert [w for w in QApplication.topLevelWidgets() if w.isVisible()] == [window]

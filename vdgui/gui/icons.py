@@ -61,7 +61,7 @@ def format_icon(device: str, format_name: str | None, locked: bool = False) -> Q
     svg = _read(name).replace(b"@COLOR@", accent_color(format_name).name().encode())
     if not locked:
         return _icon_from_svg(svg)
-    return _with_badge(_icon_from_svg(svg), icon("lock"))
+    return _with_badge(_icon_from_svg(svg), icon("lock-badge"))
 
 
 def _with_badge(base: QIcon, badge: QIcon) -> QIcon:
@@ -72,7 +72,7 @@ def _with_badge(base: QIcon, badge: QIcon) -> QIcon:
             img.fill(Qt.transparent)
             p = QPainter(img)
             p.drawPixmap(0, 0, base.pixmap(s, s).scaled(s * dpr, s * dpr))
-            b = max(s * dpr * 5 // 8, 8)
+            b = max(s * dpr * 11 // 16, 8)
             p.drawPixmap(s * dpr - b, s * dpr - b, badge.pixmap(b, b).scaled(b, b))
             p.end()
             pm = QPixmap.fromImage(img)

@@ -340,6 +340,7 @@ class DetailsPane(QScrollArea):
 
     def _build_props(self, node) -> None:
         if self.props_form is not None:
+            self.props_form.hide()             # else a window of its own until deleted
             self.props_form.setParent(None)
             self.props_form.deleteLater()
             self.props_form = None
