@@ -895,3 +895,37 @@ def test_stale_relative_path_updated_on_read_write_open(tmp_path):
         assert d.top.parent_locator["relative_path"] == ".\\moved\\sp.vhdx"
     with Disk.open_chain(str(child), flags=OpenFlags.READ_ONLY) as d:
         assert d.read(0, 4) == b"\x01" * 4
+
+
+def test_block_status_of_a_huge_sparse_child_visits_only_used_blocks(tmp_path, monkeypatch):
+    """Issue #18 goal 5: a 2 TiB child with a few pieces of data. Its map is read in O(used
+    blocks) steps (was one Python step per block: ~1 M for 2 TiB), and each partly written
+    block's runs come from its own sector bits (was a 1 MiB bitmap read per chunk)."""
+    size = 2 << 40
+    base, child = str(tmp_path / "b.vhdx"), str(tmp_path / "c.vhdx")
+    pieces = [(5 * MiB + 4096, 8192), (700 << 30, 65536), (size - 3 * 512, 512),
+              ((1 << 40) + 3 * MiB - 512, 1024)]     # the last one spans two blocks
+    with Disk() as d:
+        d.create_base(base, size, "VHDX")
+        d.write(64 << 30, b"\1" * 4096)
+        d.create_diff(child)
+        for off, n in pieces:
+            d.write(off, b"\2" * n)
+    seen = []
+    real = vhdx.VhdxImage._check_state
+    monkeypatch.setattr(vhdx.VhdxImage, "_check_state",
+                        lambda self, b: seen.append(b) or real(self, b))
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:
+        top = d.images[1]
+        got = top.block_status(0, size)
+        assert len(seen) < 20
+        data = [(s, n) for s, n, st in got if st == Alloc.DATA]
+        assert data == sorted(pieces)
+        assert all(st in (Alloc.DATA, Alloc.UNALLOCATED) for _s, _n, st in got)
+        assert sum(n for _s, n, _st in got) == size
+        # a range inside one partly written block, not sector-aligned at its start
+        assert top.block_status(5 * MiB + 4000, 300) == [
+            (5 * MiB + 4000, 96, Alloc.UNALLOCATED), (5 * MiB + 4096, 204, Alloc.DATA)]
+        ext = d.allocation()
+        assert [(e.start, e.length, e.level) for e in ext if e.level is not None] == sorted(
+            [(64 << 30, d.images[0].block_size, 0)] + [(o, n, 1) for o, n in pieces])

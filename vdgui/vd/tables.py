@@ -5,6 +5,7 @@ Formats store their tables little- or big-endian; these helpers convert whole ta
 """
 from __future__ import annotations
 
+import re
 import sys
 from array import array
 
@@ -47,6 +48,21 @@ def first_shared(targets) -> tuple[int, int, int] | None:
 CHUNK_ENTRIES = 1 << 20     # entries per read or write when a whole table is streamed
 COALESCE_GAP = 16           # unchanged entries rewritten to join two runs into one write
 SPAN_ABOVE = 64             # more changed entries than this: one write of their whole span
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def first_nonzero(table: array, start: int, stop: int) -> int:
+    """Index of the first entry of ``table[start:stop]`` that is not 0, else ``stop``; scanned
+    at memchr-like speed (a block status walk over a 2 TiB map of mostly empty entries)."""
+    stop = min(stop, len(table))
+    if start >= stop:
+        return stop
+    size = table.itemsize
+    with memoryview(table) as m, m.cast("B") as raw:
+        hit = _NONZERO.search(raw, start * size, stop * size)
+    return stop if hit is None else hit.start() // size
 
 
 def read_table(f, offset: int, count: int, typecode: str = "I", big_endian: bool = False,

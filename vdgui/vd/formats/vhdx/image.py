@@ -26,7 +26,7 @@ from ...image import Alloc, FillFn
 from ...runs import RunList
 from ...space import preallocate
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
-from ...tables import BlockTable, read_table, table_to_bytes
+from ...tables import BlockTable, first_nonzero, read_table, table_to_bytes
 from .layout import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -334,9 +334,8 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
     def _state(self, block: int) -> int:
         return self.bat[self._bat_index(block)] & STATE_MASK
 
-    def _sector_bitmap(self, chunk: int) -> bytearray | None:
-        if chunk in self._sb_cache:
-            return self._sb_cache[chunk]
+    def _sb_offset(self, chunk: int) -> int | None:
+        """File offset of ``chunk``'s sector bitmap block, None when it has none."""
         idx = self._sb_index(chunk)
         if idx >= len(self.bat):
             return None
@@ -347,35 +346,50 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
             raise self._corrupt(f"sector bitmap block {chunk} lies outside the file",
                                 field=f"BAT[{idx}]", offset=self.bat_offset + 8 * idx,
                                 expected=f"end <= {self.file_len}", found=f"{off:#x}")
+        return off
+
+    def _sector_bitmap(self, chunk: int) -> bytearray | None:
+        if chunk in self._sb_cache:
+            return self._sb_cache[chunk]
+        off = self._sb_offset(chunk)
+        if off is None:
+            return None
         bm = bytearray(self.f.read_exact(off, MiB, f"sector bitmap block {chunk}"))
         self._sb_cache[chunk] = bm
         return bm
 
-    def _partial_runs(self, block: int, inner: int, n: int) -> list[tuple[int, int, bool]]:
-        """(offset in block, length, present) for a range of a PARTIALLY_PRESENT block."""
-        ss = self.sector_size
+    def _block_bitmap(self, block: int) -> bytes | None:
+        """``block``'s own bytes of its sector bitmap (the whole bitmap block is not read)."""
+        per_block = self.block_size // self.sector_size
         chunk = block // self.cr
-        bm = self._sector_bitmap(chunk)
-        first = (block % self.cr) * (self.block_size // ss) + inner // ss
-        count = ceil_div(n, ss) if n else 0
-        runs: list[tuple[int, int, bool]] = []
-        if bm is None:
+        a = (block % self.cr) * per_block >> 3
+        b = a + (per_block >> 3)
+        if chunk in self._sb_cache:
+            return bytes(self._sb_cache[chunk][a:b])
+        off = self._sb_offset(chunk)
+        if off is None:
+            return None
+        return self.f.read_exact(off + a, b - a, f"sector bitmap block {chunk}")
+
+    def _partial_runs(self, block: int, inner: int, n: int) -> list[tuple[int, int, bool]]:
+        """(offset in block, length, present) for a range of a PARTIALLY_PRESENT block: only
+        the block's own bits are read, and walked a run at a time."""
+        ss = self.sector_size
+        raw = self._block_bitmap(block)
+        if raw is None:
             return [(inner, n, False)]
-        # walk the bitmap; whole bytes of 0x00/0xFF at a time where possible
-        s = 0
-        while s < count:
-            bit = first + s
-            if bit % 8 == 0 and count - s >= 8 and bm[bit >> 3] in (0, 255):
-                present, step = bm[bit >> 3] == 255, 8
-            else:
-                present, step = bool(bm[bit >> 3] >> (bit & 7) & 1), 1
-            pos = inner + s * ss
-            ln = min(step * ss, inner + n - pos)
-            if runs and runs[-1][2] == present:
-                runs[-1] = (runs[-1][0], runs[-1][1] + ln, present)
-            else:
-                runs.append((pos, ln, present))
-            s += step
+        bits = int.from_bytes(raw, "little")        # bit i: sector i of the block
+        end = inner + n
+        last = ceil_div(end, ss)                    # sectors inner // ss .. last - 1
+        runs: list[tuple[int, int, bool]] = []
+        s = inner // ss
+        while s < last:
+            present = bool(bits >> s & 1)
+            rest = (~bits if present else bits) >> s     # the next bit that differs
+            nxt = last if rest == 0 else min(s + (rest & -rest).bit_length() - 1, last)
+            pos = max(s * ss, inner)
+            runs.append((pos, min(nxt * ss, end) - pos, present))
+            s = nxt
         return runs
 
     # -- data ----------------------------------------------------------------------------
@@ -402,10 +416,40 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                                 expected="0, 1, 2, 3, 6 or 7", found=st)
         return st
 
+    def _next_used_block(self, block: int, last: int) -> int:
+        """The first block of ``block..last`` whose BAT entry is not 0 (``last + 1`` if none):
+        never-written blocks are skipped a chunk at a time, not one by one."""
+        cr = self.cr
+        bat = self.bat
+        while block <= last:
+            chunk, k = divmod(block, cr)
+            first = chunk * (cr + 1)
+            stop = first + min(cr, k + last - block + 1)
+            if stop > len(bat):
+                return block              # a short BAT: the per-block path says so
+            idx = first_nonzero(bat, first + k, stop)
+            if idx < stop:
+                return chunk * cr + idx - first
+            block += stop - first - k
+        return last + 1
+
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         runs: RunList[Alloc] = RunList()
         add = runs.add
-        for block, inner, pos, n in split_blocks(offset, length, self.block_size):
+        bs = self.block_size
+        end = offset + length
+        last = (end - 1) // bs
+        empty = self._status_of(PAYLOAD_NOT_PRESENT) or Alloc.UNALLOCATED   # a 0 entry
+        pos = offset
+        while pos < end:
+            block, inner = divmod(pos, bs)
+            used = self._next_used_block(block, last)
+            if used > block:                               # never-written blocks, in one run
+                stop = min(used * bs, end)
+                add(pos, stop - pos, empty)
+                pos = stop
+                continue
+            n = min(bs - inner, end - pos)
             st = self._check_state(block)
             a = self._status_of(st)
             if a is None:
@@ -414,6 +458,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
                     add(base + o, ln, Alloc.DATA if present else Alloc.UNALLOCATED)
             else:
                 add(pos, n, a)
+            pos += n
         return runs.runs
 
     def read(self, offset: int, length: int) -> bytes:
