@@ -173,3 +173,15 @@ def test_file_image_close_closes_even_when_flush_fails(tmp_path):
     assert img.f.fd < 0 and extra.fd < 0
     err = img._corrupt("bad", field="x", offset=4, expected=1, found=2)
     assert isinstance(err, CorruptImage) and str(p) in str(err) and "0x4" in str(err)
+
+
+def test_hand_to_closes_the_file_only_when_the_owner_fails(tmp_path):
+    p = tmp_path / "img"
+    p.write_bytes(b"\0" * 512)
+    f = ImageFile(str(p))
+    with pytest.raises(CorruptImage):
+        f.hand_to(lambda f: (_ for _ in ()).throw(CorruptImage("bad header", path=str(p))))
+    assert f.fd < 0
+    kept = ImageFile(str(p)).hand_to(lambda f: f)
+    assert kept.fd >= 0
+    kept.close()

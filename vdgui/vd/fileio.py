@@ -14,6 +14,8 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import CorruptImage, FileExists, ImageChanged, ImageNotFound, VDIOError
 from .locks import (
@@ -99,6 +101,9 @@ def unsynced():
 def syncing() -> bool:
     """False inside :func:`unsynced` (this thread)."""
     return not getattr(_UNSYNCED, "on", False)
+
+
+_T = TypeVar("_T")
 
 
 class ImageFile:
@@ -374,6 +379,15 @@ class ImageFile:
                 raise io_error(exc, self.path, "close failed") from None
             finally:
                 release_lock(h)  # the locks go with the last descriptor of this file
+
+    def hand_to(self, owner: Callable[[ImageFile], _T]) -> _T:
+        """``owner(self)``: what keeps this file from now on (an image opened on it); the
+        file is closed when that raises."""
+        try:
+            return owner(self)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self):
         return self

@@ -548,12 +548,7 @@ class DmgBackend(Backend):
              config: dict | None = None) -> DmgImage:
         if not flags.read_only:
             raise NotSupported(f"{location}: DMG images are read-only; open them read-only")
-        f = ImageFile(location)
-        try:
-            return DmgImage(self, location, f)
-        except BaseException:
-            f.close()
-            raise
+        return ImageFile(location).hand_to(lambda f: DmgImage(self, location, f))
 
 
 BACKEND = DmgBackend()

@@ -144,12 +144,8 @@ class LuksBackend(Backend):
     def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
              config: dict | None = None) -> LuksImage:
         parse_config(self.config_keys, config, owner=self.name)
-        f = ImageFile(location, writable=not flags.read_only)
-        try:
-            return LuksImage(self, location, f, flags)
-        except BaseException:
-            f.close()
-            raise
+        return ImageFile(location, writable=not flags.read_only).hand_to(
+            lambda f: LuksImage(self, location, f, flags))
 
     def create(self, p: CreateParams) -> LuksImage:
         if p.parent is not None:

@@ -844,12 +844,8 @@ class QedBackend(Backend):
              config: dict | None = None) -> Image:
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
-        f = ImageFile(location, writable=not ro)
-        try:
-            return QedImage(self, location, f, flags)
-        except BaseException:
-            f.close()
-            raise
+        return ImageFile(location, writable=not ro).hand_to(
+            lambda f: QedImage(self, location, f, flags))
 
     def create(self, p: CreateParams) -> QedImage:
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)

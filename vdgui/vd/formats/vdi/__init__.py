@@ -96,12 +96,8 @@ class VdiBackend(Backend):
              config: dict | None = None) -> VdiImage:
         parse_config(self.config_keys, config, owner=self.name)
         ro = flags.read_only
-        f = ImageFile(location, writable=not ro)
-        try:
-            return VdiImage(self, location, f, ro)
-        except BaseException:
-            f.close()
-            raise
+        return ImageFile(location, writable=not ro).hand_to(
+            lambda f: VdiImage(self, location, f, ro))
 
     def create(self, p: CreateParams) -> VdiImage:
         cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)

@@ -124,12 +124,8 @@ class VhdBackend(Backend):
         self, location: str, flags: OpenFlags = OpenFlags.NORMAL, config: dict | None = None
     ) -> VhdImage:
         ro = flags.read_only
-        f = ImageFile(location, writable=not ro)
-        try:
-            return VhdImage(self, location, f, ro, flags)
-        except BaseException:
-            f.close()
-            raise
+        return ImageFile(location, writable=not ro).hand_to(
+            lambda f: VhdImage(self, location, f, ro, flags))
 
     def create(self, p: CreateParams) -> VhdImage:
         fixed = bool(p.flags & ImageFlags.FIXED)
