@@ -206,3 +206,21 @@ def test_grow_in_place_reads_no_allocation(tmp_path, qemu, monkeypatch, cid):
     ino = os.stat(path).st_ino
     resize(str(path), BY_ID[cid][5], format=fmt)
     assert os.stat(path).st_ino == ino
+
+
+def test_vdi_without_room_to_count_a_moved_block_is_grown_on_a_copy(tmp_path, qemu):
+    """A fixed qemu VDI whose map fills its sectors exactly (128 MiB: 128 entries) has every
+    block in use and no spare entry: a moved block could not be counted under the old header
+    (cBlocksAllocated <= cBlocks), so the grow runs on a verified copy, and is right."""
+    from vdgui.vd import resize
+    path = tmp_path / "f.vdi"
+    qemu.img("create", "-q", "-f", "vdi", "-o", "static=on", path, 128 * MiB)
+    qemu.io("-f", "vdi", "-c", "write -P 0x11 0 1M", "-c", f"write -P 0x22 {127 * MiB} 1M", path)
+    ino = os.stat(path).st_ino
+    resize(str(path), 200 * MiB, format="VDI")
+    assert os.stat(path).st_ino != ino
+    r = qemu.io("-f", "vdi", "-c", "read -P 0x11 0 1M", "-c", f"read -P 0x22 {127 * MiB} 1M",
+                "-c", f"read -P 0 {128 * MiB} {72 * MiB}", path)
+    assert r.stdout.count("read ") == 3, r.stdout
+    assert qemu.check(str(path), "vdi").returncode == 0
+    assert _qemu_size(path, "vdi") == 200 * MiB

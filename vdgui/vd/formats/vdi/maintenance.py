@@ -15,6 +15,7 @@ from ...image import CheckReport, FillFn, Problem, ProblemCode
 from ...progress import Progress, ProgressCallback
 from ...space import preallocate, require_space
 from ...sparse import is_zero, zeroes
+from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import BlockTable
 from . import layout as L
 from .blockmap import _FREE, _ZERO, MAX_BLOCKS, _extend_free, _size_limit
@@ -261,6 +262,8 @@ class MaintenanceMixin(VdiState):
         # entries the count passes the vacated blocks until the new header
         room = (self.offset_data - self.offset_blocks) // 4
         spare = len(moves) if old_blocks + len(moves) <= room else 0
+        if moves and old_blocks + spare - min(mv.key for mv in moves) > MAP_CHUNK:
+            spare = 0           # the swap would take more than one write (a map of 4 MiB+)
         count = max(old_blocks + spare, nxt)
 
         def repoint(moved: Sequence[Move[int]]) -> None:
