@@ -74,14 +74,22 @@ def bench_library(app, count: int, work: str) -> dict:
     from vdgui.vd import Library
 
     folder = os.path.join(work, "library")
-    os.makedirs(folder)
     t = time.monotonic()
-    paths = make_library_images(folder, count)
+    if os.path.isdir(folder):                  # --keep: the images of an earlier run
+        paths = sorted(os.path.join(folder, n) for n in os.listdir(folder))
+    else:
+        os.makedirs(folder)
+        paths = make_library_images(folder, count)
     made = time.monotonic() - t
     db = os.path.join(work, "library.sqlite3")
+    if os.path.exists(db):
+        os.remove(db)
     lib = Library(db)
     for p in paths:
         lib.add(p)
+    lib.scan_all()      # what the app knew from its last run (not timed)
+    lib.close()
+    lib = Library(db)
     win = MainWindow(lib)
     win.resize(1200, 760)
     win.show()
@@ -137,12 +145,14 @@ def bench_allocation(app, work: str, formats, size: int, pieces: int, runs: int)
     from vdgui.gui.models.media import build_forest
     from vdgui.gui.widgets.details import DetailsPane
     from vdgui.jobs import tasks
-    from vdgui.vd import Library
+    from vdgui.vd import Library, get_backend
 
     out = {}
     lib = Library(":memory:")
     for fmt in formats:
-        top = make_sparse_chain(work, fmt, size, pieces)
+        top = os.path.join(work, f"sparse-{fmt}-2.{get_backend(fmt).default_extension()}")
+        if not os.path.exists(top):
+            top = make_sparse_chain(work, fmt, size, pieces)
         recs = lib.add_with_parents(top)
         node = next(n for n in build_forest(recs)[0].descendants() if n.path == recs[0].path)
         pane = DetailsPane()
@@ -218,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="best of N for the allocation picture")
     ap.add_argument("--parallel", type=int, default=4, help="jobs at once for progress")
     ap.add_argument("--seconds", type=float, default=3.0, help="each progress job's length")
+    ap.add_argument("--keep", help="work in this folder, keep its images and reuse them")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -226,7 +237,7 @@ def main(argv=None) -> int:
 
     app = make_app()
     only = {k.strip() for k in args.only.split(",")}
-    work = tempfile.mkdtemp(prefix="vdgui-scale-")
+    work = args.keep or tempfile.mkdtemp(prefix="vdgui-scale-")
     results: dict[str, dict] = {}
     try:
         if "library" in only:
@@ -238,7 +249,8 @@ def main(argv=None) -> int:
         if "progress" in only:
             results["progress"] = bench_progress(app, args.parallel, args.seconds)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     ok = True
     if args.json:
         print(json.dumps(results, indent=2))

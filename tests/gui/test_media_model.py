@@ -148,6 +148,34 @@ def test_sorting_by_size_is_numeric(qapp):
     assert [proxy.index(r, COL_NAME).data() for r in range(3)] == ["b.vdi", "c.vdi", "a.vdi"]
 
 
+def test_sort_keys_are_the_shown_text_and_the_name_is_not_rebuilt(qapp, monkeypatch):
+    """Every column sorts by its shown text in lower case (sizes as numbers); the name's key is
+    kept on the node: a sort of 1,000 rows asked the model ~20,000 times, each building the
+    name again (issue #18 goal 5: the list of a big library)."""
+    from vdgui.gui.models.media import SORT_ROLE
+
+    recs = [ImageRecord(path=f"/x/{n}.vdi", format=f, variant="dynamic", virtual_size=s)
+            for n, f, s in (("Bb", "VDI", 3), ("aA", "VMDK", 1), ("c", "RAW", 2))]
+    model = MediaModel()
+    model.set_records(recs)
+    for r in range(3):
+        for c in range(len(COLUMNS)):
+            idx = model.index(r, c)
+            key = idx.data(SORT_ROLE)
+            if COLUMNS[c] in ("Virtual size", "Actual size"):
+                assert isinstance(key, float)
+            else:
+                assert key == str(idx.data()).lower()
+    calls = []
+    real = ImageRecord.name
+    monkeypatch.setattr(ImageRecord, "name", property(lambda r: calls.append(1) or real.fget(r)))
+    proxy = MediaFilterProxy()
+    proxy.setSourceModel(model)
+    proxy.sort(COL_NAME, Qt.AscendingOrder)
+    assert [proxy.index(r, COL_NAME).data() for r in range(3)] == ["aA.vdi", "Bb.vdi", "c.vdi"]
+    assert len(calls) <= 3                      # the three names shown, none for the sort
+
+
 def test_parent_cycles_do_not_hang():
     a = ImageRecord(path="/x/a.vdi", parent_path="/x/b.vdi")
     b = ImageRecord(path="/x/b.vdi", parent_path="/x/a.vdi")
