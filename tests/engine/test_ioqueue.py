@@ -30,11 +30,11 @@ class Gate:
         for name in ("read", "write", "flush", "discard"):
             orig = getattr(d, name)
 
-            def wrapped(*a, _orig=orig, _name=name):
+            def wrapped(*a, _orig=orig, _name=name, **k):
                 self.entered.set()
                 self.open.wait(5)
                 self.order.append((_name, a[0] if a else None))
-                return _orig(*a)
+                return _orig(*a, **k)
             setattr(d, name, wrapped)
 
 
@@ -210,3 +210,32 @@ def test_bad_arguments(disk):
     with pytest.raises(InvalidArgument):
         q.read(-1, 10)
     q.close()
+
+
+def test_read_only_queue_reads_through_one_open_per_worker(tmp_path):
+    from vdgui.vd import IoQueue, OpenFlags
+    p = str(tmp_path / "a.vdi")
+    with Disk() as d:
+        d.create_base(p, 8 * MiB, "VDI")
+        for i in range(8):
+            d.write(i * MiB, bytes([i + 1]) * MiB)
+    opened = []
+
+    def opener():
+        dd = Disk.open_chain(p, flags=OpenFlags.READ_ONLY)
+        opened.append(dd)
+        return dd
+    before = _threads()
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d:
+        q = IoQueue(d, workers=3, opener=opener)
+        reqs = [q.read(i * MiB, MiB) for i in range(8) for _ in range(3)]
+        for k, r in enumerate(reqs):
+            assert r.wait(10) == bytes([k // 3 + 1]) * MiB
+        with pytest.raises(InvalidArgument, match="read-only"):
+            q.write(0, b"x")
+        with pytest.raises(InvalidArgument, match="read-only"):
+            q.flush()
+        q.close()
+    assert 1 <= len(opened) <= 3
+    assert all(not dd.images for dd in opened)        # each worker closed its open
+    assert _threads() - before == set()

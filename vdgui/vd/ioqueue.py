@@ -56,13 +56,16 @@ class IoRequest:
     """A handle on one submitted request."""
 
     def __init__(self, queue: IoQueue, kind: IoKind, offset: int, length: int,
-                 data: bytes | None, callback: Callback | None) -> None:
+                 data: bytes | None, callback: Callback | None, top: int | None = None,
+                 level: int | None = None) -> None:
         self.queue = queue
         self.kind = kind
         self.offset = offset
         self.length = length
         self.data = data
         self.callback = callback
+        self.top = top            # reads: the chain seen up to image ``top``
+        self.level = level        # reads: straight from this chain member (it holds it all)
         self.id = 0
         self.state = IoState.QUEUED
         self.result: bytes | None = None
@@ -90,6 +93,10 @@ class IoRequest:
 
     def cancel(self) -> bool:
         return self.queue.cancel(self)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the request is finished (without raising its error)."""
+        return self._done.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> bytes | None:
         """The read's bytes (None for the others); raises the request's error."""
@@ -130,9 +137,12 @@ class IoQueue:
         self._local = threading.local()
 
     # -- submitting ---------------------------------------------------------------------------
-    def read(self, offset: int, length: int, callback: Callback | None = None) -> IoRequest:
-        """VDAsyncRead."""
-        return self._submit(IoRequest(self, IoKind.READ, offset, length, None, callback))
+    def read(self, offset: int, length: int, callback: Callback | None = None, *,
+             top: int | None = None, level: int | None = None) -> IoRequest:
+        """VDAsyncRead (``top``: up to that chain member; ``level``: straight from the member
+        known to hold the whole range)."""
+        return self._submit(IoRequest(self, IoKind.READ, offset, length, None, callback,
+                                      top, level))
 
     def write(self, offset: int, data: bytes, callback: Callback | None = None) -> IoRequest:
         """VDAsyncWrite."""
@@ -200,15 +210,26 @@ class IoQueue:
             if d is not None:
                 d.close()
 
+    @staticmethod
+    def _read(d: Any, req: IoRequest) -> bytes:
+        if req.level is None:
+            return bytes(d.read(req.offset, req.length, top=req.top))
+        data = d.images[req.level].read(req.offset, req.length)
+        if not d.filters:
+            return bytes(data)
+        buf = bytearray(data)
+        d.decode(req.offset, memoryview(buf))
+        return bytes(buf)
+
     def _run(self, req: IoRequest) -> bytes | None:
         if req.kind is IoKind.READ and self.opener is not None:
             d = getattr(self._local, "disk", None)
             if d is None:
                 d = self._local.disk = self.opener()
-            return bytes(d.read(req.offset, req.length))
+            return self._read(d, req)
         with self._disk_lock:
             if req.kind is IoKind.READ:
-                return bytes(self.disk.read(req.offset, req.length))
+                return self._read(self.disk, req)
             if req.kind is IoKind.WRITE:
                 assert req.data is not None
                 self.disk.write(req.offset, req.data)
