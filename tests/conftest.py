@@ -154,6 +154,17 @@ def read_all(disk, chunk: int = 4 << 20) -> bytes:
     return bytes(out)
 
 
+def retry_pbkdf_timing(run):
+    """Run `run()` (a qemu command creating a LUKS header) until qemu's PBKDF2 timing works.
+    qemu times its PBKDF2 in thread CPU time and fails ("Unable to get accurate CPU usage") when
+    a coarse or busy clock shows 0 ms; that one failure is retried, any other is returned."""
+    for _ in range(40):
+        r = run()
+        if r.returncode == 0 or "accurate CPU usage" not in r.stderr:
+            return r
+    return r
+
+
 def run_cli(*args, check=True, env=None, input=None) -> subprocess.CompletedProcess:
     """Run vdgui-img in a subprocess (as a user would)."""
     r = subprocess.run(

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import retry_pbkdf_timing
 from vdgui.vd import Cap, backends
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -207,8 +208,10 @@ def _cue(d: Path) -> Path:
 def _luks(d: Path) -> Path:
     p = d / "s.luks"
     secret = ["--object", "secret,id=s0,data=hostile"]
-    _qemu("qemu-img", "create", "-q", "-f", "luks", *secret, "-o", "key-secret=s0,iter-time=100",
-          p, 2 * MiB)
+    r = retry_pbkdf_timing(lambda: subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "luks", *secret, "-o", "key-secret=s0,iter-time=100",
+         str(p), str(2 * MiB)], capture_output=True, text=True))
+    assert r.returncode == 0, r.stderr
     _qemu("qemu-io", *secret, "--image-opts", f"driver=luks,file.filename={p},key-secret=s0",
           "-c", "write -P 0x5a 0 64k")
     return p

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import retry_pbkdf_timing, run_cli
 from tests.engine.test_secrets import _cli
 
 MiB = 1 << 20
@@ -26,13 +26,8 @@ def _opts(path, pw, fmt="qcow2"):
 
 
 def _create(qemu, *args, check=True):
-    """qemu-img create of an encrypted image. qemu times its PBKDF2 first in thread CPU time
-    and fails when the clock shows 0 ms ("Unable to get accurate CPU usage"), which happens now
-    and then with a coarse clock: that failure is retried."""
-    for _ in range(40):
-        r = qemu.img("create", *args, check=False)
-        if r.returncode == 0 or "accurate CPU usage" not in r.stderr:
-            break
+    """qemu-img create of an encrypted image (qemu's PBKDF2 timing failures retried)."""
+    r = retry_pbkdf_timing(lambda: qemu.img("create", *args, check=False))
     if check and r.returncode != 0:
         raise AssertionError(f"qemu-img create failed: {r.stderr}")
     return r
