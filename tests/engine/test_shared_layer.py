@@ -17,7 +17,7 @@ from vdgui.vd.errors import CorruptImage, VDIOError
 from vdgui.vd.fileimage import FileImage
 from vdgui.vd.fileio import ImageFile
 from vdgui.vd.runs import RunList, merge_runs
-from vdgui.vd.tables import BlockTable, read_table
+from vdgui.vd.tables import BlockTable, first_nonzero, read_table
 
 
 @pytest.fixture
@@ -185,3 +185,20 @@ def test_hand_to_closes_the_file_only_when_the_owner_fails(tmp_path):
     kept = ImageFile(str(p)).hand_to(lambda f: f)
     assert kept.fd >= 0
     kept.close()
+
+
+@pytest.mark.parametrize("typecode", ["I", "Q"])
+def test_first_nonzero_finds_the_first_used_entry(typecode):
+    """The skip over empty table entries (VHDX BAT, QCOW2 L2) at memcmp speed (issue #18)."""
+    n = 300_000                                  # more than one 1 MiB window of zeroes
+    t = array(typecode, bytes(n * array(typecode).itemsize))
+    assert first_nonzero(t, 0, n) == n
+    assert first_nonzero(t, 5, n + 100) == n     # clamped to the table
+    assert first_nonzero(t, 7, 7) == 7 and first_nonzero(t, n + 3, n + 9) == n + 3
+    for used in (0, 1, 63, 64, 65, 1000, 131_071, 131_072, 299_999):
+        t[used] = 1 << (8 * t.itemsize - 1)      # only the top byte set
+        assert first_nonzero(t, 0, n) == used
+        assert first_nonzero(t, used, n) == used
+        assert first_nonzero(t, used + 1, n) == n
+        assert first_nonzero(t, 0, used) == used
+        t[used] = 0

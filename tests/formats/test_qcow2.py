@@ -506,3 +506,26 @@ def test_named_qcow2_on_a_file_with_another_magic_is_a_corrupt_image(tmp_path):
     with pytest.raises(CorruptImage, match="bad magic") as info:
         Disk().open(str(p), "QCOW2", flags=OpenFlags.READ_ONLY)
     assert info.value.field == "magic"
+
+
+def test_block_status_of_a_huge_sparse_chain(tmp_path):
+    """Issue #18 goal 5: a 2 TiB QCOW2 child with a few pieces spread out; the empty L2
+    entries are skipped in one step each, the runs stay exact."""
+    from vdgui.vd import Alloc, Disk, OpenFlags
+
+    size = 2 << 40
+    base, child = str(tmp_path / "b.qcow2"), str(tmp_path / "c.qcow2")
+    pieces = [(0, 65536), (300 << 30, 3 * 65536), ((300 << 30) + (1 << 20), 65536),
+              (size - 65536, 65536)]
+    with Disk() as d:
+        d.create_base(base, size, "QCOW2")
+        d.write(64 << 30, b"\1" * 65536)
+        d.create_diff(child)
+        for off, n in pieces:
+            d.write(off, b"\2" * n)
+    with Disk.open_chain(child, flags=OpenFlags.READ_ONLY) as d:
+        got = d.images[1].block_status(0, size)
+        assert [(s, n) for s, n, st in got if st == Alloc.DATA] == pieces
+        assert sum(n for _s, n, _st in got) == size
+        assert [(e.start, e.length, e.level) for e in d.allocation() if e.level is not None] \
+            == sorted([(64 << 30, 65536, 0)] + [(o, n, 1) for o, n in pieces])

@@ -14,13 +14,12 @@ from ...fileio import ImageFile
 from ...image import Alloc, FillFn
 from ...runs import RunList
 from ...sparse import is_zero, zeroes
-from ...tables import table_from_bytes, table_to_bytes
+from ...tables import first_nonzero, table_from_bytes, table_to_bytes
 from . import layout as L
 from .state import Bytes, Qcow2State
 
 BE_U64 = struct.Struct(">Q")
 
-_SKIPS = ((64, bytes(8 * 64)), (8, bytes(8 * 8)))   # L2 entries tested together for "all zero"
 
 
 def be_array(data: Bytes) -> array[int]:
@@ -176,7 +175,6 @@ class ClustersMixin(Qcow2State):
                 pos = stop
                 continue
             i = (pos >> cb) % nl2
-            raw = memoryview(tbl).cast("B")
             while pos < stop:
                 e = tbl[i]
                 i += 1
@@ -187,13 +185,12 @@ class ClustersMixin(Qcow2State):
                 if not e:
                     kind = K_UNALLOC
                     host = 0
-                    # a stretch of unallocated entries: 64, then 8 at a time, not one by one
+                    # a stretch of unallocated entries in one step, not one by one
                     more = (stop - pos - n) // cs
-                    for k, zk in _SKIPS:
-                        while more >= k and raw[8 * i : 8 * (i + k)] == zk:
-                            i += k
-                            n += k * cs
-                            more -= k
+                    if more:
+                        j = first_nonzero(tbl, i, i + more)
+                        n += (j - i) * cs
+                        i = j
                 elif e & f_comp:
                     if data_file:
                         raise self._corrupt(
