@@ -744,3 +744,33 @@ def test_vdi_is_packed_once_after_all_discards(built, tmp_path, qemu, monkeypatc
     qemu.img("convert", "-O", "raw", img, raw)
     in_use = check_volumes(raw, sums, parts)
     assert img.stat().st_blocks * 512 <= in_use * 1.1 + 16 * MiB
+
+
+def test_bitmap_runs_are_read_a_run_of_whole_bytes_at_a_time(monkeypatch):
+    """ext's block bitmaps were read a byte at a time (4,096 steps for one empty group of 32,768
+    blocks; 0.3 s of a 2 GiB sparsify); runs of 0x00 or 0xFF bytes are now one step each. The
+    result is the bit-by-bit one."""
+    import random
+
+    from vdgui.vd.ops import sparsify as sp
+
+    def by_bit(bm, count, base, unit):
+        out: list = []
+        for i in range(min(count, len(bm) * 8)):
+            if not (bm[i >> 3] >> (i & 7)) & 1:
+                sp._add(out, base + i * unit, base + (i + 1) * unit)
+        return out
+    rnd = random.Random(7)
+    for _ in range(300):
+        bm = bytes(rnd.choice([0, 0xFF, 0, 0xFF, rnd.randrange(256)])
+                   for _ in range(rnd.randrange(40)))
+        count = rnd.randrange(len(bm) * 8 + 6)
+        out: list = []
+        sp._bits_free(bm, count, 100, 4, out)
+        assert out == by_bit(bm, count, 100, 4), (bm, count)
+    calls = []
+    real = sp._add
+    monkeypatch.setattr(sp, "_add", lambda o, s, e: calls.append(1) or real(o, s, e))
+    out = []
+    sp._bits_free(bytes(4096) + b"\xff" * 4096, 65536, 0, 4096, out)
+    assert out == [(0, 32768 * 4096)] and len(calls) <= 2, len(calls)

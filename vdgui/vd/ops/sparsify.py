@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 from bisect import bisect_right
 from collections.abc import Callable
@@ -143,6 +144,10 @@ def _intersect(a: Ranges, b: Ranges) -> Ranges:
     return out
 
 
+_FULL = re.compile(b"\xff+")
+_EMPTY = re.compile(b"\x00+")
+
+
 def _bits_free(bitmap: bytes, count: int, base: int, unit: int, out: Ranges) -> None:
     """Clear bits (LSB first) among the first ``count`` -> byte ranges base + bit * unit."""
     n = min(count, len(bitmap) * 8)
@@ -152,12 +157,12 @@ def _bits_free(bitmap: bytes, count: int, base: int, unit: int, out: Ranges) -> 
         byte_i = i >> 3
         if (i & 7) == 0 and byte_i < full:
             b = bitmap[byte_i]
-            if b == 0xFF:
-                i += 8
-                continue
-            if b == 0:
-                _add(out, base + i * unit, base + (i + 8) * unit)
-                i += 8
+            if b == 0xFF or b == 0:             # a run of whole bytes: one step
+                m = (_FULL if b else _EMPTY).match(bitmap, byte_i, full)
+                assert m is not None
+                if not b:
+                    _add(out, base + i * unit, base + m.end() * 8 * unit)
+                i = m.end() * 8
                 continue
         if not (bitmap[byte_i] >> (i & 7)) & 1:
             _add(out, base + i * unit, base + (i + 1) * unit)
