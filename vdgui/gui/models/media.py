@@ -19,6 +19,7 @@ from ..icons import format_icon, icon
 COLUMNS = ("Name", "Virtual size", "Actual size", "Format", "Variant", "State")
 COL_NAME, COL_VSIZE, COL_ASIZE, COL_FORMAT, COL_VARIANT, COL_STATE = range(6)
 
+_ROW_FLAGS = Qt.ItemIsEnabled | Qt.ItemIsSelectable   # made once: the view asks per cell
 NODE_ROLE = Qt.UserRole + 1
 SORT_ROLE = Qt.UserRole + 2
 PATH_ROLE = Qt.UserRole + 3
@@ -270,7 +271,7 @@ class MediaModel(QAbstractItemModel):
     def flags(self, index):
         if not index.isValid():
             return Qt.NoItemFlags
-        return Qt.ItemIsEnabled | Qt.ItemIsSelectable
+        return _ROW_FLAGS
 
     def sort_key(self, index: QModelIndex):
         """What the proxy sorts by: the displayed text in lower case, sizes as numbers."""
