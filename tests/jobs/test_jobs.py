@@ -156,3 +156,42 @@ def test_busy_paths_follow_running_jobs(qtbot):
     gate.set()
     wait(qtbot, job)
     assert q.busy_paths() == set()
+
+
+def test_a_worker_lets_a_starved_gui_thread_run(qapp, monkeypatch):
+    """Issue #18 goal 5: busy workers handed the GIL to each other for 60-100 ms. At a progress
+    call a worker sleeps briefly when the GUI thread's mark is stale, at most once per
+    STARVED_S, and never while the GUI thread keeps marking."""
+    import vdgui.jobs as jobs
+
+    clock = [1000.0]
+    slept = []
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(jobs.time, "sleep", slept.append)
+    job = Job("spin", lambda progress: None)
+    job.signals.progress.connect(lambda *a: None)
+    jobs._gui_beat[0] = clock[0]                  # the GUI thread just ran
+    for i in range(50):
+        clock[0] += 0.001
+        jobs._gui_beat[0] = clock[0]
+        job._progress(i, 100)
+    assert slept == []
+    for i in range(50, 100):                      # the GUI thread stops marking: 50 ms
+        clock[0] += 0.001
+        job._progress(i, 100)
+    assert slept and all(s == jobs.YIELD_S for s in slept)
+    assert len(slept) <= 0.05 / jobs.STARVED_S + 1
+
+
+def test_the_gui_thread_marks_while_workers_run(qtbot):
+    """The mark the workers read moves while a job runs (the GUI beat timer)."""
+    import vdgui.jobs as jobs
+
+    q = JobQueue()
+    gate = threading.Event()
+    job = q.submit(Job("wait", lambda progress: gate.wait(5)))
+    start = jobs._gui_beat[0]
+    qtbot.waitUntil(lambda: jobs._gui_beat[0] > start + 0.02, timeout=3000)
+    gate.set()
+    qtbot.waitUntil(lambda: job.finished, timeout=5000)
+    q.wait()

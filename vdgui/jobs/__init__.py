@@ -50,6 +50,14 @@ from vdgui import qtfix  # noqa: F401  (before any signal is emitted)
 from vdgui.vd import Cancelled, PassphraseProvider, VDError, using_passphrases
 
 PROGRESS_INTERVAL = 0.1   # seconds between progress signals
+# Two workers busy in Python hand the GIL to each other and the GUI thread waits 60-100 ms for
+# it (bench/gui_scale.py, progress case). While workers run, the GUI thread marks the time every
+# GUI_BEAT_MS; a worker that finds the mark older than STARVED_S at a progress call sleeps
+# YIELD_S (at most once per STARVED_S), so the GUI thread gets the GIL.
+GUI_BEAT_MS = 10
+STARVED_S = 0.02
+YIELD_S = 0.001
+_gui_beat = [0.0]          # time.monotonic() of the GUI thread's last mark
 
 
 class JobState:
@@ -145,10 +153,20 @@ class _Workers(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(self.COLLECT_EVERY_MS)
         self._timer.timeout.connect(self.collect)
+        self._beat = QTimer(self)
+        self._beat.setInterval(GUI_BEAT_MS)
+        self._beat.timeout.connect(self.beat)
         self.released.connect(self._worker_released)     # first receiver: once per worker
+
+    @Slot()
+    def beat(self) -> None:
+        _gui_beat[0] = time.monotonic()
 
     def worker_started(self) -> None:
         self._running += 1
+        if self._running == 1:
+            self.beat()
+            self._beat.start()
         if self._running == 1 and self._switch_interval is None:
             self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch_interval, self.SWITCH_INTERVAL))
@@ -160,6 +178,8 @@ class _Workers(QObject):
     @Slot(object)
     def _worker_released(self, _job_id=None) -> None:
         self._running = max(self._running - 1, 0)
+        if self._running == 0:
+            self._beat.stop()
         if self._running == 0 and self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
@@ -242,6 +262,7 @@ class Job:
         self._w_done = 0
         self._w_total = 0
         self._last_emit = 0.0
+        self._last_yield = 0.0
         self._emitted_zero = False
         self._emitted: tuple[int, int] | None = None
 
@@ -323,6 +344,9 @@ class Job:
         done = max(done, self._w_done)  # monotonic
         self._w_done = done
         now = time.monotonic()
+        if now - _gui_beat[0] > STARVED_S and now - self._last_yield > STARVED_S:
+            self._last_yield = now
+            time.sleep(YIELD_S)                # the GUI thread has not run lately: let it
         if not self._emitted_zero:
             self._emitted_zero = True
             self._last_emit = now
