@@ -407,3 +407,60 @@ def test_switching_images_leaves_no_stray_properties_form(qtbot, window, tmp_pat
     for _ in range(20):        # events, but no return to the event loop: nothing deleted yet
         QApplication.processEvents()
     assert [w for w in QApplication.topLevelWidgets() if w.isVisible()] == [window]
+
+
+def test_encrypt_and_decrypt_dialogs_and_menus(qtbot, window, copies, tmp_path):
+    from PySide6.QtWidgets import QMenu
+
+    from vdgui.gui import menus
+    from vdgui.gui.dialogs.passphrase import ChangePassphraseDialog, EncryptDialog
+    plain = str(tmp_path / "plain.vdi")
+    with vd.Disk() as d:
+        d.create_base(plain, 4 * MiB, "VDI")
+    vbox = copies("vbox")
+    window.ops.add_paths([plain, vbox], sync=True)
+    image_menu = [a.objectName() for a in window.menus["image"].actions()]
+    for key in ("encrypt", "decrypt", "passphrase"):
+        assert f"action_{key}" in image_menu
+    window.show()
+    window.select_paths([vbox])
+    rect = window.tree.visualRect(window.tree.currentIndex())
+    m = menus.context_menu(window, rect.center())
+    assert {"action_encrypt", "action_decrypt", "action_passphrase"} <= {
+        a.objectName() for a in m.actions()}
+    assert isinstance(m, QMenu) and not window.actions["encrypt"].isEnabled()
+    assert "is encrypted already" in window.actions["encrypt"].toolTip()
+    m.close()
+    # Encrypt…: in place by default; the VDI's encryptions; a mismatch blocks OK
+    dlg = EncryptDialog(window.model.node(plain), window)
+    qtbot.addWidget(dlg)
+    assert dlg.replace.isChecked()
+    assert [dlg.encryption.itemData(i) for i in range(dlg.encryption.count())] == [
+        "vbox-aes-xts256", "vbox-aes-xts128"]
+    dlg.fields.first.setText("a")
+    dlg.fields.second.setText("b")
+    assert not dlg.ok.isEnabled() and "do not match" in " ".join(dlg.messages.errors)
+    dlg.fields.second.setText("a")
+    assert dlg.ok.isEnabled()
+    p = dlg.params()
+    assert (p.encrypt, p.into, p.passphrase.reveal()) == ("vbox-aes-xts256", None, b"a")
+    # into a new QCOW2: LUKS is its encryption
+    dlg.into.setChecked(True)
+    dlg.format.setCurrentIndex(dlg.format.findData("QCOW2"))
+    assert [dlg.encryption.itemData(i) for i in range(dlg.encryption.count())] == ["luks"]
+    assert dlg.location.path().endswith(".qcow2")
+    # Decrypt… of a raw LUKS container: never in place, a format that is not always encrypted
+    raw_luks = str(tmp_path / "c.luks")
+    with vd.PassphraseProvider(new="pw") as pp, vd.using_passphrases(pp), vd.Disk() as d:
+        d.create_base(raw_luks, MiB, "LUKS", config={"IterTime": "10"})
+    window.ops.add_paths([raw_luks], sync=True)
+    dec = EncryptDialog(window.model.node(raw_luks), window, decrypt=True)
+    qtbot.addWidget(dec)
+    assert not dec.replace.isEnabled() and dec.into.isChecked()
+    assert not vd.get_backend(dec.format.currentData()).needs_passphrase and dec.ok.isEnabled()
+    ch = ChangePassphraseDialog(window.model.node(vbox), window)
+    qtbot.addWidget(ch)
+    assert not ch.ok.isEnabled()
+    ch.fields.first.setText("n")
+    ch.fields.second.setText("n")
+    assert ch.ok.isEnabled() and ch.params().passphrase.reveal() == b"n"

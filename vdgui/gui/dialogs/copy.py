@@ -177,7 +177,10 @@ class CopyDialog(QDialog):
         self.encryption.addItem("None", None)
         for name in encryptions(b.name):
             self.encryption.addItem(LABELS.get(name, name), name)
-        self.encryption.setCurrentIndex(max(self.encryption.findData(have), 0))
+        i = self.encryption.findData(have)
+        if b.needs_passphrase and (i <= 0) and self.encryption.count() > 1:
+            i = 1                       # always encrypted (raw LUKS): never "None"
+        self.encryption.setCurrentIndex(max(i, 0))
         self.encryption.blockSignals(False)
         self._encryption_changed()
 
@@ -262,6 +265,8 @@ class CopyDialog(QDialog):
         if self.config is not None:
             errors += self.config.messages()
         enc = self.encryption.currentData()
+        if enc is None and b is not None and b.needs_passphrase:
+            errors.append(f"{b.name} images are always encrypted: choose an encryption")
         if enc is not None:
             errors += [p for p in (self.passphrase.problem(),) if p]
             if self.chain_copy():

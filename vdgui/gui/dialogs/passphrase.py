@@ -193,11 +193,19 @@ class EncryptDialog(QDialog):
         self.fields = NewPassphraseFields()
         self.messages = MessageArea()
         chained = node.parent is not None or bool(node.children)
-        self.replace.setEnabled(not chained)
+        # a format that is always encrypted (raw LUKS) cannot be decrypted in place
+        always = decrypt and node.backend is not None and node.backend.needs_passphrase
+        self.replace.setEnabled(not chained and not always)
         if chained:
             self.replace.setToolTip(f"{node.name} is part of a chain: write a new file (the "
                                     "whole chain's content)")
-        (self.into if chained else self.replace).setChecked(True)
+        elif always:
+            self.replace.setToolTip(f"{node.backend.name} images are always encrypted: write "
+                                    "a new file of another format")
+            plain = next((i for i, b in enumerate(self.backends) if not b.needs_passphrase), -1)
+            if plain >= 0:
+                self.format.setCurrentIndex(plain)
+        (self.into if chained or always else self.replace).setChecked(True)
         form = QFormLayout()
         form.addRow(self.replace)
         form.addRow(self.into)
@@ -258,6 +266,8 @@ class EncryptDialog(QDialog):
     def validate(self) -> None:
         errors = []
         b = self.target_backend()
+        if self.decrypt and b is not None and b.needs_passphrase:
+            errors.append(f"{b.name} images are always encrypted: choose another format")
         if not self.decrypt:
             if not self.encryption.count():
                 errors.append(f"{b.name if b else 'This format'} images cannot be encrypted "
