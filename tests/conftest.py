@@ -14,6 +14,11 @@ import pytest
 from vdgui.vd import ImageFlags, variant_words
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Debian keeps system tools (cryptsetup, sfdisk, debugfs, tgtd...) in the sbin folders, which a
+# user's PATH (and CI's fresh-clone stage, PATH=/usr/bin:/bin) lacks; every test finds them.
+_path = os.environ.get("PATH", "").split(os.pathsep)
+os.environ["PATH"] = os.pathsep.join(
+    _path + [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in _path])
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_SRC = ROOT.parent / "shared" / "corpus"

@@ -374,7 +374,8 @@ def cmd_convert(args) -> int:
     src_cfg = _config(src_be, src_props)
     dst_cfg = _config(dst_be, dst_props, creating=bool(dst_be.caps & vd.Cap.FILE))
     _tune_malloc()
-    src_filters, paths = (cli_crypt.source_chain(args, args.src, src_be.name, _flags(args))
+    src_flags = _flags(args, vd.OpenFlags.READ_ONLY)     # -U applies to read-only opens
+    src_filters, paths = (cli_crypt.source_chain(args, args.src, src_be.name, src_flags)
                           if src_be.caps & vd.Cap.FILE else ([], [args.src]))
     dsts = vd.chain_target_names(args.dst, paths[::-1]) if args.chain else [args.dst]
     crypt = cli_crypt.new_filter(args, dsts)

@@ -12,7 +12,7 @@ os.environ.setdefault("MTOOLS_SKIP_CHECK", "1")     # mkfs.fat -C images have no
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is not installed (scripts/bootstrap test installs it)", pytrace=False)
     return path

@@ -167,12 +167,14 @@ def open_chain(path: str, format: str | None = None, flags=OpenFlags.READ_ONLY, 
 
 def _copy(src: str, dst: str, dst_format: str, progress, *, library=None,
           encrypt: str | None = None, **kw) -> list[str]:
-    with Disk.open_chain(src, kw.get("src_format") or None, flags=OpenFlags.READ_ONLY,
-                         library=library) as d:
-        paths = chain_paths(d)
-    f = crypt_filter(paths, library)
-    if f is not None:
-        kw["src_filters"] = [f]
+    if not vd.is_network_location(src):     # key stores sit beside files
+        flags = OpenFlags.READ_ONLY | (OpenFlags.FORCE_SHARE if kw.get("force_share") else 0)
+        with Disk.open_chain(src, kw.get("src_format") or None, flags, kw.get("src_config"),
+                             library=library) as d:
+            paths = chain_paths(d)
+        f = crypt_filter(paths, library)
+        if f is not None:
+            kw["src_filters"] = [f]
     if encrypt is None:
         return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
     if encrypt not in VBOX:
