@@ -172,6 +172,11 @@ class Tgt:
             subprocess.run(self.adm + args, check=True)
         self.url = f"iscsi://127.0.0.1:{self.port}/{self.IQN}/1"
 
+    def set(self, name: str, value: str) -> None:
+        """An iSCSI parameter of the target (e.g. InitialR2T), for logins from now on."""
+        subprocess.run(self.adm + ["--op", "update", "--mode", "target", "--tid", "1",
+                                   "--name", name, "--value", value], check=True)
+
     def __enter__(self) -> Tgt:
         return self
 

@@ -1,12 +1,18 @@
-"""Benchmark: iSCSI read throughput with pipelined SCSI READs vs one at a time (issue #19
+"""Benchmark: iSCSI throughput with pipelined SCSI READs / WRITEs vs one at a time (issue #19
 part 6), tgt on loopback, in process.
 
     python3 bench/pipeline.py [--runs 3] [--size 256M] [--dir /tmp/vdgui-bench-pipeline]
+    python3 bench/pipeline.py --write [--initial-r2t No] [--delay-ms 2]
 
 Reads the whole LUN through ``Disk.read`` in 8 MiB calls (1 MiB per SCSI READ) with the
 backend's pipeline depth set to 1 (the old path), 2, 4 (the default), 8 and 16; and through an
 ``IoQueue`` (8 MiB read requests, 4 workers). Page cache dropped before each run (tgt reads
 its backing file cold). Checks the bytes against the backing file.
+
+``--write``: the same with ``Disk.write`` (256 KiB per SCSI WRITE, the WriteSplit default) and a
+SYNCHRONIZE CACHE at the end, timed together; every run writes different bytes, checked in
+the backing file afterwards. ``--initial-r2t No`` sets tgt's InitialR2T (unsolicited Data-Out
+up to FirstBurstLength); ``--first-burst N`` its FirstBurstLength.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ def main() -> int:
     ap.add_argument("--warm", action="store_true", help="keep the page cache (tgt reads memory)")
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="latency added each way by a relay (a network instead of loopback)")
+    ap.add_argument("--write", action="store_true", help="time writes instead of reads")
+    ap.add_argument("--initial-r2t", choices=("Yes", "No"), help="tgt's InitialR2T")
+    ap.add_argument("--first-burst", type=int, help="tgt's FirstBurstLength")
     args = ap.parse_args()
     ensure_bytecode()
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1].upper()]
@@ -45,6 +54,12 @@ def main() -> int:
 
     with Tgt(backing) as t, DelayRelay(t.port, args.delay_ms / 1000) as relay:
         url = t.url if not args.delay_ms else t.url.replace(f":{t.port}/", f":{relay.port}/")
+        if args.initial_r2t:
+            t.set("InitialR2T", args.initial_r2t)
+        if args.first_burst:
+            t.set("FirstBurstLength", str(args.first_burst))
+        if args.write:
+            return writes(url, backing, size, args)
 
         def direct(depth: int):
             def run():
@@ -78,6 +93,54 @@ def main() -> int:
         rows = [(name, f"{s:.2f}", f"{size / s / (1 << 20):.0f}", f"{base / s:.2f}x")
                 for name, s in best.items()]
         print_table(("reads", "s", "MiB/s", "vs one at a time"), rows)
+    return 0
+
+
+def writes(url: str, backing: str, size: int, args: argparse.Namespace) -> int:
+    base = os.urandom(PIECE)
+    stamp = [0]
+
+    def chunk(i: int) -> bytes:            # different bytes in every run
+        return stamp[0].to_bytes(8, "little") + i.to_bytes(8, "little") + base[16:]
+
+    def check() -> None:
+        with open(backing, "rb") as f:
+            for i in range(size // PIECE):
+                assert f.read(PIECE) == chunk(i), f"bytes differ in piece {i}"
+
+    def direct(depth: int):
+        def run():
+            stamp[0] += 1
+            with Disk() as d:
+                d.open(url)
+                d.top.pipeline = depth
+                for i in range(size // PIECE):
+                    d.write(i * PIECE, chunk(i))
+                d.flush()
+        return run
+
+    def queued():
+        stamp[0] += 1
+        with Disk() as d:
+            d.open(url)
+            q = d.io_queue(workers=4, max_queued=8)
+            reqs = [q.write(i * PIECE, chunk(i)) for i in range(size // PIECE)]
+            q.flush().wait()
+            for r in reqs:
+                r.wait()
+            q.close()
+
+    cases = [(f"Disk.write, {n} WRITE(s) in flight", direct(n)) for n in (1, 2, 4, 8, 16)]
+    cases.append(("IoQueue writes (depth 8), 4 workers", queued))
+    best = {name: float("inf") for name, _fn in cases}
+    for _ in range(args.runs):
+        for name, fn in cases:
+            best[name] = min(best[name], best_of(1, fn, None if args.warm else drop_caches))
+            check()
+    base_s = best[cases[0][0]]
+    rows = [(name, f"{s:.2f}", f"{size / s / (1 << 20):.0f}", f"{base_s / s:.2f}x")
+            for name, s in best.items()]
+    print_table(("writes + SYNCHRONIZE CACHE", "s", "MiB/s", "vs one at a time"), rows)
     return 0
 
 

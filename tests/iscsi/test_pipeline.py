@@ -43,7 +43,7 @@ class Tracker:
             p = recv()
             if p.opcode == P.OP_SCSI_RESP or (p.opcode == P.OP_DATA_IN and p.flags & 1):
                 self.inflight -= 1
-            if window is not None and p.opcode in (P.OP_SCSI_RESP, P.OP_DATA_IN):
+            if window is not None and p.opcode in (P.OP_SCSI_RESP, P.OP_DATA_IN, P.OP_R2T):
                 conn.max_cmdsn = (p.u32(28) + window - 1) & 0xFFFFFFFF   # a narrow window
             return p
         conn.send, conn.recv = tracked_send, tracked_recv
@@ -88,8 +88,8 @@ def test_a_failed_piece_is_read_again_alone(lun):
         conn = d.top.conn
         orig = conn.read_pipelined
 
-        def one_busy(cmds, depth):
-            res = orig(cmds, depth)
+        def one_busy(cmds, depth, results):
+            res = orig(cmds, depth, results)
             res[2] = (0x08, b"", b"")                       # BUSY
             return res
         conn.read_pipelined = one_busy

@@ -3,9 +3,10 @@
 VirtualBox's iSCSI backend is the model: name ``iSCSI``, capabilities CONFIG|TCPNET|ASYNC, no
 files, and the same configuration keys. The location is ``iscsi://[user@]host[:port]/iqn/lun``.
 Login does security negotiation (None, CHAP-MD5, mutual CHAP) then operational negotiation;
-SCSI commands: TEST UNIT READY, INQUIRY, READ CAPACITY(10/16), READ/WRITE(10/16) with R2T and
-Data-Out, SYNCHRONIZE CACHE. A dropped connection is re-established and the command retried
-once; a silent target raises VDTimeoutError after ``Timeout`` ms.
+SCSI commands: TEST UNIT READY, INQUIRY, READ CAPACITY(10/16), READ/WRITE(10/16) with immediate,
+unsolicited and R2T-solicited Data-Out, SYNCHRONIZE CACHE; READs and WRITEs pipelined (several
+task tags in flight, docs/ioqueue.md). A dropped connection is re-established and the command
+retried once; a silent target raises VDTimeoutError after ``Timeout`` ms.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import logging
 import os
 import struct
 import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from ..backend import Backend, Cap, OpenFlags, Operation
@@ -24,6 +27,7 @@ from ..errors import (
     InvalidArgument,
     NetworkError,
     NotSupported,
+    VDError,
     VDIOError,
     VDTimeoutError,
 )
@@ -48,8 +52,55 @@ _WINDOW_OPS = frozenset({P.OP_NOP_IN, P.OP_SCSI_RESP, P.OP_LOGIN_RESP, P.OP_DATA
 
 
 
+Buffer = bytes | memoryview
+Command = tuple[bytes, int, Buffer]     # CDB, read length, data to write
+Result = tuple[int, bytes, bytes]       # SCSI status, data read, sense
+TARGET_FAILURE = 0x100                  # | iSCSI response: the target failed the command
+
+
 class _Dropped(Exception):
     """The connection went away (EOF, reset): reconnect and retry once."""
+
+
+@dataclass
+class _Task:
+    """A command in flight: its place in the batch, task tag, Data-In buffer, data to write."""
+    index: int
+    itt: int
+    buf: bytearray
+    wdata: Buffer
+
+
+def retryable(status: int, sense: bytes) -> bool:
+    """May the same command, sent again, succeed? UNIT ATTENTION (after a login or reset),
+    BUSY, TASK SET FULL."""
+    if status in (0x08, 0x28):
+        return True
+    return status == 0x02 and P.parse_sense(sense)[0] == 0x6
+
+
+def _written(pieces: Sequence[tuple[int, Buffer]], done: list[bool]) -> str:
+    """Which byte ranges of a write were written and which not (end exclusive)."""
+    spans: dict[bool, list[list[int]]] = {True: [], False: []}
+    for (pos, buf), ok in zip(pieces, done, strict=True):
+        runs = spans[ok]
+        if runs and runs[-1][1] == pos:
+            runs[-1][1] = pos + len(buf)
+        else:
+            runs.append([pos, pos + len(buf)])
+
+    def text(runs: list[list[int]]) -> str:
+        return ", ".join(f"{a}..{b}" for a, b in runs) or "none"
+    return (f"written: {text(spans[True])}; not written, or only in part: {text(spans[False])} "
+            "(byte offsets, end exclusive)")
+
+
+def describe_status(status: int, sense: bytes) -> str:
+    if status & TARGET_FAILURE:
+        return f"the target failed it (iSCSI response {status & 0xFF:#x})"
+    if status == 0x02:
+        return P.describe_sense(sense)
+    return f"SCSI status {status:#x}"
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -353,10 +404,10 @@ class Connection:
             "HeaderDigest": "None",
             "DataDigest": "None",
             "MaxRecvDataSegmentLength": str(OUR_MAX_RECV),
-            "InitialR2T": "Yes",
+            "InitialR2T": "No",         # unsolicited Data-Out welcome (OR: Yes wins)
             "ImmediateData": "Yes",
             "MaxBurstLength": str(OUR_BURST),
-            "FirstBurstLength": str(65536),
+            "FirstBurstLength": str(OUR_BURST),
             "DefaultTime2Wait": "0",
             "DefaultTime2Retain": "0",
             "MaxOutstandingR2T": "1",
@@ -391,9 +442,9 @@ class Connection:
 
         self.target_mrdsl = max(512, num("MaxRecvDataSegmentLength", 8192))
         self.max_burst = min(OUR_BURST, num("MaxBurstLength", 262144))
-        self.first_burst = min(65536, num("FirstBurstLength", 65536))
+        self.first_burst = min(self.max_burst, num("FirstBurstLength", 65536))
         self.immediate_data = got.get("ImmediateData", "Yes") == "Yes"
-        self.initial_r2t = True  # we offered Yes: the result is Yes (OR semantics)
+        self.initial_r2t = got.get("InitialR2T", "Yes") != "No"
         self.tsih = f["tsih"]
 
     def logout(self) -> None:
@@ -416,155 +467,126 @@ class Connection:
         if ttt != P.RESERVED_TAG:
             self.send(P.nop_out(P.RESERVED_TAG, ttt, self.cmdsn, self.expstatsn, self.lun))
 
-    def read_pipelined(self, cmds: list[tuple[bytes, int]],
-                       depth: int) -> list[tuple[int, bytes, bytes]]:
-        """Run the read commands ``cmds`` ((cdb, length) each) with up to ``depth`` in flight,
-        each with its own task tag, never past the target's MaxCmdSN; their (status, data,
-        sense) in order."""
-        results: list[tuple[int, bytes, bytes] | None] = [None] * len(cmds)
-        inflight: dict[int, tuple[int, bytearray]] = {}
-        nxt = 0
-        while nxt < len(cmds) or inflight:
-            while nxt < len(cmds) and len(inflight) < depth and (
-                    self.window_open() or not inflight):
-                cdb, n = cmds[nxt]
-                itt = self._next_itt()
-                cmdsn = self.cmdsn
-                self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
-                self.send(P.scsi_command(self.lun, itt, cdb, read=True, write=False,
-                                         expected_length=n, cmdsn=cmdsn,
-                                         expstatsn=self.expstatsn, data=b""))
-                inflight[itt] = (nxt, bytearray(n))
-                nxt += 1
-            p = self.recv()
-            op = p.opcode
-            if op == P.OP_NOP_IN:
-                if p.itt == P.RESERVED_TAG:
-                    self._answer_nop(p)
-                continue
-            if op == P.OP_ASYNC:
-                if p.bhs[36] == 0:
-                    continue
-                raise _Dropped(f"target sent async event {p.bhs[36]} (logout/drop requested)")
-            if op == P.OP_REJECT:
-                raise NetworkError(f"iSCSI target rejected a command (reason {p.bhs[2]:#x})")
-            entry = inflight.get(p.itt)
-            if entry is None:
-                self._malformed(bytes(p.bhs), f"{p.name} for unknown task {p.itt:#x}")
-            i, buf = entry
-            if op == P.OP_DATA_IN:
-                off = p.u32(40)
-                if off + len(p.data) > len(buf):
-                    self._malformed(bytes(p.bhs), f"Data-In at {off}+{len(p.data)} beyond the "
-                                    f"{len(buf)} bytes asked for")
-                buf[off:off + len(p.data)] = p.data
-                if p.flags & 0x01:
-                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
-                    results[i] = (p.bhs[3], bytes(buf), b"")
-                    del inflight[p.itt]
-                continue
-            if op == P.OP_SCSI_RESP:
-                self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
-                if p.bhs[2] != 0:
-                    raise VDIOError(f"iSCSI target failed the command (response {p.bhs[2]:#x})")
-                sense = b""
-                if len(p.data) >= 2:
-                    sl = struct.unpack_from(">H", p.data, 0)[0]
-                    sense = p.data[2:2 + sl]
-                results[i] = (p.bhs[3], bytes(buf), sense)
-                del inflight[p.itt]
-                continue
-            self._malformed(bytes(p.bhs), f"unexpected {p.name}")
-        return [r for r in results if r is not None]
+    def read_pipelined(self, cmds: list[tuple[bytes, int]], depth: int,
+                       results: list[Result | None] | None = None) -> list[Result | None]:
+        """READs ((cdb, length) each) through :meth:`pipelined`."""
+        return self.pipelined([(cdb, n, b"") for cdb, n in cmds], depth, results)
 
-    def execute(self, cdb: bytes, read_length: int = 0,
-                write_data: bytes = b"") -> tuple[int, bytes, bytes]:
-        """Run one SCSI command: returns (status, data, sense)."""
+    def pipelined(self, cmds: list[Command], depth: int,
+                  results: list[Result | None] | None = None) -> list[Result | None]:
+        """Run ``cmds`` ((cdb, read length, write data) each) with up to ``depth`` in flight,
+        each with its own task tag, never past the target's MaxCmdSN. ``results[i]`` is set
+        when command i completes: (status, data, sense); status ``TARGET_FAILURE | response``
+        when the target failed it at the iSCSI level. After a result that a retry cannot mend
+        (:func:`retryable`), no further command is sent; those in flight are waited for, so
+        ``results`` says which completed. A dropped connection raises :class:`_Dropped` with
+        ``results`` filled so far; any other error closes the connection (tasks may be left
+        in flight) and is raised."""
+        if results is None:
+            results = [None] * len(cmds)
+        inflight: dict[int, _Task] = {}
+        nxt = 0
+        stop = False
+        try:
+            while (nxt < len(cmds) and not stop) or inflight:
+                while not stop and nxt < len(cmds) and len(inflight) < depth and (
+                        self.window_open() or not inflight):
+                    task = self._start(nxt, *cmds[nxt])
+                    inflight[task.itt] = task
+                    nxt += 1
+                p = self.recv()
+                op = p.opcode
+                if op == P.OP_NOP_IN:
+                    if p.itt == P.RESERVED_TAG:
+                        self._answer_nop(p)
+                    continue
+                if op == P.OP_ASYNC:
+                    if p.bhs[36] == 0:
+                        continue
+                    raise _Dropped(f"target sent async event {p.bhs[36]} (logout/drop requested)")
+                if op == P.OP_REJECT:
+                    raise NetworkError(f"iSCSI target rejected a command (reason {p.bhs[2]:#x})")
+                found = inflight.get(p.itt)
+                if found is None:
+                    self._malformed(bytes(p.bhs), f"{p.name} for unknown task {p.itt:#x}")
+                task = found
+                done: Result | None = None
+                if op == P.OP_DATA_IN:
+                    off = p.u32(40)
+                    if off + len(p.data) > len(task.buf):
+                        self._malformed(bytes(p.bhs), f"Data-In at {off}+{len(p.data)} beyond "
+                                        f"the {len(task.buf)} bytes asked for")
+                    task.buf[off:off + len(p.data)] = p.data
+                    if p.flags & 0x01:                   # status in the last Data-In
+                        self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                        done = (p.bhs[3], bytes(task.buf), b"")
+                elif op == P.OP_R2T:
+                    self._answer_r2t(p, task)
+                elif op == P.OP_SCSI_RESP:
+                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+                    sense = b""
+                    if len(p.data) >= 2:
+                        sl = struct.unpack_from(">H", p.data, 0)[0]
+                        sense = p.data[2:2 + sl]
+                    status = p.bhs[3] if p.bhs[2] == 0 else TARGET_FAILURE | p.bhs[2]
+                    done = (status, bytes(task.buf), sense)
+                else:
+                    self._malformed(bytes(p.bhs), f"unexpected {p.name}")
+                if done is not None:
+                    results[task.index] = done
+                    del inflight[task.itt]
+                    if done[0] != 0 and not retryable(done[0], done[2]):
+                        stop = True
+        except _Dropped:
+            raise
+        except BaseException:
+            if inflight:
+                self.close()           # its tasks' answers would confuse the next command
+            raise
+        return results
+
+    def _start(self, index: int, cdb: bytes, read_length: int, wdata: Buffer) -> _Task:
+        """Send one command: its immediate data, then unsolicited Data-Out when InitialR2T=No
+        (together at most FirstBurstLength; RFC 7143 13.10-13.14)."""
         itt = self._next_itt()
         cmdsn = self.cmdsn
         self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
-        wlen = len(write_data)
-        imm = b""
-        if wlen and self.immediate_data:
-            imm = write_data[: min(self.first_burst, self.target_mrdsl)]
-        self.send(
-            P.scsi_command(
-                self.lun,
-                itt,
-                cdb,
-                read=read_length > 0,
-                write=wlen > 0,
-                expected_length=read_length or wlen,
-                cmdsn=cmdsn,
-                expstatsn=self.expstatsn,
-                data=imm,
-            )
-        )
-        buf = bytearray(read_length)
-        while True:
-            p = self.recv()
-            op = p.opcode
-            if op == P.OP_NOP_IN:
-                if p.itt == P.RESERVED_TAG:
-                    self._answer_nop(p)
-                continue
-            if op == P.OP_ASYNC:
-                event = p.bhs[36]
-                if event == 0:
-                    continue
-                raise _Dropped(f"target sent async event {event} (logout/drop requested)")
-            if op == P.OP_REJECT:
-                raise NetworkError(f"iSCSI target rejected a command (reason {p.bhs[2]:#x})")
-            if p.itt != itt:
-                self._malformed(bytes(p.bhs), f"{p.name} for unknown task {p.itt:#x}")
-            if op == P.OP_DATA_IN:
-                off = p.u32(40)
-                if off + len(p.data) > read_length:
-                    self._malformed(
-                        bytes(p.bhs),
-                        f"Data-In at {off}+{len(p.data)} beyond the {read_length} bytes asked for",
-                    )
-                buf[off : off + len(p.data)] = p.data
-                if p.flags & 0x01:  # status in the last Data-In
-                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
-                    return p.bhs[3], bytes(buf), b""
-                continue
-            if op == P.OP_R2T:
-                ttt, off, want = p.u32(20), p.u32(40), p.u32(44)
-                if off + want > wlen or want == 0:
-                    self._malformed(
-                        bytes(p.bhs), f"R2T for {off}+{want} beyond the {wlen} bytes being written"
-                    )
-                datasn = 0
-                pos = off
-                end = off + want
-                while pos < end:
-                    n = min(self.target_mrdsl, end - pos)
-                    self.send(
-                        P.data_out(
-                            self.lun,
-                            itt,
-                            ttt,
-                            self.expstatsn,
-                            datasn,
-                            pos,
-                            write_data[pos : pos + n],
-                            final=pos + n >= end,
-                        )
-                    )
-                    datasn += 1
-                    pos += n
-                continue
-            if op == P.OP_SCSI_RESP:
-                self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
-                if p.bhs[2] != 0:
-                    raise VDIOError(f"iSCSI target failed the command (response {p.bhs[2]:#x})")
-                sense = b""
-                if len(p.data) >= 2:
-                    sl = struct.unpack_from(">H", p.data, 0)[0]
-                    sense = p.data[2 : 2 + sl]
-                return p.bhs[3], bytes(buf), sense
-            self._malformed(bytes(p.bhs), f"unexpected {p.name}")
+        wlen = len(wdata)
+        imm = min(self.first_burst, self.target_mrdsl, wlen) if self.immediate_data else 0
+        unsolicited = imm if self.initial_r2t else min(self.first_burst, wlen)
+        self.send(P.scsi_command(self.lun, itt, cdb, read=read_length > 0, write=wlen > 0,
+                                 expected_length=read_length or wlen, cmdsn=cmdsn,
+                                 expstatsn=self.expstatsn, data=bytes(wdata[:imm]),
+                                 final=unsolicited <= imm))
+        if unsolicited > imm:
+            self._data_out(itt, P.RESERVED_TAG, wdata, imm, unsolicited)
+        return _Task(index, itt, bytearray(read_length), wdata)
+
+    def _data_out(self, itt: int, ttt: int, wdata: Buffer, start: int, end: int) -> None:
+        """One Data-Out sequence: ``wdata[start:end]`` in PDUs the target can take."""
+        datasn = 0
+        pos = start
+        while pos < end:
+            n = min(self.target_mrdsl, end - pos)
+            self.send(P.data_out(self.lun, itt, ttt, self.expstatsn, datasn, pos,
+                                 bytes(wdata[pos:pos + n]), final=pos + n >= end))
+            datasn += 1
+            pos += n
+
+    def _answer_r2t(self, p: P.PDU, task: _Task) -> None:
+        ttt, off, want = p.u32(20), p.u32(40), p.u32(44)
+        wlen = len(task.wdata)
+        if off + want > wlen or want == 0:
+            self._malformed(bytes(p.bhs),
+                            f"R2T for {off}+{want} beyond the {wlen} bytes being written")
+        self._data_out(task.itt, ttt, task.wdata, off, off + want)
+
+    def execute(self, cdb: bytes, read_length: int = 0,
+                write_data: Buffer = b"") -> tuple[int, bytes, bytes]:
+        """Run one SCSI command: returns (status, data, sense)."""
+        result = self.pipelined([(cdb, read_length, write_data)], 1)[0]
+        assert result is not None
+        return result
 
 
 class IscsiImage(Image):
@@ -621,9 +643,10 @@ class IscsiImage(Image):
     def allocated_size(self) -> int:
         return self.size
 
-    def _scsi(self, cdb: bytes, read_length: int = 0, write_data: bytes = b"",
-              what: str = "command") -> tuple[int, bytes, bytes]:
-        """Execute with reconnect-and-retry-once on a dropped connection; UNIT ATTENTION retried."""
+    def _scsi(self, cdb: bytes, read_length: int = 0, write_data: Buffer = b"",
+              what: str = "command") -> Result:
+        """Execute with reconnect-and-retry-once on a dropped connection; UNIT ATTENTION, BUSY
+        and TASK SET FULL retried (3 times)."""
         attempts = 0
         while True:
             attempts += 1
@@ -639,14 +662,9 @@ class IscsiImage(Image):
                 continue
             if status == 0:
                 return status, data, sense
-            if status == 0x02:  # CHECK CONDITION
-                key = P.parse_sense(sense)[0]
-                if key == 0x6 and attempts < 4:  # UNIT ATTENTION after login/reset: retry
-                    continue
-                raise VDIOError(f"{self.location}: {what} failed: {P.describe_sense(sense)}")
-            if status in (0x08, 0x28) and attempts < 4:  # BUSY / TASK SET FULL
+            if retryable(status, sense) and attempts < 4:
                 continue
-            raise VDIOError(f"{self.location}: {what} failed with SCSI status {status:#x}")
+            raise VDIOError(f"{self.location}: {what} failed: {describe_status(status, sense)}")
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, Alloc]]:
         return [(offset, length, Alloc.DATA)]
@@ -671,36 +689,54 @@ class IscsiImage(Image):
         return bytes(out)
 
     def _read_pipelined(self, pieces: list[tuple[int, int]]) -> bytes:
-        """Several READs in flight; a piece that fails (UNIT ATTENTION, BUSY...) is read again
-        alone, through :meth:`_scsi`'s retries; a dropped connection: reconnect, read again."""
+        """Several READs in flight; a piece that fails (UNIT ATTENTION, BUSY...) or was not
+        answered is read again alone, through :meth:`_scsi`'s retries; a dropped connection:
+        reconnect first."""
         bs = self.block_size
         cmds = [(P.cdb_read(pos // bs, n // bs), n) for pos, n in pieces]
+        results: list[Result | None] = [None] * len(cmds)
         try:
-            results = self.conn.read_pipelined(cmds, self.pipeline)
+            results = self.conn.read_pipelined(cmds, self.pipeline, results)
         except _Dropped:
             self.conn.connect()
-            results = [(0xFF, b"", b"")] * len(pieces)
         out = bytearray()
-        for (pos, n), (status, data, _sense) in zip(pieces, results, strict=True):
-            if status != 0:
-                _, data, _ = self._scsi(P.cdb_read(pos // bs, n // bs), read_length=n,
-                                        what=f"READ at {pos}")
-            out += data
+        for (pos, n), r in zip(pieces, results, strict=True):
+            if r is None or r[0] != 0:
+                r = self._scsi(P.cdb_read(pos // bs, n // bs), read_length=n,
+                               what=f"READ at {pos}")
+            out += r[1]
         return bytes(out)
 
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
+        """WRITEs of at most WriteSplit bytes, ``pipeline`` in flight. A command that fails
+        for good stops the sending; the error names it and which bytes were written (their
+        GOOD status came back) and which were not, or only in part."""
         self.require_writable()
         bs = self.block_size
         mv = memoryview(data)
-        pos = 0
-        while pos < len(mv):
-            n = min(self.write_split, len(mv) - pos)
-            self._scsi(
-                P.cdb_write((offset + pos) // bs, n // bs),
-                write_data=bytes(mv[pos : pos + n]),
-                what=f"WRITE at {offset + pos}",
-            )
-            pos += n
+        step = self.write_split
+        pieces = [(offset + p, mv[p:p + step]) for p in range(0, len(mv), step)]
+        cmds: list[Command] = [(P.cdb_write(pos // bs, len(buf) // bs), 0, buf)
+                               for pos, buf in pieces]
+        results: list[Result | None] = [None] * len(cmds)
+        try:
+            try:
+                self.conn.pipelined(cmds, max(1, self.pipeline), results)
+            except _Dropped:
+                self.conn.connect()       # the unanswered WRITEs are sent again below
+            for (pos, buf), r in zip(pieces, results, strict=True):
+                if r is not None and r[0] != 0 and not retryable(r[0], r[2]):
+                    raise VDIOError(f"{self.location}: WRITE of {len(buf)} bytes at {pos} "
+                                    f"failed: {describe_status(r[0], r[2])}")
+            for i, (pos, buf) in enumerate(pieces):
+                r = results[i]
+                if r is None or r[0] != 0:
+                    results[i] = self._scsi(cmds[i][0], write_data=buf,
+                                            what=f"WRITE of {len(buf)} bytes at {pos}")
+        except VDError as exc:
+            done = [r is not None and r[0] == 0 for r in results]
+            raise type(exc)(f"{exc.message}; {_written(pieces, done)}") from None
+
 
     def flush(self) -> None:
         if not self.read_only:
