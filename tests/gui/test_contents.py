@@ -310,3 +310,47 @@ def test_contents_clear_when_the_shown_image_becomes_unreadable(qtbot, window, t
     qtbot.waitUntil(lambda: not window.model.node(str(path)).accessible, timeout=15000)
     assert pane.path is None and pane.bar.segs == [] and pane.model.rowCount() == 0
     assert "cannot be read" in pane.status.text()
+
+
+def test_idle_and_hidden_volumes_are_let_go_and_a_change_meanwhile_reloads(
+        qtbot, window, tmp_path, qemu, monkeypatch):
+    """The Contents tab keeps the listed volume open with qemu's shared lock; its timer closes it
+    after vd.volumes.idle seconds unused, hiding the tab closes it at once, and a listing that
+    finds the image changed meanwhile reads it all again (the folder tree was stale)."""
+    from tests.inside.test_volumes import make_image, rewrite_in_place
+    from tests.interop.test_locks import _lock_byte_taken
+    from vdgui.vd import volumes
+
+    t = [1000.0]
+    monkeypatch.setattr(volumes, "clock", lambda: t[0])
+    path = make_image(tmp_path, qemu)
+    pane = _open_contents(qtbot, window, path)
+    assert pane.idle_timer.isActive()
+    pane.idle_timer.setInterval(20)
+    qtbot.waitUntil(lambda: len(volumes) > 0 and pane.folders.topLevelItem(0).childCount() == 4)
+    qtbot.wait(100)                                   # the timer ran: not idle yet
+    assert len(volumes) > 0 and _lock_byte_taken(path)
+    t[0] += volumes.idle
+    qtbot.waitUntil(lambda: len(volumes) == 0, timeout=5000)
+    assert not _lock_byte_taken(path)                 # a VM may start on it now
+
+    # another program adds a folder meanwhile; choosing a folder notices and reads it again
+    rewrite_in_place(path, make_image(tmp_path, qemu, "v2", extra=("new",)))
+    root = pane.folders.topLevelItem(0)
+    a = next(root.child(i) for i in range(root.childCount()) if root.child(i).text(0) == "a")
+    pane.folders.setCurrentItem(a)
+
+    def shown():
+        r = pane.folders.topLevelItem(0)
+        return r is not None and {r.child(i).text(0) for i in range(r.childCount())}
+    qtbot.waitUntil(lambda: "new" in (shown() or ()) and pane.folder == "/a"
+                    and pane.model.rowCount() == 1, timeout=15000)
+
+    # hiding the tab lets the image go at once
+    qtbot.waitUntil(lambda: len(volumes) > 0)
+    window.side.setCurrentWidget(window.details)
+    assert len(volumes) == 0                          # (the details' own jobs lock it a moment)
+    qtbot.waitUntil(lambda: not _lock_byte_taken(path), timeout=5000)
+    window.side.setCurrentWidget(window.contents)
+    qtbot.waitUntil(lambda: len(volumes) > 0)        # the check listing on show
+    volumes.close()

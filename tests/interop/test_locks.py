@@ -516,3 +516,32 @@ def test_merge_deletes_only_under_its_lock(tmp_path, monkeypatch, forward):
         merge(str(base), str(top))
     gone = top.name if forward else base.name
     assert seen == [(gone, True, True)]
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
+def test_a_volume_kept_for_listing_lets_qemu_write_after_the_idle_close(tmp_path):
+    """The app keeps a listed volume open (vd.volumes) with qemu's shared lock: a VM is refused
+    while it is kept, and may write once close_idle let it go (issues #15, #16)."""
+    from vdgui.vd.inside import VolumeCache
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    raw, img = tmp_path / "v.raw", tmp_path / "v.qcow2"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(src), str(raw), "8M"], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(img)], check=True)
+    t = [0.0]
+    cache = VolumeCache(idle=30, clock=lambda: t[0])
+    write = ["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(img)]
+    try:
+        with cache.use(str(img), 0) as fs:
+            assert "/a" in {e.path for e in fs.listdir("/")}
+        t[0] = 29
+        assert cache.close_idle() == []
+        r = subprocess.run(write, capture_output=True, text=True)
+        assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr, r
+        t[0] = 30
+        assert cache.close_idle() == [os.path.realpath(img)]
+        r = subprocess.run(write, capture_output=True, text=True)
+        assert r.returncode == 0 and "wrote 65536/65536 bytes" in r.stdout, r
+    finally:
+        cache.close()

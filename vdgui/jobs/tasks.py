@@ -550,14 +550,17 @@ def layout_job(path: str, *, library=None, format: str | None = None) -> Job:
 def list_job(
     path: str, number: int, folder: str, *, library=None, format: str | None = None
 ) -> Job:
-    """The entries of ``folder`` in volume ``number`` (0: the whole disk), in a pool thread."""
+    """The entries of ``folder`` in volume ``number`` (0: the whole disk), in a pool thread;
+    the result is {"path", "number", "folder", "entries", "stamp"}."""
 
     def fn(progress):
         # the volume stays open between listings (vd.volumes: bounded, reopened when the
-        # chain's files change; the contents view closes it when the shown image changes)
+        # chain's files change or after an idle close; the contents view closes it when the
+        # shown image changes). "stamp": the chain's files this listing saw
         with vd.volumes.use(path, number, format=format, library=library,
                             opener=lambda: _open_ro(path, library, format)) as fs:
-            return {"path": path, "number": number, "folder": folder, "entries": fs.listdir(folder)}
+            return {"path": path, "number": number, "folder": folder, "entries": fs.listdir(folder),
+                    "stamp": vd.volumes.stamp(path)}
 
     return Job(f"List {folder} in {os.path.basename(path)}", fn, kind="list", visible=False)
 

@@ -5,6 +5,10 @@ list with size and date, a filter box) and, on a differencing image, the Changes
 snapshot changed. Every read runs as a job in the pool; a listing fills the list in slices so a
 large folder never blocks the event loop. Extract… runs as a visible job with progress and
 Cancel. Only the public engine API is used (through vdgui.jobs.tasks).
+
+Listings keep the volume open (vd.volumes), with qemu's shared lock on the image: a timer closes
+volumes left unused for vd.volumes.idle seconds, and hiding the tab closes this image's, so a VM
+can start on it. A later listing that finds the image's files changed reads it all again.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from vdgui.vd import format_size, volumes
 from .partition_bar import PartitionBar
 
 SLICE = 2000            # rows added to the list per event-loop turn
+IDLE_CHECK_MS = 5000    # how often volumes unused for vd.volumes.idle seconds are closed
 PATH_ROLE = Qt.UserRole + 1
 
 
@@ -127,6 +132,11 @@ class ContentsPane(QWidget):
         self._feeder = QTimer(self)
         self._feeder.setInterval(0)
         self._feeder.timeout.connect(self._feed)
+        self._stamp = None                   # the image's files as the first listing saw them
+        self.idle_timer = QTimer(self)
+        self.idle_timer.setInterval(IDLE_CHECK_MS)
+        self.idle_timer.timeout.connect(lambda: volumes.close_idle())
+        self.idle_timer.start()
         self.pick_folder = self._pick_folder         # overridable in tests
         self.extract_jobs: list = []
 
@@ -258,9 +268,17 @@ class ContentsPane(QWidget):
         super().showEvent(event)
         if self.path and self._loaded_for != self.path:
             self.load()
+        elif self.path and self.number is not None and self._stamp is not None:
+            self._list(self.folder, fill_list=False)     # changed while hidden? (then reload)
+
+    def hideEvent(self, event):
+        super().hideEvent(event)
+        if self.path:
+            volumes.close(self.path)        # not shown: no lock kept on it
 
     def _reset(self) -> None:
         self._gen += 1
+        self._stamp = None
         self.layout_ = None
         self.number = None
         self.differencing = False
@@ -388,13 +406,20 @@ class ContentsPane(QWidget):
         job = tasks.list_job(self.path, self.number, folder, library=self.library,
                              format=self.format)
         key = (self.path, self.number, self._gen)
-        job.signals.finished.connect(lambda j, res: self._listed(res, key, fill_list))
+        base = self._stamp                  # None: asked before the first listing came back
+        job.signals.finished.connect(lambda j, res: self._listed(res, key, fill_list, base))
         job.signals.failed.connect(lambda j, msg, tb, p=self.path: key[2] == self._gen
                                    and self._failed(p, msg))
         self.queue.submit(job)
 
-    def _listed(self, res, key, fill_list) -> None:
+    def _listed(self, res, key, fill_list, base) -> None:
         if key != (self.path, self.number, self._gen):
+            return
+        if self._stamp is None:
+            self._stamp = res["stamp"]
+        elif base is not None and res["stamp"] != base:
+            self.status.setText("The image changed since it was read; reading it again…")
+            self.reload()                   # what is shown (tree, partitions) is stale
             return
         entries = res["entries"]
         item = self._item_for(res["folder"])

@@ -4,14 +4,18 @@ folder for ext4 in a QCOW2 chain). :class:`VolumeCache` keeps a few opened ``(im
 partition)`` volumes, least recently used first out. One caller uses an entry at a time (it
 leaves the cache while in use); an entry is reopened when any file of its chain changed
 (device, inode, size or modification time) and closed by :meth:`VolumeCache.close` (the app
-calls it when the shown image changes). Entries hold the chain open read-only, with its shared
-locks, as long as they are kept.
+calls it when the shown image changes). Entries hold the chain open read-only, with qemu's
+shared locks, as long as they are kept: a VM cannot start writing the image meanwhile, so
+:meth:`VolumeCache.close_idle` (the app calls it from a timer) closes the entries left unused
+for ``idle`` seconds; the next use opens the chain again, and :meth:`VolumeCache.stamp` tells
+the caller whether the files changed in between (its listings shown before are then stale).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -47,6 +51,7 @@ class _Entry:
             self.disk.close()
             raise
         self.gen = 0
+        self.used = 0.0                      # clock() when last given back
 
     def fresh(self) -> bool:
         return bool(self.stamp) and _stamp(self.files) == self.stamp
@@ -57,13 +62,18 @@ class _Entry:
 
 
 class VolumeCache:
-    """At most ``size`` opened volumes, keyed by (real path, format, partition, chain member)."""
+    """At most ``size`` opened volumes, keyed by (real path, format, partition, chain member);
+    :meth:`close_idle` closes those unused for ``idle`` seconds of ``clock``."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 4, idle: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.size = size
+        self.idle = idle
+        self.clock = clock
         self._lock = threading.Lock()
         self._idle: OrderedDict[_Key, _Entry] = OrderedDict()
         self._gens: dict[str, int] = {}
+        self._stamps: dict[str, tuple] = {}
 
     @contextlib.contextmanager
     def use(self, path: str, number: int, *, format: str | None = None, library=None,
@@ -83,6 +93,8 @@ class VolumeCache:
         if e is None:
             e = _Entry(path, number, format or None, library, top, opener)
             e.gen = gen
+        with self._lock:
+            self._stamps[real] = e.stamp
         try:
             yield e.fs
         except BaseException:
@@ -96,6 +108,7 @@ class VolumeCache:
                 old = self._idle.pop(key, None)
                 if old is not None:
                     drop.append(old)
+                e.used = self.clock()
                 self._idle[key] = e
                 while len(self._idle) > self.size:
                     drop.append(self._idle.popitem(last=False)[1])
@@ -115,6 +128,24 @@ class VolumeCache:
             entries = [self._idle.pop(k) for k in drop]
         for e in entries:
             e.close()
+
+    def close_idle(self, now: float | None = None) -> list[str]:
+        """Close the kept volumes unused for ``idle`` seconds at ``now`` (default: clock()),
+        which releases their locks; returns the real paths of the images closed."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            old = [k for k, e in self._idle.items() if now - e.used >= self.idle]
+            entries = [self._idle.pop(k) for k in old]
+        for e in entries:
+            e.close()
+        return sorted({k[0] for k in old})
+
+    def stamp(self, path: str) -> tuple:
+        """What the last use of ``path`` found its chain's files to be (device, inode, size,
+        modification time of each; () before any use): a listing made under another stamp is
+        stale."""
+        with self._lock:
+            return self._stamps.get(os.path.realpath(path), ())
 
     def __len__(self) -> int:
         return len(self._idle)
