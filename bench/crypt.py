@@ -6,7 +6,8 @@ The source is bench/convert.py's 4 GiB VDI with ~1 GiB of scattered data, conver
 qemu-img into a QCOW2 with encrypt.format=luks (kept in --dir between runs). Both tools decrypt it
 to RAW, alternately, cold caches before every run, best of N; like-for-like rows as convert.py
 (qemu's default does not flush, vdgui's does: -t unsafe / -t writeback). Target: ratio <= 1.5.
-vdgui decrypts in its read-ahead threads, one `cryptography` XTS call per 512-byte sector.
+vdgui decrypts in its read-ahead threads: one OpenSSL EVP context per buffer, a new IV (tweak)
+per 512-byte sector (vd/crypto/primitives.py).
 """
 from __future__ import annotations
 

@@ -345,20 +345,46 @@ def test_luks2_passphrase_change_cryptsetup_accepts(tmp_path, kdf):
 
 
 
-@pytest.mark.parametrize("chain", ["xts", "cbc"])
-def test_bulk_units_match_cryptography_unit_by_unit(chain):
-    """xts_units/cbc_units (whichever context factory they use) give what cryptography's
-    Cipher gives, unit by unit, both ways."""
+@pytest.mark.parametrize("chain,key_bytes,unit", [("xts", 64, 512), ("xts", 32, 4096),
+                                                   ("cbc", 32, 512), ("cbc", 24, 512),
+                                                   ("cbc", 16, 4096)])
+@pytest.mark.parametrize("path", ["evp", "cipher"])
+def test_bulk_units_match_cryptography_unit_by_unit(chain, key_bytes, unit, path):
+    """aes_units, through OpenSSL's EVP (one context, a new IV per unit) and through the
+    fallback (one ``Cipher`` per unit), gives what cryptography's Cipher gives, unit by unit,
+    both ways."""
     import os
 
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    key = os.urandom(64 if chain == "xts" else 32)
-    data = os.urandom(512 * 9)
-    ivs = [os.urandom(16) for _ in range(9)]
-    run = P.xts_units if chain == "xts" else P.cbc_units
+    key = os.urandom(key_bytes)
+    data = os.urandom(unit * 9)
+    ivs = os.urandom(16 * 9)
+    evp = P._evp()
+    assert evp, "OpenSSL's EVP through cffi is not used: every unit pays a key schedule"
+    if path == "evp":
+        def run(d, encrypt):
+            return P._evp_units(evp, chain, key, d, ivs, unit, encrypt)
+    else:
+        def run(d, encrypt):
+            return P._cipher_units(chain, key, d, ivs, unit, encrypt)
     mode = modes.XTS if chain == "xts" else modes.CBC
-    ct = run(key, data, ivs, 512, True)
-    for i, iv in enumerate(ivs):
-        e = Cipher(algorithms.AES(key), mode(iv)).encryptor()
-        assert ct[512 * i:512 * (i + 1)] == e.update(data[512 * i:512 * (i + 1)])
-    assert run(key, ct, ivs, 512, False) == data
+    ct = run(data, True)
+    for i in range(9):
+        e = Cipher(algorithms.AES(key), mode(ivs[16 * i:16 * i + 16])).encryptor()
+        assert ct[unit * i:unit * (i + 1)] == e.update(data[unit * i:unit * (i + 1)])
+    assert run(ct, False) == data
+    assert P.aes_units(chain, key, ct, ivs, unit, False) == data
+    assert P.aes_units(chain, key, b"", b"", unit, True) == b""
+    with pytest.raises(ValueError, match="IVs"):
+        P.aes_units(chain, key, data, ivs[:-16], unit, True)
+
+
+def test_counter_ivs_plain64_plain_and_step():
+    from vdgui.vd.crypto.cipher import counter_ivs
+    assert counter_ivs(5, 3) == b"".join((5 + i).to_bytes(16, "little") for i in range(3))
+    assert counter_ivs(2, 2, step=8) == (2).to_bytes(16, "little") + (10).to_bytes(16, "little")
+    # plain: 32 bits, wraps as dm-crypt's does
+    assert counter_ivs(0xFFFFFFFF, 2, bits=32) == (
+        (0xFFFFFFFF).to_bytes(16, "little") + bytes(16))
+    assert counter_ivs(1 << 40, 1) == (1 << 40).to_bytes(16, "little")
+    assert counter_ivs(7, 0) == b""

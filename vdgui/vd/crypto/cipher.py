@@ -3,12 +3,12 @@
 encrypted with AES keyed by HASH(key)); docs/design-encryption.md §1.3."""
 from __future__ import annotations
 
-import struct
+import sys
+from array import array
 
 from ..errors import NotSupported
 from . import primitives as P
 
-_LE64 = struct.Struct("<Q")
 _IVGENS = ("plain", "plain64", "essiv")
 
 
@@ -34,6 +34,20 @@ def parse_mode(cipher: str, mode: str, key_bytes: int, where: str) -> tuple[str,
     return chain, ivgen, ivhash
 
 
+def counter_ivs(first: int, n: int, step: int = 1, bits: int = 64) -> bytes:
+    """``n`` 16-byte IVs: the little-endian ``bits``-bit number ``first + i * step``, zero
+    padded (dm-crypt's plain64, or plain with bits=32)."""
+    a = array("Q", bytes(16 * n))
+    last = first + (n - 1) * step
+    if bits < 64 and last >> bits:
+        a[0::2] = array("Q", ((first + i * step) & ((1 << bits) - 1) for i in range(n)))
+    else:
+        a[0::2] = array("Q", range(first, first + n * step, step))
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
+
+
 class SectorCipher:
     """Encrypts/decrypts whole data units of ``unit`` bytes; unit *i* of a buffer gets IV
     number ``first + i * iv_step`` (dm-crypt counts IVs in 512-byte sectors whatever the unit,
@@ -55,23 +69,18 @@ class SectorCipher:
     def __repr__(self) -> str:
         return f"<SectorCipher {self.spec} unit {self.unit}>"
 
-    def _ivs(self, first: int, n: int) -> list[bytes]:
-        k = self.iv_step
-        if self.ivgen == "plain":
-            return [_LE64.pack((first + i * k) & 0xFFFFFFFF) + bytes(8) for i in range(n)]
-        ivs = [_LE64.pack(first + i * k) + bytes(8) for i in range(n)]
+    def _ivs(self, first: int, n: int) -> bytes:
+        ivs = counter_ivs(first, n, self.iv_step, 32 if self.ivgen == "plain" else 64)
         if self._essiv is not None:
-            enc = P.ecb_encrypt(bytes(self._essiv), b"".join(ivs))
-            ivs = [enc[16 * i:16 * i + 16] for i in range(n)]
+            ivs = P.ecb_encrypt(bytes(self._essiv), ivs)
         return ivs
 
     def _run(self, data, first: int, encrypt: bool) -> bytearray:
         n, rest = divmod(len(data), self.unit)
         if rest:
             raise ValueError(f"{len(data)} bytes is not a whole number of {self.unit}-byte units")
-        ivs = self._ivs(first, n)
-        run = P.xts_units if self.chain == "xts" else P.cbc_units
-        return run(bytes(self._key), data, ivs, self.unit, encrypt)
+        return P.aes_units(self.chain, bytes(self._key), data, self._ivs(first, n), self.unit,
+                           encrypt)
 
     def decrypt(self, data, first: int) -> bytearray:
         return self._run(data, first, False)

@@ -98,64 +98,116 @@ def ecb_decrypt(key: bytes, data: bytes) -> bytes:
     return d.update(data) + d.finalize()
 
 
-_CONTEXTS: tuple[Any, Any] | None = None
+# -- AES over many data units (XTS and CBC restart per unit, each with its own IV) -------------
+# ``cryptography`` offers one context per IV, a key schedule each: ~2-4 us per 512-byte sector,
+# GIL held. OpenSSL's EVP interface (the libcrypto hashlib uses, through cffi's ABI mode) keeps
+# one context per call and re-initialises only the IV per unit (EVP_CipherInit_ex with the
+# cipher and key NULL); cffi releases the GIL in each call. Still OpenSSL's XTS/CBC; used only
+# when it gives what ``Cipher`` gives on a known input, ``Cipher`` per unit otherwise.
+_EVP_CDEF = """
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+EVP_CIPHER_CTX *EVP_CIPHER_CTX_new(void);
+void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx);
+int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad);
+const EVP_CIPHER *EVP_aes_128_xts(void);
+const EVP_CIPHER *EVP_aes_256_xts(void);
+const EVP_CIPHER *EVP_aes_128_cbc(void);
+const EVP_CIPHER *EVP_aes_192_cbc(void);
+const EVP_CIPHER *EVP_aes_256_cbc(void);
+int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
+                      const unsigned char *key, const unsigned char *iv, int enc);
+int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
+                     const unsigned char *in, int inl);
+"""
+_LIBCRYPTO = ("libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.3.dylib", "libcrypto-3-x64.dll")
+_EVP: Any = None            # None: not tried yet; False: unavailable; else (ffi, lib)
 
 
-def _contexts() -> tuple[Any, Any]:
-    """(encryption, decryption) context factories taking (algorithm, mode). A data unit is one
-    context (XTS and CBC restart per unit), so the per-context cost is what limits throughput:
-    ``cryptography``'s own factories behind ``Cipher`` skip its Python-level checks (about a
-    third of the time per 512-byte unit). Used only when present and when they give what
-    ``Cipher`` gives on a known input; ``Cipher`` otherwise."""
-    global _CONTEXTS
-    if _CONTEXTS is not None:
-        return _CONTEXTS
-    Cipher, algorithms, modes = _cryptography()
+def _load_evp() -> Any:
+    import ctypes.util
 
-    def enc(alg: Any, mode: Any) -> Any:
-        return Cipher(alg, mode).encryptor()
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(_EVP_CDEF)
+    found = ctypes.util.find_library("crypto")
+    for name in (*_LIBCRYPTO, *([found] if found else [])):
+        try:
+            return ffi, ffi.dlopen(name)
+        except OSError:
+            continue
+    raise OSError("no libcrypto")
 
-    def dec(alg: Any, mode: Any) -> Any:
-        return Cipher(alg, mode).decryptor()
-    _CONTEXTS = (enc, dec)
+
+def _evp() -> Any:
+    """(ffi, lib) once OpenSSL's EVP agrees with ``cryptography`` on XTS and CBC, else False."""
+    global _EVP
+    if _EVP is None:
+        _EVP = False
+        try:
+            evp = _load_evp()
+            key, data, ivs = bytes(range(64)), bytes(range(256)) * 4, bytes(range(32))
+            for chain, k in (("xts", key), ("cbc", key[:32])):
+                ct = _evp_units(evp, chain, k, data, ivs, 512, True)
+                if ct != _cipher_units(chain, k, data, ivs, 512, True) or \
+                        _evp_units(evp, chain, k, ct, ivs, 512, False) != data:
+                    return _EVP
+            _EVP = evp
+        except Exception:   # no cffi, no libcrypto, another OpenSSL: the public path
+            pass
+    return _EVP
+
+
+def _evp_units(evp: Any, chain: str, key: bytes, data, ivs, unit: int,
+               encrypt: bool) -> bytearray:
+    ffi, lib = evp
+    n = len(data) // unit
+    out = bytearray(memoryview(data)[:n * unit])     # worked on in place
+    if not n:
+        return out
+    cipher = getattr(lib, f"EVP_aes_{len(key) * 4 if chain == 'xts' else len(key) * 8}_{chain}")
+    ctx = lib.EVP_CIPHER_CTX_new()
+    if ctx == ffi.NULL:
+        raise MemoryError("EVP_CIPHER_CTX_new")
     try:
-        from cryptography.hazmat.bindings._rust import openssl as rust
-        fast = (rust.ciphers.create_encryption_ctx, rust.ciphers.create_decryption_ctx)
-        alg, mode = algorithms.AES(bytes(range(64))), modes.XTS(bytes(range(16)))
-        probe = bytes(range(64))
-        if fast[0](alg, mode).update(probe) == enc(alg, mode).update(probe) and \
-                fast[1](alg, mode).update(probe) == dec(alg, mode).update(probe):
-            _CONTEXTS = fast
-    except Exception:   # any change in the library: the public path
-        pass
-    return _CONTEXTS
-
-
-def xts_units(key: bytes, data, tweaks: list[bytes], unit: int, encrypt: bool) -> bytearray:
-    """AES-XTS over ``len(tweaks)`` data units of ``unit`` bytes, one tweak each."""
-    _Cipher, algorithms, modes = _cryptography()
-    make = _contexts()[0 if encrypt else 1]
-    aes, xts = algorithms.AES(key), modes.XTS
-    mv = memoryview(data)
-    out = bytearray(len(mv))
-    o = memoryview(out)
-    pos = 0
-    for t in tweaks:
-        o[pos:pos + unit] = make(aes, xts(t)).update(mv[pos:pos + unit])
-        pos += unit
+        if lib.EVP_CipherInit_ex(ctx, cipher(), ffi.NULL, bytes(key), ffi.NULL, int(encrypt)) != 1:
+            raise NotSupported(f"OpenSSL refused the aes-{chain} key")
+        lib.EVP_CIPHER_CTX_set_padding(ctx, 0)
+        buf = ffi.cast("unsigned char *", ffi.from_buffer(out))
+        iv = ffi.cast("const unsigned char *", ffi.from_buffer(ivs))
+        got = ffi.new("int *")
+        init, update, null = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate, ffi.NULL
+        ok = 1
+        for i, pos in zip(range(0, 16 * n, 16), range(0, unit * n, unit)):
+            p = buf + pos
+            ok &= init(ctx, null, null, null, iv + i, -1) & update(ctx, p, got, p, unit)
+        if ok != 1 or got[0] != unit:
+            raise NotSupported(f"OpenSSL failed on aes-{chain} data units of {unit} bytes")
+    finally:
+        lib.EVP_CIPHER_CTX_free(ctx)
     return out
 
 
-def cbc_units(key: bytes, data, ivs: list[bytes], unit: int, encrypt: bool) -> bytearray:
-    """AES-CBC, each data unit chained on its own from its IV."""
-    _Cipher, algorithms, modes = _cryptography()
-    make = _contexts()[0 if encrypt else 1]
-    aes, cbc = algorithms.AES(key), modes.CBC
-    mv = memoryview(data)
-    out = bytearray(len(mv))
+def _cipher_units(chain: str, key: bytes, data, ivs, unit: int, encrypt: bool) -> bytearray:
+    Cipher, algorithms, modes = _cryptography()
+    aes, mode = algorithms.AES(key), modes.XTS if chain == "xts" else modes.CBC
+    mv, iv = memoryview(data), bytes(ivs)
+    out = bytearray(len(mv) // unit * unit)
     o = memoryview(out)
-    pos = 0
-    for iv in ivs:
-        o[pos:pos + unit] = make(aes, cbc(iv)).update(mv[pos:pos + unit])
-        pos += unit
+    for i, pos in enumerate(range(0, len(out), unit)):
+        c = Cipher(aes, mode(iv[16 * i:16 * i + 16]))
+        ctx = c.encryptor() if encrypt else c.decryptor()
+        o[pos:pos + unit] = ctx.update(mv[pos:pos + unit])
     return out
+
+
+def aes_units(chain: str, key: bytes, data, ivs, unit: int, encrypt: bool) -> bytearray:
+    """AES-``chain`` ('xts' or 'cbc') over ``len(data) // unit`` data units of ``unit`` bytes,
+    unit *i* with the 16-byte IV ``ivs[16 * i:16 * i + 16]`` (``ivs``: any buffer)."""
+    if len(ivs) < len(data) // unit * 16:
+        raise ValueError(f"{len(ivs)} bytes of IVs for {len(data) // unit} data units")
+    evp = _evp()
+    if evp:
+        return _evp_units(evp, chain, key, data, ivs, unit, encrypt)
+    return _cipher_units(chain, key, data, ivs, unit, encrypt)
+

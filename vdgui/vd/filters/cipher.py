@@ -3,19 +3,20 @@ place ``cryptography`` is imported): one XTS unit per data unit, the unit's numb
 unit size) as the little-endian 16-byte tweak (plain64)."""
 from __future__ import annotations
 
-from ..crypto.primitives import xts_units
+from ..crypto.cipher import counter_ivs
+from ..crypto.primitives import aes_units
 
 
 def xts_encrypt(key: bytes, tweak: bytes, data: bytes) -> bytes:
-    return bytes(xts_units(key, data, [tweak], len(data), True))
+    return bytes(aes_units("xts", key, data, tweak, len(data), True))
 
 
 def xts_decrypt(key: bytes, tweak: bytes, data: bytes) -> bytes:
-    return bytes(xts_units(key, data, [tweak], len(data), False))
+    return bytes(aes_units("xts", key, data, tweak, len(data), False))
 
 
-def _tweaks(first: int, count: int) -> list[bytes]:
-    return [(first + i).to_bytes(16, "little") for i in range(count)]
+def xts_units(key: bytes, data, first: int, unit: int, encrypt: bool) -> bytearray:
+    return aes_units("xts", key, data, counter_ivs(first, len(data) // unit), unit, encrypt)
 
 
 class XtsUnits:
@@ -28,7 +29,7 @@ class XtsUnits:
 
     def encrypt(self, offset: int, buf: memoryview) -> None:
         u = self.unit
-        buf[:] = xts_units(self.key, buf, _tweaks(offset // u, len(buf) // u), u, True)
+        buf[:] = xts_units(self.key, buf, offset // u, u, True)
 
     def decrypt(self, offset: int, buf: memoryview) -> None:
         """Runs of units whose stored bytes are not all zero are decrypted; an all-zero unit
@@ -36,7 +37,7 @@ class XtsUnits:
         u = self.unit
         n = len(buf) // u
         if self._zero not in buf.tobytes():    # no zero unit can hide in there: one call
-            buf[:] = xts_units(self.key, buf, _tweaks(offset // u, n), u, False)
+            buf[:] = xts_units(self.key, buf, offset // u, u, False)
             return
         i = 0
         while i < n:
@@ -47,7 +48,7 @@ class XtsUnits:
             while j < n and buf[j * u:(j + 1) * u] != self._zero:
                 j += 1
             run = buf[i * u:j * u]
-            run[:] = xts_units(self.key, run, _tweaks(offset // u + i, j - i), u, False)
+            run[:] = xts_units(self.key, run, offset // u + i, u, False)
             i = j
 
 
