@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 
 import pytest
 from PySide6.QtCore import Qt
@@ -250,6 +251,49 @@ def test_change_passphrase(qtbot, window, copies, tmp_path, kind):
         _plain(path, old)
 
 
+def test_change_passphrase_of_a_luks2_container(qtbot, window, qemu, tmp_path):
+    """LUKS2 (cryptsetup makes it): the action is enabled and the job replaces the keyslot."""
+    tool = shutil.which("cryptsetup")
+    if tool is None:
+        pytest.fail("cryptsetup is not installed: install Debian's cryptsetup-bin "
+                    "(bash scripts/bootstrap test does)", pytrace=False)
+    path = str(tmp_path / "c2.luks")
+    key = tmp_path / "key"
+    key.write_bytes(b"old-pass")
+    with open(path, "wb") as f:
+        f.truncate(20 * MiB)
+    subprocess.run([tool, "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", str(key), path],
+                   check=True, capture_output=True)
+    with vd.PassphraseProvider(["old-pass"]) as pp, vd.using_passphrases(pp), \
+            vd.Disk.open_chain(path) as d:
+        d.write(MiB, MARK)
+    want = _plain(path, "old-pass")
+    window.ops.add_paths([path], sync=True)
+    window.select_paths([path])
+    assert window.model.node(path).record.encryption["format"] == "luks2"
+    assert window.actions["passphrase"].isEnabled(), window.actions["passphrase"].toolTip()
+    job = window.ops.start_change_passphrase(
+        window.model.node(path), ChangePassphraseParams(path, vd.Passphrase("brand-new")))
+    _answer(qtbot, window, "old-pass")
+    wait_job(qtbot, job, timeout=60000)
+    assert job.state == JobState.DONE, job.error
+    assert _plain(path, "brand-new") == want
+    with pytest.raises(vd.WrongPassphrase):
+        _plain(path, "old-pass")
+    r = subprocess.run([tool, "luksOpen", "--test-passphrase", "--key-file", "-", path],
+                       input=b"brand-new", capture_output=True)
+    assert r.returncode == 0, r.stderr
+    # legacy QCOW2 AES (qemu-img makes it): read-only, so no change of passphrase
+    aes = str(tmp_path / "aes.qcow2")
+    qemu.img("create", "--object", "secret,id=s0,data=legacy", "-f", "qcow2", "-o",
+             "encrypt.format=aes,encrypt.key-secret=s0", aes, "4M")
+    window.ops.add_paths([aes], sync=True)
+    window.select_paths([aes])
+    assert not window.actions["passphrase"].isEnabled()
+    assert "legacy QCOW2 AES" in window.actions["passphrase"].toolTip()
+
+
 # -- the copy dialog ---------------------------------------------------------------------------
 def test_copy_dialog_offers_encryption_and_copies_encrypted(qtbot, window, tmp_path):
     from vdgui.gui.dialogs.copy import CopyDialog
@@ -287,6 +331,72 @@ def test_copy_dialog_offers_encryption_and_copies_encrypted(qtbot, window, tmp_p
     assert os.path.isfile(vd.sidecar_path(p.dst))
     assert MARK not in _bytes(p.dst)
     assert _plain(p.dst, "copy-pw") == want
+
+
+# -- the create dialog -------------------------------------------------------------------------
+def test_create_dialog_offers_encryption_and_creates_encrypted(qtbot, window, qemu, tmp_path):
+    """The Create dialog has the copy dialog's encryption choices and the passphrase typed
+    twice; the jobs make a LUKS QCOW2 (qemu-img opens it with the passphrase) and a VDI with a
+    VirtualBox key store beside it, both reading zeroes with their passphrase only."""
+    from vdgui.gui.dialogs.create import CreateDialog
+
+    def dialog(fmt, name):
+        dlg = CreateDialog(str(tmp_path), window, size=4 * MiB)
+        qtbot.addWidget(dlg)
+        dlg.set_format(fmt)
+        dlg.location.set_path(str(tmp_path / name))
+        return dlg
+
+    def choices(dlg):
+        return [dlg.encryption.itemData(i) for i in range(dlg.encryption.count())]
+    dlg = dialog("VDI", "v.vdi")
+    assert choices(dlg) == [None, "vbox-aes-xts256", "vbox-aes-xts128"]
+    assert dlg.passphrase.isHidden() and dlg.ok.isEnabled() and dlg.params().encrypt is None
+    dlg.set_format("RAW")
+    assert choices(dlg) == [None]
+    dlg.set_format("LUKS")              # always encrypted: starts on LUKS, None is an error
+    assert dlg.encryption.currentData() == "luks" and not dlg.passphrase.isHidden()
+    dlg.encryption.setCurrentIndex(0)
+    assert not dlg.ok.isEnabled() and any("always encrypted" in e
+                                          for e in dlg.messages.errors)
+    dlg.set_format("QCOW2")
+    assert choices(dlg) == [None, "luks"]
+    assert "Encryption" not in [k.name for k in (dlg.config.keys if dlg.config else [])]
+    dlg.encryption.setCurrentIndex(dlg.encryption.findData("luks"))
+    assert not dlg.passphrase.isHidden() and not dlg.ok.isEnabled()
+    dlg.passphrase.first.setText("new-pw")
+    dlg.passphrase.second.setText("new-px")
+    assert dlg.passphrase.error.isVisibleTo(dlg) and not dlg.ok.isEnabled()
+    dlg.passphrase.second.setText("new-pw")
+    assert dlg.ok.isEnabled()
+    dlg.location.set_path(str(tmp_path / "l.qcow2"))
+    p = dlg.params()
+    assert (p.format, p.encrypt) == ("QCOW2", "luks") and "new-pw" not in repr(p)
+    assert dlg.passphrase.first.text() == ""
+    job = window.ops.start_create(p)
+    wait_job(qtbot, job, timeout=60000)
+    assert job.state == JobState.DONE, job.error
+    assert _plain(p.location, "new-pw") == bytes(4 * MiB)
+    with pytest.raises(vd.WrongPassphrase):
+        _plain(p.location, "other")
+    zero = tmp_path / "zero.raw"
+    zero.write_bytes(bytes(4 * MiB))
+    qemu.img("compare", "--object", "secret,id=s0,data=new-pw", "--image-opts",
+             f"driver=qcow2,file.filename={p.location},encrypt.key-secret=s0",
+             f"driver=raw,file.filename={zero}")
+    # a VirtualBox-encrypted VDI: its key store written beside it
+    dlg = dialog("VDI", "v.vdi")
+    dlg.encryption.setCurrentIndex(dlg.encryption.findData("vbox-aes-xts128"))
+    dlg.passphrase.first.setText("vb-pw")
+    dlg.passphrase.second.setText("vb-pw")
+    p = dlg.params()
+    job = window.ops.start_create(p)
+    wait_job(qtbot, job, timeout=60000)
+    assert job.state == JobState.DONE, job.error
+    assert os.path.isfile(vd.sidecar_path(p.location))
+    assert _plain(p.location, "vb-pw") == bytes(4 * MiB)
+    with pytest.raises(vd.WrongPassphrase):
+        _plain(p.location, "other")
 
 
 # -- VirtualBox registries ---------------------------------------------------------------------

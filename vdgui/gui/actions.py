@@ -225,8 +225,8 @@ def _crypt_reason(key: str, n) -> str | None:
         return f"{_label(n)} is not encrypted"
     if enc.get("error"):
         return f"{_label(n)}: its key store cannot be read: {enc['error']}"
-    if key == "passphrase" and enc.get("format") in ("qcow2-aes", "luks2"):
-        return f"The passphrase of {enc['format']} images cannot be changed here"
+    if key == "passphrase" and enc.get("format") == "aes":
+        return f"{_label(n)} has legacy QCOW2 AES encryption: read-only here"
     return None
 
 

@@ -253,11 +253,13 @@ class Operations:
 
     def start_create(self, p: CreateParams) -> Job:
         job = tasks.create_job(p.location, p.size, p.format, flags=p.flags,
-                               config=p.config, comment=p.comment)
+                               config=p.config, comment=p.comment, encrypt=p.encrypt)
+        job.new_passphrase = p.passphrase
         self.w.remember_folder(p.location)
         self.pending_select = [p.location]
         self.retry_on_failure(job, f"Creating {os.path.basename(p.location)} failed",
-                              lambda: self.create_dialog(previous=p))
+                              lambda: self.create_dialog(
+                                  previous=dataclasses.replace(p, passphrase=None)))
         return self.start_job(job, lambda res: self.rescan(res))
 
     def create_floppy_dialog(self, *, previous: FloppyParams | None = None):

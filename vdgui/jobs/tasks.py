@@ -21,21 +21,36 @@ def create_job(
     config: dict | None = None,
     comment: str | None = None,
     key: str | None = None,
+    encrypt: str | None = None,
 ) -> Job:
+    """A new base image; ``encrypt`` (a name of :func:`encryptions`, the job's new_passphrase)
+    encrypts it: the format's own (LUKS) through its config, VirtualBox's as a new key store
+    beside it, written first and removed again if the create fails."""
     backend = get_backend(format)
 
     def fn(progress):
         progress(0, size)
-        with Disk() as d:
-            d.create_base(
-                location,
-                size,
-                backend,
-                flags=flags,
-                config=config or None,
-                comment=comment or None,
-                progress=progress,
-            )
+        cfg = dict(config or {})
+        side = None
+        if encrypt in VBOX:
+            side = _new_keystore(location, encrypt)[1]
+        elif encrypt is not None:
+            cfg.update(_own_encryption(backend, encrypt))
+        try:
+            with Disk() as d:
+                d.create_base(
+                    location,
+                    size,
+                    backend,
+                    flags=flags,
+                    config=cfg or None,
+                    comment=comment or None,
+                    progress=progress,
+                )
+        except BaseException:
+            if side is not None:
+                os.unlink(side)
+            raise
         progress(size, size)
         return [location]
 
@@ -178,23 +193,34 @@ def _copy(src: str, dst: str, dst_format: str, progress, *, library=None,
     if encrypt is None:
         return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
     if encrypt not in VBOX:
-        if encrypt not in get_backend(dst_format).encryptions:
-            raise vd.NotSupported(f"{dst_format} images cannot be encrypted with {encrypt}")
         kw["dst_config"] = {**(kw.get("dst_config") or {}),
-                            **get_backend(dst_format).encryptions[encrypt]}
+                            **_own_encryption(get_backend(dst_format), encrypt)}
         return vd.copy_image(src, dst, dst_format, progress=progress, **kw)
+    new, side = _new_keystore(dst, encrypt)
+    try:
+        return vd.copy_image(src, dst, dst_format, progress=progress, dst_filters=[new], **kw)
+    except BaseException:
+        os.unlink(side)
+        raise
+
+
+def _own_encryption(b, encrypt: str) -> dict:
+    """The config keys that make a new ``b`` image hold encryption ``encrypt`` (LUKS)."""
+    if encrypt not in b.encryptions:
+        raise vd.NotSupported(f"{b.name} images cannot be encrypted with {encrypt}")
+    return dict(b.encryptions[encrypt])
+
+
+def _new_keystore(dst: str, encrypt: str):
+    """A CRYPT filter with a new key for ``dst`` and its key store written beside it (first:
+    never an image without its key); (filter, key store path)."""
     if os.path.lexists(vd.sidecar_path(dst)):
         raise vd.FileExists(f"{vd.sidecar_path(dst)}: file already exists (the new key store "
                             "goes there)")
     stem = os.path.splitext(os.path.basename(dst))[0]
     new = vd.get_filter("CRYPT").open(
         {"CreateKeyStore": 1, "Algorithm": VBOX[encrypt], "KeyId": stem}, dst)
-    side = vd.write_sidecar(dst, new.properties())      # first: never an image without its key
-    try:
-        return vd.copy_image(src, dst, dst_format, progress=progress, dst_filters=[new], **kw)
-    except BaseException:
-        os.unlink(side)
-        raise
+    return new, vd.write_sidecar(dst, new.properties())
 
 
 def crypt_job(path: str, *, format: str, encrypt: str | None, into: str | None = None,

@@ -43,7 +43,7 @@ from .common import (
     with_extension,
 )
 from .params import CopyParams
-from .passphrase import LABELS, NewPassphraseFields, encryptions
+from .passphrase import NewPassphraseFields, encryption_problems, target_encryptions
 
 
 class CopyDialog(QDialog):
@@ -164,24 +164,13 @@ class CopyDialog(QDialog):
             self.config.deleteLater()
         keys = applicable_keys(b.config_keys, mode="create", variant=self.variant.flags())
         # encryption is chosen below (with its passphrase), not in the format's options
-        crypt_keys = {k for cfg in b.encryptions.values() for k in cfg}
+        crypt_keys = target_encryptions(self.encryption, b)
         keys = [k for k in keys if k.name not in crypt_keys]
         self.config = ConfigForm(keys, mode="create") if keys else None
         if self.config is not None:
             self.config_layout.addWidget(self.config)
             self.config.valuesChanged.connect(self.validate)     # every edit: no stale summary
         self.config_box.setVisible(self.config is not None)
-        have = self.encryption.currentData()
-        self.encryption.blockSignals(True)
-        self.encryption.clear()
-        self.encryption.addItem("None", None)
-        for name in encryptions(b.name):
-            self.encryption.addItem(LABELS.get(name, name), name)
-        i = self.encryption.findData(have)
-        if b.needs_passphrase and (i <= 0) and self.encryption.count() > 1:
-            i = 1                       # always encrypted (raw LUKS): never "None"
-        self.encryption.setCurrentIndex(max(i, 0))
-        self.encryption.blockSignals(False)
         self._encryption_changed()
 
     def _encryption_changed(self, *_):
@@ -265,12 +254,10 @@ class CopyDialog(QDialog):
         if self.config is not None:
             errors += self.config.messages()
         enc = self.encryption.currentData()
-        if enc is None and b is not None and b.needs_passphrase:
-            errors.append(f"{b.name} images are always encrypted: choose an encryption")
-        if enc is not None:
-            errors += [p for p in (self.passphrase.problem(),) if p]
-            if self.chain_copy():
-                errors.append("An encrypted copy is one image: flatten the chain")
+        if b is not None:
+            errors += encryption_problems(b, enc, self.passphrase)
+        if enc is not None and self.chain_copy():
+            errors.append("An encrypted copy is one image: flatten the chain")
         if loc and size:
             flags = self.variant.flags()
             warnings += size_warnings(

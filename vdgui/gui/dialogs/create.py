@@ -35,6 +35,7 @@ from .common import (
     with_extension,
 )
 from .params import CreateParams, SnapshotParams
+from .passphrase import NewPassphraseFields, encryption_problems, target_encryptions
 
 DEFAULT_SIZE = 20 << 30
 FLOPPY_SIZE = 1440 * 1024
@@ -93,6 +94,10 @@ class CreateDialog(QDialog):
         self.config_box = QGroupBox("Format options")
         self.config_layout = QVBoxLayout(self.config_box)
         self.config: ConfigForm | None = None
+        self.encryption = QComboBox()
+        self.encryption.setObjectName("encryption")
+        self.passphrase = NewPassphraseFields()
+        self.passphrase.setVisible(False)
         self.messages = MessageArea()
 
         form = QFormLayout()
@@ -100,6 +105,8 @@ class CreateDialog(QDialog):
         form.addRow("&Size:", self.size)
         form.addRow("&Location:", self.location)
         form.addRow("&Description:", self.comment)
+        form.addRow("&Encryption:", self.encryption)
+        form.addRow(self.passphrase)
         self.buttons, self.ok = ok_cancel(self, "Create")
         lay = QVBoxLayout(self)
         lay.addWidget(self.format_box)
@@ -112,6 +119,8 @@ class CreateDialog(QDialog):
         self.variant.changed.connect(self.validate)
         self.size.valueChanged.connect(self.validate)
         self.location.changed.connect(self._location_edited)
+        self.encryption.currentIndexChanged.connect(self._encryption_changed)
+        self.passphrase.changed.connect(self.validate)
         if self.backends:
             first = next((b for b in self.backends if device and
                           any(fe.device.value == device for fe in b.extensions)), self.backends[0])
@@ -148,11 +157,18 @@ class CreateDialog(QDialog):
             self.config.setParent(None)
             self.config.deleteLater()
         keys = applicable_keys(b.config_keys, mode="create", variant=self.variant.flags())
+        # encryption is chosen below (with its passphrase), not in the format's options
+        crypt_keys = target_encryptions(self.encryption, b)
+        keys = [k for k in keys if k.name not in crypt_keys]
         self.config = ConfigForm(keys, mode="create") if keys else None
         if self.config is not None:
             self.config_layout.addWidget(self.config)
             self.config.valuesChanged.connect(self.validate)     # every edit: no stale summary
         self.config_box.setVisible(self.config is not None)
+        self._encryption_changed()
+
+    def _encryption_changed(self, *_):
+        self.passphrase.setVisible(self.encryption.currentData() is not None)
         self.validate()
 
     _updating_loc = False
@@ -193,6 +209,7 @@ class CreateDialog(QDialog):
             errors.append(why)
         if self.config is not None:
             errors += self.config.messages()
+        errors += encryption_problems(b, self.encryption.currentData(), self.passphrase)
         size = self.size.value()
         if loc and size:
             flags = self.variant.flags()
@@ -219,13 +236,17 @@ class CreateDialog(QDialog):
         if self.config is not None and p.config:
             self.config.set_values(p.config)
         self.comment.setText(p.comment or "")
+        if p.encrypt:
+            self.encryption.setCurrentIndex(max(self.encryption.findData(p.encrypt), 0))
         self.validate()
 
     def params(self) -> CreateParams:
+        enc = self.encryption.currentData()
         return CreateParams(location=self.location.path(), size=self.size.value(),
                             format=self.backend().name, flags=self.variant.flags(),
                             config=self.config.values() if self.config is not None else {},
-                            comment=self.comment.text().strip() or None)
+                            comment=self.comment.text().strip() or None, encrypt=enc,
+                            passphrase=self.passphrase.take() if enc is not None else None)
 
 
 class CreateDiffDialog(QDialog):

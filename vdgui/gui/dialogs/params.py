@@ -17,6 +17,8 @@ class CreateParams:
     flags: ImageFlags = ImageFlags.NONE
     config: dict = field(default_factory=dict)     # the format's options (ConfigForm values)
     comment: str | None = None
+    encrypt: str | None = None                     # an encryption (issue #17), as CopyParams
+    passphrase: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,32 @@ def describe_encryption(enc: dict | None) -> str:
     return text
 
 
+def target_encryptions(combo: QComboBox, b) -> list[str]:
+    """Fill ``combo`` (copy and create dialogs) with "None" and the encryptions a new ``b``
+    image can have, keeping the choice where it still applies; an always-encrypted format (raw
+    LUKS) starts on its first. Returns the names of ``b``'s config keys that choosing an
+    encryption sets (kept out of its options form)."""
+    have = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItem("None", None)
+    for name in encryptions(b.name):
+        combo.addItem(LABELS.get(name, name), name)
+    i = combo.findData(have)
+    if b.needs_passphrase and i <= 0 and combo.count() > 1:
+        i = 1
+    combo.setCurrentIndex(max(i, 0))
+    combo.blockSignals(False)
+    return sorted({k for cfg in b.encryptions.values() for k in cfg})
+
+
+def encryption_problems(b, enc: str | None, fields: NewPassphraseFields) -> list[str]:
+    if enc is None:
+        return [f"{b.name} images are always encrypted: choose an encryption"] \
+            if b.needs_passphrase else []
+    return [p for p in (fields.problem(),) if p]
+
+
 class NewPassphraseFields(QWidget):
     """A new passphrase typed twice; a mismatch is an inline error."""
 
