@@ -1,9 +1,11 @@
 """Test disks for issue #15, built with the file systems' and partitioners' own tools."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -54,3 +56,55 @@ def mbr_disk(tmp_path_factory):
        "10M")
     sh("mkfs.fat", "-F", "16", "-s", "1", "-n", "DATA", "--offset", "24576", img, 16384 // 2)
     return img
+
+
+
+@contextlib.contextmanager
+def exfat_mounted(img, readonly=False):
+    """The exFAT volume file ``img`` mounted by exFAT's own FUSE driver (exfat-fuse) on a loop
+    device; yields the folder. No loop device here (not root, none free): the test is skipped,
+    saying so."""
+    fuse = tool("mount.exfat-fuse")
+    r = subprocess.run([tool("losetup"), "-f", "--show", *(["-r"] if readonly else []),
+                        str(img)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot attach a loop device for exfat-fuse here: {r.stderr.strip()}")
+    loop = r.stdout.strip()
+    mnt = f"{img}.mnt"
+    os.mkdir(mnt)
+    try:
+        sh(fuse, "-o", "ro" if readonly else "noatime", loop, mnt)
+        try:
+            yield mnt
+        finally:
+            for _ in range(50):                       # busy for a moment after a copy
+                if subprocess.run([tool("fusermount"), "-u", mnt]).returncode == 0:
+                    break
+                time.sleep(0.1)
+    finally:
+        subprocess.run([tool("losetup"), "-d", loop], check=True)
+        os.rmdir(mnt)
+
+
+def fill_exfat(img, src, then=None) -> None:
+    """Copy the tree ``src`` (times kept) into the exFAT volume file ``img`` (made by
+    mkfs.exfat) through exfat-fuse, then call ``then(folder)``; fsck.exfat must find the
+    volume clean."""
+    with exfat_mounted(img) as mnt:
+        sh("cp", "-a", f"{src}/.", f"{mnt}/")
+        if then is not None:
+            then(mnt)
+    sh("fsck.exfat", "-n", img)
+
+
+def read_exfat(img) -> dict:
+    """{relative path: bytes} of every file of the exFAT volume file ``img``, read through
+    exfat-fuse (the check that does not use our reader)."""
+    out = {}
+    with exfat_mounted(img, readonly=True) as mnt:
+        for root, _dirs, names in os.walk(mnt):
+            for n in names:
+                p = os.path.join(root, n)
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, mnt)] = f.read()
+    return out

@@ -5,7 +5,7 @@ Only the ranges the differencing image holds are candidates: each file whose all
 either view) meets one of them, or whose size or type changed, is confirmed by comparing its
 content in both views, so a block shared by neighbouring small files does not report them.
 Metadata-only changes (times; folders added or removed) are reported apart.
-Covered: ext2/3/4 and FAT12/16/32 (allocation through the libraries). Other file systems are
+Covered: ext2/3/4, FAT12/16/32 and exFAT (allocation through the libraries). Other file systems are
 listed in ``not_covered``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .diskfile import DiskFile, SliceFile
 from .filesystems import open_filesystem
 from .partitions import read_layout
 
-COVERED = {"ext2", "ext3", "ext4", "fat12", "fat16", "fat32"}
+COVERED = {"ext2", "ext3", "ext4", "fat12", "fat16", "fat32", "exfat"}
 
 
 @dataclass

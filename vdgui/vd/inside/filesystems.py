@@ -1,5 +1,5 @@
 """Read-only file systems over a volume, through libraries (never hand-written parsers):
-dissect.extfs (ext2/3/4), dissect.fat (FAT12/16/32 with long names), dissect.ntfs (NTFS),
+dissect.extfs (ext2/3/4), dissect.fat (FAT12/16/32 with long names; exFAT), dissect.ntfs (NTFS),
 pycdlib (ISO9660 with Joliet and Rock Ridge). See docs/inside.md for the comparison.
 
 Every library error becomes a CorruptImage naming the volume and the path; nothing reads a whole
@@ -357,6 +357,163 @@ class FatVolume(FileSystem):
         n._vd_runs = True
         return n
 
+def _exfat_time(ts: int, centis: int, tz: int) -> float | None:
+    """An exFAT timestamp (MS-DOS date and time, 10 ms increments, UTC offset in 15 minutes
+    when bit 7 of ``tz`` is set; local time of an unknown zone otherwise, taken as UTC)."""
+    try:
+        dt = datetime(1980 + (ts >> 25), (ts >> 21) & 0xF, (ts >> 16) & 0x1F, (ts >> 11) & 0x1F,
+                      (ts >> 5) & 0x3F, (ts & 0x1F) * 2, tzinfo=UTC)
+    except ValueError:
+        return None
+    t = dt.timestamp() + min(centis, 199) / 100
+    if tz & 0x80:
+        off = tz & 0x7F
+        t -= (off - 0x80 if off & 0x40 else off) * 15 * 60
+    return t
+
+
+def _exfat_class():
+    from dissect.fat.exfat import EOC, ExFAT
+
+    class _ExFAT(ExFAT):
+        """dissect.fat 3.13's ExFAT with two fixes: a contiguous (NoFatChain) folder larger
+        than one cluster was read as its first cluster only, and a cluster chain that loops
+        (damage) was followed forever."""
+
+        def runlist(self, starting_cluster, not_fragmented=True, size=None):
+            if not_fragmented and not size:       # a folder: its stream is cut at its length
+                n = self.cluster_count + 2 - starting_cluster
+                if starting_cluster < 2 or n <= 0:
+                    raise ValueError(f"cluster {starting_cluster} lies outside the volume")
+                return [(self.cluster_to_sector(starting_cluster),
+                         n * 2 ** self.vbr.sectors_per_cluster_exp)]
+            return super().runlist(starting_cluster, not_fragmented, size)
+
+        def get_cluster_chain(self, starting_cluster):
+            chain: list[int] = []
+            cur = starting_cluster
+            while cur != EOC:
+                if not 2 <= cur < self.cluster_count + 2:
+                    raise ValueError(f"a cluster chain names cluster {cur:#x}, outside the "
+                                     f"volume's {self.cluster_count} clusters")
+                if len(chain) > self.cluster_count:
+                    raise ValueError(f"the cluster chain from {starting_cluster} loops")
+                chain.append(cur)
+                self.fat.seek(cur * 4)
+                cur = int.from_bytes(self.fat.read(4), "little")
+            return chain
+
+    return _ExFAT
+
+
+class _Pread:
+    """pread_into over a seekable file (when the volume is not a SliceFile)."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+
+    def pread_into(self, offset: int, out) -> int:
+        self.fh.seek(offset)
+        return self.fh.readinto(out) or 0
+
+
+class ExfatVolume(FileSystem):
+    """exFAT through dissect.fat's ExFAT (it reads the whole folder tree when opened). Nodes
+    are the library's (FILE entry set, children or None) pairs."""
+    kind = "exfat"
+
+    def __init__(self, fh, name):
+        super().__init__(fh, name)
+        try:
+            self.fs = _exfat_class()(fh)
+        except Exception as e:
+            raise CorruptImage(f"{name}: not a readable exFAT volume: {type(e).__name__}: "
+                               f"{e}") from None
+        self.heap = self.fs.cluster_heap_sector * self.fs.sector_size
+        self._index: dict[int, dict] = {}          # a folder's children by name
+        raw = getattr(fh, "raw", None)
+        self._src = raw if hasattr(raw, "pread_into") else _Pread(fh)
+
+    @staticmethod
+    def _name(f) -> str:
+        return "".join(e.filename for e in f.fn_entries
+                       if e.entry_type == 0xC1)[:f.stream.filename_length]
+
+    def _node(self, path):
+        node = self.fs.files["/"]
+        for part in [p for p in path.split("/") if p]:
+            kids = node[1]
+            if kids is None:
+                raise FileNotFoundError(path)
+            index = self._index.get(id(kids))
+            if index is None:                      # exFAT compares names case-blind
+                index = self._index[id(kids)] = {}
+                for c in kids.values():
+                    name = self._name(c[0])
+                    index.setdefault(name, c)
+                    index.setdefault(name.upper(), c)
+            node = index.get(part) or index.get(part.upper())
+            if node is None:
+                raise FileNotFoundError(path)
+        return node
+
+    def _entry(self, path, n):
+        f, kids = n
+        typ = "dir" if kids is not None else "file"
+        m = f.metadata
+        return Entry(path, typ, 0 if typ == "dir" else f.stream.data_length,
+                     _exfat_time(m.modified_time, m.modified_offset, m.modified_timezone),
+                     _exfat_time(m.access_time, 0, m.access_timezone))
+
+    def _children(self, n):
+        return [(self._name(c[0]), c) for c in (n[1] or {}).values()]
+
+    def _key(self, n):
+        return n[0].stream.location or None
+
+    def runs(self, first: int, length: int, contiguous: bool) -> list[tuple[int, int]]:
+        """(byte offset in the volume, length) of the clusters holding ``length`` bytes from
+        cluster ``first`` (``contiguous``: NoFatChain; else the FAT's chain)."""
+        cs = self.fs.cluster_size
+        need = -(-length // cs)
+        if not need:
+            return []
+        if contiguous:
+            if first < 2 or first + need > self.fs.cluster_count + 2:
+                raise CorruptImage(f"{self.name}: exFAT clusters {first}..{first + need - 1} "
+                                   f"lie outside the volume's {self.fs.cluster_count}")
+            return [(self.heap + (first - 2) * cs, need * cs)]
+        chain = self.fs.get_cluster_chain(first)
+        if len(chain) < need:
+            raise CorruptImage(f"{self.name}: an exFAT cluster chain ends after {len(chain)} "
+                               f"clusters, {need} are needed for {length} bytes")
+        out: list[list[int]] = []
+        for c in chain[:need]:
+            off = self.heap + (c - 2) * cs
+            if out and out[-1][0] + out[-1][1] == off:
+                out[-1][1] += cs
+            else:
+                out.append([off, cs])
+        return [(o, n) for o, n in out]
+
+    def _open(self, n):
+        f = n[0]
+        size, valid = f.stream.data_length, min(f.stream.valid_data_length, f.stream.data_length)
+        runs: list[tuple[int | None, int]] = []
+        pos = 0
+        for off, k in self.runs(f.stream.location, valid, f.stream.flags.not_fragmented):
+            k = min(k, valid - pos)
+            runs.append((off, k))
+            pos += k
+        if size > pos:                          # past valid_data_length: zeroes
+            runs.append((None, size - pos))
+        return _RunReader(self._src, 0, runs, size, 1)
+
+    def allocation(self, path):
+        f = self._node(_norm(path))[0]
+        return self.runs(f.stream.location, f.stream.data_length, f.stream.flags.not_fragmented)
+
+
 class NtfsVolume(FileSystem):
     kind = "ntfs"
 
@@ -484,7 +641,8 @@ class IsoVolume(FileSystem):
 
 
 _BY_FS = {"ext2": ExtVolume, "ext3": ExtVolume, "ext4": ExtVolume, "fat12": FatVolume,
-          "fat16": FatVolume, "fat32": FatVolume, "ntfs": NtfsVolume, "iso9660": IsoVolume}
+          "fat16": FatVolume, "fat32": FatVolume, "exfat": ExfatVolume, "ntfs": NtfsVolume,
+          "iso9660": IsoVolume}
 
 
 def open_filesystem(fh, filesystem: str, name: str) -> FileSystem:

@@ -150,7 +150,8 @@ def detect_filesystem(pread, size: int) -> tuple[str, str, str]:
             return "ntfs", "", "%016X" % struct.unpack_from("<Q", head, 0x48)[0]
         if head[3:11] == b"EXFAT   ":
             serial = struct.unpack_from("<I", head, 100)[0]
-            return "exfat", "", "%04X-%04X" % (serial >> 16, serial & 0xFFFF)
+            return "exfat", _exfat_label(pread, head), "%04X-%04X" % (serial >> 16,
+                                                                      serial & 0xFFFF)
         fat = _fat(head)
         if fat:
             return fat
@@ -182,6 +183,25 @@ def detect_filesystem(pread, size: int) -> tuple[str, str, str]:
             str(uuidlib.UUID(bytes=bytes(head[1024 + 12 : 1024 + 28]))),
         )
     return "", "", ""
+
+
+def _exfat_label(pread, head: bytes) -> str:
+    """The volume label entry (type 0x83) of the root folder's first cluster, as blkid reads
+    it; "" without one."""
+    sector = 1 << min(head[0x6C], 12)
+    cluster = sector << min(head[0x6D], 25 - 9)
+    heap, root = struct.unpack_from("<I", head, 0x58)[0], struct.unpack_from("<I", head, 0x60)[0]
+    if root < 2:
+        return ""
+    raw = pread(heap * sector + (root - 2) * cluster, min(cluster, 64 * 1024))
+    for i in range(0, len(raw) - 31, 32):
+        kind = raw[i]
+        if kind == 0:
+            break
+        if kind == 0x83:
+            n = min(raw[i + 1], 11)
+            return raw[i + 2:i + 2 + 2 * n].decode("utf-16-le", "replace")
+    return ""
 
 
 def _fat(bs: bytes):

@@ -2,7 +2,8 @@
 booting the guest.
 
 Free ranges come from each file system's own allocation map (ext2/3/4 block bitmaps with
-uninitialised groups honoured, NTFS $Bitmap, the FAT, Linux swap after its header) and from the
+uninitialised groups honoured, NTFS $Bitmap, the FAT, exFAT's allocation bitmap, Linux swap
+after its header) and from the
 space outside every partition (never the tables, GPT's backup, nor the gap before the first
 partition, where boot loaders live). Volumes without a reader are left untouched and reported.
 
@@ -29,7 +30,7 @@ from ..disk import Disk
 from ..errors import CorruptImage, InvalidArgument, NotSupported, Refused, VDError
 from ..filter import Filter, FilterBackend, FilterCap
 from ..inside.diskfile import DiskFile, SliceFile
-from ..inside.filesystems import FileSystem, open_filesystem
+from ..inside.filesystems import ExfatVolume, FileSystem, open_filesystem
 from ..inside.partitions import Layout, Partition, read_layout
 from ..progress import Progress, ProgressCallback, WorkMap, sub_progress
 from ..temps import temp_name
@@ -297,6 +298,30 @@ def _fat_free(fs: FileSystem, pread, size: int) -> Ranges:
     return _clip(out, 0, size, 1)
 
 
+def _exfat_free(fs: FileSystem, pread, size: int) -> Ranges:
+    assert isinstance(fs, ExfatVolume)
+    x = fs.fs  # dissect ExFAT
+    flags = struct.unpack_from("<H", pread(0, 512), 0x6A)[0]
+    if flags & 0x0002:
+        raise Refused(
+            f"{fs.name}: the exFAT volume's VolumeDirty flag is set (boot sector VolumeFlags, "
+            "byte 0x6a): it was not cleanly unmounted; run fsck.exfat -y on it (or chkdsk "
+            "in Windows)"
+        )
+    bm = x.alloc_bitmap
+    count = x.cluster_count
+    if bm is None or bm.bitmap_length * 8 < count:
+        raise CorruptImage(
+            f"{fs.name}: the exFAT allocation bitmap is missing or too short (needs "
+            f"{-(-count // 8)} bytes, found {0 if bm is None else bm.bitmap_length})"
+        )
+    runs = fs.runs(bm.bitmap_start_cluster, bm.bitmap_length, False)
+    bitmap = b"".join(pread(off, n) for off, n in runs)
+    out: Ranges = []
+    _bits_free(bitmap, count, fs.heap, x.cluster_size, out)
+    return _clip(out, 0, size, 1)
+
+
 def _ntfs_free(fs: FileSystem, pread, size: int) -> Ranges:
     x = fs.fs  # dissect NTFS
     try:
@@ -355,6 +380,7 @@ _READERS: dict[str, Callable] = {
     "fat12": _fat_free,
     "fat16": _fat_free,
     "fat32": _fat_free,
+    "exfat": _exfat_free,
     "ntfs": _ntfs_free,
 }
 
