@@ -55,6 +55,7 @@ SOURCES = {
     "vdi": ("VDI", "vdi", "vdi"),
     "vmdk": ("VMDK", "vmdk", "vmdk"),
     "qcow2": ("QCOW2", "qcow2", "qcow2"),
+    "raw": ("RAW", "raw", "raw"),
 }
 
 CASES = [
@@ -67,6 +68,7 @@ CASES = [
     Case("vdi", "QCOW2", "qcow2", ext="qcow2"),
     Case("qcow2", "VDI", "vdi", ext="vdi"),
     Case("vdi", "VHDX", "vhdx", ext="vhdx"),
+    Case("raw", "VDI", "vdi", ext="vdi"),
 ]
 
 

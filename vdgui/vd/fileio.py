@@ -52,6 +52,7 @@ from .temps import (
 
 # ours and the re-exported public names of locks, paths and temps
 __all__ = [
+    "COPY_RANGE_UNSUPPORTED",
     "PERM_READ",
     "PERM_RESIZE",
     "PERM_WRITE",
@@ -62,6 +63,7 @@ __all__ = [
     "atomic_files",
     "check_same_file",
     "close_all",
+    "copy_range",
     "held_elsewhere",
     "is_temp_name",
     "lock_context",
@@ -416,6 +418,34 @@ def start_writeback(fd: int) -> None:
     fn = _SYNC_FILE_RANGE[0]
     if fn is not None:
         fn(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+# copy_file_range errors that mean "not here" (other file system, old kernel, a device, a
+# file type it does not handle): the caller copies the long way instead
+COPY_RANGE_UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                    errno.ENOTSUP, errno.EBADF, errno.ETXTBSY, errno.EPERM})
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> int:
+    """Copy ``length`` bytes between files inside the kernel (os.copy_file_range: a reflink on
+    btrfs/XFS, no round trip through Python elsewhere). Returns the bytes copied: fewer when
+    the source ends early, 0 when copy_file_range is unavailable or refuses these files
+    (:data:`COPY_RANGE_UNSUPPORTED`); the caller copies the rest itself. Other errors raise."""
+    done = 0
+    cfr = getattr(os, "copy_file_range", None)
+    if cfr is None:
+        return 0
+    while done < length:
+        try:
+            n = cfr(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+        except OSError as exc:
+            if exc.errno in COPY_RANGE_UNSUPPORTED:
+                return done
+            raise
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def _libc_fallocate():

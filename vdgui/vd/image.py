@@ -292,6 +292,18 @@ class Image:
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         raise ReadOnlyImage(f"{self.location}: {self.format} images cannot be written")
 
+    def stored_runs(self, offset: int, length: int) -> list[tuple[ImageFile, int, int]] | None:
+        """Where this image stores the range's bytes as they read (no table, compression or
+        cipher between): ``(file, file offset, length)`` pieces in order, for copy_file_range.
+        None when any part is stored otherwise or not at all. Default: None."""
+        return None
+
+    def flat_file(self) -> ImageFile | None:
+        """The file that holds this image's bytes at their own offsets with nothing to update
+        when they are written (RAW, fixed VHD): a copy may fill it with copy_file_range. None
+        otherwise (default)."""
+        return None
+
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """The range reads as zeroes afterwards. ``fill`` gives the content below this image,
         for backends that must copy the rest of a partly discarded block."""

@@ -83,6 +83,12 @@ class RawImage(FileImage):
         self.require_writable()
         self.f.pwrite(offset, data)
 
+    def stored_runs(self, offset: int, length: int) -> list[tuple[ImageFile, int, int]] | None:
+        return [(self.f, offset, length)]
+
+    def flat_file(self) -> ImageFile | None:
+        return None if self.read_only else self.f
+
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Holes punched in a file (the size kept); zeroes written where that cannot be done
         (block devices, file systems without hole punching)."""

@@ -38,6 +38,7 @@ import errno
 import os
 import shutil
 from collections import deque
+from concurrent.futures import Future
 from typing import overload
 
 from ..align import align_up
@@ -55,33 +56,45 @@ from ..errors import (
     VDError,
     VDIOError,
 )
-from ..fileio import LockMode, check_same_file, lock_files, make_temp_dir, temp_dir_files, unsynced
+from ..fileio import (
+    LockMode,
+    check_same_file,
+    lock_files,
+    make_temp_dir,
+    temp_dir_files,
+    unsynced,
+)
 from ..filters.keyfile import sidecar_path
 from ..image import Alloc
 from ..progress import Progress, ProgressCallback, WorkMap
 from ..registry import get_backend, probe
 from ..sparse import first_nonzero
-from .pipeline import READAHEAD, READERS, Readers, Writeback, read_window
+from .pipeline import (
+    MAX_GRAIN,
+    MIN_GRAIN,
+    READAHEAD,
+    READERS,
+    WINDOW,
+    ZEROS,
+    CopyRanges,
+    Readers,
+    Window,
+    Writer,
+    read_window,
+    stored_runs,
+    zero_grain,
+)
 from .resize import store_tail_over_parent
 from .rewrite import data_ranges
 
-WINDOW = 1 << 20            # bytes read/written per step (at least one target block)
-MAX_GRAIN = 2 << 20         # zero detection granularity (and window) at most
-MIN_GRAIN = 4096            # zero detection granularity (at least)
-COARSE = 64 << 10           # zero stretches of small-grain targets are first tested this large
+FLAT_WINDOW = 4 << 20       # a flat copy's step: fewer table and header updates per MiB
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
-_ZEROS = bytes(MAX_GRAIN)
 
 __all__ = ["chain_target_names", "copy_image", "move_image"]
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-def _zero(mv) -> bool:
-    """All-zero test for a buffer of at most MAX_GRAIN bytes (memcmp speed)."""
-    return _ZEROS.startswith(mv)
-
-
 def _grain(block_size: int) -> int:
     """Zero-detection granularity for a target with blocks of ``block_size``: the block, but
     for blocks larger than MAX_GRAIN (VHDX: 32 MiB) one window. Source extents are widened to
@@ -175,77 +188,6 @@ def _first_nonzero_in(src: Disk, top: int, start: int, end: int) -> int | None:
                          lambda p, n: src.read(p, n, top=top), WINDOW)
 
 
-class _Writer:
-    """Writes windows into the target's top image, skipping all-zero grains when allowed."""
-
-    def __init__(self, tdisk: Disk, grain: int, fresh: bool):
-        self.t = tdisk
-        self.g = grain
-        self.fresh = fresh
-        self.zero_grain = bytes(grain)
-        self.wb = Writeback(tdisk.top)
-
-    def close(self) -> None:
-        self.wb.close()
-
-    def write(self, off: int, data: bytes, below_zero=None) -> None:
-        """Write ``data`` at ``off`` (``off`` need not be grain-aligned). Zero grains are skipped
-        on a fresh target when ``below_zero(o, n)`` (default: always) says the image below reads
-        zero there too."""
-        n = len(data)
-        self.wb.add(n)
-        if not self.fresh:
-            self.t.write(off, data)
-            return
-        mv = memoryview(data)
-        if n <= MAX_GRAIN and _zero(mv):
-            if below_zero is None:
-                return
-        elif below_zero is None and n <= self.g:
-            self.t.write(off, data)
-            return
-        elif below_zero is None and self.g <= MIN_GRAIN and data.find(self.zero_grain) < 0:
-            self.t.write(off, data)       # no zero grain can hide in there: one write
-            return
-        g = self.g
-        run_start = None
-        pos = 0
-        while pos < n:
-            if g < COARSE and not (off + pos) % COARSE and pos + COARSE <= n \
-                    and _zero(mv[pos:pos + COARSE]):
-                step = COARSE        # a whole zero stretch in one test, not one per small grain
-                keep = below_zero is not None and not below_zero(off + pos, step)
-            else:
-                step = min(g - (off + pos) % g, n - pos)
-                keep = not _zero(mv[pos:pos + step]) or (
-                    below_zero is not None and not below_zero(off + pos, step))
-            if keep:
-                if run_start is None:
-                    run_start = pos
-            elif run_start is not None:
-                self.t.write(off + run_start, data[run_start:pos])
-                run_start = None
-            pos += step
-        if run_start is not None:
-            self.t.write(off + run_start, data if run_start == 0 else data[run_start:])
-
-    def zero_fill(self, off: int, length: int) -> None:
-        """Make [off, off+length) read as zeroes on a target that was not freshly created."""
-        img = self.t.top
-        ss = self.t.sector_size
-        if (img.backend.can(Operation.DISCARD) and off % ss == 0 and length % ss == 0):
-            try:
-                self.t.discard(off, length)
-                return
-            except NotSupported:
-                pass
-        end = off + length
-        while off < end:
-            n = min(WINDOW, end - off)
-            self.t.write(off, _ZEROS[:n])
-            off += n
-
-
 def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: bool):
     """("data", a, b, level) windows to copy (level: the chain member holding the whole window,
     or None), ("zero", a, b) ranges to clear on a non-fresh target and
@@ -270,11 +212,21 @@ def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: b
         yield "mark", max(covered, ext.end), 0, None
 
 
-def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, base: int,
+def _copy_flat(src: Disk, top: int, w: Writer, length: int, prog: Progress, base: int,
                readers: Readers | None = None) -> None:
     """Copy the chain's view at level ``top`` over [0, length) into the target's top image."""
+    cfr = CopyRanges(w.flat) if w.flat is not None else None
+    try:
+        _copy_flat_windows(src, top, w, length, prog, base, readers, cfr)
+    finally:
+        if cfr is not None:
+            cfr.close()
+
+
+def _copy_flat_windows(src: Disk, top: int, w: Writer, length: int, prog: Progress, base: int,
+                       readers: Readers | None, cfr: CopyRanges | None) -> None:
     g = w.g
-    chunk = max(g, WINDOW // g * g)
+    chunk = max(g, FLAT_WINDOW // g * g)
     depth = max(2, READAHEAD // chunk)
     pending: deque = deque()
     in_flight = 0
@@ -282,7 +234,14 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
     def settle() -> None:
         nonlocal in_flight
         kind, a, b, lv, fut = pending.popleft()
-        if kind == "data":
+        if kind == "copy":
+            in_flight -= 1
+            k = fut.result()
+            w.wb.add(k)
+            if a + k < b:         # refused or short: the rest the long way
+                w.write(a + k, read_window(src, a + k, b - a - k, top, lv))
+            prog.at(base + b)
+        elif kind == "data":
             in_flight -= 1
             w.write(a, fut.result() if fut is not None else read_window(src, a, b - a, top, lv))
             prog.at(base + b)
@@ -293,20 +252,24 @@ def _copy_flat(src: Disk, top: int, w: _Writer, length: int, prog: Progress, bas
             prog.at(base + a)
 
     for kind, a, b, lv in _flat_windows(src, top, length, g, chunk, w.fresh):
-        fut = None
-        if kind == "data" and readers is not None:
+        fut: Future | Window | None = None
+        runs = stored_runs(src, lv, a, b - a) if kind == "data" and cfr and cfr.on else None
+        if runs and cfr is not None:
+            kind = "copy"
+            fut = cfr.submit(runs, a)
+        elif kind == "data" and readers is not None:
             fut = readers.submit(a, b - a, top, lv)
         pending.append((kind, a, b, lv, fut))
-        if kind == "data":
+        if kind in ("data", "copy"):
             in_flight += 1
-        while pending and (in_flight > (depth if readers is not None else 0)
-                           or len(pending) > 1024):
+        ahead = depth if readers is not None or cfr is not None else 0
+        while pending and (in_flight > ahead or len(pending) > 1024):
             settle()
     while pending:
         settle()
 
 
-def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, base: int) -> None:
+def _copy_own(src: Disk, level: int, w: Writer, length: int, prog: Progress, base: int) -> None:
     """Copy only the ranges chain member ``level`` holds itself (DATA or explicit ZERO) into the
     target's top image (a differencing image whose parent already has the content below)."""
     t = w.t
@@ -316,7 +279,7 @@ def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, ba
 
     def below_zero(o: int, n: int) -> bool:
         n = min(n, below_size - o)      # past the parent's end the chain reads zero
-        return n <= 0 or _zero(t.read(o, n, top=below))
+        return n <= 0 or zero_grain(t.read(o, n, top=below))
 
     chunk = max(w.g, WINDOW // w.g * w.g)
     for ext in _extents(src, level, level, length):
@@ -326,7 +289,7 @@ def _copy_own(src: Disk, level: int, w: _Writer, length: int, prog: Progress, ba
                 wend = min(pos - pos % chunk + chunk, ext.end)
                 n = wend - pos
                 data = (src.read(pos, n, top=level) if ext.status == Alloc.DATA
-                        else _ZEROS[:n])
+                        else ZEROS[:n])
                 w.write(pos, data, below_zero)
                 pos = wend
                 prog.at(base + pos)
@@ -475,7 +438,7 @@ def _copy_to_device(src, top, dst_path, backend, config, size, copy_len, prog, k
         if t.size < size:
             raise InvalidArgument(f"{dst_path}: the target holds {t.size} bytes, too small for "
                                   f"{size} bytes")
-        w = _Writer(t, _grain(t.top.block_size), fresh=False)
+        w = Writer(t, _grain(t.top.block_size), fresh=False)
         try:
             _copy_flat(src, top, w, copy_len, prog, 0, readers)
         finally:
@@ -523,7 +486,8 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                     t.create_diff(loc, backend, flags=variant & ~ImageFlags.FIXED, uuid=uid,
                                   config=config, allow_unsafe_paths=allow_unsafe, size=size)
                 created.append(loc)
-                w = _Writer(t, _grain(t.top.block_size), fresh=t.top.zero_init)
+                w = Writer(t, _grain(t.top.block_size), fresh=t.top.zero_init,
+                            allocated=bool(variant & ImageFlags.FIXED) and lv == 0)
                 if lv == 0:
                     _copy_flat(src, lv if levels > 1 else top, w, lengths[lv], prog, 0, readers)
                 else:
@@ -614,7 +578,7 @@ def _copy_file_sparse(src: str, dst: str, prog: Progress, base: int) -> None:
                     if not buf:
                         hole = pos
                         break
-                    if not _zero(buf):
+                    if not zero_grain(buf):
                         mv = memoryview(buf)
                         off = pos
                         while mv:

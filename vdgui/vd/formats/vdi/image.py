@@ -45,6 +45,7 @@ class VdiImage(MaintenanceMixin):
         self.honor_zeroes = False
         self._modified = False          # modification UUID already renewed this session
         self._hdr_dirty = False
+        self._hdr_key: tuple | None = None  # header as last written whole (_write_header)
         self._parse()
         if not read_only:
             self._scan_map()
@@ -222,8 +223,26 @@ class VdiImage(MaintenanceMixin):
             return bytes(L.Header1Plus.build(h))
         return bytes(L.Header1.build(h))
 
+    def _header_key(self) -> tuple:
+        """Everything the header holds but the allocated count (see :meth:`_write_header`)."""
+        return (self._h, self.image_type, self.comment, self.header_disk_size, self.blocks,
+                self.uuid, self.modification_uuid, self.parent_uuid,
+                self.parent_modification_uuid, self._stored_pchs, self.lchs,
+                self.offset_blocks, self.offset_data)
+
     def _write_header(self) -> None:
-        self.f.pwrite(L.PRE_HEADER_SIZE, self._header_bytes())
+        key = self._header_key()
+        last = self._hdr_key
+        if last is not None and len(last) == len(key) and all(
+                a is b or a == b for a, b in zip(last, key)):
+            # only the count changed since the last write (a copy allocating block after
+            # block): that field alone, not a header built anew each time
+            self._h.blocks_allocated = self.allocated
+            at = (L.H0 if self._v0 else L.H1)["blocks_allocated"]
+            self.f.pwrite(at, self.allocated.to_bytes(4, "little"))
+        else:
+            self.f.pwrite(L.PRE_HEADER_SIZE, self._header_bytes())
+            self._hdr_key = key
         self._hdr_dirty = False
 
     # -- block map helpers ----------------------------------------------------------------

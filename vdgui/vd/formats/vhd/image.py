@@ -54,6 +54,8 @@ from .layout import (
 )
 from .maintenance import MaintenanceMixin
 
+_FOOTER_FIELDS = tuple(sc.name for sc in FOOTER.subcons)
+
 
 class VhdImage(MaintenanceMixin):
     """One opened VHD file (fixed, dynamic or differencing)."""
@@ -74,6 +76,7 @@ class VhdImage(MaintenanceMixin):
         self._bitmaps = {}
         self._bad = {}
         self._alloc_cache = None
+        self._footer_cache: tuple[tuple, bytes] | None = None
         self.header = None
         self.bat = array.array("I")
         self.n_blocks = 0
@@ -594,6 +597,12 @@ class VhdImage(MaintenanceMixin):
                 )
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def stored_runs(self, offset: int, length: int) -> list[tuple[ImageFile, int, int]] | None:
+        return [(self.f, offset, length)] if self.is_fixed else None
+
+    def flat_file(self) -> ImageFile | None:
+        return self.f if self.is_fixed and not self.read_only else None
+
     def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self.require_writable()
         self._refuse_cross_linked()
@@ -658,8 +667,12 @@ class VhdImage(MaintenanceMixin):
 
     # -- footer/header writing ------------------------------------------------------------------
     def _footer_bytes(self) -> bytes:
-        raw = FOOTER.build(self.footer)
-        return _with_checksum(raw, FOOTER_CHECKSUM_AT)
+        # built once per content: a copy moves the footer with every block it appends
+        key = tuple(self.footer.get(name) for name in _FOOTER_FIELDS)
+        if self._footer_cache is None or self._footer_cache[0] != key:
+            raw = _with_checksum(FOOTER.build(self.footer), FOOTER_CHECKSUM_AT)
+            self._footer_cache = (key, raw)
+        return self._footer_cache[1]
 
     def _write_footer_at(self, offset: int) -> None:
         self.f.pwrite(offset, self._footer_bytes())

@@ -36,6 +36,7 @@ class VhdState(FileImage):
     used_end: int                           # end of the last metadata or block
     _bitmaps: dict[int, bytearray]          # block -> its sector bitmap
     _alloc_cache: tuple[tuple[int, int], list[int]] | None
+    _footer_cache: tuple[tuple, bytes] | None
     # found on open: bad BAT entries (why, problem code), blocks running into the footer,
     # locators outside the file, other problems
     _bad: dict[int, str]
