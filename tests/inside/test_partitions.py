@@ -148,3 +148,27 @@ def test_logical_partition_chain_loop_is_diagnosed(mbr_disk, tmp_path):
     assert [p["number"] for p in r["partitions"]] == [1, 5]
     assert r["problems"] == ["extended partition: the chain of logical partitions loops back "
                              f"to sector {ext_lba}"]
+
+
+def test_ntfs_label_as_blkid_reads_it(tmp_path, qemu):
+    """NTFS keeps its label in $Volume (VOLUME_NAME), not in the boot sector."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(40 * MiB)
+    sh("sfdisk", "-q", img, input="label: dos\nstart=2048, size=65536, type=7\n")
+    vol = tmp_path / "vol.img"
+    with open(vol, "wb") as f:
+        f.truncate(32 * MiB)
+    sh("mkntfs", "-q", "-F", "-f", "-L", "WINDATA", vol)
+    sh("dd", f"if={vol}", f"of={img}", "bs=1M", "seek=1", "conv=notrunc", "status=none")
+    out = tmp_path / "disk.vhdx"
+    qemu.img("convert", "-f", "raw", "-O", "vhdx", img, out)
+    (p,) = _parts(out)["partitions"]
+    b = _blkid(img, p["start"], p["size"])
+    assert (p["filesystem"], p["label"], p["uuid"]) == ("ntfs", b["LABEL"], b["UUID"])
+    assert p["label"] == "WINDATA"
+    with open(img, "r+b") as f:                   # $MFT unreadable: detected, label unknown
+        f.seek(MiB + 0x30)
+        f.write(struct.pack("<Q", 10**9))
+    (p,) = _parts(img, "-f", "raw")["partitions"]
+    assert (p["filesystem"], p["label"]) == ("ntfs", "")

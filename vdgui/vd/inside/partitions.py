@@ -8,6 +8,7 @@ the file systems themselves is left to libraries.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import struct
 import uuid as uuidlib
@@ -147,7 +148,8 @@ def detect_filesystem(pread, size: int) -> tuple[str, str, str]:
     head = pread(0, 4096) if size else b""
     if len(head) >= 512 and head[510:512] == b"\x55\xaa":
         if head[3:11] == b"NTFS    ":
-            return "ntfs", "", "%016X" % struct.unpack_from("<Q", head, 0x48)[0]
+            return ("ntfs", _ntfs_label(pread, size),
+                    "%016X" % struct.unpack_from("<Q", head, 0x48)[0])
         if head[3:11] == b"EXFAT   ":
             serial = struct.unpack_from("<I", head, 100)[0]
             return "exfat", _exfat_label(pread, head), "%04X-%04X" % (serial >> 16,
@@ -183,6 +185,45 @@ def detect_filesystem(pread, size: int) -> tuple[str, str, str]:
             str(uuidlib.UUID(bytes=bytes(head[1024 + 12 : 1024 + 28]))),
         )
     return "", "", ""
+
+
+class _PreadFile(io.RawIOBase):
+    """A read-only file over ``pread(offset, length)`` (for a library that wants one)."""
+
+    def __init__(self, pread, size: int) -> None:
+        super().__init__()
+        self._pread, self._size, self._pos = pread, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+                            io.SEEK_END: self._size}[whence] + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        data = self._pread(self._pos, min(len(b), max(0, self._size - self._pos)))
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _ntfs_label(pread, size: int) -> str:
+    """The volume name ($Volume's VOLUME_NAME attribute, read by dissect.ntfs), as blkid shows
+    it; "" when it cannot be read (the volume is still detected)."""
+    try:
+        from dissect.ntfs import NTFS
+        attr = NTFS(_PreadFile(pread, size)).mft.get(3).attributes.get(0x60)
+        return attr[0].data().decode("utf-16-le", "replace") if attr else ""
+    except Exception:
+        return ""
 
 
 def _exfat_label(pread, head: bytes) -> str:
