@@ -373,12 +373,65 @@ def _exfat_time(ts: int, centis: int, tz: int) -> float | None:
 
 
 def _exfat_class():
-    from dissect.fat.exfat import EOC, ExFAT
+    from collections.abc import Mapping
 
-    class _ExFAT(ExFAT):
-        """dissect.fat 3.13's ExFAT with two fixes: a contiguous (NoFatChain) folder larger
-        than one cluster was read as its first cluster only, and a cluster chain that loops
-        (damage) was followed forever."""
+    from dissect.fat import exfat as lib
+    from dissect.util.stream import RangeStream
+
+    class _Lazy(Mapping):
+        """A folder's entries, parsed on first use."""
+
+        def __init__(self, parse) -> None:
+            self._parse, self._d = parse, None
+
+        def _get(self):
+            if self._d is None:
+                self._d = self._parse()
+            return self._d
+
+        def __getitem__(self, key):
+            return self._get()[key]
+
+        def __iter__(self):
+            return iter(self._get())
+
+        def __len__(self):
+            return len(self._get())
+
+    class _Root(lib.RootDirectory):
+        def _parse_subdir(self, entry):
+            return _Lazy(lambda: lib.RootDirectory._parse_subdir(self, entry))
+
+    class _ExFAT(lib.ExFAT):
+        """dissect.fat 3.13's ExFAT, reading a folder when it is first listed (the library
+        parses the whole tree when the volume opens: 1.3 s for 10,000 files, and damage in any
+        folder made the whole volume unreadable), with two fixes: a contiguous (NoFatChain)
+        folder larger than one cluster was read as its first cluster only, and a cluster chain
+        that loops (damage) was followed forever."""
+
+        def __init__(self, fh):             # the library's, with the lazy root folder
+            self.filesystem = fh
+            fh.seek(0)
+            self.vbr = lib.c_exfat.EXFAT_HEADER(fh.read(512))
+            self.fs_name = self.vbr.fs_name
+            if self.fs_name != b"EXFAT   ":
+                raise lib.InvalidHeaderMagic("Invalid exFAT header magic")
+            self.sector_size = 2 ** self.vbr.bytes_per_sector_exp
+            self.cluster_size = self.sector_size * 2 ** self.vbr.sectors_per_cluster_exp
+            self.fat_sector = self.vbr.fat_sector
+            self.fat_sector_count = self.vbr.fat_sector_count
+            self.fat_size = self.fat_sector_count * self.sector_size
+            self.fat = RangeStream(fh, self.fat_sector * self.sector_size, self.fat_size)
+            self.cluster_heap_sector = self.vbr.cluster_heap_sector
+            self.cluster_count = self.vbr.cluster_heap_count
+            self.root_dir_cluster = self.vbr.root_dir_cluster
+            self.root_dir_sector = self.cluster_to_sector(self.root_dir_cluster)
+            self.root_directory = _Root(fh, self.root_dir_cluster, self)
+            self.files = self.root_directory.dict
+            self.alloc_bitmap = self.root_directory.bitmap_entry
+            self.upcase_table = self.root_directory.upcase_entry
+            vol = self.root_directory.volume_entry
+            self.volume_label = vol.volume_label.strip("\x00") if vol is not None else ""
 
         def runlist(self, starting_cluster, not_fragmented=True, size=None):
             if not_fragmented and not size:       # a folder: its stream is cut at its length
@@ -392,7 +445,7 @@ def _exfat_class():
         def get_cluster_chain(self, starting_cluster):
             chain: list[int] = []
             cur = starting_cluster
-            while cur != EOC:
+            while cur != lib.EOC:
                 if not 2 <= cur < self.cluster_count + 2:
                     raise ValueError(f"a cluster chain names cluster {cur:#x}, outside the "
                                      f"volume's {self.cluster_count} clusters")
@@ -418,8 +471,8 @@ class _Pread:
 
 
 class ExfatVolume(FileSystem):
-    """exFAT through dissect.fat's ExFAT (it reads the whole folder tree when opened). Nodes
-    are the library's (FILE entry set, children or None) pairs."""
+    """exFAT through dissect.fat's ExFAT (folders read when first listed). Nodes are the
+    library's (FILE entry set, children or None) pairs."""
     kind = "exfat"
 
     def __init__(self, fh, name):
