@@ -8,7 +8,16 @@ import struct
 
 import pytest
 
-from vdgui.vd import AmbiguousFormat, Backend, CorruptImage, VDIOError, fileio, probe, registry
+from vdgui.vd import (
+    AmbiguousFormat,
+    Backend,
+    CorruptImage,
+    UnknownFormat,
+    VDIOError,
+    fileio,
+    probe,
+    registry,
+)
 
 MiB = 1 << 20
 
@@ -144,6 +153,34 @@ def test_one_strong_claim_wins_over_weak_ones(tmp_path):
     scores = {b.name: s for s, b in registry.probe_scores(str(path))}
     assert scores["QCOW2"] == 60 and scores["VHD"] == 100
     assert probe(str(path)).name == "VHD"
+
+
+@pytest.mark.parametrize("ext,owner,found", [
+    ("vdi", "VDI", "offset 0x40"), ("vhd", "VHD", "conectix"), ("vhdx", "VHDX", "vhdxfile"),
+    ("qcow2", "QCOW2", "magic"), ("qed", "QED", "magic"), ("luks", "LUKS", "LUKS")])
+def test_a_damaged_image_is_never_guessed_raw_by_its_own_name(tmp_path, ext, owner, found):
+    """x.vdi whose header is garbage was shown as a healthy RAW disk (and writable as one):
+    its format's own reason is given instead; raw data under a raw-ish name stays RAW."""
+    data = bytes((i * 7 + 3) & 0xFF or 1 for i in range(MiB))
+    path = tmp_path / f"damaged.{ext}"
+    path.write_bytes(data)
+    with pytest.raises(UnknownFormat) as exc:
+        probe(str(path))
+    msg = str(exc.value)
+    assert f"not a valid {owner} image" in msg and found in msg and "-f RAW" in msg
+    for name in ("disk.img", "disk", "disk-flat.vmdk"):        # VMDK flat extents are raw data
+        (tmp_path / name).write_bytes(data)
+        assert probe(str(tmp_path / name)).name == "RAW"
+
+
+def test_a_damaged_vdi_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    from vdgui.cli import main
+    path = tmp_path / "x.vdi"
+    path.write_bytes(b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(MiB, b"\xa5"))
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a valid VDI image" in err[0] and "0xbeda107f" in err[0]
+    assert main(["info", "-f", "RAW", str(path)]) == 0
 
 
 # -- item 12: check findings carry codes; repair keys on codes, never on the wording -------------

@@ -228,6 +228,9 @@ class Backend:
     # every image of this format is encrypted: creating and opening one for its data always
     # needs a passphrase (the raw LUKS container)
     needs_passphrase: ClassVar[bool] = False
+    # a file named with one of its extensions that it cannot open is a damaged image of this
+    # format, never raw data to guess at (a VDI's name; not a VMDK's: flat extents are raw)
+    owns_extensions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: object) -> None:
         """Every backend's ``open`` runs inside the lock context its flags ask for, so each file

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import formats
-from .backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput
+from .backend import Backend, Cap, FileExtension, ImageFlags, OpenFlags, Operation, ProbeInput
 from .config import ConfigKey
 from .errors import (
     AmbiguousFormat,
@@ -300,4 +300,24 @@ def probe(path: str) -> Backend:
         names = ", ".join(b.name for b in strong)
         raise AmbiguousFormat(f"{path}: claimed by several formats ({names}); "
                               "name the format with -f")
-    return scores[0][1]
+    score, best = scores[0]
+    if best.name == "RAW" and score < STRONG:
+        _refuse_damaged_named(path)
+    return best
+
+
+def _refuse_damaged_named(path: str) -> None:
+    """A file only the raw fallback claims, named for a format that owns its extension (a
+    damaged VDI called x.vdi), is refused with that format's own reason: shown as raw data it
+    would look healthy, and a write would go into the damaged image."""
+    ext = os.path.splitext(path)[1]
+    for owner in backends_for_extension(ext) if ext else ():
+        if not owner.owns_extensions:
+            continue
+        try:
+            owner.open(path, OpenFlags.READ_ONLY | OpenFlags.INFO).close()
+        except VDError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise UnknownFormat(f"{path}: not a valid {owner.name} image ({reason}); if it holds "
+                                "raw disk data, open it as RAW (-f RAW)") from None
+        return      # it opens after all: the raw guess stands

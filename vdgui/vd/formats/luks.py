@@ -125,6 +125,7 @@ class LuksBackend(Backend):
     aliases = ("luks",)
     caps = Cap.CREATE_FIXED | Cap.FILE
     extensions = (FileExtension("luks"),)
+    owns_extensions = True
     operations = frozenset({Operation.WRITE, Operation.CREATE})
     create_flags = ImageFlags.FIXED
     size_granularity = 512

@@ -811,6 +811,7 @@ class QedBackend(Backend):
     aliases = ("qed",)
     caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
     extensions = (FileExtension("qed"),)
+    owns_extensions = True
     config_keys = (
         ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
                   "the unit of allocation (vdgui's own key; qemu's cluster_size)",

@@ -140,6 +140,7 @@ class Qcow2Backend(Backend):
     aliases = ("QCOW", "qcow2", "qcow")
     caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
     extensions = (FileExtension("qcow2"), FileExtension("qcow"))
+    owns_extensions = True
     config_keys = (
         ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
                   "the unit of allocation (vdgui's own key; qemu's cluster_size)",

@@ -61,6 +61,7 @@ class VdiBackend(Backend):
     caps = (Cap.UUID | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.FILE | Cap.ASYNC
             | Cap.VFS | Cap.DISCARD | Cap.PREFERRED)
     extensions = (FileExtension("vdi"),)
+    owns_extensions = True
     config_keys = (
         ConfigKey("AllocationBlockSize", "1048576", ValueType.INTEGER, KeyFlag.CREATEONLY,
                   description="the unit of allocation (a power of two; qemu opens only 1 MiB "

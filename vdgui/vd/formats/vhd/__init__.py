@@ -100,6 +100,7 @@ class VhdBackend(Backend):
     caps = (Cap.UUID | Cap.DIFF | Cap.FILE | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.ASYNC
             | Cap.VFS | Cap.PREFERRED)
     extensions = (FileExtension("vhd", DeviceType.HARD_DISK),)
+    owns_extensions = True
     operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.COMPACT, Operation.RESIZE,
                             Operation.CHECK, Operation.REPAIR, Operation.RELINK,
                             Operation.DISCARD})

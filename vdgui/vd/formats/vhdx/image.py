@@ -703,6 +703,7 @@ class VhdxBackend(Backend):
     caps = (Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
             | Cap.DISCARD)
     extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
+    owns_extensions = True
     config_keys = (
         ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
                   "the unit of allocation (1 MiB .. 256 MiB, power of two); 0 chooses "
