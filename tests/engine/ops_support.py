@@ -194,19 +194,12 @@ class ProgressLog:
 
 @pytest.fixture
 def unthrottled(monkeypatch):
-    """Progress reports every step (no 50 ms throttle): cancels land in every phase, no sleeps."""
-    import vdgui.vd.ops.compact as compact_mod
+    """Progress reports every step (no 50 ms throttle) in every operation and format, whatever
+    their timing: cancels land in every phase, no sleeps, the same count on every run."""
     import vdgui.vd.ops.merge as merge_mod
-    import vdgui.vd.ops.repair as repair_mod
-    import vdgui.vd.ops.resize as resize_mod
     import vdgui.vd.ops.rewrite as rewrite_mod
-    from vdgui.vd.progress import Progress
-
-    class Every(Progress):
-        def __init__(self, cb, total=0, interval=0.0, **kw):
-            super().__init__(cb, total, 0.0, **kw)
-    for mod in (compact_mod, merge_mod, repair_mod, resize_mod, rewrite_mod):
-        monkeypatch.setattr(mod, "Progress", Every)
+    import vdgui.vd.progress as progress_mod
+    monkeypatch.setattr(progress_mod, "INTERVAL", 0.0)
     monkeypatch.setattr(merge_mod, "CHUNK", 256 * 1024)
     monkeypatch.setattr(rewrite_mod, "COPY_CHUNK", 1 << 20)
     monkeypatch.setattr(rewrite_mod, "VERIFY_CHUNK", 1 << 20)

@@ -122,14 +122,10 @@ def test_move_across_file_systems_source_replaced(tmp_path, monkeypatch):
     """A move that copies (another file system) whose source is replaced meanwhile: ImageChanged,
     the copy is removed, the file now at the source path is neither deleted nor changed."""
     import vdgui.vd.ops.copy as copy_mod
+    import vdgui.vd.progress as progress_mod
     from vdgui.vd import move_image
-    from vdgui.vd.progress import Progress
-
-    class Every(Progress):
-        def __init__(self, cb, total=0, interval=0.0, **kw):
-            super().__init__(cb, total, 0.0, **kw)
     monkeypatch.setattr(copy_mod, "_same_fs", lambda a, b: False)
-    monkeypatch.setattr(copy_mod, "Progress", Every)
+    monkeypatch.setattr(progress_mod, "INTERVAL", 0.0)
     paths, _views = build_chain(tmp_path, "VDI", depth=0, size=4 * MiB)
     p = paths[0]
     (tmp_path / "dst").mkdir()

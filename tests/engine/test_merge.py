@@ -138,12 +138,8 @@ def test_merge_disk_api(tmp_path, fmt):
 def unthrottled(monkeypatch):
     """Progress reports every step (no 50 ms throttle), so cancels land mid-copy without sleeps."""
     import vdgui.vd.ops.merge as m
-    from vdgui.vd.progress import Progress
-
-    class Every(Progress):
-        def __init__(self, cb, total=0, interval=0.0, **kw):
-            super().__init__(cb, total, 0.0, **kw)
-    monkeypatch.setattr(m, "Progress", Every)
+    import vdgui.vd.progress as progress_mod
+    monkeypatch.setattr(progress_mod, "INTERVAL", 0.0)
     monkeypatch.setattr(m, "CHUNK", 256 * 1024)
 
 

@@ -55,17 +55,20 @@ class WorkMap:
         return self._before[i] + min(pos, self._ends[i]) - self._starts[i]
 
 
+INTERVAL = 0.05     # seconds between reports (tests set 0: every step reported)
+
+
 class Progress:
     """Wraps a callback: monotonic, throttled (~20/s) but always reports start and end.
     With ``work``, the total is the map's work and :meth:`at` reports walk positions."""
 
-    def __init__(self, callback: ProgressCallback | None, total: int = 0, interval: float = 0.05,
-                 *, work: WorkMap | None = None):
+    def __init__(self, callback: ProgressCallback | None, total: int = 0,
+                 interval: float | None = None, *, work: WorkMap | None = None):
         self.callback = callback
         self.work = work
         self.total = max(int(work.total if work is not None else total), 0)
         self.done = 0
-        self.interval = interval
+        self.interval = INTERVAL if interval is None else interval
         self._last = 0.0
         self._started = False
 
