@@ -43,6 +43,8 @@ def test_copy_as_chain_names_the_selected_image_and_keeps_sizes(qtbot, window, v
     text = dlg.preview.text()
     for f, src in names:
         assert f in text and f"copy of {src}" in text
+    # the size shown is the virtual size, said so (a dynamic copy writes only the data)
+    assert text.count(" virtual</td>") == 3 and "12.00 MiB virtual" in text
     # a name below the top that is taken is refused before starting
     (out / "snap2_copy-snap1.qcow2").write_bytes(b"")
     dlg.validate()

@@ -200,7 +200,7 @@ class CopyDialog(QDialog):
             what = "copy of the whole chain" if not self.chain_copy() and self.node.depth > 1 \
                 else f"copy of {html.escape(n.name)}"
             rows.append(f"<tr><td>{html.escape(os.path.basename(path))}</td><td>&nbsp;&nbsp;{what}"
-                        f"</td><td align='right'>&nbsp;&nbsp;{format_size(size)}</td></tr>")
+                        f"</td><td align='right'>&nbsp;&nbsp;{format_size(size)} virtual</td></tr>")
         folder = os.path.dirname(self.location.path()) if self.location.path() else ""
         self.preview.setText(f"<b>Files to be written</b> in {html.escape(folder)}:"
                              "<table cellspacing='0' cellpadding='1'>" + "".join(rows) + "</table>"
