@@ -236,16 +236,20 @@ def _caps_words(caps) -> list[str]:
 
 
 def cmd_backends(args) -> int:
+    """The formats, then the filters (issue #17: "lists filters with their keys"), in one
+    array told apart by ``kind``; a filter's row has every key a format's row has."""
+    filters = cli_crypt.filter_rows()
     if args.filters:
         if args.json:
-            _json(cli_crypt.filter_rows())
+            _json(filters)
         else:
-            cli_crypt.print_filters(cli_crypt.filter_rows(), _out)
+            cli_crypt.print_filters(filters, _out)
         return 0
     rows = []
     for b in vd.backends():
         origin = vd.backend_origin(b)
         rows.append({
+            "kind": "format",
             "name": b.name,
             "description": b.description,
             "origin": {"kind": origin.kind, "distribution": origin.distribution,
@@ -260,7 +264,7 @@ def cmd_backends(args) -> int:
             "variants": vd.variant_words(b.create_flags) if b.creatable else None,
         })
     if args.json:
-        _json(rows)
+        _json(rows + filters)
         return 0
     for r, b in zip(rows, vd.backends()):
         _out(f"{r['name']}: {r['description']}")
@@ -279,7 +283,7 @@ def cmd_backends(args) -> int:
             unit = f" {k['unit']}" if k["unit"] else ""
             _out(f"  key {k['name']} ({k['label']}{unit}): {k['type']}, default {default}, "
                  f"flags {flags}")
-    _out("filters (backends --filters): " + ", ".join(f.name for f in vd.filters()))
+    cli_crypt.print_filters(filters, _out)
     return 0
 
 

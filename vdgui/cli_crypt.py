@@ -185,9 +185,17 @@ def key_row(k: vd.ConfigKey) -> dict:
 
 
 def filter_rows() -> list[dict]:
-    return [{"name": f.name, "description": f.description,
+    """``backends --json`` rows of the filters: a format row's keys, those a filter has not
+    empty (no extensions, operations, sizes or variants)."""
+    return [{"kind": "filter", "name": f.name, "description": f.description,
+             "origin": {"kind": "built-in", "distribution": None, "version": None,
+                        "entry_point": None},
+             "aliases": [],
              "capabilities": [c.name for c in vd.FilterCap if c and c.name and f.caps & c],
-             "config_keys": [key_row(k) for k in f.config_keys]} for f in vd.filters()]
+             "extensions": [],
+             "config_keys": [key_row(k) for k in f.config_keys],
+             "operations": [], "can_shrink": False, "max_size": None, "variants": None}
+            for f in vd.filters()]
 
 
 def print_filters(rows: list[dict], out) -> None:

@@ -177,15 +177,27 @@ def test_key_store_from_a_virtualbox_registry(tmp_path):
 
 
 def test_backends_lists_filters_with_their_keys():
-    rows = json.loads(run_cli("backends", "--filters", "--json").stdout)
-    crypt = next(r for r in rows if r["name"] == "CRYPT")
-    keys = {k["name"]: k for k in crypt["config_keys"]}
-    assert {"Algorithm", "KeyId", "CreateKeyStore", "KeyStore"} <= set(keys)
-    assert keys["Algorithm"]["choices"] == ["AES-XTS128-PLAIN64", "AES-XTS256-PLAIN64"]
-    assert "SECRET" in crypt["capabilities"]
-    plain = json.loads(run_cli("backends", "--json").stdout)
-    assert "CRYPT" not in [r["name"] for r in plain]        # the formats' list is unchanged
-    assert "CRYPT" in run_cli("backends").stdout
+    """Issue #17: "`vdgui-img backends --json` lists filters with their keys": the filters
+    follow the formats in the one array, told apart by ``kind``, each row with every key a
+    format's row has; ``--filters`` lists the filters alone."""
+    def check(crypt):
+        keys = {k["name"]: k for k in crypt["config_keys"]}
+        assert {"Algorithm", "KeyId", "CreateKeyStore", "KeyStore"} <= set(keys)
+        assert keys["Algorithm"]["choices"] == ["AES-XTS128-PLAIN64", "AES-XTS256-PLAIN64"]
+        assert keys["KeyStore"]["type"] == "string" and "SECRET" in crypt["capabilities"]
+    rows = json.loads(run_cli("backends", "--json").stdout)
+    formats = [r for r in rows if r["kind"] == "format"]
+    filters = [r for r in rows if r["kind"] == "filter"]
+    assert [r["name"] for r in formats] == [b.name for b in vd.backends()]
+    assert [r["name"] for r in filters] == [f.name for f in vd.filters()] and filters
+    assert rows == formats + filters                        # formats first, as before
+    assert all(set(r) == set(formats[0]) for r in rows)
+    check(next(r for r in filters if r["name"] == "CRYPT"))
+    only = json.loads(run_cli("backends", "--filters", "--json").stdout)
+    assert only == filters
+    check(next(r for r in only if r["name"] == "CRYPT"))
+    text = run_cli("backends").stdout
+    assert "filter CRYPT: " in text and "key KeyStore (" in text
 
 
 def test_qemu_reads_the_container_of_an_encrypted_vdi(tmp_path, qemu):
