@@ -384,3 +384,36 @@ def test_library_cache_attached_on_open_and_an_unclean_one_emptied(tmp_path):
             assert d.cache is None
     finally:
         lib.close()
+
+
+def test_library_adds_up_the_hits_and_misses_of_its_opens(tmp_path):
+    """The counts of every open through the library since the cache was attached (the details
+    pane shows them); attaching again starts from zero; an explicit cache_open is not counted."""
+    from vdgui.vd import Library, OpenFlags
+    path, data = _raw(tmp_path)
+    c = str(tmp_path / "c.vci")
+    lib = Library(":memory:")
+    try:
+        lib.set_cache(path, c, 8 * MiB)
+        assert lib.cache_counts(c) == (0, 0)
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d:
+            assert d.read(0, 2 * MiB) == data[:2 * MiB]       # misses
+            assert d.read(0, MiB) == data[:MiB]               # a hit
+            first = d.cache_info()
+        assert first["hits"] >= 1 and first["misses"] >= 1
+        assert lib.cache_counts(c) == (first["hits"], first["misses"])
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY, library=lib) as d:
+            d.read(0, 2 * MiB)
+            second = d.cache_info()
+        assert second["hits"] >= 1
+        assert lib.cache_counts(c) == (first["hits"] + second["hits"],
+                                       first["misses"] + second["misses"])
+        with Disk.open_chain(path, flags=OpenFlags.READ_ONLY) as d:   # not through the library
+            d.cache_open(c)
+            d.read(0, MiB)
+        assert lib.cache_counts(c) == (first["hits"] + second["hits"],
+                                       first["misses"] + second["misses"])
+        lib.set_cache(path, c, 8 * MiB)                     # attached again: from zero
+        assert lib.cache_counts(c) == (0, 0)
+    finally:
+        lib.close()

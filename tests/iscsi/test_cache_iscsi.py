@@ -2,6 +2,8 @@
 hit compared byte for byte, writes through to the LUN, and the app's "Attach Cache Image…"."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.gui import conftest as gui
@@ -97,3 +99,46 @@ def test_app_attaches_a_cache_to_a_network_disk(qtbot, window, tgt_factory, tmp_
     assert window.library.cache(loc) is None
     with Disk.open_chain(loc, "iSCSI", OpenFlags.READ_ONLY, library=window.library) as d:
         assert d.cache is None
+
+
+@pytest.mark.gui
+def test_details_pane_shows_the_cache(qtbot, window, tgt_factory, tmp_path):
+    """A network disk with a cache image: the details pane shows the cache file, its capacity,
+    what it holds, its file size and the hits and misses of the opens since it was attached;
+    nothing once detached, and nothing for a disk without one."""
+    from vdgui.gui import cache as gui_cache
+    from vdgui.vd import format_size
+    t = tgt_factory()
+    backing = _backing(tmp_path)
+    t.add_target(IQN, str(backing))
+    loc = f"iscsi://127.0.0.1:{t.port}/{IQN}/1"
+    window.add_network_image(loc, "iSCSI", {"TargetName": IQN, "LUN": "1",
+                                            "TargetAddress": f"127.0.0.1:{t.port}"})
+    qtbot.waitUntil(lambda: window.model.node(loc) is not None, timeout=10000)
+    window.select_paths([loc])
+    pane = window.details
+    qtbot.waitUntil(lambda: pane.node is not None and pane.node.path == loc, timeout=5000)
+    assert not pane.cache_box.isVisibleTo(window)
+    c = str(tmp_path / "lun.vci")
+    gui_cache.attach_cache(window, loc, c)                  # what the menu entry does
+    f = pane.cache_fields
+    assert pane.cache_box.isVisibleTo(window)
+    assert f["path"].text() == c
+    assert "made at the first open" in f["state"].text()
+    with Disk.open_chain(loc, "iSCSI", OpenFlags.READ_ONLY, library=window.library) as d:
+        assert d.read(0, 4 << 20) == backing.read_bytes()[:4 << 20]     # misses: the fill
+        assert d.read(0, 2 << 20) == backing.read_bytes()[:2 << 20]     # hits
+        counts = d.cache_info()
+    assert counts["hits"] and counts["misses"]
+    window.refresh_view()                                   # as when a job's records arrive
+    info = gui_cache.details(window.library, loc)
+    assert info["cached_bytes"] >= 4 << 20
+    assert f["path"].text() == c and f["state"].text() == "ready"
+    assert f["size"].text().startswith(format_size(info["size"]))
+    assert f["cached"].text().startswith(format_size(info["cached_bytes"]))
+    assert f["file_size"].text().startswith(format_size(os.path.getsize(c)))
+    hits, misses = window.library.cache_counts(c)
+    assert hits >= counts["hits"] and misses >= counts["misses"]   # + the pane's own opens
+    assert f["counts"].text().startswith(f"{hits:,} / {misses:,}".replace(",", "\u2009"))
+    gui_cache.detach_cache(window, loc)
+    assert not pane.cache_box.isVisibleTo(window)

@@ -35,7 +35,7 @@ import vdgui
 from vdgui.jobs import JobQueue, tasks
 from vdgui.vd import DeviceType, Library, backend_origin, backends, is_network_location
 
-from . import actions, menus
+from . import actions, cache, menus
 from .actions import SPECS, Context
 from .crash import install_excepthook, show_crash
 from .files import (
@@ -314,6 +314,7 @@ class MainWindow(QMainWindow):
         n = self.current_node()
         if n is not None:
             self.details.set_node(n, self.library.properties(n.path))
+            self.details.set_cache(cache.details(self.library, n.path))
             self.contents.set_node(n)          # clears it when the image became unreadable
             self._request_allocation(n)
         elif self.details.node is not None and self.model.node(self.details.node.path) is None:
@@ -450,6 +451,7 @@ class MainWindow(QMainWindow):
                 )
             return
         self.details.set_node(node, self.library.properties(node.path))
+        self.details.set_cache(cache.details(self.library, node.path))
         self.contents.set_node(node)
         self._request_allocation(node)
 

@@ -69,6 +69,7 @@ class Disk:
         # writes the write filters in the order they were added
         self.filters: list[tuple[Filter, FilterUse]] = []
         self.cache: DiskCache | None = None     # VDCacheOpen: in front of the whole chain
+        self._cache_library: Library | None = None
         self.queues: list[IoQueue] = []
 
     # -- chain management ----------------------------------------------------------------
@@ -172,19 +173,20 @@ class Disk:
             if cache:
                 disk.cache_open(cache)
             elif library is not None and (kept := library.cache(location)) is not None:
-                disk._library_cache(*kept)
+                disk._library_cache(*kept, library)
         except BaseException:
             disk.close()
             raise
         return disk
 
-    def _library_cache(self, path: str, size: int | None) -> None:
+    def _library_cache(self, path: str, size: int | None, library: Library) -> None:
         try:
             self.cache_open(path, size=size)
         except ImageInUse:
             return                      # another open of this disk uses it now
         except CacheNotClean:
             self.cache_open(path, reset=True)
+        self._cache_library = library   # it adds up the cache's hits and misses
 
     @classmethod
     def _open_chain(cls, location: str, format: str | None, flags: OpenFlags,
@@ -288,8 +290,15 @@ class Disk:
     def cache_close(self) -> None:
         """VDCacheClose: write the cache's map and mark it clean; the disk stays open."""
         c, self.cache = self.cache, None
+        lib, self._cache_library = self._cache_library, None
         if c is not None:
-            c.close()
+            try:
+                if lib is not None:
+                    info = c.info()
+                    if info["hits"] or info["misses"]:
+                        lib.add_cache_counts(c.path, info["hits"], info["misses"])
+            finally:
+                c.close()
 
     def cache_info(self) -> dict | None:
         return self.cache.info() if self.cache is not None else None

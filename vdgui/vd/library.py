@@ -181,6 +181,8 @@ class Library:
             CREATE TABLE IF NOT EXISTS filter_properties (path TEXT, filter TEXT, key TEXT,
                 value TEXT, PRIMARY KEY (path, filter, key));
             CREATE TABLE IF NOT EXISTS caches (path TEXT PRIMARY KEY, cache TEXT, size INTEGER);
+            CREATE TABLE IF NOT EXISTS cache_counts (cache TEXT PRIMARY KEY, hits INTEGER,
+                misses INTEGER);
         """)
         # secrets (BYTES config values) that are not remembered live here, for this session only
         self._session_secrets: dict[str, dict[str, bytes]] = {}
@@ -457,8 +459,9 @@ class Library:
         with self._lock:
             self._db.execute("DELETE FROM caches WHERE path=?", (path,))
             if cache:
-                self._db.execute("INSERT INTO caches VALUES (?,?,?)",
-                                 (path, os.path.abspath(cache), size))
+                cache = os.path.abspath(cache)
+                self._db.execute("INSERT INTO caches VALUES (?,?,?)", (path, cache, size))
+                self._db.execute("DELETE FROM cache_counts WHERE cache=?", (cache,))
 
     def cache(self, path: str) -> tuple[str, int | None] | None:
         """(cache file, size to create it with) kept for ``path``, or None."""
@@ -466,6 +469,24 @@ class Library:
             row = self._db.execute("SELECT cache, size FROM caches WHERE path=?",
                                    (_norm(path),)).fetchone()
         return (row[0], row[1]) if row else None
+
+    def add_cache_counts(self, cache: str, hits: int, misses: int) -> None:
+        """Add one session's hits and misses (DiskCache.read's counts) to ``cache``'s."""
+        with self._lock:
+            if getattr(self, "_closed", False):
+                return
+            self._db.execute(
+                "INSERT INTO cache_counts VALUES (?,?,?) ON CONFLICT(cache) DO UPDATE SET "
+                "hits=hits+excluded.hits, misses=misses+excluded.misses",
+                (os.path.abspath(cache), hits, misses))
+
+    def cache_counts(self, cache: str) -> tuple[int, int]:
+        """(hits, misses) of ``cache`` in the opens through this library since it was
+        attached."""
+        with self._lock:
+            row = self._db.execute("SELECT hits, misses FROM cache_counts WHERE cache=?",
+                                   (os.path.abspath(cache),)).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
 
     # -- filter properties (e.g. CRYPT's KeyId and KeyStore: never a passphrase) ---------------
     def set_filter_properties(self, path: str, filter_name: str, values: dict[str, str]) -> None:

@@ -52,6 +52,10 @@ INFO_FIELDS = (
     ("children", "Depends on it"),
     ("extra", "Format details"),
 )
+CACHE_FIELDS = (
+    ("path", "File"), ("size", "Capacity"), ("cached", "Holds"), ("file_size", "File size"),
+    ("counts", "Hits / misses"), ("state", "State"),
+)
 DEVICE_NAMES = {"hdd": "Hard disk", "optical": "Optical disc", "floppy": "Floppy disk"}
 
 
@@ -190,6 +194,19 @@ class DetailsPane(QScrollArea):
         fl.addWidget(self.files)
         lay.addWidget(self.files_box)
 
+        # cache image (issue #19 part 2): a network disk's VCI cache, kept by the library
+        self.cache_box = QGroupBox("Cache image")
+        self.cache_box.setObjectName("detailsCache")
+        cf = QFormLayout(self.cache_box)
+        cf.setFieldGrowthPolicy(QFormLayout.ExpandingFieldsGrow)
+        self.cache_fields: dict[str, QLabel] = {}
+        for key, title in CACHE_FIELDS:
+            lab = _sel_label()
+            lab.setObjectName(f"cache_{key}")
+            self.cache_fields[key] = lab
+            cf.addRow(title + ":", lab)
+        lay.addWidget(self.cache_box)
+
         # backend properties
         self.props_box = QGroupBox("Backend properties")
         self.props_layout = QVBoxLayout(self.props_box)
@@ -258,6 +275,7 @@ class DetailsPane(QScrollArea):
         has = node is not None
         for w in (self.attr_box, self.info_box, self.files_box, self.alloc_box):
             w.setVisible(has)
+        self.set_cache(None)
         if not has:
             self.head_icon.setPixmap(icon("properties").pixmap(36, 36))
             self.head_title.setText("No image selected")
@@ -357,6 +375,29 @@ class DetailsPane(QScrollArea):
             self.props_box.setTitle(f"{b.name} properties")
         else:
             self.props_box.setTitle("Backend properties")
+
+    def set_cache(self, info: dict | None) -> None:
+        """Show the shown disk's cache image: ``info`` has its ``path``, ``size`` (capacity),
+        ``hits`` and ``misses`` (opens through the library since attached), and from the file
+        when it could be read: ``cached_bytes``, ``file_size``; or ``state``, why not."""
+        self.cache_box.setVisible(info is not None)
+        if info is None:
+            return
+        f = self.cache_fields
+        f["path"].setText(html.escape(info["path"]))
+        f["size"].setText(_bytes(info.get("size")))
+        cached = info.get("cached_bytes")
+        f["cached"].setText("—" if cached is None else (
+            f"{format_size(cached)} of the disk"
+            + (f" ({cached * 100 // info['size']} % full)" if info.get("size") else "")))
+        f["file_size"].setText(_bytes(info.get("file_size")))
+        hits, misses = info.get("hits", 0), info.get("misses", 0)
+        ratio = f" ({hits * 100 // (hits + misses)} % hits)" if hits + misses else ""
+        f["counts"].setText(f"{hits:,} / {misses:,}{ratio}".replace(",", "\u2009"))
+        f["counts"].setToolTip("Reads served from the cache / from the disk (runs of "
+                               "cached chunks), in the opens of this disk since the cache "
+                               "was attached")
+        f["state"].setText(html.escape(info.get("state") or "ready"))
 
     def set_allocation(self, path: str, size: int, extents, members: list[str],
                        partitions=None) -> None:
