@@ -15,7 +15,8 @@ within the target, "ok like-for-like, default over 1.5" when only the fsync that
 skips puts it over, and "MISSES TARGET" when vdgui is slower doing the same work.
 
 Cases are rows of CASES; a row whose backend is not registered prints "skipped: backend X not
-available" (this is a benchmark, not a test).
+available" (this is a benchmark, not a test). ``--before TREE`` times vdgui-img from another
+source tree too (PYTHONPATH=TREE; run from a folder holding no vdgui/), in the same alternation.
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ CASES = [
     Case("qcow2", "VDI", "vdi", ext="vdi"),
     Case("vdi", "VHDX", "vhdx", ext="vhdx"),
     Case("raw", "VDI", "vdi", ext="vdi"),
+    # preallocated flat targets: filled by copy_file_range (issue #18 goal 4)
+    Case("raw", "RAW", "raw", ("-o", "preallocation=falloc"), "fixed", ext="raw"),
+    Case("raw", "VHD", "vpc", ("-o", "subformat=fixed"), "fixed", ext="vhd"),
 ]
 
 
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=int, default=1 * GiB)
     ap.add_argument("--case", action="append", help="run only these cases (label, e.g. VDI->RAW)")
     ap.add_argument("--warm", action="store_true", help="do not drop caches before each run")
+    ap.add_argument("--before", metavar="TREE",
+                    help="also time vdgui-img from this source tree (PYTHONPATH=TREE), both "
+                         "modes, in the same alternation: before/after under the same load")
     args = ap.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     have = registered()
@@ -168,9 +175,20 @@ def main(argv=None) -> int:
                                                  src, out_q])
         # and vdgui-img -t unsafe: no flush, as qemu-img's default (like-for-like the other way)
         vfast = Command("vdgui-img -t unsafe", vcmd.argv[:-2] + ["-t", "unsafe"] + vcmd.argv[-2:])
-        res_q, res_d, res_v, res_f = compare_commands([qcmd, qdur, vcmd, vfast], runs=args.runs,
-                                                      cold=not args.warm,
-                                                      before_each=lambda: remove(out_q, out_v))
+        cmds = [qcmd, qdur, vcmd, vfast]
+        if args.before:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(args.before))
+            cmds += [Command("before", vcmd.argv, env=env),
+                     Command("before -t unsafe", vfast.argv, env=env)]
+        res = compare_commands(cmds, runs=args.runs, cold=not args.warm,
+                               before_each=lambda: remove(out_q, out_v))
+        res_q, res_d, res_v, res_f = res[:4]
+        if args.before:
+            b, bf = res[4], res[5]
+            print(f"{case.label}: before {b.best:.2f} s (ratio {ratio(b.best, res_q.best):.2f}, "
+                  f"wb/wb {ratio(b.best, res_d.best):.2f}), before -t unsafe {bf.best:.2f} s "
+                  f"(unsafe/unsafe {ratio(bf.best, res_q.best):.2f}), RSS "
+                  f"{b.peak_rss_kib / 1024:.0f} MiB", file=sys.stderr)
         # vdgui ran last: its output of the last run is still there, check it once
         verdict = "?"
         if os.path.exists(out_v):
