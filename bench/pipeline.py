@@ -113,7 +113,7 @@ def writes(url: str, backing: str, size: int, args: argparse.Namespace) -> int:
             stamp[0] += 1
             with Disk() as d:
                 d.open(url)
-                d.top.pipeline = depth
+                d.top.write_pipeline = depth
                 for i in range(size // PIECE):
                     d.write(i * PIECE, chunk(i))
                 d.flush()
@@ -131,7 +131,7 @@ def writes(url: str, backing: str, size: int, args: argparse.Namespace) -> int:
             q.close()
 
     cases = [(f"Disk.write, {n} WRITE(s) in flight", direct(n)) for n in (1, 2, 4, 8, 16)]
-    cases.append(("IoQueue writes (depth 8), 4 workers", queued))
+    cases.append(("IoQueue writes (queue depth 8, 8 WRITEs in flight), 4 workers", queued))
     best = {name: float("inf") for name, _fn in cases}
     for _ in range(args.runs):
         for name, fn in cases:

@@ -67,7 +67,7 @@ def test_pipelined_writes_land_as_negotiated(target, initial_r2t, immediate):
         tr = DataTracker(conn)
         d.write(1 << 20, payload)
         d.flush()
-        assert 1 < tr.peak <= img.pipeline                 # several WRITEs in flight
+        assert tr.peak == img.write_pipeline == 8           # several WRITEs in flight
         itts = [s[0] for s in tr.sent]
         assert len(set(itts)) == len(itts)
         for itt, (imm, final, length) in tr.cmds.items():
@@ -102,7 +102,7 @@ def test_pipelined_writes_stay_within_the_targets_window(target):
         d.write(0, payload)
         for _itt, cmdsn, max_cmdsn in tr.sent:
             assert max_cmdsn is None or ((max_cmdsn - cmdsn) & 0xFFFFFFFF) < 1 << 31
-        assert 1 < tr.peak <= d.top.pipeline
+        assert 1 < tr.peak <= d.top.write_pipeline
     assert backing.read_bytes()[:len(payload)] == payload
 
 
@@ -132,6 +132,7 @@ def test_a_write_failing_in_the_middle_fails_the_whole_write(target):
     base = 2 << 20
     with Disk() as d:
         d.open(url, config={"WriteSplit": str(split)})
+        d.top.write_pipeline = 4
         conn = d.top.conn
         send = conn.send
         count = _third_write_past_the_end(conn, split)
@@ -161,6 +162,7 @@ def test_claimed_writes_match_the_backing_file(target):
     base = 2 << 20
     with Disk() as d:
         d.open(url, config={"WriteSplit": str(split)})
+        d.top.write_pipeline = 4
         conn = d.top.conn
         send = conn.send
         count = _third_write_past_the_end(conn, split)
@@ -215,7 +217,7 @@ def test_a_dropped_connection_mid_write_resends_the_unanswered(target):
         assert d.read(0, len(payload)) == payload
         # before the cut: pipeline + 2 sent (one more per answer); after: all but the 2
         # answered, again (a UNIT ATTENTION after the new login may repeat one)
-        first = d.top.pipeline + 2
+        first = d.top.write_pipeline + 2
         again = {bytes(c) for c in writes[first:]}
         assert again == {bytes(P.cdb_write(i * split // 512, split // 512))
                          for i in range(2, 12)}

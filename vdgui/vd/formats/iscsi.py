@@ -46,6 +46,7 @@ OUR_BURST = 262144
 MAX_RECV_SEGMENT = 16 << 20     # refuse larger data segments from a target
 READ_CHUNK = 1 << 20
 PIPELINE = 4                    # SCSI reads in flight at once (1: one after another)
+PIPELINE_WRITES = 8             # SCSI writes in flight (bench/README.md: 8 beat 4 with latency)
 _WINDOW_OPS = frozenset({P.OP_NOP_IN, P.OP_SCSI_RESP, P.OP_LOGIN_RESP, P.OP_DATA_IN, P.OP_R2T,
                          P.OP_ASYNC, P.OP_REJECT, P.OP_TEXT_RESP, P.OP_LOGOUT_RESP,
                          P.OP_TASK_MGMT_RESP})
@@ -595,6 +596,7 @@ class IscsiImage(Image):
         self.cfg = cfg
         self.write_split: int = cfg["WriteSplit"]
         self.pipeline = PIPELINE
+        self.write_pipeline = PIPELINE_WRITES
         self.conn = Connection(cfg)
         self.conn.connect()
         try:
@@ -708,7 +710,7 @@ class IscsiImage(Image):
         return bytes(out)
 
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
-        """WRITEs of at most WriteSplit bytes, ``pipeline`` in flight. A command that fails
+        """WRITEs of at most WriteSplit bytes, ``write_pipeline`` in flight. A command that fails
         for good stops the sending; the error names it and which bytes were written (their
         GOOD status came back) and which were not, or only in part."""
         self.require_writable()
@@ -721,7 +723,7 @@ class IscsiImage(Image):
         results: list[Result | None] = [None] * len(cmds)
         try:
             try:
-                self.conn.pipelined(cmds, max(1, self.pipeline), results)
+                self.conn.pipelined(cmds, max(1, self.write_pipeline), results)
             except _Dropped:
                 self.conn.connect()       # the unanswered WRITEs are sent again below
             for (pos, buf), r in zip(pieces, results, strict=True):
