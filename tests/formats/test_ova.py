@@ -123,3 +123,23 @@ def test_corpus_ova(corpus, qemu):
     assert got == want
     with pytest.raises(CorruptImage, match="grainSize"):
         Disk.open_chain(str(d / "2nd_disk.CORRUPT.ova"), None, OpenFlags.READ_ONLY)
+
+
+def test_raw_disk_in_an_ova_copies_to_a_fixed_target(ova, tmp_path):
+    """A RAW disk inside the archive is a window onto the tar file: a copy into a preallocated
+    RAW or fixed VHD (filled by copy_file_range where the source allows) reads the member's
+    bytes, not the archive's at the member's offsets."""
+    from vdgui.vd import ImageFlags, copy_image
+    from vdgui.vd.formats.ova import MemberFile
+
+    p, _data1, data2, _vmdk = ova
+    with Disk.open_chain(str(p), "OVA", OpenFlags.READ_ONLY, {"Disk": "2"}) as d:
+        assert d.top.stored_runs(0, MiB) is None
+    for fmt in ("RAW", "VHD"):
+        out = tmp_path / f"fixed-{fmt}.img"
+        copy_image(str(p), str(out), fmt, src_format="OVA", src_config={"Disk": "2"},
+                   variant=ImageFlags.FIXED)
+        with Disk.open_chain(str(out), fmt, OpenFlags.READ_ONLY) as d:
+            assert read_all(d) == data2
+    member = MemberFile(type("F", (), {"fd": -1})(), 512, MiB, "m")  # type: ignore[arg-type]
+    assert get_backend("RAW").open_file(member, "m").stored_runs(0, 4096) is None

@@ -113,6 +113,10 @@ class ImageFile:
     the mode of the current :func:`lock_context` (none outside one). ``lock=False``: no lock
     (private temporaries)."""
 
+    # offsets here are offsets in ``fd``: copy_file_range may use it (a window onto a part of
+    # another file, as an OVA member, says False)
+    kernel_copy = True
+
     def __init__(self, path: str, writable: bool = False, create: bool = False, lock: bool = True):
         self.path = path
         self.writable = writable or create

@@ -35,6 +35,8 @@ def _is_ustar(head: bytes) -> bool:
 class MemberFile(ImageFile):
     """A read-only window onto one member of the archive, with ImageFile's reading interface."""
 
+    kernel_copy = False             # offsets are the member's, not the archive file's
+
     def __init__(self, outer: ImageFile, base: int, length: int, path: str):
         self.outer, self.base, self.length = outer, base, length
         self.path = path

@@ -84,10 +84,10 @@ class RawImage(FileImage):
         self.f.pwrite(offset, data)
 
     def stored_runs(self, offset: int, length: int) -> list[tuple[ImageFile, int, int]] | None:
-        return [(self.f, offset, length)]
+        return [(self.f, offset, length)] if self.f.kernel_copy else None
 
     def flat_file(self) -> ImageFile | None:
-        return None if self.read_only else self.f
+        return None if self.read_only or not self.f.kernel_copy else self.f
 
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """Holes punched in a file (the size kept); zeroes written where that cannot be done

@@ -598,10 +598,11 @@ class VhdImage(MaintenanceMixin):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def stored_runs(self, offset: int, length: int) -> list[tuple[ImageFile, int, int]] | None:
-        return [(self.f, offset, length)] if self.is_fixed else None
+        return [(self.f, offset, length)] if self.is_fixed and self.f.kernel_copy else None
 
     def flat_file(self) -> ImageFile | None:
-        return self.f if self.is_fixed and not self.read_only else None
+        ok = self.is_fixed and not self.read_only and self.f.kernel_copy
+        return self.f if ok else None
 
     def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self.require_writable()
