@@ -109,3 +109,39 @@ def test_queue_over_iscsi_reads_and_writes_in_order(lun, tmp_path):
         assert w.wait(30) is None and f.wait(30) is None
         assert b"".join(x.wait(30) for x in reads) == want[8 << 20:]
         q.close()
+
+
+def test_queued_reads_go_to_the_target_together(lun):
+    """Small reads waiting in an IoQueue are handed to the backend together (Disk.read_many):
+    their READs are in flight at once, each request still gets its own bytes."""
+    url, want = lun
+    with Disk() as d:
+        d.open(url, flags=OpenFlags.READ_ONLY)
+        t = Tracker(d.top.conn)
+        q = d.io_queue(workers=1)
+        offsets = [(i * 7919 % 4000) * 4096 for i in range(64)]
+        reqs = [q.read(o, 4096) for o in offsets]
+        for o, r in zip(offsets, reqs):
+            assert r.wait(30) == want[o:o + 4096]
+        q.close()
+        assert t.peak > 1
+        assert t.peak <= d.top.pipeline
+
+
+def test_a_failing_batch_gives_each_request_its_own_result(lun):
+    """A batch that fails is run request by request: the bad one fails alone."""
+    url, want = lun
+    with Disk() as d:
+        d.open(url, flags=OpenFlags.READ_ONLY)
+        q = d.io_queue(workers=1)
+        with q._disk_lock:                    # hold the worker: the reads pile up as ready
+            first = q.read(0, 4096)
+            reqs = [q.read(o, 4096) for o in (4096, 8192)]
+            bad = q.read(LUN_SIZE - 4096, 8192)     # past the end
+            more = q.read(12288, 4096)
+        assert first.wait(30) == want[:4096]
+        assert [r.wait(30) for r in reqs] == [want[4096:8192], want[8192:12288]]
+        with pytest.raises(Exception, match="outside the disk"):
+            bad.wait(30)
+        assert more.wait(30) == want[12288:16384]
+        q.close()

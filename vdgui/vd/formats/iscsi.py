@@ -690,6 +690,22 @@ class IscsiImage(Image):
             out += data
         return bytes(out)
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several reads (block-aligned (offset, length) each) with their READs in flight
+        together: the IoQueue hands over the independent reads it has ready."""
+        pieces = []
+        for offset, length in ranges:
+            for pos in range(offset, offset + length, READ_CHUNK):
+                pieces.append((pos, min(READ_CHUNK, offset + length - pos)))
+        data = self._read_pipelined(pieces) if self.pipeline > 1 else b"".join(
+            self.read(o, n) for o, n in ranges)
+        out = []
+        pos = 0
+        for _offset, length in ranges:
+            out.append(data[pos:pos + length])
+            pos += length
+        return out
+
     def _read_pipelined(self, pieces: list[tuple[int, int]]) -> bytes:
         """Several READs in flight; a piece that fails (UNIT ATTENTION, BUSY...) or was not
         answered is read again alone, through :meth:`_scsi`'s retries; a dropped connection:
