@@ -476,3 +476,26 @@ def test_single_pass_job_line_keeps_its_bytes(qtbot):
     job.state, job.started_at, job.done, job.total = JobState.RUNNING, 0.0, 1 << 20, 1 << 21
     row = JobRow(job, JobQueue())
     assert "1.00 MiB of 2.00 MiB" in row.detail.text() and "work" not in row.detail.text()
+
+
+def test_no_rate_for_a_dynamic_create_or_a_count_of_files(qtbot, tmp_path):
+    """'Done in 1 s · 26.82 GiB/s' for creating an empty 20 GiB dynamic VDI (its progress is the
+    virtual size), '3 B/s' for deleting three files: a rate only where bytes were moved."""
+    from vdgui.gui.widgets.jobs_panel import JobRow
+    from vdgui.jobs import JobQueue, JobState, tasks
+    from vdgui.vd import ImageFlags
+
+    def finished(job, total):
+        job.state = JobState.DONE
+        job.done = job.total = total
+        job.elapsed = lambda: 1.0
+        return JobRow(job, JobQueue()).detail.text()
+
+    dyn = tasks.create_job(str(tmp_path / "d.vdi"), 20 << 30, "VDI")
+    assert "/s" not in finished(dyn, 20 << 30)
+    fixed = tasks.create_job(str(tmp_path / "f.vdi"), 1 << 30, "VDI", flags=ImageFlags.FIXED)
+    assert "1.00 GiB/s" in finished(fixed, 1 << 30)          # fixed: every byte written
+    gone = tasks.delete_job([(str(tmp_path / n), []) for n in "abc"])
+    assert "/s" not in finished(gone, 3)
+    copy = tasks.copy_job(str(tmp_path / "a.vdi"), str(tmp_path / "b.vdi"), "VDI")
+    assert "2.00 MiB/s" in finished(copy, 2 << 20)

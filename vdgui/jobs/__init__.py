@@ -232,7 +232,8 @@ class Job:
 
     def __init__(self, title: str, fn: Callable[[Callable[[int, int], bool | None]], Any], *,
                  keys: Iterable[str] = (), paths: Iterable[str] = (), kind: str = "",
-                 visible: bool = True, passes: bool = False, asks: bool = True):
+                 visible: bool = True, passes: bool = False, asks: bool = True,
+                 rate: bool = True):
         Job._ids += 1
         self.id = Job._ids
         self.title = title
@@ -243,6 +244,9 @@ class Job:
         self.visible = visible
         # the progress counts every pass over the data (copy, work, verify): it is work, not data
         self.passes = passes
+        # the progress counts bytes read or written, so bytes per second mean something (not a
+        # dynamic create's virtual size, nor a count of files)
+        self.rate = rate and not passes
         self.asks = asks                 # may prompt for a passphrase
         self.new_passphrase = None       # vd.Passphrase the job encrypts with (wiped after)
         self._passphrases: Callable[[Job], Any] | None = None   # the queue's factory

@@ -61,6 +61,7 @@ def create_job(
         keys=[key or location],
         paths=[location],
         kind="create",
+        rate=bool(flags & ImageFlags.FIXED),     # a dynamic image's progress is its virtual size
     )
 
 
@@ -555,6 +556,7 @@ def delete_job(images: list[tuple[str, list[str]]], library=None) -> Job:
         paths=[p for p, _ in images],
         keys=[p for p, _ in images],
         kind="delete",
+        rate=False,                              # counts files
     )
 
 

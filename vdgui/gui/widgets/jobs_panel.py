@@ -92,7 +92,7 @@ class JobRow(QFrame):
             elif j.total:
                 parts.append(f"{format_size(j.done)} of {format_size(j.total)}")
             rate = j.throughput()
-            if rate and j.total > 1 and not j.passes:
+            if rate and j.total > 1 and j.rate:
                 parts.append(f"{format_size(int(rate))}/s")
             parts.append(f"elapsed {fmt_duration(j.elapsed())}")
             rem = j.remaining()
@@ -109,7 +109,7 @@ class JobRow(QFrame):
                 parts.append(check_summary(j.result))
             if isinstance(j.result, SparsifyReport):
                 parts.append(j.result.summary())
-            if j.total > 1 and j.elapsed() > 0.05 and not j.passes:
+            if j.total > 1 and j.elapsed() > 0.05 and j.rate:
                 parts.append(f"{format_size(int(j.total / j.elapsed()))}/s")
         elif st == JobState.FAILED:
             self.icon.setPixmap(icon("error").pixmap(18, 18))
