@@ -10,7 +10,7 @@ Typical use::
 Each run starts with ``sync`` and ``echo 1 > /proc/sys/vm/drop_caches`` (page cache dropped; needs
 root — without it a warning is printed once and caches stay warm). Commands alternate (A B A B
 ...) so slow drifts of the machine hit both alike; the best (minimum) wall time of each is kept.
-Peak RSS comes from ``os.wait4`` on the child (ru_maxrss, KiB on Linux).
+Peak RSS comes from GNU time's %M (KiB): the command's own, not this process's.
 """
 from __future__ import annotations
 
@@ -68,20 +68,27 @@ class Result:
         return min(self.times) if self.times else float("nan")
 
 
+TIME = "/usr/bin/time"          # GNU time (Debian: time)
+RSS_TAG = "\nvdgui-bench-maxrss-KiB "
+
+
 def run_measured(cmd: Command, timeout: float | None = None) -> tuple[float, int, int, str]:
     """Run one command; returns (wall seconds, peak RSS KiB, exit status, stderr tail)."""
+    # the peak RSS comes from GNU time's own wait on the command: Linux carries the forking
+    # process's peak across exec, so wait4 here would report at least this bench's own RSS
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env=cmd.env)
+    p = subprocess.Popen([TIME, "-f", f"{RSS_TAG}%M", *cmd.argv], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=cmd.env)
     err = p.stderr.read() if p.stderr else b""
-    _pid, status, usage = os.wait4(p.pid, 0)
+    _pid, status, _usage = os.wait4(p.pid, 0)
+    text, _, rss = err.decode(errors="replace").rpartition(RSS_TAG)
     if status == 0:
         remove(*cmd.remove_after)
     elapsed = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.stderr:
         p.stderr.close()
-    return elapsed, usage.ru_maxrss, p.returncode, err.decode(errors="replace")[-500:]
+    return elapsed, int(rss.split()[0]) if rss.strip() else 0, p.returncode, text[-500:]
 
 
 def ensure_bytecode() -> None:
