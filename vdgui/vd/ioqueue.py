@@ -211,13 +211,8 @@ class IoQueue:
                                 batch.append(r)
                 if len(batch) > 1:
                     self._run_batch(batch)
-                    continue
-                try:
-                    result = self._run(req)
-                except BaseException as exc:
-                    self._finish(req, IoState.FAILED, None, exc)
                 else:
-                    self._finish(req, IoState.DONE, result, None)
+                    self._run_one(req)
         finally:
             d = getattr(self._local, "disk", None)
             if d is not None:
@@ -234,17 +229,19 @@ class IoQueue:
             with self._disk_lock:
                 results = self.disk.read_many([(r.offset, r.length) for r in batch])
         except BaseException:
-            results = None
-        for i, r in enumerate(batch):
-            if results is not None:
-                self._finish(r, IoState.DONE, bytes(results[i]), None)
-                continue
-            try:
-                result = self._run(r)
-            except BaseException as exc:
-                self._finish(r, IoState.FAILED, None, exc)
-            else:
-                self._finish(r, IoState.DONE, result, None)
+            for r in batch:
+                self._run_one(r)
+            return
+        for r, data in zip(batch, results, strict=True):
+            self._finish(r, IoState.DONE, bytes(data), None)
+
+    def _run_one(self, req: IoRequest) -> None:
+        try:
+            result = self._run(req)
+        except BaseException as exc:
+            self._finish(req, IoState.FAILED, None, exc)
+        else:
+            self._finish(req, IoState.DONE, result, None)
 
     @staticmethod
     def _read(d: Any, req: IoRequest) -> bytes:

@@ -693,12 +693,13 @@ class IscsiImage(Image):
     def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Several reads (block-aligned (offset, length) each) with their READs in flight
         together: the IoQueue hands over the independent reads it has ready."""
+        if self.pipeline <= 1:
+            return [self.read(o, n) for o, n in ranges]
         pieces = []
         for offset, length in ranges:
             for pos in range(offset, offset + length, READ_CHUNK):
                 pieces.append((pos, min(READ_CHUNK, offset + length - pos)))
-        data = self._read_pipelined(pieces) if self.pipeline > 1 else b"".join(
-            self.read(o, n) for o, n in ranges)
+        data = self._read_pipelined(pieces)
         out = []
         pos = 0
         for _offset, length in ranges:

@@ -14,6 +14,7 @@ from ..backend import Backend, ImageFlags, OpenFlags, Operation
 from ..chain import find_children, link_matches
 from ..errors import Cancelled, CorruptImage, NotSupported, VDError, VDIOError
 from ..fileio import ImageFile, LockMode, lock_files, sweep_stale_temps, temp_name
+from ..fileio import copy_range as kernel_copy_range
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback, sub_progress
 from ..registry import get_backend, probe
@@ -56,16 +57,15 @@ def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int], None],
-                path: str = "") -> None:
+               path: str = "") -> None:
+    """Copy [start, end) between the same offsets of two files: inside the kernel where it
+    takes them (fileio.copy_range), read and written here where it does not."""
     pos = start
     while pos < end:
         n = min(COPY_CHUNK, end - pos)
         try:
-            done = os.copy_file_range(src, dst, n, pos, pos)
-        except (OSError, AttributeError):
-            done = 0
-        if done <= 0:
-            try:
+            done = kernel_copy_range(src, pos, dst, pos, n)
+            if done == 0:
                 buf = os.pread(src, n, pos)
                 if not buf:
                     return
@@ -75,10 +75,10 @@ def copy_range(src: int, dst: int, start: int, end: int, advance: Callable[[int]
                     w = os.pwrite(dst, mv, off)
                     mv = mv[w:]
                     off += w
-            except OSError as exc:
-                raise VDIOError(f"{path}: copy of {n} bytes at {pos:#x} failed: "
-                                f"{exc.strerror or exc}") from None
-            done = len(buf)
+                done = len(buf)
+        except OSError as exc:
+            raise VDIOError(f"{path}: copy of {n} bytes at {pos:#x} failed: "
+                            f"{exc.strerror or exc}") from None
         pos += done
         advance(done)
 
