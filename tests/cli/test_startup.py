@@ -1,15 +1,20 @@
 """vdgui-img imports only what a command uses (issue #18 goal 3): `info` of a VDI loads no
 operation, no look inside disks, no media creation, no library, no archive or fraction code,
-and no importlib.metadata when no distribution declares a plugin. Checked on sys.modules in a
-fresh interpreter, not by timing."""
+and no importlib.metadata when no distribution declares a plugin; `info` and `resize` load no
+other format's code beyond its declaration (every backend still probes: rule 6). Checked on
+sys.modules in a fresh interpreter, not by timing."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 from vdgui.vd import PLUGIN_GROUP, Disk, registry
+from vdgui.vd.formats import BACKENDS
 
 NOT_FOR_INFO = ("vdgui.vd.ops", "vdgui.vd.inside", "vdgui.vd.media", "vdgui.vd.library",
                 "vdgui.gui", "vdgui.jobs", "sqlite3", "tarfile", "fractions", "dissect",
@@ -19,9 +24,35 @@ PROBE = """
 import contextlib, io, json, sys
 from vdgui.cli import main
 with contextlib.redirect_stdout(io.StringIO()):
-    rc = main(["info", sys.argv[1]])
+    rc = main(sys.argv[1:] if len(sys.argv) > 2 else ["info", sys.argv[1]])
 print(json.dumps({"rc": rc, "modules": sorted(sys.modules)}))
 """
+
+# whatever a VDI command needs, nothing of these: the other formats' code (image, layout,
+# construct structures...) beyond their declarations, LUKS and ciphers, iSCSI's PDUs
+HEAVY = ("vdgui.vd.crypto.luks", "vdgui.vd.crypto.primitives", "vdgui.vd.crypto.cipher",
+         "vdgui.vd.cache", "vdgui.vd.ioqueue", "cryptography", "argon2", "socket", "plistlib",
+         "xml", "logging")
+
+
+def _run(*args: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
+                       cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    got: dict = json.loads(r.stdout.strip().splitlines()[-1])
+    return got
+
+
+def _not_needed(modules: list[str], own: str) -> list[str]:
+    """Modules of formats other than ``own`` below their declaration, and HEAVY ones."""
+    pkg = "vdgui.vd.formats."
+    out = []
+    for m in modules:
+        if m.startswith(pkg) and m.count(".") > 3 and not m.startswith(pkg + own + "."):
+            out.append(m)                  # e.g. vdgui.vd.formats.vmdk.image
+        elif any(m == h or m.startswith(h + ".") for h in HEAVY):
+            out.append(m)
+    return out
 
 
 def test_info_imports_only_what_it_uses(tmp_path):
@@ -76,3 +107,58 @@ def test_a_parser_built_for_one_command_defines_it_as_the_whole_one():
         alone = _commands(build_parser(only=name))
         assert list(alone) == [name]
         assert shape(alone[name]) == shape(p), name
+
+
+@pytest.mark.parametrize("command", ["info", "resize"])
+def test_a_vdi_command_loads_only_the_vdi_code(tmp_path, command):
+    """Every backend's declaration (and probe) is imported, no other format's image code."""
+    img = str(tmp_path / "a.vdi")
+    with Disk() as d:
+        d.create_base(img, 64 << 20, "VDI")
+    args = ["resize", img, "128M"] if command == "resize" else [img]
+    got = _run(*args)
+    assert got["rc"] == 0
+    assert _not_needed(got["modules"], "vdi") == []
+    assert "vdgui.vd.formats.vdi.image" in got["modules"]
+    for b in BACKENDS:                      # every declaration is there, to probe
+        assert type(b).__module__ in got["modules"]
+
+
+PROBE_ALL = """
+import json, sys
+from vdgui.vd import registry, AmbiguousFormat, UnknownFormat
+asked = []
+for b in registry.backends():
+    def spy(src, _probe=b.probe, _name=b.name):
+        asked.append(_name)
+        return _probe(src)
+    b.probe = spy
+try:
+    registry.probe(sys.argv[1])
+    outcome = "chosen"
+except (AmbiguousFormat, UnknownFormat) as exc:
+    outcome = type(exc).__name__
+print(json.dumps({"asked": asked, "outcome": outcome, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["unknown", "ambiguous"])
+def test_probing_asks_every_backend_without_loading_them(tmp_path, kind):
+    """Rule 6 with declarations only: a file of no known format is probed by every backend,
+    and a file two formats claim strongly is still refused, and no format's image code loads."""
+    path = tmp_path / "x.bin"
+    if kind == "unknown":
+        path.write_bytes(b"\x01" * 65536 + b"\x02" * 4096)
+    else:   # a QCOW2 header at the start, a fixed VHD's footer at the end
+        foot = bytearray(512)
+        foot[:8] = b"conectix"
+        struct.pack_into(">I", foot, 60, 2)
+        struct.pack_into(">I", foot, 64, (~sum(foot)) & 0xFFFFFFFF)
+        path.write_bytes(b"QFI\xfb" + struct.pack(">I", 3) + bytes(1 << 20) + bytes(foot))
+    r = subprocess.run([sys.executable, "-c", PROBE_ALL, str(path)], capture_output=True,
+                       text=True, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert sorted(got["asked"]) == sorted(b.name for b in registry.backends())
+    assert got["outcome"] == ("chosen" if kind == "unknown" else "AmbiguousFormat")
+    assert _not_needed(got["modules"], "") == []

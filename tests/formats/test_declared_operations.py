@@ -34,7 +34,9 @@ def mismatches(backend: Backend, classes: set[type]) -> list[str]:
             out.append(f"{backend.name} declares {op.name} but no image class implements {hook}")
         if has and op not in declared:
             out.append(f"{backend.name} implements {hook} but does not declare {op.name}")
-    creates = type(backend).create is not Backend.create
+    impl = backend.implementation() if backend.impl_module else None
+    creates = (type(backend).create is not Backend.create
+               or getattr(impl, "create_image", None) is not None)
     if creates != (Operation.CREATE in declared):
         out.append(f"{backend.name}: create {'is' if creates else 'is not'} implemented, "
                    f"CREATE {'is not' if creates else 'is'} declared")

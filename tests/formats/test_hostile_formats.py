@@ -131,7 +131,7 @@ def test_dmg_chunk_cache_is_one_budget_for_all_opens(tmp_path, monkeypatch):
     the cache kept 8 chunks per open (2 GiB for 64 MiB chunks and 4 opens: convert opens an
     image several times); now one budget for the process, and nothing left after close."""
     import tracemalloc
-    monkeypatch.setattr(dmg, "_CACHE", dmg._ChunkCache(3 * MiB))
+    monkeypatch.setattr(dmg.image, "_CACHE", dmg._ChunkCache(3 * MiB))
     p = tmp_path / "many.dmg"
     p.write_bytes(make_dmg([(dmg.CHUNK_ZLIB, 2048, zlib.compress(bytes([i]) * MiB))
                             for i in range(8)]))

@@ -333,7 +333,7 @@ def _image_bytes(tmp_path, size=4 * MiB) -> bytearray:
 
 
 def _fix_region_checksum(b: bytearray, off: int) -> None:
-    rt = vhdx._with_checksum(bytearray(b[off:off + vhdx.REGION_SIZE]))
+    rt = vhdx.with_checksum(bytearray(b[off:off + vhdx.REGION_SIZE]))
     b[off:off + vhdx.REGION_SIZE] = rt
 
 
@@ -351,7 +351,7 @@ def _layout(b):
     for k in range(rt.entry_count):
         o = vhdx.REGION_OFFSETS[0] + 16 + 32 * k
         e = vhdx.RegionTableEntry.parse(bytes(b[o:o + 32]))
-        entries[vhdx._guid(e.guid)] = (e.file_offset, e.length, o)
+        entries[vhdx.guid_from_bytes(e.guid)] = (e.file_offset, e.length, o)
     return entries
 
 
@@ -460,7 +460,7 @@ def _log_entry(seq, guid, tail, descs_sectors, last_file_offset, entry_length=No
                                          reserved=0, log_guid=guid, flushed_file_offset=0,
                                          last_file_offset=last_file_offset))
     e = bytearray((hdr + descs).ljust(area, b"\0") + sectors)
-    return bytes(vhdx._with_checksum(e))
+    return bytes(vhdx.with_checksum(e))
 
 
 def _dirty(tmp_path, entries_fn):
@@ -603,7 +603,7 @@ def test_fuzz_structures_give_vderror(tmp_path):
             for off in vhdx.REGION_OFFSETS:
                 _fix_region_checksum(b, off)
             for off in vhdx.HEADER_OFFSETS:
-                b[off:off + 4096] = vhdx._with_checksum(bytearray(b[off:off + 4096]))
+                b[off:off + 4096] = vhdx.with_checksum(bytearray(b[off:off + 4096]))
         bad.write_bytes(bytes(b))
         try:
             img = get_backend("VHDX").open(str(bad), OpenFlags.READ_ONLY)

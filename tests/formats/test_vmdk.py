@@ -97,7 +97,7 @@ def test_struct_round_trips(tmp_path):
     assert h.magic == b"KDMV" and h.version == 1 and h.grain_size == 128
     gm = vmdk.GrainMarker.build(dict(lba=1234, size=99))
     assert vmdk.GrainMarker.build(vmdk.GrainMarker.parse(gm)) == gm
-    assert vmdk._MARKER.pack(1234, 99) == gm          # the per-grain fast path's layout
+    assert vmdk.MARKER.pack(1234, 99) == gm          # the per-grain fast path's layout
     mm = vmdk.MetaMarker.build(dict(num_sectors=4, size=0, type=1, pad=bytes(496)))
     assert len(mm) == 512 and vmdk.MetaMarker.build(vmdk.MetaMarker.parse(mm)) == mm
     cw = vmdk.CowdHeader.build(dict(magic=b"COWD", version=1, flags=3, num_sectors=4096,
@@ -1019,7 +1019,7 @@ def test_other_grain_geometries(tmp_path, qemu, grain, gtes, flags):
         [("ddb.adapterType", "ide")],
     )
     f = ImageFile(p, create=True)
-    vmdk._write_sparse_extent(f, size // 512, desc.to_bytes(), grain=grain, gtes=gtes, flags=flags)
+    vmdk.write_sparse_extent(f, size // 512, desc.to_bytes(), grain=grain, gtes=gtes, flags=flags)
     f.close()
     expect = bytearray(size)
     with Disk() as d:
@@ -1064,7 +1064,8 @@ def test_info_open_reads_only_the_descriptor(tmp_path, monkeypatch):
             opened.append(os.path.basename(path))
             super().__init__(path, *a, **kw)
 
-    monkeypatch.setattr(vmdk, "ImageFile", Spy)
+    monkeypatch.setattr(vmdk, "ImageFile", Spy)          # extents (VmdkBackend.extent_file)
+    monkeypatch.setattr(vmdk.impl, "ImageFile", Spy)     # the descriptor (open)
     with Disk() as d:
         img = d.open(p, flags=OpenFlags.INFO)
         assert img.size == 5 * MiB and len(img.files()) == 2

@@ -23,7 +23,7 @@ from vdgui.vd import (
     VDTimeoutError,
     get_backend,
 )
-from vdgui.vd.formats import iscsi_pdu as P
+from vdgui.vd.formats.iscsi import pdu as P
 
 pytestmark = pytest.mark.iscsi
 IQN = "iqn.2026-11.org.vdgui.test:disk1"

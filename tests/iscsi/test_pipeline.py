@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vdgui.vd import Disk, OpenFlags
-from vdgui.vd.formats import iscsi_pdu as P
+from vdgui.vd.formats.iscsi import pdu as P
 
 pytestmark = pytest.mark.iscsi
 IQN = "iqn.2026-11.org.vdgui.test:pipeline"

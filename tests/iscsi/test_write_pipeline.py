@@ -11,7 +11,7 @@ import pytest
 from tests.iscsi.test_pipeline import Tracker
 from vdgui.vd import Disk, NetworkError, VDIOError
 from vdgui.vd.formats import iscsi
-from vdgui.vd.formats import iscsi_pdu as P
+from vdgui.vd.formats.iscsi import pdu as P
 
 pytestmark = pytest.mark.iscsi
 IQN = "iqn.2026-11.org.vdgui.test:wpipe"

@@ -20,8 +20,6 @@ from .backend import (
     parse_variant,
     variant_words,
 )
-from .cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
-from .cache import cache_info
 from .config import ConfigKey, KeyFlag, ValueType, applicable_keys, parse_config
 from .disk import Disk, Extent, open_image
 from .errors import (
@@ -61,7 +59,6 @@ from .filters.keyfile import find_keystore, read_keystore_file, sidecar_path, wr
 from .filters.keystore import KeyStore
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
-from .ioqueue import IoKind, IoQueue, IoRequest, IoState
 from .progress import Progress, ProgressCallback
 from .registry import (
     NO_PLUGINS_ENV,
@@ -84,6 +81,8 @@ from .sizes import describe_size, format_size, parse_size
 from .temps import temp_name
 
 if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
+    from .cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+    from .cache import cache_info
     from .inside import (
         ChangeReport,
         DiskFile,
@@ -99,6 +98,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
         safe_extract_parts,
     )
     from .inside.volumes import volumes
+    from .ioqueue import IoKind, IoQueue, IoRequest, IoState
     from .media import (
         DEFAULT_FLOPPY,
         FLOPPY_FORMATS,
@@ -123,10 +123,12 @@ if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
 
 # imported on first use: a command imports only what it uses (vdgui-img's start-up, issue #18):
 # the media library (sqlite3, XML), looking inside disks, media creation, the operations,
-# host drives
+# host drives, the cache image (VCI), the request queue
 _LAZY: dict[str, str] = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
                          "mark_duplicates": "library", "read_virtualbox_registry": "library"}
 for _mod, _names in (
+        ("cache", "DEFAULT_CACHE_SIZE:DEFAULT_SIZE cache_info"),
+        ("ioqueue", "IoKind IoQueue IoRequest IoState"),
         ("inside", "ChangeReport DiskFile Entry Layout Partition SliceFile changed disk_layout "
                    "extract_tree extract_trees open_volume safe_extract_parts volumes"),
         ("media", "DEFAULT_FLOPPY FLOPPY_FORMATS FloppyFormat create_floppy create_iso "

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
-from .cache import DiskCache
 from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
 from .errors import (
     CacheNotClean,
@@ -26,11 +25,12 @@ from .errors import (
 from .filter import Filter, FilterUse
 from .geometry import Geometry
 from .image import Alloc, Image
-from .ioqueue import IoQueue
 from .registry import get_backend, probe
 from .secrets import PassphraseProvider, using
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .cache import DiskCache
+    from .ioqueue import IoQueue
     from .library import Library
     from .progress import ProgressCallback
 
@@ -271,6 +271,7 @@ class Disk:
     def io_queue(self, *, workers: int = 4, max_queued: int = 64) -> IoQueue:
         """An asynchronous request queue on this disk (VDAsyncRead/Write/Flush; see
         :mod:`vdgui.vd.ioqueue`); closed (queued requests run first) when the disk closes."""
+        from .ioqueue import IoQueue
         q = IoQueue(self, workers=workers, max_queued=max_queued)
         self.queues.append(q)
         return q
@@ -283,6 +284,7 @@ class Disk:
         cleanly, is refused (``reset`` empties the latter). Returns its info."""
         if self.cache is not None:
             raise InvalidArgument(f"a cache is already attached ({self.cache.path})")
+        from .cache import DiskCache  # the VCI format: loaded when a cache is used
         top = self.top
         self.cache = DiskCache.attach(path, top.location, top.size, create_size=size, reset=reset)
         return self.cache.info()

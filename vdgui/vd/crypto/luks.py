@@ -22,6 +22,7 @@ from construct import ConstructError
 from .. import secrets
 from ..align import align_up, ceil_div
 from ..errors import CorruptImage, NotSupported
+from . import DEFAULT_ITER_TIME_MS
 from . import luks_layout as L
 from . import primitives as P
 from .cipher import SectorCipher, parse_mode
@@ -32,7 +33,6 @@ Write = Callable[[int, bytes], None]
 MAX_KEY_BYTES = 64
 MAX_STRIPES = 4000 * 16
 LUKS2_HDR_SIZES = tuple(1 << k for k in range(14, 23))     # 16 KiB .. 4 MiB
-DEFAULT_ITER_TIME_MS = 2000                                 # as qemu and cryptsetup
 MIN_ITERATIONS = 1000
 
 
@@ -336,14 +336,6 @@ def pbkdf2_iterations(hash_name: str, iter_time_ms: int, length: int) -> int:
 
 
 # -- parsing ------------------------------------------------------------------------------------
-def is_luks(head: bytes) -> int:
-    """0, 1 or 2: the LUKS version a file's first bytes announce."""
-    if len(head) >= 8 and head[:6] == L.MAGIC:
-        v = int.from_bytes(head[6:8], "big")
-        return v if v in (1, 2) else 0
-    return 0
-
-
 def parse(read: Read, limit: int, where: str) -> LuksHeader:
     """The LUKS header at offset 0 of ``read``; ``limit``: bytes available from there."""
     head = read(0, L.LUKS1_HEADER_SIZE)

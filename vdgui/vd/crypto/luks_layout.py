@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from construct import Array, Bytes, Int16ub, Int32ub, Int64ub, Struct
 
-MAGIC = b"LUKS\xba\xbe"
+from . import LUKS_MAGIC
+
+MAGIC = LUKS_MAGIC                   # the package holds it (probes check it cheaply)
 MAGIC2_SECONDARY = b"SKUL\xba\xbe"
 SLOT_ACTIVE = 0x00AC71F3
 SLOT_INACTIVE = 0x0000DEAD

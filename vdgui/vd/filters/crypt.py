@@ -13,7 +13,6 @@ from ..config import ConfigKey, KeyFlag, ValueType
 from ..errors import InvalidArgument, WrongPassphrase
 from ..filter import Filter, FilterBackend, FilterCap, check_units
 from ..secrets import SecretRequest
-from .cipher import XtsUnits
 from .keystore import ALGORITHMS, MAX_ITERATIONS, KeyStore
 
 DATA_UNIT = 512
@@ -29,6 +28,7 @@ class CryptFilter(Filter):
         self.keystore = keystore
         self.key_id = key_id
         self.created = created
+        from .cipher import XtsUnits  # AES on first use, not when the table loads
         self._units = XtsUnits(dek, DATA_UNIT)
 
     def decode(self, offset: int, buf: memoryview) -> None:

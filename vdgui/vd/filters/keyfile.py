@@ -11,7 +11,6 @@ key store.
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImage, FileExists, ImageNotFound, InvalidArgument
@@ -19,6 +18,8 @@ from ..paths import read_small_file
 from ..temps import atomic_files
 
 if TYPE_CHECKING:  # pragma: no cover
+    import xml.etree.ElementTree as ET
+
     from ..library import Library
 
 SUFFIX = ".keystore"
@@ -52,6 +53,7 @@ def read_keystore_file(path: str, image_path: str | None = None,
     text = data.lstrip()
     if not text.startswith(b"<"):
         return {"KeyStore": data.decode("ascii", "replace")}
+    import xml.etree.ElementTree as ET  # on first use: info and open need no XML
     try:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
@@ -93,6 +95,7 @@ def write_sidecar(image_path: str, props: dict[str, str], *, replace: bool = Fal
         raise FileExists(f"{target}: file already exists")
     if "KeyStore" not in props:
         raise InvalidArgument("no key store to write")
+    import xml.etree.ElementTree as ET
     root = ET.Element("CryptProperties")
     root.text = "\n  "
     items = [("KeyId", props.get("KeyId") or ""), ("KeyStore", props["KeyStore"])]

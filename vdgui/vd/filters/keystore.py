@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from construct import ConstructError
 
 from ..errors import CorruptImage, InvalidArgument, WrongPassphrase
-from .cipher import xts_decrypt, xts_encrypt
 from .keystore_layout import MAGIC, SIZE, VERSION, KeyStoreStruct
 
 ALGORITHMS = {"AES-XTS128-PLAIN64": 32, "AES-XTS256-PLAIN64": 64}   # name -> DEK bytes
@@ -154,6 +153,7 @@ class KeyStore:
         pw = _c_string(passphrase)
         kek = hashlib.pbkdf2_hmac(self._hash(), pw, self.dek_salt, self.dek_iterations,
                                   self.key_size)
+        from .cipher import xts_decrypt  # AES on first use (cryptography: ~10 ms to import)
         dek = xts_decrypt(kek, bytes(16), self.dek_enc[:self.dek_enc_size])
         check = hashlib.pbkdf2_hmac(self._hash(), dek, self.digest_salt,
                                     self.digest_iterations, self.digest_size)
@@ -185,6 +185,7 @@ class KeyStore:
         digest_salt, dek_salt = os.urandom(32), os.urandom(32)
         digest = hashlib.pbkdf2_hmac(hname, dek, digest_salt, DIGEST_ITERATIONS, 32)
         kek = hashlib.pbkdf2_hmac(hname, pw, dek_salt, iterations, size)
+        from .cipher import xts_encrypt
         enc = xts_encrypt(kek, bytes(16), dek)
         ks = cls(cipher=cipher, kdf=NEW_KDF, key_size=size, dek_digest=digest, digest_size=32,
                  digest_salt=digest_salt, digest_iterations=DIGEST_ITERATIONS,

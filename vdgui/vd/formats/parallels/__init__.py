@@ -42,39 +42,35 @@ descriptor <= 1 MiB and no DTD,
 from __future__ import annotations
 
 import os
-import shutil
-import uuid as uuidlib
 
-from ...align import align_up, ceil_div
-from ...backend import (
-    Backend,
-    Cap,
-    CreateParams,
-    FileExtension,
-    ImageFlags,
-    OpenFlags,
-    Operation,
-    ProbeInput,
-    too_large,
-)
-from ...config import ConfigKey, KeyFlag, ValueType, parse_config
-from ...errors import FileExists, InvalidArgument, NotSupported, require_text
-from ...fileio import ImageFile, temp_name
-from ...image import Image
-from .bundle import _DESCRIPTOR, ParallelsBundleImage, _xml_escape
-from .image import ParallelsImage, _limit_reason, _write_new_image
-from .layout import *  # noqa: F403  (the structures and constants, as parallels.py exported them)
-from .layout import (
-    DEFAULT_CLUSTER,
-    DESCRIPTOR_NAME,
-    HEADER_SIZE,
-    MAGIC_EXT,
-    MAGIC_V2,
-    MAX_BAT_ENTRIES,
-    MAX_CLUSTER,
-    SECTOR,
-    TOP_GUID,
-)
+from ...backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput, lazy_exports
+from ...config import ConfigKey, KeyFlag, ValueType
+
+# the format's constants: what the declaration and its probe need, without the layout's
+# construct structures or the image code
+SECTOR = 512
+MAGIC_V2 = b"WithoutFreeSpace"
+MAGIC_EXT = b"WithouFreSpacExt"
+VERSION = 2
+INUSE_MAGIC = 0x746F6E59
+CLOSED_MAGIC = 0x312E3276
+FLAG_EMPTY = 1
+MAX_CLUSTER = 64 << 20
+DEFAULT_CLUSTER = 1 << 20
+MAX_DESCRIPTOR = 1 << 20
+MAX_BAT_ENTRIES = 16 << 20      # a 64 MiB BAT (16 TiB with 1 MiB clusters)
+MAX_EXTENTS = 4096
+MAX_SNAPSHOTS = 1024
+DESCRIPTOR_NAME = "DiskDescriptor.xml"
+ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
+# Parallels Desktop and ploop name a disk's base snapshot with this predefined GUID, and readers
+# (ploop, dissect.hypervisor) look for it when a descriptor has no TopGUID
+TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+
+
+def _limit_reason(cl: int) -> str:
+    return (f" with {cl}-byte clusters (vdgui opens BATs of at most {MAX_BAT_ENTRIES} entries; "
+            "a larger ClusterSize allows more)")
 
 
 class ParallelsBackend(Backend):
@@ -96,6 +92,7 @@ class ParallelsBackend(Backend):
                             Operation.RESIZE, Operation.COMPACT, Operation.DISCARD})
     create_flags = ImageFlags.NONE
     size_granularity = SECTOR
+    impl_module = f"{__name__}.impl"
     max_size = MAX_BAT_ENTRIES * DEFAULT_CLUSTER     # 16 TiB with the default 1 MiB clusters
 
     def max_size_for(self, config: dict | None = None) -> int:
@@ -114,85 +111,6 @@ class ParallelsBackend(Backend):
             return 100
         return 0
 
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> Image:
-        parse_config(self.config_keys, config, owner=self.name)
-        if os.path.isdir(location):
-            return ParallelsBundleImage(self, location, os.path.join(location, DESCRIPTOR_NAME),
-                                        flags)
-        if os.path.basename(location) == DESCRIPTOR_NAME:
-            return ParallelsBundleImage(self, location, location, flags)
-        f = ImageFile(location, writable=not flags.read_only)
-        return ParallelsImage(self, location, f, flags)
-
-    def create(self, p: CreateParams) -> ParallelsImage | ParallelsBundleImage:
-        if p.parent is not None:
-            raise NotSupported("Parallels differencing images (bundle snapshots) cannot be "
-                               "created by this backend")
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        cl = cfg["ClusterSize"]
-        if cl % SECTOR or cl > MAX_CLUSTER:
-            raise InvalidArgument(f"Parallels ClusterSize must be a multiple of 512 up to 64 MiB, "
-                                  f"found {cl}")
-        size = p.size
-        if size <= 0 or size % SECTOR:
-            raise InvalidArgument(f"Parallels image size must be a positive multiple of 512, "
-                                  f"found {size}")
-        if size > MAX_BAT_ENTRIES * cl:       # an image the opener would refuse is never made
-            raise too_large("Parallels", size, MAX_BAT_ENTRIES * cl, p.location,
-                            _limit_reason(cl))
-        if cfg["Bundle"]:
-            return self._create_bundle(p, size, cl)
-        f = ImageFile.create_temp(p.location)
-        try:
-            _write_new_image(f, size, cl, MAGIC_EXT)
-            if p.progress:
-                p.progress(size, size)
-            f.commit()
-        except BaseException:
-            f.abandon()
-            raise
-        return ParallelsImage(self, p.location, f, OpenFlags.NORMAL, fresh=True)
-
-    def _create_bundle(self, p: CreateParams, size: int, cl: int) -> ParallelsBundleImage:
-        """A ``name.hdd`` folder as Parallels Desktop lays it out: DiskDescriptor.xml, one
-        expanding ``.hds`` extent, an empty ``name.hdd`` placeholder. Built in a temporary folder
-        beside the target and renamed into place when complete."""
-        final = os.path.abspath(p.location)
-        if os.path.lexists(final):
-            raise FileExists(f"{final}: file already exists")
-        require_text(os.path.basename(final), "the bundle's file name", final)
-        tmp = temp_name(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp)
-        try:
-            name = os.path.basename(final)
-            guid = TOP_GUID           # the base snapshot of every real bundle (ploop, dissect)
-            hds = f"{name}.0.{guid}.hds"
-            # "WithoutFreeSpace" as Parallels Desktop writes it, unless offsets need 64 bits
-            data_off = align_up(HEADER_SIZE + 4 * ceil_div(size, cl), cl)
-            small = (data_off + align_up(size, cl)) // SECTOR <= 0xFFFFFFFF
-            with ImageFile(os.path.join(tmp, hds), create=True) as f:
-                _write_new_image(f, size, cl, MAGIC_V2 if small else MAGIC_EXT)
-            uid = "{" + str(p.uuid or uuidlib.uuid4()) + "}"
-            sectors = size // SECTOR
-            desc = _DESCRIPTOR.format(
-                sectors=sectors, cylinders=min(sectors // (16 * 32), 0xFFFFFFFF), uid=uid,
-                name=_xml_escape(os.path.splitext(name)[0]), blocksize=cl // SECTOR,
-                file=_xml_escape(hds), guid=guid)
-            with open(os.path.join(tmp, DESCRIPTOR_NAME), "w", encoding="utf-8") as fh:
-                fh.write(desc)
-                fh.flush()
-                os.fsync(fh.fileno())
-            open(os.path.join(tmp, name), "wb").close()
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if p.progress:
-            p.progress(size, size)
-        return ParallelsBundleImage(self, final, os.path.join(final, DESCRIPTOR_NAME),
-                                    OpenFlags.NORMAL)
-
 
 BACKEND = ParallelsBackend()
+__getattr__ = lazy_exports(__name__, "impl", "image", "bundle", "layout")

@@ -17,6 +17,7 @@ from ...progress import ProgressCallback
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
 from ...tables import BlockTable, first_shared, read_table
+from . import _limit_reason
 from .layout import (
     EXT_MAGIC,
     FLAG_EMPTY,
@@ -31,11 +32,6 @@ from .layout import (
     FormatExtensionHeader,
     Header,
 )
-
-
-def _limit_reason(cl: int) -> str:
-    return (f" with {cl}-byte clusters (vdgui opens BATs of at most {MAX_BAT_ENTRIES} entries; "
-            "a larger ClusterSize allows more)")
 
 
 class ParallelsImage(FileImage):

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 from construct import Bytes, Int32ul, Int64ul, Struct
 
-SECTOR = 512
-MAGIC_V2 = b"WithoutFreeSpace"
-MAGIC_EXT = b"WithouFreSpacExt"
-VERSION = 2
-INUSE_MAGIC = 0x746F6E59
-CLOSED_MAGIC = 0x312E3276
-FLAG_EMPTY = 1
-MAX_CLUSTER = 64 << 20
-DEFAULT_CLUSTER = 1 << 20
-MAX_DESCRIPTOR = 1 << 20
-MAX_BAT_ENTRIES = 16 << 20      # a 64 MiB BAT (16 TiB with 1 MiB clusters)
-MAX_EXTENTS = 4096
-MAX_SNAPSHOTS = 1024
-DESCRIPTOR_NAME = "DiskDescriptor.xml"
-ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
-# Parallels Desktop and ploop name a disk's base snapshot with this predefined GUID, and readers
-# (ploop, dissect.hypervisor) look for it when a descriptor has no TopGUID
-TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+from . import CLOSED_MAGIC as CLOSED_MAGIC  # the declaration holds these (cheap to import)
+from . import DEFAULT_CLUSTER as DEFAULT_CLUSTER
+from . import DESCRIPTOR_NAME as DESCRIPTOR_NAME
+from . import FLAG_EMPTY as FLAG_EMPTY
+from . import INUSE_MAGIC as INUSE_MAGIC
+from . import MAGIC_EXT as MAGIC_EXT
+from . import MAGIC_V2 as MAGIC_V2
+from . import MAX_BAT_ENTRIES as MAX_BAT_ENTRIES
+from . import MAX_CLUSTER as MAX_CLUSTER
+from . import MAX_DESCRIPTOR as MAX_DESCRIPTOR
+from . import MAX_EXTENTS as MAX_EXTENTS
+from . import MAX_SNAPSHOTS as MAX_SNAPSHOTS
+from . import SECTOR as SECTOR
+from . import TOP_GUID as TOP_GUID
+from . import VERSION as VERSION
+from . import ZERO_GUID as ZERO_GUID
 
 # qemu docs/interop/parallels.txt, "Header"
 Header = Struct(

@@ -42,8 +42,85 @@ opened read-only (config key ``Snapshot``).
 """
 from __future__ import annotations
 
-from .header import qcow2_max_size
-from .image import BACKEND, Qcow2Backend, Qcow2Image
-from .v1 import QcowV1Image
+import struct
+from typing import ClassVar
 
-__all__ = ["BACKEND", "Qcow2Backend", "Qcow2Image", "QcowV1Image", "qcow2_max_size"]
+from ...backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput, lazy_exports
+from ...config import ConfigKey, KeyFlag, ValueType
+from ...crypto import DEFAULT_ITER_TIME_MS
+
+# what the declaration needs, without the layout (construct) or the image code
+MAGIC = b"QFI\xfb"
+MAX_L1_BYTES = 32 << 20
+
+
+def qcow2_max_size(cs: int) -> int:
+    """qemu's limit: the L1 table at most 32 MiB (each entry maps cs/8 clusters), and host
+    offsets of 56 bits."""
+    return min(1 << 56, (MAX_L1_BYTES // 8) * (cs // 8) * cs)
+
+
+def limit_reason(cs: int) -> str:
+    return (f" with {cs}-byte clusters (qemu's L1 table limit, 32 MiB; larger clusters allow "
+            "more, up to 64 PiB)")
+
+
+class Qcow2Backend(Backend):
+    name = "QCOW2"
+    description = "QEMU copy-on-write image (qcow2 versions 2 and 3; qcow version 1 read-only)"
+    aliases = ("QCOW", "qcow2", "qcow")
+    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
+    extensions = (FileExtension("qcow2"), FileExtension("qcow"))
+    owns_extensions = True
+    config_keys = (
+        ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "the unit of allocation (vdgui's own key; qemu's cluster_size)",
+                  minimum=512, maximum=2 << 20, power_of_two=True, label="Cluster size",
+                  unit="bytes"),
+        ConfigKey("Compat", "1.1", ValueType.STRING, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "qcow2 compatibility level: 1.1 (version 3) or 0.10 (version 2, for old qemu)",
+                  label="Compatibility level", choices=("1.1", "0.10")),
+        ConfigKey("RefcountBits", "16", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "width of each reference count (1..64, version 3 only)", minimum=1,
+                  maximum=64, power_of_two=True, label="Reference count width", unit="bits"),
+        ConfigKey("Compress", "0", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "store whole written clusters compressed (like qemu-img convert -c)",
+                  minimum=0, maximum=1, label="Compress clusters"),
+        ConfigKey("Encryption", "none", ValueType.STRING, KeyFlag.CREATEONLY,
+                  "encrypt the data with LUKS (qemu's encrypt.format=luks); the passphrase is "
+                  "asked for", label="Encrypt the data", choices=("none", "luks")),
+        ConfigKey("EncryptIterTime", str(DEFAULT_ITER_TIME_MS), ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "time the passphrase's key derivation takes here (qemu's encrypt.iter-time)",
+                  minimum=1, maximum=60000, label="Key derivation time", unit="ms"),
+        ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
+                  "open an internal snapshot (ID or name) instead of the current state, "
+                  "read-only", label="Internal snapshot"),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMPACT})
+    create_flags = ImageFlags.NONE
+    encryptions: ClassVar[dict[str, dict[str, str]]] = {"luks": {"Encryption": "luks"}}
+    max_size = qcow2_max_size(65536)            # 2 PiB with the default 64 KiB clusters
+    size_granularity = 512
+    can_shrink = True
+    impl_module = f"{__name__}.image"
+
+    def max_size_for(self, config: dict | None = None) -> int:
+        return qcow2_max_size(self.config_int(config, "ClusterSize"))
+
+    def limit_reason(self, config: dict | None = None) -> str:
+        return limit_reason(self.config_int(config, "ClusterSize"))
+
+    def probe(self, src: ProbeInput) -> int:
+        if len(src.head) >= 8 and src.head[:4] == MAGIC:
+            version = struct.unpack_from(">I", src.head, 4)[0]
+            if version in (1, 2, 3):
+                return 100
+            return 60
+        return 0
+
+
+BACKEND = Qcow2Backend()
+__getattr__ = lazy_exports(__name__, "image", "v1", "layout")

@@ -17,17 +17,6 @@ from .clusters import be_array
 from .state import Qcow2State
 
 
-def qcow2_max_size(cs: int) -> int:
-    """qemu's limit: the L1 table at most 32 MiB (each entry maps cs/8 clusters), and host
-    offsets of 56 bits."""
-    return min(1 << 56, (L.MAX_L1_BYTES // 8) * (cs // 8) * cs)
-
-
-def limit_reason(cs: int) -> str:
-    return (f" with {cs}-byte clusters (qemu's L1 table limit, 32 MiB; larger clusters allow "
-            "more, up to 64 PiB)")
-
-
 class HeaderMixin(Qcow2State):
     """Header, extensions, snapshots and feature bits of a :class:`.image.Qcow2Image`."""
 

@@ -1,35 +1,30 @@
 """Qcow2Image (one opened version 2 or 3 image, put together from the concern mixins) and
-the QCOW2 backend (probe, open, create)."""
+the QCOW2 backend's open and create (its declaration and probe are the package's)."""
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from typing import ClassVar
 
 from ...align import ceil_div
 from ...backend import (
     Backend,
-    Cap,
     CreateParams,
-    FileExtension,
-    ImageFlags,
     OpenFlags,
-    Operation,
-    ProbeInput,
     too_large,
 )
-from ...config import ConfigKey, KeyFlag, ValueType, parse_config
+from ...config import parse_config
 from ...crypto import luks
 from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
 from ...secrets import SecretRequest, new_passphrase
+from . import Qcow2Backend, limit_reason, qcow2_max_size
 from . import layout as L
 from .bitmaps import BitmapsMixin
 from .check import CheckMixin
 from .clusters import BE_U64, ClustersMixin, be_array
 from .crypt import CRYPT_LUKS, CryptMixin, crypt_extension
-from .header import HeaderMixin, limit_reason, qcow2_max_size
+from .header import HeaderMixin
 from .maintenance import MaintenanceMixin
 from .refcount import RefcountsMixin, rc_set
 from .v1 import QcowV1Image
@@ -134,165 +129,107 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
             self._wipe_crypt()
 
 
-class Qcow2Backend(Backend):
-    name = "QCOW2"
-    description = "QEMU copy-on-write image (qcow2 versions 2 and 3; qcow version 1 read-only)"
-    aliases = ("QCOW", "qcow2", "qcow")
-    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
-    extensions = (FileExtension("qcow2"), FileExtension("qcow"))
-    owns_extensions = True
-    config_keys = (
-        ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "the unit of allocation (vdgui's own key; qemu's cluster_size)",
-                  minimum=512, maximum=2 << 20, power_of_two=True, label="Cluster size",
-                  unit="bytes"),
-        ConfigKey("Compat", "1.1", ValueType.STRING, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "qcow2 compatibility level: 1.1 (version 3) or 0.10 (version 2, for old qemu)",
-                  label="Compatibility level", choices=("1.1", "0.10")),
-        ConfigKey("RefcountBits", "16", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "width of each reference count (1..64, version 3 only)", minimum=1,
-                  maximum=64, power_of_two=True, label="Reference count width", unit="bits"),
-        ConfigKey("Compress", "0", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "store whole written clusters compressed (like qemu-img convert -c)",
-                  minimum=0, maximum=1, label="Compress clusters"),
-        ConfigKey("Encryption", "none", ValueType.STRING, KeyFlag.CREATEONLY,
-                  "encrypt the data with LUKS (qemu's encrypt.format=luks); the passphrase is "
-                  "asked for", label="Encrypt the data", choices=("none", "luks")),
-        ConfigKey("EncryptIterTime", str(luks.DEFAULT_ITER_TIME_MS), ValueType.INTEGER,
-                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "time the passphrase's key derivation takes here (qemu's encrypt.iter-time)",
-                  minimum=1, maximum=60000, label="Key derivation time", unit="ms"),
-        ConfigKey("Snapshot", None, ValueType.STRING, KeyFlag.EXPERT,
-                  "open an internal snapshot (ID or name) instead of the current state, "
-                  "read-only", label="Internal snapshot"),
-    )
-    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
-                            Operation.COMPACT})
-    create_flags = ImageFlags.NONE
-    encryptions: ClassVar[dict[str, dict[str, str]]] = {"luks": {"Encryption": "luks"}}
-    max_size = qcow2_max_size(65536)            # 2 PiB with the default 64 KiB clusters
-    size_granularity = 512
-    can_shrink = True
+def open_image(backend: Qcow2Backend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+           config: dict | None = None) -> Image:
+    cfg = parse_config(backend.config_keys, config, owner=backend.name)
+    ro = flags.read_only
+    f = ImageFile(location, writable=not ro)
+    try:
+        head = f.read_exact(0, 8, "qcow header")
+        if head[:4] != L.MAGIC:
+            raise CorruptImage("not a qcow2 image (bad magic)", path=location, field="magic",
+                               offset=0, expected=L.MAGIC, found=head[:4])
+        if struct.unpack_from(">I", head, 4)[0] == 1:
+            if not ro:
+                raise NotSupported(f"{location}: qcow version 1 images can only be opened "
+                                   "read-only (convert them to qcow2 to write)")
+            return QcowV1Image(backend, location, f, flags)
+        return Qcow2Image(backend, location, f, flags, snapshot=cfg.get("Snapshot"))
+    except BaseException:
+        f.close()
+        raise
 
-    def max_size_for(self, config: dict | None = None) -> int:
-        return qcow2_max_size(self.config_int(config, "ClusterSize"))
-
-    def limit_reason(self, config: dict | None = None) -> str:
-        return limit_reason(self.config_int(config, "ClusterSize"))
-
-    def probe(self, src: ProbeInput) -> int:
-        if len(src.head) >= 8 and src.head[:4] == L.MAGIC:
-            version = struct.unpack_from(">I", src.head, 4)[0]
-            if version in (1, 2, 3):
-                return 100
-            return 60
-        return 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> Image:
-        cfg = parse_config(self.config_keys, config, owner=self.name)
-        ro = flags.read_only
-        f = ImageFile(location, writable=not ro)
-        try:
-            head = f.read_exact(0, 8, "qcow header")
-            if head[:4] != L.MAGIC:
-                raise CorruptImage("not a qcow2 image (bad magic)", path=location, field="magic",
-                                   offset=0, expected=L.MAGIC, found=head[:4])
-            if struct.unpack_from(">I", head, 4)[0] == 1:
-                if not ro:
-                    raise NotSupported(f"{location}: qcow version 1 images can only be opened "
-                                       "read-only (convert them to qcow2 to write)")
-                return QcowV1Image(self, location, f, flags)
-            return Qcow2Image(self, location, f, flags, snapshot=cfg.get("Snapshot"))
-        except BaseException:
-            f.close()
-            raise
-
-    def create(self, p: CreateParams) -> Qcow2Image:
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        cs = cfg["ClusterSize"]
-        compat = str(cfg["Compat"]).strip()
-        if compat not in ("1.1", "0.10", "v3", "v2", "3", "2"):
-            raise InvalidArgument(f"QCOW2: Compat must be 1.1 or 0.10, found {compat!r}")
-        version = 2 if compat in ("0.10", "v2", "2") else 3
-        rbits = cfg["RefcountBits"]
-        if version == 2 and rbits != 16:
-            raise InvalidArgument("QCOW2: version 2 (compat 0.10) images use 16-bit refcounts")
-        if p.size % 512 or p.size <= 0:
-            raise InvalidArgument(f"QCOW2: size must be a positive multiple of 512, found {p.size}")
-        cb = cs.bit_length() - 1
-        span = cs * (cs // 8)
-        l1_size = ceil_div(p.size, span)
-        if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
-            raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, limit_reason(cs))
-        backing = fmt = None
-        hint = None
-        if p.parent is not None:
-            backing = relative_name(p.location, p.parent.location)
-            fmt = p.parent.backend.qemu_format
-            hint = ParentHint(locations=[backing], format=p.parent.backend.name)
-        order = rbits.bit_length() - 1
-        hlen = 112 if version == 3 else 72
-        encrypt = cfg["Encryption"] == "luks"
-        if encrypt and cfg["Compress"]:
-            raise InvalidArgument("QCOW2: compressed clusters cannot be encrypted (as qemu)")
-        hdr = bytearray(L.Qcow2HeaderV2.build(dict(
-            version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
-            size=p.size, crypt_method=CRYPT_LUKS if encrypt else 0, l1_size=l1_size,
-            l1_table_offset=0,
-            refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
-            snapshots_offset=0)))
-        if version == 3:
-            hdr += L.Qcow2HeaderV3Tail.build(dict(
-                incompatible_features=0, compatible_features=0, autoclear_features=0,
-                refcount_order=order, header_length=hlen))
-            hdr += bytes(hlen - len(hdr))   # compression_type 0 (zlib) + padding
-        l1_clusters = max(1, ceil_div(l1_size * 8, cs))
-        # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table, then the LUKS
-        # header and key material (encrypted images), as qemu places them
-        used = 3 + l1_clusters
-        area, key = b"", None
-        if encrypt:
-            pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
-            area, key = luks.create1(pw.reveal(), iter_time_ms=cfg["EncryptIterTime"],
-                                     where=p.location)
-            ext = crypt_extension(used * cs, len(area))
-            hdr += L.HeaderExtension.build({"type": L.EXT_CRYPTO, "length": len(ext)}) + ext
-            hdr += bytes(8)             # end of the extensions
-            crypt_at = used * cs
-            used += ceil_div(len(area), cs)
-        per_block = cs * 8 // rbits
-        if used > per_block:
-            raise InvalidArgument(f"QCOW2: {rbits}-bit refcounts with {cs}-byte clusters cannot "
-                                  f"describe the initial {used} clusters in one block")
-        struct.pack_into(">Q", hdr, L.OFF_L1_TABLE_OFFSET, 3 * cs)
-        f = ImageFile.create_temp(p.location)
-        try:
-            f.truncate(used * cs)
-            f.pwrite(0, bytes(hdr) + bytes(cs - len(hdr)))
-            f.pwrite(cs, BE_U64.pack(2 * cs))
-            blk = bytearray(cs)
-            for c in range(used):
-                rc_set(blk, c, 1, rbits)
-            f.pwrite(2 * cs, blk)
-            if area:
-                f.pwrite(crypt_at, area)
-            img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL, crypt_key=key)
-            if backing is not None or fmt:
-                img._write_header_area(backing, fmt)
-                img = Qcow2Image(self, p.location, f, OpenFlags.NORMAL, crypt_key=key)
-            f.sync()
-            f.commit()
-            img.location = p.location
-        except BaseException:
-            f.abandon()
-            raise
-        img.parent_hint = hint
-        img.compress_writes = bool(cfg["Compress"])
-        if p.progress:
-            p.progress(p.size, p.size)
-        return img
-
-
-BACKEND = Qcow2Backend()
+def create_image(backend: Qcow2Backend, p: CreateParams) -> Qcow2Image:
+    cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
+    cs = cfg["ClusterSize"]
+    compat = str(cfg["Compat"]).strip()
+    if compat not in ("1.1", "0.10", "v3", "v2", "3", "2"):
+        raise InvalidArgument(f"QCOW2: Compat must be 1.1 or 0.10, found {compat!r}")
+    version = 2 if compat in ("0.10", "v2", "2") else 3
+    rbits = cfg["RefcountBits"]
+    if version == 2 and rbits != 16:
+        raise InvalidArgument("QCOW2: version 2 (compat 0.10) images use 16-bit refcounts")
+    if p.size % 512 or p.size <= 0:
+        raise InvalidArgument(f"QCOW2: size must be a positive multiple of 512, found {p.size}")
+    cb = cs.bit_length() - 1
+    span = cs * (cs // 8)
+    l1_size = ceil_div(p.size, span)
+    if l1_size * 8 > L.MAX_L1_BYTES or p.size > qcow2_max_size(cs):
+        raise too_large("QCOW2", p.size, qcow2_max_size(cs), p.location, limit_reason(cs))
+    backing = fmt = None
+    hint = None
+    if p.parent is not None:
+        backing = relative_name(p.location, p.parent.location)
+        fmt = p.parent.backend.qemu_format
+        hint = ParentHint(locations=[backing], format=p.parent.backend.name)
+    order = rbits.bit_length() - 1
+    hlen = 112 if version == 3 else 72
+    encrypt = cfg["Encryption"] == "luks"
+    if encrypt and cfg["Compress"]:
+        raise InvalidArgument("QCOW2: compressed clusters cannot be encrypted (as qemu)")
+    hdr = bytearray(L.Qcow2HeaderV2.build(dict(
+        version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
+        size=p.size, crypt_method=CRYPT_LUKS if encrypt else 0, l1_size=l1_size,
+        l1_table_offset=0,
+        refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
+        snapshots_offset=0)))
+    if version == 3:
+        hdr += L.Qcow2HeaderV3Tail.build(dict(
+            incompatible_features=0, compatible_features=0, autoclear_features=0,
+            refcount_order=order, header_length=hlen))
+        hdr += bytes(hlen - len(hdr))   # compression_type 0 (zlib) + padding
+    l1_clusters = max(1, ceil_div(l1_size * 8, cs))
+    # clusters: 0 header, 1 refcount table, 2 refcount block, 3.. L1 table, then the LUKS
+    # header and key material (encrypted images), as qemu places them
+    used = 3 + l1_clusters
+    area, key = b"", None
+    if encrypt:
+        pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
+        area, key = luks.create1(pw.reveal(), iter_time_ms=cfg["EncryptIterTime"],
+                                 where=p.location)
+        ext = crypt_extension(used * cs, len(area))
+        hdr += L.HeaderExtension.build({"type": L.EXT_CRYPTO, "length": len(ext)}) + ext
+        hdr += bytes(8)             # end of the extensions
+        crypt_at = used * cs
+        used += ceil_div(len(area), cs)
+    per_block = cs * 8 // rbits
+    if used > per_block:
+        raise InvalidArgument(f"QCOW2: {rbits}-bit refcounts with {cs}-byte clusters cannot "
+                              f"describe the initial {used} clusters in one block")
+    struct.pack_into(">Q", hdr, L.OFF_L1_TABLE_OFFSET, 3 * cs)
+    f = ImageFile.create_temp(p.location)
+    try:
+        f.truncate(used * cs)
+        f.pwrite(0, bytes(hdr) + bytes(cs - len(hdr)))
+        f.pwrite(cs, BE_U64.pack(2 * cs))
+        blk = bytearray(cs)
+        for c in range(used):
+            rc_set(blk, c, 1, rbits)
+        f.pwrite(2 * cs, blk)
+        if area:
+            f.pwrite(crypt_at, area)
+        img = Qcow2Image(backend, p.location, f, OpenFlags.NORMAL, crypt_key=key)
+        if backing is not None or fmt:
+            img._write_header_area(backing, fmt)
+            img = Qcow2Image(backend, p.location, f, OpenFlags.NORMAL, crypt_key=key)
+        f.sync()
+        f.commit()
+        img.location = p.location
+    except BaseException:
+        f.abandon()
+        raise
+    img.parent_hint = hint
+    img.compress_writes = bool(cfg["Compress"])
+    if p.progress:
+        p.progress(p.size, p.size)
+    return img

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
-MAGIC = b"QFI\xfb"
+from . import MAGIC as MAGIC  # the declaration holds them (cheap to import)
+from . import MAX_L1_BYTES as MAX_L1_BYTES
 
 # qcow2.txt "Header", bytes 0-71 (the whole version 2 header)
 Qcow2HeaderV2 = Struct(
@@ -165,7 +166,6 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 
 # qemu's implementation limits (block/qcow2.h), applied as caps on hostile headers
-MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_EXTRA = 1024

@@ -17,8 +17,8 @@ from ...progress import Progress, ProgressCallback
 from ...sparse import is_zero, zeroes
 from ...tables import BlockTable
 from . import layout as L
+from . import limit_reason
 from .clusters import L2E_MASK, array_be_bytes
-from .header import limit_reason
 from .state import Qcow2State
 
 # who refers to a movable cluster: ("l1", L1 index) for an L2 table, ("l2", L1 index, L2

@@ -18,40 +18,33 @@ creating and keeps the version of an existing file. Limits and conventions:
 """
 from __future__ import annotations
 
-import uuid as uuidlib
-from array import array
+from ...backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput, lazy_exports
+from ...config import ConfigKey, KeyFlag, ValueType
 
-from ...align import align_up, ceil_div
-from ...backend import (
-    Backend,
-    Cap,
-    CreateParams,
-    FileExtension,
-    ImageFlags,
-    OpenFlags,
-    Operation,
-    ProbeInput,
-    too_large,
-)
-from ...config import ConfigKey, KeyFlag, ValueType, parse_config
-from ...errors import InvalidArgument, NotSupported
-from ...fileio import ImageFile
-from ...geometry import Geometry
-from ...space import preallocate
-from ...tables import CHUNK_ENTRIES as MAP_CHUNK
-from . import layout as L
-from .blockmap import (
-    DATA_ALIGN,
-    MAX_BLOCK,
-    MAX_BLOCKS,
-    MIN_BLOCK,
-    _map_to_disk,
-    _max_size,
-    _size_limit,
-    _uuid_bytes,
-    free_bytes,
-)
-from .image import VdiImage
+# what the declaration and its probe need, without the layout (construct) or the image code
+SIGNATURE = 0xBEDA107F
+PRE_HEADER_SIZE = 72                  # the pre-header's size (layout.PreHeader)
+OFF_SIGNATURE = 0x40
+OFF_VERSION = 0x44
+MIN_BLOCK = 512
+MAX_BLOCK = 256 << 20
+# vdgui keeps the block map (4 bytes a block) in memory: images it creates or grows have at most
+# 2**24 blocks (a 64 MiB map, so that a convert holding a source's and a target's map stays far
+# below 300 MiB; 16 TiB with the default 1 MiB blocks, ext4's largest file). VirtualBox's own
+# limit is MAX_SIZE below, qemu's MAX_BLOCKS blocks; larger images made elsewhere still open.
+MAX_NEW_BLOCKS = 1 << 24
+MAX_SIZE = 4 * (1 << 50) - 3 * (1 << 20) - 512   # VirtualBox: below 4 PiB - 3 MiB
+
+
+def _max_size(block_size: int) -> int:
+    """The largest VDI vdgui creates or grows with this block size."""
+    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
+
+
+def _size_limit(block_size: int) -> str:
+    return (f" with {block_size}-byte blocks (vdgui keeps the block map in memory, "
+            f"{MAX_NEW_BLOCKS} blocks at most; a larger AllocationBlockSize allows more, up to "
+            f"VirtualBox's 4 PiB - 3 MiB)")
 
 
 class VdiBackend(Backend):
@@ -76,6 +69,7 @@ class VdiBackend(Backend):
     max_size = _max_size(1 << 20)
     size_granularity = 512
     can_shrink = True
+    impl_module = f"{__name__}.impl"
 
     def max_size_for(self, config: dict | None = None) -> int:
         return _max_size(self.config_int(config, "AllocationBlockSize"))
@@ -85,117 +79,14 @@ class VdiBackend(Backend):
 
     def probe(self, src: ProbeInput) -> int:
         h = src.head
-        if len(h) < L.PRE_HEADER_SIZE:
+        if len(h) < PRE_HEADER_SIZE:
             return 0
-        sig = int.from_bytes(h[L.OFF_SIGNATURE:L.OFF_SIGNATURE + 4], "little")
-        if sig != L.SIGNATURE:
+        sig = int.from_bytes(h[OFF_SIGNATURE:OFF_SIGNATURE + 4], "little")
+        if sig != SIGNATURE:
             return 0
-        major = int.from_bytes(h[L.OFF_VERSION:L.OFF_VERSION + 4], "little") >> 16
+        major = int.from_bytes(h[OFF_VERSION:OFF_VERSION + 4], "little") >> 16
         return 100 if major in (0, 1) else 60
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> VdiImage:
-        parse_config(self.config_keys, config, owner=self.name)
-        ro = flags.read_only
-        return ImageFile(location, writable=not ro).hand_to(
-            lambda f: VdiImage(self, location, f, ro))
-
-    def create(self, p: CreateParams) -> VdiImage:
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        bs = cfg["AllocationBlockSize"]
-        size = p.size
-        if size <= 0 or size % 512:
-            raise InvalidArgument(f"VDI image size must be a positive multiple of 512, "
-                                  f"found {size}")
-        if size > _max_size(bs):
-            raise too_large("VDI", size, _max_size(bs), p.location, _size_limit(bs))
-        blocks = ceil_div(size, bs)
-        if blocks > MAX_BLOCKS:
-            raise InvalidArgument(
-                f"{size} bytes need {blocks} blocks of {bs} bytes, more than "
-                f"the {MAX_BLOCKS} a VDI image can hold"
-            )
-        fixed = bool(p.flags & ImageFlags.FIXED)
-        parent = p.parent
-        diff = parent is not None or bool(p.flags & ImageFlags.DIFF)
-        if diff and parent is None:
-            raise InvalidArgument("a differencing VDI image needs its parent")
-        if diff and fixed:
-            raise NotSupported("VDI differencing images cannot be fixed")
-        comment = (p.comment or "").encode("utf-8")
-        if len(comment) >= L.COMMENT_SIZE:
-            raise InvalidArgument(
-                f"VDI comments are limited to {L.COMMENT_SIZE - 1} bytes, found {len(comment)}"
-            )
-        if parent is not None and parent.uuid is None:
-            raise NotSupported(
-                f"{parent.location}: the parent has no UUID, and a VDI "
-                "differencing image links to its parent by UUID"
-            )
-        # VirtualBox's layout (vdiInitHeader): the map and the data each start on a 1 MiB boundary
-        offset_blocks = align_up(L.PRE_HEADER_SIZE + L.HEADER1PLUS_SIZE, DATA_ALIGN)
-        offset_data = align_up(offset_blocks + blocks * 4, DATA_ALIGN)
-        if offset_data > 0xFFFFFFFF:
-            raise InvalidArgument(
-                f"{size} bytes in {bs}-byte blocks need a block map too large "
-                "for VDI; use a larger AllocationBlockSize"
-            )
-        image_type = L.TYPE_FIXED if fixed else L.TYPE_DIFF if diff else L.TYPE_NORMAL
-        g0 = {"cylinders": 0, "heads": 0, "sectors": 0, "sector_size": 512}
-        # a differencing image's legacy geometry stays "not calculated" (0/0/0), as VirtualBox
-        # writes it: the disk's geometry is the base's
-        pchs = p.pchs if p.pchs and not diff and not Geometry(*p.pchs).is_zero else None
-        lchs = p.lchs if p.lchs and not Geometry(*p.lchs).is_zero else None
-        hdr = dict(
-            header_size=L.HEADER1PLUS_SIZE,
-            image_type=image_type,
-            flags=0,
-            comment=comment + bytes(L.COMMENT_SIZE - len(comment)),
-            offset_blocks=offset_blocks,
-            offset_data=offset_data,
-            legacy_geometry=dict(
-                g0, **(dict(zip(("cylinders", "heads", "sectors"), pchs)) if pchs else {})
-            ),
-            dummy=0,
-            disk_size=size,
-            block_size=bs,
-            block_extra=0,
-            blocks=blocks,
-            blocks_allocated=blocks if fixed else 0,
-            uuid_create=_uuid_bytes(p.uuid or uuidlib.uuid4()),
-            uuid_modify=_uuid_bytes(uuidlib.uuid4()),
-            uuid_linkage=_uuid_bytes(parent.uuid if parent is not None else None),
-            uuid_parent_modify=_uuid_bytes(parent.modification_uuid if parent is not None
-                                           else None),
-            lchs=dict(g0, **(dict(zip(("cylinders", "heads", "sectors"), lchs)) if lchs else {})),
-        )
-        pre = L.PreHeader.build(
-            dict(
-                file_info=L.FILE_INFO.ljust(64, b"\0"), signature=L.SIGNATURE, version=L.VERSION_1_1
-            )
-        )
-        head = pre + L.Header1Plus.build(hdr)
-        f = ImageFile.create_temp(p.location)
-        try:
-            f.pwrite(0, head + bytes(-len(head) % 512))  # the gap up to the map stays a hole
-            for a in range(0, blocks, MAP_CHUNK):  # the map, streamed
-                b = min(blocks, a + MAP_CHUNK)
-                f.pwrite(
-                    offset_blocks + a * 4,
-                    _map_to_disk(array("I", range(a, b))) if fixed else free_bytes(b - a),
-                )
-            f.truncate(offset_data + (blocks * bs if fixed else 0))
-            if fixed:  # a fixed VDI holds its blocks (VirtualBox writes it full)
-                preallocate(f, offset_data, blocks * bs)
-            f.sync()
-            if p.progress:
-                p.progress(size, size)
-            f.commit()
-            img = VdiImage(self, p.location, f, False)
-        except BaseException:
-            f.abandon()
-            raise
-        return img
 
 
 BACKEND = VdiBackend()
+__getattr__ = lazy_exports(__name__, "impl", "image", "blockmap", "layout")

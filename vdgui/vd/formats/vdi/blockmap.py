@@ -9,34 +9,21 @@ from array import array
 from ...geometry import Geometry
 from ...tables import CHUNK_ENTRIES as MAP_CHUNK
 from ...tables import table_to_bytes
+from . import MAX_BLOCK as MAX_BLOCK  # the declaration holds these (cheap to import)
+from . import MAX_NEW_BLOCKS as MAX_NEW_BLOCKS
+from . import MAX_SIZE as MAX_SIZE
+from . import MIN_BLOCK as MIN_BLOCK
+from . import _max_size as _max_size
+from . import _size_limit as _size_limit
 from . import layout as L
 from .layout import Container
 
 _FREE = L.BLOCK_FREE
 _ZERO = L.BLOCK_ZERO
 _NULL_UUID = bytes(16)
-MIN_BLOCK = 512
-MAX_BLOCK = 256 << 20
 MAX_BLOCKS = 0x3FFFFFFF
-# vdgui keeps the block map (4 bytes a block) in memory: images it creates or grows have at most
-# 2**24 blocks (a 64 MiB map, so that a convert holding a source's and a target's map stays far
-# below 300 MiB; 16 TiB with the default 1 MiB blocks, ext4's largest file). VirtualBox's own
-# limit is MAX_SIZE below, qemu's MAX_BLOCKS blocks; larger images made elsewhere still open.
-MAX_NEW_BLOCKS = 1 << 24
 MAX_EXTRA = 1 << 20
 DATA_ALIGN = 1 << 20
-MAX_SIZE = 4 * (1 << 50) - 3 * (1 << 20) - 512   # VirtualBox: below 4 PiB - 3 MiB
-
-
-def _max_size(block_size: int) -> int:
-    """The largest VDI vdgui creates or grows with this block size."""
-    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
-
-
-def _size_limit(block_size: int) -> str:
-    return (f" with {block_size}-byte blocks (vdgui keeps the block map in memory, "
-            f"{MAX_NEW_BLOCKS} blocks at most; a larger AllocationBlockSize allows more, up to "
-            f"VirtualBox's 4 PiB - 3 MiB)")
 assert array("I").itemsize == 4
 
 

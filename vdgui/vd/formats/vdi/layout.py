@@ -23,7 +23,11 @@ from __future__ import annotations
 from construct import Bytes, Int32ul, Int64ul, Struct
 from construct import Container as Container  # a parsed structure, for annotations
 
-SIGNATURE = 0xBEDA107F
+from . import OFF_SIGNATURE as OFF_SIGNATURE  # the declaration holds these (its probe's)
+from . import OFF_VERSION as OFF_VERSION
+from . import PRE_HEADER_SIZE as PRE_HEADER_SIZE
+from . import SIGNATURE as SIGNATURE
+
 VERSION_1_1 = 0x00010001
 FILE_INFO = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
 
@@ -43,7 +47,7 @@ PreHeader = Struct(
     "signature" / Int32ul,            # u32Signature
     "version" / Int32ul,              # u32Version
 )
-PRE_HEADER_SIZE = 72                  # == PreHeader.sizeof()
+assert PreHeader.sizeof() == PRE_HEADER_SIZE
 
 DiskGeometry = Struct(                # VDIDISKGEOMETRY
     "cylinders" / Int32ul,
@@ -92,8 +96,6 @@ Header1Plus = Struct(*_HEADER1_FIELDS, "lchs" / DiskGeometry)   # VDIHEADER1PLUS
 HEADER1PLUS_SIZE = 400
 
 # byte offsets of the fields (for error messages and targeted updates)
-OFF_SIGNATURE = 0x40
-OFF_VERSION = 0x44
 H1 = {  # absolute offsets of VDIHEADER1 fields
     "header_size": 0x48, "image_type": 0x4C, "flags": 0x50, "comment": 0x54,
     "offset_blocks": 0x154, "offset_data": 0x158, "legacy_geometry": 0x15C, "dummy": 0x16C,

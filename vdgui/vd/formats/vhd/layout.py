@@ -10,6 +10,16 @@ from __future__ import annotations
 from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 from construct import Container as Container  # a parsed structure, for annotations
 
+from . import COOKIE as COOKIE  # the declaration holds these (cheap to import)
+from . import FOOTER_CHECKSUM_AT as FOOTER_CHECKSUM_AT
+from . import FOOTER_SIZE as FOOTER_SIZE
+from . import MAX_VIRTUAL as MAX_VIRTUAL
+from . import SECTOR as SECTOR
+from . import TYPE_DIFF as TYPE_DIFF
+from . import TYPE_DYNAMIC as TYPE_DYNAMIC
+from . import TYPE_FIXED as TYPE_FIXED
+from . import TYPE_NAMES as TYPE_NAMES
+
 # -- on-disk structures (VHD specification, "Hard Disk Footer Format" and "Dynamic Disk Header
 #    Format"; all fields big-endian) -------------------------------------------------------------
 FOOTER = Struct(
@@ -32,8 +42,6 @@ FOOTER = Struct(
     "saved_state" / Int8ub,
     "reserved" / Bytes(427),
 )
-FOOTER_SIZE = 512
-FOOTER_CHECKSUM_AT = 64
 
 PARENT_LOCATOR = Struct(
     "code" / Bytes(4),                 # "W2ru", "W2ku", "Wi2r", "Wi2k", "Mac ", "MacX" or zeros
@@ -61,17 +69,12 @@ DYN_HEADER = Struct(
 HEADER_SIZE = 1024
 HEADER_CHECKSUM_AT = 36
 
-COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
-TYPE_FIXED, TYPE_DYNAMIC, TYPE_DIFF = 2, 3, 4
-TYPE_NAMES = {TYPE_FIXED: "fixed", TYPE_DYNAMIC: "dynamic", TYPE_DIFF: "differencing"}
 FREE = 0xFFFFFFFF
 NO_OFFSET = 0xFFFFFFFFFFFFFFFF
-SECTOR = 512
 DEFAULT_BLOCK = 2 << 20
 MAX_BLOCK = 256 << 20
 MAX_LOCATOR = 64 << 10
-MAX_VIRTUAL = 2040 << 30                  # qemu's and Hyper-V's VHD limit (BAT sector numbers)
 MAX_READ_VIRTUAL = 1 << 41                # dynamic disks larger than 2 TiB are refused on open
 MAX_GEOMETRY = (65535, 16, 255)
 VHD_EPOCH = 946684800                     # 2000-01-01T00:00:00Z in Unix time

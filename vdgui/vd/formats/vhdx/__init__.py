@@ -54,16 +54,77 @@ backend); :mod:`.state` declares what the mixins share.
 """
 from __future__ import annotations
 
-from ...backend import Operation
-from .image import BACKEND, VhdxBackend, VhdxImage
-from .layout import *  # noqa: F403  (the structures and constants, as vhdx.py exported them)
-from .layout import guid_from_bytes, with_checksum
-from .log import LogReplayNeeded, find_active_sequence
-from .metadata import build_locator, locator_for
+from ...backend import Backend, Cap, FileExtension, ImageFlags, Operation, ProbeInput, lazy_exports
+from ...config import ConfigKey, KeyFlag, ValueType
 
-__all__ = ["BACKEND", "LogReplayNeeded", "Operation", "VhdxBackend", "VhdxImage",
-           "build_locator", "find_active_sequence", "locator_for"]
+# what the declaration needs, without the layout (construct) or the image code
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+MAX_LOG = 64 * MiB
+MAX_SIZE = 64 * TiB
+# vdgui keeps the BAT in memory (8 bytes an entry): images it creates or grows have at most 2**22
+# payload blocks (a 32 MiB BAT; a convert holds two, with copies: < 300 MiB): the spec's 64 TiB
+# with blocks of 16 MiB or more (the default for large disks is 32 MiB), 4 TiB with 1 MiB blocks
+MAX_NEW_BLOCKS = 1 << 22
 
-# the names these had in the single-module vhdx.py
-_guid = guid_from_bytes
-_with_checksum = with_checksum
+
+def vhdx_max_size(block_size: int) -> int:
+    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
+
+
+def limit_reason(block_size: int) -> str:
+    if MAX_NEW_BLOCKS * block_size >= MAX_SIZE:
+        return " (the VHDX specification's limit)"
+    return (f" with {block_size}-byte blocks (vdgui keeps the BAT in memory, {MAX_NEW_BLOCKS} "
+            "blocks at most; a larger BlockSize allows up to 64 TiB)")
+
+
+class VhdxBackend(Backend):
+    name = "VHDX"
+    description = "Hyper-V Virtual Hard Disk v2"
+    aliases = ("vhdx",)
+    caps = (Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
+            | Cap.DISCARD)
+    extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
+    owns_extensions = True
+    config_keys = (
+        ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
+                  "the unit of allocation (1 MiB .. 256 MiB, power of two); 0 chooses "
+                  "8 MiB (32 MiB above 100 GiB, 2 MiB for differencing images)",
+                  minimum=0, maximum=256 * MiB, label="Block size", unit="bytes"),
+        ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "the sector size the guest sees", minimum=512, maximum=4096,
+                  label="Logical sector size", unit="bytes", choices=("512", "4096")),
+        ConfigKey("PhysicalSectorSize", "4096", ValueType.INTEGER,
+                  KeyFlag.CREATEONLY | KeyFlag.EXPERT, "the sector size the disk reports as "
+                  "physical", minimum=512, maximum=4096, label="Physical sector size",
+                  unit="bytes", choices=("512", "4096")),
+        ConfigKey("LogSize", str(MiB), ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
+                  "size of the metadata log (a multiple of 1 MiB)", minimum=MiB,
+                  maximum=MAX_LOG, label="Log size", unit="bytes"),
+    )
+    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
+                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
+                            Operation.COMPACT})
+    create_flags = ImageFlags.FIXED
+    max_size = MAX_SIZE
+    size_granularity = 512
+    can_shrink = True
+    impl_module = f"{__name__}.image"
+
+    def max_size_for(self, config: dict | None = None) -> int:
+        bs = self.config_int(config, "BlockSize")
+        return vhdx_max_size(bs) if bs else MAX_SIZE    # automatic: 32 MiB blocks when large
+
+    def limit_reason(self, config: dict | None = None) -> str:
+        return limit_reason(self.config_int(config, "BlockSize") or 32 * MiB)
+
+    def probe(self, src: ProbeInput) -> int:
+        return 100 if src.head[:8] == b"vhdxfile" else 0
+
+
+BACKEND = VhdxBackend()
+__getattr__ = lazy_exports(__name__, "image", "layout", "log", "metadata")

@@ -9,17 +9,13 @@ from array import array
 from ...align import align_up, ceil_div
 from ...backend import (
     Backend,
-    Cap,
     CreateParams,
-    FileExtension,
     ImageFlags,
     OpenFlags,
-    Operation,
-    ProbeInput,
     too_large,
 )
 from ...compaction import punch_blocks
-from ...config import ConfigKey, KeyFlag, ValueType, parse_config
+from ...config import parse_config
 from ...errors import InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileio import ImageFile
 from ...image import Alloc, FillFn
@@ -27,6 +23,7 @@ from ...runs import RunList
 from ...space import preallocate
 from ...sparse import is_zero, nonzero_runs, split_blocks, zeroes
 from ...tables import BlockTable, first_nonzero, read_table, table_to_bytes
+from . import VhdxBackend
 from .layout import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -35,7 +32,6 @@ from .layout import (
     HEADER_OFFSETS,
     HEADER_SIZE,
     LOGICAL_SECTOR,
-    MAX_LOG,
     MAX_REGION_ENTRIES,
     MAX_SIZE,
     MD_IS_REQUIRED,
@@ -696,166 +692,124 @@ class VhdxImage(MetadataMixin, MaintenanceMixin):
 
 
 # -- the backend --------------------------------------------------------------------------------
-class VhdxBackend(Backend):
-    name = "VHDX"
-    description = "Hyper-V Virtual Hard Disk v2"
-    aliases = ("vhdx",)
-    caps = (Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.UUID
-            | Cap.DISCARD)
-    extensions = (FileExtension("vhdx"), FileExtension("avhdx"))
-    owns_extensions = True
-    config_keys = (
-        ConfigKey("BlockSize", "0", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "the unit of allocation (1 MiB .. 256 MiB, power of two); 0 chooses "
-                  "8 MiB (32 MiB above 100 GiB, 2 MiB for differencing images)",
-                  minimum=0, maximum=256 * MiB, label="Block size", unit="bytes"),
-        ConfigKey("LogicalSectorSize", "512", ValueType.INTEGER,
-                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "the sector size the guest sees", minimum=512, maximum=4096,
-                  label="Logical sector size", unit="bytes", choices=("512", "4096")),
-        ConfigKey("PhysicalSectorSize", "4096", ValueType.INTEGER,
-                  KeyFlag.CREATEONLY | KeyFlag.EXPERT, "the sector size the disk reports as "
-                  "physical", minimum=512, maximum=4096, label="Physical sector size",
-                  unit="bytes", choices=("512", "4096")),
-        ConfigKey("LogSize", str(MiB), ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "size of the metadata log (a multiple of 1 MiB)", minimum=MiB,
-                  maximum=MAX_LOG, label="Log size", unit="bytes"),
-    )
-    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE, Operation.CHECK,
-                            Operation.REPAIR, Operation.RELINK, Operation.DISCARD,
-                            Operation.COMPACT})
-    create_flags = ImageFlags.FIXED
-    max_size = MAX_SIZE
-    size_granularity = 512
-    can_shrink = True
-
-    def max_size_for(self, config: dict | None = None) -> int:
-        bs = self.config_int(config, "BlockSize")
-        return vhdx_max_size(bs) if bs else MAX_SIZE    # automatic: 32 MiB blocks when large
-
-    def limit_reason(self, config: dict | None = None) -> str:
-        return limit_reason(self.config_int(config, "BlockSize") or 32 * MiB)
-
-    def probe(self, src: ProbeInput) -> int:
-        return 100 if src.head[:8] == b"vhdxfile" else 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> VhdxImage:
-        parse_config(self.config_keys, config, owner=self.name)
-        f = ImageFile(location, writable=not flags.read_only)
-        return VhdxImage(self, location, f, flags)
-
-    def create(self, p: CreateParams) -> VhdxImage:
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        parent = p.parent
-        diff = parent is not None
-        lss = cfg["LogicalSectorSize"]
-        locator: dict[str, str] | None = None
-        if parent is not None:
-            if parent.format != "VHDX" or parent.modification_uuid is None:
-                raise NotSupported("a VHDX differencing image needs a VHDX parent "
-                                   f"({parent.location} is {parent.format})")
-            if p.flags & ImageFlags.FIXED:
-                raise NotSupported("a VHDX differencing image cannot be fixed")
-            lss = parent.sector_size
-            locator = locator_for(p.location, parent.location, parent.modification_uuid)
-        pss = cfg["PhysicalSectorSize"]
-        for name, v in (("LogicalSectorSize", lss), ("PhysicalSectorSize", pss)):
-            if v not in (512, 4096):
-                raise InvalidArgument(f"VHDX {name} must be 512 or 4096, found {v}")
-        size = p.size
-        if size <= 0 or size % lss or size > MAX_SIZE:
-            raise InvalidArgument(f"VHDX size must be a non-zero multiple of the logical sector "
-                                  f"size {lss} up to 64 TiB, found {size}")
-        bs = cfg["BlockSize"] or _default_block_size(size, diff)
-        if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
-            raise InvalidArgument(f"VHDX BlockSize must be a power of two from 1 MiB to 256 MiB, "
-                                  f"found {bs}")
-        if size > vhdx_max_size(bs):
-            raise too_large("VHDX", size, vhdx_max_size(bs), p.location, limit_reason(bs))
-        log_len = cfg["LogSize"]
-        if log_len % MiB:
-            raise InvalidArgument(f"VHDX LogSize must be a multiple of 1 MiB, found {log_len}")
-        fixed = bool(p.flags & ImageFlags.FIXED)
-        count = bat_entry_count(size, bs, lss, diff)
-        log_off = MiB
-        md_off = log_off + log_len
-        md_len = MiB
-        bat_off = md_off + md_len
-        bat_len = max(MiB, align_up(count * 8, MiB))
-        data_off = bat_off + bat_len
-        page83 = p.uuid or uuidlib.uuid4()
-
-        f = ImageFile.create_temp(p.location)
-        try:
-            ident = FileIdentifier.build(dict(signature=b"vhdxfile",
-                                              creator=utf16("vdgui").ljust(512, b"\0")))
-            f.pwrite(0, ident)
-            # metadata region
-            items = [
-                (FILE_PARAMETERS, FileParameters.build(dict(
-                    block_size=bs, flags=(FP_LEAVE_BLOCK_ALLOCATED if fixed else 0)
-                    | (FP_HAS_PARENT if diff else 0))), MD_IS_REQUIRED),
-                (VIRTUAL_DISK_SIZE, struct.pack("<Q", size), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
-                (PAGE83, guid_bytes(page83), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
-                (LOGICAL_SECTOR, struct.pack("<I", lss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
-                (PHYSICAL_SECTOR, struct.pack("<I", pss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
-            ]
-            if locator is not None:
-                items.append((PARENT_LOCATOR, build_locator(locator), MD_IS_REQUIRED))
-            table = bytearray(MetadataTableHeader.build(dict(signature=b"metadata", reserved=0,
-                                                             entry_count=len(items),
-                                                             reserved2=bytes(20))))
-            pos = METADATA_TABLE_SIZE
-            blobs = b""
-            for g, payload, fl in items:
-                table += MetadataTableEntry.build(dict(item_id=guid_bytes(g), offset=pos,
-                                                       length=len(payload), flags=fl, reserved=0))
-                blobs += payload
-                pos += len(payload)
-            f.pwrite(md_off, bytes(table))
-            f.pwrite(md_off + METADATA_TABLE_SIZE, blobs)
-            # BAT (fixed: every payload block present, laid out in order)
-            bat = array("Q", bytes(8 * count))
-            end = data_off
-            if fixed:
-                cr = chunk_ratio(lss, bs)
-                for blk in range(ceil_div(size, bs)):
-                    bat[blk + blk // cr] = (end // MiB) << OFFSET_SHIFT | PAYLOAD_FULLY_PRESENT
-                    end += bs
-            f.pwrite(bat_off, table_to_bytes(bat))
-            f.truncate(max(end, data_off))
-            if fixed:
-                preallocate(f, data_off, end - data_off)
-            # region tables (both copies)
-            rt = bytearray(REGION_SIZE)
-            rt[0:16] = RegionTableHeader.build(dict(signature=b"regi", checksum=0, entry_count=2,
-                                                    reserved=0))
-            rt[16:48] = RegionTableEntry.build(dict(guid=guid_bytes(BAT_GUID), file_offset=bat_off,
-                                                    length=bat_len, required=1))
-            rt[48:80] = RegionTableEntry.build(dict(guid=guid_bytes(METADATA_GUID),
-                                                    file_offset=md_off, length=md_len,
-                                                    required=1))
-            with_checksum(rt)
-            for off in REGION_OFFSETS:
-                f.pwrite(off, bytes(rt))
-            # headers (sequence 0 and 1; the second is current)
-            fwg, dwg = uuidlib.uuid4(), uuidlib.uuid4()
-            for seq, off in enumerate(HEADER_OFFSETS):
-                h = bytearray(Header.build(dict(
-                    signature=b"head", checksum=0, sequence_number=seq,
-                    file_write_guid=guid_bytes(fwg),
-                    data_write_guid=guid_bytes(dwg), log_guid=ZERO_GUID, log_version=0, version=1,
-                    log_length=log_len, log_offset=log_off, reserved=bytes(4016))))
-                f.pwrite(off, bytes(with_checksum(h)))
-            f.sync()
-            if p.progress:
-                p.progress(size, size)
-            f.commit()
-        except BaseException:
-            f.abandon()
-            raise
-        return VhdxImage(self, p.location, f, OpenFlags.NORMAL)
 
 
-BACKEND = VhdxBackend()
+def open_image(backend: VhdxBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+         config: dict | None = None) -> VhdxImage:
+    parse_config(backend.config_keys, config, owner=backend.name)
+    f = ImageFile(location, writable=not flags.read_only)
+    return VhdxImage(backend, location, f, flags)
+
+
+def create_image(backend: VhdxBackend, p: CreateParams) -> VhdxImage:
+    cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
+    parent = p.parent
+    diff = parent is not None
+    lss = cfg["LogicalSectorSize"]
+    locator: dict[str, str] | None = None
+    if parent is not None:
+        if parent.format != "VHDX" or parent.modification_uuid is None:
+            raise NotSupported("a VHDX differencing image needs a VHDX parent "
+                               f"({parent.location} is {parent.format})")
+        if p.flags & ImageFlags.FIXED:
+            raise NotSupported("a VHDX differencing image cannot be fixed")
+        lss = parent.sector_size
+        locator = locator_for(p.location, parent.location, parent.modification_uuid)
+    pss = cfg["PhysicalSectorSize"]
+    for name, v in (("LogicalSectorSize", lss), ("PhysicalSectorSize", pss)):
+        if v not in (512, 4096):
+            raise InvalidArgument(f"VHDX {name} must be 512 or 4096, found {v}")
+    size = p.size
+    if size <= 0 or size % lss or size > MAX_SIZE:
+        raise InvalidArgument(f"VHDX size must be a non-zero multiple of the logical sector "
+                              f"size {lss} up to 64 TiB, found {size}")
+    bs = cfg["BlockSize"] or _default_block_size(size, diff)
+    if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
+        raise InvalidArgument(f"VHDX BlockSize must be a power of two from 1 MiB to 256 MiB, "
+                              f"found {bs}")
+    if size > vhdx_max_size(bs):
+        raise too_large("VHDX", size, vhdx_max_size(bs), p.location, limit_reason(bs))
+    log_len = cfg["LogSize"]
+    if log_len % MiB:
+        raise InvalidArgument(f"VHDX LogSize must be a multiple of 1 MiB, found {log_len}")
+    fixed = bool(p.flags & ImageFlags.FIXED)
+    count = bat_entry_count(size, bs, lss, diff)
+    log_off = MiB
+    md_off = log_off + log_len
+    md_len = MiB
+    bat_off = md_off + md_len
+    bat_len = max(MiB, align_up(count * 8, MiB))
+    data_off = bat_off + bat_len
+    page83 = p.uuid or uuidlib.uuid4()
+
+    f = ImageFile.create_temp(p.location)
+    try:
+        ident = FileIdentifier.build(dict(signature=b"vhdxfile",
+                                          creator=utf16("vdgui").ljust(512, b"\0")))
+        f.pwrite(0, ident)
+        # metadata region
+        items = [
+            (FILE_PARAMETERS, FileParameters.build(dict(
+                block_size=bs, flags=(FP_LEAVE_BLOCK_ALLOCATED if fixed else 0)
+                | (FP_HAS_PARENT if diff else 0))), MD_IS_REQUIRED),
+            (VIRTUAL_DISK_SIZE, struct.pack("<Q", size), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+            (PAGE83, guid_bytes(page83), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+            (LOGICAL_SECTOR, struct.pack("<I", lss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+            (PHYSICAL_SECTOR, struct.pack("<I", pss), MD_IS_VIRTUAL_DISK | MD_IS_REQUIRED),
+        ]
+        if locator is not None:
+            items.append((PARENT_LOCATOR, build_locator(locator), MD_IS_REQUIRED))
+        table = bytearray(MetadataTableHeader.build(dict(signature=b"metadata", reserved=0,
+                                                         entry_count=len(items),
+                                                         reserved2=bytes(20))))
+        pos = METADATA_TABLE_SIZE
+        blobs = b""
+        for g, payload, fl in items:
+            table += MetadataTableEntry.build(dict(item_id=guid_bytes(g), offset=pos,
+                                                   length=len(payload), flags=fl, reserved=0))
+            blobs += payload
+            pos += len(payload)
+        f.pwrite(md_off, bytes(table))
+        f.pwrite(md_off + METADATA_TABLE_SIZE, blobs)
+        # BAT (fixed: every payload block present, laid out in order)
+        bat = array("Q", bytes(8 * count))
+        end = data_off
+        if fixed:
+            cr = chunk_ratio(lss, bs)
+            for blk in range(ceil_div(size, bs)):
+                bat[blk + blk // cr] = (end // MiB) << OFFSET_SHIFT | PAYLOAD_FULLY_PRESENT
+                end += bs
+        f.pwrite(bat_off, table_to_bytes(bat))
+        f.truncate(max(end, data_off))
+        if fixed:
+            preallocate(f, data_off, end - data_off)
+        # region tables (both copies)
+        rt = bytearray(REGION_SIZE)
+        rt[0:16] = RegionTableHeader.build(dict(signature=b"regi", checksum=0, entry_count=2,
+                                                reserved=0))
+        rt[16:48] = RegionTableEntry.build(dict(guid=guid_bytes(BAT_GUID), file_offset=bat_off,
+                                                length=bat_len, required=1))
+        rt[48:80] = RegionTableEntry.build(dict(guid=guid_bytes(METADATA_GUID),
+                                                file_offset=md_off, length=md_len,
+                                                required=1))
+        with_checksum(rt)
+        for off in REGION_OFFSETS:
+            f.pwrite(off, bytes(rt))
+        # headers (sequence 0 and 1; the second is current)
+        fwg, dwg = uuidlib.uuid4(), uuidlib.uuid4()
+        for seq, off in enumerate(HEADER_OFFSETS):
+            h = bytearray(Header.build(dict(
+                signature=b"head", checksum=0, sequence_number=seq,
+                file_write_guid=guid_bytes(fwg),
+                data_write_guid=guid_bytes(dwg), log_guid=ZERO_GUID, log_version=0, version=1,
+                log_length=log_len, log_offset=log_off, reserved=bytes(4016))))
+            f.pwrite(off, bytes(with_checksum(h)))
+        f.sync()
+        if p.progress:
+            p.progress(size, size)
+        f.commit()
+    except BaseException:
+        f.abandon()
+        raise
+    return VhdxImage(backend, p.location, f, OpenFlags.NORMAL)
+

@@ -11,11 +11,15 @@ from construct import Container as Container  # a parsed structure, for annotati
 
 from ...align import ceil_div
 from ...crc32c import crc32c
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-TiB = 1024 * GiB
+from . import MAX_LOG as MAX_LOG
+from . import MAX_NEW_BLOCKS as MAX_NEW_BLOCKS
+from . import MAX_SIZE as MAX_SIZE
+from . import GiB as GiB  # the declaration holds these (cheap to import)
+from . import KiB as KiB
+from . import MiB as MiB
+from . import TiB as TiB
+from . import limit_reason as limit_reason
+from . import vhdx_max_size as vhdx_max_size
 
 HEADER_OFFSETS = (64 * KiB, 128 * KiB)
 HEADER_SIZE = 4 * KiB
@@ -25,8 +29,6 @@ MAX_REGION_ENTRIES = 2047
 MAX_METADATA_ENTRIES = 2047
 METADATA_TABLE_SIZE = 64 * KiB
 MAX_METADATA_ITEM = 1 * MiB
-MAX_LOG = 64 * MiB
-MAX_SIZE = 64 * TiB
 # the largest file a log replay may leave: the largest virtual size plus room for its metadata
 # (BAT, sector bitmaps, regions, log); a LastFileOffset beyond is damage, not a file to grow to
 MAX_FILE = MAX_SIZE + MAX_SIZE // 8
@@ -218,19 +220,3 @@ def utf16(s: str) -> bytes:
     return s.encode("utf-16-le")
 
 
-# -- the image -------------------------------------------------------------------------------
-# vdgui keeps the BAT in memory (8 bytes an entry): images it creates or grows have at most 2**22
-# payload blocks (a 32 MiB BAT; a convert holds two, with copies: < 300 MiB): the spec's 64 TiB
-# with blocks of 16 MiB or more (the default for large disks is 32 MiB), 4 TiB with 1 MiB blocks
-MAX_NEW_BLOCKS = 1 << 22
-
-
-def vhdx_max_size(block_size: int) -> int:
-    return min(MAX_SIZE, MAX_NEW_BLOCKS * block_size)
-
-
-def limit_reason(block_size: int) -> str:
-    if MAX_NEW_BLOCKS * block_size >= MAX_SIZE:
-        return " (the VHDX specification's limit)"
-    return (f" with {block_size}-byte blocks (vdgui keeps the BAT in memory, {MAX_NEW_BLOCKS} "
-            "blocks at most; a larger BlockSize allows up to 64 TiB)")

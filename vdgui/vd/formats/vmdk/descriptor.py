@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 
 from ...errors import CorruptImage
+from . import MAX_DESCRIPTOR_BYTES as MAX_DESCRIPTOR_BYTES  # the declaration's (its probe's)
 
-MAX_DESCRIPTOR_BYTES = 1 << 20      # larger descriptors are refused (a descriptor is a few KiB)
 MAX_EXTENTS = 32768                 # 64 TiB in 2 GiB pieces; more is absurd
 NO_PARENT_CID = 0xFFFFFFFF
 

@@ -8,7 +8,11 @@ import struct
 from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from construct import Container as Container  # a parsed structure, for annotations
 
-SECTOR = 512
+from . import COWD_MAGIC as COWD_MAGIC  # the declaration holds these (its probe's)
+from . import MAGIC as MAGIC
+from . import MAX_SPARSE_SIZE as MAX_SPARSE_SIZE
+from . import SECTOR as SECTOR
+from . import SESPARSE_MAGIC as SESPARSE_MAGIC
 
 # -- on-disk structures ------------------------------------------------------------------------
 # VMware Virtual Disk Format 5.0, "Hosted Sparse Extent Header" (SparseExtentHeader), 512 bytes.
@@ -89,12 +93,9 @@ SESparseVolatileHeader = Struct(
     "replay_journal" / Int64ul,
     "pad" / Bytes(480),
 )
-SESPARSE_MAGIC = 0xCAFEBABE
 SESPARSE_VOLATILE_MAGIC = 0xCAFECAFE
 SESPARSE_VERSION = 0x0000000200000001
 
-MAGIC = b"KDMV"
-COWD_MAGIC = b"COWD"
 COWD_GTES = 4096
 GD_AT_END = 0xFFFFFFFFFFFFFFFF
 FLAG_NL_TEST = 1 << 0
@@ -110,7 +111,6 @@ DEFAULT_GRAIN = 128                  # 64 KiB
 DEFAULT_GTES = 512
 EMBEDDED_DESC_SECTORS = 20
 SPLIT_SIZE = 2047 * (1 << 20)        # VirtualBox's VMDK_2G_SPLIT_SIZE
-MAX_SPARSE_SIZE = 2 << 40            # grain offsets are u32 sectors
 
 CREATE_TYPES = {
     "monolithicsparse", "monolithicflat", "twogbmaxextentsparse", "twogbmaxextentflat",

@@ -1,26 +1,4 @@
-"""QED backend: the QEMU Enhanced Disk format (read/write/create/diff, grow, relink, check).
-
-Specification: qemu ``docs/interop/qed_spec.txt`` (header, feature bits, L1/L2 tables, zero
-clusters, consistency checking). Modelled on VirtualBox's QED backend (caps
-FILE|VFS|CREATE_DYNAMIC|DIFF|ASYNC, no UUIDs). All numbers are little-endian.
-
-Limits: cluster size a power of two in 4 KiB .. 64 MiB, table size a power of two in 1 .. 16
-clusters (tables larger than 64 MiB are refused rather than loaded), every table and cluster
-offset checked for alignment and against the file size before use, backing file name at most
-4095 bytes and inside the header clusters.
-
-Writing: clusters are allocated at the end of the file; the need-check feature bit is set (and
-synced) before the first allocating write and cleared on flush/close once everything is synced.
-An image found with need-check set is checked (and invalid table entries cleared) when opened
-read-write. Order of updates: data -> L2 -> L1 -> header.
-
-Operations: RESIZE (grow; the L1 table is fixed, so up to the size its tables can map), RELINK
-(backing file name in the header cluster, raw parents flagged "no probe"), CHECK/REPAIR (every
-cluster referenced once, offsets inside the file; repair clears bad entries and cuts trailing
-leaks), COMPACT (zero/parent-equal clusters dropped, the file packed without holes, since QED has
-no refcounts and every unreferenced cluster would be a leak). QED can record a backing format
-only for raw parents (the no-probe feature); other parents are probed.
-"""
+"""The QED backend's image, open and create (its declaration and probe are the package's)."""
 from __future__ import annotations
 
 import struct
@@ -28,24 +6,20 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ..align import align_up, ceil_div
-from ..backend import (
+from ...align import align_up, ceil_div
+from ...backend import (
     Backend,
-    Cap,
     CreateParams,
-    FileExtension,
     ImageFlags,
     OpenFlags,
-    Operation,
-    ProbeInput,
     too_large,
 )
-from ..compaction import Move, holes_between, move_blocks, plan_moves
-from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import InvalidArgument, NotSupported
-from ..fileimage import FileImage
-from ..fileio import ImageFile, relative_name
-from ..image import (
+from ...compaction import Move, holes_between, move_blocks, plan_moves
+from ...config import parse_config
+from ...errors import InvalidArgument, NotSupported
+from ...fileimage import FileImage
+from ...fileio import ImageFile, relative_name
+from ...image import (
     Alloc,
     CheckReport,
     FillFn,
@@ -55,12 +29,13 @@ from ..image import (
     ProblemCode,
     check_backing_name,
 )
-from ..progress import Progress, ProgressCallback
-from ..runs import RunList
-from ..sparse import is_zero, zeroes
-from ..tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
-from .qed_discard import close_holes, discard_clusters
-from .qed_layout import (
+from ...progress import Progress, ProgressCallback
+from ...runs import RunList
+from ...sparse import is_zero, zeroes
+from ...tables import BlockTable, first_shared, table_from_bytes, table_to_bytes
+from . import QedBackend, _limit_reason, qed_max_size
+from .discard import close_holes, discard_clusters
+from .layout import (
     CLUSTER_ZERO,
     F_BACKING_FILE,
     F_BACKING_FORMAT_NO_PROBE,
@@ -86,17 +61,6 @@ def _le_array(data: bytes) -> array[int]:
 
 def _array_le_bytes(a: array[int]) -> bytes:
     return table_to_bytes(a, big_endian=False)
-
-
-def qed_max_size(cs: int, ts: int) -> int:
-    """QED's limit: one L1 table of ``ts`` clusters of 8-byte entries, each L2 table alike."""
-    entries = ts * cs // 8
-    return min(entries * entries * cs, (1 << 63) - cs)      # and a file offset (off_t)
-
-
-def _limit_reason(cs: int, ts: int) -> str:
-    return (f" with {cs}-byte clusters and {ts}-cluster tables (two table levels; larger "
-            "ClusterSize or TableSize allow more)")
 
 
 # a movable unit of the file: ("table", L1 index) for an L2 table, ("data", L1 index, L2 index)
@@ -328,7 +292,7 @@ class QedImage(FileImage):
             self._set_need_check(False)
 
     _xlinks_checked = False
-    _discarded = False              # discard left clusters nothing names (qed_discard)
+    _discarded = False              # discard left clusters nothing names (discard.py)
 
     def _find_cross_links(self) -> None:
         """Once, before the first write: every cluster the header, the L1 table, the L2 tables
@@ -805,86 +769,49 @@ class QedImage(FileImage):
         return report
 
 
-class QedBackend(Backend):
-    name = "QED"
-    description = "QEMU Enhanced Disk image"
-    aliases = ("qed",)
-    caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
-    extensions = (FileExtension("qed"),)
-    owns_extensions = True
-    config_keys = (
-        ConfigKey("ClusterSize", "65536", ValueType.INTEGER, KeyFlag.CREATEONLY,
-                  "the unit of allocation (vdgui's own key; qemu's cluster_size)",
-                  minimum=MIN_CLUSTER, maximum=MAX_CLUSTER, power_of_two=True,
-                  label="Cluster size", unit="bytes"),
-        ConfigKey("TableSize", "4", ValueType.INTEGER, KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "size of each L1/L2 table (qemu's table_size; qemu cannot open images "
-                  "with one-cluster tables, so 2 is the minimum here)", minimum=2,
-                  maximum=MAX_TABLE_SIZE, power_of_two=True, label="Table size",
-                  unit="clusters"),
-    )
-    operations = frozenset({Operation.WRITE, Operation.CREATE, Operation.RESIZE,
-                            Operation.CHECK, Operation.REPAIR, Operation.RELINK,
-                            Operation.COMPACT, Operation.DISCARD})
-    create_flags = ImageFlags.NONE
-    size_granularity = 512
-    max_size = (4 * 65536 // 8) ** 2 * 65536     # 64 TiB with the default keys
-
-    def max_size_for(self, config: dict | None = None) -> int:
-        return qed_max_size(self.config_int(config, "ClusterSize"),
-                            self.config_int(config, "TableSize"))
-
-    def limit_reason(self, config: dict | None = None) -> str:
-        return _limit_reason(self.config_int(config, "ClusterSize"),
-                             self.config_int(config, "TableSize"))
-
-    def probe(self, src: ProbeInput) -> int:
-        return 100 if src.head[:4] == MAGIC else 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> Image:
-        parse_config(self.config_keys, config, owner=self.name)
-        ro = flags.read_only
-        return ImageFile(location, writable=not ro).hand_to(
-            lambda f: QedImage(self, location, f, flags))
-
-    def create(self, p: CreateParams) -> QedImage:
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        cs, ts = cfg["ClusterSize"], cfg["TableSize"]
-        if ts * cs > MAX_TABLE_BYTES:
-            raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed "
-                                  f"{MAX_TABLE_BYTES >> 20} MiB")
-        if p.size <= 0 or p.size % 512:
-            raise InvalidArgument(f"QED: size must be a positive multiple of 512, found {p.size}")
-        if p.size > qed_max_size(cs, ts):
-            raise too_large("QED", p.size, qed_max_size(cs, ts), p.location, _limit_reason(cs, ts))
-        name = raw = None
-        features = 0
-        if p.parent is not None:
-            name = relative_name(p.location, p.parent.location).encode()
-            raw = p.parent.backend.name.upper() == "RAW"
-            features = F_BACKING_FILE | (F_BACKING_FORMAT_NO_PROBE if raw else 0)
-            if len(name) > MAX_BACKING_NAME or HEADER_SIZE + len(name) > cs:
-                raise InvalidArgument(f"QED: backing file name of {len(name)} bytes does not fit "
-                                      "in the header cluster")
-        hdr = QedHeader.build(dict(
-            cluster_size=cs, table_size=ts, header_size=1, features=features, compat_features=0,
-            autoclear_features=0, l1_table_offset=cs, image_size=p.size,
-            backing_filename_offset=HEADER_SIZE if name else 0,
-            backing_filename_size=len(name) if name else 0))
-        f = ImageFile.create_temp(p.location)
-        try:
-            f.truncate(cs + ts * cs)
-            f.pwrite(0, hdr + (name or b""))
-            f.sync()
-            img = QedImage(self, p.location, f, OpenFlags.NORMAL)
-            f.commit()
-        except BaseException:
-            f.abandon()
-            raise
-        if p.progress:
-            p.progress(p.size, p.size)
-        return img
+def open_image(backend: QedBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+         config: dict | None = None) -> Image:
+    parse_config(backend.config_keys, config, owner=backend.name)
+    ro = flags.read_only
+    return ImageFile(location, writable=not ro).hand_to(
+        lambda f: QedImage(backend, location, f, flags))
 
 
-BACKEND = QedBackend()
+def create_image(backend: QedBackend, p: CreateParams) -> QedImage:
+    cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
+    cs, ts = cfg["ClusterSize"], cfg["TableSize"]
+    if ts * cs > MAX_TABLE_BYTES:
+        raise InvalidArgument(f"QED: tables of {ts} x {cs} bytes exceed "
+                              f"{MAX_TABLE_BYTES >> 20} MiB")
+    if p.size <= 0 or p.size % 512:
+        raise InvalidArgument(f"QED: size must be a positive multiple of 512, found {p.size}")
+    if p.size > qed_max_size(cs, ts):
+        raise too_large("QED", p.size, qed_max_size(cs, ts), p.location, _limit_reason(cs, ts))
+    name = raw = None
+    features = 0
+    if p.parent is not None:
+        name = relative_name(p.location, p.parent.location).encode()
+        raw = p.parent.backend.name.upper() == "RAW"
+        features = F_BACKING_FILE | (F_BACKING_FORMAT_NO_PROBE if raw else 0)
+        if len(name) > MAX_BACKING_NAME or HEADER_SIZE + len(name) > cs:
+            raise InvalidArgument(f"QED: backing file name of {len(name)} bytes does not fit "
+                                  "in the header cluster")
+    hdr = QedHeader.build(dict(
+        cluster_size=cs, table_size=ts, header_size=1, features=features, compat_features=0,
+        autoclear_features=0, l1_table_offset=cs, image_size=p.size,
+        backing_filename_offset=HEADER_SIZE if name else 0,
+        backing_filename_size=len(name) if name else 0))
+    f = ImageFile.create_temp(p.location)
+    try:
+        f.truncate(cs + ts * cs)
+        f.pwrite(0, hdr + (name or b""))
+        f.sync()
+        img = QedImage(backend, p.location, f, OpenFlags.NORMAL)
+        f.commit()
+    except BaseException:
+        f.abandon()
+        raise
+    if p.progress:
+        p.progress(p.size, p.size)
+    return img
+

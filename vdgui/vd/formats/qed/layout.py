@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from construct import Const, Int32ul, Int64ul, Struct
 
-MAGIC = b"QED\0"
+from . import MAGIC as MAGIC  # the declaration holds these (cheap to import)
+from . import MAX_CLUSTER as MAX_CLUSTER
+from . import MAX_TABLE_SIZE as MAX_TABLE_SIZE
+from . import MIN_CLUSTER as MIN_CLUSTER
 
 # qed_spec.txt "Header" (64 bytes, little-endian)
 QedHeader = Struct(
@@ -34,9 +37,6 @@ OFF_FEATURES = 16
 OFF_AUTOCLEAR = 32
 OFF_IMAGE_SIZE = 48
 
-MIN_CLUSTER = 4096
-MAX_CLUSTER = 64 << 20
-MAX_TABLE_SIZE = 16
 MAX_TABLE_BYTES = 64 << 20      # refuse (rather than allocate) larger tables
 MAX_BACKING_NAME = 4095
 CLUSTER_ZERO = 1

@@ -1,38 +1,24 @@
-"""LUKS backend: qemu's raw ``luks`` container, a LUKS1 or LUKS2 header and key material followed
-by the encrypted payload (docs/design-encryption.md; qemu crypto/block-luks.c, block/crypto.c).
-
-The disk is the payload: from the header's payload offset to the end of the file (LUKS2: the
-segment's size when fixed). Data units are 512 bytes (LUKS1) or the segment's sector size
-(LUKS2), IVs count 512-byte sectors from the payload's start (plus LUKS2's iv_tweak). Every
-sector holds data: the file's holes decrypt to noise, as in qemu, so a new image is not
-zero-initialised (a copy writes its zeroes). Created images are LUKS1 with aes-xts-plain64 and
-sha256, as qemu-img makes them. Opening for data asks the passphrase provider
-(:mod:`vdgui.vd.secrets`); an info-only open reads the header alone.
-"""
+"""The LUKS backend's image, open and create (its declaration and probe are the
+package's)."""
 from __future__ import annotations
 
-from typing import ClassVar
-
-from ..align import align_down, align_up
-from ..backend import (
+from ...align import align_down, align_up
+from ...backend import (
     Backend,
-    Cap,
     CreateParams,
-    FileExtension,
     ImageFlags,
     OpenFlags,
-    Operation,
-    ProbeInput,
 )
-from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..crypto import luks
-from ..crypto.cipher import SectorCipher
-from ..errors import NotSupported
-from ..fileimage import FileImage
-from ..fileio import ImageFile
-from ..geometry import vbox_pchs
-from ..image import Alloc, FillFn
-from ..secrets import SecretRequest, new_passphrase
+from ...config import parse_config
+from ...crypto import luks
+from ...crypto.cipher import SectorCipher
+from ...errors import NotSupported
+from ...fileimage import FileImage
+from ...fileio import ImageFile
+from ...geometry import vbox_pchs
+from ...image import Alloc, FillFn
+from ...secrets import SecretRequest, new_passphrase
+from . import LuksBackend
 
 SECTOR = 512
 
@@ -119,56 +105,32 @@ class LuksImage(FileImage):
                 self.cipher.wipe()
 
 
-class LuksBackend(Backend):
-    name = "LUKS"
-    description = "LUKS encrypted container (qemu's luks format)"
-    aliases = ("luks",)
-    caps = Cap.CREATE_FIXED | Cap.FILE
-    extensions = (FileExtension("luks"),)
-    owns_extensions = True
-    operations = frozenset({Operation.WRITE, Operation.CREATE})
-    create_flags = ImageFlags.FIXED
-    size_granularity = 512
-    max_size = (1 << 63) - (4 << 20)
-    encryptions: ClassVar[dict[str, dict[str, str]]] = {"luks": {}}
-    needs_passphrase = True
-    config_keys = (
-        ConfigKey("IterTime", str(luks.DEFAULT_ITER_TIME_MS), ValueType.INTEGER,
-                  KeyFlag.CREATEONLY | KeyFlag.EXPERT,
-                  "time the passphrase's key derivation takes here (qemu's iter-time)",
-                  minimum=1, maximum=60000, label="Key derivation time", unit="ms"),
-    )
-
-    def probe(self, src: ProbeInput) -> int:
-        return 100 if luks.is_luks(src.head) else 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> LuksImage:
-        parse_config(self.config_keys, config, owner=self.name)
-        return ImageFile(location, writable=not flags.read_only).hand_to(
-            lambda f: LuksImage(self, location, f, flags))
-
-    def create(self, p: CreateParams) -> LuksImage:
-        if p.parent is not None:
-            raise NotSupported("LUKS images cannot be differencing images")
-        cfg = parse_config(self.config_keys, p.config, creating=True, owner=self.name)
-        pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
-        area, mk = luks.create1(pw.reveal(), iter_time_ms=cfg["IterTime"], where=p.location)
-        f = ImageFile.create_temp(p.location)
-        try:
-            f.pwrite(0, area)
-            f.truncate(len(area) + align_up(p.size, SECTOR))
-            if p.progress:
-                p.progress(p.size, p.size)
-            f.sync()
-            f.commit()
-        except BaseException:
-            f.abandon()
-            raise
-        img = LuksImage(self, p.location, f, OpenFlags.INFO)
-        img.read_only = False
-        img.cipher = img.header.data_cipher(mk)
-        return img
+def open_image(backend: LuksBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+         config: dict | None = None) -> LuksImage:
+    parse_config(backend.config_keys, config, owner=backend.name)
+    return ImageFile(location, writable=not flags.read_only).hand_to(
+        lambda f: LuksImage(backend, location, f, flags))
 
 
-BACKEND = LuksBackend()
+def create_image(backend: LuksBackend, p: CreateParams) -> LuksImage:
+    if p.parent is not None:
+        raise NotSupported("LUKS images cannot be differencing images")
+    cfg = parse_config(backend.config_keys, p.config, creating=True, owner=backend.name)
+    pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
+    area, mk = luks.create1(pw.reveal(), iter_time_ms=cfg["IterTime"], where=p.location)
+    f = ImageFile.create_temp(p.location)
+    try:
+        f.pwrite(0, area)
+        f.truncate(len(area) + align_up(p.size, SECTOR))
+        if p.progress:
+            p.progress(p.size, p.size)
+        f.sync()
+        f.commit()
+    except BaseException:
+        f.abandon()
+        raise
+    img = LuksImage(backend, p.location, f, OpenFlags.INFO)
+    img.read_only = False
+    img.cipher = img.header.data_cipher(mk)
+    return img
+

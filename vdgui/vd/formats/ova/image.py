@@ -1,35 +1,19 @@
-"""OVA backend: an Open Virtualization Format archive (a tar of an .ovf descriptor, an optional
-.mf manifest and the disks), read-only.
-
-Specification: DMTF DSP0243 (OVF 1.x/2.x), "OVF package" as a single file: a POSIX ustar
-archive whose first member is the .ovf descriptor. The disks are members stored whole and
-uncompressed inside the tar (streamOptimized VMDK in VirtualBox's and VMware's exports), so a
-disk is read in place through a window onto the archive, by the backend that claims the member's
-first bytes; nothing is extracted. Limits: at most MAX_MEMBERS members; GNU sparse members and
-compressed (.gz) disks are refused with what to do instead.
-
-Which disk: the ``Disk`` key names a member (``disk1.vmdk``) or its number among the disks (1 =
-the first, the default). ``info`` lists every disk with its format and size.
-"""
+"""The OVA backend's archive reading, image and open (its declaration and probe are the
+package's)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from typing import NoReturn, Protocol, runtime_checkable
 
-from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
-from ..config import ConfigKey, KeyFlag, ValueType, parse_config
-from ..errors import CorruptImage, NotSupported, ReadOnlyImage
-from ..fileio import ImageFile
-from ..image import Alloc, Image
+from ...backend import Backend, OpenFlags, ProbeInput
+from ...config import parse_config
+from ...errors import CorruptImage, NotSupported, ReadOnlyImage
+from ...fileio import ImageFile
+from ...image import Alloc, Image
+from . import OvaBackend
 
-TAR_BLOCK = 512
 MAX_MEMBERS = 4096
 _META_EXT = (".ovf", ".mf", ".cert")
-
-
-def _is_ustar(head: bytes) -> bool:
-    return len(head) >= TAR_BLOCK and head[257:262] == b"ustar"
 
 
 class MemberFile(ImageFile):
@@ -172,90 +156,68 @@ class OvaImage(Image):
             self.f.close()
 
 
-class OvaBackend(Backend):
-    name = "OVA"
-    description = "Open Virtualization Format archive (.ova: the disks inside), read-only"
-    aliases = ("ovf-archive",)
-    caps = Cap.FILE | Cap.CONFIG
-    extensions = (FileExtension("ova", DeviceType.HARD_DISK),)
-    config_keys = (ConfigKey("Disk", "1", ValueType.STRING, KeyFlag.NONE,
-                             "which disk of the archive: its member name or its number (1 = "
-                             "the first)", label="Disk in the archive"),)
-    operations = frozenset()
-
-    def __init__(self, backends: Callable[[], Iterable[Backend]]):
-        self._backends = backends          # the table the disks inside are probed against
-
-    def probe(self, src: ProbeInput) -> int:
-        # a ustar archive whose first member is the .ovf descriptor (DSP0243 requires it first)
-        if not _is_ustar(src.head):
-            return 0
-        name = src.head[:100].split(b"\0", 1)[0].decode("utf-8", "replace").lower()
-        if name.endswith(".ovf"):
-            return 100
-        return 60 if src.ext == "ova" else 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> OvaImage:
-        cfg = parse_config(self.config_keys, config, owner=self.name)
-        if not flags.read_only:
-            raise NotSupported(f"{location}: OVA archives are read-only here; convert the disk "
-                               "you need to an image file to change it")
-        f = ImageFile(location)
-        try:
-            disks = []
-            for m in _members(f, location):
-                if m.name.lower().endswith(_META_EXT):
-                    continue
-                disks.append((m, self._inner_backend(f, m, location)))
-            if not disks:
-                raise CorruptImage("the OVA archive holds no disk", path=location,
-                                   expected="a disk member beside the .ovf", found="none")
-            want = str(cfg.get("Disk", "1") or "1")
-            idx = next((i for i, (m, _) in enumerate(disks) if m.name == want), None)
-            if idx is None and want.isdigit() and 1 <= int(want) <= len(disks):
-                idx = int(want) - 1
-            if idx is None:
-                raise NotSupported(f"{location}: no disk {want!r} in the archive; it holds "
-                                   + ", ".join(m.name for m, _ in disks))
-            summary: list[tuple[str, str | None, int | None]] = []
-            inner: Image | None = None
-            for i, (m, b) in enumerate(disks):
-                if b is None:
-                    summary.append((m.name, None, None))
-                    continue
-                img = self._open_member(b, f, m, location)
-                summary.append((m.name, b.name, img.size))
-                if i == idx:
-                    inner = img
-                else:
-                    img.close()
-            if inner is None:
-                raise NotSupported(f"{location}: disk {disks[idx][0].name!r} is in a format this "
-                                   "archive cannot be read in place; extract it (tar xf) and open "
-                                   "the file")
-            return OvaImage(self, location, f, summary, idx, inner)
-        except BaseException:
-            f.close()
-            raise
-
-    def _inner_backend(self, f: ImageFile, m: _Disk, location: str) -> Backend | None:
-        head = f.pread(m.offset, 65536)
-        tail = f.pread(max(m.offset, m.offset + m.size - 65536), min(m.size, 65536))
-        src = ProbeInput(path=os.path.join(location, m.name), size=m.size, head=head, tail=tail)
-        best, score = None, 0
-        for b in self._backends():
-            if b.name == OvaBackend.name or not isinstance(b, _FileOpener):
+def open_image(backend: OvaBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+           config: dict | None = None) -> OvaImage:
+    cfg = parse_config(backend.config_keys, config, owner=backend.name)
+    if not flags.read_only:
+        raise NotSupported(f"{location}: OVA archives are read-only here; convert the disk "
+                           "you need to an image file to change it")
+    f = ImageFile(location)
+    try:
+        disks = []
+        for m in _members(f, location):
+            if m.name.lower().endswith(_META_EXT):
                 continue
-            s = b.probe(src)
-            if s > score:
-                best, score = b, s
-        return best
+            disks.append((m, _inner_backend(backend, f, m, location)))
+        if not disks:
+            raise CorruptImage("the OVA archive holds no disk", path=location,
+                               expected="a disk member beside the .ovf", found="none")
+        want = str(cfg.get("Disk", "1") or "1")
+        idx = next((i for i, (m, _) in enumerate(disks) if m.name == want), None)
+        if idx is None and want.isdigit() and 1 <= int(want) <= len(disks):
+            idx = int(want) - 1
+        if idx is None:
+            raise NotSupported(f"{location}: no disk {want!r} in the archive; it holds "
+                               + ", ".join(m.name for m, _ in disks))
+        summary: list[tuple[str, str | None, int | None]] = []
+        inner: Image | None = None
+        for i, (m, b) in enumerate(disks):
+            if b is None:
+                summary.append((m.name, None, None))
+                continue
+            img = _open_member(b, f, m, location)
+            summary.append((m.name, b.name, img.size))
+            if i == idx:
+                inner = img
+            else:
+                img.close()
+        if inner is None:
+            raise NotSupported(f"{location}: disk {disks[idx][0].name!r} is in a format this "
+                               "archive cannot be read in place; extract it (tar xf) and open "
+                               "the file")
+        return OvaImage(backend, location, f, summary, idx, inner)
+    except BaseException:
+        f.close()
+        raise
 
-    @staticmethod
-    def _open_member(b: Backend, f: ImageFile, m: _Disk, location: str) -> Image:
-        path = os.path.join(location, m.name)
-        if not isinstance(b, _FileOpener):      # _inner_backend chose only these
-            raise NotSupported(f"{path}: {b.name} images cannot be read inside an archive")
-        return b.open_file(MemberFile(f, m.offset, m.size, path), path, OpenFlags.READ_ONLY)
 
+def _inner_backend(backend: OvaBackend, f: ImageFile, m: _Disk,
+               location: str) -> Backend | None:
+    head = f.pread(m.offset, 65536)
+    tail = f.pread(max(m.offset, m.offset + m.size - 65536), min(m.size, 65536))
+    src = ProbeInput(path=os.path.join(location, m.name), size=m.size, head=head, tail=tail)
+    best, score = None, 0
+    for b in backend._backends():
+        if b.name == OvaBackend.name or not isinstance(b, _FileOpener):
+            continue
+        s = b.probe(src)
+        if s > score:
+            best, score = b, s
+    return best
+
+
+def _open_member(b: Backend, f: ImageFile, m: _Disk, location: str) -> Image:
+    path = os.path.join(location, m.name)
+    if not isinstance(b, _FileOpener):      # _inner_backend chose only these
+        raise NotSupported(f"{path}: {b.name} images cannot be read inside an archive")
+    return b.open_file(MemberFile(f, m.offset, m.size, path), path, OpenFlags.READ_ONLY)

@@ -1,22 +1,17 @@
-"""CUE/BIN backend: optical images described by a cue sheet (read-only).
-
-The cue sheet names one or more BIN files (``FILE "x.bin" BINARY``) and their tracks
-(``TRACK nn MODE1/2048|MODE1/2352|MODE2/2336|MODE2/2352|AUDIO``) with ``INDEX nn mm:ss:ff``
-positions (75 frames a second). The disk is the concatenation of the BIN files; each track is a
-region (VirtualBox's VDQueryRegions) with its block size and data form.
-"""
+"""The CUE backend's cue sheet parser, image and open (its declaration and probe are the
+package's)."""
 from __future__ import annotations
 
 import os
 import re
 from types import ModuleType
 
-from ..backend import Backend, Cap, DeviceType, FileExtension, ImageFlags, OpenFlags, ProbeInput
-from ..errors import CorruptImage, ImageNotFound, NotSupported
-from ..fileio import ImageFile, resolve_stored_name
-from ..image import Alloc, Image, Region
+from ...backend import Backend, ImageFlags, OpenFlags
+from ...errors import CorruptImage, ImageNotFound, NotSupported
+from ...fileio import ImageFile, resolve_stored_name
+from ...image import Alloc, Image, Region
+from . import MAX_CUE, CueBackend
 
-MAX_CUE = 1 << 20
 MAX_TRACKS = 99
 MODES = {   # cue keyword -> (block size, data form)
     "MODE1/2048": (2048, "MODE1_2048"),
@@ -237,30 +232,11 @@ class CueImage(Image):
         self.bins = []
 
 
-class CueBackend(Backend):
-    name = "CUE"
-    description = "CD/DVD image described by a cue sheet (CUE/BIN), read-only"
-    aliases = ("cue", "bin")
-    caps = Cap.FILE | Cap.VFS
-    extensions = (FileExtension("cue", DeviceType.OPTICAL),)
-    operations = frozenset()
+def open_image(backend: CueBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+         config: dict | None = None) -> CueImage:
+    if not flags.read_only:
+        raise NotSupported(f"{location}: CUE/BIN images are read-only; open them read-only")
+    return CueImage(
+        backend, location, bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS), bool(flags & OpenFlags.INFO)
+    )
 
-    def probe(self, src: ProbeInput) -> int:
-        head = src.head[:4096]
-        if src.size > MAX_CUE or b"\x00" in head:
-            return 0
-        text = head.decode("latin-1").upper()
-        if re.search(r"^\s*FILE\s+.+\s+(BINARY|MOTOROLA)\s*$", text, re.M) and "TRACK" in text:
-            return 90 if src.ext == "cue" else 70
-        return 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> CueImage:
-        if not flags.read_only:
-            raise NotSupported(f"{location}: CUE/BIN images are read-only; open them read-only")
-        return CueImage(
-            self, location, bool(flags & OpenFlags.ALLOW_UNSAFE_PATHS), bool(flags & OpenFlags.INFO)
-        )
-
-
-BACKEND = CueBackend()

@@ -1,17 +1,4 @@
-"""DMG backend: Apple UDIF disk images (read-only), as written by hdiutil.
-
-Layout (Apple's UDIF as documented publicly; VirtualBox's DMG.cpp reads the same):
-  * the 512-byte ``koly`` trailer at the end of the file (big-endian) locates the data fork and
-    the XML property list;
-  * the plist's ``resource-fork/blkx`` array holds one ``mish`` block table per partition;
-  * each ``mish`` lists chunks: zero-fill, raw, ignore, ADC, zlib (UDZO), bzip2 (UDBZ),
-    LZFSE (ULFO, when the ``lzfse`` module is installed), LZMA (ULMO), comments and a terminator.
-Caps (as qemu): chunk ≤ 64 MiB decompressed and compressed, plist ≤ 16 MiB. Beyond qemu: the
-virtual size is at most what the chunk tables can describe (MAX_SECTORS); no two chunks may
-share compressed bytes (a table repeating one chunk would multiply the work of reading it);
-every decompressor, LZFSE included, stops at the chunk's declared size; decompressed chunks
-are cached within one process-wide budget (CACHE_BUDGET), however many times a file is open.
-"""
+"""The DMG backend's image and open (its declaration and probe are the package's)."""
 from __future__ import annotations
 
 import bisect
@@ -22,12 +9,13 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from ..backend import Backend, Cap, DeviceType, FileExtension, OpenFlags, ProbeInput
-from ..errors import CorruptImage, NotSupported
-from ..fileio import ImageFile
-from ..image import Alloc, Image
-from ..runs import RunList
-from .dmg_layout import (
+from ...backend import Backend, OpenFlags
+from ...errors import CorruptImage, NotSupported
+from ...fileio import ImageFile
+from ...image import Alloc, Image
+from ...runs import RunList
+from . import DmgBackend
+from .layout import (
     CHUNK_ADC,
     CHUNK_BZIP2,
     CHUNK_COMMENT,
@@ -531,24 +519,9 @@ class DmgImage(Image):
         _CACHE.drop(self._owner)
 
 
-class DmgBackend(Backend):
-    name = "DMG"
-    description = "Apple disk image (UDIF), read-only"
-    aliases = ("dmg", "udif")
-    caps = Cap.FILE | Cap.VFS
-    extensions = (FileExtension("dmg", DeviceType.OPTICAL),)
-    operations = frozenset()
+def open_image(backend: DmgBackend, location: str, flags: OpenFlags = OpenFlags.NORMAL,
+         config: dict | None = None) -> DmgImage:
+    if not flags.read_only:
+        raise NotSupported(f"{location}: DMG images are read-only; open them read-only")
+    return ImageFile(location).hand_to(lambda f: DmgImage(backend, location, f))
 
-    def probe(self, src: ProbeInput) -> int:
-        if src.size >= 512 and src.tail[-512:-508] == b"koly":
-            return 100
-        return 0
-
-    def open(self, location: str, flags: OpenFlags = OpenFlags.NORMAL,
-             config: dict | None = None) -> DmgImage:
-        if not flags.read_only:
-            raise NotSupported(f"{location}: DMG images are read-only; open them read-only")
-        return ImageFile(location).hand_to(lambda f: DmgImage(self, location, f))
-
-
-BACKEND = DmgBackend()

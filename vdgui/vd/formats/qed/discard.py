@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..compaction import punch_blocks
-from ..image import FillFn
-from ..progress import Progress, ProgressCallback
-from ..sparse import split_blocks, zeroes
-from .qed_layout import CLUSTER_ZERO
+from ...compaction import punch_blocks
+from ...image import FillFn
+from ...progress import Progress, ProgressCallback
+from ...sparse import split_blocks, zeroes
+from .layout import CLUSTER_ZERO
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .qed import QedImage
+    from .image import QedImage
 
 
 def discard_clusters(self: QedImage, offset: int, length: int, fill: FillFn | None) -> None:
