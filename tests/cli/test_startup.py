@@ -17,6 +17,7 @@ from vdgui.vd import PLUGIN_GROUP, Disk, registry
 from vdgui.vd.formats import BACKENDS
 
 NOT_FOR_INFO = ("vdgui.vd.ops", "vdgui.vd.inside", "vdgui.vd.media", "vdgui.vd.library",
+                "vdgui.vd.chain",           # parents are looked for by differencing images only
                 "vdgui.gui", "vdgui.jobs", "sqlite3", "tarfile", "fractions", "dissect",
                 "pycdlib", "PySide6")
 
@@ -32,7 +33,7 @@ print(json.dumps({"rc": rc, "modules": sorted(sys.modules)}))
 # construct structures...) beyond their declarations, LUKS and ciphers, iSCSI's PDUs
 HEAVY = ("vdgui.vd.crypto.luks", "vdgui.vd.crypto.primitives", "vdgui.vd.crypto.cipher",
          "vdgui.vd.cache", "vdgui.vd.ioqueue", "cryptography", "argon2", "socket", "plistlib",
-         "xml", "logging")
+         "xml", "logging", "fractions")     # fractions: a size like 1.5G only
 
 
 def _run(*args: str) -> dict:

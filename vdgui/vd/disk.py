@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from .align import align_up
 from .backend import Backend, CreateParams, ImageFlags, OpenFlags, Operation
-from .chain import MAX_CHAIN_DEPTH, find_parent, parent_format
 from .errors import (
     CacheNotClean,
     ImageInUse,
@@ -124,6 +123,7 @@ class Disk:
         img = backend.open(location, flags, config)
         try:
             if img.parent_hint is not None:  # stored names become backend names
+                from .chain import parent_format  # parent discovery: differencing images only
                 img.parent_hint.format = parent_format(img.parent_hint)
             img.honor_zeroes = bool(flags & OpenFlags.HONOR_ZEROES)
             if not flags & OpenFlags.INFO:
@@ -202,6 +202,7 @@ class Disk:
                     | OpenFlags.FORCE_SHARE
                 )
             )
+        from .chain import MAX_CHAIN_DEPTH, find_parent
         # walk up with INFO opens to find the paths, then open for real base-first
         probe_flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         backend = get_backend(format) if format else probe(location)

@@ -42,6 +42,8 @@ def parse_size(text: str | int) -> int:
             hint = (f"; for {_UNITS[c]} bytes write {c} or {c}iB (sizes are binary: "
                     "1000-based units are not accepted)")
         raise InvalidArgument(f"not a size: {text!r}: unknown or ambiguous unit {unit!r}{hint}")
+    if m.group(1).isdigit():                # '4G': no fractions module (resize's start-up)
+        return int(m.group(1)) * _UNITS[unit]
     from fractions import Fraction  # here: a start-up cost most commands never need
 
     value = Fraction(m.group(1)) * _UNITS[unit]
