@@ -474,6 +474,46 @@ def test_vdi_merge_kill(tmp_path):
     _merge_case(tmp_path, _spread(16))
 
 
+def _qcow2_zero_merge_case(tmp_path, qemu, points):
+    """SIGKILL inside `vdgui-img merge child base` where the child's zero clusters free base
+    clusters that its data then reuses (issue #18 goal 2): the base checks without corruption
+    (leaks allowed) and the chain reads as before, at every point."""
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    base, child = str(tpl / "base.qcow2"), str(tpl / "child.qcow2")
+    qemu.img("create", "-f", "qcow2", base, "64M")
+    qemu.io("-f", "qcow2", "-c", "write -P 0x11 0 32M", base)
+    qemu.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", child)
+    qemu.io("-f", "qcow2", "-c", "write -z 0 24M", "-c", "write -P 0x22 32M 20M",
+            "-c", "write -P 0x33 24M 4M", child)
+    with Disk.open_chain(child, "QCOW2", OpenFlags.READ_ONLY) as d:
+        want = bytes(d.read(0, 64 * MiB))
+
+    def judge(work, finished):
+        b, c = str(work / "base.qcow2"), str(work / "child.qcow2")
+        bad = _corruption("QCOW2", check(b, format="QCOW2"))
+        assert not bad, f"merge killed: {bad}"
+        r = qemu.check(b, "qcow2")
+        assert r.returncode in (0, 3), r.stdout + r.stderr     # clean or leaks only
+        if finished:
+            assert r.returncode == 0, r.stdout
+        top = c if os.path.exists(c) else b
+        with Disk.open_chain(top, "QCOW2", OpenFlags.READ_ONLY) as d:
+            assert bytes(d.read(0, 64 * MiB)) == want, "merge killed: content"
+        return []
+    _run_points(tmp_path, tpl, lambda work: ["merge", work / "child.qcow2", work / "base.qcow2"],
+                judge, points)
+
+
+def test_qcow2_zero_merge_kill_sample(tmp_path, qemu):
+    _qcow2_zero_merge_case(tmp_path, qemu, lambda k: [k // 4, k // 2, 3 * k // 4, k])
+
+
+@pytest.mark.slow
+def test_qcow2_zero_merge_kill(tmp_path, qemu):
+    _qcow2_zero_merge_case(tmp_path, qemu, _spread(24))
+
+
 def test_the_first_error_is_reported_not_the_close_after_it(tmp_path, monkeypatch):
     """ENOSPC in a write, then the flush of close() fails too: the write's error comes out."""
     _path, d = _make(tmp_path, "QCOW2")

@@ -90,11 +90,12 @@ def _copy_runs(disk: Disk, runs: list[tuple[int, int, Alloc, int]], level: int, 
         prog.advance(n)
 
     depth = READAHEAD // CHUNK if readers is not None else 0
+    # zero runs first (the runs do not overlap): the space they free in the target is then
+    # free before the data comes, for a target that reuses freed space (QCOW2)
+    runs = sorted(runs, key=lambda r: r[2] != Alloc.ZERO)
     try:
         for start, length, status, holder in runs:
             if status == Alloc.ZERO:
-                while pending:
-                    settle()
                 pos, end = start, start + length
                 while pos < end:        # in steps: progress and cancellation
                     n = min(ZERO_STEP - pos % ZERO_STEP, end - pos)

@@ -295,7 +295,8 @@ class CheckMixin(Qcow2State):
               progress: ProgressCallback | None = None) -> CheckReport:
         if repair and not dry_run:
             self.require_writable()
-            self.f.wait_punches()     # freed clusters are punched before a repair reuses them
+            self._forget_free()       # the refcounts are rebuilt: no pool, no deferred punches
+            self.f.wait_punches()
         prog = Progress(progress, max(len(self.l1), 1))
         prog.start()
         problems: list[Problem] = []

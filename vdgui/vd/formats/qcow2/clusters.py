@@ -484,6 +484,8 @@ class ClustersMixin(Qcow2State):
             inner = pos - ci * cs
             if batch and not inner and end - pos >= 2 * cs:
                 k = self._write_new_run(ci, mv[pos - offset :], (end - pos) // cs)
+                if not k:
+                    k = self._write_own_run(ci, mv[pos - offset :], (end - pos) // cs)
                 if k:
                     pos += k * cs
                     continue
@@ -493,9 +495,10 @@ class ClustersMixin(Qcow2State):
 
     def _write_new_run(self, ci: int, mv: memoryview, most: int) -> int:
         """Whole clusters ci, ci+1, ... that this image does not hold yet and that are not all
-        zero, within one L2 table: allocated together, written with one write each for the
-        data, the refcounts and the L2 entries (in that order, so a crash only leaks). Returns
-        how many clusters were written (0: none qualify, the caller goes cluster by cluster)."""
+        zero, within one L2 table: allocated together (freed clusters first, see
+        ``_alloc_runs``), written with one write per host run for the data, then the refcounts,
+        then one write for the L2 entries (in that order, so a crash only leaks). Returns how
+        many clusters were written (0: none qualify, the caller goes cluster by cluster)."""
         cs = self.cs
         l1i, l2i = divmod(ci, self.l2_entries)
         most = min(most, self.l2_entries - l2i, (self.size - ci * cs) // cs)
@@ -510,10 +513,39 @@ class ClustersMixin(Qcow2State):
         if k < 2:
             return 0
         tbl, l2off = self._l2_for_write(l1i)
-        new = self._alloc(k, mv[: k * cs])
-        for i in range(k):
-            tbl[l2i + i] = (new + i * cs) | L.OFLAG_COPIED
+        i = l2i
+        for c, m in self._alloc_runs(k, mv[: k * cs]):
+            for h in range(c, c + m):
+                tbl[i] = h * cs | L.OFLAG_COPIED
+                i += 1
         self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i : l2i + k]))
+        return k
+
+    def _write_own_run(self, ci: int, mv: memoryview, most: int) -> int:
+        """Whole clusters ci, ci+1, ... that this image holds alone (OFLAG_COPIED, refcount 1,
+        in an L2 table of its own) in adjacent host clusters: overwritten in place with one
+        write, nothing else changes. Returns how many (0: fewer than two qualify)."""
+        cs = self.cs
+        l1i, l2i = divmod(ci, self.l2_entries)
+        most = min(most, self.l2_entries - l2i, (self.size - ci * cs) // cs)
+        tbl, l2off = self._l2_of(l1i)
+        if tbl is None or self.refcount(l2off // cs) != 1:
+            return 0
+        host = tbl[l2i] & L2E_MASK
+        skip = L.OFLAG_COMPRESSED | L.OFLAG_ZERO
+        k = 0
+        while k < most:
+            e = tbl[l2i + k]
+            if e & skip or not e & L.OFLAG_COPIED or e & L2E_MASK != host + k * cs or not host:
+                break
+            if self.refcount(host // cs + k) != 1:
+                break
+            if not self.honor_zeroes and is_zero(mv[k * cs : (k + 1) * cs]):
+                break           # becomes a zero cluster (_write_cluster)
+            k += 1
+        if k < 2:
+            return 0
+        self._write_data(host, mv[: k * cs])
         return k
 
     def _write_cluster(self, ci: int, inner: int, chunk: Bytes, fill: FillFn) -> None:
@@ -676,10 +708,10 @@ class ClustersMixin(Qcow2State):
     # ------------------------------------------------------------------ zeroes
     def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
         """Whole clusters become zero clusters (with a backing file) or unallocated (without),
-        one L2 write per table; the clusters freed are punched in a helper thread, adjacent ones
-        in one call (nothing reuses them meanwhile: new clusters are appended; sync, compact and
-        repair wait for it). Partial clusters, version 2 images with a backing file and
-        extended L2 entries go through ``write``."""
+        one L2 write per table, one refcount write per block; the clusters freed are reused by
+        later writes once a sync made this durable, and those still free are punched at the next
+        flush (adjacent ones in one call). Partial clusters, version 2 images with a backing
+        file and extended L2 entries go through ``write``."""
         if self.extended_l2 or (self.version < 3 and self.backing_file is not None):
             super().write_zeroes(offset, length, fill)
             return
@@ -708,7 +740,7 @@ class ClustersMixin(Qcow2State):
                 pos = min(pos + k * cs, self.size)
         finally:
             batch, self._punch_batch = self._punch_batch, None
-            self.f.punch_later([(a * cs, (b - a) * cs) for a, b in batch or ()])
+            self._punch_deferred.extend(batch or ())
 
     def _zero_clusters(self, ci: int, k: int) -> None:
         """Clusters ci..ci+k-1 (within one L2 table) read zeroes: L2 entries first, then the
@@ -730,13 +762,18 @@ class ClustersMixin(Qcow2State):
             return
         tbl, l2off = self._l2_for_write(l1i)
         old = []
+        hosts = []
+        plain = not self.incompat & L.INCOMPAT_DATA_FILE
         for i in range(l2i, l2i + k):
             e = tbl[i]
             if not reads_zero(e):
-                if e & L.OFLAG_COMPRESSED or e & L2E_MASK:
+                if e & L.OFLAG_COMPRESSED:
                     old.append(e)
+                elif e & L2E_MASK and plain:
+                    hosts.append((e & L2E_MASK) // self.cs)
                 tbl[i] = new
         self.f.pwrite(l2off + 8 * l2i, array_be_bytes(tbl[l2i : l2i + k]))
+        self._unref_clusters(hosts)
         for e in old:
             self._unref_entry(e)
 

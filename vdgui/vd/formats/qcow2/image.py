@@ -54,6 +54,9 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         self._l2_cache_bytes = 0
         self._rb_cache = {}
         self._punch_batch = None
+        self._punch_deferred = []
+        self._freed = []
+        self._free = []
         self.rt = None
         self.snapshots = []
         self.bitmaps_ext = None

@@ -36,7 +36,8 @@ class MaintenanceMixin(Qcow2State):
         (``parent_read``), then move clusters from the end of the file into the holes and
         truncate. Clusters shared with internal snapshots are left alone."""
         self._check_write()
-        self.f.wait_punches()         # freed clusters are punched before anything reuses them
+        self._forget_free()           # clusters move into free ones below: no pool, no punches
+        self.f.wait_punches()
         cs = self.cs
         nclu = ceil_div(self.size, cs)
         prog = Progress(progress, nclu * 2)
@@ -91,6 +92,7 @@ class MaintenanceMixin(Qcow2State):
         self._check_write()
         if self.nb_snapshots or self.bitmaps_ext:
             return False
+        self._forget_free()
         progs: list[Progress] = []
 
         def moved(done: int, total: int) -> None:
@@ -243,6 +245,7 @@ class MaintenanceMixin(Qcow2State):
             raise InvalidArgument(f"{self.location}: new size must be a multiple of 512, "
                                   f"found {new_size}")
         if new_size < self.size:
+            self._forget_free()
             self._shrink(new_size)
             if progress:
                 progress(1, 1)

@@ -1,6 +1,7 @@
 """QCOW2 reference counts: the refcount table and its blocks of 1..64-bit entries
-(qcow2.txt "Host cluster management"), and allocation of new clusters at the end of the file
-(refcount written before anything points at a cluster)."""
+(qcow2.txt "Host cluster management"), and allocation of clusters: freed ones (once a sync made
+their release durable) or new ones at the end of the file (refcount written before anything
+points at a cluster)."""
 from __future__ import annotations
 
 import struct
@@ -11,6 +12,8 @@ from ...errors import CorruptImage, NotSupported
 from . import layout as L
 from .clusters import BE_U64, L2E_MASK, array_be_bytes, be_array
 from .state import Bytes, Qcow2State
+
+REUSE_SYNC = 16 << 20       # bytes freed before a sync is made mid-write to reuse them
 
 
 def rc_get(blk: Bytes, idx: int, bits: int) -> int:
@@ -155,9 +158,17 @@ class RefcountsMixin(Qcow2State):
                 self._set_refcount(c, rc - 1)
 
     def _alloc(self, n: int = 1, data: Bytes | None = None) -> int:
-        """Allocate ``n`` contiguous clusters at the end of the file; returns the byte offset.
-        ``data`` (exactly ``n`` clusters) is written there before the refcounts are set (a crash
-        in between leaves unreferenced space: nothing reads it, nothing leaks)."""
+        """Allocate ``n`` contiguous clusters; returns the byte offset. One cluster may be a
+        freed one (:meth:`_take_free`), more are appended at the end of the file. ``data``
+        (exactly ``n`` clusters) is written there before the refcounts are set (a crash in
+        between leaves unreferenced space: nothing reads it, nothing leaks)."""
+        if n == 1:
+            ci, k = self._take_free(1)
+            if k:
+                if data is not None:
+                    self._write_data(ci * self.cs, data)
+                self._set_refcounts(ci, 1, 1)
+                return ci * self.cs
         first = self.next_cluster
         while True:
             ci = self._take(n, grow=data is None)
@@ -170,6 +181,92 @@ class RefcountsMixin(Qcow2State):
             self._write_data(ci * self.cs, data)
         self._set_refcounts(ci, n, 1)
         return ci * self.cs
+
+    def _alloc_runs(self, n: int, data: Bytes) -> list[tuple[int, int]]:
+        """``n`` clusters holding ``data`` (n clusters): freed clusters first, the rest
+        appended. Each run's data is written, then the refcounts are set. Returns (first
+        cluster, count) runs in ``data``'s order."""
+        runs = []
+        left = n
+        while left:
+            ci, k = self._take_free(left)
+            if not k:
+                break
+            runs.append((ci, k))
+            left -= k
+        if left:
+            runs.append((self._alloc(left, memoryview(data)[(n - left) * self.cs:]) // self.cs,
+                         left))
+        pos = 0
+        for ci, k in runs[:len(runs) - (1 if left else 0)]:
+            self._write_data(ci * self.cs, memoryview(data)[pos:pos + k * self.cs])
+            self._set_refcounts(ci, k, 1)
+            pos += k * self.cs
+        return runs
+
+    # -- freed clusters: reused once the write that freed them is on disk --------------------
+    def _take_free(self, most: int) -> tuple[int, int]:
+        """Up to ``most`` adjacent freed clusters (first index, count), taken from the pool;
+        (0, 0) when there are none. Only clusters freed before a sync are reused: a power loss
+        can then never leave an old table entry pointing at new data. A sync is made here once
+        REUSE_SYNC bytes wait for one."""
+        if self.compress_writes:
+            return 0, 0             # compressed clusters are packed at the end of the file
+        if not self._free and len(self._freed) * self.cs >= REUSE_SYNC:
+            self.f.sync()
+            self._settle_freed()
+        pool = self._free
+        while pool:
+            ci = pool.pop()
+            if ci < self.next_cluster and self.refcount(ci) == 0:
+                break
+        else:
+            return 0, 0
+        k = 1
+        while (k < most and pool and pool[-1] == ci + k and ci + k < self.next_cluster
+               and self.refcount(ci + k) == 0):
+            pool.pop()
+            k += 1
+        return ci, k
+
+    def _settle_freed(self) -> None:
+        """After a sync: the clusters freed before it join the pool."""
+        if self._freed:
+            self._free = sorted(set(self._free).union(self._freed), reverse=True)
+            self._freed = []
+
+    def _forget_free(self) -> None:
+        """Before the refcounts are rebuilt or clusters moved (repair, compact, resize): the
+        deferred punches are made and the pool is emptied."""
+        self._punch_deferred_now()
+        self._free = []
+        self._freed = []
+
+    def _punch_deferred_now(self) -> None:
+        """Punch what write_zeroes freed and nothing reused since, adjacent clusters together."""
+        ranges, self._punch_deferred = self._punch_deferred, []
+        cs = self.cs
+        out: list[tuple[int, int]] = []
+        for a, b in ranges:
+            run = None
+            for c in range(a, b):
+                if c < self.next_cluster and self.refcount(c) == 0:
+                    if run is None:
+                        run = c
+                    continue
+                if run is not None:
+                    out.append((run * cs, (c - run) * cs))
+                    run = None
+            if run is not None:
+                out.append((run * cs, (b - run) * cs))
+        for off, n in out:
+            self.f.punch_hole(off, n)
+
+    def _write_back(self) -> None:
+        self._punch_deferred_now()
+
+    def _after_sync(self) -> None:
+        self._settle_freed()
 
     def _set_refcounts(self, ci: int, n: int, value: int) -> None:
         """Set the refcounts of clusters [ci, ci+n): one write per refcount block touched."""
@@ -194,14 +291,46 @@ class RefcountsMixin(Qcow2State):
             rc = self.refcount(c)
             if rc:
                 self._set_refcount(c, rc - 1)
-                if rc == 1 and punch:
-                    batch = self._punch_batch
-                    if batch is None:
-                        self.f.punch_hole(c * self.cs, self.cs)
-                    elif batch and batch[-1][1] == c:
-                        batch[-1][1] = c + 1
-                    else:
-                        batch.append([c, c + 1])
+                if rc == 1:
+                    self._freed_one(c, punch)
+
+    def _unref_clusters(self, clusters: list[int]) -> None:
+        """Drop one reference from each of ``clusters`` (data clusters of L2 entries already
+        rewritten): one write per refcount block touched."""
+        by_block: dict[int, list[int]] = {}
+        for c in clusters:
+            by_block.setdefault(c // self.rb_entries, []).append(c)
+        for rti, cs_ in by_block.items():
+            blk = self._refblock(rti)
+            if blk is None:
+                continue
+            lo, hi = self.cs, 0
+            for c in cs_:
+                idx = c % self.rb_entries
+                rc = self._rc_get_in(blk, idx)
+                if not rc:
+                    continue
+                b, m = self._rc_set_in(blk, idx, rc - 1)
+                lo, hi = min(lo, b), max(hi, b + m)
+                if rc == 1:
+                    self._freed_one(c, True)
+            if hi > lo:
+                off = self._load_rt()[rti] & L.REFT_OFFSET_MASK
+                self.f.pwrite(off + lo, blk[lo:hi])
+
+    def _freed_one(self, c: int, punch: bool) -> None:
+        """Cluster ``c``'s refcount reached 0: it joins the clusters freed since the last sync,
+        and is punched (now, or with its batch) when ``punch``."""
+        self._freed.append(c)
+        if not punch:
+            return
+        batch = self._punch_batch
+        if batch is None:
+            self.f.punch_hole(c * self.cs, self.cs)
+        elif batch and batch[-1][1] == c:
+            batch[-1][1] = c + 1
+        else:
+            batch.append([c, c + 1])
 
     def _punch_batched(self) -> None:
         """Punch the clusters a discard freed, adjacent ones in one call (one call per
