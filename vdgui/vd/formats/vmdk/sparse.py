@@ -390,6 +390,8 @@ class SparseExtent(Extent):
         new: list = []  # (grain index, file offset, data) of grains allocated here
         # write_zeroes: whole allocated grains of zeroes become holes in the file
         punch: list[list[int]] | None = [] if getattr(image, "punch_zero_grains", False) else None
+        held: list = []     # writes into allocated grains adjacent in the file: one pwritev
+        held_at = held_end = 0
         for idx, inner, pos, cnt in split_blocks(off, len(data), self.grain):
             piece = mv[pos - off : pos - off + cnt]
             gte = self._gte(idx)
@@ -407,7 +409,13 @@ class SparseExtent(Extent):
                     else:
                         punch.append([at, at + cnt])
                     continue
-                self.f.pwrite(at + inner, piece)
+                if held and held_end != at + inner:
+                    self.f.pwritev(held_at, held)
+                    held = []
+                if not held:
+                    held_at = at + inner
+                held.append(piece)
+                held_end = at + inner + cnt
                 continue
             gstart = idx * self.grain
             glen = min(self.grain, self.length - gstart)
@@ -434,6 +442,8 @@ class SparseExtent(Extent):
             new.append((idx, self._alloc(self.grain), gdata))
             if len(new) >= 256:
                 self._commit_new(new)
+        if held:
+            self.f.pwritev(held_at, held)
         self._commit_new(new)
         for a, b in punch or ():
             if not self.f.punch_hole(a, b - a):
