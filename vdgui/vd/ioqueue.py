@@ -14,7 +14,8 @@ A request still queued can be cancelled (by id or by its handle): its callback r
 ``Cancelled``. A running one finishes. Errors reach the callback (``req.error``) and
 ``req.wait()`` raises them. The disk and its images are not thread-safe: requests run on it one
 at a time (the pool overlaps the callbacks and the caller's work); a read-only queue given an
-``opener`` reads through one opened disk per worker instead, concurrently.
+``opener`` reads through one opened disk per worker instead, concurrently. ``copy_reads=False``
+hands a read's buffer over as the disk filled it (it may be a bytearray): no copy into bytes.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class IoQueue:
     requests unfinished (submitting more waits)."""
 
     def __init__(self, disk: Any, *, workers: int = 4, max_queued: int = 64,
-                 opener: Callable[[], Any] | None = None) -> None:
+                 opener: Callable[[], Any] | None = None, copy_reads: bool = True) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise InvalidArgument(f"I/O queue workers must be 1..{MAX_WORKERS}", found=workers)
         if max_queued < 1:
@@ -126,6 +127,7 @@ class IoQueue:
         self.workers = workers
         self.max_queued = max_queued
         self.opener = opener
+        self.copy_reads = copy_reads
         self._cv = threading.Condition()
         self._disk_lock = threading.Lock()
         self._pending: list[IoRequest] = []          # unfinished, in submission order
@@ -233,7 +235,7 @@ class IoQueue:
                 self._run_one(r)
             return
         for r, data in zip(batch, results, strict=True):
-            self._finish(r, IoState.DONE, bytes(data), None)
+            self._finish(r, IoState.DONE, bytes(data) if self.copy_reads else data, None)
 
     def _run_one(self, req: IoRequest) -> None:
         try:
@@ -243,16 +245,16 @@ class IoQueue:
         else:
             self._finish(req, IoState.DONE, result, None)
 
-    @staticmethod
-    def _read(d: Any, req: IoRequest) -> bytes:
+    def _read(self, d: Any, req: IoRequest) -> bytes:
         if req.level is None:
-            return bytes(d.read(req.offset, req.length, top=req.top))
-        data = d.images[req.level].read(req.offset, req.length)
-        if not d.filters:
-            return bytes(data)
-        buf = bytearray(data)
-        d.decode(req.offset, memoryview(buf))
-        return bytes(buf)
+            data = d.read(req.offset, req.length, top=req.top)
+        else:
+            data = d.images[req.level].read(req.offset, req.length)
+            if d.filters:
+                data = bytearray(data)
+                d.decode(req.offset, memoryview(data))
+        # a bytearray of a window is megabytes: copying it holds the GIL the writer waits for
+        return bytes(data) if self.copy_reads else data
 
     def _run(self, req: IoRequest) -> bytes | None:
         if req.kind is IoKind.READ and self.opener is not None:

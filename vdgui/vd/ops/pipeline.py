@@ -85,7 +85,7 @@ class Readers:
         # the workers open the chain in the caller's context (its passphrase provider)
         context = contextvars.copy_context()
         self.queue = IoQueue(None, workers=workers, max_queued=1 << 16,
-                             opener=lambda: context.copy().run(opener))
+                             opener=lambda: context.copy().run(opener), copy_reads=False)
 
     def submit(self, off: int, n: int, top: int, level: int | None) -> Window:
         return Window(self.queue.read(off, n, top=top, level=level))
@@ -100,7 +100,7 @@ class Window:
     def __init__(self, req: IoRequest):
         self.req = req
 
-    def result(self) -> bytes:
+    def result(self) -> bytes | bytearray:
         data = self.req.wait()
         assert data is not None
         return data

@@ -619,8 +619,7 @@ class ClustersMixin(Qcow2State):
             if compressed or host:
                 self._unref_entry(e)
             return
-        new = self._alloc(1)
-        self._write_data(new, content)
+        new = self._alloc(1, content)       # data, then its refcount: no truncate to grow
         if self.extended_l2:
             self._set_l2(tbl, l2off, l2i, new | L.OFLAG_COPIED, 0xFFFFFFFF)
         else:

@@ -419,6 +419,7 @@ class VdiImage(MaintenanceMixin):
         pending_len = 0
         dirty: list[int] = []
         extend_to = 0
+        written_end = 0
         fsize = None
         f = self.f
 
@@ -429,7 +430,8 @@ class VdiImage(MaintenanceMixin):
             pending, pending_len, pending_pos = [], 0, -1
 
         def emit(fpos: int, chunk: bytes | bytearray | memoryview) -> None:
-            nonlocal pending_len, pending_pos
+            nonlocal pending_len, pending_pos, written_end
+            written_end = max(written_end, fpos + len(chunk))
             if pending and pending_pos + pending_len == fpos and pending_len < (64 << 20):
                 pending.append(chunk)
                 pending_len += len(chunk)
@@ -511,7 +513,8 @@ class VdiImage(MaintenanceMixin):
                 self._hdr_dirty = True
                 grew = True
             flush_pending()                     # data first ...
-            if extend_to > self.f.size():
+            # the file is now as long as it was or as the data written (no fstat to ask)
+            if fsize is not None and extend_to > max(fsize, written_end):
                 self.f.truncate(extend_to)
             if grew:
                 # ... then the count covering the new blocks (cBlocksAllocated: qemu and
