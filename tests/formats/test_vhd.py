@@ -1126,3 +1126,111 @@ def test_compact_copies_are_durable_before_the_bat_names_them(tmp_path, monkeypa
         assert bat_writes and copies
         first_repoint = min(k for k in bat_writes if k > min(copies))
         assert any(log[k] == ("sync",) for k in range(max(copies), first_repoint))
+
+
+def _logged_file(monkeypatch, f):
+    """Record the writes (offset, length, how) and size queries made through ``f``."""
+    log = []
+    real_pwrite, real_pwritev, real_size = f.pwrite, f.pwritev, f.size
+
+    def pwrite(off, data):
+        log.append((off, memoryview(data).nbytes, "pwrite"))
+        real_pwrite(off, data)
+
+    def pwritev(off, bufs):
+        log.append((off, sum(memoryview(b).nbytes for b in bufs), "pwritev"))
+        real_pwritev(off, bufs)
+
+    def size():
+        log.append((None, None, "size"))
+        return real_size()
+
+    monkeypatch.setattr(f, "pwrite", pwrite)
+    monkeypatch.setattr(f, "pwritev", pwritev)
+    monkeypatch.setattr(f, "size", size)
+    return log
+
+
+def test_new_blocks_of_one_write_go_out_in_three_writes(tmp_path, monkeypatch):
+    """Blocks appended by one write: the footer at the new end first, then every bitmap and
+    the data in one gather write, then the BAT entries in one write; no fstat per block."""
+    p = str(tmp_path / "append.vhd")
+    data = random.Random(5).randbytes(4 * MiB)
+    with Disk() as d:
+        d.create_base(p, 16 * MiB, "VHD")
+        d.write(0, b"\x07" * 4096)                  # block 0: the file has grown once
+        img = d.top
+        end = img.footer_offset
+        log = _logged_file(monkeypatch, img.f)
+        d.write(2 * MiB, data)                      # blocks 1 and 2, one write
+        bs, total = img.block_size, img.total
+        assert [kind for _o, _n, kind in log] == ["pwrite", "pwritev", "pwrite"], log
+        assert log[0] == (end + 2 * total, 512, "pwrite")          # footer first
+        assert log[1] == (end, 2 * total, "pwritev")               # bitmaps and data
+        assert log[2] == (img.bat_offset + 4, 8, "pwrite")         # then the BAT
+        assert img.bat[1] * 512 == end and img.bat[2] * 512 == end + total
+        log.clear()
+        d.write(6 * MiB, data[:MiB])                # the next append asks no file size
+        assert "size" not in [kind for _o, _n, kind in log]
+        assert d.read(2 * MiB, 4 * MiB) == data
+        assert bs == 2 * MiB
+    with Disk() as d:
+        d.open(p, flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 4096) == b"\x07" * 4096
+        assert d.read(2 * MiB, 4 * MiB) == data
+        assert d.read(6 * MiB, MiB) == data[:MiB]
+        assert d.top.check().exit_code == 0
+
+
+def _stored(path, a, b):
+    """Bytes of the file's [a, b) that hold data (SEEK_DATA/SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n, pos = 0, a
+        while pos < b:
+            try:
+                s = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if s >= b:
+                break
+            e = min(os.lseek(fd, s, os.SEEK_HOLE), b)
+            n += e - s
+            pos = e
+        return n
+    finally:
+        os.close(fd)
+
+
+def test_copy_into_vhd_tests_zeroes_once_and_stays_sparse(tmp_path, monkeypatch):
+    """A copy hands its windows to the VHD untested (the VHD's own 64 KiB scan is the only
+    one) and a 64 KiB piece of data inside a new block is stored as 64 KiB, aligned as the
+    disk's offsets are (not split over two file-aligned pieces)."""
+    from vdgui.vd import copy_image
+    from vdgui.vd.ops import pipeline
+
+    src = str(tmp_path / "src.raw")
+    speck = b"\x5a" * (64 << 10)
+    full = random.Random(9).randbytes(2 * MiB)
+    with open(src, "wb") as fh:
+        fh.truncate(8 * MiB)
+        fh.seek(2 * MiB + 5 * (64 << 10))
+        fh.write(speck)                         # block 1: one 64 KiB piece
+        fh.seek(4 * MiB)
+        fh.write(full)                          # block 2: all data
+    calls = []
+    real = pipeline.zero_grain
+    monkeypatch.setattr(pipeline, "zero_grain", lambda mv: (calls.append(len(mv)), real(mv))[1])
+    dst = str(tmp_path / "dst.vhd")
+    copy_image(src, dst, "VHD", src_format="RAW")
+    assert calls == []
+    with Disk() as d:
+        d.open(dst, flags=OpenFlags.READ_ONLY)
+        img = d.top
+        assert img.bat[0] == 0xFFFFFFFF and img.bat[3] == 0xFFFFFFFF
+        assert d.read(0, 8 * MiB) == Path(src).read_bytes()
+        start = img.bat[1] * 512
+        data_at = start + img.bm_size
+        # past the bitmap's page: the piece's 64 KiB and the two pages it starts and ends in
+        assert _stored(dst, data_at + 4096, data_at + 2 * MiB) <= (64 << 10) + 8192
+        assert _stored(dst, img.bat[2] * 512, img.bat[2] * 512 + img.total) == img.total

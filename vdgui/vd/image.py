@@ -304,6 +304,13 @@ class Image:
         otherwise (default)."""
         return None
 
+    @property
+    def sparse_writes(self) -> bool:
+        """True when ``write`` itself leaves the all-zero parts of data written to unallocated
+        blocks unstored (they read zeroes), so a copy into this image need not test its data
+        for zeroes first. Default: False."""
+        return False
+
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         """The range reads as zeroes afterwards. ``fill`` gives the content below this image,
         for backends that must copy the rest of a partly discarded block."""

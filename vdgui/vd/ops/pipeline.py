@@ -177,6 +177,9 @@ class Writer:
         self.flat = None
         if (allocated or not fresh) and len(tdisk.images) == 1 and not tdisk.filters:
             self.flat = tdisk.top.flat_file()
+        # a target that skips zero pieces itself (VHD) gets the windows untested: one zero scan
+        self.passthrough = (fresh and len(tdisk.images) == 1 and not tdisk.filters
+                            and tdisk.top.sparse_writes)
 
     def close(self) -> None:
         self.wb.close()
@@ -187,7 +190,7 @@ class Writer:
         zero there too."""
         n = len(data)
         self.wb.add(n)
-        if not self.fresh:
+        if not self.fresh or (self.passthrough and below_zero is None):
             self.t.write(off, data)
             return
         mv = memoryview(data)

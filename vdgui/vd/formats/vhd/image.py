@@ -77,6 +77,7 @@ class VhdImage(MaintenanceMixin):
         self._bad = {}
         self._alloc_cache = None
         self._footer_cache: tuple[tuple, bytes] | None = None
+        self._end_known: tuple[int, int] | None = None  # (footer offset, file end) after appends
         self.header = None
         self.bat = array.array("I")
         self.n_blocks = 0
@@ -604,6 +605,11 @@ class VhdImage(MaintenanceMixin):
         ok = self.is_fixed and not self.read_only and self.f.kernel_copy
         return self.f if ok else None
 
+    @property
+    def sparse_writes(self) -> bool:
+        """A dynamic base disk stores only the non-zero pieces of new blocks (see _allocate)."""
+        return self.disk_type == TYPE_DYNAMIC and not self.honor_zeroes
+
     def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self.require_writable()
         self._refuse_cross_linked()
@@ -611,44 +617,87 @@ class VhdImage(MaintenanceMixin):
             self.f.pwrite(offset, data)
             return
         mv = memoryview(data)
+        new: list[tuple[int, int, memoryview]] = []
         for idx, inner, pos, n in split_blocks(offset, len(mv), self.block_size):
             chunk = mv[pos - offset : pos - offset + n]
             start = self._block_start(idx)
-            first, cnt = inner // SECTOR, ceil_div(n, SECTOR)
             if start is None:
-                if not self.is_diff and not self.honor_zeroes and is_zero(chunk):
-                    continue  # an unallocated block of a base disk already reads zeroes
-                self._allocate(idx, inner, chunk)
+                new.append((idx, inner, chunk))  # appended together below
                 continue
+            first, cnt = inner // SECTOR, ceil_div(n, SECTOR)
             self.f.pwrite(start + self.bm_size + inner, chunk)  # data first
             bm = self._bitmap(idx, start)
             span = set_bits(bm, first, cnt)
             if span:
                 self.f.pwrite(start + span[0], bm[span[0] : span[1]])  # then the bitmap
+        if new:
+            self._allocate(new)
 
-    def _allocate(self, idx: int, inner: int, chunk: bytes | memoryview) -> None:
-        """Append a block: footer at the new end, data, bitmap, then the BAT entry (a crash at
-        any point leaves at most an unreferenced block; the footer copy at 0 stays valid)."""
+    def _file_end(self) -> int:
+        """The file's length: as the last append left it while the footer has not moved since,
+        else asked from the file (one fstat, not one per block)."""
+        known = self._end_known
+        if known is not None and known[0] == self.footer_offset:
+            return known[1]
+        return self.f.size()
+
+    def _allocate(self, new: list[tuple[int, int, memoryview]]) -> None:
+        """Append blocks for the ``(idx, inner, chunk)`` pieces of one write: the footer at the
+        new end first, then each block's bitmap and data (neighbours in one pwritev), then the
+        BAT entries (neighbours in one write). A crash at any point leaves at most unreferenced
+        blocks, and the file always ends in a footer (the copy at offset 0 stays valid).
+
+        On a base disk, blocks appended past the end of the file lie in space that reads zeroes
+        already: only their non-zero 64 KiB pieces are written (the file stays sparse), and a
+        piece that is all zeroes allocates nothing. This is the only zero test of the data
+        (:attr:`sparse_writes`: a copy does not test before)."""
         pos = _round(self.footer_offset)
-        new_footer = pos + self.total
-        fresh = not self.is_diff and pos + self.bm_size >= self.f.size()
-        self._write_footer_at(new_footer)
-        if fresh:
-            # the data area lies in space the footer's move just added to the file: it reads
-            # zeroes already, so only the non-zero parts are written (the file stays sparse)
-            data_at = pos + self.bm_size + inner
-            for a, b in nonzero_runs(chunk, data_at):
-                self.f.pwrite(data_at + a, chunk[a:b])
-        else:
-            self.f.pwrite(pos + self.bm_size + inner, chunk)
-        bm = bytearray(self.bm_size)
-        set_bits(bm, inner // SECTOR, ceil_div(len(chunk), SECTOR))
-        self.f.pwrite(pos, bm)
-        self._set_bat(idx, pos // SECTOR)
-        self._bitmaps[idx] = bm
+        bm_size, total = self.bm_size, self.total
+        sparse = not self.is_diff
+        fresh = sparse and pos + bm_size >= self._file_end()
+        plan: list[tuple[int, int, int, memoryview, list[tuple[int, int]]]] = []
+        for idx, inner, chunk in new:
+            if fresh:
+                runs = nonzero_runs(chunk, inner)
+            elif sparse and not self.honor_zeroes and is_zero(chunk):
+                runs = []
+            else:
+                runs = [(0, len(chunk))]
+            if not runs and not self.honor_zeroes:
+                continue  # an unallocated block of a base disk already reads zeroes
+            plan.append((idx, pos + len(plan) * total, inner, chunk, runs))
+        if not plan:
+            return
+        new_footer = pos + len(plan) * total
+        self._write_footer_at(new_footer)  # (forgets the known end until all is written)
+        # (offset, buffers) of contiguous stretches: bitmap, data, next block's bitmap ...
+        stretches: list[tuple[int, list]] = []
+        at = -1
+        bitmaps = {}
+        for idx, bpos, inner, chunk, runs in plan:
+            bm = bytearray(bm_size)
+            set_bits(bm, inner // SECTOR, ceil_div(len(chunk), SECTOR))
+            bitmaps[idx] = bm
+            pieces = [(bpos, bm)] + [
+                (bpos + bm_size + inner + a, chunk[a:b] if (a, b) != (0, len(chunk)) else chunk)
+                for a, b in runs
+            ]
+            for off, buf in pieces:
+                if off == at:
+                    stretches[-1][1].append(buf)
+                else:
+                    stretches.append((off, [buf]))
+                at = off + len(buf)
+        for off, bufs in stretches:
+            self.f.pwritev(off, bufs)
+        self._set_bats({idx: bpos // SECTOR for idx, bpos, _i, _c, _r in plan})
+        if len(self._bitmaps) + len(bitmaps) > 512:
+            self._bitmaps.clear()
+        self._bitmaps.update(bitmaps)
         self.footer_offset = new_footer
         self.used_end = max(self.used_end, new_footer)
         self.fsize = max(self.fsize, new_footer + FOOTER_SIZE)
+        self._end_known = (new_footer, new_footer + FOOTER_SIZE)
 
     @property
     def _table(self) -> BlockTable:
@@ -676,6 +725,7 @@ class VhdImage(MaintenanceMixin):
         return self._footer_cache[1]
 
     def _write_footer_at(self, offset: int) -> None:
+        self._end_known = None  # the file's end moves: _allocate sets it again after its writes
         self.f.pwrite(offset, self._footer_bytes())
 
     def _store_footer(self) -> None:
