@@ -239,3 +239,22 @@ def test_read_only_queue_reads_through_one_open_per_worker(tmp_path):
     assert 1 <= len(opened) <= 3
     assert all(not dd.images for dd in opened)        # each worker closed its open
     assert _threads() - before == set()
+
+
+def test_uncopied_chain_reads_hand_over_the_buffer_filled(tmp_path, monkeypatch):
+    """copy_reads=False: a read through the chain (no level) comes back as the bytearray the
+    disk filled, not copied into bytes (a copy's windows: megabytes held under the GIL)."""
+    from vdgui.vd import IoQueue, OpenFlags
+    p = str(tmp_path / "a.vdi")
+    with Disk() as d:
+        d.create_base(p, 8 * MiB, "VDI")
+        d.write(MiB, b"\x42" * MiB)
+    with Disk.open_chain(p, flags=OpenFlags.READ_ONLY) as d:
+        q = IoQueue(d, workers=1, opener=lambda: Disk.open_chain(p, flags=OpenFlags.READ_ONLY),
+                    copy_reads=False)
+        got = q.read(0, 2 * MiB).wait(10)
+        q.close()
+        assert isinstance(got, bytearray)
+        assert got == bytes(MiB) + b"\x42" * MiB
+        assert isinstance(d.read(0, 2 * MiB), bytes)           # the default still copies
+        assert d.read(0, 512, as_buffer=True) == bytes(512)

@@ -1234,3 +1234,34 @@ def test_copy_into_vhd_tests_zeroes_once_and_stays_sparse(tmp_path, monkeypatch)
         # past the bitmap's page: the piece's 64 KiB and the two pages it starts and ends in
         assert _stored(dst, data_at + 4096, data_at + 2 * MiB) <= (64 << 10) + 8192
         assert _stored(dst, img.bat[2] * 512, img.bat[2] * 512 + img.total) == img.total
+
+
+def test_copy_into_vhd_keeps_unallocated_source_space_unallocated(tmp_path):
+    """A copy's windows follow the source's data (not widened to whole 2 MiB VHD blocks): the
+    parts of a new block the source does not hold stay unmarked in its bitmap (read zeroes,
+    nothing stored), also where a source extent starts inside a block."""
+    from vdgui.vd import copy_image
+
+    src = str(tmp_path / "src.vdi")                  # 1 MiB blocks
+    rnd = random.Random(3)
+    run, speck = rnd.randbytes(4 * MiB), rnd.randbytes(64 << 10)
+    with Disk() as d:
+        d.create_base(src, 16 * MiB, "VDI")
+        d.write(MiB, run)                            # [1, 5) MiB: starts inside VHD block 0
+        d.write(9 * MiB + (64 << 10), speck)         # VDI block 9 only (VHD block 4 = 8..10)
+        expect = read_all(d)
+    dst = str(tmp_path / "dst.vhd")
+    copy_image(src, dst, "VHD")
+    with Disk() as d:
+        d.open(dst, flags=OpenFlags.READ_ONLY)
+        assert read_all(d)[:16 * MiB] == expect
+        runs = d.top.block_status(0, 16 * MiB)
+
+        def status(a, b):
+            return {st for s, n, st in runs if s < b and a < s + n}
+
+        assert status(0, MiB) == {Alloc.UNALLOCATED}
+        assert status(MiB, 5 * MiB) == {Alloc.DATA}
+        assert status(5 * MiB, 6 * MiB) == {Alloc.UNALLOCATED}   # rest of VHD block 2
+        assert status(8 * MiB, 9 * MiB) == {Alloc.UNALLOCATED}   # VDI block 8: not held
+        assert status(9 * MiB, 10 * MiB) == {Alloc.DATA}

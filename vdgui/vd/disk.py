@@ -446,8 +446,10 @@ class Disk:
         self._read_level(level - 1, offset, length, memoryview(buf))
         return bytes(buf)
 
-    def read(self, offset: int, length: int, top: int | None = None) -> bytes:
-        """VDRead: ``length`` bytes at ``offset`` seen through the chain (up to image ``top``)."""
+    def read(self, offset: int, length: int, top: int | None = None, *,
+             as_buffer: bool = False) -> bytes:
+        """VDRead: ``length`` bytes at ``offset`` seen through the chain (up to image ``top``).
+        ``as_buffer``: the bytearray filled is returned as it is (no copy into bytes)."""
         level = len(self.images) - 1 if top is None else top
         if level < 0 or level >= len(self.images):
             raise InvalidArgument(f"no image number {level} in the chain")
@@ -466,7 +468,7 @@ class Disk:
         if self.filters:
             self.decode(a_start, memoryview(buf))
         if a_start == offset and a_end == offset + length:
-            return bytes(buf)
+            return buf if as_buffer else bytes(buf)  # type: ignore[return-value]
         return bytes(buf[offset - a_start : offset - a_start + length])
 
     def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:

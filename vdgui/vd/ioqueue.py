@@ -247,7 +247,8 @@ class IoQueue:
 
     def _read(self, d: Any, req: IoRequest) -> bytes:
         if req.level is None:
-            data = d.read(req.offset, req.length, top=req.top)
+            data = (d.read(req.offset, req.length, top=req.top) if self.copy_reads
+                    else d.read(req.offset, req.length, top=req.top, as_buffer=True))
         else:
             data = d.images[req.level].read(req.offset, req.length)
             if d.filters:

@@ -188,17 +188,20 @@ def _first_nonzero_in(src: Disk, top: int, start: int, end: int) -> int | None:
                          lambda p, n: src.read(p, n, top=top), WINDOW)
 
 
-def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: bool):
+def _flat_windows(src: Disk, top: int, length: int, g: int, chunk: int, fresh: bool,
+                  aligned: bool = False):
     """("data", a, b, level) windows to copy (level: the chain member holding the whole window,
     or None), ("zero", a, b) ranges to clear on a non-fresh target and
-    ("mark", pos, 0) progress points, in offset order."""
+    ("mark", pos, 0) progress points, in offset order. ``aligned``: windows end at multiples of
+    ``chunk`` (no target block of a size dividing ``chunk`` is split between two windows,
+    however the source's extents start)."""
     covered = 0
     for ext in _extents(src, top, 0, length):
         if ext.status == Alloc.DATA:
             start = max(ext.start - ext.start % g, covered)
             end = min(_round_up(ext.end, g), length)
             while start < end:
-                wend = min(start + chunk, end)
+                wend = min(start - start % chunk + chunk if aligned else start + chunk, end)
                 whole = ext.start <= start and wend <= ext.end
                 yield "data", start, wend, ext.level if whole else None
                 start = covered = wend
@@ -251,7 +254,7 @@ def _copy_flat_windows(src: Disk, top: int, w: Writer, length: int, prog: Progre
         else:
             prog.at(base + a)
 
-    for kind, a, b, lv in _flat_windows(src, top, length, g, chunk, w.fresh):
+    for kind, a, b, lv in _flat_windows(src, top, length, g, chunk, w.fresh, w.passthrough):
         fut: Future | Window | None = None
         runs = stored_runs(src, lv, a, b - a) if kind == "data" and cfr and cfr.on else None
         if runs and cfr is not None:

@@ -177,9 +177,13 @@ class Writer:
         self.flat = None
         if (allocated or not fresh) and len(tdisk.images) == 1 and not tdisk.filters:
             self.flat = tdisk.top.flat_file()
-        # a target that skips zero pieces itself (VHD) gets the windows untested: one zero scan
+        # a target that skips zero pieces itself (VHD) gets the windows untested (one zero
+        # scan), and windows follow the source's data, not widened to whole target blocks (it
+        # stores a partly written new block sparsely: no zero-filled halves read and scanned)
         self.passthrough = (fresh and len(tdisk.images) == 1 and not tdisk.filters
                             and tdisk.top.sparse_writes)
+        if self.passthrough:
+            self.g = MIN_GRAIN
 
     def close(self) -> None:
         self.wb.close()
