@@ -163,3 +163,120 @@ def test_probing_asks_every_backend_without_loading_them(tmp_path, kind):
     assert sorted(got["asked"]) == sorted(b.name for b in registry.backends())
     assert got["outcome"] == ("chosen" if kind == "unknown" else "AmbiguousFormat")
     assert _not_needed(got["modules"], "") == []
+
+
+# -- convert, merge and resize of plain images (issue #18 goal 3): no encryption code, no
+# check/maintenance/bitmaps code a command does not run, no socket/logging/thread pools
+PLAIN_HEAVY = ("vdgui.vd.crypto.luks", "vdgui.vd.crypto.luks_layout", "vdgui.vd.crypto.primitives",
+               "vdgui.vd.crypto.cipher", "vdgui.vd.filters.keystore", "cryptography", "argon2",
+               "socket", "selectors", "logging", "concurrent.futures")
+# each format's code only some operations run
+CHECK = {"QCOW2": ["vdgui.vd.formats.qcow2.check", "vdgui.vd.formats.qcow2.bitmaps",
+                   "vdgui.vd.formats.qcow2.v1"],
+         "VMDK": ["vdgui.vd.formats.vmdk.check"], "VHD": [], "VHDX": [], "VDI": []}
+MAINTENANCE = {"QCOW2": ["vdgui.vd.formats.qcow2.maintenance"],
+               "VDI": ["vdgui.vd.formats.vdi.maintenance"],
+               "VMDK": ["vdgui.vd.formats.vmdk.maintenance"],
+               "VHD": ["vdgui.vd.formats.vhd.maintenance"],
+               "VHDX": ["vdgui.vd.formats.vhdx.maintenance"]}
+EXT = {"QCOW2": "qcow2", "VDI": "vdi", "VMDK": "vmdk", "VHD": "vhd", "VHDX": "vhdx"}
+
+
+def _loaded(modules: list[str], names) -> list[str]:
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
+
+
+def _image(path, fmt: str, size: int = 64 << 20, data: bool = True) -> str:
+    with Disk() as d:
+        d.create_base(str(path), size, fmt)
+        if data:
+            d.write(1 << 20, b"\x5a" * 65536)
+    return str(path)
+
+
+@pytest.mark.parametrize("src, dst", [("QCOW2", "VDI"), ("VDI", "VMDK")])
+def test_convert_of_a_plain_image_loads_no_crypto_check_or_maintenance(tmp_path, src, dst):
+    a = _image(tmp_path / f"a.{EXT[src]}", src)
+    b = str(tmp_path / f"b.{EXT[dst]}")
+    got = _run("convert", "-O", dst, a, b)
+    assert got["rc"] == 0
+    with Disk.open_chain(b) as d:
+        assert d.read(1 << 20, 65536) == b"\x5a" * 65536
+    heavy = PLAIN_HEAVY + ("vdgui.vd.ops.resize",)
+    for fmt in (src, dst):
+        heavy += tuple(CHECK[fmt] + MAINTENANCE[fmt])
+    assert _loaded(got["modules"], heavy) == []
+
+
+@pytest.mark.parametrize("fmt", ["QCOW2", "VDI"])
+def test_merge_of_a_plain_chain_loads_no_crypto(tmp_path, fmt):
+    base = _image(tmp_path / f"base.{EXT[fmt]}", fmt)
+    child = str(tmp_path / f"child.{EXT[fmt]}")
+    with Disk() as d:
+        d.open(base)
+        d.create_diff(child, fmt)
+        d.write(4 << 20, b"\xa5" * 65536)
+    got = _run("merge", child, base)
+    assert got["rc"] == 0
+    with Disk.open_chain(base) as d:
+        assert d.read(4 << 20, 65536) == b"\xa5" * 65536
+    # (a QCOW2 target counts its references once before its first write: check's code)
+    assert _loaded(got["modules"], PLAIN_HEAVY + ("vdgui.vd.ops.resize",)) == []
+
+
+@pytest.mark.parametrize("fmt", ["QCOW2", "VDI", "VMDK", "VHD", "VHDX"])
+def test_resize_of_a_plain_image_loads_no_crypto_or_check(tmp_path, fmt):
+    img = _image(tmp_path / f"a.{EXT[fmt]}", fmt)
+    got = _run("resize", img, "128M")
+    assert got["rc"] == 0
+    with Disk.open_chain(img) as d:
+        assert d.size >= 128 << 20          # (VHD rounds up to its geometry)
+        assert d.read(1 << 20, 65536) == b"\x5a" * 65536
+    assert _loaded(got["modules"], PLAIN_HEAVY + tuple(CHECK[fmt])) == []
+    assert _loaded(got["modules"], MAINTENANCE[fmt])     # where resize lives: loaded on use
+
+
+def _stand_in_classes():
+    import importlib
+    out = []
+    for fmt in ("qcow2", "vdi", "vmdk", "vhd", "vhdx"):
+        mod = importlib.import_module(f"vdgui.vd.formats.{fmt}.image")
+        for v in vars(mod).values():
+            if isinstance(v, type) and v.__module__ == mod.__name__ and \
+                    any("__later__" in vars(b) for b in v.__mro__):
+                out.append(v)
+    return out
+
+
+def test_mixins_loaded_later_resolve_as_the_mixins_themselves():
+    """A stand-in names exactly its mixin's own attributes, the mixin's methods need no
+    zero-argument super(), and every name resolves on the image class as it would with the
+    mixin itself in the bases (vdgui/vd/later.py)."""
+    import importlib
+    classes = _stand_in_classes()
+    assert {c.__name__ for c in classes} >= {"Qcow2Image", "VdiImage", "VmdkImage", "VhdImage",
+                                            "VhdxImage"}
+    for cls in classes:
+        swap = {}
+        for b in cls.__mro__:
+            if "__later__" not in vars(b):
+                continue
+            module, name = vars(b)["__later__"]
+            real = getattr(importlib.import_module(module), name)
+            swap[b] = real
+            own = {n for n in vars(real) if not (n.startswith("__") and n.endswith("__"))}
+            held = {n for n in vars(b) if not (n.startswith("__") and n.endswith("__"))}
+            assert held == own, (cls.__name__, name, sorted(held ^ own))
+            for n in own:
+                code = getattr(vars(real)[n], "__code__", None)
+                assert code is None or "__class__" not in code.co_freevars, (name, n)
+        eager = type("Eager", tuple(swap.get(b, b) for b in cls.__bases__), {})
+        for real in swap.values():
+            for n in vars(real):
+                if n.startswith("__") and n.endswith("__"):
+                    continue
+                if n in vars(cls):
+                    continue                # the image's own: the same either way
+                lazy_owner = next(k for k in cls.__mro__[1:] if n in vars(k))
+                eager_owner = next(k for k in eager.__mro__[1:] if n in vars(k))
+                assert swap.get(lazy_owner, lazy_owner) is eager_owner, (cls.__name__, n)

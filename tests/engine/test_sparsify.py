@@ -725,12 +725,12 @@ def test_vdi_is_packed_once_after_all_discards(built, tmp_path, qemu, monkeypatc
     """VDI closed its holes at every discard call (a sync-heavy pass each 256 MiB: 1.15x qemu-img
     convert at 8 GiB on a loaded machine); the blocks are now freed and punched per call and
     packed once at the end."""
-    from vdgui.vd.formats.vdi.maintenance import MaintenanceMixin
+    from vdgui.vd.formats.vdi.image import VdiImage
     from vdgui.vd.ops import sparsify as sp
     monkeypatch.setattr(sp, "CHUNK", 2 * MiB)
     passes = []
-    real = MaintenanceMixin._close_holes
-    monkeypatch.setattr(MaintenanceMixin, "_close_holes",
+    real = VdiImage._close_holes
+    monkeypatch.setattr(VdiImage, "_close_holes",
                         lambda self: passes.append(1) or real(self))
     folder, sums, parts = built
     ORIG[0] = folder / "disk.raw"

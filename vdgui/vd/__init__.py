@@ -56,7 +56,6 @@ from .fileio import ImageFile, is_temp_name, read_small_file
 from .filter import Filter, FilterBackend, FilterCap, FilterUse
 from .filters import filters, get_filter
 from .filters.keyfile import find_keystore, read_keystore_file, sidecar_path, write_sidecar
-from .filters.keystore import KeyStore
 from .geometry import Geometry, vbox_lchs, vbox_pchs, vhd_chs
 from .image import Alloc, CheckReport, Image, ParentHint, Problem, ProblemCode, Region
 from .progress import Progress, ProgressCallback
@@ -83,6 +82,7 @@ from .temps import temp_name
 if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
     from .cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
     from .cache import cache_info
+    from .filters.keystore import KeyStore
     from .inside import (
         ChangeReport,
         DiskFile,
@@ -123,11 +123,12 @@ if TYPE_CHECKING:  # the names below are imported on first use (__getattr__)
 
 # imported on first use: a command imports only what it uses (vdgui-img's start-up, issue #18):
 # the media library (sqlite3, XML), looking inside disks, media creation, the operations,
-# host drives, the cache image (VCI), the request queue
+# host drives, the cache image (VCI), the request queue, the CRYPT key store's code
 _LAZY: dict[str, str] = {"ImageRecord": "library", "Library": "library", "data_dir": "library",
                          "mark_duplicates": "library", "read_virtualbox_registry": "library"}
 for _mod, _names in (
         ("cache", "DEFAULT_CACHE_SIZE:DEFAULT_SIZE cache_info"),
+        ("filters.keystore", "KeyStore"),
         ("ioqueue", "IoKind IoQueue IoRequest IoState"),
         ("inside", "ChangeReport DiskFile Entry Layout Partition SliceFile changed disk_layout "
                    "extract_tree extract_trees open_volume safe_extract_parts volumes"),

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .errors import Cancelled, InvalidArgument
-
-log = logging.getLogger(__name__)
 
 MAX_WORKERS = 16
 BATCH = 16                      # ready reads one worker hands to Disk.read_many together
@@ -293,7 +290,9 @@ class IoQueue:
             try:
                 req.callback(req)
             except Exception:
-                log.exception("I/O completion callback of %r failed", req)
+                import logging  # only when a callback fails: not in every command's start-up
+                logging.getLogger(__name__).exception("I/O completion callback of %r failed",
+                                                      req)
 
     # -- cancelling and closing ---------------------------------------------------------------
     def cancel(self, req: IoRequest | int) -> bool:

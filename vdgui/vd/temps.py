@@ -58,13 +58,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    # gethostname(2) is uname's node name: the same as socket.gethostname(), without loading
+    # socket (and selectors) into every command that writes an image
+    return os.uname().nodename
+
+
 def _owner_record() -> str:
     import json
-    import socket
 
     return json.dumps(
         {
-            "host": socket.gethostname(),
+            "host": _host(),
             "boot": _boot_id(),
             "pid": os.getpid(),
             "start": _proc_start(os.getpid()),
@@ -77,7 +82,6 @@ def _owner_gone(folder: str, pid: int) -> bool:
     rebooted since, or the process no longer runs (or its PID now belongs to another process).
     A folder from another host (a shared file system) is never judged gone."""
     import json
-    import socket
 
     try:
         fd = os.open(os.path.join(folder, _OWNER), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -93,7 +97,7 @@ def _owner_gone(folder: str, pid: int) -> bool:
         os.close(fd)
     if (
         not isinstance(rec, dict)
-        or rec.get("host") != socket.gethostname()
+        or rec.get("host") != _host()
         or rec.get("pid") != pid
     ):
         return False

@@ -8,12 +8,17 @@ part of a block nothing was ever written to); VirtualBox decrypts it too (docs/d
 unknown 3)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import secrets
 from ..config import ConfigKey, KeyFlag, ValueType
 from ..errors import InvalidArgument, WrongPassphrase
 from ..filter import Filter, FilterBackend, FilterCap, check_units
 from ..secrets import SecretRequest
-from .keystore import ALGORITHMS, MAX_ITERATIONS, KeyStore
+from .keystore_layout import ALGORITHMS, MAX_ITERATIONS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .keystore import KeyStore
 
 DATA_UNIT = 512
 NAME = "CRYPT"
@@ -48,6 +53,7 @@ class CryptFilter(Filter):
     def rewrap(self, location: str = "", *, iterations: int | None = None) -> KeyStore:
         """A key store for the same DEK under the provider's new passphrase (the data stays as
         it is: VirtualBox's change of password). The filter keeps the new key store."""
+        from .keystore import KeyStore
         pw = secrets.new_passphrase(SecretRequest(location or "CRYPT/KeyStore", KIND,
                                                   "new passphrase"))
         ks, _dek = KeyStore.create(pw.reveal(), self.keystore.cipher, self._units.key,
@@ -57,6 +63,7 @@ class CryptFilter(Filter):
 
 
 def _open(config: dict, location: str) -> CryptFilter:
+    from .keystore import KeyStore  # the key store's code (hashes, base64) when a filter opens
     where = location or "CRYPT/KeyStore"
     key_id = str(config.get("KeyId") or "")
     store = config.get("KeyStore")

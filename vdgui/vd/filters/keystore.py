@@ -19,15 +19,12 @@ from dataclasses import dataclass
 from construct import ConstructError
 
 from ..errors import CorruptImage, InvalidArgument, WrongPassphrase
-from .keystore_layout import MAGIC, SIZE, VERSION, KeyStoreStruct
+from .keystore_layout import ALGORITHMS, MAGIC, MAX_ITERATIONS, SIZE, VERSION, KeyStoreStruct
 
-ALGORITHMS = {"AES-XTS128-PLAIN64": 32, "AES-XTS256-PLAIN64": 64}   # name -> DEK bytes
 KDFS = {"PBKDF2-SHA1": "sha1", "PBKDF2-SHA256": "sha256", "PBKDF2-SHA512": "sha512"}
 NEW_KDF = "PBKDF2-SHA256"
 DIGEST_ITERATIONS = 20000       # VD_KEYSTORE_ITERATIONS_MIN: digest count, DEK count minimum
 BENCHMARK_MS = 250              # VD_KEYSTORE_PBKDF2_COMPUTE_MAX: DEK count from a benchmark
-# hostile key stores: VirtualBox writes 2000..~10^6; each count is checked before any work
-MAX_ITERATIONS = 10_000_000
 B64_LINE = 64                   # RTBase64Encode's line length
 
 

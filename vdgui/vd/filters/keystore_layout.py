@@ -9,6 +9,10 @@ from construct import Bytes, Int16ul, Int32ul, Struct
 MAGIC = 0x454E4353            # "SCNE" on disk
 VERSION = 0x0100
 SIZE = 250
+# the declaration's (the CRYPT filter's config keys): known without loading the key store code
+ALGORITHMS = {"AES-XTS128-PLAIN64": 32, "AES-XTS256-PLAIN64": 64}   # name -> DEK bytes
+# hostile key stores: VirtualBox writes 2000..~10^6; each count is checked before any work
+MAX_ITERATIONS = 10_000_000
 
 KeyStoreStruct = Struct(
     "magic" / Int32ul,                 # MAGIC
@@ -27,4 +31,4 @@ KeyStoreStruct = Struct(
 )
 assert KeyStoreStruct.sizeof() == SIZE
 
-__all__ = ["MAGIC", "SIZE", "VERSION", "KeyStoreStruct"]
+__all__ = ["ALGORITHMS", "MAGIC", "MAX_ITERATIONS", "SIZE", "VERSION", "KeyStoreStruct"]

@@ -38,8 +38,7 @@ import errno
 import os
 import shutil
 from collections import deque
-from concurrent.futures import Future
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 from ..align import align_up
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
@@ -84,8 +83,10 @@ from .pipeline import (
     stored_runs,
     zero_grain,
 )
-from .resize import store_tail_over_parent
 from .rewrite import data_ranges
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concurrent.futures import Future
 
 FLAT_WINDOW = 4 << 20       # a flat copy's step: fewer table and header updates per MiB
 ALLOC_SLICE = 1 << 30       # allocation map queried in slices of this many bytes
@@ -498,6 +499,7 @@ def _copy_to_files(src, top, dst_path, backend, variant, config, sizes, lengths,
                 done += lengths[lv]
                 w.close()
                 if lv > 0:        # a member larger than its parent holds its own tail
+                    from .resize import store_tail_over_parent  # chain copies only
                     store_tail_over_parent(t.top, t.images[lv - 1].size,
                                            lambda o, n, _lv=lv: t.read_below(_lv, o, n))
                 if img_src.comment:

@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ..alloc import Alloc
 from ..backend import Operation
@@ -19,6 +19,9 @@ from ..fileio import ImageFile, copy_range, start_writeback, syncing
 from ..image import FillFn, Image
 from ..ioqueue import IoQueue, IoRequest
 from ..sparse import is_zero, zeroes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concurrent.futures import Future
 
 READAHEAD = 32 << 20        # bytes read ahead
 READERS = 4                 # reader threads (flat copies of file-based chains)
@@ -252,6 +255,8 @@ class CopyRanges:
     first refusal (another file system, no support) turns it off: the rest goes the long way."""
 
     def __init__(self, dst: ImageFile, workers: int = READERS):
+        from concurrent.futures import ThreadPoolExecutor  # flat targets only
+
         self.dst = dst
         self.on = True
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdgui-cfr")

@@ -27,14 +27,11 @@ def _set_bit_range(buf: bytearray, base_byte: int, lo: int, hi: int) -> None:
 class BitmapsMixin(Qcow2State):
     """Persistent dirty bitmaps: kept, updated or dropped."""
 
-    def _before_first_write(self) -> None:
-        """Before the first change: clear the autoclear bits we do not maintain. Persistent dirty
-        bitmaps (autoclear bit 0) are kept and updated on every write when they are well formed;
+    def _settle_bitmaps(self) -> None:
+        """Before the first change of a version 3 image with autoclear bits set (the image's
+        _check_write): clear the autoclear bits we do not maintain. Persistent dirty bitmaps
+        (autoclear bit 0) are kept and updated on every write when they are well formed;
         otherwise they are removed cleanly (extension dropped, clusters freed: no leaks)."""
-        self._first_write_done = True
-        self._tracked = []
-        if self.version < 3:
-            return
         if self.bitmaps_ext and self.autoclear & L.AUTOCLEAR_BITMAPS:
             tracked = self._maintainable_bitmaps(self.bitmaps_ext)
             if tracked is not None:

@@ -473,7 +473,8 @@ class ClustersMixin(Qcow2State):
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self._check_write()
         self._check_cross_links()
-        self._mark_dirty(offset, len(data))
+        if self._tracked:              # persistent bitmaps kept (bitmaps.py)
+            self._mark_dirty(offset, len(data))
         mv = memoryview(data)
         end = offset + len(data)
         pos = offset
@@ -716,7 +717,8 @@ class ClustersMixin(Qcow2State):
             return
         self._check_write()
         self._check_cross_links()
-        self._mark_dirty(offset, length)
+        if self._tracked:              # persistent bitmaps kept (bitmaps.py)
+            self._mark_dirty(offset, length)
         cs = self.cs
         end = offset + length
         pos = offset
@@ -780,7 +782,8 @@ class ClustersMixin(Qcow2State):
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         self._check_write()
         self._check_cross_links()
-        self._mark_dirty(offset, length)
+        if self._tracked:              # persistent bitmaps kept (bitmaps.py)
+            self._mark_dirty(offset, length)
         self._punch_batch = []
         try:
             self._discard(offset, length)

@@ -11,19 +11,19 @@ docs/design-encryption.md §1.4).
 """
 from __future__ import annotations
 
-import logging
 import struct
+from typing import TYPE_CHECKING
 
 from ...align import align_down, align_up
 from ...backend import OpenFlags
-from ...crypto import luks
-from ...crypto.cipher import SectorCipher
 from ...errors import NotSupported
 from ...secrets import SecretRequest, unlock
 from . import layout as L
 from .state import Bytes, Qcow2State
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # LUKS and the ciphers load when an image is encrypted
+    from ...crypto import luks
+    from ...crypto.cipher import SectorCipher
 
 CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
 SECTOR = 512
@@ -54,8 +54,9 @@ class CryptMixin(Qcow2State):
                 raise NotSupported(f"{self.location}: {AES_WARNING}")
             if not self.open_flags & OpenFlags.INFO:
                 if self.location not in _WARNED:    # once, not once per read-ahead thread
+                    import logging
                     _WARNED.add(self.location)
-                    log.warning("%s: %s", self.location, AES_WARNING)
+                    logging.getLogger(__name__).warning("%s: %s", self.location, AES_WARNING)
                 self._crypt = unlock(SecretRequest(self.location, "qcow2-aes"), _aes_key)
             return
         if method != CRYPT_LUKS:
@@ -74,6 +75,7 @@ class CryptMixin(Qcow2State):
                                 expected=f"a cluster-aligned area inside {self.fsize} bytes",
                                 found=f"{length} bytes at {off:#x}")
         self.crypt_offset, self.crypt_length = off, length
+        from ...crypto import luks
         h = luks.parse(self._crypt_read, length, self.location)
         self.luks_header = h
         self.encryption = h.info()
@@ -131,6 +133,7 @@ class CryptMixin(Qcow2State):
         self.require_writable()
         if self.crypt_method != CRYPT_LUKS or self.luks_header is None:
             raise NotSupported(f"{self.location}: not a LUKS-encrypted image")
+        from ...crypto import luks
         return luks.change_passphrase(self.luks_header, self._crypt_read, self._crypt_write,
                                       self.location, iter_time_ms)
 
@@ -142,6 +145,7 @@ class CryptMixin(Qcow2State):
 def _aes_key(pw: bytes) -> SectorCipher | None:
     """qemu's legacy key: the passphrase's first 16 bytes, zero padded. Nothing in the format
     can tell a wrong passphrase (it reads as noise): any passphrase opens."""
+    from ...crypto.cipher import SectorCipher
     return SectorCipher("aes", "cbc-plain64", pw[:16].ljust(16, b"\0"))
 
 

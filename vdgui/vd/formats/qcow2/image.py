@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from ...align import ceil_div
 from ...backend import (
@@ -13,21 +14,32 @@ from ...backend import (
     too_large,
 )
 from ...config import parse_config
-from ...crypto import luks
 from ...errors import CorruptImage, InvalidArgument, NotSupported, ReadOnlyImage
 from ...fileio import ImageFile, relative_name
 from ...image import Image, ParentHint, check_backing_name
 from ...secrets import SecretRequest, new_passphrase
 from . import Qcow2Backend, limit_reason, qcow2_max_size
 from . import layout as L
-from .bitmaps import BitmapsMixin
-from .check import CheckMixin
 from .clusters import BE_U64, ClustersMixin, be_array
 from .crypt import CRYPT_LUKS, CryptMixin, crypt_extension
 from .header import HeaderMixin
-from .maintenance import MaintenanceMixin
 from .refcount import RefcountsMixin, rc_set
-from .v1 import QcowV1Image
+
+if TYPE_CHECKING:
+    from .bitmaps import BitmapsMixin
+    from .check import CheckMixin
+    from .maintenance import MaintenanceMixin
+else:   # loaded on first use: most commands never check, compact, resize or keep bitmaps
+    from ...later import later
+    BitmapsMixin = later(f"{__package__}.bitmaps", "BitmapsMixin",
+                         "_settle_bitmaps _drop_bitmaps _maintainable_bitmaps _mark_dirty "
+                         "_count_bitmaps")
+    CheckMixin = later(f"{__package__}.check", "CheckMixin",
+                       "_xlinks_checked _check_cross_links _count_refs _check_subclusters "
+                       "_stored_problems _copied_problems check _apply_fixes _rebuild_refcounts")
+    MaintenanceMixin = later(f"{__package__}.maintenance", "MaintenanceMixin",
+                             "compact close_holes _close_holes _repoint_clusters "
+                             "resizes_in_place resize _shrink _cut_free_tail set_parent")
 
 
 class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
@@ -122,7 +134,10 @@ class Qcow2Image(HeaderMixin, ClustersMixin, RefcountsMixin, BitmapsMixin,
         if self.write_blocked:
             raise ReadOnlyImage(f"{self.location}: {self.write_blocked}")
         if not self._first_write_done:
-            self._before_first_write()
+            self._first_write_done = True
+            self._tracked = []
+            if self.version >= 3 and self.autoclear & ~L.AUTOCLEAR_DATA_FILE_RAW:
+                self._settle_bitmaps()      # bitmaps.py: keep and track them, or drop them
 
     def close(self) -> None:
         # FileImage's (the external data file is one of its extra_files), then the key goes
@@ -146,6 +161,7 @@ def open_image(backend: Qcow2Backend, location: str, flags: OpenFlags = OpenFlag
             if not ro:
                 raise NotSupported(f"{location}: qcow version 1 images can only be opened "
                                    "read-only (convert them to qcow2 to write)")
+            from .v1 import QcowV1Image
             return QcowV1Image(backend, location, f, flags)
         return Qcow2Image(backend, location, f, flags, snapshot=cfg.get("Snapshot"))
     except BaseException:
@@ -197,6 +213,7 @@ def create_image(backend: Qcow2Backend, p: CreateParams) -> Qcow2Image:
     used = 3 + l1_clusters
     area, key = b"", None
     if encrypt:
+        from ...crypto import luks
         pw = new_passphrase(SecretRequest(p.location, "luks1", "new passphrase"))
         area, key = luks.create1(pw.reveal(), iter_time_ms=cfg["EncryptIterTime"],
                                  where=p.location)

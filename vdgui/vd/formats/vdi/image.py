@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ...align import ceil_div
 from ...backend import Backend, ImageFlags
@@ -30,10 +31,19 @@ from .blockmap import (
     _uuid_bytes,
     _uuid_or_none,
 )
-from .maintenance import MaintenanceMixin
+from .state import VdiState
+
+if TYPE_CHECKING:
+    from .maintenance import MaintenanceMixin
+else:   # compact, resize, discard and check load on first use (most commands use none)
+    from ...later import later
+    MaintenanceMixin = later(f"{__package__}.maintenance", "MaintenanceMixin",
+                             "_used_blocks _close_holes compact resizes_in_place resize _shrink "
+                             "_zero_block_tail _grow _relocation_plan _relocate_for_map discard "
+                             "close_holes check")
 
 
-class VdiImage(MaintenanceMixin):
+class VdiImage(MaintenanceMixin, VdiState):
     """One opened VDI file."""
 
     @property
@@ -406,6 +416,50 @@ class VdiImage(MaintenanceMixin):
         self.require_writable()
         self._refuse_cross_linked()
         self._write(offset, memoryview(data).cast("B"), fill, honor=self.honor_zeroes)
+
+    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
+        """Whole allocated blocks keep their map entry and lose their bytes: a hole punched
+        (adjacent blocks in one call; zeroes written where the file system cannot). The rest
+        as ``write`` stores zeroes: the zero-block marker in a differencing image, nothing
+        over a base's free block."""
+        self.require_writable()
+        self._refuse_cross_linked()
+        self._touch()
+        bs = self.block_size
+        end = offset + length
+        pos = offset
+        other = None                       # [start, end) of pieces left to write()
+        punch: list[list[int]] = []        # [file start, file end) of whole blocks
+        while pos < end:
+            idx, inner = divmod(pos, bs)
+            n = min(bs - inner, end - pos)
+            v = self._map[idx]
+            if v < _ZERO and inner == 0 and n >= min(bs, self.size - idx * bs) \
+                    and idx not in self._bad:
+                at = self._data_pos(v)
+                if punch and punch[-1][1] == at:
+                    punch[-1][1] += bs
+                else:
+                    punch.append([at, at + bs])
+            elif other is not None and other[1] == pos:
+                other[1] += n
+            else:
+                if other is not None:
+                    super().write_zeroes(other[0], other[1] - other[0], fill)
+                other = [pos, pos + n]
+            pos += n
+        if other is not None:
+            super().write_zeroes(other[0], other[1] - other[0], fill)
+        for a, b in punch:
+            while a < b and not self.f.punch_hole(a, b - a):
+                k = min(b - a, 4 << 20)
+                self.f.pwrite(a, zeroes(k))
+                a += k
+
+    def close(self) -> None:
+        if self._discarded and not self.read_only and self.f.fd >= 0:
+            self.close_holes()                      # no session ends with blocks nothing names
+        super().close()
 
     def _write(self, offset: int, mv: memoryview, fill: FillFn, honor: bool) -> None:
         bs = self.block_size

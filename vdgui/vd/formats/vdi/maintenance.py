@@ -302,45 +302,6 @@ class MaintenanceMixin(VdiState):
         self.offset_data = new_off_blocks + k * total
         self.allocated = self._next = nxt - k
 
-    def write_zeroes(self, offset: int, length: int, fill: FillFn) -> None:
-        """Whole allocated blocks keep their map entry and lose their bytes: a hole punched
-        (adjacent blocks in one call; zeroes written where the file system cannot). The rest
-        as ``write`` stores zeroes: the zero-block marker in a differencing image, nothing
-        over a base's free block."""
-        self.require_writable()
-        self._refuse_cross_linked()
-        self._touch()
-        bs = self.block_size
-        end = offset + length
-        pos = offset
-        other = None                       # [start, end) of pieces left to write()
-        punch: list[list[int]] = []        # [file start, file end) of whole blocks
-        while pos < end:
-            idx, inner = divmod(pos, bs)
-            n = min(bs - inner, end - pos)
-            v = self._map[idx]
-            if v < _ZERO and inner == 0 and n >= min(bs, self.size - idx * bs) \
-                    and idx not in self._bad:
-                at = self._data_pos(v)
-                if punch and punch[-1][1] == at:
-                    punch[-1][1] += bs
-                else:
-                    punch.append([at, at + bs])
-            elif other is not None and other[1] == pos:
-                other[1] += n
-            else:
-                if other is not None:
-                    super().write_zeroes(other[0], other[1] - other[0], fill)
-                other = [pos, pos + n]
-            pos += n
-        if other is not None:
-            super().write_zeroes(other[0], other[1] - other[0], fill)
-        for a, b in punch:
-            while a < b and not self.f.punch_hole(a, b - a):
-                k = min(b - a, 4 << 20)
-                self.f.pwrite(a, zeroes(k))
-                a += k
-
     def discard(self, offset: int, length: int, fill: FillFn | None = None) -> None:
         self.require_writable()
         self._refuse_cross_linked()
@@ -401,11 +362,6 @@ class MaintenanceMixin(VdiState):
         if progress:
             progress(1, 1)
         return True
-
-    def close(self) -> None:
-        if self._discarded and not self.read_only and self.f.fd >= 0:
-            self.close_holes()                      # no session ends with blocks nothing names
-        super().close()
 
     def check(self, repair: bool = False, dry_run: bool = False,
               progress: ProgressCallback | None = None) -> CheckReport:

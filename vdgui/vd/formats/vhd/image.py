@@ -7,6 +7,7 @@ import array
 import bisect
 import os
 import uuid as uuidlib
+from typing import TYPE_CHECKING
 
 from ...align import ceil_div
 from ...backend import Backend, ImageFlags, OpenFlags
@@ -52,12 +53,21 @@ from .layout import (
     TYPE_NAMES,
     Container,
 )
-from .maintenance import MaintenanceMixin
+from .state import VhdState
+
+if TYPE_CHECKING:
+    from .maintenance import MaintenanceMixin
+else:   # resize, compact, discard and check load on first use (most commands use none)
+    from ...later import later
+    MaintenanceMixin = later(f"{__package__}.maintenance", "MaintenanceMixin",
+                             "_new_size_and_geometry resizes_in_place resize _resize_fixed "
+                             "_resize_dynamic _move_out_of compact discard close_holes "
+                             "_block_is_redundant _pack check _find_leaks")
 
 _FOOTER_FIELDS = tuple(sc.name for sc in FOOTER.subcons)
 
 
-class VhdImage(MaintenanceMixin):
+class VhdImage(MaintenanceMixin, VhdState):
     """One opened VHD file (fixed, dynamic or differencing)."""
 
     def __init__(

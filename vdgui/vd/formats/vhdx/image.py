@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import uuid as uuidlib
 from array import array
+from typing import TYPE_CHECKING
 
 from ...align import align_up, ceil_div
 from ...backend import (
@@ -75,8 +76,16 @@ from .layout import (
     with_checksum,
 )
 from .log import LogEntry, LogReplayNeeded, active_sequence, replay
-from .maintenance import MaintenanceMixin
 from .metadata import MetadataMixin, build_locator, locator_for
+from .state import VhdxState
+
+if TYPE_CHECKING:
+    from .maintenance import MaintenanceMixin
+else:   # resize, compact and check load on first use (most commands use none)
+    from ...later import later
+    MaintenanceMixin = later(f"{__package__}.maintenance", "MaintenanceMixin",
+                             "_relocate_bat resizes_in_place resize _in_use _shrink compact "
+                             "close_holes _pack check")
 
 
 def _default_block_size(size: int, diff: bool) -> int:
@@ -85,7 +94,7 @@ def _default_block_size(size: int, diff: bool) -> int:
     return 32 * MiB if size > 100 * GiB else 8 * MiB
 
 
-class VhdxImage(MetadataMixin, MaintenanceMixin):
+class VhdxImage(MetadataMixin, MaintenanceMixin, VhdxState):
     @property
     def max_size(self) -> int:
         return vhdx_max_size(self.block_size)

@@ -16,16 +16,23 @@ from ...geometry import Geometry
 from ...image import Alloc, FillFn, Image, ParentHint
 from ...runs import RunList
 from ...tables import first_shared
-from .check import CheckMixin
 from .descriptor import MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor, new_cid
 from .extents import Extent
-from .maintenance import MaintenanceMixin
 from .opener import ExtentOpener
 from .sparse import SparseExtent
+from .state import VmdkState
 from .stream import StreamWriter
 
 if TYPE_CHECKING:
     from . import VmdkBackend
+    from .check import CheckMixin
+    from .maintenance import MaintenanceMixin
+else:   # resize, compact, discard and check load on first use (most commands use none)
+    from ...later import later
+    MaintenanceMixin = later(f"{__package__}.maintenance", "MaintenanceMixin",
+                             "resizes_in_place resize _grow_extent _grow_sparse compact discard "
+                             "close_holes _count_grains _compact_extent _pack_extent")
+    CheckMixin = later(f"{__package__}.check", "CheckMixin", "check _check_tail _check_extent")
 
 
 def _parse_uuid(desc: Descriptor, key: str) -> uuidlib.UUID | None:
@@ -51,7 +58,7 @@ def _geometry(desc: Descriptor, c: str, h: str, s: str) -> Geometry | None:
     return Geometry(cyl, heads, secs)
 
 
-class VmdkImage(MaintenanceMixin, CheckMixin):
+class VmdkImage(MaintenanceMixin, CheckMixin, VmdkState):
     def __init__(self, backend: VmdkBackend, location: str, read_only: bool) -> None:
         super().__init__(backend, location, read_only)
         self.desc_file = None
