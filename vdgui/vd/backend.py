@@ -252,6 +252,11 @@ class Backend:
     # a file named with one of its extensions that it cannot open is a damaged image of this
     # format, never raw data to guess at (a VDI's name; not a VMDK's: flat extents are raw)
     owns_extensions: ClassVar[bool] = False
+    # an in-place resize changes nothing a differencing image's link to this image names (its
+    # UUIDs, modification UUID, VMDK CID; links by file name only are not changed): resize then
+    # never looks for children in the folder. False where it does: VHDX renews the
+    # DataWriteGuid, a VHD child names the parent file's modification time.
+    resize_keeps_child_links: ClassVar[bool] = False
     # the module holding the rest of the backend (open, create, its image classes), imported on
     # first use: a declaration and its probe stay cheap, so every backend probes (rule 6)
     # without loading the others' code (issue #18 goal 3). It imports the declaration, never

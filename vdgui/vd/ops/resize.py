@@ -183,9 +183,11 @@ def resize(path: str, new_size: int, *, format: str | None = None,
         several = not orig.single_file
         # in place: a file whose resize is one visible step and that no other differencing
         # image names (a link naming the parent's modification id would need rewriting: the
-        # copy path does that after its commit point)
+        # copy path does that after its commit point). The folder is scanned for such children
+        # only where an in-place resize changes what a link names.
         parent_fits = all(im.size <= old for im in chain.images[:top])
-        if several or (orig.resizes_in_place(new_size) and parent_fits and not _children(orig)):
+        if several or (orig.resizes_in_place(new_size) and parent_fits
+                       and (backend.resize_keeps_child_links or not _children(orig))):
             hide = several and below is not None and new_size > old and not parent_fits
             # several files: the hook's own fraction, weighted by the data the image holds (not
             # the new size); one file: one step (the scan would read every block's bitmap: VHD)

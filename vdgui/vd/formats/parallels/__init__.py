@@ -77,6 +77,7 @@ class ParallelsBackend(Backend):
     name = "Parallels"
     description = "Parallels expanding disk image (also name.hdd bundles)"
     aliases = ("parallels", "hdd")
+    resize_keeps_child_links = True   # children (of other formats) name it by file name only
     caps = Cap.FILE | Cap.ASYNC | Cap.VFS | Cap.CREATE_DYNAMIC
     extensions = (FileExtension("hdd"), FileExtension("hds"))
     config_keys = (

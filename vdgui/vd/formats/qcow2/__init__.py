@@ -69,6 +69,7 @@ class Qcow2Backend(Backend):
     name = "QCOW2"
     description = "QEMU copy-on-write image (qcow2 versions 2 and 3; qcow version 1 read-only)"
     aliases = ("QCOW", "qcow2", "qcow")
+    resize_keeps_child_links = True   # children name it by file name only
     caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
     extensions = (FileExtension("qcow2"), FileExtension("qcow"))
     owns_extensions = True

@@ -48,6 +48,7 @@ class QedBackend(Backend):
     name = "QED"
     description = "QEMU Enhanced Disk image"
     aliases = ("qed",)
+    resize_keeps_child_links = True   # children name it by file name only
     caps = Cap.FILE | Cap.VFS | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.ASYNC
     extensions = (FileExtension("qed"),)
     owns_extensions = True

@@ -34,6 +34,7 @@ class RawBackend(Backend):
     name = "RAW"
     description = "Raw disk image"
     aliases = ("raw", "img", "iso")
+    resize_keeps_child_links = True   # children (of other formats) name it by file name only
     caps = Cap.CREATE_FIXED | Cap.FILE | Cap.ASYNC | Cap.VFS
     extensions = (
         FileExtension("iso", DeviceType.OPTICAL), FileExtension("cdr", DeviceType.OPTICAL),

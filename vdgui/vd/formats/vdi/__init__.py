@@ -51,6 +51,7 @@ class VdiBackend(Backend):
     name = "VDI"
     description = "VirtualBox Disk Image"
     aliases = ("vdi",)
+    resize_keeps_child_links = True   # UUID and modification UUID stay (as VirtualBox)
     caps = (Cap.UUID | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.DIFF | Cap.FILE | Cap.ASYNC
             | Cap.VFS | Cap.DISCARD | Cap.PREFERRED)
     extensions = (FileExtension("vdi"),)

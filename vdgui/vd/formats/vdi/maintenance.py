@@ -153,7 +153,8 @@ class MaintenanceMixin(VdiState):
         if new_blocks > MAX_BLOCKS:
             raise InvalidArgument(f"{self.location}: {new_size} bytes need {new_blocks} blocks "
                                   f"of {bs} bytes, more than the {MAX_BLOCKS} VDI allows")
-        self._touch()
+        # the modification UUID stays, as VirtualBox's (VDResize and vdiResize leave it): a
+        # differencing image naming it stays linked, so resize needs no look for children
         if new_size < old_size:
             self._shrink(new_size, new_blocks)
         elif new_size > old_size:

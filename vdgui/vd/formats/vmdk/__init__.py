@@ -69,6 +69,7 @@ class VmdkBackend(Backend):
     name = "VMDK"
     description = "VMware virtual disk (VMDK)"
     aliases = ("vmdk",)
+    resize_keeps_child_links = True   # CID, UUIDs and modification UUID stay
     caps = (Cap.UUID | Cap.CREATE_FIXED | Cap.CREATE_DYNAMIC | Cap.CREATE_SPLIT_2G | Cap.DIFF |
             Cap.FILE | Cap.ASYNC | Cap.VFS | Cap.PREFERRED)
     extensions = (FileExtension("vmdk"),)
