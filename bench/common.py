@@ -91,20 +91,25 @@ def run_measured(cmd: Command, timeout: float | None = None) -> tuple[float, int
     return elapsed, int(rss.split()[0]) if rss.strip() else 0, p.returncode, text[-500:]
 
 
-def ensure_bytecode() -> None:
+def ensure_bytecode(trees: Sequence[str] = ()) -> None:
     """Compile vdgui's modules once, as an installed package has them: with
     PYTHONDONTWRITEBYTECODE set (as on our machines) every run would otherwise recompile the
-    modules it imports (~0.1 s of each vdgui-img start-up)."""
+    modules it imports (~0.1 s of each vdgui-img start-up). ``trees``: other source trees run
+    (a ``--before`` tree, named by a command's PYTHONPATH), compiled too."""
     import compileall
-    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vdgui")
-    compileall.compile_dir(pkg, quiet=1)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for tree in dict.fromkeys([here, *trees]):
+        pkg = os.path.join(tree, "vdgui")
+        if os.path.isdir(pkg):
+            compileall.compile_dir(pkg, quiet=1)
 
 
 def compare_commands(commands: Sequence[Command], *, runs: int = 5,
                      before_each: Callable[[], None] | None = None,
                      cold: bool = True) -> list[Result]:
     """Alternate the commands ``runs`` times; best time and peak RSS of each."""
-    ensure_bytecode()
+    ensure_bytecode([t for c in commands if c.env and c.env.get("PYTHONPATH")
+                     for t in c.env["PYTHONPATH"].split(os.pathsep) if t])
     results = [Result(c.name) for c in commands]
     for _ in range(runs):
         for cmd, res in zip(commands, results):

@@ -163,7 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=int, default=256 * MiB)
     ap.add_argument("--warm", action="store_true", help="do not drop caches before each run")
     ap.add_argument("--only", action="append", help="run only cases starting with this label")
+    ap.add_argument("--before", metavar="TREE",
+                    help="also time vdgui-img from this source tree (PYTHONPATH=TREE) in the same "
+                         "alternation: before/after under the same load (run from a folder "
+                         "holding no vdgui/)")
     args = ap.parse_args(argv)
+    before_env = dict(os.environ, PYTHONPATH=os.path.abspath(args.before)) if args.before else None
     os.makedirs(args.dir, exist_ok=True)
     have = backends()
     qi = tool("qemu-img")
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
         if not wanted(label):
             return
         # vdgui-img runs last in each round: ``check`` looks at its output
-        cmds = [qcmd] + ([also] if also else []) + [vcmd]
+        before = [Command("before", vcmd.argv, env=before_env)] if before_env else []
+        cmds = [qcmd] + ([also] if also else []) + before + [vcmd]
         res = compare_commands(cmds, runs=args.runs, cold=not args.warm, before_each=prepare)
         rq, rv = res[0], res[-1]
         failed = [f for r in res for f in r.failures]
@@ -193,6 +199,9 @@ def main(argv=None) -> int:
             if also:
                 ra = res[1]
                 note += (f"; {also.name} {ra.best:.2f} s (ratio {ratio(rv.best, ra.best):.2f})")
+            if before:
+                rb = res[-2]
+                note += f"; before {rb.best:.2f} s (ratio {ratio(rb.best, rq.best):.2f})"
             rows.append([label, f"{rq.best:.2f}", f"{rv.best:.2f}",
                          f"{ratio(rv.best, rq.best):.2f}", note])
         print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows[-1:], out=sys.stderr)
@@ -202,12 +211,17 @@ def main(argv=None) -> int:
         img = os.path.join(args.dir, "startup.vdi")
         if not os.path.exists(img):
             subprocess.run([qi, "create", "-q", "-f", "vdi", img, str(args.size)], check=True)
-        res = compare_commands([Command("qemu-img", [qi, "info", img]),
+        before = [Command("before", vd + ["info", img], env=before_env)] if before_env else []
+        res = compare_commands([Command("qemu-img", [qi, "info", img]), *before,
                                 Command("vdgui-img", vd + ["info", img])],
                                runs=max(args.runs, 10), cold=False)
-        rq, rv = res
+        rq, rv = res[0], res[-1]
+        notes = [f for r in res for f in r.failures]
+        if before:
+            notes.append(f"before {res[1].best:.3f} s (ratio {ratio(res[1].best, rq.best):.2f})")
+        note = "; ".join(notes)
         rows.append(["startup: info VDI (warm)", f"{rq.best:.3f}", f"{rv.best:.3f}",
-                     f"{ratio(rv.best, rq.best):.2f}", "; ".join(rq.failures + rv.failures)])
+                     f"{ratio(rv.best, rq.best):.2f}", note])
         print_table(["case", "qemu s", "vdgui s", "ratio", "check"], rows[-1:], out=sys.stderr)
 
     # -- merge of a child holding zero clusters (issue #18) -----------------------------------

@@ -109,7 +109,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="256M")
     ap.add_argument("--only", action="append", help="run only cases whose label starts so")
     ap.add_argument("--keep", action="store_true", help="keep the prepared images")
+    ap.add_argument("--before", metavar="TREE",
+                    help="also time vdgui-img from this source tree (PYTHONPATH=TREE) in the same "
+                         "alternation (run from a folder holding no vdgui/)")
     args = ap.parse_args(argv)
+    before_env = dict(os.environ, PYTHONPATH=os.path.abspath(args.before)) if args.before else None
     size, data = parse_size(args.size), parse_size(args.data)
     new = str(4 * size)
     os.makedirs(args.dir, exist_ok=True)
@@ -143,12 +147,14 @@ def main(argv=None) -> int:
                                                      new]),
                                 Command("vdgui-img", vd + ["resize", "-f", fmt, vimg, new]),
                                 Command("in-process", [sys.executable, os.path.abspath(__file__),
-                                                       "--inner", fmt, vimg, new, times])],
+                                                       "--inner", fmt, vimg, new, times]),
+                                *([Command("before", vd + ["resize", "-f", fmt, vimg, new],
+                                           env=before_env)] if before_env else [])],
                                runs=args.runs, cold=True, before_each=prepare)
         rq, rv = res[0], res[1]
         with open(times) as f:
             op = min(float(x) for x in f.read().split())
-        failed = rq.failures + rv.failures + res[2].failures
+        failed = [f for r in res for f in r.failures]
         if failed:
             rows.append([label, f"{rq.best:.3f}", f"{rv.best:.3f}", "-", "-",
                          "FAILED: " + failed[0]])
@@ -163,6 +169,9 @@ def main(argv=None) -> int:
             if qf not in QEMU_NO_CHECK:
                 r = subprocess.run([qi, "check", "-f", qf, vimg], capture_output=True, text=True)
                 notes.append("check clean" if r.returncode == 0 else f"check exit {r.returncode}")
+            if before_env:
+                rb = res[3]
+                notes.append(f"before {rb.best:.3f} s (ratio {ratio(rb.best, rq.best):.2f})")
             rows.append([label, f"{rq.best:.3f}", f"{rv.best:.3f}",
                          f"{ratio(rv.best, rq.best):.2f}", f"{op:.3f}", "; ".join(notes)])
         print_table(HEAD, rows[-1:], out=sys.stderr)
