@@ -3,6 +3,7 @@ themselves are in :mod:`vdgui.cli`, chosen by the parsed ``command``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Container
 
@@ -13,7 +14,35 @@ class CLIError(Exception):
     """A usage error found by the CLI itself (exit 1, one line)."""
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size's columns (COLUMNS, else the terminal, else 80), without
+    importing shutil and its compression modules into every start of vdgui-img."""
+    try:
+        cols = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        cols = 0
+    if cols <= 0:
+        try:
+            cols = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            cols = 0
+    return cols or 80
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help formatter; its width (argparse's default: terminal columns - 2) found
+    without shutil. argparse makes one for every add_argument, not only for --help."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 1 (argparse would print usage and exit 2)
         raise CLIError(message)
 

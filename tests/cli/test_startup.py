@@ -13,13 +13,14 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vdgui.vd import PLUGIN_GROUP, Disk, registry
+from vdgui.vd import PLUGIN_GROUP, Disk, get_backend, registry
 from vdgui.vd.formats import BACKENDS
 
 NOT_FOR_INFO = ("vdgui.vd.ops", "vdgui.vd.inside", "vdgui.vd.media", "vdgui.vd.library",
                 "vdgui.vd.chain",           # parents are looked for by differencing images only
                 "vdgui.gui", "vdgui.jobs", "sqlite3", "tarfile", "fractions", "dissect",
-                "pycdlib", "PySide6")
+                "pycdlib", "PySide6",
+                "shutil", "bz2", "lzma")      # argparse's help formatter's terminal width
 
 PROBE = """
 import contextlib, io, json, sys
@@ -202,7 +203,8 @@ def test_convert_of_a_plain_image_loads_no_crypto_check_or_maintenance(tmp_path,
     assert got["rc"] == 0
     with Disk.open_chain(b) as d:
         assert d.read(1 << 20, 65536) == b"\x5a" * 65536
-    heavy = PLAIN_HEAVY + ("vdgui.vd.ops.resize",)
+    heavy = PLAIN_HEAVY + ("vdgui.vd.ops.resize",
+                           "vdgui.vd.chain")     # a base image: no parent to look for
     for fmt in (src, dst):
         heavy += tuple(CHECK[fmt] + MAINTENANCE[fmt])
     assert _loaded(got["modules"], heavy) == []
@@ -234,6 +236,9 @@ def test_resize_of_a_plain_image_loads_no_crypto_or_check(tmp_path, fmt):
         assert d.read(1 << 20, 65536) == b"\x5a" * 65536
     assert _loaded(got["modules"], PLAIN_HEAVY + tuple(CHECK[fmt])) == []
     assert _loaded(got["modules"], MAINTENANCE[fmt])     # where resize lives: loaded on use
+    # no parent to look for, and no children either where a resize keeps their links
+    if get_backend(fmt).resize_keeps_child_links:
+        assert "vdgui.vd.chain" not in got["modules"]
 
 
 def _stand_in_classes():

@@ -202,7 +202,6 @@ class Disk:
                     | OpenFlags.FORCE_SHARE
                 )
             )
-        from .chain import MAX_CHAIN_DEPTH, find_parent
         # walk up with INFO opens to find the paths, then open for real base-first
         probe_flags = OpenFlags.INFO | OpenFlags.READ_ONLY | (flags & OpenFlags.ALLOW_UNSAFE_PATHS)
         backend = get_backend(format) if format else probe(location)
@@ -214,6 +213,7 @@ class Disk:
             try:
                 if not img.is_diff:
                     break
+                from .chain import MAX_CHAIN_DEPTH, find_parent  # differencing images only
                 ppath, pfmt = find_parent(img, allow_unsafe=allow_unsafe, library=library)
             finally:
                 img.close()

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, overload
 
 from ..align import align_up
 from ..backend import Backend, Cap, ImageFlags, OpenFlags, Operation
-from ..chain import find_children, findable_from, link_matches
 from ..config import parse_config
 from ..disk import Disk
 from ..errors import (
@@ -643,6 +642,7 @@ def move_refusal(src_path: str, dst_path: str, *, format: str | Backend | None =
     decided before anything is touched, with what to do instead. A chain keeps its links only
     while every image's parent lies in the image's folder or below it (names stored inside images
     are confined to their folder unless unsafe paths are allowed)."""
+    from ..chain import findable_from  # moves only
     dst_abs = os.path.abspath(dst_path)
     dst_dir = os.path.dirname(dst_abs)
     if not os.path.isdir(dst_dir):
@@ -797,6 +797,7 @@ def _move_image(src_path: str, dst_path: str, *, progress, format, allow_unsafe_
 def _children_of(path: str, be: Backend, allow_unsafe: bool) -> list:
     """Differencing images beside ``path`` (and in Snapshots/) whose parent it is and whose link
     accepts it now (a link already broken is not rewritten by the move)."""
+    from ..chain import find_children, link_matches  # moves only
     img = be.open(path, OpenFlags.INFO | OpenFlags.READ_ONLY | (
         OpenFlags.ALLOW_UNSAFE_PATHS if allow_unsafe else 0), None)
     try:

@@ -10,7 +10,6 @@ original in one atomic step, so a crash or a cancel can never leave a half-resiz
 from __future__ import annotations
 
 from ..backend import OpenFlags, Operation, too_large
-from ..chain import find_children
 from ..disk import Disk
 from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
@@ -94,6 +93,7 @@ def store_tail_over_parent(img: Image, parent_size: int, fill) -> None:
 
 
 def _children(img: Image) -> bool:
+    from ..chain import find_children  # only where a resize changes what children's links name
     return bool(find_children(img))
 
 

@@ -11,7 +11,6 @@ import shutil
 from collections.abc import Callable
 
 from ..backend import Backend, ImageFlags, OpenFlags, Operation
-from ..chain import find_children, link_matches
 from ..errors import Cancelled, CorruptImage, NotSupported, VDError, VDIOError
 from ..fileio import ImageFile, LockMode, lock_files, sweep_stale_temps, temp_name
 from ..fileio import copy_range as kernel_copy_range
@@ -265,6 +264,7 @@ def _stale_children(real: str, new: Image) -> list[tuple[str, Backend]]:
     whose link names the parent's modification id, e.g. VHDX parent_linkage), among those whose
     link accepted the original (a link already broken is not rewritten). Refuses (original
     kept) when such a child's backend cannot relink."""
+    from ..chain import find_children, link_matches  # a folder scan: only when asked
     try:
         orig = new.backend.open(real, OpenFlags.INFO | OpenFlags.READ_ONLY, None)
     except VDError:
