@@ -412,6 +412,13 @@ class VdiImage(MaintenanceMixin, VdiState):
         # a bytearray: bytes-like, saves a copy of the whole range
         return buf  # type: ignore[return-value]
 
+    @property
+    def sparse_writes(self) -> bool:
+        """A base image stores only the non-zero 64 KiB pieces of a new block, whole or partly
+        written (the rest is a hole past the data), and no all-zero write to a free block
+        (_write): a copy need neither test its windows nor widen them to whole blocks."""
+        return self.parent_hint is None and not self.honor_zeroes
+
     def write(self, offset: int, data: bytes, fill: FillFn) -> None:
         self.require_writable()
         self._refuse_cross_linked()
@@ -545,8 +552,9 @@ class VdiImage(MaintenanceMixin, VdiState):
                     emit(bpos, chunk)
                 elif not (v == _FREE and is_diff) and fresh:
                     # below reads zero and the block lies past the end of the file: write only
-                    # the new bytes and extend the file, the rest stays a hole (reads zero)
-                    emit(bpos + inner, chunk)
+                    # the new non-zero pieces and extend the file, the rest stays a hole
+                    for a, b in nonzero_runs(chunk, inner):
+                        emit(bpos + inner + a, chunk[a:b])
                     extend_to = max(extend_to, bpos + bs)
                 else:
                     blk = bytearray(bs)
