@@ -80,6 +80,35 @@ def first_nonzero(table: array, start: int, stop: int) -> int:
     return max(start, stop)
 
 
+def arithmetic_run(table: array, start: int, stop: int, first: int, step: int) -> int:
+    """End of the run of entries from ``table[start]`` on that read ``first``, ``first +
+    step``, ``first + 2 * step`` … (at most ``stop``): windows compared with an array made from
+    a range, at C speed, growing while they match, then halved (the host-contiguous clusters
+    of a QCOW2 L2 table, not walked entry by entry in Python)."""
+    stop = min(stop, len(table))
+    tc = table.typecode
+    i = start
+    n = 16
+    while i < stop:
+        n = min(n, stop - i)
+        v = first + (i - start) * step
+        last = v + (n - 1) * step
+        same = table[i + n - 1] == last     # the window's last entry first: a miss costs no array
+        if same and n > 1:
+            try:
+                same = table[i:i + n] == array(tc, range(v, last + 1, step))
+            except OverflowError:           # past what an entry holds: no entry matches
+                same = False
+        if same:
+            i += n
+            n *= 2
+        elif n == 1:
+            break
+        else:
+            n //= 2
+    return max(i, start)
+
+
 def read_table(f, offset: int, count: int, typecode: str = "I", big_endian: bool = False,
                what: str = "table") -> array:
     """``count`` entries at ``offset`` of the open ImageFile ``f``, read in chunks into one

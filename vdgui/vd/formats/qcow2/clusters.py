@@ -14,7 +14,7 @@ from ...fileio import ImageFile
 from ...image import Alloc, FillFn
 from ...runs import RunList
 from ...sparse import is_zero, zeroes
-from ...tables import first_nonzero, table_from_bytes, table_to_bytes
+from ...tables import arithmetic_run, first_nonzero, table_from_bytes, table_to_bytes
 from . import layout as L
 from .state import Bytes, Qcow2State
 
@@ -218,6 +218,14 @@ class ClustersMixin(Qcow2State):
                         host = 0
                     elif host or (data_file and e & f_copied):
                         kind = K_DATA
+                        if not inner:
+                            # the entries after it that continue it in the file (same flags,
+                            # next host cluster, no carry out of the offset bits): one step
+                            more = min((stop - pos - n) >> cb, (L2E_MASK - host) >> cb)
+                            if more > 0 and tbl[i] == e + cs:
+                                j = arithmetic_run(tbl, i, i + more, e + cs, cs)
+                                n += (j - i) * cs
+                                i = j
                         host += inner
                     else:
                         kind = K_UNALLOC
