@@ -133,6 +133,7 @@ class IoQueue:
         self._ids = itertools.count(1)
         self._threads: list[threading.Thread] = []
         self._idle = 0
+        self._room_waiters = 0                       # submitters waiting for room
         self._closed = False
         self._local = threading.local()
 
@@ -169,7 +170,11 @@ class IoQueue:
             raise InvalidArgument(f"{req.kind.value} range {req.offset}+{req.length} is negative")
         with self._cv:
             while not self._closed and len(self._pending) >= self.max_queued:
-                self._cv.wait()
+                self._room_waiters += 1
+                try:
+                    self._cv.wait()
+                finally:
+                    self._room_waiters -= 1
             if self._closed:
                 raise InvalidArgument("the I/O queue is closed")
             req.id = next(self._ids)
@@ -178,7 +183,7 @@ class IoQueue:
             self._by_id[req.id] = req
             if not req.waits_for:
                 self._ready.append(req)
-                self._cv.notify()
+                self._wake(1)
             if self._idle == 0 and len(self._threads) < self.workers:
                 t = threading.Thread(target=self._work, name=f"vdgui-io-{len(self._threads)}",
                                      daemon=True)
@@ -272,6 +277,16 @@ class IoQueue:
                 self.disk.flush()
         return None
 
+    def _wake(self, ready: int) -> None:
+        """Wake the threads that have something to do (called holding the lock): every waiter
+        when a submitter waits for room (it shares the condition with the workers), else one
+        worker per request made ready. Waking every idle worker at each completion (read-ahead:
+        up to 3 per window, each taking the GIL to find nothing) held up the thread writing."""
+        if self._room_waiters:
+            self._cv.notify_all()
+        elif ready:
+            self._cv.notify(ready)
+
     def _finish(self, req: IoRequest, state: IoState, result: bytes | None,
                 error: BaseException | None) -> None:
         with self._cv:
@@ -279,12 +294,14 @@ class IoQueue:
             req.data = None
             self._pending.remove(req)
             self._by_id.pop(req.id, None)
+            ready = 0
             for p in self._pending:
                 if req in p.waits_for:
                     p.waits_for.discard(req)
                     if not p.waits_for and p.state is IoState.QUEUED:
                         self._ready.append(p)
-            self._cv.notify_all()
+                        ready += 1
+            self._wake(ready)
         req._done.set()
         if req.callback is not None:
             try:
