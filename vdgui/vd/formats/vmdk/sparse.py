@@ -12,7 +12,7 @@ from ...fileio import ImageFile
 from ...image import Alloc, FillFn, Image
 from ...runs import RunList
 from ...sparse import is_zero, split_blocks, zeroes
-from ...tables import BlockTable, table_from_bytes
+from ...tables import BlockTable, arithmetic_run, table_from_bytes
 from .descriptor import ExtentLine
 from .extents import Extent, u32_array, u32_bytes, zero_part
 from .layout import (
@@ -219,6 +219,7 @@ class SparseExtent(Extent):
         directly, a grain table at a time."""
         parts: list = []
         g = self.grain
+        gs = g // SECTOR
         gtes = self.gtes
         fsize = self.file_size
         end = off + n
@@ -231,13 +232,20 @@ class SparseExtent(Extent):
             while pos < tend:
                 cnt = min(g - inner, tend - pos)
                 gte = 0 if gt is None else gt[i]
+                k = 1
                 if gte < 2:  # unallocated or zeroed grain
                     zero_part(parts, cnt)
                 else:
+                    more = (tend - pos - cnt) // g
+                    if more > 0 and not inner and not self.compressed and gt is not None \
+                            and gt[i + 1] == gte + gs:
+                        # the grains after it that follow it in the file: one step
+                        k = arithmetic_run(gt, i + 1, i + 1 + more, gte + gs, gs) - i
+                        cnt += (k - 1) * g
                     self._data_part(parts, idx, gte, inner, cnt, fsize)
                 pos += cnt
-                idx += 1
-                i += 1
+                idx += k
+                i += k
                 inner = 0
         return parts
 
