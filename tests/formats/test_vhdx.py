@@ -929,3 +929,174 @@ def test_block_status_of_a_huge_sparse_child_visits_only_used_blocks(tmp_path, m
         ext = d.allocation()
         assert [(e.start, e.length, e.level) for e in ext if e.level is not None] == sorted(
             [(64 << 30, d.images[0].block_size, 0)] + [(o, n, 1) for o, n in pieces])
+
+
+def _logged_file(monkeypatch, f):
+    """Record the writes (offset, length, how), truncates, syncs and size queries through ``f``."""
+    log = []
+    real = {k: getattr(f, k) for k in ("pwrite", "pwritev", "truncate", "sync", "size")}
+    inner = []                                  # pwritev of one buffer calls pwrite
+
+    def pwrite(off, data):
+        if not inner:
+            log.append(("pwrite", off, memoryview(data).nbytes))
+        real["pwrite"](off, data)
+
+    def pwritev(off, bufs):
+        log.append(("pwritev", off, sum(memoryview(b).nbytes for b in bufs)))
+        inner.append(1)
+        try:
+            real["pwritev"](off, bufs)
+        finally:
+            inner.pop()
+
+    def truncate(n):
+        log.append(("truncate", n, 0))
+        real["truncate"](n)
+
+    def sync():
+        log.append(("sync", 0, 0))
+        real["sync"]()
+
+    def size():
+        log.append(("size", 0, 0))
+        return real["size"]()
+
+    for k, fn in (("pwrite", pwrite), ("pwritev", pwritev), ("truncate", truncate),
+                  ("sync", sync), ("size", size)):
+        monkeypatch.setattr(f, k, fn)
+    return log
+
+
+def test_new_blocks_of_one_write_go_out_together(tmp_path, monkeypatch):
+    """Blocks appended by one write of a base image: the data of neighbouring blocks in one
+    gather write, the file extended only when the data does not reach the last block's end,
+    then the BAT entries in one write; no sync, no size query, zero 64 KiB pieces not written."""
+    import random
+
+    p = tmp_path / "append.vhdx"
+    data = random.Random(5).randbytes(3 * MiB)
+    with _create(p, 16 * MiB) as d:
+        d.write(0, b"\x07" * 4096)                  # block 0: the header GUIDs are updated
+        img = d.top
+        end = img.file_len
+        log = _logged_file(monkeypatch, img.f)
+        d.write(MiB, data)                          # blocks 1, 2 and 3 in one write
+        assert log == [("pwritev", end, 3 * MiB), ("pwrite", img.bat_offset + 8, 24)], log
+        assert [img._block_offset(b) for b in (1, 2, 3)] == [end + k * MiB for k in range(3)]
+        log.clear()
+        tail = bytearray(2 * MiB)                   # block 4 all data, block 5 a 64 KiB piece
+        tail[:MiB] = data[:MiB]
+        tail[MiB + 128 * 1024:MiB + 192 * 1024] = b"\x0b" * (64 * 1024)
+        d.write(4 * MiB, bytes(tail))
+        e2 = end + 3 * MiB
+        assert log == [("pwritev", e2, MiB), ("pwritev", e2 + MiB + 128 * 1024, 64 * 1024),
+                       ("truncate", e2 + 2 * MiB, 0), ("pwrite", img.bat_offset + 32, 16)], log
+        log.clear()
+        d.write(8 * MiB, bytes(2 * MiB))            # zeroes: nothing allocated, nothing written
+        assert log == [] and img._state(8) == img._state(9) == 0
+    with Disk() as d:
+        d.open(str(p), flags=OpenFlags.READ_ONLY)
+        assert d.read(0, 4096) == b"\x07" * 4096
+        assert d.read(MiB, 3 * MiB) == data
+        assert d.read(4 * MiB, 2 * MiB) == bytes(tail)
+        assert not d.top.check().problems
+
+
+def test_sparse_writes_only_on_dynamic_base_images(tmp_path):
+    with _create(tmp_path / "dyn.vhdx") as d:
+        assert d.top.sparse_writes
+        d.top.honor_zeroes = True
+        assert not d.top.sparse_writes
+        d.top.honor_zeroes = False
+        d.create_diff(str(tmp_path / "child.avhdx"), config={"BlockSize": MiB})
+        assert not d.top.sparse_writes
+    with _create(tmp_path / "fixed.vhdx", flags=ImageFlags.FIXED) as d:
+        assert not d.top.sparse_writes
+
+
+def test_copy_into_vhdx_tests_zeroes_once(tmp_path, monkeypatch):
+    """A copy hands its windows to a dynamic VHDX untested: the VHDX's own 64 KiB scan of new
+    blocks is the only zero test; zero pieces stay holes, all-zero blocks unallocated."""
+    import random
+
+    from vdgui.vd import copy_image
+    from vdgui.vd.formats.vhdx import image as vimage
+    from vdgui.vd.ops import pipeline
+
+    src = tmp_path / "src.raw"
+    speck = b"\x5a" * (64 << 10)
+    full = random.Random(9).randbytes(3 * MiB)
+    with open(src, "wb") as fh:
+        fh.truncate(12 * MiB)
+        fh.seek(MiB + 5 * (64 << 10))
+        fh.write(speck)                         # block 1: one 64 KiB piece
+        fh.seek(4 * MiB)
+        fh.write(full)                          # blocks 4-6: all data
+    calls = []
+    real = pipeline.zero_grain
+    monkeypatch.setattr(pipeline, "zero_grain", lambda mv: (calls.append(len(mv)), real(mv))[1])
+    real_is_zero = vimage.is_zero
+    monkeypatch.setattr(vimage, "is_zero", lambda mv: (calls.append(-1), real_is_zero(mv))[1])
+    dst = tmp_path / "dst.vhdx"
+    copy_image(str(src), str(dst), "VHDX", src_format="RAW", dst_config={"BlockSize": MiB})
+    assert calls == []
+    with Disk() as d:
+        d.open(str(dst), flags=OpenFlags.READ_ONLY)
+        img = d.top
+        assert [img._state(b) != 0 for b in range(12)] == [
+            b in (1, 4, 5, 6) for b in range(12)]
+        assert d.read(0, 12 * MiB) == src.read_bytes()
+        assert not img.check().problems
+        at = img._block_offset(1)
+    fd = os.open(dst, os.O_RDONLY)
+    try:                                        # block 1 stores its 64 KiB piece only
+        first = os.lseek(fd, at, os.SEEK_DATA)
+        assert first == at + 5 * (64 << 10)
+        assert os.lseek(fd, first, os.SEEK_HOLE) == first + (64 << 10)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not kh.have_strace(), reason="strace is not installed")
+def test_interrupted_appends_leave_readable_image(tmp_path, qemu):
+    """Writes appending several new blocks each (data pieces, the file extended, then the
+    BAT entries) killed at every syscall: the image opens, passes qemu-img check and reads
+    the data of some prefix of the writes."""
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    base = tpl / "ap.vhdx"
+    with _create(base, 6 * MiB):
+        pass
+    two = bytearray(2 * MiB)
+    two[64 * 1024:MiB + 4096] = b"\x04" * (MiB + 4096 - 64 * 1024)
+    writes = [(MiB, b"\x02" * (2 * MiB)), (3 * MiB + 512, bytes(two[:2 * MiB - 512])),
+              (0, b"\x05" * 4096)]
+    new = bytearray(6 * MiB)
+    states = [bytes(new)]
+    for off, data in writes:
+        new[off:off + len(data)] = data
+        states.append(bytes(new))
+
+    def fn_for(work):
+        def fn():
+            try:
+                with Disk() as d:
+                    d.open(str(work / base.name))
+                    for off, data in writes:
+                        d.write(off, data)
+            except (VDError, OSError):
+                return 1
+            return 0
+        return fn
+
+    def judge(work, finished):
+        with Disk() as d:
+            d.open(str(work / base.name), flags=OpenFlags.READ_ONLY)
+            got = read_all(d)
+        for pos in range(0, 6 * MiB, 512):
+            assert any(got[pos:pos + 512] == s[pos:pos + 512] for s in states), pos
+        assert qemu.check(work / base.name, "vhdx").returncode == 0
+        if finished:
+            assert got == bytes(new)
+    kh.every_point(tmp_path, tpl, fn_for, judge, min_writes=3)

@@ -586,6 +586,7 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, VhdxState):
     def write(self, offset: int, data: bytes, fill: FillFn | None) -> None:
         self._begin_write()
         mv = memoryview(data)
+        new: list[tuple[int, int, memoryview]] = []
         for block, inner, pos, n in split_blocks(offset, len(data), self.block_size):
             piece = mv[pos - offset:pos - offset + n]
             st = self._check_state(block)
@@ -612,37 +613,89 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, VhdxState):
                 if self._mark_sectors(block, inner, n):
                     self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
                 continue
-            zero = not getattr(self, "honor_zeroes", False) and is_zero(piece)
+            if not self.has_parent:
+                new.append((idx, inner, piece))     # appended together below
+                continue
+            zero = not self.honor_zeroes and is_zero(piece)
             whole = inner == 0 and (n == self.block_size or pos + n == self.size)
-            if zero and (not self.has_parent or st in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED)):
+            if zero and st in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED):
                 continue                       # already reads as zeroes
             if zero and whole:
                 self._set_entry(idx, PAYLOAD_ZERO, 0)
                 continue
-            old_len = self.file_len
             boff = self._allocate(self.block_size)
-            fresh = not self.has_parent and boff >= old_len
-            if fresh:
-                # the block lies in space just added to the file: it reads zeroes already, so
-                # only the non-zero parts of the data are written (the file stays sparse there)
-                for a, b in nonzero_runs(piece, inner):
-                    self.f.pwrite(boff + inner + a, piece[a:b])
-            else:
-                self.f.pwrite(boff + inner, piece)
-            if self.has_parent or boff < old_len:
-                # data before the BAT entry naming it: a crash must not make the parent's
-                # content (or stale bytes) appear. A base image's block read zeroes before, and
-                # space just added to the file reads zeroes or the new data: no sync needed.
-                self.f.sync()
-            if self.has_parent and st not in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) and not whole:
+            self.f.pwrite(boff + inner, piece)
+            # data before the BAT entry naming it: a crash must not make the parent's content
+            # (or stale bytes) appear
+            self.f.sync()
+            if st not in (PAYLOAD_ZERO, PAYLOAD_UNMAPPED) and not whole:
                 full = self._mark_sectors(block, inner, n)
                 self.f.sync()
                 self._set_entry(idx, PAYLOAD_FULLY_PRESENT if full else PAYLOAD_PARTIALLY_PRESENT,
                                 boff)
             else:
                 self._set_entry(idx, PAYLOAD_FULLY_PRESENT, boff)
-                if fresh:
-                    self._fresh_mark(idx, self.bat[idx], inner + n)
+        if new:
+            self._append_blocks(new)
+
+    @property
+    def sparse_writes(self) -> bool:
+        """A dynamic base image stores only the non-zero pieces of new blocks (see
+        _append_blocks): a copy into it need not test its data for zeroes first."""
+        return not self.has_parent and not self.leave_allocated and not self.honor_zeroes
+
+    def _append_blocks(self, new: list[tuple[int, int, memoryview]]) -> None:
+        """New blocks of a base image for the ``(BAT index, inner, piece)`` of one write, laid
+        end to end at the end of the file: the data (neighbours in one pwritev), the file
+        extended to the last block's end when the data does not reach it, then the BAT entries
+        in one write. A crash leaves at most unreferenced space.
+
+        Blocks past the end of the file lie in space that reads zeroes: only the non-zero 64 KiB
+        pieces are written (the file stays sparse there), a piece that is all zeroes allocates
+        nothing, and no sync is needed before the BAT (the block read zeroes before; it now
+        reads zeroes or the new data). This is the only zero test of the data
+        (:attr:`sparse_writes`)."""
+        bs = self.block_size
+        fresh = self.alloc_end >= self.file_len
+        plan: list[tuple[int, int, int, memoryview, list[tuple[int, int]]]] = []
+        for idx, inner, piece in new:
+            if fresh:
+                runs = nonzero_runs(piece, inner)
+            elif self.honor_zeroes or not is_zero(piece):
+                runs = [(0, len(piece))]        # space already in the file: written whole
+            else:
+                runs = []
+            if not runs and not self.honor_zeroes:
+                continue                        # an unallocated block already reads zeroes
+            plan.append((idx, self.alloc_end + len(plan) * bs, inner, piece, runs))
+        if not plan:
+            return
+        end = self.alloc_end + len(plan) * bs
+        self.alloc_end = end
+        stretches: list[tuple[int, list]] = []   # (offset, buffers) of contiguous data
+        at = -1
+        for _idx, boff, inner, piece, runs in plan:
+            for a, b in runs:
+                off = boff + inner + a
+                buf = piece if (a, b) == (0, len(piece)) else piece[a:b]
+                if off == at:
+                    stretches[-1][1].append(buf)
+                else:
+                    stretches.append((off, [buf]))
+                at = off + b - a
+        for off, bufs in stretches:
+            self.f.pwritev(off, bufs)
+        if end > self.file_len:
+            if at < end:
+                self.f.truncate(end)            # the data did not extend the file that far
+            self.file_len = end
+        if not fresh:
+            self.f.sync()                       # stale bytes must not appear after a crash
+        self._set_entries({idx: (PAYLOAD_FULLY_PRESENT, boff)
+                           for idx, boff, _i, _p, _r in plan})
+        if fresh:
+            for idx, _boff, inner, piece, _r in plan:
+                self._fresh_mark(idx, self.bat[idx], inner + len(piece))
 
     def _fresh_mark(self, idx: int, entry: int, written_to: int) -> None:
         if written_to >= self.block_size:
