@@ -1,6 +1,6 @@
 """Benchmark: image conversion, vdgui-img convert side by side with qemu-img convert.
 
-    python3 bench/convert.py [--runs 5] [--dir /tmp/vdgui-bench] [--case VDI->RAW ...]
+    .venv/bin/python bench/convert.py [--runs 5] [--dir /tmp/vdgui-bench] [--case 'VDI->RAW' ...]
 
 The source is a 4 GiB VDI holding ~1 GiB of scattered data, made with qemu-img create + qemu-io
 writes in a scratch folder (kept between runs; never committed). Sources in other formats are
