@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Container
 
@@ -222,7 +223,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument(
         "size",
-        help="new virtual size (bytes, or with K/M/G/T); shrinking needs a "
+        help="new virtual size (bytes, or with K/M/G/T), or +SIZE / -SIZE to grow or shrink "
+        "by that much (as qemu-img resize); shrinking needs a "
         "part cut off that reads zero and a format that can shrink (backends --json: "
         "can_shrink)",
     )
@@ -389,11 +391,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+# a negative size at the end of 'resize' (-1G, -512M): shrink by, never an option
+_SHRINK_BY = re.compile(r"-\d+(\.\d+)?\s*[A-Za-z]*")
+
+
 def parse_args(argv: list[str] | None, commands: Container[str]) -> argparse.Namespace:
     """Parse with the parser of the named command alone (start-up); help, --version and any
     error go through the parser of every command, which words them as always."""
     words = sys.argv[1:] if argv is None else list(argv)
     cmd = next((w for w in words if not w.startswith("-")), None)
+    if cmd == "resize" and len(words) > 1 and _SHRINK_BY.fullmatch(words[-1]) \
+            and "--" not in words:
+        words.insert(len(words) - 1, "--")   # 'resize IMG -1G': a size, not an option
     if cmd in commands and not {"-h", "--help", "--version"} & set(words):
         try:
             return build_parser(only=cmd).parse_args(words)

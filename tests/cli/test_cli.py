@@ -297,6 +297,30 @@ def test_resize_through_cli(tmp_path):
     fails("resize", img, "lots", match="not a size")
 
 
+def test_resize_by_a_relative_size_as_qemu_img(tmp_path):
+    """+SIZE grows by, -SIZE shrinks by (no '--' needed before it), relative to the virtual
+    size now; the result is what qemu-img reads."""
+    img = str(tmp_path / "r.qcow2")
+    run_cli("create", "-f", "QCOW2", "--size", "1G", img)
+    run_cli("resize", img, "+1G")
+    assert _qemu_size(img) == 2 << 30
+    run_cli("resize", img, "-512M")
+    assert _qemu_size(img) == (3 << 30) // 2
+    run_cli("resize", img, "--", "-0.5G")
+    assert _qemu_size(img) == 1 << 30
+    line = fails("resize", img, "-2G", match="by 2G: its virtual size is only 1073741824 bytes")
+    assert line.startswith(f"vdgui-img: cannot shrink {img}")
+    assert _qemu_size(img) == 1 << 30
+    fails("resize", img, "+lots", match="not a size")
+
+
+def _qemu_size(path: str) -> int:
+    out = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
+                         text=True, check=True).stdout
+    size: int = json.loads(out)["virtual-size"]
+    return size
+
+
 # -- progress display ----------------------------------------------------------------------------
 def test_progress_only_on_a_terminal(tmp_path):
     src = str(tmp_path / "p.img")
