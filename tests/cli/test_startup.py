@@ -34,7 +34,8 @@ print(json.dumps({"rc": rc, "modules": sorted(sys.modules)}))
 # construct structures...) beyond their declarations, LUKS and ciphers, iSCSI's PDUs
 HEAVY = ("vdgui.vd.crypto.luks", "vdgui.vd.crypto.primitives", "vdgui.vd.crypto.cipher",
          "vdgui.vd.cache", "vdgui.vd.ioqueue", "cryptography", "argon2", "socket", "plistlib",
-         "xml", "logging", "fractions")     # fractions: a size like 1.5G only
+         "xml", "logging", "fractions",     # fractions: a size like 1.5G only
+         "shutil", "bz2", "lzma")          # shutil (and the compressors it loads): copies only
 
 
 def _run(*args: str) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
+import stat
 from collections.abc import Callable
 
 from ..backend import Backend, ImageFlags, OpenFlags, Operation
@@ -189,8 +189,8 @@ def rewrite_in_copy(path: str, backend: Backend, progress: ProgressCallback | No
             for s, e in ranges:
                 copy_range(lock.fd, out.fd, s, e, prog.advance, path)
             out.truncate(size)
-            with contextlib.suppress(OSError):
-                shutil.copymode(real, tmp)
+            with contextlib.suppress(OSError):      # the original's mode (no shutil to load)
+                os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
         finally:
             out.close()
 
