@@ -458,27 +458,10 @@ def cmd_merge(args) -> int:
                       lambda be, prog: vd.merge(args.source, args.target, progress=prog))[0]
 
 
-def _resize_target(args, be: vd.Backend) -> int:
-    """SIZE, or +SIZE / -SIZE relative to the image's virtual size now (as qemu-img resize)."""
-    text = args.size.strip()
-    if text[:1] not in "+-" or not text:
-        return _size(text)
-    delta = _size(text[1:])
-    with vd.Disk() as d:
-        d.open(args.image, be, _flags(args, vd.OpenFlags.INFO | vd.OpenFlags.READ_ONLY
-                                      | vd.OpenFlags.LOCK_SHARED))
-        now = d.size
-    if text[0] == "+":
-        return now + delta
-    if delta > now:
-        raise CLIError(f"cannot shrink {args.image} by {text[1:]}: its virtual size is only "
-                       f"{now} bytes ({vd.format_size(now)})")
-    return now - delta
-
-
 def cmd_resize(args) -> int:
     return _operation(args, args.image, "resize", [(vd.Operation.RESIZE, "resize")],
-                      lambda be, prog: vd.resize(args.image, _resize_target(args, be),
+                      lambda be, prog: vd.resize(args.image, vd.resize_target(args.image, args.size,
+                                                                        format=be.name),
                                                  format=be.name, progress=prog))[0]
 
 

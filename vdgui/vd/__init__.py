@@ -140,7 +140,7 @@ for _mod, _names in (
         ("ops.identity", "give_new_uuid"),
         ("ops.merge", "merge merge_disk"),
         ("ops.repair", "check describe_effects"),
-        ("ops.resize", "resize"),
+        ("ops.resize", "resize resize_target"),
         ("ops.sparsify", "SparsifyReport VolumeResult sparsify sparsify_plan:plan"),
         ("rawdisk", "RawDrive host_drives inspect_drive parse_partitions RAW_TEST_ENV:TEST_ENV")):
     for _n in _names.split():
@@ -291,6 +291,7 @@ __all__ = [
     "read_virtualbox_registry",
     "register_backend",
     "resize",
+    "resize_target",
     "safe_extract_parts",
     "sidecar_path",
     "sparsify",

@@ -15,6 +15,7 @@ from ..errors import CorruptImage, InvalidArgument, NotSupported
 from ..geometry import vbox_pchs
 from ..image import Alloc, Image
 from ..progress import Progress, ProgressCallback, sub_progress
+from ..sizes import format_size, parse_size
 from ..sparse import first_nonzero, is_zero, zeroes
 from .rewrite import (
     VERIFY_CHUNK,
@@ -90,6 +91,25 @@ def store_tail_over_parent(img: Image, parent_size: int, fill) -> None:
                 pos += k
     finally:
         img.honor_zeroes = old_hz
+
+
+def resize_target(path: str, spec: str, *, format: str | None = None) -> int:
+    """The new size a user means: SIZE, or +SIZE / -SIZE from the virtual size now (as
+    qemu-img resize)."""
+    text = spec.strip()
+    if not text or text[0] not in "+-":
+        return parse_size(text)
+    delta = parse_size(text[1:])
+    with Disk() as d:
+        d.open(path, backend_for(path, format),
+               OpenFlags.INFO | OpenFlags.READ_ONLY | OpenFlags.LOCK_SHARED)
+        now = d.size
+    if text[0] == "+":
+        return now + delta
+    if delta > now:
+        raise InvalidArgument(f"cannot shrink {path} by {text[1:]}: its virtual size is only "
+                              f"{now} bytes ({format_size(now)})")
+    return now - delta
 
 
 def _children(img: Image) -> bool:
@@ -216,4 +236,4 @@ def resize(path: str, new_size: int, *, format: str | None = None,
                         verify_bytes=data_bytes(orig, 0, keep))
 
 
-__all__ = ["first_data_beyond", "resize", "store_tail_over_parent"]
+__all__ = ["first_data_beyond", "resize", "resize_target", "store_tail_over_parent"]
