@@ -263,6 +263,23 @@ class ImageFile:
         except OSError as exc:
             raise io_error(exc, self.path, f"write at {offset:#x} failed") from None
 
+    def pwrite_pieces(self, pieces) -> int:
+        """Write ``(offset, buffer)`` pieces given in file order, each run of neighbours in one
+        pwritev; returns the end of the last piece (-1 when there is none)."""
+        at, start = -1, -1
+        run: list = []
+        for off, buf in pieces:
+            if off != at and run:
+                self.pwritev(start, run)
+                run = []
+            if not run:
+                start = off
+            run.append(buf)
+            at = off + memoryview(buf).nbytes
+        if run:
+            self.pwritev(start, run)
+        return at
+
     def preadv_into(self, offset: int, buf) -> int:
         """Read into the writable buffer ``buf`` from ``offset`` (no intermediate bytes object);
         returns how many bytes were read: fewer only at the end of the file."""

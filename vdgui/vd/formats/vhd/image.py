@@ -680,26 +680,17 @@ class VhdImage(MaintenanceMixin, VhdState):
             return
         new_footer = pos + len(plan) * total
         self._write_footer_at(new_footer)  # (forgets the known end until all is written)
-        # (offset, buffers) of contiguous stretches: bitmap, data, next block's bitmap ...
-        stretches: list[tuple[int, list]] = []
-        at = -1
+        # bitmap, data, next block's bitmap ...: neighbours in one pwritev
+        pieces: list[tuple[int, bytearray | memoryview]] = []
         bitmaps = {}
         for idx, bpos, inner, chunk, runs in plan:
             bm = bytearray(bm_size)
             set_bits(bm, inner // SECTOR, ceil_div(len(chunk), SECTOR))
             bitmaps[idx] = bm
-            pieces = [(bpos, bm)] + [
-                (bpos + bm_size + inner + a, chunk[a:b] if (a, b) != (0, len(chunk)) else chunk)
-                for a, b in runs
-            ]
-            for off, buf in pieces:
-                if off == at:
-                    stretches[-1][1].append(buf)
-                else:
-                    stretches.append((off, [buf]))
-                at = off + len(buf)
-        for off, bufs in stretches:
-            self.f.pwritev(off, bufs)
+            pieces.append((bpos, bm))
+            pieces += [(bpos + bm_size + inner + a,
+                        chunk[a:b] if (a, b) != (0, len(chunk)) else chunk) for a, b in runs]
+        self.f.pwrite_pieces(pieces)
         self._set_bats({idx: bpos // SECTOR for idx, bpos, _i, _c, _r in plan})
         if len(self._bitmaps) + len(bitmaps) > 512:
             self._bitmaps.clear()

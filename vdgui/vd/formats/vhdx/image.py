@@ -672,19 +672,9 @@ class VhdxImage(MetadataMixin, MaintenanceMixin, VhdxState):
             return
         end = self.alloc_end + len(plan) * bs
         self.alloc_end = end
-        stretches: list[tuple[int, list]] = []   # (offset, buffers) of contiguous data
-        at = -1
-        for _idx, boff, inner, piece, runs in plan:
-            for a, b in runs:
-                off = boff + inner + a
-                buf = piece if (a, b) == (0, len(piece)) else piece[a:b]
-                if off == at:
-                    stretches[-1][1].append(buf)
-                else:
-                    stretches.append((off, [buf]))
-                at = off + b - a
-        for off, bufs in stretches:
-            self.f.pwritev(off, bufs)
+        at = self.f.pwrite_pieces(                 # neighbours in one pwritev
+            (boff + inner + a, piece if (a, b) == (0, len(piece)) else piece[a:b])
+            for _idx, boff, inner, piece, runs in plan for a, b in runs)
         if end > self.file_len:
             if at < end:
                 self.f.truncate(end)            # the data did not extend the file that far
